@@ -1,0 +1,5 @@
+"""``python -m webhookd`` runs the CLI."""
+
+from webhookd.cli import main
+
+main()

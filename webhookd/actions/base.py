@@ -1,0 +1,89 @@
+"""The action interface: what every action kind implements, and the outcome it reports.
+
+An action either returns an ``Outcome`` or raises ``webhookd.Retry`` / ``webhookd.Reject``.
+Any other exception counts as a retryable failure. The worker, and only the worker, turns all
+of that into a recorded attempt; actions never touch the journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from webhookd.config import ActionConfig, Config
+from webhookd.models import Event, Job
+
+if TYPE_CHECKING:
+    import aiohttp
+
+OutcomeKind = Literal["done", "retry", "dead", "wait"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended.
+
+    ``done``: finished, ``result`` is kept. ``retry``: failed, try again after backoff (never
+    sooner than ``after_s``). ``dead``: permanent failure. ``wait``: not attempted (a lane is
+    cooling down or out of quota); rescheduled after ``after_s`` without using an attempt.
+    ``detail`` is stored with the attempt (status code, duration, the head of a response …).
+    """
+
+    kind: OutcomeKind
+    result: Any = None
+    error: str | None = None
+    after_s: float | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def done(cls, result: Any = None, **detail: Any) -> Outcome:
+        return cls("done", result=result, detail=detail)
+
+    @classmethod
+    def retry(cls, error: str, after_s: float | None = None, **detail: Any) -> Outcome:
+        return cls("retry", error=error, after_s=after_s, detail=detail)
+
+    @classmethod
+    def dead(cls, error: str, **detail: Any) -> Outcome:
+        return cls("dead", error=error, detail=detail)
+
+    @classmethod
+    def wait(cls, reason: str, after_s: float, **detail: Any) -> Outcome:
+        return cls("wait", error=reason, after_s=after_s, detail=detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What actions share, opened once by the app: the HTTP session, the lanes, the config."""
+
+    config: Config
+    http: aiohttp.ClientSession
+    lanes: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Action(Protocol):
+    """One configured action of one source."""
+
+    config: ActionConfig
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        """Do the work once. Timeouts are applied by the worker, not here."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release anything the action opened."""
+        ...
+
+
+class ActionFactory(Protocol):
+    def __call__(self, config: ActionConfig, resources: Resources) -> Action: ...
+
+
+def check_options(config: ActionConfig, allowed: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` for an option this action kind does not know."""
+    from webhookd.errors import ConfigError
+
+    for name in config.options:
+        if name not in allowed:
+            raise ConfigError(f"{config.key}.{name}", f"unknown key for a {config.type} action")

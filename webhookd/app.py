@@ -1,0 +1,281 @@
+"""The composition root: wires every part, runs until a signal, drains, and closes in reverse.
+
+Start order:
+  1. journal: open, migrate, recover jobs an earlier boot left ``running``;
+  2. the HTTP client session, the lanes and the configured actions;
+  3. the worker pool and the background tasks (retention, heartbeat);
+  4. the admin listener, then the receiver listener last: nothing is accepted before all of
+     the above is ready.
+
+Shutdown (first SIGTERM or SIGINT):
+  1. mark draining: ``/readyz`` answers 503, the receiver answers 503 to new webhooks;
+  2. close the receiver's listener; requests in flight finish their commit and get their answer;
+  3. stop claiming; give running jobs ``workers.shutdown_grace_s``; cancel the stragglers and
+     put them back to ``queued`` without counting the attempt;
+  4. stop the background tasks; close the admin listener, the actions and the HTTP session;
+  5. flush and checkpoint the journal; exit 0.
+A second signal exits at once; boot recovery covers whatever was left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from webhookd import actions as action_registry
+from webhookd.actions.base import Resources
+from webhookd.admin import Admin, AdminContext
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.config import CATCH_ALL, Config, Listen
+from webhookd.errors import JournalUnavailable
+from webhookd.journal import Journal
+from webhookd.models import new_boot_id
+from webhookd.receiver import IntakeState, Receiver
+from webhookd.workers import WorkerPool
+
+log = logging.getLogger("webhookd")
+
+HEARTBEAT_S = 30.0
+
+
+@dataclass
+class Bound:
+    """Where the daemon actually listens (ports may be 0 in the config, for tests)."""
+
+    receiver: str = ""
+    admin: str = ""
+
+
+@dataclass
+class Daemon:
+    """One webhookd process. ``run()`` returns the exit status."""
+
+    config: Config
+    clock: Clock = SYSTEM_CLOCK
+    install_signals: bool = True
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    bound: Bound = field(default_factory=Bound)
+    boot_id: str = field(default_factory=new_boot_id)
+    # Set once wired, for tests and embedding: the parts themselves.
+    journal: Journal | None = None
+    pool: WorkerPool | None = None
+    intake: IntakeState = field(default_factory=IntakeState)
+    on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
+    _force: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self) -> None:
+        """Begin a drain; a second call exits at once. Safe to call from a signal handler."""
+        if self.stop_event.is_set():
+            self._force.set()
+        self.stop_event.set()
+
+    async def run(self) -> int:
+        try:
+            return await self._run()
+        except Exception as exc:
+            errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+            for error in errors:
+                log.error(
+                    "fatal: %s: %s",
+                    type(error).__name__,
+                    error,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+            return 1
+
+    async def _run(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if self.install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        started_at = self.clock.time()
+        async with AsyncExitStack() as stack:
+            if self.install_signals:
+                stack.callback(loop.remove_signal_handler, signal.SIGINT)
+                stack.callback(loop.remove_signal_handler, signal.SIGTERM)
+            journal = Journal(cfg.journal.path, clock=self.clock)
+            await stack.enter_async_context(journal)
+            self.journal = journal
+            recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
+            if recovered.requeued or recovered.dead:
+                log.warning(
+                    "recovered %d interrupted job(s) from an earlier run; %d poison "
+                    "pill(s) sent to dead",
+                    recovered.requeued,
+                    recovered.dead,
+                )
+
+            http = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=max(cfg.workers.concurrency * 2, 100)),
+                    timeout=aiohttp.ClientTimeout(total=None),
+                )
+            )
+            resources = Resources(config=cfg, http=http, lanes={})
+            actions = action_registry.build(resources)
+            for action in actions.values():
+                stack.push_async_callback(action.aclose)
+
+            pool = WorkerPool(
+                config=cfg, journal=journal, actions=actions, boot_id=self.boot_id, clock=self.clock
+            )
+            self.pool = pool
+            journal.on_commit = pool.notify
+            for hook in self.on_wired:
+                hook(self)
+
+            ctx = AdminContext(
+                config=cfg,
+                journal=journal,
+                pool=pool,
+                intake=self.intake,
+                boot_id=self.boot_id,
+                started_at=started_at,
+            )
+            async with asyncio.TaskGroup() as tg:
+                pool_task = tg.create_task(pool.run(), name="dispatcher")
+                side_tasks = [
+                    tg.create_task(self._retention(journal), name="retention"),
+                    tg.create_task(self._heartbeat(journal, pool), name="heartbeat"),
+                    tg.create_task(self._force_exit(), name="force-exit"),
+                ]
+                admin_runner = None
+                if cfg.admin.listen is not None:
+                    admin_runner = await self._listen(Admin(ctx).app(), cfg.admin.listen, "admin")
+                    self.bound.admin = _address(admin_runner)
+                receiver_runner = await self._listen(
+                    Receiver(cfg, journal, self.intake, clock=self.clock).app(),
+                    cfg.server.listen,
+                    "receiver",
+                )
+                self.bound.receiver = _address(receiver_runner)
+                self._announce(cfg)
+                self.started.set()
+
+                await self.stop_event.wait()
+                log.info("draining: no longer accepting webhooks")
+                self.intake.draining = True
+                await receiver_runner.cleanup()
+                cancelled = await pool.drain(cfg.workers.shutdown_grace_s)
+                await pool_task
+                for task in side_tasks:
+                    task.cancel()
+                if admin_runner is not None:
+                    await admin_runner.cleanup()
+            log.info("stopped cleanly (%d job(s) re-queued for the next start)", cancelled)
+        return 0
+
+    async def _listen(self, app: web.Application, listen: Listen, what: str) -> web.AppRunner:
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.config.server.ack_timeout_s + 1,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot listen on {listen} ({what}): {exc.strerror or exc}") from exc
+        return runner
+
+    def _announce(self, cfg: Config) -> None:
+        log.info(
+            "webhookd listening on http://%s (webhooks) and %s; journal %s; config %s",
+            self.bound.receiver,
+            f"http://{self.bound.admin} (admin)" if self.bound.admin else "no admin",
+            cfg.journal.path,
+            cfg.origin,
+        )
+        catch_all = cfg.sources.get(CATCH_ALL)
+        if catch_all is not None and catch_all.verify is None and not cfg.server.listen.is_loopback:
+            log.warning(
+                "the catch-all source accepts unsigned webhooks on %s: fine for "
+                "development, not for a public address",
+                cfg.server.listen,
+            )
+        if not cfg.admin.token and cfg.admin.listen and not cfg.admin.listen.is_loopback:
+            log.warning("admin API on %s has no token: set admin.token", cfg.admin.listen)
+
+    async def _force_exit(self) -> None:
+        await self._force.wait()
+        log.warning("second signal: exiting at once; the next start recovers running jobs")
+        logging.shutdown()
+        os._exit(1)
+
+    async def _retention(self, journal: Journal) -> None:
+        jc = self.config.journal
+        while True:
+            await asyncio.sleep(jc.prune_interval_s)
+            total = 0
+            try:
+                while True:
+                    pruned = await journal.prune(
+                        keep_done_s=jc.keep_done_h * 3600,
+                        keep_dead_s=jc.keep_dead_d * 86400,
+                        keep_dedup_s=jc.keep_dedup_d * 86400,
+                    )
+                    total += pruned.events
+                    if not (pruned.events or pruned.dedup):
+                        break
+                    await asyncio.sleep(0)  # let intake commits in between batches
+                await journal.refresh_backlog()
+            except JournalUnavailable as exc:
+                log.warning("retention skipped this round: %s", exc)
+            if total:
+                log.info("retention: pruned %d finished event(s)", total)
+
+    async def _heartbeat(self, journal: Journal, pool: WorkerPool) -> None:
+        last = time.monotonic()
+        last_started = 0
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            stats = pool.statistics()
+            rate = (stats.started - last_started) / (now - last)
+            last, last_started = now, stats.started
+            log.info(
+                "heartbeat backlog=%d busy=%d/%d jobs_per_s=%.1f outcomes=%s",
+                journal.backlog_jobs,
+                stats.busy,
+                stats.concurrency,
+                rate,
+                ",".join(f"{k}:{v}" for k, v in sorted(stats.outcomes.items())) or "-",
+            )
+
+
+def _address(runner: web.AppRunner) -> str:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            host, port = addr[0], addr[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ""
+
+
+def run(config: Config) -> int:
+    """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status."""
+
+    async def main() -> int:
+        return await Daemon(config).run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(uvloop.run(main()))
+    return 130

@@ -1,0 +1,74 @@
+"""The exception tree of webhookd.
+
+    WebhookdError
+    ├── ConfigError            bad configuration; carries the dotted key (exit 2)
+    ├── JournalError           the journal could not do what was asked
+    │   └── JournalUnavailable   a write failed or timed out: intake answers 503
+    ├── NotFound               no event with that id
+    ├── VerificationError      a webhook's signature, timestamp or token did not check out
+    └── ActionError            raised inside an action; the worker records it as an outcome
+        ├── Retry                try again later (optionally not before ``after_s``)
+        └── Reject               permanent: the job goes to the dead-letter queue
+
+``Retry`` and ``Reject`` are exported from the package so Python handlers can raise them.
+"""
+
+from __future__ import annotations
+
+
+class WebhookdError(Exception):
+    """Base class of every error webhookd raises on purpose."""
+
+
+class ConfigError(WebhookdError):
+    """A configuration value is missing, unknown or invalid."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+class JournalError(WebhookdError):
+    """The journal refused or failed an operation."""
+
+
+class JournalUnavailable(JournalError):
+    """A write could not be committed (disk full, read-only, locked, too slow)."""
+
+
+class NotFound(WebhookdError):
+    """The requested event does not exist (or was pruned)."""
+
+
+class VerificationError(WebhookdError):
+    """A webhook failed verification.
+
+    ``reason`` is safe to send back to the caller: it names what was wrong in general terms
+    ("signature mismatch", "timestamp outside tolerance") and never echoes secrets or digests.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ActionError(WebhookdError):
+    """Base for outcomes an action signals by raising."""
+
+
+class Retry(ActionError):
+    """Ask for another attempt, not before ``after_s`` seconds if given."""
+
+    def __init__(self, reason: str = "retry requested", *, after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.after_s = after_s
+
+
+class Reject(ActionError):
+    """Give up on this job: it goes to the dead-letter queue with ``reason``."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,162 @@
+"""The core shapes: ids, job states, priorities, and frozen Event / Job / Attempt records."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class _IdFactory:
+    """ULID-style ids: 48-bit milliseconds + 80 random bits, base32, monotonic per process.
+
+    Sortable by creation time as plain strings, unique without coordination, never reused.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._last_rand = 0
+
+    def new(self) -> str:
+        with self._lock:
+            ms = int(time.time() * 1000)
+            if ms <= self._last_ms:
+                # Same (or earlier: clock stepped back) millisecond: keep order by incrementing.
+                ms = self._last_ms
+                rand = self._last_rand + 1
+            else:
+                rand = int.from_bytes(os.urandom(10), "big")
+            self._last_ms, self._last_rand = ms, rand
+        value = (ms << 80) | (rand & ((1 << 80) - 1))
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
+
+
+_ids = _IdFactory()
+
+
+def new_event_id() -> str:
+    return "evt_" + _ids.new()
+
+
+def new_job_id() -> str:
+    return "job_" + _ids.new()
+
+
+def new_boot_id() -> str:
+    return "boot_" + _ids.new()
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first; the names are what users write."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, name: str) -> Priority:
+        return cls[name.upper()]
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def event_state(job_states: list[str]) -> str:
+    """An event's state, derived from its jobs' states (DESIGN §2)."""
+    if not job_states:
+        return JobState.DONE
+    if JobState.DEAD in job_states:
+        return JobState.DEAD
+    if JobState.RUNNING in job_states:
+        return JobState.RUNNING
+    if JobState.QUEUED in job_states:
+        return JobState.QUEUED
+    if all(s == JobState.CANCELLED for s in job_states):
+        return JobState.CANCELLED
+    return JobState.DONE
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An accepted webhook as journaled: the raw body and headers exactly as received."""
+
+    id: str
+    source: str
+    received_at: float
+    dedup_key: str
+    tenant: str
+    priority: Priority
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    verified: Mapping[str, Any] | None = None
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+    @property
+    def content_type(self) -> str:
+        return self.header("Content-Type") or "application/octet-stream"
+
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ``ValueError`` if it is not JSON)."""
+        return json.loads(self.body)
+
+    def form(self) -> dict[str, str]:
+        """The body parsed as ``application/x-www-form-urlencoded`` (last value wins)."""
+        return dict(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try of a job: when, how it ended, and what the action reported."""
+
+    n: int
+    started_at: float
+    finished_at: float | None
+    outcome: str  # "done" | "retry" | "dead" | "interrupted" | "running"
+    error: str | None
+    detail: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One action of one event, with its own state, attempts and result."""
+
+    id: str
+    event_id: str
+    action: str
+    type: str
+    state: JobState
+    attempts: int
+    max_attempts: int
+    run_at: float
+    recoveries: int = 0
+    result: Any = None
+    last_error: str | None = None
+    history: tuple[Attempt, ...] = field(default=())

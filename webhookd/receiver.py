@@ -1,0 +1,298 @@
+"""The receiver: aiohttp routes for ``/hooks/...`` — size limit, verify, dedup key, intake limit,
+journal, and the 2xx only after the commit.
+
+Order of checks, cheapest first: route → draining → size → handshake → signature → intake
+limit → backlog → journal. A request that fails a check leaves no trace in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from webhookd import signatures
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
+from webhookd.errors import JournalUnavailable, VerificationError
+from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.models import Event, new_event_id, new_job_id
+
+log = logging.getLogger("webhookd.receiver")
+
+_JSON = "application/json"
+
+
+class TokenBucket:
+    """A plain token bucket for per-source intake limits (one second of burst)."""
+
+    def __init__(self, rate_per_s: float, clock: Clock) -> None:
+        self.rate = rate_per_s
+        self.capacity = max(rate_per_s, 1.0)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.updated = clock.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0.0 if granted, else the seconds until one will be there."""
+        now = self.clock.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass
+class IntakeState:
+    """What the receiver shares with the rest of the daemon."""
+
+    draining: bool = False
+    # Observers of every answer: (source or "", status, seconds spent). Metrics subscribe here.
+    observers: list[Callable[[str, int, float], None]] = field(default_factory=list)
+    verify_failures: int = 0
+
+
+def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class _Payload:
+    """Lazily parsed views of a body, shared by every extractor of one request."""
+
+    __slots__ = ("_form", "_json", "body")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._json: Any = _UNSET
+        self._form: dict[str, str] | None = None
+
+    def json(self) -> Any:
+        if self._json is _UNSET:
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                self._json = None
+        return self._json
+
+    def form(self) -> dict[str, str]:
+        if self._form is None:
+            self._form = dict(
+                parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True)
+            )
+        return self._form
+
+
+_UNSET: Any = object()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so a late failure is not reported as unhandled
+
+
+def extract(spec: Extractor, headers: Any, payload: _Payload) -> str | None:
+    """The value ``spec`` points at in a request, as a string, or ``None`` if absent."""
+    if spec.kind == "header":
+        value = headers.get(spec.arg)
+        return value if value else None
+    if spec.kind == "form":
+        return payload.form().get(spec.arg) or None
+    if spec.kind == "body":
+        return "sha256:" + hashlib.sha256(payload.body).hexdigest()
+    node = payload.json()
+    for part in spec.arg.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    if node is None or isinstance(node, dict | list):
+        return None
+    if isinstance(node, bool):
+        return "true" if node else "false"
+    return str(node)
+
+
+class Receiver:
+    """Builds the aiohttp application that takes webhooks."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        state: IntakeState,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.state = state
+        self.clock = clock
+        self._by_path = {src.path: src for src in config.sources.values() if src.name != CATCH_ALL}
+        self._catch_all = config.sources.get(CATCH_ALL)
+        self._buckets = {
+            src.name: TokenBucket(src.intake_per_s, clock)
+            for src in config.sources.values()
+            if src.intake_per_s
+        }
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.server.max_body_bytes,
+            middlewares=[self._json_errors],
+        )
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        return app
+
+    @web.middleware
+    async def _json_errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
+
+    def _resolve(self, path: str) -> tuple[str, SourceConfig] | None:
+        src = self._by_path.get(path)
+        if src is not None:
+            return src.name, src
+        if self._catch_all is not None and path.startswith("/hooks/"):
+            name = path[len("/hooks/") :]
+            # A configured source is only reachable at its own path, never through the
+            # catch-all (which would skip its verification).
+            if name and "/" not in name and name not in self.config.sources:
+                return name, self._catch_all
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = self.clock.monotonic()
+        name = ""
+        try:
+            resolved = self._resolve(request.path)
+            if resolved is None:
+                response = _error(404, "no such source")
+            else:
+                name = resolved[0]
+                response = await self._take(request, name, resolved[1])
+        except asyncio.CancelledError:
+            raise
+        for observer in self.state.observers:
+            observer(name, response.status, self.clock.monotonic() - started)
+        return response
+
+    async def _take(self, request: web.Request, name: str, src: SourceConfig) -> web.Response:
+        server = self.config.server
+        if request.method not in ("POST", "GET", "PUT"):
+            return _error(405, "method not allowed")
+        if self.state.draining:
+            return _error(503, "shutting down", server.retry_after_s)
+        length = request.content_length
+        if length is not None and length > server.max_body_bytes:
+            return _error(413, f"body larger than {server.max_body_bytes} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body larger than {server.max_body_bytes} bytes")
+        now = self.clock.time()
+        headers = request.headers
+        url = str(request.url)
+        shake = (
+            signatures.handshake(
+                src.verify,
+                method=request.method,
+                query=request.query,
+                headers=headers,
+                body=body,
+                url=url,
+                now=now,
+            )
+            if src.verify is not None
+            else None
+        )
+        if shake is not None:
+            return web.Response(
+                status=shake.status, body=shake.body, content_type=shake.content_type
+            )
+        if request.method != "POST":
+            return _error(405, "webhooks are POSTed")
+        verified: dict[str, Any] | None = None
+        if src.verify is not None:
+            try:
+                verdict = signatures.verify(
+                    src.verify, headers=headers, body=body, url=url, now=now
+                )
+            except VerificationError as exc:
+                self.state.verify_failures += 1
+                log.warning(
+                    "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
+                )
+                return _error(401, exc.reason)
+            verified = verdict.as_dict()
+        bucket = self._buckets.get(src.name)
+        if bucket is not None:
+            wait_s = bucket.take()
+            if wait_s:
+                return _error(429, "intake limit reached", wait_s)
+        if self.journal.backlog_jobs >= server.max_backlog:
+            return _error(503, "backlog full", server.retry_after_s)
+
+        payload = _Payload(body)
+        key = extract(src.dedup, headers, payload) if src.dedup is not None else None
+        if key is None and src.verify is not None:
+            key = signatures.default_dedup(src.verify.scheme, headers, body)
+        if key is None:
+            key = "sha256:" + hashlib.sha256(body).hexdigest()
+        tenant = (extract(src.tenant, headers, payload) if src.tenant else None) or ""
+        rule = src.priority
+        by = extract(rule.by, headers, payload) if rule.by is not None else tenant or None
+        event = Event(
+            id=new_event_id(),
+            source=name,
+            received_at=now,
+            dedup_key=f"{name}:{key}",
+            tenant=tenant,
+            priority=rule.classify(by),
+            headers=tuple(headers.items()),
+            body=body,
+            verified=verified,
+        )
+        jobs = tuple(
+            NewJob(
+                id=new_job_id(),
+                action=a.name,
+                type=a.type,
+                max_attempts=a.retry.max_attempts,
+                order_key=extract(a.ordered_by, headers, payload) if a.ordered_by else None,
+            )
+            for a in src.actions
+        )
+        # A task of its own: if we stop waiting, the commit still completes, and the provider's
+        # retry then finds it as a duplicate instead of creating a second event.
+        commit = asyncio.ensure_future(self.journal.ingest(NewEvent(event, jobs)))
+        try:
+            async with asyncio.timeout(server.ack_timeout_s):
+                result = await asyncio.shield(commit)
+        except TimeoutError:
+            commit.add_done_callback(_consume)
+            log.warning("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
+            return _error(503, "journal busy, retry later", server.retry_after_s)
+        except JournalUnavailable:
+            return _error(503, "journal unavailable, retry later", server.retry_after_s)
+        if result.duplicate:
+            return web.json_response({"id": result.event_id, "duplicate": True}, status=200)
+        return web.json_response({"id": result.event_id, "duplicate": False}, status=src.ack_status)

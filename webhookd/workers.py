@@ -1,0 +1,348 @@
+"""The worker pool: take a due job → claim it → run its action with a timeout → record it.
+
+The dispatcher is woken the moment an ingest commits (``notify``), when a retry falls due, and
+by a fallback sweep that finds rows written by other processes (``webhookd replay``). Claims
+are committed before an action starts, so the attempt counts even if the process dies in the
+middle of it. Only this module catches an action's errors, to record them as outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from webhookd.actions.base import Action, Outcome
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.config import ActionConfig, Config, RetryPolicy
+from webhookd.errors import JournalUnavailable, Reject, Retry
+from webhookd.journal import Claimed, Finished, Journal, Ready
+from webhookd.models import JobState
+from webhookd.scheduler import Scheduler
+
+log = logging.getLogger("webhookd.workers")
+
+MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
+_ERROR_CHARS = 2000
+
+
+def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """``min(cap, base·factor^(n-1)) · U(0.5, 1)`` for the ``attempt``-th failure (DESIGN §2)."""
+    raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
+    return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    concurrency: int
+    busy: int
+    window: int
+    started: int
+    outcomes: Mapping[str, int]
+
+
+class WorkerPool:
+    """Runs due jobs, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        journal: Journal,
+        actions: Mapping[tuple[str, str], Action],
+        boot_id: str,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.actions = actions
+        self.boot_id = boot_id
+        self.clock = clock
+        self.rng = rng
+        self.concurrency = config.workers.concurrency
+        self.scheduler = Scheduler(capacity=config.workers.window, weights=config.workers.weights)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._overflow = True  # the journal may hold ready jobs we have not seen: look first
+        self._next_due: float | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running_by_action: Counter[tuple[str, str]] = Counter()
+        self._running_by_source: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started = 0
+        self.outcomes: Counter[str] = Counter()
+        # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
+        self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def notify(self, ready: list[Ready]) -> None:
+        """New jobs were committed: take them into the window and wake the dispatcher."""
+        for job in ready:
+            if not self.scheduler.add(job):
+                self._overflow = True
+                break
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Something changed in the journal (a replay): look at it now rather than at the sweep."""
+        self._overflow = True
+        self._wake.set()
+
+    async def _refill(self) -> None:
+        room = self.scheduler.room
+        if room <= 0:
+            return
+        now = self.clock.time()
+        exclude = self.scheduler.ids() | set(self._running)
+        rows = await self.journal.ready(now, room, exclude)
+        for job in rows:
+            self.scheduler.add(job)
+        self._overflow = len(rows) >= room
+        self._next_due = None if self._overflow else await self.journal.next_run_at()
+
+    # -- dispatching -------------------------------------------------------------------------
+
+    def _can_run(self, job: Ready) -> bool:
+        source = self.config.source_for(job.source)
+        if source is None:
+            return True  # the worker records it as dead with a clear reason
+        action = source.action(job.action)
+        if (
+            action is not None
+            and action.concurrency is not None
+            and (self._running_by_action[(source.name, job.action)] >= action.concurrency)
+        ):
+            return False
+        return not (
+            source.concurrency is not None
+            and self._running_by_source[source.name] >= source.concurrency
+        )
+
+    async def _dispatch_once(self) -> int:
+        """Claim and start as many jobs as there are free slots; returns how many started."""
+        if self._overflow and self.scheduler.room > 0:
+            await self._refill()
+        picks: list[Ready] = []
+        free = self.concurrency - len(self._running)
+        while len(picks) < free:
+            job = self.scheduler.pop(self._can_run)
+            if job is None:
+                break
+            picks.append(job)
+            self._reserve(job, +1)
+        if not picks:
+            return 0
+        try:
+            claimed = await self.journal.claim([p.id for p in picks], self.boot_id)
+        finally:
+            for job in picks:
+                self._reserve(job, -1)
+        for c in claimed:
+            self._start(c)
+        return len(claimed)
+
+    def _reserve(self, job: Ready, delta: int) -> None:
+        source = self.config.source_for(job.source)
+        name = source.name if source else job.source
+        self._running_by_action[(name, job.action)] += delta
+        self._running_by_source[name] += delta
+
+    def _start(self, claimed: Claimed) -> None:
+        job = claimed.job
+        source = self.config.source_for(claimed.event.source)
+        name = source.name if source else claimed.event.source
+        self._running_by_action[(name, job.action)] += 1
+        self._running_by_source[name] += 1
+        task = asyncio.create_task(self._run(claimed), name=f"job {job.id}")
+        self._running[job.id] = task
+        self._idle.clear()
+        self.started += 1
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._running.pop(job.id, None)
+            self._running_by_action[(name, job.action)] -= 1
+            self._running_by_source[name] -= 1
+            if not self._running:
+                self._idle.set()
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def run(self) -> None:
+        """Dispatch until ``stop()``; the long-lived task of the pool."""
+        sweep_s = self.config.workers.sweep_interval_s
+        last_sweep = self.clock.monotonic()
+        while not self._stopping:
+            timeout = sweep_s
+            if self._next_due is not None:
+                timeout = min(timeout, max(self._next_due - self.clock.time(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            if self._stopping:
+                break
+            now_mono = self.clock.monotonic()
+            due = self._next_due is not None and self._next_due <= self.clock.time()
+            if due or now_mono - last_sweep >= sweep_s:
+                self._overflow = True
+                last_sweep = now_mono
+            while not self._stopping and await self._dispatch_once():
+                pass
+
+    async def run_until_idle(self) -> float | None:
+        """Burst mode: run every due job (and what they lead to) until nothing is due or running.
+
+        Returns when the next queued job falls due (``None`` when nothing is queued), so a test
+        can advance its clock there and call again.
+        """
+        self._overflow = True
+        while True:
+            started = await self._dispatch_once()
+            if not started and not self._running:
+                if len(self.scheduler) == 0:
+                    await self._refill()
+                    if len(self.scheduler) == 0:
+                        return await self.journal.next_run_at()
+                    continue
+                return await self.journal.next_run_at()
+            if self._running:
+                await asyncio.wait(
+                    list(self._running.values()), return_when=asyncio.FIRST_COMPLETED
+                )
+
+    def stop(self) -> None:
+        """Stop claiming new jobs; running ones go on (see ``drain``)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def drain(self, grace_s: float) -> int:
+        """Give running jobs ``grace_s`` to finish, then cancel them and re-queue them without
+        counting the attempt. Returns how many were cancelled."""
+        self.stop()
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        stragglers = dict(self._running)
+        for task in stragglers.values():
+            task.cancel()
+        if stragglers:
+            await asyncio.gather(*stragglers.values(), return_exceptions=True)
+            await self.journal.unclaim(list(stragglers))
+            log.warning(
+                "drain: %d job(s) did not finish in %.0fs; re-queued", len(stragglers), grace_s
+            )
+        return len(stragglers)
+
+    # -- running one job ---------------------------------------------------------------------
+
+    async def _run(self, claimed: Claimed) -> None:
+        job, event = claimed.job, claimed.event
+        source = self.config.source_for(event.source)
+        action_cfg: ActionConfig | None = source.action(job.action) if source else None
+        action = self.actions.get((source.name, job.action)) if source else None
+        started_at = self.clock.time()
+        if action is None or action_cfg is None:
+            outcome = Outcome.dead(
+                f"action {job.action!r} is not configured for source {event.source!r}"
+            )
+        else:
+            outcome = await self._attempt(action, action_cfg, claimed)
+        finished = self._decide(claimed, action_cfg, outcome, started_at)
+        self.outcomes[finished.outcome] += 1
+        # Shielded: a drain that cancels us after the action finished must not lose the record.
+        try:
+            await asyncio.shield(self.journal.finish([finished]))
+        except JournalUnavailable as exc:
+            # The job stays 'running' under this boot id; the next start re-queues it.
+            log.error("job %s: outcome %s not recorded: %s", job.id, finished.outcome, exc)
+            return
+        if (
+            finished.state == JobState.QUEUED
+            and finished.run_at is not None
+            and (self._next_due is None or finished.run_at < self._next_due)
+        ):
+            self._next_due = finished.run_at
+        for hook in self.on_finish:
+            hook(claimed, outcome, finished)
+        level = logging.INFO if finished.outcome == "done" else logging.WARNING
+        log.log(
+            level,
+            "job %s event=%s source=%s action=%s attempt=%d outcome=%s%s",
+            job.id,
+            event.id,
+            event.source,
+            job.action,
+            job.attempts,
+            finished.outcome,
+            f" error={finished.error!r}" if finished.error else "",
+        )
+
+    async def _attempt(self, action: Action, cfg: ActionConfig, claimed: Claimed) -> Outcome:
+        try:
+            async with asyncio.timeout(cfg.timeout_s):
+                return await action.run(claimed.event, claimed.job)
+        except TimeoutError:
+            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s")
+        except Retry as exc:
+            return Outcome.retry(exc.reason, after_s=exc.after_s)
+        except Reject as exc:
+            return Outcome.dead(exc.reason)
+        except Exception as exc:  # an action's bug or an unexpected failure: retry it
+            log.debug("action %s raised", cfg.name, exc_info=True)
+            return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS])
+
+    def _decide(
+        self, claimed: Claimed, cfg: ActionConfig | None, outcome: Outcome, started_at: float
+    ) -> Finished:
+        job = claimed.job
+        now = self.clock.time()
+        error = outcome.error[:_ERROR_CHARS] if outcome.error else None
+
+        def make(
+            state: JobState, kind: str, run_at: float | None = None, err: str | None = error
+        ) -> Finished:
+            return Finished(
+                job_id=job.id,
+                attempt=job.attempts,
+                state=state,
+                started_at=started_at,
+                finished_at=now,
+                outcome=kind,
+                run_at=run_at,
+                error=err,
+                result=outcome.result,
+                detail=outcome.detail,
+            )
+
+        if outcome.kind == "done":
+            return make(JobState.DONE, "done", err=None)
+        if outcome.kind == "dead":
+            return make(JobState.DEAD, "dead")
+        if outcome.kind == "wait" and claimed.waits < MAX_WAITS:
+            return make(JobState.QUEUED, "wait", now + (outcome.after_s or 1.0))
+        # A failure: retry with backoff, or give up when the attempts are used.
+        if job.attempts >= job.max_attempts or cfg is None:
+            return make(
+                JobState.DEAD, "dead", err=f"gave up after {job.attempts} attempt(s): {error}"
+            )
+        delay = backoff_s(cfg.retry, job.attempts, self.rng)
+        if outcome.after_s is not None:
+            delay = max(delay, outcome.after_s)  # downstream's Retry-After is a lower bound
+        return make(JobState.QUEUED, "retry", now + delay)
+
+    def statistics(self) -> PoolStats:
+        return PoolStats(
+            concurrency=self.concurrency,
+            busy=len(self._running),
+            window=len(self.scheduler),
+            started=self.started,
+            outcomes=dict(self.outcomes),
+        )
