@@ -161,6 +161,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "workers": {
             "concurrency": pool.concurrency,
             "busy": pool.busy,
+            "claiming": pool.claiming,
             "window": pool.window,
             "started": pool.started,
             "outcomes": dict(pool.outcomes),

@@ -323,6 +323,9 @@ class Journal:
         except sqlite3.Error as exc:
             await self._close_connections()
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+        except BaseException:
+            await self._close_connections()
+            raise
         self.backlog_jobs = await self.backlog()
         self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
 

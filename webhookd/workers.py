@@ -40,6 +40,7 @@ def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = rand
 class PoolStats:
     concurrency: int
     busy: int
+    claiming: int  # jobs picked and waiting on the journal's claim (a slow disk shows here)
     window: int
     started: int
     outcomes: Mapping[str, int]
@@ -70,6 +71,8 @@ class WorkerPool:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._claiming = asyncio.Lock()  # held across a claim, so a drain can wait it out
+        self._claiming_jobs = 0
         self._overflow = True  # the journal may hold ready jobs we have not seen: look first
         self._next_due: float | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -140,11 +143,18 @@ class WorkerPool:
             self._reserve(job, +1)
         if not picks:
             return 0
-        try:
-            claimed = await self.journal.claim([p.id for p in picks], self.boot_id)
-        finally:
-            for job in picks:
-                self._reserve(job, -1)
+        async with self._claiming:
+            self._claiming_jobs = len(picks)
+            try:
+                claimed = await self.journal.claim([p.id for p in picks], self.boot_id)
+            finally:
+                self._claiming_jobs = 0
+                for job in picks:
+                    self._reserve(job, -1)
+            if self._stopping:
+                # A drain began while the claim waited on the journal: start nothing new.
+                await self.journal.unclaim([c.job.id for c in claimed])
+                return 0
         for c in claimed:
             self._start(c)
         return len(claimed)
@@ -227,6 +237,8 @@ class WorkerPool:
         """Give running jobs ``grace_s`` to finish, then cancel them and re-queue them without
         counting the attempt. Returns how many were cancelled."""
         self.stop()
+        async with self._claiming:  # a claim in flight either starts its jobs or gives them back
+            pass
         if self._running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
@@ -342,6 +354,7 @@ class WorkerPool:
         return PoolStats(
             concurrency=self.concurrency,
             busy=len(self._running),
+            claiming=self._claiming_jobs,
             window=len(self.scheduler),
             started=self.started,
             outcomes=dict(self.outcomes),

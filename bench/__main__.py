@@ -1,0 +1,41 @@
+"""``python -m bench [SCENARIO] [ARGS…]``: run one benchmark scenario (default: ``intake``).
+
+Scenarios live in `SCENARIOS`, by module name, so adding one is one line here plus a module with
+a ``main(argv) -> int``; modules are imported only when their scenario runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Scenario(NamedTuple):
+    module: str  # has main(argv: Sequence[str] | None) -> int
+    summary: str
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "intake": Scenario(
+        "bench.intake",
+        "durable intake vs a bare aiohttp+uvloop handler; ack latency at fixed rates",
+    ),
+}
+DEFAULT = "intake"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--list", "list"):
+        for name, scenario in SCENARIOS.items():
+            print(f"{name:<12} {scenario.summary}")
+        return 0
+    name = args.pop(0) if args and args[0] in SCENARIOS else DEFAULT
+    module = importlib.import_module(SCENARIOS[name].module)
+    return int(module.main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

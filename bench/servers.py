@@ -1,0 +1,227 @@
+"""Start and stop the servers under test — the bare baseline and ``webhookd serve`` — as pinned
+subprocesses, each with its own temp directory (config, journal, log).
+
+`running()` is the one entry point: a context manager that starts a server, waits until it
+answers, and always stops it again (SIGTERM, then SIGKILL) and removes its directory, whatever
+happened in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.loadgen import make_body, pin_to
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of server to measure."""
+
+    name: str
+    kind: str  # "bare" or "webhookd"
+    expect_status: int
+    log_action: bool = False  # webhookd only: give the source one `log` action
+
+
+BARE = Target("bare", "bare", 200)
+WEBHOOKD = Target("webhookd", "webhookd", 202)
+WEBHOOKD_LOG = Target("webhookd+log", "webhookd", 202, log_action=True)
+TARGETS = {t.name: t for t in (BARE, WEBHOOKD, WEBHOOKD_LOG)}
+
+
+class ServerFailed(RuntimeError):
+    """A server did not start, did not answer as expected, or died."""
+
+
+@dataclass
+class Server:
+    """A started server: where to send hooks, and how it stopped (filled in on exit)."""
+
+    target: Target
+    proc: subprocess.Popen[bytes]
+    url: str
+    stop_s: float | None = None  # SIGTERM → exit
+    killed: bool = False  # did not exit within STOP_TIMEOUT_S after SIGTERM
+
+    def cpu_s(self) -> float:
+        """CPU time used so far by the server process (all its threads), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # Fields 14 and 15 of stat(5) (utime, stime); index 11 and 12 after "pid (comm)".
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def webhookd_command() -> list[str]:
+    """How to run webhookd: the console script next to this Python, else ``python -m webhookd``."""
+    script = Path(sys.executable).with_name("webhookd")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "webhookd"]
+
+
+def webhookd_config(port: int, admin_port: int, journal: Path, log_action: bool) -> str:
+    """The benchmark's webhookd config (TOML)."""
+    text = f"""\
+[server]
+listen = "127.0.0.1:{port}"
+max_body_bytes = 1048576
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[journal]
+path = {json.dumps(str(journal))}
+
+[log]
+level = "warning"
+
+# No actions: measures durable intake alone (journal + fsync'd commit before the 202).
+[sources.bench]
+"""
+    if log_action:
+        text += '\n[[sources.bench.actions]]\ntype = "log"\n'
+    return text
+
+
+@contextmanager
+def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -> Iterator[Server]:
+    """Start `target` pinned to `cpu`, wait until it answers, yield it, then stop it."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{target.kind}-", dir=parent_dir))
+    log_path = workdir / "server.log"
+    proc: subprocess.Popen[bytes] | None = None
+    server: Server | None = None
+    try:
+        port = free_port()
+        if target.kind == "bare":
+            cmd = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+            ready_url = f"http://127.0.0.1:{port}/readyz"
+        else:
+            admin_port = free_port()
+            config = workdir / "webhookd.toml"
+            journal = workdir / "bench.db"
+            config.write_text(webhookd_config(port, admin_port, journal, target.log_action))
+            cmd = [*webhookd_command(), "serve", "--config", str(config)]
+            ready_url = f"http://127.0.0.1:{admin_port}/readyz"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=_REPO,
+                preexec_fn=pin_to(cpu),
+                # Its own session: a Ctrl-C on the terminal reaches only the harness, which then
+                # stops the server itself, in order.
+                start_new_session=True,
+            )
+        server = Server(target, proc, f"http://127.0.0.1:{port}/hooks/bench")
+        _wait_ready(server, ready_url, log_path)
+        _probe(server, log_path)
+        yield server
+        _check_alive(server, log_path)
+    finally:
+        if proc is not None:
+            _stop(proc, server)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(log_path: Path, lines: int = 15) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_ready(server: Server, ready_url: str, log_path: Path) -> None:
+    # Polling is fine here: this is the harness waiting for a process it does not control.
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise ServerFailed(
+                f"{server.target.name} exited with {server.proc.returncode} before it was ready:\n"
+                + _log_tail(log_path)
+            )
+        try:
+            with urllib.request.urlopen(ready_url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise ServerFailed(
+        f"{server.target.name}: {ready_url} not 200 within {READY_TIMEOUT_S:g} s:\n"
+        + _log_tail(log_path)
+    )
+
+
+def _probe(server: Server, log_path: Path) -> None:
+    """One real POST, so a wrong route or status fails loudly before any measurement."""
+    request = urllib.request.Request(
+        server.url,
+        data=make_body(f"probe-{os.urandom(4).hex()}", 0),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5.0) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerFailed(f"{server.target.name}: probe POST failed: {exc}") from exc
+    if status != server.target.expect_status:
+        raise ServerFailed(
+            f"{server.target.name}: probe POST {server.url} answered {status}, "
+            f"expected {server.target.expect_status}:\n" + _log_tail(log_path)
+        )
+
+
+def _check_alive(server: Server, log_path: Path) -> None:
+    if server.proc.poll() is not None:
+        raise ServerFailed(
+            f"{server.target.name} died during the run (exit {server.proc.returncode}):\n"
+            + _log_tail(log_path)
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes], server: Server | None) -> None:
+    if proc.poll() is None:
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            if server is not None:
+                server.killed = True
+        if server is not None:
+            server.stop_s = time.monotonic() - started

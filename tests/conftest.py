@@ -1,0 +1,159 @@
+"""Shared fixtures: a real journal file, a real loopback HTTP target, an in-process daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from webhookd import config as config_mod
+from webhookd.app import Daemon
+from webhookd.journal import Journal
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Target:
+    """A real aiohttp server on 127.0.0.1 that records what it receives.
+
+    ``statuses`` is consumed one per request (then ``default_status``); ``hold`` makes the
+    handler wait until the event is set (a hanging downstream).
+    """
+
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    default_status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    hold: asyncio.Event | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    running: int = 0
+    peak_running: int = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        try:
+            body = await request.read()
+            self.seen.append(Seen(request.method, request.path, dict(request.headers), body))
+            self.changed.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            status = self.statuses.pop(0) if self.statuses else self.default_status
+            return web.Response(status=status, text=f"answer {status}", headers=self.headers)
+        finally:
+            self.running -= 1
+
+    async def wait_for(self, predicate: Callable[[Target], bool], timeout_s: float = 10) -> None:
+        """Wait until ``predicate(self)`` holds, woken by each arrival (no polling)."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Target]:
+    t = Target()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", t.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    t.url = f"http://{host}:{port}"
+    yield t
+    if t.hold is not None:
+        t.hold.set()
+    await runner.cleanup()
+
+
+def make_config(tmp_path: Path, extra: str = "", **sections: str) -> config_mod.Config:
+    """A config on free loopback ports with its journal in ``tmp_path``, plus ``extra`` TOML."""
+    text = f"""
+[server]
+listen = "127.0.0.1:0"
+{sections.get("server", "")}
+[admin]
+listen = "127.0.0.1:0"
+{sections.get("admin", "")}
+[journal]
+path = "{tmp_path / "webhookd.db"}"
+{sections.get("journal", "")}
+[workers]
+{sections.get("workers", "")}
+{extra}
+"""
+    cfg = config_mod.loads(text, "test")
+    from webhookd import actions
+
+    actions.validate(cfg)
+    return cfg
+
+
+@pytest.fixture
+async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
+    async with Journal(tmp_path / "journal.db") as j:
+        yield j
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    task: asyncio.Task[int]
+    http: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.daemon.bound.receiver}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.daemon.bound.admin}"
+
+    async def post(self, path: str, body: bytes | str = b"{}", **kw: Any) -> tuple[int, Any]:
+        async with self.http.post(self.url + path, data=body, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def stop(self) -> int:
+        self.daemon.request_stop()
+        return await self.task
+
+
+@pytest.fixture
+async def run_daemon() -> AsyncIterator[Callable[[config_mod.Config], Any]]:
+    """Start an in-process daemon (no signal handlers) and stop it at the end of the test."""
+    running: list[Running] = []
+    http = aiohttp.ClientSession()
+
+    async def start(cfg: config_mod.Config) -> Running:
+        daemon = Daemon(cfg, install_signals=False)
+        task = asyncio.create_task(daemon.run())
+        started = asyncio.create_task(daemon.started.wait())
+        done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            started.cancel()
+            raise RuntimeError(f"daemon exited with {task.result()} before it started")
+        r = Running(daemon, task, http)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        if not r.task.done():
+            await r.stop()
+    await http.close()

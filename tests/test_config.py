@@ -1,0 +1,140 @@
+"""Config: the embedded default, the reference file, dotted-key errors, secrets from the env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from webhookd import actions
+from webhookd.config import EMBEDDED_DEFAULT, Extractor, Listen, Secret, load, loads
+from webhookd.errors import ConfigError
+from webhookd.models import Priority
+
+REPO = Path(__file__).resolve().parent.parent
+
+REFERENCE_ENV = {
+    "SHOPIFY_SECRET": "shpss_example",
+    "FORWARD_SIGNING_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "STRIPE_SECRET": "whsec_stripe_new",
+    "STRIPE_SECRET_OLD": "whsec_stripe_old",
+    "GITHUB_WEBHOOK_SECRET": "gh-secret",
+    "PARTNER_SECRET": "partner-secret",
+}
+
+
+def test_embedded_default_is_the_documented_development_setup() -> None:
+    cfg = load(None)
+    assert cfg.server.listen == Listen("127.0.0.1", 8080)
+    assert cfg.admin.listen == Listen("127.0.0.1", 8081)
+    assert cfg.journal.path == Path("./webhookd.db")
+    catch_all = cfg.source_for("anything-at-all")
+    assert catch_all is not None and catch_all.verify is None
+    assert [a.type for a in catch_all.actions] == ["log"]
+    assert cfg.origin == "embedded default" and "catch-all" in EMBEDDED_DEFAULT
+
+
+def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in REFERENCE_ENV.items():
+        monkeypatch.setenv(name, value)
+    cfg = load(REPO / "webhookd.toml")
+    assert set(cfg.sources) == {"shopify", "stripe", "github", "generic"}
+    shopify = cfg.sources["shopify"]
+    assert shopify.verify is not None and shopify.verify.scheme == "shopify"
+    assert shopify.tenant == Extractor("header", "X-Shopify-Shop-Domain")
+    assert shopify.priority.default is Priority.NORMAL
+    stripe = cfg.sources["stripe"]
+    assert stripe.verify is not None and len(stripe.verify.secrets) == 2
+    assert [a.name for a in stripe.actions] == ["forward", "log"]
+    assert cfg.source_for("generic") is cfg.sources["generic"]
+    assert cfg.sources["generic"].path == "/hooks/partner"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[server]\nlisten = 8080", "server.listen"),
+        ('[server]\nlisten = "127.0.0.1:99999"', "server.listen"),
+        ("[server]\nmax_body_bytes = -1", "server.max_body_bytes"),
+        ("[server]\nspeed = 3", "server.speed"),
+        ("colour = 1", "colour"),
+        ("[workers]\nconcurrency = 0", "workers.concurrency"),
+        ("[workers]\nconcurrency = 2.5", "workers.concurrency"),
+        ('[log]\nlevel = "loud"', "log.level"),
+        (
+            '[sources.a]\nack_status = 500\n[[sources.a.actions]]\ntype = "log"',
+            "sources.a.ack_status",
+        ),
+        ('[sources.a]\ndedup = "cookie:x"', "sources.a.dedup"),
+        ('[sources.a]\nverify = { scheme = "nope", secret = "x" }', "sources.a.verify.scheme"),
+        (
+            '[sources.a]\nverify = { scheme = "github", secret = "x", extra = 1 }',
+            "sources.a.verify.extra",
+        ),
+        ('[[sources.a.actions]]\ntype = "teleport"', "sources.a.actions[0].type"),
+        ('[[sources.a.actions]]\ntype = "forward"', "sources.a.actions[0].url"),
+        (
+            '[[sources.a.actions]]\ntype = "log"\nretry = { max_attempts = 0 }',
+            "sources.a.actions[0].retry.max_attempts",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "log"\n'
+            '[[sources.a.actions]]\ntype = "log"\nname = "log-1"',
+            "sources.a.actions[1].name",
+        ),
+        ('[sources.a]\npath = "/x"\n[sources.b]\npath = "/x"', "sources.b.path"),
+        ('[sources.a]\npriority = "urgent"', "sources.a.priority"),
+    ],
+)
+def test_bad_values_name_their_dotted_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(text))  # what `webhookd check` and `serve` run
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_toml_is_one_clear_line() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        loads("[server\nlisten=", "x.toml")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "nope.toml")
+
+
+def test_env_secrets_are_resolved_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GH_SECRET", "s3cr3t-value")
+    cfg = loads('[sources.gh]\nverify = { scheme = "github", secret = "env:GH_SECRET" }')
+    verify = cfg.sources["gh"].verify
+    assert verify is not None
+    [secret] = verify.secrets
+    assert isinstance(secret, Secret) and secret.reveal() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(secret)
+
+
+def test_missing_env_secret_names_key_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE") as info:
+        loads('[sources.gh]\nverify = { scheme = "github", secret = "env:NOT_SET_ANYWHERE" }')
+    assert info.value.key == "sources.gh.verify.secret"
+
+
+def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
+    cfg = loads(
+        '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'
+        '[[sources.a.actions]]\ntype = "log"\n[[sources.a.actions]]\ntype = "log"'
+    )
+    forward, log1, log2 = cfg.sources["a"].actions
+    assert (forward.retry.max_attempts, forward.retry.base_s, forward.retry.factor) == (10, 10, 3)
+    assert forward.timeout_s == 30
+    assert [log1.name, log2.name] == ["log-2", "log-3"]
+    assert cfg.sources["a"].action("log-3") is log2
+
+
+def test_unnamed_source_lookup_falls_back_to_catch_all_only_when_present() -> None:
+    cfg = loads('[[sources.a.actions]]\ntype = "log"')
+    assert cfg.source_for("a") is cfg.sources["a"]
+    assert cfg.source_for("b") is None

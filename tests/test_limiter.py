@@ -1,0 +1,394 @@
+"""Lanes: RPM/TPM bounds over every 60 s window, FIFO, reservations, cooldown and circuit."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from webhookd.clock import ManualClock
+from webhookd.config import LaneConfig
+from webhookd.errors import WebhookdError
+from webhookd.limiter import Lane, LaneBusy, Reservation, build_lanes
+
+
+class SimTime:
+    """A ManualClock and a sleep that advances it: simulated time, no real waiting."""
+
+    def __init__(self) -> None:
+        self.clock = ManualClock()
+        self.start = self.clock.monotonic()
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.clock.advance(seconds)
+
+    def lane(
+        self,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        burst_s: float = 3.0,
+        probe_after_s: float | None = 60.0,
+    ) -> Lane:
+        config = LaneConfig("llm", rpm=rpm, tpm=tpm, burst_s=burst_s)
+        return Lane(config, clock=self.clock, sleep=self.sleep, probe_after_s=probe_after_s)
+
+    def elapsed(self) -> float:
+        return self.clock.monotonic() - self.start
+
+
+class GatedSleep(SimTime):
+    """Sleeps that block until the test releases them, to inspect and cancel waiters mid-wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[tuple[float, asyncio.Future[None]]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.gates.append((seconds, gate))
+        await gate
+
+    def release(self) -> float:
+        """Advance the clock by the oldest pending sleep and end it."""
+        seconds, gate = self.gates.pop(0)
+        self.clock.advance(seconds)
+        gate.set_result(None)
+        return seconds
+
+
+async def run_ready() -> None:
+    """Let every ready task run until it blocks (a yield to the loop, not a timed wait)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def max_in_any_window(times: list[float], amounts: list[float]) -> float:
+    """The largest total admitted in any window [s, s + 60) (the worst one starts at an entry)."""
+    worst = 0.0
+    for i, start in enumerate(times):
+        total = sum(a for t, a in zip(times[i:], amounts[i:], strict=True) if t < start + 60.0)
+        worst = max(worst, total)
+    return worst
+
+
+async def saturate(
+    lane: Lane, sim: SimTime, sizes: list[int], minutes: float, consumers: int = 8
+) -> list[Reservation]:
+    """Keep ``consumers`` callers queued on ``lane`` for ``minutes`` of simulated time."""
+    admitted: list[Reservation] = []
+    end = sim.start + minutes * 60.0
+    rng = random.Random(7)
+
+    async def consumer() -> None:
+        while sim.clock.monotonic() < end:
+            reservation = await lane.acquire(rng.choice(sizes), max_wait_s=math.inf)
+            admitted.append(reservation)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(consumers):
+            tg.create_task(consumer())
+    return admitted
+
+
+@pytest.mark.parametrize(
+    ("rpm", "tpm", "sizes", "binding"),
+    [
+        (600, 20_000, [50, 300, 900, 2_500], "tokens"),  # 2 500 is over the 1 000-token burst
+        (30, 1_000_000, [100, 200], "requests"),
+        (10, 10_000, [1_000], "requests"),  # the burst is half a request
+    ],
+)
+async def test_saturated_lane_stays_under_limits_in_every_window_and_uses_90_percent(
+    rpm: int, tpm: int, sizes: list[int], binding: str
+) -> None:
+    """Saturated for 5 simulated minutes, no 60 s window exceeds rpm/tpm and ≥ 90 % is used."""
+    sim = SimTime()
+    lane = sim.lane(rpm=rpm, tpm=tpm)
+    admitted = await saturate(lane, sim, sizes, minutes=5)
+    times = [r.admitted_at_s for r in admitted]
+    assert times == sorted(times)
+    assert max_in_any_window(times, [1] * len(times)) <= rpm
+    assert max_in_any_window(times, [r.tokens for r in admitted]) <= tpm
+    in_run = [r for r in admitted if r.admitted_at_s < sim.start + 300.0]
+    used = (
+        len(in_run) / (5 * rpm)
+        if binding == "requests"
+        else sum(r.tokens for r in in_run) / (5 * tpm)
+    )
+    assert used >= 0.9
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(0.0, 20.0),  # gap before the call, s
+            st.integers(0, 6_000),  # estimate, tokens (up to a whole minute's worth)
+            st.floats(0.0, 1.0),  # actual / estimate at settle time
+            st.sampled_from([0.0, 2.0, math.inf]),  # max_wait_s
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+    burst_s=st.sampled_from([1.0, 3.0, 10.0]),
+)
+def test_random_traffic_never_exceeds_limits_in_any_window(
+    steps: list[tuple[float, int, float, float]], burst_s: float
+) -> None:
+    """For any sizes, gaps and refunds no 60 s window holds more than rpm requests or tpm tokens."""
+
+    async def scenario() -> tuple[list[float], list[int]]:
+        sim = SimTime()
+        lane = sim.lane(rpm=20, tpm=6_000, burst_s=burst_s)
+        times: list[float] = []
+        used: list[int] = []
+        for gap_s, estimate, ratio, max_wait_s in steps:
+            sim.clock.advance(gap_s)
+            try:
+                reservation = await lane.acquire(estimate, max_wait_s=max_wait_s)
+            except LaneBusy:
+                continue
+            actual = int(estimate * ratio)
+            lane.settle(reservation, actual)
+            times.append(reservation.admitted_at_s)
+            used.append(actual)
+        return times, used
+
+    times, used = asyncio.run(scenario())
+    assert max_in_any_window(times, [1] * len(times)) <= 20
+    assert max_in_any_window(times, [float(u) for u in used]) <= 6_000
+
+
+async def test_fresh_lane_bursts_only_burst_s_worth() -> None:
+    """A new (or restarted) lane admits burst_s seconds' worth at once, not a minute's."""
+    sim = SimTime()
+    lane = sim.lane(rpm=600, tpm=60_000)  # 3 s: 30 requests, 3 000 tokens
+    for _ in range(30):
+        await lane.acquire(10, max_wait_s=0)
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(10, max_wait_s=0)
+    assert busy.value.retry_after_s == pytest.approx(0.1)
+
+    tokens_lane = sim.lane(tpm=60_000)
+    for _ in range(3):
+        await tokens_lane.acquire(1_000, max_wait_s=0)
+    with pytest.raises(LaneBusy):
+        await tokens_lane.acquire(1_000, max_wait_s=0)
+    assert sim.slept == []
+
+
+async def test_large_request_is_not_overtaken_by_small_ones_queued_after_it() -> None:
+    """FIFO: a large call waiting for tokens is admitted before small calls that came later."""
+    sim = SimTime()
+    lane = sim.lane(tpm=6_000)  # 100 tokens/s, burst 300
+    await lane.acquire(300, max_wait_s=0)
+    order: list[str] = []
+
+    async def call(label: str, tokens: int) -> None:
+        await lane.acquire(tokens, max_wait_s=math.inf)
+        order.append(label)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(call("large", 250))
+        for i in range(5):
+            tg.create_task(call(f"small{i}", 10))
+    assert order == ["large", "small0", "small1", "small2", "small3", "small4"]
+    assert sim.elapsed() == pytest.approx(3.0)  # 250 + 5 × 10 tokens at 100/s, nothing wasted
+
+
+async def test_settle_refunds_and_charges_the_difference() -> None:
+    """Settling refunds an over-estimate (capped at the burst) and charges an under-estimate."""
+    sim = SimTime()
+    lane = sim.lane(tpm=60_000)  # burst 3 000 tokens
+    first = await lane.acquire(3_000, max_wait_s=0)
+    lane.settle(first, 1_000)
+    assert lane.statistics().tokens_available == 2_000
+    second = await lane.acquire(2_000, max_wait_s=0)
+    lane.settle(second, 2_500)
+    stats = lane.statistics()
+    assert stats.tokens_available == -500
+    assert stats.tokens_debited_total == 3_500
+
+    third = await lane.acquire(100, max_wait_s=math.inf)  # waits off the debt
+    sim.clock.advance(10)  # bucket full again
+    lane.settle(third, 0)
+    assert lane.statistics().tokens_available == 3_000
+    with pytest.raises(ValueError, match="already settled"):
+        lane.settle(third, 0)
+
+
+async def test_refund_wakes_the_waiting_head_early() -> None:
+    """A refund lets a waiting call in at once instead of after its computed refill time."""
+    sim = GatedSleep()
+    lane = sim.lane(tpm=6_000)
+    held = await lane.acquire(300, max_wait_s=0)
+    waiting = asyncio.create_task(lane.acquire(200, max_wait_s=math.inf))
+    await run_ready()
+    assert [s for s, _ in sim.gates] == [pytest.approx(2.0)]
+    lane.settle(held, 50)  # 250 tokens come back
+    reservation = await waiting
+    assert reservation.admitted_at_s == sim.start
+    assert lane.statistics().tokens_available == 50
+
+
+async def test_observe_remaining_only_lowers_levels() -> None:
+    """Upstream's remaining-* headers lower the local levels but never raise them."""
+    sim = SimTime()
+    lane = sim.lane(rpm=600, tpm=60_000)
+    lane.observe_remaining(5, 100)
+    stats = lane.statistics()
+    assert (stats.requests_available, stats.tokens_available) == (5, 100)
+    lane.observe_remaining(10_000, 1_000_000)
+    lane.observe_remaining(None, None)
+    stats = lane.statistics()
+    assert (stats.requests_available, stats.tokens_available) == (5, 100)
+
+
+async def test_cooldown_refuses_with_remaining_time_then_admits() -> None:
+    """After a 429 no call is admitted until Retry-After passes; LaneBusy says how long is left."""
+    sim = SimTime()
+    lane = sim.lane(rpm=600)
+    lane.cooldown(30)
+    sim.clock.advance(10)
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(1, max_wait_s=math.inf)
+    assert busy.value.retry_after_s == pytest.approx(20)
+    assert isinstance(busy.value, WebhookdError)
+    assert lane.statistics().cooling_until_s == pytest.approx(20)
+    sim.clock.advance(20)
+    await lane.acquire(1, max_wait_s=0)
+    assert lane.statistics().cooling_until_s == 0
+
+
+async def test_cooldown_sends_queued_calls_away() -> None:
+    """Calls already waiting get LaneBusy when a cooldown starts instead of holding workers."""
+    sim = GatedSleep()
+    lane = sim.lane(tpm=6_000)
+    await lane.acquire(300, max_wait_s=0)
+    waiters = [asyncio.create_task(lane.acquire(100, max_wait_s=math.inf)) for _ in range(3)]
+    await run_ready()
+    assert lane.statistics().waiting == 3
+    lane.cooldown(15)
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, LaneBusy) for r in results)
+    assert [r.retry_after_s for r in results if isinstance(r, LaneBusy)] == [15, 15, 15]
+    stats = lane.statistics()
+    assert (stats.waiting, stats.busy_total, stats.tokens_debited_total) == (0, 3, 300)
+
+
+async def test_open_circuit_refuses_probes_once_per_interval_and_closes() -> None:
+    """With the circuit open calls are refused; one probe passes per interval until closed."""
+    sim = SimTime()
+    lane = sim.lane(rpm=600, probe_after_s=60.0)
+    lane.open_circuit("insufficient_quota")
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(1, max_wait_s=math.inf)
+    assert busy.value.retry_after_s == pytest.approx(60)
+    assert "insufficient_quota" in str(busy.value)
+    assert lane.statistics().circuit_open
+    sim.clock.advance(60)
+    await lane.acquire(1, max_wait_s=0)  # the probe
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(1, max_wait_s=0)
+    assert busy.value.retry_after_s == pytest.approx(60)
+    lane.close_circuit()
+    await lane.acquire(1, max_wait_s=0)
+    assert not lane.statistics().circuit_open
+
+
+async def test_circuit_without_probing_stays_shut() -> None:
+    """With probing disabled the circuit stays open however long one waits, until closed."""
+    sim = SimTime()
+    lane = sim.lane(rpm=600, probe_after_s=None)
+    lane.open_circuit("insufficient_quota")
+    sim.clock.advance(3_600)
+    with pytest.raises(LaneBusy):
+        await lane.acquire(1, max_wait_s=0)
+    lane.close_circuit()
+    await lane.acquire(1, max_wait_s=0)
+
+
+async def test_long_projected_wait_raises_at_once_instead_of_waiting() -> None:
+    """A call whose wait (counting the queue ahead) would exceed max_wait_s is refused at once."""
+    sim = GatedSleep()
+    lane = sim.lane(tpm=6_000)  # 100 tokens/s
+    await lane.acquire(300, max_wait_s=0)
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(250, max_wait_s=2.0)
+    assert busy.value.retry_after_s == pytest.approx(2.5)
+    ahead = asyncio.create_task(lane.acquire(150, max_wait_s=2.0))
+    await run_ready()
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(100, max_wait_s=2.0)  # alone 1 s, behind 150 tokens 2.5 s
+    assert busy.value.retry_after_s == pytest.approx(2.5)
+    stats = lane.statistics()
+    assert (stats.waiting, stats.waits_total, stats.busy_total) == (1, 1, 2)
+    sim.release()
+    await ahead
+
+
+async def test_cancelled_waiter_leaves_the_queue_without_debit() -> None:
+    """Cancelling a waiting call removes it, debits nothing and lets the next call proceed."""
+    sim = GatedSleep()
+    lane = sim.lane(tpm=6_000)
+    await lane.acquire(300, max_wait_s=0)
+    head = asyncio.create_task(lane.acquire(200, max_wait_s=math.inf))
+    middle = asyncio.create_task(lane.acquire(50, max_wait_s=math.inf))
+    last = asyncio.create_task(lane.acquire(100, max_wait_s=math.inf))
+    await run_ready()
+    assert lane.statistics().waiting == 3
+    middle.cancel()
+    head.cancel()
+    await run_ready()
+    assert head.cancelled() and middle.cancelled()
+    assert lane.statistics().waiting == 1
+    assert sim.gates[-1][0] == pytest.approx(1.0)  # 100 tokens, not 350
+    sim.gates.pop(0)  # the cancelled head's sleep
+    sim.release()
+    reservation = await last
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 1.0)
+    stats = lane.statistics()
+    assert (stats.waiting, stats.admitted_total, stats.tokens_debited_total) == (0, 2, 400)
+
+
+async def test_oversize_request_goes_through_on_a_full_bucket_and_leaves_debt() -> None:
+    """A call bigger than the burst is admitted on a full bucket; later calls wait off the debt."""
+    sim = SimTime()
+    lane = sim.lane(tpm=6_000)  # burst 300
+    await lane.acquire(1_000, max_wait_s=0)
+    assert lane.statistics().tokens_available == -700
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(100, max_wait_s=0)
+    assert busy.value.retry_after_s == pytest.approx(8.0)
+    reservation = await lane.acquire(1_000, max_wait_s=math.inf)  # full again after 10 s
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 10.0)
+
+
+async def test_request_larger_than_a_minute_waits_for_an_empty_window() -> None:
+    """A call over the per-minute limit does not deadlock: it goes alone once the log is empty."""
+    sim = SimTime()
+    lane = sim.lane(tpm=6_000)
+    first = await lane.acquire(100, max_wait_s=0)
+    big = await lane.acquire(9_000, max_wait_s=math.inf)
+    assert big.admitted_at_s == pytest.approx(first.admitted_at_s + 60.0)
+
+
+async def test_unlimited_dimension_and_build_lanes() -> None:
+    """build_lanes makes one lane per config; a lane without tpm never waits on tokens."""
+    sim = SimTime()
+    lanes = build_lanes(
+        {"a": LaneConfig("a", rpm=60), "b": LaneConfig("b", tpm=600)},
+        clock=sim.clock,
+        sleep=sim.sleep,
+    )
+    assert sorted(lanes) == ["a", "b"]
+    await lanes["a"].acquire(10_000_000, max_wait_s=0)
+    stats = lanes["a"].statistics()
+    assert (stats.tokens_available, stats.requests_available) == (None, 2.0)
+    assert lanes["b"].statistics().requests_available is None

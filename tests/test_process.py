@@ -1,0 +1,518 @@
+"""Real ``webhookd serve`` processes: kill -9, SIGTERM drains, dedup, retries, replay, config.
+
+Each test runs the daemon as a subprocess of this venv's interpreter on loopback port 0, with a
+real aiohttp server in the test process as the forward target. Waits are on events (the target's
+arrivals, the daemon's log lines) or on polled state with a deadline; nothing sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from procs import Procs, Target, get_json, poll, port_is_free, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[Target]:
+    t = Target()
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+def forward_source(name: str, url: str, retry: str = "") -> str:
+    return f"""
+[sources.{name}]
+[[sources.{name}.actions]]
+type = "forward"
+url = "{url}"
+{f"retry = {retry}" if retry else ""}
+"""
+
+
+async def show(procs: Procs, config: Path, event_id: str) -> dict[str, Any]:
+    out = await procs.cli("show", event_id, "--json", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+async def wait_event_state(
+    http: aiohttp.ClientSession, admin_url: str, event_id: str, state: str, timeout_s: float = 10
+) -> dict[str, Any]:
+    """Poll the admin API until the event reaches ``state``; returns its document."""
+    doc: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal doc
+        status, body = await get_json(http, f"{admin_url}/events/{event_id}")
+        doc = body or {}
+        return status == 200 and doc.get("state") == state
+
+    await poll(reached, timeout_s=timeout_s)
+    return doc
+
+
+@dataclass
+class Sent:
+    body: bytes
+    status: int | None = None  # None: no answer (connection refused, reset, cut short)
+    event_id: str | None = None
+    error: str = ""
+
+    @property
+    def acked(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 0)],
+    ids=["kill9", "term"],
+)
+async def test_signal_mid_burst_loses_no_acknowledged_webhook(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    sig: signal.Signals,
+    status: int,
+) -> None:
+    """Every webhook answered 2xx before a kill -9 (or SIGTERM) is forwarded after a restart."""
+    n = 400
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(
+        tmp_path / "webhookd.toml", journal, forward_source("burst", f"{downstream.url}/burst")
+    )
+    daemon = await procs.serve(cfg)
+    nonce = uuid.uuid4().hex
+    sent = [Sent(json.dumps({"n": i, "nonce": nonce}).encode()) for i in range(n)]
+    answered = 0
+    killed_at = -1
+
+    async def post(s: Sent) -> None:
+        nonlocal answered, killed_at
+        try:
+            async with burst.post(f"{daemon.url}/hooks/burst", data=s.body, headers=JSON) as r:
+                doc = await r.json(content_type=None)
+                s.status, s.event_id = r.status, doc.get("id")
+        except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+            s.status, s.error = None, type(exc).__name__
+            return
+        answered += 1
+        if answered >= n // 2 and killed_at < 0:
+            killed_at = answered
+            daemon.signal(sig)
+
+    # 64 connections at a time: the burst spans many commits, so the kill lands inside it.
+    connector = aiohttp.TCPConnector(limit=64, force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=15)
+    ) as burst:
+        await asyncio.gather(*(post(s) for s in sent))
+    assert await daemon.wait_exit() == status
+    acked = {s.event_id: s for s in sent if s.acked}
+    assert acked and len(acked) < n, "the kill did not land mid-burst"
+
+    daemon = await procs.serve(cfg)
+    await downstream.wait_for(lambda: acked.keys() <= set(downstream.ids), timeout_s=20)
+
+    async def nothing_left() -> bool:
+        status, stats = await get_json(http, f"{daemon.admin_url}/stats")
+        jobs: dict[str, int] = stats["jobs"] if stats else {}  # type: ignore[assignment]
+        return status == 200 and jobs["queued"] + jobs["running"] == 0
+
+    await poll(nothing_left, timeout_s=20, interval_s=0.05)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+    with sqlite3.connect(journal) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        journaled = dict(db.execute("SELECT id, body FROM events").fetchall())
+        job_states = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    db.close()
+
+    by_body = {s.body: s for s in sent}
+    delivered = set(downstream.ids)
+    committed_unacked = 0
+    for event_id, body in journaled.items():
+        s = by_body.get(bytes(body))
+        assert s is not None, f"journal holds {event_id}, which nobody sent"
+        if not s.acked:
+            committed_unacked += 1  # committed, but the answer was lost with the process
+    for event_id, s in acked.items():
+        assert event_id in journaled and bytes(journaled[event_id]) == s.body
+    assert len({bytes(b) for b in journaled.values()}) == len(journaled), "one body, two events"
+    assert acked.keys() <= delivered
+    assert delivered == journaled.keys(), "delivered something not journaled, or missed one"
+    assert job_states == {"done": len(journaled)}
+    for d in downstream.arrivals:
+        assert d.body == bytes(journaled[d.event_id])
+    duplicates = len(downstream.arrivals) - len(delivered)
+    print(
+        f"\n{sig.name} after {killed_at} answers: sent={n} acked={len(acked)} "
+        f"failed={n - len(acked)} committed_unacked={committed_unacked} "
+        f"delivered={len(delivered)} duplicates={duplicates}"
+    )
+
+
+async def test_sigterm_lets_running_jobs_finish_then_exits_0(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """On SIGTERM the daemon stops taking webhooks, finishes slow jobs and exits 0."""
+    grace_s = 10.0
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source("slow", f"{downstream.url}/slow"),
+        workers=f"shutdown_grace_s = {grace_s}",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.delay_s = 2.0
+    ids = []
+    for i in range(3):
+        async with http.post(f"{daemon.url}/hooks/slow", data=f'{{"i": {i}}}', headers=JSON) as r:
+            assert r.status == 202
+            ids.append((await r.json())["id"])
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 3)
+
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_said("draining")
+    status, ready = await get_json(http, f"{daemon.admin_url}/readyz")
+    assert status in (0, 503), ready
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        try:
+            async with fresh.post(f"{daemon.url}/hooks/slow", data="{}", headers=JSON) as r:
+                late: int | str = r.status
+        except aiohttp.ClientConnectionError as exc:
+            late = type(exc).__name__
+    print(f"\nwhile draining: readyz={status} late POST={late}")
+    assert late == 503 or isinstance(late, str), f"accepted a webhook while draining: {late}"
+    assert len(downstream.answered) < 3, "the jobs ended before the drain was observed"
+
+    assert await daemon.wait_exit(timeout_s=grace_s + 5) == 0
+    assert time.monotonic() - signalled < grace_s
+    assert sorted(d.event_id for d in downstream.answered) == sorted(ids)
+    for event_id in ids:
+        doc = await show(procs, cfg, event_id)
+        assert doc["state"] == "done"
+        assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+
+
+async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_attempt(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """A job cut off by the drain grace is queued again, attempt uncounted, and runs next start."""
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source("slow", f"{downstream.url}/slow"),
+        workers="shutdown_grace_s = 0.5",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.delay_s = 5.0
+    async with http.post(f"{daemon.url}/hooks/slow", data='{"long": 1}', headers=JSON) as r:
+        assert r.status == 202
+        event_id = (await r.json())["id"]
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)
+
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout_s=10) == 0
+    assert time.monotonic() - signalled < 4.0, "waited for the job instead of the grace"
+    assert downstream.answered == []
+    doc = await show(procs, cfg, event_id)
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("queued", 0)]
+
+    downstream.delay_s = 0.0
+    daemon = await procs.serve(cfg)
+    await downstream.wait_for(lambda: len(downstream.answered) == 1)
+    await wait_event_state(http, daemon.admin_url, event_id, "done")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    doc = await show(procs, cfg, event_id)
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+    assert downstream.ids == [event_id, event_id]
+
+
+async def test_sigterm_while_a_claim_waits_on_the_journal_starts_no_job_after_the_drain(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """A job claimed as SIGTERM lands is run within the drain or left queued, never cut off."""
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        journal,
+        forward_source(
+            "flaky",
+            f"{downstream.url}/flaky",
+            "{ max_attempts = 3, base_s = 2, factor = 1, cap_s = 2 }",
+        ),
+        workers="shutdown_grace_s = 10",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.status = 500
+    async with http.post(f"{daemon.url}/hooks/flaky", data='{"x": 1}', headers=JSON) as r:
+        event_id = (await r.json())["id"]
+
+    async def first_attempt_recorded() -> bool:
+        _, doc = await get_json(http, f"{daemon.admin_url}/events/{event_id}")
+        jobs: list[dict[str, Any]] = doc["jobs"] if doc else []  # type: ignore[assignment]
+        return bool(jobs) and jobs[0]["state"] == "queued" and len(jobs[0]["errors"]) == 1
+
+    await poll(first_attempt_recorded, timeout_s=10)
+    downstream.status, downstream.delay_s = 200, 1.0
+    # Hold the journal's write lock (as a slow disk would) across the retry's due time, so the
+    # daemon's claim of it is waiting on the journal when SIGTERM arrives.
+    lock = sqlite3.connect(journal, isolation_level=None, timeout=5)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        [(run_at,)] = lock.execute("SELECT run_at FROM jobs").fetchall()
+        assert run_at - time.time() > 0.5, "the retry fell due before the lock was taken"
+
+        async def claim_waiting() -> bool:  # /stats reads through WAL, past the write lock
+            _, stats = await get_json(http, f"{daemon.admin_url}/stats")
+            return bool(stats) and stats["workers"]["claiming"] >= 1  # type: ignore[index]
+
+        await poll(claim_waiting, timeout_s=10)
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_said("draining")
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    assert await daemon.wait_exit() == 0
+
+    doc = await show(procs, cfg, event_id)
+    [job] = doc["jobs"]
+    history = [(a["outcome"], a["error"]) for a in job["errors"]]
+    if job["state"] == "done":  # the drain gave the claimed job its grace
+        assert job["attempts"] == 2 and len(downstream.answered) == 2, history
+    else:  # or it was never started, and its attempt does not count
+        assert (job["state"], job["attempts"]) == ("queued", 1), history
+        assert len(history) == 1, f"an attempt was cut off by the shutdown: {history}"
+    after = [line for line in daemon.log.splitlines()[-3:] if "stopped cleanly" in line]
+    assert after, f"the log goes on after 'stopped cleanly':\n{daemon.log}"
+
+    daemon = await procs.serve(cfg)
+    await wait_event_state(http, daemon.admin_url, event_id, "done")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    assert downstream.ids.count(event_id) == 2, "delivered again after a clean shutdown"
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    second: signal.Signals,
+) -> None:
+    """A second signal during the drain exits at once; the next start re-runs the job."""
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source("slow", f"{downstream.url}/slow"),
+        workers="shutdown_grace_s = 20",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.delay_s = 20.0
+    async with http.post(f"{daemon.url}/hooks/slow", data='{"y": 1}', headers=JSON) as r:
+        event_id = (await r.json())["id"]
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)
+
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_said("draining")
+    daemon.signal(second)
+    assert await daemon.wait_exit(timeout_s=5) != 0
+    assert time.monotonic() - signalled < 3.0
+
+    downstream.delay_s = 0.0
+    daemon = await procs.serve(cfg)
+    await daemon.wait_said("recovered 1 interrupted job")
+    await wait_event_state(http, daemon.admin_url, event_id, "done")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    doc = await show(procs, cfg, event_id)
+    [job] = doc["jobs"]
+    assert [a["outcome"] for a in job["errors"]] == ["interrupted", "done"]
+    assert downstream.ids == [event_id, event_id]
+
+
+async def test_same_delivery_twice_is_answered_duplicate_and_forwarded_once(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """A repeated delivery gets 200 with the first event's id and is forwarded only once."""
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source('"*"', f"{downstream.url}/any"),
+    )
+    daemon = await procs.serve(cfg)
+    body = json.dumps({"order": 42, "nonce": uuid.uuid4().hex})
+
+    async def deliver(data: str) -> tuple[int, Any]:
+        async with http.post(f"{daemon.url}/hooks/shop", data=data, headers=JSON) as r:
+            return r.status, await r.json()
+
+    status, first = await deliver(body)
+    assert (status, first["duplicate"]) == (202, False)
+    status, second = await deliver(body)
+    assert (status, second) == (200, {"id": first["id"], "duplicate": True})
+    status, other = await deliver('{"order": 43}')
+    assert status == 202
+
+    await downstream.wait_for(lambda: {first["id"], other["id"]} <= set(downstream.ids))
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0  # drained: nothing more can arrive
+    assert sorted(downstream.ids) == sorted([first["id"], other["id"]])
+    doc = await show(procs, cfg, first["id"])
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+
+
+async def test_failing_target_retries_on_backoff_then_dead_then_cli_replay_delivers(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """A 500ing target is retried with growing gaps, goes dead, and `replay` delivers it."""
+    base_s, factor, cap_s = 0.05, 2.0, 0.2
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source(
+            "flaky",
+            f"{downstream.url}/flaky",
+            f"{{ max_attempts = 3, base_s = {base_s}, factor = {factor}, cap_s = {cap_s} }}",
+        ),
+    )
+    daemon = await procs.serve(cfg)
+    downstream.status = 500
+    async with http.post(f"{daemon.url}/hooks/flaky", data='{"x": 1}', headers=JSON) as r:
+        assert r.status == 202
+        event_id = (await r.json())["id"]
+    await downstream.wait_for(lambda: len(downstream.answered) == 3)
+    await wait_event_state(http, daemon.admin_url, event_id, "dead")
+
+    doc = await show(procs, cfg, event_id)
+    [job] = doc["jobs"]
+    assert (job["state"], job["attempts"]) == ("dead", 3)
+    history = job["errors"]
+    assert [a["outcome"] for a in history] == ["retry", "retry", "dead"]
+    gaps = []
+    for n in (1, 2):
+        gap = history[n]["started_at"] - history[n - 1]["finished_at"]
+        gaps.append(round(gap, 3))
+        assert gap >= 0.5 * min(cap_s, base_s * factor ** (n - 1)) - 1e-3, gaps
+        assert gap < min(cap_s, base_s * factor ** (n - 1)) + 0.5, f"no timely retry: {gaps}"
+    print(f"\nretry gaps {gaps} s")
+
+    downstream.status = 200
+    out = await procs.cli("replay", event_id, "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "replayed 1 event(s), 1 job(s) re-queued" in out.stdout
+    replayed = time.monotonic()
+    await downstream.wait_for(lambda: len(downstream.answered) == 4, timeout_s=3)
+    print(f"replay picked up after {time.monotonic() - replayed:.2f} s")
+    await wait_event_state(http, daemon.admin_url, event_id, "done")
+    doc = await show(procs, cfg, event_id)
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "dotted"),
+    [
+        (
+            '[sources.demo]\ncolour = "red"\n[[sources.demo.actions]]\ntype = "log"',
+            "sources.demo.colour",
+        ),
+        ("[journal]\nkeep_done_hours = 1", "journal.keep_done_hours"),
+        (
+            '[sources.demo]\n[[sources.demo.actions]]\ntype = "forward"\n'
+            'url = "http://127.0.0.1:9/x"\nurl_path = "/y"',
+            "sources.demo.actions[0].url_path",
+        ),
+    ],
+)
+async def test_unknown_config_key_is_named_and_exits_2(
+    tmp_path: Path, procs: Procs, extra: str, dotted: str
+) -> None:
+    """`check` and `serve` refuse a config with an unknown key, naming it, with exit status 2."""
+    cfg = tmp_path / "webhookd.toml"
+    cfg.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n{extra}\n',
+        encoding="utf-8",
+    )
+    out = await procs.cli("check", "--config", str(cfg))
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and dotted in lines[0] and "unknown" in lines[0], out.stderr
+
+    daemon = await procs.serve(cfg, wait=False)
+    assert await daemon.wait_exit(timeout_s=15) == 2
+    assert not daemon.listening.is_set()
+    assert any(dotted in line for line in daemon.lines), daemon.log
+
+
+async def test_embedded_default_takes_a_webhook_and_show_reports_it_done(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """With no config, a POST to localhost:8080/hooks/demo gets 202 and `show` says done."""
+    busy = [p for p in (8080, 8081) if not port_is_free(p)]
+    if busy:
+        pytest.skip(f"the embedded default needs 127.0.0.1 ports 8080 and 8081; busy: {busy}")
+    daemon = await procs.serve(None, cwd=tmp_path)
+    assert (daemon.receiver, daemon.admin) == ("127.0.0.1:8080", "127.0.0.1:8081")
+    # What `curl -XPOST localhost:8080/hooks/demo -d '{"a":1}'` sends.
+    async with http.post(
+        "http://localhost:8080/hooks/demo",
+        data='{"a":1}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as r:
+        assert r.status == 202
+        doc = await r.json()
+    assert doc["duplicate"] is False
+    event_id = doc["id"]
+    await wait_event_state(http, "http://127.0.0.1:8081", event_id, "done")
+
+    out = await procs.cli("show", event_id, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"event    {event_id}  [done]" in out.stdout
+    assert (tmp_path / "webhookd.db").exists()
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0

@@ -1,0 +1,369 @@
+"""Lanes: shared RPM/TPM limits for LLM calls, with FIFO admission, reservations and circuit.
+
+A lane is a pair of buckets (requests, tokens). Each bucket is a token bucket holding
+``burst_s`` seconds' worth and refilling at ``limit/60`` per second, plus a log of what was
+admitted in the last 60 s. The bucket keeps calls smooth; the log makes the promise hard: an
+admission at ``t`` waits until everything admitted in ``(t - 60, t]`` plus itself fits the
+per-minute limit, so no 60 s window ``[s, s + 60)`` ever holds more than ``rpm``/``tpm``.
+(A bucket alone allows ``burst + 60 s of refill`` per minute; cutting the refill instead would
+fail lanes whose requests are bigger than the burst, which is the usual case for LLM calls.)
+
+A request bigger than the burst is admitted when its bucket is full and leaves it in debt, so it
+never deadlocks and later calls wait the debt off; one bigger than a whole minute's limit waits
+for an empty 60 s log and then goes through alone. Refunds (``settle``) are reusable at once;
+an under-estimate charged at settle time can exceed the bound, after the fact.
+
+Not aiolimiter: it starts empty and then bursts a whole period, has no refund, and lets small
+requests overtake a large one. Hazard: the 60 s log lives in memory, so right after a restart
+the upstream may still count the previous minute; a fresh lane therefore starts with only
+``burst_s`` worth, and ``observe_remaining`` lowers the local estimate from response headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.config import LaneConfig
+from webhookd.errors import WebhookdError
+
+WINDOW_S = 60.0
+# Float rounding (and the event loop's timer) can wake a sleeper a hair before an entry leaves
+# the 60 s log; a re-sleep below one ulp of the clock would never move it, so naps are at least
+# this long.
+_MIN_NAP_S = 1e-6
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class LaneBusy(WebhookdError):
+    """The lane cannot admit soon enough: reschedule the job, without using an attempt."""
+
+    def __init__(self, retry_after_s: float, *, lane: str = "", reason: str = "busy") -> None:
+        super().__init__(f"lane {lane!r} {reason}: retry in {retry_after_s:.3f}s")
+        self.retry_after_s = retry_after_s
+        self.lane = lane
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    name: str
+    rpm: int | None
+    tpm: int | None
+    requests_available: float | None  # None: unlimited; negative: in debt
+    tokens_available: float | None
+    waiting: int
+    cooling_until_s: float  # seconds of cooldown left, 0 if none
+    circuit_open: bool
+    admitted_total: int
+    tokens_debited_total: int
+    waits_total: int
+    busy_total: int
+
+
+class _Entry:
+    __slots__ = ("amount", "at")
+
+    def __init__(self, at: float, amount: float) -> None:
+        self.at = at
+        self.amount = amount
+
+
+@dataclass(eq=False, slots=True)
+class Reservation:
+    """Tokens debited at admission; hand it back to ``Lane.settle`` with the actual usage."""
+
+    lane: str
+    tokens: int
+    admitted_at_s: float  # on the lane's monotonic clock
+    _entry: _Entry | None = field(default=None, repr=False)
+    _settled: bool = field(default=False, repr=False)
+
+
+class _Bucket:
+    """One dimension of a lane: a token bucket plus the log of the last 60 s of admissions."""
+
+    def __init__(self, per_minute: int, burst_s: float, now: float) -> None:
+        self.limit = per_minute
+        self.rate = per_minute / WINDOW_S
+        self.capacity = self.rate * burst_s
+        self.level = self.capacity  # full of the burst only, never a minute's worth
+        self.updated = now
+        self.log: deque[_Entry] = deque()
+        self.in_window = 0.0
+
+    def refresh(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        cutoff = now - WINDOW_S
+        while self.log and self.log[0].at <= cutoff:
+            self.in_window -= self.log.popleft().amount
+        if not self.log:
+            self.in_window = 0.0  # drop float drift
+
+    def wait_s(self, amount: float, now: float, ahead: float = 0.0) -> float:
+        """Seconds until ``amount`` is admissible after ``ahead`` more has gone first."""
+        # Oversize: only wait for a full bucket (see the module docstring). A shortfall of a
+        # billionth of a token is refill rounding, not a reason to nap again.
+        shortfall = ahead + min(amount, self.capacity) - self.level
+        bucket_s = shortfall / self.rate if shortfall > 1e-9 else 0.0
+        excess = self.in_window + ahead + min(amount, self.limit) - self.limit
+        window_s = 0.0
+        if excess > self.in_window:
+            # Only when projecting a long queue: every logged entry expires, then more refill.
+            last_s = self.log[-1].at + WINDOW_S - now if self.log else 0.0
+            window_s = max(last_s, 0.0) + (excess - self.in_window) / self.rate
+        elif excess > 0:
+            freed = 0.0
+            for entry in self.log:
+                freed += entry.amount
+                if freed >= excess:
+                    window_s = entry.at + WINDOW_S - now
+                    break
+            else:
+                window_s = self.log[-1].at + WINDOW_S - now
+        return max(0.0, bucket_s, window_s)
+
+    def take(self, amount: float, now: float) -> _Entry:
+        self.level -= amount
+        entry = _Entry(now, amount)
+        self.log.append(entry)
+        self.in_window += amount
+        return entry
+
+    def adjust(self, entry: _Entry, delta: float, now: float) -> None:
+        self.level -= delta
+        if delta < 0:
+            self.level = min(self.level, self.capacity)
+        if entry.at > now - WINDOW_S:  # still in the log (refresh ran first)
+            entry.amount += delta
+            self.in_window += delta
+
+
+class _Waiter:
+    __slots__ = ("signal", "tokens")
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.signal: asyncio.Future[None] | None = None
+
+    def arm(self) -> asyncio.Future[None]:
+        self.signal = asyncio.get_running_loop().create_future()
+        return self.signal
+
+    def wake(self) -> None:
+        if self.signal is not None and not self.signal.done():
+            self.signal.set_result(None)
+
+
+class Lane:
+    """A named RPM/TPM limit shared by every action that names it."""
+
+    def __init__(
+        self,
+        config: LaneConfig,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        sleep: Sleep = asyncio.sleep,
+        probe_after_s: float | None = 60.0,
+    ) -> None:
+        if not config.burst_s > 0:
+            raise ValueError(f"lane {config.name!r}: burst_s must be greater than 0")
+        for key, value in (("rpm", config.rpm), ("tpm", config.tpm)):
+            if value is not None and value <= 0:
+                raise ValueError(f"lane {config.name!r}: {key} must be greater than 0")
+        self.config = config
+        self.name = config.name
+        self._clock = clock
+        self._sleep = sleep
+        self._probe_after_s = probe_after_s
+        now = clock.monotonic()
+        self._requests = _Bucket(config.rpm, config.burst_s, now) if config.rpm else None
+        self._tokens = _Bucket(config.tpm, config.burst_s, now) if config.tpm else None
+        self._queue: deque[_Waiter] = deque()
+        self._cooling_until = -math.inf
+        self._circuit_reason: str | None = None
+        self._probe_at = math.inf
+        self._admitted_total = 0
+        self._tokens_debited_total = 0
+        self._waits_total = 0
+        self._busy_total = 0
+
+    async def acquire(self, tokens: int, *, max_wait_s: float) -> Reservation:
+        """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once."""
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        now = self._now()
+        self._check_open(now)
+        if not self._queue and self._wait_s(tokens, now) <= 0:
+            return self._admit(tokens, now)
+        projected_s = self._wait_s(
+            tokens, now, len(self._queue), sum(w.tokens for w in self._queue)
+        )
+        if projected_s > max_wait_s:
+            raise self._busy(projected_s, "has a long wait")
+        waiter = _Waiter(tokens)
+        self._queue.append(waiter)
+        self._waits_total += 1
+        try:
+            while True:
+                if self._queue[0] is not waiter:
+                    await waiter.arm()
+                else:
+                    wait_s = self._wait_s(tokens, now)
+                    if wait_s <= 0:
+                        return self._admit(tokens, now)
+                    await self._nap(waiter, max(wait_s, _MIN_NAP_S))
+                now = self._now()
+                self._check_open(now)
+        finally:
+            was_head = self._queue[0] is waiter
+            self._queue.remove(waiter)
+            if was_head and self._queue:
+                self._queue[0].wake()
+
+    def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Refund or charge the difference between the reserved and the actual token count."""
+        if reservation.lane != self.name:
+            raise ValueError(f"reservation belongs to lane {reservation.lane!r}, not {self.name!r}")
+        if reservation._settled:
+            raise ValueError("reservation already settled")
+        if actual_tokens < 0:
+            raise ValueError("actual_tokens must be >= 0")
+        reservation._settled = True
+        delta = actual_tokens - reservation.tokens
+        self._tokens_debited_total += delta
+        if self._tokens is None or reservation._entry is None or delta == 0:
+            return
+        now = self._now()
+        self._tokens.adjust(reservation._entry, delta, now)
+        if delta < 0:
+            self._wake_head()
+
+    def observe_remaining(self, requests: int | None, tokens: int | None) -> None:
+        """Lower the local levels to the upstream's ``x-ratelimit-remaining-*``; never raise."""
+        self._now()
+        for bucket, remaining in ((self._requests, requests), (self._tokens, tokens)):
+            if bucket is None or remaining is None:
+                continue
+            if remaining < 0:
+                raise ValueError("remaining must be >= 0")
+            bucket.level = min(bucket.level, remaining)
+
+    def cooldown(self, seconds: float) -> None:
+        """Admit nothing for ``seconds`` (after a 429; pass its Retry-After)."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        self._cooling_until = max(self._cooling_until, self._now() + seconds)
+        self._wake_all()  # queued jobs leave with LaneBusy instead of holding workers
+
+    def open_circuit(self, reason: str) -> None:
+        """Refuse admissions until ``close_circuit`` (after ``insufficient_quota``).
+
+        With ``probe_after_s`` set, one call is let through every ``probe_after_s`` to find out
+        whether the quota is back; its caller closes the circuit on success.
+        """
+        now = self._now()
+        self._circuit_reason = reason
+        self._probe_at = now + self._probe_after_s if self._probe_after_s is not None else math.inf
+        self._wake_all()
+
+    def close_circuit(self) -> None:
+        self._circuit_reason = None
+        self._probe_at = math.inf
+        self._wake_head()
+
+    def statistics(self) -> LaneStats:
+        now = self._now()
+        return LaneStats(
+            name=self.name,
+            rpm=self.config.rpm,
+            tpm=self.config.tpm,
+            requests_available=self._requests.level if self._requests else None,
+            tokens_available=self._tokens.level if self._tokens else None,
+            waiting=len(self._queue),
+            cooling_until_s=max(0.0, self._cooling_until - now),
+            circuit_open=self._circuit_reason is not None,
+            admitted_total=self._admitted_total,
+            tokens_debited_total=self._tokens_debited_total,
+            waits_total=self._waits_total,
+            busy_total=self._busy_total,
+        )
+
+    def _now(self) -> float:
+        now = self._clock.monotonic()
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.refresh(now)
+        return now
+
+    def _wait_s(
+        self, tokens: int, now: float, requests_ahead: int = 0, tokens_ahead: int = 0
+    ) -> float:
+        wait_s = 0.0
+        if self._requests is not None:
+            wait_s = self._requests.wait_s(1, now, requests_ahead)
+        if self._tokens is not None:
+            wait_s = max(wait_s, self._tokens.wait_s(tokens, now, tokens_ahead))
+        return wait_s
+
+    def _check_open(self, now: float) -> None:
+        if self._circuit_reason is not None and now < self._probe_at:
+            retry_s = self._probe_at - now if self._probe_after_s is not None else WINDOW_S
+            raise self._busy(retry_s, f"circuit open ({self._circuit_reason})")
+        if now < self._cooling_until:
+            raise self._busy(self._cooling_until - now, "cooling down")
+
+    def _busy(self, retry_after_s: float, reason: str) -> LaneBusy:
+        self._busy_total += 1
+        return LaneBusy(retry_after_s, lane=self.name, reason=reason)
+
+    def _admit(self, tokens: int, now: float) -> Reservation:
+        # Requests and tokens are debited together, with no await in between.
+        if self._circuit_reason is not None and self._probe_after_s is not None:
+            self._probe_at = now + self._probe_after_s  # this call is the half-open probe
+        if self._requests is not None:
+            self._requests.take(1, now)
+        entry = self._tokens.take(tokens, now) if self._tokens is not None else None
+        self._admitted_total += 1
+        self._tokens_debited_total += tokens
+        return Reservation(self.name, tokens, now, entry)
+
+    async def _nap(self, waiter: _Waiter, seconds: float) -> None:
+        # The head sleeps the exact time its tokens need, but wakes early on a refund or a
+        # cooldown, so the sleep runs as a task raced against the waiter's signal.
+        signal = waiter.arm()
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait((sleeper, signal), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+        if sleeper.done():
+            sleeper.result()  # a failing sleep must surface, not vanish with its task
+
+    def _wake_head(self) -> None:
+        if self._queue:
+            self._queue[0].wake()
+
+    def _wake_all(self) -> None:
+        for waiter in self._queue:
+            waiter.wake()
+
+
+def build_lanes(
+    configs: Mapping[str, LaneConfig],
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    sleep: Sleep = asyncio.sleep,
+    probe_after_s: float | None = 60.0,
+) -> dict[str, Lane]:
+    """One ``Lane`` per configured lane, keyed by name."""
+    return {
+        name: Lane(config, clock=clock, sleep=sleep, probe_after_s=probe_after_s)
+        for name, config in configs.items()
+    }
