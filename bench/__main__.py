@@ -22,6 +22,7 @@ SCENARIOS: dict[str, Scenario] = {
         "bench.intake",
         "durable intake vs a bare aiohttp+uvloop handler; ack latency at fixed rates",
     ),
+    "chaos": Scenario("bench.chaos", "kill -9 at random moments under signed load; counts losses"),
 }
 DEFAULT = "intake"
 
