@@ -10,7 +10,9 @@ Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +66,9 @@ _RETRY_DEFAULTS: dict[str, tuple[int, float, float, float]] = {
     "log": (3, 1.0, 4.0, 300.0),
 }
 _TIMEOUT_DEFAULTS = {"forward": 30.0, "openai": 120.0, "command": 300.0, "python": 300.0}
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_*-]+")
 
 
 class Secret:
@@ -278,7 +283,8 @@ class _Table:
         self._used: set[str] = set()
 
     def path(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
+        part = name if _BARE_KEY.fullmatch(name) else json.dumps(name)  # as TOML would quote it
+        return f"{self.key}.{part}" if self.key else part
 
     def has(self, name: str) -> bool:
         return name in self.data

@@ -1,0 +1,211 @@
+"""Faults: a full disk, hostile connections, and downstreams that hang or reset.
+
+Each test fails if webhookd answers 2xx without storing, loses a job, or stops serving after the
+fault clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, Target, make_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from procs import poll
+
+from webhookd import actions
+from webhookd.config import parse
+from webhookd.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+JSON = {"Content-Type": "application/json"}
+
+
+def journaled_ids(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT id FROM events")}
+
+
+async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """With the journal out of space every webhook gets 503; once space returns, 202 again."""
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    journal = running.daemon.journal
+    assert journal is not None
+    status, _ = await running.post("/hooks/a", b'{"before": 1}', headers=JSON)
+    assert status == 202
+    # The disk fills: SQLite may not grow the file by another page (SQLITE_FULL, as on ENOSPC).
+    [(pages,)] = await journal.writer.execute_fetchall("PRAGMA page_count")
+    await journal.writer.execute(f"PRAGMA max_page_count = {pages}")
+    answers: list[tuple[int, Any]] = []
+    big = b'{"pad": "' + b"x" * 60_000 + b'"}'
+    for i in range(20):  # bodies bigger than any free page: each needs the file to grow
+        answers.append(await running.post("/hooks/a", big.replace(b"x", bytes([97 + i]), 1)))
+    assert {s for s, _ in answers} == {503}, answers
+    assert all("error" in doc for _, doc in answers)
+    # /readyz tells a load balancer the journal cannot take writes.
+    async with running.http.get(running.admin_url + "/readyz") as r:
+        assert r.status == 503
+    # Space returns: no restart, the next webhook is stored and acknowledged.
+    await journal.writer.execute("PRAGMA max_page_count = 1073741823")
+    status, doc = await running.post("/hooks/a", big, headers=JSON)
+    assert status == 202
+    assert await running.stop() == 0
+    assert doc["id"] in journaled_ids(cfg.journal.path)
+
+
+async def test_idle_and_half_sent_connections_do_not_stop_others(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """Hundreds of connections that send half a request leave the receiver serving others."""
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    host, port = running.daemon.bound.receiver.rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, (host, int(port)))
+            await loop.sock_sendall(s, b"POST /hooks/a HTTP/1.1\r\nHost: x\r\nContent-Le")
+            slow.append(s)
+        status, doc = await running.post("/hooks/a", b'{"ok": 1}', headers=JSON)
+        assert status == 202 and doc["duplicate"] is False
+    finally:
+        for s in slow:
+            s.close()
+
+
+async def test_oversized_headers_are_refused_early_and_the_daemon_goes_on(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """A 64 KB header gets a 4xx, not a crash or a 500; the next request is served."""
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    async with running.http.post(
+        running.url + "/hooks/a", data=b"{}", headers={"X-Huge": "y" * 65_536}
+    ) as r:
+        assert 400 <= r.status < 500
+    status, _ = await running.post("/hooks/a", b'{"after": 1}', headers=JSON)
+    assert status == 202
+    assert len(journaled_ids(cfg.journal.path)) == 1
+
+
+async def _raw_server(handle: Any) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    return server, f"http://{host}:{port}"
+
+
+@pytest.fixture
+async def resetting() -> AsyncIterator[str]:
+    """A downstream that accepts each connection and closes it without answering."""
+
+    async def reset(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    server, url = await _raw_server(reset)
+    async with server:
+        yield url + "/reset"
+
+
+@pytest.fixture
+async def hanging() -> AsyncIterator[str]:
+    """A downstream that reads the request and never answers (until the test ends)."""
+    done = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await done.wait()
+        writer.close()
+
+    server, url = await _raw_server(hang)
+    async with server:
+        yield url + "/hang"
+        done.set()
+
+
+async def test_downstreams_that_hang_or_reset_never_stick_every_worker(
+    tmp_path: Path, run_daemon: Any, target: Target, resetting: str, hanging: str
+) -> None:
+    """Hanging and resetting targets time out and retry; other work keeps flowing meanwhile."""
+    retry = "{ max_attempts = 100, base_s = 0.05, factor = 1, cap_s = 0.05 }"
+    cfg = make_config(
+        tmp_path,
+        f"""
+[[sources.hang.actions]]
+type = "forward"
+url = "{hanging}"
+timeout_s = 0.3
+retry = {retry}
+[[sources.reset.actions]]
+type = "forward"
+url = "{resetting}"
+retry = {retry}
+[[sources.ok.actions]]
+type = "forward"
+url = "{target.url}/ok"
+""",
+        workers="concurrency = 2",
+    )
+    running: Running = await run_daemon(cfg)
+    for i in range(4):
+        assert (await running.post("/hooks/hang", f'{{"h": {i}}}', headers=JSON))[0] == 202
+        assert (await running.post("/hooks/reset", f'{{"r": {i}}}', headers=JSON))[0] == 202
+    status, doc = await running.post("/hooks/ok", b'{"ok": 1}', headers=JSON)
+    assert status == 202
+    await target.wait_for(lambda t: any(s.path == "/ok" for s in t.seen), timeout_s=20)
+    journal = running.daemon.journal
+    assert journal is not None
+
+    async def ok_done() -> bool:
+        return [j.state for j in (await journal.get_event(doc["id"])).jobs] == ["done"]
+
+    await poll(ok_done, timeout_s=10)
+
+
+# -- the config loader under arbitrary input ------------------------------------------------
+
+_KEYS = st.sampled_from(
+    [
+        "server", "admin", "journal", "workers", "log", "lanes", "sources", "listen", "path",
+        "verify", "scheme", "secret", "actions", "type", "url", "retry", "max_attempts",
+        "concurrency", "priority", "dedup", "tenant", "rpm", "tpm", "weights", "high", "x",
+    ]
+)  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["github", "forward", "log", "127.0.0.1:0", "env:NOPE", "json:a", "body"]),
+)
+_VALUES = st.recursive(
+    _SCALARS.filter(lambda v: v is not None),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(_KEYS | st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_KEYS, _VALUES, max_size=5))
+def test_any_config_document_gives_a_config_or_one_line_config_error(data: dict[str, Any]) -> None:
+    """Arbitrary TOML-shaped data: a Config, or a ConfigError of one line; never a crash."""
+    try:
+        actions.validate(parse(data))
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)
