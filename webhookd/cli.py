@@ -328,4 +328,56 @@ def prune(config_path: str | None) -> None:
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")
 
 
+@main.command()
+@click.argument("source")
+@click.option(
+    "--file",
+    "body_file",
+    type=click.File("rb"),
+    help="Body to send ('-' for stdin; default: a small test payload).",
+)
+@click.option("--url", help="Where to post (default: server.listen and the source's path).")
+@click.option(
+    "--id", "delivery_id", help="Delivery id (default: a fresh one; reuse it to test dedup)."
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def send(
+    source: str,
+    body_file: Any,
+    url: str | None,
+    delivery_id: str | None,
+    config_path: str | None,
+) -> None:
+    """Sign a test webhook the way SOURCE's provider would and post it; print the answer.
+
+    Exits 0 on a 2xx answer, 1 on any other answer or a network failure.
+    """
+    import secrets
+
+    from webhookd import send as send_mod
+
+    cfg = _load(config_path)
+    try:
+        src = send_mod.resolve(cfg, source)
+        delivery = send_mod.build(
+            src,
+            url=url or send_mod.source_url(cfg, source),
+            body=body_file.read() if body_file is not None else None,
+            now=time.time(),
+            delivery_id=delivery_id or "test_" + secrets.token_hex(8),
+        )
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        answer = send_mod.post(delivery)
+    except (OSError, ValueError) as exc:  # refused, timed out, or a URL urllib cannot use
+        _fail(f"could not post to {delivery.url}: {exc}", 1)
+    click.echo(f"{answer.status} {answer.reason}")
+    if answer.body:
+        click.echo(answer.body.decode("utf-8", "replace"))
+    sys.exit(0 if answer.ok else 1)
+
+
 __all__ = ["JournalError", "main"]

@@ -1,0 +1,135 @@
+"""Test deliveries: build a request the way a source's provider would, and post it.
+
+``build`` is pure (config, body, clock and delivery id in; URL, headers and body out) and signs
+with ``signatures.sign``; ``post`` sends it with the standard library and returns the answer.
+``webhookd send`` is the user-facing command over both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from webhookd import signatures
+from webhookd.config import CATCH_ALL, Config, Listen, SourceConfig
+from webhookd.errors import ConfigError
+
+_FORM_SCHEMES = ("twilio",)  # providers whose webhooks are form posts by default
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One signed request, ready to post."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    reason: str
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def default_body(scheme: str | None, delivery_id: str) -> bytes:
+    """A small test payload; it carries the delivery id where the scheme's dedup looks for it.
+
+    Deterministic in ``delivery_id``, so sending the same id twice is a duplicate even for
+    schemes whose dedup key is the body's hash.
+    """
+    message = "test webhook from webhookd send"
+    if scheme in _FORM_SCHEMES:
+        fields = {"MessageSid": delivery_id, "From": "+15005550006", "Body": message}
+        return urlencode(fields).encode()
+    doc = {"id": delivery_id, "event_id": delivery_id, "type": "webhookd.test"}
+    return json.dumps({**doc, "data": {"message": message}}).encode()
+
+
+def _host(listen: Listen) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
+    return f"[{host}]" if ":" in host else host
+
+
+def source_url(cfg: Config, name: str) -> str:
+    """Where the daemon of ``cfg`` takes ``name``'s webhooks (from ``server.listen``)."""
+    listen = cfg.server.listen
+    if listen.port == 0:
+        raise ConfigError("server.listen", "has port 0: give the daemon's address with --url")
+    src = resolve(cfg, name)
+    path = f"/hooks/{name}" if src.name == CATCH_ALL else src.path
+    return f"http://{_host(listen)}:{listen.port}{path}"
+
+
+def resolve(cfg: Config, name: str) -> SourceConfig:
+    """The source ``name`` (or the catch-all that would take it); ConfigError if none."""
+    src = cfg.sources.get(name)
+    if src is None and CATCH_ALL in cfg.sources and name and "/" not in name:
+        src = cfg.sources[CATCH_ALL]
+    if src is None:
+        known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"
+        raise ConfigError(f"sources.{name}", f"no such source (configured: {known})")
+    return src
+
+
+def _with_query(url: str, key: str, value: str) -> str:
+    base, _, fragment = url.partition("#")
+    joined = base + ("&" if "?" in base else "?") + urlencode({key: value})
+    return joined + ("#" + fragment if fragment else "")
+
+
+def build(
+    src: SourceConfig, *, url: str, body: bytes | None, now: float, delivery_id: str
+) -> Delivery:
+    """The request ``src``'s provider would send to ``url``, signed with its first secret.
+
+    Raises ``ConfigError`` when the source cannot be signed for, ``ValueError`` when the body
+    does not fit the scheme (Mailgun wants a JSON object or a form).
+    """
+    cfg = src.verify
+    scheme = cfg.scheme if cfg is not None else None
+    if body is None:
+        body = default_body(scheme, delivery_id)
+    if cfg is None:
+        content_type = "application/octet-stream"
+        try:
+            json.loads(body)
+            content_type = "application/json"
+        except (ValueError, RecursionError):
+            pass
+        return Delivery(url, {"Content-Type": content_type}, body)
+    if scheme == "twilio" and "bodySHA256=" not in url:
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError):
+            pass
+        else:  # Twilio signs a JSON body through a hash of it in the URL's query
+            url = _with_query(url, "bodySHA256", hashlib.sha256(body).hexdigest())
+    headers, body = signatures.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id)
+    return Delivery(url, headers, body)
+
+
+def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
+    """POST ``delivery``; any HTTP answer is returned, a network failure raises ``OSError``.
+
+    Proxy settings from the environment are ignored: the target is the user's own daemon.
+    """
+    request = urllib.request.Request(
+        delivery.url, data=delivery.body, headers=delivery.headers, method="POST"
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            return Answer(response.status, response.reason, response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Answer(exc.code, str(exc.reason), exc.read())
