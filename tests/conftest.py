@@ -140,8 +140,8 @@ async def run_daemon() -> AsyncIterator[Callable[[config_mod.Config], Any]]:
     running: list[Running] = []
     http = aiohttp.ClientSession()
 
-    async def start(cfg: config_mod.Config) -> Running:
-        daemon = Daemon(cfg, install_signals=False)
+    async def start(cfg: config_mod.Config, **daemon_kw: Any) -> Running:
+        daemon = Daemon(cfg, install_signals=False, **daemon_kw)
         task = asyncio.create_task(daemon.run())
         started = asyncio.create_task(daemon.started.wait())
         done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

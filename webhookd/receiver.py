@@ -195,6 +195,41 @@ class Receiver:
             observer(name, response.status, self.clock.monotonic() - started)
         return response
 
+    def _check(
+        self, request: web.Request, name: str, src: SourceConfig, body: bytes, now: float
+    ) -> web.Response | dict[str, Any] | None:
+        """Handshake, method and signature: an answer to give now, or the verdict to store."""
+        url = str(request.url)
+        try:
+            # A handshake may itself be signed (Slack's url_verification): same 401 path.
+            shake = signatures.handshake(
+                src.verify,
+                method=request.method,
+                query=request.query,
+                headers=request.headers,
+                body=body,
+                url=url,
+                now=now,
+            )
+            if shake is not None:
+                return web.Response(
+                    status=shake.status, body=shake.body, content_type=shake.content_type
+                )
+            if request.method != "POST":
+                return _error(405, "webhooks are POSTed")
+            if src.verify is None:
+                return None
+            verdict = signatures.verify(
+                src.verify, headers=request.headers, body=body, url=url, now=now
+            )
+        except VerificationError as exc:
+            self.state.verify_failures += 1
+            log.warning(
+                "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
+            )
+            return _error(401, exc.reason)
+        return verdict.as_dict()
+
     async def _take(self, request: web.Request, name: str, src: SourceConfig) -> web.Response:
         server = self.config.server
         if request.method not in ("POST", "GET", "PUT"):
@@ -210,39 +245,9 @@ class Receiver:
             return _error(413, f"body larger than {server.max_body_bytes} bytes")
         now = self.clock.time()
         headers = request.headers
-        url = str(request.url)
-        shake = (
-            signatures.handshake(
-                src.verify,
-                method=request.method,
-                query=request.query,
-                headers=headers,
-                body=body,
-                url=url,
-                now=now,
-            )
-            if src.verify is not None
-            else None
-        )
-        if shake is not None:
-            return web.Response(
-                status=shake.status, body=shake.body, content_type=shake.content_type
-            )
-        if request.method != "POST":
-            return _error(405, "webhooks are POSTed")
-        verified: dict[str, Any] | None = None
-        if src.verify is not None:
-            try:
-                verdict = signatures.verify(
-                    src.verify, headers=headers, body=body, url=url, now=now
-                )
-            except VerificationError as exc:
-                self.state.verify_failures += 1
-                log.warning(
-                    "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
-                )
-                return _error(401, exc.reason)
-            verified = verdict.as_dict()
+        checked = self._check(request, name, src, body, now)
+        if isinstance(checked, web.Response):
+            return checked
         bucket = self._buckets.get(src.name)
         if bucket is not None:
             wait_s = bucket.take()
@@ -269,7 +274,7 @@ class Receiver:
             priority=rule.classify(by),
             headers=tuple(headers.items()),
             body=body,
-            verified=verified,
+            verified=checked,
         )
         jobs = tuple(
             NewJob(
