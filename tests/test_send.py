@@ -1,0 +1,179 @@
+"""``webhookd send``: request building, the daemon's address, exit codes, and the real command."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from click.testing import CliRunner
+from conftest import Target
+
+from webhookd import config as config_mod
+from webhookd import send
+from webhookd.cli import main
+from webhookd.errors import ConfigError
+from webhookd.signatures import default_dedup, verify
+
+NOW = 1_750_000_000.0
+
+
+def cfg_text(listen: str = "127.0.0.1:0", secret: str = "gh-secret", extra: str = "") -> str:
+    return f"""
+[server]
+listen = "{listen}"
+[admin]
+listen = "127.0.0.1:0"
+[sources.gh]
+verify = {{ scheme = "github", secret = "{secret}" }}
+[[sources.gh.actions]]
+type = "log"
+[sources.tw]
+path = "/in/twilio"
+verify = {{ scheme = "twilio", secret = "tw", url = "https://example.com/in/twilio" }}
+[[sources.tw.actions]]
+type = "log"
+{extra}
+"""
+
+
+def test_default_body_carries_the_delivery_id() -> None:
+    """The default payload is JSON (a form for Twilio), deterministic, with the id inside."""
+    doc = json.loads(send.default_body("stripe", "d1"))
+    assert doc["id"] == doc["event_id"] == "d1"
+    assert send.default_body("slack", "d1") == send.default_body("slack", "d1")
+    assert dict(parse_qsl(send.default_body("twilio", "SM1").decode()))["MessageSid"] == "SM1"
+
+
+@pytest.mark.parametrize(
+    ("listen", "name", "url"),
+    [
+        ("0.0.0.0:8080", "gh", "http://127.0.0.1:8080/hooks/gh"),
+        ("[::]:9000", "tw", "http://[::1]:9000/in/twilio"),
+        ("10.0.0.5:80", "anything", "http://10.0.0.5:80/hooks/anything"),
+    ],
+)
+def test_source_url_from_listen(listen: str, name: str, url: str) -> None:
+    """The default URL is the daemon's listen address (wildcards → loopback) plus the path."""
+    cfg = config_mod.loads(cfg_text(listen, extra='[sources."*"]\n'), "t")
+    assert send.source_url(cfg, name) == url
+
+
+def test_source_url_needs_a_port_and_a_source() -> None:
+    """Port 0 and an unknown source (without a catch-all) are config errors naming the key."""
+    cfg = config_mod.loads(cfg_text(), "t")
+    with pytest.raises(ConfigError, match=r"server\.listen"):
+        send.source_url(cfg, "gh")
+    with pytest.raises(ConfigError, match=r"sources\.nope: no such source \(configured: gh, tw\)"):
+        send.resolve(cfg, "nope")
+
+
+def test_twilio_json_gets_body_hash_in_url() -> None:
+    """A JSON body for Twilio is posted with bodySHA256 in the query, and it verifies."""
+    src = config_mod.loads(cfg_text(), "t").sources["tw"]
+    body = b'{"CallSid": "CA1"}'
+    d = send.build(src, url="http://127.0.0.1:1/in/twilio?x=1", body=body, now=NOW, delivery_id="i")
+    query = dict(parse_qsl(urlsplit(d.url).query))
+    assert query == {"x": "1", "bodySHA256": hashlib.sha256(body).hexdigest()}
+    assert src.verify is not None
+    assert verify(src.verify, headers=d.headers, body=d.body, url=d.url, now=NOW).scheme == "twilio"
+    assert default_dedup("twilio", d.headers, d.body) == "i"
+
+
+def test_unsigned_source_gets_plain_request() -> None:
+    """A source without verify gets the body as is, with its content type guessed."""
+    src = config_mod.SourceConfig(name="plain", path="/hooks/plain")
+    d = send.build(src, url="http://h/hooks/plain", body=b"\x00raw", now=NOW, delivery_id="i")
+    assert (d.headers, d.body) == ({"Content-Type": "application/octet-stream"}, b"\x00raw")
+    d = send.build(src, url="http://h/hooks/plain", body=None, now=NOW, delivery_id="i")
+    assert d.headers["Content-Type"] == "application/json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["nope"], 2, "no such source"),
+        (["gh"], 2, "server.listen: has port 0"),
+        (["gh", "--url", "http://127.0.0.1:{port}/hooks/gh"], 1, "could not post"),
+        (["gh", "--url", "not a url"], 1, "could not post"),
+    ],
+)
+def test_cli_errors_and_exit_codes(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    """Usage and config errors exit 2; a daemon that cannot be reached exits 1."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    args = [a.replace("{port}", str(_free_port())) for a in args]
+    result = CliRunner().invoke(main, ["send", *args, "--config", str(path)])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+
+
+async def _webhookd(*args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "WEBHOOKD_CONFIG"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "webhookd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_send_command_against_running_daemon(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """`python -m webhookd send`: 0 and the 202 answer, 0 and duplicate, 1 on a 401."""
+    forward = f'[[sources.gh.actions]]\ntype = "forward"\nurl = "{target.url}/gh"\n'
+    good = tmp_path / "good.toml"
+    good.write_text(cfg_text(extra=forward) + f'[journal]\npath = "{tmp_path / "w.db"}"\n')
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(cfg_text(secret="a-stale-secret"))
+    r = await run_daemon(config_mod.load(good))
+    url = f"{r.url}/hooks/gh"
+    payload = tmp_path / "push.json"
+    payload.write_bytes(b'{"ref": "refs/heads/main"}')
+
+    sent = ("send", "gh", "--config", str(good), "--url", url, "--id", "d1")
+    code, out, err = await _webhookd(*sent)
+    assert (code, err) == (0, "")
+    status, answer = out.splitlines()
+    assert status == "202 Accepted"
+    first = json.loads(answer)
+    assert first["duplicate"] is False
+    await target.wait_for(lambda t: len(t.seen) == 1)
+    assert target.seen[0].headers["webhook-id"] == first["id"]
+
+    code, out, _ = await _webhookd(*sent)
+    assert code == 0
+    assert json.loads(out.splitlines()[1]) == {"id": first["id"], "duplicate": True}
+
+    code, out, _ = await _webhookd(
+        "send", "gh", "--config", str(wrong), "--url", url, "--file", str(payload)
+    )
+    assert code == 1
+    assert out.splitlines() == ["401 Unauthorized", '{"error": "signature mismatch"}']
+    assert r.daemon.journal is not None
+    assert len(await r.daemon.journal.list_events(source="gh")) == 1
