@@ -159,7 +159,8 @@ async def _send(
         status = resp.status
         assert status < 500 or (status == 503 and "Retry-After" in resp.headers), status
         event(f"status {status}")  # the spread shows with --hypothesis-show-statistics
-        return status
+    assert not r.task.done(), "the daemon stopped"
+    return status
 
 
 async def _rows(r: Running) -> int:

@@ -145,7 +145,7 @@ async def _webhookd(*args: str) -> tuple[int, str, str]:
 async def test_send_command_against_running_daemon(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
-    """`python -m webhookd send`: 0 and the 202 answer, 0 and duplicate, 1 on a 401."""
+    """`python -m webhookd send`: 0 and 202 (verdict in `show`), 0 and duplicate, 1 on a 401."""
     forward = f'[[sources.gh.actions]]\ntype = "forward"\nurl = "{target.url}/gh"\n'
     good = tmp_path / "good.toml"
     good.write_text(cfg_text(extra=forward) + f'[journal]\npath = "{tmp_path / "w.db"}"\n')
@@ -165,6 +165,9 @@ async def test_send_command_against_running_daemon(
     assert first["duplicate"] is False
     await target.wait_for(lambda t: len(t.seen) == 1)
     assert target.seen[0].headers["webhook-id"] == first["id"]
+    code, out, _ = await _webhookd("show", first["id"], "--json", "--config", str(good))
+    verified = json.loads(out)["verified"]
+    assert (code, verified["scheme"], verified["secret_index"]) == (0, "github", 0)
 
     code, out, _ = await _webhookd(*sent)
     assert code == 0
