@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -272,6 +273,10 @@ def run(config: Config) -> int:
     async def main() -> int:
         return await Daemon(config).run()
 
+    # The event loop hands every commit to SQLite's thread and back. With CPython's default 5 ms
+    # switch interval a busy loop keeps that thread waiting for the GIL, which adds directly to
+    # ack latency; 1 ms lets it in sooner (measured in bench/: more throughput, lower p99).
+    sys.setswitchinterval(0.001)
     try:
         import uvloop
     except ImportError:

@@ -393,10 +393,13 @@ class Journal:
 
     # -- the writer --------------------------------------------------------------------------
 
-    async def _submit(self, op: _Op) -> Any:
+    def _enqueue(self, op: _Op) -> None:
         if self._task is None or self._task.done():
             raise JournalUnavailable("journal writer is not running")
         self._queue.put_nowait(op)
+
+    async def _submit(self, op: _Op) -> Any:
+        self._enqueue(op)
         return await op.future
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -634,7 +637,17 @@ class Journal:
 
     async def ingest(self, item: NewEvent) -> Ingested:
         """Journal an event and its jobs; returns once committed (or raises JournalUnavailable)."""
-        return await self._submit(_IngestOp(self._new_future(), item))  # type: ignore[no-any-return]
+        return await self.submit_ingest(item)
+
+    def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
+        """Queue an event for the next group commit; the future resolves once it is committed.
+
+        The write happens whether or not anyone still waits: cancelling the future only stops
+        the waiting. Raises ``JournalUnavailable`` at once when the writer is not running.
+        """
+        future: asyncio.Future[Ingested] = self._new_future()
+        self._enqueue(_IngestOp(future, item))
+        return future
 
     async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
         """Mark queued jobs running (one more attempt each); returns those actually claimed."""

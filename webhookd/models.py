@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Mapping
@@ -13,18 +15,23 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# base64.b32encode's alphabet mapped onto Crockford's, so encoding is one C call and a translate.
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
 
 
 class _IdFactory:
     """ULID-style ids: 48-bit milliseconds + 80 random bits, base32, monotonic per process.
 
     Sortable by creation time as plain strings, unique without coordination, never reused.
+    The random part is for uniqueness, not secrecy (ids are not credentials), so it comes from a
+    PRNG seeded by the OS once, not a system call per id.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._last_rand = 0
+        self._random = random.Random(os.urandom(32))
 
     def new(self) -> str:
         with self._lock:
@@ -34,14 +41,12 @@ class _IdFactory:
                 ms = self._last_ms
                 rand = self._last_rand + 1
             else:
-                rand = int.from_bytes(os.urandom(10), "big")
+                rand = self._random.getrandbits(80)
             self._last_ms, self._last_rand = ms, rand
         value = (ms << 80) | (rand & ((1 << 80) - 1))
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        # 26 characters of 5 bits are the 130-bit value; pad to 160 bits for whole b32 groups.
+        encoded = base64.b32encode((value << 30).to_bytes(20, "big"))[:26]
+        return encoded.translate(_TO_CROCKFORD).decode()
 
 
 _ids = _IdFactory()
