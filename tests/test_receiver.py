@@ -1,0 +1,298 @@
+"""The receiver: ack only after commit, dedup, 404/405/413/429/503 answers, raw bodies kept.
+
+Each test serves the real receiver application on a loopback port over a real journal file;
+no worker pool runs, so what a request leaves in the journal stays there to be inspected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import make_config
+
+from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
+from webhookd.journal import Journal
+from webhookd.receiver import IntakeState, Receiver
+
+CATCH_ALL_LOG = """
+[sources."*"]
+[[sources."*".actions]]
+type = "log"
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    doc: Any
+    headers: Any
+
+
+@dataclass
+class Intake:
+    """A running receiver over a real journal, and a client to post to it."""
+
+    url: str
+    db: Path
+    journal: Journal
+    state: IntakeState
+    http: aiohttp.ClientSession
+
+    async def send(self, method: str, path: str, body: Any = b"{}", **kw: Any) -> Answer:
+        async with self.http.request(method, self.url + path, data=body, **kw) as r:
+            text = await r.text()
+            return Answer(r.status, json.loads(text), r.headers)
+
+    async def post(self, path: str, body: Any = b"{}", **kw: Any) -> Answer:
+        return await self.send("POST", path, body, **kw)
+
+    async def events(self) -> int:
+        return (await self.journal.counts()).events
+
+
+StartIntake = Callable[..., Awaitable[Intake]]
+
+
+@pytest.fixture
+async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
+    """Start a receiver for a config built from TOML snippets (see ``make_config``)."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def start(
+            extra: str = CATCH_ALL_LOG,
+            *,
+            server: str = "",
+            clock: Clock = SYSTEM_CLOCK,
+            prepare: Callable[[web.Request, web.StreamResponse], Awaitable[None]] | None = None,
+        ) -> Intake:
+            cfg = make_config(tmp_path, extra, server=server)
+            journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
+            state = IntakeState()
+            app = Receiver(cfg, journal, state, clock=clock).app()
+            if prepare is not None:
+                app.on_response_prepare.append(prepare)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            return Intake(f"http://{host}:{port}", cfg.journal.path, journal, state, http)
+
+        yield start
+
+
+def assert_error(answer: Answer, status: int, *, retry_after: bool = False) -> None:
+    """A refusal: the right status, a JSON ``{"error": ...}`` body, Retry-After when asked."""
+    assert answer.status == status, answer
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert isinstance(answer.doc, dict) and isinstance(answer.doc.get("error"), str), answer.doc
+    if retry_after:
+        assert int(answer.headers["Retry-After"]) >= 1
+    else:
+        assert "Retry-After" not in answer.headers
+
+
+def committed_ids(db: Path) -> set[str]:
+    """Event ids visible to a separate connection, as another process would see them."""
+    with closing(sqlite3.connect(db)) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM events")}
+
+
+async def test_accepted_webhook_is_on_disk_before_the_answer_is_sent(
+    make_intake: StartIntake,
+) -> None:
+    """202 `{"id", "duplicate": false}` is only prepared once the event is committed."""
+    seen_at_prepare: dict[str, bool] = {}
+
+    async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+        assert isinstance(response, web.Response) and response.text is not None
+        doc = json.loads(response.text)
+        if "id" in doc:
+            seen_at_prepare[doc["id"]] = doc["id"] in committed_ids(intake.db)
+
+    intake = await make_intake(prepare=prepare)
+    answer = await intake.post("/hooks/demo", b'{"a": 1}')
+    assert answer.status == 202
+    assert set(answer.doc) == {"id", "duplicate"} and answer.doc["duplicate"] is False
+    assert answer.doc["id"].startswith("evt_")
+    assert seen_at_prepare == {answer.doc["id"]: True}
+    detail = await intake.journal.get_event(answer.doc["id"])
+    assert (detail.event.source, detail.state) == ("demo", "queued")
+    assert [j.action for j in detail.jobs] == ["log"]
+
+
+async def test_same_body_twice_is_a_duplicate_keyed_on_its_sha256(make_intake: StartIntake) -> None:
+    """By default the dedup key is the body's sha256: a repeat gets 200 and the original id."""
+    intake = await make_intake()
+    body = b'{"order": 7}'
+    first = await intake.post("/hooks/shop", body)
+    again = await intake.post("/hooks/shop", body)
+    assert first.status == 202
+    assert (again.status, again.doc) == (200, {"id": first.doc["id"], "duplicate": True})
+    detail = await intake.journal.get_event(first.doc["id"])
+    assert detail.event.dedup_key == "shop:sha256:" + hashlib.sha256(body).hexdigest()
+    # Another source with the same body is a different delivery.
+    other = await intake.post("/hooks/mail", body)
+    assert (other.status, other.doc["duplicate"]) == (202, False)
+    counts = await intake.journal.counts()
+    assert (counts.events, counts.jobs_by_state["queued"]) == (2, 2)
+
+
+async def test_configured_dedup_header_decides_what_is_a_duplicate(
+    make_intake: StartIntake,
+) -> None:
+    """With `dedup = "header:X-Id"`, the header, not the body, identifies a delivery."""
+    intake = await make_intake(
+        """
+[sources.orders]
+dedup = "header:X-Id"
+[[sources.orders.actions]]
+type = "log"
+"""
+    )
+    first = await intake.post("/hooks/orders", b'{"v": 1}', headers={"X-Id": "d-1"})
+    changed_body = await intake.post("/hooks/orders", b'{"v": 2}', headers={"X-Id": "d-1"})
+    same_body = await intake.post("/hooks/orders", b'{"v": 1}', headers={"X-Id": "d-2"})
+    assert first.status == 202
+    assert (changed_body.status, changed_body.doc) == (
+        200,
+        {"id": first.doc["id"], "duplicate": True},
+    )
+    assert (same_body.status, same_body.doc["duplicate"]) == (202, False)
+    detail = await intake.journal.get_event(first.doc["id"])
+    assert detail.event.dedup_key == "orders:d-1"
+
+
+async def test_unknown_source_is_404_without_a_catch_all(make_intake: StartIntake) -> None:
+    """Without a catch-all, only configured paths exist; anything else is a JSON 404."""
+    intake = await make_intake(
+        """
+[sources.known]
+[[sources.known.actions]]
+type = "log"
+"""
+    )
+    assert_error(await intake.post("/hooks/unknown"), 404)
+    assert_error(await intake.post("/elsewhere"), 404)
+    assert (await intake.post("/hooks/known")).status == 202
+    assert await intake.events() == 1
+
+
+async def test_body_over_the_limit_is_413_with_or_without_content_length(
+    make_intake: StartIntake,
+) -> None:
+    """`server.max_body_bytes` is enforced from Content-Length and on a chunked body alike."""
+    intake = await make_intake(server="max_body_bytes = 100")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 60
+
+    assert_error(await intake.post("/hooks/big", b"x" * 101), 413)
+    assert_error(await intake.post("/hooks/big", chunks()), 413)
+    assert (await intake.post("/hooks/big", b"x" * 100)).status == 202
+    assert await intake.events() == 1
+
+
+async def test_get_on_a_hook_path_is_405(make_intake: StartIntake) -> None:
+    """Webhooks are POSTed: GET (no handshake scheme) and DELETE are refused with JSON 405."""
+    intake = await make_intake()
+    assert_error(await intake.send("GET", "/hooks/demo", None), 405)
+    assert_error(await intake.send("DELETE", "/hooks/demo", None), 405)
+    assert await intake.events() == 0
+
+
+async def test_draining_answers_503_with_retry_after(make_intake: StartIntake) -> None:
+    """While the daemon drains, a webhook is refused with 503 so the provider retries later."""
+    intake = await make_intake(server="retry_after_s = 9")
+    intake.state.draining = True
+    answer = await intake.post("/hooks/demo")
+    assert_error(answer, 503, retry_after=True)
+    assert answer.headers["Retry-After"] == "9"
+    assert await intake.events() == 0
+
+
+async def test_backlog_over_max_backlog_answers_503(make_intake: StartIntake) -> None:
+    """Past `server.max_backlog` unfinished jobs, intake answers 503 and stores nothing."""
+    intake = await make_intake(server="max_backlog = 2")
+    for n in range(2):
+        assert (await intake.post("/hooks/demo", f'{{"n": {n}}}')).status == 202
+    assert_error(await intake.post("/hooks/demo", b'{"n": 2}'), 503, retry_after=True)
+    assert await intake.events() == 2
+
+
+async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
+    make_intake: StartIntake,
+) -> None:
+    """A journal locked past `ack_timeout_s` gets 503; once free, intake works by itself and
+    the late commit makes the provider's retry a duplicate rather than a second event."""
+    intake = await make_intake(server="ack_timeout_s = 0.3\nretry_after_s = 7")
+    body = b'{"slow": true}'
+    with closing(sqlite3.connect(intake.db, isolation_level=None, timeout=0)) as blocker:
+        blocker.execute("BEGIN IMMEDIATE")  # the journal's busy timeout now makes commits wait
+        try:
+            answer = await intake.post("/hooks/demo", body)
+        finally:
+            blocker.execute("ROLLBACK")
+    assert_error(answer, 503, retry_after=True)
+    assert answer.headers["Retry-After"] == "7"
+    retried = await intake.post("/hooks/demo", body)
+    assert (retried.status, retried.doc["duplicate"]) == (200, True)
+    fresh = await intake.post("/hooks/demo", b'{"after": true}')
+    assert (fresh.status, fresh.doc["duplicate"]) == (202, False)
+    assert committed_ids(intake.db) == {retried.doc["id"], fresh.doc["id"]}
+
+
+async def test_intake_limit_answers_429_with_retry_after(make_intake: StartIntake) -> None:
+    """`intake_per_s` caps a source: over it, 429 + Retry-After; after a second, accepted again."""
+    clock = ManualClock()
+    intake = await make_intake(
+        """
+[sources.paced]
+intake_per_s = 1
+[[sources.paced.actions]]
+type = "log"
+""",
+        clock=clock,
+    )
+    assert (await intake.post("/hooks/paced", b"1")).status == 202
+    limited = await intake.post("/hooks/paced", b"2")
+    assert_error(limited, 429, retry_after=True)
+    assert limited.headers["Retry-After"] == "1"
+    clock.advance(1.0)
+    assert (await intake.post("/hooks/paced", b"3")).status == 202
+    assert await intake.events() == 2
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"a=1&b=%20x&b=2&empty="),
+        ("application/octet-stream", bytes(range(256))),
+        ("text/plain; charset=latin-1", "caf\xe9 \u20ac?".encode("latin-1", "replace")),
+        ("application/json", b'{"not": "parsed", "dup": 1, "dup": 2}'),
+    ],
+    ids=["form", "binary", "text", "json"],
+)
+async def test_any_content_type_is_stored_raw(
+    make_intake: StartIntake, content_type: str, body: bytes
+) -> None:
+    """Whatever the content type, the body is journaled byte for byte with its content type."""
+    intake = await make_intake()
+    answer = await intake.post("/hooks/raw", body, headers={"Content-Type": content_type})
+    assert answer.status == 202
+    event = (await intake.journal.get_event(answer.doc["id"])).event
+    assert event.body == body
+    assert event.content_type == content_type
