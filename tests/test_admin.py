@@ -1,0 +1,244 @@
+"""The admin API of a running daemon: health, readiness, stats, the events API, replay, auth."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import Running, Target, make_config
+from procs import poll
+
+from webhookd.actions.base import Outcome
+from webhookd.journal import Claimed, Finished
+
+EVENT_KEYS = {
+    "id",
+    "source",
+    "received_at",
+    "dedup_key",
+    "tenant",
+    "priority",
+    "verified",
+    "state",
+    "jobs",
+}
+JOB_KEYS = {"id", "action", "type", "state", "attempts", "run_at", "result", "errors"}
+
+StartDaemon = Callable[..., Any]
+
+
+def forward_sources(url: str, *names: str) -> str:
+    return "".join(
+        f"""
+[sources.{name}]
+[[sources.{name}.actions]]
+type = "forward"
+url = "{url}/{name}"
+retry = {{ max_attempts = 1 }}
+"""
+        for name in names
+    )
+
+
+class Outcomes:
+    """The state each event's last finished job reached, woken by the pool's ``on_finish``."""
+
+    def __init__(self, running: Running) -> None:
+        self.state: dict[str, str] = {}
+        self.changed = asyncio.Event()
+        assert running.daemon.pool is not None
+        running.daemon.pool.on_finish.append(self._on_finish)
+
+    def _on_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
+        self.state[claimed.event.id] = str(finished.state)
+        self.changed.set()
+
+    async def wait(self, event_id: str, state: str, timeout_s: float = 15) -> None:
+        async with asyncio.timeout(timeout_s):
+            while self.state.get(event_id) != state:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def get(running: Running, path: str, **kw: Any) -> tuple[int, Any]:
+    async with running.http.get(running.admin_url + path, **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def post_admin(running: Running, path: str, **kw: Any) -> tuple[int, Any]:
+    async with running.http.post(running.admin_url + path, **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def accept(running: Running, path: str, body: str) -> str:
+    status, doc = await running.post(path, body, headers={"Content-Type": "application/json"})
+    assert status == 202, doc
+    event_id: str = doc["id"]
+    return event_id
+
+
+def ids(doc: dict[str, Any]) -> list[str]:
+    return [e["id"] for e in doc["events"]]
+
+
+async def test_healthz_and_stats_describe_the_running_daemon(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/healthz names the boot; /readyz is ready; /stats counts jobs by state and source."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    outcomes = Outcomes(running)
+    status, health = await get(running, "/healthz")
+    assert (status, health) == (200, {"ok": True, "boot_id": running.daemon.boot_id})
+    assert await get(running, "/readyz") == (200, {"ready": True})
+
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await outcomes.wait(event_id, "done")
+    status, stats = await get(running, "/stats")
+    assert status == 200
+    assert {"boot_id", "uptime_s", "draining", "jobs", "sources", "events", "backlog"} <= set(stats)
+    assert stats["draining"] is False and stats["events"] == 1 and stats["backlog"] == 0
+    assert stats["jobs"]["done"] == 1 and stats["jobs"]["queued"] == 0
+    assert stats["sources"] == {"shop": {"done": 1}}
+    assert {"concurrency", "busy", "window", "started", "outcomes"} <= set(stats["workers"])
+    assert stats["workers"]["outcomes"] == {"done": 1}
+
+
+async def test_readyz_is_503_while_draining(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """Once a drain begins (a job still running), /readyz answers 503 naming the drain."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    target.hold = asyncio.Event()
+    await accept(running, "/hooks/shop", "{}")
+    await target.wait_for(lambda t: t.running == 1)
+    running.daemon.request_stop()
+
+    async def draining() -> bool:
+        return (await get(running, "/readyz"))[0] == 503
+
+    await poll(draining, timeout_s=10)
+    assert await get(running, "/readyz") == (503, {"ready": False, "problems": ["draining"]})
+    target.hold.set()
+    assert await running.task == 0
+
+
+async def test_events_list_filters_by_state_source_limit_and_before(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/events lists newest first and filters by derived state, source, limit and cursor."""
+    cfg = make_config(tmp_path, forward_sources(target.url, "shop", "mail"))
+    running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    first = await accept(running, "/hooks/shop", '{"n": 1}')
+    await outcomes.wait(first, "done")
+    target.statuses = [400]
+    failed = await accept(running, "/hooks/shop", '{"n": 2}')
+    await outcomes.wait(failed, "dead")
+    last = await accept(running, "/hooks/mail", '{"n": 3}')
+    await outcomes.wait(last, "done")
+
+    async def listed(query: str) -> list[str]:
+        status, doc = await get(running, "/events" + query)
+        assert status == 200, doc
+        return ids(doc)
+
+    assert await listed("") == [last, failed, first]
+    assert await listed("?state=dead") == [failed]
+    assert await listed("?state=done") == [last, first]
+    assert await listed("?state=queued") == []
+    assert await listed("?source=shop") == [failed, first]
+    assert await listed("?limit=1") == [last]
+    assert await listed(f"?before={last}") == [failed, first]
+    assert await listed(f"?before={failed}&limit=1&source=shop") == [first]
+    _, doc = await get(running, "/events?limit=1")
+    assert set(doc["events"][0]) >= {"id", "source", "received_at", "state", "priority", "jobs"}
+    for bad in ("?state=sleeping", "?limit=0", "?limit=many"):
+        status, error = await get(running, "/events" + bad)
+        assert status == 400 and isinstance(error["error"], str), bad
+
+
+async def test_event_detail_has_the_contract_shape_and_unknown_ids_are_404(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/events/<id> returns DESIGN §4's shape with each attempt; an unknown id is a JSON 404."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    outcomes = Outcomes(running)
+    event_id = await accept(running, "/hooks/shop", '{"order": 1}')
+    await outcomes.wait(event_id, "done")
+
+    status, doc = await get(running, f"/events/{event_id}")
+    assert status == 200
+    assert set(doc) >= EVENT_KEYS
+    assert (doc["id"], doc["source"], doc["state"], doc["priority"]) == (
+        event_id,
+        "shop",
+        "done",
+        "normal",
+    )
+    assert doc["dedup_key"].startswith("shop:sha256:")
+    assert (doc["tenant"], doc["verified"]) == (None, None)
+    [job] = doc["jobs"]
+    assert set(job) >= JOB_KEYS
+    assert (job["action"], job["type"], job["state"], job["attempts"]) == (
+        "forward",
+        "forward",
+        "done",
+        1,
+    )
+    assert job["result"] == {"status": 200}
+    [attempt] = job["errors"]
+    assert attempt["outcome"] == "done" and attempt["detail"]["status"] == 200
+
+    status, error = await get(running, "/events/evt_00000000000000000000000000")
+    assert (status, set(error)) == (404, {"error"})
+    status, error = await post_admin(running, "/events/evt_00000000000000000000000000/replay")
+    assert (status, set(error)) == (404, {"error"})
+
+
+async def test_replay_requeues_a_dead_event_and_the_daemon_delivers_it(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """POST /events/<id>/replay puts a dead job back; the running daemon delivers it again."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    outcomes = Outcomes(running)
+    target.statuses = [410]
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await outcomes.wait(event_id, "dead")
+
+    status, doc = await post_admin(running, f"/events/{event_id}/replay")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 1})
+    await outcomes.wait(event_id, "done")
+    assert [s.headers["webhook-id"] for s in target.seen] == [event_id, event_id]
+    _, detail = await get(running, f"/events/{event_id}")
+    assert detail["state"] == "done"
+    [job] = detail["jobs"]
+    assert [a["outcome"] for a in job["errors"]] == ["dead", "done"]
+
+
+async def test_admin_token_is_required_when_set(
+    tmp_path: Path, run_daemon: StartDaemon, monkeypatch: Any
+) -> None:
+    """With `admin.token`, requests without it or with a wrong one get 401; the right one 200."""
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "s3cret-token")
+    cfg = make_config(tmp_path, admin='token = "env:TEST_ADMIN_TOKEN"')
+    running: Running = await run_daemon(cfg)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        for path in ("/healthz", "/events"):
+            async with running.http.get(running.admin_url + path, headers=headers) as r:
+                assert r.status == 401, (path, headers)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+                assert set(await r.json()) == {"error"}
+    good = {"Authorization": "Bearer s3cret-token"}
+    assert (await get(running, "/healthz", headers=good))[0] == 200
+    assert await get(running, "/events", headers=good) == (200, {"events": []})
+
+
+async def test_admin_answers_unknown_paths_with_json(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """A path the admin API does not have is a JSON 404, like every other refusal."""
+    running: Running = await run_daemon(make_config(tmp_path))
+    status, doc = await get(running, "/nope")
+    assert (status, set(doc)) == (404, {"error"})
