@@ -1,0 +1,352 @@
+"""The worker pool: backoff schedule, outcomes, timeouts, concurrency caps, waits, wake-ups,
+drain and crash recovery — over a real journal file and a real loopback target.
+
+Most tests drive the pool in burst mode (``run_until_idle``) with a ``ManualClock``: a retry's
+``run_at`` is read back, the clock is moved there, and the pool is run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import Running, Target, make_config
+
+from webhookd import actions as action_registry
+from webhookd.actions.base import Action, Outcome, Resources
+from webhookd.clock import ManualClock
+from webhookd.config import Config, RetryPolicy
+from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
+from webhookd.workers import WorkerPool, backoff_s
+
+
+def forward_source(name: str, url: str, **options: str) -> str:
+    """A source with one forward action; ``options`` are TOML values for the action's keys."""
+    lines = "".join(f"{key} = {value}\n" for key, value in options.items())
+    return f"""
+[sources.{name}]
+[[sources.{name}.actions]]
+type = "forward"
+url = "{url}/{name}"
+{lines}"""
+
+
+def new_item(cfg: Config, source: str, now: float, body: bytes = b"{}") -> NewEvent:
+    """An event for ``source`` with one job per configured action, as the receiver makes it."""
+    src = cfg.sources[source]
+    event = Event(
+        id=new_event_id(),
+        source=source,
+        received_at=now,
+        dedup_key=f"{source}:{new_event_id()}",
+        tenant="",
+        priority=Priority.NORMAL,
+        headers=(("Content-Type", "application/json"),),
+        body=body,
+    )
+    jobs = tuple(NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts) for a in src.actions)
+    return NewEvent(event, jobs)
+
+
+@dataclass
+class Rig:
+    """A worker pool wired to a real journal and real actions, on a manual clock."""
+
+    cfg: Config
+    journal: Journal
+    pool: WorkerPool
+    clock: ManualClock
+    actions: dict[tuple[str, str], Action]
+
+    async def ingest(self, source: str, body: bytes = b"{}") -> str:
+        item = new_item(self.cfg, source, self.clock.time(), body)
+        await self.journal.ingest(item)
+        return item.event.id
+
+    async def job(self, event_id: str) -> Job:
+        [job] = (await self.journal.get_event(event_id)).jobs
+        return job
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def start(extra: str, *, workers: str = "", rng: float = 1.0) -> Rig:
+            cfg = make_config(tmp_path, extra, workers=workers)
+            clock = ManualClock()
+            journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
+            actions = action_registry.build(Resources(config=cfg, http=http))
+            pool = WorkerPool(
+                config=cfg,
+                journal=journal,
+                actions=actions,
+                boot_id="boot_test",
+                clock=clock,
+                rng=lambda: rng,
+            )
+            return Rig(cfg, journal, pool, clock, actions)
+
+        yield start
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    """`min(cap, base·factor^(n-1)) · U(0.5, 1)`: the bounds grow ×factor and stop at the cap."""
+    policy = RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=100.0)
+    ceilings = [10.0, 30.0, 90.0, 100.0, 100.0]
+    assert [backoff_s(policy, n, lambda: 1.0) for n in range(1, 6)] == ceilings
+    assert [backoff_s(policy, n, lambda: 0.0) for n in range(1, 6)] == [c / 2 for c in ceilings]
+    rng = random.Random(2).random
+    for n, ceiling in enumerate(ceilings, 1):
+        samples = [backoff_s(policy, n, rng) for _ in range(500)]
+        assert all(ceiling / 2 <= s <= ceiling for s in samples)
+        assert max(samples) - min(samples) > ceiling / 4  # jittered, not constant
+
+
+async def test_failing_target_is_retried_on_the_backoff_schedule_then_dead(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A 500 is retried at exactly the backoff delays (never early) and gives up at max_attempts."""
+    target.default_status = 500
+    rig = await make_rig(
+        forward_source(
+            "flaky", target.url, retry="{ max_attempts = 4, base_s = 10, factor = 3, cap_s = 60 }"
+        )
+    )
+    event_id = await rig.ingest("flaky")
+    for n, delay in enumerate([10.0, 30.0, 60.0], 1):
+        due = await rig.pool.run_until_idle()
+        assert len(target.seen) == n
+        assert due == pytest.approx(rig.clock.time() + delay)
+        rig.clock.advance(delay - 0.01)
+        assert await rig.pool.run_until_idle() == pytest.approx(due)
+        assert len(target.seen) == n  # not a moment early
+        rig.clock.advance(0.01)
+    assert await rig.pool.run_until_idle() is None
+    assert len(target.seen) == 4
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DEAD, 4)
+    assert (job.last_error or "").startswith("gave up after 4 attempt(s)")
+    assert "answered 500" in (job.last_error or "")
+    assert [a.outcome for a in job.history] == ["retry", "retry", "retry", "dead"]
+    assert [a.detail["status"] for a in job.history if a.detail] == [500] * 4
+
+
+@pytest.mark.parametrize(("retry_after", "expected_s"), [("120", 120.0), ("1", 10.0)])
+async def test_retry_after_is_a_lower_bound_on_the_delay(
+    target: Target, make_rig: MakeRig, retry_after: str, expected_s: float
+) -> None:
+    """Downstream's Retry-After postpones a retry beyond the backoff, never brings it forward."""
+    target.default_status = 503
+    target.headers = {"Retry-After": retry_after}
+    rig = await make_rig(forward_source("busy", target.url, retry="{ base_s = 10 }"))
+    await rig.ingest("busy")
+    due = await rig.pool.run_until_idle()
+    assert due == pytest.approx(rig.clock.time() + expected_s)
+
+
+async def test_attempt_longer_than_timeout_is_cut_off_and_retried(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A target that holds the request past `timeout_s` costs one attempt and is retried."""
+    target.hold = asyncio.Event()  # set at the target's teardown
+    rig = await make_rig(forward_source("slow", target.url, timeout_s="0.2"))
+    event_id = await rig.ingest("slow")
+    due = await rig.pool.run_until_idle()
+    assert due is not None and due > rig.clock.time()
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.last_error == "timed out after 0.2s"
+    assert len(target.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "error"),
+    [
+        (410, JobState.DEAD, "answered 410 Gone: the endpoint is retired"),
+        (400, JobState.DEAD, "answered 400"),
+        (404, JobState.DEAD, "answered 404"),
+        (408, JobState.QUEUED, "answered 408"),
+        (425, JobState.QUEUED, "answered 425"),
+        (429, JobState.QUEUED, "answered 429"),
+        (500, JobState.QUEUED, "answered 500"),
+        (503, JobState.QUEUED, "answered 503"),
+    ],
+)
+async def test_status_codes_map_to_retry_or_dead(
+    target: Target, make_rig: MakeRig, status: int, state: JobState, error: str
+) -> None:
+    """410 and other 4xx go straight to dead with the reason; 408/425/429/5xx are retried."""
+    target.default_status = status
+    rig = await make_rig(forward_source("hook", target.url))
+    event_id = await rig.ingest("hook")
+    await rig.pool.run_until_idle()
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (state, 1)
+    assert (job.last_error or "").endswith(error)
+
+
+async def capped_peak(rig: Rig, target: Target, sources: list[str], cap: int) -> None:
+    """Run every job with the target holding; the pool starts ``cap`` and keeps the rest."""
+    for source in sources:
+        await rig.ingest(source)
+    jobs = len(sources) * len(rig.cfg.sources[sources[0]].actions)
+    target.hold = asyncio.Event()
+    burst = asyncio.create_task(rig.pool.run_until_idle())
+    await target.wait_for(lambda t: t.running == cap)
+    stats = rig.pool.statistics()
+    assert (stats.busy, stats.window) == (cap, jobs - cap)  # capped, not short of workers
+    target.hold.set()
+    assert await burst is None
+    assert len(target.seen) == jobs
+    assert target.peak_running == cap
+
+
+async def test_action_concurrency_cap_is_never_exceeded(target: Target, make_rig: MakeRig) -> None:
+    """An action's `concurrency = 2` keeps at most two of its jobs running, with workers free."""
+    rig = await make_rig(forward_source("capped", target.url, concurrency="2"))
+    await capped_peak(rig, target, ["capped"] * 6, cap=2)
+
+
+async def test_source_concurrency_cap_spans_its_actions(target: Target, make_rig: MakeRig) -> None:
+    """A source's `concurrency = 2` caps the running jobs of all its actions together."""
+    rig = await make_rig(
+        f"""
+[sources.shop]
+concurrency = 2
+[[sources.shop.actions]]
+type = "forward"
+name = "a"
+url = "{target.url}/a"
+[[sources.shop.actions]]
+type = "forward"
+name = "b"
+url = "{target.url}/b"
+"""
+    )
+    await capped_peak(rig, target, ["shop"] * 3, cap=2)
+    assert {s.path for s in target.seen} == {"/a", "/b"}
+
+
+class WaitsOnce:
+    """An action that is not ready the first time (a lane cooling down), then succeeds."""
+
+    def __init__(self, action: Action) -> None:
+        self.config = action.config
+        self.calls = 0
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.calls += 1
+        if self.calls == 1:
+            return Outcome.wait("lane cooling down", after_s=30.0)
+        return Outcome.done({"ok": True})
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_wait_outcome_reschedules_without_using_an_attempt(make_rig: MakeRig) -> None:
+    """`Outcome.wait` puts the job back for `after_s` with its attempt count unchanged."""
+    rig = await make_rig('[sources.paced]\n[[sources.paced.actions]]\ntype = "log"\n')
+    stub = WaitsOnce(rig.actions[("paced", "log")])
+    rig.actions[("paced", "log")] = stub
+    event_id = await rig.ingest("paced")
+    due = await rig.pool.run_until_idle()
+    assert due == pytest.approx(rig.clock.time() + 30.0)
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts, job.history) == (JobState.QUEUED, 0, ())
+    rig.clock.advance(30.0)
+    assert await rig.pool.run_until_idle() is None
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts, stub.calls) == (JobState.DONE, 1, 2)
+    assert [a.outcome for a in job.history] == ["done"]
+
+
+async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
+    tmp_path: Path, target: Target, run_daemon: Callable[..., Any]
+) -> None:
+    """With a 30 s sweep, a posted webhook still reaches the target at once: commits wake it."""
+    cfg = make_config(tmp_path, forward_source("fast", target.url), workers="sweep_interval_s = 30")
+    running: Running = await run_daemon(cfg)
+    started = time.monotonic()
+    status, _ = await running.post("/hooks/fast", b'{"a": 1}')
+    assert status == 202
+    await target.wait_for(lambda t: len(t.seen) == 1, timeout_s=10)
+    print(f"\nposted → delivered in {(time.monotonic() - started) * 1000:.1f} ms")
+
+
+async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A job still running when the grace ends is cancelled and re-queued with attempts as
+    before; a job that finishes within the grace is recorded normally."""
+    rig = await make_rig(forward_source("slow", target.url))
+    rig.journal.on_commit = rig.pool.notify
+    dispatcher = asyncio.create_task(rig.pool.run())
+    target.hold = asyncio.Event()
+    stuck = await rig.ingest("slow")
+    await target.wait_for(lambda t: t.running == 1)
+    assert await rig.pool.drain(0.2) == 1
+    await dispatcher
+    job = await rig.job(stuck)
+    assert (job.state, job.attempts, job.history) == (JobState.QUEUED, 0, ())
+
+
+async def test_drain_lets_a_job_finish_within_the_grace(target: Target, make_rig: MakeRig) -> None:
+    """A job that completes during the grace period is recorded done, nothing is cancelled."""
+    rig = await make_rig(forward_source("slow", target.url))
+    rig.journal.on_commit = rig.pool.notify
+    dispatcher = asyncio.create_task(rig.pool.run())
+    target.hold = asyncio.Event()
+    event_id = await rig.ingest("slow")
+    await target.wait_for(lambda t: t.running == 1)
+    draining = asyncio.create_task(rig.pool.drain(30.0))
+    target.hold.set()
+    assert await draining == 0
+    await dispatcher
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+
+
+async def test_jobs_left_running_by_another_boot_are_recovered_or_poison_pilled(
+    tmp_path: Path, target: Target, run_daemon: Callable[..., Any]
+) -> None:
+    """At start, a job an earlier boot left running is re-queued and delivered; one interrupted
+    for the third time goes to dead as a poison pill and is never run again."""
+    cfg = make_config(tmp_path, forward_source("hook", target.url))
+    async with Journal(cfg.journal.path) as journal:
+        once, thrice = (new_item(cfg, "hook", time.time(), body) for body in (b"1", b"3"))
+        for item in (once, thrice):
+            await journal.ingest(item)
+        [pill] = thrice.jobs
+        for boot in ("boot_a", "boot_b"):
+            await journal.claim([pill.id], boot)
+            await journal.recover(f"{boot}_next", cfg.workers.max_recoveries)
+        await journal.claim([once.jobs[0].id, pill.id], "boot_c")
+
+    running: Running = await run_daemon(cfg)
+    await target.wait_for(lambda t: len(t.seen) == 1)
+    assert running.daemon.journal is not None
+    assert await running.stop() == 0
+    async with Journal(cfg.journal.path) as journal:
+        [recovered] = (await journal.get_event(once.event.id)).jobs
+        [poisoned] = (await journal.get_event(thrice.event.id)).jobs
+    assert [s.headers["webhook-id"] for s in target.seen] == [once.event.id]
+    assert recovered.state == JobState.DONE
+    assert [a.outcome for a in recovered.history] == ["interrupted", "done"]
+    assert poisoned.state == JobState.DEAD
+    assert "poison pill" in (poisoned.last_error or "")
+    assert [a.outcome for a in poisoned.history] == ["interrupted"] * 3
