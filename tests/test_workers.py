@@ -288,17 +288,23 @@ async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
     print(f"\nposted → delivered in {(time.monotonic() - started) * 1000:.1f} ms")
 
 
-async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
-    target: Target, make_rig: MakeRig
-) -> None:
-    """A job still running when the grace ends is cancelled and re-queued with attempts as
-    before; a job that finishes within the grace is recorded normally."""
+async def one_job_running(target: Target, make_rig: MakeRig) -> tuple[Rig, asyncio.Task[None], str]:
+    """A dispatching pool whose one job is held by the target: (rig, dispatcher, event id)."""
     rig = await make_rig(forward_source("slow", target.url))
     rig.journal.on_commit = rig.pool.notify
     dispatcher = asyncio.create_task(rig.pool.run())
     target.hold = asyncio.Event()
-    stuck = await rig.ingest("slow")
+    event_id = await rig.ingest("slow")
     await target.wait_for(lambda t: t.running == 1)
+    return rig, dispatcher, event_id
+
+
+async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A job still running when the grace ends is cancelled and re-queued with its attempt
+    not counted."""
+    rig, dispatcher, stuck = await one_job_running(target, make_rig)
     assert await rig.pool.drain(0.2) == 1
     await dispatcher
     job = await rig.job(stuck)
@@ -307,12 +313,7 @@ async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
 
 async def test_drain_lets_a_job_finish_within_the_grace(target: Target, make_rig: MakeRig) -> None:
     """A job that completes during the grace period is recorded done, nothing is cancelled."""
-    rig = await make_rig(forward_source("slow", target.url))
-    rig.journal.on_commit = rig.pool.notify
-    dispatcher = asyncio.create_task(rig.pool.run())
-    target.hold = asyncio.Event()
-    event_id = await rig.ingest("slow")
-    await target.wait_for(lambda t: t.running == 1)
+    rig, dispatcher, event_id = await one_job_running(target, make_rig)
     draining = asyncio.create_task(rig.pool.drain(30.0))
     target.hold.set()
     assert await draining == 0
