@@ -30,7 +30,8 @@ class Target:
     """A real aiohttp server on 127.0.0.1 that records what it receives.
 
     ``statuses`` is consumed one per request (then ``default_status``); ``hold`` makes the
-    handler wait until the event is set (a hanging downstream).
+    handler wait until the event is set (a hanging downstream); ``body`` replaces the default
+    response text.
     """
 
     url: str = ""
@@ -38,6 +39,7 @@ class Target:
     statuses: list[int] = field(default_factory=list)
     default_status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
     hold: asyncio.Event | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
@@ -53,6 +55,8 @@ class Target:
             if self.hold is not None:
                 await self.hold.wait()
             status = self.statuses.pop(0) if self.statuses else self.default_status
+            if self.body is not None:
+                return web.Response(status=status, body=self.body, headers=self.headers)
             return web.Response(status=status, text=f"answer {status}", headers=self.headers)
         finally:
             self.running -= 1

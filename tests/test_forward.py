@@ -1,0 +1,159 @@
+"""The forward action against a real loopback target: what it sends, what it records, signing."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import Target, make_config
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from webhookd.actions import forward
+from webhookd.actions.base import Outcome, Resources
+from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
+
+JSON_BODY = b'{"order": 42, "note": "caf\xc3\xa9"}'
+
+
+def make_event(body: bytes = JSON_BODY, content_type: str = "application/json") -> Event:
+    return Event(
+        id=new_event_id(),
+        source="shop",
+        received_at=1_700_000_000.0,
+        dedup_key="shop:x",
+        tenant="",
+        priority=Priority.NORMAL,
+        headers=(("Content-Type", content_type), ("X-Provider-Only", "not forwarded")),
+        body=body,
+    )
+
+
+def make_job(event: Event) -> Job:
+    return Job(
+        id=new_job_id(),
+        event_id=event.id,
+        action="forward",
+        type="forward",
+        state=JobState.RUNNING,
+        attempts=1,
+        max_attempts=10,
+        run_at=event.received_at,
+    )
+
+
+Forward = Callable[..., Awaitable[Outcome]]
+
+
+@pytest.fixture
+async def send(tmp_path: Path) -> AsyncIterator[Callable[[str], Forward]]:
+    """``send(options)(event)``: build a forward action from TOML options and run it once."""
+    async with aiohttp.ClientSession() as http:
+
+        def with_options(options: str) -> Forward:
+            cfg = make_config(
+                tmp_path, f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\n{options}'
+            )
+            [action_cfg] = cfg.sources["shop"].actions
+            action = forward.create(action_cfg, Resources(config=cfg, http=http))
+
+            async def run(event: Event | None = None) -> Outcome:
+                event = event or make_event()
+                return await action.run(event, make_job(event))
+
+            return run
+
+        yield with_options
+
+
+def new_whsec() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", JSON_BODY),
+        ("application/x-www-form-urlencoded", b"a=1&b=%20x&b=2"),
+        ("application/octet-stream", bytes(range(256))),
+    ],
+    ids=["json", "form", "binary"],
+)
+async def test_body_and_content_type_pass_through_with_the_event_id(
+    target: Target, send: Callable[[str], Forward], content_type: str, body: bytes
+) -> None:
+    """The target gets the exact bytes and content type, and the event id as both
+    `webhook-id` and `Idempotency-Key`; the provider's own headers are not copied."""
+    event = make_event(body, content_type)
+    outcome = await send(f'url = "{target.url}/in"')(event)
+    assert outcome.kind == "done" and outcome.result == {"status": 200}
+    [seen] = target.seen
+    assert (seen.method, seen.path, seen.body) == ("POST", "/in", body)
+    assert seen.headers["Content-Type"] == content_type
+    assert seen.headers["webhook-id"] == seen.headers["Idempotency-Key"] == event.id
+    assert "X-Provider-Only" not in seen.headers
+    assert "webhook-signature" not in seen.headers
+
+
+async def test_custom_headers_and_method_are_used(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """`method` and `headers` from the config shape the request."""
+    run = send(f'url = "{target.url}/put"\nmethod = "PUT"\nheaders = {{ X-Env = "test" }}')
+    assert (await run()).kind == "done"
+    [seen] = target.seen
+    assert (seen.method, seen.headers["X-Env"], seen.body) == ("PUT", "test", JSON_BODY)
+
+
+@pytest.mark.parametrize(("status", "kind"), [(200, "done"), (500, "retry"), (404, "dead")])
+async def test_attempt_detail_records_status_duration_and_response_head(
+    target: Target, send: Callable[[str], Forward], status: int, kind: str
+) -> None:
+    """Every answered attempt keeps the status, the duration and the first 1 KB of the reply."""
+    target.default_status = status
+    target.body = b"0123456789" * 300
+    outcome = await send(f'url = "{target.url}/x"')()
+    assert outcome.kind == kind
+    assert outcome.detail["status"] == status
+    assert 0 <= outcome.detail["duration_s"] < 30
+    assert outcome.detail["response"] == ("0123456789" * 300)[:1024]
+
+
+async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> None:
+    """A target that refuses the connection is a retryable failure, not a dead job."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        port = closed.getsockname()[1]
+        outcome = await send(f'url = "http://127.0.0.1:{port}/x"')()
+    assert outcome.kind == "retry"
+    assert (outcome.error or "").startswith("connection failed")
+    assert "duration_s" in outcome.detail
+
+
+async def test_signature_verifies_with_the_standard_webhooks_library(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """With a `whsec_` secret, the official Standard Webhooks library accepts the delivery."""
+    secret = new_whsec()
+    event = make_event()
+    assert (await send(f'url = "{target.url}/s"\nsecret = "{secret}"')(event)).kind == "done"
+    [seen] = target.seen
+    assert seen.headers["webhook-id"] == event.id
+    assert Webhook(secret).verify(seen.body, seen.headers) == {"order": 42, "note": "café"}
+
+
+async def test_rotated_secrets_each_sign_the_delivery(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """With `secrets = [old, new]`, a receiver holding either one accepts the delivery."""
+    old, new, other = new_whsec(), new_whsec(), new_whsec()
+    assert (await send(f'url = "{target.url}/s"\nsecrets = ["{old}", "{new}"]')()).kind == "done"
+    [seen] = target.seen
+    for secret in (old, new):
+        assert Webhook(secret).verify(seen.body, seen.headers)["order"] == 42
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(seen.body, seen.headers)
