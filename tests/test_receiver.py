@@ -173,6 +173,10 @@ type = "log"
     assert (same_body.status, same_body.doc["duplicate"]) == (202, False)
     detail = await intake.journal.get_event(first.doc["id"])
     assert detail.event.dedup_key == "orders:d-1"
+    # Without the header, the key falls back to the body's hash.
+    bare = await intake.post("/hooks/orders", b'{"v": 3}')
+    detail = await intake.journal.get_event(bare.doc["id"])
+    assert detail.event.dedup_key == "orders:sha256:" + hashlib.sha256(b'{"v": 3}').hexdigest()
 
 
 async def test_unknown_source_is_404_without_a_catch_all(make_intake: StartIntake) -> None:
