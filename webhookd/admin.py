@@ -7,8 +7,10 @@ Bound to loopback by default. When ``admin.token`` is set every request needs
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -30,8 +32,43 @@ class AdminContext:
     intake: IntakeState
     boot_id: str
     started_at: float
-    metrics: Callable[[], tuple[bytes, str]] | None = None
-    dashboard: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+    lanes: Mapping[str, Any] = field(default_factory=dict)
+    throughput: Throughput | None = None
+    dashboard: bool = True
+
+
+class Throughput:
+    """Webhooks accepted and attempts finished per second over about the last minute.
+
+    An intake observer counts 2xx answers; each ``rates()`` call records a sample and measures
+    against the oldest sample of the last ``window_s`` (since the start before there is one).
+    """
+
+    def __init__(self, pool: WorkerPool, window_s: float = 60.0) -> None:
+        self.pool = pool
+        self.window_s = window_s
+        self.accepted = 0
+        now = pool.clock.monotonic()
+        self._samples: deque[tuple[float, int, int]] = deque([(now, 0, 0)], maxlen=4096)
+
+    def observe(self, source: str, status: int, seconds: float) -> None:
+        if 200 <= status < 300:
+            self.accepted += 1
+
+    def rates(self) -> dict[str, float]:
+        now = self.pool.clock.monotonic()
+        finished = sum(self.pool.outcomes.values())
+        while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        then, accepted0, finished0 = self._samples[0]
+        self._samples.append((now, self.accepted, finished))
+        span = max(now - then, 1e-9)
+        return {
+            "window_s": round(span, 1),
+            "accepted_per_s": round((self.accepted - accepted0) / span, 2),
+            "finished_per_s": round((finished - finished0) / span, 2),
+        }
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -54,15 +91,17 @@ class Admin:
         r.add_get("/events", self.events)
         r.add_get("/events/{id}", self.event)
         r.add_post("/events/{id}/replay", self.replay)
-        if self.ctx.dashboard is not None:
-            r.add_get("/", self.ctx.dashboard)
+        if self.ctx.dashboard:
+            r.add_get("/", self.dashboard)
         return app
 
     @web.middleware
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self._token is not None:
+        # The dashboard page itself holds no data: it asks for the token and sends it with
+        # every API call it makes, so a browser can load it without a header.
+        if self._token is not None and not (request.path == "/" and request.method == "GET"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, self._token):
                 return web.json_response(
@@ -96,10 +135,17 @@ class Admin:
     async def metrics(self, request: web.Request) -> web.Response:
         if self.ctx.metrics is None:
             return _error(404, "metrics are not enabled")
-        body, content_type = self.ctx.metrics()
+        body, content_type = await self.ctx.metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=_dashboard_html(),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"},
+        )
 
     async def events(self, request: web.Request) -> web.Response:
         q = request.query
@@ -168,5 +214,24 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         },
         "scheduler": [asdict(s) for s in ctx.pool.scheduler.statistics()],
         "intake": {"verify_failures": ctx.intake.verify_failures},
-        "lanes": {},
+        "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
+        "paused": sorted(await ctx.journal.paused_sources()),
+        "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
     }
+
+
+def _lane_dict(lane: Any) -> dict[str, Any]:
+    stats = lane.statistics()
+    doc: dict[str, Any] = asdict(stats)
+    doc.pop("name", None)
+    return doc
+
+
+_page: list[str] = []
+
+
+def _dashboard_html() -> str:
+    """The dashboard page, read once from the package (it ships in the wheel)."""
+    if not _page:
+        _page.append(resources.files("webhookd").joinpath("dashboard.html").read_text("utf-8"))
+    return _page[0]

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -35,11 +34,12 @@ from aiohttp import web
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Resources
-from webhookd.admin import Admin, AdminContext
+from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalUnavailable
 from webhookd.journal import Journal
+from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import IntakeState, Receiver
 from webhookd.workers import WorkerPool
@@ -137,6 +137,10 @@ class Daemon:
             for hook in self.on_wired:
                 hook(self)
 
+            metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
+            metrics.attach(self.intake.observers, pool.on_finish)
+            throughput = Throughput(pool)
+            self.intake.observers.append(throughput.observe)
             ctx = AdminContext(
                 config=cfg,
                 journal=journal,
@@ -144,12 +148,15 @@ class Daemon:
                 intake=self.intake,
                 boot_id=self.boot_id,
                 started_at=started_at,
+                metrics=metrics.render,
+                lanes=resources.lanes,
+                throughput=throughput,
             )
             async with asyncio.TaskGroup() as tg:
                 pool_task = tg.create_task(pool.run(), name="dispatcher")
                 side_tasks = [
                     tg.create_task(self._retention(journal), name="retention"),
-                    tg.create_task(self._heartbeat(journal, pool), name="heartbeat"),
+                    tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                 ]
                 admin_runner = None
@@ -222,41 +229,81 @@ class Daemon:
         jc = self.config.journal
         while True:
             await asyncio.sleep(jc.prune_interval_s)
-            total = 0
             try:
-                while True:
-                    pruned = await journal.prune(
-                        keep_done_s=jc.keep_done_h * 3600,
-                        keep_dead_s=jc.keep_dead_d * 86400,
-                        keep_dedup_s=jc.keep_dedup_d * 86400,
-                    )
-                    total += pruned.events
-                    if not (pruned.events or pruned.dedup):
-                        break
-                    await asyncio.sleep(0)  # let intake commits in between batches
+                events, dedup = await prune_all(
+                    journal,
+                    keep_done_s=jc.keep_done_h * 3600,
+                    keep_dead_s=jc.keep_dead_d * 86400,
+                    keep_dedup_s=jc.keep_dedup_d * 86400,
+                )
                 await journal.refresh_backlog()
             except JournalUnavailable as exc:
                 log.warning("retention skipped this round: %s", exc)
-            if total:
-                log.info("retention: pruned %d finished event(s)", total)
+                continue
+            if events or dedup:
+                log.info(
+                    "retention pruned_events=%d pruned_dedup=%d size_bytes=%d",
+                    events,
+                    dedup,
+                    await journal.size_bytes(),
+                )
 
-    async def _heartbeat(self, journal: Journal, pool: WorkerPool) -> None:
-        last = time.monotonic()
-        last_started = 0
+    async def _heartbeat(self, ctx: AdminContext) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            now = time.monotonic()
-            stats = pool.statistics()
-            rate = (stats.started - last_started) / (now - last)
-            last, last_started = now, stats.started
-            log.info(
-                "heartbeat backlog=%d busy=%d/%d jobs_per_s=%.1f outcomes=%s",
-                journal.backlog_jobs,
-                stats.busy,
-                stats.concurrency,
-                rate,
-                ",".join(f"{k}:{v}" for k, v in sorted(stats.outcomes.items())) or "-",
-            )
+            log.info("%s", heartbeat_line(ctx))
+
+
+async def prune_all(
+    journal: Journal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
+) -> tuple[int, int]:
+    """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
+
+    Each batch is its own short transaction and the loop yields between them, so ingest
+    commits interleave with retention instead of waiting behind it.
+    """
+    events = dedup = 0
+    while True:
+        pruned = await journal.prune(
+            keep_done_s=keep_done_s, keep_dead_s=keep_dead_s, keep_dedup_s=keep_dedup_s
+        )
+        events, dedup = events + pruned.events, dedup + pruned.dedup
+        if not (pruned.events or pruned.dedup):
+            break
+        await asyncio.sleep(0)
+    left: int | None = None
+    # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
+    while True:
+        free, _ = await journal.compact()
+        if free == 0 or free == left:
+            break
+        left = free
+        await asyncio.sleep(0)
+    return events, dedup
+
+
+def heartbeat_line(ctx: AdminContext) -> str:
+    """One key=value line: backlog, rates, workers, paused sources and lanes."""
+    stats = ctx.pool.statistics()
+    rates = ctx.throughput.rates() if ctx.throughput is not None else {}
+    parts = [
+        f"heartbeat backlog={ctx.journal.backlog_jobs}",
+        f"accepted_per_s={rates.get('accepted_per_s', 0):.1f}",
+        f"finished_per_s={rates.get('finished_per_s', 0):.1f}",
+        f"busy={stats.busy}/{stats.concurrency}",
+        f"window={stats.window}",
+        "outcomes=" + (",".join(f"{k}:{v}" for k, v in sorted(stats.outcomes.items())) or "-"),
+    ]
+    if ctx.pool.paused:
+        parts.append("paused=" + ",".join(sorted(ctx.pool.paused)))
+    for name, lane in sorted(ctx.lanes.items()):
+        s = lane.statistics()
+        parts.append(
+            f"lane.{name}=waiting:{s.waiting},admitted:{s.admitted_total}"
+            + (f",cooldown_s:{s.cooling_until_s:.0f}" if s.cooling_until_s else "")
+            + (",circuit:open" if s.circuit_open else "")
+        )
+    return " ".join(parts)
 
 
 def _address(runner: web.AppRunner) -> str:

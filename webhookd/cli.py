@@ -114,7 +114,11 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     from webhookd import app, logs
 
     cfg = _load(config_path)
-    logs.setup(log_level or cfg.log.level, log_format or cfg.log.format)
+    logs.setup(
+        log_level or cfg.log.level,
+        log_format or cfg.log.format,
+        secrets=logs.secret_values(cfg),
+    )
     sys.exit(app.run(cfg))
 
 
@@ -275,33 +279,147 @@ def events(
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON document.")
 def stats(config_path: str | None, as_json: bool) -> None:
-    """Counts by state and source, backlog and its oldest age (read from the journal)."""
+    """Backlog, oldest queued age, recent rates and outcomes, jobs by source (from the journal;
+    workers and lanes too when the daemon's admin API answers)."""
     cfg = _load(config_path)
 
-    async def go() -> Any:
+    async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
-            return await journal.counts()
+            counts = await journal.counts()
+            recent = await journal.activity(300)
+            hour = await journal.activity(3600)
+            paused = sorted(await journal.paused_sources())
+        now = time.time()
+        oldest = counts.oldest_queued_at
+        return {
+            "events": counts.events,
+            "backlog": counts.jobs_by_state.get("queued", 0)
+            + counts.jobs_by_state.get("running", 0),
+            "oldest_queued_age_s": round(now - oldest, 1) if oldest is not None else None,
+            "jobs": dict(counts.jobs_by_state),
+            "sources": {k: dict(v) for k, v in sorted(counts.jobs_by_source.items())},
+            "received_per_min_5m": round(recent.received / 5, 1),
+            "outcomes_5m": dict(recent.attempts_by_outcome),
+            "outcomes_1h": dict(hour.attempts_by_outcome),
+            "paused": paused,
+            "daemon": await _daemon_stats(cfg),
+        }
 
-    counts = _run(go)
-    now = time.time()
-    age = round(now - counts.oldest_queued_at, 1) if counts.oldest_queued_at else None
-    doc = {
-        "events": counts.events,
-        "jobs": dict(counts.jobs_by_state),
-        "sources": {k: dict(v) for k, v in counts.jobs_by_source.items()},
-        "oldest_queued_age_s": age,
-    }
+    doc = _run(go)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"events {counts.events}   oldest queued {age if age is not None else '-'} s")
-    states = list(counts.jobs_by_state)
-    click.echo(f"{'source':<24}" + "".join(f"{s:>10}" for s in states))
-    click.echo(f"{'(all)':<24}" + "".join(f"{counts.jobs_by_state[s]:>10}" for s in states))
-    for src, by in sorted(counts.jobs_by_source.items()):
-        click.echo(f"{src:<24}" + "".join(f"{by.get(s, 0):>10}" for s in states))
+    click.echo(_stats_table(doc))
+
+
+async def _daemon_stats(cfg: config_mod.Config) -> dict[str, Any] | None:
+    """The running daemon's ``/stats`` (workers, lanes, throughput), or None if unreachable."""
+    import aiohttp
+
+    listen = cfg.admin.listen
+    if listen is None or listen.port == 0:
+        return None
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    headers = {"Authorization": f"Bearer {cfg.admin.token.reveal()}"} if cfg.admin.token else {}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
+            http.get(f"http://{host}:{listen.port}/stats", headers=headers) as r,
+        ):
+            if r.status != 200:
+                return None
+            doc: dict[str, Any] = await r.json()
+            return doc
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+def _stats_table(doc: dict[str, Any]) -> str:
+    age = doc["oldest_queued_age_s"]
+    lines = [
+        f"backlog        {doc['backlog']} job(s)   oldest queued {_age(age)}   "
+        f"events {doc['events']}",
+        f"received       {doc['received_per_min_5m']}/min (last 5 min)",
+        "outcomes 5 min " + _pairs(doc["outcomes_5m"]),
+        "outcomes 1 h   " + _pairs(doc["outcomes_1h"]),
+    ]
+    if doc["paused"]:
+        lines.append("paused         " + ", ".join(doc["paused"]))
+    daemon = doc["daemon"]
+    if daemon is not None:
+        w = daemon["workers"]
+        rates = daemon.get("throughput") or {}
+        lines.append(
+            f"workers        {w['busy']}/{w['concurrency']} busy   window {w['window']}   "
+            f"{rates.get('accepted_per_s', 0)} accepted/s, "
+            f"{rates.get('finished_per_s', 0)} finished/s"
+        )
+        for name, lane in daemon.get("lanes", {}).items():
+            lines.append(
+                f"lane {name:<9} waiting {lane['waiting']}  admitted {lane['admitted_total']}"
+                f"  cooldown {lane['cooling_until_s']:.0f}s"
+                f"{'  CIRCUIT OPEN' if lane['circuit_open'] else ''}"
+            )
+    else:
+        lines.append("daemon         not reachable on the admin API (journal figures only)")
+    states = list(doc["jobs"])
+    lines.append("")
+    lines.append(f"{'source':<24}" + "".join(f"{s:>10}" for s in states))
+    lines.append(f"{'(all)':<24}" + "".join(f"{doc['jobs'][s]:>10}" for s in states))
+    for src, by in doc["sources"].items():
+        mark = " (paused)" if src in doc["paused"] else ""
+        lines.append(f"{(src + mark)[:24]:<24}" + "".join(f"{by.get(s, 0):>10}" for s in states))
+    return "\n".join(lines)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+
+@main.command()
+@click.argument("source")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def pause(source: str, config_path: str | None) -> None:
+    """Hold processing of SOURCE's jobs; its webhooks are still accepted and journaled."""
+    _pause_or_resume(source, config_path, pausing=True)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def resume(source: str, config_path: str | None) -> None:
+    """Let SOURCE's jobs run again (a running daemon notices within a second)."""
+    _pause_or_resume(source, config_path, pausing=False)
+
+
+def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
+    cfg = _load(config_path)
+    if cfg.source_for(source) is None:
+        known = ", ".join(sorted(cfg.sources)) or "none"
+        _fail(f"no source {source!r} in {cfg.origin} (known: {known})", 2)
+
+    async def go() -> bool:
+        async with _journal(cfg) as journal:
+            return await (journal.pause(source) if pausing else journal.resume(source))
+
+    changed = _run(go)
+    if pausing:
+        click.echo(f"paused {source}" if changed else f"{source} was already paused")
+    else:
+        click.echo(f"resumed {source}" if changed else f"{source} was not paused")
 
 
 @main.command()
@@ -312,17 +430,15 @@ def prune(config_path: str | None) -> None:
     jc = cfg.journal
 
     async def go() -> tuple[int, int]:
-        events = dedup = 0
+        from webhookd.app import prune_all
+
         async with _journal(cfg) as journal:
-            while True:
-                p = await journal.prune(
-                    keep_done_s=jc.keep_done_h * 3600,
-                    keep_dead_s=jc.keep_dead_d * 86400,
-                    keep_dedup_s=jc.keep_dedup_d * 86400,
-                )
-                events, dedup = events + p.events, dedup + p.dedup
-                if not (p.events or p.dedup):
-                    return events, dedup
+            return await prune_all(
+                journal,
+                keep_done_s=jc.keep_done_h * 3600,
+                keep_dead_s=jc.keep_dead_d * 86400,
+                keep_dedup_s=jc.keep_dedup_d * 86400,
+            )
 
     events_n, dedup_n = _run(go)
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")

@@ -97,6 +97,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX attempts_job ON attempts(job_id, seq);
     """,
+    # 1 → 2: sources an operator has paused (``webhookd pause``): still accepted, not processed.
+    """
+    CREATE TABLE paused_sources (
+        source    TEXT PRIMARY KEY,
+        paused_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -246,6 +253,15 @@ class Pruned:
     dedup: int
 
 
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What happened in the last ``window_s`` seconds (for ``webhookd stats``)."""
+
+    window_s: float
+    received: int
+    attempts_by_outcome: Mapping[str, int]
+
+
 # ---------------------------------------------------------------------------------------------
 # The group-commit writer's work items
 
@@ -277,6 +293,7 @@ class _CallOp(_Op):
     """Any other write: runs alone in its own transaction."""
 
     fn: Any  # async (conn) -> result
+    transaction: bool = True  # False for PRAGMAs that cannot run inside one (checkpoints)
 
 
 class Journal:
@@ -471,6 +488,18 @@ class Journal:
 
     async def _commit_call(self, op: _CallOp) -> None:
         conn = self.writer
+        if not op.transaction:
+            try:
+                result = await op.fn(conn)
+            except (sqlite3.Error, OSError) as exc:
+                if not op.future.done():
+                    op.future.set_exception(
+                        JournalUnavailable(f"journal maintenance failed: {exc}")
+                    )
+            else:
+                if not op.future.done():
+                    op.future.set_result(result)
+            return
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -630,8 +659,8 @@ class Journal:
                 attempts,
             )
 
-    async def _call(self, fn: Any) -> Any:
-        return await self._submit(_CallOp(self._new_future(), fn))
+    async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
+        return await self._submit(_CallOp(self._new_future(), fn, transaction))
 
     # -- intake, dispatch, outcomes -----------------------------------------------------------
 
@@ -725,14 +754,19 @@ class Journal:
 
         return await self._call(fn)  # type: ignore[no-any-return]
 
-    async def ready(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Ready]:
-        """Due queued jobs, highest priority and oldest first, skipping ``exclude``."""
+    async def ready(
+        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
+    ) -> list[Ready]:
+        """Due queued jobs, highest priority and oldest first, skipping ``exclude`` and the
+        jobs of ``paused`` sources."""
         skip = set(exclude)
+        held = sorted(paused)
+        not_paused = f" AND source NOT IN ({','.join('?' * len(held))})" if held else ""
         rows = await _fetch(
             self.reader,
             "SELECT id, source, action, priority, tenant, order_key, seq FROM jobs"
-            " WHERE state = 'queued' AND run_at <= ? ORDER BY priority, seq LIMIT ?",
-            (now, limit + len(skip)),
+            f" WHERE state = 'queued' AND run_at <= ?{not_paused} ORDER BY priority, seq LIMIT ?",
+            (now, *held, limit + len(skip)),
         )
         out = []
         for r in rows:
@@ -743,9 +777,13 @@ class Journal:
                 break
         return out
 
-    async def next_run_at(self) -> float | None:
-        """When the earliest queued job becomes due (``None`` when nothing is queued)."""
-        rows = await _fetch(self.reader, "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'")
+    async def next_run_at(self, paused: Iterable[str] = ()) -> float | None:
+        """When the earliest queued job (of a source not paused) becomes due; ``None`` if none."""
+        held = sorted(paused)
+        not_paused = f" AND source NOT IN ({','.join('?' * len(held))})" if held else ""
+        rows = await _fetch(
+            self.reader, f"SELECT MIN(run_at) FROM jobs WHERE state = 'queued'{not_paused}", held
+        )
         value = rows[0][0] if rows else None
         return float(value) if value is not None else None
 
@@ -912,22 +950,40 @@ class Journal:
     async def prune(
         self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
     ) -> Pruned:
-        """Delete one small batch of expired rows of each kind; call until it returns zeros."""
+        """Delete one small batch of expired rows of each kind; call until it returns zeros.
+
+        The candidates are found on the reader connection (a scan that may take a while on a big
+        file, but WAL lets it run beside the writer); the write transaction then deletes at most
+        ``batch`` of them, re-checking each, so the write lock is held for milliseconds and an
+        ingest commit never waits long behind retention.
+        """
         now = self.clock.time()
+        done_before, dead_before = now - keep_done_s, now - keep_dead_s
+        # An event goes when none of its jobs is unfinished or finished recently enough to keep:
+        # done/cancelled after keep_done_s, dead after keep_dead_s.
+        keep = (
+            "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
+            " ('queued', 'running') OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
+            " OR (j.state = 'dead' AND j.finished_at > ?)))"
+        )
+        rows = await _fetch(
+            self.reader,
+            f"SELECT e.id FROM events e WHERE e.received_at < ? AND {keep} ORDER BY e.seq LIMIT ?",
+            (done_before, done_before, dead_before, batch),
+        )
+        candidates = [r[0] for r in rows]
 
         async def fn(conn: aiosqlite.Connection) -> Pruned:
-            # An event goes when every job of it is finished and the newest finish is expired:
-            # done/cancelled after keep_done_s, dead after keep_dead_s.
-            rows = await _fetch(
-                conn,
-                "SELECT e.id FROM events e WHERE NOT EXISTS (SELECT 1 FROM jobs j"
-                " WHERE j.event_id = e.id AND (j.state IN ('queued', 'running')"
-                " OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
-                " OR (j.state = 'dead' AND j.finished_at > ?)))"
-                " AND e.received_at < ? ORDER BY e.seq LIMIT ?",
-                (now - keep_done_s, now - keep_dead_s, now - keep_done_s, batch),
-            )
-            ids = [(r[0],) for r in rows]
+            ids: list[tuple[str]] = []
+            for start in range(0, len(candidates), 250):
+                chunk = candidates[start : start + 250]
+                marks = ",".join("?" * len(chunk))
+                still = await _fetch(  # a replay may have re-queued one since the scan
+                    conn,
+                    f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {keep}",
+                    (*chunk, done_before, dead_before),
+                )
+                ids.extend((r[0],) for r in still)
             await conn.executemany(
                 "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
                 ids,
@@ -943,9 +999,80 @@ class Journal:
             return Pruned(events=len(ids), jobs=max(jobs, 0), dedup=max(cur.rowcount, 0))
 
         result: Pruned = await self._call(fn)
-        if result.events or result.dedup:
-            await self.writer.execute("PRAGMA incremental_vacuum(256)")
         return result
+
+    async def compact(self, pages: int = 1000) -> tuple[int, int]:
+        """Hand free pages back to the file system and checkpoint the WAL without waiting.
+
+        ``PRAGMA incremental_vacuum`` moves at most ``pages`` free pages per call (short, like
+        a prune batch); ``wal_checkpoint(PASSIVE)`` copies what no reader still needs into the
+        main file so the WAL is reused instead of growing. Returns (freelist pages left,
+        WAL frames not yet checkpointed).
+        """
+
+        async def vacuum(conn: aiosqlite.Connection) -> int:
+            await _fetch(conn, f"PRAGMA incremental_vacuum({int(pages)})")
+            rows = await _fetch(conn, "PRAGMA freelist_count")
+            return int(rows[0][0])
+
+        async def checkpoint(conn: aiosqlite.Connection) -> int:
+            # (busy, frames in the WAL, frames checkpointed); it cannot run inside a transaction.
+            rows = await _fetch(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            busy, log_frames, done = rows[0]
+            return 0 if busy or log_frames < 0 else int(log_frames) - int(done)
+
+        free: int = await self._call(vacuum)
+        behind: int = await self._call(checkpoint, transaction=False)
+        return free, behind
+
+    async def size_bytes(self) -> int:
+        """The journal's size on disk: the main file plus its WAL."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    # -- pausing -----------------------------------------------------------------------------
+
+    async def pause(self, source: str) -> bool:
+        """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
+        now = self.clock.time()
+
+        async def fn(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(
+                "INSERT OR IGNORE INTO paused_sources(source, paused_at) VALUES (?, ?)",
+                (source, now),
+            )
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def resume(self, source: str) -> bool:
+        """Let ``source``'s jobs run again; ``False`` if it was not paused."""
+
+        async def fn(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute("DELETE FROM paused_sources WHERE source = ?", (source,))
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def paused_sources(self) -> frozenset[str]:
+        rows = await _fetch(self.reader, "SELECT source FROM paused_sources")
+        return frozenset(r[0] for r in rows)
+
+    async def activity(self, window_s: float) -> Activity:
+        """Events received and attempts by outcome over the last ``window_s`` seconds."""
+        since = self.clock.time() - window_s
+        received = await _fetch(
+            self.reader, "SELECT COUNT(*) FROM events WHERE received_at >= ?", (since,)
+        )
+        rows = await _fetch(
+            self.reader,
+            "SELECT outcome, COUNT(*) FROM attempts WHERE finished_at >= ? GROUP BY outcome",
+            (since,),
+        )
+        return Activity(window_s, int(received[0][0]), {r[0]: int(r[1]) for r in rows})
 
 
 async def _fetch(

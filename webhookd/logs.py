@@ -1,22 +1,51 @@
-"""Logging setup: one readable line per notable event, or JSON lines for log shippers."""
+"""Logging setup: one readable key=value line per notable event, or JSON lines for log shippers.
+
+Messages are written ``what key=value key=value``; the JSON formatter lifts those pairs into
+fields of their own. Secrets never reach the log by construction (``Secret`` hides itself in
+``repr``), and as a second line of defence every configured secret value is masked in each
+formatted line before it is written.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 import time
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
 
-_LEVELS = {
+from webhookd.config import Secret
+
+LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+MASK = "***"
+_MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words and numbers
+_PAIR = re.compile(r"(?<![\w.])([a-z_][\w.]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s'\"]+)")
+_RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 
-class TextFormatter(logging.Formatter):
+class _Masking(logging.Formatter):
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is masked whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len)[::-1]
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
+class TextFormatter(_Masking):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = (
@@ -25,29 +54,89 @@ class TextFormatter(logging.Formatter):
         )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return self.mask(line)
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Masking):
     def format(self, record: logging.LogRecord) -> str:
+        message = self.mask(record.getMessage())
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message,
         }
+        for key, value in fields(message).items():
+            if key not in _RESERVED:
+                doc[key] = value
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = self.mask(self.formatException(record.exc_info))
         return json.dumps(doc, ensure_ascii=False)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def fields(message: str) -> dict[str, Any]:
+    """The ``key=value`` pairs of a message; numbers become numbers, quotes are removed."""
+    out: dict[str, Any] = {}
+    for key, raw in _PAIR.findall(message):
+        value: Any = raw
+        if raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) >= 2:
+            value = raw[1:-1]
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key] = value
+    return out
+
+
+def secret_values(obj: Any) -> set[str]:
+    """Every secret a config holds: ``Secret`` values and ``env:`` references, resolved."""
+    found: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Secret):
+            found.add(node.reveal())
+        elif isinstance(node, str):
+            if node.startswith("env:") and os.environ.get(node[4:]):
+                found.add(os.environ[node[4:]])
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return found
+
+
+def setup(
+    level: str = "info",
+    fmt: str = "text",
+    *,
+    secrets: Iterable[str] = (),
+    stream: IO[str] | None = None,
+) -> logging.Handler:
+    """Send every log line to ``stream`` (stderr) in ``fmt``; returns the handler installed."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    formatter = JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS.get(level, logging.INFO))
+    root.setLevel(LEVELS.get(level, logging.INFO))
     # aiohttp's access log would print a line per webhook; our own lines say what matters.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler

@@ -81,6 +81,9 @@ class WorkerPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.outcomes: Counter[str] = Counter()
+        # Sources an operator paused (``webhookd pause``): their jobs stay queued. Re-read from
+        # the journal on every sweep, so a pause made by the CLI takes effect within one.
+        self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
 
@@ -89,6 +92,8 @@ class WorkerPool:
     def notify(self, ready: list[Ready]) -> None:
         """New jobs were committed: take them into the window and wake the dispatcher."""
         for job in ready:
+            if job.source in self.paused:
+                continue
             if not self.scheduler.add(job):
                 self._overflow = True
                 break
@@ -105,15 +110,34 @@ class WorkerPool:
             return
         now = self.clock.time()
         exclude = self.scheduler.ids() | set(self._running)
-        rows = await self.journal.ready(now, room, exclude)
+        rows = await self.journal.ready(now, room, exclude, self.paused)
         for job in rows:
             self.scheduler.add(job)
         self._overflow = len(rows) >= room
-        self._next_due = None if self._overflow else await self.journal.next_run_at()
+        self._next_due = None if self._overflow else await self.journal.next_run_at(self.paused)
+
+    async def _refresh_paused(self) -> None:
+        paused = await self.journal.paused_sources()
+        if paused == self.paused:
+            return
+        if paused - self.paused:
+            # Newly paused sources may have jobs in the window: rebuild it from the journal
+            # (which it only mirrors) rather than let held jobs take the room of runnable ones.
+            self.scheduler = Scheduler(
+                capacity=self.config.workers.window, weights=self.config.workers.weights
+            )
+        for source in paused ^ self.paused:
+            log.warning(
+                "source %s processing=%s", source, "paused" if source in paused else "resumed"
+            )
+        self.paused = paused
+        self._overflow = True
 
     # -- dispatching -------------------------------------------------------------------------
 
     def _can_run(self, job: Ready) -> bool:
+        if job.source in self.paused:
+            return False
         source = self.config.source_for(job.source)
         if source is None:
             return True  # the worker records it as dead with a clear reason
@@ -204,6 +228,7 @@ class WorkerPool:
             if due or now_mono - last_sweep >= sweep_s:
                 self._overflow = True
                 last_sweep = now_mono
+                await self._refresh_paused()
             while not self._stopping and await self._dispatch_once():
                 pass
 
@@ -214,15 +239,16 @@ class WorkerPool:
         can advance its clock there and call again.
         """
         self._overflow = True
+        await self._refresh_paused()
         while True:
             started = await self._dispatch_once()
             if not started and not self._running:
                 if len(self.scheduler) == 0:
                     await self._refill()
                     if len(self.scheduler) == 0:
-                        return await self.journal.next_run_at()
+                        return await self.journal.next_run_at(self.paused)
                     continue
-                return await self.journal.next_run_at()
+                return await self.journal.next_run_at(self.paused)
             if self._running:
                 await asyncio.wait(
                     list(self._running.values()), return_when=asyncio.FIRST_COMPLETED

@@ -1,0 +1,225 @@
+"""Prometheus metrics: counters fed by the receiver's and the pool's hooks, gauges read at scrape.
+
+The one module that imports ``prometheus_client``. Each daemon gets its own
+``CollectorRegistry`` (never the process-global one), so several daemons can run in one
+process, as they do in the tests. Counters and histograms are updated synchronously from the
+``IntakeState.observers`` and ``WorkerPool.on_finish`` hooks (a dict lookup and an add: cheap
+enough for the ack path). Gauges that describe the journal, the pool and the lanes are read when
+``/metrics`` is scraped, so nothing polls in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from webhookd.actions.base import Outcome
+from webhookd.journal import Claimed, Counts, Finished, Journal
+from webhookd.workers import WorkerPool
+
+ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ATTEMPT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_NO_SOURCE = "(none)"  # the label of requests that matched no source (404s)
+
+
+class Metrics:
+    """The metrics of one daemon. ``attach`` subscribes it; ``render`` answers a scrape."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        pool: WorkerPool,
+        lanes: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
+        self.journal = journal
+        self.pool = pool
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.intake = Counter(
+            "webhookd_intake_requests",
+            "Webhook requests answered by the receiver, by source and HTTP status.",
+            ["source", "status"],
+            registry=r,
+        )
+        self.ack = Histogram(
+            "webhookd_ack_seconds",
+            "Time from a webhook's arrival to its 2xx answer (after the durable commit).",
+            buckets=ACK_BUCKETS_S,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "webhookd_job_attempts",
+            "Finished job attempts by source, action and outcome (done, retry, dead, wait).",
+            ["source", "action", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "webhookd_attempt_duration_seconds",
+            "How long one attempt of an action took.",
+            ["source", "action"],
+            buckets=ATTEMPT_BUCKETS_S,
+            registry=r,
+        )
+        self.retries = Counter(
+            "webhookd_job_retries",
+            "Attempts that failed and were scheduled to run again.",
+            ["source", "action"],
+            registry=r,
+        )
+        self.dead = Counter(
+            "webhookd_dead_letters",
+            "Jobs that went to the dead-letter queue.",
+            ["source", "action"],
+            registry=r,
+        )
+        self._state = _StateCollector(journal, pool, lanes)
+        r.register(self._state)
+
+    def attach(self, observers: list[Any], on_finish: list[Any]) -> None:
+        """Subscribe to the receiver's observers and the pool's ``on_finish`` hooks."""
+        observers.append(self.observe_intake)
+        on_finish.append(self.observe_finish)
+
+    def observe_intake(self, source: str, status: int, seconds: float) -> None:
+        self.intake.labels(source or _NO_SOURCE, str(status)).inc()
+        if 200 <= status < 300:
+            self.ack.observe(seconds)
+
+    def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
+        labels = (claimed.event.source, claimed.job.action)
+        self.attempts.labels(*labels, finished.outcome).inc()
+        if finished.outcome != "wait":  # a wait never started the action
+            self.duration.labels(*labels).observe(
+                max(finished.finished_at - finished.started_at, 0.0)
+            )
+        if finished.outcome == "retry":
+            self.retries.labels(*labels).inc()
+        elif finished.outcome == "dead":
+            self.dead.labels(*labels).inc()
+
+    async def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type; reads the journal's counts first."""
+        self._state.counts = await self.journal.counts()
+        self._state.paused = await self.journal.paused_sources()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time: backlog, oldest age, jobs by state, workers, lanes, journal."""
+
+    def __init__(
+        self, journal: Journal, pool: WorkerPool, lanes: Callable[[], Mapping[str, Any]]
+    ) -> None:
+        self.journal = journal
+        self.pool = pool
+        self.lanes = lanes
+        self.counts: Counts | None = None
+        self.paused: frozenset[str] = frozenset()
+
+    def describe(self) -> list[Metric]:
+        return []  # gauges appear only at scrape time: nothing to describe up front
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge("webhookd_backlog_jobs", "Jobs queued or running.", self.journal.backlog_jobs)
+        counts = self.counts
+        if counts is not None:
+            oldest = counts.oldest_queued_at
+            age = max(self.pool.clock.time() - oldest, 0.0) if oldest is not None else 0.0
+            yield _gauge(
+                "webhookd_oldest_queued_age_seconds",
+                "Age of the oldest event with a queued job (0 when nothing is queued).",
+                age,
+            )
+            jobs = GaugeMetricFamily(
+                "webhookd_jobs", "Jobs in the journal by state.", labels=["state"]
+            )
+            for state, n in sorted(counts.jobs_by_state.items()):
+                jobs.add_metric([state], n)
+            yield jobs
+            yield _gauge("webhookd_events", "Events in the journal.", counts.events)
+        paused = GaugeMetricFamily(
+            "webhookd_source_paused",
+            "1 for a source whose processing is paused.",
+            labels=["source"],
+        )
+        for source in sorted(self.paused):
+            paused.add_metric([source], 1)
+        yield paused
+        stats = self.pool.statistics()
+        yield _gauge("webhookd_workers_busy", "Jobs running now.", stats.busy)
+        yield _gauge("webhookd_workers_concurrency", "Configured worker slots.", stats.concurrency)
+        yield _gauge("webhookd_scheduler_window_jobs", "Ready jobs held in memory.", stats.window)
+        yield _counter(
+            "webhookd_journal_commits",
+            "Journal write transactions committed.",
+            self.journal.commits,
+        )
+        yield _counter(
+            "webhookd_journal_batched_ops",
+            "Writes committed by group commit (ingests, claims, outcomes).",
+            self.journal.batched_ops,
+        )
+        yield _gauge(
+            "webhookd_journal_write_error",
+            "1 while the journal's last write failed.",
+            1 if self.journal.last_write_error else 0,
+        )
+        yield from _lane_metrics(self.lanes())
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _lane_metrics(lanes: Mapping[str, Any]) -> Iterator[Metric]:
+    available = GaugeMetricFamily(
+        "webhookd_lane_available",
+        "Requests or tokens a lane could admit now (negative: in debt).",
+        labels=["lane", "kind"],
+    )
+    waiting = GaugeMetricFamily(
+        "webhookd_lane_waiting", "Calls queued for a lane's admission.", labels=["lane"]
+    )
+    cooldown = GaugeMetricFamily(
+        "webhookd_lane_cooldown_seconds",
+        "Seconds of a lane's cooldown left (after a 429).",
+        labels=["lane"],
+    )
+    circuit = GaugeMetricFamily(
+        "webhookd_lane_circuit_open", "1 while a lane's circuit is open.", labels=["lane"]
+    )
+    admitted = CounterMetricFamily(
+        "webhookd_lane_admitted", "Calls a lane admitted.", labels=["lane"]
+    )
+    tokens = CounterMetricFamily(
+        "webhookd_lane_tokens_debited", "Tokens debited from a lane.", labels=["lane"]
+    )
+    waits = CounterMetricFamily(
+        "webhookd_lane_waits", "Admissions that had to wait.", labels=["lane"]
+    )
+    busy = CounterMetricFamily(
+        "webhookd_lane_busy", "Calls turned away (job rescheduled) by a lane.", labels=["lane"]
+    )
+    for name, lane in sorted(lanes.items()):
+        s = lane.statistics()
+        if s.requests_available is not None:
+            available.add_metric([name, "requests"], s.requests_available)
+        if s.tokens_available is not None:
+            available.add_metric([name, "tokens"], s.tokens_available)
+        waiting.add_metric([name], s.waiting)
+        cooldown.add_metric([name], s.cooling_until_s)
+        circuit.add_metric([name], 1 if s.circuit_open else 0)
+        admitted.add_metric([name], s.admitted_total)
+        tokens.add_metric([name], s.tokens_debited_total)
+        waits.add_metric([name], s.waits_total)
+        busy.add_metric([name], s.busy_total)
+    yield from (available, waiting, cooldown, circuit, admitted, tokens, waits, busy)
