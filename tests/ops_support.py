@@ -1,0 +1,92 @@
+"""Helpers for the operating tests (CLI, admin, metrics, dashboard): config snippets and waits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from click.testing import CliRunner, Result
+from conftest import Running, make_config
+from procs import poll
+
+from webhookd import config as config_mod
+from webhookd.cli import main
+
+TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
+
+
+def forward_source(name: str, url: str, *, max_attempts: int = 1, base_s: float = 0.01) -> str:
+    """A source that forwards to ``url``; one attempt by default, so a 500 goes dead at once."""
+    return f"""
+[sources.{name}]
+[[sources.{name}.actions]]
+type = "forward"
+name = "deliver"
+url = "{url}"
+retry = {{ max_attempts = {max_attempts}, base_s = {base_s}, factor = 1.0, cap_s = {base_s} }}
+"""
+
+
+def write_config(tmp_path: Path, body: str, *, token: bool = False) -> tuple[Path, Any]:
+    """The same config as a file (for the CLI) and parsed (for an in-process daemon)."""
+    admin = f'token = "env:{TOKEN_ENV}"' if token else ""
+    cfg = make_config(tmp_path, body, admin=admin)
+    text = f"""
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+{admin}
+[journal]
+path = "{cfg.journal.path}"
+{body}
+"""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(text, encoding="utf-8")
+    return path, cfg
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run a CLI command in a thread (it runs its own event loop), beside a running daemon."""
+    runner = CliRunner()
+    return await asyncio.to_thread(runner.invoke, main, list(args), env=env)
+
+
+async def event_state(
+    http: aiohttp.ClientSession,
+    admin_url: str,
+    event_id: str,
+    state: str,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 20,
+) -> dict[str, Any]:
+    """Ask the admin API until the event is in ``state``; returns its document."""
+    doc: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal doc
+        async with http.get(f"{admin_url}/events/{event_id}", headers=headers) as r:
+            doc = await r.json()
+        return doc.get("state") == state
+
+    await poll(reached, timeout_s=timeout_s)
+    return doc
+
+
+async def accepted(running: Running, source: str, body: str = '{"n": 1}') -> str:
+    """POST a webhook and return the event id it was given (fails unless answered 202)."""
+    status, doc = await running.post(f"/hooks/{source}", body)
+    assert status == 202, doc
+    event_id: str = doc["id"]
+    return event_id
+
+
+def secret_config(
+    tmp_path: Path, extra: str, monkeypatch: Any, value: str
+) -> Callable[[], config_mod.Config]:
+    """A config whose admin token is ``env:`` + a variable holding ``value``."""
+    monkeypatch.setenv(TOKEN_ENV, value)
+    return lambda: make_config(tmp_path, extra, admin=f'token = "env:{TOKEN_ENV}"')

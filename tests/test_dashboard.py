@@ -1,0 +1,277 @@
+"""The dashboard in a real headless Chromium, driven over the DevTools protocol (CDP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import Target, make_config
+from ops_support import TOKEN_ENV, accepted, event_state, forward_source
+
+CHROMIUM = shutil.which("chromium")
+_DEVTOOLS = re.compile(r"DevTools listening on (ws://\S+)")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+)
+
+
+class Page:
+    """One browser tab, reached through a CDP session on the browser's websocket."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: str) -> None:
+        self.ws = ws
+        self.session = session
+
+    async def evaluate(self, expression: str, timeout_s: float = 30) -> Any:
+        """Evaluate JS in the page (awaiting a promise); returns its value or raises its error."""
+        result = await send(
+            self.ws,
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            session=self.session,
+            timeout_s=timeout_s,
+        )
+        if "exceptionDetails" in result:
+            raise AssertionError(f"page error: {json.dumps(result['exceptionDetails'])[:1000]}")
+        return result["result"].get("value")
+
+    async def wait_for(self, js_condition: str, timeout_s: float = 20) -> Any:
+        """Until ``js_condition`` is truthy in the page, re-checked on every DOM change."""
+        return await self.evaluate(
+            f"""new Promise((resolve, reject) => {{
+                const check = () => {{
+                    try {{ return ({js_condition}); }} catch (e) {{ return null; }} }};
+                const first = check();
+                if (first) return resolve(first);
+                const timer = setTimeout(() => {{ observer.disconnect();
+                    reject(new Error("timed out waiting for: " + {json.dumps(js_condition)})); }},
+                    {int(timeout_s * 1000)});
+                const observer = new MutationObserver(() => {{
+                    const value = check();
+                    if (value) {{ observer.disconnect(); clearTimeout(timer); resolve(value); }}
+                }});
+                observer.observe(document, {{subtree: true, childList: true, attributes: true,
+                                              characterData: true}});
+            }})""",
+            timeout_s=timeout_s + 5,
+        )
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click (pressed and released) at the middle of the element."""
+        box = await self.evaluate(
+            f"""(() => {{ const e = document.querySelector({json.dumps(selector)});
+                e.scrollIntoView({{block: "center"}}); const r = e.getBoundingClientRect();
+                return {{x: r.x + r.width / 2, y: r.y + r.height / 2}}; }})()"""
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await send(
+                self.ws,
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1},
+                session=self.session,
+            )
+
+    async def type_text(self, selector: str, text: str) -> None:
+        await self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
+        await send(self.ws, "Input.insertText", {"text": text}, session=self.session)
+
+
+_ids = itertools.count(1)
+
+
+async def send(
+    ws: aiohttp.ClientWebSocketResponse,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    session: str | None = None,
+    timeout_s: float = 30,
+) -> dict[str, Any]:
+    """Send one CDP command and read until its answer (events in between are skipped)."""
+    msg_id = next(_ids)
+    msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
+    if session:
+        msg["sessionId"] = session
+    await ws.send_str(json.dumps(msg))
+    async with asyncio.timeout(timeout_s):
+        while True:
+            frame = await ws.receive()
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                raise AssertionError(f"browser websocket closed during {method}: {frame!r}")
+            doc = json.loads(frame.data)
+            if doc.get("id") == msg_id:
+                if "error" in doc:
+                    raise AssertionError(f"{method}: {doc['error']}")
+                result: dict[str, Any] = doc.get("result", {})
+                return result
+
+
+async def until_event(
+    ws: aiohttp.ClientWebSocketResponse, method: str, session: str, timeout_s: float = 30
+) -> dict[str, Any]:
+    """Read the websocket until the CDP event ``method`` arrives for ``session``."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            frame = await ws.receive()
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                raise AssertionError(f"browser websocket closed waiting for {method}")
+            doc = json.loads(frame.data)
+            if doc.get("method") == method and doc.get("sessionId") == session:
+                params: dict[str, Any] = doc.get("params", {})
+                return params
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[str]:
+    """A headless Chromium; yields its DevTools websocket URL."""
+    if CHROMIUM is None:
+        reason = "chromium is not installed (Debian package 'chromium'; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: the browser test must run in CI")
+        pytest.skip(reason)
+    profile = tmp_path / "chromium-profile"
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM,
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        "about:blank",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: we end the helpers it starts too
+    )
+    assert proc.stderr is not None
+    said: list[str] = []
+    url = ""
+    drain: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(60):
+            while line := (await proc.stderr.readline()).decode("utf-8", "replace"):
+                said.append(line)
+                m = _DEVTOOLS.search(line)
+                if m:
+                    url = m.group(1)
+                    break
+        if not url:
+            raise AssertionError("chromium exited before DevTools listened:\n" + "".join(said))
+
+        async def read_rest() -> None:  # a full stderr pipe would stall the browser
+            assert proc.stderr is not None
+            while await proc.stderr.readline():
+                pass
+
+        drain = asyncio.create_task(read_rest())
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(15):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        if drain is not None:
+            await drain
+
+
+@contextlib.asynccontextmanager
+async def open_page(browser_url: str, url: str) -> AsyncIterator[Page]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(browser_url, max_msg_size=0) as ws,
+    ):
+        target = await send(ws, "Target.createTarget", {"url": "about:blank"})
+        attached = await send(
+            ws, "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        page = Page(ws, attached["sessionId"])
+        await send(ws, "Page.enable", session=page.session)
+        await send(ws, "Page.navigate", {"url": url}, session=page.session)
+        await until_event(ws, "Page.loadEventFired", page.session)
+        yield page
+        await send(ws, "Target.closeTarget", {"targetId": target["targetId"]})
+
+
+async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    browser: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a token set, the page asks for it, lists the dead event, and Replay delivers it."""
+    monkeypatch.setenv(TOKEN_ENV, "dash-token-1234")
+    cfg = make_config(
+        tmp_path,
+        forward_source("shop", target.url + "/in"),
+        admin=f'token = "env:{TOKEN_ENV}"',
+    )
+    target.statuses = [500]  # the first delivery fails; one attempt only: dead
+    running = await run_daemon(cfg)
+    auth = {"Authorization": "Bearer dash-token-1234"}
+    event_id = await accepted(running, "shop", '{"order": 42}')
+    await event_state(running.http, running.admin_url, event_id, "dead", headers=auth)
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        # No token yet: the API answers 401 and the page asks for one.
+        await page.wait_for("document.querySelector('#auth.show')")
+        await page.type_text("#token", "dash-token-1234")
+        await page.click("#auth button")
+        row = f"#dead tr[data-event-id='{event_id}']"
+        text = await page.wait_for(f'document.querySelector("{row}")?.textContent')
+        assert "shop" in text
+        # The event's detail shows its failed attempt and error.
+        await page.click(f"#dead a.event[data-id='{event_id}']")
+        detail = await page.wait_for(
+            "document.querySelector('#detail .job')?.closest('#detail').textContent"
+        )
+        assert "answered 500" in detail and "dead" in detail
+
+        await page.click(f"#dead button.replay[data-id='{event_id}']")
+        await target.wait_for(lambda t: len(t.seen) >= 2, timeout_s=20)
+        status = await page.wait_for("document.querySelector('#status')?.textContent")
+        assert f"replayed {event_id}" in status
+        # Once delivered, the dead-letter list empties.
+        await page.wait_for(f'!document.querySelector("{row}")')
+
+    assert target.seen[1].body == b'{"order": 42}'
+    doc = await event_state(running.http, running.admin_url, event_id, "done", headers=auth)
+    assert doc["jobs"][0]["result"] == {"status": 200}
+
+
+async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
+    tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET / returns the self-contained page; its data endpoints still answer 401 unauthorised."""
+    monkeypatch.setenv(TOKEN_ENV, "dash-token-1234")
+    cfg = make_config(tmp_path, admin=f'token = "env:{TOKEN_ENV}"')
+    running = await run_daemon(cfg)
+    async with running.http.get(running.admin_url + "/") as r:
+        assert r.status == 200
+        assert r.content_type == "text/html"
+        page = await r.text()
+    assert "<script>" in page and "dash-token-1234" not in page
+    assert not re.search(r"<(script|link)[^>]+(src|href)=", page)  # nothing loaded from outside
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert r.status == 401
