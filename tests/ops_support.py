@@ -14,6 +14,8 @@ from procs import poll
 
 from webhookd import config as config_mod
 from webhookd.cli import main
+from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.models import Event, Priority, new_event_id, new_job_id
 
 TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
 
@@ -90,3 +92,23 @@ def secret_config(
     """A config whose admin token is ``env:`` + a variable holding ``value``."""
     monkeypatch.setenv(TOKEN_ENV, value)
     return lambda: make_config(tmp_path, extra, admin=f'token = "env:{TOKEN_ENV}"')
+
+
+async def ingest(journal: Journal, source: str, n: int, body: bytes = b"{}") -> list[str]:
+    """Journal ``n`` events of ``source`` with one job each, as one group commit; job ids."""
+    items = []
+    for _ in range(n):
+        event_id = new_event_id()
+        event = Event(
+            id=event_id,
+            source=source,
+            received_at=journal.clock.time(),
+            dedup_key=f"{source}:{event_id}",
+            tenant="",
+            priority=Priority.NORMAL,
+            headers=(("Content-Type", "application/json"),),
+            body=body,
+        )
+        items.append(NewEvent(event, (NewJob(new_job_id(), "deliver", "forward", 3),)))
+    await asyncio.gather(*(journal.ingest(item) for item in items))
+    return [item.jobs[0].id for item in items]

@@ -1,0 +1,122 @@
+"""/metrics: Prometheus counters move as webhooks are accepted, retried and dead-lettered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import Running, Target, make_config
+from ops_support import accepted, event_state, forward_source, ingest
+from prometheus_client.parser import text_string_to_metric_families
+
+from webhookd.clock import ManualClock
+from webhookd.config import LaneConfig
+from webhookd.journal import Journal
+from webhookd.limiter import Lane
+from webhookd.metrics import Metrics
+from webhookd.workers import WorkerPool
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def scrape(running: Running) -> Samples:
+    async with running.http.get(running.admin_url + "/metrics") as r:
+        assert r.status == 200
+        assert r.content_type == "text/plain"
+        return parse(await r.text())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """Intake, ack latency, attempts by outcome, retries, dead letters and gauges all show up."""
+    cfg = make_config(
+        tmp_path,
+        forward_source("flaky", target.url + "/flaky", max_attempts=2)
+        + forward_source("ok", target.url + "/ok"),
+    )
+    running = await run_daemon(cfg)
+    before = await scrape(running)
+    assert value(before, "webhookd_intake_requests_total", source="ok", status="202") == 0
+
+    target.statuses = [500, 500]  # flaky: the first attempt is retried, the second goes dead
+    flaky = await accepted(running, "flaky")
+    await event_state(running.http, running.admin_url, flaky, "dead")
+    ok = await accepted(running, "ok")
+    await event_state(running.http, running.admin_url, ok, "done")
+    status, _ = await running.post("/hooks/nowhere")
+    assert status == 404
+
+    after = await scrape(running)
+    assert value(after, "webhookd_intake_requests_total", source="flaky", status="202") == 1
+    assert value(after, "webhookd_intake_requests_total", source="ok", status="202") == 1
+    assert value(after, "webhookd_intake_requests_total", source="(none)", status="404") == 1
+    assert value(after, "webhookd_ack_seconds_count") == 2
+    assert value(after, "webhookd_ack_seconds_bucket", le="+Inf") == 2
+    attempts = "webhookd_job_attempts_total"
+    assert value(after, attempts, source="flaky", action="deliver", outcome="retry") == 1
+    assert value(after, attempts, source="flaky", action="deliver", outcome="dead") == 1
+    assert value(after, attempts, source="ok", action="deliver", outcome="done") == 1
+    assert value(after, "webhookd_job_retries_total", source="flaky", action="deliver") == 1
+    assert value(after, "webhookd_dead_letters_total", source="flaky", action="deliver") == 1
+    duration = "webhookd_attempt_duration_seconds_count"
+    assert value(after, duration, source="flaky", action="deliver") == 2
+    assert value(after, "webhookd_backlog_jobs") == 0
+    assert value(after, "webhookd_oldest_queued_age_seconds") == 0
+    assert value(after, "webhookd_jobs", state="dead") == 1
+    assert value(after, "webhookd_jobs", state="done") == 1
+    assert value(after, "webhookd_workers_busy") == 0
+    assert value(after, "webhookd_workers_concurrency") == cfg.workers.concurrency
+    assert value(after, "webhookd_journal_commits_total") > value(
+        before, "webhookd_journal_commits_total"
+    )
+
+
+async def test_two_daemons_in_one_process_keep_separate_metrics(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """Each daemon has its own registry: one daemon's webhooks do not count in the other's."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = await run_daemon(make_config(tmp_path / "a", forward_source("s", target.url)))
+    b = await run_daemon(make_config(tmp_path / "b", forward_source("s", target.url)))
+    await accepted(a, "s")
+    await accepted(a, "s", '{"n": 2}')
+    assert value(await scrape(a), "webhookd_intake_requests_total", source="s", status="202") == 2
+    assert value(await scrape(b), "webhookd_intake_requests_total", source="s", status="202") == 0
+
+
+async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Path) -> None:
+    """Queued jobs show as backlog with the oldest one's age; a lane's use and waits show too."""
+    clock = ManualClock()
+    cfg = make_config(tmp_path, forward_source("s", "http://127.0.0.1:9/"))
+    lane = Lane(LaneConfig(name="openai", rpm=60, tpm=6000, burst_s=2.0), clock=clock)
+    await lane.acquire(100, max_wait_s=0)
+    async with Journal(cfg.journal.path, clock=clock) as journal:
+        await ingest(journal, "s", 3)
+        await journal.refresh_backlog()
+        pool = WorkerPool(config=cfg, journal=journal, actions={}, boot_id="b", clock=clock)
+        metrics = Metrics(journal, pool, lanes=lambda: {"openai": lane})
+        clock.advance(90)
+        body, content_type = await metrics.render()
+    samples = parse(body.decode())
+    assert content_type.startswith("text/plain")
+    assert value(samples, "webhookd_backlog_jobs") == 3
+    assert value(samples, "webhookd_oldest_queued_age_seconds") == 90
+    assert value(samples, "webhookd_lane_admitted_total", lane="openai") == 1
+    assert value(samples, "webhookd_lane_tokens_debited_total", lane="openai") == 100
+    assert value(samples, "webhookd_lane_waiting", lane="openai") == 0
+    assert value(samples, "webhookd_lane_circuit_open", lane="openai") == 0
+    assert ("webhookd_lane_available", (("kind", "tokens"), ("lane", "openai"))) in samples

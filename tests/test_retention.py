@@ -1,0 +1,120 @@
+"""Retention: expired rows go in small batches, free pages go back, the file stops growing."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from ops_support import ingest
+
+from webhookd.app import prune_all
+from webhookd.clock import ManualClock
+from webhookd.journal import Finished, Journal
+from webhookd.models import JobState
+
+HOUR = 3600.0
+KEEP = {"keep_done_s": 1 * HOUR, "keep_dead_s": 3 * HOUR, "keep_dedup_s": 2 * HOUR}
+
+
+async def work_off(journal: Journal, job_ids: list[str], *, dead_every: int = 0) -> None:
+    """Claim the jobs and record them finished: done, or dead for every ``dead_every``-th."""
+    claimed = await journal.claim(job_ids, "boot")
+    now = journal.clock.time()
+    await journal.finish(
+        [
+            Finished(
+                job_id=c.job.id,
+                attempt=1,
+                state=JobState.DEAD if dead_every and i % dead_every == 0 else JobState.DONE,
+                started_at=now,
+                finished_at=now,
+                outcome="dead" if dead_every and i % dead_every == 0 else "done",
+                result={"status": 200},
+            )
+            for i, c in enumerate(claimed)
+        ]
+    )
+
+
+def table_counts(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as conn:
+        return {
+            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in ("events", "jobs", "attempts", "dedup")
+        }
+
+
+async def test_file_stops_growing_under_steady_load_with_pruning(tmp_path: Path) -> None:
+    """Six simulated hours of steady traffic: past the retention window the size levels off."""
+    clock = ManualClock()
+    path = tmp_path / "journal.db"
+    body = b'{"pad": "' + b"x" * 1500 + b'"}'
+    sizes: list[int] = []
+    async with Journal(path, clock=clock) as journal:
+        for _hour in range(6):
+            for _minute in range(0, 60, 2):  # 40 webhooks every 2 minutes, worked off at once
+                jobs = await ingest(journal, "shop", 40, body)
+                await work_off(journal, jobs, dead_every=20)
+                clock.advance(120)
+                if _minute % 10 == 8:  # the daemon's retention task, every 10 minutes here
+                    await prune_all(journal, **KEEP)
+            sizes.append(await journal.size_bytes())
+        counts = table_counts(path)
+        free, _ = await journal.compact()
+    # Done rows live an hour (1,200 events of 40 per 2 min), dead ones three (5 % of them).
+    assert counts["events"] <= 1200 + 6 * 30 * 2 + 200, counts
+    assert counts["dedup"] <= 2 * 1200 + 200, counts
+    assert free == 0
+    # Steady state is reached after the longest retention (3 h): no growth from then on.
+    assert sizes[5] <= sizes[3] * 1.05, sizes
+    assert sizes[5] < sizes[0] * 4, sizes  # and it is bounded by the window, not by the load
+
+
+async def test_prune_takes_small_batches_and_keeps_what_is_not_expired(tmp_path: Path) -> None:
+    """Each prune call deletes at most one batch; unfinished and recent events stay; dead stay
+    longer than done; dedup keys go after their own window."""
+    clock = ManualClock()
+    path = tmp_path / "journal.db"
+    async with Journal(path, clock=clock) as journal:
+        old_done = await ingest(journal, "shop", 1200)
+        await work_off(journal, old_done)
+        old_dead = await ingest(journal, "shop", 10)
+        await work_off(journal, old_dead, dead_every=1)
+        queued = await ingest(journal, "shop", 5)  # never worked: must survive
+        clock.advance(1.5 * HOUR)
+        recent = await ingest(journal, "shop", 7)
+        await work_off(journal, recent)
+
+        first = await journal.prune(**KEEP, batch=500)
+        assert first.events == 500
+        assert first.dedup == 0  # dedup keys live 2 h
+        events, _ = await prune_all(journal, **KEEP)
+        assert events == 700
+        assert table_counts(path)["events"] == 10 + 5 + 7
+
+        clock.advance(2.1 * HOUR)  # now the dead (3 h), the recent done and every dedup key
+        events, dedup = await prune_all(journal, **KEEP)
+        assert (events, dedup) == (10 + 7, 1222)
+        left = table_counts(path)
+        assert (left["events"], left["jobs"], left["dedup"]) == (5, 5, 0)  # the queued stay
+        assert await journal.backlog() == 5
+        assert set(queued) == await job_ids(path)
+
+
+async def job_ids(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT id FROM jobs")}
+
+
+async def test_a_replayed_event_is_not_pruned_under_it(tmp_path: Path) -> None:
+    """A dead event replayed after it expired is queued again, so retention leaves it alone."""
+    clock = ManualClock()
+    async with Journal(tmp_path / "journal.db", clock=clock) as journal:
+        jobs = await ingest(journal, "shop", 3)
+        await work_off(journal, jobs, dead_every=1)
+        clock.advance(4 * HOUR)
+        dead = await journal.dead_event_ids()
+        await journal.replay(dead[:1])
+        events, _ = await prune_all(journal, **KEEP)
+        assert events == 2
+        assert (await journal.get_event(dead[0])).state == "queued"
