@@ -20,10 +20,13 @@ from webhookd.models import Event, Priority, new_event_id, new_job_id
 TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
 
 
-def forward_source(name: str, url: str, *, max_attempts: int = 1, base_s: float = 0.01) -> str:
+def forward_source(
+    name: str, url: str, *, max_attempts: int = 1, base_s: float = 0.01, verify: str = ""
+) -> str:
     """A source that forwards to ``url``; one attempt by default, so a 500 goes dead at once."""
     return f"""
 [sources.{name}]
+{f"verify = {verify}" if verify else ""}
 [[sources.{name}.actions]]
 type = "forward"
 name = "deliver"

@@ -1,0 +1,255 @@
+"""Every CLI verb and admin endpoint against a real journal and a running daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, Target
+from ops_support import TOKEN_ENV, accepted, cli, event_state, forward_source, write_config
+from procs import Procs, poll
+
+
+async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
+    """One event whose single delivery attempt failed: in the dead-letter queue."""
+    target.statuses = [500]
+    event_id = await accepted(running, source)
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    return event_id
+
+
+@pytest.fixture
+async def wired(tmp_path: Path, target: Target, run_daemon: Any) -> tuple[Path, Running]:
+    body = forward_source("shop", target.url + "/shop") + forward_source("mail", target.url + "/m")
+    path, cfg = write_config(tmp_path, body)
+    return path, await run_daemon(cfg)
+
+
+async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """show (text, --json), events (--json, --state, --source, --since), stats (table, --json)."""
+    config, running = wired
+    dead = await dead_event(running, target)
+    done = await accepted(running, "mail")
+    await event_state(running.http, running.admin_url, done, "done")
+
+    out = await cli("show", dead, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert f"event    {dead}  [dead]" in out.output and "answered 500" in out.output
+    out = await cli("show", dead, "--json", "--config", str(config))
+    doc = json.loads(out.output)
+    assert doc["state"] == "dead" and doc["jobs"][0]["errors"][0]["outcome"] == "dead"
+    async with running.http.get(f"{running.admin_url}/events/{dead}") as r:
+        assert await r.json() == doc  # one shape for the API and the CLI
+
+    out = await cli("events", "--json", "--config", str(config))
+    rows = [json.loads(line) for line in out.output.splitlines()]
+    assert [r["id"] for r in rows] == [done, dead]  # newest first
+    out = await cli("events", "--state", "dead", "--config", str(config))
+    assert dead in out.output and done not in out.output
+    out = await cli("events", "--source", "mail", "--since", "10m", "--config", str(config))
+    assert done in out.output and dead not in out.output
+    out = await cli("events", "--since", "2000-01-01T00:00", "--json", "--config", str(config))
+    assert len(out.output.splitlines()) == 2
+    out = await cli("events", "--since", "2999-01-01T00:00", "--config", str(config))
+    assert out.exit_code == 0 and "no events" in out.output
+
+    out = await cli("stats", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert "backlog        0 job(s)" in out.output
+    assert "outcomes 5 min dead 1  done 1" in out.output
+    assert any(line.startswith("shop ") for line in out.output.splitlines())
+    out = await cli("stats", "--json", "--config", str(config))
+    doc = json.loads(out.output)
+    assert doc["jobs"]["dead"] == 1 and doc["sources"]["mail"]["done"] == 1
+    assert doc["daemon"] is None  # the admin port is 0 in the file: not reachable by the CLI
+
+
+async def test_replay_ids_and_dead_with_filters_and_dry_run(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """replay <id> and --dead [--source] [--since] [--dry-run] re-queue; the daemon delivers."""
+    config, running = wired
+    first = await dead_event(running, target)
+    second = await dead_event(running, target, "mail")
+
+    out = await cli("replay", "--dead", "--dry-run", "--config", str(config))
+    assert out.exit_code == 0 and "would replay 2 event(s)" in out.output
+    assert (await event_state(running.http, running.admin_url, first, "dead"))["state"] == "dead"
+
+    args = ("--dead", "--source", "mail", "--since", "1h")
+    out = await cli("replay", *args, "--config", str(config))
+    assert out.exit_code == 0 and "replayed 1 event(s), 1 job(s) re-queued" in out.output
+    await event_state(running.http, running.admin_url, second, "done")
+
+    out = await cli("replay", first, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    await event_state(running.http, running.admin_url, first, "done")
+    assert len(target.seen) == 4
+
+    out = await cli("replay", "evt_nope", "--config", str(config))
+    assert out.exit_code == 1 and "no event evt_nope" in out.output
+
+
+async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """A paused source's webhooks are acked and journaled but not run until resumed."""
+    config, running = wired
+    pool = running.daemon.pool
+    assert pool is not None
+    out = await cli("pause", "shop", "--config", str(config))
+    assert out.exit_code == 0 and out.output.strip() == "paused shop"
+    out = await cli("pause", "shop", "--config", str(config))
+    assert "already paused" in out.output
+
+    async def seen_by_daemon() -> bool:
+        return "shop" in pool.paused
+
+    await poll(seen_by_daemon, timeout_s=20)
+    held = await accepted(running, "shop")
+    other = await accepted(running, "mail")
+    await event_state(running.http, running.admin_url, other, "done")
+    assert [s.path for s in target.seen] == ["/m"]
+    async with running.http.get(running.admin_url + "/stats") as r:
+        stats = await r.json()
+    assert stats["paused"] == ["shop"] and stats["backlog"] == 1
+    out = await cli("stats", "--config", str(config))
+    assert "paused         shop" in out.output
+
+    out = await cli("resume", "shop", "--config", str(config))
+    assert out.exit_code == 0 and out.output.strip() == "resumed shop"
+    await event_state(running.http, running.admin_url, held, "done")
+    assert [s.path for s in target.seen] == ["/m", "/shop"]
+    out = await cli("resume", "shop", "--config", str(config))
+    assert "was not paused" in out.output
+
+
+async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> None:
+    """check names the sources and exits 2 on a bad key; prune reports what it removed."""
+    config, _running = wired
+    out = await cli("check", "--config", str(config))
+    assert out.exit_code == 0 and "2 source(s) (mail, shop)" in out.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = "127.0.0.1:0"\nlisen = 1\n')
+    out = await cli("check", "--config", str(bad))
+    assert out.exit_code == 2 and "server.lisen" in out.output
+    out = await cli("prune", "--config", str(config))
+    assert out.exit_code == 0 and out.output.startswith("pruned 0 event(s) and 0 dedup key(s)")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["replay"], "give event ids or --dead"),
+        (["replay", "evt_1", "--dead"], "give event ids or --dead"),
+        (["replay", "evt_1", "--source", "x"], "--source and --since go with --dead"),
+        (["replay", "--dead", "--since", "yesterday"], "use 30m, 2h, 7d"),
+        (["events", "--state", "lost"], "'lost' is not one of"),
+        (["events", "--limit", "0"], "0 is not in the range"),
+        (["pause", "nosuch"], "no source 'nosuch'"),
+        (["show"], "Missing argument"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+async def test_bad_arguments_exit_2_with_one_clear_error(
+    wired: tuple[Path, Running], args: list[str], needle: str
+) -> None:
+    """Usage mistakes exit 2 and say what is wrong."""
+    config, _ = wired
+    out = await cli(*args, "--config", str(config))
+    assert out.exit_code == 2, out.output
+    assert needle in out.output
+
+
+async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
+    """A command that needs the journal exits 1 with one line when there is none yet."""
+    path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    out = await cli("events", "--config", str(path))
+    assert out.exit_code == 1
+    assert out.output.strip().startswith("webhookd: error: no journal at")
+    assert len(out.output.strip().splitlines()) == 1
+
+
+async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
+    """The installed entry point maps errors to exit codes 0, 1 and 2 with one stderr line."""
+    path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    procs = Procs()
+    try:
+        missing = await procs.cli("show", "evt_x", "--config", str(path))
+        assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+        bad = await procs.cli("pause", "nosuch", "--config", str(path))
+        assert bad.returncode == 2 and "no source 'nosuch'" in bad.stderr
+        ok = await procs.cli("check", "--config", str(path))
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        await procs.aclose()
+
+
+# -- the admin API ------------------------------------------------------------------------------
+
+
+ENDPOINTS = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/stats"),
+    ("GET", "/metrics"),
+    ("GET", "/events"),
+    ("GET", "/events/evt_x"),
+    ("POST", "/events/evt_x/replay"),
+]
+
+
+async def test_every_admin_endpoint_refuses_a_missing_or_wrong_token(
+    tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With admin.token set, each endpoint answers 401 without it or with a wrong one."""
+    monkeypatch.setenv(TOKEN_ENV, "right-token-123")
+    _, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
+    running = await run_daemon(cfg)
+    for method, path in ENDPOINTS:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-123"}):
+            async with running.http.request(method, running.admin_url + path, headers=headers) as r:
+                assert r.status == 401, (method, path)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+                assert "error" in await r.json()
+    good = {"Authorization": "Bearer right-token-123"}
+    async with running.http.get(running.admin_url + "/healthz", headers=good) as r:
+        assert r.status == 200 and (await r.json())["ok"] is True
+
+
+async def test_admin_endpoints_answer_with_the_documented_shapes(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """healthz, readyz, stats, events (filters, bad params), event detail and replay."""
+    _, running = wired
+    http, base = running.http, running.admin_url
+    dead = await dead_event(running, target)
+
+    async def get(path: str) -> tuple[int, Any]:
+        async with http.get(base + path) as r:
+            return r.status, await r.json()
+
+    assert (await get("/healthz"))[1]["boot_id"] == running.daemon.boot_id
+    assert await get("/readyz") == (200, {"ready": True})
+    status, stats = await get("/stats")
+    assert status == 200 and stats["jobs"]["dead"] == 1 and stats["backlog"] == 0
+    assert {"workers", "throughput", "lanes", "paused", "oldest_queued_age_s"} <= set(stats)
+    status, doc = await get("/events?state=dead&source=shop&limit=5")
+    assert [e["id"] for e in doc["events"]] == [dead]
+    assert (await get("/events?state=lost"))[0] == 400
+    assert (await get("/events?limit=abc"))[0] == 400
+    assert (await get("/events?limit=0"))[0] == 400
+    assert (await get("/events/evt_nope")) == (404, {"error": "no such event"})
+    async with http.post(base + "/events/evt_nope/replay") as r:
+        assert r.status == 404
+    async with http.post(f"{base}/events/{dead}/replay") as r:
+        assert r.status == 202 and await r.json() == {"id": dead, "requeued": 1}
+    await event_state(http, base, dead, "done")
+    running.daemon.intake.draining = True  # what a SIGTERM sets first
+    status, doc = await get("/readyz")
+    assert status == 503 and doc["problems"] == ["draining"]
+    running.daemon.intake.draining = False

@@ -1,0 +1,169 @@
+"""Logs: readable key=value lines, JSON lines for shippers, a heartbeat, and never a secret."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Target, make_config
+from ops_support import TOKEN_ENV, event_state, forward_source
+from procs import DaemonProc, Procs, spawn, write_config
+
+from webhookd import logs
+from webhookd.admin import AdminContext, Throughput
+from webhookd.app import heartbeat_line
+
+GH_SECRET = "gh-signing-secret-5f2a9c"
+ADMIN_SECRET = "admin-token-8d1e77b0"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_no_secret_reaches_the_log_even_at_debug_level(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+    fmt: str,
+) -> None:
+    """Signed, badly signed and failing webhooks and refused admin calls log no secret value
+    (masking is off here, so this shows nothing logs them in the first place)."""
+    monkeypatch.setenv("GH_SECRET", GH_SECRET)
+    monkeypatch.setenv(TOKEN_ENV, ADMIN_SECRET)
+    cfg = make_config(
+        tmp_path,
+        forward_source("gh", target.url, verify='{ scheme = "github", secret = "env:GH_SECRET" }'),
+        admin=f'token = "env:{TOKEN_ENV}"',
+    )
+    captured = io.StringIO()
+    logs.setup("debug", fmt, stream=captured)
+    target.statuses = [500]
+    running = await run_daemon(cfg)
+    body = b'{"action": "opened"}'
+    good = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"X-Hub-Signature-256": good, "X-GitHub-Delivery": "d-1"}
+    status, doc = await running.post("/hooks/gh", body, headers=headers)
+    assert status == 202
+    status, _ = await running.post(
+        "/hooks/gh", body, headers={"X-Hub-Signature-256": "sha256=00", "X-GitHub-Delivery": "x"}
+    )
+    assert status == 401
+    auth = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    await event_state(running.http, running.admin_url, doc["id"], "dead", headers=auth)
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert r.status == 401
+    assert await running.stop() == 0
+
+    text = captured.getvalue()
+    assert "rejected webhook source=gh" in text  # the log did capture the interesting part
+    assert "outcome=dead" in text
+    assert GH_SECRET not in text and ADMIN_SECRET not in text
+    if fmt == "json":
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        dead = next(d for d in lines if d.get("outcome") == "dead")
+        assert dead["source"] == "gh" and dead["attempt"] == 1
+
+
+def test_a_secret_that_slips_into_a_message_is_masked(restore_logging: None) -> None:
+    """Second line of defence: configured secret values are masked in text and JSON lines."""
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        logs.setup("info", fmt, secrets={GH_SECRET, "abc"}, stream=out)
+        logging.getLogger("webhookd.test").warning("header was %s", f"sha256={GH_SECRET}")
+        assert GH_SECRET not in out.getvalue()
+        assert logs.MASK in out.getvalue()
+
+
+def test_secret_values_finds_env_secrets_in_a_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``env:`` secret of a config (admin token, verify secrets) is found for masking."""
+    monkeypatch.setenv("GH_SECRET", GH_SECRET)
+    monkeypatch.setenv(TOKEN_ENV, ADMIN_SECRET)
+    cfg = make_config(
+        tmp_path,
+        '[sources.gh]\nverify = { scheme = "github", secret = "env:GH_SECRET" }\n',
+        admin=f'token = "env:{TOKEN_ENV}"',
+    )
+    assert {GH_SECRET, ADMIN_SECRET} <= logs.secret_values(cfg)
+
+
+def test_json_lines_lift_key_value_pairs_into_fields() -> None:
+    """``key=value`` pairs of a message become typed JSON fields; quoted values lose quotes."""
+    assert logs.fields("job j1 event=e1 attempt=2 rate=1.5 error='boom: x y' busy=1/4") == {
+        "event": "e1",
+        "attempt": 2,
+        "rate": 1.5,
+        "error": "boom: x y",
+        "busy": "1/4",
+    }
+
+
+async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """The 30 s heartbeat is one key=value line with backlog, rates, busy workers, paused."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url)))
+    daemon = running.daemon
+    assert daemon.journal is not None and daemon.pool is not None
+    await daemon.journal.pause("shop")
+    await daemon.pool._refresh_paused()
+    ctx = AdminContext(
+        config=daemon.config,
+        journal=daemon.journal,
+        pool=daemon.pool,
+        intake=daemon.intake,
+        boot_id=daemon.boot_id,
+        started_at=0.0,
+        throughput=Throughput(daemon.pool),
+    )
+    line = heartbeat_line(ctx)
+    fields = logs.fields(line)
+    assert line.startswith("heartbeat ")
+    assert fields["backlog"] == 0
+    assert fields["busy"] == f"0/{daemon.config.workers.concurrency}"
+    assert {"accepted_per_s", "finished_per_s", "outcomes"} <= set(fields)
+    assert fields["paused"] == "shop"
+
+
+async def test_serve_flags_override_the_configured_log_format_and_level(tmp_path: Path) -> None:
+    """``serve --log-format json --log-level debug`` beats ``[log]`` in the file: JSON lines."""
+    config = write_config(tmp_path / "w.toml", tmp_path / "w.db")  # says level = "info", text
+    procs = Procs()
+    try:
+        proc = await spawn(
+            ["serve", "--config", str(config), "--log-format", "json", "--log-level", "debug"],
+            None,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        daemon = DaemonProc(proc)
+        daemon.reader = asyncio.create_task(daemon._read())
+        procs.daemons.append(daemon)
+        await daemon.wait_listening()
+        daemon.signal(15)
+        assert await daemon.wait_exit() == 0
+    finally:
+        await procs.aclose()
+    docs = [json.loads(line) for line in daemon.lines if line.strip()]
+    assert any("listening on" in d["msg"] for d in docs)
+    assert {d["level"] for d in docs} <= {"debug", "info", "warning", "error"}
