@@ -1011,7 +1011,10 @@ class Journal:
         """
 
         async def vacuum(conn: aiosqlite.Connection) -> int:
-            await _fetch(conn, f"PRAGMA incremental_vacuum({int(pages)})")
+            # Each step of this PRAGMA frees one page, and Python's execute() steps a statement
+            # without result columns only once; executescript steps it to the end. It runs in
+            # autocommit, as its own short transaction.
+            await conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
             rows = await _fetch(conn, "PRAGMA freelist_count")
             return int(rows[0][0])
 
@@ -1021,7 +1024,7 @@ class Journal:
             busy, log_frames, done = rows[0]
             return 0 if busy or log_frames < 0 else int(log_frames) - int(done)
 
-        free: int = await self._call(vacuum)
+        free: int = await self._call(vacuum, transaction=False)
         behind: int = await self._call(checkpoint, transaction=False)
         return free, behind
 
