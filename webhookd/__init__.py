@@ -1,6 +1,7 @@
 """webhookd: receive webhooks durably, answer in milliseconds, work in the background."""
 
 from webhookd.errors import Reject, Retry
+from webhookd.models import Event
 
 __version__ = "0.1.0"
-__all__ = ["Reject", "Retry", "__version__"]
+__all__ = ["Event", "Reject", "Retry", "__version__"]

@@ -39,6 +39,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalUnavailable
 from webhookd.journal import Journal
+from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import IntakeState, Receiver
@@ -124,7 +125,7 @@ class Daemon:
                     timeout=aiohttp.ClientTimeout(total=None),
                 )
             )
-            resources = Resources(config=cfg, http=http, lanes={})
+            resources = Resources(config=cfg, http=http, lanes=build_lanes(cfg.lanes))
             actions = action_registry.build(resources)
             for action in actions.values():
                 stack.push_async_callback(action.aclose)

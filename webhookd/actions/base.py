@@ -17,6 +17,8 @@ from webhookd.models import Event, Job
 if TYPE_CHECKING:
     import aiohttp
 
+    from webhookd.limiter import Lane
+
 OutcomeKind = Literal["done", "retry", "dead", "wait"]
 
 
@@ -59,7 +61,7 @@ class Resources:
 
     config: Config
     http: aiohttp.ClientSession
-    lanes: Mapping[str, Any] = field(default_factory=dict)
+    lanes: Mapping[str, Lane] = field(default_factory=dict)
 
 
 class Action(Protocol):

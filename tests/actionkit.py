@@ -1,0 +1,169 @@
+"""Run configured actions the way the daemon does: a real journal, the real pool, burst mode.
+
+``ActionKit`` loads a TOML config, builds its lanes and actions, journals events straight into a
+real SQLite file and runs the worker pool in burst mode on a ``ManualClock``: a retry or a
+rate-limit wait is reached by advancing the clock, never by sleeping. Lanes sleep by advancing
+the same clock, after ``settle_before_nap`` (if given) lets admitted requests reach the server.
+Also the sample Python handlers the tests configure (``actionkit:…``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import webhookd
+from webhookd import actions as registry
+from webhookd import config as config_mod
+from webhookd.actions.base import Action, Resources
+from webhookd.clock import ManualClock
+from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.limiter import Lane, build_lanes
+from webhookd.models import Event, Job, Priority, new_event_id, new_job_id
+from webhookd.workers import WorkerPool
+
+
+@dataclass
+class ActionKit:
+    cfg: config_mod.Config
+    clock: ManualClock
+    journal: Journal
+    pool: WorkerPool
+    actions: dict[tuple[str, str], Action]
+    lanes: dict[str, Lane]
+
+    async def send(
+        self,
+        source: str,
+        body: bytes | Any = b"{}",
+        content_type: str = "application/json",
+    ) -> str:
+        """Journal one event for ``source`` with a job per action; returns the event id."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        event_id = new_event_id()
+        event = Event(
+            id=event_id,
+            source=source,
+            received_at=self.clock.time(),
+            dedup_key=f"{source}:{event_id}",
+            tenant="t",
+            priority=Priority.NORMAL,
+            headers=(("Content-Type", content_type),),
+            body=data,
+        )
+        src = self.cfg.sources[source]
+        jobs = tuple(
+            NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts) for a in src.actions
+        )
+        await self.journal.ingest(NewEvent(event, jobs))
+        return event_id
+
+    async def run(self) -> float | None:
+        """Run what is due now; returns when the next job falls due (``None``: nothing queued)."""
+        return await self.pool.run_until_idle()
+
+    async def run_all(self, max_rounds: int = 10_000) -> int:
+        """Run, advancing the clock to each next due time, until nothing is queued."""
+        for rounds in range(max_rounds):
+            due = await self.run()
+            if due is None:
+                return rounds
+            self.clock.advance(max(due - self.clock.time(), 0.0))
+        raise AssertionError(f"still busy after {max_rounds} rounds")
+
+    async def job(self, event_id: str) -> Job:
+        """The event's only job, with its attempts."""
+        detail = await self.journal.get_event(event_id)
+        (job,) = detail.jobs
+        return job
+
+
+@asynccontextmanager
+async def action_kit(
+    tmp_path: Path,
+    extra: str,
+    *,
+    concurrency: int = 8,
+    settle_before_nap: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[ActionKit]:
+    """An ``ActionKit`` for ``extra`` (sources, actions, lanes in TOML)."""
+    text = f"""
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[journal]
+path = "{tmp_path / "webhookd.db"}"
+[workers]
+concurrency = {concurrency}
+{extra}
+"""
+    cfg = config_mod.loads(text, "test")
+    registry.validate(cfg)
+    clock = ManualClock()
+
+    async def sleep(seconds: float) -> None:
+        if settle_before_nap is not None:
+            await settle_before_nap()
+        clock.advance(seconds)
+        await asyncio.sleep(0)
+
+    lanes = build_lanes(cfg.lanes, clock=clock, sleep=sleep)
+    async with (
+        Journal(cfg.journal.path, clock=clock) as journal,
+        aiohttp.ClientSession() as http,
+    ):
+        actions = registry.build(Resources(config=cfg, http=http, lanes=lanes))
+        pool = WorkerPool(
+            config=cfg, journal=journal, actions=actions, boot_id="boot_kit", clock=clock
+        )
+        try:
+            yield ActionKit(cfg, clock, journal, pool, actions, lanes)
+        finally:
+            await pool.drain(0)
+            for action in actions.values():
+                await action.aclose()
+
+
+def toml_list(items: list[str]) -> str:
+    """A TOML array of strings (JSON's string escapes are valid TOML)."""
+    return json.dumps(items)
+
+
+# -- sample handlers for the ``python`` action ------------------------------------------------
+
+
+async def echo(event: webhookd.Event) -> dict[str, Any]:
+    return {"id": event.id, "source": event.source, "body": event.json()}
+
+
+def sync_echo(event: webhookd.Event) -> dict[str, Any]:
+    return {"thread": True, "form": event.form(), "tenant": event.tenant}
+
+
+async def flaky(event: webhookd.Event) -> None:
+    raise RuntimeError("database is locked")
+
+
+async def please_retry(event: webhookd.Event) -> None:
+    raise webhookd.Retry("upstream busy", after_s=120)
+
+
+async def reject(event: webhookd.Event) -> None:
+    raise webhookd.Reject("unknown customer")
+
+
+async def hang(event: webhookd.Event) -> None:
+    await asyncio.Event().wait()
+
+
+def odd_result(event: webhookd.Event) -> Any:
+    return {"when": time.gmtime(0), "set": {1}}

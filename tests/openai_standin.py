@@ -1,0 +1,191 @@
+"""An OpenAI-compatible ``/v1/chat/completions`` server for tests, with RPM and TPM limits.
+
+Limits hold over a sliding window (60 s by default) on an injectable clock, the way the real
+API enforces them: a request over either limit gets a 429 with the real error body
+(``rate_limit_exceeded``), ``Retry-After`` and ``x-ratelimit-*`` headers; when ``quota_exhausted``
+is set every request gets 429 ``insufficient_quota``. A request is charged its usage (prompt
+tokens: characters / 4 + 3 per message; completion: ``min(max_tokens, completion_tokens)``).
+``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies, and
+``hold`` makes requests hang until it is set.
+
+The arrival time is read before anything is awaited, so a test's simulated clock can wait for
+``received`` to catch up with what its lane admitted before moving on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from webhookd.clock import SYSTEM_CLOCK, Clock
+
+_ERRORS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid value for 'messages'."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist."),
+    500: ("server_error", None, "The server had an error while processing your request."),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+
+
+def error_body(kind: str, code: str | None, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+@dataclass
+class Charge:
+    at: float
+    tokens: int
+
+
+@dataclass
+class StandIn:
+    rpm: int | None = None
+    tpm: int | None = None
+    clock: Clock = SYSTEM_CLOCK
+    window_s: float = 60.0
+    completion_tokens: int = 50
+    api_key: str = "sk-standin"
+    statuses: list[int] = field(default_factory=list)
+    quota_exhausted: bool = False
+    hold: asyncio.Event | None = None
+    url: str = ""
+    received: int = 0
+    served: list[Charge] = field(default_factory=list)
+    rate_limited: int = 0  # 429 rate_limit_exceeded answers
+    quota_refused: int = 0  # 429 insufficient_quota answers
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _window: deque[Charge] = field(default_factory=deque)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    async def start(self) -> StandIn:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def aclose(self) -> None:
+        if self.hold is not None:
+            self.hold.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_received(self, count: int) -> None:
+        """Until ``count`` requests have arrived (woken by each arrival, no polling)."""
+        while self.received < count:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        now = self.clock.monotonic()  # before any await: see the module docstring
+        self.received += 1
+        self.arrived.set()
+        body = await request.json()
+        if self.hold is not None:
+            await self.hold.wait()
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._error(401)
+        if self.statuses:
+            return self._error(self.statuses.pop(0))
+        if self.quota_exhausted:
+            self.quota_refused += 1
+            message = "You exceeded your current quota, please check your plan and billing details."
+            return web.json_response(
+                error_body("insufficient_quota", "insufficient_quota", message), status=429
+            )
+        messages = body["messages"]
+        max_tokens = int(body.get("max_tokens") or 16)
+        prompt = sum(math.ceil(len(m["content"]) / 4) + 3 for m in messages)
+        completion = min(max_tokens, self.completion_tokens)
+        total = prompt + completion
+        while self._window and self._window[0].at <= now - self.window_s:
+            self._window.popleft()
+        requests_used = len(self._window)
+        tokens_used = sum(c.tokens for c in self._window)
+        if self.rpm is not None and requests_used + 1 > self.rpm:
+            return self._limited(now, "requests", self.rpm, requests_used, 1, count=True)
+        if self.tpm is not None and tokens_used + total > self.tpm:
+            return self._limited(now, "tokens", self.tpm, tokens_used, total, count=False)
+        charge = Charge(now, total)
+        self._window.append(charge)
+        self.served.append(charge)
+        answer = {
+            "id": f"chatcmpl-{len(self.served)}",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Draft: " + messages[-1]["content"][:40],
+                    },
+                    "finish_reason": "length" if completion < self.completion_tokens else "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": total,
+            },
+        }
+        return web.json_response(answer, headers=self._headers(now))
+
+    def _error(self, status: int) -> web.Response:
+        kind, code, message = _ERRORS[status]
+        return web.json_response(error_body(kind, code, message), status=status)
+
+    def _limited(
+        self, now: float, what: str, limit: int, used: int, requested: int, *, count: bool
+    ) -> web.Response:
+        self.rate_limited += 1
+        excess = used + requested - limit
+        freed = 0
+        wait_s = self.window_s
+        for charge in self._window:
+            freed += 1 if count else charge.tokens
+            if freed >= excess:
+                wait_s = charge.at + self.window_s - now
+                break
+        unit = "RPM" if count else "TPM"
+        message = (
+            f"Rate limit reached for gpt-4o-mini in organization org-standin on {what} per min "
+            f"({unit}): Limit {limit}, Used {used}, Requested {requested}. "
+            f"Please try again in {wait_s:.3f}s."
+        )
+        headers = self._headers(now)
+        headers["retry-after"] = str(max(1, math.ceil(wait_s)))
+        return web.json_response(
+            error_body(what, "rate_limit_exceeded", message), status=429, headers=headers
+        )
+
+    def _headers(self, now: float) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        oldest = self._window[0].at + self.window_s - now if self._window else 0.0
+        if self.rpm is not None:
+            headers["x-ratelimit-limit-requests"] = str(self.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(self.rpm - len(self._window), 0))
+            headers["x-ratelimit-reset-requests"] = f"{oldest:.3f}s"
+        if self.tpm is not None:
+            used = sum(c.tokens for c in self._window)
+            headers["x-ratelimit-limit-tokens"] = str(self.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(self.tpm - used, 0))
+            headers["x-ratelimit-reset-tokens"] = f"{oldest:.3f}s"
+        return headers

@@ -1,0 +1,203 @@
+"""The ``command`` action: run a program with the event's raw body on stdin, never a shell.
+
+``argv`` is a list; each argument may hold ``{{ }}`` lookups, and a looked-up value stays one
+argument whatever it contains (put ``--`` before such arguments if the program takes options).
+The environment is the daemon's plus ``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and the
+action's ``env`` table. Exit 0 is done, an exit code listed in ``permanent_exit_codes`` is dead,
+anything else (another code, a signal) is retried. The last 2 KB of stdout and stderr are kept
+with the attempt.
+
+The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
+the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
+program exits, whatever it left running in its group is killed too, so nothing outlives its job
+(start long-lived services through a service manager, not from a hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from webhookd.actions.base import Outcome, Resources, check_options
+from webhookd.config import ActionConfig
+from webhookd.errors import ConfigError
+from webhookd.models import Event, Job
+from webhookd.templates import Template, compile_template, payload_of
+
+log = logging.getLogger("webhookd.actions.command")
+
+_OPTIONS = ("argv", "cwd", "env", "permanent_exit_codes")
+TAIL_BYTES = 2048
+_KILL_GRACE_S = 2.0
+_CHUNK_BYTES = 65536
+_S = TypeVar("_S", asyncio.StreamReader, asyncio.StreamWriter)
+
+
+class _Settings:
+    def __init__(self, config: ActionConfig) -> None:
+        check_options(config, _OPTIONS)
+        opts, key = config.options, config.key
+        argv = opts.get("argv")
+        if not isinstance(argv, list) or not argv:
+            raise ConfigError(f"{key}.argv", "is required: a non-empty array of strings")
+        self.argv: tuple[Template, ...] = tuple(
+            compile_template(arg, f"{key}.argv[{i}]") for i, arg in enumerate(argv)
+        )
+        if self.argv[0].has_lookups:
+            raise ConfigError(f"{key}.argv[0]", "the program itself cannot be a lookup")
+        cwd = opts.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd):
+            raise ConfigError(f"{key}.cwd", "must be a directory path")
+        if cwd is not None and not os.path.isdir(cwd):
+            raise ConfigError(f"{key}.cwd", f"{cwd!r} is not a directory")
+        self.cwd: str | None = cwd
+        env = opts.get("env", {})
+        if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ConfigError(f"{key}.env", "must be a table of strings")
+        self.env: dict[str, str] = dict(env)
+        codes = opts.get("permanent_exit_codes", [])
+        if not isinstance(codes, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in codes
+        ):
+            raise ConfigError(f"{key}.permanent_exit_codes", "must be an array of codes 1-255")
+        self.permanent: frozenset[int] = frozenset(codes)
+
+
+def validate(config: ActionConfig) -> None:
+    _Settings(config)
+
+
+class _Tail:
+    """The last ``TAIL_BYTES`` of a stream, read as it comes so big outputs cost nothing."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.total = 0
+
+    async def drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(_CHUNK_BYTES):
+            self.total += len(chunk)
+            self.data += chunk
+            del self.data[:-TAIL_BYTES]
+
+    def text(self) -> str:
+        cut = "…" if self.total > len(self.data) else ""
+        return cut + self.data.decode("utf-8", "replace")
+
+
+class CommandAction:
+    def __init__(self, config: ActionConfig) -> None:
+        self.config = config
+        self.settings = _Settings(config)
+
+    def argv_for(self, event: Event) -> list[str]:
+        payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
+        return [arg.render(payload) for arg in self.settings.argv]
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        argv = self.argv_for(event)
+        env = {
+            **os.environ,
+            **self.settings.env,
+            "WEBHOOKD_EVENT_ID": event.id,
+            "WEBHOOKD_SOURCE": event.source,
+        }
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.settings.cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            # A missing program may appear (a deploy in progress); retry rather than give up.
+            return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
+        out, err = _Tail(), _Tail()
+        readers = (
+            asyncio.ensure_future(out.drain(_pipe(proc.stdout))),
+            asyncio.ensure_future(err.drain(_pipe(proc.stderr))),
+        )
+        try:
+            await _feed(proc, event.body)
+            code = await proc.wait()
+            _kill_group(proc.pid, signal.SIGKILL)  # leftovers would hold the pipes open
+            await asyncio.gather(*readers)
+        except BaseException:
+            # Timed out or cancelled by a drain: end the whole group, then let the error go on.
+            await asyncio.shield(_stop(proc, readers))
+            log.warning(
+                "command %s (pid %d) for event %s stopped before it finished; stderr tail: %s",
+                argv[0],
+                proc.pid,
+                event.id,
+                err.text()[-500:],
+            )
+            raise
+        detail: dict[str, Any] = {
+            "exit_code": code,
+            "duration_s": round(time.monotonic() - started, 4),
+            "stdout": out.text(),
+            "stderr": err.text(),
+        }
+        if code == 0:
+            return Outcome.done({"exit_code": 0}, **detail)
+        reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+        if code in self.settings.permanent:
+            return Outcome.dead(f"{argv[0]}: {reason} (permanent)", **detail)
+        return Outcome.retry(f"{argv[0]}: {reason}", **detail)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
+    """Write the payload to stdin and close it; a program that does not read it is fine."""
+    stdin = _pipe(proc.stdin)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stdin.write(body)
+        await stdin.drain()
+    stdin.close()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await stdin.wait_closed()
+
+
+def _pipe(stream: _S | None) -> _S:
+    if stream is None:
+        raise RuntimeError("the subprocess was started without a pipe")
+    return stream
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _stop(
+    proc: asyncio.subprocess.Process, readers: tuple[asyncio.Future[None], ...]
+) -> None:
+    """SIGTERM the group, SIGKILL it after a grace, reap the program and end the readers."""
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(_KILL_GRACE_S):
+            await proc.wait()
+    except TimeoutError:
+        pass
+    _kill_group(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    await asyncio.gather(*readers, return_exceptions=True)
+
+
+def create(config: ActionConfig, resources: Resources) -> CommandAction:
+    return CommandAction(config)

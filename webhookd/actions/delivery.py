@@ -1,0 +1,143 @@
+"""Outbound HTTP delivery shared by actions: Standard Webhooks signing and outcome classification.
+
+``forward`` sends the event's body with it; ``openai`` sends its answer on with it
+(``then = { forward = URL }``). Outcomes: 2xx is done; 408, 425, 429, 5xx, timeouts and
+connection errors are retried (with the response's ``Retry-After`` as a lower bound); 410 Gone
+and other 4xx are permanent. Every request carries the event id as ``webhook-id`` and
+``Idempotency-Key`` so the receiver can drop the duplicates that at-least-once delivery allows.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from webhookd.actions.base import Outcome
+from webhookd.config import Secret, resolve_secret
+from webhookd.errors import ConfigError
+
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+_RESPONSE_HEAD_BYTES = 1024
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+def check_url(value: Any, key: str) -> str:
+    """An http(s) URL from config, or ``ConfigError`` naming ``key``."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "is required (the URL to deliver to)")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(key, f"{value!r} is not an http(s) URL")
+    return value
+
+
+def check_headers(value: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(key, "must be a table of strings")
+    return dict(value)
+
+
+def signing_secrets(options: Mapping[str, Any], key: str) -> tuple[Secret, ...]:
+    """``secret`` or ``secrets`` (rotation: each one signs): Standard Webhooks ``whsec_`` keys."""
+    if "secret" in options and "secrets" in options:
+        raise ConfigError(f"{key}.secrets", "give either secret or secrets, not both")
+    if "secret" in options:
+        found: tuple[tuple[str, Secret], ...] = (
+            (f"{key}.secret", resolve_secret(options["secret"], f"{key}.secret")),
+        )
+    else:
+        items = options.get("secrets", [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}.secrets", "must be an array")
+        found = tuple(
+            (f"{key}.secrets[{i}]", resolve_secret(v, f"{key}.secrets[{i}]"))
+            for i, v in enumerate(items)
+        )
+    for where, secret in found:
+        if not secret.reveal().startswith("whsec_"):
+            raise ConfigError(where, "must be a Standard Webhooks secret (whsec_…)")
+    return tuple(secret for _, secret in found)
+
+
+def signed_headers(
+    secrets: Sequence[str],
+    *,
+    msg_id: str,
+    body: bytes,
+    content_type: str,
+    now: float,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Headers for one outbound request; signed with Standard Webhooks when secrets are given."""
+    headers = {
+        "Content-Type": content_type,
+        "User-Agent": "webhookd",
+        "webhook-id": msg_id,
+        "Idempotency-Key": msg_id,
+        **(extra or {}),
+    }
+    if secrets:
+        from webhookd.signatures import sign_standard
+
+        timestamp = int(now)
+        headers["webhook-timestamp"] = str(timestamp)
+        headers["webhook-signature"] = sign_standard(
+            secrets, msg_id=msg_id, timestamp=timestamp, body=body
+        )
+    return headers
+
+
+async def deliver(
+    http: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: Mapping[str, str]
+) -> Outcome:
+    """Send one request and classify the answer."""
+    started = time.monotonic()
+    try:
+        async with http.request(
+            method, url, data=body, headers=dict(headers), allow_redirects=False
+        ) as response:
+            head = await response.content.read(_RESPONSE_HEAD_BYTES)
+            status = response.status
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+    except (aiohttp.ClientError, OSError) as exc:
+        return Outcome.retry(
+            f"connection failed: {type(exc).__name__}: {exc}",
+            duration_s=round(time.monotonic() - started, 4),
+        )
+    detail: dict[str, Any] = {
+        "status": status,
+        "duration_s": round(time.monotonic() - started, 4),
+        "response": head.decode("utf-8", "replace"),
+    }
+    if 200 <= status < 300:
+        return Outcome.done({"status": status}, **detail)
+    if status == 410:
+        return Outcome.dead(f"{url} answered 410 Gone: the endpoint is retired", **detail)
+    if status >= 500 or status in _RETRYABLE_4XX:
+        return Outcome.retry(f"{url} answered {status}", after_s=retry_after, **detail)
+    return Outcome.dead(f"{url} answered {status}", **detail)

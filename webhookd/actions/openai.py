@@ -1,0 +1,351 @@
+"""The ``openai`` action: one chat completion per event, paced by a lane, its answer kept.
+
+The only home of the ``openai`` package. The client runs with ``max_retries=0``: webhookd owns
+retries. Outcomes:
+
+* answered: done; the result is ``{text, model, usage, finish_reason}``;
+* 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
+* any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` and the job
+  waits (no attempt used);
+* the lane cannot admit within ``max_lane_wait_s`` (default: 10 s, at most half of
+  ``timeout_s``): the job waits, freeing its worker;
+* 5xx, 408, 409, timeouts, connection errors: retried; other 4xx (400, 401, 403, 404, 422): dead.
+
+The lane reserves ``prompt estimate + max_tokens`` and is settled against ``usage.total_tokens``.
+The estimate is the prompt's characters / 4 plus 4 tokens per message: about right for English
+with OpenAI's tokenizers, and only a reservation; the settle corrects it.
+
+With ``then = { forward = URL }`` the answer is POSTed on, signed like ``forward``. When that
+POST fails the job is retried, and the retry reuses the answer instead of asking the model
+again: answers waiting on ``then`` are kept in memory, per job. After a restart the model is
+asked again (the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import openai
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+from webhookd.actions.base import Outcome, Resources, check_options
+from webhookd.actions.delivery import (
+    check_headers,
+    check_url,
+    deliver,
+    parse_retry_after,
+    signed_headers,
+    signing_secrets,
+)
+from webhookd.config import ActionConfig, resolve_secret
+from webhookd.errors import ConfigError
+from webhookd.limiter import Lane, LaneBusy, Reservation
+from webhookd.models import Event, Job
+from webhookd.templates import Template, compile_template, payload_of
+
+_OPTIONS = (
+    "api_key",
+    "base_url",
+    "model",
+    "system",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "lane",
+    "max_lane_wait_s",
+    "then",
+)
+_THEN_OPTIONS = ("forward", "secret", "secrets", "headers")
+_RETRYABLE_4XX = frozenset({408, 409, 425})
+_DEFAULT_LANE_WAIT_S = 10.0
+_DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
+_QUOTA_WAIT_S = 60.0
+_KEPT_ANSWERS = 1024  # answers waiting for ``then`` to succeed, per action
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _number(options: Mapping[str, Any], name: str, key: str, *, integer: bool) -> Any:
+    value = options[name]
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        raise ConfigError(f"{key}.{name}", f"must be {'an integer' if integer else 'a number'}")
+    return value
+
+
+def validate(config: ActionConfig) -> None:
+    _Settings(config)
+
+
+class _Settings:
+    """The action's options, checked (every ``ConfigError`` names its dotted key)."""
+
+    def __init__(self, config: ActionConfig) -> None:
+        check_options(config, _OPTIONS)
+        opts, key = config.options, config.key
+        if "api_key" not in opts:
+            raise ConfigError(f"{key}.api_key", 'is required (write it "env:NAME")')
+        self.api_key = resolve_secret(opts["api_key"], f"{key}.api_key")
+        self.base_url: str | None = None
+        if "base_url" in opts:
+            self.base_url = check_url(opts["base_url"], f"{key}.base_url")
+        model = opts.get("model")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{key}.model", "is required (a model name)")
+        self.model = model
+        if "prompt" not in opts:
+            raise ConfigError(f"{key}.prompt", "is required (a template)")
+        self.prompt = compile_template(opts["prompt"], f"{key}.prompt")
+        self.system: Template | None = None
+        if "system" in opts:
+            self.system = compile_template(opts["system"], f"{key}.system")
+        if "max_tokens" not in opts:
+            raise ConfigError(f"{key}.max_tokens", "is required (the lane reserves it)")
+        self.max_tokens = int(_number(opts, "max_tokens", key, integer=True))
+        if self.max_tokens < 1:
+            raise ConfigError(f"{key}.max_tokens", "must be at least 1")
+        self.temperature: float | None = None
+        if "temperature" in opts:
+            self.temperature = float(_number(opts, "temperature", key, integer=False))
+            if not 0 <= self.temperature <= 2:
+                raise ConfigError(f"{key}.temperature", "must be between 0 and 2")
+        lane = opts.get("lane")
+        if lane is not None and not isinstance(lane, str):
+            raise ConfigError(f"{key}.lane", "must be a lane name")
+        self.lane: str | None = lane
+        # Waiting in the lane counts against timeout_s: leave the call at least half of it.
+        self.max_lane_wait_s = min(_DEFAULT_LANE_WAIT_S, config.timeout_s / 2)
+        if "max_lane_wait_s" in opts:
+            self.max_lane_wait_s = float(_number(opts, "max_lane_wait_s", key, integer=False))
+            if not 0 <= self.max_lane_wait_s < config.timeout_s:
+                raise ConfigError(
+                    f"{key}.max_lane_wait_s",
+                    f"must be at least 0 and below timeout_s ({config.timeout_s:g})",
+                )
+        self.then: _Then | None = None
+        if "then" in opts:
+            self.then = _Then(opts["then"], f"{key}.then")
+
+
+class _Then:
+    """``then = { forward = URL, secret = …, headers = … }``: where the answer goes next."""
+
+    def __init__(self, value: Any, key: str) -> None:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "must be a table like { forward = URL }")
+        for name in value:
+            if name not in _THEN_OPTIONS:
+                raise ConfigError(f"{key}.{name}", "unknown key for then")
+        self.url = check_url(value.get("forward"), f"{key}.forward")
+        self.headers = check_headers(value.get("headers", {}), f"{key}.headers")
+        self.secrets = [s.reveal() for s in signing_secrets(value, key)]
+
+    async def send(
+        self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]
+    ) -> Outcome:
+        body = {"event_id": event.id, "source": event.source, **answer}
+        body["payload"] = payload_of(event)
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = signed_headers(
+            self.secrets,
+            msg_id=event.id,
+            body=data,
+            content_type="application/json",
+            now=time.time(),
+            extra=self.headers,
+        )
+        return await deliver(http, "POST", self.url, data, headers)
+
+
+def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
+    """Prompt tokens, roughly: characters / 4, plus 4 per message for the chat framing."""
+    return sum(math.ceil(len(str(m.get("content") or "")) / 4) + 4 for m in messages)
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(float(value))
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+def _duration_s(value: str | None) -> float | None:
+    """OpenAI's ``x-ratelimit-reset-*`` durations: ``1s``, ``120ms``, ``6m0s``."""
+    if not value:
+        return None
+    parts = _DURATION_PART.findall(value)
+    if not parts:
+        return None
+    return sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+
+
+def cooldown_s(headers: Mapping[str, str]) -> float:
+    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        seconds = parse_retry_after(ms, time.time())
+        if seconds is not None:
+            return seconds / 1000
+    seconds = parse_retry_after(headers.get("retry-after"), time.time())
+    if seconds is not None:
+        return seconds
+    resets = [
+        _duration_s(headers.get(name))
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+    ]
+    known = [r for r in resets if r is not None]
+    return max(known) if known else _DEFAULT_COOLDOWN_S
+
+
+class OpenAIAction:
+    def __init__(self, config: ActionConfig, resources: Resources) -> None:
+        self.config = config
+        self.settings = _Settings(config)
+        self.http = resources.http
+        self.lane: Lane | None = None
+        if self.settings.lane is not None:
+            lane = resources.lanes.get(self.settings.lane)
+            if lane is None:
+                raise ConfigError(f"{config.key}.lane", f"no lane named {self.settings.lane!r}")
+            self.lane = lane
+        self.client = openai.AsyncOpenAI(
+            api_key=self.settings.api_key.reveal(),
+            base_url=self.settings.base_url,
+            max_retries=0,
+            timeout=config.timeout_s,
+        )
+        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        answer = self._answers.pop(job.id, None)
+        reused = answer is not None
+        if answer is None:
+            asked = await self._ask(event)
+            if isinstance(asked, Outcome):
+                return asked
+            answer = asked
+        then = self.settings.then
+        if then is None:
+            return Outcome.done(answer)
+        sent = await then.send(self.http, event, answer)
+        detail = {"then": dict(sent.detail), "answer_reused": reused}
+        if sent.kind == "done":
+            return Outcome.done(answer, **detail)
+        error = f"then.forward: {sent.error}"
+        if sent.kind == "retry":
+            self._keep(job.id, answer)
+            return Outcome.retry(error, after_s=sent.after_s, answer=answer, **detail)
+        return Outcome.dead(error, answer=answer, **detail)
+
+    def _keep(self, job_id: str, answer: dict[str, Any]) -> None:
+        self._answers[job_id] = answer
+        while len(self._answers) > _KEPT_ANSWERS:
+            self._answers.popitem(last=False)
+
+    def _messages(self, event: Event) -> list[ChatCompletionMessageParam]:
+        payload = payload_of(event)
+        messages: list[ChatCompletionMessageParam] = []
+        if self.settings.system is not None:
+            messages.append({"role": "system", "content": self.settings.system.render(payload)})
+        messages.append({"role": "user", "content": self.settings.prompt.render(payload)})
+        return messages
+
+    async def _ask(self, event: Event) -> dict[str, Any] | Outcome:
+        s = self.settings
+        messages = self._messages(event)
+        reservation: Reservation | None = None
+        if self.lane is not None:
+            try:
+                reservation = await self.lane.acquire(
+                    estimate_tokens(messages) + s.max_tokens, max_wait_s=s.max_lane_wait_s
+                )
+            except LaneBusy as busy:
+                return Outcome.wait(str(busy), busy.retry_after_s, lane=busy.lane)
+        started = time.monotonic()
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                model=s.model,
+                messages=messages,
+                max_tokens=s.max_tokens,
+                temperature=s.temperature if s.temperature is not None else openai.omit,
+            )
+        except openai.APIStatusError as exc:
+            return self._failed(exc, reservation, time.monotonic() - started)
+        except openai.APIConnectionError as exc:  # includes APITimeoutError
+            return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
+        self._observe(raw.headers)
+        completion: ChatCompletion = raw.parse()
+        usage = completion.usage
+        if self.lane is not None and reservation is not None:
+            if usage is not None:
+                self.lane.settle(reservation, usage.total_tokens)
+            if self.lane.statistics().circuit_open:
+                self.lane.close_circuit()  # this call was the probe, and it went through
+        if not completion.choices:
+            return Outcome.retry("the model answered with no choices", duration_s=_round(started))
+        choice = completion.choices[0]
+        return {
+            "text": choice.message.content or "",
+            "model": completion.model,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+                "total_tokens": usage.total_tokens if usage else None,
+            },
+            "finish_reason": choice.finish_reason,
+        }
+
+    def _observe(self, headers: Mapping[str, str]) -> None:
+        if self.lane is not None:
+            self.lane.observe_remaining(
+                _header_int(headers, "x-ratelimit-remaining-requests"),
+                _header_int(headers, "x-ratelimit-remaining-tokens"),
+            )
+
+    def _failed(
+        self, exc: openai.APIStatusError, reservation: Reservation | None, duration_s: float
+    ) -> Outcome:
+        status = exc.status_code
+        code = exc.code or exc.type or ""
+        detail = {"status": status, "code": code, "duration_s": round(duration_s, 4)}
+        error = f"{status} {code}: {exc.message}" if code else f"{status}: {exc.message}"
+        headers = exc.response.headers
+        self._observe(headers)
+        if status == 429:
+            if self.lane is not None and reservation is not None:
+                self.lane.settle(reservation, 0)  # refused: nothing was used upstream
+            if code == "insufficient_quota":
+                if self.lane is not None:
+                    self.lane.open_circuit("insufficient_quota")
+                return Outcome.wait(error, _QUOTA_WAIT_S, **detail)
+            wait_s = cooldown_s(headers)
+            if self.lane is not None:
+                self.lane.cooldown(wait_s)
+            return Outcome.wait(error, wait_s, **detail)
+        if status >= 500 or status in _RETRYABLE_4XX:
+            return Outcome.retry(
+                error, after_s=parse_retry_after(headers.get("retry-after"), time.time()), **detail
+            )
+        return Outcome.dead(error, **detail)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _round(started: float) -> float:
+    return round(time.monotonic() - started, 4)
+
+
+def create(config: ActionConfig, resources: Resources) -> OpenAIAction:
+    return OpenAIAction(config, resources)

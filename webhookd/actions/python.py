@@ -1,0 +1,109 @@
+"""The ``python`` action: call the user's ``"package.module:function"`` with the event.
+
+The handler is imported when the config is loaded (``webhookd check`` included), from the
+directories on ``sys.path`` plus ``path`` (default: the current directory); a missing module or
+function is a ``ConfigError`` naming ``….handler``. It receives the ``Event`` (``.id``,
+``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``).
+An ``async def`` handler is awaited; a plain function runs in a thread so it cannot stall the
+daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
+abandoned, not killed, and keeps running in the background).
+
+Outcomes: a return value is the job's result (what JSON cannot hold is stored as its ``str()``);
+``webhookd.Retry(after_s=…)`` asks for another attempt, ``webhookd.Reject(reason)`` sends the job
+to the dead-letter queue, and any other exception is retried with its message and the tail of
+its traceback recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from webhookd.actions.base import Outcome, Resources, check_options
+from webhookd.config import ActionConfig
+from webhookd.errors import ActionError, ConfigError
+from webhookd.models import Event, Job
+
+_OPTIONS = ("handler", "path")
+_TRACEBACK_CHARS = 2000
+
+Handler = Callable[[Event], Any]
+
+
+def resolve_handler(config: ActionConfig) -> Handler:
+    """Import the configured handler (raises ``ConfigError`` naming ``….handler``)."""
+    check_options(config, _OPTIONS)
+    key = f"{config.key}.handler"
+    spec = config.options.get("handler")
+    if not isinstance(spec, str):
+        raise ConfigError(key, 'is required: "package.module:function"')
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(key, f'{spec!r} must look like "package.module:function"')
+    path = config.options.get("path", ".")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{config.key}.path", "must be a directory path")
+    directory = os.path.abspath(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the user's module failed while importing
+        raise ConfigError(
+            key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    target: Any = module
+    for name in attr.split("."):
+        target = getattr(target, name, None)
+        if target is None:
+            raise ConfigError(key, f"module {module_name!r} has no {attr!r}")
+    if not callable(target):
+        raise ConfigError(key, f"{spec!r} is not callable")
+    handler: Handler = target
+    return handler
+
+
+def validate(config: ActionConfig) -> None:
+    resolve_handler(config)
+
+
+class PythonAction:
+    def __init__(self, config: ActionConfig) -> None:
+        self.config = config
+        self.handler = resolve_handler(config)
+        self.is_async = inspect.iscoroutinefunction(self.handler)
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        try:
+            if self.is_async:
+                value = await self.handler(event)
+            else:
+                value = await asyncio.to_thread(self.handler, event)
+            if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
+                value = await value
+        except ActionError:
+            raise  # Retry and Reject: the worker turns them into outcomes
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
+            return Outcome.retry(f"{type(exc).__name__}: {exc}", traceback=tb)
+        return Outcome.done(_json_safe(value))
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def create(config: ActionConfig, resources: Resources) -> PythonAction:
+    return PythonAction(config)

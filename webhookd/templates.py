@@ -1,0 +1,141 @@
+"""Templates: ``{{ a.b.c }}`` lookups into an event's payload, and nothing else.
+
+A template is literal text with lookups. A lookup is a dotted path whose segments are letters,
+digits, ``_`` and ``-`` (``{{ body-plain }}``, ``{{ data.object.id }}``, ``{{ items.0.name }}``:
+a number indexes a list). There are no expressions, filters, calls or attribute access, so a
+payload can never make a template run anything. Templates are compiled when the config is
+loaded; a stray ``{{`` or a bad path is a ``ConfigError`` naming the key.
+
+The payload is the body parsed as JSON; or, for ``application/x-www-form-urlencoded`` and
+``multipart/form-data`` bodies, the form's fields (files are skipped). Rendering: a string as is,
+``null`` and a missing key as the empty string (a webhook that lacks an optional field must not
+fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from typing import Any
+
+from webhookd.errors import ConfigError
+from webhookd.models import Event
+
+_TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_PATH = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+_MISSING: Any = object()
+
+Part = str | tuple[str, ...]  # literal text, or a lookup path
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled template: render it against a payload from ``payload_of``."""
+
+    text: str
+    parts: tuple[Part, ...]
+
+    @property
+    def has_lookups(self) -> bool:
+        return any(isinstance(p, tuple) for p in self.parts)
+
+    def render(self, payload: Any) -> str:
+        out: list[str] = []
+        for part in self.parts:
+            out.append(part if isinstance(part, str) else _text(lookup(payload, part)))
+        return "".join(out)
+
+
+def compile_template(text: Any, key: str) -> Template:
+    """Compile ``text`` (raises ``ConfigError`` naming ``key`` when it is malformed)."""
+    if not isinstance(text, str):
+        raise ConfigError(key, "must be a string")
+    parts: list[Part] = []
+    at = 0
+    for match in _TAG.finditer(text):
+        literal = text[at : match.start()]
+        _check_literal(literal, key)
+        if literal:
+            parts.append(literal)
+        path = match.group(1).strip()
+        if not _PATH.fullmatch(path):
+            raise ConfigError(
+                key,
+                f"{{{{{match.group(1)}}}}} is not a lookup: write a dotted path of letters, "
+                "digits, '_' and '-', like {{ data.object.id }}",
+            )
+        parts.append(tuple(path.split(".")))
+        at = match.end()
+    tail = text[at:]
+    _check_literal(tail, key)
+    if tail:
+        parts.append(tail)
+    return Template(text, tuple(parts))
+
+
+def _check_literal(literal: str, key: str) -> None:
+    if "{{" in literal:
+        raise ConfigError(key, "has a '{{' that is not closed by '}}'")
+
+
+def lookup(payload: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path``, or ``None`` when any step is missing."""
+    node = payload
+    for segment in path:
+        if isinstance(node, Mapping):
+            node = node.get(segment, _MISSING)
+        elif isinstance(node, list) and segment.isascii() and segment.isdigit():
+            index = int(segment)
+            node = node[index] if index < len(node) else _MISSING
+        else:
+            return None
+        if node is _MISSING:
+            return None
+    return node
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def payload_of(event: Event) -> Any:
+    """What templates look into: the JSON body, or the form's fields; ``{}`` when neither."""
+    media_type = event.content_type.partition(";")[0].strip().lower()
+    if media_type == "application/x-www-form-urlencoded":
+        return event.form()
+    if media_type == "multipart/form-data":
+        return _multipart_fields(event.content_type, event.body)
+    try:
+        return event.json()
+    except ValueError:
+        return {}
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    fields: dict[str, str] = {}
+    if not isinstance(message, EmailMessage) or not message.is_multipart():
+        return fields
+    for part in message.iter_parts():
+        if not isinstance(part, EmailMessage):
+            continue
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or part.get_filename() is not None:
+            continue  # unnamed parts and uploaded files are not fields
+        try:
+            content = part.get_content()
+        except (KeyError, LookupError, ValueError):
+            continue
+        if isinstance(content, str):
+            fields[name] = content
+    return fields
