@@ -3,7 +3,8 @@
 ``ActionKit`` loads a TOML config, builds its lanes and actions, journals events straight into a
 real SQLite file and runs the worker pool in burst mode on a ``ManualClock``: a retry or a
 rate-limit wait is reached by advancing the clock, never by sleeping. Lanes sleep by advancing
-the same clock, after ``settle_before_nap`` (if given) lets admitted requests reach the server.
+the same clock, after ``settle_before_nap(lanes)`` (if given) has let the requests they admitted
+reach the server, so that simulated time never runs ahead of a request in flight.
 Also the sample Python handlers the tests configure (``actionkit:…``).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ async def action_kit(
     extra: str,
     *,
     concurrency: int = 8,
-    settle_before_nap: Callable[[], Awaitable[None]] | None = None,
+    clock: ManualClock | None = None,
+    settle_before_nap: Callable[[Mapping[str, Lane]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[ActionKit]:
     """An ``ActionKit`` for ``extra`` (sources, actions, lanes in TOML)."""
     text = f"""
@@ -108,11 +110,11 @@ concurrency = {concurrency}
 """
     cfg = config_mod.loads(text, "test")
     registry.validate(cfg)
-    clock = ManualClock()
+    clock = clock or ManualClock()
 
     async def sleep(seconds: float) -> None:
         if settle_before_nap is not None:
-            await settle_before_nap()
+            await settle_before_nap(lanes)
         clock.advance(seconds)
         await asyncio.sleep(0)
 

@@ -132,10 +132,12 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or part.get_filename() is not None:
             continue  # unnamed parts and uploaded files are not fields
-        try:
-            content = part.get_content()
-        except (KeyError, LookupError, ValueError):
+        raw = part.get_payload(decode=True)
+        if not isinstance(raw, bytes):
             continue
-        if isinstance(content, str):
-            fields[name] = content
+        charset = part.get_content_charset() or "utf-8"  # browsers and Mailgun send no charset
+        try:
+            fields[name] = raw.decode(charset, "replace")
+        except LookupError:
+            fields[name] = raw.decode("utf-8", "replace")
     return fields

@@ -20,9 +20,10 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from webhookd.actions.base import Outcome, Resources, check_options
 from webhookd.config import ActionConfig
@@ -35,8 +36,6 @@ log = logging.getLogger("webhookd.actions.command")
 _OPTIONS = ("argv", "cwd", "env", "permanent_exit_codes")
 TAIL_BYTES = 2048
 _KILL_GRACE_S = 2.0
-_CHUNK_BYTES = 65536
-_S = TypeVar("_S", asyncio.StreamReader, asyncio.StreamWriter)
 
 
 class _Settings:
@@ -76,21 +75,46 @@ def validate(config: ActionConfig) -> None:
 
 
 class _Tail:
-    """The last ``TAIL_BYTES`` of a stream, read as it comes so big outputs cost nothing."""
+    """The last ``TAIL_BYTES`` of a stream, kept as it comes so big outputs cost nothing."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.total = 0
 
-    async def drain(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(_CHUNK_BYTES):
-            self.total += len(chunk)
-            self.data += chunk
-            del self.data[:-TAIL_BYTES]
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        del self.data[:-TAIL_BYTES]
 
     def text(self) -> str:
         cut = "…" if self.total > len(self.data) else ""
         return cut + self.data.decode("utf-8", "replace")
+
+
+class _Watch(asyncio.SubprocessProtocol):
+    """Collects output tails and tells apart "the program exited" from "its pipes closed".
+
+    A program's children can hold its stdout open after it exits, so waiting for the pipes
+    (as ``Process.wait()`` does) could outlast the program by hours.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.out, self.err = _Tail(), _Tail()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        chunk = data.encode() if isinstance(data, str) else data
+        (self.out if fd == 1 else self.err).add(chunk)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class CommandAction:
@@ -111,12 +135,14 @@ class CommandAction:
             "WEBHOOKD_SOURCE": event.source,
         }
         started = time.monotonic()
+        watch = _Watch()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, _ = await asyncio.get_running_loop().subprocess_exec(
+                lambda: watch,
                 *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 cwd=self.settings.cwd,
                 env=env,
                 start_new_session=True,
@@ -124,32 +150,36 @@ class CommandAction:
         except OSError as exc:
             # A missing program may appear (a deploy in progress); retry rather than give up.
             return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
-        out, err = _Tail(), _Tail()
-        readers = (
-            asyncio.ensure_future(out.drain(_pipe(proc.stdout))),
-            asyncio.ensure_future(err.drain(_pipe(proc.stderr))),
-        )
+        pid = transport.get_pid()
         try:
-            await _feed(proc, event.body)
-            code = await proc.wait()
-            _kill_group(proc.pid, signal.SIGKILL)  # leftovers would hold the pipes open
-            await asyncio.gather(*readers)
+            stdin = transport.get_pipe_transport(0)
+            if isinstance(stdin, asyncio.WriteTransport):
+                stdin.write(event.body)  # a program that does not read it just closes the pipe
+                stdin.close()
+            await watch.exited
+            _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
+            await watch.closed
         except BaseException:
             # Timed out or cancelled by a drain: end the whole group, then let the error go on.
-            await asyncio.shield(_stop(proc, readers))
+            await asyncio.shield(_stop(pid, watch))
             log.warning(
                 "command %s (pid %d) for event %s stopped before it finished; stderr tail: %s",
                 argv[0],
-                proc.pid,
+                pid,
                 event.id,
-                err.text()[-500:],
+                watch.err.text()[-500:],
             )
             raise
+        finally:
+            transport.close()
+        code = transport.get_returncode()
+        if code is None:  # cannot happen after process_exited; keep the type honest
+            return Outcome.retry(f"{argv[0]}: no exit status")
         detail: dict[str, Any] = {
             "exit_code": code,
             "duration_s": round(time.monotonic() - started, 4),
-            "stdout": out.text(),
-            "stderr": err.text(),
+            "stdout": watch.out.text(),
+            "stderr": watch.err.text(),
         }
         if code == 0:
             return Outcome.done({"exit_code": 0}, **detail)
@@ -162,41 +192,20 @@ class CommandAction:
         return None
 
 
-async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
-    """Write the payload to stdin and close it; a program that does not read it is fine."""
-    stdin = _pipe(proc.stdin)
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        stdin.write(body)
-        await stdin.drain()
-    stdin.close()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        await stdin.wait_closed()
-
-
-def _pipe(stream: _S | None) -> _S:
-    if stream is None:
-        raise RuntimeError("the subprocess was started without a pipe")
-    return stream
-
-
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
 
-async def _stop(
-    proc: asyncio.subprocess.Process, readers: tuple[asyncio.Future[None], ...]
-) -> None:
-    """SIGTERM the group, SIGKILL it after a grace, reap the program and end the readers."""
-    _kill_group(proc.pid, signal.SIGTERM)
-    try:
+async def _stop(pid: int, watch: _Watch) -> None:
+    """SIGTERM the group, SIGKILL it after a grace, and wait for the program and its pipes."""
+    _kill_group(pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_KILL_GRACE_S):
-            await proc.wait()
-    except TimeoutError:
-        pass
-    _kill_group(proc.pid, signal.SIGKILL)
-    await proc.wait()
-    await asyncio.gather(*readers, return_exceptions=True)
+            await watch.exited
+    _kill_group(pid, signal.SIGKILL)
+    await watch.exited
+    await watch.closed
 
 
 def create(config: ActionConfig, resources: Resources) -> CommandAction:

@@ -284,7 +284,6 @@ class OpenAIAction:
             return self._failed(exc, reservation, time.monotonic() - started)
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
-        self._observe(raw.headers)
         completion: ChatCompletion = raw.parse()
         usage = completion.usage
         if self.lane is not None and reservation is not None:
@@ -292,6 +291,7 @@ class OpenAIAction:
                 self.lane.settle(reservation, usage.total_tokens)
             if self.lane.statistics().circuit_open:
                 self.lane.close_circuit()  # this call was the probe, and it went through
+        self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
         if not completion.choices:
             return Outcome.retry("the model answered with no choices", duration_s=_round(started))
         choice = completion.choices[0]
@@ -321,10 +321,10 @@ class OpenAIAction:
         detail = {"status": status, "code": code, "duration_s": round(duration_s, 4)}
         error = f"{status} {code}: {exc.message}" if code else f"{status}: {exc.message}"
         headers = exc.response.headers
+        if status == 429 and self.lane is not None and reservation is not None:
+            self.lane.settle(reservation, 0)  # refused: nothing was used upstream
         self._observe(headers)
         if status == 429:
-            if self.lane is not None and reservation is not None:
-                self.lane.settle(reservation, 0)  # refused: nothing was used upstream
             if code == "insufficient_quota":
                 if self.lane is not None:
                     self.lane.open_circuit("insufficient_quota")

@@ -1,0 +1,92 @@
+"""Templates: ``{{ a.b }}`` lookups into JSON and form payloads, nothing executable."""
+
+from __future__ import annotations
+
+import pytest
+
+from webhookd.errors import ConfigError
+from webhookd.models import Event, Priority
+from webhookd.templates import compile_template, payload_of
+
+ORDER = {
+    "id": 42,
+    "paid": True,
+    "customer": {"name": "Ada", "tags": ["vip", "eu"]},
+    "items": [{"name": "kettle", "qty": 2}],
+    "note": None,
+    "body-plain": "Hello",
+}
+
+
+def event(body: bytes, content_type: str) -> Event:
+    return Event(
+        id="evt_1",
+        source="s",
+        received_at=0.0,
+        dedup_key="k",
+        tenant="",
+        priority=Priority.NORMAL,
+        headers=(("Content-Type", content_type),),
+        body=body,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "rendered"),
+    [
+        ("Order {{ id }} for {{customer.name}}", "Order 42 for Ada"),
+        ("{{ items.0.name }} x{{ items.0.qty }}", "kettle x2"),
+        ("{{ body-plain }}", "Hello"),
+        (
+            "paid={{ paid }} note=[{{ note }}] missing=[{{ nope.deeper }}]",
+            "paid=true note=[] missing=[]",
+        ),
+        ("{{ customer.tags }}", '["vip","eu"]'),
+        ("{{ items.5.name }}|{{ items.x }}|{{ id.0 }}", "||"),
+        ("no lookups, just } braces }}", "no lookups, just } braces }}"),
+        ("{{ customer.name.__class__ }}{{ __class__ }}", ""),
+    ],
+)
+def test_lookups_render_values_and_missing_keys_render_empty(text: str, rendered: str) -> None:
+    """Paths walk objects and list indexes; missing and null render empty, others as JSON."""
+    assert compile_template(text, "k").render(ORDER) == rendered
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hi {{ name", "{{ }}", "{{ a + b }}", "{{ name | upper }}", "{{ f(x) }}", "{{ a..b }}"],
+)
+def test_malformed_templates_are_config_errors_naming_the_key(text: str) -> None:
+    """Anything but a dotted path, or an unclosed tag, fails at config load with the key."""
+    with pytest.raises(ConfigError) as err:
+        compile_template(text, "sources.s.actions[0].prompt")
+    assert err.value.key == "sources.s.actions[0].prompt"
+
+
+def test_payload_is_json_or_urlencoded_form() -> None:
+    """The JSON body, a urlencoded form's fields, or nothing for a body that is neither."""
+    assert payload_of(event(b'{"a": [1]}', "application/json")) == {"a": [1]}
+    form = event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded")
+    assert payload_of(form) == {"subject": "Hi", "body-plain": "Line 1"}
+    assert payload_of(event(b"\x00 not json", "application/octet-stream")) == {}
+
+
+def test_multipart_form_fields_are_looked_up_and_files_skipped() -> None:
+    """A Mailgun-style multipart post: text fields are payload, attachments are not."""
+    body = (
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="subject"\r\n\r\n'
+        b"R\xc3\xa9sum\xc3\xa9 please\r\n"
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="body-plain"\r\n\r\n'
+        b"Line one\r\nLine two\r\n"
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="attachment-1"; filename="cv.pdf"\r\n'
+        b"Content-Type: application/pdf\r\n\r\n"
+        b"%PDF-1.4 binary\r\n"
+        b"--XyZ--\r\n"
+    )
+    payload = payload_of(event(body, "multipart/form-data; boundary=XyZ"))
+    assert payload == {"subject": "Résumé please", "body-plain": "Line one\r\nLine two"}
+    rendered = compile_template("{{ subject }}: {{ body-plain }}", "k").render(payload)
+    assert rendered == "Résumé please: Line one\r\nLine two"

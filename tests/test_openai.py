@@ -1,0 +1,325 @@
+"""The ``openai`` action with the real ``openai`` client against an OpenAI-compatible stand-in.
+
+Lanes, the stand-in and the worker pool share one ``ManualClock``: a lane's nap advances it only
+after every request it admitted has reached the stand-in, so minutes of rate limiting run in
+about a second and the stand-in's sliding windows see the same times the lane acted on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from actionkit import ActionKit, action_kit
+from conftest import Target
+from openai_standin import StandIn
+from standardwebhooks.webhooks import Webhook
+
+from webhookd.clock import ManualClock
+from webhookd.config import loads
+from webhookd.errors import ConfigError
+from webhookd.limiter import Lane
+from webhookd.models import JobState
+
+KEY = "OPENAI_TEST_KEY"
+SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+TEXT = "I ordered a blue kettle two weeks ago and it has still not arrived. " * 5  # 345 chars
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY, "sk-standin")
+
+
+@pytest.fixture
+async def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def standin(clock: ManualClock) -> AsyncIterator[StandIn]:
+    s = await StandIn(clock=clock, completion_tokens=150).start()
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+def source(standin: StandIn, *, lane: str | None = "llm", extra: str = "") -> str:
+    return f"""
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:{KEY}"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+system = "You draft replies for a support team."
+prompt = "Reply to {{{{ subject }}}}: {{{{ text }}}}"
+max_tokens = 200
+{f'lane = "{lane}"' if lane else ""}
+{extra}
+"""
+
+
+def lanes_settled(standin: StandIn) -> Any:
+    async def settle(lanes: Mapping[str, Lane]) -> None:
+        await standin.wait_received(sum(la.statistics().admitted_total for la in lanes.values()))
+
+    return settle
+
+
+async def burst(kit: ActionKit, count: int) -> list[str]:
+    return [await kit.send("mail", {"subject": f"order {i}", "text": TEXT}) for i in range(count)]
+
+
+async def test_answer_is_stored_with_text_model_usage_and_finish_reason(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A done job's result is the model's answer; the prompt template saw the JSON payload."""
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Where is it?", "text": "Order 7"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    assert job.result == {
+        "text": "Draft: Reply to Where is it?: Order 7",
+        "model": "gpt-4o-mini",
+        "usage": {"prompt_tokens": 24, "completion_tokens": 150, "total_tokens": 174},
+        "finish_reason": "stop",
+    }
+
+
+async def test_lane_reserves_then_settles_to_usage_and_heeds_remaining_headers(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """The lane is charged the usage the server reported and lowered to its remaining tokens."""
+    standin.tpm = 1_000
+    extra = "[lanes.llm]\ntpm = 100_000\n"  # a 5 000-token burst: only the header can lower it
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock) as kit:
+        await kit.send("mail", {"subject": "hi", "text": "short"})
+        await kit.run()
+        stats = kit.lanes["llm"].statistics()
+    (served,) = standin.served
+    assert stats.tokens_debited_total == served.tokens
+    assert stats.tokens_available is not None
+    assert stats.tokens_available <= 1_000 - served.tokens
+
+
+@pytest.mark.parametrize(
+    ("upstream", "lane", "binding"),
+    [
+        ({"rpm": 60, "tpm": 10_000_000}, "rpm = 54", "requests"),
+        ({"rpm": 100_000, "tpm": 12_000}, "tpm = 10_800", "tokens"),
+    ],
+)
+async def test_burst_under_a_lane_below_the_limits_gets_no_429_and_uses_90_percent(
+    tmp_path: Path,
+    standin: StandIn,
+    clock: ManualClock,
+    upstream: dict[str, int],
+    lane: str,
+    binding: str,
+) -> None:
+    """100 jobs at once: no 429, all done on their first attempt, ≥ 90 % of the lane used."""
+    standin.rpm, standin.tpm = upstream["rpm"], upstream["tpm"]
+    extra = f"max_lane_wait_s = 30\n[lanes.llm]\n{lane}\n"
+    async with action_kit(
+        tmp_path,
+        source(standin, extra=extra),
+        clock=clock,
+        settle_before_nap=lanes_settled(standin),
+    ) as kit:
+        ids = await burst(kit, 100)
+        await kit.run_all()
+        jobs = [await kit.job(i) for i in ids]
+        limit = kit.cfg.lanes["llm"]
+    assert standin.rate_limited == 0
+    assert all(j.state == JobState.DONE and len(j.history) == 1 for j in jobs)
+    served = standin.served
+    span_s = served[-1].at - served[0].at
+    if binding == "requests":
+        assert limit.rpm is not None
+        used = (len(served) - 1) / span_s * 60 / limit.rpm
+    else:
+        assert limit.tpm is not None
+        used = sum(c.tokens for c in served[:-1]) / span_s * 60 / limit.tpm
+    assert 0.9 <= used <= 1.1, used
+
+
+async def test_burst_under_a_lane_above_the_limits_waits_out_429s_without_using_attempts(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """429s cool the lane and reschedule jobs without an attempt; every job still completes."""
+    standin.rpm = 30
+    extra = "[lanes.llm]\nrpm = 120\n"
+    async with action_kit(
+        tmp_path, source(standin) + extra, clock=clock, settle_before_nap=lanes_settled(standin)
+    ) as kit:
+        ids = await burst(kit, 40)
+        await kit.run_all()
+        jobs = [await kit.job(i) for i in ids]
+        stats = kit.lanes["llm"].statistics()
+    assert standin.rate_limited > 0
+    assert stats.busy_total > 0  # jobs found the lane cooling and left it
+    assert all(j.state == JobState.DONE for j in jobs)
+    assert all(j.attempts == 1 and len(j.history) == 1 for j in jobs)
+    assert len(standin.served) == 40
+
+
+async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attempt(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 429 rate_limit_exceeded: the lane cools for Retry-After, the job waits, no attempt used."""
+    standin.rpm = 2
+    extra = "[lanes.llm]\nrpm = 1000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        ids = await burst(kit, 3)
+        start = kit.clock.time()
+        await kit.run()
+        cooling_s = kit.lanes["llm"].statistics().cooling_until_s
+        waiting = await kit.job(ids[2])
+        await kit.run_all()
+        done = await kit.job(ids[2])
+    assert standin.rate_limited == 1
+    assert cooling_s == pytest.approx(60)
+    assert (waiting.state, waiting.attempts, waiting.history) == (JobState.QUEUED, 0, ())
+    assert waiting.run_at == pytest.approx(start + 60, abs=1)
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+
+
+async def test_insufficient_quota_opens_the_circuit_and_jobs_wait_until_it_is_back(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """insufficient_quota opens the lane's circuit; jobs stay queued; a later probe closes it."""
+    standin.quota_exhausted = True
+    extra = "[lanes.llm]\nrpm = 1000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        ids = await burst(kit, 2)
+        await kit.run()
+        lane = kit.lanes["llm"]
+        assert lane.statistics().circuit_open
+        queued = [await kit.job(i) for i in ids]
+        standin.quota_exhausted = False
+        await kit.run_all()
+        done = [await kit.job(i) for i in ids]
+        assert not lane.statistics().circuit_open
+    assert standin.quota_refused == 1  # the second job never reached the server while open
+    assert all(j.state == JobState.QUEUED and j.attempts == 0 for j in queued)
+    assert all(j.state == JobState.DONE and j.attempts == 1 for j in done)
+
+
+async def test_long_lane_wait_frees_the_worker_and_reschedules_without_an_attempt(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A job whose lane wait exceeds max_lane_wait_s waits (no attempt) for the lane's estimate."""
+    extra = "max_lane_wait_s = 0\n[lanes.llm]\nrpm = 6\n"
+    async with action_kit(tmp_path, source(standin, extra=extra), clock=clock) as kit:
+        ids = await burst(kit, 2)
+        await kit.run()
+        second = await kit.job(ids[1])
+        start = kit.clock.time()
+        await kit.run_all()
+        done = await kit.job(ids[1])
+    assert (second.state, second.attempts) == (JobState.QUEUED, 0)
+    assert second.run_at == pytest.approx(start + 10, abs=0.5)  # 6 rpm: one every 10 s
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+
+
+async def test_then_forward_posts_the_answer_signed_with_standard_webhooks(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """then.forward POSTs the answer and payload, signed so the official library verifies it."""
+    then = f'then = {{ forward = "{target.url}/drafts", secret = "{SIGNING_SECRET}" }}'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    (seen,) = target.seen
+    doc = Webhook(SIGNING_SECRET).verify(seen.body, seen.headers)
+    assert doc["event_id"] == event_id == seen.headers["Idempotency-Key"]
+    assert doc["text"] == "Draft: Reply to Refund: please"
+    assert doc["payload"] == {"subject": "Refund", "text": "please"}
+    assert json.loads(seen.body)["usage"]["total_tokens"] == job.result["usage"]["total_tokens"]
+
+
+async def test_failed_then_retries_without_asking_the_model_again(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """When the then-forward fails the job retries; the retry reuses the stored answer."""
+    target.statuses = [503]
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        failed = await kit.job(event_id)
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert (failed.state, failed.history[0].outcome) == (JobState.QUEUED, "retry")
+    assert failed.history[0].detail is not None
+    assert failed.history[0].detail["answer"]["text"] == "Draft: Reply to Refund: please"
+    assert (job.state, job.attempts) == (JobState.DONE, 2)
+    assert job.history[1].detail is not None and job.history[1].detail["answer_reused"] is True
+    assert len(standin.served) == 1
+    assert len(target.seen) == 2
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(401, "dead"), (404, "dead"), (503, "retry")])
+async def test_status_errors_map_to_dead_or_retry(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, status: int, outcome: str
+) -> None:
+    """Auth and not-found errors are permanent; server overload is retried."""
+    standin.statuses = [status]
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.history[0].outcome == outcome
+    assert job.history[0].error is not None and str(status) in job.history[0].error
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('prompt = "Hi {{ name"', "sources.s.actions[0].prompt"),
+        ('prompt = "{{ name | upper }}"', "sources.s.actions[0].prompt"),
+        ('system = "{{ }}"', "sources.s.actions[0].system"),
+        ("temperature = 3", "sources.s.actions[0].temperature"),
+        ('then = { forward = "ftp://x" }', "sources.s.actions[0].then.forward"),
+        ('then = { forward = "http://x", secret = "plain" }', "sources.s.actions[0].then.secret"),
+        ('then = { forward = "http://x", retries = 3 }', "sources.s.actions[0].then.retries"),
+        ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s"),
+    ],
+)
+def test_bad_options_name_their_key(line: str, key: str) -> None:
+    """A malformed template or option is a ConfigError naming the dotted key."""
+    from webhookd import actions
+
+    text = f"""
+[sources.s]
+[[sources.s.actions]]
+type = "openai"
+api_key = "env:{KEY}"
+model = "m"
+max_tokens = 10
+{line}
+"""
+    if "prompt" not in line:
+        text += 'prompt = "p"\n'
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(text))
+    assert err.value.key == key
+
+
+def test_max_tokens_and_api_key_are_required() -> None:
+    """Without max_tokens the lane cannot reserve; without api_key nothing works: both named."""
+    from webhookd import actions
+
+    base = '[sources.s]\n[[sources.s.actions]]\ntype = "openai"\nmodel = "m"\nprompt = "p"\n'
+    with pytest.raises(ConfigError, match=r"actions\[0\]\.api_key"):
+        actions.validate(loads(base))
+    with pytest.raises(ConfigError, match=r"actions\[0\]\.max_tokens"):
+        actions.validate(loads(base + f'api_key = "env:{KEY}"\n'))

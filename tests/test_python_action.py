@@ -1,0 +1,118 @@
+"""The ``python`` action: handlers resolved at config load, sync or async, steering outcomes."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from actionkit import action_kit
+
+import webhookd
+from webhookd import actions
+from webhookd.actions.python import resolve_handler
+from webhookd.config import loads
+from webhookd.errors import ConfigError
+from webhookd.models import Job, JobState
+
+SEEN_THREADS: list[str] = []
+
+
+def record_thread(event: webhookd.Event) -> str:
+    SEEN_THREADS.append(threading.current_thread().name)
+    return event.header("Content-Type") or ""
+
+
+async def run_handler(
+    tmp_path: Path,
+    handler: str,
+    body: Any = b"{}",
+    content_type: str = "application/json",
+) -> tuple[Job, float]:
+    config = f'[sources.s]\n[[sources.s.actions]]\ntype = "python"\nhandler = "{handler}"\n'
+    async with action_kit(tmp_path, config) as kit:
+        event_id = await kit.send("s", body, content_type)
+        await kit.run()
+        return await kit.job(event_id), kit.clock.time()
+
+
+async def test_async_handler_gets_the_event_and_its_return_is_the_result(tmp_path: Path) -> None:
+    """An async handler is awaited with the event; what it returns is the job's result."""
+    job, _ = await run_handler(tmp_path, "actionkit:echo", {"type": "invoice.paid"})
+    assert job.state == JobState.DONE
+    assert job.result == {"id": job.event_id, "source": "s", "body": {"type": "invoice.paid"}}
+
+
+async def test_sync_handler_runs_in_a_thread_with_form_and_tenant(tmp_path: Path) -> None:
+    """A plain function runs off the event loop and can read the form and the tenant."""
+    job, _ = await run_handler(
+        tmp_path, "actionkit:sync_echo", b"a=1&b=two", "application/x-www-form-urlencoded"
+    )
+    assert job.result == {"thread": True, "form": {"a": "1", "b": "two"}, "tenant": "t"}
+    SEEN_THREADS.clear()
+    job, _ = await run_handler(tmp_path / "2", "test_python_action:record_thread")
+    assert job.result == "application/json"
+    assert SEEN_THREADS and SEEN_THREADS[0] != threading.main_thread().name
+
+
+async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:
+    """webhookd.Retry(after_s=120) queues the job no sooner than 120 s later."""
+    job, now = await run_handler(tmp_path, "actionkit:please_retry")
+    assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
+    assert job.history[0].error == "upstream busy"
+    assert job.run_at >= now + 120
+
+
+async def test_reject_sends_the_job_to_dead_with_its_reason(tmp_path: Path) -> None:
+    """webhookd.Reject(reason) is permanent: the job is dead with that reason."""
+    job, _ = await run_handler(tmp_path, "actionkit:reject")
+    assert (job.state, job.last_error) == (JobState.DEAD, "unknown customer")
+
+
+async def test_other_exceptions_are_retried_with_message_and_traceback(tmp_path: Path) -> None:
+    """An unexpected exception is retried; the attempt keeps its message and traceback tail."""
+    job, _ = await run_handler(tmp_path, "actionkit:flaky")
+    attempt = job.history[0]
+    assert (attempt.outcome, attempt.error) == ("retry", "RuntimeError: database is locked")
+    assert attempt.detail is not None and "in flaky" in attempt.detail["traceback"]
+
+
+async def test_values_json_cannot_hold_are_stored_as_text(tmp_path: Path) -> None:
+    """A result JSON cannot represent is kept as its str() rather than failing a finished job."""
+    job, _ = await run_handler(tmp_path, "actionkit:odd_result")
+    assert job.state == JobState.DONE
+    assert job.result["set"] == "{1}"
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"),
+    [
+        ("actionkit", "must look like"),
+        ("no_such_module_here:handle", "cannot import 'no_such_module_here'"),
+        ("actionkit:no_such_function", "has no 'no_such_function'"),
+        ("actionkit:SEEN", "has no"),
+        ("test_python_action:SEEN_THREADS", "is not callable"),
+    ],
+)
+def test_unresolvable_handler_is_a_config_error_naming_handler(handler: str, message: str) -> None:
+    """A handler that cannot be imported is found at config load, naming ….handler."""
+    text = f'[sources.s]\n[[sources.s.actions]]\ntype = "python"\nhandler = "{handler}"\n'
+    with pytest.raises(ConfigError, match=message) as err:
+        actions.validate(loads(text))
+    assert err.value.key == "sources.s.actions[0].handler"
+
+
+def test_path_option_makes_a_project_directory_importable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``path`` adds a directory to the import path, so a project's own module resolves."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "hooks_for_path_test.py").write_text("def handle(event):\n    return 'mine'\n")
+    text = (
+        '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
+        f'handler = "hooks_for_path_test:handle"\npath = "{tmp_path}"\n'
+    )
+    (action,) = loads(text).sources["s"].actions
+    assert resolve_handler(action)(None) == "mine"  # type: ignore[arg-type]
