@@ -40,6 +40,23 @@ timeout_s = {timeout_s}
         return await kit.job(event_id)
 
 
+def start_child_then(pid_file: Path, then: str) -> str:
+    """Code that starts a long-lived child in its group, records its pid, then runs ``then``."""
+    return (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); {then}"
+    )
+
+
+async def child_ends(child: int) -> None:
+
+    async def gone() -> bool:
+        return not alive(child)
+
+    await poll(gone, timeout_s=10)
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
     try:
@@ -113,40 +130,22 @@ async def test_exit_status_decides_the_outcome(
 async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     """On timeout the program and the children it started are killed; the attempt is retried."""
     pid_file = tmp_path / "child.pid"
-    code = (
-        "import subprocess, sys, time; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
-    )
+    code = start_child_then(pid_file, "time.sleep(60)")
     job = await run_command(tmp_path, python_argv(code), timeout_s=2)
     assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
     assert job.history[0].error is not None and "timed out" in job.history[0].error
-    child = int(pid_file.read_text())
-
-    async def child_gone() -> bool:
-        return not alive(child)
-
-    await poll(child_gone, timeout_s=10)
+    await child_ends(int(pid_file.read_text()))
 
 
 async def test_background_child_holding_stdout_does_not_hold_the_job(tmp_path: Path) -> None:
     """A program that exits leaving a child on its stdout is done at once; the child is ended."""
     pid_file = tmp_path / "child.pid"
-    code = (
-        "import subprocess, sys; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started')"
-    )
+    code = start_child_then(pid_file, "print('started')")
     job = await run_command(tmp_path, python_argv(code), timeout_s=20)
     assert job.state == JobState.DONE
     assert job.history[0].detail is not None
     assert job.history[0].detail["stdout"] == "started\n"
-    child = int(pid_file.read_text())
-
-    async def child_gone() -> bool:
-        return not alive(child)
-
-    await poll(child_gone, timeout_s=10)
+    await child_ends(int(pid_file.read_text()))
 
 
 async def test_missing_program_is_retried(tmp_path: Path) -> None:
