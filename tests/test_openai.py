@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from actionkit import ActionKit, action_kit
-from conftest import Target
+from conftest import Target, make_config
 from openai_standin import StandIn
 from standardwebhooks.webhooks import Webhook
 
@@ -323,3 +323,30 @@ def test_max_tokens_and_api_key_are_required() -> None:
         actions.validate(loads(base))
     with pytest.raises(ConfigError, match=r"actions\[0\]\.max_tokens"):
         actions.validate(loads(base + f'api_key = "env:{KEY}"\n'))
+
+
+async def test_daemon_runs_the_mailgun_case_end_to_end_through_its_lane(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A posted form e-mail is answered 202, drafted under the configured lane, and sent on."""
+    upstream = await StandIn().start()
+    try:
+        cfg = make_config(
+            tmp_path,
+            source(upstream, extra=f'then = {{ forward = "{target.url}/drafts" }}')
+            + "[lanes.llm]\nrpm = 450\ntpm = 450_000\n",
+        )
+        daemon = await run_daemon(cfg)
+        status, answer = await daemon.post(
+            "/hooks/mail",
+            "subject=Late+parcel&text=Where+is+it%3F",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert status == 202
+        await target.wait_for(lambda t: len(t.seen) == 1, timeout_s=30)
+    finally:
+        await upstream.aclose()
+    draft = json.loads(target.seen[0].body)
+    assert draft["event_id"] == answer["id"]
+    assert draft["text"] == "Draft: Reply to Late parcel: Where is it?"
+    assert daemon.daemon.lanes["llm"].statistics().admitted_total == 1

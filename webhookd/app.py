@@ -39,7 +39,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalUnavailable
 from webhookd.journal import Journal
-from webhookd.limiter import build_lanes
+from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import IntakeState, Receiver
@@ -72,6 +72,7 @@ class Daemon:
     # Set once wired, for tests and embedding: the parts themselves.
     journal: Journal | None = None
     pool: WorkerPool | None = None
+    lanes: dict[str, Lane] = field(default_factory=dict)
     intake: IntakeState = field(default_factory=IntakeState)
     on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
     _force: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,7 +126,8 @@ class Daemon:
                     timeout=aiohttp.ClientTimeout(total=None),
                 )
             )
-            resources = Resources(config=cfg, http=http, lanes=build_lanes(cfg.lanes))
+            self.lanes = build_lanes(cfg.lanes)
+            resources = Resources(config=cfg, http=http, lanes=self.lanes)
             actions = action_registry.build(resources)
             for action in actions.values():
                 stack.push_async_callback(action.aclose)

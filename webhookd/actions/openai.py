@@ -228,28 +228,31 @@ class OpenAIAction:
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def run(self, event: Event, job: Job) -> Outcome:
-        answer = self._answers.pop(job.id, None)
+        then = self.settings.then
+        answer = self._answers.get(job.id)
         reused = answer is not None
         if answer is None:
             asked = await self._ask(event)
             if isinstance(asked, Outcome):
                 return asked
             answer = asked
-        then = self.settings.then
         if then is None:
             return Outcome.done(answer)
+        self._keep(job.id, answer)  # before sending: a timeout mid-send must not lose it
         sent = await then.send(self.http, event, answer)
         detail = {"then": dict(sent.detail), "answer_reused": reused}
+        if sent.kind == "retry":
+            return Outcome.retry(
+                f"then.forward: {sent.error}", after_s=sent.after_s, answer=answer, **detail
+            )
+        self._answers.pop(job.id, None)
         if sent.kind == "done":
             return Outcome.done(answer, **detail)
-        error = f"then.forward: {sent.error}"
-        if sent.kind == "retry":
-            self._keep(job.id, answer)
-            return Outcome.retry(error, after_s=sent.after_s, answer=answer, **detail)
-        return Outcome.dead(error, answer=answer, **detail)
+        return Outcome.dead(f"then.forward: {sent.error}", answer=answer, **detail)
 
     def _keep(self, job_id: str, answer: dict[str, Any]) -> None:
         self._answers[job_id] = answer
+        self._answers.move_to_end(job_id)
         while len(self._answers) > _KEPT_ANSWERS:
             self._answers.popitem(last=False)
 
