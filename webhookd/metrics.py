@@ -38,6 +38,7 @@ class Metrics:
     ) -> None:
         self.journal = journal
         self.pool = pool
+        self._intake_children: dict[tuple[str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.intake = Counter(
@@ -86,7 +87,12 @@ class Metrics:
         on_finish.append(self.observe_finish)
 
     def observe_intake(self, source: str, status: int, seconds: float) -> None:
-        self.intake.labels(source or _NO_SOURCE, str(status)).inc()
+        # labels() builds a key and takes a lock per call: keep the children (on the ack path).
+        child = self._intake_children.get((source, status))
+        if child is None:
+            child = self.intake.labels(source or _NO_SOURCE, str(status))
+            self._intake_children[(source, status)] = child
+        child.inc()
         if 200 <= status < 300:
             self.ack.observe(seconds)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,41 @@ def extract(spec: Extractor, headers: Any, payload: _Payload) -> str | None:
     return str(node)
 
 
+class _CommitTimeout(Exception):
+    """The journal did not commit within ``server.ack_timeout_s``."""
+
+
+class _Deadlines:
+    """Fails commit futures still pending after ``timeout_s``, with one timer for all of them.
+
+    A timeout per request (``asyncio.timeout``) costs a timer handle and a context manager on
+    the hot path; webhooks reach the journal in order, so their deadlines are in order too and a
+    queue with a single timer at its head does the same work. Failing a future only ends the
+    waiting: the journal commits the event anyway, and the provider's retry is a duplicate.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pending: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, future: asyncio.Future[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        self._pending.append((deadline, future))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        pending = self._pending
+        while pending and (pending[0][1].done() or pending[0][0] <= now):
+            _, future = pending.popleft()
+            if not future.done():
+                future.set_exception(_CommitTimeout())
+        self._timer = loop.call_at(pending[0][0], self._expire, loop) if pending else None
+
+
 class Receiver:
     """Builds the aiohttp application that takes webhooks."""
 
@@ -141,6 +177,7 @@ class Receiver:
         self.clock = clock
         self._by_path = {src.path: src for src in config.sources.values() if src.name != CATCH_ALL}
         self._catch_all = config.sources.get(CATCH_ALL)
+        self._ack_deadlines = _Deadlines(config.server.ack_timeout_s)
         self._buckets = {
             src.name: TokenBucket(src.intake_per_s, clock)
             for src in config.sources.values()
@@ -290,10 +327,10 @@ class Receiver:
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         commit = self.journal.submit_ingest(NewEvent(event, jobs))
+        self._ack_deadlines.watch(commit)
         try:
-            async with asyncio.timeout(server.ack_timeout_s):
-                result = await commit
-        except TimeoutError:
+            result = await commit
+        except _CommitTimeout:
             log.warning("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
             return _error(503, "journal busy, retry later", server.retry_after_s)
         except JournalUnavailable:
