@@ -18,6 +18,7 @@ from aiohttp import web
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import EVENT_STATES, EventSummary, Journal
+from webhookd.models import Priority
 from webhookd.receiver import IntakeState
 from webhookd.workers import WorkerPool
 
@@ -212,7 +213,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
             "started": pool.started,
             "outcomes": dict(pool.outcomes),
         },
-        "scheduler": [asdict(s) for s in ctx.pool.scheduler.statistics()],
+        "scheduler": await _scheduler_stats(ctx, now),
         "intake": {"verify_failures": ctx.intake.verify_failures},
         "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
         "paused": sorted(await ctx.journal.paused_sources()),
@@ -235,3 +236,51 @@ def _dashboard_html() -> str:
     if not _page:
         _page.append(resources.files("webhookd").joinpath("dashboard.html").read_text("utf-8"))
     return _page[0]
+
+
+_MAX_TENANTS_SHOWN = 50  # per class, the biggest lanes first
+
+
+async def _scheduler_stats(ctx: AdminContext, now: float) -> list[dict[str, Any]]:
+    """Per priority class, and per tenant within it: queued (the journal), running and in the
+    window (this process), and the age of the oldest queued event."""
+    backlog = {b.lane: b for b in await ctx.journal.lane_backlog()}
+    running = ctx.pool.running_by_lane()
+    window = ctx.pool.scheduler.lanes()
+    lanes = sorted(
+        set(backlog) | set(running) | set(window),
+        key=lambda lane: -(backlog[lane].queued if lane in backlog else 0),
+    )
+
+    def age(received_at: float | None) -> float | None:
+        return round(now - received_at, 3) if received_at is not None else None
+
+    classes = []
+    for priority in Priority:
+        mine = [lane for lane in lanes if lane[0] == priority]
+        queued = [backlog[lane].queued if lane in backlog else 0 for lane in mine]
+        oldest = [backlog[lane].oldest_received_at if lane in backlog else None for lane in mine]
+        rows = [
+            {
+                "source": lane[1],
+                "tenant": lane[2] or None,
+                "queued": q,
+                "running": running.get(lane, 0),
+                "window": window.get(lane, 0),
+                "oldest_age_s": age(o),
+            }
+            for lane, q, o in zip(mine, queued, oldest, strict=True)
+        ]
+        classes.append(
+            {
+                "priority": priority.label,
+                "weight": ctx.pool.scheduler.weights[priority],
+                "queued": sum(queued),
+                "running": sum(running.get(lane, 0) for lane in mine),
+                "window": sum(window.get(lane, 0) for lane in mine),
+                "oldest_age_s": age(min((o for o in oldest if o is not None), default=None)),
+                "tenants": rows[:_MAX_TENANTS_SHOWN],
+                "tenants_total": len(rows),
+            }
+        )
+    return classes

@@ -240,6 +240,7 @@ class SourceConfig:
     intake_per_s: float | None = None
     ack_status: int = 202
     concurrency: int | None = None
+    tenant_concurrency: int | None = None  # cap on one tenant's running jobs of this source
     actions: tuple[ActionConfig, ...] = ()
 
     def action(self, name: str) -> ActionConfig | None:
@@ -521,6 +522,7 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
     if not 200 <= ack_status <= 299:
         raise ConfigError(t.path("ack_status"), "must be a 2xx status code")
     concurrency = t.number("concurrency", None, integer=True, minimum=1)
+    tenant_concurrency = t.number("tenant_concurrency", None, integer=True, minimum=1)
     raw_actions = t.raw("actions", [])
     if not isinstance(raw_actions, list):
         raise ConfigError(t.path("actions"), "must be an array of tables")
@@ -548,6 +550,7 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
         intake_per_s=intake_per_s,
         ack_status=ack_status,
         concurrency=concurrency,
+        tenant_concurrency=tenant_concurrency,
         actions=tuple(actions),
     )
 

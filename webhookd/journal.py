@@ -104,6 +104,54 @@ MIGRATIONS: tuple[str, ...] = (
         paused_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2 → 3: the scheduler's lanes and ordered delivery. ``jobs_lane`` serves the per-tenant refill
+    # (oldest due jobs of one priority × source × tenant, ``run_at`` read from the index) and
+    # the walk over the lanes that have queued work; it replaces ``jobs_queued``.
+    # ``jobs_order`` holds only unfinished jobs that have an order key, so "is an older job of
+    # this key still unfinished?" is one short index probe however long the key's history is.
+    """
+    DROP INDEX jobs_queued;
+    CREATE INDEX jobs_lane ON jobs(priority, source, tenant, seq, run_at)
+        WHERE state = 'queued';
+    CREATE INDEX jobs_order ON jobs(source, action, order_key, seq)
+        WHERE order_key IS NOT NULL AND state IN ('queued', 'running');
+    """,
+)
+
+# A job may start only when no older job of its (source, action, order key) is unfinished: the
+# head of each key runs, the rest wait. Dead, done and cancelled jobs do not hold their key.
+# (The partial index above is used only when its WHERE terms appear here verbatim.)
+_HEAD_OF_KEY = (
+    "(j.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.source = j.source"
+    " AND o.action = j.action AND o.order_key = j.order_key AND o.seq < j.seq"
+    " AND o.order_key IS NOT NULL AND o.state IN ('queued', 'running')))"
+)
+
+
+def _next_lane(p: str, s: str, t: str) -> str:
+    """SQL for the first queued job's seq in the lane after (p, s, t): three index seeks (same
+    source, next source, next priority). A row-value comparison reads nicer, but SQLite does not
+    seek on one whose right side comes from the recursive row."""
+    seeks = (
+        f"priority = {p} AND source = {s} AND tenant > {t}",
+        f"priority = {p} AND source > {s}",
+        f"priority > {p}",
+    )
+    firsts = (
+        f"(SELECT seq FROM jobs WHERE state = 'queued' AND {cond}"
+        " ORDER BY priority, source, tenant LIMIT 1)"
+        for cond in seeks
+    )
+    return f"COALESCE({', '.join(firsts)})"
+
+
+# The lanes (priority, source, tenant) that hold queued jobs, in index order from a cursor.
+_LANES_SQL = (
+    "WITH RECURSIVE lane(p, s, t) AS ("
+    f" SELECT priority, source, tenant FROM jobs WHERE seq = {_next_lane(':p', ':s', ':t')}"
+    " UNION ALL SELECT j.priority, j.source, j.tenant FROM lane, jobs j"
+    f" WHERE j.seq = {_next_lane('lane.p', 'lane.s', 'lane.t')} LIMIT :n)"
+    " SELECT p, s, t FROM lane"
 )
 
 
@@ -134,6 +182,19 @@ class Ingested:
     duplicate: bool
 
 
+# Where the scheduler queues a job: (priority, source, tenant). Tenants take turns per class.
+Lane = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LaneBacklog:
+    """Queued jobs of one lane, for ``/stats``."""
+
+    lane: Lane
+    queued: int
+    oldest_received_at: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """A queued job that is due: what the scheduler needs to pick it, and no more."""
@@ -145,6 +206,10 @@ class Ready:
     tenant: str
     order_key: str | None
     seq: int
+
+    @property
+    def lane(self) -> Lane:
+        return (self.priority, self.source, self.tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,18 +820,37 @@ class Journal:
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def ready(
-        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
+        self,
+        now: float,
+        limit: int,
+        exclude: Iterable[str] = (),
+        paused: Iterable[str] = (),
+        *,
+        lane: Lane | None = None,
     ) -> list[Ready]:
-        """Due queued jobs, highest priority and oldest first, skipping ``exclude`` and the
-        jobs of ``paused`` sources."""
+        """Due queued jobs that may start, oldest first (highest priority first across lanes),
+        skipping ``exclude`` and the jobs of ``paused`` sources; only from ``lane`` when given.
+
+        A job whose (source, action, order key) has an older unfinished job is not returned: it
+        waits for that one to be done or dead, whichever process or boot is running it.
+        """
         skip = set(exclude)
         held = sorted(paused)
-        not_paused = f" AND source NOT IN ({','.join('?' * len(held))})" if held else ""
+        where = "j.state = 'queued' AND j.run_at <= ?"
+        args: list[Any] = [now]
+        if held:
+            where += f" AND j.source NOT IN ({','.join('?' * len(held))})"
+            args.extend(held)
+        order = "j.priority, j.seq"
+        if lane is not None:
+            where += " AND j.priority = ? AND j.source = ? AND j.tenant = ?"
+            args.extend(lane)
+            order = "j.seq"
         rows = await _fetch(
             self.reader,
-            "SELECT id, source, action, priority, tenant, order_key, seq FROM jobs"
-            f" WHERE state = 'queued' AND run_at <= ?{not_paused} ORDER BY priority, seq LIMIT ?",
-            (now, *held, limit + len(skip)),
+            "SELECT j.id, j.source, j.action, j.priority, j.tenant, j.order_key, j.seq FROM jobs j"
+            f" WHERE {where} AND {_HEAD_OF_KEY} ORDER BY {order} LIMIT ?",
+            (*args, limit + len(skip)),
         )
         out = []
         for r in rows:
@@ -777,13 +861,49 @@ class Journal:
                 break
         return out
 
-    async def next_run_at(self, paused: Iterable[str] = ()) -> float | None:
-        """When the earliest queued job (of a source not paused) becomes due; ``None`` if none."""
-        held = sorted(paused)
-        not_paused = f" AND source NOT IN ({','.join('?' * len(held))})" if held else ""
+    async def queued_lanes(self, after: Lane | None, limit: int) -> list[Lane]:
+        """Lanes holding queued jobs (due or not), in (priority, source, tenant) order, starting
+        after ``after`` (from the first when ``None``); at most ``limit``."""
+        p, s, t = after if after is not None else (-1, "", "")  # -1: before every priority
+        rows = await _fetch(self.reader, _LANES_SQL, {"p": p, "s": s, "t": t, "n": limit})
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def lane_backlog(self) -> list[LaneBacklog]:
+        """Queued jobs per lane with the oldest one's receive time, biggest lanes first."""
         rows = await _fetch(
-            self.reader, f"SELECT MIN(run_at) FROM jobs WHERE state = 'queued'{not_paused}", held
+            self.reader,
+            "SELECT priority, source, tenant, COUNT(*), MIN(seq) FROM jobs WHERE state = 'queued'"
+            " GROUP BY priority, source, tenant ORDER BY COUNT(*) DESC, priority",
         )
+        oldest: dict[int, float] = {}
+        seqs = [r[4] for r in rows]
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found = await _fetch(
+                self.reader,
+                "SELECT j.seq, e.received_at FROM jobs j JOIN events e ON e.id = j.event_id"
+                f" WHERE j.seq IN ({marks})",
+                chunk,
+            )
+            oldest.update({f[0]: f[1] for f in found})
+        return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), oldest.get(r[4])) for r in rows]
+
+    async def next_run_at(
+        self, paused: Iterable[str] = (), after: float | None = None
+    ) -> float | None:
+        """When the earliest queued job (of a source not paused) becomes due; ``None`` if none.
+        With ``after``, the earliest falling due later than that (jobs due now but waiting
+        behind an older job of their order key would otherwise always be "next")."""
+        held = sorted(paused)
+        sql = "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'"
+        if held:
+            sql += f" AND source NOT IN ({','.join('?' * len(held))})"
+        args: list[Any] = list(held)
+        if after is not None:
+            sql += " AND run_at > ?"
+            args.append(after)
+        rows = await _fetch(self.reader, sql, args)
         value = rows[0][0] if rows else None
         return float(value) if value is not None else None
 
@@ -1079,7 +1199,9 @@ class Journal:
 
 
 async def _fetch(
-    conn: aiosqlite.Connection, sql: str, args: Sequence[Any] | tuple[Any, ...] = ()
+    conn: aiosqlite.Connection,
+    sql: str,
+    args: Sequence[Any] | tuple[Any, ...] | Mapping[str, Any] = (),
 ) -> list[sqlite3.Row]:
     return list(await conn.execute_fetchall(sql, args))
 

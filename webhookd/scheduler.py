@@ -1,12 +1,17 @@
 """The scheduler: priority classes × per-tenant round robin over a bounded window of ready jobs.
 
-It decides *which* due job runs next; it never touches the journal. The window holds at most
-``capacity`` jobs; when it is full the dispatcher records that the journal holds more and
-refills later, so a backlog of millions costs disk, not memory.
+It decides *which* due job runs next; it never touches the journal. Jobs wait in *lanes*, one
+per (priority, source, tenant). Each lane holds at most ``lane_capacity`` jobs and the whole
+window at most ``capacity``; what does not fit stays in the journal, and the worker pool refills
+a lane when it runs low, so a backlog of millions costs disk, not memory, and one tenant's burst
+never fills the window against the others.
 
 Classes are served by smooth weighted round robin (8:4:1 by default), so low priority is never
-starved; within a class, tenants take turns, so one tenant's burst cannot delay another's
-single event by more than a few slots.
+starved. Within a class, lanes are served by deficit round robin with a unit cost per job,
+which comes down to one job per lane per turn: one tenant's 10,000 queued jobs delay another
+tenant's single job by at most one job per busy tenant. A lane whose jobs may not start now
+(its tenant's, source's or action's cap is reached) is skipped for that turn, never waited on,
+and earns no credit meanwhile, so it cannot burst ahead of the others afterwards.
 """
 
 from __future__ import annotations
@@ -15,62 +20,72 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from webhookd.journal import Ready
+from webhookd.journal import Lane, Ready
 from webhookd.models import Priority
+
+# How far into a lane to look past a head that may not start (a capped action), so that the
+# tenant's jobs for other actions still go. Bounded: a pop must stay cheap.
+_LOOKAHEAD = 8
 
 
 @dataclass(frozen=True, slots=True)
 class ClassStats:
     priority: str
-    queued: int
-    tenants: int
+    queued: int  # jobs of this class in the window (the journal may hold more)
+    tenants: int  # lanes of this class with jobs in the window
 
 
 class _Class:
-    """One priority class: a ring of tenants, each with a FIFO of its ready jobs."""
+    """One priority class: a ring of lanes, each a FIFO of its ready jobs."""
 
-    __slots__ = ("size", "tenants")
+    __slots__ = ("lanes", "size")
 
     def __init__(self) -> None:
-        self.tenants: OrderedDict[str, deque[Ready]] = OrderedDict()
+        self.lanes: OrderedDict[Lane, deque[Ready]] = OrderedDict()
         self.size = 0
 
     def add(self, job: Ready) -> None:
-        queue = self.tenants.get(job.tenant)
+        queue = self.lanes.get(job.lane)
         if queue is None:
-            queue = self.tenants[job.tenant] = deque()
+            queue = self.lanes[job.lane] = deque()
         queue.append(job)
         self.size += 1
 
     def pop(self, can_run: Callable[[Ready], bool]) -> Ready | None:
-        """The head job of the first tenant (in ring order) whose head may run now."""
-        for _ in range(len(self.tenants)):
-            tenant, queue = next(iter(self.tenants.items()))
-            # Rotate first, so the next call starts with the following tenant either way.
-            self.tenants.move_to_end(tenant)
+        """The first job that may run from the next lane (in ring order) that has one."""
+        for _ in range(len(self.lanes)):
+            lane, queue = next(iter(self.lanes.items()))
+            # Rotate first: the next call starts with the following lane whether this one
+            # yields a job (its turn is used) or not (it is skipped, not waited on).
+            self.lanes.move_to_end(lane)
             for index, job in enumerate(queue):
+                if index > _LOOKAHEAD:
+                    break
                 if can_run(job):
                     del queue[index]
                     self.size -= 1
                     if not queue:
-                        del self.tenants[tenant]
+                        del self.lanes[lane]
                     return job
-                # A tenant's jobs are tried in order; only the head keeps its turn fair, but a
-                # blocked head (a capped action) must not block the tenant's other actions.
-                if index >= 8:
-                    break
         return None
 
     def __iter__(self) -> Iterator[Ready]:
-        for queue in self.tenants.values():
+        for queue in self.lanes.values():
             yield from queue
 
 
 class Scheduler:
     """Holds ready jobs and hands out the next one to run."""
 
-    def __init__(self, *, capacity: int = 1000, weights: tuple[int, int, int] = (8, 4, 1)) -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int = 1000,
+        lane_capacity: int | None = None,
+        weights: tuple[int, int, int] = (8, 4, 1),
+    ) -> None:
         self.capacity = capacity
+        self.lane_capacity = min(lane_capacity or capacity, capacity)
         self.weights = weights
         self._classes = [_Class() for _ in Priority]
         self._credit = [0, 0, 0]
@@ -89,11 +104,23 @@ class Scheduler:
     def ids(self) -> set[str]:
         return set(self._ids)
 
+    def lane_size(self, lane: Lane) -> int:
+        queue = self._classes[lane[0]].lanes.get(lane)
+        return len(queue) if queue is not None else 0
+
+    def lane_room(self, lane: Lane) -> int:
+        """How many more jobs ``lane`` may take now (the window's room included)."""
+        return min(self.lane_capacity - self.lane_size(lane), self.room)
+
+    def lane_ids(self, lane: Lane) -> set[str]:
+        queue = self._classes[lane[0]].lanes.get(lane)
+        return {job.id for job in queue} if queue is not None else set()
+
     def add(self, job: Ready) -> bool:
-        """Take a ready job; ``False`` (and nothing kept) when the window is full or it is known."""
+        """Take a ready job; ``False`` (and nothing kept) when its lane or the window is full."""
         if job.id in self._ids:
             return True
-        if len(self._ids) >= self.capacity:
+        if self.lane_room(job.lane) <= 0:
             return False
         self._classes[job.priority].add(job)
         self._ids.add(job.id)
@@ -101,24 +128,31 @@ class Scheduler:
 
     def pop(self, can_run: Callable[[Ready], bool] = lambda _job: True) -> Ready | None:
         """The next job to run, or ``None`` if nothing in the window may run now."""
-        # Smooth weighted round robin: every class with work earns its weight, the richest
-        # goes, and pays the total. Classes whose jobs are all blocked are skipped this time.
+        # Smooth weighted round robin: every class with jobs earns its weight, the richest one
+        # that has a job allowed to run goes and pays what was earned. A class found blocked
+        # gives its earning back, so being capped for a while does not bank credit.
         active = [i for i, c in enumerate(self._classes) if c.size]
-        while active:
-            total = sum(self.weights[i] for i in active)
-            for i in active:
-                self._credit[i] += self.weights[i]
-            best = max(active, key=lambda i: self._credit[i])
-            self._credit[best] -= total
-            job = self._classes[best].pop(can_run)
+        for i, c in enumerate(self._classes):
+            if not c.size:
+                self._credit[i] = 0
+        for i in active:
+            self._credit[i] += self.weights[i]
+        earned = sum(self.weights[i] for i in active)
+        for i in sorted(active, key=lambda i: (-self._credit[i], i)):
+            job = self._classes[i].pop(can_run)
             if job is not None:
+                self._credit[i] -= earned
                 self._ids.discard(job.id)
                 return job
-            active.remove(best)
+            self._credit[i] -= self.weights[i]
+            earned -= self.weights[i]
         return None
+
+    def lanes(self) -> dict[Lane, int]:
+        """Jobs in the window per lane."""
+        return {lane: len(q) for c in self._classes for lane, q in c.lanes.items()}
 
     def statistics(self) -> list[ClassStats]:
         return [
-            ClassStats(Priority(i).label, c.size, len(c.tenants))
-            for i, c in enumerate(self._classes)
+            ClassStats(Priority(i).label, c.size, len(c.lanes)) for i, c in enumerate(self._classes)
         ]

@@ -15,19 +15,24 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from webhookd.actions.base import Action, Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
-from webhookd.journal import Claimed, Finished, Journal, Ready
+from webhookd.journal import Claimed, Finished, Journal, Lane, Ready
 from webhookd.models import JobState
 from webhookd.scheduler import Scheduler
 
 log = logging.getLogger("webhookd.workers")
 
 MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
+# Lanes looked at per refill. More lanes than this with queued work are visited in turns (a
+# cursor walks the journal's lane index), so a refill stays cheap with thousands of tenants.
+MAX_LANES_PER_REFILL = 256
 _ERROR_CHARS = 2000
+_K = TypeVar("_K")
 
 
 def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -44,6 +49,15 @@ class PoolStats:
     window: int
     started: int
     outcomes: Mapping[str, int]
+
+
+def _bump(counter: Counter[_K], key: _K, delta: int) -> None:
+    """Add ``delta``, dropping keys that reach zero (tenants come and go)."""
+    value = counter[key] + delta
+    if value:
+        counter[key] = value
+    else:
+        del counter[key]
 
 
 class WorkerPool:
@@ -66,7 +80,7 @@ class WorkerPool:
         self.clock = clock
         self.rng = rng
         self.concurrency = config.workers.concurrency
-        self.scheduler = Scheduler(capacity=config.workers.window, weights=config.workers.weights)
+        self.scheduler = self._new_scheduler()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -75,9 +89,12 @@ class WorkerPool:
         self._claiming_jobs = 0
         self._overflow = True  # the journal may hold ready jobs we have not seen: look first
         self._next_due: float | None = None
+        self._lane_cursor: Lane | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
+        self._running_by_tenant: Counter[tuple[str, str]] = Counter()
+        self._running_by_lane: Counter[Lane] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.outcomes: Counter[str] = Counter()
@@ -87,6 +104,14 @@ class WorkerPool:
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
 
+    def _new_scheduler(self) -> Scheduler:
+        # A lane's share of the window: enough to keep every worker busy on one tenant alone.
+        return Scheduler(
+            capacity=self.config.workers.window,
+            lane_capacity=max(2 * self.concurrency, 16),
+            weights=self.config.workers.weights,
+        )
+
     # -- feeding -----------------------------------------------------------------------------
 
     def notify(self, ready: list[Ready]) -> None:
@@ -94,9 +119,10 @@ class WorkerPool:
         for job in ready:
             if job.source in self.paused:
                 continue
-            if not self.scheduler.add(job):
+            # An ordered job may have an older job of its key unfinished (waiting for a retry,
+            # say): only the journal knows, so it comes in through a refill.
+            if job.order_key is not None or not self.scheduler.add(job):
                 self._overflow = True
-                break
         self._wake.set()
 
     def poke(self) -> None:
@@ -105,16 +131,30 @@ class WorkerPool:
         self._wake.set()
 
     async def _refill(self) -> None:
-        room = self.scheduler.room
-        if room <= 0:
-            return
+        """Top up the lanes that run low from the journal, the emptiest first."""
         now = self.clock.time()
-        exclude = self.scheduler.ids() | set(self._running)
-        rows = await self.journal.ready(now, room, exclude, self.paused)
-        for job in rows:
-            self.scheduler.add(job)
-        self._overflow = len(rows) >= room
-        self._next_due = None if self._overflow else await self.journal.next_run_at(self.paused)
+        lanes = await self.journal.queued_lanes(self._lane_cursor, MAX_LANES_PER_REFILL)
+        more = len(lanes) >= MAX_LANES_PER_REFILL
+        if not more and self._lane_cursor is not None:  # wrap around to the first lanes
+            seen = set(lanes)
+            head = await self.journal.queued_lanes(None, MAX_LANES_PER_REFILL - len(lanes))
+            lanes += [lane for lane in head if lane not in seen]
+        self._lane_cursor = lanes[-1] if more else None
+        # An empty lane (a tenant with nothing in memory) goes before a busy one tops up.
+        lanes = [lane for lane in lanes if lane[1] not in self.paused]
+        lanes.sort(key=self.scheduler.lane_size)
+        low = self.scheduler.lane_capacity // 2
+        for lane in lanes:
+            room = self.scheduler.lane_room(lane)
+            if room <= 0 or self.scheduler.lane_size(lane) > low:
+                more = True  # full enough for now; the journal may hold more of it
+                continue
+            rows = await self.journal.ready(now, room, self.scheduler.lane_ids(lane), lane=lane)
+            for job in rows:
+                self.scheduler.add(job)
+            more = more or len(rows) >= room
+        self._overflow = more
+        self._next_due = None if more else await self.journal.next_run_at(self.paused, after=now)
 
     async def _refresh_paused(self) -> None:
         paused = await self.journal.paused_sources()
@@ -123,9 +163,7 @@ class WorkerPool:
         if paused - self.paused:
             # Newly paused sources may have jobs in the window: rebuild it from the journal
             # (which it only mirrors) rather than let held jobs take the room of runnable ones.
-            self.scheduler = Scheduler(
-                capacity=self.config.workers.window, weights=self.config.workers.weights
-            )
+            self.scheduler = self._new_scheduler()
         for source in paused ^ self.paused:
             log.warning(
                 "source %s processing=%s", source, "paused" if source in paused else "resumed"
@@ -148,6 +186,11 @@ class WorkerPool:
             and (self._running_by_action[(source.name, job.action)] >= action.concurrency)
         ):
             return False
+        if (
+            source.tenant_concurrency is not None
+            and self._running_by_tenant[(source.name, job.tenant)] >= source.tenant_concurrency
+        ):
+            return False
         return not (
             source.concurrency is not None
             and self._running_by_source[source.name] >= source.concurrency
@@ -157,44 +200,44 @@ class WorkerPool:
         """Claim and start as many jobs as there are free slots; returns how many started."""
         if self._overflow and self.scheduler.room > 0:
             await self._refill()
-        picks: list[Ready] = []
+        picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._running)
         while len(picks) < free:
             job = self.scheduler.pop(self._can_run)
             if job is None:
                 break
-            picks.append(job)
-            self._reserve(job, +1)
+            picks[job.id] = job
+            self._count(job, +1)
         if not picks:
             return 0
         async with self._claiming:
             self._claiming_jobs = len(picks)
             try:
-                claimed = await self.journal.claim([p.id for p in picks], self.boot_id)
+                claimed = await self.journal.claim(list(picks), self.boot_id)
             finally:
                 self._claiming_jobs = 0
-                for job in picks:
-                    self._reserve(job, -1)
+                for job in picks.values():
+                    self._count(job, -1)
             if self._stopping:
                 # A drain began while the claim waited on the journal: start nothing new.
                 await self.journal.unclaim([c.job.id for c in claimed])
                 return 0
         for c in claimed:
-            self._start(c)
+            self._start(c, picks[c.job.id])
         return len(claimed)
 
-    def _reserve(self, job: Ready, delta: int) -> None:
+    def _count(self, job: Ready, delta: int) -> None:
+        """Keep the running counts the caps are checked against (picks count as running)."""
         source = self.config.source_for(job.source)
         name = source.name if source else job.source
-        self._running_by_action[(name, job.action)] += delta
-        self._running_by_source[name] += delta
+        _bump(self._running_by_action, (name, job.action), delta)
+        _bump(self._running_by_source, name, delta)
+        _bump(self._running_by_tenant, (name, job.tenant), delta)
+        _bump(self._running_by_lane, job.lane, delta)
 
-    def _start(self, claimed: Claimed) -> None:
+    def _start(self, claimed: Claimed, ready: Ready) -> None:
         job = claimed.job
-        source = self.config.source_for(claimed.event.source)
-        name = source.name if source else claimed.event.source
-        self._running_by_action[(name, job.action)] += 1
-        self._running_by_source[name] += 1
+        self._count(ready, +1)
         task = asyncio.create_task(self._run(claimed), name=f"job {job.id}")
         self._running[job.id] = task
         self._idle.clear()
@@ -202,8 +245,9 @@ class WorkerPool:
 
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(job.id, None)
-            self._running_by_action[(name, job.action)] -= 1
-            self._running_by_source[name] -= 1
+            self._count(ready, -1)
+            if ready.order_key is not None:
+                self._overflow = True  # the next job of its key may start: look for it
             if not self._running:
                 self._idle.set()
             self._wake.set()
@@ -246,9 +290,9 @@ class WorkerPool:
                 if len(self.scheduler) == 0:
                     await self._refill()
                     if len(self.scheduler) == 0:
-                        return await self.journal.next_run_at(self.paused)
+                        return await self.journal.next_run_at(self.paused, after=self.clock.time())
                     continue
-                return await self.journal.next_run_at(self.paused)
+                return await self.journal.next_run_at(self.paused, after=self.clock.time())
             if self._running:
                 await asyncio.wait(
                     list(self._running.values()), return_when=asyncio.FIRST_COMPLETED
@@ -375,6 +419,10 @@ class WorkerPool:
         if outcome.after_s is not None:
             delay = max(delay, outcome.after_s)  # downstream's Retry-After is a lower bound
         return make(JobState.QUEUED, "retry", now + delay)
+
+    def running_by_lane(self) -> dict[Lane, int]:
+        """Jobs running (or being claimed) per lane."""
+        return dict(self._running_by_lane)
 
     def statistics(self) -> PoolStats:
         return PoolStats(
