@@ -23,6 +23,9 @@ SCENARIOS: dict[str, Scenario] = {
         "durable intake vs a bare aiohttp+uvloop handler; ack latency at fixed rates",
     ),
     "chaos": Scenario("bench.chaos", "kill -9 at random moments under signed load; counts losses"),
+    "backlog": Scenario(
+        "bench.backlog", "peak RSS while draining a backlog of 1,000,000 queued events"
+    ),
 }
 DEFAULT = "intake"
 

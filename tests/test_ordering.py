@@ -136,7 +136,8 @@ async def test_order_holds_across_a_restart(tmp_path: Path) -> None:
 
 async def test_the_journal_offers_only_the_head_of_each_key(tmp_path: Path) -> None:
     """``ready`` returns the oldest unfinished job per (source, action, key), so the rule
-    holds for any pool reading the journal; unordered jobs and other actions are unaffected."""
+    holds for any pool reading the journal; unordered jobs and other actions are unaffected;
+    a dead job releases its key, and takes it back when replayed."""
     cfg = make_config(
         tmp_path,
         """
@@ -170,6 +171,10 @@ ordered_by = "json:k"
         await h.journal.claim([second[("log", 1)]], "boot")
         await h.journal.finish([_finished(second[("log", 1)], now, JobState.DEAD)])
         assert ("log", 2) in await ready()  # a dead job does not hold its key
+        # Replayed, the dead job is the oldest unfinished of its key again: it goes first.
+        await h.journal.replay(await h.journal.dead_event_ids())
+        third = await ready()
+        assert ("log", 1) in third and ("log", 2) not in third
 
 
 def _finished(job_id: str, now: float, state: JobState) -> Finished:

@@ -145,6 +145,9 @@ def _next_lane(p: str, s: str, t: str) -> str:
     return f"COALESCE({', '.join(firsts)})"
 
 
+_READY_COLUMNS = "j.id, j.source, j.action, j.priority, j.tenant, j.order_key, j.seq"
+_LANES_PER_QUERY = 200  # parts of one UNION ALL (SQLite allows 500)
+
 # The lanes (priority, source, tenant) that hold queued jobs, in index order from a cursor.
 _LANES_SQL = (
     "WITH RECURSIVE lane(p, s, t) AS ("
@@ -820,45 +823,40 @@ class Journal:
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def ready(
-        self,
-        now: float,
-        limit: int,
-        exclude: Iterable[str] = (),
-        paused: Iterable[str] = (),
-        *,
-        lane: Lane | None = None,
+        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
     ) -> list[Ready]:
-        """Due queued jobs that may start, oldest first (highest priority first across lanes),
-        skipping ``exclude`` and the jobs of ``paused`` sources; only from ``lane`` when given.
+        """Due queued jobs that may start, highest priority and oldest first, skipping
+        ``exclude`` and the jobs of ``paused`` sources.
 
         A job whose (source, action, order key) has an older unfinished job is not returned: it
         waits for that one to be done or dead, whichever process or boot is running it.
         """
         skip = set(exclude)
         held = sorted(paused)
-        where = "j.state = 'queued' AND j.run_at <= ?"
-        args: list[Any] = [now]
-        if held:
-            where += f" AND j.source NOT IN ({','.join('?' * len(held))})"
-            args.extend(held)
-        order = "j.priority, j.seq"
-        if lane is not None:
-            where += " AND j.priority = ? AND j.source = ? AND j.tenant = ?"
-            args.extend(lane)
-            order = "j.seq"
+        not_paused = f" AND j.source NOT IN ({','.join('?' * len(held))})" if held else ""
         rows = await _fetch(
             self.reader,
-            "SELECT j.id, j.source, j.action, j.priority, j.tenant, j.order_key, j.seq FROM jobs j"
-            f" WHERE {where} AND {_HEAD_OF_KEY} ORDER BY {order} LIMIT ?",
-            (*args, limit + len(skip)),
+            f"SELECT {_READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.run_at <= ?"
+            f"{not_paused} AND {_HEAD_OF_KEY} ORDER BY j.priority, j.seq LIMIT ?",
+            (now, *held, limit + len(skip)),
         )
-        out = []
-        for r in rows:
-            if r[0] in skip:
-                continue
-            out.append(Ready(r[0], r[1], r[2], r[3], r[4], r[5], r[6]))
-            if len(out) >= limit:
-                break
+        out = [Ready(*r) for r in rows if r[0] not in skip]
+        return out[:limit]
+
+    async def ready_in_lanes(self, now: float, wants: Sequence[tuple[Lane, int]]) -> list[Ready]:
+        """For each (lane, n): up to n of the lane's due jobs that may start (as ``ready``),
+        oldest first. One statement per ``_LANES_PER_QUERY`` lanes, each part an index seek."""
+        part = (
+            f"SELECT * FROM (SELECT {_READY_COLUMNS} FROM jobs j WHERE j.state = 'queued'"
+            " AND j.priority = ? AND j.source = ? AND j.tenant = ? AND j.run_at <= ?"
+            f" AND {_HEAD_OF_KEY} ORDER BY j.seq LIMIT ?)"
+        )
+        out: list[Ready] = []
+        for start in range(0, len(wants), _LANES_PER_QUERY):
+            chunk = wants[start : start + _LANES_PER_QUERY]
+            args = [arg for lane, n in chunk for arg in (*lane, now, n)]
+            rows = await _fetch(self.reader, " UNION ALL ".join([part] * len(chunk)), args)
+            out.extend(Ready(*r) for r in rows)
         return out
 
     async def queued_lanes(self, after: Lane | None, limit: int) -> list[Lane]:

@@ -87,7 +87,12 @@ class WorkerPool:
         self._stopping = False
         self._claiming = asyncio.Lock()  # held across a claim, so a drain can wait it out
         self._claiming_jobs = 0
-        self._overflow = True  # the journal may hold ready jobs we have not seen: look first
+        # The journal may hold ready jobs the window lacks: _refill_now when something new is
+        # known (a commit the window had no room for, an ordered job, a retry falling due, a
+        # replay); _overflow when lanes were simply full, topped up once the window runs low.
+        self._refill_now = True
+        self._overflow = True
+        self._low_water = 0  # a lazy top-up waits until the window is down to this
         self._next_due: float | None = None
         self._lane_cursor: Lane | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -122,17 +127,20 @@ class WorkerPool:
             # An ordered job may have an older job of its key unfinished (waiting for a retry,
             # say): only the journal knows, so it comes in through a refill.
             if job.order_key is not None or not self.scheduler.add(job):
-                self._overflow = True
+                self._refill_now = True
         self._wake.set()
 
     def poke(self) -> None:
         """Something changed in the journal (a replay): look at it now rather than at the sweep."""
-        self._overflow = True
+        self._refill_now = True
         self._wake.set()
 
     async def _refill(self) -> None:
-        """Top up the lanes that run low from the journal, the emptiest first."""
+        """Top up the lanes from the journal: each toward an even share of the window, the
+        emptiest first, in one pass over the lanes that hold queued jobs."""
+        self._refill_now = False
         now = self.clock.time()
+        scheduler = self.scheduler
         lanes = await self.journal.queued_lanes(self._lane_cursor, MAX_LANES_PER_REFILL)
         more = len(lanes) >= MAX_LANES_PER_REFILL
         if not more and self._lane_cursor is not None:  # wrap around to the first lanes
@@ -140,20 +148,25 @@ class WorkerPool:
             head = await self.journal.queued_lanes(None, MAX_LANES_PER_REFILL - len(lanes))
             lanes += [lane for lane in head if lane not in seen]
         self._lane_cursor = lanes[-1] if more else None
-        # An empty lane (a tenant with nothing in memory) goes before a busy one tops up.
+        share = min(scheduler.lane_capacity, max(scheduler.capacity // max(len(lanes), 1), 1))
+        room = scheduler.room
+        wants: list[tuple[Lane, int]] = []
         lanes = [lane for lane in lanes if lane[1] not in self.paused]
-        lanes.sort(key=self.scheduler.lane_size)
-        low = self.scheduler.lane_capacity // 2
-        for lane in lanes:
-            room = self.scheduler.lane_room(lane)
-            if room <= 0 or self.scheduler.lane_size(lane) > low:
-                more = True  # full enough for now; the journal may hold more of it
+        for lane in sorted(lanes, key=scheduler.lane_size):  # an empty lane goes first
+            size = scheduler.lane_size(lane)
+            want = min(share - size, room)
+            if want <= 0:
+                more = True  # at its share (or no room left): the journal may hold more
                 continue
-            rows = await self.journal.ready(now, room, self.scheduler.lane_ids(lane), lane=lane)
-            for job in rows:
-                self.scheduler.add(job)
-            more = more or len(rows) >= room
+            wants.append((lane, size + want))  # the held jobs come back too, then are skipped
+            room -= want
+        rows = await self.journal.ready_in_lanes(now, wants)
+        got: Counter[Lane] = Counter(job.lane for job in rows)
+        for job in rows:
+            scheduler.add(job)
+        more = more or any(got[lane] >= n for lane, n in wants)
         self._overflow = more
+        self._low_water = len(scheduler) // 2
         self._next_due = None if more else await self.journal.next_run_at(self.paused, after=now)
 
     async def _refresh_paused(self) -> None:
@@ -169,7 +182,7 @@ class WorkerPool:
                 "source %s processing=%s", source, "paused" if source in paused else "resumed"
             )
         self.paused = paused
-        self._overflow = True
+        self._refill_now = True
 
     # -- dispatching -------------------------------------------------------------------------
 
@@ -198,7 +211,9 @@ class WorkerPool:
 
     async def _dispatch_once(self) -> int:
         """Claim and start as many jobs as there are free slots; returns how many started."""
-        if self._overflow and self.scheduler.room > 0:
+        if self.scheduler.room > 0 and (
+            self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)
+        ):
             await self._refill()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._running)
@@ -247,7 +262,7 @@ class WorkerPool:
             self._running.pop(job.id, None)
             self._count(ready, -1)
             if ready.order_key is not None:
-                self._overflow = True  # the next job of its key may start: look for it
+                self._refill_now = True  # the next job of its key may start: look for it
             if not self._running:
                 self._idle.set()
             self._wake.set()
@@ -270,7 +285,7 @@ class WorkerPool:
             now_mono = self.clock.monotonic()
             due = self._next_due is not None and self._next_due <= self.clock.time()
             if due or now_mono - last_sweep >= sweep_s:
-                self._overflow = True
+                self._refill_now = True
                 last_sweep = now_mono
                 await self._refresh_paused()
             while not self._stopping and await self._dispatch_once():
@@ -282,7 +297,7 @@ class WorkerPool:
         Returns when the next queued job falls due (``None`` when nothing is queued), so a test
         can advance its clock there and call again.
         """
-        self._overflow = True
+        self._refill_now = True
         await self._refresh_paused()
         while True:
             started = await self._dispatch_once()
