@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +60,22 @@ class Server:
     url: str
     stop_s: float | None = None  # SIGTERM → exit
     killed: bool = False  # did not exit within STOP_TIMEOUT_S after SIGTERM
+    admin_url: str = ""  # webhookd only
+    config: Path | None = None  # webhookd only: its config file, for CLI verbs (pause, resume)
 
     def cpu_s(self) -> float:
-        """CPU time used so far by the server process (all its threads), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        # Fields 14 and 15 of stat(5) (utime, stime); index 11 and 12 after "pid (comm)".
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time used so far by the server process (all its threads)."""
+        return proc_cpu_s(self.proc.pid)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU time used so far by process `pid` (all its threads), from /proc; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields 14 and 15 of stat(5) (utime, stime); index 11 and 12 after "pid (comm)".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def webhookd_command() -> list[str]:
@@ -79,9 +86,10 @@ def webhookd_command() -> list[str]:
     return [sys.executable, "-m", "webhookd"]
 
 
-def webhookd_config(port: int, admin_port: int, journal: Path, log_action: bool) -> str:
-    """The benchmark's webhookd config (TOML)."""
-    text = f"""\
+def webhookd_config(port: int, admin_port: int, journal: Path, body: str) -> str:
+    """A webhookd config (TOML): receiver, admin and journal for this run, then `body` (the
+    sources, actions, lanes, workers…)."""
+    return f"""\
 [server]
 listen = "127.0.0.1:{port}"
 max_body_bytes = 1048576
@@ -95,9 +103,13 @@ path = {json.dumps(str(journal))}
 [log]
 level = "warning"
 
-# No actions: measures durable intake alone (journal + fsync'd commit before the 202).
-[sources.bench]
-"""
+{body}"""
+
+
+def intake_sources(log_action: bool) -> str:
+    """The intake benchmark's one source, ``bench``, with no actions or one ``log`` action."""
+    # No actions: measures durable intake alone (journal + fsync'd commit before the 202).
+    text = "[sources.bench]\n"
     if log_action:
         text += '\n[[sources.bench.actions]]\ntype = "log"\n'
     return text
@@ -106,12 +118,64 @@ level = "warning"
 @contextmanager
 def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -> Iterator[Server]:
     """Start `target` pinned to `cpu`, wait until it answers, yield it, then stop it."""
+    if target.kind == "bare":
+        with _running(target, cpu=cpu, parent_dir=parent_dir) as server:
+            yield server
+    else:
+        with running_webhookd(
+            intake_sources(target.log_action), cpu=cpu, parent_dir=parent_dir, target=target
+        ) as server:
+            yield server
+
+
+@contextmanager
+def running_webhookd(
+    body: str,
+    *,
+    cpu: int | None,
+    parent_dir: str | None = None,
+    target: Target = WEBHOOKD,
+    probe: bool = True,
+    env: dict[str, str] | None = None,
+    before_start: Callable[[Path], None] | None = None,
+) -> Iterator[Server]:
+    """``webhookd serve`` with `body` as the rest of its config (see `webhookd_config`).
+
+    `probe`: POST one webhook to ``/hooks/bench`` before yielding (leave it off when that would
+    create a job the scenario counts). `env`: extra environment. `before_start`: called with the
+    config file before the daemon starts, e.g. to pause a source with the CLI.
+    """
+    with _running(
+        target,
+        cpu=cpu,
+        parent_dir=parent_dir,
+        body=body,
+        probe=probe,
+        env=env,
+        before_start=before_start,
+    ) as server:
+        yield server
+
+
+@contextmanager
+def _running(
+    target: Target,
+    *,
+    cpu: int | None,
+    parent_dir: str | None,
+    body: str = "",
+    probe: bool = True,
+    env: dict[str, str] | None = None,
+    before_start: Callable[[Path], None] | None = None,
+) -> Iterator[Server]:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{target.kind}-", dir=parent_dir))
     log_path = workdir / "server.log"
     proc: subprocess.Popen[bytes] | None = None
     server: Server | None = None
     try:
         port = free_port()
+        config: Path | None = None
+        admin_url = ""
         if target.kind == "bare":
             cmd = [sys.executable, "-m", "bench.bare", "--port", str(port)]
             ready_url = f"http://127.0.0.1:{port}/readyz"
@@ -119,9 +183,13 @@ def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -
             admin_port = free_port()
             config = workdir / "webhookd.toml"
             journal = workdir / "bench.db"
-            config.write_text(webhookd_config(port, admin_port, journal, target.log_action))
+            config.write_text(webhookd_config(port, admin_port, journal, body))
             cmd = [*webhookd_command(), "serve", "--config", str(config)]
-            ready_url = f"http://127.0.0.1:{admin_port}/readyz"
+            admin_url = f"http://127.0.0.1:{admin_port}"
+            ready_url = f"{admin_url}/readyz"
+        url = f"http://127.0.0.1:{port}/hooks/bench"
+        if before_start is not None and config is not None:
+            before_start(config)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -129,14 +197,16 @@ def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=_REPO,
+                env={**os.environ, **env} if env else None,
                 preexec_fn=pin_to(cpu),
                 # Its own session: a Ctrl-C on the terminal reaches only the harness, which then
                 # stops the server itself, in order.
                 start_new_session=True,
             )
-        server = Server(target, proc, f"http://127.0.0.1:{port}/hooks/bench")
+        server = Server(target, proc, url, admin_url=admin_url, config=config)
         _wait_ready(server, ready_url, log_path)
-        _probe(server, log_path)
+        if probe:
+            _probe(server, log_path)
         yield server
         _check_alive(server, log_path)
     finally:
