@@ -22,9 +22,18 @@ SCENARIOS: dict[str, Scenario] = {
         "bench.intake",
         "durable intake vs a bare aiohttp+uvloop handler; ack latency at fixed rates",
     ),
+    "dispatch": Scenario("bench.dispatch", "commit → job start on an idle pool, p50/p99"),
+    "e2e": Scenario("bench.e2e", "20,000 queued no-op jobs drained: jobs/s to done"),
+    "burst": Scenario(
+        "bench.burst", "40,000 webhooks at once: time to ack, time to process, lost, duplicates"
+    ),
+    "lanes": Scenario("bench.lanes", "RPM/TPM used vs configured, against the OpenAI stand-in"),
     "chaos": Scenario("bench.chaos", "kill -9 at random moments under signed load; counts losses"),
     "backlog": Scenario(
         "bench.backlog", "peak RSS while draining a backlog of 1,000,000 queued events"
+    ),
+    "all": Scenario(
+        "bench.suite", "every scenario but chaos: one table, JSON and a PNG chart (--quick)"
     ),
 }
 DEFAULT = "intake"
