@@ -29,6 +29,10 @@ pytestmark = pytest.mark.timeout(60)
 JSON = {"Content-Type": "application/json"}
 
 
+def pragma(text: str) -> Any:
+    return lambda conn: conn.execute(f"PRAGMA {text}").fetchall()
+
+
 def journaled_ids(path: Path) -> set[str]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return {row[0] for row in db.execute("SELECT id FROM events")}
@@ -45,8 +49,9 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     status, _ = await running.post("/hooks/a", b'{"before": 1}', headers=JSON)
     assert status == 202
     # The disk fills: SQLite may not grow the file by another page (SQLITE_FULL, as on ENOSPC).
-    [(pages,)] = await journal.writer.execute_fetchall("PRAGMA page_count")
-    await journal.writer.execute(f"PRAGMA max_page_count = {pages}")
+    # PRAGMAs go through the journal's writer, the one connection that writes.
+    [(pages,)] = await journal._call(pragma("page_count"), transaction=False)
+    await journal._call(pragma(f"max_page_count = {pages}"), transaction=False)
     answers: list[tuple[int, Any]] = []
     big = b'{"pad": "' + b"x" * 60_000 + b'"}'
     for i in range(20):  # bodies bigger than any free page: each needs the file to grow
@@ -57,7 +62,7 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     async with running.http.get(running.admin_url + "/readyz") as r:
         assert r.status == 503
     # Space returns: no restart, the next webhook is stored and acknowledged.
-    await journal.writer.execute("PRAGMA max_page_count = 1073741823")
+    await journal._call(pragma("max_page_count = 1073741823"), transaction=False)
     status, doc = await running.post("/hooks/a", big, headers=JSON)
     assert status == 202
     assert await running.stop() == 0

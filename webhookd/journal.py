@@ -5,8 +5,10 @@ Hazards worth knowing before editing:
 * Every write goes through one writer task that takes whatever is waiting and commits it as one
   ``BEGIN IMMEDIATE`` transaction (group commit). One fsync per batch, not per webhook, is what
   makes durable intake fast; never add a write path that bypasses the writer.
-* Nothing here awaits network I/O inside a transaction; a transaction is a handful of
-  ``executemany`` calls, each one thread hop into aiosqlite.
+* Writes run on one thread of their own with a plain ``sqlite3`` connection, a whole batch per
+  hop (aiosqlite would make every statement its own hop, and each hop waits for the event
+  loop). Reads go through aiosqlite on a second connection; WAL lets them run beside writes.
+  Nothing awaits network I/O inside a transaction.
 * The file is shared with CLI processes (``webhookd replay`` while the daemon runs): WAL mode
   lets readers run beside the writer, and ``busy_timeout`` makes writers queue for the lock.
 * All SQL lives in this module, so that another journal (PostgreSQL) can replace it.
@@ -19,10 +21,11 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -34,6 +37,15 @@ log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
 _BUSY_TIMEOUT_MS = 5000
+_PRAGMAS = (
+    f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+    # auto_vacuum only takes effect on a new file, before the first table is created.
+    "PRAGMA auto_vacuum = INCREMENTAL",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA temp_store = MEMORY",
+)
+_T = TypeVar("_T")
 
 # Forward migrations: index i brings the schema from version i to i + 1. Never edit one that has
 # shipped; append a new one.
@@ -360,8 +372,31 @@ class _FinishOp(_Op):
 class _CallOp(_Op):
     """Any other write: runs alone in its own transaction."""
 
-    fn: Any  # async (conn) -> result
+    fn: Any  # (sqlite3.Connection) -> result, run on the writer's thread
     transaction: bool = True  # False for PRAGMAs that cannot run inside one (checkpoints)
+
+
+@dataclass(slots=True)
+class _Group:
+    """One batch on its way through the writer's thread, and what became of it."""
+
+    ingests: list[_IngestOp]
+    finishes: list[_FinishOp]
+    claims: list[_ClaimOp]
+    calls: list[_CallOp]
+    now: float
+    ingested: list[tuple[Ingested, list[Ready]]] = field(default_factory=list)
+    claimed: list[list[Claimed]] = field(default_factory=list)
+    called: list[tuple[Any, BaseException | None]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class _WriteFailed(Exception):
+    """A call's transaction failed in SQLite (as opposed to the operation raising)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Journal:
@@ -378,7 +413,8 @@ class Journal:
         self.clock = clock
         # Called (synchronously, on the loop) with the jobs each committed ingest batch created.
         self.on_commit = on_commit
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None  # used only on self._thread
+        self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -401,9 +437,9 @@ class Journal:
     async def open(self) -> None:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhookd-journal")
         try:
-            self._writer = await self._connect()
-            await self._migrate(self._writer)
+            self._writer = await self._in_thread(self._open_writer)
             self._reader = await self._connect()
         except sqlite3.Error as exc:
             await self._close_connections()
@@ -422,53 +458,63 @@ class Journal:
             self._task = None
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):
-                await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await self._in_thread(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._in_thread(self._writer.close)
         self._reader = self._writer = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the writer's own thread (the only thread that touches its connection)."""
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        # auto_vacuum only takes effect on a new file, before the first table is created.
-        await conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = FULL")
-        await conn.execute("PRAGMA temp_store = MEMORY")
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
+    def _open_writer(self) -> sqlite3.Connection:
+        # check_same_thread stays on: only the writer's thread ever uses this connection.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            for pragma in _PRAGMAS:
+                conn.execute(pragma)
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
             raise JournalError(
                 f"{self.path} has schema version {version}, newer than this webhookd "
                 f"understands ({len(MIGRATIONS)}); upgrade webhookd"
             )
         for target in range(version, len(MIGRATIONS)):
-            await conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 # executescript would commit our transaction; run statement by statement.
                 for statement in MIGRATIONS[target].split(";"):
                     if statement.strip():
-                        await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {target + 1}")
-                await conn.execute("COMMIT")
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+                conn.execute("COMMIT")
             except BaseException:
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise JournalError("journal is not open")
-        return self._writer
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -503,100 +549,110 @@ class Journal:
                     stopping = True
                     break
                 batch.append(op)
-            calls = [op for op in batch if isinstance(op, _CallOp)]
-            grouped = [op for op in batch if not isinstance(op, _CallOp)]
-            if grouped:
-                await self._commit_group(grouped)
-            for call in calls:
-                await self._commit_call(call)
+            # The whole batch is one hop to the writer's thread: the group transaction, then
+            # each other write in its own. Futures are resolved back here, on the loop.
+            group = _Group(
+                ingests=[op for op in batch if isinstance(op, _IngestOp)],
+                finishes=[op for op in batch if isinstance(op, _FinishOp)],
+                claims=[op for op in batch if isinstance(op, _ClaimOp)],
+                calls=[op for op in batch if isinstance(op, _CallOp)],
+                now=self.clock.time(),
+            )
+            await self._in_thread(self._write_batch, group)
+            self._resolve(group)
 
-    async def _commit_group(self, ops: list[_Op]) -> None:
-        conn = self.writer
-        ingests = [op for op in ops if isinstance(op, _IngestOp)]
-        finish_ops = [op for op in ops if isinstance(op, _FinishOp)]
-        claims = [op for op in ops if isinstance(op, _ClaimOp)]
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
+    def _write_batch(self, group: _Group) -> None:
+        """On the writer's thread: commit the group, then each call; record what happened."""
+        conn = self._writer
+        assert conn is not None
+        if group.ingests or group.finishes or group.claims:
             try:
-                ingest_results = await self._write_ingests(conn, ingests) if ingests else []
-                for fop in finish_ops:
-                    await self._write_finishes(conn, fop.results)
-                claim_results = [await self._write_claim(conn, op) for op in claims]
-                await conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                raise
-        except (sqlite3.Error, OSError) as exc:
-            self.last_write_error = str(exc)
-            log.error("journal write failed: %s", exc)
-            error = JournalUnavailable(f"journal write failed: {exc}")
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(error)
-            return
-        self.last_write_error = None
-        self.commits += 1
-        self.batched_ops += len(ops)
-        created: list[Ready] = []
-        for iop, (result, ready) in zip(ingests, ingest_results, strict=True):
-            created.extend(ready)
-            if not iop.future.done():
-                iop.future.set_result(result)
-        for fop in finish_ops:
-            if not fop.future.done():
-                fop.future.set_result(None)
-            self.backlog_jobs -= sum(1 for f in fop.results if f.state != JobState.QUEUED)
-        for cop, claimed in zip(claims, claim_results, strict=True):
-            if not cop.future.done():
-                cop.future.set_result(claimed)
-        self.backlog_jobs += len(created)
-        if created and self.on_commit is not None:
-            self.on_commit(created)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    group.ingested = self._write_ingests(conn, group.ingests, group.now)
+                    for fop in group.finishes:
+                        self._write_finishes(conn, fop.results)
+                    group.claimed = [self._write_claim(conn, op) for op in group.claims]
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                group.error = exc
+        for call in group.calls:
+            group.called.append(self._write_call(conn, call))
 
-    async def _commit_call(self, op: _CallOp) -> None:
-        conn = self.writer
+    @staticmethod
+    def _write_call(conn: sqlite3.Connection, op: _CallOp) -> tuple[Any, BaseException | None]:
         if not op.transaction:
             try:
-                result = await op.fn(conn)
+                return op.fn(conn), None
             except (sqlite3.Error, OSError) as exc:
-                if not op.future.done():
-                    op.future.set_exception(
-                        JournalUnavailable(f"journal maintenance failed: {exc}")
-                    )
-            else:
-                if not op.future.done():
-                    op.future.set_result(result)
-            return
+                return None, JournalUnavailable(f"journal maintenance failed: {exc}")
         try:
-            await conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                result = await op.fn(conn)
-                await conn.execute("COMMIT")
+                result = op.fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as exc:
-            self.last_write_error = str(exc)
-            if not op.future.done():
-                op.future.set_exception(JournalUnavailable(f"journal write failed: {exc}"))
-            return
+            return None, _WriteFailed(exc)
         except Exception as exc:  # an error of the operation itself (NotFound …): pass it on
-            if not op.future.done():
-                op.future.set_exception(exc)
-            return
-        self.last_write_error = None
-        self.commits += 1
-        if not op.future.done():
-            op.future.set_result(result)
+            return None, exc
+        return result, None
 
-    async def _write_ingests(
-        self, conn: aiosqlite.Connection, ops: list[_IngestOp]
+    def _resolve(self, group: _Group) -> None:
+        """On the loop: hand each waiter its result, keep the counters, announce new jobs."""
+        grouped: list[_Op] = [*group.ingests, *group.finishes, *group.claims]
+        if group.error is not None:
+            self.last_write_error = str(group.error)
+            log.error("journal write failed: %s", group.error)
+            error = JournalUnavailable(f"journal write failed: {group.error}")
+            for op in grouped:
+                if not op.future.done():
+                    op.future.set_exception(error)
+        elif grouped:
+            self.last_write_error = None
+            self.commits += 1
+            self.batched_ops += len(grouped)
+            created: list[Ready] = []
+            for iop, (result, ready) in zip(group.ingests, group.ingested, strict=True):
+                created.extend(ready)
+                if not iop.future.done():
+                    iop.future.set_result(result)
+            for fop in group.finishes:
+                if not fop.future.done():
+                    fop.future.set_result(None)
+                self.backlog_jobs -= sum(1 for f in fop.results if f.state != JobState.QUEUED)
+            for cop, claimed in zip(group.claims, group.claimed, strict=True):
+                if not cop.future.done():
+                    cop.future.set_result(claimed)
+            self.backlog_jobs += len(created)
+            if created and self.on_commit is not None:
+                self.on_commit(created)
+        for call, (result, exc) in zip(group.calls, group.called, strict=True):
+            if isinstance(exc, _WriteFailed):
+                self.last_write_error = str(exc.cause)
+                exc = JournalUnavailable(f"journal write failed: {exc.cause}")
+            elif exc is None and call.transaction:
+                self.last_write_error = None
+                self.commits += 1
+            if call.future.done():
+                continue
+            if exc is not None:
+                call.future.set_exception(exc)
+            else:
+                call.future.set_result(result)
+
+    def _write_ingests(
+        self, conn: sqlite3.Connection, ops: list[_IngestOp], now: float
     ) -> list[tuple[Ingested, list[Ready]]]:
-        now = self.clock.time()
         keys = [op.item.event.dedup_key for op in ops]
-        await conn.executemany(
+        conn.executemany(
             "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)",
             [(op.item.event.dedup_key, op.item.event.id, now) for op in ops],
         )
@@ -605,9 +661,7 @@ class Journal:
         for start in range(0, len(unique_keys), 500):
             chunk = unique_keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = await _fetch(
-                conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk
-            )
+            rows = _rows(conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk)
             owners.update({row[0]: row[1] for row in rows})
         results: list[tuple[Ingested, list[Ready]]] = []
         event_rows: list[tuple[Any, ...]] = []
@@ -653,29 +707,29 @@ class Journal:
                 )
             results.append((Ingested(e.id, duplicate=False), ready))
         if event_rows:
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
                 " body, verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 event_rows,
             )
         if job_rows:
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
                 " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 job_rows,
             )
         return results
 
-    async def _write_claim(self, conn: aiosqlite.Connection, op: _ClaimOp) -> list[Claimed]:
+    def _write_claim(self, conn: sqlite3.Connection, op: _ClaimOp) -> list[Claimed]:
         if not op.job_ids:
             return []
         marks = ",".join("?" * len(op.job_ids))
-        await conn.execute(
+        conn.execute(
             f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
             f" claimed_at = ? WHERE id IN ({marks}) AND state = 'queued'",
             (op.boot_id, op.now, *op.job_ids),
         )
-        rows = await _fetch(
+        rows = _rows(
             conn,
             f"SELECT {_JOB_COLUMNS}, {_EVENT_COLUMNS} FROM jobs j JOIN events e"
             f" ON e.id = j.event_id WHERE j.id IN ({marks}) AND j.state = 'running'"
@@ -684,9 +738,7 @@ class Journal:
         )
         return [Claimed(_job_from_row(r), _event_from_row(r), int(r["waits"])) for r in rows]
 
-    async def _write_finishes(
-        self, conn: aiosqlite.Connection, results: Sequence[Finished]
-    ) -> None:
+    def _write_finishes(self, conn: sqlite3.Connection, results: Sequence[Finished]) -> None:
         updates = []
         attempts = []
         for f in results:
@@ -715,13 +767,13 @@ class Journal:
                         _dump(dict(f.detail)) if f.detail else None,
                     )
                 )
-        await conn.executemany(
+        conn.executemany(
             "UPDATE jobs SET state = ?, run_at = ?, result = ?, last_error = ?, finished_at = ?,"
             " boot_id = NULL, attempts = attempts - ?, waits = waits + ? WHERE id = ?",
             updates,
         )
         if attempts:
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 attempts,
@@ -760,8 +812,8 @@ class Journal:
         """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""
         now = self.clock.time()
 
-        async def fn(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), run_at = ?,"
                 " boot_id = NULL WHERE id = ? AND state = 'running'",
                 [(now, job_id) for job_id in job_ids],
@@ -774,8 +826,8 @@ class Journal:
         """Re-queue jobs an earlier boot left ``running``; poison pills go to ``dead``."""
         now = self.clock.time()
 
-        async def fn(conn: aiosqlite.Connection) -> Recovery:
-            rows = await _fetch(
+        def fn(conn: sqlite3.Connection) -> Recovery:
+            rows = _rows(
                 conn,
                 "SELECT id, attempts, recoveries, claimed_at FROM jobs"
                 " WHERE state = 'running' AND (boot_id IS NULL OR boot_id != ?)",
@@ -803,17 +855,17 @@ class Journal:
                             "interrupted by a crash or restart",
                         )
                     )
-            await conn.executemany(
+            conn.executemany(
                 "UPDATE jobs SET state = 'queued', recoveries = recoveries + 1, run_at = ?,"
                 " boot_id = NULL WHERE id = ?",
                 requeue,
             )
-            await conn.executemany(
+            conn.executemany(
                 "UPDATE jobs SET state = 'dead', recoveries = recoveries + 1, run_at = ?,"
                 " last_error = ?, finished_at = ?, boot_id = NULL WHERE id = ?",
                 dead,
             )
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 attempts,
@@ -925,13 +977,13 @@ class Journal:
         """
         now = self.clock.time()
 
-        async def fn(conn: aiosqlite.Connection) -> dict[str, int]:
+        def fn(conn: sqlite3.Connection) -> dict[str, int]:
             out: dict[str, int] = {}
             for event_id in event_ids:
-                rows = await _fetch(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,))
+                rows = _rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,))
                 if not rows:
                     raise NotFound(event_id)
-                cur = await conn.execute(
+                cur = conn.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                     " run_at = ?, finished_at = NULL, boot_id = NULL"
                     " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
@@ -1091,25 +1143,25 @@ class Journal:
         )
         candidates = [r[0] for r in rows]
 
-        async def fn(conn: aiosqlite.Connection) -> Pruned:
+        def fn(conn: sqlite3.Connection) -> Pruned:
             ids: list[tuple[str]] = []
             for start in range(0, len(candidates), 250):
                 chunk = candidates[start : start + 250]
                 marks = ",".join("?" * len(chunk))
-                still = await _fetch(  # a replay may have re-queued one since the scan
+                still = _rows(  # a replay may have re-queued one since the scan
                     conn,
                     f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {keep}",
                     (*chunk, done_before, dead_before),
                 )
                 ids.extend((r[0],) for r in still)
-            await conn.executemany(
+            conn.executemany(
                 "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
                 ids,
             )
-            cur = await conn.executemany("DELETE FROM jobs WHERE event_id = ?", ids)
+            cur = conn.executemany("DELETE FROM jobs WHERE event_id = ?", ids)
             jobs = cur.rowcount
-            await conn.executemany("DELETE FROM events WHERE id = ?", ids)
-            cur = await conn.execute(
+            conn.executemany("DELETE FROM events WHERE id = ?", ids)
+            cur = conn.execute(
                 "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE created_at < ?"
                 " LIMIT ?)",
                 (now - keep_dedup_s, batch),
@@ -1128,17 +1180,17 @@ class Journal:
         WAL frames not yet checkpointed).
         """
 
-        async def vacuum(conn: aiosqlite.Connection) -> int:
+        def vacuum(conn: sqlite3.Connection) -> int:
             # Each step of this PRAGMA frees one page, and Python's execute() steps a statement
             # without result columns only once; executescript steps it to the end. It runs in
             # autocommit, as its own short transaction.
-            await conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
-            rows = await _fetch(conn, "PRAGMA freelist_count")
+            conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+            rows = _rows(conn, "PRAGMA freelist_count")
             return int(rows[0][0])
 
-        async def checkpoint(conn: aiosqlite.Connection) -> int:
+        def checkpoint(conn: sqlite3.Connection) -> int:
             # (busy, frames in the WAL, frames checkpointed); it cannot run inside a transaction.
-            rows = await _fetch(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            rows = _rows(conn, "PRAGMA wal_checkpoint(PASSIVE)")
             busy, log_frames, done = rows[0]
             return 0 if busy or log_frames < 0 else int(log_frames) - int(done)
 
@@ -1160,8 +1212,8 @@ class Journal:
         """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
         now = self.clock.time()
 
-        async def fn(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute(
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "INSERT OR IGNORE INTO paused_sources(source, paused_at) VALUES (?, ?)",
                 (source, now),
             )
@@ -1172,8 +1224,8 @@ class Journal:
     async def resume(self, source: str) -> bool:
         """Let ``source``'s jobs run again; ``False`` if it was not paused."""
 
-        async def fn(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute("DELETE FROM paused_sources WHERE source = ?", (source,))
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM paused_sources WHERE source = ?", (source,))
             return cur.rowcount > 0
 
         return await self._call(fn)  # type: ignore[no-any-return]
@@ -1194,6 +1246,12 @@ class Journal:
             (since,),
         )
         return Activity(window_s, int(received[0][0]), {r[0]: int(r[1]) for r in rows})
+
+
+def _rows(
+    conn: sqlite3.Connection, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()
+) -> list[sqlite3.Row]:
+    return conn.execute(sql, args).fetchall()
 
 
 async def _fetch(
