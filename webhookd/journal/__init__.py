@@ -1,0 +1,582 @@
+"""The journal: sole owner of SQLite — schema, group-commit writer, claims, outcomes, queries.
+
+Hazards worth knowing before editing:
+
+* Every write goes through one writer task that takes whatever is waiting and commits it as one
+  ``BEGIN IMMEDIATE`` transaction (group commit). One fsync per batch, not per webhook, is what
+  makes durable intake fast; never add a write path that bypasses the writer.
+* Writes run on one thread of their own with a plain ``sqlite3`` connection, a whole batch per
+  hop (aiosqlite would make every statement its own hop, and each hop waits for the event
+  loop). Reads go through aiosqlite on a second connection; WAL lets them run beside writes.
+  Nothing awaits network I/O inside a transaction.
+* The file is shared with CLI processes (``webhookd replay`` while the daemon runs): WAL mode
+  lets readers run beside the writer, and ``busy_timeout`` makes writers queue for the lock.
+* All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
+  ``schema`` (migrations, shared SQL, row converters), ``records`` (what goes in and out),
+  ``batch`` (what one group commit writes), ``reads`` (queries), and here the lifecycle, the
+  writer and the other writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.errors import JournalError, JournalUnavailable, NotFound
+from webhookd.journal.batch import (
+    CallOp,
+    ClaimOp,
+    FinishOp,
+    Group,
+    IngestOp,
+    Op,
+    WriteFailed,
+    write_claim,
+    write_finishes,
+    write_ingests,
+)
+from webhookd.journal.reads import Reads
+from webhookd.journal.records import (
+    Activity,
+    Claimed,
+    Counts,
+    EventDetail,
+    EventSummary,
+    Finished,
+    Ingested,
+    Lane,
+    LaneBacklog,
+    NewEvent,
+    NewJob,
+    Pruned,
+    Ready,
+    Recovery,
+)
+from webhookd.journal.schema import EVENT_STATES, MIGRATIONS, fetch, fetch_rows
+from webhookd.models import JobState
+
+__all__ = [
+    "EVENT_STATES",
+    "MIGRATIONS",
+    "Activity",
+    "Claimed",
+    "Counts",
+    "EventDetail",
+    "EventSummary",
+    "Finished",
+    "Ingested",
+    "Journal",
+    "Lane",
+    "LaneBacklog",
+    "NewEvent",
+    "NewJob",
+    "Pruned",
+    "Ready",
+    "Recovery",
+]
+
+log = logging.getLogger("webhookd.journal")
+
+MAX_BATCH = 512
+_BUSY_TIMEOUT_MS = 5000
+_PRAGMAS = (
+    f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+    # auto_vacuum only takes effect on a new file, before the first table is created.
+    "PRAGMA auto_vacuum = INCREMENTAL",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA temp_store = MEMORY",
+)
+_T = TypeVar("_T")
+
+
+class Journal(Reads):
+    """The durable store. Use as ``async with Journal(path) as journal:``."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        on_commit: Any = None,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        # Called (synchronously, on the loop) with the jobs each committed ingest batch created.
+        self.on_commit = on_commit
+        self._writer: sqlite3.Connection | None = None  # used only on self._thread
+        self._thread: ThreadPoolExecutor | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.last_write_error: str | None = None
+        self.commits = 0
+        self.batched_ops = 0
+        # Jobs queued or running, kept in step by this process's writes and re-counted by
+        # ``refresh_backlog`` (other processes may replay). The receiver's backpressure reads it.
+        self.backlog_jobs = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Journal:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhookd-journal")
+        try:
+            self._writer = await self._in_thread(self._open_writer)
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            await self._close_connections()
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+        except BaseException:
+            await self._close_connections()
+            raise
+        self.backlog_jobs = await self.backlog()
+        self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
+
+    async def close(self) -> None:
+        """Flush what is queued, checkpoint the WAL into the main file, close."""
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._in_thread(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._in_thread(self._writer.close)
+        self._reader = self._writer = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the writer's own thread (the only thread that touches its connection)."""
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        # check_same_thread stays on: only the writer's thread ever uses this connection.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            for pragma in _PRAGMAS:
+                conn.execute(pragma)
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise JournalError(
+                f"{self.path} has schema version {version}, newer than this webhookd "
+                f"understands ({len(MIGRATIONS)}); upgrade webhookd"
+            )
+        for target in range(version, len(MIGRATIONS)):
+
+            def step(conn: sqlite3.Connection, target: int = target) -> None:
+                # executescript would commit our transaction; run statement by statement.
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+
+            _transaction(conn, step)
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise JournalError("journal is not open")
+        return self._reader
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def _enqueue(self, op: Op) -> None:
+        if self._task is None or self._task.done():
+            raise JournalUnavailable("journal writer is not running")
+        self._queue.put_nowait(op)
+
+    async def _submit(self, op: Op) -> Any:
+        self._enqueue(op)
+        return await op.future
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch: list[Op] = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stopping = True
+                    break
+                batch.append(op)
+            # The whole batch is one hop to the writer's thread: the group transaction, then
+            # each other write in its own. Futures are resolved back here, on the loop.
+            group = Group(
+                ingests=[op for op in batch if isinstance(op, IngestOp)],
+                finishes=[op for op in batch if isinstance(op, FinishOp)],
+                claims=[op for op in batch if isinstance(op, ClaimOp)],
+                calls=[op for op in batch if isinstance(op, CallOp)],
+                now=self.clock.time(),
+            )
+            await self._in_thread(self._write_batch, group)
+            self._resolve(group)
+
+    def _write_batch(self, group: Group) -> None:
+        """On the writer's thread: commit the group, then each call; record what happened."""
+        conn = self._writer
+        assert conn is not None
+        if group.ingests or group.finishes or group.claims:
+
+            def write(conn: sqlite3.Connection) -> None:
+                group.ingested = write_ingests(conn, group.ingests, group.now)
+                for fop in group.finishes:
+                    write_finishes(conn, fop.results)
+                group.claimed = [write_claim(conn, op) for op in group.claims]
+
+            try:
+                _transaction(conn, write)
+            except (sqlite3.Error, OSError) as exc:
+                group.error = exc
+        for call in group.calls:
+            group.called.append(self._write_call(conn, call))
+
+    @staticmethod
+    def _write_call(conn: sqlite3.Connection, op: CallOp) -> tuple[Any, BaseException | None]:
+        if not op.transaction:
+            try:
+                return op.fn(conn), None
+            except (sqlite3.Error, OSError) as exc:
+                return None, JournalUnavailable(f"journal maintenance failed: {exc}")
+        try:
+            result = _transaction(conn, op.fn)
+        except (sqlite3.Error, OSError) as exc:
+            return None, WriteFailed(exc)
+        except Exception as exc:  # an error of the operation itself (NotFound …): pass it on
+            return None, exc
+        return result, None
+
+    def _resolve(self, group: Group) -> None:
+        """On the loop: hand each waiter its result, keep the counters, announce new jobs."""
+        grouped: list[Op] = [*group.ingests, *group.finishes, *group.claims]
+        if group.error is not None:
+            self.last_write_error = str(group.error)
+            log.error("journal write failed: %s", group.error)
+            error = JournalUnavailable(f"journal write failed: {group.error}")
+            for op in grouped:
+                if not op.future.done():
+                    op.future.set_exception(error)
+        elif grouped:
+            self.last_write_error = None
+            self.commits += 1
+            self.batched_ops += len(grouped)
+            created: list[Ready] = []
+            for iop, (result, ready) in zip(group.ingests, group.ingested, strict=True):
+                created.extend(ready)
+                if not iop.future.done():
+                    iop.future.set_result(result)
+            for fop in group.finishes:
+                if not fop.future.done():
+                    fop.future.set_result(None)
+                self.backlog_jobs -= sum(1 for f in fop.results if f.state != JobState.QUEUED)
+            for cop, claimed in zip(group.claims, group.claimed, strict=True):
+                if not cop.future.done():
+                    cop.future.set_result(claimed)
+            self.backlog_jobs += len(created)
+            if created and self.on_commit is not None:
+                self.on_commit(created)
+        for call, (result, exc) in zip(group.calls, group.called, strict=True):
+            if isinstance(exc, WriteFailed):
+                self.last_write_error = str(exc.cause)
+                exc = JournalUnavailable(f"journal write failed: {exc.cause}")
+            elif exc is None and call.transaction:
+                self.last_write_error = None
+                self.commits += 1
+            if call.future.done():
+                continue
+            if exc is not None:
+                call.future.set_exception(exc)
+            else:
+                call.future.set_result(result)
+
+    async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
+        return await self._submit(CallOp(self._new_future(), fn, transaction))
+
+    # -- intake, dispatch, outcomes -----------------------------------------------------------
+
+    async def ingest(self, item: NewEvent) -> Ingested:
+        """Journal an event and its jobs; returns once committed (or raises JournalUnavailable)."""
+        return await self.submit_ingest(item)
+
+    def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
+        """Queue an event for the next group commit; the future resolves once it is committed.
+
+        The write happens whether or not anyone still waits: cancelling the future only stops
+        the waiting. Raises ``JournalUnavailable`` at once when the writer is not running.
+        """
+        future: asyncio.Future[Ingested] = self._new_future()
+        self._enqueue(IngestOp(future, item))
+        return future
+
+    async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
+        """Mark queued jobs running (one more attempt each); returns those actually claimed."""
+        op = ClaimOp(self._new_future(), list(job_ids), boot_id, self.clock.time())
+        return await self._submit(op)  # type: ignore[no-any-return]
+
+    async def finish(self, results: Sequence[Finished]) -> None:
+        """Record attempts' outcomes (batched with whatever else is being committed)."""
+        if results:
+            await self._submit(FinishOp(self._new_future(), list(results)))
+
+    async def unclaim(self, job_ids: Sequence[str]) -> None:
+        """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), run_at = ?,"
+                " boot_id = NULL WHERE id = ? AND state = 'running'",
+                [(now, job_id) for job_id in job_ids],
+            )
+
+        if job_ids:
+            await self._call(fn)
+
+    async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
+        """Re-queue jobs an earlier boot left ``running``; poison pills go to ``dead``."""
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> Recovery:
+            rows = fetch_rows(
+                conn,
+                "SELECT id, attempts, recoveries, claimed_at FROM jobs"
+                " WHERE state = 'running' AND (boot_id IS NULL OR boot_id != ?)",
+                (boot_id,),
+            )
+            requeue, dead, attempts = [], [], []
+            for r in rows:
+                started = r["claimed_at"] or now
+                if r["recoveries"] + 1 >= max_recoveries:
+                    reason = (
+                        f"poison pill: interrupted by a crash or restart "
+                        f"{r['recoveries'] + 1} times"
+                    )
+                    dead.append((now, reason, now, r["id"]))
+                    attempts.append((r["id"], r["attempts"], started, now, "interrupted", reason))
+                else:
+                    requeue.append((now, r["id"]))
+                    attempts.append(
+                        (
+                            r["id"],
+                            r["attempts"],
+                            started,
+                            now,
+                            "interrupted",
+                            "interrupted by a crash or restart",
+                        )
+                    )
+            conn.executemany(
+                "UPDATE jobs SET state = 'queued', recoveries = recoveries + 1, run_at = ?,"
+                " boot_id = NULL WHERE id = ?",
+                requeue,
+            )
+            conn.executemany(
+                "UPDATE jobs SET state = 'dead', recoveries = recoveries + 1, run_at = ?,"
+                " last_error = ?, finished_at = ?, boot_id = NULL WHERE id = ?",
+                dead,
+            )
+            conn.executemany(
+                "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                attempts,
+            )
+            return Recovery(requeued=len(requeue), dead=len(dead))
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def refresh_backlog(self) -> int:
+        self.backlog_jobs = await self.backlog()
+        return self.backlog_jobs
+
+    # -- operator actions --------------------------------------------------------------------
+
+    async def replay(self, event_ids: Sequence[str]) -> dict[str, int]:
+        """Re-queue each event's jobs that are not queued or running, with fresh attempts.
+
+        Returns ``{event_id: jobs re-queued}``; raises ``NotFound`` for an unknown id.
+        """
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for event_id in event_ids:
+                rows = fetch_rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,))
+                if not rows:
+                    raise NotFound(event_id)
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
+                    " run_at = ?, finished_at = NULL, boot_id = NULL"
+                    " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
+                    (now, event_id),
+                )
+                out[event_id] = cur.rowcount
+            return out
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(
+        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+    ) -> Pruned:
+        """Delete one small batch of expired rows of each kind; call until it returns zeros.
+
+        The candidates are found on the reader connection (a scan that may take a while on a big
+        file, but WAL lets it run beside the writer); the write transaction then deletes at most
+        ``batch`` of them, re-checking each, so the write lock is held for milliseconds and an
+        ingest commit never waits long behind retention.
+        """
+        now = self.clock.time()
+        done_before, dead_before = now - keep_done_s, now - keep_dead_s
+        # An event goes when none of its jobs is unfinished or finished recently enough to keep:
+        # done/cancelled after keep_done_s, dead after keep_dead_s.
+        keep = (
+            "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
+            " ('queued', 'running') OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
+            " OR (j.state = 'dead' AND j.finished_at > ?)))"
+        )
+        rows = await fetch(
+            self.reader,
+            f"SELECT e.id FROM events e WHERE e.received_at < ? AND {keep} ORDER BY e.seq LIMIT ?",
+            (done_before, done_before, dead_before, batch),
+        )
+        candidates = [r[0] for r in rows]
+
+        def fn(conn: sqlite3.Connection) -> Pruned:
+            ids: list[tuple[str]] = []
+            for start in range(0, len(candidates), 250):
+                chunk = candidates[start : start + 250]
+                marks = ",".join("?" * len(chunk))
+                still = fetch_rows(  # a replay may have re-queued one since the scan
+                    conn,
+                    f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {keep}",
+                    (*chunk, done_before, dead_before),
+                )
+                ids.extend((r[0],) for r in still)
+            conn.executemany(
+                "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
+                ids,
+            )
+            cur = conn.executemany("DELETE FROM jobs WHERE event_id = ?", ids)
+            jobs = cur.rowcount
+            conn.executemany("DELETE FROM events WHERE id = ?", ids)
+            cur = conn.execute(
+                "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE created_at < ?"
+                " LIMIT ?)",
+                (now - keep_dedup_s, batch),
+            )
+            return Pruned(events=len(ids), jobs=max(jobs, 0), dedup=max(cur.rowcount, 0))
+
+        result: Pruned = await self._call(fn)
+        return result
+
+    async def compact(self, pages: int = 1000) -> tuple[int, int]:
+        """Hand free pages back to the file system and checkpoint the WAL without waiting.
+
+        ``PRAGMA incremental_vacuum`` moves at most ``pages`` free pages per call (short, like
+        a prune batch); ``wal_checkpoint(PASSIVE)`` copies what no reader still needs into the
+        main file so the WAL is reused instead of growing. Returns (freelist pages left,
+        WAL frames not yet checkpointed).
+        """
+
+        def vacuum(conn: sqlite3.Connection) -> int:
+            # Each step of this PRAGMA frees one page, and Python's execute() steps a statement
+            # without result columns only once; executescript steps it to the end. It runs in
+            # autocommit, as its own short transaction.
+            conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+            rows = fetch_rows(conn, "PRAGMA freelist_count")
+            return int(rows[0][0])
+
+        def checkpoint(conn: sqlite3.Connection) -> int:
+            # (busy, frames in the WAL, frames checkpointed); it cannot run inside a transaction.
+            rows = fetch_rows(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            busy, log_frames, done = rows[0]
+            return 0 if busy or log_frames < 0 else int(log_frames) - int(done)
+
+        free: int = await self._call(vacuum, transaction=False)
+        behind: int = await self._call(checkpoint, transaction=False)
+        return free, behind
+
+    # -- pausing -----------------------------------------------------------------------------
+
+    async def pause(self, source: str) -> bool:
+        """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO paused_sources(source, paused_at) VALUES (?, ?)",
+                (source, now),
+            )
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def resume(self, source: str) -> bool:
+        """Let ``source``'s jobs run again; ``False`` if it was not paused."""
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM paused_sources WHERE source = ?", (source,))
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if anything raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return result

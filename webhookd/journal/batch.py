@@ -1,0 +1,209 @@
+"""One group commit's work: the queued operations and the SQL that writes a batch of them.
+
+Runs on the writer's thread, inside the transaction the journal opened; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhookd.journal.records import Claimed, Finished, Ingested, NewEvent, Ready
+from webhookd.journal.schema import (
+    EVENT_COLUMNS,
+    JOB_COLUMNS,
+    dump,
+    event_from_row,
+    fetch_rows,
+    job_from_row,
+)
+from webhookd.models import JobState
+
+
+@dataclass(slots=True)
+class Op:
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class IngestOp(Op):
+    item: NewEvent
+
+
+@dataclass(slots=True)
+class ClaimOp(Op):
+    job_ids: Sequence[str]
+    boot_id: str
+    now: float
+
+
+@dataclass(slots=True)
+class FinishOp(Op):
+    results: Sequence[Finished]
+
+
+@dataclass(slots=True)
+class CallOp(Op):
+    """Any other write: runs alone in its own transaction."""
+
+    fn: Any  # (sqlite3.Connection) -> result, run on the writer's thread
+    transaction: bool = True  # False for PRAGMAs that cannot run inside one (checkpoints)
+
+
+@dataclass(slots=True)
+class Group:
+    """One batch on its way through the writer's thread, and what became of it."""
+
+    ingests: list[IngestOp]
+    finishes: list[FinishOp]
+    claims: list[ClaimOp]
+    calls: list[CallOp]
+    now: float
+    ingested: list[tuple[Ingested, list[Ready]]] = field(default_factory=list)
+    claimed: list[list[Claimed]] = field(default_factory=list)
+    called: list[tuple[Any, BaseException | None]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class WriteFailed(Exception):
+    """A call's transaction failed in SQLite (as opposed to the operation raising)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def write_ingests(
+    conn: sqlite3.Connection, ops: list[IngestOp], now: float
+) -> list[tuple[Ingested, list[Ready]]]:
+    keys = [op.item.event.dedup_key for op in ops]
+    conn.executemany(
+        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)",
+        [(op.item.event.dedup_key, op.item.event.id, now) for op in ops],
+    )
+    owners: dict[str, str] = {}
+    unique_keys = list(dict.fromkeys(keys))
+    for start in range(0, len(unique_keys), 500):
+        chunk = unique_keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = fetch_rows(conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk)
+        owners.update({row[0]: row[1] for row in rows})
+    results: list[tuple[Ingested, list[Ready]]] = []
+    event_rows: list[tuple[Any, ...]] = []
+    job_rows: list[tuple[Any, ...]] = []
+    for op in ops:
+        e = op.item.event
+        owner = owners.get(e.dedup_key, e.id)
+        if owner != e.id:
+            results.append((Ingested(owner, duplicate=True), []))
+            continue
+        event_rows.append(
+            (
+                e.id,
+                e.source,
+                e.received_at,
+                e.dedup_key,
+                e.tenant,
+                int(e.priority),
+                json.dumps(e.headers, separators=(",", ":")),
+                e.body,
+                json.dumps(e.verified) if e.verified is not None else None,
+            )
+        )
+        ready = []
+        for j in op.item.jobs:
+            job_rows.append(
+                (
+                    j.id,
+                    e.id,
+                    e.source,
+                    j.action,
+                    j.type,
+                    JobState.QUEUED,
+                    int(e.priority),
+                    e.tenant,
+                    j.order_key,
+                    e.received_at,
+                    j.max_attempts,
+                )
+            )
+            ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
+        results.append((Ingested(e.id, duplicate=False), ready))
+    if event_rows:
+        conn.executemany(
+            "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body, verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            event_rows,
+        )
+    if job_rows:
+        conn.executemany(
+            "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
+            " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            job_rows,
+        )
+    return results
+
+
+def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> list[Claimed]:
+    if not op.job_ids:
+        return []
+    marks = ",".join("?" * len(op.job_ids))
+    conn.execute(
+        f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
+        f" claimed_at = ? WHERE id IN ({marks}) AND state = 'queued'",
+        (op.boot_id, op.now, *op.job_ids),
+    )
+    rows = fetch_rows(
+        conn,
+        f"SELECT {JOB_COLUMNS}, {EVENT_COLUMNS} FROM jobs j JOIN events e"
+        f" ON e.id = j.event_id WHERE j.id IN ({marks}) AND j.state = 'running'"
+        f" AND j.boot_id = ? AND j.claimed_at = ?",
+        (*op.job_ids, op.boot_id, op.now),
+    )
+    return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+
+
+def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> None:
+    updates = []
+    attempts = []
+    for f in results:
+        wait = f.outcome == "wait"
+        updates.append(
+            (
+                str(f.state),
+                f.run_at if f.run_at is not None else f.finished_at,
+                dump(f.result) if f.state == JobState.DONE else None,
+                f.error,
+                f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
+                1 if wait else 0,
+                1 if wait else 0,
+                f.job_id,
+            )
+        )
+        if not wait:
+            attempts.append(
+                (
+                    f.job_id,
+                    f.attempt,
+                    f.started_at,
+                    f.finished_at,
+                    f.outcome,
+                    f.error,
+                    dump(dict(f.detail)) if f.detail else None,
+                )
+            )
+    conn.executemany(
+        "UPDATE jobs SET state = ?, run_at = ?, result = ?, last_error = ?, finished_at = ?,"
+        " boot_id = NULL, attempts = attempts - ?, waits = waits + ? WHERE id = ?",
+        updates,
+    )
+    if attempts:
+        conn.executemany(
+            "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            attempts,
+        )

@@ -1,0 +1,285 @@
+"""The journal's queries: everything that only reads, on the aiosqlite reader connection.
+
+WAL lets these run beside the writer (and beside other processes' writes) without blocking it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from webhookd.clock import Clock
+from webhookd.errors import NotFound
+from webhookd.journal.records import (
+    Activity,
+    Counts,
+    EventDetail,
+    EventSummary,
+    Lane,
+    LaneBacklog,
+    Ready,
+)
+from webhookd.journal.schema import (
+    EVENT_COLUMNS,
+    HEAD_OF_KEY,
+    JOB_COLUMNS,
+    LANES_PER_QUERY,
+    LANES_SQL,
+    READY_COLUMNS,
+    STATE_FILTERS,
+    event_from_row,
+    fetch,
+    job_from_row,
+    slots_dict,
+)
+from webhookd.models import Attempt, Job, JobState, Priority, event_state
+
+
+class Reads:
+    """The read half of ``Journal``; it needs ``reader``, ``clock`` and ``path``."""
+
+    path: Path
+    clock: Clock
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        raise NotImplementedError
+
+    async def ready(
+        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
+    ) -> list[Ready]:
+        """Due queued jobs that may start, highest priority and oldest first, skipping
+        ``exclude`` and the jobs of ``paused`` sources.
+
+        A job whose (source, action, order key) has an older unfinished job is not returned: it
+        waits for that one to be done or dead, whichever process or boot is running it.
+        """
+        skip = set(exclude)
+        held = sorted(paused)
+        not_paused = f" AND j.source NOT IN ({','.join('?' * len(held))})" if held else ""
+        rows = await fetch(
+            self.reader,
+            f"SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.run_at <= ?"
+            f"{not_paused} AND {HEAD_OF_KEY} ORDER BY j.priority, j.seq LIMIT ?",
+            (now, *held, limit + len(skip)),
+        )
+        out = [Ready(*r) for r in rows if r[0] not in skip]
+        return out[:limit]
+
+    async def ready_in_lanes(self, now: float, wants: Sequence[tuple[Lane, int]]) -> list[Ready]:
+        """For each (lane, n): up to n of the lane's due jobs that may start (as ``ready``),
+        oldest first. One statement per ``LANES_PER_QUERY`` lanes, each part an index seek."""
+        part = (
+            f"SELECT * FROM (SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued'"
+            " AND j.priority = ? AND j.source = ? AND j.tenant = ? AND j.run_at <= ?"
+            f" AND {HEAD_OF_KEY} ORDER BY j.seq LIMIT ?)"
+        )
+        out: list[Ready] = []
+        for start in range(0, len(wants), LANES_PER_QUERY):
+            chunk = wants[start : start + LANES_PER_QUERY]
+            args = [arg for lane, n in chunk for arg in (*lane, now, n)]
+            rows = await fetch(self.reader, " UNION ALL ".join([part] * len(chunk)), args)
+            out.extend(Ready(*r) for r in rows)
+        return out
+
+    async def queued_lanes(self, after: Lane | None, limit: int) -> list[Lane]:
+        """Lanes holding queued jobs (due or not), in (priority, source, tenant) order, starting
+        after ``after`` (from the first when ``None``); at most ``limit``."""
+        p, s, t = after if after is not None else (-1, "", "")  # -1: before every priority
+        rows = await fetch(self.reader, LANES_SQL, {"p": p, "s": s, "t": t, "n": limit})
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def lane_backlog(self) -> list[LaneBacklog]:
+        """Queued jobs per lane with the oldest one's receive time, biggest lanes first."""
+        rows = await fetch(
+            self.reader,
+            "SELECT priority, source, tenant, COUNT(*), MIN(seq) FROM jobs WHERE state = 'queued'"
+            " GROUP BY priority, source, tenant ORDER BY COUNT(*) DESC, priority",
+        )
+        oldest: dict[int, float] = {}
+        seqs = [r[4] for r in rows]
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found = await fetch(
+                self.reader,
+                "SELECT j.seq, e.received_at FROM jobs j JOIN events e ON e.id = j.event_id"
+                f" WHERE j.seq IN ({marks})",
+                chunk,
+            )
+            oldest.update({f[0]: f[1] for f in found})
+        return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), oldest.get(r[4])) for r in rows]
+
+    async def next_run_at(
+        self, paused: Iterable[str] = (), after: float | None = None
+    ) -> float | None:
+        """When the earliest queued job (of a source not paused) becomes due; ``None`` if none.
+        With ``after``, the earliest falling due later than that (jobs due now but waiting
+        behind an older job of their order key would otherwise always be "next")."""
+        held = sorted(paused)
+        sql = "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'"
+        if held:
+            sql += f" AND source NOT IN ({','.join('?' * len(held))})"
+        args: list[Any] = list(held)
+        if after is not None:
+            sql += " AND run_at > ?"
+            args.append(after)
+        rows = await fetch(self.reader, sql, args)
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else None
+
+    async def backlog(self) -> int:
+        """Jobs not yet finished (queued or running)."""
+        rows = await fetch(
+            self.reader, "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        )
+        return int(rows[0][0])
+
+    async def dead_event_ids(
+        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    ) -> list[str]:
+        sql = (
+            "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
+            " WHERE j.state = 'dead'"
+        )
+        args: list[Any] = []
+        if source is not None:
+            sql += " AND e.source = ?"
+            args.append(source)
+        if since is not None:
+            sql += " AND e.received_at >= ?"
+            args.append(since)
+        sql += " ORDER BY j.event_id LIMIT ?"
+        args.append(limit)
+        rows = await fetch(self.reader, sql, args)
+        return [r[0] for r in rows]
+
+    async def get_event(self, event_id: str) -> EventDetail:
+        rows = await fetch(
+            self.reader, f"SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = ?", (event_id,)
+        )
+        if not rows:
+            raise NotFound(event_id)
+        event = event_from_row(rows[0])
+        job_rows = await fetch(
+            self.reader,
+            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = ? ORDER BY j.seq",
+            (event_id,),
+        )
+        attempt_rows = await fetch(
+            self.reader,
+            "SELECT a.job_id, a.n, a.started_at, a.finished_at, a.outcome, a.error, a.detail"
+            " FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.event_id = ?"
+            " ORDER BY a.seq",
+            (event_id,),
+        )
+        history: dict[str, list[Attempt]] = {}
+        for a in attempt_rows:
+            history.setdefault(a[0], []).append(
+                Attempt(
+                    n=a[1],
+                    started_at=a[2],
+                    finished_at=a[3],
+                    outcome=a[4],
+                    error=a[5],
+                    detail=json.loads(a[6]) if a[6] else None,
+                )
+            )
+        jobs = []
+        for r in job_rows:
+            job = job_from_row(r)
+            jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
+        return EventDetail(event, event_state([str(j.state) for j in jobs]), tuple(jobs))
+
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        since: float | None = None,
+    ) -> list[EventSummary]:
+        """Newest first. ``state`` filters on the derived event state."""
+        where: list[str] = []
+        args: list[Any] = []
+        if source is not None:
+            where.append("e.source = ?")
+            args.append(source)
+        if before is not None:
+            where.append("e.id < ?")
+            args.append(before)
+        if since is not None:
+            where.append("e.received_at >= ?")
+            args.append(since)
+        if state is not None:
+            where.append(STATE_FILTERS[state])
+        sql = (
+            "SELECT e.id, e.source, e.received_at, e.tenant, e.priority,"
+            " (SELECT group_concat(state) FROM jobs WHERE event_id = e.id) AS states,"
+            " (SELECT COUNT(*) FROM jobs WHERE event_id = e.id) AS njobs FROM events e"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY e.seq DESC LIMIT ?"
+        args.append(limit)
+        rows = await fetch(self.reader, sql, args)
+        return [
+            EventSummary(
+                id=r[0],
+                source=r[1],
+                received_at=r[2],
+                tenant=r[3],
+                priority=Priority(r[4]).label,
+                state=event_state(r[5].split(",") if r[5] else []),
+                jobs=r[6],
+            )
+            for r in rows
+        ]
+
+    async def counts(self) -> Counts:
+        rows = await fetch(
+            self.reader, "SELECT source, state, COUNT(*) FROM jobs GROUP BY source, state"
+        )
+        by_state: dict[str, int] = {s.value: 0 for s in JobState}
+        by_source: dict[str, dict[str, int]] = {}
+        for source, state, n in rows:
+            by_state[state] = by_state.get(state, 0) + n
+            by_source.setdefault(source, {})[state] = n
+        oldest = await fetch(
+            self.reader,
+            "SELECT MIN(e.received_at) FROM jobs j JOIN events e ON e.id = j.event_id"
+            " WHERE j.state = 'queued'",
+        )
+        events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
+        return Counts(by_state, by_source, oldest[0][0], int(events[0][0]))
+
+    async def size_bytes(self) -> int:
+        """The journal's size on disk: the main file plus its WAL."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    async def paused_sources(self) -> frozenset[str]:
+        rows = await fetch(self.reader, "SELECT source FROM paused_sources")
+        return frozenset(r[0] for r in rows)
+
+    async def activity(self, window_s: float) -> Activity:
+        """Events received and attempts by outcome over the last ``window_s`` seconds."""
+        since = self.clock.time() - window_s
+        received = await fetch(
+            self.reader, "SELECT COUNT(*) FROM events WHERE received_at >= ?", (since,)
+        )
+        rows = await fetch(
+            self.reader,
+            "SELECT outcome, COUNT(*) FROM attempts WHERE finished_at >= ? GROUP BY outcome",
+            (since,),
+        )
+        return Activity(window_s, int(received[0][0]), {r[0]: int(r[1]) for r in rows})

@@ -1,0 +1,181 @@
+"""What the journal takes and gives back: frozen records, no SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhookd.models import Event, Job, JobState
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    id: str
+    action: str
+    type: str
+    max_attempts: int
+    order_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An accepted webhook and its jobs, ready to be journaled."""
+
+    event: Event
+    jobs: tuple[NewJob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    event_id: str
+    duplicate: bool
+
+
+# Where the scheduler queues a job: (priority, source, tenant). Tenants take turns per class.
+Lane = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LaneBacklog:
+    """Queued jobs of one lane, for ``/stats``."""
+
+    lane: Lane
+    queued: int
+    oldest_received_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A queued job that is due: what the scheduler needs to pick it, and no more."""
+
+    id: str
+    source: str
+    action: str
+    priority: int
+    tenant: str
+    order_key: str | None
+    seq: int
+
+    @property
+    def lane(self) -> Lane:
+        return (self.priority, self.source, self.tenant)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job claimed for one attempt, with its event: everything a worker needs."""
+
+    job: Job
+    event: Event
+    waits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The outcome of one attempt, as the worker reports it."""
+
+    job_id: str
+    attempt: int
+    state: JobState  # queued (retry or wait), done, dead
+    started_at: float
+    finished_at: float
+    outcome: str  # done | retry | dead | wait | interrupted
+    run_at: float | None = None
+    error: str | None = None
+    result: Any = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EventSummary:
+    id: str
+    source: str
+    received_at: float
+    tenant: str
+    priority: str
+    state: str
+    jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventDetail:
+    event: Event
+    state: str
+    jobs: tuple[Job, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract)."""
+        e = self.event
+        return {
+            "id": e.id,
+            "source": e.source,
+            "received_at": e.received_at,
+            "dedup_key": e.dedup_key,
+            "tenant": e.tenant or None,
+            "priority": e.priority.label,
+            "verified": dict(e.verified) if e.verified else None,
+            "state": self.state,
+            "content_type": e.content_type,
+            "body_bytes": len(e.body),
+            "jobs": [job_dict(j) for j in self.jobs],
+        }
+
+
+def job_dict(j: Job) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "action": j.action,
+        "type": j.type,
+        "state": str(j.state),
+        "attempts": j.attempts,
+        "max_attempts": j.max_attempts,
+        "run_at": j.run_at,
+        "result": j.result,
+        "last_error": j.last_error,
+        "errors": [
+            {
+                "attempt": a.n,
+                "started_at": a.started_at,
+                "finished_at": a.finished_at,
+                "outcome": a.outcome,
+                "error": a.error,
+                "detail": dict(a.detail) if a.detail else None,
+            }
+            for a in j.history
+        ],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    requeued: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    jobs_by_state: Mapping[str, int]
+    jobs_by_source: Mapping[str, Mapping[str, int]]
+    oldest_queued_at: float | None
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    events: int
+    jobs: int
+    dedup: int
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What happened in the last ``window_s`` seconds (for ``webhookd stats``)."""
+
+    window_s: float
+    received: int
+    attempts_by_outcome: Mapping[str, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# The group-commit writer's work items

@@ -1,0 +1,219 @@
+"""The journal's schema: forward migrations, the SQL shared by reads and writes, row converters."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiosqlite
+
+from webhookd.models import Event, Job, JobState, Priority
+
+# Forward migrations: index i brings the schema from version i to i + 1. Never edit one that has
+# shipped; append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        id          TEXT NOT NULL UNIQUE,
+        source      TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        dedup_key   TEXT NOT NULL,
+        tenant      TEXT NOT NULL DEFAULT '',
+        priority    INTEGER NOT NULL,
+        headers     TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        verified    TEXT
+    );
+    CREATE INDEX events_source ON events(source, seq);
+    CREATE TABLE dedup (
+        key        TEXT PRIMARY KEY,
+        event_id   TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX dedup_created ON dedup(created_at);
+    CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        id           TEXT NOT NULL UNIQUE,
+        event_id     TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        action       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        priority     INTEGER NOT NULL,
+        tenant       TEXT NOT NULL DEFAULT '',
+        order_key    TEXT,
+        run_at       REAL NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        recoveries   INTEGER NOT NULL DEFAULT 0,
+        waits        INTEGER NOT NULL DEFAULT 0,
+        boot_id      TEXT,
+        claimed_at   REAL,
+        finished_at  REAL,
+        last_error   TEXT,
+        result       TEXT
+    );
+    CREATE INDEX jobs_event ON jobs(event_id);
+    CREATE INDEX jobs_queued ON jobs(priority, seq) WHERE state = 'queued';
+    CREATE INDEX jobs_running ON jobs(boot_id) WHERE state = 'running';
+    CREATE INDEX jobs_finished ON jobs(state, finished_at)
+        WHERE state IN ('done', 'dead', 'cancelled');
+    CREATE TABLE attempts (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id      TEXT NOT NULL,
+        n           INTEGER NOT NULL,
+        started_at  REAL NOT NULL,
+        finished_at REAL,
+        outcome     TEXT NOT NULL,
+        error       TEXT,
+        detail      TEXT
+    );
+    CREATE INDEX attempts_job ON attempts(job_id, seq);
+    """,
+    # 1 → 2: sources an operator has paused (``webhookd pause``): still accepted, not processed.
+    """
+    CREATE TABLE paused_sources (
+        source    TEXT PRIMARY KEY,
+        paused_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # 2 → 3: the scheduler's lanes and ordered delivery. ``jobs_lane`` serves the per-tenant refill
+    # (oldest due jobs of one priority × source × tenant, ``run_at`` read from the index) and
+    # the walk over the lanes that have queued work; it replaces ``jobs_queued``.
+    # ``jobs_order`` holds only unfinished jobs that have an order key, so "is an older job of
+    # this key still unfinished?" is one short index probe however long the key's history is.
+    """
+    DROP INDEX jobs_queued;
+    CREATE INDEX jobs_lane ON jobs(priority, source, tenant, seq, run_at)
+        WHERE state = 'queued';
+    CREATE INDEX jobs_order ON jobs(source, action, order_key, seq)
+        WHERE order_key IS NOT NULL AND state IN ('queued', 'running');
+    """,
+)
+
+# A job may start only when no older job of its (source, action, order key) is unfinished: the
+# head of each key runs, the rest wait. Dead, done and cancelled jobs do not hold their key.
+# (The partial index above is used only when its WHERE terms appear here verbatim.)
+HEAD_OF_KEY = (
+    "(j.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.source = j.source"
+    " AND o.action = j.action AND o.order_key = j.order_key AND o.seq < j.seq"
+    " AND o.order_key IS NOT NULL AND o.state IN ('queued', 'running')))"
+)
+
+
+def next_lane(p: str, s: str, t: str) -> str:
+    """SQL for the first queued job's seq in the lane after (p, s, t): three index seeks (same
+    source, next source, next priority). A row-value comparison reads nicer, but SQLite does not
+    seek on one whose right side comes from the recursive row."""
+    seeks = (
+        f"priority = {p} AND source = {s} AND tenant > {t}",
+        f"priority = {p} AND source > {s}",
+        f"priority > {p}",
+    )
+    firsts = (
+        f"(SELECT seq FROM jobs WHERE state = 'queued' AND {cond}"
+        " ORDER BY priority, source, tenant LIMIT 1)"
+        for cond in seeks
+    )
+    return f"COALESCE({', '.join(firsts)})"
+
+
+READY_COLUMNS = "j.id, j.source, j.action, j.priority, j.tenant, j.order_key, j.seq"
+LANES_PER_QUERY = 200  # parts of one UNION ALL (SQLite allows 500)
+
+# The lanes (priority, source, tenant) that hold queued jobs, in index order from a cursor.
+LANES_SQL = (
+    "WITH RECURSIVE lane(p, s, t) AS ("
+    f" SELECT priority, source, tenant FROM jobs WHERE seq = {next_lane(':p', ':s', ':t')}"
+    " UNION ALL SELECT j.priority, j.source, j.tenant FROM lane, jobs j"
+    f" WHERE j.seq = {next_lane('lane.p', 'lane.s', 'lane.t')} LIMIT :n)"
+    " SELECT p, s, t FROM lane"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records that cross the journal's boundary
+
+
+def fetch_rows(
+    conn: sqlite3.Connection, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()
+) -> list[sqlite3.Row]:
+    return conn.execute(sql, args).fetchall()
+
+
+async def fetch(
+    conn: aiosqlite.Connection,
+    sql: str,
+    args: Sequence[Any] | tuple[Any, ...] | Mapping[str, Any] = (),
+) -> list[sqlite3.Row]:
+    return list(await conn.execute_fetchall(sql, args))
+
+
+def slots_dict(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+STATE_FILTERS = {
+    "dead": "EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'dead')",
+    "running": "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'dead')"
+    " AND EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'running')",
+    "queued": "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id"
+    " AND j.state IN ('dead', 'running'))"
+    " AND EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'queued')",
+    "done": "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id"
+    " AND j.state IN ('dead', 'running', 'queued'))"
+    " AND (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id)"
+    " OR EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'done'))",
+    "cancelled": "EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id) AND NOT EXISTS"
+    " (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state != 'cancelled')",
+}
+EVENT_STATES = tuple(STATE_FILTERS)
+
+EVENT_COLUMNS = (
+    "e.id AS e_id, e.source AS e_source, e.received_at AS e_received_at,"
+    " e.dedup_key AS e_dedup_key, e.tenant AS e_tenant, e.priority AS e_priority,"
+    " e.headers AS e_headers, e.body AS e_body, e.verified AS e_verified"
+)
+JOB_COLUMNS = (
+    "j.id, j.event_id, j.action, j.type, j.state, j.attempts, j.max_attempts, j.run_at,"
+    " j.recoveries, j.result, j.last_error, j.waits"
+)
+
+
+def event_from_row(r: sqlite3.Row) -> Event:
+    return Event(
+        id=r["e_id"],
+        source=r["e_source"],
+        received_at=r["e_received_at"],
+        dedup_key=r["e_dedup_key"],
+        tenant=r["e_tenant"],
+        priority=Priority(r["e_priority"]),
+        headers=tuple((k, v) for k, v in json.loads(r["e_headers"])),
+        body=bytes(r["e_body"]),
+        verified=json.loads(r["e_verified"]) if r["e_verified"] else None,
+    )
+
+
+def job_from_row(r: sqlite3.Row) -> Job:
+    return Job(
+        id=r["id"],
+        event_id=r["event_id"],
+        action=r["action"],
+        type=r["type"],
+        state=JobState(r["state"]),
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        run_at=r["run_at"],
+        recoveries=r["recoveries"],
+        result=json.loads(r["result"]) if r["result"] is not None else None,
+        last_error=r["last_error"],
+    )
+
+
+def dump(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, default=str, separators=(",", ":"))
