@@ -139,4 +139,6 @@ def setup(
     root.setLevel(LEVELS.get(level, logging.INFO))
     # aiohttp's access log would print a line per webhook; our own lines say what matters.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiosqlite logs every statement at debug: noise that would drown webhookd's own debug lines.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     return handler
