@@ -113,6 +113,18 @@ async def _raw_server(handle: Any) -> tuple[asyncio.Server, str]:
     return server, f"http://{host}:{port}"
 
 
+async def test_too_many_headers_are_refused_before_the_body(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """More than 100 headers is a 4xx (the receiver's limit is set, not inherited)."""
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    many = {f"X-H{i}": "v" for i in range(110)}  # over ours, under aiohttp's 128
+    async with running.http.post(running.url + "/hooks/a", data=b"{}", headers=many) as r:
+        assert 400 <= r.status < 500
+    assert journaled_ids(cfg.journal.path) == set()
+
+
 @pytest.fixture
 async def resetting() -> AsyncIterator[str]:
     """A downstream that accepts each connection and closes it without answering."""

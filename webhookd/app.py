@@ -194,6 +194,14 @@ class Daemon:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.config.server.ack_timeout_s + 1,
+            # Set on purpose, not inherited: an idle keep-alive connection is closed after 75 s
+            # (aiohttp's own default is an hour of held sockets); request lines and header
+            # fields over 8 KB and more than 100 headers are refused with a 4xx before the body
+            # is read. No provider sends anything near these.
+            keepalive_timeout=75.0,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=100,
         )
         await runner.setup()
         site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_address=True)
