@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from conftest import jobs_for, new_event
 
 import webhookd
 from webhookd import actions as registry
 from webhookd import config as config_mod
 from webhookd.actions.base import Action, Resources
 from webhookd.clock import ManualClock
-from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.journal import Journal, NewEvent
 from webhookd.limiter import Lane, build_lanes
-from webhookd.models import Event, Job, Priority, new_event_id, new_job_id
+from webhookd.models import Job
 from webhookd.workers import WorkerPool
 
 
@@ -49,23 +50,10 @@ class ActionKit:
     ) -> str:
         """Journal one event for ``source`` with a job per action; returns the event id."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        event_id = new_event_id()
-        event = Event(
-            id=event_id,
-            source=source,
-            received_at=self.clock.time(),
-            dedup_key=f"{source}:{event_id}",
-            tenant="t",
-            priority=Priority.NORMAL,
-            headers=(("Content-Type", content_type),),
-            body=data,
-        )
-        src = self.cfg.sources[source]
-        jobs = tuple(
-            NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts) for a in src.actions
-        )
+        event = new_event(source, self.clock.time(), data, tenant="t", content_type=content_type)
+        jobs = jobs_for(self.cfg.sources[source])
         await self.journal.ingest(NewEvent(event, jobs))
-        return event_id
+        return event.id
 
     async def run(self) -> float | None:
         """Run what is due now; returns when the next job falls due (``None``: nothing queued)."""

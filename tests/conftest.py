@@ -14,7 +14,38 @@ from aiohttp import web
 
 from webhookd import config as config_mod
 from webhookd.app import Daemon
-from webhookd.journal import Journal
+from webhookd.journal import Journal, NewJob
+from webhookd.models import Event, Priority, new_event_id, new_job_id
+
+
+def new_event(
+    source: str,
+    received_at: float,
+    body: bytes = b"{}",
+    *,
+    tenant: str = "",
+    priority: Priority = Priority.NORMAL,
+    content_type: str = "application/json",
+) -> Event:
+    """An event as the receiver would journal it, with a dedup key of its own."""
+    event_id = new_event_id()
+    return Event(
+        id=event_id,
+        source=source,
+        received_at=received_at,
+        dedup_key=f"{source}:{event_id}",
+        tenant=tenant,
+        priority=priority,
+        headers=(("Content-Type", content_type),),
+        body=body,
+    )
+
+
+def jobs_for(src: config_mod.SourceConfig, order_key: str | None = None) -> tuple[NewJob, ...]:
+    """One new job per action of ``src``, as the receiver makes them."""
+    return tuple(
+        NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts, order_key) for a in src.actions
+    )
 
 
 @dataclass

@@ -9,13 +9,13 @@ from typing import Any
 
 import aiohttp
 from click.testing import CliRunner, Result
-from conftest import Running, make_config
+from conftest import Running, make_config, new_event
 from procs import poll
 
 from webhookd import config as config_mod
 from webhookd.cli import main
 from webhookd.journal import Journal, NewEvent, NewJob
-from webhookd.models import Event, Priority, new_event_id, new_job_id
+from webhookd.models import new_job_id
 
 TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
 
@@ -101,17 +101,7 @@ async def ingest(journal: Journal, source: str, n: int, body: bytes = b"{}") -> 
     """Journal ``n`` events of ``source`` with one job each, as one group commit; job ids."""
     items = []
     for _ in range(n):
-        event_id = new_event_id()
-        event = Event(
-            id=event_id,
-            source=source,
-            received_at=journal.clock.time(),
-            dedup_key=f"{source}:{event_id}",
-            tenant="",
-            priority=Priority.NORMAL,
-            headers=(("Content-Type", "application/json"),),
-            body=body,
-        )
+        event = new_event(source, journal.clock.time(), body)
         items.append(NewEvent(event, (NewJob(new_job_id(), "deliver", "forward", 3),)))
     await asyncio.gather(*(journal.ingest(item) for item in items))
     return [item.jobs[0].id for item in items]

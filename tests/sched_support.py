@@ -15,13 +15,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import jobs_for, new_event
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config
-from webhookd.journal import Journal, NewEvent, NewJob
-from webhookd.models import Event, Job, Priority, new_boot_id, new_event_id, new_job_id
+from webhookd.journal import Journal, NewEvent
+from webhookd.models import Event, Job, Priority, new_boot_id
 from webhookd.receiver import IntakeState, Receiver
 from webhookd.workers import WorkerPool
 
@@ -66,21 +67,8 @@ async def ingest(
         items = []
         for i in range(start, min(start + BATCH, count)):
             raw = json.dumps({"tenant": tenant, **body(i)}).encode()
-            event_id = new_event_id()
-            event = Event(
-                id=event_id,
-                source=source,
-                received_at=journal.clock.time(),
-                dedup_key=f"{source}:{event_id}",
-                tenant=tenant,
-                priority=priority,
-                headers=(("Content-Type", "application/json"),),
-                body=raw,
-            )
-            jobs = tuple(
-                NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts, order_key(i))
-                for a in src.actions
-            )
+            event = new_event(source, journal.clock.time(), raw, tenant=tenant, priority=priority)
+            jobs = jobs_for(src, order_key(i))
             items.append(NewEvent(event, jobs))
         await asyncio.gather(*(journal.ingest(item) for item in items))
 

@@ -58,7 +58,7 @@ def command_action(case: str, world: World) -> str:
         "success": "import sys; sys.stdout.write(sys.stdin.read())",
         "retryable": "import sys; sys.exit(1)",
         "permanent": "import sys; sys.exit(3)",
-        "timeout": "import time; time.sleep(60)",
+        "timeout": "import time; time.sleep(60)",  # outlives timeout_s; the action kills it
     }[case]
     return f"""type = "command"
 argv = {toml_list([sys.executable, "-c", code])}

@@ -130,7 +130,7 @@ async def test_exit_status_decides_the_outcome(
 async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     """On timeout the program and the children it started are killed; the attempt is retried."""
     pid_file = tmp_path / "child.pid"
-    code = start_child_then(pid_file, "time.sleep(60)")
+    code = start_child_then(pid_file, "time.sleep(60)")  # outlives timeout_s: killed
     job = await run_command(tmp_path, python_argv(code), timeout_s=2)
     assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
     assert job.history[0].error is not None and "timed out" in job.history[0].error

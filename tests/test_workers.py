@@ -18,14 +18,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Running, Target, make_config
+from conftest import Running, Target, jobs_for, make_config, new_event
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
-from webhookd.journal import Journal, NewEvent, NewJob
-from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
+from webhookd.journal import Journal, NewEvent
+from webhookd.models import Event, Job, JobState
 from webhookd.workers import WorkerPool, backoff_s
 
 
@@ -42,19 +42,7 @@ url = "{url}/{name}"
 
 def new_item(cfg: Config, source: str, now: float, body: bytes = b"{}") -> NewEvent:
     """An event for ``source`` with one job per configured action, as the receiver makes it."""
-    src = cfg.sources[source]
-    event = Event(
-        id=new_event_id(),
-        source=source,
-        received_at=now,
-        dedup_key=f"{source}:{new_event_id()}",
-        tenant="",
-        priority=Priority.NORMAL,
-        headers=(("Content-Type", "application/json"),),
-        body=body,
-    )
-    jobs = tuple(NewJob(new_job_id(), a.name, a.type, a.retry.max_attempts) for a in src.actions)
-    return NewEvent(event, jobs)
+    return NewEvent(new_event(source, now, body), jobs_for(cfg.sources[source]))
 
 
 @dataclass

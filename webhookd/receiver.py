@@ -178,6 +178,7 @@ class Receiver:
         self._by_path = {src.path: src for src in config.sources.values() if src.name != CATCH_ALL}
         self._catch_all = config.sources.get(CATCH_ALL)
         self._ack_deadlines = _Deadlines(config.server.ack_timeout_s)
+        self._too_large = f"body larger than {config.server.max_body_bytes} bytes"
         self._buckets = {
             src.name: TokenBucket(src.intake_per_s, clock)
             for src in config.sources.values()
@@ -218,15 +219,12 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = self.clock.monotonic()
         name = ""
-        try:
-            resolved = self._resolve(request.path)
-            if resolved is None:
-                response = _error(404, "no such source")
-            else:
-                name = resolved[0]
-                response = await self._take(request, name, resolved[1])
-        except asyncio.CancelledError:
-            raise
+        resolved = self._resolve(request.path)
+        if resolved is None:
+            response = _error(404, "no such source")
+        else:
+            name = resolved[0]
+            response = await self._take(request, name, resolved[1])
         for observer in self.state.observers:
             observer(name, response.status, self.clock.monotonic() - started)
         return response
@@ -274,11 +272,11 @@ class Receiver:
             return _error(503, "shutting down", server.retry_after_s)
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
-            return _error(413, f"body larger than {server.max_body_bytes} bytes")
+            return _error(413, self._too_large)
         try:
-            body = await request.read()
+            body = await request.read()  # a chunked body is cut off at client_max_size
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body larger than {server.max_body_bytes} bytes")
+            return _error(413, self._too_large)
         now = self.clock.time()
         headers = request.headers
         checked = self._check(request, name, src, body, now)
@@ -322,8 +320,6 @@ class Receiver:
             )
             for a in src.actions
         )
-        # A task of its own: if we stop waiting, the commit still completes, and the provider's
-        # retry then finds it as a duplicate instead of creating a second event.
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         commit = self.journal.submit_ingest(NewEvent(event, jobs))

@@ -80,13 +80,15 @@ class WriteFailed(Exception):
 def write_ingests(
     conn: sqlite3.Connection, ops: list[IngestOp], now: float
 ) -> list[tuple[Ingested, list[Ready]]]:
-    keys = [op.item.event.dedup_key for op in ops]
-    conn.executemany(
+    inserted = conn.executemany(
         "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)",
         [(op.item.event.dedup_key, op.item.event.id, now) for op in ops],
-    )
+    ).rowcount
     owners: dict[str, str] = {}
-    unique_keys = list(dict.fromkeys(keys))
+    # Every key went in (the usual case): each event owns its own key, nothing to read back.
+    unique_keys = (
+        [] if inserted == len(ops) else list(dict.fromkeys(o.item.event.dedup_key for o in ops))
+    )
     for start in range(0, len(unique_keys), 500):
         chunk = unique_keys[start : start + 500]
         marks = ",".join("?" * len(chunk))
