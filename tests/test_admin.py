@@ -242,3 +242,24 @@ async def test_admin_answers_unknown_paths_with_json(
     running: Running = await run_daemon(make_config(tmp_path))
     status, doc = await get(running, "/nope")
     assert (status, set(doc)) == (404, {"error"})
+
+
+async def test_a_daemon_started_with_tune_gc_freezes_its_startup_objects(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """``webhookd serve`` (``tune_gc=True``) freezes what startup made and collects young
+    objects less often, so no full collection walks them while webhooks wait; tests' own
+    daemons leave the collector alone."""
+    import gc
+
+    from webhookd.app import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    try:
+        running: Running = await run_daemon(make_config(tmp_path), tune_gc=True)
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert (await get(running, "/healthz"))[0] == 200
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

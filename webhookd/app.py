@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -65,6 +66,7 @@ class Daemon:
     config: Config
     clock: Clock = SYSTEM_CLOCK
     install_signals: bool = True
+    tune_gc: bool = False  # freeze startup objects and collect less often (see `_tune_gc`)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     bound: Bound = field(default_factory=Bound)
@@ -173,6 +175,8 @@ class Daemon:
                 )
                 self.bound.receiver = _address(receiver_runner)
                 self._announce(cfg)
+                if self.tune_gc:
+                    _tune_gc()
                 self.started.set()
 
                 await self.stop_event.wait()
@@ -317,6 +321,26 @@ def heartbeat_line(ctx: AdminContext) -> str:
     return " ".join(parts)
 
 
+# Young-generation collections every 20,000 net container allocations instead of 700.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def _tune_gc() -> None:
+    """Take the garbage collector off the ack path.
+
+    By default CPython collects the youngest generation every 700 net allocations and, now and
+    then, walks every object the process holds: after startup that is ~45,000 of them (modules,
+    config, aiohttp's tables), and such a full pass stalled the event loop for 20-40 ms, a pause
+    every webhook in flight waits out. Freezing what exists once the daemon is up moves it out
+    of every later collection, and a higher threshold makes young collections rarer; measured
+    under full intake load (bench/): GC time per 10 s went from ~330 ms to ~40 ms, with no
+    full pass longer than a few ms. Garbage without cycles is freed at once either way.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _address(runner: web.AppRunner) -> str:
     for addr in runner.addresses:
         if isinstance(addr, tuple):
@@ -329,7 +353,7 @@ def run(config: Config) -> int:
     """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status."""
 
     async def main() -> int:
-        return await Daemon(config).run()
+        return await Daemon(config, tune_gc=True).run()
 
     # The event loop hands every commit to SQLite's thread and back. With CPython's default 5 ms
     # switch interval a busy loop keeps that thread waiting for the GIL, which adds directly to
