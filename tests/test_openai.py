@@ -259,12 +259,38 @@ async def test_failed_then_retries_without_asking_the_model_again(
         await kit.run_all()
         job = await kit.job(event_id)
     assert (failed.state, failed.history[0].outcome) == (JobState.QUEUED, "retry")
-    assert failed.history[0].detail is not None
-    assert failed.history[0].detail["answer"]["text"] == "Draft: Reply to Refund: please"
+    assert failed.result["text"] == "Draft: Reply to Refund: please"
     assert (job.state, job.attempts) == (JobState.DONE, 2)
     assert job.history[1].detail is not None and job.history[1].detail["answer_reused"] is True
     assert len(standin.served) == 1
     assert len(target.seen) == 2
+
+
+async def test_an_answer_kept_by_a_failed_then_survives_a_restart(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """The kept answer is in the journal: a new process reuses it, and a replay asks again."""
+    target.statuses = [503]
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    config = source(standin, lane=None, extra=then)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        assert (await kit.job(event_id)).state == JobState.QUEUED
+    async with action_kit(tmp_path, config, clock=clock) as kit:  # the restart
+        await kit.run_all()
+        job = await kit.job(event_id)
+        assert (job.state, job.attempts) == (JobState.DONE, 2)
+        assert job.history[1].detail is not None and job.history[1].detail["answer_reused"]
+        assert len(standin.served) == 1
+        assert await kit.journal.replay([event_id]) == {event_id: 1}
+        await kit.run_all()
+        replayed = await kit.job(event_id)
+    assert replayed.state == JobState.DONE
+    assert replayed.history[-1].detail is not None
+    assert replayed.history[-1].detail["answer_reused"] is False
+    assert len(standin.served) == 2
+    assert len(target.seen) == 3
 
 
 @pytest.mark.parametrize(("status", "outcome"), [(401, "dead"), (404, "dead"), (503, "retry")])

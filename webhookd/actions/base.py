@@ -30,6 +30,9 @@ class Outcome:
     sooner than ``after_s``). ``dead``: permanent failure. ``wait``: not attempted (a lane is
     cooling down or out of quota); rescheduled after ``after_s`` without using an attempt.
     ``detail`` is stored with the attempt (status code, duration, the head of a response …).
+    A ``retry`` or ``dead`` may carry a ``result`` too: work done before the failure, kept as the
+    job's result and handed back to the next attempt as ``job.result`` (the journal keeps it
+    across restarts; a replay starts without it).
     """
 
     kind: OutcomeKind
@@ -43,12 +46,14 @@ class Outcome:
         return cls("done", result=result, detail=detail)
 
     @classmethod
-    def retry(cls, error: str, after_s: float | None = None, **detail: Any) -> Outcome:
-        return cls("retry", error=error, after_s=after_s, detail=detail)
+    def retry(
+        cls, error: str, after_s: float | None = None, *, result: Any = None, **detail: Any
+    ) -> Outcome:
+        return cls("retry", result=result, error=error, after_s=after_s, detail=detail)
 
     @classmethod
-    def dead(cls, error: str, **detail: Any) -> Outcome:
-        return cls("dead", error=error, detail=detail)
+    def dead(cls, error: str, *, result: Any = None, **detail: Any) -> Outcome:
+        return cls("dead", result=result, error=error, detail=detail)
 
     @classmethod
     def wait(cls, reason: str, after_s: float, **detail: Any) -> Outcome:

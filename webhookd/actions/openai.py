@@ -17,8 +17,10 @@ with OpenAI's tokenizers, and only a reservation; the settle corrects it.
 
 With ``then = { forward = URL }`` the answer is POSTed on, signed like ``forward``. When that
 POST fails the job is retried, and the retry reuses the answer instead of asking the model
-again: answers waiting on ``then`` are kept in memory, per job. After a restart the model is
-asked again (the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
+again: the failed attempt keeps the answer as the job's result, in the journal, so it survives
+a restart too. Only a crash between the answer and the attempt's record loses it (the model is
+then asked again; the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
+``webhookd replay`` starts over and asks again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import math
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +68,6 @@ _RETRYABLE_4XX = frozenset({408, 409, 425})
 _DEFAULT_LANE_WAIT_S = 10.0
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
-_KEPT_ANSWERS = 1024  # answers waiting for ``then`` to succeed, per action
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -225,11 +225,12 @@ class OpenAIAction:
             max_retries=0,
             timeout=config.timeout_s,
         )
-        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def run(self, event: Event, job: Job) -> Outcome:
         then = self.settings.then
-        answer = self._answers.get(job.id)
+        # A job's result before it is done can only be the answer an earlier attempt kept when
+        # its then-forward failed.
+        answer = job.result if then is not None and _is_answer(job.result) else None
         reused = answer is not None
         if answer is None:
             asked = await self._ask(event)
@@ -238,23 +239,15 @@ class OpenAIAction:
             answer = asked
         if then is None:
             return Outcome.done(answer)
-        self._keep(job.id, answer)  # before sending: a timeout mid-send must not lose it
         sent = await then.send(self.http, event, answer)
         detail = {"then": dict(sent.detail), "answer_reused": reused}
-        if sent.kind == "retry":
-            return Outcome.retry(
-                f"then.forward: {sent.error}", after_s=sent.after_s, answer=answer, **detail
-            )
-        self._answers.pop(job.id, None)
         if sent.kind == "done":
             return Outcome.done(answer, **detail)
-        return Outcome.dead(f"then.forward: {sent.error}", answer=answer, **detail)
-
-    def _keep(self, job_id: str, answer: dict[str, Any]) -> None:
-        self._answers[job_id] = answer
-        self._answers.move_to_end(job_id)
-        while len(self._answers) > _KEPT_ANSWERS:
-            self._answers.popitem(last=False)
+        if sent.kind == "retry":
+            return Outcome.retry(
+                f"then.forward: {sent.error}", after_s=sent.after_s, result=answer, **detail
+            )
+        return Outcome.dead(f"then.forward: {sent.error}", result=answer, **detail)
 
     def _messages(self, event: Event) -> list[ChatCompletionMessageParam]:
         payload = payload_of(event)
@@ -344,6 +337,11 @@ class OpenAIAction:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _is_answer(value: Any) -> bool:
+    """Is ``value`` an answer as ``_ask`` returns it (kept by an earlier attempt)?"""
+    return isinstance(value, dict) and isinstance(value.get("text"), str) and "model" in value
 
 
 def _round(started: float) -> float:

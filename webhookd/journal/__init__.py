@@ -438,7 +438,8 @@ class Journal(Reads):
     # -- operator actions --------------------------------------------------------------------
 
     async def replay(self, event_ids: Sequence[str]) -> dict[str, int]:
-        """Re-queue each event's jobs that are not queued or running, with fresh attempts.
+        """Re-queue each event's jobs that are not queued or running, with fresh attempts and
+        no result (a replay is another go from the start, not a resumption).
 
         Returns ``{event_id: jobs re-queued}``; raises ``NotFound`` for an unknown id.
         """
@@ -452,7 +453,7 @@ class Journal(Reads):
                     raise NotFound(event_id)
                 cur = conn.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
-                    " run_at = ?, finished_at = NULL, boot_id = NULL"
+                    " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL"
                     " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
                     (now, event_id),
                 )

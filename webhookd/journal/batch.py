@@ -178,7 +178,8 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> Non
             (
                 str(f.state),
                 f.run_at if f.run_at is not None else f.finished_at,
-                dump(f.result) if f.state == JobState.DONE else None,
+                # Kept on a retry too when the attempt left one (work done before it failed).
+                dump(f.result) if f.result is not None else None,
                 f.error,
                 f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
                 1 if wait else 0,
