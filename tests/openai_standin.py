@@ -4,7 +4,8 @@ Limits hold over a sliding window (60 s by default) on an injectable clock, the 
 API enforces them: a request over either limit gets a 429 with the real error body
 (``rate_limit_exceeded``), ``Retry-After`` and ``x-ratelimit-*`` headers; when ``quota_exhausted``
 is set every request gets 429 ``insufficient_quota``. A request is charged its usage (prompt
-tokens: characters / 4 + 3 per message; completion: ``min(max_tokens, completion_tokens)``).
+tokens: characters / 4 + 3 per message; completion: ``min(max_completion_tokens or max_tokens,
+completion_tokens)``); like the real API it refuses ``max_tokens`` for reasoning models (o1 …).
 ``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies, and
 ``hold`` makes requests hang until it is set.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,10 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     500: ("server_error", None, "The server had an error while processing your request."),
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
 }
+
+
+# Reasoning models (o1, o3-mini, o4-mini …) refuse ``max_tokens``, as the real API does.
+_REASONING_MODEL = re.compile(r"o\d")
 
 
 def error_body(kind: str, code: str | None, message: str) -> dict[str, Any]:
@@ -108,8 +114,15 @@ class StandIn:
             return web.json_response(
                 error_body("insufficient_quota", "insufficient_quota", message), status=429
             )
+        if "max_tokens" in body and _REASONING_MODEL.match(str(body.get("model"))):
+            message = (
+                "Unsupported parameter: 'max_tokens' is not supported with this model."
+                " Use 'max_completion_tokens' instead."
+            )
+            error = error_body("invalid_request_error", "unsupported_parameter", message)
+            return web.json_response(error, status=400)
         messages = body["messages"]
-        max_tokens = int(body.get("max_tokens") or 16)
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         prompt = sum(math.ceil(len(m["content"]) / 4) + 3 for m in messages)
         completion = min(max_tokens, self.completion_tokens)
         total = prompt + completion

@@ -48,17 +48,24 @@ async def standin(clock: ManualClock) -> AsyncIterator[StandIn]:
         await s.aclose()
 
 
-def source(standin: StandIn, *, lane: str | None = "llm", extra: str = "") -> str:
+def source(
+    standin: StandIn,
+    *,
+    lane: str | None = "llm",
+    extra: str = "",
+    model: str = "gpt-4o-mini",
+    limit: str = "max_tokens = 200",
+) -> str:
     return f"""
 [sources.mail]
 [[sources.mail.actions]]
 type = "openai"
 api_key = "env:{KEY}"
 base_url = "{standin.base_url}"
-model = "gpt-4o-mini"
+model = "{model}"
 system = "You draft replies for a support team."
 prompt = "Reply to {{{{ subject }}}}: {{{{ text }}}}"
-max_tokens = 200
+{limit}
 {f'lane = "{lane}"' if lane else ""}
 {extra}
 """
@@ -318,6 +325,7 @@ async def test_status_errors_map_to_dead_or_retry(
         ('then = { forward = "http://x", secret = "plain" }', "sources.s.actions[0].then.secret"),
         ('then = { forward = "http://x", retries = 3 }', "sources.s.actions[0].then.retries"),
         ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s"),
+        ("max_completion_tokens = 10", "sources.s.actions[0].max_completion_tokens"),
     ],
 )
 def test_bad_options_name_their_key(line: str, key: str) -> None:
@@ -349,6 +357,33 @@ def test_max_tokens_and_api_key_are_required() -> None:
         actions.validate(loads(base))
     with pytest.raises(ConfigError, match=r"actions\[0\]\.max_tokens"):
         actions.validate(loads(base + f'api_key = "env:{KEY}"\n'))
+
+
+@pytest.mark.parametrize(
+    ("limit", "state", "completion_tokens"),
+    [("max_completion_tokens = 40", JobState.DONE, 40), ("max_tokens = 40", JobState.DEAD, None)],
+)
+async def test_reasoning_models_take_max_completion_tokens(
+    tmp_path: Path,
+    standin: StandIn,
+    clock: ManualClock,
+    limit: str,
+    state: JobState,
+    completion_tokens: int | None,
+) -> None:
+    """The limit is sent under the name it is written with: a reasoning model answers within
+    max_completion_tokens, and refuses max_tokens with a 400 that is dead, not retried."""
+    config = source(standin, lane=None, model="o4-mini", limit=limit)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.state == state
+    if completion_tokens is not None:
+        assert job.result["usage"]["completion_tokens"] == completion_tokens
+    else:
+        assert job.history[0].error is not None
+        assert "max_completion_tokens" in job.history[0].error
 
 
 async def test_daemon_runs_the_mailgun_case_end_to_end_through_its_lane(

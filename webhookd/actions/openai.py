@@ -12,6 +12,8 @@ retries. Outcomes:
 * 5xx, 408, 409, timeouts, connection errors: retried; other 4xx (400, 401, 403, 404, 422): dead.
 
 The lane reserves ``prompt estimate + max_tokens`` and is settled against ``usage.total_tokens``.
+Reasoning models (o1, o3, o4-mini …) refuse ``max_tokens``: write ``max_completion_tokens``
+instead, and that is the parameter sent.
 The estimate is the prompt's characters / 4 plus 4 tokens per message: about right for English
 with OpenAI's tokenizers, and only a reservation; the settle corrects it.
 
@@ -58,11 +60,13 @@ _OPTIONS = (
     "system",
     "prompt",
     "max_tokens",
+    "max_completion_tokens",
     "temperature",
     "lane",
     "max_lane_wait_s",
     "then",
 )
+_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent under its own name
 _THEN_OPTIONS = ("forward", "secret", "secrets", "headers")
 _RETRYABLE_4XX = frozenset({408, 409, 425})
 _DEFAULT_LANE_WAIT_S = 10.0
@@ -106,11 +110,22 @@ class _Settings:
         self.system: Template | None = None
         if "system" in opts:
             self.system = compile_template(opts["system"], f"{key}.system")
-        if "max_tokens" not in opts:
-            raise ConfigError(f"{key}.max_tokens", "is required (the lane reserves it)")
-        self.max_tokens = int(_number(opts, "max_tokens", key, integer=True))
+        # Sent under the name it is written with: reasoning models (o1, o3, o4-mini …) refuse
+        # max_tokens, and some compatible servers know only max_tokens.
+        given = [name for name in _TOKEN_LIMITS if name in opts]
+        if not given:
+            raise ConfigError(
+                f"{key}.max_tokens",
+                "is required (the lane reserves it; reasoning models take max_completion_tokens)",
+            )
+        if len(given) > 1:
+            raise ConfigError(
+                f"{key}.max_completion_tokens", "give max_tokens or max_completion_tokens, not both"
+            )
+        self.token_limit_name = given[0]
+        self.max_tokens = int(_number(opts, self.token_limit_name, key, integer=True))
         if self.max_tokens < 1:
-            raise ConfigError(f"{key}.max_tokens", "must be at least 1")
+            raise ConfigError(f"{key}.{self.token_limit_name}", "must be at least 1")
         self.temperature: float | None = None
         if "temperature" in opts:
             self.temperature = float(_number(opts, "temperature", key, integer=False))
@@ -273,7 +288,10 @@ class OpenAIAction:
             raw = await self.client.chat.completions.with_raw_response.create(
                 model=s.model,
                 messages=messages,
-                max_tokens=s.max_tokens,
+                max_tokens=s.max_tokens if s.token_limit_name == "max_tokens" else openai.omit,
+                max_completion_tokens=(
+                    s.max_tokens if s.token_limit_name == "max_completion_tokens" else openai.omit
+                ),
                 temperature=s.temperature if s.temperature is not None else openai.omit,
             )
         except openai.APIStatusError as exc:
