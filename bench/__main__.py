@@ -1,4 +1,4 @@
-"""``python -m bench [SCENARIO] [ARGS…]``: run one benchmark scenario (default: ``intake``).
+"""``python -m bench [SCENARIO] [ARGS…]``: run a benchmark scenario (default: ``all``, every one).
 
 Scenarios live in `SCENARIOS`, by module name, so adding one is one line here plus a module with
 a ``main(argv) -> int``; modules are imported only when their scenario runs.
@@ -36,7 +36,7 @@ SCENARIOS: dict[str, Scenario] = {
         "bench.suite", "every scenario but chaos: one table, JSON and a PNG chart (--quick)"
     ),
 }
-DEFAULT = "intake"
+DEFAULT = "all"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
