@@ -32,6 +32,9 @@ SCENARIOS: dict[str, Scenario] = {
     "backlog": Scenario(
         "bench.backlog", "peak RSS while draining a backlog of 1,000,000 queued events"
     ),
+    "journal": Scenario(
+        "bench.journal", "journal cost per webhook as the journal grows (0, 100k, 300k events)"
+    ),
     "all": Scenario(
         "bench.suite", "every scenario but chaos: one table, JSON and a PNG chart (--quick)"
     ),
