@@ -4,8 +4,9 @@ Runs intake, journal, dispatch, e2e, burst, lanes and, when ``bench/backlog.py``
 backlog (not chaos: it tests guarantees, not speed), one after the other, each with its own fresh
 daemon or journal. A scenario that fails is reported as a FAILED line and the rest still run.
 Prints one table (scenario, metric, value, target, verdict) and the notes (a busy machine, a
-generator that was the bottleneck), writes everything as JSON (default ``bench/results/latest.json``) and draws a
-PNG chart (default ``bench/results/latest.png``; needs matplotlib: ``pip install -e '.[bench]'``).
+generator that was the bottleneck), writes everything as JSON (default
+``bench/results/latest.json``) and draws a PNG chart (default ``bench/results/latest.png``;
+needs matplotlib: ``pip install -e '.[bench]'``).
 ``--quick`` (under 3 minutes) runs every scenario smaller; the full run takes about 10 minutes.
 """
 
