@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from procs import Procs, Target, get_json, poll, port_is_free, write_config
+from procs import DaemonProc, Procs, Target, get_json, poll, port_is_free, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -83,6 +83,35 @@ async def wait_event_state(
 
     await poll(reached, timeout_s=timeout_s)
     return doc
+
+
+async def slow_jobs_running(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    *,
+    grace_s: float,
+    delay_s: float,
+    count: int = 1,
+) -> tuple[Path, DaemonProc, list[str]]:
+    """A daemon forwarding to ``downstream/slow`` (which takes ``delay_s`` to answer), with
+    ``count`` webhooks accepted and their jobs all in flight at the downstream."""
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source("slow", f"{downstream.url}/slow"),
+        workers=f"shutdown_grace_s = {grace_s}",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.delay_s = delay_s
+    ids = []
+    for i in range(count):
+        async with http.post(f"{daemon.url}/hooks/slow", data=f'{{"i": {i}}}', headers=JSON) as r:
+            assert r.status == 202
+            ids.append((await r.json())["id"])
+    await downstream.wait_for(lambda: len(downstream.arrivals) == count)
+    return cfg, daemon, ids
 
 
 @dataclass
@@ -193,20 +222,9 @@ async def test_sigterm_lets_running_jobs_finish_then_exits_0(
 ) -> None:
     """On SIGTERM the daemon stops taking webhooks, finishes slow jobs and exits 0."""
     grace_s = 10.0
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        tmp_path / "webhookd.db",
-        forward_source("slow", f"{downstream.url}/slow"),
-        workers=f"shutdown_grace_s = {grace_s}",
+    cfg, daemon, ids = await slow_jobs_running(
+        tmp_path, procs, downstream, http, grace_s=grace_s, delay_s=2.0, count=3
     )
-    daemon = await procs.serve(cfg)
-    downstream.delay_s = 2.0
-    ids = []
-    for i in range(3):
-        async with http.post(f"{daemon.url}/hooks/slow", data=f'{{"i": {i}}}', headers=JSON) as r:
-            assert r.status == 202
-            ids.append((await r.json())["id"])
-    await downstream.wait_for(lambda: len(downstream.arrivals) == 3)
 
     signalled = time.monotonic()
     daemon.signal(signal.SIGTERM)
@@ -236,18 +254,9 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_att
     tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
 ) -> None:
     """A job cut off by the drain grace is queued again, attempt uncounted, and runs next start."""
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        tmp_path / "webhookd.db",
-        forward_source("slow", f"{downstream.url}/slow"),
-        workers="shutdown_grace_s = 0.5",
+    cfg, daemon, [event_id] = await slow_jobs_running(
+        tmp_path, procs, downstream, http, grace_s=0.5, delay_s=5.0
     )
-    daemon = await procs.serve(cfg)
-    downstream.delay_s = 5.0
-    async with http.post(f"{daemon.url}/hooks/slow", data='{"long": 1}', headers=JSON) as r:
-        assert r.status == 202
-        event_id = (await r.json())["id"]
-    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)
 
     signalled = time.monotonic()
     daemon.signal(signal.SIGTERM)
@@ -342,17 +351,9 @@ async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
     second: signal.Signals,
 ) -> None:
     """A second signal during the drain exits at once; the next start re-runs the job."""
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        tmp_path / "webhookd.db",
-        forward_source("slow", f"{downstream.url}/slow"),
-        workers="shutdown_grace_s = 20",
+    cfg, daemon, [event_id] = await slow_jobs_running(
+        tmp_path, procs, downstream, http, grace_s=20, delay_s=20.0
     )
-    daemon = await procs.serve(cfg)
-    downstream.delay_s = 20.0
-    async with http.post(f"{daemon.url}/hooks/slow", data='{"y": 1}', headers=JSON) as r:
-        event_id = (await r.json())["id"]
-    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)
 
     signalled = time.monotonic()
     daemon.signal(signal.SIGTERM)

@@ -225,21 +225,27 @@ class WorkerPool:
             self._count(job, +1)
         if not picks:
             return 0
+        # Picks are counted as running from here; a claimed pick keeps its count until its task
+        # ends, the others give theirs back below.
+        to_start: list[Claimed] = []  # stays empty if the claim or the unclaim raises
         async with self._claiming:
             self._claiming_jobs = len(picks)
             try:
                 claimed = await self.journal.claim(list(picks), self.boot_id)
+                if self._stopping:
+                    # A drain began while the claim waited on the journal: start nothing new.
+                    await self.journal.unclaim([c.job.id for c in claimed])
+                else:
+                    to_start = claimed
             finally:
                 self._claiming_jobs = 0
-                for job in picks.values():
-                    self._count(job, -1)
-            if self._stopping:
-                # A drain began while the claim waited on the journal: start nothing new.
-                await self.journal.unclaim([c.job.id for c in claimed])
-                return 0
-        for c in claimed:
+                starting = {c.job.id for c in to_start}
+                for job_id, job in picks.items():
+                    if job_id not in starting:
+                        self._count(job, -1)
+        for c in to_start:
             self._start(c, picks[c.job.id])
-        return len(claimed)
+        return len(to_start)
 
     def _count(self, job: Ready, delta: int) -> None:
         """Keep the running counts the caps are checked against (picks count as running)."""
@@ -251,8 +257,8 @@ class WorkerPool:
         _bump(self._running_by_lane, job.lane, delta)
 
     def _start(self, claimed: Claimed, ready: Ready) -> None:
+        """Run a claimed job; its running counts were taken when it was picked."""
         job = claimed.job
-        self._count(ready, +1)
         task = asyncio.create_task(self._run(claimed), name=f"job {job.id}")
         self._running[job.id] = task
         self._idle.clear()
