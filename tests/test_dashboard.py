@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,32 +112,40 @@ async def send(
     if session:
         msg["sessionId"] = session
     await ws.send_str(json.dumps(msg))
-    async with asyncio.timeout(timeout_s):
-        while True:
-            frame = await ws.receive()
-            if frame.type != aiohttp.WSMsgType.TEXT:
-                raise AssertionError(f"browser websocket closed during {method}: {frame!r}")
-            doc = json.loads(frame.data)
-            if doc.get("id") == msg_id:
-                if "error" in doc:
-                    raise AssertionError(f"{method}: {doc['error']}")
-                result: dict[str, Any] = doc.get("result", {})
-                return result
+    doc = await read_until(ws, lambda d: d.get("id") == msg_id, method, timeout_s)
+    if "error" in doc:
+        raise AssertionError(f"{method}: {doc['error']}")
+    result: dict[str, Any] = doc.get("result", {})
+    return result
 
 
 async def until_event(
     ws: aiohttp.ClientWebSocketResponse, method: str, session: str, timeout_s: float = 30
 ) -> dict[str, Any]:
     """Read the websocket until the CDP event ``method`` arrives for ``session``."""
+
+    def wanted(doc: dict[str, Any]) -> bool:
+        return doc.get("method") == method and doc.get("sessionId") == session
+
+    params: dict[str, Any] = (await read_until(ws, wanted, method, timeout_s)).get("params", {})
+    return params
+
+
+async def read_until(
+    ws: aiohttp.ClientWebSocketResponse,
+    wanted: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """The first CDP message ``wanted`` accepts; the ones before it are skipped."""
     async with asyncio.timeout(timeout_s):
         while True:
             frame = await ws.receive()
             if frame.type != aiohttp.WSMsgType.TEXT:
-                raise AssertionError(f"browser websocket closed waiting for {method}")
-            doc = json.loads(frame.data)
-            if doc.get("method") == method and doc.get("sessionId") == session:
-                params: dict[str, Any] = doc.get("params", {})
-                return params
+                raise AssertionError(f"browser websocket closed waiting for {what}: {frame!r}")
+            doc: dict[str, Any] = json.loads(frame.data)
+            if wanted(doc):
+                return doc
 
 
 @pytest.fixture
