@@ -12,11 +12,11 @@ fail lanes whose requests are bigger than the burst, which is the usual case for
 
 A request bigger than the burst is admitted when its bucket is full and leaves it in debt, so it
 never deadlocks and later calls wait the debt off; one bigger than a whole minute's limit waits
-for an empty 60 s log and then goes through alone. Refunds (``settle``) are reusable at once;
+for an empty log and then goes through alone. Refunds (``settle``) are reusable at once;
 an under-estimate charged at settle time can exceed the bound, after the fact.
 
 Not aiolimiter: it starts empty and then bursts a whole period, has no refund, and lets small
-requests overtake a large one. Hazard: the 60 s log lives in memory, so right after a restart
+requests overtake a large one. Hazard: the log lives in memory, so right after a restart
 the upstream may still count the previous minute; a fresh lane therefore starts with only
 ``burst_s`` worth, and ``observe_remaining`` lowers the local estimate from response headers.
 """
@@ -42,7 +42,7 @@ WINDOW_S = 60.0
 JITTER_GUARD_S = 0.5
 LOG_S = WINDOW_S + JITTER_GUARD_S
 # Float rounding (and the event loop's timer) can wake a sleeper a hair before an entry leaves
-# the 60 s log; a re-sleep below one ulp of the clock would never move it, so naps are at least
+# the log; a re-sleep below one ulp of the clock would never move it, so naps are at least
 # this long.
 _MIN_NAP_S = 1e-6
 
