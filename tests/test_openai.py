@@ -273,6 +273,30 @@ async def test_failed_then_retries_without_asking_the_model_again(
     assert len(target.seen) == 2
 
 
+async def test_then_caps_retry_after_and_does_not_follow_a_redirect(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """then: a 503 asking for years waits only cap_s; a 307 after it is dead, never followed."""
+    target.statuses = [503, 307]
+    target.headers = {"Retry-After": "99999999", "Location": f"{target.url}/elsewhere"}
+    then = f'then = {{ forward = "{target.url}/drafts" }}\nretry = {{ base_s = 1, cap_s = 30 }}'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        start = kit.clock.time()
+        await kit.run()
+        failed = await kit.job(event_id)
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert (failed.state, failed.run_at) == (JobState.QUEUED, pytest.approx(start + 30))
+    assert (job.state, job.attempts) == (JobState.DEAD, 2)
+    assert job.last_error == (
+        f"then.forward: {target.url}/drafts answered 307:"
+        f" redirect to {target.url}/elsewhere not followed"
+    )
+    assert [s.path for s in target.seen] == ["/drafts", "/drafts"]
+    assert job.result["text"] == "Draft: Reply to Refund: please"  # the answer is kept
+
+
 async def test_an_answer_kept_by_a_failed_then_survives_a_restart(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from conftest import Running, Target, jobs_for, make_config, new_event
 
+import webhookd
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
@@ -144,6 +145,87 @@ async def test_retry_after_is_a_lower_bound_on_the_delay(
     await rig.ingest("busy")
     due = await rig.pool.run_until_idle()
     assert due == pytest.approx(rig.clock.time() + expected_s)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected_s"),
+    [
+        ("99999999", 300.0),  # three years: capped at retry.cap_s
+        ("9" * 40, 300.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 300.0),  # an HTTP date far ahead: capped too
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 10.0),  # a date in the past: the backoff
+        ("-5", 10.0),
+        ("nan", 10.0),
+        ("1e400", 10.0),
+        ("soon", 10.0),
+    ],
+)
+async def test_retry_after_is_capped_at_cap_s_and_bad_values_are_ignored(
+    target: Target, make_rig: MakeRig, retry_after: str, expected_s: float
+) -> None:
+    """A 503 with `Retry-After: 99999999` parks the job for at most cap_s; garbage is ignored."""
+    target.default_status = 503
+    target.headers = {"Retry-After": retry_after}
+    rig = await make_rig(forward_source("busy", target.url, retry="{ base_s = 10, cap_s = 300 }"))
+    event_id = await rig.ingest("busy")
+    due = await rig.pool.run_until_idle()
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.run_at == pytest.approx(rig.clock.time() + expected_s)
+    assert due == job.run_at
+
+
+class AsksForAYear:
+    """An action that fails asking to be retried much later, the way a handler's Retry may."""
+
+    def __init__(self, action: Action, after_s: float) -> None:
+        self.config = action.config
+        self.after_s = after_s
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        raise webhookd.Retry("closed for the year", after_s=self.after_s)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("after_s", [365 * 86400.0, float("inf"), float("nan"), -1.0])
+async def test_a_handlers_retry_after_is_capped_at_cap_s_too(
+    make_rig: MakeRig, after_s: float
+) -> None:
+    """`Retry(after_s=…)` from any action waits at most cap_s; nan or negative means the backoff."""
+    rig = await make_rig(
+        '[sources.h]\n[[sources.h.actions]]\ntype = "log"\nretry = { base_s = 10, cap_s = 60 }\n'
+    )
+    rig.actions[("h", "log")] = AsksForAYear(rig.actions[("h", "log")], after_s)
+    event_id = await rig.ingest("h")
+    await rig.pool.run_until_idle()
+    job = await rig.job(event_id)
+    expected_s = 60.0 if after_s > 0 else 10.0
+    assert (job.state, job.attempts, job.last_error) == (
+        JobState.QUEUED,
+        1,
+        "closed for the year",
+    )
+    assert job.run_at == pytest.approx(rig.clock.time() + expected_s)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_dead_and_not_followed(
+    target: Target, make_rig: MakeRig, status: int
+) -> None:
+    """A 3xx from the forward target is a dead job saying where it pointed; nothing follows it."""
+    target.statuses = [status]  # the redirect's destination would answer 200
+    target.headers = {"Location": f"{target.url}/elsewhere"}
+    rig = await make_rig(forward_source("moved", target.url))
+    event_id = await rig.ingest("moved")
+    assert await rig.pool.run_until_idle() is None
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DEAD, 1)
+    assert job.last_error == (
+        f"{target.url}/moved answered {status}: redirect to {target.url}/elsewhere not followed"
+    )
+    assert [s.path for s in target.seen] == ["/moved"]
 
 
 async def test_attempt_longer_than_timeout_is_cut_off_and_retried(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -39,6 +40,21 @@ def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = rand
     """``min(cap, base·factor^(n-1)) · U(0.5, 1)`` for the ``attempt``-th failure (DESIGN §2)."""
     raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
     return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
+
+
+def retry_delay_s(
+    policy: RetryPolicy,
+    attempt: int,
+    after_s: float | None,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """The delay before the next attempt: the backoff, or longer if downstream asked
+    (``Retry-After``, ``Retry(after_s=…)``), but never past ``cap_s``: a target that answers
+    ``Retry-After: 99999999`` must not park a job for years."""
+    delay = backoff_s(policy, attempt, rng)
+    if after_s is not None and not math.isnan(after_s):
+        delay = max(delay, min(after_s, policy.cap_s))
+    return delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,15 +446,18 @@ class WorkerPool:
         if outcome.kind == "dead":
             return make(JobState.DEAD, "dead")
         if outcome.kind == "wait" and claimed.waits < MAX_WAITS:
-            return make(JobState.QUEUED, "wait", now + (outcome.after_s or 1.0))
+            # An action bounds its own waits (a lane's max_cooldown_s); this only keeps a nan,
+            # an inf or a negative from becoming a run_at.
+            wait_s = outcome.after_s
+            if wait_s is None or not (math.isfinite(wait_s) and wait_s > 0):
+                wait_s = 1.0
+            return make(JobState.QUEUED, "wait", now + wait_s)
         # A failure: retry with backoff, or give up when the attempts are used.
         if job.attempts >= job.max_attempts or cfg is None:
             return make(
                 JobState.DEAD, "dead", err=f"gave up after {job.attempts} attempt(s): {error}"
             )
-        delay = backoff_s(cfg.retry, job.attempts, self.rng)
-        if outcome.after_s is not None:
-            delay = max(delay, outcome.after_s)  # downstream's Retry-After is a lower bound
+        delay = retry_delay_s(cfg.retry, job.attempts, outcome.after_s, self.rng)
         return make(JobState.QUEUED, "retry", now + delay)
 
     def running_by_lane(self) -> dict[Lane, int]:

@@ -2,13 +2,15 @@
 
 ``forward`` sends the event's body with it; ``openai`` sends its answer on with it
 (``then = { forward = URL }``). Outcomes: 2xx is done; 408, 425, 429, 5xx, timeouts and
-connection errors are retried (with the response's ``Retry-After`` as a lower bound); 410 Gone
-and other 4xx are permanent. Every request carries the event id as ``webhook-id`` and
+connection errors are retried (the response's ``Retry-After`` is a lower bound for the next
+attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are permanent, and
+so is a 3xx: redirects are never followed. Every request carries the event id as ``webhook-id`` and
 ``Idempotency-Key`` so the receiver can drop the duplicates that at-least-once delivery allows.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import math
 import time
@@ -24,10 +26,16 @@ from webhookd.errors import ConfigError
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
+_LOCATION_CHARS = 500
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or ``None``.
+
+    ``None`` for anything unusable: garbage, a negative or non-finite number, an impossible date.
+    A date in the past is 0. The value is not capped here: a huge one comes back huge, and the
+    caller bounds it (the action's ``retry.cap_s``, a lane's ``max_cooldown_s``).
+    """
     if not value:
         return None
     value = value.strip()
@@ -39,9 +47,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is not local time
+            when = when.replace(tzinfo=datetime.UTC)
+        return max(when.timestamp() - now, 0.0)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(when.timestamp() - now, 0.0)
 
 
 def check_url(value: Any, key: str) -> str:
@@ -124,6 +134,7 @@ async def deliver(
             head = await response.content.read(_RESPONSE_HEAD_BYTES)
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+            location = response.headers.get("Location") or "(no Location header)"
     except (aiohttp.ClientError, OSError) as exc:
         return Outcome.retry(
             f"connection failed: {type(exc).__name__}: {exc}",
@@ -136,6 +147,11 @@ async def deliver(
     }
     if 200 <= status < 300:
         return Outcome.done({"status": status}, **detail)
+    if 300 <= status < 400:
+        # Not followed: a forward goes to the URL configured, and a redirect could send the
+        # body (and its signature) somewhere else. The operator fixes the URL and replays.
+        where = location[:_LOCATION_CHARS]
+        return Outcome.dead(f"{url} answered {status}: redirect to {where} not followed", **detail)
     if status == 410:
         return Outcome.dead(f"{url} answered 410 Gone: the endpoint is retired", **detail)
     if status >= 500 or status in _RETRYABLE_4XX:
