@@ -6,8 +6,10 @@ API enforces them: a request over either limit gets a 429 with the real error bo
 is set every request gets 429 ``insufficient_quota``. A request is charged its usage (prompt
 tokens: characters / 4 + 3 per message; completion: ``min(max_completion_tokens or max_tokens,
 completion_tokens)``); like the real API it refuses ``max_tokens`` for reasoning models (o1 …).
-``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies, and
-``hold`` makes requests hang until it is set.
+``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies,
+``hold`` makes requests hang until it is set, and ``limited_headers`` replaces (or, with
+``None``, removes) headers of the 429 ``rate_limit_exceeded`` answers: a provider asking for a
+cool-down of years.
 
 The arrival time is read before anything is awaited, so a test's simulated clock can wait for
 ``received`` to catch up with what its lane admitted before moving on.
@@ -61,6 +63,7 @@ class StandIn:
     statuses: list[int] = field(default_factory=list)
     quota_exhausted: bool = False
     hold: asyncio.Event | None = None
+    limited_headers: dict[str, str | None] = field(default_factory=dict)
     url: str = ""
     received: int = 0
     served: list[Charge] = field(default_factory=list)
@@ -185,6 +188,11 @@ class StandIn:
         )
         headers = self._headers(now)
         headers["retry-after"] = str(max(1, math.ceil(wait_s)))
+        for name, value in self.limited_headers.items():
+            if value is None:
+                headers.pop(name, None)
+            else:
+                headers[name] = value
         return web.json_response(
             error_body(what, "rate_limit_exceeded", message), status=429, headers=headers
         )

@@ -138,3 +138,22 @@ def test_unnamed_source_lookup_falls_back_to_catch_all_only_when_present() -> No
     cfg = loads('[[sources.a.actions]]\ntype = "log"')
     assert cfg.source_for("a") is cfg.sources["a"]
     assert cfg.source_for("b") is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", '"1h"'])
+def test_lane_max_cooldown_must_be_finite_and_positive(value: str) -> None:
+    """A lane's max_cooldown_s of nan, inf, 0 or text is refused with its dotted key."""
+    with pytest.raises(ConfigError) as info:
+        loads(f"[lanes.llm]\nrpm = 60\nmax_cooldown_s = {value}")
+    assert info.value.key == "lanes.llm.max_cooldown_s"
+    assert info.value.message in (
+        "must be a finite number",
+        "must be greater than 0",
+        "must be a number, not a string",
+    )
+
+
+def test_lane_max_cooldown_defaults_to_an_hour() -> None:
+    """Without max_cooldown_s a lane's 429 cool-down is capped at one hour."""
+    lanes = loads("[lanes.a]\nrpm = 60\n[lanes.b]\nrpm = 60\nmax_cooldown_s = 90").lanes
+    assert (lanes["a"].max_cooldown_s, lanes["b"].max_cooldown_s) == (3600.0, 90.0)

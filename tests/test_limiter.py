@@ -276,6 +276,32 @@ async def test_cooldown_refuses_with_remaining_time_then_admits() -> None:
     assert lane.statistics().cooling_until_s == 0
 
 
+@pytest.mark.parametrize("asked_s", [99_999_999.0, math.inf])
+async def test_cooldown_is_capped_at_max_cooldown_s(asked_s: float) -> None:
+    """A 429 asking for years (or forever) closes the lane for max_cooldown_s, then admits."""
+    sim = SimTime()
+    lane = Lane(LaneConfig("llm", rpm=600, max_cooldown_s=120), clock=sim.clock, sleep=sim.sleep)
+    assert lane.cooldown(asked_s) == 120
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(1, max_wait_s=math.inf)
+    assert busy.value.retry_after_s == pytest.approx(120)
+    sim.clock.advance(120)
+    await lane.acquire(1, max_wait_s=0)
+    with pytest.raises(ValueError, match="seconds"):
+        lane.cooldown(math.nan)
+
+
+async def test_a_long_projected_wait_reschedules_no_further_than_max_cooldown_s() -> None:
+    """A job sent away for a wait the lane projects is asked back within max_cooldown_s."""
+    sim = SimTime()
+    config = LaneConfig("llm", tpm=60, burst_s=60, max_cooldown_s=30)
+    lane = Lane(config, clock=sim.clock, sleep=sim.sleep)
+    await lane.acquire(60, max_wait_s=0)  # the whole minute's tokens: the next waits ~60 s
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(60, max_wait_s=0)
+    assert busy.value.retry_after_s == pytest.approx(30)
+
+
 async def test_cooldown_sends_queued_calls_away() -> None:
     """Calls already waiting get LaneBusy when a cooldown starts instead of holding workers."""
     sim = GatedSleep()

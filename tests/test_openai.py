@@ -197,6 +197,64 @@ async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attem
     assert (done.state, done.attempts) == (JobState.DONE, 1)
 
 
+@pytest.mark.parametrize(
+    ("lane_extra", "headers", "cap_s"),
+    [
+        ("max_cooldown_s = 120\n", {"retry-after": "99999999"}, 120.0),
+        ("max_cooldown_s = 120\n", {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, 120.0),
+        ("max_cooldown_s = 120\n", {"retry-after-ms": "1e15"}, 120.0),
+        (
+            "max_cooldown_s = 120\n",
+            {"retry-after": None, "x-ratelimit-reset-requests": "99999h"},
+            120.0,
+        ),
+        ("", {"retry-after": "99999999"}, 3600.0),  # the default: one hour
+    ],
+)
+async def test_a_429_asking_for_years_cools_the_lane_only_up_to_max_cooldown_s(
+    tmp_path: Path,
+    standin: StandIn,
+    clock: ManualClock,
+    lane_extra: str,
+    headers: dict[str, str | None],
+    cap_s: float,
+) -> None:
+    """A 429 with a huge Retry-After (or reset) cools the lane for max_cooldown_s, not years."""
+    standin.rpm = 2
+    standin.limited_headers = headers
+    extra = f"[lanes.llm]\nrpm = 1000\n{lane_extra}"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        ids = await burst(kit, 3)
+        start = kit.clock.time()
+        await kit.run()
+        cooling_s = kit.lanes["llm"].statistics().cooling_until_s
+        waiting = await kit.job(ids[2])
+        await kit.run_all()
+        done = await kit.job(ids[2])
+    assert standin.rate_limited == 1
+    assert cooling_s == pytest.approx(cap_s)
+    assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0)
+    assert waiting.run_at == pytest.approx(start + cap_s, abs=1)
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+
+
+async def test_a_429_asking_for_years_without_a_lane_waits_at_most_an_hour(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """Without a lane, a 429's huge Retry-After reschedules the job an hour ahead at most."""
+    standin.rpm = 1
+    standin.limited_headers = {"retry-after": "99999999"}
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        ids = await burst(kit, 2)
+        start = kit.clock.time()
+        await kit.run()
+        waiting = [await kit.job(i) for i in ids]
+    assert standin.rate_limited == 1
+    [parked] = [j for j in waiting if j.state == JobState.QUEUED]
+    assert parked.attempts == 0
+    assert parked.run_at == pytest.approx(start + 3600, abs=1)
+
+
 async def test_insufficient_quota_opens_the_circuit_and_jobs_wait_until_it_is_back(
     tmp_path: Path, standin: StandIn, clock: ManualClock
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -39,6 +40,7 @@ SCHEMES = (
     "token",
 )
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
+DEFAULT_MAX_COOLDOWN_S = 3600.0  # a lane's longest 429 cool-down, whatever the provider asks
 
 EMBEDDED_DEFAULT = """\
 # webhookd's embedded default: a development setup on loopback.
@@ -171,6 +173,8 @@ class LaneConfig:
     rpm: int | None = None
     tpm: int | None = None
     burst_s: float = 3.0
+    # The longest a provider's 429 (Retry-After, x-ratelimit-reset-*) may close the lane.
+    max_cooldown_s: float = DEFAULT_MAX_COOLDOWN_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +353,13 @@ class _Table:
         for name in self.data:
             if name not in self._used:
                 raise ConfigError(self.path(name), "unknown key")
+
+
+def _finite(value: Any, key: str) -> float:
+    """``value`` as a float, refusing nan and inf (TOML writes both) with the dotted key."""
+    if not math.isfinite(value):
+        raise ConfigError(key, "must be a finite number")
+    return float(value)
 
 
 def _type_name(value: Any) -> str:
@@ -627,6 +638,10 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
             rpm=rpm,
             tpm=tpm,
             burst_s=float(lt.number("burst_s", 3.0, positive=True)),
+            max_cooldown_s=_finite(
+                lt.number("max_cooldown_s", DEFAULT_MAX_COOLDOWN_S, positive=True),
+                lt.path("max_cooldown_s"),
+            ),
         )
         lt.finish()
     lanes_table.finish()

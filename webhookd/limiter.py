@@ -183,6 +183,8 @@ class Lane:
     ) -> None:
         if not config.burst_s > 0:
             raise ValueError(f"lane {config.name!r}: burst_s must be greater than 0")
+        if not (math.isfinite(config.max_cooldown_s) and config.max_cooldown_s > 0):
+            raise ValueError(f"lane {config.name!r}: max_cooldown_s must be finite and above 0")
         for key, value in (("rpm", config.rpm), ("tpm", config.tpm)):
             if value is not None and value <= 0:
                 raise ValueError(f"lane {config.name!r}: {key} must be greater than 0")
@@ -264,12 +266,16 @@ class Lane:
                 raise ValueError("remaining must be >= 0")
             bucket.level = min(bucket.level, remaining)
 
-    def cooldown(self, seconds: float) -> None:
-        """Admit nothing for ``seconds`` (after a 429; pass its Retry-After)."""
-        if seconds < 0:
+    def cooldown(self, seconds: float) -> float:
+        """Admit nothing for ``seconds`` (after a 429; pass its Retry-After), at most the lane's
+        ``max_cooldown_s``: one 429 asking for days must not park the whole lane. Returns the
+        seconds actually applied."""
+        if not seconds >= 0:  # also refuses nan
             raise ValueError("seconds must be >= 0")
+        seconds = min(seconds, self.config.max_cooldown_s)
         self._cooling_until = max(self._cooling_until, self._now() + seconds)
         self._wake_all()  # queued jobs leave with LaneBusy instead of holding workers
+        return seconds
 
     def open_circuit(self, reason: str) -> None:
         """Refuse admissions until ``close_circuit`` (after ``insufficient_quota``).
@@ -330,6 +336,9 @@ class Lane:
 
     def _busy(self, retry_after_s: float, reason: str) -> LaneBusy:
         self._busy_total += 1
+        # Every wait a lane hands out is bounded like its cool-down: a job asked back too early
+        # only meets LaneBusy again, one asked back too late sits idle for nothing.
+        retry_after_s = min(retry_after_s, self.config.max_cooldown_s)
         return LaneBusy(retry_after_s, lane=self.name, reason=reason)
 
     def _admit(self, tokens: int, now: float) -> Reservation:

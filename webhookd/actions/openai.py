@@ -5,11 +5,12 @@ retries. Outcomes:
 
 * answered: done; the result is ``{text, model, usage, finish_reason}``;
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
-* any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` and the job
-  waits (no attempt used);
+* any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` (at most the
+  lane's ``max_cooldown_s``; an hour without a lane) and the job waits (no attempt used);
 * the lane cannot admit within ``max_lane_wait_s`` (default: 10 s, at most half of
   ``timeout_s``): the job waits, freeing its worker;
-* 5xx, 408, 409, timeouts, connection errors: retried; other 4xx (400, 401, 403, 404, 422): dead.
+* 5xx, 408, 409, timeouts, connection errors: retried (a ``Retry-After`` is a lower bound, up to
+  ``retry.cap_s``); other 4xx (400, 401, 403, 404, 422): dead.
 
 The lane reserves ``prompt estimate + max_tokens`` and is settled against ``usage.total_tokens``.
 Reasoning models (o1, o3, o4-mini …) refuse ``max_tokens``: write ``max_completion_tokens``
@@ -47,7 +48,7 @@ from webhookd.actions.delivery import (
     signed_headers,
     signing_secrets,
 )
-from webhookd.config import ActionConfig, resolve_secret
+from webhookd.config import DEFAULT_MAX_COOLDOWN_S, ActionConfig, resolve_secret
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
@@ -345,7 +346,9 @@ class OpenAIAction:
                 return Outcome.wait(error, _QUOTA_WAIT_S, **detail)
             wait_s = cooldown_s(headers)
             if self.lane is not None:
-                self.lane.cooldown(wait_s)
+                wait_s = self.lane.cooldown(wait_s)  # capped at the lane's max_cooldown_s
+            else:
+                wait_s = min(wait_s, DEFAULT_MAX_COOLDOWN_S)
             return Outcome.wait(error, wait_s, **detail)
         if status >= 500 or status in _RETRYABLE_4XX:
             return Outcome.retry(
