@@ -254,12 +254,13 @@ class Target:
     """A real loopback HTTP server standing in for the user's service.
 
     It records every request's ``webhook-id`` (the event id) and body on arrival, then waits
-    ``delay_s`` (cut short by ``release``) and answers ``status``. ``answered`` counts the
-    requests it has answered.
+    ``delay_s`` (cut short by ``release``) and answers ``status`` with ``headers``. ``answered``
+    counts the requests it has answered.
     """
 
     url: str = ""
     status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     arrivals: list[Delivery] = field(default_factory=list)
     answered: list[Delivery] = field(default_factory=list)
@@ -277,7 +278,7 @@ class Target:
                 await asyncio.wait_for(self.release.wait(), self.delay_s)
         self.answered.append(seen)
         self.changed.set()
-        return web.Response(status=status, text=f"answer {status}")
+        return web.Response(status=status, text=f"answer {status}", headers=self.headers)
 
     @property
     def ids(self) -> list[str]:

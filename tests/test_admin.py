@@ -208,7 +208,7 @@ async def test_replay_requeues_a_dead_event_and_the_daemon_delivers_it(
     await outcomes.wait(event_id, "dead")
 
     status, doc = await post_admin(running, f"/events/{event_id}/replay")
-    assert (status, doc) == (202, {"id": event_id, "requeued": 1})
+    assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
     await outcomes.wait(event_id, "done")
     assert [s.headers["webhook-id"] for s in target.seen] == [event_id, event_id]
     _, detail = await get(running, f"/events/{event_id}")

@@ -247,7 +247,7 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     async with http.post(base + "/events/evt_nope/replay") as r:
         assert r.status == 404
     async with http.post(f"{base}/events/{dead}/replay") as r:
-        assert r.status == 202 and await r.json() == {"id": dead, "requeued": 1}
+        assert r.status == 202 and await r.json() == {"id": dead, "requeued": 1, "run_now": 0}
     await event_state(http, base, dead, "done")
     running.daemon.intake.draining = True  # what a SIGTERM sets first
     status, doc = await get("/readyz")

@@ -11,7 +11,7 @@ import pytest
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import MIGRATIONS, Finished, Journal, NewEvent, NewJob
+from webhookd.journal import MIGRATIONS, Finished, Journal, NewEvent, NewJob, Replayed
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 
@@ -179,12 +179,39 @@ async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: Journal) -
     await journal.claim([job_id], "b")
     await journal.finish([finished(job_id, JobState.DEAD, "dead", error="404")])
     assert await journal.dead_event_ids() == [item.event.id]
-    assert await journal.replay([item.event.id]) == {item.event.id: 1}
+    assert await journal.replay([item.event.id]) == {item.event.id: Replayed(1, 0)}
     job = (await journal.get_event(item.event.id)).jobs[0]
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
     assert [a.outcome for a in job.history] == ["dead"]  # history is kept
     with pytest.raises(NotFound):
         await journal.replay(["evt_nope"])
+
+
+async def test_replay_runs_a_waiting_queued_job_now_keeping_its_attempts(tmp_path: Path) -> None:
+    """Replay makes a job parked in backoff due now, with its attempts and kept result intact."""
+    clock = ManualClock()
+    async with Journal(tmp_path / "journal.db", clock=clock) as journal:
+        item = new_event(jobs=3, received_at=clock.time())
+        await journal.ingest(item)
+        parked, dead, due = (j.id for j in item.jobs)
+        await journal.claim([parked, dead], "b")
+        far = clock.time() + 99_999_999
+        await journal.finish(
+            [
+                finished(parked, JobState.QUEUED, "retry", run_at=far, result={"kept": 1}),
+                finished(dead, JobState.DEAD, "dead", error="404"),
+            ]
+        )
+        clock.advance(5)
+        assert [r.id for r in await journal.ready(clock.time(), 10)] == [due]
+        counts = await journal.replay([item.event.id])
+        assert counts == {item.event.id: Replayed(requeued=1, run_now=1)}
+        jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+        ready = {r.id for r in await journal.ready(clock.time(), 10)}
+    assert ready == {parked, dead, due}
+    assert (jobs[parked].state, jobs[parked].attempts) == (JobState.QUEUED, 1)
+    assert (jobs[parked].run_at, jobs[parked].result) == (clock.time(), {"kept": 1})
+    assert (jobs[dead].state, jobs[dead].attempts) == (JobState.QUEUED, 0)
 
 
 async def test_ready_orders_by_priority_then_age_and_respects_run_at(journal: Journal) -> None:

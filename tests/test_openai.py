@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from webhookd.clock import ManualClock
 from webhookd.config import loads
 from webhookd.errors import ConfigError
+from webhookd.journal import Replayed
 from webhookd.limiter import Lane
 from webhookd.models import JobState
 
@@ -372,7 +373,7 @@ async def test_an_answer_kept_by_a_failed_then_survives_a_restart(
         assert (job.state, job.attempts) == (JobState.DONE, 2)
         assert job.history[1].detail is not None and job.history[1].detail["answer_reused"]
         assert len(standin.served) == 1
-        assert await kit.journal.replay([event_id]) == {event_id: 1}
+        assert await kit.journal.replay([event_id]) == {event_id: Replayed(1, 0)}
         await kit.run_all()
         replayed = await kit.job(event_id)
     assert replayed.state == JobState.DONE

@@ -454,6 +454,49 @@ async def test_failing_target_retries_on_backoff_then_dead_then_cli_replay_deliv
     assert await daemon.wait_exit() == 0
 
 
+async def test_retry_after_of_years_parks_a_job_for_cap_s_and_cli_replay_runs_it_now(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """`Retry-After: 99999999` parks the job for cap_s, not years; `replay <id>` runs it at once."""
+    cap_s = 3600.0
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        forward_source(
+            "busy", f"{downstream.url}/busy", f"{{ max_attempts = 5, base_s = 1, cap_s = {cap_s} }}"
+        ),
+    )
+    daemon = await procs.serve(cfg)
+    downstream.status = 503
+    downstream.headers = {"Retry-After": "99999999"}
+    async with http.post(f"{daemon.url}/hooks/busy", data='{"x": 1}', headers=JSON) as r:
+        assert r.status == 202
+        event_id = (await r.json())["id"]
+    job: dict[str, Any] = {}
+
+    async def attempt_recorded() -> bool:
+        nonlocal job
+        status, doc = await get_json(http, f"{daemon.admin_url}/events/{event_id}")
+        job = doc["jobs"][0] if status == 200 and doc else {}  # type: ignore[index]
+        return bool(job.get("errors"))
+
+    await poll(attempt_recorded, timeout_s=10)
+    assert (job["state"], job["attempts"]) == ("queued", 1)
+    assert job["run_at"] - job["errors"][0]["finished_at"] == pytest.approx(cap_s, abs=1)
+
+    downstream.status = 200
+    downstream.headers = {}
+    out = await procs.cli("replay", event_id, "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "replayed 1 event(s), 0 job(s) re-queued, 1 waiting job(s) due now" in out.stdout
+    await downstream.wait_for(lambda: len(downstream.answered) == 2, timeout_s=5)
+    await wait_event_state(http, daemon.admin_url, event_id, "done")
+    doc = await show(procs, cfg, event_id)
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 2)]
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "dotted"),
     [

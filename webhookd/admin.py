@@ -183,7 +183,10 @@ class Admin:
         except JournalError as exc:
             return _error(503, str(exc))
         self.ctx.pool.poke()
-        return web.json_response({"id": event_id, "requeued": counts[event_id]}, status=202)
+        done = counts[event_id]
+        return web.json_response(
+            {"id": event_id, "requeued": done.requeued, "run_now": done.run_now}, status=202
+        )
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

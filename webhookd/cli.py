@@ -21,7 +21,7 @@ import click
 from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
-from webhookd.journal import EVENT_STATES, EventDetail, Journal
+from webhookd.journal import EVENT_STATES, EventDetail, Journal, Replayed
 
 T = TypeVar("T")
 
@@ -192,7 +192,11 @@ def replay(
     since: str | None,
     dry_run: bool,
 ) -> None:
-    """Re-queue events' jobs with fresh attempts (a running daemon picks them up within 1 s)."""
+    """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
+
+    A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
+    running daemon picks both up within 1 s.
+    """
     if bool(event_ids) == dead:
         raise click.UsageError("give event ids or --dead, not both and not neither")
     if (source or since) and not dead:
@@ -200,14 +204,14 @@ def replay(
     since_ts = parse_since(since) if since else None
     cfg = _load(config_path)
 
-    async def go() -> dict[str, int]:
+    async def go() -> dict[str, Replayed]:
         async with _journal(cfg) as journal:
             ids = list(event_ids) or await journal.dead_event_ids(source, since_ts)
             if dry_run:
                 for event_id in ids:
                     await journal.get_event(event_id)  # NotFound for a bad id
-                return dict.fromkeys(ids, 0)
-            out: dict[str, int] = {}
+                return dict.fromkeys(ids, Replayed(0, 0))
+            out: dict[str, Replayed] = {}
             chunk = 200
             with click.progressbar(
                 length=len(ids), label="replaying", file=sys.stderr, hidden=len(ids) < chunk
@@ -223,8 +227,12 @@ def replay(
         for event_id in result:
             click.echo(event_id)
         return
-    jobs = sum(result.values())
-    click.echo(f"replayed {len(result)} event(s), {jobs} job(s) re-queued")
+    requeued = sum(r.requeued for r in result.values())
+    run_now = sum(r.run_now for r in result.values())
+    click.echo(
+        f"replayed {len(result)} event(s), {requeued} job(s) re-queued,"
+        f" {run_now} waiting job(s) due now"
+    )
 
 
 @main.command()

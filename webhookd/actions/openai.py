@@ -23,7 +23,8 @@ POST fails the job is retried, and the retry reuses the answer instead of asking
 again: the failed attempt keeps the answer as the job's result, in the journal, so it survives
 a restart too. Only a crash between the answer and the attempt's record loses it (the model is
 then asked again; the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
-``webhookd replay`` starts over and asks again.
+``webhookd replay`` of a finished job starts over and asks again; of a job waiting for its
+retry, it only skips the wait (the kept answer is still used).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from webhookd.journal.records import (
     Pruned,
     Ready,
     Recovery,
+    Replayed,
 )
 from webhookd.journal.schema import EVENT_STATES, MIGRATIONS, fetch, fetch_rows
 from webhookd.models import JobState
@@ -82,6 +83,7 @@ __all__ = [
     "Pruned",
     "Ready",
     "Recovery",
+    "Replayed",
 ]
 
 log = logging.getLogger("webhookd.journal")
@@ -437,27 +439,39 @@ class Journal(Reads):
 
     # -- operator actions --------------------------------------------------------------------
 
-    async def replay(self, event_ids: Sequence[str]) -> dict[str, int]:
-        """Re-queue each event's jobs that are not queued or running, with fresh attempts and
-        no result (a replay is another go from the start, not a resumption).
+    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+        """Run each event's jobs again, now.
 
-        Returns ``{event_id: jobs re-queued}``; raises ``NotFound`` for an unknown id.
+        Jobs that finished (dead, done, cancelled) are re-queued with fresh attempts and no
+        result: a replay is another go from the start, not a resumption. Queued jobs waiting for
+        a later ``run_at`` (a backoff, a snooze, a long ``Retry-After``, a lane's cool-down) are
+        made due now and keep their attempts, waits and kept result: they are still within their
+        retry policy, so a replay only skips the wait; resetting their attempts would let
+        repeated replays keep a failing job alive past ``max_attempts``, and would throw away an
+        answer kept for a failed ``then``. Running jobs are left alone.
+
+        Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
         """
         now = self.clock.time()
 
-        def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            out: dict[str, int] = {}
+        def fn(conn: sqlite3.Connection) -> dict[str, Replayed]:
+            out: dict[str, Replayed] = {}
             for event_id in event_ids:
                 rows = fetch_rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,))
                 if not rows:
                     raise NotFound(event_id)
-                cur = conn.execute(
+                hurried = conn.execute(
+                    "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued'"
+                    " AND run_at > ?",
+                    (now, event_id, now),
+                )
+                requeued = conn.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                     " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL"
                     " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
                     (now, event_id),
                 )
-                out[event_id] = cur.rowcount
+                out[event_id] = Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
             return out
 
         return await self._call(fn)  # type: ignore[no-any-return]

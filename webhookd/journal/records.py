@@ -154,6 +154,14 @@ class Recovery:
 
 
 @dataclass(frozen=True, slots=True)
+class Replayed:
+    """What a replay did to one event's jobs."""
+
+    requeued: int  # finished jobs (dead, done, cancelled) queued again with fresh attempts
+    run_now: int  # queued jobs that waited for a later run_at (backoff, snooze, rate limit)
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     jobs_by_state: Mapping[str, int]
     jobs_by_source: Mapping[str, Mapping[str, int]]
