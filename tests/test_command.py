@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import pytest
+import uvloop
 from actionkit import action_kit, toml_list
-from procs import poll
+from procs import Procs, get_json, poll, write_config
 
 from webhookd import actions
+from webhookd.actions import command
 from webhookd.config import loads
 from webhookd.errors import ConfigError
 from webhookd.models import Job, JobState
+
+T = TypeVar("T")
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
 
 PUSH = {"ref": "refs/heads/main", "repository": {"name": "shop"}, "note": "; rm -rf / $(id)"}
 
@@ -23,10 +35,9 @@ def python_argv(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-async def run_command(
-    tmp_path: Path, argv: list[str], extra: str = "", body: Any = PUSH, timeout_s: float = 30
-) -> Job:
-    config = f"""
+def command_config(argv: list[str], extra: str = "", timeout_s: float = 30) -> str:
+    """A source ``gh`` with one command action running ``argv``."""
+    return f"""
 [sources.gh]
 [[sources.gh.actions]]
 type = "command"
@@ -34,10 +45,21 @@ argv = {toml_list(argv)}
 timeout_s = {timeout_s}
 {extra}
 """
-    async with action_kit(tmp_path, config) as kit:
+
+
+async def run_command(
+    tmp_path: Path, argv: list[str], extra: str = "", body: Any = PUSH, timeout_s: float = 30
+) -> Job:
+    async with action_kit(tmp_path, command_config(argv, extra, timeout_s)) as kit:
         event_id = await kit.send("gh", body)
         await kit.run()
         return await kit.job(event_id)
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end in a fresh event loop of the kind named."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(coro)
 
 
 def start_child_then(pid_file: Path, then: str) -> str:
@@ -174,3 +196,129 @@ def test_bad_options_name_their_key(line: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         actions.validate(loads(text))
     assert err.value.key == f"sources.s.actions[0].{key}"
+
+
+# -- stdin under every loop ------------------------------------------------------------------
+
+STDIN_DIGEST = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_stdin_reaches_the_program_under_every_loop(tmp_path: Path, loop: str) -> None:
+    """A program reading stdin gets the whole body and finishes, on asyncio and on uvloop."""
+    body = {"blob": "x" * 300_000}  # more than a pipe holds: the rest goes as the program reads
+    job = run_on(loop, run_command(tmp_path, python_argv(STDIN_DIGEST), body=body, timeout_s=20))
+    assert job.state == JobState.DONE, job.history[0].error
+    detail = job.history[0].detail
+    assert detail is not None
+    assert detail["stdout"].strip() == hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_program_that_ignores_stdin_is_done(tmp_path: Path, loop: str) -> None:
+    """A program that exits without reading a big body is done; the unread body is no error."""
+    body = {"blob": "x" * 300_000}
+    job = run_on(loop, run_command(tmp_path, python_argv("print('ok')"), body=body))
+    assert job.state == JobState.DONE, job.history[0].error
+
+
+# -- a group that ignores SIGTERM is SIGKILLed --------------------------------------------------
+
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", sys.argv[2]])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])  # both ignore SIGTERM once the file exists
+time.sleep(60)
+"""
+STUBBORN_CHILD = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+)
+
+
+def stubborn(pid_file: Path) -> list[str]:
+    """A program ignoring SIGTERM that starts a child ignoring it too; both pids in ``pid_file``."""
+    return python_argv(STUBBORN, str(pid_file), STUBBORN_CHILD)
+
+
+def read_pids(pid_file: Path) -> list[int]:
+    return [int(pid) for pid in pid_file.read_text().split()]
+
+
+async def both_end(pids: list[int]) -> None:
+    for pid in pids:
+        await child_ends(pid)
+
+
+async def test_timeout_sigkills_a_group_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed-out program and its child that both ignore SIGTERM are killed, not left running."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
+    pid_file = tmp_path / "pids"
+    job = await run_command(tmp_path, stubborn(pid_file), timeout_s=3)
+    assert (job.state, job.history[0].error) == (JobState.QUEUED, "timed out after 3s")
+    await both_end(read_pids(pid_file))
+
+
+async def test_drain_sigkills_a_group_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that cuts a command short kills its whole group, SIGTERM or not; the job requeues."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
+    pid_file = tmp_path / "pids"
+
+    async def started() -> bool:
+        return pid_file.exists()
+
+    async with action_kit(tmp_path, command_config(stubborn(pid_file), timeout_s=60)) as kit:
+        event_id = await kit.send("gh", PUSH)
+        running = asyncio.create_task(kit.run())
+        await poll(started, timeout_s=20)
+        assert await kit.pool.drain(0) == 1
+        await running
+        job = await kit.job(event_id)
+    assert (job.state, job.history) == (JobState.QUEUED, ())
+    await both_end(read_pids(pid_file))
+
+
+# -- under a real ``webhookd serve`` (uvloop) -------------------------------------------------
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_serve_gives_the_program_its_body(tmp_path: Path, procs: Procs) -> None:
+    """Under ``webhookd serve`` a program reading stdin gets the body and ends."""
+    seen = tmp_path / "seen.json"
+    code = (
+        "import json, os, sys; body = sys.stdin.read(); "
+        f"open({str(seen)!r}, 'w').write(json.dumps({{'stdin': body, 'env': dict(os.environ)}}))"
+    )
+    actions_toml = command_config(python_argv(code), timeout_s=30)
+    cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", actions_toml)
+    daemon = await procs.serve(cfg)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with http.post(f"{daemon.url}/hooks/gh", json=PUSH) as r:
+            assert r.status == 202
+            event_id = (await r.json())["id"]
+
+        async def done() -> bool:
+            status, doc = await get_json(http, f"{daemon.admin_url}/events/{event_id}")
+            return status == 200 and doc is not None and doc["state"] == "done"
+
+        await poll(done, timeout_s=15)
+    doc = json.loads(seen.read_text())
+    assert json.loads(doc["stdin"]) == PUSH
+    assert doc["env"]["WEBHOOKD_EVENT_ID"] == event_id

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, check_options
 from webhookd.config import ActionConfig
@@ -95,26 +95,25 @@ class _Watch(asyncio.SubprocessProtocol):
     """Collects output tails and tells apart "the program exited" from "its pipes closed".
 
     A program's children can hold its stdout open after it exits, so waiting for the pipes
-    (as ``Process.wait()`` does) could outlast the program by hours.
+    (as ``Process.wait()`` does) could outlast the program by hours. Events, not futures: a
+    timeout or a drain cancels whoever waits, and a cancelled future could not be waited on
+    again to see the group die.
     """
 
     def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
         self.out, self.err = _Tail(), _Tail()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
+        self.exited = asyncio.Event()
+        self.closed = asyncio.Event()
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         chunk = data.encode() if isinstance(data, str) else data
         (self.out if fd == 1 else self.err).add(chunk)
 
     def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
+        self.exited.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self.closed.set()
 
 
 class CommandAction:
@@ -152,13 +151,17 @@ class CommandAction:
             return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
         pid = transport.get_pid()
         try:
-            stdin = transport.get_pipe_transport(0)
-            if isinstance(stdin, asyncio.WriteTransport):
-                stdin.write(event.body)  # a program that does not read it just closes the pipe
+            # uvloop's pipe transports do not subclass asyncio.WriteTransport, but have its methods.
+            stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
+            if stdin is not None:
+                # The transport buffers what the pipe cannot take yet and close() flushes it
+                # first; a program that never reads stdin closes the pipe, and the transport
+                # drops the rest (EPIPE) without raising.
+                stdin.write(event.body)
                 stdin.close()
-            await watch.exited
+            await watch.exited.wait()
             _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
-            await watch.closed
+            await watch.closed.wait()
         except BaseException:
             # Timed out or cancelled by a drain: end the whole group, then let the error go on.
             await asyncio.shield(_stop(pid, watch))
@@ -202,10 +205,14 @@ async def _stop(pid: int, watch: _Watch) -> None:
     _kill_group(pid, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_KILL_GRACE_S):
-            await watch.exited
+            await watch.exited.wait()
+    # Always, even when the program itself exited: its children may ignore SIGTERM.
     _kill_group(pid, signal.SIGKILL)
-    await watch.exited
-    await watch.closed
+    await watch.exited.wait()
+    # Only a process that left the group (setsid) can still hold the pipes: do not wait on it.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_KILL_GRACE_S):
+            await watch.closed.wait()
 
 
 def create(config: ActionConfig, resources: Resources) -> CommandAction:
