@@ -188,6 +188,7 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
         ('argv = ["x"]\npermanent_exit_codes = [0]', "permanent_exit_codes"),
         ('argv = ["x"]\nenv = { A = 1 }', "env"),
         ('argv = ["x"]\nshell = true', "shell"),
+        ('argv = ["x", "a\\u0000b"]', "argv[1]"),
     ],
 )
 def test_bad_options_name_their_key(line: str, key: str) -> None:
@@ -198,7 +199,7 @@ def test_bad_options_name_their_key(line: str, key: str) -> None:
     assert err.value.key == f"sources.s.actions[0].{key}"
 
 
-# -- stdin under every loop ------------------------------------------------------------------
+# -- stdin under every loop, NUL bytes -------------------------------------------------------------
 
 STDIN_DIGEST = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
 
@@ -220,6 +221,19 @@ def test_program_that_ignores_stdin_is_done(tmp_path: Path, loop: str) -> None:
     body = {"blob": "x" * 300_000}
     job = run_on(loop, run_command(tmp_path, python_argv("print('ok')"), body=body))
     assert job.state == JobState.DONE, job.history[0].error
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_nul_byte_in_a_rendered_argument_is_dead(tmp_path: Path, loop: str) -> None:
+    """A payload value with a NUL byte never runs the program cut short; the job is dead."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    body = {"ref": "main\u0000--force"}
+    argv = python_argv(code, "--", "{{ ref }}")
+    job = run_on(loop, run_command(tmp_path, argv, body=body))
+    assert (job.state, job.history[0].outcome) == (JobState.DEAD, "dead")
+    assert job.history[0].error == "argv[4] contains a NUL byte (from the payload)"
+    assert not marker.exists()
 
 
 # -- a group that ignores SIGTERM is SIGKILLed --------------------------------------------------

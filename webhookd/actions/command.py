@@ -4,8 +4,9 @@
 argument whatever it contains (put ``--`` before such arguments if the program takes options).
 The environment is the daemon's plus ``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and the
 action's ``env`` table. Exit 0 is done, an exit code listed in ``permanent_exit_codes`` is dead,
-anything else (another code, a signal) is retried. The last 2 KB of stdout and stderr are kept
-with the attempt.
+anything else (another code, a signal) is retried. A NUL byte in a rendered argument (a payload
+can hold one, a program argument cannot) makes the attempt dead. The last 2 KB of stdout and
+stderr are kept with the attempt.
 
 The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
 the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
@@ -45,6 +46,9 @@ class _Settings:
         argv = opts.get("argv")
         if not isinstance(argv, list) or not argv:
             raise ConfigError(f"{key}.argv", "is required: a non-empty array of strings")
+        for i, arg in enumerate(argv):
+            if isinstance(arg, str) and "\0" in arg:
+                raise ConfigError(f"{key}.argv[{i}]", "cannot contain a NUL character")
         self.argv: tuple[Template, ...] = tuple(
             compile_template(arg, f"{key}.argv[{i}]") for i, arg in enumerate(argv)
         )
@@ -127,6 +131,10 @@ class CommandAction:
 
     async def run(self, event: Event, job: Job) -> Outcome:
         argv = self.argv_for(event)
+        for i, arg in enumerate(argv):
+            if "\0" in arg:
+                # execve would cut the argument short (uvloop does so silently): never run that.
+                return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
         env = {
             **os.environ,
             **self.settings.env,
