@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -92,7 +93,7 @@ async def test_payload_on_stdin_env_cwd_and_templated_argv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The program gets the raw body on stdin, event id, source, env, cwd, one arg per lookup."""
-    monkeypatch.setenv("INHERITED", "from the daemon")
+    monkeypatch.setenv("INHERITED", "from the daemon")  # opted in below
     work = tmp_path / "work"
     work.mkdir()
     code = (
@@ -101,7 +102,7 @@ async def test_payload_on_stdin_env_cwd_and_templated_argv(
         " 'cwd': os.getcwd(), 'stage': os.environ['STAGE'], 'inherited': os.environ['INHERITED']}))"
     )
     argv = python_argv(code, "--ref={{ ref }}", "{{ repository.name }}", "--", "{{ note }}")
-    extra = f'cwd = "{work}"\nenv = {{ STAGE = "prod" }}'
+    extra = f'cwd = "{work}"\nenv = {{ STAGE = "prod" }}\ninherit_env = ["INHERITED"]'
     job = await run_command(tmp_path, argv, extra)
     assert job.state == JobState.DONE
     (attempt,) = job.history
@@ -189,6 +190,11 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
         ('argv = ["x"]\nenv = { A = 1 }', "env"),
         ('argv = ["x"]\nshell = true', "shell"),
         ('argv = ["x", "a\\u0000b"]', "argv[1]"),
+        ('argv = ["x"]\nenv = { A = "a\\u0000b" }', "env"),
+        ('argv = ["x"]\ninherit_env = "AWS_*"', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = [""]', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = [1]', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = ["A=B"]', "inherit_env"),
     ],
 )
 def test_bad_options_name_their_key(line: str, key: str) -> None:
@@ -199,7 +205,7 @@ def test_bad_options_name_their_key(line: str, key: str) -> None:
     assert err.value.key == f"sources.s.actions[0].{key}"
 
 
-# -- stdin under every loop, NUL bytes -------------------------------------------------------------
+# -- stdin under every loop, the environment, NUL bytes --------------------------------------------
 
 STDIN_DIGEST = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
 
@@ -221,6 +227,36 @@ def test_program_that_ignores_stdin_is_done(tmp_path: Path, loop: str) -> None:
     body = {"blob": "x" * 300_000}
     job = run_on(loop, run_command(tmp_path, python_argv("print('ok')"), body=body))
     assert job.state == JobState.DONE, job.history[0].error
+
+
+ENV_DUMP = "import json, os; print(json.dumps(sorted(os.environ)))"
+
+
+@pytest.mark.parametrize(
+    ("inherit", "visible"),
+    [
+        ("", set()),
+        ('inherit_env = ["DEPLOY_*", "SHOP_DB_PASSWORD"]', {"DEPLOY_KEY_ID", "SHOP_DB_PASSWORD"}),
+    ],
+)
+async def test_program_sees_a_minimal_environment_unless_opted_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inherit: str, visible: set[str]
+) -> None:
+    """The daemon's secrets (env: values, the admin token) reach a program only when listed."""
+    monkeypatch.setenv("SHOP_DB_PASSWORD", "hunter2")
+    monkeypatch.setenv("WEBHOOKD_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("DEPLOY_KEY_ID", "k1")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setenv("TZ", "UTC")
+    extra = f'env = {{ STAGE = "prod" }}\n{inherit}'
+    job = await run_command(tmp_path, python_argv(ENV_DUMP), extra)
+    assert job.state == JobState.DONE
+    assert job.history[0].detail is not None
+    seen = set(json.loads(job.history[0].detail["stdout"]))
+    passed_on = {n for n in os.environ if n in ("PATH", "HOME", "LANG") or n.startswith("LC_")}
+    expected = passed_on | {"TZ", "STAGE", "WEBHOOKD_EVENT_ID", "WEBHOOKD_SOURCE"}
+    # The program's own Python may add LC_CTYPE (PEP 538 locale coercion): an LC_* name anyway.
+    assert seen - {"LC_CTYPE"} == expected | visible
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -313,14 +349,18 @@ async def procs() -> AsyncIterator[Procs]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-async def test_serve_gives_the_program_its_body(tmp_path: Path, procs: Procs) -> None:
-    """Under ``webhookd serve`` a program reading stdin gets the body and ends."""
+async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: Procs
+) -> None:
+    """Under ``webhookd serve`` a program reading stdin gets the body, ends, sees no secret."""
+    monkeypatch.setenv("SHOP_DB_PASSWORD", "hunter2")
+    monkeypatch.setenv("DEPLOY_KEY_ID", "k1")
     seen = tmp_path / "seen.json"
     code = (
         "import json, os, sys; body = sys.stdin.read(); "
         f"open({str(seen)!r}, 'w').write(json.dumps({{'stdin': body, 'env': dict(os.environ)}}))"
     )
-    actions_toml = command_config(python_argv(code), timeout_s=30)
+    actions_toml = command_config(python_argv(code), 'inherit_env = ["DEPLOY_*"]', timeout_s=30)
     cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", actions_toml)
     daemon = await procs.serve(cfg)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
@@ -335,4 +375,6 @@ async def test_serve_gives_the_program_its_body(tmp_path: Path, procs: Procs) ->
         await poll(done, timeout_s=15)
     doc = json.loads(seen.read_text())
     assert json.loads(doc["stdin"]) == PUSH
-    assert doc["env"]["WEBHOOKD_EVENT_ID"] == event_id
+    env = doc["env"]
+    assert env["WEBHOOKD_EVENT_ID"] == event_id and env["DEPLOY_KEY_ID"] == "k1"
+    assert "SHOP_DB_PASSWORD" not in env

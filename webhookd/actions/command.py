@@ -2,11 +2,13 @@
 
 ``argv`` is a list; each argument may hold ``{{ }}`` lookups, and a looked-up value stays one
 argument whatever it contains (put ``--`` before such arguments if the program takes options).
-The environment is the daemon's plus ``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and the
-action's ``env`` table. Exit 0 is done, an exit code listed in ``permanent_exit_codes`` is dead,
-anything else (another code, a signal) is retried. A NUL byte in a rendered argument (a payload
-can hold one, a program argument cannot) makes the attempt dead. The last 2 KB of stdout and
-stderr are kept with the attempt.
+The environment is minimal, because output tails are shown by the API and a program should
+not see the daemon's secrets: ``PATH``, ``HOME``, ``LANG``, ``LC_*`` and ``TZ`` from the daemon,
+the names ``inherit_env`` lists (``*`` globs allowed), the action's ``env`` table, then
+``WEBHOOKD_EVENT_ID`` and ``WEBHOOKD_SOURCE``. A NUL byte in a rendered argument (a payload can
+hold one, a program argument cannot) makes the attempt dead. Exit 0 is done, an exit code listed
+in ``permanent_exit_codes`` is dead, anything else (another code, a signal) is retried. The last
+2 KB of stdout and stderr are kept with the attempt.
 
 The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
 the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import os
 import signal
@@ -34,7 +37,9 @@ from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
 
-_OPTIONS = ("argv", "cwd", "env", "permanent_exit_codes")
+_OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
+# What any program needs to find its tools and speak the right locale; nothing that can be a secret.
+_BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
 _KILL_GRACE_S = 2.0
 
@@ -62,16 +67,26 @@ class _Settings:
         self.cwd: str | None = cwd
         env = opts.get("env", {})
         if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+            _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()
         ):
-            raise ConfigError(f"{key}.env", "must be a table of strings")
+            raise ConfigError(f"{key}.env", "must be a table of strings (no NUL, no '=' in names)")
         self.env: dict[str, str] = dict(env)
+        inherit = opts.get("inherit_env", [])
+        if not isinstance(inherit, list) or not all(_env_name(n) for n in inherit):
+            raise ConfigError(
+                f"{key}.inherit_env", 'must be an array of variable names or globs like "AWS_*"'
+            )
+        self.inherit: tuple[str, ...] = (*_BASE_ENV, *inherit)
         codes = opts.get("permanent_exit_codes", [])
         if not isinstance(codes, list) or not all(
             isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in codes
         ):
             raise ConfigError(f"{key}.permanent_exit_codes", "must be an array of codes 1-255")
         self.permanent: frozenset[int] = frozenset(codes)
+
+
+def _env_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
 
 
 def validate(config: ActionConfig) -> None:
@@ -129,18 +144,26 @@ class CommandAction:
         payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
         return [arg.render(payload) for arg in self.settings.argv]
 
+    def env_for(self, event: Event) -> dict[str, str]:
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.inherit)
+        }
+        return {
+            **inherited,
+            **self.settings.env,
+            "WEBHOOKD_EVENT_ID": event.id,
+            "WEBHOOKD_SOURCE": event.source,
+        }
+
     async def run(self, event: Event, job: Job) -> Outcome:
         argv = self.argv_for(event)
         for i, arg in enumerate(argv):
             if "\0" in arg:
                 # execve would cut the argument short (uvloop does so silently): never run that.
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
-        env = {
-            **os.environ,
-            **self.settings.env,
-            "WEBHOOKD_EVENT_ID": event.id,
-            "WEBHOOKD_SOURCE": event.source,
-        }
+        env = self.env_for(event)
         started = time.monotonic()
         watch = _Watch()
         try:
