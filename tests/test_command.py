@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import os
 import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import pytest
+import uvloop
 from actionkit import action_kit, toml_list
-from procs import poll
+from procs import Procs, get_json, poll, write_config
 
 from webhookd import actions
+from webhookd.actions import command
 from webhookd.config import loads
 from webhookd.errors import ConfigError
 from webhookd.models import Job, JobState
+
+T = TypeVar("T")
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
 
 PUSH = {"ref": "refs/heads/main", "repository": {"name": "shop"}, "note": "; rm -rf / $(id)"}
 
@@ -23,10 +36,9 @@ def python_argv(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-async def run_command(
-    tmp_path: Path, argv: list[str], extra: str = "", body: Any = PUSH, timeout_s: float = 30
-) -> Job:
-    config = f"""
+def command_config(argv: list[str], extra: str = "", timeout_s: float = 30) -> str:
+    """A source ``gh`` with one command action running ``argv``."""
+    return f"""
 [sources.gh]
 [[sources.gh.actions]]
 type = "command"
@@ -34,10 +46,21 @@ argv = {toml_list(argv)}
 timeout_s = {timeout_s}
 {extra}
 """
-    async with action_kit(tmp_path, config) as kit:
+
+
+async def run_command(
+    tmp_path: Path, argv: list[str], extra: str = "", body: Any = PUSH, timeout_s: float = 30
+) -> Job:
+    async with action_kit(tmp_path, command_config(argv, extra, timeout_s)) as kit:
         event_id = await kit.send("gh", body)
         await kit.run()
         return await kit.job(event_id)
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end in a fresh event loop of the kind named."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(coro)
 
 
 def start_child_then(pid_file: Path, then: str) -> str:
@@ -70,7 +93,7 @@ async def test_payload_on_stdin_env_cwd_and_templated_argv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The program gets the raw body on stdin, event id, source, env, cwd, one arg per lookup."""
-    monkeypatch.setenv("INHERITED", "from the daemon")
+    monkeypatch.setenv("INHERITED", "from the daemon")  # opted in below
     work = tmp_path / "work"
     work.mkdir()
     code = (
@@ -79,7 +102,7 @@ async def test_payload_on_stdin_env_cwd_and_templated_argv(
         " 'cwd': os.getcwd(), 'stage': os.environ['STAGE'], 'inherited': os.environ['INHERITED']}))"
     )
     argv = python_argv(code, "--ref={{ ref }}", "{{ repository.name }}", "--", "{{ note }}")
-    extra = f'cwd = "{work}"\nenv = {{ STAGE = "prod" }}'
+    extra = f'cwd = "{work}"\nenv = {{ STAGE = "prod" }}\ninherit_env = ["INHERITED"]'
     job = await run_command(tmp_path, argv, extra)
     assert job.state == JobState.DONE
     (attempt,) = job.history
@@ -166,6 +189,12 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
         ('argv = ["x"]\npermanent_exit_codes = [0]', "permanent_exit_codes"),
         ('argv = ["x"]\nenv = { A = 1 }', "env"),
         ('argv = ["x"]\nshell = true', "shell"),
+        ('argv = ["x", "a\\u0000b"]', "argv[1]"),
+        ('argv = ["x"]\nenv = { A = "a\\u0000b" }', "env"),
+        ('argv = ["x"]\ninherit_env = "AWS_*"', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = [""]', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = [1]', "inherit_env"),
+        ('argv = ["x"]\ninherit_env = ["A=B"]', "inherit_env"),
     ],
 )
 def test_bad_options_name_their_key(line: str, key: str) -> None:
@@ -174,3 +203,178 @@ def test_bad_options_name_their_key(line: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         actions.validate(loads(text))
     assert err.value.key == f"sources.s.actions[0].{key}"
+
+
+# -- stdin under every loop, the environment, NUL bytes --------------------------------------------
+
+STDIN_DIGEST = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_stdin_reaches_the_program_under_every_loop(tmp_path: Path, loop: str) -> None:
+    """A program reading stdin gets the whole body and finishes, on asyncio and on uvloop."""
+    body = {"blob": "x" * 300_000}  # more than a pipe holds: the rest goes as the program reads
+    job = run_on(loop, run_command(tmp_path, python_argv(STDIN_DIGEST), body=body, timeout_s=20))
+    assert job.state == JobState.DONE, job.history[0].error
+    detail = job.history[0].detail
+    assert detail is not None
+    assert detail["stdout"].strip() == hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_program_that_ignores_stdin_is_done(tmp_path: Path, loop: str) -> None:
+    """A program that exits without reading a big body is done; the unread body is no error."""
+    body = {"blob": "x" * 300_000}
+    job = run_on(loop, run_command(tmp_path, python_argv("print('ok')"), body=body))
+    assert job.state == JobState.DONE, job.history[0].error
+
+
+ENV_DUMP = "import json, os; print(json.dumps(sorted(os.environ)))"
+
+
+@pytest.mark.parametrize(
+    ("inherit", "visible"),
+    [
+        ("", set()),
+        ('inherit_env = ["DEPLOY_*", "SHOP_DB_PASSWORD"]', {"DEPLOY_KEY_ID", "SHOP_DB_PASSWORD"}),
+    ],
+)
+async def test_program_sees_a_minimal_environment_unless_opted_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inherit: str, visible: set[str]
+) -> None:
+    """The daemon's secrets (env: values, the admin token) reach a program only when listed."""
+    monkeypatch.setenv("SHOP_DB_PASSWORD", "hunter2")
+    monkeypatch.setenv("WEBHOOKD_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("DEPLOY_KEY_ID", "k1")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setenv("TZ", "UTC")
+    extra = f'env = {{ STAGE = "prod" }}\n{inherit}'
+    job = await run_command(tmp_path, python_argv(ENV_DUMP), extra)
+    assert job.state == JobState.DONE
+    assert job.history[0].detail is not None
+    seen = set(json.loads(job.history[0].detail["stdout"]))
+    passed_on = {n for n in os.environ if n in ("PATH", "HOME", "LANG") or n.startswith("LC_")}
+    expected = passed_on | {"TZ", "STAGE", "WEBHOOKD_EVENT_ID", "WEBHOOKD_SOURCE"}
+    # The program's own Python may add LC_CTYPE (PEP 538 locale coercion): an LC_* name anyway.
+    assert seen - {"LC_CTYPE"} == expected | visible
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_nul_byte_in_a_rendered_argument_is_dead(tmp_path: Path, loop: str) -> None:
+    """A payload value with a NUL byte never runs the program cut short; the job is dead."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    body = {"ref": "main\u0000--force"}
+    argv = python_argv(code, "--", "{{ ref }}")
+    job = run_on(loop, run_command(tmp_path, argv, body=body))
+    assert (job.state, job.history[0].outcome) == (JobState.DEAD, "dead")
+    assert job.history[0].error == "argv[4] contains a NUL byte (from the payload)"
+    assert not marker.exists()
+
+
+# -- a group that ignores SIGTERM is SIGKILLed --------------------------------------------------
+
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", sys.argv[2]])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])  # both ignore SIGTERM once the file exists
+time.sleep(60)
+"""
+STUBBORN_CHILD = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+)
+
+
+def stubborn(pid_file: Path) -> list[str]:
+    """A program ignoring SIGTERM that starts a child ignoring it too; both pids in ``pid_file``."""
+    return python_argv(STUBBORN, str(pid_file), STUBBORN_CHILD)
+
+
+def read_pids(pid_file: Path) -> list[int]:
+    return [int(pid) for pid in pid_file.read_text().split()]
+
+
+async def both_end(pids: list[int]) -> None:
+    for pid in pids:
+        await child_ends(pid)
+
+
+async def test_timeout_sigkills_a_group_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed-out program and its child that both ignore SIGTERM are killed, not left running."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
+    pid_file = tmp_path / "pids"
+    job = await run_command(tmp_path, stubborn(pid_file), timeout_s=3)
+    assert (job.state, job.history[0].error) == (JobState.QUEUED, "timed out after 3s")
+    await both_end(read_pids(pid_file))
+
+
+async def test_drain_sigkills_a_group_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that cuts a command short kills its whole group, SIGTERM or not; the job requeues."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
+    pid_file = tmp_path / "pids"
+
+    async def started() -> bool:
+        return pid_file.exists()
+
+    async with action_kit(tmp_path, command_config(stubborn(pid_file), timeout_s=60)) as kit:
+        event_id = await kit.send("gh", PUSH)
+        running = asyncio.create_task(kit.run())
+        await poll(started, timeout_s=20)
+        assert await kit.pool.drain(0) == 1
+        await running
+        job = await kit.job(event_id)
+    assert (job.state, job.history) == (JobState.QUEUED, ())
+    await both_end(read_pids(pid_file))
+
+
+# -- under a real ``webhookd serve`` (uvloop) -------------------------------------------------
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: Procs
+) -> None:
+    """Under ``webhookd serve`` a program reading stdin gets the body, ends, sees no secret."""
+    monkeypatch.setenv("SHOP_DB_PASSWORD", "hunter2")
+    monkeypatch.setenv("DEPLOY_KEY_ID", "k1")
+    seen = tmp_path / "seen.json"
+    code = (
+        "import json, os, sys; body = sys.stdin.read(); "
+        f"open({str(seen)!r}, 'w').write(json.dumps({{'stdin': body, 'env': dict(os.environ)}}))"
+    )
+    actions_toml = command_config(python_argv(code), 'inherit_env = ["DEPLOY_*"]', timeout_s=30)
+    cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", actions_toml)
+    daemon = await procs.serve(cfg)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with http.post(f"{daemon.url}/hooks/gh", json=PUSH) as r:
+            assert r.status == 202
+            event_id = (await r.json())["id"]
+
+        async def done() -> bool:
+            status, doc = await get_json(http, f"{daemon.admin_url}/events/{event_id}")
+            return status == 200 and doc is not None and doc["state"] == "done"
+
+        await poll(done, timeout_s=15)
+    doc = json.loads(seen.read_text())
+    assert json.loads(doc["stdin"]) == PUSH
+    env = doc["env"]
+    assert env["WEBHOOKD_EVENT_ID"] == event_id and env["DEPLOY_KEY_ID"] == "k1"
+    assert "SHOP_DB_PASSWORD" not in env

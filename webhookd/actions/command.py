@@ -2,10 +2,13 @@
 
 ``argv`` is a list; each argument may hold ``{{ }}`` lookups, and a looked-up value stays one
 argument whatever it contains (put ``--`` before such arguments if the program takes options).
-The environment is the daemon's plus ``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and the
-action's ``env`` table. Exit 0 is done, an exit code listed in ``permanent_exit_codes`` is dead,
-anything else (another code, a signal) is retried. The last 2 KB of stdout and stderr are kept
-with the attempt.
+The environment is minimal, because output tails are shown by the API and a program should
+not see the daemon's secrets: ``PATH``, ``HOME``, ``LANG``, ``LC_*`` and ``TZ`` from the daemon,
+the names ``inherit_env`` lists (``*`` globs allowed), the action's ``env`` table, then
+``WEBHOOKD_EVENT_ID`` and ``WEBHOOKD_SOURCE``. A NUL byte in a rendered argument (a payload can
+hold one, a program argument cannot) makes the attempt dead. Exit 0 is done, an exit code listed
+in ``permanent_exit_codes`` is dead, anything else (another code, a signal) is retried. The last
+2 KB of stdout and stderr are kept with the attempt.
 
 The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
 the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, check_options
 from webhookd.config import ActionConfig
@@ -33,7 +37,9 @@ from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
 
-_OPTIONS = ("argv", "cwd", "env", "permanent_exit_codes")
+_OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
+# What any program needs to find its tools and speak the right locale; nothing that can be a secret.
+_BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
 _KILL_GRACE_S = 2.0
 
@@ -45,6 +51,9 @@ class _Settings:
         argv = opts.get("argv")
         if not isinstance(argv, list) or not argv:
             raise ConfigError(f"{key}.argv", "is required: a non-empty array of strings")
+        for i, arg in enumerate(argv):
+            if isinstance(arg, str) and "\0" in arg:
+                raise ConfigError(f"{key}.argv[{i}]", "cannot contain a NUL character")
         self.argv: tuple[Template, ...] = tuple(
             compile_template(arg, f"{key}.argv[{i}]") for i, arg in enumerate(argv)
         )
@@ -58,16 +67,26 @@ class _Settings:
         self.cwd: str | None = cwd
         env = opts.get("env", {})
         if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+            _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()
         ):
-            raise ConfigError(f"{key}.env", "must be a table of strings")
+            raise ConfigError(f"{key}.env", "must be a table of strings (no NUL, no '=' in names)")
         self.env: dict[str, str] = dict(env)
+        inherit = opts.get("inherit_env", [])
+        if not isinstance(inherit, list) or not all(_env_name(n) for n in inherit):
+            raise ConfigError(
+                f"{key}.inherit_env", 'must be an array of variable names or globs like "AWS_*"'
+            )
+        self.inherit: tuple[str, ...] = (*_BASE_ENV, *inherit)
         codes = opts.get("permanent_exit_codes", [])
         if not isinstance(codes, list) or not all(
             isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in codes
         ):
             raise ConfigError(f"{key}.permanent_exit_codes", "must be an array of codes 1-255")
         self.permanent: frozenset[int] = frozenset(codes)
+
+
+def _env_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
 
 
 def validate(config: ActionConfig) -> None:
@@ -95,26 +114,25 @@ class _Watch(asyncio.SubprocessProtocol):
     """Collects output tails and tells apart "the program exited" from "its pipes closed".
 
     A program's children can hold its stdout open after it exits, so waiting for the pipes
-    (as ``Process.wait()`` does) could outlast the program by hours.
+    (as ``Process.wait()`` does) could outlast the program by hours. Events, not futures: a
+    timeout or a drain cancels whoever waits, and a cancelled future could not be waited on
+    again to see the group die.
     """
 
     def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
         self.out, self.err = _Tail(), _Tail()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
+        self.exited = asyncio.Event()
+        self.closed = asyncio.Event()
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         chunk = data.encode() if isinstance(data, str) else data
         (self.out if fd == 1 else self.err).add(chunk)
 
     def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
+        self.exited.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self.closed.set()
 
 
 class CommandAction:
@@ -126,14 +144,26 @@ class CommandAction:
         payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
         return [arg.render(payload) for arg in self.settings.argv]
 
-    async def run(self, event: Event, job: Job) -> Outcome:
-        argv = self.argv_for(event)
-        env = {
-            **os.environ,
+    def env_for(self, event: Event) -> dict[str, str]:
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.inherit)
+        }
+        return {
+            **inherited,
             **self.settings.env,
             "WEBHOOKD_EVENT_ID": event.id,
             "WEBHOOKD_SOURCE": event.source,
         }
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        argv = self.argv_for(event)
+        for i, arg in enumerate(argv):
+            if "\0" in arg:
+                # execve would cut the argument short (uvloop does so silently): never run that.
+                return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
+        env = self.env_for(event)
         started = time.monotonic()
         watch = _Watch()
         try:
@@ -152,13 +182,17 @@ class CommandAction:
             return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
         pid = transport.get_pid()
         try:
-            stdin = transport.get_pipe_transport(0)
-            if isinstance(stdin, asyncio.WriteTransport):
-                stdin.write(event.body)  # a program that does not read it just closes the pipe
+            # uvloop's pipe transports do not subclass asyncio.WriteTransport, but have its methods.
+            stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
+            if stdin is not None:
+                # The transport buffers what the pipe cannot take yet and close() flushes it
+                # first; a program that never reads stdin closes the pipe, and the transport
+                # drops the rest (EPIPE) without raising.
+                stdin.write(event.body)
                 stdin.close()
-            await watch.exited
+            await watch.exited.wait()
             _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
-            await watch.closed
+            await watch.closed.wait()
         except BaseException:
             # Timed out or cancelled by a drain: end the whole group, then let the error go on.
             await asyncio.shield(_stop(pid, watch))
@@ -202,10 +236,14 @@ async def _stop(pid: int, watch: _Watch) -> None:
     _kill_group(pid, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_KILL_GRACE_S):
-            await watch.exited
+            await watch.exited.wait()
+    # Always, even when the program itself exited: its children may ignore SIGTERM.
     _kill_group(pid, signal.SIGKILL)
-    await watch.exited
-    await watch.closed
+    await watch.exited.wait()
+    # Only a process that left the group (setsid) can still hold the pipes: do not wait on it.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_KILL_GRACE_S):
+            await watch.closed.wait()
 
 
 def create(config: ActionConfig, resources: Resources) -> CommandAction:
