@@ -227,6 +227,35 @@ def test_twilio_sdk_vector_repeated_keys() -> None:
     assert check(cfg, twilio("IK+Dwps556ElfBT0I3Rgjkr1wJU="), body, url=TW_URI)
 
 
+def twilio_sdk_signature(token: str, url: str, pairs: list[tuple[str, str]]) -> str:
+    """A transcription of twilio-python's ``RequestValidator.compute_signature`` for a form.
+
+    ``params`` there is the framework's MultiDict: names sorted (``sorted(set(params))``), and
+    each name's values through ``sorted(set(values))``; twilio-node's ``toFormUrlEncodedParam``
+    does the same with ``Array.from(new Set(values)).sort()``.
+    """
+    values: dict[str, list[str]] = {}
+    for k, v in pairs:
+        values.setdefault(k, []).append(v)
+    s = url
+    for name in sorted(set(values)):
+        for value in sorted(set(values[name])):
+            s += name + value
+    mac = hmac.new(token.encode(), s.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
+def test_twilio_repeated_key_with_equal_values_signed_the_sdk_way() -> None:
+    """A form repeating a name with the same value verifies as Twilio's SDKs sign it (once)."""
+    cfg = make_cfg("twilio", "12345", url=None)
+    pairs = [("To", "+1555"), ("Media", "b"), ("To", "+1555"), ("Media", "a"), ("Media", "b")]
+    sig = twilio_sdk_signature("12345", TW_URI, pairs)
+    assert check(cfg, twilio(sig), urlencode(pairs).encode(), url=TW_URI)
+    # and what `webhookd send` signs for such a form is the same signature
+    headers, _ = sign(cfg, body=urlencode(pairs).encode(), url=TW_URI, now=NOW, delivery_id="d")
+    assert headers["X-Twilio-Signature"] == sig
+
+
 def test_twilio_sdk_vector_json_body() -> None:
     """Twilio's JSON-body vector verifies: URL with bodySHA256 signed, body hash checked."""
     cfg = make_cfg("twilio", "12345", url=None)

@@ -340,6 +340,16 @@ def _twilio_variants(url: str) -> list[str]:
     return variants
 
 
+def _twilio_params(pairs: Iterable[tuple[str, str]]) -> str:
+    """The POST parameters as Twilio signs them: by name, each name's distinct values sorted.
+
+    As twilio-python's ``RequestValidator.compute_signature`` (``sorted(set(values))`` per
+    sorted name) and twilio-node's ``toFormUrlEncodedParam`` (``new Set(values)``, sorted) do:
+    a name repeated with the same value counts once.
+    """
+    return "".join(k + v for k, v in sorted(set(pairs)))
+
+
 def _body_hash_param(url: str) -> str | None:
     query = url.partition("#")[0].partition("?")[2]
     return next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "bodySHA256"), None)
@@ -358,7 +368,7 @@ def _verify_twilio(cfg: VerifyConfig, r: _Request) -> Result:
         pairs = _form_pairs(r.body)
         if pairs is None:
             raise VerificationError("malformed body")
-        params = "".join(k + v for k, v in sorted(pairs))
+        params = _twilio_params(pairs)
     msgs = [_utf8(u + params) for u in _twilio_variants(url)]
     index = _match(cfg, [received], msgs, algorithm="sha1")
     if body_hash is not None:
@@ -517,8 +527,7 @@ def _sign_twilio(cfg: VerifyConfig, key: bytes, body: bytes, url: str) -> tuple[
     pairs = _form_pairs(body)
     if pairs is None:
         raise ValueError("twilio: the body must be a urlencoded form or JSON")
-    params = "".join(k + v for k, v in sorted(pairs))
-    return _b64(_digest(key, _utf8(url + params), "sha1")), _FORM
+    return _b64(_digest(key, _utf8(url + _twilio_params(pairs)), "sha1")), _FORM
 
 
 def sign(
