@@ -138,3 +138,34 @@ def test_unnamed_source_lookup_falls_back_to_catch_all_only_when_present() -> No
     cfg = loads('[[sources.a.actions]]\ntype = "log"')
     assert cfg.source_for("a") is cfg.sources["a"]
     assert cfg.source_for("b") is None
+
+
+@pytest.mark.parametrize(
+    ("verify", "key"),
+    [
+        ('scheme = "stripe", secret = "x", allow_sha1 = true', "allow_sha1"),
+        ('scheme = "hmac", secret = "x", header = "X-S", allow_sha1 = false', "allow_sha1"),
+        ('scheme = "github", secret = "x", allow_sha1 = "yes"', "allow_sha1"),
+    ],
+)
+def test_verify_options_that_would_weaken_verification_are_config_errors(
+    verify: str, key: str
+) -> None:
+    """An option the scheme lacks is refused naming the key."""
+    with pytest.raises(ConfigError) as info:
+        loads(f"[sources.a]\nverify = {{ {verify} }}")
+    assert info.value.key == f"sources.a.verify.{key}"
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("verify", "allow_sha1"),
+    [
+        ('scheme = "github", secret = "x"', False),
+        ('scheme = "meta", secret = "x", allow_sha1 = true', True),
+    ],
+)
+def test_verify_allow_sha1_option(verify: str, allow_sha1: bool) -> None:
+    """allow_sha1 defaults to off and can be turned on for github and meta."""
+    v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
+    assert v is not None and v.allow_sha1 is allow_sha1

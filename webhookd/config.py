@@ -39,6 +39,8 @@ SCHEMES = (
     "token",
 )
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
+# The schemes whose providers also send a legacy SHA-1 signature header.
+SHA1_SCHEMES = ("github", "meta")
 
 EMBEDDED_DEFAULT = """\
 # webhookd's embedded default: a development setup on loopback.
@@ -196,6 +198,7 @@ class VerifyConfig:
     prefix: str = ""
     timestamp_header: str | None = None
     signed: str | None = None  # generic hmac: the signed string, e.g. "{timestamp}.{body}"
+    allow_sha1: bool = False  # github/meta: accept the legacy SHA-1 header when it comes alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,7 +449,10 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     prefix = t.string("prefix", "")
     timestamp_header = t.string("timestamp_header", None)
     signed = t.string("signed", None)
+    allow_sha1 = t.bool("allow_sha1", False)
     t.finish()
+    if t.has("allow_sha1") and scheme not in SHA1_SCHEMES:
+        raise ConfigError(t.path("allow_sha1"), "only applies to schemes github and meta")
     if scheme != "meta" and not secrets:
         raise ConfigError(t.path("secret"), f"is required for scheme {scheme!r}")
     if scheme == "meta" and not secrets and verify_token is None:
@@ -467,6 +473,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         prefix=prefix,
         timestamp_header=timestamp_header,
         signed=signed,
+        allow_sha1=allow_sha1,
     )
 
 

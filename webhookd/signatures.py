@@ -190,11 +190,25 @@ def _required(headers: Mapping[str, str], *names: str) -> str:
 Result = tuple[int, float | None]
 
 
+def _present(headers: Mapping[str, str], name: str) -> bool:
+    """Whether the header was sent at all, even blank (any mapping, case-insensitively)."""
+    lowered = name.lower()
+    return name in headers or any(k.lower() == lowered for k in headers)
+
+
 def _verify_hub(cfg: VerifyConfig, r: _Request) -> Result:
-    """GitHub and Meta: ``sha256=<hex>``, or the legacy ``sha1=<hex>`` header alone."""
+    """GitHub and Meta: ``sha256=<hex>``; the legacy ``sha1=<hex>`` only if opted in and alone.
+
+    Both providers send the SHA-256 header with every delivery, so a request carrying only the
+    SHA-1 one is a downgrade (SHA-1 is the weaker MAC, and the header is easy to strip) unless
+    the operator knows an old sender (``allow_sha1``). A SHA-256 header that is present but
+    blank is never a legacy sender: someone emptied it, and SHA-1 is not tried even then.
+    """
     value, algorithm = _header(r.headers, "X-Hub-Signature-256"), "sha256"
-    if value is None:
+    if value is None and not _present(r.headers, "X-Hub-Signature-256"):
         value, algorithm = _header(r.headers, "X-Hub-Signature"), "sha1"
+        if value is not None and not cfg.allow_sha1:
+            raise VerificationError("legacy sha1 signature refused")
     if value is None:
         raise VerificationError("missing signature header")
     scheme, sep, sig = value.partition("=")
