@@ -146,12 +146,27 @@ def test_unnamed_source_lookup_falls_back_to_catch_all_only_when_present() -> No
         ('scheme = "stripe", secret = "x", allow_sha1 = true', "allow_sha1"),
         ('scheme = "hmac", secret = "x", header = "X-S", allow_sha1 = false', "allow_sha1"),
         ('scheme = "github", secret = "x", allow_sha1 = "yes"', "allow_sha1"),
+        ('scheme = "hmac", secret = "x", header = "X-S", signed = "{timestamp}"', "signed"),
+        ('scheme = "hmac", secret = "x", header = "X-S", signed = "v1:static"', "signed"),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T"',
+            "timestamp_header",
+        ),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T",'
+            ' signed = "v1:{body}"',
+            "signed",
+        ),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", signed = "{timestamp}.{body}"',
+            "timestamp_header",
+        ),
     ],
 )
 def test_verify_options_that_would_weaken_verification_are_config_errors(
     verify: str, key: str
 ) -> None:
-    """An option the scheme lacks is refused naming the key."""
+    """An unsigned timestamp or body, or an option the scheme lacks, is refused naming the key."""
     with pytest.raises(ConfigError) as info:
         loads(f"[sources.a]\nverify = {{ {verify} }}")
     assert info.value.key == f"sources.a.verify.{key}"
@@ -169,3 +184,15 @@ def test_verify_allow_sha1_option(verify: str, allow_sha1: bool) -> None:
     """allow_sha1 defaults to off and can be turned on for github and meta."""
     v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
     assert v is not None and v.allow_sha1 is allow_sha1
+
+
+@pytest.mark.parametrize(
+    "signed",
+    ['signed = "v1:{body}"', 'timestamp_header = "X-T", signed = "{timestamp}.{body}"'],
+)
+def test_hmac_templates_that_sign_what_they_read_are_accepted(signed: str) -> None:
+    """An hmac template that signs the body, and the timestamp when one is read, is valid."""
+    v = loads(
+        f'[sources.a]\nverify = {{ scheme = "hmac", secret = "x", header = "X-S", {signed} }}'
+    )
+    assert v.sources["a"].verify is not None

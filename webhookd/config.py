@@ -461,6 +461,8 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         raise ConfigError(t.path("header"), f"is required for scheme {scheme!r}")
     if scheme == "twilio" and not url:
         raise ConfigError(t.path("url"), "is required for scheme 'twilio' (the public URL)")
+    if scheme == "hmac":
+        _check_signed_template(t, signed, timestamp_header)
     return VerifyConfig(
         scheme=scheme,
         secrets=secrets,
@@ -475,6 +477,26 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         signed=signed,
         allow_sha1=allow_sha1,
     )
+
+
+def _check_signed_template(t: _Table, signed: str | None, timestamp_header: str | None) -> None:
+    """The generic scheme's template must sign the body, and the timestamp whenever one is read.
+
+    A template without ``{body}`` lets any body through under a valid signature; a timestamp
+    read from a header but left out of the template can be changed at will, and then its
+    tolerance check guards nothing.
+    """
+    template = signed or "{body}"
+    if "{body}" not in template:
+        raise ConfigError(t.path("signed"), "must contain {body}, or the body is not signed")
+    if timestamp_header is not None and "{timestamp}" not in template:
+        raise ConfigError(
+            t.path("signed" if signed is not None else "timestamp_header"),
+            "the timestamp is not signed: add {timestamp} to signed"
+            ' (e.g. "{timestamp}.{body}"), or its tolerance protects nothing',
+        )
+    if timestamp_header is None and "{timestamp}" in template:
+        raise ConfigError(t.path("timestamp_header"), "is required when signed has {timestamp}")
 
 
 _COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by")
