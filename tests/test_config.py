@@ -146,6 +146,12 @@ def test_unnamed_source_lookup_falls_back_to_catch_all_only_when_present() -> No
         ('scheme = "stripe", secret = "x", allow_sha1 = true', "allow_sha1"),
         ('scheme = "hmac", secret = "x", header = "X-S", allow_sha1 = false', "allow_sha1"),
         ('scheme = "github", secret = "x", allow_sha1 = "yes"', "allow_sha1"),
+        ('scheme = "stripe", secret = "x", dedup_body = false', "dedup_body"),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T",'
+            ' signed = "{timestamp}.{body}", dedup_body = false',
+            "dedup_body",
+        ),
         ('scheme = "hmac", secret = "x", header = "X-S", signed = "{timestamp}"', "signed"),
         ('scheme = "hmac", secret = "x", header = "X-S", signed = "v1:static"', "signed"),
         (
@@ -196,3 +202,17 @@ def test_hmac_templates_that_sign_what_they_read_are_accepted(signed: str) -> No
         f'[sources.a]\nverify = {{ scheme = "hmac", secret = "x", header = "X-S", {signed} }}'
     )
     assert v.sources["a"].verify is not None
+
+
+@pytest.mark.parametrize(
+    ("verify", "dedup_body"),
+    [
+        ('scheme = "github", secret = "x"', True),
+        ('scheme = "shopify", secret = "x", dedup_body = false', False),
+        ('scheme = "hmac", secret = "x", header = "X-S", dedup_body = false', False),
+    ],
+)
+def test_verify_dedup_body_option(verify: str, dedup_body: bool) -> None:
+    """dedup_body defaults to on and can be turned off where no timestamp is signed."""
+    v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
+    assert v is not None and v.dedup_body is dedup_body and v.untimed

@@ -39,6 +39,9 @@ SCHEMES = (
     "token",
 )
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
+# Schemes whose signature covers no timestamp: a captured request verifies forever (the generic
+# ``hmac`` joins them when it has no ``timestamp_header``).
+UNTIMED_SCHEMES = ("github", "meta", "shopify", "twilio", "token")
 # The schemes whose providers also send a legacy SHA-1 signature header.
 SHA1_SCHEMES = ("github", "meta")
 
@@ -199,6 +202,14 @@ class VerifyConfig:
     timestamp_header: str | None = None
     signed: str | None = None  # generic hmac: the signed string, e.g. "{timestamp}.{body}"
     allow_sha1: bool = False  # github/meta: accept the legacy SHA-1 header when it comes alone
+    dedup_body: bool = True  # untimed schemes: the signed body is a dedup key too
+
+    @property
+    def untimed(self) -> bool:
+        """No timestamp is signed, so only dedup stands between a captured request and a replay."""
+        return self.scheme in UNTIMED_SCHEMES or (
+            self.scheme == "hmac" and self.timestamp_header is None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +461,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     timestamp_header = t.string("timestamp_header", None)
     signed = t.string("signed", None)
     allow_sha1 = t.bool("allow_sha1", False)
+    dedup_body = t.bool("dedup_body", True)
     t.finish()
     if t.has("allow_sha1") and scheme not in SHA1_SCHEMES:
         raise ConfigError(t.path("allow_sha1"), "only applies to schemes github and meta")
@@ -463,7 +475,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         raise ConfigError(t.path("url"), "is required for scheme 'twilio' (the public URL)")
     if scheme == "hmac":
         _check_signed_template(t, signed, timestamp_header)
-    return VerifyConfig(
+    made = VerifyConfig(
         scheme=scheme,
         secrets=secrets,
         tolerance_s=tolerance_s,
@@ -476,7 +488,15 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         timestamp_header=timestamp_header,
         signed=signed,
         allow_sha1=allow_sha1,
+        dedup_body=dedup_body,
     )
+    if t.has("dedup_body") and not made.untimed:
+        raise ConfigError(
+            t.path("dedup_body"),
+            f"only applies to schemes without a signed timestamp ({', '.join(UNTIMED_SCHEMES)},"
+            " hmac without timestamp_header)",
+        )
+    return made
 
 
 def _check_signed_template(t: _Table, signed: str | None, timestamp_header: str | None) -> None:
