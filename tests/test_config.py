@@ -157,3 +157,81 @@ def test_lane_max_cooldown_defaults_to_an_hour() -> None:
     """Without max_cooldown_s a lane's 429 cool-down is capped at one hour."""
     lanes = loads("[lanes.a]\nrpm = 60\n[lanes.b]\nrpm = 60\nmax_cooldown_s = 90").lanes
     assert (lanes["a"].max_cooldown_s, lanes["b"].max_cooldown_s) == (3600.0, 90.0)
+
+
+@pytest.mark.parametrize(
+    ("verify", "key"),
+    [
+        ('scheme = "stripe", secret = "x", allow_sha1 = true', "allow_sha1"),
+        ('scheme = "hmac", secret = "x", header = "X-S", allow_sha1 = false', "allow_sha1"),
+        ('scheme = "github", secret = "x", allow_sha1 = "yes"', "allow_sha1"),
+        ('scheme = "stripe", secret = "x", dedup_body = false', "dedup_body"),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T",'
+            ' signed = "{timestamp}.{body}", dedup_body = false',
+            "dedup_body",
+        ),
+        ('scheme = "hmac", secret = "x", header = "X-S", signed = "{timestamp}"', "signed"),
+        ('scheme = "hmac", secret = "x", header = "X-S", signed = "v1:static"', "signed"),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T"',
+            "timestamp_header",
+        ),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", timestamp_header = "X-T",'
+            ' signed = "v1:{body}"',
+            "signed",
+        ),
+        (
+            'scheme = "hmac", secret = "x", header = "X-S", signed = "{timestamp}.{body}"',
+            "timestamp_header",
+        ),
+    ],
+)
+def test_verify_options_that_would_weaken_verification_are_config_errors(
+    verify: str, key: str
+) -> None:
+    """An unsigned timestamp or body, or an option the scheme lacks, is refused naming the key."""
+    with pytest.raises(ConfigError) as info:
+        loads(f"[sources.a]\nverify = {{ {verify} }}")
+    assert info.value.key == f"sources.a.verify.{key}"
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("verify", "allow_sha1"),
+    [
+        ('scheme = "github", secret = "x"', False),
+        ('scheme = "meta", secret = "x", allow_sha1 = true', True),
+    ],
+)
+def test_verify_allow_sha1_option(verify: str, allow_sha1: bool) -> None:
+    """allow_sha1 defaults to off and can be turned on for github and meta."""
+    v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
+    assert v is not None and v.allow_sha1 is allow_sha1
+
+
+@pytest.mark.parametrize(
+    "signed",
+    ['signed = "v1:{body}"', 'timestamp_header = "X-T", signed = "{timestamp}.{body}"'],
+)
+def test_hmac_templates_that_sign_what_they_read_are_accepted(signed: str) -> None:
+    """An hmac template that signs the body, and the timestamp when one is read, is valid."""
+    v = loads(
+        f'[sources.a]\nverify = {{ scheme = "hmac", secret = "x", header = "X-S", {signed} }}'
+    )
+    assert v.sources["a"].verify is not None
+
+
+@pytest.mark.parametrize(
+    ("verify", "dedup_body"),
+    [
+        ('scheme = "github", secret = "x"', True),
+        ('scheme = "shopify", secret = "x", dedup_body = false', False),
+        ('scheme = "hmac", secret = "x", header = "X-S", dedup_body = false', False),
+    ],
+)
+def test_verify_dedup_body_option(verify: str, dedup_body: bool) -> None:
+    """dedup_body defaults to on and can be turned off where no timestamp is signed."""
+    v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
+    assert v is not None and v.dedup_body is dedup_body and v.untimed

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 from conftest import Running, Target, make_config
+from procs import Procs, write_config
 
 from webhookd import send
 from webhookd.clock import ManualClock
-from webhookd.config import Config, Secret, SourceConfig
+from webhookd.config import Config, Secret, SourceConfig, load
 from webhookd.errors import VerificationError
 from webhookd.signatures import verify
 
@@ -69,7 +71,13 @@ def config(tmp_path: Path, target: Target) -> Config:
 
 
 def delivery(
-    r: Running, name: str, *, delivery_id: str, now: float | None = None, **verify_changes: Any
+    r: Running,
+    name: str,
+    *,
+    delivery_id: str,
+    now: float | None = None,
+    body: bytes | None = None,
+    **verify_changes: Any,
 ) -> send.Delivery:
     """The request the provider of source ``name`` would send, optionally with other secrets."""
     src: SourceConfig = r.daemon.config.sources[name]
@@ -81,7 +89,7 @@ def delivery(
     made = send.build(
         src,
         url=r.url + src.path,
-        body=BODIES.get(name),
+        body=BODIES.get(name) if body is None else body,
         now=r.daemon.clock.time() if now is None else now,
         delivery_id=delivery_id,
     )
@@ -234,3 +242,115 @@ async def test_replay_after_tolerance_still_delivers(
     assert target.seen[1].body == good.body
     after = await admin(r, f"/events/{doc['id']}")
     assert after["verified"] == before["verified"]
+
+
+# A captured request of a scheme whose signature has no timestamp, as an attacker replays it.
+CAPTURED = {
+    "github": b'{"action": "opened", "number": 7}',
+    "shopify": b'{"id": 820982911946154508, "total_price": "19.99"}',
+    "twilio_form": urlencode({"MessageSid": "SM1", "From": "+15005550006", "Body": "hi"}).encode(),
+    "twilio_json": b'{"CallSid": "CA1", "CallStatus": "completed"}',
+}
+
+
+@pytest.mark.parametrize("name", list(CAPTURED))
+async def test_signed_body_under_a_fresh_delivery_id_is_a_duplicate(
+    name: str, tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A captured signed body re-sent with a new delivery id is 200 duplicate, forwarded once."""
+    r = await run_daemon(config(tmp_path, target))
+    first = delivery(r, name, delivery_id="dlv-original", body=CAPTURED[name])
+    replayed = delivery(r, name, delivery_id="dlv-forged-fresh-id", body=CAPTURED[name])
+    assert first.body == replayed.body and first.headers != replayed.headers
+
+    status, doc = await post(r, first)
+    assert (status, doc["duplicate"]) == (202, False)
+    assert await post(r, replayed) == (200, {"id": doc["id"], "duplicate": True})
+    assert await events_of(r, name) == 1
+    # A different body under the replay's delivery id is a new event: that id was not kept.
+    other = delivery(r, name, delivery_id="dlv-forged-fresh-id", body=CAPTURED[name] + b" ")
+    status, new = await post(r, other)
+    assert (status, new["duplicate"]) == (202, False)
+    await target.wait_for(lambda t: len([s for s in t.seen if s.path == f"/{name}"]) == 2)
+    assert await events_of(r, name) == 2
+
+
+async def test_token_source_with_header_dedup_catches_a_replayed_body(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A token source keyed on a request-id header still drops the same body under a new id."""
+    cfg = make_config(
+        tmp_path,
+        '[sources.tok]\nverify = { scheme = "token", secret = "t0k", header = "X-Token" }\n'
+        'dedup = "header:X-Request-Id"\n'
+        f'[[sources.tok.actions]]\ntype = "forward"\nurl = "{target.url}/tok"\n',
+    )
+    r = await run_daemon(cfg)
+    body = b'{"deploy": "v1.2.3"}'
+    first = await r.post("/hooks/tok", body, headers={"X-Token": "t0k", "X-Request-Id": "a"})
+    again = await r.post("/hooks/tok", body, headers={"X-Token": "t0k", "X-Request-Id": "b"})
+    assert first[0] == 202
+    assert again == (200, {"id": first[1]["id"], "duplicate": True})
+
+
+async def test_dedup_body_false_keeps_identical_bodies_as_distinct_events(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """With verify.dedup_body = false, only the delivery id decides: a new id is a new event."""
+    cfg = make_config(
+        tmp_path,
+        '[sources.gh]\nverify = { scheme = "github", secret = "gh-secret", dedup_body = false }\n'
+        f'[[sources.gh.actions]]\ntype = "forward"\nurl = "{target.url}/gh"\n',
+    )
+    r = await run_daemon(cfg)
+    body = b'{"zen": "Keep it logically awesome."}'
+    answers = [await post(r, delivery(r, "gh", delivery_id=i, body=body)) for i in ("1", "2", "1")]
+    assert [a[0] for a in answers] == [202, 202, 200]
+    assert answers[2][1] == {"id": answers[0][1]["id"], "duplicate": True}
+    assert await events_of(r, "gh") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_served_daemon_refuses_sha1_downgrade_and_replayed_github_body(
+    tmp_path: Path,
+) -> None:
+    """Under `webhookd serve`: SHA-1-only GitHub requests are 401, a re-sent body a duplicate."""
+    path = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "journal.db",
+        '[sources.gh]\nverify = { scheme = "github", secret = "gh-secret" }\n'
+        '[[sources.gh.actions]]\ntype = "log"\n',
+    )
+    body_file = tmp_path / "push.json"
+    body_file.write_bytes(b'{"ref": "refs/heads/main", "after": "4f1e"}')
+    procs = Procs()
+    try:
+        daemon = await procs.serve(path)
+        url = f"{daemon.url}/hooks/gh"
+        answers = []
+        for delivery_id in ("guid-1", "guid-2"):  # what `webhookd send` signs: both headers
+            out = await procs.cli(
+                "send", "gh", "--file", str(body_file), "--id", delivery_id, "--url", url,
+                "--config", str(path),
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            status_line, answer = out.stdout.splitlines()[:2]
+            answers.append((status_line.split()[0], json.loads(answer)))
+        assert answers[0][0] == "202" and answers[0][1]["duplicate"] is False
+        assert answers[1] == ("200", {"id": answers[0][1]["id"], "duplicate": True})
+
+        # A body not seen yet, so only the signature decides; load needs no env: secrets here.
+        body = body_file.read_bytes() + b" "
+        made = send.build(load(path).sources["gh"], url=url, body=body, now=0, delivery_id="g3")
+        sha1_only = {k: v for k, v in made.headers.items() if k != "X-Hub-Signature-256"}
+        blank_sha256 = {**made.headers, "X-Hub-Signature-256": ""}
+        async with aiohttp.ClientSession() as http:
+            for headers, reason in (
+                (sha1_only, "legacy sha1 signature refused"),
+                (blank_sha256, "missing signature header"),
+            ):
+                async with http.post(url, data=body, headers=headers) as resp:
+                    assert (resp.status, await resp.json()) == (401, {"error": reason})
+    finally:
+        await procs.aclose()

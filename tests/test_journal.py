@@ -79,6 +79,36 @@ async def test_duplicate_key_returns_original_even_within_one_batch(journal: Jou
     assert counts.events == 1 and counts.jobs_by_state["queued"] == 1
 
 
+def with_body_key(item: NewEvent, body_key: str) -> NewEvent:
+    return NewEvent(item.event, item.jobs, body_key)
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+async def test_body_key_makes_a_fresh_delivery_id_a_duplicate(
+    journal: Journal, one_batch: bool
+) -> None:
+    """The same signed body under a new delivery id is a duplicate of the first event."""
+    first = with_body_key(new_event(key="gh:delivery-1"), "gh:sha256:aa")
+    replay = with_body_key(new_event(key="gh:delivery-2"), "gh:sha256:aa")
+    if one_batch:
+        results = list(await asyncio.gather(journal.ingest(first), journal.ingest(replay)))
+    else:
+        results = [await journal.ingest(first), await journal.ingest(replay)]
+    assert [(r.event_id, r.duplicate) for r in results] == [
+        (first.event.id, False),
+        (first.event.id, True),
+    ]
+    # The duplicate's own delivery id names no event: a different body under it is new.
+    other = with_body_key(new_event(key="gh:delivery-2"), "gh:sha256:bb")
+    assert not (await journal.ingest(other)).duplicate
+    # Either key of an event makes a later request its duplicate.
+    again = with_body_key(new_event(key="gh:delivery-3"), "gh:sha256:bb")
+    assert (await journal.ingest(again)).event_id == other.event.id
+    same_id = with_body_key(new_event(key="gh:delivery-1"), "gh:sha256:cc")
+    assert (await journal.ingest(same_id)).event_id == first.event.id
+    assert (await journal.counts()).events == 2
+
+
 async def test_group_commit_batches_concurrent_ingests(journal: Journal) -> None:
     """Concurrent webhooks share transactions: far fewer commits (fsyncs) than events."""
     before = journal.commits

@@ -227,6 +227,35 @@ def test_twilio_sdk_vector_repeated_keys() -> None:
     assert check(cfg, twilio("IK+Dwps556ElfBT0I3Rgjkr1wJU="), body, url=TW_URI)
 
 
+def twilio_sdk_signature(token: str, url: str, pairs: list[tuple[str, str]]) -> str:
+    """A transcription of twilio-python's ``RequestValidator.compute_signature`` for a form.
+
+    ``params`` there is the framework's MultiDict: names sorted (``sorted(set(params))``), and
+    each name's values through ``sorted(set(values))``; twilio-node's ``toFormUrlEncodedParam``
+    does the same with ``Array.from(new Set(values)).sort()``.
+    """
+    values: dict[str, list[str]] = {}
+    for k, v in pairs:
+        values.setdefault(k, []).append(v)
+    s = url
+    for name in sorted(set(values)):
+        for value in sorted(set(values[name])):
+            s += name + value
+    mac = hmac.new(token.encode(), s.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
+def test_twilio_repeated_key_with_equal_values_signed_the_sdk_way() -> None:
+    """A form repeating a name with the same value verifies as Twilio's SDKs sign it (once)."""
+    cfg = make_cfg("twilio", "12345", url=None)
+    pairs = [("To", "+1555"), ("Media", "b"), ("To", "+1555"), ("Media", "a"), ("Media", "b")]
+    sig = twilio_sdk_signature("12345", TW_URI, pairs)
+    assert check(cfg, twilio(sig), urlencode(pairs).encode(), url=TW_URI)
+    # and what `webhookd send` signs for such a form is the same signature
+    headers, _ = sign(cfg, body=urlencode(pairs).encode(), url=TW_URI, now=NOW, delivery_id="d")
+    assert headers["X-Twilio-Signature"] == sig
+
+
 def test_twilio_sdk_vector_json_body() -> None:
     """Twilio's JSON-body vector verifies: URL with bodySHA256 signed, body hash checked."""
     cfg = make_cfg("twilio", "12345", url=None)
@@ -451,13 +480,48 @@ def test_headers_case_insensitive_even_in_plain_dict() -> None:
     assert check(cfg, lowered, body).secret_index == 0
 
 
-def test_github_legacy_sha1_header_alone() -> None:
-    """A delivery carrying only the legacy X-Hub-Signature (sha1) still verifies."""
-    cfg = make_cfg("github")
+def sha1_only(cfg: VerifyConfig) -> tuple[CIMultiDict[str], bytes]:
+    """A correctly signed GitHub/Meta request stripped down to the legacy SHA-1 header."""
     headers, body = signed(cfg)
     del headers["X-Hub-Signature-256"]
-    assert check(cfg, headers, body)
+    return headers, body
+
+
+@pytest.mark.parametrize("scheme", ["github", "meta"])
+def test_legacy_sha1_alone_refused_by_default(scheme: str) -> None:
+    """A valid SHA-1 signature without the SHA-256 one is a downgrade and is refused."""
+    cfg = make_cfg(scheme)
+    headers, body = sha1_only(cfg)
+    assert reason(cfg, headers, body) == "legacy sha1 signature refused"
+
+
+@pytest.mark.parametrize("scheme", ["github", "meta"])
+def test_legacy_sha1_alone_accepted_with_allow_sha1(scheme: str) -> None:
+    """With allow_sha1, a request carrying only a valid SHA-1 signature verifies; a bad one not."""
+    cfg = make_cfg(scheme, allow_sha1=True)
+    headers, body = sha1_only(cfg)
+    assert check(cfg, headers, body).secret_index == 0
     headers["X-Hub-Signature"] = "sha1=" + "0" * 40
+    assert reason(cfg, headers, body) == "signature mismatch"
+
+
+@pytest.mark.parametrize("allow_sha1", [False, True])
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_blank_sha256_header_never_falls_back_to_sha1(allow_sha1: bool, blank: str) -> None:
+    """A present but blank SHA-256 header beside a valid SHA-1 one is refused, even opted in."""
+    cfg = make_cfg("github", allow_sha1=allow_sha1)
+    headers, body = signed(cfg)
+    headers["X-Hub-Signature-256"] = blank
+    assert reason(cfg, headers, body) == "missing signature header"
+    lowered = {k.lower(): v for k, v in headers.items()}  # a plain mapping, other case
+    assert reason(cfg, lowered, body) == "missing signature header"
+
+
+def test_bad_sha256_never_falls_back_to_sha1() -> None:
+    """A wrong SHA-256 signature fails even when the SHA-1 one is valid and allowed."""
+    cfg = make_cfg("github", allow_sha1=True)
+    headers, body = signed(cfg)
+    headers["X-Hub-Signature-256"] = "sha256=" + "0" * 64
     assert reason(cfg, headers, body) == "signature mismatch"
 
 

@@ -462,7 +462,10 @@ def prune(config_path: str | None) -> None:
 )
 @click.option("--url", help="Where to post (default: server.listen and the source's path).")
 @click.option(
-    "--id", "delivery_id", help="Delivery id (default: a fresh one; reuse it to test dedup)."
+    "--id",
+    "delivery_id",
+    help="Delivery id (default: a fresh one; reuse it to test dedup). Where the signed body is"
+    " a dedup key too (verify.dedup_body), the same --file is a duplicate under any id.",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def send(

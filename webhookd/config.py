@@ -41,6 +41,11 @@ SCHEMES = (
 )
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
 DEFAULT_MAX_COOLDOWN_S = 3600.0  # a lane's longest 429 cool-down, whatever the provider asks
+# Schemes whose signature covers no timestamp: a captured request verifies forever (the generic
+# ``hmac`` joins them when it has no ``timestamp_header``).
+UNTIMED_SCHEMES = ("github", "meta", "shopify", "twilio", "token")
+# The schemes whose providers also send a legacy SHA-1 signature header.
+SHA1_SCHEMES = ("github", "meta")
 
 EMBEDDED_DEFAULT = """\
 # webhookd's embedded default: a development setup on loopback.
@@ -200,6 +205,15 @@ class VerifyConfig:
     prefix: str = ""
     timestamp_header: str | None = None
     signed: str | None = None  # generic hmac: the signed string, e.g. "{timestamp}.{body}"
+    allow_sha1: bool = False  # github/meta: accept the legacy SHA-1 header when it comes alone
+    dedup_body: bool = True  # untimed schemes: the signed body is a dedup key too
+
+    @property
+    def untimed(self) -> bool:
+        """No timestamp is signed, so only dedup stands between a captured request and a replay."""
+        return self.scheme in UNTIMED_SCHEMES or (
+            self.scheme == "hmac" and self.timestamp_header is None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +471,11 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     prefix = t.string("prefix", "")
     timestamp_header = t.string("timestamp_header", None)
     signed = t.string("signed", None)
+    allow_sha1 = t.bool("allow_sha1", False)
+    dedup_body = t.bool("dedup_body", True)
     t.finish()
+    if t.has("allow_sha1") and scheme not in SHA1_SCHEMES:
+        raise ConfigError(t.path("allow_sha1"), "only applies to schemes github and meta")
     if scheme != "meta" and not secrets:
         raise ConfigError(t.path("secret"), f"is required for scheme {scheme!r}")
     if scheme == "meta" and not secrets and verify_token is None:
@@ -466,7 +484,9 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         raise ConfigError(t.path("header"), f"is required for scheme {scheme!r}")
     if scheme == "twilio" and not url:
         raise ConfigError(t.path("url"), "is required for scheme 'twilio' (the public URL)")
-    return VerifyConfig(
+    if scheme == "hmac":
+        _check_signed_template(t, signed, timestamp_header)
+    made = VerifyConfig(
         scheme=scheme,
         secrets=secrets,
         tolerance_s=tolerance_s,
@@ -478,7 +498,36 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         prefix=prefix,
         timestamp_header=timestamp_header,
         signed=signed,
+        allow_sha1=allow_sha1,
+        dedup_body=dedup_body,
     )
+    if t.has("dedup_body") and not made.untimed:
+        raise ConfigError(
+            t.path("dedup_body"),
+            f"only applies to schemes without a signed timestamp ({', '.join(UNTIMED_SCHEMES)},"
+            " hmac without timestamp_header)",
+        )
+    return made
+
+
+def _check_signed_template(t: _Table, signed: str | None, timestamp_header: str | None) -> None:
+    """The generic scheme's template must sign the body, and the timestamp whenever one is read.
+
+    A template without ``{body}`` lets any body through under a valid signature; a timestamp
+    read from a header but left out of the template can be changed at will, and then its
+    tolerance check guards nothing.
+    """
+    template = signed or "{body}"
+    if "{body}" not in template:
+        raise ConfigError(t.path("signed"), "must contain {body}, or the body is not signed")
+    if timestamp_header is not None and "{timestamp}" not in template:
+        raise ConfigError(
+            t.path("signed" if signed is not None else "timestamp_header"),
+            "the timestamp is not signed: add {timestamp} to signed"
+            ' (e.g. "{timestamp}.{body}"), or its tolerance protects nothing',
+        )
+    if timestamp_header is None and "{timestamp}" in template:
+        raise ConfigError(t.path("timestamp_header"), "is required when signed has {timestamp}")
 
 
 _COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by")

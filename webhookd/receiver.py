@@ -294,8 +294,14 @@ class Receiver:
         key = extract(src.dedup, headers, payload) if src.dedup is not None else None
         if key is None and src.verify is not None:
             key = signatures.default_dedup(src.verify.scheme, headers, body)
+        body_key = None
+        verify = src.verify
+        if verify is not None and verify.dedup_body and verify.untimed:
+            # Nothing signed expires, so a captured body re-sent under a fresh delivery id would
+            # verify as a new event: the body's hash is a second dedup key.
+            body_key = "sha256:" + hashlib.sha256(body).hexdigest()
         if key is None:
-            key = "sha256:" + hashlib.sha256(body).hexdigest()
+            key = body_key or "sha256:" + hashlib.sha256(body).hexdigest()
         tenant = (extract(src.tenant, headers, payload) if src.tenant else None) or ""
         rule = src.priority
         by = extract(rule.by, headers, payload) if rule.by is not None else tenant or None
@@ -322,7 +328,8 @@ class Receiver:
         )
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
-        commit = self.journal.submit_ingest(NewEvent(event, jobs))
+        second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
+        commit = self.journal.submit_ingest(NewEvent(event, jobs, second))
         self._ack_deadlines.watch(commit)
         try:
             result = await commit

@@ -190,11 +190,25 @@ def _required(headers: Mapping[str, str], *names: str) -> str:
 Result = tuple[int, float | None]
 
 
+def _present(headers: Mapping[str, str], name: str) -> bool:
+    """Whether the header was sent at all, even blank (any mapping, case-insensitively)."""
+    lowered = name.lower()
+    return name in headers or any(k.lower() == lowered for k in headers)
+
+
 def _verify_hub(cfg: VerifyConfig, r: _Request) -> Result:
-    """GitHub and Meta: ``sha256=<hex>``, or the legacy ``sha1=<hex>`` header alone."""
+    """GitHub and Meta: ``sha256=<hex>``; the legacy ``sha1=<hex>`` only if opted in and alone.
+
+    Both providers send the SHA-256 header with every delivery, so a request carrying only the
+    SHA-1 one is a downgrade (SHA-1 is the weaker MAC, and the header is easy to strip) unless
+    the operator knows an old sender (``allow_sha1``). A SHA-256 header that is present but
+    blank is never a legacy sender: someone emptied it, and SHA-1 is not tried even then.
+    """
     value, algorithm = _header(r.headers, "X-Hub-Signature-256"), "sha256"
-    if value is None:
+    if value is None and not _present(r.headers, "X-Hub-Signature-256"):
         value, algorithm = _header(r.headers, "X-Hub-Signature"), "sha1"
+        if value is not None and not cfg.allow_sha1:
+            raise VerificationError("legacy sha1 signature refused")
     if value is None:
         raise VerificationError("missing signature header")
     scheme, sep, sig = value.partition("=")
@@ -340,6 +354,16 @@ def _twilio_variants(url: str) -> list[str]:
     return variants
 
 
+def _twilio_params(pairs: Iterable[tuple[str, str]]) -> str:
+    """The POST parameters as Twilio signs them: by name, each name's distinct values sorted.
+
+    As twilio-python's ``RequestValidator.compute_signature`` (``sorted(set(values))`` per
+    sorted name) and twilio-node's ``toFormUrlEncodedParam`` (``new Set(values)``, sorted) do:
+    a name repeated with the same value counts once.
+    """
+    return "".join(k + v for k, v in sorted(set(pairs)))
+
+
 def _body_hash_param(url: str) -> str | None:
     query = url.partition("#")[0].partition("?")[2]
     return next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "bodySHA256"), None)
@@ -358,7 +382,7 @@ def _verify_twilio(cfg: VerifyConfig, r: _Request) -> Result:
         pairs = _form_pairs(r.body)
         if pairs is None:
             raise VerificationError("malformed body")
-        params = "".join(k + v for k, v in sorted(pairs))
+        params = _twilio_params(pairs)
     msgs = [_utf8(u + params) for u in _twilio_variants(url)]
     index = _match(cfg, [received], msgs, algorithm="sha1")
     if body_hash is not None:
@@ -517,8 +541,7 @@ def _sign_twilio(cfg: VerifyConfig, key: bytes, body: bytes, url: str) -> tuple[
     pairs = _form_pairs(body)
     if pairs is None:
         raise ValueError("twilio: the body must be a urlencoded form or JSON")
-    params = "".join(k + v for k, v in sorted(pairs))
-    return _b64(_digest(key, _utf8(url + params), "sha1")), _FORM
+    return _b64(_digest(key, _utf8(url + _twilio_params(pairs)), "sha1")), _FORM
 
 
 def sign(

@@ -80,15 +80,18 @@ class WriteFailed(Exception):
 def write_ingests(
     conn: sqlite3.Connection, ops: list[IngestOp], now: float
 ) -> list[tuple[Ingested, list[Ready]]]:
+    keys = []
+    for op in ops:
+        e = op.item.event
+        keys.append((e.dedup_key, e.id, now))
+        if op.item.body_key is not None:
+            keys.append((op.item.body_key, e.id, now))
     inserted = conn.executemany(
-        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)",
-        [(op.item.event.dedup_key, op.item.event.id, now) for op in ops],
+        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
     ).rowcount
     owners: dict[str, str] = {}
-    # Every key went in (the usual case): each event owns its own key, nothing to read back.
-    unique_keys = (
-        [] if inserted == len(ops) else list(dict.fromkeys(o.item.event.dedup_key for o in ops))
-    )
+    # Every key went in (the usual case): each event owns its own keys, nothing to read back.
+    unique_keys = [] if inserted == len(keys) else list(dict.fromkeys(k[0] for k in keys))
     for start in range(0, len(unique_keys), 500):
         chunk = unique_keys[start : start + 500]
         marks = ",".join("?" * len(chunk))
@@ -97,11 +100,17 @@ def write_ingests(
     results: list[tuple[Ingested, list[Ready]]] = []
     event_rows: list[tuple[Any, ...]] = []
     job_rows: list[tuple[Any, ...]] = []
+    orphans: list[tuple[str, str]] = []
     for op in ops:
         e = op.item.event
+        body_key = op.item.body_key
         owner = owners.get(e.dedup_key, e.id)
+        if owner == e.id and body_key is not None:
+            owner = owners.get(body_key, e.id)
         if owner != e.id:
             results.append((Ingested(owner, duplicate=True), []))
+            if body_key is not None:  # one of its two keys may have gone in: it names no event
+                orphans += [(e.dedup_key, e.id), (body_key, e.id)]
             continue
         event_rows.append(
             (
@@ -135,6 +144,8 @@ def write_ingests(
             )
             ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
         results.append((Ingested(e.id, duplicate=False), ready))
+    if orphans:
+        conn.executemany("DELETE FROM dedup WHERE key = ? AND event_id = ?", orphans)
     if event_rows:
         conn.executemany(
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"

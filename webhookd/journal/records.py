@@ -20,10 +20,15 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """An accepted webhook and its jobs, ready to be journaled."""
+    """An accepted webhook and its jobs, ready to be journaled.
+
+    ``body_key``, when set, is a second dedup key (the signed body's hash, for schemes whose
+    signature has no timestamp): an event already holding either key makes this a duplicate.
+    """
 
     event: Event
     jobs: tuple[NewJob, ...]
+    body_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
