@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -320,15 +321,9 @@ class _Table:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
-        ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(self.path(name), f"must be {kind}, not {_type_name(value)}")
-        if positive and value <= 0:
-            raise ConfigError(self.path(name), "must be greater than 0")
-        if minimum is not None and value < minimum:
-            raise ConfigError(self.path(name), f"must be at least {minimum}")
-        return value
+        return check_number(
+            value, self.path(name), minimum=minimum, integer=integer, positive=positive
+        )
 
     def bool(self, name: str, default: Any = _MISSING) -> Any:
         value = self.raw(name, default)
@@ -349,6 +344,32 @@ class _Table:
         for name in self.data:
             if name not in self._used:
                 raise ConfigError(self.path(name), "unknown key")
+
+
+def check_number(
+    value: Any,
+    key: str,
+    *,
+    minimum: float | None = None,
+    integer: bool = False,
+    positive: bool = False,
+) -> Any:
+    """``value`` if it is a finite number within bounds, else a ``ConfigError`` naming ``key``.
+
+    Every number in a config goes through here. TOML has ``nan`` and ``inf``; neither is a
+    usable timeout, rate or size (``nan`` fails every comparison, so it slips past the bounds).
+    """
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(key, f"must be {kind}, not {_type_name(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, not {value}")
+    if positive and value <= 0:
+        raise ConfigError(key, "must be greater than 0")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}")
+    return value
 
 
 def _type_name(value: Any) -> str:
@@ -511,6 +532,9 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
     path = t.string("path", f"/hooks/{name}")
     if not path.startswith("/"):
         raise ConfigError(t.path("path"), "must start with '/'")
+    if "?" in path or "#" in path:
+        # A request's path never holds its query string or fragment: such a source never matches.
+        raise ConfigError(t.path("path"), "must not contain '?' or '#' (a path only, no query)")
     verify = _verify(t.raw("verify"), t.path("verify")) if t.has("verify") else None
     dedup = parse_extractor(t.raw("dedup"), t.path("dedup")) if t.has("dedup") else None
     tenant = parse_extractor(t.raw("tenant"), t.path("tenant")) if t.has("tenant") else None
