@@ -8,8 +8,18 @@ from typing import Any
 
 import pytest
 from conftest import Running, Target
-from ops_support import TOKEN_ENV, accepted, cli, event_state, forward_source, write_config
+from ops_support import (
+    TOKEN_ENV,
+    accepted,
+    cli,
+    event_state,
+    forward_source,
+    ingest,
+    write_config,
+)
 from procs import Procs, poll
+
+from webhookd.journal import Journal
 
 
 async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
@@ -253,3 +263,50 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     status, doc = await get("/readyz")
     assert status == 503 and doc["problems"] == ["draining"]
     running.daemon.intake.draining = False
+
+
+async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """show, replay, events, stats, prune, pause and resume work with an unexported env: secret;
+    serve and check refuse to start, naming the key."""
+    monkeypatch.setenv("WEBHOOKD_TEST_UNSET_SECRET", "gh-secret")
+    monkeypatch.setenv(TOKEN_ENV, "admin-token")
+    verify = '{ scheme = "github", secret = "env:WEBHOOKD_TEST_UNSET_SECRET" }'
+    path, cfg = write_config(
+        tmp_path, forward_source("shop", "http://127.0.0.1:9/", verify=verify), token=True
+    )
+    monkeypatch.delenv("WEBHOOKD_TEST_UNSET_SECRET")
+    monkeypatch.delenv(TOKEN_ENV)
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "shop", 1)
+        event_id = (await journal.list_events(limit=1))[0].id
+    config = ["--config", str(path)]
+    for args in (
+        ["show", event_id],
+        ["show", event_id, "--json"],
+        ["replay", event_id],
+        ["replay", "--dead", "--dry-run"],
+        ["events"],
+        ["stats", "--json"],
+        ["prune"],
+        ["pause", "shop"],
+        ["resume", "shop"],
+    ):
+        out = await cli(*args, *config)
+        assert out.exit_code == 0, (args, out.output)
+    assert job_id  # the event's job was journaled and shown above
+    for verb in ("check", "serve"):
+        out = await cli(verb, *config)
+        assert out.exit_code == 2, out.output
+        assert f"admin.token: environment variable {TOKEN_ENV} is not set" in out.output
+    monkeypatch.setenv(TOKEN_ENV, "admin-token")
+    out = await cli("check", *config)
+    assert out.exit_code == 2 and "sources.shop.verify.secret: " in out.output
+
+
+async def test_prune_help_states_the_real_interval() -> None:
+    """prune --help says the daemon prunes every journal.prune_interval_s (60 s), not hourly."""
+    out = await cli("prune", "--help")
+    assert out.exit_code == 0
+    assert "hourly" not in out.output and "prune_interval_s, 60 s" in out.output

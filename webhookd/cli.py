@@ -33,16 +33,24 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _load(path: str | None) -> config_mod.Config:
+def _load(path: str | None, *, secrets: bool = True) -> config_mod.Config:
+    """The config, with its ``env:`` secrets and actions checked; ``secrets=False`` for verbs
+    that only read or edit the journal: they need neither, so an unexported secret or an
+    action's option does not stop them."""
     from webhookd import actions
 
     path = path or os.environ.get("WEBHOOKD_CONFIG") or None
     try:
-        cfg = config_mod.load(path)
-        actions.validate(cfg)
+        cfg = config_mod.load(path, secrets=secrets)
+        if secrets:
+            actions.validate(cfg)
     except ConfigError as exc:
         _fail(str(exc), 2)
     return cfg
+
+
+def _read_config(path: str | None) -> config_mod.Config:
+    return _load(path, secrets=False)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -141,7 +149,7 @@ def check(config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the event as JSON.")
 def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     """Show one event: its jobs, attempts, errors and results."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> EventDetail:
         async with _journal(cfg) as journal:
@@ -198,7 +206,7 @@ def replay(
     if (source or since) and not dead:
         raise click.UsageError("--source and --since go with --dead")
     since_ts = parse_since(since) if since else None
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> dict[str, int]:
         async with _journal(cfg) as journal:
@@ -243,7 +251,7 @@ def events(
     as_json: bool,
 ) -> None:
     """List recent events, newest first."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
     since_ts = parse_since(since) if since else None
 
     async def go() -> list[Any]:
@@ -283,7 +291,7 @@ def events(
 def stats(config_path: str | None, as_json: bool) -> None:
     """Backlog, oldest queued age, recent rates and outcomes, jobs by source (from the journal;
     workers and lanes too when the daemon's admin API answers)."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
@@ -323,7 +331,10 @@ async def _daemon_stats(cfg: config_mod.Config) -> dict[str, Any] | None:
         return None
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
     host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-    headers = {"Authorization": f"Bearer {cfg.admin.token.reveal()}"} if cfg.admin.token else {}
+    token = cfg.admin.token
+    if token is not None and token.missing:
+        return None  # the daemon would refuse us; the journal's figures still stand
+    headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
@@ -406,7 +417,7 @@ def resume(source: str, config_path: str | None) -> None:
 
 
 def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
     if cfg.source_for(source) is None:
         known = ", ".join(sorted(cfg.sources)) or "none"
         _fail(f"no source {source!r} in {cfg.origin} (known: {known})", 2)
@@ -425,8 +436,9 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def prune(config_path: str | None) -> None:
-    """Delete expired done/dead events and dedup keys now (the daemon also does it hourly)."""
-    cfg = _load(config_path)
+    """Delete expired done/dead events and dedup keys now (the daemon also does it every
+    journal.prune_interval_s, 60 s by default)."""
+    cfg = _read_config(config_path)
     jc = cfg.journal
 
     async def go() -> tuple[int, int]:

@@ -9,6 +9,7 @@ Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import math
@@ -73,15 +74,26 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_*-]+")
 
 
 class Secret:
-    """A secret value that never shows itself in ``repr``, ``str`` or logs."""
+    """A secret value that never shows itself in ``repr``, ``str`` or logs.
 
-    __slots__ = ("_origin", "_value")
+    An ``env:`` secret whose variable is not set is *missing*: a command that only reads the
+    journal can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key.
+    """
 
-    def __init__(self, value: str, origin: str = "inline") -> None:
+    __slots__ = ("_key", "_origin", "_value")
+
+    def __init__(self, value: str | None, origin: str = "inline", key: str = "") -> None:
         self._value = value
         self._origin = origin
+        self._key = key
+
+    @property
+    def missing(self) -> bool:
+        return self._value is None
 
     def reveal(self) -> str:
+        if self._value is None:
+            raise ConfigError(self._key, f"environment variable {self._origin[4:]} is not set")
         return self._value
 
     def __repr__(self) -> str:
@@ -387,17 +399,40 @@ def _secret(value: Any, key: str) -> Secret:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, 'must be a non-empty string (a secret, or "env:NAME")')
     if value.startswith("env:"):
-        var = value[4:]
-        resolved = os.environ.get(var)
-        if not resolved:
-            raise ConfigError(key, f"environment variable {var} is not set")
-        return Secret(resolved, origin=value)
-    return Secret(value)
+        return Secret(os.environ.get(value[4:]) or None, origin=value, key=key)
+    return Secret(value, key=key)
 
 
 def resolve_secret(value: Any, key: str) -> Secret:
-    """A secret from config: ``"env:NAME"`` is looked up in the environment."""
-    return _secret(value, key)
+    """A secret from config: ``"env:NAME"`` is looked up in the environment (and must be set)."""
+    secret = _secret(value, key)
+    secret.reveal()
+    return secret
+
+
+def secrets_in(obj: Any) -> list[Secret]:
+    """Every ``Secret`` held by ``obj`` (a config or a part of one), in config order."""
+    found: list[Secret] = []
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Secret):
+            found.append(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return found
 
 
 def parse_listen(value: Any, key: str) -> Listen:
@@ -583,8 +618,12 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
-def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
-    """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``)."""
+def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = True) -> Config:
+    """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``).
+
+    With ``secrets=False`` an ``env:`` secret whose variable is unset is left missing instead of
+    being an error: for commands that read the journal and verify or sign nothing.
+    """
     root = _Table(data, "")
     s = root.table("server")
     server = ServerConfig(
@@ -675,7 +714,7 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
             if lane is not None and lane not in lanes:
                 raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
     root.finish()
-    return Config(
+    config = Config(
         server=server,
         admin=admin,
         journal=journal,
@@ -685,18 +724,22 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
         sources=sources,
         origin=origin,
     )
+    if secrets:
+        for secret in secrets_in(config):
+            secret.reveal()  # the first unset variable, as a ConfigError naming its key
+    return config
 
 
-def loads(text: str, origin: str = "config") -> Config:
+def loads(text: str, origin: str = "config", *, secrets: bool = True) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{origin}: not valid TOML: {exc}") from exc
-    return parse(data, origin)
+    return parse(data, origin, secrets=secrets)
 
 
-def load(path: str | os.PathLike[str] | None) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is ``None``."""
+def load(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
+    """Load ``path``, or the embedded default when ``path`` is ``None`` (``secrets``: see parse)."""
     if path is None:
         return loads(EMBEDDED_DEFAULT, "embedded default")
     p = Path(path)
@@ -706,4 +749,4 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{p} is not UTF-8 text") from exc
-    return loads(text, str(p))
+    return loads(text, str(p), secrets=secrets)

@@ -103,7 +103,8 @@ def secret_values(obj: Any) -> set[str]:
             return
         seen.add(id(node))
         if isinstance(node, Secret):
-            found.add(node.reveal())
+            if not node.missing:
+                found.add(node.reveal())
         elif isinstance(node, str):
             if node.startswith("env:") and os.environ.get(node[4:]):
                 found.add(os.environ[node[4:]])
