@@ -203,7 +203,6 @@ async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
 
 
 ENDPOINTS = [
-    ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/stats"),
     ("GET", "/metrics"),
@@ -216,7 +215,8 @@ ENDPOINTS = [
 async def test_every_admin_endpoint_refuses_a_missing_or_wrong_token(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With admin.token set, each endpoint answers 401 without it or with a wrong one."""
+    """With admin.token set, each endpoint but /healthz answers 401 without it or with a wrong
+    one."""
     monkeypatch.setenv(TOKEN_ENV, "right-token-123")
     _, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
     running = await run_daemon(cfg)
@@ -254,9 +254,10 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     assert (await get("/events?limit=abc"))[0] == 400
     assert (await get("/events?limit=0"))[0] == 400
     assert (await get("/events/evt_nope")) == (404, {"error": "no such event"})
-    async with http.post(base + "/events/evt_nope/replay") as r:
+    intent = {"X-Webhookd": "1"}
+    async with http.post(base + "/events/evt_nope/replay", headers=intent) as r:
         assert r.status == 404
-    async with http.post(f"{base}/events/{dead}/replay") as r:
+    async with http.post(f"{base}/events/{dead}/replay", headers=intent) as r:
         assert r.status == 202 and await r.json() == {"id": dead, "requeued": 1}
     await event_state(http, base, dead, "done")
     running.daemon.intake.draining = True  # what a SIGTERM sets first

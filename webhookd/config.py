@@ -642,6 +642,11 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
         token=a.secret("token", None),
     )
     a.finish()
+    if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
+        # Events, their results and replay would be open to anyone who can reach the port.
+        raise ConfigError(
+            a.path("token"), f"is required when admin.listen ({admin.listen}) is not loopback"
+        )
 
     j = root.table("journal")
     journal = JournalConfig(
