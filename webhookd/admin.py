@@ -24,6 +24,7 @@ from webhookd.errors import JournalError, NotFound
 from webhookd.journal import EVENT_STATES, EventSummary, Journal
 from webhookd.models import Priority
 from webhookd.receiver import IntakeState
+from webhookd.redact import Masker, secret_values
 from webhookd.workers import WorkerPool
 
 _MAX_LIMIT = 1000
@@ -90,6 +91,7 @@ class Admin:
         self.ctx = ctx
         token = ctx.config.admin.token
         self._token = f"Bearer {token.reveal()}".encode() if token else None
+        self._masker = Masker(secret_values(ctx.config))
 
     def app(self) -> web.Application:
         middlewares = [self._auth] if self._token is not None else [self._same_origin]
@@ -212,14 +214,16 @@ class Admin:
             limit=limit,
             before=q.get("before") or None,
         )
-        return web.json_response({"events": [summary_dict(r) for r in rows]})
+        return web.json_response(self._masker.deep({"events": [summary_dict(r) for r in rows]}))
 
     async def event(self, request: web.Request) -> web.Response:
         try:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
             return _error(404, "no such event")
-        return web.json_response(detail.as_dict())
+        # An attempt's error, result or output may quote a secret (an API's error message, a
+        # command's stderr): masked as the log masks it.
+        return web.json_response(self._masker.deep(detail.as_dict()))
 
     async def replay(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]

@@ -22,6 +22,7 @@ from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import EVENT_STATES, EventDetail, Journal
+from webhookd.redact import Masker, secret_values
 
 T = TypeVar("T")
 
@@ -156,7 +157,8 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
             return await journal.get_event(event_id)
 
     detail = _run(go)
-    doc = detail.as_dict()
+    # Masked as the log and the admin API mask it (secrets whose variable is exported here).
+    doc = Masker(secret_values(cfg)).deep(detail.as_dict())
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
@@ -261,25 +263,25 @@ def events(
             )
 
     rows = _run(go)
+    masker = Masker(secret_values(cfg))
     for r in rows:
         if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "id": r.id,
-                        "source": r.source,
-                        "received_at": r.received_at,
-                        "tenant": r.tenant or None,
-                        "priority": r.priority,
-                        "state": r.state,
-                        "jobs": r.jobs,
-                    }
-                )
-            )
+            row = {
+                "id": r.id,
+                "source": r.source,
+                "received_at": r.received_at,
+                "tenant": r.tenant or None,
+                "priority": r.priority,
+                "state": r.state,
+                "jobs": r.jobs,
+            }
+            click.echo(json.dumps(masker.deep(row)))
         else:
             click.echo(
-                f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
-                f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                masker.text(
+                    f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
+                    f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                )
             )
     if not rows and not as_json:
         click.echo("no events", err=True)
