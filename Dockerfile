@@ -32,6 +32,7 @@ EXPOSE 8080 8081
 # SIGTERM drains (see the README); give it more than workers.shutdown_grace_s (25 s):
 # `docker stop -t 40` / `--stop-timeout 40` / compose `stop_grace_period: 40s`.
 STOPSIGNAL SIGTERM
+# /healthz answers without admin.token (liveness only, no data), so the probe needs no secret.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:8081/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["webhookd"]

@@ -68,6 +68,7 @@ async def get(running: Running, path: str, **kw: Any) -> tuple[int, Any]:
 
 
 async def post_admin(running: Running, path: str, **kw: Any) -> tuple[int, Any]:
+    kw.setdefault("headers", {"X-Webhookd": "1"})  # what the dashboard sends: not a form
     async with running.http.post(running.admin_url + path, **kw) as r:
         return r.status, await r.json(content_type=None)
 
@@ -220,12 +221,14 @@ async def test_replay_requeues_a_dead_event_and_the_daemon_delivers_it(
 async def test_admin_token_is_required_when_set(
     tmp_path: Path, run_daemon: StartDaemon, monkeypatch: Any
 ) -> None:
-    """With `admin.token`, requests without it or with a wrong one get 401; the right one 200."""
+    """With `admin.token`, requests without it or with a wrong one get 401; the right one 200;
+    /healthz (liveness only) answers without it, for a container's health probe."""
     monkeypatch.setenv("TEST_ADMIN_TOKEN", "s3cret-token")
     cfg = make_config(tmp_path, admin='token = "env:TEST_ADMIN_TOKEN"')
     running: Running = await run_daemon(cfg)
+    assert (await get(running, "/healthz"))[0] == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
-        for path in ("/healthz", "/events"):
+        for path in ("/readyz", "/events"):
             async with running.http.get(running.admin_url + path, headers=headers) as r:
                 assert r.status == 401, (path, headers)
                 assert r.headers["WWW-Authenticate"] == "Bearer"

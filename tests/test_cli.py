@@ -8,8 +8,18 @@ from typing import Any
 
 import pytest
 from conftest import Running, Target
-from ops_support import TOKEN_ENV, accepted, cli, event_state, forward_source, write_config
+from ops_support import (
+    TOKEN_ENV,
+    accepted,
+    cli,
+    event_state,
+    forward_source,
+    ingest,
+    write_config,
+)
 from procs import Procs, poll
+
+from webhookd.journal import Journal
 
 
 async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
@@ -193,7 +203,6 @@ async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
 
 
 ENDPOINTS = [
-    ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/stats"),
     ("GET", "/metrics"),
@@ -206,7 +215,8 @@ ENDPOINTS = [
 async def test_every_admin_endpoint_refuses_a_missing_or_wrong_token(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With admin.token set, each endpoint answers 401 without it or with a wrong one."""
+    """With admin.token set, each endpoint but /healthz answers 401 without it or with a wrong
+    one."""
     monkeypatch.setenv(TOKEN_ENV, "right-token-123")
     _, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
     running = await run_daemon(cfg)
@@ -244,12 +254,60 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     assert (await get("/events?limit=abc"))[0] == 400
     assert (await get("/events?limit=0"))[0] == 400
     assert (await get("/events/evt_nope")) == (404, {"error": "no such event"})
-    async with http.post(base + "/events/evt_nope/replay") as r:
+    intent = {"X-Webhookd": "1"}
+    async with http.post(base + "/events/evt_nope/replay", headers=intent) as r:
         assert r.status == 404
-    async with http.post(f"{base}/events/{dead}/replay") as r:
+    async with http.post(f"{base}/events/{dead}/replay", headers=intent) as r:
         assert r.status == 202 and await r.json() == {"id": dead, "requeued": 1, "run_now": 0}
     await event_state(http, base, dead, "done")
     running.daemon.intake.draining = True  # what a SIGTERM sets first
     status, doc = await get("/readyz")
     assert status == 503 and doc["problems"] == ["draining"]
     running.daemon.intake.draining = False
+
+
+async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """show, replay, events, stats, prune, pause and resume work with an unexported env: secret;
+    serve and check refuse to start, naming the key."""
+    monkeypatch.setenv("WEBHOOKD_TEST_UNSET_SECRET", "gh-secret")
+    monkeypatch.setenv(TOKEN_ENV, "admin-token")
+    verify = '{ scheme = "github", secret = "env:WEBHOOKD_TEST_UNSET_SECRET" }'
+    path, cfg = write_config(
+        tmp_path, forward_source("shop", "http://127.0.0.1:9/", verify=verify), token=True
+    )
+    monkeypatch.delenv("WEBHOOKD_TEST_UNSET_SECRET")
+    monkeypatch.delenv(TOKEN_ENV)
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "shop", 1)
+        event_id = (await journal.list_events(limit=1))[0].id
+    config = ["--config", str(path)]
+    for args in (
+        ["show", event_id],
+        ["show", event_id, "--json"],
+        ["replay", event_id],
+        ["replay", "--dead", "--dry-run"],
+        ["events"],
+        ["stats", "--json"],
+        ["prune"],
+        ["pause", "shop"],
+        ["resume", "shop"],
+    ):
+        out = await cli(*args, *config)
+        assert out.exit_code == 0, (args, out.output)
+    assert job_id  # the event's job was journaled and shown above
+    for verb in ("check", "serve"):
+        out = await cli(verb, *config)
+        assert out.exit_code == 2, out.output
+        assert f"admin.token: environment variable {TOKEN_ENV} is not set" in out.output
+    monkeypatch.setenv(TOKEN_ENV, "admin-token")
+    out = await cli("check", *config)
+    assert out.exit_code == 2 and "sources.shop.verify.secret: " in out.output
+
+
+async def test_prune_help_states_the_real_interval() -> None:
+    """prune --help says the daemon prunes every journal.prune_interval_s (60 s), not hourly."""
+    out = await cli("prune", "--help")
+    assert out.exit_code == 0
+    assert "hourly" not in out.output and "prune_interval_s, 60 s" in out.output

@@ -84,6 +84,24 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ),
         ('[sources.a]\npath = "/x"\n[sources.b]\npath = "/x"', "sources.b.path"),
         ('[sources.a]\npriority = "urgent"', "sources.a.priority"),
+        ("[server]\nack_timeout_s = nan", "server.ack_timeout_s"),
+        ("[server]\nack_timeout_s = inf", "server.ack_timeout_s"),
+        ("[journal]\nkeep_done_h = -nan", "journal.keep_done_h"),
+        ("[workers]\nshutdown_grace_s = inf", "workers.shutdown_grace_s"),
+        ("[lanes.ai]\nrpm = 60\nburst_s = nan", "lanes.ai.burst_s"),
+        ("[sources.a]\nintake_per_s = inf", "sources.a.intake_per_s"),
+        ('[[sources.a.actions]]\ntype = "log"\ntimeout_s = nan', "sources.a.actions[0].timeout_s"),
+        (
+            '[[sources.a.actions]]\ntype = "log"\nretry = { cap_s = inf }',
+            "sources.a.actions[0].retry.cap_s",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "openai"\napi_key = "k"\nmodel = "m"\n'
+            'prompt = "p"\nmax_tokens = 10\ntemperature = nan',
+            "sources.a.actions[0].temperature",
+        ),
+        ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
+        ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],
 )
 def test_bad_values_name_their_dotted_key(text: str, key: str) -> None:
@@ -146,10 +164,8 @@ def test_lane_max_cooldown_must_be_finite_and_positive(value: str) -> None:
     with pytest.raises(ConfigError) as info:
         loads(f"[lanes.llm]\nrpm = 60\nmax_cooldown_s = {value}")
     assert info.value.key == "lanes.llm.max_cooldown_s"
-    assert info.value.message in (
-        "must be a finite number",
-        "must be greater than 0",
-        "must be a number, not a string",
+    assert info.value.message.startswith(
+        ("must be a finite number", "must be greater than 0", "must be a number, not a string")
     )
 
 

@@ -105,7 +105,7 @@ async def post(r: Running, d: send.Delivery) -> tuple[int, Any]:
 
 
 async def admin(r: Running, path: str, method: str = "GET") -> Any:
-    async with r.http.request(method, r.admin_url + path) as resp:
+    async with r.http.request(method, r.admin_url + path, headers={"X-Webhookd": "1"}) as resp:
         assert resp.status < 300, await resp.text()
         return await resp.json()
 

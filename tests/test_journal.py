@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,21 @@ def test_ids_sort_by_creation() -> None:
     """External ids are sortable strings: later ids compare greater, and never repeat."""
     ids = [new_event_id() for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_journal_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """The journal and its -wal and -shm are created 0600 under a permissive umask, and a file
+    an older version left world-readable is tightened on open: other users cannot read bodies."""
+    path = tmp_path / "j.db"
+    old_umask = os.umask(0o022)
+    try:
+        async with Journal(path) as journal:
+            await journal.ingest(new_event())
+            names = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+            assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
+        path.chmod(0o644)
+        async with Journal(path) as journal:
+            await journal.ingest(new_event())
+            assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
+    finally:
+        os.umask(old_umask)

@@ -1,7 +1,11 @@
 """The admin API: health, readiness, stats, the events API, replay, metrics and the dashboard.
 
-Bound to loopback by default. When ``admin.token`` is set every request needs
-``Authorization: Bearer <token>`` (compared in constant time), the health probes included.
+Bound to loopback by default. When ``admin.token`` is set every request but ``GET /healthz``
+needs ``Authorization: Bearer <token>`` (compared in constant time). Without a token (loopback
+only: config refuses a public admin address without one) the loopback address is the only
+guard, so a browser must not be turned against it: a request whose ``Host`` is not the admin's
+own address or a loopback name is refused (DNS rebinding), and a state-changing request must
+show it is not a cross-site form (see ``_same_origin``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ from webhookd.errors import JournalError, NotFound
 from webhookd.journal import EVENT_STATES, EventSummary, Journal
 from webhookd.models import Priority
 from webhookd.receiver import IntakeState
+from webhookd.redact import Masker, secret_values
 from webhookd.workers import WorkerPool
 
 _MAX_LIMIT = 1000
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sent by the dashboard and accepted from any API client: a header no HTML form can set, and
+# one a cross-site script cannot add without a CORS preflight, which this API never grants.
+INTENT_HEADER = "X-Webhookd"
 
 
 @dataclass
@@ -81,9 +91,11 @@ class Admin:
         self.ctx = ctx
         token = ctx.config.admin.token
         self._token = f"Bearer {token.reveal()}".encode() if token else None
+        self._masker = Masker(secret_values(ctx.config))
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        middlewares = [self._auth] if self._token is not None else [self._same_origin]
+        app = web.Application(middlewares=middlewares)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -101,8 +113,11 @@ class Admin:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         # The dashboard page itself holds no data: it asks for the token and sends it with
-        # every API call it makes, so a browser can load it without a header.
-        if self._token is not None and not (request.path == "/" and request.method == "GET"):
+        # every API call it makes, so a browser can load it without a header. /healthz says
+        # only "alive", so a container's health probe needs no copy of the token.
+        if self._token is not None and not (
+            request.method == "GET" and request.path in ("/", "/healthz")
+        ):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, self._token):
                 return web.json_response(
@@ -110,12 +125,46 @@ class Admin:
                     status=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason)
+        return await _answer(request, handler)
+
+    @web.middleware
+    async def _same_origin(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Without a token: only requests addressed to this listener, and no cross-site writes.
+
+        A page on another site can point its own name at 127.0.0.1 (DNS rebinding) and then
+        read this API as same-origin; its requests still carry its name in ``Host``. A form or
+        ``fetch`` from another site can POST here without reading the answer: it carries that
+        site's ``Origin``, or, where a browser omits it, no header that a form cannot send.
+        """
+        hosts = self._own_hosts(request)
+        if request.host.lower() not in hosts:
+            return _error(421, "Host is not this admin listener's address")
+        if request.method not in _SAFE_METHODS:
+            origin = request.headers.get("Origin")
+            if origin is not None:
+                if origin.lower() not in {f"http://{host}" for host in hosts}:
+                    return _error(403, "cross-origin request refused")
+            elif not (
+                request.headers.get(INTENT_HEADER) or request.content_type == "application/json"
+            ):
+                return _error(
+                    403,
+                    f"send an {INTENT_HEADER} header (or Content-Type: application/json): "
+                    "a request without one could be a cross-site form",
+                )
+        return await _answer(request, handler)
+
+    def _own_hosts(self, request: web.Request) -> set[str]:
+        """``host:port`` names of this listener: as configured and loopback, on the bound port."""
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        listen = self.ctx.config.admin.listen
+        port = sockname[1] if sockname else (listen.port if listen else 0)
+        names = {*_LOOPBACK_NAMES}
+        if listen is not None:
+            names.add(f"[{listen.host}]" if ":" in listen.host else listen.host)
+        return {f"{name.lower()}:{port}" for name in names}
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "boot_id": self.ctx.boot_id})
@@ -165,14 +214,16 @@ class Admin:
             limit=limit,
             before=q.get("before") or None,
         )
-        return web.json_response({"events": [summary_dict(r) for r in rows]})
+        return web.json_response(self._masker.deep({"events": [summary_dict(r) for r in rows]}))
 
     async def event(self, request: web.Request) -> web.Response:
         try:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
             return _error(404, "no such event")
-        return web.json_response(detail.as_dict())
+        # An attempt's error, result or output may quote a secret (an API's error message, a
+        # command's stderr): masked as the log masks it.
+        return web.json_response(self._masker.deep(detail.as_dict()))
 
     async def replay(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]
@@ -187,6 +238,17 @@ class Admin:
         return web.json_response(
             {"id": event_id, "requeued": done.requeued, "run_now": done.run_now}, status=202
         )
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason)
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

@@ -231,8 +231,6 @@ class Daemon:
                 "development, not for a public address",
                 cfg.server.listen,
             )
-        if not cfg.admin.token and cfg.admin.listen and not cfg.admin.listen.is_loopback:
-            log.warning("admin API on %s has no token: set admin.token", cfg.admin.listen)
 
     async def _force_exit(self) -> None:
         await self._force.wait()

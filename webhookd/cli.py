@@ -22,6 +22,7 @@ from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import EVENT_STATES, EventDetail, Journal, Replayed
+from webhookd.redact import Masker, secret_values
 
 T = TypeVar("T")
 
@@ -33,16 +34,24 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _load(path: str | None) -> config_mod.Config:
+def _load(path: str | None, *, secrets: bool = True) -> config_mod.Config:
+    """The config, with its ``env:`` secrets and actions checked; ``secrets=False`` for verbs
+    that only read or edit the journal: they need neither, so an unexported secret or an
+    action's option does not stop them."""
     from webhookd import actions
 
     path = path or os.environ.get("WEBHOOKD_CONFIG") or None
     try:
-        cfg = config_mod.load(path)
-        actions.validate(cfg)
+        cfg = config_mod.load(path, secrets=secrets)
+        if secrets:
+            actions.validate(cfg)
     except ConfigError as exc:
         _fail(str(exc), 2)
     return cfg
+
+
+def _read_config(path: str | None) -> config_mod.Config:
+    return _load(path, secrets=False)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -141,14 +150,15 @@ def check(config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the event as JSON.")
 def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     """Show one event: its jobs, attempts, errors and results."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> EventDetail:
         async with _journal(cfg) as journal:
             return await journal.get_event(event_id)
 
     detail = _run(go)
-    doc = detail.as_dict()
+    # Masked as the log and the admin API mask it (secrets whose variable is exported here).
+    doc = Masker(secret_values(cfg)).deep(detail.as_dict())
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
@@ -202,7 +212,7 @@ def replay(
     if (source or since) and not dead:
         raise click.UsageError("--source and --since go with --dead")
     since_ts = parse_since(since) if since else None
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> dict[str, Replayed]:
         async with _journal(cfg) as journal:
@@ -251,7 +261,7 @@ def events(
     as_json: bool,
 ) -> None:
     """List recent events, newest first."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
     since_ts = parse_since(since) if since else None
 
     async def go() -> list[Any]:
@@ -261,25 +271,25 @@ def events(
             )
 
     rows = _run(go)
+    masker = Masker(secret_values(cfg))
     for r in rows:
         if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "id": r.id,
-                        "source": r.source,
-                        "received_at": r.received_at,
-                        "tenant": r.tenant or None,
-                        "priority": r.priority,
-                        "state": r.state,
-                        "jobs": r.jobs,
-                    }
-                )
-            )
+            row = {
+                "id": r.id,
+                "source": r.source,
+                "received_at": r.received_at,
+                "tenant": r.tenant or None,
+                "priority": r.priority,
+                "state": r.state,
+                "jobs": r.jobs,
+            }
+            click.echo(json.dumps(masker.deep(row)))
         else:
             click.echo(
-                f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
-                f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                masker.text(
+                    f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
+                    f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                )
             )
     if not rows and not as_json:
         click.echo("no events", err=True)
@@ -291,7 +301,7 @@ def events(
 def stats(config_path: str | None, as_json: bool) -> None:
     """Backlog, oldest queued age, recent rates and outcomes, jobs by source (from the journal;
     workers and lanes too when the daemon's admin API answers)."""
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
@@ -331,7 +341,10 @@ async def _daemon_stats(cfg: config_mod.Config) -> dict[str, Any] | None:
         return None
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
     host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-    headers = {"Authorization": f"Bearer {cfg.admin.token.reveal()}"} if cfg.admin.token else {}
+    token = cfg.admin.token
+    if token is not None and token.missing:
+        return None  # the daemon would refuse us; the journal's figures still stand
+    headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
@@ -414,7 +427,7 @@ def resume(source: str, config_path: str | None) -> None:
 
 
 def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
-    cfg = _load(config_path)
+    cfg = _read_config(config_path)
     if cfg.source_for(source) is None:
         known = ", ".join(sorted(cfg.sources)) or "none"
         _fail(f"no source {source!r} in {cfg.origin} (known: {known})", 2)
@@ -433,8 +446,9 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def prune(config_path: str | None) -> None:
-    """Delete expired done/dead events and dedup keys now (the daemon also does it hourly)."""
-    cfg = _load(config_path)
+    """Delete expired done/dead events and dedup keys now (the daemon also does it every
+    journal.prune_interval_s, 60 s by default)."""
+    cfg = _read_config(config_path)
     jc = cfg.journal
 
     async def go() -> tuple[int, int]:

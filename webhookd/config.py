@@ -9,6 +9,7 @@ Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import math
@@ -79,15 +80,26 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_*-]+")
 
 
 class Secret:
-    """A secret value that never shows itself in ``repr``, ``str`` or logs."""
+    """A secret value that never shows itself in ``repr``, ``str`` or logs.
 
-    __slots__ = ("_origin", "_value")
+    An ``env:`` secret whose variable is not set is *missing*: a command that only reads the
+    journal can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key.
+    """
 
-    def __init__(self, value: str, origin: str = "inline") -> None:
+    __slots__ = ("_key", "_origin", "_value")
+
+    def __init__(self, value: str | None, origin: str = "inline", key: str = "") -> None:
         self._value = value
         self._origin = origin
+        self._key = key
+
+    @property
+    def missing(self) -> bool:
+        return self._value is None
 
     def reveal(self) -> str:
+        if self._value is None:
+            raise ConfigError(self._key, f"environment variable {self._origin[4:]} is not set")
         return self._value
 
     def __repr__(self) -> str:
@@ -338,15 +350,9 @@ class _Table:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
-        ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(self.path(name), f"must be {kind}, not {_type_name(value)}")
-        if positive and value <= 0:
-            raise ConfigError(self.path(name), "must be greater than 0")
-        if minimum is not None and value < minimum:
-            raise ConfigError(self.path(name), f"must be at least {minimum}")
-        return value
+        return check_number(
+            value, self.path(name), minimum=minimum, integer=integer, positive=positive
+        )
 
     def bool(self, name: str, default: Any = _MISSING) -> Any:
         value = self.raw(name, default)
@@ -369,11 +375,30 @@ class _Table:
                 raise ConfigError(self.path(name), "unknown key")
 
 
-def _finite(value: Any, key: str) -> float:
-    """``value`` as a float, refusing nan and inf (TOML writes both) with the dotted key."""
-    if not math.isfinite(value):
-        raise ConfigError(key, "must be a finite number")
-    return float(value)
+def check_number(
+    value: Any,
+    key: str,
+    *,
+    minimum: float | None = None,
+    integer: bool = False,
+    positive: bool = False,
+) -> Any:
+    """``value`` if it is a finite number within bounds, else a ``ConfigError`` naming ``key``.
+
+    Every number in a config goes through here. TOML has ``nan`` and ``inf``; neither is a
+    usable timeout, rate or size (``nan`` fails every comparison, so it slips past the bounds).
+    """
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(key, f"must be {kind}, not {_type_name(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, not {value}")
+    if positive and value <= 0:
+        raise ConfigError(key, "must be greater than 0")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}")
+    return value
 
 
 def _type_name(value: Any) -> str:
@@ -391,17 +416,40 @@ def _secret(value: Any, key: str) -> Secret:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, 'must be a non-empty string (a secret, or "env:NAME")')
     if value.startswith("env:"):
-        var = value[4:]
-        resolved = os.environ.get(var)
-        if not resolved:
-            raise ConfigError(key, f"environment variable {var} is not set")
-        return Secret(resolved, origin=value)
-    return Secret(value)
+        return Secret(os.environ.get(value[4:]) or None, origin=value, key=key)
+    return Secret(value, key=key)
 
 
 def resolve_secret(value: Any, key: str) -> Secret:
-    """A secret from config: ``"env:NAME"`` is looked up in the environment."""
-    return _secret(value, key)
+    """A secret from config: ``"env:NAME"`` is looked up in the environment (and must be set)."""
+    secret = _secret(value, key)
+    secret.reveal()
+    return secret
+
+
+def secrets_in(obj: Any) -> list[Secret]:
+    """Every ``Secret`` held by ``obj`` (a config or a part of one), in config order."""
+    found: list[Secret] = []
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Secret):
+            found.append(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return found
 
 
 def parse_listen(value: Any, key: str) -> Listen:
@@ -571,6 +619,9 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
     path = t.string("path", f"/hooks/{name}")
     if not path.startswith("/"):
         raise ConfigError(t.path("path"), "must start with '/'")
+    if "?" in path or "#" in path:
+        # A request's path never holds its query string or fragment: such a source never matches.
+        raise ConfigError(t.path("path"), "must not contain '?' or '#' (a path only, no query)")
     verify = _verify(t.raw("verify"), t.path("verify")) if t.has("verify") else None
     dedup = parse_extractor(t.raw("dedup"), t.path("dedup")) if t.has("dedup") else None
     tenant = parse_extractor(t.raw("tenant"), t.path("tenant")) if t.has("tenant") else None
@@ -619,8 +670,12 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
-def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
-    """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``)."""
+def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = True) -> Config:
+    """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``).
+
+    With ``secrets=False`` an ``env:`` secret whose variable is unset is left missing instead of
+    being an error: for commands that read the journal and verify or sign nothing.
+    """
     root = _Table(data, "")
     s = root.table("server")
     server = ServerConfig(
@@ -639,6 +694,11 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
         token=a.secret("token", None),
     )
     a.finish()
+    if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
+        # Events, their results and replay would be open to anyone who can reach the port.
+        raise ConfigError(
+            a.path("token"), f"is required when admin.listen ({admin.listen}) is not loopback"
+        )
 
     j = root.table("journal")
     journal = JournalConfig(
@@ -687,10 +747,7 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
             rpm=rpm,
             tpm=tpm,
             burst_s=float(lt.number("burst_s", 3.0, positive=True)),
-            max_cooldown_s=_finite(
-                lt.number("max_cooldown_s", DEFAULT_MAX_COOLDOWN_S, positive=True),
-                lt.path("max_cooldown_s"),
-            ),
+            max_cooldown_s=lt.number("max_cooldown_s", DEFAULT_MAX_COOLDOWN_S, positive=True),
         )
         lt.finish()
     lanes_table.finish()
@@ -715,7 +772,7 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
             if lane is not None and lane not in lanes:
                 raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
     root.finish()
-    return Config(
+    config = Config(
         server=server,
         admin=admin,
         journal=journal,
@@ -725,18 +782,22 @@ def parse(data: Mapping[str, Any], origin: str = "config") -> Config:
         sources=sources,
         origin=origin,
     )
+    if secrets:
+        for secret in secrets_in(config):
+            secret.reveal()  # the first unset variable, as a ConfigError naming its key
+    return config
 
 
-def loads(text: str, origin: str = "config") -> Config:
+def loads(text: str, origin: str = "config", *, secrets: bool = True) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{origin}: not valid TOML: {exc}") from exc
-    return parse(data, origin)
+    return parse(data, origin, secrets=secrets)
 
 
-def load(path: str | os.PathLike[str] | None) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is ``None``."""
+def load(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
+    """Load ``path``, or the embedded default when ``path`` is ``None`` (``secrets``: see parse)."""
     if path is None:
         return loads(EMBEDDED_DEFAULT, "embedded default")
     p = Path(path)
@@ -746,4 +807,4 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{p} is not UTF-8 text") from exc
-    return loads(text, str(p))
+    return loads(text, str(p), secrets=secrets)

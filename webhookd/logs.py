@@ -3,22 +3,22 @@
 Messages are written ``what key=value key=value``; the JSON formatter lifts those pairs into
 fields of their own. Secrets never reach the log by construction (``Secret`` hides itself in
 ``repr``), and as a second line of defence every configured secret value is masked in each
-formatted line before it is written.
+formatted line before it is written, by the same ``redact.Masker`` the CLI and the admin API use.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import IO, Any
 
-from webhookd.config import Secret
+from webhookd.redact import MASK, Masker, secret_values
+
+__all__ = ["MASK", "JsonFormatter", "TextFormatter", "fields", "secret_values", "setup"]
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -26,8 +26,6 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-MASK = "***"
-_MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words and numbers
 _PAIR = re.compile(r"(?<![\w.])([a-z_][\w.]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s'\"]+)")
 _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 
@@ -35,14 +33,7 @@ _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 class _Masking(logging.Formatter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len)[::-1]
-
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        self.mask = Masker(secrets).text
 
 
 class TextFormatter(_Masking):
@@ -91,34 +82,6 @@ def fields(message: str) -> dict[str, Any]:
                     value = raw
         out[key] = value
     return out
-
-
-def secret_values(obj: Any) -> set[str]:
-    """Every secret a config holds: ``Secret`` values and ``env:`` references, resolved."""
-    found: set[str] = set()
-    seen: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        if isinstance(node, Secret):
-            found.add(node.reveal())
-        elif isinstance(node, str):
-            if node.startswith("env:") and os.environ.get(node[4:]):
-                found.add(os.environ[node[4:]])
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for f in dataclasses.fields(node):
-                walk(getattr(node, f.name))
-        elif isinstance(node, Mapping):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            for value in node:
-                walk(value)
-
-    walk(obj)
-    return found
 
 
 def setup(

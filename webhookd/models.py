@@ -103,7 +103,8 @@ def event_state(job_states: list[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An accepted webhook as journaled: the raw body and headers exactly as received."""
+    """An accepted webhook as journaled: the raw body, and the headers as received but for
+    credential headers, whose values are stored as ``***`` (see ``redact``)."""
 
     id: str
     source: str

@@ -26,6 +26,7 @@ from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, new_event_id, new_job_id
+from webhookd.redact import redact_headers, secret_headers
 
 log = logging.getLogger("webhookd.receiver")
 
@@ -312,7 +313,7 @@ class Receiver:
             dedup_key=f"{name}:{key}",
             tenant=tenant,
             priority=rule.classify(by),
-            headers=tuple(headers.items()),
+            headers=redact_headers(headers.items(), secret_headers(src.verify)),
             body=body,
             verified=checked,
         )

@@ -49,7 +49,7 @@ from webhookd.actions.delivery import (
     signed_headers,
     signing_secrets,
 )
-from webhookd.config import DEFAULT_MAX_COOLDOWN_S, ActionConfig, resolve_secret
+from webhookd.config import DEFAULT_MAX_COOLDOWN_S, ActionConfig, check_number, resolve_secret
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
@@ -79,11 +79,7 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _number(options: Mapping[str, Any], name: str, key: str, *, integer: bool) -> Any:
-    value = options[name]
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        raise ConfigError(f"{key}.{name}", f"must be {'an integer' if integer else 'a number'}")
-    return value
+    return check_number(options[name], f"{key}.{name}", integer=integer)
 
 
 def validate(config: ActionConfig) -> None:

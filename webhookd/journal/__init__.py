@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,22 @@ _PRAGMAS = (
 _T = TypeVar("_T")
 
 
+def _owner_only(path: Path) -> None:
+    """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600.
+
+    It holds every webhook body, and so whatever secrets senders put in them. SQLite creates the
+    -wal and -shm files with the main file's mode, so creating that one first is what keeps them
+    private; a file made world-readable by an older version is tightened too. A journal owned by
+    another user (a read-only look by an operator) is left as it is.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+
+
 class Journal(Reads):
     """The durable store. Use as ``async with Journal(path) as journal:``."""
 
@@ -139,6 +156,7 @@ class Journal(Reads):
     async def open(self) -> None:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhookd-journal")
         try:
             self._writer = await self._in_thread(self._open_writer)

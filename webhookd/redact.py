@@ -1,0 +1,106 @@
+"""What webhookd hides: credential headers before an event is stored, and configured secret
+values in everything it shows (log lines, ``webhookd show``, the events API and the dashboard).
+
+One rule everywhere: ``Masker`` replaces every configured secret value (four characters or
+more) with ``***``. Hazard: only values this process knows are masked; a command that reads the
+journal without a secret's variable exported cannot mask that secret (the daemon's log and
+API can).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from webhookd.config import Secret, VerifyConfig
+
+MASK = "***"
+_MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words and numbers
+
+# Request headers whose value is a credential, not a description of the request: stored as
+# MASK. Signature headers (X-Hub-Signature-256, Stripe-Signature …) are MACs of the body, of no
+# use without the secret, and are kept as sent.
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-access-token",
+        "x-gitlab-token",
+    }
+)
+
+
+def secret_headers(verify: VerifyConfig | None) -> frozenset[str]:
+    """Lower-case names of a source's credential headers: the common ones, plus the ``token``
+    scheme's own header (its value is the shared secret itself)."""
+    if verify is not None and verify.scheme == "token" and verify.header:
+        return SECRET_HEADERS | {verify.header.lower()}
+    return SECRET_HEADERS
+
+
+def redact_headers(
+    items: Iterable[tuple[str, str]], names: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """The headers as they are stored: each one named in ``names`` keeps its name, not its value."""
+    return tuple((k, MASK if k.lower() in names else v) for k, v in items)
+
+
+class Masker:
+    """Replaces known secret values with ``***`` in text and in JSON-shaped documents."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len)[::-1]
+
+    def text(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+    def deep(self, value: Any) -> Any:
+        """``value`` with every string in it (keys included) masked; other values as they are."""
+        if not self.secrets:
+            return value
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {self.deep(k): self.deep(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.deep(v) for v in value]
+        return value
+
+
+def secret_values(obj: Any) -> set[str]:
+    """Every secret a config holds: ``Secret`` values and ``env:`` references, where known."""
+    found: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Secret):
+            if not node.missing:
+                found.add(node.reveal())
+        elif isinstance(node, str):
+            if node.startswith("env:") and os.environ.get(node[4:]):
+                found.add(os.environ[node[4:]])
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return found
