@@ -1,4 +1,11 @@
-"""Shared fixtures: a real journal file, a real loopback HTTP target, an in-process daemon."""
+"""Shared fixtures: a real journal file, a real loopback HTTP target, an in-process daemon.
+
+Every async test runs once per event loop in ``LOOPS`` (ids end in ``[asyncio]`` / ``[uvloop]``):
+``webhookd serve`` ships on uvloop and falls back to the stock loop when uvloop is missing, and
+the two differ in transports, subprocess pipes and timing, so code that works on only one of them
+fails here. Async fixtures run on their test's loop. ``--loops uvloop`` (or ``asyncio``) narrows
+a local run to one of them.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,54 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 
 from webhookd import config as config_mod
 from webhookd.app import Daemon
 from webhookd.journal import Journal, NewJob
 from webhookd.models import Event, Priority, new_event_id, new_job_id
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+# The stock loop by class rather than through the global policy, which a test may have replaced.
+LOOPS: dict[str, LoopFactory] = {
+    "asyncio": asyncio.SelectorEventLoop,
+    "uvloop": uvloop.new_event_loop,
+}
+_CHOSEN_LOOPS = pytest.StashKey[dict[str, LoopFactory]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--loops",
+        default=",".join(LOOPS),
+        help=f"comma-separated event loops to run async tests under (of {', '.join(LOOPS)})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = [name.strip() for name in str(config.getoption("--loops")).split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(LOOPS))
+    if not chosen or unknown:
+        raise pytest.UsageError(f"--loops: choose from {', '.join(LOOPS)}, got {unknown or '[]'}")
+    config.stash[_CHOSEN_LOOPS] = {name: LOOPS[name] for name in chosen}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, LoopFactory]:
+    """The loops an async test runs under: all chosen ones, or one for ``subprocess`` tests.
+
+    A ``subprocess`` test's code under test runs in a real ``webhookd`` process (``serve`` is
+    always on uvloop); its own loop only drives it, so running it twice would double its
+    seconds and test nothing new.
+    """
+    chosen = config.stash[_CHOSEN_LOOPS]
+    if item.get_closest_marker("subprocess") is not None:
+        name = next(iter(chosen))
+        return {name: chosen[name]}
+    return chosen
 
 
 def new_event(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,7 @@ _LISTENING = re.compile(
     r"(?:http://(?P<admin>\S+) \(admin\)|no admin)"
 )
 START_TIMEOUT_S = 15.0
+_SETTLED = ("done", "dead", "cancelled")
 
 
 def clean_env() -> dict[str, str]:
@@ -313,3 +315,24 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str
             return r.status, await r.json(content_type=None)
     except aiohttp.ClientConnectionError:
         return 0, None
+
+
+async def settled_event(
+    http: aiohttp.ClientSession, admin_url: str, event_id: str, timeout_s: float = 15.0
+) -> dict[str, Any]:
+    """Poll ``GET /events/<id>`` until every job of the event is done, dead or cancelled; returns
+    the event's document. A timeout shows the last document, so a job stuck retrying says why."""
+    doc: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        nonlocal doc
+        status, body = await get_json(http, f"{admin_url}/events/{event_id}")
+        doc = body or {}
+        jobs = doc.get("jobs") or []
+        return status == 200 and bool(jobs) and all(j["state"] in _SETTLED for j in jobs)
+
+    try:
+        await poll(settled, timeout_s=timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"event {event_id} not settled within {timeout_s}s: {doc}") from None
+    return doc

@@ -184,6 +184,7 @@ async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     assert len(out.output.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point maps errors to exit codes 0, 1 and 2 with one stderr line."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

@@ -146,6 +146,7 @@ async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
     assert fields["paused"] == "shop"
 
 
+@pytest.mark.subprocess
 async def test_serve_flags_override_the_configured_log_format_and_level(tmp_path: Path) -> None:
     """``serve --log-format json --log-level debug`` beats ``[log]`` in the file: JSON lines."""
     config = write_config(tmp_path / "w.toml", tmp_path / "w.db")  # says level = "info", text

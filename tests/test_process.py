@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from procs import DaemonProc, Procs, Target, get_json, poll, port_is_free, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
 
 JSON = {"Content-Type": "application/json"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from chaos_harness import chaos
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(300)]
 
 
 async def test_random_kills_under_load_lose_no_acknowledged_webhook(tmp_path: Path) -> None:

@@ -1,0 +1,205 @@
+"""Each action kind, run by a real ``webhookd serve`` process (on uvloop, as users run it).
+
+A webhook is posted over HTTP to the daemon; the test waits on the admin API until the event's
+jobs have settled (polled with a deadline) and then checks what a user would see: the request at
+the forward target, the OpenAI answer kept as the job's result, a handler's return value, the log
+line. The ``command`` kind has its own serve tests beside the rest of its tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import Target
+from openai_standin import StandIn
+from procs import Procs, settled_event, write_config
+from standardwebhooks.webhooks import Webhook
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
+
+JSON = {"Content-Type": "application/json"}
+SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> str:
+    """Post a webhook; returns its event id once the daemon has accepted it."""
+    async with http.post(url, data=body, headers=JSON) as r:
+        answer = await r.json()
+        assert r.status == 202, answer
+        event_id: str = answer["id"]
+        return event_id
+
+
+def jobs_by_action(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {job["action"]: job for job in doc["jobs"]}
+
+
+async def test_forward_delivers_the_raw_body_signed_to_a_real_target(
+    tmp_path: Path,
+    procs: Procs,
+    http: aiohttp.ClientSession,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The target gets the exact body with ``webhook-id`` = the event id and a valid signature."""
+    monkeypatch.setenv("FORWARD_SIGNING_SECRET", SIGNING_SECRET)
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/orders"
+secret = "env:FORWARD_SIGNING_SECRET"
+""",
+    )
+    daemon = await procs.serve(cfg)
+    body = '{"order": 42, "note": "café"}'.encode()
+
+    event_id = await post(http, f"{daemon.url}/hooks/shop", body)
+    doc = await settled_event(http, daemon.admin_url, event_id)
+
+    assert doc["state"] == "done", doc
+    assert jobs_by_action(doc)["forward"]["result"] == {"status": 200}
+    (seen,) = target.seen
+    assert (seen.method, seen.path, seen.body) == ("POST", "/orders", body)
+    assert seen.headers["webhook-id"] == seen.headers["Idempotency-Key"] == event_id
+    assert Webhook(SIGNING_SECRET).verify(seen.body, seen.headers) == {"order": 42, "note": "café"}
+
+
+async def test_openai_answer_from_the_real_client_is_the_jobs_result_in_show(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``openai`` client in the daemon reaches ``base_url`` with the ``env:`` key, and
+    ``webhookd show --json`` shows the drafted answer as the job's result."""
+    standin = await StandIn(api_key="sk-from-the-environment").start()
+    try:
+        monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", "sk-from-the-environment")
+        cfg = write_config(
+            tmp_path / "webhookd.toml",
+            tmp_path / "webhookd.db",
+            f"""
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:WEBHOOKD_TEST_OPENAI_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+system = "You draft replies for a support team."
+prompt = "Reply to {{{{ subject }}}}"
+max_tokens = 100
+""",
+        )
+        daemon = await procs.serve(cfg)
+
+        event_id = await post(http, f"{daemon.url}/hooks/mail", b'{"subject": "late kettle"}')
+        doc = await settled_event(http, daemon.admin_url, event_id)
+        shown = await procs.cli("show", event_id, "--json", "--config", str(cfg))
+    finally:
+        await standin.aclose()
+
+    assert doc["state"] == "done", doc
+    assert shown.returncode == 0, shown.stderr
+    result = jobs_by_action(json.loads(shown.stdout))["openai"]["result"]
+    assert result["text"] == "Draft: Reply to late kettle"
+    assert result["model"] == "gpt-4o-mini"
+    assert result["finish_reason"] == "stop"
+    assert standin.received == len(standin.served) == 1
+
+
+HANDLERS = """
+import asyncio
+import threading
+
+
+def on_sync(event):
+    return {
+        "order": event.json()["order"],
+        "off_the_loop_thread": threading.current_thread() is not threading.main_thread(),
+    }
+
+
+async def on_async(event):
+    await asyncio.sleep(0)
+    return {"order": event.json()["order"], "loop": type(asyncio.get_running_loop()).__module__}
+"""
+
+
+async def test_python_sync_and_async_handlers_return_the_jobs_results(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """Handlers from the user's own directory run in the daemon: a plain function in a thread,
+    an ``async def`` on the daemon's (uvloop) loop; each return value is its job's result."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "shop_hooks.py").write_text(HANDLERS, encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+name = "sync"
+type = "python"
+handler = "shop_hooks:on_sync"
+path = "{project}"
+
+[[sources.shop.actions]]
+name = "async"
+type = "python"
+handler = "shop_hooks:on_async"
+path = "{project}"
+""",
+    )
+    daemon = await procs.serve(cfg)
+
+    event_id = await post(http, f"{daemon.url}/hooks/shop", b'{"order": 7}')
+    doc = await settled_event(http, daemon.admin_url, event_id)
+
+    assert doc["state"] == "done", doc
+    jobs = jobs_by_action(doc)
+    assert jobs["sync"]["result"] == {"order": 7, "off_the_loop_thread": True}
+    assert jobs["async"]["result"] == {"order": 7, "loop": "uvloop"}
+
+
+async def test_log_writes_one_line_with_the_event_and_its_body(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """The ``log`` action writes the event id, source, size and body preview to the log."""
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        '[sources.dev]\n[[sources.dev.actions]]\ntype = "log"\n',
+    )
+    daemon = await procs.serve(cfg)
+    body = b'{"hello": "world"}'
+
+    event_id = await post(http, f"{daemon.url}/hooks/dev", body)
+    doc = await settled_event(http, daemon.admin_url, event_id)
+    line = await daemon.wait_said(f"event {event_id} ")
+
+    assert doc["state"] == "done", doc
+    assert jobs_by_action(doc)["log"]["result"] == {"logged": True}
+    assert f"source=dev bytes={len(body)}" in line
+    assert f"body={body.decode()!r}" in line
