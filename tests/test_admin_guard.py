@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from procs import DaemonProc, Procs, poll, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
 
 LOG_SOURCE = """
 [sources.shop]

@@ -347,6 +347,7 @@ async def procs() -> AsyncIterator[Procs]:
         await p.aclose()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(

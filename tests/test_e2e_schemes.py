@@ -310,6 +310,7 @@ async def test_dedup_body_false_keeps_identical_bodies_as_distinct_events(
     assert await events_of(r, "gh") == 2
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_served_daemon_refuses_sha1_downgrade_and_replayed_github_body(

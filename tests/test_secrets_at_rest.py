@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from procs import Procs, poll, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
 
 SECRET = "tok-secret-9876-shared"
 CREDENTIAL = "bearer-credential-5555"
