@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from webhookd import signatures
+from webhookd import content_coding, signatures
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
@@ -175,47 +174,6 @@ def _storable(value: str | None, role: str, spec: Extractor | None = None) -> st
     return value
 
 
-# Decoders for Content-Encoding values, by name: zlib's wbits for each container.
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def _decode(body: bytes, encoding: str, limit_bytes: int) -> bytes:
-    """``body`` with its Content-Encoding undone: 400 if malformed, truncated or unknown, 413 if
-    it inflates past ``limit_bytes`` (never inflating more than that: a bomb costs nothing)."""
-    codings = [c.strip().lower() for c in encoding.split(",")]
-    for coding in reversed(codings):  # applied in the order listed, so undone in reverse
-        if coding in ("identity", ""):
-            continue
-        wbits = _WBITS.get(coding)
-        if wbits is None:
-            raise _Refused(400, f"unsupported Content-Encoding {coding[:40]!r}")
-        if coding == "deflate" and body and body[0] & 0x0F != 8:
-            wbits = -zlib.MAX_WBITS  # a raw deflate stream without the zlib header, as sent by some
-        body = _inflate(body, coding, wbits, limit_bytes)
-    return body
-
-
-def _inflate(data: bytes, coding: str, wbits: int, limit_bytes: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while data:  # gzip allows several members one after another
-        inflater = zlib.decompressobj(wbits)
-        try:
-            part = inflater.decompress(data, limit_bytes + 1 - size)
-        except zlib.error:
-            raise _Refused(400, f"body is not valid {coding}") from None
-        size += len(part)
-        if size > limit_bytes:
-            raise _Refused(413, f"body larger than {limit_bytes} bytes once decoded")
-        if not inflater.eof:
-            raise _Refused(400, f"body is truncated {coding}")
-        parts.append(part)
-        data = inflater.unused_data if wbits > 16 else b""
-        if not data and inflater.unused_data:
-            raise _Refused(400, f"data after the end of the {coding} body")
-    return b"".join(parts)
-
-
 class _CommitTimeout(Exception):
     """The journal did not commit within ``server.ack_timeout_s``."""
 
@@ -283,8 +241,8 @@ class Receiver:
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes,
             middlewares=[self._json_errors],
-            # Bodies are inflated here, not in aiohttp's parser: its errors for a bad encoding
-            # are plain-text 400s or 500s with tracebacks, and it accepts a truncated gzip body.
+            # Bodies are inflated by content_coding, not aiohttp's parser: its errors for a bad
+            # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
             handler_args={"auto_decompress": False},
         )
         app.router.add_route("*", "/{path:.*}", self._handle)
@@ -434,7 +392,10 @@ class Receiver:
         headers = request.headers
         encoding = headers.get("Content-Encoding")
         if encoding is not None:
-            body = _decode(body, encoding, server.max_body_bytes)
+            try:
+                body = content_coding.decode(body, encoding, server.max_body_bytes)
+            except content_coding.DecodeError as exc:
+                raise _Refused(exc.status, exc.message) from None
         now = self.clock.time()
         checked = self._check(request, name, src, body, now)
         if isinstance(checked, web.Response):
