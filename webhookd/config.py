@@ -151,6 +151,8 @@ class ServerConfig:
     ack_timeout_s: float = 2.0
     max_backlog: int = 1_000_000
     retry_after_s: int = 5
+    body_timeout_s: float = 10.0
+    max_inflight_body_bytes: int = 64 * 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,7 +686,19 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
         ack_timeout_s=float(s.number("ack_timeout_s", 2.0, positive=True)),
         max_backlog=int(s.number("max_backlog", 1_000_000, integer=True, positive=True)),
         retry_after_s=int(s.number("retry_after_s", 5, integer=True, positive=True)),
+        body_timeout_s=float(s.number("body_timeout_s", 10.0, positive=True)),
+        max_inflight_body_bytes=int(
+            s.number("max_inflight_body_bytes", 64 * 1_048_576, integer=True, positive=True)
+        ),
     )
+    if not math.isfinite(server.body_timeout_s):
+        raise ConfigError(s.path("body_timeout_s"), "must be a finite number of seconds")
+    if server.max_inflight_body_bytes < server.max_body_bytes:
+        # Else a body of the allowed size could never be read.
+        raise ConfigError(
+            s.path("max_inflight_body_bytes"),
+            f"must be at least server.max_body_bytes ({server.max_body_bytes})",
+        )
     s.finish()
 
     a = root.table("admin")

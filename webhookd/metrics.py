@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
+from webhookd.config import CATCH_ALL
 from webhookd.journal import Claimed, Counts, Finished, Journal
 from webhookd.workers import WorkerPool
 
@@ -38,6 +39,9 @@ class Metrics:
     ) -> None:
         self.journal = journal
         self.pool = pool
+        # Series are labelled by configured source only: everything the catch-all took counts
+        # as "*" (the receiver reports it so), or each junk path would be a series forever.
+        self._sources = frozenset(pool.config.sources)
         self._intake_children: dict[tuple[str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -97,7 +101,8 @@ class Metrics:
             self.ack.observe(seconds)
 
     def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
-        labels = (claimed.event.source, claimed.job.action)
+        source = claimed.event.source
+        labels = (source if source in self._sources else CATCH_ALL, claimed.job.action)
         self.attempts.labels(*labels, finished.outcome).inc()
         if finished.outcome != "wait":  # a wait never started the action
             self.duration.labels(*labels).observe(

@@ -1,17 +1,23 @@
 """The receiver: aiohttp routes for ``/hooks/...`` — size limit, verify, dedup key, intake limit,
 journal, and the 2xx only after the commit.
 
-Order of checks, cheapest first: route → draining → size → handshake → signature → intake
-limit → backlog → journal. A request that fails a check leaves no trace in the journal.
+Order of checks, cheapest first: route → draining → size → bodies in flight → body read (with
+its deadline) → Content-Encoding → handshake → signature → intake limit → backlog → values that
+cannot be stored → journal. A request that fails a check leaves no trace in the journal.
+
+Every answer is JSON, and the only 5xx is 503: an unexpected error in a request is that
+request's 503 (logged once with its traceback), never a plain-text 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from webhookd import signatures
+from webhookd import content_coding, signatures
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
@@ -31,6 +37,9 @@ from webhookd.redact import redact_headers, secret_headers
 log = logging.getLogger("webhookd.receiver")
 
 _JSON = "application/json"
+# A catch-all name becomes a source name in the journal, logs and the dashboard: a short,
+# printable token only (no escape codes, NUL, ';' or dot-only names like "..").
+_CATCH_ALL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 class TokenBucket:
@@ -102,8 +111,14 @@ def _ack(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-def extract(spec: Extractor, headers: Any, payload: _Payload) -> str | None:
-    """The value ``spec`` points at in a request, as a string, or ``None`` if absent."""
+def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = False) -> str | None:
+    """The value ``spec`` points at in a request, as a string, or ``None`` if absent.
+
+    A JSON ``true`` or ``1`` reads as ``"true"`` or ``"1"``, as users write them in tenant,
+    priority and ordering rules. With ``typed`` (dedup keys) a JSON non-string reads as ``=``
+    and its JSON text (``=true``, ``=1``) and a string that starts with ``=`` as ``=`` and its
+    JSON text (``="=x"``), so ``true`` and ``"true"`` are different deliveries.
+    """
     if spec.kind == "header":
         value = headers.get(spec.arg)
         return value if value else None
@@ -121,9 +136,43 @@ def extract(spec: Extractor, headers: Any, payload: _Payload) -> str | None:
             return None
     if node is None or isinstance(node, dict | list):
         return None
+    if typed:
+        if isinstance(node, str) and not node.startswith("="):
+            return node
+        return "=" + json.dumps(node)
     if isinstance(node, bool):
         return "true" if node else "false"
     return str(node)
+
+
+class _Refused(Exception):
+    """A request answered with an error before anything was stored."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        retry_after_s: float | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.response = _error(status, message, retry_after_s)
+        # Close the connection right after the answer rather than wait for the rest of a
+        # body that is not coming (aiohttp would otherwise linger reading it for 10 s).
+        self.close = close
+
+
+def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:
+    """``value`` if SQLite can store it; a lone surrogate (``"\\udcff"`` in JSON, a raw
+    non-UTF-8 byte in a header) cannot be encoded and is refused with a 400 naming the field."""
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            field = f"{role} ({spec.spec})" if spec is not None else role
+            raise _Refused(400, f"{field} is not valid UTF-8 text") from None
+    return value
 
 
 class _CommitTimeout(Exception):
@@ -180,6 +229,9 @@ class Receiver:
         self._catch_all = config.sources.get(CATCH_ALL)
         self._ack_deadlines = _Deadlines(config.server.ack_timeout_s)
         self._too_large = f"body larger than {config.server.max_body_bytes} bytes"
+        # Bytes of bodies being read now: Content-Length reserved up front, chunked bodies
+        # counted as they grow (server.max_inflight_body_bytes).
+        self._inflight_bytes = 0
         self._buckets = {
             src.name: TokenBucket(src.intake_per_s, clock)
             for src in config.sources.values()
@@ -190,6 +242,9 @@ class Receiver:
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes,
             middlewares=[self._json_errors],
+            # Bodies are inflated by content_coding, not aiohttp's parser: its errors for a bad
+            # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
+            handler_args={"auto_decompress": False},
         )
         app.router.add_route("*", "/{path:.*}", self._handle)
         return app
@@ -204,6 +259,13 @@ class Receiver:
             if exc.status < 400:
                 raise
             return _error(exc.status, exc.reason)
+        except Exception:
+            return self._unexpected(request)
+
+    def _unexpected(self, request: web.Request) -> web.Response:
+        # One record with the traceback; never the body or header values (secrets live there).
+        log.exception("unexpected error answering %s %r: 503", request.method, request.path[:200])
+        return _error(503, "internal error, retry later", self.config.server.retry_after_s)
 
     def _resolve(self, path: str) -> tuple[str, SourceConfig] | None:
         src = self._by_path.get(path)
@@ -213,7 +275,7 @@ class Receiver:
             name = path[len("/hooks/") :]
             # A configured source is only reachable at its own path, never through the
             # catch-all (which would skip its verification).
-            if name and "/" not in name and name not in self.config.sources:
+            if _CATCH_ALL_NAME.fullmatch(name) and name not in self.config.sources:
                 return name, self._catch_all
         return None
 
@@ -224,11 +286,64 @@ class Receiver:
         if resolved is None:
             response = _error(404, "no such source")
         else:
-            name = resolved[0]
-            response = await self._take(request, name, resolved[1])
+            name, src = resolved
+            try:
+                response = await self._take(request, name, src)
+            except _Refused as refused:
+                response = refused.response
+                if refused.close:
+                    response.force_close()
+                    with contextlib.suppress(ConnectionError):
+                        await response.prepare(request)
+                        await response.write_eof()
+                    request.protocol.force_close()
+            except web.HTTPException:
+                raise  # aiohttp's own 4xx: the middleware answers it as JSON
+            except Exception:
+                response = self._unexpected(request)
+            # Metrics label by source: the catch-all's own name ("*"), not each name it takes,
+            # or every junk path would become a series of its own.
+            name = src.name
         for observer in self.state.observers:
             observer(name, response.status, self.clock.monotonic() - started)
         return response
+
+    async def _read(self, request: web.Request, length_bytes: int) -> bytes:
+        """The raw body, read within ``server.body_timeout_s`` while the bytes of all bodies
+        being read stay under ``server.max_inflight_body_bytes`` (else 408 or 503)."""
+        server = self.config.server
+        content = request.content
+        if content.is_eof():  # it came with the headers (the usual case): nothing to wait for
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise _Refused(413, self._too_large) from None
+        if self._inflight_bytes + length_bytes > server.max_inflight_body_bytes:
+            raise _Refused(503, "too many bodies in flight", server.retry_after_s)
+        self._inflight_bytes += length_bytes
+        counted = length_bytes
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(server.body_timeout_s):
+                while chunk := await content.readany():
+                    size += len(chunk)
+                    if size > server.max_body_bytes:
+                        raise _Refused(413, self._too_large)
+                    if size > counted:  # chunked (or longer than announced): count as it grows
+                        self._inflight_bytes += size - counted
+                        counted = size
+                        if self._inflight_bytes > server.max_inflight_body_bytes:
+                            raise _Refused(503, "too many bodies in flight", server.retry_after_s)
+                    parts.append(chunk)
+        except TimeoutError:
+            raise _Refused(408, "body not received in time", close=True) from None
+        except (ConnectionError, web.RequestPayloadError):
+            # The client went away or broke the chunked framing: no one to tell, nothing stored.
+            raise _Refused(400, "body could not be read") from None
+        finally:
+            self._inflight_bytes -= counted
+        return b"".join(parts)
 
     def _check(
         self, request: web.Request, name: str, src: SourceConfig, body: bytes, now: float
@@ -274,12 +389,15 @@ class Receiver:
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
             return _error(413, self._too_large)
-        try:
-            body = await request.read()  # a chunked body is cut off at client_max_size
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, self._too_large)
-        now = self.clock.time()
+        body = await self._read(request, length or 0)
         headers = request.headers
+        encoding = headers.get("Content-Encoding")
+        if encoding is not None:
+            try:
+                body = content_coding.decode(body, encoding, server.max_body_bytes)
+            except content_coding.DecodeError as exc:
+                raise _Refused(exc.status, exc.message) from None
+        now = self.clock.time()
         checked = self._check(request, name, src, body, now)
         if isinstance(checked, web.Response):
             return checked
@@ -291,10 +409,15 @@ class Receiver:
         if self.journal.backlog_jobs >= server.max_backlog:
             return _error(503, "backlog full", server.retry_after_s)
 
+        # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
+        # JSON, the body as bytes, the source name matched _CATCH_ALL_NAME or is configured).
         payload = _Payload(body)
-        key = extract(src.dedup, headers, payload) if src.dedup is not None else None
+        key = None
+        if src.dedup is not None:
+            key = _storable(extract(src.dedup, headers, payload, typed=True), "dedup", src.dedup)
         if key is None and src.verify is not None:
-            key = signatures.default_dedup(src.verify.scheme, headers, body)
+            delivery = signatures.default_dedup(src.verify.scheme, headers, body)
+            key = _storable(delivery, "the delivery id header")
         body_key = None
         verify = src.verify
         if verify is not None and verify.dedup_body and verify.untimed:
@@ -303,7 +426,12 @@ class Receiver:
             body_key = "sha256:" + hashlib.sha256(body).hexdigest()
         if key is None:
             key = body_key or "sha256:" + hashlib.sha256(body).hexdigest()
-        tenant = (extract(src.tenant, headers, payload) if src.tenant else None) or ""
+        tenant = (
+            _storable(extract(src.tenant, headers, payload), "tenant", src.tenant)
+            if src.tenant
+            else None
+        )
+        tenant = tenant or ""
         rule = src.priority
         by = extract(rule.by, headers, payload) if rule.by is not None else tenant or None
         event = Event(
@@ -323,7 +451,11 @@ class Receiver:
                 action=a.name,
                 type=a.type,
                 max_attempts=a.retry.max_attempts,
-                order_key=extract(a.ordered_by, headers, payload) if a.ordered_by else None,
+                order_key=(
+                    _storable(extract(a.ordered_by, headers, payload), "ordered_by", a.ordered_by)
+                    if a.ordered_by
+                    else None
+                ),
             )
             for a in src.actions
         )

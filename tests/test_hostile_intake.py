@@ -1,0 +1,484 @@
+"""Hostile requests at the receiver: values SQLite cannot store, typed dedup keys, junk source
+names, stalled and oversized bodies in flight, bad Content-Encodings, unexpected errors.
+
+Each test serves the real receiver application on a loopback port over a real journal file and
+talks to it over raw sockets where a client library would refuse to send the bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import sqlite3
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+import pytest
+from aiohttp import web
+from conftest import make_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rawhttp import RawAnswer, RawConn, post
+
+from webhookd.clock import SYSTEM_CLOCK, Clock, SystemClock
+from webhookd.config import Extractor
+from webhookd.errors import ConfigError
+from webhookd.journal import Journal
+from webhookd.models import Priority
+from webhookd.receiver import IntakeState, Receiver, _Payload, extract
+
+
+@dataclass
+class Intake:
+    address: str
+    db: Path
+    journal: Journal
+
+    async def post(
+        self, path: bytes, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> RawAnswer:
+        return await post(self.address, path, body, headers)
+
+    def row(self, sql: str, *args: Any) -> Any:
+        """A committed value as another process would read it."""
+        with closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute(sql, args).fetchone()
+
+    async def events(self) -> int:
+        return (await self.journal.counts()).events
+
+
+StartIntake = Callable[..., Awaitable[Intake]]
+
+
+@pytest.fixture
+async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
+    """Start a receiver for a config built from TOML snippets (see ``make_config``)."""
+    async with AsyncExitStack() as stack:
+
+        async def start(extra: str, *, server: str = "", clock: Clock = SYSTEM_CLOCK) -> Intake:
+            cfg = make_config(tmp_path, extra, server=server)
+            journal = await stack.enter_async_context(Journal(cfg.journal.path))
+            app = Receiver(cfg, journal, IntakeState(), clock=clock).app()
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            return Intake(f"{host}:{port}", cfg.journal.path, journal)
+
+        yield start
+
+
+def assert_json_error(answer: RawAnswer, status: int) -> str:
+    """A refusal with the status and a JSON ``{"error": ...}`` body; returns the message."""
+    assert answer.status == status, answer
+    assert answer.headers["content-type"].startswith("application/json"), answer
+    message = answer.doc["error"]
+    assert isinstance(message, str)
+    return message
+
+
+JSON_SOURCE = """
+[sources.j]
+dedup = "json:id"
+tenant = "json:t"
+priority = { by = "json:p", high = ["1", "true"] }
+[[sources.j.actions]]
+type = "log"
+ordered_by = "json:o"
+"""
+FORM_SOURCE = """
+[sources.f]
+dedup = "form:id"
+tenant = "form:t"
+[[sources.f.actions]]
+type = "log"
+ordered_by = "form:o"
+"""
+HEADER_SOURCE = """
+[sources.h]
+dedup = "header:X-Id"
+tenant = "header:X-Tenant"
+[[sources.h.actions]]
+type = "log"
+ordered_by = "header:X-Order"
+"""
+CATCH_ALL = """
+[sources."*"]
+[[sources."*".actions]]
+type = "log"
+"""
+EXTRACTORS = {
+    "j": ("json:id", "json:t", "json:o"),
+    "f": ("form:id", "form:t", "form:o"),
+    "h": ("header:X-Id", "header:X-Tenant", "header:X-Order"),
+}
+
+
+def storable(value: str | None) -> bool:
+    if value is None:
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def spec(text: str) -> Extractor:
+    kind, _, arg = text.partition(":")
+    return Extractor(kind, arg)  # type: ignore[arg-type]
+
+
+# Any code point, lone surrogates included: they reach the receiver as JSON escapes ("\udcff"),
+# as raw bytes in a form body, or as raw non-UTF-8 bytes in a header.
+anything = st.text(st.characters(exclude_categories=()), max_size=12)
+scalars = anything | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.none()
+# Header bytes the HTTP parser lets through (no controls but tab), non-UTF-8 ones included.
+header_bytes = st.binary(max_size=12).map(
+    lambda b: bytes(c for c in b if c == 9 or 32 <= c != 127).strip(b" \t")
+)
+
+
+def json_body(values: dict[str, Any], escaped: bool) -> bytes:
+    # Escaped: surrogates as \udcff escapes (valid JSON text); raw: their bytes, invalid UTF-8.
+    if escaped:
+        return json.dumps(values).encode()
+    return json.dumps(values, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def form_body(values: dict[str, Any]) -> bytes:
+    return b"&".join(
+        k.encode() + b"=" + quote_from_bytes(str(v).encode("utf-8", "surrogatepass")).encode()
+        for k, v in values.items()
+        if v is not None
+    )
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+    source = draw(st.sampled_from(["j", "f", "h"]))
+    if source == "h":
+        values = {n: draw(header_bytes) for n in (b"X-Id", b"X-Tenant", b"X-Order")}
+        return source, b"{}", [(n, v) for n, v in values.items() if v]
+    fields = {k: draw(scalars if source == "j" else anything) for k in ("id", "t", "o", "p")}
+    if source == "j":
+        return source, json_body(fields, draw(st.booleans())), []
+    return source, form_body(fields), []
+
+
+@pytest.fixture
+async def mixed_intake(make_intake: StartIntake) -> Intake:
+    """One receiver with JSON, form and header extractors, shared by every example."""
+    return await make_intake(JSON_SOURCE + FORM_SOURCE + HEADER_SOURCE)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=requests())
+async def test_any_unicode_in_extracted_fields_is_stored_or_refused_with_400(
+    mixed_intake: Intake, request: tuple[str, bytes, list[tuple[bytes, bytes]]]
+) -> None:
+    """Arbitrary text (lone surrogates too) in JSON, form and header fields is stored or a 400."""
+    intake = mixed_intake
+    source, body, headers = request
+    answer = await intake.post(b"/hooks/" + source.encode(), body, headers)
+    assert answer.status in (200, 202, 400), answer
+
+    # What each extractor sees, the way the receiver's request gives it (aiohttp decodes header
+    # bytes as UTF-8 with surrogateescape).
+    seen_headers = {n.decode(): v.decode("utf-8", "surrogateescape") for n, v in headers}
+    payload = _Payload(body)
+    dedup, tenant, order = (
+        extract(spec(s), seen_headers, payload, typed=(n == 0))
+        for n, s in enumerate(EXTRACTORS[source])
+    )
+    for value in (dedup, tenant, order):
+        assert value is None or isinstance(value, str)
+    if answer.status == 400:
+        assert "is not valid UTF-8 text" in answer.doc["error"]
+        assert not all(storable(v) for v in (dedup, tenant, order))
+        return
+    assert all(storable(v) for v in (dedup, tenant, order))
+    event_id = answer.doc["id"]
+    stored = intake.row(
+        "SELECT e.dedup_key, e.tenant, j.order_key FROM events e JOIN jobs j ON j.event_id = e.id"
+        " WHERE e.id = ?",
+        event_id,
+    )
+    assert stored is not None
+    if answer.status == 202 and dedup is not None:
+        assert stored[0] == f"{source}:{dedup}"
+    if answer.status == 202:
+        assert (stored[1], stored[2]) == (tenant or "", order)
+
+
+async def test_raw_header_bytes_are_stored_and_read_back_as_received(
+    make_intake: StartIntake,
+) -> None:
+    """A header with raw 0xff bytes that no rule uses is journaled; used as dedup it is a 400."""
+    intake = await make_intake(HEADER_SOURCE + CATCH_ALL)
+    answer = await intake.post(b"/hooks/h", b"{}", [(b"X-Note", b"caf\xe9\xff"), (b"X-Id", b"1")])
+    assert answer.status == 202, answer
+    event = (await intake.journal.get_event(answer.doc["id"])).event
+    # aiohttp hands header bytes over as UTF-8 with surrogateescape: the bytes are recoverable.
+    note = event.header("X-Note")
+    assert note is not None and note.encode("utf-8", "surrogateescape") == b"caf\xe9\xff"
+    refused = await intake.post(b"/hooks/h", b"{}", [(b"X-Id", b"a\xffb")])
+    assert assert_json_error(refused, 400) == "dedup (header:X-Id) is not valid UTF-8 text"
+    assert (await intake.post(b"/hooks/h", b"{}", [(b"X-Id", b"2")])).status == 202
+    assert await intake.events() == 2
+
+
+async def test_json_true_and_the_string_true_are_different_deliveries(
+    make_intake: StartIntake,
+) -> None:
+    """Dedup keeps JSON types apart (true/"true", 1/"1"); tenant and priority read them as text."""
+    intake = await make_intake(JSON_SOURCE)
+    bodies = [
+        b'{"id": true, "t": true, "p": 1}',
+        b'{"id": "true"}',
+        b'{"id": 1}',
+        b'{"id": "1"}',
+        b'{"id": "=1"}',
+        b'{"id": 1.0}',
+    ]
+    answers = [await intake.post(b"/hooks/j", body) for body in bodies]
+    assert [a.status for a in answers] == [202] * len(bodies), answers
+    keys = [
+        intake.row("SELECT dedup_key FROM events WHERE id = ?", a.doc["id"])[0] for a in answers
+    ]
+    assert keys == ["j:=true", "j:true", "j:=1", "j:1", 'j:="=1"', "j:=1.0"]
+    first = (await intake.journal.get_event(answers[0].doc["id"])).event
+    assert (first.tenant, first.priority) == ("true", Priority.HIGH)
+    again = await intake.post(b"/hooks/j", b'{"id": true, "other": 2}')
+    assert (again.status, again.doc) == (200, {"id": answers[0].doc["id"], "duplicate": True})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/hooks/a%00b",
+        b"/hooks/a;b",
+        b"/hooks/%1b%5b31mred",
+        b"/hooks/a%20b",
+        b"/hooks/caf%C3%A9",
+        b"/hooks/%ff",
+        b"/hooks/.hidden",
+        b"/hooks/" + b"n" * 65,
+    ],
+    ids=["nul", "semicolon", "escape-code", "space", "non-ascii", "bad-utf8", "dots", "too-long"],
+)
+async def test_catch_all_refuses_source_names_outside_the_safe_set(
+    make_intake: StartIntake, path: bytes
+) -> None:
+    """A catch-all name with NUL, ';', escape codes or over 64 characters is a JSON 404."""
+    intake = await make_intake(CATCH_ALL)
+    assert_json_error(await intake.post(path, b"{}"), 404)
+    ok = await intake.post(b"/hooks/Shop-1.eu_" + b"n" * 54, b"{}")
+    assert ok.status == 202, ok
+    assert await intake.events() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies in flight
+
+
+async def stalled(address: str, length: int, sent: bytes = b"x") -> RawConn:
+    """A request whose handler has started reading (100 Continue seen), stalled after ``sent``."""
+    conn = await RawConn.open(address)
+    await conn.head(
+        b"/hooks/slow", [(b"Content-Length", b"%d" % length), (b"Expect", b"100-continue")]
+    )
+    go_on = await conn.answer()
+    assert go_on.status == 100, go_on
+    await conn.send(sent)
+    return conn
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(
+    make_intake: StartIntake,
+) -> None:
+    """Headers and one byte, then nothing: a JSON 408 within `body_timeout_s`, then closed."""
+    intake = await make_intake(CATCH_ALL, server="body_timeout_s = 0.5")
+    started = time.monotonic()
+    conn = await RawConn.open(intake.address)
+    await conn.head(b"/hooks/slow", [(b"Content-Length", b"1000")])
+    await conn.send(b"{")
+    answer = await conn.answer()
+    assert_json_error(answer, 408)
+    assert await conn.closed_by_peer()
+    assert 0.5 <= time.monotonic() - started < 3.0
+    await conn.close()
+    # The same for a chunked body that stops mid-chunk.
+    chunked = await RawConn.open(intake.address)
+    await chunked.head(b"/hooks/slow", [(b"Transfer-Encoding", b"chunked")])
+    await chunked.send(b"10\r\n{")
+    assert_json_error(await chunked.answer(), 408)
+    await chunked.close()
+    assert (await intake.post(b"/hooks/fast", b"{}")).status == 202
+    assert await intake.events() == 1
+
+
+async def test_bodies_in_flight_over_the_cap_get_503_until_they_are_gone(
+    make_intake: StartIntake,
+) -> None:
+    """Past `max_inflight_body_bytes`, a body is refused 503 + Retry-After; later ones get in."""
+    intake = await make_intake(
+        CATCH_ALL,
+        server="max_body_bytes = 100_000\nmax_inflight_body_bytes = 500_000\n"
+        "body_timeout_s = 3\nretry_after_s = 4",
+    )
+    holding = [await stalled(intake.address, 100_000) for _ in range(5)]  # the cap, reserved
+    refused = []
+    for _ in range(3):
+        conn = await RawConn.open(intake.address)
+        await conn.head(b"/hooks/big", [(b"Content-Length", b"100000")])
+        refused.append(await conn.answer())
+        await conn.close()
+    for answer in refused:
+        assert_json_error(answer, 503)
+        assert answer.headers["retry-after"] == "4"
+    # A chunked body is counted as it grows: its first bytes over the cap get the 503.
+    chunked = await RawConn.open(intake.address)
+    await chunked.head(b"/hooks/big", [(b"Transfer-Encoding", b"chunked")])
+    await chunked.send(b"100\r\n" + b"x" * 0x100 + b"\r\n")
+    assert_json_error(await chunked.answer(), 503)
+    await chunked.close()
+    # The stalled ones end with 408 at their deadline, and give their share back.
+    for conn in holding:
+        assert_json_error(await conn.answer(), 408)
+        await conn.close()
+    bodies = [json.dumps({"n": n, "pad": "x" * 99_000}).encode() for n in range(5)]
+    conns = [await stalled(intake.address, len(body), body[:10]) for body in bodies]
+    for conn, body in zip(conns, bodies, strict=True):
+        await conn.send(body[10:])
+    answers = [await conn.answer() for conn in conns]
+    assert [a.status for a in answers] == [202] * 5, answers
+    for conn in conns:
+        await conn.close()
+    assert await intake.events() == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Content-Encoding
+
+PAYLOAD = json.dumps({"hello": "world", "pad": "x" * 2000}).encode()
+GZIPPED = gzip.compress(PAYLOAD)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "message"),
+    [
+        (b"gzip", b"this is not gzip", "body is not valid gzip"),
+        (b"gzip", GZIPPED[: len(GZIPPED) // 2], "body is truncated gzip"),
+        (b"gzip", GZIPPED[:-4], "body is truncated gzip"),
+        (b"deflate", b"\x78\x9c not deflate", "body is not valid deflate"),
+        (b"gzip", GZIPPED + b"garbage", "body is not valid gzip"),
+        (b"bogus", PAYLOAD, "unsupported Content-Encoding 'bogus'"),
+        (b"br", PAYLOAD, "unsupported Content-Encoding 'br'"),
+    ],
+    ids=["not-gzip", "half-gzip", "no-trailer", "bad-deflate", "trailing", "unknown", "br"],
+)
+async def test_bad_content_encoding_is_a_json_400_without_a_traceback(
+    make_intake: StartIntake,
+    caplog: pytest.LogCaptureFixture,
+    encoding: bytes,
+    body: bytes,
+    message: str,
+) -> None:
+    """Malformed, truncated or unknown Content-Encoding: JSON 400, nothing stored, no traceback."""
+    intake = await make_intake(CATCH_ALL)
+    caplog.set_level(logging.DEBUG)
+    answer = await intake.post(b"/hooks/z", body, [(b"Content-Encoding", encoding)])
+    assert assert_json_error(answer, 400) == message
+    assert await intake.events() == 0
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_valid_encodings_are_stored_decoded_and_bombs_are_413(
+    make_intake: StartIntake,
+) -> None:
+    """gzip (also two members), deflate and identity bodies are stored decoded; a bomb is 413."""
+    intake = await make_intake(CATCH_ALL, server="max_body_bytes = 10_000")
+    cases = [
+        (b"gzip", GZIPPED, PAYLOAD),
+        (b"x-gzip", gzip.compress(b"a") + gzip.compress(b"b"), b"ab"),
+        (b"deflate", zlib.compress(PAYLOAD), PAYLOAD),
+        (b"identity", PAYLOAD, PAYLOAD),
+        (b"gzip, gzip", gzip.compress(GZIPPED), PAYLOAD),
+    ]
+    for n, (encoding, body, stored) in enumerate(cases):  # one source each: bodies repeat
+        answer = await intake.post(b"/hooks/z%d" % n, body, [(b"Content-Encoding", encoding)])
+        assert answer.status == 202, (encoding, answer)
+        assert (await intake.journal.get_event(answer.doc["id"])).event.body == stored
+    bomb = gzip.compress(b"\0" * 10_001)
+    refused = await intake.post(b"/hooks/z", bomb, [(b"Content-Encoding", b"gzip")])
+    assert_json_error(refused, 413)
+    assert await intake.events() == len(cases)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unexpected errors
+
+
+class BrokenClock(SystemClock):
+    """The wall clock raises: stands in for any bug in the request path."""
+
+    def time(self) -> float:
+        raise RuntimeError("clock broke")
+
+
+async def test_an_unexpected_error_is_a_json_503_with_one_log_record(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the handler answers 503 + Retry-After JSON and logs once, without the body."""
+    intake = await make_intake(CATCH_ALL, clock=BrokenClock(), server="retry_after_s = 6")
+    caplog.set_level(logging.INFO)
+    answer = await intake.post(b"/hooks/z", b'{"card": "4111-SECRET"}')
+    assert_json_error(answer, 503)
+    assert answer.headers["retry-after"] == "6"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None, caplog.text
+    assert "RuntimeError: clock broke" in caplog.text
+    assert "4111-SECRET" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("server", "key"),
+    [
+        ("body_timeout_s = nan", "server.body_timeout_s"),
+        ("body_timeout_s = inf", "server.body_timeout_s"),
+        ("body_timeout_s = 0", "server.body_timeout_s"),
+        ("body_timeout_s = -1", "server.body_timeout_s"),
+        ('body_timeout_s = "10"', "server.body_timeout_s"),
+        ("max_inflight_body_bytes = 0", "server.max_inflight_body_bytes"),
+        ("max_inflight_body_bytes = 1e9", "server.max_inflight_body_bytes"),
+        ("max_inflight_body_bytes = 1000", "server.max_inflight_body_bytes"),
+    ],
+)
+def test_body_limits_must_be_positive_finite_and_fit_one_body(
+    tmp_path: Path, server: str, key: str
+) -> None:
+    """A bad body deadline or in-flight cap is a config error naming its dotted key."""
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, server=server)
+    assert caught.value.key == key
+
+
+def test_body_limits_default_to_ten_seconds_and_64_mib(tmp_path: Path) -> None:
+    """Without the keys, a body has 10 s to arrive and bodies in flight may hold 64 MiB."""
+    server = make_config(tmp_path).server
+    assert (server.body_timeout_s, server.max_inflight_body_bytes) == (10.0, 64 * 1024 * 1024)

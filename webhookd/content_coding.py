@@ -1,0 +1,60 @@
+"""Content-Encoding: a request body's gzip or deflate undone, never inflated past a limit.
+
+aiohttp's own decoding is off for the receiver: it answers a bad encoding with a plain-text
+500 and two tracebacks and accepts a truncated gzip body. Here every failure is a
+``DecodeError`` carrying the status to answer (400, or 413 for a body that inflates too far).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+
+class DecodeError(Exception):
+    """A body that cannot be decoded: ``status`` is the answer (400 or 413)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# zlib's wbits for each coding's container (gzip header and trailer, or zlib's).
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode(body: bytes, encoding: str, limit_bytes: int) -> bytes:
+    """``body`` with its Content-Encoding undone: 400 if malformed, truncated or unknown, 413 if
+    it inflates past ``limit_bytes`` (never inflating more than that: a bomb costs nothing)."""
+    codings = [c.strip().lower() for c in encoding.split(",")]
+    for coding in reversed(codings):  # applied in the order listed, so undone in reverse
+        if coding in ("identity", ""):
+            continue
+        wbits = _WBITS.get(coding)
+        if wbits is None:
+            raise DecodeError(400, f"unsupported Content-Encoding {coding[:40]!r}")
+        if coding == "deflate" and body and body[0] & 0x0F != 8:
+            wbits = -zlib.MAX_WBITS  # a raw deflate stream without the zlib header, as sent by some
+        body = _inflate(body, coding, wbits, limit_bytes)
+    return body
+
+
+def _inflate(data: bytes, coding: str, wbits: int, limit_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while data:  # gzip allows several members one after another
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(data, limit_bytes + 1 - size)
+        except zlib.error:
+            raise DecodeError(400, f"body is not valid {coding}") from None
+        size += len(part)
+        if size > limit_bytes:
+            raise DecodeError(413, f"body larger than {limit_bytes} bytes once decoded")
+        if not inflater.eof:
+            raise DecodeError(400, f"body is truncated {coding}")
+        parts.append(part)
+        data = inflater.unused_data if wbits > 16 else b""
+        if not data and inflater.unused_data:
+            raise DecodeError(400, f"data after the end of the {coding} body")
+    return b"".join(parts)
