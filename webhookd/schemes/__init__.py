@@ -7,10 +7,11 @@ The receiver, ``send`` and the config loader look a scheme up here by name and a
 them names a provider. Adding a scheme: one module with a ``Scheme`` subclass, one entry below.
 
 Layering: ``config`` imports this package (to offer the names and have each scheme check its
-options), so nothing here imports ``config``. ``VerifyConfig`` is defined in ``base`` (config
-re-exports it), ``Secret`` in ``webhookd.secret``, and a scheme reads its options through the
-small ``base.Options`` protocol that config's table reader satisfies: the schemes sit below
-config, above only ``errors`` and ``secret``, and never import receiver, send or cli.
+options), so nothing here may import ``config``. Hence ``VerifyConfig`` is defined in ``base``
+(config re-exports it), ``Secret`` lives in ``webhookd.secret``, and ``check_config`` names keys
+through the small ``base.Options`` protocol (``has``, ``path``) that config's table reader
+satisfies, rather than through the reader itself. The schemes thus sit just below config,
+above only ``errors`` and ``secret``, and never import receiver, send or cli.
 """
 
 from __future__ import annotations
