@@ -10,6 +10,7 @@ from webhookd import actions
 from webhookd.config import EMBEDDED_DEFAULT, Extractor, Listen, Secret, load, loads
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
+from webhookd.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,4 +251,4 @@ def test_hmac_templates_that_sign_what_they_read_are_accepted(signed: str) -> No
 def test_verify_dedup_body_option(verify: str, dedup_body: bool) -> None:
     """dedup_body defaults to on and can be turned off where no timestamp is signed."""
     v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
-    assert v is not None and v.dedup_body is dedup_body and v.untimed
+    assert v is not None and v.dedup_body is dedup_body and SCHEMES[v.scheme].untimed(v)

@@ -24,7 +24,7 @@ from webhookd import send
 from webhookd.clock import ManualClock
 from webhookd.config import Config, Secret, SourceConfig, load
 from webhookd.errors import VerificationError
-from webhookd.signatures import verify
+from webhookd.schemes import verify
 
 STANDARD_SECRET = "whsec_" + base64.b64encode(b"standard-key-0123456789").decode()
 OLD_STANDARD = "whsec_" + base64.b64encode(b"rotated-out-key-98765432").decode()

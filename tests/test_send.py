@@ -20,7 +20,7 @@ from webhookd import config as config_mod
 from webhookd import send
 from webhookd.cli import main
 from webhookd.errors import ConfigError
-from webhookd.signatures import default_dedup, verify
+from webhookd.schemes import default_dedup, verify
 
 NOW = 1_750_000_000.0
 

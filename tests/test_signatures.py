@@ -1,4 +1,4 @@
-"""Tests for webhookd.signatures: providers' published vectors, official libraries, every scheme."""
+"""Tests for webhookd.schemes: providers' published vectors, official libraries, every scheme."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from webhookd.config import SCHEMES, Secret, VerifyConfig
+from webhookd.config import Secret, VerifyConfig
 from webhookd.errors import ConfigError, VerificationError
-from webhookd.signatures import (
+from webhookd.schemes import (
+    SCHEMES,
     Handshake,
     Verdict,
     default_dedup,

@@ -4,7 +4,8 @@ Every key is checked: an unknown key, a wrong type or a bad value raises ``Confi
 the dotted key (``sources.shop.actions[0].url``). Secrets written ``"env:NAME"`` are resolved
 here, once, and wrapped in ``Secret`` so that no ``repr`` or log line can show them.
 Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are kept in
-``ActionConfig.options`` and validated by the action's own module when actions are built.
+``ActionConfig.options`` and validated by the action's own module when actions are built; a
+``verify`` table is read here and checked by its signature scheme (``webhookd.schemes``).
 """
 
 from __future__ import annotations
@@ -23,30 +24,16 @@ from typing import Any, Literal
 
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
+from webhookd.schemes import SCHEMES
+from webhookd.schemes.base import VerifyConfig as VerifyConfig
+from webhookd.secret import Secret as Secret
 
 CATCH_ALL = "*"
 
-# The names users may write. ``signatures`` and ``actions`` implement exactly these (a test
-# checks), so config stays at the bottom of the import graph.
-SCHEMES = (
-    "github",
-    "stripe",
-    "shopify",
-    "mailgun",
-    "slack",
-    "standard",
-    "meta",
-    "twilio",
-    "hmac",
-    "token",
-)
+# The action kinds users may write; ``actions`` implements exactly these (a test checks), so
+# config stays below it in the import graph. Signature schemes: ``webhookd.schemes.SCHEMES``.
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
 DEFAULT_MAX_COOLDOWN_S = 3600.0  # a lane's longest 429 cool-down, whatever the provider asks
-# Schemes whose signature covers no timestamp: a captured request verifies forever (the generic
-# ``hmac`` joins them when it has no ``timestamp_header``).
-UNTIMED_SCHEMES = ("github", "meta", "shopify", "twilio", "token")
-# The schemes whose providers also send a legacy SHA-1 signature header.
-SHA1_SCHEMES = ("github", "meta")
 
 EMBEDDED_DEFAULT = """\
 # webhookd's embedded default: a development setup on loopback.
@@ -77,41 +64,6 @@ _TIMEOUT_DEFAULTS = {"forward": 30.0, "openai": 120.0, "command": 300.0, "python
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_*-]+")
-
-
-class Secret:
-    """A secret value that never shows itself in ``repr``, ``str`` or logs.
-
-    An ``env:`` secret whose variable is not set is *missing*: a command that only reads the
-    journal can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key.
-    """
-
-    __slots__ = ("_key", "_origin", "_value")
-
-    def __init__(self, value: str | None, origin: str = "inline", key: str = "") -> None:
-        self._value = value
-        self._origin = origin
-        self._key = key
-
-    @property
-    def missing(self) -> bool:
-        return self._value is None
-
-    def reveal(self) -> str:
-        if self._value is None:
-            raise ConfigError(self._key, f"environment variable {self._origin[4:]} is not set")
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret({self._origin}, ***)"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,32 +154,6 @@ class RetryPolicy:
     base_s: float
     factor: float
     cap_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyConfig:
-    """How a source's requests are verified (see ``signatures``)."""
-
-    scheme: str
-    secrets: tuple[Secret, ...] = ()
-    tolerance_s: float = 300.0
-    url: str | None = None
-    verify_token: Secret | None = None
-    header: str | None = None
-    algorithm: str = "sha256"
-    encoding: Literal["hex", "base64"] = "hex"
-    prefix: str = ""
-    timestamp_header: str | None = None
-    signed: str | None = None  # generic hmac: the signed string, e.g. "{timestamp}.{body}"
-    allow_sha1: bool = False  # github/meta: accept the legacy SHA-1 header when it comes alone
-    dedup_body: bool = True  # untimed schemes: the signed body is a dedup key too
-
-    @property
-    def untimed(self) -> bool:
-        """No timestamp is signed, so only dedup stands between a captured request and a replay."""
-        return self.scheme in UNTIMED_SCHEMES or (
-            self.scheme == "hmac" and self.timestamp_header is None
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,7 +427,7 @@ def _priority(value: Any, key: str) -> PriorityRule:
 
 def _verify(value: Any, key: str) -> VerifyConfig:
     t = _Table(value, key)
-    scheme = t.string("scheme", choices=SCHEMES)
+    scheme = t.string("scheme", choices=tuple(SCHEMES))
     if t.has("secret") and t.has("secrets"):
         raise ConfigError(t.path("secrets"), "give either secret or secrets, not both")
     secrets: tuple[Secret, ...] = ()
@@ -524,18 +450,10 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     allow_sha1 = t.bool("allow_sha1", False)
     dedup_body = t.bool("dedup_body", True)
     t.finish()
-    if t.has("allow_sha1") and scheme not in SHA1_SCHEMES:
-        raise ConfigError(t.path("allow_sha1"), "only applies to schemes github and meta")
-    if scheme != "meta" and not secrets:
-        raise ConfigError(t.path("secret"), f"is required for scheme {scheme!r}")
-    if scheme == "meta" and not secrets and verify_token is None:
-        raise ConfigError(t.path("secret"), "is required for scheme 'meta'")
-    if scheme in ("token", "hmac") and not header:
-        raise ConfigError(t.path("header"), f"is required for scheme {scheme!r}")
-    if scheme == "twilio" and not url:
-        raise ConfigError(t.path("url"), "is required for scheme 'twilio' (the public URL)")
-    if scheme == "hmac":
-        _check_signed_template(t, signed, timestamp_header)
+    impl = SCHEMES[scheme]
+    if t.has("allow_sha1") and not impl.legacy_sha1:
+        legacy = [name for name, s in SCHEMES.items() if s.legacy_sha1]
+        raise ConfigError(t.path("allow_sha1"), f"only applies to schemes {' and '.join(legacy)}")
     made = VerifyConfig(
         scheme=scheme,
         secrets=secrets,
@@ -551,33 +469,17 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         allow_sha1=allow_sha1,
         dedup_body=dedup_body,
     )
-    if t.has("dedup_body") and not made.untimed:
+    impl.check_config(made, t)
+    if t.has("dedup_body") and not impl.untimed(made):
+        untimed = sorted(name for name, s in SCHEMES.items() if s.untimed_always)
+        untimed += [
+            f"{name} without {s.untimed_unless}" for name, s in SCHEMES.items() if s.untimed_unless
+        ]
         raise ConfigError(
             t.path("dedup_body"),
-            f"only applies to schemes without a signed timestamp ({', '.join(UNTIMED_SCHEMES)},"
-            " hmac without timestamp_header)",
+            f"only applies to schemes without a signed timestamp ({', '.join(untimed)})",
         )
     return made
-
-
-def _check_signed_template(t: _Table, signed: str | None, timestamp_header: str | None) -> None:
-    """The generic scheme's template must sign the body, and the timestamp whenever one is read.
-
-    A template without ``{body}`` lets any body through under a valid signature; a timestamp
-    read from a header but left out of the template can be changed at will, and then its
-    tolerance check guards nothing.
-    """
-    template = signed or "{body}"
-    if "{body}" not in template:
-        raise ConfigError(t.path("signed"), "must contain {body}, or the body is not signed")
-    if timestamp_header is not None and "{timestamp}" not in template:
-        raise ConfigError(
-            t.path("signed" if signed is not None else "timestamp_header"),
-            "the timestamp is not signed: add {timestamp} to signed"
-            ' (e.g. "{timestamp}.{body}"), or its tolerance protects nothing',
-        )
-    if timestamp_header is None and "{timestamp}" in template:
-        raise ConfigError(t.path("timestamp_header"), "is required when signed has {timestamp}")
 
 
 _COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by")

@@ -26,13 +26,14 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from webhookd import content_coding, signatures
+from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_headers, secret_headers
+from webhookd.schemes import SCHEMES, Scheme
 
 log = logging.getLogger("webhookd.receiver")
 
@@ -346,15 +347,23 @@ class Receiver:
         return b"".join(parts)
 
     def _check(
-        self, request: web.Request, name: str, src: SourceConfig, body: bytes, now: float
+        self,
+        request: web.Request,
+        name: str,
+        src: SourceConfig,
+        scheme: Scheme | None,
+        body: bytes,
+        now: float,
     ) -> web.Response | dict[str, Any] | None:
         """Handshake, method and signature: an answer to give now, or the verdict to store."""
         if src.verify is None:  # the common unsigned case skips building the URL
             return None if request.method == "POST" else _error(405, "webhooks are POSTed")
         url = str(request.url)
         try:
+            if scheme is None:  # config only names registered schemes; a hand-built one may not
+                raise VerificationError("unknown scheme")
             # A handshake may itself be signed (Slack's url_verification): same 401 path.
-            shake = signatures.handshake(
+            shake = scheme.handshake(
                 src.verify,
                 method=request.method,
                 query=request.query,
@@ -369,7 +378,7 @@ class Receiver:
                 )
             if request.method != "POST":
                 return _error(405, "webhooks are POSTed")
-            verdict = signatures.verify(
+            verdict = scheme.verify(
                 src.verify, headers=request.headers, body=body, url=url, now=now
             )
         except VerificationError as exc:
@@ -398,7 +407,9 @@ class Receiver:
             except content_coding.DecodeError as exc:
                 raise _Refused(exc.status, exc.message) from None
         now = self.clock.time()
-        checked = self._check(request, name, src, body, now)
+        verify = src.verify
+        scheme = SCHEMES.get(verify.scheme) if verify is not None else None
+        checked = self._check(request, name, src, scheme, body, now)
         if isinstance(checked, web.Response):
             return checked
         bucket = self._buckets.get(src.name)
@@ -415,12 +426,10 @@ class Receiver:
         key = None
         if src.dedup is not None:
             key = _storable(extract(src.dedup, headers, payload, typed=True), "dedup", src.dedup)
-        if key is None and src.verify is not None:
-            delivery = signatures.default_dedup(src.verify.scheme, headers, body)
-            key = _storable(delivery, "the delivery id header")
+        if key is None and scheme is not None:
+            key = _storable(scheme.dedup_key(headers, body), "the delivery id header")
         body_key = None
-        verify = src.verify
-        if verify is not None and verify.dedup_body and verify.untimed:
+        if verify and scheme and verify.dedup_body and scheme.untimed(verify):
             # Nothing signed expires, so a captured body re-sent under a fresh delivery id would
             # verify as a new event: the body's hash is a second dedup key.
             body_key = "sha256:" + hashlib.sha256(body).hexdigest()

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from webhookd.config import Secret, VerifyConfig
+from webhookd.schemes import SCHEMES
 
 MASK = "***"
 _MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words and numbers
@@ -37,11 +38,11 @@ SECRET_HEADERS = frozenset(
 
 
 def secret_headers(verify: VerifyConfig | None) -> frozenset[str]:
-    """Lower-case names of a source's credential headers: the common ones, plus the ``token``
-    scheme's own header (its value is the shared secret itself)."""
-    if verify is not None and verify.scheme == "token" and verify.header:
-        return SECRET_HEADERS | {verify.header.lower()}
-    return SECRET_HEADERS
+    """Lower-case names of a source's credential headers: the common ones, plus its scheme's
+    credential header if it has one (the ``token`` scheme's: its value is the shared secret)."""
+    scheme = SCHEMES.get(verify.scheme) if verify is not None else None
+    extra = scheme.credential_header(verify) if scheme is not None and verify is not None else None
+    return SECRET_HEADERS | {extra.lower()} if extra else SECRET_HEADERS
 
 
 def redact_headers(

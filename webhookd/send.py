@@ -1,24 +1,23 @@
 """Test deliveries: build a request the way a source's provider would, and post it.
 
 ``build`` is pure (config, body, clock and delivery id in; URL, headers and body out) and signs
-with ``signatures.sign``; ``post`` sends it with the standard library and returns the answer.
+as the source's signature scheme does; ``post`` sends it with the standard library and returns
+the answer.
 ``webhookd send`` is the user-facing command over both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from urllib.parse import urlencode
 
-from webhookd import signatures
+from webhookd import schemes
 from webhookd.config import CATCH_ALL, Config, Listen, SourceConfig
 from webhookd.errors import ConfigError
-
-_FORM_SCHEMES = ("twilio",)  # providers whose webhooks are form posts by default
+from webhookd.schemes import SCHEMES
+from webhookd.schemes.base import sample_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +46,8 @@ def default_body(scheme: str | None, delivery_id: str) -> bytes:
     Deterministic in ``delivery_id``, so sending the same id twice is a duplicate even for
     schemes whose dedup key is the body's hash.
     """
-    message = "test webhook from webhookd send"
-    if scheme in _FORM_SCHEMES:
-        fields = {"MessageSid": delivery_id, "From": "+15005550006", "Body": message}
-        return urlencode(fields).encode()
-    doc = {"id": delivery_id, "event_id": delivery_id, "type": "webhookd.test"}
-    return json.dumps({**doc, "data": {"message": message}}).encode()
+    found = SCHEMES.get(scheme or "")
+    return found.default_body(delivery_id) if found is not None else sample_json(delivery_id)
 
 
 def _host(listen: Listen) -> str:
@@ -81,12 +76,6 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
     return src
 
 
-def _with_query(url: str, key: str, value: str) -> str:
-    base, _, fragment = url.partition("#")
-    joined = base + ("&" if "?" in base else "?") + urlencode({key: value})
-    return joined + ("#" + fragment if fragment else "")
-
-
 def build(
     src: SourceConfig, *, url: str, body: bytes | None, now: float, delivery_id: str
 ) -> Delivery:
@@ -96,9 +85,9 @@ def build(
     does not fit the scheme (Mailgun wants a JSON object or a form).
     """
     cfg = src.verify
-    scheme = cfg.scheme if cfg is not None else None
+    scheme = SCHEMES.get(cfg.scheme) if cfg is not None else None
     if body is None:
-        body = default_body(scheme, delivery_id)
+        body = scheme.default_body(delivery_id) if scheme is not None else sample_json(delivery_id)
     if cfg is None:
         content_type = "application/octet-stream"
         try:
@@ -107,14 +96,9 @@ def build(
         except (ValueError, RecursionError):
             pass
         return Delivery(url, {"Content-Type": content_type}, body)
-    if scheme == "twilio" and "bodySHA256=" not in url:
-        try:
-            json.loads(body)
-        except (ValueError, RecursionError):
-            pass
-        else:  # Twilio signs a JSON body through a hash of it in the URL's query
-            url = _with_query(url, "bodySHA256", hashlib.sha256(body).hexdigest())
-    headers, body = signatures.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id)
+    if scheme is not None:
+        url = scheme.delivery_url(url, body)
+    headers, body = schemes.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id)
     return Delivery(url, headers, body)
 
 

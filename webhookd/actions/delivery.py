@@ -23,6 +23,7 @@ import aiohttp
 from webhookd.actions.base import Outcome
 from webhookd.config import Secret, resolve_secret
 from webhookd.errors import ConfigError
+from webhookd.schemes.standard import sign_standard
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
@@ -112,8 +113,6 @@ def signed_headers(
         **(extra or {}),
     }
     if secrets:
-        from webhookd.signatures import sign_standard
-
         timestamp = int(now)
         headers["webhook-timestamp"] = str(timestamp)
         headers["webhook-signature"] = sign_standard(

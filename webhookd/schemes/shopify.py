@@ -1,0 +1,43 @@
+"""Shopify: ``X-Shopify-Hmac-Sha256`` (base64 HMAC-SHA256 of the raw body), no timestamp, and the
+delivery id in ``X-Shopify-Webhook-Id``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from webhookd.schemes.base import (
+    Result,
+    Scheme,
+    Signed,
+    VerifyConfig,
+    b64,
+    content_type,
+    digest,
+    match,
+    required_header,
+    unb64,
+    utf8,
+)
+
+
+class Shopify(Scheme):
+    name = "shopify"
+    legacy_sha1 = False
+    untimed_always = True
+    dedup_headers = ("X-Shopify-Webhook-Id", "X-Shopify-Event-Id")
+    dedup_json = None
+
+    def check(
+        self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
+    ) -> Result:
+        sig = required_header(headers, "X-Shopify-Hmac-Sha256", "Shopify-Hmac-Sha256")
+        return match(cfg, [unb64(sig)], [body]), None
+
+    def signature(
+        self, cfg: VerifyConfig, secret: str, *, body: bytes, url: str, ts: str, delivery_id: str
+    ) -> Signed:
+        headers = {
+            "X-Shopify-Hmac-Sha256": b64(digest(utf8(secret), body)),
+            "X-Shopify-Webhook-Id": delivery_id,
+        }
+        return headers, body, content_type(body)

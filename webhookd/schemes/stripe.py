@@ -1,0 +1,54 @@
+"""Stripe: ``Stripe-Signature: t=<unix>,v1=<hex>`` over ``"<t>.<body>"``; the event id is ``id``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from webhookd.errors import VerificationError
+from webhookd.schemes.base import (
+    Result,
+    Scheme,
+    Signed,
+    VerifyConfig,
+    check_window,
+    content_type,
+    digest,
+    match,
+    parse_timestamp,
+    required_header,
+    unhex,
+    utf8,
+)
+
+
+class Stripe(Scheme):
+    name = "stripe"
+    legacy_sha1 = False
+    untimed_always = False
+    dedup_headers = ()
+    dedup_json = "id"
+
+    def check(
+        self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
+    ) -> Result:
+        t_text: str | None = None
+        sigs: list[bytes | None] = []
+        for item in required_header(headers, "Stripe-Signature").split(","):
+            key, _, value = item.strip().partition("=")
+            if key == "t" and t_text is None:
+                t_text = value.strip()
+            elif key == "v1":  # v0 and unknown schemes are ignored, as Stripe's libraries do
+                sigs.append(unhex(value))
+        if not sigs:
+            raise VerificationError("malformed signature header")
+        ts = parse_timestamp(t_text)
+        index = match(cfg, sigs, [utf8(f"{t_text}.") + body])
+        # As Stripe's libraries do: only a timestamp older than the tolerance is refused.
+        check_window(ts, now, cfg.tolerance_s, future=False)
+        return index, float(ts)
+
+    def signature(
+        self, cfg: VerifyConfig, secret: str, *, body: bytes, url: str, ts: str, delivery_id: str
+    ) -> Signed:
+        mac = digest(utf8(secret), f"{ts}.".encode() + body).hex()
+        return {"Stripe-Signature": f"t={ts},v1={mac}"}, body, content_type(body)

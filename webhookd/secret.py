@@ -1,0 +1,44 @@
+"""``Secret``: a configured credential that never shows itself in ``repr``, ``str`` or logs.
+
+Its own module, below both ``config`` (which reads secrets) and ``schemes`` (which use them), so
+that ``config`` can ask the signature schemes to validate their options without an import cycle.
+"""
+
+from __future__ import annotations
+
+from webhookd.errors import ConfigError
+
+
+class Secret:
+    """A secret value that never shows itself in ``repr``, ``str`` or logs.
+
+    An ``env:`` secret whose variable is not set is *missing*: a command that only reads the
+    journal can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key.
+    """
+
+    __slots__ = ("_key", "_origin", "_value")
+
+    def __init__(self, value: str | None, origin: str = "inline", key: str = "") -> None:
+        self._value = value
+        self._origin = origin
+        self._key = key
+
+    @property
+    def missing(self) -> bool:
+        return self._value is None
+
+    def reveal(self) -> str:
+        if self._value is None:
+            raise ConfigError(self._key, f"environment variable {self._origin[4:]} is not set")
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self._origin}, ***)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
