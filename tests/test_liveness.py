@@ -31,7 +31,7 @@ from procs import Procs, get_json, poll, write_config
 
 from webhookd.admin import Admin, AdminContext
 from webhookd.app import Daemon
-from webhookd.errors import JournalUnavailable
+from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import new_job_id
 from webhookd.receiver import IntakeState
@@ -255,12 +255,14 @@ async def test_readyz_names_a_dead_writer(tmp_path: Path) -> None:
 
                 journal.on_commit = broken
                 await journal.ingest(_item("a"))
-                with pytest.raises(Exception, match="journal writer"):
+                with pytest.raises(JournalError, match="journal writer"):
                     await journal.watch()
                 status, doc = await get_json(http, f"http://{host}:{port}/readyz")
                 assert status == 503
                 assert doc is not None and doc["ready"] is False
-                assert any("journal writer stopped" in p for p in doc["problems"]), doc  # type: ignore[union-attr]
+                problems = doc["problems"]
+                assert isinstance(problems, list)
+                assert any("journal writer stopped" in p for p in problems), doc
         finally:
             await runner.cleanup()
 
