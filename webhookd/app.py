@@ -15,6 +15,9 @@ Shutdown (first SIGTERM or SIGINT):
   4. stop the background tasks; close the admin listener, the actions and the HTTP session;
   5. flush and checkpoint the journal; exit 0.
 A second signal exits at once; boot recovery covers whatever was left.
+
+Should a long-lived task end (the dispatcher, retention, the heartbeat, the journal's writer),
+the task group cancels the rest, the listeners close, and ``run()`` returns 1 with one line.
 """
 
 from __future__ import annotations
