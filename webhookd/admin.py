@@ -173,7 +173,9 @@ class Admin:
         problems = []
         if self.ctx.intake.draining:
             problems.append("draining")
-        if self.ctx.journal.last_write_error:
+        if self.ctx.journal.writer_problem:
+            problems.append(self.ctx.journal.writer_problem)
+        elif self.ctx.journal.last_write_error:
             problems.append(f"journal: {self.ctx.journal.last_write_error}")
         if problems:
             return web.json_response({"ready": False, "problems": problems}, status=503)

@@ -15,20 +15,24 @@ Shutdown (first SIGTERM or SIGINT):
   4. stop the background tasks; close the admin listener, the actions and the HTTP session;
   5. flush and checkpoint the journal; exit 0.
 A second signal exits at once; boot recovery covers whatever was left.
+
+Should a long-lived task end (the dispatcher, retention, the heartbeat, the journal's writer),
+the task group cancels the rest, the listeners close, and ``run()`` returns 1 with one line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +42,7 @@ from webhookd.actions.base import Resources
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
-from webhookd.errors import JournalUnavailable
+from webhookd.errors import JournalError
 from webhookd.journal import Journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
@@ -157,40 +161,67 @@ class Daemon:
                 lanes=resources.lanes,
                 throughput=throughput,
             )
+            # If any of these tasks ends (the writer's watch: when the writer does), the group
+            # cancels the rest and the daemon exits non-zero: never half alive.
             async with asyncio.TaskGroup() as tg:
                 pool_task = tg.create_task(pool.run(), name="dispatcher")
                 side_tasks = [
+                    tg.create_task(journal.watch(), name="journal-writer-watch"),
                     tg.create_task(self._retention(journal), name="retention"),
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                 ]
-                admin_runner = None
-                if cfg.admin.listen is not None:
-                    admin_runner = await self._listen(Admin(ctx).app(), cfg.admin.listen, "admin")
-                    self.bound.admin = _address(admin_runner)
-                receiver_runner = await self._listen(
-                    Receiver(cfg, journal, self.intake, clock=self.clock).app(),
-                    cfg.server.listen,
-                    "receiver",
-                )
-                self.bound.receiver = _address(receiver_runner)
-                self._announce(cfg)
-                if self.tune_gc:
-                    _tune_gc()
-                self.started.set()
-
-                await self.stop_event.wait()
-                log.info("draining: no longer accepting webhooks")
-                self.intake.draining = True
-                await receiver_runner.cleanup()
-                cancelled = await pool.drain(cfg.workers.shutdown_grace_s)
-                await pool_task
+                listening: list[web.AppRunner] = []
+                try:
+                    cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
+                finally:
+                    # Reached with listeners open only when a task died and the group cancelled
+                    # us: close the ports (receiver first) before the journal closes.
+                    for runner in reversed(listening):
+                        await runner.cleanup()
                 for task in side_tasks:
                     task.cancel()
-                if admin_runner is not None:
-                    await admin_runner.cleanup()
             log.info("stopped cleanly (%d job(s) re-queued for the next start)", cancelled)
         return 0
+
+    async def _serve(
+        self,
+        cfg: Config,
+        ctx: AdminContext,
+        journal: Journal,
+        pool: WorkerPool,
+        pool_task: asyncio.Task[None],
+        listening: list[web.AppRunner],
+    ) -> int:
+        """Open the listeners, serve until asked to stop, drain; returns jobs re-queued."""
+        admin_runner = None
+        if cfg.admin.listen is not None:
+            admin_runner = await self._listen(Admin(ctx).app(), cfg.admin.listen, "admin")
+            listening.append(admin_runner)
+            self.bound.admin = _address(admin_runner)
+        receiver_runner = await self._listen(
+            Receiver(cfg, journal, self.intake, clock=self.clock).app(),
+            cfg.server.listen,
+            "receiver",
+        )
+        listening.append(receiver_runner)
+        self.bound.receiver = _address(receiver_runner)
+        self._announce(cfg)
+        if self.tune_gc:
+            _tune_gc()
+        self.started.set()
+
+        await self.stop_event.wait()
+        log.info("draining: no longer accepting webhooks")
+        self.intake.draining = True
+        listening.remove(receiver_runner)
+        await receiver_runner.cleanup()
+        cancelled = await pool.drain(cfg.workers.shutdown_grace_s)
+        await pool_task
+        if admin_runner is not None:
+            listening.remove(admin_runner)
+            await admin_runner.cleanup()
+        return cancelled
 
     async def _listen(self, app: web.Application, listen: Listen, what: str) -> web.AppRunner:
         runner = web.AppRunner(
@@ -250,7 +281,7 @@ class Daemon:
                     keep_dedup_s=jc.keep_dedup_d * 86400,
                 )
                 await journal.refresh_backlog()
-            except JournalUnavailable as exc:
+            except JournalError as exc:  # a full disk, a failed read: the next round tries again
                 log.warning("retention skipped this round: %s", exc)
                 continue
             if events or dedup:
@@ -351,7 +382,12 @@ def run(config: Config) -> int:
     """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status."""
 
     async def main() -> int:
-        return await Daemon(config, tune_gc=True).run()
+        status = 1
+        try:
+            status = await Daemon(config, tune_gc=True).run()
+            return status
+        finally:
+            _exit_within(EXIT_DEADLINE_S, status)
 
     # The event loop hands every commit to SQLite's thread and back. With CPython's default 5 ms
     # switch interval a busy loop keeps that thread waiting for the GIL, which adds directly to
@@ -360,7 +396,31 @@ def run(config: Config) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main())
-    with contextlib.suppress(KeyboardInterrupt):
-        return int(uvloop.run(main()))
-    return 130
+        runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return int(runner(main()))
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C before the signal handlers were installed
+    except BaseException as exc:
+        # Something raised SystemExit (or the like) in a task: that stops the event loop itself.
+        log.error("fatal: the event loop stopped: %s: %s", type(exc).__name__, exc)
+        _exit_within(EXIT_DEADLINE_S, 1)
+        return 1
+
+
+# Once the daemon is done, the process gets this long to exit; a thread stuck in I/O (the
+# journal's on a dead disk, a sync handler that never returns) would otherwise keep it alive.
+EXIT_DEADLINE_S = 5.0
+
+
+def _exit_within(deadline_s: float, status: int) -> None:
+    def exit_now() -> None:
+        log.error("exit took longer than %gs (a thread is stuck): exiting now", deadline_s)
+        logging.shutdown()
+        os._exit(status)
+
+    timer = threading.Timer(deadline_s, exit_now)
+    timer.daemon = True  # never itself a reason to wait at exit
+    timer.start()

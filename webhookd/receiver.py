@@ -471,9 +471,9 @@ class Receiver:
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
-        commit = self.journal.submit_ingest(NewEvent(event, jobs, second))
-        self._ack_deadlines.watch(commit)
         try:
+            commit = self.journal.submit_ingest(NewEvent(event, jobs, second))
+            self._ack_deadlines.watch(commit)
             result = await commit
         except _CommitTimeout:
             log.warning("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)

@@ -33,6 +33,9 @@ MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
 # cursor walks the journal's lane index), so a refill stays cheap with thousands of tenants.
 MAX_LANES_PER_REFILL = 256
 _ERROR_CHARS = 2000
+# A finish the journal could not commit (a full disk) is tried again, waiting this long at most
+# between tries: the job stays running, and holds its slot, until its outcome is on disk.
+FINISH_RETRY_MAX_S = 2.0
 _K = TypeVar("_K")
 
 
@@ -103,6 +106,7 @@ class WorkerPool:
         self._stopping = False
         self._claiming = asyncio.Lock()  # held across a claim, so a drain can wait it out
         self._claiming_jobs = 0
+        self._claim_failing = False
         # The journal may hold ready jobs the window lacks: _refill_now when something new is
         # known (a commit the window had no room for, an ordered job, a retry falling due, a
         # replay); _overflow when lanes were simply full, topped up once the window runs low.
@@ -250,9 +254,17 @@ class WorkerPool:
                 claimed = await self.journal.claim(list(picks), self.boot_id)
                 if self._stopping:
                     # A drain began while the claim waited on the journal: start nothing new.
-                    await self.journal.unclaim([c.job.id for c in claimed])
+                    await self._unclaim([c.job.id for c in claimed])
                 else:
                     to_start = claimed
+                self._claim_failing = False
+            except JournalUnavailable as exc:
+                # A full disk, say: the picks stay queued in the journal and are read back by
+                # the next refill (a wake or the sweep), instead of the dispatcher dying.
+                self._refill_now = True
+                if not self._claim_failing:
+                    log.error("claiming jobs failed, will try again: %s", exc)
+                self._claim_failing = True
             finally:
                 self._claiming_jobs = 0
                 starting = {c.job.id for c in to_start}
@@ -354,11 +366,18 @@ class WorkerPool:
             task.cancel()
         if stragglers:
             await asyncio.gather(*stragglers.values(), return_exceptions=True)
-            await self.journal.unclaim(list(stragglers))
+            await self._unclaim(list(stragglers))
             log.warning(
                 "drain: %d job(s) did not finish in %.0fs; re-queued", len(stragglers), grace_s
             )
         return len(stragglers)
+
+    async def _unclaim(self, job_ids: list[str]) -> None:
+        try:
+            await self.journal.unclaim(job_ids)
+        except JournalUnavailable as exc:
+            # They stay 'running' under this boot id: the next start's recovery re-queues them.
+            log.error("%d job(s) not put back to queued: %s", len(job_ids), exc)
 
     # -- running one job ---------------------------------------------------------------------
 
@@ -376,13 +395,7 @@ class WorkerPool:
             outcome = await self._attempt(action, action_cfg, claimed)
         finished = self._decide(claimed, action_cfg, outcome, started_at)
         self.outcomes[finished.outcome] += 1
-        # Shielded: a drain that cancels us after the action finished must not lose the record.
-        try:
-            await asyncio.shield(self.journal.finish([finished]))
-        except JournalUnavailable as exc:
-            # The job stays 'running' under this boot id; the next start re-queues it.
-            log.error("job %s: outcome %s not recorded: %s", job.id, finished.outcome, exc)
-            return
+        await self._record(finished)
         if (
             finished.state == JobState.QUEUED
             and finished.run_at is not None
@@ -404,6 +417,31 @@ class WorkerPool:
             f" error={finished.error!r}" if finished.error else "",
         )
 
+    async def _record(self, finished: Finished) -> None:
+        """Commit an attempt's outcome, trying again while the journal cannot take it.
+
+        Until it is committed the job stays 'running' in the journal and keeps its slot here
+        (nothing new could be claimed meanwhile anyway). Should a drain cancel this wait, the
+        drain re-queues the job, or the next start's recovery does: the action then runs again
+        (at least once, never lost).
+        """
+        delay_s = 0.05
+        while True:
+            try:
+                # Shielded: a drain that cancels us must not cut a commit in flight.
+                await asyncio.shield(self.journal.finish([finished]))
+                return
+            except JournalUnavailable as exc:
+                if delay_s == 0.05:
+                    log.error(
+                        "job %s: outcome %s not recorded yet, will try again: %s",
+                        finished.job_id,
+                        finished.outcome,
+                        exc,
+                    )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, FINISH_RETRY_MAX_S)
+
     async def _attempt(self, action: Action, cfg: ActionConfig, claimed: Claimed) -> Outcome:
         try:
             async with asyncio.timeout(cfg.timeout_s):
@@ -417,6 +455,13 @@ class WorkerPool:
         except Exception as exc:  # an action's bug or an unexpected failure: retry it
             log.debug("action %s raised", cfg.name, exc_info=True)
             return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS])
+        except BaseException as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # a drain cancelling the job
+            # SystemExit, KeyboardInterrupt, a stray CancelledError: one job's failure, which
+            # must not reach the event loop (it would stop the daemon half way).
+            return Outcome.retry(f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS])
 
     def _decide(
         self, claimed: Claimed, cfg: ActionConfig | None, outcome: Outcome, started_at: float

@@ -11,7 +11,8 @@ abandoned, not killed, and keeps running in the background).
 Outcomes: a return value is the job's result (what JSON cannot hold is stored as its ``str()``);
 ``webhookd.Retry(after_s=…)`` asks for another attempt, ``webhookd.Reject(reason)`` sends the job
 to the dead-letter queue, and any other exception is retried with its message and the tail of
-its traceback recorded.
+its traceback recorded. So is a ``BaseException`` such as ``SystemExit`` or
+``KeyboardInterrupt``: a handler cannot stop the daemon.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ class PythonAction:
         except Exception as exc:
             tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
             return Outcome.retry(f"{type(exc).__name__}: {exc}", traceback=tb)
+        except BaseException as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # a real cancellation (timeout, drain), not something the handler raised
+            # SystemExit, KeyboardInterrupt …: left to propagate, they would stop the event loop
+            # from inside a job. They are this attempt's failure, retried like any exception.
+            tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
+            return Outcome.retry(
+                f"handler raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}",
+                traceback=tb,
+            )
         return Outcome.done(_json_safe(value))
 
     async def aclose(self) -> None:

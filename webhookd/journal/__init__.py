@@ -41,9 +41,7 @@ from webhookd.journal.batch import (
     IngestOp,
     Op,
     WriteFailed,
-    write_claim,
-    write_finishes,
-    write_ingests,
+    write_ops,
 )
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
@@ -90,6 +88,9 @@ __all__ = [
 log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
+# How long close() waits for the writer to flush and for each thread to let go of its
+# connection. A thread stuck in I/O is then left behind rather than holding up the exit.
+CLOSE_TIMEOUT_S = 10.0
 _BUSY_TIMEOUT_MS = 5000
 _PRAGMAS = (
     f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
@@ -137,7 +138,10 @@ class Journal(Reads):
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.last_write_error: str | None = None
+        # Why the writer stopped, when it stopped without close() asking it to.
+        self.writer_problem: str | None = None
         self.commits = 0
         self.batched_ops = 0
         # Jobs queued or running, kept in step by this process's writes and re-counted by
@@ -168,28 +172,65 @@ class Journal(Reads):
             await self._close_connections()
             raise
         self.backlog_jobs = await self.backlog()
+        self._closing = False
+        self.writer_problem = None
         self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
+        self._task.add_done_callback(self._writer_ended)
 
     async def close(self) -> None:
-        """Flush what is queued, checkpoint the WAL into the main file, close."""
-        if self._task is not None:
-            await self._queue.put(None)
-            await self._task
-            self._task = None
-        if self._writer is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await self._in_thread(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
-        await self._close_connections()
+        """Flush what is queued, checkpoint the WAL into the main file, close.
+
+        Bounded: a writer that does not finish within ``CLOSE_TIMEOUT_S`` is cancelled (what it
+        still held fails with ``JournalUnavailable``), and the threads are told to close their
+        connections without being waited on past that, so a stuck disk cannot stop an exit.
+        """
+        self._closing = True
+        try:
+            task, self._task = self._task, None
+            if task is not None and not task.done():
+                self._queue.put_nowait(None)
+                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+                if not task.done():
+                    log.error("journal writer did not finish within %gs; closing", CLOSE_TIMEOUT_S)
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if task is not None and task.done() and self.writer_problem is None:
+                await self._on_thread_within(
+                    CLOSE_TIMEOUT_S, self._checkpoint_quietly, "PRAGMA wal_checkpoint(TRUNCATE)"
+                )
+        finally:
+            await self._close_connections()
+
+    def _checkpoint_quietly(self, sql: str) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._require_writer().execute(sql)
 
     async def _close_connections(self) -> None:
-        if self._reader is not None:
-            await self._reader.close()
-        if self._writer is not None:
-            await self._in_thread(self._writer.close)
-        self._reader = self._writer = None
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-            self._thread = None
+        reader, self._reader = self._reader, None
+        writer, self._writer = self._writer, None
+        thread, self._thread = self._thread, None
+        if reader is not None:
+            # stop() queues "close, then end the thread" behind whatever the thread is doing;
+            # unlike close() it needs no answer, so a stuck read cannot hold us here.
+            stopped = reader.stop()
+            if stopped is not None:
+                await asyncio.wait({stopped}, timeout=CLOSE_TIMEOUT_S)
+        if thread is not None:
+            if writer is not None:
+                closed = asyncio.wrap_future(thread.submit(writer.close))
+                await asyncio.wait({closed}, timeout=CLOSE_TIMEOUT_S)
+            thread.shutdown(wait=False)
+
+    async def _on_thread_within(self, timeout_s: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the writer's thread, waiting at most ``timeout_s`` for it."""
+        assert self._thread is not None
+        done = asyncio.wrap_future(self._thread.submit(fn, *args))
+        await asyncio.wait({done}, timeout=timeout_s)
+
+    def _require_writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise JournalError("journal is not open")
+        return self._writer
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn`` on the writer's own thread (the only thread that touches its connection)."""
@@ -244,8 +285,31 @@ class Journal(Reads):
 
     def _enqueue(self, op: Op) -> None:
         if self._task is None or self._task.done():
-            raise JournalUnavailable("journal writer is not running")
+            raise JournalUnavailable(self.writer_problem or "journal writer is not running")
         self._queue.put_nowait(op)
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The writer's task is done: if close() did not ask for that, say why (``/readyz``)."""
+        if task.cancelled():
+            why = "cancelled"
+        else:
+            exc = task.exception()  # retrieved here, so asyncio does not log it a second time
+            why = _describe(exc) if exc is not None else "returned"
+        if not self._closing:
+            self.writer_problem = f"journal writer stopped: {why}"
+
+    async def watch(self) -> None:
+        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked.
+
+        The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
+        that can neither take nor finish anything, and it must exit rather than half live.
+        """
+        task = self._task
+        if task is None:
+            raise JournalError("journal is not open")
+        await asyncio.wait({task})  # cancelling the watch leaves the writer alone
+        if not self._closing:
+            raise JournalError(self.writer_problem or "journal writer stopped")
 
     async def _submit(self, op: Op) -> Any:
         self._enqueue(op)
@@ -255,46 +319,71 @@ class Journal(Reads):
         return asyncio.get_running_loop().create_future()
 
     async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch: list[Op] = [first]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                op = self._queue.get_nowait()
-                if op is None:
-                    stopping = True
+        batch: list[Op] = []
+        try:
+            stopping = False
+            while not stopping:
+                first = await self._queue.get()
+                if first is None:
                     break
+                batch = [first]
+                while len(batch) < MAX_BATCH and not self._queue.empty():
+                    op = self._queue.get_nowait()
+                    if op is None:
+                        stopping = True
+                        break
+                    batch.append(op)
+                # The whole batch is one hop to the writer's thread: the group transaction,
+                # then each other write in its own. Futures are resolved back here, on the loop.
+                group = Group(
+                    ops=[op for op in batch if not isinstance(op, CallOp)],
+                    calls=[op for op in batch if isinstance(op, CallOp)],
+                    now=self.clock.time(),
+                )
+                await self._in_thread(self._write_batch, group)
+                self._resolve(group)
+                batch = []
+        finally:
+            # Only reached with work left when the writer dies or is cancelled: fail the rest
+            # now rather than leave webhooks and workers waiting on futures no one will resolve.
+            self._fail_all(batch)
+
+    def _fail_all(self, batch: list[Op]) -> None:
+        error = JournalUnavailable("journal writer is not running")
+        while not self._queue.empty():
+            op = self._queue.get_nowait()
+            if op is not None:
                 batch.append(op)
-            # The whole batch is one hop to the writer's thread: the group transaction, then
-            # each other write in its own. Futures are resolved back here, on the loop.
-            group = Group(
-                ingests=[op for op in batch if isinstance(op, IngestOp)],
-                finishes=[op for op in batch if isinstance(op, FinishOp)],
-                claims=[op for op in batch if isinstance(op, ClaimOp)],
-                calls=[op for op in batch if isinstance(op, CallOp)],
-                now=self.clock.time(),
-            )
-            await self._in_thread(self._write_batch, group)
-            self._resolve(group)
+        for op in batch:
+            if not op.future.done():
+                op.future.set_exception(error)
 
     def _write_batch(self, group: Group) -> None:
-        """On the writer's thread: commit the group, then each call; record what happened."""
-        conn = self._writer
-        assert conn is not None
-        if group.ingests or group.finishes or group.claims:
+        """On the writer's thread: commit the group, then each call; record what happened.
 
-            def write(conn: sqlite3.Connection) -> None:
-                group.ingested = write_ingests(conn, group.ingests, group.now)
-                for fop in group.finishes:
-                    write_finishes(conn, fop.results)
-                group.claimed = [write_claim(conn, op) for op in group.claims]
-
+        Nothing may escape from here: an error fails the operations it concerns, never the
+        writer, which every later webhook and job needs.
+        """
+        conn = self._require_writer()
+        if group.ops:
             try:
-                _transaction(conn, write)
-            except (sqlite3.Error, OSError) as exc:
-                group.error = exc
+                group.results = _transaction(conn, _writer_of(group.ops, group.now))
+                group.commits += 1
+            except Exception as exc:
+                group.results = {}
+                if len(group.ops) == 1 or isinstance(exc, (sqlite3.OperationalError, OSError)):
+                    # Full, locked, read-only, I/O: every operation would fail again alone (and
+                    # a locked file would make each wait out busy_timeout).
+                    group.error = exc
+                else:
+                    # One operation's value failed the group (a lone surrogate cannot be
+                    # encoded, an integer too big): write each alone so the others still commit.
+                    for op in group.ops:
+                        try:
+                            group.results |= _transaction(conn, _writer_of([op], group.now))
+                            group.commits += 1
+                        except Exception as one_exc:
+                            group.errors[id(op)] = one_exc
         for call in group.calls:
             group.called.append(self._write_call(conn, call))
 
@@ -303,8 +392,8 @@ class Journal(Reads):
         if not op.transaction:
             try:
                 return op.fn(conn), None
-            except (sqlite3.Error, OSError) as exc:
-                return None, JournalUnavailable(f"journal maintenance failed: {exc}")
+            except Exception as exc:
+                return None, JournalUnavailable(f"journal maintenance failed: {_describe(exc)}")
         try:
             result = _transaction(conn, op.fn)
         except (sqlite3.Error, OSError) as exc:
@@ -315,46 +404,50 @@ class Journal(Reads):
 
     def _resolve(self, group: Group) -> None:
         """On the loop: hand each waiter its result, keep the counters, announce new jobs."""
-        grouped: list[Op] = [*group.ingests, *group.finishes, *group.claims]
         if group.error is not None:
-            self.last_write_error = str(group.error)
-            log.error("journal write failed: %s", group.error)
-            error = JournalUnavailable(f"journal write failed: {group.error}")
-            for op in grouped:
-                if not op.future.done():
-                    op.future.set_exception(error)
-        elif grouped:
+            self.last_write_error = _describe(group.error)
+            log.error("journal write failed: %s", self.last_write_error)
+        elif group.commits:
             self.last_write_error = None
-            self.commits += 1
-            self.batched_ops += len(grouped)
-            created: list[Ready] = []
-            for iop, (result, ready) in zip(group.ingests, group.ingested, strict=True):
+        self.commits += group.commits
+        created: list[Ready] = []
+        for op in group.ops:
+            exc = group.error or group.errors.get(id(op))
+            if exc is not None:
+                if exc is not group.error:
+                    log.error("journal write failed for one %s: %s", _kind(op), _describe(exc))
+                if not op.future.done():
+                    op.future.set_exception(
+                        JournalUnavailable(f"journal write failed: {_describe(exc)}")
+                    )
+                continue
+            result = group.results[id(op)]
+            self.batched_ops += 1
+            if isinstance(op, IngestOp):
+                ingested, ready = result
                 created.extend(ready)
-                if not iop.future.done():
-                    iop.future.set_result(result)
-            for fop in group.finishes:
-                if not fop.future.done():
-                    fop.future.set_result(None)
-                self.backlog_jobs -= sum(1 for f in fop.results if f.state != JobState.QUEUED)
-            for cop, claimed in zip(group.claims, group.claimed, strict=True):
-                if not cop.future.done():
-                    cop.future.set_result(claimed)
-            self.backlog_jobs += len(created)
-            if created and self.on_commit is not None:
-                self.on_commit(created)
-        for call, (result, exc) in zip(group.calls, group.called, strict=True):
-            if isinstance(exc, WriteFailed):
-                self.last_write_error = str(exc.cause)
-                exc = JournalUnavailable(f"journal write failed: {exc.cause}")
-            elif exc is None and call.transaction:
+                result = ingested
+            elif isinstance(op, FinishOp):
+                self.backlog_jobs -= sum(1 for f in op.results if f.state != JobState.QUEUED)
+            if not op.future.done():
+                op.future.set_result(result)
+        self.backlog_jobs += len(created)
+        for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
+            if isinstance(call_exc, WriteFailed):
+                self.last_write_error = _describe(call_exc.cause)
+                call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
+            elif call_exc is None and call.transaction:
                 self.last_write_error = None
                 self.commits += 1
             if call.future.done():
                 continue
-            if exc is not None:
-                call.future.set_exception(exc)
+            if call_exc is not None:
+                call.future.set_exception(call_exc)
             else:
                 call.future.set_result(result)
+        # Last, once every waiter has its answer: a consumer's error here ends the writer.
+        if created and self.on_commit is not None:
+            self.on_commit(created)
 
     async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
         return await self._submit(CallOp(self._new_future(), fn, transaction))
@@ -452,7 +545,10 @@ class Journal(Reads):
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def refresh_backlog(self) -> int:
-        self.backlog_jobs = await self.backlog()
+        try:
+            self.backlog_jobs = await self.backlog()
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal read failed: {exc}") from exc
         return self.backlog_jobs
 
     # -- operator actions --------------------------------------------------------------------
@@ -515,11 +611,15 @@ class Journal(Reads):
             " ('queued', 'running') OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
             " OR (j.state = 'dead' AND j.finished_at > ?)))"
         )
-        rows = await fetch(
-            self.reader,
-            f"SELECT e.id FROM events e WHERE e.received_at < ? AND {keep} ORDER BY e.seq LIMIT ?",
-            (done_before, done_before, dead_before, batch),
-        )
+        try:
+            rows = await fetch(
+                self.reader,
+                f"SELECT e.id FROM events e WHERE e.received_at < ? AND {keep}"
+                " ORDER BY e.seq LIMIT ?",
+                (done_before, done_before, dead_before, batch),
+            )
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal read failed: {exc}") from exc
         candidates = [r[0] for r in rows]
 
         def fn(conn: sqlite3.Connection) -> Pruned:
@@ -600,6 +700,21 @@ class Journal(Reads):
             return cur.rowcount > 0
 
         return await self._call(fn)  # type: ignore[no-any-return]
+
+
+def _describe(exc: BaseException) -> str:
+    """A write error for logs and ``/readyz``: SQLite's own words, else the exception's type."""
+    text = str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else f"{type(exc).__name__}: {exc}"
+    # The value that failed may hold a lone surrogate, which no log stream can encode.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _writer_of(ops: list[Op], now: float) -> Callable[[sqlite3.Connection], dict[int, Any]]:
+    return lambda conn: write_ops(conn, ops, now)
+
+
+def _kind(op: Op) -> str:
+    return {IngestOp: "ingest", FinishOp: "finish", ClaimOp: "claim"}.get(type(op), "write")
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:

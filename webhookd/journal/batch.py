@@ -56,17 +56,21 @@ class CallOp(Op):
 
 @dataclass(slots=True)
 class Group:
-    """One batch on its way through the writer's thread, and what became of it."""
+    """One batch on its way through the writer's thread, and what became of it.
 
-    ingests: list[IngestOp]
-    finishes: list[FinishOp]
-    claims: list[ClaimOp]
+    ``ops`` (ingests, finishes, claims) are written in one transaction; should a value in one of
+    them fail it (a string SQLite cannot encode, say), they are written again one by one, so
+    ``results`` and ``errors`` are kept per operation, keyed by ``id(op)``.
+    """
+
+    ops: list[Op]
     calls: list[CallOp]
     now: float
-    ingested: list[tuple[Ingested, list[Ready]]] = field(default_factory=list)
-    claimed: list[list[Claimed]] = field(default_factory=list)
+    results: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, Exception] = field(default_factory=dict)
     called: list[tuple[Any, BaseException | None]] = field(default_factory=list)
-    error: BaseException | None = None
+    commits: int = 0
+    error: Exception | None = None  # the group failed as a whole: nothing of it was written
 
 
 class WriteFailed(Exception):
@@ -75,6 +79,23 @@ class WriteFailed(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+def write_ops(conn: sqlite3.Connection, ops: Sequence[Op], now: float) -> dict[int, Any]:
+    """Write ingests, then finishes, then claims; returns each one's result by ``id(op)``."""
+    results: dict[int, Any] = {}
+    ingests = [op for op in ops if isinstance(op, IngestOp)]
+    if ingests:
+        for iop, ingested in zip(ingests, write_ingests(conn, ingests, now), strict=True):
+            results[id(iop)] = ingested
+    for op in ops:
+        if isinstance(op, FinishOp):
+            write_finishes(conn, op.results)
+            results[id(op)] = None
+    for op in ops:
+        if isinstance(op, ClaimOp):
+            results[id(op)] = write_claim(conn, op)
+    return results
 
 
 def write_ingests(
