@@ -143,7 +143,8 @@ def test_missing_env_secret_names_key_and_variable(monkeypatch: pytest.MonkeyPat
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
     cfg = loads(
         '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'
-        '[[sources.a.actions]]\ntype = "log"\n[[sources.a.actions]]\ntype = "log"'
+        '[[sources.a.actions]]\ntype = "log"\n[[sources.a.actions]]\ntype = "log"',
+        kinds=actions.kind_defaults,
     )
     forward, log1, log2 = cfg.sources["a"].actions
     assert (forward.retry.max_attempts, forward.retry.base_s, forward.retry.factor) == (10, 10, 3)
