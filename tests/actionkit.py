@@ -96,7 +96,7 @@ path = "{tmp_path / "webhookd.db"}"
 concurrency = {concurrency}
 {extra}
 """
-    cfg = config_mod.loads(text, "test")
+    cfg = config_mod.loads(text, "test", kinds=registry.kind_defaults)
     registry.validate(cfg)
     clock = clock or ManualClock()
 

@@ -182,9 +182,9 @@ path = "{tmp_path / "webhookd.db"}"
 {sections.get("workers", "")}
 {extra}
 """
-    cfg = config_mod.loads(text, "test")
     from webhookd import actions
 
+    cfg = config_mod.loads(text, "test", kinds=actions.kind_defaults)
     actions.validate(cfg)
     return cfg
 

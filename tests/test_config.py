@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from webhookd import actions
-from webhookd.config import EMBEDDED_DEFAULT, Extractor, Listen, Secret, load, loads
+from webhookd.config import (
+    ACTION_KINDS,
+    DEFAULT_MAX_COOLDOWN_S,
+    EMBEDDED_DEFAULT,
+    ActionDefaults,
+    AdminConfig,
+    Extractor,
+    JournalConfig,
+    LaneConfig,
+    Listen,
+    LogConfig,
+    RetryPolicy,
+    Secret,
+    ServerConfig,
+    WorkersConfig,
+    load,
+    loads,
+)
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
 from webhookd.schemes import SCHEMES
@@ -144,7 +162,8 @@ def test_missing_env_secret_names_key_and_variable(monkeypatch: pytest.MonkeyPat
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
     cfg = loads(
         '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'
-        '[[sources.a.actions]]\ntype = "log"\n[[sources.a.actions]]\ntype = "log"'
+        '[[sources.a.actions]]\ntype = "log"\n[[sources.a.actions]]\ntype = "log"',
+        kinds=actions.kind_defaults,
     )
     forward, log1, log2 = cfg.sources["a"].actions
     assert (forward.retry.max_attempts, forward.retry.base_s, forward.retry.factor) == (10, 10, 3)
@@ -252,3 +271,87 @@ def test_verify_dedup_body_option(verify: str, dedup_body: bool) -> None:
     """dedup_body defaults to on and can be turned off where no timestamp is signed."""
     v = loads(f"[sources.a]\nverify = {{ {verify} }}").sources["a"].verify
     assert v is not None and v.dedup_body is dedup_body and SCHEMES[v.scheme].untimed(v)
+
+
+def test_an_empty_config_and_the_reference_file_hold_the_dataclass_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What webhookd.toml documents as each key's default is what a config without it gets."""
+    for name, value in REFERENCE_ENV.items():
+        monkeypatch.setenv(name, value)
+    empty = loads("")
+    reference = load(REPO / "webhookd.toml")
+    assert (empty.server, empty.admin, empty.journal) == (
+        ServerConfig(),
+        AdminConfig(),
+        JournalConfig(),
+    )
+    assert (empty.workers, empty.log) == (WorkersConfig(), LogConfig())
+    # The reference listens on every interface, as a deployment would; the rest are defaults.
+    assert dataclasses.replace(reference.server, listen=ServerConfig().listen) == ServerConfig()
+    assert (reference.admin, reference.journal) == (AdminConfig(), JournalConfig())
+    assert (reference.workers, reference.log) == (WorkersConfig(), LogConfig())
+    lane = reference.lanes["openai"]
+    assert (lane.burst_s, lane.max_cooldown_s) == (LaneConfig("x").burst_s, DEFAULT_MAX_COOLDOWN_S)
+
+
+# DESIGN §2: the retry defaults per action kind; timeouts give an LLM call and a program minutes.
+KIND_DEFAULTS = {
+    "forward": (30.0, 10, 10.0, 3.0, 6 * 3600.0),
+    "openai": (120.0, 6, 2.0, 2.0, 60.0),
+    "command": (300.0, 3, 1.0, 4.0, 300.0),
+    "python": (300.0, 3, 1.0, 4.0, 300.0),
+    "log": (30.0, 3, 1.0, 4.0, 300.0),
+}
+
+
+@pytest.mark.parametrize("kind", ACTION_KINDS)
+def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None:
+    """An action that leaves out timeout_s and retry gets its kind's, declared by the kind."""
+    timeout_s, attempts, base_s, factor, cap_s = KIND_DEFAULTS[kind]
+    declared = ActionDefaults(timeout_s, RetryPolicy(attempts, base_s, factor, cap_s))
+    assert declared == actions.kind(kind, "type").DEFAULTS
+    cfg = loads(f'[[sources.a.actions]]\ntype = "{kind}"', kinds=actions.kind_defaults)
+    (action,) = cfg.sources["a"].actions
+    assert (action.timeout_s, action.retry) == (declared.timeout_s, declared.retry)
+    written = "timeout_s = 7\nretry = { max_attempts = 2 }"
+    cfg = loads(f'[[sources.a.actions]]\ntype = "{kind}"\n{written}', kinds=actions.kind_defaults)
+    (given,) = cfg.sources["a"].actions
+    assert (given.timeout_s, given.retry) == (
+        7.0,
+        dataclasses.replace(declared.retry, max_attempts=2),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "line", "key", "message"),
+    [
+        ("log", "colour = 1", "colour", "unknown key for a log action"),
+        ("log", 'body = "yes"', "body", "must be true or false, not a string"),
+        ("log", 'level = "loud"', "level", "must be one of debug, info, warning"),
+        ("forward", "method = 1", "method", "must be a string, not an integer"),
+        ("forward", 'method = "GET"', "method", "must be one of POST, PUT, PATCH"),
+        ("openai", "max_tokens = 2.5", "max_tokens", "must be an integer, not a number"),
+        ("openai", "max_tokens = 0", "max_tokens", "must be at least 1"),
+        ("openai", "temperature = inf", "temperature", "must be a finite number, not inf"),
+        ("openai", 'max_lane_wait_s = "5"', "max_lane_wait_s", "must be a number, not a string"),
+        ("command", "shell = true", "shell", "unknown key for a command action"),
+        ("python", 'handler = "m:f"\nretries = 1', "retries", "unknown key for a python action"),
+    ],
+)
+def test_action_options_are_read_like_the_rest_of_the_config(
+    kind: str, line: str, key: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An action's bad option gets the message any config key would, naming its dotted key."""
+    monkeypatch.setenv("OPENAI_KEY_FOR_TEST", "sk-test")
+    required = {
+        "forward": 'url = "http://127.0.0.1:1/x"',
+        "openai": 'api_key = "env:OPENAI_KEY_FOR_TEST"\nmodel = "m"\nprompt = "p"',
+        "command": 'argv = ["true"]',
+    }.get(kind, "")
+    if kind == "openai" and "max_tokens" not in line:
+        required += "\nmax_tokens = 10"
+    text = f'[[sources.a.actions]]\ntype = "{kind}"\n{required}\n{line}\n'
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(text))
+    assert str(info.value) == f"sources.a.actions[0].{key}: {message}"

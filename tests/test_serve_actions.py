@@ -203,3 +203,49 @@ async def test_log_writes_one_line_with_the_event_and_its_body(
     assert jobs_by_action(doc)["log"]["result"] == {"logged": True}
     assert f"source=dev bytes={len(body)}" in line
     assert f"body={body.decode()!r}" in line
+
+
+async def test_each_kind_gives_its_jobs_the_kinds_own_retry_defaults(
+    tmp_path: Path,
+    procs: Procs,
+    http: aiohttp.ClientSession,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``serve``, actions without ``retry`` get their kind's attempts: forward 10, openai
+    6, log 3 (each kind declares them; the daemon must hand them to the config)."""
+    standin = await StandIn(api_key="sk-from-the-environment").start()
+    try:
+        monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", "sk-from-the-environment")
+        cfg = write_config(
+            tmp_path / "webhookd.toml",
+            tmp_path / "webhookd.db",
+            f"""
+[sources.mixed]
+[[sources.mixed.actions]]
+type = "forward"
+url = "{target.url}/orders"
+[[sources.mixed.actions]]
+type = "openai"
+api_key = "env:WEBHOOKD_TEST_OPENAI_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+prompt = "Hello"
+max_tokens = 10
+[[sources.mixed.actions]]
+type = "log"
+""",
+        )
+        daemon = await procs.serve(cfg)
+        event_id = await post(http, f"{daemon.url}/hooks/mixed", b"{}")
+        doc = await settled_event(http, daemon.admin_url, event_id)
+    finally:
+        await standin.aclose()
+
+    assert doc["state"] == "done", doc
+    jobs = jobs_by_action(doc)
+    assert {name: job["max_attempts"] for name, job in jobs.items()} == {
+        "forward": 10,
+        "openai": 6,
+        "log": 3,
+    }

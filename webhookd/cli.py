@@ -35,14 +35,15 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _load(path: str | None, *, secrets: bool = True) -> config_mod.Config:
-    """The config, with its ``env:`` secrets and actions checked; ``secrets=False`` for verbs
-    that only read or edit the journal: they need neither, so an unexported secret or an
-    action's option does not stop them."""
+    """The config, with its ``env:`` secrets and actions checked, and each action given its
+    kind's defaults; ``secrets=False`` for verbs that only read or edit the journal: they run no
+    action, so an unexported secret or an action's option does not stop them."""
     from webhookd import actions
 
     path = path or os.environ.get("WEBHOOKD_CONFIG") or None
     try:
-        cfg = config_mod.load(path, secrets=secrets)
+        kinds = actions.kind_defaults if secrets else None
+        cfg = config_mod.load(path, secrets=secrets, kinds=kinds)
         if secrets:
             actions.validate(cfg)
     except ConfigError as exc:

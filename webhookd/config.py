@@ -6,27 +6,37 @@ here, once, and wrapped in ``Secret`` so that no ``repr`` or log line can show t
 Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are kept in
 ``ActionConfig.options`` and validated by the action's own module when actions are built; a
 ``verify`` table is read here and checked by its signature scheme (``webhookd.schemes``).
+
+A default is written once, on its dataclass field; ``setting()`` keeps the field's bounds
+beside it, and ``Table.read`` fills a dataclass from a table with them. Action kinds read their
+options with the same ``Table``, and hand their own defaults for the shared action keys
+(``timeout_s``, ``retry``) to ``parse`` as ``kinds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
 from webhookd.schemes import SCHEMES
 from webhookd.schemes.base import VerifyConfig as VerifyConfig
 from webhookd.secret import Secret as Secret
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 CATCH_ALL = "*"
 
@@ -52,18 +62,39 @@ path = "./webhookd.db"
 type = "log"
 """
 
-# DESIGN §2: retry defaults per action kind.
-_RETRY_DEFAULTS: dict[str, tuple[int, float, float, float]] = {
-    "forward": (10, 10.0, 3.0, 6 * 3600.0),
-    "openai": (6, 2.0, 2.0, 60.0),
-    "command": (3, 1.0, 4.0, 300.0),
-    "python": (3, 1.0, 4.0, 300.0),
-    "log": (3, 1.0, 4.0, 300.0),
-}
-_TIMEOUT_DEFAULTS = {"forward": 30.0, "openai": 120.0, "command": 300.0, "python": 300.0}
-
-
 _BARE_KEY = re.compile(r"[A-Za-z0-9_*-]+")
+
+
+T = TypeVar("T")
+_RULE = "webhookd.rule"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """How ``Table.read`` checks one key: bounds for numbers, choices for strings, or a parser.
+
+    A field's type says which getter reads it (``int``, ``float``, ``str``, ``bool``, ``Path``,
+    ``Secret``, a ``Literal`` of strings, any of them ``| None``); ``parse(value, dotted_key)``
+    replaces the getter for anything else.
+    """
+
+    minimum: float | None = None
+    positive: bool = False
+    choices: tuple[str, ...] = ()
+    parse: Callable[[Any, str], Any] | None = None
+
+
+def setting(
+    default: T,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    choices: tuple[str, ...] = (),
+    parse: Callable[[Any, str], Any] | None = None,
+) -> T:
+    """A dataclass field holding a config key: its one default, and how its value is checked."""
+    rule = Rule(minimum=minimum, positive=positive, choices=choices, parse=parse)
+    return field(default=default, metadata={_RULE: rule})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,64 +127,113 @@ class Listen:
             return False
 
 
+def parse_listen(value: Any, key: str) -> Listen:
+    if not isinstance(value, str):
+        raise ConfigError(key, 'must be a string like "127.0.0.1:8080"')
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(key, f"{value!r} is not HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return Listen(host, port)
+
+
+def parse_extractor(value: Any, key: str) -> Extractor:
+    if not isinstance(value, str):
+        raise ConfigError(key, 'must be "header:NAME", "json:a.b", "form:FIELD" or "body"')
+    if value == "body":
+        return Extractor("body")
+    kind, sep, arg = value.partition(":")
+    if not sep or not arg or kind not in ("header", "json", "form"):
+        raise ConfigError(
+            key, f'{value!r} must be "header:NAME", "json:a.b", "form:FIELD" or "body"'
+        )
+    return Extractor(kind, arg)  # type: ignore[arg-type]
+
+
+def _admin_listen(value: Any, key: str) -> Listen | None:
+    return None if value == "" else parse_listen(value, key)  # "": no admin listener
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    listen: Listen = Listen("127.0.0.1", 8080)
-    max_body_bytes: int = 1_048_576
-    ack_timeout_s: float = 2.0
-    max_backlog: int = 1_000_000
-    retry_after_s: int = 5
-    body_timeout_s: float = 10.0
-    max_inflight_body_bytes: int = 64 * 1_048_576
+    listen: Listen = setting(Listen("127.0.0.1", 8080), parse=parse_listen)
+    max_body_bytes: int = setting(1_048_576, positive=True)
+    ack_timeout_s: float = setting(2.0, positive=True)
+    max_backlog: int = setting(1_000_000, positive=True)
+    retry_after_s: int = setting(5, positive=True)
+    body_timeout_s: float = setting(10.0, positive=True)
+    max_inflight_body_bytes: int = setting(64 * 1_048_576, positive=True)
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    listen: Listen | None = Listen("127.0.0.1", 8081)
+    listen: Listen | None = setting(Listen("127.0.0.1", 8081), parse=_admin_listen)
     token: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
     path: Path = Path("./webhookd.db")
-    keep_done_h: float = 24.0
-    keep_dead_d: float = 14.0
-    keep_dedup_d: float = 7.0
-    prune_interval_s: float = 60.0
+    keep_done_h: float = setting(24.0, minimum=0)
+    keep_dead_d: float = setting(14.0, minimum=0)
+    keep_dedup_d: float = setting(7.0, minimum=0)
+    prune_interval_s: float = setting(60.0, positive=True)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkersConfig:
-    concurrency: int = 32
-    shutdown_grace_s: float = 25.0
-    sweep_interval_s: float = 1.0
-    window: int = 1000
-    max_recoveries: int = 3
-    weights: tuple[int, int, int] = (8, 4, 1)
+    concurrency: int = setting(32, minimum=1)
+    shutdown_grace_s: float = setting(25.0, minimum=0)
+    sweep_interval_s: float = setting(1.0, positive=True)
+    window: int = setting(1000, minimum=1)
+    max_recoveries: int = setting(3, minimum=1)
+    weights: tuple[int, int, int] = (8, 4, 1)  # high, normal, low: read from [workers.weights]
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "info"
+    level: str = setting("info", choices=("debug", "info", "warning", "error"))
     format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True, slots=True)
 class LaneConfig:
     name: str
-    rpm: int | None = None
-    tpm: int | None = None
-    burst_s: float = 3.0
+    rpm: int | None = setting(None, positive=True)
+    tpm: int | None = setting(None, positive=True)
+    burst_s: float = setting(3.0, positive=True)
     # The longest a provider's 429 (Retry-After, x-ratelimit-reset-*) may close the lane.
-    max_cooldown_s: float = DEFAULT_MAX_COOLDOWN_S
+    max_cooldown_s: float = setting(DEFAULT_MAX_COOLDOWN_S, positive=True)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int
-    base_s: float
-    factor: float
-    cap_s: float
+    """An action's backoff; the defaults are the kinds' common ones (each kind may differ)."""
+
+    max_attempts: int = setting(3, minimum=1)
+    base_s: float = setting(1.0, minimum=0)
+    factor: float = setting(4.0, minimum=1)
+    cap_s: float = setting(300.0, minimum=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDefaults:
+    """What an action kind's actions get for the shared keys they leave out.
+
+    Each kind declares its own (``DEFAULTS`` in its module); the field defaults are the ones
+    kinds share unless they say otherwise.
+    """
+
+    timeout_s: float = setting(30.0, positive=True)
+    retry: RetryPolicy = RetryPolicy()
+
+
+# An action kind's defaults, by its name; the second argument is the dotted key of the action's
+# ``type``, for the error of a kind that cannot be loaded.
+KindDefaults = Callable[[str, str], ActionDefaults]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +262,8 @@ class ActionConfig:
     key: str  # dotted config key, for error messages
     timeout_s: float
     retry: RetryPolicy
-    concurrency: int | None = None
-    ordered_by: Extractor | None = None
+    concurrency: int | None = setting(None, minimum=1)
+    ordered_by: Extractor | None = setting(None, parse=parse_extractor)
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -195,10 +275,11 @@ class SourceConfig:
     dedup: Extractor | None = None
     tenant: Extractor | None = None
     priority: PriorityRule = PriorityRule()
-    intake_per_s: float | None = None
+    intake_per_s: float | None = setting(None, positive=True)
     ack_status: int = 202
-    concurrency: int | None = None
-    tenant_concurrency: int | None = None  # cap on one tenant's running jobs of this source
+    concurrency: int | None = setting(None, minimum=1)
+    # A cap on one tenant's running jobs of this source.
+    tenant_concurrency: int | None = setting(None, minimum=1)
     actions: tuple[ActionConfig, ...] = ()
 
     def action(self, name: str) -> ActionConfig | None:
@@ -229,10 +310,15 @@ class Config:
 
 
 _MISSING: Any = object()
+D = TypeVar("D", bound="DataclassInstance")
 
 
-class _Table:
-    """A TOML table being read: typed getters that remember which keys were used."""
+class Table:
+    """A TOML table being read: typed getters that remember which keys were used.
+
+    Every error names the dotted key (``sources.a.actions[0].url``). The whole config, action
+    options included, is read with it.
+    """
 
     def __init__(self, data: Any, key: str) -> None:
         if not isinstance(data, Mapping):
@@ -294,13 +380,85 @@ class _Table:
             return value
         return _secret(value, self.path(name))
 
-    def table(self, name: str) -> _Table:
-        return _Table(self.raw(name, {}), self.path(name))
+    def table(self, name: str) -> Table:
+        return Table(self.raw(name, {}), self.path(name))
+
+    def read(self, base: D, *, only: Iterable[str] | None = None) -> D:
+        """``base`` with each of its fields that this table holds read, checked, and put in.
+
+        ``base`` carries the defaults (most often the dataclass's own: ``ServerConfig()``); a
+        field is read from the key of its name, as its type and its ``setting()`` rule say.
+        ``only`` limits which fields are keys of this table.
+        """
+        wanted = None if only is None else set(only)
+        hints = _type_hints(type(base))
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(base):
+            if (wanted is None or f.name in wanted) and self.has(f.name):
+                rule: Rule = f.metadata.get(_RULE) or Rule()
+                changes[f.name] = self._value(f.name, hints[f.name], rule)
+        return dataclasses.replace(base, **changes)
+
+    def _value(self, name: str, hint: Any, rule: Rule) -> Any:
+        if rule.parse is not None:
+            return rule.parse(self.raw(name), self.path(name))
+        kind = _unoptional(hint)
+        if kind is bool:
+            return self.bool(name)
+        if kind in (int, float):
+            value = self.number(
+                name, integer=kind is int, minimum=rule.minimum, positive=rule.positive
+            )
+            return kind(value)
+        if kind is str or get_origin(kind) is Literal:
+            return self.string(name, choices=rule.choices or get_args(kind))
+        if kind is Path:
+            return Path(self.string(name))
+        if kind is Secret:
+            return self.secret(name)
+        raise TypeError(f"no reader for {name}: {hint!r}; give its setting() a parse")
+
+    def only(self, names: Iterable[str], what: str) -> None:
+        """Refuse a key not in ``names`` at once, before any value is checked (``what``: whose).
+
+        A misspelt key then shows as itself, not as the required key it was meant to be.
+        """
+        allowed = set(names)
+        for name in self.data:
+            if name not in allowed:
+                raise ConfigError(self.path(name), f"unknown key {what}")
+        self._used.update(self.data)
 
     def finish(self) -> None:
         for name in self.data:
             if name not in self._used:
                 raise ConfigError(self.path(name), "unknown key")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _unoptional(hint: Any) -> Any:
+    """``X`` for ``X | None``; anything else as it is."""
+    if isinstance(hint, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _except(name: str, cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != name)
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default written on dataclass ``cls``'s field ``name`` (for keys read by hand)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise LookupError(f"{cls.__name__}.{name} has no default")
 
 
 def check_number(
@@ -380,40 +538,15 @@ def secrets_in(obj: Any) -> list[Secret]:
     return found
 
 
-def parse_listen(value: Any, key: str) -> Listen:
-    if not isinstance(value, str):
-        raise ConfigError(key, 'must be a string like "127.0.0.1:8080"')
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ConfigError(key, f"{value!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(key, f"port {port} is out of range")
-    host = host.strip("[]") or "0.0.0.0"
-    return Listen(host, port)
-
-
-def parse_extractor(value: Any, key: str) -> Extractor:
-    if not isinstance(value, str):
-        raise ConfigError(key, 'must be "header:NAME", "json:a.b", "form:FIELD" or "body"')
-    if value == "body":
-        return Extractor("body")
-    kind, sep, arg = value.partition(":")
-    if not sep or not arg or kind not in ("header", "json", "form"):
-        raise ConfigError(
-            key, f'{value!r} must be "header:NAME", "json:a.b", "form:FIELD" or "body"'
-        )
-    return Extractor(kind, arg)  # type: ignore[arg-type]
-
-
 def _priority(value: Any, key: str) -> PriorityRule:
     names = tuple(p.label for p in Priority)
     if isinstance(value, str):
         if value not in names:
             raise ConfigError(key, f"must be one of {', '.join(names)}")
         return PriorityRule(default=Priority.parse(value))
-    t = _Table(value, key)
-    default = Priority.parse(t.string("default", "normal", choices=names))
+    t = Table(value, key)
+    default_label = _field_default(PriorityRule, "default").label
+    default = Priority.parse(t.string("default", default_label, choices=names))
     by = parse_extractor(t.raw("by"), t.path("by")) if t.has("by") else None
     sets: dict[str, frozenset[str]] = {}
     for name in names:
@@ -426,7 +559,7 @@ def _priority(value: Any, key: str) -> PriorityRule:
 
 
 def _verify(value: Any, key: str) -> VerifyConfig:
-    t = _Table(value, key)
+    t = Table(value, key)
     scheme = t.string("scheme", choices=tuple(SCHEMES))
     if t.has("secret") and t.has("secrets"):
         raise ConfigError(t.path("secrets"), "give either secret or secrets, not both")
@@ -485,39 +618,25 @@ def _verify(value: Any, key: str) -> VerifyConfig:
 _COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by")
 
 
-def _action(value: Any, key: str, kinds: tuple[str, ...]) -> tuple[str, ActionConfig]:
-    t = _Table(value, key)
-    kind = t.string("type", choices=kinds)
+def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, ActionConfig]:
+    t = Table(value, key)
+    kind = t.string("type", choices=ACTION_KINDS)
     name = t.string("name", "")
-    timeout_s = float(t.number("timeout_s", _TIMEOUT_DEFAULTS.get(kind, 30.0), positive=True))
-    attempts, base_s, factor, cap_s = _RETRY_DEFAULTS.get(kind, (3, 1.0, 4.0, 300.0))
+    defaults = ActionDefaults() if kinds is None else kinds(kind, t.path("type"))
+    timeout_s = t.read(defaults, only=("timeout_s",)).timeout_s
     r = t.table("retry")
-    retry = RetryPolicy(
-        max_attempts=int(r.number("max_attempts", attempts, integer=True, minimum=1)),
-        base_s=float(r.number("base_s", base_s, minimum=0)),
-        factor=float(r.number("factor", factor, minimum=1)),
-        cap_s=float(r.number("cap_s", cap_s, minimum=0)),
-    )
+    retry = r.read(defaults.retry)
     r.finish()
-    concurrency = t.number("concurrency", None, integer=True, minimum=1)
-    ordered_by = (
-        parse_extractor(t.raw("ordered_by"), t.path("ordered_by")) if t.has("ordered_by") else None
+    action = t.read(
+        ActionConfig(name=name, type=kind, key=key, timeout_s=timeout_s, retry=retry),
+        only=("concurrency", "ordered_by"),
     )
     options = {k: v for k, v in t.data.items() if k not in _COMMON_ACTION_KEYS}
-    return name, ActionConfig(
-        name=name,
-        type=kind,
-        key=key,
-        timeout_s=timeout_s,
-        retry=retry,
-        concurrency=concurrency,
-        ordered_by=ordered_by,
-        options=options,
-    )
+    return name, dataclasses.replace(action, options=options)
 
 
-def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceConfig:
-    t = _Table(value, key)
+def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> SourceConfig:
+    t = Table(value, key)
     if name != CATCH_ALL and (not name or "/" in name):
         raise ConfigError(key, "a source name must be non-empty and contain no '/'")
     path = t.string("path", f"/hooks/{name}")
@@ -529,15 +648,16 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
     verify = _verify(t.raw("verify"), t.path("verify")) if t.has("verify") else None
     dedup = parse_extractor(t.raw("dedup"), t.path("dedup")) if t.has("dedup") else None
     tenant = parse_extractor(t.raw("tenant"), t.path("tenant")) if t.has("tenant") else None
-    priority = (
-        _priority(t.raw("priority"), t.path("priority")) if t.has("priority") else PriorityRule()
+    source = SourceConfig(name=name, path=path, verify=verify, dedup=dedup, tenant=tenant)
+    if t.has("priority"):
+        source = dataclasses.replace(
+            source, priority=_priority(t.raw("priority"), t.path("priority"))
+        )
+    source = t.read(
+        source, only=("intake_per_s", "ack_status", "concurrency", "tenant_concurrency")
     )
-    intake_per_s = t.number("intake_per_s", None, positive=True)
-    ack_status = t.number("ack_status", 202, integer=True)
-    if not 200 <= ack_status <= 299:
+    if not 200 <= source.ack_status <= 299:
         raise ConfigError(t.path("ack_status"), "must be a 2xx status code")
-    concurrency = t.number("concurrency", None, integer=True, minimum=1)
-    tenant_concurrency = t.number("tenant_concurrency", None, integer=True, minimum=1)
     raw_actions = t.raw("actions", [])
     if not isinstance(raw_actions, list):
         raise ConfigError(t.path("actions"), "must be an array of tables")
@@ -550,51 +670,32 @@ def _source(name: str, value: Any, key: str, kinds: tuple[str, ...]) -> SourceCo
                 1 for r in raw_actions if isinstance(r, Mapping) and r.get("type") == action.type
             )
             given = action.type if same == 1 else f"{action.type}-{i + 1}"
-            action = ActionConfig(**{**_fields(action), "name": given})
+            action = dataclasses.replace(action, name=given)
         if any(a.name == given for a in actions):
             raise ConfigError(f"{akey}.name", f"duplicate action name {given!r}")
         actions.append(action)
     t.finish()
-    return SourceConfig(
-        name=name,
-        path=path,
-        verify=verify,
-        dedup=dedup,
-        tenant=tenant,
-        priority=priority,
-        intake_per_s=intake_per_s,
-        ack_status=ack_status,
-        concurrency=concurrency,
-        tenant_concurrency=tenant_concurrency,
-        actions=tuple(actions),
-    )
+    return dataclasses.replace(source, actions=tuple(actions))
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__slots__}
-
-
-def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = True) -> Config:
+def parse(
+    data: Mapping[str, Any],
+    origin: str = "config",
+    *,
+    secrets: bool = True,
+    kinds: KindDefaults | None = None,
+) -> Config:
     """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``).
 
     With ``secrets=False`` an ``env:`` secret whose variable is unset is left missing instead of
     being an error: for commands that read the journal and verify or sign nothing.
+    ``kinds`` gives each action kind's defaults for ``timeout_s`` and ``retry`` (the action
+    registry's ``webhookd.actions.kind_defaults``); without it every action gets the common
+    ``ActionDefaults()``, which is enough for commands that run no action.
     """
-    root = _Table(data, "")
+    root = Table(data, "")
     s = root.table("server")
-    server = ServerConfig(
-        listen=parse_listen(s.raw("listen", "127.0.0.1:8080"), s.path("listen")),
-        max_body_bytes=int(s.number("max_body_bytes", 1_048_576, integer=True, positive=True)),
-        ack_timeout_s=float(s.number("ack_timeout_s", 2.0, positive=True)),
-        max_backlog=int(s.number("max_backlog", 1_000_000, integer=True, positive=True)),
-        retry_after_s=int(s.number("retry_after_s", 5, integer=True, positive=True)),
-        body_timeout_s=float(s.number("body_timeout_s", 10.0, positive=True)),
-        max_inflight_body_bytes=int(
-            s.number("max_inflight_body_bytes", 64 * 1_048_576, integer=True, positive=True)
-        ),
-    )
-    if not math.isfinite(server.body_timeout_s):
-        raise ConfigError(s.path("body_timeout_s"), "must be a finite number of seconds")
+    server = s.read(ServerConfig())
     if server.max_inflight_body_bytes < server.max_body_bytes:
         # Else a body of the allowed size could never be read.
         raise ConfigError(
@@ -604,11 +705,7 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
     s.finish()
 
     a = root.table("admin")
-    admin_listen = a.raw("listen", "127.0.0.1:8081")
-    admin = AdminConfig(
-        listen=None if admin_listen == "" else parse_listen(admin_listen, a.path("listen")),
-        token=a.secret("token", None),
-    )
+    admin = a.read(AdminConfig())
     a.finish()
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.
@@ -617,61 +714,40 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
         )
 
     j = root.table("journal")
-    journal = JournalConfig(
-        path=Path(j.string("path", "./webhookd.db")),
-        keep_done_h=float(j.number("keep_done_h", 24.0, minimum=0)),
-        keep_dead_d=float(j.number("keep_dead_d", 14.0, minimum=0)),
-        keep_dedup_d=float(j.number("keep_dedup_d", 7.0, minimum=0)),
-        prune_interval_s=float(j.number("prune_interval_s", 60.0, positive=True)),
-    )
+    journal = j.read(JournalConfig())
     j.finish()
 
     w = root.table("workers")
     wt = w.table("weights")
-    weights = tuple(
-        int(wt.number(name, default, integer=True, minimum=1))
-        for name, default in (("high", 8), ("normal", 4), ("low", 1))
+    high, normal, low = (
+        int(wt.number(p.label, default, integer=True, minimum=1))
+        for p, default in zip(Priority, _field_default(WorkersConfig, "weights"), strict=True)
     )
     wt.finish()
-    workers = WorkersConfig(
-        concurrency=int(w.number("concurrency", 32, integer=True, minimum=1)),
-        shutdown_grace_s=float(w.number("shutdown_grace_s", 25.0, minimum=0)),
-        sweep_interval_s=float(w.number("sweep_interval_s", 1.0, positive=True)),
-        window=int(w.number("window", 1000, integer=True, minimum=1)),
-        max_recoveries=int(w.number("max_recoveries", 3, integer=True, minimum=1)),
-        weights=weights,  # type: ignore[arg-type]
+    workers = w.read(
+        WorkersConfig(weights=(high, normal, low)), only=_except("weights", WorkersConfig)
     )
     w.finish()
 
     lg = root.table("log")
-    log = LogConfig(
-        level=lg.string("level", "info", choices=("debug", "info", "warning", "error")),
-        format=lg.string("format", "text", choices=("text", "json")),
-    )
+    log = lg.read(LogConfig())
     lg.finish()
 
     lanes: dict[str, LaneConfig] = {}
     lanes_table = root.table("lanes")
     for lane_name in list(lanes_table.data):
         lt = lanes_table.table(lane_name)
-        rpm = lt.number("rpm", None, integer=True, positive=True)
-        tpm = lt.number("tpm", None, integer=True, positive=True)
-        if rpm is None and tpm is None:
+        lane_config = lt.read(LaneConfig(name=lane_name), only=_except("name", LaneConfig))
+        if lane_config.rpm is None and lane_config.tpm is None:
             raise ConfigError(lt.key, "needs rpm, tpm or both")
-        lanes[lane_name] = LaneConfig(
-            name=lane_name,
-            rpm=rpm,
-            tpm=tpm,
-            burst_s=float(lt.number("burst_s", 3.0, positive=True)),
-            max_cooldown_s=lt.number("max_cooldown_s", DEFAULT_MAX_COOLDOWN_S, positive=True),
-        )
+        lanes[lane_name] = lane_config
         lt.finish()
     lanes_table.finish()
 
     sources: dict[str, SourceConfig] = {}
     src_table = root.table("sources")
     for name in list(src_table.data):
-        sources[name] = _source(name, src_table.raw(name), src_table.path(name), ACTION_KINDS)
+        sources[name] = _source(name, src_table.raw(name), src_table.path(name), kinds)
     src_table.finish()
     seen: dict[str, str] = {}
     for src in sources.values():
@@ -704,18 +780,29 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
     return config
 
 
-def loads(text: str, origin: str = "config", *, secrets: bool = True) -> Config:
+def loads(
+    text: str,
+    origin: str = "config",
+    *,
+    secrets: bool = True,
+    kinds: KindDefaults | None = None,
+) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{origin}: not valid TOML: {exc}") from exc
-    return parse(data, origin, secrets=secrets)
+    return parse(data, origin, secrets=secrets, kinds=kinds)
 
 
-def load(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is ``None`` (``secrets``: see parse)."""
+def load(
+    path: str | os.PathLike[str] | None,
+    *,
+    secrets: bool = True,
+    kinds: KindDefaults | None = None,
+) -> Config:
+    """Load ``path``, or the embedded default when ``path`` is ``None`` (keywords: see parse)."""
     if path is None:
-        return loads(EMBEDDED_DEFAULT, "embedded default")
+        return loads(EMBEDDED_DEFAULT, "embedded default", kinds=kinds)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -723,4 +810,4 @@ def load(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{p} is not UTF-8 text") from exc
-    return loads(text, str(p), secrets=secrets)
+    return loads(text, str(p), secrets=secrets, kinds=kinds)

@@ -1,50 +1,96 @@
 """The action registry: maps each ``type`` to its module and builds configured actions.
 
-Each action kind lives in its own module and exports ``create(config, resources)``; modules are
-imported on first use so that, say, ``openai`` is only loaded when a source uses it.
+Each action kind lives in its own module, which is an ``ActionKind``: its ``DEFAULTS``, and
+``validate(config)`` and ``create(config, resources)``. Modules are imported on first use so
+that, say, ``openai`` is only loaded when a source uses it. The config parser gets each kind's
+defaults from here (``kind_defaults``), so config stays below the actions.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from webhookd.actions.base import Action, Outcome, Resources
-from webhookd.config import ACTION_KINDS, ActionConfig, Config
+from webhookd.actions.base import Action, ActionKind, Outcome, Resources
+from webhookd.config import ACTION_KINDS, ActionDefaults, Config
 from webhookd.errors import ConfigError
 
-_MODULES: Mapping[str, str] = {
-    "log": "webhookd.actions.log",
-    "forward": "webhookd.actions.forward",
-    "openai": "webhookd.actions.openai",
-    "command": "webhookd.actions.command",
-    "python": "webhookd.actions.python",
+
+# One loader per kind, so that mypy checks each module against ``ActionKind``.
+def _log() -> ActionKind:
+    import webhookd.actions.log as module
+
+    return module
+
+
+def _forward() -> ActionKind:
+    import webhookd.actions.forward as module
+
+    return module
+
+
+def _openai() -> ActionKind:
+    import webhookd.actions.openai as module
+
+    return module
+
+
+def _command() -> ActionKind:
+    import webhookd.actions.command as module
+
+    return module
+
+
+def _python() -> ActionKind:
+    import webhookd.actions.python as module
+
+    return module
+
+
+_KINDS: Mapping[str, Callable[[], ActionKind]] = {
+    "log": _log,
+    "forward": _forward,
+    "openai": _openai,
+    "command": _command,
+    "python": _python,
 }
 KINDS = ACTION_KINDS
 
-__all__ = ["KINDS", "Action", "Outcome", "Resources", "build", "validate"]
+__all__ = [
+    "KINDS",
+    "Action",
+    "ActionKind",
+    "Outcome",
+    "Resources",
+    "build",
+    "kind",
+    "kind_defaults",
+    "validate",
+]
 
 
-def _module_for(config: ActionConfig) -> object:
-    name = _MODULES.get(config.type)
-    if name is None:
-        raise ConfigError(f"{config.key}.type", f"unknown action type {config.type!r}")
+def kind(name: str, key: str) -> ActionKind:
+    """The module of action type ``name``; ``key`` is the dotted key of that ``type``."""
+    loader = _KINDS.get(name)
+    if loader is None:
+        raise ConfigError(key, f"unknown action type {name!r}")
     try:
-        return importlib.import_module(name)
+        return loader()
     except ModuleNotFoundError as exc:
-        if exc.name != name:
+        if exc.name != f"{__name__}.{name}":
             raise
-        raise ConfigError(
-            f"{config.key}.type", f"action type {config.type!r} is not available in this build"
-        ) from exc
+        raise ConfigError(key, f"action type {name!r} is not available in this build") from exc
+
+
+def kind_defaults(name: str, key: str) -> ActionDefaults:
+    """Action type ``name``'s ``timeout_s`` and ``retry`` defaults: ``parse(kinds=…)`` takes it."""
+    return kind(name, key).DEFAULTS
 
 
 def validate(config: Config) -> None:
     """Check every action's own options (raises ``ConfigError`` naming the dotted key)."""
     for source in config.sources.values():
         for action in source.actions:
-            module = _module_for(action)
-            module.validate(action)  # type: ignore[attr-defined]
+            kind(action.type, f"{action.key}.type").validate(action)
 
 
 def build(resources: Resources) -> dict[tuple[str, str], Action]:
@@ -52,8 +98,6 @@ def build(resources: Resources) -> dict[tuple[str, str], Action]:
     actions: dict[tuple[str, str], Action] = {}
     for source in resources.config.sources.values():
         for action in source.actions:
-            module = _module_for(action)
-            actions[(source.name, action.name)] = module.create(  # type: ignore[attr-defined]
-                action, resources
-            )
+            module = kind(action.type, f"{action.key}.type")
+            actions[(source.name, action.name)] = module.create(action, resources)
     return actions

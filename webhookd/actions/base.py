@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from webhookd.config import ActionConfig, Config
+from webhookd.config import ActionConfig, ActionDefaults, Config, Table
 from webhookd.models import Event, Job
 
 if TYPE_CHECKING:
@@ -87,10 +87,27 @@ class ActionFactory(Protocol):
     def __call__(self, config: ActionConfig, resources: Resources) -> Action: ...
 
 
-def check_options(config: ActionConfig, allowed: tuple[str, ...]) -> None:
-    """Raise ``ConfigError`` for an option this action kind does not know."""
-    from webhookd.errors import ConfigError
+class ActionKind(Protocol):
+    """What the module of one action kind provides (the registry types each module as one).
 
-    for name in config.options:
-        if name not in allowed:
-            raise ConfigError(f"{config.key}.{name}", f"unknown key for a {config.type} action")
+    ``DEFAULTS``: the kind's ``timeout_s`` and ``retry`` for actions that leave them out.
+    ``validate``: read and check the action's own options (``ConfigError`` naming the key);
+    ``create``: the action, ready to run (it validates too).
+    """
+
+    DEFAULTS: ActionDefaults
+
+    def validate(self, config: ActionConfig) -> None: ...
+
+    def create(self, config: ActionConfig, resources: Resources) -> Action: ...
+
+
+def options(config: ActionConfig, names: tuple[str, ...]) -> Table:
+    """The action's own options, read with the ``Table`` that reads the rest of the config.
+
+    A key not in ``names`` is refused before any value is checked (``unknown key for a forward
+    action``), so a misspelt option shows as itself.
+    """
+    table = Table(config.options, config.key)
+    table.only(names, f"for a {config.type} action")
+    return table

@@ -29,14 +29,16 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from webhookd.actions.base import Outcome, Resources, check_options
-from webhookd.config import ActionConfig
+from webhookd.actions.base import Outcome, Resources, options
+from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
 
+# A deploy script or a build may well run for minutes.
+DEFAULTS = ActionDefaults(timeout_s=300.0)
 _OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
 # What any program needs to find its tools and speak the right locale; nothing that can be a secret.
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
@@ -46,42 +48,41 @@ _KILL_GRACE_S = 2.0
 
 class _Settings:
     def __init__(self, config: ActionConfig) -> None:
-        check_options(config, _OPTIONS)
-        opts, key = config.options, config.key
-        argv = opts.get("argv")
+        t = options(config, _OPTIONS)
+        argv = t.raw("argv", None)
         if not isinstance(argv, list) or not argv:
-            raise ConfigError(f"{key}.argv", "is required: a non-empty array of strings")
+            raise ConfigError(t.path("argv"), "is required: a non-empty array of strings")
         for i, arg in enumerate(argv):
             if isinstance(arg, str) and "\0" in arg:
-                raise ConfigError(f"{key}.argv[{i}]", "cannot contain a NUL character")
+                raise ConfigError(f"{t.path('argv')}[{i}]", "cannot contain a NUL character")
         self.argv: tuple[Template, ...] = tuple(
-            compile_template(arg, f"{key}.argv[{i}]") for i, arg in enumerate(argv)
+            compile_template(arg, f"{t.path('argv')}[{i}]") for i, arg in enumerate(argv)
         )
         if self.argv[0].has_lookups:
-            raise ConfigError(f"{key}.argv[0]", "the program itself cannot be a lookup")
-        cwd = opts.get("cwd")
+            raise ConfigError(f"{t.path('argv')}[0]", "the program itself cannot be a lookup")
+        cwd = t.raw("cwd", None)
         if cwd is not None and (not isinstance(cwd, str) or not cwd):
-            raise ConfigError(f"{key}.cwd", "must be a directory path")
+            raise ConfigError(t.path("cwd"), "must be a directory path")
         if cwd is not None and not os.path.isdir(cwd):
-            raise ConfigError(f"{key}.cwd", f"{cwd!r} is not a directory")
+            raise ConfigError(t.path("cwd"), f"{cwd!r} is not a directory")
         self.cwd: str | None = cwd
-        env = opts.get("env", {})
+        env = t.raw("env", {})
         if not isinstance(env, Mapping) or not all(
             _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()
         ):
-            raise ConfigError(f"{key}.env", "must be a table of strings (no NUL, no '=' in names)")
+            raise ConfigError(t.path("env"), "must be a table of strings (no NUL, no '=' in names)")
         self.env: dict[str, str] = dict(env)
-        inherit = opts.get("inherit_env", [])
+        inherit = t.raw("inherit_env", [])
         if not isinstance(inherit, list) or not all(_env_name(n) for n in inherit):
             raise ConfigError(
-                f"{key}.inherit_env", 'must be an array of variable names or globs like "AWS_*"'
+                t.path("inherit_env"), 'must be an array of variable names or globs like "AWS_*"'
             )
         self.inherit: tuple[str, ...] = (*_BASE_ENV, *inherit)
-        codes = opts.get("permanent_exit_codes", [])
+        codes = t.raw("permanent_exit_codes", [])
         if not isinstance(codes, list) or not all(
             isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in codes
         ):
-            raise ConfigError(f"{key}.permanent_exit_codes", "must be an array of codes 1-255")
+            raise ConfigError(t.path("permanent_exit_codes"), "must be an array of codes 1-255")
         self.permanent: frozenset[int] = frozenset(codes)
 
 

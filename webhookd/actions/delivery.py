@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from webhookd.actions.base import Outcome
-from webhookd.config import Secret, resolve_secret
+from webhookd.config import Secret, Table, resolve_secret
 from webhookd.errors import ConfigError
 from webhookd.schemes.standard import sign_standard
 
@@ -65,28 +65,35 @@ def check_url(value: Any, key: str) -> str:
     return value
 
 
-def check_headers(value: Any, key: str) -> dict[str, str]:
+def read_url(t: Table, name: str) -> str:
+    """The required http(s) URL at key ``name``."""
+    return check_url(t.raw(name, None), t.path(name))
+
+
+def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
+    """Extra request headers at key ``name`` (default: none)."""
+    value = t.raw(name, {})
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise ConfigError(key, "must be a table of strings")
+        raise ConfigError(t.path(name), "must be a table of strings")
     return dict(value)
 
 
-def signing_secrets(options: Mapping[str, Any], key: str) -> tuple[Secret, ...]:
+def read_signing_secrets(t: Table) -> tuple[Secret, ...]:
     """``secret`` or ``secrets`` (rotation: each one signs): Standard Webhooks ``whsec_`` keys."""
-    if "secret" in options and "secrets" in options:
-        raise ConfigError(f"{key}.secrets", "give either secret or secrets, not both")
-    if "secret" in options:
+    if t.has("secret") and t.has("secrets"):
+        raise ConfigError(t.path("secrets"), "give either secret or secrets, not both")
+    if t.has("secret"):
         found: tuple[tuple[str, Secret], ...] = (
-            (f"{key}.secret", resolve_secret(options["secret"], f"{key}.secret")),
+            (t.path("secret"), resolve_secret(t.raw("secret"), t.path("secret"))),
         )
     else:
-        items = options.get("secrets", [])
+        items = t.raw("secrets", [])
         if not isinstance(items, list):
-            raise ConfigError(f"{key}.secrets", "must be an array")
+            raise ConfigError(t.path("secrets"), "must be an array")
         found = tuple(
-            (f"{key}.secrets[{i}]", resolve_secret(v, f"{key}.secrets[{i}]"))
+            (f"{t.path('secrets')}[{i}]", resolve_secret(v, f"{t.path('secrets')}[{i}]"))
             for i, v in enumerate(items)
         )
     for where, secret in found:

@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
-from webhookd.actions.base import Outcome, Resources, check_options
-from webhookd.config import ActionConfig
-from webhookd.errors import ConfigError
+from webhookd.actions.base import Outcome, Resources, options
+from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.models import Event, Job
 
 log = logging.getLogger("webhookd.actions.log")
 
+DEFAULTS = ActionDefaults()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _PREVIEW_BYTES = 200
 
 
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    level: Literal["debug", "info", "warning"] = "info"
+    body: bool = True  # show the head of the body
+
+
+def _settings(config: ActionConfig) -> _Settings:
+    t = options(config, ("level", "body"))
+    return t.read(_Settings())
+
+
 def validate(config: ActionConfig) -> None:
-    check_options(config, ("level", "body"))
-    level = config.options.get("level", "info")
-    if level not in _LEVELS:
-        raise ConfigError(f"{config.key}.level", f"must be one of {', '.join(_LEVELS)}")
-    if not isinstance(config.options.get("body", True), bool):
-        raise ConfigError(f"{config.key}.body", "must be true or false")
+    _settings(config)
 
 
 class LogAction:
     def __init__(self, config: ActionConfig) -> None:
         self.config = config
-        self.level = _LEVELS[config.options.get("level", "info")]
-        self.show_body = bool(config.options.get("body", True))
+        settings = _settings(config)
+        self.level = _LEVELS[settings.level]
+        self.show_body = settings.body
 
     async def run(self, event: Event, job: Job) -> Outcome:
         if log.isEnabledFor(self.level):
@@ -53,5 +62,4 @@ class LogAction:
 
 
 def create(config: ActionConfig, resources: Resources) -> LogAction:
-    validate(config)
     return LogAction(config)

@@ -40,21 +40,33 @@ import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from webhookd.actions.base import Outcome, Resources, check_options
+from webhookd.actions.base import Outcome, Resources, options
 from webhookd.actions.delivery import (
-    check_headers,
     check_url,
     deliver,
     parse_retry_after,
+    read_headers,
+    read_signing_secrets,
+    read_url,
     signed_headers,
-    signing_secrets,
 )
-from webhookd.config import DEFAULT_MAX_COOLDOWN_S, ActionConfig, check_number, resolve_secret
+from webhookd.config import (
+    DEFAULT_MAX_COOLDOWN_S,
+    ActionConfig,
+    ActionDefaults,
+    RetryPolicy,
+    Table,
+    resolve_secret,
+)
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
 from webhookd.templates import Template, compile_template, payload_of
 
+# A completion can take minutes; failures are mostly brief (overload, a dropped connection).
+DEFAULTS = ActionDefaults(
+    timeout_s=120.0, retry=RetryPolicy(max_attempts=6, base_s=2.0, factor=2.0, cap_s=60.0)
+)
 _OPTIONS = (
     "api_key",
     "base_url",
@@ -78,10 +90,6 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _number(options: Mapping[str, Any], name: str, key: str, *, integer: bool) -> Any:
-    return check_number(options[name], f"{key}.{name}", integer=integer)
-
-
 def validate(config: ActionConfig) -> None:
     _Settings(config)
 
@@ -90,61 +98,56 @@ class _Settings:
     """The action's options, checked (every ``ConfigError`` names its dotted key)."""
 
     def __init__(self, config: ActionConfig) -> None:
-        check_options(config, _OPTIONS)
-        opts, key = config.options, config.key
-        if "api_key" not in opts:
-            raise ConfigError(f"{key}.api_key", 'is required (write it "env:NAME")')
-        self.api_key = resolve_secret(opts["api_key"], f"{key}.api_key")
+        t = options(config, _OPTIONS)
+        if not t.has("api_key"):
+            raise ConfigError(t.path("api_key"), 'is required (write it "env:NAME")')
+        self.api_key = resolve_secret(t.raw("api_key"), t.path("api_key"))
         self.base_url: str | None = None
-        if "base_url" in opts:
-            self.base_url = check_url(opts["base_url"], f"{key}.base_url")
-        model = opts.get("model")
+        if t.has("base_url"):
+            self.base_url = check_url(t.raw("base_url"), t.path("base_url"))
+        model = t.raw("model", None)
         if not isinstance(model, str) or not model:
-            raise ConfigError(f"{key}.model", "is required (a model name)")
+            raise ConfigError(t.path("model"), "is required (a model name)")
         self.model = model
-        if "prompt" not in opts:
-            raise ConfigError(f"{key}.prompt", "is required (a template)")
-        self.prompt = compile_template(opts["prompt"], f"{key}.prompt")
+        if not t.has("prompt"):
+            raise ConfigError(t.path("prompt"), "is required (a template)")
+        self.prompt = compile_template(t.raw("prompt"), t.path("prompt"))
         self.system: Template | None = None
-        if "system" in opts:
-            self.system = compile_template(opts["system"], f"{key}.system")
+        if t.has("system"):
+            self.system = compile_template(t.raw("system"), t.path("system"))
         # Sent under the name it is written with: reasoning models (o1, o3, o4-mini …) refuse
         # max_tokens, and some compatible servers know only max_tokens.
-        given = [name for name in _TOKEN_LIMITS if name in opts]
+        given = [name for name in _TOKEN_LIMITS if t.has(name)]
         if not given:
             raise ConfigError(
-                f"{key}.max_tokens",
+                t.path("max_tokens"),
                 "is required (the lane reserves it; reasoning models take max_completion_tokens)",
             )
         if len(given) > 1:
             raise ConfigError(
-                f"{key}.max_completion_tokens", "give max_tokens or max_completion_tokens, not both"
+                t.path("max_completion_tokens"),
+                "give max_tokens or max_completion_tokens, not both",
             )
         self.token_limit_name = given[0]
-        self.max_tokens = int(_number(opts, self.token_limit_name, key, integer=True))
-        if self.max_tokens < 1:
-            raise ConfigError(f"{key}.{self.token_limit_name}", "must be at least 1")
+        self.max_tokens = int(t.number(self.token_limit_name, integer=True, minimum=1))
         self.temperature: float | None = None
-        if "temperature" in opts:
-            self.temperature = float(_number(opts, "temperature", key, integer=False))
+        if t.has("temperature"):
+            self.temperature = float(t.number("temperature"))
             if not 0 <= self.temperature <= 2:
-                raise ConfigError(f"{key}.temperature", "must be between 0 and 2")
-        lane = opts.get("lane")
-        if lane is not None and not isinstance(lane, str):
-            raise ConfigError(f"{key}.lane", "must be a lane name")
-        self.lane: str | None = lane
+                raise ConfigError(t.path("temperature"), "must be between 0 and 2")
+        self.lane: str | None = t.string("lane", None)
         # Waiting in the lane counts against timeout_s: leave the call at least half of it.
         self.max_lane_wait_s = min(_DEFAULT_LANE_WAIT_S, config.timeout_s / 2)
-        if "max_lane_wait_s" in opts:
-            self.max_lane_wait_s = float(_number(opts, "max_lane_wait_s", key, integer=False))
+        if t.has("max_lane_wait_s"):
+            self.max_lane_wait_s = float(t.number("max_lane_wait_s"))
             if not 0 <= self.max_lane_wait_s < config.timeout_s:
                 raise ConfigError(
-                    f"{key}.max_lane_wait_s",
+                    t.path("max_lane_wait_s"),
                     f"must be at least 0 and below timeout_s ({config.timeout_s:g})",
                 )
         self.then: _Then | None = None
-        if "then" in opts:
-            self.then = _Then(opts["then"], f"{key}.then")
+        if t.has("then"):
+            self.then = _Then(t.raw("then"), t.path("then"))
 
 
 class _Then:
@@ -153,12 +156,11 @@ class _Then:
     def __init__(self, value: Any, key: str) -> None:
         if not isinstance(value, Mapping):
             raise ConfigError(key, "must be a table like { forward = URL }")
-        for name in value:
-            if name not in _THEN_OPTIONS:
-                raise ConfigError(f"{key}.{name}", "unknown key for then")
-        self.url = check_url(value.get("forward"), f"{key}.forward")
-        self.headers = check_headers(value.get("headers", {}), f"{key}.headers")
-        self.secrets = [s.reveal() for s in signing_secrets(value, key)]
+        t = Table(value, key)
+        t.only(_THEN_OPTIONS, "for then")
+        self.url = read_url(t, "forward")
+        self.headers = read_headers(t)
+        self.secrets = [s.reveal() for s in read_signing_secrets(t)]
 
     async def send(
         self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]

@@ -27,11 +27,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from webhookd.actions.base import Outcome, Resources, check_options
-from webhookd.config import ActionConfig
+from webhookd.actions.base import Outcome, Resources, options
+from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
 
+DEFAULTS = ActionDefaults(timeout_s=300.0)  # a handler may do real work: a report, a sync
 _OPTIONS = ("handler", "path")
 _TRACEBACK_CHARS = 2000
 
@@ -40,17 +41,17 @@ Handler = Callable[[Event], Any]
 
 def resolve_handler(config: ActionConfig) -> Handler:
     """Import the configured handler (raises ``ConfigError`` naming ``….handler``)."""
-    check_options(config, _OPTIONS)
-    key = f"{config.key}.handler"
-    spec = config.options.get("handler")
+    t = options(config, _OPTIONS)
+    key = t.path("handler")
+    spec = t.raw("handler", None)
     if not isinstance(spec, str):
         raise ConfigError(key, 'is required: "package.module:function"')
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(key, f'{spec!r} must look like "package.module:function"')
-    path = config.options.get("path", ".")
+    path = t.raw("path", ".")  # the current directory
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"{config.key}.path", "must be a directory path")
+        raise ConfigError(t.path("path"), "must be a directory path")
     directory = os.path.abspath(path)
     if directory not in sys.path:
         sys.path.insert(0, directory)
