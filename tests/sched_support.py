@@ -23,7 +23,8 @@ from webhookd.clock import ManualClock
 from webhookd.config import Config
 from webhookd.journal import Journal, NewEvent
 from webhookd.models import Event, Job, Priority, new_boot_id
-from webhookd.receiver import IntakeState, Receiver
+from webhookd.receiver import Receiver
+from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
 
 BATCH = 500

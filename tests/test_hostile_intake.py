@@ -32,7 +32,8 @@ from webhookd.config import Extractor
 from webhookd.errors import ConfigError
 from webhookd.journal import Journal
 from webhookd.models import Priority
-from webhookd.receiver import IntakeState, Receiver, _Payload, extract
+from webhookd.receiver import Receiver, _Payload, extract
+from webhookd.state import IntakeState
 
 
 @dataclass

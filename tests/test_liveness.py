@@ -34,7 +34,7 @@ from webhookd.app import Daemon
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import new_job_id
-from webhookd.receiver import IntakeState
+from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
 
 pytestmark = pytest.mark.timeout(90)

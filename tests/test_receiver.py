@@ -22,7 +22,8 @@ from conftest import make_config
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
 from webhookd.journal import Journal
-from webhookd.receiver import IntakeState, Receiver
+from webhookd.receiver import Receiver
+from webhookd.state import IntakeState
 
 CATCH_ALL_LOG = """
 [sources."*"]

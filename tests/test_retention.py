@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ops_support import ingest
 
-from webhookd.app import prune_all
 from webhookd.clock import ManualClock
 from webhookd.journal import Finished, Journal
 from webhookd.models import JobState
+from webhookd.retention import prune_all
 
 HOUR = 3600.0
 KEEP = {"keep_done_s": 1 * HOUR, "keep_dead_s": 3 * HOUR, "keep_dedup_s": 2 * HOUR}

@@ -17,8 +17,8 @@ from webhookd.config import Config
 from webhookd.errors import ConfigError
 from webhookd.journal import Ready
 from webhookd.models import Priority
-from webhookd.receiver import IntakeState
 from webhookd.scheduler import Scheduler
+from webhookd.state import IntakeState
 
 # -- the scheduler alone -----------------------------------------------------------------------
 

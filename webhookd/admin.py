@@ -23,8 +23,8 @@ from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import EVENT_STATES, EventSummary, Journal
 from webhookd.models import Priority
-from webhookd.receiver import IntakeState
 from webhookd.redact import Masker, secret_values
+from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
 
 _MAX_LIMIT = 1000

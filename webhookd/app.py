@@ -47,7 +47,9 @@ from webhookd.journal import Journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
-from webhookd.receiver import IntakeState, Receiver
+from webhookd.receiver import Receiver
+from webhookd.retention import prune_expired
+from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
 
 log = logging.getLogger("webhookd")
@@ -274,12 +276,7 @@ class Daemon:
         while True:
             await asyncio.sleep(jc.prune_interval_s)
             try:
-                events, dedup = await prune_all(
-                    journal,
-                    keep_done_s=jc.keep_done_h * 3600,
-                    keep_dead_s=jc.keep_dead_d * 86400,
-                    keep_dedup_s=jc.keep_dedup_d * 86400,
-                )
+                events, dedup = await prune_expired(journal, jc)
                 await journal.refresh_backlog()
             except JournalError as exc:  # a full disk, a failed read: the next round tries again
                 log.warning("retention skipped this round: %s", exc)
@@ -296,34 +293,6 @@ class Daemon:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             log.info("%s", heartbeat_line(ctx))
-
-
-async def prune_all(
-    journal: Journal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
-) -> tuple[int, int]:
-    """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
-
-    Each batch is its own short transaction and the loop yields between them, so ingest
-    commits interleave with retention instead of waiting behind it.
-    """
-    events = dedup = 0
-    while True:
-        pruned = await journal.prune(
-            keep_done_s=keep_done_s, keep_dead_s=keep_dead_s, keep_dedup_s=keep_dedup_s
-        )
-        events, dedup = events + pruned.events, dedup + pruned.dedup
-        if not (pruned.events or pruned.dedup):
-            break
-        await asyncio.sleep(0)
-    left: int | None = None
-    # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
-    while True:
-        free, _ = await journal.compact()
-        if free == 0 or free == left:
-            break
-        left = free
-        await asyncio.sleep(0)
-    return events, dedup
 
 
 def heartbeat_line(ctx: AdminContext) -> str:

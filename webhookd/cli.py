@@ -23,6 +23,7 @@ from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import EVENT_STATES, EventDetail, Journal, Replayed
 from webhookd.redact import Masker, secret_values
+from webhookd.retention import prune_expired
 
 T = TypeVar("T")
 
@@ -450,18 +451,10 @@ def prune(config_path: str | None) -> None:
     """Delete expired done/dead events and dedup keys now (the daemon also does it every
     journal.prune_interval_s, 60 s by default)."""
     cfg = _read_config(config_path)
-    jc = cfg.journal
 
     async def go() -> tuple[int, int]:
-        from webhookd.app import prune_all
-
         async with _journal(cfg) as journal:
-            return await prune_all(
-                journal,
-                keep_done_s=jc.keep_done_h * 3600,
-                keep_dead_s=jc.keep_dead_d * 86400,
-                keep_dedup_s=jc.keep_dedup_d * 86400,
-            )
+            return await prune_expired(journal, cfg.journal)
 
     events_n, dedup_n = _run(go)
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")

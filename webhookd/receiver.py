@@ -20,7 +20,6 @@ import math
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -34,6 +33,7 @@ from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
+from webhookd.state import IntakeState
 
 log = logging.getLogger("webhookd.receiver")
 
@@ -62,16 +62,6 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
-
-
-@dataclass
-class IntakeState:
-    """What the receiver shares with the rest of the daemon."""
-
-    draining: bool = False
-    # Observers of every answer: (source or "", status, seconds spent). Metrics subscribe here.
-    observers: list[Callable[[str, int, float], None]] = field(default_factory=list)
-    verify_failures: int = 0
 
 
 def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:

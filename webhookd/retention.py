@@ -1,0 +1,53 @@
+"""The retention policy: delete what ``[journal]`` says has expired, then give the space back.
+
+Used by the daemon's retention task and by ``webhookd prune``; it sees only the journal's
+interface, so every journal backend is pruned the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from webhookd.config import JournalConfig
+from webhookd.journal import Journal
+
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+
+
+async def prune_expired(journal: Journal, config: JournalConfig) -> tuple[int, int]:
+    """Prune with the windows ``config`` sets (``keep_done_h`` …); (events, dedup keys)."""
+    return await prune_all(
+        journal,
+        keep_done_s=config.keep_done_h * HOUR_S,
+        keep_dead_s=config.keep_dead_d * DAY_S,
+        keep_dedup_s=config.keep_dedup_d * DAY_S,
+    )
+
+
+async def prune_all(
+    journal: Journal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
+) -> tuple[int, int]:
+    """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
+
+    Each batch is its own short transaction and the loop yields between them, so ingest
+    commits interleave with retention instead of waiting behind it.
+    """
+    events = dedup = 0
+    while True:
+        pruned = await journal.prune(
+            keep_done_s=keep_done_s, keep_dead_s=keep_dead_s, keep_dedup_s=keep_dedup_s
+        )
+        events, dedup = events + pruned.events, dedup + pruned.dedup
+        if not (pruned.events or pruned.dedup):
+            break
+        await asyncio.sleep(0)
+    left: int | None = None
+    # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
+    while True:
+        free, _ = await journal.compact()
+        if free == 0 or free == left:
+            break
+        left = free
+        await asyncio.sleep(0)
+    return events, dedup
