@@ -22,6 +22,7 @@ from aiohttp import web
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import EVENT_STATES, EventSummary, Journal
+from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
 from webhookd.state import IntakeState
@@ -82,10 +83,6 @@ class Throughput:
         }
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 class Admin:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
@@ -94,8 +91,10 @@ class Admin:
         self._masker = Masker(secret_values(ctx.config))
 
     def app(self) -> web.Application:
-        middlewares = [self._auth] if self._token is not None else [self._same_origin]
-        app = web.Application(middlewares=middlewares)
+        guard = self._auth if self._token is not None else self._same_origin
+        # The JSON errors outermost, so what the guard passes on and a route then refuses
+        # (no such path, wrong method) is JSON too.
+        app = web.Application(middlewares=[json_errors(), guard])
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -109,9 +108,7 @@ class Admin:
         return app
 
     @web.middleware
-    async def _auth(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # The dashboard page itself holds no data: it asks for the token and sends it with
         # every API call it makes, so a browser can load it without a header. /healthz says
         # only "alive", so a container's health probe needs no copy of the token.
@@ -125,12 +122,10 @@ class Admin:
                     status=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        return await _answer(request, handler)
+        return await handler(request)
 
     @web.middleware
-    async def _same_origin(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _same_origin(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Without a token: only requests addressed to this listener, and no cross-site writes.
 
         A page on another site can point its own name at 127.0.0.1 (DNS rebinding) and then
@@ -140,21 +135,21 @@ class Admin:
         """
         hosts = self._own_hosts(request)
         if request.host.lower() not in hosts:
-            return _error(421, "Host is not this admin listener's address")
+            return json_error(421, "Host is not this admin listener's address")
         if request.method not in _SAFE_METHODS:
             origin = request.headers.get("Origin")
             if origin is not None:
                 if origin.lower() not in {f"http://{host}" for host in hosts}:
-                    return _error(403, "cross-origin request refused")
+                    return json_error(403, "cross-origin request refused")
             elif not (
                 request.headers.get(INTENT_HEADER) or request.content_type == "application/json"
             ):
-                return _error(
+                return json_error(
                     403,
                     f"send an {INTENT_HEADER} header (or Content-Type: application/json): "
                     "a request without one could be a cross-site form",
                 )
-        return await _answer(request, handler)
+        return await handler(request)
 
     def _own_hosts(self, request: web.Request) -> set[str]:
         """``host:port`` names of this listener: as configured and loopback, on the bound port."""
@@ -186,7 +181,7 @@ class Admin:
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self.ctx.metrics is None:
-            return _error(404, "metrics are not enabled")
+            return json_error(404, "metrics are not enabled")
         body, content_type = await self.ctx.metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
@@ -203,13 +198,13 @@ class Admin:
         q = request.query
         state = q.get("state") or None
         if state is not None and state not in EVENT_STATES:
-            return _error(400, f"state must be one of {', '.join(EVENT_STATES)}")
+            return json_error(400, f"state must be one of {', '.join(EVENT_STATES)}")
         try:
             limit = int(q.get("limit", "50"))
         except ValueError:
-            return _error(400, "limit must be an integer")
+            return json_error(400, "limit must be an integer")
         if not 1 <= limit <= _MAX_LIMIT:
-            return _error(400, f"limit must be between 1 and {_MAX_LIMIT}")
+            return json_error(400, f"limit must be between 1 and {_MAX_LIMIT}")
         rows = await self.ctx.journal.list_events(
             state=state,
             source=q.get("source") or None,
@@ -222,7 +217,7 @@ class Admin:
         try:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
-            return _error(404, "no such event")
+            return json_error(404, "no such event")
         # An attempt's error, result or output may quote a secret (an API's error message, a
         # command's stderr): masked as the log masks it.
         return web.json_response(self._masker.deep(detail.as_dict()))
@@ -232,25 +227,14 @@ class Admin:
         try:
             counts = await self.ctx.journal.replay([event_id])
         except NotFound:
-            return _error(404, "no such event")
+            return json_error(404, "no such event")
         except JournalError as exc:
-            return _error(503, str(exc))
+            return json_error(503, str(exc))
         self.ctx.pool.poke()
         done = counts[event_id]
         return web.json_response(
             {"id": event_id, "requeued": done.requeued, "run_now": done.run_now}, status=202
         )
-
-
-async def _answer(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, exc.reason)
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

@@ -16,10 +16,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -30,6 +28,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.json_errors import json_error, json_errors
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
@@ -62,11 +61,6 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
-
-
-def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
-    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class _Payload:
@@ -148,7 +142,7 @@ class _Refused(Exception):
         close: bool = False,
     ) -> None:
         super().__init__(message)
-        self.response = _error(status, message, retry_after_s)
+        self.response = json_error(status, message, retry_after_s)
         # Close the connection right after the answer rather than wait for the rest of a
         # body that is not coming (aiohttp would otherwise linger reading it for 10 s).
         self.close = close
@@ -232,7 +226,7 @@ class Receiver:
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes,
-            middlewares=[self._json_errors],
+            middlewares=[json_errors(unexpected=self._unexpected)],
             # Bodies are inflated by content_coding, not aiohttp's parser: its errors for a bad
             # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
             handler_args={"auto_decompress": False},
@@ -240,23 +234,10 @@ class Receiver:
         app.router.add_route("*", "/{path:.*}", self._handle)
         return app
 
-    @web.middleware
-    async def _json_errors(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason)
-        except Exception:
-            return self._unexpected(request)
-
     def _unexpected(self, request: web.Request) -> web.Response:
         # One record with the traceback; never the body or header values (secrets live there).
         log.exception("unexpected error answering %s %r: 503", request.method, request.path[:200])
-        return _error(503, "internal error, retry later", self.config.server.retry_after_s)
+        return json_error(503, "internal error, retry later", self.config.server.retry_after_s)
 
     def _resolve(self, path: str) -> tuple[str, SourceConfig] | None:
         src = self._by_path.get(path)
@@ -275,7 +256,7 @@ class Receiver:
         name = ""
         resolved = self._resolve(request.path)
         if resolved is None:
-            response = _error(404, "no such source")
+            response = json_error(404, "no such source")
         else:
             name, src = resolved
             try:
@@ -347,7 +328,7 @@ class Receiver:
     ) -> web.Response | dict[str, Any] | None:
         """Handshake, method and signature: an answer to give now, or the verdict to store."""
         if src.verify is None:  # the common unsigned case skips building the URL
-            return None if request.method == "POST" else _error(405, "webhooks are POSTed")
+            return None if request.method == "POST" else json_error(405, "webhooks are POSTed")
         url = str(request.url)
         try:
             if scheme is None:  # config only names registered schemes; a hand-built one may not
@@ -367,7 +348,7 @@ class Receiver:
                     status=shake.status, body=shake.body, content_type=shake.content_type
                 )
             if request.method != "POST":
-                return _error(405, "webhooks are POSTed")
+                return json_error(405, "webhooks are POSTed")
             verdict = scheme.verify(
                 src.verify, headers=request.headers, body=body, url=url, now=now
             )
@@ -376,18 +357,18 @@ class Receiver:
             log.warning(
                 "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
             )
-            return _error(401, exc.reason)
+            return json_error(401, exc.reason)
         return verdict.as_dict()
 
     async def _take(self, request: web.Request, name: str, src: SourceConfig) -> web.Response:
         server = self.config.server
         if request.method not in ("POST", "GET", "PUT"):
-            return _error(405, "method not allowed")
+            return json_error(405, "method not allowed")
         if self.state.draining:
-            return _error(503, "shutting down", server.retry_after_s)
+            return json_error(503, "shutting down", server.retry_after_s)
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
-            return _error(413, self._too_large)
+            return json_error(413, self._too_large)
         body = await self._read(request, length or 0)
         headers = request.headers
         encoding = headers.get("Content-Encoding")
@@ -406,9 +387,9 @@ class Receiver:
         if bucket is not None:
             wait_s = bucket.take()
             if wait_s:
-                return _error(429, "intake limit reached", wait_s)
+                return json_error(429, "intake limit reached", wait_s)
         if self.journal.backlog_jobs >= server.max_backlog:
-            return _error(503, "backlog full", server.retry_after_s)
+            return json_error(503, "backlog full", server.retry_after_s)
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched _CATCH_ALL_NAME or is configured).
@@ -467,9 +448,9 @@ class Receiver:
             result = await commit
         except _CommitTimeout:
             log.warning("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
-            return _error(503, "journal busy, retry later", server.retry_after_s)
+            return json_error(503, "journal busy, retry later", server.retry_after_s)
         except JournalUnavailable:
-            return _error(503, "journal unavailable, retry later", server.retry_after_s)
+            return json_error(503, "journal unavailable, retry later", server.retry_after_s)
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.
         if result.duplicate:
             return _ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
