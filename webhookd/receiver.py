@@ -36,7 +36,6 @@ from webhookd.state import IntakeState
 
 log = logging.getLogger("webhookd.receiver")
 
-_JSON = "application/json"
 # A catch-all name becomes a source name in the journal, logs and the dashboard: a short,
 # printable token only (no escape codes, NUL, ';' or dot-only names like "..").
 _CATCH_ALL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from webhookd.journal import Lane, Ready
 from webhookd.models import Priority
@@ -26,13 +25,6 @@ from webhookd.models import Priority
 # How far into a lane to look past a head that may not start (a capped action), so that the
 # tenant's jobs for other actions still go. Bounded: a pop must stay cheap.
 _LOOKAHEAD = 8
-
-
-@dataclass(frozen=True, slots=True)
-class ClassStats:
-    priority: str
-    queued: int  # jobs of this class in the window (the journal may hold more)
-    tenants: int  # lanes of this class with jobs in the window
 
 
 class _Class:
@@ -101,9 +93,6 @@ class Scheduler:
     def room(self) -> int:
         return max(self.capacity - len(self._ids), 0)
 
-    def ids(self) -> set[str]:
-        return set(self._ids)
-
     def lane_size(self, lane: Lane) -> int:
         queue = self._classes[lane[0]].lanes.get(lane)
         return len(queue) if queue is not None else 0
@@ -111,10 +100,6 @@ class Scheduler:
     def lane_room(self, lane: Lane) -> int:
         """How many more jobs ``lane`` may take now (the window's room included)."""
         return min(self.lane_capacity - self.lane_size(lane), self.room)
-
-    def lane_ids(self, lane: Lane) -> set[str]:
-        queue = self._classes[lane[0]].lanes.get(lane)
-        return {job.id for job in queue} if queue is not None else set()
 
     def add(self, job: Ready) -> bool:
         """Take a ready job; ``False`` (and nothing kept) when its lane or the window is full."""
@@ -151,8 +136,3 @@ class Scheduler:
     def lanes(self) -> dict[Lane, int]:
         """Jobs in the window per lane."""
         return {lane: len(q) for c in self._classes for lane, q in c.lanes.items()}
-
-    def statistics(self) -> list[ClassStats]:
-        return [
-            ClassStats(Priority(i).label, c.size, len(c.lanes)) for i, c in enumerate(self._classes)
-        ]

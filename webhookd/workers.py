@@ -120,7 +120,6 @@ class WorkerPool:
         self._running_by_source: Counter[str] = Counter()
         self._running_by_tenant: Counter[tuple[str, str]] = Counter()
         self._running_by_lane: Counter[Lane] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.outcomes: Counter[str] = Counter()
         # Sources an operator paused (``webhookd pause``): their jobs stay queued. Re-read from

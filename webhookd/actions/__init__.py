@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from webhookd.actions.base import Action, ActionKind, Outcome, Resources
-from webhookd.config import ACTION_KINDS, ActionDefaults, Config
+from webhookd.config import ActionDefaults, Config
 from webhookd.errors import ConfigError
 
 
@@ -53,10 +53,8 @@ _KINDS: Mapping[str, Callable[[], ActionKind]] = {
     "command": _command,
     "python": _python,
 }
-KINDS = ACTION_KINDS
 
 __all__ = [
-    "KINDS",
     "Action",
     "ActionKind",
     "Outcome",

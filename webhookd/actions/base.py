@@ -83,10 +83,6 @@ class Action(Protocol):
         ...
 
 
-class ActionFactory(Protocol):
-    def __call__(self, config: ActionConfig, resources: Resources) -> Action: ...
-
-
 class ActionKind(Protocol):
     """What the module of one action kind provides (the registry types each module as one).
 

@@ -188,7 +188,3 @@ class Activity:
     window_s: float
     received: int
     attempts_by_outcome: Mapping[str, int]
-
-
-# ---------------------------------------------------------------------------------------------
-# The group-commit writer's work items

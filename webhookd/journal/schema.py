@@ -134,10 +134,6 @@ LANES_SQL = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Records that cross the journal's boundary
-
-
 def fetch_rows(
     conn: sqlite3.Connection, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()
 ) -> list[sqlite3.Row]:
