@@ -2,7 +2,7 @@
 
 Builds a backlog of N events (one job each, spread over tenants and the three priority classes)
 directly through the Journal API in batches, then drains it with a worker pool running a no-op
-action, and reports the drain process's peak RSS (``getrusage``). The target (DESIGN §3) is
+action, and reports the drain process's peak RSS (``getrusage``). The target is
 ≤ 150 MB with 1,000,000 queued: the scheduler keeps a bounded window of ready jobs and reads the
 rest from the journal as it goes, so the backlog should cost disk, not memory.
 

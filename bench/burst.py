@@ -1,4 +1,4 @@
-"""``python -m bench burst``: the 40,000-webhook burst (DESIGN §6: all acked and processed, none
+"""``python -m bench burst``: the 40,000-webhook burst (target: all acked and processed, none
 lost, none twice).
 
 ``webhookd serve`` (pinned to its own CPU, default 32 workers) has one source with a ``forward``

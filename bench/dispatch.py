@@ -1,4 +1,4 @@
-"""``python -m bench dispatch``: commit → job start on an idle pool (DESIGN §6: p50 ≤ 2 ms,
+"""``python -m bench dispatch``: commit → job start on an idle pool (target: p50 ≤ 2 ms,
 p99 ≤ 10 ms, no polling delay).
 
 ``webhookd serve`` (pinned to its own CPU) has one source with a ``forward`` action to a

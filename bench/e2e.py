@@ -1,5 +1,5 @@
 """``python -m bench e2e``: no-op jobs end to end: 20,000 queued jobs drained, in jobs/s to
-``done`` (DESIGN §6: ≥ 3× Celery + Redis on the same machine; Celery is not run here).
+``done`` (target: ≥ 3× Celery + Redis on the same machine; Celery is not run here).
 
 ``webhookd serve`` (pinned to its own CPU, default 32 workers) has one source whose one action is
 ``log`` at level ``debug`` while the daemon logs at ``warning``: the job is claimed, run (it

@@ -1,4 +1,4 @@
-"""The intake benchmark (DESIGN §6): webhookd's durable intake against a bare aiohttp handler.
+"""The intake benchmark: webhookd's durable intake against a bare aiohttp handler.
 
 1. ``--rounds`` interleaved rounds of the closed-loop test; each round runs every target in turn
    (bare, webhookd, webhookd+log), each a fresh server process with a fresh temp journal, pinned

@@ -1,4 +1,4 @@
-"""``python -m bench lanes``: lane accuracy against the OpenAI stand-in (DESIGN §6: never above
+"""``python -m bench lanes``: lane accuracy against the OpenAI stand-in (target: never above
 the configured RPM/TPM over any 60 s window; ≥ 90 % used when saturated).
 
 ``webhookd serve`` (pinned to its own CPU) has one source with an ``openai`` action on a lane of

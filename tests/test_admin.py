@@ -163,7 +163,8 @@ async def test_events_list_filters_by_state_source_limit_and_before(
 async def test_event_detail_has_the_contract_shape_and_unknown_ids_are_404(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:
-    """/events/<id> returns DESIGN §4's shape with each attempt; an unknown id is a JSON 404."""
+    """/events/<id> returns the documented fields, its jobs and each attempt; unknown ids are a
+    JSON 404."""
     running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
     outcomes = Outcomes(running)
     event_id = await accept(running, "/hooks/shop", '{"order": 1}')

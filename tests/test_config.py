@@ -295,7 +295,8 @@ def test_an_empty_config_and_the_reference_file_hold_the_dataclass_defaults(
     assert (lane.burst_s, lane.max_cooldown_s) == (LaneConfig("x").burst_s, DEFAULT_MAX_COOLDOWN_S)
 
 
-# DESIGN §2: the retry defaults per action kind; timeouts give an LLM call and a program minutes.
+# Each kind's documented (timeout_s, max_attempts, base_s, factor, cap_s); the timeouts give an
+# LLM call and a program minutes.
 KIND_DEFAULTS = {
     "forward": (30.0, 10, 10.0, 3.0, 6 * 3600.0),
     "openai": (120.0, 6, 2.0, 2.0, 60.0),

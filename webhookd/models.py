@@ -87,7 +87,8 @@ class Priority(enum.IntEnum):
 
 
 def event_state(job_states: list[str]) -> str:
-    """An event's state, derived from its jobs' states (DESIGN §2)."""
+    """An event's state from its jobs': dead if any is dead, else running if any is running,
+    else queued if any is queued; cancelled if all are; otherwise (or with no jobs) done."""
     if not job_states:
         return JobState.DONE
     if JobState.DEAD in job_states:

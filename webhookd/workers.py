@@ -40,7 +40,10 @@ _K = TypeVar("_K")
 
 
 def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = random.random) -> float:
-    """``min(cap, base·factor^(n-1)) · U(0.5, 1)`` for the ``attempt``-th failure (DESIGN §2)."""
+    """The wait after the ``attempt``-th failure: ``min(cap, base·factor^(n-1)) · U(0.5, 1)``.
+
+    The random half spreads out the retries of jobs that failed together (one outage).
+    """
     raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
     return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
 

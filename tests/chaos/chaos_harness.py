@@ -5,7 +5,9 @@ connections at once and, like a provider, sends every delivery again until it ge
 killer waits for a random number of fresh acknowledgements, then ``kill -9``s the daemon and
 starts it again on the same journal. A recording target counts what the daemon forwards.
 
-Afterwards :func:`check` holds the run to the guarantees of DESIGN §2 and returns the counts.
+Afterwards :func:`check` holds the run to the delivery guarantees (every acknowledged webhook
+journaled once and forwarded, nothing journaled that was not sent, a repeat only for a job a
+kill interrupted) and returns the counts.
 Used by ``tests/chaos/test_chaos.py`` (a few rounds) and ``python -m bench chaos`` (hundreds).
 """
 
