@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Running, Target, make_config
 from procs import poll
 
@@ -246,6 +248,25 @@ async def test_admin_answers_unknown_paths_with_json(
     running: Running = await run_daemon(make_config(tmp_path))
     status, doc = await get(running, "/nope")
     assert (status, set(doc)) == (404, {"error"})
+
+
+async def test_an_unexpected_error_is_a_json_500_with_one_log_record(
+    tmp_path: Path, run_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A bug behind an admin route answers JSON like every refusal, and logs one traceback."""
+    running: Running = await run_daemon(make_config(tmp_path))
+    journal = running.daemon.journal
+    assert journal is not None
+
+    async def broken(**_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(journal, "list_events", broken)
+    with caplog.at_level(logging.ERROR, logger="webhookd.admin"):
+        status, doc = await get(running, "/events")
+    assert (status, doc) == (500, {"error": "internal error"})
+    records = [r for r in caplog.records if r.name == "webhookd.admin"]
+    assert len(records) == 1 and records[0].exc_info is not None
 
 
 async def test_a_daemon_started_with_tune_gc_freezes_its_startup_objects(

@@ -11,6 +11,7 @@ show it is not a cross-site form (see ``_same_origin``).
 from __future__ import annotations
 
 import hmac
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,8 @@ from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
 from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
+
+log = logging.getLogger("webhookd.admin")
 
 _MAX_LIMIT = 1000
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -90,11 +93,17 @@ class Admin:
         self._token = f"Bearer {token.reveal()}".encode() if token else None
         self._masker = Masker(secret_values(ctx.config))
 
+    @staticmethod
+    def _unexpected(request: web.Request) -> web.Response:
+        # One record with the traceback, and a JSON answer like every other error of this API.
+        log.exception("unexpected error answering %s %r: 500", request.method, request.path[:200])
+        return json_error(500, "internal error")
+
     def app(self) -> web.Application:
         guard = self._auth if self._token is not None else self._same_origin
         # The JSON errors outermost, so what the guard passes on and a route then refuses
         # (no such path, wrong method) is JSON too.
-        app = web.Application(middlewares=[json_errors(), guard])
+        app = web.Application(middlewares=[json_errors(unexpected=self._unexpected), guard])
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
