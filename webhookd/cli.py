@@ -173,6 +173,8 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     click.echo(f"dedup    {doc['dedup_key']}")
     if doc["verified"]:
         click.echo(f"verified {json.dumps(doc['verified'])}")
+    if doc["filtered"]:
+        click.echo(f"filtered {', '.join(doc['filtered'])} (their when did not match: no job)")
     for job in doc["jobs"]:
         click.echo(
             f"\n  job {job['id']}  {job['action']} ({job['type']})  [{job['state']}]  "

@@ -16,6 +16,7 @@ options with the same ``Table``, and hand their own defaults for the shared acti
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import ipaddress
 import json
@@ -153,6 +154,43 @@ def parse_extractor(value: Any, key: str) -> Extractor:
     return Extractor(kind, arg)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One key of an action's ``when``: where the value is, and the values it may have."""
+
+    extractor: Extractor
+    accepts: tuple[str, ...]  # shell-style globs (``*``, ``?``, ``[...]``), case-sensitive
+
+    def allows(self, value: str | None) -> bool:
+        """Whether ``value`` is one of the accepted ones; a missing value (``None``) never is."""
+        return value is not None and any(fnmatch.fnmatchcase(value, p) for p in self.accepts)
+
+
+def parse_when(value: Any, key: str) -> tuple[Condition, ...]:
+    """An action's ``when``: extractor keys, each with a non-empty array of accepted strings."""
+    t = Table(value, key)
+    if not t.data:
+        raise ConfigError(key, "needs at least one key (leave when out to run on every event)")
+    conditions = []
+    for name in list(t.data):
+        ckey = t.path(name)
+        try:
+            spec = parse_extractor(name, ckey)
+        except ConfigError:
+            spec = Extractor("body")
+        if spec.kind == "body":  # a body hash: no one can write the value it would have to be
+            raise ConfigError(ckey, 'must be "header:NAME", "json:a.b" or "form:FIELD"')
+        accepts = t.raw(name)
+        if not isinstance(accepts, list) or not accepts:
+            raise ConfigError(ckey, "must be a non-empty array of strings")
+        for i, item in enumerate(accepts):
+            if not isinstance(item, str):
+                raise ConfigError(f"{ckey}[{i}]", f"must be a string, not {_type_name(item)}")
+        conditions.append(Condition(spec, tuple(accepts)))
+    t.finish()
+    return tuple(conditions)
+
+
 def _admin_listen(value: Any, key: str) -> Listen | None:
     return None if value == "" else parse_listen(value, key)  # "": no admin listener
 
@@ -264,6 +302,8 @@ class ActionConfig:
     retry: RetryPolicy
     concurrency: int | None = setting(None, minimum=1)
     ordered_by: Extractor | None = setting(None, parse=parse_extractor)
+    # Every condition must allow the event's value, or the action gets no job for it.
+    when: tuple[Condition, ...] = setting((), parse=parse_when)
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -615,7 +655,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     return made
 
 
-_COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by")
+_COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by", "when")
 
 
 def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, ActionConfig]:
@@ -629,7 +669,7 @@ def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, Acti
     r.finish()
     action = t.read(
         ActionConfig(name=name, type=kind, key=key, timeout_s=timeout_s, retry=retry),
-        only=("concurrency", "ordered_by"),
+        only=("concurrency", "ordered_by", "when"),
     )
     options = {k: v for k, v in t.data.items() if k not in _COMMON_ACTION_KEYS}
     return name, dataclasses.replace(action, options=options)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
+from webhookd.config import CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.json_errors import json_error, json_errors
@@ -129,6 +129,24 @@ def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = F
     return str(node)
 
 
+def sift(
+    actions: tuple[ActionConfig, ...], headers: Any, payload: _Payload
+) -> tuple[tuple[ActionConfig, ...], tuple[str, ...]]:
+    """The actions whose ``when`` the request matches, and the names of those it does not.
+
+    Every condition must allow its extracted value (a missing one allows nothing); the values
+    are read as tenant and ordering rules read them (JSON ``true`` is ``"true"``).
+    """
+    wanted: list[ActionConfig] = []
+    filtered: list[str] = []
+    for a in actions:
+        if all(c.allows(extract(c.extractor, headers, payload)) for c in a.when):
+            wanted.append(a)
+        else:
+            filtered.append(a.name)
+    return tuple(wanted), tuple(filtered)
+
+
 class _Refused(Exception):
     """A request answered with an error before anything was stored."""
 
@@ -220,6 +238,10 @@ class Receiver:
             src.name: TokenBucket(src.intake_per_s, clock)
             for src in config.sources.values()
             if src.intake_per_s
+        }
+        # Sources with an action that has a `when`: only their requests pay for matching.
+        self._sifted = {
+            src.name for src in config.sources.values() if any(a.when for a in src.actions)
         }
 
     def app(self) -> web.Application:
@@ -424,6 +446,10 @@ class Receiver:
             body=body,
             verified=checked,
         )
+        actions = src.actions
+        filtered: tuple[str, ...] = ()
+        if src.name in self._sifted:
+            actions, filtered = sift(actions, headers, payload)
         jobs = tuple(
             NewJob(
                 id=new_job_id(),
@@ -436,13 +462,13 @@ class Receiver:
                     else None
                 ),
             )
-            for a in src.actions
+            for a in actions
         )
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         try:
-            commit = self.journal.submit_ingest(NewEvent(event, jobs, second))
+            commit = self.journal.submit_ingest(NewEvent(event, jobs, second, filtered))
             self._ack_deadlines.watch(commit)
             result = await commit
         except _CommitTimeout:

@@ -144,6 +144,7 @@ def write_ingests(
                 json.dumps(e.headers, separators=(",", ":")),
                 e.body,
                 json.dumps(e.verified) if e.verified is not None else None,
+                json.dumps(op.item.filtered) if op.item.filtered else None,
             )
         )
         ready = []
@@ -170,7 +171,7 @@ def write_ingests(
     if event_rows:
         conn.executemany(
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
-            " body, verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " body, verified, filtered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             event_rows,
         )
     if job_rows:

@@ -161,11 +161,14 @@ class Reads:
 
     async def get_event(self, event_id: str) -> EventDetail:
         rows = await fetch(
-            self.reader, f"SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = ?", (event_id,)
+            self.reader,
+            f"SELECT {EVENT_COLUMNS}, e.filtered FROM events e WHERE e.id = ?",
+            (event_id,),
         )
         if not rows:
             raise NotFound(event_id)
         event = event_from_row(rows[0])
+        filtered = tuple(json.loads(rows[0]["filtered"])) if rows[0]["filtered"] else ()
         job_rows = await fetch(
             self.reader,
             f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = ? ORDER BY j.seq",
@@ -194,7 +197,8 @@ class Reads:
         for r in job_rows:
             job = job_from_row(r)
             jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
-        return EventDetail(event, event_state([str(j.state) for j in jobs]), tuple(jobs))
+        state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
+        return EventDetail(event, state, tuple(jobs), filtered)
 
     async def list_events(
         self,

@@ -24,11 +24,13 @@ class NewEvent:
 
     ``body_key``, when set, is a second dedup key (the signed body's hash, for schemes whose
     signature has no timestamp): an event already holding either key makes this a duplicate.
+    ``filtered`` names the actions that get no job because their ``when`` did not match.
     """
 
     event: Event
     jobs: tuple[NewJob, ...]
     body_key: str | None = None
+    filtered: tuple[str, ...] = ()  # the names of actions whose ``when`` did not match
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,7 @@ class EventDetail:
     event: Event
     state: str
     jobs: tuple[Job, ...]
+    filtered: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract)."""
@@ -123,6 +126,7 @@ class EventDetail:
             "state": self.state,
             "content_type": e.content_type,
             "body_bytes": len(e.body),
+            "filtered": list(self.filtered),
             "jobs": [job_dict(j) for j in self.jobs],
         }
 

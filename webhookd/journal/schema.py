@@ -92,6 +92,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_order ON jobs(source, action, order_key, seq)
         WHERE order_key IS NOT NULL AND state IN ('queued', 'running');
     """,
+    # 3 → 4: the actions an event's ``when`` filters left without a job, as a JSON array;
+    # NULL when none was filtered (most events), so the common ingest writes nothing more.
+    """
+    ALTER TABLE events ADD COLUMN filtered TEXT;
+    """,
 )
 
 # A job may start only when no older job of its (source, action, order key) is unfinished: the
