@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 from test_config import REFERENCE_ENV
 
-from webhookd import actions, config
+from webhookd import actions, config, send
 from webhookd.actions.base import Resources
 from webhookd.cli import main
-from webhookd.models import Event, Job, JobState, Priority
+from webhookd.journal import Journal
+from webhookd.models import Event, Job, JobState, Priority, new_event_id
+from webhookd.receiver import Receiver
+from webhookd.state import IntakeState
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
@@ -75,14 +83,50 @@ async def run_example_action(name: str, source: str, doc: object) -> dict[str, o
     return {"kind": outcome.kind, "result": outcome.result, **outcome.detail}
 
 
-async def test_deploy_script_deploys_main_and_skips_other_branches() -> None:
-    """The GitHub example runs deploy.sh with the ref and commit; other branches are skipped."""
+async def test_deploy_script_deploys_the_ref_and_commit_it_is_given() -> None:
+    """The GitHub example runs deploy.sh with the pushed ref and commit from the payload."""
     main_push = {"ref": "refs/heads/main", "after": "abc123"}
     ran = await run_example_action("github-deploy.toml", "github", main_push)
     assert ran["kind"] == "done"
-    assert ran["stdout"] == "deploying abc123 (event evt_example)\n"
-    other = await run_example_action("github-deploy.toml", "github", {"ref": "refs/heads/x"})
-    assert other["kind"] == "done" and str(other["stdout"]).startswith("skipping refs/heads/x")
+    assert ran["stdout"] == "deploying refs/heads/main at abc123 (event evt_example)\n"
+
+
+async def test_deploy_example_gives_a_job_to_pushes_to_main_only(tmp_path: Path) -> None:
+    """Signed GitHub deliveries to the example: a push to main gets the deploy job; another
+    branch, a tag and the setup ping are accepted as done events with the deploy filtered."""
+    cfg = config.load(ROOT / "examples" / "github-deploy.toml")
+    cfg = dataclasses.replace(cfg, journal=config.JournalConfig(path=tmp_path / "j.db"))
+    src = cfg.sources["github"]
+    async with contextlib.AsyncExitStack() as stack:
+        journal = await stack.enter_async_context(Journal(cfg.journal.path))
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        runner = web.AppRunner(Receiver(cfg, journal, IntakeState()).app(), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+
+        async def deliver(doc: object) -> tuple[str, list[str], list[str]]:
+            body = json.dumps(doc).encode()
+            request = send.build(
+                src,
+                url=f"http://{host}:{port}{src.path}",
+                body=body,
+                now=time.time(),
+                delivery_id=new_event_id(),
+            )
+            async with http.post(request.url, data=body, headers=request.headers) as r:
+                assert r.status == 202, await r.text()
+                detail = await journal.get_event((await r.json())["id"])
+            return detail.state, [j.action for j in detail.jobs], list(detail.filtered)
+
+        assert await deliver({"ref": "refs/heads/main", "after": "abc"}) == (
+            "queued",
+            ["command"],
+            [],
+        )
+        for other in ({"ref": "refs/heads/dev"}, {"ref": "refs/tags/v1"}, {"zen": "ping"}):
+            assert await deliver(other) == ("done", [], ["command"])
 
 
 async def test_stripe_handler_handles_known_types_and_ignores_others() -> None:
