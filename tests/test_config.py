@@ -65,6 +65,7 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
     stripe = cfg.sources["stripe"]
     assert stripe.verify is not None and len(stripe.verify.secrets) == 2
     assert [a.name for a in stripe.actions] == ["forward", "log"]
+    assert [c.extractor for c in stripe.actions[1].when] == [Extractor("json", "type")]
     assert cfg.source_for("generic") is cfg.sources["generic"]
     assert cfg.sources["generic"].path == "/hooks/partner"
 
