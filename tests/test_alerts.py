@@ -121,6 +121,25 @@ async def test_five_dead_jobs_make_one_alert_now_and_one_summary_after_the_inter
     assert rig.alerter.next_due_s() is None  # nothing more to tell
 
 
+async def test_dead_jobs_held_back_by_the_interval_are_journaled_at_shutdown(
+    make_rig: MakeRig,
+) -> None:
+    """Dead jobs still waiting out min_interval_s when the daemon stops are journaled as an
+    alert then, so the next start sends it rather than forgetting them."""
+    rig = await make_rig("")
+    rig.target.default_status = 400
+    await rig.ingest()
+    await rig.pool.run_until_idle()
+    await rig.alerter.tick()
+    held = await rig.ingest()
+    await rig.pool.run_until_idle()
+    assert await rig.alerter.tick() == []
+    [alert] = await rig.alerter.flush()
+    doc = await rig.alert_doc(alert)
+    assert (doc["count"], doc["events"]) == (1, [held])
+    assert await rig.alerter.flush() == []
+
+
 async def test_an_alert_lists_at_most_twenty_events_and_says_how_many_more(
     make_rig: MakeRig,
 ) -> None:

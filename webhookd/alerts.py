@@ -130,6 +130,15 @@ class Alerter:
                     made.append(sent)
         return made
 
+    async def flush(self) -> list[str]:
+        """Journal the dead jobs not yet told, whatever the interval: at shutdown, so the
+        summary is not lost with this process (its job is sent by the next start)."""
+        if not self._dead.count:
+            return []
+        dead, self._dead = self._dead, _DeadSince()
+        sent = await self._send("dead", dead.count, dead.events, _dead_text(dead))
+        return [] if sent is None else [sent]
+
     async def run(self) -> None:
         """Alert until cancelled: the daemon's long-lived task."""
         while True:

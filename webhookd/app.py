@@ -12,7 +12,8 @@ Shutdown (first SIGTERM or SIGINT):
   2. close the receiver's listener; requests in flight finish their commit and get their answer;
   3. stop claiming; give running jobs ``workers.shutdown_grace_s``; cancel the stragglers and
      put them back to ``queued`` without counting the attempt;
-  4. stop the background tasks; close the admin listener, the actions and the HTTP session;
+  4. journal the dead-job alert still held back by its interval (sent by the next start);
+     stop the background tasks; close the admin listener, the actions and the HTTP session;
   5. flush and checkpoint the journal; exit 0.
 A second signal exits at once; boot recovery covers whatever was left.
 
@@ -185,6 +186,8 @@ class Daemon:
                 listening: list[web.AppRunner] = []
                 try:
                     cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
+                    if alerter is not None:
+                        await alerter.flush()
                 finally:
                     # Reached with listeners open only when a task died and the group cancelled
                     # us: close the ports (receiver first) before the journal closes.
