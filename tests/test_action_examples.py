@@ -29,6 +29,7 @@ ENV = {
     "MAILGUN_SIGNING_KEY": "key-example",
     "OPENAI_API_KEY": "sk-example",
     "DRAFTS_SIGNING_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/example",
 }
 
 
@@ -39,10 +40,12 @@ def example_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the examples' relative paths are from the repository root
 
 
-def test_the_four_examples_are_there() -> None:
-    """Mailgun→OpenAI, GitHub→deploy, Shopify→forward and Stripe→Python each have a config."""
+def test_the_examples_are_there() -> None:
+    """Mailgun→OpenAI, GitHub→deploy, Shopify→forward, Stripe→Python and alerts→Slack each
+    have a config."""
     names = {p.name for p in EXAMPLES}
     assert names == {
+        "alerts-slack.toml",
         "mailgun-openai.toml",
         "github-deploy.toml",
         "shopify-forward.toml",

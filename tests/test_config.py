@@ -39,6 +39,7 @@ REFERENCE_ENV = {
     "STRIPE_SECRET_OLD": "whsec_stripe_old",
     "GITHUB_WEBHOOK_SECRET": "gh-secret",
     "PARTNER_SECRET": "partner-secret",
+    "ALERT_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/reference",
 }
 
 
@@ -294,6 +295,16 @@ def test_an_empty_config_and_the_reference_file_hold_the_dataclass_defaults(
     assert (reference.workers, reference.log) == (WorkersConfig(), LogConfig())
     lane = reference.lanes["openai"]
     assert (lane.burst_s, lane.max_cooldown_s) == (LaneConfig("x").burst_s, DEFAULT_MAX_COOLDOWN_S)
+    assert empty.alerts is None and reference.alerts is not None
+    alerts = reference.alerts
+    assert (alerts.on_dead, alerts.backlog_age_s, alerts.min_interval_s) == (True, None, 300.0)
+    with_kinds = load(REPO / "webhookd.toml", kinds=actions.kind_defaults).alerts
+    assert with_kinds is not None
+    [alert_action] = with_kinds.source.actions
+    assert (alert_action.timeout_s, alert_action.retry) == (
+        30.0,
+        RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=21600.0),
+    )
 
 
 # Each kind's documented (timeout_s, max_attempts, base_s, factor, cap_s); the timeouts give an

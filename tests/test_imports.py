@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions",),
     ("webhookd.workers",),
     # The daemon's faces, side by side: none imports another.
-    ("webhookd.receiver", "webhookd.admin", "webhookd.metrics"),
+    ("webhookd.receiver", "webhookd.admin", "webhookd.metrics", "webhookd.alerts"),
     ("webhookd.app",),
     ("webhookd.cli",),
     ("webhookd.__main__",),

@@ -3,7 +3,7 @@
 Start order:
   1. journal: open, migrate, recover jobs an earlier boot left ``running``;
   2. the HTTP client session, the lanes and the configured actions;
-  3. the worker pool and the background tasks (retention, heartbeat);
+  3. the worker pool and the background tasks (retention, heartbeat, alerts);
   4. the admin listener, then the receiver listener last: nothing is accepted before all of
      the above is ready.
 
@@ -12,12 +12,14 @@ Shutdown (first SIGTERM or SIGINT):
   2. close the receiver's listener; requests in flight finish their commit and get their answer;
   3. stop claiming; give running jobs ``workers.shutdown_grace_s``; cancel the stragglers and
      put them back to ``queued`` without counting the attempt;
-  4. stop the background tasks; close the admin listener, the actions and the HTTP session;
+  4. journal the dead-job alert still held back by its interval (sent by the next start);
+     stop the background tasks; close the admin listener, the actions and the HTTP session;
   5. flush and checkpoint the journal; exit 0.
 A second signal exits at once; boot recovery covers whatever was left.
 
-Should a long-lived task end (the dispatcher, retention, the heartbeat, the journal's writer),
-the task group cancels the rest, the listeners close, and ``run()`` returns 1 with one line.
+Should a long-lived task end (the dispatcher, retention, the heartbeat, alerts, the journal's
+writer), the task group cancels the rest, the listeners close, and ``run()`` returns 1 with one
+line.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from aiohttp import web
 from webhookd import actions as action_registry
 from webhookd.actions.base import Resources
 from webhookd.admin import Admin, AdminContext, Throughput
+from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
@@ -148,6 +151,11 @@ class Daemon:
             for hook in self.on_wired:
                 hook(self)
 
+            alerter = None
+            if cfg.alerts is not None:
+                alerter = Alerter(cfg.alerts, journal, clock=self.clock)
+                pool.on_finish.append(alerter.observe)
+
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
             metrics.attach(self.intake.observers, pool.on_finish)
             throughput = Throughput(pool)
@@ -173,9 +181,13 @@ class Daemon:
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                 ]
+                if alerter is not None:
+                    side_tasks.append(tg.create_task(alerter.run(), name="alerts"))
                 listening: list[web.AppRunner] = []
                 try:
                     cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
+                    if alerter is not None:
+                        await alerter.flush()
                 finally:
                     # Reached with listeners open only when a task died and the group cancelled
                     # us: close the ports (receiver first) before the journal closes.

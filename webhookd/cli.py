@@ -140,9 +140,15 @@ def check(config_path: str | None) -> None:
     cfg = _load(config_path)
     sources = ", ".join(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())
+    alerts = ""
+    if cfg.alerts is not None:
+        kinds = ["dead"] if cfg.alerts.on_dead else []
+        if cfg.alerts.backlog_age_s is not None:
+            kinds.append(f"backlog older than {cfg.alerts.backlog_age_s:g}s")
+        alerts = f", alerts on {' and '.join(kinds) or 'nothing'}"
     click.echo(
         f"ok: {cfg.origin}: {len(cfg.sources)} source(s) ({sources}), {actions} "
-        f"action(s), {len(cfg.lanes)} lane(s)"
+        f"action(s), {len(cfg.lanes)} lane(s){alerts}"
     )
 
 

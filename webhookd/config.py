@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 CATCH_ALL = "*"
+# The source of webhookd's own alert events (``[alerts]``): no user source may take the name,
+# and the receiver never accepts it, so only the daemon itself creates its events.
+ALERT_SOURCE = "webhookd"
+ALERT_ACTION = "alert"
 
 # The action kinds users may write; ``actions`` implements exactly these (a test checks), so
 # config stays below it in the import graph. Signature schemes: ``webhookd.schemes.SCHEMES``.
@@ -330,6 +335,23 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """``[alerts]``: where to POST a summary when jobs go dead or the backlog grows old.
+
+    ``source`` is the reserved ``webhookd`` source whose one forward action delivers the
+    alerts; it is built here, not written by the user.
+    """
+
+    url: Secret
+    source: SourceConfig
+    on_dead: bool = True
+    backlog_age_s: float | None = setting(None, positive=True)  # None: no backlog alerts
+    # One alert of a kind per 5 minutes: the first goes out at once, a storm of dead jobs then
+    # costs at most 12 summaries an hour per kind, well inside chat services' rate limits.
+    min_interval_s: float = setting(300.0, minimum=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
@@ -338,11 +360,22 @@ class Config:
     log: LogConfig = LogConfig()
     lanes: Mapping[str, LaneConfig] = field(default_factory=dict)
     sources: Mapping[str, SourceConfig] = field(default_factory=dict)
+    alerts: AlertsConfig | None = None
     origin: str = "embedded default"
 
     def source_for(self, name: str) -> SourceConfig | None:
-        """The configured source called ``name``, else the catch-all (``"*"``) if there is one."""
+        """The configured source called ``name``, else the catch-all (``"*"``) if there is one.
+
+        ``webhookd`` is the alerts' own source (when ``[alerts]`` is set), never the catch-all.
+        """
+        if name == ALERT_SOURCE:
+            return self.alerts.source if self.alerts is not None else None
         return self.sources.get(name) or self.sources.get(CATCH_ALL)
+
+    def all_sources(self) -> tuple[SourceConfig, ...]:
+        """The user's sources, and the alerts' own source when there is one (to build actions)."""
+        own = (self.alerts.source,) if self.alerts is not None else ()
+        return (*self.sources.values(), *own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +712,8 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
     t = Table(value, key)
     if name != CATCH_ALL and (not name or "/" in name):
         raise ConfigError(key, "a source name must be non-empty and contain no '/'")
+    if name == ALERT_SOURCE:
+        raise ConfigError(key, f"the source name {ALERT_SOURCE!r} is reserved for [alerts]")
     path = t.string("path", f"/hooks/{name}")
     if not path.startswith("/"):
         raise ConfigError(t.path("path"), "must start with '/'")
@@ -716,6 +751,41 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
         actions.append(action)
     t.finish()
     return dataclasses.replace(source, actions=tuple(actions))
+
+
+def _alerts(t: Table, kinds: KindDefaults | None) -> AlertsConfig:
+    """``[alerts]``, with its reserved source: one forward action to ``url``, retried with the
+    forward defaults unless ``timeout_s`` or ``retry`` say otherwise."""
+    url = t.secret("url")
+    if not url.missing:
+        parts = urlsplit(url.reveal())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            # The value is not shown: an incoming-webhook URL is itself the credential.
+            raise ConfigError(t.path("url"), "must be an http(s) URL")
+    defaults = ActionDefaults() if kinds is None else kinds("forward", t.path("url"))
+    timeout_s = t.read(defaults, only=("timeout_s",)).timeout_s
+    r = t.table("retry")
+    retry = r.read(defaults.retry)
+    r.finish()
+    action = ActionConfig(
+        name=ALERT_ACTION,
+        type="forward",
+        key=t.key,
+        timeout_s=timeout_s,
+        retry=retry,
+        options={"url": url},
+    )
+    source = SourceConfig(
+        name=ALERT_SOURCE,
+        path=f"/hooks/{ALERT_SOURCE}",  # never served: the receiver refuses this source
+        priority=PriorityRule(default=Priority.HIGH),
+        actions=(action,),
+    )
+    alerts = t.read(
+        AlertsConfig(url=url, source=source), only=("on_dead", "backlog_age_s", "min_interval_s")
+    )
+    t.finish()
+    return alerts
 
 
 def parse(
@@ -803,6 +873,7 @@ def parse(
             lane = action.options.get("lane")
             if lane is not None and lane not in lanes:
                 raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
+    alerts = _alerts(root.table("alerts"), kinds) if root.has("alerts") else None
     root.finish()
     config = Config(
         server=server,
@@ -812,6 +883,7 @@ def parse(
         log=log,
         lanes=lanes,
         sources=sources,
+        alerts=alerts,
         origin=origin,
     )
     if secrets:

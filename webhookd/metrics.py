@@ -41,7 +41,7 @@ class Metrics:
         self.pool = pool
         # Series are labelled by configured source only: everything the catch-all took counts
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
-        self._sources = frozenset(pool.config.sources)
+        self._sources = frozenset(s.name for s in pool.config.all_sources())
         self._intake_children: dict[tuple[str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
+from webhookd.config import ALERT_SOURCE, CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.json_errors import json_error, json_errors
@@ -268,7 +268,12 @@ class Receiver:
             name = path[len("/hooks/") :]
             # A configured source is only reachable at its own path, never through the
             # catch-all (which would skip its verification).
-            if _CATCH_ALL_NAME.fullmatch(name) and name not in self.config.sources:
+            # Nor is the alerts' own source: only the daemon makes its events.
+            if (
+                _CATCH_ALL_NAME.fullmatch(name)
+                and name not in self.config.sources
+                and name != ALERT_SOURCE
+            ):
                 return name, self._catch_all
         return None
 

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from webhookd import schemes
-from webhookd.config import CATCH_ALL, Config, Listen, SourceConfig
+from webhookd.config import ALERT_SOURCE, CATCH_ALL, Config, Listen, SourceConfig
 from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
 from webhookd.schemes.base import sample_json
@@ -68,7 +68,9 @@ def source_url(cfg: Config, name: str) -> str:
 def resolve(cfg: Config, name: str) -> SourceConfig:
     """The source ``name`` (or the catch-all that would take it); ConfigError if none."""
     src = cfg.sources.get(name)
-    if src is None and CATCH_ALL in cfg.sources and name and "/" not in name:
+    # The alerts' source takes no webhooks: the receiver answers 404 for it.
+    catchable = name and "/" not in name and name != ALERT_SOURCE
+    if src is None and CATCH_ALL in cfg.sources and catchable:
         src = cfg.sources[CATCH_ALL]
     if src is None:
         known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"

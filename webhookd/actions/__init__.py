@@ -86,7 +86,7 @@ def kind_defaults(name: str, key: str) -> ActionDefaults:
 
 def validate(config: Config) -> None:
     """Check every action's own options (raises ``ConfigError`` naming the dotted key)."""
-    for source in config.sources.values():
+    for source in config.all_sources():
         for action in source.actions:
             kind(action.type, f"{action.key}.type").validate(action)
 
@@ -94,7 +94,7 @@ def validate(config: Config) -> None:
 def build(resources: Resources) -> dict[tuple[str, str], Action]:
     """Create every configured action, keyed by ``(source name, action name)``."""
     actions: dict[tuple[str, str], Action] = {}
-    for source in resources.config.sources.values():
+    for source in resources.config.all_sources():
         for action in source.actions:
             module = kind(action.type, f"{action.key}.type")
             actions[(source.name, action.name)] = module.create(action, resources)

@@ -66,8 +66,11 @@ def check_url(value: Any, key: str) -> str:
 
 
 def read_url(t: Table, name: str) -> str:
-    """The required http(s) URL at key ``name``."""
-    return check_url(t.raw(name, None), t.path(name))
+    """The required http(s) URL at key ``name``; a ``Secret`` one (``[alerts] url``) revealed."""
+    value = t.raw(name, None)
+    if isinstance(value, Secret):
+        value = value.reveal()
+    return check_url(value, t.path(name))
 
 
 def read_headers(t: Table, name: str = "headers") -> dict[str, str]:

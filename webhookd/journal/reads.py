@@ -140,6 +140,16 @@ class Reads:
         )
         return int(rows[0][0])
 
+    async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
+        """The events of the oldest queued jobs (of any source but ``exclude_source``), oldest
+        first, at most ``limit`` of them: what a backlog alert names."""
+        rows = await fetch(
+            self.reader,
+            "SELECT event_id FROM jobs WHERE state = 'queued' AND source != ? ORDER BY seq LIMIT ?",
+            (exclude_source, limit * 4),  # an event may hold several queued jobs
+        )
+        return list(dict.fromkeys(r[0] for r in rows))[:limit]
+
     async def dead_event_ids(
         self, source: str | None = None, since: float | None = None, limit: int = 100_000
     ) -> list[str]:

@@ -1,0 +1,254 @@
+"""Alerts: dead jobs and an old backlog become rate-limited summary events of the ``webhookd``
+source, delivered by a forward job — over a real journal, a real worker pool and a real loopback
+target, on a manual clock (no waiting out the interval)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import Target, jobs_for, make_config, new_event
+
+from webhookd import actions as action_registry
+from webhookd.actions.base import Resources
+from webhookd.alerts import EVENTS_CAP, Alerter
+from webhookd.clock import ManualClock
+from webhookd.config import ALERT_SOURCE, Config, loads
+from webhookd.errors import ConfigError
+from webhookd.journal import Journal, NewEvent
+from webhookd.workers import WorkerPool
+
+
+@dataclass
+class Rig:
+    cfg: Config
+    journal: Journal
+    pool: WorkerPool
+    alerter: Alerter
+    clock: ManualClock
+    target: Target
+
+    async def ingest(self, source: str = "shop") -> str:
+        item = NewEvent(new_event(source, self.clock.time()), jobs_for(self.cfg.sources[source]))
+        await self.journal.ingest(item)
+        return item.event.id
+
+    def alerts_received(self) -> list[dict[str, Any]]:
+        """The alert bodies the sink got, in order."""
+        return [json.loads(s.body) for s in self.target.seen if s.path == "/alerts"]
+
+    async def alert_doc(self, event_id: str) -> dict[str, Any]:
+        detail = await self.journal.get_event(event_id)
+        assert detail.event.source == ALERT_SOURCE
+        doc: dict[str, Any] = json.loads(detail.event.body)
+        return doc
+
+
+MakeRig = Callable[[str], Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path, target: Target) -> AsyncIterator[MakeRig]:
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def start(alerts: str) -> Rig:
+            cfg = make_config(
+                tmp_path,
+                f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/shop"
+
+[alerts]
+url = "{target.url}/alerts"
+{alerts}
+""",
+            )
+            clock = ManualClock()
+            journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
+            actions = action_registry.build(Resources(config=cfg, http=http))
+            pool = WorkerPool(
+                config=cfg, journal=journal, actions=actions, boot_id="boot_test", clock=clock
+            )
+            assert cfg.alerts is not None
+            alerter = Alerter(cfg.alerts, journal, clock=clock)
+            pool.on_finish.append(alerter.observe)
+            return Rig(cfg, journal, pool, alerter, clock, target)
+
+        yield start
+
+
+async def test_five_dead_jobs_make_one_alert_now_and_one_summary_after_the_interval(
+    make_rig: MakeRig,
+) -> None:
+    """The first dead job is told at once; the next four wait out min_interval_s, then come as
+    one alert counting all four, and the sink gets both bodies."""
+    rig = await make_rig("min_interval_s = 300")
+    rig.target.statuses = [400]  # the first delivery is refused: dead at once
+    first = await rig.ingest()
+    await rig.pool.run_until_idle()
+    [alert1] = await rig.alerter.tick()
+    assert await rig.alert_doc(alert1) == {
+        "text": f"webhookd: 1 job(s) went dead (shop: 1): {first}",
+        "kind": "dead",
+        "count": 1,
+        "events": [first],
+    }
+
+    rig.target.statuses = [200] + [400] * 4  # the alert is delivered, the next four refused
+    await rig.pool.run_until_idle()
+    rest = [await rig.ingest() for _ in range(4)]
+    await rig.pool.run_until_idle()
+    assert await rig.alerter.tick() == []  # within the interval: held back
+    assert rig.alerter.next_due_s() == pytest.approx(300.0)
+    rig.clock.advance(299.0)
+    assert await rig.alerter.tick() == []
+    rig.clock.advance(1.0)
+    [alert2] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert2)
+    assert (doc["kind"], doc["count"], sorted(doc["events"])) == ("dead", 4, sorted(rest))
+    await rig.pool.run_until_idle()
+
+    assert [(a["kind"], a["count"]) for a in rig.alerts_received()] == [("dead", 1), ("dead", 4)]
+    assert rig.alerter.next_due_s() is None  # nothing more to tell
+
+
+async def test_dead_jobs_held_back_by_the_interval_are_journaled_at_shutdown(
+    make_rig: MakeRig,
+) -> None:
+    """Dead jobs still waiting out min_interval_s when the daemon stops are journaled as an
+    alert then, so the next start sends it rather than forgetting them."""
+    rig = await make_rig("")
+    rig.target.default_status = 400
+    await rig.ingest()
+    await rig.pool.run_until_idle()
+    await rig.alerter.tick()
+    held = await rig.ingest()
+    await rig.pool.run_until_idle()
+    assert await rig.alerter.tick() == []
+    [alert] = await rig.alerter.flush()
+    doc = await rig.alert_doc(alert)
+    assert (doc["count"], doc["events"]) == (1, [held])
+    assert await rig.alerter.flush() == []
+
+
+async def test_an_alert_lists_at_most_twenty_events_and_says_how_many_more(
+    make_rig: MakeRig,
+) -> None:
+    """With 25 dead jobs, the body names the first 20 events and the text says "and 5 more"."""
+    rig = await make_rig("")
+    rig.target.default_status = 400
+    ids = [await rig.ingest() for _ in range(25)]
+    await rig.pool.run_until_idle()
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert doc["count"] == 25
+    # Jobs run side by side, so which 20 die first is theirs to decide.
+    assert len(set(doc["events"])) == EVENTS_CAP and set(doc["events"]) <= set(ids)
+    assert doc["text"].endswith(" and 5 more")
+
+
+async def test_the_alerts_own_dead_job_never_makes_another_alert(make_rig: MakeRig) -> None:
+    """An alert URL that refuses the alert leaves a dead alert job, and no alert about it."""
+    rig = await make_rig("min_interval_s = 0")
+    rig.target.default_status = 400  # the shop target and the alert URL both refuse
+    await rig.ingest()
+    await rig.pool.run_until_idle()
+    [alert] = await rig.alerter.tick()
+    await rig.pool.run_until_idle()  # the alert is delivered, refused: dead
+    [job] = (await rig.journal.get_event(alert)).jobs
+    assert str(job.state) == "dead"
+    assert rig.alerter.next_due_s() is None
+    assert await rig.alerter.tick() == []
+
+
+async def test_on_dead_false_makes_no_dead_alerts(make_rig: MakeRig) -> None:
+    """With on_dead = false a dead job is not alerted on."""
+    rig = await make_rig("on_dead = false")
+    rig.target.default_status = 400
+    await rig.ingest()
+    await rig.pool.run_until_idle()
+    assert await rig.alerter.tick() == []
+    assert await rig.journal.list_events(source=ALERT_SOURCE) == []
+
+
+async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
+    make_rig: MakeRig,
+) -> None:
+    """A paused source's queued job older than backlog_age_s brings a "backlog" alert naming its
+    event; while it stays, the next comes only after min_interval_s."""
+    rig = await make_rig("backlog_age_s = 60\nmin_interval_s = 300")
+    await rig.journal.pause("shop")
+    waiting = await rig.ingest()
+    assert await rig.alerter.tick() == []  # just received: not old
+    rig.clock.advance(60.0)
+    assert await rig.alerter.tick() == []  # not older than 60 s yet
+    rig.clock.advance(30.0)
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert (doc["kind"], doc["count"], doc["events"]) == ("backlog", 1, [waiting])
+    assert "the oldest received 90s ago (shop: 1)" in doc["text"]
+    # The alert itself is queued now (nothing ran it): it is not counted as backlog.
+    rig.clock.advance(299.0)
+    assert await rig.alerter.tick() == []
+    rig.clock.advance(1.0)
+    [again] = await rig.alerter.tick()
+    assert (await rig.alert_doc(again))["count"] == 1
+    await rig.pool.run_until_idle()  # the paused source waits; the alerts go out
+    assert [a["kind"] for a in rig.alerts_received()] == ["backlog", "backlog"]
+
+
+def test_alerts_config_defaults_and_the_forward_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[alerts] needs only url (env: allowed); the rest default, and its job retries like a
+    forward; without [alerts] there is no alert source."""
+    monkeypatch.setenv("ALERT_URL", "https://hooks.example.com/services/T0/B0/abc")
+    cfg = loads('[alerts]\nurl = "env:ALERT_URL"', kinds=action_registry.kind_defaults)
+    assert cfg.alerts is not None
+    assert cfg.alerts.url.reveal().endswith("/abc")
+    assert (cfg.alerts.on_dead, cfg.alerts.backlog_age_s, cfg.alerts.min_interval_s) == (
+        True,
+        None,
+        300.0,
+    )
+    source = cfg.source_for(ALERT_SOURCE)
+    assert source is cfg.alerts.source and ALERT_SOURCE not in cfg.sources
+    [action] = source.actions
+    assert action.retry == action_registry.kind("forward", "type").DEFAULTS.retry
+    assert "abc" not in repr(cfg)
+    action_registry.validate(cfg)
+    assert loads("").alerts is None
+    assert loads('[sources."*"]').source_for(ALERT_SOURCE) is None  # never the catch-all
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("[sources.webhookd]", "sources.webhookd", "reserved"),
+        ("[alerts]\non_dead = true", "alerts.url", "is required"),
+        ('[alerts]\nurl = "hooks.example.com/s3cr3t"', "alerts.url", "must be an http(s) URL"),
+        ('[alerts]\nurl = "https://x.example"\nmin_interval_s = -1', "alerts.min_interval_s", ""),
+        ('[alerts]\nurl = "https://x.example"\nbacklog_age_s = 0', "alerts.backlog_age_s", ""),
+        ('[alerts]\nurl = "https://x.example"\ncolour = 1', "alerts.colour", "unknown key"),
+        (
+            '[alerts]\nurl = "https://x.example"\nretry = { max_attempts = 0 }',
+            "alerts.retry.max_attempts",
+            "",
+        ),
+        ('[alerts]\nurl = "env:UNSET_ALERT_URL"', "alerts.url", "UNSET_ALERT_URL"),
+    ],
+)
+def test_bad_alerts_config_names_the_key(text: str, key: str, message: str) -> None:
+    """Each mistake in [alerts] is one error naming its dotted key, never showing the URL."""
+    with pytest.raises(ConfigError) as caught:
+        loads(text)
+    assert caught.value.key == key
+    assert message in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
