@@ -229,6 +229,24 @@ def test_program_that_ignores_stdin_is_done(tmp_path: Path, loop: str) -> None:
     assert job.state == JobState.DONE, job.history[0].error
 
 
+class _LateLoop(uvloop.Loop):  # type: ignore[misc]
+    """uvloop, handing back a started program only once it has exited and its pipes closed."""
+
+    async def subprocess_exec(self, factory: Any, *args: Any, **kw: Any) -> Any:
+        transport, watch = await super().subprocess_exec(factory, *args, **kw)
+        await watch.exited.wait()
+        await watch.closed.wait()
+        return transport, watch
+
+
+def test_program_gone_before_its_body_is_written_is_done(tmp_path: Path) -> None:
+    """A program that exits before the daemon writes its stdin is done: under uvloop its stdin
+    pipe is already closed then, and writing to it must not turn the run into an error."""
+    with asyncio.Runner(loop_factory=_LateLoop) as runner:
+        job = runner.run(run_command(tmp_path, python_argv("print('ok')")))
+    assert job.state == JobState.DONE, job.history[0].error
+
+
 ENV_DUMP = "import json, os; print(json.dumps(sorted(os.environ)))"
 
 

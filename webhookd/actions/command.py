@@ -185,10 +185,11 @@ class CommandAction:
         try:
             # uvloop's pipe transports do not subclass asyncio.WriteTransport, but have its methods.
             stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
-            if stdin is not None:
-                # The transport buffers what the pipe cannot take yet and close() flushes it
-                # first; a program that never reads stdin closes the pipe, and the transport
-                # drops the rest (EPIPE) without raising.
+            # The transport buffers what the pipe cannot take yet and close() flushes it first;
+            # a program that never reads stdin closes the pipe, and the transport drops the rest
+            # (EPIPE) without raising. A program that has already exited may have had its pipe
+            # closed under us: uvloop then refuses the write, and there is no one left to read.
+            if stdin is not None and not stdin.is_closing():
                 stdin.write(event.body)
                 stdin.close()
             await watch.exited.wait()
