@@ -188,3 +188,19 @@ class Activity:
     window_s: float
     received: int
     attempts_by_outcome: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Per-step counts over a window, oldest step first, for the dashboard's charts.
+
+    Step ``i`` covers ``[start + i * step_s, start + (i + 1) * step_s)``; ``backlog[i]`` is the
+    jobs queued or running at the step's end (at the read's ``now`` for the last step).
+    """
+
+    start: float
+    step_s: int
+    accepted: tuple[int, ...]
+    finished: tuple[int, ...]
+    dead: tuple[int, ...]
+    backlog: tuple[int, ...]
