@@ -227,9 +227,11 @@ class Admin:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
             return json_error(404, "no such event")
+        source = self.ctx.config.source_for(detail.event.source)
+        doc = detail.as_dict(source.verify if source is not None else None)
         # An attempt's error, result or output may quote a secret (an API's error message, a
-        # command's stderr): masked as the log masks it.
-        return web.json_response(self._masker.deep(detail.as_dict()))
+        # command's stderr), and so may a body: masked as the log masks it.
+        return web.json_response(self._masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]

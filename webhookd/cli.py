@@ -177,7 +177,8 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
 
     detail = _run(go)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).
-    doc = Masker(secret_values(cfg)).deep(detail.as_dict())
+    source = cfg.source_for(detail.event.source)
+    doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return

@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from webhookd.config import VerifyConfig
 from webhookd.models import Event, Job, JobState
+from webhookd.redact import shown_headers
+
+# The most of a body an event's document carries: enough to read any ordinary webhook, and a
+# bound on what one request for one event sends back (the whole body stays in the journal).
+SHOWN_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +115,13 @@ class EventDetail:
     state: str
     jobs: tuple[Job, ...]
 
-    def as_dict(self) -> dict[str, Any]:
-        """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract)."""
+    def as_dict(self, verify: VerifyConfig | None = None) -> dict[str, Any]:
+        """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract).
+
+        ``headers`` are shown with credential and signature values masked (``verify``, the
+        source's, names its own signature header); ``body`` is the body as text (UTF-8, bad
+        bytes replaced), its first ``SHOWN_BODY_BYTES`` when ``body_truncated``.
+        """
         e = self.event
         return {
             "id": e.id,
@@ -123,6 +134,9 @@ class EventDetail:
             "state": self.state,
             "content_type": e.content_type,
             "body_bytes": len(e.body),
+            "headers": [list(pair) for pair in shown_headers(e.headers, verify)],
+            "body": e.body[:SHOWN_BODY_BYTES].decode("utf-8", "replace"),
+            "body_truncated": len(e.body) > SHOWN_BODY_BYTES,
             "jobs": [job_dict(j) for j in self.jobs],
         }
 
