@@ -355,3 +355,38 @@ async def test_event_detail_truncates_a_big_body_and_says_so(
     assert detail["body_truncated"] is True and detail["body_bytes"] == len(body)
     assert detail["body"] == body[: 64 * 1024]
     assert target.seen[0].body == body.encode()
+
+
+async def test_stats_series_counts_accepted_finished_dead_and_backlog_per_minute(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/stats/series gives per-minute accepted, done and dead counts and the backlog from the
+    journal, for all sources or one; bad parameters are a JSON 400."""
+    cfg = make_config(tmp_path, forward_sources(target.url, "shop", "mail"))
+    running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    for path, body in (("/hooks/shop", '{"n": 1}'), ("/hooks/shop", '{"n": 2}')):
+        await outcomes.wait(await accept(running, path, body), "done")
+    target.statuses = [500]
+    await outcomes.wait(await accept(running, "/hooks/mail", '{"n": 3}'), "dead")
+
+    before = running.daemon.clock.time()
+    status, doc = await get(running, "/stats/series?minutes=5")
+    after = running.daemon.clock.time()
+    assert status == 200, doc
+    assert set(doc) == {"source", "start", "step_s", "accepted", "finished", "dead", "backlog"}
+    assert doc["step_s"] == 60 and doc["start"] % 60 == 0 and doc["source"] is None
+    assert doc["start"] + 4 * 60 <= after and before < doc["start"] + 5 * 60  # ends this minute
+    assert all(len(doc[k]) == 5 for k in ("accepted", "finished", "dead", "backlog"))
+    assert (sum(doc["accepted"]), sum(doc["finished"]), sum(doc["dead"])) == (3, 2, 1)
+    assert doc["backlog"][-1] == 0
+
+    _, mail = await get(running, "/stats/series?minutes=2&source=mail")
+    assert mail["source"] == "mail" and len(mail["accepted"]) == 2
+    assert (sum(mail["accepted"]), sum(mail["finished"]), sum(mail["dead"])) == (1, 0, 1)
+    _, default = await get(running, "/stats/series")
+    assert len(default["accepted"]) == 60 and sum(default["accepted"]) == 3
+
+    for bad in ("minutes=0", "minutes=1441", "minutes=ten", "minutes=1.5", "source=" + "s" * 201):
+        status, error = await get(running, "/stats/series?" + bad)
+        assert status == 400 and set(error) == {"error"}, bad
