@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any
 
 import pytest
 from conftest import Running, Target, make_config
+from ops_support import forward_source
 from procs import poll
 
+from webhookd import send
 from webhookd.actions.base import Outcome
 from webhookd.journal import Claimed, Finished
 
@@ -288,3 +291,102 @@ async def test_a_daemon_started_with_tune_gc_freezes_its_startup_objects(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+SIGNATURE_HEADERS = (
+    "X-Hub-Signature-256",
+    "Stripe-Signature",
+    "X-Shopify-Hmac-Sha256",
+    "webhook-signature",
+    "X-Twilio-Signature",
+    "X-Slack-Signature",
+)
+
+
+async def test_event_detail_shows_the_body_and_headers_with_signatures_masked(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/events/<id> carries the body as text and the headers, every signature header (any
+    provider's) and credential header masked; ordinary headers are shown as sent."""
+    monkeypatch.setenv("GH_TEST_SECRET", "gh-test-secret-1")
+    cfg = make_config(
+        tmp_path,
+        forward_source(
+            "gh", target.url + "/gh", verify='{ scheme = "github", secret = "env:GH_TEST_SECRET" }'
+        ),
+    )
+    running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    body = b'{"ref": "refs/heads/main", "n": 1}'
+    made = send.build(
+        cfg.sources["gh"], url=running.url + "/hooks/gh", body=body, now=0, delivery_id="d-1"
+    )
+    others = {name: f"v1=not-a-real-mac-{i:04}" for i, name in enumerate(SIGNATURE_HEADERS[1:])}
+    extra = {**others, "Authorization": "Bearer caller-token", "X-Request-Note": "visible"}
+    status, doc = await running.post("/hooks/gh", made.body, headers={**made.headers, **extra})
+    assert status == 202, doc
+    await outcomes.wait(doc["id"], "done")
+
+    status, detail = await get(running, f"/events/{doc['id']}")
+    assert status == 200
+    assert set(detail) >= EVENT_KEYS  # the contract's fields are all still there
+    assert detail["body"] == body.decode() and detail["body_truncated"] is False
+    shown = {k.lower(): v for k, v in detail["headers"]}
+    for name in (*SIGNATURE_HEADERS, "Authorization"):
+        assert shown[name.lower()] == "***", name
+    assert shown["x-request-note"] == "visible"
+    assert shown["x-github-delivery"] == "d-1"
+    text = json.dumps(detail)
+    for secret in (made.headers["X-Hub-Signature-256"], *others.values(), "caller-token"):
+        assert secret not in text
+
+
+async def test_event_detail_truncates_a_big_body_and_says_so(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """A body past 64 KiB comes back as its first 64 KiB with ``body_truncated``; the journal
+    keeps it whole (the forward delivers every byte)."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    outcomes = Outcomes(running)
+    body = '{"blob": "' + "x" * 100_000 + '"}'
+    event_id = await accept(running, "/hooks/shop", body)
+    await outcomes.wait(event_id, "done")
+    _, detail = await get(running, f"/events/{event_id}")
+    assert detail["body_truncated"] is True and detail["body_bytes"] == len(body)
+    assert detail["body"] == body[: 64 * 1024]
+    assert target.seen[0].body == body.encode()
+
+
+async def test_stats_series_counts_accepted_finished_dead_and_backlog_per_minute(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/stats/series gives per-minute accepted, done and dead counts and the backlog from the
+    journal, for all sources or one; bad parameters are a JSON 400."""
+    cfg = make_config(tmp_path, forward_sources(target.url, "shop", "mail"))
+    running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    for path, body in (("/hooks/shop", '{"n": 1}'), ("/hooks/shop", '{"n": 2}')):
+        await outcomes.wait(await accept(running, path, body), "done")
+    target.statuses = [500]
+    await outcomes.wait(await accept(running, "/hooks/mail", '{"n": 3}'), "dead")
+
+    before = running.daemon.clock.time()
+    status, doc = await get(running, "/stats/series?minutes=5")
+    after = running.daemon.clock.time()
+    assert status == 200, doc
+    assert set(doc) == {"source", "start", "step_s", "accepted", "finished", "dead", "backlog"}
+    assert doc["step_s"] == 60 and doc["start"] % 60 == 0 and doc["source"] is None
+    assert doc["start"] + 4 * 60 <= after and before < doc["start"] + 5 * 60  # ends this minute
+    assert all(len(doc[k]) == 5 for k in ("accepted", "finished", "dead", "backlog"))
+    assert (sum(doc["accepted"]), sum(doc["finished"]), sum(doc["dead"])) == (3, 2, 1)
+    assert doc["backlog"][-1] == 0
+
+    _, mail = await get(running, "/stats/series?minutes=2&source=mail")
+    assert mail["source"] == "mail" and len(mail["accepted"]) == 2
+    assert (sum(mail["accepted"]), sum(mail["finished"]), sum(mail["dead"])) == (1, 0, 1)
+    _, default = await get(running, "/stats/series")
+    assert len(default["accepted"]) == 60 and sum(default["accepted"]) == 3
+
+    for bad in ("minutes=0", "minutes=1441", "minutes=ten", "minutes=1.5", "source=" + "s" * 201):
+        status, error = await get(running, "/stats/series?" + bad)
+        assert status == 400 and set(error) == {"error"}, bad

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +22,11 @@ from ops_support import (
     ingest,
     write_config,
 )
-from procs import Procs, poll
+from procs import Procs, clean_env, poll
 
-from webhookd.journal import Journal
+from webhookd.clock import ManualClock
+from webhookd.journal import Finished, Journal
+from webhookd.models import JobState
 
 
 async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
@@ -149,6 +156,96 @@ async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> N
     assert out.exit_code == 2 and "server.lisen" in out.output
     out = await cli("prune", "--config", str(config))
     assert out.exit_code == 0 and out.output.startswith("pruned 0 event(s) and 0 dedup key(s)")
+
+
+async def dead_letters(path: Path, source: str, n: int, age_s: float = 0.0) -> None:
+    """Journal ``n`` events of ``source`` whose one job went dead ``age_s`` seconds ago."""
+    clock = ManualClock(time.time() - age_s)
+    async with Journal(path, clock=clock) as journal:
+        job_ids = await ingest(journal, source, n)
+        at = clock.time()
+        await journal.finish(
+            [
+                Finished(job_id, 1, JobState.DEAD, at, at, "dead", error="answered 500")
+                for job_id in job_ids
+            ]
+        )
+
+
+async def bulk_journal(tmp_path: Path) -> Path:
+    """A config whose journal holds 450 recent dead letters of shop and 300 expired ones of
+    mail (dead 30 days ago, past the 7-day default)."""
+    path, cfg = write_config(
+        tmp_path,
+        forward_source("shop", "http://127.0.0.1:9/")
+        + forward_source("mail", "http://127.0.0.1:9/"),
+    )
+    await dead_letters(cfg.journal.path, "shop", 450)
+    await dead_letters(cfg.journal.path, "mail", 300, age_s=30 * 86400)
+    return path
+
+
+def on_a_terminal(*args: str) -> tuple[str, str, int]:
+    """``python -m webhookd ARGS`` with stderr on a pseudo-terminal and stdout on a pipe:
+    (stdout, what the terminal showed, exit code)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "webhookd", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=clean_env(),
+        )
+    finally:
+        os.close(slave)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the process closed its end of the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    return out, shown.decode("utf-8", "replace"), proc.wait(timeout=60)
+
+
+async def test_bulk_replay_and_prune_print_one_summary_line_when_not_on_a_terminal(
+    tmp_path: Path,
+) -> None:
+    """Into a log or a pipe, replay --dead and prune write their one-line summary and nothing
+    else: no progress bar, not even its label."""
+    config = await bulk_journal(tmp_path)
+    out = await cli("replay", "--dead", "--source", "shop", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.output == "replayed 450 event(s), 450 job(s) re-queued, 0 waiting job(s) due now\n"
+    out = await cli("prune", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    [line] = out.output.splitlines()
+    assert line.startswith("pruned 300 event(s) and ")
+
+
+@pytest.mark.subprocess
+async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, replay --dead and prune draw click's progress bar, counting the events
+    done out of all of them (in batches), and still print their summary on stdout."""
+    config = await bulk_journal(tmp_path)
+    replay = ("replay", "--dead", "--source", "shop", "--config", str(config))
+    out, shown, code = await asyncio.to_thread(on_a_terminal, *replay)
+    assert code == 0, shown
+    assert out == "replayed 450 event(s), 450 job(s) re-queued, 0 waiting job(s) due now\n"
+    assert "replaying" in shown and "200/450" in shown and "450/450" in shown
+    out, shown, code = await asyncio.to_thread(on_a_terminal, "prune", "--config", str(config))
+    assert code == 0, shown
+    assert out.startswith("pruned 300 event(s) and ")
+    assert "pruning" in shown and "300/300" in shown
 
 
 @pytest.mark.parametrize(

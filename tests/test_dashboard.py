@@ -19,6 +19,8 @@ import pytest
 from conftest import Target, make_config
 from ops_support import TOKEN_ENV, accepted, event_state, forward_source
 
+from webhookd.send import build as signed_request
+
 CHROMIUM = shutil.which("chromium")
 _DEVTOOLS = re.compile(r"DevTools listening on (ws://\S+)")
 FLAGS = (
@@ -287,3 +289,98 @@ async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     assert not re.search(r"<(script|link)[^>]+(src|href)=", page)  # nothing loaded from outside
     async with running.http.get(running.admin_url + "/stats") as r:
         assert r.status == 401
+
+
+async def test_dashboard_charts_the_last_hour_and_shows_an_event_page_with_secrets_masked(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    browser: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After traffic the charts have points (all sources, then one picked), and they follow new
+    traffic; an event's page shows its JSON body pretty-printed, its headers with the
+    signature masked (the real value is nowhere in the page) and its attempts as a timeline."""
+    monkeypatch.setenv("GH_TEST_SECRET", "gh-test-secret-1")
+    github = '{ scheme = "github", secret = "env:GH_TEST_SECRET" }'
+    cfg = make_config(
+        tmp_path,
+        forward_source("gh", target.url + "/gh", verify=github)
+        + forward_source("mail", target.url + "/mail"),
+    )
+    running = await run_daemon(cfg)
+    signed = []
+    for n in (1, 2):
+        made = signed_request(
+            cfg.sources["gh"],
+            url=running.url + "/hooks/gh",
+            body=json.dumps({"ref": "refs/heads/main", "n": n}).encode(),
+            now=0,
+            delivery_id=f"d-{n}",
+        )
+        status, doc = await running.post("/hooks/gh", made.body, headers=made.headers)
+        assert status == 202, doc
+        await event_state(running.http, running.admin_url, doc["id"], "done")
+        signed.append((doc["id"], made.headers["X-Hub-Signature-256"]))
+    target.statuses = [500]
+    dead_id = await accepted(running, "mail", '{"n": 3}')
+    await event_state(running.http, running.admin_url, dead_id, "dead")
+
+    def total(series: str) -> str:
+        return (
+            f"document.querySelector('#chart-rates polyline[data-series={series}]')?.dataset.total"
+        )
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for(f"{total('accepted')} === '3'")
+        assert await page.evaluate(total("finished")) == "2"
+        assert await page.evaluate(total("dead")) == "1"
+        dots = "document.querySelectorAll('#chart-rates circle[data-series=dead]').length"
+        assert await page.evaluate(dots) == 1
+        assert await page.evaluate("!!document.querySelector('#chart-backlog polyline')")
+
+        # One source picked: its series only.
+        await page.wait_for("document.querySelector('#series-source option[value=mail]')")
+        await page.evaluate(
+            "(() => { const s = document.querySelector('#series-source'); s.value = 'mail';"
+            " s.dispatchEvent(new Event('change')); })()"
+        )
+        await page.wait_for(f"{total('accepted')} === '1' && {total('finished')} === '0'")
+        await page.evaluate(
+            "(() => { const s = document.querySelector('#series-source'); s.value = '';"
+            " s.dispatchEvent(new Event('change')); })()"
+        )
+        await page.wait_for(f"{total('accepted')} === '3'")
+
+        # The event page, reached from the recent events' link.
+        event_id, signature = signed[0]
+        await page.click(f"#events a.event[data-id='{event_id}']")
+        assert await page.evaluate("location.hash") == f"#/events/{event_id}"
+        body = await page.wait_for("document.querySelector('#detail pre.body')?.textContent")
+        assert body == json.dumps({"ref": "refs/heads/main", "n": 1}, indent=2)
+        headers = await page.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('#detail table.headers tr')]"
+            ".map((tr) => [tr.cells[0].textContent.toLowerCase(), tr.cells[1].textContent]))"
+        )
+        assert headers["x-hub-signature-256"] == "***"
+        assert headers["x-github-delivery"] == "d-1"
+        html = await page.evaluate("document.documentElement.outerHTML")
+        assert signature not in html and signature[7:] not in html
+        step = await page.evaluate(
+            "document.querySelector('#detail ol.timeline li[data-attempt=\"1\"]')?.textContent"
+        )
+        assert "#1" in step and "done" in step and '"status":200' in step
+
+        # The dead event's page: its failed attempt on the timeline, and Replay.
+        await page.evaluate(f"location.hash = '#/events/{dead_id}'")
+        step = await page.wait_for(
+            "document.querySelector('#detail ol.timeline li.outcome-dead')?.textContent"
+        )
+        assert "answered 500" in step
+        assert await page.evaluate(
+            f"!!document.querySelector('#detail button.replay[data-id=\"{dead_id}\"]')"
+        )
+
+        # New traffic reaches the chart without a reload.
+        await accepted(running, "mail", '{"n": 4}')
+        await page.wait_for(f"{total('accepted')} === '4'", timeout_s=30)

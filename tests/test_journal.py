@@ -340,3 +340,46 @@ async def test_journal_files_are_readable_by_their_owner_only(tmp_path: Path) ->
             assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
     finally:
         os.umask(old_umask)
+
+
+async def test_series_counts_per_minute_and_the_backlog_at_each_minutes_end(
+    tmp_path: Path,
+) -> None:
+    """The dashboard's charts: events by minute of arrival, jobs by minute of finishing (done
+    and dead apart), and the jobs queued or running at each minute's end; per source too."""
+    clock = ManualClock(1_700_000_000.0)  # 20 s into a minute
+    async with Journal(tmp_path / "journal.db", clock=clock) as journal:
+        now = clock.time()
+        m0 = now - now % 60  # the current minute; the window is [m0 - 240, m0 + 60)
+        old = new_event(received_at=m0 - 3600)  # before the window, still queued
+        two = new_event(received_at=m0 - 230, jobs=2)  # minute 0
+        one = new_event(received_at=m0 - 110)  # minute 2
+        mail = new_event(source="mail", received_at=m0 + 5)  # minute 4, running now
+        for item in (old, two, one, mail):
+            await journal.ingest(item)
+        await journal.finish(
+            [
+                finished(two.jobs[0].id, JobState.DONE, "done", now=m0 - 200),  # minute 0
+                finished(two.jobs[1].id, JobState.DEAD, "dead", now=m0 - 50),  # minute 3
+                finished(one.jobs[0].id, JobState.DONE, "done", now=m0 + 1),  # minute 4
+            ]
+        )
+        assert len(await journal.claim([mail.jobs[0].id], "boot")) == 1
+
+        series = await journal.series(now=now, minutes=5)
+        assert (series.start, series.step_s) == (m0 - 240, 60)
+        assert series.accepted == (1, 0, 1, 0, 1)
+        assert series.finished == (1, 0, 0, 0, 1)
+        assert series.dead == (0, 0, 0, 1, 0)
+        # At each minute's end: old throughout; two's second job until it died in minute 3;
+        # one from minute 2 until done in minute 4; mail from minute 4 on.
+        assert series.backlog == (2, 2, 3, 2, 2)
+
+        only_mail = await journal.series(now=now, minutes=5, source="mail")
+        assert only_mail.accepted == (0, 0, 0, 0, 1)
+        assert only_mail.finished == only_mail.dead == (0, 0, 0, 0, 0)
+        assert only_mail.backlog == (0, 0, 0, 0, 1)
+
+    # Read from the file, not from the process: a journal opened anew reads the same.
+    async with Journal(tmp_path / "journal.db", clock=clock) as reopened:
+        assert await reopened.series(now=now, minutes=5) == series

@@ -32,6 +32,8 @@ from webhookd.workers import WorkerPool
 log = logging.getLogger("webhookd.admin")
 
 _MAX_LIMIT = 1000
+_MAX_SERIES_MINUTES = 1440  # a day: retention keeps finished work 24 h by default
+_MAX_SOURCE_CHARS = 200
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sent by the dashboard and accepted from any API client: a header no HTML form can set, and
@@ -108,6 +110,7 @@ class Admin:
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/stats", self.stats)
+        r.add_get("/stats/series", self.series)
         r.add_get("/metrics", self.metrics)
         r.add_get("/events", self.events)
         r.add_get("/events/{id}", self.event)
@@ -188,6 +191,24 @@ class Admin:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(await collect_stats(self.ctx))
 
+    async def series(self, request: web.Request) -> web.Response:
+        """Per-minute accepted, done and dead counts and the backlog, read from the journal (so
+        a restart loses nothing): ``?minutes=`` (default 60) ending now, ``?source=`` or all."""
+        q = request.query
+        try:
+            minutes = int(q.get("minutes", "60"))
+        except ValueError:
+            return json_error(400, "minutes must be an integer")
+        if not 1 <= minutes <= _MAX_SERIES_MINUTES:
+            return json_error(400, f"minutes must be between 1 and {_MAX_SERIES_MINUTES}")
+        source = q.get("source") or None
+        if source is not None and len(source) > _MAX_SOURCE_CHARS:
+            return json_error(400, f"source must be at most {_MAX_SOURCE_CHARS} characters")
+        series = await self.ctx.journal.series(
+            now=self.ctx.pool.clock.time(), minutes=minutes, source=source
+        )
+        return web.json_response({"source": source, **asdict(series)})
+
     async def metrics(self, request: web.Request) -> web.Response:
         if self.ctx.metrics is None:
             return json_error(404, "metrics are not enabled")
@@ -227,9 +248,11 @@ class Admin:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
             return json_error(404, "no such event")
+        source = self.ctx.config.source_for(detail.event.source)
+        doc = detail.as_dict(source.verify if source is not None else None)
         # An attempt's error, result or output may quote a secret (an API's error message, a
-        # command's stderr): masked as the log masks it.
-        return web.json_response(self._masker.deep(detail.as_dict()))
+        # command's stderr), and so may a body: masked as the log masks it.
+        return web.json_response(self._masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]

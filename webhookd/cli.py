@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -23,11 +23,15 @@ from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import EVENT_STATES, EventDetail, Journal, Replayed
 from webhookd.redact import Masker, secret_values
-from webhookd.retention import prune_expired
+from webhookd.retention import prune_expired, windows_s
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
+REPLAY_BATCH = 200  # events per replay transaction
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -92,6 +96,19 @@ def parse_since(value: str, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
+
+
+def _on_terminal() -> bool:
+    """Whether stderr, where progress bars go, is a terminal (not a log, a pipe or a file)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def _progress(length: int, label: str) -> ProgressBar[int]:
+    """click's progress bar on stderr when it is a terminal, and nothing when it is not: a log
+    or a pipe gets only the command's one-line summary on stdout."""
+    return click.progressbar(
+        length=length, label=label, file=sys.stderr, hidden=not _on_terminal(), show_pos=True
+    )
 
 
 def _when(ts: float | None) -> str:
@@ -166,7 +183,8 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
 
     detail = _run(go)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).
-    doc = Masker(secret_values(cfg)).deep(detail.as_dict())
+    source = cfg.source_for(detail.event.source)
+    doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
@@ -232,13 +250,13 @@ def replay(
                     await journal.get_event(event_id)  # NotFound for a bad id
                 return dict.fromkeys(ids, Replayed(0, 0))
             out: dict[str, Replayed] = {}
-            chunk = 200
-            with click.progressbar(
-                length=len(ids), label="replaying", file=sys.stderr, hidden=len(ids) < chunk
-            ) as bar:
-                for start in range(0, len(ids), chunk):
-                    out.update(await journal.replay(ids[start : start + chunk]))
-                    bar.update(len(ids[start : start + chunk]))
+            # One transaction per batch: short enough not to hold up the daemon's ingest
+            # commits, few enough that a big replay is not one commit per event.
+            with _progress(len(ids), "replaying") as bar:
+                for start in range(0, len(ids), REPLAY_BATCH):
+                    batch = ids[start : start + REPLAY_BATCH]
+                    out.update(await journal.replay(batch))
+                    bar.update(len(batch))
             return out
 
     result = _run(go)
@@ -462,7 +480,20 @@ def prune(config_path: str | None) -> None:
 
     async def go() -> tuple[int, int]:
         async with _journal(cfg) as journal:
-            return await prune_expired(journal, cfg.journal)
+            if not _on_terminal():
+                return await prune_expired(journal, cfg.journal)
+            windows = windows_s(cfg.journal)
+            # Counted only for the bar: a log gets the summary line and no extra scan.
+            expired = await journal.expired_events(
+                keep_done_s=windows["keep_done_s"], keep_dead_s=windows["keep_dead_s"]
+            )
+            with _progress(expired, "pruning") as bar:
+                # Events that expire while it runs are pruned too: the bar stops at its end.
+                return await prune_expired(
+                    journal,
+                    cfg.journal,
+                    on_batch=lambda p: bar.update(min(p.events, expired - bar.pos)),
+                )
 
     events_n, dedup_n = _run(go)
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")

@@ -1,5 +1,6 @@
-"""What webhookd hides: credential headers before an event is stored, and configured secret
-values in everything it shows (log lines, ``webhookd show``, the events API and the dashboard).
+"""What webhookd hides: credential headers before an event is stored, signature headers where
+an event is shown, and configured secret values in everything it shows (log lines, ``webhookd
+show``, the events API and the dashboard).
 
 One rule everywhere: ``Masker`` replaces every configured secret value (four characters or
 more) with ``***``. Hazard: only values this process knows are masked; a command that reads the
@@ -50,6 +51,27 @@ def redact_headers(
 ) -> tuple[tuple[str, str], ...]:
     """The headers as they are stored: each one named in ``names`` keeps its name, not its value."""
     return tuple((k, MASK if k.lower() in names else v) for k, v in items)
+
+
+# Shown masked (events API, dashboard, ``show``) though stored as sent: a signature header is a
+# MAC of the body, of no use without the secret, but it is credential material all the same and
+# no screen needs it. Matched by name, so a provider this list has never heard of is covered
+# too (X-Hub-Signature-256, Stripe-Signature, X-Shopify-Hmac-Sha256, webhook-signature …).
+_SHOWN_MASKED_HINTS = ("signature", "hmac", "token", "secret", "password", "api-key", "apikey")
+
+
+def shown_headers(
+    items: Iterable[tuple[str, str]], verify: VerifyConfig | None
+) -> tuple[tuple[str, str], ...]:
+    """The headers as they are shown: credential and signature headers keep only their names
+    (the source's own signature or token header too, whatever it is called)."""
+    pairs = tuple(items)
+    names = secret_headers(verify) | {
+        k.lower() for k, _ in pairs if any(hint in k.lower() for hint in _SHOWN_MASKED_HINTS)
+    }
+    if verify is not None and verify.header:
+        names |= {verify.header.lower()}
+    return redact_headers(pairs, names)
 
 
 class Masker:

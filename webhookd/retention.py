@@ -7,37 +7,52 @@ interface, so every journal backend is pruned the same way.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from webhookd.config import JournalConfig
-from webhookd.journal import Journal
+from webhookd.journal import Journal, Pruned
 
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
 
 
-async def prune_expired(journal: Journal, config: JournalConfig) -> tuple[int, int]:
+def windows_s(config: JournalConfig) -> dict[str, float]:
+    """``config``'s retention windows (``keep_done_h`` …) in seconds, as ``prune`` takes them."""
+    return {
+        "keep_done_s": config.keep_done_h * HOUR_S,
+        "keep_dead_s": config.keep_dead_d * DAY_S,
+        "keep_dedup_s": config.keep_dedup_d * DAY_S,
+    }
+
+
+async def prune_expired(
+    journal: Journal, config: JournalConfig, on_batch: Callable[[Pruned], None] | None = None
+) -> tuple[int, int]:
     """Prune with the windows ``config`` sets (``keep_done_h`` …); (events, dedup keys)."""
-    return await prune_all(
-        journal,
-        keep_done_s=config.keep_done_h * HOUR_S,
-        keep_dead_s=config.keep_dead_d * DAY_S,
-        keep_dedup_s=config.keep_dedup_d * DAY_S,
-    )
+    return await prune_all(journal, **windows_s(config), on_batch=on_batch)
 
 
 async def prune_all(
-    journal: Journal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
+    journal: Journal,
+    *,
+    keep_done_s: float,
+    keep_dead_s: float,
+    keep_dedup_s: float,
+    on_batch: Callable[[Pruned], None] | None = None,
 ) -> tuple[int, int]:
     """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
 
     Each batch is its own short transaction and the loop yields between them, so ingest
-    commits interleave with retention instead of waiting behind it.
+    commits interleave with retention instead of waiting behind it. ``on_batch`` hears what
+    each batch deleted (``webhookd prune``'s progress bar).
     """
     events = dedup = 0
     while True:
         pruned = await journal.prune(
             keep_done_s=keep_done_s, keep_dead_s=keep_dead_s, keep_dedup_s=keep_dedup_s
         )
+        if on_batch is not None:
+            on_batch(pruned)
         events, dedup = events + pruned.events, dedup + pruned.dedup
         if not (pruned.events or pruned.dedup):
             break

@@ -60,8 +60,9 @@ from webhookd.journal.records import (
     Ready,
     Recovery,
     Replayed,
+    Series,
 )
-from webhookd.journal.schema import EVENT_STATES, MIGRATIONS, fetch, fetch_rows
+from webhookd.journal.schema import EVENT_STATES, EXPIRED, MIGRATIONS, fetch, fetch_rows
 from webhookd.models import JobState
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "Ready",
     "Recovery",
     "Replayed",
+    "Series",
 ]
 
 log = logging.getLogger("webhookd.journal")
@@ -604,17 +606,10 @@ class Journal(Reads):
         """
         now = self.clock.time()
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
-        # An event goes when none of its jobs is unfinished or finished recently enough to keep:
-        # done/cancelled after keep_done_s, dead after keep_dead_s.
-        keep = (
-            "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
-            " ('queued', 'running') OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
-            " OR (j.state = 'dead' AND j.finished_at > ?)))"
-        )
         try:
             rows = await fetch(
                 self.reader,
-                f"SELECT e.id FROM events e WHERE e.received_at < ? AND {keep}"
+                f"SELECT e.id FROM events e WHERE e.received_at < ? AND {EXPIRED}"
                 " ORDER BY e.seq LIMIT ?",
                 (done_before, done_before, dead_before, batch),
             )
@@ -629,7 +624,7 @@ class Journal(Reads):
                 marks = ",".join("?" * len(chunk))
                 still = fetch_rows(  # a replay may have re-queued one since the scan
                     conn,
-                    f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {keep}",
+                    f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {EXPIRED}",
                     (*chunk, done_before, dead_before),
                 )
                 ids.extend((r[0],) for r in still)

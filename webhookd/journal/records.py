@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from webhookd.config import VerifyConfig
 from webhookd.models import Event, Job, JobState
+from webhookd.redact import shown_headers
+
+# The most of a body an event's document carries: enough to read any ordinary webhook, and a
+# bound on what one request for one event sends back (the whole body stays in the journal).
+SHOWN_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +118,13 @@ class EventDetail:
     jobs: tuple[Job, ...]
     filtered: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, Any]:
-        """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract)."""
+    def as_dict(self, verify: VerifyConfig | None = None) -> dict[str, Any]:
+        """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract).
+
+        ``headers`` are shown with credential and signature values masked (``verify``, the
+        source's, names its own signature header); ``body`` is the body as text (UTF-8, bad
+        bytes replaced), its first ``SHOWN_BODY_BYTES`` when ``body_truncated``.
+        """
         e = self.event
         return {
             "id": e.id,
@@ -126,6 +137,9 @@ class EventDetail:
             "state": self.state,
             "content_type": e.content_type,
             "body_bytes": len(e.body),
+            "headers": [list(pair) for pair in shown_headers(e.headers, verify)],
+            "body": e.body[:SHOWN_BODY_BYTES].decode("utf-8", "replace"),
+            "body_truncated": len(e.body) > SHOWN_BODY_BYTES,
             "filtered": list(self.filtered),
             "jobs": [job_dict(j) for j in self.jobs],
         }
@@ -192,3 +206,19 @@ class Activity:
     window_s: float
     received: int
     attempts_by_outcome: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Per-step counts over a window, oldest step first, for the dashboard's charts.
+
+    Step ``i`` covers ``[start + i * step_s, start + (i + 1) * step_s)``; ``backlog[i]`` is the
+    jobs queued or running at the step's end (at the read's ``now`` for the last step).
+    """
+
+    start: float
+    step_s: int
+    accepted: tuple[int, ...]
+    finished: tuple[int, ...]
+    dead: tuple[int, ...]
+    backlog: tuple[int, ...]

@@ -97,6 +97,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN filtered TEXT;
     """,
+    # 4 → 5: events by receive time, for the dashboard's per-minute series (``Reads.series``)
+    # and ``--since``; without it each of those reads scans the whole events table. ``source``
+    # rides along so one source's series is read from the index alone.
+    """
+    CREATE INDEX events_received ON events(received_at, source);
+    """,
 )
 
 # A job may start only when no older job of its (source, action, order key) is unfinished: the
@@ -125,6 +131,14 @@ def next_lane(p: str, s: str, t: str) -> str:
     )
     return f"COALESCE({', '.join(firsts)})"
 
+
+# An event expires when none of its jobs is unfinished or finished recently enough to keep:
+# done/cancelled after keep_done_s, dead after keep_dead_s. Parameters: (done before, dead before).
+EXPIRED = (
+    "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
+    " ('queued', 'running') OR (j.state IN ('done', 'cancelled') AND j.finished_at > ?)"
+    " OR (j.state = 'dead' AND j.finished_at > ?)))"
+)
 
 READY_COLUMNS = "j.id, j.source, j.action, j.priority, j.tenant, j.order_key, j.seq"
 LANES_PER_QUERY = 200  # parts of one UNION ALL (SQLite allows 500)
