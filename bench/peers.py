@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -44,7 +45,8 @@ from typing import Any
 
 from bench import loadgen
 from bench.harness import placed, post_many, stats_sync, tag
-from bench.intake import choose_cpus
+from bench.intake import BUSY_OTHER_PCT, choose_cpus
+from bench.machine import CpuMeter
 from bench.servers import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -479,6 +481,7 @@ def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
     """Both measurements; peers that cannot run are listed with why under ``unavailable``."""
     rounds, duration_s, reps, n = SIZES[quick]
     n = size if size is not None else n
+    meter, ours_before = CpuMeter(), _own_cpu_s()
     cpus = choose_cpus()
     unavailable: dict[str, dict[str, str]] = {}
     bins: dict[str, Path] = {}
@@ -532,7 +535,21 @@ def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
             shown = f"{rate:8,.0f} jobs/s" if rate else "did not finish"
             _say(f"peers e2e rep {rep}/{reps} {system:<14} {shown}")
     result["summary"] = summarise(result)
+    # Every process this scenario started has been waited for by now, so its CPU is in ours.
+    use = meter.read()
+    if use is not None and use.wall_s > 0:
+        ours_s = _own_cpu_s() - ours_before
+        result["other_cpu_pct"] = max(0.0, 100 * (use.busy_s - ours_s) / use.wall_s)
     return result
+
+
+def _own_cpu_s() -> float:
+    """CPU time of this process and of its children that have been waited for."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def _say(message: str) -> None:
@@ -638,6 +655,12 @@ def notes(result: dict[str, Any]) -> list[str]:
         f"peers: closed-loop generator {result['generator']}; every system (webhookd, or Redis + "
         "uvicorn + worker) on the server CPU, the generator and poster on the other"
     ]
+    other = result.get("other_cpu_pct")
+    if other is not None and other >= BUSY_OTHER_PCT:
+        out.append(
+            f"peers: other processes used {other:.0f} % of a CPU during the scenario: the "
+            "machine was not idle, so every system here is understated, unevenly"
+        )
     for peer, why in result["unavailable"].items():
         out.append(f"peers: ! {peer} not run: {why['why']}")
     for part in ("intake", "e2e"):

@@ -7,7 +7,7 @@ Prints one table (scenario, metric, value, target, verdict) and the notes (a bus
 generator that was the bottleneck), writes everything as JSON (default
 ``bench/results/latest.json``) and draws a PNG chart (default ``bench/results/latest.png``;
 needs matplotlib: ``pip install -e '.[bench]'``).
-``--quick`` (under 3 minutes) runs every scenario smaller; the full run takes about 10 minutes.
+``--quick`` (about 3 minutes) runs every scenario smaller; the full run takes about 20 minutes.
 """
 
 from __future__ import annotations
