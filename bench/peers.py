@@ -206,7 +206,7 @@ def _reply(stream: Any) -> Any:
 
 @dataclass
 class Proc:
-    """A started helper process (Redis, uvicorn, a worker) and its log."""
+    """A started supporting process (Redis, uvicorn, a worker) and its log."""
 
     name: str
     proc: subprocess.Popen[bytes]
