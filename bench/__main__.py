@@ -24,6 +24,10 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "dispatch": Scenario("bench.dispatch", "commit → job start on an idle pool, p50/p99"),
     "e2e": Scenario("bench.e2e", "20,000 queued no-op jobs drained: jobs/s to done"),
+    "peers": Scenario(
+        "bench.peers",
+        "webhookd vs FastAPI + Celery and FastAPI + arq over Redis: intake and end to end",
+    ),
     "burst": Scenario(
         "bench.burst", "40,000 webhooks at once: time to ack, time to process, lost, duplicates"
     ),

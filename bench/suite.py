@@ -1,13 +1,13 @@
 """``python -m bench all [--quick] [--json PATH] [--chart PATH]``: every scenario, one table.
 
-Runs intake, journal, dispatch, e2e, burst, lanes and, when ``bench/backlog.py`` is present,
+Runs intake, journal, dispatch, e2e, peers, burst, lanes and, when ``bench/backlog.py`` is present,
 backlog (not chaos: it tests guarantees, not speed), one after the other, each with its own fresh
 daemon or journal. A scenario that fails is reported as a FAILED line and the rest still run.
 Prints one table (scenario, metric, value, target, verdict) and the notes (a busy machine, a
 generator that was the bottleneck), writes everything as JSON (default
 ``bench/results/latest.json``) and draws a PNG chart (default ``bench/results/latest.png``;
 needs matplotlib: ``pip install -e '.[bench]'``).
-``--quick`` (under 3 minutes) runs every scenario smaller; the full run takes about 10 minutes.
+``--quick`` (about 3 minutes) runs every scenario smaller; the full run takes about 20 minutes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench.machine import CpuMeter, describe
 from bench.table import Row, render, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("intake", "journal", "dispatch", "e2e", "burst", "lanes", "backlog")
+ORDER = ("intake", "journal", "dispatch", "e2e", "peers", "burst", "lanes", "backlog")
 # (events queued, jobs drained) full and quick: memory is about the backlog's size, and draining
 # all of a million would take most of the time budget.
 BACKLOG_SIZES = {False: (1_000_000, 100_000), True: (100_000, 10_000)}
@@ -179,6 +179,7 @@ RUNNERS: dict[str, Runner] = {
     "journal": run_module("journal"),
     "dispatch": run_module("dispatch"),
     "e2e": run_module("e2e"),
+    "peers": run_module("peers"),
     "burst": run_module("burst"),
     "lanes": run_module("lanes"),
     "backlog": run_backlog,
