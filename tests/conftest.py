@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
+from procs import Procs
 
 from webhookd import config as config_mod
 from webhookd.app import Daemon
@@ -241,3 +242,20 @@ async def run_daemon() -> AsyncIterator[Callable[[config_mod.Config], Any]]:
         if not r.task.done():
             await r.stop()
     await http.close()
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    """Real ``webhookd`` processes for one test; whatever is still alive is killed at its end."""
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to daemons over loopback, 15 s per request at most."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session

@@ -3,7 +3,6 @@ writes, a public admin without a token, and the container health probe once a to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,6 @@ LOG_SOURCE = """
 [[sources.shop.actions]]
 type = "log"
 """
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -354,15 +354,6 @@ async def test_drain_sigkills_a_group_that_ignores_sigterm(
 
 
 # -- under a real ``webhookd serve`` (uvloop) -------------------------------------------------
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
 
 
 @pytest.mark.subprocess

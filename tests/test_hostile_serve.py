@@ -6,7 +6,6 @@ each is answered with a JSON 4xx, and the daemon keeps taking webhooks afterward
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -44,15 +43,6 @@ type = "log"
 [[sources."*".actions]]
 type = "log"
 """
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
 
 
 async def test_a_value_that_cannot_be_stored_is_a_400_and_intake_goes_on(

@@ -7,7 +7,6 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,6 @@ def echo(event):
 def fail(event):
     raise RuntimeError("upstream refused key " + os.environ["WEBHOOKD_TEST_SHARED_TOKEN"])
 """
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
 
 
 def config(tmp_path: Path) -> Path:

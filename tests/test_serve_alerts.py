@@ -20,21 +20,6 @@ TOKEN = "T0001/B0002/s3cr3tT0k3n"
 
 
 @pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
-
-
-@pytest.fixture
 async def shop() -> AsyncIterator[Target]:
     t = Target(status=400)  # refuses everything: each job is dead at its first attempt
     await t.start()
