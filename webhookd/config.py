@@ -25,7 +25,7 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -586,29 +586,33 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
-def secrets_in(obj: Any) -> list[Secret]:
-    """Every ``Secret`` held by ``obj`` (a config or a part of one), in config order."""
-    found: list[Secret] = []
+def leaves(obj: Any) -> Iterator[Any]:
+    """Every value ``obj`` (a config or a part of one) holds below its dataclasses, mappings and
+    sequences, in config order, each object once."""
     seen: set[int] = set()
 
-    def walk(node: Any) -> None:
+    def walk(node: Any) -> Iterator[Any]:
         if id(node) in seen:
             return
         seen.add(id(node))
-        if isinstance(node, Secret):
-            found.append(node)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
             for f in dataclasses.fields(node):
-                walk(getattr(node, f.name))
+                yield from walk(getattr(node, f.name))
         elif isinstance(node, Mapping):
             for value in node.values():
-                walk(value)
+                yield from walk(value)
         elif isinstance(node, list | tuple | set | frozenset):
             for value in node:
-                walk(value)
+                yield from walk(value)
+        else:
+            yield node
 
-    walk(obj)
-    return found
+    return walk(obj)
+
+
+def secrets_in(obj: Any) -> list[Secret]:
+    """Every ``Secret`` held by ``obj`` (a config or a part of one), in config order."""
+    return [leaf for leaf in leaves(obj) if isinstance(leaf, Secret)]
 
 
 def _priority(value: Any, key: str) -> PriorityRule:

@@ -10,12 +10,11 @@ API can).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from webhookd.config import Secret, VerifyConfig
+from webhookd.config import Secret, VerifyConfig, leaves
 from webhookd.schemes import SCHEMES
 
 MASK = "***"
@@ -103,27 +102,10 @@ class Masker:
 def secret_values(obj: Any) -> set[str]:
     """Every secret a config holds: ``Secret`` values and ``env:`` references, where known."""
     found: set[str] = set()
-    seen: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        if isinstance(node, Secret):
-            if not node.missing:
-                found.add(node.reveal())
-        elif isinstance(node, str):
-            if node.startswith("env:") and os.environ.get(node[4:]):
-                found.add(os.environ[node[4:]])
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for f in dataclasses.fields(node):
-                walk(getattr(node, f.name))
-        elif isinstance(node, Mapping):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            for value in node:
-                walk(value)
-
-    walk(obj)
+    for leaf in leaves(obj):
+        if isinstance(leaf, Secret):
+            if not leaf.missing:
+                found.add(leaf.reveal())
+        elif isinstance(leaf, str) and leaf.startswith("env:") and os.environ.get(leaf[4:]):
+            found.add(os.environ[leaf[4:]])
     return found
