@@ -21,7 +21,7 @@ from aiohttp import web
 
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import EVENT_STATES, EventSummary, Journal
+from webhookd.journal import EVENT_STATES, BaseJournal, EventSummary
 from webhookd.models import Priority
 from webhookd.receiver import IntakeState
 from webhookd.redact import Masker, secret_values
@@ -38,7 +38,7 @@ INTENT_HEADER = "X-Webhookd"
 @dataclass
 class AdminContext:
     config: Config
-    journal: Journal
+    journal: BaseJournal
     pool: WorkerPool
     intake: IntakeState
     boot_id: str

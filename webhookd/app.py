@@ -39,7 +39,7 @@ from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalUnavailable
-from webhookd.journal import Journal
+from webhookd.journal import BaseJournal, open_journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
@@ -72,7 +72,7 @@ class Daemon:
     bound: Bound = field(default_factory=Bound)
     boot_id: str = field(default_factory=new_boot_id)
     # Set once wired, for tests and embedding: the parts themselves.
-    journal: Journal | None = None
+    journal: BaseJournal | None = None
     pool: WorkerPool | None = None
     lanes: dict[str, Lane] = field(default_factory=dict)
     intake: IntakeState = field(default_factory=IntakeState)
@@ -110,7 +110,9 @@ class Daemon:
             if self.install_signals:
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
                 stack.callback(loop.remove_signal_handler, signal.SIGTERM)
-            journal = Journal(cfg.journal.path, clock=self.clock)
+            journal = open_journal(
+                cfg.journal, clock=self.clock, max_recoveries=cfg.workers.max_recoveries
+            )
             await stack.enter_async_context(journal)
             self.journal = journal
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
@@ -221,7 +223,7 @@ class Daemon:
             "webhookd listening on http://%s (webhooks) and %s; journal %s; config %s",
             self.bound.receiver,
             f"http://{self.bound.admin} (admin)" if self.bound.admin else "no admin",
-            cfg.journal.path,
+            self.journal.location if self.journal else cfg.journal.path,
             cfg.origin,
         )
         catch_all = cfg.sources.get(CATCH_ALL)
@@ -238,7 +240,7 @@ class Daemon:
         logging.shutdown()
         os._exit(1)
 
-    async def _retention(self, journal: Journal) -> None:
+    async def _retention(self, journal: BaseJournal) -> None:
         jc = self.config.journal
         while True:
             await asyncio.sleep(jc.prune_interval_s)
@@ -258,7 +260,7 @@ class Daemon:
                     "retention pruned_events=%d pruned_dedup=%d size_bytes=%d",
                     events,
                     dedup,
-                    await journal.size_bytes(),
+                    await journal.storage_bytes(),
                 )
 
     async def _heartbeat(self, ctx: AdminContext) -> None:
@@ -268,7 +270,7 @@ class Daemon:
 
 
 async def prune_all(
-    journal: Journal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
+    journal: BaseJournal, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float
 ) -> tuple[int, int]:
     """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
 
@@ -287,7 +289,7 @@ async def prune_all(
     left: int | None = None
     # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
     while True:
-        free, _ = await journal.compact()
+        free = await journal.maintain()
         if free == 0 or free == left:
             break
         left = free

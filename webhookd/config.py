@@ -116,6 +116,9 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
     path: Path = Path("./webhookd.db")
+    # A PostgreSQL journal shared by several nodes instead of the SQLite file (DESIGN §7).
+    url: Secret | None = None
+    lease_s: float = 30.0
     keep_done_h: float = 24.0
     keep_dead_d: float = 14.0
     keep_dedup_d: float = 7.0
@@ -301,6 +304,12 @@ class _Table:
         for name in self.data:
             if name not in self._used:
                 raise ConfigError(self.path(name), "unknown key")
+
+
+def check_journal_url(url: Secret, key: str) -> None:
+    """A PostgreSQL URL, or a ``ConfigError`` naming ``key`` (the URL itself is never shown)."""
+    if not url.reveal().startswith(("postgresql://", "postgres://")):
+        raise ConfigError(key, "must be a postgresql:// URL")
 
 
 def check_number(
@@ -617,14 +626,20 @@ def parse(data: Mapping[str, Any], origin: str = "config", *, secrets: bool = Tr
         )
 
     j = root.table("journal")
+    if j.has("path") and j.has("url"):
+        raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
     journal = JournalConfig(
         path=Path(j.string("path", "./webhookd.db")),
+        url=j.secret("url", None),
+        lease_s=float(j.number("lease_s", 30.0, positive=True)),
         keep_done_h=float(j.number("keep_done_h", 24.0, minimum=0)),
         keep_dead_d=float(j.number("keep_dead_d", 14.0, minimum=0)),
         keep_dedup_d=float(j.number("keep_dedup_d", 7.0, minimum=0)),
         prune_interval_s=float(j.number("prune_interval_s", 60.0, positive=True)),
     )
     j.finish()
+    if journal.url is not None and not journal.url.missing:
+        check_journal_url(journal.url, j.path("url"))
 
     w = root.table("workers")
     wt = w.table("weights")

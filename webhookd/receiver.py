@@ -30,7 +30,7 @@ from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
-from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
@@ -217,7 +217,7 @@ class Receiver:
     def __init__(
         self,
         config: Config,
-        journal: Journal,
+        journal: BaseJournal,
         state: IntakeState,
         *,
         clock: Clock = SYSTEM_CLOCK,
