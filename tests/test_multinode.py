@@ -1,0 +1,148 @@
+"""Real ``webhookd serve`` processes on one PostgreSQL journal: one node, then two sharing it.
+
+Each test gets a fresh database on the throwaway server (``pg_url``), hands its URL to the
+daemons through ``journal.url = "env:WEBHOOKD_JOURNAL_URL"``, and reads the result back with
+the CLI on the same config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from procs import Procs, Target
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[Target]:
+    t = Target()
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+def pg_config(path: Path, target_url: str) -> Path:
+    """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
+    path.write_text(
+        f"""\
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[journal]
+url = "env:WEBHOOKD_JOURNAL_URL"
+lease_s = 5
+
+[log]
+level = "info"
+
+[sources."*"]
+[[sources."*".actions]]
+type = "forward"
+url = "{target_url}/any"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def show(procs: Procs, config: Path, event_id: str) -> dict[str, Any]:
+    out = await procs.cli("show", event_id, "--json", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: str) -> tuple[int, Any]:
+    async with http.post(f"{url}/hooks/shop", data=body, headers=JSON) as r:
+        return r.status, await r.json()
+
+
+async def test_serve_with_a_postgresql_journal_delivers_and_the_cli_shows_it_done(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``[journal] url`` a webhook is acknowledged, forwarded once, and ``show`` (same
+    config, another process) reports its job done in the database."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    daemon = await procs.serve(cfg)
+    assert pg_url not in daemon.log  # the URL is a secret: its log lines mask it
+    status, doc = await post(http, daemon.url, json.dumps({"order": uuid.uuid4().hex}))
+    assert (status, doc["duplicate"]) == (202, False)
+    await downstream.wait_for(lambda: doc["id"] in downstream.ids)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    shown = await show(procs, cfg, doc["id"])
+    assert [(j["state"], j["attempts"]) for j in shown["jobs"]] == [("done", 1)]
+    assert downstream.ids == [doc["id"]]
+    assert not (tmp_path / "webhookd.db").exists()
+
+
+async def test_two_nodes_share_intake_and_work_and_dedup_across_them(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ``serve`` processes on one database: the same delivery sent to both is one event,
+    forwarded once; webhooks spread over both are each delivered exactly once."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    same = json.dumps({"delivery": uuid.uuid4().hex})
+    (status_a, doc_a), (status_b, doc_b) = await asyncio.gather(
+        post(http, a.url, same), post(http, b.url, same)
+    )
+    assert sorted([status_a, status_b]) == [200, 202]
+    assert doc_a["id"] == doc_b["id"] and doc_a["duplicate"] != doc_b["duplicate"]
+    bodies = [json.dumps({"n": i, "nonce": uuid.uuid4().hex}) for i in range(40)]
+    answers = await asyncio.gather(
+        *(post(http, (a, b)[i % 2].url, body) for i, body in enumerate(bodies))
+    )
+    assert {status for status, _ in answers} == {202}
+    expected = {doc_a["id"], *(doc["id"] for _, doc in answers)}
+    await downstream.wait_for(lambda: expected <= set(downstream.ids))
+    for daemon in (a, b):
+        daemon.signal(signal.SIGTERM)
+    assert [await a.wait_exit(), await b.wait_exit()] == [0, 0]
+    assert sorted(downstream.ids) == sorted(expected)  # each once, none twice
+    out = await procs.cli("events", "--state", "done", "--limit", "100", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert all(event_id in out.stdout for event_id in expected)
