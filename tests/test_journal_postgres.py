@@ -6,6 +6,7 @@ by several nodes has.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import asyncpg
@@ -102,14 +103,14 @@ async def test_pg_ingest_fails_loudly_when_the_server_goes_away(pg_url: str) -> 
         await journal.ingest(new_event())
         admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
         try:
-            # Cut every connection of the journal's pool, as a server restart would.
+            # Refuse new connections and cut the pool's, as a server going down would.
+            await admin.execute(
+                f'ALTER DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS false'
+            )
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = $1 AND pid <> pg_backend_pid()",
                 pg_url.rsplit("/", 1)[1],
-            )
-            await admin.execute(
-                f'ALTER DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS false'
             )
             with pytest.raises(JournalUnavailable):
                 await journal.ingest(new_event())
@@ -135,3 +136,66 @@ async def test_pg_cannot_open_an_unreachable_server() -> None:
             pass
     assert "hunter2" not in str(caught.value) and "user:***@" in str(caught.value)
     assert redact_url(url) == f"postgresql://user:***@127.0.0.1:{port}/webhookd"
+
+
+async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> None:
+    """A webhook journaled by one node wakes an idle other node (LISTEN/NOTIFY), not its own."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        woken = {a: asyncio.Event(), b: asyncio.Event()}
+        a.on_remote_jobs, b.on_remote_jobs = woken[a].set, woken[b].set
+        await asyncio.wait_for(asyncio.gather(a.listening.wait(), b.listening.wait()), 10)
+        for event in woken.values():
+            event.clear()  # the look-now of connecting
+        await a.ingest(new_event())
+        await asyncio.wait_for(woken[b].wait(), 10)
+        assert not woken[a].is_set()
+
+
+async def test_pg_the_listener_reconnects_and_asks_for_a_look_at_once(pg_url: str) -> None:
+    """A listener cut off (server restart, network) reconnects by itself and asks the
+    dispatcher to look at once, since notifications sent meanwhile are lost; then it hears
+    the next one."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        woken = asyncio.Event()
+        b.on_remote_jobs = woken.set
+        await asyncio.wait_for(b.listening.wait(), 10)
+        woken.clear()
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'webhookd-listen' AND datname = current_database()"
+            )
+        finally:
+            await admin.close()
+        await asyncio.wait_for(woken.wait(), 10)  # reconnected, and asked for a look
+        await asyncio.wait_for(b.listening.wait(), 10)
+        woken.clear()
+        clock.advance(1)  # past the per-node notify throttle
+        await a.ingest(new_event())
+        await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_pg_readiness_follows_the_heartbeat_without_traffic(pg_url: str) -> None:
+    """With no webhook arriving, the heartbeat's write is what tells /readyz the database is
+    gone, and back."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        name = pg_url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            with pytest.raises(JournalUnavailable):
+                await journal.heartbeat()
+            assert journal.last_write_error
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        finally:
+            await admin.close()
+        await journal.heartbeat()
+        assert journal.last_write_error is None

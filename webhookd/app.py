@@ -141,6 +141,7 @@ class Daemon:
             )
             self.pool = pool
             journal.on_commit = pool.notify
+            journal.on_remote_jobs = pool.poke
             for hook in self.on_wired:
                 hook(self)
 

@@ -40,11 +40,15 @@ class BaseJournal(ABC):
     write's failure, cleared by the next success: ``/readyz`` reads it); ``commits`` and
     ``batched_ops`` (write transactions and the operations they carried, for ``/metrics``);
     ``backlog_jobs`` (jobs queued or running, kept in step by this process's writes and
-    re-counted by ``refresh_backlog``: the receiver's backpressure reads it).
+    re-counted by ``refresh_backlog``: the receiver's backpressure reads it);
+    ``on_remote_jobs`` (called on the loop when another process or node may have made jobs
+    ready, a hint to look now rather than at the next sweep; never called by a journal that
+    cannot tell).
     """
 
     clock: Clock
     on_commit: Callable[[list[Ready]], None] | None
+    on_remote_jobs: Callable[[], None] | None = None
     last_write_error: str | None
     commits: int
     batched_ops: int

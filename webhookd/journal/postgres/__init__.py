@@ -11,6 +11,12 @@ The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
   ``lease_s`` (the poison-pill rule counts those recoveries). Each claim gets a fresh token and
   an outcome is written only while its token still stands, so a node that lost its lease (a
   long GC pause, a network cut) cannot overwrite the new owner's outcome.
+* Wake-ups: a commit that made jobs ready sends a payload-less ``NOTIFY`` (at most one per
+  ``NOTIFY_EVERY_S`` per node: NOTIFY takes a global lock at commit), and every node LISTENs on
+  a connection of its own, outside the pool, so an idle node starts another node's job within
+  milliseconds. Notifications are only a hint: those sent while the listener was disconnected
+  are lost, so it asks the dispatcher to look at once after every reconnect, and the
+  dispatcher's sweep finds everything anyway.
 * Leases compare this process's clock with the other nodes' heartbeats: hosts' clocks must
   agree to well within ``lease_s`` (NTP does).
 """
@@ -57,9 +63,22 @@ log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
 POOL_SIZE = 10
+CHANNEL = "webhookd_jobs"
+NOTIFY_EVERY_S = 0.1
+LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
+RECONNECT_MAX_S = 5.0
+_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
 _T = TypeVar("_T")
 # What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError too: on the stock event loop a connection the server has just terminated
+# can raise it ("cannot switch to state ...") instead of a connection error.
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 def redact_url(url: str) -> str:
@@ -100,6 +119,9 @@ class PostgresJournal(PgReads, BaseJournal):
         self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._notified_at = -NOTIFY_EVERY_S
+        self.listening = asyncio.Event()  # set while the listener is connected (for tests)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
 
@@ -115,7 +137,8 @@ class PostgresJournal(PgReads, BaseJournal):
                 self.url,
                 min_size=1,
                 max_size=POOL_SIZE,
-                server_settings={"synchronous_commit": "on", "application_name": "webhookd"},
+                server_settings=_SERVER_SETTINGS,
+                timeout=10,  # to connect; a server that never answers is an error, not a hang
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -129,13 +152,15 @@ class PostgresJournal(PgReads, BaseJournal):
             raise
         self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._lease_task = asyncio.create_task(self._lease_loop(), name="journal-leases")
+        self._listen_task = asyncio.create_task(self._listen_loop(), name="journal-listen")
 
     async def close(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
-            self._lease_task = None
+        for task in (self._listen_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._listen_task = self._lease_task = None
         if self._writer is not None:
             await self._queue.put(None)
             await self._writer
@@ -179,14 +204,20 @@ class PostgresJournal(PgReads, BaseJournal):
     # -- nodes and leases --------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Renew this node's lease on the jobs it runs."""
+        """Renew this node's lease on the jobs it runs. Being a write, it also tells /readyz
+        whether the database takes writes when no webhook is arriving."""
         now = self.clock.time()
-        await self.pool.execute(
-            "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)"
-            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-            self.node_id,
-            now,
-        )
+        try:
+            await self.pool.execute(
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)"
+                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+                self.node_id,
+                now,
+            )
+        except _DB_ERRORS as exc:
+            self.last_write_error = str(exc) or type(exc).__name__
+            raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
+        self.last_write_error = None
 
     async def recover_lost(self) -> Recovery:
         """Re-queue the running jobs of nodes silent past ``lease_s``; forget long-gone nodes."""
@@ -212,9 +243,11 @@ class PostgresJournal(PgReads, BaseJournal):
             try:
                 await self.heartbeat()
                 recovered = await self.recover_lost()
-            except (*_DB_ERRORS, JournalUnavailable) as exc:
-                log.warning("journal heartbeat failed: %s", exc)
+            except JournalUnavailable as exc:
+                log.warning("%s", exc)
                 continue
+            if recovered.requeued and self.on_remote_jobs is not None:
+                self.on_remote_jobs()
             if recovered.requeued or recovered.dead:
                 log.warning(
                     "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead",
@@ -222,6 +255,49 @@ class PostgresJournal(PgReads, BaseJournal):
                     recovered.dead,
                 )
                 self.backlog_jobs -= recovered.dead
+
+    async def _listen_loop(self) -> None:
+        """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""
+        delay_s = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=10,
+                    server_settings={"application_name": "webhookd-listen"},
+                )
+            except _DB_ERRORS as exc:
+                log.debug("journal listener cannot connect: %s", exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+                continue
+            delay_s = 0.1
+            try:
+                await self._listen_on(conn)
+            except _DB_ERRORS as exc:
+                log.debug("journal listener lost its connection: %s", exc)
+            finally:
+                self.listening.clear()
+                with contextlib.suppress(*_DB_ERRORS):
+                    await asyncio.wait_for(conn.close(), 5)
+
+    async def _listen_on(self, conn: Any) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(CHANNEL, self._notified)
+        self.listening.set()
+        if self.on_remote_jobs is not None:
+            self.on_remote_jobs()  # what was notified while this was not listening is lost
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
+                return
+            # A cut network may never close the socket: prove the connection still answers.
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_S)
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
+        if sender != self.node_id and self.on_remote_jobs is not None:
+            self.on_remote_jobs()
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -248,7 +324,16 @@ class PostgresJournal(PgReads, BaseJournal):
                     stopping = True
                     break
                 batch.append(op)
-            await self._commit_group(batch)
+            try:
+                await self._commit_group(batch)
+            except BaseException as exc:
+                # Not a database error (those fail only their batch) but a bug: the writer
+                # stops (later writes get JournalUnavailable, close() re-raises this), and
+                # nobody waiting on this batch may hang meanwhile.
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(JournalUnavailable(f"journal writer failed: {exc}"))
+                raise
 
     async def _commit_group(self, batch: list[Op]) -> None:
         """One transaction for every ingest and outcome waiting; resolve each waiter after it."""
@@ -261,6 +346,9 @@ class PostgresJournal(PgReads, BaseJournal):
         async def fn(conn: Any) -> tuple[list[tuple[Ingested, list[Ready]]], set[str]]:
             ingested = await write_ingests(conn, ingests, now) if ingests else []
             recorded = await write_finishes(conn, results, tokens) if results else set()
+            # Delivered at commit, to idle nodes; this node dispatches its own jobs in-process.
+            if any(ready for _, ready in ingested) and self._may_notify():
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
             return ingested, recorded
 
         try:
@@ -293,6 +381,13 @@ class PostgresJournal(PgReads, BaseJournal):
         self.backlog_jobs += len(created)
         if created and self.on_commit is not None:
             self.on_commit(created)
+
+    def _may_notify(self) -> bool:
+        now = self.clock.monotonic()
+        if now - self._notified_at < NOTIFY_EVERY_S:
+            return False
+        self._notified_at = now
+        return True
 
     # -- dispatch and outcomes ---------------------------------------------------------------
 
@@ -336,10 +431,7 @@ class PostgresJournal(PgReads, BaseJournal):
         """At start: heartbeat, then re-queue what silent nodes left running. A restarted
         process is a new node, so its own earlier jobs come back once their lease has passed."""
         self.max_recoveries = max_recoveries
-        try:
-            await self.heartbeat()
-        except _DB_ERRORS as exc:
-            raise JournalUnavailable(f"journal write failed: {exc}") from exc
+        await self.heartbeat()
         return await self.recover_lost()
 
     # -- operator actions --------------------------------------------------------------------
