@@ -49,7 +49,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def pg_config(path: Path, target_url: str) -> Path:
+def pg_config(path: Path, target_url: str, *, lease_s: float = 5, workers: str = "") -> Path:
     """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
     path.write_text(
         f"""\
@@ -61,7 +61,10 @@ listen = "127.0.0.1:0"
 
 [journal]
 url = "env:WEBHOOKD_JOURNAL_URL"
-lease_s = 5
+lease_s = {lease_s}
+
+[workers]
+{workers}
 
 [log]
 level = "info"
@@ -146,3 +149,65 @@ async def test_two_nodes_share_intake_and_work_and_dedup_across_them(
     out = await procs.cli("events", "--state", "done", "--limit", "100", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
     assert all(event_id in out.stdout for event_id in expected)
+
+
+async def test_a_killed_nodes_running_jobs_are_finished_by_another_after_lease_s(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``kill -9`` of a node in the middle of its jobs: once its lease has passed, a live node
+    re-queues them and delivers each; the interruption is recorded and counted."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
+    doomed = await procs.serve(cfg)
+    downstream.delay_s = 60  # the doomed node's deliveries hang until it is killed
+    ids = []
+    for i in range(3):
+        status, doc = await post(http, doomed.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        assert status == 202
+        ids.append(doc["id"])
+    await downstream.wait_for(lambda: set(ids) <= set(downstream.ids))
+    survivor = await procs.serve(cfg)
+    await doomed.kill9()
+    downstream.delay_s = 0
+    downstream.release.set()
+    await downstream.wait_for(lambda: all(downstream.ids.count(i) == 2 for i in ids))
+    await survivor.wait_said(r"re-queued 3 job\(s\) of silent node")
+    survivor.signal(signal.SIGTERM)
+    assert await survivor.wait_exit() == 0
+    for event_id in ids:
+        job = (await show(procs, cfg, event_id))["jobs"][0]
+        assert (job["state"], job["attempts"]) == ("done", 2)
+        assert [e["outcome"] for e in job["errors"]] == ["interrupted", "done"]
+
+
+async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_waiting_for_a_sweep(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the receiving node's only worker busy, another node (whose fallback sweep is a
+    minute away) starts the new job at once: woken by LISTEN/NOTIFY."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    busy_cfg = pg_config(tmp_path / "busy.toml", downstream.url, workers="concurrency = 1")
+    idle_cfg = pg_config(tmp_path / "idle.toml", downstream.url, workers="sweep_interval_s = 60")
+    busy, idle = await asyncio.gather(procs.serve(busy_cfg), procs.serve(idle_cfg))
+    await idle.wait_said("listening on")
+    downstream.delay_s = 60
+    status, first = await post(http, busy.url, json.dumps({"first": uuid.uuid4().hex}))
+    assert status == 202
+    await downstream.wait_for(lambda: first["id"] in downstream.ids)
+    status, second = await post(http, busy.url, json.dumps({"second": uuid.uuid4().hex}))
+    assert status == 202
+    await downstream.wait_for(lambda: second["id"] in downstream.ids, timeout_s=10)
+    downstream.release.set()
+    for daemon in (busy, idle):
+        daemon.signal(signal.SIGTERM)
+    assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]

@@ -11,8 +11,10 @@ The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
   ``lease_s`` (the poison-pill rule counts those recoveries). Each claim gets a fresh token and
   an outcome is written only while its token still stands, so a node that lost its lease (a
   long GC pause, a network cut) cannot overwrite the new owner's outcome.
-* Wake-ups: a commit that made jobs ready sends a payload-less ``NOTIFY`` (at most one per
-  ``NOTIFY_EVERY_S`` per node: NOTIFY takes a global lock at commit), and every node LISTENs on
+* Wake-ups: after a commit that made jobs ready a task of its own sends a ``NOTIFY`` naming
+  this node (at most one per ``NOTIFY_EVERY_S``: NOTIFY takes a global lock at commit, so it
+  stays out of the ingest transaction; commits meanwhile share the next one, none is dropped),
+  and every node LISTENs on
   a connection of its own, outside the pool, so an idle node starts another node's job within
   milliseconds. Notifications are only a hint: those sent while the listener was disconnected
   are lost, so it asks the dispatcher to look at once after every reconnect, and the
@@ -120,7 +122,8 @@ class PostgresJournal(PgReads, BaseJournal):
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        self._notified_at = -NOTIFY_EVERY_S
+        self._notify_task: asyncio.Task[None] | None = None
+        self._notify_wanted = asyncio.Event()
         self.listening = asyncio.Event()  # set while the listener is connected (for tests)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
@@ -153,14 +156,15 @@ class PostgresJournal(PgReads, BaseJournal):
         self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._lease_task = asyncio.create_task(self._lease_loop(), name="journal-leases")
         self._listen_task = asyncio.create_task(self._listen_loop(), name="journal-listen")
+        self._notify_task = asyncio.create_task(self._notify_loop(), name="journal-notify")
 
     async def close(self) -> None:
-        for task in (self._listen_task, self._lease_task):
+        for task in (self._notify_task, self._listen_task, self._lease_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._listen_task = self._lease_task = None
+        self._notify_task = self._listen_task = self._lease_task = None
         if self._writer is not None:
             await self._queue.put(None)
             await self._writer
@@ -346,9 +350,6 @@ class PostgresJournal(PgReads, BaseJournal):
         async def fn(conn: Any) -> tuple[list[tuple[Ingested, list[Ready]]], set[str]]:
             ingested = await write_ingests(conn, ingests, now) if ingests else []
             recorded = await write_finishes(conn, results, tokens) if results else set()
-            # Delivered at commit, to idle nodes; this node dispatches its own jobs in-process.
-            if any(ready for _, ready in ingested) and self._may_notify():
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
             return ingested, recorded
 
         try:
@@ -379,15 +380,21 @@ class PostgresJournal(PgReads, BaseJournal):
             if not fop.future.done():
                 fop.future.set_result(None)
         self.backlog_jobs += len(created)
+        if created:
+            self._notify_wanted.set()
         if created and self.on_commit is not None:
             self.on_commit(created)
 
-    def _may_notify(self) -> bool:
-        now = self.clock.monotonic()
-        if now - self._notified_at < NOTIFY_EVERY_S:
-            return False
-        self._notified_at = now
-        return True
+    async def _notify_loop(self) -> None:
+        """Tell idle nodes that jobs were committed: this node runs its own in-process."""
+        while True:
+            await self._notify_wanted.wait()
+            self._notify_wanted.clear()
+            try:
+                await self.pool.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
+            except _DB_ERRORS as exc:
+                log.debug("journal notify failed: %s", exc)  # a hint; the sweep finds the jobs
+            await asyncio.sleep(NOTIFY_EVERY_S)
 
     # -- dispatch and outcomes ---------------------------------------------------------------
 
