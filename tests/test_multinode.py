@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
-from procs import Procs, Target
+from procs import Procs, Target, get_json, poll
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
 
@@ -211,3 +212,62 @@ async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_wait
     for daemon in (busy, idle):
         daemon.signal(signal.SIGTERM)
     assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]
+
+
+async def test_database_refusing_connections_gets_503_and_not_ready_then_recovers(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While PostgreSQL refuses the node, webhooks get 503 + Retry-After (never a false 2xx) and
+    /readyz says not ready; once it is back the node reconnects by itself and takes them."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=1.5)
+    daemon = await procs.serve(cfg)
+    status, _ = await post(http, daemon.url, json.dumps({"before": uuid.uuid4().hex}))
+    assert status == 202
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        async with http.post(
+            f"{daemon.url}/hooks/shop", data=json.dumps({"during": 1}), headers=JSON
+        ) as r:
+            assert (r.status, "Retry-After" in r.headers) == (503, True)
+            assert "error" in await r.json()
+
+        async def not_ready() -> bool:
+            status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
+            return status == 503
+
+        await poll(not_ready, timeout_s=10)
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+
+    accepted: list[str] = []
+
+    async def takes_webhooks() -> bool:
+        status, doc = await post(http, daemon.url, json.dumps({"after": uuid.uuid4().hex}))
+        if status == 202:
+            accepted.append(doc["id"])
+        return status == 202
+
+    await poll(takes_webhooks, timeout_s=15, interval_s=0.2)
+    await downstream.wait_for(lambda: accepted[0] in downstream.ids)
+
+    async def ready() -> bool:
+        status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
+        return status == 200
+
+    await poll(ready, timeout_s=10)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
