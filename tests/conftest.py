@@ -10,10 +10,14 @@ a local run to one of them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -194,6 +198,56 @@ path = "{tmp_path / "webhookd.db"}"
 async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
     async with Journal(tmp_path / "journal.db") as j:
         yield j
+
+
+PG_URL_VAR = "WEBHOOKD_TEST_PG_URL"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """The throwaway PostgreSQL server's URL (``.ci/postgres.sh`` starts one and exports it).
+
+    Without it a PostgreSQL test skips locally, saying how to run it; under ``CI`` it fails,
+    since CI must prove the PostgreSQL journal, not skip it.
+    """
+    url = os.environ.get(PG_URL_VAR)
+    if not url:
+        reason = (
+            f"{PG_URL_VAR} is not set: run the tests under `.ci/postgres.sh run pytest ...` "
+            "to give them a throwaway PostgreSQL"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; the PostgreSQL journal's tests must run in CI")
+        pytest.skip(reason)
+    yield url
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_url: str) -> AsyncIterator[str]:
+    """A new, empty database on the test server, dropped afterwards; yields its URL."""
+    import asyncpg
+
+    name = f"webhookd_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for this test alone."""
+    async with fresh_database(pg_server_url) as url:
+        yield url
 
 
 @dataclass

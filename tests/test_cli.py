@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Running, Target
+from conftest import Running, Target, fresh_database
 from ops_support import (
     TOKEN_ENV,
     accepted,
@@ -24,6 +25,8 @@ from ops_support import (
 )
 from procs import Procs, clean_env, poll
 
+from webhookd import actions
+from webhookd import config as config_mod
 from webhookd.clock import ManualClock
 from webhookd.journal import Finished, Journal
 from webhookd.models import JobState
@@ -37,11 +40,25 @@ async def dead_event(running: Running, target: Target, source: str = "shop") -> 
     return event_id
 
 
-@pytest.fixture
-async def wired(tmp_path: Path, target: Target, run_daemon: Any) -> tuple[Path, Running]:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def wired(
+    request: pytest.FixtureRequest, tmp_path: Path, target: Target, run_daemon: Any
+) -> AsyncIterator[tuple[Path, Running]]:
+    """A config file and a daemon running it, with the journal in SQLite or in PostgreSQL:
+    every verb works against either with the same file."""
     body = forward_source("shop", target.url + "/shop") + forward_source("mail", target.url + "/m")
     path, cfg = write_config(tmp_path, body)
-    return path, await run_daemon(cfg)
+    if request.param == "sqlite":
+        yield path, await run_daemon(cfg)
+        return
+    async with fresh_database(request.getfixturevalue("pg_server_url")) as url:
+        text = path.read_text().replace(f'path = "{cfg.journal.path}"', f'url = "{url}"')
+        path.write_text(text, encoding="utf-8")
+        cfg = config_mod.loads(text, str(path))
+        actions.validate(cfg)
+        running = await run_daemon(cfg)
+        yield path, running
+        await running.stop()  # before its database is dropped
 
 
 async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(

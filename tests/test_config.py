@@ -368,3 +368,30 @@ def test_action_options_are_read_like_the_rest_of_the_config(
     with pytest.raises(ConfigError) as info:
         actions.validate(loads(text))
     assert str(info.value) == f"sources.a.actions[0].{key}: {message}"
+
+
+def test_journal_url_opens_postgresql_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``journal.url`` takes an ``env:`` PostgreSQL URL that never shows itself; lease_s is 30 s
+    unless set, and the SQLite path stays the default without a URL."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", "postgresql://wh:pa55word@db:5432/webhookd")
+    cfg = loads('[journal]\nurl = "env:WEBHOOKD_JOURNAL_URL"')
+    assert cfg.journal.url is not None
+    assert cfg.journal.url.reveal().endswith("@db:5432/webhookd")
+    assert cfg.journal.lease_s == 30.0 and "pa55word" not in repr(cfg)
+    assert load(None).journal.url is None
+    assert loads("[journal]\nlease_s = 5").journal.lease_s == 5.0
+
+
+@pytest.mark.parametrize(
+    ("journal", "key", "message"),
+    [
+        ('path = "x.db"\nurl = "postgresql://db/wh"', "journal.url", "journal.path"),
+        ('url = "mysql://db/wh"', "journal.url", "postgresql://"),
+        ("lease_s = 0", "journal.lease_s", "greater than 0"),
+    ],
+)
+def test_bad_journal_backend_keys_name_the_key(journal: str, key: str, message: str) -> None:
+    """``path`` with ``url``, a URL that is not PostgreSQL, a zero lease: errors naming the key."""
+    with pytest.raises(ConfigError, match=message) as info:
+        loads(f"[journal]\n{journal}")
+    assert info.value.key == key

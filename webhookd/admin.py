@@ -22,7 +22,7 @@ from aiohttp import web
 
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import EVENT_STATES, EventSummary, Journal
+from webhookd.journal import EVENT_STATES, BaseJournal, EventSummary
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
@@ -44,7 +44,7 @@ INTENT_HEADER = "X-Webhookd"
 @dataclass
 class AdminContext:
     config: Config
-    journal: Journal
+    journal: BaseJournal
     pool: WorkerPool
     intake: IntakeState
     boot_id: str

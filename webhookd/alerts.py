@@ -22,7 +22,7 @@ from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
-from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob
+from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 log = logging.getLogger("webhookd.alerts")
@@ -54,7 +54,7 @@ class Alerter:
     does whatever is due now, so tests drive it with a manual clock instead of waiting.
     """
 
-    def __init__(self, config: AlertsConfig, journal: Journal, *, clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, config: AlertsConfig, journal: BaseJournal, *, clock: Clock = SYSTEM_CLOCK):
         self.config = config
         self.journal = journal
         self.clock = clock

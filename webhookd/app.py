@@ -46,7 +46,7 @@ from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
-from webhookd.journal import Journal
+from webhookd.journal import BaseJournal, open_journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
@@ -81,7 +81,7 @@ class Daemon:
     bound: Bound = field(default_factory=Bound)
     boot_id: str = field(default_factory=new_boot_id)
     # Set once wired, for tests and embedding: the parts themselves.
-    journal: Journal | None = None
+    journal: BaseJournal | None = None
     pool: WorkerPool | None = None
     lanes: dict[str, Lane] = field(default_factory=dict)
     intake: IntakeState = field(default_factory=IntakeState)
@@ -119,7 +119,9 @@ class Daemon:
             if self.install_signals:
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
                 stack.callback(loop.remove_signal_handler, signal.SIGTERM)
-            journal = Journal(cfg.journal.path, clock=self.clock)
+            journal = open_journal(
+                cfg.journal, clock=self.clock, max_recoveries=cfg.workers.max_recoveries
+            )
             await stack.enter_async_context(journal)
             self.journal = journal
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
@@ -148,6 +150,7 @@ class Daemon:
             )
             self.pool = pool
             journal.on_commit = pool.notify
+            journal.on_remote_jobs = pool.poke
             for hook in self.on_wired:
                 hook(self)
 
@@ -202,7 +205,7 @@ class Daemon:
         self,
         cfg: Config,
         ctx: AdminContext,
-        journal: Journal,
+        journal: BaseJournal,
         pool: WorkerPool,
         pool_task: asyncio.Task[None],
         listening: list[web.AppRunner],
@@ -266,7 +269,7 @@ class Daemon:
             "webhookd listening on http://%s (webhooks) and %s; journal %s; config %s",
             self.bound.receiver,
             f"http://{self.bound.admin} (admin)" if self.bound.admin else "no admin",
-            cfg.journal.path,
+            self.journal.location if self.journal else cfg.journal.path,
             cfg.origin,
         )
         catch_all = cfg.sources.get(CATCH_ALL)
@@ -283,7 +286,7 @@ class Daemon:
         logging.shutdown()
         os._exit(1)
 
-    async def _retention(self, journal: Journal) -> None:
+    async def _retention(self, journal: BaseJournal) -> None:
         jc = self.config.journal
         while True:
             await asyncio.sleep(jc.prune_interval_s)
@@ -298,7 +301,7 @@ class Daemon:
                     "retention pruned_events=%d pruned_dedup=%d size_bytes=%d",
                     events,
                     dedup,
-                    await journal.size_bytes(),
+                    await journal.storage_bytes(),
                 )
 
     async def _heartbeat(self, ctx: AdminContext) -> None:

@@ -21,7 +21,7 @@ import click
 from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
-from webhookd.journal import EVENT_STATES, EventDetail, Journal, Replayed
+from webhookd.journal import EVENT_STATES, BaseJournal, EventDetail, Replayed, open_journal
 from webhookd.redact import Masker, secret_values
 from webhookd.retention import prune_expired, windows_s
 
@@ -74,10 +74,10 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         _fail(str(exc), 1)
 
 
-def _journal(cfg: config_mod.Config) -> Journal:
-    if not cfg.journal.path.exists():
+def _journal(cfg: config_mod.Config) -> BaseJournal:
+    if cfg.journal.url is None and not cfg.journal.path.exists():
         _fail(f"no journal at {cfg.journal.path} (set journal.path or --config)", 1)
-    return Journal(cfg.journal.path)
+    return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries)
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")

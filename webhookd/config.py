@@ -220,6 +220,9 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
     path: Path = Path("./webhookd.db")
+    # A PostgreSQL journal shared by several nodes instead of the SQLite file.
+    url: Secret | None = None
+    lease_s: float = setting(30.0, positive=True)
     keep_done_h: float = setting(24.0, minimum=0)
     keep_dead_d: float = setting(14.0, minimum=0)
     keep_dedup_d: float = setting(7.0, minimum=0)
@@ -534,6 +537,12 @@ def _field_default(cls: type, name: str) -> Any:
     raise LookupError(f"{cls.__name__}.{name} has no default")
 
 
+def check_journal_url(url: Secret, key: str) -> None:
+    """A PostgreSQL URL, or a ``ConfigError`` naming ``key`` (the URL itself is never shown)."""
+    if not url.reveal().startswith(("postgresql://", "postgres://")):
+        raise ConfigError(key, "must be a postgresql:// URL")
+
+
 def check_number(
     value: Any,
     key: str,
@@ -828,8 +837,14 @@ def parse(
         )
 
     j = root.table("journal")
+    if j.has("path") and j.has("url"):
+        raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
     journal = j.read(JournalConfig())
+    if journal.url is not None and not journal.url.missing:
+        check_journal_url(journal.url, j.path("url"))
     j.finish()
+    if journal.url is not None and not journal.url.missing:
+        check_journal_url(journal.url, j.path("url"))
 
     w = root.table("workers")
     wt = w.table("weights")

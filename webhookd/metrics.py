@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL
-from webhookd.journal import Claimed, Counts, Finished, Journal
+from webhookd.journal import BaseJournal, Claimed, Counts, Finished
 from webhookd.workers import WorkerPool
 
 ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -33,7 +33,7 @@ class Metrics:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: BaseJournal,
         pool: WorkerPool,
         lanes: Callable[[], Mapping[str, Any]] = dict,
     ) -> None:
@@ -124,7 +124,7 @@ class _StateCollector(Collector):
     """Gauges read at scrape time: backlog, oldest age, jobs by state, workers, lanes, journal."""
 
     def __init__(
-        self, journal: Journal, pool: WorkerPool, lanes: Callable[[], Mapping[str, Any]]
+        self, journal: BaseJournal, pool: WorkerPool, lanes: Callable[[], Mapping[str, Any]]
     ) -> None:
         self.journal = journal
         self.pool = pool

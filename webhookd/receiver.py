@@ -27,7 +27,7 @@ from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ALERT_SOURCE, CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
-from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error, json_errors
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_headers, secret_headers
@@ -218,7 +218,7 @@ class Receiver:
     def __init__(
         self,
         config: Config,
-        journal: Journal,
+        journal: BaseJournal,
         state: IntakeState,
         *,
         clock: Clock = SYSTEM_CLOCK,

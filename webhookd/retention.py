@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 
 from webhookd.config import JournalConfig
-from webhookd.journal import Journal, Pruned
+from webhookd.journal import BaseJournal, Pruned
 
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
@@ -26,14 +26,14 @@ def windows_s(config: JournalConfig) -> dict[str, float]:
 
 
 async def prune_expired(
-    journal: Journal, config: JournalConfig, on_batch: Callable[[Pruned], None] | None = None
+    journal: BaseJournal, config: JournalConfig, on_batch: Callable[[Pruned], None] | None = None
 ) -> tuple[int, int]:
     """Prune with the windows ``config`` sets (``keep_done_h`` …); (events, dedup keys)."""
     return await prune_all(journal, **windows_s(config), on_batch=on_batch)
 
 
 async def prune_all(
-    journal: Journal,
+    journal: BaseJournal,
     *,
     keep_done_s: float,
     keep_dead_s: float,
@@ -60,7 +60,7 @@ async def prune_all(
     left: int | None = None
     # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
     while True:
-        free, _ = await journal.compact()
+        free = await journal.maintain()
         if free == 0 or free == left:
             break
         left = free

@@ -22,7 +22,7 @@ from webhookd.actions.base import Action, Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
-from webhookd.journal import Claimed, Finished, Journal, Lane, Ready
+from webhookd.journal import BaseJournal, Claimed, Finished, Lane, Ready
 from webhookd.models import JobState
 from webhookd.scheduler import Scheduler
 
@@ -89,7 +89,7 @@ class WorkerPool:
         self,
         *,
         config: Config,
-        journal: Journal,
+        journal: BaseJournal,
         actions: Mapping[tuple[str, str], Action],
         boot_id: str,
         clock: Clock = SYSTEM_CLOCK,

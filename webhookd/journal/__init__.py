@@ -33,6 +33,7 @@ import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
+from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import (
     CallOp,
     ClaimOp,
@@ -43,6 +44,7 @@ from webhookd.journal.batch import (
     WriteFailed,
     write_ops,
 )
+from webhookd.journal.factory import open_journal
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
     Activity,
@@ -69,6 +71,7 @@ __all__ = [
     "EVENT_STATES",
     "MIGRATIONS",
     "Activity",
+    "BaseJournal",
     "Claimed",
     "Counts",
     "EventDetail",
@@ -85,6 +88,7 @@ __all__ = [
     "Recovery",
     "Replayed",
     "Series",
+    "open_journal",
 ]
 
 log = logging.getLogger("webhookd.journal")
@@ -121,8 +125,8 @@ def _owner_only(path: Path) -> None:
                 name.chmod(0o600)
 
 
-class Journal(Reads):
-    """The durable store. Use as ``async with Journal(path) as journal:``."""
+class Journal(Reads, BaseJournal):
+    """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
 
     def __init__(
         self,
@@ -276,6 +280,10 @@ class Journal(Reads):
                 conn.execute(f"PRAGMA user_version = {target + 1}")
 
             _transaction(conn, step)
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -671,6 +679,14 @@ class Journal(Reads):
         free: int = await self._call(vacuum, transaction=False)
         behind: int = await self._call(checkpoint, transaction=False)
         return free, behind
+
+    async def maintain(self) -> int:
+        """Incremental vacuum and a passive checkpoint (``compact``); free pages left."""
+        free, _ = await self.compact()
+        return free
+
+    async def storage_bytes(self) -> int:
+        return await self.size_bytes()
 
     # -- pausing -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 from webhookd.journal.records import Claimed, Finished, Ingested, NewEvent, Ready
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
+    HEAD_OF_KEY,
     JOB_COLUMNS,
     dump,
     event_from_row,
@@ -187,17 +188,31 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> list[Claimed]:
     if not op.job_ids:
         return []
     marks = ",".join("?" * len(op.job_ids))
+    # Which are still queued, read inside the write transaction: only those are claimed and
+    # returned (a job this boot already runs is not handed out twice, whatever the clock says),
+    # and only at the head of its order key, as ``ready`` would have found it.
+    queued = [
+        r[0]
+        for r in fetch_rows(
+            conn,
+            f"SELECT j.id FROM jobs j WHERE j.id IN ({marks}) AND j.state = 'queued'"
+            f" AND {HEAD_OF_KEY}",
+            op.job_ids,
+        )
+    ]
+    if not queued:
+        return []
+    marks = ",".join("?" * len(queued))
     conn.execute(
         f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
-        f" claimed_at = ? WHERE id IN ({marks}) AND state = 'queued'",
-        (op.boot_id, op.now, *op.job_ids),
+        f" claimed_at = ? WHERE id IN ({marks})",
+        (op.boot_id, op.now, *queued),
     )
     rows = fetch_rows(
         conn,
         f"SELECT {JOB_COLUMNS}, {EVENT_COLUMNS} FROM jobs j JOIN events e"
-        f" ON e.id = j.event_id WHERE j.id IN ({marks}) AND j.state = 'running'"
-        f" AND j.boot_id = ? AND j.claimed_at = ?",
-        (*op.job_ids, op.boot_id, op.now),
+        f" ON e.id = j.event_id WHERE j.id IN ({marks})",
+        queued,
     )
     return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
 

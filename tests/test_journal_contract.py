@@ -1,0 +1,589 @@
+"""The journal contract, run against every backend: the SQLite file and PostgreSQL.
+
+Every test here takes ``store`` (or ``journal``, opened on it) and so runs once per backend, as
+huey runs one storage suite over all of its storages: a backend that fails one of these is not
+done. Tests of one backend's internals live in test_journal.py (SQLite) and
+test_journal_postgres.py, and say so in their names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import fresh_database
+
+from webhookd.clock import ManualClock
+from webhookd.errors import NotFound
+from webhookd.journal import BaseJournal, Finished, Journal, NewEvent, NewJob, Replayed
+from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+
+LEASE_S = 30.0
+START = 1_700_000_000.0
+
+
+@dataclass
+class Store:
+    """Where a test's journals live: one SQLite file or one PostgreSQL database, one clock."""
+
+    kind: str
+    where: str
+    clock: ManualClock
+
+    def journal(self) -> BaseJournal:
+        """Another journal on the same store (not yet opened): another process, another node."""
+        if self.kind == "sqlite":
+            return Journal(self.where, clock=self.clock)
+        from webhookd.journal.postgres import PostgresJournal
+
+        # Heartbeats only when a test asks: the manual clock decides who is silent.
+        return PostgresJournal(self.where, clock=self.clock, lease_s=LEASE_S, heartbeat_s=3600)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        yield Store("sqlite", str(tmp_path / "journal.db"), ManualClock(START))
+        return
+    server_url = request.getfixturevalue("pg_server_url")
+    async with fresh_database(server_url) as url:
+        yield Store("postgres", url, ManualClock(START))
+
+
+@pytest.fixture
+async def journal(store: Store) -> AsyncIterator[BaseJournal]:
+    async with store.journal() as j:
+        yield j
+
+
+def new_event(
+    body: bytes = b'{"a": 1}',
+    key: str | None = None,
+    source: str = "shop",
+    jobs: int = 1,
+    received_at: float = START,
+    tenant: str = "t1",
+    priority: Priority = Priority.NORMAL,
+    order_key: str | None = None,
+) -> NewEvent:
+    event = Event(
+        id=new_event_id(),
+        source=source,
+        received_at=received_at,
+        dedup_key=key or f"{source}:{new_event_id()}",
+        tenant=tenant,
+        priority=priority,
+        headers=(("Content-Type", "application/json"), ("X-Thing", "é")),
+        body=body,
+    )
+    return NewEvent(
+        event,
+        tuple(NewJob(new_job_id(), f"forward-{i}", "forward", 3, order_key) for i in range(jobs)),
+    )
+
+
+def finished(
+    job_id: str,
+    state: JobState,
+    outcome: str,
+    attempt: int = 1,
+    now: float = START + 1,
+    **kw: object,
+) -> Finished:
+    return Finished(
+        job_id=job_id,
+        attempt=attempt,
+        state=state,
+        started_at=now,
+        finished_at=now,
+        outcome=outcome,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+# -- intake ----------------------------------------------------------------------------------
+
+
+async def test_ingest_round_trips_raw_body_and_headers(journal: BaseJournal) -> None:
+    """What was received is stored byte for byte: body, headers, source, tenant, priority."""
+    body = b'{"emoji": "\\ud83d\\ude00", "raw": "\xff\xfe", "nul": "\x00"}'
+    item = new_event(body=body)
+    result = await journal.ingest(item)
+    assert result.event_id == item.event.id and not result.duplicate
+    detail = await journal.get_event(item.event.id)
+    assert detail.event == item.event
+    assert detail.state == "queued"
+    assert [j.state for j in detail.jobs] == [JobState.QUEUED]
+
+
+async def test_acknowledged_ingest_is_seen_by_another_journal(store: Store) -> None:
+    """Once ingest returns, another process (another node) on the same store sees the event."""
+    async with store.journal() as a, store.journal() as b:
+        item = new_event()
+        await a.ingest(item)
+        assert (await b.get_event(item.event.id)).event.body == item.event.body
+
+
+async def test_duplicate_key_returns_original_even_within_one_batch(journal: BaseJournal) -> None:
+    """The same delivery twice, even in one group commit, creates one event and one set of jobs."""
+    first, second, third = (new_event(key="shop:delivery-1") for _ in range(3))
+    results = await asyncio.gather(*(journal.ingest(x) for x in (first, second, third)))
+    assert [r.duplicate for r in results] == [False, True, True]
+    assert {r.event_id for r in results} == {first.event.id}
+    counts = await journal.counts()
+    assert counts.events == 1 and counts.jobs_by_state["queued"] == 1
+
+
+async def test_dedup_holds_across_journals_on_one_store(store: Store) -> None:
+    """The same deliveries sent to two nodes at once are one event each, whichever node wins."""
+    async with store.journal() as a, store.journal() as b:
+        keys = [f"shop:delivery-{i}" for i in range(50)]
+        to_a = [new_event(key=k) for k in keys]
+        to_b = [new_event(key=k) for k in reversed(keys)]
+        results = await asyncio.gather(*(a.ingest(x) for x in to_a), *(b.ingest(x) for x in to_b))
+        assert sum(not r.duplicate for r in results) == 50
+        by_key: dict[str, set[str]] = {}
+        for item, r in zip([*to_a, *to_b], results, strict=True):
+            by_key.setdefault(item.event.dedup_key, set()).add(r.event_id)
+        assert all(len(ids) == 1 for ids in by_key.values())
+        counts = await b.counts()
+        assert counts.events == 50 and counts.jobs_by_state["queued"] == 50
+
+
+def with_body_key(item: NewEvent, body_key: str) -> NewEvent:
+    return NewEvent(item.event, item.jobs, body_key)
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+async def test_body_key_makes_a_fresh_delivery_id_a_duplicate(
+    journal: BaseJournal, one_batch: bool
+) -> None:
+    """The same signed body under a new delivery id is a duplicate of the first event."""
+    first = with_body_key(new_event(key="gh:delivery-1"), "gh:sha256:aa")
+    replay = with_body_key(new_event(key="gh:delivery-2"), "gh:sha256:aa")
+    if one_batch:
+        results = list(await asyncio.gather(journal.ingest(first), journal.ingest(replay)))
+    else:
+        results = [await journal.ingest(first), await journal.ingest(replay)]
+    assert [(r.event_id, r.duplicate) for r in results] == [
+        (first.event.id, False),
+        (first.event.id, True),
+    ]
+    # The duplicate's own delivery id names no event: a different body under it is new.
+    other = with_body_key(new_event(key="gh:delivery-2"), "gh:sha256:bb")
+    assert not (await journal.ingest(other)).duplicate
+    # Either key of an event makes a later request its duplicate.
+    again = with_body_key(new_event(key="gh:delivery-3"), "gh:sha256:bb")
+    assert (await journal.ingest(again)).event_id == other.event.id
+    same_id = with_body_key(new_event(key="gh:delivery-1"), "gh:sha256:cc")
+    assert (await journal.ingest(same_id)).event_id == first.event.id
+    assert (await journal.counts()).events == 2
+
+
+async def test_group_commit_batches_concurrent_ingests(journal: BaseJournal) -> None:
+    """Concurrent webhooks share transactions: far fewer commits than events."""
+    before = journal.commits
+    results = await asyncio.gather(*(journal.ingest(new_event()) for _ in range(300)))
+    assert len({r.event_id for r in results}) == 300
+    assert journal.commits - before < 100
+    assert (await journal.counts()).events == 300
+    assert journal.backlog_jobs == 300 == await journal.backlog()
+
+
+async def test_commit_hands_new_jobs_to_the_dispatcher(journal: BaseJournal) -> None:
+    """Each committed ingest batch announces its jobs at once (no polling delay)."""
+    announced: list[str] = []
+    journal.on_commit = lambda ready: announced.extend(r.id for r in ready)
+    item = new_event(jobs=2)
+    await journal.ingest(item)
+    assert announced == [j.id for j in item.jobs]
+
+
+# -- claims and outcomes ---------------------------------------------------------------------
+
+
+async def test_claim_counts_the_attempt_before_the_work(journal: BaseJournal) -> None:
+    """A claim commits state=running and attempts+1; a job can only be claimed once."""
+    item = new_event()
+    await journal.ingest(item)
+    job_id = item.jobs[0].id
+    claimed = await journal.claim([job_id], "boot_a")
+    assert [c.job.attempts for c in claimed] == [1]
+    assert claimed[0].event == item.event
+    assert await journal.claim([job_id], "boot_a") == []
+    detail = await journal.get_event(item.event.id)
+    assert detail.jobs[0].state == JobState.RUNNING and detail.state == "running"
+
+
+async def test_concurrent_claims_from_two_journals_take_each_job_once(store: Store) -> None:
+    """Two nodes claiming the same jobs at once: every job is claimed by exactly one of them."""
+    async with store.journal() as a, store.journal() as b:
+        items = [new_event() for _ in range(40)]
+        for item in items:
+            await a.ingest(item)
+        ids = [i.jobs[0].id for i in items]
+        rounds = await asyncio.gather(
+            *(j.claim(ids[k::4], f"boot_{k}") for k in range(4) for j in (a, b))
+        )
+        claimed = [c.job.id for got in rounds for c in got]
+        assert sorted(claimed) == sorted(ids)
+
+
+async def test_finish_records_attempt_and_wait_does_not_count(journal: BaseJournal) -> None:
+    """A rate-limit wait re-queues without using an attempt; a retry keeps it and logs the error."""
+    item = new_event()
+    await journal.ingest(item)
+    job_id = item.jobs[0].id
+    await journal.claim([job_id], "b")
+    await journal.finish([finished(job_id, JobState.QUEUED, "wait", run_at=5.0, error="429")])
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert (job.attempts, job.state, job.history) == (0, JobState.QUEUED, ())
+    await journal.claim([job_id], "b")
+    await journal.finish([finished(job_id, JobState.QUEUED, "retry", run_at=6.0, error="500")])
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert job.attempts == 1 and job.run_at == 6.0
+    assert [(a.n, a.outcome, a.error) for a in job.history] == [(1, "retry", "500")]
+
+
+async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(
+    journal: BaseJournal,
+) -> None:
+    """A done job keeps its result, a dead one its error; neither counts in the backlog."""
+    ok, bad = new_event(), new_event()
+    for item in (ok, bad):
+        await journal.ingest(item)
+    await journal.claim([ok.jobs[0].id, bad.jobs[0].id], "b")
+    await journal.finish(
+        [
+            finished(ok.jobs[0].id, JobState.DONE, "done", result={"status": 200}),
+            finished(bad.jobs[0].id, JobState.DEAD, "dead", error="404 Not Found"),
+        ]
+    )
+    good = (await journal.get_event(ok.event.id)).jobs[0]
+    dead = await journal.get_event(bad.event.id)
+    assert (good.state, good.result) == (JobState.DONE, {"status": 200})
+    assert (dead.state, dead.jobs[0].last_error) == ("dead", "404 Not Found")
+    assert journal.backlog_jobs == 0 == await journal.backlog()
+    assert await journal.dead_event_ids() == [bad.event.id]
+    assert await journal.dead_event_ids(source="elsewhere") == []
+
+
+async def test_unclaim_returns_job_without_counting(journal: BaseJournal) -> None:
+    """A job cancelled by a drain goes back to queued with its attempt not counted."""
+    item = new_event()
+    await journal.ingest(item)
+    job_id = item.jobs[0].id
+    await journal.claim([job_id], "b")
+    await journal.unclaim([job_id])
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+
+
+# -- recovery --------------------------------------------------------------------------------
+
+
+async def test_recovery_requeues_a_dead_runners_jobs_then_poison_pills(store: Store) -> None:
+    """Jobs left running by a process that died come back to queued; the third time, dead."""
+    async with store.journal() as setup:
+        item = new_event()
+        await setup.ingest(item)
+    job_id = item.jobs[0].id
+    for run in range(1, 4):
+        async with store.journal() as dying:
+            assert len(await dying.claim([job_id], f"boot_{run}")) == 1
+        store.clock.advance(LEASE_S + 1)  # past its lease (PostgreSQL); a new boot (SQLite)
+        async with store.journal() as survivor:
+            recovery = await survivor.recover(f"boot_{run}_next", max_recoveries=3)
+        assert (recovery.requeued, recovery.dead) == ((0, 1) if run == 3 else (1, 0))
+    async with store.journal() as j:
+        job = (await j.get_event(item.event.id)).jobs[0]
+    assert job.state == JobState.DEAD and "poison pill" in (job.last_error or "")
+    assert [a.outcome for a in job.history] == ["interrupted"] * 3
+
+
+async def test_recovery_leaves_the_running_processes_jobs_alone(journal: BaseJournal) -> None:
+    """Recovery never takes a job from the process that is running it."""
+    item = new_event()
+    await journal.ingest(item)
+    await journal.claim([item.jobs[0].id], "boot_now")
+    recovery = await journal.recover("boot_now", 3)
+    assert (recovery.requeued, recovery.dead) == (0, 0)
+    assert (await journal.get_event(item.event.id)).state == "running"
+
+
+# -- operator actions ------------------------------------------------------------------------
+
+
+async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: BaseJournal) -> None:
+    """Replay puts a dead event's jobs back to queued with attempts reset; unknown ids fail."""
+    item = new_event()
+    await journal.ingest(item)
+    job_id = item.jobs[0].id
+    await journal.claim([job_id], "b")
+    await journal.finish([finished(job_id, JobState.DEAD, "dead", error="404")])
+    assert await journal.replay([item.event.id]) == {item.event.id: Replayed(1, 0)}
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    assert [a.outcome for a in job.history] == ["dead"]  # history is kept
+    with pytest.raises(NotFound):
+        await journal.replay(["evt_nope"])
+
+
+async def test_replay_runs_a_waiting_queued_job_now_keeping_its_attempts(store: Store) -> None:
+    """Replay makes a job parked in backoff due now, with its attempts and kept result intact."""
+    clock = store.clock
+    async with store.journal() as journal:
+        item = new_event(jobs=3, received_at=clock.time())
+        await journal.ingest(item)
+        parked, dead, due = (j.id for j in item.jobs)
+        await journal.claim([parked, dead], "b")
+        far = clock.time() + 99_999_999
+        await journal.finish(
+            [
+                finished(parked, JobState.QUEUED, "retry", run_at=far, result={"kept": 1}),
+                finished(dead, JobState.DEAD, "dead", error="404"),
+            ]
+        )
+        clock.advance(5)
+        assert [r.id for r in await journal.ready(clock.time(), 10)] == [due]
+        counts = await journal.replay([item.event.id])
+        assert counts == {item.event.id: Replayed(requeued=1, run_now=1)}
+        jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+        ready = {r.id for r in await journal.ready(clock.time(), 10)}
+    assert ready == {parked, dead, due}
+    assert (jobs[parked].state, jobs[parked].attempts) == (JobState.QUEUED, 1)
+    assert (jobs[parked].run_at, jobs[parked].result) == (clock.time(), {"kept": 1})
+    assert (jobs[dead].state, jobs[dead].attempts) == (JobState.QUEUED, 0)
+
+
+async def test_pause_holds_a_sources_jobs_for_every_journal(store: Store) -> None:
+    """A pause made by one process (the CLI) is seen by another and resume undoes it."""
+    async with store.journal() as daemon, store.journal() as cli:
+        item = new_event(source="shop")
+        await daemon.ingest(item)
+        assert await cli.pause("shop") is True
+        assert await cli.pause("shop") is False
+        paused = await daemon.paused_sources()
+        assert paused == {"shop"}
+        assert await daemon.ready(2e9, 10, paused=paused) == []
+        assert await daemon.next_run_at(paused) is None
+        assert await cli.resume("shop") is True
+        assert await cli.resume("shop") is False
+        assert [r.id for r in await daemon.ready(2e9, 10)] == [item.jobs[0].id]
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+async def test_ready_orders_by_priority_then_age_and_respects_run_at(
+    journal: BaseJournal,
+) -> None:
+    """Due jobs come highest priority first, oldest first; future ones wait."""
+    low = new_event(priority=Priority.LOW)
+    high = new_event(priority=Priority.HIGH)
+    await journal.ingest(low)
+    await journal.ingest(high)
+    ready = await journal.ready(now=2e9, limit=10)
+    assert [r.id for r in ready] == [high.jobs[0].id, low.jobs[0].id]
+    assert await journal.ready(now=2e9, limit=10, exclude=[high.jobs[0].id]) == ready[1:]
+    assert await journal.ready(now=0, limit=10) == []
+    assert await journal.next_run_at() == low.event.received_at
+    assert await journal.next_run_at(after=low.event.received_at) is None
+
+
+async def test_an_ordered_key_runs_one_job_at_a_time_in_arrival_order(
+    journal: BaseJournal,
+) -> None:
+    """Jobs sharing an order key wait for the older one to finish, also across a retry."""
+    first, second = new_event(order_key="cust-1"), new_event(order_key="cust-1")
+    other = new_event(order_key="cust-2")
+    for item in (first, second, other):
+        await journal.ingest(item)
+    heads = {r.id for r in await journal.ready(2e9, 10)}
+    assert heads == {first.jobs[0].id, other.jobs[0].id}
+    assert await journal.claim([second.jobs[0].id], "b") == []  # not its turn
+    await journal.claim([first.jobs[0].id], "b")
+    await journal.finish([finished(first.jobs[0].id, JobState.QUEUED, "retry", run_at=START + 60)])
+    # Waiting for its retry, the first still holds the key.
+    assert {r.id for r in await journal.ready(2e9, 10)} == {first.jobs[0].id, other.jobs[0].id}
+    await journal.claim([first.jobs[0].id], "b")
+    await journal.finish([finished(first.jobs[0].id, JobState.DONE, "done", attempt=2)])
+    assert {r.id for r in await journal.ready(2e9, 10)} == {second.jobs[0].id, other.jobs[0].id}
+
+
+async def test_lanes_list_and_fill_per_priority_source_and_tenant(journal: BaseJournal) -> None:
+    """The scheduler's lane reads: lanes in order from a cursor, and up to n due jobs of each."""
+    items = [
+        new_event(source="a", tenant="t1"),
+        new_event(source="a", tenant="t1"),
+        new_event(source="a", tenant="t2"),
+        new_event(source="b", tenant="t1", priority=Priority.HIGH),
+    ]
+    for item in items:
+        await journal.ingest(item)
+    lanes = await journal.queued_lanes(None, 10)
+    assert lanes == [(0, "b", "t1"), (1, "a", "t1"), (1, "a", "t2")]
+    assert await journal.queued_lanes(lanes[0], 1) == [(1, "a", "t1")]
+    got = await journal.ready_in_lanes(2e9, [((1, "a", "t1"), 1), ((1, "a", "t2"), 5)])
+    assert [r.id for r in got] == [items[0].jobs[0].id, items[2].jobs[0].id]
+    backlog = {b.lane: b.queued for b in await journal.lane_backlog()}
+    assert backlog == {(0, "b", "t1"): 1, (1, "a", "t1"): 2, (1, "a", "t2"): 1}
+
+
+async def test_list_events_filters_by_derived_state(journal: BaseJournal) -> None:
+    """Listing by state uses the event's derived state (dead if any job is dead)."""
+    ok, bad = new_event(jobs=2), new_event(jobs=2)
+    for item in (ok, bad):
+        await journal.ingest(item)
+    ids = [j.id for j in ok.jobs + bad.jobs]
+    await journal.claim(ids, "b")
+    await journal.finish(
+        [finished(i, JobState.DONE, "done") for i in ids[:3]]
+        + [finished(ids[3], JobState.DEAD, "dead")]
+    )
+    assert [e.id for e in await journal.list_events(state="dead")] == [bad.event.id]
+    assert [e.id for e in await journal.list_events(state="done")] == [ok.event.id]
+    assert [e.id for e in await journal.list_events(limit=1)] == [bad.event.id]
+    assert [e.id for e in await journal.list_events(before=bad.event.id)] == [ok.event.id]
+    assert [e.jobs for e in await journal.list_events()] == [2, 2]
+    assert await journal.list_events(source="nope") == []
+
+
+async def test_counts_and_activity_describe_the_journal(store: Store) -> None:
+    """Stats: jobs by state and source, oldest queued, events, recent receipts and outcomes."""
+    async with store.journal() as journal:
+        a, b = new_event(source="a", received_at=START), new_event(source="b", received_at=START)
+        for item in (a, b):
+            await journal.ingest(item)
+        await journal.claim([a.jobs[0].id], "b")
+        await journal.finish([finished(a.jobs[0].id, JobState.DONE, "done", now=START)])
+        counts = await journal.counts()
+        assert counts.events == 2 and counts.oldest_queued_at == START
+        assert (counts.jobs_by_state["done"], counts.jobs_by_state["queued"]) == (1, 1)
+        assert counts.jobs_by_source == {"a": {"done": 1}, "b": {"queued": 1}}
+        activity = await journal.activity(60)
+        assert (activity.received, dict(activity.attempts_by_outcome)) == (2, {"done": 1})
+        assert await journal.storage_bytes() > 0
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_prune_keeps_what_is_not_expired(store: Store) -> None:
+    """Done events go after keep_done, dead ones only after keep_dead, dedup keys after theirs."""
+    clock = store.clock
+    async with store.journal() as journal:
+        done, dead = new_event(received_at=clock.time()), new_event(received_at=clock.time())
+        queued = new_event(received_at=clock.time())
+        for item in (done, dead, queued):
+            await journal.ingest(item)
+        await journal.claim([done.jobs[0].id, dead.jobs[0].id], "b")
+        await journal.finish(
+            [
+                finished(done.jobs[0].id, JobState.DONE, "done", now=clock.time()),
+                finished(dead.jobs[0].id, JobState.DEAD, "dead", now=clock.time()),
+            ]
+        )
+        keep = {"keep_done_s": 3600.0, "keep_dead_s": 86400.0, "keep_dedup_s": 7200.0}
+        assert (await journal.prune(**keep)).events == 0
+        clock.advance(3601)
+        pruned = await journal.prune(**keep)
+        assert (pruned.events, pruned.jobs, pruned.dedup) == (1, 1, 0)
+        with pytest.raises(NotFound):
+            await journal.get_event(done.event.id)
+        clock.advance(86400)
+        pruned = await journal.prune(**keep)
+        assert (pruned.events, pruned.dedup) == (1, 3)
+        assert (await journal.counts()).events == 1  # the queued one is never pruned
+        assert await journal.maintain() >= 0
+
+
+async def test_prune_works_in_bounded_batches(journal: BaseJournal) -> None:
+    """Each prune call deletes at most ``batch`` events: no long transaction on a big backlog."""
+    items = [new_event() for _ in range(7)]
+    for item in items:
+        await journal.ingest(item)
+    ids = [i.jobs[0].id for i in items]
+    await journal.claim(ids, "b")
+    await journal.finish([finished(i, JobState.DONE, "done") for i in ids])
+    keep = {"keep_done_s": 0.0, "keep_dead_s": 0.0, "keep_dedup_s": 0.0}
+    journal.clock.advance(1)  # type: ignore[attr-defined]
+    sizes = []
+    while (pruned := await journal.prune(**keep, batch=3)).events or pruned.dedup:
+        sizes.append(pruned.events)
+    assert sizes == [3, 3, 1]
+
+
+async def test_series_counts_per_minute_and_the_backlog_at_each_minutes_end(store: Store) -> None:
+    """The dashboard's charts: events by minute of arrival, jobs by minute of finishing (done
+    and dead apart), and the jobs queued or running at each minute's end; per source too."""
+    now = store.clock.time()  # 20 s into a minute
+    m0 = now - now % 60  # the current minute; the window is [m0 - 240, m0 + 60)
+    old = new_event(received_at=m0 - 3600)  # before the window, still queued
+    two = new_event(received_at=m0 - 230, jobs=2)  # minute 0
+    one = new_event(received_at=m0 - 110)  # minute 2
+    mail = new_event(source="mail", received_at=m0 + 5)  # minute 4, running now
+    async with store.journal() as journal:
+        for item in (old, two, one, mail):
+            await journal.ingest(item)
+        ended = [two.jobs[0].id, two.jobs[1].id, one.jobs[0].id]
+        assert len(await journal.claim(ended, "boot")) == 3  # an outcome needs a claim to fence
+        await journal.finish(
+            [
+                finished(two.jobs[0].id, JobState.DONE, "done", now=m0 - 200),  # minute 0
+                finished(two.jobs[1].id, JobState.DEAD, "dead", now=m0 - 50),  # minute 3
+                finished(one.jobs[0].id, JobState.DONE, "done", now=m0 + 1),  # minute 4
+            ]
+        )
+        assert len(await journal.claim([mail.jobs[0].id], "boot")) == 1
+
+        series = await journal.series(now=now, minutes=5)
+        assert (series.start, series.step_s) == (m0 - 240, 60)
+        assert series.accepted == (1, 0, 1, 0, 1)
+        assert series.finished == (1, 0, 0, 0, 1)
+        assert series.dead == (0, 0, 0, 1, 0)
+        # At each minute's end: old throughout; two's second job until it died in minute 3;
+        # one from minute 2 until done in minute 4; mail from minute 4 on.
+        assert series.backlog == (2, 2, 3, 2, 2)
+
+        only_mail = await journal.series(now=now, minutes=5, source="mail")
+        assert only_mail.accepted == (0, 0, 0, 0, 1)
+        assert only_mail.finished == only_mail.dead == (0, 0, 0, 0, 0)
+        assert only_mail.backlog == (0, 0, 0, 0, 1)
+
+    # Read from the store, not from the process: a journal opened anew reads the same.
+    async with store.journal() as reopened:
+        assert await reopened.series(now=now, minutes=5) == series
+
+
+async def test_filtered_actions_are_kept_with_the_event(journal: BaseJournal) -> None:
+    """An event keeps the names of the actions its ``when`` filtered; with none it has no jobs
+    and reads as done."""
+    base = new_event(jobs=0)
+    item = NewEvent(base.event, (), filtered=("deploy", "notify"))
+    await journal.ingest(item)
+    detail = await journal.get_event(item.event.id)
+    assert detail.filtered == ("deploy", "notify") and detail.state == "done"
+    plain = new_event()
+    await journal.ingest(plain)
+    assert (await journal.get_event(plain.event.id)).filtered == ()
+
+
+async def test_expired_events_and_the_oldest_queued_are_counted_and_named(store: Store) -> None:
+    """What a prune would delete is counted beforehand (a progress bar), and the oldest queued
+    work is named by event, leaving out the source asked (a backlog alert)."""
+    async with store.journal() as journal:
+        gone = new_event(received_at=START - 7200)
+        kept = new_event(received_at=START - 7200)
+        alert = new_event(source="webhookd", received_at=START - 10)
+        late = new_event(received_at=START - 5)
+        for item in (gone, kept, alert, late):
+            await journal.ingest(item)
+        assert len(await journal.claim([gone.jobs[0].id], "boot")) == 1
+        await journal.finish([finished(gone.jobs[0].id, JobState.DONE, "done", now=START - 7000)])
+        assert await journal.expired_events(keep_done_s=3600, keep_dead_s=3600) == 1
+        oldest = await journal.oldest_queued_event_ids(2, exclude_source="webhookd")
+        assert oldest == [kept.event.id, late.event.id]

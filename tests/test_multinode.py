@@ -1,0 +1,273 @@
+"""Real ``webhookd serve`` processes on one PostgreSQL journal: one node, then two sharing it.
+
+Each test gets a fresh database on the throwaway server (``pg_url``), hands its URL to the
+daemons through ``journal.url = "env:WEBHOOKD_JOURNAL_URL"``, and reads the result back with
+the CLI on the same config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from procs import Procs, Target, get_json, poll
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[Target]:
+    t = Target()
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+def pg_config(path: Path, target_url: str, *, lease_s: float = 5, workers: str = "") -> Path:
+    """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
+    path.write_text(
+        f"""\
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[journal]
+url = "env:WEBHOOKD_JOURNAL_URL"
+lease_s = {lease_s}
+
+[workers]
+{workers}
+
+[log]
+level = "info"
+
+[sources."*"]
+[[sources."*".actions]]
+type = "forward"
+url = "{target_url}/any"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def show(procs: Procs, config: Path, event_id: str) -> dict[str, Any]:
+    out = await procs.cli("show", event_id, "--json", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: str) -> tuple[int, Any]:
+    async with http.post(f"{url}/hooks/shop", data=body, headers=JSON) as r:
+        return r.status, await r.json()
+
+
+async def test_serve_with_a_postgresql_journal_delivers_and_the_cli_shows_it_done(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``[journal] url`` a webhook is acknowledged, forwarded once, and ``show`` (same
+    config, another process) reports its job done in the database."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    daemon = await procs.serve(cfg)
+    assert pg_url not in daemon.log  # the URL is a secret: its log lines mask it
+    status, doc = await post(http, daemon.url, json.dumps({"order": uuid.uuid4().hex}))
+    assert (status, doc["duplicate"]) == (202, False)
+    await downstream.wait_for(lambda: doc["id"] in downstream.ids)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    shown = await show(procs, cfg, doc["id"])
+    assert [(j["state"], j["attempts"]) for j in shown["jobs"]] == [("done", 1)]
+    assert downstream.ids == [doc["id"]]
+    assert not (tmp_path / "webhookd.db").exists()
+
+
+async def test_two_nodes_share_intake_and_work_and_dedup_across_them(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ``serve`` processes on one database: the same delivery sent to both is one event,
+    forwarded once; webhooks spread over both are each delivered exactly once."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    same = json.dumps({"delivery": uuid.uuid4().hex})
+    (status_a, doc_a), (status_b, doc_b) = await asyncio.gather(
+        post(http, a.url, same), post(http, b.url, same)
+    )
+    assert sorted([status_a, status_b]) == [200, 202]
+    assert doc_a["id"] == doc_b["id"] and doc_a["duplicate"] != doc_b["duplicate"]
+    bodies = [json.dumps({"n": i, "nonce": uuid.uuid4().hex}) for i in range(40)]
+    answers = await asyncio.gather(
+        *(post(http, (a, b)[i % 2].url, body) for i, body in enumerate(bodies))
+    )
+    assert {status for status, _ in answers} == {202}
+    expected = {doc_a["id"], *(doc["id"] for _, doc in answers)}
+    await downstream.wait_for(lambda: expected <= set(downstream.ids))
+    for daemon in (a, b):
+        daemon.signal(signal.SIGTERM)
+    assert [await a.wait_exit(), await b.wait_exit()] == [0, 0]
+    assert sorted(downstream.ids) == sorted(expected)  # each once, none twice
+    out = await procs.cli("events", "--state", "done", "--limit", "100", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert all(event_id in out.stdout for event_id in expected)
+
+
+async def test_a_killed_nodes_running_jobs_are_finished_by_another_after_lease_s(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``kill -9`` of a node in the middle of its jobs: once its lease has passed, a live node
+    re-queues them and delivers each; the interruption is recorded and counted."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
+    doomed = await procs.serve(cfg)
+    downstream.delay_s = 60  # the doomed node's deliveries hang until it is killed
+    ids = []
+    for i in range(3):
+        status, doc = await post(http, doomed.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        assert status == 202
+        ids.append(doc["id"])
+    await downstream.wait_for(lambda: set(ids) <= set(downstream.ids))
+    survivor = await procs.serve(cfg)
+    await doomed.kill9()
+    downstream.delay_s = 0
+    downstream.release.set()
+    await downstream.wait_for(lambda: all(downstream.ids.count(i) == 2 for i in ids))
+    await survivor.wait_said(r"re-queued 3 job\(s\) of silent node")
+    survivor.signal(signal.SIGTERM)
+    assert await survivor.wait_exit() == 0
+    for event_id in ids:
+        job = (await show(procs, cfg, event_id))["jobs"][0]
+        assert (job["state"], job["attempts"]) == ("done", 2)
+        assert [e["outcome"] for e in job["errors"]] == ["interrupted", "done"]
+
+
+async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_waiting_for_a_sweep(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the receiving node's only worker busy, another node (whose fallback sweep is a
+    minute away) starts the new job at once: woken by LISTEN/NOTIFY."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    busy_cfg = pg_config(tmp_path / "busy.toml", downstream.url, workers="concurrency = 1")
+    idle_cfg = pg_config(tmp_path / "idle.toml", downstream.url, workers="sweep_interval_s = 60")
+    busy, idle = await asyncio.gather(procs.serve(busy_cfg), procs.serve(idle_cfg))
+    await idle.wait_said("listening on")
+    downstream.delay_s = 60
+    status, first = await post(http, busy.url, json.dumps({"first": uuid.uuid4().hex}))
+    assert status == 202
+    await downstream.wait_for(lambda: first["id"] in downstream.ids)
+    status, second = await post(http, busy.url, json.dumps({"second": uuid.uuid4().hex}))
+    assert status == 202
+    await downstream.wait_for(lambda: second["id"] in downstream.ids, timeout_s=10)
+    downstream.release.set()
+    for daemon in (busy, idle):
+        daemon.signal(signal.SIGTERM)
+    assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]
+
+
+async def test_database_refusing_connections_gets_503_and_not_ready_then_recovers(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While PostgreSQL refuses the node, webhooks get 503 + Retry-After (never a false 2xx) and
+    /readyz says not ready; once it is back the node reconnects by itself and takes them."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=1.5)
+    daemon = await procs.serve(cfg)
+    status, _ = await post(http, daemon.url, json.dumps({"before": uuid.uuid4().hex}))
+    assert status == 202
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        async with http.post(
+            f"{daemon.url}/hooks/shop", data=json.dumps({"during": 1}), headers=JSON
+        ) as r:
+            assert (r.status, "Retry-After" in r.headers) == (503, True)
+            assert "error" in await r.json()
+
+        async def not_ready() -> bool:
+            status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
+            return status == 503
+
+        await poll(not_ready, timeout_s=10)
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+
+    accepted: list[str] = []
+
+    async def takes_webhooks() -> bool:
+        status, doc = await post(http, daemon.url, json.dumps({"after": uuid.uuid4().hex}))
+        if status == 202:
+            accepted.append(doc["id"])
+        return status == 202
+
+    await poll(takes_webhooks, timeout_s=15, interval_s=0.2)
+    await downstream.wait_for(lambda: accepted[0] in downstream.ids)
+
+    async def ready() -> bool:
+        status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
+        return status == 200
+
+    await poll(ready, timeout_s=10)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0

@@ -1,0 +1,232 @@
+"""The journal interface: everything the rest of the daemon may ask of a journal, whichever it is.
+
+Receiver, workers, admin, metrics, the CLI and retention see only ``BaseJournal``; the SQLite
+file (``Journal``, the embedded default) and the PostgreSQL database (``PostgresJournal``, shared
+by several nodes) implement it, and one contract suite (tests/test_journal_contract.py) runs
+against both. Backend chores (SQLite's WAL checkpoints and incremental vacuum) sit behind
+``maintain`` and ``storage_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+
+from webhookd.clock import Clock
+from webhookd.journal.records import (
+    Activity,
+    Claimed,
+    Counts,
+    EventDetail,
+    EventSummary,
+    Finished,
+    Ingested,
+    Lane,
+    LaneBacklog,
+    NewEvent,
+    Pruned,
+    Ready,
+    Recovery,
+    Replayed,
+    Series,
+)
+
+
+class BaseJournal(ABC):
+    """The durable store of events and jobs. Use as ``async with journal:``.
+
+    Attributes every backend keeps: ``clock``; ``on_commit`` (called on the loop with the jobs each
+    committed ingest created, to wake the dispatcher); ``last_write_error`` (the last write's
+    failure, cleared by the next success: ``/readyz`` reads it); ``writer_problem`` (why the writer
+    stopped when nobody asked it to: ``/readyz`` reports it and ``watch`` raises it); ``commits``
+    and ``batched_ops`` (write transactions and the operations they carried, for ``/metrics``);
+    ``backlog_jobs`` (jobs queued or running, kept in step by this process's writes and re-counted
+    by ``refresh_backlog``: the receiver's backpressure reads it); ``on_remote_jobs`` (called on
+    the loop when another process or node may have made jobs ready, a hint to look now rather than
+    at the next sweep; never called by a journal that cannot tell).
+    """
+
+    clock: Clock
+    on_commit: Callable[[list[Ready]], None] | None
+    on_remote_jobs: Callable[[], None] | None = None
+    last_write_error: str | None
+    writer_problem: str | None
+    commits: int
+    batched_ops: int
+    backlog_jobs: int
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> BaseJournal:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, bring the schema up to date, start the writer."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush what is queued and disconnect."""
+
+    @abstractmethod
+    async def watch(self) -> None:
+        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked (the
+        daemon runs this beside its long-lived tasks, so a dead writer ends the process)."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the journal is, for log lines (a file path, or a URL without its password)."""
+
+    # -- intake, dispatch, outcomes -----------------------------------------------------------
+
+    async def ingest(self, item: NewEvent) -> Ingested:
+        """Journal an event and its jobs; returns once committed (or raises JournalUnavailable)."""
+        return await self.submit_ingest(item)
+
+    @abstractmethod
+    def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
+        """Queue an event for the next group commit; the future resolves once it is committed.
+
+        The write happens whether or not anyone still waits. Raises ``JournalUnavailable`` at
+        once when the journal cannot take writes.
+        """
+
+    @abstractmethod
+    async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
+        """Mark queued jobs running (one more attempt each); returns those actually claimed."""
+
+    @abstractmethod
+    async def finish(self, results: Sequence[Finished]) -> None:
+        """Record attempts' outcomes. An outcome for a claim this process no longer holds (a
+        lease lost to another node) is ignored: the new owner's outcome stands."""
+
+    @abstractmethod
+    async def unclaim(self, job_ids: Sequence[str]) -> None:
+        """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""
+
+    @abstractmethod
+    async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
+        """Re-queue jobs whose runner is gone (an earlier boot, a node past its lease); a job
+        recovered ``max_recoveries`` times goes to ``dead`` (the poison-pill rule)."""
+
+    async def refresh_backlog(self) -> int:
+        self.backlog_jobs = await self.backlog()
+        return self.backlog_jobs
+
+    # -- operator actions --------------------------------------------------------------------
+
+    @abstractmethod
+    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+        """Run each event's jobs again, now (see ``Journal.replay``); ``NotFound`` for an
+        unknown id."""
+
+    @abstractmethod
+    async def pause(self, source: str) -> bool:
+        """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
+
+    @abstractmethod
+    async def resume(self, source: str) -> bool:
+        """Let ``source``'s jobs run again; ``False`` if it was not paused."""
+
+    # -- retention and storage ---------------------------------------------------------------
+
+    @abstractmethod
+    async def prune(
+        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+    ) -> Pruned:
+        """Delete one small batch of expired rows of each kind; call until it returns zeros."""
+
+    @abstractmethod
+    async def maintain(self) -> int:
+        """One short step of the backend's housekeeping after a prune; returns the work left
+        (0 when there is none; a caller stops when it stops shrinking)."""
+
+    @abstractmethod
+    async def storage_bytes(self) -> int:
+        """The journal's size in storage (file and WAL, or the database's tables)."""
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def ready(
+        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
+    ) -> list[Ready]:
+        """Due queued jobs that may start, highest priority and oldest first."""
+
+    @abstractmethod
+    async def ready_in_lanes(self, now: float, wants: Sequence[tuple[Lane, int]]) -> list[Ready]:
+        """For each (lane, n): up to n of the lane's due jobs that may start, oldest first."""
+
+    @abstractmethod
+    async def queued_lanes(self, after: Lane | None, limit: int) -> list[Lane]:
+        """Lanes holding queued jobs, in (priority, source, tenant) order after ``after``."""
+
+    @abstractmethod
+    async def lane_backlog(self) -> list[LaneBacklog]:
+        """Queued jobs per lane with the oldest one's receive time, biggest lanes first."""
+
+    @abstractmethod
+    async def next_run_at(
+        self, paused: Iterable[str] = (), after: float | None = None
+    ) -> float | None:
+        """When the earliest queued job (of a source not paused) becomes due."""
+
+    @abstractmethod
+    async def backlog(self) -> int:
+        """Jobs not yet finished (queued or running)."""
+
+    @abstractmethod
+    async def dead_event_ids(
+        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    ) -> list[str]:
+        """Events with a dead job, optionally of one source and received since a time."""
+
+    @abstractmethod
+    async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
+        """The events of the oldest queued jobs (any source but ``exclude_source``), oldest
+        first, at most ``limit``: what a backlog alert names."""
+
+    @abstractmethod
+    async def expired_events(self, *, keep_done_s: float, keep_dead_s: float) -> int:
+        """How many events ``prune`` with these windows would delete now (a progress bar)."""
+
+    @abstractmethod
+    async def series(
+        self, *, now: float, minutes: int, source: str | None = None, step_s: int = 60
+    ) -> Series:
+        """Accepted events, jobs done and dead per step, and the backlog at each step's end, for
+        the ``minutes`` steps ending with the one holding ``now`` (the dashboard's charts)."""
+
+    @abstractmethod
+    async def get_event(self, event_id: str) -> EventDetail:
+        """One event with its jobs and their attempts; ``NotFound`` for an unknown id."""
+
+    @abstractmethod
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        since: float | None = None,
+    ) -> list[EventSummary]:
+        """Newest first. ``state`` filters on the derived event state."""
+
+    @abstractmethod
+    async def counts(self) -> Counts:
+        """Jobs by state and by source, the oldest queued job's receive time, events."""
+
+    @abstractmethod
+    async def paused_sources(self) -> frozenset[str]:
+        """Sources an operator paused."""
+
+    @abstractmethod
+    async def activity(self, window_s: float) -> Activity:
+        """Events received and attempts by outcome over the last ``window_s`` seconds."""

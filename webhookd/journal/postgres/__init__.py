@@ -1,0 +1,572 @@
+"""The PostgreSQL journal: one database shared by any number of webhookd nodes (DESIGN §7).
+
+The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
+
+* Ingests and outcomes go through one writer task that commits whatever is waiting as one
+  transaction (group commit, ``synchronous_commit = on``): a webhook is acknowledged only after
+  its batch commits. No transaction is ever held across an action: a claim commits before the
+  action starts and its outcome is a transaction of its own.
+* A node is a process with a row in ``nodes`` and a heartbeat every few seconds; that heartbeat
+  is the lease on every job it claimed. Any node re-queues the running jobs of a node silent for
+  ``lease_s`` (the poison-pill rule counts those recoveries). Each claim gets a fresh token and
+  an outcome is written only while its token still stands, so a node that lost its lease (a
+  long GC pause, a network cut) cannot overwrite the new owner's outcome.
+* Wake-ups: after a commit that made jobs ready a task of its own sends a ``NOTIFY`` naming
+  this node (at most one per ``NOTIFY_EVERY_S``: NOTIFY takes a global lock at commit, so it
+  stays out of the ingest transaction; commits meanwhile share the next one, none is dropped),
+  and every node LISTENs on
+  a connection of its own, outside the pool, so an idle node starts another node's job within
+  milliseconds. Notifications are only a hint: those sent while the listener was disconnected
+  are lost, so it asks the dispatcher to look at once after every reconnect, and the
+  dispatcher's sweep finds everything anyway.
+* Leases compare this process's clock with the other nodes' heartbeats: hosts' clocks must
+  agree to well within ``lease_s`` (NTP does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.errors import JournalError, JournalUnavailable, NotFound
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.batch import FinishOp, IngestOp, Op
+from webhookd.journal.postgres.reads import PgReads
+from webhookd.journal.postgres.schema import migrate
+from webhookd.journal.postgres.writes import (
+    write_claim,
+    write_finishes,
+    write_ingests,
+    write_recovery,
+)
+from webhookd.journal.records import (
+    Claimed,
+    Finished,
+    Ingested,
+    NewEvent,
+    Pruned,
+    Ready,
+    Recovery,
+    Replayed,
+)
+from webhookd.models import JobState, new_boot_id
+
+__all__ = ["PostgresJournal"]
+
+log = logging.getLogger("webhookd.journal")
+
+MAX_BATCH = 512
+POOL_SIZE = 10
+CHANNEL = "webhookd_jobs"
+NOTIFY_EVERY_S = 0.1
+LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
+RECONNECT_MAX_S = 5.0
+_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
+_T = TypeVar("_T")
+# What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
+# InternalClientError too: on the stock event loop a connection the server has just terminated
+# can raise it ("cannot switch to state ...") instead of a connection error.
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+class PostgresJournal(PgReads, BaseJournal):
+    """A journal in a PostgreSQL database. Use as ``async with PostgresJournal(url) as j:``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        lease_s: float = 30.0,
+        max_recoveries: int = 3,
+        heartbeat_s: float | None = None,
+    ) -> None:
+        self.url = url
+        self.clock = clock
+        self.lease_s = lease_s
+        self.max_recoveries = max_recoveries
+        # Three heartbeats per lease: one lost or late heartbeat does not cost the node its jobs.
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(5.0, lease_s / 3)
+        self.node_id = new_boot_id().replace("boot_", "node_")
+        self.on_commit: Callable[[list[Ready]], None] | None = None
+        self.last_write_error: str | None = None
+        self.writer_problem: str | None = None
+        self._closing = False
+        self.commits = 0
+        self.batched_ops = 0
+        self.backlog_jobs = 0
+        self._pool: Any = None
+        self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._notify_task: asyncio.Task[None] | None = None
+        self._notify_wanted = asyncio.Event()
+        self.listening = asyncio.Event()  # set while the listener is connected (for tests)
+        # The token of each claim this process holds: its outcome is written only under it.
+        self._tokens: dict[str, str] = {}
+
+    @property
+    def location(self) -> str:
+        return redact_url(self.url)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=POOL_SIZE,
+                server_settings=_SERVER_SETTINGS,
+                timeout=10,  # to connect; a server that never answers is an error, not a hang
+            )
+            async with self._pool.acquire() as conn:
+                await migrate(conn)
+            await self.heartbeat()
+            self.backlog_jobs = await self.backlog()
+        except _DB_ERRORS as exc:
+            await self._close_pool()
+            raise JournalError(f"cannot open journal {self.location}: {exc}") from exc
+        except BaseException:
+            await self._close_pool()
+            raise
+        self._closing = False
+        self.writer_problem = None
+        self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
+        self._writer.add_done_callback(self._writer_ended)
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="journal-leases")
+        self._listen_task = asyncio.create_task(self._listen_loop(), name="journal-listen")
+        self._notify_task = asyncio.create_task(self._notify_loop(), name="journal-notify")
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._notify_task, self._listen_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._notify_task = self._listen_task = self._lease_task = None
+        if self._writer is not None:
+            await self._queue.put(None)
+            await self._writer
+            self._writer = None
+        if self._pool is not None:
+            # A clean stop gives up the node row: its jobs were finished or unclaimed by now.
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(*_DB_ERRORS):
+                await asyncio.wait_for(pool.close(), 10)
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            raise JournalError("journal is not open")
+        return self._pool
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.pool.fetch(sql, *args))
+        except _DB_ERRORS as exc:
+            raise JournalUnavailable(f"journal read failed: {exc}") from exc
+
+    async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
+        """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                result = await fn(conn)
+        except _DB_ERRORS as exc:
+            self.last_write_error = str(exc) or type(exc).__name__
+            raise JournalUnavailable(f"journal write failed: {exc}") from exc
+        self.last_write_error = None
+        self.commits += 1
+        return result
+
+    # -- nodes and leases --------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Renew this node's lease on the jobs it runs. Being a write, it also tells /readyz
+        whether the database takes writes when no webhook is arriving."""
+        now = self.clock.time()
+        try:
+            await self.pool.execute(
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)"
+                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+                self.node_id,
+                now,
+            )
+        except _DB_ERRORS as exc:
+            self.last_write_error = str(exc) or type(exc).__name__
+            raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
+        self.last_write_error = None
+
+    async def recover_lost(self) -> Recovery:
+        """Re-queue the running jobs of nodes silent past ``lease_s``; forget long-gone nodes."""
+        now = self.clock.time()
+
+        async def fn(conn: Any) -> Recovery:
+            recovery = await write_recovery(conn, now, self.lease_s, self.max_recoveries)
+            await conn.execute(
+                "DELETE FROM nodes WHERE heartbeat_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j"
+                " WHERE j.state = 'running' AND j.node_id = nodes.node_id)",
+                now - 10 * self.lease_s,
+            )
+            return recovery
+
+        return await self._write(fn)
+
+    async def _lease_loop(self) -> None:
+        """Heartbeat, and take over the jobs of silent nodes. A database outage is survived:
+        the next round tries again (and this node's own jobs are re-queued by the others if it
+        stays cut off past its lease)."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.heartbeat()
+                recovered = await self.recover_lost()
+            except JournalUnavailable as exc:
+                log.warning("%s", exc)
+                continue
+            if recovered.requeued and self.on_remote_jobs is not None:
+                self.on_remote_jobs()
+            if recovered.requeued or recovered.dead:
+                log.warning(
+                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead",
+                    recovered.requeued,
+                    recovered.dead,
+                )
+                self.backlog_jobs -= recovered.dead
+
+    async def _listen_loop(self) -> None:
+        """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""
+        delay_s = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=10,
+                    server_settings={"application_name": "webhookd-listen"},
+                )
+            except _DB_ERRORS as exc:
+                log.debug("journal listener cannot connect: %s", exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+                continue
+            delay_s = 0.1
+            try:
+                await self._listen_on(conn)
+            except _DB_ERRORS as exc:
+                log.debug("journal listener lost its connection: %s", exc)
+            finally:
+                self.listening.clear()
+                with contextlib.suppress(*_DB_ERRORS):
+                    await asyncio.wait_for(conn.close(), 5)
+
+    async def _listen_on(self, conn: Any) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(CHANNEL, self._notified)
+        self.listening.set()
+        if self.on_remote_jobs is not None:
+            self.on_remote_jobs()  # what was notified while this was not listening is lost
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
+                return
+            # A cut network may never close the socket: prove the connection still answers.
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_S)
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
+        if sender != self.node_id and self.on_remote_jobs is not None:
+            self.on_remote_jobs()
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
+        future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
+        self._enqueue(IngestOp(future, item))
+        return future
+
+    def _enqueue(self, op: Op) -> None:
+        if self._writer is None or self._writer.done():
+            raise JournalUnavailable("journal writer is not running")
+        self._queue.put_nowait(op)
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch: list[Op] = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stopping = True
+                    break
+                batch.append(op)
+            try:
+                await self._commit_group(batch)
+            except BaseException as exc:
+                # Not a database error (those fail only their batch) but a bug: the writer
+                # stops (later writes get JournalUnavailable, close() re-raises this), and
+                # nobody waiting on this batch may hang meanwhile.
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(JournalUnavailable(f"journal writer failed: {exc}"))
+                raise
+
+    async def _commit_group(self, batch: list[Op]) -> None:
+        """One transaction for every ingest and outcome waiting; resolve each waiter after it."""
+        ingests = [op for op in batch if isinstance(op, IngestOp)]
+        finishes = [op for op in batch if isinstance(op, FinishOp)]
+        results = [f for op in finishes for f in op.results]
+        tokens = [self._tokens.get(f.job_id) for f in results]
+        now = self.clock.time()
+
+        async def fn(conn: Any) -> tuple[list[tuple[Ingested, list[Ready]]], set[str]]:
+            ingested = await write_ingests(conn, ingests, now) if ingests else []
+            recorded = await write_finishes(conn, results, tokens) if results else set()
+            return ingested, recorded
+
+        try:
+            ingested, recorded = await self._write(fn)
+        except JournalUnavailable as exc:
+            log.error("%s", exc)
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
+        self.batched_ops += len(batch)
+        created: list[Ready] = []
+        for iop, (result, ready) in zip(ingests, ingested, strict=True):
+            created.extend(ready)
+            if not iop.future.done():
+                iop.future.set_result(result)
+        for f in results:
+            self._tokens.pop(f.job_id, None)
+            if f.job_id not in recorded:
+                log.warning(
+                    "job %s: outcome %s not recorded: its lease passed to another node",
+                    f.job_id,
+                    f.outcome,
+                )
+            elif f.state != JobState.QUEUED:
+                self.backlog_jobs -= 1
+        for fop in finishes:
+            if not fop.future.done():
+                fop.future.set_result(None)
+        self.backlog_jobs += len(created)
+        if created:
+            self._notify_wanted.set()
+        if created and self.on_commit is not None:
+            self.on_commit(created)
+
+    async def _notify_loop(self) -> None:
+        """Tell idle nodes that jobs were committed: this node runs its own in-process."""
+        while True:
+            await self._notify_wanted.wait()
+            self._notify_wanted.clear()
+            try:
+                await self.pool.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
+            except _DB_ERRORS as exc:
+                log.debug("journal notify failed: %s", exc)  # a hint; the sweep finds the jobs
+            await asyncio.sleep(NOTIFY_EVERY_S)
+
+    # -- dispatch and outcomes ---------------------------------------------------------------
+
+    async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
+        """Claim for this node (``boot_id`` names the process; the node id is the journal's)."""
+        if not job_ids:
+            return []
+        token = secrets.token_hex(8)
+        now = self.clock.time()
+        claimed = await self._write(
+            lambda conn: write_claim(conn, job_ids, self.node_id, token, now, self.lease_s)
+        )
+        for c in claimed:
+            self._tokens[c.job.id] = token
+        return claimed
+
+    async def finish(self, results: Sequence[Finished]) -> None:
+        if results:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._enqueue(FinishOp(future, list(results)))
+            await future
+
+    async def unclaim(self, job_ids: Sequence[str]) -> None:
+        held = [(job_id, self._tokens.pop(job_id)) for job_id in job_ids if job_id in self._tokens]
+        if not held:
+            return
+        now = self.clock.time()
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE jobs j SET state = 'queued', attempts = GREATEST(j.attempts - 1, 0),"
+                " run_at = $3, node_id = NULL, claim_token = NULL, lease_until = NULL"
+                " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
+                " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
+                [h[0] for h in held],
+                [h[1] for h in held],
+                now,
+            )
+        )
+
+    async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
+        """At start: heartbeat, then re-queue what silent nodes left running. A restarted
+        process is a new node, so its own earlier jobs come back once their lease has passed."""
+        self.max_recoveries = max_recoveries
+        await self.heartbeat()
+        return await self.recover_lost()
+
+    # -- operator actions --------------------------------------------------------------------
+
+    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+        now = self.clock.time()
+
+        async def fn(conn: Any) -> dict[str, Replayed]:
+            out: dict[str, Replayed] = {}
+            for event_id in event_ids:
+                if await conn.fetchval("SELECT 1 FROM events WHERE id = $1", event_id) is None:
+                    raise NotFound(event_id)
+                hurried = await conn.execute(
+                    "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
+                    " AND run_at > $1",
+                    now,
+                    event_id,
+                )
+                requeued = await conn.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
+                    " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
+                    " lease_until = NULL, result = NULL"
+                    " WHERE event_id = $2 AND state NOT IN ('queued', 'running')",
+                    now,
+                    event_id,
+                )
+                out[event_id] = Replayed(requeued=_rowcount(requeued), run_now=_rowcount(hurried))
+            return out
+
+        return await self._write(fn)
+
+    async def pause(self, source: str) -> bool:
+        now = self.clock.time()
+        status = await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO paused_sources (source, paused_at) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                source,
+                now,
+            )
+        )
+        return _rowcount(status) > 0
+
+    async def resume(self, source: str) -> bool:
+        status = await self._write(
+            lambda conn: conn.execute("DELETE FROM paused_sources WHERE source = $1", source)
+        )
+        return _rowcount(status) > 0
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(
+        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+    ) -> Pruned:
+        """Delete at most ``batch`` expired events (with their jobs and attempts) and dedup keys,
+        in one short transaction; rows another node is pruning are skipped."""
+        now = self.clock.time()
+        done_before, dead_before = now - keep_done_s, now - keep_dead_s
+
+        async def fn(conn: Any) -> Pruned:
+            ids = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT e.id FROM events e WHERE e.received_at < $1 AND NOT EXISTS"
+                    " (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
+                    " ('queued', 'running') OR (j.state IN ('done', 'cancelled')"
+                    " AND j.finished_at > $1) OR (j.state = 'dead' AND j.finished_at > $2)))"
+                    " ORDER BY e.seq LIMIT $3 FOR UPDATE SKIP LOCKED",
+                    done_before,
+                    dead_before,
+                    batch,
+                )
+            ]
+            jobs = 0
+            if ids:
+                await conn.execute(
+                    "DELETE FROM attempts WHERE job_id IN"
+                    " (SELECT id FROM jobs WHERE event_id = ANY($1::text[]))",
+                    ids,
+                )
+                jobs = _rowcount(
+                    await conn.execute("DELETE FROM jobs WHERE event_id = ANY($1::text[])", ids)
+                )
+                await conn.execute("DELETE FROM events WHERE id = ANY($1::text[])", ids)
+            dedup = await conn.execute(
+                "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE created_at < $1"
+                " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now - keep_dedup_s,
+                batch,
+            )
+            return Pruned(events=len(ids), jobs=jobs, dedup=_rowcount(dedup))
+
+        return await self._write(fn)
+
+    async def maintain(self) -> int:
+        """Nothing to do by hand: autovacuum reclaims what prune deleted (the job table is tuned
+        for a queue in its migration)."""
+        return 0
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The writer's task is done: if close() did not ask for that, say why (``/readyz``)."""
+        if self._closing:
+            return
+        exc = None if task.cancelled() else task.exception()
+        why = "cancelled" if task.cancelled() else (repr(exc) if exc is not None else "returned")
+        self.writer_problem = f"journal writer stopped: {why}"
+
+    async def watch(self) -> None:
+        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked."""
+        task = self._writer
+        if task is None:
+            raise JournalError("journal is not open")
+        await asyncio.wait({task})  # cancelling the watch leaves the writer alone
+        if not self._closing:
+            raise JournalError(self.writer_problem or "journal writer stopped")
+
+
+def _rowcount(status: str) -> int:
+    """The row count at the end of an asyncpg command status (``UPDATE 3``, ``INSERT 0 1``)."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except (ValueError, AttributeError):
+        return 0

@@ -1,0 +1,323 @@
+"""The PostgreSQL journal's queries: everything that only reads, on the connection pool."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from webhookd.clock import Clock
+from webhookd.errors import NotFound
+from webhookd.journal.records import (
+    Activity,
+    Counts,
+    EventDetail,
+    EventSummary,
+    Lane,
+    LaneBacklog,
+    Ready,
+    Series,
+)
+from webhookd.journal.schema import (
+    EVENT_COLUMNS,
+    HEAD_OF_KEY,
+    JOB_COLUMNS,
+    READY_COLUMNS,
+    STATE_FILTERS,
+    event_from_row,
+    job_from_row,
+    slots_dict,
+)
+from webhookd.models import Attempt, Job, JobState, Priority, event_state
+
+TABLES = ("events", "dedup", "jobs", "attempts", "paused_sources", "nodes", "webhookd_schema")
+
+# The lanes (priority, source, tenant) holding queued jobs after a cursor, in index order: a
+# loose index scan, one seek on ``jobs_lane`` per lane however many jobs each holds.
+_LANES_SQL = """
+WITH RECURSIVE lane(p, s, t) AS (
+  (SELECT priority, source, tenant FROM jobs WHERE state = 'queued'
+     AND (priority, source, tenant) > ($1::integer, $2::text, $3::text)
+   ORDER BY priority, source, tenant LIMIT 1)
+  UNION ALL
+  SELECT nxt.priority, nxt.source, nxt.tenant FROM lane CROSS JOIN LATERAL (
+    SELECT priority, source, tenant FROM jobs WHERE state = 'queued'
+      AND (priority, source, tenant) > (lane.p, lane.s, lane.t)
+    ORDER BY priority, source, tenant LIMIT 1) nxt
+)
+SELECT p, s, t FROM lane LIMIT $4
+"""
+
+
+class PgReads:
+    """The read half of ``PostgresJournal``; it needs ``fetch`` and ``clock``."""
+
+    clock: Clock
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        raise NotImplementedError
+
+    async def ready(
+        self, now: float, limit: int, exclude: Iterable[str] = (), paused: Iterable[str] = ()
+    ) -> list[Ready]:
+        skip = set(exclude)
+        rows = await self.fetch(
+            f"SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.run_at <= $1"
+            f" AND j.source <> ALL($2::text[]) AND {HEAD_OF_KEY}"
+            " ORDER BY j.priority, j.seq LIMIT $3",
+            now,
+            sorted(paused),
+            limit + len(skip),
+        )
+        return [Ready(*r) for r in rows if r[0] not in skip][:limit]
+
+    async def ready_in_lanes(self, now: float, wants: Sequence[tuple[Lane, int]]) -> list[Ready]:
+        if not wants:
+            return []
+        rows = await self.fetch(
+            f"SELECT r.* FROM unnest($1::integer[], $2::text[], $3::text[], $4::integer[])"
+            " WITH ORDINALITY AS w(p, s, t, n, i) CROSS JOIN LATERAL ("
+            f" SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.priority = w.p"
+            " AND j.source = w.s AND j.tenant = w.t AND j.run_at <= $5"
+            f" AND {HEAD_OF_KEY} ORDER BY j.seq LIMIT w.n) r ORDER BY w.i, r.seq",
+            [lane[0] for lane, _ in wants],
+            [lane[1] for lane, _ in wants],
+            [lane[2] for lane, _ in wants],
+            [n for _, n in wants],
+            now,
+        )
+        return [Ready(*r) for r in rows]
+
+    async def queued_lanes(self, after: Lane | None, limit: int) -> list[Lane]:
+        p, s, t = after if after is not None else (-1, "", "")  # -1: before every priority
+        rows = await self.fetch(_LANES_SQL, p, s, t, limit)
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def lane_backlog(self) -> list[LaneBacklog]:
+        rows = await self.fetch(
+            "SELECT j.priority, j.source, j.tenant, COUNT(*), MIN(e.received_at)"
+            " FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.state = 'queued'"
+            " GROUP BY j.priority, j.source, j.tenant ORDER BY COUNT(*) DESC, j.priority"
+        )
+        return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), r[4]) for r in rows]
+
+    async def next_run_at(
+        self, paused: Iterable[str] = (), after: float | None = None
+    ) -> float | None:
+        value = await self._value(
+            "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'"
+            " AND source <> ALL($1::text[]) AND ($2::double precision IS NULL OR run_at > $2)",
+            sorted(paused),
+            after,
+        )
+        return float(value) if value is not None else None
+
+    async def backlog(self) -> int:
+        return int(
+            await self._value("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")
+        )
+
+    async def dead_event_ids(
+        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    ) -> list[str]:
+        rows = await self.fetch(
+            "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
+            " WHERE j.state = 'dead' AND ($1::text IS NULL OR e.source = $1)"
+            " AND ($2::double precision IS NULL OR e.received_at >= $2)"
+            " ORDER BY j.event_id LIMIT $3",
+            source,
+            since,
+            limit,
+        )
+        return [r[0] for r in rows]
+
+    async def get_event(self, event_id: str) -> EventDetail:
+        rows = await self.fetch(
+            f"SELECT {EVENT_COLUMNS}, e.filtered FROM events e WHERE e.id = $1", event_id
+        )
+        if not rows:
+            raise NotFound(event_id)
+        event = event_from_row(rows[0])
+        filtered = tuple(json.loads(rows[0]["filtered"])) if rows[0]["filtered"] else ()
+        job_rows = await self.fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = $1 ORDER BY j.seq", event_id
+        )
+        attempt_rows = await self.fetch(
+            "SELECT a.job_id, a.n, a.started_at, a.finished_at, a.outcome, a.error, a.detail"
+            " FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.event_id = $1"
+            " ORDER BY a.seq",
+            event_id,
+        )
+        history: dict[str, list[Attempt]] = {}
+        for a in attempt_rows:
+            history.setdefault(a[0], []).append(
+                Attempt(
+                    n=a[1],
+                    started_at=a[2],
+                    finished_at=a[3],
+                    outcome=a[4],
+                    error=a[5],
+                    detail=json.loads(a[6]) if a[6] else None,
+                )
+            )
+        jobs = []
+        for r in job_rows:
+            job = job_from_row(r)
+            jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
+        state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
+        return EventDetail(event, state, tuple(jobs), filtered)
+
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        since: float | None = None,
+    ) -> list[EventSummary]:
+        where = [
+            "($1::text IS NULL OR e.source = $1)",
+            "($2::text IS NULL OR e.id < $2)",
+            "($3::double precision IS NULL OR e.received_at >= $3)",
+        ]
+        if state is not None:
+            where.append(STATE_FILTERS[state])  # a fixed clause chosen by name, not user text
+        rows = await self.fetch(
+            "SELECT e.id, e.source, e.received_at, e.tenant, e.priority,"
+            " (SELECT string_agg(state, ',') FROM jobs WHERE event_id = e.id) AS states,"
+            " (SELECT COUNT(*) FROM jobs WHERE event_id = e.id) AS njobs FROM events e"
+            f" WHERE {' AND '.join(where)} ORDER BY e.seq DESC LIMIT $4",
+            source,
+            before,
+            since,
+            limit,
+        )
+        return [
+            EventSummary(
+                id=r[0],
+                source=r[1],
+                received_at=r[2],
+                tenant=r[3],
+                priority=Priority(r[4]).label,
+                state=event_state(r[5].split(",") if r[5] else []),
+                jobs=int(r[6]),
+            )
+            for r in rows
+        ]
+
+    async def counts(self) -> Counts:
+        rows = await self.fetch("SELECT source, state, COUNT(*) FROM jobs GROUP BY source, state")
+        by_state: dict[str, int] = {s.value: 0 for s in JobState}
+        by_source: dict[str, dict[str, int]] = {}
+        for source, state, n in rows:
+            by_state[state] = by_state.get(state, 0) + int(n)
+            by_source.setdefault(source, {})[state] = int(n)
+        oldest = await self._value(
+            "SELECT MIN(e.received_at) FROM jobs j JOIN events e ON e.id = j.event_id"
+            " WHERE j.state = 'queued'"
+        )
+        events = await self._value("SELECT COUNT(*) FROM events")
+        return Counts(by_state, by_source, oldest, int(events))
+
+    async def storage_bytes(self) -> int:
+        """The journal's tables with their indexes and TOAST, in the current schema."""
+        value = await self._value(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname = ANY($1)",
+            list(TABLES),
+        )
+        return int(value)
+
+    async def paused_sources(self) -> frozenset[str]:
+        rows = await self.fetch("SELECT source FROM paused_sources")
+        return frozenset(r[0] for r in rows)
+
+    async def activity(self, window_s: float) -> Activity:
+        since = self.clock.time() - window_s
+        received = await self._value("SELECT COUNT(*) FROM events WHERE received_at >= $1", since)
+        rows = await self.fetch(
+            "SELECT outcome, COUNT(*) FROM attempts WHERE finished_at >= $1 GROUP BY outcome",
+            since,
+        )
+        return Activity(window_s, int(received), {r[0]: int(r[1]) for r in rows})
+
+    async def _value(self, sql: str, *args: Any) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
+        """The events of the oldest queued jobs (of any source but ``exclude_source``), oldest
+        first, at most ``limit`` of them: what a backlog alert names."""
+        rows = await self.fetch(
+            "SELECT event_id FROM jobs WHERE state = 'queued' AND source <> $1 ORDER BY seq"
+            " LIMIT $2",
+            exclude_source,
+            limit * 4,  # an event may hold several queued jobs
+        )
+        return list(dict.fromkeys(r[0] for r in rows))[:limit]
+
+    async def expired_events(self, *, keep_done_s: float, keep_dead_s: float) -> int:
+        """How many events ``prune`` with these windows would delete now (for a progress bar)."""
+        now = self.clock.time()
+        done_before, dead_before = now - keep_done_s, now - keep_dead_s
+        rows = await self.fetch(
+            "SELECT count(*) FROM events e WHERE e.received_at < $1 AND NOT EXISTS (SELECT 1"
+            " FROM jobs j WHERE j.event_id = e.id AND (j.state IN ('queued', 'running') OR"
+            " (j.state IN ('done', 'cancelled') AND j.finished_at > $1) OR"
+            " (j.state = 'dead' AND j.finished_at > $2)))",
+            done_before,
+            dead_before,
+        )
+        return int(rows[0][0])
+
+    async def series(
+        self, *, now: float, minutes: int, source: str | None = None, step_s: int = 60
+    ) -> Series:
+        """As the SQLite journal's ``series``: accepted, done and dead per step and the backlog at
+        each step's end, from three bounded reads (``events_received``, ``jobs_finished``, and
+        the unfinished jobs now), counted back from the backlog now."""
+        end = (int(now // step_s) + 1) * step_s
+        start = float(end - minutes * step_s)
+        last = minutes - 1
+
+        def step(value: Any) -> int:
+            return min(max(int(value), 0), last)
+
+        accepted, created, done, dead, ended = ([0] * minutes for _ in range(5))
+        for at, events, jobs in await self.fetch(
+            "SELECT floor((received_at - $1) / $2)::integer AS step, count(*),"
+            " sum((SELECT count(*) FROM jobs j WHERE j.event_id = e.id))"
+            " FROM events e WHERE received_at >= $1 AND ($3::text IS NULL OR source = $3)"
+            " GROUP BY step",
+            start,
+            float(step_s),
+            source,
+        ):
+            accepted[step(at)] += events
+            created[step(at)] += int(jobs or 0)
+        for state, at, n in await self.fetch(
+            "SELECT state, floor((finished_at - $1) / $2)::integer AS step, count(*) FROM jobs"
+            " WHERE state IN ('done', 'dead', 'cancelled') AND finished_at >= $1"
+            " AND ($3::text IS NULL OR source = $3) GROUP BY state, step",
+            start,
+            float(step_s),
+            source,
+        ):
+            ended[step(at)] += n
+            if state == "done":
+                done[step(at)] += n
+            elif state == "dead":
+                dead[step(at)] += n
+        rows = await self.fetch(
+            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+            " AND ($1::text IS NULL OR source = $1)",
+            source,
+        )
+        unfinished = int(rows[0][0])
+        backlog = [0] * minutes
+        for i in range(last, -1, -1):
+            backlog[i] = max(unfinished, 0)
+            unfinished += ended[i] - created[i]
+        return Series(start, step_s, tuple(accepted), tuple(done), tuple(dead), tuple(backlog))

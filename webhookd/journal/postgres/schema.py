@@ -1,0 +1,129 @@
+"""The PostgreSQL journal's schema: forward migrations recorded in ``webhookd_schema``.
+
+Hazard: several nodes may start at once against a new database; migrations run under a
+transaction-scoped advisory lock, so exactly one of them applies each step and the others then
+see it done. A transaction-scoped lock (not a session one) also works behind PgBouncer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webhookd.errors import JournalError
+
+# Any constant: the advisory lock key that serialises migrations across nodes.
+_MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
+
+# Forward migrations: index i brings the schema from version i to i + 1. Never edit one that has
+# shipped; append a new one. Text columns compared for order use the "C" collation, so lane
+# cursors and id ranges mean the same on every database whatever its default collation.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id          text COLLATE "C" NOT NULL UNIQUE,
+        source      text COLLATE "C" NOT NULL,
+        received_at double precision NOT NULL,
+        dedup_key   text NOT NULL,
+        tenant      text COLLATE "C" NOT NULL DEFAULT '',
+        priority    integer NOT NULL,
+        headers     text NOT NULL,
+        body        bytea NOT NULL,
+        verified    text
+    );
+    CREATE INDEX events_source ON events (source, seq);
+    CREATE INDEX events_received ON events (received_at);
+    CREATE TABLE dedup (
+        key        text COLLATE "C" PRIMARY KEY,
+        event_id   text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE INDEX dedup_created ON dedup (created_at);
+    -- The queue itself: rows are updated several times each, so autovacuum is told to visit it
+    -- after a fixed number of dead rows rather than a fraction of a table that may be large.
+    CREATE TABLE jobs (
+        seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id           text COLLATE "C" NOT NULL UNIQUE,
+        event_id     text COLLATE "C" NOT NULL,
+        source       text COLLATE "C" NOT NULL,
+        action       text COLLATE "C" NOT NULL,
+        type         text NOT NULL,
+        state        text NOT NULL,
+        priority     integer NOT NULL,
+        tenant       text COLLATE "C" NOT NULL DEFAULT '',
+        order_key    text COLLATE "C",
+        run_at       double precision NOT NULL,
+        attempts     integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL,
+        recoveries   integer NOT NULL DEFAULT 0,
+        waits        integer NOT NULL DEFAULT 0,
+        node_id      text,
+        claim_token  text,
+        lease_until  double precision,
+        claimed_at   double precision,
+        finished_at  double precision,
+        last_error   text,
+        result       text
+    ) WITH (
+        fillfactor = 80,
+        autovacuum_vacuum_scale_factor = 0,
+        autovacuum_vacuum_threshold = 1000,
+        autovacuum_analyze_scale_factor = 0,
+        autovacuum_analyze_threshold = 5000
+    );
+    CREATE INDEX jobs_event ON jobs (event_id);
+    CREATE INDEX jobs_lane ON jobs (priority, source, tenant, seq) WHERE state = 'queued';
+    CREATE INDEX jobs_due ON jobs (run_at) WHERE state = 'queued';
+    CREATE INDEX jobs_order ON jobs (source, action, order_key, seq)
+        WHERE order_key IS NOT NULL AND state IN ('queued', 'running');
+    CREATE INDEX jobs_running ON jobs (node_id) WHERE state = 'running';
+    CREATE INDEX jobs_finished ON jobs (state, finished_at)
+        WHERE state IN ('done', 'dead', 'cancelled');
+    CREATE TABLE attempts (
+        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        job_id      text COLLATE "C" NOT NULL,
+        n           integer NOT NULL,
+        started_at  double precision NOT NULL,
+        finished_at double precision,
+        outcome     text NOT NULL,
+        error       text,
+        detail      text
+    );
+    CREATE INDEX attempts_job ON attempts (job_id, seq);
+    CREATE INDEX attempts_finished ON attempts (finished_at);
+    CREATE TABLE paused_sources (
+        source    text PRIMARY KEY,
+        paused_at double precision NOT NULL
+    );
+    -- One row per running process: its heartbeat is the lease on every job it claimed.
+    CREATE TABLE nodes (
+        node_id      text PRIMARY KEY,
+        started_at   double precision NOT NULL,
+        heartbeat_at double precision NOT NULL
+    );
+    """,
+    # 1 → 2: the actions an event's ``when`` filters left without a job, as a JSON array; NULL
+    # when none was filtered (most events). ``events_received`` already serves the dashboard's
+    # per-minute series.
+    """
+    ALTER TABLE events ADD COLUMN filtered text;
+    """,
+)
+
+
+async def migrate(conn: Any) -> int:
+    """Bring the schema up to date on ``conn`` (an asyncpg connection); returns its version."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS webhookd_schema (version integer NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
+        version = int(version or 0)
+        if version > len(MIGRATIONS):
+            raise JournalError(
+                f"the database has journal schema version {version}, newer than this webhookd "
+                f"understands ({len(MIGRATIONS)}); upgrade webhookd"
+            )
+        for target in range(version, len(MIGRATIONS)):
+            await conn.execute(MIGRATIONS[target])
+            await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target + 1)
+    return len(MIGRATIONS)

@@ -1,0 +1,259 @@
+"""The SQL of the PostgreSQL journal's writes; each function runs inside a transaction its
+caller opened on one asyncpg connection, and nothing here commits.
+
+Rows go in with ``unnest`` over arrays: one round trip per table however many webhooks a group
+commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from webhookd.journal.batch import IngestOp
+from webhookd.journal.records import Claimed, Finished, Ingested, Ready, Recovery
+from webhookd.journal.schema import (
+    EVENT_COLUMNS,
+    HEAD_OF_KEY,
+    JOB_COLUMNS,
+    dump,
+    event_from_row,
+    job_from_row,
+)
+from webhookd.models import JobState
+
+
+async def write_ingests(
+    conn: Any, ops: Sequence[IngestOp], now: float
+) -> list[tuple[Ingested, list[Ready]]]:
+    """Dedup keys, then events and jobs; a key already held (by a committed event, another
+    node's included, or an earlier one in this batch) makes its event a duplicate."""
+    claims: dict[str, str] = {}  # key → the first event in this batch that brings it
+    for op in ops:
+        e = op.item.event
+        for key in (e.dedup_key, op.item.body_key):
+            if key is not None:
+                claims.setdefault(key, e.id)
+    # Sorted, so two nodes' batches sharing keys take their row locks in one order (no deadlock).
+    keys = sorted(claims)
+    status = await conn.execute(
+        "INSERT INTO dedup (key, event_id, created_at)"
+        " SELECT k, ev, $3 FROM unnest($1::text[], $2::text[]) AS u(k, ev) ORDER BY k"
+        " ON CONFLICT (key) DO NOTHING",
+        keys,
+        [claims[k] for k in keys],
+        now,
+    )
+    owners: dict[str, str] = dict(claims)
+    if int(status.rsplit(" ", 1)[-1]) != len(keys):
+        rows = await conn.fetch("SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])", keys)
+        owners.update({r[0]: r[1] for r in rows})
+    results: list[tuple[Ingested, list[Ready]]] = []
+    events: list[tuple[Any, ...]] = []
+    jobs: list[tuple[Any, ...]] = []
+    orphans: list[tuple[str, str]] = []
+    for op in ops:
+        e = op.item.event
+        body_key = op.item.body_key
+        owner = owners.get(e.dedup_key, e.id)
+        if owner == e.id and body_key is not None:
+            owner = owners.get(body_key, e.id)
+        if owner != e.id:
+            results.append((Ingested(owner, duplicate=True), []))
+            if body_key is not None:  # one of its two keys may have gone in: it names no event
+                orphans += [(e.dedup_key, e.id), (body_key, e.id)]
+            continue
+        events.append(
+            (
+                e.id,
+                e.source,
+                e.received_at,
+                e.dedup_key,
+                e.tenant,
+                int(e.priority),
+                json.dumps(e.headers, separators=(",", ":")),
+                e.body,
+                json.dumps(e.verified) if e.verified is not None else None,
+                json.dumps(op.item.filtered) if op.item.filtered else None,
+            )
+        )
+        ready = []
+        for j in op.item.jobs:
+            jobs.append(
+                (
+                    j.id,
+                    e.id,
+                    e.source,
+                    j.action,
+                    j.type,
+                    int(e.priority),
+                    e.tenant,
+                    j.order_key,
+                    e.received_at,
+                    j.max_attempts,
+                )
+            )
+            ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
+        results.append((Ingested(e.id, duplicate=False), ready))
+    if orphans:
+        await conn.execute(
+            "DELETE FROM dedup d USING unnest($1::text[], $2::text[]) AS u(k, ev)"
+            " WHERE d.key = u.k AND d.event_id = u.ev",
+            [k for k, _ in orphans],
+            [ev for _, ev in orphans],
+        )
+    if events:
+        await conn.execute(
+            "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body, verified, filtered) SELECT * FROM unnest($1::text[], $2::text[],"
+            " $3::double precision[], $4::text[], $5::text[], $6::integer[], $7::text[],"
+            " $8::bytea[], $9::text[], $10::text[])",
+            *_columns(events, 10),
+        )
+    if jobs:
+        await conn.execute(
+            "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"
+            " order_key, run_at, max_attempts) SELECT u.id, u.ev, u.src, u.act, u.typ, 'queued',"
+            " u.pri, u.ten, u.ok, u.run, u.max FROM unnest($1::text[], $2::text[], $3::text[],"
+            " $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[],"
+            " $9::double precision[], $10::integer[])"
+            " AS u(id, ev, src, act, typ, pri, ten, ok, run, max)",
+            *_columns(jobs, 10),
+        )
+    return results
+
+
+def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(n)]
+
+
+async def write_claim(
+    conn: Any, job_ids: Sequence[str], node_id: str, token: str, now: float, lease_s: float
+) -> list[Claimed]:
+    """Claim those of ``job_ids`` still queued and at the head of their order key. Rows another
+    node is claiming this instant are skipped, not waited for (``SKIP LOCKED``)."""
+    rows = await conn.fetch(
+        "WITH picked AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY($1::text[])"
+        f" AND j.state = 'queued' AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED)"
+        " UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, node_id = $2,"
+        " claim_token = $3, claimed_at = $4::double precision,"
+        " lease_until = $4::double precision + $5::double precision"
+        " FROM picked, events e WHERE j.id = picked.id AND e.id = j.event_id"
+        f" RETURNING {JOB_COLUMNS}, {EVENT_COLUMNS}",
+        list(job_ids),
+        node_id,
+        token,
+        now,
+        lease_s,
+    )
+    return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+
+
+async def write_finishes(
+    conn: Any, results: Sequence[Finished], tokens: Sequence[str | None]
+) -> set[str]:
+    """Record outcomes whose claim token still matches; returns the job ids recorded. A claim
+    re-queued by lease recovery (and perhaps claimed again elsewhere) has a new token, so a late
+    outcome from the node that lost it changes nothing."""
+    rows = []
+    for f, token in zip(results, tokens, strict=True):
+        wait = f.outcome == "wait"
+        rows.append(
+            (
+                f.job_id,
+                token,
+                str(f.state),
+                f.run_at if f.run_at is not None else f.finished_at,
+                dump(f.result) if f.result is not None else None,
+                f.error,
+                f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
+                1 if wait else 0,
+            )
+        )
+    applied = await conn.fetch(
+        "UPDATE jobs j SET state = u.state, run_at = u.run, result = u.res, last_error = u.err,"
+        " finished_at = u.fin, node_id = NULL, claim_token = NULL, lease_until = NULL,"
+        " attempts = j.attempts - u.w, waits = j.waits + u.w"
+        " FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[], $5::text[],"
+        " $6::text[], $7::double precision[], $8::integer[])"
+        " AS u(id, tok, state, run, res, err, fin, w)"
+        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok RETURNING j.id",
+        *_columns(rows, 8),
+    )
+    recorded = {r[0] for r in applied}
+    attempts = [
+        (
+            f.job_id,
+            f.attempt,
+            f.started_at,
+            f.finished_at,
+            f.outcome,
+            f.error,
+            dump(dict(f.detail)) if f.detail else None,
+        )
+        for f in results
+        if f.outcome != "wait" and f.job_id in recorded
+    ]
+    if attempts:
+        await conn.execute(
+            "INSERT INTO attempts (job_id, n, started_at, finished_at, outcome, error, detail)"
+            " SELECT * FROM unnest($1::text[], $2::integer[], $3::double precision[],"
+            " $4::double precision[], $5::text[], $6::text[], $7::text[])",
+            *_columns(attempts, 7),
+        )
+    return recorded
+
+
+async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: int) -> Recovery:
+    """Re-queue running jobs whose node has not heartbeat within ``lease_s`` (killed, host
+    lost, cut off); the ``max_recoveries``-th recovery of a job sends it to ``dead``."""
+    lost = await conn.fetch(
+        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at FROM jobs j"
+        " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) < $1::double precision"
+        " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = j.node_id"
+        " AND n.heartbeat_at >= $1::double precision - $2::double precision)"
+        " ORDER BY j.seq FOR UPDATE SKIP LOCKED",
+        now,
+        lease_s,
+    )
+    rows = []
+    for r in lost:
+        dead = r["recoveries"] + 1 >= max_recoveries
+        reason = (
+            f"poison pill: interrupted by a crash or restart {r['recoveries'] + 1} times"
+            if dead
+            else "interrupted by a crash or restart"
+        )
+        rows.append(
+            (r["id"], "dead" if dead else "queued", reason, r["attempts"], r["claimed_at"] or now)
+        )
+    if not rows:
+        return Recovery(requeued=0, dead=0)
+    ids, states, reasons, attempts, started = _columns(rows, 5)
+    await conn.execute(
+        "UPDATE jobs j SET state = u.state, recoveries = j.recoveries + 1,"
+        " run_at = $4::double precision,"
+        " node_id = NULL, claim_token = NULL, lease_until = NULL,"
+        " last_error = CASE WHEN u.state = 'dead' THEN u.reason ELSE j.last_error END,"
+        " finished_at = CASE WHEN u.state = 'dead' THEN $4::double precision END"
+        " FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, state, reason)"
+        " WHERE j.id = u.id",
+        ids,
+        states,
+        reasons,
+        now,
+    )
+    await conn.execute(
+        "INSERT INTO attempts (job_id, n, started_at, finished_at, outcome, error)"
+        " SELECT u.id, u.n, u.started, $4::double precision, 'interrupted', u.reason"
+        " FROM unnest($1::text[], $2::integer[], $3::double precision[], $5::text[])"
+        " AS u(id, n, started, reason)",
+        ids,
+        attempts,
+        started,
+        now,
+        reasons,
+    )
+    n_dead = sum(1 for s in states if s == "dead")
+    return Recovery(requeued=len(rows) - n_dead, dead=n_dead)
