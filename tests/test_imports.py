@@ -40,7 +40,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.logs",),
     # The journal: what it takes and gives and its SQL, its parts, the Journal itself.
     ("webhookd.journal.records", "webhookd.journal.schema"),
-    ("webhookd.journal.*",),
+    # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
+    ("webhookd.journal.base", "webhookd.journal.batch"),
+    ("webhookd.journal.*", "webhookd.journal.postgres.*"),
+    ("webhookd.journal.postgres",),
     ("webhookd.journal",),
     # Over the journal's interface, or pacing the work.
     ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter"),

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import (
@@ -44,7 +45,6 @@ from webhookd.journal.batch import (
     WriteFailed,
     write_ops,
 )
-from webhookd.journal.factory import open_journal
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
     Activity,
@@ -739,3 +739,23 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def open_journal(
+    cfg: JournalConfig, *, clock: Clock = SYSTEM_CLOCK, max_recoveries: int = 3
+) -> BaseJournal:
+    """The journal ``cfg`` names, not yet opened (use ``async with``): the SQLite file at
+    ``journal.path`` or PostgreSQL at ``journal.url``.
+
+    ``max_recoveries`` is the poison-pill rule's count, which a PostgreSQL journal applies each
+    time it re-queues the jobs of a node that went silent, not only at start. The PostgreSQL
+    driver is imported only when a URL is configured.
+    """
+    if cfg.url is not None:
+        from webhookd.journal.postgres import PostgresJournal
+
+        check_journal_url(cfg.url, "journal.url")  # an env: URL is read only now (the CLI)
+        return PostgresJournal(
+            cfg.url.reveal(), clock=clock, lease_s=cfg.lease_s, max_recoveries=max_recoveries
+        )
+    return Journal(cfg.path, clock=clock)
