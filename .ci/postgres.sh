@@ -92,7 +92,19 @@ stop() {
     return 0
   fi
   if [ -f "$dir/bin" ] && [ -f "$dir/data/postmaster.pid" ]; then
-    as_owner "$(cat "$dir/bin")/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    as_owner "$(cat "$dir/bin")/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop >/dev/null 2>&1 || true
+  fi
+  # Never leave a server running on a removed directory: if pg_ctl could not stop it, the
+  # postmaster gets SIGINT (fast shutdown) directly.
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    local pid
+    pid="$(head -n 1 "$dir/data/postmaster.pid")"
+    if kill -INT "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+      done
+    fi
   fi
   rm -rf "$dir"
 }

@@ -198,3 +198,55 @@ async def test_pg_readiness_follows_the_heartbeat_without_traffic(pg_url: str) -
             await admin.close()
         await journal.heartbeat()
         assert journal.last_write_error is None
+
+
+async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(
+    pg_url: str,
+) -> None:
+    """A job finished while the database is down is not left running forever under its live
+    node: the outcome is recorded with the next heartbeat after the database is back."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        await journal.claim([job_id], "b")
+        name = pg_url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            with pytest.raises(JournalUnavailable):
+                await journal.finish([finished(job_id, JobState.DONE, "done")])
+            with pytest.raises(JournalUnavailable):
+                await journal.record_pending()  # still down: kept for the next round
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        finally:
+            await admin.close()
+        assert await journal.record_pending() == 1
+        job = (await journal.get_event(item.event.id)).jobs[0]
+        assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])
+        assert await journal.record_pending() == 0
+
+
+async def test_pg_a_claim_whose_commit_was_in_doubt_is_released_by_its_token(
+    pg_url: str,
+) -> None:
+    """A claim that committed but whose answer was lost (connection dropped) does not leave
+    its jobs running forever under a live node: the next heartbeat re-queues them, uncounted."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        claimed = await journal.claim([job_id], "b")
+        # As if the claim's answer never arrived: the journal holds only its token in doubt.
+        token = journal._tokens.pop(job_id)
+        journal._doubtful.append(token)
+        assert claimed and await journal.release_doubtful() == 1
+        job = (await journal.get_event(item.event.id)).jobs[0]
+        assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+        assert await journal.release_doubtful() == 0

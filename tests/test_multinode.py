@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -271,3 +273,94 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     await poll(ready, timeout_s=10)
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
+
+
+def restart_server() -> None:
+    """``pg_ctl restart -m fast`` of the throwaway server (.ci/postgres.sh exports its dir)."""
+    pg_dir = os.environ.get("WEBHOOKD_TEST_PG_DIR")
+    if not pg_dir:
+        reason = (
+            "WEBHOOKD_TEST_PG_DIR is not set: this test restarts the server .ci/postgres.sh ran"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    pg_ctl = Path(pg_dir, "bin").read_text().strip() + "/pg_ctl"
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # The server's output goes to its log file: a pipe would be held open by the new server.
+    subprocess.run(
+        [
+            *as_owner,
+            pg_ctl,
+            "-D",
+            f"{pg_dir}/data",
+            "-l",
+            f"{pg_dir}/server.log",
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+            "restart",
+        ],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=90,
+    )
+
+
+async def test_postgresql_restarted_under_load_loses_no_acknowledged_webhook(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two nodes take a steady stream while PostgreSQL restarts: requests during the restart
+    get 503 (never a false 2xx), the nodes reconnect by themselves, and every webhook that was
+    acknowledged is delivered."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    nodes = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    acked: list[str] = []
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def sender(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            body = json.dumps({"sender": k, "i": i, "nonce": uuid.uuid4().hex})
+            i += 1
+            try:
+                status, doc = await post(http, nodes[k % 2].url, body)
+            except aiohttp.ClientError:
+                continue  # no answer is no acknowledgement: the provider would retry
+            statuses.append(status)
+            if 200 <= status < 300:
+                acked.append(doc["id"])
+            elif status == 503:
+                await asyncio.sleep(0.05)  # as a provider backs off on Retry-After
+
+    senders = [asyncio.create_task(sender(k)) for k in range(4)]
+    try:
+        await downstream.wait_for(lambda: len(downstream.ids) >= 20)
+        before = len(acked)
+        await asyncio.to_thread(restart_server)
+        after_restart = len(statuses)
+        await poll(lambda: _acked_since(acked, before + 20), timeout_s=30, interval_s=0.1)
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+    assert set(statuses) <= {202, 503}, set(statuses)
+    assert len(statuses) > after_restart
+    await downstream.wait_for(lambda: set(acked) <= set(downstream.ids), timeout_s=30)
+    for daemon in nodes:
+        daemon.signal(signal.SIGTERM)
+    assert [await nodes[0].wait_exit(), await nodes[1].wait_exit()] == [0, 0]
+
+
+async def _acked_since(acked: list[str], n: int) -> bool:
+    return len(acked) >= n

@@ -320,12 +320,18 @@ class WorkerPool:
                 break
             now_mono = self.clock.monotonic()
             due = self._next_due is not None and self._next_due <= self.clock.time()
-            if due or now_mono - last_sweep >= sweep_s:
+            try:
+                if due or now_mono - last_sweep >= sweep_s:
+                    self._refill_now = True
+                    last_sweep = now_mono
+                    await self._refresh_paused()
+                while not self._stopping and await self._dispatch_once():
+                    pass
+            except JournalUnavailable as exc:
+                # A journal outage (a PostgreSQL restart) pauses dispatch, it does not end the
+                # daemon: the next sweep reads the journal again.
+                log.warning("dispatch paused until the next sweep: %s", exc)
                 self._refill_now = True
-                last_sweep = now_mono
-                await self._refresh_paused()
-            while not self._stopping and await self._dispatch_once():
-                pass
 
     async def run_until_idle(self) -> float | None:
         """Burst mode: run every due job (and what they lead to) until nothing is due or running.

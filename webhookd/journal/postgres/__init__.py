@@ -129,6 +129,8 @@ class PostgresJournal(PgReads, BaseJournal):
         self.listening = asyncio.Event()  # set while the listener is connected (for tests)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
+        self._pending: list[Finished] = []  # outcomes an outage kept back (record_pending)
+        self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
 
     @property
     def location(self) -> str:
@@ -171,6 +173,9 @@ class PostgresJournal(PgReads, BaseJournal):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._notify_task = self._listen_task = self._lease_task = None
+        if self._writer is not None and self._pending:
+            with contextlib.suppress(JournalUnavailable):
+                await self.record_pending()  # a last try; else lease recovery re-queues them
         if self._writer is not None:
             await self._queue.put(None)
             await self._writer
@@ -252,6 +257,8 @@ class PostgresJournal(PgReads, BaseJournal):
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
+                await self.release_doubtful()
+                await self.record_pending()
                 recovered = await self.recover_lost()
             except JournalUnavailable as exc:
                 log.warning("%s", exc)
@@ -410,18 +417,63 @@ class PostgresJournal(PgReads, BaseJournal):
             return []
         token = secrets.token_hex(8)
         now = self.clock.time()
-        claimed = await self._write(
-            lambda conn: write_claim(conn, job_ids, self.node_id, token, now, self.lease_s)
-        )
+        try:
+            claimed = await self._write(
+                lambda conn: write_claim(conn, job_ids, self.node_id, token, now, self.lease_s)
+            )
+        except JournalUnavailable:
+            # The connection may have dropped after the server committed: jobs claimed then
+            # would stay running under this live node forever. Undo by token once it is back.
+            self._doubtful.append(token)
+            raise
         for c in claimed:
             self._tokens[c.job.id] = token
         return claimed
 
     async def finish(self, results: Sequence[Finished]) -> None:
+        """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
+        keep them to record with the next heartbeat (``record_pending``): this node's lease
+        keeps their jobs running meanwhile, and no other node would ever re-queue them."""
         if results:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._enqueue(FinishOp(future, list(results)))
-            await future
+            try:
+                self._enqueue(FinishOp(future, list(results)))
+                await future
+            except JournalUnavailable:
+                self._pending.extend(results)
+                raise
+
+    async def release_doubtful(self) -> int:
+        """Re-queue, without counting the attempt, jobs of claims whose commit was in doubt
+        (the connection lost mid-claim); returns how many there were."""
+        tokens, self._doubtful = self._doubtful, []
+        if not tokens:
+            return 0
+        now = self.clock.time()
+        try:
+            status = await self._write(
+                lambda conn: conn.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0),"
+                    " run_at = $2, node_id = NULL, claim_token = NULL, lease_until = NULL"
+                    " WHERE state = 'running' AND claim_token = ANY($1::text[])",
+                    tokens,
+                    now,
+                )
+            )
+        except JournalUnavailable:
+            self._doubtful.extend(tokens)
+            raise
+        released = _rowcount(status)
+        if released and self.on_remote_jobs is not None:
+            self.on_remote_jobs()
+        return released
+
+    async def record_pending(self) -> int:
+        """Record outcomes a database outage kept back; returns how many were written."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await self.finish(pending)  # on failure they are kept again
+        return len(pending)
 
     async def unclaim(self, job_ids: Sequence[str]) -> None:
         held = [(job_id, self._tokens.pop(job_id)) for job_id in job_ids if job_id in self._tokens]
