@@ -15,6 +15,7 @@ import pytest
 
 from webhookd.errors import JournalError
 from webhookd.journal import MIGRATIONS, Journal, NewEvent, NewJob
+from webhookd.journal.schema import BACKLOG_SQL
 from webhookd.models import Event, Priority, new_event_id, new_job_id
 
 
@@ -87,3 +88,18 @@ async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: P
             assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
     finally:
         os.umask(old_umask)
+
+
+async def test_sqlite_backlog_is_counted_in_the_partial_indexes(tmp_path: Path) -> None:
+    """Counting unfinished jobs reads only the indexes of queued and running jobs, never the
+    whole table of finished ones, so a journal full of history counts its backlog at once."""
+    async with Journal(tmp_path / "journal.db") as journal:
+        await journal.ingest(new_event(jobs=2))
+        assert await journal.backlog() == 2
+    conn = sqlite3.connect(tmp_path / "journal.db")
+    try:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {BACKLOG_SQL}")]
+    finally:
+        conn.close()
+    assert not any(step == "SCAN jobs" for step in plan), plan
+    assert any("jobs_lane" in step for step in plan) and any("jobs_running" in s for s in plan)

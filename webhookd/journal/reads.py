@@ -26,6 +26,7 @@ from webhookd.journal.records import (
     Series,
 )
 from webhookd.journal.schema import (
+    BACKLOG_SQL,
     EVENT_COLUMNS,
     EXPIRED,
     HEAD_OF_KEY,
@@ -137,9 +138,7 @@ class Reads:
 
     async def backlog(self) -> int:
         """Jobs not yet finished (queued or running)."""
-        rows = await fetch(
-            self.reader, "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
-        )
+        rows = await fetch(self.reader, BACKLOG_SQL)
         return int(rows[0][0])
 
     async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
