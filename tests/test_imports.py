@@ -39,7 +39,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.redact", "webhookd.send"),
     ("webhookd.logs",),
     # The journal: what it takes and gives and its SQL, its parts, the Journal itself.
-    ("webhookd.journal.records", "webhookd.journal.schema"),
+    ("webhookd.journal.records",),
+    ("webhookd.journal.schema",),
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
     ("webhookd.journal.base", "webhookd.journal.batch"),
     ("webhookd.journal.*", "webhookd.journal.postgres.*"),

@@ -6,7 +6,6 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,10 @@ from webhookd.journal.schema import (
     LANES_SQL,
     READY_COLUMNS,
     STATE_FILTERS,
-    event_from_row,
+    event_detail,
     fetch,
-    job_from_row,
-    slots_dict,
 )
-from webhookd.models import Attempt, Job, JobState, Priority, event_state
+from webhookd.models import JobState, Priority, event_state
 
 
 class Reads:
@@ -190,8 +187,6 @@ class Reads:
         )
         if not rows:
             raise NotFound(event_id)
-        event = event_from_row(rows[0])
-        filtered = tuple(json.loads(rows[0]["filtered"])) if rows[0]["filtered"] else ()
         job_rows = await fetch(
             self.reader,
             f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = ? ORDER BY j.seq",
@@ -204,24 +199,7 @@ class Reads:
             " ORDER BY a.seq",
             (event_id,),
         )
-        history: dict[str, list[Attempt]] = {}
-        for a in attempt_rows:
-            history.setdefault(a[0], []).append(
-                Attempt(
-                    n=a[1],
-                    started_at=a[2],
-                    finished_at=a[3],
-                    outcome=a[4],
-                    error=a[5],
-                    detail=json.loads(a[6]) if a[6] else None,
-                )
-            )
-        jobs = []
-        for r in job_rows:
-            job = job_from_row(r)
-            jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
-        state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
-        return EventDetail(event, state, tuple(jobs), filtered)
+        return event_detail(rows[0], job_rows, attempt_rows)
 
     async def list_events(
         self,

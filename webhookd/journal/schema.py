@@ -9,7 +9,8 @@ from typing import Any
 
 import aiosqlite
 
-from webhookd.models import Event, Job, JobState, Priority
+from webhookd.journal.records import EventDetail
+from webhookd.models import Attempt, Event, Job, JobState, Priority, event_state
 
 # Forward migrations: index i brings the schema from version i to i + 1. Never edit one that has
 # shipped; append a new one.
@@ -234,6 +235,33 @@ def job_from_row(r: sqlite3.Row) -> Job:
         result=json.loads(r["result"]) if r["result"] is not None else None,
         last_error=r["last_error"],
     )
+
+
+def event_detail(
+    event_row: Any, job_rows: Sequence[Any], attempt_rows: Sequence[Any]
+) -> EventDetail:
+    """One event with its jobs and their attempts, from the rows either backend reads: the
+    event's columns plus ``filtered``, its jobs' ``JOB_COLUMNS`` in order, and its attempts as
+    (job id, n, started, finished, outcome, error, detail) in order."""
+    history: dict[str, list[Attempt]] = {}
+    for a in attempt_rows:
+        history.setdefault(a[0], []).append(
+            Attempt(
+                n=a[1],
+                started_at=a[2],
+                finished_at=a[3],
+                outcome=a[4],
+                error=a[5],
+                detail=json.loads(a[6]) if a[6] else None,
+            )
+        )
+    jobs = []
+    for r in job_rows:
+        job = job_from_row(r)
+        jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
+    filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()
+    state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
+    return EventDetail(event_from_row(event_row), state, tuple(jobs), filtered)
 
 
 def dump(value: Any) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -24,11 +23,9 @@ from webhookd.journal.schema import (
     JOB_COLUMNS,
     READY_COLUMNS,
     STATE_FILTERS,
-    event_from_row,
-    job_from_row,
-    slots_dict,
+    event_detail,
 )
-from webhookd.models import Attempt, Job, JobState, Priority, event_state
+from webhookd.models import JobState, Priority, event_state
 
 TABLES = ("events", "dedup", "jobs", "attempts", "paused_sources", "nodes", "webhookd_schema")
 
@@ -137,8 +134,6 @@ class PgReads:
         )
         if not rows:
             raise NotFound(event_id)
-        event = event_from_row(rows[0])
-        filtered = tuple(json.loads(rows[0]["filtered"])) if rows[0]["filtered"] else ()
         job_rows = await self.fetch(
             f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = $1 ORDER BY j.seq", event_id
         )
@@ -148,24 +143,7 @@ class PgReads:
             " ORDER BY a.seq",
             event_id,
         )
-        history: dict[str, list[Attempt]] = {}
-        for a in attempt_rows:
-            history.setdefault(a[0], []).append(
-                Attempt(
-                    n=a[1],
-                    started_at=a[2],
-                    finished_at=a[3],
-                    outcome=a[4],
-                    error=a[5],
-                    detail=json.loads(a[6]) if a[6] else None,
-                )
-            )
-        jobs = []
-        for r in job_rows:
-            job = job_from_row(r)
-            jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
-        state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
-        return EventDetail(event, state, tuple(jobs), filtered)
+        return event_detail(rows[0], job_rows, attempt_rows)
 
     async def list_events(
         self,
