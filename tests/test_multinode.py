@@ -28,15 +28,6 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        await p.aclose()
-
-
-@pytest.fixture
 async def downstream() -> AsyncIterator[Target]:
     t = Target()
     await t.start()
@@ -44,12 +35,6 @@ async def downstream() -> AsyncIterator[Target]:
         yield t
     finally:
         await t.aclose()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
 
 
 def pg_config(path: Path, target_url: str, *, lease_s: float = 5, workers: str = "") -> Path:
