@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,26 +99,21 @@ def write_ops(conn: sqlite3.Connection, ops: Sequence[Op], now: float) -> dict[i
     return results
 
 
-def write_ingests(
-    conn: sqlite3.Connection, ops: list[IngestOp], now: float
-) -> list[tuple[Ingested, list[Ready]]]:
-    keys = []
-    for op in ops:
-        e = op.item.event
-        keys.append((e.dedup_key, e.id, now))
-        if op.item.body_key is not None:
-            keys.append((op.item.body_key, e.id, now))
-    inserted = conn.executemany(
-        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
-    ).rowcount
-    owners: dict[str, str] = {}
-    # Every key went in (the usual case): each event owns its own keys, nothing to read back.
-    unique_keys = [] if inserted == len(keys) else list(dict.fromkeys(k[0] for k in keys))
-    for start in range(0, len(unique_keys), 500):
-        chunk = unique_keys[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        rows = fetch_rows(conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk)
-        owners.update({row[0]: row[1] for row in rows})
+def sort_ingests(
+    ops: Sequence[IngestOp], owners: Mapping[str, str]
+) -> tuple[
+    list[tuple[Ingested, list[Ready]]],
+    list[tuple[Any, ...]],
+    list[tuple[Any, ...]],
+    list[tuple[str, str]],
+]:
+    """Split a group's ingests by who owns their dedup keys (``owners``: key → event id, for the
+    keys another event holds), for either backend: each one's answer, the event and job rows
+    to insert, and the (key, event id) rows of duplicates to take back out.
+
+    An event is a duplicate when either of its keys names another event; then one of its two
+    keys may have gone in, naming an event that will never exist, so both are orphans.
+    """
     results: list[tuple[Ingested, list[Ready]]] = []
     event_rows: list[tuple[Any, ...]] = []
     job_rows: list[tuple[Any, ...]] = []
@@ -131,7 +126,7 @@ def write_ingests(
             owner = owners.get(body_key, e.id)
         if owner != e.id:
             results.append((Ingested(owner, duplicate=True), []))
-            if body_key is not None:  # one of its two keys may have gone in: it names no event
+            if body_key is not None:
                 orphans += [(e.dedup_key, e.id), (body_key, e.id)]
             continue
         event_rows.append(
@@ -157,7 +152,6 @@ def write_ingests(
                     e.source,
                     j.action,
                     j.type,
-                    JobState.QUEUED,
                     int(e.priority),
                     e.tenant,
                     j.order_key,
@@ -167,6 +161,30 @@ def write_ingests(
             )
             ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
         results.append((Ingested(e.id, duplicate=False), ready))
+    return results, event_rows, job_rows, orphans
+
+
+def write_ingests(
+    conn: sqlite3.Connection, ops: list[IngestOp], now: float
+) -> list[tuple[Ingested, list[Ready]]]:
+    keys = []
+    for op in ops:
+        e = op.item.event
+        keys.append((e.dedup_key, e.id, now))
+        if op.item.body_key is not None:
+            keys.append((op.item.body_key, e.id, now))
+    inserted = conn.executemany(
+        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
+    ).rowcount
+    owners: dict[str, str] = {}
+    # Every key went in (the usual case): each event owns its own keys, nothing to read back.
+    unique_keys = [] if inserted == len(keys) else list(dict.fromkeys(k[0] for k in keys))
+    for start in range(0, len(unique_keys), 500):
+        chunk = unique_keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = fetch_rows(conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk)
+        owners.update({row[0]: row[1] for row in rows})
+    results, event_rows, job_rows, orphans = sort_ingests(ops, owners)
     if orphans:
         conn.executemany("DELETE FROM dedup WHERE key = ? AND event_id = ?", orphans)
     if event_rows:
@@ -178,7 +196,7 @@ def write_ingests(
     if job_rows:
         conn.executemany(
             "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
-            " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
             job_rows,
         )
     return results

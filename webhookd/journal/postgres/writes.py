@@ -7,11 +7,10 @@ commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from webhookd.journal.batch import IngestOp
+from webhookd.journal.batch import IngestOp, sort_ingests
 from webhookd.journal.records import Claimed, Finished, Ingested, Ready, Recovery
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
@@ -49,53 +48,7 @@ async def write_ingests(
     if int(status.rsplit(" ", 1)[-1]) != len(keys):
         rows = await conn.fetch("SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])", keys)
         owners.update({r[0]: r[1] for r in rows})
-    results: list[tuple[Ingested, list[Ready]]] = []
-    events: list[tuple[Any, ...]] = []
-    jobs: list[tuple[Any, ...]] = []
-    orphans: list[tuple[str, str]] = []
-    for op in ops:
-        e = op.item.event
-        body_key = op.item.body_key
-        owner = owners.get(e.dedup_key, e.id)
-        if owner == e.id and body_key is not None:
-            owner = owners.get(body_key, e.id)
-        if owner != e.id:
-            results.append((Ingested(owner, duplicate=True), []))
-            if body_key is not None:  # one of its two keys may have gone in: it names no event
-                orphans += [(e.dedup_key, e.id), (body_key, e.id)]
-            continue
-        events.append(
-            (
-                e.id,
-                e.source,
-                e.received_at,
-                e.dedup_key,
-                e.tenant,
-                int(e.priority),
-                json.dumps(e.headers, separators=(",", ":")),
-                e.body,
-                json.dumps(e.verified) if e.verified is not None else None,
-                json.dumps(op.item.filtered) if op.item.filtered else None,
-            )
-        )
-        ready = []
-        for j in op.item.jobs:
-            jobs.append(
-                (
-                    j.id,
-                    e.id,
-                    e.source,
-                    j.action,
-                    j.type,
-                    int(e.priority),
-                    e.tenant,
-                    j.order_key,
-                    e.received_at,
-                    j.max_attempts,
-                )
-            )
-            ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
-        results.append((Ingested(e.id, duplicate=False), ready))
+    results, events, jobs, orphans = sort_ingests(ops, owners)
     if orphans:
         await conn.execute(
             "DELETE FROM dedup d USING unnest($1::text[], $2::text[]) AS u(k, ev)"
