@@ -234,6 +234,10 @@ class Receiver:
         # Bytes of bodies being read now: Content-Length reserved up front, chunked bodies
         # counted as they grow (server.max_inflight_body_bytes).
         self._inflight_bytes = 0
+        # Which headers are stored masked, per source: worked out once, not per webhook.
+        self._secret_headers = {
+            src.name: secret_headers(src.verify) for src in config.sources.values()
+        }
         self._buckets = {
             src.name: TokenBucket(src.intake_per_s, clock)
             for src in config.sources.values()
@@ -447,7 +451,7 @@ class Receiver:
             dedup_key=f"{name}:{key}",
             tenant=tenant,
             priority=rule.classify(by),
-            headers=redact_headers(headers.items(), secret_headers(src.verify)),
+            headers=redact_headers(headers.items(), self._secret_headers[src.name]),
             body=body,
             verified=checked,
         )
