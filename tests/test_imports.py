@@ -43,7 +43,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.schema",),
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
     ("webhookd.journal.base", "webhookd.journal.batch"),
-    ("webhookd.journal.*", "webhookd.journal.postgres.*"),
+    ("webhookd.journal.postgres.db",),
+    (
+        "webhookd.journal.*",
+        "webhookd.journal.postgres.reads",
+        "webhookd.journal.postgres.schema",
+        "webhookd.journal.postgres.writes",
+    ),
+    ("webhookd.journal.postgres.nodes",),
     ("webhookd.journal.postgres",),
     ("webhookd.journal",),
     # Over the journal's interface, or pacing the work.

@@ -31,7 +31,6 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -39,13 +38,14 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import FinishOp, IngestOp, Op
+from webhookd.journal.postgres.db import DB_ERRORS, redact_url, rowcount
+from webhookd.journal.postgres.nodes import PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
     write_claim,
     write_finishes,
     write_ingests,
-    write_recovery,
 )
 from webhookd.journal.records import (
     Claimed,
@@ -59,41 +59,17 @@ from webhookd.journal.records import (
 )
 from webhookd.models import JobState, new_boot_id
 
-__all__ = ["PostgresJournal"]
+__all__ = ["PostgresJournal", "redact_url"]
 
 log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
 POOL_SIZE = 10
-CHANNEL = "webhookd_jobs"
-NOTIFY_EVERY_S = 0.1
-LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
-RECONNECT_MAX_S = 5.0
 _SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
 _T = TypeVar("_T")
-# What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
-# InternalClientError too: on the stock event loop a connection the server has just terminated
-# can raise it ("cannot switch to state ...") instead of a connection error.
-_DB_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-)
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
-
-
-class PostgresJournal(PgReads, BaseJournal):
+class PostgresJournal(PgNodes, PgReads, BaseJournal):
     """A journal in a PostgreSQL database. Use as ``async with PostgresJournal(url) as j:``."""
 
     def __init__(
@@ -151,7 +127,7 @@ class PostgresJournal(PgReads, BaseJournal):
                 await migrate(conn)
             await self.heartbeat()
             self.backlog_jobs = await self.backlog()
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             await self._close_pool()
             raise JournalError(f"cannot open journal {self.location}: {exc}") from exc
         except BaseException:
@@ -182,14 +158,14 @@ class PostgresJournal(PgReads, BaseJournal):
             self._writer = None
         if self._pool is not None:
             # A clean stop gives up the node row: its jobs were finished or unclaimed by now.
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 await self._pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
         await self._close_pool()
 
     async def _close_pool(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 await asyncio.wait_for(pool.close(), 10)
 
     @property
@@ -201,7 +177,7 @@ class PostgresJournal(PgReads, BaseJournal):
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         try:
             return list(await self.pool.fetch(sql, *args))
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
 
     async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
@@ -209,112 +185,12 @@ class PostgresJournal(PgReads, BaseJournal):
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 result = await fn(conn)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self.last_write_error = str(exc) or type(exc).__name__
             raise JournalUnavailable(f"journal write failed: {exc}") from exc
         self.last_write_error = None
         self.commits += 1
         return result
-
-    # -- nodes and leases --------------------------------------------------------------------
-
-    async def heartbeat(self) -> None:
-        """Renew this node's lease on the jobs it runs. Being a write, it also tells /readyz
-        whether the database takes writes when no webhook is arriving."""
-        now = self.clock.time()
-        try:
-            await self.pool.execute(
-                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)"
-                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-                self.node_id,
-                now,
-            )
-        except _DB_ERRORS as exc:
-            self.last_write_error = str(exc) or type(exc).__name__
-            raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
-        self.last_write_error = None
-
-    async def recover_lost(self) -> Recovery:
-        """Re-queue the running jobs of nodes silent past ``lease_s``; forget long-gone nodes."""
-        now = self.clock.time()
-
-        async def fn(conn: Any) -> Recovery:
-            recovery = await write_recovery(conn, now, self.lease_s, self.max_recoveries)
-            await conn.execute(
-                "DELETE FROM nodes WHERE heartbeat_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j"
-                " WHERE j.state = 'running' AND j.node_id = nodes.node_id)",
-                now - 10 * self.lease_s,
-            )
-            return recovery
-
-        return await self._write(fn)
-
-    async def _lease_loop(self) -> None:
-        """Heartbeat, and take over the jobs of silent nodes. A database outage is survived:
-        the next round tries again (and this node's own jobs are re-queued by the others if it
-        stays cut off past its lease)."""
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            try:
-                await self.heartbeat()
-                await self.release_doubtful()
-                await self.record_pending()
-                recovered = await self.recover_lost()
-            except JournalUnavailable as exc:
-                log.warning("%s", exc)
-                continue
-            if recovered.requeued and self.on_remote_jobs is not None:
-                self.on_remote_jobs()
-            if recovered.requeued or recovered.dead:
-                log.warning(
-                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead",
-                    recovered.requeued,
-                    recovered.dead,
-                )
-                self.backlog_jobs -= recovered.dead
-
-    async def _listen_loop(self) -> None:
-        """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""
-        delay_s = 0.1
-        while True:
-            try:
-                conn = await asyncpg.connect(
-                    self.url,
-                    timeout=10,
-                    server_settings={"application_name": "webhookd-listen"},
-                )
-            except _DB_ERRORS as exc:
-                log.debug("journal listener cannot connect: %s", exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RECONNECT_MAX_S)
-                continue
-            delay_s = 0.1
-            try:
-                await self._listen_on(conn)
-            except _DB_ERRORS as exc:
-                log.debug("journal listener lost its connection: %s", exc)
-            finally:
-                self.listening.clear()
-                with contextlib.suppress(*_DB_ERRORS):
-                    await asyncio.wait_for(conn.close(), 5)
-
-    async def _listen_on(self, conn: Any) -> None:
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _: lost.set())
-        await conn.add_listener(CHANNEL, self._notified)
-        self.listening.set()
-        if self.on_remote_jobs is not None:
-            self.on_remote_jobs()  # what was notified while this was not listening is lost
-        while not lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
-                return
-            # A cut network may never close the socket: prove the connection still answers.
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_S)
-
-    def _notified(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
-        if sender != self.node_id and self.on_remote_jobs is not None:
-            self.on_remote_jobs()
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -398,17 +274,6 @@ class PostgresJournal(PgReads, BaseJournal):
         if created and self.on_commit is not None:
             self.on_commit(created)
 
-    async def _notify_loop(self) -> None:
-        """Tell idle nodes that jobs were committed: this node runs its own in-process."""
-        while True:
-            await self._notify_wanted.wait()
-            self._notify_wanted.clear()
-            try:
-                await self.pool.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
-            except _DB_ERRORS as exc:
-                log.debug("journal notify failed: %s", exc)  # a hint; the sweep finds the jobs
-            await asyncio.sleep(NOTIFY_EVERY_S)
-
     # -- dispatch and outcomes ---------------------------------------------------------------
 
     async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
@@ -463,7 +328,7 @@ class PostgresJournal(PgReads, BaseJournal):
         except JournalUnavailable:
             self._doubtful.extend(tokens)
             raise
-        released = _rowcount(status)
+        released = rowcount(status)
         if released and self.on_remote_jobs is not None:
             self.on_remote_jobs()
         return released
@@ -523,7 +388,7 @@ class PostgresJournal(PgReads, BaseJournal):
                     now,
                     event_id,
                 )
-                out[event_id] = Replayed(requeued=_rowcount(requeued), run_now=_rowcount(hurried))
+                out[event_id] = Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
             return out
 
         return await self._write(fn)
@@ -538,13 +403,13 @@ class PostgresJournal(PgReads, BaseJournal):
                 now,
             )
         )
-        return _rowcount(status) > 0
+        return rowcount(status) > 0
 
     async def resume(self, source: str) -> bool:
         status = await self._write(
             lambda conn: conn.execute("DELETE FROM paused_sources WHERE source = $1", source)
         )
-        return _rowcount(status) > 0
+        return rowcount(status) > 0
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -577,7 +442,7 @@ class PostgresJournal(PgReads, BaseJournal):
                     " (SELECT id FROM jobs WHERE event_id = ANY($1::text[]))",
                     ids,
                 )
-                jobs = _rowcount(
+                jobs = rowcount(
                     await conn.execute("DELETE FROM jobs WHERE event_id = ANY($1::text[])", ids)
                 )
                 await conn.execute("DELETE FROM events WHERE id = ANY($1::text[])", ids)
@@ -587,7 +452,7 @@ class PostgresJournal(PgReads, BaseJournal):
                 now - keep_dedup_s,
                 batch,
             )
-            return Pruned(events=len(ids), jobs=jobs, dedup=_rowcount(dedup))
+            return Pruned(events=len(ids), jobs=jobs, dedup=rowcount(dedup))
 
         return await self._write(fn)
 
@@ -614,11 +479,3 @@ class PostgresJournal(PgReads, BaseJournal):
         await asyncio.wait({task})  # cancelling the watch leaves the writer alone
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
-
-
-def _rowcount(status: str) -> int:
-    """The row count at the end of an asyncpg command status (``UPDATE 3``, ``INSERT 0 1``)."""
-    try:
-        return int(status.rsplit(" ", 1)[-1])
-    except (ValueError, AttributeError):
-        return 0

@@ -1,0 +1,37 @@
+"""What every part of the PostgreSQL journal shares: which driver errors mean "not now", and
+how a URL or a command status is read."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+# What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
+# InternalClientError too: on the stock event loop a connection the server has just terminated
+# can raise it ("cannot switch to state ...") instead of a connection error.
+DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def rowcount(status: str) -> int:
+    """The row count at the end of an asyncpg command status (``UPDATE 3``, ``INSERT 0 1``)."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except (ValueError, AttributeError):
+        return 0
