@@ -308,7 +308,9 @@ class WorkerPool:
     async def run(self) -> None:
         """Dispatch until ``stop()``; the long-lived task of the pool."""
         sweep_s = self.config.workers.sweep_interval_s
-        last_sweep = self.clock.monotonic()
+        # The first round is a sweep: it reads the paused sources before anything is claimed, so
+        # a node started while a source is paused holds its jobs like the others do.
+        last_sweep = self.clock.monotonic() - sweep_s
         while not self._stopping:
             timeout = sweep_s
             if self._next_due is not None:
