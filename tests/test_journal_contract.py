@@ -9,6 +9,8 @@ test_journal_postgres.py, and say so in their names.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +314,25 @@ async def test_recovery_leaves_the_running_processes_jobs_alone(journal: BaseJou
     recovery = await journal.recover("boot_now", 3)
     assert (recovery.requeued, recovery.dead) == (0, 0)
     assert (await journal.get_event(item.event.id)).state == "running"
+
+
+async def test_nodes_lists_this_process_with_its_running_jobs(journal: BaseJournal) -> None:
+    """``/stats`` shows the process on either backend: its host, pid and running jobs."""
+    items = [new_event() for _ in range(3)]
+    for item in items:
+        await journal.ingest(item)
+    await journal.claim([items[0].jobs[0].id, items[1].jobs[0].id], "boot_a")
+    mine = [n for n in await journal.nodes() if n.this]
+    assert len(mine) == 1
+    node = mine[0]
+    assert (node.host, node.pid, node.running, node.stale) == (
+        socket.gethostname(),
+        os.getpid(),
+        2,
+        False,
+    )
+    assert node.node_id.startswith("node_") and node.started_at <= node.heartbeat_at
+    assert await journal.nodes(limit=0) == []
 
 
 # -- operator actions ------------------------------------------------------------------------

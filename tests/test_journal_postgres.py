@@ -7,6 +7,7 @@ by several nodes has.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import asyncpg
@@ -60,6 +61,32 @@ async def test_pg_a_heartbeating_node_keeps_its_jobs_past_lease_s(pg_url: str) -
             recovery = await other.recover_lost()
             assert (recovery.requeued, recovery.dead) == (0, 0)
         assert (await other.get_event(item.event.id)).state == "running"
+
+
+async def test_pg_nodes_lists_every_node_and_marks_a_silent_one_stale(pg_url: str) -> None:
+    """Each node's ``/stats`` lists both nodes with their own running jobs; one silent past
+    lease_s shows stale, and one that stopped cleanly is gone."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as a:
+        async with node(pg_url, clock) as b:
+            items = [new_event() for _ in range(3)]
+            for item in items:
+                await a.ingest(item)
+            await a.claim([items[0].jobs[0].id], "boot_a")
+            await b.claim([items[1].jobs[0].id, items[2].jobs[0].id], "boot_b")
+            for journal in (a, b):
+                seen = {n.node_id: n for n in await journal.nodes()}
+                assert set(seen) == {a.node_id, b.node_id}
+                assert (seen[a.node_id].running, seen[b.node_id].running) == (1, 2)
+                assert [n.node_id for n in seen.values() if n.this] == [journal.node_id]
+                assert seen[b.node_id].pid == os.getpid() and seen[b.node_id].host
+                assert not any(n.stale for n in seen.values())
+            clock.advance(LEASE_S + 1)
+            await a.heartbeat()  # b falls silent
+            seen = {n.node_id: n for n in await a.nodes()}
+            assert (seen[a.node_id].stale, seen[b.node_id].stale) == (False, True)
+            await b.unclaim([items[1].jobs[0].id, items[2].jobs[0].id])
+        assert [n.node_id for n in await a.nodes()] == [a.node_id]
 
 
 async def test_pg_unclaim_after_losing_the_lease_changes_nothing(pg_url: str) -> None:

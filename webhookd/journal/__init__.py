@@ -58,6 +58,7 @@ from webhookd.journal.records import (
     LaneBacklog,
     NewEvent,
     NewJob,
+    NodeInfo,
     Pruned,
     Ready,
     Recovery,
@@ -65,7 +66,7 @@ from webhookd.journal.records import (
     Series,
 )
 from webhookd.journal.schema import EVENT_STATES, EXPIRED, MIGRATIONS, fetch, fetch_rows
-from webhookd.models import JobState
+from webhookd.models import JobState, new_boot_id
 
 __all__ = [
     "EVENT_STATES",
@@ -83,6 +84,7 @@ __all__ = [
     "LaneBacklog",
     "NewEvent",
     "NewJob",
+    "NodeInfo",
     "Pruned",
     "Ready",
     "Recovery",
@@ -137,6 +139,9 @@ class Journal(Reads, BaseJournal):
     ) -> None:
         self.path = Path(path)
         self.clock = clock
+        # Named as a PostgreSQL node is, so ``nodes()`` reads the same on both backends.
+        self.node_id = new_boot_id().replace("boot_", "node_")
+        self.opened_at = clock.time()
         # Called (synchronously, on the loop) with the jobs each committed ingest batch created.
         self.on_commit = on_commit
         self._writer: sqlite3.Connection | None = None  # used only on self._thread
@@ -168,6 +173,7 @@ class Journal(Reads, BaseJournal):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         _owner_only(self.path)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhookd-journal")
+        self.opened_at = self.clock.time()
         try:
             self._writer = await self._in_thread(self._open_writer)
             self._reader = await self._connect()

@@ -25,6 +25,7 @@ from webhookd.journal.records import (
     Lane,
     LaneBacklog,
     NewEvent,
+    NodeInfo,
     Pruned,
     Ready,
     Recovery,
@@ -222,6 +223,11 @@ class BaseJournal(ABC):
     @abstractmethod
     async def counts(self) -> Counts:
         """Jobs by state and by source, the oldest queued job's receive time, events."""
+
+    @abstractmethod
+    async def nodes(self, limit: int = 64) -> list[NodeInfo]:
+        """The processes working on this journal, oldest first, at most ``limit`` (this one
+        included; a node that stopped cleanly is gone, one that died shows ``stale``)."""
 
     @abstractmethod
     async def paused_sources(self) -> frozenset[str]:

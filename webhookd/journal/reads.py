@@ -6,6 +6,8 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from webhookd.journal.records import (
     EventSummary,
     Lane,
     LaneBacklog,
+    NodeInfo,
     Ready,
     Series,
 )
@@ -41,10 +44,13 @@ from webhookd.models import JobState, Priority, event_state
 
 
 class Reads:
-    """The read half of ``Journal``; it needs ``reader``, ``clock`` and ``path``."""
+    """The read half of ``Journal``; it needs ``reader``, ``clock``, ``path``, ``node_id`` and
+    ``opened_at``."""
 
     path: Path
     clock: Clock
+    node_id: str
+    opened_at: float
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -271,6 +277,26 @@ class Reads:
             with contextlib.suppress(FileNotFoundError):
                 total += path.stat().st_size
         return total
+
+    async def nodes(self, limit: int = 64) -> list[NodeInfo]:
+        """This process, the file's only node: its running jobs are every running job (those of
+        an earlier boot are re-queued at start)."""
+        if limit < 1:
+            return []
+        rows = await fetch(self.reader, "SELECT COUNT(*) FROM jobs WHERE state = 'running'")
+        now = self.clock.time()
+        return [
+            NodeInfo(
+                self.node_id,
+                socket.gethostname(),
+                os.getpid(),
+                self.opened_at,
+                now,
+                int(rows[0][0]),
+                this=True,
+                stale=False,
+            )
+        ]
 
     async def paused_sources(self) -> frozenset[str]:
         rows = await fetch(self.reader, "SELECT source FROM paused_sources")

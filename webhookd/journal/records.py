@@ -222,3 +222,36 @@ class Series:
     finished: tuple[int, ...]
     dead: tuple[int, ...]
     backlog: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One ``webhookd serve`` process working on the journal, as ``/stats`` shows it.
+
+    ``running`` counts the jobs the journal records as claimed by it; ``stale`` means it has
+    been silent past the lease, so another node is about to take its jobs back. A SQLite
+    journal has exactly one node: the process asking.
+    """
+
+    node_id: str
+    host: str
+    pid: int | None
+    started_at: float
+    heartbeat_at: float
+    running: int
+    this: bool
+    stale: bool
+
+    def summary(self, now: float) -> dict[str, Any]:
+        """The node as ``/stats`` and ``webhookd stats --json`` show it."""
+        return {
+            "node_id": self.node_id,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "heartbeat_at": self.heartbeat_at,
+            "heartbeat_age_s": round(max(now - self.heartbeat_at, 0.0), 3),
+            "running": self.running,
+            "this": self.this,
+            "stale": self.stale,
+        }

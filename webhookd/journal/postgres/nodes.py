@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -61,10 +63,13 @@ class PgNodes:
         now = self.clock.time()
         try:
             await self.pool.execute(
-                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES ($1, $2, $2)"
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid)"
+                " VALUES ($1, $2, $2, $3, $4)"
                 " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
                 self.node_id,
                 now,
+                socket.gethostname(),
+                os.getpid(),
             )
         except DB_ERRORS as exc:
             self.last_write_error = str(exc) or type(exc).__name__

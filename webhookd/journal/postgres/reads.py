@@ -14,6 +14,7 @@ from webhookd.journal.records import (
     EventSummary,
     Lane,
     LaneBacklog,
+    NodeInfo,
     Ready,
     Series,
 )
@@ -47,9 +48,12 @@ SELECT p, s, t FROM lane LIMIT $4
 
 
 class PgReads:
-    """The read half of ``PostgresJournal``; it needs ``fetch`` and ``clock``."""
+    """The read half of ``PostgresJournal``; it needs ``fetch``, ``clock``, ``node_id`` and
+    ``lease_s``."""
 
     clock: Clock
+    node_id: str
+    lease_s: float
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         raise NotImplementedError
@@ -207,6 +211,29 @@ class PgReads:
             list(TABLES),
         )
         return int(value)
+
+    async def nodes(self, limit: int = 64) -> list[NodeInfo]:
+        # Running jobs per node come from ``jobs_running``, one index range per node.
+        rows = await self.fetch(
+            "SELECT n.node_id, n.host, n.pid, n.started_at, n.heartbeat_at, (SELECT COUNT(*)"
+            " FROM jobs j WHERE j.state = 'running' AND j.node_id = n.node_id)"
+            " FROM nodes n ORDER BY n.started_at, n.node_id LIMIT $1",
+            limit,
+        )
+        silent_before = self.clock.time() - self.lease_s
+        return [
+            NodeInfo(
+                r[0],
+                r[1] or "",
+                r[2],
+                float(r[3]),
+                float(r[4]),
+                int(r[5]),
+                this=r[0] == self.node_id,
+                stale=float(r[4]) < silent_before,
+            )
+            for r in rows
+        ]
 
     async def paused_sources(self) -> frozenset[str]:
         rows = await self.fetch("SELECT source FROM paused_sources")

@@ -108,6 +108,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN filtered text;
     """,
+    # 2 → 3: where each node runs, for ``/stats`` (NULL for a node started before this).
+    """
+    ALTER TABLE nodes ADD COLUMN host text, ADD COLUMN pid integer;
+    """,
 )
 
 
