@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,22 @@ async def test_dashboard_charts_the_last_hour_and_shows_an_event_page_with_secre
         # New traffic reaches the chart without a reload.
         await accepted(running, "mail", '{"n": 4}')
         await page.wait_for(f"{total('accepted')} === '4'", timeout_s=30)
+
+
+async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlog(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """The nodes table shows the process serving the page (SQLite: the only node), its host and
+    pid, and the backlog the journal counts."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in"))
+    running = await run_daemon(cfg)
+    async with open_page(browser, running.admin_url + "/") as page:
+        row = "document.querySelector('#nodes tbody tr')"
+        text = await page.wait_for(f"{row}?.textContent")
+        cells = await page.evaluate(f"[...{row}.cells].map((c) => c.textContent)")
+        assert "(this)" in cells[0] and cells[0].startswith("node_")
+        assert (cells[1], cells[2]) == (socket.gethostname(), str(os.getpid()))
+        assert "STALE" not in text
+        assert await page.evaluate("document.querySelectorAll('#nodes tbody tr').length") == 1
+        backlog = "document.querySelector('#cluster-backlog').textContent"
+        assert await page.wait_for(f"{backlog} === 'cluster backlog 0'")

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import EVENT_STATES, BaseJournal, EventSummary
+from webhookd.journal import EVENT_STATES, BaseJournal, Counts, EventSummary
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
@@ -300,7 +300,21 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "intake": {"verify_failures": ctx.intake.verify_failures},
         "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
         "paused": sorted(await ctx.journal.paused_sources()),
+        "cluster": await cluster_stats(ctx.journal, counts, now),
         "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
+    }
+
+
+async def cluster_stats(journal: BaseJournal, counts: Counts, now: float) -> dict[str, Any]:
+    """The nodes working on the journal and its backlog as the database counts it (``backlog``
+    above is this process's running tally, which other nodes' intake and work do not move)."""
+    queued = counts.jobs_by_state.get("queued", 0)
+    running = counts.jobs_by_state.get("running", 0)
+    return {
+        "backlog": queued + running,
+        "queued": queued,
+        "running": running,
+        "nodes": [node.summary(now) for node in await journal.nodes()],
     }
 
 

@@ -337,8 +337,14 @@ def stats(config_path: str | None, as_json: bool) -> None:
             recent = await journal.activity(300)
             hour = await journal.activity(3600)
             paused = sorted(await journal.paused_sources())
-        now = time.time()
+            # The CLI is no node: a PostgreSQL journal lists it while it is open, SQLite's
+            # lists only it. The daemon's own view, when it answers, replaces this one.
+            now = time.time()
+            nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
         oldest = counts.oldest_queued_at
+        daemon = await _daemon_stats(cfg)
+        if daemon is not None and "cluster" in daemon:
+            nodes = daemon["cluster"]["nodes"]
         return {
             "events": counts.events,
             "backlog": counts.jobs_by_state.get("queued", 0)
@@ -350,7 +356,8 @@ def stats(config_path: str | None, as_json: bool) -> None:
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),
             "paused": paused,
-            "daemon": await _daemon_stats(cfg),
+            "nodes": nodes,
+            "daemon": daemon,
         }
 
     doc = _run(go)
@@ -414,6 +421,13 @@ def _stats_table(doc: dict[str, Any]) -> str:
             )
     else:
         lines.append("daemon         not reachable on the admin API (journal figures only)")
+    for node in doc["nodes"]:
+        state = "STALE" if node["stale"] else ("this" if node["this"] else "live")
+        lines.append(
+            f"node {node['node_id'][-12:]:<12} {node['host'] or '-'}:{node['pid'] or '-'}"
+            f"  running {node['running']}  heartbeat {_age(node['heartbeat_age_s'])} ago"
+            f"  {state}"
+        )
     states = list(doc["jobs"])
     lines.append("")
     lines.append(f"{'source':<24}" + "".join(f"{s:>10}" for s in states))

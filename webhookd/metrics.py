@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL
-from webhookd.journal import BaseJournal, Claimed, Counts, Finished
+from webhookd.journal import BaseJournal, Claimed, Counts, Finished, NodeInfo
 from webhookd.workers import WorkerPool
 
 ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -117,6 +117,7 @@ class Metrics:
         """The exposition text and its content type; reads the journal's counts first."""
         self._state.counts = await self.journal.counts()
         self._state.paused = await self.journal.paused_sources()
+        self._state.nodes = await self.journal.nodes()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -131,6 +132,7 @@ class _StateCollector(Collector):
         self.lanes = lanes
         self.counts: Counts | None = None
         self.paused: frozenset[str] = frozenset()
+        self.nodes: list[NodeInfo] = []
 
     def describe(self) -> list[Metric]:
         return []  # gauges appear only at scrape time: nothing to describe up front
@@ -153,6 +155,12 @@ class _StateCollector(Collector):
                 jobs.add_metric([state], n)
             yield jobs
             yield _gauge("webhookd_events", "Events in the journal.", counts.events)
+            yield _gauge(
+                "webhookd_cluster_backlog_jobs",
+                "Jobs queued or running in the journal, whichever node took or runs them.",
+                counts.jobs_by_state.get("queued", 0) + counts.jobs_by_state.get("running", 0),
+            )
+        yield from _node_metrics(self.nodes)
         paused = GaugeMetricFamily(
             "webhookd_source_paused",
             "1 for a source whose processing is paused.",
@@ -189,6 +197,24 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+def _node_metrics(nodes: list[NodeInfo]) -> Iterator[Metric]:
+    # One series per node the journal lists: nodes that stop are deleted (or forgotten after
+    # ten leases) and ``nodes()`` caps the list, so the label set stays bounded.
+    yield _gauge(
+        "webhookd_nodes",
+        "Nodes working on the journal whose heartbeat is within the lease.",
+        sum(1 for node in nodes if not node.stale),
+    )
+    running = GaugeMetricFamily(
+        "webhookd_node_running_jobs",
+        "Jobs each node runs now, as the journal records its claims.",
+        labels=["node"],
+    )
+    for node in nodes:
+        running.add_metric([node.node_id], node.running)
+    yield running
 
 
 def _lane_metrics(lanes: Mapping[str, Any]) -> Iterator[Metric]:

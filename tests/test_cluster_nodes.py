@@ -1,0 +1,106 @@
+"""What each node of a cluster shows about the others: ``/stats``, ``/metrics`` and
+``webhookd stats`` on two real ``webhookd serve`` processes sharing one PostgreSQL journal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from procs import DaemonProc, Procs, Target, get_json, poll
+from test_multinode import pg_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(120)]
+
+LEASE_S = 3
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Target]:
+    t = Target()
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+async def cluster(http: aiohttp.ClientSession, node: DaemonProc) -> dict[str, Any]:
+    status, doc = await get_json(http, f"{node.admin_url}/stats")
+    assert status == 200 and doc is not None, doc
+    view: dict[str, Any] = doc["cluster"]  # type: ignore[assignment]
+    return view
+
+
+async def metric(http: aiohttp.ClientSession, node: DaemonProc, name: str) -> dict[str, float]:
+    """Each series of ``name`` on the node's ``/metrics``, by its label text."""
+    async with http.get(f"{node.admin_url}/metrics") as r:
+        text = await r.text()
+    pattern = re.compile(rf"^{name}(\{{[^}}]*\}})? (\S+)$", re.M)
+    return {m.group(1) or "": float(m.group(2)) for m in pattern.finditer(text)}
+
+
+async def test_each_node_lists_both_nodes_and_a_killed_one_goes_stale_after_lease_s(
+    tmp_path: Path,
+    procs: Procs,
+    sink: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both nodes' ``/stats`` and ``/metrics`` list both (pid, host, running jobs) and the
+    backlog the database counts, whichever node took the webhooks; ``kill -9`` of one shows it
+    stale on the other once lease_s has passed, and its held job goes back to the survivor."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", sink.url, lease_s=LEASE_S)
+    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    sink.delay_s = 60  # deliveries hang: each node holds the jobs it claimed
+    for i in range(4):
+        body = json.dumps({"n": i, "nonce": uuid.uuid4().hex})
+        async with http.post(f"{(a, b)[i % 2].url}/hooks/shop", data=body) as r:
+            assert r.status == 202
+    await sink.wait_for(lambda: len(sink.arrivals) == 4)
+
+    pids = {a.pid, b.pid}
+    for node in (a, b):
+        view = await cluster(http, node)
+        assert {n["pid"] for n in view["nodes"]} == pids
+        assert [n["pid"] for n in view["nodes"] if n["this"]] == [node.pid]
+        assert all(n["host"] and not n["stale"] for n in view["nodes"])
+        assert sum(n["running"] for n in view["nodes"]) == 4
+        assert (view["backlog"], view["running"]) == (4, 4)
+        assert (await metric(http, node, "webhookd_nodes"))[""] == 2
+        running = await metric(http, node, "webhookd_node_running_jobs")
+        assert sorted(running) == sorted(f'{{node="{n["node_id"]}"}}' for n in view["nodes"])
+        assert sum(running.values()) == 4
+        assert (await metric(http, node, "webhookd_cluster_backlog_jobs"))[""] == 4
+
+    out = await procs.cli("stats", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert len(re.findall(r"^node \S+ .*running \d", out.stdout, re.M)) == 2, out.stdout
+
+    b_id = next(n["node_id"] for n in (await cluster(http, a))["nodes"] if n["pid"] == b.pid)
+    await b.kill9()
+
+    async def b_stale() -> bool:
+        nodes = {n["node_id"]: n for n in (await cluster(http, a))["nodes"]}
+        return b_id not in nodes or nodes[b_id]["stale"]
+
+    await poll(b_stale, timeout_s=6 * LEASE_S, interval_s=0.2)
+    assert (await metric(http, a, "webhookd_nodes"))[""] == 1
+    sink.release.set()  # the survivor may finish everything now, b's jobs included
+
+    async def drained() -> bool:
+        view = await cluster(http, a)
+        return view["backlog"] == 0
+
+    await poll(drained, timeout_s=6 * LEASE_S, interval_s=0.2)
+    a.signal(signal.SIGTERM)
+    assert await a.wait_exit() == 0
