@@ -32,6 +32,13 @@ SCENARIOS: dict[str, Scenario] = {
         "bench.burst", "40,000 webhooks at once: time to ack, time to process, lost, duplicates"
     ),
     "lanes": Scenario("bench.lanes", "RPM/TPM used vs configured, against the OpenAI stand-in"),
+    "lanes2": Scenario(
+        "bench.lanes2", "the lanes scenario with two nodes sharing a PostgreSQL journal"
+    ),
+    "fairness": Scenario(
+        "bench.fairness",
+        "a tenant's 10 jobs behind another's 10,000, and 8:4:1 classes: one node and two",
+    ),
     "chaos": Scenario("bench.chaos", "kill -9 at random moments under signed load; counts losses"),
     "backlog": Scenario(
         "bench.backlog", "peak RSS while draining a backlog of 1,000,000 queued events"

@@ -70,12 +70,14 @@ def measure(quick: bool = False, seconds: int | None = None) -> dict[str, Any]:
     env = {"BENCH_OPENAI_KEY": API_KEY}
     with placed() as cpu, running_webhookd(config(base_url), cpu=cpu, probe=False, env=env) as s:
         busy = Busy(s.proc.pid)
-        result = asyncio.run(_run(s.url, port, run_s))
+        result = asyncio.run(_run([s.url], port, run_s))
         result["other_cpu_pct"] = busy.other_pct()
     return result
 
 
-async def _run(url: str, port: int, run_s: float) -> dict[str, Any]:
+async def _run(urls: Sequence[str], port: int, run_s: float) -> dict[str, Any]:
+    """Serve the stand-in on `port`, post the jobs over the daemons at `urls` in turn, and
+    measure `run_s` from the first request the stand-in sees."""
     sys.path.insert(0, str(TESTS))
     from openai_standin import StandIn  # the tests' stand-in, on the path just set
 
@@ -92,7 +94,10 @@ async def _run(url: str, port: int, run_s: float) -> dict[str, Any]:
         prefix = tag()
         async with session(16) as http:
             await asyncio.gather(
-                *(post_one(http, url, _body(prefix, i), posts, i) for i in range(jobs))
+                *(
+                    post_one(http, urls[i % len(urls)], _body(prefix, i), posts, i)
+                    for i in range(jobs)
+                )
             )
         await standin.wait_received(1)
         await asyncio.sleep(run_s)  # the measurement itself: the lane runs on its own

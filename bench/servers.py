@@ -86,9 +86,16 @@ def webhookd_command() -> list[str]:
     return [sys.executable, "-m", "webhookd"]
 
 
-def webhookd_config(port: int, admin_port: int, journal: Path, body: str) -> str:
+JOURNAL_URL_ENV = "WEBHOOKD_JOURNAL_URL"
+
+
+def webhookd_config(
+    port: int, admin_port: int, journal: Path, body: str, *, shared: bool = False
+) -> str:
     """A webhookd config (TOML): receiver, admin and journal for this run, then `body` (the
-    sources, actions, lanes, workers…)."""
+    sources, actions, lanes, workers…). `shared`: the journal is the PostgreSQL database named
+    by the environment variable `JOURNAL_URL_ENV` (several nodes), not the file `journal`."""
+    where = f'url = "env:{JOURNAL_URL_ENV}"' if shared else f"path = {json.dumps(str(journal))}"
     return f"""\
 [server]
 listen = "127.0.0.1:{port}"
@@ -98,7 +105,7 @@ max_body_bytes = 1048576
 listen = "127.0.0.1:{admin_port}"
 
 [journal]
-path = {json.dumps(str(journal))}
+{where}
 
 [log]
 level = "warning"
@@ -138,13 +145,17 @@ def running_webhookd(
     probe: bool = True,
     env: dict[str, str] | None = None,
     before_start: Callable[[Path], None] | None = None,
+    journal_url: str | None = None,
 ) -> Iterator[Server]:
     """``webhookd serve`` with `body` as the rest of its config (see `webhookd_config`).
 
     `probe`: POST one webhook to ``/hooks/bench`` before yielding (leave it off when that would
     create a job the scenario counts). `env`: extra environment. `before_start`: called with the
-    config file before the daemon starts, e.g. to pause a source with the CLI.
+    config file before the daemon starts, e.g. to pause a source with the CLI. `journal_url`: a
+    PostgreSQL journal (shared with other nodes) instead of a file of its own.
     """
+    if journal_url is not None:
+        env = {**(env or {}), JOURNAL_URL_ENV: journal_url}
     with _running(
         target,
         cpu=cpu,
@@ -153,6 +164,7 @@ def running_webhookd(
         probe=probe,
         env=env,
         before_start=before_start,
+        shared=journal_url is not None,
     ) as server:
         yield server
 
@@ -167,6 +179,7 @@ def _running(
     probe: bool = True,
     env: dict[str, str] | None = None,
     before_start: Callable[[Path], None] | None = None,
+    shared: bool = False,
 ) -> Iterator[Server]:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{target.kind}-", dir=parent_dir))
     log_path = workdir / "server.log"
@@ -183,7 +196,7 @@ def _running(
             admin_port = free_port()
             config = workdir / "webhookd.toml"
             journal = workdir / "bench.db"
-            config.write_text(webhookd_config(port, admin_port, journal, body))
+            config.write_text(webhookd_config(port, admin_port, journal, body, shared=shared))
             cmd = [*webhookd_command(), "serve", "--config", str(config)]
             admin_url = f"http://127.0.0.1:{admin_port}"
             ready_url = f"{admin_url}/readyz"

@@ -1,8 +1,9 @@
 """``python -m bench all [--quick] [--json PATH] [--chart PATH]``: every scenario, one table.
 
-Runs intake, journal, dispatch, e2e, peers, burst, lanes and, when ``bench/backlog.py`` is present,
-backlog (not chaos: it tests guarantees, not speed), one after the other, each with its own fresh
-daemon or journal. A scenario that fails is reported as a FAILED line and the rest still run.
+Runs intake, journal, dispatch, e2e, peers, burst, lanes, lanes2 (two nodes on PostgreSQL),
+fairness (one node and two) and, when ``bench/backlog.py`` is present, backlog (not chaos: it
+tests guarantees, not speed), one after the other, each with its own fresh daemon or journal.
+A scenario that fails is reported as a FAILED line and the rest still run.
 Prints one table (scenario, metric, value, target, verdict) and the notes (a busy machine, a
 generator that was the bottleneck), writes everything as JSON (default
 ``bench/results/latest.json``) and draws a PNG chart (default ``bench/results/latest.png``;
@@ -30,7 +31,18 @@ from bench.machine import CpuMeter, describe
 from bench.table import Row, render, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("intake", "journal", "dispatch", "e2e", "peers", "burst", "lanes", "backlog")
+ORDER = (
+    "intake",
+    "journal",
+    "dispatch",
+    "e2e",
+    "peers",
+    "burst",
+    "lanes",
+    "lanes2",
+    "fairness",
+    "backlog",
+)
 # (events queued, jobs drained) full and quick: memory is about the backlog's size, and draining
 # all of a million would take most of the time budget.
 BACKLOG_SIZES = {False: (1_000_000, 100_000), True: (100_000, 10_000)}
@@ -182,6 +194,8 @@ RUNNERS: dict[str, Runner] = {
     "peers": run_module("peers"),
     "burst": run_module("burst"),
     "lanes": run_module("lanes"),
+    "lanes2": run_module("lanes2"),
+    "fairness": run_module("fairness"),
     "backlog": run_backlog,
 }
 
