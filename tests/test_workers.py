@@ -421,3 +421,24 @@ async def test_jobs_left_running_by_another_boot_are_recovered_or_poison_pilled(
     assert poisoned.state == JobState.DEAD
     assert "poison pill" in (poisoned.last_error or "")
     assert [a.outcome for a in poisoned.history] == ["interrupted"] * 3
+
+
+async def test_a_pool_started_while_a_source_is_paused_runs_none_of_its_jobs(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A node started after ``webhookd pause`` holds the source's new jobs from its first
+    round (not from its first sweep a second later), while other sources' jobs run."""
+    rig = await make_rig(forward_source("held", target.url) + forward_source("open", target.url))
+    await rig.journal.pause("held")
+    rig.journal.on_commit = rig.pool.notify
+    running = asyncio.create_task(rig.pool.run())
+    try:
+        await rig.ingest("held")
+        await rig.ingest("open")
+        await target.wait_for(lambda t: len(t.seen) >= 1, timeout_s=20)
+        assert [s.path for s in target.seen] == ["/open"]
+        assert (await rig.journal.counts()).jobs_by_state["queued"] == 1
+    finally:
+        rig.pool.stop()
+        rig.pool.poke()
+        await running
