@@ -79,6 +79,70 @@ async def test_pg_unclaim_after_losing_the_lease_changes_nothing(pg_url: str) ->
     assert (job.state, job.attempts) == (JobState.RUNNING, 2)
 
 
+async def test_pg_one_node_leads_and_another_takes_over_once_its_lease_has_passed(
+    pg_url: str,
+) -> None:
+    """Of two nodes only one runs maintenance; when it goes silent (killed, cut off) the other
+    takes over after lease_s, not before."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as first, node(pg_url, clock) as second:
+        assert (await first.lead(), await second.lead()) == (True, False)
+        assert (first.leads(), second.leads()) == (True, False)
+        clock.advance(LEASE_S / 2)
+        assert (await first.lead(), await second.lead()) == (True, False)  # renewed
+        clock.advance(LEASE_S - 1)  # first falls silent: its renewed lease still stands
+        assert (await second.lead(), first.leads()) == (False, True)
+        clock.advance(2)
+        assert not first.leads()  # it never believes it leads past its lease
+        assert (await second.lead(), second.leads()) == (True, True)
+        assert await first.lead() is False  # back from its pause: the lease is taken
+
+
+async def test_pg_a_leader_that_stops_cleanly_hands_over_at_once(pg_url: str) -> None:
+    """A node stopped with SIGTERM gives up the leader lease: the next node leads without
+    waiting for lease_s."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as stays:
+        async with node(pg_url, clock) as leaves:
+            assert (await leaves.lead(), await stays.lead()) == (True, False)
+        assert await stays.lead() is True
+
+
+async def test_pg_only_the_leader_recovers_a_silent_nodes_jobs(pg_url: str) -> None:
+    """A starting node that does not lead leaves lease recovery to the leader; the leader
+    re-queues the silent node's job once."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as dead, node(pg_url, clock) as leader:
+        item = new_event()
+        await dead.ingest(item)
+        await dead.claim([item.jobs[0].id], "boot_dead")
+        assert await leader.lead()
+        clock.advance(LEASE_S / 2)
+        assert await leader.lead()  # renewed; the other node stays silent
+        clock.advance(LEASE_S / 2 + 1)
+        async with node(pg_url, clock) as follower:
+            follows = await follower.recover("boot_f", 3)
+            leads = await leader.recover("boot_l", 3)
+        assert (follows.requeued, leads.requeued) == (0, 1)
+        assert (await leader.get_event(item.event.id)).jobs[0].state == JobState.QUEUED
+
+
+async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: str) -> None:
+    """With ``statement_cache_size = 0`` (transaction-mode PgBouncer before 1.21) a webhook is
+    journaled, claimed and finished, and no named statement is left on the server."""
+    clock = ManualClock(START)
+    journal = PostgresJournal(pg_url, clock=clock, lease_s=LEASE_S, statement_cache_size=0)
+    async with journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        assert len(await journal.claim([job_id], "boot")) == 1
+        await journal.finish([finished(job_id, JobState.DONE, "done", result={"ok": True})])
+        assert (await journal.get_event(item.event.id)).jobs[0].state == JobState.DONE
+        rows = await journal.fetch("SELECT count(*) FROM pg_prepared_statements")
+    assert rows[0][0] == 0
+
+
 async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url: str) -> None:
     """The database carries its schema version; one from a newer webhookd is refused clearly."""
     async with node(pg_url, ManualClock(START)):

@@ -80,6 +80,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         lease_s: float = 30.0,
         max_recoveries: int = 3,
         heartbeat_s: float | None = None,
+        statement_cache_size: int = 100,
     ) -> None:
         self.url = url
         self.clock = clock
@@ -88,6 +89,10 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         # Three heartbeats per lease: one lost or late heartbeat does not cost the node its jobs.
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(5.0, lease_s / 3)
         self.node_id = new_boot_id().replace("boot_", "node_")
+        # 0 turns asyncpg's prepared statements off, as PgBouncer before 1.21 in transaction
+        # mode needs (a statement prepared on one server connection is unknown on the next).
+        self.statement_cache_size = statement_cache_size
+        self._leader_until = 0.0
         self.on_commit: Callable[[list[Ready]], None] | None = None
         self.last_write_error: str | None = None
         self.writer_problem: str | None = None
@@ -121,6 +126,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
                 min_size=1,
                 max_size=POOL_SIZE,
                 server_settings=_SERVER_SETTINGS,
+                statement_cache_size=self.statement_cache_size,
                 timeout=10,  # to connect; a server that never answers is an error, not a hang
             )
             async with self._pool.acquire() as conn:
@@ -157,7 +163,10 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
             await self._writer
             self._writer = None
         if self._pool is not None:
-            # A clean stop gives up the node row: its jobs were finished or unclaimed by now.
+            # A clean stop gives up the node row (its jobs were finished or unclaimed by now)
+            # and the leader lease, so another node takes over maintenance without waiting.
+            with contextlib.suppress(*DB_ERRORS):
+                await self.resign()
             with contextlib.suppress(*DB_ERRORS):
                 await self._pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
         await self._close_pool()
@@ -358,10 +367,13 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         )
 
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
-        """At start: heartbeat, then re-queue what silent nodes left running. A restarted
-        process is a new node, so its own earlier jobs come back once their lease has passed."""
+        """At start: heartbeat, then, if this node leads, re-queue what silent nodes left
+        running. A restarted process is a new node, so its own earlier jobs come back once
+        their lease has passed (by the leader's lease loop if another node leads)."""
         self.max_recoveries = max_recoveries
         await self.heartbeat()
+        if not await self.lead():
+            return Recovery(requeued=0, dead=0)
         return await self.recover_lost()
 
     # -- operator actions --------------------------------------------------------------------
