@@ -7,10 +7,12 @@ by several nodes has.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import asyncpg
 import pytest
+from procs import poll
 from test_journal_contract import LEASE_S, START, finished, new_event
 
 from webhookd.clock import ManualClock
@@ -262,6 +264,42 @@ async def test_pg_readiness_follows_the_heartbeat_without_traffic(pg_url: str) -
             await admin.close()
         await journal.heartbeat()
         assert journal.last_write_error is None
+
+
+async def test_pg_an_outage_logs_one_short_line_as_it_begins_and_one_as_it_ends(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database refusing connections for a while leaves two warnings in the log (gone, back),
+    not a traceback or a warning for every retry."""
+    caplog.set_level(logging.DEBUG)
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+    journal = PostgresJournal(pg_url, lease_s=0.3)  # a heartbeat every 0.1 s
+    try:
+        async with journal:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            # Some 20 failed rounds: past asyncpg's own one-second retries of its pool floor.
+            await poll(lambda: _said(caplog, "heartbeat failed", 20), timeout_s=30)
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            await poll(lambda: _said(caplog, "available again", 1), timeout_s=30)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await admin.close()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(":")[0].split(" after")[0] for r in loud] == [
+        "journal unavailable",
+        "journal available again",
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def _said(caplog: pytest.LogCaptureFixture, text: str, times: int) -> bool:
+    return sum(text in r.getMessage() for r in caplog.records) >= times
 
 
 async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(

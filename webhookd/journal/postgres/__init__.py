@@ -38,7 +38,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import FinishOp, IngestOp, Op
-from webhookd.journal.postgres.db import DB_ERRORS, redact_url, rowcount
+from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
 from webhookd.journal.postgres.nodes import PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
@@ -93,6 +93,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         # mode needs (a statement prepared on one server connection is unknown on the next).
         self.statement_cache_size = statement_cache_size
         self._leader_until = 0.0
+        self._down_since: float | None = None  # when the current outage began (monotonic)
         self.on_commit: Callable[[list[Ready]], None] | None = None
         self.last_write_error: str | None = None
         self.writer_problem: str | None = None
@@ -120,6 +121,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        quiet_pool_retries()
         try:
             self._pool = await asyncpg.create_pool(
                 self.url,
@@ -195,9 +197,9 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
             async with self.pool.acquire() as conn, conn.transaction():
                 result = await fn(conn)
         except DB_ERRORS as exc:
-            self.last_write_error = str(exc) or type(exc).__name__
+            self.went_down(exc)
             raise JournalUnavailable(f"journal write failed: {exc}") from exc
-        self.last_write_error = None
+        self.came_back()
         self.commits += 1
         return result
 
@@ -253,7 +255,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         try:
             ingested, recorded = await self._write(fn)
         except JournalUnavailable as exc:
-            log.error("%s", exc)
+            log.debug("%s", exc)  # an outage is logged once, by went_down; each waiter hears it
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(exc)

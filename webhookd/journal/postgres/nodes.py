@@ -46,6 +46,7 @@ class PgNodes:
     last_write_error: str | None
     backlog_jobs: int
     _leader_until: float
+    _down_since: float | None
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
     _notify_wanted: asyncio.Event
@@ -79,9 +80,24 @@ class PgNodes:
                 now,
             )
         except DB_ERRORS as exc:
-            self.last_write_error = str(exc) or type(exc).__name__
+            self.went_down(exc)
             raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
+        self.came_back()
+
+    def went_down(self, exc: BaseException) -> None:
+        """A write failed: say so once per outage (the retries that follow stay at debug)."""
+        self.last_write_error = str(exc) or type(exc).__name__
+        if self._down_since is None:
+            self._down_since = self.clock.monotonic()
+            log.warning("journal unavailable: %s; retrying until it is back", self.last_write_error)
+
+    def came_back(self) -> None:
+        """A write succeeded: clear the error, and say the outage is over if there was one."""
         self.last_write_error = None
+        if self._down_since is not None:
+            down_s = self.clock.monotonic() - self._down_since
+            self._down_since = None
+            log.warning("journal available again after %.1f s", down_s)
 
     async def lead(self) -> bool:
         """Take or renew the leader lease (for ``lease_s``) if it is free, expired or already
@@ -97,6 +113,7 @@ class PgNodes:
                 self.lease_s,
             )
         except DB_ERRORS as exc:
+            self.went_down(exc)
             raise JournalUnavailable(f"journal leader lease failed: {exc}") from exc
         was = self.leads()
         # Counted from before the statement: this node never believes it leads for longer than
@@ -151,7 +168,7 @@ class PgNodes:
                 )
             except JournalUnavailable as exc:
                 self._leader_until = min(self._leader_until, self.clock.time())
-                log.warning("%s", exc)
+                log.debug("%s", exc)  # the outage itself was logged once, by went_down
                 continue
             if recovered.requeued and self.on_remote_jobs is not None:
                 self.on_remote_jobs()
