@@ -18,6 +18,7 @@ from test_journal_contract import LEASE_S, START, finished, new_event
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal.postgres import PostgresJournal, redact_url
+from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.models import JobState
 
@@ -143,6 +144,26 @@ async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: s
         assert (await journal.get_event(item.event.id)).jobs[0].state == JobState.DONE
         rows = await journal.fetch("SELECT count(*) FROM pg_prepared_statements")
     assert rows[0][0] == 0
+
+
+async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url: str) -> None:
+    """Counting the backlog (every node, every heartbeat) stays cheap however many finished
+    jobs the table holds: it reads the queued/running partial indexes, never the whole table."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        await journal.ingest(new_event())
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
+                " max_attempts) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward', 'done', 1,"
+                " 0, 3 FROM generate_series(1, 20000) g"
+            )
+            await conn.execute("VACUUM ANALYZE jobs")
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {BACKLOG_SQL}")
+        finally:
+            await conn.close()
+        assert await journal.backlog() == 1
+    assert '"Seq Scan"' not in plan and '"Index Only Scan"' in plan
 
 
 async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url: str) -> None:

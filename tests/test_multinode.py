@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import uuid
@@ -39,12 +40,15 @@ async def downstream() -> AsyncIterator[Target]:
         await t.aclose()
 
 
-def pg_config(path: Path, target_url: str, *, lease_s: float = 5, workers: str = "") -> Path:
+def pg_config(
+    path: Path, target_url: str, *, lease_s: float = 5, workers: str = "", server: str = ""
+) -> Path:
     """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
     path.write_text(
         f"""\
 [server]
 listen = "127.0.0.1:0"
+{server}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -201,6 +205,38 @@ async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_wait
     for daemon in (busy, idle):
         daemon.signal(signal.SIGTERM)
     assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]
+
+
+async def test_max_backlog_counts_the_jobs_queued_through_every_node(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``server.max_backlog`` is a cluster figure: a node that took no webhook itself answers
+    503 once the jobs queued through another node fill the backlog, within a few seconds."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=3, server="max_backlog = 5")
+    busy, other = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    downstream.delay_s = 60  # the jobs stay running: in the backlog until released
+    for i in range(5):
+        status, _ = await post(http, busy.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        assert status == 202
+
+    async def other_sees_five() -> bool:
+        async with http.get(f"{other.admin_url}/metrics") as r:
+            text = await r.text()
+            return re.search(r"^webhookd_backlog_jobs 5(\.0)?$", text, re.M) is not None
+
+    await poll(other_sees_five, timeout_s=20, interval_s=0.1)
+    async with http.post(f"{other.url}/hooks/shop", data="{}", headers=JSON) as r:
+        assert (r.status, (await r.json())["error"]) == (503, "backlog full")
+    downstream.release.set()
+    for daemon in (busy, other):
+        daemon.signal(signal.SIGTERM)
+    assert [await busy.wait_exit(), await other.wait_exit()] == [0, 0]
 
 
 async def test_database_refusing_connections_gets_503_and_not_ready_then_recovers(
