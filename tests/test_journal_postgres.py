@@ -17,7 +17,7 @@ from test_journal_contract import LEASE_S, START, finished, new_event
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
-from webhookd.journal.postgres import PostgresJournal, redact_url
+from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.models import JobState
@@ -164,6 +164,43 @@ async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url
             await conn.close()
         assert await journal.backlog() == 1
     assert '"Seq Scan"' not in plan and '"Index Only Scan"' in plan
+
+
+async def test_pg_maintenance_rebuilds_the_queue_indexes_once_per_period_across_nodes(
+    pg_url: str,
+) -> None:
+    """The queue's partial indexes, grown by the jobs that passed through, are rebuilt small
+    when a rebuild is due (one node does it for the cluster), and not again until the next."""
+    clock = ManualClock(START)
+
+    async def lane_index(conn: asyncpg.Connection) -> tuple[int, int]:
+        row = await conn.fetchrow(
+            "SELECT relfilenode, pg_relation_size(oid) FROM pg_class WHERE relname = 'jobs_lane'"
+        )
+        return int(row[0]), int(row[1])
+
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for _ in range(6):
+                items = [new_event(body=b"{}") for _ in range(200)]
+                await asyncio.gather(*(a.ingest(item) for item in items))
+                claimed = await a.claim([i.jobs[0].id for i in items], "b")
+                await a.finish([finished(c.job.id, JobState.DONE, "done") for c in claimed])
+            await conn.execute("VACUUM jobs")
+            grown = await lane_index(conn)
+            assert await a.maintain() == 0
+            rebuilt = await lane_index(conn)
+            assert await b.maintain() == 0  # not due again: the other node leaves it
+            assert await lane_index(conn) == rebuilt
+            clock.advance(REINDEX_EVERY_S + 1)
+            await b.maintain()
+            again = await lane_index(conn)
+            invalid = await conn.fetchval("SELECT count(*) FROM pg_index WHERE NOT indisvalid")
+        finally:
+            await conn.close()
+    assert rebuilt[0] != grown[0] and rebuilt[1] < grown[1]
+    assert again[0] != rebuilt[0] and invalid == 0
 
 
 async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url: str) -> None:

@@ -64,6 +64,9 @@ __all__ = ["PostgresJournal", "redact_url"]
 log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
+# The partial indexes every claim and ready read walks, rebuilt this often (see ``maintain``).
+QUEUE_INDEXES = ("jobs_due", "jobs_lane", "jobs_running", "jobs_order")
+REINDEX_EVERY_S = 6 * 3600.0
 POOL_SIZE = 10
 _SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
 _T = TypeVar("_T")
@@ -471,9 +474,40 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         return await self._write(fn)
 
     async def maintain(self) -> int:
-        """Nothing to do by hand: autovacuum reclaims what prune deleted (the job table is tuned
-        for a queue in its migration)."""
+        """Rebuild the queue's partial indexes when they are due (every ``REINDEX_EVERY_S``,
+        cluster-wide; the leader's retention round calls this). Autovacuum reclaims the rows
+        prune deleted (the job table is tuned for a queue in its migration), but an index
+        through which many jobs passed keeps its pages: 100,000 jobs through a queue of 2,000
+        leave ``jobs_lane`` at 800 pages instead of 15, and its scans twice as slow."""
+        now = self.clock.time()
+        due = await self._write(
+            lambda conn: conn.fetchval(
+                "UPDATE leader SET node_id = $1, expires_at = $2::double precision + $3"
+                " WHERE name = 'reindex' AND expires_at < $2 RETURNING true",
+                self.node_id,
+                now,
+                REINDEX_EVERY_S,
+            )
+        )
+        if due:
+            await self.reindex_queue()
         return 0
+
+    async def reindex_queue(self) -> None:
+        """``REINDEX INDEX CONCURRENTLY`` each of the queue's partial indexes: no lock that
+        stops claims or ingests. A rebuild that failed half way leaves an invalid copy behind;
+        those are dropped first."""
+        try:
+            leftovers = await self.pool.fetch(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE i.indrelid = 'jobs'::regclass AND NOT i.indisvalid"
+            )
+            for row in leftovers:
+                await self.pool.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{row[0]}"')
+            for index in QUEUE_INDEXES:
+                await self.pool.execute(f"REINDEX INDEX CONCURRENTLY {index}")
+        except DB_ERRORS as exc:
+            raise JournalUnavailable(f"journal reindex failed: {exc}") from exc
 
     # -- liveness ----------------------------------------------------------------------------
 

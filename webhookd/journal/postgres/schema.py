@@ -109,15 +109,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN filtered text;
     """,
     # 2 → 3: the leader lease. One node at a time runs the cluster's maintenance (lease recovery,
-    # retention); it holds this row until ``expires_at`` and renews it, so a dead leader is
-    # replaced once its lease has passed.
+    # retention); it holds the 'maintenance' row until ``expires_at`` and renews it, so a dead
+    # leader is replaced once its lease has passed. The 'reindex' row's ``expires_at`` is when
+    # the queue's partial indexes are next rebuilt, whichever node leads then.
     """
     CREATE TABLE leader (
         name       text PRIMARY KEY,
         node_id    text NOT NULL,
         expires_at double precision NOT NULL
     );
-    INSERT INTO leader (name, node_id, expires_at) VALUES ('maintenance', '', 0);
+    INSERT INTO leader (name, node_id, expires_at)
+        VALUES ('maintenance', '', 0), ('reindex', '', 0);
     """,
 )
 
