@@ -46,6 +46,10 @@ SCENARIOS: dict[str, Scenario] = {
     "journal": Scenario(
         "bench.journal", "journal cost per webhook as the journal grows (0, 100k, 300k events)"
     ),
+    "pg": Scenario(
+        "bench.pg",
+        "PostgreSQL journal, one and two nodes, beside SQLite: intake and end to end",
+    ),
     "all": Scenario(
         "bench.suite", "every scenario but chaos: one table, JSON and a PNG chart (--quick)"
     ),

@@ -7,16 +7,19 @@ by several nodes has.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
 import asyncpg
 import pytest
+from procs import poll
 from test_journal_contract import LEASE_S, START, finished, new_event
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
-from webhookd.journal.postgres import PostgresJournal, redact_url
+from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, redact_url
+from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.models import JobState
 
@@ -104,6 +107,127 @@ async def test_pg_unclaim_after_losing_the_lease_changes_nothing(pg_url: str) ->
         await old.unclaim([job_id])
         job = (await new.get_event(item.event.id)).jobs[0]
     assert (job.state, job.attempts) == (JobState.RUNNING, 2)
+
+
+async def test_pg_one_node_leads_and_another_takes_over_once_its_lease_has_passed(
+    pg_url: str,
+) -> None:
+    """Of two nodes only one runs maintenance; when it goes silent (killed, cut off) the other
+    takes over after lease_s, not before."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as first, node(pg_url, clock) as second:
+        assert (await first.lead(), await second.lead()) == (True, False)
+        assert (first.leads(), second.leads()) == (True, False)
+        clock.advance(LEASE_S / 2)
+        assert (await first.lead(), await second.lead()) == (True, False)  # renewed
+        clock.advance(LEASE_S - 1)  # first falls silent: its renewed lease still stands
+        assert (await second.lead(), first.leads()) == (False, True)
+        clock.advance(2)
+        assert not first.leads()  # it never believes it leads past its lease
+        assert (await second.lead(), second.leads()) == (True, True)
+        assert await first.lead() is False  # back from its pause: the lease is taken
+
+
+async def test_pg_a_leader_that_stops_cleanly_hands_over_at_once(pg_url: str) -> None:
+    """A node stopped with SIGTERM gives up the leader lease: the next node leads without
+    waiting for lease_s."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as stays:
+        async with node(pg_url, clock) as leaves:
+            assert (await leaves.lead(), await stays.lead()) == (True, False)
+        assert await stays.lead() is True
+
+
+async def test_pg_only_the_leader_recovers_a_silent_nodes_jobs(pg_url: str) -> None:
+    """A starting node that does not lead leaves lease recovery to the leader; the leader
+    re-queues the silent node's job once."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as dead, node(pg_url, clock) as leader:
+        item = new_event()
+        await dead.ingest(item)
+        await dead.claim([item.jobs[0].id], "boot_dead")
+        assert await leader.lead()
+        clock.advance(LEASE_S / 2)
+        assert await leader.lead()  # renewed; the other node stays silent
+        clock.advance(LEASE_S / 2 + 1)
+        async with node(pg_url, clock) as follower:
+            follows = await follower.recover("boot_f", 3)
+            leads = await leader.recover("boot_l", 3)
+        assert (follows.requeued, leads.requeued) == (0, 1)
+        assert (await leader.get_event(item.event.id)).jobs[0].state == JobState.QUEUED
+
+
+async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: str) -> None:
+    """With ``statement_cache_size = 0`` (transaction-mode PgBouncer before 1.21) a webhook is
+    journaled, claimed and finished, and no named statement is left on the server."""
+    clock = ManualClock(START)
+    journal = PostgresJournal(pg_url, clock=clock, lease_s=LEASE_S, statement_cache_size=0)
+    async with journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        assert len(await journal.claim([job_id], "boot")) == 1
+        await journal.finish([finished(job_id, JobState.DONE, "done", result={"ok": True})])
+        assert (await journal.get_event(item.event.id)).jobs[0].state == JobState.DONE
+        rows = await journal.fetch("SELECT count(*) FROM pg_prepared_statements")
+    assert rows[0][0] == 0
+
+
+async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url: str) -> None:
+    """Counting the backlog (every node, every heartbeat) stays cheap however many finished
+    jobs the table holds: it reads the queued/running partial indexes, never the whole table."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        await journal.ingest(new_event())
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
+                " max_attempts) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward', 'done', 1,"
+                " 0, 3 FROM generate_series(1, 20000) g"
+            )
+            await conn.execute("VACUUM ANALYZE jobs")
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {BACKLOG_SQL}")
+        finally:
+            await conn.close()
+        assert await journal.backlog() == 1
+    assert '"Seq Scan"' not in plan and '"Index Only Scan"' in plan
+
+
+async def test_pg_maintenance_rebuilds_the_queue_indexes_once_per_period_across_nodes(
+    pg_url: str,
+) -> None:
+    """The queue's partial indexes, grown by the jobs that passed through, are rebuilt small
+    when a rebuild is due (one node does it for the cluster), and not again until the next."""
+    clock = ManualClock(START)
+
+    async def lane_index(conn: asyncpg.Connection) -> tuple[int, int]:
+        row = await conn.fetchrow(
+            "SELECT relfilenode, pg_relation_size(oid) FROM pg_class WHERE relname = 'jobs_lane'"
+        )
+        return int(row[0]), int(row[1])
+
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for _ in range(6):
+                items = [new_event(body=b"{}") for _ in range(200)]
+                await asyncio.gather(*(a.ingest(item) for item in items))
+                claimed = await a.claim([i.jobs[0].id for i in items], "b")
+                await a.finish([finished(c.job.id, JobState.DONE, "done") for c in claimed])
+            await conn.execute("VACUUM jobs")
+            grown = await lane_index(conn)
+            assert await a.maintain() == 0
+            rebuilt = await lane_index(conn)
+            assert await b.maintain() == 0  # not due again: the other node leaves it
+            assert await lane_index(conn) == rebuilt
+            clock.advance(REINDEX_EVERY_S + 1)
+            await b.maintain()
+            again = await lane_index(conn)
+            invalid = await conn.fetchval("SELECT count(*) FROM pg_index WHERE NOT indisvalid")
+        finally:
+            await conn.close()
+    assert rebuilt[0] != grown[0] and rebuilt[1] < grown[1]
+    assert again[0] != rebuilt[0] and invalid == 0
 
 
 async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url: str) -> None:
@@ -225,6 +349,42 @@ async def test_pg_readiness_follows_the_heartbeat_without_traffic(pg_url: str) -
             await admin.close()
         await journal.heartbeat()
         assert journal.last_write_error is None
+
+
+async def test_pg_an_outage_logs_one_short_line_as_it_begins_and_one_as_it_ends(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database refusing connections for a while leaves two warnings in the log (gone, back),
+    not a traceback or a warning for every retry."""
+    caplog.set_level(logging.DEBUG)
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+    journal = PostgresJournal(pg_url, lease_s=0.3)  # a heartbeat every 0.1 s
+    try:
+        async with journal:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            # Some 20 failed rounds: past asyncpg's own one-second retries of its pool floor.
+            await poll(lambda: _said(caplog, "heartbeat failed", 20), timeout_s=30)
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            await poll(lambda: _said(caplog, "available again", 1), timeout_s=30)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await admin.close()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(":")[0].split(" after")[0] for r in loud] == [
+        "journal unavailable",
+        "journal available again",
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def _said(caplog: pytest.LogCaptureFixture, text: str, times: int) -> bool:
+    return sum(text in r.getMessage() for r in caplog.records) >= times
 
 
 async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,15 @@ async def downstream() -> AsyncIterator[Target]:
         await t.aclose()
 
 
-def pg_config(path: Path, target_url: str, *, lease_s: float = 5, workers: str = "") -> Path:
+def pg_config(
+    path: Path, target_url: str, *, lease_s: float = 5, workers: str = "", server: str = ""
+) -> Path:
     """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
     path.write_text(
         f"""\
 [server]
 listen = "127.0.0.1:0"
+{server}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -201,6 +207,38 @@ async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_wait
     assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]
 
 
+async def test_max_backlog_counts_the_jobs_queued_through_every_node(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``server.max_backlog`` is a cluster figure: a node that took no webhook itself answers
+    503 once the jobs queued through another node fill the backlog, within a few seconds."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=3, server="max_backlog = 5")
+    busy, other = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    downstream.delay_s = 60  # the jobs stay running: in the backlog until released
+    for i in range(5):
+        status, _ = await post(http, busy.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        assert status == 202
+
+    async def other_sees_five() -> bool:
+        async with http.get(f"{other.admin_url}/metrics") as r:
+            text = await r.text()
+            return re.search(r"^webhookd_backlog_jobs 5(\.0)?$", text, re.M) is not None
+
+    await poll(other_sees_five, timeout_s=20, interval_s=0.1)
+    async with http.post(f"{other.url}/hooks/shop", data="{}", headers=JSON) as r:
+        assert (r.status, (await r.json())["error"]) == (503, "backlog full")
+    downstream.release.set()
+    for daemon in (busy, other):
+        daemon.signal(signal.SIGTERM)
+    assert [await busy.wait_exit(), await other.wait_exit()] == [0, 0]
+
+
 async def test_database_refusing_connections_gets_503_and_not_ready_then_recovers(
     tmp_path: Path,
     procs: Procs,
@@ -345,6 +383,81 @@ async def test_postgresql_restarted_under_load_loses_no_acknowledged_webhook(
     for daemon in nodes:
         daemon.signal(signal.SIGTERM)
     assert [await nodes[0].wait_exit(), await nodes[1].wait_exit()] == [0, 0]
+
+
+@pytest.mark.timeout(180)
+async def test_chaos_repeated_kill9s_across_three_nodes_lose_no_acknowledged_webhook(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three nodes under a steady stream; a random one is ``kill -9``-ed and restarted with the
+    same config five times: every acknowledged webhook is one event whose job ends done, and
+    is delivered at least once."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
+    downstream.delay_s = 0.2  # deliveries in flight when a node dies
+    nodes = list(await asyncio.gather(*(procs.serve(cfg) for _ in range(3))))
+    acked: list[str] = []
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def sender(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            body = json.dumps({"sender": k, "i": i, "nonce": uuid.uuid4().hex})
+            i += 1
+            try:
+                status, doc = await post(http, nodes[(k + i) % 3].url, body)
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)  # a dead node: the provider would retry elsewhere
+                continue
+            statuses.append(status)
+            if 200 <= status < 300:
+                acked.append(doc["id"])
+            elif status == 503:
+                await asyncio.sleep(0.05)
+
+    chance = random.Random(14)
+    kills = []
+    senders = [asyncio.create_task(sender(k)) for k in range(6)]
+    try:
+        for _ in range(5):
+            await poll(partial(_acked_since, acked, len(acked) + 30), timeout_s=30)
+            k = chance.randrange(3)
+            kills.append(k)
+            await nodes[k].kill9()
+            nodes[k] = await procs.serve(cfg)
+        await poll(partial(_acked_since, acked, len(acked) + 30), timeout_s=30)
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+    assert set(statuses) <= {202, 503}, set(statuses)
+    assert len(kills) == 5 and len(acked) >= 180
+    # Jobs the killed nodes held come back after lease_s, under whichever node leads now.
+    await downstream.wait_for(lambda: set(acked) <= set(downstream.ids), timeout_s=60)
+    conn = await asyncpg.connect(pg_url)
+    try:
+
+        async def all_done() -> bool:
+            rows = await conn.fetch(
+                "SELECT j.event_id, j.state FROM jobs j WHERE j.event_id = ANY($1::text[])", acked
+            )
+            return len(rows) == len(acked) and {r["state"] for r in rows} == {"done"}
+
+        await poll(all_done, timeout_s=60, interval_s=0.2)
+        events = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE id = ANY($1::text[])", acked
+        )
+    finally:
+        await conn.close()
+    assert events == len(acked) == len(set(acked))  # each acknowledged webhook is one event
+    for daemon in nodes:
+        daemon.signal(signal.SIGTERM)
+    assert [await d.wait_exit() for d in nodes] == [0, 0, 0]
 
 
 async def _acked_since(acked: list[str], n: int) -> bool:

@@ -291,7 +291,9 @@ class Daemon:
         while True:
             await asyncio.sleep(jc.prune_interval_s)
             try:
-                events, dedup = await prune_expired(journal, jc)
+                events = dedup = 0
+                if journal.leads():  # else another node of the cluster prunes
+                    events, dedup = await prune_expired(journal, jc)
                 await journal.refresh_backlog()
             except JournalError as exc:  # a full disk, a failed read: the next round tries again
                 log.warning("retention skipped this round: %s", exc)

@@ -223,6 +223,8 @@ class JournalConfig:
     # A PostgreSQL journal shared by several nodes instead of the SQLite file.
     url: Secret | None = None
     lease_s: float = setting(30.0, positive=True)
+    # asyncpg's prepared-statement cache per connection; 0 for PgBouncer < 1.21 (transaction mode).
+    statement_cache_size: int = setting(100, minimum=0)
     keep_done_h: float = setting(24.0, minimum=0)
     keep_dead_d: float = setting(14.0, minimum=0)
     keep_dedup_d: float = setting(7.0, minimum=0)

@@ -762,6 +762,10 @@ def open_journal(
 
         check_journal_url(cfg.url, "journal.url")  # an env: URL is read only now (the CLI)
         return PostgresJournal(
-            cfg.url.reveal(), clock=clock, lease_s=cfg.lease_s, max_recoveries=max_recoveries
+            cfg.url.reveal(),
+            clock=clock,
+            lease_s=cfg.lease_s,
+            max_recoveries=max_recoveries,
+            statement_cache_size=cfg.statement_cache_size,
         )
     return Journal(cfg.path, clock=clock)

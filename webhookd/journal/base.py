@@ -116,6 +116,12 @@ class BaseJournal(ABC):
         """Re-queue jobs whose runner is gone (an earlier boot, a node past its lease); a job
         recovered ``max_recoveries`` times goes to ``dead`` (the poison-pill rule)."""
 
+    def leads(self) -> bool:
+        """Whether this process should run the cluster's maintenance (retention) now: always
+        for a journal one process owns; for a shared one, while this node holds the leader
+        lease (renewed by the journal itself)."""
+        return True
+
     async def refresh_backlog(self) -> int:
         self.backlog_jobs = await self.backlog()
         return self.backlog_jobs

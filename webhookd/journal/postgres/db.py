@@ -3,6 +3,7 @@ how a URL or a command status is read."""
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -17,6 +18,23 @@ DB_ERRORS = (
     OSError,
     TimeoutError,
 )
+
+
+class _QuietFloorRetries(logging.Filter):
+    """asyncpg's pool logs a warning with a traceback on every retry to restore its connection
+    floor while the server is down: a traceback a second for as long as an outage lasts. The
+    journal says once that the database is gone and once that it is back; these retries go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, DB_ERRORS) and "connection floor" in record.getMessage())
+
+
+def quiet_pool_retries() -> None:
+    """Install the filter on asyncpg's pool logger (once, however many journals open)."""
+    logger = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _QuietFloorRetries) for f in logger.filters):
+        logger.addFilter(_QuietFloorRetries())
 
 
 def redact_url(url: str) -> str:

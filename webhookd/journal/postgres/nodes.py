@@ -1,6 +1,13 @@
 """A PostgreSQL journal's life as a node: its heartbeat (the lease on every job it runs), the
-recovery of silent nodes' jobs, and the wake-ups between nodes (LISTEN on a connection of its
-own, NOTIFY after commits that made jobs ready)."""
+leader lease and the maintenance only its holder runs (recovery of silent nodes' jobs,
+retention), the cluster-wide backlog count, and the wake-ups between nodes (LISTEN on a
+connection of its own, NOTIFY after commits that made jobs ready).
+
+Hazard: leadership is a lease, not a lock. A leader cut off from the database (or paused past
+its lease) may still believe it leads for a moment while another node has taken over; the
+maintenance it runs is safe twice (``FOR UPDATE SKIP LOCKED``, idempotent deletes), so the
+lease only saves redundant work and never guards correctness.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -40,6 +47,8 @@ class PgNodes:
     heartbeat_s: float
     last_write_error: str | None
     backlog_jobs: int
+    _leader_until: float
+    _down_since: float | None
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
     _notify_wanted: asyncio.Event
@@ -53,6 +62,10 @@ class PgNodes:
 
     async def release_doubtful(self) -> int:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # PgReads supplies it; a stub here would shadow it in the MRO
+
+        async def backlog(self) -> int: ...
 
     async def record_pending(self) -> int:
         raise NotImplementedError
@@ -72,9 +85,60 @@ class PgNodes:
                 os.getpid(),
             )
         except DB_ERRORS as exc:
-            self.last_write_error = str(exc) or type(exc).__name__
+            self.went_down(exc)
             raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
+        self.came_back()
+
+    def went_down(self, exc: BaseException) -> None:
+        """A write failed: say so once per outage (the retries that follow stay at debug)."""
+        self.last_write_error = str(exc) or type(exc).__name__
+        if self._down_since is None:
+            self._down_since = self.clock.monotonic()
+            log.warning("journal unavailable: %s; retrying until it is back", self.last_write_error)
+
+    def came_back(self) -> None:
+        """A write succeeded: clear the error, and say the outage is over if there was one."""
         self.last_write_error = None
+        if self._down_since is not None:
+            down_s = self.clock.monotonic() - self._down_since
+            self._down_since = None
+            log.warning("journal available again after %.1f s", down_s)
+
+    async def lead(self) -> bool:
+        """Take or renew the leader lease (for ``lease_s``) if it is free, expired or already
+        ours, in one statement; returns whether this node now leads."""
+        now = self.clock.time()
+        try:
+            held = await self.pool.fetchval(
+                "UPDATE leader SET node_id = $1, expires_at = $2::double precision + $3"
+                " WHERE name = 'maintenance' AND (expires_at < $2 OR node_id = $1)"
+                " RETURNING true",
+                self.node_id,
+                now,
+                self.lease_s,
+            )
+        except DB_ERRORS as exc:
+            self.went_down(exc)
+            raise JournalUnavailable(f"journal leader lease failed: {exc}") from exc
+        was = self.leads()
+        # Counted from before the statement: this node never believes it leads for longer than
+        # the row says, whatever the round trip took.
+        self._leader_until = now + self.lease_s if held else 0.0
+        if self.leads() != was:
+            state = "leads" if held else "no longer leads"
+            log.info("this node %s the cluster's maintenance", state)
+        return bool(held)
+
+    def leads(self) -> bool:
+        return self.clock.time() < self._leader_until
+
+    async def resign(self) -> None:
+        """Give the leader lease up at once (a clean stop): the next node need not wait."""
+        self._leader_until = 0.0
+        await self.pool.execute(
+            "UPDATE leader SET expires_at = 0 WHERE name = 'maintenance' AND node_id = $1",
+            self.node_id,
+        )
 
     async def recover_lost(self) -> Recovery:
         """Re-queue the running jobs of nodes silent past ``lease_s``; forget long-gone nodes."""
@@ -92,18 +156,24 @@ class PgNodes:
         return await self._write(fn)
 
     async def _lease_loop(self) -> None:
-        """Heartbeat, and take over the jobs of silent nodes. A database outage is survived:
-        the next round tries again (and this node's own jobs are re-queued by the others if it
-        stays cut off past its lease)."""
+        """Heartbeat, recount the cluster's backlog, and, while leading, take over the jobs of
+        silent nodes. A database outage is survived: the next round tries again (and this
+        node's own jobs are re-queued by the others if it stays cut off past its lease)."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
                 await self.release_doubtful()
                 await self.record_pending()
-                recovered = await self.recover_lost()
+                # Every node's backpressure reads the whole cluster's backlog, not its own
+                # writes: one index-only count over the queued/running partial indexes.
+                self.backlog_jobs = await self.backlog()
+                recovered = (
+                    await self.recover_lost() if await self.lead() else Recovery(requeued=0, dead=0)
+                )
             except JournalUnavailable as exc:
-                log.warning("%s", exc)
+                self._leader_until = min(self._leader_until, self.clock.time())
+                log.debug("%s", exc)  # the outage itself was logged once, by went_down
                 continue
             if recovered.requeued and self.on_remote_jobs is not None:
                 self.on_remote_jobs()

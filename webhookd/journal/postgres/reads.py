@@ -28,10 +28,26 @@ from webhookd.journal.schema import (
 )
 from webhookd.models import JobState, Priority, event_state
 
-TABLES = ("events", "dedup", "jobs", "attempts", "paused_sources", "nodes", "webhookd_schema")
+TABLES = (
+    "events",
+    "dedup",
+    "jobs",
+    "attempts",
+    "paused_sources",
+    "nodes",
+    "leader",
+    "webhookd_schema",
+)
 
 # The lanes (priority, source, tenant) holding queued jobs after a cursor, in index order: a
 # loose index scan, one seek on ``jobs_lane`` per lane however many jobs each holds.
+# Every node runs this with each heartbeat: two index-only counts over the queue's partial
+# indexes. ``state IN ('queued', 'running')`` would scan the whole table, finished jobs and all
+# (150 ms at 500,000 done jobs, against 0.4 ms).
+BACKLOG_SQL = (
+    "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued')"
+    " + (SELECT COUNT(*) FROM jobs WHERE state = 'running')"
+)
 _LANES_SQL = """
 WITH RECURSIVE lane(p, s, t) AS (
   (SELECT priority, source, tenant FROM jobs WHERE state = 'queued'
@@ -114,9 +130,7 @@ class PgReads:
         return float(value) if value is not None else None
 
     async def backlog(self) -> int:
-        return int(
-            await self._value("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")
-        )
+        return int(await self._value(BACKLOG_SQL))
 
     async def dead_event_ids(
         self, source: str | None = None, since: float | None = None, limit: int = 100_000

@@ -112,6 +112,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE nodes ADD COLUMN host text, ADD COLUMN pid integer;
     """,
+    # 3 → 4: the leader lease. One node at a time runs the cluster's maintenance (lease recovery,
+    # retention); it holds the 'maintenance' row until ``expires_at`` and renews it, so a dead
+    # leader is replaced once its lease has passed. The 'reindex' row's ``expires_at`` is when
+    # the queue's partial indexes are next rebuilt, whichever node leads then.
+    """
+    CREATE TABLE leader (
+        name       text PRIMARY KEY,
+        node_id    text NOT NULL,
+        expires_at double precision NOT NULL
+    );
+    INSERT INTO leader (name, node_id, expires_at)
+        VALUES ('maintenance', '', 0), ('reindex', '', 0);
+    """,
 )
 
 
