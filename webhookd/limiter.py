@@ -476,7 +476,7 @@ class Lane:
                         await self._nap(waiter, max(retry_s, _MIN_NAP_S))
                 now = self._clock.monotonic()
                 self._check_open(now)
-                if now > deadline:
+                if now > deadline and not self._stock_covers(tokens, now):
                     raise self._busy(self._projected_shared_s(tokens), "has a long wait")
         finally:
             was_head = self._queue[0] is waiter
