@@ -19,9 +19,10 @@ import pytest
 from conftest import fresh_database
 
 from webhookd.clock import ManualClock
-from webhookd.errors import NotFound
+from webhookd.errors import JournalError, NotFound
 from webhookd.journal import BaseJournal, Finished, Journal, NewEvent, NewJob, Replayed
-from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+from webhookd.limiter import SHARED_LOG_S
+from webhookd.models import Event, JobState, LaneSpec, Priority, new_event_id, new_job_id
 
 LEASE_S = 30.0
 START = 1_700_000_000.0
@@ -608,3 +609,22 @@ async def test_expired_events_and_the_oldest_queued_are_counted_and_named(store:
         assert await journal.expired_events(keep_done_s=3600, keep_dead_s=3600) == 1
         oldest = await journal.oldest_queued_event_ids(2, exclude_source="webhookd")
         assert oldest == [kept.event.id, late.event.id]
+
+
+async def test_only_a_journal_nodes_share_keeps_lane_buckets_and_grants_each_once(
+    store: Store, journal: BaseJournal
+) -> None:
+    """PostgreSQL keeps lanes' buckets for all its nodes (a fresh lane's burst is granted once,
+    the next node is told when to ask again); the SQLite file leaves lanes in memory."""
+    spec = LaneSpec("llm", 60, None, 3.0, SHARED_LOG_S, 60.0)
+    if store.kind == "sqlite":
+        assert not journal.shares_lanes
+        with pytest.raises(JournalError):
+            await journal.reserve_lane(spec, need=(1, 0), want=(10, 0))
+        return
+    assert journal.shares_lanes
+    async with store.journal() as other:
+        first = await journal.reserve_lane(spec, need=(1, 0), want=(10, 0))
+        second = await other.reserve_lane(spec, need=(1, 0), want=(10, 0))
+    assert (first.requests, second.requests) == (3, 0)
+    assert second.retry_s == pytest.approx(1.0)

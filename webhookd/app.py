@@ -139,7 +139,7 @@ class Daemon:
                     timeout=aiohttp.ClientTimeout(total=None),
                 )
             )
-            self.lanes = build_lanes(cfg.lanes)
+            self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)
             resources = Resources(config=cfg, http=http, lanes=self.lanes)
             actions = action_registry.build(resources)
             for action in actions.values():

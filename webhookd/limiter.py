@@ -15,6 +15,14 @@ never deadlocks and later calls wait the debt off; one bigger than a whole minut
 for an empty log and then goes through alone. Refunds (``settle``) are reusable at once;
 an under-estimate charged at settle time can exceed the bound, after the fact.
 
+With a journal shared by several nodes (``store``, PostgreSQL) the buckets and the log move
+into the journal (``BaseJournal.reserve_lane``) and this lane only spends what the journal
+granted it: a chunk of about ``CHUNK_S`` of refill per round trip, kept at most
+``CHUNK_TTL_S`` and handed back with the next request when unspent. Settlements ride along with
+that request too, and a 429's cool-down or an open circuit is written to the journal for every
+node (``publish``). When the journal cannot be reached the lane admits nothing (``LaneBusy``):
+guessing would let every node spend the whole budget.
+
 Not aiolimiter: it starts empty and then bursts a whole period, has no refund, and lets small
 requests overtake a large one. Hazard: the log lives in memory, so right after a restart
 the upstream may still count the previous minute; a fresh lane therefore starts with only
@@ -24,14 +32,17 @@ the upstream may still count the previous minute; a fresh lane therefore starts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import LaneConfig
-from webhookd.errors import WebhookdError
+from webhookd.errors import JournalError, WebhookdError
+from webhookd.models import LaneGrant, LaneSpec
 
 WINDOW_S = 60.0
 # An admission stays in the log this much longer than the window it is counted for. The lane
@@ -46,7 +57,35 @@ LOG_S = WINDOW_S + JITTER_GUARD_S
 # this long.
 _MIN_NAP_S = 1e-6
 
+# A shared lane asks the journal for about this much refill per round trip, and for at least a
+# quarter of it when a node's queue wants more than one call: a bound on round trips per second.
+CHUNK_S = 1.0
+MIN_CHUNK_S = 0.25
+# How long a node may spend a grant. The journal's log keeps grants this much longer than
+# LOG_S, so a chunk spent late still counts in every 60 s window it can fall in.
+CHUNK_TTL_S = 1.0
+SHARED_LOG_S = LOG_S + CHUNK_TTL_S
+# A job refused because the journal is unreachable comes back after this long.
+JOURNAL_RETRY_S = 5.0
+
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class LaneStore(Protocol):
+    """Where shared lanes' buckets live: ``BaseJournal`` where ``shares_lanes`` is true."""
+
+    async def reserve_lane(
+        self,
+        spec: LaneSpec,
+        *,
+        need: tuple[float, float],
+        want: tuple[float, float],
+        returns: Sequence[tuple[float, float, float]] = (),
+    ) -> LaneGrant: ...
+
+    async def cool_lane(self, spec: LaneSpec, seconds: float) -> None: ...
+
+    async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None: ...
 
 
 class LaneBusy(WebhookdError):
@@ -91,6 +130,7 @@ class Reservation:
     tokens: int
     admitted_at_s: float  # on the lane's monotonic clock
     _entry: _Entry | None = field(default=None, repr=False)
+    _grant_at: float | None = field(default=None, repr=False)  # shared lanes: whose chunk
     _settled: bool = field(default=False, repr=False)
 
 
@@ -180,6 +220,7 @@ class Lane:
         clock: Clock = SYSTEM_CLOCK,
         sleep: Sleep = asyncio.sleep,
         probe_after_s: float | None = 60.0,
+        store: LaneStore | None = None,
     ) -> None:
         if not config.burst_s > 0:
             raise ValueError(f"lane {config.name!r}: burst_s must be greater than 0")
@@ -204,11 +245,30 @@ class Lane:
         self._tokens_debited_total = 0
         self._waits_total = 0
         self._busy_total = 0
+        # Shared lanes: the journal's chunk being spent, what goes back with the next request,
+        # and what a 429 or the circuit changed that the other nodes must hear of.
+        self._store = store
+        self._spec = LaneSpec(
+            config.name, config.rpm, config.tpm, config.burst_s, SHARED_LOG_S, probe_after_s
+        )
+        self._grant_at: float | None = None
+        self._grant_until = -math.inf
+        self._stock = [0.0, 0.0]  # requests, tokens
+        self._returns: list[tuple[float, float, float]] = []
+        self._reserving = asyncio.Lock()
+        self._publish_cool_s = 0.0
+        self._publish_circuit: tuple[str | None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self._store is not None
 
     async def acquire(self, tokens: int, *, max_wait_s: float) -> Reservation:
         """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
+        if self._store is not None:
+            return await self._acquire_shared(tokens, max_wait_s)
         now = self._now()
         self._check_open(now)
         if not self._queue and self._wait_s(tokens, now) <= 0:
@@ -249,6 +309,11 @@ class Lane:
         reservation._settled = True
         delta = actual_tokens - reservation.tokens
         self._tokens_debited_total += delta
+        if self._store is not None:
+            # Batched: the difference goes to the shared bucket with the next reservation.
+            if self.config.tpm and reservation._grant_at is not None and delta:
+                self._returns.append((reservation._grant_at, 0.0, float(delta)))
+            return
         if self._tokens is None or reservation._entry is None or delta == 0:
             return
         now = self._now()
@@ -274,6 +339,8 @@ class Lane:
             raise ValueError("seconds must be >= 0")
         seconds = min(seconds, self.config.max_cooldown_s)
         self._cooling_until = max(self._cooling_until, self._now() + seconds)
+        self._publish_cool_s = max(self._publish_cool_s, seconds)
+        self._drop_stock()
         self._wake_all()  # queued jobs leave with LaneBusy instead of holding workers
         return seconds
 
@@ -286,21 +353,45 @@ class Lane:
         now = self._now()
         self._circuit_reason = reason
         self._probe_at = now + self._probe_after_s if self._probe_after_s is not None else math.inf
+        self._publish_circuit = (reason,)
+        self._drop_stock()
         self._wake_all()
 
     def close_circuit(self) -> None:
         self._circuit_reason = None
         self._probe_at = math.inf
+        self._publish_circuit = (None,)
         self._wake_head()
+
+    async def publish(self) -> None:
+        """Tell every node what ``cooldown``/``open_circuit``/``close_circuit`` changed here
+        (shared lanes; nothing to do otherwise). Call it after them, outside the lane's lock."""
+        cool_s, self._publish_cool_s = self._publish_cool_s, 0.0
+        circuit, self._publish_circuit = self._publish_circuit, None
+        if self._store is None:
+            return
+        # The journal unreachable: this node honours the change alone, and the others admit
+        # nothing anyway until it is back (every reservation goes through it).
+        with contextlib.suppress(JournalError):
+            if cool_s > 0:
+                await self._store.cool_lane(self._spec, cool_s)
+            if circuit is not None:
+                await self._store.set_lane_circuit(self._spec, circuit[0])
 
     def statistics(self) -> LaneStats:
         now = self._now()
+        requests = self._requests.level if self._requests else None
+        tokens = self._tokens.level if self._tokens else None
+        if self._store is not None:  # what this node holds of the shared bucket
+            stock = self._stock if now < self._grant_until else [0.0, 0.0]
+            requests = stock[0] if self.config.rpm else None
+            tokens = stock[1] if self.config.tpm else None
         return LaneStats(
             name=self.name,
             rpm=self.config.rpm,
             tpm=self.config.tpm,
-            requests_available=self._requests.level if self._requests else None,
-            tokens_available=self._tokens.level if self._tokens else None,
+            requests_available=requests,
+            tokens_available=tokens,
             waiting=len(self._queue),
             cooling_until_s=max(0.0, self._cooling_until - now),
             circuit_open=self._circuit_reason is not None,
@@ -352,6 +443,136 @@ class Lane:
         self._tokens_debited_total += tokens
         return Reservation(self.name, tokens, now, entry)
 
+    # -- shared lanes ------------------------------------------------------------------------
+
+    async def _acquire_shared(self, tokens: int, max_wait_s: float) -> Reservation:
+        """``acquire`` spending chunks the journal grants: the same FIFO, cool-down and circuit,
+        and a wait bounded by ``max_wait_s`` (other nodes share the refill, so a projection
+        from this node's queue alone is only a lower bound)."""
+        now = self._clock.monotonic()
+        self._check_open(now)
+        if not self._queue and self._stock_covers(tokens, now):
+            return self._admit_shared(tokens, now)
+        projected_s = self._projected_shared_s(tokens)
+        if projected_s > max_wait_s:
+            raise self._busy(projected_s, "has a long wait")
+        deadline = now + max_wait_s
+        waiter = _Waiter(tokens)
+        self._queue.append(waiter)
+        self._waits_total += 1
+        try:
+            while True:
+                if self._queue[0] is not waiter:
+                    await waiter.arm()
+                elif self._stock_covers(tokens, now):
+                    return self._admit_shared(tokens, now)
+                else:
+                    retry_s = await self._reserve(tokens, now)
+                    now = self._clock.monotonic()
+                    self._check_open(now)  # the journal may say the lane is cooling or shut
+                    if retry_s > 0:
+                        if now + retry_s > deadline:
+                            raise self._busy(retry_s, "has a long wait")
+                        await self._nap(waiter, max(retry_s, _MIN_NAP_S))
+                now = self._clock.monotonic()
+                self._check_open(now)
+                if now > deadline and not self._stock_covers(tokens, now):
+                    raise self._busy(self._projected_shared_s(tokens), "has a long wait")
+        finally:
+            was_head = self._queue[0] is waiter
+            self._queue.remove(waiter)
+            if was_head and self._queue:
+                self._queue[0].wake()
+
+    def _projected_shared_s(self, tokens: int) -> float:
+        """This node's queue at the lane's whole rate: how long it takes at best."""
+        wait_s = 0.0
+        if self.config.rpm:
+            ahead = len(self._queue) + 1 - self._stock[0]
+            wait_s = max(wait_s, ahead / (self.config.rpm / WINDOW_S))
+        if self.config.tpm:
+            ahead = sum(w.tokens for w in self._queue) + min(tokens, self.config.tpm)
+            wait_s = max(wait_s, (ahead - self._stock[1]) / (self.config.tpm / WINDOW_S))
+        return max(wait_s - self.config.burst_s, 0.0)
+
+    def _stock_covers(self, tokens: int, now: float) -> bool:
+        if now >= self._grant_until:
+            return False
+        return (not self.config.rpm or self._stock[0] >= 1) and (
+            not self.config.tpm or self._stock[1] >= tokens
+        )
+
+    def _admit_shared(self, tokens: int, now: float) -> Reservation:
+        if self._circuit_reason is not None and self._probe_after_s is not None:
+            self._probe_at = now + self._probe_after_s  # this call is the half-open probe
+        self._stock[0] -= 1
+        self._stock[1] -= tokens
+        self._admitted_total += 1
+        self._tokens_debited_total += tokens
+        return Reservation(self.name, tokens, now, None, self._grant_at)
+
+    def _drop_stock(self) -> None:
+        """Give the unspent chunk back with the next request (it was never used)."""
+        if self._grant_at is not None and (self._stock[0] > 0 or self._stock[1] > 0):
+            self._returns.append(
+                (self._grant_at, -max(self._stock[0], 0.0), -max(self._stock[1], 0.0))
+            )
+        self._stock = [0.0, 0.0]
+        self._grant_at = None
+        self._grant_until = -math.inf
+
+    async def _reserve(self, head_tokens: int, now: float) -> float:
+        """One round trip for a chunk covering at least the head; returns 0 when granted, else
+        how long to wait before asking again. Raises ``LaneBusy`` when the journal is down."""
+        store = self._store
+        if store is None:  # pragma: no cover - only shared lanes reserve
+            raise RuntimeError("not a shared lane")
+        async with self._reserving:
+            if self._stock_covers(head_tokens, self._clock.monotonic()):
+                return 0.0  # another head reserved meanwhile
+            need, want = self._chunk(head_tokens)
+            self._drop_stock()
+            returns, self._returns = self._returns, []
+            try:
+                grant = await store.reserve_lane(self._spec, need=need, want=want, returns=returns)
+            except JournalError as exc:
+                self._returns = returns + self._returns
+                raise self._busy(
+                    JOURNAL_RETRY_S, f"admits nothing: the journal is unreachable ({exc})"
+                ) from exc
+        now = self._clock.monotonic()
+        if grant.cooling_s > 0:
+            self._cooling_until = max(self._cooling_until, now + grant.cooling_s)
+        if grant.circuit is None:
+            self._circuit_reason = None
+            self._probe_at = math.inf
+        else:
+            self._circuit_reason = grant.circuit
+            self._probe_at = now + grant.probe_in_s
+        if grant.requests <= 0 and grant.tokens <= 0:
+            return max(grant.retry_s, _MIN_NAP_S)
+        self._stock = [grant.requests, grant.tokens]
+        self._grant_at = grant.at
+        self._grant_until = now + CHUNK_TTL_S
+        return 0.0
+
+    def _chunk(self, head_tokens: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(need, want) in (requests, tokens): the head at least, up to ``CHUNK_S`` of refill
+        for the queue; at least ``MIN_CHUNK_S`` of it when the queue wants that much."""
+        need = [0.0, 0.0]
+        want = [0.0, 0.0]
+        queued = max(len(self._queue), 1)
+        queued_tokens = max(sum(w.tokens for w in self._queue), head_tokens)
+        if self.config.rpm:
+            rate = self.config.rpm / WINDOW_S
+            want[0] = float(min(queued, max(1, math.floor(rate * CHUNK_S))))
+            need[0] = float(max(1, min(want[0], math.floor(rate * MIN_CHUNK_S))))
+        if self.config.tpm:
+            rate = self.config.tpm / WINDOW_S
+            want[1] = float(max(head_tokens, min(queued_tokens, math.floor(rate * CHUNK_S))))
+            need[1] = float(max(head_tokens, min(want[1], math.floor(rate * MIN_CHUNK_S))))
+        return (need[0], need[1]), (want[0], want[1])
+
     async def _nap(self, waiter: _Waiter, seconds: float) -> None:
         # The head sleeps the exact time its tokens need, but wakes early on a refund or a
         # cooldown, so the sleep runs as a task raced against the waiter's signal.
@@ -379,9 +600,10 @@ def build_lanes(
     clock: Clock = SYSTEM_CLOCK,
     sleep: Sleep = asyncio.sleep,
     probe_after_s: float | None = 60.0,
+    store: LaneStore | None = None,
 ) -> dict[str, Lane]:
-    """One ``Lane`` per configured lane, keyed by name."""
+    """One ``Lane`` per configured lane, keyed by name; shared through ``store`` if given."""
     return {
-        name: Lane(config, clock=clock, sleep=sleep, probe_after_s=probe_after_s)
+        name: Lane(config, clock=clock, sleep=sleep, probe_after_s=probe_after_s, store=store)
         for name, config in configs.items()
     }

@@ -165,3 +165,31 @@ class Job:
     result: Any = None
     last_error: str | None = None
     history: tuple[Attempt, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class LaneSpec:
+    """A lane's limits as a shared bucket needs them: every node passes its own config's."""
+
+    name: str
+    rpm: int | None
+    tpm: int | None
+    burst_s: float
+    log_s: float  # how long a grant counts against the per-minute limit
+    probe_after_s: float | None  # an open circuit lets one call through this often
+
+
+@dataclass(frozen=True, slots=True)
+class LaneGrant:
+    """What one round trip to a shared lane bucket gave a node (see ``BaseJournal.reserve_lane``).
+
+    ``at`` names the grant in the shared log: settlements and give-backs refer to it.
+    """
+
+    at: float
+    requests: float
+    tokens: float
+    retry_s: float  # nothing granted: when the need may fit (0 when something was granted)
+    cooling_s: float  # the lane's shared cool-down left
+    circuit: str | None  # why the lane's circuit is open, if it is
+    probe_in_s: float  # an open circuit: seconds until a node may probe (0: this grant is it)

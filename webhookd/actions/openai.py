@@ -7,6 +7,9 @@ retries. Outcomes:
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
 * any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` (at most the
   lane's ``max_cooldown_s``; an hour without a lane) and the job waits (no attempt used);
+* with several nodes on one PostgreSQL journal the lane is shared (``webhookd.limiter``): a
+  cool-down or an open circuit holds on every node, and while the database is unreachable the
+  lane admits nothing and the job waits;
 * the lane cannot admit within ``max_lane_wait_s`` (default: 10 s, at most half of
   ``timeout_s``): the job waits, freeing its worker;
 * 5xx, 408, 409, timeouts, connection errors: retried (a ``Retry-After`` is a lower bound, up to
@@ -295,7 +298,10 @@ class OpenAIAction:
                 temperature=s.temperature if s.temperature is not None else openai.omit,
             )
         except openai.APIStatusError as exc:
-            return self._failed(exc, reservation, time.monotonic() - started)
+            outcome = self._failed(exc, reservation, time.monotonic() - started)
+            if self.lane is not None:
+                await self.lane.publish()  # a cool-down or an open circuit holds on every node
+            return outcome
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
         completion: ChatCompletion = raw.parse()
@@ -305,6 +311,7 @@ class OpenAIAction:
                 self.lane.settle(reservation, usage.total_tokens)
             if self.lane.statistics().circuit_open:
                 self.lane.close_circuit()  # this call was the probe, and it went through
+                await self.lane.publish()
         self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
         if not completion.choices:
             return Outcome.retry("the model answered with no choices", duration_s=_round(started))

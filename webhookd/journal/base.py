@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
 from webhookd.clock import Clock
+from webhookd.errors import JournalError
 from webhookd.journal.records import (
     Activity,
     Claimed,
@@ -32,6 +33,7 @@ from webhookd.journal.records import (
     Replayed,
     Series,
 )
+from webhookd.models import LaneGrant, LaneSpec
 
 
 class BaseJournal(ABC):
@@ -49,6 +51,9 @@ class BaseJournal(ABC):
     """
 
     clock: Clock
+    # Whether lanes' RPM/TPM buckets live in the journal, shared by every node using it (the
+    # ``*_lane`` methods); a single-node journal leaves them in each lane's memory.
+    shares_lanes: bool = False
     on_commit: Callable[[list[Ready]], None] | None
     on_remote_jobs: Callable[[], None] | None = None
     last_write_error: str | None
@@ -242,3 +247,27 @@ class BaseJournal(ABC):
     @abstractmethod
     async def activity(self, window_s: float) -> Activity:
         """Events received and attempts by outcome over the last ``window_s`` seconds."""
+
+    # -- lanes shared by several nodes (only where ``shares_lanes``) ---------------------------
+
+    async def reserve_lane(
+        self,
+        spec: LaneSpec,
+        *,
+        need: tuple[float, float],
+        want: tuple[float, float],
+        returns: Sequence[tuple[float, float, float]] = (),
+    ) -> LaneGrant:
+        """One round trip to the lane's shared bucket: first apply ``returns`` (grant at,
+        requests, tokens: what a node gives back or its settlements charge), then grant between
+        ``need`` and ``want`` (requests, tokens), or nothing with ``retry_s`` set. Raises
+        ``JournalUnavailable`` when the database cannot be reached."""
+        raise JournalError(f"journal {self.location} keeps no shared lanes")
+
+    async def cool_lane(self, spec: LaneSpec, seconds: float) -> None:
+        """Make every node's lane admit nothing for ``seconds`` (a 429's cool-down)."""
+        raise JournalError(f"journal {self.location} keeps no shared lanes")
+
+    async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None:
+        """Open (with a reason) or close (``None``) the lane's circuit on every node."""
+        raise JournalError(f"journal {self.location} keeps no shared lanes")

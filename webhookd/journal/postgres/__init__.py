@@ -39,6 +39,7 @@ from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import FinishOp, IngestOp, Op
 from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
+from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
@@ -72,7 +73,7 @@ _SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
 _T = TypeVar("_T")
 
 
-class PostgresJournal(PgNodes, PgReads, BaseJournal):
+class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     """A journal in a PostgreSQL database. Use as ``async with PostgresJournal(url) as j:``."""
 
     def __init__(

@@ -36,6 +36,7 @@ TABLES = (
     "paused_sources",
     "nodes",
     "leader",
+    "lanes",
     "webhookd_schema",
 )
 

@@ -125,6 +125,24 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO leader (name, node_id, expires_at)
         VALUES ('maintenance', '', 0), ('reindex', '', 0);
     """,
+    # 4 → 5: lanes' RPM/TPM buckets shared by the nodes (postgres/lanes.py): each row is
+    # updated about once a second per busy node, so it leaves room for HOT updates.
+    """
+    CREATE TABLE lanes (
+        name          text PRIMARY KEY,
+        requests      double precision NOT NULL,
+        tokens        double precision NOT NULL,
+        updated_at    double precision NOT NULL,
+        log_at        double precision[] NOT NULL DEFAULT '{}',
+        log_requests  double precision[] NOT NULL DEFAULT '{}',
+        log_tokens    double precision[] NOT NULL DEFAULT '{}',
+        cooling_until double precision NOT NULL DEFAULT 0,
+        circuit       text,
+        probe_at      double precision,
+        queue_nodes   text[] NOT NULL DEFAULT '{}',
+        queue_until   double precision[] NOT NULL DEFAULT '{}'
+    ) WITH (fillfactor = 50);
+    """,
 )
 
 
