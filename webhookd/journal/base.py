@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from webhookd.clock import Clock
 from webhookd.journal.records import (
     Activity,
+    Cap,
+    CapClaim,
     Claimed,
     Counts,
     EventDetail,
@@ -100,6 +102,15 @@ class BaseJournal(ABC):
     @abstractmethod
     async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
         """Mark queued jobs running (one more attempt each); returns those actually claimed."""
+
+    @abstractmethod
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim``, but a job is claimed only while each of its ``caps`` (by job id) has fewer
+        than ``limit`` running jobs carrying its key, counted over every process on the store
+        and the jobs this call claims, in the order given. A job kept back stays queued with its
+        attempts unchanged; ``full`` names the caps that kept jobs back."""
 
     @abstractmethod
     async def finish(self, results: Sequence[Finished]) -> None:

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -44,10 +44,13 @@ from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
     write_claim,
+    write_claim_capped,
     write_finishes,
     write_ingests,
 )
 from webhookd.journal.records import (
+    Cap,
+    CapClaim,
     Claimed,
     Finished,
     Ingested,
@@ -105,6 +108,8 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         self.listening = asyncio.Event()  # set while the listener is connected (for tests)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
+        # Claims holding a cap: their outcome frees a slot other nodes may be waiting for.
+        self._capped: set[str] = set()
         self._pending: list[Finished] = []  # outcomes an outage kept back (record_pending)
         self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
 
@@ -255,8 +260,12 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
             created.extend(ready)
             if not iop.future.done():
                 iop.future.set_result(result)
+        freed = False
         for f in results:
             self._tokens.pop(f.job_id, None)
+            if f.job_id in self._capped:
+                self._capped.discard(f.job_id)
+                freed = True
             if f.job_id not in recorded:
                 log.warning(
                     "job %s: outcome %s not recorded: its lease passed to another node",
@@ -269,7 +278,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
             if not fop.future.done():
                 fop.future.set_result(None)
         self.backlog_jobs += len(created)
-        if created:
+        if created or freed:
             self._notify_wanted.set()
         if created and self.on_commit is not None:
             self.on_commit(created)
@@ -294,6 +303,29 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         for c in claimed:
             self._tokens[c.job.id] = token
         return claimed
+
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim`` within caps counted over every node's running jobs (see BaseJournal)."""
+        if not job_ids:
+            return CapClaim([], frozenset())
+        token = secrets.token_hex(8)
+        now = self.clock.time()
+        try:
+            result = await self._write(
+                lambda conn: write_claim_capped(
+                    conn, job_ids, caps, self.node_id, token, now, self.lease_s
+                )
+            )
+        except JournalUnavailable:
+            self._doubtful.append(token)
+            raise
+        for c in result.claimed:
+            self._tokens[c.job.id] = token
+            if caps.get(c.job.id):
+                self._capped.add(c.job.id)
+        return result
 
     async def finish(self, results: Sequence[Finished]) -> None:
         """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
@@ -341,6 +373,7 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         return len(pending)
 
     async def unclaim(self, job_ids: Sequence[str]) -> None:
+        self._capped.difference_update(job_ids)
         held = [(job_id, self._tokens.pop(job_id)) for job_id in job_ids if job_id in self._tokens]
         if not held:
             return

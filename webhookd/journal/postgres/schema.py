@@ -108,6 +108,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN filtered text;
     """,
+    # 2 → 3: the keys of the caps (action, source, tenant concurrency) a running job holds;
+    # NULL for most jobs. A capped claim counts them over the running jobs (``jobs_running``).
+    """
+    ALTER TABLE jobs ADD COLUMN caps text[];
+    """,
 )
 
 
