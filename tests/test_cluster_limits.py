@@ -186,3 +186,56 @@ async def test_concurrency_1_holds_across_two_nodes(
     done_on = [d.log.count("outcome=done") for d in (a, b)]
     assert sum(done_on) == len(ids)
     await stop(a, b)
+
+
+def arrival_order_holds(seen: list[Seen]) -> dict[str, list[int]]:
+    """Each key's arrivals as event numbers; a retry repeats a number, never goes back."""
+    by_key: dict[str, list[int]] = {}
+    for s in seen:
+        by_key.setdefault(s.doc["key"], []).append(s.doc["n"])
+    return by_key
+
+
+async def test_ordered_by_holds_across_nodes_with_retries_and_a_killed_node(
+    tmp_path: Path,
+    procs: Procs,
+    sink: Sink,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Jobs of one ``ordered_by`` key reach the target in arrival order whichever of two nodes
+    runs them, through failed first attempts and a ``kill -9`` of the node holding a key's
+    job: the key waits for that job's lease to be recovered, then goes on in order."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    cfg = cluster_config(
+        tmp_path / "webhookd.toml", sink.url, action='ordered_by = "json:key"', lease_s=2
+    )
+    sink.hold_s = 0.01
+    doomed = await procs.serve(cfg)
+    keys = ["k1", "k2", "k3"]
+    per_key = 12
+    hung = ("k1", 4)
+    ids: list[str] = []
+
+    async def send(daemons: list[DaemonProc], ns: range) -> None:
+        for n in ns:
+            for k, key in enumerate(keys):
+                doc = {"key": key, "n": n, "fail_once": (n + k) % 3 == 0, "hang": (key, n) == hung}
+                ids.append(await post(http, daemons[(n + k) % len(daemons)].url, "shop", doc))
+
+    await send([doomed], range(0, 6))  # the first half through the node that will die
+    await sink.wait_for(lambda: any(s.doc["hang"] for s in sink.seen))
+    survivor = await procs.serve(cfg)
+    await send([doomed, survivor], range(6, per_key))
+    await sink.wait_for(lambda: len(sink.delivered()) >= 20)
+    await doomed.kill9()
+    sink.release.set()  # the doomed node's request is gone with it; a re-run is not held
+    await sink.wait_for(lambda: set(ids) <= sink.delivered())
+    by_key = arrival_order_holds(sink.seen)
+    for key in keys:
+        assert by_key[key] == sorted(by_key[key]), (key, by_key[key])
+        assert set(by_key[key]) == set(range(per_key))
+    assert by_key["k1"].count(hung[1]) == 2  # the hung job ran again once its lease was recovered
+    await survivor.wait_said(r"re-queued \d+ job\(s\) of silent node")
+    await stop(survivor)
