@@ -239,3 +239,55 @@ async def test_ordered_by_holds_across_nodes_with_retries_and_a_killed_node(
     assert by_key["k1"].count(hung[1]) == 2  # the hung job ran again once its lease was recovered
     await survivor.wait_said(r"re-queued \d+ job\(s\) of silent node")
     await stop(survivor)
+
+
+async def test_pause_holds_a_sources_jobs_on_every_node_within_a_second(
+    tmp_path: Path,
+    procs: Procs,
+    sink: Sink,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``webhookd pause shop`` while webhooks flow through two nodes: within a second neither
+    node starts a job of ``shop`` (other sources go on), and ``resume`` delivers what waited."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    # The fallback sweep is half a minute away: only a prompt signal can stop the jobs in time.
+    cfg = cluster_config(tmp_path / "webhookd.toml", sink.url, workers="sweep_interval_s = 30")
+    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    await asyncio.gather(a.wait_said("listening on"), b.wait_said("listening on"))
+    sink.hold_s = 0.01
+    shop: list[str] = []
+    other: list[str] = []
+    sending = True
+
+    async def sender(k: int) -> None:
+        i = 0
+        while sending:
+            node = (a, b)[(i + k) % 2]
+            shop.append(await post(http, node.url, "shop", {"i": i, "src": "shop"}))
+            other.append(await post(http, node.url, "other", {"i": i, "src": "other"}))
+            i += 1
+            await asyncio.sleep(0.01)  # a steady trickle, not a flood the machine cannot take
+
+    senders = [asyncio.create_task(sender(k)) for k in range(2)]
+    try:
+        await sink.wait_for(lambda: sum(s.doc["src"] == "shop" for s in sink.seen) >= 10)
+        out = await procs.cli("pause", "shop", "--config", str(cfg))
+        assert out.returncode == 0, out.stderr
+        paused_at = time.time()
+        # The nodes keep delivering the other source well past the second the pause may take.
+        await sink.wait_for(
+            lambda: any(s.doc["src"] == "other" and s.at > paused_at + 2.5 for s in sink.seen)
+        )
+    finally:
+        sending = False
+        await asyncio.gather(*senders)
+    late = [s for s in sink.seen if s.doc["src"] == "shop" and s.at > paused_at + 1.0]
+    assert late == []
+    held = set(shop) - sink.delivered()
+    assert held  # webhooks kept coming in while paused: they wait
+    out = await procs.cli("resume", "shop", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    await sink.wait_for(lambda: set(shop) | set(other) <= sink.delivered(), timeout_s=20)
+    await stop(a, b)

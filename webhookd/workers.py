@@ -130,10 +130,12 @@ class WorkerPool:
         # Caps the journal found full with other nodes' jobs: key → when to try it again
         # (monotonic). Jobs of such a cap wait in the window meanwhile.
         self._saturated: dict[str, float] = {}
+        self._pause_stale = False
         self.started = 0
         self.outcomes: Counter[str] = Counter()
         # Sources an operator paused (``webhookd pause``): their jobs stay queued. Re-read from
-        # the journal on every sweep, so a pause made by the CLI takes effect within one.
+        # the journal on every sweep, so a pause made by the CLI takes effect within one, and at
+        # once when the journal tells of a pause (``pause_changed``: another node, the CLI).
         self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
@@ -164,6 +166,12 @@ class WorkerPool:
         it now rather than at the sweep, caps found full included."""
         self._refill_now = True
         self._saturated.clear()
+        self._wake.set()
+
+    def pause_changed(self) -> None:
+        """A source may have been paused or resumed (by another node or the CLI): re-read the
+        paused sources now rather than at the sweep."""
+        self._pause_stale = True
         self._wake.set()
 
     async def _refill(self) -> None:
@@ -383,6 +391,9 @@ class WorkerPool:
                 if due or now_mono - last_sweep >= sweep_s:
                     self._refill_now = True
                     last_sweep = now_mono
+                    self._pause_stale = True
+                if self._pause_stale:
+                    self._pause_stale = False
                     await self._refresh_paused()
                 while not self._stopping and await self._dispatch_once():
                     pass

@@ -46,12 +46,15 @@ class BaseJournal(ABC):
     ``backlog_jobs`` (jobs queued or running, kept in step by this process's writes and re-counted
     by ``refresh_backlog``: the receiver's backpressure reads it); ``on_remote_jobs`` (called on
     the loop when another process or node may have made jobs ready, a hint to look now rather than
-    at the next sweep; never called by a journal that cannot tell).
+    at the next sweep; never called by a journal that cannot tell); ``on_pause_change`` (called on
+    the loop when a source may have been paused or resumed anywhere: re-read ``paused_sources``
+    now; likewise never called by a journal that cannot tell).
     """
 
     clock: Clock
     on_commit: Callable[[list[Ready]], None] | None
     on_remote_jobs: Callable[[], None] | None = None
+    on_pause_change: Callable[[], None] | None = None
     last_write_error: str | None
     writer_problem: str | None
     commits: int

@@ -39,7 +39,7 @@ from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import FinishOp, IngestOp, Op
 from webhookd.journal.postgres.db import DB_ERRORS, redact_url, rowcount
-from webhookd.journal.postgres.nodes import PgNodes
+from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
@@ -428,21 +428,23 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
 
     async def pause(self, source: str) -> bool:
         now = self.clock.time()
-        status = await self._write(
-            lambda conn: conn.execute(
+        return await self._write(
+            lambda conn: _changed_and_told(
+                conn,
+                source,
                 "INSERT INTO paused_sources (source, paused_at) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING",
                 source,
                 now,
             )
         )
-        return rowcount(status) > 0
 
     async def resume(self, source: str) -> bool:
-        status = await self._write(
-            lambda conn: conn.execute("DELETE FROM paused_sources WHERE source = $1", source)
+        return await self._write(
+            lambda conn: _changed_and_told(
+                conn, source, "DELETE FROM paused_sources WHERE source = $1", source
+            )
         )
-        return rowcount(status) > 0
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -512,3 +514,13 @@ class PostgresJournal(PgNodes, PgReads, BaseJournal):
         await asyncio.wait({task})  # cancelling the watch leaves the writer alone
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
+
+
+async def _changed_and_told(conn: Any, source: str, sql: str, *args: Any) -> bool:
+    """Run a pause or resume; if it changed anything, tell every node in the same transaction
+    (the notification goes out at commit), so each drops or takes back the source's jobs now
+    rather than at its next sweep. Pauses are rare: NOTIFY's commit lock costs nothing here."""
+    changed = rowcount(await conn.execute(sql, *args)) > 0
+    if changed:
+        await conn.execute("SELECT pg_notify($1, $2)", PAUSE_CHANNEL, source)
+    return changed
