@@ -259,21 +259,19 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> CapClaim:
         queued, full = admit(op.job_ids, queued, op.caps, running)
     if not queued:
         return CapClaim([], full)
-    marks = ",".join("?" * len(queued))
-    conn.execute(
-        f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
-        f" claimed_at = ?, caps = NULL WHERE id IN ({marks})",
-        (op.boot_id, op.now, *queued),
-    )
-    if op.caps:
-        conn.executemany(
-            "UPDATE jobs SET caps = ? WHERE id = ?",
-            [
-                (json.dumps([c.key for c in op.caps[job_id]]), job_id)
-                for job_id in queued
-                if op.caps.get(job_id)
-            ],
+    # One UPDATE per set of caps the jobs hold (one in all for a plain claim): jobs of one
+    # action mostly share theirs.
+    by_caps: dict[str | None, list[str]] = {}
+    for job_id in queued:
+        mine = op.caps.get(job_id) if op.caps else None
+        by_caps.setdefault(json.dumps([c.key for c in mine]) if mine else None, []).append(job_id)
+    for caps, ids in by_caps.items():
+        conn.execute(
+            f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
+            f" claimed_at = ?, caps = ? WHERE id IN ({','.join('?' * len(ids))})",
+            (op.boot_id, op.now, caps, *ids),
         )
+    marks = ",".join("?" * len(queued))
     rows = fetch_rows(
         conn,
         f"SELECT {JOB_COLUMNS}, {EVENT_COLUMNS} FROM jobs j JOIN events e"
