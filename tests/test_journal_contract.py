@@ -20,7 +20,7 @@ from conftest import fresh_database
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import BaseJournal, Finished, Journal, NewEvent, NewJob, Replayed
+from webhookd.journal import BaseJournal, Cap, Finished, Journal, NewEvent, NewJob, Replayed
 from webhookd.limiter import SHARED_LOG_S
 from webhookd.models import Event, JobState, LaneSpec, Priority, new_event_id, new_job_id
 
@@ -233,6 +233,54 @@ async def test_concurrent_claims_from_two_journals_take_each_job_once(store: Sto
         )
         claimed = [c.job.id for got in rounds for c in got]
         assert sorted(claimed) == sorted(ids)
+
+
+DEPLOY = Cap("action\x1fshop\x1fdeploy", 2)
+
+
+async def test_capped_claims_count_the_running_jobs_of_every_journal(store: Store) -> None:
+    """A cap's slots are shared by every node: a job past the cap stays queued with no attempt
+    used, uncapped jobs in the same claim go, and a finished or unclaimed job frees its slot."""
+    async with store.journal() as a, store.journal() as b:
+        items = [new_event() for _ in range(5)]
+        for item in items:
+            await a.ingest(item)
+        ids = [i.jobs[0].id for i in items]
+        tenant = Cap("tenant\x1fshop\x1ft1", 5)
+        got = await a.claim_capped(ids[:3], "boot_a", {i: (DEPLOY, tenant) for i in ids[:3]})
+        assert [c.job.id for c in got.claimed] == ids[:2]
+        assert got.full == {DEPLOY.key}
+        got = await b.claim_capped(ids[2:], "boot_b", {ids[2]: (DEPLOY,), ids[3]: (tenant,)})
+        assert ([c.job.id for c in got.claimed], got.full) == ([ids[3], ids[4]], {DEPLOY.key})
+        refused = (await b.get_event(items[2].event.id)).jobs[0]
+        assert (refused.state, refused.attempts) == (JobState.QUEUED, 0)
+        await a.finish([finished(ids[0], JobState.DONE, "done")])
+        got = await b.claim_capped([ids[2]], "boot_b", {ids[2]: (DEPLOY,)})
+        assert ([c.job.id for c in got.claimed], got.full) == ([ids[2]], frozenset())
+        await b.unclaim([ids[2]])
+        await b.unclaim([ids[3], ids[4]])
+        # The tenant's cap now counts a's one running job against a limit of 2.
+        small = Cap(tenant.key, 2)
+        got = await b.claim_capped(ids[2:], "boot_b", {i: (small,) for i in ids[2:]})
+        assert ([c.job.id for c in got.claimed], got.full) == ([ids[2]], {small.key})
+
+
+async def test_capped_claims_racing_from_two_journals_never_pass_the_cap(store: Store) -> None:
+    """Eight claims at once from two nodes for one cap of 2: exactly two jobs run."""
+    async with store.journal() as a, store.journal() as b:
+        items = [new_event() for _ in range(16)]
+        for item in items:
+            await a.ingest(item)
+        ids = [i.jobs[0].id for i in items]
+        rounds = await asyncio.gather(
+            *(
+                j.claim_capped(ids[k::4], f"boot_{k}", {i: (DEPLOY,) for i in ids[k::4]})
+                for k in range(4)
+                for j in (a, b)
+            )
+        )
+        assert sum(len(r.claimed) for r in rounds) == DEPLOY.limit
+        assert all(r.full == {DEPLOY.key} for r in rounds if len(r.claimed) < 2)
 
 
 async def test_finish_records_attempt_and_wait_does_not_count(journal: BaseJournal) -> None:

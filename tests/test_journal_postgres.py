@@ -303,6 +303,29 @@ async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> 
         assert not woken[a].is_set()
 
 
+async def test_pg_a_pause_or_resume_anywhere_tells_every_listening_node(pg_url: str) -> None:
+    """A pause made by one process (the CLI) reaches the other nodes at once, not at their next
+    sweep, and so does the resume; a pause that changes nothing tells nobody."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as daemon, node(pg_url, clock) as cli:
+        told = asyncio.Event()
+        daemon.on_pause_change = told.set
+        await asyncio.wait_for(daemon.listening.wait(), 10)
+        told.clear()  # the look-now of connecting
+        assert await cli.pause("shop") is True
+        await asyncio.wait_for(told.wait(), 10)
+        told.clear()
+        assert await cli.resume("shop") is True
+        await asyncio.wait_for(told.wait(), 10)
+        told.clear()
+        assert await cli.resume("shop") is False
+        await cli.ingest(new_event())  # a notification sent after it: this one is heard
+        woken = asyncio.Event()
+        daemon.on_remote_jobs = woken.set
+        await asyncio.wait_for(woken.wait(), 10)
+        assert not told.is_set()
+
+
 async def test_pg_the_listener_reconnects_and_asks_for_a_look_at_once(pg_url: str) -> None:
     """A listener cut off (server restart, network) reconnects by itself and asks the
     dispatcher to look at once, since notifications sent meanwhile are lost; then it hears

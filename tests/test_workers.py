@@ -25,9 +25,9 @@ from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
-from webhookd.journal import Journal, NewEvent
+from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent
 from webhookd.models import Event, Job, JobState
-from webhookd.workers import WorkerPool, backoff_s
+from webhookd.workers import SATURATED_RECHECK_S, WorkerPool, backoff_s
 
 
 def forward_source(name: str, url: str, **options: str) -> str:
@@ -309,6 +309,42 @@ url = "{target.url}/b"
     )
     await capped_peak(rig, target, ["shop"] * 3, cap=2)
     assert {s.path for s in target.seen} == {"/a", "/b"}
+
+
+async def test_a_cap_held_by_another_process_is_waited_for_without_spinning_or_attempts(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """With `concurrency = 1` and the slot held by another process (another node), the job
+    stays queued with no attempt used, the pool does not ask the journal again before the
+    recheck time, and it runs once the slot is free."""
+    rig = await make_rig(forward_source("capped", target.url, concurrency="1"))
+    first, second = await rig.ingest("capped"), await rig.ingest("capped")
+    action = rig.cfg.sources["capped"].actions[0].name
+    cap = Cap(f"action\x1fcapped\x1f{action}", 1)
+    held = (await rig.journal.get_event(first)).jobs[0].id
+    async with Journal(rig.cfg.journal.path, clock=rig.clock) as other:
+        assert len((await other.claim_capped([held], "boot_other", {held: (cap,)})).claimed) == 1
+        asks: list[frozenset[str]] = []
+        claim_capped = rig.journal.claim_capped
+
+        async def counted(*args: Any) -> CapClaim:
+            result = await claim_capped(*args)
+            asks.append(result.full)
+            return result
+
+        rig.journal.claim_capped = counted  # type: ignore[method-assign]
+        await rig.pool.run_until_idle()
+        await rig.pool.run_until_idle()  # the cap is known full: the journal is not asked
+        assert asks == [{cap.key}]
+        assert ((await rig.job(second)).state, (await rig.job(second)).attempts) == ("queued", 0)
+        await other.finish(
+            [Finished(held, 1, JobState.DONE, rig.clock.time(), rig.clock.time(), "done")]
+        )
+        rig.clock.advance(SATURATED_RECHECK_S)
+        assert await rig.pool.run_until_idle() is None
+    assert asks == [{cap.key}, frozenset()]
+    assert ((await rig.job(second)).state, (await rig.job(second)).attempts) == ("done", 1)
+    assert len(target.seen) == 1
 
 
 class WaitsOnce:

@@ -151,6 +151,7 @@ class Daemon:
             self.pool = pool
             journal.on_commit = pool.notify
             journal.on_remote_jobs = pool.poke
+            journal.on_pause_change = pool.pause_changed
             for hook in self.on_wired:
                 hook(self)
 

@@ -22,7 +22,7 @@ from webhookd.actions.base import Action, Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
-from webhookd.journal import BaseJournal, Claimed, Finished, Lane, Ready
+from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, Ready
 from webhookd.models import JobState
 from webhookd.scheduler import Scheduler
 
@@ -36,6 +36,10 @@ _ERROR_CHARS = 2000
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
 # between tries: the job stays running, and holds its slot, until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
+# A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
+# this long, unless a job of it ends here or another node says one ended: the node does not
+# spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
+SATURATED_RECHECK_S = 0.25
 _K = TypeVar("_K")
 
 
@@ -123,10 +127,15 @@ class WorkerPool:
         self._running_by_source: Counter[str] = Counter()
         self._running_by_tenant: Counter[tuple[str, str]] = Counter()
         self._running_by_lane: Counter[Lane] = Counter()
+        # Caps the journal found full with other nodes' jobs: key → when to try it again
+        # (monotonic). Jobs of such a cap wait in the window meanwhile.
+        self._saturated: dict[str, float] = {}
+        self._pause_stale = False
         self.started = 0
         self.outcomes: Counter[str] = Counter()
         # Sources an operator paused (``webhookd pause``): their jobs stay queued. Re-read from
-        # the journal on every sweep, so a pause made by the CLI takes effect within one.
+        # the journal on every sweep, so a pause made by the CLI takes effect within one, and at
+        # once when the journal tells of a pause (``pause_changed``: another node, the CLI).
         self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
@@ -153,8 +162,16 @@ class WorkerPool:
         self._wake.set()
 
     def poke(self) -> None:
-        """Something changed in the journal (a replay): look at it now rather than at the sweep."""
+        """Something changed in the journal (a replay, another node's commit or finish): look at
+        it now rather than at the sweep, caps found full included."""
         self._refill_now = True
+        self._saturated.clear()
+        self._wake.set()
+
+    def pause_changed(self) -> None:
+        """A source may have been paused or resumed (by another node or the CLI): re-read the
+        paused sources now rather than at the sweep."""
+        self._pause_stale = True
         self._wake.set()
 
     async def _refill(self) -> None:
@@ -226,10 +243,33 @@ class WorkerPool:
             and self._running_by_tenant[(source.name, job.tenant)] >= source.tenant_concurrency
         ):
             return False
-        return not (
-            source.concurrency is not None
-            and self._running_by_source[source.name] >= source.concurrency
-        )
+        if source.concurrency is not None and (
+            self._running_by_source[source.name] >= source.concurrency
+        ):
+            return False
+        return not (self._saturated and any(c.key in self._saturated for c in self._caps(job)))
+
+    def _caps(self, job: Ready) -> tuple[Cap, ...]:
+        """The job's caps that hold across the cluster: its action's, source's and tenant's
+        concurrency, keyed by the configured source (a catch-all's jobs share its caps)."""
+        source = self.config.source_for(job.source)
+        if source is None:
+            return ()
+        caps = []
+        action = source.action(job.action)
+        if action is not None and action.concurrency is not None:
+            caps.append(Cap(f"action\x1f{source.name}\x1f{job.action}", action.concurrency))
+        if source.concurrency is not None:
+            caps.append(Cap(f"source\x1f{source.name}", source.concurrency))
+        if source.tenant_concurrency is not None:
+            key = f"tenant\x1f{source.name}\x1f{job.tenant}"
+            caps.append(Cap(key, source.tenant_concurrency))
+        return tuple(caps)
+
+    def _forget_saturated(self) -> None:
+        now = self.clock.monotonic()
+        for key in [k for k, until in self._saturated.items() if until <= now]:
+            del self._saturated[key]
 
     async def _dispatch_once(self) -> int:
         """Claim and start as many jobs as there are free slots; returns how many started."""
@@ -237,6 +277,8 @@ class WorkerPool:
             self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)
         ):
             await self._refill()
+        if self._saturated:
+            self._forget_saturated()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._running)
         while len(picks) < free:
@@ -250,10 +292,17 @@ class WorkerPool:
         # Picks are counted as running from here; a claimed pick keeps its count until its task
         # ends, the others give theirs back below.
         to_start: list[Claimed] = []  # stays empty if the claim or the unclaim raises
+        caps = {job_id: mine for job_id, job in picks.items() if (mine := self._caps(job))}
+        full: frozenset[str] = frozenset()
         async with self._claiming:
             self._claiming_jobs = len(picks)
             try:
-                claimed = await self.journal.claim(list(picks), self.boot_id)
+                if caps:
+                    # Counted against every node's running jobs, in the claim's transaction.
+                    result = await self.journal.claim_capped(list(picks), self.boot_id, caps)
+                    claimed, full = result.claimed, result.full
+                else:
+                    claimed = await self.journal.claim(list(picks), self.boot_id)
                 if self._stopping:
                     # A drain began while the claim waited on the journal: start nothing new.
                     await self._unclaim([c.job.id for c in claimed])
@@ -273,9 +322,21 @@ class WorkerPool:
                 for job_id, job in picks.items():
                     if job_id not in starting:
                         self._count(job, -1)
+                if full:
+                    self._hold_back(full, [j for i, j in picks.items() if i not in starting])
         for c in to_start:
             self._start(c, picks[c.job.id])
         return len(to_start)
+
+    def _hold_back(self, full: frozenset[str], refused: list[Ready]) -> None:
+        """Caps full with other nodes' jobs: their jobs wait in the window (still queued, no
+        attempt used) until a slot may have freed; the others refused went elsewhere."""
+        until = self.clock.monotonic() + SATURATED_RECHECK_S
+        for key in full:
+            self._saturated[key] = until
+        for job in refused:
+            if any(c.key in full for c in self._caps(job)) and not self.scheduler.add(job):
+                self._refill_now = True
 
     def _count(self, job: Ready, delta: int) -> None:
         """Keep the running counts the caps are checked against (picks count as running)."""
@@ -299,6 +360,9 @@ class WorkerPool:
             self._count(ready, -1)
             if ready.order_key is not None:
                 self._refill_now = True  # the next job of its key may start: look for it
+            if self._saturated:
+                for cap in self._caps(ready):  # a slot of its caps is free now: try them
+                    self._saturated.pop(cap.key, None)
             if not self._running:
                 self._idle.set()
             self._wake.set()
@@ -315,6 +379,9 @@ class WorkerPool:
             timeout = sweep_s
             if self._next_due is not None:
                 timeout = min(timeout, max(self._next_due - self.clock.time(), 0.0))
+            if self._saturated:
+                recheck_s = min(self._saturated.values()) - self.clock.monotonic()
+                timeout = min(timeout, max(recheck_s, 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
@@ -326,6 +393,9 @@ class WorkerPool:
                 if due or now_mono - last_sweep >= sweep_s:
                     self._refill_now = True
                     last_sweep = now_mono
+                    self._pause_stale = True
+                if self._pause_stale:
+                    self._pause_stale = False
                     await self._refresh_paused()
                 while not self._stopping and await self._dispatch_once():
                     pass

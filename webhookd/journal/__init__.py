@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +48,8 @@ from webhookd.journal.batch import (
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
     Activity,
+    Cap,
+    CapClaim,
     Claimed,
     Counts,
     EventDetail,
@@ -73,6 +75,8 @@ __all__ = [
     "MIGRATIONS",
     "Activity",
     "BaseJournal",
+    "Cap",
+    "CapClaim",
     "Claimed",
     "Counts",
     "EventDetail",
@@ -487,7 +491,16 @@ class Journal(Reads, BaseJournal):
     async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
         """Mark queued jobs running (one more attempt each); returns those actually claimed."""
         op = ClaimOp(self._new_future(), list(job_ids), boot_id, self.clock.time())
-        return await self._submit(op)  # type: ignore[no-any-return]
+        result: CapClaim = await self._submit(op)
+        return result.claimed
+
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim`` within caps counted over every process on this file (see BaseJournal)."""
+        op = ClaimOp(self._new_future(), list(job_ids), boot_id, self.clock.time(), caps)
+        result: CapClaim = await self._submit(op)
+        return result
 
     async def finish(self, results: Sequence[Finished]) -> None:
         """Record attempts' outcomes (batched with whatever else is being committed)."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalError
 from webhookd.journal.records import (
     Activity,
+    Cap,
+    CapClaim,
     Claimed,
     Counts,
     EventDetail,
@@ -47,7 +49,9 @@ class BaseJournal(ABC):
     ``backlog_jobs`` (jobs queued or running, kept in step by this process's writes and re-counted
     by ``refresh_backlog``: the receiver's backpressure reads it); ``on_remote_jobs`` (called on
     the loop when another process or node may have made jobs ready, a hint to look now rather than
-    at the next sweep; never called by a journal that cannot tell).
+    at the next sweep; never called by a journal that cannot tell); ``on_pause_change`` (called on
+    the loop when a source may have been paused or resumed anywhere: re-read ``paused_sources``
+    now; likewise never called by a journal that cannot tell).
     """
 
     clock: Clock
@@ -56,6 +60,7 @@ class BaseJournal(ABC):
     shares_lanes: bool = False
     on_commit: Callable[[list[Ready]], None] | None
     on_remote_jobs: Callable[[], None] | None = None
+    on_pause_change: Callable[[], None] | None = None
     last_write_error: str | None
     writer_problem: str | None
     commits: int
@@ -106,6 +111,15 @@ class BaseJournal(ABC):
     @abstractmethod
     async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
         """Mark queued jobs running (one more attempt each); returns those actually claimed."""
+
+    @abstractmethod
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim``, but a job is claimed only while each of its ``caps`` (by job id) has fewer
+        than ``limit`` running jobs carrying its key, counted over every process on the store
+        and the jobs this call claims, in the order given. A job kept back stays queued with its
+        attempts unchanged; ``full`` names the caps that kept jobs back."""
 
     @abstractmethod
     async def finish(self, results: Sequence[Finished]) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhookd.journal.records import Claimed, Finished, Ingested, NewEvent, Ready
+from webhookd.journal.records import Cap, CapClaim, Claimed, Finished, Ingested, NewEvent, Ready
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
@@ -40,6 +41,7 @@ class ClaimOp(Op):
     job_ids: Sequence[str]
     boot_id: str
     now: float
+    caps: Mapping[str, Sequence[Cap]] | None = None  # by job id; None: a plain claim
 
 
 @dataclass(slots=True)
@@ -202,9 +204,36 @@ def write_ingests(
     return results
 
 
-def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> list[Claimed]:
+def admit(
+    job_ids: Sequence[str],
+    claimable: Iterable[str],
+    caps: Mapping[str, Sequence[Cap]],
+    running: Mapping[str, int],
+) -> tuple[list[str], frozenset[str]]:
+    """Which of the claimable jobs fit their caps (``running``: jobs running per cap key), taken
+    in the order of ``job_ids``, each admitted one counting against the next; and the keys of
+    the caps that kept a job back. For both backends."""
+    can = set(claimable)
+    held = Counter(running)
+    admitted: list[str] = []
+    full: set[str] = set()
+    for job_id in job_ids:
+        if job_id not in can:
+            continue
+        mine = caps.get(job_id, ())
+        over = [c.key for c in mine if held[c.key] >= c.limit]
+        if over:
+            full.update(over)
+            continue
+        for c in mine:
+            held[c.key] += 1
+        admitted.append(job_id)
+    return admitted, frozenset(full)
+
+
+def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> CapClaim:
     if not op.job_ids:
-        return []
+        return CapClaim([], frozenset())
     marks = ",".join("?" * len(op.job_ids))
     # Which are still queued, read inside the write transaction: only those are claimed and
     # returned (a job this boot already runs is not handed out twice, whatever the clock says),
@@ -218,21 +247,39 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> list[Claimed]:
             op.job_ids,
         )
     ]
+    full: frozenset[str] = frozenset()
+    if op.caps is not None and queued:
+        # Another process on this file (or this one's own jobs) may hold the caps' slots: the
+        # running jobs say which keys they carry. Few jobs run at once, so this read is short.
+        running: Counter[str] = Counter()
+        for (keys,) in conn.execute(
+            "SELECT caps FROM jobs WHERE state = 'running' AND caps IS NOT NULL"
+        ):
+            running.update(json.loads(keys))
+        queued, full = admit(op.job_ids, queued, op.caps, running)
     if not queued:
-        return []
+        return CapClaim([], full)
+    # One UPDATE per set of caps the jobs hold (one in all for a plain claim): jobs of one
+    # action mostly share theirs.
+    by_caps: dict[str | None, list[str]] = {}
+    for job_id in queued:
+        mine = op.caps.get(job_id) if op.caps else None
+        by_caps.setdefault(json.dumps([c.key for c in mine]) if mine else None, []).append(job_id)
+    for caps, ids in by_caps.items():
+        conn.execute(
+            f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
+            f" claimed_at = ?, caps = ? WHERE id IN ({','.join('?' * len(ids))})",
+            (op.boot_id, op.now, caps, *ids),
+        )
     marks = ",".join("?" * len(queued))
-    conn.execute(
-        f"UPDATE jobs SET state = 'running', attempts = attempts + 1, boot_id = ?,"
-        f" claimed_at = ? WHERE id IN ({marks})",
-        (op.boot_id, op.now, *queued),
-    )
     rows = fetch_rows(
         conn,
         f"SELECT {JOB_COLUMNS}, {EVENT_COLUMNS} FROM jobs j JOIN events e"
         f" ON e.id = j.event_id WHERE j.id IN ({marks})",
         queued,
     )
-    return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+    claimed = [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+    return CapClaim(claimed, full)
 
 
 def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> None:

@@ -85,6 +85,23 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
+class Cap:
+    """A limit on running jobs shared by every node: at most ``limit`` running jobs may carry
+    ``key`` (an action's, a source's or a tenant's concurrency)."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapClaim:
+    """What ``claim_capped`` did: the jobs claimed, and the caps that kept others queued."""
+
+    claimed: list[Claimed]
+    full: frozenset[str]  # keys of caps found at their limit
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The outcome of one attempt, as the worker reports it."""
 

@@ -104,6 +104,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX events_received ON events(received_at, source);
     """,
+    # 5 → 6: the keys of the caps a running job holds (a JSON array; NULL for most jobs), so a
+    # claim by any process counts a cap's running jobs (``jobs_running`` finds them).
+    """
+    ALTER TABLE jobs ADD COLUMN caps TEXT;
+    """,
 )
 
 # A job may start only when no older job of its (source, action, order key) is unfinished: the

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -40,15 +40,18 @@ from webhookd.journal.base import BaseJournal
 from webhookd.journal.batch import FinishOp, IngestOp, Op
 from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
 from webhookd.journal.postgres.lanes import PgLanes
-from webhookd.journal.postgres.nodes import PgNodes
+from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
     write_claim,
+    write_claim_capped,
     write_finishes,
     write_ingests,
 )
 from webhookd.journal.records import (
+    Cap,
+    CapClaim,
     Claimed,
     Finished,
     Ingested,
@@ -115,6 +118,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.listening = asyncio.Event()  # set while the listener is connected (for tests)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
+        # Claims holding a cap: their outcome frees a slot other nodes may be waiting for.
+        self._capped: set[str] = set()
         self._pending: list[Finished] = []  # outcomes an outage kept back (record_pending)
         self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
 
@@ -270,8 +275,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             created.extend(ready)
             if not iop.future.done():
                 iop.future.set_result(result)
+        freed = False
         for f in results:
             self._tokens.pop(f.job_id, None)
+            if f.job_id in self._capped:
+                self._capped.discard(f.job_id)
+                freed = True
             if f.job_id not in recorded:
                 log.warning(
                     "job %s: outcome %s not recorded: its lease passed to another node",
@@ -284,7 +293,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             if not fop.future.done():
                 fop.future.set_result(None)
         self.backlog_jobs += len(created)
-        if created:
+        if created or freed:
             self._notify_wanted.set()
         if created and self.on_commit is not None:
             self.on_commit(created)
@@ -309,6 +318,29 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         for c in claimed:
             self._tokens[c.job.id] = token
         return claimed
+
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim`` within caps counted over every node's running jobs (see BaseJournal)."""
+        if not job_ids:
+            return CapClaim([], frozenset())
+        token = secrets.token_hex(8)
+        now = self.clock.time()
+        try:
+            result = await self._write(
+                lambda conn: write_claim_capped(
+                    conn, job_ids, caps, self.node_id, token, now, self.lease_s
+                )
+            )
+        except JournalUnavailable:
+            self._doubtful.append(token)
+            raise
+        for c in result.claimed:
+            self._tokens[c.job.id] = token
+            if caps.get(c.job.id):
+                self._capped.add(c.job.id)
+        return result
 
     async def finish(self, results: Sequence[Finished]) -> None:
         """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
@@ -356,6 +388,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         return len(pending)
 
     async def unclaim(self, job_ids: Sequence[str]) -> None:
+        self._capped.difference_update(job_ids)
         held = [(job_id, self._tokens.pop(job_id)) for job_id in job_ids if job_id in self._tokens]
         if not held:
             return
@@ -413,21 +446,23 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
     async def pause(self, source: str) -> bool:
         now = self.clock.time()
-        status = await self._write(
-            lambda conn: conn.execute(
+        return await self._write(
+            lambda conn: _changed_and_told(
+                conn,
+                source,
                 "INSERT INTO paused_sources (source, paused_at) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING",
                 source,
                 now,
             )
         )
-        return rowcount(status) > 0
 
     async def resume(self, source: str) -> bool:
-        status = await self._write(
-            lambda conn: conn.execute("DELETE FROM paused_sources WHERE source = $1", source)
+        return await self._write(
+            lambda conn: _changed_and_told(
+                conn, source, "DELETE FROM paused_sources WHERE source = $1", source
+            )
         )
-        return rowcount(status) > 0
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -528,3 +563,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         await asyncio.wait({task})  # cancelling the watch leaves the writer alone
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
+
+
+async def _changed_and_told(conn: Any, source: str, sql: str, *args: Any) -> bool:
+    """Run a pause or resume; if it changed anything, tell every node in the same transaction
+    (the notification goes out at commit), so each drops or takes back the source's jobs now
+    rather than at its next sweep. Pauses are rare: NOTIFY's commit lock costs nothing here."""
+    changed = rowcount(await conn.execute(sql, *args)) > 0
+    if changed:
+        await conn.execute("SELECT pg_notify($1, $2)", PAUSE_CHANNEL, source)
+    return changed

@@ -1,7 +1,8 @@
 """A PostgreSQL journal's life as a node: its heartbeat (the lease on every job it runs), the
 leader lease and the maintenance only its holder runs (recovery of silent nodes' jobs,
 retention), the cluster-wide backlog count, and the wake-ups between nodes (LISTEN on a
-connection of its own, NOTIFY after commits that made jobs ready).
+connection of its own, NOTIFY after commits that made jobs ready or freed a cap's slot, and
+after a pause or resume).
 
 Hazard: leadership is a lease, not a lock. A leader cut off from the database (or paused past
 its lease) may still believe it leads for a moment while another node has taken over; the
@@ -30,6 +31,7 @@ from webhookd.journal.records import Recovery
 log = logging.getLogger("webhookd.journal")
 
 CHANNEL = "webhookd_jobs"
+PAUSE_CHANNEL = "webhookd_paused"  # a source was paused or resumed (payload: its name)
 NOTIFY_EVERY_S = 0.1
 LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
 RECONNECT_MAX_S = 5.0
@@ -51,6 +53,7 @@ class PgNodes:
     _down_since: float | None
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
+    on_pause_change: Callable[[], None] | None
     _notify_wanted: asyncio.Event
 
     @property
@@ -214,9 +217,13 @@ class PgNodes:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _: lost.set())
         await conn.add_listener(CHANNEL, self._notified)
+        await conn.add_listener(PAUSE_CHANNEL, self._pause_notified)
         self.listening.set()
+        # What was notified while this was not listening is lost: look now.
         if self.on_remote_jobs is not None:
-            self.on_remote_jobs()  # what was notified while this was not listening is lost
+            self.on_remote_jobs()
+        if self.on_pause_change is not None:
+            self.on_pause_change()
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
@@ -227,6 +234,10 @@ class PgNodes:
     def _notified(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
         if sender != self.node_id and self.on_remote_jobs is not None:
             self.on_remote_jobs()
+
+    def _pause_notified(self, _conn: Any, _pid: int, _channel: str, _source: str) -> None:
+        if self.on_pause_change is not None:
+            self.on_pause_change()
 
     async def _notify_loop(self) -> None:
         """Tell idle nodes that jobs were committed: this node runs its own in-process."""

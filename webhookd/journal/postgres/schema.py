@@ -143,6 +143,11 @@ MIGRATIONS: tuple[str, ...] = (
         queue_until   double precision[] NOT NULL DEFAULT '{}'
     ) WITH (fillfactor = 50);
     """,
+    # 5 → 6: the keys of the caps (action, source, tenant concurrency) a running job holds;
+    # NULL for most jobs. A capped claim counts them over the running jobs (``jobs_running``).
+    """
+    ALTER TABLE jobs ADD COLUMN caps text[];
+    """,
 )
 
 

@@ -7,11 +7,12 @@ commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from webhookd.journal.batch import IngestOp, sort_ingests
-from webhookd.journal.records import Claimed, Finished, Ingested, Ready, Recovery
+from webhookd.journal.batch import IngestOp, admit, sort_ingests
+from webhookd.journal.records import Cap, CapClaim, Claimed, Finished, Ingested, Ready, Recovery
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
@@ -91,7 +92,7 @@ async def write_claim(
         f" AND j.state = 'queued' AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED)"
         " UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, node_id = $2,"
         " claim_token = $3, claimed_at = $4::double precision,"
-        " lease_until = $4::double precision + $5::double precision"
+        " lease_until = $4::double precision + $5::double precision, caps = NULL"
         " FROM picked, events e WHERE j.id = picked.id AND e.id = j.event_id"
         f" RETURNING {JOB_COLUMNS}, {EVENT_COLUMNS}",
         list(job_ids),
@@ -101,6 +102,78 @@ async def write_claim(
         lease_s,
     )
     return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+
+
+# The first half of the two-int advisory lock key taken per cap: keeps caps' locks apart from
+# any other advisory lock (migrations take a one-int key).
+CAP_LOCK_CLASS = 0x63617073  # "caps"
+
+
+def cap_lock_id(key: str) -> int:
+    """A cap key's lock id: a stable 32-bit hash (two keys sharing one only wait on each other)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+async def write_claim_capped(
+    conn: Any,
+    job_ids: Sequence[str],
+    caps: Mapping[str, Sequence[Cap]],
+    node_id: str,
+    token: str,
+    now: float,
+    lease_s: float,
+) -> CapClaim:
+    """``write_claim`` within caps counted over the running jobs of every node.
+
+    Each cap key's advisory lock is held to the commit (taken in one order, so two claims
+    cannot deadlock): claims sharing a key run one after another, and each counts what the one
+    before committed. The count is a statement after the locks, so its snapshot sees them.
+    Claims without caps take no lock and do not wait here.
+    """
+    keys = sorted({c.key for mine in caps.values() for c in mine})
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1::integer, k) FROM unnest($2::integer[]) AS k",
+            CAP_LOCK_CLASS,
+            sorted({cap_lock_id(k) for k in keys}),
+        )
+    rows = await conn.fetch(
+        "WITH picked AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY($1::text[])"
+        f" AND j.state = 'queued' AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED),"
+        " held AS (SELECT k, count(*) AS n FROM jobs r CROSS JOIN LATERAL unnest(r.caps) AS k"
+        " WHERE r.state = 'running' AND r.caps IS NOT NULL AND k = ANY($2::text[]) GROUP BY k)"
+        " SELECT id, NULL AS k, 0::bigint AS n FROM picked"
+        " UNION ALL SELECT NULL, k, n FROM held",
+        list(job_ids),
+        keys,
+    )
+    claimable = [r["id"] for r in rows if r["id"] is not None]
+    running = {r["k"]: int(r["n"]) for r in rows if r["id"] is None}
+    admitted, full = admit(job_ids, claimable, caps, running)
+    if not admitted:
+        return CapClaim([], full)
+    pairs: list[tuple[str, str | None]] = [
+        (job_id, c.key) for job_id in admitted for c in caps.get(job_id, ())
+    ]
+    pairs += [(job_id, None) for job_id in admitted if not caps.get(job_id)]
+    claimed = await conn.fetch(
+        "WITH c AS (SELECT u.id, array_agg(u.k) FILTER (WHERE u.k IS NOT NULL) AS caps"
+        " FROM unnest($1::text[], $2::text[]) AS u(id, k) GROUP BY u.id)"
+        " UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, node_id = $3,"
+        " claim_token = $4, claimed_at = $5::double precision,"
+        " lease_until = $5::double precision + $6::double precision, caps = c.caps"
+        " FROM c, events e WHERE j.id = c.id AND j.state = 'queued' AND e.id = j.event_id"
+        f" RETURNING {JOB_COLUMNS}, {EVENT_COLUMNS}",
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        node_id,
+        token,
+        now,
+        lease_s,
+    )
+    return CapClaim(
+        [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in claimed], full
+    )
 
 
 async def write_finishes(
