@@ -92,6 +92,23 @@ async def test_pg_nodes_lists_every_node_and_marks_a_silent_one_stale(pg_url: st
         assert [n.node_id for n in await a.nodes()] == [a.node_id]
 
 
+async def test_pg_the_cli_reads_and_writes_the_journal_without_joining_the_cluster(
+    pg_url: str,
+) -> None:
+    """`webhookd stats`/`replay`/`pause` against PostgreSQL never show up as a node, take the
+    lead or leave a node row behind."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as daemon:
+        item = new_event()
+        await daemon.ingest(item)
+        async with PostgresJournal(pg_url, clock=clock, lease_s=LEASE_S, node=False) as cli:
+            assert await cli.pause("shop")
+            assert (await cli.replay([item.event.id]))[item.event.id].requeued == 0
+            assert [n.node_id for n in await cli.nodes()] == [daemon.node_id]
+            assert not cli.leads()
+        assert [n.node_id for n in await daemon.nodes()] == [daemon.node_id]
+
+
 async def test_pg_unclaim_after_losing_the_lease_changes_nothing(pg_url: str) -> None:
     """A drain's unclaim of a job another node has since claimed leaves that claim alone."""
     clock = ManualClock(START)

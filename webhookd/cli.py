@@ -77,7 +77,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 def _journal(cfg: config_mod.Config) -> BaseJournal:
     if cfg.journal.url is None and not cfg.journal.path.exists():
         _fail(f"no journal at {cfg.journal.path} (set journal.path or --config)", 1)
-    return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries)
+    return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries, node=False)
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -337,8 +337,8 @@ def stats(config_path: str | None, as_json: bool) -> None:
             recent = await journal.activity(300)
             hour = await journal.activity(3600)
             paused = sorted(await journal.paused_sources())
-            # The CLI is no node: a PostgreSQL journal lists it while it is open, SQLite's
-            # lists only it. The daemon's own view, when it answers, replaces this one.
+            # The CLI is no node (SQLite's journal lists only the process that opened it). The
+            # daemon's own view, when it answers, replaces this one.
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
         oldest = counts.oldest_queued_at

@@ -761,14 +761,15 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T
 
 
 def open_journal(
-    cfg: JournalConfig, *, clock: Clock = SYSTEM_CLOCK, max_recoveries: int = 3
+    cfg: JournalConfig, *, clock: Clock = SYSTEM_CLOCK, max_recoveries: int = 3, node: bool = True
 ) -> BaseJournal:
     """The journal ``cfg`` names, not yet opened (use ``async with``): the SQLite file at
     ``journal.path`` or PostgreSQL at ``journal.url``.
 
     ``max_recoveries`` is the poison-pill rule's count, which a PostgreSQL journal applies each
     time it re-queues the jobs of a node that went silent, not only at start. The PostgreSQL
-    driver is imported only when a URL is configured.
+    driver is imported only when a URL is configured. ``node=False`` (the CLI) opens a
+    PostgreSQL journal without joining the cluster as a node.
     """
     if cfg.url is not None:
         from webhookd.journal.postgres import PostgresJournal
@@ -780,5 +781,6 @@ def open_journal(
             lease_s=cfg.lease_s,
             max_recoveries=max_recoveries,
             statement_cache_size=cfg.statement_cache_size,
+            node=node,
         )
     return Journal(cfg.path, clock=clock)

@@ -88,8 +88,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         max_recoveries: int = 3,
         heartbeat_s: float | None = None,
         statement_cache_size: int = 100,
+        node: bool = True,
     ) -> None:
         self.url = url
+        # A daemon is a node; the CLI is not: it neither heartbeats nor shows in ``nodes()``,
+        # takes no lead and listens to nothing.
+        self.node = node
         self.clock = clock
         self.lease_s = lease_s
         self.max_recoveries = max_recoveries
@@ -142,7 +146,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
-            await self.heartbeat()
+            if self.node:
+                await self.heartbeat()
             self.backlog_jobs = await self.backlog()
         except DB_ERRORS as exc:
             await self._close_pool()
@@ -154,6 +159,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.writer_problem = None
         self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._writer.add_done_callback(self._writer_ended)
+        if not self.node:
+            return
         self._lease_task = asyncio.create_task(self._lease_loop(), name="journal-leases")
         self._listen_task = asyncio.create_task(self._listen_loop(), name="journal-listen")
         self._notify_task = asyncio.create_task(self._notify_loop(), name="journal-notify")
@@ -173,7 +180,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             await self._queue.put(None)
             await self._writer
             self._writer = None
-        if self._pool is not None:
+        if self._pool is not None and self.node:
             # A clean stop gives up the node row (its jobs were finished or unclaimed by now)
             # and the leader lease, so another node takes over maintenance without waiting.
             with contextlib.suppress(*DB_ERRORS):
