@@ -155,6 +155,9 @@ class Journal(Reads, BaseJournal):
         self._checkpoint_conn: sqlite3.Connection | None = None  # used only on its own thread
         self._checkpointing: asyncio.Future[Any] | None = None
         self._last_checkpoint = 0.0
+        # Set when a background checkpoint finished: the writer then copies the few frames
+        # committed meanwhile itself, before its next batch, so SQLite can start the WAL over.
+        self._checkpoint_tail = False
         # Background checkpoints done, and WAL frames they copied into the main file.
         self.checkpoints = 0
         self.checkpointed_frames = 0
@@ -323,6 +326,11 @@ class Journal(Reads, BaseJournal):
         self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
         self._checkpointing.add_done_callback(self._checkpointed)
 
+    async def wait_checkpoint(self) -> None:
+        """Wait for the background checkpoint running now, if any (tests, close)."""
+        if self._checkpointing is not None:
+            await asyncio.wait({self._checkpointing})
+
     def _checkpointed(self, done: asyncio.Future[tuple[int, int, int]]) -> None:
         self._checkpointing = None
         if done.cancelled():
@@ -332,6 +340,7 @@ class Journal(Reads, BaseJournal):
             log.warning("background WAL checkpoint failed: %s", _describe(exc))
             return
         _, _, frames = done.result()
+        self._checkpoint_tail = True
         self.checkpoints += 1
         self.checkpointed_frames += max(frames, 0)
 
@@ -421,7 +430,9 @@ class Journal(Reads, BaseJournal):
                     ops=[op for op in batch if not isinstance(op, CallOp)],
                     calls=[op for op in batch if isinstance(op, CallOp)],
                     now=self.clock.time(),
+                    checkpoint_tail=self._checkpoint_tail,
                 )
+                self._checkpoint_tail = False
                 await self._in_thread(self._write_batch, group)
                 self._resolve(group)
                 if group.commits:
@@ -449,6 +460,12 @@ class Journal(Reads, BaseJournal):
         writer, which every later webhook and job needs.
         """
         conn = self._require_writer()
+        if group.checkpoint_tail:
+            # Under a steady stream of commits a background checkpoint never ends with the
+            # whole WAL copied, and SQLite restarts the WAL only when it has: finishing the
+            # tail here (frames committed while it ran: a few pages) lets the next transaction
+            # start the WAL over instead of growing it to the backstop.
+            self._checkpoint_quietly("PRAGMA wal_checkpoint(PASSIVE)")
         if group.ops:
             try:
                 group.results = _transaction(conn, _writer_of(group.ops, group.now))

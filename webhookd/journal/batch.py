@@ -76,6 +76,7 @@ class Group:
     called: list[tuple[Any, BaseException | None]] = field(default_factory=list)
     commits: int = 0
     error: Exception | None = None  # the group failed as a whole: nothing of it was written
+    checkpoint_tail: bool = False  # copy the WAL's last frames back before writing (journal)
 
 
 class WriteFailed(Exception):
