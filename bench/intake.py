@@ -41,7 +41,7 @@ from bench.servers import (
 
 RATIO_TARGET = 0.6
 LATENCY_RATE = 1000.0
-LATENCY_P99_TARGET_MS = 10.0
+LATENCY_P99_TARGET_MS = 5.0
 # Above this share of its CPU the generator, not the server, sets the pace.
 GEN_BOUND_PCT = 90.0
 # Above this much CPU (% of one core) used by other processes, the machine was not idle.

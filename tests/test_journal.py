@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
 from webhookd.journal import MIGRATIONS, Journal, NewEvent, NewJob
 from webhookd.journal.schema import BACKLOG_SQL
@@ -103,3 +104,35 @@ async def test_sqlite_backlog_is_counted_in_the_partial_indexes(tmp_path: Path) 
         conn.close()
     assert not any(step == "SCAN jobs" for step in plan), plan
     assert any("jobs_lane" in step for step in plan) and any("jobs_running" in s for s in plan)
+
+
+def _wal_resets(path: Path) -> int:
+    """How many times the WAL was started over after a checkpoint (its header's sequence)."""
+    with open(f"{path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+async def test_sqlite_wal_checkpoints_run_beside_ingests_not_inside_their_commits(
+    tmp_path: Path,
+) -> None:
+    """No ingest's ack waits for a WAL checkpoint: the WAL is copied back in the background."""
+    path = tmp_path / "j.db"
+    clock = ManualClock()
+    journal = Journal(path, clock=clock)
+    async with journal:
+        # ~1,600 pages of WAL, past SQLite's default automatic checkpoint (1,000 pages), with
+        # the background checkpointer's clock held still: no commit may checkpoint by itself.
+        for n in range(64):
+            await journal.ingest(new_event(body=b"x" * 100_000 + str(n).encode()))
+        assert _wal_resets(path) == 0
+        assert journal.checkpoints == 0
+        clock.advance(1.0)
+        await journal.ingest(new_event(body=b"after"))
+        await journal.wait_checkpoint()
+        assert journal.checkpoints == 1
+        assert journal.checkpointed_frames >= 1_500
+        # The next batch copies back what came in meanwhile, and the one after it starts the
+        # WAL over: under a steady stream the WAL stays small instead of growing.
+        await journal.ingest(new_event(body=b"tail"))
+        await journal.ingest(new_event(body=b"restarted"))
+        assert _wal_resets(path) == 1

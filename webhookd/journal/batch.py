@@ -25,6 +25,10 @@ from webhookd.journal.schema import (
 )
 from webhookd.models import JobState
 
+# One compact encoder made once: ``json.dumps(..., separators=...)`` builds a new encoder on
+# every call, which costs as much as the encoding itself on the ingest path.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
 
 @dataclass(slots=True)
 class Op:
@@ -74,6 +78,7 @@ class Group:
     called: list[tuple[Any, BaseException | None]] = field(default_factory=list)
     commits: int = 0
     error: Exception | None = None  # the group failed as a whole: nothing of it was written
+    checkpoint_tail: bool = False  # copy the WAL's last frames back before writing (journal)
 
 
 class WriteFailed(Exception):
@@ -139,7 +144,7 @@ def sort_ingests(
                 e.dedup_key,
                 e.tenant,
                 int(e.priority),
-                json.dumps(e.headers, separators=(",", ":")),
+                _compact(e.headers),
                 e.body,
                 json.dumps(e.verified) if e.verified is not None else None,
                 json.dumps(op.item.filtered) if op.item.filtered else None,

@@ -1,0 +1,418 @@
+"""Where intake time goes: webhookd's work per webhook, added one piece at a time.
+
+``python -m bench.bisect`` prints two tables of server CPU µs per webhook (CPU time of the
+server process over requests answered, which other load on the machine barely moves):
+
+1. HTTP: servers built up from a bare aiohttp handler to ``webhookd serve`` itself, each a fresh
+   process pinned to one CPU with wrk (unique 1 KB bodies, 64 connections) on the other, in
+   ``--rounds`` interleaved rounds; req/s and its ratio to the bare server of the same round.
+2. SQL: the journal's rows alone, written in batches of 64 by one thread in WAL with
+   ``synchronous = FULL``, schema piece by piece from the minimal ``(id, received_at, body)``.
+
+The HTTP steps (``--serve STEP``: this module is also the server):
+
+- ``bare``: read the body, answer 200.
+- ``minimal``: group commit of ``(id, received_at, body)`` on one writer thread, 202 after COMMIT.
+- ``journal``: webhookd's SQLite journal (``submit_ingest``) with an event built in the handler
+  (id, sha256 dedup key, headers), no receiver.
+- ``receiver``: webhookd's receiver app (checks, dedup key, header masking, deadlines) on it.
+- ``serve``: ``webhookd serve`` itself (adds metrics, the admin port, worker pool, retention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import resource
+import signal
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HTTP_STEPS = ("bare", "minimal", "journal", "receiver", "serve")
+BATCH = 64
+
+
+# -- the servers ----------------------------------------------------------------------------------
+
+
+async def _serve(step: str, port: int, db: Path) -> None:
+    from aiohttp import web
+
+    from webhookd.config import loads
+    from webhookd.journal import Journal, NewEvent
+    from webhookd.models import Event, Priority, new_event_id
+    from webhookd.receiver import Receiver
+    from webhookd.state import IntakeState
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    journal: Journal | None = None
+    app = web.Application(client_max_size=1024 * 1024)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    if step == "bare":
+
+        async def accept(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(status=202)
+
+        app.router.add_post("/hooks/bench", accept)
+    elif step == "minimal":
+        writer = _ThreadGroupCommit(db, loop)
+
+        async def accept(request: web.Request) -> web.Response:
+            body = await request.read()
+            await writer.submit((time.time(), body))
+            return web.Response(status=202)
+
+        app.router.add_post("/hooks/bench", accept)
+    elif step == "journal":
+        journal = Journal(db)
+        await journal.open()
+
+        async def accept(request: web.Request) -> web.Response:
+            body = await request.read()
+            event = Event(
+                id=new_event_id(),
+                source="bench",
+                received_at=time.time(),
+                dedup_key="bench:sha256:" + hashlib.sha256(body).hexdigest(),
+                tenant="",
+                priority=Priority.NORMAL,
+                headers=tuple(request.headers.items()),
+                body=body,
+            )
+            assert journal is not None
+            await journal.submit_ingest(NewEvent(event, ()))
+            return web.Response(status=202, body=b'{"id": "%s"}' % event.id.encode())
+
+        app.router.add_post("/hooks/bench", accept)
+    else:  # receiver
+        config = loads("[sources.bench]\n")
+        journal = Journal(db)
+        await journal.open()
+        app = Receiver(config, journal, IntakeState()).app()
+    app.router.add_get("/readyz", ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        if journal is not None:
+            if os.environ.get("BISECT_VERBOSE"):
+                print(f"commits={journal.commits} ops={journal.batched_ops}", file=sys.stderr)
+            await journal.close()
+
+
+class _ThreadGroupCommit:
+    """The minimal durable intake: whatever is waiting goes in one INSERT + COMMIT."""
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.q: queue.SimpleQueue[tuple[Any, asyncio.Future[None]]] = queue.SimpleQueue()
+        self.loop = loop
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute(
+            "CREATE TABLE journal (id INTEGER PRIMARY KEY, received_at REAL, body BLOB)"
+        )
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def submit(self, row: Any) -> asyncio.Future[None]:
+        future = self.loop.create_future()
+        self.q.put((row, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.q.get()]
+            while not self.q.empty():
+                batch.append(self.q.get_nowait())
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "INSERT INTO journal (received_at, body) VALUES (?, ?)", [r for r, _ in batch]
+            )
+            self.conn.execute("COMMIT")
+            self.loop.call_soon_threadsafe(_resolve, [f for _, f in batch])
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_result(None)
+
+
+# -- the HTTP table -----------------------------------------------------------------------------
+
+
+def _http_round(step: str, duration_s: float) -> tuple[float, float]:
+    """(req/s, server CPU µs per webhook) for one fresh server of ``step``."""
+    from bench import loadgen
+    from bench.servers import Target, free_port, proc_cpu_s, running_webhookd
+
+    if step == "serve":
+        with running_webhookd(
+            "[sources.bench]\n", cpu=1, target=Target("serve", "webhookd", 202)
+        ) as s:
+            before = s.cpu_s()
+            load = loadgen.closed_loop(
+                s.url, connections=64, duration_s=duration_s, expect_status=202, cpu=0, use_wrk=True
+            )
+            used = s.cpu_s() - before
+        return load.rps, used / max(load.requests, 1) * 1e6
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-bisect-") as tmp:
+        cmd = [sys.executable, "-m", "bench.bisect", "--serve", step, "--port", str(port)]
+        cmd += ["--db", str(Path(tmp) / "j.db")]
+        proc = subprocess.Popen(cmd, preexec_fn=loadgen.pin_to(1), cwd=Path(__file__).parent.parent)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"bisect server {step} did not start") from None
+                    time.sleep(0.05)
+            url = f"http://127.0.0.1:{port}/hooks/bench"
+            before = proc_cpu_s(proc.pid)
+            load = loadgen.closed_loop(
+                url, connections=64, duration_s=duration_s, expect_status=202, cpu=0, use_wrk=True
+            )
+            used = proc_cpu_s(proc.pid) - before
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+    if load.errors:
+        raise RuntimeError(f"{step}: {load.errors} unexpected answers {load.statuses}")
+    return load.rps, used / max(load.requests, 1) * 1e6
+
+
+def http_table(steps: tuple[str, ...], rounds: int, duration_s: float) -> list[str]:
+    rps: dict[str, list[float]] = {s: [] for s in steps}
+    cpu: dict[str, list[float]] = {s: [] for s in steps}
+    ratio: dict[str, list[float]] = {s: [] for s in steps}
+    for n in range(rounds):
+        for step in steps:
+            r, c = _http_round(step, duration_s)
+            rps[step].append(r)
+            cpu[step].append(c)
+            print(f"  round {n + 1} {step:9s} {r:8.0f} req/s {c:7.1f} µs/webhook", file=sys.stderr)
+        if "bare" in steps:
+            for step in steps:
+                ratio[step].append(rps[step][-1] / rps["bare"][-1])
+    lines = [
+        "| step | server CPU µs/webhook | added | req/s | × bare |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    previous = None
+    for step in steps:
+        c = statistics.median(cpu[step])
+        added = f"{c - previous:+.0f}" if previous is not None else ""
+        share = f"{statistics.median(ratio[step]):.2f}" if ratio[step] else ""
+        lines.append(
+            f"| {step} | {c:.0f} | {added} | {statistics.median(rps[step]):,.0f} | {share} |"
+        )
+        previous = c
+    return lines
+
+
+# -- the SQL table ------------------------------------------------------------------------------
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _body(n: int) -> bytes:
+    head = b'{"id":"%d","type":"bench.event","pad":"' % n
+    return head + b"x" * (1024 - len(head) - 2) + b'"}'
+
+
+_HEADERS = (
+    ("Host", "127.0.0.1:8080"),
+    ("Content-Length", "1024"),
+    ("Content-Type", "application/json"),
+)
+
+
+def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, float], None]]]:
+    """(name, schema, write one batch) for each step; each adds one piece to the one before."""
+    from webhookd.journal import MIGRATIONS
+    from webhookd.models import new_event_id, new_job_id
+
+    headers = json.dumps(_HEADERS, separators=(",", ":"))
+
+    def minimal(conn: sqlite3.Connection, start: int, now: float) -> None:
+        conn.executemany(
+            "INSERT INTO journal (received_at, body) VALUES (?, ?)",
+            [(now, _body(n)) for n in range(start, start + BATCH)],
+        )
+
+    def events(conn: sqlite3.Connection, start: int, now: float, dedup: bool, jobs: bool) -> None:
+        rows, keys, job_rows = [], [], []
+        for n in range(start, start + BATCH):
+            body = _body(n)
+            eid = new_event_id()
+            key = "bench:sha256:" + hashlib.sha256(body).hexdigest()
+            rows.append((eid, "bench", now, key, "", 1, headers, body))
+            keys.append((key, eid, now))
+            if jobs:
+                job_rows.append((new_job_id(), eid, "bench", "fwd", "forward", 1, "", None, now, 5))
+        if dedup:
+            conn.executemany(
+                "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
+            )
+        conn.executemany(
+            "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        if jobs:
+            conn.executemany(
+                "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
+                " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                job_rows,
+            )
+
+    plain_events = (
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,"
+        " source TEXT NOT NULL, received_at REAL NOT NULL, dedup_key TEXT NOT NULL,"
+        " tenant TEXT NOT NULL DEFAULT '', priority INTEGER NOT NULL, headers TEXT NOT NULL,"
+        " body BLOB NOT NULL, verified TEXT, filtered TEXT)"
+    )
+    dedup = (
+        "CREATE TABLE dedup (key TEXT PRIMARY KEY, event_id TEXT NOT NULL,"
+        " created_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    full = ";".join(MIGRATIONS)
+    no_jobs = full  # the jobs table is there but empty: a source without actions
+    return [
+        (
+            "minimal (id, received_at, body)",
+            "CREATE TABLE journal (id INTEGER PRIMARY KEY, received_at REAL, body BLOB)",
+            minimal,
+        ),
+        (
+            "+ event columns (text id, source, dedup key, headers JSON…)",
+            plain_events,
+            lambda c, s, now: events(c, s, now, False, False),
+        ),
+        (
+            "+ unique index on the event id",
+            plain_events + "; CREATE UNIQUE INDEX events_id ON events(id)",
+            lambda c, s, now: events(c, s, now, False, False),
+        ),
+        (
+            "+ events_source, events_received indexes",
+            plain_events
+            + "; CREATE UNIQUE INDEX events_id ON events(id)"
+            + "; CREATE INDEX events_source ON events(source, seq)"
+            + "; CREATE INDEX events_received ON events(received_at, source)",
+            lambda c, s, now: events(c, s, now, False, False),
+        ),
+        (
+            "+ dedup table (random 80-char text key)",
+            plain_events
+            + "; CREATE UNIQUE INDEX events_id ON events(id)"
+            + "; CREATE INDEX events_source ON events(source, seq)"
+            + "; CREATE INDEX events_received ON events(received_at, source)"
+            + f"; {dedup}",
+            lambda c, s, now: events(c, s, now, True, False),
+        ),
+        (
+            "= the journal's schema (+ dedup_created index)",
+            no_jobs,
+            lambda c, s, now: events(c, s, now, True, False),
+        ),
+        (
+            "+ one job row per webhook and its indexes",
+            full,
+            lambda c, s, now: events(c, s, now, True, True),
+        ),
+    ]
+
+
+def _sql_step(
+    schema: str, write: Callable[[sqlite3.Connection, int, float], None], rows: int
+) -> float:
+    """CPU µs per webhook of writing ``rows`` webhooks' rows, 64 per commit, into ``schema``."""
+    with tempfile.TemporaryDirectory(prefix="bench-bisect-") as tmp:
+        conn = sqlite3.connect(Path(tmp) / "j.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        for statement in schema.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        before = _cpu_s()
+        for start in range(0, rows, BATCH):
+            conn.execute("BEGIN IMMEDIATE")
+            write(conn, start, time.time())
+            conn.execute("COMMIT")
+        used = (_cpu_s() - before) / rows * 1e6
+        conn.close()
+    return used
+
+
+def sql_table(rows: int, rounds: int) -> list[str]:
+    steps = _sql_steps()
+    cpu: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):  # interleaved, so a busy spell on the machine hits every step
+        for n, (_, schema, write) in enumerate(steps):
+            cpu[n].append(_sql_step(schema, write, rows))
+    lines = ["| journal rows | CPU µs/webhook | added |", "|---|---:|---:|"]
+    previous = None
+    for (name, _, _), used_all in zip(steps, cpu, strict=True):
+        used = statistics.median(used_all)
+        added = f"{used - previous:+.1f}" if previous is not None else ""
+        lines.append(f"| {name} | {used:.1f} | {added} |")
+        previous = used
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bisect", description=__doc__)
+    parser.add_argument("--serve", choices=HTTP_STEPS[:-1], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP run")
+    parser.add_argument("--rows", type=int, default=20_000, help="webhooks per SQL step")
+    parser.add_argument("--only", choices=("http", "sql"))
+    args = parser.parse_args(argv)
+    if args.serve:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(args.serve, args.port, args.db))
+        return
+    if args.only != "http":
+        print("\n".join(sql_table(args.rows, max(args.rounds, 3))) + "\n", flush=True)
+    if args.only != "sql":
+        print("\n".join(http_table(HTTP_STEPS, args.rounds, args.duration)))
+
+
+if __name__ == "__main__":
+    main()
