@@ -24,6 +24,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from procs import Procs
+from procs import Target as ServerTarget
 
 from webhookd import config as config_mod
 from webhookd.app import Daemon
@@ -250,6 +251,14 @@ async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture
+def journal_env(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test's fresh database as ``WEBHOOKD_JOURNAL_URL``, which the configs written by
+    tests/cluster.py read: every ``webhookd serve`` node the test starts shares it."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
+    return pg_url
+
+
 @dataclass
 class Running:
     daemon: Daemon
@@ -296,6 +305,17 @@ async def run_daemon() -> AsyncIterator[Callable[[config_mod.Config], Any]]:
         if not r.task.done():
             await r.stop()
     await http.close()
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[ServerTarget]:
+    """A real loopback server (tests/procs.py's ``Target``) for daemon processes to forward to."""
+    t = ServerTarget()
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
 
 
 @pytest.fixture

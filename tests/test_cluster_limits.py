@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +19,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from procs import DaemonProc, Procs, get_json
+from cluster import Load, pg_config, post_acked, serve_nodes, stop
+from procs import DaemonProc, Procs, Target, get_json
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(120)]
-
-JSON = {"Content-Type": "application/json"}
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("journal_env"),
+]
 
 
 @dataclass
@@ -37,20 +39,16 @@ class Seen:
 
 
 @dataclass
-class Sink:
+class Sink(Target):
     """A loopback target recording each request (event id, body, arrival time, answer) and the
     most requests it ever had in flight at once. Each request is held ``hold_s``; the first
     attempt of an event whose body says ``"fail_once": true`` answers 500; an event whose body
     says ``"hang": true`` is held until ``release`` is set."""
 
     hold_s: float = 0.0
-    url: str = ""
     seen: list[Seen] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.in_flight += 1
@@ -78,24 +76,7 @@ class Sink:
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
         """Until ``predicate()`` holds, woken by each arrival and answer."""
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def aclose(self) -> None:
-        self.release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await super().wait_for(predicate, timeout_s)
 
 
 @pytest.fixture
@@ -113,49 +94,8 @@ def cluster_config(
 ) -> Path:
     """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action with
     quick retries for every source, plus ``action`` lines."""
-    path.write_text(
-        f"""\
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[journal]
-url = "env:WEBHOOKD_JOURNAL_URL"
-lease_s = {lease_s}
-
-[workers]
-{workers}
-
-[log]
-level = "info"
-
-[sources."*"]
-[[sources."*".actions]]
-type = "forward"
-url = "{sink_url}/any"
-retry = {{ max_attempts = 10, base_s = 0.05, factor = 1, cap_s = 0.1 }}
-{action}
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-async def post(http: aiohttp.ClientSession, url: str, source: str, doc: dict[str, Any]) -> str:
-    """Send one webhook; returns its event id once it is acknowledged."""
-    body = json.dumps({**doc, "nonce": uuid.uuid4().hex})
-    async with http.post(f"{url}/hooks/{source}", data=body, headers=JSON) as r:
-        assert r.status == 202, await r.text()
-        event_id: str = (await r.json())["id"]
-        return event_id
-
-
-async def stop(*daemons: DaemonProc) -> None:
-    for daemon in daemons:
-        daemon.signal(signal.SIGTERM)
-    assert [await d.wait_exit() for d in daemons] == [0] * len(daemons)
+    retry = "retry = { max_attempts = 10, base_s = 0.05, factor = 1, cap_s = 0.1 }"
+    return pg_config(path, sink_url, lease_s=lease_s, workers=workers, action=f"{retry}\n{action}")
 
 
 async def test_concurrency_1_holds_across_two_nodes(
@@ -163,18 +103,15 @@ async def test_concurrency_1_holds_across_two_nodes(
     procs: Procs,
     sink: Sink,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An action with ``concurrency = 1`` fed through two nodes: the target never sees two of
     its requests at once, and every job is done on its first attempt (a job that waited for
     the cluster's slot did not use one)."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = cluster_config(tmp_path / "webhookd.toml", sink.url, action="concurrency = 1")
-    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    a, b = await serve_nodes(procs, cfg)
     sink.hold_s = 0.03
     ids = await asyncio.gather(
-        *(post(http, (a, b)[i % 2].url, "deploy", {"i": i}) for i in range(24))
+        *(post_acked(http, (a, b)[i % 2].url, "deploy", {"i": i}) for i in range(24))
     )
     await sink.wait_for(lambda: set(ids) <= sink.delivered() and sink.in_flight == 0)
     assert sink.max_in_flight == 1
@@ -201,13 +138,10 @@ async def test_ordered_by_holds_across_nodes_with_retries_and_a_killed_node(
     procs: Procs,
     sink: Sink,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Jobs of one ``ordered_by`` key reach the target in arrival order whichever of two nodes
     runs them, through failed first attempts and a ``kill -9`` of the node holding a key's
     job: the key waits for that job's lease to be recovered, then goes on in order."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = cluster_config(
         tmp_path / "webhookd.toml", sink.url, action='ordered_by = "json:key"', lease_s=2
     )
@@ -222,7 +156,7 @@ async def test_ordered_by_holds_across_nodes_with_retries_and_a_killed_node(
         for n in ns:
             for k, key in enumerate(keys):
                 doc = {"key": key, "n": n, "fail_once": (n + k) % 3 == 0, "hang": (key, n) == hung}
-                ids.append(await post(http, daemons[(n + k) % len(daemons)].url, "shop", doc))
+                ids.append(await post_acked(http, daemons[(n + k) % len(daemons)].url, "shop", doc))
 
     await send([doomed], range(0, 6))  # the first half through the node that will die
     await sink.wait_for(lambda: any(s.doc["hang"] for s in sink.seen))
@@ -246,32 +180,18 @@ async def test_pause_holds_a_sources_jobs_on_every_node_within_a_second(
     procs: Procs,
     sink: Sink,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``webhookd pause shop`` while webhooks flow through two nodes: within a second neither
     node starts a job of ``shop`` (other sources go on), and ``resume`` delivers what waited."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     # The fallback sweep is half a minute away: only a prompt signal can stop the jobs in time.
     cfg = cluster_config(tmp_path / "webhookd.toml", sink.url, workers="sweep_interval_s = 30")
-    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    a, b = await serve_nodes(procs, cfg)
     await asyncio.gather(a.wait_said("listening on"), b.wait_said("listening on"))
     sink.hold_s = 0.01
-    shop: list[str] = []
-    other: list[str] = []
-    sending = True
-
-    async def sender(k: int) -> None:
-        i = 0
-        while sending:
-            node = (a, b)[(i + k) % 2]
-            shop.append(await post(http, node.url, "shop", {"i": i, "src": "shop"}))
-            other.append(await post(http, node.url, "other", {"i": i, "src": "other"}))
-            i += 1
-            await asyncio.sleep(0.01)  # a steady trickle, not a flood the machine cannot take
-
-    senders = [asyncio.create_task(sender(k)) for k in range(2)]
-    try:
+    # A steady trickle to both sources, not a flood the machine cannot take; each one taken.
+    async with Load(
+        http, [a, b], senders=2, sources=("shop", "other"), expect=202, pause_s=0.01
+    ) as load:
         await sink.wait_for(lambda: sum(s.doc["src"] == "shop" for s in sink.seen) >= 10)
         out = await procs.cli("pause", "shop", "--config", str(cfg))
         assert out.returncode == 0, out.stderr
@@ -280,9 +200,7 @@ async def test_pause_holds_a_sources_jobs_on_every_node_within_a_second(
         await sink.wait_for(
             lambda: any(s.doc["src"] == "other" and s.at > paused_at + 2.5 for s in sink.seen)
         )
-    finally:
-        sending = False
-        await asyncio.gather(*senders)
+    shop, other = load.acked_by["shop"], load.acked_by["other"]
     late = [s for s in sink.seen if s.doc["src"] == "shop" and s.at > paused_at + 1.0]
     assert late == []
     held = set(shop) - sink.delivered()

@@ -3,33 +3,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
-import signal
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cluster import pg_config, post, serve_nodes, stop, unique_body
 from procs import DaemonProc, Procs, Target, get_json, poll
-from test_multinode import pg_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("journal_env"),
+]
 
 LEASE_S = 3
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Target]:
-    t = Target()
-    await t.start()
-    try:
-        yield t
-    finally:
-        await t.aclose()
 
 
 async def cluster(http: aiohttp.ClientSession, node: DaemonProc) -> dict[str, Any]:
@@ -50,23 +40,19 @@ async def metric(http: aiohttp.ClientSession, node: DaemonProc, name: str) -> di
 async def test_each_node_lists_both_nodes_and_a_killed_one_goes_stale_after_lease_s(
     tmp_path: Path,
     procs: Procs,
-    sink: Target,
+    downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both nodes' ``/stats`` and ``/metrics`` list both (pid, host, running jobs) and the
     backlog the database counts, whichever node took the webhooks; ``kill -9`` of one shows it
     stale on the other once lease_s has passed, and its held job goes back to the survivor."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
-    cfg = pg_config(tmp_path / "webhookd.toml", sink.url, lease_s=LEASE_S)
-    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
-    sink.delay_s = 60  # deliveries hang: each node holds the jobs it claimed
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=LEASE_S)
+    a, b = await serve_nodes(procs, cfg)
+    downstream.delay_s = 60  # deliveries hang: each node holds the jobs it claimed
     for i in range(4):
-        body = json.dumps({"n": i, "nonce": uuid.uuid4().hex})
-        async with http.post(f"{(a, b)[i % 2].url}/hooks/shop", data=body) as r:
-            assert r.status == 202
-    await sink.wait_for(lambda: len(sink.arrivals) == 4)
+        status, _ = await post(http, (a, b)[i % 2].url, unique_body(n=i))
+        assert status == 202
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 4)
 
     pids = {a.pid, b.pid}
     for node in (a, b):
@@ -95,12 +81,11 @@ async def test_each_node_lists_both_nodes_and_a_killed_one_goes_stale_after_leas
 
     await poll(b_stale, timeout_s=6 * LEASE_S, interval_s=0.2)
     assert (await metric(http, a, "webhookd_nodes"))[""] == 1
-    sink.release.set()  # the survivor may finish everything now, b's jobs included
+    downstream.release.set()  # the survivor may finish everything now, b's jobs included
 
     async def drained() -> bool:
         view = await cluster(http, a)
         return view["backlog"] == 0
 
     await poll(drained, timeout_s=6 * LEASE_S, interval_s=0.2)
-    a.signal(signal.SIGTERM)
-    assert await a.wait_exit() == 0
+    await stop(a)

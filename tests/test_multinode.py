@@ -12,10 +12,8 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,54 +21,15 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from cluster import JSON, Load, pg_config, post, serve_nodes, stop, unique_body
 from procs import Procs, Target, get_json, poll
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
-
-JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def downstream() -> AsyncIterator[Target]:
-    t = Target()
-    await t.start()
-    try:
-        yield t
-    finally:
-        await t.aclose()
-
-
-def pg_config(
-    path: Path, target_url: str, *, lease_s: float = 5, workers: str = "", server: str = ""
-) -> Path:
-    """Every node's config: loopback port 0, the journal in PostgreSQL, one forward action."""
-    path.write_text(
-        f"""\
-[server]
-listen = "127.0.0.1:0"
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[journal]
-url = "env:WEBHOOKD_JOURNAL_URL"
-lease_s = {lease_s}
-
-[workers]
-{workers}
-
-[log]
-level = "info"
-
-[sources."*"]
-[[sources."*".actions]]
-type = "forward"
-url = "{target_url}/any"
-""",
-        encoding="utf-8",
-    )
-    return path
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.timeout(90),
+    pytest.mark.usefixtures("journal_env"),
+]
 
 
 async def show(procs: Procs, config: Path, event_id: str) -> dict[str, Any]:
@@ -80,30 +39,22 @@ async def show(procs: Procs, config: Path, event_id: str) -> dict[str, Any]:
     return doc
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: str) -> tuple[int, Any]:
-    async with http.post(f"{url}/hooks/shop", data=body, headers=JSON) as r:
-        return r.status, await r.json()
-
-
 async def test_serve_with_a_postgresql_journal_delivers_and_the_cli_shows_it_done(
     tmp_path: Path,
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
     pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With ``[journal] url`` a webhook is acknowledged, forwarded once, and ``show`` (same
     config, another process) reports its job done in the database."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
     daemon = await procs.serve(cfg)
     assert pg_url not in daemon.log  # the URL is a secret: its log lines mask it
-    status, doc = await post(http, daemon.url, json.dumps({"order": uuid.uuid4().hex}))
+    status, doc = await post(http, daemon.url, unique_body(order=1))
     assert (status, doc["duplicate"]) == (202, False)
     await downstream.wait_for(lambda: doc["id"] in downstream.ids)
-    daemon.signal(signal.SIGTERM)
-    assert await daemon.wait_exit() == 0
+    await stop(daemon)
     shown = await show(procs, cfg, doc["id"])
     assert [(j["state"], j["attempts"]) for j in shown["jobs"]] == [("done", 1)]
     assert downstream.ids == [doc["id"]]
@@ -115,30 +66,25 @@ async def test_two_nodes_share_intake_and_work_and_dedup_across_them(
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two ``serve`` processes on one database: the same delivery sent to both is one event,
     forwarded once; webhooks spread over both are each delivered exactly once."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
-    a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    a, b = await serve_nodes(procs, cfg)
     same = json.dumps({"delivery": uuid.uuid4().hex})
     (status_a, doc_a), (status_b, doc_b) = await asyncio.gather(
         post(http, a.url, same), post(http, b.url, same)
     )
     assert sorted([status_a, status_b]) == [200, 202]
     assert doc_a["id"] == doc_b["id"] and doc_a["duplicate"] != doc_b["duplicate"]
-    bodies = [json.dumps({"n": i, "nonce": uuid.uuid4().hex}) for i in range(40)]
+    bodies = [unique_body(n=i) for i in range(40)]
     answers = await asyncio.gather(
         *(post(http, (a, b)[i % 2].url, body) for i, body in enumerate(bodies))
     )
     assert {status for status, _ in answers} == {202}
     expected = {doc_a["id"], *(doc["id"] for _, doc in answers)}
     await downstream.wait_for(lambda: expected <= set(downstream.ids))
-    for daemon in (a, b):
-        daemon.signal(signal.SIGTERM)
-    assert [await a.wait_exit(), await b.wait_exit()] == [0, 0]
+    await stop(a, b)
     assert sorted(downstream.ids) == sorted(expected)  # each once, none twice
     out = await procs.cli("events", "--state", "done", "--limit", "100", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
@@ -150,18 +96,15 @@ async def test_a_killed_nodes_running_jobs_are_finished_by_another_after_lease_s
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``kill -9`` of a node in the middle of its jobs: once its lease has passed, a live node
     re-queues them and delivers each; the interruption is recorded and counted."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
     doomed = await procs.serve(cfg)
     downstream.delay_s = 60  # the doomed node's deliveries hang until it is killed
     ids = []
     for i in range(3):
-        status, doc = await post(http, doomed.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        status, doc = await post(http, doomed.url, unique_body(i=i))
         assert status == 202
         ids.append(doc["id"])
     await downstream.wait_for(lambda: set(ids) <= set(downstream.ids))
@@ -171,8 +114,7 @@ async def test_a_killed_nodes_running_jobs_are_finished_by_another_after_lease_s
     downstream.release.set()
     await downstream.wait_for(lambda: all(downstream.ids.count(i) == 2 for i in ids))
     await survivor.wait_said(r"re-queued 3 job\(s\) of silent node")
-    survivor.signal(signal.SIGTERM)
-    assert await survivor.wait_exit() == 0
+    await stop(survivor)
     for event_id in ids:
         job = (await show(procs, cfg, event_id))["jobs"][0]
         assert (job["state"], job["attempts"]) == ("done", 2)
@@ -184,27 +126,22 @@ async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_wait
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the receiving node's only worker busy, another node (whose fallback sweep is a
     minute away) starts the new job at once: woken by LISTEN/NOTIFY."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     busy_cfg = pg_config(tmp_path / "busy.toml", downstream.url, workers="concurrency = 1")
     idle_cfg = pg_config(tmp_path / "idle.toml", downstream.url, workers="sweep_interval_s = 60")
     busy, idle = await asyncio.gather(procs.serve(busy_cfg), procs.serve(idle_cfg))
     await idle.wait_said("listening on")
     downstream.delay_s = 60
-    status, first = await post(http, busy.url, json.dumps({"first": uuid.uuid4().hex}))
+    status, first = await post(http, busy.url, unique_body(first=1))
     assert status == 202
     await downstream.wait_for(lambda: first["id"] in downstream.ids)
-    status, second = await post(http, busy.url, json.dumps({"second": uuid.uuid4().hex}))
+    status, second = await post(http, busy.url, unique_body(second=1))
     assert status == 202
     await downstream.wait_for(lambda: second["id"] in downstream.ids, timeout_s=10)
     downstream.release.set()
-    for daemon in (busy, idle):
-        daemon.signal(signal.SIGTERM)
-    assert [await busy.wait_exit(), await idle.wait_exit()] == [0, 0]
+    await stop(busy, idle)
 
 
 async def test_max_backlog_counts_the_jobs_queued_through_every_node(
@@ -212,17 +149,14 @@ async def test_max_backlog_counts_the_jobs_queued_through_every_node(
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``server.max_backlog`` is a cluster figure: a node that took no webhook itself answers
     503 once the jobs queued through another node fill the backlog, within a few seconds."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=3, server="max_backlog = 5")
-    busy, other = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+    busy, other = await serve_nodes(procs, cfg)
     downstream.delay_s = 60  # the jobs stay running: in the backlog until released
     for i in range(5):
-        status, _ = await post(http, busy.url, json.dumps({"i": i, "n": uuid.uuid4().hex}))
+        status, _ = await post(http, busy.url, unique_body(i=i))
         assert status == 202
 
     async def other_sees_five() -> bool:
@@ -234,9 +168,7 @@ async def test_max_backlog_counts_the_jobs_queued_through_every_node(
     async with http.post(f"{other.url}/hooks/shop", data="{}", headers=JSON) as r:
         assert (r.status, (await r.json())["error"]) == (503, "backlog full")
     downstream.release.set()
-    for daemon in (busy, other):
-        daemon.signal(signal.SIGTERM)
-    assert [await busy.wait_exit(), await other.wait_exit()] == [0, 0]
+    await stop(busy, other)
 
 
 async def test_database_refusing_connections_gets_503_and_not_ready_then_recovers(
@@ -245,14 +177,12 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     downstream: Target,
     http: aiohttp.ClientSession,
     pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While PostgreSQL refuses the node, webhooks get 503 + Retry-After (never a false 2xx) and
     /readyz says not ready; once it is back the node reconnects by itself and takes them."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=1.5)
     daemon = await procs.serve(cfg)
-    status, _ = await post(http, daemon.url, json.dumps({"before": uuid.uuid4().hex}))
+    status, _ = await post(http, daemon.url, unique_body(before=1))
     assert status == 202
     name = pg_url.rsplit("/", 1)[1]
     admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
@@ -281,7 +211,7 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     accepted: list[str] = []
 
     async def takes_webhooks() -> bool:
-        status, doc = await post(http, daemon.url, json.dumps({"after": uuid.uuid4().hex}))
+        status, doc = await post(http, daemon.url, unique_body(after=1))
         if status == 202:
             accepted.append(doc["id"])
         return status == 202
@@ -294,8 +224,7 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
         return status == 200
 
     await poll(ready, timeout_s=10)
-    daemon.signal(signal.SIGTERM)
-    assert await daemon.wait_exit() == 0
+    await stop(daemon)
 
 
 def restart_server() -> None:
@@ -339,50 +268,23 @@ async def test_postgresql_restarted_under_load_loses_no_acknowledged_webhook(
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two nodes take a steady stream while PostgreSQL restarts: requests during the restart
     get 503 (never a false 2xx), the nodes reconnect by themselves, and every webhook that was
     acknowledged is delivered."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
-    nodes = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
-    acked: list[str] = []
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def sender(k: int) -> None:
-        i = 0
-        while not stop.is_set():
-            body = json.dumps({"sender": k, "i": i, "nonce": uuid.uuid4().hex})
-            i += 1
-            try:
-                status, doc = await post(http, nodes[k % 2].url, body)
-            except aiohttp.ClientError:
-                continue  # no answer is no acknowledgement: the provider would retry
-            statuses.append(status)
-            if 200 <= status < 300:
-                acked.append(doc["id"])
-            elif status == 503:
-                await asyncio.sleep(0.05)  # as a provider backs off on Retry-After
-
-    senders = [asyncio.create_task(sender(k)) for k in range(4)]
-    try:
+    nodes = await serve_nodes(procs, cfg)
+    async with Load(http, nodes, senders=4) as load:
         await downstream.wait_for(lambda: len(downstream.ids) >= 20)
-        before = len(acked)
+        before = len(load.acked)
         await asyncio.to_thread(restart_server)
-        after_restart = len(statuses)
-        await poll(lambda: _acked_since(acked, before + 20), timeout_s=30, interval_s=0.1)
-    finally:
-        stop.set()
-        await asyncio.gather(*senders)
+        after_restart = len(load.statuses)
+        await poll(partial(load.acked_at_least, before + 20), timeout_s=30, interval_s=0.1)
+    acked, statuses = load.acked, load.statuses
     assert set(statuses) <= {202, 503}, set(statuses)
     assert len(statuses) > after_restart
     await downstream.wait_for(lambda: set(acked) <= set(downstream.ids), timeout_s=30)
-    for daemon in nodes:
-        daemon.signal(signal.SIGTERM)
-    assert [await nodes[0].wait_exit(), await nodes[1].wait_exit()] == [0, 0]
+    await stop(*nodes)
 
 
 @pytest.mark.timeout(180)
@@ -392,49 +294,24 @@ async def test_chaos_repeated_kill9s_across_three_nodes_lose_no_acknowledged_web
     downstream: Target,
     http: aiohttp.ClientSession,
     pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Three nodes under a steady stream; a random one is ``kill -9``-ed and restarted with the
     same config five times: every acknowledged webhook is one event whose job ends done, and
     is delivered at least once."""
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
     downstream.delay_s = 0.2  # deliveries in flight when a node dies
-    nodes = list(await asyncio.gather(*(procs.serve(cfg) for _ in range(3))))
-    acked: list[str] = []
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def sender(k: int) -> None:
-        i = 0
-        while not stop.is_set():
-            body = json.dumps({"sender": k, "i": i, "nonce": uuid.uuid4().hex})
-            i += 1
-            try:
-                status, doc = await post(http, nodes[(k + i) % 3].url, body)
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)  # a dead node: the provider would retry elsewhere
-                continue
-            statuses.append(status)
-            if 200 <= status < 300:
-                acked.append(doc["id"])
-            elif status == 503:
-                await asyncio.sleep(0.05)
-
+    nodes = await serve_nodes(procs, cfg, 3)
     chance = random.Random(14)
     kills = []
-    senders = [asyncio.create_task(sender(k)) for k in range(6)]
-    try:
+    async with Load(http, nodes, senders=6) as load:
         for _ in range(5):
-            await poll(partial(_acked_since, acked, len(acked) + 30), timeout_s=30)
+            await poll(partial(load.acked_at_least, len(load.acked) + 30), timeout_s=30)
             k = chance.randrange(3)
             kills.append(k)
             await nodes[k].kill9()
             nodes[k] = await procs.serve(cfg)
-        await poll(partial(_acked_since, acked, len(acked) + 30), timeout_s=30)
-    finally:
-        stop.set()
-        await asyncio.gather(*senders)
+        await poll(partial(load.acked_at_least, len(load.acked) + 30), timeout_s=30)
+    acked, statuses = load.acked, load.statuses
     assert set(statuses) <= {202, 503}, set(statuses)
     assert len(kills) == 5 and len(acked) >= 180
     # Jobs the killed nodes held come back after lease_s, under whichever node leads now.
@@ -455,10 +332,4 @@ async def test_chaos_repeated_kill9s_across_three_nodes_lose_no_acknowledged_web
     finally:
         await conn.close()
     assert events == len(acked) == len(set(acked))  # each acknowledged webhook is one event
-    for daemon in nodes:
-        daemon.signal(signal.SIGTERM)
-    assert [await d.wait_exit() for d in nodes] == [0, 0, 0]
-
-
-async def _acked_since(acked: list[str], n: int) -> bool:
-    return len(acked) >= n
+    await stop(*nodes)

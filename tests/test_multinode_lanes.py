@@ -11,42 +11,31 @@ nodes each spending the whole lane, as they did before lanes were shared, send t
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import signal
 import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cluster import node_config, post_acked, serve_nodes, stop
 from openai_standin import StandIn
 from procs import DaemonProc, Procs, get_json, poll
 
 from webhookd.limiter import CHUNK_TTL_S, JITTER_GUARD_S
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("journal_env"),
+]
 
-JSON = {"Content-Type": "application/json"}
 KEY = "sk-standin"
 
 
 def lane_config(path: Path, standin: StandIn, *, rpm: int, burst_s: float) -> Path:
-    path.write_text(
-        f"""\
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[journal]
-url = "env:WEBHOOKD_JOURNAL_URL"
-lease_s = 5
-
-[log]
-level = "info"
-
+    body = f"""\
 [lanes.llm]
 rpm = {rpm}
 burst_s = {burst_s}
@@ -61,19 +50,12 @@ model = "gpt-4o-mini"
 prompt = "Reply to {{{{ subject }}}}"
 max_tokens = 20
 lane = "llm"
-""",
-        encoding="utf-8",
-    )
-    return path
+"""
+    return node_config(path, body)
 
 
 async def post(http: aiohttp.ClientSession, daemon: DaemonProc) -> str:
-    body = json.dumps({"subject": uuid.uuid4().hex})
-    async with http.post(f"{daemon.url}/hooks/mail", data=body, headers=JSON) as r:
-        doc = await r.json()
-        assert r.status == 202, doc
-        event_id: str = doc["id"]
-        return event_id
+    return await post_acked(http, daemon.url, "mail", {"subject": uuid.uuid4().hex})
 
 
 async def event(http: aiohttp.ClientSession, daemon: DaemonProc, event_id: str) -> dict[str, Any]:
@@ -90,17 +72,10 @@ async def lane_stats(http: aiohttp.ClientSession, daemon: DaemonProc) -> dict[st
     return dict(lanes["llm"])
 
 
-async def stop(*daemons: DaemonProc) -> None:
-    for daemon in daemons:
-        daemon.signal(signal.SIGTERM)
-    assert [await d.wait_exit() for d in daemons] == [0] * len(daemons)
-
-
 async def test_two_nodes_sharing_a_lane_get_no_429_and_use_over_90_percent_of_it(
     tmp_path: Path,
     procs: Procs,
     http: aiohttp.ClientSession,
-    pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A saturated lane fed through two nodes: the provider never answers 429 (the nodes
@@ -109,11 +84,10 @@ async def test_two_nodes_sharing_a_lane_get_no_429_and_use_over_90_percent_of_it
     rate = rpm / 60
     allowed = math.ceil(rate * (window_s + burst_s + CHUNK_TTL_S + JITTER_GUARD_S))
     standin = await StandIn(rpm=allowed, window_s=window_s).start()
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", KEY)
     try:
         cfg = lane_config(tmp_path / "webhookd.toml", standin, rpm=rpm, burst_s=burst_s)
-        a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+        a, b = await serve_nodes(procs, cfg)
         for _ in range(45):
             await asyncio.gather(post(http, a), post(http, b))
         measured = 40
@@ -133,17 +107,15 @@ async def test_a_429_on_one_node_cools_the_lane_on_the_other(
     tmp_path: Path,
     procs: Procs,
     http: aiohttp.ClientSession,
-    pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After the provider answers one node 429 ``rate_limit_exceeded``, jobs on both nodes wait
     out the cool-down instead of calling it again."""
     standin = await StandIn(rpm=1).start()
-    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pg_url)
     monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", KEY)
     try:
         cfg = lane_config(tmp_path / "webhookd.toml", standin, rpm=600, burst_s=3.0)
-        a, b = await asyncio.gather(procs.serve(cfg), procs.serve(cfg))
+        a, b = await serve_nodes(procs, cfg)
         await post(http, a)
         await asyncio.wait_for(standin.wait_received(1), 30)
         refused = await post(http, a)

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,6 @@ from procs import DaemonProc, Procs, Target, get_json, poll, port_is_free, write
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def downstream() -> AsyncIterator[Target]:
-    t = Target()
-    await t.start()
-    try:
-        yield t
-    finally:
-        await t.aclose()
 
 
 def forward_source(name: str, url: str, retry: str = "") -> str:
