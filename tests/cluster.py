@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from procs import DaemonProc, Procs
+from procs import DaemonProc, Procs, config_text
 
 JSON = {"Content-Type": "application/json"}
 
@@ -28,29 +28,8 @@ def node_config(
 ) -> Path:
     """A node's config: loopback port 0, the journal in PostgreSQL, info logs, plus ``body``
     (its sources and anything else)."""
-    path.write_text(
-        f"""\
-[server]
-listen = "127.0.0.1:0"
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[journal]
-url = "env:WEBHOOKD_JOURNAL_URL"
-lease_s = {lease_s}
-
-[workers]
-{workers}
-
-[log]
-level = "info"
-
-{body}
-""",
-        encoding="utf-8",
-    )
+    journal = f'url = "env:WEBHOOKD_JOURNAL_URL"\nlease_s = {lease_s}'
+    path.write_text(config_text(journal, body, workers=workers, server=server), encoding="utf-8")
     return path
 
 

@@ -251,6 +251,44 @@ async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
         yield url
 
 
+@dataclass
+class DatabaseOutage:
+    """The test's database refusing connections, as a server going down would: ``begin()``
+    refuses new connections and cuts the open ones, ``end()`` lets them in again."""
+
+    admin: Any  # an asyncpg connection to the server's ``postgres`` database
+    name: str
+
+    async def begin(self) -> None:
+        await self.admin.execute(f'ALTER DATABASE "{self.name}" WITH ALLOW_CONNECTIONS false')
+        await self.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid <> pg_backend_pid()",
+            self.name,
+        )
+
+    async def end(self) -> None:
+        await self.admin.execute(f'ALTER DATABASE "{self.name}" WITH ALLOW_CONNECTIONS true')
+
+
+@pytest.fixture
+async def db_outage(pg_url: str) -> AsyncIterator[DatabaseOutage]:
+    """A switch for an outage of the test's database; over by the end of the test, whatever
+    happened."""
+    import asyncpg
+
+    server_url, name = pg_url.rsplit("/", 1)
+    admin = await asyncpg.connect(f"{server_url}/postgres")
+    outage = DatabaseOutage(admin, name)
+    try:
+        yield outage
+    finally:
+        try:
+            await outage.end()
+        finally:
+            await admin.close()
+
+
 @pytest.fixture
 def journal_env(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test's fresh database as ``WEBHOOKD_JOURNAL_URL``, which the configs written by
@@ -310,12 +348,8 @@ async def run_daemon() -> AsyncIterator[Callable[[config_mod.Config], Any]]:
 @pytest.fixture
 async def downstream() -> AsyncIterator[ServerTarget]:
     """A real loopback server (tests/procs.py's ``Target``) for daemon processes to forward to."""
-    t = ServerTarget()
-    await t.start()
-    try:
+    async with ServerTarget() as t:
         yield t
-    finally:
-        await t.aclose()
 
 
 @pytest.fixture

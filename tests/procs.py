@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -49,21 +49,22 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def write_config(
-    path: Path, journal: Path, body: str = "", *, workers: str = "", admin: bool = True
-) -> Path:
-    """A config on loopback port 0 with its journal at ``journal``, info logs, plus ``body``."""
+def config_text(
+    journal: str, body: str = "", *, workers: str = "", server: str = "", admin: bool = True
+) -> str:
+    """A config on loopback port 0 with ``journal`` as its ``[journal]`` lines, info logs, plus
+    ``body``; ``server`` and ``workers`` are more lines for those sections."""
     admin_listen = "127.0.0.1:0" if admin else ""
-    path.write_text(
-        f"""\
+    return f"""\
 [server]
 listen = "127.0.0.1:0"
+{server}
 
 [admin]
 listen = "{admin_listen}"
 
 [journal]
-path = "{journal}"
+{journal}
 
 [workers]
 {workers}
@@ -72,9 +73,15 @@ path = "{journal}"
 level = "info"
 
 {body}
-""",
-        encoding="utf-8",
-    )
+"""
+
+
+def write_config(
+    path: Path, journal: Path, body: str = "", *, workers: str = "", admin: bool = True
+) -> Path:
+    """A config on loopback port 0 with its journal at ``journal``, info logs, plus ``body``."""
+    text = config_text(f'path = "{journal}"', body, workers=workers, admin=admin)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -306,6 +313,13 @@ class Target:
         self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object] | None]:

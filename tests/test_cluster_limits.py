@@ -81,12 +81,8 @@ class Sink(Target):
 
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
-    s = Sink()
-    await s.start()
-    try:
+    async with Sink() as s:
         yield s
-    finally:
-        await s.aclose()
 
 
 def cluster_config(

@@ -13,6 +13,7 @@ import socket
 
 import asyncpg
 import pytest
+from conftest import DatabaseOutage
 from procs import poll
 from test_journal_contract import LEASE_S, START, finished, new_event
 
@@ -264,30 +265,18 @@ async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url:
             pass
 
 
-async def test_pg_ingest_fails_loudly_when_the_server_goes_away(pg_url: str) -> None:
+async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
+    pg_url: str, db_outage: DatabaseOutage
+) -> None:
     """With the database gone an ingest raises JournalUnavailable (the receiver's 503), never
     a false acknowledgement, and /readyz's error is set."""
     async with node(pg_url, ManualClock(START)) as journal:
         await journal.ingest(new_event())
-        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            # Refuse new connections and cut the pool's, as a server going down would.
-            await admin.execute(
-                f'ALTER DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS false'
-            )
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                pg_url.rsplit("/", 1)[1],
-            )
-            with pytest.raises(JournalUnavailable):
-                await journal.ingest(new_event())
-            assert journal.last_write_error
-            await admin.execute(
-                f'ALTER DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS true'
-            )
-        finally:
-            await admin.close()
+        await db_outage.begin()
+        with pytest.raises(JournalUnavailable):
+            await journal.ingest(new_event())
+        assert journal.last_write_error
+        await db_outage.end()
         # Back: the pool reconnects by itself.
         assert not (await journal.ingest(new_event())).duplicate
         assert journal.last_write_error is None
@@ -368,53 +357,34 @@ async def test_pg_the_listener_reconnects_and_asks_for_a_look_at_once(pg_url: st
         await asyncio.wait_for(woken.wait(), 10)
 
 
-async def test_pg_readiness_follows_the_heartbeat_without_traffic(pg_url: str) -> None:
+async def test_pg_readiness_follows_the_heartbeat_without_traffic(
+    pg_url: str, db_outage: DatabaseOutage
+) -> None:
     """With no webhook arriving, the heartbeat's write is what tells /readyz the database is
     gone, and back."""
     async with node(pg_url, ManualClock(START)) as journal:
-        name = pg_url.rsplit("/", 1)[1]
-        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            with pytest.raises(JournalUnavailable):
-                await journal.heartbeat()
-            assert journal.last_write_error
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        finally:
-            await admin.close()
+        await db_outage.begin()
+        with pytest.raises(JournalUnavailable):
+            await journal.heartbeat()
+        assert journal.last_write_error
+        await db_outage.end()
         await journal.heartbeat()
         assert journal.last_write_error is None
 
 
 async def test_pg_an_outage_logs_one_short_line_as_it_begins_and_one_as_it_ends(
-    pg_url: str, caplog: pytest.LogCaptureFixture
+    pg_url: str, db_outage: DatabaseOutage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A database refusing connections for a while leaves two warnings in the log (gone, back),
     not a traceback or a warning for every retry."""
     caplog.set_level(logging.DEBUG)
-    name = pg_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
     journal = PostgresJournal(pg_url, lease_s=0.3)  # a heartbeat every 0.1 s
-    try:
-        async with journal:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            # Some 20 failed rounds: past asyncpg's own one-second retries of its pool floor.
-            await poll(lambda: _said(caplog, "heartbeat failed", 20), timeout_s=30)
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-            await poll(lambda: _said(caplog, "available again", 1), timeout_s=30)
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        await admin.close()
+    async with journal:
+        await db_outage.begin()
+        # Some 20 failed rounds: past asyncpg's own one-second retries of its pool floor.
+        await poll(lambda: _said(caplog, "heartbeat failed", 20), timeout_s=30)
+        await db_outage.end()
+        await poll(lambda: _said(caplog, "available again", 1), timeout_s=30)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage().split(":")[0].split(" after")[0] for r in loud] == [
         "journal unavailable",
@@ -428,7 +398,7 @@ async def _said(caplog: pytest.LogCaptureFixture, text: str, times: int) -> bool
 
 
 async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(
-    pg_url: str,
+    pg_url: str, db_outage: DatabaseOutage
 ) -> None:
     """A job finished while the database is down is not left running forever under its live
     node: the outcome is recorded with the next heartbeat after the database is back."""
@@ -437,22 +407,12 @@ async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(
         await journal.ingest(item)
         job_id = item.jobs[0].id
         await journal.claim([job_id], "b")
-        name = pg_url.rsplit("/", 1)[1]
-        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            with pytest.raises(JournalUnavailable):
-                await journal.finish([finished(job_id, JobState.DONE, "done")])
-            with pytest.raises(JournalUnavailable):
-                await journal.record_pending()  # still down: kept for the next round
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        finally:
-            await admin.close()
+        await db_outage.begin()
+        with pytest.raises(JournalUnavailable):
+            await journal.finish([finished(job_id, JobState.DONE, "done")])
+        with pytest.raises(JournalUnavailable):
+            await journal.record_pending()  # still down: kept for the next round
+        await db_outage.end()
         assert await journal.record_pending() == 1
         job = (await journal.get_event(item.event.id)).jobs[0]
         assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])

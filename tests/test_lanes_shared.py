@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
+from conftest import DatabaseOutage
 
 from webhookd.clock import ManualClock
 from webhookd.config import LaneConfig
@@ -168,30 +168,22 @@ async def test_an_open_circuit_holds_on_every_node_and_only_one_node_probes(pg_u
         assert not lane_a.statistics().circuit_open
 
 
-async def test_an_unreachable_database_makes_the_shared_lane_admit_nothing(pg_url: str) -> None:
+async def test_an_unreachable_database_makes_the_shared_lane_admit_nothing(
+    pg_url: str, db_outage: DatabaseOutage
+) -> None:
     """With PostgreSQL refusing connections the lane refuses every call, saying the journal is
     unreachable (the job waits, it is not dead), and admits again once the database is back."""
     driver = Driver()
-    name = pg_url.rsplit("/", 1)[1]
     async with nodes(pg_url, driver.clock, 1) as (journal,):
         lane = shared_lane(journal, driver, rpm=600)
         await lane.acquire(1, max_wait_s=5)
         driver.clock.advance(5)  # the chunk it holds has expired
-        admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            for _ in range(3):
-                with pytest.raises(LaneBusy, match="journal is unreachable") as busy:
-                    await lane.acquire(1, max_wait_s=5)
-                assert busy.value.retry_after_s > 0
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        finally:
-            await admin.close()
+        await db_outage.begin()
+        for _ in range(3):
+            with pytest.raises(LaneBusy, match="journal is unreachable") as busy:
+                await lane.acquire(1, max_wait_s=5)
+            assert busy.value.retry_after_s > 0
+        await db_outage.end()
         assert (await lane.acquire(1, max_wait_s=5)).lane == "llm"
 
 

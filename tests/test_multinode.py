@@ -22,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 from cluster import JSON, Load, pg_config, post, serve_nodes, stop, unique_body
+from conftest import DatabaseOutage
 from procs import Procs, Target, get_json, poll
 
 pytestmark = [
@@ -176,7 +177,7 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
-    pg_url: str,
+    db_outage: DatabaseOutage,
 ) -> None:
     """While PostgreSQL refuses the node, webhooks get 503 + Retry-After (never a false 2xx) and
     /readyz says not ready; once it is back the node reconnects by itself and takes them."""
@@ -184,29 +185,19 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     daemon = await procs.serve(cfg)
     status, _ = await post(http, daemon.url, unique_body(before=1))
     assert status == 202
-    name = pg_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-        async with http.post(
-            f"{daemon.url}/hooks/shop", data=json.dumps({"during": 1}), headers=JSON
-        ) as r:
-            assert (r.status, "Retry-After" in r.headers) == (503, True)
-            assert "error" in await r.json()
+    await db_outage.begin()
+    async with http.post(
+        f"{daemon.url}/hooks/shop", data=json.dumps({"during": 1}), headers=JSON
+    ) as r:
+        assert (r.status, "Retry-After" in r.headers) == (503, True)
+        assert "error" in await r.json()
 
-        async def not_ready() -> bool:
-            status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
-            return status == 503
+    async def not_ready() -> bool:
+        status, _ = await get_json(http, f"{daemon.admin_url}/readyz")
+        return status == 503
 
-        await poll(not_ready, timeout_s=10)
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-    finally:
-        await admin.close()
+    await poll(not_ready, timeout_s=10)
+    await db_outage.end()
 
     accepted: list[str] = []
 
