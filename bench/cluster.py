@@ -54,13 +54,13 @@ class Postgres:
 
 
 @contextmanager
-def postgres() -> Iterator[Postgres]:
+def postgres(start_timeout_s: float = START_TIMEOUT_S) -> Iterator[Postgres]:
     """A throwaway PostgreSQL server, removed on exit."""
     started = subprocess.run(
         ["bash", str(_SCRIPT), "start"],
         capture_output=True,
         text=True,
-        timeout=START_TIMEOUT_S,
+        timeout=start_timeout_s,
         check=False,
     )
     exports = dict(_EXPORT.findall(started.stdout))

@@ -43,14 +43,8 @@ def measure(quick: bool = False, seconds: int | None = None) -> dict[str, Any]:
 
 
 def rows(result: dict[str, Any]) -> list[Row]:
-    window = result["window_s"]
-    label = f"max in any {window:g} s" + ("" if window >= lanes.WINDOW_S else " (scaled to /min)")
-    judged = window >= lanes.WINDOW_S
+    label, within = lanes.window_label(result)
     rpm, tpm = lanes.RPM, lanes.TPM
-
-    def within(used: float, limit: int) -> str:
-        return verdict(used <= limit) if judged else "(short window)"
-
     saturated = max(result["avg_rpm"] / rpm, result["avg_tpm"] / tpm)
     n = result["nodes"]
     # What the stand-in served cannot pass its own limit; what the nodes sent can.
@@ -111,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows,
         notes,
         argv,
-        quick_help="a 20 s run instead of 65 s",
-        size_help="seconds to run the saturated lane",
+        quick_help=lanes.QUICK_HELP,
+        size_help=lanes.SIZE_HELP,
     )
 
 

@@ -24,11 +24,9 @@ ratios to the SQLite run of the same round.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,20 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
+from bench.cluster import postgres, running_nodes
 from bench.harness import cli, post_many, session, stats, tag
 from bench.machine import CpuMeter, describe
-from bench.servers import (
-    WEBHOOKD,
-    Server,
-    _stop,
-    _wait_ready,
-    free_port,
-    proc_cpu_s,
-    webhookd_command,
-)
+from bench.servers import Server, proc_cpu_s, running_webhookd
 from bench.table import Row, scenario_main
 
-_REPO = Path(__file__).resolve().parent.parent
 SETUPS = ("sqlite", "pg×1", "pg×2")
 CONNECTIONS = 64
 POLL_S = 0.05
@@ -67,28 +57,6 @@ class Options:
     duration_s: float
     jobs: int
     e2e_rounds: int
-
-
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """A PostgreSQL server for this run (``.ci/postgres.sh``); its URL. Stopped and removed at
-    exit, also on failure or Ctrl-C."""
-    script = _REPO / ".ci" / "postgres.sh"
-    out = subprocess.run(
-        ["bash", str(script), "start"], capture_output=True, text=True, timeout=900, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"cannot start PostgreSQL: {out.stderr.strip()[-2000:]}")
-    exports = dict(re.findall(r"export (\w+)=(\S+)", out.stdout))
-    try:
-        yield exports["WEBHOOKD_TEST_PG_URL"]
-    finally:
-        subprocess.run(
-            ["bash", str(script), "stop", exports["WEBHOOKD_TEST_PG_DIR"]],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
 
 
 def fresh_database(server_url: str, name: str) -> str:
@@ -106,24 +74,11 @@ def fresh_database(server_url: str, name: str) -> str:
     return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def config_text(port: int, admin_port: int, journal: str, log_action: bool) -> str:
+def sources(log_action: bool) -> str:
+    """The one source, ``bench``: no actions (intake) or one ``log`` action whose lines the
+    daemon's ``warning`` level drops (a no-op job)."""
     action = '\n[[sources.bench.actions]]\ntype = "log"\nlevel = "debug"\n' if log_action else ""
-    return f"""\
-[server]
-listen = "127.0.0.1:{port}"
-max_body_bytes = 1048576
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[journal]
-{journal}
-
-[log]
-level = "warning"
-
-[sources.bench]
-{action}"""
+    return f"[sources.bench]\n{action}"
 
 
 @dataclass
@@ -146,52 +101,25 @@ def cluster(
     before_start: Callable[[Path], None] | None = None,
 ) -> Iterator[Cluster]:
     """``setup``'s nodes on a fresh journal, ready; stopped (SIGTERM) and removed afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-pg-"))
-    servers: list[Server] = []
-    try:
-        db_url = None
+    body = sources(log_action)
+    db_url: str | None = None
+    with ExitStack() as stack:
         if setup == "sqlite":
-            journal = f'path = "{workdir / "bench.db"}"'
+            servers = [
+                stack.enter_context(
+                    running_webhookd(body, cpu=None, probe=False, before_start=before_start)
+                )
+            ]
         else:
             db_url = fresh_database(pg_url, f"bench_{n}_{os.getpid()}")
-            journal = f'url = "{db_url}"'
-        nodes = 2 if setup == "pg×2" else 1
-        configs = []
-        for i in range(nodes):
-            port, admin_port = free_port(), free_port()
-            config = workdir / f"node{i}.toml"
-            config.write_text(config_text(port, admin_port, journal, log_action))
-            configs.append(config)
-        if before_start is not None:
-            before_start(configs[0])
-        for i, config in enumerate(configs):
-            log_path = workdir / f"node{i}.log"
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    [*webhookd_command(), "serve", "--config", str(config)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=_REPO,
-                    start_new_session=True,
+            nodes = 2 if setup == "pg×2" else 1
+            servers = stack.enter_context(
+                running_nodes(
+                    body, nodes=nodes, journal_url=db_url, cpu=None, before_start=before_start
                 )
-            text = config.read_text()
-            port = int(re.findall(r'listen = "127\.0\.0\.1:(\d+)"', text)[0])
-            admin = int(re.findall(r'listen = "127\.0\.0\.1:(\d+)"', text)[1])
-            server = Server(
-                WEBHOOKD,
-                proc,
-                f"http://127.0.0.1:{port}/hooks/bench",
-                admin_url=f"http://127.0.0.1:{admin}",
-                config=config,
             )
-            servers.append(server)
-            _wait_ready(server, f"{server.admin_url}/readyz", log_path)
+        configs = [s.config for s in servers if s.config is not None]
         yield Cluster(servers, configs, db_url)
-    finally:
-        for server in servers:
-            _stop(server.proc, server)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- intake ----------------------------------------------------------------------------------------
@@ -299,6 +227,25 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def interleaved(
+    what: str,
+    rounds: int,
+    run: Callable[[str, int], dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+    names: Iterator[int],
+) -> list[dict[str, Any]]:
+    """``rounds`` rounds, each running every setup in turn, so a busy spell on the machine hits
+    them all; ``run(setup, n)`` gets the next of ``names`` for its fresh database."""
+    runs = []
+    for round_no in range(1, rounds + 1):
+        for setup in SETUPS:
+            r = run(setup, next(names))
+            r["round"] = round_no
+            runs.append(r)
+            say(f"{what} round {round_no} {setup:<7} {line(r)}")
+    return runs
+
+
 def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
     opts = Options(
         rounds=3 if quick else 5,
@@ -307,26 +254,25 @@ def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
         e2e_rounds=1 if quick else 3,
     )
     meter = CpuMeter()
-    intake: list[dict[str, Any]] = []
-    e2e: list[dict[str, Any]] = []
     started = time.monotonic()
     with ExitStack() as stack:
-        pg_url = stack.enter_context(throwaway_postgres())
-        k = 0
-        for round_no in range(1, opts.rounds + 1):
-            for setup in SETUPS:
-                k += 1
-                r = intake_round(setup, pg_url, k, opts.duration_s)
-                r["round"] = round_no
-                intake.append(r)
-                say(f"intake round {round_no} {setup:<7} {r['rps']:8,.0f} acks/s")
-        for round_no in range(1, opts.e2e_rounds + 1):
-            for setup in SETUPS:
-                k += 1
-                r = e2e_round(setup, pg_url, k, opts.jobs)
-                r["round"] = round_no
-                e2e.append(r)
-                say(f"e2e round {round_no} {setup:<7} {r['jobs_per_s']:8,.0f} jobs/s")
+        # The first run may install the package: a longer wait than the two-node scenarios'.
+        pg_url = stack.enter_context(postgres(start_timeout_s=900)).url
+        names = itertools.count(1)  # each run's database has a name of its own
+        intake = interleaved(
+            "intake",
+            opts.rounds,
+            lambda setup, k: intake_round(setup, pg_url, k, opts.duration_s),
+            lambda r: f"{r['rps']:8,.0f} acks/s",
+            names,
+        )
+        e2e = interleaved(
+            "e2e",
+            opts.e2e_rounds,
+            lambda setup, k: e2e_round(setup, pg_url, k, opts.jobs),
+            lambda r: f"{r['jobs_per_s']:8,.0f} jobs/s",
+            names,
+        )
     use = meter.read()
     return {
         "options": opts.__dict__,
