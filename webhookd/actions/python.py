@@ -193,6 +193,8 @@ class PythonAction:
 
 
 def _json_safe(value: Any) -> Any:
+    if value is None or type(value) in (str, int, bool):  # already JSON (most handlers)
+        return value
     return json.loads(json.dumps(value, default=str))
 
 
