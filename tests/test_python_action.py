@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,45 @@ async def test_sync_handler_runs_in_a_thread_with_form_and_tenant(tmp_path: Path
     job, _ = await run_handler(tmp_path / "2", "test_python_action:record_thread")
     assert job.result == "application/json"
     assert SEEN_THREADS and SEEN_THREADS[0] != threading.main_thread().name
+
+
+BLOCKED, ALL_BLOCKING = threading.Event(), threading.Event()
+BLOCKING: list[str] = []
+BLOCKING_HANDLERS = 12  # more than the default executor's threads on a small machine
+
+
+def block(event: webhookd.Event) -> None:
+    BLOCKING.append(event.id)
+    if len(BLOCKING) == BLOCKING_HANDLERS:
+        ALL_BLOCKING.set()
+    BLOCKED.wait(30.0)
+
+
+async def test_blocking_sync_handlers_do_not_hold_up_the_loops_default_executor(
+    tmp_path: Path,
+) -> None:
+    """Sync handlers stuck in slow calls leave the event loop's default executor (DNS lookups,
+    other ``to_thread`` work) free: they run on the action's own threads."""
+    handlers = BLOCKING_HANDLERS
+    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
+    config += 'handler = "test_python_action:block"\n'
+
+    BLOCKED.clear()
+    ALL_BLOCKING.clear()
+    BLOCKING.clear()
+    async with action_kit(tmp_path, config, concurrency=handlers) as kit:
+        for _ in range(handlers):
+            await kit.send("s", b"{}", "application/json")
+        running = asyncio.create_task(kit.run())
+        loop = asyncio.get_running_loop()
+        try:
+            with ThreadPoolExecutor(1) as waiter:  # each call parks a thread: wait for all
+                assert await loop.run_in_executor(waiter, ALL_BLOCKING.wait, 30.0)
+            assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), 10.0) == 42
+        finally:
+            BLOCKED.set()
+        await running
+    assert len(BLOCKING) == handlers
 
 
 async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:

@@ -394,6 +394,74 @@ async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
     print(f"\nposted → delivered in {(time.monotonic() - started) * 1000:.1f} ms")
 
 
+async def test_a_slot_is_free_once_the_action_returns_not_once_its_outcome_is_on_disk(
+    make_rig: MakeRig,
+) -> None:
+    """With one worker, the next job runs while the last one's outcome is still being
+    committed: a slow commit does not leave the pool idle, and both outcomes are kept."""
+    rig = await make_rig(
+        '[sources.s]\n[[sources.s.actions]]\ntype = "log"\n', workers="concurrency = 1"
+    )
+    gate, both_ran = asyncio.Event(), asyncio.Event()
+    recording: list[Any] = []
+    real_finish = rig.journal.finish
+
+    async def slow_finish(results: Any) -> None:  # a disk that takes its time over a commit
+        recording.extend(results)
+        if len(recording) == 2:
+            both_ran.set()
+        await gate.wait()
+        await real_finish(results)
+
+    rig.journal.finish = slow_finish  # type: ignore[method-assign]
+    events = [await rig.ingest("s"), await rig.ingest("s")]
+    dispatcher = asyncio.create_task(rig.pool.run())
+    rig.pool.poke()
+    await asyncio.wait_for(both_ran.wait(), 10.0)
+    assert rig.pool.statistics().busy == 0
+    gate.set()
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    for event_id in events:
+        job = await rig.job(event_id)
+        assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])
+
+
+async def test_a_backlog_on_one_lane_is_read_in_a_few_big_refills_not_one_per_claim(
+    make_rig: MakeRig,
+) -> None:
+    """Webhooks arriving faster than one tenant's jobs run are taken from the journal in big
+    top-ups: the dispatcher does not re-read the journal before every claim."""
+    rig = await make_rig(
+        '[sources.s]\n[[sources.s.actions]]\ntype = "log"\n', workers="concurrency = 16"
+    )
+    rig.journal.on_commit = rig.pool.notify
+    reads = 0
+    real_ready_in_lanes = rig.journal.ready_in_lanes
+
+    async def counted(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_ready_in_lanes(*args)
+
+    rig.journal.ready_in_lanes = counted  # type: ignore[method-assign]
+    jobs = 1000
+    all_done = asyncio.Event()
+    rig.pool.on_finish.append(
+        lambda *_: all_done.set() if rig.pool.outcomes["done"] >= jobs else None
+    )
+    dispatcher = asyncio.create_task(rig.pool.run())
+    rig.pool.poke()
+    for start in range(0, jobs, 100):  # arriving in commits of 100 while the pool works
+        items = [new_item(rig.cfg, "s", rig.clock.time()) for _ in range(start, start + 100)]
+        await asyncio.gather(*(rig.journal.ingest(item) for item in items))
+    await asyncio.wait_for(all_done.wait(), 60.0)
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    assert (await rig.journal.counts()).jobs_by_state["done"] == jobs
+    assert reads <= jobs // 40, f"{reads} refills for {jobs} jobs"
+
+
 async def one_job_running(target: Target, make_rig: MakeRig) -> tuple[Rig, asyncio.Task[None], str]:
     """A dispatching pool whose one job is held by the target: (rig, dispatcher, event id)."""
     rig = await make_rig(forward_source("slow", target.url))

@@ -43,6 +43,7 @@ class Metrics:
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
         self._sources = frozenset(s.name for s in pool.config.all_sources())
         self._intake_children: dict[tuple[str, int], Any] = {}
+        self._finish_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.intake = Counter(
@@ -103,11 +104,17 @@ class Metrics:
     def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         source = claimed.event.source
         labels = (source if source in self._sources else CATCH_ALL, claimed.job.action)
-        self.attempts.labels(*labels, finished.outcome).inc()
-        if finished.outcome != "wait":  # a wait never started the action
-            self.duration.labels(*labels).observe(
-                max(finished.finished_at - finished.started_at, 0.0)
+        # As on the ack path, the children are kept: labels() costs more than the counting.
+        key = (*labels, finished.outcome)
+        children = self._finish_children.get(key)
+        if children is None:
+            children = self._finish_children[key] = (
+                self.attempts.labels(*key),
+                self.duration.labels(*labels),
             )
+        children[0].inc()
+        if finished.outcome != "wait":  # a wait never started the action
+            children[1].observe(max(finished.finished_at - finished.started_at, 0.0))
         if finished.outcome == "retry":
             self.retries.labels(*labels).inc()
         elif finished.outcome == "dead":

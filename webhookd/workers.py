@@ -34,7 +34,7 @@ MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
 MAX_LANES_PER_REFILL = 256
 _ERROR_CHARS = 2000
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
-# between tries: the job stays running, and holds its slot, until its outcome is on disk.
+# between tries: the job stays running in the journal until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
 # this long, unless a job of it ends here or another node says one ended: the node does not
@@ -122,7 +122,12 @@ class WorkerPool:
         self._low_water = 0  # a lazy top-up waits until the window is down to this
         self._next_due: float | None = None
         self._lane_cursor: Lane | None = None
+        # A job's task runs its action, then records the outcome. Its slot (and its counts
+        # against the caps) is given back when the action returns, so the next claims share
+        # a group commit with the outcomes being written instead of waiting one out.
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._acting: dict[str, Ready] = {}  # jobs whose action has not returned yet
+        self._capped_outcomes: set[str] = set()  # capped jobs acted, outcome not yet on disk
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
         self._running_by_tenant: Counter[tuple[str, str]] = Counter()
@@ -140,11 +145,18 @@ class WorkerPool:
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
 
+    @property
+    def _fair_share(self) -> int:
+        """A lane's share when lanes take turns: enough to keep every worker busy on it."""
+        return max(2 * self.concurrency, 16)
+
     def _new_scheduler(self) -> Scheduler:
-        # A lane's share of the window: enough to keep every worker busy on one tenant alone.
+        # A lane's share of the window: enough to keep every worker busy on one tenant alone,
+        # several times over, so a single busy lane is topped up once per many claims rather
+        # than before each (a refill is a read or two on the journal).
         return Scheduler(
             capacity=self.config.workers.window,
-            lane_capacity=max(2 * self.concurrency, 16),
+            lane_capacity=max(8 * self.concurrency, 128),
             weights=self.config.workers.weights,
         )
 
@@ -152,13 +164,21 @@ class WorkerPool:
 
     def notify(self, ready: list[Ready]) -> None:
         """New jobs were committed: take them into the window and wake the dispatcher."""
+        scheduler = self.scheduler
         for job in ready:
             if job.source in self.paused:
                 continue
             # An ordered job may have an older job of its key unfinished (waiting for a retry,
             # say): only the journal knows, so it comes in through a refill.
-            if job.order_key is not None or not self.scheduler.add(job):
+            if job.order_key is not None:
                 self._refill_now = True
+            elif not scheduler.add(job):
+                if scheduler.room > 0:
+                    # Its lane is full of older jobs, which go first anyway: a top-up once the
+                    # window runs low finds it, rather than a refill before every claim.
+                    self._overflow = True
+                else:
+                    self._refill_now = True
         self._wake.set()
 
     def poke(self) -> None:
@@ -182,12 +202,16 @@ class WorkerPool:
         scheduler = self.scheduler
         lanes = await self.journal.queued_lanes(self._lane_cursor, MAX_LANES_PER_REFILL)
         more = len(lanes) >= MAX_LANES_PER_REFILL
+        # With more lanes than one refill visits, each gets a worker-sized share, so the cursor
+        # moves on to the others soon; with fewer, a lane may take its full (bigger) share.
+        walking = more or self._lane_cursor is not None
         if not more and self._lane_cursor is not None:  # wrap around to the first lanes
             seen = set(lanes)
             head = await self.journal.queued_lanes(None, MAX_LANES_PER_REFILL - len(lanes))
             lanes += [lane for lane in head if lane not in seen]
         self._lane_cursor = lanes[-1] if more else None
-        share = min(scheduler.lane_capacity, max(scheduler.capacity // max(len(lanes), 1), 1))
+        cap = min(self._fair_share, scheduler.lane_capacity) if walking else scheduler.lane_capacity
+        share = min(cap, max(scheduler.capacity // max(len(lanes), 1), 1))
         room = scheduler.room
         wants: list[tuple[Lane, int]] = []
         lanes = [lane for lane in lanes if lane[1] not in self.paused]
@@ -280,7 +304,7 @@ class WorkerPool:
         if self._saturated:
             self._forget_saturated()
         picks: dict[str, Ready] = {}
-        free = self.concurrency - len(self._running)
+        free = self.concurrency - len(self._acting)
         while len(picks) < free:
             job = self.scheduler.pop(self._can_run)
             if job is None:
@@ -350,6 +374,7 @@ class WorkerPool:
     def _start(self, claimed: Claimed, ready: Ready) -> None:
         """Run a claimed job; its running counts were taken when it was picked."""
         job = claimed.job
+        self._acting[job.id] = ready
         task = asyncio.create_task(self._run(claimed), name=f"job {job.id}")
         self._running[job.id] = task
         self._idle.clear()
@@ -357,9 +382,13 @@ class WorkerPool:
 
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(job.id, None)
-            self._count(ready, -1)
+            self._release(job.id)  # if the action never returned (cancelled by a drain)
+            if job.id in self._capped_outcomes:
+                self._capped_outcomes.discard(job.id)
+                self._count(ready, -1)
             if ready.order_key is not None:
-                self._refill_now = True  # the next job of its key may start: look for it
+                # The next job of its key may start now that this outcome is committed.
+                self._refill_now = True
             if self._saturated:
                 for cap in self._caps(ready):  # a slot of its caps is free now: try them
                     self._saturated.pop(cap.key, None)
@@ -368,6 +397,18 @@ class WorkerPool:
             self._wake.set()
 
         task.add_done_callback(done)
+
+    def _release(self, job_id: str) -> None:
+        """The job's action returned: its slot goes to the next job. A capped job keeps its cap
+        counts until its outcome is committed: the journal counts it running until then, so a
+        claim of the cap's next job would only be refused."""
+        ready = self._acting.pop(job_id, None)
+        if ready is not None:
+            if self._caps(ready):
+                self._capped_outcomes.add(job_id)
+            else:
+                self._count(ready, -1)
+            self._wake.set()
 
     async def run(self) -> None:
         """Dispatch until ``stop()``; the long-lived task of the pool."""
@@ -382,8 +423,12 @@ class WorkerPool:
             if self._saturated:
                 recheck_s = min(self._saturated.values()) - self.clock.monotonic()
                 timeout = min(timeout, max(recheck_s, 0.0))
+            # Waited on in this task (wait_for would wrap it in a task of its own): a wake from
+            # jobs whose actions returned then runs the dispatcher before the journal's writer
+            # takes their outcomes, so the next claims join the same group commit.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             if self._stopping:
                 break
@@ -475,6 +520,7 @@ class WorkerPool:
             outcome = await self._attempt(action, action_cfg, claimed)
         finished = self._decide(claimed, action_cfg, outcome, started_at)
         self.outcomes[finished.outcome] += 1
+        self._release(job.id)
         await self._record(finished)
         if (
             finished.state == JobState.QUEUED
@@ -500,10 +546,10 @@ class WorkerPool:
     async def _record(self, finished: Finished) -> None:
         """Commit an attempt's outcome, trying again while the journal cannot take it.
 
-        Until it is committed the job stays 'running' in the journal and keeps its slot here
-        (nothing new could be claimed meanwhile anyway). Should a drain cancel this wait, the
-        drain re-queues the job, or the next start's recovery does: the action then runs again
-        (at least once, never lost).
+        Until it is committed the job stays 'running' in the journal; its slot is free already,
+        but a journal that cannot take an outcome cannot take a claim either. Should a drain
+        cancel this wait, the drain re-queues the job, or the next start's recovery does: the
+        action then runs again (at least once, never lost).
         """
         delay_s = 0.05
         while True:
@@ -592,7 +638,7 @@ class WorkerPool:
     def statistics(self) -> PoolStats:
         return PoolStats(
             concurrency=self.concurrency,
-            busy=len(self._running),
+            busy=len(self._acting),
             claiming=self._claiming_jobs,
             window=len(self.scheduler),
             started=self.started,

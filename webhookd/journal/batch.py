@@ -18,10 +18,9 @@ from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
     JOB_COLUMNS,
+    claimed_from_row,
     dump,
-    event_from_row,
     fetch_rows,
-    job_from_row,
 )
 from webhookd.models import JobState
 
@@ -283,7 +282,7 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> CapClaim:
         f" ON e.id = j.event_id WHERE j.id IN ({marks})",
         queued,
     )
-    claimed = [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+    claimed = [Claimed(*claimed_from_row(r)) for r in rows]
     return CapClaim(claimed, full)
 
 
