@@ -347,6 +347,39 @@ async def test_a_cap_held_by_another_process_is_waited_for_without_spinning_or_a
     assert len(target.seen) == 1
 
 
+async def test_a_capped_actions_jobs_follow_each_other_without_refused_claims(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """With `concurrency = 1`, the cap's next job is claimed once the last one's outcome is on
+    disk, not as soon as its action returned: no claim is refused (and the cap set aside for
+    the recheck time) on the way, however slow the commit."""
+    rig = await make_rig(forward_source("capped", target.url, concurrency="1"))
+    ids = [await rig.ingest("capped") for _ in range(3)]
+    refused: list[frozenset[str]] = []
+    claim_capped, real_finish = rig.journal.claim_capped, rig.journal.finish
+
+    async def counted(*args: Any) -> CapClaim:
+        result = await claim_capped(*args)
+        if result.full:
+            refused.append(result.full)
+        return result
+
+    async def slow_finish(results: Any) -> None:  # the dispatcher runs while this waits
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await real_finish(results)
+
+    rig.journal.claim_capped = counted  # type: ignore[method-assign]
+    rig.journal.finish = slow_finish  # type: ignore[method-assign]
+    dispatcher = asyncio.create_task(rig.pool.run())
+    rig.pool.poke()
+    await target.wait_for(lambda t: len(t.seen) == 3)
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    assert refused == []
+    assert [(await rig.job(i)).state for i in ids] == ["done"] * 3
+
+
 class WaitsOnce:
     """An action that is not ready the first time (a lane cooling down), then succeeds."""
 
