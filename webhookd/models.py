@@ -31,6 +31,9 @@ class _IdFactory:
         self._last_ms = 0
         self._last_rand = 0
         self._random = random.Random(os.urandom(32))
+        # The time part's 10 characters, made once per millisecond rather than once per id.
+        self._prefix_ms = -1
+        self._prefix = ""
 
     def new(self) -> str:
         with self._lock:
@@ -42,9 +45,35 @@ class _IdFactory:
             else:
                 rand = self._random.getrandbits(80)
             self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | (rand & ((1 << 80) - 1))
-        # 26 characters of 5 bits: the 128-bit value with two leading zero bits.
-        return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
+            if ms != self._prefix_ms:
+                self._prefix = _encode(ms, 5)
+                self._prefix_ms = ms
+            prefix = self._prefix
+        # 26 characters of 5 bits: the 128-bit value with two leading zero bits, i.e. the 48-bit
+        # time in 10 characters and the 80 random bits in 16 (80 is a multiple of 5).
+        r = rand & _RAND_MASK
+        p = _PAIRS
+        return "".join(
+            (
+                prefix,
+                p[r >> 70],
+                p[(r >> 60) & 1023],
+                p[(r >> 50) & 1023],
+                p[(r >> 40) & 1023],
+                p[(r >> 30) & 1023],
+                p[(r >> 20) & 1023],
+                p[(r >> 10) & 1023],
+                p[r & 1023],
+            )
+        )
+
+
+_RAND_MASK = (1 << 80) - 1
+
+
+def _encode(value: int, pairs: int) -> str:
+    """``value`` in ``2 * pairs`` Crockford base32 characters, most significant first."""
+    return "".join([_PAIRS[(value >> (10 * n)) & 1023] for n in range(pairs - 1, -1, -1)])
 
 
 _ids = _IdFactory()
