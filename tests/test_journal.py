@@ -6,9 +6,11 @@ The behaviour every backend shares is in test_journal_contract.py, run on SQLite
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
+import pickle
 import sqlite3
 import stat
 import time
@@ -18,10 +20,10 @@ import pytest
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
-from webhookd.journal import MIGRATIONS, Journal, NewEvent, NewJob
+from webhookd.journal import MIGRATIONS, Ingested, Journal, NewEvent, NewJob
 from webhookd.journal.batch import headers_json
 from webhookd.journal.schema import BACKLOG_SQL
-from webhookd.models import Event, Priority, new_event_id, new_job_id
+from webhookd.models import Event, Priority, new_event_id, new_job_id, quick_init
 
 
 def new_event(
@@ -173,3 +175,40 @@ def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:
     assert headers_json(tricky) == reference
     assert json.loads(headers_json(tricky)) == [list(pair) for pair in tricky]
     assert headers_json((("X-Num", 1),)) == '[["X-Num",1]]'  # type: ignore[arg-type]
+
+
+def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
+    """Events and the journal's records read, compare, copy and pickle as before, defaults
+    included, and still refuse to be changed after they are made."""
+    positional = Event("evt_1", "s", 1.0, "s:k", "", Priority.HIGH, (("A", "b"),), b"{}")
+    keywords = Event(
+        id="evt_1",
+        source="s",
+        received_at=1.0,
+        dedup_key="s:k",
+        tenant="",
+        priority=Priority.HIGH,
+        headers=(("A", "b"),),
+        body=b"{}",
+    )
+    assert positional == keywords and positional.verified is None
+    assert hash(positional) == hash(keywords)
+    assert dataclasses.replace(positional, tenant="t").tenant == "t"
+    assert pickle.loads(pickle.dumps(positional)) == positional
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        positional.tenant = "t"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Event("evt_1", "s")  # type: ignore[call-arg]
+    item = NewEvent(positional, (NewJob("job_1", "a", "forward", 3),))
+    assert item.body_key is None and item.filtered == () and item.jobs[0].order_key is None
+    assert repr(item.jobs[0]) == (
+        "NewJob(id='job_1', action='a', type='forward', max_attempts=3, order_key=None)"
+    )
+    assert Ingested("evt_1", duplicate=True) == Ingested("evt_1", True)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Later:
+        items: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="quick_init"):
+        quick_init(Later)

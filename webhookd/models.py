@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -10,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -91,6 +92,39 @@ def new_boot_id() -> str:
     return "boot_" + _ids.new()
 
 
+_C = TypeVar("_C")
+
+
+def quick_init(cls: type[_C]) -> type[_C]:
+    """Give a frozen, slotted dataclass an ``__init__`` that fills each slot through its own
+    descriptor: the generated one calls ``object.__setattr__`` per field, which made building
+    an event (9 fields) cost ~5x a plain class's. Same signature and defaults; the instances stay
+    frozen (``__setattr__`` still refuses). Only for classes without ``__post_init__`` or
+    default factories: it refuses the others rather than skip them.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if hasattr(cls, "__post_init__") or any(
+        f.default_factory is not dataclasses.MISSING or not f.init or f.kw_only for f in fields
+    ):
+        raise TypeError(f"quick_init cannot build {cls.__name__}.__init__")
+    namespace: dict[str, Any] = {}
+    params = []
+    for f in fields:
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is dataclasses.MISSING:
+            params.append(f.name)
+        else:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+    lines = [f"    _set_{f.name}(self, {f.name})" for f in fields] or ["    pass"]
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines), namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -131,6 +165,7 @@ def event_state(job_states: list[str]) -> str:
     return JobState.DONE
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Event:
     """An accepted webhook as journaled: the raw body, and the headers as received but for
