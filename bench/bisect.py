@@ -401,6 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP run")
     parser.add_argument("--rows", type=int, default=20_000, help="webhooks per SQL step")
     parser.add_argument("--only", choices=("http", "sql"))
+    parser.add_argument(
+        "--steps",
+        default=",".join(HTTP_STEPS),
+        help="HTTP steps to run, comma-separated (an A/B of two steps: --steps receiver,serve)",
+    )
     args = parser.parse_args(argv)
     if args.serve:
         import uvloop
@@ -411,7 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.only != "http":
         print("\n".join(sql_table(args.rows, max(args.rounds, 3))) + "\n", flush=True)
     if args.only != "sql":
-        print("\n".join(http_table(HTTP_STEPS, args.rounds, args.duration)))
+        steps = tuple(step for step in args.steps.split(",") if step)
+        unknown = set(steps) - set(HTTP_STEPS)
+        if unknown:
+            parser.error(f"--steps: unknown step(s) {', '.join(sorted(unknown))}")
+        print("\n".join(http_table(steps, args.rounds, args.duration)))
 
 
 if __name__ == "__main__":

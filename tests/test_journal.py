@@ -6,18 +6,24 @@ The behaviour every backend shares is in test_journal_contract.py, run on SQLite
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import json
 import os
+import pickle
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
-from webhookd.journal import MIGRATIONS, Journal, NewEvent, NewJob
+from webhookd.journal import MIGRATIONS, Ingested, Journal, NewEvent, NewJob
+from webhookd.journal.batch import headers_json
 from webhookd.journal.schema import BACKLOG_SQL
-from webhookd.models import Event, Priority, new_event_id, new_job_id
+from webhookd.models import Event, Priority, new_event_id, new_job_id, quick_init
 
 
 def new_event(
@@ -71,6 +77,23 @@ def test_ids_sort_by_creation() -> None:
     """External ids are sortable strings: later ids compare greater, and never repeat."""
     ids = [new_event_id() for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_ids_carry_their_millisecond_and_random_bits() -> None:
+    """An id is 26 Crockford base32 characters of (milliseconds << 80 | 80 random bits), so
+    ids made by older versions and this one sort together by time."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    before_ms = int(time.time() * 1000)
+    ids = [new_event_id()[4:] for _ in range(50)]
+    after_ms = int(time.time() * 1000)
+    values = []
+    for text in ids:
+        assert len(text) == 26 and set(text) <= set(alphabet)
+        values.append(sum(alphabet.index(c) << (5 * n) for n, c in enumerate(reversed(text))))
+    assert all(before_ms <= v >> 80 <= after_ms for v in values)
+    # Within one millisecond the random part counts up by one: the order is kept.
+    same_ms = [(a, b) for a, b in itertools.pairwise(values) if a >> 80 == b >> 80]
+    assert all(b == a + 1 for a, b in same_ms)
 
 
 async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
@@ -136,3 +159,56 @@ async def test_sqlite_wal_checkpoints_run_beside_ingests_not_inside_their_commit
         await journal.ingest(new_event(body=b"tail"))
         await journal.ingest(new_event(body=b"restarted"))
         assert _wal_resets(path) == 1
+
+
+def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:
+    """Stored headers read back the same whatever they hold (quotes, non-ASCII, control
+    characters, a lone surrogate), byte for byte the compact ASCII JSON of earlier versions."""
+    tricky = (
+        ("X-Quote", 'say "hi" \\ back'),
+        ("X-Utf8", "café ✓ 😀"),
+        ("X-Ctl", "a\tb\x01c"),
+        ("X-Surrogate", "\udcff"),
+        ("X-Empty", ""),
+    )
+    reference = json.dumps(tricky, separators=(",", ":"))
+    assert headers_json(tricky) == reference
+    assert json.loads(headers_json(tricky)) == [list(pair) for pair in tricky]
+    assert headers_json((("X-Num", 1),)) == '[["X-Num",1]]'  # type: ignore[arg-type]
+
+
+def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
+    """Events and the journal's records read, compare, copy and pickle as before, defaults
+    included, and still refuse to be changed after they are made."""
+    positional = Event("evt_1", "s", 1.0, "s:k", "", Priority.HIGH, (("A", "b"),), b"{}")
+    keywords = Event(
+        id="evt_1",
+        source="s",
+        received_at=1.0,
+        dedup_key="s:k",
+        tenant="",
+        priority=Priority.HIGH,
+        headers=(("A", "b"),),
+        body=b"{}",
+    )
+    assert positional == keywords and positional.verified is None
+    assert hash(positional) == hash(keywords)
+    assert dataclasses.replace(positional, tenant="t").tenant == "t"
+    assert pickle.loads(pickle.dumps(positional)) == positional
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        positional.tenant = "t"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Event("evt_1", "s")  # type: ignore[call-arg]
+    item = NewEvent(positional, (NewJob("job_1", "a", "forward", 3),))
+    assert item.body_key is None and item.filtered == () and item.jobs[0].order_key is None
+    assert repr(item.jobs[0]) == (
+        "NewJob(id='job_1', action='a', type='forward', max_attempts=3, order_key=None)"
+    )
+    assert Ingested("evt_1", duplicate=True) == Ingested("evt_1", True)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Later:
+        items: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="quick_init"):
+        quick_init(Later)

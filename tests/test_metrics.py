@@ -7,13 +7,14 @@ from typing import Any
 
 from conftest import Running, Target, make_config
 from ops_support import accepted, event_state, forward_source, ingest
+from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from webhookd.clock import ManualClock
 from webhookd.config import LaneConfig
 from webhookd.journal import Journal
 from webhookd.limiter import Lane
-from webhookd.metrics import Metrics
+from webhookd.metrics import ACK_BUCKETS_S, Metrics
 from webhookd.workers import WorkerPool
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -120,3 +121,36 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     assert value(samples, "webhookd_lane_waiting", lane="openai") == 0
     assert value(samples, "webhookd_lane_circuit_open", lane="openai") == 0
     assert ("webhookd_lane_available", (("kind", "tokens"), ("lane", "openai"))) in samples
+
+
+async def test_intake_counts_and_ack_buckets_match_prometheus_across_scrapes(
+    tmp_path: Path,
+) -> None:
+    """Each request counts once however often /metrics is scraped, and each ack time lands in
+    the bucket prometheus_client's own Histogram would put it in (bounds included)."""
+    cfg = make_config(tmp_path, forward_source("s", "http://127.0.0.1:9/"))
+    async with Journal(cfg.journal.path) as journal:
+        pool = WorkerPool(config=cfg, journal=journal, actions={}, boot_id="b")
+        metrics = Metrics(journal, pool)
+        reference = Histogram("ref", "reference", buckets=ACK_BUCKETS_S, registry=None)
+        times_s = [0.0, 0.0005, 0.00051, 0.001, 0.003, 0.5, 2.5, 7.0]
+        for t in times_s[:4]:
+            metrics.observe_intake("s", 202, t)
+            reference.observe(t)
+        metrics.observe_intake("", 404, 0.0)
+        first = parse((await metrics.render())[0].decode())
+        for t in times_s[4:]:
+            metrics.observe_intake("s", 202, t)
+            reference.observe(t)
+        second = parse((await metrics.render())[0].decode())
+        third = parse((await metrics.render())[0].decode())
+    intake = "webhookd_intake_requests_total"
+    assert value(first, intake, source="s", status="202") == 4
+    assert value(second, intake, source="s", status="202") == 8
+    assert value(third, intake, source="s", status="202") == 8
+    assert value(third, intake, source="(none)", status="404") == 1
+    expected = {s.labels["le"]: s.value for s in reference.collect()[0].samples if "le" in s.labels}
+    for le, count in expected.items():
+        assert value(third, "webhookd_ack_seconds_bucket", le=le) == count
+    assert value(third, "webhookd_ack_seconds_count") == len(times_s)
+    assert abs(value(third, "webhookd_ack_seconds_sum") - sum(times_s)) < 1e-9

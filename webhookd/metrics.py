@@ -10,6 +10,7 @@ enough for the ack path). Gauges that describe the journal, the pool and the lan
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -44,6 +45,11 @@ class Metrics:
         self._sources = frozenset(s.name for s in pool.config.all_sources())
         self._intake_children: dict[tuple[str, int], Any] = {}
         self._finish_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Counted on the ack path since the last scrape (see ``observe_intake``); the ack
+        # histogram's per bucket, with one more for +Inf.
+        self._intake_pending: dict[tuple[str, int], int] = {}
+        self._ack_pending = [0] * (len(ACK_BUCKETS_S) + 1)
+        self._ack_pending_sum_s = 0.0
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.intake = Counter(
@@ -92,14 +98,37 @@ class Metrics:
         on_finish.append(self.observe_finish)
 
     def observe_intake(self, source: str, status: int, seconds: float) -> None:
-        # labels() builds a key and takes a lock per call: keep the children (on the ack path).
-        child = self._intake_children.get((source, status))
-        if child is None:
-            child = self.intake.labels(source or _NO_SOURCE, str(status))
-            self._intake_children[(source, status)] = child
-        child.inc()
+        # On the ack path, so counted in plain ints and handed to prometheus_client at scrape
+        # time (``_flush``): its inc() and observe() take a lock each, and observe() walks the
+        # buckets in Python. Only the event loop calls this, so the ints need no lock.
+        key = (source, status)
+        pending = self._intake_pending
+        n = pending.get(key)
+        if n is None:
+            # labels() once per series, as before, so its _created time is its first request.
+            self._intake_children[key] = self.intake.labels(source or _NO_SOURCE, str(status))
+            n = 0
+        pending[key] = n + 1
         if 200 <= status < 300:
-            self.ack.observe(seconds)
+            # The first bucket whose bound is >= seconds, as Histogram.observe picks it.
+            self._ack_pending[bisect_left(ACK_BUCKETS_S, seconds)] += 1
+            self._ack_pending_sum_s += seconds
+
+    def _flush(self) -> None:
+        """Hand what ``observe_intake`` counted since the last scrape to prometheus_client."""
+        for key, n in self._intake_pending.items():
+            if n:
+                self._intake_children[key].inc(n)
+                self._intake_pending[key] = 0
+        if any(self._ack_pending):
+            # Histogram has no public way to add counts per bucket; these are its own values.
+            buckets = self.ack._buckets
+            for i, n in enumerate(self._ack_pending):
+                if n:
+                    buckets[i].inc(n)
+            self.ack._sum.inc(self._ack_pending_sum_s)
+            self._ack_pending = [0] * len(self._ack_pending)
+            self._ack_pending_sum_s = 0.0
 
     def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         source = claimed.event.source
@@ -125,6 +154,7 @@ class Metrics:
         self._state.counts = await self.journal.counts()
         self._state.paused = await self.journal.paused_sources()
         self._state.nodes = await self.journal.nodes()
+        self._flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -257,6 +257,12 @@ class Receiver:
             # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
             handler_args={"auto_decompress": False},
         )
+        # Each source's own path as a plain route too: aiohttp finds those with one dict lookup,
+        # where the catch-all pattern costs a walk up the path and a regex per webhook. Both
+        # land in ``_handle``, which resolves the source itself, so which one matched is moot.
+        for path in self._by_path:
+            if "{" not in path and "}" not in path:
+                app.router.add_route("*", path, self._handle)
         app.router.add_route("*", "/{path:.*}", self._handle)
         return app
 

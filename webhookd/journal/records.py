@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webhookd.config import VerifyConfig
-from webhookd.models import Event, Job, JobState
+from webhookd.models import Event, Job, JobState, quick_init
 from webhookd.redact import shown_headers
 
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
@@ -15,6 +15,7 @@ from webhookd.redact import shown_headers
 SHOWN_BODY_BYTES = 64 * 1024
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class NewJob:
     id: str
@@ -24,6 +25,7 @@ class NewJob:
     order_key: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """An accepted webhook and its jobs, ready to be journaled.
@@ -39,6 +41,7 @@ class NewEvent:
     filtered: tuple[str, ...] = ()  # the names of actions whose ``when`` did not match
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Ingested:
     event_id: str
@@ -58,6 +61,7 @@ class LaneBacklog:
     oldest_received_at: float | None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Ready:
     """A queued job that is due: what the scheduler needs to pick it, and no more."""
