@@ -127,7 +127,9 @@ class WorkerPool:
         # a group commit with the outcomes being written instead of waiting one out.
         self._running: dict[str, asyncio.Task[None]] = {}
         self._acting: dict[str, Ready] = {}  # jobs whose action has not returned yet
-        self._capped_outcomes: set[str] = set()  # capped jobs acted, outcome not yet on disk
+        # The caps of each running capped job, worked out once when it was picked: it keeps
+        # their counts until its outcome is on disk, and its end frees them for the others.
+        self._held_caps: dict[str, tuple[Cap, ...]] = {}
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
         self._running_by_tenant: Counter[tuple[str, str]] = Counter()
@@ -349,7 +351,7 @@ class WorkerPool:
                 if full:
                     self._hold_back(full, [j for i, j in picks.items() if i not in starting])
         for c in to_start:
-            self._start(c, picks[c.job.id])
+            self._start(c, picks[c.job.id], caps.get(c.job.id, ()))
         return len(to_start)
 
     def _hold_back(self, full: frozenset[str], refused: list[Ready]) -> None:
@@ -371,10 +373,12 @@ class WorkerPool:
         _bump(self._running_by_tenant, (name, job.tenant), delta)
         _bump(self._running_by_lane, job.lane, delta)
 
-    def _start(self, claimed: Claimed, ready: Ready) -> None:
+    def _start(self, claimed: Claimed, ready: Ready, caps: tuple[Cap, ...]) -> None:
         """Run a claimed job; its running counts were taken when it was picked."""
         job = claimed.job
         self._acting[job.id] = ready
+        if caps:
+            self._held_caps[job.id] = caps
         task = asyncio.create_task(self._run(claimed), name=f"job {job.id}")
         self._running[job.id] = task
         self._idle.clear()
@@ -383,15 +387,14 @@ class WorkerPool:
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(job.id, None)
             self._release(job.id)  # if the action never returned (cancelled by a drain)
-            if job.id in self._capped_outcomes:
-                self._capped_outcomes.discard(job.id)
+            held = self._held_caps.pop(job.id, ())
+            if held:
                 self._count(ready, -1)
+                for cap in held:  # a slot of its caps is free now: try them
+                    self._saturated.pop(cap.key, None)
             if ready.order_key is not None:
                 # The next job of its key may start now that this outcome is committed.
                 self._refill_now = True
-            if self._saturated:
-                for cap in self._caps(ready):  # a slot of its caps is free now: try them
-                    self._saturated.pop(cap.key, None)
             if not self._running:
                 self._idle.set()
             self._wake.set()
@@ -404,9 +407,7 @@ class WorkerPool:
         claim of the cap's next job would only be refused."""
         ready = self._acting.pop(job_id, None)
         if ready is not None:
-            if self._caps(ready):
-                self._capped_outcomes.add(job_id)
-            else:
+            if job_id not in self._held_caps:
                 self._count(ready, -1)
             self._wake.set()
 
