@@ -116,9 +116,9 @@ async def test_concurrency_1_holds_across_two_nodes(
         status, doc = await get_json(http, f"{a.admin_url}/events/{event_id}")
         assert status == 200 and doc is not None
         assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+    await stop(a, b)  # a drain ends only once every outcome is recorded (and logged)
     done_on = [d.log.count("outcome=done") for d in (a, b)]
     assert sum(done_on) == len(ids)
-    await stop(a, b)
 
 
 def arrival_order_holds(seen: list[Seen]) -> dict[str, list[int]]:
