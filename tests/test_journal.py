@@ -5,6 +5,7 @@ The behaviour every backend shares is in test_journal_contract.py, run on SQLite
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -21,7 +22,7 @@ import pytest
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
 from webhookd.journal import MIGRATIONS, Ingested, Journal, NewEvent, NewJob
-from webhookd.journal.batch import headers_json
+from webhookd.journal.batch import IngestOp, OpQueue, headers_json
 from webhookd.journal.schema import BACKLOG_SQL
 from webhookd.models import Event, Priority, new_event_id, new_job_id, quick_init
 
@@ -136,13 +137,16 @@ def _wal_resets(path: Path) -> int:
 
 
 async def test_sqlite_wal_checkpoints_run_beside_ingests_not_inside_their_commits(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No ingest's ack waits for a WAL checkpoint: the WAL is copied back in the background."""
+    """No ingest's ack waits for a WAL checkpoint: the WAL is copied back in the background,
+    whole, so the writer copies nothing itself and its next transaction starts the WAL over."""
     path = tmp_path / "j.db"
     clock = ManualClock()
     journal = Journal(path, clock=clock)
     async with journal:
+        writer_copies: list[str] = []
+        monkeypatch.setattr(journal, "_checkpoint_quietly", writer_copies.append)
         # ~1,600 pages of WAL, past SQLite's default automatic checkpoint (1,000 pages), with
         # the background checkpointer's clock held still: no commit may checkpoint by itself.
         for n in range(64):
@@ -154,11 +158,47 @@ async def test_sqlite_wal_checkpoints_run_beside_ingests_not_inside_their_commit
         await journal.wait_checkpoint()
         assert journal.checkpoints == 1
         assert journal.checkpointed_frames >= 1_500
-        # The next batch copies back what came in meanwhile, and the one after it starts the
-        # WAL over: under a steady stream the WAL stays small instead of growing.
-        await journal.ingest(new_event(body=b"tail"))
         await journal.ingest(new_event(body=b"restarted"))
         assert _wal_resets(path) == 1
+        assert writer_copies == []
+
+
+async def test_sqlite_writer_copies_the_tail_a_background_checkpoint_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When commits kept coming through every pass of a background checkpoint, the writer
+    copies the frames left before its next batch, so the WAL can still start over."""
+    path = tmp_path / "j.db"
+    clock = ManualClock()
+    journal = Journal(path, clock=clock)
+    async with journal:
+        real = journal._checkpoint
+        monkeypatch.setattr(journal, "_checkpoint", lambda: (real()[0], False))
+        await journal.ingest(new_event(body=b"x" * 100_000))
+        clock.advance(1.0)
+        await journal.ingest(new_event(body=b"after"))
+        await journal.wait_checkpoint()
+        await journal.ingest(new_event(body=b"tail"))  # copies the tail, then writes
+        await journal.ingest(new_event(body=b"restarted"))
+        assert _wal_resets(path) == 1
+
+
+async def test_op_queue_hands_out_batches_in_order_and_ends_after_close() -> None:
+    """The writer's queue: oldest first, at most ``limit`` per batch, waits when empty, and once
+    closed still hands out what was queued before it answers with an empty batch."""
+    queue = OpQueue()
+    loop = asyncio.get_running_loop()
+    ops = [IngestOp(loop.create_future(), new_event()) for _ in range(5)]
+    waiting = asyncio.ensure_future(queue.take(3))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    for op in ops:
+        queue.put(op)
+    assert await waiting == ops[:3]
+    queue.close()
+    assert await queue.take(3) == ops[3:]
+    assert await queue.take(3) == []
+    assert len(queue) == 0
 
 
 def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:

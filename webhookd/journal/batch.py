@@ -71,6 +71,60 @@ class CallOp(Op):
     transaction: bool = True  # False for PRAGMAs that cannot run inside one (checkpoints)
 
 
+class OpQueue:
+    """Operations waiting for a journal's one writer task, taken a batch at a time.
+
+    A list and a wake-up future: ``asyncio.Queue`` keeps unfinished-task counts and waiter
+    queues for many consumers, which cost ~1 µs per webhook on each of ``put`` and ``get`` for a
+    queue with one consumer that takes everything waiting at once. After ``close()`` the writer
+    still takes what is queued, then ``take`` answers ``[]``.
+    """
+
+    __slots__ = ("_ops", "_wakeup", "closed")
+
+    def __init__(self) -> None:
+        self._ops: list[Op] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def put(self, op: Op) -> None:
+        self._ops.append(op)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def take(self, limit: int) -> list[Op]:
+        """Up to ``limit`` operations, oldest first, waiting for one if none is queued."""
+        while not self._ops:
+            if self.closed:
+                return []
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        ops = self._ops
+        if len(ops) <= limit:
+            self._ops = []
+            return ops
+        batch = ops[:limit]
+        del ops[:limit]
+        return batch
+
+    def drain(self) -> list[Op]:
+        """Everything still queued (to fail it when the writer is gone)."""
+        ops, self._ops = self._ops, []
+        return ops
+
+
 @dataclass(slots=True)
 class Group:
     """One batch on its way through the writer's thread, and what became of it.

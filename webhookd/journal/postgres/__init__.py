@@ -37,7 +37,7 @@ import asyncpg
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
-from webhookd.journal.batch import FinishOp, IngestOp, Op
+from webhookd.journal.batch import FinishOp, IngestOp, Op, OpQueue
 from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
 from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
@@ -113,7 +113,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.batched_ops = 0
         self.backlog_jobs = 0
         self._pool: Any = None
-        self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._queue = OpQueue()
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
@@ -157,6 +157,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             raise
         self._closing = False
         self.writer_problem = None
+        self._queue = OpQueue()
         self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._writer.add_done_callback(self._writer_ended)
         if not self.node:
@@ -177,7 +178,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             with contextlib.suppress(JournalUnavailable):
                 await self.record_pending()  # a last try; else lease recovery re-queues them
         if self._writer is not None:
-            await self._queue.put(None)
+            self._queue.close()
             await self._writer
             self._writer = None
         if self._pool is not None and self.node:
@@ -229,21 +230,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     def _enqueue(self, op: Op) -> None:
         if self._writer is None or self._writer.done():
             raise JournalUnavailable("journal writer is not running")
-        self._queue.put_nowait(op)
+        self._queue.put(op)
 
     async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch: list[Op] = [first]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                op = self._queue.get_nowait()
-                if op is None:
-                    stopping = True
-                    break
-                batch.append(op)
+        # After close() the queue still hands out what was queued, then nothing.
+        while batch := await self._queue.take(MAX_BATCH):
             try:
                 await self._commit_group(batch)
             except BaseException as exc:
