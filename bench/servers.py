@@ -36,15 +36,19 @@ class Target:
     """A kind of server to measure."""
 
     name: str
-    kind: str  # "bare" or "webhookd"
+    kind: str  # "bare", "minimal" or "webhookd"
     expect_status: int
     log_action: bool = False  # webhookd only: give the source one `log` action
 
 
 BARE = Target("bare", "bare", 200)
+# The least a durable intake can do: one (id, received_at, body) row per webhook, group commit on
+# a writer thread, WAL, synchronous = FULL, 202 after COMMIT (``bench.bisect``'s minimal step).
+# What it costs over bare, and its ack latency, is what durability itself costs on this disk.
+MINIMAL = Target("minimal", "minimal", 202)
 WEBHOOKD = Target("webhookd", "webhookd", 202)
 WEBHOOKD_LOG = Target("webhookd+log", "webhookd", 202, log_action=True)
-TARGETS = {t.name: t for t in (BARE, WEBHOOKD, WEBHOOKD_LOG)}
+TARGETS = {t.name: t for t in (BARE, MINIMAL, WEBHOOKD, WEBHOOKD_LOG)}
 
 
 class ServerFailed(RuntimeError):
@@ -125,7 +129,7 @@ def intake_sources(log_action: bool) -> str:
 @contextmanager
 def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -> Iterator[Server]:
     """Start `target` pinned to `cpu`, wait until it answers, yield it, then stop it."""
-    if target.kind == "bare":
+    if target.kind in ("bare", "minimal"):
         with _running(target, cpu=cpu, parent_dir=parent_dir) as server:
             yield server
     else:
@@ -191,6 +195,10 @@ def _running(
         admin_url = ""
         if target.kind == "bare":
             cmd = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+            ready_url = f"http://127.0.0.1:{port}/readyz"
+        elif target.kind == "minimal":
+            cmd = [sys.executable, "-m", "bench.bisect", "--serve", "minimal", "--port", str(port)]
+            cmd += ["--db", str(workdir / "minimal.db")]
             ready_url = f"http://127.0.0.1:{port}/readyz"
         else:
             admin_port = free_port()
