@@ -218,8 +218,9 @@ class Journal(Reads, BaseJournal):
         self._checkpoint_conn: sqlite3.Connection | None = None  # used only on its own thread
         self._checkpointing: asyncio.Future[Any] | None = None
         self._last_checkpoint = 0.0
-        # Set when a background checkpoint finished: the writer then copies the few frames
-        # committed meanwhile itself, before its next batch, so SQLite can start the WAL over.
+        # Set when a background checkpoint ended with frames still uncopied (commits kept coming
+        # through all its passes): the writer then copies them itself, before its next batch,
+        # so SQLite can start the WAL over.
         self._checkpoint_tail = False
         # Background checkpoints done, and WAL frames they copied into the main file.
         self.checkpoints = 0
