@@ -32,7 +32,6 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,7 +146,8 @@ def _owner_only(path: Path) -> None:
 
 
 class _OwnThread:
-    """One thread that owns a connection and runs what it is handed, in order.
+    """One thread that owns a connection (the writer's, the checkpointer's) and runs what it is
+    handed, in order.
 
     ``submit`` answers with an asyncio future settled through one ``call_soon_threadsafe``: the
     writer hands every batch over this way, and ``run_in_executor`` on a one-thread pool cost a
@@ -214,7 +214,7 @@ class Journal(Reads, BaseJournal):
         self._writer: sqlite3.Connection | None = None  # used only on self._thread
         self._thread: _OwnThread | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpointer: _OwnThread | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None  # used only on its own thread
         self._checkpointing: asyncio.Future[Any] | None = None
         self._last_checkpoint = 0.0
@@ -256,10 +256,8 @@ class Journal(Reads, BaseJournal):
         try:
             self._writer = await self._in_thread(self._open_writer)
             self._reader = await self._connect()
-            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="webhookd-checkpoint")
-            self._checkpoint_conn = await asyncio.get_running_loop().run_in_executor(
-                self._checkpointer, self._open_checkpointer
-            )
+            self._checkpointer = _OwnThread("webhookd-checkpoint")
+            self._checkpoint_conn = await self._checkpointer.submit(self._open_checkpointer)
         except sqlite3.Error as exc:
             await self._close_connections()
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
@@ -311,9 +309,9 @@ class Journal(Reads, BaseJournal):
         checkpoint_conn, self._checkpoint_conn = self._checkpoint_conn, None
         if checkpointer is not None:
             if checkpoint_conn is not None:
-                closed = asyncio.wrap_future(checkpointer.submit(checkpoint_conn.close))
+                closed = checkpointer.submit(checkpoint_conn.close)
                 await asyncio.wait({closed}, timeout=CLOSE_TIMEOUT_S)
-            checkpointer.shutdown(wait=False)
+            checkpointer.shutdown()
         if reader is not None:
             # stop() queues "close, then end the thread" behind whatever the thread is doing;
             # unlike close() it needs no answer, so a stuck read cannot hold us here.
@@ -396,8 +394,7 @@ class Journal(Reads, BaseJournal):
         if now - self._last_checkpoint < CHECKPOINT_EVERY_S:
             return
         self._last_checkpoint = now
-        loop = asyncio.get_running_loop()
-        self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
         self._checkpointing.add_done_callback(self._checkpointed)
 
     async def wait_checkpoint(self) -> None:
