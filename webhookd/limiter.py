@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -278,10 +278,7 @@ class Lane:
         )
         if projected_s > max_wait_s:
             raise self._busy(projected_s, "has a long wait")
-        waiter = _Waiter(tokens)
-        self._queue.append(waiter)
-        self._waits_total += 1
-        try:
+        with self._in_line(tokens) as waiter:
             while True:
                 if self._queue[0] is not waiter:
                     await waiter.arm()
@@ -292,6 +289,16 @@ class Lane:
                     await self._nap(waiter, max(wait_s, _MIN_NAP_S))
                 now = self._now()
                 self._check_open(now)
+
+    @contextlib.contextmanager
+    def _in_line(self, tokens: int) -> Iterator[_Waiter]:
+        """A place at the back of the lane's FIFO, given up on the way out however it ends
+        (admitted, refused, cancelled); leaving from the head wakes the next in line."""
+        waiter = _Waiter(tokens)
+        self._queue.append(waiter)
+        self._waits_total += 1
+        try:
+            yield waiter
         finally:
             was_head = self._queue[0] is waiter
             self._queue.remove(waiter)
@@ -457,10 +464,7 @@ class Lane:
         if projected_s > max_wait_s:
             raise self._busy(projected_s, "has a long wait")
         deadline = now + max_wait_s
-        waiter = _Waiter(tokens)
-        self._queue.append(waiter)
-        self._waits_total += 1
-        try:
+        with self._in_line(tokens) as waiter:
             while True:
                 if self._queue[0] is not waiter:
                     await waiter.arm()
@@ -478,11 +482,6 @@ class Lane:
                 self._check_open(now)
                 if now > deadline and not self._stock_covers(tokens, now):
                     raise self._busy(self._projected_shared_s(tokens), "has a long wait")
-        finally:
-            was_head = self._queue[0] is waiter
-            self._queue.remove(waiter)
-            if was_head and self._queue:
-                self._queue[0].wake()
 
     def _projected_shared_s(self, tokens: int) -> float:
         """This node's queue at the lane's whole rate: how long it takes at best."""
