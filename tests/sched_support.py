@@ -205,11 +205,15 @@ async def harness(
 async def intake(h: Harness) -> AsyncIterator[aiohttp.ClientSession]:
     """The real receiver on loopback in front of the harness's journal; a client for it."""
     receiver = Receiver(h.config, h.journal, IntakeState(), clock=h.clock)
-    async with (
-        TestServer(receiver.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession(base_url=server.make_url("")) as http,
-    ):
-        yield http
+    runner = web.ServerRunner(receiver.server())
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession(base_url=f"http://{host}:{port}") as http:
+            yield http
+    finally:
+        await runner.cleanup()
 
 
 def positions(events: Sequence[Event], predicate: Callable[[Event], bool]) -> list[int]:

@@ -103,7 +103,7 @@ async def test_deploy_example_gives_a_job_to_pushes_to_main_only(tmp_path: Path)
     async with contextlib.AsyncExitStack() as stack:
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        runner = web.AppRunner(Receiver(cfg, journal, IntakeState()).app(), access_log=None)
+        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, "127.0.0.1", 0).start()

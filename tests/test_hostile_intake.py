@@ -67,8 +67,8 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
         async def start(extra: str, *, server: str = "", clock: Clock = SYSTEM_CLOCK) -> Intake:
             cfg = make_config(tmp_path, extra, server=server)
             journal = await stack.enter_async_context(Journal(cfg.journal.path))
-            app = Receiver(cfg, journal, IntakeState(), clock=clock).app()
-            runner = web.AppRunner(app, access_log=None)
+            receiver = Receiver(cfg, journal, IntakeState(), clock=clock)
+            runner = web.ServerRunner(receiver.server())
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -306,6 +306,23 @@ async def stalled(address: str, length: int, sent: bytes = b"x") -> RawConn:
     assert go_on.status == 100, go_on
     await conn.send(sent)
     return conn
+
+
+async def test_expect_100_continue_is_answered_and_any_other_expectation_refused(
+    make_intake: StartIntake,
+) -> None:
+    """`Expect: 100-continue` gets its 100, then the webhook its 202; an expectation the
+    receiver cannot meet gets a JSON 417 and the connection closes, with nothing stored."""
+    intake = await make_intake(CATCH_ALL)
+    conn = await stalled(intake.address, 2, sent=b"{}")
+    assert (await conn.answer()).status == 202
+    await conn.close()
+    odd = await RawConn.open(intake.address)
+    await odd.head(b"/hooks/slow", [(b"Content-Length", b"2"), (b"Expect", b"200-ok")])
+    assert_json_error(await odd.answer(), 417)
+    assert await odd.closed_by_peer()
+    await odd.close()
+    assert await intake.events() == 1
 
 
 async def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(

@@ -75,15 +75,23 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
             *,
             server: str = "",
             clock: Clock = SYSTEM_CLOCK,
-            prepare: Callable[[web.Request, web.StreamResponse], Awaitable[None]] | None = None,
+            answered: Callable[[web.StreamResponse], Awaitable[None]] | None = None,
         ) -> Intake:
             cfg = make_config(tmp_path, extra, server=server)
             journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
             state = IntakeState()
-            app = Receiver(cfg, journal, state, clock=clock).app()
-            if prepare is not None:
-                app.on_response_prepare.append(prepare)
-            runner = web.AppRunner(app, access_log=None)
+            receiver = Receiver(cfg, journal, state, clock=clock)
+            if answered is not None:
+                watch = answered
+
+                class Watched(Receiver):
+                    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+                        response = await super().handle(request)
+                        await watch(response)  # before aiohttp sends a byte of it
+                        return response
+
+                receiver = Watched(cfg, journal, state, clock=clock)
+            runner = web.ServerRunner(receiver.server())
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -114,21 +122,21 @@ def committed_ids(db: Path) -> set[str]:
 async def test_accepted_webhook_is_on_disk_before_the_answer_is_sent(
     make_intake: StartIntake,
 ) -> None:
-    """202 `{"id", "duplicate": false}` is only prepared once the event is committed."""
-    seen_at_prepare: dict[str, bool] = {}
+    """202 `{"id", "duplicate": false}` is only made once the event is committed."""
+    seen_at_answer: dict[str, bool] = {}
 
-    async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+    async def answered(response: web.StreamResponse) -> None:
         assert isinstance(response, web.Response) and response.text is not None
         doc = json.loads(response.text)
         if "id" in doc:
-            seen_at_prepare[doc["id"]] = doc["id"] in committed_ids(intake.db)
+            seen_at_answer[doc["id"]] = doc["id"] in committed_ids(intake.db)
 
-    intake = await make_intake(prepare=prepare)
+    intake = await make_intake(answered=answered)
     answer = await intake.post("/hooks/demo", b'{"a": 1}')
     assert answer.status == 202
     assert set(answer.doc) == {"id", "duplicate"} and answer.doc["duplicate"] is False
     assert answer.doc["id"].startswith("evt_")
-    assert seen_at_prepare == {answer.doc["id"]: True}
+    assert seen_at_answer == {answer.doc["id"]: True}
     detail = await intake.journal.get_event(answer.doc["id"])
     assert (detail.event.source, detail.state) == ("demo", "queued")
     assert [j.action for j in detail.jobs] == ["log"]

@@ -133,7 +133,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[tuple[Post, Journal]]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
-        runner = web.AppRunner(Receiver(cfg, journal, IntakeState()).app(), access_log=None)
+        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -239,7 +239,7 @@ async def test_a_source_without_when_lists_nothing_filtered(tmp_path: Path) -> N
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
-        runner = web.AppRunner(Receiver(cfg, journal, IntakeState()).app(), access_log=None)
+        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, "127.0.0.1", 0).start()

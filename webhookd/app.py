@@ -59,6 +59,17 @@ log = logging.getLogger("webhookd")
 
 HEARTBEAT_S = 30.0
 
+# Both listeners' per-connection settings, set on purpose, not inherited: an idle keep-alive
+# connection is closed after 75 s (aiohttp's own default is an hour of held sockets); request
+# lines and header fields over 8 KB and more than 100 headers are refused with a 4xx before the
+# body is read. No provider sends anything near these.
+_HANDLER: dict[str, Any] = {
+    "keepalive_timeout": 75.0,
+    "max_line_size": 8190,
+    "max_field_size": 8190,
+    "max_headers": 100,
+}
+
 
 @dataclass
 class Bound:
@@ -187,7 +198,7 @@ class Daemon:
                 ]
                 if alerter is not None:
                     side_tasks.append(tg.create_task(alerter.run(), name="alerts"))
-                listening: list[web.AppRunner] = []
+                listening: list[web.BaseRunner] = []
                 try:
                     cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
                     if alerter is not None:
@@ -209,16 +220,22 @@ class Daemon:
         journal: BaseJournal,
         pool: WorkerPool,
         pool_task: asyncio.Task[None],
-        listening: list[web.AppRunner],
+        listening: list[web.BaseRunner],
     ) -> int:
         """Open the listeners, serve until asked to stop, drain; returns jobs re-queued."""
         admin_runner = None
+        runner_args: dict[str, Any] = {
+            "handle_signals": False,
+            "shutdown_timeout": cfg.server.ack_timeout_s + 1,
+        }
         if cfg.admin.listen is not None:
-            admin_runner = await self._listen(Admin(ctx).app(), cfg.admin.listen, "admin")
+            admin = web.AppRunner(Admin(ctx).app(), access_log=None, **runner_args, **_HANDLER)
+            admin_runner = await self._listen(admin, cfg.admin.listen, "admin")
             listening.append(admin_runner)
             self.bound.admin = _address(admin_runner)
+        receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
         receiver_runner = await self._listen(
-            Receiver(cfg, journal, self.intake, clock=self.clock).app(),
+            web.ServerRunner(receiver.server(**_HANDLER), **runner_args),
             cfg.server.listen,
             "receiver",
         )
@@ -241,21 +258,7 @@ class Daemon:
             await admin_runner.cleanup()
         return cancelled
 
-    async def _listen(self, app: web.Application, listen: Listen, what: str) -> web.AppRunner:
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.config.server.ack_timeout_s + 1,
-            # Set on purpose, not inherited: an idle keep-alive connection is closed after 75 s
-            # (aiohttp's own default is an hour of held sockets); request lines and header
-            # fields over 8 KB and more than 100 headers are refused with a 4xx before the body
-            # is read. No provider sends anything near these.
-            keepalive_timeout=75.0,
-            max_line_size=8190,
-            max_field_size=8190,
-            max_headers=100,
-        )
+    async def _listen(self, runner: web.BaseRunner, listen: Listen, what: str) -> web.BaseRunner:
         await runner.setup()
         site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_address=True)
         try:
@@ -357,7 +360,7 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _address(runner: web.AppRunner) -> str:
+def _address(runner: web.BaseRunner) -> str:
     for addr in runner.addresses:
         if isinstance(addr, tuple):
             host, port = addr[0], addr[1]
