@@ -103,12 +103,13 @@ def run_intake(quick: bool) -> Outcome:
         )
     for run in report.rate:
         load = run.load
-        is_target = load.target_rps == intake.LATENCY_RATE
+        # Only webhookd's own row is judged; the minimal server's rows are there to compare.
+        is_target = load.target_rps == intake.LATENCY_RATE and run.target == intake.WEBHOOKD.name
         v = verdicts.get("ack_p99_at_1000") if is_target else None
         rows.append(
             Row(
                 "intake",
-                f"ack p50 / p99 at {load.target_rps or 0:,.0f}/s",
+                f"{run.target} ack p50 / p99 at {load.target_rps or 0:,.0f}/s",
                 f"{load.p50_ms:.2f} / {load.p99_ms:.2f} ms",
                 f"p99 ≤ {intake.LATENCY_P99_TARGET_MS:g} ms" if v else "",
                 _verdict_of(v),
