@@ -1,5 +1,5 @@
-"""The receiver: aiohttp routes for ``/hooks/...`` — size limit, verify, dedup key, intake limit,
-journal, and the 2xx only after the commit.
+"""The receiver: one handler on aiohttp's low-level server for ``/hooks/...`` — size limit,
+verify, dedup key, intake limit, journal, and the 2xx only after the commit.
 
 Order of checks, cheapest first: route → draining → size → bodies in flight → body read (with
 its deadline) → Content-Encoding → handshake → signature → intake limit → backlog → values that
@@ -369,7 +369,7 @@ class Receiver:
 
     @staticmethod
     async def _go_on(request: web.BaseRequest) -> None:
-        """Answer ``Expect: 100-continue`` (curl sends it before bodies over 1 KB): only now,
+        """Answer ``Expect: 100-continue`` (curl sends it before large bodies): only now,
         once the request has passed the checks that need no body, is the client told to send it.
         """
         expect = request.headers.get("Expect")
