@@ -1,5 +1,6 @@
 """Hostile requests at the receiver: values SQLite cannot store, typed dedup keys, junk source
-names, stalled and oversized bodies in flight, bad Content-Encodings, unexpected errors.
+names, stalled and oversized bodies in flight, bad Content-Encodings, malformed HTTP,
+unexpected errors.
 
 Each test serves the real receiver application on a loopback port over a real journal file and
 talks to it over raw sockets where a client library would refuse to send the bytes.
@@ -472,6 +473,38 @@ async def test_an_unexpected_error_is_a_json_503_with_one_log_record(
     assert len(errors) == 1 and errors[0].exc_info is not None, caplog.text
     assert "RuntimeError: clock broke" in caplog.text
     assert "4111-SECRET" not in caplog.text
+
+
+MALFORMED = {
+    "header over 8 KB": b"POST /hooks/z HTTP/1.1\r\nX-Junk: " + b"j" * 9000 + b"\r\n\r\n",
+    "bad method": b"PO(ST /hooks/z HTTP/1.1\r\nX-Junk: jjj\r\n\r\n",
+    "TLS hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03jjj" + bytes(40),
+    "bad Content-Length": b"POST /hooks/z HTTP/1.1\r\nContent-Length: jjj\r\n\r\n",
+    "bad chunk size": b"POST /hooks/z HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\njjj\r\n",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_http_is_a_json_400_logged_in_one_line_without_its_bytes(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    """What aiohttp's parser refuses gets a JSON 400 and a closed connection, one INFO line
+    without the request's bytes (aiohttp's own: a plain-text echo and an ERROR traceback),
+    nothing stored, and the receiver goes on."""
+    intake = await make_intake(CATCH_ALL)
+    caplog.set_level(logging.INFO)
+    conn = await RawConn.open(intake.address)
+    await conn.send(data)
+    message = assert_json_error(await conn.answer(), 400)
+    assert "jjj" not in message
+    assert await conn.closed_by_peer()
+    await conn.close()
+    refusals = [r for r in caplog.records if r.name == "webhookd.http"]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.INFO, caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "jjj" not in caplog.text and "Traceback" not in caplog.text
+    assert (await intake.post(b"/hooks/z", b"{}")).status == 202
+    assert await intake.events() == 1
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ALERT_SOURCE, CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.journal import BaseJournal, NewEvent, NewJob
-from webhookd.json_errors import json_error
+from webhookd.json_errors import JsonErrorServer, json_error
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
@@ -249,13 +249,15 @@ class Receiver:
             src.name for src in config.sources.values() if any(a.when for a in src.actions)
         }
 
-    def server(self, **handler_args: Any) -> web.Server:
+    def server(self, **handler_args: Any) -> JsonErrorServer:
         """aiohttp's low-level server for the webhooks: every request goes straight to
         ``handle``, which finds its source itself. An ``Application`` in front would add its
         router, a request subclass and a handler chain to every webhook, 10–15 µs of the core
         each (a bare handler measured both ways), for routes this receiver does not use.
 
         ``handler_args`` go to aiohttp's per-connection handler (timeouts, header limits).
+        What its HTTP parser refuses (a header over the limit, TLS on the plain port) is a JSON
+        400 too, logged in one line (``JsonErrorServer``).
         """
         # aiohttp calls it with (message, payload, protocol, writer, task); a partial, not a
         # function of ours, saves a Python frame per webhook.
@@ -267,7 +269,7 @@ class Receiver:
         # Bodies are inflated by content_coding, not aiohttp's parser: its errors for a bad
         # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
         # No access log: webhookd logs what it refuses, and a line per webhook costs intake.
-        return web.Server(
+        return JsonErrorServer(
             self.handle,
             request_factory=request,
             auto_decompress=False,
