@@ -21,10 +21,19 @@ import pytest
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
-from webhookd.journal import MIGRATIONS, Ingested, Journal, NewEvent, NewJob
+from webhookd.journal import (
+    MIGRATIONS,
+    Counts,
+    Finished,
+    Ingested,
+    Journal,
+    NewEvent,
+    NewJob,
+    PolledCounts,
+)
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json
 from webhookd.journal.schema import BACKLOG_SQL
-from webhookd.models import Event, Priority, new_event_id, new_job_id, quick_init
+from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init
 
 
 def new_event(
@@ -252,3 +261,75 @@ def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
 
     with pytest.raises(TypeError, match="quick_init"):
         quick_init(Later)
+
+
+async def test_sqlite_lists_a_rare_state_from_its_jobs_not_from_every_event(
+    tmp_path: Path,
+) -> None:
+    """Listing the events with a dead job starts from the dead jobs (``jobs_finished``), not
+    from a walk over every event looking at each one's jobs (a second for 500,000 events, at
+    each of the dashboard's polls). The answers are the same: see the contract suite's
+    test_list_events_by_a_rare_state_is_what_a_walk_over_every_event_finds."""
+    async with Journal(tmp_path / "j.db") as journal:
+        items = [new_event() for _ in range(3)]
+        for item in items:
+            await journal.ingest(item)
+        await journal.claim([items[1].jobs[0].id], "boot")
+        await journal.finish([_finished(items[1].jobs[0].id, JobState.DEAD)])
+        statements: list[str] = []
+        await journal.reader.set_trace_callback(statements.append)
+        assert [e.id for e in await journal.list_events(state="dead")] == [items[1].event.id]
+        await journal.reader.set_trace_callback(None)
+    listing = [s for s in statements if s.startswith("SELECT e.id")]
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {listing[0]}")]
+    assert "SCAN e" not in plan and any("jobs_finished" in step for step in plan), plan
+
+
+def _finished(job_id: str, state: JobState) -> Finished:
+    return Finished(
+        job_id=job_id,
+        attempt=1,
+        state=state,
+        started_at=1_700_000_001.0,
+        finished_at=1_700_000_001.0,
+        outcome=str(state),
+    )
+
+
+class _CostlyCounts(Journal):
+    """A journal whose counts take ``cost_s`` on its clock (a million jobs' count, without
+    writing a million jobs) and which tallies how often it was asked."""
+
+    cost_s = 0.0
+    asked = 0
+
+    async def counts(self) -> Counts:
+        self.asked += 1
+        assert isinstance(self.clock, ManualClock)
+        self.clock.advance(self.cost_s)
+        return await super().counts()
+
+
+async def test_polled_counts_are_fresh_when_cheap_and_reused_for_50_times_their_cost(
+    tmp_path: Path,
+) -> None:
+    """What the dashboard and /metrics poll: a cheap count is made for every caller; one that
+    took 2 s is reused for 100 s, with its age, and callers that wait on it share it."""
+    clock = ManualClock()
+    async with _CostlyCounts(tmp_path / "j.db", clock=clock) as journal:
+        polled = PolledCounts(journal)
+        await journal.ingest(new_event())
+        assert (await polled.get())[0].events == 1
+        await journal.ingest(new_event())
+        assert await polled.get() == (await journal.counts(), 0.0)
+        journal.cost_s, journal.asked = 2.0, 0
+        answers = await asyncio.gather(*(polled.get() for _ in range(3)))
+        assert journal.asked == 1 and [a[1] for a in answers] == [0.0, 0.0, 0.0]
+        await journal.ingest(new_event())
+        clock.advance(97.0)  # 99 s after the count began: still within 100 s of its end
+        counts, age_s = await polled.get()
+        assert (counts.events, age_s, journal.asked) == (2, 97.0, 1)
+        clock.advance(3.0)
+        counts, age_s = await polled.get()
+        assert (counts.events, age_s, journal.asked) == (3, 0.0, 2)

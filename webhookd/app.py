@@ -46,7 +46,7 @@ from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
-from webhookd.journal import BaseJournal, open_journal
+from webhookd.journal import BaseJournal, PolledCounts, open_journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
@@ -171,7 +171,8 @@ class Daemon:
                 alerter = Alerter(cfg.alerts, journal, clock=self.clock)
                 pool.on_finish.append(alerter.observe)
 
-            metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
+            counts = PolledCounts(journal)
+            metrics = Metrics(journal, pool, lanes=lambda: resources.lanes, counts=counts)
             metrics.attach(self.intake.observers, pool.on_finish)
             throughput = Throughput(pool)
             self.intake.observers.append(throughput.observe)
@@ -185,6 +186,7 @@ class Daemon:
                 metrics=metrics.render,
                 lanes=resources.lanes,
                 throughput=throughput,
+                counts=counts,
             )
             # If any of these tasks ends (the writer's watch: when the writer does), the group
             # cancels the rest and the daemon exits non-zero: never half alive.

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL
-from webhookd.journal import BaseJournal, Claimed, Counts, Finished, NodeInfo
+from webhookd.journal import BaseJournal, Claimed, Counts, Finished, NodeInfo, PolledCounts
 from webhookd.workers import WorkerPool
 
 ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -37,9 +37,11 @@ class Metrics:
         journal: BaseJournal,
         pool: WorkerPool,
         lanes: Callable[[], Mapping[str, Any]] = dict,
+        counts: PolledCounts | None = None,
     ) -> None:
         self.journal = journal
         self.pool = pool
+        self.counts = counts or PolledCounts(journal)
         # Series are labelled by configured source only: everything the catch-all took counts
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
         self._sources = frozenset(s.name for s in pool.config.all_sources())
@@ -151,7 +153,7 @@ class Metrics:
 
     async def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; reads the journal's counts first."""
-        self._state.counts = await self.journal.counts()
+        self._state.counts, _ = await self.counts.get()
         self._state.paused = await self.journal.paused_sources()
         self._state.nodes = await self.journal.nodes()
         self._flush()

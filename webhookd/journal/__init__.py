@@ -40,7 +40,7 @@ import aiosqlite
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal.base import BaseJournal
+from webhookd.journal.base import BaseJournal, PolledCounts
 from webhookd.journal.batch import (
     CallOp,
     ClaimOp,
@@ -96,6 +96,7 @@ __all__ = [
     "NewEvent",
     "NewJob",
     "NodeInfo",
+    "PolledCounts",
     "Pruned",
     "Ready",
     "Recovery",

@@ -285,3 +285,40 @@ class BaseJournal(ABC):
     async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None:
         """Open (with a reason) or close (``None``) the lane's circuit on every node."""
         raise JournalError(f"journal {self.location} keeps no shared lanes")
+
+
+class PolledCounts:
+    """``journal.counts()`` for what polls it: ``/stats``, the dashboard (every 2 s), ``/metrics``.
+
+    Counting jobs by source and state reads every job row: ~0.75 s of CPU for a million
+    finished jobs in SQLite, which a dashboard left open would pay every two seconds. A count
+    that took at least ``CACHE_FROM_S`` is reused for ``1 / BUDGET`` times as long as it took,
+    so counting takes at most about 2 % of the time however large the journal grows; a cheaper
+    count (every journal under some ten thousand jobs) is made afresh for every caller. Callers
+    arriving while a costly count runs get its answer. ``get`` says how old its answer is.
+    """
+
+    BUDGET = 0.02
+    CACHE_FROM_S = 0.02
+
+    def __init__(self, journal: BaseJournal) -> None:
+        self.journal = journal
+        self._lock = asyncio.Lock()
+        self._counts: Counts | None = None
+        self._counted_at = 0.0
+        self._fresh_until = 0.0
+
+    async def get(self) -> tuple[Counts, float]:
+        """The counts and their age in seconds (0.0 when counted for this call)."""
+        clock = self.journal.clock
+        async with self._lock:
+            now = clock.monotonic()
+            if self._counts is not None and now < self._fresh_until:
+                return self._counts, now - self._counted_at
+            self._counts = await self.journal.counts()
+            self._counted_at = clock.monotonic()
+            took = self._counted_at - now
+            self._fresh_until = self._counted_at + (
+                took / self.BUDGET if took >= self.CACHE_FROM_S else 0.0
+            )
+            return self._counts, 0.0

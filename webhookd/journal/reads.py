@@ -37,8 +37,10 @@ from webhookd.journal.schema import (
     LANES_SQL,
     READY_COLUMNS,
     STATE_FILTERS,
+    STATE_JOBS,
     event_detail,
     fetch,
+    few_jobs_sql,
 )
 from webhookd.models import JobState, Priority, event_state
 
@@ -229,6 +231,9 @@ class Reads:
             where.append("e.received_at >= ?")
             args.append(since)
         if state is not None:
+            jobs_in = STATE_JOBS.get(state)
+            if jobs_in is not None and (await fetch(self.reader, few_jobs_sql(jobs_in)))[0][0]:
+                where.append(f"e.id IN (SELECT event_id FROM jobs WHERE {jobs_in})")
             where.append(STATE_FILTERS[state])
         sql = (
             "SELECT e.id, e.source, e.received_at, e.tenant, e.priority,"
