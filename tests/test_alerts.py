@@ -5,6 +5,7 @@ target, on a manual clock (no waiting out the interval)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -252,3 +253,40 @@ def test_bad_alerts_config_names_the_key(text: str, key: str, message: str) -> N
     assert caught.value.key == key
     assert message in str(caught.value)
     assert "s3cr3t" not in str(caught.value)
+
+
+async def test_a_poison_pill_found_at_start_is_alerted_and_counted_as_a_dead_letter(
+    tmp_path: Path, target: Target, run_daemon: Callable[..., Any]
+) -> None:
+    """A job interrupted for the third time goes to dead when the daemon starts, without a
+    worker ever seeing it end: it is still a dead job to the alerts and to
+    ``webhookd_dead_letters_total``, and it is never run."""
+    cfg = make_config(
+        tmp_path,
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/shop"
+
+[alerts]
+url = "{target.url}/alerts"
+""",
+    )
+    item = NewEvent(new_event("shop", time.time()), jobs_for(cfg.sources["shop"]))
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        [pill] = item.jobs
+        for boot in ("boot_a", "boot_b", "boot_c"):
+            await journal.claim([pill.id], boot)
+            if boot != "boot_c":  # boot_c is still "running" it when the daemon starts
+                await journal.recover(f"{boot}_next", cfg.workers.max_recoveries)
+
+    running = await run_daemon(cfg)
+    await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
+    [alert] = [json.loads(s.body) for s in target.seen if s.path == "/alerts"]
+    assert (alert["kind"], alert["count"], alert["events"]) == ("dead", 1, [item.event.id])
+    async with running.http.get(running.admin_url + "/metrics") as r:
+        metrics = await r.text()
+    assert f'webhookd_dead_letters_total{{action="{pill.action}",source="shop"}} 1.0' in metrics
+    assert not [s for s in target.seen if s.path == "/shop"]

@@ -29,6 +29,7 @@ from webhookd.journal import (
     Journal,
     NewEvent,
     NewJob,
+    Poisoned,
     Replayed,
     schema,
 )
@@ -360,6 +361,8 @@ async def test_recovery_requeues_a_dead_runners_jobs_then_poison_pills(store: St
         async with store.journal() as survivor:
             recovery = await survivor.recover(f"boot_{run}_next", max_recoveries=3)
         assert (recovery.requeued, recovery.dead) == ((0, 1) if run == 3 else (1, 0))
+    job = item.jobs[0]
+    assert recovery.poisoned == (Poisoned(item.event.source, job.action, item.event.id),)
     async with store.journal() as j:
         job = (await j.get_event(item.event.id)).jobs[0]
     assert job.state == JobState.DEAD and "poison pill" in (job.last_error or "")

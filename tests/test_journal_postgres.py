@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ from test_journal_contract import LEASE_S, START, finished, new_event
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
+from webhookd.journal import Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
@@ -173,6 +175,28 @@ async def test_pg_only_the_leader_recovers_a_silent_nodes_jobs(pg_url: str) -> N
             leads = await leader.recover("boot_l", 3)
         assert (follows.requeued, leads.requeued) == (0, 1)
         assert (await leader.get_event(item.event.id)).jobs[0].state == JobState.QUEUED
+
+
+async def test_pg_the_leaders_lease_loop_hands_its_poison_pills_to_on_poisoned(
+    pg_url: str,
+) -> None:
+    """A silent node's job at its last recovery goes to dead in the leader's lease loop, long
+    after start: the daemon hears of it through ``on_poisoned`` (alerts, dead-letter metric)."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as silent:
+        item = new_event()
+        await silent.ingest(item)
+        await silent.claim([item.jobs[0].id], "boot_silent")
+        clock.advance(LEASE_S + 1)
+        leader = PostgresJournal(
+            pg_url, clock=clock, lease_s=LEASE_S, heartbeat_s=0.01, max_recoveries=1
+        )
+        heard: asyncio.Future[Sequence[Poisoned]] = asyncio.get_running_loop().create_future()
+        leader.on_poisoned = heard.set_result
+        async with leader:
+            pills = await asyncio.wait_for(heard, 10)
+    job = item.jobs[0]
+    assert list(pills) == [Poisoned(item.event.source, job.action, item.event.id)]
 
 
 async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: str) -> None:

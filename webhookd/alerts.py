@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
-from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob
+from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 log = logging.getLogger("webhookd.alerts")
@@ -73,13 +74,20 @@ class Alerter:
 
     def observe(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         """A job finished an attempt: count it if it went dead (and is not an alert's)."""
-        source = claimed.event.source
-        if not self.config.on_dead or finished.state != JobState.DEAD or source == ALERT_SOURCE:
+        if finished.state == JobState.DEAD:
+            self._count_dead(claimed.event.source, claimed.event.id)
+
+    def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
+        """Jobs a recovery sent to dead (at start, or a silent node's): dead like any other."""
+        for pill in pills:
+            self._count_dead(pill.source, pill.event_id)
+
+    def _count_dead(self, source: str, event_id: str) -> None:
+        if not self.config.on_dead or source == ALERT_SOURCE:
             return
         dead = self._dead
         dead.count += 1
         dead.by_source[source] += 1
-        event_id = claimed.event.id
         if event_id not in dead.events:
             if len(dead.events) < EVENTS_CAP:
                 dead.events.append(event_id)

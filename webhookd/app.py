@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +46,7 @@ from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
-from webhookd.journal import BaseJournal, PolledCounts, open_journal
+from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
@@ -174,6 +174,17 @@ class Daemon:
             counts = PolledCounts(journal)
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes, counts=counts)
             metrics.attach(self.intake.observers, pool.on_finish)
+
+            def poisoned(pills: Sequence[Poisoned]) -> None:
+                metrics.observe_poisoned(pills)
+                if alerter is not None:
+                    alerter.observe_poisoned(pills)
+
+            # Poison pills are dead letters to alerts and metrics too: this start's recovery
+            # now, and a silent node's later (the PostgreSQL leader's).
+            journal.on_poisoned = poisoned
+            if recovered.poisoned:
+                poisoned(recovered.poisoned)
             throughput = Throughput(pool)
             self.intake.observers.append(throughput.observe)
             ctx = AdminContext(

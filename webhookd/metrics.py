@@ -11,7 +11,7 @@ enough for the ack path). Gauges that describe the journal, the pool and the lan
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,7 +21,15 @@ from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL
-from webhookd.journal import BaseJournal, Claimed, Counts, Finished, NodeInfo, PolledCounts
+from webhookd.journal import (
+    BaseJournal,
+    Claimed,
+    Counts,
+    Finished,
+    NodeInfo,
+    Poisoned,
+    PolledCounts,
+)
 from webhookd.workers import WorkerPool
 
 ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -131,6 +139,12 @@ class Metrics:
             self.ack._sum.inc(self._ack_pending_sum_s)
             self._ack_pending = [0] * len(self._ack_pending)
             self._ack_pending_sum_s = 0.0
+
+    def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
+        """Jobs a recovery sent to dead: dead letters, though no worker saw them end."""
+        for pill in pills:
+            source = pill.source if pill.source in self._sources else CATCH_ALL
+            self.dead.labels(source, pill.action).inc()
 
     def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         source = claimed.event.source

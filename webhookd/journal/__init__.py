@@ -68,6 +68,7 @@ from webhookd.journal.records import (
     NewEvent,
     NewJob,
     NodeInfo,
+    Poisoned,
     Pruned,
     Ready,
     Recovery,
@@ -96,6 +97,7 @@ __all__ = [
     "NewEvent",
     "NewJob",
     "NodeInfo",
+    "Poisoned",
     "PolledCounts",
     "Pruned",
     "Ready",
@@ -670,11 +672,11 @@ class Journal(Reads, BaseJournal):
         def fn(conn: sqlite3.Connection) -> Recovery:
             rows = fetch_rows(
                 conn,
-                "SELECT id, attempts, recoveries, claimed_at FROM jobs"
+                "SELECT id, attempts, recoveries, claimed_at, source, action, event_id FROM jobs"
                 " WHERE state = 'running' AND (boot_id IS NULL OR boot_id != ?)",
                 (boot_id,),
             )
-            requeue, dead, attempts = [], [], []
+            requeue, dead, attempts, poisoned = [], [], [], []
             for r in rows:
                 started = r["claimed_at"] or now
                 if r["recoveries"] + 1 >= max_recoveries:
@@ -683,6 +685,7 @@ class Journal(Reads, BaseJournal):
                         f"{r['recoveries'] + 1} times"
                     )
                     dead.append((now, reason, now, r["id"]))
+                    poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
                     attempts.append((r["id"], r["attempts"], started, now, "interrupted", reason))
                 else:
                     requeue.append((now, r["id"]))
@@ -711,7 +714,7 @@ class Journal(Reads, BaseJournal):
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 attempts,
             )
-            return Recovery(requeued=len(requeue), dead=len(dead))
+            return Recovery(requeued=len(requeue), poisoned=tuple(poisoned))
 
         return await self._call(fn)  # type: ignore[no-any-return]
 

@@ -29,6 +29,7 @@ from webhookd.journal.records import (
     LaneBacklog,
     NewEvent,
     NodeInfo,
+    Poisoned,
     Pruned,
     Ready,
     Recovery,
@@ -51,7 +52,9 @@ class BaseJournal(ABC):
     the loop when another process or node may have made jobs ready, a hint to look now rather than
     at the next sweep; never called by a journal that cannot tell); ``on_pause_change`` (called on
     the loop when a source may have been paused or resumed anywhere: re-read ``paused_sources``
-    now; likewise never called by a journal that cannot tell).
+    now; likewise never called by a journal that cannot tell); ``on_poisoned`` (called on the
+    loop with the jobs a recovery after start sent to dead, as PostgreSQL's leader does for
+    silent nodes; what ``recover`` returns at start is the caller's to pass on).
     """
 
     clock: Clock
@@ -61,6 +64,7 @@ class BaseJournal(ABC):
     on_commit: Callable[[list[Ready]], None] | None
     on_remote_jobs: Callable[[], None] | None = None
     on_pause_change: Callable[[], None] | None = None
+    on_poisoned: Callable[[Sequence[Poisoned]], None] | None = None
     last_write_error: str | None
     writer_problem: str | None
     commits: int

@@ -192,9 +192,24 @@ def job_dict(j: Job) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class Poisoned:
+    """A job sent to dead by recovery: interrupted by a crash or restart ``max_recoveries``
+    times (a poison pill). Alerts and ``webhookd_dead_letters_total`` count it like any dead
+    job, though no worker saw it end."""
+
+    source: str
+    action: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Recovery:
     requeued: int
-    dead: int
+    poisoned: tuple[Poisoned, ...] = ()
+
+    @property
+    def dead(self) -> int:
+        return len(self.poisoned)
 
 
 @dataclass(frozen=True, slots=True)

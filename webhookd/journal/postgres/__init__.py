@@ -410,7 +410,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.max_recoveries = max_recoveries
         await self.heartbeat()
         if not await self.lead():
-            return Recovery(requeued=0, dead=0)
+            return Recovery(requeued=0)
         return await self.recover_lost()
 
     # -- operator actions --------------------------------------------------------------------

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
@@ -26,7 +26,7 @@ from webhookd.clock import Clock
 from webhookd.errors import JournalUnavailable
 from webhookd.journal.postgres.db import DB_ERRORS
 from webhookd.journal.postgres.writes import write_recovery
-from webhookd.journal.records import Recovery
+from webhookd.journal.records import Poisoned, Recovery
 
 log = logging.getLogger("webhookd.journal")
 
@@ -54,6 +54,7 @@ class PgNodes:
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
     on_pause_change: Callable[[], None] | None
+    on_poisoned: Callable[[Sequence[Poisoned]], None] | None
     _notify_wanted: asyncio.Event
 
     @property
@@ -171,9 +172,7 @@ class PgNodes:
                 # Every node's backpressure reads the whole cluster's backlog, not its own
                 # writes: one index-only count over the queued/running partial indexes.
                 self.backlog_jobs = await self.backlog()
-                recovered = (
-                    await self.recover_lost() if await self.lead() else Recovery(requeued=0, dead=0)
-                )
+                recovered = await self.recover_lost() if await self.lead() else Recovery(requeued=0)
             except JournalUnavailable as exc:
                 self._leader_until = min(self._leader_until, self.clock.time())
                 log.debug("%s", exc)  # the outage itself was logged once, by went_down
@@ -187,6 +186,8 @@ class PgNodes:
                     recovered.dead,
                 )
                 self.backlog_jobs -= recovered.dead
+            if recovered.poisoned and self.on_poisoned is not None:
+                self.on_poisoned(recovered.poisoned)
 
     async def _listen_loop(self) -> None:
         """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""

@@ -12,7 +12,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from webhookd.journal.batch import IngestOp, admit, sort_ingests
-from webhookd.journal.records import Cap, CapClaim, Claimed, Finished, Ingested, Ready, Recovery
+from webhookd.journal.records import (
+    Cap,
+    CapClaim,
+    Claimed,
+    Finished,
+    Ingested,
+    Poisoned,
+    Ready,
+    Recovery,
+)
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
@@ -235,7 +244,8 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
     """Re-queue running jobs whose node has not heartbeat within ``lease_s`` (killed, host
     lost, cut off); the ``max_recoveries``-th recovery of a job sends it to ``dead``."""
     lost = await conn.fetch(
-        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at FROM jobs j"
+        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id"
+        " FROM jobs j"
         " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) < $1::double precision"
         " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = j.node_id"
         " AND n.heartbeat_at >= $1::double precision - $2::double precision)"
@@ -244,8 +254,11 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
         lease_s,
     )
     rows = []
+    poisoned = []
     for r in lost:
         dead = r["recoveries"] + 1 >= max_recoveries
+        if dead:
+            poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
         reason = (
             f"poison pill: interrupted by a crash or restart {r['recoveries'] + 1} times"
             if dead
@@ -255,7 +268,7 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
             (r["id"], "dead" if dead else "queued", reason, r["attempts"], r["claimed_at"] or now)
         )
     if not rows:
-        return Recovery(requeued=0, dead=0)
+        return Recovery(requeued=0)
     ids, states, reasons, attempts, started = _columns(rows, 5)
     await conn.execute(
         "UPDATE jobs j SET state = u.state, recoveries = j.recoveries + 1,"
@@ -281,5 +294,4 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
         now,
         reasons,
     )
-    n_dead = sum(1 for s in states if s == "dead")
-    return Recovery(requeued=len(rows) - n_dead, dead=n_dead)
+    return Recovery(requeued=len(rows) - len(poisoned), poisoned=tuple(poisoned))
