@@ -3,9 +3,10 @@
 The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
 
 * Ingests and outcomes go through one writer task that commits whatever is waiting as one
-  transaction (group commit, ``synchronous_commit = on``): a webhook is acknowledged only after
-  its batch commits. No transaction is ever held across an action: a claim commits before the
-  action starts and its outcome is a transaction of its own.
+  transaction (group commit, ``synchronous_commit`` on, asked for per transaction where the
+  database's default is off): a webhook is acknowledged only after its batch commits. No
+  transaction is ever held across an action: a claim commits before the action starts and its
+  outcome is a transaction of its own.
 * A node is a process with a row in ``nodes`` and a heartbeat every few seconds; that heartbeat
   is the lease on every job it claimed. Any node re-queues the running jobs of a node silent for
   ``lease_s`` (the poison-pill rule counts those recoveries). Each claim gets a fresh token and
@@ -72,7 +73,9 @@ MAX_BATCH = 512
 QUEUE_INDEXES = ("jobs_due", "jobs_lane", "jobs_running", "jobs_order")
 REINDEX_EVERY_S = 6 * 3600.0
 POOL_SIZE = 10
-_SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "webhookd"}
+# Only parameters a pooler passes on: PgBouncer refuses a connection that asks for any other
+# at startup (``synchronous_commit`` among them), so that one is checked instead (``open``).
+_SERVER_SETTINGS = {"application_name": "webhookd"}
 _T = TypeVar("_T")
 
 
@@ -109,6 +112,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.last_write_error: str | None = None
         self.writer_problem: str | None = None
         self._closing = False
+        self._sync_each = False  # see open()
         self.commits = 0
         self.batched_ops = 0
         self.backlog_jobs = 0
@@ -146,6 +150,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
+                durable = await conn.fetchval("SHOW synchronous_commit")
             if self.node:
                 await self.heartbeat()
             self.backlog_jobs = await self.backlog()
@@ -155,6 +160,15 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except BaseException:
             await self._close_pool()
             raise
+        # Where the database's default is off, each write transaction turns it on for itself:
+        # SET LOCAL passes through a pooler and ends with the transaction, at one more round trip
+        # per commit.
+        self._sync_each = durable == "off"
+        if self._sync_each:
+            log.info(
+                "journal %s: synchronous_commit is off by default; each write asks for it",
+                self.location,
+            )
         self._closing = False
         self.writer_problem = None
         self._queue = OpQueue()
@@ -212,6 +226,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                if self._sync_each:
+                    await conn.execute("SET LOCAL synchronous_commit = on")
                 result = await fn(conn)
         except DB_ERRORS as exc:
             self.went_down(exc)
