@@ -9,6 +9,10 @@
 #
 # Uses Debian's `postgresql` package, installed with apt-get when missing and run as root.
 # initdb refuses to run as root, so as root the server runs as the `postgres` user.
+#
+# Beside the server, a PgBouncer in transaction mode (Debian's `pgbouncer`, installed the same
+# way) pools connections to every database on it: WEBHOOKD_TEST_PGBOUNCER_URL is the same
+# server through it, for the tests of the journal behind a pooler.
 set -euo pipefail
 
 find_bin() {
@@ -36,7 +40,7 @@ pg_bin() {
     echo "postgres.sh: installing Debian's postgresql package" >&2
     apt-get update -qq >/dev/null 2>&1 || true
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql \
-      >/dev/null 2>&1 || true
+      pgbouncer >/dev/null 2>&1 || true
   fi
   if bin="$(find_bin)"; then
     echo "$bin"
@@ -53,6 +57,51 @@ as_owner() {
   else
     "$@"
   fi
+}
+
+pgbouncer_bin() {
+  if ! command -v pgbouncer >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+    echo "postgres.sh: installing Debian's pgbouncer package" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer \
+      >/dev/null 2>&1 || true
+  fi
+  command -v pgbouncer
+}
+
+# PgBouncer in transaction mode in front of the server on $2, for every database on it.
+# Prints its export line; prints nothing (and says why) when PgBouncer is not to be had.
+start_pgbouncer() {
+  local dir="$1" pg_port="$2" bin port attempt
+  bin="$(pgbouncer_bin)" || { echo "postgres.sh: no pgbouncer; its tests will say so" >&2; return 0; }
+  echo '"postgres" ""' >"$dir/userlist.txt"
+  for attempt in 1 2 3; do
+    port="$(free_port)"
+    cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$pg_port user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = 10
+max_client_conn = 500
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir/pgbouncer.ini" "$dir/userlist.txt"
+    # PgBouncer will not run as root; -d returns once it listens.
+    if as_owner "$bin" -d -q "$dir/pgbouncer.ini"; then
+      echo "export WEBHOOKD_TEST_PGBOUNCER_URL=postgresql://postgres@127.0.0.1:$port/postgres"
+      return 0
+    fi
+    echo "postgres.sh: pgbouncer on port $port failed (attempt $attempt)" >&2
+  done
+  cat "$dir/pgbouncer.log" >&2 || true
+  return 0
 }
 
 free_port() {
@@ -77,6 +126,7 @@ start() {
       echo "$bin" >"$dir/bin"
       echo "export WEBHOOKD_TEST_PG_URL=postgresql://postgres@127.0.0.1:$port/postgres"
       echo "export WEBHOOKD_TEST_PG_DIR=$dir"
+      start_pgbouncer "$dir" "$port"
       return 0
     fi
     echo "postgres.sh: start on port $port failed (attempt $attempt)" >&2
@@ -90,6 +140,9 @@ stop() {
   local dir="${1:-${WEBHOOKD_TEST_PG_DIR:-}}"
   if [ -z "$dir" ] || [ ! -d "$dir" ]; then
     return 0
+  fi
+  if [ -f "$dir/pgbouncer.pid" ]; then
+    kill -INT "$(cat "$dir/pgbouncer.pid")" 2>/dev/null || true
   fi
   if [ -f "$dir/bin" ] && [ -f "$dir/data/postmaster.pid" ]; then
     as_owner "$(cat "$dir/bin")/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop >/dev/null 2>&1 || true

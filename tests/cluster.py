@@ -24,11 +24,17 @@ JSON = {"Content-Type": "application/json"}
 
 
 def node_config(
-    path: Path, body: str, *, lease_s: float = 5, workers: str = "", server: str = ""
+    path: Path,
+    body: str,
+    *,
+    lease_s: float = 5,
+    workers: str = "",
+    server: str = "",
+    journal: str = "",
 ) -> Path:
     """A node's config: loopback port 0, the journal in PostgreSQL, info logs, plus ``body``
-    (its sources and anything else)."""
-    journal = f'url = "env:WEBHOOKD_JOURNAL_URL"\nlease_s = {lease_s}'
+    (its sources and anything else) and ``journal`` lines."""
+    journal = f'url = "env:WEBHOOKD_JOURNAL_URL"\nlease_s = {lease_s}\n{journal}'
     path.write_text(config_text(journal, body, workers=workers, server=server), encoding="utf-8")
     return path
 
@@ -41,6 +47,7 @@ def pg_config(
     workers: str = "",
     server: str = "",
     action: str = "",
+    journal: str = "",
 ) -> Path:
     """A node's config with one forward action to ``target_url`` for every source, plus
     ``action`` lines for that action."""
@@ -50,7 +57,7 @@ def pg_config(
 type = "forward"
 url = "{target_url}/any"
 {action}"""
-    return node_config(path, body, lease_s=lease_s, workers=workers, server=server)
+    return node_config(path, body, lease_s=lease_s, workers=workers, server=server, journal=journal)
 
 
 def unique_body(**fields: Any) -> str:

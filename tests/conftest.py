@@ -223,6 +223,22 @@ def pg_server_url() -> Iterator[str]:
     yield url
 
 
+PGBOUNCER_URL_VAR = "WEBHOOKD_TEST_PGBOUNCER_URL"
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server_url(pg_server_url: str) -> str:
+    """The test server through PgBouncer in transaction mode (``.ci/postgres.sh`` starts it
+    beside the server when Debian's ``pgbouncer`` can be had; CI installs it)."""
+    url = os.environ.get(PGBOUNCER_URL_VAR)
+    if not url:
+        reason = f"{PGBOUNCER_URL_VAR} is not set: .ci/postgres.sh found no pgbouncer to start"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; the journal behind a pooler must be proven in CI")
+        pytest.skip(reason)
+    return url
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(server_url: str) -> AsyncIterator[str]:
     """A new, empty database on the test server, dropped afterwards; yields its URL."""
@@ -287,6 +303,12 @@ async def db_outage(pg_url: str) -> AsyncIterator[DatabaseOutage]:
             await outage.end()
         finally:
             await admin.close()
+
+
+@pytest.fixture
+def pgbouncer_url(pg_url: str, pgbouncer_server_url: str) -> str:
+    """The test's fresh database, reached through PgBouncer in transaction mode."""
+    return f"{pgbouncer_server_url.rsplit('/', 1)[0]}/{pg_url.rsplit('/', 1)[1]}"
 
 
 @pytest.fixture

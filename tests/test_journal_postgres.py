@@ -199,6 +199,53 @@ async def test_pg_the_leaders_lease_loop_hands_its_poison_pills_to_on_poisoned(
     assert list(pills) == [Poisoned(item.event.source, job.action, item.event.id)]
 
 
+async def test_pg_writes_ask_for_synchronous_commit_where_the_database_turned_it_off(
+    pg_url: str,
+) -> None:
+    """The journal asks for nothing at connection start that a pooler would refuse; where the
+    database's default is ``synchronous_commit = off``, each write transaction turns it on."""
+    database = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    finally:
+        await admin.close()
+    async with node(pg_url, ManualClock(START)) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        assert (await journal.get_event(item.event.id)).event.id == item.event.id
+        assert (await journal.fetch("SHOW synchronous_commit"))[0][0] == "off"
+        assert await journal._write(lambda conn: conn.fetchval("SHOW synchronous_commit")) == "on"
+
+
+async def test_pg_a_journal_behind_pgbouncer_in_transaction_mode(pgbouncer_url: str) -> None:
+    """Through a real PgBouncer in transaction mode (1.18: no prepared statement outlives its
+    transaction, so ``statement_cache_size = 0``): the schema is made, webhooks are journaled
+    and deduplicated from many tasks at once, claimed, finished, replayed and counted."""
+    clock = ManualClock(START)
+    journal = PostgresJournal(
+        pgbouncer_url, clock=clock, lease_s=LEASE_S, heartbeat_s=3600, statement_cache_size=0
+    )
+    async with journal:
+        items = [new_event() for _ in range(40)]
+        first = await asyncio.gather(*(journal.ingest(item) for item in items))
+        resent = [new_event(key=item.event.dedup_key) for item in items[:5]]
+        again = await asyncio.gather(*(journal.ingest(item) for item in resent))
+        assert not any(i.duplicate for i in first) and all(i.duplicate for i in again)
+        ids = [item.jobs[0].id for item in items]
+        claimed = await journal.claim(ids, "boot")
+        assert sorted(c.job.id for c in claimed) == sorted(ids)
+        await journal.finish([finished(i, JobState.DONE, "done") for i in ids])
+        replayed = await journal.replay([items[0].event.id])
+        assert replayed[items[0].event.id].requeued == 1
+        counts = await journal.counts()
+    assert (counts.events, counts.jobs_by_state["done"], counts.jobs_by_state["queued"]) == (
+        40,
+        39,
+        1,
+    )
+
+
 async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: str) -> None:
     """With ``statement_cache_size = 0`` (transaction-mode PgBouncer before 1.21) a webhook is
     journaled, claimed and finished, and no named statement is left on the server."""

@@ -71,6 +71,28 @@ async def test_two_nodes_share_intake_and_work_and_dedup_across_them(
     """Two ``serve`` processes on one database: the same delivery sent to both is one event,
     forwarded once; webhooks spread over both are each delivered exactly once."""
     cfg = pg_config(tmp_path / "webhookd.toml", downstream.url)
+    await two_nodes_deliver_each_webhook_once(procs, cfg, downstream, http)
+
+
+async def test_two_nodes_behind_pgbouncer_in_transaction_mode_deliver_each_webhook_once(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+    pgbouncer_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same two nodes and the CLI through a real PgBouncer in transaction mode: 1.18, so
+    a prepared statement lives only as long as its transaction (``statement_cache_size = 0``),
+    and migrations, claims, leases and the leader's work each fit in one transaction."""
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", pgbouncer_url)
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, journal="statement_cache_size = 0")
+    await two_nodes_deliver_each_webhook_once(procs, cfg, downstream, http)
+
+
+async def two_nodes_deliver_each_webhook_once(
+    procs: Procs, cfg: Path, downstream: Target, http: aiohttp.ClientSession
+) -> None:
     a, b = await serve_nodes(procs, cfg)
     same = json.dumps({"delivery": uuid.uuid4().hex})
     (status_a, doc_a), (status_b, doc_b) = await asyncio.gather(
