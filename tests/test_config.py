@@ -388,10 +388,17 @@ def test_journal_url_opens_postgresql_from_the_environment(monkeypatch: pytest.M
         ('path = "x.db"\nurl = "postgresql://db/wh"', "journal.url", "journal.path"),
         ('url = "mysql://db/wh"', "journal.url", "postgresql://"),
         ("lease_s = 0", "journal.lease_s", "greater than 0"),
+        ('listen_url = "postgresql://db/wh"', "journal.listen_url", "needs journal.url"),
+        (
+            'url = "postgresql://pool/wh"\nlisten_url = "db:5432"',
+            "journal.listen_url",
+            "postgresql://",
+        ),
     ],
 )
 def test_bad_journal_backend_keys_name_the_key(journal: str, key: str, message: str) -> None:
-    """``path`` with ``url``, a URL that is not PostgreSQL, a zero lease: errors naming the key."""
+    """``path`` with ``url``, a URL that is not PostgreSQL, a zero lease, a LISTEN URL without a
+    journal URL or not PostgreSQL's: errors naming the key."""
     with pytest.raises(ConfigError, match=message) as info:
         loads(f"[journal]\n{journal}")
     assert info.value.key == key

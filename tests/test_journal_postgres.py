@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import pytest
@@ -378,6 +379,31 @@ async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> 
         await a.ingest(new_event())
         await asyncio.wait_for(woken[b].wait(), 10)
         assert not woken[a].is_set()
+
+
+async def test_pg_listen_url_hears_what_a_pooler_loses(pg_url: str, pgbouncer_url: str) -> None:
+    """Two nodes whose journal goes through PgBouncer in transaction mode, where a LISTEN hears
+    nothing: with ``listen_url`` pointing straight at the server, the idle node is woken by
+    the other's commit at once, as without a pooler."""
+    clock = ManualClock(START)
+
+    def pooled(**kw: Any) -> PostgresJournal:
+        return PostgresJournal(
+            pgbouncer_url,
+            clock=clock,
+            lease_s=LEASE_S,
+            heartbeat_s=3600,
+            statement_cache_size=0,
+            **kw,
+        )
+
+    async with pooled() as a, pooled(listen_url=pg_url) as b:
+        woken = asyncio.Event()
+        b.on_remote_jobs = woken.set
+        await asyncio.wait_for(b.listening.wait(), 10)
+        woken.clear()  # the look-now of connecting
+        await a.ingest(new_event())
+        await asyncio.wait_for(woken.wait(), 10)
 
 
 async def test_pg_a_pause_or_resume_anywhere_tells_every_listening_node(pg_url: str) -> None:

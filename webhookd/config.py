@@ -225,6 +225,8 @@ class JournalConfig:
     lease_s: float = setting(30.0, positive=True)
     # asyncpg's prepared-statement cache per connection; 0 for PgBouncer < 1.21 (transaction mode).
     statement_cache_size: int = setting(100, minimum=0)
+    # A direct URL for LISTEN alone, where ``url`` goes through a pooler in transaction mode.
+    listen_url: Secret | None = None
     keep_done_h: float = setting(24.0, minimum=0)
     keep_dead_d: float = setting(14.0, minimum=0)
     keep_dedup_d: float = setting(7.0, minimum=0)
@@ -842,11 +844,14 @@ def parse(
     if j.has("path") and j.has("url"):
         raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
     journal = j.read(JournalConfig())
-    if journal.url is not None and not journal.url.missing:
-        check_journal_url(journal.url, j.path("url"))
     j.finish()
     if journal.url is not None and not journal.url.missing:
         check_journal_url(journal.url, j.path("url"))
+    if journal.listen_url is not None:
+        if journal.url is None:
+            raise ConfigError(j.path("listen_url"), "needs journal.url (it is for PostgreSQL)")
+        if not journal.listen_url.missing:
+            check_journal_url(journal.listen_url, j.path("listen_url"))
 
     w = root.table("workers")
     wt = w.table("weights")

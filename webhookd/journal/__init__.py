@@ -927,5 +927,14 @@ def open_journal(
             max_recoveries=max_recoveries,
             statement_cache_size=cfg.statement_cache_size,
             node=node,
+            # Only a node listens: the CLI needs no listen_url, nor its env: variable.
+            listen_url=_listen_url(cfg) if node else None,
         )
     return Journal(cfg.path, clock=clock)
+
+
+def _listen_url(cfg: JournalConfig) -> str | None:
+    if cfg.listen_url is None:
+        return None
+    check_journal_url(cfg.listen_url, "journal.listen_url")
+    return cfg.listen_url.reveal()

@@ -92,8 +92,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         heartbeat_s: float | None = None,
         statement_cache_size: int = 100,
         node: bool = True,
+        listen_url: str | None = None,
     ) -> None:
         self.url = url
+        # LISTEN needs a session of its own: behind a pooler in transaction mode notifications
+        # never arrive, so a direct URL for it alone may be given.
+        self.listen_url = listen_url or url
         # A daemon is a node; the CLI is not: it neither heartbeats nor shows in ``nodes()``,
         # takes no lead and listens to nothing.
         self.node = node

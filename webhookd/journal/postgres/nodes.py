@@ -42,6 +42,8 @@ class PgNodes:
     """The node half of ``PostgresJournal`` (a mixin: the journal supplies the pool and writes)."""
 
     url: str
+    listen_url: str
+    statement_cache_size: int
     clock: Clock
     node_id: str
     lease_s: float
@@ -195,8 +197,9 @@ class PgNodes:
         while True:
             try:
                 conn = await asyncpg.connect(
-                    self.url,
+                    self.listen_url,
                     timeout=10,
+                    statement_cache_size=self.statement_cache_size,
                     server_settings={"application_name": "webhookd-listen"},
                 )
             except DB_ERRORS as exc:
