@@ -54,15 +54,11 @@ class Rig:
 MakeRig = Callable[[str], Awaitable[Rig]]
 
 
-@pytest.fixture
-async def make_rig(tmp_path: Path, target: Target) -> AsyncIterator[MakeRig]:
-    async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-
-        async def start(alerts: str) -> Rig:
-            cfg = make_config(
-                tmp_path,
-                f"""
+def shop_config(tmp_path: Path, target: Target, alerts: str = "") -> Config:
+    """One source forwarding to ``target``'s /shop, alerts to its /alerts, plus ``alerts``."""
+    return make_config(
+        tmp_path,
+        f"""
 [sources.shop]
 [[sources.shop.actions]]
 type = "forward"
@@ -72,7 +68,16 @@ url = "{target.url}/shop"
 url = "{target.url}/alerts"
 {alerts}
 """,
-            )
+    )
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path, target: Target) -> AsyncIterator[MakeRig]:
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def start(alerts: str) -> Rig:
+            cfg = shop_config(tmp_path, target, alerts)
             clock = ManualClock()
             journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
             actions = action_registry.build(Resources(config=cfg, http=http))
@@ -261,18 +266,7 @@ async def test_a_poison_pill_found_at_start_is_alerted_and_counted_as_a_dead_let
     """A job interrupted for the third time goes to dead when the daemon starts, without a
     worker ever seeing it end: it is still a dead job to the alerts and to
     ``webhookd_dead_letters_total``, and it is never run."""
-    cfg = make_config(
-        tmp_path,
-        f"""
-[sources.shop]
-[[sources.shop.actions]]
-type = "forward"
-url = "{target.url}/shop"
-
-[alerts]
-url = "{target.url}/alerts"
-""",
-    )
+    cfg = shop_config(tmp_path, target)
     item = NewEvent(new_event("shop", time.time()), jobs_for(cfg.sources["shop"]))
     async with Journal(cfg.journal.path) as journal:
         await journal.ingest(item)
