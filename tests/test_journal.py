@@ -27,6 +27,7 @@ from webhookd.journal import (
     Finished,
     Ingested,
     Journal,
+    LaneBacklog,
     NewEvent,
     NewJob,
     PolledCounts,
@@ -310,13 +311,19 @@ class _CostlyCounts(Journal):
         self.clock.advance(self.cost_s)
         return await super().counts()
 
+    async def lane_backlog(self) -> list[LaneBacklog]:
+        self.asked += 1
+        assert isinstance(self.clock, ManualClock)
+        self.clock.advance(self.cost_s)
+        return await super().lane_backlog()
+
 
 async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_one(
     tmp_path: Path,
 ) -> None:
-    """What the dashboard and /metrics poll: a small journal is counted for every caller,
-    however long that took; a large one's count that took 2 s is reused for 100 s, with its
-    age, and callers that wait on it share it."""
+    """What the dashboard and /metrics poll (the counts, the queued jobs per lane): a small
+    journal is counted for every caller, however long that took; a large one's count that
+    took 2 s is reused for 100 s, with its age, and callers that wait on it share it."""
     clock = ManualClock()
     async with _CostlyCounts(tmp_path / "j.db", clock=clock) as journal:
         journal.cost_s = 2.0
@@ -337,3 +344,12 @@ async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_
         clock.advance(3.0)
         counts, age_s = await polled.get()
         assert (counts.events, age_s, journal.asked) == (3, 0.0, 2)
+        # The lanes' queued jobs likewise: three rows, under 4, so every call reads them...
+        assert [b.queued for b in (await polled.lane_backlog())[0]] == [3]
+        assert (await polled.lane_backlog())[1] == 0.0 and journal.asked == 4
+        # ...until there are four, whose read is then reused.
+        await journal.ingest(new_event())
+        lanes, _ = await polled.lane_backlog()
+        await journal.ingest(new_event())
+        clock.advance(50.0)
+        assert await polled.lane_backlog() == (lanes, 50.0) and journal.asked == 5

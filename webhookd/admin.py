@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
@@ -22,7 +22,14 @@ from aiohttp import web
 
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import EVENT_STATES, BaseJournal, Counts, EventSummary, PolledCounts
+from webhookd.journal import (
+    EVENT_STATES,
+    BaseJournal,
+    Counts,
+    EventSummary,
+    LaneBacklog,
+    PolledCounts,
+)
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
@@ -283,6 +290,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     """The ``/stats`` document (also what ``webhookd stats`` prints when the daemon runs)."""
     assert ctx.counts is not None  # set by __post_init__
     counts, counts_age_s = await ctx.counts.get()
+    backlog, backlog_age_s = await ctx.counts.lane_backlog()
     pool = ctx.pool.statistics()
     now = ctx.pool.clock.time()
     oldest = counts.oldest_queued_at
@@ -295,9 +303,9 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "events": counts.events,
         "backlog": ctx.journal.backlog_jobs,
         "oldest_queued_age_s": round(now - oldest, 3) if oldest is not None else None,
-        # How old "jobs", "sources", "events" and the oldest queued job are: 0 on a small
-        # journal, up to 50 times a count's cost on a large one (see PolledCounts).
-        "counts_age_s": round(counts_age_s, 3),
+        # How old "jobs", "sources", "events", the oldest queued job and the scheduler's
+        # "queued" are: 0 on a small journal, up to 50 times a count's cost on a large one.
+        "counts_age_s": round(max(counts_age_s, backlog_age_s), 3),
         "workers": {
             "concurrency": pool.concurrency,
             "busy": pool.busy,
@@ -306,7 +314,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
             "started": pool.started,
             "outcomes": dict(pool.outcomes),
         },
-        "scheduler": await _scheduler_stats(ctx, now),
+        "scheduler": _scheduler_stats(ctx, backlog, now),
         "intake": {"verify_failures": ctx.intake.verify_failures},
         "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
         "paused": sorted(await ctx.journal.paused_sources()),
@@ -348,10 +356,12 @@ def _dashboard_html() -> str:
 _MAX_TENANTS_SHOWN = 50  # per class, the biggest lanes first
 
 
-async def _scheduler_stats(ctx: AdminContext, now: float) -> list[dict[str, Any]]:
+def _scheduler_stats(
+    ctx: AdminContext, lane_backlog: Sequence[LaneBacklog], now: float
+) -> list[dict[str, Any]]:
     """Per priority class, and per tenant within it: queued (the journal), running and in the
     window (this process), and the age of the oldest queued event."""
-    backlog = {b.lane: b for b in await ctx.journal.lane_backlog()}
+    backlog = {b.lane: b for b in lane_backlog}
     running = ctx.pool.running_by_lane()
     window = ctx.pool.scheduler.lanes()
     lanes = sorted(
