@@ -30,6 +30,7 @@ from webhookd import config as config_mod
 from webhookd.app import Daemon
 from webhookd.journal import Journal, NewJob
 from webhookd.models import Event, Priority, new_event_id, new_job_id
+from webhookd.receiver import Receiver
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -199,6 +200,20 @@ path = "{tmp_path / "webhookd.db"}"
 async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
     async with Journal(tmp_path / "journal.db") as j:
         yield j
+
+
+@contextlib.asynccontextmanager
+async def serving(receiver: Receiver) -> AsyncIterator[str]:
+    """``receiver`` on a loopback port of its own, as ``webhookd serve`` runs it; yields its
+    ``host:port``."""
+    runner = web.ServerRunner(receiver.server())
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        yield f"{host}:{port}"
+    finally:
+        await runner.cleanup()
 
 
 PG_URL_VAR = "WEBHOOKD_TEST_PG_URL"

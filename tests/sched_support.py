@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import jobs_for, new_event
+from conftest import jobs_for, new_event, serving
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
@@ -205,15 +205,11 @@ async def harness(
 async def intake(h: Harness) -> AsyncIterator[aiohttp.ClientSession]:
     """The real receiver on loopback in front of the harness's journal; a client for it."""
     receiver = Receiver(h.config, h.journal, IntakeState(), clock=h.clock)
-    runner = web.ServerRunner(receiver.server())
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        async with aiohttp.ClientSession(base_url=f"http://{host}:{port}") as http:
-            yield http
-    finally:
-        await runner.cleanup()
+    async with (
+        serving(receiver) as address,
+        aiohttp.ClientSession(base_url=f"http://{address}") as http,
+    ):
+        yield http
 
 
 def positions(events: Sequence[Event], predicate: Callable[[Event], bool]) -> list[int]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from click.testing import CliRunner
+from conftest import serving
 from test_config import REFERENCE_ENV
 
 from webhookd import actions, config, send
@@ -103,17 +103,13 @@ async def test_deploy_example_gives_a_job_to_pushes_to_main_only(tmp_path: Path)
     async with contextlib.AsyncExitStack() as stack:
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
+        address = await stack.enter_async_context(serving(Receiver(cfg, journal, IntakeState())))
 
         async def deliver(doc: object) -> tuple[str, list[str], list[str]]:
             body = json.dumps(doc).encode()
             request = send.build(
                 src,
-                url=f"http://{host}:{port}{src.path}",
+                url=f"http://{address}{src.path}",
                 body=body,
                 now=time.time(),
                 delivery_id=new_event_id(),

@@ -22,8 +22,7 @@ from typing import Any
 from urllib.parse import quote_from_bytes
 
 import pytest
-from aiohttp import web
-from conftest import make_config
+from conftest import make_config, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawhttp import RawAnswer, RawConn, post
@@ -69,12 +68,8 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
             cfg = make_config(tmp_path, extra, server=server)
             journal = await stack.enter_async_context(Journal(cfg.journal.path))
             receiver = Receiver(cfg, journal, IntakeState(), clock=clock)
-            runner = web.ServerRunner(receiver.server())
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            host, port = runner.addresses[0][:2]
-            return Intake(f"{host}:{port}", cfg.journal.path, journal)
+            address = await stack.enter_async_context(serving(receiver))
+            return Intake(address, cfg.journal.path, journal)
 
         yield start
 

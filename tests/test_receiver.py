@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import make_config
+from conftest import make_config, serving
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
 from webhookd.journal import Journal
@@ -91,13 +91,8 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
                         return response
 
                 receiver = Watched(cfg, journal, state, clock=clock)
-            runner = web.ServerRunner(receiver.server())
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            return Intake(f"http://{host}:{port}", cfg.journal.path, journal, state, http)
+            address = await stack.enter_async_context(serving(receiver))
+            return Intake(f"http://{address}", cfg.journal.path, journal, state, http)
 
         yield start
 

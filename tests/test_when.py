@@ -16,8 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import Target, make_config
+from conftest import Target, make_config, serving
 from procs import Procs, get_json, settled_event, write_config
 
 from webhookd import actions
@@ -133,15 +132,11 @@ async def intake(tmp_path: Path) -> AsyncIterator[tuple[Post, Journal]]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
-        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
+        address = await stack.enter_async_context(serving(Receiver(cfg, journal, IntakeState())))
 
         async def post(path: str, body: Any, **headers: str) -> tuple[int, EventDetail]:
             data = json.dumps(body) if isinstance(body, dict) else body
-            url = f"http://{host}:{port}{path}"
+            url = f"http://{address}{path}"
             async with http.post(url, data=data, headers=headers) as r:
                 doc = await r.json()
                 return r.status, await journal.get_event(doc["id"])
@@ -239,12 +234,8 @@ async def test_a_source_without_when_lists_nothing_filtered(tmp_path: Path) -> N
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         journal = await stack.enter_async_context(Journal(cfg.journal.path))
-        runner = web.ServerRunner(Receiver(cfg, journal, IntakeState()).server())
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        async with http.post(f"http://{host}:{port}/hooks/s", data=b"{}") as r:
+        address = await stack.enter_async_context(serving(Receiver(cfg, journal, IntakeState())))
+        async with http.post(f"http://{address}/hooks/s", data=b"{}") as r:
             event_id = (await r.json())["id"]
         detail = await journal.get_event(event_id)
     assert job_actions(detail) == ["log"] and detail.as_dict()["filtered"] == []
