@@ -22,7 +22,7 @@ from test_journal_contract import LEASE_S, START, finished, new_event
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Poisoned
-from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, redact_url
+from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.models import JobState
@@ -381,10 +381,17 @@ async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> 
         assert not woken[a].is_set()
 
 
-async def test_pg_listen_url_hears_what_a_pooler_loses(pg_url: str, pgbouncer_url: str) -> None:
+async def test_pg_listen_url_hears_what_a_pooler_loses(
+    pg_url: str,
+    pgbouncer_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Two nodes whose journal goes through PgBouncer in transaction mode, where a LISTEN hears
-    nothing: with ``listen_url`` pointing straight at the server, the idle node is woken by
-    the other's commit at once, as without a pooler."""
+    nothing: the one listening through the pooler finds out from its own probe and says so
+    once, naming ``journal.listen_url``; the one with ``listen_url`` pointing straight at the
+    server hears its probe and is woken by the other's commit at once, as without a pooler."""
+    monkeypatch.setattr(nodes, "PROBE_S", 0.5)
     clock = ManualClock(START)
 
     def pooled(**kw: Any) -> PostgresJournal:
@@ -400,10 +407,18 @@ async def test_pg_listen_url_hears_what_a_pooler_loses(pg_url: str, pgbouncer_ur
     async with pooled() as a, pooled(listen_url=pg_url) as b:
         woken = asyncio.Event()
         b.on_remote_jobs = woken.set
-        await asyncio.wait_for(b.listening.wait(), 10)
+        await asyncio.wait_for(b.heard_itself.wait(), 10)
         woken.clear()  # the look-now of connecting
         await a.ingest(new_event())
         await asyncio.wait_for(woken.wait(), 10)
+
+        async def deaf() -> bool:
+            return a.listener_deaf
+
+        await poll(deaf, timeout_s=10)
+    assert not b.listener_deaf and not a.heard_itself.is_set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "hears nothing" in w and "journal.listen_url" in w], warnings
 
 
 async def test_pg_a_pause_or_resume_anywhere_tells_every_listening_node(pg_url: str) -> None:

@@ -128,6 +128,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_wanted = asyncio.Event()
         self.listening = asyncio.Event()  # set while the listener is connected (for tests)
+        self.heard_itself = asyncio.Event()  # the listener heard its own probe (for tests)
+        self.listener_deaf = False  # its own probe never came back (see _probe_listener)
         # The token of each claim this process holds: its outcome is written only under it.
         self._tokens: dict[str, str] = {}
         # Claims holding a cap: their outcome frees a slot other nodes may be waiting for.

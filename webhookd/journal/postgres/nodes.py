@@ -24,7 +24,7 @@ import asyncpg
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalUnavailable
-from webhookd.journal.postgres.db import DB_ERRORS
+from webhookd.journal.postgres.db import DB_ERRORS, redact_url
 from webhookd.journal.postgres.writes import write_recovery
 from webhookd.journal.records import Poisoned, Recovery
 
@@ -33,6 +33,8 @@ log = logging.getLogger("webhookd.journal")
 CHANNEL = "webhookd_jobs"
 PAUSE_CHANNEL = "webhookd_paused"  # a source was paused or resumed (payload: its name)
 NOTIFY_EVERY_S = 0.1
+# How long a new listener waits to hear its own probe before saying that it hears nothing.
+PROBE_S = 5.0
 LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
 RECONNECT_MAX_S = 5.0
 _T = TypeVar("_T")
@@ -58,6 +60,8 @@ class PgNodes:
     on_pause_change: Callable[[], None] | None
     on_poisoned: Callable[[Sequence[Poisoned]], None] | None
     _notify_wanted: asyncio.Event
+    heard_itself: asyncio.Event
+    listener_deaf: bool
 
     @property
     def pool(self) -> Any:
@@ -228,6 +232,7 @@ class PgNodes:
             self.on_remote_jobs()
         if self.on_pause_change is not None:
             self.on_pause_change()
+        await self._probe_listener()
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
@@ -235,7 +240,48 @@ class PgNodes:
             # A cut network may never close the socket: prove the connection still answers.
             await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_S)
 
+    async def _probe_listener(self) -> None:
+        """Notify this node's own probe as another node would and wait to hear it: a pooler in
+        transaction mode passes a LISTEN on and then drops what it should hear, silently, so
+        say so once (with what to do about it) rather than leave the wake-ups quietly gone.
+
+        The probe goes over a connection of its own, not the pool: the journal's close cancels
+        this task, and a pooled connection cancelled mid-statement could be handed on unsettled.
+        """
+        if self.listener_deaf:
+            return
+        self.heard_itself.clear()
+        try:
+            conn = await asyncpg.connect(
+                self.url,
+                timeout=10,
+                statement_cache_size=0,
+                server_settings={"application_name": "webhookd-probe"},
+            )
+            try:
+                await conn.execute(f"NOTIFY {CHANNEL}, 'probe:{self.node_id}'")
+            finally:
+                with contextlib.suppress(*DB_ERRORS):
+                    await asyncio.wait_for(conn.close(), 5)
+        except DB_ERRORS as exc:
+            log.debug("journal listener probe failed: %s", exc)  # an outage: it comes back
+            return
+        try:
+            await asyncio.wait_for(self.heard_itself.wait(), PROBE_S)
+        except TimeoutError:
+            self.listener_deaf = True
+            log.warning(
+                "journal: LISTEN on %s hears nothing (a pooler in transaction mode?), so nodes"
+                " find each other's new jobs only at their next sweep; give journal.listen_url,"
+                " a URL straight to PostgreSQL",
+                redact_url(self.listen_url),
+            )
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
+        if sender.startswith("probe:"):  # a node checking that it hears: not a wake-up
+            if sender == f"probe:{self.node_id}":
+                self.heard_itself.set()
+            return
         if sender != self.node_id and self.on_remote_jobs is not None:
             self.on_remote_jobs()
 
