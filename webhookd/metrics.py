@@ -140,15 +140,18 @@ class Metrics:
             self._ack_pending = [0] * len(self._ack_pending)
             self._ack_pending_sum_s = 0.0
 
+    def _label(self, source: str) -> str:
+        """A source's metrics label: its name if configured, else the catch-all's ``*``."""
+        return source if source in self._sources else CATCH_ALL
+
     def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
         """Jobs a recovery sent to dead: dead letters, though no worker saw them end."""
         for pill in pills:
-            source = pill.source if pill.source in self._sources else CATCH_ALL
-            self.dead.labels(source, pill.action).inc()
+            self.dead.labels(self._label(pill.source), pill.action).inc()
 
     def observe_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         source = claimed.event.source
-        labels = (source if source in self._sources else CATCH_ALL, claimed.job.action)
+        labels = (self._label(source), claimed.job.action)
         # As on the ack path, the children are kept: labels() costs more than the counting.
         key = (*labels, finished.outcome)
         children = self._finish_children.get(key)

@@ -200,11 +200,8 @@ class PgNodes:
         delay_s = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(
-                    self.listen_url,
-                    timeout=10,
-                    statement_cache_size=self.statement_cache_size,
-                    server_settings={"application_name": "webhookd-listen"},
+                conn = await _connect_alone(
+                    self.listen_url, "webhookd-listen", self.statement_cache_size
                 )
             except DB_ERRORS as exc:
                 log.debug("journal listener cannot connect: %s", exc)
@@ -252,12 +249,7 @@ class PgNodes:
             return
         self.heard_itself.clear()
         try:
-            conn = await asyncpg.connect(
-                self.url,
-                timeout=10,
-                statement_cache_size=0,
-                server_settings={"application_name": "webhookd-probe"},
-            )
+            conn = await _connect_alone(self.url, "webhookd-probe", 0)
             try:
                 await conn.execute(f"NOTIFY {CHANNEL}, 'probe:{self.node_id}'")
             finally:
@@ -299,3 +291,13 @@ class PgNodes:
             except DB_ERRORS as exc:
                 log.debug("journal notify failed: %s", exc)  # a hint; the sweep finds the jobs
             await asyncio.sleep(NOTIFY_EVERY_S)
+
+
+async def _connect_alone(url: str, name: str, statement_cache_size: int) -> Any:
+    """A connection of its own, outside the pool, named ``name`` in ``pg_stat_activity``."""
+    return await asyncpg.connect(
+        url,
+        timeout=10,
+        statement_cache_size=statement_cache_size,
+        server_settings={"application_name": name},
+    )
