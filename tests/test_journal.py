@@ -32,7 +32,7 @@ from webhookd.journal import (
     NewJob,
     PolledCounts,
 )
-from webhookd.journal.batch import IngestOp, OpQueue, headers_json
+from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
 from webhookd.journal.schema import BACKLOG_SQL
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init
 
@@ -225,6 +225,25 @@ def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:
     assert headers_json(tricky) == reference
     assert json.loads(headers_json(tricky)) == [list(pair) for pair in tricky]
     assert headers_json((("X-Num", 1),)) == '[["X-Num",1]]'  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 45, 63, 64, 65, 130])
+def test_insert_rows_writes_what_executemany_writes(count: int) -> None:
+    """Many rows per statement, in chunks of 64 down to 1, land as executemany lands them:
+    the same rows in the same order, and the count of those an OR IGNORE let in."""
+    sql = "INSERT OR IGNORE INTO t(k, v, n) VALUES (?, ?, 'x' || ?)"
+    conns = [sqlite3.connect(":memory:") for _ in range(2)]
+    for conn in conns:
+        conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v BLOB, n TEXT)")
+        conn.execute("INSERT INTO t VALUES ('k3', NULL, 'old')")
+    # Keys repeat (k0 … k39, and k3 is already in): only the first of each goes in.
+    rows = [(f"k{i % 40}", bytes([i % 256]), i) for i in range(count)]
+    by_rows, by_many = conns
+    inserted = insert_rows(by_rows, sql, rows)
+    expected = by_many.executemany(sql, rows).rowcount
+    assert inserted == expected == len({k for k, _, _ in rows} - {"k3"})
+    read = "SELECT rowid, k, v, n FROM t ORDER BY rowid"
+    assert by_rows.execute(read).fetchall() == by_many.execute(read).fetchall()
 
 
 def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:

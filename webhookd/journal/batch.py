@@ -6,6 +6,7 @@ Runs on the writer's thread, inside the transaction the journal opened; nothing 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 from collections import Counter
@@ -235,6 +236,37 @@ def sort_ingests(
     return results, event_rows, job_rows, orphans
 
 
+# Rows per INSERT statement at most; ``insert_rows`` takes 64, 32, … 1 at a time, so a table
+# has at most seven statements to cache, each binding at most 64 × 11 values: under the 999
+# that older SQLite builds allow.
+_ROWS_PER_INSERT = 64
+_INSERTS: dict[tuple[str, int], str] = {}
+
+
+def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    """What ``conn.executemany(sql, rows)`` does for an ``INSERT … VALUES (…)``, with many rows
+    per statement; returns how many rows went in.
+
+    ``executemany`` steps its statement once per row, and the sqlite3 module hands the GIL
+    over and takes it back around every step. Measured in-process on one core (ingests in
+    groups of ~45, 10 alternated runs): ~5 µs less CPU per webhook.
+    """
+    inserted = 0
+    done = 0
+    while done < len(rows):
+        n = _ROWS_PER_INSERT
+        while n > len(rows) - done:
+            n //= 2
+        many = _INSERTS.get((sql, n))
+        if many is None:
+            head, _, one = sql.rpartition(" VALUES ")
+            many = _INSERTS[(sql, n)] = f"{head} VALUES {', '.join([one] * n)}"
+        args = list(itertools.chain.from_iterable(rows[done : done + n]))
+        inserted += conn.execute(many, args).rowcount
+        done += n
+    return inserted
+
+
 def write_ingests(
     conn: sqlite3.Connection, ops: list[IngestOp], now: float
 ) -> list[tuple[Ingested, list[Ready]]]:
@@ -244,9 +276,9 @@ def write_ingests(
         keys.append((e.dedup_key, e.id, now))
         if op.item.body_key is not None:
             keys.append((op.item.body_key, e.id, now))
-    inserted = conn.executemany(
-        "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
-    ).rowcount
+    inserted = insert_rows(
+        conn, "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
+    )
     owners: dict[str, str] = {}
     # Every key went in (the usual case): each event owns its own keys, nothing to read back.
     unique_keys = [] if inserted == len(keys) else list(dict.fromkeys(k[0] for k in keys))
@@ -259,13 +291,15 @@ def write_ingests(
     if orphans:
         conn.executemany("DELETE FROM dedup WHERE key = ? AND event_id = ?", orphans)
     if event_rows:
-        conn.executemany(
+        insert_rows(
+            conn,
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
             " body, verified, filtered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             event_rows,
         )
     if job_rows:
-        conn.executemany(
+        insert_rows(
+            conn,
             "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
             " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
             job_rows,
@@ -387,7 +421,8 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> Non
         updates,
     )
     if attempts:
-        conn.executemany(
+        insert_rows(
+            conn,
             "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             attempts,
