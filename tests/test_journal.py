@@ -306,6 +306,23 @@ async def test_sqlite_lists_a_rare_state_from_its_jobs_not_from_every_event(
     assert "SCAN e" not in plan and any("jobs_finished" in step for step in plan), plan
 
 
+async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path: Path) -> None:
+    """Retention looks for expired events from the oldest by receive time (``events_received``),
+    so a round visits only events older than ``keep_done``: walking every event by ``seq``
+    read the whole file at each round once retention had caught up (250 ms at 300,000
+    events). The contract suite checks what prune deletes."""
+    async with Journal(tmp_path / "j.db") as journal:
+        await journal.ingest(new_event())
+        statements: list[str] = []
+        await journal.reader.set_trace_callback(statements.append)
+        assert (await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=0)).events == 0
+        await journal.reader.set_trace_callback(None)
+    candidates = [s for s in statements if s.startswith("SELECT e.id FROM events")]
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {candidates[0]}")]
+    assert "SCAN e" not in plan and any("events_received (received_at<?)" in p for p in plan), plan
+
+
 def _finished(job_id: str, state: JobState) -> Finished:
     return Finished(
         job_id=job_id,

@@ -7,10 +7,11 @@ by several nodes has.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,7 @@ from webhookd.journal import Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
+from webhookd.journal.postgres.writes import PRUNE_SQL
 from webhookd.models import JobState
 
 
@@ -281,6 +283,41 @@ async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url
             await conn.close()
         assert await journal.backlog() == 1
     assert '"Seq Scan"' not in plan and '"Index Only Scan"' in plan
+
+
+async def test_pg_prune_looks_up_each_old_events_jobs_instead_of_hashing_every_job(
+    pg_url: str,
+) -> None:
+    """Retention's candidates: the jobs of each event older than ``keep_done`` are looked up
+    one event at a time (a subplan), never joined against every recent job (a hash of all the
+    jobs finished within ``keep_done_h``, rebuilt at every round). The contract suite checks
+    what prune deletes."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        await journal.ingest(new_event())
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
+                " max_attempts, finished_at) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward',"
+                " 'done', 1, 0, 3, $1::double precision FROM generate_series(1, 20000) g",
+                START,
+            )
+            await conn.execute("VACUUM ANALYZE jobs")
+            async with conn.transaction():
+                plan = await conn.fetchval(
+                    f"EXPLAIN (FORMAT JSON) {PRUNE_SQL}", START - 10.0, START - 100.0, 500
+                )
+        finally:
+            await conn.close()
+    nodes_ = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
+    assert not [n for n in nodes_ if "Join Type" in n], plan
+    assert [n for n in nodes_ if n.get("Index Cond") == "(event_id = e.id)"], plan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
 
 
 async def test_pg_maintenance_rebuilds_the_queue_indexes_once_per_period_across_nodes(

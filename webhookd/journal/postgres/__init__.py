@@ -45,6 +45,7 @@ from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
+    PRUNE_SQL,
     write_claim,
     write_claim_capped,
     write_finishes,
@@ -490,7 +491,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
     ) -> Pruned:
         """Delete at most ``batch`` expired events (with their jobs and attempts) and dedup keys,
-        in one short transaction; rows another node is pruning are skipped."""
+        in one short transaction; rows another node is pruning are skipped.
+
+        ``PRUNE_SQL`` says how the candidates are found.
+        """
         now = self.clock.time()
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
 
@@ -498,11 +502,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             ids = [
                 r[0]
                 for r in await conn.fetch(
-                    "SELECT e.id FROM events e WHERE e.received_at < $1 AND NOT EXISTS"
-                    " (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN"
-                    " ('queued', 'running') OR (j.state IN ('done', 'cancelled')"
-                    " AND j.finished_at > $1) OR (j.state = 'dead' AND j.finished_at > $2)))"
-                    " ORDER BY e.seq LIMIT $3 FOR UPDATE SKIP LOCKED",
+                    PRUNE_SQL,
                     done_before,
                     dead_before,
                     batch,
