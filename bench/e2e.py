@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Busy, busy_note, cli, placed, post_many, session, stats, tag
-from bench.servers import running_webhookd
+from bench.servers import pause_bench, running_webhookd
 from bench.table import Row, scenario_main
 
 POLL_S = 0.05
@@ -42,23 +42,14 @@ def measure(quick: bool = False, count: int | None = None) -> dict[str, Any]:
     """Queue `count` jobs (default 20,000; 5,000 with `quick`) and drain them."""
     n = count if count is not None else (5_000 if quick else 20_000)
 
-    def pause(config: Path) -> None:
-        # ``webhookd pause`` needs an existing journal: create it (schema only) first.
-        asyncio.run(_create_journal(config.with_name("bench.db")))
-        cli("pause", "bench", config=config)
-
-    with placed() as cpu, running_webhookd(CONFIG, cpu=cpu, probe=False, before_start=pause) as s:
+    with (
+        placed() as cpu,
+        running_webhookd(CONFIG, cpu=cpu, probe=False, before_start=pause_bench) as s,
+    ):
         assert s.config is not None
         result = asyncio.run(_run(s.url, s.admin_url, s.config, n, s.proc.pid))
     result["action"] = "log at level debug (daemon at warning): runs, writes nothing"
     return result
-
-
-async def _create_journal(path: Path) -> None:
-    from webhookd.journal import Journal
-
-    async with Journal(path):
-        pass
 
 
 async def _run(url: str, admin_url: str, config: Path, n: int, pid: int) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from bench.cluster import ClusterBusy, Postgres, postgres, running_nodes
 from bench.harness import busy_note, cli, placed
-from bench.servers import Server, free_port, running_webhookd
+from bench.servers import Server, free_port, pause_bench, running_webhookd
 from bench.table import Row, scenario_main, verdict
 
 FLOOD = 10_000
@@ -170,9 +170,10 @@ async def _classes(servers: list[Server], sink: Sink) -> Any:
 @contextmanager
 def _nodes(count: int, sink_url: str, cpu: int | None, pg: Postgres | None) -> Iterator[Any]:
     def pause(config: Path) -> None:
-        if pg is None:  # ``webhookd pause`` needs an existing journal: create the file first
-            asyncio.run(_create_journal(config.with_name("bench.db")))
-        cli("pause", "bench", config=config)
+        if pg is None:
+            pause_bench(config)
+        else:
+            cli("pause", "bench", config=config)
 
     if count == 1:
         with running_webhookd(config(sink_url), cpu=cpu, probe=False, before_start=pause) as s:
@@ -183,13 +184,6 @@ def _nodes(count: int, sink_url: str, cpu: int | None, pg: Postgres | None) -> I
             config(sink_url), nodes=count, journal_url=pg.url, cpu=cpu, before_start=pause
         ) as servers:
             yield servers
-
-
-async def _create_journal(path: Path) -> None:
-    from webhookd.journal import Journal
-
-    async with Journal(path):
-        pass
 
 
 async def _database(server: Postgres, name: str) -> Postgres:

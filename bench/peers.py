@@ -49,11 +49,13 @@ from bench.harness import placed, post_many, stats_sync, tag
 from bench.intake import BUSY_OTHER_PCT, choose_cpus
 from bench.machine import CpuMeter
 from bench.servers import (
+    JOB_SOURCE,
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
+    WEBHOOKD_JOB,
     ServerFailed,
-    Target,
     free_port,
+    pause_bench,
     running_webhookd,
 )
 from bench.table import Row, scenario_main, verdict
@@ -81,14 +83,6 @@ SIZES = {  # (intake rounds, seconds per intake run, end-to-end reps, webhooks e
     True: (2, 2.0, 1, 3_000),
 }
 DRAIN_TIMEOUT_S = {False: 300.0, True: 120.0}
-
-JOB_SOURCE = """\
-[sources.bench]
-
-[[sources.bench.actions]]
-type = "forward"
-url = "http://127.0.0.1:9/unused"
-"""
 
 
 def noop_source(handler: str) -> str:
@@ -386,18 +380,6 @@ def _get_ok(url: str) -> bool:
 # -- intake with a job -------------------------------------------------------------------------
 
 
-def _pause(config: Path) -> None:
-    from bench.e2e import _create_journal
-    from bench.harness import cli
-
-    # ``webhookd pause`` needs an existing journal: create it (schema only) first.
-    asyncio.run(_create_journal(config.with_name("bench.db")))
-    cli("pause", "bench", config=config)
-
-
-WEBHOOKD_JOB = Target("webhookd+job", "webhookd", 202)
-
-
 def _closed(url: str, duration_s: float, cpu: int | None) -> loadgen.LoadResult:
     """A 1 s warm-up, then the measured closed-loop run: the intake benchmark's generator."""
     for seconds in (1.0, duration_s):
@@ -418,7 +400,7 @@ def intake_run(
     server_cpu, gen_cpu = cpus
     if system == WEBHOOKD_JOB.name:
         with running_webhookd(
-            JOB_SOURCE, cpu=server_cpu, target=WEBHOOKD_JOB, before_start=_pause
+            JOB_SOURCE, cpu=server_cpu, target=WEBHOOKD_JOB, before_start=pause_bench
         ) as server:
             return _closed(server.url, duration_s, gen_cpu)
     peer = CELERY if system == CELERY.name else ARQ

@@ -8,6 +8,7 @@ happened in between.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -39,6 +40,9 @@ class Target:
     kind: str  # "bare", "minimal" or "webhookd"
     expect_status: int
     log_action: bool = False  # webhookd only: give the source one `log` action
+    # webhookd only: give the source one `forward` action and pause it before the daemon starts,
+    # so each webhook's job is written and queued, never run: intake with a job, alone.
+    paused_job: bool = False
 
 
 BARE = Target("bare", "bare", 200)
@@ -47,8 +51,9 @@ BARE = Target("bare", "bare", 200)
 # What it costs over bare, and its ack latency, is what durability itself costs on this disk.
 MINIMAL = Target("minimal", "minimal", 202)
 WEBHOOKD = Target("webhookd", "webhookd", 202)
+WEBHOOKD_JOB = Target("webhookd+job", "webhookd", 202, paused_job=True)
 WEBHOOKD_LOG = Target("webhookd+log", "webhookd", 202, log_action=True)
-TARGETS = {t.name: t for t in (BARE, MINIMAL, WEBHOOKD, WEBHOOKD_LOG)}
+TARGETS = {t.name: t for t in (BARE, MINIMAL, WEBHOOKD, WEBHOOKD_JOB, WEBHOOKD_LOG)}
 
 
 class ServerFailed(RuntimeError):
@@ -117,13 +122,48 @@ level = "warning"
 {body}"""
 
 
-def intake_sources(log_action: bool) -> str:
-    """The intake benchmark's one source, ``bench``, with no actions or one ``log`` action."""
+# One job per webhook that never runs: the source is paused (``pause_bench``), as Celery's
+# ``.delay`` and arq's ``enqueue_job`` only queue theirs.
+JOB_SOURCE = """\
+[sources.bench]
+
+[[sources.bench.actions]]
+type = "forward"
+url = "http://127.0.0.1:9/unused"
+"""
+
+
+def intake_sources(target: Target) -> str:
+    """The intake benchmark's one source, ``bench``: no actions, one ``log`` action, or one
+    forward job per webhook (``JOB_SOURCE``, paused)."""
+    if target.paused_job:
+        return JOB_SOURCE
     # No actions: measures durable intake alone (journal + fsync'd commit before the 202).
     text = "[sources.bench]\n"
-    if log_action:
+    if target.log_action:
         text += '\n[[sources.bench.actions]]\ntype = "log"\n'
     return text
+
+
+def pause_bench(config: Path) -> None:
+    """``webhookd pause bench`` with `config`, before its daemon starts (a ``before_start``):
+    creates the journal (schema only) first, which the verb needs."""
+    from webhookd.journal import Journal
+
+    async def create() -> None:
+        async with Journal(config.with_name("bench.db")):
+            pass
+
+    asyncio.run(create())
+    done = subprocess.run(
+        [*webhookd_command(), "pause", "bench", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ServerFailed(f"webhookd pause failed ({done.returncode}): {done.stderr.strip()}")
 
 
 @contextmanager
@@ -134,7 +174,11 @@ def running(target: Target, *, cpu: int | None, parent_dir: str | None = None) -
             yield server
     else:
         with running_webhookd(
-            intake_sources(target.log_action), cpu=cpu, parent_dir=parent_dir, target=target
+            intake_sources(target),
+            cpu=cpu,
+            parent_dir=parent_dir,
+            target=target,
+            before_start=pause_bench if target.paused_job else None,
         ) as server:
             yield server
 
