@@ -248,8 +248,9 @@ def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]
     per statement; returns how many rows went in.
 
     ``executemany`` steps its statement once per row, and the sqlite3 module hands the GIL
-    over and takes it back around every step. Measured in-process on one core (ingests in
-    groups of ~45, 10 alternated runs): ~5 µs less CPU per webhook.
+    over and takes it back around every step. Measured on one core (a dedup key and an event
+    row per webhook, groups of 28, 8 alternated runs, three times): 59-61 µs of CPU per
+    webhook against 67.6.
     """
     inserted = 0
     done = 0
