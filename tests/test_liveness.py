@@ -201,7 +201,9 @@ async def test_a_read_error_in_pruning_skips_the_round_and_the_daemon_goes_on(
     )
     running: Running = await run_daemon(cfg)
     with contextlib.closing(sqlite3.connect(cfg.journal.path)) as db:
-        db.execute("ALTER TABLE events RENAME COLUMN seq TO renamed_seq")  # only pruning reads it
+        # Pruning's read names this index (INDEXED BY), as only the dashboard's series does
+        # besides: without it that read fails, and nothing else the daemon does here.
+        db.execute("DROP INDEX events_received")
 
     async def skipped_twice() -> bool:
         return sum("retention skipped" in r.getMessage() for r in caplog.records) >= 2

@@ -784,8 +784,8 @@ class Journal(Reads, BaseJournal):
         try:
             rows = await fetch(
                 self.reader,
-                f"SELECT e.id FROM events e WHERE e.received_at < ? AND {EXPIRED}"
-                " ORDER BY e.received_at LIMIT ?",
+                f"SELECT e.id FROM events e INDEXED BY events_received"
+                f" WHERE e.received_at < ? AND {EXPIRED} ORDER BY e.received_at LIMIT ?",
                 (done_before, done_before, dead_before, batch),
             )
         except sqlite3.Error as exc:
