@@ -265,6 +265,19 @@ async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: s
     assert rows[0][0] == 0
 
 
+async def _add_done_jobs(conn: Any, count: int = 20_000) -> None:
+    """``count`` done jobs (of events that do not exist, finished at ``START``) and fresh
+    statistics: a long finished history for the planner to weigh."""
+    await conn.execute(
+        "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
+        " max_attempts, finished_at) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward', 'done',"
+        " 1, 0, 3, $1::double precision FROM generate_series(1, $2::integer) g",
+        START,
+        count,
+    )
+    await conn.execute("VACUUM ANALYZE jobs")
+
+
 async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url: str) -> None:
     """Counting the backlog (every node, every heartbeat) stays cheap however many finished
     jobs the table holds: it reads the queued/running partial indexes, never the whole table."""
@@ -272,12 +285,7 @@ async def test_pg_the_backlog_count_reads_the_queue_not_the_finished_jobs(pg_url
         await journal.ingest(new_event())
         conn = await asyncpg.connect(pg_url)
         try:
-            await conn.execute(
-                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
-                " max_attempts) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward', 'done', 1,"
-                " 0, 3 FROM generate_series(1, 20000) g"
-            )
-            await conn.execute("VACUUM ANALYZE jobs")
+            await _add_done_jobs(conn)
             plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {BACKLOG_SQL}")
         finally:
             await conn.close()
@@ -296,13 +304,7 @@ async def test_pg_prune_looks_up_each_old_events_jobs_instead_of_hashing_every_j
         await journal.ingest(new_event())
         conn = await asyncpg.connect(pg_url)
         try:
-            await conn.execute(
-                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, run_at,"
-                " max_attempts, finished_at) SELECT 'done' || g, 'e' || g, 'shop', 'a', 'forward',"
-                " 'done', 1, 0, 3, $1::double precision FROM generate_series(1, 20000) g",
-                START,
-            )
-            await conn.execute("VACUUM ANALYZE jobs")
+            await _add_done_jobs(conn)
             async with conn.transaction():
                 plan = await conn.fetchval(
                     f"EXPLAIN (FORMAT JSON) {PRUNE_SQL}", START - 10.0, START - 100.0, 500
