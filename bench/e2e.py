@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Busy, busy_note, cli, placed, post_many, session, stats, tag
-from bench.servers import pause_bench, running_webhookd
+from bench.harness import Busy, busy_note, placed, post_many, session, stats, tag
+from bench.servers import cli, pause_bench, running_webhookd
 from bench.table import Row, scenario_main
 
 POLL_S = 0.05

@@ -31,8 +31,8 @@ import aiohttp
 from aiohttp import web
 
 from bench.cluster import ClusterBusy, Postgres, postgres, running_nodes
-from bench.harness import busy_note, cli, placed
-from bench.servers import Server, free_port, pause_bench, running_webhookd
+from bench.harness import busy_note, placed
+from bench.servers import Server, cli, free_port, pause_bench, running_webhookd
 from bench.table import Row, scenario_main, verdict
 
 FLOOD = 10_000

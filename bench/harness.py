@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,7 +27,7 @@ from aiohttp import web
 from bench.intake import BUSY_OTHER_PCT, choose_cpus
 from bench.loadgen import make_body, percentile
 from bench.machine import CpuMeter
-from bench.servers import proc_cpu_s, webhookd_command
+from bench.servers import proc_cpu_s
 
 REQUEST_TIMEOUT_S = 10.0
 _HEADERS = {"Content-Type": "application/json"}
@@ -227,20 +225,6 @@ def stats_sync(admin_url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{admin_url}/stats", timeout=10) as response:
         doc: dict[str, Any] = json.loads(response.read())
         return doc
-
-
-def cli(verb: str, *args: str, config: Path) -> str:
-    """Run ``webhookd VERB ARGS --config CONFIG``; its output; raises if it fails."""
-    done = subprocess.run(
-        [*webhookd_command(), verb, *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"webhookd {verb} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout.strip()
 
 
 # -- where things run, and how busy the machine was ------------------------------------------------

@@ -39,9 +39,9 @@ from typing import Any
 
 from bench import loadgen
 from bench.cluster import postgres, running_nodes
-from bench.harness import cli, post_many, session, stats, tag
+from bench.harness import post_many, session, stats, tag
 from bench.machine import CpuMeter, describe
-from bench.servers import Server, proc_cpu_s, running_webhookd
+from bench.servers import Server, cli, proc_cpu_s, running_webhookd
 from bench.table import Row, scenario_main
 
 SETUPS = ("sqlite", "pg×1", "pg×2")

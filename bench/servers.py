@@ -155,15 +155,24 @@ def pause_bench(config: Path) -> None:
             pass
 
     asyncio.run(create())
+    try:
+        cli("pause", "bench", config=config)
+    except RuntimeError as exc:
+        raise ServerFailed(str(exc)) from None
+
+
+def cli(verb: str, *args: str, config: Path) -> str:
+    """Run ``webhookd VERB ARGS --config CONFIG``; its output; raises if it fails."""
     done = subprocess.run(
-        [*webhookd_command(), "pause", "bench", "--config", str(config)],
+        [*webhookd_command(), verb, *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     if done.returncode != 0:
-        raise ServerFailed(f"webhookd pause failed ({done.returncode}): {done.stderr.strip()}")
+        raise RuntimeError(f"webhookd {verb} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip()
 
 
 @contextmanager
