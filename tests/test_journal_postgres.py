@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -458,6 +458,41 @@ async def test_pg_listen_url_hears_what_a_pooler_loses(
     assert not b.listener_deaf and not a.heard_itself.is_set()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w for w in warnings if "hears nothing" in w and "journal.listen_url" in w], warnings
+
+
+class _Watched(asyncio.Event):
+    """An event that says when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        self.waiting.set()
+        return await super().wait()
+
+
+async def test_pg_a_listener_cancelled_as_it_hears_its_probe_ends(
+    pg_url: str, pgbouncer_url: str
+) -> None:
+    """The journal's close cancels the listener and waits for it. Cancelled just as its probe
+    was heard, the listener ended on no version: Python 3.11's ``wait_for`` returned the
+    event's result and dropped the cancellation, the listener went on listening, and the close
+    (a node's stop, in a CI run) waited for ever. Through PgBouncer the probe goes unheard, so
+    the listener is surely waiting for it when the test sets it."""
+    journal = PostgresJournal(
+        pgbouncer_url, lease_s=LEASE_S, heartbeat_s=3600, statement_cache_size=0
+    )
+    journal.heard_itself = heard = _Watched()
+    async with journal:
+        await asyncio.wait_for(heard.waiting.wait(), 10)  # probe sent, waiting to hear it
+        task = journal._listen_task
+        assert task is not None
+        heard.set()
+        await asyncio.sleep(0)  # the wait for it ends first, then the cancellation comes
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the listener went on after its cancellation"
 
 
 async def test_pg_a_pause_or_resume_anywhere_tells_every_listening_node(pg_url: str) -> None:

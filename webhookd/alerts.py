@@ -151,8 +151,11 @@ class Alerter:
         """Alert until cancelled: the daemon's long-lived task."""
         while True:
             delay_s = self.next_due_s()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that arrives as the event is set, and the daemon's stop would wait for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay_s)
+                async with asyncio.timeout(delay_s):
+                    await self._wake.wait()
             self._wake.clear()
             await self.tick()
 

@@ -486,7 +486,8 @@ class WorkerPool:
             pass
         if self._running:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace_s)
+                async with asyncio.timeout(grace_s):
+                    await self._idle.wait()
         stragglers = dict(self._running)
         for task in stragglers.values():
             task.cancel()

@@ -191,9 +191,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._closing = True
         for task in (self._notify_task, self._listen_task, self._lease_task):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _cancelled(task)
         self._notify_task = self._listen_task = self._lease_task = None
         if self._writer is not None and self._pending:
             with contextlib.suppress(JournalUnavailable):
@@ -593,3 +591,15 @@ async def _changed_and_told(conn: Any, source: str, sql: str, *args: Any) -> boo
     if changed:
         await conn.execute("SELECT pg_notify($1, $2)", PAUSE_CHANNEL, source)
     return changed
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling it again should it go on: on Python
+    3.11 ``asyncio.wait_for`` (asyncpg uses it too) drops a cancellation that arrives as what
+    it waits for completes, and a close that awaited such a task once waited for ever. The
+    tasks' own cleanup (closing a connection) takes at most 5 s, so 10 s is never too soon."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=10.0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

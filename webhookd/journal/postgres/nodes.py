@@ -230,12 +230,17 @@ class PgNodes:
         if self.on_pause_change is not None:
             self.on_pause_change()
         await self._probe_listener()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+        # arrives as the awaited event is set, and the journal's close, which cancels this task
+        # and waits for it, then waited for ever (a stop right as the probe was heard).
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_S)
+                async with asyncio.timeout(LISTEN_CHECK_S):
+                    await lost.wait()
                 return
             # A cut network may never close the socket: prove the connection still answers.
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_S)
+            async with asyncio.timeout(LISTEN_CHECK_S):
+                await conn.fetchval("SELECT 1")
 
     async def _probe_listener(self) -> None:
         """Notify this node's own probe as another node would and wait to hear it: a pooler in
@@ -259,7 +264,8 @@ class PgNodes:
             log.debug("journal listener probe failed: %s", exc)  # an outage: it comes back
             return
         try:
-            await asyncio.wait_for(self.heard_itself.wait(), PROBE_S)
+            async with asyncio.timeout(PROBE_S):
+                await self.heard_itself.wait()
         except TimeoutError:
             self.listener_deaf = True
             log.warning(
