@@ -137,7 +137,9 @@ async def test_sqlite_backlog_is_counted_in_the_partial_indexes(tmp_path: Path) 
     finally:
         conn.close()
     assert not any(step == "SCAN jobs" for step in plan), plan
-    assert any("jobs_lane" in step for step in plan) and any("jobs_running" in s for s in plan)
+    queued = ("jobs_lane", "jobs_due")  # either partial index of the queued jobs
+    assert any(name in step for step in plan for name in queued), plan
+    assert any("jobs_running" in step for step in plan), plan
 
 
 def _wal_resets(path: Path) -> int:
@@ -321,6 +323,30 @@ async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path:
     with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {candidates[0]}")]
     assert "SCAN e" not in plan and any("events_received (received_at<?)" in p for p in plan), plan
+
+
+async def test_sqlite_a_refill_seeks_the_due_jobs_past_those_in_backoff(tmp_path: Path) -> None:
+    """A lane's due jobs are a range of ``jobs_lane`` (…, run_at, seq) and the earliest run_at
+    the head of ``jobs_due``: jobs waiting out a retry's backoff, first in their lane by seq,
+    are no longer walked past at every refill (23 ms each at 100,000 such jobs, plus as much
+    for ``next_run_at``). The contract suite checks what they return."""
+    async with Journal(tmp_path / "j.db") as journal:
+        await journal.ingest(new_event())
+        statements: list[str] = []
+        await journal.reader.set_trace_callback(statements.append)
+        lane = (int(Priority.NORMAL), "shop", "t1")
+        assert len(await journal.ready_in_lanes(2e9, [(lane, 5)])) == 1
+        assert await journal.next_run_at(["paused"], after=0.0) == 1_700_000_000.0
+        await journal.reader.set_trace_callback(None)
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
+        plans = [
+            [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            for sql in statements
+            if sql.startswith(("SELECT * FROM (SELECT j.id", "SELECT MIN(run_at)"))
+        ]
+    lanes, due = plans
+    assert any("jobs_lane (priority=? AND source=? AND tenant=? AND run_at<?)" in p for p in lanes)
+    assert any("jobs_due (run_at>?)" in p for p in due), due
 
 
 def _finished(job_id: str, state: JobState) -> Finished:

@@ -517,6 +517,30 @@ async def test_lanes_list_and_fill_per_priority_source_and_tenant(journal: BaseJ
     assert backlog == {(0, "b", "t1"): 1, (1, "a", "t1"): 2, (1, "a", "t2"): 1}
 
 
+async def test_a_lanes_due_jobs_come_longest_due_first_past_those_in_backoff(
+    journal: BaseJournal,
+) -> None:
+    """A retry waiting out its backoff sits first in its lane by arrival, but a refill hands
+    out the due jobs behind it, and each lane's jobs longest due first once the retry is due
+    too; ``next_run_at`` names when it will be."""
+    retried, fresh = new_event(source="a"), new_event(source="a", received_at=START + 20)
+    for item in (retried, fresh):
+        await journal.ingest(item)
+    lane = (int(Priority.NORMAL), "a", "t1")
+    await journal.claim([retried.jobs[0].id], "b")
+    await journal.finish(
+        [finished(retried.jobs[0].id, JobState.QUEUED, "retry", run_at=START + 30)]
+    )
+    got = await journal.ready_in_lanes(START + 25, [(lane, 5)])
+    assert [r.id for r in got] == [fresh.jobs[0].id]
+    assert await journal.next_run_at(after=START + 25) == START + 30
+    got = await journal.ready_in_lanes(START + 60, [(lane, 5)])
+    assert [r.id for r in got] == [fresh.jobs[0].id, retried.jobs[0].id]
+    assert [r.id for r in await journal.ready_in_lanes(START + 60, [(lane, 1)])] == [
+        fresh.jobs[0].id
+    ]
+
+
 async def test_list_events_filters_by_derived_state(journal: BaseJournal) -> None:
     """Listing by state uses the event's derived state (dead if any job is dead)."""
     ok, bad = new_event(jobs=2), new_event(jobs=2)

@@ -24,10 +24,10 @@ from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
-from webhookd.journal.postgres.reads import BACKLOG_SQL
+from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.journal.postgres.writes import PRUNE_SQL
-from webhookd.models import JobState
+from webhookd.models import JobState, Priority
 
 
 def node(url: str, clock: ManualClock) -> PostgresJournal:
@@ -320,6 +320,47 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", ()):
         yield from _plan_nodes(child)
+
+
+async def test_pg_a_refill_seeks_the_due_jobs_past_those_in_backoff(pg_url: str) -> None:
+    """A lane's due jobs are a range of ``jobs_lane`` (…, run_at, seq): 20,000 jobs of the
+    lane waiting out a retry's backoff, first in it by seq, are not read to reach the due one
+    behind them. The contract suite checks what a refill returns."""
+    async with node(pg_url, ManualClock(START)) as journal:
+        due = new_event(source="a")
+        await journal.ingest(due)
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"
+                " run_at, max_attempts, seq) OVERRIDING SYSTEM VALUE"
+                " SELECT 'wait' || g, 'e' || g, 'a', 'a', 'forward',"
+                " 'queued', $1, 't1', $2::double precision + 3600, 3, -g"
+                " FROM generate_series(1, 20000) g",
+                int(Priority.NORMAL),
+                START,
+            )
+            await conn.execute("VACUUM ANALYZE jobs")
+            async with conn.transaction():
+                plan = await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {READY_IN_LANES_SQL}",
+                    [int(Priority.NORMAL)],
+                    ["a"],
+                    ["t1"],
+                    [5],
+                    START + 60,
+                )
+        finally:
+            await conn.close()
+        lane = (int(Priority.NORMAL), "a", "t1")
+        assert [r.id for r in await journal.ready_in_lanes(START + 60, [(lane, 5)])] == [
+            due.jobs[0].id
+        ]
+    scans = [
+        n for n in _plan_nodes(json.loads(plan)[0]["Plan"]) if n.get("Relation Name") == "jobs"
+    ]
+    assert scans and all(n["Actual Rows"] <= 1 for n in scans), plan
+    assert all(n.get("Rows Removed by Filter", 0) == 0 for n in scans), plan
 
 
 async def test_pg_maintenance_rebuilds_the_queue_indexes_once_per_period_across_nodes(

@@ -81,11 +81,12 @@ class Reads:
 
     async def ready_in_lanes(self, now: float, wants: Sequence[tuple[Lane, int]]) -> list[Ready]:
         """For each (lane, n): up to n of the lane's due jobs that may start (as ``ready``),
-        oldest first. One statement per ``LANES_PER_QUERY`` lanes, each part an index seek."""
+        the longest due first. One statement per ``LANES_PER_QUERY`` lanes, each part a seek
+        into ``jobs_lane`` that reads only due jobs: those waiting out a backoff come after."""
         part = (
             f"SELECT * FROM (SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued'"
             " AND j.priority = ? AND j.source = ? AND j.tenant = ? AND j.run_at <= ?"
-            f" AND {HEAD_OF_KEY} ORDER BY j.seq LIMIT ?)"
+            f" AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT ?)"
         )
         out: list[Ready] = []
         for start in range(0, len(wants), LANES_PER_QUERY):

@@ -109,6 +109,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN caps TEXT;
     """,
+    # 6 → 7: jobs waiting out a retry's backoff sit first in their lane (oldest seq) but are not
+    # due: ordered by seq, a refill walked past all of them to reach the due jobs behind, and
+    # ``next_run_at`` read every queued job for the earliest run_at (23 ms each at 100,000 jobs
+    # in backoff, 200 ms at 1,000,000, every sweep). A lane's due jobs are now read by run_at,
+    # then seq, and ``jobs_due`` (as in PostgreSQL) holds the earliest run_at first.
+    """
+    DROP INDEX jobs_lane;
+    CREATE INDEX jobs_lane ON jobs(priority, source, tenant, run_at, seq) WHERE state = 'queued';
+    CREATE INDEX jobs_due ON jobs(run_at, source) WHERE state = 'queued';
+    """,
 )
 
 # A job may start only when no older job of its (source, action, order key) is unfinished: the

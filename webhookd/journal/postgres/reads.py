@@ -64,6 +64,19 @@ SELECT p, s, t FROM lane LIMIT $4
 """
 
 
+# For each lane ($1-$3, in order) up to $4 of its due jobs ($5: now), the longest due first:
+# a seek into ``jobs_lane`` (…, run_at, seq) that reads only due jobs, so those waiting out a
+# retry's backoff, first in their lane by seq, are not walked past at every refill.
+READY_IN_LANES_SQL = (
+    "SELECT r.id, r.source, r.action, r.priority, r.tenant, r.order_key, r.seq"
+    " FROM unnest($1::integer[], $2::text[], $3::text[], $4::integer[])"
+    " WITH ORDINALITY AS w(p, s, t, n, i) CROSS JOIN LATERAL ("
+    f" SELECT {READY_COLUMNS}, j.run_at FROM jobs j WHERE j.state = 'queued'"
+    " AND j.priority = w.p AND j.source = w.s AND j.tenant = w.t AND j.run_at <= $5"
+    f" AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT w.n) r ORDER BY w.i, r.run_at, r.seq"
+)
+
+
 class PgReads:
     """The read half of ``PostgresJournal``; it needs ``fetch``, ``clock``, ``node_id`` and
     ``lease_s``."""
@@ -93,11 +106,7 @@ class PgReads:
         if not wants:
             return []
         rows = await self.fetch(
-            f"SELECT r.* FROM unnest($1::integer[], $2::text[], $3::text[], $4::integer[])"
-            " WITH ORDINALITY AS w(p, s, t, n, i) CROSS JOIN LATERAL ("
-            f" SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.priority = w.p"
-            " AND j.source = w.s AND j.tenant = w.t AND j.run_at <= $5"
-            f" AND {HEAD_OF_KEY} ORDER BY j.seq LIMIT w.n) r ORDER BY w.i, r.seq",
+            READY_IN_LANES_SQL,
             [lane[0] for lane, _ in wants],
             [lane[1] for lane, _ in wants],
             [lane[2] for lane, _ in wants],

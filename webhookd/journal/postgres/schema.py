@@ -148,6 +148,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN caps text[];
     """,
+    # 6 → 7: a lane's due jobs by run_at, then seq: jobs waiting out a retry's backoff sit first
+    # in their lane by seq, and a refill walked past all of them to reach the due jobs behind.
+    """
+    DROP INDEX jobs_lane;
+    CREATE INDEX jobs_lane ON jobs (priority, source, tenant, run_at, seq) WHERE state = 'queued';
+    """,
 )
 
 
