@@ -15,6 +15,7 @@ import pickle
 import sqlite3
 import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,28 @@ def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
         quick_init(Later)
 
 
+@contextlib.asynccontextmanager
+async def _traced(journal: Journal) -> AsyncIterator[list[str]]:
+    """The statements the journal's reader runs meanwhile."""
+    statements: list[str] = []
+    await journal.reader.set_trace_callback(statements.append)
+    try:
+        yield statements
+    finally:
+        await journal.reader.set_trace_callback(None)
+
+
+def _plans(path: Path, statements: list[str], *starts: str) -> list[list[str]]:
+    """SQLite's plan (EXPLAIN QUERY PLAN's steps) of each statement that starts with one of
+    ``starts``, in the order they ran."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [
+            [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            for sql in statements
+            if sql.startswith(starts)
+        ]
+
+
 async def test_sqlite_lists_a_rare_state_from_its_jobs_not_from_every_event(
     tmp_path: Path,
 ) -> None:
@@ -298,13 +321,9 @@ async def test_sqlite_lists_a_rare_state_from_its_jobs_not_from_every_event(
             await journal.ingest(item)
         await journal.claim([items[1].jobs[0].id], "boot")
         await journal.finish([_finished(items[1].jobs[0].id, JobState.DEAD)])
-        statements: list[str] = []
-        await journal.reader.set_trace_callback(statements.append)
-        assert [e.id for e in await journal.list_events(state="dead")] == [items[1].event.id]
-        await journal.reader.set_trace_callback(None)
-    listing = [s for s in statements if s.startswith("SELECT e.id")]
-    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
-        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {listing[0]}")]
+        async with _traced(journal) as statements:
+            assert [e.id for e in await journal.list_events(state="dead")] == [items[1].event.id]
+    [plan] = _plans(tmp_path / "j.db", statements, "SELECT e.id")
     assert "SCAN e" not in plan and any("jobs_finished" in step for step in plan), plan
 
 
@@ -315,13 +334,9 @@ async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path:
     events). The contract suite checks what prune deletes."""
     async with Journal(tmp_path / "j.db") as journal:
         await journal.ingest(new_event())
-        statements: list[str] = []
-        await journal.reader.set_trace_callback(statements.append)
-        assert (await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=0)).events == 0
-        await journal.reader.set_trace_callback(None)
-    candidates = [s for s in statements if s.startswith("SELECT e.id FROM events")]
-    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
-        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {candidates[0]}")]
+        async with _traced(journal) as statements:
+            assert (await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=0)).events == 0
+    [plan] = _plans(tmp_path / "j.db", statements, "SELECT e.id FROM events")
     assert "SCAN e" not in plan and any("events_received (received_at<?)" in p for p in plan), plan
 
 
@@ -332,19 +347,13 @@ async def test_sqlite_a_refill_seeks_the_due_jobs_past_those_in_backoff(tmp_path
     for ``next_run_at``). The contract suite checks what they return."""
     async with Journal(tmp_path / "j.db") as journal:
         await journal.ingest(new_event())
-        statements: list[str] = []
-        await journal.reader.set_trace_callback(statements.append)
         lane = (int(Priority.NORMAL), "shop", "t1")
-        assert len(await journal.ready_in_lanes(2e9, [(lane, 5)])) == 1
-        assert await journal.next_run_at(["paused"], after=0.0) == 1_700_000_000.0
-        await journal.reader.set_trace_callback(None)
-    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as conn:
-        plans = [
-            [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
-            for sql in statements
-            if sql.startswith(("SELECT * FROM (SELECT j.id", "SELECT MIN(run_at)"))
-        ]
-    lanes, due = plans
+        async with _traced(journal) as statements:
+            assert len(await journal.ready_in_lanes(2e9, [(lane, 5)])) == 1
+            assert await journal.next_run_at(["paused"], after=0.0) == 1_700_000_000.0
+    lanes, due = _plans(
+        tmp_path / "j.db", statements, "SELECT * FROM (SELECT j.id", "SELECT MIN(run_at)"
+    )
     assert any("jobs_lane (priority=? AND source=? AND tenant=? AND run_at<?)" in p for p in lanes)
     assert any("jobs_due (run_at>?)" in p for p in due), due
 
