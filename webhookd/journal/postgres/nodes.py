@@ -215,8 +215,7 @@ class PgNodes:
                 log.debug("journal listener lost its connection: %s", exc)
             finally:
                 self.listening.clear()
-                with contextlib.suppress(*DB_ERRORS):
-                    await asyncio.wait_for(conn.close(), 5)
+                await _close_quietly(conn)
 
     async def _listen_on(self, conn: Any) -> None:
         lost = asyncio.Event()
@@ -230,9 +229,10 @@ class PgNodes:
         if self.on_pause_change is not None:
             self.on_pause_change()
         await self._probe_listener()
-        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
-        # arrives as the awaited event is set, and the journal's close, which cancels this task
-        # and waits for it, then waited for ever (a stop right as the probe was heard).
+        # asyncio.timeout, never wait_for, in this task: Python 3.11's wait_for swallows a
+        # cancellation that arrives as what it awaits completes, and the journal's close, which
+        # cancels this task and waits for it, then waited for ever (a stop as the probe was
+        # heard).
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LISTEN_CHECK_S):
@@ -258,8 +258,7 @@ class PgNodes:
             try:
                 await conn.execute(f"NOTIFY {CHANNEL}, 'probe:{self.node_id}'")
             finally:
-                with contextlib.suppress(*DB_ERRORS):
-                    await asyncio.wait_for(conn.close(), 5)
+                await _close_quietly(conn)
         except DB_ERRORS as exc:
             log.debug("journal listener probe failed: %s", exc)  # an outage: it comes back
             return
@@ -307,3 +306,10 @@ async def _connect_alone(url: str, name: str, statement_cache_size: int) -> Any:
         statement_cache_size=statement_cache_size,
         server_settings={"application_name": name},
     )
+
+
+async def _close_quietly(conn: Any) -> None:
+    """Close a connection of its own within 5 s, whatever the server or network does."""
+    with contextlib.suppress(*DB_ERRORS):  # TimeoutError is one of them
+        async with asyncio.timeout(5):
+            await conn.close()
