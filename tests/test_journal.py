@@ -10,8 +10,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import pickle
+import re
 import sqlite3
 import stat
 import time
@@ -83,6 +85,30 @@ async def test_sqlite_schema_version_is_recorded_and_newer_files_refused(tmp_pat
     with pytest.raises(JournalError, match="newer"):
         async with Journal(path):
             pass
+
+
+async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening a journal of an older schema says so at INFO before the migrations run (an index
+    rebuild takes seconds on a large journal) and after, with the time taken; a new journal
+    says nothing of upgrades."""
+    path = tmp_path / "j.db"
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
+    async with Journal(path):
+        pass
+    assert "upgrad" not in caplog.text
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # back to the last version but one
+        conn.execute("DROP INDEX jobs_due")
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        conn.commit()
+    async with Journal(path):
+        pass
+    upgrades = [r.getMessage() for r in caplog.records if "upgrad" in r.getMessage()]
+    latest = len(MIGRATIONS)
+    assert len(upgrades) == 2
+    assert f"{path}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
+    assert re.search(rf"{path}: schema upgraded to version {latest} in \d+\.\d s", upgrades[1])
 
 
 def test_ids_sort_by_creation() -> None:

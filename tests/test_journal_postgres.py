@@ -417,6 +417,30 @@ async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url:
             pass
 
 
+async def test_pg_a_schema_upgrade_at_open_is_logged_with_its_versions(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening a database of an older schema says so at INFO before and after the migrations,
+    naming the journal as ``location`` does (its URL without a password); a new one says
+    nothing of upgrades."""
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
+    async with node(pg_url, ManualClock(START)):
+        pass
+    assert "upgrad" not in caplog.text
+    conn = await asyncpg.connect(pg_url)
+    try:  # back to the last version but one (the last migration only rebuilds an index)
+        await conn.execute("DELETE FROM webhookd_schema WHERE version = $1", len(MIGRATIONS))
+    finally:
+        await conn.close()
+    async with node(pg_url, ManualClock(START)) as journal:
+        where = journal.location
+    upgrades = [r.getMessage() for r in caplog.records if "upgrad" in r.getMessage()]
+    latest = len(MIGRATIONS)
+    assert len(upgrades) == 2
+    assert f"{where}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
+    assert f"{where}: schema upgraded to version {latest} in " in upgrades[1]
+
+
 async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
     pg_url: str, db_outage: DatabaseOutage
 ) -> None:

@@ -40,7 +40,7 @@ import aiosqlite
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal.base import BaseJournal, PolledCounts
+from webhookd.journal.base import BaseJournal, PolledCounts, migrating
 from webhookd.journal.batch import (
     CallOp,
     ClaimOp,
@@ -427,16 +427,17 @@ class Journal(Reads, BaseJournal):
                 f"{self.path} has schema version {version}, newer than this webhookd "
                 f"understands ({len(MIGRATIONS)}); upgrade webhookd"
             )
-        for target in range(version, len(MIGRATIONS)):
+        with migrating(self.location, version, len(MIGRATIONS)):
+            for target in range(version, len(MIGRATIONS)):
 
-            def step(conn: sqlite3.Connection, target: int = target) -> None:
-                # executescript would commit our transaction; run statement by statement.
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {target + 1}")
+                def step(conn: sqlite3.Connection, target: int = target) -> None:
+                    # executescript would commit our transaction; run statement by statement.
+                    for statement in MIGRATIONS[target].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {target + 1}")
 
-            _transaction(conn, step)
+                _transaction(conn, step)
 
     @property
     def location(self) -> str:

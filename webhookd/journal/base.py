@@ -10,8 +10,11 @@ against both. Backend chores (SQLite's WAL checkpoints and incremental vacuum) s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from webhookd.clock import Clock
@@ -40,6 +43,34 @@ from webhookd.journal.records import (
 from webhookd.models import LaneGrant, LaneSpec
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("webhookd.journal")
+
+
+@contextlib.contextmanager
+def migrating(where: str, version: int, latest: int) -> Iterator[None]:
+    """Say, at INFO, that an existing journal's schema is being brought from ``version`` up to
+    ``latest``, and how long it took: a migration that rebuilds an index runs for seconds on a
+    journal of a million jobs, at start, before the daemon answers anything. A new journal
+    (version 0) and one already up to date say nothing."""
+    if not 0 < version < latest:
+        yield
+        return
+    log.info(
+        "journal %s: upgrading its schema from version %d to %d (on a large journal this takes"
+        " a while; the daemon starts when it is done)",
+        where,
+        version,
+        latest,
+    )
+    started = time.monotonic()
+    yield
+    log.info(
+        "journal %s: schema upgraded to version %d in %.1f s",
+        where,
+        latest,
+        time.monotonic() - started,
+    )
 
 
 class BaseJournal(ABC):

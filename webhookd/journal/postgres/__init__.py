@@ -156,7 +156,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 timeout=10,  # to connect; a server that never answers is an error, not a hang
             )
             async with self._pool.acquire() as conn:
-                await migrate(conn)
+                await migrate(conn, self.location)
                 durable = await conn.fetchval("SHOW synchronous_commit")
             if self.node:
                 await self.heartbeat()

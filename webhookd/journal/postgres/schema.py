@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from webhookd.errors import JournalError
+from webhookd.journal.base import migrating
 
 # Any constant: the advisory lock key that serialises migrations across nodes.
 _MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
@@ -157,8 +158,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-async def migrate(conn: Any) -> int:
-    """Bring the schema up to date on ``conn`` (an asyncpg connection); returns its version."""
+async def migrate(conn: Any, where: str = "on PostgreSQL") -> int:
+    """Bring the schema up to date on ``conn`` (an asyncpg connection); returns its version.
+    ``where`` names the journal in the log line an upgrade writes (no password in it)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS webhookd_schema (version integer NOT NULL)")
@@ -169,7 +171,8 @@ async def migrate(conn: Any) -> int:
                 f"the database has journal schema version {version}, newer than this webhookd "
                 f"understands ({len(MIGRATIONS)}); upgrade webhookd"
             )
-        for target in range(version, len(MIGRATIONS)):
-            await conn.execute(MIGRATIONS[target])
-            await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target + 1)
+        with migrating(where, version, len(MIGRATIONS)):
+            for target in range(version, len(MIGRATIONS)):
+                await conn.execute(MIGRATIONS[target])
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target + 1)
     return len(MIGRATIONS)
