@@ -380,6 +380,25 @@ async def test_a_capped_actions_jobs_follow_each_other_without_refused_claims(
     assert [(await rig.job(i)).state for i in ids] == ["done"] * 3
 
 
+async def test_a_job_another_process_claimed_first_does_not_cost_the_next_one_its_slot(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """The window still holds a job another process (another node) has since claimed: the
+    claim comes back without it, and the slot it was picked for goes to the next job in the
+    same dispatch, not at the next wake (on two nodes, a flooding tenant's jobs took those
+    turns: 50-60 of them started before another tenant's new ones)."""
+    rig = await make_rig(forward_source("shop", target.url), workers="concurrency = 1")
+    rig.journal.on_commit = rig.pool.notify  # commits reach the window, as in the daemon
+    taken, waiting = await rig.ingest("shop"), await rig.ingest("shop")
+    async with Journal(rig.cfg.journal.path, clock=rig.clock) as other:
+        job = (await rig.job(taken)).id
+        assert [c.job.id for c in await other.claim([job], "boot_other")] == [job]
+        assert await rig.pool.run_until_idle() is None  # nothing left queued
+    assert (await rig.job(waiting)).state == "done"
+    assert (await rig.job(taken)).state == "running"  # the other process's, untouched
+    assert len(target.seen) == 1
+
+
 class WaitsOnce:
     """An action that is not ready the first time (a lane cooling down), then succeeds."""
 
