@@ -158,7 +158,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-async def migrate(conn: Any, where: str = "on PostgreSQL") -> int:
+async def migrate(conn: Any, where: str) -> int:
     """Bring the schema up to date on ``conn`` (an asyncpg connection); returns its version.
     ``where`` names the journal in the log line an upgrade writes (no password in it)."""
     async with conn.transaction():
