@@ -50,6 +50,7 @@ async def _serve(step: str, port: int, db: Path) -> None:
     from aiohttp import web
 
     from webhookd.config import loads
+    from webhookd.http1 import Http1Server
     from webhookd.journal import Journal, NewEvent
     from webhookd.models import Event, Priority, new_event_id
     from webhookd.receiver import Receiver
@@ -106,14 +107,15 @@ async def _serve(step: str, port: int, db: Path) -> None:
         config = loads("[sources.bench]\n")
         journal = Journal(db)
         await journal.open()
-    runner: web.BaseRunner
+    runner: web.BaseRunner | Http1Server
     if step == "receiver":  # webhookd's own server: "/readyz" is a JSON 404 there, still an answer
-        runner = web.ServerRunner(Receiver(config, journal, IntakeState()).server())
+        runner = Receiver(config, journal, IntakeState()).server()
+        await runner.start("127.0.0.1", port)
     else:
         app.router.add_get("/readyz", ready)
         runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         await stop.wait()
     finally:

@@ -206,14 +206,11 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
 async def serving(receiver: Receiver) -> AsyncIterator[str]:
     """``receiver`` on a loopback port of its own, as ``webhookd serve`` runs it; yields its
     ``host:port``."""
-    runner = web.ServerRunner(receiver.server())
-    await runner.setup()
+    server = receiver.server()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        yield f"{host}:{port}"
+        yield (await server.start("127.0.0.1", 0))[0]
     finally:
-        await runner.cleanup()
+        await server.cleanup()
 
 
 PG_URL_VAR = "WEBHOOKD_TEST_PG_URL"

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.content_coding",
         "webhookd.json_errors",
     ),
-    ("webhookd", "webhookd.secret", "webhookd.templates"),
+    ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.
     ("webhookd.schemes.base",),
     ("webhookd.schemes.*",),

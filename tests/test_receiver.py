@@ -17,10 +17,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from conftest import make_config, serving
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
+from webhookd.http1 import Answer as Answered
+from webhookd.http1 import Request
 from webhookd.journal import Journal
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
@@ -75,7 +76,7 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
             *,
             server: str = "",
             clock: Clock = SYSTEM_CLOCK,
-            answered: Callable[[web.StreamResponse], Awaitable[None]] | None = None,
+            answered: Callable[[Answered], Awaitable[None]] | None = None,
         ) -> Intake:
             cfg = make_config(tmp_path, extra, server=server)
             journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
@@ -85,9 +86,9 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
                 watch = answered
 
                 class Watched(Receiver):
-                    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+                    async def handle(self, request: Request) -> Answered:
                         response = await super().handle(request)
-                        await watch(response)  # before aiohttp sends a byte of it
+                        await watch(response)  # before the server sends a byte of it
                         return response
 
                 receiver = Watched(cfg, journal, state, clock=clock)
@@ -120,9 +121,9 @@ async def test_accepted_webhook_is_on_disk_before_the_answer_is_sent(
     """202 `{"id", "duplicate": false}` is only made once the event is committed."""
     seen_at_answer: dict[str, bool] = {}
 
-    async def answered(response: web.StreamResponse) -> None:
-        assert isinstance(response, web.Response) and response.text is not None
-        doc = json.loads(response.text)
+    async def answered(response: Answered) -> None:
+        assert isinstance(response.body, bytes)
+        doc = json.loads(response.body)
         if "id" in doc:
             seen_at_answer[doc["id"]] = doc["id"] in committed_ids(intake.db)
 

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -69,6 +69,12 @@ _HANDLER: dict[str, Any] = {
     "max_field_size": 8190,
     "max_headers": 100,
 }
+
+
+class _Listener(Protocol):
+    """An open listener (aiohttp's runner for the admin API, ``Http1Server`` for webhooks)."""
+
+    async def cleanup(self) -> None: ...
 
 
 @dataclass
@@ -211,7 +217,7 @@ class Daemon:
                 ]
                 if alerter is not None:
                     side_tasks.append(tg.create_task(alerter.run(), name="alerts"))
-                listening: list[web.BaseRunner] = []
+                listening: list[_Listener] = []
                 try:
                     cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
                     if alerter is not None:
@@ -233,7 +239,7 @@ class Daemon:
         journal: BaseJournal,
         pool: WorkerPool,
         pool_task: asyncio.Task[None],
-        listening: list[web.BaseRunner],
+        listening: list[_Listener],
     ) -> int:
         """Open the listeners, serve until asked to stop, drain; returns jobs re-queued."""
         admin_runner = None
@@ -246,14 +252,14 @@ class Daemon:
             admin_runner = await self._listen(admin, cfg.admin.listen, "admin")
             listening.append(admin_runner)
             self.bound.admin = _address(admin_runner)
-        receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
-        receiver_runner = await self._listen(
-            web.ServerRunner(receiver.server(**_HANDLER), **runner_args),
-            cfg.server.listen,
-            "receiver",
-        )
+        receiver_runner = Receiver(cfg, journal, self.intake, clock=self.clock).server(**_HANDLER)
+        listen = cfg.server.listen
+        try:
+            bound = await receiver_runner.start(listen.host, listen.port, backlog=1024)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {listen} (receiver): {exc.strerror or exc}") from exc
         listening.append(receiver_runner)
-        self.bound.receiver = _address(receiver_runner)
+        self.bound.receiver = bound[0]
         self._announce(cfg)
         if self.tune_gc:
             _tune_gc()

@@ -1,4 +1,4 @@
-"""The receiver: one handler on aiohttp's low-level server for ``/hooks/...`` — size limit,
+"""The receiver: one handler on webhookd's HTTP/1.1 server for ``/hooks/...`` — size limit,
 verify, dedup key, intake limit, journal, and the 2xx only after the commit.
 
 Order of checks, cheapest first: route → draining → size → bodies in flight → body read (with
@@ -12,8 +12,6 @@ request's 503 (logged once with its traceback), never a plain-text 500.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -28,8 +26,9 @@ from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ALERT_SOURCE, CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
 from webhookd.errors import JournalUnavailable, VerificationError
+from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
-from webhookd.json_errors import JsonErrorServer, json_error
+from webhookd.json_errors import json_error
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
@@ -90,10 +89,6 @@ class _Payload:
 
 
 _UNSET: Any = object()
-
-
-def _ack(status: int, body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json")
 
 
 def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = False) -> str | None:
@@ -249,35 +244,21 @@ class Receiver:
             src.name for src in config.sources.values() if any(a.when for a in src.actions)
         }
 
-    def server(self, **handler_args: Any) -> JsonErrorServer:
-        """aiohttp's low-level server for the webhooks: every request goes straight to
-        ``handle``, which finds its source itself. An ``Application`` in front would add its
-        router, a request subclass and a handler chain to every webhook, 10–15 µs of the core
-        each (a bare handler measured both ways), for routes this receiver does not use.
-
-        ``handler_args`` go to aiohttp's per-connection handler (timeouts, header limits).
-        What its HTTP parser refuses (a header over the limit, TLS on the plain port) is a JSON
-        400 too, logged in one line (``JsonErrorServer``).
+    def server(self, **limits: Any) -> Http1Server:
+        """The HTTP server for the webhooks (``webhookd.http1``): every request goes straight to
+        ``handle``, which finds its source itself. ``limits``: keep-alive timeout and header
+        limits. What the HTTP parser refuses (a header over the limit, TLS on the plain port)
+        is a JSON 4xx, logged in one line. Bodies are inflated by content_coding, not the
+        parser; no access log (webhookd logs what it refuses; a line per webhook costs intake).
         """
-        # aiohttp calls it with (message, payload, protocol, writer, task); a partial, not a
-        # function of ours, saves a Python frame per webhook.
-        request = functools.partial(
-            web.BaseRequest,
-            loop=asyncio.get_running_loop(),
-            client_max_size=self.config.server.max_body_bytes,
-        )
-        # Bodies are inflated by content_coding, not aiohttp's parser: its errors for a bad
-        # encoding are plain-text 400s or 500s with tracebacks; it accepts truncated gzip.
-        # No access log: webhookd logs what it refuses, and a line per webhook costs intake.
-        return JsonErrorServer(
+        return Http1Server(
             self.handle,
-            request_factory=request,
-            auto_decompress=False,
-            access_log=None,
-            **handler_args,
+            self._unexpected,
+            shutdown_timeout_s=self.config.server.ack_timeout_s + 1,
+            **limits,
         )
 
-    def _unexpected(self, request: web.BaseRequest) -> web.Response:
+    def _unexpected(self, request: Request) -> web.Response:
         # One record with the traceback; never the body or header values (secrets live there).
         log.exception("unexpected error answering %s %r: 503", request.method, request.path[:200])
         return json_error(503, "internal error, retry later", self.config.server.retry_after_s)
@@ -299,10 +280,11 @@ class Receiver:
                 return name, self._catch_all
         return None
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Answer:
         """Answer one request to the receiver's port (the server's only handler)."""
         started = self.clock.monotonic()
         name = ""
+        response: Answer
         resolved = self._resolve(request.path)
         if resolved is None:
             response = json_error(404, "no such source")
@@ -313,11 +295,7 @@ class Receiver:
             except _Refused as refused:
                 response = refused.response
                 if refused.close:
-                    response.force_close()
-                    with contextlib.suppress(ConnectionError):
-                        await response.prepare(request)
-                        await response.write_eof()
-                    request.protocol.force_close()
+                    response.force_close()  # the server closes the connection after it
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
@@ -331,16 +309,16 @@ class Receiver:
             observer(name, response.status, self.clock.monotonic() - started)
         return response
 
-    async def _read(self, request: web.BaseRequest, length_bytes: int) -> bytes:
+    async def _read(self, request: Request, length_bytes: int) -> bytes:
         """The raw body, read within ``server.body_timeout_s`` while the bytes of all bodies
         being read stay under ``server.max_inflight_body_bytes`` (else 408 or 503)."""
         server = self.config.server
         content = request.content
         if content.is_eof():  # it came with the headers (the usual case): nothing to wait for
-            try:
-                return await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise _Refused(413, self._too_large) from None
+            body = request.body_received()
+            if len(body) > server.max_body_bytes:  # chunked, so not refused by its length
+                raise _Refused(413, self._too_large)
+            return body
         if self._inflight_bytes + length_bytes > server.max_inflight_body_bytes:
             raise _Refused(503, "too many bodies in flight", server.retry_after_s)
         self._inflight_bytes += length_bytes
@@ -370,7 +348,7 @@ class Receiver:
         return b"".join(parts)
 
     @staticmethod
-    async def _go_on(request: web.BaseRequest) -> None:
+    async def _go_on(request: Request) -> None:
         """Answer ``Expect: 100-continue`` (curl sends it before large bodies): only now,
         once the request has passed the checks that need no body, is the client told to send it.
         """
@@ -379,12 +357,11 @@ class Receiver:
             return
         if expect.lower() != "100-continue":
             raise _Refused(417, "unsupported Expect header", close=True)
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
+        request.send_continue()
 
     def _check(
         self,
-        request: web.BaseRequest,
+        request: Request,
         name: str,
         src: SourceConfig,
         scheme: Scheme | None,
@@ -425,7 +402,7 @@ class Receiver:
             return json_error(401, exc.reason)
         return verdict.as_dict()
 
-    async def _take(self, request: web.BaseRequest, name: str, src: SourceConfig) -> web.Response:
+    async def _take(self, request: Request, name: str, src: SourceConfig) -> Answer:
         server = self.config.server
         if request.method not in ("POST", "GET", "PUT"):
             return json_error(405, "method not allowed")
@@ -522,5 +499,5 @@ class Receiver:
             return json_error(503, "journal unavailable, retry later", server.retry_after_s)
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.
         if result.duplicate:
-            return _ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
-        return _ack(src.ack_status, b'{"id": "%s", "duplicate": false}' % event.id.encode())
+            return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
+        return Ack(src.ack_status, b'{"id": "%s", "duplicate": false}' % event.id.encode())

@@ -1,0 +1,237 @@
+"""The receiver's HTTP/1.1 server (webhookd.http1): keep-alive, pipelining, HEAD, closing rules,
+the idle timeout and the drain at shutdown, spoken by hand over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_config
+from tests.rawhttp import RawConn
+from webhookd.http1 import Answer, Http1Server, Request
+from webhookd.journal import Journal
+from webhookd.receiver import Receiver
+from webhookd.state import IntakeState
+
+CATCH_ALL = """
+[sources."*"]
+"""
+
+
+@dataclass
+class Served:
+    address: str
+    server: Http1Server
+    db: Path
+    entered: asyncio.Event  # a request reached the receiver's handler
+    left: asyncio.Event  # ... and its handler returned
+
+    def events(self) -> int:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+
+Start = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """A receiver on its own ``Http1Server``, saying when a request enters and leaves its
+    handler; ``hold`` (an event) keeps each one in the handler until set."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def go(
+            *, keepalive_timeout: float = 75.0, hold: asyncio.Event | None = None
+        ) -> Served:
+            cfg = make_config(tmp_path, CATCH_ALL)
+            journal = await stack.enter_async_context(Journal(cfg.journal.path))
+            entered, left = asyncio.Event(), asyncio.Event()
+
+            class Watched(Receiver):
+                async def handle(self, request: Request) -> Answer:
+                    entered.set()
+                    if hold is not None:
+                        await hold.wait()
+                    try:
+                        return await super().handle(request)
+                    finally:
+                        left.set()
+
+            server = Watched(cfg, journal, IntakeState()).server(
+                keepalive_timeout=keepalive_timeout
+            )
+            address = (await server.start("127.0.0.1", 0))[0]
+            stack.push_async_callback(server.close, 1.0)
+            return Served(address, server, cfg.journal.path, entered, left)
+
+        yield go
+
+
+def post(n: int, *extra: bytes) -> bytes:
+    body = b'{"n": %d}' % n
+    head = [b"POST /hooks/h HTTP/1.1", b"Host: test", b"Content-Length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(start: Start) -> None:
+    """Two hundred webhooks in one write (past the queue that pauses reading): every one is
+    answered, in the order sent, and journaled; the connection stays open."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"".join(post(n) for n in range(200)))
+    ids = []
+    for _ in range(200):
+        answer = await conn.answer()
+        assert answer.status == 202 and "connection" not in answer.headers, answer
+        ids.append(answer.doc["id"])
+    assert ids == sorted(ids) and len(set(ids)) == 200  # ids grow with arrival
+    await conn.send(post(200))
+    assert (await conn.answer()).status == 202
+    await conn.close()
+    assert served.events() == 201
+
+
+async def test_head_gets_headers_only_and_the_connection_goes_on(start: Start) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"HEAD /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n")
+    status_line = await conn.reader.readuntil(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 405 ")
+    head = await conn.reader.readuntil(b"\r\n\r\n")
+    assert b"Content-Length: " in head  # what a GET would have had; no body follows
+    await conn.send(post(1))
+    answer = await conn.answer()
+    assert answer.status == 202, answer
+    await conn.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        post(1, b"Connection: close"),
+        post(1).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_a_client_that_will_not_keep_alive_gets_its_answer_then_a_close(
+    start: Start, request_bytes: bytes
+) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(request_bytes)
+    answer = await conn.answer()
+    assert answer.status == 202 and answer.headers["connection"] == "close", answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 1
+
+
+async def test_an_http_1_0_client_asking_for_keep_alive_is_told_and_kept(start: Start) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    for n in range(2):
+        await conn.send(post(n, b"Connection: keep-alive").replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        answer = await conn.answer()
+        assert answer.status == 202 and answer.headers["connection"] == "keep-alive", answer
+    await conn.close()
+    assert served.events() == 2
+
+
+async def test_an_answer_before_the_body_closes_the_connection(start: Start) -> None:
+    """413 by Content-Length, before the body was sent: the rest of the stream cannot be
+    trusted as the next request, so the answer says close and the server closes."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: 999999999\r\n\r\n")
+    answer = await conn.answer()
+    assert answer.status == 413 and answer.headers["connection"] == "close", answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 0
+
+
+async def test_an_upgrade_request_is_answered_then_closed(start: Start) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(post(1, b"Connection: Upgrade", b"Upgrade: h2c"))
+    answer = await conn.answer()
+    assert answer.status == 202 and answer.headers["connection"] == "close", answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+
+
+@pytest.mark.parametrize("sent", [b"", post(1)], ids=["never-asked", "after-an-answer"])
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(
+    start: Start, sent: bytes
+) -> None:
+    served = await start(keepalive_timeout=0.2)
+    conn = await RawConn.open(served.address)
+    if sent:
+        await conn.send(sent)
+        assert (await conn.answer()).status == 202
+    async with asyncio.timeout(10):
+        assert await conn.closed_by_peer()
+    await conn.close()
+
+
+async def test_a_request_head_that_never_ends_is_closed_after_the_keepalive_timeout(
+    start: Start,
+) -> None:
+    """Half a request line, then nothing (slowloris): the idle timer is not reset by bytes,
+    only by a complete request head."""
+    served = await start(keepalive_timeout=0.2)
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: te")
+    async with asyncio.timeout(10):
+        assert await conn.closed_by_peer()
+    await conn.close()
+    assert not served.server.connections
+
+
+async def test_shutdown_answers_the_requests_in_flight_and_closes_the_idle(
+    start: Start,
+) -> None:
+    """``close``: no new connection is taken, an idle keep-alive connection is closed at once,
+    and a webhook in flight is still journaled and answered (then its connection closes)."""
+    hold = asyncio.Event()
+    served = await start(hold=hold)
+    idle = await RawConn.open(served.address)
+    busy = await RawConn.open(served.address)
+    await busy.send(post(1))
+    await served.entered.wait()
+    closing = asyncio.create_task(served.server.close(10.0))
+    assert await idle.closed_by_peer()
+    host, _, port = served.address.rpartition(":")
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, int(port))
+    hold.set()
+    answer = await busy.answer()
+    assert answer.status == 202 and answer.headers["connection"] == "close", answer
+    assert await busy.closed_by_peer()
+    await closing
+    await idle.close()
+    await busy.close()
+    assert served.events() == 1
+
+
+async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(
+    start: Start,
+) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{")
+    await served.entered.wait()
+    conn.writer.transport.abort()
+    async with asyncio.timeout(10):
+        await served.left.wait()  # its body read failed: nothing to journal
+    other = await RawConn.open(served.address)
+    await other.send(post(2))
+    assert (await other.answer()).status == 202
+    await other.close()
+    assert served.events() == 1

@@ -1,0 +1,442 @@
+"""The receiver's HTTP/1.1 server: aiohttp's request parser and a connection loop cut to what a
+webhook needs.
+
+aiohttp's server (``web.Server`` and its ``RequestHandler``) builds a request object with a
+dozen lazily computed views, a response object with a header multidict, a stream writer, and
+timers per request; on one core that machinery costs more than webhookd's own work per webhook
+(a bare aiohttp handler answering 200: ~80 µs per request; the same answers written by a
+protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies on:
+
+- aiohttp's parser (``HttpRequestParser``, the C one when built): request line and header
+  limits, chunked framing, the body as a ``StreamReader`` with its flow control;
+- keep-alive with pipelining: answers in order, one request at a time per connection, at most
+  ``_QUEUE_MAX`` parsed requests held before reading pauses;
+- a connection closed after ``keepalive_timeout`` without a complete request head (idle between
+  requests, or a head that never ends), after an answer sent before its body was read, after
+  ``Connection: close`` or an HTTP/1.0 request without keep-alive, and after an upgrade request;
+- a malformed request answered with a JSON 400 (431 for too many headers) in one INFO line
+  naming the client and the parser's reason, never the bytes; then the connection closes;
+- a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
+  (their commits and answers) for up to a timeout, then closes the rest.
+
+The handler gets a ``Request`` (the few views the receiver reads) and returns either an ``Ack``
+(the hot path's answer, formatted here without a header multidict) or an aiohttp
+``web.Response`` (errors and handshakes, built by the code shared with the admin API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy, MultiMapping
+from yarl import URL
+
+from webhookd.json_errors import json_error
+
+log = logging.getLogger("webhookd.http")
+
+_QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops reading
+_QUEUE_RESUME = 16
+_READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
+_SKIPPED = frozenset(("content-length", "date", "connection", "transfer-encoding", "server"))
+
+
+class Ack:
+    """The receiver's answer to a webhook taken: a status and a JSON body, nothing else."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+
+Answer = Ack | web.Response
+Handler = Callable[["Request"], Awaitable[Answer]]
+
+
+class Request:
+    """One request as the receiver reads it: the parsed head, the body's stream, the peer."""
+
+    __slots__ = ("_conn", "_message", "content")
+
+    def __init__(self, message: RawRequestMessage, content: StreamReader, conn: _Connection):
+        self._message = message
+        self.content = content
+        self._conn = conn
+
+    @property
+    def method(self) -> str:
+        return self._message.method
+
+    @property
+    def path(self) -> str:
+        """The percent-decoded path, without the query (an absolute-form target's too)."""
+        return self._message.url.path
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return self._message.version
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._message.headers
+
+    @property
+    def content_length(self) -> int | None:
+        value = self._message.headers.get("Content-Length")
+        return None if value is None else int(value)  # the parser accepts digits only
+
+    @property
+    def url(self) -> URL:
+        """The URL the client asked for, as aiohttp's ``request.url`` gives it: ``http``, the
+        Host header (else the address the connection came in on), the path and query."""
+        host = self._message.headers.get("Host")
+        if host is None:
+            host = self._conn.local_host
+        rel = self._message.url
+        if rel.absolute:
+            rel = rel.relative()
+        return URL.build(scheme="http", authority=host).join(rel)
+
+    @property
+    def query(self) -> MultiMapping[str]:
+        return self._message.url.query
+
+    @property
+    def remote(self) -> str | None:
+        return self._conn.peer
+
+    def body_received(self) -> bytes:
+        """The whole body, once ``content.is_eof()``: what the parser already buffered."""
+        return self.content.read_nowait(-1)
+
+    def send_continue(self) -> None:
+        """``100 Continue``, for a client that sent ``Expect: 100-continue`` and waits."""
+        self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+class _DateHeader:
+    """The ``Date`` header line, formatted at most once a second."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._line
+
+
+_ACK = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n%s"
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # said to HTTP/1.0 clients, who assume a close
+
+
+def _format(answer: Answer, connection: bytes, date: bytes, head: bool = False) -> bytes:
+    """The answer's bytes on the wire: status line, headers (``connection``: the Connection
+    header line or nothing), body (not for ``HEAD``, whose answer has the headers a ``GET``
+    would have had, and no body)."""
+    status = answer.status
+    reason = _REASONS.get(status, b"Unknown")
+    if type(answer) is Ack:
+        body = answer.body
+        return _ACK % (status, reason, len(body), date, connection, b"" if head else body)
+    assert isinstance(answer, web.Response)
+    raw = answer.body
+    body = bytes(raw) if isinstance(raw, bytes | bytearray) else b""  # webhookd's are bytes
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in answer.headers.items():
+        if name.lower() not in _SKIPPED:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines += [b"Content-Length: %d\r\n" % len(body), date, connection, b"\r\n"]
+    if not head:
+        lines.append(body)
+    return b"".join(lines)
+
+
+class _Connection(BaseProtocol):
+    """One client connection: parse, queue, answer in order."""
+
+    __slots__ = (
+        "_broken",
+        "_closing",
+        "_current",
+        "_last_active",
+        "_queue",
+        "_server",
+        "_task",
+        "local_host",
+        "peer",
+        "request_parser",
+    )
+
+    def __init__(self, server: Http1Server) -> None:
+        loop = server.loop
+        parser = HttpRequestParser(
+            self,
+            loop,
+            _READ_LIMIT,
+            max_line_size=server.max_line_size,
+            max_field_size=server.max_field_size,
+            max_headers=server.max_headers,
+            payload_exception=web.RequestPayloadError,
+            auto_decompress=False,
+        )
+        super().__init__(loop, parser)
+        self.request_parser = parser
+        self._server = server
+        self._queue: deque[tuple[RawRequestMessage, StreamReader] | HttpProcessingError] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # answer what is in flight, then close
+        self._broken = False  # the parser gave up: nothing more is read
+        self._current: StreamReader | None = None  # the body of the request being answered
+        self._last_active = loop.time()
+        self.peer: str | None = None
+        self.local_host = ""
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple | list) else None
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple | list):
+            host = str(sock[0])
+            self.local_host = f"[{host}]:{sock[1]}" if ":" in host else f"{host}:{sock[1]}"
+        self._server.connections.add(self)
+        if self._server.closing:
+            self._closing = True
+            self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._server.connections.discard(self)
+        self._closing = True
+        # A body still being read ends with an error; the request's handler is not cancelled
+        # (a webhook queued for its commit is written all the same).
+        lost = exc if exc is not None else ConnectionResetError("connection lost")
+        if self._current is not None:
+            self._current.set_exception(lost)
+        for item in self._queue:
+            if not isinstance(item, HttpProcessingError):
+                item[1].set_exception(lost)
+        self._queue.clear()
+        with contextlib.suppress(Exception):
+            self.request_parser.feed_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            messages, upgraded, _tail = self.request_parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._queue.append(exc)
+            self._broken = self._closing = True  # nothing after it can be trusted
+            self._pause_transport_reading()
+            self._start()
+            return
+        if messages and self._closing:  # closing: bodies in progress are read, no new request
+            return
+        if messages:
+            self._queue.extend(messages)
+            if upgraded:  # no other protocol is spoken here: answer, then close
+                self._closing = True
+                self._pause_transport_reading()
+            elif len(self._queue) >= _QUEUE_MAX and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            self._start()
+
+    # -- answering --
+
+    def _start(self) -> None:
+        if self._task is None and self._queue:
+            self._task = self._loop.create_task(self._answer_all())
+
+    async def _answer_all(self) -> None:
+        server = self._server
+        try:
+            while self._queue and self.transport is not None:
+                item = self._queue.popleft()
+                if self._buffer_paused and len(self._queue) <= _QUEUE_RESUME:
+                    self._resume_reading_for_buffer()
+                if isinstance(item, HttpProcessingError):
+                    self._refuse(item)
+                    return
+                message, payload = item
+                self._current = payload
+                request = Request(message, payload, self)
+                try:
+                    answer = await server.handler(request)
+                except Exception:
+                    answer = server.unexpected(request)
+                self._current = None
+                if self.transport is None:
+                    return
+                keep_alive = (
+                    not message.should_close
+                    and not message.upgrade  # no other protocol is spoken here
+                    and not server.closing
+                    and payload.is_eof()  # an unread body leaves the stream out of step
+                    and not (isinstance(answer, web.Response) and answer.keep_alive is False)
+                    and not (self._closing and not self._queue)
+                )
+                if not keep_alive:
+                    connection = _CLOSE
+                else:
+                    connection = b"" if message.version >= (1, 1) else _KEEP_ALIVE
+                head = message.method == "HEAD"
+                self.transport.write(_format(answer, connection, server.date.line(), head))
+                if not keep_alive:
+                    self.close()
+                    return
+                if self._paused:  # the client reads slowly: wait for the socket to drain
+                    await self._drain_helper()
+            if self._closing and self.transport is not None:
+                self.close()
+        finally:
+            self._task = None
+            self._last_active = self._loop.time()
+            server.request_done()
+
+    def _refuse(self, exc: HttpProcessingError) -> None:
+        """A JSON answer to a request the parser refused; the connection closes after it."""
+        code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
+        # The parser's reason comes before a colon; after it, the request's own bytes.
+        reason = (exc.message or "").partition(":")[0].strip() or "malformed request"
+        log.info("refused a malformed request from %s: %d %s", self.peer, code, reason)
+        answer = json_error(code, reason)
+        self.write(_format(answer, _CLOSE, self._server.date.line()))
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close_after_answers(self) -> None:
+        self._closing = True
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def idle_since(self) -> float | None:
+        """When this connection last finished an answer, if it waits for nothing now."""
+        return None if self._task is not None else self._last_active
+
+    def busy(self) -> bool:
+        return self._task is not None or bool(self._queue)
+
+
+class Http1Server:
+    """The receiver's listener: ``start`` binds, ``close`` drains and closes."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        unexpected: Callable[[Request], web.Response],
+        *,
+        shutdown_timeout_s: float = 10.0,
+        keepalive_timeout: float = 75.0,
+        max_line_size: int = 8190,
+        max_field_size: int = 8190,
+        max_headers: int = 100,
+    ) -> None:
+        self.handler = handler
+        self.unexpected = unexpected
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.keepalive_timeout = keepalive_timeout
+        self.max_line_size = max_line_size
+        self.max_field_size = max_field_size
+        self.max_headers = max_headers
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.date = _DateHeader()
+        self.loop = asyncio.get_running_loop()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024) -> list[str]:
+        """Listen on ``host:port``; returns the ``host:port`` of each socket bound."""
+        server = await self.loop.create_server(
+            lambda: _Connection(self), host, port, backlog=backlog, reuse_address=True
+        )
+        self._servers.append(server)
+        self._sweep_later()
+        addresses = []
+        for sock in server.sockets:
+            name = sock.getsockname()
+            addr = str(name[0])
+            addresses.append(f"[{addr}]:{name[1]}" if ":" in addr else f"{addr}:{name[1]}")
+        return addresses
+
+    def request_done(self) -> None:
+        if self._idle is not None and not any(c.busy() for c in self.connections):
+            self._idle.set()
+
+    def _sweep_later(self) -> None:
+        step = min(max(self.keepalive_timeout / 4, 0.05), 5.0)
+        self._sweeper = self.loop.call_later(step, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections with no complete request for ``keepalive_timeout``."""
+        cutoff = self.loop.time() - self.keepalive_timeout
+        for conn in list(self.connections):
+            since = conn.idle_since()
+            if since is not None and since <= cutoff and not conn.busy():
+                conn.close()
+        if not self.closing:
+            self._sweep_later()
+
+    async def cleanup(self) -> None:
+        """``close`` with the server's own ``shutdown_timeout_s`` (as aiohttp's runners)."""
+        await self.close(self.shutdown_timeout_s)
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop accepting; close idle connections; give the requests in flight ``timeout_s``
+        to be answered; then close whatever is left."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.busy():
+                conn.close_after_answers()
+            else:
+                conn.close()
+        self._idle = asyncio.Event()
+        if any(c.busy() for c in self.connections):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
