@@ -269,6 +269,7 @@ _HEADERS = (
 def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, float], None]]]:
     """(name, schema, write one batch) for each step; each adds one piece to the one before."""
     from webhookd.journal import MIGRATIONS
+    from webhookd.journal.schema import key_digest
     from webhookd.models import new_event_id, new_job_id
 
     headers = json.dumps(_HEADERS, separators=(",", ":"))
@@ -286,12 +287,12 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
             eid = new_event_id()
             key = "bench:sha256:" + hashlib.sha256(body).hexdigest()
             rows.append((eid, "bench", now, key, "", 1, headers, body))
-            keys.append((key, eid, now))
+            keys.append((key_digest(key), eid, now))
             if jobs:
                 job_rows.append((new_job_id(), eid, "bench", "fwd", "forward", 1, "", None, now, 5))
         if dedup:
             conn.executemany(
-                "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
+                "INSERT OR IGNORE INTO dedup(digest, event_id, created_at) VALUES (?, ?, ?)", keys
             )
         conn.executemany(
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
@@ -312,8 +313,8 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
         " body BLOB NOT NULL, verified TEXT, filtered TEXT)"
     )
     dedup = (
-        "CREATE TABLE dedup (key TEXT PRIMARY KEY, event_id TEXT NOT NULL,"
-        " created_at REAL NOT NULL) WITHOUT ROWID"
+        "CREATE TABLE dedup (n INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE,"
+        " event_id TEXT NOT NULL, created_at REAL NOT NULL)"
     )
     full = ";".join(MIGRATIONS)
     no_jobs = full  # the jobs table is there but empty: a source without actions
@@ -342,7 +343,7 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
             lambda c, s, now: events(c, s, now, False, False),
         ),
         (
-            "+ dedup table (random 80-char text key)",
+            "+ dedup keys (a random 16-byte digest, unique index; rows appended)",
             plain_events
             + "; CREATE UNIQUE INDEX events_id ON events(id)"
             + "; CREATE INDEX events_source ON events(source, seq)"
@@ -351,7 +352,7 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
             lambda c, s, now: events(c, s, now, True, False),
         ),
         (
-            "= the journal's schema (+ dedup_created index)",
+            "= the journal's schema",
             no_jobs,
             lambda c, s, now: events(c, s, now, True, False),
         ),
@@ -367,10 +368,13 @@ def _sql_step(
     schema: str, write: Callable[[sqlite3.Connection, int, float], None], rows: int
 ) -> float:
     """CPU µs per webhook of writing ``rows`` webhooks' rows, 64 per commit, into ``schema``."""
+    from webhookd.journal.schema import add_functions
+
     with tempfile.TemporaryDirectory(prefix="bench-bisect-") as tmp:
         conn = sqlite3.connect(Path(tmp) / "j.db", isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        add_functions(conn)  # the journal's migrations call them
         for statement in schema.split(";"):
             if statement.strip():
                 conn.execute(statement)

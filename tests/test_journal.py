@@ -36,7 +36,7 @@ from webhookd.journal import (
     PolledCounts,
 )
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
-from webhookd.journal.schema import BACKLOG_SQL
+from webhookd.journal.schema import BACKLOG_SQL, add_functions
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init
 
 
@@ -98,8 +98,11 @@ async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_t
     async with Journal(path):
         pass
     assert "upgrad" not in caplog.text
-    with contextlib.closing(sqlite3.connect(path)) as conn:  # back to the last version but one
-        conn.execute("DROP INDEX jobs_due")
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # a journal of the version before
+        add_functions(conn)
+        for migration in MIGRATIONS[:-1]:
+            conn.executescript(migration)
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
         conn.commit()
     async with Journal(path):
@@ -109,6 +112,32 @@ async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_t
     assert len(upgrades) == 2
     assert f"{path}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
     assert re.search(rf"{path}: schema upgraded to version {latest} in \d+\.\d s", upgrades[1])
+
+
+async def test_sqlite_dedup_keys_of_a_journal_from_before_digests_still_hold(
+    tmp_path: Path,
+) -> None:
+    """Migration 8 moves the dedup keys to their digests: a key stored by the schema before is a
+    duplicate after the upgrade (naming its event), and pruning still finds it by age."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        add_functions(conn)
+        for migration in MIGRATIONS[:7]:
+            conn.executescript(migration)
+        conn.execute("PRAGMA user_version = 7")
+        conn.executemany(
+            "INSERT INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)",
+            [("s:kept", "evt_kept", time.time()), ("s:old", "evt_old", 1.0)],
+        )
+        conn.commit()
+    async with Journal(path) as journal:
+        now = time.time()
+        again = await journal.ingest(new_event(key="s:kept", jobs=0, received_at=now))
+        assert again == Ingested("evt_kept", duplicate=True)
+        pruned = await journal.prune(keep_done_s=3600, keep_dead_s=3600, keep_dedup_s=3600)
+        assert pruned.dedup == 1
+        fresh = await journal.ingest(new_event(key="s:old", jobs=0, received_at=now))
+        assert fresh.duplicate is False
 
 
 def test_ids_sort_by_creation() -> None:

@@ -75,7 +75,14 @@ from webhookd.journal.records import (
     Replayed,
     Series,
 )
-from webhookd.journal.schema import EVENT_STATES, EXPIRED, MIGRATIONS, fetch, fetch_rows
+from webhookd.journal.schema import (
+    EVENT_STATES,
+    EXPIRED,
+    MIGRATIONS,
+    add_functions,
+    fetch,
+    fetch_rows,
+)
 from webhookd.models import JobState, new_boot_id
 
 __all__ = [
@@ -356,6 +363,7 @@ class Journal(Reads, BaseJournal):
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
+            add_functions(conn)
             self._migrate(conn)
         except BaseException:
             conn.close()
@@ -811,10 +819,12 @@ class Journal(Reads, BaseJournal):
             cur = conn.executemany("DELETE FROM jobs WHERE event_id = ?", ids)
             jobs = cur.rowcount
             conn.executemany("DELETE FROM events WHERE id = ?", ids)
+            # The oldest keys by arrival (rowid), not an index on their time: read ``batch`` of
+            # them and delete those expired (a key from a clock stepped forward waits its turn).
             cur = conn.execute(
-                "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE created_at < ?"
-                " LIMIT ?)",
-                (now - keep_dedup_s, batch),
+                "DELETE FROM dedup WHERE n IN (SELECT n FROM (SELECT n, created_at FROM dedup"
+                " ORDER BY n LIMIT ?) WHERE created_at < ?)",
+                (batch, now - keep_dedup_s),
             )
             return Pruned(events=len(ids), jobs=max(jobs, 0), dedup=max(cur.rowcount, 0))
 

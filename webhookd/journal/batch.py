@@ -23,6 +23,7 @@ from webhookd.journal.schema import (
     claimed_from_row,
     dump,
     fetch_rows,
+    key_digest,
 )
 from webhookd.models import JobState
 
@@ -271,26 +272,36 @@ def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]
 def write_ingests(
     conn: sqlite3.Connection, ops: list[IngestOp], now: float
 ) -> list[tuple[Ingested, list[Ready]]]:
+    texts: list[str] = []  # each key, beside its row in ``keys``
     keys = []
     for op in ops:
         e = op.item.event
-        keys.append((e.dedup_key, e.id, now))
+        texts.append(e.dedup_key)
+        keys.append((key_digest(e.dedup_key), e.id, now))
         if op.item.body_key is not None:
-            keys.append((op.item.body_key, e.id, now))
+            texts.append(op.item.body_key)
+            keys.append((key_digest(op.item.body_key), e.id, now))
     inserted = insert_rows(
-        conn, "INSERT OR IGNORE INTO dedup(key, event_id, created_at) VALUES (?, ?, ?)", keys
+        conn, "INSERT OR IGNORE INTO dedup(digest, event_id, created_at) VALUES (?, ?, ?)", keys
     )
     owners: dict[str, str] = {}
     # Every key went in (the usual case): each event owns its own keys, nothing to read back.
-    unique_keys = [] if inserted == len(keys) else list(dict.fromkeys(k[0] for k in keys))
-    for start in range(0, len(unique_keys), 500):
-        chunk = unique_keys[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        rows = fetch_rows(conn, f"SELECT key, event_id FROM dedup WHERE key IN ({marks})", chunk)
-        owners.update({row[0]: row[1] for row in rows})
+    if inserted != len(keys):
+        by_digest = {k[0]: text for k, text in zip(keys, texts, strict=True)}
+        digests = list(by_digest)
+        for start in range(0, len(digests), 500):
+            chunk = digests[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = fetch_rows(
+                conn, f"SELECT digest, event_id FROM dedup WHERE digest IN ({marks})", chunk
+            )
+            owners.update({by_digest[row[0]]: row[1] for row in rows})
     results, event_rows, job_rows, orphans = sort_ingests(ops, owners)
     if orphans:
-        conn.executemany("DELETE FROM dedup WHERE key = ? AND event_id = ?", orphans)
+        conn.executemany(
+            "DELETE FROM dedup WHERE digest = ? AND event_id = ?",
+            [(key_digest(key), event_id) for key, event_id in orphans],
+        )
     if event_rows:
         insert_rows(
             conn,
