@@ -25,7 +25,7 @@ from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
-from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent
+from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
 from webhookd.models import Event, Job, JobState
 from webhookd.workers import SATURATED_RECHECK_S, WorkerPool, backoff_s
 
@@ -598,3 +598,19 @@ async def test_a_pool_started_while_a_source_is_paused_runs_none_of_its_jobs(
         rig.pool.stop()
         rig.pool.poke()
         await running
+
+
+async def test_jobs_of_a_paused_source_do_not_wake_the_dispatcher(tmp_path: Path) -> None:
+    """Webhooks keep coming to a paused source and their jobs stay queued: a commit of such
+    jobs only gives the dispatcher a round with nothing to do, so it does not wake it (at
+    thousands of webhooks a second that was a round per commit). A job of another source does."""
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    async with Journal(cfg.journal.path) as journal:
+        pool = WorkerPool(config=cfg, journal=journal, actions={}, boot_id="boot")
+        pool.paused = frozenset({"a"})
+        pool.notify([Ready("job_1", "a", "log", 1, "", None, 1)])
+        assert not pool._wake.is_set()
+        assert len(pool.scheduler) == 0
+        pool.notify([Ready("job_2", "b", "log", 1, "", None, 2)])
+        assert pool._wake.is_set()
+        assert len(pool.scheduler) == 1

@@ -170,9 +170,11 @@ class WorkerPool:
     def notify(self, ready: list[Ready]) -> None:
         """New jobs were committed: take them into the window and wake the dispatcher."""
         scheduler = self.scheduler
+        taken = False
         for job in ready:
             if job.source in self.paused:
                 continue
+            taken = True
             # An ordered job may have an older job of its key unfinished (waiting for a retry,
             # say): only the journal knows, so it comes in through a refill.
             if job.order_key is not None:
@@ -184,7 +186,8 @@ class WorkerPool:
                     self._overflow = True
                 else:
                     self._refill_now = True
-        self._wake.set()
+        if taken:  # jobs of paused sources only (queued while paused): nothing to dispatch
+            self._wake.set()
 
     def poke(self) -> None:
         """Something changed in the journal (a replay, another node's commit or finish): look at
