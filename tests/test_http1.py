@@ -9,8 +9,11 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpRequestParser
 
 from tests.conftest import make_config
 from tests.rawhttp import RawConn
@@ -235,3 +238,31 @@ async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(
     assert (await other.answer()).status == 202
     await other.close()
     assert served.events() == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "url"),
+    [
+        (
+            b"POST /hooks/h?a=1&b=%20 HTTP/1.1\r\nHost: hooks.example:8443\r\n",
+            "http://hooks.example:8443/hooks/h?a=1&b=%20",
+        ),
+        (b"POST /hooks/h HTTP/1.0\r\n", "http://127.0.0.1:9/hooks/h"),
+        (
+            b"POST http://target.example/hooks/h?x=1 HTTP/1.1\r\nHost: other\r\n",
+            "http://target.example/hooks/h?x=1",
+        ),
+    ],
+    ids=["host-header", "no-host", "absolute-form"],
+)
+async def test_the_url_a_signature_is_checked_against(head: bytes, url: str) -> None:
+    """What a URL-signing scheme (Twilio) verifies: the URL as aiohttp's ``request.url`` gives
+    it, query kept as sent; without a Host header the address the connection came in on."""
+    loop = asyncio.get_running_loop()
+    parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
+    messages, _, _ = parser.feed_data(head + b"Content-Length: 0\r\n\r\n")
+    message, payload = messages[0]
+    conn = SimpleNamespace(local_host="127.0.0.1:9", peer="127.0.0.1")
+    request = Request(message, payload, conn)  # type: ignore[arg-type]
+    assert str(request.url) == url
+    assert request.path == "/hooks/h"

@@ -102,14 +102,16 @@ class Request:
     @property
     def url(self) -> URL:
         """The URL the client asked for, as aiohttp's ``request.url`` gives it: ``http``, the
-        Host header (else the address the connection came in on), the path and query."""
+        Host header (else the address the connection came in on), the path and query; for an
+        absolute-form target (``POST http://host/path``) the target's own authority, which
+        HTTP/1.1 says wins over the Host header."""
+        target = self._message.url
+        if target.absolute:
+            return target.with_scheme("http")
         host = self._message.headers.get("Host")
         if host is None:
             host = self._conn.local_host
-        rel = self._message.url
-        if rel.absolute:
-            rel = rel.relative()
-        return URL.build(scheme="http", authority=host).join(rel)
+        return URL.build(scheme="http", authority=host).join(target)
 
     @property
     def query(self) -> MultiMapping[str]:
