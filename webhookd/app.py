@@ -46,6 +46,7 @@ from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
+from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
@@ -382,8 +383,7 @@ def _tune_gc() -> None:
 def _address(runner: web.BaseRunner) -> str:
     for addr in runner.addresses:
         if isinstance(addr, tuple):
-            host, port = addr[0], addr[1]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return host_port(addr[0], addr[1])
     return ""
 
 

@@ -130,6 +130,11 @@ class Request:
         self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _DateHeader:
     """The ``Date`` header line, formatted at most once a second."""
 
@@ -235,8 +240,7 @@ class _Connection(BaseProtocol):
         self.peer = str(peer[0]) if isinstance(peer, tuple | list) else None
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple | list):
-            host = str(sock[0])
-            self.local_host = f"[{host}]:{sock[1]}" if ":" in host else f"{host}:{sock[1]}"
+            self.local_host = host_port(str(sock[0]), sock[1])
         self._server.connections.add(self)
         if self._server.closing:
             self._closing = True
@@ -428,12 +432,8 @@ class Http1Server:
         )
         self._servers.append(server)
         self._sweep_later()
-        addresses = []
-        for sock in server.sockets:
-            name = sock.getsockname()
-            addr = str(name[0])
-            addresses.append(f"[{addr}]:{name[1]}" if ":" in addr else f"{addr}:{name[1]}")
-        return addresses
+        names = [sock.getsockname() for sock in server.sockets]
+        return [host_port(str(name[0]), name[1]) for name in names]
 
     def request_done(self) -> None:
         if self._idle is not None and not any(c.busy() for c in self.connections):
@@ -448,7 +448,7 @@ class Http1Server:
         cutoff = self.loop.time() - self.keepalive_timeout
         for conn in list(self.connections):
             since = conn.idle_since()
-            if since is not None and since <= cutoff and not conn.busy():
+            if since is not None and since <= cutoff:
                 conn.close()
         if not self.closing:
             self._sweep_later()

@@ -296,10 +296,6 @@ class Receiver:
                 response = refused.response
                 if refused.close:
                     response.force_close()  # the server closes the connection after it
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = json_error(exc.status, exc.reason)  # aiohttp's own 4xx, as JSON
             except Exception:
                 response = self._unexpected(request)
             # Metrics label by source: the catch-all's own name ("*"), not each name it takes,
