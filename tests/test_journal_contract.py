@@ -657,6 +657,33 @@ async def test_prune_works_in_bounded_batches(journal: BaseJournal) -> None:
     assert sizes == [3, 3, 1]
 
 
+async def test_prune_walks_on_from_where_the_batch_before_stopped(journal: BaseJournal) -> None:
+    """Events kept for a dead job sit before the expired ones: a batch starts at the ``walked_to``
+    of the one before (so the kept ones are looked at once per pass, not once per batch), and
+    an expired event before ``start_at`` is left for the next pass."""
+    items = [new_event(received_at=START + n, body=b'{"n": %d}' % n) for n in range(6)]
+    for item in items:
+        await journal.ingest(item)
+    ids = [i.jobs[0].id for i in items]
+    await journal.claim(ids, "b")
+    await journal.finish(
+        [finished(i, JobState.DEAD if n < 2 else JobState.DONE, "x") for n, i in enumerate(ids)]
+    )
+    journal.clock.advance(100)  # type: ignore[attr-defined]
+    keep = {"keep_done_s": 50.0, "keep_dead_s": 3600.0, "keep_dedup_s": 3600.0}
+
+    later = await journal.prune(**keep, batch=10, start_at=START + 4)
+    assert later.events == 2  # the last two; the two expired before START + 4 stay
+    assert later.walked_to == journal.clock.time() - 50  # the walk reached its end
+    first = await journal.prune(**keep, batch=1)
+    assert (first.events, first.walked_to) == (1, START + 2)  # past the two kept dead ones
+    second = await journal.prune(**keep, batch=1, start_at=first.walked_to)
+    assert (second.events, second.walked_to) == (1, START + 3)
+    last = await journal.prune(**keep, batch=1, start_at=second.walked_to)
+    assert last.events == 0
+    assert (await journal.counts()).events == 2  # the dead ones
+
+
 async def test_series_counts_per_minute_and_the_backlog_at_each_minutes_end(store: Store) -> None:
     """The dashboard's charts: events by minute of arrival, jobs by minute of finishing (done
     and dead apart), and the jobs queued or running at each minute's end; per source too."""

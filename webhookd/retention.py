@@ -47,10 +47,15 @@ async def prune_all(
     each batch deleted (``webhookd prune``'s progress bar).
     """
     events = dedup = 0
+    start_at = None  # each batch walks on from where the one before stopped
     while True:
         pruned = await journal.prune(
-            keep_done_s=keep_done_s, keep_dead_s=keep_dead_s, keep_dedup_s=keep_dedup_s
+            keep_done_s=keep_done_s,
+            keep_dead_s=keep_dead_s,
+            keep_dedup_s=keep_dedup_s,
+            start_at=start_at,
         )
+        start_at = pruned.walked_to
         if on_batch is not None:
             on_batch(pruned)
         events, dedup = events + pruned.events, dedup + pruned.dedup

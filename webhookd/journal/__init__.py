@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -776,13 +777,19 @@ class Journal(Reads, BaseJournal):
     # -- retention ---------------------------------------------------------------------------
 
     async def prune(
-        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+        self,
+        *,
+        keep_done_s: float,
+        keep_dead_s: float,
+        keep_dedup_s: float,
+        batch: int = 500,
+        start_at: float | None = None,
     ) -> Pruned:
         """Delete one small batch of expired rows of each kind; call until it returns zeros.
 
         The candidates are found on the reader connection (WAL lets it run beside the writer),
-        walking ``events_received`` from the oldest event: only events older than
-        ``keep_done_s`` are visited, where walking by ``seq`` read every event of the file
+        walking ``events_received`` from the oldest event (or ``start_at``): only events older
+        than ``keep_done_s`` are visited, where walking by ``seq`` read every event of the file
         whenever fewer than ``batch`` had expired, as in every round once retention has caught
         up (250 ms at 300,000 events, against 1 ms). The write transaction then deletes at most
         ``batch`` of them, re-checking each, so the write lock is held for milliseconds and an
@@ -790,16 +797,19 @@ class Journal(Reads, BaseJournal):
         """
         now = self.clock.time()
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
+        start = -math.inf if start_at is None else start_at
         try:
             rows = await fetch(
                 self.reader,
-                f"SELECT e.id FROM events e INDEXED BY events_received"
-                f" WHERE e.received_at < ? AND {EXPIRED} ORDER BY e.received_at LIMIT ?",
-                (done_before, done_before, dead_before, batch),
+                f"SELECT e.id, e.received_at FROM events e INDEXED BY events_received"
+                f" WHERE e.received_at < ? AND e.received_at >= ? AND {EXPIRED}"
+                " ORDER BY e.received_at LIMIT ?",
+                (done_before, start, done_before, dead_before, batch),
             )
         except sqlite3.Error as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
         candidates = [r[0] for r in rows]
+        walked_to = rows[-1][1] if len(rows) == batch else done_before
 
         def fn(conn: sqlite3.Connection) -> Pruned:
             ids: list[tuple[str]] = []
@@ -826,7 +836,7 @@ class Journal(Reads, BaseJournal):
                 " ORDER BY n LIMIT ?) WHERE created_at < ?)",
                 (batch, now - keep_dedup_s),
             )
-            return Pruned(events=len(ids), jobs=max(jobs, 0), dedup=max(cur.rowcount, 0))
+            return Pruned(len(ids), max(jobs, 0), max(cur.rowcount, 0), walked_to)
 
         result: Pruned = await self._call(fn)
         return result

@@ -202,9 +202,19 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def prune(
-        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+        self,
+        *,
+        keep_done_s: float,
+        keep_dead_s: float,
+        keep_dedup_s: float,
+        batch: int = 500,
+        start_at: float | None = None,
     ) -> Pruned:
-        """Delete one small batch of expired rows of each kind; call until it returns zeros."""
+        """Delete one small batch of expired rows of each kind; call until it returns zeros.
+
+        Expired events are looked for from the oldest, or from ``start_at`` (a receive time):
+        the ``walked_to`` of the batch before, in one pass, so events kept for a dead job are
+        looked at once per pass rather than once per batch."""
 
     @abstractmethod
     async def maintain(self) -> int:

@@ -230,9 +230,14 @@ class Counts:
 
 @dataclass(frozen=True, slots=True)
 class Pruned:
+    """What one ``prune`` batch deleted, and how far its walk over the old events got:
+    ``walked_to`` is a receive time the next batch of the same pass may start from (every
+    event older than it was deleted or found kept), None when the walk found nothing."""
+
     events: int
     jobs: int
     dedup: int
+    walked_to: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -486,7 +487,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     # -- retention ---------------------------------------------------------------------------
 
     async def prune(
-        self, *, keep_done_s: float, keep_dead_s: float, keep_dedup_s: float, batch: int = 500
+        self,
+        *,
+        keep_done_s: float,
+        keep_dead_s: float,
+        keep_dedup_s: float,
+        batch: int = 500,
+        start_at: float | None = None,
     ) -> Pruned:
         """Delete at most ``batch`` expired events (with their jobs and attempts) and dedup keys,
         in one short transaction; rows another node is pruning are skipped.
@@ -497,15 +504,15 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
 
         async def fn(conn: Any) -> Pruned:
-            ids = [
-                r[0]
-                for r in await conn.fetch(
-                    PRUNE_SQL,
-                    done_before,
-                    dead_before,
-                    batch,
-                )
-            ]
+            rows = await conn.fetch(
+                PRUNE_SQL,
+                done_before,
+                dead_before,
+                batch,
+                -math.inf if start_at is None else start_at,
+            )
+            ids = [r[0] for r in rows]
+            walked_to = rows[-1][1] if len(rows) == batch else done_before
             jobs = 0
             if ids:
                 await conn.execute(
@@ -523,7 +530,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 now - keep_dedup_s,
                 batch,
             )
-            return Pruned(events=len(ids), jobs=jobs, dedup=rowcount(dedup))
+            return Pruned(len(ids), jobs, rowcount(dedup), walked_to)
 
         return await self._write(fn)
 

@@ -87,15 +87,16 @@ async def write_ingests(
     return results
 
 
-# The events ``prune`` may delete: older than ``keep_done`` ($1), no job queued, running, or
-# finished within its window ($1 for done and cancelled, $2 for dead), oldest first, at most $3.
+# The events ``prune`` may delete: older than ``keep_done`` ($1) and not older than where the
+# walk starts ($4), no job queued, running, or finished within its window ($1 for done and
+# cancelled, $2 for dead), oldest first, at most $3.
 # Walked by ``received_at`` (``events_received``) from the oldest, each one's jobs looked up
 # by ``jobs_event``; the subquery's ``LIMIT 1`` keeps the planner from making it an anti-join,
 # which read every job of the last ``keep_done_h`` into a hash at each round (80 ms at 100,000
 # such jobs, and growing with them) to rule out the few thousand old events kept for their dead
 # jobs (27 ms this way, growing only with those).
 PRUNE_SQL = (
-    "SELECT e.id FROM events e WHERE e.received_at < $1 AND"
+    "SELECT e.id, e.received_at FROM events e WHERE e.received_at < $1 AND e.received_at >= $4 AND"
     " (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN ('queued', 'running')"
     " OR (j.state IN ('done', 'cancelled') AND j.finished_at > $1)"
     " OR (j.state = 'dead' AND j.finished_at > $2)) LIMIT 1) IS NULL"
