@@ -48,6 +48,7 @@ from webhookd.config import CATCH_ALL, Config, Listen
 from webhookd.errors import JournalError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
+from webhookd.json_errors import JsonErrorAppRunner
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
@@ -249,7 +250,7 @@ class Daemon:
             "shutdown_timeout": cfg.server.ack_timeout_s + 1,
         }
         if cfg.admin.listen is not None:
-            admin = web.AppRunner(Admin(ctx).app(), access_log=None, **runner_args, **_HANDLER)
+            admin = JsonErrorAppRunner(Admin(ctx).app(), access_log=None, **runner_args, **_HANDLER)
             admin_runner = await self._listen(admin, cfg.admin.listen, "admin")
             listening.append(admin_runner)
             self.bound.admin = _address(admin_runner)

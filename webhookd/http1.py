@@ -43,7 +43,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from webhookd.json_errors import json_error
+from webhookd.json_errors import json_error, refusal
 
 log = logging.getLogger("webhookd.http")
 
@@ -368,9 +368,7 @@ class _Connection(BaseProtocol):
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         """A JSON answer to a request the parser refused; the connection closes after it."""
-        code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
-        # The parser's reason comes before a colon; after it, the request's own bytes.
-        reason = (exc.message or "").partition(":")[0].strip() or "malformed request"
+        code, reason = refusal(exc)
         log.info("refused a malformed request from %s: %d %s", self.peer, code, reason)
         answer = json_error(code, reason)
         self.write(_format(answer, _CLOSE, self._server.date.line()))

@@ -1,5 +1,6 @@
-"""JSON error answers for both HTTP listeners: the ``{"error": ...}`` body and one middleware
-(the receiver's server answers malformed HTTP as JSON itself: ``webhookd.http1``).
+"""JSON error answers for both HTTP listeners: the ``{"error": ...}`` body, one middleware, and
+the admin listener's answer to malformed HTTP (the receiver's own server answers it the same
+way: ``webhookd.http1``).
 
 aiohttp answers its own errors (no such route, method not allowed, body too large, a request
 its parser refuses) and any exception a handler lets out with plain text; the receiver and the
@@ -8,11 +9,15 @@ admin API both promise JSON.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+
+log = logging.getLogger("webhookd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -45,3 +50,59 @@ def json_errors(unexpected: Callable[[web.Request], web.Response] | None = None)
             return unexpected(request)
 
     return middleware
+
+
+def refusal(exc: BaseException | None) -> tuple[int, str]:
+    """The status and reason to answer a request aiohttp's parser refused with: its 4xx (else
+    400) and the reason before the colon, after which the parser quotes the request's bytes."""
+    if not isinstance(exc, HttpProcessingError):
+        return 400, "malformed request"
+    code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
+    return code, (exc.message or "").partition(":")[0].strip() or "malformed request"
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """aiohttp's per-connection handler, answering what its HTTP parser refuses as JSON.
+
+    aiohttp's own answer is plain text that echoes the offending bytes, and it logs each one as
+    an ERROR with a traceback: anyone who can reach the port could fill the log with them.
+    Here it is one INFO line naming the client and the parser's reason, without the bytes.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # Part of an answer is out already; the connection is all that can be closed.
+            raise ConnectionError("an answer was already started; closing the connection")
+        if status >= 500:  # a failure past the application's own error middleware
+            self.log_exception("unexpected error answering a request", exc_info=exc)
+            response = json_error(500, "internal error")
+        else:
+            code, reason = refusal(exc)
+            log.info("refused a malformed request from %s: %d %s", request.remote, code, reason)
+            response = json_error(code, reason)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer malformed HTTP with a JSON error and one INFO
+    line. The server aiohttp builds for the application is kept as built (its settings, the
+    application's handler); only the class that makes each connection's handler changes."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
