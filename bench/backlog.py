@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.machine import CpuMeter, describe
 from webhookd.actions.base import Outcome
-from webhookd.config import Config, loads
+from webhookd.config import ActionConfig, Config, loads
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, Job, Priority, new_boot_id, new_event_id, new_job_id
 from webhookd.workers import WorkerPool
@@ -109,7 +109,8 @@ async def build(path: Path, events: int, tenants: int) -> dict[str, Any]:
 class NoOp:
     """An action that does nothing: what is measured is the daemon's own cost per job."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ActionConfig) -> None:
+        self.config = config
         self.runs = 0
 
     async def run(self, event: Event, job: Job) -> Outcome:
@@ -123,7 +124,7 @@ class NoOp:
 async def drain(path: Path, concurrency: int, window: int, limit: int | None) -> dict[str, Any]:
     """Drain the backlog (or ``limit`` jobs of it), sampling memory as it goes."""
     cfg = _config(path, concurrency, window)
-    noop = NoOp()
+    noop = NoOp(cfg.sources[SOURCE].actions[0])
     async with Journal(path) as journal:
         queued = await journal.backlog()
         rss_open = current_rss_mb()

@@ -109,6 +109,7 @@ async def _serve(step: str, port: int, db: Path) -> None:
         await journal.open()
     runner: web.BaseRunner | Http1Server
     if step == "receiver":  # webhookd's own server: "/readyz" is a JSON 404 there, still an answer
+        assert journal is not None
         runner = Receiver(config, journal, IntakeState()).server()
         await runner.start("127.0.0.1", port)
     else:

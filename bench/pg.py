@@ -317,8 +317,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
             f"{_median(result['e2e'], setup, 'jobs_per_s'):,.0f} jobs/s, "
             f"{_median(result['e2e'], setup, 'webhookd_cpu_us_per_job'):.0f} µs CPU/job"
         )
-        ratio = f"×{statistics.median(ratios):.2f} sqlite" if setup != "sqlite" and ratios else ""
-        out.append(Row("pg", f"e2e {setup} (no-op job)", value, "", ratio))
+        note = f"×{statistics.median(ratios):.2f} sqlite" if setup != "sqlite" and ratios else ""
+        out.append(Row("pg", f"e2e {setup} (no-op job)", value, "", note))
     return out
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import CpuMeter, describe
+from bench.servers import WEBHOOKD
 from bench.table import Row, render, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,7 +106,7 @@ def run_intake(quick: bool) -> Outcome:
     for run in report.rate:
         load = run.load
         # Only webhookd's own row is judged; the minimal server's rows are there to compare.
-        is_target = load.target_rps == intake.LATENCY_RATE and run.target == intake.WEBHOOKD.name
+        is_target = load.target_rps == intake.LATENCY_RATE and run.target == WEBHOOKD.name
         v = verdicts.get("ack_p99_at_1000") if is_target else None
         rows.append(
             Row(
