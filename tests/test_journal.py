@@ -389,10 +389,13 @@ async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path:
     events). The contract suite checks what prune deletes."""
     async with Journal(tmp_path / "j.db") as journal:
         await journal.ingest(new_event())
+        keep = {"keep_done_s": 0.0, "keep_dead_s": 0.0, "keep_dedup_s": 0.0}
         async with _traced(journal) as statements:
-            assert (await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=0)).events == 0
-    [plan] = _plans(tmp_path / "j.db", statements, "SELECT e.id FROM events")
+            assert (await journal.prune(**keep)).events == 0
+            assert (await journal.prune(**keep, start_at=1_600_000_000.0)).events == 0
+    plan, on = _plans(tmp_path / "j.db", statements, "SELECT e.id, e.received_at FROM events")
     assert "SCAN e" not in plan and any("events_received (received_at<?)" in p for p in plan), plan
+    assert any("events_received (received_at>? AND received_at<?)" in p for p in on), on
 
 
 async def test_sqlite_a_refill_seeks_the_due_jobs_past_those_in_backoff(tmp_path: Path) -> None:

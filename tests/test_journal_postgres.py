@@ -307,7 +307,7 @@ async def test_pg_prune_looks_up_each_old_events_jobs_instead_of_hashing_every_j
             await _add_done_jobs(conn)
             async with conn.transaction():
                 plan = await conn.fetchval(
-                    f"EXPLAIN (FORMAT JSON) {PRUNE_SQL}", START - 10.0, START - 100.0, 500
+                    f"EXPLAIN (FORMAT JSON) {PRUNE_SQL}", START - 10.0, START - 100.0, 500, 0.0
                 )
         finally:
             await conn.close()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import queue
 import sqlite3
@@ -797,14 +796,16 @@ class Journal(Reads, BaseJournal):
         """
         now = self.clock.time()
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
-        start = -math.inf if start_at is None else start_at
+        since, args = "", [done_before, done_before, dead_before, batch]
+        if start_at is not None:
+            since = " AND e.received_at >= ?"
+            args.insert(1, start_at)
         try:
             rows = await fetch(
                 self.reader,
                 f"SELECT e.id, e.received_at FROM events e INDEXED BY events_received"
-                f" WHERE e.received_at < ? AND e.received_at >= ? AND {EXPIRED}"
-                " ORDER BY e.received_at LIMIT ?",
-                (done_before, start, done_before, dead_before, batch),
+                f" WHERE e.received_at < ?{since} AND {EXPIRED} ORDER BY e.received_at LIMIT ?",
+                args,
             )
         except sqlite3.Error as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
