@@ -269,6 +269,51 @@ async def test_op_queue_hands_out_batches_in_order_and_ends_after_close() -> Non
     assert len(queue) == 0
 
 
+async def test_op_queue_waits_a_few_turns_for_more_and_stops_at_the_first_that_brings_some() -> (
+    None
+):
+    """With ``passes``, a batch takes in what is queued within that many turns of the loop; the
+    first turn that queues anything ends the wait (later arrivals go in the next batch), a full
+    batch does not wait, and with nothing arriving the batch is handed over after the turns."""
+    queue = OpQueue()
+    loop = asyncio.get_running_loop()
+    ops = [IngestOp(loop.create_future(), new_event()) for _ in range(7)]
+
+    async def put_after(turns: int, items: list[IngestOp]) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        for op in items:
+            queue.put(op)
+
+    queue.put(ops[0])
+    second = asyncio.ensure_future(put_after(2, ops[1:3]))
+    third = asyncio.ensure_future(put_after(3, ops[3:4]))
+    assert await queue.take(10, passes=4) == ops[:3]
+    await asyncio.gather(second, third)
+    assert await queue.take(10, passes=4) == ops[3:4]  # nothing else comes: after four turns
+
+    for op in ops[4:6]:
+        queue.put(op)
+    late = asyncio.ensure_future(put_after(1, ops[6:]))
+    assert await queue.take(2, passes=4) == ops[4:6]  # full: handed over at once
+    await late
+    assert await queue.take(2) == ops[6:]
+
+
+async def test_a_group_commit_takes_in_the_webhooks_queued_a_turn_later(tmp_path: Path) -> None:
+    """Webhooks queued one turn of the loop after the writer woke for the first ones share
+    their commit (under load, a group of connections answered together sends its next
+    webhooks a few turns later; without the wait the groups settled at half the connections)."""
+    async with Journal(tmp_path / "j.db") as journal:
+        before = journal.commits
+        first = [journal.submit_ingest(new_event()) for _ in range(3)]
+        await asyncio.sleep(0)
+        second = [journal.submit_ingest(new_event()) for _ in range(3)]
+        results = await asyncio.gather(*first, *second)
+        assert not any(r.duplicate for r in results)
+        assert journal.commits - before == 1
+
+
 def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:
     """Stored headers read back the same whatever they hold (quotes, non-ASCII, control
     characters, a lone surrogate), byte for byte the compact ASCII JSON of earlier versions."""

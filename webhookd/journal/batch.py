@@ -103,8 +103,14 @@ class OpQueue:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def take(self, limit: int) -> list[Op]:
-        """Up to ``limit`` operations, oldest first, waiting for one if none is queued."""
+    async def take(self, limit: int, passes: int = 0) -> list[Op]:
+        """Up to ``limit`` operations, oldest first, waiting for one if none is queued.
+
+        With ``passes``, the event loop then gets up to that many turns to queue more before
+        the batch is handed over; the first turn that queues any ends the wait (a group of
+        connections answered together sends its next requests together). A turn with nothing
+        ready to run costs a poll of the sockets, a few microseconds.
+        """
         while not self._ops:
             if self.closed:
                 return []
@@ -113,6 +119,17 @@ class OpQueue:
                 await self._wakeup
             finally:
                 self._wakeup = None
+        batch = self._take_now(limit)
+        for _ in range(passes):
+            if len(batch) >= limit or self.closed:
+                break
+            await asyncio.sleep(0)
+            if self._ops:
+                batch += self._take_now(limit - len(batch))
+                break
+        return batch
+
+    def _take_now(self, limit: int) -> list[Op]:
         ops = self._ops
         if len(ops) <= limit:
             self._ops = []
