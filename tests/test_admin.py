@@ -13,8 +13,7 @@ import pytest
 from conftest import Running, Target, make_config
 from ops_support import forward_source
 from procs import poll
-from rawhttp import RawConn
-from test_hostile_intake import MALFORMED, assert_json_error
+from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
 from webhookd.actions.base import Outcome
@@ -122,16 +121,7 @@ async def test_malformed_http_to_the_admin_api_is_a_json_400_in_one_log_line(
     closed connection, one INFO line without the request's bytes (aiohttp's own: a plain-text
     echo and an ERROR traceback, for anyone who can reach the port to fill the log with)."""
     running: Running = await run_daemon(make_config(tmp_path, "[sources.shop]\n"))
-    caplog.set_level(logging.INFO)
-    conn = await RawConn.open(running.daemon.bound.admin)
-    await conn.send(data)
-    assert "jjj" not in assert_json_error(await conn.answer(), 400)
-    assert await conn.closed_by_peer()
-    await conn.close()
-    refusals = [r for r in caplog.records if r.name == "webhookd.http"]
-    assert len(refusals) == 1 and refusals[0].levelno == logging.INFO, caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert "jjj" not in caplog.text and "Traceback" not in caplog.text
+    await assert_refused_quietly(running.daemon.bound.admin, data, caplog)
     assert await get(running, "/healthz") == (200, {"ok": True, "boot_id": running.daemon.boot_id})
 
 

@@ -479,6 +479,23 @@ MALFORMED = {
 }
 
 
+async def assert_refused_quietly(
+    address: str, data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Malformed HTTP (``data``, from ``MALFORMED``) sent to ``address`` gets a JSON 400 that
+    does not echo it, a closed connection, and one INFO line without its bytes, nothing louder."""
+    caplog.set_level(logging.INFO)
+    conn = await RawConn.open(address)
+    await conn.send(data)
+    assert "jjj" not in assert_json_error(await conn.answer(), 400)
+    assert await conn.closed_by_peer()
+    await conn.close()
+    refusals = [r for r in caplog.records if r.name == "webhookd.http"]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.INFO, caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "jjj" not in caplog.text and "Traceback" not in caplog.text
+
+
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
 async def test_malformed_http_is_a_json_400_logged_in_one_line_without_its_bytes(
     make_intake: StartIntake, caplog: pytest.LogCaptureFixture, data: bytes
@@ -487,17 +504,7 @@ async def test_malformed_http_is_a_json_400_logged_in_one_line_without_its_bytes
     without the request's bytes (aiohttp's own: a plain-text echo and an ERROR traceback),
     nothing stored, and the receiver goes on."""
     intake = await make_intake(CATCH_ALL)
-    caplog.set_level(logging.INFO)
-    conn = await RawConn.open(intake.address)
-    await conn.send(data)
-    message = assert_json_error(await conn.answer(), 400)
-    assert "jjj" not in message
-    assert await conn.closed_by_peer()
-    await conn.close()
-    refusals = [r for r in caplog.records if r.name == "webhookd.http"]
-    assert len(refusals) == 1 and refusals[0].levelno == logging.INFO, caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert "jjj" not in caplog.text and "Traceback" not in caplog.text
+    await assert_refused_quietly(intake.address, data, caplog)
     assert (await intake.post(b"/hooks/z", b"{}")).status == 202
     assert await intake.events() == 1
 
