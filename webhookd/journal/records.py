@@ -231,8 +231,9 @@ class Counts:
 @dataclass(frozen=True, slots=True)
 class Pruned:
     """What one ``prune`` batch deleted, and how far its walk over the old events got:
-    ``walked_to`` is a receive time the next batch of the same pass may start from (every
-    event older than it was deleted or found kept), None when the walk found nothing."""
+    ``walked_to`` is the receive time the next batch of the same pass may start from (the last
+    candidate's when the batch was full, else the end of the window walked); every event
+    older than it was deleted or found kept. Both journals set it."""
 
     events: int
     jobs: int
