@@ -300,20 +300,6 @@ async def test_op_queue_waits_a_few_turns_for_more_and_stops_at_the_first_that_b
     assert await queue.take(2) == ops[6:]
 
 
-async def test_a_group_commit_takes_in_the_webhooks_queued_a_turn_later(tmp_path: Path) -> None:
-    """Webhooks queued one turn of the loop after the writer woke for the first ones share
-    their commit (under load, a group of connections answered together sends its next
-    webhooks a few turns later; without the wait the groups settled at half the connections)."""
-    async with Journal(tmp_path / "j.db") as journal:
-        before = journal.commits
-        first = [journal.submit_ingest(new_event()) for _ in range(3)]
-        await asyncio.sleep(0)
-        second = [journal.submit_ingest(new_event()) for _ in range(3)]
-        results = await asyncio.gather(*first, *second)
-        assert not any(r.duplicate for r in results)
-        assert journal.commits - before == 1
-
-
 def test_headers_are_stored_as_the_json_encoder_writes_them() -> None:
     """Stored headers read back the same whatever they hold (quotes, non-ASCII, control
     characters, a lone surrogate), byte for byte the compact ASCII JSON of earlier versions."""

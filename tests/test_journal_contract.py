@@ -609,6 +609,21 @@ async def test_counts_and_activity_describe_the_journal(store: Store) -> None:
         assert await journal.storage_bytes() > 0
 
 
+async def test_a_group_commit_takes_in_the_webhooks_queued_a_turn_later(
+    journal: BaseJournal,
+) -> None:
+    """Webhooks queued one turn of the loop after the writer woke for the first ones share
+    their commit (under load, a group of connections answered together sends its next
+    webhooks a few turns later; without the wait the groups settled at half the connections)."""
+    before = journal.commits
+    first = [journal.submit_ingest(new_event(body=b'{"n": %d}' % n)) for n in range(3)]
+    await asyncio.sleep(0)
+    second = [journal.submit_ingest(new_event(body=b'{"n": %d}' % n)) for n in range(3, 6)]
+    results = await asyncio.gather(*first, *second)
+    assert not any(r.duplicate for r in results)
+    assert journal.commits - before == 1
+
+
 # -- retention -------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal, PolledCounts, migrating
 from webhookd.journal.batch import (
+    GATHER_PASSES,
     CallOp,
     ClaimOp,
     FinishOp,
@@ -117,15 +118,6 @@ __all__ = [
 log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
-# Turns of the event loop a group waits for more operations before its commit (``OpQueue.take``).
-# Under load, the connections a commit answered send their next webhooks a few turns later
-# (answer written, request read, handler run): without the wait they came too late for the next
-# group and the groups settled at half the connections each, two alternating halves. A commit
-# costs the writer a fixed share of CPU (the last page of every index, the WAL sync) whatever
-# its size. Measured with 64 connections and the server on one core, the policy switched every
-# 0.3 s inside one process (so a slow spell hits both), 4 runs: groups of 64 instead of 32,
-# 3-12 % more webhooks/s, 6-15 % less CPU per webhook. Alone, a turn costs a poll of the sockets.
-GATHER_PASSES = 4
 # How long close() waits for the writer to flush and for each thread to let go of its
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
 CLOSE_TIMEOUT_S = 10.0

@@ -39,7 +39,7 @@ import asyncpg
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
-from webhookd.journal.batch import FinishOp, IngestOp, Op, OpQueue
+from webhookd.journal.batch import GATHER_PASSES, FinishOp, IngestOp, Op, OpQueue
 from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
 from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
@@ -256,7 +256,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
     async def _write_loop(self) -> None:
         # After close() the queue still hands out what was queued, then nothing.
-        while batch := await self._queue.take(MAX_BATCH):
+        while batch := await self._queue.take(MAX_BATCH, GATHER_PASSES):
             try:
                 await self._commit_group(batch)
             except BaseException as exc:
