@@ -78,10 +78,11 @@ class CallOp(Op):
 # (answer written, request read, handler run): without the wait they came too late for the next
 # group and the groups settled at half the connections each, two alternating halves. A commit
 # has a cost of its own whatever its size (SQLite: the last page of every index written to the
-# WAL, the sync; PostgreSQL: a round trip and the server's WAL flush). Measured with 64 connections and the server on one core, the policy switched every
-# 0.3 s inside one process (so a slow spell hits both): groups of 64 instead of 32; on SQLite
-# (4 runs) 3-12 % more webhooks/s and 6-15 % less CPU per webhook, on PostgreSQL (2 runs, the
-# server on the same machine) 14 % more and 12 % less. Alone, a turn is a poll of the sockets.
+# WAL, the sync; PostgreSQL: a round trip and the server's WAL flush). Measured with 64
+# connections and the server on one core, the policy switched every 0.3 s inside one process
+# (so a slow spell hits both): groups of 64 instead of 32; on SQLite (4 runs) 3-12 % more
+# webhooks/s and 6-15 % less CPU per webhook, on PostgreSQL (2 runs, the server on the same
+# machine) 14 % more and 12 % less. Alone, a turn is a poll of the sockets.
 GATHER_PASSES = 4
 
 
