@@ -75,6 +75,7 @@ from webhookd.journal.records import (
     Recovery,
     Replayed,
     Series,
+    walk_end,
 )
 from webhookd.journal.schema import (
     EVENT_STATES,
@@ -811,7 +812,7 @@ class Journal(Reads, BaseJournal):
         except sqlite3.Error as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
         candidates = [r[0] for r in rows]
-        walked_to = rows[-1][1] if len(rows) == batch else done_before
+        walked_to = walk_end(rows, batch, done_before)
 
         def fn(conn: sqlite3.Connection) -> Pruned:
             ids: list[tuple[str]] = []

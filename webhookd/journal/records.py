@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +239,13 @@ class Pruned:
     jobs: int
     dedup: int
     walked_to: float | None = None
+
+
+def walk_end(candidates: Sequence[Sequence[Any]], batch: int, done_before: float) -> float:
+    """``Pruned.walked_to`` from a batch's candidates, rows of (event id, received at) oldest
+    first: the last one's time when the batch was full (ties at it are looked at again, not
+    skipped), else ``done_before``, the end of the window."""
+    return float(candidates[-1][1]) if len(candidates) == batch else done_before
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ from webhookd.journal.records import (
     Ready,
     Recovery,
     Replayed,
+    walk_end,
 )
 from webhookd.models import JobState, new_boot_id
 
@@ -512,7 +513,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 -math.inf if start_at is None else start_at,
             )
             ids = [r[0] for r in rows]
-            walked_to = rows[-1][1] if len(rows) == batch else done_before
+            walked_to = walk_end(rows, batch, done_before)
             jobs = 0
             if ids:
                 await conn.execute(
