@@ -1,5 +1,5 @@
-"""``python -m bench burst``: the 40,000-webhook burst (target: all acked and processed, none
-lost, none twice).
+"""``python -m bench burst``: the 40,000-webhook burst (target, DESIGN §6: all acked within 10 s
+and processed, none lost, none twice).
 
 ``webhookd serve`` (pinned to its own CPU, default 32 workers) has one source with a ``forward``
 action to a recording aiohttp target in this process. 40,000 unique 1 KB webhooks are posted as
@@ -7,7 +7,8 @@ fast as 64 connections are answered (a 503 or 429 is retried after its ``Retry-A
 provider would). Reported: the time until all were acked; the time until every acked event had
 reached the target (counted from the first post); *lost*: acked event ids that never arrived;
 *duplicates*: deliveries beyond the first of an event id. The poster and the target share this
-process and its one CPU, so while posting the target answers more slowly than a real one would.
+process and its one CPU, so while posting the target answers more slowly than a real one would,
+and the poster (aiohttp's client) itself sends at most ~3,000 webhooks/s on this machine's core.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from bench.servers import free_port, running_webhookd
 from bench.table import Row, scenario_main, verdict
 
 CONNECTIONS = 64
+BURST = 40_000
+ACK_TARGET_S = 10.0  # DESIGN §6: all BURST acked within this (a smaller burst: in proportion)
 PROCESS_TIMEOUT_S = 300.0
 
 
 def measure(quick: bool = False, count: int | None = None) -> dict[str, Any]:
     """Post `count` webhooks at once (default 40,000; 10,000 with `quick`)."""
-    n = count if count is not None else (10_000 if quick else 40_000)
+    n = count if count is not None else (10_000 if quick else BURST)
     port = free_port()
     body = config(f"http://127.0.0.1:{port}/sink")
     with placed() as cpu, running_webhookd(body, cpu=cpu, probe=False) as server:
@@ -73,13 +76,14 @@ def rows(result: dict[str, Any]) -> list[Row]:
     posted = result["posted"]
     processed = result["process_all_s"]
     all_acked = result["acked"] == n and posted["failures"] == 0
+    ack_target_s = ACK_TARGET_S * n / BURST
     return [
         Row(
             "burst",
             f"{n:,} webhooks: time to ack all",
             f"{result['ack_all_s']:.1f} s ({posted['acked_per_s']:,.0f}/s)",
-            f"{n:,} acked",
-            verdict(all_acked),
+            f"{n:,} acked ≤ {ack_target_s:g} s",
+            verdict(all_acked and result["ack_all_s"] <= ack_target_s),
         ),
         Row(
             "burst",

@@ -125,10 +125,10 @@ def _limits(ax: Axes, lanes: dict[str, Any], backlog: dict[str, Any]) -> None:
     if backlog.get("peak_rss_mb"):
         labels.append("backlog\npeak RSS")
         values.append(
-            100 * float(backlog["peak_rss_mb"]) / float(backlog.get("target_rss_mb", 150))
+            100 * float(backlog["peak_rss_mb"]) / float(backlog.get("target_rss_mb", 100))
         )
     _bars(ax, labels, values, [_BLUE] * len(values))
     ax.axhline(100, color=_RED, linestyle="--", linewidth=1, label="limit")
     ax.axhline(90, color=_GREY, linestyle=":", linewidth=1, label="90 % (lanes, saturated)")
     ax.legend(fontsize=8)
-    ax.set_title("Share of a limit, % (lanes: configured RPM/TPM; RSS: 150 MB)")
+    ax.set_title("Share of a limit, % (lanes: configured RPM/TPM; RSS: its target)")
