@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -445,6 +446,41 @@ async def test_sqlite_a_refill_seeks_the_due_jobs_past_those_in_backoff(tmp_path
     )
     assert any("jobs_lane (priority=? AND source=? AND tenant=? AND run_at<?)" in p for p in lanes)
     assert any("jobs_due (run_at>?)" in p for p in due), due
+
+
+async def test_a_claim_alone_commits_without_an_fsync_and_the_writer_is_back_to_full_after(
+    tmp_path: Path,
+) -> None:
+    """A group of claims alone is written with ``synchronous = NORMAL`` (its frames reach the
+    WAL, which outlives a crash of the daemon; the next fsync'd commit makes them durable), so
+    a job starts one fsync sooner. Ingests and outcomes, and every commit after the claim, stay
+    ``FULL``: the 2xx still means on disk."""
+    seen: list[str] = []
+    async with Journal(tmp_path / "j.db") as journal:
+        await journal._call(lambda conn: conn.set_trace_callback(seen.append), transaction=False)
+
+        async def statements_of(write: Any) -> list[str]:
+            seen.clear()
+            await write
+            return [s for s in seen if s.startswith(("PRAGMA synchronous", "BEGIN", "COMMIT"))]
+
+        item = new_event()
+        [job] = item.jobs
+        assert await statements_of(journal.ingest(item)) == ["BEGIN IMMEDIATE", "COMMIT"]
+        assert await statements_of(journal.claim([job.id], "boot")) == [
+            "PRAGMA synchronous = NORMAL",
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+            "PRAGMA synchronous = FULL",
+        ]
+        finish = journal.finish([_finished(job.id, JobState.DONE)])
+        assert await statements_of(finish) == ["BEGIN IMMEDIATE", "COMMIT"]
+        level = await journal._call(
+            lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0], transaction=False
+        )
+        assert level == 2  # FULL
+    with sqlite3.connect(tmp_path / "j.db") as other:
+        assert other.execute("SELECT state FROM jobs").fetchall() == [("done",)]
 
 
 def _finished(job_id: str, state: JobState) -> Finished:
