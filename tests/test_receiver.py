@@ -6,8 +6,10 @@ no worker pool runs, so what a request leaves in the journal stays there to be i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import math
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, closing
@@ -262,6 +264,40 @@ async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
     fresh = await intake.post("/hooks/demo", b'{"after": true}')
     assert (fresh.status, fresh.doc["duplicate"]) == (202, False)
     assert committed_ids(intake.db) == {retried.doc["id"], fresh.doc["id"]}
+
+
+async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_intake_busy(
+    make_intake: StartIntake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``IntakeState.waiting`` counts the webhooks read and waiting for their commit; when
+    BUSY_WAITING wait at once, ``busy_at`` says when (the workers then hold new jobs back). The
+    count comes back down once they are answered."""
+    monkeypatch.setattr("webhookd.receiver.BUSY_WAITING", 2)
+    clock = ManualClock()
+    intake = await make_intake(server="ack_timeout_s = 30", clock=clock)
+    state = intake.state
+    submitted: asyncio.Queue[int] = asyncio.Queue()  # the count as each webhook goes to commit
+    real_submit = intake.journal.submit_ingest
+
+    def submit(item: Any) -> Any:
+        submitted.put_nowait(state.waiting)
+        return real_submit(item)
+
+    monkeypatch.setattr(intake.journal, "submit_ingest", submit)
+    with closing(sqlite3.connect(intake.db, isolation_level=None, timeout=0)) as blocker:
+        blocker.execute("BEGIN IMMEDIATE")  # commits wait behind this until it ends
+        try:
+            first = asyncio.create_task(intake.post("/hooks/demo", b'{"n": 1}'))
+            assert await submitted.get() == 1
+            assert state.busy_at == -math.inf  # one waiting is not a crowd
+            clock.advance(1.0)
+            second = asyncio.create_task(intake.post("/hooks/demo", b'{"n": 2}'))
+            assert await submitted.get() == 2
+            assert state.busy_at == clock.monotonic()
+        finally:
+            blocker.execute("ROLLBACK")
+    assert [(await first).status, (await second).status] == [202, 202]
+    assert state.waiting == 0
 
 
 async def test_intake_limit_answers_429_with_retry_after(make_intake: StartIntake) -> None:

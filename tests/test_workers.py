@@ -27,7 +27,14 @@ from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
 from webhookd.models import Event, Job, JobState
-from webhookd.workers import SATURATED_RECHECK_S, WorkerPool, backoff_s
+from webhookd.state import IntakeState
+from webhookd.workers import (
+    HOLD_MAX_S,
+    HOLD_WINDOW_S,
+    SATURATED_RECHECK_S,
+    WorkerPool,
+    backoff_s,
+)
 
 
 def forward_source(name: str, url: str, **options: str) -> str:
@@ -444,6 +451,52 @@ async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
     assert status == 202
     await target.wait_for(lambda t: len(t.seen) == 1, timeout_s=10)
     print(f"\nposted → delivered in {(time.monotonic() - started) * 1000:.1f} ms")
+
+
+async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_caught_up(
+    make_rig: MakeRig,
+) -> None:
+    """Intake first: while the receiver has had a burst waiting within HOLD_WINDOW_S, no job
+    starts (a 40,000-webhook burst is acked in about half the time); once it has caught up,
+    they start. A hold ends after HOLD_MAX_S even if the receiver stays busy, and jobs then run
+    for as long again whatever it has waiting, so an endless flood cannot starve them."""
+    rig = await make_rig('[sources.s]\n[[sources.s.actions]]\ntype = "log"\n')
+    intake = IntakeState()
+    pool = rig.pool
+    pool.intake = intake
+    rig.journal.on_commit = pool.notify  # as the daemon wires them: commits fill the window
+    clock = rig.clock
+
+    intake.busy_at = clock.monotonic()
+    first = await rig.ingest("s")
+    assert await pool._dispatch_once() == 0
+    assert pool.holding and (await rig.job(first)).state == JobState.QUEUED
+    clock.advance(HOLD_WINDOW_S / 2)
+    assert await pool._dispatch_once() == 0  # still within the window
+    clock.advance(HOLD_WINDOW_S)
+    assert await pool._dispatch_once() == 1  # caught up: the job starts
+    assert not pool.holding
+
+    # Busy without a break: held for HOLD_MAX_S, then run for as long again.
+    intake.busy_at = clock.monotonic()
+    second = await rig.ingest("s")
+    assert await pool._dispatch_once() == 0
+    clock.advance(HOLD_MAX_S)
+    intake.busy_at = clock.monotonic()
+    assert await pool._dispatch_once() == 1
+    assert not pool.holding
+    third = await rig.ingest("s")
+    clock.advance(HOLD_MAX_S - 1.0)
+    intake.busy_at = clock.monotonic()
+    assert await pool._dispatch_once() == 1  # the rest after a full hold: not held again yet
+    clock.advance(1.0)
+    intake.busy_at = clock.monotonic()
+    fourth = await rig.ingest("s")
+    assert await pool._dispatch_once() == 0  # rested: the next burst holds jobs again
+    assert await pool.drain(10.0) == 0
+    for event_id in (first, second, third):
+        assert (await rig.job(event_id)).state == JobState.DONE
+    assert (await rig.job(fourth)).state == JobState.QUEUED
 
 
 async def test_a_slot_is_free_once_the_action_returns_not_once_its_outcome_is_on_disk(

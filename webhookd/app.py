@@ -165,7 +165,12 @@ class Daemon:
                 stack.push_async_callback(action.aclose)
 
             pool = WorkerPool(
-                config=cfg, journal=journal, actions=actions, boot_id=self.boot_id, clock=self.clock
+                config=cfg,
+                journal=journal,
+                actions=actions,
+                boot_id=self.boot_id,
+                clock=self.clock,
+                intake=self.intake,
             )
             self.pool = pool
             journal.on_commit = pool.notify

@@ -32,7 +32,7 @@ from webhookd.json_errors import json_error
 from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
-from webhookd.state import IntakeState
+from webhookd.state import BUSY_WAITING, IntakeState
 
 log = logging.getLogger("webhookd.receiver")
 
@@ -484,6 +484,10 @@ class Receiver:
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
+        state = self.state
+        state.waiting += 1
+        if state.waiting >= BUSY_WAITING:
+            state.busy_at = self.clock.monotonic()
         try:
             commit = self.journal.submit_ingest(NewEvent(event, jobs, second, filtered))
             self._ack_deadlines.watch(commit)
@@ -493,6 +497,8 @@ class Receiver:
             return json_error(503, "journal busy, retry later", server.retry_after_s)
         except JournalUnavailable:
             return json_error(503, "journal unavailable, retry later", server.retry_after_s)
+        finally:
+            state.waiting -= 1
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.
         if result.duplicate:
             return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())

@@ -25,6 +25,7 @@ from webhookd.errors import JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, Ready
 from webhookd.models import JobState
 from webhookd.scheduler import Scheduler
+from webhookd.state import IntakeState
 
 log = logging.getLogger("webhookd.workers")
 
@@ -43,6 +44,18 @@ SATURATED_RECHECK_S = 0.25
 # Picks and claims one dispatch may make when claims come back short (other nodes took the
 # jobs first): each round drops what it lost from the window and fills the slots again.
 _DISPATCH_ROUNDS = 8
+# Intake first. While the receiver is busy (``IntakeState.busy_at`` within HOLD_WINDOW_S: it had
+# BUSY_WAITING webhooks waiting for their answer at once), no new job starts: the jobs running go
+# on, the rest wait in the journal until the burst is answered. Measured on 2 cores, 40,000
+# webhooks posted by wrk over 64 connections, a forward each: acked in 18.3 s with the forwards
+# running beside intake; 10.3-11.7 s with this, as fast as with the source paused (9.7-11.8 s).
+# The window bridges a burst's short lulls (with 50 ms, 600 of a 10,000 burst's jobs started
+# before it was answered). A hold lasts at most HOLD_MAX_S, then jobs run for as long again
+# whatever the receiver has waiting (a flood that never ends cannot starve them); while it
+# lasts the dispatcher looks again every HOLD_RECHECK_S.
+HOLD_WINDOW_S = 0.25
+HOLD_MAX_S = 15.0
+HOLD_RECHECK_S = 0.01
 _K = TypeVar("_K")
 
 
@@ -101,8 +114,13 @@ class WorkerPool:
         boot_id: str,
         clock: Clock = SYSTEM_CLOCK,
         rng: Callable[[], float] = random.random,
+        intake: IntakeState | None = None,
     ) -> None:
         self.config = config
+        self.intake = intake  # the receiver's state: new jobs wait while a burst is answered
+        self._held_since: float | None = None
+        self._no_hold_until = -math.inf
+        self.holding = False
         self.journal = journal
         self.actions = actions
         self.boot_id = boot_id
@@ -322,8 +340,27 @@ class WorkerPool:
                 break
         return started
 
+    def _hold(self) -> bool:
+        """Whether new jobs wait for the receiver now (see HOLD_WINDOW_S)."""
+        now = self.clock.monotonic()
+        if self.intake is None or now - self.intake.busy_at >= HOLD_WINDOW_S:
+            self._held_since = None
+            return False
+        if now < self._no_hold_until:
+            return False
+        if self._held_since is None:
+            self._held_since = now
+        elif now - self._held_since >= HOLD_MAX_S:
+            self._held_since = None
+            self._no_hold_until = now + HOLD_MAX_S
+            return False
+        return True
+
     async def _dispatch_round(self) -> tuple[int, int]:
         """One pick and claim: (jobs started, picks the claim did not get that are gone)."""
+        self.holding = self._hold()
+        if self.holding:
+            return 0, 0
         if self.scheduler.room > 0 and (
             self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)
         ):
@@ -458,6 +495,8 @@ class WorkerPool:
             if self._saturated:
                 recheck_s = min(self._saturated.values()) - self.clock.monotonic()
                 timeout = min(timeout, max(recheck_s, 0.0))
+            if self.holding:
+                timeout = min(timeout, HOLD_RECHECK_S)
             # Waited on in this task (wait_for would wrap it in a task of its own): a wake from
             # jobs whose actions returned then runs the dispatcher before the journal's writer
             # takes their outcomes, so the next claims join the same group commit.
