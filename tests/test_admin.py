@@ -111,6 +111,7 @@ async def test_healthz_and_stats_describe_the_running_daemon(
     assert stats["counts_age_s"] == 0  # a small journal is counted afresh for every call
     assert {"concurrency", "busy", "window", "started", "outcomes"} <= set(stats["workers"])
     assert stats["workers"]["outcomes"] == {"done": 1}
+    assert stats["workers"]["holding"] is False and stats["intake"]["waiting"] == 0
 
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())

@@ -79,6 +79,7 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_jobs", state="dead") == 1
     assert value(after, "webhookd_jobs", state="done") == 1
     assert value(after, "webhookd_workers_busy") == 0
+    assert value(after, "webhookd_workers_holding") == 0
     assert value(after, "webhookd_workers_concurrency") == cfg.workers.concurrency
     assert value(after, "webhookd_journal_commits_total") > value(
         before, "webhookd_journal_commits_total"

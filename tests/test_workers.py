@@ -470,7 +470,7 @@ async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_ca
     intake.busy_at = clock.monotonic()
     first = await rig.ingest("s")
     assert await pool._dispatch_once() == 0
-    assert pool.holding and (await rig.job(first)).state == JobState.QUEUED
+    assert pool.statistics().holding and (await rig.job(first)).state == JobState.QUEUED
     clock.advance(HOLD_WINDOW_S / 2)
     assert await pool._dispatch_once() == 0  # still within the window
     clock.advance(HOLD_WINDOW_S)

@@ -228,6 +228,11 @@ class _StateCollector(Collector):
         stats = self.pool.statistics()
         yield _gauge("webhookd_workers_busy", "Jobs running now.", stats.busy)
         yield _gauge("webhookd_workers_concurrency", "Configured worker slots.", stats.concurrency)
+        yield _gauge(
+            "webhookd_workers_holding",
+            "1 while new jobs wait for the receiver to answer a burst.",
+            1 if stats.holding else 0,
+        )
         yield _gauge("webhookd_scheduler_window_jobs", "Ready jobs held in memory.", stats.window)
         yield _counter(
             "webhookd_journal_commits",

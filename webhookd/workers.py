@@ -91,6 +91,7 @@ class PoolStats:
     window: int
     started: int
     outcomes: Mapping[str, int]
+    holding: bool = False  # new jobs wait while the receiver answers a burst (HOLD_WINDOW_S)
 
 
 def _bump(counter: Counter[_K], key: _K, delta: int) -> None:
@@ -718,4 +719,5 @@ class WorkerPool:
             window=len(self.scheduler),
             started=self.started,
             outcomes=dict(self.outcomes),
+            holding=self.holding,
         )
