@@ -16,6 +16,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from bench.dispatch import P50_TARGET_MS, P99_TARGET_MS
+from bench.intake import LATENCY_P99_TARGET_MS
+
 _BLUE, _ORANGE, _GREY, _RED = "#3b6ea5", "#e08a2c", "#9a9a9a", "#c0392b"
 
 
@@ -87,9 +90,22 @@ def _latency(ax: Axes, intake: dict[str, Any], dispatch: dict[str, Any]) -> None
         ax.bar([x + 0.2 for x in xs], p99, width=0.4, color=_ORANGE, label="p99")
         ax.set_xticks(list(xs), labels, fontsize=8)
         # The targets: webhookd's ack p99 at 1,000/s, and the dispatch's p50 and p99.
-        ax.axhline(5, color=_RED, linestyle="--", linewidth=1, label="ack p99 target 5 ms")
-        ax.axhline(10, color=_GREY, linestyle="--", linewidth=1, label="dispatch p99 target 10 ms")
-        ax.axhline(2, color=_RED, linestyle=":", linewidth=1, label="dispatch p50 target 2 ms")
+        ack, p99_ms, p50_ms = LATENCY_P99_TARGET_MS, P99_TARGET_MS, P50_TARGET_MS
+        ax.axhline(ack, color=_RED, linestyle="--", linewidth=1, label=f"ack p99 target {ack:g} ms")
+        ax.axhline(
+            p99_ms,
+            color=_GREY,
+            linestyle="--",
+            linewidth=1,
+            label=f"dispatch p99 target {p99_ms:g} ms",
+        )
+        ax.axhline(
+            p50_ms,
+            color=_RED,
+            linestyle=":",
+            linewidth=1,
+            label=f"dispatch p50 target {p50_ms:g} ms",
+        )
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     ax.set_title("Latency, ms (log scale)")
