@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from bench.backlog import RSS_TARGET_MB
 from bench.dispatch import P50_TARGET_MS, P99_TARGET_MS
 from bench.intake import LATENCY_P99_TARGET_MS
 
@@ -141,7 +142,7 @@ def _limits(ax: Axes, lanes: dict[str, Any], backlog: dict[str, Any]) -> None:
     if backlog.get("peak_rss_mb"):
         labels.append("backlog\npeak RSS")
         values.append(
-            100 * float(backlog["peak_rss_mb"]) / float(backlog.get("target_rss_mb", 100))
+            100 * float(backlog["peak_rss_mb"]) / float(backlog.get("target_rss_mb", RSS_TARGET_MB))
         )
     _bars(ax, labels, values, [_BLUE] * len(values))
     ax.axhline(100, color=_RED, linestyle="--", linewidth=1, label="limit")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.backlog import RSS_TARGET_MB
 from bench.machine import CpuMeter, describe
 from bench.servers import WEBHOOKD
 from bench.table import Row, render, verdict
@@ -48,7 +49,6 @@ ORDER = (
 # all of a million would take most of the time budget.
 BACKLOG_SIZES = {False: (1_000_000, 100_000), True: (100_000, 10_000)}
 BACKLOG_TIMEOUT_S = {False: 600.0, True: 90.0}
-RSS_TARGET_MB = 100.0  # DESIGN §6; bench.backlog reports its own in the JSON
 
 
 @dataclass

@@ -540,13 +540,9 @@ class Journal(Reads, BaseJournal):
             # tail here (frames committed while it ran: a few pages) lets the next transaction
             # start the WAL over instead of growing it to the backstop.
             self._checkpoint_quietly("PRAGMA wal_checkpoint(PASSIVE)")
-        # A group of claims alone commits without an fsync of its own: the job starts one fsync
-        # sooner (~0.5 ms on a virtual disk). Its frames are in the WAL, in the kernel's hands,
-        # so the claim outlives a crash of the daemon, which is what the poison-pill rule
-        # counts; the next fsync'd commit (an ingest, the job's own outcome) or checkpoint
-        # makes it durable too. Only a power cut before then can lose it, and the job then
-        # runs again, as at-least-once allows. Ingests and outcomes stay synchronous = FULL.
-        unsynced = bool(group.ops) and all(type(op) is ClaimOp for op in group.ops)
+        # A group none of whose operations needs a sync (claims alone, see ClaimOp.synced) is
+        # committed with synchronous = NORMAL; every other commit stays FULL.
+        unsynced = bool(group.ops) and not any(op.synced for op in group.ops)
         if unsynced:
             try:
                 conn.execute("PRAGMA synchronous = NORMAL")
