@@ -453,6 +453,21 @@ async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
     print(f"\nposted → delivered in {(time.monotonic() - started) * 1000:.1f} ms")
 
 
+async def test_jobs_queued_before_the_start_run_at_once_not_after_a_sweep_interval(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A restart with jobs waiting in the journal: the pool's first round runs as it starts,
+    not one ``workers.sweep_interval_s`` later."""
+    rig = await make_rig(forward_source("waiting", target.url), workers="sweep_interval_s = 30")
+    await rig.ingest("waiting")  # nothing wired: as if journaled by the run before
+    dispatcher = asyncio.create_task(rig.pool.run())
+    try:
+        await target.wait_for(lambda t: len(t.seen) == 1, timeout_s=10)
+    finally:
+        rig.pool.stop()
+        await dispatcher
+
+
 async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_caught_up(
     make_rig: MakeRig,
 ) -> None:

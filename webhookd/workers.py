@@ -489,6 +489,7 @@ class WorkerPool:
         # The first round is a sweep: it reads the paused sources before anything is claimed, so
         # a node started while a source is paused holds its jobs like the others do.
         last_sweep = self.clock.monotonic() - sweep_s
+        self._wake.set()  # and it runs at once, not a sweep interval after the start
         while not self._stopping:
             timeout = sweep_s
             if self._next_due is not None:
