@@ -41,7 +41,10 @@ def clean_env() -> dict[str, str]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether the daemon could listen on ``port``: bound as it binds (``SO_REUSEADDR``), so
+    connections of a run a moment ago still in TIME_WAIT do not count as busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
