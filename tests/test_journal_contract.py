@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,13 @@ from webhookd.journal import (
     EVENT_STATES,
     BaseJournal,
     Cap,
+    Claimed,
     Finished,
     Journal,
     NewEvent,
     NewJob,
     Poisoned,
+    Ready,
     Replayed,
     schema,
 )
@@ -218,6 +220,73 @@ async def test_commit_hands_new_jobs_to_the_dispatcher(journal: BaseJournal) -> 
 
 
 # -- claims and outcomes ---------------------------------------------------------------------
+
+
+class Taker:
+    """The worker pool's side of a group commit (``Starter``): takes every job offered while
+    it has room, and keeps what it was handed and what it got back."""
+
+    boot_id = "boot_a"
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.offered: list[list[str]] = []
+        self.started: list[Claimed] = []
+        self.released: set[str] = set()
+
+    def room_at_commit(self) -> int:
+        return self.room
+
+    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
+        self.offered.append([j.id for j in jobs])
+        return frozenset(j.id for j in jobs)
+
+    def settle(self, started: Sequence[Claimed], reserved: frozenset[str]) -> None:
+        self.started += started
+        self.released |= reserved - {c.job.id for c in started}
+
+
+async def test_jobs_a_starter_takes_are_claimed_by_their_webhooks_commit(
+    journal: BaseJournal,
+) -> None:
+    """An idle pool's new jobs are written running (one attempt counted) in the commit that
+    journals their webhook, and handed to it after that commit: no claim of their own. They
+    are then running jobs like any claimed one: not claimable, finished or put back by their
+    claimer. A duplicate's jobs are given back; a group whose jobs do not all fit is offered
+    none (the scheduler picks among them)."""
+    taker = Taker(room=3)
+    journal.starter = taker
+    announced: list[str] = []
+    journal.on_commit = lambda ready: announced.extend(r.id for r in ready)
+    item = new_event(jobs=2)
+    ids = [j.id for j in item.jobs]
+    before = journal.commits
+    await journal.ingest(item)
+    assert journal.commits == before + 1 and announced == []
+    assert [(c.job.id, c.job.state, c.job.attempts) for c in taker.started] == [
+        (i, JobState.RUNNING, 1) for i in ids
+    ]
+    assert all(c.event == item.event for c in taker.started)
+    detail = await journal.get_event(item.event.id)
+    assert [(j.state, j.attempts) for j in detail.jobs] == [(JobState.RUNNING, 1)] * 2
+    assert detail.state == "running" and journal.backlog_jobs == 2
+    assert await journal.claim(ids, "boot_b") == []
+    await journal.finish([finished(ids[0], JobState.DONE, "done")])
+    await journal.unclaim([ids[1]])
+    detail = await journal.get_event(item.event.id)
+    assert [(j.state, j.attempts) for j in detail.jobs] == [
+        (JobState.DONE, 1),
+        (JobState.QUEUED, 0),
+    ]
+
+    duplicate = new_event(key=item.event.dedup_key)
+    assert (await journal.ingest(duplicate)).duplicate
+    assert taker.released == {duplicate.jobs[0].id} and len(taker.started) == 2
+
+    too_many = new_event(jobs=4)
+    await journal.ingest(too_many)
+    assert len(taker.offered) == 2 and len(taker.started) == 2
+    assert announced == [j.id for j in too_many.jobs]
 
 
 async def test_claim_counts_the_attempt_before_the_work(journal: BaseJournal) -> None:

@@ -150,15 +150,23 @@ async def test_an_unstorable_value_fails_its_own_ingest_and_the_writer_lives_on(
 
 
 def _kill_writer_on_commit(daemon: Daemon) -> None:
-    """The consumer the writer calls after each commit fails: the writer task dies with it."""
-    assert daemon.journal is not None
-    notify = daemon.journal.on_commit
+    """The consumers the writer calls after each commit fail (``on_commit`` with the new queued
+    jobs, the pool's ``settle`` with those an idle pool started at once): the writer task dies
+    with them, whichever way the job went."""
+    journal, pool = daemon.journal, daemon.pool
+    assert journal is not None and pool is not None
+    notify, settle = journal.on_commit, pool.settle
 
     def broken(created: Any) -> None:
         notify(created)
         raise RuntimeError("consumer bug")
 
-    daemon.journal.on_commit = broken
+    def broken_settle(started: Any, reserved: Any) -> None:
+        settle(started, reserved)
+        raise RuntimeError("consumer bug")
+
+    journal.on_commit = broken
+    pool.settle = broken_settle  # type: ignore[method-assign]
 
 
 async def test_a_dead_writer_makes_run_return_nonzero_promptly_with_ports_closed(

@@ -8,6 +8,7 @@ arrivals, the daemon's log lines) or on polled state with a deadline; nothing sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -251,6 +252,22 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_att
     assert downstream.ids == [event_id, event_id]
 
 
+async def sigterm_while_a_claim_waits(
+    http: aiohttp.ClientSession, daemon: DaemonProc, lock: sqlite3.Connection
+) -> None:
+    """Once ``/stats`` shows a job being claimed (it reads through the WAL, past ``lock``'s
+    write lock), SIGTERM the daemon; let the journal go once the daemon says it is draining."""
+
+    async def claim_waiting() -> bool:
+        _, stats = await get_json(http, f"{daemon.admin_url}/stats")
+        return bool(stats) and stats["workers"]["claiming"] >= 1  # type: ignore[index]
+
+    await poll(claim_waiting, timeout_s=10)
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_said("draining")
+    lock.execute("ROLLBACK")
+
+
 async def test_sigterm_while_a_claim_waits_on_the_journal_starts_no_job_after_the_drain(
     tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
 ) -> None:
@@ -285,15 +302,7 @@ async def test_sigterm_while_a_claim_waits_on_the_journal_starts_no_job_after_th
         lock.execute("BEGIN IMMEDIATE")
         [(run_at,)] = lock.execute("SELECT run_at FROM jobs").fetchall()
         assert run_at - time.time() > 0.5, "the retry fell due before the lock was taken"
-
-        async def claim_waiting() -> bool:  # /stats reads through WAL, past the write lock
-            _, stats = await get_json(http, f"{daemon.admin_url}/stats")
-            return bool(stats) and stats["workers"]["claiming"] >= 1  # type: ignore[index]
-
-        await poll(claim_waiting, timeout_s=10)
-        daemon.signal(signal.SIGTERM)
-        await daemon.wait_said("draining")
-        lock.execute("ROLLBACK")
+        await sigterm_while_a_claim_waits(http, daemon, lock)
     finally:
         lock.close()
     assert await daemon.wait_exit() == 0
@@ -314,6 +323,46 @@ async def test_sigterm_while_a_claim_waits_on_the_journal_starts_no_job_after_th
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
     assert downstream.ids.count(event_id) == 2, "delivered again after a clean shutdown"
+
+
+async def test_sigterm_while_a_webhooks_commit_waits_runs_the_job_it_claims_within_the_drain(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """An idle daemon's new job is claimed by the commit that journals its webhook. SIGTERM
+    landing while that commit waits on the journal: the job still runs within the drain's
+    grace, neither left running nor cut off."""
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        journal,
+        forward_source("shop", f"{downstream.url}/shop"),
+        workers="shutdown_grace_s = 10",
+    )
+    daemon = await procs.serve(cfg)
+
+    async def post(n: int) -> int:
+        async with http.post(f"{daemon.url}/hooks/shop", data=f'{{"x": {n}}}', headers=JSON) as r:
+            return r.status
+
+    assert await post(0) == 202
+    await downstream.wait_for(lambda: len(downstream.answered) == 1)  # the pool is idle again
+    downstream.delay_s = 1.0
+    # Hold the journal's write lock (as a slow disk would), so the webhook's commit, with its
+    # job written claimed, is waiting on the journal when SIGTERM arrives: with the lock held,
+    # a job being claimed can only be one its webhook's commit is writing.
+    lock = sqlite3.connect(journal, isolation_level=None, timeout=5)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        posting = asyncio.create_task(post(1))
+        await sigterm_while_a_claim_waits(http, daemon, lock)
+    finally:
+        lock.close()
+    assert await posting in (202, 503)  # 503 if the commit outlasted server.ack_timeout_s
+    assert await daemon.wait_exit() == 0
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        rows = db.execute("SELECT state, attempts FROM jobs").fetchall()
+    assert rows == [("done", 1)] * 2
+    assert len(downstream.answered) == 2
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])

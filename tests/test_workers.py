@@ -8,7 +8,9 @@ Most tests drive the pool in burst mode (``run_until_idle``) with a ``ManualCloc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -26,7 +28,7 @@ from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
-from webhookd.models import Event, Job, JobState
+from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
 from webhookd.workers import (
     HOLD_MAX_S,
@@ -466,6 +468,124 @@ async def test_jobs_queued_before_the_start_run_at_once_not_after_a_sweep_interv
     finally:
         rig.pool.stop()
         await dispatcher
+
+
+class HeldOpen:
+    """An action that says when it starts (with the journal's commit count at that moment)
+    and returns once let go."""
+
+    def __init__(self, action: Action, journal: Journal) -> None:
+        self.config = action.config
+        self.journal = journal
+        self.started: asyncio.Queue[tuple[Job, int]] = asyncio.Queue()
+        self.go = asyncio.Event()
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.started.put_nowait((job, self.journal.commits))
+        await self.go.wait()
+        return Outcome.done({"ok": True})
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def idle_rig(make_rig: MakeRig, extra: str = "", workers: str = "") -> tuple[Rig, HeldOpen]:
+    """A pool wired to its journal as the daemon wires them, idle: it has read the (empty)
+    journal once. Source ``s``'s ``log`` action is held open."""
+    rig = await make_rig(
+        '[sources.s]\n[[sources.s.actions]]\ntype = "log"\n' + extra, workers=workers
+    )
+    rig.journal.on_commit = rig.pool.notify
+    rig.journal.starter = rig.pool
+    assert await rig.pool.run_until_idle() is None
+    held = HeldOpen(rig.actions[("s", "log")], rig.journal)
+    rig.actions[("s", "log")] = held
+    return rig, held
+
+
+async def test_an_idle_pools_new_job_starts_at_its_commit_without_a_claim_of_its_own(
+    make_rig: MakeRig,
+) -> None:
+    """Commit → job start on an idle pool (DESIGN §6, p50 ≤ 1 ms): the job is written claimed
+    by this boot in the commit that journals its webhook, and starts once that commit is done,
+    with no claim's transaction in between."""
+    rig, held = await idle_rig(make_rig)
+    before = rig.journal.commits
+    event_id = await rig.ingest("s")
+    job, commits = await held.started.get()
+    assert commits == before + 1
+    assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+    with contextlib.closing(sqlite3.connect(rig.cfg.journal.path)) as db:
+        rows = db.execute("SELECT state, attempts, boot_id, claimed_at FROM jobs").fetchall()
+    assert rows == [("running", 1, "boot_test", rig.clock.time())]
+    assert rig.pool.statistics().busy == 1
+    held.go.set()
+    assert await rig.pool.drain(10.0) == 0
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts, [a.outcome for a in job.history]) == (
+        JobState.DONE,
+        1,
+        ["done"],
+    )
+
+
+async def test_a_new_job_waits_for_a_claim_unless_it_would_be_the_next_pick_anyway(
+    make_rig: MakeRig,
+) -> None:
+    """Only jobs that would start at once anyway start at their commit: none while the
+    workers are busy, a job waits in the window or a retry is due, the receiver answers a
+    burst, or the pool drains; nor a job with a cap (counted by its claim across nodes), an
+    ordered one (only the journal knows if an older job of its key is unfinished) or one of a
+    paused source. Those are written queued and go through the scheduler."""
+    rig, held = await idle_rig(
+        make_rig,
+        '[sources.capped]\nconcurrency = 1\n[[sources.capped.actions]]\ntype = "log"\n'
+        '[sources.ordered]\n[[sources.ordered.actions]]\ntype = "log"\nordered_by = "json:k"\n'
+        '[sources.paused]\n[[sources.paused.actions]]\ntype = "log"\n',
+        workers="concurrency = 2",
+    )
+    pool, clock = rig.pool, rig.clock
+    await rig.journal.pause("paused")
+    assert await pool.run_until_idle() is None  # the pool has read the pause
+    assert pool.room_at_commit() == 2
+    await rig.ingest("s")
+    await held.started.get()
+    assert pool.room_at_commit() == 1  # one of two workers is busy
+
+    def ready(source: str, order_key: str | None = None) -> Ready:
+        return Ready(new_job_id(), source, "log", 1, "", order_key, 0)
+
+    for job in [ready("capped"), ready("ordered", "k1"), ready("paused")]:
+        assert pool.reserve([job]) == frozenset()
+    assert pool.room_at_commit() == 1
+
+    pool.scheduler.add(ready("s"))
+    assert pool.room_at_commit() == 0  # a job waits in the window
+    pool.scheduler = pool._new_scheduler()
+    pool._next_due = clock.time()
+    assert pool.room_at_commit() == 0  # a retry is due
+    pool._next_due = None
+    pool.intake = IntakeState()
+    pool.intake.busy_at = clock.monotonic()
+    assert pool.room_at_commit() == 0  # a burst is being answered
+    clock.advance(HOLD_WINDOW_S)
+    assert pool.room_at_commit() == 1
+
+    job = ready("s")
+    assert pool.reserve([job]) == {job.id}
+    assert pool.room_at_commit() == 0  # its slot is kept for it until the commit settles
+    pool.settle([], frozenset({job.id}))  # the commit failed (or it was a duplicate)
+    assert pool.room_at_commit() == 1
+
+    draining = asyncio.create_task(pool.drain(10.0))
+    assert pool.reserve([ready("s")])  # taken just before the drain began
+    await asyncio.sleep(0)
+    assert pool.room_at_commit() == 0  # draining
+    await asyncio.sleep(0)
+    assert not draining.done()  # a drain waits for jobs being written claimed
+    pool.settle([], frozenset(pool._reserved))
+    held.go.set()
+    assert await draining == 0
 
 
 async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_caught_up(

@@ -174,6 +174,7 @@ class Daemon:
             )
             self.pool = pool
             journal.on_commit = pool.notify
+            journal.starter = pool  # an idle pool's new jobs are claimed by their own commit
             journal.on_remote_jobs = pool.poke
             journal.on_pause_change = pool.pause_changed
             for hook in self.on_wired:

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -149,6 +149,11 @@ class WorkerPool:
         # a group commit with the outcomes being written instead of waiting one out.
         self._running: dict[str, asyncio.Task[None]] = {}
         self._acting: dict[str, Ready] = {}  # jobs whose action has not returned yet
+        # New jobs the journal is writing claimed in a group commit (``reserve``): their slots
+        # are kept until ``settle``, and a drain waits for that.
+        self._reserved: dict[str, Ready] = {}
+        self._settled = asyncio.Event()
+        self._settled.set()
         # The caps of each running capped job, worked out once when it was picked: it keeps
         # their counts until its outcome is on disk, and its end frees them for the others.
         self._held_caps: dict[str, tuple[Cap, ...]] = {}
@@ -274,6 +279,58 @@ class WorkerPool:
         self.paused = paused
         self._refill_now = True
 
+    # -- starting at the commit (the journal's ``Starter``) --------------------------------
+
+    def room_at_commit(self) -> int:
+        """How many of a commit's new jobs may be written claimed and start when it is done.
+
+        Only while nothing else is waiting for a worker: no job in the window nor known to be
+        ready in the journal (a refill pending, a retry due), no burst being answered, no drain,
+        no claim failing. Then each would be the very next pick anyway, and the claim that
+        picking it takes (a transaction of its own, after the one that journaled it) is saved.
+        """
+        if (
+            self._stopping
+            or self._claim_failing
+            or self._pause_stale
+            or self.holding
+            or self._refill_now
+            or self._overflow
+            or len(self.scheduler)
+        ):
+            return 0
+        if self.intake is not None and self.clock.monotonic() - self.intake.busy_at < HOLD_WINDOW_S:
+            return 0
+        if self._next_due is not None and self._next_due <= self.clock.time():
+            return 0
+        return self.concurrency - len(self._acting) - len(self._reserved)
+
+    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
+        """Of new jobs that all fit (``room_at_commit``), those that may start at their commit:
+        not of a paused source, without caps (counted across the cluster by a claim) and not
+        ordered (the journal knows whether an older job of the key is unfinished)."""
+        taken = []
+        for job in jobs:
+            if job.order_key is None and not self._caps(job) and self._can_run(job):
+                self._reserved[job.id] = job
+                self._count(job, +1)
+                taken.append(job.id)
+        if taken:
+            self._settled.clear()
+        return frozenset(taken)
+
+    def settle(self, started: Sequence[Claimed], reserved: frozenset[str]) -> None:
+        """Start the jobs written claimed; the rest of ``reserved`` (a duplicate's, a failed
+        commit's) give their slots back."""
+        for claimed in started:
+            self._start(claimed, self._reserved.pop(claimed.job.id), ())
+        for job_id in reserved:
+            unused = self._reserved.pop(job_id, None)
+            if unused is not None:
+                self._count(unused, -1)
+        if not self._reserved:
+            self._settled.set()
+
     # -- dispatching -------------------------------------------------------------------------
 
     def _can_run(self, job: Ready) -> bool:
@@ -369,7 +426,7 @@ class WorkerPool:
         if self._saturated:
             self._forget_saturated()
         picks: dict[str, Ready] = {}
-        free = self.concurrency - len(self._acting)
+        free = self.concurrency - len(self._acting) - len(self._reserved)
         while len(picks) < free:
             job = self.scheduler.pop(self._can_run)
             if job is None:
@@ -559,6 +616,7 @@ class WorkerPool:
         self.stop()
         async with self._claiming:  # a claim in flight either starts its jobs or gives them back
             pass
+        await self._settled.wait()  # so do jobs being written claimed in a group commit
         if self._running:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace_s):
@@ -716,7 +774,7 @@ class WorkerPool:
         return PoolStats(
             concurrency=self.concurrency,
             busy=len(self._acting),
-            claiming=self._claiming_jobs,
+            claiming=self._claiming_jobs + len(self._reserved),
             window=len(self.scheduler),
             started=self.started,
             outcomes=dict(self.outcomes),

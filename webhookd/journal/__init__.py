@@ -50,7 +50,9 @@ from webhookd.journal.batch import (
     IngestOp,
     Op,
     OpQueue,
+    Starts,
     WriteFailed,
+    reserve_starts,
     write_ops,
 )
 from webhookd.journal.reads import Reads
@@ -113,6 +115,7 @@ __all__ = [
     "Recovery",
     "Replayed",
     "Series",
+    "Starter",
     "open_journal",
 ]
 
@@ -512,8 +515,17 @@ class Journal(Reads, BaseJournal):
                         ops.append(op)
                 group = Group(ops, calls, self.clock.time(), checkpoint_tail=self._checkpoint_tail)
                 self._checkpoint_tail = False
-                await self._in_thread(self._write_batch, group)
-                self._resolve(group)
+                group.starts = starts = reserve_starts(self.starter, ops)
+                try:
+                    await self._in_thread(self._write_batch, group)
+                    self._resolve(group)
+                finally:
+                    # The pool starts the jobs written claimed and gets every other slot it
+                    # reserved back, whatever became of the write. Should the writer die here,
+                    # a job written claimed stays running under this boot: the next start
+                    # recovers it.
+                    if starts.job_ids and self.starter is not None:
+                        self.starter.settle(group.started, starts.job_ids)
                 if group.commits:
                     self._maybe_checkpoint()
         finally:
@@ -562,7 +574,7 @@ class Journal(Reads, BaseJournal):
     def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
         if group.ops:
             try:
-                group.results = _transaction(conn, _writer_of(group.ops, group.now))
+                group.results = _transaction(conn, _writer_of(group.ops, group.now, group.starts))
                 group.commits += 1
             except Exception as exc:
                 group.results = {}
@@ -575,7 +587,9 @@ class Journal(Reads, BaseJournal):
                     # encoded, an integer too big): write each alone so the others still commit.
                     for op in group.ops:
                         try:
-                            group.results |= _transaction(conn, _writer_of([op], group.now))
+                            group.results |= _transaction(
+                                conn, _writer_of([op], group.now, group.starts)
+                            )
                             group.commits += 1
                         except Exception as one_exc:
                             group.errors[id(op)] = one_exc
@@ -596,7 +610,8 @@ class Journal(Reads, BaseJournal):
         return result, None
 
     def _resolve(self, group: Group) -> None:
-        """On the loop: hand each waiter its result, keep the counters, announce new jobs."""
+        """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
+        keep those written claimed in ``group.started``)."""
         if group.error is not None:
             self.last_write_error = _describe(group.error)
             log.error("journal write failed: %s", self.last_write_error)
@@ -604,6 +619,7 @@ class Journal(Reads, BaseJournal):
             self.last_write_error = None
         self.commits += group.commits
         created: list[Ready] = []
+        started = group.started
         for op in group.ops:
             exc = group.error or group.errors.get(id(op))
             if exc is not None:
@@ -617,14 +633,15 @@ class Journal(Reads, BaseJournal):
             result = group.results[id(op)]
             self.batched_ops += 1
             if isinstance(op, IngestOp):
-                ingested, ready = result
+                ingested, ready, claimed = result
                 created.extend(ready)
+                started.extend(claimed)
                 result = ingested
             elif isinstance(op, FinishOp):
                 self.backlog_jobs -= sum(1 for f in op.results if f.state != JobState.QUEUED)
             if not op.future.done():
                 op.future.set_result(result)
-        self.backlog_jobs += len(created)
+        self.backlog_jobs += len(created) + len(started)
         for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
             if isinstance(call_exc, WriteFailed):
                 self.last_write_error = _describe(call_exc.cause)
@@ -929,8 +946,10 @@ def _describe(exc: BaseException) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _writer_of(ops: list[Op], now: float) -> Callable[[sqlite3.Connection], dict[int, Any]]:
-    return lambda conn: write_ops(conn, ops, now)
+def _writer_of(
+    ops: list[Op], now: float, starts: Starts
+) -> Callable[[sqlite3.Connection], dict[int, Any]]:
+    return lambda conn: write_ops(conn, ops, now, starts)
 
 
 def _kind(op: Op) -> str:

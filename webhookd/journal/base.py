@@ -39,6 +39,7 @@ from webhookd.journal.records import (
     Recovery,
     Replayed,
     Series,
+    Starter,
 )
 from webhookd.models import LaneGrant, LaneSpec
 
@@ -88,7 +89,9 @@ class BaseJournal(ABC):
     the loop when a source may have been paused or resumed anywhere: re-read ``paused_sources``
     now; likewise never called by a journal that cannot tell); ``on_poisoned`` (called on the
     loop with the jobs a recovery after start sent to dead, as PostgreSQL's leader does for
-    silent nodes; what ``recover`` returns at start is the caller's to pass on).
+    silent nodes; what ``recover`` returns at start is the caller's to pass on); ``starter``
+    (the worker pool, when set: new jobs it can start at once are written claimed, see
+    ``Starter``).
     """
 
     clock: Clock
@@ -96,6 +99,7 @@ class BaseJournal(ABC):
     # ``*_lane`` methods); a single-node journal leaves them in each lane's memory.
     shares_lanes: bool = False
     on_commit: Callable[[list[Ready]], None] | None
+    starter: Starter | None = None  # set by the daemon: new jobs may start at their commit
     on_remote_jobs: Callable[[], None] | None = None
     on_pause_change: Callable[[], None] | None = None
     on_poisoned: Callable[[Sequence[Poisoned]], None] | None = None

@@ -11,11 +11,21 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring_ascii
 from typing import Any, ClassVar
 
-from webhookd.journal.records import Cap, CapClaim, Claimed, Finished, Ingested, NewEvent, Ready
+from webhookd.journal.records import (
+    Cap,
+    CapClaim,
+    Claimed,
+    Finished,
+    Ingested,
+    NewEvent,
+    NewJob,
+    Ready,
+    Starter,
+)
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
@@ -25,7 +35,7 @@ from webhookd.journal.schema import (
     fetch_rows,
     key_digest,
 )
-from webhookd.models import JobState
+from webhookd.models import Event, Job, JobState
 
 # One compact encoder made once: ``json.dumps(..., separators=...)`` builds a new encoder on
 # every call, which costs as much as the encoding itself on the ingest path.
@@ -165,6 +175,17 @@ class OpQueue:
         return ops
 
 
+@dataclass(frozen=True, slots=True)
+class Starts:
+    """New jobs of a group to write as claimed (``Starter``), and by whom."""
+
+    job_ids: frozenset[str]
+    boot_id: str
+
+
+NO_STARTS = Starts(frozenset(), "")
+
+
 @dataclass(slots=True)
 class Group:
     """One batch on its way through the writer's thread, and what became of it.
@@ -183,6 +204,8 @@ class Group:
     commits: int = 0
     error: Exception | None = None  # the group failed as a whole: nothing of it was written
     checkpoint_tail: bool = False  # copy the WAL's last frames back before writing (journal)
+    starts: Starts = NO_STARTS  # new jobs to write claimed (``reserve_starts``)
+    started: list[Claimed] = field(default_factory=list)  # and those that were
 
 
 class WriteFailed(Exception):
@@ -193,12 +216,44 @@ class WriteFailed(Exception):
         self.cause = cause
 
 
-def write_ops(conn: sqlite3.Connection, ops: Sequence[Op], now: float) -> dict[int, Any]:
+def reserve_starts(starter: Starter | None, ops: Sequence[Op]) -> Starts:
+    """Offer a group's new jobs to ``starter`` if all of them could start now (for either
+    backend). All or none: when some must wait, the scheduler picks which go first."""
+    if starter is None:
+        return NO_STARTS
+    room = starter.room_at_commit()
+    if room <= 0:
+        return NO_STARTS
+    ingests = [op.item for op in ops if isinstance(op, IngestOp)]
+    if not 0 < sum(len(item.jobs) for item in ingests) <= room:
+        return NO_STARTS
+    taken = starter.reserve(
+        [
+            Ready(
+                j.id,
+                item.event.source,
+                j.action,
+                int(item.event.priority),
+                item.event.tenant,
+                j.order_key,
+                0,
+            )
+            for item in ingests
+            for j in item.jobs
+        ]
+    )
+    return Starts(taken, starter.boot_id) if taken else NO_STARTS
+
+
+def write_ops(
+    conn: sqlite3.Connection, ops: Sequence[Op], now: float, starts: Starts = NO_STARTS
+) -> dict[int, Any]:
     """Write ingests, then finishes, then claims; returns each one's result by ``id(op)``."""
     results: dict[int, Any] = {}
     ingests = [op for op in ops if isinstance(op, IngestOp)]
     if ingests:
-        for iop, ingested in zip(ingests, write_ingests(conn, ingests, now), strict=True):
+        written = write_ingests(conn, ingests, now, starts)
+        for iop, ingested in zip(ingests, written, strict=True):
             results[id(iop)] = ingested
     for op in ops:
         if isinstance(op, FinishOp):
@@ -210,25 +265,35 @@ def write_ops(conn: sqlite3.Connection, ops: Sequence[Op], now: float) -> dict[i
     return results
 
 
+# What one ingest came to: its answer, its new queued jobs (for the window), and its new jobs
+# written as claimed (to start now).
+IngestResult = tuple[Ingested, list[Ready], list[Claimed]]
+
+
+@dataclass(slots=True)
+class SortedIngests:
+    """A group's ingests split by who owns their dedup keys (``sort_ingests``)."""
+
+    results: list[IngestResult] = field(default_factory=list)
+    event_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    job_rows: list[tuple[Any, ...]] = field(default_factory=list)  # queued
+    start_rows: list[tuple[Any, ...]] = field(default_factory=list)  # claimed (same columns)
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (key, event id) to delete
+
+
 def sort_ingests(
-    ops: Sequence[IngestOp], owners: Mapping[str, str]
-) -> tuple[
-    list[tuple[Ingested, list[Ready]]],
-    list[tuple[Any, ...]],
-    list[tuple[Any, ...]],
-    list[tuple[str, str]],
-]:
+    ops: Sequence[IngestOp], owners: Mapping[str, str], start: frozenset[str] = frozenset()
+) -> SortedIngests:
     """Split a group's ingests by who owns their dedup keys (``owners``: key → event id, for the
     keys another event holds), for either backend: each one's answer, the event and job rows
-    to insert, and the (key, event id) rows of duplicates to take back out.
+    to insert (the jobs in ``start`` apart, to be written claimed), and the (key, event id)
+    rows of duplicates to take back out.
 
     An event is a duplicate when either of its keys names another event; then one of its two
     keys may have gone in, naming an event that will never exist, so both are orphans.
     """
-    results: list[tuple[Ingested, list[Ready]]] = []
-    event_rows: list[tuple[Any, ...]] = []
-    job_rows: list[tuple[Any, ...]] = []
-    orphans: list[tuple[str, str]] = []
+    out = SortedIngests()
+    results, event_rows, job_rows, orphans = out.results, out.event_rows, out.job_rows, out.orphans
     for op in ops:
         e = op.item.event
         body_key = op.item.body_key
@@ -236,10 +301,11 @@ def sort_ingests(
         if owner == e.id and body_key is not None:
             owner = owners.get(body_key, e.id)
         if owner != e.id:
-            results.append((Ingested(owner, duplicate=True), []))
+            results.append((Ingested(owner, duplicate=True), [], []))
             if body_key is not None:
                 orphans += [(e.dedup_key, e.id), (body_key, e.id)]
             continue
+        verified = json.dumps(e.verified) if e.verified is not None else None
         event_rows.append(
             (
                 e.id,
@@ -250,29 +316,56 @@ def sort_ingests(
                 int(e.priority),
                 headers_json(e.headers),
                 e.body,
-                json.dumps(e.verified) if e.verified is not None else None,
+                verified,
                 json.dumps(op.item.filtered) if op.item.filtered else None,
             )
         )
         ready = []
+        started: list[Claimed] = []
         for j in op.item.jobs:
-            job_rows.append(
-                (
-                    j.id,
-                    e.id,
-                    e.source,
-                    j.action,
-                    j.type,
-                    int(e.priority),
-                    e.tenant,
-                    j.order_key,
-                    e.received_at,
-                    j.max_attempts,
-                )
-            )
+            if j.id in start:
+                out.start_rows.append(job_row(e, j))
+                started.append(claimed_at_ingest(e, j, verified))
+                continue
+            job_rows.append(job_row(e, j))
             ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
-        results.append((Ingested(e.id, duplicate=False), ready))
-    return results, event_rows, job_rows, orphans
+        results.append((Ingested(e.id, duplicate=False), ready, started))
+    return out
+
+
+def job_row(e: Event, j: NewJob) -> tuple[Any, ...]:
+    """A new job's row: (id, event id, source, action, type, priority, tenant, order key,
+    run at, max attempts)."""
+    return (
+        j.id,
+        e.id,
+        e.source,
+        j.action,
+        j.type,
+        int(e.priority),
+        e.tenant,
+        j.order_key,
+        e.received_at,
+        j.max_attempts,
+    )
+
+
+def claimed_at_ingest(e: Event, j: NewJob, verified: str | None) -> Claimed:
+    """A job written claimed by its event's commit, as a claim would read it back: first
+    attempt, due at receipt, the event's ``verified`` through JSON like the stored copy."""
+    job = Job(
+        id=j.id,
+        event_id=e.id,
+        action=j.action,
+        type=j.type,
+        state=JobState.RUNNING,
+        attempts=1,
+        max_attempts=j.max_attempts,
+        run_at=e.received_at,
+    )
+    if verified is not None:
+        e = replace(e, verified=json.loads(verified))
+    return Claimed(job, e, 0)
 
 
 # Rows per INSERT statement at most; ``insert_rows`` takes 64, 32, … 1 at a time, so a table
@@ -308,8 +401,8 @@ def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]
 
 
 def write_ingests(
-    conn: sqlite3.Connection, ops: list[IngestOp], now: float
-) -> list[tuple[Ingested, list[Ready]]]:
+    conn: sqlite3.Connection, ops: list[IngestOp], now: float, starts: Starts = NO_STARTS
+) -> list[IngestResult]:
     texts: list[str] = []  # each key, beside its row in ``keys``
     keys = []
     for op in ops:
@@ -334,27 +427,36 @@ def write_ingests(
                 conn, f"SELECT digest, event_id FROM dedup WHERE digest IN ({marks})", chunk
             )
             owners.update({by_digest[row[0]]: row[1] for row in rows})
-    results, event_rows, job_rows, orphans = sort_ingests(ops, owners)
-    if orphans:
+    out = sort_ingests(ops, owners, starts.job_ids)
+    if out.orphans:
         conn.executemany(
             "DELETE FROM dedup WHERE digest = ? AND event_id = ?",
-            [(key_digest(key), event_id) for key, event_id in orphans],
+            [(key_digest(key), event_id) for key, event_id in out.orphans],
         )
-    if event_rows:
+    if out.event_rows:
         insert_rows(
             conn,
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
             " body, verified, filtered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            event_rows,
+            out.event_rows,
         )
-    if job_rows:
+    if out.job_rows:
         insert_rows(
             conn,
             "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
             " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-            job_rows,
+            out.job_rows,
         )
-    return results
+    if out.start_rows:
+        # Claimed as ``write_claim`` would: one attempt, this boot's, from now.
+        insert_rows(
+            conn,
+            "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
+            " order_key, run_at, max_attempts, attempts, boot_id, claimed_at)"
+            " VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, 1, ?, ?)",
+            [(*row, starts.boot_id, now) for row in out.start_rows],
+        )
+    return out.results
 
 
 def admit(

@@ -1,10 +1,11 @@
-"""What the journal takes and gives back: frozen records, no SQL."""
+"""What the journal takes and gives back: frozen records, no SQL; and what it asks of the worker
+pool at a commit (``Starter``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from webhookd.config import VerifyConfig
 from webhookd.models import Event, Job, JobState, quick_init
@@ -304,3 +305,31 @@ class NodeInfo:
             "this": self.this,
             "stale": self.stale,
         }
+
+
+class Starter(Protocol):
+    """Who may take a group commit's new jobs as it writes them (the worker pool).
+
+    An idle pool need not wait for a commit, then a claim of its own, then the claim's commit:
+    a new job it can start at once is written already claimed by ``boot_id`` (``running``, one
+    attempt counted) in the commit that journals its webhook, and handed over once that commit
+    is done. Before writing a group of ingests the journal asks ``room_at_commit``; if every new
+    job of the group fits, it offers them to ``reserve``, which answers the ids it takes (their
+    slots are kept for them). After the write, committed or not, ``settle`` gets the jobs
+    written as claimed and every id reserved: the others (a duplicate's, a failed commit's) give
+    their slots back.
+    """
+
+    boot_id: str
+
+    def room_at_commit(self) -> int:
+        """How many new jobs could start now; 0 when none may (busy, held, stopping…)."""
+        ...
+
+    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
+        """The ids of ``jobs`` to write as claimed."""
+        ...
+
+    def settle(self, started: Sequence[Claimed], reserved: frozenset[str]) -> None:
+        """Run ``started``; free the slots of the rest of ``reserved``."""
+        ...

@@ -39,7 +39,15 @@ import asyncpg
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import BaseJournal
-from webhookd.journal.batch import GATHER_PASSES, FinishOp, IngestOp, Op, OpQueue
+from webhookd.journal.batch import (
+    GATHER_PASSES,
+    FinishOp,
+    IngestOp,
+    IngestResult,
+    Op,
+    OpQueue,
+    reserve_starts,
+)
 from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
 from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
@@ -276,48 +284,70 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         results = [f for op in finishes for f in op.results]
         tokens = [self._tokens.get(f.job_id) for f in results]
         now = self.clock.time()
+        starts = reserve_starts(self.starter, ingests)
+        claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
 
-        async def fn(conn: Any) -> tuple[list[tuple[Ingested, list[Ready]]], set[str]]:
-            ingested = await write_ingests(conn, ingests, now) if ingests else []
+        async def fn(conn: Any) -> tuple[list[IngestResult], set[str]]:
+            ingested = (
+                await write_ingests(conn, ingests, now, starts.job_ids, claim) if ingests else []
+            )
             recorded = await write_finishes(conn, results, tokens) if results else set()
             return ingested, recorded
 
         try:
             ingested, recorded = await self._write(fn)
-        except JournalUnavailable as exc:
+        except BaseException as exc:
+            if starts.job_ids:
+                # Jobs written claimed in a commit that may have happened: undone by token
+                # once the server answers again (as a claim's are), and the slots given back.
+                self._doubtful.append(claim[1])
+                if self.starter is not None:
+                    self.starter.settle([], starts.job_ids)
+            if not isinstance(exc, JournalUnavailable):
+                raise
             log.debug("%s", exc)  # an outage is logged once, by went_down; each waiter hears it
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(exc)
             return
         self.batched_ops += len(batch)
-        created: list[Ready] = []
-        for iop, (result, ready) in zip(ingests, ingested, strict=True):
-            created.extend(ready)
-            if not iop.future.done():
-                iop.future.set_result(result)
-        freed = False
-        for f in results:
-            self._tokens.pop(f.job_id, None)
-            if f.job_id in self._capped:
-                self._capped.discard(f.job_id)
-                freed = True
-            if f.job_id not in recorded:
-                log.warning(
-                    "job %s: outcome %s not recorded: its lease passed to another node",
-                    f.job_id,
-                    f.outcome,
-                )
-            elif f.state != JobState.QUEUED:
-                self.backlog_jobs -= 1
-        for fop in finishes:
-            if not fop.future.done():
-                fop.future.set_result(None)
-        self.backlog_jobs += len(created)
-        if created or freed:
-            self._notify_wanted.set()
-        if created and self.on_commit is not None:
-            self.on_commit(created)
+        started: list[Claimed] = []
+        try:
+            created: list[Ready] = []
+            for iop, (result, ready, claimed) in zip(ingests, ingested, strict=True):
+                created.extend(ready)
+                started.extend(claimed)
+                if not iop.future.done():
+                    iop.future.set_result(result)
+            for c in started:
+                self._tokens[c.job.id] = claim[1]
+            freed = False
+            for f in results:
+                self._tokens.pop(f.job_id, None)
+                if f.job_id in self._capped:
+                    self._capped.discard(f.job_id)
+                    freed = True
+                if f.job_id not in recorded:
+                    log.warning(
+                        "job %s: outcome %s not recorded: its lease passed to another node",
+                        f.job_id,
+                        f.outcome,
+                    )
+                elif f.state != JobState.QUEUED:
+                    self.backlog_jobs -= 1
+            for fop in finishes:
+                if not fop.future.done():
+                    fop.future.set_result(None)
+            self.backlog_jobs += len(created) + len(started)
+            if created or freed:
+                self._notify_wanted.set()
+            if created and self.on_commit is not None:
+                self.on_commit(created)
+        finally:
+            # The pool starts the jobs written claimed and gets every other slot it reserved
+            # back, even should announcing the new jobs fail (which ends the writer).
+            if starts.job_ids and self.starter is not None:
+                self.starter.settle(started, starts.job_ids)
 
     # -- dispatch and outcomes ---------------------------------------------------------------
 

@@ -11,15 +11,13 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from webhookd.journal.batch import IngestOp, admit, sort_ingests
+from webhookd.journal.batch import IngestOp, IngestResult, admit, sort_ingests
 from webhookd.journal.records import (
     Cap,
     CapClaim,
     Claimed,
     Finished,
-    Ingested,
     Poisoned,
-    Ready,
     Recovery,
 )
 from webhookd.journal.schema import (
@@ -34,10 +32,16 @@ from webhookd.models import JobState
 
 
 async def write_ingests(
-    conn: Any, ops: Sequence[IngestOp], now: float
-) -> list[tuple[Ingested, list[Ready]]]:
+    conn: Any,
+    ops: Sequence[IngestOp],
+    now: float,
+    start: frozenset[str] = frozenset(),
+    claim: tuple[str, str, float] = ("", "", 0.0),
+) -> list[IngestResult]:
     """Dedup keys, then events and jobs; a key already held (by a committed event, another
-    node's included, or an earlier one in this batch) makes its event a duplicate."""
+    node's included, or an earlier one in this batch) makes its event a duplicate. The jobs in
+    ``start`` are written claimed, as ``write_claim`` would, by ``claim``: (node id, token,
+    lease in seconds)."""
     claims: dict[str, str] = {}  # key → the first event in this batch that brings it
     for op in ops:
         e = op.item.event
@@ -58,7 +62,8 @@ async def write_ingests(
     if int(status.rsplit(" ", 1)[-1]) != len(keys):
         rows = await conn.fetch("SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])", keys)
         owners.update({r[0]: r[1] for r in rows})
-    results, events, jobs, orphans = sort_ingests(ops, owners)
+    out = sort_ingests(ops, owners, start)
+    events, jobs, orphans = out.event_rows, out.job_rows, out.orphans
     if orphans:
         await conn.execute(
             "DELETE FROM dedup d USING unnest($1::text[], $2::text[]) AS u(k, ev)"
@@ -84,7 +89,24 @@ async def write_ingests(
             " AS u(id, ev, src, act, typ, pri, ten, ok, run, max)",
             *_columns(jobs, 10),
         )
-    return results
+    if out.start_rows:
+        node_id, token, lease_s = claim
+        await conn.execute(
+            "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"
+            " order_key, run_at, max_attempts, attempts, node_id, claim_token, claimed_at,"
+            " lease_until) SELECT u.id, u.ev, u.src, u.act, u.typ, 'running', u.pri, u.ten, u.ok,"
+            " u.run, u.max, 1, $11, $12, $13::double precision,"
+            " $13::double precision + $14::double precision FROM unnest($1::text[], $2::text[],"
+            " $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[],"
+            " $9::double precision[], $10::integer[])"
+            " AS u(id, ev, src, act, typ, pri, ten, ok, run, max)",
+            *_columns(out.start_rows, 10),
+            node_id,
+            token,
+            now,
+            lease_s,
+        )
+    return out.results
 
 
 # The events ``prune`` may delete: older than ``keep_done`` ($1) and not older than where the
