@@ -31,7 +31,6 @@ from webhookd.journal import (
     NewEvent,
     NewJob,
     Poisoned,
-    Ready,
     Replayed,
     schema,
 )
@@ -237,9 +236,9 @@ class Taker:
     def room_at_commit(self) -> int:
         return self.room
 
-    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
-        self.offered.append([j.id for j in jobs])
-        return frozenset(j.id for j in jobs)
+    def reserve(self, items: Sequence[NewEvent]) -> frozenset[str]:
+        self.offered.append([j.id for item in items for j in item.jobs])
+        return frozenset(self.offered[-1])
 
     def settle(self, started: Sequence[Claimed], reserved: frozenset[str]) -> None:
         self.started += started

@@ -552,14 +552,15 @@ async def test_a_new_job_waits_for_a_claim_unless_it_would_be_the_next_pick_anyw
     await held.started.get()
     assert pool.room_at_commit() == 1  # one of two workers is busy
 
-    def ready(source: str, order_key: str | None = None) -> Ready:
-        return Ready(new_job_id(), source, "log", 1, "", order_key, 0)
+    def item(source: str, order_key: str | None = None) -> NewEvent:
+        event = new_event(source, clock.time())
+        return NewEvent(event, jobs_for(rig.cfg.sources[source], order_key))
 
-    for job in [ready("capped"), ready("ordered", "k1"), ready("paused")]:
-        assert pool.reserve([job]) == frozenset()
+    for one in [item("capped"), item("ordered", "k1"), item("paused")]:
+        assert pool.reserve([one]) == frozenset()
     assert pool.room_at_commit() == 1
 
-    pool.scheduler.add(ready("s"))
+    pool.scheduler.add(Ready(new_job_id(), "s", "log", 1, "", None, 0))
     assert pool.room_at_commit() == 0  # a job waits in the window
     pool.scheduler = pool._new_scheduler()
     pool._next_due = clock.time()
@@ -571,14 +572,15 @@ async def test_a_new_job_waits_for_a_claim_unless_it_would_be_the_next_pick_anyw
     clock.advance(HOLD_WINDOW_S)
     assert pool.room_at_commit() == 1
 
-    job = ready("s")
-    assert pool.reserve([job]) == {job.id}
+    one = item("s")
+    [job] = one.jobs
+    assert pool.reserve([one]) == {job.id}
     assert pool.room_at_commit() == 0  # its slot is kept for it until the commit settles
     pool.settle([], frozenset({job.id}))  # the commit failed (or it was a duplicate)
     assert pool.room_at_commit() == 1
 
     draining = asyncio.create_task(pool.drain(10.0))
-    assert pool.reserve([ready("s")])  # taken just before the drain began
+    assert pool.reserve([item("s")])  # taken just before the drain began
     await asyncio.sleep(0)
     assert pool.room_at_commit() == 0  # draining
     await asyncio.sleep(0)

@@ -22,7 +22,7 @@ from webhookd.actions.base import Action, Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
-from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, Ready
+from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready
 from webhookd.models import JobState
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
@@ -305,16 +305,24 @@ class WorkerPool:
             return 0
         return self.concurrency - len(self._acting) - len(self._reserved)
 
-    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
+    def reserve(self, items: Sequence[NewEvent]) -> frozenset[str]:
         """Of new jobs that all fit (``room_at_commit``), those that may start at their commit:
-        not of a paused source, without caps (counted across the cluster by a claim) and not
-        ordered (the journal knows whether an older job of the key is unfinished)."""
+        not of a paused source, not ordered (the journal knows whether an older job of the key
+        is unfinished) and without caps (counted across the cluster by a claim)."""
         taken = []
-        for job in jobs:
-            if job.order_key is None and not self._caps(job) and self._can_run(job):
-                self._reserved[job.id] = job
-                self._count(job, +1)
-                taken.append(job.id)
+        paused = self.paused
+        for item in items:
+            e = item.event
+            if e.source in paused:
+                continue
+            for j in item.jobs:
+                if j.order_key is not None:
+                    continue
+                job = Ready(j.id, e.source, j.action, int(e.priority), e.tenant, None, 0)
+                if not self._caps(job) and self._can_run(job):
+                    self._reserved[job.id] = job
+                    self._count(job, +1)
+                    taken.append(job.id)
         if taken:
             self._settled.clear()
         return frozenset(taken)

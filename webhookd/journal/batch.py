@@ -227,21 +227,7 @@ def reserve_starts(starter: Starter | None, ops: Sequence[Op]) -> Starts:
     ingests = [op.item for op in ops if isinstance(op, IngestOp)]
     if not 0 < sum(len(item.jobs) for item in ingests) <= room:
         return NO_STARTS
-    taken = starter.reserve(
-        [
-            Ready(
-                j.id,
-                item.event.source,
-                j.action,
-                int(item.event.priority),
-                item.event.tenant,
-                j.order_key,
-                0,
-            )
-            for item in ingests
-            for j in item.jobs
-        ]
-    )
+    taken = starter.reserve(ingests)
     return Starts(taken, starter.boot_id) if taken else NO_STARTS
 
 

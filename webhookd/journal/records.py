@@ -314,10 +314,10 @@ class Starter(Protocol):
     a new job it can start at once is written already claimed by ``boot_id`` (``running``, one
     attempt counted) in the commit that journals its webhook, and handed over once that commit
     is done. Before writing a group of ingests the journal asks ``room_at_commit``; if every new
-    job of the group fits, it offers them to ``reserve``, which answers the ids it takes (their
-    slots are kept for them). After the write, committed or not, ``settle`` gets the jobs
-    written as claimed and every id reserved: the others (a duplicate's, a failed commit's) give
-    their slots back.
+    job of the group fits, it offers the group's webhooks to ``reserve``, which answers the ids
+    of the jobs it takes (their slots are kept for them). After the write, committed or not,
+    ``settle`` gets the jobs written as claimed and every id reserved: the others (a
+    duplicate's, a failed commit's) give their slots back.
     """
 
     boot_id: str
@@ -326,8 +326,8 @@ class Starter(Protocol):
         """How many new jobs could start now; 0 when none may (busy, held, stopping…)."""
         ...
 
-    def reserve(self, jobs: Sequence[Ready]) -> frozenset[str]:
-        """The ids of ``jobs`` to write as claimed."""
+    def reserve(self, items: Sequence[NewEvent]) -> frozenset[str]:
+        """The ids of the new jobs of ``items`` to write as claimed."""
         ...
 
     def settle(self, started: Sequence[Claimed], reserved: frozenset[str]) -> None:
