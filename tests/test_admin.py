@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import Running, Target, make_config
 from ops_support import forward_source
 from procs import poll
@@ -18,6 +20,7 @@ from test_hostile_intake import MALFORMED, assert_refused_quietly
 from webhookd import send
 from webhookd.actions.base import Outcome
 from webhookd.journal import Claimed, Finished
+from webhookd.json_errors import JsonErrorAppRunner, json_errors
 
 EVENT_KEYS = {
     "id",
@@ -124,6 +127,35 @@ async def test_malformed_http_to_the_admin_api_is_a_json_400_in_one_log_line(
     running: Running = await run_daemon(make_config(tmp_path, "[sources.shop]\n"))
     await assert_refused_quietly(running.daemon.bound.admin, data, caplog)
     assert await get(running, "/healthz") == (200, {"ok": True, "boot_id": running.daemon.boot_id})
+
+
+async def test_an_error_a_handler_lets_out_is_a_json_500_and_one_logged_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The admin API's middleware leaves a handler's unexpected exception to aiohttp (there is
+    no 503 to give, as the receiver does). Its connections still answer JSON, a 500 "internal
+    error" on a closed connection, and log the traceback once, at ERROR."""
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug in a handler")
+
+    app = web.Application(middlewares=[json_errors()])
+    app.router.add_get("/broken", broken)
+    runner = JsonErrorAppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/broken") as r:
+            assert (r.status, r.content_type) == (500, "application/json")
+            assert await r.json() == {"error": "internal error"}
+            assert r.headers.get("Connection", "").lower() == "close"
+    finally:
+        await runner.cleanup()
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].exc_info is not None and "a bug in a handler" in str(errors[0].exc_info[1])
 
 
 async def test_readyz_is_503_while_draining(
