@@ -1,8 +1,8 @@
 """``python -m bench all [--quick] [--json PATH] [--chart PATH]``: every scenario, one table.
 
 Runs intake, journal, dispatch, e2e, peers, burst, lanes, lanes2 (two nodes on PostgreSQL),
-fairness (one node and two) and, when ``bench/backlog.py`` is present, backlog (not chaos: it
-tests guarantees, not speed), one after the other, each with its own fresh daemon or journal.
+fairness (one node and two) and backlog (not chaos: it tests guarantees, not speed), one after
+the other, each with its own fresh daemon or journal.
 A scenario that fails is reported as a FAILED line and the rest still run.
 Prints one table (scenario, metric, value, target, verdict) and the notes (a busy machine, a
 generator that was the bottleneck), writes everything as JSON (default
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -146,23 +145,7 @@ def run_module(name: str) -> Runner:
 
 
 def run_backlog(quick: bool) -> Outcome:
-    """The backlog scenario, if this checkout has it: in a child process, since it measures its
-    own peak RSS."""
-    if importlib.util.find_spec("bench.backlog") is None:
-        return Outcome(
-            "backlog",
-            {"skipped": "bench/backlog.py is not in this checkout"},
-            [
-                Row(
-                    "backlog",
-                    "peak RSS draining 1,000,000 queued",
-                    "—",
-                    f"≤ {RSS_TARGET_MB:g} MB",
-                    "skipped",
-                )
-            ],
-            ["backlog: skipped: bench/backlog.py is not in this checkout"],
-        )
+    """The backlog scenario, in a child process, since it measures its own peak RSS."""
     events, drain = BACKLOG_SIZES[quick]
     done = subprocess.run(
         [
