@@ -87,7 +87,9 @@ def retry_delay_s(
 class PoolStats:
     concurrency: int
     busy: int
-    claiming: int  # jobs picked and waiting on the journal's claim (a slow disk shows here)
+    # Jobs waiting on the journal's claim: picked from the window, or being written claimed in
+    # their webhook's commit (a slow disk shows here).
+    claiming: int
     window: int
     started: int
     outcomes: Mapping[str, int]
