@@ -551,6 +551,9 @@ async def test_a_new_job_waits_for_a_claim_unless_it_would_be_the_next_pick_anyw
     await rig.ingest("s")
     await held.started.get()
     assert pool.room_at_commit() == 1  # one of two workers is busy
+    pool._claiming_jobs = 1
+    assert pool.room_at_commit() == 0  # and the other's job is being claimed
+    pool._claiming_jobs = 0
 
     def item(source: str, order_key: str | None = None) -> NewEvent:
         event = new_event(source, clock.time())

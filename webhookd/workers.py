@@ -305,7 +305,8 @@ class WorkerPool:
             return 0
         if self._next_due is not None and self._next_due <= self.clock.time():
             return 0
-        return self.concurrency - len(self._acting) - len(self._reserved)
+        # Picks whose claim is in flight are not acting yet, but their slots are taken.
+        return self.concurrency - len(self._acting) - len(self._reserved) - self._claiming_jobs
 
     def reserve(self, items: Sequence[NewEvent]) -> frozenset[str]:
         """Of new jobs that all fit (``room_at_commit``), those that may start at their commit:
