@@ -295,13 +295,11 @@ class WorkerPool:
             self._stopping
             or self._claim_failing
             or self._pause_stale
-            or self.holding
             or self._refill_now
             or self._overflow
             or len(self.scheduler)
+            or self._intake_busy(self.clock.monotonic())
         ):
-            return 0
-        if self.intake is not None and self.clock.monotonic() - self.intake.busy_at < HOLD_WINDOW_S:
             return 0
         if self._next_due is not None and self._next_due <= self.clock.time():
             return 0
@@ -311,7 +309,8 @@ class WorkerPool:
     def reserve(self, items: Sequence[NewEvent]) -> frozenset[str]:
         """Of new jobs that all fit (``room_at_commit``), those that may start at their commit:
         not of a paused source, not ordered (the journal knows whether an older job of the key
-        is unfinished) and without caps (counted across the cluster by a claim)."""
+        is unfinished) and without caps (counted across the cluster by a claim). Such a job
+        passes every other check ``_can_run`` makes."""
         taken = []
         paused = self.paused
         for item in items:
@@ -322,7 +321,7 @@ class WorkerPool:
                 if j.order_key is not None:
                     continue
                 job = Ready(j.id, e.source, j.action, int(e.priority), e.tenant, None, 0)
-                if not self._caps(job) and self._can_run(job):
+                if not self._caps(job):
                     self._reserved[job.id] = job
                     self._count(job, +1)
                     taken.append(job.id)
@@ -409,10 +408,14 @@ class WorkerPool:
                 break
         return started
 
+    def _intake_busy(self, now: float) -> bool:
+        """Whether the receiver had a burst waiting within HOLD_WINDOW_S of ``now``."""
+        return self.intake is not None and now - self.intake.busy_at < HOLD_WINDOW_S
+
     def _hold(self) -> bool:
         """Whether new jobs wait for the receiver now (see HOLD_WINDOW_S)."""
         now = self.clock.monotonic()
-        if self.intake is None or now - self.intake.busy_at >= HOLD_WINDOW_S:
+        if not self._intake_busy(now):
             self._held_since = None
             return False
         if now < self._no_hold_until:

@@ -312,42 +312,40 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             return
         self.batched_ops += len(batch)
         started: list[Claimed] = []
-        try:
-            created: list[Ready] = []
-            for iop, (result, ready, claimed) in zip(ingests, ingested, strict=True):
-                created.extend(ready)
-                started.extend(claimed)
-                if not iop.future.done():
-                    iop.future.set_result(result)
-            for c in started:
-                self._tokens[c.job.id] = claim[1]
-            freed = False
-            for f in results:
-                self._tokens.pop(f.job_id, None)
-                if f.job_id in self._capped:
-                    self._capped.discard(f.job_id)
-                    freed = True
-                if f.job_id not in recorded:
-                    log.warning(
-                        "job %s: outcome %s not recorded: its lease passed to another node",
-                        f.job_id,
-                        f.outcome,
-                    )
-                elif f.state != JobState.QUEUED:
-                    self.backlog_jobs -= 1
-            for fop in finishes:
-                if not fop.future.done():
-                    fop.future.set_result(None)
-            self.backlog_jobs += len(created) + len(started)
-            if created or freed:
-                self._notify_wanted.set()
-            if created and self.on_commit is not None:
-                self.on_commit(created)
-        finally:
-            # The pool starts the jobs written claimed and gets every other slot it reserved
-            # back, even should announcing the new jobs fail (which ends the writer).
-            if starts.job_ids and self.starter is not None:
-                self.starter.settle(started, starts.job_ids)
+        created: list[Ready] = []
+        for iop, (result, ready, claimed) in zip(ingests, ingested, strict=True):
+            created.extend(ready)
+            started.extend(claimed)
+            if not iop.future.done():
+                iop.future.set_result(result)
+        for c in started:
+            self._tokens[c.job.id] = claim[1]
+        freed = False
+        for f in results:
+            self._tokens.pop(f.job_id, None)
+            if f.job_id in self._capped:
+                self._capped.discard(f.job_id)
+                freed = True
+            if f.job_id not in recorded:
+                log.warning(
+                    "job %s: outcome %s not recorded: its lease passed to another node",
+                    f.job_id,
+                    f.outcome,
+                )
+            elif f.state != JobState.QUEUED:
+                self.backlog_jobs -= 1
+        for fop in finishes:
+            if not fop.future.done():
+                fop.future.set_result(None)
+        self.backlog_jobs += len(created) + len(started)
+        if created or freed:
+            self._notify_wanted.set()
+        if starts.job_ids and self.starter is not None:
+            # Before the announcement, whose error ends the writer: the pool gets every slot
+            # it reserved back either way.
+            self.starter.settle(started, starts.job_ids)
+        if created and self.on_commit is not None:
+            self.on_commit(created)
 
     # -- dispatch and outcomes ---------------------------------------------------------------
 
