@@ -209,6 +209,23 @@ async def test_group_commit_batches_concurrent_ingests(journal: BaseJournal) -> 
     assert journal.backlog_jobs == 300 == await journal.backlog()
 
 
+async def test_each_durable_group_commit_reports_how_long_it_took(journal: BaseJournal) -> None:
+    """``on_commit_seconds`` hears each group commit of ingests or outcomes once (what an ack
+    waits for, for ``/metrics``), and nothing of a claim, whose commit is not synced."""
+    times: list[float] = []
+    journal.on_commit_seconds = times.append
+    before = journal.commits
+    items = [new_event() for _ in range(50)]
+    await asyncio.gather(*(journal.ingest(item) for item in items))
+    assert 1 <= len(times) == journal.commits - before
+    job_id = items[0].jobs[0].id
+    await journal.claim([job_id], "boot_a")
+    assert len(times) == journal.commits - before - 1
+    await journal.finish([finished(job_id, JobState.DONE, "done")])
+    assert len(times) == journal.commits - before - 1
+    assert all(0 < t < 60 for t in times)
+
+
 async def test_commit_hands_new_jobs_to_the_dispatcher(journal: BaseJournal) -> None:
     """Each committed ingest batch announces its jobs at once (no polling delay)."""
     announced: list[str] = []

@@ -84,6 +84,11 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_journal_commits_total") > value(
         before, "webhookd_journal_commits_total"
     )
+    # Each durable group commit (ingests, outcomes) is timed once.
+    commits = value(after, "webhookd_journal_commit_seconds_count")
+    assert 2 <= commits <= value(after, "webhookd_journal_commits_total")
+    assert value(after, "webhookd_journal_commit_seconds_bucket", le="+Inf") == commits
+    assert value(after, "webhookd_journal_commit_seconds_sum") > 0
 
 
 async def test_two_daemons_in_one_process_keep_separate_metrics(

@@ -74,6 +74,14 @@ class Metrics:
             buckets=ACK_BUCKETS_S,
             registry=r,
         )
+        # Observed once per group commit (not per webhook), off the ack path's hot loop.
+        self.commit = Histogram(
+            "webhookd_journal_commit_seconds",
+            "Time each durable group commit took, from its transaction's start to its synced"
+            " COMMIT: the disk's (or the database's) share of an ack.",
+            buckets=ACK_BUCKETS_S,
+            registry=r,
+        )
         self.attempts = Counter(
             "webhookd_job_attempts",
             "Finished job attempts by source, action and outcome (done, retry, dead, wait).",

@@ -31,6 +31,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -546,6 +547,7 @@ class Journal(Reads, BaseJournal):
         writer, which every later webhook and job needs.
         """
         conn = self._require_writer()
+        began = time.perf_counter()
         if group.checkpoint_tail:
             # Under a steady stream of commits a background checkpoint never ends with the
             # whole WAL copied, and SQLite restarts the WAL only when it has: finishing the
@@ -567,6 +569,9 @@ class Journal(Reads, BaseJournal):
                 # Should this fail, it escapes and ends the writer (and the daemon): better
                 # than acknowledging webhooks from a connection left without its fsync.
                 conn.execute("PRAGMA synchronous = FULL")
+        if group.commits and not unsynced:
+            # The tail copy included: the group's webhooks waited for it too.
+            group.write_s = time.perf_counter() - began
         for call in group.calls:
             group.called.append(self._write_call(conn, call))
 
@@ -618,6 +623,8 @@ class Journal(Reads, BaseJournal):
         elif group.commits:
             self.last_write_error = None
         self.commits += group.commits
+        if group.write_s and self.on_commit_seconds is not None:
+            self.on_commit_seconds(group.write_s)
         created: list[Ready] = []
         started = group.started
         for op in group.ops:

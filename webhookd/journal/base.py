@@ -91,7 +91,9 @@ class BaseJournal(ABC):
     loop with the jobs a recovery after start sent to dead, as PostgreSQL's leader does for
     silent nodes; what ``recover`` returns at start is the caller's to pass on); ``starter``
     (the worker pool, when set: new jobs it can start at once are written claimed, see
-    ``Starter``).
+    ``Starter``); ``on_commit_seconds`` (called on the loop with how long each durable group
+    commit took, from its transaction's start to its synced COMMIT: the disk's or the
+    database's share of an ack, for ``/metrics``).
     """
 
     clock: Clock
@@ -103,6 +105,7 @@ class BaseJournal(ABC):
     on_remote_jobs: Callable[[], None] | None = None
     on_pause_change: Callable[[], None] | None = None
     on_poisoned: Callable[[Sequence[Poisoned]], None] | None = None
+    on_commit_seconds: Callable[[float], None] | None = None
     last_write_error: str | None
     writer_problem: str | None
     commits: int

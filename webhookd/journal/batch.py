@@ -206,6 +206,8 @@ class Group:
     checkpoint_tail: bool = False  # copy the WAL's last frames back before writing (journal)
     starts: Starts = NO_STARTS  # new jobs to write claimed (``reserve_starts``)
     started: list[Claimed] = field(default_factory=list)  # and those that were
+    # Wall time of a synced group's transactions on the writer's thread (``on_commit_seconds``).
+    write_s: float = 0.0
 
 
 class WriteFailed(Exception):

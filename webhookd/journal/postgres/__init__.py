@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -294,6 +295,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             recorded = await write_finishes(conn, results, tokens) if results else set()
             return ingested, recorded
 
+        began = time.perf_counter()
         try:
             ingested, recorded = await self._write(fn)
         except BaseException as exc:
@@ -310,6 +312,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 if not op.future.done():
                     op.future.set_exception(exc)
             return
+        if self.on_commit_seconds is not None:
+            self.on_commit_seconds(time.perf_counter() - began)
         self.batched_ops += len(batch)
         started: list[Claimed] = []
         created: list[Ready] = []
