@@ -74,7 +74,7 @@ class Metrics:
             buckets=ACK_BUCKETS_S,
             registry=r,
         )
-        # Observed once per group commit (not per webhook), off the ack path's hot loop.
+        # Observed once per group commit (not per webhook), after its webhooks have their answers.
         self.commit = Histogram(
             "webhookd_journal_commit_seconds",
             "Time each durable group commit took, from its transaction's start to its synced"

@@ -623,8 +623,6 @@ class Journal(Reads, BaseJournal):
         elif group.commits:
             self.last_write_error = None
         self.commits += group.commits
-        if group.write_s and self.on_commit_seconds is not None:
-            self.on_commit_seconds(group.write_s)
         created: list[Ready] = []
         started = group.started
         for op in group.ops:
@@ -663,6 +661,8 @@ class Journal(Reads, BaseJournal):
             else:
                 call.future.set_result(result)
         # Last, once every waiter has its answer: a consumer's error here ends the writer.
+        if group.write_s and self.on_commit_seconds is not None:
+            self.on_commit_seconds(group.write_s)
         if created and self.on_commit is not None:
             self.on_commit(created)
 

@@ -312,8 +312,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 if not op.future.done():
                     op.future.set_exception(exc)
             return
-        if self.on_commit_seconds is not None:
-            self.on_commit_seconds(time.perf_counter() - began)
+        write_s = time.perf_counter() - began
         self.batched_ops += len(batch)
         started: list[Claimed] = []
         created: list[Ready] = []
@@ -348,6 +347,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             # Before the announcement, whose error ends the writer: the pool gets every slot
             # it reserved back either way.
             self.starter.settle(started, starts.job_ids)
+        # After every waiter has its answer, as the SQLite journal does.
+        if self.on_commit_seconds is not None:
+            self.on_commit_seconds(write_s)
         if created and self.on_commit is not None:
             self.on_commit(created)
 
