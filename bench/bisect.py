@@ -9,10 +9,18 @@ server process over requests answered, which other load on the machine barely mo
 2. SQL: the journal's rows alone, written in batches of 64 by one thread in WAL with
    ``synchronous = FULL``, schema piece by piece from the minimal ``(id, received_at, body)``.
 
+``--only latency`` prints a third: the ack latency at a fixed rate (``--rate``, 1,000/s), the
+same generator as the bench's p99 row, for the HTTP steps and, between ``minimal`` and
+``journal``, the minimal server checkpointing as the journal does and writing the SQL table's
+rows piece by piece (one group commit per batch of requests, as ``minimal`` does). It shows
+what each piece adds to the p99.
+
 The HTTP steps (``--serve STEP``: this module is also the server):
 
 - ``bare``: read the body, answer 200.
-- ``minimal``: group commit of ``(id, received_at, body)`` on one writer thread, 202 after COMMIT.
+- ``minimal``: group commit of ``(id, received_at, body)`` on one writer thread, 202 after COMMIT;
+  with ``--with-rows K``, the rows of the SQL table's step K (0 is the minimal table) and the
+  journal's checkpoints.
 - ``journal``: webhookd's SQLite journal (``submit_ingest``) with an event built in the handler
   (id, sha256 dedup key, headers), no receiver.
 - ``receiver``: webhookd's receiver app (checks, dedup key, header masking, deadlines) on it.
@@ -31,13 +39,16 @@ import resource
 import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 HTTP_STEPS = ("bare", "minimal", "journal", "receiver", "serve")
 BATCH = 64
@@ -46,7 +57,7 @@ BATCH = 64
 # -- the servers ----------------------------------------------------------------------------------
 
 
-async def _serve(step: str, port: int, db: Path) -> None:
+async def _serve(step: str, port: int, db: Path, rows: int | None = None) -> None:
     from aiohttp import web
 
     from webhookd.config import loads
@@ -74,11 +85,11 @@ async def _serve(step: str, port: int, db: Path) -> None:
 
         app.router.add_post("/hooks/bench", accept)
     elif step == "minimal":
-        writer = _ThreadGroupCommit(db, loop)
+        writer = _ThreadGroupCommit(db, loop, rows)
 
         async def accept(request: web.Request) -> web.Response:
             body = await request.read()
-            await writer.submit((time.time(), body))
+            await writer.submit(body)
             return web.Response(status=202)
 
         app.router.add_post("/hooks/bench", accept)
@@ -128,22 +139,46 @@ async def _serve(step: str, port: int, db: Path) -> None:
 
 
 class _ThreadGroupCommit:
-    """The minimal durable intake: whatever is waiting goes in one INSERT + COMMIT."""
+    """The minimal durable intake: whatever is waiting goes in one transaction.
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
-        self.q: queue.SimpleQueue[tuple[Any, asyncio.Future[None]]] = queue.SimpleQueue()
+    By default one ``(id, received_at, body)`` row per webhook, checkpointed by SQLite inside a
+    commit every 1,000 pages. With ``rows``, the rows of the SQL table's step ``rows`` (0 is
+    the minimal table), checkpointed as the journal does: a background thread every
+    ``CHECKPOINT_EVERY_S`` with up to ``CHECKPOINT_PASSES`` passes, the writer copying the tail
+    when they fall short, SQLite's own only as the journal's backstop.
+    """
+
+    def __init__(
+        self, path: Path, loop: asyncio.AbstractEventLoop, rows: int | None = None
+    ) -> None:
+        self.q: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]]] = queue.SimpleQueue()
         self.loop = loop
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = FULL")
-        self.conn.execute(
-            "CREATE TABLE journal (id INTEGER PRIMARY KEY, received_at REAL, body BLOB)"
-        )
+        _, schema, self.write = _sql_steps()[rows or 0]
+        self.conn = _open_rows(path, schema, check_same_thread=False)
+        self.tail = threading.Event()  # the last background checkpoint fell short
+        if rows is not None:
+            from webhookd.journal import _WRITER_AUTOCHECKPOINT_PAGES
+
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
+            threading.Thread(target=self._checkpoints, args=(path,), daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
 
-    def submit(self, row: Any) -> asyncio.Future[None]:
+    def _checkpoints(self, path: Path) -> None:
+        from webhookd.journal import CHECKPOINT_EVERY_S, CHECKPOINT_PASSES
+
+        conn = sqlite3.connect(path, isolation_level=None)
+        while True:
+            time.sleep(CHECKPOINT_EVERY_S)
+            for _ in range(CHECKPOINT_PASSES):
+                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy or done >= frames:
+                    break
+            else:
+                self.tail.set()
+
+    def submit(self, body: bytes) -> asyncio.Future[None]:
         future = self.loop.create_future()
-        self.q.put((row, future))
+        self.q.put((body, future))
         return future
 
     def _run(self) -> None:
@@ -151,10 +186,11 @@ class _ThreadGroupCommit:
             batch = [self.q.get()]
             while not self.q.empty():
                 batch.append(self.q.get_nowait())
+            if self.tail.is_set():
+                self.tail.clear()
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "INSERT INTO journal (received_at, body) VALUES (?, ?)", [r for r, _ in batch]
-            )
+            self.write(self.conn, [body for body, _ in batch], time.time())
             self.conn.execute("COMMIT")
             self.loop.call_soon_threadsafe(_resolve, [f for _, f in batch])
 
@@ -168,8 +204,9 @@ def _resolve(futures: list[asyncio.Future[None]]) -> None:
 # -- the HTTP table -----------------------------------------------------------------------------
 
 
-def _http_round(step: str, duration_s: float) -> tuple[float, float]:
-    """(req/s, server CPU µs per webhook) for one fresh server of ``step``."""
+@contextmanager
+def _step_server(step: str, rows: int | None = None) -> Iterator[tuple[str, Callable[[], float]]]:
+    """A fresh server of ``step`` pinned to CPU 1: (its hook URL, its CPU seconds so far)."""
     from bench import loadgen
     from bench.servers import Target, free_port, proc_cpu_s, running_webhookd
 
@@ -177,20 +214,14 @@ def _http_round(step: str, duration_s: float) -> tuple[float, float]:
         with running_webhookd(
             "[sources.bench]\n", cpu=1, target=Target("serve", "webhookd", 202)
         ) as s:
-            before = s.cpu_s()
-            load = loadgen.closed_loop(
-                s.url, connections=64, duration_s=duration_s, expect_status=202, cpu=0, use_wrk=True
-            )
-            used = s.cpu_s() - before
-        return load.rps, used / max(load.requests, 1) * 1e6
-    import subprocess
-    import urllib.error
-    import urllib.request
-
+            yield s.url, s.cpu_s
+        return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-bisect-") as tmp:
         cmd = [sys.executable, "-m", "bench.bisect", "--serve", step, "--port", str(port)]
         cmd += ["--db", str(Path(tmp) / "j.db")]
+        if rows is not None:
+            cmd += ["--with-rows", str(rows)]
         proc = subprocess.Popen(cmd, preexec_fn=loadgen.pin_to(1), cwd=Path(__file__).parent.parent)
         try:
             deadline = time.monotonic() + 30
@@ -204,15 +235,22 @@ def _http_round(step: str, duration_s: float) -> tuple[float, float]:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise RuntimeError(f"bisect server {step} did not start") from None
                     time.sleep(0.05)
-            url = f"http://127.0.0.1:{port}/hooks/bench"
-            before = proc_cpu_s(proc.pid)
-            load = loadgen.closed_loop(
-                url, connections=64, duration_s=duration_s, expect_status=202, cpu=0, use_wrk=True
-            )
-            used = proc_cpu_s(proc.pid) - before
+            yield f"http://127.0.0.1:{port}/hooks/bench", lambda: proc_cpu_s(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=15)
+
+
+def _http_round(step: str, duration_s: float) -> tuple[float, float]:
+    """(req/s, server CPU µs per webhook) for one fresh server of ``step``."""
+    from bench import loadgen
+
+    with _step_server(step) as (url, cpu_s):
+        before = cpu_s()
+        load = loadgen.closed_loop(
+            url, connections=64, duration_s=duration_s, expect_status=202, cpu=0, use_wrk=True
+        )
+        used = cpu_s() - before
     if load.errors:
         raise RuntimeError(f"{step}: {load.errors} unexpected answers {load.statuses}")
     return load.rps, used / max(load.requests, 1) * 1e6
@@ -247,6 +285,61 @@ def http_table(steps: tuple[str, ...], rounds: int, duration_s: float) -> list[s
     return lines
 
 
+# -- the latency table ---------------------------------------------------------------------------
+
+# Between "minimal" and "journal" (which writes step 5's rows through webhookd's own writer):
+# the minimal server checkpointing as the journal does, writing the SQL table's rows of steps
+# 0-5, so each piece of the schema is measured on its own.
+LATENCY_STEPS = (
+    "bare",
+    "minimal",
+    *(f"rows:{k}" for k in range(6)),
+    "journal",
+    "receiver",
+    "serve",
+)
+
+
+def _latency_round(step: str, rate: float, duration_s: float) -> tuple[float, float, float]:
+    """(p50, p99, p99.9 in ms) of acks at a fixed ``rate`` for one fresh server of ``step``."""
+    from bench import loadgen
+
+    server, _, rows = step.partition(":")
+    with _step_server("minimal" if rows else server, int(rows) if rows else None) as (url, _):
+        # One second first, as the bench's fixed rates do: the connections opened, caches warm.
+        loadgen.fixed_rate(url, rate=rate, duration_s=1.0, expect_status=202, cpu=0)
+        load = loadgen.fixed_rate(url, rate=rate, duration_s=duration_s, expect_status=202, cpu=0)
+    if load.errors:
+        raise RuntimeError(f"{step}: {load.errors} unexpected answers {load.statuses}")
+    return load.p50_ms, load.p99_ms, load.p999_ms
+
+
+def latency_table(rounds: int, duration_s: float, rate: float) -> list[str]:
+    names = {f"rows:{k}": f"… {name}" for k, (name, _, _) in enumerate(_sql_steps())}
+    names["rows:0"] = "minimal, checkpoints in the background as the journal's"
+    runs: dict[str, list[tuple[float, float, float]]] = {s: [] for s in LATENCY_STEPS}
+    for n in range(rounds):  # interleaved, so a slow spell of the disk hits every step
+        for step in LATENCY_STEPS:
+            runs[step].append(_latency_round(step, rate, duration_s))
+            p50, p99, p999 = runs[step][-1]
+            print(
+                f"  round {n + 1} {step:9s} p50 {p50:5.2f} p99 {p99:6.2f} p99.9 {p999:6.2f} ms",
+                file=sys.stderr,
+            )
+    lines = [
+        f"| at {rate:,.0f}/s | p50 ms | p99 ms | p99 range | p99.9 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for step in LATENCY_STEPS:
+        p50s, p99s, p999s = zip(*runs[step], strict=True)
+        lines.append(
+            f"| {names.get(step, step)} | {statistics.median(p50s):.2f}"
+            f" | {statistics.median(p99s):.1f} | {min(p99s):.1f}-{max(p99s):.1f}"
+            f" | {statistics.median(p999s):.1f} |"
+        )
+    return lines
+
+
 # -- the SQL table ------------------------------------------------------------------------------
 
 
@@ -267,24 +360,28 @@ _HEADERS = (
 )
 
 
-def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, float], None]]]:
-    """(name, schema, write one batch) for each step; each adds one piece to the one before."""
+Write = Callable[[sqlite3.Connection, list[bytes], float], None]
+
+
+def _sql_steps() -> list[tuple[str, str, Write]]:
+    """(name, schema, write a batch of bodies) for each step; each adds one piece to the one
+    before."""
     from webhookd.journal import MIGRATIONS
     from webhookd.journal.schema import key_digest
     from webhookd.models import new_event_id, new_job_id
 
     headers = json.dumps(_HEADERS, separators=(",", ":"))
 
-    def minimal(conn: sqlite3.Connection, start: int, now: float) -> None:
+    def minimal(conn: sqlite3.Connection, bodies: list[bytes], now: float) -> None:
         conn.executemany(
-            "INSERT INTO journal (received_at, body) VALUES (?, ?)",
-            [(now, _body(n)) for n in range(start, start + BATCH)],
+            "INSERT INTO journal (received_at, body) VALUES (?, ?)", [(now, b) for b in bodies]
         )
 
-    def events(conn: sqlite3.Connection, start: int, now: float, dedup: bool, jobs: bool) -> None:
+    def events(
+        conn: sqlite3.Connection, bodies: list[bytes], now: float, dedup: bool, jobs: bool
+    ) -> None:
         rows, keys, job_rows = [], [], []
-        for n in range(start, start + BATCH):
-            body = _body(n)
+        for body in bodies:
             eid = new_event_id()
             key = "bench:sha256:" + hashlib.sha256(body).hexdigest()
             rows.append((eid, "bench", now, key, "", 1, headers, body))
@@ -328,12 +425,12 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
         (
             "+ event columns (text id, source, dedup key, headers JSON…)",
             plain_events,
-            lambda c, s, now: events(c, s, now, False, False),
+            lambda c, b, now: events(c, b, now, False, False),
         ),
         (
             "+ unique index on the event id",
             plain_events + "; CREATE UNIQUE INDEX events_id ON events(id)",
-            lambda c, s, now: events(c, s, now, False, False),
+            lambda c, b, now: events(c, b, now, False, False),
         ),
         (
             "+ events_source, events_received indexes",
@@ -341,7 +438,7 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
             + "; CREATE UNIQUE INDEX events_id ON events(id)"
             + "; CREATE INDEX events_source ON events(source, seq)"
             + "; CREATE INDEX events_received ON events(received_at, source)",
-            lambda c, s, now: events(c, s, now, False, False),
+            lambda c, b, now: events(c, b, now, False, False),
         ),
         (
             "+ dedup keys (a random 16-byte digest, unique index; rows appended)",
@@ -350,39 +447,43 @@ def _sql_steps() -> list[tuple[str, str, Callable[[sqlite3.Connection, int, floa
             + "; CREATE INDEX events_source ON events(source, seq)"
             + "; CREATE INDEX events_received ON events(received_at, source)"
             + f"; {dedup}",
-            lambda c, s, now: events(c, s, now, True, False),
+            lambda c, b, now: events(c, b, now, True, False),
         ),
         (
             "= the journal's schema",
             no_jobs,
-            lambda c, s, now: events(c, s, now, True, False),
+            lambda c, b, now: events(c, b, now, True, False),
         ),
         (
             "+ one job row per webhook and its indexes",
             full,
-            lambda c, s, now: events(c, s, now, True, True),
+            lambda c, b, now: events(c, b, now, True, True),
         ),
     ]
 
 
-def _sql_step(
-    schema: str, write: Callable[[sqlite3.Connection, int, float], None], rows: int
-) -> float:
-    """CPU µs per webhook of writing ``rows`` webhooks' rows, 64 per commit, into ``schema``."""
+def _open_rows(path: Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A new file in WAL with ``synchronous = FULL``, holding ``schema``."""
     from webhookd.journal.schema import add_functions
 
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    add_functions(conn)  # the journal's migrations call them
+    for statement in schema.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    return conn
+
+
+def _sql_step(schema: str, write: Write, rows: int) -> float:
+    """CPU µs per webhook of writing ``rows`` webhooks' rows, 64 per commit, into ``schema``."""
     with tempfile.TemporaryDirectory(prefix="bench-bisect-") as tmp:
-        conn = sqlite3.connect(Path(tmp) / "j.db", isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        add_functions(conn)  # the journal's migrations call them
-        for statement in schema.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        conn = _open_rows(Path(tmp) / "j.db", schema)
         before = _cpu_s()
         for start in range(0, rows, BATCH):
             conn.execute("BEGIN IMMEDIATE")
-            write(conn, start, time.time())
+            write(conn, [_body(n) for n in range(start, start + BATCH)], time.time())
             conn.execute("COMMIT")
         used = (_cpu_s() - before) / rows * 1e6
         conn.close()
@@ -410,10 +511,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve", choices=HTTP_STEPS[:-1], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--with-rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per HTTP run")
     parser.add_argument("--rows", type=int, default=20_000, help="webhooks per SQL step")
-    parser.add_argument("--only", choices=("http", "sql"))
+    parser.add_argument("--only", choices=("http", "sql", "latency"))
+    parser.add_argument("--rate", type=float, default=1000.0, help="webhooks/s for --only latency")
+    parser.add_argument(
+        "--rate-duration", type=float, default=30.0, help="seconds per run for --only latency"
+    )
     parser.add_argument(
         "--steps",
         default=",".join(HTTP_STEPS),
@@ -424,7 +530,10 @@ def main(argv: list[str] | None = None) -> None:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(args.serve, args.port, args.db))
+            runner.run(_serve(args.serve, args.port, args.db, args.with_rows))
+        return
+    if args.only == "latency":
+        print("\n".join(latency_table(args.rounds, args.rate_duration, args.rate)))
         return
     if args.only != "http":
         print("\n".join(sql_table(args.rows, max(args.rounds, 3))) + "\n", flush=True)
