@@ -143,8 +143,8 @@ class _ThreadGroupCommit:
 
     By default one ``(id, received_at, body)`` row per webhook, checkpointed by SQLite inside a
     commit every 1,000 pages. With ``rows``, the rows of the SQL table's step ``rows`` (0 is
-    the minimal table), checkpointed as the journal does: a background thread every
-    ``CHECKPOINT_EVERY_S`` with up to ``CHECKPOINT_PASSES`` passes, the writer copying the tail
+    the minimal table), checkpointed as the journal does: a background thread running the
+    journal's ``checkpoint_passes`` every ``CHECKPOINT_EVERY_S``, the writer copying the tail
     when they fall short, SQLite's own only as the journal's backstop.
     """
 
@@ -157,23 +157,19 @@ class _ThreadGroupCommit:
         self.conn = _open_rows(path, schema, check_same_thread=False)
         self.tail = threading.Event()  # the last background checkpoint fell short
         if rows is not None:
-            from webhookd.journal import _WRITER_AUTOCHECKPOINT_PAGES
+            from webhookd.journal import WRITER_AUTOCHECKPOINT_PAGES
 
-            self.conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
             threading.Thread(target=self._checkpoints, args=(path,), daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _checkpoints(self, path: Path) -> None:
-        from webhookd.journal import CHECKPOINT_EVERY_S, CHECKPOINT_PASSES
+        from webhookd.journal import CHECKPOINT_EVERY_S, checkpoint_passes
 
         conn = sqlite3.connect(path, isolation_level=None)
         while True:
             time.sleep(CHECKPOINT_EVERY_S)
-            for _ in range(CHECKPOINT_PASSES):
-                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if busy or done >= frames:
-                    break
-            else:
+            if not checkpoint_passes(conn)[1]:
                 self.tail.set()
 
     def submit(self, body: bytes) -> asyncio.Future[None]:

@@ -137,7 +137,7 @@ _PRAGMAS = (
 )
 # The writer's own automatic checkpoint, a backstop only (pages of WAL, ~40 MB): the background
 # checkpointer copies the WAL back every CHECKPOINT_EVERY_S while there are commits.
-_WRITER_AUTOCHECKPOINT_PAGES = 10_000
+WRITER_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_EVERY_S = 0.5
 # Passes one background checkpoint may make: the first copies what 0.5 s of commits wrote, each
 # later one only what was committed while the one before ran (a few pages), until none is left.
@@ -208,6 +208,27 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def checkpoint_passes(conn: sqlite3.Connection) -> tuple[int, bool]:
+    """Copy what no reader still needs from the WAL back into the main file, in up to
+    ``CHECKPOINT_PASSES`` passes; returns the frames copied and whether the whole WAL was (so
+    the writer can start it over).
+
+    PASSIVE never waits for the writer or readers; the writer goes on appending to the WAL
+    meanwhile, and restarts it from the top once a checkpoint has copied all of it. Under a
+    steady stream of commits the first pass never ends with the whole WAL copied, so short
+    follow-up passes copy what came in meanwhile, here and not in the writer's next batch,
+    where it would hold up that batch's acks (its fsync of the main file took 4 ms at the
+    median, 20 ms at worst, at 1,000 webhooks/s).
+    """
+    copied = 0
+    for _ in range(CHECKPOINT_PASSES):
+        busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        copied = max(copied, int(done))
+        if busy or int(done) >= int(log_frames):
+            return copied, not busy
+    return copied, False
 
 
 class Journal(Reads, BaseJournal):
@@ -368,7 +389,7 @@ class Journal(Reads, BaseJournal):
             conn.row_factory = sqlite3.Row
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
             add_functions(conn)
             self._migrate(conn)
         except BaseException:
@@ -382,26 +403,9 @@ class Journal(Reads, BaseJournal):
         return conn
 
     def _checkpoint(self) -> tuple[int, bool]:
-        """On the checkpointer's thread: copy what no reader still needs back into the main file;
-        returns the frames copied and whether the whole WAL was (so the writer can start it over).
-
-        PASSIVE never waits for the writer or readers; the writer goes on appending to the WAL
-        meanwhile, and restarts it from the top once a checkpoint has copied all of it. Under a
-        steady stream of commits the first pass never ends with the whole WAL copied, so short
-        follow-up passes copy what came in meanwhile, here and not in the writer's next batch,
-        where it would hold up that batch's acks (its fsync of the main file took 4 ms at the
-        median, 20 ms at worst, at 1,000 webhooks/s).
-        """
+        """On the checkpointer's thread: ``checkpoint_passes`` on its own connection."""
         assert self._checkpoint_conn is not None
-        copied = 0
-        for _ in range(CHECKPOINT_PASSES):
-            busy, log_frames, done = self._checkpoint_conn.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).fetchone()
-            copied = max(copied, int(done))
-            if busy or int(done) >= int(log_frames):
-                return copied, not busy
-        return copied, False
+        return checkpoint_passes(self._checkpoint_conn)
 
     def _maybe_checkpoint(self) -> None:
         """After a commit: start a background checkpoint if none runs and the last is old."""
