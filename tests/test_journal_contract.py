@@ -12,9 +12,10 @@ import asyncio
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import fresh_database
@@ -34,6 +35,7 @@ from webhookd.journal import (
     Replayed,
     schema,
 )
+from webhookd.journal import reads as sqlite_reads
 from webhookd.limiter import SHARED_LOG_S
 from webhookd.models import Event, JobState, LaneSpec, Priority, new_event_id, new_job_id
 
@@ -394,6 +396,54 @@ async def test_finish_records_attempt_and_wait_does_not_count(journal: BaseJourn
     job = (await journal.get_event(item.event.id)).jobs[0]
     assert job.attempts == 1 and job.run_at == 6.0
     assert [(a.n, a.outcome, a.error) for a in job.history] == [(1, "retry", "500")]
+
+
+async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
+    journal: BaseJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's attempt finishing while its event is read never shows the job still running
+    beside that attempt already recorded: the retry is committed after each of the reads
+    ``get_event`` makes in turn, and every answer is the job before it or after it."""
+    pending: list[tuple[int, Finished]] = []  # (after which read, the retry to commit then)
+    count = 0
+
+    async def after_read() -> None:
+        nonlocal count
+        count += 1
+        if pending and pending[0][0] == count:
+            await journal.finish([pending.pop()[1]])
+
+    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(*args: Any) -> Any:
+            rows = await read(*args)
+            await after_read()
+            return rows
+
+        return wrapped
+
+    if isinstance(journal, Journal):
+        monkeypatch.setattr(sqlite_reads, "fetch", counted(sqlite_reads.fetch))
+    else:
+        monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
+
+    seen = set()
+    for at in range(1, 4):
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        await journal.claim([job_id], "b")
+        count = 0
+        pending[:] = [(at, finished(job_id, JobState.QUEUED, "retry", run_at=9.0, error="503"))]
+        job = (await journal.get_event(item.event.id)).jobs[0]
+        if pending:  # get_event made fewer reads than ``at``
+            await journal.finish([pending.pop()[1]])
+        history = [(a.n, a.outcome) for a in job.history]
+        seen.add((job.state, job.attempts, tuple(history)))
+        assert (job.state, job.attempts, history) in [
+            (JobState.RUNNING, 1, []),
+            (JobState.QUEUED, 1, [(1, "retry")]),
+        ]
+    assert (JobState.QUEUED, 1, ((1, "retry"),)) in seen  # a retry did land between reads
 
 
 async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(

@@ -32,7 +32,6 @@ from webhookd.journal.schema import (
     EVENT_COLUMNS,
     EXPIRED,
     HEAD_OF_KEY,
-    JOB_COLUMNS,
     LANES_PER_QUERY,
     LANES_SQL,
     READY_COLUMNS,
@@ -41,6 +40,7 @@ from webhookd.journal.schema import (
     event_detail,
     fetch,
     few_jobs_sql,
+    job_history_sql,
 )
 from webhookd.models import JobState, Priority, event_state
 
@@ -196,19 +196,8 @@ class Reads:
         )
         if not rows:
             raise NotFound(event_id)
-        job_rows = await fetch(
-            self.reader,
-            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = ? ORDER BY j.seq",
-            (event_id,),
-        )
-        attempt_rows = await fetch(
-            self.reader,
-            "SELECT a.job_id, a.n, a.started_at, a.finished_at, a.outcome, a.error, a.detail"
-            " FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.event_id = ?"
-            " ORDER BY a.seq",
-            (event_id,),
-        )
-        return event_detail(rows[0], job_rows, attempt_rows)
+        jobs = await fetch(self.reader, job_history_sql("?"), (event_id,))
+        return event_detail(rows[0], jobs)
 
     async def list_events(
         self,

@@ -351,28 +351,41 @@ def job_from_row(r: sqlite3.Row) -> Job:
     )
 
 
-def event_detail(
-    event_row: Any, job_rows: Sequence[Any], attempt_rows: Sequence[Any]
-) -> EventDetail:
+def job_history_sql(param: str) -> str:
+    """SQL for an event's jobs with their attempts, one row per attempt (a job without any: one
+    row, its attempt columns NULL), jobs and attempts in order. ``param`` is the backend's
+    placeholder for the event id. One statement, so one snapshot: read apart, a job could be
+    seen still running beside its attempt already finished and requeued."""
+    return (
+        f"SELECT {JOB_COLUMNS}, a.n AS a_n, a.started_at AS a_started_at,"
+        " a.finished_at AS a_finished_at, a.outcome AS a_outcome, a.error AS a_error,"
+        " a.detail AS a_detail"
+        f" FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.event_id = {param}"
+        " ORDER BY j.seq, a.seq"
+    )
+
+
+def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
     """One event with its jobs and their attempts, from the rows either backend reads: the
-    event's columns plus ``filtered``, its jobs' ``JOB_COLUMNS`` in order, and its attempts as
-    (job id, n, started, finished, outcome, error, detail) in order."""
-    history: dict[str, list[Attempt]] = {}
-    for a in attempt_rows:
-        history.setdefault(a[0], []).append(
-            Attempt(
-                n=a[1],
-                started_at=a[2],
-                finished_at=a[3],
-                outcome=a[4],
-                error=a[5],
-                detail=json.loads(a[6]) if a[6] else None,
+    event's columns plus ``filtered``, and ``job_history_sql``'s rows."""
+    jobs: list[Job] = []
+    history: list[Attempt] = []
+    for i, r in enumerate(rows):
+        if r["a_n"] is not None:
+            history.append(
+                Attempt(
+                    n=r["a_n"],
+                    started_at=r["a_started_at"],
+                    finished_at=r["a_finished_at"],
+                    outcome=r["a_outcome"],
+                    error=r["a_error"],
+                    detail=json.loads(r["a_detail"]) if r["a_detail"] else None,
+                )
             )
-        )
-    jobs = []
-    for r in job_rows:
-        job = job_from_row(r)
-        jobs.append(Job(**{**slots_dict(job), "history": tuple(history.get(job.id, ()))}))
+        if i + 1 == len(rows) or rows[i + 1]["id"] != r["id"]:  # the job's last row
+            job = job_from_row(r)
+            jobs.append(Job(**{**slots_dict(job), "history": tuple(history)}))
+            history = []
     filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()
     state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
     return EventDetail(event_from_row(event_row), state, tuple(jobs), filtered)

@@ -21,10 +21,10 @@ from webhookd.journal.records import (
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
-    JOB_COLUMNS,
     READY_COLUMNS,
     STATE_FILTERS,
     event_detail,
+    job_history_sql,
 )
 from webhookd.models import JobState, Priority, event_state
 
@@ -162,16 +162,8 @@ class PgReads:
         )
         if not rows:
             raise NotFound(event_id)
-        job_rows = await self.fetch(
-            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.event_id = $1 ORDER BY j.seq", event_id
-        )
-        attempt_rows = await self.fetch(
-            "SELECT a.job_id, a.n, a.started_at, a.finished_at, a.outcome, a.error, a.detail"
-            " FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.event_id = $1"
-            " ORDER BY a.seq",
-            event_id,
-        )
-        return event_detail(rows[0], job_rows, attempt_rows)
+        jobs = await self.fetch(job_history_sql("$1"), event_id)
+        return event_detail(rows[0], jobs)
 
     async def list_events(
         self,
