@@ -404,14 +404,15 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
     """A job's attempt finishing while its event is read never shows the job still running
     beside that attempt already recorded: the retry is committed after each of the reads
     ``get_event`` makes in turn, and every answer is the job before it or after it."""
-    pending: list[tuple[int, Finished]] = []  # (after which read, the retry to commit then)
-    count = 0
+    retry: Finished | None = None  # committed right after read number ``at``
+    at = count = 0
 
     async def after_read() -> None:
-        nonlocal count
+        nonlocal count, retry
         count += 1
-        if pending and pending[0][0] == count:
-            await journal.finish([pending.pop()[1]])
+        if retry is not None and count == at:
+            await journal.finish([retry])
+            retry = None
 
     def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(*args: Any) -> Any:
@@ -427,16 +428,17 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
         monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
 
     seen = set()
-    for at in range(1, 4):
+    for after in range(1, 4):
+        at = after
         item = new_event()
         await journal.ingest(item)
         job_id = item.jobs[0].id
         await journal.claim([job_id], "b")
         count = 0
-        pending[:] = [(at, finished(job_id, JobState.QUEUED, "retry", run_at=9.0, error="503"))]
+        retry = finished(job_id, JobState.QUEUED, "retry", run_at=9.0, error="503")
         job = (await journal.get_event(item.event.id)).jobs[0]
-        if pending:  # get_event made fewer reads than ``at``
-            await journal.finish([pending.pop()[1]])
+        if retry is not None:  # get_event made fewer reads than ``at``
+            await journal.finish([retry])
         history = [(a.n, a.outcome) for a in job.history]
         seen.add((job.state, job.attempts, tuple(history)))
         assert (job.state, job.attempts, history) in [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -225,10 +226,6 @@ async def fetch(
     return list(await conn.execute_fetchall(sql, args))
 
 
-def slots_dict(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__slots__}
-
-
 STATE_FILTERS = {
     "dead": "EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'dead')",
     "running": "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state = 'dead')"
@@ -335,7 +332,7 @@ def event_from_row(r: sqlite3.Row) -> Event:
     )
 
 
-def job_from_row(r: sqlite3.Row) -> Job:
+def job_from_row(r: sqlite3.Row, history: tuple[Attempt, ...] = ()) -> Job:
     return Job(
         id=r["id"],
         event_id=r["event_id"],
@@ -348,6 +345,7 @@ def job_from_row(r: sqlite3.Row) -> Job:
         recoveries=r["recoveries"],
         result=json.loads(r["result"]) if r["result"] is not None else None,
         last_error=r["last_error"],
+        history=history,
     )
 
 
@@ -368,24 +366,22 @@ def job_history_sql(param: str) -> str:
 def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
     """One event with its jobs and their attempts, from the rows either backend reads: the
     event's columns plus ``filtered``, and ``job_history_sql``'s rows."""
-    jobs: list[Job] = []
-    history: list[Attempt] = []
-    for i, r in enumerate(rows):
-        if r["a_n"] is not None:
-            history.append(
-                Attempt(
-                    n=r["a_n"],
-                    started_at=r["a_started_at"],
-                    finished_at=r["a_finished_at"],
-                    outcome=r["a_outcome"],
-                    error=r["a_error"],
-                    detail=json.loads(r["a_detail"]) if r["a_detail"] else None,
-                )
+    jobs = []
+    for _, job_rows in itertools.groupby(rows, key=lambda r: r["id"]):
+        group = list(job_rows)
+        history = tuple(
+            Attempt(
+                n=r["a_n"],
+                started_at=r["a_started_at"],
+                finished_at=r["a_finished_at"],
+                outcome=r["a_outcome"],
+                error=r["a_error"],
+                detail=json.loads(r["a_detail"]) if r["a_detail"] else None,
             )
-        if i + 1 == len(rows) or rows[i + 1]["id"] != r["id"]:  # the job's last row
-            job = job_from_row(r)
-            jobs.append(Job(**{**slots_dict(job), "history": tuple(history)}))
-            history = []
+            for r in group
+            if r["a_n"] is not None
+        )
+        jobs.append(job_from_row(group[0], history))
     filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()
     state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
     return EventDetail(event_from_row(event_row), state, tuple(jobs), filtered)
