@@ -182,6 +182,23 @@ async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: P
         os.umask(old_umask)
 
 
+async def test_a_second_serving_journal_on_the_same_file_is_refused_naming_the_first(
+    tmp_path: Path,
+) -> None:
+    """Only one daemon's journal holds a file's serve lock; the CLI's journals open beside it;
+    the lock goes when the daemon's journal closes."""
+    path = tmp_path / "j.db"
+    async with Journal(path, serving=True):
+        with pytest.raises(
+            JournalError, match=rf"in use by another webhookd serve \(pid {os.getpid()}\)"
+        ):
+            await Journal(path, serving=True).open()
+        async with Journal(path) as cli:
+            assert await cli.backlog() == 0
+    async with Journal(path, serving=True) as again:
+        assert await again.backlog() == 0
+
+
 async def test_sqlite_backlog_is_counted_in_the_partial_indexes(tmp_path: Path) -> None:
     """Counting unfinished jobs reads only the indexes of queued and running jobs, never the
     whole table of finished ones, so a journal full of history counts its backlog at once."""

@@ -365,6 +365,38 @@ async def test_sigterm_while_a_webhooks_commit_waits_runs_the_job_it_claims_with
     assert len(downstream.answered) == 2
 
 
+async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running_job_alone(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """One daemon per SQLite journal: a second ``serve`` on the same file (a unit started twice,
+    a deploy that overlaps) exits 1 naming the journal and the daemon holding it, before its
+    start-up recovery could take the first daemon's running job for an earlier boot's and run
+    it a second time beside it. The CLI still works beside the daemon."""
+    cfg, first, ids = await slow_jobs_running(
+        tmp_path, procs, downstream, http, grace_s=10.0, delay_s=3.0
+    )
+    second = await procs.serve(cfg, wait=False)
+    assert await second.wait_exit(timeout_s=15) == 1
+    assert not second.listening.is_set()
+    said = [line for line in second.lines if "in use by another webhookd serve" in line]
+    assert len(said) == 1 and f"(pid {first.pid})" in said[0], second.log
+    assert str(tmp_path / "webhookd.db") in said[0]
+    assert not any("recovered" in line for line in second.lines), second.log
+
+    doc = await show(procs, cfg, ids[0])
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("running", 1)]
+    await wait_event_state(http, first.admin_url, ids[0], "done")
+    assert [d.event_id for d in downstream.answered] == ids  # delivered once
+    doc = await show(procs, cfg, ids[0])
+    assert [a["outcome"] for a in doc["jobs"][0]["errors"]] == ["done"]
+
+    first.signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+    again = await procs.serve(cfg)  # the lock went with the first daemon
+    again.signal(signal.SIGTERM)
+    assert await again.wait_exit() == 0
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
 async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
     tmp_path: Path,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -161,6 +162,37 @@ def _owner_only(path: Path) -> None:
                 name.chmod(0o600)
 
 
+def _take_serve_lock(path: Path) -> int:
+    """Hold ``<journal>-lock`` for this process's life, or raise ``JournalError`` naming the
+    ``webhookd serve`` that holds it; returns the lock file's descriptor.
+
+    A second daemon on the same file would take the first one's running jobs for an earlier
+    boot's at its start (recovery) and run them again beside it. The CLI does not take this
+    lock: it reads and writes beside a running daemon by design. The lock is the kernel's
+    (``flock``), so it goes with the process however that ends, ``kill -9`` included. It is a
+    file of its own: SQLite's POSIX locks on the journal are dropped by closing any descriptor
+    of that file in the process, so the journal itself is never opened for this.
+    """
+    lock_path = Path(f"{path}-lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise JournalError(
+            f"journal {path} is in use by another webhookd serve{by}: one daemon per SQLite"
+            " journal (several nodes share a PostgreSQL one)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class _OwnThread:
     """One thread that owns a connection (the writer's, the checkpointer's) and runs what it is
     handed, in order.
@@ -240,9 +272,14 @@ class Journal(Reads, BaseJournal):
         *,
         clock: Clock = SYSTEM_CLOCK,
         on_commit: Any = None,
+        serving: bool = False,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
+        # The daemon's journal (``webhookd serve``), not the CLI's: it holds the file's serve
+        # lock while open.
+        self.serving = serving
+        self._lock_fd: int | None = None
         # Named as a PostgreSQL node is, so ``nodes()`` reads the same on both backends.
         self.node_id = new_boot_id().replace("boot_", "node_")
         self.opened_at = clock.time()
@@ -287,6 +324,8 @@ class Journal(Reads, BaseJournal):
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         _owner_only(self.path)
+        if self.serving:
+            self._lock_fd = _take_serve_lock(self.path)
         self._thread = _OwnThread("webhookd-journal")
         self._queue = OpQueue()
         self.opened_at = self.clock.time()
@@ -359,6 +398,9 @@ class Journal(Reads, BaseJournal):
             if writer is not None:
                 await asyncio.wait({thread.submit(writer.close)}, timeout=CLOSE_TIMEOUT_S)
             thread.shutdown()
+        lock_fd, self._lock_fd = self._lock_fd, None
+        if lock_fd is not None:  # last, after the connections: the next daemon may start
+            os.close(lock_fd)
 
     async def _on_thread_within(self, timeout_s: float, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the writer's thread, waiting at most ``timeout_s`` for it."""
@@ -1005,7 +1047,7 @@ def open_journal(
             # Only a node listens: the CLI needs no listen_url, nor its env: variable.
             listen_url=_listen_url(cfg) if node else None,
         )
-    return Journal(cfg.path, clock=clock)
+    return Journal(cfg.path, clock=clock, serving=node)
 
 
 def _listen_url(cfg: JournalConfig) -> str | None:
