@@ -26,6 +26,7 @@ import pytest
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
 from webhookd.journal import (
+    _BUSY_TIMEOUT_MS,
     MIGRATIONS,
     Counts,
     Finished,
@@ -180,6 +181,31 @@ async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: P
             assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
     finally:
         os.umask(old_umask)
+
+
+async def test_a_cli_journal_closing_beside_a_long_read_does_not_hold_up_the_daemons_commits(
+    tmp_path: Path,
+) -> None:
+    """A CLI command's journal closes without a WAL checkpoint of its own: a TRUNCATE there would
+    hold the write lock while it waited (up to the busy timeout) for any reader to finish, a
+    dashboard's count or another CLI command, and the daemon's ingests would wait behind it."""
+    path = tmp_path / "j.db"
+    bound_s = _BUSY_TIMEOUT_MS / 1000 / 2
+    async with Journal(path, serving=True) as daemon:
+        await daemon.ingest(new_event())
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM events").fetchone()  # a snapshot held open
+            cli = Journal(path)
+            await cli.open()
+            assert (await cli.counts()).events == 1
+            closing = asyncio.ensure_future(cli.close())
+            await asyncio.wait_for(daemon.ingest(new_event()), bound_s)
+            await asyncio.wait_for(closing, bound_s)
+            assert reader.in_transaction
+        finally:
+            reader.close()
 
 
 async def test_a_second_serving_journal_on_the_same_file_is_refused_naming_the_first(

@@ -277,7 +277,7 @@ class Journal(Reads, BaseJournal):
         self.path = Path(path)
         self.clock = clock
         # The daemon's journal (``webhookd serve``), not the CLI's: it holds the file's serve
-        # lock while open.
+        # lock while open and truncates the WAL when it closes.
         self.serving = serving
         self._lock_fd: int | None = None
         # Named as a PostgreSQL node is, so ``nodes()`` reads the same on both backends.
@@ -348,7 +348,8 @@ class Journal(Reads, BaseJournal):
         self._task.add_done_callback(self._writer_ended)
 
     async def close(self) -> None:
-        """Flush what is queued, checkpoint the WAL into the main file, close.
+        """Flush what is queued, checkpoint the WAL into the main file (the daemon's journal),
+        close.
 
         Bounded: a writer that does not finish within ``CLOSE_TIMEOUT_S`` is cancelled (what it
         still held fails with ``JournalUnavailable``), and the threads are told to close their
@@ -366,7 +367,9 @@ class Journal(Reads, BaseJournal):
                     await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
             if self._checkpointing is not None:
                 await asyncio.wait({self._checkpointing}, timeout=CLOSE_TIMEOUT_S)
-            if task is not None and task.done() and self.writer_problem is None:
+            # Only the daemon's: TRUNCATE holds the write lock while it waits for readers, so a
+            # CLI command's close would hold up the running daemon's commits behind a long read.
+            if self.serving and task is not None and task.done() and self.writer_problem is None:
                 await self._on_thread_within(
                     CLOSE_TIMEOUT_S, self._checkpoint_quietly, "PRAGMA wal_checkpoint(TRUNCATE)"
                 )
