@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -247,6 +248,53 @@ async def test_bulk_replay_and_prune_print_one_summary_line_when_not_on_a_termin
     assert out.exit_code == 0, out.output
     [line] = out.output.splitlines()
     assert line.startswith("pruned 300 event(s) and ")
+
+
+async def _dead_ids(config: Path) -> list[str]:
+    out = await cli(
+        "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)
+    )
+    return [json.loads(line)["id"] for line in out.output.splitlines()]
+
+
+async def test_replay_of_listed_ids_with_one_unknown_replays_none_of_them(tmp_path: Path) -> None:
+    """Every id given is looked up before anything changes: a typo among 250 ids (past the
+    first batch) re-queues none, so fixing it and running again repeats nothing."""
+    config = await bulk_journal(tmp_path)
+    ids = (await _dead_ids(config))[:250]
+    out = await cli("replay", *ids[:240], "evt_typo", *ids[240:], "--config", str(config))
+    assert out.exit_code == 1 and "no event evt_typo" in out.output
+    assert len(await _dead_ids(config)) == 750
+
+
+async def test_replay_that_finds_an_event_pruned_meanwhile_says_how_far_it_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event pruned between the look-up and its batch stops the replay there, and the
+    error says which ids were replayed: the batches before it, none after."""
+    config = await bulk_journal(tmp_path)
+    ids = (await _dead_ids(config))[:250]
+    journal_path = config_mod.load(str(config)).journal.path
+    replay = Journal.replay
+    batches = 0
+
+    async def pruned_before_the_second_batch(self: Journal, event_ids: list[str]) -> Any:
+        nonlocal batches
+        batches += 1
+        if batches == 2:  # as a prune would, in its own transaction
+            with sqlite3.connect(journal_path) as db:
+                job_ids = "SELECT id FROM jobs WHERE event_id = ?"
+                db.execute(f"DELETE FROM attempts WHERE job_id IN ({job_ids})", (ids[220],))
+                db.execute("DELETE FROM jobs WHERE event_id = ?", (ids[220],))
+                db.execute("DELETE FROM events WHERE id = ?", (ids[220],))
+            db.close()
+        return await replay(self, event_ids)
+
+    monkeypatch.setattr(Journal, "replay", pruned_before_the_second_batch)
+    out = await cli("replay", *ids, "--config", str(config))
+    assert out.exit_code == 1
+    assert f"no event {ids[220]} (pruned meanwhile): the first 200 of 250 event(s)" in out.output
+    assert len(await _dead_ids(config)) == 749 - 200
 
 
 @pytest.mark.subprocess

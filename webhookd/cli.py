@@ -245,9 +245,10 @@ def replay(
     async def go() -> dict[str, Replayed]:
         async with _journal(cfg) as journal:
             ids = list(event_ids) or await journal.dead_event_ids(source, since_ts)
-            if dry_run:
+            if event_ids:  # every id is looked up before anything changes: a typo replays none
                 for event_id in ids:
                     await journal.get_event(event_id)  # NotFound for a bad id
+            if dry_run:
                 return dict.fromkeys(ids, Replayed(0, 0))
             out: dict[str, Replayed] = {}
             # One transaction per batch: short enough not to hold up the daemon's ingest
@@ -255,7 +256,13 @@ def replay(
             with _progress(len(ids), "replaying") as bar:
                 for start in range(0, len(ids), REPLAY_BATCH):
                     batch = ids[start : start + REPLAY_BATCH]
-                    out.update(await journal.replay(batch))
+                    try:
+                        out.update(await journal.replay(batch))
+                    except NotFound as exc:  # pruned since the look-up: say what was done
+                        raise WebhookdError(
+                            f"no event {exc} (pruned meanwhile): the first {start} of"
+                            f" {len(ids)} event(s) were replayed, none after"
+                        ) from None
                     bar.update(len(batch))
             return out
 
