@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import sqlite3
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -427,6 +428,57 @@ async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
     [job] = doc["jobs"]
     assert [a["outcome"] for a in job["errors"]] == ["interrupted", "done"]
     assert downstream.ids == [event_id, event_id]
+
+
+async def test_second_signal_kills_a_running_commands_process_group_before_exiting(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """An exit that cannot wait for the drain still ends the commands it started: a command
+    left running would run beside the same job's next attempt once the next start recovers it
+    (two deploys at once)."""
+    pids = tmp_path / "pids"
+    script = (
+        "import os, subprocess, sys, time;"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}');"
+        "time.sleep(60)"
+    )
+    body = f"""
+[sources.deploy]
+[[sources.deploy.actions]]
+type = "command"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(script)}]
+timeout_s = 120
+"""
+    cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", body)
+    daemon = await procs.serve(cfg)
+    async with http.post(f"{daemon.url}/hooks/deploy", data="{}", headers=JSON) as r:
+        assert r.status == 202
+
+    async def started() -> bool:
+        return pids.exists() and len(pids.read_text().split()) == 2
+
+    await poll(started, timeout_s=15)
+    running = [int(p) for p in pids.read_text().split()]
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_said("draining")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout_s=5) == 1
+    assert any("(1 running command(s) killed)" in line for line in daemon.lines), daemon.log
+
+    async def gone() -> bool:
+        return not any(_alive(pid) for pid in running)
+
+    await poll(gone, timeout_s=10)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def test_same_delivery_twice_is_answered_duplicate_and_forwarded_once(

@@ -41,6 +41,7 @@ from aiohttp import web
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Resources
+from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
@@ -314,7 +315,11 @@ class Daemon:
 
     async def _force_exit(self) -> None:
         await self._force.wait()
-        log.warning("second signal: exiting at once; the next start recovers running jobs")
+        killed = kill_running_commands()
+        log.warning(
+            "second signal: exiting at once%s; the next start recovers running jobs",
+            f" ({killed} running command(s) killed)" if killed else "",
+        )
         logging.shutdown()
         os._exit(1)
 
@@ -423,6 +428,7 @@ def run(config: Config) -> int:
     except BaseException as exc:
         # Something raised SystemExit (or the like) in a task: that stops the event loop itself.
         log.error("fatal: the event loop stopped: %s: %s", type(exc).__name__, exc)
+        kill_running_commands()  # nothing is left to stop them in order
         _exit_within(EXIT_DEADLINE_S, 1)
         return 1
 
@@ -435,6 +441,7 @@ EXIT_DEADLINE_S = 5.0
 def _exit_within(deadline_s: float, status: int) -> None:
     def exit_now() -> None:
         log.error("exit took longer than %gs (a thread is stuck): exiting now", deadline_s)
+        kill_running_commands()
         logging.shutdown()
         os._exit(status)
 

@@ -44,6 +44,10 @@ _OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
 _KILL_GRACE_S = 2.0
+# The process groups of the commands running now. An exit that cannot wait for them (a second
+# signal, an exit stuck on a thread) SIGKILLs them first: each would otherwise outlive the daemon
+# and run beside the same job's next attempt once the next start recovers it.
+_RUNNING_GROUPS: set[int] = set()
 
 
 class _Settings:
@@ -182,6 +186,7 @@ class CommandAction:
             # A missing program may appear (a deploy in progress); retry rather than give up.
             return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
         pid = transport.get_pid()
+        _RUNNING_GROUPS.add(pid)
         try:
             # uvloop's pipe transports do not subclass asyncio.WriteTransport, but have its methods.
             stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
@@ -207,6 +212,7 @@ class CommandAction:
             )
             raise
         finally:
+            _RUNNING_GROUPS.discard(pid)
             transport.close()
         code = transport.get_returncode()
         if code is None:  # cannot happen after process_exited; keep the type honest
@@ -226,6 +232,15 @@ class CommandAction:
 
     async def aclose(self) -> None:
         return None
+
+
+def kill_running_commands() -> int:
+    """SIGKILL the process group of every command running now (safe from any thread); returns
+    how many there were. For exits that cannot give them the drain's SIGTERM and grace."""
+    groups = list(_RUNNING_GROUPS)
+    for pgid in groups:
+        _kill_group(pgid, signal.SIGKILL)
+    return len(groups)
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
