@@ -9,6 +9,7 @@ test_journal_postgres.py, and say so in their names.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import socket
@@ -695,6 +696,26 @@ async def test_list_events_filters_by_derived_state(journal: BaseJournal) -> Non
     assert [e.id for e in await journal.list_events(before=bad.event.id)] == [ok.event.id]
     assert [e.jobs for e in await journal.list_events()] == [2, 2]
     assert await journal.list_events(source="nope") == []
+
+
+async def test_paging_by_before_visits_every_event_once_even_when_ids_and_commits_disagree(
+    journal: BaseJournal,
+) -> None:
+    """An event committed after one with a younger id (another node's clock behind) is still
+    on exactly one page: the cursor follows the listing's order, not the ids'."""
+    early, late, last = new_event_id(), new_event_id(), new_event_id()
+    items = [new_event(), new_event(), new_event()]
+    for item, event_id in zip(items, (late, early, last), strict=True):
+        await journal.ingest(
+            dataclasses.replace(item, event=dataclasses.replace(item.event, id=event_id))
+        )
+    pages, cursor = [], None
+    while page := await journal.list_events(limit=1, before=cursor):
+        pages.append(page[0].id)
+        cursor = page[0].id
+    assert pages == [last, early, late]
+    # A cursor pruned meanwhile falls back to the ids: what is older than it by id.
+    assert [e.id for e in await journal.list_events(before=new_event_id())] == [last, early, late]
 
 
 async def test_list_events_by_a_rare_state_is_what_a_walk_over_every_event_finds(

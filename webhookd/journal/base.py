@@ -298,7 +298,12 @@ class BaseJournal(ABC):
         before: str | None = None,
         since: float | None = None,
     ) -> list[EventSummary]:
-        """Newest first. ``state`` filters on the derived event state."""
+        """Newest first (in the order events were journaled). ``state`` filters on the derived
+        event state. ``before``: the events listed after that event id, for the next page. The
+        cursor goes by the same order as the listing, not by the ids' order: in a cluster an
+        event can be committed after one with a younger id (its node's clock behind), and a
+        cursor by id would skip it between two pages. A cursor no longer in the journal
+        (pruned) falls back to the ids' order."""
 
     @abstractmethod
     async def counts(self) -> Counts:

@@ -214,9 +214,10 @@ class Reads:
         if source is not None:
             where.append("e.source = ?")
             args.append(source)
-        if before is not None:
-            where.append("e.id < ?")
-            args.append(before)
+        if before is not None:  # by insert order, as the listing goes (see BaseJournal)
+            found = await fetch(self.reader, "SELECT seq FROM events WHERE id = ?", (before,))
+            where.append("e.seq < ?" if found else "e.id < ?")
+            args.append(found[0][0] if found else before)
         if since is not None:
             where.append("e.received_at >= ?")
             args.append(since)

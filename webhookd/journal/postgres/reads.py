@@ -176,20 +176,21 @@ class PgReads:
     ) -> list[EventSummary]:
         where = [
             "($1::text IS NULL OR e.source = $1)",
-            "($2::text IS NULL OR e.id < $2)",
-            "($3::double precision IS NULL OR e.received_at >= $3)",
+            "($2::double precision IS NULL OR e.received_at >= $2)",
         ]
+        args: list[Any] = [source, since, limit]
+        if before is not None:  # by insert order, as the listing goes (see BaseJournal)
+            seq = await self._value("SELECT seq FROM events WHERE id = $1", before)
+            where.append("e.seq < $4::bigint" if seq is not None else "e.id < $4::text")
+            args.append(seq if seq is not None else before)
         if state is not None:
             where.append(STATE_FILTERS[state])  # a fixed clause chosen by name, not user text
         rows = await self.fetch(
             "SELECT e.id, e.source, e.received_at, e.tenant, e.priority,"
             " (SELECT string_agg(state, ',') FROM jobs WHERE event_id = e.id) AS states,"
             " (SELECT COUNT(*) FROM jobs WHERE event_id = e.id) AS njobs FROM events e"
-            f" WHERE {' AND '.join(where)} ORDER BY e.seq DESC LIMIT $4",
-            source,
-            before,
-            since,
-            limit,
+            f" WHERE {' AND '.join(where)} ORDER BY e.seq DESC LIMIT $3",
+            *args,
         )
         return [
             EventSummary(
