@@ -6,8 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from webhookd import actions
+from webhookd import actions, app
+from webhookd.cli import main
 from webhookd.config import (
     ACTION_KINDS,
     DEFAULT_MAX_COOLDOWN_S,
@@ -159,6 +161,50 @@ def test_missing_env_secret_names_key_and_variable(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE") as info:
         loads('[sources.gh]\nverify = { scheme = "github", secret = "env:NOT_SET_ANYWHERE" }')
     assert info.value.key == "sources.gh.verify.secret"
+
+
+def test_empty_env_secret_says_empty_and_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable that is set but empty is reported as empty, not as unset, naming the key."""
+    monkeypatch.setenv("EMPTY_FOR_TEST", "")
+    for text, key in (
+        ('[sources.gh]\nverify = { scheme = "github", secret = "env:EMPTY_FOR_TEST" }', "verify"),
+        (
+            '[[sources.gh.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+            'secret = "env:EMPTY_FOR_TEST"',
+            "actions[0]",
+        ),
+    ):
+        with pytest.raises(ConfigError) as info:
+            actions.validate(loads(text))
+        assert str(info.value) == (
+            f"sources.gh.{key}.secret: environment variable EMPTY_FOR_TEST is empty"
+        )
+
+
+# Mistakes that `webhookd check` once let through, to show only at run time (every forward
+# attempt failing, every webhook a 401, serve failing to bind): each is one line naming its
+# dotted key, from `check` and `serve` alike. (file text, the error line)
+CAUGHT_BY_CHECK = [
+    (
+        '[sources.gh]\nverify = { scheme = "github", secret = "env:EMPTY_FOR_TEST" }',
+        "sources.gh.verify.secret: environment variable EMPTY_FOR_TEST is empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line"), CAUGHT_BY_CHECK)
+@pytest.mark.parametrize("verb", ["check", "serve"])
+def test_check_and_serve_refuse_a_bad_config_in_one_line_naming_the_key(
+    verb: str, text: str, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`webhookd check` and `webhookd serve` exit 2 with one line naming the key, before serving."""
+    monkeypatch.setenv("EMPTY_FOR_TEST", "")
+    monkeypatch.delenv("WEBHOOKD_CONFIG", raising=False)
+    monkeypatch.setattr(app, "run", lambda cfg: 99)  # a config that passed would "serve": 99
+    path = tmp_path / "webhookd.toml"
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(main, [verb, "--config", str(path)])
+    assert (result.exit_code, result.output) == (2, f"webhookd: error: {line}\n")
 
 
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:

@@ -588,7 +588,7 @@ def _secret(value: Any, key: str) -> Secret:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, 'must be a non-empty string (a secret, or "env:NAME")')
     if value.startswith("env:"):
-        return Secret(os.environ.get(value[4:]) or None, origin=value, key=key)
+        return Secret(os.environ.get(value[4:]), origin=value, key=key)  # None: not set
     return Secret(value, key=key)
 
 

@@ -12,8 +12,10 @@ from webhookd.errors import ConfigError
 class Secret:
     """A secret value that never shows itself in ``repr``, ``str`` or logs.
 
-    An ``env:`` secret whose variable is not set is *missing*: a command that only reads the
-    journal can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key.
+    An ``env:`` secret whose variable is not set, or set but empty, is *missing*: a command
+    that only reads the journal can still load the config; ``reveal()`` raises the
+    ``ConfigError`` naming its key and saying which of the two it is. ``value`` is the
+    variable's value as read (``None``: not set), or the inline secret.
     """
 
     __slots__ = ("_key", "_origin", "_value")
@@ -25,11 +27,17 @@ class Secret:
 
     @property
     def missing(self) -> bool:
-        return self._value is None
+        return not self._value
+
+    @property
+    def key(self) -> str:
+        """The dotted config key the secret was read from (for errors about its value)."""
+        return self._key
 
     def reveal(self) -> str:
-        if self._value is None:
-            raise ConfigError(self._key, f"environment variable {self._origin[4:]} is not set")
+        if not self._value:
+            state = "is not set" if self._value is None else "is empty"
+            raise ConfigError(self._key, f"environment variable {self._origin[4:]} {state}")
         return self._value
 
     def __repr__(self) -> str:
