@@ -181,10 +181,78 @@ def test_empty_env_secret_says_empty_and_names_the_key(monkeypatch: pytest.Monke
         )
 
 
+GOOD_WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+FORWARD = '[[sources.x.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+OPENAI = (
+    '[[sources.x.actions]]\ntype = "openai"\napi_key = "k"\nmodel = "m"\nprompt = "p"\n'
+    'max_tokens = 10\nthen = { forward = "http://127.0.0.1:9/", '
+)
+
+
+@pytest.mark.parametrize("bad", ["whsec_!!!", "whsec_", "whsec_=", "whsec_c2VjcmV0?"])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (FORWARD + 'secret = "{bad}"', "sources.x.actions[0].secret"),
+        (FORWARD + f'secrets = ["{GOOD_WHSEC}", "{{bad}}"]', "sources.x.actions[0].secrets[1]"),
+        (
+            '[sources.x]\nverify = { scheme = "standard", secret = "{bad}" }',
+            "sources.x.verify.secret",
+        ),
+        (
+            '[sources.x]\nverify = { scheme = "standard", secrets = ["{bad}", "plain-secret"] }',
+            "sources.x.verify.secrets[0]",
+        ),
+        (OPENAI + 'secret = "{bad}" }', "sources.x.actions[0].then.secret"),
+        (
+            OPENAI + f'secrets = ["{GOOD_WHSEC}", "{{bad}}"] }}',
+            "sources.x.actions[0].then.secrets[1]",
+        ),
+    ],
+)
+@pytest.mark.parametrize("via_env", [False, True])
+def test_malformed_whsec_secrets_are_refused_at_load_naming_the_key(
+    text: str, key: str, bad: str, via_env: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whsec_ secret that is not base64 (or holds no key), inline or from env:, is refused."""
+    if via_env:
+        monkeypatch.setenv("WHSEC_FOR_TEST", bad)
+    text = text.replace("{bad}", "env:WHSEC_FOR_TEST" if via_env else bad)
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(text))  # what `webhookd check` and `serve` run
+    assert str(info.value) == f"{key}: is not valid whsec_ base64"  # the value is never shown
+
+
+def test_well_formed_standard_secrets_still_load() -> None:
+    """whsec_ base64 (padded or not), and for verify a plain secret, are accepted as before."""
+    padded = "whsec_" + "c2VjcmV0"  # b"secret"
+    text = (
+        f'[sources.x]\nverify = {{ scheme = "standard", secrets = ["{padded}", "raw text"] }}\n'
+        + FORWARD
+        + f'secrets = ["{GOOD_WHSEC}", "whsec_c2VjcmV0Cg=="]'
+    )
+    cfg = loads(text)
+    actions.validate(cfg)
+    assert cfg.sources["x"].verify is not None and len(cfg.sources["x"].verify.secrets) == 2
+
+
 # Mistakes that `webhookd check` once let through, to show only at run time (every forward
 # attempt failing, every webhook a 401, serve failing to bind): each is one line naming its
 # dotted key, from `check` and `serve` alike. (file text, the error line)
 CAUGHT_BY_CHECK = [
+    (FORWARD + 'secret = "whsec_!!!"', "sources.x.actions[0].secret: is not valid whsec_ base64"),
+    (
+        FORWARD + 'secret = "env:BAD_WHSEC_FOR_TEST"',
+        "sources.x.actions[0].secret: is not valid whsec_ base64",
+    ),
+    (
+        '[sources.x]\nverify = { scheme = "standard", secrets = ["env:BAD_WHSEC_FOR_TEST"] }',
+        "sources.x.verify.secrets[0]: is not valid whsec_ base64",
+    ),
+    (
+        OPENAI + 'secret = "whsec_" }',
+        "sources.x.actions[0].then.secret: is not valid whsec_ base64",
+    ),
     (
         '[sources.gh]\nverify = { scheme = "github", secret = "env:EMPTY_FOR_TEST" }',
         "sources.gh.verify.secret: environment variable EMPTY_FOR_TEST is empty",
@@ -199,6 +267,7 @@ def test_check_and_serve_refuse_a_bad_config_in_one_line_naming_the_key(
 ) -> None:
     """`webhookd check` and `webhookd serve` exit 2 with one line naming the key, before serving."""
     monkeypatch.setenv("EMPTY_FOR_TEST", "")
+    monkeypatch.setenv("BAD_WHSEC_FOR_TEST", "whsec_!!!")
     monkeypatch.delenv("WEBHOOKD_CONFIG", raising=False)
     monkeypatch.setattr(app, "run", lambda cfg: 99)  # a config that passed would "serve": 99
     path = tmp_path / "webhookd.toml"

@@ -124,6 +124,19 @@ def test_cli_errors_and_exit_codes(
     assert message in result.output
 
 
+def test_send_names_the_dotted_key_of_a_malformed_whsec_secret(tmp_path: Path) -> None:
+    """`send` to a source whose whsec_ secret is not base64 exits 2 naming the config key."""
+    path = tmp_path / "webhookd.toml"
+    bad = '[sources.sw]\nverify = { scheme = "standard", secret = "whsec_!!!" }\n'
+    path.write_text(cfg_text(extra=bad))
+    url = f"http://127.0.0.1:{_free_port()}/hooks/sw"
+    result = CliRunner().invoke(main, ["send", "sw", "--url", url, "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        2,
+        "webhookd: error: sources.sw.verify.secret: is not valid whsec_ base64\n",
+    )
+
+
 async def _webhookd(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if k != "WEBHOOKD_CONFIG"}
     proc = await asyncio.create_subprocess_exec(

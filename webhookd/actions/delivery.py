@@ -23,7 +23,7 @@ import aiohttp
 from webhookd.actions.base import Outcome
 from webhookd.config import Secret, Table, resolve_secret
 from webhookd.errors import ConfigError
-from webhookd.schemes.standard import sign_standard
+from webhookd.schemes.standard import check_whsec, sign_standard
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
@@ -84,7 +84,13 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
 
 
 def read_signing_secrets(t: Table) -> tuple[Secret, ...]:
-    """``secret`` or ``secrets`` (rotation: each one signs): Standard Webhooks ``whsec_`` keys."""
+    """``secret`` or ``secrets`` (rotation: each one signs): Standard Webhooks ``whsec_`` keys.
+
+    Each must be ``whsec_`` and then its key in base64, or ``ConfigError`` names it. An ``env:``
+    one is looked up here, so its value is checked like an inline one: the options are read by
+    ``validate`` (``check``, ``serve``, ``send``) and again by ``create`` as ``serve`` starts,
+    never per delivery, so a bad value stops the start instead of failing every attempt.
+    """
     if t.has("secret") and t.has("secrets"):
         raise ConfigError(t.path("secrets"), "give either secret or secrets, not both")
     if t.has("secret"):
@@ -100,8 +106,10 @@ def read_signing_secrets(t: Table) -> tuple[Secret, ...]:
             for i, v in enumerate(items)
         )
     for where, secret in found:
-        if not secret.reveal().startswith("whsec_"):
+        value = secret.reveal()
+        if not value.startswith("whsec_"):
             raise ConfigError(where, "must be a Standard Webhooks secret (whsec_…)")
+        check_whsec(value, where)
     return tuple(secret for _, secret in found)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from webhookd.errors import ConfigError, VerificationError
 from webhookd.schemes.base import (
+    Options,
     Result,
     Scheme,
     Signed,
@@ -34,12 +35,24 @@ def standard_keys(text: str) -> list[bytes]:
     return [decoded, utf8(text)] if decoded else [utf8(text)]
 
 
+def check_whsec(text: str, key: str) -> None:
+    """``ConfigError`` naming ``key`` when ``text`` is ``whsec_`` but not then a key in base64.
+
+    Such a secret can sign nothing and verify nothing (``standard_keys`` finds no key in it):
+    config refuses it when it is read, rather than every delivery or webhook failing after.
+    Only this scheme and the signing of ``forward``/``then`` decode ``whsec_``: Stripe's
+    ``whsec_`` secrets are used as written, and are not checked here.
+    """
+    if text.startswith("whsec_") and not standard_keys(text):
+        raise ConfigError(key, "is not valid whsec_ base64")
+
+
 def sign_standard(secrets: Sequence[str], *, msg_id: str, timestamp: int, body: bytes) -> str:
     """The Standard Webhooks ``webhook-signature`` value: ``v1,<base64>`` per secret."""
     sigs = []
     for index, secret in enumerate(secrets):
         keys = standard_keys(secret)  # the last one: whsec_ decoded, or else the raw UTF-8
-        if not keys:
+        if not keys:  # config refuses such a secret naming its key (check_whsec): not reached
             raise ConfigError(f"secrets[{index}]", "is not valid whsec_ base64")
         sigs.append("v1," + b64(digest(keys[-1], utf8(f"{msg_id}.{timestamp}.") + body)))
     return " ".join(sigs)
@@ -51,6 +64,16 @@ class Standard(Scheme):
     untimed_always = False
     dedup_headers = ("webhook-id", "svix-id")
     dedup_json = None
+
+    def check_config(self, cfg: VerifyConfig, table: Options) -> None:
+        super().check_config(cfg, table)
+        for secret in cfg.secrets:
+            # An env: secret's variable is read once, when the config is loaded, so its value is
+            # checked here just like an inline one. Only a variable that is not set (or empty)
+            # leaves the secret missing, which journal-only commands allow: they verify nothing,
+            # and anything that would verify calls reveal(), which refuses it naming the key.
+            if not secret.missing:
+                check_whsec(secret.reveal(), secret.key)
 
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
