@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from webhookd.config import (
     WorkersConfig,
     load,
     loads,
+    parse_listen,
 )
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
@@ -236,10 +239,93 @@ def test_well_formed_standard_secrets_still_load() -> None:
     assert cfg.sources["x"].verify is not None and len(cfg.sources["x"].verify.secrets) == 2
 
 
+# server.listen, admin.listen, and whether the two cannot both be bound.
+LISTEN_PAIRS = [
+    ("127.0.0.1:8090", "127.0.0.1:8090", True),
+    ("0.0.0.0:8090", "127.0.0.1:8090", True),
+    ("127.0.0.1:8090", "0.0.0.0:8090", True),
+    ("[::]:8090", "[::1]:8090", True),
+    ("localhost:8090", "127.0.0.1:8090", True),
+    ("[::1]:8090", "localhost:8090", True),
+    ("hooks.internal:8090", "0.0.0.0:8090", True),
+    ("HOOKS.internal:8090", "hooks.internal:8090", True),
+    ("127.0.0.1:0", "127.0.0.1:0", False),
+    ("0.0.0.0:0", "0.0.0.0:0", False),
+    ("0.0.0.0:8090", "[::1]:8090", False),
+    ("[::]:8090", "127.0.0.1:8090", False),
+    ("127.0.0.1:8090", "127.0.0.2:8090", False),
+    ("127.0.0.1:8090", "127.0.0.1:8091", False),
+    ("hooks.internal:8090", "127.0.0.1:8090", False),
+]
+
+
+@pytest.mark.parametrize(("server", "admin", "conflict"), LISTEN_PAIRS)
+def test_admin_listen_may_not_share_server_listens_port(
+    server: str, admin: str, conflict: bool
+) -> None:
+    """admin.listen where server.listen binds too (port 0 aside) is refused naming admin.listen."""
+    text = f'[server]\nlisten = "{server}"\n[admin]\nlisten = "{admin}"\ntoken = "t"'
+    if not conflict:
+        assert loads(text).admin.listen is not None
+        return
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    assert info.value.key == "admin.listen"
+    assert info.value.message.endswith("give each its own port") and "\n" not in str(info.value)
+
+
+def _same_port_of_this_host(pair: tuple[str, str, bool]) -> bool:
+    server, admin, _ = pair
+    hosts = server + admin
+    return "hooks." not in hosts and server.rpartition(":")[2] == admin.rpartition(":")[2]
+
+
+@pytest.mark.parametrize(
+    ("server", "admin", "conflict"), [p for p in LISTEN_PAIRS if _same_port_of_this_host(p)]
+)
+async def test_listen_overlap_is_what_binding_both_refuses(
+    server: str, admin: str, conflict: bool
+) -> None:
+    """Listen.overlaps predicts which pairs of addresses the daemon's loop cannot both bind
+    (``localhost`` counts as 127.0.0.1 and ::1, so where it names one of them only, a refusal
+    may be a pair that would bind: never the other way)."""
+    first, second = parse_listen(server, "s"), parse_listen(admin, "a")
+    if first.host == "localhost":  # bound first, it would get a free port per address
+        first, second = second, first
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    try:
+        try:
+            servers.append(await loop.create_server(asyncio.Protocol, first.host, 0))
+        except OSError as exc:
+            pytest.skip(f"cannot bind {first.host} on this host: {exc}")
+        port = first.port and servers[0].sockets[0].getsockname()[1]  # 0 stays 0
+        try:
+            servers.append(await loop.create_server(asyncio.Protocol, second.host, port))
+            refused = False
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                pytest.skip(f"cannot bind {second.host} on this host: {exc}")
+            refused = True
+    finally:
+        for srv in servers:
+            srv.close()
+    assert first.overlaps(second) is conflict
+    if "localhost" in server + admin:
+        assert conflict or not refused
+    else:
+        assert refused is conflict
+
+
 # Mistakes that `webhookd check` once let through, to show only at run time (every forward
 # attempt failing, every webhook a 401, serve failing to bind): each is one line naming its
 # dotted key, from `check` and `serve` alike. (file text, the error line)
 CAUGHT_BY_CHECK = [
+    (  # server.listen's default port
+        '[admin]\nlisten = "127.0.0.1:8080"',
+        "admin.listen: 127.0.0.1:8080 is also used by server.listen (127.0.0.1:8080): "
+        "give each its own port",
+    ),
     (FORWARD + 'secret = "whsec_!!!"', "sources.x.actions[0].secret: is not valid whsec_ base64"),
     (
         FORWARD + 'secret = "env:BAD_WHSEC_FOR_TEST"',

@@ -132,6 +132,36 @@ class Listen:
         except ValueError:
             return False
 
+    def overlaps(self, other: Listen) -> bool:
+        """Whether binding both would fail: the same port, not 0 (each 0 gets a free port of its
+        own), on addresses that meet. As the kernel sees it (asyncio binds IPv6 only on IPv6
+        sockets): a wildcard (``0.0.0.0``, ``::``) meets every address of its family, so
+        ``0.0.0.0:8080`` and ``127.0.0.1:8080`` conflict while ``0.0.0.0`` and ``::`` do not.
+        ``localhost`` is ``127.0.0.1`` and ``::1``; any other name meets itself and the
+        wildcards of both families, its address being unknown until it is resolved."""
+        if self.port == 0 or self.port != other.port:
+            return False
+        return any(_meet(a, b) for a in _addresses(self.host) for b in _addresses(other.host))
+
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address | str  # str: a name, lowercased
+
+
+def _addresses(host: str) -> tuple[_Address, ...]:
+    if host.lower() == "localhost":
+        return (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+    try:
+        return (ipaddress.ip_address(host),)
+    except ValueError:
+        return (host.lower(),)
+
+
+def _meet(a: _Address, b: _Address) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        ip = b if isinstance(a, str) else a
+        return a == b or (not isinstance(ip, str) and ip.is_unspecified)
+    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
+
 
 def parse_listen(value: Any, key: str) -> Listen:
     if not isinstance(value, str):
@@ -834,6 +864,13 @@ def parse(
     a = root.table("admin")
     admin = a.read(AdminConfig())
     a.finish()
+    if admin.listen is not None and admin.listen.overlaps(server.listen):
+        # Else check passes and serve fails at start, binding the second of the two.
+        raise ConfigError(
+            a.path("listen"),
+            f"{admin.listen} is also used by server.listen ({server.listen}): "
+            "give each its own port",
+        )
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.
         raise ConfigError(
