@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,30 @@ def test_well_formed_standard_secrets_still_load() -> None:
     assert cfg.sources["x"].verify is not None and len(cfg.sources["x"].verify.secrets) == 2
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["a b", ".x", "..", "a%00", "", "a/b", "a;b", "\x1b[31m", "\x00", "café", "n" * 65, "webhookd"],
+)
+@pytest.mark.parametrize("path", ["", 'path = "/in/elsewhere"\n'])
+def test_source_names_follow_the_catch_alls_rule(name: str, path: str) -> None:
+    """A configured name outside the catch-all's [A-Za-z0-9._-]{1,64} (no leading '.'), or
+    the reserved webhookd, is refused naming the source, with or without its own path."""
+    quoted = json.dumps(name)  # a TOML basic string too
+    with pytest.raises(ConfigError) as info:
+        loads(f'[sources.{quoted}]\n{path}[[sources.{quoted}.actions]]\ntype = "log"')
+    bare = name.isascii() and name.isalnum()
+    assert info.value.key == f"sources.{name if bare else quoted}"
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    assert "reserved" in info.value.message or "[A-Za-z0-9._-]" in info.value.message
+
+
+@pytest.mark.parametrize("name", ["a", "Shop-1.eu_" + "n" * 54, "_x", "-x", "x.", "a..b", "0"])
+def test_source_names_the_catch_all_would_take_are_accepted(name: str) -> None:
+    """Every name the catch-all takes can be configured, and gets /hooks/<name>."""
+    cfg = loads(f'[sources."{name}"]\n[[sources."{name}".actions]]\ntype = "log"')
+    assert cfg.sources[name].path == f"/hooks/{name}"
+
+
 # server.listen, admin.listen, and whether the two cannot both be bound.
 LISTEN_PAIRS = [
     ("127.0.0.1:8090", "127.0.0.1:8090", True),
@@ -321,6 +346,11 @@ async def test_listen_overlap_is_what_binding_both_refuses(
 # attempt failing, every webhook a 401, serve failing to bind): each is one line naming its
 # dotted key, from `check` and `serve` alike. (file text, the error line)
 CAUGHT_BY_CHECK = [
+    (
+        '[sources."a b"]\n[[sources."a b".actions]]\ntype = "log"',
+        'sources."a b": a source name must be 1 to 64 characters from [A-Za-z0-9._-], '
+        "not starting with '.'",
+    ),
     (  # server.listen's default port
         '[admin]\nlisten = "127.0.0.1:8080"',
         "admin.listen: 127.0.0.1:8080 is also used by server.listen (127.0.0.1:8080): "

@@ -137,6 +137,20 @@ def test_send_names_the_dotted_key_of_a_malformed_whsec_secret(tmp_path: Path) -
     )
 
 
+@pytest.mark.parametrize("name", ["a b", ".x", "a%00", "*"])
+def test_send_refuses_a_name_no_source_can_have(tmp_path: Path, name: str) -> None:
+    """A name outside [A-Za-z0-9._-]{1,64} is exit 2 naming it, even beside a catch-all."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(listen=f"127.0.0.1:{_free_port()}", extra='[sources."*"]\n'))
+    result = CliRunner().invoke(main, ["send", name, "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    key = config_mod.source_key(name)
+    assert result.output == (
+        f"webhookd: error: {key}: no such source (a name is 1 to 64 characters from "
+        "[A-Za-z0-9._-], not starting with '.')\n"
+    )
+
+
 async def _webhookd(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if k != "WEBHOOKD_CONFIG"}
     proc = await asyncio.create_subprocess_exec(

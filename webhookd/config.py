@@ -41,6 +41,13 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 CATCH_ALL = "*"
+# A source's name is part of URLs (/hooks/<name>), metric labels, log lines, the journal and CLI
+# arguments, whether it is configured or taken by the catch-all: a short printable token only,
+# 1 to 64 of [A-Za-z0-9._-] not starting with '.' (no spaces, '%', NUL, ';', escape codes, or
+# dot-only names like ".."). A configured source's `path` does not lift it: the name is still
+# in the labels, logs and journal.
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+SOURCE_NAME_RULE = "1 to 64 characters from [A-Za-z0-9._-], not starting with '.'"
 # The source of webhookd's own alert events (``[alerts]``): no user source may take the name,
 # and the receiver never accepts it, so only the daemon itself creates its events.
 ALERT_SOURCE = "webhookd"
@@ -755,12 +762,17 @@ def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, Acti
     return name, dataclasses.replace(action, options=options)
 
 
+def source_key(name: str) -> str:
+    """``sources.<name>``, the name quoted where TOML would need it (``sources."a b"``)."""
+    return f"sources.{name if _BARE_KEY.fullmatch(name) else json.dumps(name)}"
+
+
 def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> SourceConfig:
-    t = Table(value, key)
-    if name != CATCH_ALL and (not name or "/" in name):
-        raise ConfigError(key, "a source name must be non-empty and contain no '/'")
+    if name != CATCH_ALL and not SOURCE_NAME.fullmatch(name):
+        raise ConfigError(key, f"a source name must be {SOURCE_NAME_RULE}")
     if name == ALERT_SOURCE:
         raise ConfigError(key, f"the source name {ALERT_SOURCE!r} is reserved for [alerts]")
+    t = Table(value, key)
     path = t.string("path", f"/hooks/{name}")
     if not path.startswith("/"):
         raise ConfigError(t.path("path"), "must start with '/'")
@@ -928,7 +940,8 @@ def parse(
             continue
         if src.path in seen:
             raise ConfigError(
-                f"sources.{src.name}.path", f"{src.path} is also used by sources.{seen[src.path]}"
+                f"{source_key(src.name)}.path",
+                f"{src.path} is also used by {source_key(seen[src.path])}",
             )
         seen[src.path] = src.name
     for src in sources.values():

@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 from collections import deque
 from typing import Any
 from urllib.parse import parse_qsl
@@ -24,7 +23,15 @@ from aiohttp import web
 
 from webhookd import content_coding
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ALERT_SOURCE, CATCH_ALL, ActionConfig, Config, Extractor, SourceConfig
+from webhookd.config import (
+    ALERT_SOURCE,
+    CATCH_ALL,
+    SOURCE_NAME,
+    ActionConfig,
+    Config,
+    Extractor,
+    SourceConfig,
+)
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
@@ -36,9 +43,10 @@ from webhookd.state import BUSY_WAITING, IntakeState
 
 log = logging.getLogger("webhookd.receiver")
 
-# A catch-all name becomes a source name in the journal, logs and the dashboard: a short,
-# printable token only (no escape codes, NUL, ';' or dot-only names like "..").
-_CATCH_ALL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+# A catch-all name becomes a source name in the journal, logs and the dashboard: it must be
+# one a source could be configured with (config.SOURCE_NAME: no escape codes, NUL, ';' or
+# dot-only names like "..").
+_CATCH_ALL_NAME = SOURCE_NAME
 
 
 class TokenBucket:

@@ -14,7 +14,16 @@ import urllib.request
 from dataclasses import dataclass
 
 from webhookd import schemes
-from webhookd.config import ALERT_SOURCE, CATCH_ALL, Config, Listen, SourceConfig
+from webhookd.config import (
+    ALERT_SOURCE,
+    CATCH_ALL,
+    SOURCE_NAME,
+    SOURCE_NAME_RULE,
+    Config,
+    Listen,
+    SourceConfig,
+    source_key,
+)
 from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
 from webhookd.schemes.base import sample_json
@@ -67,14 +76,15 @@ def source_url(cfg: Config, name: str) -> str:
 
 def resolve(cfg: Config, name: str) -> SourceConfig:
     """The source ``name`` (or the catch-all that would take it); ConfigError if none."""
+    if not SOURCE_NAME.fullmatch(name):  # no source has it, and the catch-all would answer 404
+        raise ConfigError(source_key(name), f"no such source (a name is {SOURCE_NAME_RULE})")
     src = cfg.sources.get(name)
     # The alerts' source takes no webhooks: the receiver answers 404 for it.
-    catchable = name and "/" not in name and name != ALERT_SOURCE
-    if src is None and CATCH_ALL in cfg.sources and catchable:
+    if src is None and CATCH_ALL in cfg.sources and name != ALERT_SOURCE:
         src = cfg.sources[CATCH_ALL]
     if src is None:
         known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"
-        raise ConfigError(f"sources.{name}", f"no such source (configured: {known})")
+        raise ConfigError(source_key(name), f"no such source (configured: {known})")
     return src
 
 
