@@ -207,3 +207,68 @@ async def test_send_command_against_running_daemon(
     assert out.splitlines() == ["401 Unauthorized", '{"error": "signature mismatch"}']
     assert r.daemon.journal is not None
     assert len(await r.daemon.journal.list_events(source="gh")) == 1
+
+
+# A path a provider can be given that a URL cannot hold as it is: a space, non-ASCII.
+ODD_PATH = """
+[sources.inbox]
+path = "/hooks/in box/ü"
+[[sources.inbox.actions]]
+type = "log"
+"""
+
+
+def test_source_url_percent_encodes_the_path() -> None:
+    """The path is percent-encoded as UTF-8: the receiver decodes it back to the source's path."""
+    cfg = config_mod.loads(cfg_text("127.0.0.1:8080", extra=ODD_PATH), "t")
+    assert send.source_url(cfg, "inbox") == "http://127.0.0.1:8080/hooks/in%20box/%C3%BC"
+
+
+def test_the_alerts_source_is_no_source_to_send_to_and_the_error_says_why() -> None:
+    """The catch-all takes any name a source could have but the alerts' own; the error says so."""
+    cfg = config_mod.load(None)  # the embedded default: a catch-all and nothing else
+    with pytest.raises(ConfigError) as caught:
+        send.resolve(cfg, "webhookd")
+    assert str(caught.value) == (
+        'sources.webhookd: no such source (configured: none; the catch-all "*" never takes'
+        ' "webhookd" (the alerts\'))'
+    )
+    assert send.resolve(cfg, "a-b.c_9").name == "*"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:{port}/hooks/a b",  # http.client refuses the space: InvalidURL
+        "http://127.0.0.1:{port}/hooks/é",  # and the non-ASCII: UnicodeEncodeError
+        "http://[::1/hooks/x",  # urllib cannot parse the host
+    ],
+)
+def test_a_url_that_cannot_be_posted_to_is_one_line_and_exit_1(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    url = url.replace("{port}", str(_free_port()))
+    result = CliRunner().invoke(main, ["send", "gh", "--url", url, "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"webhookd: error: could not post to {url}: "), line
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.slow
+async def test_send_to_a_source_with_a_space_and_non_ascii_in_its_path(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """`python -m webhookd send inbox` reaches a source whose path holds a space and a
+    non-ASCII letter: 202 and an event of that source, through a real daemon and the real
+    command."""
+    path = tmp_path / "odd.toml"
+    text = cfg_text(extra=ODD_PATH) + f'[journal]\npath = "{tmp_path / "w.db"}"\n'
+    path.write_text(text, encoding="utf-8")
+    r = await run_daemon(config_mod.load(path))
+    path.write_text(text.replace("127.0.0.1:0", r.daemon.bound.receiver, 1), encoding="utf-8")
+    code, out, err = await _webhookd("send", "inbox", "--config", str(path))
+    assert (code, err) == (0, ""), out
+    assert out.splitlines()[0] == "202 Accepted", out
+    assert r.daemon.journal is not None
+    assert len(await r.daemon.journal.list_events(source="inbox")) == 1

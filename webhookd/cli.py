@@ -567,7 +567,7 @@ def send(
         _fail(str(exc), 2)
     try:
         answer = send_mod.post(delivery)
-    except (OSError, ValueError) as exc:  # refused, timed out, or a URL urllib cannot use
+    except send_mod.PostError as exc:  # refused, timed out, or a URL urllib cannot use
         _fail(f"could not post to {delivery.url}: {exc}", 1)
     click.echo(f"{answer.status} {answer.reason}")
     if answer.body:

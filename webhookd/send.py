@@ -8,10 +8,12 @@ the answer.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from webhookd import schemes
 from webhookd.config import (
@@ -65,27 +67,36 @@ def _host(listen: Listen) -> str:
 
 
 def source_url(cfg: Config, name: str) -> str:
-    """Where the daemon of ``cfg`` takes ``name``'s webhooks (from ``server.listen``)."""
+    """Where the daemon of ``cfg`` takes ``name``'s webhooks (from ``server.listen``).
+
+    The path is percent-encoded (UTF-8): a source name or ``path`` may hold a space or non-ASCII
+    letters, which a request line cannot carry as they are; the receiver matches the decoded
+    path.
+    """
     listen = cfg.server.listen
     if listen.port == 0:
         raise ConfigError("server.listen", "has port 0: give the daemon's address with --url")
     src = resolve(cfg, name)
     path = f"/hooks/{name}" if src.name == CATCH_ALL else src.path
-    return f"http://{_host(listen)}:{listen.port}{path}"
+    return f"http://{_host(listen)}:{listen.port}{quote(path, safe='/')}"
 
 
 def resolve(cfg: Config, name: str) -> SourceConfig:
-    """The source ``name`` (or the catch-all that would take it); ConfigError if none."""
+    """The source ``name``, or the catch-all when the receiver's would take ``name`` (any name
+    a source could have, never the alerts' own source); ConfigError if neither."""
     if not SOURCE_NAME.fullmatch(name):  # no source has it, and the catch-all would answer 404
         raise ConfigError(source_key(name), f"no such source (a name is {SOURCE_NAME_RULE})")
     src = cfg.sources.get(name)
+    if src is not None:
+        return src
+    catch_all = cfg.sources.get(CATCH_ALL)
     # The alerts' source takes no webhooks: the receiver answers 404 for it.
-    if src is None and CATCH_ALL in cfg.sources and name != ALERT_SOURCE:
-        src = cfg.sources[CATCH_ALL]
-    if src is None:
-        known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"
-        raise ConfigError(source_key(name), f"no such source (configured: {known})")
-    return src
+    if catch_all is not None and name != ALERT_SOURCE:
+        return catch_all
+    known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"
+    if catch_all is not None:
+        known += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
+    raise ConfigError(source_key(name), f"no such source (configured: {known})")
 
 
 def build(
@@ -114,18 +125,28 @@ def build(
     return Delivery(url, headers, body)
 
 
+class PostError(Exception):
+    """The request could not be made or got no HTTP answer (its message says why)."""
+
+
 def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
-    """POST ``delivery``; any HTTP answer is returned, a network failure raises ``OSError``.
+    """POST ``delivery``; any HTTP answer is returned. Anything else, a network failure, a
+    URL the standard library cannot send (a space, a non-ASCII letter, a bad host) or an answer
+    that is not HTTP, raises ``PostError``.
 
     Proxy settings from the environment are ignored: the target is the user's own daemon.
     """
-    request = urllib.request.Request(
-        delivery.url, data=delivery.body, headers=delivery.headers, method="POST"
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=timeout_s) as response:
-            return Answer(response.status, response.reason, response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return Answer(exc.code, str(exc.reason), exc.read())
+        request = urllib.request.Request(
+            delivery.url, data=delivery.body, headers=delivery.headers, method="POST"
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=timeout_s) as response:
+                return Answer(response.status, response.reason, response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return Answer(exc.code, str(exc.reason), exc.read())
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # urllib.error.URLError is an OSError; InvalidURL and a garbled answer are HTTPException.
+        raise PostError(str(exc) or type(exc).__name__) from exc
