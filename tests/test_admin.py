@@ -300,6 +300,27 @@ async def test_admin_answers_unknown_paths_with_json(
     assert (status, set(doc)) == (404, {"error"})
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/stats", "GET,HEAD"),
+        ("DELETE", "/events/evt_x", "GET,HEAD"),
+        ("GET", "/events/evt_x/replay", "POST"),
+        ("PUT", "/", "GET,HEAD"),
+    ],
+)
+async def test_a_method_a_route_does_not_take_is_a_json_405_naming_the_allowed_ones(
+    tmp_path: Path, run_daemon: StartDaemon, method: str, path: str, allow: str
+) -> None:
+    """RFC 9110 §15.5.6: aiohttp's router puts Allow on its 405; the JSON answer keeps it."""
+    running: Running = await run_daemon(make_config(tmp_path))
+    url = running.admin_url + path
+    async with running.http.request(method, url, headers={"X-Webhookd": "1"}) as r:
+        assert r.status == 405
+        assert r.headers.get("Allow") == allow
+        assert r.content_type == "application/json" and set(await r.json()) == {"error"}
+
+
 async def test_an_unexpected_error_is_a_json_500_with_one_log_record(
     tmp_path: Path, run_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:

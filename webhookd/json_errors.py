@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -22,10 +22,23 @@ log = logging.getLogger("webhookd.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
-    """``{"error": message}`` with ``status``; ``Retry-After`` in whole seconds (at least 1)."""
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
-    return web.json_response({"error": message}, status=status, headers=headers)
+def json_error(
+    status: int,
+    message: str,
+    retry_after_s: float | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """``{"error": message}`` with ``status``; ``Retry-After`` in whole seconds (at least 1);
+    ``headers`` besides (a 405's ``Allow``)."""
+    extra = dict(headers) if headers else {}
+    if retry_after_s:
+        extra["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return web.json_response({"error": message}, status=status, headers=extra or None)
+
+
+# What an aiohttp HTTPException's own headers say that its JSON stand-in must say too.
+_KEPT_HEADERS = ("Allow",)
 
 
 def json_errors(unexpected: Callable[[web.Request], web.Response] | None = None) -> Middleware:
@@ -43,7 +56,9 @@ def json_errors(unexpected: Callable[[web.Request], web.Response] | None = None)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return json_error(exc.status, exc.reason)
+            # The router's 405 names the route's methods in Allow (RFC 9110 §15.5.6): kept.
+            kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+            return json_error(exc.status, exc.reason, headers=kept)
         except Exception:
             if unexpected is None:
                 raise
