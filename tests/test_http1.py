@@ -25,6 +25,11 @@ from webhookd.state import IntakeState
 CATCH_ALL = """
 [sources."*"]
 """
+# A source whose provider sends a GET handshake (Meta's hub.challenge), beside plain ones.
+META = """
+[sources.meta]
+verify = { scheme = "meta", secret = "app-secret", verify_token = "vt" }
+"""
 
 
 @dataclass
@@ -52,7 +57,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         async def go(
             *, keepalive_timeout: float = 75.0, hold: asyncio.Event | None = None
         ) -> Served:
-            cfg = make_config(tmp_path, CATCH_ALL)
+            cfg = make_config(tmp_path, CATCH_ALL + META)
             journal = await stack.enter_async_context(Journal(cfg.journal.path))
             entered, left = asyncio.Event(), asyncio.Event()
 
@@ -100,18 +105,73 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(start:
     assert served.events() == 201
 
 
-async def test_head_gets_headers_only_and_the_connection_goes_on(start: Start) -> None:
+async def _head_of(conn: RawConn, method: bytes, target: bytes) -> tuple[bytes, list[bytes]]:
+    """The status line and header lines (without ``Date``) of the answer to ``method target``;
+    the body, if any, is left unread."""
+    await conn.send(b"%s %s HTTP/1.1\r\nHost: test\r\n\r\n" % (method, target))
+    status_line = await conn.reader.readuntil(b"\r\n")
+    head = (await conn.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[:-2]
+    return status_line, [line for line in head if not line.startswith(b"Date: ")]
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        (b"/hooks/h", 405),  # no handshake: webhooks are POSTed
+        (b"/hooks/meta?hub.mode=subscribe&hub.verify_token=vt&hub.challenge=c123", 200),
+        (b"/hooks/meta?hub.mode=subscribe&hub.verify_token=nope&hub.challenge=c", 403),
+        (b"/hooks/meta", 405),  # Meta's source takes GET for its handshake only
+        (b"/nope", 404),
+    ],
+)
+async def test_head_gets_exactly_the_status_and_headers_of_a_get_and_no_body(
+    start: Start, target: bytes, status: int
+) -> None:
+    """HEAD answers with a GET's status line and headers (Content-Length of the GET's body,
+    Allow on a 405), and no body: the next answer on the connection follows at once."""
     served = await start()
     conn = await RawConn.open(served.address)
-    await conn.send(b"HEAD /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n")
-    status_line = await conn.reader.readuntil(b"\r\n")
-    assert status_line.startswith(b"HTTP/1.1 405 ")
-    head = await conn.reader.readuntil(b"\r\n\r\n")
-    assert b"Content-Length: " in head  # what a GET would have had; no body follows
-    await conn.send(post(1))
-    answer = await conn.answer()
-    assert answer.status == 202, answer
-    await conn.close()
+    try:
+        get_status, get_head = await _head_of(conn, b"GET", target)
+        length = next(int(h[15:]) for h in get_head if h.startswith(b"Content-Length: "))
+        assert get_status.split()[1] == b"%d" % status
+        get_body = await conn.reader.readexactly(length)
+        head_status, head_head = await _head_of(conn, b"HEAD", target)
+        assert (head_status, head_head) == (get_status, get_head), get_body
+        await conn.send(post(1))
+        answer = await conn.answer()  # right after HEAD's headers: no body came between
+        assert answer.status == 202, answer
+    finally:
+        await conn.close()
+    assert served.events() == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        (b"GET", b"/hooks/h", b"POST"),
+        (b"HEAD", b"/hooks/h", b"POST"),
+        (b"PUT", b"/hooks/h", b"POST"),
+        (b"DELETE", b"/hooks/h", b"POST"),
+        (b"PUT", b"/hooks/meta", b"GET, HEAD, POST"),
+        (b"GET", b"/hooks/meta", b"GET, HEAD, POST"),  # no hub.mode: not the handshake
+        (b"HEAD", b"/hooks/meta", b"GET, HEAD, POST"),
+        (b"OPTIONS", b"/hooks/meta", b"GET, HEAD, POST"),
+    ],
+)
+async def test_a_405_names_the_methods_the_path_takes_in_allow(
+    start: Start, method: bytes, path: bytes, allow: bytes
+) -> None:
+    """RFC 9110 §15.5.6: a 405 carries Allow. A source takes POST; one whose provider makes a
+    GET handshake (Meta) takes GET too, and HEAD, which is answered as a GET."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    try:
+        status_line, head = await _head_of(conn, method, path)
+        assert status_line.startswith(b"HTTP/1.1 405 "), (status_line, head)
+        assert b"Allow: " + allow in head, head
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(

@@ -102,3 +102,30 @@ def test_every_registered_scheme_is_complete(name: str) -> None:
     )
     expected = DELIVERY if declares_dedup else None
     assert scheme.dedup_key(headers, delivery.body) == expected
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_a_scheme_answers_handshakes_only_on_the_methods_it_declares(name: str) -> None:
+    """The receiver refuses, with a 405 naming them in Allow, every method but POST and the
+    scheme's ``handshake_methods`` before asking for a handshake: so none may hide elsewhere.
+    Meta's challenge and Slack's url_verification, offered on every method, answer only there."""
+    scheme = SCHEMES[name]
+    assert scheme.handshake_methods <= {"GET", "PUT", "PATCH", "DELETE"}
+    cfg = load(verify_table(scheme, verify_token="vt") if name == "meta" else verify_table(scheme))
+    query = {"hub.mode": "subscribe", "hub.verify_token": "vt", "hub.challenge": "c"}
+    body = b'{"type": "url_verification", "challenge": "c"}'
+    url = scheme.delivery_url(URL + "?" + "&".join(f"{k}={v}" for k, v in query.items()), body)
+    headers, body = scheme.sign(cfg, body=body, url=url, now=NOW, delivery_id=DELIVERY)
+    for method in ("GET", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        shake = scheme.handshake(
+            cfg,
+            method=method,
+            query=query,
+            headers=CIMultiDict(headers),
+            body=body,
+            url=url,
+            now=NOW,
+        )
+        assert shake is None or method in scheme.handshake_methods, (name, method)
+    if name == "meta":
+        assert scheme.handshake_methods == {"GET"}

@@ -16,6 +16,7 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
   ``Connection: close`` or an HTTP/1.0 request without keep-alive, and after an upgrade request;
 - a malformed request answered with a JSON 400 (431 for too many headers) in one INFO line
   naming the client and the parser's reason, never the bytes; then the connection closes;
+- ``HEAD`` answered as the ``GET`` it stands for (the handler sees a GET), without the body;
 - a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
   (their commits and answers) for up to a timeout, then closes the rest.
 
@@ -79,7 +80,11 @@ class Request:
 
     @property
     def method(self) -> str:
-        return self._message.method
+        """The request's method, but ``GET`` for a ``HEAD``: a HEAD is answered as the GET it
+        stands for, status and headers alike, without the body (RFC 9110 §9.3.2), so the
+        handler never needs to know it is one."""
+        method = self._message.method
+        return "GET" if method == "HEAD" else method
 
     @property
     def path(self) -> str:

@@ -1,7 +1,8 @@
 """The receiver: one handler on webhookd's HTTP/1.1 server for ``/hooks/...`` — size limit,
 verify, dedup key, intake limit, journal, and the 2xx only after the commit.
 
-Order of checks, cheapest first: route → draining → size → bodies in flight → body read (with
+Order of checks, cheapest first: route → method (a 405 names the path's in ``Allow``; a HEAD
+is answered as a GET) → draining → size → bodies in flight → body read (with
 its deadline) → Content-Encoding → handshake → signature → intake limit → backlog → values that
 cannot be stored → journal. A request that fails a check leaves no trace in the journal.
 
@@ -216,6 +217,16 @@ class _Deadlines:
         self._timer = loop.call_at(pending[0][0], self._expire, loop) if pending else None
 
 
+def allowed_methods(src: SourceConfig) -> tuple[str, ...]:
+    """The methods ``src``'s path takes, sorted: POST, and those of its provider's handshake
+    (``Scheme.handshake_methods``); with GET, HEAD, which the server answers as a GET."""
+    scheme = SCHEMES.get(src.verify.scheme) if src.verify is not None else None
+    methods = {"POST", *(scheme.handshake_methods if scheme is not None else ())}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return tuple(sorted(methods))
+
+
 class Receiver:
     """Builds the aiohttp application that takes webhooks."""
 
@@ -251,6 +262,9 @@ class Receiver:
         self._sifted = {
             src.name for src in config.sources.values() if any(a.when for a in src.actions)
         }
+        # The methods each source's path takes, and its 405's Allow header naming them.
+        self._methods = {src.name: allowed_methods(src) for src in config.sources.values()}
+        self._allow = {name: ", ".join(methods) for name, methods in self._methods.items()}
 
     def server(self, **limits: Any) -> Http1Server:
         """The HTTP server for the webhooks (``webhookd.http1``): every request goes straight to
@@ -265,6 +279,10 @@ class Receiver:
             shutdown_timeout_s=self.config.server.ack_timeout_s + 1,
             **limits,
         )
+
+    def _not_allowed(self, src: SourceConfig) -> web.Response:
+        """405, with ``Allow`` naming the methods the source's path takes (RFC 9110 §15.5.6)."""
+        return json_error(405, "webhooks are POSTed", headers={"Allow": self._allow[src.name]})
 
     def _unexpected(self, request: Request) -> web.Response:
         # One record with the traceback; never the body or header values (secrets live there).
@@ -374,7 +392,7 @@ class Receiver:
     ) -> web.Response | dict[str, Any] | None:
         """Handshake, method and signature: an answer to give now, or the verdict to store."""
         if src.verify is None:  # the common unsigned case skips building the URL
-            return None if request.method == "POST" else json_error(405, "webhooks are POSTed")
+            return None if request.method == "POST" else self._not_allowed(src)
         url = str(request.url)
         try:
             if scheme is None:  # config only names registered schemes; a hand-built one may not
@@ -393,8 +411,8 @@ class Receiver:
                 return web.Response(
                     status=shake.status, body=shake.body, content_type=shake.content_type
                 )
-            if request.method != "POST":
-                return json_error(405, "webhooks are POSTed")
+            if request.method != "POST":  # a handshake's method, but not its handshake
+                return self._not_allowed(src)
             verdict = scheme.verify(
                 src.verify, headers=request.headers, body=body, url=url, now=now
             )
@@ -408,8 +426,8 @@ class Receiver:
 
     async def _take(self, request: Request, name: str, src: SourceConfig) -> Answer:
         server = self.config.server
-        if request.method not in ("POST", "GET", "PUT"):
-            return json_error(405, "method not allowed")
+        if request.method not in self._methods[src.name]:  # a HEAD reads as GET
+            return self._not_allowed(src)
         if self.state.draining:
             return json_error(503, "shutting down", server.retry_after_s)
         length = request.content_length

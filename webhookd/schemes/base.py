@@ -105,6 +105,10 @@ class Scheme(ABC):
     untimed_unless: ClassVar[str | None] = None
     # Verify keys required besides the secret, each with an example value (for docs and tests).
     required_keys: ClassVar[Mapping[str, str]] = {}
+    # Methods besides POST that the provider's handshake comes with (Meta's GET): the receiver
+    # takes them at the source's path and lists them in a 405's Allow; any other is refused
+    # before ``handshake`` is asked.
+    handshake_methods: ClassVar[frozenset[str]] = frozenset()
 
     # -- config -----------------------------------------------------------------------------
 

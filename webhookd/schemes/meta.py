@@ -27,6 +27,7 @@ class Meta(Scheme):
     untimed_always = True
     dedup_headers = ()
     dedup_json = None
+    handshake_methods = frozenset({"GET"})
 
     def check_config(self, cfg: VerifyConfig, table: Options) -> None:
         # A source may be set up for the handshake (verify_token) before the app secret is known.
