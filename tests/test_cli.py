@@ -474,3 +474,53 @@ async def test_prune_help_states_the_real_interval() -> None:
     out = await cli("prune", "--help")
     assert out.exit_code == 0
     assert "hourly" not in out.output and "prune_interval_s, 60 s" in out.output
+
+
+async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
+    tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 from the admin API (the token's variable unset where the CLI runs, or another
+    value) is said as such, naming the variable and never a value; "not reachable" is for a
+    daemon that does not answer at all."""
+    monkeypatch.setenv(TOKEN_ENV, "the-daemons-token")
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
+    running = await run_daemon(cfg)
+    text = path.read_text().replace(
+        '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+    )
+    path.write_text(text, encoding="utf-8")
+    config = ("--config", str(path))
+
+    async def stats(value: str | None) -> tuple[str, dict[str, Any]]:
+        table = await cli("stats", *config, env={TOKEN_ENV: value})
+        doc = await cli("stats", "--json", *config, env={TOKEN_ENV: value})
+        assert table.exit_code == doc.exit_code == 0, (table.output, doc.output)
+        daemon = [line for line in table.output.splitlines() if line.startswith("daemon ")]
+        return (daemon[0] if daemon else ""), json.loads(doc.output)
+
+    line, doc = await stats(None)
+    assert line == (
+        f"daemon         the admin API refused the request: admin.token is env:{TOKEN_ENV},"
+        f" which is not set here (journal figures only)"
+    )
+    assert doc["daemon"] is None and doc["daemon_error"] == line[15:].removesuffix(
+        " (journal figures only)"
+    )
+    line, doc = await stats("not-the-token")
+    assert line == (
+        f"daemon         the admin API refused the token in {TOKEN_ENV} (admin.token):"
+        " not the daemon's (journal figures only)"
+    )
+    assert "not-the-token" not in line and "the-daemons-token" not in line
+    line, doc = await stats("the-daemons-token")
+    assert line == "" and doc["daemon"]["workers"] and doc["daemon_error"] is None
+
+    await running.stop()
+    line, doc = await stats("the-daemons-token")
+    assert line == (
+        f"daemon         not reachable on the admin API at {running.daemon.bound.admin}"
+        " (journal figures only)"
+    )
+    assert doc["daemon"] is None and doc["daemon_error"] == line[15:].removesuffix(
+        " (journal figures only)"
+    )

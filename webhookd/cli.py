@@ -349,7 +349,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
         oldest = counts.oldest_queued_at
-        daemon = await _daemon_stats(cfg)
+        daemon, daemon_error = await _daemon_stats(cfg)
         if daemon is not None and "cluster" in daemon:
             nodes = daemon["cluster"]["nodes"]
         return {
@@ -365,6 +365,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             "paused": paused,
             "nodes": nodes,
             "daemon": daemon,
+            "daemon_error": daemon_error,
         }
 
     doc = _run(go)
@@ -374,30 +375,53 @@ def stats(config_path: str | None, as_json: bool) -> None:
     click.echo(_stats_table(doc))
 
 
-async def _daemon_stats(cfg: config_mod.Config) -> dict[str, Any] | None:
-    """The running daemon's ``/stats`` (workers, lanes, throughput), or None if unreachable."""
+async def _daemon_stats(cfg: config_mod.Config) -> tuple[dict[str, Any] | None, str | None]:
+    """The running daemon's ``/stats`` (workers, lanes, throughput), else None and why not:
+    not asked (no admin listener on a known port), not reachable, refused (a 401: the token,
+    named by its variable, never by its value), or another answer."""
     import aiohttp
 
     listen = cfg.admin.listen
-    if listen is None or listen.port == 0:
-        return None
+    if listen is None:
+        return None, "no admin API to ask (admin.listen is off)"
+    if listen.port == 0:
+        return None, "no admin API to ask (admin.listen has port 0: its port is not known)"
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
     host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    address = f"{host}:{listen.port}"
     token = cfg.admin.token
-    if token is not None and token.missing:
-        return None  # the daemon would refuse us; the journal's figures still stand
-    headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+    # An unset token variable sends no token: the answer still tells a daemon that is up (401)
+    # from one that is not there.
+    sent = token is not None and not token.missing
+    headers = {"Authorization": f"Bearer {token.reveal()}"} if token and sent else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
-            http.get(f"http://{host}:{listen.port}/stats", headers=headers) as r,
+            http.get(f"http://{address}/stats", headers=headers) as r,
         ):
+            if r.status == 401:
+                return None, _refused(cfg, sent)
             if r.status != 200:
-                return None
+                return None, f"the admin API at {address} answered {r.status}"
             doc: dict[str, Any] = await r.json()
-            return doc
+            return doc, None
     except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
+        return None, f"not reachable on the admin API at {address}"
+
+
+def _refused(cfg: config_mod.Config, sent: bool) -> str:
+    """Why the admin API answered 401, naming admin.token's variable (never its value)."""
+    token = cfg.admin.token
+    if token is None:
+        return f"the admin API wants a token, and admin.token is not set in {cfg.origin}"
+    variable = token.variable
+    if not sent:
+        return (
+            f"the admin API refused the request: admin.token is env:{variable},"
+            " which is not set here"
+        )
+    where = f"{variable} (admin.token)" if variable else "admin.token"
+    return f"the admin API refused the token in {where}: not the daemon's"
 
 
 def _stats_table(doc: dict[str, Any]) -> str:
@@ -426,8 +450,8 @@ def _stats_table(doc: dict[str, Any]) -> str:
                 f"  cooldown {lane['cooling_until_s']:.0f}s"
                 f"{'  CIRCUIT OPEN' if lane['circuit_open'] else ''}"
             )
-    else:
-        lines.append("daemon         not reachable on the admin API (journal figures only)")
+    elif doc["daemon_error"] is not None:
+        lines.append(f"daemon         {doc['daemon_error']} (journal figures only)")
     for node in doc["nodes"]:
         state = "STALE" if node["stale"] else ("this" if node["this"] else "live")
         lines.append(

@@ -34,6 +34,12 @@ class Secret:
         """The dotted config key the secret was read from (for errors about its value)."""
         return self._key
 
+    @property
+    def variable(self) -> str | None:
+        """The environment variable an ``env:`` secret is read from (None for an inline one):
+        what a message may name instead of the value."""
+        return self._origin[4:] if self._origin.startswith("env:") else None
+
     def reveal(self) -> str:
         if not self._value:
             state = "is not set" if self._value is None else "is empty"
