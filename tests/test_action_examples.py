@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -152,10 +155,123 @@ def test_reference_config_passes_check_with_its_commented_action_examples() -> N
     shipped = config.loads(text)
     actions.validate(shipped)
     assert shipped.lanes["openai"].rpm == 450
-    block = text.split("# >>> action examples\n")[1].split("# <<< action examples")[0]
-    uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines())
-    cfg = config.loads(text + uncommented)
+    cfg = config.loads(_reference_with_examples())
     actions.validate(cfg)
     assert [a.type for a in cfg.sources["mailgun"].actions] == ["openai"]
     assert [a.type for a in cfg.sources["github"].actions] == ["forward", "command"]
     assert [a.type for a in cfg.sources["stripe"].actions] == ["forward", "log", "python"]
+
+
+def _reference_with_examples() -> str:
+    """webhookd.toml with its commented openai/command/python examples uncommented."""
+    text = (ROOT / "webhookd.toml").read_text()
+    block = text.split("# >>> action examples\n")[1].split("# <<< action examples")[0]
+    uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines())
+    return text + uncommented
+
+
+def _keys_the_loader_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """Every key the config loader and the action kinds ask a table for, by the table's dotted
+    key made generic (``sources.*``, ``lanes.*``; an action's ``actions:*`` for the keys every
+    kind takes, else by its type: ``actions:forward``, ``actions:openai.then``). Read off the
+    loader's own ``Table`` calls (``has``, ``raw``, and the names given to ``only``) while it
+    loads the reference with its examples, which holds a table of every kind (checked), so a
+    key added to the code is seen here at once, with no list of keys to keep."""
+    asked: list[tuple[str, str, bool]] = []  # (table's key, key asked, table holds "type")
+    for method in ("has", "raw"):
+        original = getattr(config.Table, method)
+
+        def record(self: config.Table, name: str, *args: Any, _original: Any = original) -> Any:
+            asked.append((self.key, name, "type" in self.data))
+            return _original(self, name, *args)
+
+        monkeypatch.setattr(config.Table, method, record)
+    only = config.Table.only
+
+    def record_only(self: config.Table, names: Iterable[str], what: str) -> None:
+        names = tuple(names)
+        asked.extend((self.key, name, "type" in self.data) for name in names)
+        only(self, names, what)
+
+    monkeypatch.setattr(config.Table, "only", record_only)
+    cfg = config.loads(_reference_with_examples(), "webhookd.toml", kinds=actions.kind_defaults)
+    # The user's actions only: the alerts' own forward is built, its options are no keys.
+    for source in cfg.sources.values():
+        for action in source.actions:
+            actions.kind(action.type, action.key).validate(action)
+    types = {a.key: a.type for s in cfg.sources.values() for a in s.actions}
+    assert set(types.values()) == set(config.ACTION_KINDS), "the reference lacks an action kind"
+
+    found: dict[str, set[str]] = {}
+    for key, name, typed in asked:
+        for action_key, kind in types.items():  # sources.x.actions[0] → actions:kind
+            if key == action_key:  # the action's own table holds the keys every kind takes
+                key = "actions:*" if typed else f"actions:{kind}"
+            elif key.startswith(action_key + "."):
+                rest = key[len(action_key) :]
+                key = ("actions:*" if rest == ".retry" else f"actions:{kind}") + rest
+            else:
+                continue
+            break
+        key = re.sub(r'^sources\.("[^"]*"|[^.]+)', "sources.*", key)
+        key = re.sub(r"^lanes\.[^.]+", "lanes.*", key)
+        if key in ("sources", "lanes") or key.endswith(".when"):
+            continue  # names the user picks (sources, lanes, when's extractors): no fixed keys
+        found.setdefault(key, set()).add(name)
+    return found
+
+
+_HEADER = re.compile(r"^#?\s*\[\[?([^\]\s]+)\]\]?\s*$")
+
+
+def _documented() -> list[tuple[str, str]]:
+    """webhookd.toml cut at its table headers, live or commented out: (generic header, text)."""
+    spans: list[tuple[str, str]] = [("", "")]
+    for line in (ROOT / "webhookd.toml").read_text().splitlines():
+        header = _HEADER.match(line)
+        if header:
+            name = re.sub(r'^sources\.("[^"]*"|[^.]+)', "sources.*", header.group(1))
+            spans.append((re.sub(r"^lanes\.[^.]+", "lanes.*", name), ""))
+        else:
+            spans[-1] = (spans[-1][0], spans[-1][1] + line + "\n")
+    return spans
+
+
+def _where(context: str) -> tuple[str, str | None]:
+    """Which spans of webhookd.toml document keys of ``context``: the generic header, and for an
+    action's keys the ``type`` the span must have."""
+    if context.startswith("actions:"):  # actions:forward, actions:openai.then, actions:*.retry
+        kind = context.removeprefix("actions:").partition(".")[0]
+        return ("sources.*.actions", None if kind == "*" else kind)
+    if context in ("sources.*.verify", "sources.*.priority"):  # inline tables of a source
+        return ("sources.*", None)
+    if context == "alerts.retry":
+        return ("alerts", None)
+    return (context, None)
+
+
+def test_the_reference_config_documents_every_key_the_loader_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """webhookd.toml is "every key with its default": each key the loader reads appears there
+    as ``key = ...`` (live, or commented with its default) under a table of its kind, or as a
+    table header of its own (``[workers.weights]``, ``[[sources.x.actions]]``)."""
+    spans = _documented()
+    headers = {header for header, _ in spans}
+    missing = []
+    for context, names in sorted(_keys_the_loader_reads(monkeypatch).items()):
+        header, kind = _where(context)
+        texts = [
+            text
+            for h, text in spans
+            if h == header and (kind is None or re.search(rf'\btype = "{kind}"', text))
+        ]
+        for name in sorted(names):
+            own = f"{header}.{name}" if header else name
+            if any(h == own or h.startswith(own + ".") for h in headers):
+                continue
+            if not any(re.search(rf"(^|[\s{{,#]){re.escape(name)} = ", t, re.M) for t in texts):
+                missing.append(f"{context}: {name}")
+    assert not missing, "keys the loader accepts that webhookd.toml does not show:\n" + "\n".join(
+        missing
+    )
