@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import asyncpg
@@ -21,8 +22,8 @@ from procs import poll
 from test_journal_contract import LEASE_S, START, finished, new_event
 
 from webhookd.clock import ManualClock
-from webhookd.errors import JournalError, JournalUnavailable
-from webhookd.journal import Poisoned
+from webhookd.errors import JournalError, JournalUnavailable, NotFound
+from webhookd.journal import NewEvent, Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
@@ -320,6 +321,154 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", ()):
         yield from _plan_nodes(child)
+
+
+# Retention as the leader runs it: dead events go a day after they finished.
+_KEEP = {"keep_done_s": 3600.0, "keep_dead_s": 86400.0, "keep_dedup_s": 86400.0}
+
+
+async def _expired_dead_event(journal: PostgresJournal, clock: ManualClock) -> NewEvent:
+    """An event whose only job went dead, then the clock moved past its retention."""
+    item = new_event(received_at=clock.time())
+    await journal.ingest(item)
+    await journal.claim([item.jobs[0].id], "b")
+    await journal.finish(
+        [finished(item.jobs[0].id, JobState.DEAD, "dead", now=clock.time(), error="404")]
+    )
+    clock.advance(_KEEP["keep_dead_s"] + 1)
+    return item
+
+
+def _prune_args(clock: ManualClock) -> tuple[float, float, int, float]:
+    """``PRUNE_SQL``'s parameters for a prune with ``_KEEP`` now, as ``prune`` binds them."""
+    now = clock.time()
+    return (now - _KEEP["keep_done_s"], now - _KEEP["keep_dead_s"], 500, -math.inf)
+
+
+async def _blocked_by(watch: asyncpg.Connection, holder: asyncpg.Connection) -> bool:
+    """Whether some session waits for a lock ``holder`` holds (asked on a third connection:
+    one inside a transaction keeps reading the same ``pg_stat_activity``)."""
+    return bool(
+        await watch.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            holder.get_server_pid(),
+        )
+    )
+
+
+async def test_pg_a_replay_waits_for_a_prune_holding_its_event_then_finds_it_gone(
+    pg_url: str,
+) -> None:
+    """A replay that comes while another node's prune holds an expired event (locked by the
+    prune's own candidate query) waits for that prune, then answers ``NotFound``: it never
+    acknowledges re-queued jobs that the prune then deletes."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = await _expired_dead_event(journal, clock)
+        event_id = item.event.id
+        prune, watch = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+        try:
+            async with prune.transaction():
+                rows = await prune.fetch(PRUNE_SQL, *_prune_args(clock))
+                assert [r[0] for r in rows] == [event_id]
+                replay = asyncio.create_task(journal.replay([event_id]))
+                await poll(lambda: _blocked_by(watch, prune), timeout_s=10)
+                assert not replay.done()
+                await prune.execute(
+                    "DELETE FROM attempts WHERE job_id IN"
+                    " (SELECT id FROM jobs WHERE event_id = $1)",
+                    event_id,
+                )
+                await prune.execute("DELETE FROM jobs WHERE event_id = $1", event_id)
+                await prune.execute("DELETE FROM events WHERE id = $1", event_id)
+            with pytest.raises(NotFound):
+                await replay
+        finally:
+            await prune.close()
+            await watch.close()
+        assert (await journal.counts()).events == 0
+
+
+async def test_pg_a_prune_leaves_alone_an_event_a_replay_holds(pg_url: str) -> None:
+    """A prune that comes while a replay of an expired event is in flight (its lock on the
+    event held) skips that event without waiting, and once the replay has committed the
+    event's job is queued again and kept."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = await _expired_dead_event(journal, clock)
+        event_id = item.event.id
+        replay = await asyncpg.connect(pg_url)
+        try:
+            async with replay.transaction():  # what the replay's first statement takes
+                await replay.execute("SELECT 1 FROM events WHERE id = $1 FOR KEY SHARE", event_id)
+                # Bounded: a prune that waited for the replay would wait for ever here.
+                pruned = await asyncio.wait_for(journal.prune(**_KEEP), 10)
+                assert (pruned.events, pruned.jobs) == (0, 0)
+                await replay.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, finished_at = NULL"
+                    " WHERE event_id = $1",
+                    event_id,
+                )
+        finally:
+            await replay.close()
+        assert (await journal.prune(**_KEEP)).events == 0
+        detail = await journal.get_event(event_id)
+    assert [j.state for j in detail.jobs] == [JobState.QUEUED]
+
+
+class _AfterCandidates:
+    """A prune's connection that runs ``then`` once ``PRUNE_SQL`` has answered, with the
+    candidates' locks held and before anything is deleted."""
+
+    def __init__(self, conn: Any, then: Callable[[], Awaitable[None]]) -> None:
+        self._conn, self._then = conn, then
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        rows = list(await self._conn.fetch(sql, *args))
+        if sql == PRUNE_SQL and rows:
+            await self._then()
+        return rows
+
+
+async def test_pg_a_prune_keeps_an_event_replayed_after_it_read_its_candidates(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay can commit after a prune's candidate query took its snapshot and before it
+    locked the event (the replay's lock gone by then, so ``SKIP LOCKED`` does not skip it):
+    the prune then holds an event whose jobs are queued again. It looks again once the lock
+    is held, and keeps the event and its job. Here the jobs are re-queued after the candidate
+    query, by a statement of another session that takes no lock on the event: from the
+    prune's side the same state."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = await _expired_dead_event(journal, clock)
+        event_id = item.event.id
+        other = await asyncpg.connect(pg_url)
+
+        async def requeue() -> None:
+            await other.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, finished_at = NULL"
+                " WHERE event_id = $1",
+                event_id,
+            )
+
+        real_write = journal._write
+
+        async def write(fn: Callable[[Any], Awaitable[Any]]) -> Any:
+            return await real_write(lambda conn: fn(_AfterCandidates(conn, requeue)))
+
+        try:
+            monkeypatch.setattr(journal, "_write", write)
+            pruned = await journal.prune(**_KEEP)
+            monkeypatch.undo()
+        finally:
+            await other.close()
+        assert (pruned.events, pruned.jobs) == (0, 0)
+        detail = await journal.get_event(event_id)
+    assert [j.state for j in detail.jobs] == [JobState.QUEUED]
 
 
 async def test_pg_a_refill_seeks_the_due_jobs_past_those_in_backoff(pg_url: str) -> None:

@@ -55,6 +55,7 @@ from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
+    PRUNE_RECHECK_SQL,
     PRUNE_SQL,
     write_claim,
     write_claim_capped,
@@ -473,12 +474,21 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     # -- operator actions --------------------------------------------------------------------
 
     async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+        """``BaseJournal.replay``, safe beside a prune on any node: each event is locked
+        (``FOR KEY SHARE``) before its jobs are touched, so an acknowledged replay is never
+        followed by the deletion of the event it re-queued."""
         now = self.clock.time()
 
         async def fn(conn: Any) -> dict[str, Replayed]:
             out: dict[str, Replayed] = {}
             for event_id in event_ids:
-                if await conn.fetchval("SELECT 1 FROM events WHERE id = $1", event_id) is None:
+                # A key-share lock on the event, held to the commit, keeps a prune from deleting
+                # it under this replay: prune's candidate lock skips an event a replay holds,
+                # and a replay that comes after prune locked it waits, then finds it gone.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM events WHERE id = $1 FOR KEY SHARE", event_id
+                )
+                if found is None:
                     raise NotFound(event_id)
                 hurried = await conn.execute(
                     "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
@@ -531,9 +541,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         start_at: float | None = None,
     ) -> Pruned:
         """Delete at most ``batch`` expired events (with their jobs and attempts) and dedup keys,
-        in one short transaction; rows another node is pruning are skipped.
+        in one short transaction; rows another node is pruning, and events a replay holds, are
+        skipped.
 
-        ``PRUNE_SQL`` says how the candidates are found.
+        ``PRUNE_SQL`` says how the candidates are found, ``PRUNE_RECHECK_SQL`` why they are
+        looked at again once locked.
         """
         now = self.clock.time()
         done_before, dead_before = now - keep_done_s, now - keep_dead_s
@@ -548,6 +560,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             ids = [r[0] for r in rows]
             walked_to = walk_end(rows, batch, done_before)
+            if ids:
+                # Locked now: drop any a replay re-queued after the candidates were read.
+                ids = [
+                    r[0] for r in await conn.fetch(PRUNE_RECHECK_SQL, done_before, dead_before, ids)
+                ]
             jobs = 0
             if ids:
                 await conn.execute(

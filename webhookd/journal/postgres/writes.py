@@ -117,13 +117,22 @@ async def write_ingests(
 # which read every job of the last ``keep_done_h`` into a hash at each round (80 ms at 100,000
 # such jobs, and growing with them) to rule out the few thousand old events kept for their dead
 # jobs (27 ms this way, growing only with those).
-PRUNE_SQL = (
-    "SELECT e.id, e.received_at FROM events e WHERE e.received_at < $1 AND e.received_at >= $4 AND"
-    " (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN ('queued', 'running')"
+_NO_KEPT_JOB = (
+    "(SELECT 1 FROM jobs j WHERE j.event_id = e.id AND (j.state IN ('queued', 'running')"
     " OR (j.state IN ('done', 'cancelled') AND j.finished_at > $1)"
     " OR (j.state = 'dead' AND j.finished_at > $2)) LIMIT 1) IS NULL"
-    " ORDER BY e.received_at LIMIT $3 FOR UPDATE SKIP LOCKED"
 )
+PRUNE_SQL = (
+    "SELECT e.id, e.received_at FROM events e WHERE e.received_at < $1 AND e.received_at >= $4 AND"
+    f" {_NO_KEPT_JOB} ORDER BY e.received_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+)
+# Of the candidates ``PRUNE_SQL`` locked ($3), those still expired, asked again once the locks
+# are held. The candidates' jobs were judged on the snapshot taken as that statement began, and
+# its row locks come later: a replay that committed in between (its own lock on the event
+# already released, so SKIP LOCKED did not skip it) has re-queued jobs the snapshot cannot see.
+# Under READ COMMITTED this statement's snapshot sees that commit, and no replay can commit on
+# these events any more (its lock waits for ours), so what passes here may be deleted.
+PRUNE_RECHECK_SQL = f"SELECT e.id FROM events e WHERE e.id = ANY($3::text[]) AND {_NO_KEPT_JOB}"
 
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
