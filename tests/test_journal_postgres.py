@@ -13,22 +13,24 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
 import pytest
-from conftest import DatabaseOutage
+from conftest import DatabaseOutage, make_config
 from procs import poll
-from test_journal_contract import LEASE_S, START, finished, new_event
+from test_journal_contract import LEASE_S, START, Taker, finished, new_event
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal import NewEvent, Poisoned
+from webhookd.journal import Cap, Claimed, Finished, NewEvent, Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.journal.postgres.writes import PRUNE_SQL
 from webhookd.models import JobState, Priority
+from webhookd.workers import WorkerPool
 
 
 def node(url: str, clock: ManualClock) -> PostgresJournal:
@@ -817,6 +819,181 @@ async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(
         job = (await journal.get_event(item.event.id)).jobs[0]
         assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])
         assert await journal.record_pending() == 0
+
+
+async def _history(journal: PostgresJournal, item: NewEvent) -> tuple[Any, ...]:
+    """The event's one job as (state, attempts, [(attempt, outcome), …])."""
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    return job.state, job.attempts, [(a.n, a.outcome) for a in job.history]
+
+
+async def _writable_again(journal: PostgresJournal) -> None:
+    """After an outage, until a write goes through, as the lease loop would retry: the pool
+    may first hand out a connection the outage cut."""
+
+    async def heartbeat() -> bool:
+        try:
+            await journal.heartbeat()
+        except JournalUnavailable:
+            return False
+        return True
+
+    await poll(heartbeat, timeout_s=30)
+
+
+async def test_pg_a_kept_back_outcome_written_late_leaves_the_next_claim_alone(
+    pg_url: str, db_outage: DatabaseOutage
+) -> None:
+    """An outage keeps attempt 1's outcome back (twice: the worker tries again while it lasts);
+    once it is over the worker's next try records it, and the job is claimed again. The
+    heartbeat's late write of the copies kept back answers attempt 1's claim, not attempt 2's:
+    attempt 2 stays running under its own token, its own outcome is then recorded, and the
+    history has one row per attempt."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        [first] = await journal.claim([job_id], "b")
+        retry = finished(job_id, JobState.QUEUED, "retry", run_at=START + 1, error="503")
+        await db_outage.begin()
+        for _ in range(2):
+            with pytest.raises(JournalUnavailable):
+                await journal.finish([retry])
+        await db_outage.end()
+        await _writable_again(journal)
+        await journal.finish([retry])  # the worker's next try
+        assert await _history(journal, item) == (JobState.QUEUED, 1, [(1, "retry")])
+        [second] = await journal.claim([job_id], "b")
+        assert second.claim and second.claim != first.claim
+        await journal.record_pending()  # the next heartbeat
+        assert await _history(journal, item) == (JobState.RUNNING, 2, [(1, "retry")])
+        assert journal._tokens[job_id] == second.claim
+        assert await journal.claim([job_id], "b") == []
+        done = finished(job_id, JobState.DONE, "done", attempt=2, now=START + 2)
+        await journal.finish([done])
+        assert await _history(journal, item) == (JobState.DONE, 2, [(1, "retry"), (2, "done")])
+        assert job_id not in journal._tokens and await journal.record_pending() == 0
+
+
+async def test_pg_a_workers_late_try_of_a_recorded_outcome_leaves_the_next_claim_alone(
+    pg_url: str, db_outage: DatabaseOutage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other order: the heartbeat records the outcome kept back, the job is claimed again,
+    and then the worker, still trying, sends it once more. It names the claim it answers (as
+    the worker's outcomes do), so it changes nothing, takes nothing of the new claim's, and is
+    no lost lease worth a warning."""
+    caplog.set_level(logging.DEBUG, logger="webhookd.journal")
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        [first] = await journal.claim([job_id], "b")
+        retry = finished(
+            job_id, JobState.QUEUED, "retry", run_at=START + 1, error="503", claim=first.claim
+        )
+        await db_outage.begin()
+        with pytest.raises(JournalUnavailable):
+            await journal.finish([retry])
+        await db_outage.end()
+        await _writable_again(journal)
+        assert await journal.record_pending() == 1
+        [second] = await journal.claim([job_id], "b")
+        await journal.finish([retry])  # the worker's try, after its back-off
+        assert await _history(journal, item) == (JobState.RUNNING, 2, [(1, "retry")])
+        assert journal._tokens[job_id] == second.claim
+    assert not [r for r in caplog.records if "lease passed" in r.getMessage()]
+
+
+async def test_pg_two_copies_of_an_outcome_in_one_commit_are_recorded_once(
+    pg_url: str, db_outage: DatabaseOutage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's try and the heartbeat's write of the same kept-back outcome can meet in one
+    group commit: the job is updated once, one attempt row is written, and the copy that found
+    its claim already answered is no lost lease."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        [first] = await journal.claim([job_id], "b")
+        dead = finished(job_id, JobState.DEAD, "dead", error="404", claim=first.claim)
+        await db_outage.begin()
+        with pytest.raises(JournalUnavailable):
+            await journal.finish([dead])
+        await db_outage.end()
+        await _writable_again(journal)
+        before, backlog = journal.commits, journal.backlog_jobs
+        written, _ = await asyncio.gather(journal.record_pending(), journal.finish([dead]))
+        assert (written, journal.commits) == (1, before + 1)
+        assert await _history(journal, item) == (JobState.DEAD, 1, [(1, "dead")])
+        assert job_id not in journal._tokens and journal.backlog_jobs == backlog - 1
+    assert not [r for r in caplog.records if "lease passed" in r.getMessage()]
+
+
+async def test_pg_an_outcome_whose_lease_passed_is_dropped_with_a_warning_and_its_claim_forgotten(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one outcome not recorded that is worth a warning: this node still holds the claim it
+    answers, but lease recovery gave the job to another node. The node forgets the claim; the
+    other node's claim and outcome stand."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as slow, node(pg_url, clock) as other:
+        item = new_event()
+        await slow.ingest(item)
+        job_id = item.jobs[0].id
+        [mine] = await slow.claim([job_id], "b")
+        clock.advance(LEASE_S + 1)
+        await other.heartbeat()
+        await other.recover_lost()
+        [theirs] = await other.claim([job_id], "b")
+        await slow.finish([finished(job_id, JobState.DONE, "done", claim=mine.claim)])
+        assert job_id not in slow._tokens and other._tokens[job_id] == theirs.claim
+        assert await _history(other, item) == (JobState.RUNNING, 2, [(1, "interrupted")])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warned if job_id in w and "lease passed to another node" in w], warned
+
+
+async def test_pg_every_claim_names_its_token_and_a_workers_outcome_answers_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Jobs claimed alone, within caps, or by their webhook's commit each carry the token this
+    node holds for them (``Claimed.claim``); a worker's outcome names the claim of the attempt
+    it reports, and is recorded under it."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        items = [new_event() for _ in range(3)]
+        for item in items:
+            await journal.ingest(item)
+        alone = await journal.claim([items[0].jobs[0].id], "b")
+        capped = await journal.claim_capped(
+            [items[1].jobs[0].id], "b", {items[1].jobs[0].id: [Cap("shop", 1)]}
+        )
+        taker = Taker(room=1)
+        journal.starter = taker
+        started = new_event()
+        await journal.ingest(started)
+        journal.starter = None
+        claims = [*alone, *capped.claimed, *taker.started]
+        assert [c.job.id for c in claims] == [
+            items[0].jobs[0].id,
+            items[1].jobs[0].id,
+            started.jobs[0].id,
+        ]
+        assert all(c.claim and c.claim == journal._tokens[c.job.id] for c in claims)
+
+        # A worker pool on the journal runs the queued job; the source has no action by that
+        # name, so the outcome is dead, and recorded only under the claim it names.
+        cfg = make_config(tmp_path)
+        pool = WorkerPool(config=cfg, journal=journal, actions={}, boot_id="b", clock=clock)
+        seen: list[tuple[Claimed, Finished]] = []
+        pool.on_finish.append(lambda claimed, _, outcome: seen.append((claimed, outcome)))
+        await pool.run_until_idle()
+        [(claimed, outcome)] = seen
+        assert claimed.job.id == items[2].jobs[0].id
+        assert claimed.claim and outcome.claim == claimed.claim
+        assert (await _history(journal, items[2]))[:2] == (JobState.DEAD, 1)
 
 
 async def test_pg_a_claim_whose_commit_was_in_doubt_is_released_by_its_token(

@@ -759,6 +759,7 @@ class WorkerPool:
                 error=err,
                 result=outcome.result,
                 detail=outcome.detail,
+                claim=claimed.claim,
             )
 
         if outcome.kind == "done":

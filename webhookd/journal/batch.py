@@ -81,6 +81,9 @@ class ClaimOp(Op):
 @dataclass(slots=True)
 class FinishOp(Op):
     results: Sequence[Finished]
+    # PostgreSQL: the claim token each outcome answers, one per result (None: no claim held),
+    # bound when the outcome first reached the journal. SQLite leaves it empty.
+    claims: Sequence[str | None] = ()
 
 
 @dataclass(slots=True)
@@ -270,12 +273,16 @@ class SortedIngests:
 
 
 def sort_ingests(
-    ops: Sequence[IngestOp], owners: Mapping[str, str], start: frozenset[str] = frozenset()
+    ops: Sequence[IngestOp],
+    owners: Mapping[str, str],
+    start: frozenset[str] = frozenset(),
+    claim: str = "",
 ) -> SortedIngests:
     """Split a group's ingests by who owns their dedup keys (``owners``: key → event id, for the
     keys another event holds), for either backend: each one's answer, the event and job rows
     to insert (the jobs in ``start`` apart, to be written claimed), and the (key, event id)
-    rows of duplicates to take back out.
+    rows of duplicates to take back out. ``claim`` names the claim the jobs in ``start`` are
+    written under (``Claimed.claim``).
 
     An event is a duplicate when either of its keys names another event; then one of its two
     keys may have gone in, naming an event that will never exist, so both are orphans.
@@ -313,7 +320,7 @@ def sort_ingests(
         for j in op.item.jobs:
             if j.id in start:
                 out.start_rows.append(job_row(e, j))
-                started.append(claimed_at_ingest(e, j, verified))
+                started.append(claimed_at_ingest(e, j, verified, claim))
                 continue
             job_rows.append(job_row(e, j))
             ready.append(Ready(j.id, e.source, j.action, int(e.priority), e.tenant, j.order_key, 0))
@@ -338,7 +345,7 @@ def job_row(e: Event, j: NewJob) -> tuple[Any, ...]:
     )
 
 
-def claimed_at_ingest(e: Event, j: NewJob, verified: str | None) -> Claimed:
+def claimed_at_ingest(e: Event, j: NewJob, verified: str | None, claim: str = "") -> Claimed:
     """A job written claimed by its event's commit, as a claim would read it back: first
     attempt, due at receipt, the event's ``verified`` through JSON like the stored copy."""
     job = Job(
@@ -353,7 +360,7 @@ def claimed_at_ingest(e: Event, j: NewJob, verified: str | None) -> Claimed:
     )
     if verified is not None:
         e = replace(e, verified=json.loads(verified))
-    return Claimed(job, e, 0)
+    return Claimed(job, e, 0, claim)
 
 
 # Rows per INSERT statement at most; ``insert_rows`` takes 64, 32, … 1 at a time, so a table

@@ -82,11 +82,17 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """A job claimed for one attempt, with its event: everything a worker needs."""
+    """A job claimed for one attempt, with its event: everything a worker needs.
+
+    ``claim`` is the journal's name for this claim, when it has one (PostgreSQL's claim token;
+    SQLite, one process, has none): the attempt's outcome carries it back (``Finished.claim``),
+    so the journal can tell which claim an outcome answers, however late it arrives.
+    """
 
     job: Job
     event: Event
     waits: int
+    claim: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,7 @@ class Finished:
     error: str | None = None
     result: Any = None
     detail: Mapping[str, Any] = field(default_factory=dict)
+    claim: str = ""  # the ``Claimed.claim`` of the attempt this is the outcome of
 
 
 @dataclass(frozen=True, slots=True)

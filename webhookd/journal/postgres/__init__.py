@@ -147,7 +147,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._tokens: dict[str, str] = {}
         # Claims holding a cap: their outcome frees a slot other nodes may be waiting for.
         self._capped: set[str] = set()
-        self._pending: list[Finished] = []  # outcomes an outage kept back (record_pending)
+        # Outcomes an outage kept back (record_pending), by (job id, the claim token each was
+        # bound to): a claim has one outcome, so the worker's repeated tries keep one copy.
+        self._pending: dict[tuple[str, str | None], Finished] = {}
         self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
 
     @property
@@ -284,12 +286,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         ingests = [op for op in batch if isinstance(op, IngestOp)]
         finishes = [op for op in batch if isinstance(op, FinishOp)]
         results = [f for op in finishes for f in op.results]
-        tokens = [self._tokens.get(f.job_id) for f in results]
+        tokens = [t for op in finishes for t in op.claims]  # bound by finish(), never here
         now = self.clock.time()
         starts = reserve_starts(self.starter, ingests)
         claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
 
-        async def fn(conn: Any) -> tuple[list[IngestResult], set[str]]:
+        async def fn(conn: Any) -> tuple[list[IngestResult], set[int]]:
             ingested = (
                 await write_ingests(conn, ingests, now, starts.job_ids, claim) if ingests else []
             )
@@ -325,19 +327,37 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         for c in started:
             self._tokens[c.job.id] = claim[1]
         freed = False
-        for f in results:
-            self._tokens.pop(f.job_id, None)
-            if f.job_id in self._capped:
-                self._capped.discard(f.job_id)
-                freed = True
-            if f.job_id not in recorded:
+        # (job, token) of the claims answered here: another copy of one of their outcomes in
+        # this batch is a duplicate, not a lost lease.
+        answered = {(results[i].job_id, tokens[i]) for i in recorded}
+        for i, (f, token) in enumerate(zip(results, tokens, strict=True)):
+            # Whether the claim this outcome answers is still the one this node holds for its
+            # job. Not so once its outcome was recorded (by an earlier copy) or the job was
+            # claimed again since: the bookkeeping below is then the current claim's, and this
+            # outcome must leave it alone.
+            held = token is not None and self._tokens.get(f.job_id) == token
+            if i in recorded:
+                if f.state != JobState.QUEUED:
+                    self.backlog_jobs -= 1
+            elif not held or (f.job_id, token) in answered:
+                log.debug(
+                    "job %s: outcome %s of attempt %d already recorded or superseded",
+                    f.job_id,
+                    f.outcome,
+                    f.attempt,
+                )
+                continue
+            else:
                 log.warning(
                     "job %s: outcome %s not recorded: its lease passed to another node",
                     f.job_id,
                     f.outcome,
                 )
-            elif f.state != JobState.QUEUED:
-                self.backlog_jobs -= 1
+            if held:
+                del self._tokens[f.job_id]
+                if f.job_id in self._capped:
+                    self._capped.discard(f.job_id)
+                    freed = True
         for fop in finishes:
             if not fop.future.done():
                 fop.future.set_result(None)
@@ -401,15 +421,27 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     async def finish(self, results: Sequence[Finished]) -> None:
         """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
         keep them to record with the next heartbeat (``record_pending``): this node's lease
-        keeps their jobs running meanwhile, and no other node would ever re-queue them."""
+        keeps their jobs running meanwhile, and no other node would ever re-queue them.
+
+        Each outcome is written only under the claim it answers: its ``claim``, or else the
+        token this node holds for its job now, as it first arrives here. It keeps that binding
+        for good, kept back or not. The worker tries again while the database is down and the
+        heartbeat writes what was kept back, so one outcome can arrive more than once, and
+        after its job was recorded, queued and claimed again: looked up at write time, a late
+        copy would take the new claim's token and set the running attempt back to queued."""
         if results:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            try:
-                self._enqueue(FinishOp(future, list(results)))
-                await future
-            except JournalUnavailable:
-                self._pending.extend(results)
-                raise
+            await self._finish_bound([(f, f.claim or self._tokens.get(f.job_id)) for f in results])
+
+    async def _finish_bound(self, bound: Sequence[tuple[Finished, str | None]]) -> None:
+        """``finish`` of outcomes already bound to their claim tokens."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._enqueue(FinishOp(future, [f for f, _ in bound], [t for _, t in bound]))
+            await future
+        except JournalUnavailable:
+            for f, token in bound:
+                self._pending.setdefault((f.job_id, token), f)
+            raise
 
     async def release_doubtful(self) -> int:
         """Re-queue, without counting the attempt, jobs of claims whose commit was in doubt
@@ -438,9 +470,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
     async def record_pending(self) -> int:
         """Record outcomes a database outage kept back; returns how many were written."""
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending, {}
         if pending:
-            await self.finish(pending)  # on failure they are kept again
+            # Under the tokens they were bound to: on failure they are kept again.
+            await self._finish_bound([(f, token) for (_, token), f in pending.items()])
         return len(pending)
 
     async def unclaim(self, job_ids: Sequence[str]) -> None:

@@ -62,7 +62,7 @@ async def write_ingests(
     if int(status.rsplit(" ", 1)[-1]) != len(keys):
         rows = await conn.fetch("SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])", keys)
         owners.update({r[0]: r[1] for r in rows})
-    out = sort_ingests(ops, owners, start)
+    out = sort_ingests(ops, owners, start, claim[1])
     events, jobs, orphans = out.event_rows, out.job_rows, out.orphans
     if orphans:
         await conn.execute(
@@ -158,7 +158,7 @@ async def write_claim(
         now,
         lease_s,
     )
-    return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in rows]
+    return [Claimed(job_from_row(r), event_from_row(r), int(r["waits"]), token) for r in rows]
 
 
 # The first half of the two-int advisory lock key taken per cap: keeps caps' locks apart from
@@ -229,16 +229,20 @@ async def write_claim_capped(
         lease_s,
     )
     return CapClaim(
-        [Claimed(job_from_row(r), event_from_row(r), int(r["waits"])) for r in claimed], full
+        [Claimed(job_from_row(r), event_from_row(r), int(r["waits"]), token) for r in claimed],
+        full,
     )
 
 
 async def write_finishes(
     conn: Any, results: Sequence[Finished], tokens: Sequence[str | None]
-) -> set[str]:
-    """Record outcomes whose claim token still matches; returns the job ids recorded. A claim
-    re-queued by lease recovery (and perhaps claimed again elsewhere) has a new token, so a late
-    outcome from the node that lost it changes nothing."""
+) -> set[int]:
+    """Record outcomes whose claim token (``tokens``, one per result) still matches; returns
+    the indexes in ``results`` of those recorded. A claim re-queued by lease recovery (and
+    perhaps claimed again elsewhere) has a new token, so a late outcome from the node that lost
+    it changes nothing; nor does a second copy of an outcome already recorded (its claim's
+    token is gone). Two copies of one outcome in one batch are recorded once, with one attempt
+    row: the job's row is updated once, and only the copy that updated it is returned."""
     rows = []
     for f, token in zip(results, tokens, strict=True):
         wait = f.outcome == "wait"
@@ -259,12 +263,12 @@ async def write_finishes(
         " finished_at = u.fin, node_id = NULL, claim_token = NULL, lease_until = NULL,"
         " attempts = j.attempts - u.w, waits = j.waits + u.w"
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[], $5::text[],"
-        " $6::text[], $7::double precision[], $8::integer[])"
-        " AS u(id, tok, state, run, res, err, fin, w)"
-        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok RETURNING j.id",
+        " $6::text[], $7::double precision[], $8::integer[]) WITH ORDINALITY"
+        " AS u(id, tok, state, run, res, err, fin, w, n)"
+        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok RETURNING u.n",
         *_columns(rows, 8),
     )
-    recorded = {r[0] for r in applied}
+    recorded = {int(r[0]) - 1 for r in applied}
     attempts = [
         (
             f.job_id,
@@ -275,8 +279,8 @@ async def write_finishes(
             f.error,
             dump(dict(f.detail)) if f.detail else None,
         )
-        for f in results
-        if f.outcome != "wait" and f.job_id in recorded
+        for i, f in enumerate(results)
+        if f.outcome != "wait" and i in recorded
     ]
     if attempts:
         await conn.execute(
