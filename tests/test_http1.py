@@ -16,6 +16,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpRequestParser
 
 from tests.conftest import make_config
+from tests.procs import poll
 from tests.rawhttp import RawConn
 from webhookd.http1 import Answer, Http1Server, Request
 from webhookd.journal import Journal
@@ -55,9 +56,12 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def go(
-            *, keepalive_timeout: float = 75.0, hold: asyncio.Event | None = None
+            *,
+            keepalive_timeout: float = 75.0,
+            hold: asyncio.Event | None = None,
+            server_config: str = "",
         ) -> Served:
-            cfg = make_config(tmp_path, CATCH_ALL + META)
+            cfg = make_config(tmp_path, CATCH_ALL + META, server=server_config)
             journal = await stack.enter_async_context(Journal(cfg.journal.path))
             entered, left = asyncio.Event(), asyncio.Event()
 
@@ -172,6 +176,41 @@ async def test_a_405_names_the_methods_the_path_takes_in_allow(
         assert b"Allow: " + allow in head, head
     finally:
         await conn.close()
+
+
+async def test_a_connection_past_max_connections_is_answered_503_and_closed(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past ``server.max_connections`` open connections a new one gets 503 + Retry-After
+    before it sends anything, and is closed; the open ones are served as before, and once one
+    closes a new connection is taken again."""
+    served = await start(server_config="max_connections = 2")
+    first, second = await RawConn.open(served.address), await RawConn.open(served.address)
+    for n, conn in enumerate((first, second)):
+        await conn.send(post(n))
+        assert (await conn.answer()).status == 202
+    third = await RawConn.open(served.address)
+    answer = await third.answer()
+    assert (answer.status, answer.headers["retry-after"]) == (503, "5"), answer
+    assert answer.doc == {"error": "too many connections, retry later"}
+    assert await third.closed_by_peer()
+    said = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
+    assert said == ["1 connection(s) answered 503: 2 open, server.max_connections = 2"]
+    await second.send(post(2))
+    assert (await second.answer()).status == 202
+
+    await first.close()
+
+    async def one_open() -> bool:
+        return len(served.server.connections) == 1
+
+    await poll(one_open, timeout_s=5)
+    fourth = await RawConn.open(served.address)
+    await fourth.send(post(3))
+    assert (await fourth.answer()).status == 202
+    for conn in (second, third, fourth):
+        await conn.close()
+    assert served.events() == 4
 
 
 @pytest.mark.parametrize(

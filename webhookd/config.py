@@ -246,6 +246,7 @@ class ServerConfig:
     retry_after_s: int = setting(5, positive=True)
     body_timeout_s: float = setting(10.0, positive=True)
     max_inflight_body_bytes: int = setting(64 * 1_048_576, positive=True)
+    max_connections: int = setting(1024, positive=True)
 
 
 @dataclass(frozen=True, slots=True)

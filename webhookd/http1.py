@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from webhookd.json_errors import json_error, refusal
 
 log = logging.getLogger("webhookd.http")
 
+_REFUSAL_LOG_S = 10.0  # connections refused past the limit are logged at most this often
 _QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops reading
 _QUEUE_RESUME = 16
 _READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
@@ -246,8 +248,12 @@ class _Connection(BaseProtocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple | list):
             self.local_host = host_port(str(sock[0]), sock[1])
-        self._server.connections.add(self)
-        if self._server.closing:
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            server.refuse(self)
+            return
+        server.connections.add(self)
+        if server.closing:
             self._closing = True
             self.close()
 
@@ -412,9 +418,21 @@ class Http1Server:
         max_line_size: int = 8190,
         max_field_size: int = 8190,
         max_headers: int = 100,
+        max_connections: int = 1024,
+        retry_after_s: int = 5,
+        refused: Callable[[], None] | None = None,
     ) -> None:
         self.handler = handler
         self.unexpected = unexpected
+        # Open connections at most: each holds a descriptor and its buffers (~5 KB idle, more
+        # with a partial head), and the descriptors the process may open are shared with the
+        # admin API, the actions' connections and the journal. One past the limit is answered
+        # 503 (``refused`` is told) and closed, so a flood of connections cannot take them all.
+        self.max_connections = max_connections
+        self.retry_after_s = retry_after_s
+        self.refused = refused
+        self._refused_since_log = 0
+        self._refusal_logged_at = -math.inf
         self.shutdown_timeout_s = shutdown_timeout_s
         self.keepalive_timeout = keepalive_timeout
         self.max_line_size = max_line_size
@@ -437,6 +455,27 @@ class Http1Server:
         self._sweep_later()
         names = [sock.getsockname() for sock in server.sockets]
         return [host_port(str(name[0]), name[1]) for name in names]
+
+    def refuse(self, conn: _Connection) -> None:
+        """Answer a connection past ``max_connections`` with a 503 before it sends anything,
+        and close it; a warning at most every ``_REFUSAL_LOG_S`` says how many were."""
+        conn._broken = conn._closing = True  # nothing it sends is read
+        answer = json_error(503, "too many connections, retry later", self.retry_after_s)
+        conn.write(_format(answer, _CLOSE, self.date.line()))
+        conn.close()
+        if self.refused is not None:
+            self.refused()
+        self._refused_since_log += 1
+        now = self.loop.time()
+        if now - self._refusal_logged_at >= _REFUSAL_LOG_S:
+            log.warning(
+                "%d connection(s) answered 503: %d open, server.max_connections = %d",
+                self._refused_since_log,
+                len(self.connections),
+                self.max_connections,
+            )
+            self._refusal_logged_at = now
+            self._refused_since_log = 0
 
     def request_done(self) -> None:
         if self._idle is not None and not any(c.busy() for c in self.connections):

@@ -273,12 +273,21 @@ class Receiver:
         is a JSON 4xx, logged in one line. Bodies are inflated by content_coding, not the
         parser; no access log (webhookd logs what it refuses; a line per webhook costs intake).
         """
+        server = self.config.server
         return Http1Server(
             self.handle,
             self._unexpected,
-            shutdown_timeout_s=self.config.server.ack_timeout_s + 1,
+            shutdown_timeout_s=server.ack_timeout_s + 1,
+            max_connections=server.max_connections,
+            retry_after_s=server.retry_after_s,
+            refused=self._refused_connection,
             **limits,
         )
+
+    def _refused_connection(self) -> None:
+        # A 503 of the server's, past server.max_connections: counted as one, under no source.
+        for observer in self.state.observers:
+            observer("", 503, 0.0)
 
     def _not_allowed(self, src: SourceConfig) -> web.Response:
         """405, with ``Allow`` naming the methods the source's path takes (RFC 9110 §15.5.6)."""
