@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -187,9 +188,19 @@ class DaemonProc:
 
 
 async def spawn(
-    args: Sequence[str], cwd: Path | None, *, stdout: int
+    args: Sequence[str],
+    cwd: Path | None,
+    *,
+    stdout: int,
+    open_files: tuple[int, int] | None = None,
 ) -> asyncio.subprocess.Process:
-    """``python -m webhookd ARGS`` in a clean environment, stderr piped."""
+    """``python -m webhookd ARGS`` in a clean environment, stderr piped; ``open_files``: its
+    (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set it."""
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -200,6 +211,7 @@ async def spawn(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=limit if open_files is not None else None,
     )
 
 
@@ -210,10 +222,15 @@ class Procs:
         self.daemons: list[DaemonProc] = []
 
     async def serve(
-        self, config: Path | None, *, cwd: Path | None = None, wait: bool = True
+        self,
+        config: Path | None,
+        *,
+        cwd: Path | None = None,
+        wait: bool = True,
+        open_files: tuple[int, int] | None = None,
     ) -> DaemonProc:
         args = ["serve"] if config is None else ["serve", "--config", str(config)]
-        proc = await spawn(args, cwd, stdout=asyncio.subprocess.DEVNULL)
+        proc = await spawn(args, cwd, stdout=asyncio.subprocess.DEVNULL, open_files=open_files)
         daemon = DaemonProc(proc)
         daemon.reader = asyncio.create_task(daemon._read(), name=f"stderr of {proc.pid}")
         self.daemons.append(daemon)

@@ -604,6 +604,24 @@ async def test_retry_after_of_years_parks_a_job_for_cap_s_and_cli_replay_runs_it
     assert await daemon.wait_exit() == 0
 
 
+@pytest.mark.parametrize(("hard", "raised_to"), [(8192, 1344), (600, 600)])
+async def test_serve_raises_its_open_files_limit_for_max_connections_or_warns(
+    tmp_path: Path, procs: Procs, hard: int, raised_to: int
+) -> None:
+    """Started under a shell's low soft limit on open files, the daemon raises it to what
+    server.max_connections (1,024) and the rest need (2 per worker, 256 kept), as far as the
+    hard limit allows; short of it, one warning says what to raise."""
+    cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db")
+    daemon = await procs.serve(cfg, open_files=(128, hard))
+    limits = await asyncio.to_thread(Path(f"/proc/{daemon.pid}/limits").read_text)
+    [line] = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    assert line.split()[3:5] == [str(raised_to), str(hard)], line
+    warned = [line for line in daemon.lines if "open-files limit" in line]
+    assert len(warned) == (hard < 1344), daemon.log
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "dotted"),
     [

@@ -31,6 +31,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -133,6 +134,7 @@ class Daemon:
 
     async def _run(self) -> int:
         cfg = self.config
+        _open_files_for(cfg)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -434,6 +436,37 @@ def run(config: Config) -> int:
         kill_running_commands()  # nothing is left to stop them in order
         _exit_within(EXIT_DEADLINE_S, 1)
         return 1
+
+
+# Descriptors kept for everything but the receiver's connections: the journal's files and
+# connections, the admin API's, the actions' outgoing connections (up to the pool's limit),
+# commands' pipes, logs.
+_RESERVED_FILES = 256
+
+
+def _open_files_for(cfg: Config) -> None:
+    """Raise the soft limit on open files to what ``server.max_connections`` and the rest need,
+    as far as the hard limit allows (a shell's default soft limit is often 1,024), or warn.
+
+    At the limit no descriptor is left for the admin API, the actions or the journal, and
+    connections to both ports are reset: the receiver's cap must come first.
+    """
+    need = cfg.server.max_connections + 2 * cfg.workers.concurrency + _RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < need:
+        log.warning(
+            "the open-files limit (%d, hard) is below the %d that server.max_connections = %d"
+            " needs with the rest: raise it (LimitNOFILE=, ulimit -n) or lower"
+            " server.max_connections",
+            hard,
+            need,
+            cfg.server.max_connections,
+        )
 
 
 # Once the daemon is done, the process gets this long to exit; a thread stuck in I/O (the
