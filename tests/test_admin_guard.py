@@ -52,10 +52,12 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
     admin, port = daemon.admin_url, daemon.admin.rpartition(":")[2]
     event_id = await done_event(http, daemon)
 
-    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1:1", f"10.0.0.1:{port}"):
+    for host in ("evil.example", f"evil.example:{port}", f"10.0.0.1:{port}", "127.0.0.1.evil:1"):
         status, doc = await call(http, "GET", admin + "/events", headers={"Host": host})
         assert (status, set(doc)) == (421, {"error"}), host
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+    # Loopback names on any port: an SSH tunnel from another local port (-L 9000:...:8081).
+    loopback = (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}")
+    for host in (*loopback, "127.0.0.1:9000", "[::1]:9000", "localhost"):
         status, doc = await call(http, "GET", admin + "/events", headers={"Host": host})
         assert status == 200 and [e["id"] for e in doc["events"]] == [event_id], host
 
@@ -64,6 +66,8 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
         {"Origin": "http://evil.example"},
         {"Origin": "http://evil.example", "Content-Type": "application/json"},
         {"Origin": f"http://evil.example:{port}", "X-Webhookd": "1"},
+        {"Origin": "http://127.0.0.1:3000", "X-Webhookd": "1"},  # another local site
+        {"Origin": f"https://127.0.0.1:{port}", "X-Webhookd": "1"},
         {"Origin": "null", "X-Webhookd": "1"},
         {"Content-Type": "application/x-www-form-urlencoded"},
         {"Content-Type": "text/plain"},
@@ -82,6 +86,10 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
     ):
         status, doc = await call(http, "POST", replay, headers=headers)
         assert status == 202 and doc["id"] == event_id, headers  # requeued (once: then queued)
+    # The dashboard's own POSTs through a tunnel: same origin as the tunnel's address.
+    tunnel = {"Host": "localhost:9000", "Origin": "http://localhost:9000"}
+    status, doc = await call(http, "POST", replay, headers=tunnel)
+    assert status == 202 and doc["id"] == event_id
 
 
 @pytest.mark.parametrize("verb", ["check", "serve"])

@@ -42,6 +42,17 @@ _MAX_LIMIT = 1000
 _MAX_SERIES_MINUTES = 1440  # a day: retention keeps finished work 24 h by default
 _MAX_SOURCE_CHARS = 200
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _split_host(host: str) -> tuple[str, str]:
+    """``name[:port]`` (an IPv6 name in brackets) as ``(name, port)``; port "" when absent."""
+    if host.startswith("["):
+        end = host.find("]") + 1
+        return host[:end], host[end + 1 :] if host[end : end + 1] == ":" else ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sent by the dashboard and accepted from any API client: a header no HTML form can set, and
 # one a cross-site script cannot add without a CORS preflight, which this API never grants.
@@ -158,13 +169,21 @@ class Admin:
         ``fetch`` from another site can POST here without reading the answer: it carries that
         site's ``Origin``, or, where a browser omits it, no header that a form cannot send.
         """
-        hosts = self._own_hosts(request)
-        if request.host.lower() not in hosts:
+        names = self._own_names()
+        host = request.host.lower()
+        if _split_host(host)[0] not in names:
             return json_error(421, "Host is not this admin listener's address")
         if request.method not in _SAFE_METHODS:
             origin = request.headers.get("Origin")
             if origin is not None:
-                if origin.lower() not in {f"http://{host}" for host in hosts}:
+                # Same origin as the page the request targets: one of our names, on the port
+                # the request was addressed to (an SSH tunnel's local port, say).
+                name, port = _split_host(origin.lower().removeprefix("http://"))
+                if (
+                    not origin.lower().startswith("http://")
+                    or name not in names
+                    or (port != _split_host(host)[1])
+                ):
                     return json_error(403, "cross-origin request refused")
             elif not (
                 request.headers.get(INTENT_HEADER) or request.content_type == "application/json"
@@ -176,15 +195,15 @@ class Admin:
                 )
         return await handler(request)
 
-    def _own_hosts(self, request: web.Request) -> set[str]:
-        """``host:port`` names of this listener: as configured and loopback, on the bound port."""
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    def _own_names(self) -> frozenset[str]:
+        """The names a request to this listener may carry in ``Host``: its configured address
+        and the loopback names, on any port. A rebinding page's requests carry its own name; a
+        port of our own would refuse an SSH tunnel from another local port for nothing."""
         listen = self.ctx.config.admin.listen
-        port = sockname[1] if sockname else (listen.port if listen else 0)
         names = {*_LOOPBACK_NAMES}
         if listen is not None:
             names.add(f"[{listen.host}]" if ":" in listen.host else listen.host)
-        return {f"{name.lower()}:{port}" for name in names}
+        return frozenset(name.lower() for name in names)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "boot_id": self.ctx.boot_id})
