@@ -343,6 +343,7 @@ async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     out = await cli("events", "--config", str(path))
     assert out.exit_code == 1
     assert out.output.strip().startswith("webhookd: error: no journal at")
+    assert "`webhookd serve` makes it at its first start" in out.output
     assert len(out.output.strip().splitlines()) == 1
 
 

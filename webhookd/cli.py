@@ -76,7 +76,11 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 def _journal(cfg: config_mod.Config) -> BaseJournal:
     if cfg.journal.url is None and not cfg.journal.path.exists():
-        _fail(f"no journal at {cfg.journal.path} (set journal.path or --config)", 1)
+        _fail(
+            f"no journal at {cfg.journal.path} yet: `webhookd serve` makes it at its first start"
+            " (or set journal.path or --config)",
+            1,
+        )
     return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries, node=False)
 
 
