@@ -51,6 +51,12 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     running = await run_daemon(cfg)
     before = await scrape(running)
     assert value(before, "webhookd_intake_requests_total", source="ok", status="202") == 0
+    # Every action's retry and dead-letter series is there from the start, at 0, so that an
+    # increase() alert sees the first one.
+    for name in ("webhookd_job_retries_total", "webhookd_dead_letters_total"):
+        for source in ("flaky", "ok"):
+            key = (name, (("action", "deliver"), ("source", source)))
+            assert before[key] == 0, key
 
     target.statuses = [500, 500]  # flaky: the first attempt is retried, the second goes dead
     flaky = await accepted(running, "flaky")

@@ -107,6 +107,13 @@ class Metrics:
             ["source", "action"],
             registry=r,
         )
+        # Each action's retry and dead-letter series exist from the start, at 0: a series born at
+        # its first dead letter (already 1) shows no increase, so an `increase(...) > 0` alert
+        # would miss exactly that one.
+        for src in pool.config.all_sources():
+            for action in src.actions:
+                self.retries.labels(self._label(src.name), action.name)
+                self.dead.labels(self._label(src.name), action.name)
         self._state = _StateCollector(journal, pool, lanes)
         r.register(self._state)
 
