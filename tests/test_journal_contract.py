@@ -428,7 +428,7 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
     else:
         monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
 
-    seen = set()
+    landed = []  # whether the retry was committed while get_event was reading
     for after in range(1, 4):
         at = after
         item = new_event()
@@ -438,15 +438,62 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
         count = 0
         retry = finished(job_id, JobState.QUEUED, "retry", run_at=9.0, error="503")
         job = (await journal.get_event(item.event.id)).jobs[0]
+        landed.append(retry is None)
         if retry is not None:  # get_event made fewer reads than ``at``
             await journal.finish([retry])
         history = [(a.n, a.outcome) for a in job.history]
-        seen.add((job.state, job.attempts, tuple(history)))
         assert (job.state, job.attempts, history) in [
             (JobState.RUNNING, 1, []),
             (JobState.QUEUED, 1, [(1, "retry")]),
         ]
-    assert (JobState.QUEUED, 1, ((1, "retry"),)) in seen  # a retry did land between reads
+    assert landed == [True, True, False]  # after each of its two reads, then after it
+
+
+async def test_an_event_pruned_while_it_is_read_is_not_found_never_shown_without_its_jobs(
+    journal: BaseJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune committed after each of ``get_event``'s reads in turn: every answer is the
+    whole event, with its job and attempt, or ``NotFound``."""
+    keep = {"keep_done_s": 0.0, "keep_dead_s": 0.0, "keep_dedup_s": 0.0}
+    prune_at = count = 0
+
+    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(*args: Any) -> Any:
+            nonlocal count
+            rows = await read(*args)
+            count += 1
+            if count == prune_at:
+                assert (await journal.prune(**keep)).events == 1
+            return rows
+
+        return wrapped
+
+    if isinstance(journal, Journal):
+        monkeypatch.setattr(sqlite_reads, "fetch", counted(sqlite_reads.fetch))
+    else:
+        monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
+
+    answers = []
+    for after in range(1, 3):
+        prune_at = after
+        item = new_event()
+        await journal.ingest(item)
+        job_id = item.jobs[0].id
+        await journal.claim([job_id], "b")
+        await journal.finish([finished(job_id, JobState.DONE, "done")])
+        journal.clock.advance(1)  # type: ignore[attr-defined]
+        count = 0
+        try:
+            detail = await journal.get_event(item.event.id)
+        except NotFound:
+            answers.append("not found")
+        else:
+            assert [(j.id, [a.outcome for a in j.history]) for j in detail.jobs] == [
+                (job_id, ["done"])
+            ]
+            answers.append("whole")
+    # Pruned after the jobs' read: gone by the event's. After the event's: read whole.
+    assert answers == ["not found", "whole"]
 
 
 async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(

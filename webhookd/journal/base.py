@@ -286,7 +286,13 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def get_event(self, event_id: str) -> EventDetail:
-        """One event with its jobs and their attempts; ``NotFound`` for an unknown id."""
+        """One event with its jobs and their attempts; ``NotFound`` for an unknown id.
+
+        The jobs and their attempts are one read (a job's state and its attempts from one
+        moment), the event's row another, after it. An event's jobs are all written by the
+        commit that journals it and deleted only with it (prune), so in this order a prune
+        between the two reads is ``NotFound``, never the event without its jobs.
+        """
 
     @abstractmethod
     async def list_events(

@@ -189,6 +189,8 @@ class Reads:
         return int(rows[0][0])
 
     async def get_event(self, event_id: str) -> EventDetail:
+        # The jobs first (see BaseJournal.get_event): a prune between the two reads is NotFound.
+        jobs = await fetch(self.reader, job_history_sql("?"), (event_id,))
         rows = await fetch(
             self.reader,
             f"SELECT {EVENT_COLUMNS}, e.filtered FROM events e WHERE e.id = ?",
@@ -196,7 +198,6 @@ class Reads:
         )
         if not rows:
             raise NotFound(event_id)
-        jobs = await fetch(self.reader, job_history_sql("?"), (event_id,))
         return event_detail(rows[0], jobs)
 
     async def list_events(

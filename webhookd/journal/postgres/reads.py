@@ -157,12 +157,13 @@ class PgReads:
         return [r[0] for r in rows]
 
     async def get_event(self, event_id: str) -> EventDetail:
+        # The jobs first (see BaseJournal.get_event): a prune between the two reads is NotFound.
+        jobs = await self.fetch(job_history_sql("$1"), event_id)
         rows = await self.fetch(
             f"SELECT {EVENT_COLUMNS}, e.filtered FROM events e WHERE e.id = $1", event_id
         )
         if not rows:
             raise NotFound(event_id)
-        jobs = await self.fetch(job_history_sql("$1"), event_id)
         return event_detail(rows[0], jobs)
 
     async def list_events(
