@@ -399,6 +399,26 @@ async def test_finish_records_attempt_and_wait_does_not_count(journal: BaseJourn
     assert [(a.n, a.outcome, a.error) for a in job.history] == [(1, "retry", "500")]
 
 
+def after_each_read(
+    journal: BaseJournal, monkeypatch: pytest.MonkeyPatch, hook: Callable[[], Awaitable[None]]
+) -> None:
+    """Await ``hook`` after each read the journal's queries make (before the query goes on):
+    a place to commit something between two reads of one answer."""
+
+    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(*args: Any) -> Any:
+            rows = await read(*args)
+            await hook()
+            return rows
+
+        return wrapped
+
+    if isinstance(journal, Journal):
+        monkeypatch.setattr(sqlite_reads, "fetch", counted(sqlite_reads.fetch))
+    else:
+        monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
+
+
 async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
     journal: BaseJournal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -415,19 +435,7 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
             await journal.finish([retry])
             retry = None
 
-    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def wrapped(*args: Any) -> Any:
-            rows = await read(*args)
-            await after_read()
-            return rows
-
-        return wrapped
-
-    if isinstance(journal, Journal):
-        monkeypatch.setattr(sqlite_reads, "fetch", counted(sqlite_reads.fetch))
-    else:
-        monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
-
+    after_each_read(journal, monkeypatch, after_read)
     landed = []  # whether the retry was committed while get_event was reading
     for after in range(1, 4):
         at = after
@@ -457,22 +465,13 @@ async def test_an_event_pruned_while_it_is_read_is_not_found_never_shown_without
     keep = {"keep_done_s": 0.0, "keep_dead_s": 0.0, "keep_dedup_s": 0.0}
     prune_at = count = 0
 
-    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def wrapped(*args: Any) -> Any:
-            nonlocal count
-            rows = await read(*args)
-            count += 1
-            if count == prune_at:
-                assert (await journal.prune(**keep)).events == 1
-            return rows
+    async def after_read() -> None:
+        nonlocal count
+        count += 1
+        if count == prune_at:
+            assert (await journal.prune(**keep)).events == 1
 
-        return wrapped
-
-    if isinstance(journal, Journal):
-        monkeypatch.setattr(sqlite_reads, "fetch", counted(sqlite_reads.fetch))
-    else:
-        monkeypatch.setattr(journal, "fetch", counted(journal.fetch))  # type: ignore[attr-defined]
-
+    after_each_read(journal, monkeypatch, after_read)
     answers = []
     for after in range(1, 3):
         prune_at = after
