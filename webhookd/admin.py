@@ -170,20 +170,17 @@ class Admin:
         site's ``Origin``, or, where a browser omits it, no header that a form cannot send.
         """
         names = self._own_names()
-        host = request.host.lower()
-        if _split_host(host)[0] not in names:
+        host = _split_host(request.host.lower())
+        if host[0] not in names:
             return json_error(421, "Host is not this admin listener's address")
         if request.method not in _SAFE_METHODS:
             origin = request.headers.get("Origin")
             if origin is not None:
                 # Same origin as the page the request targets: one of our names, on the port
                 # the request was addressed to (an SSH tunnel's local port, say).
-                name, port = _split_host(origin.lower().removeprefix("http://"))
-                if (
-                    not origin.lower().startswith("http://")
-                    or name not in names
-                    or (port != _split_host(host)[1])
-                ):
+                scheme, _, rest = origin.lower().partition("://")
+                name, port = _split_host(rest)
+                if scheme != "http" or name not in names or port != host[1]:
                     return json_error(403, "cross-origin request refused")
             elif not (
                 request.headers.get(INTENT_HEADER) or request.content_type == "application/json"

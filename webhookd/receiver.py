@@ -44,11 +44,6 @@ from webhookd.state import BUSY_WAITING, IntakeState
 
 log = logging.getLogger("webhookd.receiver")
 
-# A catch-all name becomes a source name in the journal, logs and the dashboard: it must be
-# one a source could be configured with (config.SOURCE_NAME: no escape codes, NUL, ';' or
-# dot-only names like "..").
-_CATCH_ALL_NAME = SOURCE_NAME
-
 
 class TokenBucket:
     """A plain token bucket for per-source intake limits (one second of burst)."""
@@ -262,9 +257,8 @@ class Receiver:
         self._sifted = {
             src.name for src in config.sources.values() if any(a.when for a in src.actions)
         }
-        # The methods each source's path takes, and its 405's Allow header naming them.
+        # The methods each source's path takes (a 405's Allow header names them).
         self._methods = {src.name: allowed_methods(src) for src in config.sources.values()}
-        self._allow = {name: ", ".join(methods) for name, methods in self._methods.items()}
 
     def server(self, **limits: Any) -> Http1Server:
         """The HTTP server for the webhooks (``webhookd.http1``): every request goes straight to
@@ -291,7 +285,8 @@ class Receiver:
 
     def _not_allowed(self, src: SourceConfig) -> web.Response:
         """405, with ``Allow`` naming the methods the source's path takes (RFC 9110 §15.5.6)."""
-        return json_error(405, "webhooks are POSTed", headers={"Allow": self._allow[src.name]})
+        allow = ", ".join(self._methods[src.name])
+        return json_error(405, "webhooks are POSTed", headers={"Allow": allow})
 
     def _unexpected(self, request: Request) -> web.Response:
         # One record with the traceback; never the body or header values (secrets live there).
@@ -308,7 +303,7 @@ class Receiver:
             # catch-all (which would skip its verification).
             # Nor is the alerts' own source: only the daemon makes its events.
             if (
-                _CATCH_ALL_NAME.fullmatch(name)
+                SOURCE_NAME.fullmatch(name)  # a name a source could be configured with
                 and name not in self.config.sources
                 and name != ALERT_SOURCE
             ):
@@ -400,8 +395,8 @@ class Receiver:
         now: float,
     ) -> web.Response | dict[str, Any] | None:
         """Handshake, method and signature: an answer to give now, or the verdict to store."""
-        if src.verify is None:  # the common unsigned case skips building the URL
-            return None if request.method == "POST" else self._not_allowed(src)
+        if src.verify is None:  # unsigned: POST only, which _take has already checked
+            return None
         url = str(request.url)
         try:
             if scheme is None:  # config only names registered schemes; a hand-built one may not
@@ -465,7 +460,7 @@ class Receiver:
             return json_error(503, "backlog full", server.retry_after_s)
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
-        # JSON, the body as bytes, the source name matched _CATCH_ALL_NAME or is configured).
+        # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
         payload = _Payload(body)
         key = None
         if src.dedup is not None:

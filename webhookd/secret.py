@@ -14,8 +14,7 @@ class Secret:
 
     An ``env:`` secret whose variable is not set, or set but empty, is *missing*: a command
     that only reads the journal can still load the config; ``reveal()`` raises the
-    ``ConfigError`` naming its key and saying which of the two it is. ``value`` is the
-    variable's value as read (``None``: not set), or the inline secret.
+    ``ConfigError`` naming its key and saying which of the two it is.
     """
 
     __slots__ = ("_key", "_origin", "_value")
@@ -43,7 +42,7 @@ class Secret:
     def reveal(self) -> str:
         if not self._value:
             state = "is not set" if self._value is None else "is empty"
-            raise ConfigError(self._key, f"environment variable {self._origin[4:]} {state}")
+            raise ConfigError(self._key, f"environment variable {self.variable} {state}")
         return self._value
 
     def __repr__(self) -> str:
