@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -124,6 +125,9 @@ async def test_replay_ids_and_dead_with_filters_and_dry_run(
     assert out.exit_code == 0, out.output
     await event_state(running.http, running.admin_url, first, "done")
     assert len(target.seen) == 4
+    out = await cli("show", first, "--config", str(config))
+    # The replay's fresh first attempt follows the dead one's, marked as such.
+    assert re.search(r"#1 .* dead: .*\n    replayed:\n    #1 .* done", out.output), out.output
 
     out = await cli("replay", "evt_nope", "--config", str(config))
     assert out.exit_code == 1 and "no event evt_nope" in out.output

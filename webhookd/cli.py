@@ -210,7 +210,11 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
         )
         if job["state"] == "queued":
             click.echo(f"    next run {_when(job['run_at'])}")
+        last = 0
         for attempt in job["errors"]:
+            if attempt["attempt"] <= last:  # a replay starts the count over
+                click.echo("    replayed:")
+            last = attempt["attempt"]
             line = f"    #{attempt['attempt']} {_when(attempt['started_at'])} {attempt['outcome']}"
             if attempt["error"]:
                 line += f": {attempt['error']}"
