@@ -473,6 +473,40 @@ async def test_pg_a_prune_keeps_an_event_replayed_after_it_read_its_candidates(
     assert [j.state for j in detail.jobs] == [JobState.QUEUED]
 
 
+async def test_pg_two_replays_of_the_same_events_in_opposite_orders_do_not_deadlock(
+    pg_url: str,
+) -> None:
+    """Two replays of overlapping events, asked for in opposite orders (two operators, two
+    nodes), lock the events' jobs in one order: the second waits for the first and both
+    re-queue, where each holding one event's jobs while waiting for the other's was a
+    deadlock that PostgreSQL broke by failing one of them. The first replay is played by
+    hand here, holding the lower id's jobs as a replay does between its two events."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        low, high = sorted([(await _expired_dead_event(journal, clock)).event.id for _ in "ab"])
+        other, watch = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+
+        async def lock_jobs(conn: asyncpg.Connection, event_id: str) -> str:
+            # The row locks a replay's UPDATE takes, without changing what it would change.
+            return str(
+                await conn.execute("UPDATE jobs SET run_at = run_at WHERE event_id = $1", event_id)
+            )
+
+        try:
+            async with other.transaction():
+                await lock_jobs(other, low)
+                replay = asyncio.create_task(journal.replay([high, low]))
+                await poll(lambda: _blocked_by(watch, other), timeout_s=10)
+                # The old order had locked ``high``'s jobs by now: this waited for it, and
+                # PostgreSQL failed one side after deadlock_timeout.
+                assert await asyncio.wait_for(lock_jobs(other, high), 10) == "UPDATE 1"
+            replayed = await replay
+        finally:
+            await other.close()
+            await watch.close()
+    assert {i: (r.requeued, r.run_now) for i, r in replayed.items()} == {low: (1, 0), high: (1, 0)}
+
+
 async def test_pg_a_refill_seeks_the_due_jobs_past_those_in_backoff(pg_url: str) -> None:
     """A lane's due jobs are a range of ``jobs_lane`` (…, run_at, seq): 20,000 jobs of the
     lane waiting out a retry's backoff, first in it by seq, are not read to reach the due one

@@ -509,12 +509,15 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
         """``BaseJournal.replay``, safe beside a prune on any node: each event is locked
         (``FOR KEY SHARE``) before its jobs are touched, so an acknowledged replay is never
-        followed by the deletion of the event it re-queued."""
+        followed by the deletion of the event it re-queued. Events are taken in id order, so
+        two replays of overlapping events (two operators, two nodes) lock their jobs in the
+        same order: one waits for the other instead of both deadlocking."""
         now = self.clock.time()
+        in_order = sorted(set(event_ids))
 
         async def fn(conn: Any) -> dict[str, Replayed]:
             out: dict[str, Replayed] = {}
-            for event_id in event_ids:
+            for event_id in in_order:
                 # A key-share lock on the event, held to the commit, keeps a prune from deleting
                 # it under this replay: prune's candidate lock skips an event a replay holds,
                 # and a replay that comes after prune locked it waits, then finds it gone.
