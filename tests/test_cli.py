@@ -26,6 +26,7 @@ from ops_support import (
     write_config,
 )
 from procs import Procs, clean_env, poll
+from test_journal_contract import finished, new_event
 
 from webhookd import actions
 from webhookd import config as config_mod
@@ -472,6 +473,45 @@ async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(
     monkeypatch.setenv(TOKEN_ENV, "admin-token")
     out = await cli("check", *config)
     assert out.exit_code == 2 and "sources.shop.verify.secret: " in out.output
+
+
+async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_obey(
+    tmp_path: Path,
+) -> None:
+    """Text ``show`` prints the body's start and a command's stdout and stderr, line by line.
+    What a sender or a target chose (dedup key, tenant, body, error, output) reaches the
+    terminal with its control characters escaped: no escape sequence is passed through."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event(
+        body=b'{"title": "\x1b]0;owned\x07"}' + b" " * 300,
+        key="shop:\x1b[2Jdelivery",
+        tenant="acme\x9b31m",
+    )
+    job_id = item.jobs[0].id
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([job_id], "boot_test")
+        detail = {"stdout": "done 1\ndone 2\n", "stderr": "\x1b[31mred\x1b[0m\n"}
+        dead = finished(job_id, JobState.DEAD, "dead", error="exited 1\x1b[1A", detail=detail)
+        await journal.finish([dead])
+    out = await cli("show", item.event.id, "--config", str(path))
+    assert out.exit_code == 0, out.output
+    assert not any(c in out.output for c in "\x1b\x07\x9b"), repr(out.output)
+    lines = out.output.splitlines()
+    assert "dedup    shop:\\x1b[2Jdelivery" in lines
+    assert any(line.startswith("tenant   acme\\x9b31m   priority normal") for line in lines)
+    assert '\\x1b]0;owned\\x07"}' in out.output and out.output.count(" …\n") == 1
+    attempt = next(i for i, line in enumerate(lines) if line.startswith("    #1 "))
+    assert lines[attempt].endswith("dead: exited 1\\x1b[1A")
+    assert lines[attempt + 1 :][:5] == [
+        "      stdout:",
+        "        done 1",
+        "        done 2",
+        "      stderr:",
+        "        \\x1b[31mred\\x1b[0m",
+    ]
+    out = await cli("events", "--config", str(path))
+    assert "tenant=acme\\x9b31m" in out.output and "\x9b" not in out.output
 
 
 async def test_prune_help_states_the_real_interval() -> None:

@@ -115,6 +115,20 @@ def _progress(length: int, label: str) -> ProgressBar[int]:
     )
 
 
+def _shown(text: str) -> str:
+    """``text`` as it may go to a terminal: a webhook's own fields (its dedup key, tenant and
+    body) and what a target or a program answered (errors, output) could carry escape
+    sequences that a terminal would obey, so every character that is not printable is shown
+    as its escape (``\\x1b``, ``\\n``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+# How much of a body ``show`` prints on its line (``--json`` has the first 64 KB).
+_BODY_PREVIEW_CHARS = 200
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -195,10 +209,16 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     click.echo(f"event    {doc['id']}  [{doc['state']}]")
     click.echo(f"source   {doc['source']}   received {_when(doc['received_at'])}")
     click.echo(
-        f"tenant   {doc['tenant'] or '-'}   priority {doc['priority']}   "
-        f"{doc['body_bytes']} bytes {doc['content_type']}"
+        _shown(
+            f"tenant   {doc['tenant'] or '-'}   priority {doc['priority']}   "
+            f"{doc['body_bytes']} bytes {doc['content_type']}"
+        )
     )
-    click.echo(f"dedup    {doc['dedup_key']}")
+    click.echo(_shown(f"dedup    {doc['dedup_key']}"))
+    if doc["body"]:
+        more = len(doc["body"]) > _BODY_PREVIEW_CHARS or doc["body_truncated"]
+        preview = doc["body"][:_BODY_PREVIEW_CHARS] + (" …" if more else "")
+        click.echo(f"body     {_shown(preview)}")
     if doc["verified"]:
         click.echo(f"verified {json.dumps(doc['verified'])}")
     if doc["filtered"]:
@@ -218,9 +238,16 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
             line = f"    #{attempt['attempt']} {_when(attempt['started_at'])} {attempt['outcome']}"
             if attempt["error"]:
                 line += f": {attempt['error']}"
-            click.echo(line)
+            click.echo(_shown(line))
+            for stream in ("stdout", "stderr"):  # a command's, kept with its attempt
+                output = (attempt["detail"] or {}).get(stream)
+                if output:
+                    click.echo(f"      {stream}:")
+                    for output_line in output.rstrip("\n").split("\n"):
+                        click.echo("        " + _shown(output_line))
         if job["result"] is not None:
-            click.echo(f"    result {json.dumps(job['result'], ensure_ascii=False)[:2000]}")
+            result = json.dumps(job["result"], ensure_ascii=False)[:2000]
+            click.echo(_shown(f"    result {result}"))
 
 
 @main.command()
@@ -329,9 +356,11 @@ def events(
             click.echo(json.dumps(masker.deep(row)))
         else:
             click.echo(
-                masker.text(
-                    f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
-                    f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                _shown(
+                    masker.text(
+                        f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
+                        f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                    )
                 )
             )
     if not rows and not as_json:
