@@ -512,6 +512,10 @@ async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_o
     ]
     out = await cli("events", "--config", str(path))
     assert "tenant=acme\\x9b31m" in out.output and "\x9b" not in out.output
+    out = await cli("show", item.event.id, "--json", "--config", str(path))
+    assert not any(c in out.output for c in "\x1b\x07\x9b"), repr(out.output)
+    doc = json.loads(out.output)  # the same document, its strings intact
+    assert doc["tenant"] == "acme\x9b31m" and doc["dedup_key"] == "shop:\x1b[2Jdelivery"
 
 
 async def test_prune_help_states_the_real_interval() -> None:

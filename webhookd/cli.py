@@ -125,6 +125,15 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def _json_shown(text: str) -> str:
+    """JSON text as it may go to a terminal: ``ensure_ascii=False`` keeps non-ASCII text
+    readable but passes C1 controls (U+009B is CSI to some terminals) and the like through
+    raw; each is written as its ``\\u`` escape, which leaves the document the same."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
+
+
 # How much of a body ``show`` prints on its line (``--json`` has the first 64 KB).
 _BODY_PREVIEW_CHARS = 200
 
@@ -204,7 +213,7 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     source = cfg.source_for(detail.event.source)
     doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
     if as_json:
-        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        click.echo(_json_shown(json.dumps(doc, indent=2, ensure_ascii=False)))
         return
     click.echo(f"event    {doc['id']}  [{doc['state']}]")
     click.echo(f"source   {doc['source']}   received {_when(doc['received_at'])}")
