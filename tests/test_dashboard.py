@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -288,8 +290,37 @@ async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
         page = await r.text()
     assert "<script>" in page and "dash-token-1234" not in page
     assert not re.search(r"<(script|link)[^>]+(src|href)=", page)  # nothing loaded from outside
+    # Only the page's own script may run: named by its hash, no inline code besides.
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = dict(d.strip().split(" ", 1) for d in r.headers["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == f"'sha256-{digest}'" and policy["default-src"] == "'none'"
+    assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
     async with running.http.get(running.admin_url + "/stats") as r:
         assert r.status == 401
+
+
+async def test_dashboard_runs_its_own_script_and_no_markup_injected_into_it(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """The page works under its Content-Security-Policy, and a script that reached its DOM as
+    markup (an inline event handler) would not run: the page builds its DOM from text nodes,
+    and the policy is there should that ever change."""
+    running = await run_daemon(make_config(tmp_path))
+    async with open_page(browser, running.admin_url + "/") as page:
+        # #meta is filled in by the page's own script from /stats.
+        await page.wait_for("document.querySelector('#meta')?.textContent.startsWith('boot ')")
+        # A handler set as markup runs before one added by script, in the same dispatch.
+        ran = await page.evaluate(
+            """new Promise(resolve => {
+                const img = document.createElement("img");
+                img.setAttribute("onerror", "window.injected = true");
+                img.addEventListener("error", () => resolve(window.injected ? "ran" : "blocked"));
+                img.src = "data:,";
+                document.body.append(img);
+            })"""
+        )
+    assert ran == "blocked"
 
 
 async def test_dashboard_charts_the_last_hour_and_shows_an_event_page_with_secrets_masked(
