@@ -94,6 +94,26 @@ def test_a_secret_that_slips_into_a_message_is_masked(restore_logging: None) -> 
         assert logs.MASK in out.getvalue()
 
 
+def test_a_text_line_stays_one_line_whatever_a_message_carries(restore_logging: None) -> None:
+    """What a program or a target wrote (a command's stderr tail, an error) cannot start a line
+    of its own that reads like the daemon's, nor send a terminal an escape sequence: the text
+    format writes a message's unprintable characters as escapes. A traceback keeps its lines."""
+    out = io.StringIO()
+    logs.setup("info", "text", stream=out)
+    forged = "boom\n2026-12-02T00:00:00.000Z info    workers: job j1 outcome=done\x1b[2K"
+    logging.getLogger("webhookd.test").warning("stderr tail: %s", forged)
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError:
+        logging.getLogger("webhookd.test").exception("failed")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(
+        "stderr tail: boom\\n2026-12-02T00:00:00.000Z info    workers: job j1 outcome=done\\x1b[2K"
+    )
+    assert "\x1b" not in out.getvalue()
+    assert lines[1].endswith("test: failed") and lines[2] == "Traceback (most recent call last):"
+
+
 def test_secret_values_finds_env_secrets_in_a_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import EVENT_STATES, BaseJournal, EventDetail, Replayed, open_journal
-from webhookd.redact import Masker, secret_values
+from webhookd.redact import Masker, printable, secret_values
 from webhookd.retention import prune_expired, windows_s
 
 if TYPE_CHECKING:
@@ -113,16 +113,6 @@ def _progress(length: int, label: str) -> ProgressBar[int]:
     return click.progressbar(
         length=length, label=label, file=sys.stderr, hidden=not _on_terminal(), show_pos=True
     )
-
-
-def _shown(text: str) -> str:
-    """``text`` as it may go to a terminal: a webhook's own fields (its dedup key, tenant and
-    body) and what a target or a program answered (errors, output) could carry escape
-    sequences that a terminal would obey, so every character that is not printable is shown
-    as its escape (``\\x1b``, ``\\n``)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _json_shown(text: str) -> str:
@@ -218,16 +208,16 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
     click.echo(f"event    {doc['id']}  [{doc['state']}]")
     click.echo(f"source   {doc['source']}   received {_when(doc['received_at'])}")
     click.echo(
-        _shown(
+        printable(
             f"tenant   {doc['tenant'] or '-'}   priority {doc['priority']}   "
             f"{doc['body_bytes']} bytes {doc['content_type']}"
         )
     )
-    click.echo(_shown(f"dedup    {doc['dedup_key']}"))
+    click.echo(printable(f"dedup    {doc['dedup_key']}"))
     if doc["body"]:
         more = len(doc["body"]) > _BODY_PREVIEW_CHARS or doc["body_truncated"]
         preview = doc["body"][:_BODY_PREVIEW_CHARS] + (" …" if more else "")
-        click.echo(f"body     {_shown(preview)}")
+        click.echo(f"body     {printable(preview)}")
     if doc["verified"]:
         click.echo(f"verified {json.dumps(doc['verified'])}")
     if doc["filtered"]:
@@ -247,16 +237,16 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
             line = f"    #{attempt['attempt']} {_when(attempt['started_at'])} {attempt['outcome']}"
             if attempt["error"]:
                 line += f": {attempt['error']}"
-            click.echo(_shown(line))
+            click.echo(printable(line))
             for stream in ("stdout", "stderr"):  # a command's, kept with its attempt
                 output = (attempt["detail"] or {}).get(stream)
                 if output:
                     click.echo(f"      {stream}:")
                     for output_line in output.rstrip("\n").split("\n"):
-                        click.echo("        " + _shown(output_line))
+                        click.echo("        " + printable(output_line))
         if job["result"] is not None:
             result = json.dumps(job["result"], ensure_ascii=False)[:2000]
-            click.echo(_shown(f"    result {result}"))
+            click.echo(printable(f"    result {result}"))
 
 
 @main.command()
@@ -365,7 +355,7 @@ def events(
             click.echo(json.dumps(masker.deep(row)))
         else:
             click.echo(
-                _shown(
+                printable(
                     masker.text(
                         f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
                         f"{'  tenant=' + r.tenant if r.tenant else ''}"

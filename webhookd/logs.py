@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any
 
-from webhookd.redact import MASK, Masker, secret_values
+from webhookd.redact import MASK, Masker, printable, secret_values
 
 __all__ = ["MASK", "JsonFormatter", "TextFormatter", "fields", "secret_values", "setup"]
 
@@ -41,7 +41,7 @@ class TextFormatter(_Masking):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = (
             f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower():<7} "
-            f"{record.name.removeprefix('webhookd.')}: {record.getMessage()}"
+            f"{record.name.removeprefix('webhookd.')}: {printable(record.getMessage())}"
         )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

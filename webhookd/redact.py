@@ -37,6 +37,16 @@ SECRET_HEADERS = frozenset(
 )
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable shown as its escape (``\\x1b``,
+    ``\\n``). What a sender, a target or a program chose (a dedup key, a tenant, an error, a
+    command's output) reaches a terminal or a log line as text: never as a control sequence
+    the terminal obeys, nor as a line of its own that reads like one of the daemon's."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def secret_headers(verify: VerifyConfig | None) -> frozenset[str]:
     """Lower-case names of a source's credential headers: the common ones, plus its scheme's
     credential header if it has one (the ``token`` scheme's: its value is the shared secret)."""
