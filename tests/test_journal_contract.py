@@ -104,6 +104,14 @@ def new_event(
     )
 
 
+async def claimed_one(journal: BaseJournal) -> tuple[NewEvent, str, Claimed]:
+    """A new event with one job, journaled, and that job claimed: (event, job id, claim)."""
+    item = new_event()
+    await journal.ingest(item)
+    [claimed] = await journal.claim([item.jobs[0].id], "b")
+    return item, item.jobs[0].id, claimed
+
+
 def finished(
     job_id: str,
     state: JobState,
@@ -385,10 +393,7 @@ async def test_capped_claims_racing_from_two_journals_never_pass_the_cap(store: 
 
 async def test_finish_records_attempt_and_wait_does_not_count(journal: BaseJournal) -> None:
     """A rate-limit wait re-queues without using an attempt; a retry keeps it and logs the error."""
-    item = new_event()
-    await journal.ingest(item)
-    job_id = item.jobs[0].id
-    await journal.claim([job_id], "b")
+    item, job_id, _ = await claimed_one(journal)
     await journal.finish([finished(job_id, JobState.QUEUED, "wait", run_at=5.0, error="429")])
     job = (await journal.get_event(item.event.id)).jobs[0]
     assert (job.attempts, job.state, job.history) == (0, JobState.QUEUED, ())
@@ -439,10 +444,7 @@ async def test_event_detail_is_one_snapshot_of_a_job_and_its_attempts(
     landed = []  # whether the retry was committed while get_event was reading
     for after in range(1, 4):
         at = after
-        item = new_event()
-        await journal.ingest(item)
-        job_id = item.jobs[0].id
-        await journal.claim([job_id], "b")
+        item, job_id, _ = await claimed_one(journal)
         count = 0
         retry = finished(job_id, JobState.QUEUED, "retry", run_at=9.0, error="503")
         job = (await journal.get_event(item.event.id)).jobs[0]
@@ -475,10 +477,7 @@ async def test_an_event_pruned_while_it_is_read_is_not_found_never_shown_without
     answers = []
     for after in range(1, 3):
         prune_at = after
-        item = new_event()
-        await journal.ingest(item)
-        job_id = item.jobs[0].id
-        await journal.claim([job_id], "b")
+        item, job_id, _ = await claimed_one(journal)
         await journal.finish([finished(job_id, JobState.DONE, "done")])
         journal.clock.advance(1)  # type: ignore[attr-defined]
         count = 0
@@ -520,10 +519,7 @@ async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(
 
 async def test_unclaim_returns_job_without_counting(journal: BaseJournal) -> None:
     """A job cancelled by a drain goes back to queued with its attempt not counted."""
-    item = new_event()
-    await journal.ingest(item)
-    job_id = item.jobs[0].id
-    await journal.claim([job_id], "b")
+    item, job_id, _ = await claimed_one(journal)
     await journal.unclaim([job_id])
     job = (await journal.get_event(item.event.id)).jobs[0]
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
@@ -587,10 +583,7 @@ async def test_nodes_lists_this_process_with_its_running_jobs(journal: BaseJourn
 
 async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: BaseJournal) -> None:
     """Replay puts a dead event's jobs back to queued with attempts reset; unknown ids fail."""
-    item = new_event()
-    await journal.ingest(item)
-    job_id = item.jobs[0].id
-    await journal.claim([job_id], "b")
+    item, job_id, _ = await claimed_one(journal)
     await journal.finish([finished(job_id, JobState.DEAD, "dead", error="404")])
     assert await journal.replay([item.event.id]) == {item.event.id: Replayed(1, 0)}
     job = (await journal.get_event(item.event.id)).jobs[0]

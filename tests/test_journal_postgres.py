@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from conftest import DatabaseOutage, make_config
 from procs import poll
-from test_journal_contract import LEASE_S, START, Taker, finished, new_event
+from test_journal_contract import LEASE_S, START, Taker, claimed_one, finished, new_event
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
@@ -861,14 +861,6 @@ async def _history(journal: PostgresJournal, item: NewEvent) -> tuple[Any, ...]:
     return job.state, job.attempts, [(a.n, a.outcome) for a in job.history]
 
 
-async def _claimed_one(journal: PostgresJournal) -> tuple[NewEvent, str, Claimed]:
-    """A new event with one job, journaled, and that job claimed: (event, job id, claim)."""
-    item = new_event()
-    await journal.ingest(item)
-    [claimed] = await journal.claim([item.jobs[0].id], "b")
-    return item, item.jobs[0].id, claimed
-
-
 async def _writable_again(journal: PostgresJournal) -> None:
     """After an outage, until a write goes through, as the lease loop would retry: the pool
     may first hand out a connection the outage cut."""
@@ -893,7 +885,7 @@ async def test_pg_a_kept_back_outcome_written_late_leaves_the_next_claim_alone(
     history has one row per attempt."""
     clock = ManualClock(START)
     async with node(pg_url, clock) as journal:
-        item, job_id, first = await _claimed_one(journal)
+        item, job_id, first = await claimed_one(journal)
         retry = finished(job_id, JobState.QUEUED, "retry", run_at=START + 1, error="503")
         await db_outage.begin()
         for _ in range(2):
@@ -925,7 +917,7 @@ async def test_pg_a_workers_late_try_of_a_recorded_outcome_leaves_the_next_claim
     caplog.set_level(logging.DEBUG, logger="webhookd.journal")
     clock = ManualClock(START)
     async with node(pg_url, clock) as journal:
-        item, job_id, first = await _claimed_one(journal)
+        item, job_id, first = await claimed_one(journal)
         retry = finished(
             job_id, JobState.QUEUED, "retry", run_at=START + 1, error="503", claim=first.claim
         )
@@ -950,7 +942,7 @@ async def test_pg_two_copies_of_an_outcome_in_one_commit_are_recorded_once(
     its claim already answered is no lost lease."""
     clock = ManualClock(START)
     async with node(pg_url, clock) as journal:
-        item, job_id, first = await _claimed_one(journal)
+        item, job_id, first = await claimed_one(journal)
         dead = finished(job_id, JobState.DEAD, "dead", error="404", claim=first.claim)
         await db_outage.begin()
         with pytest.raises(JournalUnavailable):

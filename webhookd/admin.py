@@ -11,6 +11,7 @@ show it is not a cross-site form (see ``_same_origin``).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -370,25 +371,21 @@ def _lane_dict(lane: Any) -> dict[str, Any]:
     return doc
 
 
-_page: list[tuple[str, str]] = []
-
-
+@functools.cache
 def _dashboard_page() -> tuple[str, str]:
     """The dashboard page, read once from the package (it ships in the wheel), and its
     Content-Security-Policy: the page's own inline script runs (named by its hash) and it
     talks to this API, nothing else. The page builds its DOM from text nodes only; should a
     webhook's field ever reach it as markup, a script in it would still not run."""
-    if not _page:
-        page = resources.files("webhookd").joinpath("dashboard.html").read_text("utf-8")
-        script = page.split("<script>", 1)[1].split("</script>", 1)[0]
-        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-        policy = (
-            f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline';"
-            " connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none';"
-            " frame-ancestors 'none'"
-        )
-        _page.append((page, policy))
-    return _page[0]
+    page = resources.files("webhookd").joinpath("dashboard.html").read_text("utf-8")
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline';"
+        " connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    )
+    return page, policy
 
 
 _MAX_TENANTS_SHOWN = 50  # per class, the biggest lanes first
