@@ -168,6 +168,53 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert "was not paused" in out.output
 
 
+async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_runs_none(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """cancel <id> and --queued [--source] [--since] [--dry-run]: the running daemon starts
+    none of the cancelled jobs, delivers the rest, and a replay undoes a cancel."""
+    config, running = wired
+    pool = running.daemon.pool
+    assert pool is not None
+    await cli("pause", "shop", "--config", str(config))
+
+    async def seen_by_daemon() -> bool:
+        return "shop" in pool.paused
+
+    await poll(seen_by_daemon, timeout_s=20)
+    first, second, third = [await accepted(running, "shop", f'{{"n": {n}}}') for n in range(3)]
+
+    out = await cli("cancel", first, "--config", str(config))
+    assert out.exit_code == 0 and out.output.strip() == "cancelled 1 job(s) of 1 event(s)"
+    out = await cli("cancel", "--queued", "--dry-run", "--config", str(config))
+    lines = ["would cancel the queued jobs of 2 event(s)", second, third]
+    assert out.output.splitlines() == lines
+    out = await cli("cancel", "--queued", "--source", "mail", "--config", str(config))
+    assert out.output.strip() == "cancelled 0 job(s) of 0 event(s)"
+    out = await cli(
+        "cancel", "--queued", "--since", "1h", "--source", "shop", "--config", str(config)
+    )
+    assert out.output.strip() == "cancelled 2 job(s) of 2 event(s)"
+    out = await cli("show", second, "--config", str(config))
+    assert f"event    {second}  [cancelled]" in out.output
+    out = await cli("replay", second, "--config", str(config))
+    assert "1 job(s) re-queued" in out.output
+
+    await cli("resume", "shop", "--config", str(config))
+    await event_state(running.http, running.admin_url, second, "done")
+    # The first was ahead of the second in the queue: had it been claimed, it would be too.
+    for event_id in (first, third):
+        doc = await event_state(running.http, running.admin_url, event_id, "cancelled")
+        assert doc["jobs"][0]["attempts"] == 0
+    assert [s.body for s in target.seen] == [b'{"n": 1}']
+
+    out = await cli("cancel", first, "evt_nope", "--config", str(config))
+    assert out.exit_code == 1 and "no event evt_nope" in out.output
+    for args in ((), (first, "--queued"), (first, "--source", "shop")):
+        out = await cli("cancel", *args, "--config", str(config))
+        assert out.exit_code == 2
+
+
 async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> None:
     """check names the sources and exits 2 on a bad key; prune reports what it removed."""
     config, _running = wired

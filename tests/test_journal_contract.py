@@ -26,6 +26,7 @@ from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
     EVENT_STATES,
     BaseJournal,
+    Cancelled,
     Cap,
     Claimed,
     Finished,
@@ -513,8 +514,8 @@ async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(
     assert (good.state, good.result) == (JobState.DONE, {"status": 200})
     assert (dead.state, dead.jobs[0].last_error) == ("dead", "404 Not Found")
     assert journal.backlog_jobs == 0 == await journal.backlog()
-    assert await journal.dead_event_ids() == [bad.event.id]
-    assert await journal.dead_event_ids(source="elsewhere") == []
+    assert await journal.event_ids_with_jobs("dead") == [bad.event.id]
+    assert await journal.event_ids_with_jobs("dead", source="elsewhere") == []
 
 
 async def test_unclaim_returns_job_without_counting(journal: BaseJournal) -> None:
@@ -618,6 +619,49 @@ async def test_replay_runs_a_waiting_queued_job_now_keeping_its_attempts(store: 
     assert (jobs[parked].state, jobs[parked].attempts) == (JobState.QUEUED, 1)
     assert (jobs[parked].run_at, jobs[parked].result) == (clock.time(), {"kept": 1})
     assert (jobs[dead].state, jobs[dead].attempts) == (JobState.QUEUED, 0)
+
+
+async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it(
+    store: Store,
+) -> None:
+    """Cancel takes a due job and one parked for its retry out of the queue for good (no claim
+    takes them); a running job is counted and left to finish; replay runs them again."""
+    clock = store.clock
+    async with store.journal() as daemon, store.journal() as cli:
+        item = new_event(jobs=3, received_at=clock.time())
+        await daemon.ingest(item)
+        due, parked, running = (j.id for j in item.jobs)
+        await daemon.claim([parked, running], "b")
+        far = clock.time() + 3600
+        await daemon.finish([finished(parked, JobState.QUEUED, "retry", run_at=far, error="503")])
+        other = new_event()
+        await daemon.ingest(other)
+        assert await cli.event_ids_with_jobs("queued") == sorted([item.event.id, other.event.id])
+
+        with pytest.raises(NotFound):  # an unknown id changes nothing, whatever came before it
+            await cli.cancel([item.event.id, "evt_nope"])
+        assert len(await daemon.ready(far + 1, 10)) == 3
+
+        assert await cli.cancel([item.event.id]) == {item.event.id: Cancelled(2, 1)}
+        assert [r.id for r in await daemon.ready(far + 1, 10)] == [other.jobs[0].id]
+        assert await daemon.claim([due, parked], "b") == []
+        assert await daemon.event_ids_with_jobs("queued") == [other.event.id]
+        assert await daemon.backlog() == 2  # the running job and the other event's
+        detail = await daemon.get_event(item.event.id)
+        jobs = {j.id: j for j in detail.jobs}
+        assert detail.state == "running"
+        assert (jobs[due].state, jobs[parked].state) == (JobState.CANCELLED, JobState.CANCELLED)
+        assert (jobs[parked].attempts, jobs[parked].last_error) == (1, "503")  # kept
+
+        await daemon.finish([finished(running, JobState.DONE, "done")])
+        assert (await daemon.get_event(item.event.id)).state == "done"  # not all cancelled
+        assert await cli.cancel([item.event.id]) == {item.event.id: Cancelled(0, 0)}
+        assert await cli.cancel([other.event.id]) == {other.event.id: Cancelled(1, 0)}
+        assert (await daemon.get_event(other.event.id)).state == "cancelled"
+
+        assert await cli.replay([item.event.id]) == {item.event.id: Replayed(3, 0)}
+        ready = {r.id for r in await daemon.ready(clock.time(), 10)}
+    assert ready == {due, parked, running}
 
 
 async def test_pause_holds_a_sources_jobs_for_every_journal(store: Store) -> None:

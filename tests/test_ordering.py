@@ -102,7 +102,7 @@ async def test_a_dead_job_releases_its_key(tmp_path: Path) -> None:
             async with intake(h) as http:
                 await _post(http, [_body("k0", n) for n in range(3)])
             await h.drain(h.pool())
-            dead = await h.journal.dead_event_ids()
+            dead = await h.journal.event_ids_with_jobs("dead")
     assert _sequence(target, "k0") == [(0, 500), (0, 500), (1, 200), (2, 200)]
     assert len(dead) == 1
 
@@ -172,7 +172,7 @@ ordered_by = "json:k"
         await h.journal.finish([_finished(second[("log", 1)], now, JobState.DEAD)])
         assert ("log", 2) in await ready()  # a dead job does not hold its key
         # Replayed, the dead job is the oldest unfinished of its key again: it goes first.
-        await h.journal.replay(await h.journal.dead_event_ids())
+        await h.journal.replay(await h.journal.event_ids_with_jobs("dead"))
         third = await ready()
         assert ("log", 1) in third and ("log", 2) not in third
 

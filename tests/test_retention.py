@@ -142,7 +142,7 @@ async def test_a_replayed_event_is_not_pruned_under_it(tmp_path: Path) -> None:
         jobs = await ingest(journal, "shop", 3)
         await work_off(journal, jobs, dead_every=1)
         clock.advance(4 * HOUR)
-        dead = await journal.dead_event_ids()
+        dead = await journal.event_ids_with_jobs("dead")
         await journal.replay(dead[:1])
         events, _ = await prune_all(journal, **KEEP)
         assert events == 2

@@ -14,14 +14,21 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import click
 
 from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
-from webhookd.journal import EVENT_STATES, BaseJournal, EventDetail, Replayed, open_journal
+from webhookd.journal import (
+    EVENT_STATES,
+    BaseJournal,
+    Cancelled,
+    EventDetail,
+    Replayed,
+    open_journal,
+)
 from webhookd.redact import Masker, printable, secret_values
 from webhookd.retention import prune_expired, windows_s
 
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
-REPLAY_BATCH = 200  # events per replay transaction
+BULK_BATCH = 200  # events per replay or cancel transaction
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -249,6 +256,55 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
             click.echo(printable(f"    result {result}"))
 
 
+def _bulk(
+    cfg: config_mod.Config,
+    event_ids: tuple[str, ...],
+    select: tuple[Literal["dead", "queued"], str | None, float | None],
+    verb: tuple[str, str],
+    change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
+    dry_run: str | None,
+) -> dict[str, T] | None:
+    """A replay or a cancel: over the ids given, each looked up first so that a typo changes
+    nothing, or over every event ``select`` finds (a job state, a source, a receive time).
+    One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
+    commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
+    and past forms, for the progress bar and the error that says how far it got. With
+    ``dry_run`` (its summary line, ``{n}`` for the count) the events are listed instead, and
+    ``None`` returned."""
+
+    async def go() -> tuple[list[str], dict[str, T]]:
+        async with _journal(cfg) as journal:
+            if event_ids:
+                for event_id in event_ids:
+                    await journal.get_event(event_id)  # NotFound for a bad id
+                ids = list(event_ids)
+            else:
+                ids = await journal.event_ids_with_jobs(*select)
+            out: dict[str, T] = {}
+            if dry_run is not None:
+                return ids, out
+            with _progress(len(ids), verb[0]) as bar:
+                for start in range(0, len(ids), BULK_BATCH):
+                    batch = ids[start : start + BULK_BATCH]
+                    try:
+                        out.update(await change(journal, batch))
+                    except NotFound as exc:  # pruned since the look-up: say what was done
+                        raise WebhookdError(
+                            f"no event {exc} (pruned meanwhile): the first {start} of"
+                            f" {len(ids)} event(s) were {verb[1]}, none after"
+                        ) from None
+                    bar.update(len(batch))
+            return ids, out
+
+    ids, out = _run(go)
+    if dry_run is None:
+        return out
+    click.echo(dry_run.format(n=len(ids)))
+    for event_id in ids:
+        click.echo(event_id)
+    return None
+
+
 @main.command()
 @click.argument("event_ids", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
@@ -269,42 +325,16 @@ def replay(
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
     running daemon picks both up within 1 s.
     """
-    if bool(event_ids) == dead:
-        raise click.UsageError("give event ids or --dead, not both and not neither")
-    if (source or since) and not dead:
-        raise click.UsageError("--source and --since go with --dead")
-    since_ts = parse_since(since) if since else None
-    cfg = _read_config(config_path)
-
-    async def go() -> dict[str, Replayed]:
-        async with _journal(cfg) as journal:
-            ids = list(event_ids) or await journal.dead_event_ids(source, since_ts)
-            if event_ids:  # every id is looked up before anything changes: a typo replays none
-                for event_id in ids:
-                    await journal.get_event(event_id)  # NotFound for a bad id
-            if dry_run:
-                return dict.fromkeys(ids, Replayed(0, 0))
-            out: dict[str, Replayed] = {}
-            # One transaction per batch: short enough not to hold up the daemon's ingest
-            # commits, few enough that a big replay is not one commit per event.
-            with _progress(len(ids), "replaying") as bar:
-                for start in range(0, len(ids), REPLAY_BATCH):
-                    batch = ids[start : start + REPLAY_BATCH]
-                    try:
-                        out.update(await journal.replay(batch))
-                    except NotFound as exc:  # pruned since the look-up: say what was done
-                        raise WebhookdError(
-                            f"no event {exc} (pruned meanwhile): the first {start} of"
-                            f" {len(ids)} event(s) were replayed, none after"
-                        ) from None
-                    bar.update(len(batch))
-            return out
-
-    result = _run(go)
-    if dry_run:
-        click.echo(f"would replay {len(result)} event(s)")
-        for event_id in result:
-            click.echo(event_id)
+    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since)
+    result: dict[str, Replayed] | None = _bulk(
+        _read_config(config_path),
+        event_ids,
+        ("dead", source, since_ts),
+        ("replaying", "replayed"),
+        lambda journal, batch: journal.replay(batch),
+        "would replay {n} event(s)" if dry_run else None,
+    )
+    if result is None:
         return
     requeued = sum(r.requeued for r in result.values())
     run_now = sum(r.run_now for r in result.values())
@@ -312,6 +342,57 @@ def replay(
         f"replayed {len(result)} event(s), {requeued} job(s) re-queued,"
         f" {run_now} waiting job(s) due now"
     )
+
+
+@main.command()
+@click.argument("event_ids", nargs=-1)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--queued", is_flag=True, help="Cancel every event that has a queued job.")
+@click.option("--source", help="With --queued: only this source.")
+@click.option("--since", help="With --queued: only events received since (30m, 2h, 7d, ISO time).")
+@click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
+def cancel(
+    event_ids: tuple[str, ...],
+    config_path: str | None,
+    queued: bool,
+    source: str | None,
+    since: str | None,
+    dry_run: bool,
+) -> None:
+    """Cancel events' queued jobs: they never run, unless replayed.
+
+    Queued means due, or waiting for a retry, a rate limit or a paused source. A job running
+    at that moment finishes its attempt (one that fails is queued for its retry: cancel
+    again). A running daemon starts no cancelled job.
+    """
+    since_ts = _bulk_filters(event_ids, queued, "--queued", source, since)
+    result: dict[str, Cancelled] | None = _bulk(
+        _read_config(config_path),
+        event_ids,
+        ("queued", source, since_ts),
+        ("cancelling", "cancelled"),
+        lambda journal, batch: journal.cancel(batch),
+        "would cancel the queued jobs of {n} event(s)" if dry_run else None,
+    )
+    if result is None:
+        return
+    cancelled = sum(r.cancelled for r in result.values())
+    running = sum(r.running for r in result.values())
+    line = f"cancelled {cancelled} job(s) of {len(result)} event(s)"
+    if running:
+        line += f"; {running} running job(s) left to finish their attempt"
+    click.echo(line)
+
+
+def _bulk_filters(
+    event_ids: tuple[str, ...], bulk: bool, flag: str, source: str | None, since: str | None
+) -> float | None:
+    """Check a bulk verb's arguments (ids, or ``flag`` with its filters); ``--since`` parsed."""
+    if bool(event_ids) == bulk:
+        raise click.UsageError(f"give event ids or {flag}, not both and not neither")
+    if (source or since) and not bulk:
+        raise click.UsageError(f"--source and --since go with {flag}")
+    return parse_since(since) if since else None
 
 
 @main.command()

@@ -60,6 +60,7 @@ from webhookd.journal.batch import (
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
     Activity,
+    Cancelled,
     Cap,
     CapClaim,
     Claimed,
@@ -96,6 +97,7 @@ __all__ = [
     "MIGRATIONS",
     "Activity",
     "BaseJournal",
+    "Cancelled",
     "Cap",
     "CapClaim",
     "Claimed",
@@ -829,6 +831,22 @@ class Journal(Reads, BaseJournal):
 
     # -- operator actions --------------------------------------------------------------------
 
+    async def _each_event(
+        self, event_ids: Sequence[str], change: Callable[[sqlite3.Connection, str], _T]
+    ) -> dict[str, _T]:
+        """``change(conn, event_id)`` for each event, in one transaction; ``NotFound`` for an
+        unknown id, changing nothing."""
+
+        def fn(conn: sqlite3.Connection) -> dict[str, _T]:
+            out: dict[str, _T] = {}
+            for event_id in event_ids:
+                if not fetch_rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,)):
+                    raise NotFound(event_id)
+                out[event_id] = change(conn, event_id)
+            return out
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
     async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
 
@@ -844,27 +862,43 @@ class Journal(Reads, BaseJournal):
         """
         now = self.clock.time()
 
-        def fn(conn: sqlite3.Connection) -> dict[str, Replayed]:
-            out: dict[str, Replayed] = {}
-            for event_id in event_ids:
-                rows = fetch_rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,))
-                if not rows:
-                    raise NotFound(event_id)
-                hurried = conn.execute(
-                    "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued'"
-                    " AND run_at > ?",
-                    (now, event_id, now),
-                )
-                requeued = conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
-                    " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL"
-                    " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
-                    (now, event_id),
-                )
-                out[event_id] = Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
-            return out
+        def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
+            hurried = conn.execute(
+                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued' AND run_at > ?",
+                (now, event_id, now),
+            )
+            requeued = conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
+                " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL"
+                " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
+                (now, event_id),
+            )
+            return Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
 
-        return await self._call(fn)  # type: ignore[no-any-return]
+        return await self._each_event(event_ids, change)
+
+    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
+        """Stop each event's jobs that have not started: queued ones (due, or waiting for a
+        retry, a lane or a paused source) become ``cancelled`` and never run, keeping their
+        attempts and last error; ``replay`` runs them again. Running jobs are left to finish
+        their attempt, and counted. Returns ``{event_id: Cancelled}``; raises ``NotFound`` for
+        an unknown id, changing nothing."""
+        now = self.clock.time()
+
+        def change(conn: sqlite3.Connection, event_id: str) -> Cancelled:
+            cancelled = conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?"
+                " WHERE event_id = ? AND state = 'queued'",
+                (now, event_id),
+            )
+            running = fetch_rows(
+                conn,
+                "SELECT COUNT(*) FROM jobs WHERE event_id = ? AND state = 'running'",
+                (event_id,),
+            )
+            return Cancelled(cancelled.rowcount, running[0][0])
+
+        return await self._each_event(event_ids, change)
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -15,12 +15,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalError
 from webhookd.journal.records import (
     Activity,
+    Cancelled,
     Cap,
     CapClaim,
     Claimed,
@@ -198,6 +199,11 @@ class BaseJournal(ABC):
         unknown id."""
 
     @abstractmethod
+    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
+        """Cancel each event's queued jobs, leaving running ones to finish (see
+        ``Journal.cancel``); ``NotFound`` for an unknown id, changing nothing."""
+
+    @abstractmethod
     async def pause(self, source: str) -> bool:
         """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
 
@@ -263,10 +269,15 @@ class BaseJournal(ABC):
         """Jobs not yet finished (queued or running)."""
 
     @abstractmethod
-    async def dead_event_ids(
-        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    async def event_ids_with_jobs(
+        self,
+        state: Literal["dead", "queued"],
+        source: str | None = None,
+        since: float | None = None,
+        limit: int = 100_000,
     ) -> list[str]:
-        """Events with a dead job, optionally of one source and received since a time."""
+        """Events with a job in ``state`` (what ``replay --dead`` and ``cancel --queued``
+        take), optionally of one source and received since a time, in id order."""
 
     @abstractmethod
     async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:

@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -157,12 +157,20 @@ class Reads:
         )
         return list(dict.fromkeys(r[0] for r in rows))[:limit]
 
-    async def dead_event_ids(
-        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    async def event_ids_with_jobs(
+        self,
+        state: Literal["dead", "queued"],
+        source: str | None = None,
+        since: float | None = None,
+        limit: int = 100_000,
     ) -> list[str]:
+        # Read from the partial index that holds the jobs in that state, whose WHERE the
+        # state's fixed clause states (``state`` is the jobs' column: events have none). Left
+        # to itself, the planner walked every job in ``jobs_event`` order to skip a sort.
+        index = {"dead": "jobs_finished", "queued": "jobs_due"}[state]
         sql = (
-            "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = 'dead'"
+            f"SELECT DISTINCT j.event_id FROM jobs j INDEXED BY {index}"
+            f" JOIN events e ON e.id = j.event_id WHERE {STATE_JOBS[state]}"
         )
         args: list[Any] = []
         if source is not None:

@@ -229,6 +229,14 @@ class Replayed:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """What a cancel did to one event's jobs."""
+
+    cancelled: int  # queued jobs (due or waiting for a retry, a lane, a pause) now cancelled
+    running: int  # jobs running at that moment, left to finish their attempt
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     jobs_by_state: Mapping[str, int]
     jobs_by_source: Mapping[str, Mapping[str, int]]

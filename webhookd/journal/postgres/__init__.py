@@ -63,6 +63,7 @@ from webhookd.journal.postgres.writes import (
     write_ingests,
 )
 from webhookd.journal.records import (
+    Cancelled,
     Cap,
     CapClaim,
     Claimed,
@@ -506,44 +507,72 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
     # -- operator actions --------------------------------------------------------------------
 
-    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
-        """``BaseJournal.replay``, safe beside a prune on any node: each event is locked
-        (``FOR KEY SHARE``) before its jobs are touched, so an acknowledged replay is never
-        followed by the deletion of the event it re-queued. Events are taken in id order, so
-        two replays of overlapping events (two operators, two nodes) lock their jobs in the
-        same order: one waits for the other instead of both deadlocking."""
-        now = self.clock.time()
-        in_order = sorted(set(event_ids))
+    async def _each_event(
+        self, event_ids: Sequence[str], change: Callable[[Any, str], Awaitable[_T]]
+    ) -> dict[str, _T]:
+        """``change(conn, event_id)`` for each event, in one transaction; ``NotFound`` for an
+        unknown id, changing nothing. Each event is locked (``FOR KEY SHARE``, held to the
+        commit) before its jobs are touched, so a prune on any node cannot delete it under the
+        change: prune's candidate lock skips an event held so, and a change that comes after
+        prune locked it waits, then finds it gone. Events are taken in id order, so two changes
+        of overlapping events (two operators, two nodes) lock their jobs in the same order: one
+        waits for the other instead of both deadlocking."""
 
-        async def fn(conn: Any) -> dict[str, Replayed]:
-            out: dict[str, Replayed] = {}
-            for event_id in in_order:
-                # A key-share lock on the event, held to the commit, keeps a prune from deleting
-                # it under this replay: prune's candidate lock skips an event a replay holds,
-                # and a replay that comes after prune locked it waits, then finds it gone.
+        async def fn(conn: Any) -> dict[str, _T]:
+            out: dict[str, _T] = {}
+            for event_id in sorted(set(event_ids)):
                 found = await conn.fetchval(
                     "SELECT 1 FROM events WHERE id = $1 FOR KEY SHARE", event_id
                 )
                 if found is None:
                     raise NotFound(event_id)
-                hurried = await conn.execute(
-                    "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
-                    " AND run_at > $1",
-                    now,
-                    event_id,
-                )
-                requeued = await conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
-                    " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
-                    " lease_until = NULL, result = NULL"
-                    " WHERE event_id = $2 AND state NOT IN ('queued', 'running')",
-                    now,
-                    event_id,
-                )
-                out[event_id] = Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
+                out[event_id] = await change(conn, event_id)
             return out
 
         return await self._write(fn)
+
+    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+        """``BaseJournal.replay``, safe beside a prune on any node (see ``_each_event``): an
+        acknowledged replay is never followed by the deletion of the event it re-queued."""
+        now = self.clock.time()
+
+        async def change(conn: Any, event_id: str) -> Replayed:
+            hurried = await conn.execute(
+                "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
+                " AND run_at > $1",
+                now,
+                event_id,
+            )
+            requeued = await conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
+                " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
+                " lease_until = NULL, result = NULL"
+                " WHERE event_id = $2 AND state NOT IN ('queued', 'running')",
+                now,
+                event_id,
+            )
+            return Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
+
+        return await self._each_event(event_ids, change)
+
+    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
+        """``BaseJournal.cancel``, events locked as ``replay`` locks them. A job some node is
+        claiming this instant is waited for, then left alone: it is running."""
+        now = self.clock.time()
+
+        async def change(conn: Any, event_id: str) -> Cancelled:
+            cancelled = await conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = $1"
+                " WHERE event_id = $2 AND state = 'queued'",
+                now,
+                event_id,
+            )
+            running = await conn.fetchval(
+                "SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND state = 'running'", event_id
+            )
+            return Cancelled(rowcount(cancelled), running)
+
+        return await self._each_event(event_ids, change)
 
     async def pause(self, source: str) -> bool:
         now = self.clock.time()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from webhookd.clock import Clock
 from webhookd.errors import NotFound
@@ -142,17 +142,22 @@ class PgReads:
     async def backlog(self) -> int:
         return int(await self._value(BACKLOG_SQL))
 
-    async def dead_event_ids(
-        self, source: str | None = None, since: float | None = None, limit: int = 100_000
+    async def event_ids_with_jobs(
+        self,
+        state: Literal["dead", "queued"],
+        source: str | None = None,
+        since: float | None = None,
+        limit: int = 100_000,
     ) -> list[str]:
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = 'dead' AND ($1::text IS NULL OR e.source = $1)"
+            " WHERE j.state = $4 AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " ORDER BY j.event_id LIMIT $3",
             source,
             since,
             limit,
+            state,
         )
         return [r[0] for r in rows]
 
