@@ -271,6 +271,29 @@ async def test_replay_requeues_a_dead_event_and_the_daemon_delivers_it(
     assert [a["outcome"] for a in job["errors"]] == ["dead", "done"]
 
 
+async def test_cancel_stops_a_job_waiting_for_its_retry(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """POST /events/<id>/cancel takes a job parked for its retry out of the queue: the event
+    is cancelled, with the failed attempt kept; an unknown id is a JSON 404."""
+    source = forward_source("shop", target.url + "/shop", max_attempts=3, base_s=3600)
+    running: Running = await run_daemon(make_config(tmp_path, source))
+    outcomes = Outcomes(running)
+    target.statuses = [503]
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await outcomes.wait(event_id, "queued")  # its retry is an hour away
+
+    status, doc = await post_admin(running, f"/events/{event_id}/cancel")
+    assert (status, doc) == (200, {"id": event_id, "cancelled": 1, "running": 0})
+    _, detail = await get(running, f"/events/{event_id}")
+    assert (detail["state"], detail["jobs"][0]["state"]) == ("cancelled", "cancelled")
+    assert [a["outcome"] for a in detail["jobs"][0]["errors"]] == ["retry"]
+    status, doc = await post_admin(running, f"/events/{event_id}/cancel")
+    assert (status, doc) == (200, {"id": event_id, "cancelled": 0, "running": 0})
+    status, error = await post_admin(running, "/events/evt_00000000000000000000000000/cancel")
+    assert (status, set(error)) == (404, {"error"})
+
+
 async def test_admin_token_is_required_when_set(
     tmp_path: Path, run_daemon: StartDaemon, monkeypatch: Any
 ) -> None:

@@ -277,6 +277,35 @@ async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
     assert doc["jobs"][0]["result"] == {"status": 200}
 
 
+async def test_dashboard_cancels_a_job_waiting_for_its_retry(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """An event whose job waits for its retry shows Cancel on its page, and the button
+    cancels the job: the page says so and the event is cancelled."""
+    source = forward_source("shop", target.url + "/in", max_attempts=3, base_s=3600)
+    running = await run_daemon(make_config(tmp_path, source))
+    target.statuses = [503]  # the first delivery fails; the retry is an hour away
+    event_id = await accepted(running, "shop", '{"order": 7}')
+    await target.wait_for(lambda t: len(t.seen) >= 1, timeout_s=20)
+    await event_state(running.http, running.admin_url, event_id, "queued")
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        await page.wait_for(
+            f"document.querySelector(\"#detail button.cancel[data-id='{event_id}']\")"
+        )
+        await page.click(f"#detail button.cancel[data-id='{event_id}']")
+        status = await page.wait_for(
+            "document.querySelector('#status')?.textContent.startsWith('cancelled')"
+            " && document.querySelector('#status').textContent"
+        )
+        assert status == f"cancelled {event_id}: 1 queued job(s) cancelled"
+        # Nothing is queued any more: the page stops offering it.
+        await page.wait_for("!document.querySelector('#detail button.cancel')")
+
+    doc = await event_state(running.http, running.admin_url, event_id, "cancelled")
+    assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
+
+
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,4 @@
-"""The admin API: health, readiness, stats, the events API, replay, metrics and the dashboard.
+"""The admin API: health, readiness, stats, the events API, replay, cancel, metrics, dashboard.
 
 Bound to loopback by default. When ``admin.token`` is set every request but ``GET /healthz``
 needs ``Authorization: Bearer <token>`` (compared in constant time). Without a token (loopback
@@ -142,6 +142,7 @@ class Admin:
         r.add_get("/events", self.events)
         r.add_get("/events/{id}", self.event)
         r.add_post("/events/{id}/replay", self.replay)
+        r.add_post("/events/{id}/cancel", self.cancel)
         if self.ctx.dashboard:
             r.add_get("/", self.dashboard)
         return app
@@ -303,6 +304,19 @@ class Admin:
         done = counts[event_id]
         return web.json_response(
             {"id": event_id, "requeued": done.requeued, "run_now": done.run_now}, status=202
+        )
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        event_id = request.match_info["id"]
+        try:
+            counts = await self.ctx.journal.cancel([event_id])
+        except NotFound:
+            return json_error(404, "no such event")
+        except JournalError as exc:
+            return json_error(503, str(exc))
+        done = counts[event_id]
+        return web.json_response(
+            {"id": event_id, "cancelled": done.cancelled, "running": done.running}
         )
 
 
