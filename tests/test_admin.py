@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Running, Target, make_config
-from ops_support import forward_source
+from ops_support import event_state, forward_source
 from procs import poll
 from test_hostile_intake import MALFORMED, assert_refused_quietly
 
@@ -292,6 +292,26 @@ async def test_cancel_stops_a_job_waiting_for_its_retry(
     assert (status, doc) == (200, {"id": event_id, "cancelled": 0, "running": 0})
     status, error = await post_admin(running, "/events/evt_00000000000000000000000000/cancel")
     assert (status, set(error)) == (404, {"error"})
+
+
+async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """Cancelled while its delivery is in flight, a job finishes that attempt; the attempt
+    fails, and instead of its retry (due at once here) the job is cancelled."""
+    source = forward_source("shop", target.url + "/shop", max_attempts=3, base_s=0.01)
+    running: Running = await run_daemon(make_config(tmp_path, source))
+    target.hold = asyncio.Event()
+    target.statuses = [503]
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await target.wait_for(lambda t: t.running == 1)
+
+    status, doc = await post_admin(running, f"/events/{event_id}/cancel")
+    assert (status, doc) == (200, {"id": event_id, "cancelled": 0, "running": 1})
+    target.hold.set()
+    detail = await event_state(running.http, running.admin_url, event_id, "cancelled")
+    assert [a["outcome"] for a in detail["jobs"][0]["errors"]] == ["retry"]
+    assert len(target.seen) == 1
 
 
 async def test_admin_token_is_required_when_set(

@@ -625,7 +625,8 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
     store: Store,
 ) -> None:
     """Cancel takes a due job and one parked for its retry out of the queue for good (no claim
-    takes them); a running job is counted and left to finish; replay runs them again."""
+    takes them); a running job finishes its attempt, and is not queued for a retry after it;
+    replay runs them all again, as jobs no longer cancelled."""
     clock = store.clock
     async with store.journal() as daemon, store.journal() as cli:
         item = new_event(jobs=3, received_at=clock.time())
@@ -653,15 +654,55 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert (jobs[due].state, jobs[parked].state) == (JobState.CANCELLED, JobState.CANCELLED)
         assert (jobs[parked].attempts, jobs[parked].last_error) == (1, "503")  # kept
 
-        await daemon.finish([finished(running, JobState.DONE, "done")])
-        assert (await daemon.get_event(item.event.id)).state == "done"  # not all cancelled
+        # The running job's attempt fails: its retry is not queued, it is cancelled.
+        await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
+        detail = await daemon.get_event(item.event.id)
+        assert detail.state == "cancelled" and [r.id for r in await daemon.ready(far + 1, 9)] == [
+            other.jobs[0].id
+        ]
+        assert [a.outcome for a in detail.jobs[2].history] == ["retry"]
         assert await cli.cancel([item.event.id]) == {item.event.id: Cancelled(0, 0)}
         assert await cli.cancel([other.event.id]) == {other.event.id: Cancelled(1, 0)}
         assert (await daemon.get_event(other.event.id)).state == "cancelled"
 
         assert await cli.replay([item.event.id]) == {item.event.id: Replayed(3, 0)}
         ready = {r.id for r in await daemon.ready(clock.time(), 10)}
-    assert ready == {due, parked, running}
+        assert ready == {due, parked, running}
+        # Replayed, a job is no longer cancelled: a failed attempt queues its retry again.
+        await daemon.claim([running], "b")
+        await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=clock.time())])
+        assert running in {r.id for r in await daemon.ready(clock.time(), 10)}
+
+
+async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a_recovery(
+    store: Store,
+) -> None:
+    """Cancelled while running, a job's attempt ends as it ends (done stays done), but a
+    retry, a drain's unclaim or a recovery after its process died cancels it instead."""
+    clock = store.clock
+    async with store.journal() as setup:
+        item = new_event(jobs=4, received_at=clock.time())
+        await setup.ingest(item)
+    done, retried, drained, lost = ids = [j.id for j in item.jobs]
+    async with store.journal() as dying, store.journal() as cli:
+        assert len(await dying.claim(ids, "boot_a")) == 4
+        assert await cli.cancel([item.event.id]) == {item.event.id: Cancelled(0, 4)}
+        later = clock.time() + 60
+        await dying.finish(
+            [
+                finished(done, JobState.DONE, "done"),
+                finished(retried, JobState.QUEUED, "retry", run_at=later, error="503"),
+            ]
+        )
+        await dying.unclaim([drained])
+    clock.advance(LEASE_S + 1)  # ``lost`` was still running: past its lease, a new boot
+    async with store.journal() as survivor:
+        await survivor.recover("boot_b", max_recoveries=3)
+        jobs = {j.id: j for j in (await survivor.get_event(item.event.id)).jobs}
+        assert await survivor.ready(clock.time() + 3600, 10) == []
+    assert [jobs[i].state for i in ids] == [JobState.DONE] + [JobState.CANCELLED] * 3
+    assert [a.outcome for a in jobs[lost].history] == ["interrupted"]
+    assert (jobs[retried].last_error, jobs[drained].attempts) == ("503", 0)
 
 
 async def test_pause_holds_a_sources_jobs_for_every_journal(store: Store) -> None:

@@ -613,7 +613,7 @@ async def test_pg_a_schema_upgrade_at_open_is_logged_with_its_versions(
         pass
     assert "upgrad" not in caplog.text
     conn = await asyncpg.connect(pg_url)
-    try:  # back to the last version but one (the last migration only rebuilds an index)
+    try:  # back to the last version but one (the last migration only adds a column if missing)
         await conn.execute("DELETE FROM webhookd_schema WHERE version = $1", len(MIGRATIONS))
     finally:
         await conn.close()

@@ -362,8 +362,8 @@ def cancel(
     """Cancel events' queued jobs: they never run, unless replayed.
 
     Queued means due, or waiting for a retry, a rate limit or a paused source. A job running
-    at that moment finishes its attempt (one that fails is queued for its retry: cancel
-    again). A running daemon starts no cancelled job.
+    at that moment finishes its attempt: done if it succeeds, dead if it fails for good, and
+    cancelled instead of retried. A running daemon starts no cancelled job.
     """
     since_ts = _bulk_filters(event_ids, queued, "--queued", source, since)
     result: dict[str, Cancelled] | None = _bulk(
@@ -380,7 +380,7 @@ def cancel(
     running = sum(r.running for r in result.values())
     line = f"cancelled {cancelled} job(s) of {len(result)} event(s)"
     if running:
-        line += f"; {running} running job(s) left to finish their attempt"
+        line += f"; {running} running job(s) finish their attempt first, with no retry after it"
     click.echo(line)
 
 

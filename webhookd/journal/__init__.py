@@ -89,6 +89,7 @@ from webhookd.journal.schema import (
     add_functions,
     fetch,
     fetch_rows,
+    leaving_running,
 )
 from webhookd.models import JobState, new_boot_id
 
@@ -146,6 +147,10 @@ CHECKPOINT_EVERY_S = 0.5
 # later one only what was committed while the one before ran (a few pages), until none is left.
 CHECKPOINT_PASSES = 4
 _T = TypeVar("_T")
+
+# A running job put back in the queue (drain, recovery) at ``?1``, or cancelled instead when a
+# cancel came while it ran.
+_BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", "?1")
 
 
 def _owner_only(path: Path) -> None:
@@ -761,8 +766,9 @@ class Journal(Reads, BaseJournal):
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), run_at = ?,"
-                " boot_id = NULL WHERE id = ? AND state = 'running'",
+                f"UPDATE jobs SET {_BACK_TO_QUEUE}, attempts = MAX(attempts - 1, 0),"
+                " run_at = ?1, boot_id = NULL"
+                " WHERE id = ?2 AND state = 'running'",
                 [(now, job_id) for job_id in job_ids],
             )
 
@@ -804,13 +810,14 @@ class Journal(Reads, BaseJournal):
                         )
                     )
             conn.executemany(
-                "UPDATE jobs SET state = 'queued', recoveries = recoveries + 1, run_at = ?,"
-                " boot_id = NULL WHERE id = ?",
+                f"UPDATE jobs SET {_BACK_TO_QUEUE}, recoveries = recoveries + 1, run_at = ?1,"
+                " boot_id = NULL WHERE id = ?2",
                 requeue,
             )
             conn.executemany(
                 "UPDATE jobs SET state = 'dead', recoveries = recoveries + 1, run_at = ?,"
-                " last_error = ?, finished_at = ?, boot_id = NULL WHERE id = ?",
+                " last_error = ?, finished_at = ?, boot_id = NULL, cancel_requested_at = NULL"
+                " WHERE id = ?",
                 dead,
             )
             conn.executemany(
@@ -869,7 +876,8 @@ class Journal(Reads, BaseJournal):
             )
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
-                " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL"
+                " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL,"
+                " cancel_requested_at = NULL"
                 " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
                 (now, event_id),
             )
@@ -880,9 +888,10 @@ class Journal(Reads, BaseJournal):
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
         """Stop each event's jobs that have not started: queued ones (due, or waiting for a
         retry, a lane or a paused source) become ``cancelled`` and never run, keeping their
-        attempts and last error; ``replay`` runs them again. Running jobs are left to finish
-        their attempt, and counted. Returns ``{event_id: Cancelled}``; raises ``NotFound`` for
-        an unknown id, changing nothing."""
+        attempts and last error; ``replay`` runs them again. A running job's attempt ends as it
+        ends (done, dead), but whatever would queue it again (a retry, a lane's wait, a drain, a
+        recovery) cancels it instead (``cancel_requested_at``, see ``leaving_running``). Returns
+        ``{event_id: Cancelled}``; raises ``NotFound`` for an unknown id, changing nothing."""
         now = self.clock.time()
 
         def change(conn: sqlite3.Connection, event_id: str) -> Cancelled:
@@ -891,12 +900,11 @@ class Journal(Reads, BaseJournal):
                 " WHERE event_id = ? AND state = 'queued'",
                 (now, event_id),
             )
-            running = fetch_rows(
-                conn,
-                "SELECT COUNT(*) FROM jobs WHERE event_id = ? AND state = 'running'",
-                (event_id,),
+            running = conn.execute(
+                "UPDATE jobs SET cancel_requested_at = ? WHERE event_id = ? AND state = 'running'",
+                (now, event_id),
             )
-            return Cancelled(cancelled.rowcount, running[0][0])
+            return Cancelled(cancelled.rowcount, running.rowcount)
 
         return await self._each_event(event_ids, change)
 

@@ -200,8 +200,8 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
-        """Cancel each event's queued jobs, leaving running ones to finish (see
-        ``Journal.cancel``); ``NotFound`` for an unknown id, changing nothing."""
+        """Cancel each event's queued jobs, and its running ones once their attempt ends
+        (see ``Journal.cancel``); ``NotFound`` for an unknown id, changing nothing."""
 
     @abstractmethod
     async def pause(self, source: str) -> bool:

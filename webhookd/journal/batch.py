@@ -34,6 +34,7 @@ from webhookd.journal.schema import (
     dump,
     fetch_rows,
     key_digest,
+    leaving_running,
 )
 from webhookd.models import Event, Job, JobState
 
@@ -548,6 +549,7 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> Non
                 1 if wait else 0,
                 1 if wait else 0,
                 f.job_id,
+                f.finished_at,
             )
         )
         if not wait:
@@ -563,8 +565,9 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> Non
                 )
             )
     conn.executemany(
-        "UPDATE jobs SET state = ?, run_at = ?, result = ?, last_error = ?, finished_at = ?,"
-        " boot_id = NULL, attempts = attempts - ?, waits = waits + ? WHERE id = ?",
+        f"UPDATE jobs SET {leaving_running('?1', '?5', '?9')}, run_at = ?2, result = ?3,"
+        " last_error = ?4, boot_id = NULL, attempts = attempts - ?6, waits = waits + ?7"
+        " WHERE id = ?8",
         updates,
     )
     if attempts:

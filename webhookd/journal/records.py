@@ -233,7 +233,7 @@ class Cancelled:
     """What a cancel did to one event's jobs."""
 
     cancelled: int  # queued jobs (due or waiting for a retry, a lane, a pause) now cancelled
-    running: int  # jobs running at that moment, left to finish their attempt
+    running: int  # jobs running at that moment: they finish their attempt, never retried
 
 
 @dataclass(frozen=True, slots=True)

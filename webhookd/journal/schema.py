@@ -154,7 +154,27 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE dedup;
     ALTER TABLE dedup_keys RENAME TO dedup;
     """,
+    # 8 → 9: when a running job was cancelled (``cancel``): its attempt ends as it ends, but a
+    # retry, a wait, a drain or a recovery that would queue it again cancels it instead. NULL
+    # for every other job; adding it rewrites nothing.
+    """
+    ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL;
+    """,
 )
+
+
+def leaving_running(state: str, finished_at: str, now: str, j: str = "") -> str:
+    """The SET clauses for a job that leaves ``running`` for ``state`` (an SQL expression)
+    with ``finished_at``, ``now`` being the time it leaves: a job cancelled while it ran
+    (``j`` + ``cancel_requested_at`` set) goes to ``cancelled`` instead of back to
+    ``queued``. ``j``: the table's alias and a dot, where the statement has one."""
+    cancelled = f"{j}cancel_requested_at IS NOT NULL AND {state} = 'queued'"
+    return (
+        f"state = CASE WHEN {cancelled} THEN 'cancelled' ELSE {state} END,"
+        f" finished_at = CASE WHEN {cancelled} THEN {now} ELSE {finished_at} END,"
+        " cancel_requested_at = NULL"
+    )
+
 
 # A job may start only when no older job of its (source, action, order key) is unfinished: the
 # head of each key runs, the rest wait. Dead, done and cancelled jobs do not hold their key.

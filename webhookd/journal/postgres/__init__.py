@@ -76,6 +76,7 @@ from webhookd.journal.records import (
     Replayed,
     walk_end,
 )
+from webhookd.journal.schema import leaving_running
 from webhookd.models import JobState, new_boot_id
 
 __all__ = ["PostgresJournal", "redact_url"]
@@ -454,9 +455,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         try:
             status = await self._write(
                 lambda conn: conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0),"
-                    " run_at = $2, node_id = NULL, claim_token = NULL, lease_until = NULL"
-                    " WHERE state = 'running' AND claim_token = ANY($1::text[])",
+                    "UPDATE jobs SET attempts = GREATEST(attempts - 1, 0), run_at = $2,"
+                    " node_id = NULL, claim_token = NULL, lease_until = NULL, "
+                    + leaving_running("'queued'", "finished_at", "$2::double precision")
+                    + " WHERE state = 'running' AND claim_token = ANY($1::text[])",
                     tokens,
                     now,
                 )
@@ -485,9 +487,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         now = self.clock.time()
         await self._write(
             lambda conn: conn.execute(
-                "UPDATE jobs j SET state = 'queued', attempts = GREATEST(j.attempts - 1, 0),"
-                " run_at = $3, node_id = NULL, claim_token = NULL, lease_until = NULL"
-                " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
+                "UPDATE jobs j SET attempts = GREATEST(j.attempts - 1, 0), run_at = $3,"
+                " node_id = NULL, claim_token = NULL, lease_until = NULL, "
+                + leaving_running("'queued'", "j.finished_at", "$3::double precision", "j.")
+                + " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
                 " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
                 [h[0] for h in held],
                 [h[1] for h in held],
@@ -546,7 +549,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             requeued = await conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
-                " lease_until = NULL, result = NULL"
+                " lease_until = NULL, result = NULL, cancel_requested_at = NULL"
                 " WHERE event_id = $2 AND state NOT IN ('queued', 'running')",
                 now,
                 event_id,
@@ -557,7 +560,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
         """``BaseJournal.cancel``, events locked as ``replay`` locks them. A job some node is
-        claiming this instant is waited for, then left alone: it is running."""
+        claiming this instant is waited for, then marked as a running one is."""
         now = self.clock.time()
 
         async def change(conn: Any, event_id: str) -> Cancelled:
@@ -567,10 +570,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 now,
                 event_id,
             )
-            running = await conn.fetchval(
-                "SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND state = 'running'", event_id
+            running = await conn.execute(
+                "UPDATE jobs SET cancel_requested_at = $1 WHERE event_id = $2"
+                " AND state = 'running'",
+                now,
+                event_id,
             )
-            return Cancelled(rowcount(cancelled), running)
+            return Cancelled(rowcount(cancelled), rowcount(running))
 
         return await self._each_event(event_ids, change)
 

@@ -155,6 +155,10 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX jobs_lane;
     CREATE INDEX jobs_lane ON jobs (priority, source, tenant, run_at, seq) WHERE state = 'queued';
     """,
+    # 7 → 8: when a running job was cancelled; as in the SQLite journal's migration 9.
+    """
+    ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested_at double precision;
+    """,
 )
 
 

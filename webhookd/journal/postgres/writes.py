@@ -27,6 +27,7 @@ from webhookd.journal.schema import (
     dump,
     event_from_row,
     job_from_row,
+    leaving_running,
 )
 from webhookd.models import JobState
 
@@ -256,17 +257,19 @@ async def write_finishes(
                 f.error,
                 f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
                 1 if wait else 0,
+                f.finished_at,
             )
         )
     applied = await conn.fetch(
-        "UPDATE jobs j SET state = u.state, run_at = u.run, result = u.res, last_error = u.err,"
-        " finished_at = u.fin, node_id = NULL, claim_token = NULL, lease_until = NULL,"
+        f"UPDATE jobs j SET {leaving_running('u.state', 'u.fin', 'u.at', 'j.')},"
+        " run_at = u.run, result = u.res, last_error = u.err,"
+        " node_id = NULL, claim_token = NULL, lease_until = NULL,"
         " attempts = j.attempts - u.w, waits = j.waits + u.w"
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[], $5::text[],"
-        " $6::text[], $7::double precision[], $8::integer[]) WITH ORDINALITY"
-        " AS u(id, tok, state, run, res, err, fin, w, n)"
+        " $6::text[], $7::double precision[], $8::integer[], $9::double precision[])"
+        " WITH ORDINALITY AS u(id, tok, state, run, res, err, fin, w, at, n)"
         " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok RETURNING u.n",
-        *_columns(rows, 8),
+        *_columns(rows, 9),
     )
     recorded = {int(r[0]) - 1 for r in applied}
     attempts = [
@@ -323,12 +326,16 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
         return Recovery(requeued=0)
     ids, states, reasons, attempts, started = _columns(rows, 5)
     await conn.execute(
-        "UPDATE jobs j SET state = u.state, recoveries = j.recoveries + 1,"
-        " run_at = $4::double precision,"
+        "UPDATE jobs j SET recoveries = j.recoveries + 1, run_at = $4::double precision,"
         " node_id = NULL, claim_token = NULL, lease_until = NULL,"
-        " last_error = CASE WHEN u.state = 'dead' THEN u.reason ELSE j.last_error END,"
-        " finished_at = CASE WHEN u.state = 'dead' THEN $4::double precision END"
-        " FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, state, reason)"
+        " last_error = CASE WHEN u.state = 'dead' THEN u.reason ELSE j.last_error END, "
+        + leaving_running(
+            "u.state",
+            "CASE WHEN u.state = 'dead' THEN $4::double precision END",
+            "$4::double precision",
+            "j.",
+        )
+        + " FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, state, reason)"
         " WHERE j.id = u.id",
         ids,
         states,
