@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Running, Target, make_config
-from ops_support import event_state, forward_source
+from ops_support import cli, event_state, forward_source, write_config
 from procs import poll
 from test_hostile_intake import MALFORMED, assert_refused_quietly
 
@@ -297,10 +297,12 @@ async def test_cancel_stops_a_job_waiting_for_its_retry(
 async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:
-    """Cancelled while its delivery is in flight, a job finishes that attempt; the attempt
-    fails, and instead of its retry (due at once here) the job is cancelled."""
+    """Cancelled while its delivery is in flight, a job finishes that attempt (the event's
+    document and ``show`` say a cancel is pending); the attempt fails, and instead of its
+    retry (due at once here) the job is cancelled."""
     source = forward_source("shop", target.url + "/shop", max_attempts=3, base_s=0.01)
-    running: Running = await run_daemon(make_config(tmp_path, source))
+    config, cfg = write_config(tmp_path, source)
+    running: Running = await run_daemon(cfg)
     target.hold = asyncio.Event()
     target.statuses = [503]
     event_id = await accept(running, "/hooks/shop", '{"n": 1}')
@@ -308,9 +310,14 @@ async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_
 
     status, doc = await post_admin(running, f"/events/{event_id}/cancel")
     assert (status, doc) == (200, {"id": event_id, "cancelled": 0, "running": 1})
+    _, detail = await get(running, f"/events/{event_id}")
+    assert (detail["state"], detail["jobs"][0]["cancel_requested"]) == ("running", True)
+    out = await cli("show", event_id, "--config", str(config))
+    assert "(forward)  [running, cancel pending]  attempts 1/3" in out.output
     target.hold.set()
     detail = await event_state(running.http, running.admin_url, event_id, "cancelled")
     assert [a["outcome"] for a in detail["jobs"][0]["errors"]] == ["retry"]
+    assert detail["jobs"][0]["cancel_requested"] is False
     assert len(target.seen) == 1
 
 

@@ -687,6 +687,8 @@ async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a
     async with store.journal() as dying, store.journal() as cli:
         assert len(await dying.claim(ids, "boot_a")) == 4
         assert await cli.cancel([item.event.id]) == {item.event.id: Cancelled(0, 4)}
+        pending = (await cli.get_event(item.event.id)).jobs
+        assert [(j.state, j.cancel_requested) for j in pending] == [(JobState.RUNNING, True)] * 4
         later = clock.time() + 60
         await dying.finish(
             [
@@ -701,8 +703,18 @@ async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a
         jobs = {j.id: j for j in (await survivor.get_event(item.event.id)).jobs}
         assert await survivor.ready(clock.time() + 3600, 10) == []
     assert [jobs[i].state for i in ids] == [JobState.DONE] + [JobState.CANCELLED] * 3
+    assert not any(j.cancel_requested for j in jobs.values())
     assert [a.outcome for a in jobs[lost].history] == ["interrupted"]
     assert (jobs[retried].last_error, jobs[drained].attempts) == ("503", 0)
+
+
+async def test_a_replay_withdraws_a_cancel_made_while_a_job_runs(journal: BaseJournal) -> None:
+    """Replayed after it was cancelled while running, a job whose attempt fails retries."""
+    item, job_id, _ = await claimed_one(journal)
+    assert await journal.cancel([item.event.id]) == {item.event.id: Cancelled(0, 1)}
+    assert await journal.replay([item.event.id]) == {item.event.id: Replayed(0, 0)}
+    await journal.finish([finished(job_id, JobState.QUEUED, "retry", run_at=START)])
+    assert [r.id for r in await journal.ready(START + 10, 10)] == [job_id]
 
 
 async def test_pause_holds_a_sources_jobs_for_every_journal(store: Store) -> None:

@@ -231,7 +231,8 @@ def show(event_id: str, config_path: str | None, as_json: bool) -> None:
         click.echo(f"filtered {', '.join(doc['filtered'])} (their when did not match: no job)")
     for job in doc["jobs"]:
         click.echo(
-            f"\n  job {job['id']}  {job['action']} ({job['type']})  [{job['state']}]  "
+            f"\n  job {job['id']}  {job['action']} ({job['type']})  [{job['state']}"
+            f"{', cancel pending' if job['cancel_requested'] else ''}]  "
             f"attempts {job['attempts']}/{job['max_attempts']}"
         )
         if job["state"] == "queued":

@@ -228,6 +228,8 @@ class Job:
     recoveries: int = 0
     result: Any = None
     last_error: str | None = None
+    # Running, and cancelled meanwhile: cancelled, not queued again, once its attempt ends.
+    cancel_requested: bool = False
     history: tuple[Attempt, ...] = field(default=())
 
 

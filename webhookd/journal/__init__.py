@@ -863,7 +863,8 @@ class Journal(Reads, BaseJournal):
         made due now and keep their attempts, waits and kept result: they are still within their
         retry policy, so a replay only skips the wait; resetting their attempts would let
         repeated replays keep a failing job alive past ``max_attempts``, and would throw away an
-        answer kept for a failed ``then``. Running jobs are left alone.
+        answer kept for a failed ``then``. Running jobs are left alone, but a cancel made while
+        they run is withdrawn: the replay is the later word, and a failed attempt retries.
 
         Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
         """
@@ -880,6 +881,11 @@ class Journal(Reads, BaseJournal):
                 " cancel_requested_at = NULL"
                 " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
                 (now, event_id),
+            )
+            conn.execute(
+                "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = ?"
+                " AND state = 'running' AND cancel_requested_at IS NOT NULL",
+                (event_id,),
             )
             return Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
 

@@ -180,6 +180,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "action": j.action,
         "type": j.type,
         "state": str(j.state),
+        "cancel_requested": j.cancel_requested,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
         "run_at": j.run_at,

@@ -554,6 +554,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 now,
                 event_id,
             )
+            await conn.execute(
+                "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = $1"
+                " AND state = 'running' AND cancel_requested_at IS NOT NULL",
+                event_id,
+            )
             return Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
 
         return await self._each_event(event_ids, change)
