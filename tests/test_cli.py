@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -215,6 +217,39 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
         assert out.exit_code == 2
 
 
+async def test_show_finds_an_event_by_its_dedup_key(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """show --key SOURCE:KEY shows the event a delivery's dedup key names (here the body's
+    hash, the key of an unsigned source); an unknown key is exit 1, and id or key, not both."""
+    config, running = wired
+    body = '{"order": 42}'
+    event_id = await accepted(running, "shop", body)
+    key = "shop:sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    out = await cli("show", "--key", key, "--config", str(config))
+    assert out.exit_code == 0 and f"event    {event_id}  [" in out.output
+    assert f"dedup    {key}" in out.output
+    out = await cli("show", "--key", "shop:nope", "--config", str(config))
+    assert out.exit_code == 1 and "no event has the dedup key 'shop:nope'" in out.output
+    for args in ((), (event_id, "--key", key)):
+        assert (await cli("show", *args, "--config", str(config))).exit_code == 2
+
+
+async def test_show_by_key_says_when_the_keys_event_was_pruned(tmp_path: Path) -> None:
+    """A dedup key outlives a done event (7 days against a day): show --key says what it was
+    and that it is gone, rather than that the key is unknown."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        item = new_event(key="shop:delivery-1")
+        await journal.ingest(dataclasses.replace(item, jobs=()))
+        pruned = await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=86_400)
+        assert pruned.events == 1
+    out = await cli("show", "--key", "shop:delivery-1", "--config", str(config))
+    assert out.exit_code == 1
+    assert f"first seen {time.strftime('%Y-%m-%d', time.gmtime())}" in out.output
+    assert f"as {item.event.id}, which has been pruned since" in out.output
+
+
 async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> None:
     """check names the sources and exits 2 on a bad key; prune reports what it removed."""
     config, _running = wired
@@ -375,7 +410,9 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["events", "--state", "lost"], "'lost' is not one of"),
         (["events", "--limit", "0"], "0 is not in the range"),
         (["pause", "nosuch"], "no source 'nosuch'"),
-        (["show"], "Missing argument"),
+        (["show"], "give an event id or --key"),
+        (["cancel"], "give event ids or --queued"),
+        (["cancel", "evt_1", "--since", "1h"], "--source and --since go with --queued"),
         (["frobnicate"], "No such command"),
     ],
 )

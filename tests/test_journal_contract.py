@@ -736,6 +736,17 @@ async def test_pause_holds_a_sources_jobs_for_every_journal(store: Store) -> Non
 # -- reads -----------------------------------------------------------------------------------
 
 
+async def test_key_owner_names_the_event_a_dedup_key_belongs_to(journal: BaseJournal) -> None:
+    """A delivery's dedup key leads back to its event, and a duplicate does not move it."""
+    first = new_event(key="shop:delivery-1")
+    await journal.ingest(first)
+    await journal.ingest(new_event(key="shop:delivery-1"))  # the provider's retry
+    owner = await journal.key_owner("shop:delivery-1")
+    assert owner is not None and owner[0] == first.event.id and owner[1] > 0
+    assert await journal.key_owner("shop:delivery-2") is None
+    assert await journal.key_owner("mail:delivery-1") is None
+
+
 async def test_ready_orders_by_priority_then_age_and_respects_run_at(
     journal: BaseJournal,
 ) -> None:

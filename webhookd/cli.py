@@ -194,16 +194,41 @@ def check(config_path: str | None) -> None:
 
 
 @main.command()
-@click.argument("event_id")
+@click.argument("event_id", required=False)
+@click.option(
+    "--key",
+    help="Instead of an id: the event that owns this dedup key, SOURCE:KEY (the source's name"
+    " and the provider's delivery id, as `show` prints it under dedup).",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the event as JSON.")
-def show(event_id: str, config_path: str | None, as_json: bool) -> None:
+def show(event_id: str | None, key: str | None, config_path: str | None, as_json: bool) -> None:
     """Show one event: its jobs, attempts, errors and results."""
+    if bool(event_id) == bool(key):
+        raise click.UsageError("give an event id or --key, not both and not neither")
     cfg = _read_config(config_path)
 
     async def go() -> EventDetail:
         async with _journal(cfg) as journal:
-            return await journal.get_event(event_id)
+            if key is None:
+                return await journal.get_event(event_id or "")
+            owner = await journal.key_owner(key)
+            if owner is None:
+                raise WebhookdError(
+                    printable(
+                        f"no event has the dedup key {key!r}: never seen, or its key is"
+                        f" older than journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
+                    )
+                )
+            try:
+                return await journal.get_event(owner[0])
+            except NotFound:
+                raise WebhookdError(
+                    printable(
+                        f"the dedup key {key!r} was first seen {_when(owner[1])} as"
+                        f" {owner[0]}, which has been pruned since"
+                    )
+                ) from None
 
     detail = _run(go)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).

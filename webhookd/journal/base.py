@@ -306,6 +306,13 @@ class BaseJournal(ABC):
         """
 
     @abstractmethod
+    async def key_owner(self, dedup_key: str) -> tuple[str, float] | None:
+        """The id of the event that owns ``dedup_key`` (``source:key``, as an event's
+        ``dedup_key`` reads: a provider's delivery id, say) and when the key was first seen;
+        ``None`` for a key never seen, or pruned (after ``journal.keep_dedup_d``). The event
+        itself may be pruned sooner."""
+
+    @abstractmethod
     async def list_events(
         self,
         *,

@@ -41,6 +41,7 @@ from webhookd.journal.schema import (
     fetch,
     few_jobs_sql,
     job_history_sql,
+    key_digest,
 )
 from webhookd.models import JobState, Priority, event_state
 
@@ -195,6 +196,14 @@ class Reads:
             (done_before, done_before, dead_before),
         )
         return int(rows[0][0])
+
+    async def key_owner(self, dedup_key: str) -> tuple[str, float] | None:
+        rows = await fetch(
+            self.reader,
+            "SELECT event_id, created_at FROM dedup WHERE digest = ?",
+            (key_digest(dedup_key),),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
 
     async def get_event(self, event_id: str) -> EventDetail:
         # The jobs first (see BaseJournal.get_event): a prune between the two reads is NotFound.

@@ -161,6 +161,10 @@ class PgReads:
         )
         return [r[0] for r in rows]
 
+    async def key_owner(self, dedup_key: str) -> tuple[str, float] | None:
+        rows = await self.fetch("SELECT event_id, created_at FROM dedup WHERE key = $1", dedup_key)
+        return (rows[0][0], rows[0][1]) if rows else None
+
     async def get_event(self, event_id: str) -> EventDetail:
         # The jobs first (see BaseJournal.get_event): a prune between the two reads is NotFound.
         jobs = await self.fetch(job_history_sql("$1"), event_id)
