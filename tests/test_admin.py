@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -319,6 +320,29 @@ async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_
     assert [a["outcome"] for a in detail["jobs"][0]["errors"]] == ["retry"]
     assert detail["jobs"][0]["cancel_requested"] is False
     assert len(target.seen) == 1
+
+
+async def test_keys_finds_the_event_of_a_delivery_even_once_it_is_pruned(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """GET /keys/<source:key> names the event a delivery's dedup key belongs to, says when
+    that event has been pruned (the key outlives it), and is a JSON 404 for an unknown key."""
+    running: Running = await run_daemon(make_config(tmp_path, "[sources.shop]\n"))
+    body = '{"order": 7}'
+    event_id = await accept(running, "/hooks/shop", body)
+    key = "shop:sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    status, doc = await get(running, f"/keys/{key}")
+    assert status == 200 and doc["first_seen_at"] > 0
+    assert doc == {**doc, "key": key, "event_id": event_id, "pruned": False}
+
+    journal = running.daemon.journal
+    assert journal is not None
+    pruned = await journal.prune(keep_done_s=0, keep_dead_s=0, keep_dedup_s=86_400)
+    assert pruned.events == 1  # no actions: done at once
+    status, doc = await get(running, f"/keys/{key}")
+    assert (status, doc["event_id"], doc["pruned"]) == (200, event_id, True)
+    status, error = await get(running, "/keys/shop:nope")
+    assert (status, set(error)) == (404, {"error"})
 
 
 async def test_admin_token_is_required_when_set(

@@ -306,6 +306,31 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
 
 
+async def test_dashboard_finds_an_event_by_its_delivery_key(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """The Find box takes a dedup key (source:delivery id) to its event's page, and says so
+    when no event has the key."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url + "/in")))
+    body = '{"order": 8}'
+    event_id = await accepted(running, "shop", body)
+    key = "shop:sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.type_text("#find-key", key)
+        await page.click("#find button")
+        shown = await page.wait_for(
+            f"document.querySelector('#detail-id')?.textContent === '{event_id}'"
+            " && document.querySelector('#detail p')?.textContent"
+        )
+        assert shown.startswith("shop · received")
+        await page.evaluate("document.querySelector('#find-key').value = ''")
+        await page.type_text("#find-key", "shop:nope")
+        await page.click("#find button")
+        status = await page.wait_for("document.querySelector('#status.err')?.textContent")
+        assert status.startswith("shop:nope: no event has this dedup key")
+
+
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -141,6 +141,7 @@ class Admin:
         r.add_get("/metrics", self.metrics)
         r.add_get("/events", self.events)
         r.add_get("/events/{id}", self.event)
+        r.add_get("/keys/{key:.+}", self.key)
         r.add_post("/events/{id}/replay", self.replay)
         r.add_post("/events/{id}/cancel", self.cancel)
         if self.ctx.dashboard:
@@ -290,6 +291,22 @@ class Admin:
         doc = detail.as_dict(source.verify if source is not None else None)
         # An attempt's error, result or output may quote a secret (an API's error message, a
         # command's stderr), and so may a body: masked as the log masks it.
+        return web.json_response(self._masker.deep(doc))
+
+    async def key(self, request: web.Request) -> web.Response:
+        """The event a dedup key (``source:key``: a provider's delivery id) names, and whether
+        that event is still in the journal (a key is kept longer than a done event)."""
+        key = request.match_info["key"]
+        owner = await self.ctx.journal.key_owner(key)
+        if owner is None:
+            return json_error(404, "no event has this dedup key (or it is past keep_dedup_d)")
+        event_id, first_seen_at = owner
+        try:
+            await self.ctx.journal.get_event(event_id)
+            pruned = False
+        except NotFound:
+            pruned = True
+        doc = {"key": key, "event_id": event_id, "first_seen_at": first_seen_at, "pruned": pruned}
         return web.json_response(self._masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
