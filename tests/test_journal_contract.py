@@ -678,7 +678,8 @@ async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a
     store: Store,
 ) -> None:
     """Cancelled while running, a job's attempt ends as it ends (done stays done), but a
-    retry, a drain's unclaim or a recovery after its process died cancels it instead."""
+    retry, a drain's unclaim or a recovery after its process died (even its last, which
+    would send it to dead as a poison pill) cancels it instead."""
     clock = store.clock
     async with store.journal() as setup:
         item = new_event(jobs=4, received_at=clock.time())
@@ -699,7 +700,9 @@ async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a
         await dying.unclaim([drained])
     clock.advance(LEASE_S + 1)  # ``lost`` was still running: past its lease, a new boot
     async with store.journal() as survivor:
-        await survivor.recover("boot_b", max_recoveries=3)
+        # At its last recovery an unmarked job would be a poison pill; a cancelled one is not.
+        recovery = await survivor.recover("boot_b", max_recoveries=1)
+        assert (recovery.requeued, recovery.dead, recovery.cancelled) == (0, 0, 1)
         jobs = {j.id: j for j in (await survivor.get_event(item.event.id)).jobs}
         assert await survivor.ready(clock.time() + 3600, 10) == []
     assert [jobs[i].state for i in ids] == [JobState.DONE] + [JobState.CANCELLED] * 3

@@ -150,12 +150,13 @@ class Daemon:
             await stack.enter_async_context(journal)
             self.journal = journal
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
-            if recovered.requeued or recovered.dead:
+            if recovered.requeued or recovered.dead or recovered.cancelled:
                 log.warning(
                     "recovered %d interrupted job(s) from an earlier run; %d poison "
-                    "pill(s) sent to dead",
+                    "pill(s) sent to dead; %d cancelled while running",
                     recovered.requeued,
                     recovered.dead,
+                    recovered.cancelled,
                 )
 
             http = await stack.enter_async_context(

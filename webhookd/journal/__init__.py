@@ -782,14 +782,18 @@ class Journal(Reads, BaseJournal):
         def fn(conn: sqlite3.Connection) -> Recovery:
             rows = fetch_rows(
                 conn,
-                "SELECT id, attempts, recoveries, claimed_at, source, action, event_id FROM jobs"
+                "SELECT id, attempts, recoveries, claimed_at, source, action, event_id,"
+                " cancel_requested_at FROM jobs"
                 " WHERE state = 'running' AND (boot_id IS NULL OR boot_id != ?)",
                 (boot_id,),
             )
             requeue, dead, attempts, poisoned = [], [], [], []
+            cancelled = 0
             for r in rows:
                 started = r["claimed_at"] or now
-                if r["recoveries"] + 1 >= max_recoveries:
+                # Cancelled while it ran: no poison pill, and "re-queued" into cancelled.
+                marked = r["cancel_requested_at"] is not None
+                if not marked and r["recoveries"] + 1 >= max_recoveries:
                     reason = (
                         f"poison pill: interrupted by a crash or restart "
                         f"{r['recoveries'] + 1} times"
@@ -798,6 +802,7 @@ class Journal(Reads, BaseJournal):
                     poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
                     attempts.append((r["id"], r["attempts"], started, now, "interrupted", reason))
                 else:
+                    cancelled += marked
                     requeue.append((now, r["id"]))
                     attempts.append(
                         (
@@ -825,7 +830,7 @@ class Journal(Reads, BaseJournal):
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 attempts,
             )
-            return Recovery(requeued=len(requeue), poisoned=tuple(poisoned))
+            return Recovery(len(requeue) - cancelled, tuple(poisoned), cancelled)
 
         return await self._call(fn)  # type: ignore[no-any-return]
 

@@ -215,6 +215,7 @@ class Poisoned:
 class Recovery:
     requeued: int
     poisoned: tuple[Poisoned, ...] = ()
+    cancelled: int = 0  # cancelled while they ran: not queued again (nor sent to dead)
 
     @property
     def dead(self) -> int:

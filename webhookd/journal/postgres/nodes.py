@@ -185,13 +185,15 @@ class PgNodes:
                 continue
             if recovered.requeued and self.on_remote_jobs is not None:
                 self.on_remote_jobs()
-            if recovered.requeued or recovered.dead:
+            if recovered.requeued or recovered.dead or recovered.cancelled:
                 log.warning(
-                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead",
+                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead;"
+                    " %d cancelled while running",
                     recovered.requeued,
                     recovered.dead,
+                    recovered.cancelled,
                 )
-                self.backlog_jobs -= recovered.dead
+                self.backlog_jobs -= recovered.dead + recovered.cancelled
             if recovered.poisoned and self.on_poisoned is not None:
                 self.on_poisoned(recovered.poisoned)
 

@@ -299,8 +299,8 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
     """Re-queue running jobs whose node has not heartbeat within ``lease_s`` (killed, host
     lost, cut off); the ``max_recoveries``-th recovery of a job sends it to ``dead``."""
     lost = await conn.fetch(
-        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id"
-        " FROM jobs j"
+        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id,"
+        " j.cancel_requested_at FROM jobs j"
         " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) < $1::double precision"
         " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = j.node_id"
         " AND n.heartbeat_at >= $1::double precision - $2::double precision)"
@@ -310,8 +310,11 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
     )
     rows = []
     poisoned = []
+    cancelled = 0
     for r in lost:
-        dead = r["recoveries"] + 1 >= max_recoveries
+        # Cancelled while it ran: "queued" here, which ``leaving_running`` makes cancelled.
+        dead = r["cancel_requested_at"] is None and r["recoveries"] + 1 >= max_recoveries
+        cancelled += r["cancel_requested_at"] is not None
         if dead:
             poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
         reason = (
@@ -353,4 +356,4 @@ async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: 
         now,
         reasons,
     )
-    return Recovery(requeued=len(rows) - len(poisoned), poisoned=tuple(poisoned))
+    return Recovery(len(rows) - len(poisoned) - cancelled, tuple(poisoned), cancelled)
