@@ -290,8 +290,11 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     await event_state(running.http, running.admin_url, event_id, "queued")
 
     async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        # Once the first refresh has drawn what sits above it, the button stays put: a real
+        # click lands where the button was measured.
         await page.wait_for(
-            f"document.querySelector(\"#detail button.cancel[data-id='{event_id}']\")"
+            "document.body.dataset.loaded === '1' &&"
+            f" document.querySelector(\"#detail button.cancel[data-id='{event_id}']\")"
         )
         await page.click(f"#detail button.cancel[data-id='{event_id}']")
         status = await page.wait_for(
@@ -306,6 +309,40 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
 
 
+async def test_dashboard_cancels_a_running_job_after_its_attempt(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """Cancel on the page of an event whose delivery is in flight: the job shows cancel
+    pending, the button goes, and once the attempt fails the job is cancelled, not retried."""
+    source = forward_source("shop", target.url + "/in", max_attempts=3, base_s=0.01)
+    running = await run_daemon(make_config(tmp_path, source))
+    target.hold = asyncio.Event()
+    target.statuses = [503]
+    event_id = await accepted(running, "shop", '{"order": 9}')
+    await target.wait_for(lambda t: t.running == 1)
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        button = f"#detail button.cancel[data-id='{event_id}']"
+        await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
+        await page.click(button)
+        status = await page.wait_for(
+            "document.querySelector('#status')?.textContent.startsWith('cancelled')"
+            " && document.querySelector('#status').textContent"
+        )
+        assert status.endswith("1 running job(s) cancelled once their attempt ends, with no retry")
+        job = await page.wait_for(
+            "document.querySelector('#detail .job')?.textContent.includes('cancel pending')"
+            f' && !document.querySelector("{button}")'
+            " && document.querySelector('#detail .job').textContent"
+        )
+        assert "running" in job
+        target.hold.set()
+        await page.wait_for("document.querySelector('#detail .job .state-cancelled')")
+
+    doc = await event_state(running.http, running.admin_url, event_id, "cancelled")
+    assert len(target.seen) == 1 and doc["jobs"][0]["attempts"] == 1
+
+
 async def test_dashboard_finds_an_event_by_its_delivery_key(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
@@ -317,6 +354,7 @@ async def test_dashboard_finds_an_event_by_its_delivery_key(
     key = "shop:sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
     async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.body.dataset.loaded")  # the charts above are drawn
         await page.type_text("#find-key", key)
         await page.click("#find button")
         shown = await page.wait_for(
