@@ -210,8 +210,9 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 
     async def go() -> EventDetail:
         async with _journal(cfg) as journal:
-            if key is None:
-                return await journal.get_event(event_id or "")
+            if event_id is not None:
+                return await journal.get_event(event_id)
+            assert key is not None  # one of the two: checked above
             owner = await journal.key_owner(key)
             if owner is None:
                 raise WebhookdError(
