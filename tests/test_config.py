@@ -31,6 +31,7 @@ from webhookd.config import (
     load,
     loads,
     parse_listen,
+    plan_reload,
 )
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
@@ -633,3 +634,42 @@ def test_bad_journal_backend_keys_name_the_key(journal: str, key: str, message: 
     with pytest.raises(ConfigError, match=message) as info:
         loads(f"[journal]\n{journal}")
     assert info.value.key == key
+
+
+RELOAD_BASE = """
+[server]
+listen = "127.0.0.1:8080"
+[lanes.llm]
+rpm = 60
+[sources.a]
+[[sources.a.actions]]
+type = "log"
+[sources.b]
+[[sources.b.actions]]
+type = "log"
+"""
+
+
+def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_restart() -> None:
+    old = loads(RELOAD_BASE, "old.toml", kinds=actions.kind_defaults)
+    same = plan_reload(old, loads(RELOAD_BASE, "old.toml", kinds=actions.kind_defaults))
+    assert (same.config, same.summary(), same.kept) == (old, "no source changed", ())
+
+    text = (
+        RELOAD_BASE.replace("8080", "9090")
+        .replace("rpm = 60", "rpm = 6000")
+        .replace('[sources.a]\n[[sources.a.actions]]\ntype = "log"', "")
+        .replace('type = "log"', 'type = "log"\ntimeout_s = 5')
+        + '[lanes.new]\ntpm = 1000\n[sources.c]\n[[sources.c.actions]]\ntype = "log"\n'
+        + '[workers]\nconcurrency = 4\n[alerts]\nurl = "http://127.0.0.1:9/x"\n'
+    )
+    new = loads(text, "new.toml", kinds=actions.kind_defaults)
+    plan = plan_reload(old, new)
+    assert (plan.added, plan.removed, plan.changed) == (("c",), ("a",), ("b",))
+    assert plan.summary() == "added c; removed a; changed b"
+    assert plan.kept == ("server.listen", "workers.concurrency", "alerts", "lanes.llm")
+    cfg = plan.config
+    assert cfg.sources == new.sources and cfg.origin == "new.toml"
+    assert (cfg.server, cfg.workers, cfg.alerts) == (old.server, old.workers, None)
+    assert cfg.lanes["llm"] == old.lanes["llm"]  # kept with its buckets: a restart changes it
+    assert cfg.lanes["new"] == new.lanes["new"]

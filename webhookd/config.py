@@ -424,6 +424,72 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reloading (SIGHUP)
+
+# What a running daemon cannot change in place: its listeners, its journal, its pool, its log
+# handler, its alerts. A reload keeps these as they were and says which changed.
+RESTART_ONLY = ("server", "admin", "journal", "workers", "log", "alerts")
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """What a reload changes: ``config`` is what the daemon runs from then on."""
+
+    config: Config
+    added: tuple[str, ...] = ()  # sources
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()  # changed keys that wait for a restart, e.g. "server", "lanes.x"
+
+    def summary(self) -> str:
+        parts = [
+            f"{what} {', '.join(names)}"
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no source changed"
+
+
+def _changed(name: str, old: Any, new: Any) -> list[str]:
+    """The dotted keys under ``name`` whose values differ (a whole table when it was added or
+    removed)."""
+    a, b = getattr(old, name), getattr(new, name)
+    if a == b:
+        return []
+    if a is None or b is None or not dataclasses.is_dataclass(a):
+        return [name]
+    return [
+        f"{name}.{f.name}"
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+def plan_reload(old: Config, new: Config) -> Reload:
+    """Take ``new``'s sources (their actions with them) and any lane it adds; keep everything
+    else of ``old``. A lane that already exists keeps its settings (and its buckets' state):
+    changing one in place could let a minute's requests through twice."""
+    kept = [key for name in RESTART_ONLY for key in _changed(name, old, new)]
+    lanes = dict(new.lanes)
+    for name, lane in old.lanes.items():
+        if name in lanes and lanes[name] != lane:
+            kept.append(f"lanes.{name}")
+            lanes[name] = lane
+    before, after = old.sources, new.sources
+    return Reload(
+        config=dataclasses.replace(old, sources=after, lanes=lanes, origin=new.origin),
+        added=tuple(n for n in after if n not in before),
+        removed=tuple(n for n in before if n not in after),
+        changed=tuple(n for n in after if n in before and after[n] != before[n]),
+        kept=tuple(kept),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Parsing
 
 
