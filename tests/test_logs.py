@@ -94,6 +94,16 @@ def test_a_secret_that_slips_into_a_message_is_masked(restore_logging: None) -> 
         assert logs.MASK in out.getvalue()
 
 
+def test_secrets_a_reload_adds_are_masked_beside_the_earlier_ones(restore_logging: None) -> None:
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        logs.setup("info", fmt, secrets={GH_SECRET}, stream=out)
+        logs.add_secrets({ADMIN_SECRET})
+        logging.getLogger("webhookd.test").warning("%s and %s", GH_SECRET, ADMIN_SECRET)
+        assert GH_SECRET not in out.getvalue() and ADMIN_SECRET not in out.getvalue()
+        assert out.getvalue().count(logs.MASK) == 2
+
+
 def test_a_text_line_stays_one_line_whatever_a_message_carries(restore_logging: None) -> None:
     """What a program or a target wrote (a command's stderr tail, an error) cannot start a line
     of its own that reads like the daemon's, nor send a terminal an escape sequence: the text

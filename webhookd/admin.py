@@ -76,10 +76,17 @@ class AdminContext:
     dashboard: bool = True
     # Shared with /metrics by the daemon, so the dashboard and a scraper count once between them.
     counts: PolledCounts | None = None
+    masker: Masker = field(init=False)
 
     def __post_init__(self) -> None:
         if self.counts is None:
             self.counts = PolledCounts(self.journal)
+        self.masker = Masker(secret_values(self.config))
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload's config; every secret masked so far stays masked."""
+        self.config = config
+        self.masker = Masker([*self.masker.secrets, *secret_values(config)])
 
 
 class Throughput:
@@ -120,7 +127,6 @@ class Admin:
         self.ctx = ctx
         token = ctx.config.admin.token
         self._token = f"Bearer {token.reveal()}".encode() if token else None
-        self._masker = Masker(secret_values(ctx.config))
 
     @staticmethod
     def _unexpected(request: web.Request) -> web.Response:
@@ -280,7 +286,7 @@ class Admin:
             limit=limit,
             before=q.get("before") or None,
         )
-        return web.json_response(self._masker.deep({"events": [summary_dict(r) for r in rows]}))
+        return web.json_response(self.ctx.masker.deep({"events": [summary_dict(r) for r in rows]}))
 
     async def event(self, request: web.Request) -> web.Response:
         try:
@@ -291,7 +297,7 @@ class Admin:
         doc = detail.as_dict(source.verify if source is not None else None)
         # An attempt's error, result or output may quote a secret (an API's error message, a
         # command's stderr), and so may a body: masked as the log masks it.
-        return web.json_response(self._masker.deep(doc))
+        return web.json_response(self.ctx.masker.deep(doc))
 
     async def key(self, request: web.Request) -> web.Response:
         """The event a dedup key (``source:key``: a provider's delivery id) names, and whether
@@ -307,7 +313,7 @@ class Admin:
         except NotFound:
             pruned = True
         doc = {"key": key, "event_id": event_id, "first_seen_at": first_seen_at, "pruned": pruned}
-        return web.json_response(self._masker.deep(doc))
+        return web.json_response(self.ctx.masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]

@@ -44,13 +44,14 @@ import aiohttp
 from aiohttp import web
 
 from webhookd import actions as action_registry
+from webhookd import logs
 from webhookd.actions.base import Resources
 from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, Config, Listen
-from webhookd.errors import JournalError
+from webhookd.config import CATCH_ALL, Config, Listen, plan_reload
+from webhookd.errors import ConfigError, JournalError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
@@ -58,6 +59,7 @@ from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
+from webhookd.redact import secret_values
 from webhookd.retention import prune_expired
 from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
@@ -110,7 +112,17 @@ class Daemon:
     lanes: dict[str, Lane] = field(default_factory=dict)
     intake: IntakeState = field(default_factory=IntakeState)
     on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
+    # Reads the config again for a reload (SIGHUP, ``request_reload``); raises ConfigError.
+    loader: Callable[[], Config] | None = None
+    # Set after each reload, applied or refused (for tests and embedding).
+    reloaded: asyncio.Event = field(default_factory=asyncio.Event)
     _force: asyncio.Event = field(default_factory=asyncio.Event)
+    _reload_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_reload(self) -> None:
+        """Read the config again and apply what can change in place (``Daemon._reload``).
+        Safe to call from a signal handler; one asked for while starting runs once started."""
+        self._reload_wanted.set()
 
     def request_stop(self) -> None:
         """Begin a drain; a second call exits at once. Safe to call from a signal handler."""
@@ -139,9 +151,11 @@ class Daemon:
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         started_at = self.clock.time()
         async with AsyncExitStack() as stack:
             if self.install_signals:
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
                 stack.callback(loop.remove_signal_handler, signal.SIGTERM)
             journal = open_journal(
@@ -168,8 +182,6 @@ class Daemon:
             self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)
             resources = Resources(config=cfg, http=http, lanes=self.lanes)
             actions = action_registry.build(resources)
-            for action in actions.values():
-                stack.push_async_callback(action.aclose)
 
             pool = WorkerPool(
                 config=cfg,
@@ -180,6 +192,8 @@ class Daemon:
                 intake=self.intake,
             )
             self.pool = pool
+            # The actions, and those a reload replaced, closed before the HTTP session.
+            stack.push_async_callback(pool.close_actions)
             journal.on_commit = pool.notify
             journal.starter = pool  # an idle pool's new jobs are claimed by their own commit
             journal.on_remote_jobs = pool.poke
@@ -221,6 +235,8 @@ class Daemon:
                 throughput=throughput,
                 counts=counts,
             )
+            receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
+            running = _Running(http, pool, receiver, metrics, ctx)
             # If any of these tasks ends (the writer's watch: when the writer does), the group
             # cancels the rest and the daemon exits non-zero: never half alive.
             async with asyncio.TaskGroup() as tg:
@@ -230,12 +246,13 @@ class Daemon:
                     tg.create_task(self._retention(journal), name="retention"),
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
+                    tg.create_task(self._reloads(running), name="reload"),
                 ]
                 if alerter is not None:
                     side_tasks.append(tg.create_task(alerter.run(), name="alerts"))
                 listening: list[_Listener] = []
                 try:
-                    cancelled = await self._serve(cfg, ctx, journal, pool, pool_task, listening)
+                    cancelled = await self._serve(cfg, ctx, receiver, pool, pool_task, listening)
                     if alerter is not None:
                         await alerter.flush()
                 finally:
@@ -252,7 +269,7 @@ class Daemon:
         self,
         cfg: Config,
         ctx: AdminContext,
-        journal: BaseJournal,
+        receiver: Receiver,
         pool: WorkerPool,
         pool_task: asyncio.Task[None],
         listening: list[_Listener],
@@ -268,7 +285,7 @@ class Daemon:
             admin_runner = await self._listen(admin, cfg.admin.listen, "admin")
             listening.append(admin_runner)
             self.bound.admin = _address(admin_runner)
-        receiver_runner = Receiver(cfg, journal, self.intake, clock=self.clock).server(**_HANDLER)
+        receiver_runner = receiver.server(**_HANDLER)
         listen = cfg.server.listen
         try:
             bound = await receiver_runner.start(listen.host, listen.port, backlog=1024)
@@ -317,6 +334,62 @@ class Daemon:
                 "the catch-all source accepts unsigned webhooks on %s: fine for "
                 "development, not for a public address",
                 cfg.server.listen,
+            )
+
+    async def _reloads(self, running: _Running) -> None:
+        """Apply each reload asked for, one at a time; none once the drain has begun."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            if self.stop_event.is_set():
+                log.info("config reload ignored: draining")
+            else:
+                try:
+                    await self._reload(running)
+                except Exception:  # a bug here must not end the daemon: it keeps what it runs
+                    log.exception("config reload failed; still running the previous config")
+            self.reloaded.set()
+
+    async def _reload(self, running: _Running) -> None:
+        """Read the config again and take its sources (their actions with them) and any new
+        lane; the rest waits for a restart (``config.plan_reload``). Everything new is built
+        before anything is swapped, so a reload is applied whole or not at all."""
+        if self.loader is None:
+            log.warning("config reload: this daemon was given no config to read again")
+            return
+        try:
+            new = self.loader()
+        except ConfigError as exc:
+            log.error("config reload refused, still running the previous config: %s", exc)
+            return
+        logs.add_secrets(secret_values(new))
+        plan = plan_reload(self.config, new)
+        cfg = plan.config
+        lanes = {name: lane for name, lane in self.lanes.items() if name in cfg.lanes}
+        journal = running.pool.journal
+        lanes |= build_lanes(
+            {name: c for name, c in cfg.lanes.items() if name not in lanes},
+            store=journal if journal.shares_lanes else None,
+        )
+        resources = Resources(config=cfg, http=running.http, lanes=lanes)
+        try:
+            actions = await action_registry.rebuild(resources, running.pool.actions)
+        except ConfigError as exc:
+            log.error("config reload refused, still running the previous config: %s", exc)
+            return
+        # From here on nothing can fail: the parts take the new config in turn, with no await.
+        self.lanes.clear()
+        self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
+        self.config = cfg
+        running.pool.reconfigure(cfg, actions)
+        running.receiver.reconfigure(cfg)
+        running.metrics.configure(cfg)
+        running.ctx.reconfigure(cfg)
+        log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
+        if plan.kept:
+            log.warning(
+                "config reload: %s changed, kept as they were until the next restart",
+                ", ".join(plan.kept),
             )
 
     async def _force_exit(self) -> None:
@@ -406,13 +479,25 @@ def _address(runner: web.BaseRunner) -> str:
     return ""
 
 
-def run(config: Config) -> int:
-    """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status."""
+@dataclass(frozen=True)
+class _Running:
+    """The parts a reload reconfigures."""
+
+    http: aiohttp.ClientSession
+    pool: WorkerPool
+    receiver: Receiver
+    metrics: Metrics
+    ctx: AdminContext
+
+
+def run(config: Config, loader: Callable[[], Config] | None = None) -> int:
+    """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status.
+    ``loader`` reads the config again on SIGHUP."""
 
     async def main() -> int:
         status = 1
         try:
-            status = await Daemon(config, tune_gc=True).run()
+            status = await Daemon(config, tune_gc=True, loader=loader).run()
             return status
         finally:
             _exit_within(EXIT_DEADLINE_S, status)

@@ -50,16 +50,23 @@ def _load(path: str | None, *, secrets: bool = True) -> config_mod.Config:
     """The config, with its ``env:`` secrets and actions checked, and each action given its
     kind's defaults; ``secrets=False`` for verbs that only read or edit the journal: they run no
     action, so an unexported secret or an action's option does not stop them."""
-    from webhookd import actions
-
-    path = path or os.environ.get("WEBHOOKD_CONFIG") or None
     try:
-        kinds = actions.kind_defaults if secrets else None
-        cfg = config_mod.load(path, secrets=secrets, kinds=kinds)
-        if secrets:
-            actions.validate(cfg)
+        return _config(_config_path(path), secrets=secrets)
     except ConfigError as exc:
         _fail(str(exc), 2)
+
+
+def _config_path(path: str | None) -> str | None:
+    return path or os.environ.get("WEBHOOKD_CONFIG") or None
+
+
+def _config(path: str | None, *, secrets: bool = True) -> config_mod.Config:
+    """``_load``'s work, raising ``ConfigError`` (a reload reports it and goes on)."""
+    from webhookd import actions
+
+    cfg = config_mod.load(path, secrets=secrets, kinds=actions.kind_defaults if secrets else None)
+    if secrets:
+        actions.validate(cfg)
     return cfg
 
 
@@ -162,16 +169,18 @@ def main() -> None:
     help="Log level (overrides log.level).",
 )
 def serve(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
-    """Run the daemon until SIGTERM/SIGINT (a second signal exits at once)."""
+    """Run the daemon until SIGTERM/SIGINT (a second signal exits at once); SIGHUP reads the
+    config again and applies its sources and new lanes (the rest at the next restart)."""
     from webhookd import app, logs
 
-    cfg = _load(config_path)
+    path = _config_path(config_path)
+    cfg = _load(path)
     logs.setup(
         log_level or cfg.log.level,
         log_format or cfg.log.format,
         secrets=logs.secret_values(cfg),
     )
-    sys.exit(app.run(cfg))
+    sys.exit(app.run(cfg, loader=lambda: _config(path)))
 
 
 @main.command()

@@ -33,7 +33,8 @@ _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 class _Masking(logging.Formatter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.mask = Masker(secrets).text
+        self.masker = Masker(secrets)
+        self.mask = self.masker.text
 
 
 class TextFormatter(_Masking):
@@ -82,6 +83,16 @@ def fields(message: str) -> dict[str, Any]:
                     value = raw
         out[key] = value
     return out
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask these too in every line from now on (a reloaded config's secrets); the earlier
+    ones stay masked, as lines about jobs started before the reload may still carry them."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _Masking):
+            formatter.masker = Masker([*formatter.masker.secrets, *secrets])
+            formatter.mask = formatter.masker.text
 
 
 def setup(

@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
-from webhookd.config import CATCH_ALL
+from webhookd.config import CATCH_ALL, Config
 from webhookd.journal import (
     BaseJournal,
     Claimed,
@@ -52,7 +52,7 @@ class Metrics:
         self.counts = counts or PolledCounts(journal)
         # Series are labelled by configured source only: everything the catch-all took counts
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
-        self._sources = frozenset(s.name for s in pool.config.all_sources())
+        self._sources: frozenset[str] = frozenset()
         self._intake_children: dict[tuple[str, int], Any] = {}
         self._finish_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         # Counted on the ack path since the last scrape (see ``observe_intake``); the ack
@@ -107,15 +107,20 @@ class Metrics:
             ["source", "action"],
             registry=r,
         )
-        # Each action's retry and dead-letter series exist from the start, at 0: a series born at
-        # its first dead letter (already 1) shows no increase, so an `increase(...) > 0` alert
-        # would miss exactly that one.
-        for src in pool.config.all_sources():
+        self.configure(pool.config)
+        self._state = _StateCollector(journal, pool, lanes)
+        r.register(self._state)
+
+    def configure(self, config: Config) -> None:
+        """Take (a reload's) configured sources and actions. Each action's retry and dead-letter
+        series exist from the start, at 0: a series born at its first dead letter (already 1)
+        shows no increase, so an `increase(...) > 0` alert would miss exactly that one. A
+        removed source keeps its label, so the jobs it left are still counted under it."""
+        self._sources = self._sources | {s.name for s in config.all_sources()}
+        for src in config.all_sources():
             for action in src.actions:
                 self.retries.labels(self._label(src.name), action.name)
                 self.dead.labels(self._label(src.name), action.name)
-        self._state = _StateCollector(journal, pool, lanes)
-        r.register(self._state)
 
     def attach(self, observers: list[Any], on_finish: list[Any]) -> None:
         """Subscribe to the receiver's observers and the pool's ``on_finish`` hooks."""

@@ -233,32 +233,41 @@ class Receiver:
         *,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.config = config
         self.journal = journal
         self.state = state
         self.clock = clock
-        self._by_path = {src.path: src for src in config.sources.values() if src.name != CATCH_ALL}
-        self._catch_all = config.sources.get(CATCH_ALL)
         self._ack_deadlines = _Deadlines(config.server.ack_timeout_s)
         self._too_large = f"body larger than {config.server.max_body_bytes} bytes"
         # Bytes of bodies being read now: Content-Length reserved up front, chunked bodies
         # counted as they grow (server.max_inflight_body_bytes).
         self._inflight_bytes = 0
+        self._buckets: dict[str, TokenBucket] = {}
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take (a reload's) sources. A request already past ``_resolve`` goes on with the
+        source it was resolved to; its maps' entries are read before its first await. A source
+        whose ``intake_per_s`` is unchanged keeps its bucket, and so what it has used."""
+        self.config = config
+        sources = config.sources.values()
+        self._by_path = {src.path: src for src in sources if src.name != CATCH_ALL}
+        self._catch_all = config.sources.get(CATCH_ALL)
         # Which headers are stored masked, per source: worked out once, not per webhook.
-        self._secret_headers = {
-            src.name: secret_headers(src.verify) for src in config.sources.values()
-        }
+        self._secret_headers = {src.name: secret_headers(src.verify) for src in sources}
+        old = self._buckets
         self._buckets = {
-            src.name: TokenBucket(src.intake_per_s, clock)
-            for src in config.sources.values()
+            src.name: (
+                old[src.name]
+                if src.name in old and old[src.name].rate == src.intake_per_s
+                else TokenBucket(src.intake_per_s, self.clock)
+            )
+            for src in sources
             if src.intake_per_s
         }
         # Sources with an action that has a `when`: only their requests pay for matching.
-        self._sifted = {
-            src.name for src in config.sources.values() if any(a.when for a in src.actions)
-        }
+        self._sifted = {src.name for src in sources if any(a.when for a in src.actions)}
         # The methods each source's path takes (a 405's Allow header names them).
-        self._methods = {src.name: allowed_methods(src) for src in config.sources.values()}
+        self._methods = {src.name: allowed_methods(src) for src in sources}
 
     def server(self, **limits: Any) -> Http1Server:
         """The HTTP server for the webhooks (``webhookd.http1``): every request goes straight to
@@ -285,7 +294,7 @@ class Receiver:
 
     def _not_allowed(self, src: SourceConfig) -> web.Response:
         """405, with ``Allow`` naming the methods the source's path takes (RFC 9110 §15.5.6)."""
-        allow = ", ".join(self._methods[src.name])
+        allow = ", ".join(self._methods.get(src.name) or allowed_methods(src))
         return json_error(405, "webhooks are POSTed", headers={"Allow": allow})
 
     def _unexpected(self, request: Request) -> web.Response:
@@ -432,6 +441,10 @@ class Receiver:
         server = self.config.server
         if request.method not in self._methods[src.name]:  # a HEAD reads as GET
             return self._not_allowed(src)
+        # Read before the first await: a reload may drop this source from the maps meanwhile.
+        bucket = self._buckets.get(src.name)
+        masked = self._secret_headers[src.name]
+        sifted = src.name in self._sifted
         if self.state.draining:
             return json_error(503, "shutting down", server.retry_after_s)
         length = request.content_length
@@ -451,7 +464,6 @@ class Receiver:
         checked = self._check(request, name, src, scheme, body, now)
         if isinstance(checked, web.Response):
             return checked
-        bucket = self._buckets.get(src.name)
         if bucket is not None:
             wait_s = bucket.take()
             if wait_s:
@@ -489,13 +501,13 @@ class Receiver:
             dedup_key=f"{name}:{key}",
             tenant=tenant,
             priority=rule.classify(by),
-            headers=redact_request_headers(headers, self._secret_headers[src.name]),
+            headers=redact_request_headers(headers, masked),
             body=body,
             verified=checked,
         )
         actions = src.actions
         filtered: tuple[str, ...] = ()
-        if src.name in self._sifted:
+        if sifted:
             actions, filtered = sift(actions, headers, payload)
         jobs = tuple(
             NewJob(

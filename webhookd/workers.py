@@ -175,6 +175,44 @@ class WorkerPool:
         self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
+        # Actions a reload replaced or removed, by id: closed once no attempt runs on them.
+        self._attempts_on: Counter[int] = Counter()
+        self._retired: dict[int, Action] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def reconfigure(self, config: Config, actions: Mapping[tuple[str, str], Action]) -> None:
+        """Take a reload's sources and actions (``config.workers`` stays as it was): jobs
+        started from now on run on them. An attempt already running ends on the action it
+        started on, which is closed once no attempt runs on it."""
+        live = {id(a) for a in actions.values()}
+        for action in self.actions.values():
+            if id(action) not in live:
+                self._retired[id(action)] = action
+        self.config = config
+        self.actions = actions
+        for key in [k for k in self._retired if not self._attempts_on[k]]:
+            self._close_soon(self._retired.pop(key))
+        self._refill_now = True  # jobs of a source that had no action for them may run now
+        self._wake.set()
+
+    def _close_soon(self, action: Action) -> None:
+        task = asyncio.create_task(action.aclose(), name="close-retired-action")
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("closing a replaced action failed: %r", task.exception())
+
+    async def close_actions(self) -> None:
+        """Close every action, those a reload retired included (at shutdown)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        every = {id(a): a for a in (*self.actions.values(), *self._retired.values())}
+        self._retired.clear()
+        for action in every.values():
+            await action.aclose()
 
     @property
     def _fair_share(self) -> int:
@@ -666,7 +704,16 @@ class WorkerPool:
                 f"action {job.action!r} is not configured for source {event.source!r}"
             )
         else:
-            outcome = await self._attempt(action, action_cfg, claimed)
+            key = id(action)
+            self._attempts_on[key] += 1
+            try:
+                outcome = await self._attempt(action, action_cfg, claimed)
+            finally:
+                self._attempts_on[key] -= 1
+                if not self._attempts_on[key]:
+                    del self._attempts_on[key]
+                    if key in self._retired:
+                        self._close_soon(self._retired.pop(key))
         finished = self._decide(claimed, action_cfg, outcome, started_at)
         self.outcomes[finished.outcome] += 1
         self._release(job.id)

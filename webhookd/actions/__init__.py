@@ -62,6 +62,7 @@ __all__ = [
     "build",
     "kind",
     "kind_defaults",
+    "rebuild",
     "validate",
 ]
 
@@ -91,11 +92,38 @@ def validate(config: Config) -> None:
             kind(action.type, f"{action.key}.type").validate(action)
 
 
-def build(resources: Resources) -> dict[tuple[str, str], Action]:
-    """Create every configured action, keyed by ``(source name, action name)``."""
+def build(
+    resources: Resources,
+    keep: Mapping[tuple[str, str], Action] | None = None,
+    made: list[Action] | None = None,
+) -> dict[tuple[str, str], Action]:
+    """Create every configured action, keyed by ``(source name, action name)``. An action of
+    ``keep`` whose config is unchanged is kept instead of created; ``made`` collects those
+    created."""
     actions: dict[tuple[str, str], Action] = {}
     for source in resources.config.all_sources():
         for action in source.actions:
+            old = keep.get((source.name, action.name)) if keep else None
+            if old is not None and old.config == action:
+                actions[(source.name, action.name)] = old
+                continue
             module = kind(action.type, f"{action.key}.type")
-            actions[(source.name, action.name)] = module.create(action, resources)
+            created = module.create(action, resources)
+            if made is not None:
+                made.append(created)
+            actions[(source.name, action.name)] = created
     return actions
+
+
+async def rebuild(
+    resources: Resources, keep: Mapping[tuple[str, str], Action]
+) -> dict[tuple[str, str], Action]:
+    """``build`` for a reload: the running actions whose config is unchanged live on (their
+    clients and pools with them). Should creating one fail, those created so far are closed."""
+    made: list[Action] = []
+    try:
+        return build(resources, keep, made)
+    except BaseException:
+        for action in made:
+            await action.aclose()
+        raise

@@ -1,0 +1,232 @@
+"""Reloading the config (SIGHUP): sources and new lanes at once, the rest at the next restart.
+
+The first tests send SIGHUP to real ``webhookd serve`` processes and forward to real loopback
+servers; the last ones run the daemon in this process, to see a job that runs across a reload
+end on the action it started on, and a request being received across one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from conftest import Running, Target, make_config
+from procs import DaemonProc, Procs, write_config
+from procs import Target as ServerTarget
+from rawhttp import RawConn
+
+from webhookd.config import Config
+
+JSON = {"Content-Type": "application/json"}
+TOKEN = "token-of-a-reloaded-source-7c41"
+T = TypeVar("T")
+
+
+def forward(name: str, url: str) -> str:
+    return f"""
+[sources.{name}]
+[[sources.{name}.actions]]
+type = "forward"
+url = "{url}"
+"""
+
+
+def served(test: T) -> T:
+    """A test of real ``webhookd serve`` processes (the test's own loop only drives them)."""
+    for mark in (pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)):
+        test = mark(test)
+    return test
+
+
+async def deliver(
+    http: aiohttp.ClientSession, daemon: DaemonProc, source: str, body: str = '{"n": 1}'
+) -> tuple[int, Any]:
+    async with http.post(f"{daemon.url}/hooks/{source}", data=body, headers=JSON) as r:
+        return r.status, await r.json()
+
+
+@served
+async def test_sighup_adds_and_changes_sources_and_keeps_restart_only_keys_as_they_were(
+    tmp_path: Path, procs: Procs, downstream: ServerTarget, http: aiohttp.ClientSession
+) -> None:
+    """A source added is taken, a changed action forwards to its new URL, and a changed key
+    that needs a restart is named in a warning and left as it was."""
+    config, journal = tmp_path / "webhookd.toml", tmp_path / "webhookd.db"
+    write_config(config, journal, forward("a", f"{downstream.url}/one"))
+    daemon = await procs.serve(config)
+    assert (await deliver(http, daemon, "b"))[0] == 404
+
+    async with ServerTarget() as second:
+        text = config.read_text(encoding="utf-8").replace(
+            "[server]\n", "[server]\nmax_body_bytes = 1024\n"
+        )
+        text = text.replace(f"{downstream.url}/one", f"{second.url}/two")
+        text += forward("b", f"{second.url}/two") + "\n[lanes.llm]\nrpm = 60\n"
+        config.write_text(text, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        line = await daemon.wait_said(r"config reloaded")
+        assert line.endswith(f"config reloaded from {config}: added b; changed a")
+        warning = await daemon.wait_said(r"config reload: .* changed")
+        assert "server.max_body_bytes changed, kept as they were until the next restart" in warning
+
+        status, a = await deliver(http, daemon, "a", json.dumps({"pad": "x" * 4096}))
+        assert status == 202  # max_body_bytes is still the 1 MiB it started with
+        status, b = await deliver(http, daemon, "b")
+        assert status == 202
+        await second.wait_for(lambda: {a["id"], b["id"]} <= set(second.ids))
+        assert downstream.ids == []
+
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
+@served
+async def test_a_bad_config_on_sighup_is_refused_naming_the_key_and_the_daemon_goes_on(
+    tmp_path: Path, procs: Procs, downstream: ServerTarget, http: aiohttp.ClientSession
+) -> None:
+    config, journal = tmp_path / "webhookd.toml", tmp_path / "webhookd.db"
+    write_config(config, journal, forward("a", downstream.url) + forward("c", downstream.url))
+    daemon = await procs.serve(config)
+    good = config.read_text(encoding="utf-8")
+
+    config.write_text(good + 'bogus = "x"\n', encoding="utf-8")  # under [[sources.c.actions]]
+    daemon.signal(signal.SIGHUP)
+    line = await daemon.wait_said(r"config reload refused")
+    assert line.endswith(
+        "config reload refused, still running the previous config: "
+        "sources.c.actions[0].bogus: unknown key for a forward action"
+    )
+    # The environment is the one it started with: a secret whose variable is not in it.
+    unset = forward("d", downstream.url).replace(
+        "[sources.d]",
+        '[sources.d]\nverify = { scheme = "github", secret = "env:WEBHOOKD_NOT_SET" }',
+    )
+    config.write_text(good + unset, encoding="utf-8")
+    daemon.signal(signal.SIGHUP)
+    line = await daemon.wait_said(r"environment variable WEBHOOKD_NOT_SET")
+    assert line.endswith(
+        "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set"
+    )
+    status, first = await deliver(http, daemon, "a")
+    assert status == 202
+
+    # Then a good one: source a removed.
+    config.write_text(good.replace(forward("a", downstream.url), ""), encoding="utf-8")
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_said(r"config reloaded from .*: removed a$")
+    assert (await deliver(http, daemon, "a"))[0] == 404
+    status, other = await deliver(http, daemon, "c")
+    assert status == 202
+    await downstream.wait_for(lambda: {first["id"], other["id"]} <= set(downstream.ids))
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
+async def test_a_job_running_across_a_reload_ends_on_its_action_which_is_then_closed(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """The forward in flight ends on the action it started on; the next job runs on the
+    changed one; the old one is closed only once its attempt has ended, and an action whose
+    config did not change is kept, not created again."""
+    target.hold = asyncio.Event()
+    configs: list[Config] = []
+
+    def config(path: str) -> Config:
+        cfg = make_config(
+            tmp_path, forward("a", f"{target.url}/{path}") + forward("c", f"{target.url}/c")
+        )
+        configs.append(cfg)
+        return cfg
+
+    running: Running = await run_daemon(config("one"), loader=lambda: config("two"))
+    daemon = running.daemon
+    assert daemon.pool is not None
+    pool = daemon.pool
+    status, first = await running.post("/hooks/a", b'{"n": 1}')
+    assert status == 202
+    await target.wait_for(lambda t: len(t.seen) == 1)
+
+    old, kept = pool.actions[("a", "forward")], pool.actions[("c", "forward")]
+    closed = asyncio.Event()
+    close = old.aclose
+
+    async def aclose() -> None:
+        closed.set()
+        await close()
+
+    old.aclose = aclose  # type: ignore[method-assign]
+    daemon.request_reload()
+    await daemon.reloaded.wait()
+    assert daemon.config.sources == configs[-1].sources
+    assert pool.actions[("a", "forward")] is not old
+    assert pool.actions[("c", "forward")] is kept
+    assert not closed.is_set()  # its attempt is still waiting for the held target
+
+    status, _ = await running.post("/hooks/a", b'{"n": 2}')
+    assert status == 202
+    await target.wait_for(lambda t: len(t.seen) == 2)
+    assert [s.path for s in target.seen] == ["/one", "/two"]
+    assert not closed.is_set()
+    recorded = asyncio.Event()
+    pool.on_finish.append(lambda c, o, f: c.event.id == first["id"] and recorded.set())
+    target.hold.set()
+    await asyncio.wait_for(closed.wait(), 10)
+    await asyncio.wait_for(recorded.wait(), 10)
+
+    async with running.http.get(f"{running.admin_url}/events/{first['id']}") as r:
+        doc = await r.json()
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+
+
+async def test_a_webhook_being_received_when_its_source_is_removed_is_still_accepted(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A request is judged by the config it arrived under: told to send its body (``100
+    Continue``: its source is resolved) when the reload removes that source, it is still
+    acked, and the next request to that path is a 404."""
+    cfg = make_config(tmp_path, forward("a", target.url))
+    signed = forward("b", target.url).replace(
+        "[sources.b]",
+        '[sources.b]\nverify = { scheme = "token", header = "X-Webhook-Token",'
+        f' secret = "{TOKEN}" }}',
+    )
+    running: Running = await run_daemon(cfg, loader=lambda: make_config(tmp_path, signed))
+    body = b'{"sent": "after the reload"}'
+    conn = await RawConn.open(running.daemon.bound.receiver)
+    try:
+        await conn.head(
+            b"/hooks/a",
+            [
+                (b"Content-Type", b"application/json"),
+                (b"Content-Length", b"%d" % len(body)),
+                (b"Expect", b"100-continue"),
+            ],
+        )
+        assert (await conn.answer()).status == 100
+        running.daemon.request_reload()
+        await running.daemon.reloaded.wait()
+        await conn.send(body)
+        answer = await conn.answer()
+    finally:
+        await conn.close()
+    assert answer.status == 202, answer.body
+    status, _ = await running.post("/hooks/a")
+    assert status == 404
+
+    # The source it added: its secret is masked by the admin API too, and its actions have
+    # their metrics series from the start, at 0.
+    status, doc = await running.post(
+        "/hooks/b", json.dumps({"echo": TOKEN}), headers={"X-Webhook-Token": TOKEN}
+    )
+    assert status == 202
+    async with running.http.get(f"{running.admin_url}/events/{doc['id']}") as r:
+        shown = await r.text()
+    assert TOKEN not in shown and '\\"echo\\": \\"***\\"' in shown
+    async with running.http.get(f"{running.admin_url}/metrics") as r:
+        metrics = await r.text()
+    assert 'webhookd_dead_letters_total{action="forward",source="b"} 0.0' in metrics
