@@ -199,6 +199,7 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
     assert out.output.strip() == "cancelled 2 job(s) of 2 event(s)"
     out = await cli("show", second, "--config", str(config))
     assert f"event    {second}  [cancelled]" in out.output
+    assert re.search(r"\n    cancelled \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z\n", out.output)
     out = await cli("replay", second, "--config", str(config))
     assert "1 job(s) re-queued" in out.output
 

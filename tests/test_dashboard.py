@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -302,11 +303,17 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
             " && document.querySelector('#status').textContent"
         )
         assert status == f"cancelled {event_id}: 1 queued job(s) cancelled"
-        # Nothing is queued any more: the page stops offering it.
+        # Nothing is queued any more: the page stops offering it, and says when it was.
         await page.wait_for("!document.querySelector('#detail button.cancel')")
+        line = await page.wait_for(
+            "[...document.querySelectorAll('#detail .job .muted')]"
+            ".map((e) => e.textContent).find((t) => t.includes('· cancelled '))"
+        )
 
     doc = await event_state(running.http, running.admin_url, event_id, "cancelled")
     assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc["jobs"][0]["finished_at"]))
+    assert line.endswith(f" · cancelled {stamp}")
 
 
 async def test_dashboard_cancels_a_running_job_after_its_attempt(

@@ -653,6 +653,7 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert detail.state == "running"
         assert (jobs[due].state, jobs[parked].state) == (JobState.CANCELLED, JobState.CANCELLED)
         assert (jobs[parked].attempts, jobs[parked].last_error) == (1, "503")  # kept
+        assert (jobs[due].finished_at, jobs[running].finished_at) == (clock.time(), None)
 
         # The running job's attempt fails: its retry is not queued, it is cancelled.
         await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
@@ -668,6 +669,8 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert await cli.replay([item.event.id]) == {item.event.id: Replayed(3, 0)}
         ready = {r.id for r in await daemon.ready(clock.time(), 10)}
         assert ready == {due, parked, running}
+        replayed = await daemon.get_event(item.event.id)
+        assert [j.finished_at for j in replayed.jobs] == [None, None, None]
         # Replayed, a job is no longer cancelled: a failed attempt queues its retry again.
         await daemon.claim([running], "b")
         await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=clock.time())])

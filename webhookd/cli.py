@@ -272,6 +272,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         )
         if job["state"] == "queued":
             click.echo(f"    next run {_when(job['run_at'])}")
+        elif job["state"] == "cancelled" and job["finished_at"] is not None:
+            click.echo(f"    cancelled {_when(job['finished_at'])}")
         last = 0
         for attempt in job["errors"]:
             if attempt["attempt"] <= last:  # a replay starts the count over

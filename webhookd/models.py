@@ -230,6 +230,8 @@ class Job:
     last_error: str | None = None
     # Running, and cancelled meanwhile: cancelled, not queued again, once its attempt ends.
     cancel_requested: bool = False
+    # When it became done, dead or cancelled (None while queued or running).
+    finished_at: float | None = None
     history: tuple[Attempt, ...] = field(default=())
 
 

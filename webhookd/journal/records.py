@@ -181,6 +181,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "type": j.type,
         "state": str(j.state),
         "cancel_requested": j.cancel_requested,
+        "finished_at": j.finished_at,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
         "run_at": j.run_at,

@@ -378,7 +378,8 @@ def job_history_sql(param: str) -> str:
     return (
         f"SELECT {JOB_COLUMNS}, a.n AS a_n, a.started_at AS a_started_at,"
         " a.finished_at AS a_finished_at, a.outcome AS a_outcome, a.error AS a_error,"
-        " a.detail AS a_detail, j.cancel_requested_at IS NOT NULL AS cancel_requested"
+        " a.detail AS a_detail, j.cancel_requested_at IS NOT NULL AS cancel_requested,"
+        " j.finished_at AS j_finished_at"
         f" FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.event_id = {param}"
         " ORDER BY j.seq, a.seq"
     )
@@ -402,9 +403,13 @@ def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
             for r in group
             if r["a_n"] is not None
         )
-        job = job_from_row(group[0], history)
-        if group[0]["cancel_requested"]:
-            job = dataclasses.replace(job, cancel_requested=True)
+        first = group[0]
+        job = job_from_row(first, history)
+        job = dataclasses.replace(
+            job,
+            cancel_requested=bool(first["cancel_requested"]),
+            finished_at=first["j_finished_at"],
+        )
         jobs.append(job)
     filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()
     state = event_state([str(j.state) for j in jobs])  # no jobs (all filtered): done
