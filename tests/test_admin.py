@@ -295,6 +295,38 @@ async def test_cancel_stops_a_job_waiting_for_its_retry(
     assert (status, set(error)) == (404, {"error"})
 
 
+async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """POST /sources/<name>/pause answers once this daemon holds the source's jobs: the next
+    webhook is accepted and its job stays queued (with an idle pool it would otherwise start
+    in its own commit); resume runs it. A second pause changes nothing; an unknown source
+    is a JSON 404."""
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward_source("shop", target.url + "/shop"))
+    )
+    outcomes = Outcomes(running)
+    status, doc = await post_admin(running, "/sources/shop/pause")
+    assert (status, doc) == (200, {"source": "shop", "paused": True, "changed": True})
+    status, doc = await post_admin(running, "/sources/shop/pause")
+    assert (status, doc) == (200, {"source": "shop", "paused": True, "changed": False})
+    _, stats = await get(running, "/stats")
+    assert stats["paused"] == ["shop"]
+
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    _, detail = await get(running, f"/events/{event_id}")
+    assert (detail["state"], detail["jobs"][0]["attempts"]) == ("queued", 0)
+
+    status, doc = await post_admin(running, "/sources/shop/resume")
+    assert (status, doc) == (200, {"source": "shop", "paused": False, "changed": True})
+    await outcomes.wait(event_id, "done")
+    assert len(target.seen) == 1
+    status, doc = await post_admin(running, "/sources/shop/resume")
+    assert (status, doc) == (200, {"source": "shop", "paused": False, "changed": False})
+    status, error = await post_admin(running, "/sources/nope/pause")
+    assert (status, set(error)) == (404, {"error"})
+
+
 async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:

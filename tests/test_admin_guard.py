@@ -46,8 +46,8 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
     tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
 ) -> None:
     """A page that rebinds its name to loopback cannot read events, and a cross-site form or
-    fetch cannot replay or cancel one; the admin's own and loopback names, and API clients
-    that send X-Webhookd or JSON, still work."""
+    fetch cannot replay or cancel one, nor pause a source; the admin's own and loopback names,
+    and API clients that send X-Webhookd or JSON, still work."""
     daemon = await procs.serve(write_config(tmp_path / "c.toml", tmp_path / "j.db", LOG_SOURCE))
     admin, port = daemon.admin_url, daemon.admin.rpartition(":")[2]
     event_id = await done_event(http, daemon)
@@ -73,11 +73,18 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
         {"Content-Type": "text/plain"},
         {},
     ):
-        for url in (replay, f"{admin}/events/{event_id}/cancel"):
+        for url in (
+            replay,
+            f"{admin}/events/{event_id}/cancel",
+            f"{admin}/sources/shop/pause",
+            f"{admin}/sources/shop/resume",
+        ):
             status, doc = await call(http, "POST", url, headers=headers, data=b"a=1")
             assert (status, set(doc)) == (403, {"error"}), (url, headers)
     status, doc = await call(http, "GET", f"{admin}/events/{event_id}")
     assert doc["jobs"][0]["attempts"] == 1  # nothing was replayed
+    status, doc = await call(http, "GET", f"{admin}/stats")
+    assert doc["paused"] == []  # nor paused
 
     for headers in (
         {"Origin": f"http://127.0.0.1:{port}"},

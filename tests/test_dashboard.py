@@ -376,6 +376,51 @@ async def test_dashboard_finds_an_event_by_its_delivery_key(
         assert status.startswith("shop:nope: no event has this dedup key")
 
 
+async def test_dashboard_pauses_and_resumes_a_source(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """The By source table's Pause holds the source's jobs (a webhook sent then stays
+    queued); Resume, in its place once paused, runs them."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url + "/in")))
+    first = await accepted(running, "shop", '{"order": 1}')
+    await event_state(running.http, running.admin_url, first, "done")
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for(
+            "document.body.dataset.loaded === '1' &&"
+            " document.querySelector(\"#sources button.pause[data-source='shop']\")"
+        )
+        await page.click("#sources button.pause[data-source='shop']")
+        status = await page.wait_for(
+            "document.querySelector('#status')?.textContent.startsWith('paused')"
+            " && document.querySelector('#status').textContent"
+        )
+        assert (
+            status
+            == "paused shop: its jobs wait until it is resumed; its webhooks are still accepted"
+        )
+        await page.wait_for(
+            "document.querySelector(\"#sources button.resume[data-source='shop']\")"
+        )
+        row = await page.evaluate(
+            "document.querySelector(\"#sources tr[data-source='shop'] td\").textContent"
+        )
+        assert row == "shop (paused)"
+
+        held = await accepted(running, "shop", '{"order": 2}')
+        doc = await event_state(running.http, running.admin_url, held, "queued")
+        assert doc["jobs"][0]["attempts"] == 0
+
+        await page.click("#sources button.resume[data-source='shop']")
+        status = await page.wait_for(
+            "document.querySelector('#status')?.textContent.startsWith('resumed')"
+            " && document.querySelector('#status').textContent"
+        )
+        assert status == "resumed shop: its jobs run again"
+    await event_state(running.http, running.admin_url, held, "done")
+    assert len(target.seen) == 2
+
+
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,6 +150,8 @@ class Admin:
         r.add_get("/keys/{key:.+}", self.key)
         r.add_post("/events/{id}/replay", self.replay)
         r.add_post("/events/{id}/cancel", self.cancel)
+        r.add_post("/sources/{source}/pause", self.pause)
+        r.add_post("/sources/{source}/resume", self.resume)
         if self.ctx.dashboard:
             r.add_get("/", self.dashboard)
         return app
@@ -341,6 +343,27 @@ class Admin:
         return web.json_response(
             {"id": event_id, "cancelled": done.cancelled, "running": done.running}
         )
+
+    async def pause(self, request: web.Request) -> web.Response:
+        return await self._pause_or_resume(request, pausing=True)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return await self._pause_or_resume(request, pausing=False)
+
+    async def _pause_or_resume(self, request: web.Request, *, pausing: bool) -> web.Response:
+        """``webhookd pause``/``resume`` for one source. Answered once this process's
+        dispatcher has the change: a webhook sent after the answer to a paused source starts
+        no job here (other nodes hear of it within milliseconds, or at their next sweep)."""
+        source = request.match_info["source"]
+        if self.ctx.config.source_for(source) is None:
+            return json_error(404, "no such source")
+        journal = self.ctx.journal
+        try:
+            changed = await (journal.pause(source) if pausing else journal.resume(source))
+        except JournalError as exc:
+            return json_error(503, str(exc))
+        await self.ctx.pool.pause_applied()
+        return web.json_response({"source": source, "paused": pausing, "changed": changed})
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

@@ -167,6 +167,7 @@ class WorkerPool:
         # (monotonic). Jobs of such a cap wait in the window meanwhile.
         self._saturated: dict[str, float] = {}
         self._pause_stale = False
+        self._pause_read: list[asyncio.Future[None]] = []  # pause_applied's, until re-read
         self.started = 0
         self.outcomes: Counter[str] = Counter()
         # Sources an operator paused (``webhookd pause``): their jobs stay queued. Re-read from
@@ -265,6 +266,17 @@ class WorkerPool:
         paused sources now rather than at the sweep."""
         self._pause_stale = True
         self._wake.set()
+
+    async def pause_applied(self, timeout_s: float = 5.0) -> None:
+        """``pause_changed``, returning once the dispatcher has re-read the paused sources: a
+        webhook committed after this returns never starts a job of a source paused before it
+        (the admin API's pause). Returns after ``timeout_s`` at most (a dispatcher stopped by
+        a drain, or waiting out a journal outage)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pause_read.append(waiter)
+        self.pause_changed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
 
     async def _refill(self) -> None:
         """Top up the lanes from the journal: each toward an even share of the window, the
@@ -626,7 +638,11 @@ class WorkerPool:
                     self._pause_stale = True
                 if self._pause_stale:
                     self._pause_stale = False
+                    read, self._pause_read = self._pause_read, []
                     await self._refresh_paused()
+                    for waiter in read:
+                        if not waiter.done():
+                            waiter.set_result(None)
                 while not self._stopping and await self._dispatch_once():
                     pass
             except JournalUnavailable as exc:
