@@ -327,6 +327,32 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
     assert (status, set(error)) == (404, {"error"})
 
 
+async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sources(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """POST /sources/<name>/replay-dead is ``webhookd replay --dead --source <name>``: each of
+    its events with a dead job runs again; another source's dead letter stays dead."""
+    sources = forward_source("shop", target.url + "/shop") + forward_source("mail", target.url)
+    running: Running = await run_daemon(make_config(tmp_path, sources))
+    outcomes = Outcomes(running)
+    target.statuses = [500, 500, 500]  # one attempt each: dead at once
+    dead = [await accept(running, "/hooks/shop", f'{{"n": {n}}}') for n in (1, 2)]
+    other = await accept(running, "/hooks/mail", '{"n": 3}')
+    for event_id in (*dead, other):
+        await outcomes.wait(event_id, "dead")
+
+    status, doc = await post_admin(running, "/sources/shop/replay-dead")
+    assert (status, doc) == (202, {"source": "shop", "events": 2, "requeued": 2})
+    for event_id in dead:
+        await outcomes.wait(event_id, "done")
+    _, detail = await get(running, f"/events/{other}")
+    assert detail["state"] == "dead" and len(target.seen) == 5
+    status, doc = await post_admin(running, "/sources/shop/replay-dead")
+    assert (status, doc) == (202, {"source": "shop", "events": 0, "requeued": 0})
+    status, error = await post_admin(running, "/sources/nope/replay-dead")
+    assert (status, set(error)) == (404, {"error"})
+
+
 async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:

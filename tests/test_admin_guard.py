@@ -78,6 +78,7 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
             f"{admin}/events/{event_id}/cancel",
             f"{admin}/sources/shop/pause",
             f"{admin}/sources/shop/resume",
+            f"{admin}/sources/shop/replay-dead",
         ):
             status, doc = await call(http, "POST", url, headers=headers, data=b"a=1")
             assert (status, set(doc)) == (403, {"error"}), (url, headers)

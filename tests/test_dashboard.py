@@ -421,6 +421,33 @@ async def test_dashboard_pauses_and_resumes_a_source(
     assert len(target.seen) == 2
 
 
+async def test_dashboard_replays_a_sources_dead_letters(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A source with dead jobs has a Replay button in the By source table, which runs them
+    again."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url + "/in")))
+    target.statuses = [500]  # one attempt: dead at once
+    event_id = await accepted(running, "shop", '{"order": 3}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        label = await page.wait_for(
+            "document.body.dataset.loaded === '1' &&"
+            " document.querySelector(\"#sources button.replay-dead[data-source='shop']\")"
+            "?.textContent"
+        )
+        assert label == "Replay 1 dead"
+        await page.click("#sources button.replay-dead[data-source='shop']")
+        status = await page.wait_for(
+            "document.querySelector('#status')?.textContent.startsWith('replayed')"
+            " && document.querySelector('#status').textContent"
+        )
+        assert status == "replayed the dead letters of shop: 1 job(s) of 1 event(s) re-queued"
+    await event_state(running.http, running.admin_url, event_id, "done")
+    assert len(target.seen) == 2
+
+
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

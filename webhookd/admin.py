@@ -26,6 +26,7 @@ from aiohttp import web
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
+    BULK_BATCH,
     EVENT_STATES,
     BaseJournal,
     Counts,
@@ -152,6 +153,7 @@ class Admin:
         r.add_post("/events/{id}/cancel", self.cancel)
         r.add_post("/sources/{source}/pause", self.pause)
         r.add_post("/sources/{source}/resume", self.resume)
+        r.add_post("/sources/{source}/replay-dead", self.replay_dead)
         if self.ctx.dashboard:
             r.add_get("/", self.dashboard)
         return app
@@ -364,6 +366,37 @@ class Admin:
             return json_error(503, str(exc))
         await self.ctx.pool.pause_applied()
         return web.json_response({"source": source, "paused": pausing, "changed": changed})
+
+    async def replay_dead(self, request: web.Request) -> web.Response:
+        """``webhookd replay --dead --source <name>``: every event of the source with a dead
+        job, replayed ``BULK_BATCH`` at a time; one pruned since it was listed is skipped."""
+        source = request.match_info["source"]
+        if self.ctx.config.source_for(source) is None:
+            return json_error(404, "no such source")
+        journal = self.ctx.journal
+        events = requeued = 0
+        try:
+            ids = await journal.event_ids_with_jobs("dead", source, None)
+            for start in range(0, len(ids), BULK_BATCH):
+                batch = ids[start : start + BULK_BATCH]
+                while batch:
+                    try:
+                        done = await journal.replay(batch)
+                    except NotFound as exc:
+                        rest = [event_id for event_id in batch if event_id != str(exc)]
+                        if len(rest) == len(batch):
+                            raise
+                        batch = rest
+                        continue
+                    events += len(done)
+                    requeued += sum(r.requeued for r in done.values())
+                    break
+        except JournalError as exc:
+            return json_error(503, str(exc))
+        self.ctx.pool.poke()
+        return web.json_response(
+            {"source": source, "events": events, "requeued": requeued}, status=202
+        )
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

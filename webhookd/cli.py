@@ -22,6 +22,7 @@ from webhookd import __version__
 from webhookd import config as config_mod
 from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
 from webhookd.journal import (
+    BULK_BATCH,
     EVENT_STATES,
     BaseJournal,
     Cancelled,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
-BULK_BATCH = 200  # events per replay or cancel transaction
 
 
 def _fail(message: str, code: int) -> NoReturn:

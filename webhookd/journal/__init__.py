@@ -42,7 +42,7 @@ import aiosqlite
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal.base import BaseJournal, PolledCounts, migrating
+from webhookd.journal.base import BULK_BATCH, BaseJournal, PolledCounts, migrating
 from webhookd.journal.batch import (
     GATHER_PASSES,
     CallOp,
@@ -94,6 +94,7 @@ from webhookd.journal.schema import (
 from webhookd.models import JobState, new_boot_id
 
 __all__ = [
+    "BULK_BATCH",
     "EVENT_STATES",
     "MIGRATIONS",
     "Activity",

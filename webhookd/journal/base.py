@@ -48,6 +48,10 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("webhookd.journal")
 
+# Events per transaction of a bulk replay or cancel (the CLI's, the admin API's): short enough
+# not to hold up the daemon's ingest commits, few enough that a big one is not a commit per event.
+BULK_BATCH = 200
+
 
 @contextlib.contextmanager
 def migrating(where: str, version: int, latest: int) -> Iterator[None]:
