@@ -96,6 +96,16 @@ class Page:
                 session=self.session,
             )
 
+    async def click_for_status(self, selector: str, said: str) -> str:
+        """Click a button that acts (``act`` in the page), then the status line it writes,
+        once it starts with ``said``."""
+        await self.click(selector)
+        status: str = await self.wait_for(
+            f"document.querySelector('#status')?.textContent.startsWith('{said}')"
+            " && document.querySelector('#status').textContent"
+        )
+        return status
+
     async def type_text(self, selector: str, text: str) -> None:
         await self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
         await send(self.ws, "Input.insertText", {"text": text}, session=self.session)
@@ -297,10 +307,8 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
             "document.body.dataset.loaded === '1' &&"
             f" document.querySelector(\"#detail button.cancel[data-id='{event_id}']\")"
         )
-        await page.click(f"#detail button.cancel[data-id='{event_id}']")
-        status = await page.wait_for(
-            "document.querySelector('#status')?.textContent.startsWith('cancelled')"
-            " && document.querySelector('#status').textContent"
+        status = await page.click_for_status(
+            f"#detail button.cancel[data-id='{event_id}']", "cancelled"
         )
         assert status == f"cancelled {event_id}: 1 queued job(s) cancelled"
         # Nothing is queued any more: the page stops offering it, and says when it was.
@@ -331,11 +339,7 @@ async def test_dashboard_cancels_a_running_job_after_its_attempt(
     async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
         button = f"#detail button.cancel[data-id='{event_id}']"
         await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
-        await page.click(button)
-        status = await page.wait_for(
-            "document.querySelector('#status')?.textContent.startsWith('cancelled')"
-            " && document.querySelector('#status').textContent"
-        )
+        status = await page.click_for_status(button, "cancelled")
         assert status.endswith("1 running job(s) cancelled once their attempt ends, with no retry")
         job = await page.wait_for(
             "document.querySelector('#detail .job')?.textContent.includes('cancel pending')"
@@ -390,11 +394,7 @@ async def test_dashboard_pauses_and_resumes_a_source(
             "document.body.dataset.loaded === '1' &&"
             " document.querySelector(\"#sources button.pause[data-source='shop']\")"
         )
-        await page.click("#sources button.pause[data-source='shop']")
-        status = await page.wait_for(
-            "document.querySelector('#status')?.textContent.startsWith('paused')"
-            " && document.querySelector('#status').textContent"
-        )
+        status = await page.click_for_status("#sources button.pause[data-source='shop']", "paused")
         assert (
             status
             == "paused shop: its jobs wait until it is resumed; its webhooks are still accepted"
@@ -411,10 +411,8 @@ async def test_dashboard_pauses_and_resumes_a_source(
         doc = await event_state(running.http, running.admin_url, held, "queued")
         assert doc["jobs"][0]["attempts"] == 0
 
-        await page.click("#sources button.resume[data-source='shop']")
-        status = await page.wait_for(
-            "document.querySelector('#status')?.textContent.startsWith('resumed')"
-            " && document.querySelector('#status').textContent"
+        status = await page.click_for_status(
+            "#sources button.resume[data-source='shop']", "resumed"
         )
         assert status == "resumed shop: its jobs run again"
     await event_state(running.http, running.admin_url, held, "done")
@@ -438,10 +436,8 @@ async def test_dashboard_replays_a_sources_dead_letters(
             "?.textContent"
         )
         assert label == "Replay 1 dead"
-        await page.click("#sources button.replay-dead[data-source='shop']")
-        status = await page.wait_for(
-            "document.querySelector('#status')?.textContent.startsWith('replayed')"
-            " && document.querySelector('#status').textContent"
+        status = await page.click_for_status(
+            "#sources button.replay-dead[data-source='shop']", "replayed"
         )
         assert status == "replayed the dead letters of shop: 1 job(s) of 1 event(s) re-queued"
     await event_state(running.http, running.admin_url, event_id, "done")
