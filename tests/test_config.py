@@ -35,6 +35,7 @@ from webhookd.config import (
 )
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
+from webhookd.redact import secret_values
 from webhookd.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,6 +185,42 @@ def test_empty_env_secret_says_empty_and_names_the_key(monkeypatch: pytest.Monke
         assert str(info.value) == (
             f"sources.gh.{key}.secret: environment variable EMPTY_FOR_TEST is empty"
         )
+
+
+def test_file_secrets_are_read_without_their_newline_and_masked(tmp_path: Path) -> None:
+    """``file:PATH`` (a Docker secret, a systemd credential): the file's text less its trailing
+    newline, for a scheme's secret and an action's alike, and masked wherever secrets are."""
+    verify_file, forward_file = tmp_path / "gh", tmp_path / "fw"
+    verify_file.write_text("gh-file-secret-1234\n", encoding="utf-8")
+    forward_file.write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\r\n", encoding="utf-8")
+    cfg = loads(
+        f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{verify_file}" }}\n'
+        f'[[sources.gh.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+        f'secret = "file:{forward_file}"\n'
+    )
+    actions.validate(cfg)
+    verify = cfg.sources["gh"].verify
+    assert verify is not None
+    [secret] = verify.secrets
+    assert secret.reveal() == "gh-file-secret-1234" and "gh-file" not in repr(cfg)
+    assert secret_values(cfg) == {"gh-file-secret-1234", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+
+
+def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path: Path) -> None:
+    """As for an unset variable: refused where secrets are needed, left missing for verbs that
+    only read the journal."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    for path, why in (
+        (tmp_path / "nope", "cannot be read: No such file or directory"),
+        (empty, "is empty"),
+    ):
+        text = f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{path}" }}'
+        with pytest.raises(ConfigError) as info:
+            loads(text)
+        assert str(info.value) == f"sources.gh.verify.secret: file {path} {why}"
+        verify = loads(text, secrets=False).sources["gh"].verify
+        assert verify is not None and verify.secrets[0].missing
 
 
 GOOD_WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

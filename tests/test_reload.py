@@ -230,3 +230,33 @@ async def test_a_webhook_being_received_when_its_source_is_removed_is_still_acce
     async with running.http.get(f"{running.admin_url}/metrics") as r:
         metrics = await r.text()
     assert 'webhookd_dead_letters_total{action="forward",source="b"} 0.0' in metrics
+
+
+async def test_a_reload_takes_a_rotated_file_secret(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A ``file:`` secret is read at every load: rotated in its file, it is taken by a reload
+    (an ``env:`` one is the environment's the daemon started with)."""
+    secret = tmp_path / "token"
+    secret.write_text("first-token-0a1b2c\n", encoding="utf-8")
+    source = forward("shop", target.url).replace(
+        "[sources.shop]",
+        '[sources.shop]\nverify = { scheme = "token", header = "X-Webhook-Token",'
+        f' secret = "file:{secret}" }}',
+    )
+    running: Running = await run_daemon(
+        make_config(tmp_path, source), loader=lambda: make_config(tmp_path, source)
+    )
+
+    async def post(token: str, n: int) -> int:
+        status, _ = await running.post(
+            "/hooks/shop", json.dumps({"n": n}), headers={"X-Webhook-Token": token}
+        )
+        return status
+
+    assert await post("first-token-0a1b2c", 1) == 202
+    secret.write_text("second-token-3d4e5f\n", encoding="utf-8")
+    assert await post("second-token-3d4e5f", 2) == 401  # read at load, not per request
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    assert (await post("first-token-0a1b2c", 3), await post("second-token-3d4e5f", 4)) == (401, 202)

@@ -572,8 +572,8 @@ def _refused(cfg: config_mod.Config, sent: bool) -> str:
     variable = token.variable
     if not sent:
         return (
-            f"the admin API refused the request: admin.token is env:{variable},"
-            " which is not set here"
+            f"the admin API refused the request: admin.token is {token.reference},"
+            f" which {'is not set' if variable else 'cannot be read'} here"
         )
     where = f"{variable} (admin.token)" if variable else "admin.token"
     return f"the admin API refused the token in {where}: not the daemon's"

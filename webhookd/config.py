@@ -1,8 +1,9 @@
 """Configuration: TOML → frozen dataclasses, validated, with dotted-key errors and ``env:`` secrets.
 
 Every key is checked: an unknown key, a wrong type or a bad value raises ``ConfigError`` naming
-the dotted key (``sources.shop.actions[0].url``). Secrets written ``"env:NAME"`` are resolved
-here, once, and wrapped in ``Secret`` so that no ``repr`` or log line can show them.
+the dotted key (``sources.shop.actions[0].url``). Secrets written ``"env:NAME"`` or
+``"file:PATH"`` are resolved here, at each load, and wrapped in ``Secret`` so that no ``repr``
+or log line can show them.
 Action-specific keys (``url`` for ``forward``, ``model`` for ``openai`` …) are kept in
 ``ActionConfig.options`` and validated by the action's own module when actions are built; a
 ``verify`` table is read here and checked by its signature scheme (``webhookd.schemes``).
@@ -562,7 +563,7 @@ class Table:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
-        return _secret(value, self.path(name))
+        return read_secret(value, self.path(name))
 
     def table(self, name: str) -> Table:
         return Table(self.raw(name, {}), self.path(name))
@@ -688,17 +689,29 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _secret(value: Any, key: str) -> Secret:
+def read_secret(value: Any, key: str = "") -> Secret:
+    """A secret as written in config: ``"env:NAME"``, ``"file:PATH"`` or the value itself; one
+    that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``)."""
     if not isinstance(value, str) or not value:
-        raise ConfigError(key, 'must be a non-empty string (a secret, or "env:NAME")')
+        raise ConfigError(key, 'must be a non-empty string (a secret, "env:NAME" or "file:PATH")')
     if value.startswith("env:"):
         return Secret(os.environ.get(value[4:]), origin=value, key=key)  # None: not set
+    if value.startswith("file:"):
+        # A file's whole text, less its trailing newline (Docker secrets, systemd credentials);
+        # read at every load, so a reload (SIGHUP) takes a rotated one.
+        try:
+            text = Path(value[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+            return Secret(None, origin=value, key=key, unreadable=reason)
+        return Secret(text.rstrip("\r\n"), origin=value, key=key)
     return Secret(value, key=key)
 
 
 def resolve_secret(value: Any, key: str) -> Secret:
-    """A secret from config: ``"env:NAME"`` is looked up in the environment (and must be set)."""
-    secret = _secret(value, key)
+    """A secret from config: ``"env:NAME"`` is looked up in the environment (and must be set),
+    ``"file:PATH"`` read from its file (which must be readable and not empty)."""
+    secret = read_secret(value, key)
     secret.reveal()
     return secret
 
@@ -764,7 +777,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         items = t.raw("secrets")
         if not isinstance(items, list) or not items:
             raise ConfigError(t.path("secrets"), "must be a non-empty array")
-        secrets = tuple(_secret(v, f"{t.path('secrets')}[{i}]") for i, v in enumerate(items))
+        secrets = tuple(read_secret(v, f"{t.path('secrets')}[{i}]") for i, v in enumerate(items))
     tolerance_s = float(t.number("tolerance_s", 300.0, positive=True))
     url = t.string("url", None)
     verify_token = t.secret("verify_token", None)
@@ -923,8 +936,9 @@ def parse(
 ) -> Config:
     """Build a validated ``Config`` from parsed TOML (raises ``ConfigError``).
 
-    With ``secrets=False`` an ``env:`` secret whose variable is unset is left missing instead of
-    being an error: for commands that read the journal and verify or sign nothing.
+    With ``secrets=False`` a secret that cannot be had (an unset variable, an unreadable file) is
+    left missing instead of being an error: for commands that read the journal and verify or
+    sign nothing.
     ``kinds`` gives each action kind's defaults for ``timeout_s`` and ``retry`` (the action
     registry's ``webhookd.actions.kind_defaults``); without it every action gets the common
     ``ActionDefaults()``, which is enough for commands that run no action.

@@ -10,11 +10,10 @@ API can).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from webhookd.config import Secret, VerifyConfig, leaves
+from webhookd.config import Secret, VerifyConfig, leaves, read_secret
 from webhookd.schemes import SCHEMES
 
 MASK = "***"
@@ -121,12 +120,12 @@ class Masker:
 
 
 def secret_values(obj: Any) -> set[str]:
-    """Every secret a config holds: ``Secret`` values and ``env:`` references, where known."""
+    """Every secret a config holds: ``Secret`` values, and ``env:`` and ``file:`` references
+    (an action's options keep them as written), where known."""
     found: set[str] = set()
     for leaf in leaves(obj):
-        if isinstance(leaf, Secret):
-            if not leaf.missing:
-                found.add(leaf.reveal())
-        elif isinstance(leaf, str) and leaf.startswith("env:") and os.environ.get(leaf[4:]):
-            found.add(os.environ[leaf[4:]])
+        if isinstance(leaf, str) and leaf.startswith(("env:", "file:")):
+            leaf = read_secret(leaf)
+        if isinstance(leaf, Secret) and not leaf.missing:
+            found.add(leaf.reveal())
     return found

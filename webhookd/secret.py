@@ -12,17 +12,21 @@ from webhookd.errors import ConfigError
 class Secret:
     """A secret value that never shows itself in ``repr``, ``str`` or logs.
 
-    An ``env:`` secret whose variable is not set, or set but empty, is *missing*: a command
-    that only reads the journal can still load the config; ``reveal()`` raises the
-    ``ConfigError`` naming its key and saying which of the two it is.
+    An ``env:`` secret whose variable is not set, or set but empty, and a ``file:`` secret
+    whose file cannot be read or is empty, are *missing*: a command that only reads the journal
+    can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key and
+    saying why (``unreadable``: the reason a file could not be read).
     """
 
-    __slots__ = ("_key", "_origin", "_value")
+    __slots__ = ("_key", "_origin", "_unreadable", "_value")
 
-    def __init__(self, value: str | None, origin: str = "inline", key: str = "") -> None:
+    def __init__(
+        self, value: str | None, origin: str = "inline", key: str = "", unreadable: str = ""
+    ) -> None:
         self._value = value
         self._origin = origin
         self._key = key
+        self._unreadable = unreadable
 
     @property
     def missing(self) -> bool:
@@ -39,8 +43,17 @@ class Secret:
         what a message may name instead of the value."""
         return self._origin[4:] if self._origin.startswith("env:") else None
 
+    @property
+    def reference(self) -> str | None:
+        """``env:NAME`` or ``file:PATH`` as written (None for an inline value): what a message
+        may name instead of the value."""
+        return None if self._origin == "inline" else self._origin
+
     def reveal(self) -> str:
         if not self._value:
+            if self._origin.startswith("file:"):
+                state = f"cannot be read: {self._unreadable}" if self._value is None else "is empty"
+                raise ConfigError(self._key, f"file {self._origin[5:]} {state}")
             state = "is not set" if self._value is None else "is empty"
             raise ConfigError(self._key, f"environment variable {self.variable} {state}")
         return self._value
