@@ -703,7 +703,7 @@ def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_rest
     new = loads(text, "new.toml", kinds=actions.kind_defaults)
     plan = plan_reload(old, new)
     assert (plan.added, plan.removed, plan.changed) == (("c",), ("a",), ("b",))
-    assert plan.summary() == "added c; removed a; changed b"
+    assert plan.summary() == "added c; removed a; changed b; added lanes new"
     assert plan.kept == ("server.listen", "workers.concurrency", "alerts", "lanes.llm")
     cfg = plan.config
     assert cfg.sources == new.sources and cfg.origin == "new.toml"

@@ -70,7 +70,7 @@ async def test_sighup_adds_and_changes_sources_and_keeps_restart_only_keys_as_th
         config.write_text(text, encoding="utf-8")
         daemon.signal(signal.SIGHUP)
         line = await daemon.wait_said(r"config reloaded")
-        assert line.endswith(f"config reloaded from {config}: added b; changed a")
+        assert line.endswith(f"config reloaded from {config}: added b; changed a; added lanes llm")
         warning = await daemon.wait_said(r"config reload: .* changed")
         assert "server.max_body_bytes changed, kept as they were until the next restart" in warning
 

@@ -441,6 +441,7 @@ class Reload:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()  # changed keys that wait for a restart, e.g. "server", "lanes.x"
+    lanes_added: tuple[str, ...] = ()
 
     def summary(self) -> str:
         parts = [
@@ -449,6 +450,7 @@ class Reload:
                 ("added", self.added),
                 ("removed", self.removed),
                 ("changed", self.changed),
+                ("added lanes", self.lanes_added),
             )
             if names
         ]
@@ -487,6 +489,7 @@ def plan_reload(old: Config, new: Config) -> Reload:
         removed=tuple(n for n in before if n not in after),
         changed=tuple(n for n in after if n in before and after[n] != before[n]),
         kept=tuple(kept),
+        lanes_added=tuple(n for n in lanes if n not in old.lanes),
     )
 
 
