@@ -236,7 +236,8 @@ async def test_a_reload_takes_a_rotated_file_secret(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
     """A ``file:`` secret is read at every load: rotated in its file, it is taken by a reload
-    (an ``env:`` one is the environment's the daemon started with)."""
+    (an ``env:`` one is the environment's the daemon started with). An emptied one is refused,
+    and ``webhookd_config_last_reload_successful`` goes to 0."""
     secret = tmp_path / "token"
     secret.write_text("first-token-0a1b2c\n", encoding="utf-8")
     source = forward("shop", target.url).replace(
@@ -260,3 +261,22 @@ async def test_a_reload_takes_a_rotated_file_secret(
     running.daemon.request_reload()
     await running.daemon.reloaded.wait()
     assert (await post("first-token-0a1b2c", 3), await post("second-token-3d4e5f", 4)) == (401, 202)
+    assert await reload_metrics(running) == 1.0
+
+    # Emptied, the file is refused (the secret it had stays), and the metric says so.
+    secret.write_text("", encoding="utf-8")
+    running.daemon.reloaded.clear()
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    assert await post("second-token-3d4e5f", 5) == 202
+    assert await reload_metrics(running) == 0.0
+
+
+async def reload_metrics(running: Running) -> float:
+    """``webhookd_config_last_reload_successful``, as a scrape reads it."""
+    async with running.http.get(f"{running.admin_url}/metrics") as r:
+        text = await r.text()
+    [line] = [
+        x for x in text.splitlines() if x.startswith("webhookd_config_last_reload_successful")
+    ]
+    return float(line.split()[-1])

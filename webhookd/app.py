@@ -345,23 +345,26 @@ class Daemon:
                 log.info("config reload ignored: draining")
             else:
                 try:
-                    await self._reload(running)
+                    applied = await self._reload(running)
                 except Exception:  # a bug here must not end the daemon: it keeps what it runs
                     log.exception("config reload failed; still running the previous config")
+                    applied = False
+                running.metrics.observe_reload(applied)
             self.reloaded.set()
 
-    async def _reload(self, running: _Running) -> None:
+    async def _reload(self, running: _Running) -> bool:
         """Read the config again and take its sources (their actions with them) and any new
         lane; the rest waits for a restart (``config.plan_reload``). Everything new is built
-        before anything is swapped, so a reload is applied whole or not at all."""
+        before anything is swapped, so a reload is applied whole or not at all. Returns
+        whether it was."""
         if self.loader is None:
             log.warning("config reload: this daemon was given no config to read again")
-            return
+            return False
         try:
             new = self.loader()
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
-            return
+            return False
         logs.add_secrets(secret_values(new))
         plan = plan_reload(self.config, new)
         cfg = plan.config
@@ -376,7 +379,7 @@ class Daemon:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
-            return
+            return False
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
@@ -391,6 +394,7 @@ class Daemon:
                 "config reload: %s changed, kept as they were until the next restart",
                 ", ".join(plan.kept),
             )
+        return True
 
     async def _force_exit(self) -> None:
         await self._force.wait()

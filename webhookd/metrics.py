@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -107,6 +107,19 @@ class Metrics:
             ["source", "action"],
             registry=r,
         )
+        # Reloads (SIGHUP): alert on a 0, as a config on disk that the daemon refused.
+        self.reload_ok = Gauge(
+            "webhookd_config_last_reload_successful",
+            "1 if the last config reload (SIGHUP) was applied, 0 if it was refused.",
+            registry=r,
+        )
+        self.reload_ok.set(1)
+        self.reload_at = Gauge(
+            "webhookd_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully (at start, or by a reload).",
+            registry=r,
+        )
+        self.reload_at.set(pool.clock.time())
         self.configure(pool.config)
         self._state = _StateCollector(journal, pool, lanes)
         r.register(self._state)
@@ -121,6 +134,11 @@ class Metrics:
             for action in src.actions:
                 self.retries.labels(self._label(src.name), action.name)
                 self.dead.labels(self._label(src.name), action.name)
+
+    def observe_reload(self, applied: bool) -> None:
+        self.reload_ok.set(1 if applied else 0)
+        if applied:
+            self.reload_at.set(self.pool.clock.time())
 
     def attach(self, observers: list[Any], on_finish: list[Any]) -> None:
         """Subscribe to the receiver's observers and the pool's ``on_finish`` hooks."""
