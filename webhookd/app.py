@@ -361,7 +361,11 @@ class Daemon:
             log.warning("config reload: this daemon was given no config to read again")
             return False
         try:
-            new = self.loader()
+            # In a thread: a config of 200 sources takes ~30 ms to parse and check, which in
+            # the loop would hold every ack meanwhile. Measured (sequential webhooks, a reload
+            # every 0.5 s): the slowest ack 30-35 ms against 48-50 in the loop, p99 9.5 against
+            # 3.3 ms, as the thread's share of the interpreter slows the acks around it.
+            new = await asyncio.to_thread(self.loader)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
             return False
