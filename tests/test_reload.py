@@ -15,11 +15,14 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from conftest import Running, Target, make_config
+from conftest import Running, Target, fresh_database, make_config
+from openai_standin import StandIn
 from procs import DaemonProc, Procs, write_config
 from procs import Target as ServerTarget
 from rawhttp import RawConn
 
+from webhookd import actions
+from webhookd import config as config_mod
 from webhookd.config import Config
 
 JSON = {"Content-Type": "application/json"}
@@ -280,3 +283,65 @@ async def reload_metrics(running: Running) -> float:
         x for x in text.splitlines() if x.startswith("webhookd_config_last_reload_successful")
     ]
     return float(line.split()[-1])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_reload_adds_a_lane_and_an_openai_source_that_runs_through_it(
+    tmp_path: Path, run_daemon: Any, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The one part of a reload a journal takes part in: a new lane, shared through the
+    journal on PostgreSQL. The source added with it calls the model through the lane, and its
+    answer is the job's result."""
+    standin = await StandIn().start()
+    added = f"""
+[lanes.llm]
+rpm = 600
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+lane = "llm"
+api_key = "sk-standin"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+prompt = "Reply to {{{{ subject }}}}"
+max_tokens = 50
+"""
+    try:
+        if backend == "sqlite":
+            await _lane_added_by_reload(tmp_path, run_daemon, added, "")
+        else:
+            async with fresh_database(request.getfixturevalue("pg_server_url")) as url:
+                await _lane_added_by_reload(tmp_path, run_daemon, added, f'url = "{url}"')
+    finally:
+        await standin.aclose()
+    assert standin.received == len(standin.served) == 1
+
+
+async def _lane_added_by_reload(tmp_path: Path, run_daemon: Any, added: str, url: str) -> None:
+    journal = url or f'path = "{tmp_path / "webhookd.db"}"'
+
+    def config(extra: str) -> Config:
+        text = (
+            '[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n'
+            f"[journal]\n{journal}\n{forward('a', 'http://127.0.0.1:9/')}{extra}"
+        )
+        cfg = config_mod.loads(text, "test", kinds=actions.kind_defaults)
+        actions.validate(cfg)
+        return cfg
+
+    running: Running = await run_daemon(config(""), loader=lambda: config(added))
+    assert running.daemon.pool is not None
+    finished = asyncio.Event()
+    running.daemon.pool.on_finish.append(lambda claimed, outcome, done: finished.set())
+    assert (await running.post("/hooks/mail", b'{"subject": "x"}'))[0] == 404
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    assert set(running.daemon.lanes) == {"llm"}
+    status, doc = await running.post("/hooks/mail", b'{"subject": "late kettle"}')
+    assert status == 202
+    await asyncio.wait_for(finished.wait(), 20)
+    async with running.http.get(f"{running.admin_url}/events/{doc['id']}") as r:
+        event = await r.json()
+    assert event["state"] == "done", event
+    assert event["jobs"][0]["result"]["text"] == "Draft: Reply to late kettle"
+    await running.stop()  # before its database is dropped
