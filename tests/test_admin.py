@@ -354,14 +354,17 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
 
 
 async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(
-    tmp_path: Path, target: Target, run_daemon: StartDaemon
+    tmp_path: Path, target: Target, run_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cancelled while its delivery is in flight, a job finishes that attempt (the event's
     document and ``show`` say a cancel is pending); the attempt fails, and instead of its
-    retry (due at once here) the job is cancelled."""
+    retry (due at once here) the job is cancelled: so say the worker's log line and the
+    attempt metrics, with no retry counted."""
     source = forward_source("shop", target.url + "/shop", max_attempts=3, base_s=0.01)
     config, cfg = write_config(tmp_path, source)
     running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    caplog.set_level(logging.INFO, logger="webhookd.workers")
     target.hold = asyncio.Event()
     target.statuses = [503]
     event_id = await accept(running, "/hooks/shop", '{"n": 1}')
@@ -374,10 +377,20 @@ async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_
     out = await cli("show", event_id, "--config", str(config))
     assert "(forward)  [running, cancel pending]  attempts 1/3" in out.output
     target.hold.set()
+    await outcomes.wait(event_id, "cancelled")
     detail = await event_state(running.http, running.admin_url, event_id, "cancelled")
     assert [a["outcome"] for a in detail["jobs"][0]["errors"]] == ["retry"]
     assert detail["jobs"][0]["cancel_requested"] is False
     assert len(target.seen) == 1
+    [line] = [r.getMessage() for r in caplog.records if f"event={event_id}" in r.getMessage()]
+    assert "attempt=1 outcome=cancelled error=" in line
+    async with running.http.get(running.admin_url + "/metrics") as r:
+        metrics = await r.text()
+    assert (
+        'webhookd_job_attempts_total{action="deliver",outcome="cancelled",source="shop"} 1.0'
+        in metrics
+    )
+    assert 'webhookd_job_retries_total{action="deliver",source="shop"} 0.0' in metrics
 
 
 async def test_keys_finds_the_event_of_a_delivery_even_once_it_is_pruned(

@@ -655,8 +655,10 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert (jobs[parked].attempts, jobs[parked].last_error) == (1, "503")  # kept
         assert (jobs[due].finished_at, jobs[running].finished_at) == (clock.time(), None)
 
-        # The running job's attempt fails: its retry is not queued, it is cancelled.
-        await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
+        # The running job's attempt fails: its retry is not queued, it is cancelled, and the
+        # finish says so (a plain one says nothing).
+        cancelled = await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
+        assert cancelled == {running}
         detail = await daemon.get_event(item.event.id)
         assert detail.state == "cancelled" and [r.id for r in await daemon.ready(far + 1, 9)] == [
             other.jobs[0].id
@@ -673,7 +675,10 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert [j.finished_at for j in replayed.jobs] == [None, None, None]
         # Replayed, a job is no longer cancelled: a failed attempt queues its retry again.
         await daemon.claim([running], "b")
-        await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=clock.time())])
+        retried = await daemon.finish(
+            [finished(running, JobState.QUEUED, "retry", run_at=clock.time())]
+        )
+        assert retried == frozenset()
         assert running in {r.id for r in await daemon.ready(clock.time(), 10)}
 
 

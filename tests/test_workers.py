@@ -373,10 +373,10 @@ async def test_a_capped_actions_jobs_follow_each_other_without_refused_claims(
             refused.append(result.full)
         return result
 
-    async def slow_finish(results: Any) -> None:  # the dispatcher runs while this waits
+    async def slow_finish(results: Any) -> frozenset[str]:  # the dispatcher runs meanwhile
         for _ in range(5):
             await asyncio.sleep(0)
-        await real_finish(results)
+        return await real_finish(results)
 
     rig.journal.claim_capped = counted  # type: ignore[method-assign]
     rig.journal.finish = slow_finish  # type: ignore[method-assign]
@@ -651,12 +651,12 @@ async def test_a_slot_is_free_once_the_action_returns_not_once_its_outcome_is_on
     recording: list[Any] = []
     real_finish = rig.journal.finish
 
-    async def slow_finish(results: Any) -> None:  # a disk that takes its time over a commit
+    async def slow_finish(results: Any) -> frozenset[str]:  # a disk taking its time to commit
         recording.extend(results)
         if len(recording) == 2:
             both_ran.set()
         await gate.wait()
-        await real_finish(results)
+        return await real_finish(results)
 
     rig.journal.finish = slow_finish  # type: ignore[method-assign]
     events = [await rig.ingest("s"), await rig.ingest("s")]

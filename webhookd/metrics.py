@@ -84,7 +84,8 @@ class Metrics:
         )
         self.attempts = Counter(
             "webhookd_job_attempts",
-            "Finished job attempts by source, action and outcome (done, retry, dead, wait).",
+            "Finished job attempts by source, action and outcome (done, retry, dead, wait, and"
+            " cancelled: an attempt that would have been retried, of a job cancelled meanwhile).",
             ["source", "action", "outcome"],
             registry=r,
         )

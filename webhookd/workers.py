@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -731,9 +732,13 @@ class WorkerPool:
                     if key in self._retired:
                         self._close_soon(self._retired.pop(key))
         finished = self._decide(claimed, action_cfg, outcome, started_at)
-        self.outcomes[finished.outcome] += 1
         self._release(job.id)
-        await self._record(finished)
+        if await self._record(finished):
+            # Cancelled while it ran: the journal ended it instead of queueing it again.
+            finished = dataclasses.replace(
+                finished, state=JobState.CANCELLED, outcome="cancelled", run_at=None
+            )
+        self.outcomes[finished.outcome] += 1
         if (
             finished.state == JobState.QUEUED
             and finished.run_at is not None
@@ -755,8 +760,9 @@ class WorkerPool:
             f" error={finished.error!r}" if finished.error else "",
         )
 
-    async def _record(self, finished: Finished) -> None:
-        """Commit an attempt's outcome, trying again while the journal cannot take it.
+    async def _record(self, finished: Finished) -> bool:
+        """Commit an attempt's outcome, trying again while the journal cannot take it; returns
+        whether a cancel made while the job ran ended it instead of a retry or a wait.
 
         Until it is committed the job stays 'running' in the journal; its slot is free already,
         but a journal that cannot take an outcome cannot take a claim either. Should a drain
@@ -767,8 +773,8 @@ class WorkerPool:
         while True:
             try:
                 # Shielded: a drain that cancels us must not cut a commit in flight.
-                await asyncio.shield(self.journal.finish([finished]))
-                return
+                cancelled = await asyncio.shield(self.journal.finish([finished]))
+                return finished.job_id in cancelled
             except JournalUnavailable as exc:
                 if delay_s == 0.05:
                     log.error(

@@ -700,7 +700,9 @@ class Journal(Reads, BaseJournal):
                 started.extend(claimed)
                 result = ingested
             elif isinstance(op, FinishOp):
-                self.backlog_jobs -= sum(1 for f in op.results if f.state != JobState.QUEUED)
+                # Those a cancel kept from being queued again (``result``) left the backlog too.
+                ended = sum(1 for f in op.results if f.state != JobState.QUEUED)
+                self.backlog_jobs -= ended + len(result)
             if not op.future.done():
                 op.future.set_result(result)
         self.backlog_jobs += len(created) + len(started)
@@ -756,10 +758,12 @@ class Journal(Reads, BaseJournal):
         result: CapClaim = await self._submit(op)
         return result
 
-    async def finish(self, results: Sequence[Finished]) -> None:
+    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
         """Record attempts' outcomes (batched with whatever else is being committed)."""
-        if results:
-            await self._submit(FinishOp(self._new_future(), list(results)))
+        if not results:
+            return frozenset()
+        cancelled: frozenset[str] = await self._submit(FinishOp(self._new_future(), list(results)))
+        return cancelled
 
     async def unclaim(self, job_ids: Sequence[str]) -> None:
         """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""

@@ -172,9 +172,11 @@ class BaseJournal(ABC):
         attempts unchanged; ``full`` names the caps that kept jobs back."""
 
     @abstractmethod
-    async def finish(self, results: Sequence[Finished]) -> None:
+    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
         """Record attempts' outcomes. An outcome for a claim this process no longer holds (a
-        lease lost to another node) is ignored: the new owner's outcome stands."""
+        lease lost to another node) is ignored: the new owner's outcome stands. Returns the ids
+        of jobs that a cancel made while they ran kept from being queued again: they ended
+        ``cancelled`` instead (an outcome kept back to record later is not among them)."""
 
     @abstractmethod
     async def unclaim(self, job_ids: Sequence[str]) -> None:

@@ -249,8 +249,7 @@ def write_ops(
             results[id(iop)] = ingested
     for op in ops:
         if isinstance(op, FinishOp):
-            write_finishes(conn, op.results)
-            results[id(op)] = None
+            results[id(op)] = write_finishes(conn, op.results)
     for op in ops:
         if isinstance(op, ClaimOp):
             results[id(op)] = write_claim(conn, op)
@@ -533,7 +532,10 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> CapClaim:
     return CapClaim(claimed, full)
 
 
-def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> None:
+def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> frozenset[str]:
+    """Record outcomes; returns the ids of jobs a cancel kept from being queued again (they
+    ended ``cancelled``: see ``leaving_running``). Only outcomes that re-queue can be such, and
+    they are the rare ones: an outcome that ends a job costs no read."""
     updates = []
     attempts = []
     for f in results:
@@ -577,3 +579,11 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> Non
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             attempts,
         )
+    requeued = [f.job_id for f in results if f.state == JobState.QUEUED]
+    if not requeued:
+        return frozenset()
+    marks = ",".join("?" * len(requeued))
+    rows = conn.execute(
+        f"SELECT id FROM jobs WHERE state = 'cancelled' AND id IN ({marks})", requeued
+    ).fetchall()
+    return frozenset(r[0] for r in rows)

@@ -293,16 +293,18 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         starts = reserve_starts(self.starter, ingests)
         claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
 
-        async def fn(conn: Any) -> tuple[list[IngestResult], set[int]]:
+        async def fn(conn: Any) -> tuple[list[IngestResult], tuple[set[int], frozenset[str]]]:
             ingested = (
                 await write_ingests(conn, ingests, now, starts.job_ids, claim) if ingests else []
             )
-            recorded = await write_finishes(conn, results, tokens) if results else set()
-            return ingested, recorded
+            finished = (
+                await write_finishes(conn, results, tokens) if results else (set(), frozenset())
+            )
+            return ingested, finished
 
         began = time.perf_counter()
         try:
-            ingested, recorded = await self._write(fn)
+            ingested, (recorded, cancelled) = await self._write(fn)
         except BaseException as exc:
             if starts.job_ids:
                 # Jobs written claimed in a commit that may have happened: undone by token
@@ -339,7 +341,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             # outcome must leave it alone.
             held = token is not None and self._tokens.get(f.job_id) == token
             if i in recorded:
-                if f.state != JobState.QUEUED:
+                if f.state != JobState.QUEUED or f.job_id in cancelled:
                     self.backlog_jobs -= 1
             elif not held or (f.job_id, token) in answered:
                 log.debug(
@@ -362,7 +364,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     freed = True
         for fop in finishes:
             if not fop.future.done():
-                fop.future.set_result(None)
+                fop.future.set_result(cancelled & {f.job_id for f in fop.results})
         self.backlog_jobs += len(created) + len(started)
         if created or freed:
             self._notify_wanted.set()
@@ -420,7 +422,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 self._capped.add(c.job.id)
         return result
 
-    async def finish(self, results: Sequence[Finished]) -> None:
+    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
         """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
         keep them to record with the next heartbeat (``record_pending``): this node's lease
         keeps their jobs running meanwhile, and no other node would ever re-queue them.
@@ -431,15 +433,18 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         heartbeat writes what was kept back, so one outcome can arrive more than once, and
         after its job was recorded, queued and claimed again: looked up at write time, a late
         copy would take the new claim's token and set the running attempt back to queued."""
-        if results:
-            await self._finish_bound([(f, f.claim or self._tokens.get(f.job_id)) for f in results])
+        if not results:
+            return frozenset()
+        return await self._finish_bound(
+            [(f, f.claim or self._tokens.get(f.job_id)) for f in results]
+        )
 
-    async def _finish_bound(self, bound: Sequence[tuple[Finished, str | None]]) -> None:
+    async def _finish_bound(self, bound: Sequence[tuple[Finished, str | None]]) -> frozenset[str]:
         """``finish`` of outcomes already bound to their claim tokens."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
         try:
             self._enqueue(FinishOp(future, [f for f, _ in bound], [t for _, t in bound]))
-            await future
+            return await future
         except JournalUnavailable:
             for f, token in bound:
                 self._pending.setdefault((f.job_id, token), f)

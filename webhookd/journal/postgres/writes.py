@@ -237,13 +237,14 @@ async def write_claim_capped(
 
 async def write_finishes(
     conn: Any, results: Sequence[Finished], tokens: Sequence[str | None]
-) -> set[int]:
+) -> tuple[set[int], frozenset[str]]:
     """Record outcomes whose claim token (``tokens``, one per result) still matches; returns
     the indexes in ``results`` of those recorded. A claim re-queued by lease recovery (and
     perhaps claimed again elsewhere) has a new token, so a late outcome from the node that lost
     it changes nothing; nor does a second copy of an outcome already recorded (its claim's
     token is gone). Two copies of one outcome in one batch are recorded once, with one attempt
-    row: the job's row is updated once, and only the copy that updated it is returned."""
+    row: the job's row is updated once, and only the copy that updated it is returned. Also
+    returns the ids of jobs a cancel kept from being queued again (``leaving_running``)."""
     rows = []
     for f, token in zip(results, tokens, strict=True):
         wait = f.outcome == "wait"
@@ -268,10 +269,12 @@ async def write_finishes(
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[], $5::text[],"
         " $6::text[], $7::double precision[], $8::integer[], $9::double precision[])"
         " WITH ORDINALITY AS u(id, tok, state, run, res, err, fin, w, at, n)"
-        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok RETURNING u.n",
+        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok"
+        " RETURNING u.n, j.id, j.state, u.state AS wanted",
         *_columns(rows, 9),
     )
     recorded = {int(r[0]) - 1 for r in applied}
+    cancelled = frozenset(r[1] for r in applied if r[2] == "cancelled" and r[3] == "queued")
     attempts = [
         (
             f.job_id,
@@ -292,7 +295,7 @@ async def write_finishes(
             " $4::double precision[], $5::text[], $6::text[], $7::text[])",
             *_columns(attempts, 7),
         )
-    return recorded
+    return recorded, cancelled
 
 
 async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: int) -> Recovery:
