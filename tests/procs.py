@@ -228,8 +228,11 @@ class Procs:
         cwd: Path | None = None,
         wait: bool = True,
         open_files: tuple[int, int] | None = None,
+        flags: Sequence[str] = (),
     ) -> DaemonProc:
+        """``webhookd serve [--config CONFIG] FLAGS``, once listening unless ``wait`` is off."""
         args = ["serve"] if config is None else ["serve", "--config", str(config)]
+        args += flags
         proc = await spawn(args, cwd, stdout=asyncio.subprocess.DEVNULL, open_files=open_files)
         daemon = DaemonProc(proc)
         daemon.reader = asyncio.create_task(daemon._read(), name=f"stderr of {proc.pid}")

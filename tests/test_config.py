@@ -710,3 +710,13 @@ def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_rest
     assert (cfg.server, cfg.workers, cfg.alerts) == (old.server, old.workers, None)
     assert cfg.lanes["llm"] == old.lanes["llm"]  # kept with its buckets: a restart changes it
     assert cfg.lanes["new"] == new.lanes["new"]
+
+
+def test_plan_reload_takes_the_log_level_unless_the_command_line_set_it() -> None:
+    old = loads(RELOAD_BASE, "old.toml", kinds=actions.kind_defaults)
+    new = loads(RELOAD_BASE + '[log]\nlevel = "debug"\nformat = "json"\n', "new.toml")
+    plan = plan_reload(old, new)
+    assert (plan.config.log.level, plan.config.log.format) == ("debug", "text")
+    assert plan.kept == ("log.format",)
+    fixed = plan_reload(old, new, log_level=False)
+    assert (fixed.config.log, fixed.kept) == (old.log, ("log.level", "log.format"))

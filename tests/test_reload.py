@@ -345,3 +345,33 @@ async def _lane_added_by_reload(tmp_path: Path, run_daemon: Any, added: str, url
     assert event["state"] == "done", event
     assert event["jobs"][0]["result"]["text"] == "Draft: Reply to late kettle"
     await running.stop()  # before its database is dropped
+
+
+@served
+async def test_a_reload_sets_the_log_level_unless_the_command_line_did(
+    tmp_path: Path, procs: Procs, downstream: ServerTarget
+) -> None:
+    """``log.level`` changes in place (the next reload's own debug line shows it); with
+    ``--log-level`` on the command line it stays, and the warning names it."""
+    debug_line = "config reload: 1 source(s) and 0 lane(s) read from"
+    for flags in ((), ("--log-level", "info")):
+        config = write_config(
+            tmp_path / "webhookd.toml", tmp_path / "webhookd.db", forward("a", downstream.url)
+        )
+        daemon = await procs.serve(config, flags=flags)
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace('level = "info"', 'level = "debug"'), encoding="utf-8")
+        for n in (1, 2):
+            daemon.signal(signal.SIGHUP)
+            async with asyncio.timeout(10):  # each reload's line, woken by each line said
+                while daemon.log.count("config reloaded") < n:
+                    daemon.said.clear()
+                    await daemon.said.wait()
+        if flags:
+            assert "config reload: log.level changed, kept" in daemon.log
+            assert debug_line not in daemon.log
+        else:
+            assert "log level now debug" in daemon.log
+            assert debug_line in daemon.log
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0

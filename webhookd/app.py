@@ -114,6 +114,8 @@ class Daemon:
     on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
     # Reads the config again for a reload (SIGHUP, ``request_reload``); raises ConfigError.
     loader: Callable[[], Config] | None = None
+    # Whether a reload sets the log level from the file (not when ``--log-level`` set it).
+    reload_log_level: bool = True
     # Set after each reload, applied or refused (for tests and embedding).
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)
     _force: asyncio.Event = field(default_factory=asyncio.Event)
@@ -370,7 +372,13 @@ class Daemon:
             log.error("config reload refused, still running the previous config: %s", exc)
             return False
         logs.add_secrets(secret_values(new))
-        plan = plan_reload(self.config, new)
+        plan = plan_reload(self.config, new, log_level=self.reload_log_level)
+        log.debug(
+            "config reload: %d source(s) and %d lane(s) read from %s",
+            len(new.sources),
+            len(new.lanes),
+            new.origin,
+        )
         cfg = plan.config
         lanes = {name: lane for name, lane in self.lanes.items() if name in cfg.lanes}
         journal = running.pool.journal
@@ -387,6 +395,9 @@ class Daemon:
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
+        if cfg.log.level != self.config.log.level:
+            logs.set_level(cfg.log.level)
+            log.info("log level now %s", cfg.log.level)
         self.config = cfg
         running.pool.reconfigure(cfg, actions)
         running.receiver.reconfigure(cfg)
@@ -498,14 +509,19 @@ class _Running:
     ctx: AdminContext
 
 
-def run(config: Config, loader: Callable[[], Config] | None = None) -> int:
+def run(
+    config: Config, loader: Callable[[], Config] | None = None, *, reload_log_level: bool = True
+) -> int:
     """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status.
-    ``loader`` reads the config again on SIGHUP."""
+    ``loader`` reads the config again on SIGHUP; ``reload_log_level``: whether that sets the
+    log level too (not when the command line set it)."""
 
     async def main() -> int:
         status = 1
         try:
-            status = await Daemon(config, tune_gc=True, loader=loader).run()
+            status = await Daemon(
+                config, tune_gc=True, loader=loader, reload_log_level=reload_log_level
+            ).run()
             return status
         finally:
             _exit_within(EXIT_DEADLINE_S, status)

@@ -428,7 +428,8 @@ class Config:
 # Reloading (SIGHUP)
 
 # What a running daemon cannot change in place: its listeners, its journal, its pool, its log
-# handler, its alerts. A reload keeps these as they were and says which changed.
+# format, its alerts. A reload keeps these as they were and says which changed. (``log.level``
+# changes in place, unless the command line set it: see ``plan_reload``.)
 RESTART_ONLY = ("server", "admin", "journal", "workers", "log", "alerts")
 
 
@@ -472,11 +473,16 @@ def _changed(name: str, old: Any, new: Any) -> list[str]:
     ]
 
 
-def plan_reload(old: Config, new: Config) -> Reload:
-    """Take ``new``'s sources (their actions with them) and any lane it adds; keep everything
-    else of ``old``. A lane that already exists keeps its settings (and its buckets' state):
-    changing one in place could let a minute's requests through twice."""
+def plan_reload(old: Config, new: Config, *, log_level: bool = True) -> Reload:
+    """Take ``new``'s sources (their actions with them), any lane it adds and, with
+    ``log_level`` (not set on the command line), its ``log.level``; keep everything else of
+    ``old``. A lane that already exists keeps its settings (and its buckets' state): changing
+    one in place could let a minute's requests through twice."""
     kept = [key for name in RESTART_ONLY for key in _changed(name, old, new)]
+    log = old.log
+    if log_level and "log.level" in kept:
+        kept.remove("log.level")
+        log = dataclasses.replace(log, level=new.log.level)
     lanes = dict(new.lanes)
     for name, lane in old.lanes.items():
         if name in lanes and lanes[name] != lane:
@@ -484,7 +490,7 @@ def plan_reload(old: Config, new: Config) -> Reload:
             lanes[name] = lane
     before, after = old.sources, new.sources
     return Reload(
-        config=dataclasses.replace(old, sources=after, lanes=lanes, origin=new.origin),
+        config=dataclasses.replace(old, sources=after, lanes=lanes, log=log, origin=new.origin),
         added=tuple(n for n in after if n not in before),
         removed=tuple(n for n in before if n not in after),
         changed=tuple(n for n in after if n in before and after[n] != before[n]),

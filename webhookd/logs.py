@@ -85,6 +85,11 @@ def fields(message: str) -> dict[str, Any]:
     return out
 
 
+def set_level(level: str) -> None:
+    """Log at ``level`` from now on (a reloaded ``log.level``)."""
+    logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
+
+
 def add_secrets(secrets: Iterable[str]) -> None:
     """Mask these too in every line from now on (a reloaded config's secrets); the earlier
     ones stay masked, as lines about jobs started before the reload may still carry them."""
