@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Running, Target, make_config
+from conftest import Running, Target, make_config, new_event
 from ops_support import cli, event_state, forward_source, write_config
 from procs import poll
 from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
 from webhookd.actions.base import Outcome
-from webhookd.journal import Claimed, Finished
+from webhookd.admin import _replay_present
+from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
+from webhookd.models import new_job_id
 
 EVENT_KEYS = {
     "id",
@@ -351,6 +354,16 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
     assert (status, doc) == (202, {"source": "shop", "events": 0, "requeued": 0})
     status, error = await post_admin(running, "/sources/nope/replay-dead")
     assert (status, set(error)) == (404, {"error"})
+
+
+async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(
+    journal: Journal,
+) -> None:
+    """An event pruned between the listing and its batch is skipped; the rest are replayed."""
+    item = NewEvent(new_event("shop", time.time()), (NewJob(new_job_id(), "a", "forward", 3),))
+    await journal.ingest(item)
+    done = await _replay_present(journal, [item.event.id, "evt_00000000000000000000000000"])
+    assert list(done) == [item.event.id]
 
 
 async def test_cancel_of_a_running_job_lets_its_attempt_end_with_no_retry_after_it(

@@ -15,6 +15,7 @@ from webhookd import actions, app
 from webhookd.cli import main
 from webhookd.config import (
     ACTION_KINDS,
+    CATCH_ALL,
     DEFAULT_MAX_COOLDOWN_S,
     EMBEDDED_DEFAULT,
     ActionDefaults,
@@ -710,6 +711,13 @@ def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_rest
     assert (cfg.server, cfg.workers, cfg.alerts) == (old.server, old.workers, None)
     assert cfg.lanes["llm"] == old.lanes["llm"]  # kept with its buckets: a restart changes it
     assert cfg.lanes["new"] == new.lanes["new"]
+
+
+def test_the_catch_all_stands_only_for_names_it_would_take() -> None:
+    """So ``pause``, the admin API's pause and replay-dead refuse a name no webhook can have."""
+    cfg = load(None)  # the embedded default: a catch-all
+    assert cfg.source_for("shop") is cfg.sources[CATCH_ALL]
+    assert cfg.source_for("../x") is None and cfg.source_for("") is None
 
 
 def test_plan_reload_takes_the_log_level_unless_the_command_line_set_it() -> None:

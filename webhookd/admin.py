@@ -11,6 +11,7 @@ show it is not a cross-site form (see ``_same_origin``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -33,6 +34,7 @@ from webhookd.journal import (
     EventSummary,
     LaneBacklog,
     PolledCounts,
+    Replayed,
 )
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
@@ -307,16 +309,16 @@ class Admin:
         """The event a dedup key (``source:key``: a provider's delivery id) names, and whether
         that event is still in the journal (a key is kept longer than a done event)."""
         key = request.match_info["key"]
-        owner = await self.ctx.journal.key_owner(key)
-        if owner is None:
+        found = await self.ctx.journal.event_by_key(key)
+        if found is None:
             return json_error(404, "no event has this dedup key (or it is past keep_dedup_d)")
-        event_id, first_seen_at = owner
-        try:
-            await self.ctx.journal.get_event(event_id)
-            pruned = False
-        except NotFound:
-            pruned = True
-        doc = {"key": key, "event_id": event_id, "first_seen_at": first_seen_at, "pruned": pruned}
+        event_id, first_seen_at, detail = found
+        doc = {
+            "key": key,
+            "event_id": event_id,
+            "first_seen_at": first_seen_at,
+            "pruned": detail is None,
+        }
         return web.json_response(self.ctx.masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
@@ -374,29 +376,31 @@ class Admin:
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
         journal = self.ctx.journal
-        events = requeued = 0
+        done: dict[str, Replayed] = {}
         try:
             ids = await journal.event_ids_with_jobs("dead", source, None)
             for start in range(0, len(ids), BULK_BATCH):
-                batch = ids[start : start + BULK_BATCH]
-                while batch:
-                    try:
-                        done = await journal.replay(batch)
-                    except NotFound as exc:
-                        rest = [event_id for event_id in batch if event_id != str(exc)]
-                        if len(rest) == len(batch):
-                            raise
-                        batch = rest
-                        continue
-                    events += len(done)
-                    requeued += sum(r.requeued for r in done.values())
-                    break
+                done |= await _replay_present(journal, ids[start : start + BULK_BATCH])
         except JournalError as exc:
             return json_error(503, str(exc))
         self.ctx.pool.poke()
+        requeued = sum(r.requeued for r in done.values())
         return web.json_response(
-            {"source": source, "events": events, "requeued": requeued}, status=202
+            {"source": source, "events": len(done), "requeued": requeued}, status=202
         )
+
+
+async def _replay_present(journal: BaseJournal, batch: list[str]) -> dict[str, Replayed]:
+    """``replay`` of a batch; should one of its events have been pruned since it was listed
+    (``NotFound``, which changes nothing), the rest one at a time."""
+    try:
+        return await journal.replay(batch)
+    except NotFound:
+        done: dict[str, Replayed] = {}
+        for event_id in batch:
+            with contextlib.suppress(NotFound):
+                done |= await journal.replay([event_id])
+        return done
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

@@ -222,23 +222,23 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             if event_id is not None:
                 return await journal.get_event(event_id)
             assert key is not None  # one of the two: checked above
-            owner = await journal.key_owner(key)
-            if owner is None:
+            found = await journal.event_by_key(key)
+            if found is None:
                 raise WebhookdError(
                     printable(
                         f"no event has the dedup key {key!r}: never seen, or its key is"
                         f" older than journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
                     )
                 )
-            try:
-                return await journal.get_event(owner[0])
-            except NotFound:
+            owner, first_seen_at, detail = found
+            if detail is None:
                 raise WebhookdError(
                     printable(
-                        f"the dedup key {key!r} was first seen {_when(owner[1])} as"
-                        f" {owner[0]}, which has been pruned since"
+                        f"the dedup key {key!r} was first seen {_when(first_seen_at)} as"
+                        f" {owner}, which has been pruned since"
                     )
-                ) from None
+                )
+            return detail
 
     detail = _run(go)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).

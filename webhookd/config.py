@@ -410,13 +410,18 @@ class Config:
     origin: str = "embedded default"
 
     def source_for(self, name: str) -> SourceConfig | None:
-        """The configured source called ``name``, else the catch-all (``"*"``) if there is one.
+        """The configured source called ``name``, else the catch-all (``"*"``) if there is one
+        and ``name`` is one it takes (``SOURCE_NAME``: a pause or a replay of ``../x`` names no
+        source).
 
         ``webhookd`` is the alerts' own source (when ``[alerts]`` is set), never the catch-all.
         """
         if name == ALERT_SOURCE:
             return self.alerts.source if self.alerts is not None else None
-        return self.sources.get(name) or self.sources.get(CATCH_ALL)
+        found = self.sources.get(name)
+        if found is None and SOURCE_NAME.fullmatch(name):
+            return self.sources.get(CATCH_ALL)
+        return found
 
     def all_sources(self) -> tuple[SourceConfig, ...]:
         """The user's sources, and the alerts' own source when there is one (to build actions)."""

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from typing import Generic, Literal, TypeVar
 
 from webhookd.clock import Clock
-from webhookd.errors import JournalError
+from webhookd.errors import JournalError, NotFound
 from webhookd.journal.records import (
     Activity,
     Cancelled,
@@ -310,6 +310,17 @@ class BaseJournal(ABC):
         commit that journals it and deleted only with it (prune), so in this order a prune
         between the two reads is ``NotFound``, never the event without its jobs.
         """
+
+    async def event_by_key(self, dedup_key: str) -> tuple[str, float, EventDetail | None] | None:
+        """``key_owner``, and the event itself: ``None`` in its place once it has been pruned
+        (a key is kept longer than a done event)."""
+        owner = await self.key_owner(dedup_key)
+        if owner is None:
+            return None
+        try:
+            return (*owner, await self.get_event(owner[0]))
+        except NotFound:
+            return (*owner, None)
 
     @abstractmethod
     async def key_owner(self, dedup_key: str) -> tuple[str, float] | None:
