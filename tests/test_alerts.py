@@ -4,6 +4,7 @@ target, on a manual clock (no waiting out the interval)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -184,6 +185,45 @@ async def test_on_dead_false_makes_no_dead_alerts(make_rig: MakeRig) -> None:
     await rig.pool.run_until_idle()
     assert await rig.alerter.tick() == []
     assert await rig.journal.list_events(source=ALERT_SOURCE) == []
+
+
+async def test_a_reconfigured_alerter_follows_the_reloaded_alerts_table(make_rig: MakeRig) -> None:
+    """A reload's ``[alerts]`` (``reconfigure``): a shorter interval frees a held summary
+    sooner; without ``[alerts]`` the held dead jobs are dropped and later ones not counted; with
+    ``[alerts]`` again, counting starts over."""
+    rig = await make_rig("min_interval_s = 300")
+    assert rig.cfg.alerts is not None
+    rig.target.default_status = 400
+
+    async def dead_job() -> str:
+        event_id = await rig.ingest()
+        await rig.pool.run_until_idle()
+        return event_id
+
+    await dead_job()
+    assert len(await rig.alerter.tick()) == 1
+    held = await dead_job()
+    assert await rig.alerter.tick() == []  # within the 300 s
+    rig.alerter.reconfigure(dataclasses.replace(rig.cfg.alerts, min_interval_s=60))
+    assert rig.alerter.next_due_s() == pytest.approx(60.0)
+    rig.clock.advance(60.0)
+    [alert] = await rig.alerter.tick()
+    assert (await rig.alert_doc(alert))["events"] == [held]
+
+    await dead_job()
+    rig.alerter.reconfigure(None)
+    await dead_job()
+    rig.clock.advance(60.0)
+    assert (rig.alerter.next_due_s(), await rig.alerter.tick()) == (None, [])
+
+    rig.alerter.reconfigure(rig.cfg.alerts)
+    assert rig.alerter.next_due_s() is None  # nothing counted while it was off
+    last = await dead_job()
+    assert rig.alerter.next_due_s() == pytest.approx(240.0)  # 300 s after the last alert
+    rig.clock.advance(240.0)
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert (doc["count"], doc["events"]) == (1, [last])
 
 
 async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(

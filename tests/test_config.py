@@ -704,11 +704,19 @@ def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_rest
     new = loads(text, "new.toml", kinds=actions.kind_defaults)
     plan = plan_reload(old, new)
     assert (plan.added, plan.removed, plan.changed) == (("c",), ("a",), ("b",))
-    assert plan.summary() == "added c; removed a; changed b; added lanes new"
-    assert plan.kept == ("server.listen", "workers.concurrency", "alerts", "lanes.llm")
+    assert plan.summary() == "added c; removed a; changed b; added lanes new; added [alerts]"
+    assert plan.kept == ("server.listen", "workers.concurrency", "lanes.llm")
     cfg = plan.config
     assert cfg.sources == new.sources and cfg.origin == "new.toml"
-    assert (cfg.server, cfg.workers, cfg.alerts) == (old.server, old.workers, None)
+    assert (cfg.server, cfg.workers) == (old.server, old.workers)
+    assert cfg.alerts == new.alerts and cfg.alerts is not None
+    back = plan_reload(cfg, old)
+    assert (back.config.alerts, back.summary()) == (
+        None,
+        "added a; removed c; changed b; removed [alerts]",
+    )
+    quieter = dataclasses.replace(new, alerts=dataclasses.replace(cfg.alerts, min_interval_s=60))
+    assert plan_reload(new, quieter).summary() == "changed [alerts]"
     assert cfg.lanes["llm"] == old.lanes["llm"]  # kept with its buckets: a restart changes it
     assert cfg.lanes["new"] == new.lanes["new"]
 
@@ -720,11 +728,13 @@ def test_the_catch_all_stands_only_for_names_it_would_take() -> None:
     assert cfg.source_for("../x") is None and cfg.source_for("") is None
 
 
-def test_plan_reload_takes_the_log_level_unless_the_command_line_set_it() -> None:
+def test_plan_reload_takes_the_log_settings_but_those_the_command_line_set() -> None:
     old = loads(RELOAD_BASE, "old.toml", kinds=actions.kind_defaults)
     new = loads(RELOAD_BASE + '[log]\nlevel = "debug"\nformat = "json"\n', "new.toml")
     plan = plan_reload(old, new)
-    assert (plan.config.log.level, plan.config.log.format) == ("debug", "text")
-    assert plan.kept == ("log.format",)
-    fixed = plan_reload(old, new, log_level=False)
-    assert (fixed.config.log, fixed.kept) == (old.log, ("log.level", "log.format"))
+    assert (plan.config.log.level, plan.config.log.format, plan.kept) == ("debug", "json", ())
+    level = plan_reload(old, new, fixed={"log.level"})
+    assert (level.config.log.level, level.config.log.format) == ("info", "json")
+    assert level.kept == ("log.level",)
+    both = plan_reload(old, new, fixed={"log.level", "log.format"})
+    assert (both.config.log, both.kept) == (old.log, ("log.level", "log.format"))

@@ -186,6 +186,44 @@ async def test_a_job_running_across_a_reload_ends_on_its_action_which_is_then_cl
     assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
 
 
+async def test_a_reload_adds_alerts_that_tell_of_the_next_dead_job(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A daemon started without ``[alerts]`` takes them from a reload: the next job to go dead
+    is told to the alert URL (a real loopback server), through the reloaded alert action."""
+    target.default_status = 400  # every forward is refused: dead at its first attempt
+    plain = forward("a", f"{target.url}/a")
+    alerting = plain + f'[alerts]\nurl = "{target.url}/alerts"\nmin_interval_s = 0\n'
+    running: Running = await run_daemon(
+        make_config(tmp_path, plain), loader=lambda: make_config(tmp_path, alerting)
+    )
+    daemon = running.daemon
+    assert daemon.pool is not None
+    dead: list[str] = []
+    pool_dead = asyncio.Event()
+
+    def finished(claimed: Any, outcome: Any, done: Any) -> None:
+        if claimed.event.source == "a" and str(done.state) == "dead":
+            dead.append(claimed.event.id)
+            pool_dead.set()
+
+    daemon.pool.on_finish.append(finished)
+    status, _ = await running.post("/hooks/a", b'{"n": 1}')
+    assert status == 202
+    await asyncio.wait_for(pool_dead.wait(), 10)
+
+    daemon.request_reload()
+    await daemon.reloaded.wait()
+    assert daemon.config.alerts is not None
+    status, second = await running.post("/hooks/a", b'{"n": 2}')
+    assert status == 202
+    await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
+    [alert] = [json.loads(s.body) for s in target.seen if s.path == "/alerts"]
+    # Only the job that died after the reload: the daemon was not watching before.
+    assert (alert["kind"], alert["count"], alert["events"]) == ("dead", 1, [second["id"]])
+    assert dead[0] != second["id"]
+
+
 async def test_a_webhook_being_received_when_its_source_is_removed_is_still_accepted(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
@@ -348,30 +386,39 @@ async def _lane_added_by_reload(tmp_path: Path, run_daemon: Any, added: str, url
 
 
 @served
-async def test_a_reload_sets_the_log_level_unless_the_command_line_did(
+async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
     tmp_path: Path, procs: Procs, downstream: ServerTarget
 ) -> None:
-    """``log.level`` changes in place (the next reload's own debug line shows it); with
-    ``--log-level`` on the command line it stays, and the warning names it."""
+    """``log.level`` and ``log.format`` change in place (the next reload's own debug line
+    shows both: written, and as JSON); with ``--log-level`` and ``--log-format`` on the command
+    line they stay, and the warning names them."""
     debug_line = "config reload: 1 source(s) and 0 lane(s) read from"
-    for flags in ((), ("--log-level", "info")):
+    for flags in ((), ("--log-level", "info", "--log-format", "text")):
         config = write_config(
             tmp_path / "webhookd.toml", tmp_path / "webhookd.db", forward("a", downstream.url)
         )
         daemon = await procs.serve(config, flags=flags)
         text = config.read_text(encoding="utf-8")
-        config.write_text(text.replace('level = "info"', 'level = "debug"'), encoding="utf-8")
+        assert 'level = "info"' in text
+        config.write_text(
+            text.replace('level = "info"', 'level = "debug"\nformat = "json"'), encoding="utf-8"
+        )
         for n in (1, 2):
             daemon.signal(signal.SIGHUP)
             async with asyncio.timeout(10):  # each reload's line, woken by each line said
                 while daemon.log.count("config reloaded") < n:
                     daemon.said.clear()
                     await daemon.said.wait()
+        lines = daemon.log.splitlines()
+        [last] = [line for line in lines if "config reloaded" in line][-1:]
         if flags:
-            assert "config reload: log.level changed, kept" in daemon.log
+            assert "config reload: log.level, log.format changed, kept" in daemon.log
             assert debug_line not in daemon.log
+            assert not any(line.startswith("{") for line in lines)
         else:
             assert "log level now debug" in daemon.log
-            assert debug_line in daemon.log
+            [line] = [json.loads(x) for x in daemon.log.splitlines() if debug_line in x]
+            assert line["level"] == "debug" and line["logger"] == "webhookd"
+            assert json.loads(last)["msg"].startswith("config reloaded from")
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0

@@ -52,25 +52,42 @@ class Alerter:
     """Watches finished jobs and the backlog; journals an alert event when one is due.
 
     ``observe`` is a worker pool ``on_finish`` hook; ``run`` is the long-lived task. ``tick``
-    does whatever is due now, so tests drive it with a manual clock instead of waiting.
+    does whatever is due now, so tests drive it with a manual clock instead of waiting. With
+    ``config`` ``None`` (no ``[alerts]``) it watches nothing until ``reconfigure`` gives it one.
     """
 
-    def __init__(self, config: AlertsConfig, journal: BaseJournal, *, clock: Clock = SYSTEM_CLOCK):
+    def __init__(
+        self, config: AlertsConfig | None, journal: BaseJournal, *, clock: Clock = SYSTEM_CLOCK
+    ):
         self.config = config
         self.journal = journal
         self.clock = clock
-        (action,) = config.source.actions
-        self._max_attempts = action.retry.max_attempts
         self._dead = _DeadSince()
         self._last_sent: dict[Kind, float] = {}  # monotonic time of each kind's last alert
         self._hold_until = 0.0  # after a failed ingest
         self._next_backlog_check = clock.monotonic()
         self._wake = asyncio.Event()
 
-    @property
-    def backlog_check_s(self) -> float:
-        age_s = self.config.backlog_age_s
-        return BACKLOG_CHECK_MAX_S if age_s is None else min(age_s / 2, BACKLOG_CHECK_MAX_S)
+    def reconfigure(self, config: AlertsConfig | None) -> None:
+        """Alert by ``config`` from now on (a reload's ``[alerts]``). Dead jobs not yet told
+        are told by it, at its interval counted from the last alert; without ``[alerts]`` they
+        are dropped, and dead jobs from then on are not counted."""
+        if config == self.config:
+            return
+        if config is None or not config.on_dead:
+            if self._dead.count:
+                log.info(
+                    "alerts: %d dead job(s) since the last alert will not be told:"
+                    " dead-job alerts are off after the reload",
+                    self._dead.count,
+                )
+            self._dead = _DeadSince()
+        self.config = config
+        self._next_backlog_check = self.clock.monotonic()  # a new threshold is looked at now
+        self._wake.set()
+
+    def backlog_check_s(self, age_s: float) -> float:
+        return min(age_s / 2, BACKLOG_CHECK_MAX_S)
 
     def observe(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         """A job finished an attempt: count it if it went dead (and is not an alert's)."""
@@ -83,7 +100,7 @@ class Alerter:
             self._count_dead(pill.source, pill.event_id)
 
     def _count_dead(self, source: str, event_id: str) -> None:
-        if not self.config.on_dead or source == ALERT_SOURCE:
+        if self.config is None or not self.config.on_dead or source == ALERT_SOURCE:
             return
         dead = self._dead
         dead.count += 1
@@ -95,21 +112,25 @@ class Alerter:
                 dead.more += 1
         self._wake.set()
 
-    def _free_at(self, kind: Kind) -> float:
+    def _free_at(self, kind: Kind, config: AlertsConfig) -> float:
         """When an alert of ``kind`` may go out next (monotonic)."""
         last = self._last_sent.get(kind)
         free = self._hold_until
         if last is not None:
-            free = max(free, last + self.config.min_interval_s)
+            free = max(free, last + config.min_interval_s)
         return free
 
     def next_due_s(self) -> float | None:
-        """Seconds until ``tick`` has something to do; ``None`` when only a new dead job would."""
+        """Seconds until ``tick`` has something to do; ``None`` when only a new dead job (or
+        a reload) would."""
+        config = self.config
+        if config is None:
+            return None
         due: list[float] = []
         if self._dead.count:
-            due.append(self._free_at("dead"))
-        if self.config.backlog_age_s is not None:
-            due.append(max(self._next_backlog_check, self._free_at("backlog")))
+            due.append(self._free_at("dead", config))
+        if config.backlog_age_s is not None:
+            due.append(max(self._next_backlog_check, self._free_at("backlog", config)))
         if not due:
             return None
         return max(min(due) - self.clock.monotonic(), 0.0)
@@ -118,22 +139,26 @@ class Alerter:
         """Journal each alert that is due now; returns the ids of the alert events made."""
         made: list[str] = []
         now = self.clock.monotonic()
-        if self._dead.count and now >= self._free_at("dead"):
+        config = self.config  # what this tick began under, should a reload change it meanwhile
+        if config is None:
+            return made
+        if self._dead.count and now >= self._free_at("dead", config):
             dead, self._dead = self._dead, _DeadSince()
-            sent = await self._send("dead", dead.count, dead.events, _dead_text(dead))
-            if sent is None:
+            sent = await self._send(config, "dead", dead.count, dead.events, _dead_text(dead))
+            if sent is None and self.config is not None and self.config.on_dead:
                 self._dead = _merge(dead, self._dead)  # kept for the next try
-            else:
+            elif sent is not None:
                 made.append(sent)
+        age_s = config.backlog_age_s
         if (
-            self.config.backlog_age_s is not None
+            age_s is not None
             and now >= self._next_backlog_check
-            and now >= self._free_at("backlog")
+            and now >= self._free_at("backlog", config)
         ):
-            self._next_backlog_check = now + self.backlog_check_s
-            alert = await self._backlog(self.config.backlog_age_s)
+            self._next_backlog_check = now + self.backlog_check_s(age_s)
+            alert = await self._backlog(age_s)
             if alert is not None:
-                sent = await self._send("backlog", *alert)
+                sent = await self._send(config, "backlog", *alert)
                 if sent is not None:
                     made.append(sent)
         return made
@@ -141,10 +166,11 @@ class Alerter:
     async def flush(self) -> list[str]:
         """Journal the dead jobs not yet told, whatever the interval: at shutdown, so the
         summary is not lost with this process (its job is sent by the next start)."""
-        if not self._dead.count:
+        config = self.config
+        if config is None or not self._dead.count:
             return []
         dead, self._dead = self._dead, _DeadSince()
-        sent = await self._send("dead", dead.count, dead.events, _dead_text(dead))
+        sent = await self._send(config, "dead", dead.count, dead.events, _dead_text(dead))
         return [] if sent is None else [sent]
 
     async def run(self) -> None:
@@ -178,8 +204,11 @@ class Alerter:
         )
         return queued, events, text
 
-    async def _send(self, kind: Kind, count: int, events: list[str], text: str) -> str | None:
+    async def _send(
+        self, config: AlertsConfig, kind: Kind, count: int, events: list[str], text: str
+    ) -> str | None:
         """Journal one alert; its id, or ``None`` if the journal could not take it (yet)."""
+        (action,) = config.source.actions
         body: dict[str, Any] = {"text": text, "kind": kind, "count": count, "events": events}
         event_id = new_event_id()
         event = Event(
@@ -194,7 +223,10 @@ class Alerter:
             body=json.dumps(body).encode(),
         )
         job = NewJob(
-            id=new_job_id(), action=ALERT_ACTION, type="forward", max_attempts=self._max_attempts
+            id=new_job_id(),
+            action=ALERT_ACTION,
+            type="forward",
+            max_attempts=action.retry.max_attempts,
         )
         try:
             await self.journal.ingest(NewEvent(event, (job,)))

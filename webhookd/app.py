@@ -114,8 +114,9 @@ class Daemon:
     on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
     # Reads the config again for a reload (SIGHUP, ``request_reload``); raises ConfigError.
     loader: Callable[[], Config] | None = None
-    # Whether a reload sets the log level from the file (not when ``--log-level`` set it).
-    reload_log_level: bool = True
+    # The config's dotted keys the command line set (``log.level``, ``log.format``): a reload
+    # keeps them as they are.
+    fixed: frozenset[str] = frozenset()
     # Set after each reload, applied or refused (for tests and embedding).
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)
     _force: asyncio.Event = field(default_factory=asyncio.Event)
@@ -203,10 +204,9 @@ class Daemon:
             for hook in self.on_wired:
                 hook(self)
 
-            alerter = None
-            if cfg.alerts is not None:
-                alerter = Alerter(cfg.alerts, journal, clock=self.clock)
-                pool.on_finish.append(alerter.observe)
+            # Made without [alerts] too, watching nothing, so that a reload can add them.
+            alerter = Alerter(cfg.alerts, journal, clock=self.clock)
+            pool.on_finish.append(alerter.observe)
 
             counts = PolledCounts(journal)
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes, counts=counts)
@@ -215,8 +215,7 @@ class Daemon:
 
             def poisoned(pills: Sequence[Poisoned]) -> None:
                 metrics.observe_poisoned(pills)
-                if alerter is not None:
-                    alerter.observe_poisoned(pills)
+                alerter.observe_poisoned(pills)
 
             # Poison pills are dead letters to alerts and metrics too: this start's recovery
             # now, and a silent node's later (the PostgreSQL leader's).
@@ -238,7 +237,7 @@ class Daemon:
                 counts=counts,
             )
             receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
-            running = _Running(http, pool, receiver, metrics, ctx)
+            running = _Running(http, pool, receiver, metrics, ctx, alerter)
             # If any of these tasks ends (the writer's watch: when the writer does), the group
             # cancels the rest and the daemon exits non-zero: never half alive.
             async with asyncio.TaskGroup() as tg:
@@ -249,14 +248,12 @@ class Daemon:
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                     tg.create_task(self._reloads(running), name="reload"),
+                    tg.create_task(alerter.run(), name="alerts"),
                 ]
-                if alerter is not None:
-                    side_tasks.append(tg.create_task(alerter.run(), name="alerts"))
                 listening: list[_Listener] = []
                 try:
                     cancelled = await self._serve(cfg, ctx, receiver, pool, pool_task, listening)
-                    if alerter is not None:
-                        await alerter.flush()
+                    await alerter.flush()
                 finally:
                     # Reached with listeners open only when a task died and the group cancelled
                     # us: close the ports (receiver first) before the journal closes.
@@ -372,7 +369,7 @@ class Daemon:
             log.error("config reload refused, still running the previous config: %s", exc)
             return False
         logs.add_secrets(secret_values(new))
-        plan = plan_reload(self.config, new, log_level=self.reload_log_level)
+        plan = plan_reload(self.config, new, fixed=self.fixed)
         log.debug(
             "config reload: %d source(s) and %d lane(s) read from %s",
             len(new.sources),
@@ -395,6 +392,9 @@ class Daemon:
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
+        if cfg.log.format != self.config.log.format:
+            logs.set_format(cfg.log.format)
+            log.info("log format now %s", cfg.log.format)
         if cfg.log.level != self.config.log.level:
             logs.set_level(cfg.log.level)
             log.info("log level now %s", cfg.log.level)
@@ -403,6 +403,7 @@ class Daemon:
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
         running.ctx.reconfigure(cfg)
+        running.alerter.reconfigure(cfg.alerts)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
         if plan.kept:
             log.warning(
@@ -507,21 +508,23 @@ class _Running:
     receiver: Receiver
     metrics: Metrics
     ctx: AdminContext
+    alerter: Alerter
 
 
 def run(
-    config: Config, loader: Callable[[], Config] | None = None, *, reload_log_level: bool = True
+    config: Config,
+    loader: Callable[[], Config] | None = None,
+    *,
+    fixed: frozenset[str] = frozenset(),
 ) -> int:
     """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status.
-    ``loader`` reads the config again on SIGHUP; ``reload_log_level``: whether that sets the
-    log level too (not when the command line set it)."""
+    ``loader`` reads the config again on SIGHUP; ``fixed``: the config's dotted keys the
+    command line set, which a reload leaves as they are."""
 
     async def main() -> int:
         status = 1
         try:
-            status = await Daemon(
-                config, tune_gc=True, loader=loader, reload_log_level=reload_log_level
-            ).run()
+            status = await Daemon(config, tune_gc=True, loader=loader, fixed=fixed).run()
             return status
         finally:
             _exit_within(EXIT_DEADLINE_S, status)

@@ -170,7 +170,8 @@ def main() -> None:
 )
 def serve(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
     """Run the daemon until SIGTERM/SIGINT (a second signal exits at once); SIGHUP reads the
-    config again and applies its sources, new lanes and log level (the rest at the next restart)."""
+    config again and applies its sources, alerts, new lanes and log settings (the rest at the
+    next restart)."""
     from webhookd import app, logs
 
     path = _config_path(config_path)
@@ -180,7 +181,14 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
         log_format or cfg.log.format,
         secrets=logs.secret_values(cfg),
     )
-    sys.exit(app.run(cfg, lambda: _config(path), reload_log_level=log_level is None))
+    fixed = {"log.level": log_level, "log.format": log_format}
+    sys.exit(
+        app.run(
+            cfg,
+            lambda: _config(path),
+            fixed=frozenset(key for key, flag in fixed.items() if flag is not None),
+        )
+    )
 
 
 @main.command()

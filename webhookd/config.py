@@ -26,7 +26,7 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -432,10 +432,10 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Reloading (SIGHUP)
 
-# What a running daemon cannot change in place: its listeners, its journal, its pool, its log
-# format, its alerts. A reload keeps these as they were and says which changed. (``log.level``
-# changes in place, unless the command line set it: see ``plan_reload``.)
-RESTART_ONLY = ("server", "admin", "journal", "workers", "log", "alerts")
+# What a running daemon cannot change in place: its listeners, its journal, its pool. A reload
+# keeps these as they were and says which changed. (``[log]`` changes in place, but for a key
+# the command line set: see ``plan_reload``.)
+RESTART_ONLY = ("server", "admin", "journal", "workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +448,7 @@ class Reload:
     changed: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()  # changed keys that wait for a restart, e.g. "server", "lanes.x"
     lanes_added: tuple[str, ...] = ()
+    alerts: str = ""  # "added", "removed" or "changed" when ``[alerts]`` did
 
     def summary(self) -> str:
         parts = [
@@ -460,6 +461,8 @@ class Reload:
             )
             if names
         ]
+        if self.alerts:
+            parts.append(f"{self.alerts} [alerts]")
         return "; ".join(parts) or "no source changed"
 
 
@@ -478,16 +481,22 @@ def _changed(name: str, old: Any, new: Any) -> list[str]:
     ]
 
 
-def plan_reload(old: Config, new: Config, *, log_level: bool = True) -> Reload:
-    """Take ``new``'s sources (their actions with them), any lane it adds and, with
-    ``log_level`` (not set on the command line), its ``log.level``; keep everything else of
-    ``old``. A lane that already exists keeps its settings (and its buckets' state): changing
-    one in place could let a minute's requests through twice."""
+def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:
+    """Take ``new``'s sources (their actions with them), its ``[alerts]``, any lane it adds
+    and its ``[log]`` but for the dotted keys in ``fixed`` (those the command line set, e.g.
+    ``log.level``); keep everything else of ``old``. A lane that already exists keeps its
+    settings (and its buckets' state): changing one in place could let a minute's requests
+    through twice."""
     kept = [key for name in RESTART_ONLY for key in _changed(name, old, new)]
-    log = old.log
-    if log_level and "log.level" in kept:
-        kept.remove("log.level")
-        log = dataclasses.replace(log, level=new.log.level)
+    kept += [key for key in _changed("log", old, new) if key in fixed]
+    log = dataclasses.replace(
+        new.log,
+        **{
+            f.name: getattr(old.log, f.name)
+            for f in dataclasses.fields(LogConfig)
+            if f"log.{f.name}" in fixed
+        },
+    )
     lanes = dict(new.lanes)
     for name, lane in old.lanes.items():
         if name in lanes and lanes[name] != lane:
@@ -495,13 +504,22 @@ def plan_reload(old: Config, new: Config, *, log_level: bool = True) -> Reload:
             lanes[name] = lane
     before, after = old.sources, new.sources
     return Reload(
-        config=dataclasses.replace(old, sources=after, lanes=lanes, log=log, origin=new.origin),
+        config=dataclasses.replace(
+            old, sources=after, lanes=lanes, log=log, alerts=new.alerts, origin=new.origin
+        ),
         added=tuple(n for n in after if n not in before),
         removed=tuple(n for n in before if n not in after),
         changed=tuple(n for n in after if n in before and after[n] != before[n]),
         kept=tuple(kept),
         lanes_added=tuple(n for n in lanes if n not in old.lanes),
+        alerts=_alerts_change(old.alerts, new.alerts),
     )
+
+
+def _alerts_change(old: AlertsConfig | None, new: AlertsConfig | None) -> str:
+    if old == new:
+        return ""
+    return "added" if old is None else "removed" if new is None else "changed"
 
 
 # ---------------------------------------------------------------------------------------------

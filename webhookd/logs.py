@@ -66,6 +66,10 @@ class JsonFormatter(_Masking):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def _formatter(fmt: str, secrets: Iterable[str] = ()) -> _Masking:
+    return JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets)
+
+
 def fields(message: str) -> dict[str, Any]:
     """The ``key=value`` pairs of a message; numbers become numbers, quotes are removed."""
     out: dict[str, Any] = {}
@@ -90,6 +94,16 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
 
 
+def set_format(fmt: str) -> None:
+    """Write lines in ``fmt`` from now on (a reloaded ``log.format``), masking what was masked."""
+    for handler in logging.getLogger().handlers:
+        old = handler.formatter
+        if isinstance(old, _Masking):
+            new = _formatter(fmt)
+            new.masker, new.mask = old.masker, old.mask
+            handler.setFormatter(new)
+
+
 def add_secrets(secrets: Iterable[str]) -> None:
     """Mask these too in every line from now on (a reloaded config's secrets); the earlier
     ones stay masked, as lines about jobs started before the reload may still carry them."""
@@ -109,8 +123,7 @@ def setup(
 ) -> logging.Handler:
     """Send every log line to ``stream`` (stderr) in ``fmt``; returns the handler installed."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    formatter = JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_formatter(fmt, secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
