@@ -19,6 +19,14 @@ RUN groupadd --system --gid 10001 webhookd \
     && mkdir -p /var/lib/webhookd /etc/webhookd \
     && chown webhookd:webhookd /var/lib/webhookd
 
+# Without an init, webhookd would be the container's PID 1, and every process orphaned in the
+# container is PID 1's to reap: what a command leaves behind (ended with its process group when
+# the command exits) would stay a zombie for good. tini reaps them and passes the signals on
+# (SIGTERM drains, SIGHUP reloads), exiting with webhookd's status.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY webhookd ./webhookd
@@ -35,5 +43,5 @@ STOPSIGNAL SIGTERM
 # /healthz answers without admin.token (liveness only, no data), so the probe needs no secret.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:8081/healthz', timeout=2).status == 200 else 1)"]
-ENTRYPOINT ["webhookd"]
+ENTRYPOINT ["tini", "--", "webhookd"]
 CMD ["serve"]

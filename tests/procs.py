@@ -193,15 +193,18 @@ async def spawn(
     *,
     stdout: int,
     open_files: tuple[int, int] | None = None,
+    wrap: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
     """``python -m webhookd ARGS`` in a clean environment, stderr piped; ``open_files``: its
-    (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set it."""
+    (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set it; ``wrap``: a
+    program (and its arguments) that runs the daemon, as a container's init would."""
 
     def limit() -> None:
         if open_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
 
     return await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "webhookd",
@@ -229,11 +232,15 @@ class Procs:
         wait: bool = True,
         open_files: tuple[int, int] | None = None,
         flags: Sequence[str] = (),
+        wrap: Sequence[str] = (),
     ) -> DaemonProc:
-        """``webhookd serve [--config CONFIG] FLAGS``, once listening unless ``wait`` is off."""
+        """``webhookd serve [--config CONFIG] FLAGS``, once listening unless ``wait`` is off;
+        ``wrap``: as for ``spawn``."""
         args = ["serve"] if config is None else ["serve", "--config", str(config)]
         args += flags
-        proc = await spawn(args, cwd, stdout=asyncio.subprocess.DEVNULL, open_files=open_files)
+        proc = await spawn(
+            args, cwd, stdout=asyncio.subprocess.DEVNULL, open_files=open_files, wrap=wrap
+        )
         daemon = DaemonProc(proc)
         daemon.reader = asyncio.create_task(daemon._read(), name=f"stderr of {proc.pid}")
         self.daemons.append(daemon)
