@@ -86,9 +86,6 @@ class Alerter:
         self._next_backlog_check = self.clock.monotonic()  # a new threshold is looked at now
         self._wake.set()
 
-    def backlog_check_s(self, age_s: float) -> float:
-        return min(age_s / 2, BACKLOG_CHECK_MAX_S)
-
     def observe(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
         """A job finished an attempt: count it if it went dead (and is not an alert's)."""
         if finished.state == JobState.DEAD:
@@ -155,7 +152,7 @@ class Alerter:
             and now >= self._next_backlog_check
             and now >= self._free_at("backlog", config)
         ):
-            self._next_backlog_check = now + self.backlog_check_s(age_s)
+            self._next_backlog_check = now + min(age_s / 2, BACKLOG_CHECK_MAX_S)
             alert = await self._backlog(age_s)
             if alert is not None:
                 sent = await self._send(config, "backlog", *alert)
