@@ -20,7 +20,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import Running, Target, jobs_for, make_config, new_event
+from prometheus_client.parser import text_string_to_metric_families
 
 import webhookd
 from webhookd import actions as action_registry
@@ -28,6 +30,7 @@ from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
+from webhookd.metrics import Metrics
 from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
 from webhookd.workers import (
@@ -318,6 +321,76 @@ url = "{target.url}/b"
     )
     await capped_peak(rig, target, ["shop"] * 3, cap=2)
     assert {s.path for s in target.seen} == {"/a", "/b"}
+
+
+async def slow_gauge(rig: Rig) -> dict[tuple[str, str], float]:
+    """``webhookd_action_slow`` as /metrics would show it: (source, action) → value."""
+    body, _ = await Metrics(rig.journal, rig.pool, lanes=dict).render()
+    return {
+        (s.labels["source"], s.labels["action"]): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "webhookd_action_slow"
+    }
+
+
+async def test_an_action_whose_attempts_keep_timing_out_runs_one_job_at_a_time(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A downstream that takes connections and never answers: once
+    ``workers.slow_after_timeouts`` (3) attempts in a row end by ``timeout_s``, its action runs
+    one job at a time, leaving the other workers to other sources, and shows in
+    ``webhookd_action_slow``; its first answer lifts that."""
+    answer = asyncio.Event()
+
+    async def hang(request: web.BaseRequest) -> web.Response:
+        await answer.wait()
+        return web.Response(text="ok")
+
+    runner = web.ServerRunner(web.Server(hang))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        rig = await make_rig(
+            forward_source("slow", f"http://{host}:{port}", timeout_s="0.2")
+            + forward_source("fine", target.url),
+            workers="concurrency = 4",
+        )
+        action = rig.actions[("slow", "forward")]
+        run, running, peak = action.run, 0, 0
+
+        async def counted(event: Event, job: Job) -> Outcome:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                return await run(event, job)
+            finally:
+                running -= 1
+
+        action.run = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            await rig.ingest("slow")
+        await rig.pool.run_until_idle()
+        assert (peak, rig.pool.slow) == (3, {("slow", "forward")})
+        assert await slow_gauge(rig) == {("slow", "forward"): 1}
+
+        peak = 0
+        held = [await rig.ingest("slow") for _ in range(4)]
+        fine = await rig.ingest("fine")
+        await rig.pool.run_until_idle()
+        assert peak == 1  # the four one after another, with three workers free
+        assert (await rig.job(fine)).state == JobState.DONE
+        assert [(await rig.job(e)).attempts for e in held] == [1, 1, 1, 1]
+
+        answer.set()
+        answered = await rig.ingest("slow")
+        await rig.pool.run_until_idle()
+        assert (await rig.job(answered)).state == JobState.DONE
+        assert (rig.pool.slow, await slow_gauge(rig)) == (set(), {})
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_cap_held_by_another_process_is_waited_for_without_spinning_or_attempts(

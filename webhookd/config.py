@@ -279,6 +279,9 @@ class WorkersConfig:
     sweep_interval_s: float = setting(1.0, positive=True)
     window: int = setting(1000, minimum=1)
     max_recoveries: int = setting(3, minimum=1)
+    # After this many attempts of an action in a row end by its timeout_s, it runs one job at a
+    # time on this node until an attempt ends otherwise (0: never).
+    slow_after_timeouts: int = setting(3, minimum=0)
     weights: tuple[int, int, int] = (8, 4, 1)  # high, normal, low: read from [workers.weights]
 
 

@@ -264,6 +264,15 @@ class _StateCollector(Collector):
         for source in sorted(self.paused):
             paused.add_metric([source], 1)
         yield paused
+        slow = GaugeMetricFamily(
+            "webhookd_action_slow",
+            "1 for an action running one job at a time on this node after attempts in a row"
+            " timed out (workers.slow_after_timeouts).",
+            labels=["source", "action"],
+        )
+        for source, action in sorted(self.pool.slow):
+            slow.add_metric([source, action], 1)
+        yield slow
         stats = self.pool.statistics()
         yield _gauge("webhookd_workers_busy", "Jobs running now.", stats.busy)
         yield _gauge("webhookd_workers_concurrency", "Configured worker slots.", stats.concurrency)

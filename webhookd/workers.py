@@ -167,6 +167,10 @@ class WorkerPool:
         # Caps the journal found full with other nodes' jobs: key → when to try it again
         # (monotonic). Jobs of such a cap wait in the window meanwhile.
         self._saturated: dict[str, float] = {}
+        # Actions (configured source, action) whose last attempts in a row ended by timeout_s,
+        # how many; those at ``workers.slow_after_timeouts`` run one job at a time (``slow``).
+        self._timeouts: Counter[tuple[str, str]] = Counter()
+        self.slow: set[tuple[str, str]] = set()
         self._pause_stale = False
         self._pause_read: list[asyncio.Future[None]] = []  # pause_applied's, until re-read
         self.started = 0
@@ -191,6 +195,12 @@ class WorkerPool:
             if id(action) not in live:
                 self._retired[id(action)] = action
         self.config = config
+        # A replaced action (a new URL, a longer timeout) starts with a clean slate.
+        old = {id(a) for a in self.actions.values()}
+        replaced = {key for key, action in actions.items() if id(action) not in old}
+        self.slow -= replaced
+        for replaced_key in replaced:
+            self._timeouts.pop(replaced_key, None)
         self.actions = actions
         for key in [k for k in self._retired if not self._attempts_on[k]]:
             self._close_soon(self._retired.pop(key))
@@ -369,7 +379,7 @@ class WorkerPool:
             if e.source in paused:
                 continue
             for j in item.jobs:
-                if j.order_key is not None:
+                if j.order_key is not None or (self.slow and self._is_slow(e.source, j.action)):
                     continue
                 job = Ready(j.id, e.source, j.action, int(e.priority), e.tenant, None, 0)
                 if not self._caps(job):
@@ -401,12 +411,12 @@ class WorkerPool:
         if source is None:
             return True  # the worker records it as dead with a clear reason
         action = source.action(job.action)
-        if (
-            action is not None
-            and action.concurrency is not None
-            and (self._running_by_action[(source.name, job.action)] >= action.concurrency)
-        ):
-            return False
+        if action is not None:
+            limit = action.concurrency
+            if self.slow and (source.name, job.action) in self.slow:
+                limit = 1
+            if limit is not None and self._running_by_action[(source.name, job.action)] >= limit:
+                return False
         if (
             source.tenant_concurrency is not None
             and self._running_by_tenant[(source.name, job.tenant)] >= source.tenant_concurrency
@@ -417,6 +427,33 @@ class WorkerPool:
         ):
             return False
         return not (self._saturated and any(c.key in self._saturated for c in self._caps(job)))
+
+    def _is_slow(self, source_name: str, action: str) -> bool:
+        source = self.config.source_for(source_name)
+        return source is not None and (source.name, action) in self.slow
+
+    def _note_attempt(self, key: tuple[str, str], outcome: Outcome, timed_out: bool) -> None:
+        """Count attempts of an action that ended by its timeout, in a row: at
+        ``workers.slow_after_timeouts`` it runs one job at a time (a downstream that takes
+        connections and never answers would otherwise hold every worker for timeout_s each,
+        and other sources' jobs would wait behind it); any other end lifts that."""
+        limit = self.config.workers.slow_after_timeouts
+        if not limit or outcome.kind == "wait":  # a wait never reached the downstream
+            return
+        if timed_out:
+            self._timeouts[key] += 1
+            if self._timeouts[key] >= limit and key not in self.slow:
+                self.slow.add(key)
+                log.warning(
+                    "action slow source=%s action=%s: %d attempts in a row timed out;"
+                    " running one job at a time until one does not",
+                    *key,
+                    self._timeouts[key],
+                )
+        elif self._timeouts.pop(key, 0) and key in self.slow:
+            self.slow.discard(key)
+            log.info("action answering again source=%s action=%s: back to full concurrency", *key)
+            self._wake.set()
 
     def _caps(self, job: Ready) -> tuple[Cap, ...]:
         """The job's caps that hold across the cluster: its action's, source's and tenant's
@@ -724,7 +761,9 @@ class WorkerPool:
             key = id(action)
             self._attempts_on[key] += 1
             try:
-                outcome = await self._attempt(action, action_cfg, claimed)
+                outcome, timed_out = await self._attempt(action, action_cfg, claimed)
+                assert source is not None
+                self._note_attempt((source.name, job.action), outcome, timed_out)
             finally:
                 self._attempts_on[key] -= 1
                 if not self._attempts_on[key]:
@@ -786,26 +825,29 @@ class WorkerPool:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, FINISH_RETRY_MAX_S)
 
-    async def _attempt(self, action: Action, cfg: ActionConfig, claimed: Claimed) -> Outcome:
+    async def _attempt(
+        self, action: Action, cfg: ActionConfig, claimed: Claimed
+    ) -> tuple[Outcome, bool]:
+        """How the attempt ended, and whether it was ended by ``timeout_s``."""
         try:
             async with asyncio.timeout(cfg.timeout_s):
-                return await action.run(claimed.event, claimed.job)
+                return await action.run(claimed.event, claimed.job), False
         except TimeoutError:
-            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s")
+            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s"), True
         except Retry as exc:
-            return Outcome.retry(exc.reason, after_s=exc.after_s)
+            return Outcome.retry(exc.reason, after_s=exc.after_s), False
         except Reject as exc:
-            return Outcome.dead(exc.reason)
+            return Outcome.dead(exc.reason), False
         except Exception as exc:  # an action's bug or an unexpected failure: retry it
             log.debug("action %s raised", cfg.name, exc_info=True)
-            return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS])
+            return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]), False
         except BaseException as exc:
             task = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # a drain cancelling the job
             # SystemExit, KeyboardInterrupt, a stray CancelledError: one job's failure, which
             # must not reach the event loop (it would stop the daemon half way).
-            return Outcome.retry(f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS])
+            return Outcome.retry(f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS]), False
 
     def _decide(
         self, claimed: Claimed, cfg: ActionConfig | None, outcome: Outcome, started_at: float
