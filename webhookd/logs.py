@@ -99,9 +99,7 @@ def set_format(fmt: str) -> None:
     for handler in logging.getLogger().handlers:
         old = handler.formatter
         if isinstance(old, _Masking):
-            new = _formatter(fmt)
-            new.masker, new.mask = old.masker, old.mask
-            handler.setFormatter(new)
+            handler.setFormatter(_formatter(fmt, old.masker.secrets))
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
