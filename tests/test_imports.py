@@ -53,6 +53,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.postgres.nodes",),
     ("webhookd.journal.postgres",),
     ("webhookd.journal",),
+    # Copies of a SQLite journal's file (backup, restore): beside the daemon, under its lock.
+    ("webhookd.journal.copies",),
     # Over the journal's interface, or pacing the work.
     ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter"),
     # Actions: the interface, the HTTP delivery helpers, one module per kind, the registry.

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import click
@@ -705,6 +707,69 @@ def prune(config_path: str | None) -> None:
 
     events_n, dedup_n = _run(go)
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")
+
+
+@main.command()
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def backup(dest: Path, config_path: str | None) -> None:
+    """Copy the journal as of one moment to DEST, a new file, while the daemon runs or not.
+
+    The copy is checked (PRAGMA quick_check) before it is given its name. Copying the journal
+    file with cp while the daemon runs can tear it: its -wal holds the latest commits.
+    """
+    from webhookd.journal import copies
+
+    cfg = _read_config(config_path)
+    if cfg.journal.url is not None:
+        _fail("journal.url is set: back up a PostgreSQL journal with pg_dump", 2)
+    try:
+        with _progress(1, "backing up (MB)") as bar:
+
+            def step(done: int, size: int) -> None:
+                bar.length = max(1, math.ceil(size / 1e6))
+                bar.update(math.ceil(done / 1e6) - bar.pos)
+
+            made = copies.backup(cfg.journal.path, dest, on_step=step)
+    except copies.DestinationExists as exc:
+        _fail(str(exc), 2)
+    except JournalError as exc:
+        _fail(str(exc), 1)
+    click.echo(
+        f"backed up {cfg.journal.path} to {dest}: {made.events:,} event(s), newest received"
+        f" {_when(made.latest)}, {_megabytes(made.size)}, in {made.seconds:.1f} s"
+    )
+
+
+@main.command()
+@click.argument("copy", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def restore(copy: Path, config_path: str | None) -> None:
+    """Put the backup COPY in place as the journal, with the daemon stopped.
+
+    The journal it replaces is moved aside (renamed, with its -wal), never deleted. At its
+    next start the daemon runs the jobs that were queued or running when the backup was made;
+    webhooks received after it are not in it.
+    """
+    from webhookd.journal import copies
+
+    cfg = _read_config(config_path)
+    if cfg.journal.url is not None:
+        _fail("journal.url is set: restore a PostgreSQL journal with pg_restore", 2)
+    try:
+        put = copies.restore(copy, cfg.journal.path)
+    except JournalError as exc:
+        _fail(str(exc), 1)
+    click.echo(
+        f"restored {copy} to {put.path}: {put.events:,} event(s), newest received"
+        f" {_when(put.latest)}"
+    )
+    if put.replaced is not None:
+        click.echo(f"the journal it replaced is now {put.replaced}")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 @main.command()

@@ -170,9 +170,12 @@ def _owner_only(path: Path) -> None:
                 name.chmod(0o600)
 
 
-def _take_serve_lock(path: Path) -> int:
+def _take_serve_lock(
+    path: Path,
+    why: str = "one daemon per SQLite journal (several nodes share a PostgreSQL one)",
+) -> int:
     """Hold ``<journal>-lock`` for this process's life, or raise ``JournalError`` naming the
-    ``webhookd serve`` that holds it; returns the lock file's descriptor.
+    ``webhookd serve`` that holds it, then ``why``; returns the lock file's descriptor.
 
     A second daemon on the same file would take the first one's running jobs for an earlier
     boot's at its start (recovery) and run them again beside it. The CLI does not take this
@@ -190,8 +193,7 @@ def _take_serve_lock(path: Path) -> int:
         os.close(fd)
         by = f" (pid {holder})" if holder.isdigit() else ""
         raise JournalError(
-            f"journal {path} is in use by another webhookd serve{by}: one daemon per SQLite"
-            " journal (several nodes share a PostgreSQL one)"
+            f"journal {path} is in use by another webhookd serve{by}: {why}"
         ) from None
     except BaseException:
         os.close(fd)

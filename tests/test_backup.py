@@ -1,0 +1,208 @@
+"""``webhookd backup`` and ``webhookd restore`` on a real journal and real daemons.
+
+A backup taken while a daemon is accepting webhooks holds every webhook acknowledged before it
+began, is private and self-contained; a restore refuses a running daemon, keeps the journal it
+replaces (its WAL folded in), and the restored journal still knows its deliveries' dedup keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+from ops_support import cli
+from procs import Procs, Target, write_config
+from test_cli import on_a_terminal
+
+from webhookd.journal import Journal
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
+
+JSON = {"Content-Type": "application/json"}
+
+
+def event_ids(path: Path) -> set[str]:
+    """The event ids in a journal file, read with plain sqlite3 (no webhookd code); the last
+    connection to close removes the -wal and -shm it made."""
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT id FROM events")}
+    finally:
+        conn.close()
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: str) -> tuple[int, str]:
+    async with http.post(f"{url}/hooks/shop", data=body, headers=JSON) as r:
+        return r.status, (await r.json())["id"]
+
+
+async def test_a_backup_beside_a_running_daemon_restores_what_was_acked_before_it(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    journal, copy = tmp_path / "webhookd.db", tmp_path / "backups" / "monday.db"
+    copy.parent.mkdir()
+    config = write_config(
+        tmp_path / "webhookd.toml",
+        journal,
+        f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{downstream.url}/"\n',
+    )
+    daemon = await procs.serve(config)
+    before = {await post(http, daemon.url, f'{{"n": "before-{i}"}}') for i in range(20)}
+    assert {status for status, _ in before} == {202}
+
+    # Webhooks keep coming while the backup runs: it copies one moment, and the daemon goes on.
+    during: list[tuple[int, str]] = []
+    stop = asyncio.Event()
+
+    async def keep_posting() -> None:
+        n = 0
+        while not stop.is_set():
+            during.append(await post(http, daemon.url, f'{{"n": "during-{n}"}}'))
+            n += 1
+
+    posting = asyncio.create_task(keep_posting())
+    try:
+        made = await procs.cli("backup", str(copy), "--config", str(config))
+    finally:
+        stop.set()
+        await posting
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith(f"backed up {journal} to {copy}: ")
+    copied = event_ids(copy)
+    assert {event_id for _, event_id in before} <= copied
+    assert f"{len(copied):,} event(s)" in made.stdout
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert names(copy.parent) == {"monday.db"}  # no -wal, no partial file
+
+    refused = await procs.cli("restore", str(copy), "--config", str(config))
+    assert refused.returncode == 1
+    assert f"in use by another webhookd serve (pid {daemon.pid}): stop it" in refused.stderr
+    assert event_ids(journal) >= copied
+
+    after = [await post(http, daemon.url, f'{{"n": "after-{i}"}}') for i in range(5)]
+    assert not copied & {event_id for _, event_id in after}
+
+    # kill -9 right after the last acks: their commits are likely in the journal's -wal only.
+    await daemon.kill9()
+    acked = (
+        {event_id for _, event_id in before}
+        | {event_id for status, event_id in during if status == 202}
+        | {event_id for _, event_id in after}
+    )
+    put = await procs.cli("restore", str(copy), "--config", str(config))
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.startswith(f"restored {copy} to {journal}: {len(copied):,} event(s)")
+    replaced = Path(put.stdout.split("the journal it replaced is now ")[1].strip())
+    assert replaced.parent == tmp_path and replaced.name.startswith("webhookd.db.replaced-")
+    # The restored journal has no -wal beside it; the replaced one took its own along.
+    assert names(tmp_path) - {f"{replaced.name}-wal", f"{replaced.name}-shm"} == {
+        "backups",
+        "webhookd.toml",
+        "webhookd.db",
+        "webhookd.db-lock",
+        replaced.name,
+    }
+    # Nothing acknowledged is lost by a restore: the replaced journal and its WAL hold it all.
+    assert event_ids(replaced) == acked
+    assert event_ids(journal) == copied
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+
+    # The restored journal keeps the copy's dedup keys: a delivery acked before the backup is a
+    # duplicate; one acked after it is new again (the backup's loss window, said plainly).
+    daemon = await procs.serve(config)
+    first_id = sorted(before)[0][1]
+    async with http.post(
+        f"{daemon.url}/hooks/shop", data=_body_of(journal, first_id), headers=JSON
+    ) as r:
+        assert (r.status, (await r.json())["id"]) == (200, first_id)
+    status, again = await post(http, daemon.url, '{"n": "after-0"}')
+    assert status == 202 and again != after[0][1]
+
+
+def _body_of(journal: Path, event_id: str) -> bytes:
+    conn = sqlite3.connect(journal)
+    try:
+        row = conn.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+        return bytes(row[0])
+    finally:
+        conn.close()
+
+
+async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Path) -> None:
+    journal = tmp_path / "webhookd.db"
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    missing = await cli("backup", str(tmp_path / "copy.db"), "--config", str(config))
+    assert (missing.exit_code, missing.output) == (1, f"webhookd: error: no journal at {journal}\n")
+
+    async with Journal(journal):
+        pass
+    # On a terminal a progress bar in MB; the summary line on stdout either way.
+    drawn = ("backup", str(tmp_path / "drawn.db"), "--config", str(config))
+    out, shown, code = await asyncio.to_thread(on_a_terminal, *drawn)
+    assert code == 0, shown
+    assert out.startswith(f"backed up {journal} to {tmp_path / 'drawn.db'}: 0 event(s), ")
+    assert "backing up (MB)" in shown and "1/1" in shown
+    nowhere = tmp_path / "no-such-folder" / "copy.db"
+    out = await cli("backup", str(nowhere), "--config", str(config))
+    assert out.exit_code == 1
+    assert out.output == (
+        f"webhookd: error: cannot back up {journal} to {nowhere}: No such file or directory\n"
+    )
+    taken = tmp_path / "taken.db"
+    taken.write_bytes(b"keep me")
+    exists = await cli("backup", str(taken), "--config", str(config))
+    assert exists.exit_code == 2 and "already exists" in exists.output
+    assert taken.read_bytes() == b"keep me"
+
+    original = journal.read_bytes()
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_bytes(b"not a database\n" * 500)
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    for bad in (not_sqlite, other, tmp_path / "nowhere.db"):
+        out = await cli("restore", str(bad), "--config", str(config))
+        assert out.exit_code == 1, out.output
+        assert str(bad) in out.output
+        assert journal.read_bytes() == original
+    assert names(tmp_path) == {
+        "drawn.db",
+        "webhookd.toml",
+        "webhookd.db",
+        "webhookd.db-lock",
+        "taken.db",
+        "notes.txt",
+        "other.db",
+    }
+
+    # A journal SQLite cannot open is moved aside as it is, its -wal under the new name too.
+    good = tmp_path / "good.db"
+    assert (await cli("backup", str(good), "--config", str(config))).exit_code == 0
+    wal = tmp_path / "webhookd.db-wal"
+    journal.write_bytes(b"torn" * 1024)
+    wal.write_bytes(b"its wal")
+    put = await cli("restore", str(good), "--config", str(config))
+    assert put.exit_code == 0, put.output
+    aside = Path(put.output.split("the journal it replaced is now ")[1].strip())
+    assert read(aside) == b"torn" * 1024
+    assert read(Path(f"{aside}-wal")) == b"its wal"
+    assert journal.read_bytes() == good.read_bytes()
+
+    pg = tmp_path / "pg.toml"
+    pg.write_text('[journal]\nurl = "postgresql://webhookd@127.0.0.1/webhookd"\n')
+    for verb, tool in (("backup", "pg_dump"), ("restore", "pg_restore")):
+        out = await cli(verb, str(tmp_path / "x.db"), "--config", str(pg))
+        assert out.exit_code == 2 and "journal.url is set: " in out.output and tool in out.output

@@ -1,0 +1,200 @@
+"""Copies of a SQLite journal: ``webhookd backup`` and ``webhookd restore``.
+
+A journal cannot be copied with ``cp`` while a daemon writes it: the main file and its ``-wal``
+are two files, and a copy of one without the matching other is a torn journal. A backup here is
+SQLite's online backup of one moment (a read transaction: the daemon goes on writing beside
+it), written under a temporary name, checked with ``PRAGMA quick_check``, synced, and only then
+given its name, so a file under that name is always a whole, checked copy.
+
+Restoring has a trap of its own: a ``-wal`` left beside the journal's name belongs to the file
+that was there, and SQLite would replay it into the restored one. So a restore holds the serve
+lock (no daemon may run meanwhile), checks the copy first, and moves the journal it replaces
+aside together with its ``-wal``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from webhookd.errors import JournalError
+from webhookd.journal import _take_serve_lock
+from webhookd.journal.schema import MIGRATIONS
+
+_BUSY_TIMEOUT_MS = 10_000
+# A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
+STEP_PAGES = 1024
+
+
+class DestinationExists(JournalError):
+    """A backup's destination is already there: it is never overwritten."""
+
+
+@dataclass(frozen=True)
+class Copy:
+    """What a backup wrote or a restore put in place."""
+
+    path: Path
+    size: int
+    events: int
+    latest: float | None  # the newest event's received_at: what the copy reaches up to
+    seconds: float
+    replaced: Path | None = None  # restore: where the journal it replaced was moved
+
+
+def backup(
+    journal: Path,
+    dest: Path,
+    *,
+    on_step: Callable[[int, int], object] | None = None,
+    step_pages: int = STEP_PAGES,
+) -> Copy:
+    """Copy ``journal`` as of one moment to ``dest``, a file that must not exist yet; it is
+    created readable by its owner only, like the journal. ``on_step(bytes_done, size)`` after
+    each step."""
+    try:
+        return _backup(journal, dest, on_step, step_pages)
+    except OSError as exc:  # a folder that is not there, a full disk, no permission
+        raise JournalError(f"cannot back up {journal} to {dest}: {exc.strerror or exc}") from exc
+
+
+def _backup(
+    journal: Path, dest: Path, on_step: Callable[[int, int], object] | None, step_pages: int
+) -> Copy:
+    started = time.monotonic()
+    if not journal.is_file():
+        raise JournalError(f"no journal at {journal}")
+    if os.path.lexists(dest):
+        raise DestinationExists(f"{dest} already exists: a backup is written to a new file")
+    partial = _new_private(dest.parent / f".{dest.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        source = sqlite3.connect(journal, isolation_level=None)
+        try:
+            source.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # One read transaction around every step: the copy is of its first moment, and the
+            # daemon's commits meanwhile do not make the backup start over.
+            source.execute("BEGIN")
+            source.execute("SELECT count(*) FROM sqlite_schema")
+            page_size = int(source.execute("PRAGMA page_size").fetchone()[0])
+            target = sqlite3.connect(partial, isolation_level=None)
+            try:
+                # Crash safety is the rename's: a partial file is never kept.
+                target.execute("PRAGMA synchronous = OFF")
+
+                def synced(_status: int, remaining: int, total: int) -> None:
+                    # The disk is the daemon's too: synced a step at a time, the copy never
+                    # puts its whole size in the queue ahead of a commit's fsync.
+                    os.fsync(fd)
+                    if on_step is not None:
+                        on_step((total - remaining) * page_size, total * page_size)
+
+                source.backup(target, pages=step_pages, progress=synced)
+                # A self-contained file (no -wal of its own); a restore turns WAL back on.
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+        finally:
+            source.close()
+        events, latest = _check(partial)
+        os.fsync(fd)
+        if os.path.lexists(dest):
+            raise DestinationExists(f"{dest} appeared while the backup ran; nothing was kept")
+        os.replace(partial, dest)
+        _sync(dest.parent)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot back up {journal}: {exc}") from exc
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return Copy(dest, dest.stat().st_size, events, latest, time.monotonic() - started)
+
+
+def restore(copy: Path, journal: Path) -> Copy:
+    """Put the backup ``copy`` in place as ``journal``, with no daemon running on it; the
+    journal it replaces, if any, is moved aside, never deleted."""
+    try:
+        return _restore(copy, journal)
+    except OSError as exc:
+        raise JournalError(f"cannot restore {copy} to {journal}: {exc.strerror or exc}") from exc
+
+
+def _restore(copy: Path, journal: Path) -> Copy:
+    started = time.monotonic()
+    if not copy.is_file():
+        raise JournalError(f"no backup at {copy}")
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    lock = _take_serve_lock(journal, "stop it before a restore")
+    partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
+    try:
+        with open(copy, "rb") as src, open(partial, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        try:
+            events, latest = _check(partial)
+        except sqlite3.Error as exc:
+            raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
+        _sync(partial)
+        replaced = _move_aside(journal) if journal.exists() else None
+        os.replace(partial, journal)
+        _sync(journal.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        os.close(lock)
+    size = journal.stat().st_size
+    return Copy(journal, size, events, latest, time.monotonic() - started, replaced)
+
+
+def _check(path: Path) -> tuple[int, float | None]:
+    """``PRAGMA quick_check`` and the schema of a copy; its event count and newest event."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        verdict = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if verdict != ["ok"]:
+            raise sqlite3.DatabaseError("quick_check: " + "; ".join(verdict[:3]))
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if not 1 <= version <= len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"schema version {version}, and this webhookd reads 1 to {len(MIGRATIONS)}"
+            )
+        events, latest = conn.execute("SELECT count(*), max(received_at) FROM events").fetchone()
+    finally:
+        conn.close()
+    return int(events), latest
+
+
+def _move_aside(journal: Path) -> Path:
+    """Rename ``journal`` to ``<name>.replaced-<UTC time>``, with its ``-wal`` and ``-shm``.
+
+    Moved as they are, not opened: SQLite deletes a ``-wal`` it cannot apply to a damaged file
+    when its connection closes, and the WAL may hold the last commits. The WAL goes first, so
+    that no step leaves it beside a file that is not its own.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = journal.with_name(f"{journal.name}.replaced-{stamp}")
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{journal}{suffix}", f"{aside}{suffix}")
+    os.replace(journal, aside)
+    return aside
+
+
+def _new_private(path: Path) -> Path:
+    """Create ``path`` empty and 0600 (the journal's bodies may hold secrets)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
