@@ -36,6 +36,16 @@ def event_ids(path: Path) -> set[str]:
         conn.close()
 
 
+def unfinished(path: Path) -> set[str]:
+    """The events with a job queued or running in a journal file."""
+    conn = sqlite3.connect(path)
+    try:
+        sql = "SELECT DISTINCT event_id FROM jobs WHERE state IN ('queued', 'running')"
+        return {row[0] for row in conn.execute(sql)}
+    finally:
+        conn.close()
+
+
 def read(path: Path) -> bytes:
     return path.read_bytes()
 
@@ -73,6 +83,7 @@ async def test_a_backup_beside_a_running_daemon_restores_what_was_acked_before_i
             during.append(await post(http, daemon.url, f'{{"n": "during-{n}"}}'))
             n += 1
 
+    downstream.delay_s = 30.0  # the jobs of these webhooks are running or queued at the backup
     posting = asyncio.create_task(keep_posting())
     try:
         made = await procs.cli("backup", str(copy), "--config", str(config))
@@ -122,7 +133,15 @@ async def test_a_backup_beside_a_running_daemon_restores_what_was_acked_before_i
 
     # The restored journal keeps the copy's dedup keys: a delivery acked before the backup is a
     # duplicate; one acked after it is new again (the backup's loss window, said plainly).
+    # The daemon runs the jobs that were queued or running at the backup (again, for those
+    # that ran: at least once).
+    pending = unfinished(journal)
+    assert pending
+    downstream.delay_s = 0.0
+    downstream.release.set()
+    seen = len(downstream.arrivals)
     daemon = await procs.serve(config)
+    await downstream.wait_for(lambda: pending <= {d.event_id for d in downstream.arrivals[seen:]})
     first_id = sorted(before)[0][1]
     async with http.post(
         f"{daemon.url}/hooks/shop", data=_body_of(journal, first_id), headers=JSON

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webhookd.errors import JournalError
-from webhookd.journal import _take_serve_lock
+from webhookd.journal import _BUSY_TIMEOUT_MS, _take_serve_lock
 from webhookd.journal.schema import MIGRATIONS
 
-_BUSY_TIMEOUT_MS = 10_000
 # A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
 STEP_PAGES = 1024
 
@@ -56,7 +56,7 @@ def backup(
 ) -> Copy:
     """Copy ``journal`` as of one moment to ``dest``, a file that must not exist yet; it is
     created readable by its owner only, like the journal. ``on_step(bytes_done, size)`` after
-    each step."""
+    each step; ``step_pages=-1`` copies in one step (unsynced until the end: measured worse)."""
     try:
         return _backup(journal, dest, on_step, step_pages)
     except OSError as exc:  # a folder that is not there, a full disk, no permission
@@ -133,9 +133,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
     lock = _take_serve_lock(journal, "stop it before a restore")
     partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
-        with open(copy, "rb") as src, open(partial, "wb") as out:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
+        shutil.copyfile(copy, partial)  # into the 0600 file: its mode stays
         try:
             events, latest = _check(partial)
         except sqlite3.Error as exc:
