@@ -28,6 +28,7 @@ from webhookd.errors import JournalError
 from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
     MIGRATIONS,
+    WAL_SIZE_LIMIT_BYTES,
     Counts,
     Finished,
     Ingested,
@@ -293,6 +294,36 @@ async def test_sqlite_writer_copies_the_tail_a_background_checkpoint_left(
         await journal.ingest(new_event(body=b"tail"))  # copies the tail, then writes
         await journal.ingest(new_event(body=b"restarted"))
         assert _wal_resets(path) == 1
+
+
+def _wal_bytes(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
+async def test_sqlite_a_wal_that_a_long_read_made_grow_is_cut_back_when_it_starts_over(
+    tmp_path: Path,
+) -> None:
+    """A read held open (a backup, a sqlite3 shell) keeps the WAL from starting over, so it
+    grows by every commit; once the read ends, the next start-over cuts the file back to
+    ``WAL_SIZE_LIMIT_BYTES`` instead of leaving its largest size on disk while the daemon runs."""
+    path = tmp_path / "j.db"
+    clock = ManualClock()  # held still: no background checkpoint unless the test asks
+    async with Journal(path, clock=clock) as journal:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        body = b"x" * 1_000_000
+        for n in range(WAL_SIZE_LIMIT_BYTES // len(body) + 8):
+            await journal.ingest(new_event(body=body + str(n).encode()))
+        assert _wal_bytes(path) > WAL_SIZE_LIMIT_BYTES
+        reader.execute("COMMIT")
+        reader.close()
+        clock.advance(1.0)
+        await journal.ingest(new_event(body=b"after"))  # starts a background checkpoint
+        await journal.wait_checkpoint()
+        await journal.ingest(new_event(body=b"restarted"))
+        assert _wal_resets(path) == 1
+        assert _wal_bytes(path) <= WAL_SIZE_LIMIT_BYTES
 
 
 async def test_op_queue_hands_out_batches_in_order_and_ends_after_close() -> None:

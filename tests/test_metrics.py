@@ -111,8 +111,13 @@ async def test_two_daemons_in_one_process_keep_separate_metrics(
     assert value(await scrape(b), "webhookd_intake_requests_total", source="s", status="202") == 0
 
 
+def file_sizes(journal: Path) -> dict[str, int]:
+    return {"db": journal.stat().st_size, "wal": Path(f"{journal}-wal").stat().st_size}
+
+
 async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Path) -> None:
-    """Queued jobs show as backlog with the oldest one's age; a lane's use and waits show too."""
+    """Queued jobs show as backlog with the oldest one's age; a lane's use and waits show too,
+    and the journal's files their sizes."""
     clock = ManualClock()
     cfg = make_config(tmp_path, forward_source("s", "http://127.0.0.1:9/"))
     lane = Lane(LaneConfig(name="openai", rpm=60, tpm=6000, burst_s=2.0), clock=clock)
@@ -124,7 +129,12 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
         metrics = Metrics(journal, pool, lanes=lambda: {"openai": lane})
         clock.advance(90)
         body, content_type = await metrics.render()
+        # Read at scrape time from the files (no checkpoint runs meanwhile on the manual clock).
+        sizes = file_sizes(cfg.journal.path)
     samples = parse(body.decode())
+    assert sizes["db"] > 0 and sizes["wal"] > 0
+    for name, size in sizes.items():
+        assert value(samples, "webhookd_journal_bytes", file=name) == size
     assert content_type.startswith("text/plain")
     assert value(samples, "webhookd_backlog_jobs") == 3
     assert value(samples, "webhookd_oldest_queued_age_seconds") == 90

@@ -292,6 +292,15 @@ class _StateCollector(Collector):
             "Writes committed by group commit (ingests, claims, outcomes).",
             self.journal.batched_ops,
         )
+        files = GaugeMetricFamily(
+            "webhookd_journal_bytes",
+            "Size of the journal's files (SQLite: the database and its WAL; a WAL that keeps"
+            " growing means something holds a read open and checkpoints cannot finish).",
+            labels=["file"],
+        )
+        for name, size in sorted(self.journal.file_bytes().items()):
+            files.add_metric([name], size)
+        yield files
         yield _gauge(
             "webhookd_journal_write_error",
             "1 while the journal's last write failed.",

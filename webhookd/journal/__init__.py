@@ -132,6 +132,7 @@ MAX_BATCH = 512
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
 CLOSE_TIMEOUT_S = 10.0
 _BUSY_TIMEOUT_MS = 5000
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 _PRAGMAS = (
     f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
     # auto_vacuum only takes effect on a new file, before the first table is created.
@@ -139,6 +140,10 @@ _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
     "PRAGMA temp_store = MEMORY",
+    # A WAL that a long read made grow (a backup, a sqlite3 shell left open) is cut back to this
+    # when it next starts over, instead of keeping its largest size on disk until the daemon
+    # stops; under load it stays well below it.
+    f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}",
 )
 # The writer's own automatic checkpoint, a backstop only (pages of WAL, ~40 MB): the background
 # checkpointer copies the WAL back every CHECKPOINT_EVERY_S while there are commits.
@@ -515,6 +520,15 @@ class Journal(Reads, BaseJournal):
     @property
     def location(self) -> str:
         return str(self.path)
+
+    def file_bytes(self) -> dict[str, int]:
+        sizes = {}
+        for name, path in (("db", self.path), ("wal", Path(f"{self.path}-wal"))):
+            try:
+                sizes[name] = path.stat().st_size
+            except FileNotFoundError:  # a WAL is there only while a connection is open
+                sizes[name] = 0
+        return sizes
 
     @property
     def reader(self) -> aiosqlite.Connection:

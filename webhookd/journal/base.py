@@ -126,6 +126,11 @@ class BaseJournal(ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def file_bytes(self) -> dict[str, int]:
+        """Bytes of each of the journal's own files, by name (``db``, ``wal``), read now; empty
+        for a journal that is not files on this host (PostgreSQL's size is the server's)."""
+        return {}
+
     @abstractmethod
     async def open(self) -> None:
         """Connect, bring the schema up to date, start the writer."""
