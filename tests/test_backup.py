@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +21,7 @@ import pytest
 from ops_support import cli
 from procs import Procs, Target, write_config
 from test_cli import on_a_terminal
+from test_journal_contract import new_event
 
 from webhookd.journal import Journal
 
@@ -225,3 +229,50 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     for verb, tool in (("backup", "pg_dump"), ("restore", "pg_restore")):
         out = await cli(verb, str(tmp_path / "x.db"), "--config", str(pg))
         assert out.exit_code == 2 and "journal.url is set: " in out.output and tool in out.output
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path``: a disk that really fills up."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        reason = f"mounting a small tmpfs takes root: {mounted.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI runs as root (it installs packages)")
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+async def test_a_backup_with_no_room_for_it_is_refused_before_it_writes(tmp_path: Path) -> None:
+    """A backup that would not fit is refused at once, saying how much it needs; on the
+    journal's own disk it also leaves room for the daemon's commits, so that a backup can
+    never turn them into 503s by filling the disk."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for n in range(40):
+            await j.ingest(new_event(body=b"x" * 100_000 + str(n).encode()))
+    with small_disk(tmp_path / "small", "1m") as small:
+        config = write_config(tmp_path / "webhookd.toml", journal)
+        out = await cli("backup", str(small / "copy.db"), "--config", str(config))
+        assert out.exit_code == 1
+        assert f"not enough room in {small} for the backup: it needs 4." in out.output
+        assert "1.0 MB is free\n" in out.output
+        assert names(small) == set()
+
+    with small_disk(tmp_path / "disk", "100m") as disk:
+        on_disk = disk / "webhookd.db"
+        async with Journal(on_disk):
+            pass
+        config = write_config(tmp_path / "on-disk.toml", on_disk)
+        out = await cli("backup", str(disk / "copy.db"), "--config", str(config))
+        assert out.exit_code == 1
+        assert "and the journal's disk keeps 134.2 MB for the daemon" in out.output
+        assert names(disk) == {"webhookd.db"}

@@ -737,7 +737,7 @@ def backup(dest: Path, config_path: str | None) -> None:
         _fail(str(exc), 1)
     click.echo(
         f"backed up {cfg.journal.path} to {dest}: {made.events:,} event(s), newest received"
-        f" {_when(made.latest)}, {_megabytes(made.size)}, in {made.seconds:.1f} s"
+        f" {_when(made.latest)}, {copies.megabytes(made.size)}, in {made.seconds:.1f} s"
     )
 
 
@@ -766,10 +766,6 @@ def restore(copy: Path, config_path: str | None) -> None:
     )
     if put.replaced is not None:
         click.echo(f"the journal it replaced is now {put.replaced}")
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:,.1f} MB"
 
 
 @main.command()

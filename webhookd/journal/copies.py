@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webhookd.errors import JournalError
-from webhookd.journal import _BUSY_TIMEOUT_MS, _take_serve_lock
+from webhookd.journal import _BUSY_TIMEOUT_MS, WAL_SIZE_LIMIT_BYTES, _take_serve_lock
 from webhookd.journal.schema import MIGRATIONS
 
 # A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
 STEP_PAGES = 1024
+# Room a backup leaves free on the journal's own disk: what the daemon's WAL may take, twice.
+DAEMON_ROOM = 2 * WAL_SIZE_LIMIT_BYTES
 
 
 class DestinationExists(JournalError):
@@ -82,6 +84,8 @@ def _backup(
             source.execute("BEGIN")
             source.execute("SELECT count(*) FROM sqlite_schema")
             page_size = int(source.execute("PRAGMA page_size").fetchone()[0])
+            pages = int(source.execute("PRAGMA page_count").fetchone()[0])
+            _check_room(journal, dest.parent, pages * page_size)
             target = sqlite3.connect(partial, isolation_level=None)
             try:
                 # Crash safety is the rename's: a partial file is never kept.
@@ -148,6 +152,25 @@ def _restore(copy: Path, journal: Path) -> Copy:
         os.close(lock)
     size = journal.stat().st_size
     return Copy(journal, size, events, latest, time.monotonic() - started, replaced)
+
+
+def _check_room(journal: Path, folder: Path, size: int) -> None:
+    """Refuse a backup its folder has no room for, before writing any of it; on the journal's
+    own disk, keep ``DAEMON_ROOM`` free besides, or the copy would turn the daemon's commits
+    into 503s while it lasts."""
+    free = shutil.disk_usage(folder).free
+    keep = DAEMON_ROOM if os.stat(folder).st_dev == os.stat(journal).st_dev else 0
+    if free - size < keep:
+        also = f", and the journal's disk keeps {megabytes(keep)} for the daemon" if keep else ""
+        raise JournalError(
+            f"not enough room in {folder} for the backup: it needs {megabytes(size)} and"
+            f" {megabytes(free)} is free{also}"
+        )
+
+
+def megabytes(size: int) -> str:
+    """A file's size as the CLI prints it."""
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _check(path: Path) -> tuple[int, float | None]:
