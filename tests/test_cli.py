@@ -105,6 +105,13 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     doc = json.loads(out.output)
     assert doc["jobs"]["dead"] == 1 and doc["sources"]["mail"]["done"] == 1
     assert doc["daemon"] is None  # the admin port is 0 in the file: not reachable by the CLI
+    # A SQLite journal's files and their sizes; PostgreSQL's size is the server's.
+    on_sqlite = isinstance(running.daemon.journal, Journal)
+    assert set(doc["journal_bytes"]) == ({"db", "wal"} if on_sqlite else set())
+    if on_sqlite:
+        assert doc["journal_bytes"]["db"] > 0
+    table = await cli("stats", "--config", str(config))
+    assert any(line.startswith("journal  ") for line in table.output.splitlines()) == on_sqlite
 
 
 async def test_replay_ids_and_dead_with_filters_and_dry_run(
@@ -502,6 +509,8 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     status, stats = await get("/stats")
     assert status == 200 and stats["jobs"]["dead"] == 1 and stats["backlog"] == 0
     assert {"workers", "throughput", "lanes", "paused", "oldest_queued_age_s"} <= set(stats)
+    assert stats["journal_bytes"] == {} or stats["journal_bytes"]["db"] > 0
+    assert set(stats["journal_bytes"]) == set(running.daemon.journal.file_bytes())
     status, doc = await get("/events?state=dead&source=shop&limit=5")
     assert [e["id"] for e in doc["events"]] == [dead]
     assert (await get("/events?state=lost"))[0] == 400

@@ -477,6 +477,8 @@ async def test_dashboard_runs_its_own_script_and_no_markup_injected_into_it(
     async with open_page(browser, running.admin_url + "/") as page:
         # #meta is filled in by the page's own script from /stats.
         await page.wait_for("document.querySelector('#meta')?.textContent.startsWith('boot ')")
+        meta = await page.evaluate("document.querySelector('#meta').textContent")
+        assert re.search(r" · journal \d+\.\d MB \+ WAL \d+\.\d MB", meta), meta
         # A handler set as markup runs before one added by script, in the same dispatch.
         ran = await page.evaluate(
             """new Promise(resolve => {

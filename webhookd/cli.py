@@ -30,6 +30,7 @@ from webhookd.journal import (
     Cancelled,
     EventDetail,
     Replayed,
+    copies,
     open_journal,
 )
 from webhookd.redact import Masker, printable, secret_values
@@ -513,6 +514,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             # daemon's own view, when it answers, replaces this one.
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
+            files = journal.file_bytes()
         oldest = counts.oldest_queued_at
         daemon, daemon_error = await _daemon_stats(cfg)
         if daemon is not None and "cluster" in daemon:
@@ -528,6 +530,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),
             "paused": paused,
+            "journal_bytes": files,
             "nodes": nodes,
             "daemon": daemon,
             "daemon_error": daemon_error,
@@ -600,6 +603,11 @@ def _stats_table(doc: dict[str, Any]) -> str:
     ]
     if doc["paused"]:
         lines.append("paused         " + ", ".join(doc["paused"]))
+    files = doc["journal_bytes"]
+    if files:
+        lines.append(
+            f"journal        {copies.megabytes(files['db'])}   WAL {copies.megabytes(files['wal'])}"
+        )
     daemon = doc["daemon"]
     if daemon is not None:
         w = daemon["workers"]
@@ -718,8 +726,6 @@ def backup(dest: Path, config_path: str | None) -> None:
     The copy is checked (PRAGMA quick_check) before it is given its name. Copying the journal
     file with cp while the daemon runs can tear it: its -wal holds the latest commits.
     """
-    from webhookd.journal import copies
-
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set: back up a PostgreSQL journal with pg_dump", 2)
@@ -751,8 +757,6 @@ def restore(copy: Path, config_path: str | None) -> None:
     next start the daemon runs the jobs that were queued or running when the backup was made;
     webhooks received after it are not in it.
     """
-    from webhookd.journal import copies
-
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set: restore a PostgreSQL journal with pg_restore", 2)
