@@ -113,6 +113,15 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     table = await cli("stats", "--config", str(config))
     assert any(line.startswith("journal  ") for line in table.output.splitlines()) == on_sqlite
 
+    # Found by what its body holds.
+    order = await accepted(running, "mail", '{"order": "ord_77", "name": "Zoë"}')
+    out = await cli("events", "--contains", "ord_77", "--config", str(config))
+    assert out.exit_code == 0 and order in out.output and done not in out.output
+    out = await cli("events", "--contains", "Zoë", "--source", "shop", "--config", str(config))
+    assert out.exit_code == 0 and out.output == "no events\n"
+    out = await cli("events", "--contains", '"Zoë"', "--json", "--config", str(config))
+    assert [json.loads(line)["id"] for line in out.output.splitlines()] == [order]
+
 
 async def test_replay_ids_and_dead_with_filters_and_dry_run(
     wired: tuple[Path, Running], target: Target
@@ -417,6 +426,7 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["replay", "--dead", "--since", "yesterday"], "use 30m, 2h, 7d"),
         (["events", "--state", "lost"], "'lost' is not one of"),
         (["events", "--limit", "0"], "0 is not in the range"),
+        (["events", "--contains", ""], "give 1 to 1000 characters"),
         (["pause", "nosuch"], "no source 'nosuch'"),
         (["show"], "give an event id or --key"),
         (["cancel"], "give event ids or --queued"),

@@ -856,6 +856,28 @@ async def test_list_events_filters_by_derived_state(journal: BaseJournal) -> Non
     assert await journal.list_events(source="nope") == []
 
 
+async def test_list_events_finds_the_bodies_that_hold_some_bytes(journal: BaseJournal) -> None:
+    """``contains`` matches raw body bytes, newest first, with the other filters and a cursor;
+    no character in it is a wildcard."""
+    text = new_event(body='{"order": "ord_123", "name": "Zoë"}'.encode())
+    other = new_event(body=b'{"order": "ord_456"}', source="mail")
+    binary = new_event(body=b"\x00\xff\x1f\x8b ord_123")
+    for item in (text, other, binary):
+        await journal.ingest(item)
+
+    async def found(**filters: Any) -> list[str]:
+        return [e.id for e in await journal.list_events(**filters)]
+
+    assert await found(contains=b"ord_123") == [binary.event.id, text.event.id]
+    assert await found(contains=b"ord_123", limit=1) == [binary.event.id]
+    assert await found(contains=b"ord_123", before=binary.event.id) == [text.event.id]
+    assert await found(contains="Zoë".encode()) == [text.event.id]
+    assert await found(contains=b"\x00\xff") == [binary.event.id]
+    assert await found(contains=b"ord_456", source="shop") == []
+    assert await found(contains=b"ord_456", since=START + 1) == []
+    assert await found(contains=b"ord%") == await found(contains=b"ord?") == []
+
+
 async def test_paging_by_before_visits_every_event_once_even_when_ids_and_commits_disagree(
     journal: BaseJournal,
 ) -> None:

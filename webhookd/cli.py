@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
+# The longest text `events --contains` takes.
+MAX_CONTAINS = 1000
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -449,6 +451,12 @@ def _bulk_filters(
 @click.option("--state", type=click.Choice(EVENT_STATES), help="Only events in this state.")
 @click.option("--source", help="Only events of this source.")
 @click.option("--since", help="Only events received since (30m, 2h, 7d, ISO time).")
+@click.option(
+    "--contains",
+    help="Only events whose body holds this text (an order id, an email): a scan of the"
+    " bodies, newest first, in this process (not the daemon's); --since and --source make it"
+    " shorter.",
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events(
@@ -456,17 +464,24 @@ def events(
     state: str | None,
     source: str | None,
     since: str | None,
+    contains: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
     """List recent events, newest first."""
     cfg = _read_config(config_path)
     since_ts = parse_since(since) if since else None
+    if contains is not None and not 1 <= len(contains) <= MAX_CONTAINS:
+        raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
 
     async def go() -> list[Any]:
         async with _journal(cfg) as journal:
             return await journal.list_events(
-                state=state, source=source, limit=limit, since=since_ts
+                state=state,
+                source=source,
+                limit=limit,
+                since=since_ts,
+                contains=contains.encode() if contains is not None else None,
             )
 
     rows = _run(go)

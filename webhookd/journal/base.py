@@ -343,13 +343,16 @@ class BaseJournal(ABC):
         limit: int = 50,
         before: str | None = None,
         since: float | None = None,
+        contains: bytes | None = None,
     ) -> list[EventSummary]:
         """Newest first (in the order events were journaled). ``state`` filters on the derived
-        event state. ``before``: the events listed after that event id, for the next page. The
-        cursor goes by the same order as the listing, not by the ids' order: in a cluster an
-        event can be committed after one with a younger id (its node's clock behind), and a
-        cursor by id would skip it between two pages. A cursor no longer in the journal
-        (pruned) falls back to the ids' order."""
+        event state. ``contains``: only events whose raw body holds these bytes (a scan of the
+        bodies, newest first, until ``limit`` are found: ``since`` and ``source`` bound it).
+        ``before``: the events listed after that event id, for the next page. The cursor goes
+        by the same order as the listing, not by the ids' order: in a cluster an event can be
+        committed after one with a younger id (its node's clock behind), and a cursor by id
+        would skip it between two pages. A cursor no longer in the journal (pruned) falls back
+        to the ids' order."""
 
     @abstractmethod
     async def counts(self) -> Counts:

@@ -225,6 +225,7 @@ class Reads:
         limit: int = 50,
         before: str | None = None,
         since: float | None = None,
+        contains: bytes | None = None,
     ) -> list[EventSummary]:
         """Newest first. ``state`` filters on the derived event state."""
         where: list[str] = []
@@ -239,6 +240,9 @@ class Reads:
         if since is not None:
             where.append("e.received_at >= ?")
             args.append(since)
+        if contains is not None:  # instr() on two BLOBs compares bytes
+            where.append("instr(e.body, ?) > 0")
+            args.append(contains)
         if state is not None:
             jobs_in = STATE_JOBS.get(state)
             if jobs_in is not None and (await fetch(self.reader, few_jobs_sql(jobs_in)))[0][0]:

@@ -183,15 +183,20 @@ class PgReads:
         limit: int = 50,
         before: str | None = None,
         since: float | None = None,
+        contains: bytes | None = None,
     ) -> list[EventSummary]:
         where = [
             "($1::text IS NULL OR e.source = $1)",
             "($2::double precision IS NULL OR e.received_at >= $2)",
         ]
         args: list[Any] = [source, since, limit]
+        if contains is not None:
+            where.append(f"position(${len(args) + 1}::bytea in e.body) > 0")
+            args.append(contains)
         if before is not None:  # by insert order, as the listing goes (see BaseJournal)
             seq = await self._value("SELECT seq FROM events WHERE id = $1", before)
-            where.append("e.seq < $4::bigint" if seq is not None else "e.id < $4::text")
+            n = len(args) + 1
+            where.append(f"e.seq < ${n}::bigint" if seq is not None else f"e.id < ${n}::text")
             args.append(seq if seq is not None else before)
         if state is not None:
             where.append(STATE_FILTERS[state])  # a fixed clause chosen by name, not user text
