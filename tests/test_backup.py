@@ -276,3 +276,41 @@ async def test_a_backup_with_no_room_for_it_is_refused_before_it_writes(tmp_path
         assert out.exit_code == 1
         assert "and the journal's disk keeps 134.2 MB for the daemon" in out.output
         assert names(disk) == {"webhookd.db"}
+
+
+def owner_of(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid
+
+
+def give(path: Path, uid: int) -> None:
+    os.chown(path, uid, uid)
+
+
+async def test_a_restore_as_root_leaves_the_journal_to_the_daemons_user(tmp_path: Path) -> None:
+    """``sudo webhookd restore`` for a daemon that runs as a user of its own: the restored
+    journal and the lock file are that user's (the replaced journal's owner, or on a fresh box
+    the folder's), not root's 0600 files the daemon could not open."""
+    if os.geteuid() != 0:
+        pytest.skip("giving files to another user takes root")
+    nobody = 65534
+    journal = tmp_path / "lib" / "webhookd.db"
+    async with Journal(journal):
+        pass
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    good = tmp_path / "good.db"
+    assert (await cli("backup", str(good), "--config", str(config))).exit_code == 0
+    give(journal, nobody)
+    out = await cli("restore", str(good), "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert owner_of(journal) == owner_of(Path(f"{journal}-lock")) == (nobody, nobody)
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    give(fresh, nobody)
+    config = write_config(tmp_path / "fresh.toml", fresh / "webhookd.db")
+    out = await cli("restore", str(good), "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert names(fresh) == {"webhookd.db", "webhookd.db-lock"}
+    for name in names(fresh):
+        assert owner_of(fresh / name) == (nobody, nobody)

@@ -134,10 +134,13 @@ def _restore(copy: Path, journal: Path) -> Copy:
     if not copy.is_file():
         raise JournalError(f"no backup at {copy}")
     journal.parent.mkdir(parents=True, exist_ok=True)
+    owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore")
     partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
-        shutil.copyfile(copy, partial)  # into the 0600 file: its mode stays
+        _give(Path(f"{journal}-lock"), owner)
+        _give(partial, owner)
+        shutil.copyfile(copy, partial)  # into the 0600 file: its mode and owner stay
         try:
             events, latest = _check(partial)
         except sqlite3.Error as exc:
@@ -152,6 +155,23 @@ def _restore(copy: Path, journal: Path) -> Copy:
         os.close(lock)
     size = journal.stat().st_size
     return Copy(journal, size, events, latest, time.monotonic() - started, replaced)
+
+
+def _owner(journal: Path) -> os.stat_result:
+    """Whose the restored journal is to be: the daemon's, as the journal it replaces says (or
+    its lock file, or on a fresh box its folder). Read before the restore creates anything."""
+    for path in (journal, Path(f"{journal}-lock")):
+        with contextlib.suppress(FileNotFoundError):
+            return path.stat()
+    return journal.parent.stat()
+
+
+def _give(path: Path, owner: os.stat_result) -> None:
+    """As root (``sudo webhookd restore`` for a daemon that runs as a user of its own), make
+    ``path`` the daemon's: a root-owned 0600 journal or lock file is one it cannot open."""
+    now = path.stat()
+    if os.geteuid() == 0 and (now.st_uid, now.st_gid) != (owner.st_uid, owner.st_gid):
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def _check_room(journal: Path, folder: Path, size: int) -> None:
