@@ -521,15 +521,6 @@ class Journal(Reads, BaseJournal):
     def location(self) -> str:
         return str(self.path)
 
-    def file_bytes(self) -> dict[str, int]:
-        sizes = {}
-        for name, path in (("db", self.path), ("wal", Path(f"{self.path}-wal"))):
-            try:
-                sizes[name] = path.stat().st_size
-            except FileNotFoundError:  # a WAL is there only while a connection is open
-                sizes[name] = 0
-        return sizes
-
     @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:

@@ -5,7 +5,6 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -290,11 +289,19 @@ class Reads:
 
     async def size_bytes(self) -> int:
         """The journal's size on disk: the main file plus its WAL."""
-        total = 0
-        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-        return total
+        return sum(self.file_bytes().values())
+
+    def file_bytes(self) -> dict[str, int]:
+        sizes = {}
+        for name, path in (
+            ("db", self.path),
+            ("wal", self.path.with_name(self.path.name + "-wal")),
+        ):
+            try:
+                sizes[name] = path.stat().st_size
+            except FileNotFoundError:  # a WAL is there only while a connection is open
+                sizes[name] = 0
+        return sizes
 
     async def nodes(self, limit: int = 64) -> list[NodeInfo]:
         """This process, the file's only node: its running jobs are every running job (those of
