@@ -224,6 +224,16 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert read(Path(f"{aside}-wal")) == b"its wal"
     assert journal.read_bytes() == good.read_bytes()
 
+    # A -wal left without its journal is not the restored file's: moved aside, not replayed.
+    journal.unlink()
+    wal.write_bytes(b"an orphan wal")
+    put = await cli("restore", str(good), "--config", str(config))
+    assert put.exit_code == 0, put.output
+    aside = Path(put.output.split("the journal it replaced is now ")[1].strip())
+    assert read(Path(f"{aside}-wal")) == b"an orphan wal"
+    assert not wal.exists()
+    assert journal.read_bytes() == good.read_bytes()
+
     pg = tmp_path / "pg.toml"
     pg.write_text('[journal]\nurl = "postgresql://webhookd@127.0.0.1/webhookd"\n')
     for verb, tool in (("backup", "pg_dump"), ("restore", "pg_restore")):

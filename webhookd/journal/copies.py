@@ -146,7 +146,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
         _sync(partial)
-        replaced = _move_aside(journal) if journal.exists() else None
+        replaced = _move_aside(journal)
         os.replace(partial, journal)
         _sync(journal.parent)
     finally:
@@ -211,20 +211,23 @@ def _check(path: Path) -> tuple[int, float | None]:
     return int(events), latest
 
 
-def _move_aside(journal: Path) -> Path:
-    """Rename ``journal`` to ``<name>.replaced-<UTC time>``, with its ``-wal`` and ``-shm``.
+def _move_aside(journal: Path) -> Path | None:
+    """Rename ``journal`` to ``<name>.replaced-<UTC time>``, with its ``-wal`` and ``-shm``;
+    ``None`` when none of them is there.
 
     Moved as they are, not opened: SQLite deletes a ``-wal`` it cannot apply to a damaged file
     when its connection closes, and the WAL may hold the last commits. The WAL goes first, so
-    that no step leaves it beside a file that is not its own.
+    that no step leaves it beside a file that is not its own; a ``-wal`` whose journal is gone
+    is moved too, or SQLite would replay it into the restored file.
     """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = journal.with_name(f"{journal.name}.replaced-{stamp}")
-    for suffix in ("-wal", "-shm"):
+    moved = None
+    for suffix in ("-wal", "-shm", ""):
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{journal}{suffix}", f"{aside}{suffix}")
-    os.replace(journal, aside)
-    return aside
+            moved = aside
+    return moved
 
 
 def _new_private(path: Path) -> Path:
