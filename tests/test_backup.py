@@ -13,6 +13,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from procs import Procs, Target, write_config
 from test_cli import on_a_terminal
 from test_journal_contract import new_event
 
-from webhookd.journal import Journal
+from webhookd.journal import Journal, copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
 
@@ -239,6 +240,70 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     for verb, tool in (("backup", "pg_dump"), ("restore", "pg_restore")):
         out = await cli(verb, str(tmp_path / "x.db"), "--config", str(pg))
         assert out.exit_code == 2 and "journal.url is set: " in out.output and tool in out.output
+
+
+def stamp(at: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+
+
+async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: Path) -> None:
+    """``backup FOLDER --keep N`` for a timer: each copy named for the journal and the time,
+    and only this journal's dated copies beyond the newest N deleted, once the new one is in
+    place; nothing else in the folder is touched."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        kept_id = (await j.ingest(new_event(body=b'{"n": 1}'))).event_id
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    old = [f"webhookd-2026010{d}T000000Z.db" for d in (1, 2, 3)]
+    # Stamped in the future (a clock set back since): kept, and it cannot push out the new one.
+    ahead = "webhookd-20991231T000000Z.db"
+    others = ["webhookd-notes.db", "other-20260101T000000Z.db", "webhookd-20260101T000000Z.db.gz"]
+    for name in [*old, ahead, *others]:
+        (folder / name).write_bytes(b"an older copy")
+    (folder / "webhookd-20250101T000000Z.db").symlink_to(tmp_path / "elsewhere.db")
+    (folder / "webhookd-20250102T000000Z.db").mkdir()
+
+    before = time.time()
+    out = await cli("backup", str(folder), "--keep", "3", "--config", str(config))
+    after = time.time()
+    assert out.exit_code == 0, out.output
+    made = Path(out.output.split(" to ", 1)[1].split(": ", 1)[0])
+    assert made.parent == folder
+    assert made.name.startswith("webhookd-") and made.name.endswith(".db")
+    assert stamp(before) <= made.name.removeprefix("webhookd-").removesuffix(".db") <= stamp(after)
+    assert event_ids(made) == {kept_id}
+    assert out.output.endswith(f"deleted 2 older backup(s): {old[0]}, {old[1]}\n")
+    assert names(folder) == {
+        made.name,
+        ahead,
+        old[2],
+        *others,
+        "webhookd-20250101T000000Z.db",
+        "webhookd-20250102T000000Z.db",
+    }
+
+    # Without --keep a folder only gets the dated copy; --keep needs a folder.
+    (folder / made.name).unlink()
+    out = await cli("backup", str(folder), "--config", str(config))
+    assert out.exit_code == 0 and "deleted" not in out.output
+    again = Path(out.output.split(" to ", 1)[1].split(": ", 1)[0])
+    # Keeping one keeps the copy just made, whatever the names beside it say.
+    assert copies.rotate(folder, journal, 1, again) == [folder / old[2], folder / ahead]
+    assert {n for n in names(folder) if n.endswith("Z.db")} == {
+        again.name,
+        "other-20260101T000000Z.db",
+        "webhookd-20250101T000000Z.db",
+        "webhookd-20250102T000000Z.db",
+    }
+    out = await cli("backup", str(tmp_path / "one.db"), "--keep", "3", "--config", str(config))
+    assert (out.exit_code, out.output) == (
+        2,
+        f"webhookd: error: --keep takes a folder as DEST, and {tmp_path / 'one.db'} is not one\n",
+    )
+    out = await cli("backup", str(folder), "--keep", "0", "--config", str(config))
+    assert out.exit_code == 2 and "0 is not in the range x>=1" in out.output
 
 
 @contextlib.contextmanager

@@ -733,17 +733,30 @@ def prune(config_path: str | None) -> None:
 
 
 @main.command()
-@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    help="With a folder as DEST: then delete all but the newest N dated backups in it.",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def backup(dest: Path, config_path: str | None) -> None:
+def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
     """Copy the journal as of one moment to DEST, a new file, while the daemon runs or not.
 
-    The copy is checked (PRAGMA quick_check) before it is given its name. Copying the journal
-    file with cp while the daemon runs can tear it: its -wal holds the latest commits.
+    DEST may be a folder: the copy is then named for the journal and the time,
+    webhookd-20261203T040000Z.db, and --keep N deletes the oldest such copies beyond N once the
+    new one is in place (for a daily timer). The copy is checked (PRAGMA quick_check) before it
+    is given its name. Copying the journal file with cp while the daemon runs can tear it: its
+    -wal holds the latest commits.
     """
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set: back up a PostgreSQL journal with pg_dump", 2)
+    folder = dest if dest.is_dir() else None
+    if keep is not None and folder is None:
+        _fail(f"--keep takes a folder as DEST, and {dest} is not one", 2)
+    if folder is not None:
+        dest = copies.dated(folder, cfg.journal.path, time.time())
     try:
         with _progress(1, "backing up (MB)") as bar:
 
@@ -760,6 +773,14 @@ def backup(dest: Path, config_path: str | None) -> None:
         f"backed up {cfg.journal.path} to {dest}: {made.events:,} event(s), newest received"
         f" {_when(made.latest)}, {copies.megabytes(made.size)}, in {made.seconds:.1f} s"
     )
+    if folder is None or keep is None:
+        return
+    try:
+        gone = copies.rotate(folder, cfg.journal.path, keep, dest)
+    except OSError as exc:
+        _fail(f"cannot delete older backups in {folder}: {exc.strerror or exc}", 1)
+    if gone:
+        click.echo(f"deleted {len(gone)} older backup(s): {', '.join(p.name for p in gone)}")
 
 
 @main.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -31,6 +32,11 @@ from webhookd.journal.schema import MIGRATIONS
 STEP_PAGES = 1024
 # Room a backup leaves free on the journal's own disk: what the daemon's WAL may take, twice.
 DAEMON_ROOM = 2 * WAL_SIZE_LIMIT_BYTES
+
+
+# A dated backup's name, ``<journal's stem>-<UTC time>.db``: sorted by name is sorted by time.
+_STAMP = "%Y%m%dT%H%M%SZ"
+_DATED = re.compile(r"-\d{8}T\d{6}Z\.db")
 
 
 class DestinationExists(JournalError):
@@ -118,6 +124,41 @@ def _backup(
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     return Copy(dest, dest.stat().st_size, events, latest, time.monotonic() - started)
+
+
+def dated(folder: Path, journal: Path, at: float) -> Path:
+    """Where a backup of ``journal`` made at ``at`` goes in ``folder``: a name of its own per
+    second, so a timer's backups sit side by side and ``rotate`` can tell which are oldest."""
+    return folder / f"{journal.stem}-{time.strftime(_STAMP, time.gmtime(at))}.db"
+
+
+def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
+    """Delete the oldest of ``journal``'s dated backups in ``folder`` beyond the newest ``keep``,
+    the one just ``made`` always among those kept; returns what was deleted, oldest first.
+
+    Only regular files named as ``dated`` names them for this journal are touched: anything
+    else in the folder (other journals' backups, a copy renamed by hand, a symlink) stays.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    stem = journal.stem
+    ours = sorted(
+        entry.name
+        for entry in os.scandir(folder)
+        if entry.name.startswith(stem)
+        and _DATED.fullmatch(entry.name, len(stem))
+        and entry.is_file(follow_symlinks=False)
+    )
+    # Newest first by name; a file stamped in the future (a clock set back) keeps its place but
+    # never pushes out the backup just made.
+    kept = [made.name, *[n for n in reversed(ours) if n != made.name][: keep - 1]]
+    gone = [folder / name for name in ours if name not in kept]
+    for path in gone:
+        with contextlib.suppress(FileNotFoundError):  # another rotation got there first
+            path.unlink()
+    if gone:
+        _sync(folder)
+    return gone
 
 
 def restore(copy: Path, journal: Path) -> Copy:
@@ -220,7 +261,7 @@ def _move_aside(journal: Path) -> Path | None:
     that no step leaves it beside a file that is not its own; a ``-wal`` whose journal is gone
     is moved too, or SQLite would replay it into the restored file.
     """
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime(_STAMP, time.gmtime())
     aside = journal.with_name(f"{journal.name}.replaced-{stamp}")
     moved = None
     for suffix in ("-wal", "-shm", ""):
