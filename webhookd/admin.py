@@ -443,8 +443,8 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         },
         "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
         "paused": sorted(await ctx.journal.paused_sources()),
-        # A SQLite journal's files ({"db", "wal"}, bytes); {} for PostgreSQL's.
-        "journal_bytes": ctx.journal.file_bytes(),
+        # A SQLite journal's files ({"db", "wal"}, bytes); PostgreSQL's tables ({"tables"}).
+        "journal_bytes": await ctx.journal.sizes(),
         "cluster": await cluster_stats(ctx.journal, counts, now),
         "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
     }

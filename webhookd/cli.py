@@ -529,7 +529,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             # daemon's own view, when it answers, replaces this one.
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
-            files = journal.file_bytes()
+            files = await journal.sizes()
         oldest = counts.oldest_queued_at
         daemon, daemon_error = await _daemon_stats(cfg)
         if daemon is not None and "cluster" in daemon:
@@ -619,10 +619,12 @@ def _stats_table(doc: dict[str, Any]) -> str:
     if doc["paused"]:
         lines.append("paused         " + ", ".join(doc["paused"]))
     files = doc["journal_bytes"]
-    if files:
+    if "db" in files:
         lines.append(
             f"journal        {copies.megabytes(files['db'])}   WAL {copies.megabytes(files['wal'])}"
         )
+    elif "tables" in files:
+        lines.append(f"journal        {copies.megabytes(files['tables'])} in PostgreSQL")
     daemon = doc["daemon"]
     if daemon is not None:
         w = daemon["workers"]

@@ -131,6 +131,11 @@ class BaseJournal(ABC):
         for a journal that is not files on this host (PostgreSQL's size is the server's)."""
         return {}
 
+    async def sizes(self) -> dict[str, int]:
+        """What ``/stats`` and ``webhookd stats`` report as ``journal_bytes``: a SQLite
+        journal's files (``file_bytes``), PostgreSQL's tables with their indexes (``tables``)."""
+        return self.file_bytes()
+
     @abstractmethod
     async def open(self) -> None:
         """Connect, bring the schema up to date, start the writer."""

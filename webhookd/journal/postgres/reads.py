@@ -244,6 +244,9 @@ class PgReads:
         )
         return int(value)
 
+    async def sizes(self) -> dict[str, int]:
+        return {"tables": await self.storage_bytes()}
+
     async def nodes(self, limit: int = 64) -> list[NodeInfo]:
         # Running jobs per node come from ``jobs_running``, one index range per node.
         rows = await self.fetch(
