@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.state",
         "webhookd.content_coding",
         "webhookd.json_errors",
+        "webhookd.throttle",
     ),
     ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.

@@ -16,10 +16,12 @@ import pytest
 from conftest import Target, make_config
 from ops_support import TOKEN_ENV, event_state, forward_source
 from procs import DaemonProc, Procs, spawn, write_config
+from rawhttp import RawConn
 
 from webhookd import logs
 from webhookd.admin import AdminContext, Throughput
 from webhookd.app import heartbeat_line
+from webhookd.throttle import Throttle
 
 GH_SECRET = "gh-signing-secret-5f2a9c"
 ADMIN_SECRET = "admin-token-8d1e77b0"
@@ -198,3 +200,100 @@ async def test_serve_flags_override_the_configured_log_format_and_level(tmp_path
     docs = [json.loads(line) for line in daemon.lines if line.strip()]
     assert any("listening on" in d["msg"] for d in docs)
     assert {d["level"] for d in docs} <= {"debug", "info", "warning", "error"}
+
+
+async def test_a_drain_tells_what_the_throttled_lines_held_back(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """A flood of bad signatures and of malformed requests at a real daemon: ten lines of each,
+    and the drain writes how many more there were, so no refusal goes untold."""
+    monkeypatch.setenv("GH_SECRET", GH_SECRET)
+    cfg = make_config(
+        tmp_path,
+        forward_source("gh", target.url, verify='{ scheme = "github", secret = "env:GH_SECRET" }'),
+    )
+    captured = io.StringIO()
+    logs.setup("info", "text", stream=captured)
+    running = await run_daemon(cfg)
+    bad = {"X-Hub-Signature-256": "sha256=00", "X-GitHub-Delivery": "x"}
+    for _ in range(15):
+        assert (await running.post("/hooks/gh", b"{}", headers=bad))[0] == 401
+    for _ in range(12):
+        conn = await RawConn.open(running.daemon.bound.receiver)
+        await conn.send(b"PO(ST /hooks/gh HTTP/1.1\r\n\r\n")
+        assert (await conn.answer()).status == 400
+        await conn.close()
+    assert await running.stop() == 0
+
+    lines = captured.getvalue().splitlines()
+    assert len([line for line in lines if "rejected webhook source=gh" in line]) == 10
+    assert len([line for line in lines if "refused a malformed request" in line]) == 10
+    said = [line.split(": ", 1)[1] for line in lines if "not logged one by one" in line]
+    assert sorted(said) == [
+        "2 more malformed requests refused in the last 60 s, not logged one by one",
+        "5 more rejected webhooks in the last 60 s, not logged one by one",
+    ]
+
+
+async def test_a_throttled_line_tells_its_count_when_its_period_ends() -> None:
+    """With no later line to carry it, the count is written when the period ends; without a
+    running loop, by the first line after it."""
+    logger = logging.getLogger("webhookd.test.throttle")
+    seen: list[str] = []
+    told = asyncio.Event()
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+            if "more" in record.getMessage():
+                told.set()
+
+    keep = Keep()
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        throttle = Throttle(logger, logging.WARNING, "refusals", burst=2, period_s=0.05)
+        for n in range(5):
+            throttle("refused n=%d", n)
+        await asyncio.wait_for(told.wait(), 10)
+        assert seen == [
+            "refused n=0",
+            "refused n=1",
+            "3 more refusals in the last 0.05 s, not logged one by one",
+        ]
+        throttle.flush()  # nothing held back: nothing written
+        assert len(seen) == 3
+    finally:
+        logger.removeHandler(keep)
+
+
+def test_a_throttle_without_a_loop_tells_its_count_with_the_next_line() -> None:
+    logger = logging.getLogger("webhookd.test.throttle")
+    now = [100.0]
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        throttle = Throttle(logger, logging.INFO, "refusals", burst=1, clock=lambda: now[0])
+        for n in range(3):
+            throttle("refused n=%d", n)
+        assert seen == ["refused n=0"]
+        now[0] += 60
+        throttle("refused n=%d", 3)
+        assert seen == [
+            "refused n=0",
+            "2 more refusals in the last 60 s, not logged one by one",
+            "refused n=3",
+        ]
+    finally:
+        logger.removeHandler(keep)

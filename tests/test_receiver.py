@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -341,3 +342,41 @@ async def test_any_content_type_is_stored_raw(
     event = (await intake.journal.get_event(answer.doc["id"])).event
     assert event.body == body
     assert event.content_type == content_type
+
+
+SIGNED_LOG = """
+[sources.gh]
+verify = { scheme = "github", secret = "a-signing-secret-for-the-test" }
+[[sources.gh.actions]]
+type = "log"
+"""
+
+
+async def test_a_flood_of_bad_signatures_logs_ten_lines_a_minute_and_counts_the_rest(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can send bad signatures by the thousand: the log gets ten lines a minute and
+    then one that counts what it held back, while ``/stats`` counts every one."""
+    clock = ManualClock()
+    intake = await make_intake(SIGNED_LOG, clock=clock)
+    caplog.set_level(logging.INFO, "webhookd.receiver")
+    bad = {"X-Hub-Signature-256": "sha256=" + "00" * 32, "X-GitHub-Delivery": "d-1"}
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "webhookd.receiver"]
+
+    for _ in range(30):
+        assert_error(await intake.post("/hooks/gh", headers=bad), 401)
+    assert len(lines()) == 10
+    assert all(line.startswith("rejected webhook source=gh reason=") for line in lines())
+    clock.advance(59.9)
+    assert_error(await intake.post("/hooks/gh", headers=bad), 401)
+    assert len(lines()) == 10
+    clock.advance(0.1)  # a new minute: first the count, then the line itself
+    assert_error(await intake.post("/hooks/gh", headers=bad), 401)
+    assert lines()[10:] == [
+        "21 more rejected webhooks in the last 60 s, not logged one by one",
+        lines()[0],
+    ]
+    assert intake.state.verify_failures == 32
+    assert await intake.events() == 0

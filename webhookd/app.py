@@ -302,6 +302,7 @@ class Daemon:
         self.intake.draining = True
         listening.remove(receiver_runner)
         await receiver_runner.cleanup()
+        receiver.flush_logs()
         cancelled = await pool.drain(cfg.workers.shutdown_grace_s)
         await pool_task
         if admin_runner is not None:

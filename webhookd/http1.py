@@ -46,6 +46,7 @@ from multidict import CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from webhookd.json_errors import json_error, refusal
+from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.http")
 
@@ -380,7 +381,9 @@ class _Connection(BaseProtocol):
     def _refuse(self, exc: HttpProcessingError) -> None:
         """A JSON answer to a request the parser refused; the connection closes after it."""
         code, reason = refusal(exc)
-        log.info("refused a malformed request from %s: %d %s", self.peer, code, reason)
+        self._server.log_malformed(
+            "refused a malformed request from %s: %d %s", self.peer, code, reason
+        )
         answer = json_error(code, reason)
         self.write(_format(answer, _CLOSE, self._server.date.line()))
         self.close()
@@ -433,6 +436,7 @@ class Http1Server:
         self.refused = refused
         self._refused_since_log = 0
         self._refusal_logged_at = -math.inf
+        self.log_malformed = Throttle(log, logging.INFO, "malformed requests refused")
         self.shutdown_timeout_s = shutdown_timeout_s
         self.keepalive_timeout = keepalive_timeout
         self.max_line_size = max_line_size
@@ -524,3 +528,4 @@ class Http1Server:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await server.wait_closed()
+        self.log_malformed.flush()

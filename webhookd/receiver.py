@@ -41,6 +41,7 @@ from webhookd.models import Event, new_event_id, new_job_id
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
 from webhookd.state import BUSY_WAITING, IntakeState
+from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.receiver")
 
@@ -242,7 +243,19 @@ class Receiver:
         # counted as they grow (server.max_inflight_body_bytes).
         self._inflight_bytes = 0
         self._buckets: dict[str, TokenBucket] = {}
+        # Lines a sender can cause by the thousand: a few a minute, the rest summed up.
+        self._log_rejected = Throttle(
+            log, logging.WARNING, "rejected webhooks", clock=clock.monotonic
+        )
+        self._log_slow = Throttle(
+            log, logging.WARNING, "503s for a slow journal commit", clock=clock.monotonic
+        )
         self.reconfigure(config)
+
+    def flush_logs(self) -> None:
+        """Write what the throttled lines held back (at the drain's end)."""
+        self._log_rejected.flush()
+        self._log_slow.flush()
 
     def reconfigure(self, config: Config) -> None:
         """Take (a reload's) sources. A request already past ``_resolve`` goes on with the
@@ -431,7 +444,7 @@ class Receiver:
             )
         except VerificationError as exc:
             self.state.verify_failures += 1
-            log.warning(
+            self._log_rejected(
                 "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
             )
             return json_error(401, exc.reason)
@@ -535,7 +548,7 @@ class Receiver:
             self._ack_deadlines.watch(commit)
             result = await commit
         except _CommitTimeout:
-            log.warning("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
+            self._log_slow("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
             return json_error(503, "journal busy, retry later", server.retry_after_s)
         except JournalUnavailable:
             return json_error(503, "journal unavailable, retry later", server.retry_after_s)
