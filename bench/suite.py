@@ -97,7 +97,8 @@ def run_intake(quick: bool) -> Outcome:
             Row(
                 "intake",
                 f"{name} / bare (median of rounds)",
-                f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})",
+                f"{intake.ratio_text(r['median'], least if v else None)}"
+                f" ({r['min']:.2f}–{r['max']:.2f})",
                 f"≥ {least:.2f}" if v else "",
                 _verdict_of(v),
             )
