@@ -535,3 +535,26 @@ def test_body_limits_default_to_ten_seconds_and_64_mib(tmp_path: Path) -> None:
     """Without the keys, a body has 10 s to arrive and bodies in flight may hold 64 MiB."""
     server = make_config(tmp_path).server
     assert (server.body_timeout_s, server.max_inflight_body_bytes) == (10.0, 64 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST /hooks/z HTTP/1.1\r\nX-Junk: " + b"j" * 9000 + b"\r\n\r\n",
+        b"POST /hooks/" + b"j" * 9000 + b" HTTP/1.1\r\n\r\n",
+    ],
+    ids=["header", "URL"],
+)
+async def test_a_line_over_the_limit_is_refused_saying_so(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    """The parser's own reason ends where it would quote the line ("Got more than 8190 bytes
+    when reading"): the answer says which limit was passed instead, and quotes nothing."""
+    intake = await make_intake(CATCH_ALL)
+    caplog.set_level(logging.INFO)
+    conn = await RawConn.open(intake.address)
+    await conn.send(data)
+    said = assert_json_error(await conn.answer(), 400)
+    await conn.close()
+    assert said == "a line of the request is longer than 8190 bytes"
+    assert "jjj" not in caplog.text and "a line of the request is longer" in caplog.text

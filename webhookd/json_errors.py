@@ -14,7 +14,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Middleware
 
 log = logging.getLogger("webhookd.http")
@@ -72,6 +72,9 @@ def refusal(exc: BaseException | None) -> tuple[int, str]:
     400) and the reason before the colon, after which the parser quotes the request's bytes."""
     if not isinstance(exc, HttpProcessingError):
         return 400, "malformed request"
+    if isinstance(exc, LineTooLong):
+        # Its own text ends where it names the line: "when reading" what, it quotes.
+        return 400, f"a line of the request is longer than {exc.args[1]} bytes"
     code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
     return code, (exc.message or "").partition(":")[0].strip() or "malformed request"
 
