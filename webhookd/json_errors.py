@@ -73,8 +73,10 @@ def refusal(exc: BaseException | None) -> tuple[int, str]:
     if not isinstance(exc, HttpProcessingError):
         return 400, "malformed request"
     if isinstance(exc, LineTooLong):
-        # Its own text ends where it names the line: "when reading" what, it quotes.
-        return 400, f"a line of the request is longer than {exc.args[1]} bytes"
+        # Its own text ends where it names the line: "when reading" what, it quotes. Its args
+        # are (line, limit, size) in aiohttp 3.x; read defensively, as an error path must not fail.
+        limit = f"{exc.args[1]} bytes" if len(exc.args) > 1 else "the parser's limit"
+        return 400, f"a line of the request is longer than {limit}"
     code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
     return code, (exc.message or "").partition(":")[0].strip() or "malformed request"
 
