@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,6 +306,64 @@ async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: 
     )
     out = await cli("backup", str(folder), "--keep", "0", "--config", str(config))
     assert out.exit_code == 2 and "0 is not in the range x>=1" in out.output
+
+
+# A backup that kills itself (SIGKILL: no cleanup runs) once its first page is in the copy.
+_KILLED_MIDWAY = """
+import os, signal, sys
+from pathlib import Path
+from webhookd.journal import copies
+copies.backup(Path(sys.argv[1]), Path(sys.argv[2]), step_pages=1,
+              on_step=lambda done, size: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:
+    """A backup killed midway leaves its temporary copy (and SQLite's ``-journal`` of it),
+    hidden, as large as the journal: the next backup or restore in that folder deletes them,
+    and says so, but not a temporary file whose process still runs, nor anything else."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for n in range(20):
+            await j.ingest(new_event(body=b'{"n": %d}' % n))
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_MIDWAY, str(journal), str(folder / "first.db")
+    )
+    assert await killed.wait() == -signal.SIGKILL
+    left = {f".first.db.{killed.pid}.partial", f".first.db.{killed.pid}.partial-journal"}
+    assert names(folder) == left
+    running = await asyncio.create_subprocess_exec("cat", stdin=asyncio.subprocess.PIPE)
+    try:
+        alive = f".second.db.{running.pid}.partial"
+        mine = f".third.db.{os.getpid()}.partial"
+        others = [alive, mine, ".notes.1.txt", ".first.db.0.partial", "first.db.1.partial"]
+        for name in others:
+            (folder / name).write_bytes(b"not a leftover of a killed backup")
+        out = await cli("backup", str(folder), "--keep", "2", "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert out.output.startswith(
+            "deleted what a backup or restore killed midway left: "
+            + ", ".join(sorted(left))
+            + "\nbacked up "
+        )
+        made = Path(out.output.split(" to ", 1)[1].split(": ", 1)[0])
+        assert names(folder) == {made.name, *others}
+        assert len(event_ids(made)) == 20
+        # A restore sweeps the journal's own folder (where a killed restore leaves its copy).
+        stale = tmp_path / f".webhookd.db.{killed.pid}.restoring"
+        stale.write_bytes(b"half a journal")
+        out = await cli("restore", str(made), "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert out.output.startswith(
+            f"deleted what a backup or restore killed midway left: {stale.name}\n"
+        )
+        assert not stale.exists()
+    finally:
+        running.kill()
+        await running.wait()
 
 
 @contextlib.contextmanager

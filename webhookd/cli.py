@@ -771,6 +771,7 @@ def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
         _fail(str(exc), 2)
     except JournalError as exc:
         _fail(str(exc), 1)
+    _said_swept(made)
     click.echo(
         f"backed up {cfg.journal.path} to {dest}: {made.events:,} event(s), newest received"
         f" {_when(made.latest)}, {copies.megabytes(made.size)}, in {made.seconds:.1f} s"
@@ -783,6 +784,12 @@ def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
         _fail(f"cannot delete older backups in {folder}: {exc.strerror or exc}", 1)
     if gone:
         click.echo(f"deleted {len(gone)} older backup(s): {', '.join(p.name for p in gone)}")
+
+
+def _said_swept(made: copies.Copy) -> None:
+    if made.swept:
+        names = ", ".join(p.name for p in made.swept)
+        click.echo(f"deleted what a backup or restore killed midway left: {names}")
 
 
 @main.command()
@@ -802,6 +809,7 @@ def restore(copy: Path, config_path: str | None) -> None:
         put = copies.restore(copy, cfg.journal.path)
     except JournalError as exc:
         _fail(str(exc), 1)
+    _said_swept(put)
     click.echo(
         f"restored {copy} to {put.path}: {put.events:,} event(s), newest received"
         f" {_when(put.latest)}"

@@ -37,6 +37,9 @@ DAEMON_ROOM = 2 * WAL_SIZE_LIMIT_BYTES
 # A dated backup's name, ``<journal's stem>-<UTC time>.db``: sorted by name is sorted by time.
 _STAMP = "%Y%m%dT%H%M%SZ"
 _DATED = re.compile(r"-\d{8}T\d{6}Z\.db")
+# What a backup or a restore writes before the file has its name: ``.<name>.<pid>.partial`` (with
+# SQLite's ``-journal`` beside it while pages go in) or ``.<name>.<pid>.restoring``.
+_UNFINISHED = re.compile(r"\..+\.([1-9]\d*)\.(?:partial|restoring)(?:-journal)?")
 
 
 class DestinationExists(JournalError):
@@ -53,6 +56,7 @@ class Copy:
     latest: float | None  # the newest event's received_at: what the copy reaches up to
     seconds: float
     replaced: Path | None = None  # restore: where the journal it replaced was moved
+    swept: tuple[Path, ...] = ()  # what an earlier backup or restore, killed midway, left
 
 
 def backup(
@@ -79,6 +83,7 @@ def _backup(
         raise JournalError(f"no journal at {journal}")
     if os.path.lexists(dest):
         raise DestinationExists(f"{dest} already exists: a backup is written to a new file")
+    swept = sweep(dest.parent)  # before the room is measured: what it frees counts
     partial = _new_private(dest.parent / f".{dest.name}.{os.getpid()}.partial")
     fd = os.open(partial, os.O_RDONLY)
     try:
@@ -123,7 +128,8 @@ def _backup(
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-    return Copy(dest, dest.stat().st_size, events, latest, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    return Copy(dest, dest.stat().st_size, events, latest, seconds, swept=swept)
 
 
 def dated(folder: Path, journal: Path, at: float) -> Path:
@@ -177,6 +183,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore")
+    swept = sweep(journal.parent)
     partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
         _give(Path(f"{journal}-lock"), owner)
@@ -195,7 +202,42 @@ def _restore(copy: Path, journal: Path) -> Copy:
             partial.unlink()
         os.close(lock)
     size = journal.stat().st_size
-    return Copy(journal, size, events, latest, time.monotonic() - started, replaced)
+    return Copy(journal, size, events, latest, time.monotonic() - started, replaced, swept)
+
+
+def sweep(folder: Path) -> tuple[Path, ...]:
+    """Delete what a backup or a restore killed midway (``kill -9``, a timer's timeout, a power
+    cut) left in ``folder``: its files under their temporary names, whose process is gone.
+
+    Each is about as large as the journal, hidden by its leading dot, and never given a name,
+    so nothing else would delete them: a daily timer's leftovers would fill the disk. A file
+    whose process is still running (or whose pid a new process has taken since) stays.
+    """
+    gone = []
+    for entry in os.scandir(folder):
+        found = _UNFINISHED.fullmatch(entry.name)
+        if found is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if _running(int(found[1])):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another sweep got there first
+            os.unlink(entry.path)
+            gone.append(Path(entry.path))
+    if gone:
+        _sync(folder)
+    return tuple(sorted(gone))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: running
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
 
 
 def _owner(journal: Path) -> os.stat_result:
