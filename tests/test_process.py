@@ -349,7 +349,9 @@ async def test_sigterm_while_a_webhooks_commit_waits_runs_the_job_it_claims_with
             return r.status
 
     assert await post(0) == 202
-    await downstream.wait_for(lambda: len(downstream.answered) == 1)  # the pool is idle again
+    await downstream.wait_for(lambda: len(downstream.answered) == 1)
+    # Answered is not recorded: the lock below must not hold up the first job's outcome.
+    await daemon.wait_said(r"attempt=1 outcome=done")  # logged after its commit: pool idle
     downstream.delay_s = 1.0
     # Hold the journal's write lock (as a slow disk would), so the webhook's commit, with its
     # job written claimed, is waiting on the journal when SIGTERM arrives: with the lock held,
@@ -376,8 +378,9 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
     a deploy that overlaps) exits 1 naming the journal and the daemon holding it, before its
     start-up recovery could take the first daemon's running job for an earlier boot's and run
     it a second time beside it. The CLI still works beside the daemon."""
+    # Held until released below, however long the second serve and the CLI take to start.
     cfg, first, ids = await slow_jobs_running(
-        tmp_path, procs, downstream, http, grace_s=10.0, delay_s=3.0
+        tmp_path, procs, downstream, http, grace_s=10.0, delay_s=60.0
     )
     second = await procs.serve(cfg, wait=False)
     assert await second.wait_exit(timeout_s=15) == 1
@@ -389,6 +392,7 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
 
     doc = await show(procs, cfg, ids[0])
     assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("running", 1)]
+    downstream.release.set()
     await wait_event_state(http, first.admin_url, ids[0], "done")
     assert [d.event_id for d in downstream.answered] == ids  # delivered once
     doc = await show(procs, cfg, ids[0])
