@@ -157,6 +157,31 @@ async def test_replay_ids_and_dead_with_filters_and_dry_run(
     assert out.exit_code == 1 and "no event evt_nope" in out.output
 
 
+async def test_the_daemon_counts_the_jobs_a_replay_from_the_cli_queues(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """A replay from the CLI is another process's write: within a sweep (a heartbeat on
+    PostgreSQL) the daemon's backlog, which ``/stats``, ``/metrics`` and ``max_backlog`` read,
+    counts the job it queued again, and is 0 once that job is done, not below."""
+    config, running = wired
+    dead = await dead_event(running, target)
+    assert (await cli("pause", "shop", "--config", str(config))).exit_code == 0
+    out = await cli("replay", dead, "--config", str(config))
+    assert out.exit_code == 0 and "1 job(s) re-queued" in out.output
+
+    async def backlog_is(n: int) -> bool:
+        async with running.http.get(running.admin_url + "/stats") as r:
+            return int((await r.json())["backlog"]) == n
+
+    await poll(lambda: backlog_is(1), timeout_s=20)
+    target.statuses = [200]
+    assert (await cli("resume", "shop", "--config", str(config))).exit_code == 0
+    await event_state(running.http, running.admin_url, dead, "done")
+    assert await backlog_is(0)
+    async with running.http.get(running.admin_url + "/metrics") as r:
+        assert re.search(r"^webhookd_backlog_jobs 0\.0$", await r.text(), re.M)
+
+
 async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     wired: tuple[Path, Running], target: Target
 ) -> None:

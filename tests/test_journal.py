@@ -37,6 +37,7 @@ from webhookd.journal import (
     NewEvent,
     NewJob,
     PolledCounts,
+    Replayed,
 )
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
@@ -241,6 +242,33 @@ async def test_sqlite_backlog_is_counted_in_the_partial_indexes(tmp_path: Path) 
     queued = ("jobs_lane", "jobs_due")  # either partial index of the queued jobs
     assert any(name in step for step in plan for name in queued), plan
     assert any("jobs_running" in step for step in plan), plan
+
+
+async def test_sqlite_a_replay_by_another_process_is_counted_at_the_next_sweep(
+    tmp_path: Path,
+) -> None:
+    """``webhookd replay`` writes the journal from another process, where the daemon's tally
+    cannot follow it: the daemon's sweep notices the other writer (``data_version``) and
+    counts again, before the re-queued jobs can finish and take the tally below zero. Its own
+    writes, and a sweep with nothing new, count nothing."""
+    async with Journal(tmp_path / "journal.db") as daemon:
+        item = new_event()
+        job_id = item.jobs[0].id
+        await daemon.ingest(item)
+        await daemon.claim([job_id], "boot_a")
+        await daemon.finish([_finished(job_id, JobState.DONE)])
+        await daemon.refresh_backlog_if_changed()
+        daemon.backlog_jobs = 7  # a tally no sweep re-counts unless another process wrote
+        await daemon.ingest(new_event())
+        await daemon.refresh_backlog_if_changed()
+        assert daemon.backlog_jobs == 8
+        async with Journal(tmp_path / "journal.db") as cli:
+            assert await cli.replay([item.event.id]) == {item.event.id: Replayed(1, 0)}
+        await daemon.refresh_backlog_if_changed()
+        assert daemon.backlog_jobs == 2 == await daemon.backlog()
+        await daemon.claim([job_id], "boot_a")
+        await daemon.finish([_finished(job_id, JobState.DONE)])
+        assert daemon.backlog_jobs == 1
 
 
 def _wal_resets(path: Path) -> int:

@@ -594,6 +594,23 @@ async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: BaseJourna
         await journal.replay(["evt_nope"])
 
 
+async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:
+    """The receiver's backpressure reads ``backlog_jobs``: a replay counts the jobs it queues
+    again, and a cancel the queued jobs it takes out, so the tally neither drifts up nor goes
+    below zero when the replayed jobs finish."""
+    item, job_id, _ = await claimed_one(journal)
+    await journal.finish([finished(job_id, JobState.DONE, "done")])
+    assert journal.backlog_jobs == 0
+    await journal.replay([item.event.id])
+    assert journal.backlog_jobs == 1 == await journal.backlog()
+    await journal.cancel([item.event.id])
+    assert journal.backlog_jobs == 0 == await journal.backlog()
+    await journal.replay([item.event.id])
+    await journal.claim([job_id], "boot_b")
+    await journal.finish([finished(job_id, JobState.DONE, "done")])
+    assert journal.backlog_jobs == 0 == await journal.backlog()
+
+
 async def test_replay_runs_a_waiting_queued_job_now_keeping_its_attempts(store: Store) -> None:
     """Replay makes a job parked in backoff due now, with its attempts and kept result intact."""
     clock = store.clock

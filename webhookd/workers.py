@@ -674,6 +674,9 @@ class WorkerPool:
                     self._refill_now = True
                     last_sweep = now_mono
                     self._pause_stale = True
+                    # Before the refill: jobs another process re-queued are counted before any
+                    # of them can finish and be counted out.
+                    await self.journal.refresh_backlog_if_changed()
                 if self._pause_stale:
                     self._pause_stale = False
                     read, self._pause_read = self._pause_read, []

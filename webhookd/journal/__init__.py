@@ -159,6 +159,10 @@ _T = TypeVar("_T")
 _BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", "?1")
 
 
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def _owner_only(path: Path) -> None:
     """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600.
 
@@ -322,9 +326,12 @@ class Journal(Reads, BaseJournal):
         self.writer_problem: str | None = None
         self.commits = 0
         self.batched_ops = 0
-        # Jobs queued or running, kept in step by this process's writes and re-counted by
-        # ``refresh_backlog`` (other processes may replay). The receiver's backpressure reads it.
+        # Jobs queued or running, kept in step by this process's writes and re-counted when
+        # another process has written (``refresh_backlog_if_changed``, every sweep) and at every
+        # retention round. The receiver's backpressure reads it.
         self.backlog_jobs = 0
+        # The writer connection's ``data_version`` at the last count.
+        self._data_version = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -355,6 +362,7 @@ class Journal(Reads, BaseJournal):
         except BaseException:
             await self._close_connections()
             raise
+        self._data_version = await self._in_thread(_data_version, self._writer)
         self.backlog_jobs = await self.backlog()
         self._last_checkpoint = self.clock.monotonic()
         self._closing = False
@@ -853,6 +861,15 @@ class Journal(Reads, BaseJournal):
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
         return self.backlog_jobs
 
+    async def refresh_backlog_if_changed(self) -> None:
+        # ``data_version`` on the writer's connection moves only when another connection has
+        # committed: another process (this one writes through that connection alone), or a
+        # TRUNCATE checkpoint at a close, which costs one needless count.
+        version = await self._call(_data_version, transaction=False)
+        if version != self._data_version:
+            self._data_version = version
+            await self.refresh_backlog()
+
     # -- operator actions --------------------------------------------------------------------
 
     async def _each_event(
@@ -906,7 +923,7 @@ class Journal(Reads, BaseJournal):
             )
             return Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
 
-        return await self._each_event(event_ids, change)
+        return self._count_replayed(await self._each_event(event_ids, change))
 
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
         """Stop each event's jobs that have not started: queued ones (due, or waiting for a
@@ -929,7 +946,7 @@ class Journal(Reads, BaseJournal):
             )
             return Cancelled(cancelled.rowcount, running.rowcount)
 
-        return await self._each_event(event_ids, change)
+        return self._count_cancelled(await self._each_event(event_ids, change))
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -115,7 +115,18 @@ class BaseJournal(ABC):
     writer_problem: str | None
     commits: int
     batched_ops: int
-    backlog_jobs: int
+    _backlog_jobs: int = 0
+
+    @property
+    def backlog_jobs(self) -> int:
+        return self._backlog_jobs
+
+    @backlog_jobs.setter
+    def backlog_jobs(self, jobs: int) -> None:
+        # Never below zero, which no count can be: between two counts a node of a cluster
+        # subtracts the jobs it finishes that another node's ingest added, and a replay from
+        # another process may not be counted yet when its jobs finish.
+        self._backlog_jobs = max(jobs, 0)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -206,6 +217,21 @@ class BaseJournal(ABC):
     async def refresh_backlog(self) -> int:
         self.backlog_jobs = await self.backlog()
         return self.backlog_jobs
+
+    async def refresh_backlog_if_changed(self) -> None:
+        """Re-count ``backlog_jobs`` if another process has written the journal since the last
+        look (``webhookd replay`` or ``cancel`` from the CLI): this process's tally follows only
+        its own writes. Called every sweep; a journal that re-counts on its own (PostgreSQL's
+        heartbeat) does nothing here."""
+        return None
+
+    def _count_replayed(self, out: dict[str, Replayed]) -> dict[str, Replayed]:
+        self.backlog_jobs += sum(r.requeued for r in out.values())
+        return out
+
+    def _count_cancelled(self, out: dict[str, Cancelled]) -> dict[str, Cancelled]:
+        self.backlog_jobs -= sum(c.cancelled for c in out.values())
+        return out
 
     # -- operator actions --------------------------------------------------------------------
 

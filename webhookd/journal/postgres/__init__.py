@@ -566,7 +566,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             return Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
 
-        return await self._each_event(event_ids, change)
+        return self._count_replayed(await self._each_event(event_ids, change))
 
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
         """``BaseJournal.cancel``, events locked as ``replay`` locks them. A job some node is
@@ -588,7 +588,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             return Cancelled(rowcount(cancelled), rowcount(running))
 
-        return await self._each_event(event_ids, change)
+        return self._count_cancelled(await self._each_event(event_ids, change))
 
     async def pause(self, source: str) -> bool:
         now = self.clock.time()
