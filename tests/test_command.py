@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -171,11 +172,24 @@ async def test_background_child_holding_stdout_does_not_hold_the_job(tmp_path: P
     await child_ends(int(pid_file.read_text()))
 
 
+ENOENT = os.strerror(errno.ENOENT)
+
+
 async def test_missing_program_is_retried(tmp_path: Path) -> None:
     """A program that is not there (yet) is a retryable failure, not a crash."""
     job = await run_command(tmp_path, [str(tmp_path / "deploy.sh")])
     assert job.history[0].outcome == "retry"
-    assert job.history[0].error is not None and "cannot start" in job.history[0].error
+    assert job.history[0].error == f"cannot start {str(tmp_path / 'deploy.sh')!r}: {ENOENT}"
+    # A relative path depends on where the daemon runs: the error says where that was.
+    job = await run_command(tmp_path, ["scripts/deploy.sh"], f'cwd = "{tmp_path}"')
+    assert (
+        job.history[0].error
+        == f"cannot start 'scripts/deploy.sh' (relative to {tmp_path}): {ENOENT}"
+    )
+    job = await run_command(tmp_path, ["webhookd-no-such-program"])
+    assert (
+        job.history[0].error == f"cannot start 'webhookd-no-such-program' (on the PATH): {ENOENT}"
+    )
 
 
 @pytest.mark.parametrize(

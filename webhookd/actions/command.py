@@ -90,6 +90,17 @@ class _Settings:
         self.permanent: frozenset[int] = frozenset(codes)
 
 
+def _looked_up(program: str, cwd: str | None) -> str:
+    """Where a program that would not start was looked for, when its name alone does not say:
+    a relative path is taken from the daemon's working directory (or ``cwd``), which depends
+    on where it was started."""
+    if os.path.isabs(program):
+        return ""
+    if "/" in program:
+        return f" (relative to {os.path.abspath(cwd or os.curdir)})"
+    return " (on the PATH)"
+
+
 def _env_name(name: Any) -> bool:
     return isinstance(name, str) and bool(name) and "=" not in name and "\0" not in name
 
@@ -184,7 +195,8 @@ class CommandAction:
             )
         except OSError as exc:
             # A missing program may appear (a deploy in progress); retry rather than give up.
-            return Outcome.retry(f"cannot start {argv[0]!r}: {exc.strerror or exc}")
+            where = _looked_up(argv[0], self.settings.cwd)
+            return Outcome.retry(f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}")
         pid = transport.get_pid()
         _RUNNING_GROUPS.add(pid)
         try:
