@@ -84,6 +84,11 @@ async def test_without_a_token_foreign_hosts_and_cross_site_writes_are_refused(
             assert (status, set(doc)) == (403, {"error"}), (url, headers)
     status, doc = await call(http, "GET", f"{admin}/events/{event_id}")
     assert doc["jobs"][0]["attempts"] == 1  # nothing was replayed
+    # A method or path no route takes changes nothing: it gets its 405 or 404, not a 403.
+    async with http.delete(f"{admin}/stats") as r:
+        assert (r.status, r.headers["Allow"]) == (405, "GET,HEAD")
+    status, doc = await call(http, "POST", f"{admin}/nowhere", headers={"Origin": "null"})
+    assert (status, set(doc)) == (404, {"error"})
     status, doc = await call(http, "GET", f"{admin}/stats")
     assert doc["paused"] == []  # nor paused
 

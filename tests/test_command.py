@@ -151,14 +151,24 @@ async def test_exit_status_decides_the_outcome(
         assert job.history[0].error is not None and job.history[0].error.endswith(error)
 
 
-async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
-    """On timeout the program and the children it started are killed; the attempt is retried."""
+async def test_timeout_kills_the_whole_process_group(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On timeout the program and the children it started are killed; the attempt is retried,
+    and the log line says so with the tail of its stderr, when it wrote any."""
     pid_file = tmp_path / "child.pid"
     code = start_child_then(pid_file, "time.sleep(60)")  # outlives timeout_s: killed
     job = await run_command(tmp_path, python_argv(code), timeout_s=2)
     assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
     assert job.history[0].error is not None and "timed out" in job.history[0].error
     await child_ends(int(pid_file.read_text()))
+    said = "import sys, time; sys.stderr.write('migrating\\n'); sys.stderr.flush(); time.sleep(60)"
+    await run_command(tmp_path, python_argv(said), timeout_s=2)
+    stopped = [r.getMessage() for r in caplog.records if "stopped before it finished" in r.msg]
+    assert [line.partition(" finished")[2] for line in stopped] == [
+        "",
+        "; stderr tail: migrating\n",
+    ]
 
 
 async def test_background_child_holding_stdout_does_not_hold_the_job(tmp_path: Path) -> None:

@@ -387,6 +387,7 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
     assert not second.listening.is_set()
     said = [line for line in second.lines if "in use by another webhookd serve" in line]
     assert len(said) == 1 and f"(pid {first.pid})" in said[0], second.log
+    assert "fatal: journal " in said[0]  # webhookd's own error: no class name before it
     assert str(tmp_path / "webhookd.db") in said[0]
     assert not any("recovered" in line for line in second.lines), second.log
 

@@ -75,7 +75,7 @@ async def test_sighup_adds_and_changes_sources_and_keeps_restart_only_keys_as_th
         line = await daemon.wait_said(r"config reloaded")
         assert line.endswith(f"config reloaded from {config}: added b; changed a; added lanes llm")
         warning = await daemon.wait_said(r"config reload: .* changed")
-        assert "server.max_body_bytes changed, kept as they were until the next restart" in warning
+        assert "server.max_body_bytes changed, kept as it was until the next restart" in warning
 
         status, a = await deliver(http, daemon, "a", json.dumps({"pad": "x" * 4096}))
         assert status == 202  # max_body_bytes is still the 1 MiB it started with

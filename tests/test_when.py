@@ -332,6 +332,12 @@ when = {{ "json:type" = ["invoice.*"] }}
         assert (doc["state"], doc["jobs"], doc["filtered"]) == ("done", [], ["deploy", "billing"])
         shown = await procs.cli("show", push, "--json", "--config", str(cfg))
         assert json.loads(shown.stdout)["filtered"] == ["billing"]
+        for event_id, line in (
+            (other, "filtered deploy, billing (their when did not match: no job)"),
+            (push, "filtered billing (its when did not match: no job)"),
+        ):
+            shown = await procs.cli("show", event_id, "--config", str(cfg))
+            assert f"\n{line}\n" in shown.stdout, shown.stdout
         listed = await procs.cli("events", "--state", "done", "--json", "--config", str(cfg))
         states = {row["id"]: row["jobs"] for row in map(json.loads, listed.stdout.splitlines())}
         assert states == {push: 1, invoice: 1, other: 0}

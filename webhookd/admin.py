@@ -190,7 +190,8 @@ class Admin:
         host = _split_host(request.host.lower())
         if host[0] not in names:
             return json_error(421, "Host is not this admin listener's address")
-        if request.method not in _SAFE_METHODS:
+        # A method or path with no route changes nothing: its 405 or 404 says more than a 403.
+        if request.method not in _SAFE_METHODS and request.match_info.http_exception is None:
             origin = request.headers.get("Origin")
             if origin is not None:
                 # Same origin as the page the request targets: one of our names, on the port

@@ -51,7 +51,7 @@ from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import CATCH_ALL, Config, Listen, plan_reload
-from webhookd.errors import ConfigError, JournalError
+from webhookd.errors import ConfigError, JournalError, WebhookdError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
@@ -139,12 +139,9 @@ class Daemon:
         except Exception as exc:
             errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
             for error in errors:
-                log.error(
-                    "fatal: %s: %s",
-                    type(error).__name__,
-                    error,
-                    exc_info=log.isEnabledFor(logging.DEBUG),
-                )
+                # webhookd's own errors say what happened; anything else is named by its type.
+                kind = "" if isinstance(error, WebhookdError) else f"{type(error).__name__}: "
+                log.error("fatal: %s%s", kind, error, exc_info=log.isEnabledFor(logging.DEBUG))
             return 1
 
     async def _run(self) -> int:
@@ -408,8 +405,9 @@ class Daemon:
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
         if plan.kept:
             log.warning(
-                "config reload: %s changed, kept as they were until the next restart",
+                "config reload: %s changed, kept as %s until the next restart",
                 ", ".join(plan.kept),
+                "they were" if len(plan.kept) > 1 else "it was",
             )
         return True
 

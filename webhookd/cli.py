@@ -115,7 +115,9 @@ def parse_since(value: str, now: float | None = None) -> float:
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter("use 30m, 2h, 7d or an ISO time like 2026-01-31T12:00") from None
+        raise click.BadParameter(
+            "use 30m, 2h, 7d or an ISO time like 2026-01-31T12:00", param_hint="'--since'"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
@@ -276,7 +278,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
     if doc["verified"]:
         click.echo(f"verified {json.dumps(doc['verified'])}")
     if doc["filtered"]:
-        click.echo(f"filtered {', '.join(doc['filtered'])} (their when did not match: no job)")
+        whose = "their" if len(doc["filtered"]) > 1 else "its"
+        click.echo(f"filtered {', '.join(doc['filtered'])} ({whose} when did not match: no job)")
     for job in doc["jobs"]:
         click.echo(
             f"\n  job {job['id']}  {job['action']} ({job['type']})  [{job['state']}"

@@ -717,7 +717,7 @@ def _type_name(value: Any) -> str:
     return {
         bool: "a boolean",
         int: "an integer",
-        float: "a number",
+        float: "a float",
         str: "a string",
         list: "an array",
         dict: "a table",

@@ -215,12 +215,13 @@ class CommandAction:
         except BaseException:
             # Timed out or cancelled by a drain: end the whole group, then let the error go on.
             await asyncio.shield(_stop(pid, watch))
+            tail = watch.err.text()[-500:]
             log.warning(
-                "command %s (pid %d) for event %s stopped before it finished; stderr tail: %s",
+                "command %s (pid %d) for event %s stopped before it finished%s",
                 argv[0],
                 pid,
                 event.id,
-                watch.err.text()[-500:],
+                f"; stderr tail: {tail}" if tail else "",
             )
             raise
         finally:
