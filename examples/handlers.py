@@ -18,11 +18,14 @@ HANDLED = ("invoice.paid", "invoice.payment_failed", "customer.subscription.dele
 
 
 async def on_stripe_event(event: webhookd.Event) -> dict[str, Any]:
-    doc = event.json()
-    kind = doc.get("type", "")
-    obj = doc.get("data", {}).get("object", {})
-    if doc.get("object") != "event" or not kind:
+    try:
+        doc = event.json()
+    except ValueError:  # not JSON: no retry will make it so
+        doc = None
+    if not isinstance(doc, dict) or doc.get("object") != "event" or not doc.get("type"):
         raise webhookd.Reject("not a Stripe event")  # dead-letter it: retrying will not help
+    kind = doc["type"]
+    obj = doc.get("data", {}).get("object", {})
     if kind not in HANDLED:
         return {"ignored": kind}
     customer = obj.get("customer")

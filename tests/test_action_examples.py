@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import serving
 from test_config import REFERENCE_ENV
 
+import webhookd
 from webhookd import actions, config, send
 from webhookd.actions.base import Resources
 from webhookd.cli import main
@@ -73,7 +74,7 @@ def event(source: str, doc: object) -> Event:
         tenant="",
         priority=Priority.NORMAL,
         headers=(("Content-Type", "application/json"),),
-        body=json.dumps(doc).encode(),
+        body=doc if isinstance(doc, bytes) else json.dumps(doc).encode(),
     )
 
 
@@ -147,6 +148,15 @@ async def test_stripe_handler_handles_known_types_and_ignores_others() -> None:
     }
     ignored = await run_example_action("stripe-python.toml", "stripe", {**doc, "type": "x.y"})
     assert ignored["result"] == {"ignored": "x.y"}
+    # What `webhookd send stripe` posts is a Stripe-shaped event, ignored, not dead-lettered.
+    test = await run_example_action(
+        "stripe-python.toml", "stripe", json.loads(send.default_body("stripe", "evt_test"))
+    )
+    assert (test["kind"], test["result"]) == ("done", {"ignored": "webhookd.test"})
+    # What is not a Stripe event at all goes to dead at once: no retry would change it.
+    for other in (b"a=1&b=2", [doc], {"type": "x.y"}):
+        with pytest.raises(webhookd.Reject, match="not a Stripe event"):
+            await run_example_action("stripe-python.toml", "stripe", other)
 
 
 def test_reference_config_passes_check_with_its_commented_action_examples() -> None:

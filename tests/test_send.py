@@ -46,8 +46,10 @@ type = "log"
 
 def test_default_body_carries_the_delivery_id() -> None:
     """The default payload is JSON (a form for Twilio), deterministic, with the id inside."""
-    doc = json.loads(send.default_body("stripe", "d1"))
+    doc = json.loads(send.default_body("slack", "d1"))
     assert doc["id"] == doc["event_id"] == "d1"
+    stripe = json.loads(send.default_body("stripe", "evt_1"))  # an event as Stripe shapes one
+    assert (stripe["id"], stripe["object"], stripe["type"]) == ("evt_1", "event", "webhookd.test")
     assert send.default_body("slack", "d1") == send.default_body("slack", "d1")
     assert dict(parse_qsl(send.default_body("twilio", "SM1").decode()))["MessageSid"] == "SM1"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from webhookd.errors import VerificationError
 from webhookd.schemes.base import (
+    SAMPLE_MESSAGE,
     Result,
     Scheme,
     Signed,
@@ -27,6 +29,12 @@ class Stripe(Scheme):
     untimed_always = False
     dedup_headers = ()
     dedup_json = "id"
+
+    def default_body(self, delivery_id: str) -> bytes:
+        """An event as Stripe shapes one (``object``, ``type``, ``data.object``), so a handler
+        that checks for that shape takes ``webhookd send``'s test as an event it ignores."""
+        doc = {"id": delivery_id, "object": "event", "type": "webhookd.test"}
+        return json.dumps({**doc, "data": {"object": {"message": SAMPLE_MESSAGE}}}).encode()
 
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
