@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from conftest import Running, Target, make_config
+import pytest
+from conftest import DatabaseOutage, Running, Target, make_config
 from ops_support import accepted, event_state, forward_source, ingest
+from procs import poll
 from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from webhookd import actions
+from webhookd import config as config_mod
 from webhookd.clock import ManualClock
 from webhookd.config import LaneConfig
 from webhookd.journal import Journal
@@ -176,3 +181,59 @@ async def test_intake_counts_and_ack_buckets_match_prometheus_across_scrapes(
         assert value(third, "webhookd_ack_seconds_bucket", le=le) == count
     assert value(third, "webhookd_ack_seconds_count") == len(times_s)
     assert abs(value(third, "webhookd_ack_seconds_sum") - sum(times_s)) < 1e-9
+
+
+async def test_a_postgresql_outage_is_a_503_on_stats_and_journal_up_0_on_metrics(
+    target: Target,
+    run_daemon: Any,
+    pg_url: str,
+    db_outage: DatabaseOutage,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the database is down a dashboard polling ``/stats`` gets 503s with Retry-After, not
+    500s that each log a traceback; ``/metrics`` still serves this process's own counters (what
+    an outage is watched by) with ``webhookd_journal_up 0``; and the dispatcher, failing every
+    sweep, says so once."""
+    caplog.set_level(logging.DEBUG, logger="webhookd")
+    text = f"""
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[journal]
+url = "{pg_url}"
+lease_s = 0.6
+[workers]
+sweep_interval_s = 0.05
+{forward_source("shop", target.url + "/shop")}
+"""
+    cfg = config_mod.loads(text, "test", kinds=actions.kind_defaults)
+    running = await run_daemon(cfg)
+    await event_state(running.http, running.admin_url, await accepted(running, "shop"), "done")
+    assert value(await scrape(running), "webhookd_journal_up") == 1
+
+    await db_outage.begin()
+    paused = "dispatch paused until the journal answers again"
+
+    async def sweeps_failed(n: int) -> bool:
+        return sum(paused in r.getMessage() for r in caplog.records) >= n
+
+    await poll(lambda: sweeps_failed(5), timeout_s=30)
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert (r.status, r.headers["Retry-After"]) == (503, "5")
+        assert "journal" in (await r.json())["error"]
+    samples = await scrape(running)
+    assert value(samples, "webhookd_journal_up") == 0
+    assert value(samples, "webhookd_intake_requests_total", source="shop", status="202") == 1
+    await db_outage.end()
+
+    async def journal_up() -> bool:
+        return value(await scrape(running), "webhookd_journal_up") == 1
+
+    await poll(journal_up, timeout_s=30)
+    loud = [r.getMessage() for r in caplog.records if paused in r.getMessage()]
+    warned = [
+        r for r in caplog.records if paused in r.getMessage() and r.levelno >= logging.WARNING
+    ]
+    assert len(warned) == 1 and len(loud) >= 5
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]

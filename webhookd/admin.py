@@ -16,6 +16,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sent by the dashboard and accepted from any API client: a header no HTML form can set, and
 # one a cross-site script cannot add without a CORS preflight, which this API never grants.
 INTENT_HEADER = "X-Webhookd"
+# What a 503 for a journal outage asks a poller to wait: about a PostgreSQL restart's length.
+_OUTAGE_RETRY_AFTER_S = 5.0
 
 
 @dataclass
@@ -133,6 +136,11 @@ class Admin:
 
     @staticmethod
     def _unexpected(request: web.Request) -> web.Response:
+        if isinstance(sys.exception(), JournalError):
+            # An outage (PostgreSQL restarting, a failing disk) that a read met: logged once by
+            # the journal, not once per request of a dashboard or a poller while it lasts.
+            reason = str(sys.exception())
+            return json_error(503, reason, _OUTAGE_RETRY_AFTER_S)
         # One record with the traceback, and a JSON answer like every other error of this API.
         log.exception("unexpected error answering %s %r: 500", request.method, request.path[:200])
         return json_error(500, "internal error")

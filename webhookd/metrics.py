@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL, Config
+from webhookd.errors import JournalError
 from webhookd.journal import (
     BaseJournal,
     Claimed,
@@ -208,10 +209,20 @@ class Metrics:
             self.dead.labels(*labels).inc()
 
     async def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type; reads the journal's counts first."""
-        self._state.counts, _ = await self.counts.get()
-        self._state.paused = await self.journal.paused_sources()
-        self._state.nodes = await self.journal.nodes()
+        """The exposition text and its content type; reads the journal's counts first.
+
+        A journal that cannot be read (PostgreSQL restarting, a failing disk) does not fail the
+        scrape: this process's own metrics are what an outage is watched by. The journal's
+        figures stay those of the last read, and ``webhookd_journal_up`` is 0.
+        """
+        try:
+            self._state.counts, _ = await self.counts.get()
+            self._state.paused = await self.journal.paused_sources()
+            self._state.nodes = await self.journal.nodes()
+        except JournalError:  # the outage itself is logged once, by the journal or the pool
+            self._state.journal_up = False
+        else:
+            self._state.journal_up = True
         self._flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -228,11 +239,18 @@ class _StateCollector(Collector):
         self.counts: Counts | None = None
         self.paused: frozenset[str] = frozenset()
         self.nodes: list[NodeInfo] = []
+        self.journal_up = True
 
     def describe(self) -> list[Metric]:
         return []  # gauges appear only at scrape time: nothing to describe up front
 
     def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "webhookd_journal_up",
+            "1 when this scrape could read the journal; 0 in an outage, when the journal's"
+            " figures are those of the last read.",
+            1 if self.journal_up else 0,
+        )
         yield _gauge("webhookd_backlog_jobs", "Jobs queued or running.", self.journal.backlog_jobs)
         counts = self.counts
         if counts is not None:

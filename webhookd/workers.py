@@ -649,6 +649,7 @@ class WorkerPool:
         # a node started while a source is paused holds its jobs like the others do.
         last_sweep = self.clock.monotonic() - sweep_s
         self._wake.set()  # and it runs at once, not a sweep interval after the start
+        dispatch_failing = False
         while not self._stopping:
             timeout = sweep_s
             if self._next_due is not None:
@@ -686,10 +687,14 @@ class WorkerPool:
                             waiter.set_result(None)
                 while not self._stopping and await self._dispatch_once():
                     pass
+                dispatch_failing = False
             except JournalUnavailable as exc:
                 # A journal outage (a PostgreSQL restart) pauses dispatch, it does not end the
-                # daemon: the next sweep reads the journal again.
-                log.warning("dispatch paused until the next sweep: %s", exc)
+                # daemon: the next sweep reads the journal again. Said once per outage, not at
+                # every sweep while it lasts.
+                level = logging.DEBUG if dispatch_failing else logging.WARNING
+                log.log(level, "dispatch paused until the journal answers again: %s", exc)
+                dispatch_failing = True
                 self._refill_now = True
 
     async def run_until_idle(self) -> float | None:
