@@ -664,14 +664,43 @@ def test_journal_url_opens_postgresql_from_the_environment(monkeypatch: pytest.M
             "journal.listen_url",
             "postgresql://",
         ),
+        ('url = "postgresql://wh:Zq9@db:notaport/wh"', "journal.url", "not a number from 1 to"),
+        ('url = "postgresql://wh:Zq9@db:99999/wh"', "journal.url", "not a number from 1 to"),
+        ('url = "postgresql://a:5432,b:x/wh"', "journal.url", "not a number from 1 to"),
+        (
+            'url = "postgresql://wh:Zq9@db:5432/wh"\nlisten_url = "postgresql://db:0/wh"',
+            "journal.listen_url",
+            "not a number from 1 to",
+        ),
+        ('url = "postgresql://wh:Zq9@x@db/wh"', "journal.url", "write it as %40"),
+        # With a / in it, what looks like a port is part of the password: never shown.
+        ('url = "postgresql://wh:Zq9/Zq8:Zq7@db/wh"', "journal.url", "write / as %2F"),
     ],
 )
 def test_bad_journal_backend_keys_name_the_key(journal: str, key: str, message: str) -> None:
-    """``path`` with ``url``, a URL that is not PostgreSQL, a zero lease, a LISTEN URL without a
-    journal URL or not PostgreSQL's: errors naming the key."""
+    """``path`` with ``url``, a URL that is not PostgreSQL or whose port is not a port or whose
+    password holds a bare @, a zero lease, a LISTEN URL without a journal URL or not
+    PostgreSQL's: errors naming the key, never showing the URL."""
     with pytest.raises(ConfigError, match=message) as info:
         loads(f"[journal]\n{journal}")
     assert info.value.key == key
+    assert "Zq" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://wh:p%40ss@db:5432/wh",
+        "postgresql://wh@a:5432,b:5433/wh",
+        "postgresql://[::1]:5432/wh",
+        "postgresql://[::1]/wh",
+        "postgresql:///wh?host=/var/run/postgresql",
+        "postgres://wh:pa:ss@db/wh",
+    ],
+)
+def test_journal_urls_as_libpq_writes_them_are_taken(url: str) -> None:
+    """Escaped passwords, several hosts with their ports, IPv6, a Unix socket's folder."""
+    assert loads(f'[journal]\nurl = "{url}"').journal.url is not None
 
 
 RELOAD_BASE = """

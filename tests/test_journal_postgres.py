@@ -26,6 +26,7 @@ from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, Claimed, Finished, NewEvent, Poisoned
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
+from webhookd.journal.postgres.db import db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.journal.postgres.writes import PRUNE_SQL
@@ -1039,3 +1040,20 @@ async def test_pg_a_claim_whose_commit_was_in_doubt_is_released_by_its_token(
         job = (await journal.get_event(item.event.id)).jobs[0]
         assert (job.state, job.attempts) == (JobState.QUEUED, 0)
         assert await journal.release_doubtful() == 0
+
+
+async def test_pg_a_url_the_driver_cannot_read_is_a_journal_error_that_shows_no_password() -> None:
+    """A URL that got past the config's checks but not the driver's parser (what the CLI and
+    ``serve`` would have shown as a traceback) is one line naming the journal, password masked;
+    a timeout, whose own text is empty, says what it was."""
+    with pytest.raises(JournalError) as err:
+        async with PostgresJournal("postgresql://wh:Zq9secret@db:notaport/wh"):
+            pass
+    assert str(err.value) == (
+        "cannot open journal postgresql://wh:***@db:notaport/wh: its URL cannot be read"
+    )
+    assert db_error(TimeoutError()) == "no answer in time"
+    assert (
+        db_error(ConnectionRefusedError(111, "Connection refused"))
+        == "[Errno 111] Connection refused"
+    )

@@ -682,9 +682,30 @@ def _field_default(cls: type, name: str) -> Any:
 
 
 def check_journal_url(url: Secret, key: str) -> None:
-    """A PostgreSQL URL, or a ``ConfigError`` naming ``key`` (the URL itself is never shown)."""
-    if not url.reveal().startswith(("postgresql://", "postgres://")):
+    """A PostgreSQL URL, or a ``ConfigError`` naming ``key`` (the URL itself is never shown).
+
+    What would otherwise fail only as the daemon connects, with an error that names no key: a
+    port that is not a port, and an ``@`` in the user or password, which the driver takes for
+    the end of them (a host that does not exist, while the URL as masked shows the right one).
+    """
+    text = url.reveal()
+    if not text.startswith(("postgresql://", "postgres://")):
         raise ConfigError(key, "must be a postgresql:// URL")
+    netloc = text.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    userinfo, _, hosts = netloc.rpartition("@")
+    if "@" in userinfo:
+        raise ConfigError(key, "has an @ in its user or password: write it as %40")
+    for host in hosts.split(","):  # libpq's list of hosts, each with its own port
+        name, colon, port = host.rpartition(":")
+        if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
+            continue  # no port (an IPv6 address's own colons are inside its brackets)
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            # Not quoted: with a / or ? in a password, what stands here is part of the password.
+            raise ConfigError(
+                key,
+                "has a port that is not a number from 1 to 65535 (in a password, write / as %2F"
+                " and ? as %3F)",
+            )
 
 
 def check_number(

@@ -49,7 +49,13 @@ from webhookd.journal.batch import (
     OpQueue,
     reserve_starts,
 )
-from webhookd.journal.postgres.db import DB_ERRORS, quiet_pool_retries, redact_url, rowcount
+from webhookd.journal.postgres.db import (
+    DB_ERRORS,
+    db_error,
+    quiet_pool_retries,
+    redact_url,
+    rowcount,
+)
 from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
@@ -179,7 +185,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             self.backlog_jobs = await self.backlog()
         except DB_ERRORS as exc:
             await self._close_pool()
-            raise JournalError(f"cannot open journal {self.location}: {exc}") from exc
+            raise JournalError(f"cannot open journal {self.location}: {db_error(exc)}") from exc
+        except ValueError as exc:  # a URL the driver cannot read: its words may quote it
+            await self._close_pool()
+            raise JournalError(
+                f"cannot open journal {self.location}: its URL cannot be read"
+            ) from exc
         except BaseException:
             await self._close_pool()
             raise
@@ -241,7 +252,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         try:
             return list(await self.pool.fetch(sql, *args))
         except DB_ERRORS as exc:
-            raise JournalUnavailable(f"journal read failed: {exc}") from exc
+            raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
 
     async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
         """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable."""
@@ -252,7 +263,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 result = await fn(conn)
         except DB_ERRORS as exc:
             self.went_down(exc)
-            raise JournalUnavailable(f"journal write failed: {exc}") from exc
+            raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
         self.came_back()
         self.commits += 1
         return result
@@ -280,7 +291,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 # nobody waiting on this batch may hang meanwhile.
                 for op in batch:
                     if not op.future.done():
-                        op.future.set_exception(JournalUnavailable(f"journal writer failed: {exc}"))
+                        op.future.set_exception(
+                            JournalUnavailable(f"journal writer failed: {db_error(exc)}")
+                        )
                 raise
 
     async def _commit_group(self, batch: list[Op]) -> None:
@@ -701,7 +714,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             for index in QUEUE_INDEXES:
                 await self.pool.execute(f"REINDEX INDEX CONCURRENTLY {index}")
         except DB_ERRORS as exc:
-            raise JournalUnavailable(f"journal reindex failed: {exc}") from exc
+            raise JournalUnavailable(f"journal reindex failed: {db_error(exc)}") from exc
 
     # -- liveness ----------------------------------------------------------------------------
 

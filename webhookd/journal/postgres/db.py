@@ -30,6 +30,14 @@ class _QuietFloorRetries(logging.Filter):
         return not (isinstance(exc, DB_ERRORS) and "connection floor" in record.getMessage())
 
 
+def db_error(exc: BaseException) -> str:
+    """What went wrong, for a log line or a 503: asyncpg's own words, or for a timeout (whose
+    text is empty) that the database did not answer in time."""
+    if str(exc):
+        return str(exc)
+    return "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
 def quiet_pool_retries() -> None:
     """Install the filter on asyncpg's pool logger (once, however many journals open)."""
     logger = logging.getLogger("asyncpg.pool")

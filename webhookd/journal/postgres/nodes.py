@@ -24,7 +24,7 @@ import asyncpg
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalUnavailable
-from webhookd.journal.postgres.db import DB_ERRORS, redact_url
+from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.writes import write_recovery
 from webhookd.journal.records import Poisoned, Recovery
 
@@ -96,12 +96,12 @@ class PgNodes:
             )
         except DB_ERRORS as exc:
             self.went_down(exc)
-            raise JournalUnavailable(f"journal heartbeat failed: {exc}") from exc
+            raise JournalUnavailable(f"journal heartbeat failed: {db_error(exc)}") from exc
         self.came_back()
 
     def went_down(self, exc: BaseException) -> None:
         """A write failed: say so once per outage (the retries that follow stay at debug)."""
-        self.last_write_error = str(exc) or type(exc).__name__
+        self.last_write_error = db_error(exc)
         if self._down_since is None:
             self._down_since = self.clock.monotonic()
             log.warning("journal unavailable: %s; retrying until it is back", self.last_write_error)
@@ -129,7 +129,7 @@ class PgNodes:
             )
         except DB_ERRORS as exc:
             self.went_down(exc)
-            raise JournalUnavailable(f"journal leader lease failed: {exc}") from exc
+            raise JournalUnavailable(f"journal leader lease failed: {db_error(exc)}") from exc
         was = self.leads()
         # Counted from before the statement: this node never believes it leads for longer than
         # the row says, whatever the round trip took.
