@@ -803,6 +803,29 @@ async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
     assert (job.state, job.attempts, job.history) == (JobState.QUEUED, 0, ())
 
 
+async def test_a_drain_that_cannot_re_queue_says_so_and_leaves_the_job_for_a_recovery(
+    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the journal unwritable as the grace ends (another process holding its write lock
+    past busy_timeout), the cut-short job stays claimed, and the log says that, and what will
+    recover it, rather than that it was re-queued."""
+    rig, dispatcher, stuck = await one_job_running(target, make_rig)
+    lock = sqlite3.connect(rig.cfg.journal.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        assert await rig.pool.drain(0.0) == 1
+    finally:
+        lock.close()
+    await dispatcher
+    assert rig.pool.left_claimed == 1
+    assert (await rig.job(stuck)).state == JobState.RUNNING  # the next start's recovery's
+    [said] = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert said.startswith("drain: 1 job(s) did not finish in 0s and could not be re-queued (")
+    assert said.endswith(
+        "): recovered once their lease runs out on a cluster, or by the next start"
+    )
+
+
 async def test_drain_lets_a_job_finish_within_the_grace(target: Target, make_rig: MakeRig) -> None:
     """A job that completes during the grace period is recorded done, nothing is cancelled."""
     rig, dispatcher, event_id = await one_job_running(target, make_rig)

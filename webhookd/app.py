@@ -62,7 +62,7 @@ from webhookd.receiver import Receiver
 from webhookd.redact import secret_values
 from webhookd.retention import prune_expired
 from webhookd.state import IntakeState
-from webhookd.workers import WorkerPool
+from webhookd.workers import RECOVERED, WorkerPool
 
 log = logging.getLogger("webhookd")
 
@@ -258,7 +258,10 @@ class Daemon:
                         await runner.cleanup()
                 for task in side_tasks:
                     task.cancel()
-            log.info("stopped cleanly (%d job(s) re-queued for the next start)", cancelled)
+            if pool.left_claimed:
+                log.info("stopped (%d job(s) left claimed: %s)", pool.left_claimed, RECOVERED)
+            else:
+                log.info("stopped cleanly (%d job(s) re-queued)", cancelled)
         return 0
 
     async def _serve(

@@ -29,6 +29,8 @@ from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
 
 log = logging.getLogger("webhookd.workers")
+# What becomes of jobs left claimed by a process that stops: the line that says they were left.
+RECOVERED = "recovered once their lease runs out on a cluster, or by the next start"
 
 MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
 # Lanes looked at per refill. More lanes than this with queued work are visited in turns (a
@@ -156,6 +158,7 @@ class WorkerPool:
         # are kept until ``settle``, and a drain waits for that.
         self._reserved: dict[str, Ready] = {}
         self._settled = asyncio.Event()
+        self.left_claimed = 0  # by a drain that could not re-queue its stragglers
         self._settled.set()
         # The caps of each running capped job, worked out once when it was picked: it keeps
         # their counts until its outcome is on disk, and its end frees them for the others.
@@ -555,7 +558,14 @@ class WorkerPool:
                     claimed = await self.journal.claim(list(picks), self.boot_id)
                 if self._stopping:
                     # A drain began while the claim waited on the journal: start nothing new.
-                    await self._unclaim([c.job.id for c in claimed])
+                    failed = await self._unclaim([c.job.id for c in claimed])
+                    if failed is not None:
+                        log.error(
+                            "%d job(s) claimed as the drain began were not re-queued (%s): %s",
+                            len(claimed),
+                            failed,
+                            RECOVERED,
+                        )
                 else:
                     to_start = claimed
                 self._claim_failing = False
@@ -726,7 +736,8 @@ class WorkerPool:
 
     async def drain(self, grace_s: float) -> int:
         """Give running jobs ``grace_s`` to finish, then cancel them and re-queue them without
-        counting the attempt. Returns how many were cancelled."""
+        counting the attempt. Returns how many were cancelled; ``left_claimed`` says how many
+        of those the journal could not take back (an outage): they wait for a recovery."""
         self.stop()
         async with self._claiming:  # a claim in flight either starts its jobs or gives them back
             pass
@@ -740,18 +751,22 @@ class WorkerPool:
             task.cancel()
         if stragglers:
             await asyncio.gather(*stragglers.values(), return_exceptions=True)
-            await self._unclaim(list(stragglers))
-            log.warning(
-                "drain: %d job(s) did not finish in %.0fs; re-queued", len(stragglers), grace_s
-            )
+            late = f"drain: {len(stragglers)} job(s) did not finish in {grace_s:.0f}s"
+            failed = await self._unclaim(list(stragglers))
+            if failed is None:
+                log.warning("%s; re-queued", late)
+            else:
+                self.left_claimed = len(stragglers)
+                log.error("%s and could not be re-queued (%s): %s", late, failed, RECOVERED)
         return len(stragglers)
 
-    async def _unclaim(self, job_ids: list[str]) -> None:
+    async def _unclaim(self, job_ids: list[str]) -> str | None:
+        """Put claimed jobs back to queued; why not, when the journal could not."""
         try:
             await self.journal.unclaim(job_ids)
         except JournalUnavailable as exc:
-            # They stay 'running' under this boot id: the next start's recovery re-queues them.
-            log.error("%d job(s) not put back to queued: %s", len(job_ids), exc)
+            return str(exc)
+        return None
 
     # -- running one job ---------------------------------------------------------------------
 
