@@ -158,8 +158,8 @@ class WorkerPool:
         # are kept until ``settle``, and a drain waits for that.
         self._reserved: dict[str, Ready] = {}
         self._settled = asyncio.Event()
-        self.left_claimed = 0  # by a drain that could not re-queue its stragglers
         self._settled.set()
+        self.left_claimed = 0  # by a drain that could not re-queue its stragglers
         # The caps of each running capped job, worked out once when it was picked: it keeps
         # their counts until its outcome is on disk, and its end frees them for the others.
         self._held_caps: dict[str, tuple[Cap, ...]] = {}

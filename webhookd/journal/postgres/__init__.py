@@ -169,14 +169,19 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     async def open(self) -> None:
         quiet_pool_retries()
         try:
-            self._pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=POOL_SIZE,
-                server_settings=_SERVER_SETTINGS,
-                statement_cache_size=self.statement_cache_size,
-                timeout=10,  # to connect; a server that never answers is an error, not a hang
-            )
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.url,
+                    min_size=1,
+                    max_size=POOL_SIZE,
+                    server_settings=_SERVER_SETTINGS,
+                    statement_cache_size=self.statement_cache_size,
+                    timeout=10,  # to connect; a server that never answers is an error, not a hang
+                )
+            except ValueError as exc:  # a URL the driver cannot read: its words may quote it
+                raise JournalError(
+                    f"cannot open journal {self.location}: its URL cannot be read"
+                ) from exc
             async with self._pool.acquire() as conn:
                 await migrate(conn, self.location)
                 durable = await conn.fetchval("SHOW synchronous_commit")
@@ -186,11 +191,6 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except DB_ERRORS as exc:
             await self._close_pool()
             raise JournalError(f"cannot open journal {self.location}: {db_error(exc)}") from exc
-        except ValueError as exc:  # a URL the driver cannot read: its words may quote it
-            await self._close_pool()
-            raise JournalError(
-                f"cannot open journal {self.location}: its URL cannot be read"
-            ) from exc
         except BaseException:
             await self._close_pool()
             raise
