@@ -122,21 +122,37 @@ def signed_headers(
     now: float,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Headers for one outbound request; signed with Standard Webhooks when secrets are given."""
+    """Headers for one outbound request; signed with Standard Webhooks when secrets are given.
+
+    Header names are case-insensitive: one of ``extra`` named like one of webhookd's own, in
+    any case, replaces it. The signature covers the ``webhook-id`` actually sent, which such
+    an ``extra`` may have replaced; the signature headers themselves cannot be.
+    """
     headers = {
         "Content-Type": content_type,
         "User-Agent": "webhookd",
         "webhook-id": msg_id,
         "Idempotency-Key": msg_id,
-        **(extra or {}),
     }
+    for name, value in (extra or {}).items():
+        _put(headers, name, value)
     if secrets:
         timestamp = int(now)
-        headers["webhook-timestamp"] = str(timestamp)
-        headers["webhook-signature"] = sign_standard(
-            secrets, msg_id=msg_id, timestamp=timestamp, body=body
+        sent_id = next(v for k, v in headers.items() if k.lower() == "webhook-id")
+        _put(headers, "webhook-timestamp", str(timestamp))
+        _put(
+            headers,
+            "webhook-signature",
+            sign_standard(secrets, msg_id=sent_id, timestamp=timestamp, body=body),
         )
     return headers
+
+
+def _put(headers: dict[str, str], name: str, value: str) -> None:
+    """Set a header, replacing any of the same name in another case (HTTP's names are one)."""
+    for same in [k for k in headers if k.lower() == name.lower()]:
+        del headers[same]
+    headers[name] = value
 
 
 async def deliver(
