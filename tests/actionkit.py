@@ -157,3 +157,12 @@ async def hang(event: webhookd.Event) -> None:
 
 def odd_result(event: webhookd.Event) -> Any:
     return {"when": time.gmtime(0), "set": {1}}
+
+
+unjsonable_runs: list[str] = []  # the events unjsonable_result ran for
+
+
+def unjsonable_result(event: webhookd.Event) -> Any:
+    """A result JSON cannot be made of: tuple keys, or NaN (which JSON parsers refuse)."""
+    unjsonable_runs.append(event.id)
+    return {(1, 2): "b"} if event.json()["keys"] else {"x": float("nan")}

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import errno
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -586,6 +587,18 @@ KIND_DEFAULTS = {
     "python": (300.0, 3, 1.0, 4.0, 300.0),
     "log": (30.0, 3, 1.0, 4.0, 300.0),
 }
+
+
+def test_the_readme_gives_each_kinds_defaults_as_the_code_has_them() -> None:
+    """The README's table of timeout_s and retry per type is the kinds' own DEFAULTS."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| (\d+) \| `(\{[^`]+\})` \|$", readme, re.M)
+    documented = {}
+    for kinds, timeout_s, retry in rows:
+        policy = loads(f'[[sources.a.actions]]\ntype = "log"\nretry = {retry}').sources["a"]
+        for kind in re.findall(r"`(\w+)`", kinds):
+            documented[kind] = ActionDefaults(float(timeout_s), policy.actions[0].retry)
+    assert documented == {kind: actions.kind(kind, "type").DEFAULTS for kind in ACTION_KINDS}
 
 
 @pytest.mark.parametrize("kind", ACTION_KINDS)

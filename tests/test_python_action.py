@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import actionkit
 import pytest
 from actionkit import action_kit
 
@@ -125,6 +126,19 @@ async def test_values_json_cannot_hold_are_stored_as_text(tmp_path: Path) -> Non
     job, _ = await run_handler(tmp_path, "actionkit:odd_result")
     assert job.state == JobState.DONE
     assert job.result["set"] == "{1}"
+
+
+@pytest.mark.parametrize(("keys", "text"), [(True, "{(1, 2): 'b'}"), (False, "{'x': nan}")])
+async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_once(
+    tmp_path: Path, keys: bool, text: str
+) -> None:
+    """A result with keys JSON cannot have, or a NaN (which would make the admin API's answer
+    invalid JSON), is kept whole as its str(): the job is done, not retried, so the handler
+    that did its work is not run again."""
+    actionkit.unjsonable_runs.clear()
+    job, _ = await run_handler(tmp_path, "actionkit:unjsonable_result", {"keys": keys})
+    assert (job.state, job.attempts, job.result) == (JobState.DONE, 1, text)
+    assert actionkit.unjsonable_runs == [job.event_id]
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,16 @@ class PythonAction:
 
 
 def _json_safe(value: Any) -> Any:
+    """The handler's return value as JSON can hold it: a value JSON has no form for (a date, a
+    set) as its ``str()``; and the whole value as its ``str()`` when it cannot be JSON at all
+    (keys that are not strings or numbers, NaN or an infinity, a cycle). Never an error: the
+    handler's work is done, and failing here would run it again."""
     if value is None or type(value) in (str, int, bool):  # already JSON (most handlers)
         return value
-    return json.loads(json.dumps(value, default=str))
+    try:
+        return json.loads(json.dumps(value, default=str, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
 
 
 def create(config: ActionConfig, resources: Resources) -> PythonAction:
