@@ -628,6 +628,7 @@ def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None
         ("forward", "method = 1", "method", "must be a string, not an integer"),
         ("forward", 'method = "GET"', "method", "must be one of POST, PUT, PATCH"),
         ("openai", "max_tokens = 2.5", "max_tokens", "must be an integer, not a float"),
+        ("openai", "tools = []", "tools", "unknown key for an openai action"),
         ("openai", "max_tokens = 0", "max_tokens", "must be at least 1"),
         ("openai", "temperature = inf", "temperature", "must be a finite number, not inf"),
         ("openai", 'max_lane_wait_s = "5"', "max_lane_wait_s", "must be a number, not a string"),

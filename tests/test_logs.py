@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Target, make_config
+from openai_standin import StandIn
 from ops_support import TOKEN_ENV, event_state, forward_source
 from procs import DaemonProc, Procs, spawn, write_config
 from rawhttp import RawConn
@@ -297,3 +298,37 @@ def test_a_throttle_without_a_loop_tells_its_count_with_the_next_line() -> None:
         ]
     finally:
         logger.removeHandler(keep)
+
+
+async def test_a_model_call_logs_the_jobs_line_not_the_http_clients(
+    tmp_path: Path, run_daemon: Any, restore_logging: None
+) -> None:
+    """An ``openai`` job at info level leaves its own outcome line and none of the HTTP
+    library's per-request ones."""
+    standin = await StandIn().start()
+    try:
+        cfg = make_config(
+            tmp_path,
+            f"""
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "sk-standin"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+prompt = "Reply to {{{{ subject }}}}"
+max_tokens = 50
+""",
+        )
+        captured = io.StringIO()
+        logs.setup("info", "text", stream=captured)
+        running = await run_daemon(cfg)
+        status, doc = await running.post("/hooks/mail", b'{"subject": "hi"}')
+        assert status == 202
+        await event_state(running.http, running.admin_url, doc["id"], "done")
+        assert await running.stop() == 0
+    finally:
+        await standin.aclose()
+    text = captured.getvalue()
+    assert standin.received == 1 and "outcome=done" in text
+    assert "HTTP Request" not in text, text

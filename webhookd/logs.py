@@ -131,4 +131,8 @@ def setup(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aiosqlite logs every statement at debug: noise that would drown webhookd's own debug lines.
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    # The openai client's HTTP library logs each request at info: a line per model call, beside
+    # the job's own. (httpx2 is the name some builds of it log under.)
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

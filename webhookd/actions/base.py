@@ -105,5 +105,6 @@ def options(config: ActionConfig, names: tuple[str, ...]) -> Table:
     action``), so a misspelt option shows as itself.
     """
     table = Table(config.options, config.key)
-    table.only(names, f"for a {config.type} action")
+    article = "an" if config.type[:1] in "aeiou" else "a"
+    table.only(names, f"for {article} {config.type} action")
     return table
