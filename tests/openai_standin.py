@@ -63,6 +63,7 @@ class StandIn:
     statuses: list[int] = field(default_factory=list)
     quota_exhausted: bool = False
     hold: asyncio.Event | None = None
+    malformed: bytes | None = None  # answered with status 200 instead of a chat completion
     limited_headers: dict[str, str | None] = field(default_factory=dict)
     url: str = ""
     received: int = 0
@@ -111,6 +112,8 @@ class StandIn:
             return self._error(401)
         if self.statuses:
             return self._error(self.statuses.pop(0))
+        if self.malformed is not None:
+            return web.Response(body=self.malformed, content_type="application/json")
         if self.quota_exhausted:
             self.quota_refused += 1
             message = "You exceeded your current quota, please check your plan and billing details."

@@ -398,6 +398,24 @@ async def test_status_errors_map_to_dead_or_retry(
 
 
 @pytest.mark.parametrize(
+    "body",
+    [b"<html>502 from a proxy</html>", b'{"object": "chat.completion", "choices": "nope"}'],
+)
+async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, body: bytes
+) -> None:
+    """A 200 whose body is not a chat completion (a proxy's page, a server not quite
+    compatible) is a retry that says what was wrong, not the parser's bare exception."""
+    standin.malformed = body
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.history[0].outcome == "retry"
+    assert (job.history[0].error or "").startswith("the answer is not a chat completion: ")
+
+
+@pytest.mark.parametrize(
     ("line", "key"),
     [
         ('prompt = "Hi {{ name"', "sources.s.actions[0].prompt"),

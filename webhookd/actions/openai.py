@@ -304,28 +304,27 @@ class OpenAIAction:
             return outcome
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
-        completion: ChatCompletion = raw.parse()
-        usage = completion.usage
+        try:
+            completion: ChatCompletion = raw.parse()
+            answer = _answer(completion)
+            total = completion.usage.total_tokens if completion.usage is not None else None
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            # A 200 whose body is not a chat completion (a proxy's page, a server that is not
+            # quite compatible): the SDK's parse or the reads below fail on it in their own words.
+            return Outcome.retry(
+                f"the answer is not a chat completion: {type(exc).__name__}: {exc}",
+                duration_s=_round(started),
+            )
         if self.lane is not None and reservation is not None:
-            if usage is not None:
-                self.lane.settle(reservation, usage.total_tokens)
+            if isinstance(total, int):
+                self.lane.settle(reservation, total)
             if self.lane.statistics().circuit_open:
                 self.lane.close_circuit()  # this call was the probe, and it went through
                 await self.lane.publish()
         self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
-        if not completion.choices:
+        if answer is None:
             return Outcome.retry("the model answered with no choices", duration_s=_round(started))
-        choice = completion.choices[0]
-        return {
-            "text": choice.message.content or "",
-            "model": completion.model,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens if usage else None,
-                "completion_tokens": usage.completion_tokens if usage else None,
-                "total_tokens": usage.total_tokens if usage else None,
-            },
-            "finish_reason": choice.finish_reason,
-        }
+        return answer
 
     def _observe(self, headers: Mapping[str, str]) -> None:
         if self.lane is not None:
@@ -373,6 +372,24 @@ def _is_answer(value: Any) -> bool:
 
 def _round(started: float) -> float:
     return round(time.monotonic() - started, 4)
+
+
+def _answer(completion: ChatCompletion) -> dict[str, Any] | None:
+    """The job's result from a chat completion; ``None`` when it holds no choice."""
+    usage = completion.usage
+    if not completion.choices:
+        return None
+    choice = completion.choices[0]
+    return {
+        "text": choice.message.content or "",
+        "model": completion.model,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "total_tokens": usage.total_tokens if usage else None,
+        },
+        "finish_reason": choice.finish_reason,
+    }
 
 
 def create(config: ActionConfig, resources: Resources) -> OpenAIAction:
