@@ -8,6 +8,7 @@ about a second and the stand-in's sliding windows see the same times the lane ac
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -178,9 +179,11 @@ async def test_burst_under_a_lane_above_the_limits_waits_out_429s_without_using_
 
 
 async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attempt(
-    tmp_path: Path, standin: StandIn, clock: ManualClock
+    tmp_path: Path, standin: StandIn, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A 429 rate_limit_exceeded: the lane cools for Retry-After, the job waits, no attempt used."""
+    """A 429 rate_limit_exceeded: the lane cools for Retry-After, the job waits, no attempt used;
+    the 429 is logged as a warning."""
+    caplog.set_level(logging.INFO, logger="webhookd")
     standin.rpm = 2
     extra = "[lanes.llm]\nrpm = 1000\n"
     async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
@@ -196,6 +199,8 @@ async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attem
     assert (waiting.state, waiting.attempts, waiting.history) == (JobState.QUEUED, 0, ())
     assert waiting.run_at == pytest.approx(start + 60, abs=1)
     assert (done.state, done.attempts) == (JobState.DONE, 1)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("outcome=wait" in r.getMessage() and "429" in r.getMessage() for r in warned)
 
 
 @pytest.mark.parametrize(
@@ -278,9 +283,11 @@ async def test_insufficient_quota_opens_the_circuit_and_jobs_wait_until_it_is_ba
 
 
 async def test_long_lane_wait_frees_the_worker_and_reschedules_without_an_attempt(
-    tmp_path: Path, standin: StandIn, clock: ManualClock
+    tmp_path: Path, standin: StandIn, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A job whose lane wait exceeds max_lane_wait_s waits (no attempt) for the lane's estimate."""
+    """A job whose lane wait exceeds max_lane_wait_s waits (no attempt) for the lane's estimate,
+    logged at info: a lane pacing its calls as configured is not a warning, where a 429 is."""
+    caplog.set_level(logging.INFO, logger="webhookd")
     extra = "max_lane_wait_s = 0\n[lanes.llm]\nrpm = 6\n"
     async with action_kit(tmp_path, source(standin, extra=extra), clock=clock) as kit:
         ids = await burst(kit, 2)
@@ -292,6 +299,8 @@ async def test_long_lane_wait_frees_the_worker_and_reschedules_without_an_attemp
     assert (second.state, second.attempts) == (JobState.QUEUED, 0)
     assert second.run_at == pytest.approx(start + 10, abs=0.5)  # 6 rpm: one every 10 s
     assert (done.state, done.attempts) == (JobState.DONE, 1)
+    waits = [r for r in caplog.records if "outcome=wait" in r.getMessage()]
+    assert waits and all(r.levelno == logging.INFO for r in waits)
 
 
 async def test_then_forward_posts_the_answer_signed_with_standard_webhooks(

@@ -809,7 +809,9 @@ class WorkerPool:
             self._next_due = finished.run_at
         for hook in self.on_finish:
             hook(claimed, outcome, finished)
-        level = logging.INFO if finished.outcome == "done" else logging.WARNING
+        # A job that waits for its lane's pace is the lane doing its work, not a problem.
+        paced = finished.outcome == "wait" and outcome.detail.get("paced")
+        level = logging.INFO if finished.outcome == "done" or paced else logging.WARNING
         log.log(
             level,
             "job %s event=%s source=%s action=%s attempt=%d outcome=%s%s",

@@ -285,7 +285,8 @@ class OpenAIAction:
                     estimate_tokens(messages) + s.max_tokens, max_wait_s=s.max_lane_wait_s
                 )
             except LaneBusy as busy:
-                return Outcome.wait(str(busy), busy.retry_after_s, lane=busy.lane)
+                # The lane pacing its calls, as configured: no sign of trouble (``paced``).
+                return Outcome.wait(str(busy), busy.retry_after_s, lane=busy.lane, paced=True)
         started = time.monotonic()
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
