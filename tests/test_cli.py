@@ -78,6 +78,7 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     out = await cli("show", dead, "--config", str(config))
     assert out.exit_code == 0, out.output
     assert f"event    {dead}  [dead]" in out.output and "answered 500" in out.output
+    assert "\n      response: answer 500\n" in out.output  # what the target said, on its line
     out = await cli("show", dead, "--json", "--config", str(config))
     doc = json.loads(out.output)
     assert doc["state"] == "dead" and doc["jobs"][0]["errors"][0]["outcome"] == "dead"
@@ -151,7 +152,8 @@ async def test_replay_ids_and_dead_with_filters_and_dry_run(
     assert len(target.seen) == 4
     out = await cli("show", first, "--config", str(config))
     # The replay's fresh first attempt follows the dead one's, marked as such.
-    assert re.search(r"#1 .* dead: .*\n    replayed:\n    #1 .* done", out.output), out.output
+    shown = r"#1 .* dead: .*\n      response: answer 500\n    replayed:\n    #1 .* done"
+    assert re.search(shown, out.output), out.output
 
     out = await cli("replay", "evt_nope", "--config", str(config))
     assert out.exit_code == 1 and "no event evt_nope" in out.output
@@ -295,6 +297,28 @@ async def test_show_by_key_says_when_the_keys_event_was_pruned(tmp_path: Path) -
     assert out.exit_code == 1
     assert f"first seen {time.strftime('%Y-%m-%d', time.gmtime())}" in out.output
     assert f"as {item.event.id}, which has been pruned since" in out.output
+
+
+async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Path) -> None:
+    """A model's answer (an ``openai`` job's ``text``) reads as the text it is, line by line,
+    under the rest of its result, not as one JSON string full of escapes."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "mail", 1)
+        event_id = (await journal.list_events(limit=1))[0].id
+        await journal.claim([job_id], "boot")
+        now = journal.clock.time()
+        answer = {"text": 'Dear Zoë,\n\nthanks: "noted".', "model": "m", "finish_reason": "stop"}
+        await journal.finish([Finished(job_id, 1, JobState.DONE, now, now, "done", result=answer)])
+    out = await cli("show", event_id, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.output.endswith(
+        '    result {"model": "m", "finish_reason": "stop"}\n'
+        "    text:\n"
+        "      Dear Zoë,\n"
+        "\n"
+        '      thanks: "noted".\n'
+    )
 
 
 async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> None:

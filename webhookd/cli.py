@@ -145,8 +145,11 @@ def _json_shown(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
 
 
-# How much of a body ``show`` prints on its line (``--json`` has the first 64 KB).
+# How much of a body ``show`` prints on its line (``--json`` has the first 64 KB), of a failed
+# attempt's answer (its first 1 KB is kept), and of a model's answer.
 _BODY_PREVIEW_CHARS = 200
+_RESPONSE_PREVIEW_CHARS = 200
+_TEXT_PREVIEW_CHARS = 4000
 
 
 def _when(ts: float | None) -> str:
@@ -299,15 +302,27 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             if attempt["error"]:
                 line += f": {attempt['error']}"
             click.echo(printable(line))
+            response = (attempt["detail"] or {}).get("response")
+            if response and attempt["outcome"] != "done":  # what the target said about it
+                head = " ".join(str(response).split())[:_RESPONSE_PREVIEW_CHARS]
+                more = " …" if len(str(response)) > _RESPONSE_PREVIEW_CHARS else ""
+                click.echo(printable(f"      response: {head}{more}"))
             for stream in ("stdout", "stderr"):  # a command's, kept with its attempt
                 output = (attempt["detail"] or {}).get(stream)
                 if output:
                     click.echo(f"      {stream}:")
                     for output_line in output.rstrip("\n").split("\n"):
                         click.echo("        " + printable(output_line))
-        if job["result"] is not None:
-            result = json.dumps(job["result"], ensure_ascii=False)[:2000]
-            click.echo(printable(f"    result {result}"))
+        result = job["result"]
+        text = result.get("text") if isinstance(result, dict) else None
+        if isinstance(text, str):  # a model's answer: read as text, not as an escaped string
+            rest = {k: v for k, v in result.items() if k != "text"}
+            click.echo(printable(f"    result {json.dumps(rest, ensure_ascii=False)[:2000]}"))
+            click.echo("    text:")
+            for text_line in text[:_TEXT_PREVIEW_CHARS].split("\n"):
+                click.echo("      " + printable(text_line) if text_line else "")
+        elif result is not None:
+            click.echo(printable(f"    result {json.dumps(result, ensure_ascii=False)[:2000]}"))
 
 
 def _bulk(
