@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,7 +131,8 @@ async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> 
         port = closed.getsockname()[1]
         outcome = await send(f'url = "http://127.0.0.1:{port}/x"')()
     assert outcome.kind == "retry"
-    assert (outcome.error or "").startswith("connection failed")
+    refused = os.strerror(errno.ECONNREFUSED)
+    assert outcome.error == f"connection failed: cannot connect to 127.0.0.1:{port}: {refused}"
     assert "duration_s" in outcome.detail
 
 

@@ -240,6 +240,20 @@ async def test_a_redirect_is_dead_and_not_followed(
     assert [s.path for s in target.seen] == ["/moved"]
 
 
+async def test_a_304_is_dead_and_not_called_a_redirect(target: Target, make_rig: MakeRig) -> None:
+    """A 3xx that points nowhere (304 Not Modified to a POST) is not a success, and no
+    redirect either: the error says so rather than 'redirect to (nowhere) not followed'."""
+    target.statuses = [304]
+    rig = await make_rig(forward_source("cached", target.url))
+    event_id = await rig.ingest("cached")
+    assert await rig.pool.run_until_idle() is None
+    job = await rig.job(event_id)
+    assert (job.state, job.last_error) == (
+        JobState.DEAD,
+        f"{target.url}/cached answered 304, which is not a success",
+    )
+
+
 async def test_attempt_longer_than_timeout_is_cut_off_and_retried(
     target: Target, make_rig: MakeRig
 ) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import email.utils
 import math
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -155,6 +157,14 @@ def _put(headers: dict[str, str], name: str, value: str) -> None:
     headers[name] = value
 
 
+def _why(error: OSError) -> str:
+    """An OS error's reason: the errno's name for it ("Connection refused") where asyncio's own
+    text is "Connect call failed ('10.0.0.5', 443)"; a name lookup's own text."""
+    if error.errno and error.errno > 0 and not isinstance(error, socket.gaierror):
+        return os.strerror(error.errno)
+    return error.strerror or str(error) or type(error).__name__
+
+
 async def deliver(
     http: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: Mapping[str, str]
 ) -> Outcome:
@@ -167,11 +177,17 @@ async def deliver(
             head = await response.content.read(_RESPONSE_HEAD_BYTES)
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-            location = response.headers.get("Location") or "(no Location header)"
+            location = response.headers.get("Location")
     except (aiohttp.ClientError, OSError) as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+            exc,
+            aiohttp.ClientSSLError,  # a TLS failure's own text says what it was
+        ):  # where its own text adds "ssl:default" to a plain http URL
+            why = f"cannot connect to {exc.host}:{exc.port}: {_why(exc.os_error)}"
+        else:
+            why = f"{type(exc).__name__}: {exc}"
         return Outcome.retry(
-            f"connection failed: {type(exc).__name__}: {exc}",
-            duration_s=round(time.monotonic() - started, 4),
+            f"connection failed: {why}", duration_s=round(time.monotonic() - started, 4)
         )
     detail: dict[str, Any] = {
         "status": status,
@@ -180,11 +196,13 @@ async def deliver(
     }
     if 200 <= status < 300:
         return Outcome.done({"status": status}, **detail)
-    if 300 <= status < 400:
+    if 300 <= status < 400 and location:
         # Not followed: a forward goes to the URL configured, and a redirect could send the
         # body (and its signature) somewhere else. The operator fixes the URL and replays.
         where = location[:_LOCATION_CHARS]
         return Outcome.dead(f"{url} answered {status}: redirect to {where} not followed", **detail)
+    if 300 <= status < 400:  # 304 Not Modified, or a redirect that says nowhere
+        return Outcome.dead(f"{url} answered {status}, which is not a success", **detail)
     if status == 410:
         return Outcome.dead(f"{url} answered 410 Gone: the endpoint is retired", **detail)
     if status >= 500 or status in _RETRYABLE_4XX:
