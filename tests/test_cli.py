@@ -304,12 +304,24 @@ async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Pa
     under the rest of its result, not as one JSON string full of escapes."""
     config, cfg = write_config(tmp_path, "")
     async with Journal(cfg.journal.path) as journal:
-        [job_id] = await ingest(journal, "mail", 1)
-        event_id = (await journal.list_events(limit=1))[0].id
-        await journal.claim([job_id], "boot")
+        job_ids = await ingest(journal, "mail", 2)
+        await journal.claim(job_ids, "boot")
         now = journal.clock.time()
         answer = {"text": 'Dear Zoë,\n\nthanks: "noted".', "model": "m", "finish_reason": "stop"}
-        await journal.finish([Finished(job_id, 1, JobState.DONE, now, now, "done", result=answer)])
+        results = [answer, {"text": "x" * 5000, "model": "m"}]
+        await journal.finish(
+            [
+                Finished(job_id, 1, JobState.DONE, now, now, "done", result=result)
+                for job_id, result in zip(job_ids, results, strict=True)
+            ]
+        )
+        events = [await journal.get_event(e.id) for e in await journal.list_events(limit=2)]
+        event_of = {detail.jobs[0].id: detail.event.id for detail in events}
+        event_id, long_id = (event_of[job_id] for job_id in job_ids)
+    out = await cli("show", long_id, "--config", str(config))
+    assert out.output.endswith(
+        f"      {'x' * 4000}\n      … (5,000 characters: --json has them all)\n"
+    )
     out = await cli("show", event_id, "--config", str(config))
     assert out.exit_code == 0, out.output
     assert out.output.endswith(

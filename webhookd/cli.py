@@ -321,6 +321,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             click.echo("    text:")
             for text_line in text[:_TEXT_PREVIEW_CHARS].split("\n"):
                 click.echo("      " + printable(text_line) if text_line else "")
+            if len(text) > _TEXT_PREVIEW_CHARS:
+                click.echo(f"      … ({len(text):,} characters: --json has them all)")
         elif result is not None:
             click.echo(printable(f"    result {json.dumps(result, ensure_ascii=False)[:2000]}"))
 
