@@ -97,6 +97,7 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             "sources.a.ack_status",
         ),
         ('[sources.a]\ndedup = "cookie:x"', "sources.a.dedup"),
+        ('[sources.a]\ntenant = "json:account..id"', "sources.a.tenant"),
         ('[sources.a]\nverify = { scheme = "nope", secret = "x" }', "sources.a.verify.scheme"),
         (
             '[sources.a]\nverify = { scheme = "github", secret = "x", extra = 1 }',

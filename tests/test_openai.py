@@ -424,6 +424,24 @@ async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
     assert (job.history[0].error or "").startswith("the answer is not a chat completion: ")
 
 
+def test_a_then_with_url_for_forward_names_the_keys_it_takes() -> None:
+    """``then = { url = ... }``, the forward action's word, is refused saying then's own."""
+    from webhookd import actions
+
+    text = f"""
+[sources.s]
+[[sources.s.actions]]
+type = "openai"
+api_key = "env:{KEY}"
+model = "m"
+prompt = "p"
+max_tokens = 5
+then = {{ url = "http://x" }}
+"""
+    with pytest.raises(ConfigError, match="takes forward, secret, secrets, headers"):
+        actions.validate(loads(text))
+
+
 @pytest.mark.parametrize(
     ("line", "key"),
     [
@@ -434,6 +452,7 @@ async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
         ('then = { forward = "ftp://x" }', "sources.s.actions[0].then.forward"),
         ('then = { forward = "http://x", secret = "plain" }', "sources.s.actions[0].then.secret"),
         ('then = { forward = "http://x", retries = 3 }', "sources.s.actions[0].then.retries"),
+        ('then = { url = "http://x" }', "sources.s.actions[0].then.url"),
         ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s"),
         ("max_completion_tokens = 10", "sources.s.actions[0].max_completion_tokens"),
     ],

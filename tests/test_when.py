@@ -71,6 +71,8 @@ A = "sources.a.actions[0]"
     [
         ('{ "cookie:x" = ["a"] }', f'{A}.when."cookie:x"'),
         ('{ "json:" = ["a"] }', f'{A}.when."json:"'),
+        ('{ "json:a..b" = ["a"] }', f'{A}.when."json:a..b"'),
+        ('{ "json:a." = ["a"] }', f'{A}.when."json:a."'),
         ('{ body = ["a"] }', f"{A}.when.body"),
         ('{ "json:type" = [] }', f'{A}.when."json:type"'),
         ('{ "json:type" = "invoice.paid" }', f'{A}.when."json:type"'),

@@ -194,6 +194,8 @@ def parse_extractor(value: Any, key: str) -> Extractor:
         raise ConfigError(
             key, f'{value!r} must be "header:NAME", "json:a.b", "form:FIELD" or "body"'
         )
+    if kind == "json" and "" in arg.split("."):  # a value no request could ever have there
+        raise ConfigError(key, f"{value!r} has an empty step in its path (json:a.b)")
     return Extractor(kind, arg)  # type: ignore[arg-type]
 
 
@@ -220,6 +222,8 @@ def parse_when(value: Any, key: str) -> tuple[Condition, ...]:
         try:
             spec = parse_extractor(name, ckey)
         except ConfigError:
+            if name.startswith("json:") and name != "json:":  # a path with an empty step
+                raise
             spec = Extractor("body")
         if spec.kind == "body":  # a body hash: no one can write the value it would have to be
             raise ConfigError(ckey, 'must be "header:NAME", "json:a.b" or "form:FIELD"')
