@@ -162,6 +162,7 @@ async def test_timeout_kills_the_whole_process_group(
     assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
     assert job.history[0].error is not None and "timed out" in job.history[0].error
     await child_ends(int(pid_file.read_text()))
+    # The program outlives timeout_s (2 s) and is killed, as the first one was.
     said = "import sys, time; sys.stderr.write('migrating\\n'); sys.stderr.flush(); time.sleep(60)"
     await run_command(tmp_path, python_argv(said), timeout_s=2)
     stopped = [r.getMessage() for r in caplog.records if "stopped before it finished" in r.msg]

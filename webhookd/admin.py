@@ -136,11 +136,11 @@ class Admin:
 
     @staticmethod
     def _unexpected(request: web.Request) -> web.Response:
-        if isinstance(sys.exception(), JournalError):
+        error = sys.exception()
+        if isinstance(error, JournalError):
             # An outage (PostgreSQL restarting, a failing disk) that a read met: logged once by
             # the journal, not once per request of a dashboard or a poller while it lasts.
-            reason = str(sys.exception())
-            return json_error(503, reason, _OUTAGE_RETRY_AFTER_S)
+            return json_error(503, str(error), _OUTAGE_RETRY_AFTER_S)
         # One record with the traceback, and a JSON answer like every other error of this API.
         log.exception("unexpected error answering %s %r: 500", request.method, request.path[:200])
         return json_error(500, "internal error")

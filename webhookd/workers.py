@@ -657,7 +657,7 @@ class WorkerPool:
         sweep_s = self.config.workers.sweep_interval_s
         # The first round is a sweep: it reads the paused sources before anything is claimed, so
         # a node started while a source is paused holds its jobs like the others do.
-        last_sweep = self.clock.monotonic() - sweep_s
+        last_sweep = last_count = self.clock.monotonic() - sweep_s
         self._wake.set()  # and it runs at once, not a sweep interval after the start
         dispatch_failing = False
         while not self._stopping:
@@ -686,8 +686,11 @@ class WorkerPool:
                     last_sweep = now_mono
                     self._pause_stale = True
                     # Before the refill: jobs another process re-queued are counted before any
-                    # of them can finish and be counted out.
-                    await self.journal.refresh_backlog_if_changed()
+                    # of them can finish and be counted out. Once a sweep interval at most: a
+                    # job falling due also sweeps, and those may come many times a second.
+                    if now_mono - last_count >= sweep_s:
+                        last_count = now_mono
+                        await self.journal.refresh_backlog_if_changed()
                 if self._pause_stale:
                     self._pause_stale = False
                     read, self._pause_read = self._pause_read, []

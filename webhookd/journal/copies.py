@@ -214,15 +214,16 @@ def sweep(folder: Path) -> tuple[Path, ...]:
     whose process is still running (or whose pid a new process has taken since) stays.
     """
     gone = []
-    for entry in os.scandir(folder):
-        found = _UNFINISHED.fullmatch(entry.name)
-        if found is None or not entry.is_file(follow_symlinks=False):
-            continue
-        if _running(int(found[1])):
-            continue
-        with contextlib.suppress(FileNotFoundError):  # another sweep got there first
-            os.unlink(entry.path)
-            gone.append(Path(entry.path))
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            found = _UNFINISHED.fullmatch(entry.name)
+            if found is None or not entry.is_file(follow_symlinks=False):
+                continue
+            if _running(int(found[1])):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another sweep got there first
+                os.unlink(entry.path)
+                gone.append(Path(entry.path))
     if gone:
         _sync(folder)
     return tuple(sorted(gone))
