@@ -277,6 +277,41 @@ async def test_signed_body_under_a_fresh_delivery_id_is_a_duplicate(
     assert await events_of(r, name) == 2
 
 
+# The same signed Twilio form, re-encoded: Twilio signs the decoded parameters, sorted, so each
+# of these verifies under the original signature.
+REENCODED = {
+    "a stray &": lambda b: b + b"&",
+    "a leading &": lambda b: b"&" + b,
+    "reordered": lambda b: b"&".join(reversed(b.split(b"&"))),
+    "%20 for +": lambda b: b.replace(b"+", b"%20"),
+    "a name repeated with its value": lambda b: b + b"&MessageSid=SM1",
+}
+
+
+@pytest.mark.parametrize("change", list(REENCODED))
+async def test_a_twilio_form_reencoded_under_a_fresh_id_is_a_duplicate(
+    change: str, tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """The replay key is what Twilio signed, not the bytes: a re-encoding is no new event."""
+    r = await run_daemon(config(tmp_path, target))
+    body = urlencode({"MessageSid": "SM1", "From": "+15005550006", "Body": "hi there"}).encode()
+    first = delivery(r, "twilio_form", delivery_id="dlv-original", body=body)
+    forged = dataclasses.replace(
+        first,
+        body=REENCODED[change](body),
+        headers=first.headers | {"I-Twilio-Idempotency-Token": "dlv-forged"},
+    )
+    assert forged.body != first.body
+    src = r.daemon.config.sources["twilio_form"]
+    assert src.verify is not None
+    verify(src.verify, headers=forged.headers, body=forged.body, url=forged.url, now=0.0)
+
+    status, doc = await post(r, first)
+    assert (status, doc["duplicate"]) == (202, False)
+    assert await post(r, forged) == (200, {"id": doc["id"], "duplicate": True})
+    assert await events_of(r, "twilio_form") == 1
+
+
 async def test_token_source_with_header_dedup_catches_a_replayed_body(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -168,6 +168,14 @@ class Scheme(ABC):
         value = doc.get(self.dedup_json) if isinstance(doc, dict) else None
         return value if isinstance(value, str) and value else None
 
+    def replay_key(
+        self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str
+    ) -> str:
+        """For a scheme that signs no timestamp: a key for what the signature covers, so the
+        same signed content re-sent under a fresh delivery id is a duplicate. Most such schemes
+        sign the body byte for byte, so it is the body's hash."""
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
     # -- sending (``webhookd send``) ------------------------------------------------------------
 
     def default_body(self, delivery_id: str) -> bytes:
