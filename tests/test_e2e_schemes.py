@@ -312,6 +312,20 @@ async def test_a_twilio_form_reencoded_under_a_fresh_id_is_a_duplicate(
     assert await events_of(r, "twilio_form") == 1
 
 
+async def test_an_unsigned_webhook_id_beside_svix_headers_does_not_name_the_delivery(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """Svix signs svix-id; a webhook-id added to a captured Svix request is no fresh delivery."""
+    r = await run_daemon(config(tmp_path, target))
+    good = delivery(r, "svix", delivery_id="msg_svix_1")
+    status, doc = await post(r, good)
+    assert (status, doc["duplicate"]) == (202, False)
+    for forged_id in ("forged-0", "forged-1"):
+        forged = dataclasses.replace(good, headers=good.headers | {"webhook-id": forged_id})
+        assert await post(r, forged) == (200, {"id": doc["id"], "duplicate": True})
+    assert await events_of(r, "svix") == 1
+
+
 async def test_token_source_with_header_dedup_catches_a_replayed_body(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -769,6 +769,8 @@ def test_sign_sets_delivery_ids() -> None:
     [
         ("standard", {"Webhook-Id": "msg_1"}, b"", "msg_1"),
         ("standard", {"svix-id": "msg_2"}, b"", "msg_2"),
+        # Svix-signed: only the signed svix-id names it, not a webhook-id added beside it.
+        ("standard", {"svix-signature": "v1,x", "svix-id": "m3", "webhook-id": "x"}, b"", "m3"),
         ("github", {"x-github-delivery": "guid"}, b"", "guid"),
         ("shopify", {"X-Shopify-Event-Id": "ev"}, b"", "ev"),
         ("shopify", {"X-Shopify-Webhook-Id": "wh", "X-Shopify-Event-Id": "ev"}, b"", "wh"),

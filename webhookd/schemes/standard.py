@@ -75,6 +75,13 @@ class Standard(Scheme):
             if not secret.missing:
                 check_whsec(secret.reveal(), secret.key)
 
+    def dedup_key(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The signed message id of the family ``check`` verifies: a ``webhook-id`` beside
+        ``svix-*`` headers is signed by nobody, so it must not name the delivery."""
+        if header(headers, "webhook-signature") is None and header(headers, "svix-signature"):
+            return header(headers, "svix-id")
+        return super().dedup_key(headers, body)
+
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
     ) -> Result:
