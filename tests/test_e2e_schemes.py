@@ -326,6 +326,20 @@ async def test_an_unsigned_webhook_id_beside_svix_headers_does_not_name_the_deli
     assert await events_of(r, "svix") == 1
 
 
+@pytest.mark.parametrize("host", ["a:b", "x:99999", "h:0x50"])
+async def test_a_malformed_host_is_a_400_on_a_verified_source(
+    host: str, tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Host that is no host[:port] is the client's error, not an internal one (RFC 9112)."""
+    r = await run_daemon(config(tmp_path, target))
+    good = delivery(r, "github", delivery_id="dlv-host")
+    async with r.http.post(good.url, data=good.body, headers=good.headers | {"Host": host}) as resp:
+        assert resp.status == 400
+        assert await resp.json() == {"error": "malformed Host header"}
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    assert await events_of(r, "github") == 0
+
+
 async def test_token_source_with_header_dedup_catches_a_replayed_body(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

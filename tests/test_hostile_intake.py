@@ -41,6 +41,7 @@ class Intake:
     address: str
     db: Path
     journal: Journal
+    receiver: Receiver
 
     async def post(
         self, path: bytes, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
@@ -69,7 +70,7 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
             journal = await stack.enter_async_context(Journal(cfg.journal.path))
             receiver = Receiver(cfg, journal, IntakeState(), clock=clock)
             address = await stack.enter_async_context(serving(receiver))
-            return Intake(address, cfg.journal.path, journal)
+            return Intake(address, cfg.journal.path, journal, receiver)
 
         yield start
 
@@ -468,6 +469,20 @@ async def test_an_unexpected_error_is_a_json_503_with_one_log_record(
     assert len(errors) == 1 and errors[0].exc_info is not None, caplog.text
     assert "RuntimeError: clock broke" in caplog.text
     assert "4111-SECRET" not in caplog.text
+
+
+async def test_a_flood_of_unexpected_errors_logs_a_few_tracebacks_a_minute(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A defect any request reaches cannot fill the log: ten tracebacks a minute, then a count."""
+    intake = await make_intake(CATCH_ALL, clock=BrokenClock())
+    caplog.set_level(logging.INFO)
+    for _ in range(25):
+        assert_json_error(await intake.post(b"/hooks/z", b"{}"), 503)
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 10, caplog.text
+    intake.receiver.flush_logs()
+    assert "15 more unexpected errors in the last 60 s" in caplog.text
 
 
 MALFORMED = {

@@ -250,12 +250,17 @@ class Receiver:
         self._log_slow = Throttle(
             log, logging.WARNING, "503s for a slow journal commit", clock=clock.monotonic
         )
+        # A defect a request can reach would otherwise log a traceback per request.
+        self._log_unexpected = Throttle(
+            log, logging.ERROR, "unexpected errors", clock=clock.monotonic
+        )
         self.reconfigure(config)
 
     def flush_logs(self) -> None:
         """Write what the throttled lines held back (at the drain's end)."""
         self._log_rejected.flush()
         self._log_slow.flush()
+        self._log_unexpected.flush()
 
     def reconfigure(self, config: Config) -> None:
         """Take (a reload's) sources. A request already past ``_resolve`` goes on with the
@@ -312,7 +317,12 @@ class Receiver:
 
     def _unexpected(self, request: Request) -> web.Response:
         # One record with the traceback; never the body or header values (secrets live there).
-        log.exception("unexpected error answering %s %r: 503", request.method, request.path[:200])
+        self._log_unexpected(
+            "unexpected error answering %s %r: 503",
+            request.method,
+            request.path[:200],
+            exc_info=True,
+        )
         return json_error(503, "internal error, retry later", self.config.server.retry_after_s)
 
     def _resolve(self, path: str) -> tuple[str, SourceConfig] | None:
@@ -414,12 +424,12 @@ class Receiver:
         src: SourceConfig,
         scheme: Scheme | None,
         body: bytes,
+        url: str,
         now: float,
     ) -> web.Response | dict[str, Any] | None:
         """Handshake, method and signature: an answer to give now, or the verdict to store."""
         if src.verify is None:  # unsigned: POST only, which _take has already checked
             return None
-        url = str(request.url)
         try:
             if scheme is None:  # config only names registered schemes; a hand-built one may not
                 raise VerificationError("unknown scheme")
@@ -474,7 +484,13 @@ class Receiver:
         now = self.clock.time()
         verify = src.verify
         scheme = SCHEMES.get(verify.scheme) if verify is not None else None
-        checked = self._check(request, name, src, scheme, body, now)
+        url = ""  # what a signature may cover: only a verified source needs it
+        if verify is not None:
+            try:
+                url = str(request.url)
+            except ValueError:  # a Host header that is no host[:port] (RFC 9112 §3.2: a 400)
+                raise _Refused(400, "malformed Host header") from None
+        checked = self._check(request, name, src, scheme, body, url, now)
         if isinstance(checked, web.Response):
             return checked
         if bucket is not None:
@@ -495,8 +511,8 @@ class Receiver:
         body_key = None
         if verify and scheme and verify.dedup_body and scheme.untimed(verify):
             # Nothing signed expires, so a captured body re-sent under a fresh delivery id would
-            # verify as a new event: the body's hash is a second dedup key.
-            body_key = "sha256:" + hashlib.sha256(body).hexdigest()
+            # verify as a new event: what was signed (the body, for most) is a second dedup key.
+            body_key = scheme.replay_key(verify, headers, body, url)
         if key is None:
             key = body_key or "sha256:" + hashlib.sha256(body).hexdigest()
         tenant = (

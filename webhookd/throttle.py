@@ -52,7 +52,7 @@ class Throttle:
         self._held = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def __call__(self, msg: str, *args: object) -> None:
+    def __call__(self, msg: str, *args: object, exc_info: bool = False) -> None:
         now = self.clock()
         if now >= self._ends:
             self.flush()
@@ -60,7 +60,7 @@ class Throttle:
             self._passed = 0
         if self._passed < self.burst:
             self._passed += 1
-            self.logger.log(self.level, msg, *args)
+            self.logger.log(self.level, msg, *args, exc_info=exc_info)
             return
         self._held += 1
         if self._timer is None:
