@@ -16,6 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
+from webhookd.errors import ConfigError
 from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
 
 JSON_BODY = b'{"order": 42, "note": "caf\xc3\xa9"}'
@@ -108,6 +109,32 @@ async def test_custom_headers_and_method_are_used(
     assert (await run()).kind == "done"
     [seen] = target.seen
     assert (seen.method, seen.headers["X-Env"], seen.body) == ("PUT", "test", JSON_BODY)
+
+
+async def test_a_header_or_url_written_env_is_that_secret(
+    target: Target, send: Callable[[str], Forward], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A downstream credential stays out of the config: ``"env:NAME"`` is read, not sent."""
+    monkeypatch.setenv("FWD_URL", f"{target.url}/secret-path")
+    monkeypatch.setenv("FWD_TOKEN", "Bearer downstream-token")
+    run = send('url = "env:FWD_URL"\nheaders = { Authorization = "env:FWD_TOKEN", X-Env = "t" }')
+    assert (await run()).kind == "done"
+    [seen] = target.seen
+    assert seen.path == "/secret-path"
+    assert (seen.headers["Authorization"], seen.headers["X-Env"]) == (
+        "Bearer downstream-token",
+        "t",
+    )
+
+
+async def test_a_header_naming_a_variable_that_is_not_set_is_a_config_error(
+    target: Target, send: Callable[[str], Forward], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FWD_UNSET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        send(f'url = "{target.url}/x"\nheaders = {{ Authorization = "env:FWD_UNSET" }}')
+    assert err.value.key == "sources.shop.actions[0].headers.Authorization"
+    assert "FWD_UNSET" in str(err.value)
 
 
 @pytest.mark.parametrize(("status", "kind"), [(200, "done"), (500, "retry"), (404, "dead")])

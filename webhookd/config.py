@@ -776,6 +776,15 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
+def text_or_secret(value: str, key: str) -> str:
+    """An option's text, or, written ``"env:NAME"`` or ``"file:PATH"``, the secret it names
+    (which must be there, as ``resolve_secret`` says): a header's credential or a URL that is
+    one stays out of the config file. Its value is masked wherever shown (``secret_values``)."""
+    if value.startswith(("env:", "file:")):
+        return resolve_secret(value, key).reveal()
+    return value
+
+
 def leaves(obj: Any) -> Iterator[Any]:
     """Every value ``obj`` (a config or a part of one) holds below its dataclasses, mappings and
     sequences, in config order, each object once."""

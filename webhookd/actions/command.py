@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, options
-from webhookd.config import ActionConfig, ActionDefaults
+from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.templates import Template, compile_template, payload_of
@@ -71,6 +71,9 @@ class _Settings:
             raise ConfigError(t.path("cwd"), f"{cwd!r} is not a directory")
         self.cwd: str | None = cwd
         env = t.raw("env", {})
+        if isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values()):
+            # A value written env:NAME or file:PATH is that secret, handed to this command only.
+            env = {k: text_or_secret(v, f"{t.path('env')}.{k}") for k, v in env.items()}
         if not isinstance(env, Mapping) or not all(
             _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()
         ):

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from webhookd.actions.base import Outcome
-from webhookd.config import Secret, Table, resolve_secret
+from webhookd.config import Secret, Table, resolve_secret, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
@@ -68,21 +68,25 @@ def check_url(value: Any, key: str) -> str:
 
 
 def read_url(t: Table, name: str) -> str:
-    """The required http(s) URL at key ``name``; a ``Secret`` one (``[alerts] url``) revealed."""
+    """The required http(s) URL at key ``name``; a ``Secret`` one (``[alerts] url``) revealed,
+    an ``env:``/``file:`` one read (a URL with a token in it is a credential)."""
     value = t.raw(name, None)
     if isinstance(value, Secret):
         value = value.reveal()
+    elif isinstance(value, str):
+        value = text_or_secret(value, t.path(name))
     return check_url(value, t.path(name))
 
 
 def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
-    """Extra request headers at key ``name`` (default: none)."""
+    """Extra request headers at key ``name`` (default: none); a value written ``env:NAME`` or
+    ``file:PATH`` is that secret (``Authorization = "env:TARGET_TOKEN"``)."""
     value = t.raw(name, {})
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ConfigError(t.path(name), "must be a table of strings")
-    return dict(value)
+    return {k: text_or_secret(v, f"{t.path(name)}.{k}") for k, v in value.items()}
 
 
 def read_signing_secrets(t: Table) -> tuple[Secret, ...]:
