@@ -17,6 +17,7 @@ from aiohttp import web
 from conftest import Running, Target, make_config, new_event
 from ops_support import cli, event_state, forward_source, write_config
 from procs import poll
+from rawhttp import RawConn
 from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
@@ -447,6 +448,39 @@ async def test_admin_token_is_required_when_set(
     good = {"Authorization": "Bearer s3cret-token"}
     assert (await get(running, "/healthz", headers=good))[0] == 200
     assert await get(running, "/events", headers=good) == (200, {"events": []})
+    # The scheme's name in any case (RFC 9110 §11.1).
+    for scheme in ("bearer", "BEARER"):
+        lower = {"Authorization": f"{scheme} s3cret-token"}
+        assert await get(running, "/events", headers=lower) == (200, {"events": []})
+
+
+async def test_an_authorization_header_of_undecodable_bytes_is_a_401_not_a_bug(
+    tmp_path: Path, run_daemon: StartDaemon, monkeypatch: Any, caplog: Any
+) -> None:
+    """Bytes that are no UTF-8 are a wrong token: 401, no traceback, before any route runs."""
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "s3cret-token")
+    running: Running = await run_daemon(
+        make_config(tmp_path, admin='token = "env:TEST_ADMIN_TOKEN"')
+    )
+    conn = await RawConn.open(running.admin_url.removeprefix("http://"))
+    try:
+        await conn.head(b"/stats", [(b"Authorization", b"Bearer \xff\xfe")], method=b"GET")
+        answer = await conn.answer()
+    finally:
+        await conn.close()
+    assert answer.status == 401 and set(answer.doc) == {"error"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_every_admin_answer_is_kept_from_caches_and_sniffing(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """Answers carry bodies and results: ``no-store``, and JSON is never read as a page."""
+    running: Running = await run_daemon(make_config(tmp_path))
+    for path in ("/events", "/stats", "/metrics", "/nope"):
+        async with running.http.get(running.admin_url + path) as r:
+            assert r.headers["Cache-Control"] == "no-store", path
+            assert r.headers["X-Content-Type-Options"] == "nosniff", path
 
 
 async def test_admin_answers_unknown_paths_with_json(

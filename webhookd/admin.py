@@ -41,6 +41,7 @@ from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
 from webhookd.redact import Masker, secret_values
 from webhookd.state import IntakeState
+from webhookd.throttle import Throttle
 from webhookd.workers import WorkerPool
 
 log = logging.getLogger("webhookd.admin")
@@ -128,21 +129,33 @@ class Throughput:
         }
 
 
+async def _private(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer holds journal data (bodies, results) or the page that shows it: no cache
+    keeps a copy, and no browser reads a JSON answer as anything else."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 class Admin:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
         token = ctx.config.admin.token
-        self._token = f"Bearer {token.reveal()}".encode() if token else None
+        self._token = token.reveal().encode() if token else None
+        self._log_unexpected = Throttle(log, logging.ERROR, "unexpected errors")
 
-    @staticmethod
-    def _unexpected(request: web.Request) -> web.Response:
+    def _unexpected(self, request: web.Request) -> web.Response:
         error = sys.exception()
         if isinstance(error, JournalError):
             # An outage (PostgreSQL restarting, a failing disk) that a read met: logged once by
             # the journal, not once per request of a dashboard or a poller while it lasts.
             return json_error(503, str(error), _OUTAGE_RETRY_AFTER_S)
         # One record with the traceback, and a JSON answer like every other error of this API.
-        log.exception("unexpected error answering %s %r: 500", request.method, request.path[:200])
+        self._log_unexpected(
+            "unexpected error answering %s %r: 500",
+            request.method,
+            request.path[:200],
+            exc_info=True,
+        )
         return json_error(500, "internal error")
 
     def app(self) -> web.Application:
@@ -150,6 +163,7 @@ class Admin:
         # The JSON errors outermost, so what the guard passes on and a route then refuses
         # (no such path, wrong method) is JSON too.
         app = web.Application(middlewares=[json_errors(unexpected=self._unexpected), guard])
+        app.on_response_prepare.append(_private)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -176,8 +190,13 @@ class Admin:
         if self._token is not None and not (
             request.method == "GET" and request.path in ("/", "/healthz")
         ):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, self._token):
+            # "Bearer" in any case (RFC 9110 §11.1); a header's undecodable bytes come back as
+            # surrogates, which only a wrong token has.
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
+            if not (
+                hmac.compare_digest(given_bytes, self._token) and scheme.lower() == "bearer"
+            ):
                 return web.json_response(
                     {"error": "missing or wrong bearer token"},
                     status=401,
