@@ -97,6 +97,24 @@ def test_a_secret_that_slips_into_a_message_is_masked(restore_logging: None) -> 
         assert logs.MASK in out.getvalue()
 
 
+def test_a_secret_is_masked_in_the_escaped_forms_a_line_carries(restore_logging: None) -> None:
+    """A secret with a tab, a backslash or a quote in it (a ``file:`` one, say) no longer reads
+    as itself once a %r, JSON or the text format's escapes have been at it: masked anyway."""
+    secrets = ("pa\tss-word-1", "back\\slash-2", 'quo"te-3')
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        logs.setup("info", fmt, secrets=set(secrets), stream=out)
+        log = logging.getLogger("webhookd.test")
+        for secret in secrets:
+            log.warning("raw %s and repr %r", secret, secret)
+            log.warning("an error=%r", RuntimeError(f"wrong key {secret}"))
+        written = out.getvalue()
+        for secret in secrets:
+            for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]):
+                assert form not in written, (fmt, form, written)
+        assert written.count(logs.MASK) == 9, written
+
+
 def test_secrets_a_reload_adds_are_masked_beside_the_earlier_ones(restore_logging: None) -> None:
     for fmt in ("text", "json"):
         out = io.StringIO()

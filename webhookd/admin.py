@@ -93,7 +93,7 @@ class AdminContext:
     def reconfigure(self, config: Config) -> None:
         """A reload's config; every secret masked so far stays masked."""
         self.config = config
-        self.masker = Masker([*self.masker.secrets, *secret_values(config)])
+        self.masker = Masker([*self.masker.given, *secret_values(config)])
 
 
 class Throughput:
@@ -194,9 +194,7 @@ class Admin:
             # surrogates, which only a wrong token has.
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
-            if not (
-                hmac.compare_digest(given_bytes, self._token) and scheme.lower() == "bearer"
-            ):
+            if not (hmac.compare_digest(given_bytes, self._token) and scheme.lower() == "bearer"):
                 return web.json_response(
                     {"error": "missing or wrong bearer token"},
                     status=401,

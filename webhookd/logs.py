@@ -99,7 +99,7 @@ def set_format(fmt: str) -> None:
     for handler in logging.getLogger().handlers:
         old = handler.formatter
         if isinstance(old, _Masking):
-            handler.setFormatter(_formatter(fmt, old.masker.secrets))
+            handler.setFormatter(_formatter(fmt, old.masker.given))
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
@@ -108,7 +108,7 @@ def add_secrets(secrets: Iterable[str]) -> None:
     for handler in logging.getLogger().handlers:
         formatter = handler.formatter
         if isinstance(formatter, _Masking):
-            formatter.masker = Masker([*formatter.masker.secrets, *secrets])
+            formatter.masker = Masker([*formatter.masker.given, *secrets])
             formatter.mask = formatter.masker.text
 
 

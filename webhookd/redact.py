@@ -10,6 +10,7 @@ API can).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -97,8 +98,13 @@ class Masker:
     """Replaces known secret values with ``***`` in text and in JSON-shaped documents."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        kept = {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}
+        self.given = frozenset(kept)  # what a reload's masker starts from
+        # Each also as a log line may carry it: in a %r (a backslash or a quote escaped), in a
+        # JSON string, or shown printable (a tab as \t).
+        forms = {f for s in kept for f in (repr(s)[1:-1], json.dumps(s)[1:-1], printable(s))}
         # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len)[::-1]
+        self.secrets = sorted(kept | forms, key=len)[::-1]
 
     def text(self, text: str) -> str:
         for secret in self.secrets:
