@@ -518,6 +518,29 @@ async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(
     assert await journal.event_ids_with_jobs("dead", source="elsewhere") == []
 
 
+async def test_every_dead_event_is_listed_page_by_page_however_many(
+    journal: BaseJournal,
+) -> None:
+    """``replay --dead`` reads its events in pages past the last id: none is left out past a
+    page's end, and one replayed and dead again before the next page is not met twice."""
+    items = [new_event() for _ in range(5)]
+    for item in items:
+        await journal.ingest(item)
+    jobs = [item.jobs[0].id for item in items]
+    await journal.claim(jobs, "b")
+    await journal.finish([finished(j, JobState.DEAD, "dead", error="404") for j in jobs])
+    ids = sorted(item.event.id for item in items)
+    assert await journal.event_ids_with_jobs("dead", limit=2, after=ids[1]) == ids[2:4]
+    pages = []
+    async for page in journal.pages_of_event_ids_with_jobs("dead", None, None, page_size=2):
+        pages.append(page)
+        await journal.replay(page)  # and each dies again at once
+        again = [j.id for i in page for j in (await journal.get_event(i)).jobs]
+        await journal.claim(again, "b")
+        await journal.finish([finished(j, JobState.DEAD, "dead", error="404") for j in again])
+    assert pages == [ids[0:2], ids[2:4], ids[4:]]
+
+
 async def test_unclaim_returns_job_without_counting(journal: BaseJournal) -> None:
     """A job cancelled by a drain goes back to queued with its attempt not counted."""
     item, job_id, _ = await claimed_one(journal)

@@ -402,17 +402,18 @@ class Admin:
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
         journal = self.ctx.journal
-        done: dict[str, Replayed] = {}
+        events = requeued = 0
         try:
-            ids = await journal.event_ids_with_jobs("dead", source, None)
-            for start in range(0, len(ids), BULK_BATCH):
-                done |= await _replay_present(journal, ids[start : start + BULK_BATCH])
+            async for ids in journal.pages_of_event_ids_with_jobs("dead", source, None):
+                for start in range(0, len(ids), BULK_BATCH):
+                    done = await _replay_present(journal, ids[start : start + BULK_BATCH])
+                    events += len(done)
+                    requeued += sum(r.requeued for r in done.values())
+                    self.ctx.pool.poke()
         except JournalError as exc:
             return json_error(503, str(exc))
-        self.ctx.pool.poke()
-        requeued = sum(r.requeued for r in done.values())
         return web.json_response(
-            {"source": source, "events": len(done), "requeued": requeued}, status=202
+            {"source": source, "events": events, "requeued": requeued}, status=202
         )
 
 

@@ -350,7 +350,9 @@ def _bulk(
                     await journal.get_event(event_id)  # NotFound for a bad id
                 ids = list(event_ids)
             else:
-                ids = await journal.event_ids_with_jobs(*select)
+                ids = [
+                    i async for page in journal.pages_of_event_ids_with_jobs(*select) for i in page
+                ]
             out: dict[str, T] = {}
             if dry_run is not None:
                 return ids, out

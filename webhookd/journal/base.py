@@ -14,7 +14,15 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Generic, Literal, TypeVar
 
 from webhookd.clock import Clock
@@ -316,10 +324,26 @@ class BaseJournal(ABC):
         state: Literal["dead", "queued"],
         source: str | None = None,
         since: float | None = None,
-        limit: int = 100_000,
+        limit: int = 10_000,
+        after: str | None = None,
     ) -> list[str]:
         """Events with a job in ``state`` (what ``replay --dead`` and ``cancel --queued``
-        take), optionally of one source and received since a time, in id order."""
+        take), optionally of one source and received since a time, in id order: the first
+        ``limit`` of those past the id ``after``."""
+
+    async def pages_of_event_ids_with_jobs(
+        self,
+        state: Literal["dead", "queued"],
+        source: str | None,
+        since: float | None,
+        page_size: int = 10_000,
+    ) -> AsyncIterator[list[str]]:
+        """``event_ids_with_jobs``, all of them, a page at a time: a page replayed or cancelled
+        before the next is read is not met again, and one that dies again is not either."""
+        after = None
+        while page := await self.event_ids_with_jobs(state, source, since, page_size, after):
+            yield page
+            after = page[-1]
 
     @abstractmethod
     async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:

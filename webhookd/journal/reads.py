@@ -162,7 +162,8 @@ class Reads:
         state: Literal["dead", "queued"],
         source: str | None = None,
         since: float | None = None,
-        limit: int = 100_000,
+        limit: int = 10_000,
+        after: str | None = None,
     ) -> list[str]:
         # Read from the partial index that holds the jobs in that state, whose WHERE the
         # state's fixed clause states (``state`` is the jobs' column: events have none). Left
@@ -179,6 +180,9 @@ class Reads:
         if since is not None:
             sql += " AND e.received_at >= ?"
             args.append(since)
+        if after is not None:
+            sql += " AND j.event_id > ?"
+            args.append(after)
         sql += " ORDER BY j.event_id LIMIT ?"
         args.append(limit)
         rows = await fetch(self.reader, sql, args)

@@ -147,17 +147,20 @@ class PgReads:
         state: Literal["dead", "queued"],
         source: str | None = None,
         since: float | None = None,
-        limit: int = 100_000,
+        limit: int = 10_000,
+        after: str | None = None,
     ) -> list[str]:
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
             " WHERE j.state = $4 AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
+            " AND ($5::text IS NULL OR j.event_id > $5)"
             " ORDER BY j.event_id LIMIT $3",
             source,
             since,
             limit,
             state,
+            after,
         )
         return [r[0] for r in rows]
 
