@@ -9,7 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -22,10 +23,12 @@ from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
 from webhookd.actions.base import Outcome
-from webhookd.admin import _replay_present
+from webhookd.admin import Throughput, _replay_present
+from webhookd.clock import ManualClock
 from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
 from webhookd.models import new_job_id
+from webhookd.workers import WorkerPool
 
 EVENT_KEYS = {
     "id",
@@ -470,6 +473,19 @@ async def test_an_authorization_header_of_undecodable_bytes_is_a_401_not_a_bug(
         await conn.close()
     assert answer.status == 401 and set(answer.doc) == {"error"}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> None:
+    """A dashboard or a script polling ``/stats`` 100 times a second keeps a 60 s window."""
+    clock = ManualClock()
+    pool = cast(WorkerPool, SimpleNamespace(clock=clock, outcomes={"done": 0}))
+    throughput = Throughput(pool)
+    for _ in range(90 * 100):  # 90 s of polls, 10 ms apart, one webhook accepted per poll
+        clock.advance(0.01)
+        throughput.observe("shop", 202, 0.001)
+        rates = throughput.rates()
+    assert rates["window_s"] == pytest.approx(60, abs=1.1)
+    assert rates["accepted_per_s"] == pytest.approx(100, rel=0.02)
 
 
 async def test_every_admin_answer_is_kept_from_caches_and_sniffing(

@@ -99,8 +99,9 @@ class AdminContext:
 class Throughput:
     """Webhooks accepted and attempts finished per second over about the last minute.
 
-    An intake observer counts 2xx answers; each ``rates()`` call records a sample and measures
-    against the oldest sample of the last ``window_s`` (since the start before there is one).
+    An intake observer counts 2xx answers; a ``rates()`` call records a sample (one a second at
+    most) and measures against the oldest sample of the last ``window_s`` (since the start
+    before there is one).
     """
 
     def __init__(self, pool: WorkerPool, window_s: float = 60.0) -> None:
@@ -120,7 +121,10 @@ class Throughput:
         while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
         then, accepted0, finished0 = self._samples[0]
-        self._samples.append((now, self.accepted, finished))
+        # One sample a second at most: a client polling faster would otherwise fill the
+        # deque and shorten the window it measures over.
+        if now - self._samples[-1][0] >= self.window_s / 60:
+            self._samples.append((now, self.accepted, finished))
         span = max(now - then, 1e-9)
         return {
             "window_s": round(span, 1),
