@@ -403,8 +403,25 @@ GZIPPED = gzip.compress(PAYLOAD)
         (b"gzip", GZIPPED + b"garbage", "body is not valid gzip"),
         (b"bogus", PAYLOAD, "unsupported Content-Encoding 'bogus'"),
         (b"br", PAYLOAD, "unsupported Content-Encoding 'br'"),
+        # Each layer or member is undone on the event loop, before any signature is checked.
+        (
+            b"gzip, gzip, gzip",
+            gzip.compress(gzip.compress(GZIPPED)),
+            "more than 2 Content-Encodings",
+        ),
+        (b"gzip", gzip.compress(b"") * 16 + GZIPPED, "body has more than 16 gzip members"),
     ],
-    ids=["not-gzip", "half-gzip", "no-trailer", "bad-deflate", "trailing", "unknown", "br"],
+    ids=[
+        "not-gzip",
+        "half-gzip",
+        "no-trailer",
+        "bad-deflate",
+        "trailing",
+        "unknown",
+        "br",
+        "three-layers",
+        "17-members",
+    ],
 )
 async def test_bad_content_encoding_is_a_json_400_without_a_traceback(
     make_intake: StartIntake,

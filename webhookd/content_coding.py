@@ -23,12 +23,23 @@ class DecodeError(Exception):
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+# Gzip members one after another in one body: senders write one; thousands of empty ones
+# would only cost the event loop time, each before any signature is checked.
+_MAX_MEMBERS = 16
+# Codings stacked on one body ("gzip, gzip"): as rare, and a header of thousands of them
+# would have the loop inflate each layer in turn.
+_MAX_LAYERS = 2
+
+
 def decode(body: bytes, encoding: str, limit_bytes: int) -> bytes:
-    """``body`` with its Content-Encoding undone: 400 if malformed, truncated or unknown, 413 if
-    it inflates past ``limit_bytes`` (never inflating more than that: a bomb costs nothing)."""
-    codings = [c.strip().lower() for c in encoding.split(",")]
+    """``body`` with its Content-Encoding undone: 400 if malformed, truncated, unknown or
+    coded more than twice, 413 if it inflates past ``limit_bytes`` (never inflating more than
+    that: a bomb costs nothing)."""
+    codings = [c for c in (c.strip().lower() for c in encoding.split(",")) if c != "identity"]
+    if len(codings) > _MAX_LAYERS:  # each layer is undone on the event loop
+        raise DecodeError(400, f"more than {_MAX_LAYERS} Content-Encodings")
     for coding in reversed(codings):  # applied in the order listed, so undone in reverse
-        if coding in ("identity", ""):
+        if not coding:
             continue
         wbits = _WBITS.get(coding)
         if wbits is None:
@@ -43,6 +54,8 @@ def _inflate(data: bytes, coding: str, wbits: int, limit_bytes: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while data:  # gzip allows several members one after another
+        if len(parts) == _MAX_MEMBERS:
+            raise DecodeError(400, f"body has more than {_MAX_MEMBERS} {coding} members")
         inflater = zlib.decompressobj(wbits)
         try:
             part = inflater.decompress(data, limit_bytes + 1 - size)
