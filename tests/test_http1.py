@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -320,6 +321,108 @@ async def test_shutdown_answers_the_requests_in_flight_and_closes_the_idle(
     await idle.close()
     await busy.close()
     assert served.events() == 1
+
+
+def chunked_post(n: int, trailer: bytes = b"") -> bytes:
+    body = b'{"n": %d}' % n
+    head = b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailer)
+
+
+async def test_a_chunked_request_closes_its_connection_so_its_trailer_reaches_nothing(
+    start: Start,
+) -> None:
+    """aiohttp's C parser hands a chunked request's last trailer field to the next request on
+    the connection (a trailer ``X-GitHub-Delivery`` would make the next delivery a duplicate):
+    a chunked request's answer closes the connection."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(chunked_post(1, b"Content-Encoding: gzip\r\n") + post(2))
+    answer = await conn.answer()
+    assert answer.status == 202 and answer.headers["connection"] == "close", answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+    other = await RawConn.open(served.address)  # the next request, on a connection of its own
+    await other.send(post(2))
+    assert (await other.answer()).status == 202
+    await other.close()
+    assert served.events() == 2
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer(start: Start) -> None:
+    """``shutdown(SHUT_WR)`` after sending: the answer still comes (the event was stored, and
+    a provider that sees no answer retries), then the connection closes."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(post(1) + post(2))
+    conn.writer.write_eof()
+    assert [(await conn.answer()).status for _ in range(2)] == [202, 202]
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 2
+
+
+async def test_a_half_close_before_the_body_ends_is_a_400_at_once(start: Start) -> None:
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{")
+    conn.writer.write_eof()
+    answer = await conn.answer()
+    assert answer.status == 400 and answer.doc == {"error": "body could not be read"}
+    await conn.close()
+    assert served.events() == 0
+
+
+async def test_a_body_whose_chunk_framing_breaks_is_a_400_at_once(start: Start) -> None:
+    """A bad chunk size after the head: a 400 now, not a 408 after server.body_timeout_s."""
+    served = await start(server_config="body_timeout_s = 60")
+    conn = await RawConn.open(served.address)
+    head = b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    await conn.send(head + b"3\r\nabc\r\n")
+    await served.entered.wait()
+    await conn.send(b"zz\r\n")
+    async with asyncio.timeout(10):
+        answer = await conn.answer()
+    assert answer.status == 400, answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 0
+
+
+async def test_a_client_that_takes_no_answers_is_cut_off_and_read_no_further(
+    start: Start,
+) -> None:
+    """A client pipelining requests and reading none of the answers: once the socket's buffers
+    are full nothing more is read from it, and after server.body_timeout_s (the time a body
+    gets) without taking an answer the connection is cut, freeing its slot."""
+    served = await start(server_config="body_timeout_s = 0.5")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    host, _, port = served.address.rpartition(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    probe = b"GET /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n" * 500  # 405s, read by no one
+
+    def writes_paused() -> bool:
+        return any(c.writing_paused for c in served.server.connections)
+
+    async def stalled() -> bool:
+        if not writes_paused() and writer.transport.get_write_buffer_size() < 1 << 20:
+            writer.write(probe)
+        return writes_paused()
+
+    await poll(stalled, timeout_s=20)
+    [conn] = served.server.connections
+    assert conn.busy() and conn._buffer_paused  # it reads no more while its answers wait
+    paused_at = asyncio.get_running_loop().time()
+
+    async def cut() -> bool:
+        return not served.server.connections
+
+    await poll(cut, timeout_s=10)
+    assert asyncio.get_running_loop().time() - paused_at >= 0.4
+    writer.transport.abort()
 
 
 async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(

@@ -14,7 +14,11 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
 - a connection closed after ``keepalive_timeout`` without a complete request head (idle between
   requests, or a head that never ends), after an answer sent before its body was read, after
   ``Connection: close`` or an HTTP/1.0 request without keep-alive, and after an upgrade request;
-- a malformed request answered with a JSON 400 (431 for too many headers) in one INFO line
+- a client that stops reading its answers: nothing more is read from it, and once it has
+  taken none for ``send_timeout_s`` the connection is cut;
+- a half-closed connection (the client shut its sending side) gets its answers, then closes;
+  a chunked request's connection closes after its answer;
+- a malformed request answered with a JSON 400 in one INFO line
   naming the client and the parser's reason, never the bytes; then the connection closes;
 - ``HEAD`` answered as the ``GET`` it stands for (the handler sees a GET), without the body;
 - a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
@@ -275,6 +279,40 @@ class _Connection(BaseProtocol):
             self.request_parser.feed_eof()
         self._wake()
 
+    def eof_received(self) -> bool:
+        """The client has sent all it will (a half-close, ``shutdown(SHUT_WR)``): answer what
+        it sent, then close. A body it left unfinished ends with an error."""
+        self._closing = True
+        cut = ConnectionResetError("the client closed its side before the body ended")
+        self._fail_bodies(cut)
+        if self._task is None and not self._queue:
+            self.close()
+        self._wake()
+        return True  # keep the transport open for the answers
+
+    def pause_writing(self) -> None:
+        # A client that does not read its answers: read nothing more from it (no more parsed
+        # requests to hold) until it does.
+        super().pause_writing()
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._buffer_paused and not self._broken and len(self._queue) < _QUEUE_MAX:
+            self.data_received(b"")  # what the parser held back
+            if len(self._queue) < _QUEUE_MAX and not self._paused:
+                self._resume_reading_for_buffer()
+
+    def _fail_bodies(self, exc: BaseException) -> None:
+        """End every body still being read (the one being answered, those queued) with ``exc``."""
+        bodies = [item[1] for item in self._queue if not isinstance(item, HttpProcessingError)]
+        if self._current is not None:
+            bodies.append(self._current)
+        for body in bodies:
+            if not body.is_eof():
+                body.set_exception(exc)
+
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
@@ -284,6 +322,9 @@ class _Connection(BaseProtocol):
             self._queue.append(exc)
             self._broken = self._closing = True  # nothing after it can be trusted
             self._pause_transport_reading()
+            # A body's framing broke after its head (a bad chunk size): its reader fails now
+            # (a 400) instead of waiting out server.body_timeout_s for bytes that cannot come.
+            self._fail_bodies(web.RequestPayloadError(f"malformed body: {exc.message}"))
             self._start()
             return
         if messages and self._closing:  # closing: bodies in progress are read, no new request
@@ -357,6 +398,9 @@ class _Connection(BaseProtocol):
             and not message.upgrade  # no other protocol is spoken here
             and not server.closing
             and payload.is_eof()  # an unread body leaves the stream out of step
+            # aiohttp's C parser hands a chunked request's last trailer field on to the next
+            # request's headers: a connection does not outlive a chunked request.
+            and not message.chunked
             and not (isinstance(answer, web.Response) and answer.keep_alive is False)
             and not (self._closing and not self._queue)
         )
@@ -369,13 +413,20 @@ class _Connection(BaseProtocol):
             self.close()
             return False
         self.request_parser.message_consumed()
-        if self._buffer_paused and len(self._queue) <= _QUEUE_RESUME:
+        if self._buffer_paused and not self._paused and len(self._queue) <= _QUEUE_RESUME:
             self.data_received(b"")  # what the parser held back
             if len(self._queue) < _QUEUE_MAX:
                 self._resume_reading_for_buffer()
-        if self._paused:  # the client reads slowly: wait for the socket to drain
-            with contextlib.suppress(ConnectionError):
-                await self._drain_helper()
+        if self._paused:  # the client reads slowly: wait for the socket to drain, a while
+            try:
+                async with asyncio.timeout(server.send_timeout_s):
+                    await self._drain_helper()
+            except ConnectionError:
+                pass
+            except TimeoutError:  # it takes no answers: its slot and buffers go to others
+                if self.transport is not None:
+                    self.transport.abort()
+                return False
         return True
 
     def _refuse(self, exc: HttpProcessingError) -> None:
@@ -418,6 +469,7 @@ class Http1Server:
         *,
         shutdown_timeout_s: float = 10.0,
         keepalive_timeout: float = 75.0,
+        send_timeout_s: float = 10.0,
         max_line_size: int = 8190,
         max_field_size: int = 8190,
         max_headers: int = 100,
@@ -439,6 +491,9 @@ class Http1Server:
         self.log_malformed = Throttle(log, logging.INFO, "malformed requests refused")
         self.shutdown_timeout_s = shutdown_timeout_s
         self.keepalive_timeout = keepalive_timeout
+        # A client that has not taken an answer this long after the socket's buffers filled
+        # is cut off: else it holds a connection slot, and what it sent, for ever.
+        self.send_timeout_s = send_timeout_s
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
