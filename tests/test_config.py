@@ -132,6 +132,8 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             'prompt = "p"\nmax_tokens = 10\ntemperature = nan',
             "sources.a.actions[0].temperature",
         ),
+        ('[journal]\npath = ""', "journal.path"),  # read as ".", the working directory
+        ('[journal]\npath = "/"', "journal.path"),  # a folder, not the journal's file
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],
@@ -430,6 +432,29 @@ def test_check_and_serve_refuse_a_bad_config_in_one_line_naming_the_key(
     path = tmp_path / "webhookd.toml"
     path.write_text(text, encoding="utf-8")
     result = CliRunner().invoke(main, [verb, "--config", str(path)])
+    assert (result.exit_code, result.output) == (2, f"webhookd: error: {line}\n")
+
+
+@pytest.mark.parametrize("verb", ["check", "serve", "events"])
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        (["--config", ""], None, "--config: is empty: name a config file"),
+        ([], "", "WEBHOOKD_CONFIG: is set but empty: name a config file"),
+    ],
+    ids=["flag", "variable"],
+)
+def test_an_empty_config_path_is_an_error_not_the_open_default(
+    verb: str, args: list[str], env: str | None, line: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config "$CFG"`` with CFG unset must not fall back to the embedded default, whose
+    catch-all takes any unsigned webhook."""
+    monkeypatch.setattr(app, "run", lambda cfg: 99)
+    if env is None:
+        monkeypatch.delenv("WEBHOOKD_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("WEBHOOKD_CONFIG", env)
+    result = CliRunner().invoke(main, [verb, *args])
     assert (result.exit_code, result.output) == (2, f"webhookd: error: {line}\n")
 
 

@@ -185,6 +185,21 @@ async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: P
         os.umask(old_umask)
 
 
+async def test_a_journal_path_naming_a_folder_or_under_a_file_is_refused_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    """A path that names a folder (the file name forgotten) is refused before anything is done
+    to it: its mode stays as it was, not 0600. One under a file says why, in one line."""
+    folder = tmp_path / "lib"
+    folder.mkdir(mode=0o755)
+    with pytest.raises(JournalError, match="it is a folder, not a file"):
+        await Journal(folder).open()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    (tmp_path / "body.json").write_text("{}")
+    with pytest.raises(JournalError, match="Not a directory"):
+        await Journal(tmp_path / "body.json" / "j.db").open()
+
+
 async def test_a_cli_journal_closing_beside_a_long_read_does_not_hold_up_the_daemons_commits(
     tmp_path: Path,
 ) -> None:

@@ -62,7 +62,16 @@ def _load(path: str | None, *, secrets: bool = True) -> config_mod.Config:
 
 
 def _config_path(path: str | None) -> str | None:
-    return path or os.environ.get("WEBHOOKD_CONFIG") or None
+    """``--config``, else ``WEBHOOKD_CONFIG``, else None (the embedded default). An empty one
+    (``--config "$CFG"`` with the variable unset) is an error: read as "not given", it would
+    run the default, which takes any unsigned webhook."""
+    if path is None:
+        path = os.environ.get("WEBHOOKD_CONFIG")
+        if path == "":
+            raise ConfigError("WEBHOOKD_CONFIG", "is set but empty: name a config file")
+    elif path == "":
+        raise ConfigError("--config", "is empty: name a config file")
+    return path
 
 
 def _config(path: str | None, *, secrets: bool = True) -> config_mod.Config:
@@ -184,7 +193,10 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     next restart)."""
     from webhookd import app, logs
 
-    path = _config_path(config_path)
+    try:
+        path = _config_path(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
     cfg = _load(path)
     logs.setup(
         log_level or cfg.log.level,

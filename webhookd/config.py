@@ -1042,8 +1042,14 @@ def parse(
     j = root.table("journal")
     if j.has("path") and j.has("url"):
         raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
+    if j.has("path") and not j.raw("path"):  # "" would be read as the working directory
+        raise ConfigError(j.path("path"), "must name the journal's file (like ./webhookd.db)")
     journal = j.read(JournalConfig())
     j.finish()
+    if journal.url is None and journal.path.is_dir():
+        raise ConfigError(
+            j.path("path"), f"{str(journal.path)!r} is a folder: name the journal's file in it"
+        )
     if journal.url is not None and not journal.url.missing:
         check_journal_url(journal.url, j.path("url"))
     if journal.listen_url is not None:

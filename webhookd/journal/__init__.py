@@ -31,6 +31,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -175,7 +176,9 @@ def _owner_only(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(FileNotFoundError, PermissionError):
-            if name.stat().st_mode & 0o077:
+            mode = name.stat().st_mode
+            # A file only: a folder (a path that names one by mistake) is never touched.
+            if stat.S_ISREG(mode) and mode & 0o077:
                 name.chmod(0o600)
 
 
@@ -343,9 +346,16 @@ class Journal(Reads, BaseJournal):
         await self.close()
 
     async def open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        _owner_only(self.path)
+        if self.path.is_dir():
+            raise JournalError(f"cannot open journal {self.path}: it is a folder, not a file")
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            _owner_only(self.path)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"
+            ) from None
         if self.serving:
             self._lock_fd = _take_serve_lock(self.path)
         self._thread = _OwnThread("webhookd-journal")
