@@ -139,6 +139,26 @@ def test_send_names_the_dotted_key_of_a_malformed_whsec_secret(tmp_path: Path) -
     )
 
 
+def test_send_needs_only_its_own_sources_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another source's unset variable (or the admin token's) does not stop a test of this
+    one; this one's unset variable is named."""
+    monkeypatch.delenv("SEND_TEST_UNSET", raising=False)
+    path = tmp_path / "webhookd.toml"
+    others = (
+        '[sources.shop]\nverify = { scheme = "shopify", secret = "env:SEND_TEST_UNSET" }\n'
+        '[sources.gh2]\nverify = { scheme = "github", secret = "env:SEND_TEST_UNSET" }\n'
+    )
+    path.write_text(cfg_text(extra=others))
+    url = f"http://127.0.0.1:{_free_port()}/hooks/gh"  # nothing listens: the post fails (exit 1)
+    result = CliRunner().invoke(main, ["send", "gh", "--url", url, "--config", str(path)])
+    assert (result.exit_code, "could not post" in result.output) == (1, True), result.output
+    result = CliRunner().invoke(main, ["send", "gh2", "--url", url, "--config", str(path)])
+    assert result.exit_code == 2
+    assert "sources.gh2.verify.secret" in result.output and "SEND_TEST_UNSET" in result.output
+
+
 @pytest.mark.parametrize("name", ["a b", ".x", "a%00", "*"])
 def test_send_refuses_a_name_no_source_can_have(tmp_path: Path, name: str) -> None:
     """A name outside [A-Za-z0-9._-]{1,64} is exit 2 naming it, even beside a catch-all."""

@@ -883,7 +883,9 @@ def send(
 
     from webhookd import send as send_mod
 
-    cfg = _load(config_path)
+    # Only SOURCE's secret is needed: another source's (or the admin token's) variable may be
+    # unset where a developer tries one provider. A missing one of SOURCE's is named on use.
+    cfg = _read_config(config_path)
     try:
         src = send_mod.resolve(cfg, source)
         delivery = send_mod.build(
