@@ -187,6 +187,14 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert out.output == (
         f"webhookd: error: cannot back up {journal} to {nowhere}: No such file or directory\n"
     )
+    # "DEST/" names a folder: one that does not exist is an error, never a file of that name.
+    slash = f"{tmp_path / 'not-made-yet'}/"
+    out = await cli("backup", slash, "--config", str(config))
+    assert (out.exit_code, out.output) == (
+        2,
+        f"webhookd: error: no folder {slash}: make it first\n",
+    )
+    assert not (tmp_path / "not-made-yet").exists()
     taken = tmp_path / "taken.db"
     taken.write_bytes(b"keep me")
     exists = await cli("backup", str(taken), "--config", str(config))

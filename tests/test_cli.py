@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import Running, Target, fresh_database
 from ops_support import (
     TOKEN_ENV,
@@ -32,6 +34,7 @@ from test_journal_contract import finished, new_event
 
 from webhookd import actions
 from webhookd import config as config_mod
+from webhookd.cli import main
 from webhookd.clock import ManualClock
 from webhookd.journal import Finished, Journal
 from webhookd.models import JobState
@@ -465,6 +468,43 @@ async def test_replay_that_finds_an_event_pruned_meanwhile_says_how_far_it_got(
     assert out.exit_code == 1
     assert f"no event {ids[220]} (pruned meanwhile): the first 200 of 250 event(s)" in out.output
     assert len(await _dead_ids(config)) == 749 - 200
+
+
+def test_ctrl_c_in_a_bulk_replay_says_how_far_it_got_and_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT while the second batch is written: the batches before it are replayed, that
+    one perhaps (each commits whole), none after; said on stderr, and the exit is 130."""
+    config = asyncio.run(bulk_journal(tmp_path))
+    replay = Journal.replay
+    batches = 0
+
+    async def interrupted_in_the_second_batch(self: Journal, event_ids: list[str]) -> Any:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C: asyncio.run cancels the command
+        return await replay(self, event_ids)
+
+    monkeypatch.setattr(Journal, "replay", interrupted_in_the_second_batch)
+    args = ["replay", "--dead", "--source", "shop", "--config", str(config)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == (
+        "interrupted: the first 200 of 450 event(s) were replayed, perhaps the 200 after"
+        " them, none after that"
+    )
+    assert batches == 2
+    left = asyncio.run(_dead_ids(config))
+    assert len(left) in (450 - 200 + 300, 450 - 400 + 300)  # the second batch, or not
+
+
+async def test_an_id_given_twice_is_replayed_once_and_counted_once(tmp_path: Path) -> None:
+    config = await bulk_journal(tmp_path)
+    [first, *_] = await _dead_ids(config)
+    out = await cli("replay", first, first, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.output == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
 
 
 @pytest.mark.subprocess

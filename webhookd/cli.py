@@ -94,6 +94,8 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(130)  # as a shell reports a command ended by SIGINT
     except NotFound as exc:
         _fail(f"no event {exc}", 1)
     except ConfigError as exc:
@@ -358,9 +360,9 @@ def _bulk(
     async def go() -> tuple[list[str], dict[str, T]]:
         async with _journal(cfg) as journal:
             if event_ids:
-                for event_id in event_ids:
+                ids = list(dict.fromkeys(event_ids))  # an id given twice is one event
+                for event_id in ids:
                     await journal.get_event(event_id)  # NotFound for a bad id
-                ids = list(event_ids)
             else:
                 ids = [
                     i async for page in journal.pages_of_event_ids_with_jobs(*select) for i in page
@@ -378,6 +380,13 @@ def _bulk(
                             f"no event {exc} (pruned meanwhile): the first {start} of"
                             f" {len(ids)} event(s) were {verb[1]}, none after"
                         ) from None
+                    except asyncio.CancelledError:  # Ctrl-C: each batch commits whole
+                        click.echo(
+                            f"\ninterrupted: the first {start} of {len(ids)} event(s) were"
+                            f" {verb[1]}, perhaps the {len(batch)} after them, none after that",
+                            err=True,
+                        )
+                        raise
                     bar.update(len(batch))
             return ids, out
 
@@ -769,14 +778,14 @@ def prune(config_path: str | None) -> None:
 
 
 @main.command()
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path())
 @click.option(
     "--keep",
     type=click.IntRange(min=1),
     help="With a folder as DEST: then delete all but the newest N dated backups in it.",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
+def backup(dest: str, keep: int | None, config_path: str | None) -> None:
     """Copy the journal as of one moment to DEST, a new file, while the daemon runs or not.
 
     DEST may be a folder: the copy is then named for the journal and the time,
@@ -788,11 +797,14 @@ def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set: back up a PostgreSQL journal with pg_dump", 2)
-    folder = dest if dest.is_dir() else None
+    if dest.endswith(os.sep) and not os.path.isdir(dest):  # meant as a folder: never a file
+        _fail(f"no folder {dest}: make it first", 2)
+    target = Path(dest)
+    folder = target if target.is_dir() else None
     if keep is not None and folder is None:
         _fail(f"--keep takes a folder as DEST, and {dest} is not one", 2)
     if folder is not None:
-        dest = copies.dated(folder, cfg.journal.path, time.time())
+        target = copies.dated(folder, cfg.journal.path, time.time())
     try:
         with _progress(1, "backing up (MB)") as bar:
 
@@ -800,20 +812,20 @@ def backup(dest: Path, keep: int | None, config_path: str | None) -> None:
                 bar.length = max(1, math.ceil(size / 1e6))
                 bar.update(math.ceil(done / 1e6) - bar.pos)
 
-            made = copies.backup(cfg.journal.path, dest, on_step=step)
+            made = copies.backup(cfg.journal.path, target, on_step=step)
     except copies.DestinationExists as exc:
         _fail(str(exc), 2)
     except JournalError as exc:
         _fail(str(exc), 1)
     _said_swept(made)
     click.echo(
-        f"backed up {cfg.journal.path} to {dest}: {made.events:,} event(s), newest received"
+        f"backed up {cfg.journal.path} to {target}: {made.events:,} event(s), newest received"
         f" {_when(made.latest)}, {copies.megabytes(made.size)}, in {made.seconds:.1f} s"
     )
     if folder is None or keep is None:
         return
     try:
-        gone = copies.rotate(folder, cfg.journal.path, keep, dest)
+        gone = copies.rotate(folder, cfg.journal.path, keep, target)
     except OSError as exc:
         _fail(f"cannot delete older backups in {folder}: {exc.strerror or exc}", 1)
     if gone:
