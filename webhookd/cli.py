@@ -404,7 +404,11 @@ def _bulk(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--dead", is_flag=True, help="Replay every event that has a dead job.")
 @click.option("--source", help="With --dead: only this source.")
-@click.option("--since", help="With --dead: only events received since (30m, 2h, 7d, ISO time).")
+@click.option(
+    "--since",
+    help="With --dead: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
+    " it says).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
     event_ids: tuple[str, ...],
@@ -443,7 +447,11 @@ def replay(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--queued", is_flag=True, help="Cancel every event that has a queued job.")
 @click.option("--source", help="With --queued: only this source.")
-@click.option("--since", help="With --queued: only events received since (30m, 2h, 7d, ISO time).")
+@click.option(
+    "--since",
+    help="With --queued: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
+    " it says).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
 def cancel(
     event_ids: tuple[str, ...],
@@ -493,14 +501,22 @@ def _bulk_filters(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--state", type=click.Choice(EVENT_STATES), help="Only events in this state.")
 @click.option("--source", help="Only events of this source.")
-@click.option("--since", help="Only events received since (30m, 2h, 7d, ISO time).")
+@click.option(
+    "--since", help="Only events received since (30m, 2h, 7d, or an ISO time, UTC unless it says)."
+)
 @click.option(
     "--contains",
     help="Only events whose body holds this text (an order id, an email): a scan of the"
     " bodies, newest first, in this process (not the daemon's); --since and --source make it"
     " shorter.",
 )
-@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=50,
+    show_default=True,
+    help="At most this many events, newest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events(
     config_path: str | None,
