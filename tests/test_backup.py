@@ -326,6 +326,55 @@ copies.backup(Path(sys.argv[1]), Path(sys.argv[2]), step_pages=1,
 """
 
 
+# Commits left in the -wal, never checkpointed, as a daemon killed with kill -9 leaves them.
+LEFT_IN_THE_WAL = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA wal_autocheckpoint = 0")
+conn.execute("UPDATE events SET source = 'only-in-the-wal'")
+os._exit(0)
+"""
+
+
+def left_in_the_wal(journal: Path, crashed: Path) -> None:
+    """``crashed``: a copy of ``journal`` with a change only its ``-wal`` holds."""
+    crashed.write_bytes(journal.read_bytes())
+    subprocess.run([sys.executable, "-c", LEFT_IN_THE_WAL, str(crashed)], check=True)
+
+
+async def test_a_journal_moved_aside_is_restored_with_the_commits_in_its_wal(
+    tmp_path: Path,
+) -> None:
+    """Undoing a restore (putting back the ``.replaced-...`` journal, whose ``-wal`` came with
+    it) or restoring any journal with a ``-wal`` keeps the commits only that ``-wal`` holds;
+    the file and its ``-wal`` are left as they were. Two restores in one second each keep
+    what they moved aside under a name of its own."""
+    journal = tmp_path / "webhookd.db"
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    async with Journal(journal) as j:
+        for _ in range(3):
+            await j.ingest(new_event())
+    crashed = tmp_path / "crashed.db"
+    wal = Path(f"{crashed}-wal")
+    await asyncio.to_thread(left_in_the_wal, journal, crashed)
+    wal_before = read(wal)
+    assert wal_before
+
+    first = await cli("restore", str(crashed), "--config", str(config))
+    second = await cli("restore", str(crashed), "--config", str(config))
+    assert (first.exit_code, second.exit_code) == (0, 0), first.output + second.output
+    with contextlib.closing(sqlite3.connect(journal)) as conn:
+        assert conn.execute("SELECT DISTINCT source FROM events").fetchall() == [
+            ("only-in-the-wal",)
+        ]
+    assert read(wal) == wal_before
+    asides = [
+        Path(out.output.split("the journal it replaced is now ")[1].strip())
+        for out in (first, second)
+    ]
+    assert asides[0] != asides[1] and all(a.is_file() for a in asides)
+
+
 async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:
     """A backup killed midway leaves its temporary copy (and SQLite's ``-journal`` of it),
     hidden, as large as the journal: the next backup or restore in that folder deletes them,

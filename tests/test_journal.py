@@ -38,6 +38,7 @@ from webhookd.journal import (
     NewJob,
     PolledCounts,
     Replayed,
+    _take_serve_lock,
 )
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
@@ -116,6 +117,50 @@ async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_t
     assert len(upgrades) == 2
     assert f"{path}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
     assert re.search(rf"{path}: schema upgraded to version {latest} in \d+\.\d s", upgrades[1])
+
+
+def journal_of_the_version_before(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        add_functions(conn)
+        for migration in MIGRATIONS[:-1]:
+            conn.executescript(migration)
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        conn.commit()
+
+
+async def test_a_cli_journal_upgrades_no_schema_under_a_running_daemon(tmp_path: Path) -> None:
+    """After an upgrade, a CLI verb run before the daemon's restart would change the tables
+    under the older daemon, which would then fail every write: it is refused, saying to
+    restart the daemon, and the schema is left as it was. With no daemon running, the CLI
+    upgrades it (holding the daemon's lock meanwhile)."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path)
+    daemon = _take_serve_lock(path)  # an older `webhookd serve` running on it
+    try:
+        with pytest.raises(JournalError, match="restart the daemon with this webhookd"):
+            await Journal(path).open()
+    finally:
+        os.close(daemon)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
+    async with Journal(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_second_daemon_through_a_symlink_meets_the_first_ones_lock(
+    tmp_path: Path,
+) -> None:
+    """The lock is taken beside the file itself: a daemon reaching the journal by another
+    path would otherwise recover the first one's running jobs as an earlier boot's."""
+    real = tmp_path / "real" / "j.db"
+    real.parent.mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    async with Journal(real, serving=True):
+        with pytest.raises(JournalError, match="in use by another webhookd serve"):
+            await Journal(link, serving=True).open()
 
 
 async def test_sqlite_dedup_keys_of_a_journal_from_before_digests_still_hold(

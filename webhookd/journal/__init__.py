@@ -182,6 +182,12 @@ def _owner_only(path: Path) -> None:
                 name.chmod(0o600)
 
 
+def serve_lock_file(path: Path) -> Path:
+    """The daemon's lock file: beside the journal file itself, so that a second daemon reaching
+    it through a symlink takes the same lock."""
+    return Path(f"{os.path.realpath(path)}-lock")
+
+
 def _take_serve_lock(
     path: Path,
     why: str = "one daemon per SQLite journal (several nodes share a PostgreSQL one)",
@@ -196,8 +202,7 @@ def _take_serve_lock(
     file of its own: SQLite's POSIX locks on the journal are dropped by closing any descriptor
     of that file in the process, so the journal itself is never opened for this.
     """
-    lock_path = Path(f"{path}-lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(serve_lock_file(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -523,6 +528,27 @@ class Journal(Reads, BaseJournal):
                 f"{self.path} has schema version {version}, newer than this webhookd "
                 f"understands ({len(MIGRATIONS)}); upgrade webhookd"
             )
+        if version == len(MIGRATIONS):
+            return
+        lock = None
+        if not self.serving and version > 0:
+            # A CLI verb finding an older schema: a daemon of the older webhookd may be running
+            # on it, and would fail every write once its tables changed under it. Upgraded only
+            # with no daemon there, holding the daemon's lock meanwhile. (A new file has none:
+            # a daemon makes its tables before it serves.)
+            lock = _take_serve_lock(
+                self.path,
+                f"its schema is version {version}, this webhookd's is {len(MIGRATIONS)}:"
+                " restart the daemon with this webhookd (it upgrades the journal as it starts),"
+                " then run this again",
+            )
+        try:
+            self._upgrade(conn, version)
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
         with migrating(self.location, version, len(MIGRATIONS)):
             for target in range(version, len(MIGRATIONS)):
 

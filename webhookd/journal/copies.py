@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webhookd.errors import JournalError
-from webhookd.journal import _BUSY_TIMEOUT_MS, WAL_SIZE_LIMIT_BYTES, _take_serve_lock
+from webhookd.journal import (
+    _BUSY_TIMEOUT_MS,
+    WAL_SIZE_LIMIT_BYTES,
+    _take_serve_lock,
+    serve_lock_file,
+)
 from webhookd.journal.schema import MIGRATIONS
 
 # A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
@@ -186,10 +191,10 @@ def _restore(copy: Path, journal: Path) -> Copy:
     swept = sweep(journal.parent)
     partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
-        _give(Path(f"{journal}-lock"), owner)
+        _give(serve_lock_file(journal), owner)
         _give(partial, owner)
-        shutil.copyfile(copy, partial)  # into the 0600 file: its mode and owner stay
         try:
+            _copy_whole(copy, partial)  # into the 0600 file: its mode and owner stay
             events, latest = _check(partial)
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
@@ -203,6 +208,26 @@ def _restore(copy: Path, journal: Path) -> Copy:
         os.close(lock)
     size = journal.stat().st_size
     return Copy(journal, size, events, latest, time.monotonic() - started, replaced, swept)
+
+
+def _copy_whole(copy: Path, into: Path) -> None:
+    """The backup's bytes into ``into``; or, when a ``-wal`` beside it holds commits (a journal
+    an earlier restore moved aside, put back), the database SQLite reads through both, as one
+    self-contained file: copied alone, the file would lose them without a word."""
+    wal = Path(f"{copy}-wal")
+    if not (wal.is_file() and wal.stat().st_size > 0):
+        shutil.copyfile(copy, into)
+        return
+    source = sqlite3.connect(f"{copy.resolve().as_uri()}?mode=ro", uri=True)  # its WAL stays
+    try:
+        target = sqlite3.connect(into, isolation_level=None)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")  # as a backup's: the daemon turns WAL on
+        finally:
+            target.close()
+    finally:
+        source.close()
 
 
 def sweep(folder: Path) -> tuple[Path, ...]:
@@ -244,7 +269,7 @@ def _running(pid: int) -> bool:
 def _owner(journal: Path) -> os.stat_result:
     """Whose the restored journal is to be: the daemon's, as the journal it replaces says (or
     its lock file, or on a fresh box its folder). Read before the restore creates anything."""
-    for path in (journal, Path(f"{journal}-lock")):
+    for path in (journal, serve_lock_file(journal)):
         with contextlib.suppress(FileNotFoundError):
             return path.stat()
     return journal.parent.stat()
@@ -306,6 +331,12 @@ def _move_aside(journal: Path) -> Path | None:
     """
     stamp = time.strftime(_STAMP, time.gmtime())
     aside = journal.with_name(f"{journal.name}.replaced-{stamp}")
+    n = 1
+    # A name no file of the three has yet: a second restore within the second must not
+    # replace what the first moved aside (os.replace would, without a word).
+    while any(os.path.lexists(f"{aside}{suffix}") for suffix in ("-wal", "-shm", "")):
+        n += 1
+        aside = journal.with_name(f"{journal.name}.replaced-{stamp}-{n}")
     moved = None
     for suffix in ("-wal", "-shm", ""):
         with contextlib.suppress(FileNotFoundError):
