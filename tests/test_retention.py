@@ -9,7 +9,14 @@ from typing import Any
 from ops_support import ingest
 
 from webhookd.clock import ManualClock
-from webhookd.journal import Finished, Journal, Pruned
+from webhookd.journal import (
+    VACUUM_PAGES_MAX,
+    VACUUM_PAGES_MIN,
+    Finished,
+    Journal,
+    Pruned,
+    vacuum_pages,
+)
 from webhookd.models import JobState
 from webhookd.retention import prune_all
 
@@ -147,3 +154,19 @@ async def test_a_replayed_event_is_not_pruned_under_it(tmp_path: Path) -> None:
         events, _ = await prune_all(journal, **KEEP)
         assert events == 2
         assert (await journal.get_event(dead[0])).state == "queued"
+
+
+def test_an_incremental_vacuum_takes_as_many_pages_as_fit_in_its_time() -> None:
+    """Its cost per page grows with the free list (seconds per 1,000 pages after a prune of a
+    million events): past its 50 ms the next call takes half as many pages, down to a floor;
+    well under it, twice as many, up to the 1,000 of a steady day."""
+    pages = VACUUM_PAGES_MAX
+    seen = []
+    for _ in range(10):
+        pages = vacuum_pages(pages, 2.9)
+        seen.append(pages)
+    assert seen[:3] == [500, 250, 125] and pages == VACUUM_PAGES_MIN
+    assert vacuum_pages(100, 0.03) == 100  # within its time: as it was
+    for _ in range(10):
+        pages = vacuum_pages(pages, 0.001)
+    assert pages == VACUUM_PAGES_MAX
