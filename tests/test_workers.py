@@ -117,6 +117,92 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
         assert max(samples) - min(samples) > ceiling / 4  # jittered, not constant
 
 
+def test_backoff_past_any_float_is_the_cap() -> None:
+    """Thousands of attempts ("every minute for days"): base·factor^n overflows a float, and
+    the wait is the cap, not an OverflowError that would leave the job running for ever."""
+    policy = RetryPolicy(max_attempts=5000, base_s=10.0, factor=3.0, cap_s=60.0)
+    assert backoff_s(policy, 4000, lambda: 1.0) == 60.0
+
+
+def test_retry_and_reject_take_their_reason_as_text_and_after_s_as_a_number() -> None:
+    """A handler's mistake shows in its own traceback, as a retry saying so."""
+    assert webhookd.Retry(503).reason == "503"  # type: ignore[arg-type]
+    assert webhookd.Reject(ValueError("bad")).reason == "bad"  # type: ignore[arg-type]
+    for wrong in ("30", True, [30]):
+        with pytest.raises(TypeError, match="takes seconds as a number"):
+            webhookd.Retry("later", after_s=wrong)  # type: ignore[arg-type]
+
+
+class RaisesUndecodable:
+    """A handler's error with a byte kept by surrogateescape: no journal stores it as is."""
+
+    def __init__(self, action: Action) -> None:
+        self.config = action.config
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        raise ValueError(b"bad \xff byte".decode("utf-8", "surrogateescape"))
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_error_text_no_journal_can_store_is_recorded_escaped(make_rig: MakeRig) -> None:
+    """Its outcome used to be retried as a journal outage for ever, the job left running."""
+    rig = await make_rig('[sources.h]\n[[sources.h.actions]]\ntype = "log"\n')
+    rig.actions[("h", "log")] = RaisesUndecodable(rig.actions[("h", "log")])
+    event_id = await rig.ingest("h")
+    async with asyncio.timeout(10):
+        await rig.pool.run_until_idle()
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.last_error == "ValueError: bad \\udcff byte"
+
+
+class Held:
+    """An action whose attempts wait until ``release`` is set."""
+
+    def __init__(self, action: Action, release: asyncio.Event, started: asyncio.Event) -> None:
+        self.config = action.config
+        self.release = release
+        self.started = started
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.started.set()
+        await self.release.wait()
+        return Outcome.done({})
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_reload_that_gives_a_running_jobs_source_its_own_config_frees_its_cap(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    """A catch-all job counted under '*' (concurrency 1) is uncounted under '*' when it ends,
+    even if a reload meanwhile gave its source name a config of its own: else the catch-all's
+    cap stayed taken and none of its jobs ran again until a restart."""
+    catch_all = (
+        '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\nname = "a"\nconcurrency = 1\n'
+    )
+    rig = await make_rig(catch_all)
+    release, started = asyncio.Event(), asyncio.Event()
+    rig.actions[("*", "a")] = Held(rig.actions[("*", "a")], release, started)
+    item = NewEvent(new_event("foo", rig.clock.time(), b"{}"), jobs_for(rig.cfg.sources["*"]))
+    await rig.journal.ingest(item)
+    running = asyncio.create_task(rig.pool.run_until_idle())
+    await started.wait()
+    own = make_config(
+        tmp_path, catch_all + '[sources.foo]\n[[sources.foo.actions]]\ntype = "log"\n'
+    )
+    rig.pool.reconfigure(own, {**rig.actions, ("foo", "log"): rig.actions[("*", "a")]})
+    release.set()
+    await running
+    later = NewEvent(new_event("bar", rig.clock.time(), b"{}"), jobs_for(rig.cfg.sources["*"]))
+    await rig.journal.ingest(later)
+    await rig.pool.run_until_idle()
+    assert [j.state for j in (await rig.journal.get_event(later.event.id)).jobs] == [JobState.DONE]
+
+
 async def test_failing_target_is_retried_on_the_backoff_schedule_then_dead(
     target: Target, make_rig: MakeRig
 ) -> None:

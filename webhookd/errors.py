@@ -61,6 +61,13 @@ class Retry(ActionError):
     """Ask for another attempt, not before ``after_s`` seconds if given."""
 
     def __init__(self, reason: str = "retry requested", *, after_s: float | None = None) -> None:
+        # Checked here, where a handler's mistake shows in its own traceback (a retry saying
+        # so), not later in the pool, where it would leave the job running for ever.
+        if after_s is not None and (
+            isinstance(after_s, bool) or not isinstance(after_s, int | float)
+        ):
+            raise TypeError(f"Retry(after_s=...) takes seconds as a number, not {after_s!r}")
+        reason = str(reason)
         super().__init__(reason)
         self.reason = reason
         self.after_s = after_s
@@ -70,5 +77,6 @@ class Reject(ActionError):
     """Give up on this job: it goes to the dead-letter queue with ``reason``."""
 
     def __init__(self, reason: str = "rejected") -> None:
+        reason = str(reason)
         super().__init__(reason)
         self.reason = reason

@@ -67,8 +67,22 @@ def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = rand
 
     The random half spreads out the retries of jobs that failed together (one outage).
     """
-    raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
+    try:
+        raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
+    except OverflowError:  # max_attempts in the thousands ("every minute for days")
+        raw = math.inf
     return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
+
+
+def _storable(text: str) -> str:
+    """An error's text as the journal can hold it: a lone surrogate (an undecodable byte kept
+    by ``surrogateescape``, from a handler's exception) written as its escape. SQLite and
+    PostgreSQL refuse it, and the outcome would never be recorded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def retry_delay_s(
@@ -163,6 +177,7 @@ class WorkerPool:
         # The caps of each running capped job, worked out once when it was picked: it keeps
         # their counts until its outcome is on disk, and its end frees them for the others.
         self._held_caps: dict[str, tuple[Cap, ...]] = {}
+        self._counted_as: dict[str, str] = {}  # job id → the source name it is counted under
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
         self._running_by_tenant: Counter[tuple[str, str]] = Counter()
@@ -606,9 +621,14 @@ class WorkerPool:
         return held
 
     def _count(self, job: Ready, delta: int) -> None:
-        """Keep the running counts the caps are checked against (picks count as running)."""
-        source = self.config.source_for(job.source)
-        name = source.name if source else job.source
+        """Keep the running counts the caps are checked against (picks count as running). A
+        job is uncounted under the source it was counted under: a reload meanwhile may give
+        its source name another config (a catch-all's event, and now a source of its own)."""
+        if delta > 0:
+            source = self.config.source_for(job.source)
+            name = self._counted_as[job.id] = source.name if source else job.source
+        else:
+            name = self._counted_as.pop(job.id, job.source)
         _bump(self._running_by_action, (name, job.action), delta)
         _bump(self._running_by_source, name, delta)
         _bump(self._running_by_tenant, (name, job.tenant), delta)
@@ -882,7 +902,7 @@ class WorkerPool:
     ) -> Finished:
         job = claimed.job
         now = self.clock.time()
-        error = outcome.error[:_ERROR_CHARS] if outcome.error else None
+        error = _storable(outcome.error[:_ERROR_CHARS]) if outcome.error else None
 
         def make(
             state: JobState, kind: str, run_at: float | None = None, err: str | None = error
