@@ -179,3 +179,29 @@ ordered_by = "json:k"
 
 def _finished(job_id: str, now: float, state: JobState) -> Finished:
     return Finished(job_id, 1, state, now, now, str(state))
+
+
+async def test_a_replayed_older_job_waits_while_a_newer_one_of_its_key_runs(
+    tmp_path: Path,
+) -> None:
+    """The head of a key dies, the next one starts; replaying the dead one while the next runs
+    must not start it beside it (a running job holds its key whatever its age): it goes when
+    the running one is done."""
+    cfg = make_config(
+        tmp_path,
+        '[sources.orders]\n[[sources.orders.actions]]\ntype = "log"\nname = "log"\n'
+        'ordered_by = "json:k"\n',
+    )
+    async with harness(tmp_path, cfg, {}) as h:
+        await ingest(h.journal, cfg, "orders", 2, order_key=lambda i: "a")
+        now = h.clock.time()
+        [older] = await h.journal.ready(now, 10)
+        await h.journal.claim([older.id], "boot")
+        await h.journal.finish([_finished(older.id, now, JobState.DEAD)])
+        [newer] = await h.journal.ready(now, 10)
+        assert [c.job.id for c in await h.journal.claim([newer.id], "boot")] == [newer.id]
+        await h.journal.replay(await h.journal.event_ids_with_jobs("dead"))
+        assert await h.journal.ready(now, 10) == []
+        assert await h.journal.claim([older.id], "boot") == []
+        await h.journal.finish([_finished(newer.id, now, JobState.DONE)])
+        assert [j.id for j in await h.journal.ready(now, 10)] == [older.id]

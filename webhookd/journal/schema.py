@@ -177,12 +177,15 @@ def leaving_running(state: str, finished_at: str, now: str, j: str = "") -> str:
     )
 
 
-# A job may start only when no older job of its (source, action, order key) is unfinished: the
-# head of each key runs, the rest wait. Dead, done and cancelled jobs do not hold their key.
-# (The partial index above is used only when its WHERE terms appear here verbatim.)
+# A job may start only when no older job of its (source, action, order key) is queued and no
+# job of the key runs: the head of each key runs, the rest wait. A running job holds its key
+# whatever its age: an older one replayed (it was dead) must not start beside a newer one
+# running. Dead, done and cancelled jobs do not hold their key. (The partial index above is
+# used only when its WHERE terms appear here verbatim.)
 HEAD_OF_KEY = (
     "(j.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.source = j.source"
-    " AND o.action = j.action AND o.order_key = j.order_key AND o.seq < j.seq"
+    " AND o.action = j.action AND o.order_key = j.order_key"
+    " AND (o.seq < j.seq OR o.state = 'running')"
     " AND o.order_key IS NOT NULL AND o.state IN ('queued', 'running')))"
 )
 
