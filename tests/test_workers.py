@@ -36,6 +36,7 @@ from webhookd.state import IntakeState
 from webhookd.workers import (
     HOLD_MAX_S,
     HOLD_WINDOW_S,
+    MAX_WAITS,
     SATURATED_RECHECK_S,
     WorkerPool,
     backoff_s,
@@ -613,6 +614,50 @@ async def test_wait_outcome_reschedules_without_using_an_attempt(make_rig: MakeR
     job = await rig.job(event_id)
     assert (job.state, job.attempts, stub.calls) == (JobState.DONE, 1, 2)
     assert [a.outcome for a in job.history] == ["done"]
+
+
+class WaitsItsTurn:
+    """An action whose lane turns it away ``turns`` times (``paced``: the lane's own pace,
+    a backlog ahead of it), then runs it."""
+
+    def __init__(self, action: Action, turns: int, paced: bool) -> None:
+        self.config = action.config
+        self.turns = turns
+        self.paced = paced
+        self.calls = 0
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.calls += 1
+        if self.calls <= self.turns:
+            if self.paced:
+                return Outcome.wait("lane busy", after_s=1.0, paced=True)
+            return Outcome.wait("429 from the service", after_s=1.0)
+        return Outcome.done({"ok": True})
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("paced", [True, False])
+async def test_a_lanes_own_pace_never_makes_a_job_give_up_but_429s_do_count(
+    make_rig: MakeRig, paced: bool
+) -> None:
+    """A job turned away by its lane's pace more than MAX_WAITS times (a long backlog on a
+    tight lane) still runs when its turn comes; one turned away by 429s that often starts
+    using its attempts."""
+    rig = await make_rig('[sources.p]\n[[sources.p.actions]]\ntype = "log"\n')
+    stub = WaitsItsTurn(rig.actions[("p", "log")], MAX_WAITS + 5, paced)
+    rig.actions[("p", "log")] = stub
+    event_id = await rig.ingest("p")
+    for _ in range(MAX_WAITS + 6):
+        await rig.pool.run_until_idle()
+        rig.clock.advance(1.0)
+    job = await rig.job(event_id)
+    outcomes = [a.outcome for a in job.history]  # a wait is no attempt: none in the history
+    if paced:
+        assert (job.state, outcomes) == (JobState.DONE, ["done"])
+    else:  # past MAX_WAITS a 429 is a failed attempt, retried on the backoff
+        assert outcomes[0] == "retry" and "429 from the service" in (job.history[0].error or "")
 
 
 async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(

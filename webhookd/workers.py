@@ -32,7 +32,7 @@ log = logging.getLogger("webhookd.workers")
 # What becomes of jobs left claimed by a process that stops: the line that says they were left.
 RECOVERED = "recovered once their lease runs out on a cluster, or by the next start"
 
-MAX_WAITS = 100  # rate-limit reschedules that do not use an attempt, per job
+MAX_WAITS = 100  # rate-limit reschedules (429s) that do not use an attempt, per job
 # Lanes looked at per refill. More lanes than this with queued work are visited in turns (a
 # cursor walks the journal's lane index), so a refill stays cheap with thousands of tenants.
 MAX_LANES_PER_REFILL = 256
@@ -925,7 +925,9 @@ class WorkerPool:
             return make(JobState.DONE, "done", err=None)
         if outcome.kind == "dead":
             return make(JobState.DEAD, "dead")
-        if outcome.kind == "wait" and claimed.waits < MAX_WAITS:
+        # A lane pacing its calls (``paced``) is no sign of trouble: however long a backlog
+        # keeps a job waiting its turn, it never gives up on it for that (it never ran).
+        if outcome.kind == "wait" and (claimed.waits < MAX_WAITS or outcome.detail.get("paced")):
             # An action bounds its own waits (a lane's max_cooldown_s); this only keeps a nan,
             # an inf or a negative from becoming a run_at.
             wait_s = outcome.after_s
