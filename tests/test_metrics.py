@@ -127,6 +127,9 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     cfg = make_config(tmp_path, forward_source("s", "http://127.0.0.1:9/"))
     lane = Lane(LaneConfig(name="openai", rpm=60, tpm=6000, burst_s=2.0), clock=clock)
     await lane.acquire(100, max_wait_s=0)
+    # A call reserved 100 and used 20: the refund shows as a counter of its own, and the
+    # debited counter never goes down (a drop would read as a reset to rate()).
+    lane.settle(await lane.acquire(100, max_wait_s=0), 20)
     async with Journal(cfg.journal.path, clock=clock) as journal:
         await ingest(journal, "s", 3)
         await journal.refresh_backlog()
@@ -143,8 +146,9 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     assert content_type.startswith("text/plain")
     assert value(samples, "webhookd_backlog_jobs") == 3
     assert value(samples, "webhookd_oldest_queued_age_seconds") == 90
-    assert value(samples, "webhookd_lane_admitted_total", lane="openai") == 1
-    assert value(samples, "webhookd_lane_tokens_debited_total", lane="openai") == 100
+    assert value(samples, "webhookd_lane_admitted_total", lane="openai") == 2
+    assert value(samples, "webhookd_lane_tokens_debited_total", lane="openai") == 200
+    assert value(samples, "webhookd_lane_tokens_refunded_total", lane="openai") == 80
     assert value(samples, "webhookd_lane_waiting", lane="openai") == 0
     assert value(samples, "webhookd_lane_circuit_open", lane="openai") == 0
     assert ("webhookd_lane_available", (("kind", "tokens"), ("lane", "openai"))) in samples

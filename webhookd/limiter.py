@@ -109,7 +109,8 @@ class LaneStats:
     cooling_until_s: float  # seconds of cooldown left, 0 if none
     circuit_open: bool
     admitted_total: int
-    tokens_debited_total: int
+    tokens_debited_total: int  # net: reserved, less what settling gave back
+    tokens_refunded_total: int  # what settling gave back (reserved past a call's actual use)
     waits_total: int
     busy_total: int
 
@@ -243,6 +244,7 @@ class Lane:
         self._probe_at = math.inf
         self._admitted_total = 0
         self._tokens_debited_total = 0
+        self._tokens_refunded_total = 0
         self._waits_total = 0
         self._busy_total = 0
         # Shared lanes: the journal's chunk being spent, what goes back with the next request,
@@ -316,6 +318,8 @@ class Lane:
         reservation._settled = True
         delta = actual_tokens - reservation.tokens
         self._tokens_debited_total += delta
+        if delta < 0:
+            self._tokens_refunded_total -= delta
         if self._store is not None:
             # Batched: the difference goes to the shared bucket with the next reservation.
             if self.config.tpm and reservation._grant_at is not None and delta:
@@ -404,6 +408,7 @@ class Lane:
             circuit_open=self._circuit_reason is not None,
             admitted_total=self._admitted_total,
             tokens_debited_total=self._tokens_debited_total,
+            tokens_refunded_total=self._tokens_refunded_total,
             waits_total=self._waits_total,
             busy_total=self._busy_total,
         )

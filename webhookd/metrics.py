@@ -373,8 +373,18 @@ def _lane_metrics(lanes: Mapping[str, Any]) -> Iterator[Metric]:
     admitted = CounterMetricFamily(
         "webhookd_lane_admitted", "Calls a lane admitted.", labels=["lane"]
     )
+    # Two counters, each only ever growing (a refund is no counter reset): used = the
+    # difference. A call reserves its estimate plus max_tokens and gives back what it did not
+    # use when it settles.
     tokens = CounterMetricFamily(
-        "webhookd_lane_tokens_debited", "Tokens debited from a lane.", labels=["lane"]
+        "webhookd_lane_tokens_debited",
+        "Tokens a lane reserved for calls (and charged past a reservation).",
+        labels=["lane"],
+    )
+    refunded = CounterMetricFamily(
+        "webhookd_lane_tokens_refunded",
+        "Tokens given back to a lane: reserved, not used by the call.",
+        labels=["lane"],
     )
     waits = CounterMetricFamily(
         "webhookd_lane_waits", "Admissions that had to wait.", labels=["lane"]
@@ -392,7 +402,8 @@ def _lane_metrics(lanes: Mapping[str, Any]) -> Iterator[Metric]:
         cooldown.add_metric([name], s.cooling_until_s)
         circuit.add_metric([name], 1 if s.circuit_open else 0)
         admitted.add_metric([name], s.admitted_total)
-        tokens.add_metric([name], s.tokens_debited_total)
+        tokens.add_metric([name], s.tokens_debited_total + s.tokens_refunded_total)
+        refunded.add_metric([name], s.tokens_refunded_total)
         waits.add_metric([name], s.waits_total)
         busy.add_metric([name], s.busy_total)
-    yield from (available, waiting, cooldown, circuit, admitted, tokens, waits, busy)
+    yield from (available, waiting, cooldown, circuit, admitted, tokens, refunded, waits, busy)
