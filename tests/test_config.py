@@ -6,8 +6,11 @@ import asyncio
 import dataclasses
 import errno
 import json
+import os
 import re
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -456,6 +459,32 @@ def test_an_empty_config_path_is_an_error_not_the_open_default(
         monkeypatch.setenv("WEBHOOKD_CONFIG", env)
     result = CliRunner().invoke(main, [verb, *args])
     assert (result.exit_code, result.output) == (2, f"webhookd: error: {line}\n")
+
+
+def test_a_sighup_before_the_loops_handler_is_noted_and_done_once_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``systemctl start`` then ``reload`` at once: SIGHUP's default would end the daemon while
+    it starts (and systemd takes that for a clean exit). serve notes it instead, and the
+    daemon reloads once its loop runs."""
+    asked: list[bool] = []
+
+    def run(cfg: Any, loader: Any, *, fixed: Any, reload_asked: Any) -> int:
+        assert not reload_asked()
+        os.kill(os.getpid(), signal.SIGHUP)  # before any event loop exists
+        asked.append(reload_asked())
+        return 0
+
+    monkeypatch.setattr(app, "run", run)
+    monkeypatch.delenv("WEBHOOKD_CONFIG", raising=False)
+    path = tmp_path / "webhookd.toml"
+    path.write_text('[server]\nlisten = "127.0.0.1:0"\n', encoding="utf-8")
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (result.exit_code, asked) == (0, [True]), result.output
 
 
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:

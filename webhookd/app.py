@@ -518,15 +518,20 @@ def run(
     loader: Callable[[], Config] | None = None,
     *,
     fixed: frozenset[str] = frozenset(),
+    reload_asked: Callable[[], bool] | None = None,
 ) -> int:
     """Run the daemon in a fresh event loop (uvloop when installed); returns the exit status.
     ``loader`` reads the config again on SIGHUP; ``fixed``: the config's dotted keys the
-    command line set, which a reload leaves as they are."""
+    command line set, which a reload leaves as they are; ``reload_asked``: whether a SIGHUP
+    came before the loop's own handler was in place (it is then done once started)."""
 
     async def main() -> int:
         status = 1
         try:
-            status = await Daemon(config, tune_gc=True, loader=loader, fixed=fixed).run()
+            daemon = Daemon(config, tune_gc=True, loader=loader, fixed=fixed)
+            if reload_asked is not None:
+                daemon.on_wired.append(lambda d: d.request_reload() if reload_asked() else None)
+            status = await daemon.run()
             return status
         finally:
             _exit_within(EXIT_DEADLINE_S, status)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -193,6 +194,11 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     """Run the daemon until SIGTERM/SIGINT (a second signal exits at once); SIGHUP reads the
     config again and applies its sources, alerts, new lanes and log settings (the rest at the
     next restart)."""
+    # SIGHUP's default ends the process: one sent right after a start (`systemctl start` then
+    # `reload`) would kill the daemon before the loop's handler is in place, and systemd takes
+    # that for a clean exit. Until then it is only noted, and done once started.
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
     from webhookd import app, logs
 
     try:
@@ -211,6 +217,7 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
             cfg,
             lambda: _config(path),
             fixed=frozenset(key for key, flag in fixed.items() if flag is not None),
+            reload_asked=lambda: bool(hups),
         )
     )
 
