@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sqlite3
 from collections.abc import AsyncIterator
@@ -39,9 +40,11 @@ def journaled_ids(path: Path) -> set[str]:
 
 
 async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
-    tmp_path: Path, run_daemon: Any
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With the journal out of space every webhook gets 503; once space returns, 202 again."""
+    """With the journal out of space every webhook gets 503; once space returns, 202 again.
+    The failed commits, which any sender causes, are logged ten a minute, not one each."""
+    caplog.set_level(logging.ERROR, logger="webhookd.journal")
     cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
     running: Running = await run_daemon(cfg)
     journal = running.daemon.journal
@@ -58,6 +61,8 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
         answers.append(await running.post("/hooks/a", big.replace(b"x", bytes([97 + i]), 1)))
     assert {s for s, _ in answers} == {503}, answers
     assert all("error" in doc for _, doc in answers)
+    failed = [r for r in caplog.records if "journal write failed" in r.getMessage()]
+    assert len(failed) == 10, [r.getMessage() for r in failed]
     # /readyz tells a load balancer the journal cannot take writes.
     async with running.http.get(running.admin_url + "/readyz") as r:
         assert r.status == 503

@@ -93,6 +93,7 @@ from webhookd.journal.schema import (
     leaving_running,
 )
 from webhookd.models import JobState, new_boot_id
+from webhookd.throttle import Throttle
 
 __all__ = [
     "BULK_BATCH",
@@ -342,6 +343,10 @@ class Journal(Reads, BaseJournal):
         # so SQLite can start the WAL over.
         self._checkpoint_tail = False
         self._vacuum_pages = VACUUM_PAGES_MAX  # what an incremental vacuum takes (vacuum_pages)
+        # A full disk fails every commit, and any sender causes commits: ten lines a minute.
+        self._log_write_failed = Throttle(
+            log, logging.ERROR, "journal write failures", clock=clock.monotonic
+        )
         # Background checkpoints done, and WAL frames they copied into the main file.
         self.checkpoints = 0
         self.checkpointed_frames = 0
@@ -413,6 +418,7 @@ class Journal(Reads, BaseJournal):
         connections without being waited on past that, so a stuck disk cannot stop an exit.
         """
         self._closing = True
+        self._log_write_failed.flush()
         try:
             task, self._task = self._task, None
             if task is not None and not task.done():
@@ -746,7 +752,7 @@ class Journal(Reads, BaseJournal):
         keep those written claimed in ``group.started``)."""
         if group.error is not None:
             self.last_write_error = _describe(group.error)
-            log.error("journal write failed: %s", self.last_write_error)
+            self._log_write_failed("journal write failed: %s", self.last_write_error)
         elif group.commits:
             self.last_write_error = None
         self.commits += group.commits
@@ -756,7 +762,9 @@ class Journal(Reads, BaseJournal):
             exc = group.error or group.errors.get(id(op))
             if exc is not None:
                 if exc is not group.error:
-                    log.error("journal write failed for one %s: %s", _kind(op), _describe(exc))
+                    self._log_write_failed(
+                        "journal write failed for one %s: %s", _kind(op), _describe(exc)
+                    )
                 if not op.future.done():
                     op.future.set_exception(
                         JournalUnavailable(f"journal write failed: {_describe(exc)}")
