@@ -444,6 +444,26 @@ async def test_dashboard_replays_a_sources_dead_letters(
     assert len(target.seen) == 2
 
 
+async def test_dashboard_clears_a_refresh_error_once_the_daemon_answers_again(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """A daemon restarted (or a network gone) fails a refresh: the error shows until a
+    refresh works again, not for as long as the page stays open."""
+    running = await run_daemon(make_config(tmp_path))
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.body.dataset.loaded === '1'")
+        await page.evaluate(
+            "window.realFetch = window.fetch;"
+            " window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))"
+        )
+        await page.wait_for("document.querySelector('#status').textContent === 'Failed to fetch'")
+        await page.evaluate("window.fetch = window.realFetch")
+        await page.wait_for(
+            "document.querySelector('#status').textContent === ''"
+            " && document.querySelector('#status').className === 'muted'"
+        )
+
+
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
