@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -422,3 +423,22 @@ async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
             assert json.loads(last)["msg"].startswith("config reloaded from")
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
+
+
+async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Adding a second unnamed forward renames the first ('forward' becomes 'forward-1'):
+    its queued jobs would go dead at their turn without a word. The reload names the actions
+    it took away and says how to keep their jobs."""
+    one = forward("a", f"{target.url}/one")
+    second = '[[sources.a.actions]]\ntype = "forward"\nurl = "' + target.url + '/two"\n'
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, one + second)
+    )
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
+    assert line.startswith("config reload: a/forward no longer configured: its queued job(s)")
+    assert 'name = "..."' in line
