@@ -85,6 +85,9 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_dead_letters_total", source="flaky", action="deliver") == 1
     duration = "webhookd_attempt_duration_seconds_count"
     assert value(after, duration, source="flaky", action="deliver") == 2
+    # Buckets up to the longest default timeout (a command's or a handler's 300 s).
+    bucket = "webhookd_attempt_duration_seconds_bucket"
+    assert value(after, bucket, source="flaky", action="deliver", le="300.0") == 2
     assert value(after, "webhookd_backlog_jobs") == 0
     assert value(after, "webhookd_oldest_queued_age_seconds") == 0
     assert value(after, "webhookd_jobs", state="dead") == 1
