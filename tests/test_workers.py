@@ -494,6 +494,15 @@ async def test_an_action_whose_attempts_keep_timing_out_runs_one_job_at_a_time(
         await runner.cleanup()
 
 
+async def test_an_action_a_reload_takes_away_is_no_longer_marked_slow(make_rig: MakeRig) -> None:
+    """webhookd_action_slow kept showing 1 for an action a reload removed."""
+    rig = await make_rig('[sources.a]\n[[sources.a.actions]]\ntype = "log"\n')
+    rig.pool.slow.add(("a", "log"))
+    rig.pool.reconfigure(rig.cfg, {})
+    assert rig.pool.slow == set()
+    assert await slow_gauge(rig) == {}
+
+
 async def test_a_cap_held_by_another_process_is_waited_for_without_spinning_or_attempts(
     target: Target, make_rig: MakeRig
 ) -> None:

@@ -216,9 +216,12 @@ class WorkerPool:
         # A replaced action (a new URL, a longer timeout) starts with a clean slate.
         old = {id(a) for a in self.actions.values()}
         replaced = {key for key, action in actions.items() if id(action) not in old}
-        self.slow -= replaced
-        for replaced_key in replaced:
-            self._timeouts.pop(replaced_key, None)
+        # An action replaced or taken away no longer runs one job at a time (nor shows so in
+        # webhookd_action_slow).
+        gone = replaced | (self.actions.keys() - actions.keys())
+        self.slow -= gone
+        for gone_key in gone:
+            self._timeouts.pop(gone_key, None)
         self.actions = actions
         for key in [k for k in self._retired if not self._attempts_on[k]]:
             self._close_soon(self._retired.pop(key))
