@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import make_config, serving
+from procs import poll
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
 from webhookd.http1 import Answer as Answered
@@ -260,6 +261,11 @@ async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
             blocker.execute("ROLLBACK")
     assert_error(answer, 503, retry_after=True)
     assert answer.headers["Retry-After"] == "7"
+
+    async def late_commit_landed() -> bool:  # SQLite's busy handler sleeps between its tries
+        return len(committed_ids(intake.db)) == 1
+
+    await poll(late_commit_landed, timeout_s=10)
     retried = await intake.post("/hooks/demo", body)
     assert (retried.status, retried.doc["duplicate"]) == (200, True)
     fresh = await intake.post("/hooks/demo", b'{"after": true}')

@@ -7,6 +7,7 @@ the journal open the SQLite file directly, so they work whether or not the daemo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -198,7 +199,8 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     # `reload`) would kill the daemon before the loop's handler is in place, and systemd takes
     # that for a clean exit. Until then it is only noted, and done once started.
     hups: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
+    with contextlib.suppress(ValueError):  # not the main thread (embedded, tests): no signals
+        signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
     from webhookd import app, logs
 
     try:
