@@ -399,17 +399,14 @@ class Daemon:
         if cfg.log.level != self.config.log.level:
             logs.set_level(cfg.log.level)
             log.info("log level now %s", cfg.log.level)
-        old_config, self.config = self.config, cfg
+        self.config = cfg
         running.pool.reconfigure(cfg, actions)
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
         running.ctx.reconfigure(cfg)
         running.alerter.reconfigure(cfg.alerts)
-        gone = gone_actions(old_config, cfg)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
-        if gone:
-            # An unnamed action is named by its type, and by its type and place once its
-            # source has two of that type: adding a second forward renames the first.
+        if gone := plan.actions_gone:
             log.warning(
                 "config reload: %s no longer configured: %s queued job(s) go dead when their"
                 " turn comes (replayable once an action of that name is back; name an"
@@ -522,19 +519,6 @@ class _Running:
     metrics: Metrics
     ctx: AdminContext
     alerter: Alerter
-
-
-def gone_actions(old: Config, new: Config) -> list[str]:
-    """``source/action`` of each action a reload takes away from a source it keeps: its jobs
-    still queued will find no action to run on."""
-    gone = []
-    for name, src in old.sources.items():
-        kept = new.sources.get(name)
-        if kept is None:
-            continue
-        names = {a.name for a in kept.actions}
-        gone += [f"{name}/{a.name}" for a in src.actions if a.name not in names]
-    return gone
 
 
 def run(

@@ -456,6 +456,10 @@ class Reload:
     kept: tuple[str, ...] = ()  # changed keys that wait for a restart, e.g. "server", "lanes.x"
     lanes_added: tuple[str, ...] = ()
     alerts: str = ""  # "added", "removed" or "changed" when ``[alerts]`` did
+    # "source/action" of each action a changed source no longer has: its queued jobs will
+    # find no action to run on (an unnamed action's name is its type, and its type and place
+    # once its source has two of that type: adding a second forward renames the first).
+    actions_gone: tuple[str, ...] = ()
 
     def summary(self) -> str:
         parts = [
@@ -510,16 +514,24 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
             kept.append(f"lanes.{name}")
             lanes[name] = lane
     before, after = old.sources, new.sources
+    changed = tuple(n for n in after if n in before and after[n] != before[n])
+    gone = [
+        f"{n}/{a.name}"
+        for n in changed
+        for a in before[n].actions
+        if a.name not in {b.name for b in after[n].actions}
+    ]
     return Reload(
         config=dataclasses.replace(
             old, sources=after, lanes=lanes, log=log, alerts=new.alerts, origin=new.origin
         ),
         added=tuple(n for n in after if n not in before),
         removed=tuple(n for n in before if n not in after),
-        changed=tuple(n for n in after if n in before and after[n] != before[n]),
+        changed=changed,
         kept=tuple(kept),
         lanes_added=tuple(n for n in lanes if n not in old.lanes),
         alerts=_alerts_change(old.alerts, new.alerts),
+        actions_gone=tuple(gone),
     )
 
 

@@ -269,11 +269,7 @@ class _Connection(BaseProtocol):
         # A body still being read ends with an error; the request's handler is not cancelled
         # (a webhook queued for its commit is written all the same).
         lost = exc if exc is not None else ConnectionResetError("connection lost")
-        if self._current is not None:
-            self._current.set_exception(lost)
-        for item in self._queue:
-            if not isinstance(item, HttpProcessingError):
-                item[1].set_exception(lost)
+        self._fail_bodies(lost, whole_too=True)
         self._queue.clear()
         with contextlib.suppress(Exception):
             self.request_parser.feed_eof()
@@ -299,18 +295,30 @@ class _Connection(BaseProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._buffer_paused and not self._broken and len(self._queue) < _QUEUE_MAX:
-            self.data_received(b"")  # what the parser held back
-            if len(self._queue) < _QUEUE_MAX and not self._paused:
+        self._read_on(_QUEUE_MAX - 1)
+
+    def _read_on(self, queued_at_most: int) -> None:
+        """Read again, once the client takes its answers and no more than ``queued_at_most``
+        requests wait: first what the parser held back, then the socket."""
+        if (
+            self._buffer_paused
+            and not self._paused
+            and not self._broken
+            and len(self._queue) <= queued_at_most
+        ):
+            self.data_received(b"")
+            if len(self._queue) < _QUEUE_MAX:
                 self._resume_reading_for_buffer()
 
-    def _fail_bodies(self, exc: BaseException) -> None:
-        """End every body still being read (the one being answered, those queued) with ``exc``."""
+    def _fail_bodies(self, exc: BaseException, *, whole_too: bool = False) -> None:
+        """End every body still being read (the one being answered, those queued) with ``exc``;
+        ``whole_too``: those received whole as well (the connection is gone: no answer can
+        be given for them)."""
         bodies = [item[1] for item in self._queue if not isinstance(item, HttpProcessingError)]
         if self._current is not None:
             bodies.append(self._current)
         for body in bodies:
-            if not body.is_eof():
+            if whole_too or not body.is_eof():
                 body.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -413,10 +421,8 @@ class _Connection(BaseProtocol):
             self.close()
             return False
         self.request_parser.message_consumed()
-        if self._buffer_paused and not self._paused and len(self._queue) <= _QUEUE_RESUME:
-            self.data_received(b"")  # what the parser held back
-            if len(self._queue) < _QUEUE_MAX:
-                self._resume_reading_for_buffer()
+        if self._buffer_paused:  # checked here: the call is off every ack's path
+            self._read_on(_QUEUE_RESUME)
         if self._paused:  # the client reads slowly: wait for the socket to drain, a while
             try:
                 async with asyncio.timeout(server.send_timeout_s):

@@ -149,6 +149,17 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
+def storable_text(text: str) -> str:
+    """``text`` as a journal or a log stream can hold it: a lone surrogate (an undecodable byte
+    kept by ``surrogateescape``, in a handler's exception or a failed value) written as its
+    escape. SQLite and PostgreSQL refuse one, and no log stream can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def event_state(job_states: list[str]) -> str:
     """An event's state from its jobs': dead if any is dead, else running if any is running,
     else queued if any is queued; cancelled if all are; otherwise (or with no jobs) done."""

@@ -24,7 +24,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready
-from webhookd.models import JobState
+from webhookd.models import JobState, storable_text
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
 
@@ -72,17 +72,6 @@ def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = rand
     except OverflowError:  # max_attempts in the thousands ("every minute for days")
         raw = math.inf
     return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
-
-
-def _storable(text: str) -> str:
-    """An error's text as the journal can hold it: a lone surrogate (an undecodable byte kept
-    by ``surrogateescape``, from a handler's exception) written as its escape. SQLite and
-    PostgreSQL refuse it, and the outcome would never be recorded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def retry_delay_s(
@@ -905,7 +894,9 @@ class WorkerPool:
     ) -> Finished:
         job = claimed.job
         now = self.clock.time()
-        error = _storable(outcome.error[:_ERROR_CHARS]) if outcome.error else None
+        # Else an outcome whose error holds a lone surrogate is never recorded: the job would
+        # stay running, its write retried as an outage.
+        error = storable_text(outcome.error[:_ERROR_CHARS]) if outcome.error else None
 
         def make(
             state: JobState, kind: str, run_at: float | None = None, err: str | None = error

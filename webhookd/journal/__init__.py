@@ -92,7 +92,7 @@ from webhookd.journal.schema import (
     fetch_rows,
     leaving_running,
 )
-from webhookd.models import JobState, new_boot_id
+from webhookd.models import JobState, new_boot_id, storable_text
 from webhookd.throttle import Throttle
 
 __all__ = [
@@ -1147,8 +1147,7 @@ class Journal(Reads, BaseJournal):
 def _describe(exc: BaseException) -> str:
     """A write error for logs and ``/readyz``: SQLite's own words, else the exception's type."""
     text = str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else f"{type(exc).__name__}: {exc}"
-    # The value that failed may hold a lone surrogate, which no log stream can encode.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return storable_text(text)  # the value that failed may hold a lone surrogate
 
 
 def _writer_of(
