@@ -78,6 +78,27 @@ def test_each_lane_and_the_window_are_bounded() -> None:
     assert len(s) == 10 and s.room == 0
 
 
+def test_a_blocked_lane_is_found_and_cut_back_to_its_oldest_jobs() -> None:
+    """A lane none of whose first jobs may start is blocked (one with a job past them that
+    could is too: a pop never looks that far); trimming keeps its oldest jobs, frees their
+    room, and a job dropped can be taken again, behind the ones kept."""
+    s = Scheduler(capacity=40)
+    for n in range(20):
+        s.add(_job(n, tenant="a"))
+    for n in range(20, 25):
+        s.add(_job(n, tenant="b"))
+    capped_a = lambda j: j.tenant != "a" or j.id == "job19"  # noqa: E731
+    assert s.blocked(capped_a) == [(1, "s", "a")]
+    assert s.blocked(capped_a, above=20) == []
+    assert s.is_blocked((1, "s", "a"), capped_a) and not s.is_blocked((1, "s", "b"), capped_a)
+    assert not s.is_blocked((1, "s", "nobody"), capped_a)
+    assert s.trim((1, "s", "a"), 4) == 16
+    assert s.lanes() == {(1, "s", "a"): 4, (1, "s", "b"): 5} and s.room == 31
+    assert "job4" not in s and s.add(_job(4, tenant="a"))
+    assert s.trim((1, "s", "b"), 0) == 5 and (1, "s", "b") not in s.lanes()
+    assert [j.id for j in iter(s.pop, None)] == ["job0", "job1", "job2", "job3", "job4"]
+
+
 # -- the pool over a real journal --------------------------------------------------------------
 
 LOG_SOURCE = """

@@ -934,6 +934,48 @@ async def test_a_backlog_on_one_lane_is_read_in_a_few_big_refills_not_one_per_cl
     assert reads <= jobs // 40, f"{reads} refills for {jobs} jobs"
 
 
+async def test_lanes_held_back_by_a_cap_leave_the_window_to_jobs_that_can_run(
+    make_rig: MakeRig,
+) -> None:
+    """Four tenants' backlogs of a source capped at one running job would fill the window
+    (1,000 jobs, 256 a lane at 32 workers): each keeps a worker-sized share of it instead, and
+    another source's new jobs get the free workers while the capped job runs."""
+    rig = await make_rig(
+        '[sources.a]\nconcurrency = 1\n[[sources.a.actions]]\ntype = "log"\n'
+        '[sources.b]\n[[sources.b.actions]]\ntype = "log"\n'
+    )
+    rig.journal.on_commit = rig.pool.notify
+    held = HeldOpen(rig.actions[("a", "log")], rig.journal)
+    rig.actions[("a", "log")] = held
+    backlog = [
+        NewEvent(
+            new_event("a", rig.clock.time(), tenant=f"t{n % 4}"), jobs_for(rig.cfg.sources["a"])
+        )
+        for n in range(4 * 260)
+    ]
+    for start in range(0, len(backlog), 100):
+        await asyncio.gather(*(rig.journal.ingest(item) for item in backlog[start : start + 100]))
+    dispatcher = asyncio.create_task(rig.pool.run())
+    await held.started.get()  # a's one slot is taken, its other jobs wait
+    fair_share = 2 * rig.cfg.workers.concurrency
+    b_jobs = 3 * rig.cfg.workers.concurrency
+    b_done = asyncio.Event()
+    rig.pool.on_finish.append(
+        lambda *_: b_done.set() if rig.pool.outcomes["done"] >= b_jobs else None
+    )
+    for start in range(0, b_jobs, 16):
+        await asyncio.gather(*(rig.ingest("b") for _ in range(start, start + 16)))
+    await asyncio.wait_for(b_done.wait(), 30.0)
+    window = rig.pool.scheduler.lanes()
+    assert all(n <= fair_share for lane, n in window.items() if lane[1] == "a"), window
+    assert held.started.empty()  # a's cap held all along
+    held.go.set()
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    counts = await rig.journal.counts()
+    assert counts.jobs_by_source["b"] == {"done": b_jobs}
+
+
 async def one_job_running(target: Target, make_rig: MakeRig) -> tuple[Rig, asyncio.Task[None], str]:
     """A dispatching pool whose one job is held by the target: (rig, dispatcher, event id)."""
     rig = await make_rig(forward_source("slow", target.url))

@@ -16,6 +16,7 @@ and earns no credit meanwhile, so it cannot burst ahead of the others afterwards
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
@@ -64,6 +65,11 @@ class _Class:
     def __iter__(self) -> Iterator[Ready]:
         for queue in self.lanes.values():
             yield from queue
+
+
+def _blocked(queue: deque[Ready], can_run: Callable[[Ready], bool]) -> bool:
+    """No job a pop would look at in ``queue`` may run now."""
+    return not any(can_run(job) for job in itertools.islice(queue, _LOOKAHEAD + 1))
 
 
 class Scheduler:
@@ -132,6 +138,37 @@ class Scheduler:
             self._credit[i] -= self.weights[i]
             earned -= self.weights[i]
         return None
+
+    def blocked(self, can_run: Callable[[Ready], bool], above: int = 0) -> list[Lane]:
+        """Lanes holding more than ``above`` jobs, none of which a pop would look at may start
+        now (``can_run``)."""
+        return [
+            lane
+            for c in self._classes
+            for lane, queue in c.lanes.items()
+            if len(queue) > above and _blocked(queue, can_run)
+        ]
+
+    def is_blocked(self, lane: Lane, can_run: Callable[[Ready], bool]) -> bool:
+        """``lane`` holds jobs and none a pop would look at may start now."""
+        queue = self._classes[lane[0]].lanes.get(lane)
+        return queue is not None and bool(queue) and _blocked(queue, can_run)
+
+    def trim(self, lane: Lane, keep: int) -> int:
+        """Drop ``lane``'s newest jobs past its first ``keep``; returns how many went. They are
+        still queued in the journal, which the window only mirrors: a refill brings them back
+        in order, behind the ones kept."""
+        c = self._classes[lane[0]]
+        queue = c.lanes.get(lane)
+        if queue is None:
+            return 0
+        dropped = max(len(queue) - keep, 0)
+        for _ in range(dropped):
+            self._ids.discard(queue.pop().id)
+        c.size -= dropped
+        if not queue:
+            del c.lanes[lane]
+        return dropped
 
     def lanes(self) -> dict[Lane, int]:
         """Jobs in the window per lane."""

@@ -317,12 +317,17 @@ class WorkerPool:
         self._lane_cursor = lanes[-1] if more else None
         cap = min(self._fair_share, scheduler.lane_capacity) if walking else scheduler.lane_capacity
         share = min(cap, max(scheduler.capacity // max(len(lanes), 1), 1))
+        self._trim_blocked()
+        fair = self._fair_share
         room = scheduler.room
         wants: list[tuple[Lane, int]] = []
         lanes = [lane for lane in lanes if lane[1] not in self.paused]
         for lane in sorted(lanes, key=scheduler.lane_size):  # an empty lane goes first
             size = scheduler.lane_size(lane)
-            want = min(share - size, room)
+            # A lane whose jobs may not start now (capped) is topped up to a worker-sized share
+            # at most, as _trim_blocked cuts one back: no more than its caps can use soon.
+            target = fair if share > fair and scheduler.is_blocked(lane, self._can_run) else share
+            want = min(target - size, room)
             if want <= 0:
                 more = True  # at its share (or no room left): the journal may hold more
                 continue
@@ -336,6 +341,22 @@ class WorkerPool:
         self._overflow = more
         self._low_water = len(scheduler) // 2
         self._next_due = None if more else await self.journal.next_run_at(self.paused, after=now)
+
+    def _trim_blocked(self) -> int:
+        """Cut back each lane of the window holding more than a worker-sized share of jobs of
+        which none may start now (a cap they count against is reached): the rest of the window
+        stays for jobs that can run. Without this, a few capped lanes with a backlog (a source
+        with ``concurrency = 1`` and four tenants, say) filled the window, and another source's
+        new jobs got in only as the capped ones ran. Returns how many jobs were dropped (they
+        are still queued in the journal)."""
+        scheduler = self.scheduler
+        dropped = sum(
+            scheduler.trim(lane, self._fair_share)
+            for lane in scheduler.blocked(self._can_run, above=self._fair_share)
+        )
+        if dropped:
+            self._overflow = True
+        return dropped
 
     async def _refresh_paused(self) -> None:
         paused = await self.journal.paused_sources()
@@ -531,8 +552,8 @@ class WorkerPool:
         self.holding = self._hold()
         if self.holding:
             return 0, 0
-        if self.scheduler.room > 0 and (
-            self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)
+        if (self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)) and (
+            self.scheduler.room > 0 or self._trim_blocked()
         ):
             await self._refill()
         if self._saturated:
