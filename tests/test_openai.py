@@ -7,6 +7,7 @@ about a second and the stand-in's sliding windows see the same times the lane ac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -339,6 +340,44 @@ async def test_failed_then_retries_without_asking_the_model_again(
     assert job.history[1].detail is not None and job.history[1].detail["answer_reused"] is True
     assert len(standin.served) == 1
     assert len(target.seen) == 2
+
+
+async def test_a_then_forward_that_hangs_past_the_attempt_keeps_the_answer(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """A then-target that does not answer within the attempt's timeout_s: the POST is given up
+    in time to keep the answer, and the retry posts it without asking the model again."""
+    target.hold = asyncio.Event()
+    then = f'then = {{ forward = "{target.url}/drafts" }}\ntimeout_s = 0.5'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        failed = await kit.job(event_id)
+        target.hold.set()
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert (failed.state, failed.history[0].outcome) == (JobState.QUEUED, "retry")
+    assert failed.last_error == "then.forward: no answer within the attempt's timeout_s"
+    assert failed.result["text"] == "Draft: Reply to Refund: please"
+    assert (job.state, job.attempts) == (JobState.DONE, 2)
+    assert len(standin.served) == 1
+    assert len(target.seen) == 2
+
+
+async def test_the_model_call_does_not_follow_a_redirect(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """A 307 from the model's URL is dead: the prompt, payload data in it, is not posted on."""
+    target.statuses = [307]
+    target.headers = {"Location": f"{standin.base_url}/chat/completions"}
+    config = source(standin, lane=None).replace(standin.base_url, target.url)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DEAD, 1)
+    assert job.last_error is not None and job.last_error.startswith("307")
+    assert len(target.seen) == 1 and standin.served == []
 
 
 async def test_then_caps_retry_after_and_does_not_follow_a_redirect(

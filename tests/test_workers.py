@@ -625,6 +625,46 @@ async def test_wait_outcome_reschedules_without_using_an_attempt(make_rig: MakeR
     assert [a.outcome for a in job.history] == ["done"]
 
 
+class KeepsWorkThenFails:
+    """Leaves a result with its first failure (work done before it failed, as an openai answer
+    whose then-forward failed), then fails with none (as a timeout does); the third attempt
+    returns the result it finds on the job."""
+
+    def __init__(self, action: Action) -> None:
+        self.config = action.config
+        self.seen: list[Any] = []
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.seen.append(job.result)
+        if len(self.seen) == 1:
+            return Outcome.retry("downstream failed", result={"work": 1})
+        if len(self.seen) == 2:
+            raise ConnectionError("cut off")
+        return Outcome.done(job.result)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_attempt_that_ends_with_no_result_keeps_the_one_an_earlier_attempt_left(
+    make_rig: MakeRig,
+) -> None:
+    """An attempt that ends without a result (a timeout, an exception) does not wipe what an
+    earlier attempt kept: else the next one would pay for that work again."""
+    rig = await make_rig(
+        '[sources.s]\n[[sources.s.actions]]\ntype = "log"\nretry = { base_s = 1, cap_s = 1 }\n'
+    )
+    stub = KeepsWorkThenFails(rig.actions[("s", "log")])
+    rig.actions[("s", "log")] = stub
+    event_id = await rig.ingest("s")
+    while (due := await rig.pool.run_until_idle()) is not None:
+        rig.clock.advance(due - rig.clock.time())
+    job = await rig.job(event_id)
+    assert stub.seen == [None, {"work": 1}, {"work": 1}]
+    assert (job.state, job.attempts, job.result) == (JobState.DONE, 3, {"work": 1})
+    assert [a.outcome for a in job.history] == ["retry", "retry", "done"]
+
+
 class WaitsItsTurn:
     """An action whose lane turns it away ``turns`` times (``paced``: the lane's own pace,
     a backlog ahead of it), then runs it."""

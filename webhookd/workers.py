@@ -922,6 +922,12 @@ class WorkerPool:
         def make(
             state: JobState, kind: str, run_at: float | None = None, err: str | None = error
         ) -> Finished:
+            result = outcome.result
+            if result is None and state != JobState.DONE:
+                # What an earlier attempt kept (an openai answer whose then-forward failed)
+                # outlives an attempt that ends with none, a timeout say: else the next one
+                # pays for the work again.
+                result = job.result
             return Finished(
                 job_id=job.id,
                 attempt=job.attempts,
@@ -931,7 +937,7 @@ class WorkerPool:
                 outcome=kind,
                 run_at=run_at,
                 error=err,
-                result=outcome.result,
+                result=result,
                 detail=outcome.detail,
                 claim=claimed.claim,
             )

@@ -13,7 +13,7 @@ retries. Outcomes:
 * the lane cannot admit within ``max_lane_wait_s`` (default: 10 s, at most half of
   ``timeout_s``): the job waits, freeing its worker;
 * 5xx, 408, 409, timeouts, connection errors: retried (a ``Retry-After`` is a lower bound, up to
-  ``retry.cap_s``); other 4xx (400, 401, 403, 404, 422): dead.
+  ``retry.cap_s``); other 4xx (400, 401, 403, 404, 422) and redirects (not followed): dead.
 
 The lane reserves ``prompt estimate + max_tokens`` and is settled against ``usage.total_tokens``.
 Reasoning models (o1, o3, o4-mini …) refuse ``max_tokens``: write ``max_completion_tokens``
@@ -24,7 +24,9 @@ with OpenAI's tokenizers, and only a reservation; the settle corrects it.
 With ``then = { forward = URL }`` the answer is POSTed on, signed like ``forward``. When that
 POST fails the job is retried, and the retry reuses the answer instead of asking the model
 again: the failed attempt keeps the answer as the job's result, in the journal, so it survives
-a restart too. Only a crash between the answer and the attempt's record loses it (the model is
+a restart too. The POST has what is left of the attempt's ``timeout_s``, less a little, so it
+fails in time to keep the answer; an attempt that ends with no result keeps an earlier one's.
+Only a crash between the answer and the attempt's record loses it (the model is
 then asked again; the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
 ``webhookd replay`` of a finished job starts over and asks again; of a job waiting for its
 retry, it only skips the wait (the kept answer is still used).
@@ -32,6 +34,7 @@ retry, it only skips the wait (the kept answer is still used).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -47,6 +50,7 @@ from webhookd.actions.base import Outcome, Resources, options
 from webhookd.actions.delivery import (
     check_url,
     deliver,
+    header_value,
     parse_retry_after,
     read_headers,
     read_signing_secrets,
@@ -105,6 +109,7 @@ class _Settings:
         if not t.has("api_key"):
             raise ConfigError(t.path("api_key"), 'is required (write it "env:NAME")')
         self.api_key = resolve_secret(t.raw("api_key"), t.path("api_key"))
+        header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
         self.base_url: str | None = None
         if t.has("base_url"):
             self.base_url = check_url(t.raw("base_url"), t.path("base_url"))
@@ -242,9 +247,13 @@ class OpenAIAction:
             base_url=self.settings.base_url,
             max_retries=0,
             timeout=config.timeout_s,
+            # A redirect is not followed (the SDK's default would): a 3xx re-posting the
+            # prompt, payload data in it, wherever it points is dead, as a forward's is.
+            http_client=openai.DefaultAsyncHttpxClient(follow_redirects=False),
         )
 
     async def run(self, event: Event, job: Job) -> Outcome:
+        started = time.monotonic()
         then = self.settings.then
         # A job's result before it is done can only be the answer an earlier attempt kept when
         # its then-forward failed.
@@ -257,7 +266,22 @@ class OpenAIAction:
             answer = asked
         if then is None:
             return Outcome.done(answer)
-        sent = await then.send(self.http, event, answer)
+        # Within what is left of the attempt, a little before the worker's timeout_s cuts it
+        # off: an attempt cut off there records no result, and the answer must be kept.
+        left_s = self.config.timeout_s - (time.monotonic() - started)
+        try:
+            async with asyncio.timeout(max(left_s - min(1.0, self.config.timeout_s / 20), 0.0)):
+                sent = await then.send(self.http, event, answer)
+        except TimeoutError:
+            return Outcome.retry(
+                "then.forward: no answer within the attempt's timeout_s",
+                result=answer,
+                answer_reused=reused,
+            )
+        except Exception as exc:  # a bug or an odd failure: the answer is kept all the same
+            return Outcome.retry(
+                f"then.forward: {type(exc).__name__}: {exc}", result=answer, answer_reused=reused
+            )
         detail = {"then": dict(sent.detail), "answer_reused": reused}
         if sent.kind == "done":
             return Outcome.done(answer, **detail)
