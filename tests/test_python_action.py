@@ -12,10 +12,11 @@ from typing import Any
 import actionkit
 import pytest
 from actionkit import action_kit
+from conftest import new_event
 
 import webhookd
 from webhookd import actions
-from webhookd.actions.python import resolve_handler
+from webhookd.actions.python import PythonAction, resolve_handler
 from webhookd.config import loads
 from webhookd.errors import ConfigError
 from webhookd.models import Job, JobState
@@ -97,6 +98,44 @@ async def test_blocking_sync_handlers_do_not_hold_up_the_loops_default_executor(
             BLOCKED.set()
         await running
     assert len(BLOCKING) == handlers
+
+
+ENTERED, LET_GO = threading.Event(), threading.Event()
+CALLED: list[str] = []
+
+
+def held_until_let_go(event: webhookd.Event) -> str:
+    CALLED.append(event.id)
+    ENTERED.set()
+    LET_GO.wait(30.0)
+    return event.id
+
+
+async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_runs() -> None:
+    """With every thread held by a handler that overran (abandoned, still running), the next
+    attempt's call waits for a thread; cut off there by its timeout, it is recorded as timed
+    out and retried, so the thread that frees up later must not run it too."""
+    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
+    config += 'handler = "test_python_action:held_until_let_go"\n'
+    (action_config,) = loads(config).sources["s"].actions
+    action = PythonAction(action_config)
+    ENTERED.clear()
+    LET_GO.clear()
+    CALLED.clear()
+    events = [new_event("s", 0.0) for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    try:
+        first = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
+        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
+        with pytest.raises(TimeoutError):  # cut off once its call is queued behind the first
+            async with asyncio.timeout(0):
+                await action.run(events[1], None)  # type: ignore[arg-type]
+    finally:
+        LET_GO.set()
+    assert (await first).result == events[0].id
+    assert (await action.run(events[2], None)).result == events[2].id  # type: ignore[arg-type]
+    await action.aclose()
+    assert [events[0].id, events[2].id] == CALLED
 
 
 async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:

@@ -135,6 +135,10 @@ class HandlerThreads:
                     self._threads -= 1
                     return
                 loop, future, context, fn, arg = self._work.popleft()
+            if future.cancelled():
+                # Its attempt timed out (or was drained) while it waited for a thread, and was
+                # recorded so: run now, the handler would do the work its retry does again.
+                continue
             try:
                 result, error = context.run(fn, arg), None
             except BaseException as exc:  # the awaiting side decides what it means
