@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -202,6 +204,41 @@ async def test_background_child_holding_stdout_does_not_hold_the_job(tmp_path: P
     assert job.history[0].detail is not None
     assert job.history[0].detail["stdout"] == "started\n"
     await child_ends(int(pid_file.read_text()))
+
+
+async def test_a_child_that_left_the_group_does_not_turn_an_exit_0_into_a_timeout(
+    tmp_path: Path,
+) -> None:
+    """A program that exits 0 leaving a child of its own session (setsid) on its stdout is done
+    within the kill grace, its exit status kept: not cut off at timeout_s and run again."""
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('deployed')"
+    )
+    try:
+        job = await run_command(tmp_path, python_argv(code), timeout_s=3 * command._KILL_GRACE_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (job.state, job.attempts, job.history[0].outcome) == (JobState.DONE, 1, "done")
+    assert job.history[0].detail is not None
+    assert (job.history[0].detail["exit_code"], job.history[0].detail["stdout"]) == (
+        0,
+        "deployed\n",
+    )
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_arguments_too_long_for_the_system_are_dead_not_retried(tmp_path: Path, loop: str) -> None:
+    """A payload that makes an argument longer than the kernel takes (E2BIG) fails the same way
+    every time: dead at once, saying why."""
+    body = {"text": "x" * 200_000}  # Linux takes 128 KiB per argument
+    job = run_on(loop, run_command(tmp_path, python_argv("pass", "{{ text }}"), body=body))
+    assert (job.state, job.attempts, job.history[0].outcome) == (JobState.DEAD, 1, "dead")
+    assert job.last_error is not None and os.strerror(errno.E2BIG) in job.last_error
 
 
 ENOENT = os.strerror(errno.ENOENT)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import logging
 import os
@@ -197,9 +198,12 @@ class CommandAction:
                 start_new_session=True,
             )
         except OSError as exc:
-            # A missing program may appear (a deploy in progress); retry rather than give up.
             where = _looked_up(argv[0], self.settings.cwd)
-            return Outcome.retry(f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}")
+            error = f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}"
+            if exc.errno == errno.E2BIG:  # the payload made the arguments too long: every time
+                return Outcome.dead(error)
+            # A missing program may appear (a deploy in progress); retry rather than give up.
+            return Outcome.retry(error)
         pid = transport.get_pid()
         _RUNNING_GROUPS.add(pid)
         try:
@@ -214,7 +218,12 @@ class CommandAction:
                 stdin.close()
             await watch.exited.wait()
             _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
-            await watch.closed.wait()
+            # Only a process that left the group (setsid) can still hold them: the program's
+            # exit status stands without waiting for it, else a deploy script that exited 0
+            # would be cut off at timeout_s and run again.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_KILL_GRACE_S):
+                    await watch.closed.wait()
         except BaseException:
             # Timed out or cancelled by a drain: end the whole group, then let the error go on.
             await asyncio.shield(_stop(pid, watch))
