@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from conftest import Target, make_config
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from webhookd import actions
 from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
 from webhookd.errors import ConfigError
@@ -135,6 +138,56 @@ async def test_a_header_naming_a_variable_that_is_not_set_is_a_config_error(
         send(f'url = "{target.url}/x"\nheaders = {{ Authorization = "env:FWD_UNSET" }}')
     assert err.value.key == "sources.shop.actions[0].headers.Authorization"
     assert "FWD_UNSET" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        ('{ Authorization = "env:FWD_TOKEN" }', "Authorization"),  # ends in a newline
+        ('{ X-Tag = "a\\u0000b" }', "X-Tag"),
+        ('{ X-Tag = "a\\r\\nX-Injected: 1" }', "X-Tag"),
+        ('{ "X Tag" = "a" }', "X Tag"),
+        ('{ "X-Tag:" = "a" }', "X-Tag:"),
+    ],
+)
+def test_a_header_no_request_can_carry_is_a_config_error_not_a_failing_delivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, headers: str, key: str
+) -> None:
+    """A header name or value HTTP cannot carry (a secret from the environment ending in a
+    newline, say) is refused at the start, naming its key and not showing the value: sent, it
+    failed every attempt until the job went dead."""
+    monkeypatch.setenv("FWD_TOKEN", "Bearer downstream-token\n")
+    text = (
+        '[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\n'
+        f'url = "http://127.0.0.1:9/x"\nheaders = {headers}\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        actions.validate(make_config(tmp_path, text))
+    assert err.value.key == f"sources.shop.actions[0].headers.{key}"
+    assert "downstream-token" not in str(err.value)
+
+
+async def test_the_daemon_keeps_no_cookies_from_one_delivery_to_the_next(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A target's Set-Cookie is not sent back with later deliveries (another event, tenant or
+    source may be next): the daemon's HTTP client keeps no cookies."""
+    target.headers = {"Set-Cookie": "session=from-target; Path=/"}
+    url = target.url.replace("127.0.0.1", "localhost")  # cookies are not kept for IP addresses
+    cfg = make_config(
+        tmp_path, f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{url}/in"\n'
+    )
+    running = await run_daemon(cfg)
+    pool = running.daemon.pool
+    assert pool is not None
+    finished: asyncio.Queue[None] = asyncio.Queue()
+    pool.on_finish.append(lambda *_: finished.put_nowait(None))
+    for n in range(2):  # one after the other: the first's answer is in before the second goes
+        status, _ = await running.post("/hooks/shop", b'{"n": %d}' % n)
+        assert status == 202
+        await asyncio.wait_for(finished.get(), 10.0)
+    assert [s.headers.get("Cookie") for s in target.seen] == [None, None]
+    assert pool.outcomes["done"] == 2
 
 
 @pytest.mark.parametrize(("status", "kind"), [(200, "done"), (500, "retry"), (404, "dead")])

@@ -177,6 +177,9 @@ class Daemon:
                 aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=max(cfg.workers.concurrency * 2, 100)),
                     timeout=aiohttp.ClientTimeout(total=None),
+                    # No cookies: one target's Set-Cookie would go back with every later
+                    # delivery to its host, whatever the event, tenant or source.
+                    cookie_jar=aiohttp.DummyCookieJar(),
                 )
             )
             self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)

@@ -14,6 +14,7 @@ import datetime
 import email.utils
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 _RESPONSE_HEAD_BYTES = 1024
 _LOCATION_CHARS = 500
 
@@ -86,7 +88,25 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ConfigError(t.path(name), "must be a table of strings")
-    return {k: text_or_secret(v, f"{t.path(name)}.{k}") for k, v in value.items()}
+    headers = {}
+    for k, v in value.items():
+        key = f"{t.path(name)}.{k}"
+        if not _HEADER_NAME.fullmatch(k):
+            raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        headers[k] = header_value(text_or_secret(v, key), key)
+    return headers
+
+
+def header_value(value: str, key: str) -> str:
+    """``value`` if an HTTP header can carry it, else ``ConfigError`` naming ``key`` (without the
+    value: it may be a secret). Refused here, at the start, rather than by every delivery."""
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(
+            key,
+            "holds a line break or a NUL, which no header can carry (an env: value ending in"
+            " a newline?)",
+        )
+    return value
 
 
 def read_signing_secrets(t: Table) -> tuple[Secret, ...]:
