@@ -42,8 +42,9 @@ def journaled_ids(path: Path) -> set[str]:
 async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With the journal out of space every webhook gets 503; once space returns, 202 again.
-    The failed commits, which any sender causes, are logged ten a minute, not one each."""
+    """With the journal out of space every webhook gets 503 and /readyz 503; once space
+    returns, /readyz is 200 at once and webhooks get 202 again. The failed commits, which any
+    sender causes, are logged ten a minute, not one each."""
     caplog.set_level(logging.ERROR, logger="webhookd.journal")
     cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
     running: Running = await run_daemon(cfg)
@@ -70,8 +71,12 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     # /readyz tells a load balancer the journal cannot take writes.
     async with running.http.get(running.admin_url + "/readyz") as r:
         assert r.status == 503
-    # Space returns: no restart, the next webhook is stored and acknowledged.
+    # Space returns: no restart. /readyz says so before any webhook comes (a load balancer
+    # that took the node out sends it none), and the next webhook is stored and acknowledged.
     await journal._call(pragma("max_page_count = 1073741823"), transaction=False)
+    async with running.http.get(running.admin_url + "/readyz") as r:
+        assert (r.status, await r.json()) == (200, {"ready": True})
+    assert await journal.paused_sources() == frozenset()
     status, doc = await running.post("/hooks/a", big, headers=JSON)
     assert status == 202
     assert await running.stop() == 0

@@ -256,10 +256,14 @@ class Admin:
         problems = []
         if self.ctx.intake.draining:
             problems.append("draining")
-        if self.ctx.journal.writer_problem:
-            problems.append(self.ctx.journal.writer_problem)
-        elif self.ctx.journal.last_write_error:
-            problems.append(f"journal: {self.ctx.journal.last_write_error}")
+        journal = self.ctx.journal
+        if journal.writer_problem:
+            problems.append(journal.writer_problem)
+        elif journal.last_write_error:
+            with contextlib.suppress(JournalError):  # still failing: the error says why
+                await journal.probe_write()
+            if journal.last_write_error:
+                problems.append(f"journal: {journal.last_write_error}")
         if problems:
             return web.json_response({"ready": False, "problems": problems}, status=503)
         return web.json_response({"ready": True})

@@ -155,6 +155,10 @@ CHECKPOINT_EVERY_S = 0.5
 # later one only what was committed while the one before ran (a few pages), until none is left.
 CHECKPOINT_PASSES = 4
 _T = TypeVar("_T")
+# The row ``probe_write`` adds and removes (no source name starts with a dot), and its size:
+# about a big webhook's body.
+_PROBE = ".write-probe"
+PROBE_BYTES = 64 * 1024
 
 # A running job put back in the queue (drain, recovery) at ``?1``, or cancelled instead when a
 # cancel came while it ran.
@@ -1133,6 +1137,19 @@ class Journal(Reads, BaseJournal):
             return cur.rowcount > 0
 
         return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def probe_write(self) -> None:
+        # A row of PROBE_BYTES added and taken out in one transaction: SQLite writes the pages
+        # a transaction touched, not only what it changed, so the commit needs as much room as
+        # a webhook's body would (a full disk refuses it) and leaves nothing behind.
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO paused_sources(source, paused_at) VALUES (?, zeroblob(?))",
+                (_PROBE, PROBE_BYTES),
+            )
+            conn.execute("DELETE FROM paused_sources WHERE source = ?", (_PROBE,))
+
+        await self._call(fn)
 
     async def resume(self, source: str) -> bool:
         """Let ``source``'s jobs run again; ``False`` if it was not paused."""

@@ -233,6 +233,14 @@ class BaseJournal(ABC):
         heartbeat) does nothing here."""
         return None
 
+    async def probe_write(self) -> None:
+        """While ``last_write_error`` is set: try a write that leaves nothing behind, so the
+        error clears once the journal takes writes again even with no webhook coming to show
+        it (``/readyz`` asks: a load balancer that took this node out sends it none). Raises
+        ``JournalUnavailable`` while writes still fail. A journal whose own heartbeat keeps
+        writing (PostgreSQL's) does nothing here."""
+        return None
+
     def _count_replayed(self, out: dict[str, Replayed]) -> dict[str, Replayed]:
         self.backlog_jobs += sum(r.requeued for r in out.values())
         return out
