@@ -198,6 +198,34 @@ def test_unresolvable_handler_is_a_config_error_naming_handler(handler: str, mes
     assert err.value.key == "sources.s.actions[0].handler"
 
 
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        ("import sys\nsys.exit('NEEDED_VAR is not set')", "SystemExit: NEEDED_VAR is not set"),
+        ("import sys\nsys.exit(0)", "SystemExit: 0"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ],
+    ids=["exit-message", "exit-0", "keyboard-interrupt"],
+)
+def test_a_handler_module_that_exits_while_importing_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, says: str
+) -> None:
+    """A module that calls sys.exit() at import (a variable missing, arguments parsed at module
+    level) is a config error naming ….handler: at a reload it would otherwise end the daemon,
+    and ``check`` would exit 0 or 1 without a word about the key."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"exits_on_import_{abs(hash(code))}"
+    (tmp_path / f"{name}.py").write_text(code + "\ndef handle(event):\n    return 1\n")
+    text = (
+        '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
+        f'handler = "{name}:handle"\npath = "{tmp_path}"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(text))
+    assert err.value.key == "sources.s.actions[0].handler"
+    assert f"importing {name!r} failed: {says}" in str(err.value)
+
+
 def test_path_option_makes_a_project_directory_importable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

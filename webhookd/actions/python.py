@@ -65,7 +65,11 @@ def resolve_handler(config: ActionConfig) -> Handler:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from exc
-    except Exception as exc:  # the user's module failed while importing
+    except BaseException as exc:  # the user's module failed while importing
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        # SystemExit too (a module that calls sys.exit() when a variable is missing, or parses
+        # its arguments at import): left to propagate, a reload's import would end the daemon.
         raise ConfigError(
             key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
