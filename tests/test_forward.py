@@ -167,6 +167,21 @@ def test_a_header_no_request_can_carry_is_a_config_error_not_a_failing_delivery(
     assert "downstream-token" not in str(err.value)
 
 
+@pytest.mark.parametrize("url", ["htps://hooks.example.com/T0/SUPERSECRET", "http://[SUPERSECRET"])
+def test_a_secret_url_that_is_not_one_is_refused_without_showing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A forward's URL read from env: may hold a token: its error names the key, never the
+    value (a config error is printed, and logged by a refused reload)."""
+    monkeypatch.setenv("FWD_URL", url)
+    text = '[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "env:FWD_URL"\n'
+    with pytest.raises(ConfigError) as err:
+        actions.validate(make_config(tmp_path, text))
+    assert err.value.key == "sources.shop.actions[0].url"
+    assert "is not an http(s) URL" in str(err.value)
+    assert "SUPERSECRET" not in str(err.value)
+
+
 async def test_the_daemon_keeps_no_cookies_from_one_delivery_to_the_next(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -59,13 +59,18 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
 
 
-def check_url(value: Any, key: str) -> str:
-    """An http(s) URL from config, or ``ConfigError`` naming ``key``."""
+def check_url(value: Any, key: str, *, secret: bool = False) -> str:
+    """An http(s) URL from config, or ``ConfigError`` naming ``key``; the error quotes the value
+    unless it is a ``secret`` (read from ``env:``/``file:``: a URL with a token in it)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "is required (the URL to deliver to)")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(key, f"{value!r} is not an http(s) URL")
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # "http://[::1", say
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        shown = "its value (a secret, not shown)" if secret else repr(value)
+        raise ConfigError(key, f"{shown} is not an http(s) URL")
     return value
 
 
@@ -73,11 +78,14 @@ def read_url(t: Table, name: str) -> str:
     """The required http(s) URL at key ``name``; a ``Secret`` one (``[alerts] url``) revealed,
     an ``env:``/``file:`` one read (a URL with a token in it is a credential)."""
     value = t.raw(name, None)
+    secret = isinstance(value, Secret) or (
+        isinstance(value, str) and value.startswith(("env:", "file:"))
+    )
     if isinstance(value, Secret):
         value = value.reveal()
     elif isinstance(value, str):
         value = text_or_secret(value, t.path(name))
-    return check_url(value, t.path(name))
+    return check_url(value, t.path(name), secret=secret)
 
 
 def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
