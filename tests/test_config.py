@@ -137,6 +137,21 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ),
         ('[journal]\npath = ""', "journal.path"),  # read as ".", the working directory
         ('[journal]\npath = "/"', "journal.path"),  # a folder, not the journal's file
+        (
+            '[[sources.a.actions]]\ntype = "log"\nretry = { max_attempts = 99999999999999999999 }',
+            "sources.a.actions[0].retry.max_attempts",
+        ),
+        ('[server]\nlisten = "127.0.0.1:\u00b2"', "server.listen"),  # a digit, not an ASCII one
+        ('[journal]\nurl = "postgresql://db:\u00b2/x"', "journal.url"),
+        ('[[sources.a.actions]]\ntype = "log"\nlane = ["x"]', "sources.a.actions[0].lane"),
+        (
+            '[sources.a]\nverify = { scheme = "github", secret = "file:/tmp/a\\u0000b" }',
+            "sources.a.verify.secret",
+        ),
+        (f'[journal]\npath = "/tmp/{"x" * 300}/j.db"', "journal.path"),
+        ("[sources.a]\nack_status = 204", "sources.a.ack_status"),
+        ("[sources.a]\nack_status = 205", "sources.a.ack_status"),
+        ("[sources.a]\nintake_per_s = 1e-320", "sources.a.intake_per_s"),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],
@@ -152,6 +167,12 @@ def test_bad_values_name_their_dotted_key(text: str, key: str) -> None:
 def test_invalid_toml_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         loads("[server\nlisten=", "x.toml")
+    assert "\n" not in str(info.value)
+
+
+def test_toml_nested_too_deep_is_one_clear_line() -> None:
+    with pytest.raises(ConfigError, match="nested too deep") as info:
+        loads("x = " + "[" * 5000 + "]" * 5000, "x.toml")
     assert "\n" not in str(info.value)
 
 

@@ -175,7 +175,7 @@ def parse_listen(value: Any, key: str) -> Listen:
     if not isinstance(value, str):
         raise ConfigError(key, 'must be a string like "127.0.0.1:8080"')
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):  # "²" is a digit too
         raise ConfigError(key, f"{value!r} is not HOST:PORT")
     port = int(port_text)
     if not 0 <= port <= 65535:
@@ -373,7 +373,9 @@ class SourceConfig:
     dedup: Extractor | None = None
     tenant: Extractor | None = None
     priority: PriorityRule = PriorityRule()
-    intake_per_s: float | None = setting(None, positive=True)
+    # At least one webhook in about 17 minutes: a rate near zero makes a Retry-After no
+    # number can hold.
+    intake_per_s: float | None = setting(None, minimum=0.001)
     ack_status: int = 202
     concurrency: int | None = setting(None, minimum=1)
     # A cap on one tenant's running jobs of this source.
@@ -715,7 +717,7 @@ def check_journal_url(url: Secret, key: str) -> None:
         name, colon, port = host.rpartition(":")
         if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
             continue  # no port (an IPv6 address's own colons are inside its brackets)
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             # Not quoted: with a / or ? in a password, what stands here is part of the password.
             raise ConfigError(
                 key,
@@ -743,6 +745,10 @@ def check_number(
         raise ConfigError(key, f"must be {kind}, not {_type_name(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(key, f"must be a finite number, not {value}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # TOML's own range, which Python's reader does not hold to; SQLite and PostgreSQL
+        # refuse such a number at the first write (a max_attempts: every webhook a 503).
+        raise ConfigError(key, "is beyond a 64-bit integer")
     if positive and value <= 0:
         raise ConfigError(key, "must be greater than 0")
     if minimum is not None and value < minimum:
@@ -773,8 +779,13 @@ def read_secret(value: Any, key: str = "") -> Secret:
         # read at every load, so a reload (SIGHUP) takes a rotated one.
         try:
             text = Path(value[5:]).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            elif isinstance(exc, UnicodeDecodeError):
+                reason = "not UTF-8"
+            else:
+                reason = "not a file path"
             return Secret(None, origin=value, key=key, unreadable=reason)
         return Secret(text.rstrip("\r\n"), origin=value, key=key)
     return Secret(value, key=key)
@@ -951,8 +962,9 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
     source = t.read(
         source, only=("intake_per_s", "ack_status", "concurrency", "tenant_concurrency")
     )
-    if not 200 <= source.ack_status <= 299:
-        raise ConfigError(t.path("ack_status"), "must be a 2xx status code")
+    if not 200 <= source.ack_status <= 299 or source.ack_status in (204, 205):
+        # 204 and 205 have no body; the ack's JSON after one breaks a keep-alive client.
+        raise ConfigError(t.path("ack_status"), "must be a 2xx status code other than 204 or 205")
     raw_actions = t.raw("actions", [])
     if not isinstance(raw_actions, list):
         raise ConfigError(t.path("actions"), "must be an array of tables")
@@ -1058,10 +1070,15 @@ def parse(
         raise ConfigError(j.path("path"), "must name the journal's file (like ./webhookd.db)")
     journal = j.read(JournalConfig())
     j.finish()
-    if journal.url is None and journal.path.is_dir():
-        raise ConfigError(
-            j.path("path"), f"{str(journal.path)!r} is a folder: name the journal's file in it"
-        )
+    if journal.url is None:
+        try:
+            folder = journal.path.is_dir()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL
+            raise ConfigError(j.path("path"), f"is not a usable path: {exc}") from None
+        if folder:
+            raise ConfigError(
+                j.path("path"), f"{str(journal.path)!r} is a folder: name the journal's file in it"
+            )
     if journal.url is not None and not journal.url.missing:
         check_journal_url(journal.url, j.path("url"))
     if journal.listen_url is not None:
@@ -1115,6 +1132,8 @@ def parse(
     for src in sources.values():
         for action in src.actions:
             lane = action.options.get("lane")
+            if lane is not None and not isinstance(lane, str):
+                raise ConfigError(f"{action.key}.lane", f"must be a string, not {_type_name(lane)}")
             if lane is not None and lane not in lanes:
                 raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
     alerts = _alerts(root.table("alerts"), kinds) if root.has("alerts") else None
@@ -1147,6 +1166,8 @@ def loads(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{origin}: not valid TOML: {exc}") from exc
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError("", f"{origin}: not valid TOML: nested too deep") from None
     return parse(data, origin, secrets=secrets, kinds=kinds)
 
 
