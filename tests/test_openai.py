@@ -20,6 +20,7 @@ from conftest import Target, make_config
 from openai_standin import StandIn
 from standardwebhooks.webhooks import Webhook
 
+from webhookd.actions.openai import _Settings
 from webhookd.clock import ManualClock
 from webhookd.config import loads
 from webhookd.errors import ConfigError
@@ -508,15 +509,23 @@ max_tokens = 10
     assert err.value.key == key and says in str(err.value)
 
 
-def test_max_tokens_and_api_key_are_required() -> None:
-    """Without max_tokens the lane cannot reserve; without api_key nothing works: both named."""
+def test_max_tokens_is_required_and_api_key_defaults_to_openai_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without max_tokens the lane cannot reserve: named. Without api_key the key is the
+    openai package's own ``OPENAI_API_KEY`` (as the design's example config has it), and its
+    absence is named too."""
     from webhookd import actions
 
     base = '[sources.s]\n[[sources.s.actions]]\ntype = "openai"\nmodel = "m"\nprompt = "p"\n'
-    with pytest.raises(ConfigError, match=r"actions\[0\]\.api_key"):
-        actions.validate(loads(base))
     with pytest.raises(ConfigError, match=r"actions\[0\]\.max_tokens"):
         actions.validate(loads(base + f'api_key = "env:{KEY}"\n'))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"actions\[0\]\.api_key: .*OPENAI_API_KEY"):
+        actions.validate(loads(base + "max_tokens = 10\n"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    (action,) = loads(base + "max_tokens = 10\n").sources["s"].actions
+    assert _Settings(action).api_key.reveal() == "sk-from-the-environment"
 
 
 @pytest.mark.parametrize(
