@@ -245,6 +245,20 @@ async def test_a_journal_path_naming_a_folder_or_under_a_file_is_refused_and_tou
         await Journal(tmp_path / "body.json" / "j.db").open()
 
 
+async def test_a_journal_path_naming_another_file_is_refused_and_its_mode_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A journal.path that names some other file by mistake (/etc/hosts, say) is refused as not
+    a database without being made 0600 first: other users go on reading it."""
+    other = tmp_path / "hosts"
+    other.write_text("127.0.0.1 localhost\n")
+    other.chmod(0o644)
+    with pytest.raises(JournalError, match="not a database"):
+        await Journal(other).open()
+    assert stat.S_IMODE(other.stat().st_mode) == 0o644
+    assert other.read_text() == "127.0.0.1 localhost\n"
+
+
 async def test_a_cli_journal_closing_beside_a_long_read_does_not_hold_up_the_daemons_commits(
     tmp_path: Path,
 ) -> None:

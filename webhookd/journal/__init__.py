@@ -169,6 +169,9 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def _owner_only(path: Path) -> None:
     """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600.
 
@@ -179,6 +182,13 @@ def _owner_only(path: Path) -> None:
     """
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except OSError:
+        return  # unreadable: opening it says why
+    if head and head != _SQLITE_HEADER:
+        return  # not a journal (a journal.path that names another file by mistake): left as is
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             mode = name.stat().st_mode
