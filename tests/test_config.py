@@ -152,6 +152,34 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ("[sources.a]\nack_status = 204", "sources.a.ack_status"),
         ("[sources.a]\nack_status = 205", "sources.a.ack_status"),
         ("[sources.a]\nintake_per_s = 1e-320", "sources.a.intake_per_s"),
+        (
+            '[sources.a]\nverify = { scheme = "github", secret = "x", tolerance_s = 5 }',
+            "sources.a.verify.tolerance_s",
+        ),
+        (
+            '[sources.a]\nverify = { scheme = "stripe", secret = "x", header = "X-Sig" }',
+            "sources.a.verify.header",
+        ),
+        (
+            '[sources.a]\nverify = { scheme = "twilio", secret = "x",'
+            ' url = "hooks.example.com/hooks/a" }',
+            "sources.a.verify.url",
+        ),
+        (
+            '[sources.a]\nverify = { scheme = "hmac", secret = "x", header = "X-Sig",'
+            ' signed = "{timestamp}.{body}", timestamp_header = "" }',
+            "sources.a.verify.timestamp_header",
+        ),
+        (
+            '[sources.a]\nverify = { scheme = "hmac", secret = "x", header = "X-Sig",'
+            " tolerance_s = 60 }",
+            "sources.a.verify.tolerance_s",
+        ),
+        ('[admin]\ntoken = "tok\\n"', "admin.token"),
+        (
+            '[[sources.a.actions]]\ntype = "command"\nargv = ["", "x"]',
+            "sources.a.actions[0].argv[0]",
+        ),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],

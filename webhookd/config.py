@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from webhookd.errors import ConfigError
 from webhookd.models import Priority
 from webhookd.schemes import SCHEMES
+from webhookd.schemes.base import OPTION_KEYS
 from webhookd.schemes.base import VerifyConfig as VerifyConfig
 from webhookd.secret import Secret as Secret
 
@@ -883,6 +884,13 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     dedup_body = t.bool("dedup_body", True)
     t.finish()
     impl = SCHEMES[scheme]
+    for name in OPTION_KEYS:
+        if t.has(name) and name not in impl.option_keys:
+            # A tolerance_s on github, say, would promise a replay window that is not there.
+            takes = ", ".join(k for k in OPTION_KEYS if k in impl.option_keys) or "none of them"
+            raise ConfigError(
+                t.path(name), f"does not apply to scheme {scheme!r} (its own keys: {takes})"
+            )
     if t.has("allow_sha1") and not impl.legacy_sha1:
         legacy = [name for name, s in SCHEMES.items() if s.legacy_sha1]
         raise ConfigError(t.path("allow_sha1"), f"only applies to schemes {' and '.join(legacy)}")
@@ -1056,6 +1064,14 @@ def parse(
             a.path("listen"),
             f"{admin.listen} is also used by server.listen ({server.listen}): "
             "give each its own port",
+        )
+    token = admin.token
+    if token is not None and not token.missing and any(c in token.reveal() for c in "\r\n\0"):
+        # No client can send it in an Authorization header: every request would be a 401.
+        raise ConfigError(
+            a.path("token"),
+            "holds a line break or a NUL, which no header can carry (an env: value ending"
+            " in a newline?)",
         )
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.

@@ -65,6 +65,8 @@ class _Settings:
         )
         if self.argv[0].has_lookups:
             raise ConfigError(f"{t.path('argv')}[0]", "the program itself cannot be a lookup")
+        if not argv[0]:
+            raise ConfigError(f"{t.path('argv')}[0]", "must name the program to run")
         cwd = t.raw("cwd", None)
         if cwd is not None and (not isinstance(cwd, str) or not cwd):
             raise ConfigError(t.path("cwd"), "must be a directory path")

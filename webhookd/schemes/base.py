@@ -82,6 +82,20 @@ class Options(Protocol):
     def path(self, name: str) -> str: ...
 
 
+# The verify keys some schemes read and others do not (``Scheme.option_keys``).
+OPTION_KEYS = (
+    "tolerance_s",
+    "url",
+    "verify_token",
+    "header",
+    "algorithm",
+    "encoding",
+    "prefix",
+    "timestamp_header",
+    "signed",
+)
+
+
 class Scheme(ABC):
     """One provider's signature scheme: everything webhookd knows about it, in one place.
 
@@ -103,6 +117,9 @@ class Scheme(ABC):
     dedup_json: ClassVar[str | None]
     # The verify key that adds a signed timestamp to an otherwise untimed scheme (hmac's).
     untimed_unless: ClassVar[str | None] = None
+    # The verify keys it reads besides the secret(s) and the checked-elsewhere allow_sha1 and
+    # dedup_body (of OPTION_KEYS): any other given is refused, not silently ignored.
+    option_keys: ClassVar[frozenset[str]] = frozenset()
     # Verify keys required besides the secret, each with an example value (for docs and tests).
     required_keys: ClassVar[Mapping[str, str]] = {}
     # Methods besides POST that the provider's handshake comes with (Meta's GET): the receiver

@@ -47,6 +47,12 @@ def _check_template(table: Options, signed: str | None, timestamp_header: str | 
     read from a header but left out of the template can be changed at will, and then its
     tolerance check guards nothing.
     """
+    if timestamp_header == "":  # read as no header at all: every webhook "missing timestamp"
+        raise ConfigError(table.path("timestamp_header"), "must name a header")
+    if timestamp_header is None and table.has("tolerance_s"):
+        raise ConfigError(
+            table.path("tolerance_s"), "needs timestamp_header: without one no time is checked"
+        )
     template = signed or "{body}"
     if "{body}" not in template:
         raise ConfigError(table.path("signed"), "must contain {body}, or the body is not signed")
@@ -62,6 +68,9 @@ def _check_template(table: Options, signed: str | None, timestamp_header: str | 
 
 class Hmac(Scheme):
     name = "hmac"
+    option_keys = frozenset(
+        {"header", "algorithm", "encoding", "prefix", "timestamp_header", "signed", "tolerance_s"}
+    )
     legacy_sha1 = False
     untimed_always = False
     dedup_headers = ()

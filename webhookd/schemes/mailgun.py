@@ -75,6 +75,7 @@ def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
 
 class Mailgun(Scheme):
     name = "mailgun"
+    option_keys = frozenset({"tolerance_s"})
     legacy_sha1 = False
     untimed_always = False
     dedup_headers = ()  # the token in the signature fields: see dedup_key

@@ -23,6 +23,7 @@ from webhookd.schemes.base import (
 
 class Meta(Scheme):
     name = "meta"
+    option_keys = frozenset({"verify_token"})
     legacy_sha1 = True
     untimed_always = True
     dedup_headers = ()

@@ -28,6 +28,7 @@ from webhookd.schemes.base import (
 
 class Slack(Scheme):
     name = "slack"
+    option_keys = frozenset({"tolerance_s"})
     legacy_sha1 = False
     untimed_always = False
     dedup_headers = ()

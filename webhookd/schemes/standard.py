@@ -60,6 +60,7 @@ def sign_standard(secrets: Sequence[str], *, msg_id: str, timestamp: int, body: 
 
 class Standard(Scheme):
     name = "standard"
+    option_keys = frozenset({"tolerance_s"})
     legacy_sha1 = False
     untimed_always = False
     dedup_headers = ("webhook-id", "svix-id")

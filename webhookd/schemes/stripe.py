@@ -25,6 +25,7 @@ from webhookd.schemes.base import (
 
 class Stripe(Scheme):
     name = "stripe"
+    option_keys = frozenset({"tolerance_s"})
     legacy_sha1 = False
     untimed_always = False
     dedup_headers = ()

@@ -21,6 +21,7 @@ from webhookd.schemes.base import (
 
 class Token(Scheme):
     name = "token"
+    option_keys = frozenset({"header", "prefix"})
     legacy_sha1 = False
     untimed_always = True
     dedup_headers = ()

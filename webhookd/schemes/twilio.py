@@ -73,6 +73,7 @@ def _body_hash_param(url: str) -> str | None:
 
 class Twilio(Scheme):
     name = "twilio"
+    option_keys = frozenset({"url"})
     legacy_sha1 = False
     untimed_always = True
     dedup_headers = ("I-Twilio-Idempotency-Token",)
@@ -84,6 +85,15 @@ class Twilio(Scheme):
         # Behind a proxy the URL the daemon sees is not the one Twilio signed.
         if not cfg.url:
             raise ConfigError(table.path("url"), "is required for scheme 'twilio' (the public URL)")
+        try:
+            parts = urlsplit(cfg.url)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            # Twilio signs the whole URL, scheme included: without one no signature matches.
+            raise ConfigError(
+                table.path("url"), f"{cfg.url!r} is not the full http(s) URL Twilio calls"
+            )
 
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
