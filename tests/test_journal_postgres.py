@@ -7,6 +7,7 @@ by several nodes has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -24,14 +25,15 @@ from test_journal_contract import LEASE_S, START, Taker, claimed_one, finished, 
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal import Cap, Claimed, Finished, NewEvent, Poisoned
-from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, nodes, redact_url
+from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
+from webhookd.journal.batch import IngestOp
+from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, db, nodes, redact_url
 from webhookd.journal.postgres.db import db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
-from webhookd.journal.postgres.writes import PRUNE_SQL
+from webhookd.journal.postgres.writes import PRUNE_SQL, write_ingests
 from webhookd.models import JobState, Priority
-from webhookd.workers import WorkerPool
+from webhookd.workers import WorkerPool, order_cap
 
 
 def node(url: str, clock: ManualClock) -> PostgresJournal:
@@ -188,7 +190,8 @@ async def test_pg_the_leaders_lease_loop_hands_its_poison_pills_to_on_poisoned(
     pg_url: str,
 ) -> None:
     """A silent node's job at its last recovery goes to dead in the leader's lease loop, long
-    after start: the daemon hears of it through ``on_poisoned`` (alerts, dead-letter metric)."""
+    after start (once the leader has been up a whole lease itself): the daemon hears of it
+    through ``on_poisoned`` (alerts, dead-letter metric)."""
     clock = ManualClock(START)
     async with node(pg_url, clock) as silent:
         item = new_event()
@@ -201,6 +204,7 @@ async def test_pg_the_leaders_lease_loop_hands_its_poison_pills_to_on_poisoned(
         heard: asyncio.Future[Sequence[Poisoned]] = asyncio.get_running_loop().create_future()
         leader.on_poisoned = heard.set_result
         async with leader:
+            clock.advance(LEASE_S)
             pills = await asyncio.wait_for(heard, 10)
     job = item.jobs[0]
     assert list(pills) == [Poisoned(item.event.source, job.action, item.event.id)]
@@ -1057,3 +1061,148 @@ async def test_pg_a_url_the_driver_cannot_read_is_a_journal_error_that_shows_no_
         db_error(ConnectionRefusedError(111, "Connection refused"))
         == "[Errno 111] Connection refused"
     )
+
+
+async def test_pg_a_lock_held_by_a_frozen_node_costs_a_write_its_lock_timeout_not_for_ever(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose host froze mid-commit leaves its transaction open, holding the dedup row of
+    a webhook the provider then retries elsewhere. That write gives up after the lock timeout
+    (a 503 the provider retries) instead of holding every webhook of the node behind it, and
+    the next group commits."""
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT_S", 1)
+    async with PostgresJournal(pg_url, lease_s=30) as j:
+        frozen = await asyncpg.connect(pg_url)
+        try:
+            tx = frozen.transaction()
+            await tx.start()
+            await frozen.execute(
+                "INSERT INTO dedup (key, event_id, created_at) VALUES ('shop:D-1', 'evt_A', 0)"
+            )
+            with pytest.raises(JournalUnavailable, match="lock timeout"):
+                await asyncio.wait_for(j.ingest(new_event(key="shop:D-1")), 30)
+            assert j.last_write_error is not None  # /readyz says so meanwhile
+            other = await asyncio.wait_for(j.ingest(new_event()), 30)
+            assert other.duplicate is False and j.last_write_error is None
+            await tx.rollback()
+        finally:
+            await frozen.close()
+
+
+async def test_pg_a_transaction_a_frozen_node_left_open_is_ended_by_the_server(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node frozen between two statements of its write (a VM paused, a host lost) has its
+    transaction ended by the server after the idle-in-transaction timeout, and its locks with
+    it: another node's write of the same delivery then goes through."""
+    monkeypatch.setattr(postgres, "IDLE_IN_TRANSACTION_S", 1)
+    async with PostgresJournal(pg_url, lease_s=30) as a, PostgresJournal(pg_url, lease_s=30) as b:
+        never = asyncio.Event()
+
+        async def freezes(conn: Any) -> None:
+            await conn.execute(
+                "INSERT INTO dedup (key, event_id, created_at) VALUES ('shop:D-2', 'evt_A', 0)"
+            )
+            await never.wait()  # frozen between statements
+
+        stuck = asyncio.create_task(a._write(freezes))
+        try:
+            ingested = await asyncio.wait_for(b.ingest(new_event(key="shop:D-2")), 30)
+        finally:
+            stuck.cancel()
+            with contextlib.suppress(asyncio.CancelledError, JournalUnavailable):
+                await stuck
+    assert ingested.duplicate is False  # A's row went with its transaction
+
+
+async def test_pg_after_an_outage_a_node_recovers_others_only_once_up_for_a_whole_lease(
+    pg_url: str,
+) -> None:
+    """After an outage longer than lease_s every heartbeat is stale at once: the first node
+    back does not take the others' jobs (they are alive and run them) until it has itself been
+    up a whole lease, time in which they heartbeat again."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as j:
+        await j.heartbeat()
+        assert not j._settled()  # just started: not up a whole lease yet
+        clock.advance(LEASE_S)
+        assert j._settled()
+        j.went_down(OSError("connection refused"))
+        assert not j._settled()
+        clock.advance(2 * LEASE_S)  # the outage
+        await j.heartbeat()  # back
+        assert not j._settled()
+        clock.advance(LEASE_S - 1)
+        assert not j._settled()
+        clock.advance(1)
+        assert j._settled()
+
+
+async def test_pg_two_nodes_never_run_two_jobs_of_one_order_key_at_once(pg_url: str) -> None:
+    """Seqs are taken at insert and seen at commit: a claim whose snapshot predates an older job
+    of the key, and one that sees it, each found its job at the head. The pool claims an
+    ordered job under its key's cap (one running), whose lock puts the two claims in turn, so
+    the second sees the first's job running. A trigger holds the first claim open to make the
+    interleaving certain."""
+    ready: dict[str, Ready] = {}
+    async with (
+        PostgresJournal(pg_url, lease_s=30) as b,
+        PostgresJournal(pg_url, lease_s=30) as c,
+        PostgresJournal(pg_url, lease_s=30) as d,
+    ):
+        raw = await asyncpg.connect(pg_url)
+        try:
+            older = new_event(order_key="customer-42")
+            newer = new_event(order_key="customer-42")
+            await raw.execute(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                f" IF NEW.state = 'running' AND NEW.id = '{newer.jobs[0].id}' THEN"
+                " PERFORM pg_sleep(1); END IF; RETURN NEW; END $$;"
+                " CREATE TRIGGER slow BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION slow()"
+            )
+            for item in (older, newer):
+                job = item.jobs[0]
+                ready[job.id] = Ready(job.id, "shop", job.action, 1, "t1", "customer-42", 0)
+            # A's group commit in flight: the older job's seq is taken, its commit not made.
+            tx = raw.transaction()
+            await tx.start()
+            await write_ingests(raw, [IngestOp(asyncio.Future(), older)], START)
+            await b.ingest(newer)  # B's commit lands first, with the later seq
+
+            def claim(node: PostgresJournal, item: NewEvent) -> Awaitable[CapClaim]:
+                job_id = item.jobs[0].id
+                caps = {job_id: (order_cap(ready[job_id]),)}
+                return node.claim_capped([job_id], f"boot_{id(node)}", caps)
+
+            first = asyncio.ensure_future(claim(c, newer))  # its snapshot has no older job
+
+            async def first_held_open() -> bool:
+                return bool(
+                    await b.pool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                    )
+                )
+
+            await poll(first_held_open, timeout_s=10)  # state in another server process
+            await tx.commit()  # A's commit lands while the first claim is held open
+            second = await claim(d, older)
+            got = await first
+        finally:
+            await raw.close()
+    assert [x.job.id for x in got.claimed] == [newer.jobs[0].id]
+    assert second.claimed == []
+
+
+async def test_pg_connections_probe_a_silent_path_with_tcp_keepalive(pg_url: str) -> None:
+    """Every pooled connection has TCP keepalive on, with short probes: a path to the server
+    that goes silent (a failover to another address, a NAT dropping the flow, a frozen host)
+    ends the connection in seconds instead of leaving a write or a heartbeat waiting for ever.
+    (asyncpg has no option for it: the journal sets the socket's options itself.)"""
+    async with PostgresJournal(pg_url, lease_s=30) as j, j.pool.acquire() as conn:
+        sock = conn._con._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == db.KEEPALIVE_IDLE_S
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == db.KEEPALIVE_COUNT
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (
+            db.TCP_USER_TIMEOUT_MS
+        )

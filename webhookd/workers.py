@@ -62,6 +62,11 @@ HOLD_RECHECK_S = 0.01
 _K = TypeVar("_K")
 
 
+def order_cap(job: Ready) -> Cap:
+    """The cap that lets one job of ``job``'s order key run at a time (``WorkerPool._caps``)."""
+    return Cap(f"order\x1f{job.source}\x1f{job.action}\x1f{job.order_key}", 1)
+
+
 def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = random.random) -> float:
     """The wait after the ``attempt``-th failure: ``min(cap, base·factor^(n-1)) · U(0.5, 1)``.
 
@@ -488,11 +493,19 @@ class WorkerPool:
 
     def _caps(self, job: Ready) -> tuple[Cap, ...]:
         """The job's caps that hold across the cluster: its action's, source's and tenant's
-        concurrency, keyed by the configured source (a catch-all's jobs share its caps)."""
+        concurrency, keyed by the configured source (a catch-all's jobs share its caps), and
+        one running job per order key (``ordered_by``).
+
+        The order key's cap is what keeps two nodes from starting two jobs of one key: each
+        claim checks the head of the key on its own snapshot, and a job committed between two
+        claims' snapshots (seqs are taken at insert, seen at commit) let both pass. Claims of a
+        cap take its lock and count what the one before committed."""
         source = self.config.source_for(job.source)
         if source is None:
             return ()
         caps = []
+        if job.order_key is not None:
+            caps.append(order_cap(job))
         action = source.action(job.action)
         if action is not None and action.concurrency is not None:
             caps.append(Cap(f"action\x1f{source.name}\x1f{job.action}", action.concurrency))

@@ -52,6 +52,7 @@ from webhookd.journal.batch import (
 from webhookd.journal.postgres.db import (
     DB_ERRORS,
     db_error,
+    keep_alive,
     quiet_pool_retries,
     redact_url,
     rowcount,
@@ -97,6 +98,15 @@ POOL_SIZE = 10
 # Only parameters a pooler passes on: PgBouncer refuses a connection that asks for any other
 # at startup (``synchronous_commit`` among them), so that one is checked instead (``open``).
 _SERVER_SETTINGS = {"application_name": "webhookd"}
+# Each write transaction's lock wait, and how long the server lets one sit idle (_write).
+LOCK_TIMEOUT_S = 5
+IDLE_IN_TRANSACTION_S = 5
+
+
+async def _on_connect(conn: Any) -> None:
+    keep_alive(conn)
+
+
 _T = TypeVar("_T")
 
 
@@ -133,6 +143,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.statement_cache_size = statement_cache_size
         self._leader_until = 0.0
         self._down_since: float | None = None  # when the current outage began (monotonic)
+        # Since when writes have gone through without a break (monotonic; None while down).
+        self._up_since: float | None = None
         self.on_commit: Callable[[list[Ready]], None] | None = None
         self.last_write_error: str | None = None
         self.writer_problem: str | None = None
@@ -176,6 +188,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     max_size=POOL_SIZE,
                     server_settings=_SERVER_SETTINGS,
                     statement_cache_size=self.statement_cache_size,
+                    init=_on_connect,
                     timeout=10,  # to connect; a server that never answers is an error, not a hang
                 )
             except ValueError as exc:  # a URL the driver cannot read: its words may quote it
@@ -197,12 +210,25 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         # Where the database's default is off, each write transaction turns it on for itself:
         # SET LOCAL passes through a pooler and ends with the transaction, at one more round trip
         # per commit.
-        self._sync_each = durable == "off"
+        # "local" or "remote_write" would acknowledge a webhook a standby has not flushed, which
+        # a failover to it loses; "remote_apply" is stronger than "on".
+        self._sync_each = durable not in ("on", "remote_apply")
         if self._sync_each:
             log.info(
-                "journal %s: synchronous_commit is off by default; each write asks for it",
+                "journal %s: synchronous_commit is %s by default; each write asks for on",
                 self.location,
+                durable,
             )
+        # For each write transaction (SET LOCAL passes through a pooler and ends with it): a
+        # lock held by another node's transaction is waited for LOCK_TIMEOUT_S at most, and a
+        # transaction left open by a node that froze or lost its host mid-commit is ended by
+        # the server after IDLE_IN_TRANSACTION_S, its locks with it. Without them one such
+        # node held every other node's intake (a dedup row), claims (a cap's lock) or lane.
+        self._write_settings = (
+            f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_S}s';"
+            f" SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_S}s'"
+            + ("; SET LOCAL synchronous_commit = on" if self._sync_each else "")
+        )
         self._closing = False
         self.writer_problem = None
         self._queue = OpQueue()
@@ -258,8 +284,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                if self._sync_each:
-                    await conn.execute("SET LOCAL synchronous_commit = on")
+                await conn.execute(self._write_settings)
                 result = await fn(conn)
         except DB_ERRORS as exc:
             self.went_down(exc)

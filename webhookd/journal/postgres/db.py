@@ -3,7 +3,10 @@ how a URL or a command status is read."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -61,3 +64,35 @@ def rowcount(status: str) -> int:
         return int(status.rsplit(" ", 1)[-1])
     except (ValueError, AttributeError):
         return 0
+
+
+# TCP keepalive on every connection: a path to the server that goes silent (a failover to a
+# new address, a NAT or firewall dropping the flow) ends the connection after about
+# KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S of silence, or after
+# TCP_USER_TIMEOUT_MS with data unacknowledged; else a query waits on it for ever. The
+# server's kernel answers the probes while a long query runs.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_MS = 15_000
+
+
+def keep_alive(conn: Any) -> None:
+    """Turn TCP keepalive on for ``conn``'s socket (asyncpg has no option for it; a Unix
+    socket or a platform without the options is left as it is)."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
+    ):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, value)

@@ -24,7 +24,7 @@ import asyncpg
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalUnavailable
-from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
+from webhookd.journal.postgres.db import DB_ERRORS, db_error, keep_alive, redact_url
 from webhookd.journal.postgres.writes import write_recovery
 from webhookd.journal.records import Poisoned, Recovery
 
@@ -55,6 +55,7 @@ class PgNodes:
     backlog_jobs: int
     _leader_until: float
     _down_since: float | None
+    _up_since: float | None
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
     on_pause_change: Callable[[], None] | None
@@ -102,6 +103,7 @@ class PgNodes:
     def went_down(self, exc: BaseException) -> None:
         """A write failed: say so once per outage (the retries that follow stay at debug)."""
         self.last_write_error = db_error(exc)
+        self._up_since = None
         if self._down_since is None:
             self._down_since = self.clock.monotonic()
             log.warning("journal unavailable: %s; retrying until it is back", self.last_write_error)
@@ -109,6 +111,8 @@ class PgNodes:
     def came_back(self) -> None:
         """A write succeeded: clear the error, and say the outage is over if there was one."""
         self.last_write_error = None
+        if self._up_since is None:
+            self._up_since = self.clock.monotonic()
         if self._down_since is not None:
             down_s = self.clock.monotonic() - self._down_since
             self._down_since = None
@@ -178,7 +182,10 @@ class PgNodes:
                 # Every node's backpressure reads the whole cluster's backlog, not its own
                 # writes: one index-only count over the queued/running partial indexes.
                 self.backlog_jobs = await self.backlog()
-                recovered = await self.recover_lost() if await self.lead() else Recovery(requeued=0)
+                leads = await self.lead()
+                recovered = (
+                    await self.recover_lost() if leads and self._settled() else Recovery(requeued=0)
+                )
             except JournalUnavailable as exc:
                 self._leader_until = min(self._leader_until, self.clock.time())
                 log.debug("%s", exc)  # the outage itself was logged once, by went_down
@@ -196,6 +203,15 @@ class PgNodes:
                 self.backlog_jobs -= recovered.dead + recovered.cancelled
             if recovered.poisoned and self.on_poisoned is not None:
                 self.on_poisoned(recovered.poisoned)
+
+    def _settled(self) -> bool:
+        """Whether this node has reached the database without a break for a whole lease: only
+        then may it take other nodes' silence for their loss. After an outage longer than
+        ``lease_s`` every node's heartbeat is stale at once; the first one back would else
+        re-queue the jobs of nodes that are alive and running them (and fence out their
+        outcomes), so the work would be done twice. Meanwhile the others heartbeat again."""
+        up_since = self._up_since
+        return up_since is not None and self.clock.monotonic() - up_since >= self.lease_s
 
     async def _listen_loop(self) -> None:
         """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""
@@ -302,12 +318,14 @@ class PgNodes:
 
 async def _connect_alone(url: str, name: str, statement_cache_size: int) -> Any:
     """A connection of its own, outside the pool, named ``name`` in ``pg_stat_activity``."""
-    return await asyncpg.connect(
+    conn = await asyncpg.connect(
         url,
         timeout=10,
         statement_cache_size=statement_cache_size,
         server_settings={"application_name": name},
     )
+    keep_alive(conn)  # a listener on a path gone silent would otherwise be deaf for ever
+    return conn
 
 
 async def _close_quietly(conn: Any) -> None:
