@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,43 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     assert status == 202
     assert await running.stop() == 0
     assert doc["id"] in journaled_ids(cfg.journal.path)
+
+
+async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """While the journal's writer hangs (a stalled disk), each webhook is answered 503 after
+    ack_timeout_s but stays queued to be written; past server.max_inflight_body_bytes of them
+    the receiver answers 503 without queueing more, so memory stays bounded however long the
+    hang lasts. Once the writer goes on, what was queued is stored."""
+    cfg = make_config(
+        tmp_path,
+        '[[sources.a.actions]]\ntype = "log"',
+        server="ack_timeout_s = 0.1\nmax_body_bytes = 10000\nmax_inflight_body_bytes = 20000",
+    )
+    running: Running = await run_daemon(cfg)
+    journal = running.daemon.journal
+    assert journal is not None
+    entered, go = threading.Event(), threading.Event()
+
+    def hang(conn: Any) -> None:  # on the writer's thread: everything queued behind it waits
+        entered.set()
+        go.wait(30)
+
+    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
+    assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    answers = []
+    for i in range(12):
+        body = b'{"n": %d, "pad": "%s"}' % (i, b"x" * 5000)
+        answers.append((await running.post("/hooks/a", body, headers=JSON))[0])
+    assert set(answers) == {503}
+    assert journal.queued_body_bytes <= 20_000 + 5_100  # the limit, and the one that passed it
+    queued = len(journal._queue)
+    assert 4 <= queued < 12
+    go.set()
+    await hung
+    assert await running.stop() == 0
+    assert len(journaled_ids(cfg.journal.path)) == queued
 
 
 async def test_idle_and_half_sent_connections_do_not_stop_others(

@@ -556,6 +556,14 @@ class Receiver:
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
+        if self.journal.queued_body_bytes > server.max_inflight_body_bytes:
+            # The writer is not keeping up (a stalled disk, a database gone silent): what each
+            # webhook answered 503 leaves queued stays in memory until it is written.
+            self._log_slow(
+                "journal writer behind by more than server.max_inflight_body_bytes of webhooks:"
+                " answering 503",
+            )
+            return json_error(503, "journal busy, retry later", server.retry_after_s)
         state = self.state
         state.waiting += 1
         if state.waiting >= BUSY_WAITING:

@@ -826,6 +826,10 @@ class Journal(Reads, BaseJournal):
         """Journal an event and its jobs; returns once committed (or raises JournalUnavailable)."""
         return await self.submit_ingest(item)
 
+    @property
+    def queued_body_bytes(self) -> int:
+        return self._queue.body_bytes
+
     def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
         """Queue an event for the next group commit; the future resolves once it is committed.
 

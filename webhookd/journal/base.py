@@ -233,6 +233,13 @@ class BaseJournal(ABC):
         heartbeat) does nothing here."""
         return None
 
+    @property
+    def queued_body_bytes(self) -> int:
+        """The bodies of the webhooks waiting for the writer: the receiver stops queueing more
+        past ``server.max_inflight_body_bytes``, so a writer that hangs holds that much memory
+        at most (a webhook refused then gets a 503 and is sent again)."""
+        return 0
+
     async def probe_write(self) -> None:
         """While ``last_write_error`` is set: try a write that leaves nothing behind, so the
         error clears once the journal takes writes again even with no webhook coming to show

@@ -117,17 +117,22 @@ class OpQueue:
     still takes what is queued, then ``take`` answers ``[]``.
     """
 
-    __slots__ = ("_ops", "_wakeup", "closed")
+    __slots__ = ("_ops", "_wakeup", "body_bytes", "closed")
 
     def __init__(self) -> None:
         self._ops: list[Op] = []
         self._wakeup: asyncio.Future[None] | None = None
         self.closed = False
+        # The webhook bodies of the ingests queued, not yet taken by the writer: what a writer
+        # that hangs (a stalled disk, a database gone silent) keeps in memory.
+        self.body_bytes = 0
 
     def __len__(self) -> int:
         return len(self._ops)
 
     def put(self, op: Op) -> None:
+        if type(op) is IngestOp:
+            self.body_bytes += len(op.item.event.body)
         self._ops.append(op)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -168,9 +173,11 @@ class OpQueue:
         ops = self._ops
         if len(ops) <= limit:
             self._ops = []
-            return ops
-        batch = ops[:limit]
-        del ops[:limit]
+            batch = ops
+        else:
+            batch = ops[:limit]
+            del ops[:limit]
+        self.body_bytes -= sum(len(op.item.event.body) for op in batch if type(op) is IngestOp)
         return batch
 
     def drain(self) -> list[Op]:
