@@ -8,6 +8,7 @@ import hmac
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,49 @@ def test_secret_values_finds_env_secrets_in_a_config(
         admin=f'token = "env:{TOKEN_ENV}"',
     )
     assert {GH_SECRET, ADMIN_SECRET} <= logs.secret_values(cfg)
+
+
+def test_secret_values_are_the_options_that_take_secrets_not_any_text_like_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward's url, headers and secret, a command's env, an openai action's key (written or
+    its default) and a then-forward's headers are secrets to mask; an argv item or a prompt
+    that starts with ``env:`` or ``file:`` is text. Read as a secret, ``env:HOME`` masked the
+    home folder in every line, and a ``file:`` naming a FIFO hung the start."""
+    values = {
+        "FWD_URL": "http://127.0.0.1:9/url-secret",
+        "FWD_AUTH": "Bearer header-secret",
+        "CMD_TOKEN": "command-env-secret",
+        "OPENAI_API_KEY": "sk-default-key-secret",
+        "THEN_AUTH": "Bearer then-header-secret",
+        "NOT_SECRET": "plain-text-value",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cfg = make_config(
+        tmp_path,
+        f"""
+[sources.s]
+[[sources.s.actions]]
+type = "forward"
+url = "env:FWD_URL"
+headers = {{ Authorization = "env:FWD_AUTH" }}
+[[sources.s.actions]]
+type = "command"
+argv = ["/bin/echo", "env:NOT_SECRET", "file:{fifo}"]
+env = {{ TOKEN = "env:CMD_TOKEN" }}
+[[sources.s.actions]]
+type = "openai"
+model = "m"
+prompt = "env:NOT_SECRET"
+max_tokens = 10
+then = {{ forward = "http://127.0.0.1:9/t", headers = {{ Authorization = "env:THEN_AUTH" }} }}
+""",
+    )
+    found = logs.secret_values(cfg)
+    assert found == set(values.values()) - {"plain-text-value"}
 
 
 def test_json_lines_lift_key_value_pairs_into_fields() -> None:

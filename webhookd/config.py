@@ -800,6 +800,10 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
+# An openai action's api_key when none is written: the openai package's own variable.
+DEFAULT_OPENAI_API_KEY = "env:OPENAI_API_KEY"
+
+
 def text_or_secret(value: str, key: str) -> str:
     """An option's text, or, written ``"env:NAME"`` or ``"file:PATH"``, the secret it names
     (which must be there, as ``resolve_secret`` says): a header's credential or a URL that is

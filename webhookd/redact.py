@@ -14,7 +14,16 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from webhookd.config import Secret, VerifyConfig, leaves, read_secret
+from webhookd.config import (
+    DEFAULT_OPENAI_API_KEY,
+    ActionConfig,
+    Config,
+    Secret,
+    SourceConfig,
+    VerifyConfig,
+    leaves,
+    read_secret,
+)
 from webhookd.schemes import SCHEMES
 
 MASK = "***"
@@ -125,13 +134,55 @@ class Masker:
         return value
 
 
+# The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
+# options as written), and the tables whose every value may be one.
+_SECRET_OPTIONS = frozenset({"url", "forward", "secret", "secrets", "api_key"})
+_SECRET_TABLES = frozenset({"headers", "env"})
+
+
 def secret_values(obj: Any) -> set[str]:
-    """Every secret a config holds: ``Secret`` values, and ``env:`` and ``file:`` references
-    (an action's options keep them as written), where known."""
+    """Every secret a config holds, where known: ``Secret`` values, the ``env:`` and ``file:``
+    references of the action options that take a secret (a forward's ``url`` and ``headers``,
+    a ``secret``, a command's ``env``...), and an openai action's default key.
+
+    Only those: an ``argv`` item or a prompt that happens to start with ``env:`` is text, not a
+    secret (reading it as one masked ``env:HOME``'s value in every line, and a ``file:`` naming
+    a FIFO hung the start)."""
     found: set[str] = set()
+
+    def reference(value: Any) -> None:
+        if isinstance(value, str) and value.startswith(("env:", "file:")):
+            value = read_secret(value)
+        if isinstance(value, Secret) and not value.missing:
+            found.add(value.reveal())
+
+    def options(table: Mapping[str, Any]) -> None:
+        for key, value in table.items():
+            if key in _SECRET_OPTIONS:
+                for item in value if isinstance(value, list) else [value]:
+                    reference(item)
+            elif key in _SECRET_TABLES and isinstance(value, Mapping):
+                for item in value.values():
+                    reference(item)
+            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+                options(value)
+
     for leaf in leaves(obj):
-        if isinstance(leaf, str) and leaf.startswith(("env:", "file:")):
-            leaf = read_secret(leaf)
-        if isinstance(leaf, Secret) and not leaf.missing:
-            found.add(leaf.reveal())
+        if isinstance(leaf, Secret):
+            reference(leaf)
+    for action in _actions(obj):
+        options(action.options)
+        if action.type == "openai" and "api_key" not in action.options:
+            reference(DEFAULT_OPENAI_API_KEY)
     return found
+
+
+def _actions(obj: Any) -> list[ActionConfig]:
+    """The action configs ``obj`` (a config or a part of one) holds."""
+    if isinstance(obj, ActionConfig):
+        return [obj]
+    if isinstance(obj, Config):
+        return [a for src in obj.sources.values() for a in src.actions]
+    if isinstance(obj, SourceConfig):
+        return list(obj.actions)
+    return []

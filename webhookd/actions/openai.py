@@ -59,6 +59,7 @@ from webhookd.actions.delivery import (
 )
 from webhookd.config import (
     DEFAULT_MAX_COOLDOWN_S,
+    DEFAULT_OPENAI_API_KEY,
     ActionConfig,
     ActionDefaults,
     RetryPolicy,
@@ -93,7 +94,6 @@ _RETRYABLE_4XX = frozenset({408, 409, 425})
 _DEFAULT_LANE_WAIT_S = 10.0
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
-DEFAULT_API_KEY = "env:OPENAI_API_KEY"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -108,7 +108,7 @@ class _Settings:
     def __init__(self, config: ActionConfig) -> None:
         t = options(config, _OPTIONS)
         # The openai package's own default: the key most deployments already have set.
-        self.api_key = resolve_secret(t.raw("api_key", DEFAULT_API_KEY), t.path("api_key"))
+        self.api_key = resolve_secret(t.raw("api_key", DEFAULT_OPENAI_API_KEY), t.path("api_key"))
         header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
         self.base_url: str | None = None
         if t.has("base_url"):
