@@ -138,6 +138,40 @@ async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_run
     assert [events[0].id, events[2].id] == CALLED
 
 
+async def test_a_job_whose_call_would_wait_behind_an_overrun_handler_waits_without_an_attempt() -> (
+    None
+):
+    """With concurrency = 1 and the one thread held by a handler that overran timeout_s (and
+    cannot be stopped), the next job's call would wait for that thread until its own timeout:
+    it would burn its attempts without running and go dead. It waits instead, no attempt
+    used, saying why, and the handler is not called meanwhile."""
+    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
+    config += 'handler = "test_python_action:held_until_let_go"\ntimeout_s = 5\n'
+    (action_config,) = loads(config).sources["s"].actions
+    action = PythonAction(action_config)
+    ENTERED.clear()
+    LET_GO.clear()
+    CALLED.clear()
+    events = [new_event("s", 0.0) for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    try:
+        overrun = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
+        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
+        overrun.cancel()  # what its timeout does: the thread runs on, abandoned
+        with pytest.raises(asyncio.CancelledError):
+            await overrun
+        outcome = await action.run(events[1], None)  # type: ignore[arg-type]
+    finally:
+        LET_GO.set()
+    assert (outcome.kind, outcome.error) == (
+        "wait",
+        "all 1 handler thread(s) still run calls that overran timeout_s",
+    )
+    assert outcome.after_s == 5
+    await action.aclose()
+    assert [events[0].id] == CALLED
+
+
 async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:
     """webhookd.Retry(after_s=120) queues the job no sooner than 120 s later."""
     job, now = await run_handler(tmp_path, "actionkit:please_retry")

@@ -6,7 +6,9 @@ function is a ``ConfigError`` naming ``….handler``. It receives the ``Event`` 
 ``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``).
 An ``async def`` handler is awaited; a plain function runs in a thread so it cannot stall the
 daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
-abandoned, not killed, and keeps running in the background). The threads are the action's own,
+abandoned, not killed, and keeps running in the background, holding its thread; while such
+calls hold every thread the action may use, its jobs wait, no attempt used, rather than time
+out before they run). The threads are the action's own,
 started as needed up to the workers' concurrency and kept: handing a call to one that waits
 costs a fraction of ``asyncio.to_thread``, which matters when the handler itself is quick.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import importlib
 import inspect
 import json
@@ -41,6 +44,8 @@ from webhookd.models import Event, Job
 DEFAULTS = ActionDefaults(timeout_s=300.0)  # a handler may do real work: a report, a sync
 _OPTIONS = ("handler", "path")
 _TRACEBACK_CHARS = 2000
+# How long a job waits (no attempt used) when every handler thread runs an abandoned call.
+_HELD_BACK_WAIT_S = 30.0
 
 Handler = Callable[[Event], Any]
 
@@ -88,39 +93,72 @@ def validate(config: ActionConfig) -> None:
     resolve_handler(config)
 
 
+class _Call:
+    """One call handed to the threads, and where it is (under ``HandlerThreads._cond``)."""
+
+    __slots__ = ("abandoned", "arg", "context", "fn", "future", "loop", "running")
+
+    def __init__(self, loop: Any, future: Any, context: Any, fn: Any, arg: Any) -> None:
+        self.loop, self.future, self.context, self.fn, self.arg = loop, future, context, fn, arg
+        self.running = False  # a thread has taken it
+        self.abandoned = False  # and its attempt ended (timed out, drained) before it returned
+
+
 class HandlerThreads:
     """Threads that run a sync handler's calls, started on demand up to ``max_threads``.
 
     A call is a deque entry and, when a thread waits, one wake-up; the result is set on the
     loop's future from the thread with ``call_soon_threadsafe`` (no ``concurrent.futures``
     future in between). Daemon threads: a handler stuck past its timeout does not hold up exit.
+
+    A call whose attempt ends while it runs (past ``timeout_s``) is *abandoned*: a thread cannot
+    be stopped, so it keeps its thread until the handler returns. ``held_back`` tells when the
+    threads such calls hold leave none for another call, which would only wait for one.
     """
 
     def __init__(self, max_threads: int, name: str) -> None:
         self._max = max(max_threads, 1)
         self._name = name
         self._cond = threading.Condition()
-        self._work: deque[tuple[Any, ...]] = deque()
+        self._work: deque[_Call] = deque()
         self._threads = 0
         self._idle = 0
         self._woken = 0  # idle threads told to wake that have not taken work yet
+        self._live = 0  # calls whose attempt still waits for them (queued or running)
+        self.abandoned = 0  # threads running a call whose attempt has ended
         self._closed = False
+
+    def held_back(self) -> bool:
+        """Whether a call made now would wait for a thread that an abandoned call holds."""
+        with self._cond:
+            return self.abandoned > 0 and self._live + self.abandoned >= self._max
 
     def call(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         context = contextvars.copy_context()  # as asyncio.to_thread passes it on
+        item = _Call(loop, future, context, fn, arg)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the action is closed")
-            self._work.append((loop, future, context, fn, arg))
+            self._work.append(item)
+            self._live += 1
             if self._idle > self._woken:
                 self._woken += 1
                 self._cond.notify()
             elif self._threads < self._max:
                 self._threads += 1
                 threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+        future.add_done_callback(functools.partial(self._ended, item))
         return future
+
+    def _ended(self, item: _Call, future: asyncio.Future[Any]) -> None:
+        """On the loop: the call's attempt no longer waits for it (answered, or cut off)."""
+        with self._cond:
+            self._live -= 1
+            if future.cancelled() and item.running:
+                item.abandoned = True
+                self.abandoned += 1
 
     def close(self) -> None:
         with self._cond:
@@ -138,18 +176,24 @@ class HandlerThreads:
                 if not self._work:
                     self._threads -= 1
                     return
-                loop, future, context, fn, arg = self._work.popleft()
-            if future.cancelled():
-                # Its attempt timed out (or was drained) while it waited for a thread, and was
-                # recorded so: run now, the handler would do the work its retry does again.
-                continue
+                item = self._work.popleft()
+                if item.future.cancelled():
+                    # Its attempt timed out (or was drained) while it waited for a thread, and
+                    # was recorded so: run now, the handler would do the work its retry does
+                    # again.
+                    continue
+                item.running = True
             try:
-                result, error = context.run(fn, arg), None
+                result, error = item.context.run(item.fn, item.arg), None
             except BaseException as exc:  # the awaiting side decides what it means
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            del future, result, error  # not kept alive while this thread waits
+                item.loop.call_soon_threadsafe(_settle, item.future, result, error)
+            with self._cond:
+                item.running = False
+                if item.abandoned:
+                    self.abandoned -= 1
+            del item, result, error  # not kept alive while this thread waits
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -174,6 +218,14 @@ class PythonAction:
         try:
             if self.is_async:
                 value = await self.handler(event)
+            elif self._threads.held_back():
+                # Every thread this action may use runs a call that overran timeout_s: this one
+                # would only wait for a thread, and its attempt would end before it ran.
+                n = self._threads.abandoned
+                return Outcome.wait(
+                    f"all {n} handler thread(s) still run calls that overran timeout_s",
+                    min(self.config.timeout_s, _HELD_BACK_WAIT_S),
+                )
             else:
                 value = await self._threads.call(self.handler, event)
             if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
