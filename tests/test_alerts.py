@@ -226,6 +226,30 @@ async def test_a_reconfigured_alerter_follows_the_reloaded_alerts_table(make_rig
     assert (doc["count"], doc["events"]) == (1, [last])
 
 
+async def test_a_job_waiting_out_a_retrys_backoff_is_no_backlog_until_it_falls_due(
+    make_rig: MakeRig,
+) -> None:
+    """A job whose target failed waits for its retry on purpose: that is the dead alert's to
+    tell, not a backlog alert every interval for the twelve hours of its retries (nor a rising
+    oldest-queued age). Once due and left waiting, it is backlog from when it fell due."""
+    rig = await make_rig("backlog_age_s = 5\nmin_interval_s = 300")
+    rig.target.default_status = 503
+    event_id = await rig.ingest()
+    assert await rig.pool.run_until_idle() is not None  # failed once, its retry scheduled
+    [job] = (await rig.journal.get_event(event_id)).jobs
+    assert job.state == "queued" and job.run_at > rig.clock.time() + 6
+    rig.clock.advance(job.run_at - rig.clock.time() - 1)  # received over 5 s ago, not due yet
+    assert await rig.alerter.tick() == []
+    assert (await rig.journal.counts()).oldest_due_at is None
+    await rig.journal.pause("shop")  # it falls due, and nothing runs it
+    rig.clock.advance(1 + 6)
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert (doc["count"], doc["events"]) == (1, [event_id])
+    assert "1 job(s) queued, one due for 6s (shop: 1)" in doc["text"]
+    assert (await rig.journal.counts()).oldest_due_at == job.run_at
+
+
 async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
     make_rig: MakeRig,
 ) -> None:
@@ -241,7 +265,7 @@ async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
     [alert] = await rig.alerter.tick()
     doc = await rig.alert_doc(alert)
     assert (doc["kind"], doc["count"], doc["events"]) == ("backlog", 1, [waiting])
-    assert "the oldest received 90s ago (shop: 1)" in doc["text"]
+    assert "1 job(s) queued, one due for 90s (shop: 1)" in doc["text"]
     # The alert itself is queued now (nothing ran it): it is not counted as backlog.
     rig.clock.advance(299.0)
     assert await rig.alerter.tick() == []

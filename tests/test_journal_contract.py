@@ -979,12 +979,22 @@ async def test_counts_and_activity_describe_the_journal(store: Store) -> None:
         await journal.claim([a.jobs[0].id], "b")
         await journal.finish([finished(a.jobs[0].id, JobState.DONE, "done", now=START)])
         counts = await journal.counts()
-        assert counts.events == 2 and counts.oldest_queued_at == START
+        assert counts.events == 2 and counts.oldest_due_at == START
         assert (counts.jobs_by_state["done"], counts.jobs_by_state["queued"]) == (1, 1)
         assert counts.jobs_by_source == {"a": {"done": 1}, "b": {"queued": 1}}
         activity = await journal.activity(60)
         assert (activity.received, dict(activity.attempts_by_outcome)) == (2, {"done": 1})
         assert await journal.storage_bytes() > 0
+        # b's job fails and waits out its backoff: queued, but not due, so not backlog's age.
+        await journal.claim([b.jobs[0].id], "b")
+        now = journal.clock.time()
+        retry = finished(b.jobs[0].id, JobState.QUEUED, "retry", now=now, run_at=now + 600)
+        await journal.finish([retry])
+        assert (await journal.counts()).oldest_due_at is None
+        assert [(x.lane[1], x.queued, x.oldest_due_at) for x in await journal.lane_backlog()] == [
+            ("b", 1, None)
+        ]
+        assert await journal.oldest_queued_event_ids(5, exclude_source="webhookd") == []
 
 
 async def test_a_group_commit_takes_in_the_webhooks_queued_a_turn_later(

@@ -449,7 +449,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     backlog, backlog_age_s = await ctx.counts.lane_backlog()
     pool = ctx.pool.statistics()
     now = ctx.pool.clock.time()
-    oldest = counts.oldest_queued_at
+    oldest = counts.oldest_due_at
     return {
         "boot_id": ctx.boot_id,
         "uptime_s": round(now - ctx.started_at, 3),
@@ -538,14 +538,14 @@ def _scheduler_stats(
         key=lambda lane: -(backlog[lane].queued if lane in backlog else 0),
     )
 
-    def age(received_at: float | None) -> float | None:
-        return round(now - received_at, 3) if received_at is not None else None
+    def age(due_at: float | None) -> float | None:
+        return round(now - due_at, 3) if due_at is not None else None
 
     classes = []
     for priority in Priority:
         mine = [lane for lane in lanes if lane[0] == priority]
         queued = [backlog[lane].queued if lane in backlog else 0 for lane in mine]
-        oldest = [backlog[lane].oldest_received_at if lane in backlog else None for lane in mine]
+        oldest = [backlog[lane].oldest_due_at if lane in backlog else None for lane in mine]
         rows = [
             {
                 "source": lane[1],

@@ -183,10 +183,12 @@ class Alerter:
             await self.tick()
 
     async def _backlog(self, age_s: float) -> tuple[int, list[str], str] | None:
-        """(queued jobs, oldest events, text) when the oldest queued job is older than
-        ``age_s``, counting every source but the alerts' own; else ``None``."""
+        """(queued jobs, oldest events, text) when a queued job has been due for longer than
+        ``age_s``, counting every source but the alerts' own; else ``None``. A job waiting out
+        a retry's backoff is not due: one failing target is the dead alert's to tell, not a
+        backlog every interval for the twelve hours of its retries."""
         lanes = [b for b in await self.journal.lane_backlog() if b.lane[1] != ALERT_SOURCE]
-        oldest = min((b.oldest_received_at for b in lanes if b.oldest_received_at), default=None)
+        oldest = min((b.oldest_due_at for b in lanes if b.oldest_due_at), default=None)
         waited_s = self.clock.time() - oldest if oldest is not None else 0.0
         if oldest is None or waited_s <= age_s:
             return None
@@ -196,7 +198,7 @@ class Alerter:
             by_source[b.lane[1]] += b.queued
         events = await self.journal.oldest_queued_event_ids(EVENTS_CAP, ALERT_SOURCE)
         text = (
-            f"webhookd: {queued} job(s) queued, the oldest received {_duration(waited_s)} ago"
+            f"webhookd: {queued} job(s) queued, one due for {_duration(waited_s)}"
             f" ({_sources(by_source)}); oldest events: {', '.join(events)}"
         )
         return queued, events, text

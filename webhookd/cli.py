@@ -598,7 +598,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             files = await journal.sizes()
-        oldest = counts.oldest_queued_at
+        oldest = counts.oldest_due_at
         daemon, daemon_error = await _daemon_stats(cfg)
         if daemon is not None and "cluster" in daemon:
             nodes = daemon["cluster"]["nodes"]

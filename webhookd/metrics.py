@@ -271,11 +271,12 @@ class _StateCollector(Collector):
         yield _gauge("webhookd_backlog_jobs", "Jobs queued or running.", self.journal.backlog_jobs)
         counts = self.counts
         if counts is not None:
-            oldest = counts.oldest_queued_at
+            oldest = counts.oldest_due_at
             age = max(self.pool.clock.time() - oldest, 0.0) if oldest is not None else 0.0
             yield _gauge(
                 "webhookd_oldest_queued_age_seconds",
-                "Age of the oldest event with a queued job (0 when nothing is queued).",
+                "How long the queued job due longest has been due (0 when none is): a job waiting"
+                " out a retry's backoff is not due yet.",
                 age,
             )
             jobs = GaugeMetricFamily(

@@ -104,25 +104,15 @@ class Reads:
         return [(int(r[0]), r[1], r[2]) for r in rows]
 
     async def lane_backlog(self) -> list[LaneBacklog]:
-        """Queued jobs per lane with the oldest one's receive time, biggest lanes first."""
+        """Queued jobs per lane with when the one due longest fell due, biggest lanes first."""
         rows = await fetch(
             self.reader,
-            "SELECT priority, source, tenant, COUNT(*), MIN(seq) FROM jobs WHERE state = 'queued'"
+            "SELECT priority, source, tenant, COUNT(*), MIN(CASE WHEN run_at <= ? THEN run_at END)"
+            " FROM jobs WHERE state = 'queued'"
             " GROUP BY priority, source, tenant ORDER BY COUNT(*) DESC, priority",
+            (self.clock.time(),),
         )
-        oldest: dict[int, float] = {}
-        seqs = [r[4] for r in rows]
-        for start in range(0, len(seqs), 500):
-            chunk = seqs[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            found = await fetch(
-                self.reader,
-                "SELECT j.seq, e.received_at FROM jobs j JOIN events e ON e.id = j.event_id"
-                f" WHERE j.seq IN ({marks})",
-                chunk,
-            )
-            oldest.update({f[0]: f[1] for f in found})
-        return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), oldest.get(r[4])) for r in rows]
+        return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), r[4]) for r in rows]
 
     async def next_run_at(
         self, paused: Iterable[str] = (), after: float | None = None
@@ -148,12 +138,13 @@ class Reads:
         return int(rows[0][0])
 
     async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
-        """The events of the oldest queued jobs (of any source but ``exclude_source``), oldest
-        first, at most ``limit`` of them: what a backlog alert names."""
+        """The events of the queued jobs due longest (of any source but ``exclude_source``),
+        longest first, at most ``limit`` of them: what a backlog alert names."""
         rows = await fetch(
             self.reader,
-            "SELECT event_id FROM jobs WHERE state = 'queued' AND source != ? ORDER BY seq LIMIT ?",
-            (exclude_source, limit * 4),  # an event may hold several queued jobs
+            "SELECT event_id FROM jobs WHERE state = 'queued' AND run_at <= ? AND source != ?"
+            " ORDER BY run_at, seq LIMIT ?",
+            (self.clock.time(), exclude_source, limit * 4),  # an event may hold several jobs
         )
         return list(dict.fromkeys(r[0] for r in rows))[:limit]
 
@@ -285,8 +276,8 @@ class Reads:
             by_source.setdefault(source, {})[state] = n
         oldest = await fetch(
             self.reader,
-            "SELECT MIN(e.received_at) FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = 'queued'",
+            "SELECT MIN(run_at) FROM jobs WHERE state = 'queued' AND run_at <= ?",
+            (self.clock.time(),),
         )
         events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest[0][0], int(events[0][0]))

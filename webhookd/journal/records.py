@@ -55,11 +55,12 @@ Lane = tuple[int, str, str]
 
 @dataclass(frozen=True, slots=True)
 class LaneBacklog:
-    """Queued jobs of one lane, for ``/stats``."""
+    """Queued jobs of one lane, for ``/stats``: how many, and when the one due longest fell due
+    (``None`` while none is due: all wait for a retry's backoff, say)."""
 
     lane: Lane
     queued: int
-    oldest_received_at: float | None
+    oldest_due_at: float | None
 
 
 @quick_init
@@ -243,7 +244,9 @@ class Cancelled:
 class Counts:
     jobs_by_state: Mapping[str, int]
     jobs_by_source: Mapping[str, Mapping[str, int]]
-    oldest_queued_at: float | None
+    # When the queued job due longest fell due (its run_at: its receipt, or the end of a
+    # retry's backoff); jobs not due yet are waiting on purpose and do not count.
+    oldest_due_at: float | None
     events: int
 
 

@@ -122,9 +122,11 @@ class PgReads:
 
     async def lane_backlog(self) -> list[LaneBacklog]:
         rows = await self.fetch(
-            "SELECT j.priority, j.source, j.tenant, COUNT(*), MIN(e.received_at)"
-            " FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.state = 'queued'"
-            " GROUP BY j.priority, j.source, j.tenant ORDER BY COUNT(*) DESC, j.priority"
+            "SELECT priority, source, tenant, COUNT(*),"
+            " MIN(run_at) FILTER (WHERE run_at <= $1::double precision)"
+            " FROM jobs WHERE state = 'queued'"
+            " GROUP BY priority, source, tenant ORDER BY COUNT(*) DESC, priority",
+            self.clock.time(),
         )
         return [LaneBacklog((int(r[0]), r[1], r[2]), int(r[3]), r[4]) for r in rows]
 
@@ -231,8 +233,9 @@ class PgReads:
             by_state[state] = by_state.get(state, 0) + int(n)
             by_source.setdefault(source, {})[state] = int(n)
         oldest = await self._value(
-            "SELECT MIN(e.received_at) FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = 'queued'"
+            "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'"
+            " AND run_at <= $1::double precision",
+            self.clock.time(),
         )
         events = await self._value("SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest, int(events))
@@ -294,10 +297,11 @@ class PgReads:
         """The events of the oldest queued jobs (of any source but ``exclude_source``), oldest
         first, at most ``limit`` of them: what a backlog alert names."""
         rows = await self.fetch(
-            "SELECT event_id FROM jobs WHERE state = 'queued' AND source <> $1 ORDER BY seq"
-            " LIMIT $2",
+            "SELECT event_id FROM jobs WHERE state = 'queued' AND run_at <= $3::double precision"
+            " AND source <> $1 ORDER BY run_at, seq LIMIT $2",
             exclude_source,
             limit * 4,  # an event may hold several queued jobs
+            self.clock.time(),
         )
         return list(dict.fromkeys(r[0] for r in rows))[:limit]
 
