@@ -4,6 +4,8 @@ target, on a manual clock (no waiting out the interval)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -22,7 +24,7 @@ from webhookd.actions.base import Resources
 from webhookd.alerts import EVENTS_CAP, Alerter
 from webhookd.clock import ManualClock
 from webhookd.config import ALERT_SOURCE, Config, loads
-from webhookd.errors import ConfigError
+from webhookd.errors import ConfigError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent
 from webhookd.workers import WorkerPool
 
@@ -248,6 +250,58 @@ async def test_a_job_waiting_out_a_retrys_backoff_is_no_backlog_until_it_falls_d
     assert (doc["count"], doc["events"]) == (1, [event_id])
     assert "1 job(s) queued, one due for 6s (shop: 1)" in doc["text"]
     assert (await rig.journal.counts()).oldest_due_at == job.run_at
+
+
+async def test_a_journal_read_failing_under_the_alerts_task_does_not_end_it(
+    make_rig: MakeRig,
+) -> None:
+    """The backlog check reads the journal; a read that fails (a PostgreSQL outage) is logged
+    and tried again at the next check. It ended the alerts task, and with it the daemon,
+    which rides such outages out everywhere else."""
+    rig = await make_rig("backlog_age_s = 4\nmin_interval_s = 300")
+    await rig.journal.pause("shop")
+    waiting = await rig.ingest()
+    rig.clock.advance(5.0)
+    failed, read = asyncio.Event(), asyncio.Event()
+    real = rig.journal.lane_backlog
+
+    async def flaky() -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise JournalUnavailable("journal read failed: connection refused")
+        read.set()
+        return await real()
+
+    committed = asyncio.Event()
+    rig.journal.on_commit = lambda ready: committed.set()
+    rig.journal.lane_backlog = flaky  # type: ignore[method-assign]
+    task = asyncio.create_task(rig.alerter.run())
+    try:
+        await asyncio.wait_for(failed.wait(), 10)
+        rig.clock.advance(2.0)  # the next backlog check (backlog_age_s / 2)
+        rig.alerter._wake.set()
+        await asyncio.wait_for(read.wait(), 10)
+        await asyncio.wait_for(committed.wait(), 10)
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [alert] = [e.id for e in await rig.journal.list_events(source=ALERT_SOURCE)]
+    assert (await rig.alert_doc(alert))["events"] == [waiting]
+
+
+async def test_only_the_node_that_leads_tells_the_clusters_backlog(make_rig: MakeRig) -> None:
+    """The backlog is the cluster's, so only the leading node alerts on it: every node did,
+    one alert per node per interval."""
+    rig = await make_rig("backlog_age_s = 4\nmin_interval_s = 300")
+    await rig.journal.pause("shop")
+    await rig.ingest()
+    rig.clock.advance(5.0)
+    rig.journal.leads = lambda: False  # type: ignore[method-assign]
+    assert await rig.alerter.tick() == []
+    rig.journal.leads = lambda: True  # type: ignore[method-assign]
+    assert len(await rig.alerter.tick()) == 1
 
 
 async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(

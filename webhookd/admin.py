@@ -117,7 +117,8 @@ class Throughput:
 
     def rates(self) -> dict[str, float]:
         now = self.pool.clock.monotonic()
-        finished = sum(self.pool.outcomes.values())
+        # A wait (a lane pacing its calls, a 429) is a job put back unrun, not one finished.
+        finished = sum(n for outcome, n in self.pool.outcomes.items() if outcome != "wait")
         while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
         then, accepted0, finished0 = self._samples[0]

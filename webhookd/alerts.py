@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ class Alerter:
         age_s = config.backlog_age_s
         if (
             age_s is not None
+            # The backlog is the cluster's: one node tells it, the one that leads (every node
+            # telling it made one alert per node per interval). Dead jobs are each node's own.
+            and self.journal.leads()
             and now >= self._next_backlog_check
             and now >= self._free_at("backlog", config)
         ):
@@ -172,6 +176,7 @@ class Alerter:
 
     async def run(self) -> None:
         """Alert until cancelled: the daemon's long-lived task."""
+        failing = False
         while True:
             delay_s = self.next_due_s()
             # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
@@ -180,7 +185,17 @@ class Alerter:
                 async with asyncio.timeout(delay_s):
                     await self._wake.wait()
             self._wake.clear()
-            await self.tick()
+            try:
+                await self.tick()
+            except (JournalError, sqlite3.Error, OSError) as exc:
+                # The journal cannot be read now (a PostgreSQL outage, a disk error): the
+                # backlog is looked at again at its next check. Left to end this task, it would
+                # end the daemon, which rides such outages out everywhere else.
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "alerts: journal read failed, will try again: %s", exc)
+                failing = True
+            else:
+                failing = False
 
     async def _backlog(self, age_s: float) -> tuple[int, list[str], str] | None:
         """(queued jobs, oldest events, text) when a queued job has been due for longer than
