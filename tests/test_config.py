@@ -180,6 +180,7 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             '[[sources.a.actions]]\ntype = "command"\nargv = ["", "x"]',
             "sources.a.actions[0].argv[0]",
         ),
+        ("[journal]\nkeep_done_h = 72\nkeep_dead_d = 1", "journal.keep_dead_d"),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],

@@ -1090,6 +1090,13 @@ def parse(
         raise ConfigError(j.path("path"), "must name the journal's file (like ./webhookd.db)")
     journal = j.read(JournalConfig())
     j.finish()
+    if journal.keep_dead_d * 24 < journal.keep_done_h:
+        # Retention looks only at events past keep_done_h: dead ones would stay that long.
+        raise ConfigError(
+            j.path("keep_dead_d"),
+            f"must keep dead events at least as long as keep_done_h ({journal.keep_done_h:g} h)"
+            " keeps done ones",
+        )
     if journal.url is None:
         try:
             folder = journal.path.is_dir()
