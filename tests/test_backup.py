@@ -26,6 +26,7 @@ from procs import Procs, Target, write_config
 from test_cli import on_a_terminal
 from test_journal_contract import new_event
 
+from webhookd.errors import JournalError
 from webhookd.journal import Journal, copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(90)]
@@ -421,6 +422,50 @@ async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) 
     finally:
         running.kill()
         await running.wait()
+
+
+_KILLED_PUTTING_IN_PLACE = """
+import os, signal, sys
+from pathlib import Path
+from webhookd.journal import copies
+real = os.replace
+def replace(src, dst, **kw):
+    if str(src).endswith(".restored"):  # the backup checked, the old journal moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, **kw)
+os.replace = replace
+copies.restore(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+async def test_a_restore_killed_while_putting_the_backup_in_place_stops_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A restore killed once the old journal is moved aside and before the backup has its name
+    left no journal there: the next start made an empty one without a word, every dedup key and
+    queued job out of its sight. It now refuses, saying what happened; the restore run again
+    puts the backup in place and clears what the killed one left."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for n in range(5):
+            await j.ingest(new_event(body=b'{"n": %d}' % n))
+    backup = tmp_path / "backup.db"
+    copies.backup(journal, backup)
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_PUTTING_IN_PLACE, str(backup), str(journal)
+    )
+    assert await killed.wait() == -signal.SIGKILL
+    assert not journal.exists()
+    with pytest.raises(JournalError, match="a restore was killed while putting a backup"):
+        await Journal(journal).open()
+    assert not journal.exists()  # nothing made in its place
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    out = await cli("restore", str(backup), "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert len(event_ids(journal)) == 5
+    assert not [name for name in names(tmp_path) if name.endswith(".restored")]
+    async with Journal(journal) as j:
+        assert (await j.counts()).events == 5
 
 
 @contextlib.contextmanager

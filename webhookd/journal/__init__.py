@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import queue
+import re
 import sqlite3
 import stat
 import threading
@@ -167,6 +168,39 @@ _BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", "?1")
 
 def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs now (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: running
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+def restored_marker(journal: Path, pid: int) -> Path:
+    """Where restore ``pid`` keeps the checked backup while it moves the old journal aside."""
+    return journal.with_name(f".{journal.name}.{pid}.restored")
+
+
+def interrupted_restores(journal: Path) -> list[Path]:
+    """Checked backups that restores killed midway left beside ``journal`` (their process
+    gone): each may have left no journal under its name, or one without its ``-wal``."""
+    pattern = re.compile(rf"\.{re.escape(journal.name)}\.([1-9]\d*)\.restored")
+    try:
+        names = os.listdir(journal.parent or ".")
+    except OSError:
+        return []
+    return sorted(
+        journal.with_name(name)
+        for name in names
+        if (found := pattern.fullmatch(name)) and not process_running(int(found[1]))
+    )
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -391,6 +425,14 @@ class Journal(Reads, BaseJournal):
     async def open(self) -> None:
         if self.path.is_dir():
             raise JournalError(f"cannot open journal {self.path}: it is a folder, not a file")
+        left = interrupted_restores(self.path)
+        if left:
+            # Opened as it is, the journal may be an empty new one or lack its last commits.
+            raise JournalError(
+                f"cannot open journal {self.path}: a restore was killed while putting a backup"
+                f" in place ({left[0].name} is that backup, checked): run `webhookd restore`"
+                " with the backup again (what it replaced was moved aside, never deleted)"
+            )
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)

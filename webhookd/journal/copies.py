@@ -29,6 +29,9 @@ from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
+    interrupted_restores,
+    process_running,
+    restored_marker,
     serve_lock_file,
 )
 from webhookd.journal.schema import MIGRATIONS
@@ -199,9 +202,18 @@ def _restore(copy: Path, journal: Path) -> Copy:
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
         _sync(partial)
-        replaced = _move_aside(journal)
-        os.replace(partial, journal)
+        # Checked and on disk: named so that a restore killed from here on (the old journal
+        # half moved aside, or none left under its name) stops the next start instead of
+        # letting it begin an empty journal (interrupted_restore).
+        ready = restored_marker(journal, os.getpid())
+        os.replace(partial, ready)
         _sync(journal.parent)
+        replaced = _move_aside(journal)
+        os.replace(ready, journal)
+        _sync(journal.parent)
+        for stale in interrupted_restores(journal):  # an earlier one's, finished by this one
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -244,7 +256,7 @@ def sweep(folder: Path) -> tuple[Path, ...]:
             found = _UNFINISHED.fullmatch(entry.name)
             if found is None or not entry.is_file(follow_symlinks=False):
                 continue
-            if _running(int(found[1])):
+            if process_running(int(found[1])):
                 continue
             with contextlib.suppress(FileNotFoundError):  # another sweep got there first
                 os.unlink(entry.path)
@@ -252,18 +264,6 @@ def sweep(folder: Path) -> tuple[Path, ...]:
     if gone:
         _sync(folder)
     return tuple(sorted(gone))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: running
-        return True
-    except OverflowError:  # no such pid can exist
-        return False
-    return True
 
 
 def _owner(journal: Path) -> os.stat_result:
