@@ -111,17 +111,22 @@ def held_until_let_go(event: webhookd.Event) -> str:
     return event.id
 
 
+def held_action(extra: str = "") -> PythonAction:
+    """A python action of one thread (concurrency = 1) whose handler is held until let go."""
+    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
+    config += 'handler = "test_python_action:held_until_let_go"\n' + extra
+    (action_config,) = loads(config).sources["s"].actions
+    ENTERED.clear()
+    LET_GO.clear()
+    CALLED.clear()
+    return PythonAction(action_config)
+
+
 async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_runs() -> None:
     """With every thread held by a handler that overran (abandoned, still running), the next
     attempt's call waits for a thread; cut off there by its timeout, it is recorded as timed
     out and retried, so the thread that frees up later must not run it too."""
-    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
-    config += 'handler = "test_python_action:held_until_let_go"\n'
-    (action_config,) = loads(config).sources["s"].actions
-    action = PythonAction(action_config)
-    ENTERED.clear()
-    LET_GO.clear()
-    CALLED.clear()
+    action = held_action()
     events = [new_event("s", 0.0) for _ in range(3)]
     loop = asyncio.get_running_loop()
     try:
@@ -138,20 +143,12 @@ async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_run
     assert [events[0].id, events[2].id] == CALLED
 
 
-async def test_a_job_whose_call_would_wait_behind_an_overrun_handler_waits_without_an_attempt() -> (
-    None
-):
+async def test_a_call_behind_an_overrun_handler_waits_without_an_attempt() -> None:
     """With concurrency = 1 and the one thread held by a handler that overran timeout_s (and
     cannot be stopped), the next job's call would wait for that thread until its own timeout:
     it would burn its attempts without running and go dead. It waits instead, no attempt
     used, saying why, and the handler is not called meanwhile."""
-    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
-    config += 'handler = "test_python_action:held_until_let_go"\ntimeout_s = 5\n'
-    (action_config,) = loads(config).sources["s"].actions
-    action = PythonAction(action_config)
-    ENTERED.clear()
-    LET_GO.clear()
-    CALLED.clear()
+    action = held_action("timeout_s = 5\n")
     events = [new_event("s", 0.0) for _ in range(2)]
     loop = asyncio.get_running_loop()
     try:
