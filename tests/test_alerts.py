@@ -234,21 +234,22 @@ async def test_a_job_waiting_out_a_retrys_backoff_is_no_backlog_until_it_falls_d
     """A job whose target failed waits for its retry on purpose: that is the dead alert's to
     tell, not a backlog alert every interval for the twelve hours of its retries (nor a rising
     oldest-queued age). Once due and left waiting, it is backlog from when it fell due."""
-    rig = await make_rig("backlog_age_s = 5\nmin_interval_s = 300")
+    rig = await make_rig("backlog_age_s = 4\nmin_interval_s = 300")
     rig.target.default_status = 503
     event_id = await rig.ingest()
     assert await rig.pool.run_until_idle() is not None  # failed once, its retry scheduled
     [job] = (await rig.journal.get_event(event_id)).jobs
-    assert job.state == "queued" and job.run_at > rig.clock.time() + 6
-    rig.clock.advance(job.run_at - rig.clock.time() - 1)  # received over 5 s ago, not due yet
+    # The forward's first backoff: 10 s, less up to half of it (jitter).
+    assert job.state == "queued" and job.run_at >= rig.clock.time() + 5
+    rig.clock.advance(job.run_at - rig.clock.time() - 0.5)  # received over 4 s ago, not due
     assert await rig.alerter.tick() == []
     assert (await rig.journal.counts()).oldest_due_at is None
     await rig.journal.pause("shop")  # it falls due, and nothing runs it
-    rig.clock.advance(1 + 6)
+    rig.clock.advance(0.5 + 5)
     [alert] = await rig.alerter.tick()
     doc = await rig.alert_doc(alert)
     assert (doc["count"], doc["events"]) == (1, [event_id])
-    assert "1 job(s) queued, one due for 6s (shop: 1)" in doc["text"]
+    assert "1 job(s) queued, one due for 5s (shop: 1)" in doc["text"]
     assert (await rig.journal.counts()).oldest_due_at == job.run_at
 
 
