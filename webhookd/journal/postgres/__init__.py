@@ -207,11 +207,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except BaseException:
             await self._close_pool()
             raise
-        # Where the database's default is off, each write transaction turns it on for itself:
-        # SET LOCAL passes through a pooler and ends with the transaction, at one more round trip
-        # per commit.
-        # "local" or "remote_write" would acknowledge a webhook a standby has not flushed, which
-        # a failover to it loses; "remote_apply" is stronger than "on".
+        # Where the database's default is weaker than on, each write transaction turns it on for
+        # itself (in _write_settings, below): "off" loses commits in a crash, and "local" or
+        # "remote_write" acknowledge a webhook a synchronous standby has not flushed, which a
+        # failover to it loses. "remote_apply" is stronger than "on".
         self._sync_each = durable not in ("on", "remote_apply")
         if self._sync_each:
             log.info(
