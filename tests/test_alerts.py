@@ -301,7 +301,9 @@ async def test_only_the_node_that_leads_tells_the_clusters_backlog(make_rig: Mak
     rig.clock.advance(5.0)
     rig.journal.leads = lambda: False  # type: ignore[method-assign]
     assert await rig.alerter.tick() == []
+    assert rig.alerter.next_due_s() == 2.0  # the next check, not at once (no busy loop)
     rig.journal.leads = lambda: True  # type: ignore[method-assign]
+    rig.clock.advance(2.0)
     assert len(await rig.alerter.tick()) == 1
 
 

@@ -150,14 +150,13 @@ class Alerter:
         age_s = config.backlog_age_s
         if (
             age_s is not None
-            # The backlog is the cluster's: one node tells it, the one that leads (every node
-            # telling it made one alert per node per interval). Dead jobs are each node's own.
-            and self.journal.leads()
             and now >= self._next_backlog_check
             and now >= self._free_at("backlog", config)
         ):
             self._next_backlog_check = now + min(age_s / 2, BACKLOG_CHECK_MAX_S)
-            alert = await self._backlog(age_s)
+            # The backlog is the cluster's: one node tells it, the one that leads (every node
+            # telling it made one alert per node per interval). Dead jobs are each node's own.
+            alert = await self._backlog(age_s) if self.journal.leads() else None
             if alert is not None:
                 sent = await self._send(config, "backlog", *alert)
                 if sent is not None:
