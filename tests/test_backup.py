@@ -456,7 +456,7 @@ async def test_a_restore_killed_while_putting_the_backup_in_place_stops_the_next
     )
     assert await killed.wait() == -signal.SIGKILL
     assert not journal.exists()
-    with pytest.raises(JournalError, match="a restore was killed while putting a backup"):
+    with pytest.raises(JournalError, match="a restore stopped while putting a backup"):
         await Journal(journal).open()
     assert not journal.exists()  # nothing made in its place
     config = write_config(tmp_path / "webhookd.toml", journal)

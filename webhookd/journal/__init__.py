@@ -429,7 +429,7 @@ class Journal(Reads, BaseJournal):
         if left:
             # Opened as it is, the journal may be an empty new one or lack its last commits.
             raise JournalError(
-                f"cannot open journal {self.path}: a restore was killed while putting a backup"
+                f"cannot open journal {self.path}: a restore stopped while putting a backup"
                 f" in place ({left[0].name} is that backup, checked): run `webhookd restore`"
                 " with the backup again (what it replaced was moved aside, never deleted)"
             )

@@ -202,9 +202,9 @@ def _restore(copy: Path, journal: Path) -> Copy:
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
         _sync(partial)
-        # Checked and on disk: named so that a restore killed from here on (the old journal
-        # half moved aside, or none left under its name) stops the next start instead of
-        # letting it begin an empty journal (interrupted_restore).
+        # Checked and on disk: named so that a restore stopped from here on (killed, or a move
+        # failing; the old journal half moved aside, or none left under its name) stops the
+        # next start instead of letting it begin an empty journal (interrupted_restores).
         ready = restored_marker(journal, os.getpid())
         os.replace(partial, ready)
         _sync(journal.parent)
