@@ -800,6 +800,19 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
+def header_value(value: str, key: str) -> str:
+    """``value`` if an HTTP header can carry it, else ``ConfigError`` naming ``key`` (without the
+    value: it may be a secret). Refused here, at the start, rather than by every
+    request that sends it."""
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(
+            key,
+            "holds a line break or a NUL, which no header can carry (an env: value ending in"
+            " a newline?)",
+        )
+    return value
+
+
 # An openai action's api_key when none is written: the openai package's own variable.
 DEFAULT_OPENAI_API_KEY = "env:OPENAI_API_KEY"
 
@@ -1069,14 +1082,9 @@ def parse(
             f"{admin.listen} is also used by server.listen ({server.listen}): "
             "give each its own port",
         )
-    token = admin.token
-    if token is not None and not token.missing and any(c in token.reveal() for c in "\r\n\0"):
-        # No client can send it in an Authorization header: every request would be a 401.
-        raise ConfigError(
-            a.path("token"),
-            "holds a line break or a NUL, which no header can carry (an env: value ending"
-            " in a newline?)",
-        )
+    if admin.token is not None and not admin.token.missing:
+        # Sent in an Authorization header: one no client can send makes every request a 401.
+        header_value(admin.token.reveal(), a.path("token"))
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.
         raise ConfigError(

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from webhookd.actions.base import Outcome
-from webhookd.config import Secret, Table, resolve_secret, text_or_secret
+from webhookd.config import Secret, Table, header_value, resolve_secret, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
@@ -103,18 +103,6 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
             raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
-
-
-def header_value(value: str, key: str) -> str:
-    """``value`` if an HTTP header can carry it, else ``ConfigError`` naming ``key`` (without the
-    value: it may be a secret). Refused here, at the start, rather than by every delivery."""
-    if any(c in value for c in "\r\n\0"):
-        raise ConfigError(
-            key,
-            "holds a line break or a NUL, which no header can carry (an env: value ending in"
-            " a newline?)",
-        )
-    return value
 
 
 def read_signing_secrets(t: Table) -> tuple[Secret, ...]:

@@ -50,7 +50,6 @@ from webhookd.actions.base import Outcome, Resources, options
 from webhookd.actions.delivery import (
     check_url,
     deliver,
-    header_value,
     parse_retry_after,
     read_headers,
     read_signing_secrets,
@@ -64,6 +63,7 @@ from webhookd.config import (
     ActionDefaults,
     RetryPolicy,
     Table,
+    header_value,
     resolve_secret,
 )
 from webhookd.errors import ConfigError
