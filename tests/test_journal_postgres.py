@@ -512,6 +512,43 @@ async def test_pg_two_replays_of_the_same_events_in_opposite_orders_do_not_deadl
     assert {i: (r.requeued, r.run_now) for i, r in replayed.items()} == {low: (1, 0), high: (1, 0)}
 
 
+async def test_pg_a_group_commit_ended_by_a_deadlock_is_run_again_not_an_outage(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel holding one job's row while it goes for another, and a group commit
+    recording both jobs' outcomes in the other order, deadlock; PostgreSQL rolls one side
+    back. The group commit is then run again and records both, where it used to fail its
+    batch (503s for the webhooks in it, outcomes kept back) and log an outage. The cancel is
+    played by hand, holding the first job's row as a cancel does between two events."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as journal:
+        (a, first, _), (b, second, _) = [await claimed_one(journal) for _ in "ab"]
+        other, watch = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+        try:
+            # The deadlock check runs in whichever session has waited deadlock_timeout first:
+            # this one waits second, and checks only long after the journal's has.
+            await other.execute("SET deadlock_timeout = '60s'")
+            caplog.set_level(logging.INFO, "webhookd.journal")
+            async with other.transaction():
+                # The later job: the commit, whether it walks the outcomes or the table, takes
+                # the earlier one's row first, then waits for this.
+                await other.execute("UPDATE jobs SET run_at = run_at WHERE id = $1", second)
+                outcomes = [finished(j, JobState.DONE, "ok") for j in (first, second)]
+                finishing = asyncio.create_task(journal.finish(outcomes))
+                await poll(lambda: _blocked_by(watch, other), timeout_s=10)
+                await asyncio.wait_for(
+                    other.execute("UPDATE jobs SET run_at = run_at WHERE id = $1", first), 30
+                )
+            assert await asyncio.wait_for(finishing, 30) == frozenset()
+        finally:
+            await other.close()
+            await watch.close()
+        assert "ended to break a deadlock; trying it again" in caplog.text
+        assert journal.last_write_error is None
+        for item in (a, b):
+            assert (await journal.get_event(item.event.id)).jobs[0].state == JobState.DONE
+
+
 async def test_pg_a_refill_seeks_the_due_jobs_past_those_in_backoff(pg_url: str) -> None:
     """A lane's due jobs are a range of ``jobs_lane`` (…, run_at, seq): 20,000 jobs of the
     lane waiting out a retry's backoff, first in it by seq, are not read to reach the due one

@@ -101,6 +101,8 @@ _SERVER_SETTINGS = {"application_name": "webhookd"}
 # Each write transaction's lock wait, and how long the server lets one sit idle (_write).
 LOCK_TIMEOUT_S = 5
 IDLE_IN_TRANSACTION_S = 5
+# How often a write the server ended to break a deadlock is tried (_write).
+WRITE_TRIES = 3
 
 
 async def _on_connect(conn: Any) -> None:
@@ -280,17 +282,29 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
 
     async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
-        """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable."""
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(self._write_settings)
-                result = await fn(conn)
-        except DB_ERRORS as exc:
-            self.went_down(exc)
-            raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
-        self.came_back()
-        self.commits += 1
-        return result
+        """``fn(conn)`` in a transaction of its own; database errors become JournalUnavailable.
+
+        A transaction the server rolled back to break a deadlock (with an operator's cancel
+        or replay, a prune, another node's batch) is run again from the start, up to
+        ``WRITE_TRIES`` times: the other side has gone on by then, and every ``fn`` here reads
+        what it changes inside its transaction, so a second run is the same write. Any other
+        error, and the last deadlock, is an outage."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.execute(self._write_settings)
+                    result = await fn(conn)
+            except DB_ERRORS as exc:
+                if isinstance(exc, asyncpg.DeadlockDetectedError) and tries < WRITE_TRIES:
+                    log.info("journal write ended to break a deadlock; trying it again")
+                    continue
+                self.went_down(exc)
+                raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
+            self.came_back()
+            self.commits += 1
+            return result
 
     # -- the writer --------------------------------------------------------------------------
 
