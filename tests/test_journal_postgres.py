@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -1124,6 +1125,89 @@ async def test_pg_a_lock_held_by_a_frozen_node_costs_a_write_its_lock_timeout_no
             await tx.rollback()
         finally:
             await frozen.close()
+
+
+class HangingHop:
+    """A TCP hop in front of the test's server that can hang as a stuck PgBouncer does: its
+    connections stay open, and while ``flowing`` is clear nothing passes either way (new
+    connections are taken, and then hear nothing either)."""
+
+    def __init__(self, url: str) -> None:
+        self.target = urlsplit(url)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        """Listen; returns the target's URL with this hop's address in it."""
+        self._server = await asyncio.start_server(self._take, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        user = self.target.netloc.rsplit("@", 1)[0]
+        return urlunsplit(self.target._replace(netloc=f"{user}@127.0.0.1:{port}"))
+
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.target.hostname, self.target.port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pump(reader, up_writer)),
+            asyncio.create_task(pump(up_reader, writer)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_pg_a_pooler_that_hangs_fails_each_call_in_its_deadline_not_for_ever(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooler (or anything between node and server) that keeps its connections open and
+    stops answering is not seen by TCP keepalive: every write, read and heartbeat waited on
+    it for ever, and the node, its writer stuck, still said it was ready. Each use of a
+    connection is now cut after the answer deadline: the call fails (a 503 for a webhook),
+    the outage shows on ``/readyz``, and once the path answers again fresh connections carry
+    on."""
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 1)
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    try:
+        async with PostgresJournal(url, lease_s=30) as journal:
+            assert (await journal.ingest(new_event())).duplicate is False
+            no_answer = "no answer from the database in 1 s"
+            with pytest.raises(TimeoutError, match=no_answer):
+                async with journal.pool.acquire() as conn:
+                    hop.flowing.clear()  # with a query of this connection's on its way
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), 30)
+            with pytest.raises(JournalUnavailable, match=f"journal write failed: {no_answer}"):
+                await asyncio.wait_for(journal.ingest(new_event()), 30)
+            assert journal.last_write_error == no_answer  # /readyz: not ready
+            with pytest.raises(JournalUnavailable, match=f"heartbeat failed: {no_answer}"):
+                await asyncio.wait_for(journal.heartbeat(), 30)
+            with pytest.raises(JournalUnavailable, match=f"read failed: {no_answer}"):
+                await asyncio.wait_for(journal.backlog(), 30)
+            hop.flowing.set()
+            ingested = await asyncio.wait_for(journal.ingest(new_event()), 30)
+            assert ingested.duplicate is False and journal.last_write_error is None
+            assert await journal.backlog() == 2
+    finally:
+        await hop.close()
 
 
 async def test_pg_a_transaction_a_frozen_node_left_open_is_ended_by_the_server(

@@ -51,6 +51,7 @@ from webhookd.journal.batch import (
 )
 from webhookd.journal.postgres.db import (
     DB_ERRORS,
+    BoundedPool,
     db_error,
     keep_alive,
     quiet_pool_retries,
@@ -155,7 +156,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.commits = 0
         self.batched_ops = 0
         self.backlog_jobs = 0
-        self._pool: Any = None
+        self._pool: BoundedPool | None = None
         self._queue = OpQueue()
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -184,7 +185,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         quiet_pool_retries()
         try:
             try:
-                self._pool = await asyncpg.create_pool(
+                raw = await asyncpg.create_pool(
                     self.url,
                     min_size=1,
                     max_size=POOL_SIZE,
@@ -193,11 +194,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     init=_on_connect,
                     timeout=10,  # to connect; a server that never answers is an error, not a hang
                 )
+                self._pool = BoundedPool(raw)
             except ValueError as exc:  # a URL the driver cannot read: its words may quote it
                 raise JournalError(
                     f"cannot open journal {self.location}: its URL cannot be read"
                 ) from exc
-            async with self._pool.acquire() as conn:
+            async with self._pool.raw.acquire() as conn:  # a migration may take long
                 await migrate(conn, self.location)
                 durable = await conn.fetchval("SHOW synchronous_commit")
             if self.node:
@@ -267,10 +269,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(pool.close(), 10)
+                await asyncio.wait_for(pool.raw.close(), 10)
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> BoundedPool:
         if self._pool is None:
             raise JournalError("journal is not open")
         return self._pool
@@ -751,10 +753,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
                 " WHERE i.indrelid = 'jobs'::regclass AND NOT i.indisvalid"
             )
+            # Unbounded (``raw``): a rebuild of a large index may take longer than any answer.
             for row in leftovers:
-                await self.pool.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{row[0]}"')
+                await self.pool.raw.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{row[0]}"')
             for index in QUEUE_INDEXES:
-                await self.pool.execute(f"REINDEX INDEX CONCURRENTLY {index}")
+                await self.pool.raw.execute(f"REINDEX INDEX CONCURRENTLY {index}")
         except DB_ERRORS as exc:
             raise JournalUnavailable(f"journal reindex failed: {db_error(exc)}") from exc
 

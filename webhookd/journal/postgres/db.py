@@ -3,9 +3,11 @@ how a URL or a command status is read."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -96,3 +98,63 @@ def keep_alive(conn: Any) -> None:
     for level, option, value in options:
         with contextlib.suppress(OSError):
             sock.setsockopt(level, option, value)
+
+
+# How long one use of a pooled connection (a transaction, a query, and giving the connection
+# back) may take before the connection is cut. Keepalive cannot see a peer that keeps the TCP
+# connection up and stops answering, such as a hung PgBouncer: without a bound each call
+# waited on it for ever, and the node, its writer stuck, still said it was ready. Every write
+# here is short (lock waits end at the journal's lock_timeout) and reads are indexed, so a
+# minute is far past a healthy answer. REINDEX, which can legitimately take longer, goes
+# around it (``BoundedPool.raw``).
+ANSWER_DEADLINE_S = 60.0
+
+
+class BoundedPool:
+    """The journal's asyncpg pool, each use of a connection cut after ``ANSWER_DEADLINE_S``:
+    the connection is terminated (its socket closed), so whatever waits on it fails at once
+    with ``TimeoutError`` and the pool opens a fresh one for the next use. A write cut so may
+    have committed, as one whose connection dropped may: callers treat both alike."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        deadline_s = ANSWER_DEADLINE_S
+        no_answer = f"no answer from the database in {deadline_s:g} s"
+        try:  # a free connection, or a new one: connecting is the part that can hang here
+            conn = await self.raw.acquire(timeout=deadline_s)
+        except TimeoutError as exc:
+            raise TimeoutError(no_answer) from exc
+        cut = False
+
+        def cut_off() -> None:
+            nonlocal cut
+            cut = True
+            conn.terminate()
+
+        timer = asyncio.get_running_loop().call_later(deadline_s, cut_off)
+        try:
+            yield conn
+        except DB_ERRORS as exc:
+            if cut:
+                raise TimeoutError(no_answer) from exc
+            raise
+        finally:
+            try:
+                await self.raw.release(conn)  # still under the timer: it may talk to the server
+            finally:
+                timer.cancel()
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.acquire() as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            return str(await conn.execute(sql, *args))
