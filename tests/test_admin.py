@@ -23,9 +23,9 @@ from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
 from webhookd.actions.base import Outcome
-from webhookd.admin import Throughput, _replay_present
+from webhookd.admin import Throughput
 from webhookd.clock import ManualClock
-from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob
+from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob, present_only
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
 from webhookd.models import new_job_id
 from webhookd.workers import WorkerPool
@@ -366,7 +366,7 @@ async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_li
     """An event pruned between the listing and its batch is skipped; the rest are replayed."""
     item = NewEvent(new_event("shop", time.time()), (NewJob(new_job_id(), "a", "forward", 3),))
     await journal.ingest(item)
-    done = await _replay_present(journal, [item.event.id, "evt_00000000000000000000000000"])
+    done = await present_only(journal.replay, [item.event.id, "evt_00000000000000000000000000"])
     assert list(done) == [item.event.id]
 
 

@@ -447,6 +447,33 @@ async def test_replay_that_finds_an_event_pruned_meanwhile_says_how_far_it_got(
     error says which ids were replayed: the batches before it, none after."""
     config = await bulk_journal(tmp_path)
     ids = (await _dead_ids(config))[:250]
+    _prune_before_the_second_batch(config, ids[220], monkeypatch)
+    out = await cli("replay", *ids, "--config", str(config))
+    assert out.exit_code == 1
+    assert f"no event {ids[220]} (pruned meanwhile): the first 200 of 250 event(s)" in out.output
+    assert len(await _dead_ids(config)) == 749 - 200
+
+
+async def test_replay_dead_skips_an_event_pruned_since_it_was_listed_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``replay --dead`` found the event; retention pruned it before its batch (its dead job
+    was kept long enough to go). The rest are replayed, and a line says one was skipped."""
+    config = await bulk_journal(tmp_path)
+    ids = await _dead_ids(config)
+    _prune_before_the_second_batch(config, ids[220], monkeypatch)
+    out = await cli("replay", "--dead", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert "1 event(s) pruned since listed: skipped" in out.output
+    assert "replayed 749 event(s), 749 job(s) re-queued" in out.output
+    assert await _dead_ids(config) == []
+
+
+def _prune_before_the_second_batch(
+    config: Path, event_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delete ``event_id`` as a prune would, in its own transaction, just before the second
+    batch of a bulk replay."""
     journal_path = config_mod.load(str(config)).journal.path
     replay = Journal.replay
     batches = 0
@@ -454,20 +481,16 @@ async def test_replay_that_finds_an_event_pruned_meanwhile_says_how_far_it_got(
     async def pruned_before_the_second_batch(self: Journal, event_ids: list[str]) -> Any:
         nonlocal batches
         batches += 1
-        if batches == 2:  # as a prune would, in its own transaction
+        if batches == 2:
             with sqlite3.connect(journal_path) as db:
                 job_ids = "SELECT id FROM jobs WHERE event_id = ?"
-                db.execute(f"DELETE FROM attempts WHERE job_id IN ({job_ids})", (ids[220],))
-                db.execute("DELETE FROM jobs WHERE event_id = ?", (ids[220],))
-                db.execute("DELETE FROM events WHERE id = ?", (ids[220],))
+                db.execute(f"DELETE FROM attempts WHERE job_id IN ({job_ids})", (event_id,))
+                db.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))
+                db.execute("DELETE FROM events WHERE id = ?", (event_id,))
             db.close()
         return await replay(self, event_ids)
 
     monkeypatch.setattr(Journal, "replay", pruned_before_the_second_batch)
-    out = await cli("replay", *ids, "--config", str(config))
-    assert out.exit_code == 1
-    assert f"no event {ids[220]} (pruned meanwhile): the first 200 of 250 event(s)" in out.output
-    assert len(await _dead_ids(config)) == 749 - 200
 
 
 def test_ctrl_c_in_a_bulk_replay_says_how_far_it_got_and_exits_130(

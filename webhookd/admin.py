@@ -35,7 +35,7 @@ from webhookd.journal import (
     EventSummary,
     LaneBacklog,
     PolledCounts,
-    Replayed,
+    present_only,
 )
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import Priority
@@ -415,7 +415,7 @@ class Admin:
         try:
             async for ids in journal.pages_of_event_ids_with_jobs("dead", source, None):
                 for start in range(0, len(ids), BULK_BATCH):
-                    done = await _replay_present(journal, ids[start : start + BULK_BATCH])
+                    done = await present_only(journal.replay, ids[start : start + BULK_BATCH])
                     events += len(done)
                     requeued += sum(r.requeued for r in done.values())
                     self.ctx.pool.poke()
@@ -424,19 +424,6 @@ class Admin:
         return web.json_response(
             {"source": source, "events": events, "requeued": requeued}, status=202
         )
-
-
-async def _replay_present(journal: BaseJournal, batch: list[str]) -> dict[str, Replayed]:
-    """``replay`` of a batch; should one of its events have been pruned since it was listed
-    (``NotFound``, which changes nothing), the rest one at a time."""
-    try:
-        return await journal.replay(batch)
-    except NotFound:
-        done: dict[str, Replayed] = {}
-        for event_id in batch:
-            with contextlib.suppress(NotFound):
-                done |= await journal.replay([event_id])
-        return done
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

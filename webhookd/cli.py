@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
@@ -34,6 +35,7 @@ from webhookd.journal import (
     Replayed,
     copies,
     open_journal,
+    present_only,
 )
 from webhookd.redact import Masker, printable, secret_values
 from webhookd.retention import prune_expired, windows_s
@@ -362,9 +364,11 @@ def _bulk(
     nothing, or over every event ``select`` finds (a job state, a source, a receive time).
     One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
     commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
-    and past forms, for the progress bar and the error that says how far it got. With
-    ``dry_run`` (its summary line, ``{n}`` for the count) the events are listed instead, and
-    ``None`` returned."""
+    and past forms, for the progress bar and the error that says how far it got. An event
+    ``select`` found and retention pruned before its batch is skipped and counted (it was
+    finished long enough to go); one of the ids given stops the verb there, saying how far it
+    got. With ``dry_run`` (its summary line, ``{n}`` for the count) the events are listed
+    instead, and ``None`` returned."""
 
     async def go() -> tuple[list[str], dict[str, T]]:
         async with _journal(cfg) as journal:
@@ -383,7 +387,10 @@ def _bulk(
                 for start in range(0, len(ids), BULK_BATCH):
                     batch = ids[start : start + BULK_BATCH]
                     try:
-                        out.update(await change(journal, batch))
+                        if event_ids:
+                            out.update(await change(journal, batch))
+                        else:
+                            out.update(await present_only(partial(change, journal), batch))
                     except NotFound as exc:  # pruned since the look-up: say what was done
                         raise WebhookdError(
                             f"no event {exc} (pruned meanwhile): the first {start} of"
@@ -401,6 +408,8 @@ def _bulk(
 
     ids, out = _run(go)
     if dry_run is None:
+        if len(out) < len(ids):
+            click.echo(f"{len(ids) - len(out)} event(s) pruned since listed: skipped", err=True)
         return out
     click.echo(dry_run.format(n=len(ids)))
     for event_id in ids:

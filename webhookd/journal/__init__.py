@@ -44,7 +44,13 @@ import aiosqlite
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal.base import BULK_BATCH, BaseJournal, PolledCounts, migrating
+from webhookd.journal.base import (
+    BULK_BATCH,
+    BaseJournal,
+    PolledCounts,
+    migrating,
+    present_only,
+)
 from webhookd.journal.batch import (
     GATHER_PASSES,
     CallOp,
@@ -126,6 +132,7 @@ __all__ = [
     "Series",
     "Starter",
     "open_journal",
+    "present_only",
 ]
 
 log = logging.getLogger("webhookd.journal")

@@ -61,6 +61,22 @@ log = logging.getLogger("webhookd.journal")
 BULK_BATCH = 200
 
 
+async def present_only(
+    change: Callable[[list[str]], Awaitable[dict[str, _T]]], batch: list[str]
+) -> dict[str, _T]:
+    """``change(batch)``, a bulk replay's or cancel's; should one of its events have been pruned
+    since it was listed (``NotFound``, which changes nothing), ``change`` of the rest one at a
+    time, the gone ones left out of the answer."""
+    try:
+        return await change(batch)
+    except NotFound:
+        done: dict[str, _T] = {}
+        for event_id in batch:
+            with contextlib.suppress(NotFound):
+                done |= await change([event_id])
+        return done
+
+
 @contextlib.contextmanager
 def migrating(where: str, version: int, latest: int) -> Iterator[None]:
     """Say, at INFO, that an existing journal's schema is being brought from ``version`` up to
