@@ -25,7 +25,15 @@ from webhookd import send
 from webhookd.actions.base import Outcome
 from webhookd.admin import Throughput
 from webhookd.clock import ManualClock
-from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob, present_only
+from webhookd.journal import (
+    Claimed,
+    Counts,
+    Finished,
+    Journal,
+    NewEvent,
+    NewJob,
+    present_only,
+)
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
 from webhookd.models import new_job_id
 from webhookd.workers import WorkerPool
@@ -123,6 +131,41 @@ async def test_healthz_and_stats_describe_the_running_daemon(
     assert {"concurrency", "busy", "window", "started", "outcomes"} <= set(stats["workers"])
     assert stats["workers"]["outcomes"] == {"done": 1}
     assert stats["workers"]["holding"] is False and stats["intake"]["waiting"] == 0
+
+
+async def test_stats_lists_fifty_names_a_catch_all_took_and_sums_the_rest_under_its_own(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """Any ``/hooks/<name>`` adds a name to a catch-all: /stats lists every configured source
+    and the 50 taken names with the most jobs; the rest are summed under ``*``, so a client
+    posting to a new name each time cannot grow the document (and the dashboard's picker)."""
+    catch_all = '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n'
+    configured = '[sources.zz]\n[[sources.zz.actions]]\ntype = "log"\n'
+    running: Running = await run_daemon(make_config(tmp_path, catch_all + configured))
+    await accept(running, "/hooks/zz", "{}")
+    for n, name in enumerate(("a00", "a00", "a01", "a01", *(f"b{i:02}" for i in range(55)))):
+        await accept(running, f"/hooks/{name}", f'{{"n": {n}}}')
+    status, stats = await get(running, "/stats")
+    assert status == 200
+    totals = {name: sum(by.values()) for name, by in stats["sources"].items()}
+    # a00 and a01 have the most jobs; then by name: b00-b47 are listed, b48-b54 summed.
+    assert totals == {"zz": 1, "a00": 2, "a01": 2, **{f"b{i:02}": 1 for i in range(48)}, "*": 7}
+
+
+def test_stats_sources_fold_only_the_names_a_catch_all_took() -> None:
+    """Configured sources, and the alerts' own, are listed however many there are."""
+    counts = Counts(
+        {}, {f"s{i}": {"done": 1} for i in range(4)} | {"webhookd": {"dead": 1}}, None, 0
+    )
+    shown = counts.sources_shown({"s0", "s1", "s2", "s3"}, most=0)
+    assert shown == {**{f"s{i}": {"done": 1} for i in range(4)}, "webhookd": {"dead": 1}}
+    shown = counts.sources_shown({"s0"}, most=1)
+    assert shown == {
+        "s0": {"done": 1},
+        "s1": {"done": 1},
+        "webhookd": {"dead": 1},
+        "*": {"done": 2},
+    }
 
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())

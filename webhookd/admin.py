@@ -443,7 +443,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "uptime_s": round(now - ctx.started_at, 3),
         "draining": ctx.intake.draining,
         "jobs": dict(counts.jobs_by_state),
-        "sources": {k: dict(v) for k, v in counts.jobs_by_source.items()},
+        "sources": counts.sources_shown(ctx.config.sources),
         "events": counts.events,
         "backlog": ctx.journal.backlog_jobs,
         "oldest_queued_age_s": round(now - oldest, 3) if oldest is not None else None,

@@ -617,7 +617,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             + counts.jobs_by_state.get("running", 0),
             "oldest_queued_age_s": round(now - oldest, 1) if oldest is not None else None,
             "jobs": dict(counts.jobs_by_state),
-            "sources": {k: dict(v) for k, v in sorted(counts.jobs_by_source.items())},
+            "sources": counts.sources_shown(cfg.sources),
             "received_per_min_5m": round(recent.received / 5, 1),
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),

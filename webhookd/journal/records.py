@@ -3,17 +3,19 @@ pool at a commit (``Starter``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from webhookd.config import VerifyConfig
+from webhookd.config import ALERT_SOURCE, VerifyConfig
 from webhookd.models import Event, Job, JobState, quick_init
 from webhookd.redact import shown_headers
 
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
 # bound on what one request for one event sends back (the whole body stays in the journal).
 SHOWN_BODY_BYTES = 64 * 1024
+# How many of the names a catch-all source took ``Counts.sources_shown`` lists one by one.
+CATCH_ALL_SHOWN = 50
 
 
 @quick_init
@@ -248,6 +250,28 @@ class Counts:
     # retry's backoff); jobs not due yet are waiting on purpose and do not count.
     oldest_due_at: float | None
     events: int
+
+    def sources_shown(
+        self, configured: Collection[str], most: int = CATCH_ALL_SHOWN
+    ) -> dict[str, dict[str, int]]:
+        """Jobs by state per source, as ``/stats`` and ``webhookd stats`` show them: every
+        configured source (the alerts' own too), and of the names a catch-all took (any
+        ``/hooks/<name>`` can add one) the ``most`` with the most jobs; the rest are summed
+        under ``*``, the catch-all's own name, as the metrics label them. Without that bound a
+        client posting to a new name each time made the document, and the dashboard's source
+        picker, grow with every name still in the journal."""
+        taken = sorted(
+            (n for n in self.jobs_by_source if n not in configured and n != ALERT_SOURCE),
+            key=lambda name: (-sum(self.jobs_by_source[name].values()), name),
+        )
+        folded = set(taken[most:])
+        shown = {k: dict(v) for k, v in sorted(self.jobs_by_source.items()) if k not in folded}
+        if folded:
+            rest = shown.setdefault("*", {})
+            for name in folded:
+                for state, n in self.jobs_by_source[name].items():
+                    rest[state] = rest.get(state, 0) + n
+        return shown
 
 
 @dataclass(frozen=True, slots=True)
