@@ -419,6 +419,29 @@ async def test_dashboard_pauses_and_resumes_a_source(
     assert len(target.seen) == 2
 
 
+async def test_dashboard_shows_the_catch_alls_other_names_as_one_row_with_no_buttons(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """Past the 50 names a catch-all took that /stats lists, the rest come summed under
+    ``*``: the By source table shows them as one row with nothing to pause or replay (no
+    source is called ``*``), and the chart's source picker does not offer it."""
+    catch_all = '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n'
+    running = await run_daemon(make_config(tmp_path, catch_all))
+    for n in range(51):
+        await accepted(running, f"n{n:02}", f'{{"n": {n}}}')
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.querySelector(\"#sources tr[data-source='*']\")")
+        row = await page.evaluate(
+            "[...document.querySelectorAll(\"#sources tr[data-source='*'] td\")]"
+            ".map((td) => td.textContent + td.querySelectorAll('button').length)"
+        )
+        assert row[0] == "* (other names)0" and row[-1] == "0"
+        options = await page.evaluate(
+            "[...document.querySelector('#series-source').options].map((o) => o.value)"
+        )
+        assert "*" not in options and "n00" in options
+
+
 async def test_dashboard_replays_a_sources_dead_letters(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
