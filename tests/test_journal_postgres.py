@@ -20,10 +20,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import DatabaseOutage, make_config
+from conftest import DatabaseOutage, Target, make_config
+from ops_support import accepted, event_state, forward_source
 from procs import poll
 from test_journal_contract import LEASE_S, START, Taker, claimed_one, finished, new_event
 
+from webhookd import actions
+from webhookd import config as config_mod
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
@@ -1207,6 +1210,47 @@ async def test_pg_a_pooler_that_hangs_fails_each_call_in_its_deadline_not_for_ev
             assert ingested.duplicate is False and journal.last_write_error is None
             assert await journal.backlog() == 2
     finally:
+        await hop.close()
+
+
+async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
+    pg_url: str, run_daemon: Any, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same hang under a running daemon: a webhook gets a 503 (never a false 2xx),
+    ``/readyz`` turns 503 so a load balancer sends the node nothing more, and once the path
+    answers again the node takes webhooks and runs their jobs without a restart. Before the
+    deadline the writer waited on the hung connection and ``/readyz`` stayed 200."""
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 1)
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    text = f"""
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[journal]
+url = "{url}"
+{forward_source("shop", target.url + "/shop")}
+"""
+    running = await run_daemon(config_mod.loads(text, "test", kinds=actions.kind_defaults))
+    http, admin = running.http, running.admin_url
+
+    async def readyz(want: int) -> bool:
+        async with http.get(admin + "/readyz") as r:
+            return r.status == want
+
+    try:
+        await event_state(http, admin, await accepted(running, "shop", '{"n": 1}'), "done")
+        hop.flowing.clear()
+        status, doc = await running.post("/hooks/shop", '{"n": 2}')
+        assert status == 503 and "error" in doc
+        await poll(lambda: readyz(503), timeout_s=30)
+        hop.flowing.set()
+        await poll(lambda: readyz(200), timeout_s=30)
+        await event_state(http, admin, await accepted(running, "shop", '{"n": 3}'), "done")
+    finally:
+        hop.flowing.set()
+        await running.stop()
         await hop.close()
 
 
