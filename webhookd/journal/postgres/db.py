@@ -104,9 +104,9 @@ def keep_alive(conn: Any) -> None:
 # back) may take before the connection is cut. Keepalive cannot see a peer that keeps the TCP
 # connection up and stops answering, such as a hung PgBouncer: without a bound each call
 # waited on it for ever, and the node, its writer stuck, still said it was ready. Every write
-# here is short (lock waits end at the journal's lock_timeout) and reads are indexed, so a
-# minute is far past a healthy answer. REINDEX, which can legitimately take longer, goes
-# around it (``BoundedPool.raw``).
+# here is short (lock waits end at the journal's lock_timeout, bulk changes go 200 events to a
+# transaction, prune 500) and the reads are single queries, so a minute is far past a healthy
+# answer. REINDEX, which can legitimately take longer, goes around it (``BoundedPool.raw``).
 ANSWER_DEADLINE_S = 60.0
 
 
