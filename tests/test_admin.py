@@ -403,6 +403,47 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
     assert (status, set(error)) == (404, {"error"})
 
 
+async def test_replay_dead_runs_the_dead_job_alone_not_the_events_delivered_one(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """An event forwarded to two targets, delivered to one and dead at the other: a source's
+    replay-dead (the dashboard's Replay button, ``replay --dead``) runs the dead job alone, and
+    the target that had the webhook does not get it a second time."""
+    down = """
+[[sources.shop.actions]]
+type = "forward"
+name = "down"
+url = "http://127.0.0.1:9/down"
+retry = { max_attempts = 1 }
+"""
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward_source("shop", target.url + "/shop") + down)
+    )
+    finished: list[tuple[str, str]] = []
+    changed = asyncio.Event()
+
+    def on_finish(claimed: Claimed, outcome: Outcome, f: Finished) -> None:
+        finished.append((claimed.job.action, str(f.state)))
+        changed.set()
+
+    assert running.daemon.pool is not None
+    running.daemon.pool.on_finish.append(on_finish)
+
+    async def finishes(n: int) -> None:
+        async with asyncio.timeout(15):
+            while len(finished) < n:
+                changed.clear()
+                await changed.wait()
+
+    await accept(running, "/hooks/shop", '{"n": 1}')
+    await finishes(2)
+    assert sorted(finished) == [("deliver", "done"), ("down", "dead")]
+    status, doc = await post_admin(running, "/sources/shop/replay-dead")
+    assert (status, doc) == (202, {"source": "shop", "events": 1, "requeued": 1})
+    await finishes(3)
+    assert finished[2] == ("down", "dead") and len(target.seen) == 1
+
+
 async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(
     journal: Journal,
 ) -> None:

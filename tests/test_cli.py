@@ -478,7 +478,7 @@ def _prune_before_the_second_batch(
     replay = Journal.replay
     batches = 0
 
-    async def pruned_before_the_second_batch(self: Journal, event_ids: list[str]) -> Any:
+    async def pruned_before_the_second_batch(self: Journal, event_ids: list[str], **kw: Any) -> Any:
         nonlocal batches
         batches += 1
         if batches == 2:
@@ -488,7 +488,7 @@ def _prune_before_the_second_batch(
                 db.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))
                 db.execute("DELETE FROM events WHERE id = ?", (event_id,))
             db.close()
-        return await replay(self, event_ids)
+        return await replay(self, event_ids, **kw)
 
     monkeypatch.setattr(Journal, "replay", pruned_before_the_second_batch)
 
@@ -502,12 +502,14 @@ def test_ctrl_c_in_a_bulk_replay_says_how_far_it_got_and_exits_130(
     replay = Journal.replay
     batches = 0
 
-    async def interrupted_in_the_second_batch(self: Journal, event_ids: list[str]) -> Any:
+    async def interrupted_in_the_second_batch(
+        self: Journal, event_ids: list[str], **kw: Any
+    ) -> Any:
         nonlocal batches
         batches += 1
         if batches == 2:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C: asyncio.run cancels the command
-        return await replay(self, event_ids)
+        return await replay(self, event_ids, **kw)
 
     monkeypatch.setattr(Journal, "replay", interrupted_in_the_second_batch)
     args = ["replay", "--dead", "--source", "shop", "--config", str(config)]

@@ -617,6 +617,32 @@ async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: BaseJourna
         await journal.replay(["evt_nope"])
 
 
+async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: BaseJournal) -> None:
+    """``replay --dead`` and a source's replay-dead: of an event whose forward to one target
+    was delivered, another went dead and a third waits out a backoff, only the dead one is
+    queued again. Re-queuing the delivered one delivered the webhook to its target twice."""
+    item = new_event(jobs=3)
+    await journal.ingest(item)
+    delivered, dead, waiting = (j.id for j in item.jobs)
+    await journal.claim([delivered, dead, waiting], "b")
+    later = START + 3600
+    await journal.finish(
+        [
+            finished(delivered, JobState.DONE, "done"),
+            finished(dead, JobState.DEAD, "dead", error="404"),
+            finished(waiting, JobState.QUEUED, "retry", run_at=later),
+        ]
+    )
+    backlog = journal.backlog_jobs
+    replayed = await journal.replay([item.event.id], dead_only=True)
+    assert replayed == {item.event.id: Replayed(1, 0)}
+    assert journal.backlog_jobs == backlog + 1 == await journal.backlog()
+    jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+    assert (jobs[dead].state, jobs[dead].attempts) == (JobState.QUEUED, 0)
+    assert jobs[delivered].state == JobState.DONE
+    assert (jobs[waiting].state, jobs[waiting].run_at) == (JobState.QUEUED, later)
+
+
 async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:
     """The receiver's backpressure reads ``backlog_jobs``: a replay counts the jobs it queues
     again, and a cancel the queued jobs it takes out, so the tally neither drifts up nor goes

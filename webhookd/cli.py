@@ -420,7 +420,11 @@ def _bulk(
 @main.command()
 @click.argument("event_ids", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--dead", is_flag=True, help="Replay every event that has a dead job.")
+@click.option(
+    "--dead",
+    is_flag=True,
+    help="Replay the dead jobs of every event that has one (its other jobs are left alone).",
+)
 @click.option("--source", help="With --dead: only this source.")
 @click.option(
     "--since",
@@ -439,7 +443,7 @@ def replay(
     """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
 
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
-    running daemon picks both up within 1 s.
+    running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued.
     """
     since_ts = _bulk_filters(event_ids, dead, "--dead", source, since)
     result: dict[str, Replayed] | None = _bulk(
@@ -447,7 +451,7 @@ def replay(
         event_ids,
         ("dead", source, since_ts),
         ("replaying", "replayed"),
-        lambda journal, batch: journal.replay(batch),
+        lambda journal, batch: journal.replay(batch, dead_only=dead),
         "would replay {n} event(s)" if dry_run else None,
     )
     if result is None:

@@ -137,6 +137,7 @@ __all__ = [
 
 log = logging.getLogger("webhookd.journal")
 
+
 MAX_BATCH = 512
 # How long close() waits for the writer to flush and for each thread to let go of its
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
@@ -1018,7 +1019,9 @@ class Journal(Reads, BaseJournal):
 
         return await self._call(fn)  # type: ignore[no-any-return]
 
-    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+    async def replay(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
 
         Jobs that finished (dead, done, cancelled) are re-queued with fresh attempts and no
@@ -1030,21 +1033,28 @@ class Journal(Reads, BaseJournal):
         answer kept for a failed ``then``. Running jobs are left alone, but a cancel made while
         they run is withdrawn: the replay is the later word, and a failed attempt retries.
 
+        With ``dead_only`` (a replay of dead letters: ``replay --dead``, a source's
+        replay-dead) only the dead jobs are re-queued, the event's other jobs left as they
+        are: a forward that was delivered is not delivered again.
+
         Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
         """
         now = self.clock.time()
 
+        again = "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
+
         def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
-            hurried = conn.execute(
-                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued' AND run_at > ?",
-                (now, event_id, now),
-            )
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL,"
-                " cancel_requested_at = NULL"
-                " WHERE event_id = ? AND state NOT IN ('queued', 'running')",
+                f" cancel_requested_at = NULL WHERE event_id = ? AND {again}",
                 (now, event_id),
+            )
+            if dead_only:
+                return Replayed(requeued=requeued.rowcount, run_now=0)
+            hurried = conn.execute(
+                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued' AND run_at > ?",
+                (now, event_id, now),
             )
             conn.execute(
                 "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = ?"

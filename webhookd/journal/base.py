@@ -275,9 +275,11 @@ class BaseJournal(ABC):
     # -- operator actions --------------------------------------------------------------------
 
     @abstractmethod
-    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
-        """Run each event's jobs again, now (see ``Journal.replay``); ``NotFound`` for an
-        unknown id."""
+    async def replay(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Replayed]:
+        """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone (see
+        ``Journal.replay``); ``NotFound`` for an unknown id."""
 
     @abstractmethod
     async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:

@@ -596,23 +596,28 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
         return await self._write(fn)
 
-    async def replay(self, event_ids: Sequence[str]) -> dict[str, Replayed]:
+    async def replay(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Replayed]:
         """``BaseJournal.replay``, safe beside a prune on any node (see ``_each_event``): an
         acknowledged replay is never followed by the deletion of the event it re-queued."""
         now = self.clock.time()
+        again = "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
 
         async def change(conn: Any, event_id: str) -> Replayed:
-            hurried = await conn.execute(
-                "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
-                " AND run_at > $1",
-                now,
-                event_id,
-            )
             requeued = await conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
                 " lease_until = NULL, result = NULL, cancel_requested_at = NULL"
-                " WHERE event_id = $2 AND state NOT IN ('queued', 'running')",
+                f" WHERE event_id = $2 AND {again}",
+                now,
+                event_id,
+            )
+            if dead_only:
+                return Replayed(requeued=rowcount(requeued), run_now=0)
+            hurried = await conn.execute(
+                "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
+                " AND run_at > $1",
                 now,
                 event_id,
             )
