@@ -193,6 +193,21 @@ def test_bad_values_name_their_dotted_key(text: str, key: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("written", "says"),
+    [
+        ("env:", '"env:" names no variable: write "env:NAME"'),
+        ("file:", '"file:" names no file: write "file:PATH"'),
+    ],
+)
+def test_a_secret_reference_naming_nothing_says_so(written: str, says: str) -> None:
+    """``env:`` alone said "environment variable  is not set", with a blank where the name
+    goes."""
+    with pytest.raises(ConfigError) as info:
+        loads(f'[sources.a]\nverify = {{ scheme = "github", secret = "{written}" }}')
+    assert str(info.value) == f"sources.a.verify.secret: {says}"
+
+
 def test_invalid_toml_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         loads("[server\nlisten=", "x.toml")

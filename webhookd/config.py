@@ -773,6 +773,10 @@ def read_secret(value: Any, key: str = "") -> Secret:
     that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(key, 'must be a non-empty string (a secret, "env:NAME" or "file:PATH")')
+    if value == "env:":
+        raise ConfigError(key, '"env:" names no variable: write "env:NAME"')
+    if value == "file:":
+        raise ConfigError(key, '"file:" names no file: write "file:PATH"')
     if value.startswith("env:"):
         return Secret(os.environ.get(value[4:]), origin=value, key=key)  # None: not set
     if value.startswith("file:"):
