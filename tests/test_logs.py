@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,24 @@ max_tokens = 50
     text = captured.getvalue()
     assert standin.received == 1 and "outcome=done" in text
     assert "HTTP Request" not in text, text
+
+
+async def test_a_retry_line_says_in_how_many_seconds_the_job_runs_next(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job's retry (or wait) line carries ``next_in_s``: without it the log said a job would
+    be tried again, never when, and only ``show`` had the time."""
+    caplog.set_level(logging.INFO, "webhookd")
+    target.statuses = [500]
+    source = forward_source("shop", target.url + "/shop", max_attempts=2, base_s=60)
+    running = await run_daemon(make_config(tmp_path, source))
+    finished = asyncio.Event()
+    running.daemon.pool.on_finish.append(lambda *_: finished.set())
+    status, _ = await running.post("/hooks/shop", '{"n": 1}')
+    assert status == 202
+    async with asyncio.timeout(15):
+        await finished.wait()
+    [line] = [r.getMessage() for r in caplog.records if "outcome=retry" in r.getMessage()]
+    found = re.search(r"attempt=1 outcome=retry next_in_s=(\d+\.\d) error='", line)
+    assert found is not None, line
+    assert 30 <= float(found[1]) <= 60  # the policy's 60 s, its second half random

@@ -861,15 +861,19 @@ class WorkerPool:
         # A job that waits for its lane's pace is the lane doing its work, not a problem.
         paced = finished.outcome == "wait" and outcome.detail.get("paced")
         level = logging.INFO if finished.outcome == "done" or paced else logging.WARNING
+        # A retry or a wait says when the job runs next (``show`` says it as a time).
         log.log(
             level,
-            "job %s event=%s source=%s action=%s attempt=%d outcome=%s%s",
+            "job %s event=%s source=%s action=%s attempt=%d outcome=%s%s%s",
             job.id,
             event.id,
             event.source,
             job.action,
             job.attempts,
             finished.outcome,
+            f" next_in_s={max(finished.run_at - finished.finished_at, 0):.1f}"
+            if finished.state == JobState.QUEUED and finished.run_at is not None
+            else "",
             f" error={finished.error!r}" if finished.error else "",
         )
 
