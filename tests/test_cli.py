@@ -34,7 +34,7 @@ from test_journal_contract import finished, new_event
 
 from webhookd import actions
 from webhookd import config as config_mod
-from webhookd.cli import main
+from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
 from webhookd.journal import Finished, Journal
 from webhookd.models import JobState
@@ -809,3 +809,16 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     assert doc["daemon"] is None and doc["daemon_error"] == line[15:].removesuffix(
         " (journal figures only)"
     )
+
+
+def test_show_says_how_a_webhook_verified_in_words_and_its_own_times() -> None:
+    """``show`` printed the verdict as JSON with epoch floats, the one line of it not in its
+    time format; ``--json`` keeps the fields."""
+    at = 1796311712.8183098  # 2026-12-03 15:28:32.818Z
+    rotated = {"scheme": "stripe", "secret_index": 1, "timestamp": at - 12.8183098}
+    assert _verified_line({**rotated, "received_at": at}) == (
+        "verified stripe with secrets[1], signed 2026-12-03 15:28:20.000Z,"
+        " checked 2026-12-03 15:28:32.818Z"
+    )
+    untimed = {"scheme": "github", "secret_index": 0, "timestamp": None, "received_at": at}
+    assert _verified_line(untimed) == "verified github, checked 2026-12-03 15:28:32.818Z"

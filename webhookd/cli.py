@@ -167,6 +167,16 @@ _RESPONSE_PREVIEW_CHARS = 200
 _TEXT_PREVIEW_CHARS = 4000
 
 
+def _verified_line(verified: dict[str, Any]) -> str:
+    """How a webhook verified, in ``show``'s words and times (``--json`` has the fields)."""
+    line = f"verified {verified.get('scheme')}"
+    if verified.get("secret_index"):  # not the first: a rotation's older secret still in use
+        line += f" with secrets[{verified['secret_index']}]"
+    if verified.get("timestamp") is not None:
+        line += f", signed {_when(verified['timestamp'])}"
+    return printable(line + f", checked {_when(verified.get('received_at'))}")
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -304,7 +314,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         preview = doc["body"][:_BODY_PREVIEW_CHARS] + (" …" if more else "")
         click.echo(f"body     {printable(preview)}")
     if doc["verified"]:
-        click.echo(f"verified {json.dumps(doc['verified'])}")
+        click.echo(_verified_line(doc["verified"]))
     if doc["filtered"]:
         whose = "their" if len(doc["filtered"]) > 1 else "its"
         click.echo(f"filtered {', '.join(doc['filtered'])} ({whose} when did not match: no job)")
