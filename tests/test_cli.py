@@ -273,7 +273,8 @@ async def test_show_finds_an_event_by_its_dedup_key(
     wired: tuple[Path, Running], target: Target
 ) -> None:
     """show --key SOURCE:KEY shows the event a delivery's dedup key names (here the body's
-    hash, the key of an unsigned source); an unknown key is exit 1, and id or key, not both."""
+    hash, the key of an unsigned source); an unknown key is exit 1 (one without its source's
+    name says the form), and id or key, not both."""
     config, running = wired
     body = '{"order": 42}'
     event_id = await accepted(running, "shop", body)
@@ -282,7 +283,9 @@ async def test_show_finds_an_event_by_its_dedup_key(
     assert out.exit_code == 0 and f"event    {event_id}  [" in out.output
     assert f"dedup    {key}" in out.output
     out = await cli("show", "--key", "shop:nope", "--config", str(config))
-    assert out.exit_code == 1 and "no event has the dedup key 'shop:nope'" in out.output
+    assert out.exit_code == 1 and "no event has the dedup key 'shop:nope':" in out.output
+    out = await cli("show", "--key", "nope", "--config", str(config))  # the source left out
+    assert "no event has the dedup key 'nope' (a key is SOURCE:DELIVERY_ID, e.g." in out.output
     for args in ((), (event_id, "--key", key)):
         assert (await cli("show", *args, "--config", str(config))).exit_code == 2
 

@@ -277,9 +277,11 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             assert key is not None  # one of the two: checked above
             found = await journal.event_by_key(key)
             if found is None:
+                # A key without its source's name is the commonest miss: say the form.
+                form = "" if ":" in key else " (a key is SOURCE:DELIVERY_ID, e.g. shopify:<id>)"
                 raise WebhookdError(
                     printable(
-                        f"no event has the dedup key {key!r}: never seen, or its key is"
+                        f"no event has the dedup key {key!r}{form}: never seen, or its key is"
                         f" older than journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
                     )
                 )
