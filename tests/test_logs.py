@@ -266,6 +266,30 @@ async def test_serve_flags_override_the_configured_log_format_and_level(tmp_path
     assert {d["level"] for d in docs} <= {"debug", "info", "warning", "error"}
 
 
+async def test_requests_refused_before_storing_get_a_line_a_flood_of_them_a_count(
+    tmp_path: Path, target: Target, run_daemon: Any, restore_logging: None
+) -> None:
+    """A 404 (an unknown source) or a 413 (a body too large) left no line at any level: a
+    provider's "we sent it" had only /metrics to be checked against. Each gets an INFO line
+    naming status, path, reason and peer, throttled like the other lines a sender can cause."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url), server="max_body_bytes = 1024")
+    captured = io.StringIO()
+    logs.setup("info", "text", stream=captured)
+    running = await run_daemon(cfg)
+    assert (await running.post("/hooks/shop", b"x" * 2048))[0] == 413
+    for n in range(12):
+        assert (await running.post(f"/hooks/nope{n}", b"{}"))[0] == 404
+    assert await running.stop() == 0
+
+    lines = captured.getvalue().splitlines()
+    refused = [line for line in lines if "refused webhook status=" in line]
+    assert len(refused) == 10
+    assert "status=413 path='/hooks/shop' reason='body larger than 1024 bytes' peer=" in refused[0]
+    assert "status=404 path='/hooks/nope0' reason='no such source' peer=127.0.0.1" in refused[1]
+    said = [line.split(": ", 1)[1] for line in lines if "more refused requests" in line]
+    assert said == ["3 more refused requests in the last 60 s, not logged one by one"]
+
+
 async def test_a_drain_tells_what_the_throttled_lines_held_back(
     tmp_path: Path,
     target: Target,

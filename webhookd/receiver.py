@@ -250,6 +250,9 @@ class Receiver:
         self._log_slow = Throttle(
             log, logging.WARNING, "503s for a slow journal commit", clock=clock.monotonic
         )
+        # Requests refused before anything was stored (404, 400, 408, 413, 417): without a
+        # line, a provider's "we sent it" had only /metrics to be checked against.
+        self._log_refused = Throttle(log, logging.INFO, "refused requests", clock=clock.monotonic)
         # A defect a request can reach would otherwise log a traceback per request.
         self._log_unexpected = Throttle(
             log, logging.ERROR, "unexpected errors", clock=clock.monotonic
@@ -259,6 +262,7 @@ class Receiver:
     def flush_logs(self) -> None:
         """Write what the throttled lines held back (at the drain's end)."""
         self._log_rejected.flush()
+        self._log_refused.flush()
         self._log_slow.flush()
         self._log_unexpected.flush()
 
@@ -351,12 +355,15 @@ class Receiver:
         resolved = self._resolve(request.path)
         if resolved is None:
             response = json_error(404, "no such source")
+            self._refused(request, 404, "no such source")
         else:
             name, src = resolved
             try:
                 response = await self._take(request, name, src)
             except _Refused as refused:
                 response = refused.response
+                if response.status < 500:
+                    self._refused(request, response.status, str(refused))
                 if refused.close:
                     response.force_close()  # the server closes the connection after it
             except Exception:
@@ -367,6 +374,15 @@ class Receiver:
         for observer in self.state.observers:
             observer(name, response.status, self.clock.monotonic() - started)
         return response
+
+    def _refused(self, request: Request, status: int, reason: str) -> None:
+        self._log_refused(
+            "refused webhook status=%d path=%r reason=%r peer=%s",
+            status,
+            request.path[:200],
+            reason,
+            request.remote,
+        )
 
     async def _read(self, request: Request, length_bytes: int) -> bytes:
         """The raw body, read within ``server.body_timeout_s`` while the bytes of all bodies
@@ -473,7 +489,7 @@ class Receiver:
             return json_error(503, "shutting down", server.retry_after_s)
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
-            return json_error(413, self._too_large)
+            raise _Refused(413, self._too_large)
         body = await self._read(request, length or 0)
         headers = request.headers
         encoding = headers.get("Content-Encoding")
