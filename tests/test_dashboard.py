@@ -23,6 +23,7 @@ import pytest
 from conftest import Target, make_config
 from ops_support import TOKEN_ENV, accepted, event_state, forward_source
 
+from webhookd.errors import ConfigError
 from webhookd.send import build as signed_request
 
 CHROMIUM = shutil.which("chromium")
@@ -647,3 +648,34 @@ async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlo
         assert await page.evaluate("document.querySelectorAll('#nodes tbody tr').length") == 1
         backlog = "document.querySelector('#cluster-backlog').textContent"
         assert await page.wait_for(f"{backlog} === 'cluster backlog 0'")
+
+
+async def test_dashboard_says_a_reload_was_refused_until_one_is_applied(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A refused SIGHUP reload was told by the log and a gauge alone: the page now says it,
+    with the reason, while the previous config runs, and stops once a reload is applied."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in"))
+    refuse = [True]
+
+    def loader() -> Any:
+        if refuse[0]:
+            raise ConfigError("sources.shop.bogus", "unknown key")
+        return cfg
+
+    running = await run_daemon(cfg, loader=loader)
+    daemon = running.daemon
+    daemon.request_reload()
+    await daemon.reloaded.wait()
+    async with open_page(browser, running.admin_url + "/") as page:
+        said = "document.querySelector('#reload').textContent"
+        await page.wait_for(f"{said}.includes('sources.shop.bogus')")
+        assert await page.evaluate(said) == (
+            "config reload refused, still running the previous config:"
+            " sources.shop.bogus: unknown key"
+        )
+        refuse[0] = False
+        daemon.reloaded.clear()
+        daemon.request_reload()
+        await daemon.reloaded.wait()
+        await page.wait_for(f"{said} === ''")

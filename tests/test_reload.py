@@ -116,6 +116,10 @@ async def test_a_bad_config_on_sighup_is_refused_naming_the_key_and_the_daemon_g
     assert line.endswith(
         "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set"
     )
+    async with http.get(f"{daemon.admin_url}/stats") as r:  # not only in the log and a gauge
+        assert (await r.json())["reload_refused"] == (
+            "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set"
+        )
     status, first = await deliver(http, daemon, "a")
     assert status == 202
     # Forwarded before its source goes: a job whose source a reload removed has no action.
@@ -125,6 +129,8 @@ async def test_a_bad_config_on_sighup_is_refused_naming_the_key_and_the_daemon_g
     config.write_text(good.replace(forward("a", downstream.url), ""), encoding="utf-8")
     daemon.signal(signal.SIGHUP)
     await daemon.wait_said(r"config reloaded from .*: removed a$")
+    async with http.get(f"{daemon.admin_url}/stats") as r:
+        assert (await r.json())["reload_refused"] is None
     assert (await deliver(http, daemon, "a"))[0] == 404
     status, other = await deliver(http, daemon, "c")
     assert status == 202

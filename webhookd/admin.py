@@ -83,6 +83,9 @@ class AdminContext:
     dashboard: bool = True
     # Shared with /metrics by the daemon, so the dashboard and a scraper count once between them.
     counts: PolledCounts | None = None
+    # Why the last reload (SIGHUP) was refused, while the previous config still runs; None
+    # once one is applied. /readyz stays 200 meanwhile: the running config is whole.
+    reload_refused: str | None = None
     masker: Masker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -472,6 +475,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "journal_bytes": await ctx.journal.sizes(),
         "cluster": await cluster_stats(ctx.journal, counts, now),
         "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
+        "reload_refused": ctx.reload_refused,
     }
 
 

@@ -348,21 +348,22 @@ class Daemon:
                 log.info("config reload ignored: draining")
             else:
                 try:
-                    applied = await self._reload(running)
+                    refused = await self._reload(running)
                 except Exception:  # a bug here must not end the daemon: it keeps what it runs
                     log.exception("config reload failed; still running the previous config")
-                    applied = False
-                running.metrics.observe_reload(applied)
+                    refused = "the reload failed (logged with its traceback)"
+                running.metrics.observe_reload(refused is None)
+                running.ctx.reload_refused = refused
             self.reloaded.set()
 
-    async def _reload(self, running: _Running) -> bool:
+    async def _reload(self, running: _Running) -> str | None:
         """Read the config again and take its sources (their actions with them) and any new
         lane; the rest waits for a restart (``config.plan_reload``). Everything new is built
         before anything is swapped, so a reload is applied whole or not at all. Returns
-        whether it was."""
+        ``None`` if it was, else why not (for ``/stats``)."""
         if self.loader is None:
             log.warning("config reload: this daemon was given no config to read again")
-            return False
+            return "this daemon was given no config to read again"
         try:
             # In a thread: a config of 200 sources takes ~30 ms to parse and check, which in
             # the loop would hold every ack meanwhile. Measured (sequential webhooks, a reload
@@ -371,7 +372,7 @@ class Daemon:
             new = await asyncio.to_thread(self.loader)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
-            return False
+            return str(exc)
         logs.add_secrets(secret_values(new))
         plan = plan_reload(self.config, new, fixed=self.fixed)
         log.debug(
@@ -392,7 +393,7 @@ class Daemon:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
-            return False
+            return str(exc)
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
@@ -423,7 +424,7 @@ class Daemon:
                 ", ".join(plan.kept),
                 "they were" if len(plan.kept) > 1 else "it was",
             )
-        return True
+        return None
 
     async def _force_exit(self) -> None:
         await self._force.wait()
