@@ -31,6 +31,7 @@ from procs import Procs, get_json, poll, write_config
 
 from webhookd.admin import Admin, AdminContext
 from webhookd.app import Daemon
+from webhookd.config import parse_listen
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import new_job_id
@@ -408,3 +409,20 @@ async def test_full_disk_while_jobs_finish_is_503s_then_recovers_by_itself(
     await poll(all_done, timeout_s=30, interval_s=0.2)
     assert running.daemon.journal.writer_problem is None
     assert await running.stop() == 0
+
+
+async def test_a_port_already_taken_is_one_fatal_line_in_the_systems_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line read "fatal: OSError: cannot listen on ... (admin): error while attempting to
+    bind on address ('127.0.0.1', N): address already in use", aiohttp's sentence inside
+    webhookd's; it now says the address once and the reason in the system's words."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = make_config(tmp_path)
+        admin = dataclasses.replace(cfg.admin, listen=parse_listen(f"127.0.0.1:{port}", "x"))
+        assert await Daemon(dataclasses.replace(cfg, admin=admin), install_signals=False).run() == 1
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fatal: ")]
+    assert said == [f"fatal: cannot listen on 127.0.0.1:{port} (admin): Address already in use"]

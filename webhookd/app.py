@@ -292,7 +292,7 @@ class Daemon:
         try:
             bound = await receiver_runner.start(listen.host, listen.port, backlog=1024)
         except OSError as exc:
-            raise OSError(f"cannot listen on {listen} (receiver): {exc.strerror or exc}") from exc
+            raise _cannot_listen(listen, "receiver", exc) from exc
         listening.append(receiver_runner)
         self.bound.receiver = bound[0]
         self._announce(cfg)
@@ -320,7 +320,7 @@ class Daemon:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(f"cannot listen on {listen} ({what}): {exc.strerror or exc}") from exc
+            raise _cannot_listen(listen, what, exc) from exc
         return runner
 
     def _announce(self, cfg: Config) -> None:
@@ -504,6 +504,13 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _cannot_listen(listen: Listen, what: str, exc: OSError) -> WebhookdError:
+    """One line for a port that cannot be had: the system's words for it (aiohttp wraps them
+    in a sentence of its own, address and all, which the line already says)."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return WebhookdError(f"cannot listen on {listen} ({what}): {reason}")
 
 
 def _address(runner: web.BaseRunner) -> str:
