@@ -112,6 +112,8 @@ def _free_port() -> int:
         (["gh"], 2, "server.listen: has port 0"),
         (["gh", "--url", "http://127.0.0.1:{port}/hooks/gh"], 1, "could not post"),
         (["gh", "--url", "not a url"], 1, "could not post"),
+        (["gh", "-H", "X-GitHub-Event push"], 2, "--header 'X-GitHub-Event push': write it"),
+        (["gh", "-H", "Bad Name: x"], 2, "write it 'Name: value'"),
     ],
 )
 def test_cli_errors_and_exit_codes(
@@ -229,6 +231,22 @@ async def test_send_command_against_running_daemon(
     assert out.splitlines() == ["401 Unauthorized", '{"error": "signature mismatch"}']
     assert r.daemon.journal is not None
     assert len(await r.daemon.journal.list_events(source="gh")) == 1
+
+
+def test_extra_headers_go_beside_the_providers_and_replace_one_of_the_same_name() -> None:
+    """``send -H``: a header the provider does not send (GitHub's event name, for a ``when``
+    filter) goes with the signed ones; one of the same name, in any case, is replaced."""
+    src = config_mod.loads(cfg_text(), "t").sources["gh"]
+    plain = send.build(src, url="http://x/hooks/gh", body=b"{}", now=0.0, delivery_id="d1")
+    extra = [send.parse_header("X-GitHub-Event: push"), ("x-github-delivery", "d2")]
+    sent = send.build(
+        src, url="http://x/hooks/gh", body=b"{}", now=0.0, delivery_id="d1", extra_headers=extra
+    )
+    assert sent.headers["X-GitHub-Event"] == "push" and sent.headers["x-github-delivery"] == "d2"
+    assert "X-GitHub-Delivery" not in sent.headers
+    assert sent.headers["X-Hub-Signature-256"] == plain.headers["X-Hub-Signature-256"]
+    with pytest.raises(ValueError, match="line break"):
+        send.parse_header("X-A: b\r\nX-Injected: c")
 
 
 # A path a provider can be given that a URL cannot hold as it is: a space, non-ASCII.

@@ -929,12 +929,22 @@ def restore(copy: Path, config_path: str | None) -> None:
     help="Delivery id (default: a fresh one; reuse it to test dedup). Where the signed body is"
     " a dedup key too (verify.dedup_body), the same --file is a duplicate under any id.",
 )
+@click.option(
+    "--header",
+    "-H",
+    "extra_headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="A header to send besides the provider's (repeatable), e.g. -H 'X-GitHub-Event: push'"
+    " to try a when filter; one the provider sets is replaced.",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def send(
     source: str,
     body_file: Any,
     url: str | None,
     delivery_id: str | None,
+    extra_headers: tuple[str, ...],
     config_path: str | None,
 ) -> None:
     """Sign a test webhook the way SOURCE's provider would and post it; print the answer.
@@ -949,6 +959,7 @@ def send(
     # unset where a developer tries one provider. A missing one of SOURCE's is named on use.
     cfg = _read_config(config_path)
     try:
+        extra = [send_mod.parse_header(h) for h in extra_headers]
         src = send_mod.resolve(cfg, source)
         delivery = send_mod.build(
             src,
@@ -956,6 +967,7 @@ def send(
             body=body_file.read() if body_file is not None else None,
             now=time.time(),
             delivery_id=delivery_id or "test_" + secrets.token_hex(8),
+            extra_headers=extra,
         )
     except ConfigError as exc:
         _fail(str(exc), 2)

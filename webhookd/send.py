@@ -12,6 +12,7 @@ import http.client
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -99,14 +100,45 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
     raise ConfigError(source_key(name), f"no such source (configured: {known})")
 
 
+def parse_header(text: str) -> tuple[str, str]:
+    """``"Name: value"`` as ``send --header`` takes it; ``ValueError`` saying what is wrong."""
+    from webhookd.actions.delivery import HEADER_NAME
+
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not HEADER_NAME.fullmatch(name):
+        raise ValueError(f"--header {text!r}: write it 'Name: value'")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"--header {name}: a header value cannot hold a line break or a NUL")
+    return name, value
+
+
 def build(
-    src: SourceConfig, *, url: str, body: bytes | None, now: float, delivery_id: str
+    src: SourceConfig,
+    *,
+    url: str,
+    body: bytes | None,
+    now: float,
+    delivery_id: str,
+    extra_headers: Sequence[tuple[str, str]] = (),
 ) -> Delivery:
-    """The request ``src``'s provider would send to ``url``, signed with its first secret.
+    """The request ``src``'s provider would send to ``url``, signed with its first secret, with
+    ``extra_headers`` added (one of the same name, in any case, replaced).
 
     Raises ``ConfigError`` when the source cannot be signed for, ``ValueError`` when the body
     does not fit the scheme (Mailgun wants a JSON object or a form).
     """
+    delivery = _signed(src, url=url, body=body, now=now, delivery_id=delivery_id)
+    if not extra_headers:
+        return delivery
+    replaced = {name.lower() for name, _ in extra_headers}
+    headers = {k: v for k, v in delivery.headers.items() if k.lower() not in replaced}
+    return Delivery(delivery.url, headers | dict(extra_headers), delivery.body)
+
+
+def _signed(
+    src: SourceConfig, *, url: str, body: bytes | None, now: float, delivery_id: str
+) -> Delivery:
     cfg = src.verify
     scheme = SCHEMES.get(cfg.scheme) if cfg is not None else None
     if body is None:

@@ -29,7 +29,7 @@ from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 _RESPONSE_HEAD_BYTES = 1024
 _LOCATION_CHARS = 500
 
@@ -99,7 +99,7 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
     headers = {}
     for k, v in value.items():
         key = f"{t.path(name)}.{k}"
-        if not _HEADER_NAME.fullmatch(k):
+        if not HEADER_NAME.fullmatch(k):
             raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
