@@ -208,6 +208,25 @@ def test_a_secret_reference_naming_nothing_says_so(written: str, says: str) -> N
     assert str(info.value) == f"sources.a.verify.secret: {says}"
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('[sever]\nlisten = "127.0.0.1:1"', "sever: unknown key (did you mean server?)"),
+        ('[server]\nlistn = "x"', "server.listn: unknown key (did you mean listen?)"),
+        ("[journal]\nkeep_dead = 1", "journal.keep_dead: unknown key (did you mean keep_dead_d?)"),
+        (
+            '[sources.a]\nverify = { scheme = "github", secert = "x" }',
+            "sources.a.verify.secert: unknown key (did you mean secret?)",
+        ),
+        ("[sources.a]\nbogus = 1", "sources.a.bogus: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_a_misspelt_key_is_told_the_key_it_most_likely_meant(text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    assert str(info.value) == said
+
+
 def test_invalid_toml_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         loads("[server\nlisten=", "x.toml")

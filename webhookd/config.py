@@ -17,6 +17,7 @@ options with the same ``Table``, and hand their own defaults for the shared acti
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import functools
 import ipaddress
@@ -565,16 +566,20 @@ class Table:
         self.data = data
         self.key = key
         self._used: set[str] = set()
+        # Every key looked for, here or not: what a "did you mean" may offer.
+        self._asked: set[str] = set()
 
     def path(self, name: str) -> str:
         part = name if _BARE_KEY.fullmatch(name) else json.dumps(name)  # as TOML would quote it
         return f"{self.key}.{part}" if self.key else part
 
     def has(self, name: str) -> bool:
+        self._asked.add(name)
         return name in self.data
 
     def raw(self, name: str, default: Any = _MISSING) -> Any:
         self._used.add(name)
+        self._asked.add(name)
         if name in self.data:
             return self.data[name]
         if default is _MISSING:
@@ -665,13 +670,19 @@ class Table:
         allowed = set(names)
         for name in self.data:
             if name not in allowed:
-                raise ConfigError(self.path(name), f"unknown key {what}")
+                raise ConfigError(self.path(name), _unknown(name, allowed, f"unknown key {what}"))
         self._used.update(self.data)
 
     def finish(self) -> None:
         for name in self.data:
             if name not in self._used:
-                raise ConfigError(self.path(name), "unknown key")
+                raise ConfigError(self.path(name), _unknown(name, self._asked, "unknown key"))
+
+
+def _unknown(name: str, known: Iterable[str], said: str) -> str:
+    """``said``, and the known key ``name`` is most likely a misspelling of, if one is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    return f"{said} (did you mean {close[0]}?)" if close else said
 
 
 @functools.cache
