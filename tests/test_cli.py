@@ -103,7 +103,7 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     out = await cli("stats", "--config", str(config))
     assert out.exit_code == 0, out.output
     assert "backlog        0 job(s)" in out.output
-    assert "outcomes 5 min dead 1  done 1" in out.output
+    assert "attempts 5 min dead 1  done 1" in out.output
     assert any(line.startswith("shop ") for line in out.output.splitlines())
     out = await cli("stats", "--json", "--config", str(config))
     doc = json.loads(out.output)

@@ -706,8 +706,9 @@ def _stats_table(doc: dict[str, Any]) -> str:
         f"backlog        {doc['backlog']} job(s)   oldest queued {_age(age)}   "
         f"events {doc['events']}",
         f"received       {doc['received_per_min_5m']}/min (last 5 min)",
-        "outcomes 5 min " + _pairs(doc["outcomes_5m"]),
-        "outcomes 1 h   " + _pairs(doc["outcomes_1h"]),
+        # Attempts, not jobs: a job retried three times before it went dead is four of them.
+        "attempts 5 min " + _pairs(doc["outcomes_5m"]),
+        "attempts 1 h   " + _pairs(doc["outcomes_1h"]),
     ]
     if doc["paused"]:
         lines.append("paused         " + ", ".join(doc["paused"]))
