@@ -271,12 +271,15 @@ async def test_requests_refused_before_storing_get_a_line_a_flood_of_them_a_coun
 ) -> None:
     """A 404 (an unknown source) or a 413 (a body too large) left no line at any level: a
     provider's "we sent it" had only /metrics to be checked against. Each gets an INFO line
-    naming status, path, reason and peer, throttled like the other lines a sender can cause."""
+    naming status, path, reason and peer, throttled like the other lines a sender can cause.
+    A GET that finds nothing (a load balancer's probe of ``/``) is not a webhook: no line."""
     cfg = make_config(tmp_path, forward_source("shop", target.url), server="max_body_bytes = 1024")
     captured = io.StringIO()
     logs.setup("info", "text", stream=captured)
     running = await run_daemon(cfg)
     assert (await running.post("/hooks/shop", b"x" * 2048))[0] == 413
+    async with running.http.get(running.url + "/") as r:  # a probe: no webhook, no line
+        assert r.status == 404
     for n in range(12):
         assert (await running.post(f"/hooks/nope{n}", b"{}"))[0] == 404
     assert await running.stop() == 0

@@ -355,7 +355,8 @@ class Receiver:
         resolved = self._resolve(request.path)
         if resolved is None:
             response = json_error(404, "no such source")
-            self._refused(request, 404, "no such source")
+            if request.method == "POST":  # a webhook; a probe's GET / is no news, each minute
+                self._refused(request, 404, "no such source")
         else:
             name, src = resolved
             try:

@@ -137,7 +137,6 @@ __all__ = [
 
 log = logging.getLogger("webhookd.journal")
 
-
 MAX_BATCH = 512
 # How long close() waits for the writer to flush and for each thread to let go of its
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
