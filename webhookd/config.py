@@ -815,6 +815,9 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+
+
 def header_value(value: str, key: str) -> str:
     """``value`` if an HTTP header can carry it, else ``ConfigError`` naming ``key`` (without the
     value: it may be a secret). Refused here, at the start, rather than by every

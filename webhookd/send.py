@@ -20,6 +20,7 @@ from webhookd import schemes
 from webhookd.config import (
     ALERT_SOURCE,
     CATCH_ALL,
+    HEADER_NAME,
     SOURCE_NAME,
     SOURCE_NAME_RULE,
     Config,
@@ -102,8 +103,6 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
 
 def parse_header(text: str) -> tuple[str, str]:
     """``"Name: value"`` as ``send --header`` takes it; ``ValueError`` saying what is wrong."""
-    from webhookd.actions.delivery import HEADER_NAME
-
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not colon or not HEADER_NAME.fullmatch(name):

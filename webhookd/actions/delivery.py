@@ -14,7 +14,6 @@ import datetime
 import email.utils
 import math
 import os
-import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -24,12 +23,18 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from webhookd.actions.base import Outcome
-from webhookd.config import Secret, Table, header_value, resolve_secret, text_or_secret
+from webhookd.config import (
+    HEADER_NAME,
+    Secret,
+    Table,
+    header_value,
+    resolve_secret,
+    text_or_secret,
+)
 from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 _RESPONSE_HEAD_BYTES = 1024
 _LOCATION_CHARS = 500
 
