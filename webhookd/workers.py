@@ -322,7 +322,6 @@ class WorkerPool:
         self._lane_cursor = lanes[-1] if more else None
         cap = min(self._fair_share, scheduler.lane_capacity) if walking else scheduler.lane_capacity
         share = min(cap, max(scheduler.capacity // max(len(lanes), 1), 1))
-        self._trim_blocked()
         fair = self._fair_share
         room = scheduler.room
         wants: list[tuple[Lane, int]] = []
@@ -347,21 +346,19 @@ class WorkerPool:
         self._low_water = len(scheduler) // 2
         self._next_due = None if more else await self.journal.next_run_at(self.paused, after=now)
 
-    def _trim_blocked(self) -> int:
+    def _trim_blocked(self) -> None:
         """Cut back each lane of the window holding more than a worker-sized share of jobs of
         which none may start now (a cap they count against is reached): the rest of the window
         stays for jobs that can run. Without this, a few capped lanes with a backlog (a source
         with ``concurrency = 1`` and four tenants, say) filled the window, and another source's
-        new jobs got in only as the capped ones ran. Returns how many jobs were dropped (they
-        are still queued in the journal)."""
+        new jobs got in only as the capped ones ran. The jobs dropped are still queued in the
+        journal: the next refill may bring them back."""
         scheduler = self.scheduler
-        dropped = sum(
+        if sum(
             scheduler.trim(lane, self._fair_share)
             for lane in scheduler.blocked(self._can_run, above=self._fair_share)
-        )
-        if dropped:
+        ):
             self._overflow = True
-        return dropped
 
     async def _refresh_paused(self) -> None:
         paused = await self.journal.paused_sources()
@@ -565,10 +562,10 @@ class WorkerPool:
         self.holding = self._hold()
         if self.holding:
             return 0, 0
-        if (self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water)) and (
-            self.scheduler.room > 0 or self._trim_blocked()
-        ):
-            await self._refill()
+        if self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water):
+            self._trim_blocked()  # first: a full window of blocked lanes makes room this way
+            if self.scheduler.room > 0:
+                await self._refill()
         if self._saturated:
             self._forget_saturated()
         picks: dict[str, Ready] = {}
