@@ -173,8 +173,12 @@ async def target() -> AsyncIterator[Target]:
     await runner.cleanup()
 
 
-def make_config(tmp_path: Path, extra: str = "", **sections: str) -> config_mod.Config:
-    """A config on free loopback ports with its journal in ``tmp_path``, plus ``extra`` TOML."""
+def make_config(
+    tmp_path: Path, extra: str = "", *, journal_url: str | None = None, **sections: str
+) -> config_mod.Config:
+    """A config on free loopback ports with its journal in ``tmp_path`` (or at ``journal_url``,
+    a PostgreSQL one), plus ``extra`` TOML."""
+    where = f'url = "{journal_url}"' if journal_url else f'path = "{tmp_path / "webhookd.db"}"'
     text = f"""
 [server]
 listen = "127.0.0.1:0"
@@ -183,7 +187,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 {sections.get("admin", "")}
 [journal]
-path = "{tmp_path / "webhookd.db"}"
+{where}
 {sections.get("journal", "")}
 [workers]
 {sections.get("workers", "")}

@@ -25,8 +25,6 @@ from ops_support import accepted, event_state, forward_source
 from procs import poll
 from test_journal_contract import LEASE_S, START, Taker, claimed_one, finished, new_event
 
-from webhookd import actions
-from webhookd import config as config_mod
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
@@ -1214,7 +1212,11 @@ async def test_pg_a_pooler_that_hangs_fails_each_call_in_its_deadline_not_for_ev
 
 
 async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
-    pg_url: str, run_daemon: Any, target: Target, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    pg_url: str,
+    run_daemon: Any,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same hang under a running daemon: a webhook gets a 503 (never a false 2xx),
     ``/readyz`` turns 503 so a load balancer sends the node nothing more, and once the path
@@ -1223,16 +1225,8 @@ async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
     monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 1)
     hop = HangingHop(pg_url)
     url = await hop.start()
-    text = f"""
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[journal]
-url = "{url}"
-{forward_source("shop", target.url + "/shop")}
-"""
-    running = await run_daemon(config_mod.loads(text, "test", kinds=actions.kind_defaults))
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/shop"), journal_url=url)
+    running = await run_daemon(cfg)
     http, admin = running.http, running.admin_url
 
     async def readyz(want: int) -> bool:

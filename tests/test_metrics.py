@@ -13,8 +13,6 @@ from procs import poll
 from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from webhookd import actions
-from webhookd import config as config_mod
 from webhookd.clock import ManualClock
 from webhookd.config import LaneConfig
 from webhookd.journal import Journal
@@ -191,6 +189,7 @@ async def test_intake_counts_and_ack_buckets_match_prometheus_across_scrapes(
 
 
 async def test_a_postgresql_outage_is_a_503_on_stats_and_journal_up_0_on_metrics(
+    tmp_path: Path,
     target: Target,
     run_daemon: Any,
     pg_url: str,
@@ -202,19 +201,13 @@ async def test_a_postgresql_outage_is_a_503_on_stats_and_journal_up_0_on_metrics
     an outage is watched by) with ``webhookd_journal_up 0``; and the dispatcher, failing every
     sweep, says so once."""
     caplog.set_level(logging.DEBUG, logger="webhookd")
-    text = f"""
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[journal]
-url = "{pg_url}"
-lease_s = 0.6
-[workers]
-sweep_interval_s = 0.05
-{forward_source("shop", target.url + "/shop")}
-"""
-    cfg = config_mod.loads(text, "test", kinds=actions.kind_defaults)
+    cfg = make_config(
+        tmp_path,
+        forward_source("shop", target.url + "/shop"),
+        journal_url=pg_url,
+        journal="lease_s = 0.6",
+        workers="sweep_interval_s = 0.05",
+    )
     running = await run_daemon(cfg)
     await event_state(running.http, running.admin_url, await accepted(running, "shop"), "done")
     assert value(await scrape(running), "webhookd_journal_up") == 1
