@@ -9,10 +9,12 @@ test_journal_postgres.py, and say so in their names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 from conftest import fresh_database
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, NotFound
@@ -858,6 +862,187 @@ async def test_an_ordered_key_runs_one_job_at_a_time_in_arrival_order(
     await journal.claim([first.jobs[0].id], "b")
     await journal.finish([finished(first.jobs[0].id, JobState.DONE, "done", attempt=2)])
     assert {r.id for r in await journal.ready(2e9, 10)} == {second.jobs[0].id, other.jobs[0].id}
+
+
+async def marked_behind(store: Store) -> set[str]:
+    """The ids of the jobs the journal has marked behind their order key's head (``behind``),
+    read from the store directly: the marks are the journal's own business, kept by triggers."""
+    sql = "SELECT id FROM jobs WHERE behind IS NOT NULL"
+    if store.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(store.where)) as conn:
+            return {r[0] for r in conn.execute(sql)}
+    import asyncpg
+
+    conn = await asyncpg.connect(store.where)
+    try:
+        return {r[0] for r in await conn.fetch(sql)}
+    finally:
+        await conn.close()
+
+
+async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_transition(
+    store: Store, journal: BaseJournal
+) -> None:
+    """A job queued behind an unfinished job of its order key is marked, and a refill leaves
+    it unread; whatever ends a key's head (done, dead, a cancel) releases the next job, and a
+    job leaving the queue keeps no mark. A mark never stands without an older unfinished job:
+    one would hold its job back for ever."""
+    keyed = [new_event(order_key="k") for _ in range(5)]
+    other, plain = new_event(order_key="z"), new_event()
+    for item in keyed[:2]:
+        await journal.ingest(item)
+    # Several of one key in one commit: each sees the ones before it.
+    await asyncio.gather(*(journal.ingest(item) for item in (*keyed[2:4], other, plain)))
+    job = [item.jobs[0].id for item in keyed]
+    assert await marked_behind(store) == set(job[1:4])
+    lane = (int(Priority.NORMAL), "shop", "t1")
+
+    async def offered() -> set[str]:
+        return {r.id for r in await journal.ready_in_lanes(2e9, [(lane, 50)])}
+
+    heads = {job[0], other.jobs[0].id, plain.jobs[0].id}
+    assert await offered() == heads
+    await journal.claim([job[0]], "b")
+    await journal.finish([finished(job[0], JobState.QUEUED, "retry", run_at=START + 60)])
+    assert await marked_behind(store) == set(job[1:4])  # a retry still holds its key
+    await journal.claim([job[0]], "b")
+    await journal.finish([finished(job[0], JobState.DEAD, "dead", attempt=2)])
+    assert await marked_behind(store) == {job[2], job[3]}
+    assert await offered() == heads - {job[0]} | {job[1]}
+    await journal.cancel([keyed[2].event.id])  # a marked job cancelled: its mark goes with it
+    assert await marked_behind(store) == {job[3]}
+    await journal.cancel([keyed[1].event.id])  # the head cancelled: the next is released
+    assert await marked_behind(store) == set()
+    assert job[3] in await offered()
+    # A dead job replayed is queued unmarked: as the oldest, it is its key's head again.
+    await journal.replay([keyed[0].event.id])
+    assert await marked_behind(store) == set()
+    assert await offered() == heads
+    await journal.ingest(keyed[4])
+    assert await marked_behind(store) == {job[4]}
+
+
+# A walk through the queue: any order of what can happen to an ordered job, as (what, argument).
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ingest"), st.sampled_from(["a", "a", "b", None])),
+        st.tuples(st.just("run"), st.sampled_from(["done", "dead", "retry", "keep"])),
+        st.tuples(st.just("end"), st.sampled_from(["done", "dead", "retry"])),
+        st.tuples(st.sampled_from(["cancel", "replay"]), st.integers(0, 8)),
+        st.tuples(st.sampled_from(["recover", "unclaim"]), st.none()),
+    ),
+    max_size=40,
+)
+_WALKS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Walks every run takes, whatever else is drawn: a marked job cancelled, then its key's head.
+_CANCELS = [("ingest", "a")] * 3 + [("cancel", 1), ("ingest", None), ("cancel", 0)]
+_DEATHS = [("ingest", "a")] * 3 + [("run", "dead"), ("replay", 0), ("run", "keep"), ("end", "done")]
+
+
+@_WALKS
+@given(_STEPS)
+@example(_CANCELS)
+@example(_DEATHS)
+def test_sqlite_behind_marks_never_hold_back_a_head_whatever_happens(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, Any]]
+) -> None:
+    """After any sequence of ingests, claims, outcomes, cancels, replays, recoveries and drains,
+    every job marked behind has an older unfinished job of its key, and a refill offers
+    exactly the jobs the ordering rule lets start, worked out from the rows without the marks."""
+    path = str(tmp_path_factory.mktemp("behind") / "j.db")
+    asyncio.run(_walk(Store("sqlite", path, ManualClock(START)), steps))
+
+
+@pytest.mark.timeout(300)
+@settings(_WALKS, max_examples=25)  # a fresh database each: ~0.4 s
+@given(_STEPS)
+@example(_CANCELS)
+@example(_DEATHS)
+def test_pg_behind_marks_never_hold_back_a_head_whatever_happens(
+    pg_server_url: str, steps: list[tuple[str, Any]]
+) -> None:
+    """As the SQLite test above, on PostgreSQL, whose triggers are its own."""
+
+    async def walk() -> None:
+        async with fresh_database(pg_server_url) as url:
+            await _walk(Store("postgres", url, ManualClock(START)), steps)
+
+    asyncio.run(walk())
+
+
+async def _walk(store: Store, steps: list[tuple[str, Any]]) -> None:
+    lane = (int(Priority.NORMAL), "shop", "t1")
+    events: list[str] = []
+    boot = 1
+    async with store.journal() as journal:
+        for what, arg in steps:
+            running = [
+                r[0] for r in await _rows(store, "SELECT id, 1 FROM jobs WHERE state = 'running'")
+            ]
+            if what == "ingest":
+                item = new_event(order_key=arg)
+                events.append(item.event.id)
+                await journal.ingest(item)
+            elif what == "run":
+                offered = await journal.ready_in_lanes(2e9, [(lane, 50)])
+                claimed = await journal.claim([offered[0].id], f"b{boot}") if offered else []
+                if claimed and arg != "keep":
+                    await journal.finish([_outcome(claimed[0], arg)])
+            elif what == "end" and running:
+                await journal.finish([_outcome(running[0], arg)])
+            elif what in ("cancel", "replay") and events:
+                event_id = events[arg % len(events)]
+                await (journal.cancel if what == "cancel" else journal.replay)([event_id])
+            elif what == "recover":
+                boot += 1
+                store.clock.advance(10 * LEASE_S)  # PostgreSQL: the earlier claims' lease is out
+                await journal.recover(f"b{boot}", max_recoveries=2)
+            elif what == "unclaim" and running:
+                await journal.unclaim(running)
+            offered_ids = {r.id for r in await journal.ready_in_lanes(2e9, [(lane, 50)])}
+            assert offered_ids == await _may_start(store), (what, arg)
+
+
+def _outcome(claimed: Claimed | str, outcome: str) -> Finished:
+    job_id, claim = (claimed, "") if isinstance(claimed, str) else (claimed.job.id, claimed.claim)
+    state = {"done": JobState.DONE, "dead": JobState.DEAD, "retry": JobState.QUEUED}[outcome]
+    return finished(job_id, state, outcome, run_at=START + 60, claim=claim)
+
+
+async def _rows(store: Store, sql: str) -> list[Any]:
+    if store.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(store.where)) as conn:
+            return conn.execute(sql).fetchall()
+    import asyncpg
+
+    conn = await asyncpg.connect(store.where)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+async def _may_start(store: Store) -> set[str]:
+    """The queued jobs the ordering rule lets start, worked out from every job's row; first,
+    that no job is marked behind without an older unfinished job of its key (held for ever)."""
+    rows = await _rows(store, "SELECT id, order_key, state, seq, behind FROM jobs")
+    unfinished = [r for r in rows if r[2] in ("queued", "running")]
+
+    def older_or_running(key: str, seq: int) -> bool:
+        return any(
+            r[1] == key and (r[3] < seq or r[2] == "running") for r in unfinished if r[3] != seq
+        )
+
+    for job_id, key, state, seq, behind in rows:
+        if behind is not None:
+            assert state == "queued" and any(r[1] == key and r[3] < seq for r in unfinished), (
+                f"{job_id} is marked behind no unfinished job"
+            )
+    return {
+        r[0]
+        for r in unfinished
+        if r[2] == "queued" and (r[1] is None or not older_or_running(r[1], r[3]))
+    }
 
 
 async def test_lanes_list_and_fill_per_priority_source_and_tenant(journal: BaseJournal) -> None:

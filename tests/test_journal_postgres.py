@@ -20,10 +20,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import DatabaseOutage, Target, make_config
+from conftest import DatabaseOutage, Target, fresh_database, make_config
 from ops_support import accepted, event_state, forward_source
 from procs import poll
-from test_journal_contract import LEASE_S, START, Taker, claimed_one, finished, new_event
+from test_journal_contract import (
+    LEASE_S,
+    START,
+    Store,
+    Taker,
+    claimed_one,
+    finished,
+    marked_behind,
+    new_event,
+)
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
@@ -647,7 +656,7 @@ async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url:
 
 
 async def test_pg_a_schema_upgrade_at_open_is_logged_with_its_versions(
-    pg_url: str, caplog: pytest.LogCaptureFixture
+    pg_url: str, pg_server_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Opening a database of an older schema says so at INFO before and after the migrations,
     naming the journal as ``location`` does (its URL without a password); a new one says
@@ -656,18 +665,57 @@ async def test_pg_a_schema_upgrade_at_open_is_logged_with_its_versions(
     async with node(pg_url, ManualClock(START)):
         pass
     assert "upgrad" not in caplog.text
-    conn = await asyncpg.connect(pg_url)
-    try:  # back to the last version but one (the last migration only adds a column if missing)
-        await conn.execute("DELETE FROM webhookd_schema WHERE version = $1", len(MIGRATIONS))
-    finally:
-        await conn.close()
-    async with node(pg_url, ManualClock(START)) as journal:
-        where = journal.location
+    async with fresh_database(pg_server_url) as old:
+        conn = await asyncpg.connect(old)
+        try:  # a database of the version before
+            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+            for version, migration in enumerate(MIGRATIONS[:-1], start=1):
+                await conn.execute(migration)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+        finally:
+            await conn.close()
+        async with node(old, ManualClock(START)) as journal:
+            where = journal.location
     upgrades = [r.getMessage() for r in caplog.records if "upgrad" in r.getMessage()]
     latest = len(MIGRATIONS)
     assert len(upgrades) == 2
     assert f"{where}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
     assert f"{where}: schema upgraded to version {latest} in " in upgrades[1]
+
+
+async def test_pg_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_a_head(
+    pg_server_url: str,
+) -> None:
+    """A database of the version before, with three jobs of one key queued (the first in
+    backoff) and one without a key: the upgrade marks the two behind the head, so the first
+    refill after it already leaves them unread."""
+    async with fresh_database(pg_server_url) as old:
+        conn = await asyncpg.connect(old)
+        try:
+            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+            for version, migration in enumerate(MIGRATIONS[:-1], start=1):
+                await conn.execute(migration)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+            for job_id, key, run_at in (
+                ("j1", "k", START + 60),
+                ("j2", "k", START),
+                ("j3", "k", START),
+                ("j4", None, START),
+            ):
+                await conn.execute(
+                    "INSERT INTO jobs (id, event_id, source, action, type, state, priority,"
+                    " tenant, order_key, run_at, max_attempts)"
+                    " VALUES ($1, 'e', 'shop', 'a', 'log', 'queued', 1, 't1', $2, $3, 3)",
+                    job_id,
+                    key,
+                    run_at,
+                )
+        finally:
+            await conn.close()
+        async with node(old, ManualClock(START)) as journal:
+            lane = (int(Priority.NORMAL), "shop", "t1")
+            assert [r.id for r in await journal.ready_in_lanes(START, [(lane, 5)])] == ["j4"]
+        assert await marked_behind(Store("postgres", old, ManualClock(START))) == {"j2", "j3"}
 
 
 async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
@@ -1350,6 +1398,72 @@ async def test_pg_two_nodes_never_run_two_jobs_of_one_order_key_at_once(pg_url: 
             await raw.close()
     assert [x.job.id for x in got.claimed] == [newer.jobs[0].id]
     assert second.claimed == []
+
+
+async def _waiting_on_a_lock(pool: Any) -> bool:
+    return bool(
+        await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    )
+
+
+async def test_pg_an_ingest_behind_a_head_whose_finish_is_in_flight_is_not_marked(
+    pg_url: str,
+) -> None:
+    """Another node is recording the key's head as done, its commit not yet made. An ingest of
+    the key's next job reads the head as unfinished; marked behind it, the job would never be
+    released (the finish saw no job behind). The insert skips a head being written instead:
+    not marked, and offered once the finish lands."""
+    head, later = new_event(order_key="k"), new_event(order_key="k")
+    async with PostgresJournal(pg_url, lease_s=30) as journal:
+        await journal.ingest(head)
+        raw = await asyncpg.connect(pg_url)
+        try:
+            tx = raw.transaction()
+            await tx.start()
+            await raw.execute(
+                "UPDATE jobs SET state = 'done', finished_at = $1 WHERE id = $2",
+                START,
+                head.jobs[0].id,
+            )
+            await asyncio.wait_for(journal.ingest(later), 10)  # does not wait for the finish
+            await tx.commit()
+        finally:
+            await raw.close()
+        assert await marked_behind(Store("postgres", pg_url, ManualClock(START))) == set()
+        lane = (int(Priority.NORMAL), "shop", "t1")
+        got = await journal.ready_in_lanes(2e9, [(lane, 5)])
+        assert [r.id for r in got] == [later.jobs[0].id]
+
+
+async def test_pg_a_heads_finish_waits_for_an_ingest_marked_behind_it_then_releases_it(
+    pg_url: str,
+) -> None:
+    """Another node's group commit holds a job marked behind the key's head, its commit not yet
+    made. The head's finish cannot see that job: it waits for the commit (the mark holds a
+    share lock on the head), then releases it."""
+    head, later = new_event(order_key="k"), new_event(order_key="k")
+    store = Store("postgres", pg_url, ManualClock(START))
+    async with PostgresJournal(pg_url, lease_s=30) as journal:
+        await journal.ingest(head)
+        await journal.claim([head.jobs[0].id], "b")
+        raw = await asyncpg.connect(pg_url)
+        try:
+            tx = raw.transaction()
+            await tx.start()
+            await write_ingests(raw, [IngestOp(asyncio.Future(), later)], START)
+            done = asyncio.ensure_future(
+                journal.finish([finished(head.jobs[0].id, JobState.DONE, "done")])
+            )
+            await poll(lambda: _waiting_on_a_lock(journal.pool), timeout_s=10)
+            assert not done.done()
+            await tx.commit()
+            await asyncio.wait_for(done, 10)
+        finally:
+            await raw.close()
+        assert await marked_behind(store) == set()
+        lane = (int(Priority.NORMAL), "shop", "t1")
+        got = await journal.ready_in_lanes(2e9, [(lane, 5)])
+        assert [r.id for r in got] == [later.jobs[0].id]
 
 
 async def test_pg_connections_probe_a_silent_path_with_tcp_keepalive(pg_url: str) -> None:

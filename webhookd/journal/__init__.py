@@ -641,10 +641,15 @@ class Journal(Reads, BaseJournal):
             for target in range(version, len(MIGRATIONS)):
 
                 def step(conn: sqlite3.Connection, target: int = target) -> None:
-                    # executescript would commit our transaction; run statement by statement.
-                    for statement in MIGRATIONS[target].split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
+                    # executescript would commit our transaction; run statement by statement
+                    # (a trigger's body holds semicolons of its own).
+                    statement = ""
+                    for part in MIGRATIONS[target].split(";"):
+                        statement += part + ";"
+                        if sqlite3.complete_statement(statement):
+                            if statement.strip(" \n;"):
+                                conn.execute(statement)
+                            statement = ""
                     conn.execute(f"PRAGMA user_version = {target + 1}")
 
                 _transaction(conn, step)

@@ -27,6 +27,7 @@ from webhookd.journal.records import (
     Starter,
 )
 from webhookd.journal.schema import (
+    BEHIND_AT_INSERT,
     EVENT_COLUMNS,
     HEAD_OF_KEY,
     JOB_COLUMNS,
@@ -377,6 +378,17 @@ _ROWS_PER_INSERT = 64
 _INSERTS: dict[tuple[str, int], str] = {}
 
 
+_JOB_COLUMNS = "id, event_id, source, action, type, state, priority, tenant, order_key, run_at"
+_INSERT_JOBS = (
+    f"INSERT INTO jobs({_JOB_COLUMNS}, max_attempts)"
+    " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
+)
+_INSERT_KEYED_JOBS = (
+    f"INSERT INTO jobs({_JOB_COLUMNS}, max_attempts, behind)"
+    f" VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, {BEHIND_AT_INSERT})"
+)
+
+
 def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
     """What ``conn.executemany(sql, rows)`` does for an ``INSERT … VALUES (…)``, with many rows
     per statement; returns how many rows went in.
@@ -442,13 +454,14 @@ def write_ingests(
             " body, verified, filtered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             out.event_rows,
         )
-    if out.job_rows:
-        insert_rows(
-            conn,
-            "INSERT INTO jobs(id, event_id, source, action, type, state, priority, tenant,"
-            " order_key, run_at, max_attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-            out.job_rows,
-        )
+    # In arrival order (seq), runs of jobs without an order key many rows per statement; one
+    # with a key alone, marked ``behind`` when a job of its key is unfinished, the jobs just
+    # written before it included.
+    for keyed, run in itertools.groupby(out.job_rows, key=lambda row: row[7] is not None):
+        if not keyed:
+            insert_rows(conn, _INSERT_JOBS, list(run))
+            continue
+        conn.executemany(_INSERT_KEYED_JOBS, [(*row, row[2], row[3], row[7]) for row in run])
     if out.start_rows:
         # Claimed as ``write_claim`` would: one attempt, this boot's, from now.
         insert_rows(

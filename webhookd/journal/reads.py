@@ -73,7 +73,8 @@ class Reads:
         rows = await fetch(
             self.reader,
             f"SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.run_at <= ?"
-            f"{not_paused} AND {HEAD_OF_KEY} ORDER BY j.priority, j.seq LIMIT ?",
+            f"{not_paused} AND j.behind IS NULL AND {HEAD_OF_KEY}"
+            " ORDER BY j.priority, j.seq LIMIT ?",
             (now, *held, limit + len(skip)),
         )
         out = [Ready(*r) for r in rows if r[0] not in skip]
@@ -85,8 +86,8 @@ class Reads:
         into ``jobs_lane`` that reads only due jobs: those waiting out a backoff come after."""
         part = (
             f"SELECT * FROM (SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued'"
-            " AND j.priority = ? AND j.source = ? AND j.tenant = ? AND j.run_at <= ?"
-            f" AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT ?)"
+            " AND j.priority = ? AND j.source = ? AND j.tenant = ? AND j.behind IS NULL"
+            f" AND j.run_at <= ? AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT ?)"
         )
         out: list[Ready] = []
         for start in range(0, len(wants), LANES_PER_QUERY):

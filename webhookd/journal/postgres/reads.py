@@ -72,8 +72,9 @@ READY_IN_LANES_SQL = (
     " FROM unnest($1::integer[], $2::text[], $3::text[], $4::integer[])"
     " WITH ORDINALITY AS w(p, s, t, n, i) CROSS JOIN LATERAL ("
     f" SELECT {READY_COLUMNS}, j.run_at FROM jobs j WHERE j.state = 'queued'"
-    " AND j.priority = w.p AND j.source = w.s AND j.tenant = w.t AND j.run_at <= $5"
-    f" AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT w.n) r ORDER BY w.i, r.run_at, r.seq"
+    " AND j.priority = w.p AND j.source = w.s AND j.tenant = w.t AND j.behind IS NULL"
+    f" AND j.run_at <= $5 AND {HEAD_OF_KEY} ORDER BY j.run_at, j.seq LIMIT w.n) r"
+    " ORDER BY w.i, r.run_at, r.seq"
 )
 
 
@@ -94,7 +95,7 @@ class PgReads:
         skip = set(exclude)
         rows = await self.fetch(
             f"SELECT {READY_COLUMNS} FROM jobs j WHERE j.state = 'queued' AND j.run_at <= $1"
-            f" AND j.source <> ALL($2::text[]) AND {HEAD_OF_KEY}"
+            f" AND j.source <> ALL($2::text[]) AND j.behind IS NULL AND {HEAD_OF_KEY}"
             " ORDER BY j.priority, j.seq LIMIT $3",
             now,
             sorted(paused),

@@ -159,6 +159,63 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested_at double precision;
     """,
+    # 8 → 9: ``behind`` and the triggers that keep it, as in the SQLite journal's migration 10,
+    # made safe for concurrent writers. A mark set at insert share-locks the older unfinished
+    # job it stands on (skipping one being written, which may be finishing: then no mark), so
+    # that job cannot finish until the insert commits, and its finish then sees the new row.
+    # A finish locks the key's next unfinished job before clearing its mark, so two finishes
+    # of one key at once (a cancel and an outcome) serialise, or deadlock and are retried
+    # (``_write``), rather than both missing the job behind them.
+    """
+    ALTER TABLE jobs ADD COLUMN behind smallint;
+    UPDATE jobs j SET behind = 1 WHERE j.state = 'queued' AND j.order_key IS NOT NULL
+        AND EXISTS (SELECT 1 FROM jobs o WHERE o.source = j.source AND o.action = j.action
+        AND o.order_key = j.order_key AND o.seq < j.seq AND o.order_key IS NOT NULL
+        AND o.state IN ('queued', 'running'));
+    DROP INDEX jobs_lane;
+    CREATE INDEX jobs_lane ON jobs (priority, source, tenant, behind, run_at, seq)
+        WHERE state = 'queued';
+    CREATE FUNCTION webhookd_job_behind() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM jobs o WHERE o.source = NEW.source AND o.action = NEW.action
+            AND o.order_key = NEW.order_key AND o.seq < NEW.seq AND o.order_key IS NOT NULL
+            AND o.state IN ('queued', 'running') LIMIT 1 FOR SHARE SKIP LOCKED;
+        IF FOUND THEN
+            NEW.behind := 1;
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER jobs_behind BEFORE INSERT ON jobs FOR EACH ROW
+        WHEN (NEW.order_key IS NOT NULL AND NEW.state = 'queued')
+        EXECUTE FUNCTION webhookd_job_behind();
+    CREATE FUNCTION webhookd_job_unmark() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.behind := NULL;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER jobs_unmark BEFORE UPDATE OF state ON jobs FOR EACH ROW
+        WHEN (OLD.behind IS NOT NULL AND NEW.state NOT IN ('queued', 'running'))
+        EXECUTE FUNCTION webhookd_job_unmark();
+    CREATE FUNCTION webhookd_key_moves_on() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        head bigint;
+    BEGIN
+        SELECT o.seq INTO head FROM jobs o WHERE o.source = OLD.source AND o.action = OLD.action
+            AND o.order_key = OLD.order_key AND o.order_key IS NOT NULL
+            AND o.state IN ('queued', 'running') ORDER BY o.seq LIMIT 1 FOR UPDATE;
+        IF FOUND THEN
+            UPDATE jobs SET behind = NULL WHERE seq = head AND behind IS NOT NULL;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_key_moves_on AFTER UPDATE OF state ON jobs FOR EACH ROW
+        WHEN (OLD.order_key IS NOT NULL AND OLD.state IN ('queued', 'running')
+            AND NEW.state NOT IN ('queued', 'running'))
+        EXECUTE FUNCTION webhookd_key_moves_on();
+    CREATE TRIGGER jobs_key_deleted AFTER DELETE ON jobs FOR EACH ROW
+        WHEN (OLD.order_key IS NOT NULL AND OLD.state IN ('queued', 'running'))
+        EXECUTE FUNCTION webhookd_key_moves_on();
+    """,
 )
 
 
