@@ -103,9 +103,11 @@ async def make_intake(tmp_path: Path) -> AsyncIterator[StartIntake]:
 
 
 def assert_error(answer: Answer, status: int, *, retry_after: bool = False) -> None:
-    """A refusal: the right status, a JSON ``{"error": ...}`` body, Retry-After when asked."""
+    """A refusal: the right status, a JSON ``{"error": ...}`` body, Retry-After when asked.
+    Its Content-Type is the acknowledgement's: ``application/json`` has no charset parameter
+    (JSON is UTF-8, RFC 8259)."""
     assert answer.status == status, answer
-    assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.headers["Content-Type"] == "application/json"
     assert isinstance(answer.doc, dict) and isinstance(answer.doc.get("error"), str), answer.doc
     if retry_after:
         assert int(answer.headers["Retry-After"]) >= 1

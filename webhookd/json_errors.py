@@ -9,6 +9,7 @@ admin API both promise JSON.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +35,11 @@ def json_error(
     extra = dict(headers) if headers else {}
     if retry_after_s:
         extra["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
-    return web.json_response({"error": message}, status=status, headers=extra or None)
+    # Bytes, so aiohttp adds no charset: the same Content-Type as the receiver's acknowledgements.
+    body = json.dumps({"error": message}).encode()
+    return web.Response(
+        body=body, status=status, content_type="application/json", headers=extra or None
+    )
 
 
 # What an aiohttp HTTPException's own headers say that its JSON stand-in must say too.
