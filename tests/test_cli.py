@@ -579,6 +579,23 @@ async def test_bad_arguments_exit_2_with_one_clear_error(
     assert needle in out.output
 
 
+async def test_verbs_that_take_a_source_say_the_same_of_one_there_is_not(
+    wired: tuple[Path, Running],
+) -> None:
+    """pause, resume and send word an unknown source alike: the file, the configured names and
+    the closest one when the name looks misspelt."""
+    config, _ = wired
+    said = {
+        verb: (await cli(verb, "shopp", "--config", str(config))).output
+        for verb in ("pause", "resume", "send")
+    }
+    line = (
+        f"webhookd: error: no source 'shopp' in {config} (configured: mail, shop)"
+        " (did you mean shop?)\n"
+    )
+    assert said == {"pause": line, "resume": line, "send": line}
+
+
 async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     """A command that needs the journal exits 1 with one line when there is none yet."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

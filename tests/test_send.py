@@ -73,7 +73,7 @@ def test_source_url_needs_a_port_and_a_source() -> None:
     cfg = config_mod.loads(cfg_text(), "t")
     with pytest.raises(ConfigError, match=r"server\.listen"):
         send.source_url(cfg, "gh")
-    with pytest.raises(ConfigError, match=r"sources\.nope: no such source \(configured: gh, tw\)"):
+    with pytest.raises(ConfigError, match=r"^no source 'nope' in t \(configured: gh, tw\)$"):
         send.resolve(cfg, "nope")
 
 
@@ -108,7 +108,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["nope"], 2, "no such source"),
+        (["nope"], 2, "no source 'nope'"),
         (["gh"], 2, "server.listen: has port 0"),
         (["gh", "--url", "http://127.0.0.1:{port}/hooks/gh"], 1, "could not post"),
         (["gh", "--url", "not a url"], 1, "could not post"),
@@ -168,10 +168,9 @@ def test_send_refuses_a_name_no_source_can_have(tmp_path: Path, name: str) -> No
     path.write_text(cfg_text(listen=f"127.0.0.1:{_free_port()}", extra='[sources."*"]\n'))
     result = CliRunner().invoke(main, ["send", name, "--config", str(path)])
     assert result.exit_code == 2, result.output
-    key = config_mod.source_key(name)
     assert result.output == (
-        f"webhookd: error: {key}: no such source (a name is 1 to 64 characters from "
-        "[A-Za-z0-9._-], not starting with '.')\n"
+        f"webhookd: error: no source {name!r}: a source's name is 1 to 64 characters from "
+        "[A-Za-z0-9._-], not starting with '.'\n"
     )
 
 
@@ -270,8 +269,8 @@ def test_the_alerts_source_is_no_source_to_send_to_and_the_error_says_why() -> N
     with pytest.raises(ConfigError) as caught:
         send.resolve(cfg, "webhookd")
     assert str(caught.value) == (
-        'sources.webhookd: no such source (configured: none; the catch-all "*" never takes'
-        ' "webhookd" (the alerts\'))'
+        "no source 'webhookd' in embedded default (configured: none); the catch-all \"*\""
+        ' never takes "webhookd" (the alerts\')'
     )
     assert send.resolve(cfg, "a-b.c_9").name == "*"
 

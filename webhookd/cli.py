@@ -786,8 +786,7 @@ def resume(source: str, config_path: str | None) -> None:
 def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
     cfg = _read_config(config_path)
     if cfg.source_for(source) is None:
-        known = ", ".join(sorted(cfg.sources)) or "none"
-        _fail(f"no source {source!r} in {cfg.origin} (known: {known})", 2)
+        _fail(cfg.no_source(source), 2)
 
     async def go() -> bool:
         async with _journal(cfg) as journal:

@@ -434,6 +434,18 @@ class Config:
             return self.sources.get(CATCH_ALL)
         return found
 
+    def no_source(self, name: str, *, takes_webhooks: bool = False) -> str:
+        """What a verb says of a source name it found no source for: the configured names, the
+        closest if ``name`` looks misspelt. ``takes_webhooks``: asked for a source to send to,
+        which the alerts' own never is, nor the catch-all's for it."""
+        if not SOURCE_NAME.fullmatch(name):
+            return f"no source {name!r}: a source's name is {SOURCE_NAME_RULE}"
+        names = sorted(n for n in self.sources if n != CATCH_ALL)
+        said = f"no source {name!r} in {self.origin} (configured: {', '.join(names) or 'none'})"
+        if takes_webhooks and CATCH_ALL in self.sources:
+            said += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
+        return _unknown(name, names, said)
+
     def all_sources(self) -> tuple[SourceConfig, ...]:
         """The user's sources, and the alerts' own source when there is one (to build actions)."""
         own = (self.alerts.source,) if self.alerts is not None else ()

@@ -22,11 +22,9 @@ from webhookd.config import (
     CATCH_ALL,
     HEADER_NAME,
     SOURCE_NAME,
-    SOURCE_NAME_RULE,
     Config,
     Listen,
     SourceConfig,
-    source_key,
 )
 from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
@@ -87,7 +85,7 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
     """The source ``name``, or the catch-all when the receiver's would take ``name`` (any name
     a source could have, never the alerts' own source); ConfigError if neither."""
     if not SOURCE_NAME.fullmatch(name):  # no source has it, and the catch-all would answer 404
-        raise ConfigError(source_key(name), f"no such source (a name is {SOURCE_NAME_RULE})")
+        raise ConfigError("", cfg.no_source(name))
     src = cfg.sources.get(name)
     if src is not None:
         return src
@@ -95,10 +93,7 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
     # The alerts' source takes no webhooks: the receiver answers 404 for it.
     if catch_all is not None and name != ALERT_SOURCE:
         return catch_all
-    known = ", ".join(sorted(n for n in cfg.sources if n != CATCH_ALL)) or "none"
-    if catch_all is not None:
-        known += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
-    raise ConfigError(source_key(name), f"no such source (configured: {known})")
+    raise ConfigError("", cfg.no_source(name, takes_webhooks=True))
 
 
 def parse_header(text: str) -> tuple[str, str]:
