@@ -227,6 +227,32 @@ def test_a_misspelt_key_is_told_the_key_it_most_likely_meant(text: str, said: st
     assert str(info.value) == said
 
 
+@pytest.mark.parametrize(
+    ("action", "said"),
+    [
+        ('type = "log"\nretyr = 3', "retyr: unknown key for a log action (did you mean retry?)"),
+        (
+            'type = "forward"\nurl = "http://127.0.0.1:9/"\ntimout_s = 3',
+            "timout_s: unknown key for a forward action (did you mean timeout_s?)",
+        ),
+        (
+            'type = "forward"\nurll = "http://127.0.0.1:9/"',
+            "urll: unknown key for a forward action (did you mean url?)",
+        ),
+        ('type = "log"\nbogus = 1', "bogus: unknown key for a log action"),
+    ],
+)
+def test_a_misspelt_action_key_is_told_the_option_or_shared_key_it_most_likely_meant(
+    action: str, said: str
+) -> None:
+    """An action's own options are read apart from the keys every action takes (``retry``,
+    ``timeout_s``…); a misspelling of either is told which it most likely meant."""
+    cfg = loads(f"[sources.a]\n[[sources.a.actions]]\n{action}\n")
+    with pytest.raises(ConfigError) as info:
+        actions.validate(cfg)
+    assert str(info.value) == f"sources.a.actions[0].{said}"
+
+
 def test_invalid_toml_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         loads("[server\nlisten=", "x.toml")

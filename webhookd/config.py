@@ -674,15 +674,17 @@ class Table:
             return self.secret(name)
         raise TypeError(f"no reader for {name}: {hint!r}; give its setting() a parse")
 
-    def only(self, names: Iterable[str], what: str) -> None:
+    def only(self, names: Iterable[str], what: str, near: Iterable[str] = ()) -> None:
         """Refuse a key not in ``names`` at once, before any value is checked (``what``: whose).
 
-        A misspelt key then shows as itself, not as the required key it was meant to be.
+        A misspelt key then shows as itself, not as the required key it was meant to be. The
+        key it is closest to, of ``names`` and ``near`` (keys read elsewhere), is suggested.
         """
         allowed = set(names)
         for name in self.data:
             if name not in allowed:
-                raise ConfigError(self.path(name), _unknown(name, allowed, f"unknown key {what}"))
+                said = _unknown(name, allowed | set(near), f"unknown key {what}")
+                raise ConfigError(self.path(name), said)
         self._used.update(self.data)
 
     def finish(self) -> None:
@@ -969,7 +971,8 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     return made
 
 
-_COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by", "when")
+# The keys every action takes; the rest are its kinds own (``actions.base.options``).
+COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by", "when")
 
 
 def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, ActionConfig]:
@@ -985,7 +988,7 @@ def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, Acti
         ActionConfig(name=name, type=kind, key=key, timeout_s=timeout_s, retry=retry),
         only=("concurrency", "ordered_by", "when"),
     )
-    options = {k: v for k, v in t.data.items() if k not in _COMMON_ACTION_KEYS}
+    options = {k: v for k, v in t.data.items() if k not in COMMON_ACTION_KEYS}
     return name, dataclasses.replace(action, options=options)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from webhookd.config import ActionConfig, ActionDefaults, Config, Table
+from webhookd.config import COMMON_ACTION_KEYS, ActionConfig, ActionDefaults, Config, Table
 from webhookd.models import Event, Job
 
 if TYPE_CHECKING:
@@ -102,9 +102,10 @@ def options(config: ActionConfig, names: tuple[str, ...]) -> Table:
     """The action's own options, read with the ``Table`` that reads the rest of the config.
 
     A key not in ``names`` is refused before any value is checked (``unknown key for a forward
-    action``), so a misspelt option shows as itself.
+    action``), so a misspelt option shows as itself, with the option or shared action key
+    (``retry``, ``timeout_s``…) it is closest to.
     """
     table = Table(config.options, config.key)
     article = "an" if config.type[:1] in "aeiou" else "a"
-    table.only(names, f"for {article} {config.type} action")
+    table.only(names, f"for {article} {config.type} action", near=COMMON_ACTION_KEYS)
     return table
