@@ -36,7 +36,7 @@ from webhookd import actions
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
-from webhookd.journal import Finished, Journal
+from webhookd.journal import Finished, Journal, _take_serve_lock
 from webhookd.models import JobState
 
 
@@ -303,6 +303,27 @@ async def test_show_by_key_says_when_the_keys_event_was_pruned(tmp_path: Path) -
     assert out.exit_code == 1
     assert f"first seen {time.strftime('%Y-%m-%d', time.gmtime())}" in out.output
     assert f"as {item.event.id}, which has been pruned since" in out.output
+
+
+async def test_show_says_when_no_daemon_runs_for_a_job_left_running(tmp_path: Path) -> None:
+    """A daemon killed mid-attempt leaves its job running in the journal until the next start
+    recovers it: show says no daemon runs on the journal. While one holds it, show says
+    nothing more (the job may well be running)."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "mail", 1)
+        await journal.claim([job_id], "boot")
+        [event] = await journal.list_events(limit=1)
+    hint = "    no daemon runs on this journal: the next start queues it again\n"
+    out = await cli("show", event.id, "--config", str(config))
+    assert out.exit_code == 0 and "[running]  attempts 1/" in out.output, out.output
+    assert hint in out.output
+    lock = _take_serve_lock(cfg.journal.path)  # as a running daemon holds it
+    try:
+        out = await cli("show", event.id, "--config", str(config))
+    finally:
+        os.close(lock)
+    assert "[running]" in out.output and hint not in out.output
 
 
 async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from webhookd.journal import (
     copies,
     open_journal,
     present_only,
+    serve_lock_held,
 )
 from webhookd.redact import Masker, printable, secret_values
 from webhookd.retention import prune_expired, windows_s
@@ -302,6 +303,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
     if as_json:
         click.echo(_json_shown(json.dumps(doc, indent=2, ensure_ascii=False)))
         return
+    # A job left running by a daemon that is gone (kill -9, a crash) until a start recovers it.
+    idle_journal = cfg.journal.url is None and serve_lock_held(cfg.journal.path) is False
     click.echo(f"event    {doc['id']}  [{doc['state']}]")
     click.echo(f"source   {doc['source']}   received {_when(doc['received_at'])}")
     click.echo(
@@ -328,6 +331,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         )
         if job["state"] == "queued":
             click.echo(f"    next run {_when(job['run_at'])}")
+        elif job["state"] == "running" and idle_journal:
+            click.echo("    no daemon runs on this journal: the next start queues it again")
         elif job["state"] == "cancelled" and job["finished_at"] is not None:
             click.echo(f"    cancelled {_when(job['finished_at'])}")
         last = 0

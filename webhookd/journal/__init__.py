@@ -262,6 +262,30 @@ def serve_lock_file(path: Path) -> Path:
     return Path(f"{os.path.realpath(path)}-lock")
 
 
+def serve_lock_held(path: Path) -> bool | None:
+    """Whether a ``webhookd serve`` holds the journal at ``path`` now, from the kernel's list of
+    locks (``/proc/locks``): the lock is never taken to find out, so a daemon starting meanwhile
+    still gets it. ``None`` where that cannot be told (no such list). Matched by the lock
+    file's inode alone (a file system may report another device than the list does): a match
+    on another file's inode only says held."""
+    try:
+        inode = os.stat(serve_lock_file(path)).st_ino
+    except FileNotFoundError:  # no daemon has started on it
+        return False
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        parts = line.replace("->", " ").split()  # "->": a process waiting for the lock
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rpartition(":")[2] == str(inode):
+            return True
+    return False
+
+
 def _take_serve_lock(
     path: Path,
     why: str = "one daemon per SQLite journal (several nodes share a PostgreSQL one)",
