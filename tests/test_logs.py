@@ -215,6 +215,24 @@ def test_json_lines_lift_key_value_pairs_into_fields() -> None:
     }
 
 
+async def test_a_daemon_starting_with_a_secret_written_in_its_config_warns_naming_the_key(
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ``check`` does: one warning per secret written in the file itself, its key and never
+    its value; a config without one says nothing of it."""
+    caplog.set_level(logging.INFO, logger="webhookd")
+    await run_daemon(make_config(tmp_path, "[sources.quiet]\n"))
+    assert "written in the config file" not in caplog.text
+    caplog.clear()
+    inline = '[sources.shop]\nverify = { scheme = "github", secret = "gh-inline-secret" }\n'
+    await run_daemon(make_config(tmp_path / "b", inline))
+    warned = [r for r in caplog.records if "written in the config file" in r.getMessage()]
+    assert [(r.levelname, r.getMessage().split(" is ")[0]) for r in warned] == [
+        ("WARNING", "sources.shop.verify.secret")
+    ]
+    assert "gh-inline-secret" not in caplog.text
+
+
 async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from click.testing import CliRunner
 
-from webhookd.redact import MASK, SECRET_HEADERS, redact_headers, redact_request_headers
+from webhookd import actions
+from webhookd import config as config_mod
+from webhookd.cli import main
+from webhookd.redact import (
+    MASK,
+    SECRET_HEADERS,
+    WRITTEN_OUT,
+    redact_headers,
+    redact_request_headers,
+    written_out,
+)
 
 CASES = [
     [("Content-Type", "application/json"), ("X-Request-Id", "a1")],
@@ -27,3 +40,49 @@ def test_request_headers_are_stored_as_the_generic_rule_stores_them(
     assert [name for name, _ in stored] == [name for name, _ in sent]
     secret = [v for (k, _), (_, v) in zip(sent, stored, strict=True) if k.lower() in SECRET_HEADERS]
     assert secret == [MASK] * len(secret)
+
+
+_WRITTEN = """
+[admin]
+token = "admin-token-inline"
+[journal]
+url = "postgresql://webhookd:pg-password@db.internal/webhookd"
+[sources.shop]
+verify = { scheme = "github", secrets = ["old-inline-secret", "env:WRITTEN_TEST_NEW"] }
+[[sources.shop.actions]]
+type = "openai"
+model = "m"
+prompt = "p"
+max_tokens = 10
+api_key = "sk-inline-key"
+[[sources.shop.actions]]
+type = "forward"
+url = "http://127.0.0.1:9/plain"
+[sources.mail]
+verify = { scheme = "github", secret = "env:WRITTEN_TEST_NEW" }
+"""
+
+
+def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A signing secret, the admin token, an option that holds only a secret and a URL with a
+    password, written in the file itself, are named (check warns of each, as the daemon does
+    as it starts); what comes from env: or file:, and a URL without a password, are not."""
+    monkeypatch.setenv("WRITTEN_TEST_NEW", "from-the-environment")
+    cfg = config_mod.loads(_WRITTEN, "t", kinds=actions.kind_defaults)
+    assert written_out(cfg) == [
+        "admin.token",
+        "journal.url",
+        "sources.shop.verify.secrets[0]",
+        "sources.shop.actions[0].api_key",
+    ]
+    path = tmp_path / "webhookd.toml"
+    path.write_text(_WRITTEN)
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"webhookd: warning: {key} is {WRITTEN_OUT}" for key in written_out(cfg)
+    ]
+    for value in ("admin-token-inline", "pg-password", "old-inline-secret", "sk-inline-key"):
+        assert value not in result.output

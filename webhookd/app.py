@@ -59,7 +59,7 @@ from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
-from webhookd.redact import secret_values
+from webhookd.redact import WRITTEN_OUT, secret_values, written_out
 from webhookd.retention import prune_expired
 from webhookd.state import IntakeState
 from webhookd.workers import RECOVERED, WorkerPool
@@ -331,6 +331,8 @@ class Daemon:
             self.journal.location if self.journal else cfg.journal.path,
             cfg.origin,
         )
+        for key in written_out(cfg):
+            log.warning("%s is %s", key, WRITTEN_OUT)
         catch_all = cfg.sources.get(CATCH_ALL)
         if catch_all is not None and catch_all.verify is None and not cfg.server.listen.is_loopback:
             log.warning(

@@ -38,7 +38,7 @@ from webhookd.journal import (
     present_only,
     serve_lock_held,
 )
-from webhookd.redact import Masker, printable, secret_values
+from webhookd.redact import WRITTEN_OUT, Masker, printable, secret_values, written_out
 from webhookd.retention import prune_expired, windows_s
 
 if TYPE_CHECKING:
@@ -254,6 +254,8 @@ def check(config_path: str | None) -> None:
         f"ok: {cfg.origin}: {len(cfg.sources)} source(s) ({sources}), {actions} "
         f"action(s), {len(cfg.lanes)} lane(s){alerts}"
     )
+    for key in written_out(cfg):
+        click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
 
 
 @main.command()

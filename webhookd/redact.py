@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from webhookd.config import (
     DEFAULT_OPENAI_API_KEY,
@@ -23,6 +24,7 @@ from webhookd.config import (
     VerifyConfig,
     leaves,
     read_secret,
+    secrets_in,
 )
 from webhookd.schemes import SCHEMES
 
@@ -175,6 +177,38 @@ def secret_values(obj: Any) -> set[str]:
         if action.type == "openai" and "api_key" not in action.options:
             reference(DEFAULT_OPENAI_API_KEY)
     return found
+
+
+# The action options that hold nothing but a secret: a forward's ``url`` may hold one or not.
+_SECRET_ONLY_OPTIONS = sorted(_SECRET_OPTIONS - {"url", "forward"})
+
+
+# What is said of each (by ``check``, and by the daemon as it starts).
+WRITTEN_OUT = (
+    "written in the config file itself: whoever reads the file has it (use env:NAME or file:PATH)"
+)
+
+
+def written_out(cfg: Config) -> list[str]:
+    """The keys of the secrets written out in the config file rather than read from ``env:`` or
+    ``file:`` (anyone who can read the file, a backup or a repository, has them): signing
+    secrets, ``admin.token``, the options that hold only a secret, and a URL with a password
+    in it. Keys only, never a value."""
+    keys = []
+    for secret in secrets_in(cfg):
+        if secret.reference is not None or secret.missing:
+            continue
+        if secret.key.endswith("url") and urlsplit(secret.reveal()).password is None:
+            continue
+        keys.append(secret.key)
+    for action in _actions(cfg):
+        for name in _SECRET_ONLY_OPTIONS:
+            value = action.options.get(name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item and not item.startswith(("env:", "file:")):
+                    keys.append(f"{action.key}.{name}")
+                    break
+    return keys
 
 
 def _actions(obj: Any) -> list[ActionConfig]:
