@@ -198,10 +198,12 @@ def _keys_the_loader_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str
         monkeypatch.setattr(config.Table, method, record)
     only = config.Table.only
 
-    def record_only(self: config.Table, names: Iterable[str], what: str) -> None:
+    def record_only(
+        self: config.Table, names: Iterable[str], what: str, near: Iterable[str] = ()
+    ) -> None:
         names = tuple(names)
         asked.extend((self.key, name, "type" in self.data) for name in names)
-        only(self, names, what)
+        only(self, names, what, near)
 
     monkeypatch.setattr(config.Table, "only", record_only)
     cfg = config.loads(_reference_with_examples(), "webhookd.toml", kinds=actions.kind_defaults)
