@@ -555,6 +555,7 @@ async def test_pg_a_group_commit_ended_by_a_deadlock_is_run_again_not_an_outage(
             await other.close()
             await watch.close()
         assert "ended to break a deadlock; trying it again" in caplog.text
+        assert journal.rerun_writes == 1  # webhookd_journal_writes_rerun_total
         assert journal.last_write_error is None
         for item in (a, b):
             assert (await journal.get_event(item.event.id)).jobs[0].state == JobState.DONE

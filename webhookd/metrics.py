@@ -324,6 +324,12 @@ class _StateCollector(Collector):
             self.journal.commits,
         )
         yield _counter(
+            "webhookd_journal_writes_rerun",
+            "Journal write transactions run again after the database ended them to break a"
+            " deadlock (PostgreSQL; each rerun is also logged at INFO).",
+            self.journal.rerun_writes,
+        )
+        yield _counter(
             "webhookd_journal_batched_ops",
             "Writes committed by group commit (ingests, claims, outcomes).",
             self.journal.batched_ops,

@@ -139,6 +139,9 @@ class BaseJournal(ABC):
     writer_problem: str | None
     commits: int
     batched_ops: int
+    # Write transactions run again after the database ended them to break a deadlock (only
+    # PostgreSQL's, where nodes and operators write the same rows at once).
+    rerun_writes: int = 0
     _backlog_jobs: int = 0
 
     @property

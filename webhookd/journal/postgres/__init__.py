@@ -301,6 +301,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             except DB_ERRORS as exc:
                 if isinstance(exc, asyncpg.DeadlockDetectedError) and tries < WRITE_TRIES:
                     log.info("journal write ended to break a deadlock; trying it again")
+                    self.rerun_writes += 1
                     continue
                 self.went_down(exc)
                 raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
