@@ -553,6 +553,30 @@ async def test_unclaim_returns_job_without_counting(journal: BaseJournal) -> Non
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
 
 
+async def test_an_attempt_a_drain_cut_off_is_recorded_and_not_counted(
+    journal: BaseJournal,
+) -> None:
+    """The attempt a drain cut off mid-way (its target may have been called) is in the job's
+    history, in the transaction that gives the job back; the count is not, so the job's next
+    attempt has the same number. A cut attempt of a job no longer claimed adds nothing."""
+    item, job_id, claimed = await claimed_one(journal)
+    cut = finished(job_id, JobState.QUEUED, "interrupted", error="cut off", claim=claimed.claim)
+    cut = dataclasses.replace(cut, detail={"counted": False})
+    await journal.unclaim([job_id], [cut])
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    assert [(a.n, a.outcome, a.error, a.detail) for a in job.history] == [
+        (1, "interrupted", "cut off", {"counted": False})
+    ]
+    [again] = await journal.claim([job_id], "b2")
+    assert again.job.attempts == 1
+    await journal.finish([finished(job_id, JobState.DONE, "done", claim=again.claim)])
+    await journal.unclaim([job_id], [cut])  # done by now: neither given back nor recorded
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert [(a.n, a.outcome) for a in job.history] == [(1, "interrupted"), (1, "done")]
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+
+
 # -- recovery --------------------------------------------------------------------------------
 
 

@@ -229,7 +229,8 @@ async def test_sigterm_lets_running_jobs_finish_then_exits_0(
 async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_attempt(
     tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
 ) -> None:
-    """A job cut off by the drain grace is queued again, attempt uncounted, and runs next start."""
+    """A job cut off by the drain grace is queued again, attempt uncounted, and runs next start.
+    The attempt cut off is in its history, saying so (the target had the request)."""
     cfg, daemon, [event_id] = await slow_jobs_running(
         tmp_path, procs, downstream, http, grace_s=0.5, delay_s=5.0
     )
@@ -241,6 +242,9 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_att
     assert downstream.answered == []
     doc = await show(procs, cfg, event_id)
     assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("queued", 0)]
+    [cut] = doc["jobs"][0]["errors"]
+    assert (cut["attempt"], cut["outcome"], cut["detail"]) == (1, "interrupted", {"counted": False})
+    assert cut["error"].startswith("cut off by the drain after workers.shutdown_grace_s (0.5 s)")
 
     downstream.delay_s = 0.0
     daemon = await procs.serve(cfg)
@@ -250,7 +254,13 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_att
     assert await daemon.wait_exit() == 0
     doc = await show(procs, cfg, event_id)
     assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)]
+    assert [(a["attempt"], a["outcome"]) for a in doc["jobs"][0]["errors"]] == [
+        (1, "interrupted"),
+        (1, "done"),
+    ]
     assert downstream.ids == [event_id, event_id]
+    text = await procs.cli("show", event_id, "--config", str(cfg))
+    assert "#1" in text.stdout and "replayed:" not in text.stdout, text.stdout
 
 
 async def sigterm_while_a_claim_waits(

@@ -341,7 +341,9 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         for attempt in job["errors"]:
             if attempt["attempt"] <= last:  # a replay starts the count over
                 click.echo("    replayed:")
-            last = attempt["attempt"]
+            # An attempt a drain cut off is not counted: the next one has its number.
+            uncounted = (attempt["detail"] or {}).get("counted") is False
+            last = attempt["attempt"] - 1 if uncounted else attempt["attempt"]
             line = f"    #{attempt['attempt']} {_when(attempt['started_at'])} {attempt['outcome']}"
             if attempt["error"]:
                 line += f": {attempt['error']}"

@@ -171,6 +171,8 @@ class WorkerPool:
         # The caps of each running capped job, worked out once when it was picked: it keeps
         # their counts until its outcome is on disk, and its end frees them for the others.
         self._held_caps: dict[str, tuple[Cap, ...]] = {}
+        # Jobs whose action has begun, with the attempt: one a drain cuts off is recorded.
+        self._attempting: dict[str, tuple[Claimed, float]] = {}
         self._counted_as: dict[str, str] = {}  # job id → the source name it is counted under
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
@@ -670,6 +672,7 @@ class WorkerPool:
 
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(job.id, None)
+            self._attempting.pop(job.id, None)
             self._release(job.id)  # if the action never returned (cancelled by a drain)
             held = self._held_caps.pop(job.id, ())
             if held:
@@ -793,12 +796,27 @@ class WorkerPool:
                 async with asyncio.timeout(grace_s):
                     await self._idle.wait()
         stragglers = dict(self._running)
+        cut = [
+            Finished(
+                job_id,
+                claimed.job.attempts,
+                JobState.QUEUED,
+                started_at,
+                self.clock.time(),
+                "interrupted",
+                error=f"cut off by the drain after workers.shutdown_grace_s ({grace_s:g} s);"
+                " not counted: the job runs again as this attempt",
+                detail={"counted": False},
+            )
+            for job_id, (claimed, started_at) in self._attempting.items()
+            if job_id in stragglers
+        ]
         for task in stragglers.values():
             task.cancel()
         if stragglers:
             await asyncio.gather(*stragglers.values(), return_exceptions=True)
             late = f"drain: {len(stragglers)} job(s) did not finish in {grace_s:.0f}s"
-            failed = await self._unclaim(list(stragglers))
+            failed = await self._unclaim(list(stragglers), cut)
             if failed is None:
                 log.warning("%s; re-queued", late)
             else:
@@ -806,10 +824,11 @@ class WorkerPool:
                 log.error("%s and could not be re-queued (%s): %s", late, failed, RECOVERED)
         return len(stragglers)
 
-    async def _unclaim(self, job_ids: list[str]) -> str | None:
-        """Put claimed jobs back to queued; why not, when the journal could not."""
+    async def _unclaim(self, job_ids: list[str], cut: Sequence[Finished] = ()) -> str | None:
+        """Put claimed jobs back to queued (``cut``: the attempts a drain cut off, recorded);
+        why not, when the journal could not."""
         try:
-            await self.journal.unclaim(job_ids)
+            await self.journal.unclaim(job_ids, cut)
         except JournalUnavailable as exc:
             return str(exc)
         return None
@@ -828,6 +847,7 @@ class WorkerPool:
             )
         else:
             key = id(action)
+            self._attempting[job.id] = (claimed, started_at)
             self._attempts_on[key] += 1
             try:
                 outcome, timed_out = await self._attempt(action, action_cfg, claimed)

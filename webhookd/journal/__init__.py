@@ -95,6 +95,7 @@ from webhookd.journal.schema import (
     EXPIRED,
     MIGRATIONS,
     add_functions,
+    attempt_row,
     fetch,
     fetch_rows,
     leaving_running,
@@ -939,11 +940,16 @@ class Journal(Reads, BaseJournal):
         cancelled: frozenset[str] = await self._submit(FinishOp(self._new_future(), list(results)))
         return cancelled
 
-    async def unclaim(self, job_ids: Sequence[str]) -> None:
-        """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""
+    async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
         now = self.clock.time()
 
         def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
+                " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7"
+                " WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running')",
+                [attempt_row(f) for f in cut if f.job_id in job_ids],
+            )
             conn.executemany(
                 f"UPDATE jobs SET {_BACK_TO_QUEUE}, attempts = MAX(attempts - 1, 0),"
                 " run_at = ?1, boot_id = NULL"

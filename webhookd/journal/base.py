@@ -227,8 +227,11 @@ class BaseJournal(ABC):
         ``cancelled`` instead (an outcome kept back to record later is not among them)."""
 
     @abstractmethod
-    async def unclaim(self, job_ids: Sequence[str]) -> None:
-        """Put interrupted jobs back to ``queued`` without counting the attempt (drain)."""
+    async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
+        """Put claimed jobs back to ``queued`` without counting the attempt (a drain, a claim
+        that came back as the drain began). ``cut``: the attempts a drain cut off mid-way
+        (their action had started, so a target may have been called), each recorded as an
+        attempt of its own, in the same transaction, for each of its jobs this gives back."""
 
     @abstractmethod
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:

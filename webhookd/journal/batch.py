@@ -31,6 +31,7 @@ from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
     JOB_COLUMNS,
+    attempt_row,
     claimed_from_row,
     dump,
     fetch_rows,
@@ -575,17 +576,7 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> fro
             )
         )
         if not wait:
-            attempts.append(
-                (
-                    f.job_id,
-                    f.attempt,
-                    f.started_at,
-                    f.finished_at,
-                    f.outcome,
-                    f.error,
-                    dump(dict(f.detail)) if f.detail else None,
-                )
-            )
+            attempts.append(attempt_row(f))
     conn.executemany(
         f"UPDATE jobs SET {leaving_running('?1', '?5', '?9')}, run_at = ?2, result = ?3,"
         " last_error = ?4, boot_id = NULL, attempts = attempts - ?6, waits = waits + ?7"

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiosqlite
 
-from webhookd.journal.records import EventDetail
+from webhookd.journal.records import EventDetail, Finished
 from webhookd.models import Attempt, Event, Job, JobState, Priority, event_state
 
 KEY_DIGEST_SQL = "webhookd_key_digest"
@@ -472,3 +472,10 @@ def dump(value: Any) -> str | None:
     if value is None:
         return None
     return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def attempt_row(f: Finished) -> tuple[Any, ...]:
+    """An attempt's row in ``attempts``: (job_id, n, started_at, finished_at, outcome, error,
+    detail), in both journals."""
+    detail = dump(dict(f.detail)) if f.detail else None
+    return (f.job_id, f.attempt, f.started_at, f.finished_at, f.outcome, f.error, detail)

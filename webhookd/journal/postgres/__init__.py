@@ -69,6 +69,7 @@ from webhookd.journal.postgres.writes import (
     write_claim_capped,
     write_finishes,
     write_ingests,
+    write_unclaims,
 )
 from webhookd.journal.records import (
     Cancelled,
@@ -542,24 +543,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             await self._finish_bound([(f, token) for (_, token), f in pending.items()])
         return len(pending)
 
-    async def unclaim(self, job_ids: Sequence[str]) -> None:
+    async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
         self._capped.difference_update(job_ids)
-        held = [(job_id, self._tokens.pop(job_id)) for job_id in job_ids if job_id in self._tokens]
-        if not held:
-            return
-        now = self.clock.time()
-        await self._write(
-            lambda conn: conn.execute(
-                "UPDATE jobs j SET attempts = GREATEST(j.attempts - 1, 0), run_at = $3,"
-                " node_id = NULL, claim_token = NULL, lease_until = NULL, "
-                + leaving_running("'queued'", "j.finished_at", "$3::double precision", "j.")
-                + " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
-                " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
-                [h[0] for h in held],
-                [h[1] for h in held],
-                now,
-            )
-        )
+        held = {job_id: self._tokens.pop(job_id) for job_id in job_ids if job_id in self._tokens}
+        if held:
+            now = self.clock.time()
+            await self._write(lambda conn: write_unclaims(conn, held, cut, now))
 
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
         """At start: heartbeat, then, if this node leads, re-queue what silent nodes left

@@ -24,6 +24,7 @@ from webhookd.journal.schema import (
     EVENT_COLUMNS,
     HEAD_OF_KEY,
     JOB_COLUMNS,
+    attempt_row,
     dump,
     event_from_row,
     job_from_row,
@@ -138,6 +139,34 @@ PRUNE_RECHECK_SQL = f"SELECT e.id FROM events e WHERE e.id = ANY($3::text[]) AND
 
 def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(n)]
+
+
+async def write_unclaims(
+    conn: Any, held: Mapping[str, str], cut: Sequence[Finished], now: float
+) -> None:
+    """Give back claimed jobs (job id → claim token) without counting their attempt, first
+    recording each attempt a drain cut off (``cut``) of those this claim still holds."""
+    rows = [(*attempt_row(f), held[f.job_id]) for f in cut if f.job_id in held]
+    if rows:
+        await conn.execute(
+            "INSERT INTO attempts (job_id, n, started_at, finished_at, outcome, error, detail)"
+            " SELECT u.id, u.n, u.started, u.finished, u.outcome, u.error, u.detail"
+            " FROM unnest($1::text[], $2::integer[], $3::double precision[],"
+            " $4::double precision[], $5::text[], $6::text[], $7::text[], $8::text[])"
+            " AS u(id, n, started, finished, outcome, error, detail, tok)"
+            " JOIN jobs j ON j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
+            *_columns(rows, 8),
+        )
+    await conn.execute(
+        "UPDATE jobs j SET attempts = GREATEST(j.attempts - 1, 0), run_at = $3,"
+        " node_id = NULL, claim_token = NULL, lease_until = NULL, "
+        + leaving_running("'queued'", "j.finished_at", "$3::double precision", "j.")
+        + " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
+        " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
+        list(held),
+        list(held.values()),
+        now,
+    )
 
 
 async def write_claim(
@@ -276,17 +305,7 @@ async def write_finishes(
     recorded = {int(r[0]) - 1 for r in applied}
     cancelled = frozenset(r[1] for r in applied if r[2] == "cancelled" and r[3] == "queued")
     attempts = [
-        (
-            f.job_id,
-            f.attempt,
-            f.started_at,
-            f.finished_at,
-            f.outcome,
-            f.error,
-            dump(dict(f.detail)) if f.detail else None,
-        )
-        for i, f in enumerate(results)
-        if f.outcome != "wait" and i in recorded
+        attempt_row(f) for i, f in enumerate(results) if f.outcome != "wait" and i in recorded
     ]
     if attempts:
         await conn.execute(
