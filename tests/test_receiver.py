@@ -190,6 +190,41 @@ type = "log"
     assert detail.event.dedup_key == "orders:sha256:" + hashlib.sha256(b'{"v": 3}').hexdigest()
 
 
+async def test_a_value_read_from_a_credential_header_is_kept_as_its_digest(
+    make_intake: StartIntake,
+) -> None:
+    """A dedup key, tenant or order key read from a credential header (Authorization,
+    X-Api-Key…) is kept as its SHA-256, as the header itself is stored masked: equal values
+    still match (a duplicate, one tenant, one order key), and the credential is nowhere in the
+    journal's files."""
+    intake = await make_intake(
+        """
+[sources.api]
+dedup = "header:Authorization"
+tenant = "header:X-Api-Key"
+[[sources.api.actions]]
+type = "log"
+ordered_by = "header:X-Api-Key"
+"""
+    )
+    sent = {"Authorization": "Bearer tok-delivery-1", "X-Api-Key": "key-of-client-a"}
+    first = await intake.post("/hooks/api", b'{"v": 1}', headers=sent)
+    again = await intake.post("/hooks/api", b'{"v": 2}', headers=sent)
+    assert first.status == 202 and (again.status, again.doc["duplicate"]) == (200, True)
+    detail = await intake.journal.get_event(first.doc["id"])
+
+    def digest(text: str) -> str:
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+    assert detail.event.dedup_key == "api:" + digest("Bearer tok-delivery-1")
+    assert detail.event.tenant == digest("key-of-client-a")
+    assert dict(detail.event.headers)["Authorization"] == "***"
+    [ready] = await intake.journal.ready(2e9, 5)
+    assert ready.order_key == digest("key-of-client-a")
+    on_disk = b"".join(p.read_bytes() for p in intake.db.parent.glob(intake.db.name + "*"))
+    assert b"tok-delivery-1" not in on_disk and b"key-of-client-a" not in on_disk
+
+
 async def test_unknown_source_is_404_without_a_catch_all(make_intake: StartIntake) -> None:
     """Without a catch-all, only configured paths exist; anything else is a JSON 404."""
     intake = await make_intake(

@@ -130,6 +130,18 @@ def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = F
     return str(node)
 
 
+def _field(
+    spec: Extractor, headers: Any, payload: _Payload, masked: frozenset[str], typed: bool = False
+) -> str | None:
+    """``extract``, for a value the journal keeps (a dedup key, a tenant, an order key): one
+    read from a credential header (``masked``: Authorization, the token scheme's header) is
+    kept as its digest, as the header itself is stored masked. Equal values still match."""
+    value = extract(spec, headers, payload, typed=typed)
+    if value is not None and spec.kind == "header" and spec.arg.lower() in masked:
+        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return value
+
+
 def sift(
     actions: tuple[ActionConfig, ...], headers: Any, payload: _Payload
 ) -> tuple[tuple[ActionConfig, ...], tuple[str, ...]]:
@@ -521,9 +533,10 @@ class Receiver:
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
         payload = _Payload(body)
+
         key = None
         if src.dedup is not None:
-            key = _storable(extract(src.dedup, headers, payload, typed=True), "dedup", src.dedup)
+            key = _storable(_field(src.dedup, headers, payload, masked, True), "dedup", src.dedup)
         if key is None and scheme is not None:
             key = _storable(scheme.dedup_key(headers, body), "the delivery id header")
         body_key = None
@@ -534,7 +547,7 @@ class Receiver:
         if key is None:
             key = body_key or "sha256:" + hashlib.sha256(body).hexdigest()
         tenant = (
-            _storable(extract(src.tenant, headers, payload), "tenant", src.tenant)
+            _storable(_field(src.tenant, headers, payload, masked), "tenant", src.tenant)
             if src.tenant
             else None
         )
@@ -563,7 +576,9 @@ class Receiver:
                 type=a.type,
                 max_attempts=a.retry.max_attempts,
                 order_key=(
-                    _storable(extract(a.ordered_by, headers, payload), "ordered_by", a.ordered_by)
+                    _storable(
+                        _field(a.ordered_by, headers, payload, masked), "ordered_by", a.ordered_by
+                    )
                     if a.ordered_by
                     else None
                 ),
