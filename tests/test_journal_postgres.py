@@ -886,6 +886,28 @@ async def test_pg_the_listener_reconnects_and_asks_for_a_look_at_once(pg_url: st
         await asyncio.wait_for(woken.wait(), 10)
 
 
+async def test_pg_a_listener_whose_path_hangs_as_it_listens_connects_again(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path to the server hangs as the listener sends its LISTEN (a pooler stuck just
+    then): the listener gives up within its check interval and connects again, rather than
+    wait for an answer for ever, deaf to every other node's wake-ups."""
+    monkeypatch.setattr(nodes, "LISTEN_CHECK_S", 0.5)
+    hop = HangingHop(pg_url, hang_on=b"LISTEN")
+    url = await hop.start()
+    try:
+        journal = PostgresJournal(pg_url, lease_s=30, listen_url=url)
+        async with journal:
+            while hop.taken < 2:  # the first connection hangs; the listener comes back
+                hop.took.clear()
+                await asyncio.wait_for(hop.took.wait(), 10)
+            hop.hang_on = None
+            hop.flowing.set()
+            await asyncio.wait_for(journal.listening.wait(), 10)
+    finally:
+        await hop.close()
+
+
 async def test_pg_readiness_follows_the_heartbeat_without_traffic(
     pg_url: str, db_outage: DatabaseOutage
 ) -> None:
@@ -1182,10 +1204,13 @@ class HangingHop:
     connections stay open, and while ``flowing`` is clear nothing passes either way (new
     connections are taken, and then hear nothing either)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, hang_on: bytes | None = None) -> None:
         self.target = urlsplit(url)
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.hang_on = hang_on  # hang once a client sends these bytes (a statement's text)
+        self.taken = 0  # connections taken so far
+        self.took = asyncio.Event()  # set at each one
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -1197,11 +1222,15 @@ class HangingHop:
         return urlunsplit(self.target._replace(netloc=f"{user}@127.0.0.1:{port}"))
 
     async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.taken += 1
+        self.took.set()
         up_reader, up_writer = await asyncio.open_connection(self.target.hostname, self.target.port)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.hang_on is not None and self.hang_on in data:
+                        self.flowing.clear()
                     await self.flowing.wait()
                     dst.write(data)
                     await dst.drain()

@@ -238,8 +238,11 @@ class PgNodes:
     async def _listen_on(self, conn: Any) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _: lost.set())
-        await conn.add_listener(CHANNEL, self._notified)
-        await conn.add_listener(PAUSE_CHANNEL, self._pause_notified)
+        # A path that hangs here (a pooler stuck as the LISTEN goes out) would leave this
+        # waiting for ever, deaf: given up as the check below gives up, then connected again.
+        async with asyncio.timeout(LISTEN_CHECK_S):
+            await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(PAUSE_CHANNEL, self._pause_notified)
         self.listening.set()
         # What was notified while this was not listening is lost: look now.
         if self.on_remote_jobs is not None:
@@ -274,7 +277,8 @@ class PgNodes:
         try:
             conn = await _connect_alone(self.url, "webhookd-probe", 0)
             try:
-                await conn.execute(f"NOTIFY {CHANNEL}, 'probe:{self.node_id}'")
+                async with asyncio.timeout(PROBE_S):
+                    await conn.execute(f"NOTIFY {CHANNEL}, 'probe:{self.node_id}'")
             finally:
                 await _close_quietly(conn)
         except DB_ERRORS as exc:
