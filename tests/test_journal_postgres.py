@@ -42,7 +42,7 @@ from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, db, node
 from webhookd.journal.postgres.db import db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
-from webhookd.journal.postgres.writes import PRUNE_SQL, write_ingests
+from webhookd.journal.postgres.writes import PRUNE_SQL, write_group, write_ingests
 from webhookd.models import JobState, Priority
 from webhookd.workers import WorkerPool, order_cap
 
@@ -1494,6 +1494,135 @@ async def test_pg_a_heads_finish_waits_for_an_ingest_marked_behind_it_then_relea
         lane = (int(Priority.NORMAL), "shop", "t1")
         got = await journal.ready_in_lanes(2e9, [(lane, 5)])
         assert [r.id for r in got] == [later.jobs[0].id]
+
+
+async def test_pg_writes_run_at_read_committed_whatever_the_databases_default(
+    pg_url: str,
+) -> None:
+    """A database whose default isolation is REPEATABLE READ: a head's finish waits for the
+    share lock of an ingest marked behind it, and its trigger, reading with a snapshot taken
+    before that ingest committed, left the mark standing alone for ever. The journal's writes
+    ask for READ COMMITTED."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(
+            f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
+        )
+    finally:
+        await admin.close()
+    head, later = new_event(order_key="k"), new_event(order_key="k")
+    async with PostgresJournal(pg_url, lease_s=30) as journal:
+        await journal.ingest(head)
+        [claimed] = await journal.claim([head.jobs[0].id], "b")
+        raw = await asyncpg.connect(pg_url)
+        try:
+            tx = raw.transaction(isolation="read_committed")
+            await tx.start()
+            await write_ingests(raw, [IngestOp(asyncio.Future(), later)], START)
+            done = asyncio.ensure_future(
+                journal.finish(
+                    [finished(head.jobs[0].id, JobState.DONE, "done", claim=claimed.claim)]
+                )
+            )
+            await poll(lambda: _waiting_on_a_lock(journal.pool), timeout_s=10)
+            await tx.commit()
+            await asyncio.wait_for(done, 10)
+        finally:
+            await raw.close()
+        assert await marked_behind(Store("postgres", pg_url, ManualClock(START))) == set()
+        lane = (int(Priority.NORMAL), "shop", "t1")
+        assert [r.id for r in await journal.ready_in_lanes(2e9, [(lane, 5)])] == [later.jobs[0].id]
+
+
+async def test_pg_two_nodes_ingesting_behind_the_heads_the_other_ends_do_not_deadlock(
+    pg_url: str,
+) -> None:
+    """Node A's group commit ingests behind key k's head and ends key j's; node B's the mirror.
+    Ingests first, each held a share lock on the head the other was ending, and PostgreSQL
+    broke the deadlock by failing one (a 503 for its webhooks, after a second). A group commit
+    writes outcomes first, and an ingest's share locks come last, after which it waits on
+    nothing. A trigger holds A's commit open just after its ingest, to make the interleaving
+    certain."""
+    hk, hj = new_event(order_key="k"), new_event(order_key="j")
+    lk, lj = new_event(order_key="k"), new_event(order_key="j")
+    async with PostgresJournal(pg_url, lease_s=30) as journal:
+        for item in (hk, hj):
+            await journal.ingest(item)
+        claims = {
+            c.job.id: c.claim for c in await journal.claim([hk.jobs[0].id, hj.jobs[0].id], "b")
+        }
+
+        def ends(item: NewEvent) -> Finished:
+            job_id = item.jobs[0].id
+            return finished(job_id, JobState.DONE, "done", claim=claims[job_id])
+
+        a, b = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+        try:
+            await a.execute(
+                "CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " PERFORM pg_sleep(1); RETURN NULL; END $$;"
+                " CREATE TRIGGER hold AFTER INSERT ON jobs FOR EACH ROW"
+                f" WHEN (NEW.id = '{lk.jobs[0].id}') EXECUTE FUNCTION hold()"
+            )
+            ta, tb = a.transaction(), b.transaction()
+            await ta.start()
+            await tb.start()
+
+            def group(conn: Any, ingest: NewEvent, end: NewEvent) -> Awaitable[Any]:
+                f = ends(end)
+                return write_group(
+                    conn,
+                    [IngestOp(asyncio.Future(), ingest)],
+                    [f],
+                    [f.claim],
+                    START,
+                    frozenset(),
+                    ("", "", 0.0),
+                )
+
+            first = asyncio.ensure_future(group(a, lk, hj))
+
+            async def a_held() -> bool:
+                return bool(
+                    await journal.pool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                    )
+                )
+
+            await poll(a_held, timeout_s=10)
+            second = asyncio.ensure_future(group(b, lj, hk))
+            await first
+            await ta.commit()
+            await asyncio.wait_for(second, 10)
+            await tb.commit()
+        finally:
+            await a.close()
+            await b.close()
+        assert await marked_behind(Store("postgres", pg_url, ManualClock(START))) == set()
+
+
+async def test_pg_an_ingest_behind_a_queue_of_its_key_leaves_the_head_to_be_claimed(
+    pg_url: str,
+) -> None:
+    """An ingest marked behind its key share-locks an older unfinished job until it commits;
+    a claim skips a locked row. It locks the key's newest, so a claim of the head, on another
+    node meanwhile, still gets it (with the head alone before it, it is the head: that claim
+    waits for the next look)."""
+    head, second, later = (new_event(order_key="k") for _ in range(3))
+    async with PostgresJournal(pg_url, lease_s=30) as journal:
+        for item in (head, second):
+            await journal.ingest(item)
+        raw = await asyncpg.connect(pg_url)
+        try:
+            tx = raw.transaction()
+            await tx.start()
+            await write_ingests(raw, [IngestOp(asyncio.Future(), later)], START)
+            got = await journal.claim([head.jobs[0].id], "b")
+            await tx.commit()
+        finally:
+            await raw.close()
+        assert [c.job.id for c in got] == [head.jobs[0].id]
 
 
 async def test_pg_connections_probe_a_silent_path_with_tcp_keepalive(pg_url: str) -> None:

@@ -44,7 +44,6 @@ from webhookd.journal.batch import (
     GATHER_PASSES,
     FinishOp,
     IngestOp,
-    IngestResult,
     Op,
     OpQueue,
     reserve_starts,
@@ -67,8 +66,7 @@ from webhookd.journal.postgres.writes import (
     PRUNE_SQL,
     write_claim,
     write_claim_capped,
-    write_finishes,
-    write_ingests,
+    write_group,
     write_unclaims,
 )
 from webhookd.journal.records import (
@@ -296,7 +294,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         while True:
             tries += 1
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
+                # READ COMMITTED whatever the database's default: the order-key triggers' reads
+                # must see what committed while they waited for a lock.
+                async with (
+                    self.pool.acquire() as conn,
+                    conn.transaction(isolation="read_committed"),
+                ):
                     await conn.execute(self._write_settings)
                     result = await fn(conn)
             except DB_ERRORS as exc:
@@ -352,18 +355,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         starts = reserve_starts(self.starter, ingests)
         claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
 
-        async def fn(conn: Any) -> tuple[list[IngestResult], tuple[set[int], frozenset[str]]]:
-            ingested = (
-                await write_ingests(conn, ingests, now, starts.job_ids, claim) if ingests else []
-            )
-            finished = (
-                await write_finishes(conn, results, tokens) if results else (set(), frozenset())
-            )
-            return ingested, finished
-
         began = time.perf_counter()
         try:
-            ingested, (recorded, cancelled) = await self._write(fn)
+            ingested, (recorded, cancelled) = await self._write(
+                lambda conn: write_group(conn, ingests, results, tokens, now, starts.job_ids, claim)
+            )
         except BaseException as exc:
             if starts.job_ids:
                 # Jobs written claimed in a commit that may have happened: undone by token

@@ -160,9 +160,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested_at double precision;
     """,
     # 8 → 9: ``behind`` and the triggers that keep it, as in the SQLite journal's migration 10,
-    # made safe for concurrent writers. A mark set at insert share-locks the older unfinished
-    # job it stands on (skipping one being written, which may be finishing: then no mark), so
-    # that job cannot finish until the insert commits, and its finish then sees the new row.
+    # made safe for concurrent writers (at READ COMMITTED, which ``_write`` asks for). A mark
+    # set at insert share-locks the older unfinished job it stands on, the key's newest (so
+    # rarely its head, which a claim would then skip), skipping one being written (it may be
+    # finishing: then no mark), so that job cannot finish until the insert commits, and its
+    # finish then sees the new row. A group commit writes its ingests last (``write_group``).
     # A finish locks the key's next unfinished job before clearing its mark, so two finishes
     # of one key at once (a cancel and an outcome) serialise, or deadlock and are retried
     # (``_write``), rather than both missing the job behind them.
@@ -179,7 +181,8 @@ MIGRATIONS: tuple[str, ...] = (
     BEGIN
         PERFORM 1 FROM jobs o WHERE o.source = NEW.source AND o.action = NEW.action
             AND o.order_key = NEW.order_key AND o.seq < NEW.seq AND o.order_key IS NOT NULL
-            AND o.state IN ('queued', 'running') LIMIT 1 FOR SHARE SKIP LOCKED;
+            AND o.state IN ('queued', 'running') ORDER BY o.seq DESC LIMIT 1
+            FOR SHARE SKIP LOCKED;
         IF FOUND THEN
             NEW.behind := 1;
         END IF;

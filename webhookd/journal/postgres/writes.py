@@ -141,6 +141,26 @@ def _columns(rows: list[tuple[Any, ...]], n: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(n)]
 
 
+async def write_group(
+    conn: Any,
+    ingests: Sequence[IngestOp],
+    results: Sequence[Finished],
+    tokens: Sequence[str | None],
+    now: float,
+    start: frozenset[str],
+    claim: tuple[str, str, float],
+) -> tuple[list[IngestResult], tuple[set[int], frozenset[str]]]:
+    """One group commit: outcomes (``write_finishes``), then ingests (``write_ingests``).
+
+    In this order: outcomes lock the jobs they end, and an ingest behind a job of its key
+    share-locks that job last of all (the ``behind`` mark's lock, skipping a job being
+    written), then waits on nothing. Ingests first, two nodes each ingesting behind a job the
+    other was ending each held what the other waited for: a deadlock."""
+    finished = await write_finishes(conn, results, tokens) if results else (set(), frozenset())
+    ingested = await write_ingests(conn, ingests, now, start, claim) if ingests else []
+    return ingested, finished
+
+
 async def write_unclaims(
     conn: Any, held: Mapping[str, str], cut: Sequence[Finished], now: float
 ) -> None:
