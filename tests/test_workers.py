@@ -1031,12 +1031,17 @@ async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
     target: Target, make_rig: MakeRig
 ) -> None:
     """A job still running when the grace ends is cancelled and re-queued with its attempt
-    not counted."""
+    not counted; the attempt is recorded (its target had the request), saying so."""
     rig, dispatcher, stuck = await one_job_running(target, make_rig)
     assert await rig.pool.drain(0.2) == 1
     await dispatcher
     job = await rig.job(stuck)
-    assert (job.state, job.attempts, job.history) == (JobState.QUEUED, 0, ())
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    [cut] = job.history
+    assert (cut.n, cut.outcome, cut.detail) == (1, "interrupted", {"counted": False})
+    assert cut.error is not None and cut.error.startswith(
+        "cut off by the drain after workers.shutdown_grace_s (0.2 s)"
+    )
 
 
 async def test_a_drain_that_cannot_re_queue_says_so_and_leaves_the_job_for_a_recovery(
