@@ -533,7 +533,6 @@ class Receiver:
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
         payload = _Payload(body)
-
         key = None
         if src.dedup is not None:
             key = _storable(_field(src.dedup, headers, payload, masked, True), "dedup", src.dedup)
