@@ -268,13 +268,21 @@ def serve_lock_held(path: Path) -> bool | None:
     locks (``/proc/locks``): the lock is never taken to find out, so a daemon starting meanwhile
     still gets it. ``None`` where that cannot be told (no such list). Matched by the lock
     file's inode alone (a file system may report another device than the list does): a match
-    on another file's inode only says held."""
+    on another file's inode only says held.
+
+    The list shows only the locks of processes this one can see (its pid namespace): a daemon
+    in another container is missing from it. So while the pid the lock file names runs here
+    (a container's daemon is often pid 1, which every container has), held is said too."""
+    lock = serve_lock_file(path)
     try:
-        inode = os.stat(serve_lock_file(path)).st_ino
+        inode = os.stat(lock).st_ino
+        holder = lock.read_text("ascii", "replace").strip()
     except FileNotFoundError:  # no daemon has started on it
         return False
     except OSError:
         return None
+    if holder.isdigit() and process_running(int(holder)):
+        return True
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             table = f.read()
