@@ -27,6 +27,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
 from webhookd.http1 import Answer as Answered
 from webhookd.http1 import Request
 from webhookd.journal import Journal
+from webhookd.models import Priority
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
 
@@ -223,6 +224,34 @@ ordered_by = "header:X-Api-Key"
     assert ready.order_key == digest("key-of-client-a")
     on_disk = b"".join(p.read_bytes() for p in intake.db.parent.glob(intake.db.name + "*"))
     assert b"tok-delivery-1" not in on_disk and b"key-of-client-a" not in on_disk
+
+
+async def test_one_body_from_two_tenants_is_two_deliveries(make_intake: StartIntake) -> None:
+    """With no delivery id, a body's hash is the dedup key, and it is its tenant's: two
+    tenants posting the same body are two events (the second was answered as the first's
+    duplicate, with the other tenant's event id). The same tenant posting it again is one.
+    A priority rule names tenants as sent, though one read from a credential header is kept
+    as its digest."""
+    intake = await make_intake(
+        """
+[sources.multi]
+tenant = "header:X-Api-Key"
+priority = { default = "normal", high = ["key-vip"] }
+[[sources.multi.actions]]
+type = "log"
+"""
+    )
+    body = b'{"x": 1}'
+    alice = await intake.post("/hooks/multi", body, headers={"X-Api-Key": "key-alice"})
+    bob = await intake.post("/hooks/multi", body, headers={"X-Api-Key": "key-vip"})
+    again = await intake.post("/hooks/multi", body, headers={"X-Api-Key": "key-alice"})
+    assert (alice.status, bob.status) == (202, 202)
+    assert bob.doc["id"] != alice.doc["id"]
+    assert (again.status, again.doc["id"]) == (200, alice.doc["id"])
+    vip = (await intake.journal.get_event(bob.doc["id"])).event
+    tenant = "sha256:" + hashlib.sha256(b"key-vip").hexdigest()
+    assert vip.tenant == tenant and vip.priority == Priority.HIGH
+    assert vip.dedup_key == f"multi:{tenant}:sha256:" + hashlib.sha256(body).hexdigest()
 
 
 async def test_unknown_source_is_404_without_a_catch_all(make_intake: StartIntake) -> None:

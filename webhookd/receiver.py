@@ -130,13 +130,10 @@ def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = F
     return str(node)
 
 
-def _field(
-    spec: Extractor, headers: Any, payload: _Payload, masked: frozenset[str], typed: bool = False
-) -> str | None:
-    """``extract``, for a value the journal keeps (a dedup key, a tenant, an order key): one
-    read from a credential header (``masked``: Authorization, the token scheme's header) is
-    kept as its digest, as the header itself is stored masked. Equal values still match."""
-    value = extract(spec, headers, payload, typed=typed)
+def _kept(spec: Extractor, value: str | None, masked: frozenset[str]) -> str | None:
+    """What the journal keeps of a value ``spec`` read (a dedup key, a tenant, an order key):
+    one read from a credential header (``masked``: Authorization, the token scheme's header)
+    is kept as its digest, as the header itself is stored masked. Equal values still match."""
     if value is not None and spec.kind == "header" and spec.arg.lower() in masked:
         return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
     return value
@@ -535,7 +532,8 @@ class Receiver:
         payload = _Payload(body)
         key = None
         if src.dedup is not None:
-            key = _storable(_field(src.dedup, headers, payload, masked, True), "dedup", src.dedup)
+            found = extract(src.dedup, headers, payload, typed=True)
+            key = _storable(_kept(src.dedup, found, masked), "dedup", src.dedup)
         if key is None and scheme is not None:
             key = _storable(scheme.dedup_key(headers, body), "the delivery id header")
         body_key = None
@@ -543,16 +541,17 @@ class Receiver:
             # Nothing signed expires, so a captured body re-sent under a fresh delivery id would
             # verify as a new event: what was signed (the body, for most) is a second dedup key.
             body_key = scheme.replay_key(verify, headers, body, url)
+        sent_tenant = extract(src.tenant, headers, payload) if src.tenant else None
+        tenant = ""
+        if src.tenant and sent_tenant is not None:
+            tenant = _storable(_kept(src.tenant, sent_tenant, masked), "tenant", src.tenant) or ""
         if key is None:
-            key = body_key or "sha256:" + hashlib.sha256(body).hexdigest()
-        tenant = (
-            _storable(_field(src.tenant, headers, payload, masked), "tenant", src.tenant)
-            if src.tenant
-            else None
-        )
-        tenant = tenant or ""
+            # A body's hash is its tenant's: two tenants posting one body are two deliveries.
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            key = body_key or (f"{tenant}:{digest}" if tenant else digest)
         rule = src.priority
-        by = extract(rule.by, headers, payload) if rule.by is not None else tenant or None
+        # Priority rules name tenants as sent, whatever the journal keeps of them.
+        by = extract(rule.by, headers, payload) if rule.by is not None else sent_tenant or None
         event = Event(
             id=new_event_id(),
             source=name,
@@ -576,7 +575,9 @@ class Receiver:
                 max_attempts=a.retry.max_attempts,
                 order_key=(
                     _storable(
-                        _field(a.ordered_by, headers, payload, masked), "ordered_by", a.ordered_by
+                        _kept(a.ordered_by, extract(a.ordered_by, headers, payload), masked),
+                        "ordered_by",
+                        a.ordered_by,
                     )
                     if a.ordered_by
                     else None
