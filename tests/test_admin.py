@@ -572,15 +572,17 @@ def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> No
     assert rates["accepted_per_s"] == pytest.approx(100, rel=0.02)
 
 
-def test_jobs_put_back_unrun_by_a_lane_are_not_counted_as_finished() -> None:
+def test_only_jobs_that_end_are_counted_as_finished() -> None:
     """A lane's waits (its pace, a 429) reschedule a job that did not run: a busy lane's
-    thousands of them made finished/s rise as real throughput fell."""
+    thousands of them made finished/s rise as real throughput fell. A retry (a target
+    answering 500 again and again) puts its job back too: against a dead target, finished/s
+    read as progress while nothing finished. Done, dead and cancelled jobs are what ends."""
     clock = ManualClock()
     outcomes = {"done": 0, "wait": 0}
     throughput = Throughput(cast(WorkerPool, SimpleNamespace(clock=clock, outcomes=outcomes)))
     throughput.rates()
     clock.advance(10.0)
-    outcomes.update(done=50, wait=5000)
+    outcomes.update(done=40, dead=5, cancelled=5, wait=5000, retry=700, interrupted=3)
     assert throughput.rates()["finished_per_s"] == 5.0
 
 

@@ -99,8 +99,12 @@ class AdminContext:
         self.masker = Masker([*self.masker.given, *secret_values(config)])
 
 
+_FINISHED = frozenset({"done", "dead", "cancelled"})  # the outcomes that end a job
+
+
 class Throughput:
-    """Webhooks accepted and attempts finished per second over about the last minute.
+    """Webhooks accepted and jobs finished (done, dead or cancelled) per second over about the
+    last minute.
 
     An intake observer counts 2xx answers; a ``rates()`` call records a sample (one a second at
     most) and measures against the oldest sample of the last ``window_s`` (since the start
@@ -120,8 +124,10 @@ class Throughput:
 
     def rates(self) -> dict[str, float]:
         now = self.pool.clock.monotonic()
-        # A wait (a lane pacing its calls, a 429) is a job put back unrun, not one finished.
-        finished = sum(n for outcome, n in self.pool.outcomes.items() if outcome != "wait")
+        # Jobs that left the queue: a retry (a target answering 500 over and over) and a wait
+        # (a lane pacing its calls, a 429) put a job back, and counted as finished, they read
+        # as progress where there was none.
+        finished = sum(n for outcome, n in self.pool.outcomes.items() if outcome in _FINISHED)
         while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
         then, accepted0, finished0 = self._samples[0]
