@@ -38,6 +38,7 @@ from webhookd.journal import (
     NewEvent,
     NewJob,
     Poisoned,
+    Recovery,
     Replayed,
     schema,
 )
@@ -595,10 +596,17 @@ async def test_recovery_requeues_a_dead_runners_jobs_then_poison_pills(store: St
         assert (recovery.requeued, recovery.dead) == ((0, 1) if run == 3 else (1, 0))
     job = item.jobs[0]
     assert recovery.poisoned == (Poisoned(item.event.source, job.action, item.event.id),)
+    assert recovery.named() == f" ({item.event.id})"  # the start's log line names it
     async with store.journal() as j:
         job = (await j.get_event(item.event.id)).jobs[0]
     assert job.state == JobState.DEAD and "poison pill" in (job.last_error or "")
     assert [a.outcome for a in job.history] == ["interrupted"] * 3
+
+
+def test_a_recoverys_line_names_five_poison_pills_and_counts_the_rest() -> None:
+    pills = tuple(Poisoned("s", "a", f"evt_{i}") for i in range(7))
+    assert Recovery(0, pills).named() == " (evt_0, evt_1, evt_2, evt_3, evt_4 and 2 more)"
+    assert Recovery(3).named() == ""
 
 
 async def test_recovery_leaves_the_running_processes_jobs_alone(journal: BaseJournal) -> None:

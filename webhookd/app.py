@@ -167,9 +167,10 @@ class Daemon:
             if recovered.requeued or recovered.dead or recovered.cancelled:
                 log.warning(
                     "recovered %d interrupted job(s) from an earlier run; %d poison "
-                    "pill(s) sent to dead; %d cancelled while running",
+                    "pill(s) sent to dead%s; %d cancelled while running",
                     recovered.requeued,
                     recovered.dead,
+                    recovered.named(),
                     recovered.cancelled,
                 )
 

@@ -225,6 +225,15 @@ class Recovery:
     def dead(self) -> int:
         return len(self.poisoned)
 
+    def named(self, shown: int = 5) -> str:
+        """The poison pills' events for a log line, `` (evt_…, evt_… and 3 more)``; empty with
+        none: ``webhookd show`` then finds each without a search."""
+        if not self.poisoned:
+            return ""
+        ids = [p.event_id for p in self.poisoned[:shown]]
+        more = len(self.poisoned) - shown
+        return f" ({', '.join(ids)}{f' and {more} more' if more > 0 else ''})"
+
 
 @dataclass(frozen=True, slots=True)
 class Replayed:

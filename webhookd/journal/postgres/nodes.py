@@ -194,10 +194,11 @@ class PgNodes:
                 self.on_remote_jobs()
             if recovered.requeued or recovered.dead or recovered.cancelled:
                 log.warning(
-                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead;"
+                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead%s;"
                     " %d cancelled while running",
                     recovered.requeued,
                     recovered.dead,
+                    recovered.named(),
                     recovered.cancelled,
                 )
                 self.backlog_jobs -= recovered.dead + recovered.cancelled
