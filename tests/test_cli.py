@@ -621,6 +621,8 @@ async def test_verbs_that_take_a_source_say_the_same_of_one_there_is_not(
         verb: (await cli(verb, "shopp", "--config", str(config))).output
         for verb in ("pause", "resume", "send")
     }
+    swapped = await cli("pause", "shpo", "--config", str(config))  # two letters swapped
+    assert swapped.output.endswith("(did you mean shop?)\n"), swapped.output
     line = (
         f"webhookd: error: no source 'shopp' in {config} (configured: mail, shop)"
         " (did you mean shop?)\n"

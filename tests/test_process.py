@@ -260,7 +260,8 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace_without_using_an_att
     ]
     assert downstream.ids == [event_id, event_id]
     text = await procs.cli("show", event_id, "--config", str(cfg))
-    assert "#1" in text.stdout and "replayed:" not in text.stdout, text.stdout
+    assert "interrupted (not counted): cut off by the drain" in text.stdout, text.stdout
+    assert "replayed:" not in text.stdout, text.stdout
 
 
 async def sigterm_while_a_claim_waits(

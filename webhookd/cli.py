@@ -345,6 +345,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             uncounted = (attempt["detail"] or {}).get("counted") is False
             last = attempt["attempt"] - 1 if uncounted else attempt["attempt"]
             line = f"    #{attempt['attempt']} {_when(attempt['started_at'])} {attempt['outcome']}"
+            line += " (not counted)" if uncounted else ""
             if attempt["error"]:
                 line += f": {attempt['error']}"
             click.echo(printable(line))

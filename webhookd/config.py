@@ -444,7 +444,8 @@ class Config:
         said = f"no source {name!r} in {self.origin} (configured: {', '.join(names) or 'none'})"
         if takes_webhooks and CATCH_ALL in self.sources:
             said += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
-        return _unknown(name, names, said)
+        # Names are short: "shpo" is 0.75 like "shop", past the keys' 0.8.
+        return _unknown(name, names, said, cutoff=0.7)
 
     def all_sources(self) -> tuple[SourceConfig, ...]:
         """The user's sources, and the alerts' own source when there is one (to build actions)."""
@@ -693,9 +694,9 @@ class Table:
                 raise ConfigError(self.path(name), _unknown(name, self._asked, "unknown key"))
 
 
-def _unknown(name: str, known: Iterable[str], said: str) -> str:
+def _unknown(name: str, known: Iterable[str], said: str, cutoff: float = 0.8) -> str:
     """``said``, and the known key ``name`` is most likely a misspelling of, if one is close."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=cutoff)
     return f"{said} (did you mean {close[0]}?)" if close else said
 
 

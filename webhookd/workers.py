@@ -804,8 +804,9 @@ class WorkerPool:
                 started_at,
                 self.clock.time(),
                 "interrupted",
-                error=f"cut off by the drain after workers.shutdown_grace_s ({grace_s:g} s);"
-                " not counted: the job runs again as this attempt",
+                error=f"cut off by the drain after workers.shutdown_grace_s ({grace_s:g} s),"
+                " its target may have had the request; not counted: the job runs again as"
+                " this attempt",
                 detail={"counted": False},
             )
             for job_id, (claimed, started_at) in self._attempting.items()
