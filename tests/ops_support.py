@@ -97,11 +97,15 @@ def secret_config(
     return lambda: make_config(tmp_path, extra, admin=f'token = "env:{TOKEN_ENV}"')
 
 
-async def ingest(journal: Journal, source: str, n: int, body: bytes = b"{}") -> list[str]:
-    """Journal ``n`` events of ``source`` with one job each, as one group commit; job ids."""
+async def ingest(
+    journal: Journal, source: str, n: int, body: bytes = b"{}", order_key: str | None = None
+) -> list[str]:
+    """Journal ``n`` events of ``source`` with one job each (of ``order_key``, if given), as one
+    group commit; job ids."""
     items = []
     for _ in range(n):
         event = new_event(source, journal.clock.time(), body)
-        items.append(NewEvent(event, (NewJob(new_job_id(), "deliver", "forward", 3),)))
+        job = NewJob(new_job_id(), "deliver", "forward", 3, order_key)
+        items.append(NewEvent(event, (job,)))
     await asyncio.gather(*(journal.ingest(item) for item in items))
     return [item.jobs[0].id for item in items]

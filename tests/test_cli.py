@@ -337,6 +337,23 @@ async def test_show_says_when_no_daemon_runs_for_a_job_left_running(tmp_path: Pa
     assert "[running]" in out.output and hint not in out.output
 
 
+async def test_show_says_which_job_of_its_order_key_a_queued_job_waits_for(
+    tmp_path: Path,
+) -> None:
+    """A job queued behind the head of its order key (ordered_by) is due, yet does not run:
+    show says which job it waits for, not a 'next run' already past."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        head, later = await ingest(journal, "mail", 2, order_key="customer-1")
+        events = [await journal.get_event(e.id) for e in await journal.list_events(limit=2)]
+        event_of = {detail.jobs[0].id: detail.event.id for detail in events}
+    out = await cli("show", event_of[later], "--config", str(config))
+    assert f"    waits for {head}, before it in its order key\n" in out.output, out.output
+    assert "next run" not in out.output
+    out = await cli("show", event_of[head], "--config", str(config))
+    assert "next run" in out.output and "waits for" not in out.output
+
+
 async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Path) -> None:
     """A model's answer (an ``openai`` job's ``text``) reads as the text it is, line by line,
     under the rest of its result, not as one JSON string full of escapes."""

@@ -934,6 +934,18 @@ async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_tran
 
     heads = {job[0], other.jobs[0].id, plain.jobs[0].id}
     assert await offered() == heads
+
+    async def waits(item: NewEvent) -> str | None:  # what show and the events API say
+        return (await journal.get_event(item.event.id)).jobs[0].waiting_for
+
+    assert [await waits(item) for item in (*keyed[:4], other, plain)] == [
+        None,
+        job[0],
+        job[0],
+        job[0],
+        None,
+        None,
+    ]
     await journal.claim([job[0]], "b")
     await journal.finish([finished(job[0], JobState.QUEUED, "retry", run_at=START + 60)])
     assert await marked_behind(store) == set(job[1:4])  # a retry still holds its key
@@ -941,6 +953,7 @@ async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_tran
     await journal.finish([finished(job[0], JobState.DEAD, "dead", attempt=2)])
     assert await marked_behind(store) == {job[2], job[3]}
     assert await offered() == heads - {job[0]} | {job[1]}
+    assert await waits(keyed[2]) == job[1]  # the key's head now
     await journal.cancel([keyed[2].event.id])  # a marked job cancelled: its mark goes with it
     assert await marked_behind(store) == {job[3]}
     await journal.cancel([keyed[1].event.id])  # the head cancelled: the next is released
@@ -952,6 +965,8 @@ async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_tran
     assert await offered() == heads
     await journal.ingest(keyed[4])
     assert await marked_behind(store) == {job[4]}
+    await journal.claim([job[0]], "b")
+    assert await waits(keyed[3]) == job[0]  # a job of its key running comes first
 
 
 # A walk through the queue: any order of what can happen to an ordered job, as (what, argument).

@@ -331,7 +331,9 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             f"{', cancel pending' if job['cancel_requested'] else ''}]  "
             f"attempts {job['attempts']}/{job['max_attempts']}"
         )
-        if job["state"] == "queued":
+        if job["state"] == "queued" and job["waiting_for"]:
+            click.echo(f"    waits for {job['waiting_for']}, before it in its order key")
+        elif job["state"] == "queued":
             click.echo(f"    next run {_when(job['run_at'])}")
         elif job["state"] == "running" and idle_journal:
             click.echo("    no daemon runs on this journal: the next start queues it again")

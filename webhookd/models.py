@@ -244,6 +244,8 @@ class Job:
     # When it became done, dead or cancelled (None while queued or running).
     finished_at: float | None = None
     history: tuple[Attempt, ...] = field(default=())
+    # Queued behind a job of its order key (``ordered_by``): that job's id, else None.
+    waiting_for: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

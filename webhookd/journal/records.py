@@ -190,6 +190,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "run_at": j.run_at,
         "result": j.result,
         "last_error": j.last_error,
+        "waiting_for": j.waiting_for,
         "errors": [
             {
                 "attempt": a.n,

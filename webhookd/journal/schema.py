@@ -431,10 +431,21 @@ def job_history_sql(param: str) -> str:
         f"SELECT {JOB_COLUMNS}, a.n AS a_n, a.started_at AS a_started_at,"
         " a.finished_at AS a_finished_at, a.outcome AS a_outcome, a.error AS a_error,"
         " a.detail AS a_detail, j.cancel_requested_at IS NOT NULL AS cancel_requested,"
-        " j.finished_at AS j_finished_at"
+        f" j.finished_at AS j_finished_at, {WAITING_FOR} AS waiting_for"
         f" FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.event_id = {param}"
         " ORDER BY j.seq, a.seq"
     )
+
+
+# For a queued job of an order key that may not start (``HEAD_OF_KEY``), the job it waits
+# for: one of its key running, else the key's oldest unfinished; NULL for any other job.
+WAITING_FOR = (
+    "CASE WHEN j.state = 'queued' AND j.order_key IS NOT NULL THEN (SELECT o.id FROM jobs o"
+    " WHERE o.source = j.source AND o.action = j.action AND o.order_key = j.order_key"
+    " AND (o.seq < j.seq OR o.state = 'running')"
+    " AND o.order_key IS NOT NULL AND o.state IN ('queued', 'running')"
+    " ORDER BY CASE WHEN o.state = 'running' THEN 0 ELSE 1 END, o.seq LIMIT 1) END"
+)
 
 
 def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
@@ -461,6 +472,7 @@ def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
             job,
             cancel_requested=bool(first["cancel_requested"]),
             finished_at=first["j_finished_at"],
+            waiting_for=first["waiting_for"],
         )
         jobs.append(job)
     filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()
