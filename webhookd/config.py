@@ -435,16 +435,16 @@ class Config:
         return found
 
     def no_source(self, name: str, *, takes_webhooks: bool = False) -> str:
-        """What a verb says of a source name it found no source for: the configured names, the
-        closest if ``name`` looks misspelt. ``takes_webhooks``: asked for a source to send to,
-        which the alerts' own never is, nor the catch-all's for it."""
+        """What a verb says of a source name it found no source for: the configured names, and
+        the closest if ``name`` looks misspelt. ``takes_webhooks`` (``send``): also that the
+        catch-all never takes the alerts' own source."""
         if not SOURCE_NAME.fullmatch(name):
             return f"no source {name!r}: a source's name is {SOURCE_NAME_RULE}"
         names = sorted(n for n in self.sources if n != CATCH_ALL)
         said = f"no source {name!r} in {self.origin} (configured: {', '.join(names) or 'none'})"
         if takes_webhooks and CATCH_ALL in self.sources:
             said += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
-        # Names are short: "shpo" is 0.75 like "shop", past the keys' 0.8.
+        # Names are short: "shpo" scores 0.75 against "shop", under the 0.8 keys are held to.
         return _unknown(name, names, said, cutoff=0.7)
 
     def all_sources(self) -> tuple[SourceConfig, ...]:
@@ -972,7 +972,7 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     return made
 
 
-# The keys every action takes; the rest are its kinds own (``actions.base.options``).
+# The keys every action takes; the rest are its kind's own (``actions.base.options``).
 COMMON_ACTION_KEYS = ("type", "name", "timeout_s", "retry", "concurrency", "ordered_by", "when")
 
 
