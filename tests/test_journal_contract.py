@@ -899,17 +899,7 @@ async def test_an_ordered_key_runs_one_job_at_a_time_in_arrival_order(
 async def marked_behind(store: Store) -> set[str]:
     """The ids of the jobs the journal has marked behind their order key's head (``behind``),
     read from the store directly: the marks are the journal's own business, kept by triggers."""
-    sql = "SELECT id FROM jobs WHERE behind IS NOT NULL"
-    if store.kind == "sqlite":
-        with contextlib.closing(sqlite3.connect(store.where)) as conn:
-            return {r[0] for r in conn.execute(sql)}
-    import asyncpg
-
-    conn = await asyncpg.connect(store.where)
-    try:
-        return {r[0] for r in await conn.fetch(sql)}
-    finally:
-        await conn.close()
+    return {r[0] for r in await _rows(store, "SELECT id FROM jobs WHERE behind IS NOT NULL")}
 
 
 async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_transition(
@@ -1057,6 +1047,7 @@ def _outcome(claimed: Claimed | str, outcome: str) -> Finished:
 
 
 async def _rows(store: Store, sql: str) -> list[Any]:
+    """``sql``'s rows, read from the store directly (a connection of its own)."""
     if store.kind == "sqlite":
         with contextlib.closing(sqlite3.connect(store.where)) as conn:
             return conn.execute(sql).fetchall()

@@ -1436,6 +1436,13 @@ async def _waiting_on_a_lock(pool: Any) -> bool:
     )
 
 
+async def _released(journal: PostgresJournal, url: str, job_id: str) -> None:
+    """No mark stands in the database, and a refill offers ``job_id`` (its key's head now)."""
+    assert await marked_behind(Store("postgres", url, ManualClock(START))) == set()
+    lane = (int(Priority.NORMAL), "shop", "t1")
+    assert [r.id for r in await journal.ready_in_lanes(2e9, [(lane, 5)])] == [job_id]
+
+
 async def test_pg_an_ingest_behind_a_head_whose_finish_is_in_flight_is_not_marked(
     pg_url: str,
 ) -> None:
@@ -1459,26 +1466,20 @@ async def test_pg_an_ingest_behind_a_head_whose_finish_is_in_flight_is_not_marke
             await tx.commit()
         finally:
             await raw.close()
-        assert await marked_behind(Store("postgres", pg_url, ManualClock(START))) == set()
-        lane = (int(Priority.NORMAL), "shop", "t1")
-        got = await journal.ready_in_lanes(2e9, [(lane, 5)])
-        assert [r.id for r in got] == [later.jobs[0].id]
+        await _released(journal, pg_url, later.jobs[0].id)
 
 
-async def test_pg_a_heads_finish_waits_for_an_ingest_marked_behind_it_then_releases_it(
-    pg_url: str,
-) -> None:
-    """Another node's group commit holds a job marked behind the key's head, its commit not yet
-    made. The head's finish cannot see that job: it waits for the commit (the mark holds a
-    share lock on the head), then releases it."""
+async def _finish_head_while_an_ingest_behind_it_is_open(url: str) -> None:
+    """Another node's group commit holds a job marked behind the key's head, its commit not
+    yet made, while the head's finish runs: the finish waits for that commit (the mark's share
+    lock on the head), then releases the job."""
     head, later = new_event(order_key="k"), new_event(order_key="k")
-    store = Store("postgres", pg_url, ManualClock(START))
-    async with PostgresJournal(pg_url, lease_s=30) as journal:
+    async with PostgresJournal(url, lease_s=30) as journal:
         await journal.ingest(head)
         await journal.claim([head.jobs[0].id], "b")
-        raw = await asyncpg.connect(pg_url)
+        raw = await asyncpg.connect(url)
         try:
-            tx = raw.transaction()
+            tx = raw.transaction(isolation="read_committed")
             await tx.start()
             await write_ingests(raw, [IngestOp(asyncio.Future(), later)], START)
             done = asyncio.ensure_future(
@@ -1490,19 +1491,23 @@ async def test_pg_a_heads_finish_waits_for_an_ingest_marked_behind_it_then_relea
             await asyncio.wait_for(done, 10)
         finally:
             await raw.close()
-        assert await marked_behind(store) == set()
-        lane = (int(Priority.NORMAL), "shop", "t1")
-        got = await journal.ready_in_lanes(2e9, [(lane, 5)])
-        assert [r.id for r in got] == [later.jobs[0].id]
+        await _released(journal, url, later.jobs[0].id)
+
+
+async def test_pg_a_heads_finish_waits_for_an_ingest_marked_behind_it_then_releases_it(
+    pg_url: str,
+) -> None:
+    """The head's finish cannot see the job another node's open commit marks behind it: it
+    waits for that commit, then releases the job."""
+    await _finish_head_while_an_ingest_behind_it_is_open(pg_url)
 
 
 async def test_pg_writes_run_at_read_committed_whatever_the_databases_default(
     pg_url: str,
 ) -> None:
-    """A database whose default isolation is REPEATABLE READ: a head's finish waits for the
-    share lock of an ingest marked behind it, and its trigger, reading with a snapshot taken
-    before that ingest committed, left the mark standing alone for ever. The journal's writes
-    ask for READ COMMITTED."""
+    """The same with a database whose default isolation is REPEATABLE READ: the finish's
+    trigger, reading with a snapshot taken before the ingest it waited for committed, left
+    the mark standing alone for ever. The journal's writes ask for READ COMMITTED."""
     admin = await asyncpg.connect(pg_url)
     try:
         name = await admin.fetchval("SELECT current_database()")
@@ -1511,28 +1516,7 @@ async def test_pg_writes_run_at_read_committed_whatever_the_databases_default(
         )
     finally:
         await admin.close()
-    head, later = new_event(order_key="k"), new_event(order_key="k")
-    async with PostgresJournal(pg_url, lease_s=30) as journal:
-        await journal.ingest(head)
-        [claimed] = await journal.claim([head.jobs[0].id], "b")
-        raw = await asyncpg.connect(pg_url)
-        try:
-            tx = raw.transaction(isolation="read_committed")
-            await tx.start()
-            await write_ingests(raw, [IngestOp(asyncio.Future(), later)], START)
-            done = asyncio.ensure_future(
-                journal.finish(
-                    [finished(head.jobs[0].id, JobState.DONE, "done", claim=claimed.claim)]
-                )
-            )
-            await poll(lambda: _waiting_on_a_lock(journal.pool), timeout_s=10)
-            await tx.commit()
-            await asyncio.wait_for(done, 10)
-        finally:
-            await raw.close()
-        assert await marked_behind(Store("postgres", pg_url, ManualClock(START))) == set()
-        lane = (int(Priority.NORMAL), "shop", "t1")
-        assert [r.id for r in await journal.ready_in_lanes(2e9, [(lane, 5)])] == [later.jobs[0].id]
+    await _finish_head_while_an_ingest_behind_it_is_open(pg_url)
 
 
 async def test_pg_two_nodes_ingesting_behind_the_heads_the_other_ends_do_not_deadlock(
