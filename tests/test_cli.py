@@ -324,14 +324,14 @@ async def test_show_says_when_no_daemon_runs_for_a_job_left_running(tmp_path: Pa
     finally:
         os.close(lock)
     assert "[running]" in out.output and hint not in out.output
-    # Killed: its lock went with it, and the pid its lock file names runs no more.
+    # Killed: the pid its lock file names runs no more.
     gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "")
     await gone.wait()
     serve_lock_file(cfg.journal.path).write_text(f"{gone.pid}\n")
     out = await cli("show", event.id, "--config", str(config))
     assert hint in out.output
-    # A daemon in another container: its lock is not in this one's list, but the pid its lock
-    # file names (pid 1, there) runs here too: nothing is said.
+    # A daemon in another container: the pid its lock file names (pid 1, there) runs here too,
+    # so nothing is said.
     serve_lock_file(cfg.journal.path).write_text("1\n")
     out = await cli("show", event.id, "--config", str(config))
     assert "[running]" in out.output and hint not in out.output

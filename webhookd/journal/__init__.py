@@ -264,35 +264,22 @@ def serve_lock_file(path: Path) -> Path:
 
 
 def serve_lock_held(path: Path) -> bool | None:
-    """Whether a ``webhookd serve`` holds the journal at ``path`` now, from the kernel's list of
-    locks (``/proc/locks``): the lock is never taken to find out, so a daemon starting meanwhile
-    still gets it. ``None`` where that cannot be told (no such list). Matched by the lock
-    file's inode alone (a file system may report another device than the list does): a match
-    on another file's inode only says held.
+    """Whether the ``webhookd serve`` that last took the journal's lock may still run: the pid
+    its lock file names runs here. A daemon killed (``kill -9``, a crash) leaves its pid
+    behind, which then runs no more. The lock itself is never taken to find out, so a daemon
+    starting meanwhile still gets it. ``None`` where the file cannot be read.
 
-    The list shows only the locks of processes this one can see (its pid namespace): a daemon
-    in another container is missing from it. So while the pid the lock file names runs here
-    (a container's daemon is often pid 1, which every container has), held is said too."""
-    lock = serve_lock_file(path)
+    A daemon in another container (another pid namespace) is told by its pid too: often 1,
+    which every container has. One whose pid does not exist here is missed; the kernel's
+    list of locks (``/proc/locks``) would not show it either, as it lists only the locks of
+    the processes a reader can see."""
     try:
-        inode = os.stat(lock).st_ino
-        holder = lock.read_text("ascii", "replace").strip()
+        holder = serve_lock_file(path).read_text("ascii", "replace").strip()
     except FileNotFoundError:  # no daemon has started on it
         return False
     except OSError:
         return None
-    if holder.isdigit() and process_running(int(holder)):
-        return True
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            table = f.read()
-    except OSError:
-        return None
-    for line in table.splitlines():
-        parts = line.replace("->", " ").split()  # "->": a process waiting for the lock
-        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rpartition(":")[2] == str(inode):
-            return True
-    return False
+    return holder.isdigit() and process_running(int(holder))
 
 
 def _take_serve_lock(
