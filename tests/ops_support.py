@@ -21,12 +21,19 @@ TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
 
 
 def forward_source(
-    name: str, url: str, *, max_attempts: int = 1, base_s: float = 0.01, verify: str = ""
+    name: str,
+    url: str,
+    *,
+    max_attempts: int = 1,
+    base_s: float = 0.01,
+    verify: str = "",
+    tenant: str = "",
 ) -> str:
     """A source that forwards to ``url``; one attempt by default, so a 500 goes dead at once."""
     return f"""
 [sources.{name}]
 {f"verify = {verify}" if verify else ""}
+{f'tenant = "{tenant}"' if tenant else ""}
 [[sources.{name}.actions]]
 type = "forward"
 name = "deliver"

@@ -48,13 +48,11 @@ async def dead_event(running: Running, target: Target, source: str = "shop") -> 
     return event_id
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def wired(
-    request: pytest.FixtureRequest, tmp_path: Path, target: Target, run_daemon: Any
+async def _wire(
+    request: pytest.FixtureRequest, tmp_path: Path, body: str, run_daemon: Any
 ) -> AsyncIterator[tuple[Path, Running]]:
-    """A config file and a daemon running it, with the journal in SQLite or in PostgreSQL:
-    every verb works against either with the same file."""
-    body = forward_source("shop", target.url + "/shop") + forward_source("mail", target.url + "/m")
+    """A config file of ``body`` and a daemon running it, with the journal in SQLite or in
+    PostgreSQL (``request.param``): every verb works against either with the same file."""
     path, cfg = write_config(tmp_path, body)
     if request.param == "sqlite":
         yield path, await run_daemon(cfg)
@@ -67,6 +65,29 @@ async def wired(
         running = await run_daemon(cfg)
         yield path, running
         await running.stop()  # before its database is dropped
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def wired(
+    request: pytest.FixtureRequest, tmp_path: Path, target: Target, run_daemon: Any
+) -> AsyncIterator[tuple[Path, Running]]:
+    """Two forwarding sources, shop and mail, on either journal."""
+    body = forward_source("shop", target.url + "/shop") + forward_source("mail", target.url + "/m")
+    async for wire in _wire(request, tmp_path, body, run_daemon):
+        yield wire
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def tenanted(
+    request: pytest.FixtureRequest, tmp_path: Path, target: Target, run_daemon: Any
+) -> AsyncIterator[tuple[Path, Running]]:
+    """Two forwarding sources on either journal: shop's tenant is a plain header, api's the
+    Authorization header, which the journal keeps as its digest."""
+    body = forward_source("shop", target.url + "/shop", tenant="header:X-Shop") + forward_source(
+        "api", target.url + "/api", tenant="header:Authorization"
+    )
+    async for wire in _wire(request, tmp_path, body, run_daemon):
+        yield wire
 
 
 async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
@@ -267,6 +288,42 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
     for args in ((), (first, "--queued"), (first, "--source", "shop")):
         out = await cli("cancel", *args, "--config", str(config))
         assert out.exit_code == 2
+
+
+async def test_events_replay_and_cancel_take_a_tenant_as_sent(
+    tenanted: tuple[Path, Running], target: Target
+) -> None:
+    """events --tenant, GET /events?tenant= and the bulk verbs' --tenant find a tenant by
+    what was sent, also one the journal keeps only as a digest (a credential header)."""
+    config, running = tenanted
+    target.statuses = [500, 500, 500]
+    posted = [
+        running.post("/hooks/shop", b'{"n": 1}', headers={"X-Shop": "acme"}),
+        running.post("/hooks/shop", b'{"n": 2}', headers={"X-Shop": "globex"}),
+        running.post("/hooks/api", b'{"n": 3}', headers={"Authorization": "Bearer key-vip"}),
+    ]
+    acme, globex, vip = [(await p)[1]["id"] for p in posted]
+    for event_id in (acme, globex, vip):
+        await event_state(running.http, running.admin_url, event_id, "dead")
+
+    out = await cli("events", "--tenant", "Bearer key-vip", "--json", "--config", str(config))
+    [row] = [json.loads(line) for line in out.output.splitlines()]
+    assert row["id"] == vip and row["tenant"].startswith("sha256:")  # the credential is not kept
+    out = await cli("events", "--tenant", "acme", "--config", str(config))
+    assert acme in out.output and globex not in out.output and vip not in out.output
+    out = await cli("events", "--tenant", "key-vip", "--config", str(config))
+    assert out.output == "no events\n"  # a tenant is matched whole
+    async with running.http.get(f"{running.admin_url}/events?tenant=globex") as r:
+        assert [e["id"] for e in (await r.json())["events"]] == [globex]
+
+    out = await cli("replay", "--dead", "--tenant", "acme", "--dry-run", "--config", str(config))
+    assert out.output.splitlines() == ["would replay 1 event(s)", acme]
+    out = await cli("replay", "--dead", "--tenant", "Bearer key-vip", "--config", str(config))
+    assert "replayed 1 event(s), 1 job(s) re-queued" in out.output
+    await event_state(running.http, running.admin_url, vip, "done")
+    assert (await event_state(running.http, running.admin_url, acme, "dead"))["state"] == "dead"
+    out = await cli("replay", acme, "--tenant", "acme", "--config", str(config))
+    assert out.exit_code == 2 and "--source, --since and --tenant go with --dead" in out.output
 
 
 async def test_show_finds_an_event_by_its_dedup_key(
@@ -605,7 +662,7 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
     [
         (["replay"], "give event ids or --dead"),
         (["replay", "evt_1", "--dead"], "give event ids or --dead"),
-        (["replay", "evt_1", "--source", "x"], "--source and --since go with --dead"),
+        (["replay", "evt_1", "--source", "x"], "--source, --since and --tenant go with --dead"),
         (["replay", "--dead", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
         (["events", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
         (["events", "--state", "lost"], "'lost' is not one of"),
@@ -614,7 +671,8 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["pause", "nosuch"], "no source 'nosuch'"),
         (["show"], "give an event id or --key"),
         (["cancel"], "give event ids or --queued"),
-        (["cancel", "evt_1", "--since", "1h"], "--source and --since go with --queued"),
+        (["cancel", "evt_1", "--since", "1h"], "--source, --since and --tenant go with --queued"),
+        (["cancel", "evt_1", "--tenant", "a"], "--source, --since and --tenant go with --queued"),
         (["frobnicate"], "No such command"),
     ],
 )

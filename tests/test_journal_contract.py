@@ -44,7 +44,15 @@ from webhookd.journal import (
 )
 from webhookd.journal import reads as sqlite_reads
 from webhookd.limiter import SHARED_LOG_S
-from webhookd.models import Event, JobState, LaneSpec, Priority, new_event_id, new_job_id
+from webhookd.models import (
+    Event,
+    JobState,
+    LaneSpec,
+    Priority,
+    kept_digest,
+    new_event_id,
+    new_job_id,
+)
 
 LEASE_S = 30.0
 START = 1_700_000_000.0
@@ -1165,6 +1173,34 @@ async def test_list_events_finds_the_bodies_that_hold_some_bytes(journal: BaseJo
     assert await found(contains=b"ord_456", source="shop") == []
     assert await found(contains=b"ord_456", since=START + 1) == []
     assert await found(contains=b"ord%") == await found(contains=b"ord?") == []
+
+
+async def test_a_tenant_filter_finds_the_tenant_as_sent_even_one_kept_as_a_digest(
+    journal: BaseJournal,
+) -> None:
+    """Listing and the bulk verbs' selection take a tenant as it was sent: one read from a
+    credential header is kept as its digest, and still found by what the operator knows."""
+    plain = new_event(tenant="acme")
+    digested = new_event(tenant=kept_digest("key-vip"), source="api")
+    other = new_event(tenant="globex")
+    for item in (plain, digested, other):
+        await journal.ingest(item)
+    jobs = [item.jobs[0].id for item in (plain, digested, other)]
+    await journal.claim(jobs, "b")
+    await journal.finish([finished(j, JobState.DEAD, "dead", error="404") for j in jobs])
+
+    async def listed(**filters: Any) -> list[str]:
+        return [e.id for e in await journal.list_events(**filters)]
+
+    assert await listed(tenant="acme") == [plain.event.id]
+    assert await listed(tenant="key-vip") == [digested.event.id]
+    assert await listed(tenant="key-vip", source="shop") == []
+    assert await listed(tenant="acme", state="dead", since=START) == [plain.event.id]
+    assert await listed(tenant="nobody") == []
+    assert await journal.event_ids_with_jobs("dead", tenant="key-vip") == [digested.event.id]
+    assert await journal.event_ids_with_jobs("dead", tenant="acme", source="api") == []
+    pages = [p async for p in journal.pages_of_event_ids_with_jobs("dead", None, None, "globex")]
+    assert pages == [[other.event.id]]
 
 
 async def test_paging_by_before_visits_every_event_once_even_when_ids_and_commits_disagree(

@@ -333,6 +333,7 @@ class Admin:
         rows = await self.ctx.journal.list_events(
             state=state,
             source=q.get("source") or None,
+            tenant=q.get("tenant") or None,
             limit=limit,
             before=q.get("before") or None,
         )

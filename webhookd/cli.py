@@ -379,13 +379,13 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 def _bulk(
     cfg: config_mod.Config,
     event_ids: tuple[str, ...],
-    select: tuple[Literal["dead", "queued"], str | None, float | None],
+    select: tuple[Literal["dead", "queued"], str | None, float | None, str | None],
     verb: tuple[str, str],
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
 ) -> dict[str, T] | None:
     """A replay or a cancel: over the ids given, each looked up first so that a typo changes
-    nothing, or over every event ``select`` finds (a job state, a source, a receive time).
+    nothing, or over every event ``select`` finds (a job state, a source, a receive time, a tenant).
     One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
     commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
     and past forms, for the progress bar and the error that says how far it got. An event
@@ -455,6 +455,7 @@ def _bulk(
     help="With --dead: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
     " it says).",
 )
+@click.option("--tenant", help="With --dead: only this tenant's events (the tenant as sent).")
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
     event_ids: tuple[str, ...],
@@ -462,6 +463,7 @@ def replay(
     dead: bool,
     source: str | None,
     since: str | None,
+    tenant: str | None,
     dry_run: bool,
 ) -> None:
     """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
@@ -469,11 +471,11 @@ def replay(
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
     running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued.
     """
-    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since)
+    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant)
     result: dict[str, Replayed] | None = _bulk(
         _read_config(config_path),
         event_ids,
-        ("dead", source, since_ts),
+        ("dead", source, since_ts, tenant),
         ("replaying", "replayed"),
         lambda journal, batch: journal.replay(batch, dead_only=dead),
         "would replay {n} event(s)" if dry_run else None,
@@ -498,6 +500,7 @@ def replay(
     help="With --queued: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
     " it says).",
 )
+@click.option("--tenant", help="With --queued: only this tenant's events (the tenant as sent).")
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
 def cancel(
     event_ids: tuple[str, ...],
@@ -505,6 +508,7 @@ def cancel(
     queued: bool,
     source: str | None,
     since: str | None,
+    tenant: str | None,
     dry_run: bool,
 ) -> None:
     """Cancel events' queued jobs: they never run, unless replayed.
@@ -513,11 +517,11 @@ def cancel(
     at that moment finishes its attempt: done if it succeeds, dead if it fails for good, and
     cancelled instead of retried. A running daemon starts no cancelled job.
     """
-    since_ts = _bulk_filters(event_ids, queued, "--queued", source, since)
+    since_ts = _bulk_filters(event_ids, queued, "--queued", source, since, tenant)
     result: dict[str, Cancelled] | None = _bulk(
         _read_config(config_path),
         event_ids,
-        ("queued", source, since_ts),
+        ("queued", source, since_ts, tenant),
         ("cancelling", "cancelled"),
         lambda journal, batch: journal.cancel(batch),
         "would cancel the queued jobs of {n} event(s)" if dry_run else None,
@@ -533,13 +537,18 @@ def cancel(
 
 
 def _bulk_filters(
-    event_ids: tuple[str, ...], bulk: bool, flag: str, source: str | None, since: str | None
+    event_ids: tuple[str, ...],
+    bulk: bool,
+    flag: str,
+    source: str | None,
+    since: str | None,
+    tenant: str | None,
 ) -> float | None:
     """Check a bulk verb's arguments (ids, or ``flag`` with its filters); ``--since`` parsed."""
     if bool(event_ids) == bulk:
         raise click.UsageError(f"give event ids or {flag}, not both and not neither")
-    if (source or since) and not bulk:
-        raise click.UsageError(f"--source and --since go with {flag}")
+    if (source or since or tenant is not None) and not bulk:
+        raise click.UsageError(f"--source, --since and --tenant go with {flag}")
     return parse_since(since) if since else None
 
 
@@ -547,6 +556,7 @@ def _bulk_filters(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--state", type=click.Choice(EVENT_STATES), help="Only events in this state.")
 @click.option("--source", help="Only events of this source.")
+@click.option("--tenant", help="Only events of this tenant (as sent, even one kept as a digest).")
 @click.option(
     "--since", help="Only events received since (30m, 2h, 7d, or an ISO time, UTC unless it says)."
 )
@@ -568,6 +578,7 @@ def events(
     config_path: str | None,
     state: str | None,
     source: str | None,
+    tenant: str | None,
     since: str | None,
     contains: str | None,
     limit: int,
@@ -584,6 +595,7 @@ def events(
             return await journal.list_events(
                 state=state,
                 source=source,
+                tenant=tenant,
                 limit=limit,
                 since=since_ts,
                 contains=contains.encode() if contains is not None else None,

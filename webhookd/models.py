@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import random
@@ -158,6 +159,18 @@ def storable_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def kept_digest(value: str) -> str:
+    """What the journal keeps of a value read from a credential header (a tenant, a dedup or an
+    order key): its digest, so that equal values still match and the credential is nowhere."""
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def tenant_forms(tenant: str) -> tuple[str, str]:
+    """The values a journal may hold for a tenant as sent: itself, or its digest when the
+    source reads its tenant from a credential header. A filter matches either."""
+    return tenant, kept_digest(tenant)
 
 
 def event_state(job_states: list[str]) -> str:

@@ -37,7 +37,7 @@ from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error
-from webhookd.models import Event, new_event_id, new_job_id
+from webhookd.models import Event, kept_digest, new_event_id, new_job_id
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
 from webhookd.state import BUSY_WAITING, IntakeState
@@ -135,7 +135,7 @@ def _kept(spec: Extractor, value: str | None, masked: frozenset[str]) -> str | N
     one read from a credential header (``masked``: Authorization, the token scheme's header)
     is kept as its digest, as the header itself is stored masked. Equal values still match."""
     if value is not None and spec.kind == "header" and spec.arg.lower() in masked:
-        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        return kept_digest(value)
     return value
 
 

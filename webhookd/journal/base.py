@@ -365,22 +365,27 @@ class BaseJournal(ABC):
         since: float | None = None,
         limit: int = 10_000,
         after: str | None = None,
+        tenant: str | None = None,
     ) -> list[str]:
         """Events with a job in ``state`` (what ``replay --dead`` and ``cancel --queued``
-        take), optionally of one source and received since a time, in id order: the first
-        ``limit`` of those past the id ``after``."""
+        take), optionally of one source, received since a time and of one tenant (as sent:
+        see ``tenant_forms``), in id order: the first ``limit`` of those past the id
+        ``after``."""
 
     async def pages_of_event_ids_with_jobs(
         self,
         state: Literal["dead", "queued"],
         source: str | None,
         since: float | None,
+        tenant: str | None = None,
         page_size: int = 10_000,
     ) -> AsyncIterator[list[str]]:
         """``event_ids_with_jobs``, all of them, a page at a time: a page replayed or cancelled
         before the next is read is not met again, and one that dies again is not either."""
         after = None
-        while page := await self.event_ids_with_jobs(state, source, since, page_size, after):
+        while page := await self.event_ids_with_jobs(
+            state, source, since, page_size, after, tenant
+        ):
             yield page
             after = page[-1]
 
@@ -438,10 +443,13 @@ class BaseJournal(ABC):
         before: str | None = None,
         since: float | None = None,
         contains: bytes | None = None,
+        tenant: str | None = None,
     ) -> list[EventSummary]:
         """Newest first (in the order events were journaled). ``state`` filters on the derived
-        event state. ``contains``: only events whose raw body holds these bytes (a scan of the
-        bodies, newest first, until ``limit`` are found: ``since`` and ``source`` bound it).
+        event state, ``tenant`` on the tenant as sent (see ``tenant_forms``): like
+        ``contains``, a scan (of the events, newest first, until ``limit`` are found).
+        ``contains``: only events whose raw body holds these bytes (a scan of the bodies,
+        newest first, until ``limit`` are found: ``since`` and ``source`` bound it).
         ``before``: the events listed after that event id, for the next page. The cursor goes
         by the same order as the listing, not by the ids' order: in a cluster an event can be
         committed after one with a younger id (its node's clock behind), and a cursor by id

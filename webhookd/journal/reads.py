@@ -42,7 +42,7 @@ from webhookd.journal.schema import (
     job_history_sql,
     key_digest,
 )
-from webhookd.models import JobState, Priority, event_state
+from webhookd.models import JobState, Priority, event_state, tenant_forms
 
 
 class Reads:
@@ -156,6 +156,7 @@ class Reads:
         since: float | None = None,
         limit: int = 10_000,
         after: str | None = None,
+        tenant: str | None = None,
     ) -> list[str]:
         # Read from the partial index that holds the jobs in that state, whose WHERE the
         # state's fixed clause states (``state`` is the jobs' column: events have none). Left
@@ -172,6 +173,9 @@ class Reads:
         if since is not None:
             sql += " AND e.received_at >= ?"
             args.append(since)
+        if tenant is not None:
+            sql += " AND e.tenant IN (?, ?)"
+            args.extend(tenant_forms(tenant))
         if after is not None:
             sql += " AND j.event_id > ?"
             args.append(after)
@@ -221,6 +225,7 @@ class Reads:
         before: str | None = None,
         since: float | None = None,
         contains: bytes | None = None,
+        tenant: str | None = None,
     ) -> list[EventSummary]:
         """Newest first. ``state`` filters on the derived event state."""
         where: list[str] = []
@@ -228,6 +233,9 @@ class Reads:
         if source is not None:
             where.append("e.source = ?")
             args.append(source)
+        if tenant is not None:
+            where.append("e.tenant IN (?, ?)")
+            args.extend(tenant_forms(tenant))
         if before is not None:  # by insert order, as the listing goes (see BaseJournal)
             found = await fetch(self.reader, "SELECT seq FROM events WHERE id = ?", (before,))
             where.append("e.seq < ?" if found else "e.id < ?")

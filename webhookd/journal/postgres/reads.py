@@ -26,7 +26,7 @@ from webhookd.journal.schema import (
     event_detail,
     job_history_sql,
 )
-from webhookd.models import JobState, Priority, event_state
+from webhookd.models import JobState, Priority, event_state, tenant_forms
 
 TABLES = (
     "events",
@@ -152,18 +152,21 @@ class PgReads:
         since: float | None = None,
         limit: int = 10_000,
         after: str | None = None,
+        tenant: str | None = None,
     ) -> list[str]:
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
             " WHERE j.state = $4 AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
+            " AND ($6::text[] IS NULL OR e.tenant = ANY($6::text[]))"
             " ORDER BY j.event_id LIMIT $3",
             source,
             since,
             limit,
             state,
             after,
+            list(tenant_forms(tenant)) if tenant is not None else None,
         )
         return [r[0] for r in rows]
 
@@ -190,12 +193,16 @@ class PgReads:
         before: str | None = None,
         since: float | None = None,
         contains: bytes | None = None,
+        tenant: str | None = None,
     ) -> list[EventSummary]:
         where = [
             "($1::text IS NULL OR e.source = $1)",
             "($2::double precision IS NULL OR e.received_at >= $2)",
         ]
         args: list[Any] = [source, since, limit]
+        if tenant is not None:
+            where.append(f"e.tenant = ANY(${len(args) + 1}::text[])")
+            args.append(list(tenant_forms(tenant)))
         if contains is not None:
             where.append(f"position(${len(args) + 1}::bytea in e.body) > 0")
             args.append(contains)
