@@ -161,10 +161,16 @@ def storable_text(text: str) -> str:
     return text
 
 
+def sha256_key(data: bytes) -> str:
+    """``sha256:`` and the hex SHA-256 of ``data`` (what ``sha256sum`` prints): how the journal
+    keeps a body's hash as a dedup key, and a credential's in place of the credential."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def kept_digest(value: str) -> str:
     """What the journal keeps of a value read from a credential header (a tenant, a dedup or an
     order key): its digest, so that equal values still match and the credential is nowhere."""
-    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return sha256_key(value.encode("utf-8", "surrogatepass"))
 
 
 def tenant_forms(tenant: str) -> tuple[str, str]:

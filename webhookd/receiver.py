@@ -13,7 +13,6 @@ request's 503 (logged once with its traceback), never a plain-text 500.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections import deque
@@ -37,7 +36,7 @@ from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error
-from webhookd.models import Event, kept_digest, new_event_id, new_job_id
+from webhookd.models import Event, kept_digest, new_event_id, new_job_id, sha256_key
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
 from webhookd.state import BUSY_WAITING, IntakeState
@@ -110,7 +109,7 @@ def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = F
     if spec.kind == "form":
         return payload.form().get(spec.arg) or None
     if spec.kind == "body":
-        return "sha256:" + hashlib.sha256(payload.body).hexdigest()
+        return sha256_key(payload.body)
     node = payload.json()
     for part in spec.arg.split("."):
         if isinstance(node, dict):
@@ -547,7 +546,7 @@ class Receiver:
             tenant = _storable(_kept(src.tenant, sent_tenant, masked), "tenant", src.tenant) or ""
         if key is None:
             # A body's hash is its tenant's: two tenants posting one body are two deliveries.
-            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            digest = sha256_key(body)
             key = body_key or (f"{tenant}:{digest}" if tenant else digest)
         rule = src.priority
         # Priority rules name tenants as sent, whatever the journal keeps of them.

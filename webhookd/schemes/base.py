@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import parse_qsl
 
 from webhookd.errors import ConfigError, VerificationError
+from webhookd.models import sha256_key
 from webhookd.secret import Secret
 
 # ASCII digits only: int() alone would also accept "1_000", " 12" and other scripts' digits.
@@ -191,7 +192,7 @@ class Scheme(ABC):
         """For a scheme that signs no timestamp: a key for what the signature covers, so the
         same signed content re-sent under a fresh delivery id is a duplicate. Most such schemes
         sign the body byte for byte, so it is the body's hash."""
-        return "sha256:" + hashlib.sha256(body).hexdigest()
+        return sha256_key(body)
 
     # -- sending (``webhookd send``) ------------------------------------------------------------
 

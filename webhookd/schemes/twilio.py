@@ -11,6 +11,7 @@ from typing import ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from webhookd.errors import ConfigError, VerificationError
+from webhookd.models import sha256_key
 from webhookd.schemes.base import (
     FORM,
     SAMPLE_MESSAGE,
@@ -130,7 +131,7 @@ class Twilio(Scheme):
         pairs = form_pairs(body) if _body_hash_param(signed_url) is None else None
         if pairs is None:
             return super().replay_key(cfg, headers, body, url)
-        return "signed:sha256:" + hashlib.sha256(utf8(signed_url + _params(pairs))).hexdigest()
+        return "signed:" + sha256_key(utf8(signed_url + _params(pairs)))
 
     def default_body(self, delivery_id: str) -> bytes:
         """A form post, as Twilio's webhooks are by default."""
