@@ -293,8 +293,9 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
 async def test_events_replay_and_cancel_take_a_tenant_as_sent(
     tenanted: tuple[Path, Running], target: Target
 ) -> None:
-    """events --tenant, GET /events?tenant= and the bulk verbs' --tenant find a tenant by
-    what was sent, also one the journal keeps only as a digest (a credential header)."""
+    """events --tenant, GET /events?tenant=, the bulk verbs' --tenant and a source's
+    replay-dead?tenant= find a tenant by what was sent, also one the journal keeps only as a
+    digest (a credential header)."""
     config, running = tenanted
     target.statuses = [500, 500, 500]
     posted = [
@@ -321,6 +322,10 @@ async def test_events_replay_and_cancel_take_a_tenant_as_sent(
     out = await cli("replay", "--dead", "--tenant", "Bearer key-vip", "--config", str(config))
     assert "replayed 1 event(s), 1 job(s) re-queued" in out.output
     await event_state(running.http, running.admin_url, vip, "done")
+    replay_dead = f"{running.admin_url}/sources/shop/replay-dead?tenant=globex"
+    async with running.http.post(replay_dead, headers={"X-Webhookd": "1"}) as r:
+        assert (r.status, await r.json()) == (202, {"source": "shop", "events": 1, "requeued": 1})
+    await event_state(running.http, running.admin_url, globex, "done")
     assert (await event_state(running.http, running.admin_url, acme, "dead"))["state"] == "dead"
     out = await cli("replay", acme, "--tenant", "acme", "--config", str(config))
     assert out.exit_code == 2 and "--source, --since and --tenant go with --dead" in out.output

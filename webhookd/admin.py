@@ -415,9 +415,9 @@ class Admin:
         return web.json_response({"source": source, "paused": pausing, "changed": changed})
 
     async def replay_dead(self, request: web.Request) -> web.Response:
-        """``webhookd replay --dead --source <name>``: the dead jobs of every event of the
-        source that has one, ``BULK_BATCH`` events at a time; an event pruned since it was
-        listed is skipped."""
+        """``webhookd replay --dead --source <name> [--tenant T]``: the dead jobs of every
+        event of the source (and of ``?tenant=``, as sent) that has one, ``BULK_BATCH`` events
+        at a time; an event pruned since it was listed is skipped."""
         source = request.match_info["source"]
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
@@ -425,7 +425,10 @@ class Admin:
         replay_dead = functools.partial(journal.replay, dead_only=True)
         events = requeued = 0
         try:
-            async for ids in journal.pages_of_event_ids_with_jobs("dead", source, None):
+            pages = journal.pages_of_event_ids_with_jobs(
+                "dead", source, None, tenant=request.query.get("tenant") or None
+            )
+            async for ids in pages:
                 for start in range(0, len(ids), BULK_BATCH):
                     done = await present_only(replay_dead, ids[start : start + BULK_BATCH])
                     events += len(done)
