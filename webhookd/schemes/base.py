@@ -326,8 +326,12 @@ def parse_timestamp(text: str | None) -> int:
 
 
 def check_window(ts: int, now: float, tolerance_s: float, *, future: bool = True) -> None:
-    """Refuse a timestamp more than ``tolerance_s`` old (or ahead, unless ``future=False``)."""
-    age = now - ts
+    """Refuse a timestamp more than ``tolerance_s`` old (or ahead, unless ``future=False``).
+
+    Timestamps are whole seconds, so the age is counted in the clock's whole seconds as the
+    Standard Webhooks libraries count it: one exactly ``tolerance_s`` old is valid for the
+    whole of that second, not only at its first instant."""
+    age = now // 1 - ts
     # Written as "not (inside)" so that a NaN anywhere fails closed; the edge itself is valid.
     if not (age <= tolerance_s and (not future or -age <= tolerance_s)):
         raise VerificationError("timestamp outside tolerance")
