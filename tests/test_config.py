@@ -181,6 +181,11 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             "sources.a.actions[0].argv[0]",
         ),
         ("[journal]\nkeep_done_h = 72\nkeep_dead_d = 1", "journal.keep_dead_d"),
+        (  # mailgun's default tolerance (9 h) outlives the delivery ids kept
+            "[journal]\nkeep_dedup_d = 0.25\n"
+            '[sources.a]\nverify = { scheme = "mailgun", secret = "x" }',
+            "sources.a.verify.tolerance_s",
+        ),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -158,12 +160,50 @@ async def test_signed_forged_and_duplicate(
 async def test_stale_timestamp_rejected(
     name: str, tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
-    """A correctly signed request an hour old is refused and leaves no row."""
+    """A correctly signed request a day old is refused and leaves no row."""
     r = await run_daemon(config(tmp_path, target))
-    stale = delivery(r, name, delivery_id="dlv-old", now=r.daemon.clock.time() - 3600)
+    stale = delivery(r, name, delivery_id="dlv-old", now=r.daemon.clock.time() - 86_400)
     status, err = await post(r, stale)
     assert (status, err) == (401, {"error": "timestamp outside tolerance"})
     assert await events_of(r, name) == 0
+
+
+async def test_mailgun_spends_a_token_once_and_knows_a_retry_by_its_event_id(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """Mailgun signs a timestamp and a token, not the body. A retry hours later with the first
+    delivery's signature is taken; one signed again is a duplicate by its event-data.id; the
+    token's signature with another body is a duplicate, not a second event. A form field that
+    is not UTF-8 (a latin-1 subject) does not hide the signature fields."""
+    r = await run_daemon(config(tmp_path, target))
+    now = r.daemon.clock.time()
+
+    def event(event_id: str) -> bytes:
+        return json.dumps({"event-data": {"id": event_id, "event": "delivered"}}).encode()
+
+    first = delivery(r, "mailgun_json", delivery_id="tok-1", body=event("ev-1"), now=now - 7 * 3600)
+    status, doc = await post(r, first)
+    assert (status, doc["duplicate"]) == (202, False), doc
+    shown = await admin(r, f"/events/{doc['id']}")
+    assert shown["dedup_key"] == "mailgun_json:ev-1"
+    resigned = delivery(r, "mailgun_json", delivery_id="tok-2", body=event("ev-1"))
+    other_body = delivery(
+        r, "mailgun_json", delivery_id="tok-1", body=event("ev-2"), now=now - 7 * 3600
+    )
+    for again in (resigned, other_body):
+        assert await post(r, again) == (200, {"id": doc["id"], "duplicate": True})
+    assert await events_of(r, "mailgun_json") == 1
+
+    ts = str(int(now))
+    mac = hmac.new(b"mg-key", f"{ts}tok-3".encode(), hashlib.sha256).hexdigest()
+    form = (
+        b"subject=Caf%E9&"
+        + urlencode({"timestamp": ts, "token": "tok-3", "signature": mac}).encode()
+    )
+    url = r.url + r.daemon.config.sources["mailgun_form"].path
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with r.http.post(url, data=form, headers=headers) as resp:
+        assert resp.status == 202, await resp.text()
 
 
 async def test_failure_reason_reveals_nothing(

@@ -921,7 +921,8 @@ def _verify(value: Any, key: str) -> VerifyConfig:
         if not isinstance(items, list) or not items:
             raise ConfigError(t.path("secrets"), "must be a non-empty array")
         secrets = tuple(read_secret(v, f"{t.path('secrets')}[{i}]") for i, v in enumerate(items))
-    tolerance_s = float(t.number("tolerance_s", 300.0, positive=True))
+    impl = SCHEMES[scheme]
+    tolerance_s = float(t.number("tolerance_s", impl.default_tolerance_s, positive=True))
     url = t.string("url", None)
     verify_token = t.secret("verify_token", None)
     header = t.string("header", None)
@@ -933,7 +934,6 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     allow_sha1 = t.bool("allow_sha1", False)
     dedup_body = t.bool("dedup_body", True)
     t.finish()
-    impl = SCHEMES[scheme]
     for name in OPTION_KEYS:
         if t.has(name) and name not in impl.option_keys:
             # A tolerance_s on github, say, would promise a replay window that is not there.
@@ -1198,7 +1198,20 @@ def parse(
                 f"{src.path} is also used by {source_key(seen[src.path])}",
             )
         seen[src.path] = src.name
+    keep_dedup_s = journal.keep_dedup_d * 86_400
     for src in sources.values():
+        verify = src.verify
+        if (
+            verify
+            and not SCHEMES[verify.scheme].untimed(verify)
+            and verify.tolerance_s > keep_dedup_s
+        ):
+            # A request re-sent once its delivery id is forgotten would verify as a new event.
+            raise ConfigError(
+                f"{source_key(src.name)}.verify.tolerance_s",
+                f"{verify.tolerance_s:g} s is longer than journal.keep_dedup_d keeps delivery"
+                f" ids ({keep_dedup_s:g} s): a request re-sent after would verify again",
+            )
         for action in src.actions:
             lane = action.options.get("lane")
             if lane is not None and not isinstance(lane, str):

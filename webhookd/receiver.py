@@ -536,9 +536,14 @@ class Receiver:
         if key is None and scheme is not None:
             key = _storable(scheme.dedup_key(headers, body), "the delivery id header")
         body_key = None
-        if verify and scheme and verify.dedup_body and scheme.untimed(verify):
-            # Nothing signed expires, so a captured body re-sent under a fresh delivery id would
-            # verify as a new event: what was signed (the body, for most) is a second dedup key.
+        if (
+            verify
+            and scheme
+            and (scheme.body_unsigned or (verify.dedup_body and scheme.untimed(verify)))
+        ):
+            # Nothing signed expires (or the body is not signed), so a captured signature re-sent
+            # under a fresh delivery id would verify as a new event: what was signed (the body,
+            # for most) is a second dedup key.
             body_key = scheme.replay_key(verify, headers, body, url)
         sent_tenant = extract(src.tenant, headers, payload) if src.tenant else None
         tenant = ""

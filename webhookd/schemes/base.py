@@ -123,6 +123,12 @@ class Scheme(ABC):
     option_keys: ClassVar[frozenset[str]] = frozenset()
     # Verify keys required besides the secret, each with an example value (for docs and tests).
     required_keys: ClassVar[Mapping[str, str]] = {}
+    # How far a signed timestamp may be from the clock when ``tolerance_s`` is not given.
+    default_tolerance_s: ClassVar[float] = 300.0
+    # The signature covers no byte of the body (Mailgun's covers a timestamp and a token): what
+    # it does cover (``replay_key``) is a dedup key whatever ``dedup`` says, so one signature
+    # brings in one event, never a second body.
+    body_unsigned: ClassVar[bool] = False
     # Methods besides POST that the provider's handshake comes with (Meta's GET): the receiver
     # takes them at the source's path and lists them in a 405's Allow; any other is refused
     # before ``handshake`` is asked.
@@ -189,9 +195,9 @@ class Scheme(ABC):
     def replay_key(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str
     ) -> str:
-        """For a scheme that signs no timestamp: a key for what the signature covers, so the
-        same signed content re-sent under a fresh delivery id is a duplicate. Most such schemes
-        sign the body byte for byte, so it is the body's hash."""
+        """For a scheme that signs no timestamp, or no body: a key for what the signature
+        covers, so the same signed content re-sent under a fresh delivery id is a duplicate.
+        Most such schemes sign the body byte for byte, so it is the body's hash."""
         return sha256_key(body)
 
     # -- sending (``webhookd send``) ------------------------------------------------------------

@@ -1,5 +1,11 @@
 """Mailgun: ``signature`` = HMAC-SHA256 of ``timestamp + token``, carried in the body itself (a
-JSON ``signature`` object, a form or a multipart form); the ``token`` is the delivery id."""
+JSON ``signature`` object, a form or a multipart form).
+
+The signature covers no byte of the body, so its token is spent once: it is a dedup key of
+every event, whatever the source's ``dedup``. The delivery id is the event's ``event-data.id``
+where the body has one (a retry signed again still finds its first delivery), else the token.
+Mailgun retries for 8 hours, possibly with the first delivery's signature, so the default
+``tolerance_s`` covers that: a webhook first answered 503 is still taken when it comes back."""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import email.policy
 import email.utils
 import json
 from collections.abc import Mapping
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from webhookd.errors import VerificationError
 from webhookd.schemes.base import (
@@ -67,10 +73,18 @@ def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
             if k in _FIELDS and isinstance(v, str | int) and not isinstance(v, bool)
         }
     fields: dict[str, str] = {}
-    for key, value in form_pairs(body) or ():
+    # Its fields are ASCII, so a form's other fields need not be UTF-8 (a latin-1 subject).
+    for key, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
         if key in _FIELDS:
             fields.setdefault(key, value)
     return fields
+
+
+def _event_id(body: bytes) -> str | None:
+    doc = parse_json(body)
+    data = doc.get("event-data") if isinstance(doc, dict) else None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 class Mailgun(Scheme):
@@ -78,8 +92,10 @@ class Mailgun(Scheme):
     option_keys = frozenset({"tolerance_s"})
     legacy_sha1 = False
     untimed_always = False
-    dedup_headers = ()  # the token in the signature fields: see dedup_key
+    dedup_headers = ()  # event-data.id, else the token in the signature fields: see dedup_key
     dedup_json = None
+    default_tolerance_s = 9 * 3_600.0  # its retries: 5, 10 and 15 minutes, 1, 2 and 4 hours
+    body_unsigned = True
 
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
@@ -99,9 +115,17 @@ class Mailgun(Scheme):
 
     def dedup_key(self, headers: Mapping[str, str], body: bytes) -> str | None:
         try:
-            return signature_fields(headers, body).get("token") or None
+            return _event_id(body) or signature_fields(headers, body).get("token") or None
         except (ValueError, RecursionError):
             return None
+
+    def replay_key(
+        self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str
+    ) -> str:
+        """The token (a request that verified has one): what the signature covers besides
+        the timestamp, spent by its first event. It is also the key events had before
+        event-data.id was the delivery id, so a retry across an upgrade is still a duplicate."""
+        return signature_fields(headers, body)["token"]
 
     def signature(
         self, cfg: VerifyConfig, secret: str, *, body: bytes, url: str, ts: str, delivery_id: str
