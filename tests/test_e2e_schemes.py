@@ -222,28 +222,36 @@ async def test_failure_reason_reveals_nothing(
 
 
 @pytest.mark.parametrize(
-    ("token", "status", "answer"),
-    [(META_TOKEN, 200, "challenge-4711"), ("guess", 403, None), (None, 403, None)],
+    ("mode", "token", "challenge", "status", "answer"),
+    [
+        ("subscribe", META_TOKEN, "challenge-4711", 200, "challenge-4711"),
+        ("subscribe", "guess", "challenge-4711", 403, {"error": "verify token mismatch"}),
+        ("subscribe", None, "challenge-4711", 403, {"error": "verify token mismatch"}),
+        ("unsubscribe", META_TOKEN, "challenge-4711", 403, {"error": "hub.mode must be subscribe"}),
+        ("subscribe", META_TOKEN, None, 400, {"error": "missing hub.challenge"}),
+    ],
 )
 async def test_meta_subscribe_handshake(
+    mode: str,
     token: str | None,
+    challenge: str | None,
     status: int,
-    answer: str | None,
+    answer: Any,
     tmp_path: Path,
     target: Target,
     run_daemon: Any,
 ) -> None:
-    """Meta's GET handshake echoes hub.challenge for the right token, else 403; nothing stored."""
+    """Meta's GET handshake echoes hub.challenge for the right token and hub.mode=subscribe,
+    else 403 (400 without a challenge) with a JSON error; nothing stored."""
     r = await run_daemon(config(tmp_path, target))
-    query = {"hub.mode": "subscribe", "hub.challenge": "challenge-4711"}
-    if token is not None:
-        query["hub.verify_token"] = token
+    query = {"hub.mode": mode}
+    for key, value in (("hub.verify_token", token), ("hub.challenge", challenge)):
+        if value is not None:
+            query[key] = value
     async with r.http.get(f"{r.url}/hooks/meta", params=query) as resp:
         assert resp.status == status
         text = await resp.text()
-    if answer is not None:
-        assert text == answer
-    assert "challenge-4711" not in text or status == 200
+    assert text == answer if status == 200 else json.loads(text) == answer
     assert await events_of(r, "meta") == 0
 
 

@@ -844,11 +844,19 @@ def test_meta_handshake_without_configured_token_forbidden() -> None:
     assert got is not None and got.status == 403
 
 
+def test_meta_handshake_of_another_mode_is_refused() -> None:
+    """Only hub.mode=subscribe is answered with the challenge: any other mode is a 403."""
+    got = meta_handshake(META, hub_mode="unsubscribe", hub_verify_token="vt-123", hub_challenge="c")
+    assert got is not None and (got.status, got.body) == (
+        403,
+        b'{"error": "hub.mode must be subscribe"}',
+    )
+
+
 def test_non_handshakes_return_none() -> None:
     """Ordinary requests, other schemes and unverified sources are not handshakes."""
     assert meta_handshake(META) is None
     assert meta_handshake(META, "POST", hub_mode="subscribe", hub_verify_token="vt-123") is None
-    assert meta_handshake(META, hub_mode="unsubscribe", hub_verify_token="vt-123") is None
     assert meta_handshake(None, hub_mode="subscribe", hub_verify_token="vt-123") is None
     assert meta_handshake(make_cfg("github"), hub_mode="subscribe") is None
 

@@ -3,6 +3,7 @@ the ``hub.challenge`` GET handshake answered when ``hub.verify_token`` matches."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from webhookd.errors import ConfigError
@@ -19,6 +20,11 @@ from webhookd.schemes.base import (
     same,
     utf8,
 )
+
+
+def _refused(status: int, reason: str) -> Handshake:
+    """A refused handshake, with the JSON error body every other refusal has."""
+    return Handshake(status, "application/json", json.dumps({"error": reason}).encode())
 
 
 class Meta(Scheme):
@@ -46,12 +52,18 @@ class Meta(Scheme):
         url: str,
         now: float,
     ) -> Handshake | None:
-        if method.upper() != "GET" or query.get("hub.mode") != "subscribe":
+        mode = query.get("hub.mode")
+        if method.upper() != "GET" or mode is None:  # a GET without hub.mode is no handshake
             return None
         token = query.get("hub.verify_token")
         if cfg.verify_token is None or token is None or not same(token, cfg.verify_token.reveal()):
-            return Handshake(403, "text/plain", b"verify token mismatch")
-        return Handshake(200, "text/plain", utf8(query.get("hub.challenge") or ""))
+            return _refused(403, "verify token mismatch")
+        if mode != "subscribe":
+            return _refused(403, "hub.mode must be subscribe")
+        challenge = query.get("hub.challenge")
+        if not challenge:
+            return _refused(400, "missing hub.challenge")
+        return Handshake(200, "text/plain", utf8(challenge))
 
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
