@@ -182,6 +182,13 @@ async def test_replay_ids_and_dead_with_filters_and_dry_run(
     out = await cli("replay", "evt_nope", "--config", str(config))
     assert out.exit_code == 1 and "no event evt_nope" in out.output
 
+    pause = f"{running.admin_url}/sources/shop/pause"
+    async with running.http.post(pause, headers={"X-Webhookd": "1"}) as r:
+        assert r.status == 200  # answered once the dispatcher holds the source's jobs
+    held = await accepted(running, "shop", '{"held": 1}')  # queued, due: nothing to add
+    out = await cli("replay", held, "--config", str(config))
+    assert out.output == "nothing to replay: the jobs of 1 event(s) are queued or running\n"
+
 
 async def test_the_daemon_counts_the_jobs_a_replay_from_the_cli_queues(
     wired: tuple[Path, Running], target: Target
@@ -191,7 +198,9 @@ async def test_the_daemon_counts_the_jobs_a_replay_from_the_cli_queues(
     counts the job it queued again, and is 0 once that job is done, not below."""
     config, running = wired
     dead = await dead_event(running, target)
-    assert (await cli("pause", "shop", "--config", str(config))).exit_code == 0
+    pause = f"{running.admin_url}/sources/shop/pause"
+    async with running.http.post(pause, headers={"X-Webhookd": "1"}) as r:
+        assert r.status == 200  # answered once the dispatcher holds the source's jobs
     out = await cli("replay", dead, "--config", str(config))
     assert out.exit_code == 0 and "1 job(s) re-queued" in out.output
 

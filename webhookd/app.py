@@ -120,6 +120,7 @@ class Daemon:
     # Set after each reload, applied or refused (for tests and embedding).
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)
     _force: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop_why: str = "asked to stop"
     _reload_wanted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def request_reload(self) -> None:
@@ -127,10 +128,13 @@ class Daemon:
         Safe to call from a signal handler; one asked for while starting runs once started."""
         self._reload_wanted.set()
 
-    def request_stop(self) -> None:
-        """Begin a drain; a second call exits at once. Safe to call from a signal handler."""
+    def request_stop(self, why: str = "asked to stop") -> None:
+        """Begin a drain; a second call exits at once. Safe to call from a signal handler.
+        ``why`` (the signal's name) is what the drain's log line says started it."""
         if self.stop_event.is_set():
             self._force.set()
+        else:
+            self._stop_why = why
         self.stop_event.set()
 
     async def run(self) -> int:
@@ -150,7 +154,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         started_at = self.clock.time()
         async with AsyncExitStack() as stack:
@@ -302,7 +306,7 @@ class Daemon:
         self.started.set()
 
         await self.stop_event.wait()
-        log.info("draining: no longer accepting webhooks")
+        log.info("draining (%s): no longer accepting webhooks", self._stop_why)
         self.intake.draining = True
         listening.remove(receiver_runner)
         await receiver_runner.cleanup()
@@ -433,7 +437,8 @@ class Daemon:
         await self._force.wait()
         killed = kill_running_commands()
         log.warning(
-            "second signal: exiting at once%s; the next start recovers running jobs",
+            "second signal: exiting at once%s; running jobs are recovered by the next start"
+            " (on PostgreSQL, by another node once their lease runs out)",
             f" ({killed} running command(s) killed)" if killed else "",
         )
         logging.shutdown()

@@ -484,6 +484,10 @@ def replay(
         return
     requeued = sum(r.requeued for r in result.values())
     run_now = sum(r.run_now for r in result.values())
+    if result and not requeued and not run_now:
+        # Running, or queued and already due (a paused source's): a replay has nothing to add.
+        click.echo(f"nothing to replay: the jobs of {len(result)} event(s) are queued or running")
+        return
     click.echo(
         f"replayed {len(result)} event(s), {requeued} job(s) re-queued,"
         f" {run_now} waiting job(s) due now"

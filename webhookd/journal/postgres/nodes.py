@@ -291,7 +291,7 @@ class PgNodes:
         except TimeoutError:
             self.listener_deaf = True
             log.warning(
-                "journal: LISTEN on %s hears nothing (a pooler in transaction mode?), so nodes"
+                "LISTEN on %s hears nothing (a pooler in transaction mode?), so nodes"
                 " find each other's new jobs only at their next sweep; give journal.listen_url,"
                 " a URL straight to PostgreSQL",
                 redact_url(self.listen_url),
