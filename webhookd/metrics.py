@@ -380,7 +380,8 @@ def _node_metrics(nodes: list[NodeInfo]) -> Iterator[Metric]:
 def _lane_metrics(lanes: Mapping[str, Any]) -> Iterator[Metric]:
     available = GaugeMetricFamily(
         "webhookd_lane_available",
-        "Requests or tokens a lane could admit now (negative: in debt).",
+        "Requests or tokens a lane could admit now (negative: in debt; on PostgreSQL, what"
+        " this node holds of the shared lane).",
         labels=["lane", "kind"],
     )
     waiting = GaugeMetricFamily(
