@@ -361,6 +361,33 @@ async def test_show_finds_an_event_by_its_dedup_key(
         assert (await cli("show", *args, "--config", str(config))).exit_code == 2
 
 
+async def test_show_by_key_says_a_missing_key_may_be_a_duplicate_by_what_was_signed(
+    tmp_path: Path,
+) -> None:
+    """A delivery found a duplicate by its signed body (or Mailgun's token) keeps no key of its
+    own: show --key names that, at a source where it can happen and only there."""
+    sources = """
+[sources.gh]
+verify = { scheme = "github", secret = "s" }
+[sources.mg]
+verify = { scheme = "mailgun", secret = "s" }
+[sources.st]
+verify = { scheme = "stripe", secret = "s" }
+"""
+    config, cfg = write_config(tmp_path, sources)
+    async with Journal(cfg.journal.path):
+        pass
+    notes = {
+        "gh": "answered as a duplicate of another delivery with the same signed body,",
+        "mg": "answered as a duplicate by its signature's token,",
+        "st": None,
+    }
+    for source, note in notes.items():
+        out = await cli("show", "--key", f"{source}:d-2", "--config", str(config))
+        assert out.exit_code == 1 and "never seen, " in out.output
+        assert (note in out.output) if note else "answered" not in out.output
+
+
 async def test_show_by_key_says_when_the_keys_event_was_pruned(tmp_path: Path) -> None:
     """A dedup key outlives a done event (7 days against a day): show --key says what it was
     and that it is gone, rather than that the key is unknown."""

@@ -40,6 +40,7 @@ from webhookd.journal import (
 )
 from webhookd.redact import WRITTEN_OUT, Masker, printable, secret_values, written_out
 from webhookd.retention import prune_expired, windows_s
+from webhookd.schemes import SCHEMES
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
@@ -258,6 +259,21 @@ def check(config_path: str | None) -> None:
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
 
 
+def _second_key_note(cfg: config_mod.Config, key: str) -> str:
+    """What else a missing key may mean at a source whose webhooks have a second dedup key (what
+    was signed): a delivery found a duplicate by that one keeps no key of its own."""
+    src = cfg.sources.get(key.partition(":")[0])
+    verify = src.verify if src is not None else None
+    if verify is None:
+        return ""
+    scheme = SCHEMES[verify.scheme]
+    if scheme.body_unsigned:
+        return " answered as a duplicate by its signature's token,"
+    if verify.dedup_body and scheme.untimed(verify):
+        return " answered as a duplicate of another delivery with the same signed body,"
+    return ""
+
+
 @main.command()
 @click.argument("event_id", required=False)
 @click.option(
@@ -284,8 +300,9 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
                 form = "" if ":" in key else " (a key is SOURCE:DELIVERY_ID, e.g. shopify:<id>)"
                 raise WebhookdError(
                     printable(
-                        f"no event has the dedup key {key!r}{form}: never seen, or its key is"
-                        f" older than journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
+                        f"no event has the dedup key {key!r}{form}: never seen,"
+                        f"{_second_key_note(cfg, key)} or its key is older than"
+                        f" journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
                     )
                 )
             owner, first_seen_at, detail = found
