@@ -746,7 +746,22 @@ async def test_pg_cannot_open_an_unreachable_server() -> None:
         async with PostgresJournal(url):
             pass
     assert "hunter2" not in str(caught.value) and "user:***@" in str(caught.value)
-    assert redact_url(url) == f"postgresql://user:***@127.0.0.1:{port}/webhookd"
+    assert redact_url(url) == f"PostgreSQL user:***@127.0.0.1:{port}/webhookd"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u@db.internal:5432/hooks", "PostgreSQL u@db.internal:5432/hooks"),
+        ("postgresql://u@h/d?password=hunter2&sslmode=require", "PostgreSQL u@h/d"),
+        ("postgres://u:p%40ss@h:6432/d", "PostgreSQL u:***@h:6432/d"),
+        ("postgresql:///hooks?host=/run/postgresql", "PostgreSQL /run/postgresql/hooks"),
+    ],
+)
+def test_a_journal_url_is_named_by_where_it_points_never_written_out(url: str, shown: str) -> None:
+    """A URL is a secret, masked whole in logs: a node names its journal by host and
+    database, with no password, in the user part or an option."""
+    assert redact_url(url) == shown
 
 
 async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> None:
@@ -1164,7 +1179,7 @@ async def test_pg_a_url_the_driver_cannot_read_is_a_journal_error_that_shows_no_
         async with PostgresJournal("postgresql://wh:Zq9secret@db:notaport/wh"):
             pass
     assert str(err.value) == (
-        "cannot open journal postgresql://wh:***@db:notaport/wh: its URL cannot be read"
+        "cannot open journal PostgreSQL wh:***@db:notaport/wh: its URL cannot be read"
     )
     assert db_error(TimeoutError()) == "no answer in time"
     assert (

@@ -9,7 +9,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
@@ -51,13 +51,18 @@ def quiet_pool_retries() -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for log lines."""
+    """Where ``url`` points, for log lines and errors: ``PostgreSQL user:***@host:port/db``.
+
+    Never the URL itself: its password (in the user part or a ``?password=`` option) is left
+    out with the rest of its options, and the log masks a secret's whole value, so a URL
+    written out would show as ``***`` even without a password."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    user, at, host = parts.netloc.rpartition("@")
+    if parts.password is not None:
+        user = user.split(":", 1)[0] + ":***"
+    if not host:  # a Unix socket: postgresql:///db?host=/run/postgresql
+        host = dict(parse_qsl(parts.query)).get("host", "")
+    return f"PostgreSQL {user}{at}{host}{parts.path}"
 
 
 def rowcount(status: str) -> int:
