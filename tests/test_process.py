@@ -204,7 +204,7 @@ async def test_sigterm_lets_running_jobs_finish_then_exits_0(
 
     signalled = time.monotonic()
     daemon.signal(signal.SIGTERM)
-    await daemon.wait_said("draining (SIGTERM): no longer accepting webhooks")
+    await daemon.wait_said(r"draining \(SIGTERM\): no longer accepting webhooks")
     status, ready = await get_json(http, f"{daemon.admin_url}/readyz")
     assert status in (0, 503), ready
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
