@@ -221,6 +221,10 @@ def _owner_only(path: Path) -> None:
     -wal and -shm files with the main file's mode, so creating that one first is what keeps them
     private; a file made world-readable by an older version is tightened too. A journal owned by
     another user (a read-only look by an operator) is left as it is.
+
+    The -wal and -shm are SQLite's, not the operator's: one of any other mode is made 0600. A
+    start on a journal made read-only (0400) leaves them 0400, and after the journal is made
+    writable again a read-only -shm would keep every start failing with "readonly database".
     """
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -231,11 +235,11 @@ def _owner_only(path: Path) -> None:
         return  # unreadable: opening it says why
     if head and head != _SQLITE_HEADER:
         return  # not a journal (a journal.path that names another file by mistake): left as is
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+    for name, exact in ((path, False), (Path(f"{path}-wal"), True), (Path(f"{path}-shm"), True)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             mode = name.stat().st_mode
             # A file only: a folder (a path that names one by mistake) is never touched.
-            if stat.S_ISREG(mode) and mode & 0o077:
+            if stat.S_ISREG(mode) and (stat.S_IMODE(mode) != 0o600 if exact else mode & 0o077):
                 name.chmod(0o600)
 
 
