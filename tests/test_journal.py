@@ -14,14 +14,19 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_backup import small_disk
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
@@ -761,3 +766,65 @@ async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_
         await journal.ingest(new_event())
         clock.advance(50.0)
         assert await polled.lane_backlog() == (lanes, 50.0) and journal.asked == 5
+
+
+_OPEN_AS_USER = """
+import asyncio, sys
+from pathlib import Path
+from webhookd.journal import Journal
+
+async def main(path, serving):
+    try:
+        async with Journal(Path(path), serving=serving == "serve"):
+            print("opened")
+    except Exception as exc:
+        print(exc)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _as_nobody(*args: str) -> str:
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run([*nobody, sys.executable, *args], capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+async def test_a_journal_this_user_cannot_use_is_refused_saying_why() -> None:
+    """SQLite says "unable to open database file" of a journal another user owns and "readonly
+    database" of one in a folder it cannot make its -wal in (a daemon run as a user of its own,
+    files left root's): the error names which, with the uid, the owner and the mode."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("opening a journal as another user takes root and setpriv")
+    if "ok" not in _as_nobody("-c", "import webhookd.journal; print('ok')"):
+        pytest.skip("this checkout or its virtualenv is not readable by the user nobody")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path's parents are root's alone
+    try:
+        os.chmod(base, 0o755)
+        roots, shut = base / "roots", base / "shut"
+        for folder in (roots, shut):
+            os.mkdir(folder)
+            async with Journal(folder / "j.db"):
+                pass
+        os.chmod(roots, 0o777)  # the folder is open to all: the journal file is root's 0600
+        os.chown(shut / "j.db", 65534, 65534)  # the file is nobody's: the folder is root's 0755
+
+        said = _as_nobody("-c", _OPEN_AS_USER, str(roots / "j.db"), "read")
+        assert "(this user, uid 65534, cannot read and write it: owner uid 0, mode 0600)" in said
+        for how in ("read", "serve"):  # serve makes its lock file first: that is refused
+            said = _as_nobody("-c", _OPEN_AS_USER, str(shut / "j.db"), how)
+            assert f"(this user, uid 65534, cannot create files in {shut}, where SQLite" in said
+        assert f"Permission denied ({shut / 'j.db'}-lock)" in said
+    finally:
+        shutil.rmtree(base)
+
+
+async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> None:
+    """SQLite calls a disk with no room left "disk I/O error": the error says the disk is full."""
+    with small_disk(tmp_path / "small", "1m") as disk:
+        with (disk / "filler").open("wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        with pytest.raises(JournalError, match=f"no space left on the disk of {disk}"):
+            await Journal(disk / "j.db").open()

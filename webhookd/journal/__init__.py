@@ -261,6 +261,40 @@ def vacuum_pages(pages: int, took_s: float) -> int:
     return pages
 
 
+# Below this much space for this user, a failure to open the journal is put down to the disk.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _why_not(path: Path) -> str:
+    """What an open of the journal at ``path`` failed on, as far as this process can see, for
+    the end of its error: SQLite says "unable to open database file" or "disk I/O error" for a
+    file of another user's, a folder it cannot write its -wal in, or a full disk."""
+    folder = path.parent
+    try:
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            st = path.stat()
+            return (
+                f" (this user, uid {os.geteuid()}, cannot read and write it: owner uid"
+                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (
+                f" (this user, uid {os.geteuid()}, cannot create files in {folder}, where"
+                " SQLite keeps the journal's -wal and -shm)"
+            )
+        usage = os.statvfs(folder)
+        if usage.f_bavail * usage.f_frsize < _NEARLY_FULL_BYTES:
+            return f" (no space left on the disk of {folder})"
+    except OSError:
+        pass
+    return ""
+
+
+def _other_file(exc: OSError, path: Path) -> str:
+    """The file an error was about, when it is not the journal itself (its lock file, say)."""
+    return f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+
+
 def serve_lock_file(path: Path) -> Path:
     """The daemon's lock file: beside the journal file itself, so that a second daemon reaching
     it through a symlink takes the same lock."""
@@ -468,12 +502,13 @@ class Journal(Reads, BaseJournal):
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             _owner_only(self.path)
+            if self.serving:
+                self._lock_fd = _take_serve_lock(self.path)
         except OSError as exc:
             raise JournalError(
                 f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"
+                f"{_other_file(exc, self.path)}{_why_not(self.path)}"
             ) from None
-        if self.serving:
-            self._lock_fd = _take_serve_lock(self.path)
         self._thread = _OwnThread("webhookd-journal")
         self._queue = OpQueue()
         self.opened_at = self.clock.time()
@@ -484,7 +519,9 @@ class Journal(Reads, BaseJournal):
             self._checkpoint_conn = await self._checkpointer.submit(self._open_checkpointer)
         except sqlite3.Error as exc:
             await self._close_connections()
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+            raise JournalError(
+                f"cannot open journal {self.path}: {exc}{_why_not(self.path)}"
+            ) from exc
         except BaseException:
             await self._close_connections()
             raise
