@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import signal
@@ -353,11 +354,12 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
 
 
 async def test_full_disk_while_jobs_finish_is_503s_then_recovers_by_itself(
-    small_disk: SmallDisk, run_daemon: Any
+    small_disk: SmallDisk, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Journal out of space while log jobs finish: every webhook gets a 2xx or a JSON 503 with
-    Retry-After (no 500, no dropped connection); once space returns intake and jobs resume and
-    every acknowledged event is journaled with its job done."""
+    Retry-After (no 500, no dropped connection); once space returns intake and jobs resume,
+    one line says so, and every acknowledged event is journaled with its job done."""
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
     cfg = make_config(
         small_disk.directory,
         '[[sources.a.actions]]\ntype = "log"',
@@ -409,6 +411,8 @@ async def test_full_disk_while_jobs_finish_is_503s_then_recovers_by_itself(
     await poll(all_done, timeout_s=30, interval_s=0.2)
     assert running.daemon.journal.writer_problem is None
     assert await running.stop() == 0
+    again = [r.getMessage() for r in caplog.records if "journal writes succeed again" in r.message]
+    assert len(again) == 1 and "(the last failure: " in again[0], again
 
 
 async def test_a_port_already_taken_is_one_fatal_line_in_the_systems_words(

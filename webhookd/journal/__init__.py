@@ -876,6 +876,13 @@ class Journal(Reads, BaseJournal):
             return None, exc
         return result, None
 
+    def _writes_again(self) -> None:
+        """A commit went through: after failures (a full disk, say), one line says so."""
+        if self.last_write_error is not None:
+            self._log_write_failed.flush()  # what was held back, before the line that ends it
+            log.info("journal writes succeed again (the last failure: %s)", self.last_write_error)
+            self.last_write_error = None
+
     def _resolve(self, group: Group) -> None:
         """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
         keep those written claimed in ``group.started``)."""
@@ -883,7 +890,7 @@ class Journal(Reads, BaseJournal):
             self.last_write_error = _describe(group.error)
             self._log_write_failed("journal write failed: %s", self.last_write_error)
         elif group.commits:
-            self.last_write_error = None
+            self._writes_again()
         self.commits += group.commits
         created: list[Ready] = []
         started = group.started
@@ -918,7 +925,7 @@ class Journal(Reads, BaseJournal):
                 self.last_write_error = _describe(call_exc.cause)
                 call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
             elif call_exc is None and call.transaction:
-                self.last_write_error = None
+                self._writes_again()
                 self.commits += 1
             if call.future.done():
                 continue
