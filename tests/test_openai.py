@@ -343,6 +343,28 @@ async def test_failed_then_retries_without_asking_the_model_again(
     assert len(target.seen) == 2
 
 
+async def test_a_replay_of_a_job_dead_in_its_then_delivers_the_kept_answer(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """The then-forward's target failed for good: once it is mended, a replay of the dead job
+    (replay --dead, say) delivers the answer the journal kept, without a second completion."""
+    target.statuses = [500]  # one attempt: dead at once
+    then = f'then = {{ forward = "{target.url}/drafts" }}\nretry = {{ max_attempts = 1 }}'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run_all()
+        assert (await kit.job(event_id)).state == JobState.DEAD
+        assert await kit.journal.replay([event_id], dead_only=True) == {event_id: Replayed(1, 0)}
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    assert job.history[-1].detail is not None and job.history[-1].detail["answer_reused"] is True
+    assert len(standin.served) == 1
+    assert [json.loads(s.body)["text"] for s in target.seen] == [
+        "Draft: Reply to Refund: please"
+    ] * 2
+
+
 async def test_a_then_forward_that_hangs_past_the_attempt_keeps_the_answer(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

@@ -28,8 +28,10 @@ a restart too. The POST has what is left of the attempt's ``timeout_s``, less a 
 fails in time to keep the answer; an attempt that ends with no result keeps an earlier one's.
 Only a crash between the answer and the attempt's record loses it (the model is
 then asked again; the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
-``webhookd replay`` of a finished job starts over and asks again; of a job waiting for its
-retry, it only skips the wait (the kept answer is still used).
+``webhookd replay`` of a dead job (its then-forward failed for good) delivers the kept answer
+once more, without asking again: mend the target, then replay. Of a done job it starts over and
+asks again; of a job waiting for its retry, it only skips the wait (the kept answer is still
+used).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import (
     BULK_BATCH,
+    REPLAYED_RESULT,
     BaseJournal,
     PolledCounts,
     migrating,
@@ -1101,8 +1102,11 @@ class Journal(Reads, BaseJournal):
     ) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
 
-        Jobs that finished (dead, done, cancelled) are re-queued with fresh attempts and no
-        result: a replay is another go from the start, not a resumption. Queued jobs waiting for
+        Jobs that finished (dead, done, cancelled) are re-queued with fresh attempts: a replay
+        is another go from the start, not a resumption. A done or cancelled job's result is
+        cleared; a dead one's is kept (``REPLAYED_RESULT``): for an openai action whose
+        then-forward failed it is the answer, which the replay delivers without asking the model
+        again (other actions do not read a queued job's result). Queued jobs waiting for
         a later ``run_at`` (a backoff, a snooze, a long ``Retry-After``, a lane's cool-down) are
         made due now and keep their attempts, waits and kept result: they are still within their
         retry policy, so a replay only skips the wait; resetting their attempts would let
@@ -1123,7 +1127,7 @@ class Journal(Reads, BaseJournal):
         def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
-                " run_at = ?, finished_at = NULL, boot_id = NULL, result = NULL,"
+                f" run_at = ?, finished_at = NULL, boot_id = NULL, result = {REPLAYED_RESULT},"
                 f" cancel_requested_at = NULL WHERE event_id = ? AND {again}",
                 (now, event_id),
             )

@@ -60,6 +60,11 @@ log = logging.getLogger("webhookd.journal")
 # not to hold up the daemon's ingest commits, few enough that a big one is not a commit per event.
 BULK_BATCH = 200
 
+# What a replayed job's result becomes (SQL, in the UPDATE that re-queues it): a dead job keeps
+# its own, which for an openai action whose then-forward failed is the answer, so a replay once
+# the target is mended delivers it without asking the model again; any other starts over.
+REPLAYED_RESULT = "CASE WHEN state = 'dead' THEN result END"
+
 
 async def present_only(
     change: Callable[[list[str]], Awaitable[dict[str, _T]]], batch: list[str]

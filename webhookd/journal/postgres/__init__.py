@@ -39,7 +39,7 @@ import asyncpg
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal.base import BaseJournal
+from webhookd.journal.base import REPLAYED_RESULT, BaseJournal
 from webhookd.journal.batch import (
     GATHER_PASSES,
     FinishOp,
@@ -594,7 +594,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             requeued = await conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
-                " lease_until = NULL, result = NULL, cancel_requested_at = NULL"
+                f" lease_until = NULL, result = {REPLAYED_RESULT}, cancel_requested_at = NULL"
                 f" WHERE event_id = $2 AND {again}",
                 now,
                 event_id,
