@@ -186,6 +186,15 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             '[sources.a]\nverify = { scheme = "mailgun", secret = "x" }',
             "sources.a.verify.tolerance_s",
         ),
+        (  # only argv, prompt and system are templates: this would be sent as written
+            '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1/{{ order.id }}"',
+            "sources.a.actions[0].url",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1/"\n'
+            'headers = { X-Order = "{{ order.id }}" }',
+            "sources.a.actions[0].headers.X-Order",
+        ),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],

@@ -89,8 +89,19 @@ def read_url(t: Table, name: str) -> str:
     if isinstance(value, Secret):
         value = value.reveal()
     elif isinstance(value, str):
+        _no_template(value, t.path(name))
         value = text_or_secret(value, t.path(name))
     return check_url(value, t.path(name), secret=secret)
+
+
+def _no_template(written: str, key: str) -> None:
+    """A ``{{ }}`` where no template is read would be sent as written: refuse it by name."""
+    if "{{" in written:
+        raise ConfigError(
+            key,
+            "is sent as written: {{ }} lookups are read only in a command's argv and an openai"
+            " action's prompt and system",
+        )
 
 
 def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
@@ -106,6 +117,7 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
         key = f"{t.path(name)}.{k}"
         if not HEADER_NAME.fullmatch(k):
             raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        _no_template(v, key)
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
 
