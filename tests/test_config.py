@@ -195,6 +195,11 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             'headers = { X-Order = "{{ order.id }}" }',
             "sources.a.actions[0].headers.X-Order",
         ),
+        (
+            '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1/"\n'
+            'headers = { Webhook-Signature = "v1,forged" }',
+            "sources.a.actions[0].headers.Webhook-Signature",
+        ),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],

@@ -104,6 +104,9 @@ def _no_template(written: str, key: str) -> None:
         )
 
 
+_SIGNING_HEADERS = frozenset({"webhook-signature", "webhook-timestamp"})
+
+
 def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
     """Extra request headers at key ``name`` (default: none); a value written ``env:NAME`` or
     ``file:PATH`` is that secret (``Authorization = "env:TARGET_TOKEN"``)."""
@@ -117,6 +120,9 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
         key = f"{t.path(name)}.{k}"
         if not HEADER_NAME.fullmatch(k):
             raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        if k.lower() in _SIGNING_HEADERS:
+            # With a secret, the signing would replace it; without one, a forged-looking header.
+            raise ConfigError(key, "is the signing's to set: give secret or secrets instead")
         _no_template(v, key)
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
