@@ -64,6 +64,7 @@ class StandIn:
     quota_exhausted: bool = False
     hold: asyncio.Event | None = None
     malformed: bytes | None = None  # answered with status 200 instead of a chat completion
+    refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
     limited_headers: dict[str, str | None] = field(default_factory=dict)
     url: str = ""
     received: int = 0
@@ -153,7 +154,10 @@ class StandIn:
                     "index": 0,
                     "message": {
                         "role": "assistant",
-                        "content": "Draft: " + messages[-1]["content"][:40],
+                        "content": None
+                        if self.refusal
+                        else "Draft: " + messages[-1]["content"][:40],
+                        "refusal": self.refusal,
                     },
                     "finish_reason": "length" if completion < self.completion_tokens else "stop",
                     "logprobs": None,

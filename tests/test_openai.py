@@ -343,6 +343,20 @@ async def test_failed_then_retries_without_asking_the_model_again(
     assert len(target.seen) == 2
 
 
+async def test_a_refusal_is_kept_in_the_answer(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A model that declines answers no content and says why in ``refusal``: the job is done
+    (the model answered) and its result keeps the refusal, not an empty text alone."""
+    standin.refusal = "I can't help with that."
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    assert (job.result["text"], job.result["refusal"]) == ("", "I can't help with that.")
+
+
 async def test_a_replay_of_a_job_dead_in_its_then_delivers_the_kept_answer(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

@@ -3,7 +3,8 @@
 The only home of the ``openai`` package. The client runs with ``max_retries=0``: webhookd owns
 retries. Outcomes:
 
-* answered: done; the result is ``{text, model, usage, finish_reason}``;
+* answered: done; the result is ``{text, model, usage, finish_reason}``, and ``refusal`` when
+  the model declined (its text then empty);
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
 * any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` (at most the
   lane's ``max_cooldown_s``; an hour without a lane) and the job waits (no attempt used);
@@ -407,8 +408,11 @@ def _answer(completion: ChatCompletion) -> dict[str, Any] | None:
     if not completion.choices:
         return None
     choice = completion.choices[0]
+    # A model that declines says why in ``refusal``, with no content: kept, not lost as "".
+    refusal = getattr(choice.message, "refusal", None)
     return {
         "text": choice.message.content or "",
+        **({"refusal": refusal} if refusal else {}),
         "model": completion.model,
         "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else None,
