@@ -71,6 +71,15 @@ def test_payload_is_json_or_urlencoded_form() -> None:
     assert payload_of(event(b"\x00 not json", "application/octet-stream")) == {}
 
 
+def test_a_number_is_put_in_as_it_was_sent() -> None:
+    """A price of 1.50 renders 1.50, not the float's 1.5, and 1e400 as itself, not Infinity;
+    inside an object put whole it is a JSON number as before."""
+    body = b'{"price": 1.50, "huge": 1e400, "qty": 2, "line": {"price": 2.50}}'
+    payload = payload_of(event(body, "application/json"))
+    rendered = compile_template("{{ price }} {{ huge }} {{ qty }} {{ line }}", "k").render(payload)
+    assert rendered == '1.50 1e400 2 {"price":2.5}'
+
+
 def test_multipart_form_fields_are_looked_up_and_files_skipped() -> None:
     """A Mailgun-style multipart post: text fields are payload, attachments are not."""
     body = (

@@ -99,11 +99,27 @@ def lookup(payload: Any, path: tuple[str, ...]) -> Any:
     return node
 
 
+class _Number(float):
+    """A JSON number with a fraction or an exponent, and the text it was sent as: ``1.50`` is
+    put in a template as ``1.50`` (a price), not as the float's ``1.5``, ``1e400`` as itself,
+    not ``Infinity``. Within an object or a list put whole, it is written as a float."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> _Number:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value
+    if isinstance(value, _Number):
+        return value.text
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -115,7 +131,7 @@ def payload_of(event: Event) -> Any:
     if media_type == "multipart/form-data":
         return _multipart_fields(event.content_type, event.body)
     try:
-        return event.json()
+        return json.loads(event.body, parse_float=_Number)
     except ValueError:
         return {}
 
