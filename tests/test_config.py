@@ -238,6 +238,11 @@ def test_a_secret_reference_naming_nothing_says_so(written: str, says: str) -> N
             "sources.a.verify.secert: unknown key (did you mean secret?)",
         ),
         ("[sources.a]\nbogus = 1", "sources.a.bogus: unknown key"),  # nothing close: no guess
+        # A short key one letter off (difflib's ratio alone is too low), and a lane whose only
+        # key is misspelt is told the key, not that it has neither rpm nor tpm.
+        ("[lanes.small]\nrpn = 5", "lanes.small.rpn: unknown key (did you mean rpm?)"),
+        ("[lanes.small]\nrmp = 5", "lanes.small.rmp: unknown key (did you mean rpm?)"),
+        ("[lanes.small]\nrpm = 5\nzz = 1", "lanes.small.zz: unknown key"),
     ],
 )
 def test_a_misspelt_key_is_told_the_key_it_most_likely_meant(text: str, said: str) -> None:

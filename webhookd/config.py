@@ -695,9 +695,29 @@ class Table:
 
 
 def _unknown(name: str, known: Iterable[str], said: str, cutoff: float = 0.8) -> str:
-    """``said``, and the known key ``name`` is most likely a misspelling of, if one is close."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=cutoff)
+    """``said``, and the known key ``name`` is most likely a misspelling of, if one is close:
+    by difflib's ratio, or one letter off (a short key's ratio is low for one slip: rpn, rpm)."""
+    keys = sorted(known)
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=cutoff)
+    if not close and len(name) >= 3:
+        close = [key for key in keys if _one_letter_off(name, key)][:1]
     return f"{said} (did you mean {close[0]}?)" if close else said
+
+
+def _one_letter_off(a: str, b: str) -> bool:
+    """One letter changed, added, dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 @functools.cache
@@ -1177,10 +1197,10 @@ def parse(
     for lane_name in list(lanes_table.data):
         lt = lanes_table.table(lane_name)
         lane_config = lt.read(LaneConfig(name=lane_name), only=_except("name", LaneConfig))
+        lt.finish()  # a misspelt rpm is named as such, not as a lane without one
         if lane_config.rpm is None and lane_config.tpm is None:
             raise ConfigError(lt.key, "needs rpm, tpm or both")
         lanes[lane_name] = lane_config
-        lt.finish()
     lanes_table.finish()
 
     sources: dict[str, SourceConfig] = {}
