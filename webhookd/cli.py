@@ -37,6 +37,7 @@ from webhookd.journal import (
     open_journal,
     present_only,
     serve_lock_held,
+    why_unusable,
 )
 from webhookd.redact import WRITTEN_OUT, Masker, printable, secret_values, written_out
 from webhookd.retention import prune_expired, windows_s
@@ -241,7 +242,8 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def check(config_path: str | None) -> None:
-    """Validate a config file: prints one line, exits 2 naming the bad key."""
+    """Validate a config file: prints one line, exits 2 naming the bad key. Warns of secrets
+    written in the file and of a journal.path this user could not use."""
     cfg = _load(config_path)
     sources = ", ".join(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())
@@ -257,6 +259,9 @@ def check(config_path: str | None) -> None:
     )
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
+    if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
+        # A warning, not exit 2: check may run as another user than serve (an operator's).
+        click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)
 
 
 def _second_key_note(cfg: config_mod.Config, key: str) -> str:

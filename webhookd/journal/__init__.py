@@ -266,29 +266,38 @@ def vacuum_pages(pages: int, took_s: float) -> int:
 _NEARLY_FULL_BYTES = 1 << 20
 
 
-def _why_not(path: Path) -> str:
-    """What an open of the journal at ``path`` failed on, as far as this process can see, for
-    the end of its error: SQLite says "unable to open database file" or "disk I/O error" for a
-    file of another user's, a folder it cannot write its -wal in, or a full disk."""
+def why_unusable(path: Path) -> str | None:
+    """Why this process could not use a journal at ``path``, as far as it can see, or None:
+    another user's file, a folder it cannot create files in (the nearest that exists: ``open``
+    makes the rest), a disk with no room. SQLite itself says only "unable to open database
+    file" or "disk I/O error"; ``webhookd check`` warns of the same before a start."""
     folder = path.parent
     try:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         if path.exists() and not os.access(path, os.R_OK | os.W_OK):
             st = path.stat()
             return (
-                f" (this user, uid {os.geteuid()}, cannot read and write it: owner uid"
-                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+                f"this user, uid {os.geteuid()}, cannot read and write it: owner uid"
+                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
             )
         if not os.access(folder, os.W_OK | os.X_OK):
             return (
-                f" (this user, uid {os.geteuid()}, cannot create files in {folder}, where"
-                " SQLite keeps the journal's -wal and -shm)"
+                f"this user, uid {os.geteuid()}, cannot create files in {folder}, where"
+                " SQLite keeps the journal's -wal and -shm"
             )
         usage = os.statvfs(folder)
         if usage.f_bavail * usage.f_frsize < _NEARLY_FULL_BYTES:
-            return f" (no space left on the disk of {folder})"
+            return f"no space left on the disk of {folder}"
     except OSError:
         pass
-    return ""
+    return None
+
+
+def _why_not(path: Path) -> str:
+    """``why_unusable`` for the end of an error, in parentheses, or nothing."""
+    why = why_unusable(path)
+    return f" ({why})" if why else ""
 
 
 def _other_file(exc: OSError, path: Path) -> str:
