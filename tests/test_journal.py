@@ -819,10 +819,14 @@ async def test_a_journal_this_user_cannot_use_is_refused_saying_why() -> None:
         config.write_text(f'[journal]\npath = "{roots / "j.db"}"\n')
         os.chmod(config, 0o644)
         said = _as_nobody("-m", "webhookd", "check", "--config", str(config))
-        assert said.startswith("ok: ") and (
-            f"webhookd: warning: journal.path: {roots / 'j.db'}: this user, uid 65534, cannot"
-            " read and write it: owner uid 0, mode 0600"
-        ) in said
+        assert (
+            said.startswith("ok: ")
+            and (
+                f"webhookd: warning: journal.path: {roots / 'j.db'}: this user, uid 65534, cannot"
+                " read and write it: owner uid 0, mode 0600"
+            )
+            in said
+        )
     finally:
         shutil.rmtree(base)
 
