@@ -261,6 +261,32 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
     )
 
 
+def test_check_and_the_start_warn_of_a_program_that_is_not_there(tmp_path: Path) -> None:
+    """Not an error (it may be installed after the config is checked), but said before every job
+    fails: a path that is no executable file, a name not on the PATH (the action's own PATH
+    if its env sets one), a relative path from its cwd; a program that is there says nothing."""
+    script = tmp_path / "deploy.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    cases = [
+        ([str(tmp_path / "gone.sh")], "", f"{str(tmp_path / 'gone.sh')!r} is not an executable"),
+        (["webhookd-no-such-program"], "", "'webhookd-no-such-program' is not an executable"),
+        (["deploy.sh"], f'env = {{ PATH = "{tmp_path}" }}', None),
+        (["./deploy.sh"], f'cwd = "{tmp_path}"', None),
+        (
+            ["./deploy.sh"],
+            "",
+            f"'./deploy.sh' is not an executable file (relative to {os.getcwd()})",
+        ),
+        ([sys.executable, "-c", "pass"], "", None),
+    ]
+    for argv, extra, said in cases:
+        cfg = loads(command_config(argv, extra))
+        warned = actions.warnings(cfg)
+        assert (warned == []) if said is None else (said in warned[0]), (argv, warned)
+        assert said is None or warned[0].startswith("sources.gh.actions[0].argv[0]: ")
+
+
 @pytest.mark.parametrize(
     ("line", "key"),
     [

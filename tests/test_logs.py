@@ -233,6 +233,22 @@ async def test_a_daemon_starting_with_a_secret_written_in_its_config_warns_namin
     assert "gh-inline-secret" not in caplog.text
 
 
+async def test_a_daemon_starting_with_a_command_whose_program_is_not_there_warns(
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ``check`` does: the start says which command's program is missing, before its jobs
+    fail one by one."""
+    caplog.set_level(logging.INFO, logger="webhookd")
+    missing = tmp_path / "deploy.sh"
+    action = f'[[sources.gh.actions]]\ntype = "command"\nargv = ["{missing}"]\n'
+    await run_daemon(make_config(tmp_path, action))
+    warned = [r.getMessage() for r in caplog.records if "argv[0]" in r.getMessage()]
+    assert warned == [
+        f"sources.gh.actions[0].argv[0]: {str(missing)!r} is not an executable file: its jobs"
+        " fail until it is"
+    ]
+
+
 async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -243,7 +243,8 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def check(config_path: str | None) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key. Warns of secrets
-    written in the file and of a journal.path this user could not use."""
+    written in the file, a command whose program is not there, and a journal.path this user
+    could not use."""
     cfg = _load(config_path)
     sources = ", ".join(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())
@@ -259,6 +260,10 @@ def check(config_path: str | None) -> None:
     )
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
+    from webhookd import actions as action_kinds
+
+    for said in action_kinds.warnings(cfg):
+        click.echo(f"webhookd: warning: {said}", err=True)
     if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)

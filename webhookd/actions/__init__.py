@@ -64,6 +64,7 @@ __all__ = [
     "kind_defaults",
     "rebuild",
     "validate",
+    "warnings",
 ]
 
 
@@ -90,6 +91,19 @@ def validate(config: Config) -> None:
     for source in config.all_sources():
         for action in source.actions:
             kind(action.type, f"{action.key}.type").validate(action)
+
+
+def warnings(config: Config) -> list[str]:
+    """What ``check`` and the daemon's start warn of in the actions, key first: a command whose
+    program is not there."""
+    from webhookd.actions.command import missing_program
+
+    said = []
+    for source in config.all_sources():
+        for action in source.actions:
+            if action.type == "command" and (why := missing_program(action)):
+                said.append(f"{action.key}.argv[0]: {why}")
+    return said
 
 
 def build(

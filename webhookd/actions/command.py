@@ -24,6 +24,7 @@ import errno
 import fnmatch
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -113,6 +114,22 @@ def _env_name(name: Any) -> bool:
 
 def validate(config: ActionConfig) -> None:
     _Settings(config)
+
+
+def missing_program(config: ActionConfig) -> str | None:
+    """Why this command's program would not start, if it is not there now (``check`` and the
+    daemon's start warn of it; not an error, as it may be installed after the config is
+    checked): every job of the action would fail until it is."""
+    settings = _Settings(config)
+    program = settings.argv[0].render({})
+    path = settings.env.get("PATH", os.environ.get("PATH", os.defpath))
+    if "/" in program:
+        where = os.path.join(settings.cwd or os.curdir, program)
+        if os.path.isfile(where) and os.access(where, os.X_OK):
+            return None
+    elif shutil.which(program, path=path) is not None:
+        return None
+    return f"{program!r} is not an executable file{_looked_up(program, settings.cwd)}"
 
 
 class _Tail:
