@@ -277,11 +277,11 @@ def _second_key_note(cfg: config_mod.Config, key: str) -> str:
     if verify is None:
         return ""
     scheme = SCHEMES[verify.scheme]
+    if not scheme.keeps_signed_key(verify):
+        return ""
     if scheme.body_unsigned:
         return " answered as a duplicate by its signature's token,"
-    if verify.dedup_body and scheme.untimed(verify):
-        return " answered as a duplicate of another delivery with the same signed body,"
-    return ""
+    return " answered as a duplicate of another delivery with the same signed body,"
 
 
 @main.command()

@@ -536,11 +536,7 @@ class Receiver:
         if key is None and scheme is not None:
             key = _storable(scheme.dedup_key(headers, body), "the delivery id header")
         body_key = None
-        if (
-            verify
-            and scheme
-            and (scheme.body_unsigned or (verify.dedup_body and scheme.untimed(verify)))
-        ):
+        if verify and scheme and scheme.keeps_signed_key(verify):
             # Nothing signed expires (or the body is not signed), so a captured signature re-sent
             # under a fresh delivery id would verify as a new event: what was signed (the body,
             # for most) is a second dedup key.

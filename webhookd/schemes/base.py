@@ -145,6 +145,12 @@ class Scheme(ABC):
         """No timestamp is signed, so only dedup stands between a captured request and a replay."""
         return self.untimed_always
 
+    def keeps_signed_key(self, cfg: VerifyConfig) -> bool:
+        """What was signed (``replay_key``) is each event's second dedup key: the signature
+        covers no body (``body_unsigned``), or no timestamp and ``dedup_body`` is on. A delivery
+        found a duplicate by that key keeps no key of its own."""
+        return self.body_unsigned or (cfg.dedup_body and self.untimed(cfg))
+
     def credential_header(self, cfg: VerifyConfig) -> str | None:
         """A request header whose value is the shared secret itself, so it is stored masked."""
         return None
