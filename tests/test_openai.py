@@ -616,3 +616,48 @@ async def test_daemon_runs_the_mailgun_case_end_to_end_through_its_lane(
     assert draft["event_id"] == answer["id"]
     assert draft["text"] == "Draft: Reply to Late parcel: Where is it?"
     assert daemon.daemon.lanes["llm"].statistics().admitted_total == 1
+
+
+@pytest.mark.parametrize(
+    ("limit", "lane", "said"),
+    [
+        ("max_tokens = 4000", "tpm = 1000", "max_tokens: 4,000 is more than lanes.llm.tpm (1,000)"),
+        (
+            "max_completion_tokens = 1001",
+            "tpm = 1000\nrpm = 10",
+            "max_completion_tokens: 1,001 is more than lanes.llm.tpm (1,000)",
+        ),
+        ("max_tokens = 1000", "tpm = 1000", None),
+        ("max_tokens = 4000", "rpm = 10", None),
+    ],
+)
+def test_check_and_the_start_warn_of_calls_bigger_than_their_lanes_tpm(
+    limit: str, lane: str, said: str | None
+) -> None:
+    """The lane lets such a call through alone once it has admitted nothing for a minute, over
+    its limit: not an error (a local server may enforce no limit), but said before it happens."""
+    from webhookd import actions
+
+    cfg = loads(
+        f"""
+[lanes.llm]
+{lane}
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:{KEY}"
+model = "gpt-4o-mini"
+prompt = "{{{{ text }}}}"
+lane = "llm"
+{limit}
+"""
+    )
+    warned = actions.warnings(cfg)
+    if said is None:
+        assert warned == []
+    else:
+        assert warned == [
+            f"sources.mail.actions[0].{said}: each call waits until the lane has"
+            " admitted nothing for a minute, then goes over its limit alone (OpenAI refuses a"
+            " request bigger than the limit with a 429)"
+        ]

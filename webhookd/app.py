@@ -339,7 +339,7 @@ class Daemon:
         for key in written_out(cfg):
             log.warning("%s is %s", key, WRITTEN_OUT)
         for said in action_registry.warnings(cfg):
-            log.warning("%s: its jobs fail until it is", said)
+            log.warning("%s", said)
         catch_all = cfg.sources.get(CATCH_ALL)
         if catch_all is not None and catch_all.verify is None and not cfg.server.listen.is_loopback:
             log.warning(

@@ -95,14 +95,17 @@ def validate(config: Config) -> None:
 
 def warnings(config: Config) -> list[str]:
     """What ``check`` and the daemon's start warn of in the actions, key first: a command whose
-    program is not there."""
+    program is not there, an openai action whose calls are bigger than its lane's tpm."""
     from webhookd.actions.command import missing_program
+    from webhookd.actions.openai import lane_too_small
 
     said = []
     for source in config.all_sources():
         for action in source.actions:
             if action.type == "command" and (why := missing_program(action)):
-                said.append(f"{action.key}.argv[0]: {why}")
+                said.append(f"{action.key}.argv[0]: {why}: its jobs fail until it is")
+            elif action.type == "openai" and (big := lane_too_small(action, config.lanes)):
+                said.append(f"{action.key}.{big[0]}: {big[1]}")
     return said
 
 

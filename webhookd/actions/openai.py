@@ -64,6 +64,7 @@ from webhookd.config import (
     DEFAULT_OPENAI_API_KEY,
     ActionConfig,
     ActionDefaults,
+    LaneConfig,
     RetryPolicy,
     Table,
     header_value,
@@ -159,6 +160,22 @@ class _Settings:
         self.then: _Then | None = None
         if t.has("then"):
             self.then = _Then(t.raw("then"), t.path("then"))
+
+
+def lane_too_small(config: ActionConfig, lanes: Mapping[str, LaneConfig]) -> tuple[str, str] | None:
+    """The option, and why, when this action's calls cannot fit its lane's ``tpm`` (``check``
+    and the daemon's start warn of it): the lane reserves ``max_tokens`` and the prompt for
+    each call, and a call bigger than a whole minute's tokens waits until the lane is empty,
+    then goes over the limit alone, which a provider enforcing that limit refuses."""
+    settings = _Settings(config)
+    lane = lanes.get(settings.lane) if settings.lane is not None else None
+    if lane is None or lane.tpm is None or settings.max_tokens <= lane.tpm:
+        return None
+    return settings.token_limit_name, (
+        f"{settings.max_tokens:,} is more than lanes.{settings.lane}.tpm ({lane.tpm:,}):"
+        " each call waits until the lane has admitted nothing for a minute, then goes over"
+        " its limit alone (OpenAI refuses a request bigger than the limit with a 429)"
+    )
 
 
 class _Then:
