@@ -84,6 +84,28 @@ async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     assert doc["id"] in journaled_ids(cfg.journal.path)
 
 
+async def test_the_stop_line_comes_after_the_write_failures_held_back(
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon stopped while its journal cannot write says how many failures it held back
+    before its last line, not after it."""
+    caplog.set_level(logging.INFO, logger="webhookd")
+    running: Running = await run_daemon(
+        make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    )
+    journal = running.daemon.journal
+    assert journal is not None
+    [(pages,)] = await journal._call(pragma("page_count"), transaction=False)
+    await journal._call(pragma(f"max_page_count = {pages}"), transaction=False)
+    for i in range(12):  # ten failures logged, two held back
+        body = b'{"pad": "' + bytes([97 + i]) * 60_000 + b'"}'
+        assert (await running.post("/hooks/a", body, headers=JSON))[0] == 503
+    assert await running.stop() == 0
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("webhookd")]
+    held = said.index("2 more journal write failures in the last 60 s, not logged one by one")
+    assert said[-1].startswith("stopped cleanly") and held < len(said) - 1, said[held:]
+
+
 async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     tmp_path: Path, run_daemon: Any
 ) -> None:

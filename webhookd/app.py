@@ -266,10 +266,13 @@ class Daemon:
                         await runner.cleanup()
                 for task in side_tasks:
                     task.cancel()
-            if pool.left_claimed:
-                log.info("stopped (%d job(s) left claimed: %s)", pool.left_claimed, RECOVERED)
-            else:
-                log.info("stopped cleanly (%d job(s) re-queued)", cancelled)
+            left_claimed = pool.left_claimed
+        # The last line, once the journal is closed: after anything its close still says (a
+        # write failure it held back, a checkpoint that failed).
+        if left_claimed:
+            log.info("stopped (%d job(s) left claimed: %s)", left_claimed, RECOVERED)
+        else:
+            log.info("stopped cleanly (%d job(s) re-queued)", cancelled)
         return 0
 
     async def _serve(
