@@ -61,11 +61,12 @@ def _intake(ax: Axes, intake: dict[str, Any]) -> None:
     names = list(summary)
     medians = [summary[n]["rps_median"] for n in names]
     colors = [_GREY if n == "bare" else _BLUE for n in names]
-    _bars(ax, names, medians, colors)
+    labels = [n.replace("+", "\n+") for n in names]  # five side by side: "webhookd+job" is long
+    _bars(ax, labels, medians, colors)
     if names:
         low = [summary[n]["rps_median"] - summary[n]["rps_min"] for n in names]
         high = [summary[n]["rps_max"] - summary[n]["rps_median"] for n in names]
-        ax.errorbar(names, medians, yerr=[low, high], fmt="none", ecolor="black", capsize=4)
+        ax.errorbar(labels, medians, yerr=[low, high], fmt="none", ecolor="black", capsize=4)
         ratio = intake.get("ratios", {}).get("webhookd")
         if ratio:
             ax.set_xlabel(f"webhookd / bare = {ratio['median']:.2f} (target ≥ 0.60)")
