@@ -104,6 +104,66 @@ async def test_body_and_content_type_pass_through_with_the_event_id(
     assert "webhook-signature" not in seen.headers
 
 
+async def test_the_headers_that_say_what_the_webhook_is_go_along(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """A GitHub or Shopify service learns the event's kind from its headers: those are passed
+    on by default, in the case they came in; `pass_headers` names others (or none), and a
+    configured header of the same name wins."""
+    event = make_event()
+    event = Event(
+        **{
+            **{f: getattr(event, f) for f in Event.__dataclass_fields__},
+            "headers": (
+                ("Content-Type", "application/json"),
+                ("X-GitHub-Event", "pull_request"),
+                ("x-shopify-topic", "orders/create"),
+                ("X-Provider-Only", "kept back"),
+                ("X-Token", "***"),
+                ("X-Odd", "caf\udce9"),  # a latin-1 byte the parser could not decode
+            ),
+        }
+    )
+    assert (await send(f'url = "{target.url}/a"')(event)).kind == "done"
+    assert (await send(f'url = "{target.url}/b"\npass_headers = []')(event)).kind == "done"
+    run = send(
+        f'url = "{target.url}/c"\npass_headers = ["X-Provider-Only", "X-Token", "X-Odd",'
+        ' "X-GitHub-Event"]\nheaders = { X-GitHub-Event = "ping" }'
+    )
+    assert (await run(event)).kind == "done"
+    a, b, c = target.seen
+    assert (a.headers["X-GitHub-Event"], a.headers["x-shopify-topic"]) == (
+        "pull_request",
+        "orders/create",
+    )
+    assert "X-Provider-Only" not in a.headers
+    assert not {"X-GitHub-Event", "x-shopify-topic"} & set(b.headers)
+    assert (c.headers["X-Provider-Only"], c.headers["X-GitHub-Event"]) == ("kept back", "ping")
+    assert not {"X-Token", "X-Odd", "x-shopify-topic"} & set(c.headers)
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('pass_headers = "X-GitHub-Event"', "pass_headers", "must be an array"),
+        ('pass_headers = ["X GitHub"]', "pass_headers[0]", "is not a header name"),
+        ('pass_headers = ["a", "Content-Length"]', "pass_headers[1]", "forward's own to set"),
+        ('pass_headers = ["webhook-signature"]', "pass_headers[0]", "forward's own to set"),
+        ('pass_headers = ["Authorization"]', "pass_headers[0]", "is a credential"),
+    ],
+)
+def test_pass_headers_that_cannot_be_passed_are_config_errors(
+    tmp_path: Path, line: str, key: str, says: str
+) -> None:
+    text = (
+        '[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\n'
+        f'url = "http://127.0.0.1:9/x"\n{line}\n'
+    )
+    with pytest.raises(ConfigError, match=says) as err:
+        actions.validate(make_config(tmp_path, text))
+    assert err.value.key == f"sources.shop.actions[0].{key}"
+
+
 async def test_custom_headers_and_method_are_used(
     target: Target, send: Callable[[str], Forward]
 ) -> None:

@@ -1,6 +1,8 @@
 """The ``forward`` action: deliver the event's raw body to the user's service over HTTP, signed.
 
-How answers map to outcomes, and the headers every request carries, are in ``delivery``.
+How answers map to outcomes, and the headers every request carries, are in ``delivery``. Of the
+provider's own headers, those that say what the webhook is (``X-GitHub-Event``,
+``X-Shopify-Topic`` …: ``PASS_HEADERS``) go along unless ``pass_headers`` names others.
 """
 
 from __future__ import annotations
@@ -20,15 +22,50 @@ from webhookd.actions.delivery import (
     read_url,
     signed_headers,
 )
-from webhookd.config import ActionConfig, ActionDefaults, RetryPolicy
+from webhookd.config import HEADER_NAME, ActionConfig, ActionDefaults, RetryPolicy
+from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
+from webhookd.redact import MASK, SECRET_HEADERS
 
 # A downstream service can be down for hours (a deploy, an outage): the attempts, up to 6 h
 # apart, span about half a day.
 DEFAULTS = ActionDefaults(
     retry=RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=6 * 3600.0)
 )
-_OPTIONS = ("url", "method", "headers", "secret", "secrets")
+_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets")
+
+# The provider's headers that say what a webhook is, where its body does not: a GitHub service
+# cannot tell a push from a pull request without X-GitHub-Event, nor a Shopify one an order's
+# creation from its update without X-Shopify-Topic. Passed on when the webhook has them.
+PASS_HEADERS = (
+    "X-GitHub-Event",
+    "X-GitHub-Delivery",
+    "X-GitHub-Hook-ID",
+    "X-GitHub-Hook-Installation-Target-ID",
+    "X-GitHub-Hook-Installation-Target-Type",
+    "X-Shopify-Topic",
+    "X-Shopify-Shop-Domain",
+    "X-Shopify-API-Version",
+    "X-Shopify-Webhook-Id",
+    "X-Shopify-Event-Id",
+    "X-Shopify-Triggered-At",
+)
+# What the forward sets itself, or what would describe another request than the one it sends.
+_OWN_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "host",
+        "connection",
+        "user-agent",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "idempotency-key",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +73,7 @@ class _Settings:
     url: str
     headers: Mapping[str, str]
     secrets: tuple[str, ...]
+    passed: frozenset[str]  # lower case
     method: Literal["POST", "PUT", "PATCH"] = "POST"
 
 
@@ -44,7 +82,24 @@ def _settings(config: ActionConfig) -> _Settings:
     url = read_url(t, "url")
     headers = read_headers(t)
     secrets = tuple(s.reveal() for s in read_signing_secrets(t))
-    return t.read(_Settings(url, headers, secrets), only=("method",))
+    passed = _read_passed(t.raw("pass_headers", list(PASS_HEADERS)), t.path("pass_headers"))
+    return t.read(_Settings(url, headers, secrets, passed), only=("method",))
+
+
+def _read_passed(value: object, key: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, 'must be an array of header names, like ["X-GitHub-Event"]')
+    for i, name in enumerate(value):
+        lname = name.lower()
+        if not HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"{key}[{i}]", "is not a header name")
+        if lname in _OWN_HEADERS:
+            raise ConfigError(f"{key}[{i}]", f"{name} is the forward's own to set")
+        if lname in SECRET_HEADERS:
+            raise ConfigError(
+                f"{key}[{i}]", f"{name} is a credential, stored as *** and never passed on"
+            )
+    return frozenset(name.lower() for name in value)
 
 
 def validate(config: ActionConfig) -> None:
@@ -58,13 +113,24 @@ class ForwardAction:
         self.settings = _settings(config)
 
     def headers_for(self, event: Event, now: float) -> dict[str, str]:
+        extra = self.settings.headers
+        passed = self.settings.passed
+        if passed:
+            # As received (HTTP's parser let no CR, LF or NUL through); the configured headers
+            # win over a passed one of the same name.
+            extra = {
+                k: v
+                for k, v in event.headers
+                if k.lower() in passed and v != MASK and _sendable(v)  # MASK: a token header
+            }
+            extra.update(self.settings.headers)
         return signed_headers(
             self.settings.secrets,
             msg_id=event.id,
             body=event.body,
             content_type=event.content_type,
             now=now,
-            extra=self.settings.headers,
+            extra=extra,
         )
 
     async def run(self, event: Event, job: Job) -> Outcome:
@@ -78,6 +144,15 @@ class ForwardAction:
 
     async def aclose(self) -> None:
         return None
+
+
+def _sendable(value: str) -> bool:
+    """A value the client can encode: not text a non-UTF-8 header was decoded into."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def create(config: ActionConfig, resources: Resources) -> ForwardAction:
