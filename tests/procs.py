@@ -15,9 +15,10 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -380,3 +381,31 @@ async def settled_event(
     except TimeoutError:
         raise AssertionError(f"event {event_id} not settled within {timeout_s}s: {doc}") from None
     return doc
+
+
+# A process that has a SQLite file open in WAL mode, as a daemon of an older webhookd (one
+# from before the serve lock) has: it reads once, says so, and holds the file until stdin ends.
+_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("PRAGMA journal_mode = WAL")
+conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_open(path: Path) -> Iterator[int]:
+    """``path`` open in another process for the block; yields that process's pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        yield holder.pid
+    finally:
+        holder.communicate("", timeout=30)

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from ops_support import cli
-from procs import Procs, Target, write_config
+from procs import Procs, Target, held_open, write_config
 from test_cli import on_a_terminal
 from test_journal_contract import new_event
 
@@ -245,6 +245,18 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert read(Path(f"{aside}-wal")) == b"an orphan wal"
     assert not wal.exists()
     assert journal.read_bytes() == good.read_bytes()
+
+    # A process with the journal open that takes no serve lock (a daemon of a webhookd from
+    # before it, an sqlite3 shell) would go on writing to the file a restore moved aside.
+    with held_open(journal) as pid:
+        before = names(tmp_path)
+        out = await cli("restore", str(good), "--config", str(config))
+        assert (out.exit_code, out.output) == (
+            1,
+            f"webhookd: error: process {pid} has {journal} open (a daemon of an older"
+            " webhookd, which takes no serve lock?): stop it before a restore\n",
+        )
+        assert names(tmp_path) == before
 
     pg = tmp_path / "pg.toml"
     pg.write_text('[journal]\nurl = "postgresql://webhookd@127.0.0.1/webhookd"\n')

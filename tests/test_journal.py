@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import held_open
 from test_backup import small_disk
 
 from webhookd.clock import ManualClock
@@ -174,6 +175,29 @@ async def test_a_cli_journal_upgrades_no_schema_under_a_running_daemon(tmp_path:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
     async with Journal(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+@pytest.mark.parametrize("serving", [False, True], ids=["cli", "serve"])
+async def test_no_schema_is_upgraded_under_a_process_that_has_the_journal_open(
+    tmp_path: Path, serving: bool
+) -> None:
+    """A daemon of a webhookd from before the serve lock takes none, so the lock cannot tell of
+    it; upgrading the tables under it would fail all its writes, and a second daemon would run
+    its jobs again. SQLite's own lock on the -shm file tells of every process that has the
+    journal open: a CLI verb and a starting daemon both refuse, naming its pid, and change
+    nothing; once it is gone the upgrade goes ahead."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path)
+    with held_open(path) as pid:
+        with pytest.raises(JournalError, match=f"process {pid} has it open") as err:
+            await Journal(path, serving=serving).open()
+        assert "stop it before this webhookd upgrades the journal" in str(err.value)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
+    async with Journal(path, serving=serving):
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -33,6 +33,7 @@ import queue
 import re
 import sqlite3
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -328,6 +329,33 @@ def serve_lock_held(path: Path) -> bool | None:
     except OSError:
         return None
     return holder.isdigit() and process_running(int(holder))
+
+
+# SQLite (os_unix.c) holds a shared POSIX lock on this byte of ``<db>-shm`` in every process
+# that has the database open in WAL mode: its "dead man switch", UNIX_SHM_DMS.
+_SHM_DMS_BYTE = 128
+
+
+def opened_elsewhere(path: Path) -> int | None:
+    """The pid of another process that has the journal open, if one has (the kernel says so,
+    through SQLite's own lock on the ``-shm`` file); ``None`` if none, or if it cannot tell.
+
+    The serve lock tells of a daemon of this webhookd; a daemon of one from before that lock
+    (schema versions below 9), a CLI verb or an ``sqlite3`` shell take none, and upgrading the
+    schema or restoring under any of them breaks it. This process's own connections do not
+    count (POSIX locks are per process)."""
+    try:
+        fd = os.open(f"{os.path.realpath(path)}-shm", os.O_RDONLY)
+    except OSError:  # no -shm: nobody has it open in WAL mode
+        return None
+    try:
+        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS_BYTE, 1, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
 
 
 def _take_serve_lock(
@@ -689,6 +717,12 @@ class Journal(Reads, BaseJournal):
             )
         if version == len(MIGRATIONS):
             return
+        if version > 0 and (pid := opened_elsewhere(self.path)) is not None:
+            raise JournalError(
+                f"{self.path} has schema version {version}, this webhookd's is"
+                f" {len(MIGRATIONS)}, and process {pid} has it open (a daemon of the older"
+                " webhookd?): stop it before this webhookd upgrades the journal"
+            )
         lock = None
         if not self.serving and version > 0:
             # A CLI verb finding an older schema: a daemon of the older webhookd may be running

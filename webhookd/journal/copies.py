@@ -30,6 +30,7 @@ from webhookd.journal import (
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
     interrupted_restores,
+    opened_elsewhere,
     process_running,
     restored_marker,
     serve_lock_file,
@@ -191,6 +192,12 @@ def _restore(copy: Path, journal: Path) -> Copy:
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore")
+    if (pid := opened_elsewhere(journal)) is not None:
+        os.close(lock)
+        raise JournalError(
+            f"process {pid} has {journal} open (a daemon of an older webhookd, which takes no"
+            " serve lock?): stop it before a restore"
+        )
     swept = sweep(journal.parent)
     partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
