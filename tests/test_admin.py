@@ -444,6 +444,41 @@ retry = { max_attempts = 1 }
     assert finished[2] == ("down", "dead") and len(target.seen) == 1
 
 
+async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """POST /events/<id>/replay?dead=1 (a dead letter's Replay on the dashboard) re-queues the
+    event's dead job alone, as ``replay --dead`` does; without it every finished job runs."""
+    down = """
+[[sources.shop.actions]]
+type = "forward"
+name = "down"
+url = "http://127.0.0.1:9/down"
+retry = { max_attempts = 1 }
+"""
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward_source("shop", target.url + "/shop") + down)
+    )
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    assert len(target.seen) == 1
+
+    status, error = await post_admin(running, f"/events/{event_id}/replay?dead=yes")
+    assert status == 400 and "dead" in error["error"]
+    status, doc = await post_admin(running, f"/events/{event_id}/replay?dead=1")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
+
+    async def down_ran_twice() -> bool:
+        _, detail = await get(running, f"/events/{event_id}")
+        jobs = {j["action"]: j for j in detail["jobs"]}
+        return len(jobs["down"]["errors"]) == 2 and jobs["down"]["state"] == "dead"
+
+    await poll(down_ran_twice, timeout_s=15)
+    _, detail = await get(running, f"/events/{event_id}")
+    assert [j["state"] for j in detail["jobs"] if j["action"] == "deliver"] == ["done"]
+    assert len(target.seen) == 1
+
+
 async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(
     journal: Journal,
 ) -> None:

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from conftest import Target, make_config
 from ops_support import TOKEN_ENV, accepted, event_state, forward_source
+from procs import poll
 
 from webhookd.errors import ConfigError
 from webhookd.send import build as signed_request
@@ -287,6 +288,43 @@ async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
     assert target.seen[1].body == b'{"order": 42}'
     doc = await event_state(running.http, running.admin_url, event_id, "done", headers=auth)
     assert doc["jobs"][0]["result"] == {"status": 200}
+
+
+async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """An event delivered to one target and dead at another: its Replay in the Dead letters
+    list runs the dead job again, and the target that had the webhook does not get it twice."""
+    down = """
+[[sources.shop.actions]]
+type = "forward"
+name = "down"
+url = "http://127.0.0.1:9/down"
+retry = { max_attempts = 1 }
+"""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + down)
+    running = await run_daemon(cfg)
+    event_id = await accepted(running, "shop", '{"order": 5}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    assert len(target.seen) == 1
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        button = f"#dead button.replay[data-id='{event_id}']"
+        await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
+        status = await page.click_for_status(button, "replayed")
+        assert status == f"replayed {event_id}: 1 dead job(s) re-queued"
+
+    async def down_ran_twice() -> bool:
+        doc = await event_state(running.http, running.admin_url, event_id, "dead")
+        return any(j["action"] == "down" and len(j["errors"]) == 2 for j in doc["jobs"])
+
+    await poll(down_ran_twice, timeout_s=15)
+    doc = await event_state(running.http, running.admin_url, event_id, "dead")
+    assert [(j["action"], j["state"], j["attempts"]) for j in doc["jobs"]] == [
+        ("deliver", "done", 1),
+        ("down", "dead", 1),
+    ]
+    assert len(target.seen) == 1
 
 
 async def test_dashboard_cancels_a_job_waiting_for_its_retry(

@@ -367,9 +367,14 @@ class Admin:
         return web.json_response(self.ctx.masker.deep(doc))
 
     async def replay(self, request: web.Request) -> web.Response:
+        """The event's finished jobs run again; with ``?dead=1`` (``replay --dead``, the
+        dashboard's dead letters) its dead jobs alone, so a delivered forward is not sent twice."""
         event_id = request.match_info["id"]
+        dead = request.query.get("dead", "0")
+        if dead not in ("0", "1"):
+            return json_error(400, "dead must be 0 or 1")
         try:
-            counts = await self.ctx.journal.replay([event_id])
+            counts = await self.ctx.journal.replay([event_id], dead_only=dead == "1")
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:
