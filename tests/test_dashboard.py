@@ -327,6 +327,85 @@ retry = { max_attempts = 1 }
     assert len(target.seen) == 1
 
 
+async def set_width(page: Page, width: int) -> None:
+    """The window's width in CSS pixels, as a phone's (390) or a laptop's (1280)."""
+    await send(
+        page.ws,
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": 844, "deviceScaleFactor": 1, "mobile": False},
+        session=page.session,
+    )
+
+
+# What sticks out past the window's right edge, if anything: the page is as wide as the window.
+OVERFLOW = """(() => {
+    const wide = document.documentElement.scrollWidth - window.innerWidth;
+    if (wide <= 0) return "";
+    const out = [...document.querySelectorAll("body *")].filter((e) =>
+        e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest(".scroll"));
+    return `${wide}px too wide: ` + out.slice(0, 5).map((e) =>
+        e.tagName + (e.id ? "#" + e.id : "") + "." + e.className).join(", ");
+})()"""
+
+
+async def test_dashboard_fits_a_phone_and_a_laptop_whatever_a_sender_sent(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    browser: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 390 px (a phone) and 1280 px the page is no wider than the window, the token form's
+    Use button is on screen before login, and neither a 300-character tenant, a 64-character
+    source name nor a 3000-character answer from a target widens it: long words wrap, and a
+    table too wide for its box scrolls inside it."""
+    monkeypatch.setenv(TOKEN_ENV, "dash-token-1234")
+    name = "s" * 64
+    cfg = make_config(
+        tmp_path,
+        forward_source(name, target.url + "/in", tenant="json:tenant"),
+        admin=f'token = "env:{TOKEN_ENV}"',
+    )
+    running = await run_daemon(cfg)
+    auth = {"Authorization": "Bearer dash-token-1234"}
+    target.statuses, target.body = [500], b"e" * 3000
+    event_id = await accepted(running, name, json.dumps({"tenant": "t" * 300}))
+    await event_state(running.http, running.admin_url, event_id, "dead", headers=auth)
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        for width in (390, 1280):
+            await set_width(page, width)
+            await page.wait_for("document.querySelector('#auth.show')")
+            assert await page.evaluate(OVERFLOW) == "", width
+            right = await page.evaluate(
+                "document.querySelector('#auth button').getBoundingClientRect().right"
+            )
+            assert right <= width
+        await page.type_text("#token", "dash-token-1234")
+        await page.click("#auth button")
+        await page.wait_for(
+            "document.body.dataset.loaded === '1'"
+            " && document.querySelector('#detail ol.timeline li.outcome-dead')"
+        )
+        for width in (390, 1280):
+            await set_width(page, width)
+            await page.evaluate("new Promise((r) => requestAnimationFrame(r))")
+            assert await page.evaluate(OVERFLOW) == "", width
+            # Each table is whole within its box, or scrolls within it: no column cut off.
+            clipped = await page.evaluate(
+                "[...document.querySelectorAll('.scroll')].filter((box) =>"
+                " box.scrollWidth > box.clientWidth"
+                " && getComputedStyle(box).overflowX !== 'auto').length"
+            )
+            assert clipped == 0
+        last = await page.evaluate(
+            "(() => { const th = document.querySelector('#nodes th:last-child');"
+            " return th.getBoundingClientRect().right"
+            " <= th.closest('section').getBoundingClientRect().right; })()"
+        )
+        assert last, "the Nodes table's last column is cut off at 1280 px"
+
+
 async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
