@@ -25,6 +25,7 @@ from ops_support import TOKEN_ENV, accepted, event_state, forward_source
 from procs import poll
 
 from webhookd.errors import ConfigError
+from webhookd.redact import printable
 from webhookd.send import build as signed_request
 
 CHROMIUM = shutil.which("chromium")
@@ -404,6 +405,31 @@ async def test_dashboard_fits_a_phone_and_a_laptop_whatever_a_sender_sent(
             " <= th.closest('section').getBoundingClientRect().right; })()"
         )
         assert last, "the Nodes table's last column is cut off at 1280 px"
+
+
+async def test_dashboard_shows_a_senders_bidi_and_control_characters_escaped(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A tenant that starts with a right-to-left override (``gnp.exe`` reads as ``exe.png``)
+    and holds other characters a terminal or a reader would obey is shown as ``show`` prints
+    it, each escaped, and isolated: the events table, the event's line and its body."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in", tenant="json:tenant"))
+    running = await run_daemon(cfg)
+    tenant = "\u202egnp.exe\x1b[2J\u00a0\u2066\u2028x"
+    event_id = await accepted(running, "shop", json.dumps({"tenant": tenant}))
+    await event_state(running.http, running.admin_url, event_id, "done")
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        cell = f"document.querySelector(\"#events tr[data-event-id='{event_id}'] td:nth-child(3)\")"
+        shown = await page.wait_for(f"{cell}?.querySelector('bdi')?.textContent")
+        assert shown == printable(tenant) == "\\u202egnp.exe\\x1b[2J\\xa0\\u2066\\u2028x"
+        line = await page.wait_for("document.querySelector('#detail p.summary')?.textContent")
+        assert f" · tenant {printable(tenant)} · priority " in line
+        assert await page.evaluate("document.querySelectorAll('#detail p.summary bdi').length") >= 2
+        body = await page.wait_for("document.querySelector('#detail pre.body')?.textContent")
+        assert '"tenant": "\\u202egnp.exe\\u001b[2J\\xa0\\u2066\\u2028x"' in body
+        text = await page.evaluate("document.body.innerText")
+        assert not any(c in text for c in "\u202e\x1b\u2066\u2028")
 
 
 async def test_dashboard_cancels_a_job_waiting_for_its_retry(
