@@ -265,8 +265,12 @@ async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
 
     async with open_page(browser, running.admin_url + "/") as page:
         if token:
-            # No token yet: the API answers 401 and the page asks for one.
+            # No token yet: the API answers 401 and the page asks for one, saying what the
+            # API said; it does not claim there are no dead letters.
             await page.wait_for("document.querySelector('#auth.show')")
+            said = await page.wait_for("document.querySelector('#stale').textContent")
+            assert said == "missing or wrong bearer token"
+            assert await page.evaluate("document.querySelector('#dead-empty').hidden")
             await page.type_text("#token", "dash-token-1234")
             await page.click("#auth button")
         row = f"#dead tr[data-event-id='{event_id}']"
@@ -522,6 +526,11 @@ async def test_dashboard_finds_an_event_by_its_delivery_key(
         await page.click("#find button")
         status = await page.wait_for("document.querySelector('#status.err')?.textContent")
         assert status.startswith("shop:nope: no event has this dedup key")
+        # A Find that works clears the error of the one before.
+        await page.evaluate("document.querySelector('#find-key').value = ''")
+        await page.type_text("#find-key", key)
+        await page.click("#find button")
+        await page.wait_for("document.querySelector('#status').textContent === ''")
 
 
 async def test_dashboard_pauses_and_resumes_a_source(
@@ -611,11 +620,11 @@ async def test_dashboard_replays_a_sources_dead_letters(
     assert len(target.seen) == 2
 
 
-async def test_dashboard_clears_a_refresh_error_once_the_daemon_answers_again(
+async def test_dashboard_marks_its_data_stale_while_the_daemon_is_unreachable(
     tmp_path: Path, run_daemon: Any, browser: str
 ) -> None:
-    """A daemon restarted (or a network gone) fails a refresh: the error shows until a
-    refresh works again, not for as long as the page stays open."""
+    """A daemon restarted (or a network gone) fails a refresh: the page says the daemon is
+    unreachable and how old the data it still shows is, dimmed, until a refresh works again."""
     running = await run_daemon(make_config(tmp_path))
     async with open_page(browser, running.admin_url + "/") as page:
         await page.wait_for("document.body.dataset.loaded === '1'")
@@ -623,12 +632,37 @@ async def test_dashboard_clears_a_refresh_error_once_the_daemon_answers_again(
             "window.realFetch = window.fetch;"
             " window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))"
         )
-        await page.wait_for("document.querySelector('#status').textContent === 'Failed to fetch'")
+        said = await page.wait_for(
+            "document.body.classList.contains('stale')"
+            " && !document.querySelector('#stale').hidden"
+            " && document.querySelector('#stale').textContent"
+        )
+        assert re.fullmatch(r"daemon unreachable · last updated \d+s ago", said), said
+        assert await page.evaluate("document.querySelector('#status').textContent") == ""
         await page.evaluate("window.fetch = window.realFetch")
         await page.wait_for(
-            "document.querySelector('#status').textContent === ''"
-            " && document.querySelector('#status').className === 'muted'"
+            "document.querySelector('#stale').hidden && !document.body.classList.contains('stale')"
         )
+
+
+async def test_dashboard_keeps_an_actions_failure_in_view_when_the_refresh_fails_too(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A Pause that cannot reach the daemon says so, and the refresh that follows, failing for
+    the same reason, does not write over it."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url + "/in")))
+    await event_state(running.http, running.admin_url, await accepted(running, "shop"), "done")
+    async with open_page(browser, running.admin_url + "/") as page:
+        button = "#sources button.pause[data-source='shop']"
+        await page.wait_for(
+            f'document.body.dataset.loaded === "1" && document.querySelector("{button}")'
+        )
+        await page.evaluate("window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))")
+        status = await page.click_for_status(button, "pause of shop failed")
+        assert status == "pause of shop failed: daemon unreachable"
+        await page.wait_for("!document.querySelector('#stale').hidden")
+        await page.evaluate("new Promise((r) => setTimeout(r, 2500))")  # a poll's refresh too
+        assert await page.evaluate("document.querySelector('#status.err')?.textContent") == status
 
 
 async def test_dashboard_page_is_served_without_the_token_but_the_api_is_not(
