@@ -436,6 +436,57 @@ async def test_dashboard_shows_a_senders_bidi_and_control_characters_escaped(
         assert not any(c in text for c in "\u202e\x1b\u2066\u2028")
 
 
+async def test_dashboard_event_page_shows_the_dedup_key_a_replay_and_short_attempts_in_ms(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """An event's page shows its dedup key and, as ``show`` does, a "replayed" mark where a
+    replay started the attempts over, an attempt a drain cut off as "(not counted)" (not as its
+    raw detail), and an attempt of a few milliseconds in ms, not as 0.00s."""
+    running = await run_daemon(make_config(tmp_path, forward_source("shop", target.url + "/in")))
+    target.statuses = [500]
+    event_id = await accepted(running, "shop", '{"order": 11}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    replay = f"{running.admin_url}/events/{event_id}/replay"
+    async with running.http.post(replay, headers={"X-Webhookd": "1"}) as r:
+        assert r.status == 202
+    doc = await event_state(running.http, running.admin_url, event_id, "done")
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        steps = (
+            "[...document.querySelectorAll('#detail ol.timeline li')]"
+            ".map((li) => [li.className, li.textContent])"
+        )
+        await page.wait_for(f"{steps}.length === 3")
+        dedup = await page.evaluate("document.querySelector('#detail p.dedup').textContent")
+        assert dedup == f"dedup key {doc['dedup_key']}"
+        (dead, dead_text), (mark, mark_text), (done, done_text) = await page.evaluate(steps)
+        assert (dead, mark, done) == ("outcome-dead", "replayed", "outcome-done")
+        assert (
+            dead_text.startswith("#1 ") and done_text.startswith("#1 ") and mark_text == "replayed"
+        )
+        assert re.search(r" · \d+(\.\d)? ms · done", done_text), done_text
+        assert "0.00s" not in done_text
+
+        # An attempt a drain cut off ahead of the first: its number is the next one's, no
+        # replay between them, and its detail is not shown as JSON.
+        await page.evaluate(
+            """(() => { const real = window.fetch;
+            window.fetch = async (path, options) => {
+                const r = await real(path, options);
+                if (!String(path).startsWith("/events/evt_")) return r;
+                const doc = await r.json(), errors = doc.jobs[0].errors;
+                errors.unshift({...errors[0], outcome: "retry", error: "cut off by a drain",
+                                detail: {counted: false}});
+                return new Response(JSON.stringify(doc), {status: 200});
+            }; })()"""
+        )
+        await page.wait_for(f"{steps}.length === 4")
+        classes = await page.evaluate(f"{steps}.map(([c]) => c)")
+        assert classes == ["outcome-retry", "outcome-dead", "replayed", "outcome-done"]
+        cut = (await page.evaluate(steps))[0][1]
+        assert cut.startswith("#1 (not counted) ") and "counted" not in cut[17:], cut
+
+
 async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
