@@ -465,6 +465,7 @@ async def test_dashboard_event_page_shows_the_dedup_key_a_replay_and_short_attem
             dead_text.startswith("#1 ") and done_text.startswith("#1 ") and mark_text == "replayed"
         )
         assert re.search(r" · \d+(\.\d)? ms · done", done_text), done_text
+        assert re.match(r"#1 \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC · ", dead_text), dead_text
         assert "0.00s" not in done_text
 
         # An attempt a drain cut off ahead of the first: its number is the next one's, no
@@ -520,7 +521,7 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     doc = await event_state(running.http, running.admin_url, event_id, "cancelled")
     assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc["jobs"][0]["finished_at"]))
-    assert line.endswith(f" · cancelled {stamp}")
+    assert line.endswith(f" · cancelled {stamp} UTC")
 
 
 async def test_dashboard_cancels_a_running_job_after_its_attempt(
@@ -811,6 +812,11 @@ async def test_dashboard_charts_the_last_hour_and_shows_an_event_page_with_secre
         dots = "document.querySelectorAll('#chart-rates circle[data-series=dead]').length"
         assert await page.evaluate(dots) == 1
         assert await page.evaluate("!!document.querySelector('#chart-backlog polyline')")
+        # The axis says its times are UTC, as every time on the page does.
+        end = await page.evaluate(
+            "document.querySelector('#chart-rates text.axis-end').textContent"
+        )
+        assert re.fullmatch(r"\d\d:\d\d UTC", end), end
 
         # One source picked: its series only.
         await page.wait_for("document.querySelector('#series-source option[value=mail]')")
