@@ -261,6 +261,11 @@ async def test_events_list_filters_by_state_source_limit_and_before(
     for bad in ("?state=sleeping", "?limit=0", "?limit=many"):
         status, error = await get(running, "/events" + bad)
         assert status == 400 and isinstance(error["error"], str), bad
+    # A cursor that is no event id is refused, not read as text that sorts after every id.
+    for bad in ("garbage", "evt_", first.lower(), first + "0"):
+        status, error = await get(running, "/events?before=" + bad)
+        assert status == 400 and error["error"].startswith("before must be an event id"), bad
+    assert await listed("?before=evt_" + "0" * 26) == []  # an id that could be, but is not
 
 
 async def test_event_detail_has_the_contract_shape_and_unknown_ids_are_404(

@@ -38,7 +38,7 @@ from webhookd.journal import (
     present_only,
 )
 from webhookd.json_errors import Handler, json_error, json_errors
-from webhookd.models import Priority
+from webhookd.models import EVENT_ID, Priority
 from webhookd.redact import Masker, secret_values
 from webhookd.state import IntakeState
 from webhookd.throttle import Throttle
@@ -330,12 +330,16 @@ class Admin:
             return json_error(400, "limit must be an integer")
         if not 1 <= limit <= _MAX_LIMIT:
             return json_error(400, f"limit must be between 1 and {_MAX_LIMIT}")
+        # Compared as text, a cursor that is no event id would list every event, or none.
+        before = q.get("before") or None
+        if before is not None and not EVENT_ID.fullmatch(before):
+            return json_error(400, "before must be an event id (evt_ and 26 characters)")
         rows = await self.ctx.journal.list_events(
             state=state,
             source=q.get("source") or None,
             tenant=q.get("tenant") or None,
             limit=limit,
-            before=q.get("before") or None,
+            before=before,
         )
         return web.json_response(self.ctx.masker.deep({"events": [summary_dict(r) for r in rows]}))
 

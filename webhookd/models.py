@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -83,6 +84,10 @@ _ids = _IdFactory()
 
 def new_event_id() -> str:
     return "evt_" + _ids.new()
+
+
+# What new_event_id makes: a cursor or a link of any other shape names no event there ever was.
+EVENT_ID = re.compile(f"evt_[{_CROCKFORD}]{{26}}")
 
 
 def new_job_id() -> str:
