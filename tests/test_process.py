@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sqlite3
 import sys
@@ -432,7 +433,13 @@ async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
 
     signalled = time.monotonic()
     daemon.signal(signal.SIGTERM)
-    await daemon.wait_said("draining")
+    # The drain says what it waits for, how long, and what a second signal does.
+    await daemon.wait_said(
+        re.escape(
+            "drain: waiting up to 20s (workers.shutdown_grace_s) for 1 running job(s);"
+            " a second signal exits at once"
+        )
+    )
     daemon.signal(second)
     assert await daemon.wait_exit(timeout_s=5) == 1  # as docs/guarantees.md says
     assert time.monotonic() - signalled < 3.0

@@ -792,6 +792,12 @@ class WorkerPool:
             pass
         await self._settled.wait()  # so do jobs being written claimed in a group commit
         if self._running:
+            log.info(
+                "drain: waiting up to %gs (workers.shutdown_grace_s) for %d running job(s);"
+                " a second signal exits at once",
+                grace_s,
+                len(self._running),
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace_s):
                     await self._idle.wait()
