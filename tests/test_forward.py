@@ -7,6 +7,7 @@ import base64
 import errno
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
+from webhookd.schemes.standard import sign_standard
 
 JSON_BODY = b'{"order": 42, "note": "caf\xc3\xa9"}'
 
@@ -301,6 +303,38 @@ async def test_signature_verifies_with_the_standard_webhooks_library(
     [seen] = target.seen
     assert seen.headers["webhook-id"] == event.id
     assert Webhook(secret).verify(seen.body, seen.headers) == {"order": 42, "note": "café"}
+
+
+def readme_verifier() -> Callable[..., bool]:
+    """The ``verify`` function README.md gives for checking a forward's signature by hand."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split("**Checking a forward's signature**", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(code, scope)
+    verify: Callable[..., bool] = scope["verify"]
+    return verify
+
+
+async def test_the_readmes_verifier_accepts_a_forward_and_refuses_a_forgery(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """The by-hand check README.md shows accepts a delivery signed during a rotation with
+    either secret, and refuses another secret, a changed body and an old timestamp."""
+    verify = readme_verifier()
+    old, new, other = new_whsec(), new_whsec(), new_whsec()
+    assert (await send(f'url = "{target.url}/s"\nsecrets = ["{old}", "{new}"]')()).kind == "done"
+    [seen] = target.seen
+    assert verify(old, seen.headers, seen.body) and verify(new, seen.headers, seen.body)
+    assert not verify(other, seen.headers, seen.body)
+    assert not verify(new, seen.headers, seen.body + b" ")
+    # Signed right but long ago: refused for its timestamp alone.
+    msg_id = seen.headers["webhook-id"]
+    for age_s, fresh in ((200, True), (301, False)):
+        ts = int(time.time()) - age_s
+        signed = sign_standard([new], msg_id=msg_id, timestamp=ts, body=seen.body)
+        headers = {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": signed}
+        assert verify(new, headers, seen.body) is fresh
 
 
 async def test_a_webhook_id_replaced_in_any_case_is_the_one_signed(
