@@ -754,6 +754,13 @@ async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     assert out.output.strip().startswith("webhookd: error: no journal at")
     assert "`webhookd serve` makes it at its first start" in out.output
     assert len(out.output.strip().splitlines()) == 1
+    # A relative journal.path is named as the absolute path it meant from here.
+    relative = tmp_path / "relative.toml"
+    relative.write_text('[journal]\npath = "data/webhookd.db"\n')
+    out = await cli("events", "--config", str(relative))
+    assert out.output.startswith(
+        f"webhookd: error: no journal at {Path.cwd()}/data/webhookd.db yet"
+    )
 
 
 @pytest.mark.subprocess

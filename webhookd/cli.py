@@ -113,8 +113,11 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 def _journal(cfg: config_mod.Config) -> BaseJournal:
     if cfg.journal.url is None and not cfg.journal.path.exists():
+        where = cfg.journal.path
+        if not where.is_absolute():  # as serve reads it: from its working directory
+            where = Path.cwd() / where
         _fail(
-            f"no journal at {cfg.journal.path} yet: `webhookd serve` makes it at its first start"
+            f"no journal at {where} yet: `webhookd serve` makes it at its first start"
             " (or set journal.path or --config)",
             1,
         )
