@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ops_support import cli
 from procs import held_open
 from test_backup import small_disk
 
@@ -94,9 +95,14 @@ async def test_sqlite_schema_version_is_recorded_and_newer_files_refused(tmp_pat
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    with pytest.raises(JournalError, match="newer"):
+    with pytest.raises(JournalError) as err:
         async with Journal(path):
             pass
+    assert str(err.value) == (
+        f"{path} has schema version {len(MIGRATIONS) + 1}, newer than this webhookd understands"
+        f" ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd restore` the backup taken"
+        " before it upgraded the journal"
+    )
 
 
 async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_time(
@@ -178,6 +184,29 @@ async def test_a_cli_journal_upgrades_no_schema_under_a_running_daemon(tmp_path:
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_cli_verb_that_upgrades_the_journal_says_so(tmp_path: Path) -> None:
+    """With no daemon running, the first verb of a newer webhookd upgrades the journal: it
+    says so on stderr, as serve logs it, instead of changing the file in silence."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path)
+    config = tmp_path / "webhookd.toml"
+    config.write_text(f"[journal]\npath = {json.dumps(str(path))}\n")
+    latest = len(MIGRATIONS)
+    first = await cli("events", "--config", str(config))
+    assert first.exit_code == 0, first.output
+    said = first.output.splitlines()
+    assert said[0].startswith(
+        f"webhookd: journal {path}: upgrading its schema from version {latest - 1} to {latest}"
+    )
+    assert re.fullmatch(
+        rf"webhookd: journal {re.escape(str(path))}: schema upgraded to version {latest} in"
+        r" \d+\.\d s",
+        said[1],
+    )
+    again = await cli("events", "--config", str(config))
+    assert "upgrad" not in again.output
 
 
 @pytest.mark.parametrize("serving", [False, True], ids=["cli", "serve"])

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +40,7 @@ from webhookd.journal import (
     serve_lock_held,
     why_unusable,
 )
+from webhookd.journal.base import upgrade_log
 from webhookd.redact import WRITTEN_OUT, Masker, printable, secret_values, written_out
 from webhookd.retention import prune_expired, windows_s
 from webhookd.schemes import SCHEMES
@@ -111,6 +113,20 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         _fail(str(exc), 1)
 
 
+class _SayOnStderr(logging.Handler):
+    """A log record as one ``webhookd: ...`` line on stderr (the stream click has now)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"webhookd: {record.getMessage()}", err=True)
+
+
+def _say_upgrades() -> None:
+    """A verb that opens an older journal upgrades its schema; it says so, as serve logs it."""
+    if not any(isinstance(h, _SayOnStderr) for h in upgrade_log.handlers):
+        upgrade_log.addHandler(_SayOnStderr())
+        upgrade_log.setLevel(logging.INFO)
+
+
 def _journal(cfg: config_mod.Config) -> BaseJournal:
     if cfg.journal.url is None and not cfg.journal.path.exists():
         where = cfg.journal.path
@@ -121,6 +137,7 @@ def _journal(cfg: config_mod.Config) -> BaseJournal:
             " (or set journal.path or --config)",
             1,
         )
+    _say_upgrades()
     return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries, node=False)
 
 

@@ -712,8 +712,9 @@ class Journal(Reads, BaseJournal):
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
             raise JournalError(
-                f"{self.path} has schema version {version}, newer than this webhookd "
-                f"understands ({len(MIGRATIONS)}); upgrade webhookd"
+                f"{self.path} has schema version {version}, newer than this webhookd"
+                f" understands ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd"
+                " restore` the backup taken before it upgraded the journal"
             )
         if version == len(MIGRATIONS):
             return

@@ -55,6 +55,8 @@ from webhookd.models import LaneGrant, LaneSpec
 _T = TypeVar("_T")
 
 log = logging.getLogger("webhookd.journal")
+# Its own logger, so that a CLI verb, which logs nothing else, can still say it upgrades.
+upgrade_log = logging.getLogger("webhookd.journal.upgrade")
 
 # Events per transaction of a bulk replay or cancel (the CLI's, the admin API's): short enough
 # not to hold up the daemon's ingest commits, few enough that a big one is not a commit per event.
@@ -91,16 +93,16 @@ def migrating(where: str, version: int, latest: int) -> Iterator[None]:
     if not 0 < version < latest:
         yield
         return
-    log.info(
+    upgrade_log.info(
         "journal %s: upgrading its schema from version %d to %d (on a large journal this takes"
-        " a while; the daemon starts when it is done)",
+        " a while; nothing else runs until it is done)",
         where,
         version,
         latest,
     )
     started = time.monotonic()
     yield
-    log.info(
+    upgrade_log.info(
         "journal %s: schema upgraded to version %d in %.1f s",
         where,
         latest,

@@ -232,8 +232,9 @@ async def migrate(conn: Any, where: str) -> int:
         version = int(version or 0)
         if version > len(MIGRATIONS):
             raise JournalError(
-                f"the database has journal schema version {version}, newer than this webhookd "
-                f"understands ({len(MIGRATIONS)}); upgrade webhookd"
+                f"{where} has journal schema version {version}, newer than this webhookd"
+                f" understands ({len(MIGRATIONS)}): run the newer webhookd, or restore the"
+                " backup taken before it upgraded the database (pg_restore)"
             )
         with migrating(where, version, len(MIGRATIONS)):
             for target in range(version, len(MIGRATIONS)):
