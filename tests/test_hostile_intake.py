@@ -8,6 +8,7 @@ talks to it over raw sockets where a client library would refuse to send the byt
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -22,6 +23,9 @@ from typing import Any
 from urllib.parse import quote_from_bytes
 
 import pytest
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from conftest import make_config, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +35,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock, SystemClock
 from webhookd.config import Extractor
 from webhookd.errors import ConfigError
 from webhookd.journal import Journal
+from webhookd.json_errors import refusal
 from webhookd.models import Priority
 from webhookd.receiver import Receiver, _Payload, extract
 from webhookd.state import IntakeState
@@ -539,6 +544,62 @@ async def test_malformed_http_is_a_json_400_logged_in_one_line_without_its_bytes
     await assert_refused_quietly(intake.address, data, caplog)
     assert (await intake.post(b"/hooks/z", b"{}")).status == 202
     assert await intake.events() == 1
+
+
+# Request targets the parser refuses, each carrying text of the sender's ("EVIL", escape
+# codes) where the parser's message would quote it.
+MALFORMED_TARGETS = {
+    "control chars": b"POST /hooks/z\x01\x1b[31mEVIL HTTP/1.1\r\nHost: t\r\n\r\n",
+    "NUL in query": b"POST /hooks/z?\x00EVIL HTTP/1.1\r\nHost: t\r\n\r\n",
+    "no authority": b"POST http://[EVIL/x HTTP/1.1\r\nHost: t\r\n\r\n",
+    "CONNECT": b"CONNECT \xe2\x80\xaeEVIL" + b"E" * 4000 + b":x HTTP/1.1\r\nHost: t\r\n\r\n",
+    "asterisk": b"POST * HTTP/1.1\r\nHost: t\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED_TARGETS.values(), ids=MALFORMED_TARGETS.keys())
+async def test_a_malformed_request_target_is_answered_and_logged_in_fixed_words(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    """The parser's message for a bad target is the target itself (before any colon): the
+    answer and the log line say "malformed request target" and quote none of it."""
+    intake = await make_intake(CATCH_ALL)
+    caplog.set_level(logging.INFO)
+    conn = await RawConn.open(intake.address)
+    await conn.send(data)
+    assert assert_json_error(await conn.answer(), 400) == "malformed request target"
+    await conn.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "webhookd.http"]
+    assert line == "refused a malformed request from 127.0.0.1: 400 malformed request target"
+    assert await intake.events() == 0
+
+
+# Besides the targets: a request line, a method and headers the parser refuses, with "EVIL".
+MALFORMED_HEADS = {
+    **MALFORMED_TARGETS,
+    "version": b"POST /hooks/z HTTP/9.9EVIL\r\nHost: t\r\n\r\n",
+    "method": b"P\x01EVIL /hooks/z HTTP/1.1\r\nHost: t\r\n\r\n",
+    "header value": b"POST /hooks/z HTTP/1.1\r\nHost: t\r\nX: EVIL\x00\r\n\r\n",
+    "header name": b"POST /hooks/z HTTP/1.1\r\nHost: t\r\nX-EVIL\x01: 1\r\n\r\n",
+    "Content-Length": b"POST /hooks/z HTTP/1.1\r\nHost: t\r\nContent-Length: 1EVIL\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize(
+    "parser", [HttpRequestParser, HttpRequestParserPy], ids=["C parser", "Python parser"]
+)
+@pytest.mark.parametrize("data", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS.keys())
+async def test_no_parser_refusal_is_answered_with_the_requests_bytes(
+    parser: Any, data: bytes
+) -> None:
+    """Whichever parser aiohttp uses (its pure-Python one, without the C extension, puts a bad
+    request line or method after its words with no colon), the reason quotes nothing sent."""
+    loop = asyncio.get_running_loop()
+    with pytest.raises(HttpProcessingError) as refused:
+        parser(BaseProtocol(loop), loop, 2**16, max_line_size=8190).feed_data(data)
+    code, reason = refusal(refused.value)
+    assert code == 400 and reason
+    assert "EVIL" not in reason and "*" not in reason and reason.isprintable(), reason
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,14 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.typedefs import Middleware
 
 log = logging.getLogger("webhookd.http")
@@ -72,18 +79,50 @@ def json_errors(unexpected: Callable[[web.Request], web.Response] | None = None)
     return middleware
 
 
+# What the parser's errors that carry the request's own bytes are answered with instead: a
+# request target, method or request line is the sender's text, and so is a header it refused.
+_TARGET = "malformed request target"
+_FIXED: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (InvalidURLError, _TARGET),
+    (BadHttpMethod, "malformed request method"),
+    (BadStatusLine, "malformed request line"),
+    (InvalidHeader, "malformed header"),
+)
+_TLS = "Received HTTPS traffic on an HTTP port"  # aiohttp's own text for a TLS hello
+_REASON_MAX = 80
+
+
 def refusal(exc: BaseException | None) -> tuple[int, str]:
     """The status and reason to answer a request aiohttp's parser refused with: its 4xx (else
-    400) and the reason before the colon, after which the parser quotes the request's bytes."""
+    400) and a reason that quotes none of the request's bytes.
+
+    The parser's messages often do quote them: a refused request target is the whole message
+    (``CONNECT <anything>:1``), its pure-Python fallback puts a bad request line or method after
+    its words without a colon. So those errors are answered with a fixed text by their type;
+    of the others only llhttp's own description is kept (the words before ``":\n"``, after
+    which it quotes the bytes), or a short message of aiohttp's own without any colon.
+    """
     if not isinstance(exc, HttpProcessingError):
         return 400, "malformed request"
+    code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
     if isinstance(exc, LineTooLong):
         # Its own text ends where it names the line: "when reading" what, it quotes. Its args
         # are (line, limit, size) in aiohttp 3.x; read defensively, as an error path must not fail.
         limit = f"{exc.args[1]} bytes" if len(exc.args) > 1 else "the parser's limit"
         return 400, f"a line of the request is longer than {limit}"
-    code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 500 else 400
-    return code, (exc.message or "").partition(":")[0].strip() or "malformed request"
+    message = exc.message if isinstance(exc.message, str) else ""
+    if isinstance(exc, BadHttpMethod) and message == _TLS:
+        return code, _TLS
+    for kind, text in _FIXED:
+        if isinstance(exc, kind):
+            return code, text
+    reason, colon, rest = message.partition(":")
+    if colon and not rest.startswith("\n"):  # not llhttp's shape: whose words, unknown
+        reason = ""
+    reason = reason.strip()
+    if len(reason) > _REASON_MAX or not (reason.isascii() and reason.isprintable()):
+        reason = ""
+    return code, reason or "malformed request"
 
 
 class _JsonErrorHandler(web.RequestHandler):
