@@ -269,6 +269,41 @@ type = "log"
     assert await intake.events() == 1
 
 
+@pytest.mark.parametrize("catch_all", [CATCH_ALL_LOG, ""], ids=["catch-all", "no catch-all"])
+async def test_a_source_name_in_another_case_is_404_naming_the_configured_one(
+    make_intake: StartIntake, catch_all: str
+) -> None:
+    """/hooks/GitHub beside a source "github" (or /hooks/WEBHOOKD, the alerts' reserved name) is
+    not taken by the catch-all as a source of its own: a 404 saying names are case-sensitive."""
+    intake = await make_intake(
+        catch_all
+        + """
+[sources.github]
+[[sources.github.actions]]
+type = "log"
+[sources.Shop]
+path = "/shop"
+[[sources.Shop.actions]]
+type = "log"
+"""
+    )
+    for path, said in [
+        ("/hooks/GitHub", '(configured: "github")'),
+        ("/hooks/GITHUB", '(configured: "github")'),
+        ("/hooks/shop", '(configured: "Shop")'),
+        ("/hooks/WebHookD", '("webhookd" is reserved)'),
+    ]:
+        answer = await intake.post(path)
+        assert_error(answer, 404)
+        assert answer.doc["error"] == "no such source: source names are case-sensitive " + said
+    assert (await intake.post("/hooks/github")).status == 202
+    if catch_all:
+        assert (await intake.post("/hooks/gitlab")).status == 202
+    assert await intake.events() == (2 if catch_all else 1)
+    sources = {e.source for e in await intake.journal.list_events(limit=10)}
+    assert sources == ({"github", "gitlab"} if catch_all else {"github"})
+
+
 async def test_body_over_the_limit_is_413_with_or_without_content_length(
     make_intake: StartIntake,
 ) -> None:

@@ -231,6 +231,19 @@ def allowed_methods(src: SourceConfig) -> tuple[str, ...]:
     return tuple(sorted(methods))
 
 
+_NO_SOURCE = "no such source"
+
+
+def _case_sensitive(names: tuple[str, ...]) -> str:
+    """The 404's words for a source name sent in another case than ``names`` (configured, or
+    the reserved ``webhookd``): ``... (configured: "github")``."""
+    configured = [f'"{name}"' for name in names if name != ALERT_SOURCE]
+    said = [f"configured: {', '.join(configured)}"] if configured else []
+    if ALERT_SOURCE in names:
+        said.append(f'"{ALERT_SOURCE}" is reserved')
+    return f"no such source: source names are case-sensitive ({'; '.join(said)})"
+
+
 class Receiver:
     """Builds the aiohttp application that takes webhooks."""
 
@@ -282,6 +295,13 @@ class Receiver:
         sources = config.sources.values()
         self._by_path = {src.path: src for src in sources if src.name != CATCH_ALL}
         self._catch_all = config.sources.get(CATCH_ALL)
+        # Configured and reserved names by their lower case: a name sent in another case is
+        # refused naming them, not taken by the catch-all as another source (or one more 404).
+        folded: dict[str, list[str]] = {ALERT_SOURCE: [ALERT_SOURCE]}
+        for src in sources:
+            if src.name != CATCH_ALL:
+                folded.setdefault(src.name.lower(), []).append(src.name)
+        self._folded = {key: tuple(sorted(names)) for key, names in folded.items()}
         # Which headers are stored masked, per source: worked out once, not per webhook.
         self._secret_headers = {src.name: secret_headers(src.verify) for src in sources}
         old = self._buckets
@@ -338,22 +358,28 @@ class Receiver:
         )
         return json_error(503, "internal error, retry later", self.config.server.retry_after_s)
 
-    def _resolve(self, path: str) -> tuple[str, SourceConfig] | None:
+    def _resolve(self, path: str) -> tuple[str, SourceConfig] | str:
+        """The source a path is for (the name it is journalled under, and its config), else
+        why there is none."""
         src = self._by_path.get(path)
         if src is not None:
             return src.name, src
-        if self._catch_all is not None and path.startswith("/hooks/"):
-            name = path[len("/hooks/") :]
-            # A configured source is only reachable at its own path, never through the
-            # catch-all (which would skip its verification).
-            # Nor is the alerts' own source: only the daemon makes its events.
-            if (
-                SOURCE_NAME.fullmatch(name)  # a name a source could be configured with
-                and name not in self.config.sources
-                and name != ALERT_SOURCE
-            ):
-                return name, self._catch_all
-        return None
+        if not path.startswith("/hooks/"):
+            return _NO_SOURCE
+        name = path[len("/hooks/") :]
+        if not SOURCE_NAME.fullmatch(name):  # a name no source could be configured with
+            return _NO_SOURCE
+        taken = self._folded.get(name.lower())
+        if taken is not None and name not in taken:
+            # /hooks/GitHub beside a source "github": without this, a catch-all would take it
+            # as a source of its own, unverified, and its events would miss github's actions.
+            return _case_sensitive(taken)
+        # A configured source is only reachable at its own path, never through the catch-all
+        # (which would skip its verification). Nor is the alerts' own source: only the daemon
+        # makes its events.
+        if self._catch_all is not None and name not in self.config.sources and name != ALERT_SOURCE:
+            return name, self._catch_all
+        return _NO_SOURCE
 
     async def handle(self, request: Request) -> Answer:
         """Answer one request to the receiver's port (the server's only handler)."""
@@ -361,10 +387,10 @@ class Receiver:
         name = ""
         response: Answer
         resolved = self._resolve(request.path)
-        if resolved is None:
-            response = json_error(404, "no such source")
+        if isinstance(resolved, str):
+            response = json_error(404, resolved)
             if request.method == "POST":  # a webhook; a probe's GET / is no news, each minute
-                self._refused(request, 404, "no such source")
+                self._refused(request, 404, resolved)
         else:
             name, src = resolved
             try:
