@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from aiohttp.http_parser import HttpRequestParser
 from tests.conftest import make_config
 from tests.procs import poll
 from tests.rawhttp import RawConn
-from webhookd.http1 import Answer, Http1Server, Request
+from webhookd.http1 import MAX_HEAD_BYTES, Answer, Http1Server, Request
 from webhookd.journal import Journal
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
@@ -108,6 +109,93 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(start:
     assert (await conn.answer()).status == 202
     await conn.close()
     assert served.events() == 201
+
+
+def sized(head_bytes: int, body: bytes = b"{}") -> bytes:
+    """A POST to /hooks/h whose request line and headers (the blank line too) are exactly
+    ``head_bytes`` long, padded with ``X-Pad-N`` headers of at most 8,000 bytes each."""
+    head = b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n" % len(body)
+    room = head_bytes - len(head) - 2
+    pads = []
+    while room:
+        value = min(room - 12, 8000)  # "X-Pad-NN: " + value + CRLF
+        assert value > 0
+        pads.append(b"X-Pad-%02d: %s\r\n" % (len(pads), b"v" * value))
+        room -= value + 12
+    return head + b"".join(pads) + b"\r\n" + body
+
+
+async def test_a_head_over_32_kib_is_431_before_its_body_is_read(start: Start) -> None:
+    """The parser's limits (8,190 bytes a line, 100 headers) let ~800 KB of headers through,
+    each request's stored with its event: a request line and headers over 32 KiB get a JSON
+    431 without the handler seeing them or the body being waited for, then a close. A head of
+    exactly 32 KiB is taken, its headers stored."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(sized(MAX_HEAD_BYTES))
+    assert (await conn.answer()).status == 202
+    await conn.close()
+    conn = await RawConn.open(served.address)
+    await conn.send(sized(MAX_HEAD_BYTES + 1, body=b"x" * 100)[:-100])  # the body never comes
+    answer = await conn.answer()
+    assert (answer.status, answer.headers["connection"]) == (431, "close"), answer
+    assert answer.doc == {"error": "request line and headers larger than 32768 bytes"}
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 1
+    with contextlib.closing(sqlite3.connect(served.db)) as db:
+        (stored,) = db.execute("SELECT headers FROM events").fetchone()
+    assert [name for name, _ in json.loads(stored) if name.startswith("X-Pad-")] == [
+        f"X-Pad-0{n}" for n in range(5)
+    ]
+
+
+async def test_a_head_that_grows_past_32_kib_is_431_before_it_ends(start: Start) -> None:
+    """Header lines sent without the blank line that ends them are refused once they pass the
+    limit, not buffered up to the parser's ~800 KB."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(sized(MAX_HEAD_BYTES + 1000)[: MAX_HEAD_BYTES + 500])
+    answer = await conn.answer()
+    assert answer.status == 431, answer
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert not served.entered.is_set() and served.events() == 0
+
+
+async def test_a_pipelined_head_over_the_limit_is_431_after_the_requests_before_it(
+    start: Start,
+) -> None:
+    """A good request and one with too large a head in one write: the first is answered and
+    journaled, the second gets 431, and the connection closes."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(post(1) + sized(MAX_HEAD_BYTES + 1))
+    first, second = await conn.answer(), await conn.answer()
+    assert (first.status, second.status) == (202, 431), (first, second)
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 1
+
+
+async def test_bodies_and_pipelines_past_32_kib_are_not_taken_for_a_head(start: Start) -> None:
+    """Only head bytes count: a 512 KiB body sent in pieces, then a request with a 32 KiB head
+    right behind it on the same connection, then 1,000 pipelined requests (~130 KB in one
+    write, more than the parser queues at once) are all taken."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    body = b'"' + b"x" * 2**19 + b'"'
+    pieces = [body[i : i + 2**16] for i in range(0, len(body), 2**16)]
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for piece in pieces[:-1]:
+        await conn.send(piece)
+    await conn.send(pieces[-1] + sized(MAX_HEAD_BYTES))
+    assert [(await conn.answer()).status for _ in range(2)] == [202, 202]
+    await conn.send(b"".join(post(n, b"X-Pad: " + b"p" * 50) for n in range(1000)))
+    statuses = {(await conn.answer()).status for _ in range(1000)}
+    assert statuses == {202}
+    await conn.close()
+    assert served.events() == 1002
 
 
 async def _head_of(conn: RawConn, method: bytes, target: bytes) -> tuple[bytes, list[bytes]]:

@@ -71,7 +71,8 @@ HEARTBEAT_S = 30.0
 # Both listeners' per-connection settings, set on purpose, not inherited: an idle keep-alive
 # connection is closed after 75 s (aiohttp's own default is an hour of held sockets); request
 # lines and header fields over 8 KB and more than 100 headers are refused with a 4xx before the
-# body is read. No provider sends anything near these.
+# body is read, as is (431) a request line and headers over 32 KiB in all (the receiver's
+# ``http1.MAX_HEAD_BYTES``). No provider sends anything near these.
 _HANDLER: dict[str, Any] = {
     "keepalive_timeout": 75.0,
     "max_line_size": 8190,

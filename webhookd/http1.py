@@ -8,7 +8,8 @@ timers per request; on one core that machinery costs more than webhookd's own wo
 protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies on:
 
 - aiohttp's parser (``HttpRequestParser``, the C one when built): request line and header
-  limits, chunked framing, the body as a ``StreamReader`` with its flow control;
+  limits, chunked framing, the body as a ``StreamReader`` with its flow control; besides its
+  limits, a request line and headers over ``MAX_HEAD_BYTES`` in all are answered 431;
 - keep-alive with pipelining: answers in order, one request at a time per connection, at most
   ``_QUEUE_MAX`` parsed requests held before reading pauses;
 - a connection closed after ``keepalive_timeout`` without a complete request head (idle between
@@ -59,6 +60,30 @@ _QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops rea
 _QUEUE_RESUME = 16
 _READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
 _SKIPPED = frozenset(("content-length", "date", "connection", "transfer-encoding", "server"))
+# A request's line and headers together, at most. The parser's own limits (a line or field of
+# 8190 bytes, 100 headers) let one request bring ~800 KB of headers, all of it parsed, kept
+# with its event in the journal and held in memory meanwhile; nginx's default is about this
+# (large_client_header_buffers 4 8k), and no provider sends a tenth of it.
+MAX_HEAD_BYTES = 32 * 1024
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request whose line and headers pass ``MAX_HEAD_BYTES``: 431, then the connection
+    closes (its body, if any, is never read)."""
+
+    code = 431
+
+    def __init__(self) -> None:
+        super().__init__(message=f"request line and headers larger than {MAX_HEAD_BYTES} bytes")
+
+
+def head_bytes(message: RawRequestMessage) -> int:
+    """The size of a parsed request's line and headers on the wire (less any spaces around
+    header values): ``METHOD target HTTP/1.1``, ``name: value`` each, CRLFs."""
+    size = len(message.method) + len(message.path) + 14  # " ", " HTTP/1.1\r\n", last CRLF
+    for name, value in message.raw_headers:
+        size += len(name) + len(value) + 4
+    return size
 
 
 class Ack:
@@ -202,7 +227,10 @@ class _Connection(BaseProtocol):
         "_closing",
         "_current",
         "_handling",
+        "_head_at_least",
+        "_head_at_most",
         "_last_active",
+        "_last_body",
         "_queue",
         "_server",
         "_task",
@@ -240,6 +268,13 @@ class _Connection(BaseProtocol):
         self._closing = False  # answer what is in flight, then close
         self._broken = False  # the parser gave up: nothing more is read
         self._current: StreamReader | None = None  # the body of the request being answered
+        # The body of the request parsed last: while it is not at its end, bytes read are its.
+        self._last_body: StreamReader | None = None
+        # Bounds on the bytes of the next request's head received so far: those surely its
+        # (read while no body was) refuse it once past MAX_HEAD_BYTES; the upper bound, all
+        # read since the read that completed the last head, says when heads must be measured.
+        self._head_at_least = 0
+        self._head_at_most = 0
         self._last_active = loop.time()
         self.peer: str | None = None
         self.local_host = ""
@@ -324,6 +359,8 @@ class _Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
+        last = self._last_body
+        in_body = last is not None and not last.is_eof()  # what comes first is that body's
         try:
             messages, upgraded, _tail = self.request_parser.feed_data(data)
         except HttpProcessingError as exc:
@@ -335,16 +372,44 @@ class _Connection(BaseProtocol):
             self._fail_bodies(web.RequestPayloadError(f"malformed body: {exc.message}"))
             self._start()
             return
-        if messages and self._closing:  # closing: bodies in progress are read, no new request
+        if not messages:
+            if last is not None and not last.is_eof():  # all of it was that body's
+                self._head_at_most = 0
+                return
+            self._head_at_most += len(data)
+            # Bytes surely of a head: read while no body was, and while the parser does not hold
+            # back pipelined requests for a full queue (those may be whole requests).
+            if not in_body and not self._closing and len(self._queue) < _QUEUE_MAX - 1:
+                self._head_at_least += len(data)
+                if self._head_at_least > MAX_HEAD_BYTES:  # refused before the head is all in
+                    self._refuse_head([])
             return
-        if messages:
-            self._queue.extend(messages)
-            if upgraded:  # no other protocol is spoken here: answer, then close
-                self._closing = True
-                self._pause_transport_reading()
-            elif len(self._queue) >= _QUEUE_MAX and not self._buffer_paused:
-                self._pause_reading_for_buffer()
-            self._start()
+        if self._closing:  # closing: bodies in progress are read, no new request
+            return
+        if self._head_at_most + len(data) > MAX_HEAD_BYTES:  # else no head here can be larger
+            for i, (message, _body) in enumerate(messages):
+                if head_bytes(message) > MAX_HEAD_BYTES:
+                    self._refuse_head(messages[:i])
+                    return
+        last = self._last_body = messages[-1][1]
+        self._head_at_least = 0
+        self._head_at_most = len(data) if last.is_eof() else 0  # the next head may have begun
+        self._queue.extend(messages)
+        if upgraded:  # no other protocol is spoken here: answer, then close
+            self._closing = True
+            self._pause_transport_reading()
+        elif len(self._queue) >= _QUEUE_MAX and not self._buffer_paused:
+            self._pause_reading_for_buffer()
+        self._start()
+
+    def _refuse_head(self, before: list[tuple[RawRequestMessage, StreamReader]]) -> None:
+        """Answer the requests ``before`` a head over ``MAX_HEAD_BYTES``, then 431 for it, and
+        read nothing more."""
+        self._broken = self._closing = True
+        self._pause_transport_reading()
+        self._queue.extend(before)
+        self._queue.append(HeadTooLarge())
+        self._start()
 
     # -- answering --
 
@@ -437,7 +502,7 @@ class _Connection(BaseProtocol):
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         """A JSON answer to a request the parser refused; the connection closes after it."""
-        code, reason = refusal(exc)
+        code, reason = (exc.code, exc.message) if isinstance(exc, HeadTooLarge) else refusal(exc)
         self._server.log_malformed(
             "refused a malformed request from %s: %d %s", self.peer, code, reason
         )
