@@ -198,6 +198,24 @@ async def test_bodies_and_pipelines_past_32_kib_are_not_taken_for_a_head(start: 
     assert served.events() == 1002
 
 
+async def test_requests_before_garbage_in_the_same_read_are_answered_before_its_400(
+    start: Start,
+) -> None:
+    """Two webhooks and then bytes the parser refuses, in a connection's first write: the
+    parser drops the requests it completed when it raises, but both are answered and journaled,
+    then the garbage gets its 400 and the connection closes."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(post(1) + post(2) + b"PO(ST /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n")
+    answers = [await conn.answer() for _ in range(3)]
+    assert [a.status for a in answers] == [202, 202, 400], answers
+    assert answers[2].doc == {"error": "malformed request method"}
+    assert answers[0].doc["id"] != answers[1].doc["id"]
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 2
+
+
 async def _head_of(conn: RawConn, method: bytes, target: bytes) -> tuple[bytes, list[bytes]]:
     """The status line and header lines (without ``Date``) of the answer to ``method target``;
     the body, if any, is left unread."""

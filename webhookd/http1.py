@@ -20,7 +20,8 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
 - a half-closed connection (the client shut its sending side) gets its answers, then closes;
   a chunked request's connection closes after its answer;
 - a malformed request answered with a JSON 400 in one INFO line
-  naming the client and the parser's reason, never the bytes; then the connection closes;
+  naming the client and the parser's reason, never the bytes; then the connection closes
+  (well-formed requests before it in a connection's first read are answered first);
 - ``HEAD`` answered as the ``GET`` it stands for (the handler sees a GET), without the body;
 - a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
   (their commits and answers) for up to a timeout, then closes the rest.
@@ -226,6 +227,7 @@ class _Connection(BaseProtocol):
         "_broken",
         "_closing",
         "_current",
+        "_fresh",
         "_handling",
         "_head_at_least",
         "_head_at_most",
@@ -275,6 +277,7 @@ class _Connection(BaseProtocol):
         # read since the read that completed the last head, says when heads must be measured.
         self._head_at_least = 0
         self._head_at_most = 0
+        self._fresh = True  # nothing read yet: the next byte begins a request
         self._last_active = loop.time()
         self.peer: str | None = None
         self.local_host = ""
@@ -361,9 +364,12 @@ class _Connection(BaseProtocol):
             return
         last = self._last_body
         in_body = last is not None and not last.is_eof()  # what comes first is that body's
+        fresh, self._fresh = self._fresh, False
         try:
             messages, upgraded, _tail = self.request_parser.feed_data(data)
         except HttpProcessingError as exc:
+            if fresh:  # requests before the error in the same read are answered first
+                self._queue.extend(self._taken_before(data))
             self._queue.append(exc)
             self._broken = self._closing = True  # nothing after it can be trusted
             self._pause_transport_reading()
@@ -401,6 +407,37 @@ class _Connection(BaseProtocol):
         elif len(self._queue) >= _QUEUE_MAX and not self._buffer_paused:
             self._pause_reading_for_buffer()
         self._start()
+
+    def _taken_before(self, data: bytes) -> list[tuple[RawRequestMessage, StreamReader]]:
+        """The whole, well-formed requests ``data`` begins with, before what the parser refused.
+
+        aiohttp's parser drops the requests it completed in a read when it raises on a later
+        one in the same read. Parsed again by a parser that stops after each request, they are
+        found one by one until the error. Only for a connection's first read: elsewhere a read
+        may begin inside a request, and parsing it afresh could take a body for a request.
+        """
+        server = self._server
+        parser = HttpRequestParser(
+            self,
+            self._loop,
+            _READ_LIMIT,
+            max_line_size=server.max_line_size,
+            max_field_size=server.max_field_size,
+            max_headers=server.max_headers,
+            payload_exception=web.RequestPayloadError,
+            auto_decompress=False,
+            max_msg_queue_size=1,  # stop after each request; each feed goes on by one
+        )
+        taken: list[tuple[RawRequestMessage, StreamReader]] = []
+        with contextlib.suppress(HttpProcessingError):
+            messages, _, _ = parser.feed_data(data)
+            while messages and len(taken) < _QUEUE_MAX:
+                for message, body in messages:
+                    if not body.is_eof() or head_bytes(message) > MAX_HEAD_BYTES:
+                        return taken  # its body broke, or its head is refused anyway
+                    taken.append((message, body))
+                messages, _, _ = parser.feed_data(b"")
+        return taken
 
     def _refuse_head(self, before: list[tuple[RawRequestMessage, StreamReader]]) -> None:
         """Answer the requests ``before`` a head over ``MAX_HEAD_BYTES``, then 431 for it, and
