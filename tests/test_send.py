@@ -311,3 +311,33 @@ async def test_send_to_a_source_with_a_space_and_non_ascii_in_its_path(
     assert out.splitlines()[0] == "202 Accepted", out
     assert r.daemon.journal is not None
     assert len(await r.daemon.journal.list_events(source="inbox")) == 1
+
+
+@pytest.mark.parametrize(("name", "meant"), [("ghh", "gh"), ("GH", "gh"), ("tiw", "tw")])
+def test_a_misspelt_source_is_exit_2_not_the_catch_all(
+    tmp_path: Path, name: str, meant: str
+) -> None:
+    """A name close to a configured source is a slip: exit 2 naming the source it most likely
+    meant, not a delivery that the catch-all takes unsigned."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(listen=f"127.0.0.1:{_free_port()}", extra='[sources."*"]\n'))
+    result = CliRunner().invoke(main, ["send", name, "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        2,
+        f"webhookd: error: no source {name!r} in {path} (configured: gh, tw)"
+        f" (did you mean {meant}?)\n",
+    )
+
+
+def test_a_name_for_the_catch_all_is_sent_with_a_note_that_it_goes_unsigned(
+    tmp_path: Path,
+) -> None:
+    """A name far from every source goes to the catch-all, and stderr says so: unsigned."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(extra='[sources."*"]\n'))
+    url = f"http://127.0.0.1:{_free_port()}/hooks/billing"  # nothing listens: exit 1
+    result = CliRunner().invoke(main, ["send", "billing", "--url", url, "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[0] == (
+        f"webhookd: note: no source 'billing' in {path}: it goes to the catch-all \"*\", unsigned"
+    )

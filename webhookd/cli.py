@@ -1036,6 +1036,8 @@ def send(
     try:
         extra = [send_mod.parse_header(h) for h in extra_headers]
         src = send_mod.resolve(cfg, source)
+        if note := send_mod.catch_all_note(cfg, source, src):
+            click.echo(f"webhookd: note: {note}", err=True)
         delivery = send_mod.build(
             src,
             url=url or send_mod.source_url(cfg, source),

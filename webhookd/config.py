@@ -444,8 +444,13 @@ class Config:
         said = f"no source {name!r} in {self.origin} (configured: {', '.join(names) or 'none'})"
         if takes_webhooks and CATCH_ALL in self.sources:
             said += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
+        close = self.close_source(name)
+        return f"{said} (did you mean {close}?)" if close else said
+
+    def close_source(self, name: str) -> str | None:
+        """The configured source ``name`` is most likely a misspelling of, if one is close."""
         # Names are short: "shpo" scores 0.75 against "shop", under the 0.8 keys are held to.
-        return _unknown(name, names, said, cutoff=0.7)
+        return _closest(name, (n for n in self.sources if n != CATCH_ALL), cutoff=0.7)
 
     def all_sources(self) -> tuple[SourceConfig, ...]:
         """The user's sources, and the alerts' own source when there is one (to build actions)."""
@@ -695,13 +700,20 @@ class Table:
 
 
 def _unknown(name: str, known: Iterable[str], said: str, cutoff: float = 0.8) -> str:
-    """``said``, and the known key ``name`` is most likely a misspelling of, if one is close:
+    """``said``, and the known key ``name`` is most likely a misspelling of, if one is close."""
+    close = _closest(name, known, cutoff)
+    return f"{said} (did you mean {close}?)" if close else said
+
+
+def _closest(name: str, known: Iterable[str], cutoff: float = 0.8) -> str | None:
+    """The known name ``name`` is most likely a misspelling of: the same but for case, else
     by difflib's ratio, or one letter off (a short key's ratio is low for one slip: rpn, rpm)."""
     keys = sorted(known)
-    close = difflib.get_close_matches(name, keys, n=1, cutoff=cutoff)
+    close = [key for key in keys if key.lower() == name.lower() and key != name][:1]
+    close = close or difflib.get_close_matches(name, keys, n=1, cutoff=cutoff)
     if not close and len(name) >= 3:
         close = [key for key in keys if _one_letter_off(name, key)][:1]
-    return f"{said} (did you mean {close[0]}?)" if close else said
+    return close[0] if close else None
 
 
 def _one_letter_off(a: str, b: str) -> bool:

@@ -83,17 +83,28 @@ def source_url(cfg: Config, name: str) -> str:
 
 def resolve(cfg: Config, name: str) -> SourceConfig:
     """The source ``name``, or the catch-all when the receiver's would take ``name`` (any name
-    a source could have, never the alerts' own source); ConfigError if neither."""
+    a source could have, never the alerts' own source); ConfigError if neither, and if ``name``
+    is close to a configured one: a slip would otherwise go to the catch-all, unsigned."""
     if not SOURCE_NAME.fullmatch(name):  # no source has it, and the catch-all would answer 404
         raise ConfigError("", cfg.no_source(name))
     src = cfg.sources.get(name)
     if src is not None:
         return src
+    if cfg.close_source(name) is not None:
+        raise ConfigError("", cfg.no_source(name))
     catch_all = cfg.sources.get(CATCH_ALL)
     # The alerts' source takes no webhooks: the receiver answers 404 for it.
     if catch_all is not None and name != ALERT_SOURCE:
         return catch_all
     raise ConfigError("", cfg.no_source(name, takes_webhooks=True))
+
+
+def catch_all_note(cfg: Config, name: str, src: SourceConfig) -> str | None:
+    """What ``send`` says when ``name`` is no source and goes to the catch-all ``src``."""
+    if src.name != CATCH_ALL or name == CATCH_ALL:
+        return None
+    how = "unsigned" if src.verify is None else f"signed as its {src.verify.scheme} scheme"
+    return f'no source {name!r} in {cfg.origin}: it goes to the catch-all "{CATCH_ALL}", {how}'
 
 
 def parse_header(text: str) -> tuple[str, str]:
