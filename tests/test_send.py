@@ -110,7 +110,7 @@ def _free_port() -> int:
     [
         (["nope"], 2, "no source 'nope'"),
         (["gh"], 2, "server.listen: has port 0"),
-        (["gh", "--url", "http://127.0.0.1:{port}/hooks/gh"], 1, "could not post"),
+        (["gh", "--url", "http://127.0.0.1:{port}/hooks/gh"], 1, "cannot reach"),
         (["gh", "--url", "not a url"], 1, "could not post"),
         (["gh", "-H", "X-GitHub-Event push"], 2, "--header 'X-GitHub-Event push': write it"),
         (["gh", "-H", "Bad Name: x"], 2, "write it 'Name: value'"),
@@ -155,7 +155,7 @@ def test_send_needs_only_its_own_sources_secret(
     path.write_text(cfg_text(extra=others))
     url = f"http://127.0.0.1:{_free_port()}/hooks/gh"  # nothing listens: the post fails (exit 1)
     result = CliRunner().invoke(main, ["send", "gh", "--url", url, "--config", str(path)])
-    assert (result.exit_code, "could not post" in result.output) == (1, True), result.output
+    assert (result.exit_code, "cannot reach" in result.output) == (1, True), result.output
     result = CliRunner().invoke(main, ["send", "gh2", "--url", url, "--config", str(path)])
     assert result.exit_code == 2
     assert "sources.gh2.verify.secret" in result.output and "SEND_TEST_UNSET" in result.output
@@ -340,4 +340,27 @@ def test_a_name_for_the_catch_all_is_sent_with_a_note_that_it_goes_unsigned(
     assert result.exit_code == 1, result.output
     assert result.stderr.splitlines()[0] == (
         f"webhookd: note: no source 'billing' in {path}: it goes to the catch-all \"*\", unsigned"
+    )
+
+
+def test_a_daemon_not_running_is_one_plain_line_naming_where_its_address_comes_from(
+    tmp_path: Path,
+) -> None:
+    """Nothing listening: the reason without urllib's wrapping, and where the address was
+    taken from (server.listen in the config, or --url)."""
+    port = _free_port()
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(listen=f"127.0.0.1:{port}"))
+    result = CliRunner().invoke(main, ["send", "gh", "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"webhookd: error: cannot reach http://127.0.0.1:{port}/hooks/gh: Connection refused:"
+        f" is the daemon running? (server.listen in {path})\n",
+    )
+    url = f"http://127.0.0.1:{port}/elsewhere"
+    result = CliRunner().invoke(main, ["send", "gh", "--url", url, "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"webhookd: error: cannot reach {url}: Connection refused: is the daemon running?"
+        " (--url)\n",
     )

@@ -1053,7 +1053,11 @@ def send(
     try:
         answer = send_mod.post(delivery)
     except send_mod.PostError as exc:  # refused, timed out, or a URL urllib cannot use
-        _fail(f"could not post to {delivery.url}: {exc}", 1)
+        if not exc.unreachable:
+            _fail(f"could not post to {delivery.url}: {exc}", 1)
+        where = "--url" if url else f"server.listen in {cfg.origin}"
+        hint = f": is the daemon running? ({where})" if exc.refused else ""
+        _fail(f"cannot reach {delivery.url}: {exc}{hint}", 1)
     click.echo(f"{answer.status} {answer.reason}")
     if answer.body:
         click.echo(answer.body.decode("utf-8", "replace"))

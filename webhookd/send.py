@@ -163,7 +163,16 @@ def _signed(
 
 
 class PostError(Exception):
-    """The request could not be made or got no HTTP answer (its message says why)."""
+    """The request could not be made or got no HTTP answer (its message says why).
+
+    ``unreachable``: urllib could not open the URL (refused, no route, a host not found, a
+    connect timed out, TLS); ``refused``: the address answered that nothing listens there.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False, refused: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+        self.refused = refused
 
 
 def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
@@ -184,6 +193,12 @@ def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
         except urllib.error.HTTPError as exc:
             with exc:
                 return Answer(exc.code, str(exc.reason), exc.read())
+    except urllib.error.URLError as exc:
+        # Its text is "<urlopen error [Errno 111] Connection refused>": say only the reason.
+        reason = exc.reason
+        said = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        refused = isinstance(reason, ConnectionRefusedError)
+        raise PostError(said or type(reason).__name__, unreachable=True, refused=refused) from exc
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        # urllib.error.URLError is an OSError; InvalidURL and a garbled answer are HTTPException.
+        # A timed-out read is an OSError; InvalidURL and a garbled answer are HTTPException.
         raise PostError(str(exc) or type(exc).__name__) from exc
