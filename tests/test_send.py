@@ -193,14 +193,16 @@ async def _webhookd(*args: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 async def test_send_command_against_running_daemon(
-    tmp_path: Path, target: Target, run_daemon: Any
+    tmp_path: Path, target: Target, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`python -m webhookd send`: 0 and 202 (verdict in `show`), 0 and duplicate, 1 on a 401."""
+    """`python -m webhookd send`: 0 and 202 (verdict in `show`), 0 and duplicate, 1 on a 401
+    with a note naming the variable its secret came from (never its value)."""
     forward = f'[[sources.gh.actions]]\ntype = "forward"\nurl = "{target.url}/gh"\n'
     good = tmp_path / "good.toml"
     good.write_text(cfg_text(extra=forward) + f'[journal]\npath = "{tmp_path / "w.db"}"\n')
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text(cfg_text(secret="a-stale-secret"))
+    wrong.write_text(cfg_text(secret="env:SEND_TEST_STALE_SECRET"))
+    monkeypatch.setenv("SEND_TEST_STALE_SECRET", "a-stale-secret")
     r = await run_daemon(config_mod.load(good))
     url = f"{r.url}/hooks/gh"
     payload = tmp_path / "push.json"
@@ -223,11 +225,15 @@ async def test_send_command_against_running_daemon(
     assert code == 0
     assert json.loads(out.splitlines()[1]) == {"id": first["id"], "duplicate": True}
 
-    code, out, _ = await _webhookd(
+    code, out, err = await _webhookd(
         "send", "gh", "--config", str(wrong), "--url", url, "--file", str(payload)
     )
     assert code == 1
     assert out.splitlines() == ["401 Unauthorized", '{"error": "signature mismatch"}']
+    assert err == (
+        "webhookd: note: the secret in SEND_TEST_STALE_SECRET (sources.gh.verify.secret) in this"
+        " shell must be the one the daemon was started with (or last reloaded)\n"
+    )
     assert r.daemon.journal is not None
     assert len(await r.daemon.journal.list_events(source="gh")) == 1
 

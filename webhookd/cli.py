@@ -1061,6 +1061,8 @@ def send(
     click.echo(f"{answer.status} {answer.reason}")
     if answer.body:
         click.echo(answer.body.decode("utf-8", "replace"))
+    if answer.status == 401 and (note := send_mod.refused_note(cfg, src)):
+        click.echo(f"webhookd: note: {note}", err=True)
     sys.exit(0 if answer.ok else 1)
 
 

@@ -107,6 +107,22 @@ def catch_all_note(cfg: Config, name: str, src: SourceConfig) -> str | None:
     return f'no source {name!r} in {cfg.origin}: it goes to the catch-all "{CATCH_ALL}", {how}'
 
 
+def refused_note(cfg: Config, src: SourceConfig) -> str | None:
+    """What ``send`` adds to a 401: the secret it signed with must be the daemon's. Names the
+    secret's key and its variable or file, never its value."""
+    if src.verify is None or not src.verify.secrets:
+        return None
+    secret = src.verify.secrets[0]
+    variable = secret.variable
+    if variable is not None:
+        where = f"the secret in {variable} ({secret.key}) in this shell"
+    elif secret.reference is not None:
+        where = f"the secret in {secret.reference[5:]} ({secret.key})"
+    else:
+        where = f"{secret.key} in {cfg.origin}"
+    return f"{where} must be the one the daemon was started with (or last reloaded)"
+
+
 def parse_header(text: str) -> tuple[str, str]:
     """``"Name: value"`` as ``send --header`` takes it; ``ValueError`` saying what is wrong."""
     name, colon, value = text.partition(":")
