@@ -370,3 +370,17 @@ def test_a_daemon_not_running_is_one_plain_line_naming_where_its_address_comes_f
         f"webhookd: error: cannot reach {url}: Connection refused: is the daemon running?"
         " (--url)\n",
     )
+
+
+def test_a_meta_source_without_its_app_secret_names_the_full_key(tmp_path: Path) -> None:
+    """A Meta source set up for the handshake alone (verify_token, no secret) cannot be signed
+    for: exit 2 naming sources.NAME.verify.secret, as every other config error names its key."""
+    path = tmp_path / "webhookd.toml"
+    meta = '[sources.fb]\nverify = { scheme = "meta", verify_token = "tok-1234" }\n'
+    path.write_text(cfg_text(extra=meta))
+    url = f"http://127.0.0.1:{_free_port()}/hooks/fb"
+    result = CliRunner().invoke(main, ["send", "fb", "--url", url, "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        2,
+        "webhookd: error: sources.fb.verify.secret: is required to sign for scheme 'meta'\n",
+    )

@@ -25,6 +25,7 @@ from webhookd.config import (
     Config,
     Listen,
     SourceConfig,
+    source_key,
 )
 from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
@@ -174,7 +175,14 @@ def _signed(
         return Delivery(url, {"Content-Type": content_type}, body)
     if scheme is not None:
         url = scheme.delivery_url(url, body)
-    headers, body = schemes.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id)
+    headers, body = schemes.sign(
+        cfg,
+        body=body,
+        url=url,
+        now=now,
+        delivery_id=delivery_id,
+        key=f"{source_key(src.name)}.verify",
+    )
     return Delivery(url, headers, body)
 
 

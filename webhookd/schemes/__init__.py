@@ -98,16 +98,23 @@ def default_dedup(scheme: str | None, headers: Mapping[str, str], body: bytes) -
 
 
 def sign(
-    cfg: VerifyConfig, *, body: bytes, url: str, now: float, delivery_id: str
+    cfg: VerifyConfig,
+    *,
+    body: bytes,
+    url: str,
+    now: float,
+    delivery_id: str,
+    key: str = "verify",
 ) -> tuple[dict[str, str], bytes]:
     """Headers (and body) as ``cfg.scheme``'s provider would send them, signed with secret 0.
 
+    ``key`` is the verify table's dotted key (``sources.NAME.verify``), which errors name.
     Twilio: a JSON body must be posted to a URL whose query already carries ``bodySHA256``
     (the body's SHA-256 hex), as Twilio itself does; ``sign`` raises ``ValueError`` otherwise.
     """
     scheme = SCHEMES.get(cfg.scheme)
     if scheme is None:
         if not cfg.secrets:
-            raise ConfigError("verify.secret", f"is required to sign for scheme {cfg.scheme!r}")
-        raise ConfigError("verify.scheme", f"unknown scheme {cfg.scheme!r}")
-    return scheme.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id)
+            raise ConfigError(f"{key}.secret", f"is required to sign for scheme {cfg.scheme!r}")
+        raise ConfigError(f"{key}.scheme", f"unknown scheme {cfg.scheme!r}")
+    return scheme.sign(cfg, body=body, url=url, now=now, delivery_id=delivery_id, key=key)

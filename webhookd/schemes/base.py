@@ -217,11 +217,19 @@ class Scheme(ABC):
         return url
 
     def sign(
-        self, cfg: VerifyConfig, *, body: bytes, url: str, now: float, delivery_id: str
+        self,
+        cfg: VerifyConfig,
+        *,
+        body: bytes,
+        url: str,
+        now: float,
+        delivery_id: str,
+        key: str = "verify",
     ) -> tuple[dict[str, str], bytes]:
-        """Headers (and body) as the provider would send them, signed with the first secret."""
-        if not cfg.secrets:
-            raise ConfigError("verify.secret", f"is required to sign for scheme {cfg.scheme!r}")
+        """Headers (and body) as the provider would send them, signed with the first secret;
+        ``key``, the verify table's dotted key, is what an error names."""
+        if not cfg.secrets:  # Meta's: a source set up for the handshake alone has none
+            raise ConfigError(f"{key}.secret", f"is required to sign for scheme {cfg.scheme!r}")
         secret = cfg.secrets[0].reveal()
         headers, body, content_type = self.signature(
             cfg, secret, body=body, url=url, ts=str(int(now)), delivery_id=delivery_id
