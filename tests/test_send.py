@@ -384,3 +384,13 @@ def test_a_meta_source_without_its_app_secret_names_the_full_key(tmp_path: Path)
         2,
         "webhookd: error: sources.fb.verify.secret: is required to sign for scheme 'meta'\n",
     )
+
+
+def test_send_help_lists_its_exit_codes_2_included() -> None:
+    """`send --help` says what each exit code means, as `check --help` says it exits 2."""
+    result = CliRunner().invoke(main, ["send", "--help"])
+    assert result.exit_code == 0
+    assert (
+        "Exits 0 on a 2xx answer, 1 on any other answer or a network failure, 2 on a usage or"
+        " config error (naming the option or key: an unknown source, a secret not set)."
+    ) in " ".join(result.output.split())

@@ -1024,7 +1024,8 @@ def send(
 ) -> None:
     """Sign a test webhook the way SOURCE's provider would and post it; print the answer.
 
-    Exits 0 on a 2xx answer, 1 on any other answer or a network failure.
+    Exits 0 on a 2xx answer, 1 on any other answer or a network failure, 2 on a usage or
+    config error (naming the option or key: an unknown source, a secret not set).
     """
     import secrets
 
