@@ -394,3 +394,47 @@ def test_send_help_lists_its_exit_codes_2_included() -> None:
         "Exits 0 on a 2xx answer, 1 on any other answer or a network failure, 2 on a usage or"
         " config error (naming the option or key: an unknown source, a secret not set)."
     ) in " ".join(result.output.split())
+
+
+SLACK = '[sources.sl]\nverify = { scheme = "slack", secret = "sl-secret" }\n'
+
+
+@pytest.mark.parametrize(
+    ("source", "header", "replaced", "reason"),
+    [
+        ("gh", "X-Hub-Signature-256: sha256=00", "X-Hub-Signature-256", "signature mismatch"),
+        ("sl", "x-slack-request-timestamp: 1", "x-slack-request-timestamp", "signature mismatch"),
+        ("tw", "Content-Type: text/plain", "Content-Type", "unsigned body"),
+    ],
+)
+def test_a_header_that_breaks_the_signature_is_warned_of(
+    tmp_path: Path, source: str, header: str, replaced: str, reason: str
+) -> None:
+    """-H replacing the signature, its timestamp or what else the scheme checks: a warning
+    that the request does not verify (and the post goes on, as asked)."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(extra=SLACK))
+    url = f"http://127.0.0.1:{_free_port()}/hooks/{source}"  # nothing listens: exit 1
+    result = CliRunner().invoke(
+        main, ["send", source, "-H", header, "--url", url, "--config", str(path)]
+    )
+    assert result.exit_code == 1, result.output
+    scheme = {"gh": "github", "sl": "slack", "tw": "twilio"}[source]
+    assert result.stderr.splitlines()[0] == (
+        f"webhookd: warning: --header {replaced}: replaces what {scheme} verifies: the request"
+        f" does not verify with sources.{source}.verify's secret ({reason}), so the daemon will"
+        " likely answer 401"
+    )
+
+
+def test_a_header_the_signature_does_not_cover_is_sent_without_a_warning(tmp_path: Path) -> None:
+    """-H X-GitHub-Event or a delivery id of one's own: the request still verifies, so stderr
+    says only that the post failed."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    url = f"http://127.0.0.1:{_free_port()}/hooks/gh"
+    args = ["-H", "X-GitHub-Event: push", "-H", "X-GitHub-Delivery: mine", "--url", url]
+    result = CliRunner().invoke(main, ["send", "gh", *args, "--config", str(path)])
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"webhookd: error: cannot reach {url}: ")

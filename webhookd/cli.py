@@ -1011,7 +1011,8 @@ def restore(copy: Path, config_path: str | None) -> None:
     multiple=True,
     metavar="'NAME: VALUE'",
     help="A header to send besides the provider's (repeatable), e.g. -H 'X-GitHub-Event: push'"
-    " to try a when filter; one the provider sets is replaced.",
+    " to try a when filter; one the provider sets is replaced (a warning says if the"
+    " request then does not verify).",
 )
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def send(
@@ -1039,14 +1040,17 @@ def send(
         src = send_mod.resolve(cfg, source)
         if note := send_mod.catch_all_note(cfg, source, src):
             click.echo(f"webhookd: note: {note}", err=True)
+        now = time.time()
         delivery = send_mod.build(
             src,
             url=url or send_mod.source_url(cfg, source),
             body=body_file.read() if body_file is not None else None,
-            now=time.time(),
+            now=now,
             delivery_id=delivery_id or "test_" + secrets.token_hex(8),
             extra_headers=extra,
         )
+        if warning := send_mod.unverified_note(src, delivery, extra, now):
+            click.echo(f"webhookd: warning: {warning}", err=True)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except ValueError as exc:

@@ -27,7 +27,7 @@ from webhookd.config import (
     SourceConfig,
     source_key,
 )
-from webhookd.errors import ConfigError
+from webhookd.errors import ConfigError, VerificationError
 from webhookd.schemes import SCHEMES
 from webhookd.schemes.base import sample_json
 
@@ -156,6 +156,38 @@ def build(
     replaced = {name.lower() for name, _ in extra_headers}
     headers = {k: v for k, v in delivery.headers.items() if k.lower() not in replaced}
     return Delivery(delivery.url, headers | dict(extra_headers), delivery.body)
+
+
+def unverified_note(
+    src: SourceConfig, delivery: Delivery, extra_headers: Sequence[tuple[str, str]], now: float
+) -> str | None:
+    """What ``send`` warns of when ``--header`` replaced what the signature needs (the signature
+    itself, its timestamp, a Twilio form's Content-Type): ``delivery`` no longer verifies with
+    the source's own secret. None when it does, or there is nothing to verify."""
+    if src.verify is None or not extra_headers:
+        return None
+    try:
+        schemes.verify(
+            src.verify, headers=delivery.headers, body=delivery.body, url=delivery.url, now=now
+        )
+    except VerificationError as exc:
+        signed = {name.lower() for name in _signed_headers(src, delivery, now)}
+        names = [name for name, _ in extra_headers if name.lower() in signed]
+        return (
+            f"--header {', '.join(names or [n for n, _ in extra_headers])}: replaces what"
+            f" {src.verify.scheme} verifies: the request does not verify with"
+            f" {source_key(src.name)}.verify's secret ({exc.reason}), so the daemon will likely"
+            " answer 401"
+        )
+    return None
+
+
+def _signed_headers(src: SourceConfig, delivery: Delivery, now: float) -> dict[str, str]:
+    """The headers ``src``'s provider sets for ``delivery``'s body (no ``--header`` added)."""
+    try:
+        return _signed(src, url=delivery.url, body=delivery.body, now=now, delivery_id="").headers
+    except (ConfigError, ValueError):
+        return {}
 
 
 def _signed(
