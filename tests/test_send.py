@@ -438,3 +438,53 @@ def test_a_header_the_signature_does_not_cover_is_sent_without_a_warning(tmp_pat
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith(f"webhookd: error: cannot reach {url}: ")
+
+
+STRIPE = '[sources.pay]\nverify = { scheme = "stripe", secret = "whsec_pay" }\n'
+
+
+@pytest.mark.parametrize(
+    ("source", "body", "note"),
+    [
+        (
+            "pay",
+            b'{"id": "evt_in_file", "object": "event"}',
+            "stripe reads the delivery id from the body's \"id\", which is 'evt_in_file' in this"
+            " --file",
+        ),
+        (
+            "sl",
+            b'{"type": "event_callback"}',
+            'slack reads the delivery id from the body\'s "event_id", which this --file has'
+            " not: its hash is used",
+        ),
+    ],
+)
+def test_id_beside_a_file_says_where_the_delivery_id_is_read_instead(
+    tmp_path: Path, source: str, body: bytes, note: str
+) -> None:
+    """Stripe and Slack take the delivery id from the body, which --file sends as it is: a
+    note says --id is not what the daemon reads."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(extra=STRIPE + SLACK))
+    payload = tmp_path / "event.json"
+    payload.write_bytes(body)
+    url = f"http://127.0.0.1:{_free_port()}/hooks/{source}"  # nothing listens: exit 1
+    args = ["--file", str(payload), "--id", "mine", "--url", url, "--config", str(path)]
+    result = CliRunner().invoke(main, ["send", source, *args])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == f"webhookd: note: --id is not sent: {note}"
+
+
+def test_id_beside_a_file_for_a_header_scheme_goes_without_a_note(tmp_path: Path) -> None:
+    """GitHub's delivery id is a header: --id is sent with any --file, and nothing is said."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    payload = tmp_path / "push.json"
+    payload.write_bytes(b'{"ref": "refs/heads/main"}')
+    url = f"http://127.0.0.1:{_free_port()}/hooks/gh"
+    args = ["--file", str(payload), "--id", "mine", "--url", url, "--config", str(path)]
+    result = CliRunner().invoke(main, ["send", "gh", *args])
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"webhookd: error: cannot reach {url}: ")

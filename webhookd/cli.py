@@ -1002,7 +1002,8 @@ def restore(copy: Path, config_path: str | None) -> None:
     "--id",
     "delivery_id",
     help="Delivery id (default: a fresh one; reuse it to test dedup). Where the signed body is"
-    " a dedup key too (verify.dedup_body), the same --file is a duplicate under any id.",
+    " a dedup key too (verify.dedup_body), the same --file is a duplicate under any id; and"
+    " Stripe and Slack read the id from the body, so beside --file a note says it is not sent.",
 )
 @click.option(
     "--header",
@@ -1051,6 +1052,8 @@ def send(
         )
         if warning := send_mod.unverified_note(src, delivery, extra, now):
             click.echo(f"webhookd: warning: {warning}", err=True)
+        if body_file and delivery_id and (note := send_mod.id_note(src, delivery, delivery_id)):
+            click.echo(f"webhookd: note: {note}", err=True)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except ValueError as exc:

@@ -158,6 +158,28 @@ def build(
     return Delivery(delivery.url, headers | dict(extra_headers), delivery.body)
 
 
+def id_note(src: SourceConfig, delivery: Delivery, delivery_id: str) -> str | None:
+    """What ``send`` says of ``--id`` beside ``--file`` when the daemon will not read it as the
+    delivery id: the scheme takes its id from the body (Stripe's ``id``, Slack's
+    ``event_id``), or has none, and ``--file``'s body is sent as it is. None when it will, or
+    when the source's own ``dedup`` rule decides."""
+    if src.dedup is not None:
+        return None
+    scheme = SCHEMES.get(src.verify.scheme) if src.verify is not None else None
+    key = scheme.dedup_key(delivery.headers, delivery.body) if scheme is not None else None
+    if key == delivery_id:
+        return None
+    if scheme is not None and scheme.dedup_json and not scheme.dedup_headers:
+        said = f"--id is not sent: {scheme.name} reads the delivery id from the body's"
+        if key is None:
+            return f'{said} "{scheme.dedup_json}", which this --file has not: its hash is used'
+        return f'{said} "{scheme.dedup_json}", which is {key!r} in this --file'
+    if key is None:
+        what = scheme.name if scheme else "an unsigned source's"
+        return f"--id is not sent: {what} webhooks carry no delivery id: the body's hash is used"
+    return f"--id is not the delivery id the daemon reads: that is {key!r}"
+
+
 def unverified_note(
     src: SourceConfig, delivery: Delivery, extra_headers: Sequence[tuple[str, str]], now: float
 ) -> str | None:
