@@ -488,3 +488,27 @@ def test_id_beside_a_file_for_a_header_scheme_goes_without_a_note(tmp_path: Path
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith(f"webhookd: error: cannot reach {url}: ")
+
+
+def test_github_and_shopify_test_deliveries_name_their_event_as_the_providers_do() -> None:
+    """GitHub's test is a ping (its first delivery to a new hook is one), Shopify's an order
+    created in an example shop; -H replaces either, and both still verify."""
+    shop = '[sources.shop]\nverify = { scheme = "shopify", secret = "sh-secret" }\n'
+    cfg = config_mod.loads(cfg_text(extra=shop), "t")
+    gh = send.build(cfg.sources["gh"], url="http://x/hooks/gh", body=None, now=NOW, delivery_id="d")
+    assert gh.headers["X-GitHub-Event"] == "ping"
+    src = cfg.sources["shop"]
+    sent = send.build(src, url="http://x/hooks/shop", body=None, now=NOW, delivery_id="d")
+    topic = (sent.headers["X-Shopify-Topic"], sent.headers["X-Shopify-Shop-Domain"])
+    assert topic == ("orders/create", "example.myshopify.com")
+    assert src.verify is not None
+    assert verify(src.verify, headers=sent.headers, body=sent.body, url=sent.url, now=NOW)
+    pushed = send.build(
+        cfg.sources["gh"],
+        url="http://x/hooks/gh",
+        body=None,
+        now=NOW,
+        delivery_id="d",
+        extra_headers=[send.parse_header("X-GitHub-Event: push")],
+    )
+    assert pushed.headers["X-GitHub-Event"] == "push"

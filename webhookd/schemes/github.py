@@ -33,4 +33,6 @@ class GitHub(Scheme):
     ) -> Signed:
         headers = hub_headers(secret, body)
         headers["X-GitHub-Delivery"] = delivery_id
+        # GitHub names the event of every delivery; its first to a new hook is a ping.
+        headers["X-GitHub-Event"] = "ping"
         return headers, body, content_type(body)

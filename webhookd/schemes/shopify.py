@@ -39,5 +39,8 @@ class Shopify(Scheme):
         headers = {
             "X-Shopify-Hmac-Sha256": b64(digest(utf8(secret), body)),
             "X-Shopify-Webhook-Id": delivery_id,
+            # Shopify says what and whose with every delivery: a test order of a test shop.
+            "X-Shopify-Topic": "orders/create",
+            "X-Shopify-Shop-Domain": "example.myshopify.com",
         }
         return headers, body, content_type(body)
