@@ -621,6 +621,39 @@ def test_a_sighup_before_the_loops_handler_is_noted_and_done_once_started(
     assert (result.exit_code, asked) == (0, [True]), result.output
 
 
+def test_check_names_every_secret_it_cannot_have_not_only_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three variables unset (admin.token, a signing secret, a forward's header) and a file not
+    there: check says each on its own line, naming the key, and exits 2 as for one."""
+    for name in ("CHECK_TOKEN_UNSET", "CHECK_GH_UNSET", "CHECK_FWD_UNSET"):
+        monkeypatch.delenv(name, raising=False)
+    missing = tmp_path / "no-such-secret"
+    path = tmp_path / "webhookd.toml"
+    path.write_text(
+        '[admin]\ntoken = "env:CHECK_TOKEN_UNSET"\n'
+        '[sources.gh]\nverify = { scheme = "github", secret = "env:CHECK_GH_UNSET" }\n'
+        '[[sources.gh.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/x"\n'
+        'headers = { Authorization = "env:CHECK_FWD_UNSET" }\n'
+        f'[sources.shop]\nverify = {{ scheme = "shopify", secret = "file:{missing}" }}\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert (result.exit_code, result.stdout, result.stderr.splitlines()) == (
+        2,
+        "",
+        [
+            "webhookd: error: admin.token: environment variable CHECK_TOKEN_UNSET is not set",
+            "webhookd: error: sources.gh.verify.secret: environment variable CHECK_GH_UNSET"
+            " is not set",
+            f"webhookd: error: sources.shop.verify.secret: file {missing} cannot be read:"
+            " No such file or directory",
+            "webhookd: error: sources.gh.actions[0].headers.Authorization: environment variable"
+            " CHECK_FWD_UNSET is not set",
+        ],
+    )
+
+
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
     cfg = loads(
         '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'

@@ -41,7 +41,14 @@ from webhookd.journal import (
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log
-from webhookd.redact import WRITTEN_OUT, Masker, printable, secret_values, written_out
+from webhookd.redact import (
+    WRITTEN_OUT,
+    Masker,
+    printable,
+    secret_values,
+    unreadable_secrets,
+    written_out,
+)
 from webhookd.retention import prune_expired, windows_s
 from webhookd.schemes import SCHEMES
 
@@ -262,9 +269,18 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def check(config_path: str | None) -> None:
-    """Validate a config file: prints one line, exits 2 naming the bad key. Warns of secrets
-    written in the file, a command whose program is not there, and a journal.path this user
-    could not use."""
+    """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
+    cannot read, one line each). Warns of secrets written in the file, a command whose
+    program is not there, and a journal.path this user could not use."""
+    try:
+        # Every secret that cannot be had is named, not only the first a load stops at.
+        unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    for line in unread[:-1]:
+        click.echo(f"webhookd: error: {line}", err=True)
+    if unread:
+        _fail(unread[-1], 2)
     cfg = _load(config_path)
     sources = ", ".join(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())

@@ -11,7 +11,7 @@ API can).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ from webhookd.config import (
     read_secret,
     secrets_in,
 )
+from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
 
 MASK = "***"
@@ -151,32 +152,57 @@ def secret_values(obj: Any) -> set[str]:
     secret (reading it as one masked ``env:HOME``'s value in every line, and a ``file:`` naming
     a FIFO hung the start)."""
     found: set[str] = set()
-
-    def reference(value: Any) -> None:
-        if isinstance(value, str) and value.startswith(("env:", "file:")):
+    for _key, value in _references(obj):
+        if isinstance(value, str):
             value = read_secret(value)
-        if isinstance(value, Secret) and not value.missing:
+        if not value.missing:
             found.add(value.reveal())
+    return found
 
-    def options(table: Mapping[str, Any]) -> None:
-        for key, value in table.items():
-            if key in _SECRET_OPTIONS:
-                for item in value if isinstance(value, list) else [value]:
-                    reference(item)
-            elif key in _SECRET_TABLES and isinstance(value, Mapping):
-                for item in value.values():
-                    reference(item)
-            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
-                options(value)
 
+def unreadable_secrets(obj: Any) -> list[str]:
+    """What ``check`` says of each secret a config (read with ``secrets=False``) names but
+    cannot have: an ``env:`` variable not set or empty, a ``file:`` not readable, each as the
+    one-line error naming its key that loading it would raise (never a value). All of them,
+    where the load stops at the first."""
+    said = []
+    for key, value in _references(obj):
+        try:
+            (read_secret(value, key) if isinstance(value, str) else value).reveal()
+        except ConfigError as exc:
+            said.append(str(exc))
+    return said
+
+
+def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
+    """Each ``Secret`` in ``obj`` and each ``env:``/``file:`` reference in its actions' options
+    that take a secret (``secret_values``), with its dotted key."""
     for leaf in leaves(obj):
         if isinstance(leaf, Secret):
-            reference(leaf)
+            yield leaf.key, leaf
+
+    def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, Secret | str]]:
+        for name, value in table.items():
+            path = f"{key}.{name}"
+            if name in _SECRET_OPTIONS:
+                if isinstance(value, list):
+                    yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
+                else:
+                    yield path, value
+            elif name in _SECRET_TABLES and isinstance(value, Mapping):
+                yield from ((f"{path}.{k}", item) for k, item in value.items())
+            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+                yield from options(value, path)
+
     for action in _actions(obj):
-        options(action.options)
+        found = list(options(action.options, action.key))
         if action.type == "openai" and "api_key" not in action.options:
-            reference(DEFAULT_OPENAI_API_KEY)
-    return found
+            found.append((f"{action.key}.api_key", DEFAULT_OPENAI_API_KEY))
+        for key, value in found:
+            if isinstance(value, Secret) or (
+                isinstance(value, str) and value.startswith(("env:", "file:"))
+            ):
+                yield key, value
 
 
 # The action options that hold nothing but a secret: a forward's ``url`` may hold one or not.
