@@ -654,6 +654,32 @@ def test_check_names_every_secret_it_cannot_have_not_only_the_first(
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        (
+            '[sources."*"]\n',
+            'sources: none configured but the catch-all "*": every webhook goes to it, unsigned',
+        ),
+        (
+            "[server]\nmax_backlog = 100\n",
+            "sources: none configured: every webhook is answered 404",
+        ),
+    ],
+    ids=["catch-all", "none"],
+)
+def test_check_warns_of_a_config_without_a_source_of_its_own(
+    tmp_path: Path, text: str, warning: str
+) -> None:
+    """No source but perhaps the catch-all: valid (exit 0), with a warning of where webhooks go."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ok: {path}: ")
+    assert result.stderr == f"webhookd: warning: {warning}\n"
+
+
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
     cfg = loads(
         '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'

@@ -270,8 +270,9 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def check(config_path: str | None) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
-    cannot read, one line each). Warns of secrets written in the file, a command whose
-    program is not there, and a journal.path this user could not use."""
+    cannot read, one line each). Warns of a config without a source of its own, secrets
+    written in the file, a command whose program is not there, and a journal.path this user
+    could not use."""
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
         unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
@@ -294,6 +295,8 @@ def check(config_path: str | None) -> None:
         f"ok: {cfg.origin}: {len(cfg.sources)} source(s) ({sources}), {actions} "
         f"action(s), {len(cfg.lanes)} lane(s){alerts}"
     )
+    if nowhere := _no_sources(cfg):
+        click.echo(f"webhookd: warning: {nowhere}", err=True)
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
     from webhookd import actions as action_kinds
@@ -303,6 +306,20 @@ def check(config_path: str | None) -> None:
     if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)
+
+
+def _no_sources(cfg: config_mod.Config) -> str | None:
+    """What ``check`` warns of a config without a source of its own: where webhooks go."""
+    if any(name != config_mod.CATCH_ALL for name in cfg.sources):
+        return None
+    catch_all = cfg.sources.get(config_mod.CATCH_ALL)
+    if catch_all is None:
+        return "sources: none configured: every webhook is answered 404"
+    how = "unsigned" if catch_all.verify is None else f"verified as {catch_all.verify.scheme}"
+    return (
+        f'sources: none configured but the catch-all "{config_mod.CATCH_ALL}": every webhook'
+        f" goes to it, {how}"
+    )
 
 
 def _second_key_note(cfg: config_mod.Config, key: str) -> str:
