@@ -553,6 +553,16 @@ CAUGHT_BY_CHECK = [
         '[sources.gh]\nverify = { scheme = "github", secret = "env:EMPTY_FOR_TEST" }',
         "sources.gh.verify.secret: environment variable EMPTY_FOR_TEST is empty",
     ),
+    (
+        '[sources.gh]\nverify = { scheme = "github", secret = "ENV:GH_SECRET" }',
+        'sources.gh.verify.secret: reads no variable: write "env:NAME" in lower case (as'
+        " written, it would be the secret itself)",
+    ),
+    (
+        '[admin]\ntoken = "File:/run/secrets/token"',
+        'admin.token: reads no file: write "file:PATH" in lower case (as written, it would be'
+        " the secret itself)",
+    ),
 ]
 
 

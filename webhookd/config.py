@@ -835,6 +835,15 @@ def read_secret(value: Any, key: str = "") -> Secret:
         raise ConfigError(key, '"env:" names no variable: write "env:NAME"')
     if value == "file:":
         raise ConfigError(key, '"file:" names no file: write "file:PATH"')
+    for prefix, what in (("env:", "NAME"), ("file:", "PATH")):
+        if value[: len(prefix)].lower() == prefix and not value.startswith(prefix):
+            # "ENV:NAME" would be taken as the secret itself, and no webhook would verify. The
+            # value is not shown: as written it is a secret.
+            raise ConfigError(
+                key,
+                f'reads no {"variable" if prefix == "env:" else "file"}: write "{prefix}{what}"'
+                " in lower case (as written, it would be the secret itself)",
+            )
     if value.startswith("env:"):
         return Secret(os.environ.get(value[4:]), origin=value, key=key)  # None: not set
     if value.startswith("file:"):
