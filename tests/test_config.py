@@ -690,6 +690,32 @@ def test_check_warns_of_a_config_without_a_source_of_its_own(
     assert result.stderr == f"webhookd: warning: {warning}\n"
 
 
+def test_check_warns_of_a_stripe_secret_that_is_no_signing_secret_without_showing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stripe's signing secrets start whsec_: an API key pasted instead (sk_, rk_, pk_) is
+    warned of by its prefix alone, any other value without whsec_ more mildly; exit 0."""
+    values = {"A": "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "B": "whsec_fine", "C": "plain-secret"}
+    for name, value in values.items():
+        monkeypatch.setenv(f"CHECK_STRIPE_{name}", value)
+    path = tmp_path / "webhookd.toml"
+    path.write_text(
+        '[sources.pay]\nverify = { scheme = "stripe", secrets'
+        ' = ["env:CHECK_STRIPE_A", "env:CHECK_STRIPE_B", "env:CHECK_STRIPE_C"] }\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "webhookd: warning: sources.pay.verify.secrets[0] (env:CHECK_STRIPE_A): starts with sk_:"
+        " it looks like an API key, not the endpoint's signing secret (whsec_...): Stripe's"
+        " webhooks will not verify",
+        "webhookd: warning: sources.pay.verify.secrets[2] (env:CHECK_STRIPE_C): does not start"
+        " with whsec_ as an endpoint's signing secret does: Stripe's webhooks may not verify",
+    ]
+    assert not any(value in result.output for value in values.values())
+
+
 def test_actions_get_per_kind_retry_defaults_and_unique_names() -> None:
     cfg = loads(
         '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:1/x"\n'

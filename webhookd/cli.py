@@ -271,8 +271,8 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 def check(config_path: str | None) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
     cannot read, one line each). Warns of a config without a source of its own, secrets
-    written in the file, a command whose program is not there, and a journal.path this user
-    could not use."""
+    written in the file, a Stripe secret that is not whsec_, a command whose program is not
+    there, and a journal.path this user could not use."""
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
         unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
@@ -299,6 +299,9 @@ def check(config_path: str | None) -> None:
         click.echo(f"webhookd: warning: {nowhere}", err=True)
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
+    for src in cfg.sources.values():
+        for said in SCHEMES[src.verify.scheme].secret_warnings(src.verify) if src.verify else ():
+            click.echo(f"webhookd: warning: {said}", err=True)
     from webhookd import actions as action_kinds
 
     for said in action_kinds.warnings(cfg):

@@ -151,6 +151,11 @@ class Scheme(ABC):
         found a duplicate by that key keeps no key of its own."""
         return self.body_unsigned or (cfg.dedup_body and self.untimed(cfg))
 
+    def secret_warnings(self, cfg: VerifyConfig) -> list[str]:
+        """What ``check`` warns of in the secrets: one that is valid but unlike the provider's
+        (key first, never a value)."""
+        return []
+
     def credential_header(self, cfg: VerifyConfig) -> str | None:
         """A request header whose value is the shared secret itself, so it is stored masked."""
         return None

@@ -31,6 +31,28 @@ class Stripe(Scheme):
     dedup_headers = ()
     dedup_json = "id"
 
+    def secret_warnings(self, cfg: VerifyConfig) -> list[str]:
+        """An endpoint's signing secret starts ``whsec_``; the account's API keys (``sk_``,
+        ``rk_``, ``pk_``) sit beside it in the dashboard and are pasted instead. Only such a
+        prefix is shown, never more of the value."""
+        said = []
+        for secret in cfg.secrets:
+            if secret.missing or (value := secret.reveal()).startswith("whsec_"):
+                continue
+            where = secret.key + (f" ({secret.reference})" if secret.reference else "")
+            kind = value[:3]
+            if kind in ("sk_", "rk_", "pk_"):
+                said.append(
+                    f"{where}: starts with {kind}: it looks like an API key, not the endpoint's"
+                    " signing secret (whsec_...): Stripe's webhooks will not verify"
+                )
+            else:
+                said.append(
+                    f"{where}: does not start with whsec_ as an endpoint's signing secret does:"
+                    " Stripe's webhooks may not verify"
+                )
+        return said
+
     def default_body(self, delivery_id: str) -> bytes:
         """An event as Stripe shapes one (``object``, ``type``, ``data.object``), so a handler
         that checks for that shape takes ``webhookd send``'s test as an event it ignores."""
