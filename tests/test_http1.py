@@ -320,6 +320,51 @@ async def test_a_connection_past_max_connections_is_answered_503_and_closed(
     assert served.events() == 4
 
 
+async def test_at_max_connections_the_one_idle_longest_makes_room_for_a_new_one(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections opened and left silent (or a provider's, between keep-alive requests) would
+    hold every slot for keepalive_timeout: at the limit, the one idle longest is closed for
+    the new connection, as nginx does. One in the middle of a request is never closed: with
+    every connection busy, the new one is refused as before."""
+    hold = asyncio.Event()
+    served = await start(server_config="max_connections = 2", hold=hold)
+    served.server.evict_idle_s = 0.0  # else idle at least 1 s: what the test would sleep for
+    hold.set()
+    silent = await RawConn.open(served.address)  # connected first, never sends a thing
+    used = await RawConn.open(served.address)
+    await used.send(post(0))
+    assert (await used.answer()).status == 202
+    newcomer = await RawConn.open(served.address)
+    assert await silent.closed_by_peer()
+    await newcomer.send(post(1))
+    assert (await newcomer.answer()).status == 202
+    # Now ``used`` answered longest ago: it goes next, and the newer one stays.
+    later = await RawConn.open(served.address)
+    assert await used.closed_by_peer()
+    await newcomer.send(post(2))
+    assert (await newcomer.answer()).status == 202
+    said = [r.getMessage() for r in caplog.records if "to make room" in r.getMessage()]
+    assert len(said) == 2 and all(line.endswith("(server.max_connections = 2)") for line in said)
+
+    # Both connections in the middle of a request: nothing to close, the third is refused.
+    hold.clear()
+    await newcomer.send(post(3))
+    await later.send(post(4))
+
+    async def both_busy() -> bool:
+        return all(c.busy() for c in served.server.connections)
+
+    await poll(both_busy, timeout_s=5)
+    refused = await RawConn.open(served.address)
+    assert (await refused.answer()).status == 503
+    hold.set()
+    assert (await newcomer.answer()).status == 202 and (await later.answer()).status == 202
+    for conn in (silent, used, newcomer, later, refused):
+        await conn.close()
+    assert served.events() == 5
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

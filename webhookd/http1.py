@@ -38,7 +38,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -57,6 +57,9 @@ from webhookd.throttle import Throttle
 log = logging.getLogger("webhookd.http")
 
 _REFUSAL_LOG_S = 10.0  # connections refused past the limit are logged at most this often
+# At the connection limit, a connection idle this long is closed for a new one: a provider's
+# keep-alive connection between its requests, or one opened and left silent.
+_EVICT_IDLE_S = 1.0
 _QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops reading
 _QUEUE_RESUME = 16
 _READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
@@ -292,17 +295,17 @@ class _Connection(BaseProtocol):
         if isinstance(sock, tuple | list):
             self.local_host = host_port(str(sock[0]), sock[1])
         server = self._server
-        if len(server.connections) >= server.max_connections:
+        if len(server.connections) >= server.max_connections and not server.make_room():
             server.refuse(self)
             return
-        server.connections.add(self)
+        server.connections[self] = None
         if server.closing:
             self._closing = True
             self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        self._server.connections.discard(self)
+        self._server.connections.pop(self, None)
         self._closing = True
         # A body still being read ends with an error; the request's handler is not cancelled
         # (a webhook queued for its commit is written all the same).
@@ -473,7 +476,7 @@ class _Connection(BaseProtocol):
                     finally:
                         self._handling = False
                         self._last_active = self._loop.time()
-                        self._server.request_done()
+                        self._server.request_done(self)
                     continue
                 if self._closing:
                     self.close()
@@ -605,7 +608,11 @@ class Http1Server:
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
-        self.connections: set[_Connection] = set()
+        # Open connections, the one that finished an answer (or connected) longest ago first.
+        self.connections: OrderedDict[_Connection, None] = OrderedDict()
+        # At max_connections, one idle at least this long is closed to make room for a new one.
+        self.evict_idle_s = _EVICT_IDLE_S
+        self.log_evicted = Throttle(log, logging.WARNING, "idle connections closed")
         self.closing = False
         self.date = _DateHeader()
         self.loop = asyncio.get_running_loop()
@@ -644,7 +651,34 @@ class Http1Server:
             self._refusal_logged_at = now
             self._refused_since_log = 0
 
-    def request_done(self) -> None:
+    def make_room(self) -> bool:
+        """At ``max_connections``: close the connection idle longest, if one has been for
+        ``evict_idle_s`` (no request in flight: between keep-alive requests, or none sent yet),
+        as nginx reuses its keep-alive connections. Without this, connections opened and left
+        silent hold every slot for ``keepalive_timeout``, and providers get 503s meanwhile.
+        False if there is none to close: the new connection is refused."""
+        cutoff = self.loop.time() - self.evict_idle_s
+        for conn in self.connections:  # oldest first: the first one not busy is idle longest
+            since = conn.idle_since()
+            if since is None:
+                continue
+            if since > cutoff:
+                return False
+            del self.connections[conn]
+            conn.close()
+            self.log_evicted(
+                "closed the connection from %s, idle for %.1f s, to make room for a new one"
+                " (server.max_connections = %d)",
+                conn.peer,
+                self.loop.time() - since,
+                self.max_connections,
+            )
+            return True
+        return False
+
+    def request_done(self, conn: _Connection) -> None:
+        if conn in self.connections:
+            self.connections.move_to_end(conn)
         if self._idle is not None and not any(c.busy() for c in self.connections):
             self._idle.set()
 
@@ -692,3 +726,4 @@ class Http1Server:
                 async with asyncio.timeout(1.0):
                     await server.wait_closed()
         self.log_malformed.flush()
+        self.log_evicted.flush()
