@@ -20,6 +20,17 @@ from webhookd.models import new_job_id
 TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
 
 
+# A second action for the source "shop": a forward to a port nothing listens on, dead at its
+# first attempt, beside forward_source's "deliver", which succeeds.
+DOWN_ACTION = """
+[[sources.shop.actions]]
+type = "forward"
+name = "down"
+url = "http://127.0.0.1:9/down"
+retry = { max_attempts = 1 }
+"""
+
+
 def forward_source(
     name: str,
     url: str,

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Running, Target, make_config, new_event
-from ops_support import cli, event_state, forward_source, write_config
+from ops_support import DOWN_ACTION, cli, event_state, forward_source, write_config
 from procs import poll
 from rawhttp import RawConn
 from test_hostile_intake import MALFORMED, assert_refused_quietly
@@ -414,15 +414,8 @@ async def test_replay_dead_runs_the_dead_job_alone_not_the_events_delivered_one(
     """An event forwarded to two targets, delivered to one and dead at the other: a source's
     replay-dead (the dashboard's Replay button, ``replay --dead``) runs the dead job alone, and
     the target that had the webhook does not get it a second time."""
-    down = """
-[[sources.shop.actions]]
-type = "forward"
-name = "down"
-url = "http://127.0.0.1:9/down"
-retry = { max_attempts = 1 }
-"""
     running: Running = await run_daemon(
-        make_config(tmp_path, forward_source("shop", target.url + "/shop") + down)
+        make_config(tmp_path, forward_source("shop", target.url + "/shop") + DOWN_ACTION)
     )
     finished: list[tuple[str, str]] = []
     changed = asyncio.Event()
@@ -454,15 +447,8 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
 ) -> None:
     """POST /events/<id>/replay?dead=1 (a dead letter's Replay on the dashboard) re-queues the
     event's dead job alone, as ``replay --dead`` does; without it every finished job runs."""
-    down = """
-[[sources.shop.actions]]
-type = "forward"
-name = "down"
-url = "http://127.0.0.1:9/down"
-retry = { max_attempts = 1 }
-"""
     running: Running = await run_daemon(
-        make_config(tmp_path, forward_source("shop", target.url + "/shop") + down)
+        make_config(tmp_path, forward_source("shop", target.url + "/shop") + DOWN_ACTION)
     )
     event_id = await accept(running, "/hooks/shop", '{"n": 1}')
     await event_state(running.http, running.admin_url, event_id, "dead")

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Target, make_config
-from ops_support import TOKEN_ENV, accepted, event_state, forward_source
+from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source
 from procs import poll
 
 from webhookd.errors import ConfigError
@@ -300,14 +300,7 @@ async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
 ) -> None:
     """An event delivered to one target and dead at another: its Replay in the Dead letters
     list runs the dead job again, and the target that had the webhook does not get it twice."""
-    down = """
-[[sources.shop.actions]]
-type = "forward"
-name = "down"
-url = "http://127.0.0.1:9/down"
-retry = { max_attempts = 1 }
-"""
-    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + down)
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + DOWN_ACTION)
     running = await run_daemon(cfg)
     event_id = await accepted(running, "shop", '{"order": 5}')
     await event_state(running.http, running.admin_url, event_id, "dead")

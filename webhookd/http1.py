@@ -247,20 +247,10 @@ class _Connection(BaseProtocol):
 
     def __init__(self, server: Http1Server) -> None:
         loop = server.loop
-        parser = HttpRequestParser(
-            self,
-            loop,
-            _READ_LIMIT,
-            max_line_size=server.max_line_size,
-            max_field_size=server.max_field_size,
-            max_headers=server.max_headers,
-            payload_exception=web.RequestPayloadError,
-            auto_decompress=False,
-            # It stops between requests once this many wait (the rest stays in its buffer
-            # until ``message_consumed`` frees a slot): a pipelining client cannot make one
-            # connection hold more parsed requests than this.
-            max_msg_queue_size=_QUEUE_MAX,
-        )
+        # It stops between requests once this many wait (the rest stays in its buffer until
+        # ``message_consumed`` frees a slot): a pipelining client cannot make one connection
+        # hold more parsed requests than this.
+        parser = server.parser(self, max_queued=_QUEUE_MAX)
         super().__init__(loop, parser)
         self.request_parser = parser
         self._server = server
@@ -420,17 +410,7 @@ class _Connection(BaseProtocol):
         may begin inside a request, and parsing it afresh could take a body for a request.
         """
         server = self._server
-        parser = HttpRequestParser(
-            self,
-            self._loop,
-            _READ_LIMIT,
-            max_line_size=server.max_line_size,
-            max_field_size=server.max_field_size,
-            max_headers=server.max_headers,
-            payload_exception=web.RequestPayloadError,
-            auto_decompress=False,
-            max_msg_queue_size=1,  # stop after each request; each feed goes on by one
-        )
+        parser = server.parser(self, max_queued=1)  # stops after each request; each feed goes on
         taken: list[tuple[RawRequestMessage, StreamReader]] = []
         with contextlib.suppress(HttpProcessingError):
             messages, _, _ = parser.feed_data(data)
@@ -619,6 +599,21 @@ class Http1Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle: asyncio.Event | None = None
+
+    def parser(self, protocol: BaseProtocol, *, max_queued: int) -> HttpRequestParser:
+        """A request parser for ``protocol`` with the server's limits, holding at most
+        ``max_queued`` parsed requests before it stops between two."""
+        return HttpRequestParser(
+            protocol,
+            self.loop,
+            _READ_LIMIT,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=web.RequestPayloadError,
+            auto_decompress=False,
+            max_msg_queue_size=max_queued,
+        )
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> list[str]:
         """Listen on ``host:port``; returns the ``host:port`` of each socket bound."""
