@@ -178,6 +178,20 @@ async def test_a_pipelined_head_over_the_limit_is_431_after_the_requests_before_
     assert served.events() == 1
 
 
+async def test_a_big_head_behind_requests_the_parser_held_back_is_431(start: Start) -> None:
+    """60 small requests and then a ~96 KiB head in one write: the parser holds back what a
+    full queue cannot take and releases it later without new bytes; the big head among those
+    is still measured and refused, after the 60 are answered."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    await conn.send(b"".join(post(n) for n in range(60)) + sized(MAX_HEAD_BYTES * 3 + 17))
+    statuses = [(await conn.answer()).status for _ in range(61)]
+    assert statuses == [202] * 60 + [431], statuses
+    assert await conn.closed_by_peer()
+    await conn.close()
+    assert served.events() == 60
+
+
 async def test_bodies_and_pipelines_past_32_kib_are_not_taken_for_a_head(start: Start) -> None:
     """Only head bytes count: a 512 KiB body sent in pieces, then a request with a 32 KiB head
     right behind it on the same connection, then 1,000 pipelined requests (~130 KB in one

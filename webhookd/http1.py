@@ -385,14 +385,17 @@ class _Connection(BaseProtocol):
             return
         if self._closing:  # closing: bodies in progress are read, no new request
             return
-        if self._head_at_most + len(data) > MAX_HEAD_BYTES:  # else no head here can be larger
+        # b"": bytes the parser held back (a full queue, a paused body) are parsed now; their
+        # heads were never counted, so each is measured. Else no head here can be larger.
+        if not data or self._head_at_most + len(data) > MAX_HEAD_BYTES:
             for i, (message, _body) in enumerate(messages):
                 if head_bytes(message) > MAX_HEAD_BYTES:
                     self._refuse_head(messages[:i])
                     return
         last = self._last_body = messages[-1][1]
         self._head_at_least = 0
-        self._head_at_most = len(data) if last.is_eof() else 0  # the next head may have begun
+        if data:  # the next head may have begun in this read
+            self._head_at_most = len(data) if last.is_eof() else 0
         self._queue.extend(messages)
         if upgraded:  # no other protocol is spoken here: answer, then close
             self._closing = True
