@@ -379,6 +379,35 @@ async def test_at_max_connections_the_one_idle_longest_makes_room_for_a_new_one(
     assert served.events() == 5
 
 
+async def test_a_connection_sending_its_head_slowly_is_not_closed_to_make_room(
+    start: Start,
+) -> None:
+    """A connection whose request head is still arriving is under way, not idle, however long
+    ago it last had an answer: at the limit the silent one goes instead, and the slow one's
+    request is answered once its head is all in."""
+    served = await start(server_config="max_connections = 2")
+    slow = await RawConn.open(served.address)
+    silent = await RawConn.open(served.address)
+    request = post(1)
+    await slow.send(request[:20])
+
+    async def head_begun() -> bool:
+        return any(c.read_since(0.0) for c in served.server.connections)
+
+    await poll(head_begun, timeout_s=5)
+    for conn in served.server.connections:  # as if both were opened a minute ago
+        conn._last_active -= 60.0
+    newcomer = await RawConn.open(served.address)
+    assert await silent.closed_by_peer()
+    await slow.send(request[20:])
+    assert (await slow.answer()).status == 202
+    await newcomer.send(post(2))
+    assert (await newcomer.answer()).status == 202
+    for conn in (slow, silent, newcomer):
+        await conn.close()
+    assert served.events() == 2
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

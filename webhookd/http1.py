@@ -236,6 +236,7 @@ class _Connection(BaseProtocol):
         "_head_at_most",
         "_last_active",
         "_last_body",
+        "_last_read",
         "_queue",
         "_server",
         "_task",
@@ -272,6 +273,7 @@ class _Connection(BaseProtocol):
         self._head_at_most = 0
         self._fresh = True  # nothing read yet: the next byte begins a request
         self._last_active = loop.time()
+        self._last_read = -math.inf  # when part of a head last arrived
         self.peer: str | None = None
         self.local_host = ""
 
@@ -375,6 +377,7 @@ class _Connection(BaseProtocol):
             if last is not None and not last.is_eof():  # all of it was that body's
                 self._head_at_most = 0
                 return
+            self._last_read = self._loop.time()  # a head under way: not idle, see make_room
             self._head_at_most += len(data)
             # Bytes surely of a head: read while no body was, and while the parser does not hold
             # back pipelined requests for a full queue (those may be whole requests).
@@ -552,6 +555,10 @@ class _Connection(BaseProtocol):
     def busy(self) -> bool:
         return self._handling or bool(self._queue)
 
+    def read_since(self, when: float) -> bool:
+        """Whether part of a request's head arrived after ``when`` (a loop time)."""
+        return self._last_read > when
+
 
 class Http1Server:
     """The receiver's listener: ``start`` binds, ``close`` drains and closes."""
@@ -651,9 +658,10 @@ class Http1Server:
 
     def make_room(self) -> bool:
         """At ``max_connections``: close the connection idle longest, if one has been for
-        ``evict_idle_s`` (no request in flight: between keep-alive requests, or none sent yet),
-        as nginx reuses its keep-alive connections. Without this, connections opened and left
-        silent hold every slot for ``keepalive_timeout``, and providers get 503s meanwhile.
+        ``evict_idle_s`` (no request in flight: between keep-alive requests, or none sent yet,
+        and no byte of a head in that time), as nginx reuses its keep-alive connections.
+        Without this, connections opened and left silent hold every slot for
+        ``keepalive_timeout``, and providers get 503s meanwhile.
         False if there is none to close: the new connection is refused."""
         cutoff = self.loop.time() - self.evict_idle_s
         for conn in self.connections:  # oldest first: the first one not busy is idle longest
@@ -661,7 +669,9 @@ class Http1Server:
             if since is None:
                 continue
             if since > cutoff:
-                return False
+                return False  # the rest were answered later still
+            if conn.read_since(cutoff):  # a head arriving slowly: a request under way
+                continue
             del self.connections[conn]
             conn.close()
             self.log_evicted(
