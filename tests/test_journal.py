@@ -47,6 +47,7 @@ from webhookd.journal import (
     Replayed,
     _owner_only,
     _take_serve_lock,
+    opened_elsewhere,
 )
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
@@ -230,6 +231,30 @@ async def test_no_schema_is_upgraded_under_a_process_that_has_the_journal_open(
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_a_holder_in_another_pid_namespace_is_still_seen(tmp_path: Path) -> None:
+    """Seen from a container, a process outside it has pid 0 in the kernel's answer: it still
+    has the journal open, and is named as a process of another PID namespace."""
+    try:
+        subprocess.run(["unshare", "--pid", "--fork", "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("making a PID namespace takes unshare(1) and root")
+    path = tmp_path / "journal.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    probe = "import sys; from webhookd.journal import opened_elsewhere as o; print(o(sys.argv[1]))"
+    with held_open(path) as pid:
+        here = opened_elsewhere(path)
+        inside = subprocess.run(
+            ["unshare", "--pid", "--fork", sys.executable, "-c", probe, str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    assert here == f"process {pid}"
+    assert inside == "a process in another PID namespace (a container?)"
+    assert opened_elsewhere(path) is None
 
 
 async def test_a_second_daemon_through_a_symlink_meets_the_first_ones_lock(

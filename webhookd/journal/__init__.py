@@ -34,6 +34,7 @@ import re
 import sqlite3
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -336,14 +337,18 @@ def serve_lock_held(path: Path) -> bool | None:
 _SHM_DMS_BYTE = 128
 
 
-def opened_elsewhere(path: Path) -> int | None:
-    """The pid of another process that has the journal open, if one has (the kernel says so,
-    through SQLite's own lock on the ``-shm`` file); ``None`` if none, or if it cannot tell.
+def opened_elsewhere(path: Path) -> str | None:
+    """Who else has the journal open, if another process has (the kernel says so, through
+    SQLite's own lock on the ``-shm`` file): ``"process <pid>"``, or a process of another PID
+    namespace (a container's, whose pid cannot be seen from here); ``None`` if none, or if it
+    cannot tell (the ``struct flock`` read here is Linux's).
 
     The serve lock tells of a daemon of this webhookd; a daemon of one from before that lock
     (schema versions below 9), a CLI verb or an ``sqlite3`` shell take none, and upgrading the
     schema or restoring under any of them breaks it. This process's own connections do not
     count (POSIX locks are per process)."""
+    if sys.platform != "linux":
+        return None
     try:
         fd = os.open(f"{os.path.realpath(path)}-shm", os.O_RDONLY)
     except OSError:  # no -shm: nobody has it open in WAL mode
@@ -355,7 +360,10 @@ def opened_elsewhere(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
-    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+    if kind == fcntl.F_UNLCK:
+        return None
+    # The kernel gives 0 for a holder outside this process's PID namespace.
+    return f"process {pid}" if pid > 0 else "a process in another PID namespace (a container?)"
 
 
 def _take_serve_lock(
@@ -718,10 +726,10 @@ class Journal(Reads, BaseJournal):
             )
         if version == len(MIGRATIONS):
             return
-        if version > 0 and (pid := opened_elsewhere(self.path)) is not None:
+        if version > 0 and (holder := opened_elsewhere(self.path)) is not None:
             raise JournalError(
                 f"{self.path} has schema version {version}, this webhookd's is"
-                f" {len(MIGRATIONS)}, and process {pid} has it open (a daemon of the older"
+                f" {len(MIGRATIONS)}, and {holder} has it open (a daemon of the older"
                 " webhookd?): stop it before this webhookd upgrades the journal"
             )
         lock = None

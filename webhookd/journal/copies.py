@@ -192,10 +192,10 @@ def _restore(copy: Path, journal: Path) -> Copy:
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore")
-    if (pid := opened_elsewhere(journal)) is not None:
+    if (holder := opened_elsewhere(journal)) is not None:
         os.close(lock)
         raise JournalError(
-            f"process {pid} has {journal} open (a daemon of an older webhookd, which takes no"
+            f"{holder} has {journal} open (a daemon of an older webhookd, which takes no"
             " serve lock?): stop it before a restore"
         )
     swept = sweep(journal.parent)
