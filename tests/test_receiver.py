@@ -274,7 +274,8 @@ async def test_a_source_name_in_another_case_is_404_naming_the_configured_one(
     make_intake: StartIntake, catch_all: str
 ) -> None:
     """/hooks/GitHub beside a source "github" (or /hooks/WEBHOOKD, the alerts' reserved name) is
-    not taken by the catch-all as a source of its own: a 404 saying names are case-sensitive."""
+    not taken by the catch-all as a source of its own: a 404 saying names are case-sensitive.
+    A source at a path of its own is not named: /hooks/shop is a plain 404."""
     intake = await make_intake(
         catch_all
         + """
@@ -290,12 +291,15 @@ type = "log"
     for path, said in [
         ("/hooks/GitHub", '(configured: "github")'),
         ("/hooks/GITHUB", '(configured: "github")'),
-        ("/hooks/shop", '(configured: "Shop")'),
         ("/hooks/WebHookD", '("webhookd" is reserved)'),
     ]:
         answer = await intake.post(path)
         assert_error(answer, 404)
         assert answer.doc["error"] == "no such source: source names are case-sensitive " + said
+    for path in ("/hooks/shop", "/hooks/Shop", "/hooks/SHOP"):
+        answer = await intake.post(path)
+        assert_error(answer, 404)
+        assert answer.doc["error"] == "no such source"
     assert (await intake.post("/hooks/github")).status == 202
     if catch_all:
         assert (await intake.post("/hooks/gitlab")).status == 202

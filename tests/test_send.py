@@ -335,6 +335,20 @@ def test_a_misspelt_source_is_exit_2_not_the_catch_all(
     )
 
 
+@pytest.mark.parametrize("name", ["webhookd", "WebhookD"])
+def test_the_alerts_name_in_any_case_is_exit_2_not_the_catch_all(tmp_path: Path, name: str) -> None:
+    """The receiver answers 404 for the alerts' reserved name in any case, catch-all or not:
+    send says so instead of sending."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text(listen=f"127.0.0.1:{_free_port()}", extra='[sources."*"]\n'))
+    result = CliRunner().invoke(main, ["send", name, "--config", str(path)])
+    assert (result.exit_code, result.output) == (
+        2,
+        f"webhookd: error: no source {name!r} in {path} (configured: gh, tw);"
+        ' the catch-all "*" never takes "webhookd" (the alerts\')\n',
+    )
+
+
 def test_a_name_for_the_catch_all_is_sent_with_a_note_that_it_goes_unsigned(
     tmp_path: Path,
 ) -> None:

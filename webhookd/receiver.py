@@ -296,11 +296,14 @@ class Receiver:
         self._by_path = {src.path: src for src in sources if src.name != CATCH_ALL}
         self._catch_all = config.sources.get(CATCH_ALL)
         # Configured and reserved names by their lower case: a name sent in another case is
-        # refused naming them, not taken by the catch-all as another source (or one more 404).
+        # refused, not taken by the catch-all as another source. The 404 names those at
+        # /hooks/<name> (or one more 404); one at a path of its own is not told of there.
         folded: dict[str, list[str]] = {ALERT_SOURCE: [ALERT_SOURCE]}
         for src in sources:
             if src.name != CATCH_ALL:
-                folded.setdefault(src.name.lower(), []).append(src.name)
+                names = folded.setdefault(src.name.lower(), [])
+                if src.path == f"/hooks/{src.name}":
+                    names.append(src.name)
         self._folded = {key: tuple(sorted(names)) for key, names in folded.items()}
         # Which headers are stored masked, per source: worked out once, not per webhook.
         self._secret_headers = {src.name: secret_headers(src.verify) for src in sources}
@@ -373,7 +376,7 @@ class Receiver:
         if taken is not None and name not in taken:
             # /hooks/GitHub beside a source "github": without this, a catch-all would take it
             # as a source of its own, unverified, and its events would miss github's actions.
-            return _case_sensitive(taken)
+            return _case_sensitive(taken) if taken else _NO_SOURCE
         # A configured source is only reachable at its own path, never through the catch-all
         # (which would skip its verification). Nor is the alerts' own source: only the daemon
         # makes its events.

@@ -94,8 +94,8 @@ def resolve(cfg: Config, name: str) -> SourceConfig:
     if cfg.close_source(name) is not None:
         raise ConfigError("", cfg.no_source(name))
     catch_all = cfg.sources.get(CATCH_ALL)
-    # The alerts' source takes no webhooks: the receiver answers 404 for it.
-    if catch_all is not None and name != ALERT_SOURCE:
+    # The alerts' source takes no webhooks: the receiver answers 404 for it, in any case.
+    if catch_all is not None and name.lower() != ALERT_SOURCE:
         return catch_all
     raise ConfigError("", cfg.no_source(name, takes_webhooks=True))
 
