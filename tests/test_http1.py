@@ -192,6 +192,44 @@ async def test_a_big_head_behind_requests_the_parser_held_back_is_431(start: Sta
     assert served.events() == 60
 
 
+async def test_a_client_still_sending_a_refused_body_gets_its_answer_not_a_reset(
+    start: Start,
+) -> None:
+    """Answered 413 from its Content-Length, a client that posts its whole body before it
+    reads (as most HTTP libraries do) gets the 413: the connection lingers, reading and
+    dropping the rest, and closes when the client has closed its side. Closed at once, the
+    bytes left unread would make the kernel answer with a reset that can destroy the 413
+    before it is read."""
+    served = await start(server_config="max_body_bytes = 1024")
+    body = b"x" * (8 << 20)
+    for _ in range(3):
+        conn = await RawConn.open(served.address)
+        await conn.send(
+            b"POST /hooks/h HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        await conn.send(body)
+        answer = await conn.answer()
+        assert (answer.status, answer.headers["connection"]) == (413, "close"), answer
+        assert await conn.reader.read(1) == b""  # the server's FIN, after the answer
+        conn.writer.write_eof()
+        await conn.close()
+    assert served.events() == 0
+
+    # A client that sends no more and never closes: closed after server.linger_s.
+    served.server.linger_s = 0.05
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\nxx")
+    assert (await conn.answer()).status == 413
+    assert await conn.closed_by_peer()
+    await conn.close()
+
+    # The same for garbage: its 400, then what follows it is read and dropped.
+    conn = await RawConn.open(served.address)
+    await conn.send(b"PO(ST /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n" + b"y" * (4 << 20))
+    assert (await conn.answer()).status == 400
+    await conn.close()
+
+
 async def test_bodies_and_pipelines_past_32_kib_are_not_taken_for_a_head(start: Start) -> None:
     """Only head bytes count: a 512 KiB body sent in pieces, then a request with a 32 KiB head
     right behind it on the same connection, then 1,000 pipelined requests (~130 KB in one

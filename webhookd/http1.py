@@ -13,8 +13,9 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
 - keep-alive with pipelining: answers in order, one request at a time per connection, at most
   ``_QUEUE_MAX`` parsed requests held before reading pauses;
 - a connection closed after ``keepalive_timeout`` without a complete request head (idle between
-  requests, or a head that never ends), after an answer sent before its body was read, after
-  ``Connection: close`` or an HTTP/1.0 request without keep-alive, and after an upgrade request;
+  requests, or a head that never ends), after an answer sent before its body was read (once
+  the client stops sending: a lingering close), after ``Connection: close`` or an HTTP/1.0
+  request without keep-alive, and after an upgrade request;
 - a client that stops reading its answers: nothing more is read from it, and once it has
   taken none for ``send_timeout_s`` the connection is cut;
 - a half-closed connection (the client shut its sending side) gets its answers, then closes;
@@ -237,6 +238,7 @@ class _Connection(BaseProtocol):
         "_last_active",
         "_last_body",
         "_last_read",
+        "_linger",
         "_queue",
         "_server",
         "_task",
@@ -274,6 +276,7 @@ class _Connection(BaseProtocol):
         self._fresh = True  # nothing read yet: the next byte begins a request
         self._last_active = loop.time()
         self._last_read = -math.inf  # when part of a head last arrived
+        self._linger: asyncio.TimerHandle | None = None  # closes a lingering connection
         self.peer: str | None = None
         self.local_host = ""
 
@@ -299,6 +302,8 @@ class _Connection(BaseProtocol):
         super().connection_lost(exc)
         self._server.connections.pop(self, None)
         self._closing = True
+        if self._linger is not None:
+            self._linger.cancel()
         # A body still being read ends with an error; the request's handler is not cancelled
         # (a webhook queued for its commit is written all the same).
         lost = exc if exc is not None else ConnectionResetError("connection lost")
@@ -314,7 +319,7 @@ class _Connection(BaseProtocol):
         self._closing = True
         cut = ConnectionResetError("the client closed its side before the body ended")
         self._fail_bodies(cut)
-        if self._task is None and not self._queue:
+        if (self._task is None and not self._queue) or self._linger is not None:
             self.close()
         self._wake()
         return True  # keep the transport open for the answers
@@ -509,7 +514,10 @@ class _Connection(BaseProtocol):
         head = message.method == "HEAD"
         self.transport.write(_format(answer, connection, server.date.line(), head))
         if not keep_alive:
-            self.close()
+            if payload.is_eof():
+                self.close()
+            else:  # answered before its body was all in: the client may be sending it still
+                self.linger()
             return False
         self.request_parser.message_consumed()
         if self._buffer_paused:  # checked here: the call is off every ack's path
@@ -534,7 +542,7 @@ class _Connection(BaseProtocol):
         )
         answer = json_error(code, reason)
         self.write(_format(answer, _CLOSE, self._server.date.line()))
-        self.close()
+        self.linger()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -547,6 +555,25 @@ class _Connection(BaseProtocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def linger(self) -> None:
+        """Close once the client has stopped sending, as nginx's lingering close: after this
+        side's last answer, send a FIN and read and drop what still comes, until the client
+        closes its side or ``server.linger_s`` has passed. Closed at once, a socket with bytes
+        unread makes the kernel send a reset, and a client still sending (an HTTP library
+        posting its whole body before it reads) loses the answer to it: a 413 or a 503's
+        ``Retry-After`` becomes a connection reset."""
+        transport = self.transport
+        self._closing = self._broken = True  # data_received drops what comes now
+        if transport is None or self._linger is not None:
+            return
+        if not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        self._reading_paused = self._buffer_paused = False  # a body's flow control: moot
+        self._resume_transport_reading()
+        self._linger = self._loop.call_later(self._server.linger_s, self.close)
 
     def idle_since(self) -> float | None:
         """When this connection last finished an answer, if it waits for nothing now."""
@@ -571,6 +598,7 @@ class Http1Server:
         shutdown_timeout_s: float = 10.0,
         keepalive_timeout: float = 75.0,
         send_timeout_s: float = 10.0,
+        linger_s: float = 10.0,
         max_line_size: int = 8190,
         max_field_size: int = 8190,
         max_headers: int = 100,
@@ -595,6 +623,9 @@ class Http1Server:
         # A client that has not taken an answer this long after the socket's buffers filled
         # is cut off: else it holds a connection slot, and what it sent, for ever.
         self.send_timeout_s = send_timeout_s
+        # A client still sending after its connection's last answer (a refused body, a
+        # malformed request) gets this long to stop before the close: see ``linger``.
+        self.linger_s = linger_s
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers

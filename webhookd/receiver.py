@@ -335,6 +335,7 @@ class Receiver:
             self._unexpected,
             shutdown_timeout_s=server.ack_timeout_s + 1,
             send_timeout_s=server.body_timeout_s,
+            linger_s=server.body_timeout_s,
             max_connections=server.max_connections,
             retry_after_s=server.retry_after_s,
             refused=self._refused_connection,
