@@ -186,8 +186,19 @@ async def test_timeout_kills_the_whole_process_group(
     assert job.history[0].error is not None and "timed out" in job.history[0].error
     await child_ends(int(pid_file.read_text()))
     # The program outlives timeout_s (2 s) and is killed, as the first one was.
-    said = "import sys, time; sys.stderr.write('migrating\\n'); sys.stderr.flush(); time.sleep(60)"
-    await run_command(tmp_path, python_argv(said), timeout_s=2)
+    said = (
+        "import sys, time; print('partial', flush=True);"
+        " sys.stderr.write('migrating\\n'); sys.stderr.flush(); time.sleep(60)"
+    )
+    job = await run_command(tmp_path, python_argv(said), timeout_s=2)
+    # What it wrote before the kill is kept with the attempt, as for an exit code.
+    detail = job.history[0].detail
+    assert detail is not None
+    assert (detail["program"], detail["stdout"], detail["stderr"]) == (
+        sys.executable,
+        "partial\n",
+        "migrating\n",
+    )
     stopped = [r.getMessage() for r in caplog.records if "stopped before it finished" in r.msg]
     assert [line.partition(" finished")[2] for line in stopped] == [
         "",

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from webhookd.actions.base import Action, Outcome
+from webhookd.actions.base import Action, Outcome, cut_detail
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
@@ -934,8 +934,8 @@ class WorkerPool:
         try:
             async with asyncio.timeout(cfg.timeout_s):
                 return await action.run(claimed.event, claimed.job), False
-        except TimeoutError:
-            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s"), True
+        except TimeoutError as exc:  # with what the action saw so far, if it kept any
+            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s", **cut_detail(exc)), True
         except Retry as exc:
             return Outcome.retry(exc.reason, after_s=exc.after_s), False
         except Reject as exc:

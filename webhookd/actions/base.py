@@ -60,6 +60,18 @@ class Outcome:
         return cls("wait", error=reason, after_s=after_s, detail=detail)
 
 
+def keep_detail(exc: BaseException, **detail: Any) -> None:
+    """Give the exception that cuts an attempt short (the worker's timeout, as a cancellation)
+    what the attempt saw so far: a timed-out attempt is stored with it (``cut_detail``)."""
+    exc.webhookd_detail = detail  # type: ignore[attr-defined]
+
+
+def cut_detail(exc: BaseException) -> dict[str, Any]:
+    """What ``keep_detail`` gave the cancellation behind ``exc`` (a ``TimeoutError``)."""
+    detail = getattr(exc.__cause__, "webhookd_detail", None)
+    return detail if isinstance(detail, dict) else {}
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     """What actions share, opened once by the app: the HTTP session, the lanes, the config."""

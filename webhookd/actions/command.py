@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from webhookd.actions.base import Outcome, Resources, options
+from webhookd.actions.base import Outcome, Resources, keep_detail, options
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
@@ -243,9 +243,17 @@ class CommandAction:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_KILL_GRACE_S):
                     await watch.closed.wait()
-        except BaseException:
-            # Timed out or cancelled by a drain: end the whole group, then let the error go on.
+        except BaseException as exc:
+            # Timed out or cancelled by a drain: end the whole group, then let the error go on,
+            # with what the program wrote so far for the attempt's record.
             await asyncio.shield(_stop(pid, watch))
+            keep_detail(
+                exc,
+                program=argv[0],
+                duration_s=round(time.monotonic() - started, 4),
+                stdout=watch.out.text(),
+                stderr=watch.err.text(),
+            )
             tail = watch.err.text()[-500:]
             log.warning(
                 "command %s (pid %d) for event %s stopped before it finished%s",
