@@ -504,7 +504,7 @@ async def test_a_flood_of_unexpected_errors_logs_a_few_tracebacks_a_minute(
     tracebacks = [r for r in caplog.records if r.exc_info is not None]
     assert len(tracebacks) == 10, caplog.text
     intake.receiver.flush_logs()
-    assert "15 more unexpected errors in the last 60 s" in caplog.text
+    assert "suppressed=15 more unexpected errors in the last 60 s" in caplog.text
 
 
 MALFORMED = {

@@ -87,6 +87,7 @@ async def test_no_secret_reaches_the_log_even_at_debug_level(
         lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
         dead = next(d for d in lines if d.get("outcome") == "dead")
         assert dead["source"] == "gh" and dead["attempt"] == 1
+        assert dead["event"] == doc["id"] and dead["job"].startswith("job_")
 
 
 def test_a_secret_that_slips_into_a_message_is_masked(restore_logging: None) -> None:
@@ -206,7 +207,8 @@ then = {{ forward = "http://127.0.0.1:9/t", headers = {{ Authorization = "env:TH
 
 def test_json_lines_lift_key_value_pairs_into_fields() -> None:
     """``key=value`` pairs of a message become typed JSON fields; quoted values lose quotes."""
-    assert logs.fields("job j1 event=e1 attempt=2 rate=1.5 error='boom: x y' busy=1/4") == {
+    assert logs.fields("job=j1 event=e1 attempt=2 rate=1.5 error='boom: x y' busy=1/4") == {
+        "job": "j1",
         "event": "e1",
         "attempt": 2,
         "rate": 1.5,
@@ -324,7 +326,7 @@ async def test_requests_refused_before_storing_get_a_line_a_flood_of_them_a_coun
     assert "status=413 path='/hooks/shop' reason='body larger than 1024 bytes' peer=" in refused[0]
     assert "status=404 path='/hooks/nope0' reason='no such source' peer=127.0.0.1" in refused[1]
     said = [line.split(": ", 1)[1] for line in lines if "more refused requests" in line]
-    assert said == ["3 more refused requests in the last 60 s, not logged one by one"]
+    assert said == ["suppressed=3 more refused requests in the last 60 s, not logged one by one"]
 
 
 async def test_a_drain_tells_what_the_throttled_lines_held_back(
@@ -359,8 +361,8 @@ async def test_a_drain_tells_what_the_throttled_lines_held_back(
     assert len([line for line in lines if "refused a malformed request" in line]) == 10
     said = [line.split(": ", 1)[1] for line in lines if "not logged one by one" in line]
     assert sorted(said) == [
-        "2 more malformed requests refused in the last 60 s, not logged one by one",
-        "5 more rejected webhooks in the last 60 s, not logged one by one",
+        "suppressed=2 more malformed requests refused in the last 60 s, not logged one by one",
+        "suppressed=5 more rejected webhooks in the last 60 s, not logged one by one",
     ]
 
 
@@ -388,7 +390,7 @@ async def test_a_throttled_line_tells_its_count_when_its_period_ends() -> None:
         assert seen == [
             "refused n=0",
             "refused n=1",
-            "3 more refusals in the last 0.05 s, not logged one by one",
+            "suppressed=3 more refusals in the last 0.05 s, not logged one by one",
         ]
         throttle.flush()  # nothing held back: nothing written
         assert len(seen) == 3
@@ -417,7 +419,7 @@ def test_a_throttle_without_a_loop_tells_its_count_with_the_next_line() -> None:
         throttle("refused n=%d", 3)
         assert seen == [
             "refused n=0",
-            "2 more refusals in the last 60 s, not logged one by one",
+            "suppressed=2 more refusals in the last 60 s, not logged one by one",
             "refused n=3",
         ]
     finally:

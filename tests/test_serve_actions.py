@@ -181,7 +181,7 @@ async def test_log_writes_one_line_with_the_event_and_its_body(
 
     event_id = await post(http, f"{daemon.url}/hooks/dev", body)
     doc = await settled_event(http, daemon.admin_url, event_id)
-    line = await daemon.wait_said(f"event {event_id} ")
+    line = await daemon.wait_said(f"event={event_id} source=dev bytes=")
 
     assert doc["state"] == "done", doc
     assert jobs_by_action(doc)["log"]["result"] == {"logged": True}

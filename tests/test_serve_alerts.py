@@ -93,7 +93,7 @@ async def test_a_dead_job_reaches_the_alert_url_and_is_listed_as_a_webhookd_even
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(r["id"], r["source"]) for r in rows] == [(alert.event_id, "webhookd")]
-    await daemon.wait_said(rf"job \S+ event={alert.event_id} source=webhookd .*outcome=done")
+    await daemon.wait_said(rf"job=\S+ event={alert.event_id} source=webhookd .*outcome=done")
     assert "s3cr3tT0k3n" not in daemon.log
 
 

@@ -248,7 +248,7 @@ class Alerter:
             log.error("alert kind=%s not journaled, will try again: %s", kind, exc)
             return None
         self._last_sent[kind] = self.clock.monotonic()
-        log.warning("alert kind=%s count=%d event=%s: %s", kind, count, event.id, text)
+        log.warning("alert kind=%s count=%d event=%s text=%r", kind, count, event.id, text)
         return event.id
 
 

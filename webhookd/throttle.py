@@ -80,7 +80,7 @@ class Throttle:
         if self._held:
             self.logger.log(
                 self.level,
-                "%d more %s in the last %g s, not logged one by one",
+                "suppressed=%d more %s in the last %g s, not logged one by one",
                 self._held,
                 self.what,
                 self.period_s,

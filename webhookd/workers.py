@@ -888,7 +888,7 @@ class WorkerPool:
         # A retry or a wait says when the job runs next (``show`` says it as a time).
         log.log(
             level,
-            "job %s event=%s source=%s action=%s attempt=%d outcome=%s%s%s",
+            "job=%s event=%s source=%s action=%s attempt=%d outcome=%s%s%s",
             job.id,
             event.id,
             event.source,
@@ -919,7 +919,7 @@ class WorkerPool:
             except JournalUnavailable as exc:
                 if delay_s == 0.05:
                     log.error(
-                        "job %s: outcome %s not recorded yet, will try again: %s",
+                        "job=%s outcome=%s not recorded yet, will try again: %s",
                         finished.job_id,
                         finished.outcome,
                         exc,

@@ -48,7 +48,7 @@ class LogAction:
                 preview = f" body={text!r}{more}"
             log.log(
                 self.level,
-                "event %s source=%s bytes=%d content_type=%s%s",
+                "event=%s source=%s bytes=%d content_type=%s%s",
                 event.id,
                 event.source,
                 len(event.body),

@@ -400,7 +400,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     self.backlog_jobs -= 1
             elif not held or (f.job_id, token) in answered:
                 log.debug(
-                    "job %s: outcome %s of attempt %d already recorded or superseded",
+                    "job=%s outcome=%s attempt=%d already recorded or superseded",
                     f.job_id,
                     f.outcome,
                     f.attempt,
@@ -408,7 +408,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 continue
             else:
                 log.warning(
-                    "job %s: outcome %s not recorded: its lease passed to another node",
+                    "job=%s outcome=%s not recorded: its lease passed to another node",
                     f.job_id,
                     f.outcome,
                 )
