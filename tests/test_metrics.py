@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,21 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     await event_state(running.http, running.admin_url, ok, "done")
     status, _ = await running.post("/hooks/nowhere")
     assert status == 404
+    # Refused by the parser, before any source: a malformed request line, a 40 KB head.
+    huge = b"".join(b"X-P%d: %s\r\n" % (n, b"v" * 8000) for n in range(5))
+    for raw, code in [
+        (b"PO(ST /hooks/ok HTTP/1.1\r\nHost: t\r\n\r\n", b" 400 "),
+        (b"POST /hooks/ok HTTP/1.1\r\nHost: t\r\n" + huge + b"\r\n", b" 431 "),
+    ]:
+        host, _, port = running.daemon.bound.receiver.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        assert code in await reader.readline()
+        writer.close()
 
     after = await scrape(running)
+    assert value(after, "webhookd_intake_requests_total", source="(none)", status="400") == 1
+    assert value(after, "webhookd_intake_requests_total", source="(none)", status="431") == 1
     assert value(after, "webhookd_intake_requests_total", source="flaky", status="202") == 1
     assert value(after, "webhookd_intake_requests_total", source="ok", status="202") == 1
     assert value(after, "webhookd_intake_requests_total", source="(none)", status="404") == 1

@@ -543,6 +543,8 @@ class _Connection(BaseProtocol):
         answer = json_error(code, reason)
         self.write(_format(answer, _CLOSE, self._server.date.line()))
         self.linger()
+        if self._server.refused is not None:
+            self._server.refused(code)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -604,7 +606,7 @@ class Http1Server:
         max_headers: int = 100,
         max_connections: int = 1024,
         retry_after_s: int = 5,
-        refused: Callable[[], None] | None = None,
+        refused: Callable[[int], None] | None = None,
     ) -> None:
         self.handler = handler
         self.unexpected = unexpected
@@ -674,7 +676,7 @@ class Http1Server:
         conn.write(_format(answer, _CLOSE, self.date.line()))
         conn.close()
         if self.refused is not None:
-            self.refused()
+            self.refused(503)
         self._refused_since_log += 1
         now = self.loop.time()
         if now - self._refusal_logged_at >= _REFUSAL_LOG_S:

@@ -342,10 +342,11 @@ class Receiver:
             **limits,
         )
 
-    def _refused_connection(self) -> None:
-        # A 503 of the server's, past server.max_connections: counted as one, under no source.
+    def _refused_connection(self, status: int) -> None:
+        # An answer of the server's, under no source: a 503 past server.max_connections, a
+        # 400 or 431 for a request it could not parse.
         for observer in self.state.observers:
-            observer("", 503, 0.0)
+            observer("", status, 0.0)
 
     def _not_allowed(self, src: SourceConfig) -> web.Response:
         """405, with ``Allow`` naming the methods the source's path takes (RFC 9110 §15.5.6)."""
