@@ -120,6 +120,25 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     assert len(out.output.splitlines()) == 2
     out = await cli("events", "--since", "2999-01-01T00:00", "--config", str(config))
     assert out.exit_code == 0 and "no events" in out.output
+    # A full page says there may be more; a source not configured is said to be so.
+    out = await cli("events", "--limit", "1", "--config", str(config))
+    assert out.stdout.count("\n") == 1 and out.stderr == (
+        "webhookd: note: the newest 1 shown; --limit for more\n"
+    )
+    for verb in (
+        ["events", "--source", "mali"],
+        ["replay", "--dead", "--source", "mali", "--dry-run"],
+    ):
+        out = await cli(*verb, "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert out.stderr.splitlines()[0] == (
+            f"webhookd: note: no source 'mali' in {config} (did you mean mail?): only events"
+            " journaled under that name match"
+        )
+    out = await cli("cancel", dead, "--config", str(config))
+    assert out.stdout == (
+        "cancelled 0 job(s) of 1 event(s) (only queued jobs are cancelled: none of theirs was)\n"
+    )
 
     out = await cli("stats", "--config", str(config))
     assert out.exit_code == 0, out.output

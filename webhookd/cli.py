@@ -555,8 +555,10 @@ def replay(
     running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued.
     """
     since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant)
+    cfg = _read_config(config_path)
+    _unknown_source_note(cfg, source)
     result: dict[str, Replayed] | None = _bulk(
-        _read_config(config_path),
+        cfg,
         event_ids,
         ("dead", source, since_ts, tenant),
         ("replaying", "replayed"),
@@ -605,8 +607,10 @@ def cancel(
     cancelled instead of retried. A running daemon starts no cancelled job.
     """
     since_ts = _bulk_filters(event_ids, queued, "--queued", source, since, tenant)
+    cfg = _read_config(config_path)
+    _unknown_source_note(cfg, source)
     result: dict[str, Cancelled] | None = _bulk(
-        _read_config(config_path),
+        cfg,
         event_ids,
         ("queued", source, since_ts, tenant),
         ("cancelling", "cancelled"),
@@ -620,7 +624,25 @@ def cancel(
     line = f"cancelled {cancelled} job(s) of {len(result)} event(s)"
     if running:
         line += f"; {running} running job(s) finish their attempt first, with no retry after it"
+    elif result and not cancelled:
+        line += " (only queued jobs are cancelled: none of theirs was)"
     click.echo(line)
+
+
+def _unknown_source_note(cfg: config_mod.Config, source: str | None) -> None:
+    """A note on stderr when ``--source`` names no configured source: a slip would otherwise
+    read as "nothing there". Events of a source since removed are still matched."""
+    if source is None or source in cfg.sources:
+        return
+    close = cfg.close_source(source)
+    if close is None and config_mod.CATCH_ALL in cfg.sources:
+        return  # a name the catch-all may have taken
+    hint = f" (did you mean {close}?)" if close else ""
+    click.echo(
+        f"webhookd: note: no source {source!r} in {cfg.origin}{hint}: only events journaled"
+        " under that name match",
+        err=True,
+    )
 
 
 def _bulk_filters(
@@ -673,6 +695,7 @@ def events(
 ) -> None:
     """List recent events, newest first."""
     cfg = _read_config(config_path)
+    _unknown_source_note(cfg, source)
     since_ts = parse_since(since) if since else None
     if contains is not None and not 1 <= len(contains) <= MAX_CONTAINS:
         raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
@@ -713,6 +736,8 @@ def events(
             )
     if not rows and not as_json:
         click.echo("no events", err=True)
+    elif len(rows) == limit:
+        click.echo(f"webhookd: note: the newest {limit} shown; --limit for more", err=True)
 
 
 @main.command()
