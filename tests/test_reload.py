@@ -450,3 +450,18 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert line.startswith("config reload: a/forward no longer configured: its queued job(s)")
     assert 'name = "..."' in line
+
+
+async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source removed (or renamed) takes its actions with it: the same warning names them."""
+    kept, dropped = forward("a", f"{target.url}/a"), forward("b", f"{target.url}/b")
+    running: Running = await run_daemon(
+        make_config(tmp_path, kept + dropped), loader=lambda: make_config(tmp_path, kept)
+    )
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
+    assert line.startswith("config reload: b/forward no longer configured: its queued job(s)")

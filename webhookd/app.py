@@ -410,13 +410,7 @@ class Daemon:
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
-        if cfg.log.format != self.config.log.format:
-            logs.set_format(cfg.log.format)
-            log.info("log format now %s", cfg.log.format)
-        if cfg.log.level != self.config.log.level:
-            logs.set_level(cfg.log.level)
-            log.info("log level now %s", cfg.log.level)
-        self.config = cfg
+        old_log, self.config = self.config.log, cfg
         running.pool.reconfigure(cfg, actions)
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
@@ -437,6 +431,17 @@ class Daemon:
                 ", ".join(plan.kept),
                 "they were" if len(plan.kept) > 1 else "it was",
             )
+        # Last: a level raised to warning would drop the summary above.
+        if cfg.log.format != old_log.format:
+            logs.set_format(cfg.log.format)
+            log.info("log format now %s", cfg.log.format)
+        if cfg.log.level != old_log.level:  # said at whichever level shows it
+            said_before = log.isEnabledFor(logging.INFO)
+            if said_before:
+                log.info("log level now %s", cfg.log.level)
+            logs.set_level(cfg.log.level)
+            if not said_before:
+                log.info("log level now %s", cfg.log.level)
         return None
 
     async def _force_exit(self) -> None:

@@ -537,11 +537,13 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
             lanes[name] = lane
     before, after = old.sources, new.sources
     changed = tuple(n for n in after if n in before and after[n] != before[n])
+    # The actions whose queued jobs have nothing left to run them: those of a changed source
+    # that no longer has them, and all of a source removed (or renamed).
     gone = [
         f"{n}/{a.name}"
-        for n in changed
+        for n in before
         for a in before[n].actions
-        if a.name not in {b.name for b in after[n].actions}
+        if n not in after or (n in changed and a.name not in {b.name for b in after[n].actions})
     ]
     return Reload(
         config=dataclasses.replace(
