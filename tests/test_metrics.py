@@ -14,6 +14,7 @@ from procs import poll
 from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+import webhookd
 from webhookd.clock import ManualClock
 from webhookd.config import LaneConfig
 from webhookd.journal import Journal
@@ -55,6 +56,11 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     running = await run_daemon(cfg)
     before = await scrape(running)
     assert value(before, "webhookd_intake_requests_total", source="ok", status="202") == 0
+    # The backlog's limit, the version and the process (restarts, memory, descriptors).
+    assert value(before, "webhookd_backlog_max_jobs") == cfg.server.max_backlog
+    assert value(before, "webhookd_build_info", version=webhookd.__version__) == 1
+    assert value(before, "process_start_time_seconds") > 0
+    assert value(before, "process_open_fds") > 0
     # Every action's retry and dead-letter series is there from the start, at 0, so that an
     # increase() alert sees the first one.
     for name in ("webhookd_job_retries_total", "webhookd_dead_letters_total"):

@@ -342,13 +342,20 @@ async def test_draining_answers_503_with_retry_after(make_intake: StartIntake) -
     assert await intake.events() == 0
 
 
-async def test_backlog_over_max_backlog_answers_503(make_intake: StartIntake) -> None:
-    """Past `server.max_backlog` unfinished jobs, intake answers 503 and stores nothing."""
+async def test_backlog_over_max_backlog_answers_503(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past `server.max_backlog` unfinished jobs, intake answers 503, stores nothing, and
+    says so in a warning (throttled): shedding load is news."""
     intake = await make_intake(server="max_backlog = 2")
     for n in range(2):
         assert (await intake.post("/hooks/demo", f'{{"n": {n}}}')).status == 202
     assert_error(await intake.post("/hooks/demo", b'{"n": 2}'), 503, retry_after=True)
     assert await intake.events() == 2
+    [said] = [r for r in caplog.records if "backlog full" in r.getMessage()]
+    assert said.levelname == "WARNING" and said.getMessage() == (
+        "refused webhook status=503 source=demo reason='backlog full' backlog=2 max_backlog=2"
+    )
 
 
 async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
@@ -412,8 +419,11 @@ async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_i
     assert state.waiting == 0
 
 
-async def test_intake_limit_answers_429_with_retry_after(make_intake: StartIntake) -> None:
-    """`intake_per_s` caps a source: over it, 429 + Retry-After; after a second, accepted again."""
+async def test_intake_limit_answers_429_with_retry_after(
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`intake_per_s` caps a source: over it, 429 + Retry-After (and a warning); after a
+    second, accepted again."""
     clock = ManualClock()
     intake = await make_intake(
         """
@@ -428,6 +438,7 @@ type = "log"
     limited = await intake.post("/hooks/paced", b"2")
     assert_error(limited, 429, retry_after=True)
     assert limited.headers["Retry-After"] == "1"
+    assert "refused webhook status=429 source=paced reason='over intake_per_s'" in caplog.text
     clock.advance(1.0)
     assert (await intake.post("/hooks/paced", b"3")).status == 202
     assert await intake.events() == 2

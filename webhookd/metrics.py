@@ -14,11 +14,20 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from webhookd import __version__
 from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL, Config
 from webhookd.errors import JournalError
@@ -139,6 +148,18 @@ class Metrics:
             registry=r,
         )
         self.reload_at.set(pool.clock.time())
+        # What an alert on a backlog nearing its limit, or on restarts, needs: the limit (a
+        # restart-only key), the version, and the process's start time, memory and open
+        # descriptors (process_*, from /proc; none where there is no /proc).
+        Gauge(
+            "webhookd_backlog_max_jobs",
+            "server.max_backlog: past this many jobs queued or running, webhooks get 503.",
+            registry=r,
+        ).set(pool.config.server.max_backlog)
+        Info("webhookd_build", "This webhookd's version.", registry=r).info(
+            {"version": __version__}
+        )
+        ProcessCollector(registry=r)
         self.configure(pool.config)
         self._state = _StateCollector(journal, pool, lanes)
         r.register(self._state)

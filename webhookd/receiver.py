@@ -271,6 +271,10 @@ class Receiver:
         self._log_slow = Throttle(
             log, logging.WARNING, "503s for a slow journal commit", clock=clock.monotonic
         )
+        # Shedding load is news: a provider's retries are what carry those webhooks now.
+        self._log_shed = Throttle(
+            log, logging.WARNING, "webhooks refused over a limit", clock=clock.monotonic
+        )
         # Requests refused before anything was stored (404, 400, 408, 413, 417): without a
         # line, a provider's "we sent it" had only /metrics to be checked against.
         self._log_refused = Throttle(log, logging.INFO, "refused requests", clock=clock.monotonic)
@@ -285,6 +289,7 @@ class Receiver:
         self._log_rejected.flush()
         self._log_refused.flush()
         self._log_slow.flush()
+        self._log_shed.flush()
         self._log_unexpected.flush()
 
     def reconfigure(self, config: Config) -> None:
@@ -553,8 +558,18 @@ class Receiver:
         if bucket is not None:
             wait_s = bucket.take()
             if wait_s:
+                self._log_shed(
+                    "refused webhook status=429 source=%s reason='over intake_per_s'", name
+                )
                 return json_error(429, "intake limit reached", wait_s)
         if self.journal.backlog_jobs >= server.max_backlog:
+            self._log_shed(
+                "refused webhook status=503 source=%s reason='backlog full' backlog=%d"
+                " max_backlog=%d",
+                name,
+                self.journal.backlog_jobs,
+                server.max_backlog,
+            )
             return json_error(503, "backlog full", server.retry_after_s)
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
