@@ -497,7 +497,7 @@ async def test_a_flood_of_bad_signatures_logs_ten_lines_a_minute_and_counts_the_
     clock.advance(0.1)  # a new minute: first the count, then the line itself
     assert_error(await intake.post("/hooks/gh", headers=bad), 401)
     assert lines()[10:] == [
-        "21 more rejected webhooks in the last 60 s, not logged one by one",
+        "suppressed=21 more rejected webhooks in the last 60 s, not logged one by one",
         lines()[0],
     ]
     assert intake.state.verify_failures == 32
