@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -32,12 +33,12 @@ from ops_support import (
 from procs import Procs, clean_env, poll
 from test_journal_contract import finished, new_event
 
-from webhookd import actions
+from webhookd import actions, models
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
 from webhookd.journal import Finished, Journal, _take_serve_lock, serve_lock_file
-from webhookd.models import JobState
+from webhookd.models import JobState, event_id_time, new_event_id
 
 
 async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
@@ -597,6 +598,26 @@ async def _dead_ids(config: Path) -> list[str]:
         "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)
     )
     return [json.loads(line)["id"] for line in out.output.splitlines()]
+
+
+async def test_an_old_event_id_not_found_names_retention(tmp_path: Path) -> None:
+    """An id of an event received a day ago and not in the journal was most likely pruned:
+    the error says when it was received and which keys prune; a made-up id says only
+    "no event"."""
+    config = await bulk_journal(tmp_path)
+    fresh = new_event_id()  # the same with a time a day ago
+    old = fresh[:4] + models._encode(int((time.time() - 86400) * 1000), 5) + fresh[14:]
+    out = await cli("show", old, "--config", str(config))
+    received = dt.datetime.fromtimestamp(event_id_time(old) or 0, dt.UTC)
+    assert (out.exit_code, out.output) == (
+        1,
+        f"webhookd: error: no event {old}: its id says it was received"
+        f" {received.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}Z, and retention prunes an event"
+        " once its jobs are done (journal.keep_done_h) or dead (journal.keep_dead_d) for"
+        " that long\n",
+    )
+    out = await cli("replay", "evt_typo", "--config", str(config))
+    assert (out.exit_code, out.output) == (1, "webhookd: error: no event evt_typo\n")
 
 
 async def test_replay_of_listed_ids_with_one_unknown_replays_none_of_them(tmp_path: Path) -> None:

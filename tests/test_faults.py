@@ -102,7 +102,9 @@ async def test_the_stop_line_comes_after_the_write_failures_held_back(
         assert (await running.post("/hooks/a", body, headers=JSON))[0] == 503
     assert await running.stop() == 0
     said = [r.getMessage() for r in caplog.records if r.name.startswith("webhookd")]
-    held = said.index("suppressed=2 more journal write failures in the last 60 s, not logged one by one")
+    held = said.index(
+        "suppressed=2 more journal write failures in the last 60 s, not logged one by one"
+    )
     assert said[-1].startswith("stopped cleanly") and held < len(said) - 1, said[held:]
 
 

@@ -41,6 +41,7 @@ from webhookd.journal import (
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log
+from webhookd.models import event_id_time
 from webhookd.redact import (
     WRITTEN_OUT,
     Masker,
@@ -113,7 +114,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except KeyboardInterrupt:
         sys.exit(130)  # as a shell reports a command ended by SIGINT
     except NotFound as exc:
-        _fail(f"no event {exc}", 1)
+        _fail(_no_event(str(exc)), 1)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except WebhookdError as exc:
@@ -205,6 +206,19 @@ def _verified_line(verified: dict[str, Any]) -> str:
     if verified.get("timestamp") is not None:
         line += f", signed {_when(verified['timestamp'])}"
     return printable(line + f", checked {_when(verified.get('received_at'))}")
+
+
+def _no_event(event_id: str) -> str:
+    """"no event ...", and for an id of an event received a while ago, that retention may
+    have pruned it (a mistyped id says only the first part)."""
+    received = event_id_time(event_id)
+    if received is None or not 60 < time.time() - received < 100 * 365 * 86400:
+        return f"no event {event_id}"
+    return (
+        f"no event {event_id}: its id says it was received {_when(received)}, and retention"
+        " prunes an event once its jobs are done (journal.keep_done_h) or dead"
+        " (journal.keep_dead_d) for that long"
+    )
 
 
 def _when(ts: float | None) -> str:

@@ -90,6 +90,17 @@ def new_event_id() -> str:
 EVENT_ID = re.compile(f"evt_[{_CROCKFORD}]{{26}}")
 
 
+def event_id_time(event_id: str) -> float | None:
+    """When the event ``event_id`` names was received (its id begins with the time, in ms), if
+    it has an event id's shape."""
+    if not EVENT_ID.fullmatch(event_id):
+        return None
+    ms = 0
+    for c in event_id[4:14]:
+        ms = ms * 32 + _CROCKFORD.index(c)
+    return ms / 1000
+
+
 def new_job_id() -> str:
     return "job_" + _ids.new()
 
