@@ -209,7 +209,7 @@ def _verified_line(verified: dict[str, Any]) -> str:
 
 
 def _no_event(event_id: str) -> str:
-    """"no event ...", and for an id of an event received a while ago, that retention may
+    """The "no event ..." error, and for an id of an event received a while ago, that retention may
     have pruned it (a mistyped id says only the first part)."""
     received = event_id_time(event_id)
     if received is None or not 60 < time.time() - received < 100 * 365 * 86400:
