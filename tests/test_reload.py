@@ -465,3 +465,25 @@ async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     await running.daemon.reloaded.wait()
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert line.startswith("config reload: b/forward no longer configured: its queued job(s)")
+
+
+async def test_a_start_without_a_source_that_holds_queued_jobs_says_so(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An old config deployed, or a source renamed while stopped: its queued jobs would go dead
+    one line each with no word before; the start says so once, naming the source."""
+    kept, dropped = forward("a", f"{target.url}/a"), forward("b", f"{target.url}/b")
+    running: Running = await run_daemon(make_config(tmp_path, kept + dropped))
+    pause = f"{running.admin_url}/sources/b/pause"
+    async with running.http.post(pause, headers={"X-Webhookd": "1"}) as r:
+        assert r.status == 200  # its webhooks' jobs stay queued
+    assert (await running.post("/hooks/b", b"{}"))[0] == 202
+    await running.stop()
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    cfg = make_config(tmp_path, kept)
+    await run_daemon(cfg)
+    said = [r.getMessage() for r in caplog.records if "queued jobs of source" in r.getMessage()]
+    assert said == [
+        f"the journal holds queued jobs of source(s) not in {cfg.origin}: b (1); they go dead"
+        " at their turn (`webhookd replay --dead --source NAME` runs them once it is back)"
+    ]

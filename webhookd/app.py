@@ -50,7 +50,7 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, Config, Listen, plan_reload
+from webhookd.config import ALERT_SOURCE, CATCH_ALL, Config, Listen, plan_reload
 from webhookd.errors import ConfigError, JournalError, WebhookdError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
@@ -178,6 +178,7 @@ class Daemon:
                     recovered.named(),
                     recovered.cancelled,
                 )
+            await _warn_of_orphans(journal, cfg)
 
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(
@@ -642,3 +643,27 @@ def _exit_within(deadline_s: float, status: int) -> None:
     timer = threading.Timer(deadline_s, exit_now)
     timer.daemon = True  # never itself a reason to wait at exit
     timer.start()
+
+
+async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:
+    """Say at start when the journal holds queued jobs of sources the config no longer has
+    (an old config deployed, a source renamed): one line, before they go dead at their turn,
+    one dead line each. With a catch-all, any name may be its: nothing to say."""
+    if CATCH_ALL in cfg.sources:
+        return
+    try:
+        counts = await journal.counts()
+    except JournalError:
+        return  # the daemon says what is wrong with its journal elsewhere
+    orphans = {
+        name: jobs.get("queued", 0)
+        for name, jobs in counts.jobs_by_source.items()
+        if name not in cfg.sources and name != ALERT_SOURCE and jobs.get("queued", 0)
+    }
+    if orphans:
+        log.warning(
+            "the journal holds queued jobs of source(s) not in %s: %s; they go dead at their"
+            " turn (`webhookd replay --dead --source NAME` runs them once it is back)",
+            cfg.origin,
+            ", ".join(f"{name} ({n})" for name, n in sorted(orphans.items())),
+        )
