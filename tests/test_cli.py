@@ -455,6 +455,20 @@ async def test_show_says_when_no_daemon_runs_for_a_job_left_running(tmp_path: Pa
     assert "[running]" in out.output and hint not in out.output
 
 
+async def test_show_names_the_kind_a_provider_says_in_a_header(tmp_path: Path) -> None:
+    """A Shopify or GitHub webhook's kind is in a header, not its body: show prints it."""
+    config, cfg = write_config(tmp_path, "")
+    item = new_event(source="mail")
+    headers = (("X-Shopify-Topic", "orders/create"), ("X-Other", "x"))
+    item = dataclasses.replace(item, event=dataclasses.replace(item.event, headers=headers))
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+    out = await cli("show", item.event.id, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert "\ntype     X-Shopify-Topic: orders/create\n" in out.output
+    assert "X-Other" not in out.output
+
+
 async def test_show_says_which_job_of_its_order_key_a_queued_job_waits_for(
     tmp_path: Path,
 ) -> None:

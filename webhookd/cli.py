@@ -208,6 +208,11 @@ def _verified_line(verified: dict[str, Any]) -> str:
     return printable(line + f", checked {_when(verified.get('received_at'))}")
 
 
+# The headers a provider names a webhook's kind in (GitHub's event, Shopify's topic and shop),
+# for show: its body alone does not say whether it was a push or an order's update.
+_SAYS_WHAT = frozenset({"x-github-event", "x-shopify-topic", "x-shopify-shop-domain"})
+
+
 def _no_event(event_id: str) -> str:
     """The "no event ..." error, and for an id of an event received a while ago, that retention may
     have pruned it (a mistyped id says only the first part)."""
@@ -413,6 +418,10 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         )
     )
     click.echo(printable(f"dedup    {doc['dedup_key']}"))
+    # What the webhook is, where the provider says it in a header, not the body.
+    kinds = [f"{n}: {v}" for n, v in doc["headers"] if n.lower() in _SAYS_WHAT]
+    if kinds:
+        click.echo(printable(f"type     {'   '.join(kinds)}"))
     if doc["body"]:
         more = len(doc["body"]) > _BODY_PREVIEW_CHARS or doc["body_truncated"]
         preview = doc["body"][:_BODY_PREVIEW_CHARS] + (" …" if more else "")
