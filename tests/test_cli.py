@@ -756,7 +756,8 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
     ("args", "needle"),
     [
         (["replay"], "give event ids or --dead"),
-        (["replay", "evt_1", "--dead"], "give event ids or --dead"),
+        (["cancel", "evt_1", "--queued"], "give event ids or --queued, not both"),
+        (["replay", "evt_1", "--dead", "--source", "x"], "go with --dead and no event ids"),
         (["replay", "evt_1", "--source", "x"], "--source, --since and --tenant go with --dead"),
         (["replay", "--dead", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
         (["events", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
@@ -940,6 +941,25 @@ async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(
     monkeypatch.setenv(TOKEN_ENV, "admin-token")
     out = await cli("check", *config)
     assert out.exit_code == 2 and "sources.shop.verify.secret: " in out.output
+
+
+async def test_replay_of_ids_with_dead_leaves_their_done_jobs_alone(tmp_path: Path) -> None:
+    """An event with a done job and a dead one: `replay <id>` runs both again (the delivery
+    that succeeded too), `replay <id> --dead` only the dead one, as `--dead` alone does."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event(jobs=2)
+    done_id, dead_id = (job.id for job in item.jobs)
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([done_id, dead_id], "boot_test")
+        await journal.finish(
+            [finished(done_id, JobState.DONE, "done"), finished(dead_id, JobState.DEAD, "dead")]
+        )
+    out = await cli("replay", item.event.id, "--dead", "--config", str(path))
+    assert out.stdout == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
+    async with Journal(cfg.journal.path) as journal:
+        jobs = {job.id: job.state for job in (await journal.get_event(item.event.id)).jobs}
+    assert jobs == {done_id: "done", dead_id: "queued"}
 
 
 async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_obey(

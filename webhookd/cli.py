@@ -553,7 +553,8 @@ def _bulk(
 @click.option(
     "--dead",
     is_flag=True,
-    help="Replay the dead jobs of every event that has one (its other jobs are left alone).",
+    help="Replay the dead jobs of every event that has one (its other jobs are left alone);"
+    " with event ids, only those events' dead jobs.",
 )
 @click.option("--source", help="With --dead: only this source.")
 @click.option(
@@ -577,7 +578,7 @@ def replay(
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
     running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued.
     """
-    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant)
+    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     result: dict[str, Replayed] | None = _bulk(
@@ -675,12 +676,17 @@ def _bulk_filters(
     source: str | None,
     since: str | None,
     tenant: str | None,
+    *,
+    with_ids: bool = False,
 ) -> float | None:
-    """Check a bulk verb's arguments (ids, or ``flag`` with its filters); ``--since`` parsed."""
-    if bool(event_ids) == bulk:
-        raise click.UsageError(f"give event ids or {flag}, not both and not neither")
-    if (source or since or tenant is not None) and not bulk:
-        raise click.UsageError(f"--source, --since and --tenant go with {flag}")
+    """Check a bulk verb's arguments (ids, or ``flag`` with its filters; ``with_ids``: ``flag``
+    may also narrow the ids given); ``--since`` parsed."""
+    if not event_ids and not bulk:
+        raise click.UsageError(f"give event ids or {flag}")
+    if event_ids and bulk and not with_ids:
+        raise click.UsageError(f"give event ids or {flag}, not both")
+    if (source or since or tenant is not None) and (event_ids or not bulk):
+        raise click.UsageError(f"--source, --since and --tenant go with {flag} and no event ids")
     return parse_since(since) if since else None
 
 
