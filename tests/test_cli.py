@@ -955,8 +955,14 @@ async def test_replay_of_ids_with_dead_leaves_their_done_jobs_alone(tmp_path: Pa
         await journal.finish(
             [finished(done_id, JobState.DONE, "done"), finished(dead_id, JobState.DEAD, "dead")]
         )
+    out = await cli("replay", item.event.id, "--dry-run", "--config", str(path))
+    assert out.stderr == (
+        "webhookd: note: 1 done job(s) among them run again (a delivery that succeeded is"
+        " made again); --dead replays only the dead ones\n"
+    )
     out = await cli("replay", item.event.id, "--dead", "--config", str(path))
     assert out.stdout == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
+    assert out.stderr == ""
     async with Journal(cfg.journal.path) as journal:
         jobs = {job.id: job.state for job in (await journal.get_event(item.event.id)).jobs}
     assert jobs == {done_id: "done", dead_id: "queued"}

@@ -581,6 +581,8 @@ def replay(
     since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
+    if event_ids and not dead:
+        _done_jobs_note(cfg, event_ids)
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
@@ -651,6 +653,26 @@ def cancel(
     elif result and not cancelled:
         line += " (only queued jobs are cancelled: none of theirs was)"
     click.echo(line)
+
+
+def _done_jobs_note(cfg: config_mod.Config, event_ids: tuple[str, ...]) -> None:
+    """A note on stderr when replaying ``event_ids`` whole runs done jobs again: a delivery
+    that succeeded is made again, where ``--dead`` would leave it alone."""
+
+    async def go() -> int:
+        async with _journal(cfg) as journal:
+            done = 0
+            for event_id in dict.fromkeys(event_ids):
+                with contextlib.suppress(NotFound):  # the replay itself names a bad id
+                    done += sum(j.state == "done" for j in (await journal.get_event(event_id)).jobs)
+            return done
+
+    if done := _run(go):
+        click.echo(
+            f"webhookd: note: {done} done job(s) among them run again (a delivery that"
+            " succeeded is made again); --dead replays only the dead ones",
+            err=True,
+        )
 
 
 def _unknown_source_note(cfg: config_mod.Config, source: str | None) -> None:
