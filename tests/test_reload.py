@@ -77,6 +77,11 @@ async def test_sighup_adds_and_changes_sources_and_keeps_restart_only_keys_as_th
         assert line.endswith(f"config reloaded from {config}: added b; changed a; added lanes llm")
         warning = await daemon.wait_said(r"config reload: .* changed")
         assert "server.max_body_bytes changed, kept as it was until the next restart" in warning
+        # Not only in that line: /stats and a gauge say a restart is pending, and for what.
+        async with http.get(f"{daemon.admin_url}/stats") as r:
+            assert (await r.json())["restart_pending"] == ["server.max_body_bytes"]
+        async with http.get(f"{daemon.admin_url}/metrics") as r:
+            assert "\nwebhookd_config_restart_pending_keys 1.0\n" in await r.text()
 
         status, a = await deliver(http, daemon, "a", json.dumps({"pad": "x" * 4096}))
         assert status == 202  # max_body_bytes is still the 1 MiB it started with

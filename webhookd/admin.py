@@ -86,6 +86,9 @@ class AdminContext:
     # Why the last reload (SIGHUP) was refused, while the previous config still runs; None
     # once one is applied. /readyz stays 200 meanwhile: the running config is whole.
     reload_refused: str | None = None
+    # The keys a reload read but cannot change in place (server.listen, ...): what the file
+    # says and the daemon runs differ until a restart.
+    restart_pending: tuple[str, ...] = ()
     masker: Masker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -495,6 +498,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "cluster": await cluster_stats(ctx.journal, counts, now),
         "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
         "reload_refused": ctx.reload_refused,
+        "restart_pending": list(ctx.restart_pending),
     }
 
 

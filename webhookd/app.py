@@ -426,6 +426,8 @@ class Daemon:
                 ", ".join(gone),
                 "its" if len(gone) == 1 else "their",
             )
+        running.ctx.restart_pending = plan.kept
+        running.metrics.restart_pending.set(len(plan.kept))
         if plan.kept:
             log.warning(
                 "config reload: %s changed, kept as %s until the next restart",

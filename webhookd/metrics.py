@@ -148,6 +148,12 @@ class Metrics:
             registry=r,
         )
         self.reload_at.set(pool.clock.time())
+        self.restart_pending = Gauge(
+            "webhookd_config_restart_pending_keys",
+            "Keys of the config file a reload could not apply in place (server.listen, ...):"
+            " they take effect at the next restart. 0 when the file and the daemon agree.",
+            registry=r,
+        )
         # What an alert on a backlog nearing its limit, or on restarts, needs: the limit (a
         # restart-only key), the version, and the process's start time, memory and open
         # descriptors (process_*, from /proc; none where there is no /proc).
