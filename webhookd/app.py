@@ -366,7 +366,7 @@ class Daemon:
                 except Exception:  # a bug here must not end the daemon: it keeps what it runs
                     log.exception("config reload failed; still running the previous config")
                     refused = "the reload failed (logged with its traceback)"
-                running.metrics.observe_reload(refused is None)
+                running.metrics.observe_reload(refused is None, len(running.ctx.restart_pending))
                 running.ctx.reload_refused = refused
             self.reloaded.set()
 
@@ -427,7 +427,6 @@ class Daemon:
                 "its" if len(gone) == 1 else "their",
             )
         running.ctx.restart_pending = plan.kept
-        running.metrics.restart_pending.set(len(plan.kept))
         if plan.kept:
             log.warning(
                 "config reload: %s changed, kept as %s until the next restart",

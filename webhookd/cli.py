@@ -489,6 +489,7 @@ def _bulk(
     verb: tuple[str, str],
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
+    looked_up: Callable[[list[EventDetail]], None] | None = None,
 ) -> dict[str, T] | None:
     """A replay or a cancel: over the ids given, each looked up first so that a typo changes
     nothing, or over every event ``select`` finds (a job state, a source, a receive time, a tenant).
@@ -498,14 +499,15 @@ def _bulk(
     ``select`` found and retention pruned before its batch is skipped and counted (it was
     finished long enough to go); one of the ids given stops the verb there, saying how far it
     got. With ``dry_run`` (its summary line, ``{n}`` for the count) the events are listed
-    instead, and ``None`` returned."""
+    instead, and ``None`` returned. ``looked_up`` is given the ids' events, before any change."""
 
     async def go() -> tuple[list[str], dict[str, T]]:
         async with _journal(cfg) as journal:
             if event_ids:
                 ids = list(dict.fromkeys(event_ids))  # an id given twice is one event
-                for event_id in ids:
-                    await journal.get_event(event_id)  # NotFound for a bad id
+                found = [await journal.get_event(event_id) for event_id in ids]  # or NotFound
+                if looked_up is not None:
+                    looked_up(found)
             else:
                 ids = [
                     i async for page in journal.pages_of_event_ids_with_jobs(*select) for i in page
@@ -581,8 +583,6 @@ def replay(
     since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
-    if event_ids and not dead:
-        _done_jobs_note(cfg, event_ids)
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
@@ -590,6 +590,7 @@ def replay(
         ("replaying", "replayed"),
         lambda journal, batch: journal.replay(batch, dead_only=dead),
         "would replay {n} event(s)" if dry_run else None,
+        None if dead else _done_jobs_note,
     )
     if result is None:
         return
@@ -655,19 +656,10 @@ def cancel(
     click.echo(line)
 
 
-def _done_jobs_note(cfg: config_mod.Config, event_ids: tuple[str, ...]) -> None:
-    """A note on stderr when replaying ``event_ids`` whole runs done jobs again: a delivery
-    that succeeded is made again, where ``--dead`` would leave it alone."""
-
-    async def go() -> int:
-        async with _journal(cfg) as journal:
-            done = 0
-            for event_id in dict.fromkeys(event_ids):
-                with contextlib.suppress(NotFound):  # the replay itself names a bad id
-                    done += sum(j.state == "done" for j in (await journal.get_event(event_id)).jobs)
-            return done
-
-    if done := _run(go):
+def _done_jobs_note(events: list[EventDetail]) -> None:
+    """A note on stderr when replaying ``events`` whole runs done jobs again: a delivery that
+    succeeded is made again, where ``--dead`` would leave it alone."""
+    if done := sum(job.state == "done" for event in events for job in event.jobs):
         click.echo(
             f"webhookd: note: {done} done job(s) among them run again (a delivery that"
             " succeeded is made again); --dead replays only the dead ones",

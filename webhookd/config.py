@@ -541,9 +541,9 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
     # that no longer has them, and all of a source removed (or renamed).
     gone = [
         f"{n}/{a.name}"
-        for n in before
-        for a in before[n].actions
-        if n not in after or (n in changed and a.name not in {b.name for b in after[n].actions})
+        for n, src in before.items()
+        for a in src.actions
+        if n not in after or a.name not in {b.name for b in after[n].actions}
     ]
     return Reload(
         config=dataclasses.replace(

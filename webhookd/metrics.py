@@ -181,8 +181,9 @@ class Metrics:
                 self.retries.labels(self._label(src.name), action.name)
                 self.dead.labels(self._label(src.name), action.name)
 
-    def observe_reload(self, applied: bool) -> None:
+    def observe_reload(self, applied: bool, restart_pending: int) -> None:
         self.reload_ok.set(1 if applied else 0)
+        self.restart_pending.set(restart_pending)
         if applied:
             self.reload_at.set(self.pool.clock.time())
 

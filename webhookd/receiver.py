@@ -343,11 +343,11 @@ class Receiver:
             linger_s=server.body_timeout_s,
             max_connections=server.max_connections,
             retry_after_s=server.retry_after_s,
-            refused=self._refused_connection,
+            refused=self._refused_by_server,
             **limits,
         )
 
-    def _refused_connection(self, status: int) -> None:
+    def _refused_by_server(self, status: int) -> None:
         # An answer of the server's, under no source: a 503 past server.max_connections, a
         # 400 or 431 for a request it could not parse.
         for observer in self.state.observers:
