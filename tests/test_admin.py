@@ -469,6 +469,18 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
     assert [j["state"] for j in detail["jobs"] if j["action"] == "deliver"] == ["done"]
     assert len(target.seen) == 1
 
+    # Dismissed (a dead letter's Dismiss, ``cancel --dead``): the dead job alone is cancelled.
+    status, error = await post_admin(running, f"/events/{event_id}/cancel?dead=true")
+    assert status == 400 and "dead" in error["error"]
+    status, doc = await post_admin(running, f"/events/{event_id}/cancel?dead=1")
+    assert (status, doc) == (200, {"id": event_id, "cancelled": 1, "running": 0})
+    _, detail = await get(running, f"/events/{event_id}")
+    assert detail["state"] == "done"
+    assert [(j["action"], j["state"]) for j in detail["jobs"]] == [
+        ("deliver", "done"),
+        ("down", "cancelled"),
+    ]
+
 
 async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(
     journal: Journal,

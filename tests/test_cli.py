@@ -210,6 +210,41 @@ async def test_replay_ids_and_dead_with_filters_and_dry_run(
     assert out.output == "nothing to replay: the jobs of 1 event(s) are queued or running\n"
 
 
+async def test_cancel_dead_dismisses_dead_letters_and_replay_brings_them_back(
+    wired: tuple[Path, Running], target: Target
+) -> None:
+    """cancel --dead [--source] [--dry-run], or with ids: the dead jobs become cancelled, the
+    events leave the dead letters, nothing is delivered; replay still runs them again."""
+    config, running = wired
+    first = await dead_event(running, target)
+    second = await dead_event(running, target, "mail")
+    delivered = len(target.seen)
+
+    out = await cli("cancel", "--dead", "--dry-run", "--config", str(config))
+    assert out.exit_code == 0 and "would cancel the dead jobs of 2 event(s)" in out.output
+    out = await cli("cancel", "--dead", "--source", "mail", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.output == (
+        "dismissed 1 dead job(s) of 1 event(s): cancelled, attempts and errors kept;"
+        " replay runs them again\n"
+    )
+    doc = await event_state(running.http, running.admin_url, second, "cancelled")
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("cancelled", 1)]
+    out = await cli("events", "--state", "dead", "--config", str(config))
+    assert first in out.output and second not in out.output
+
+    out = await cli("cancel", first, second, "--dead", "--config", str(config))
+    assert out.exit_code == 0 and "dismissed 1 dead job(s) of 2 event(s)" in out.output
+    out = await cli("cancel", second, "--dead", "--config", str(config))
+    assert out.output == "dismissed 0 dead job(s) of 1 event(s) (none of theirs was dead)\n"
+    await event_state(running.http, running.admin_url, first, "cancelled")
+    assert len(target.seen) == delivered
+
+    out = await cli("replay", first, "--config", str(config))
+    assert out.exit_code == 0 and "1 job(s) re-queued" in out.output
+    await event_state(running.http, running.admin_url, first, "done")
+
+
 async def test_the_daemon_counts_the_jobs_a_replay_from_the_cli_queues(
     wired: tuple[Path, Running], target: Target
 ) -> None:
@@ -769,6 +804,8 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["cancel"], "give event ids or --queued"),
         (["cancel", "evt_1", "--since", "1h"], "--source, --since and --tenant go with --queued"),
         (["cancel", "evt_1", "--tenant", "a"], "--source, --since and --tenant go with --queued"),
+        (["cancel", "--queued", "--dead"], "give --queued or --dead, not both"),
+        (["cancel", "evt_1", "--dead", "--source", "x"], "go with --dead and no event ids"),
         (["frobnicate"], "No such command"),
     ],
 )

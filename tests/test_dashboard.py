@@ -325,6 +325,32 @@ async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
     assert len(target.seen) == 1
 
 
+async def test_dashboard_dismisses_a_dead_letter_handled_another_way(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """Dismiss on a dead letter (``cancel --dead``): its dead job becomes cancelled with its
+    attempt and error kept, the letter leaves the list, nothing is sent again, and the done
+    job beside it stays done."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + DOWN_ACTION)
+    running = await run_daemon(cfg)
+    event_id = await accepted(running, "shop", '{"order": 6}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        button = f"#dead button.dismiss[data-id='{event_id}']"
+        await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
+        status = await page.click_for_status(button, "dismissed")
+        assert status.startswith(f"dismissed {event_id}: 1 dead job(s) cancelled")
+        await page.wait_for(f"!document.querySelector(\"#dead tr[data-event-id='{event_id}']\")")
+
+    doc = await event_state(running.http, running.admin_url, event_id, "done")
+    assert [(j["action"], j["state"], j["attempts"]) for j in doc["jobs"]] == [
+        ("deliver", "done", 1),
+        ("down", "cancelled", 1),
+    ]
+    assert doc["jobs"][1]["errors"] and len(target.seen) == 1
+
+
 async def set_width(page: Page, width: int) -> None:
     """The window's width in CSS pixels, as a phone's (390) or a laptop's (1280)."""
     await send(

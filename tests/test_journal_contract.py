@@ -687,6 +687,45 @@ async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: Ba
     assert (jobs[waiting].state, jobs[waiting].run_at) == (JobState.QUEUED, later)
 
 
+async def test_dismissing_dead_letters_cancels_the_dead_jobs_alone(journal: BaseJournal) -> None:
+    """``cancel --dead``: of an event whose forward to one target was delivered, another went
+    dead and a third waits out a backoff, only the dead one becomes ``cancelled``, keeping its
+    attempts and error; the event leaves the dead letters, the backlog is unchanged, and a
+    replay still runs the dismissed job again."""
+    item = new_event(jobs=3)
+    await journal.ingest(item)
+    delivered, dead, waiting = (j.id for j in item.jobs)
+    await journal.claim([delivered, dead, waiting], "b")
+    later = START + 3600
+    await journal.finish(
+        [
+            finished(delivered, JobState.DONE, "done"),
+            finished(dead, JobState.DEAD, "dead", error="404"),
+            finished(waiting, JobState.QUEUED, "retry", run_at=later),
+        ]
+    )
+    assert await journal.event_ids_with_jobs("dead") == [item.event.id]
+    backlog = journal.backlog_jobs
+    assert await journal.cancel([item.event.id], dead_only=True) == {item.event.id: Cancelled(1, 0)}
+    assert journal.backlog_jobs == backlog == await journal.backlog() == 1
+    detail = await journal.get_event(item.event.id)
+    jobs = {j.id: j for j in detail.jobs}
+    assert (jobs[dead].state, jobs[dead].attempts, jobs[dead].last_error) == (
+        JobState.CANCELLED,
+        1,
+        "404",
+    )
+    assert (jobs[delivered].state, jobs[waiting].state) == (JobState.DONE, JobState.QUEUED)
+    assert detail.state != "dead" and await journal.event_ids_with_jobs("dead") == []
+    assert (await journal.counts()).jobs_by_state.get("dead", 0) == 0
+    # Nothing dead is left: a second dismissal changes nothing.
+    assert await journal.cancel([item.event.id], dead_only=True) == {item.event.id: Cancelled(0, 0)}
+    assert await journal.replay([item.event.id]) == {item.event.id: Replayed(2, 1)}
+    assert (await journal.get_event(item.event.id)).jobs[1].state == JobState.QUEUED
+    with pytest.raises(NotFound):
+        await journal.cancel(["evt_nope"], dead_only=True)
+
+
 async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:
     """The receiver's backpressure reads ``backlog_jobs``: a replay counts the jobs it queues
     again, and a cancel the queued jobs it takes out, so the tally neither drifts up nor goes

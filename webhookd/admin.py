@@ -393,9 +393,14 @@ class Admin:
         )
 
     async def cancel(self, request: web.Request) -> web.Response:
+        """The event's queued jobs are cancelled (a running one once its attempt ends); with
+        ``?dead=1`` (``cancel --dead``, the dashboard's Dismiss) its dead jobs alone."""
         event_id = request.match_info["id"]
+        dead = request.query.get("dead", "0")
+        if dead not in ("0", "1"):
+            return json_error(400, "dead must be 0 or 1")
         try:
-            counts = await self.ctx.journal.cancel([event_id])
+            counts = await self.ctx.journal.cancel([event_id], dead_only=dead == "1")
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:

@@ -610,18 +610,27 @@ def replay(
 @click.argument("event_ids", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--queued", is_flag=True, help="Cancel every event that has a queued job.")
-@click.option("--source", help="With --queued: only this source.")
+@click.option(
+    "--dead",
+    is_flag=True,
+    help="Dismiss dead letters instead: the dead jobs of every event that has one (its other"
+    " jobs are left alone); with event ids, only those events' dead jobs.",
+)
+@click.option("--source", help="With --queued or --dead: only this source.")
 @click.option(
     "--since",
-    help="With --queued: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
-    " it says).",
+    help="With --queued or --dead: only events received since (30m, 2h, 7d, or an ISO time,"
+    " UTC unless it says).",
 )
-@click.option("--tenant", help="With --queued: only this tenant's events (the tenant as sent).")
+@click.option(
+    "--tenant", help="With --queued or --dead: only this tenant's events (the tenant as sent)."
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
 def cancel(
     event_ids: tuple[str, ...],
     config_path: str | None,
     queued: bool,
+    dead: bool,
     source: str | None,
     since: str | None,
     tenant: str | None,
@@ -632,21 +641,41 @@ def cancel(
     Queued means due, or waiting for a retry, a rate limit or a paused source. A job running
     at that moment finishes its attempt: done if it succeeds, dead if it fails for good, and
     cancelled instead of retried. A running daemon starts no cancelled job.
+
+    With --dead, dead letters handled some other way are dismissed: their dead jobs become
+    cancelled, keeping their attempts and errors, and leave the dead-letter count; replay
+    still runs them again.
     """
-    since_ts = _bulk_filters(event_ids, queued, "--queued", source, since, tenant)
+    if queued and dead:
+        raise click.UsageError("give --queued or --dead, not both")
+    if dead:
+        since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
+    else:
+        flag = "--queued" if queued else "--queued or --dead"
+        since_ts = _bulk_filters(event_ids, queued, flag, source, since, tenant)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     result: dict[str, Cancelled] | None = _bulk(
         cfg,
         event_ids,
-        ("queued", source, since_ts, tenant),
-        ("cancelling", "cancelled"),
-        lambda journal, batch: journal.cancel(batch),
-        "would cancel the queued jobs of {n} event(s)" if dry_run else None,
+        ("dead" if dead else "queued", source, since_ts, tenant),
+        ("dismissing", "dismissed") if dead else ("cancelling", "cancelled"),
+        lambda journal, batch: journal.cancel(batch, dead_only=dead),
+        f"would cancel the {'dead' if dead else 'queued'} jobs of {{n}} event(s)"
+        if dry_run
+        else None,
     )
     if result is None:
         return
     cancelled = sum(r.cancelled for r in result.values())
+    if dead:
+        line = f"dismissed {cancelled} dead job(s) of {len(result)} event(s)"
+        if cancelled:
+            line += ": cancelled, attempts and errors kept; replay runs them again"
+        elif result:
+            line += " (none of theirs was dead)"
+        click.echo(line)
+        return
     running = sum(r.running for r in result.values())
     line = f"cancelled {cancelled} job(s) of {len(result)} event(s)"
     if running:

@@ -1198,14 +1198,31 @@ class Journal(Reads, BaseJournal):
 
         return self._count_replayed(await self._each_event(event_ids, change))
 
-    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
+    async def cancel(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Cancelled]:
         """Stop each event's jobs that have not started: queued ones (due, or waiting for a
         retry, a lane or a paused source) become ``cancelled`` and never run, keeping their
         attempts and last error; ``replay`` runs them again. A running job's attempt ends as it
         ends (done, dead), but whatever would queue it again (a retry, a lane's wait, a drain, a
         recovery) cancels it instead (``cancel_requested_at``, see ``leaving_running``). Returns
-        ``{event_id: Cancelled}``; raises ``NotFound`` for an unknown id, changing nothing."""
+        ``{event_id: Cancelled}``; raises ``NotFound`` for an unknown id, changing nothing.
+
+        With ``dead_only`` (dismissing dead letters: ``cancel --dead``) only the dead jobs
+        become ``cancelled``, keeping their attempts, last error and result, and leave the
+        dead-letter queue; the event's other jobs are left as they are."""
         now = self.clock.time()
+        if dead_only:
+
+            def dismiss(conn: sqlite3.Connection, event_id: str) -> Cancelled:
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?"
+                    " WHERE event_id = ? AND state = 'dead'",
+                    (now, event_id),
+                )
+                return Cancelled(cur.rowcount, 0)
+
+            return await self._each_event(event_ids, dismiss)  # the backlog is unchanged
 
         def change(conn: sqlite3.Connection, event_id: str) -> Cancelled:
             cancelled = conn.execute(

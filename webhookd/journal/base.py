@@ -295,9 +295,12 @@ class BaseJournal(ABC):
         ``Journal.replay``); ``NotFound`` for an unknown id."""
 
     @abstractmethod
-    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
-        """Cancel each event's queued jobs, and its running ones once their attempt ends
-        (see ``Journal.cancel``); ``NotFound`` for an unknown id, changing nothing."""
+    async def cancel(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Cancelled]:
+        """Cancel each event's queued jobs, and its running ones once their attempt ends, or
+        with ``dead_only`` its dead jobs alone (dismissed dead letters; see ``Journal.cancel``);
+        ``NotFound`` for an unknown id, changing nothing."""
 
     @abstractmethod
     async def pause(self, source: str) -> bool:

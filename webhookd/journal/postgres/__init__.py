@@ -616,10 +616,24 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
         return self._count_replayed(await self._each_event(event_ids, change))
 
-    async def cancel(self, event_ids: Sequence[str]) -> dict[str, Cancelled]:
+    async def cancel(
+        self, event_ids: Sequence[str], *, dead_only: bool = False
+    ) -> dict[str, Cancelled]:
         """``BaseJournal.cancel``, events locked as ``replay`` locks them. A job some node is
         claiming this instant is waited for, then marked as a running one is."""
         now = self.clock.time()
+        if dead_only:
+
+            async def dismiss(conn: Any, event_id: str) -> Cancelled:
+                cur = await conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = $1"
+                    " WHERE event_id = $2 AND state = 'dead'",
+                    now,
+                    event_id,
+                )
+                return Cancelled(rowcount(cur), 0)
+
+            return await self._each_event(event_ids, dismiss)  # the backlog is unchanged
 
         async def change(conn: Any, event_id: str) -> Cancelled:
             cancelled = await conn.execute(
