@@ -110,6 +110,12 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_oldest_queued_age_seconds") == 0
     assert value(after, "webhookd_jobs", state="dead") == 1
     assert value(after, "webhookd_jobs", state="done") == 1
+    assert value(after, "webhookd_source_jobs", source="flaky", state="dead") == 1
+    assert value(after, "webhookd_source_jobs", source="ok", state="done") == 1
+    # Each configured source's queued, running and dead series are there at 0.
+    for state in ("queued", "running", "dead"):
+        series = ("webhookd_source_jobs", (("source", "ok"), ("state", state)))
+        assert after[series] == 0
     assert value(after, "webhookd_workers_busy") == 0
     assert value(after, "webhookd_workers_holding") == 0
     assert value(after, "webhookd_workers_concurrency") == cfg.workers.concurrency
@@ -153,6 +159,8 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     lane.settle(await lane.acquire(100, max_wait_s=0), 20)
     async with Journal(cfg.journal.path, clock=clock) as journal:
         await ingest(journal, "s", 3)
+        for name in ("taken-a", "taken-b"):  # names a catch-all took: summed under "*"
+            await ingest(journal, name, 1)
         await journal.refresh_backlog()
         pool = WorkerPool(config=cfg, journal=journal, actions={}, boot_id="b", clock=clock)
         metrics = Metrics(journal, pool, lanes=lambda: {"openai": lane})
@@ -165,8 +173,11 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     for name, size in sizes.items():
         assert value(samples, "webhookd_journal_bytes", file=name) == size
     assert content_type.startswith("text/plain")
-    assert value(samples, "webhookd_backlog_jobs") == 3
+    assert value(samples, "webhookd_backlog_jobs") == 5
     assert value(samples, "webhookd_oldest_queued_age_seconds") == 90
+    assert value(samples, "webhookd_source_jobs", source="s", state="queued") == 3
+    assert value(samples, "webhookd_source_jobs", source="*", state="queued") == 2
+    assert not [k for k in samples if ("source", "taken-a") in k[1]]
     assert value(samples, "webhookd_lane_admitted_total", lane="openai") == 2
     assert value(samples, "webhookd_lane_tokens_debited_total", lane="openai") == 200
     assert value(samples, "webhookd_lane_tokens_refunded_total", lane="openai") == 80

@@ -167,7 +167,7 @@ class Metrics:
         )
         ProcessCollector(registry=r)
         self.configure(pool.config)
-        self._state = _StateCollector(journal, pool, lanes)
+        self._state = _StateCollector(journal, pool, lanes, lambda: self._sources)
         r.register(self._state)
 
     def configure(self, config: Config) -> None:
@@ -276,9 +276,14 @@ class _StateCollector(Collector):
     """Gauges read at scrape time: backlog, oldest age, jobs by state, workers, lanes, journal."""
 
     def __init__(
-        self, journal: BaseJournal, pool: WorkerPool, lanes: Callable[[], Mapping[str, Any]]
+        self,
+        journal: BaseJournal,
+        pool: WorkerPool,
+        lanes: Callable[[], Mapping[str, Any]],
+        sources: Callable[[], frozenset[str]],
     ) -> None:
         self.journal = journal
+        self.sources = sources  # the source labels (see ``Metrics._label``)
         self.pool = pool
         self.lanes = lanes
         self.counts: Counts | None = None
@@ -313,6 +318,7 @@ class _StateCollector(Collector):
             for state, n in sorted(counts.jobs_by_state.items()):
                 jobs.add_metric([state], n)
             yield jobs
+            yield self._jobs_by_source(counts)
             yield _gauge("webhookd_events", "Events in the journal.", counts.events)
             yield _gauge(
                 "webhookd_cluster_backlog_jobs",
@@ -377,6 +383,32 @@ class _StateCollector(Collector):
             1 if self.journal.last_write_error else 0,
         )
         yield from _lane_metrics(self.lanes())
+
+    def _jobs_by_source(self, counts: Counts) -> GaugeMetricFamily:
+        """Jobs by source and state: which source's queue grows, or holds the dead letters.
+        Each configured source (and one since removed, for the jobs it left) has its queued,
+        running and dead series from the start, at 0 (a series that appears only once it is
+        above 0 reads as "no data" before that); the names a catch-all took are summed under
+        ``*``, or each junk path would be a series forever."""
+        configured = self.sources()
+        totals: dict[tuple[str, str], int] = {
+            (source, state): 0 for source in configured for state in _WATCHED_STATES
+        }
+        for source, states in counts.jobs_by_source.items():
+            label = source if source in configured else CATCH_ALL
+            for state, n in states.items():
+                totals[label, state] = totals.get((label, state), 0) + n
+        family = GaugeMetricFamily(
+            "webhookd_source_jobs",
+            'Jobs in the journal by source and state; the names a catch-all took under "*".',
+            labels=["source", "state"],
+        )
+        for (source, state), n in sorted(totals.items()):
+            family.add_metric([source, state], n)
+        return family
+
+
+_WATCHED_STATES = ("queued", "running", "dead")
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
