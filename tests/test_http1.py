@@ -42,6 +42,7 @@ class Served:
     db: Path
     entered: asyncio.Event  # a request reached the receiver's handler
     left: asyncio.Event  # ... and its handler returned
+    state: IntakeState
 
     def events(self) -> int:
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
@@ -77,12 +78,11 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
                     finally:
                         left.set()
 
-            server = Watched(cfg, journal, IntakeState()).server(
-                keepalive_timeout=keepalive_timeout
-            )
+            state = IntakeState()
+            server = Watched(cfg, journal, state).server(keepalive_timeout=keepalive_timeout)
             address = (await server.start("127.0.0.1", 0))[0]
             stack.push_async_callback(server.close, 1.0)
-            return Served(address, server, cfg.journal.path, entered, left)
+            return Served(address, server, cfg.journal.path, entered, left, state)
 
         yield go
 
@@ -355,6 +355,7 @@ async def test_a_connection_past_max_connections_is_answered_503_and_closed(
     assert await third.closed_by_peer()
     said = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
     assert said == ["1 connection(s) answered 503: 2 open, server.max_connections = 2"]
+    assert served.state.unavailable == {"max_connections": 1}
     await second.send(post(2))
     assert (await second.answer()).status == 202
 

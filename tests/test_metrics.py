@@ -20,6 +20,7 @@ from webhookd.config import LaneConfig
 from webhookd.journal import Journal
 from webhookd.limiter import Lane
 from webhookd.metrics import ACK_BUCKETS_S, Metrics
+from webhookd.state import UNAVAILABLE
 from webhookd.workers import WorkerPool
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -112,6 +113,9 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_jobs", state="done") == 1
     assert value(after, "webhookd_source_jobs", source="flaky", state="dead") == 1
     assert value(after, "webhookd_source_jobs", source="ok", state="done") == 1
+    # The 503s by reason: every reason's series is there from the start.
+    for reason in UNAVAILABLE:
+        assert after[("webhookd_intake_unavailable_total", (("reason", reason),))] == 0
     # Each configured source's queued, running and dead series are there at 0.
     for state in ("queued", "running", "dead"):
         series = ("webhookd_source_jobs", (("source", "ok"), ("state", state)))
@@ -253,9 +257,18 @@ async def test_a_postgresql_outage_is_a_503_on_stats_and_journal_up_0_on_metrics
     async with running.http.get(running.admin_url + "/stats") as r:
         assert (r.status, r.headers["Retry-After"]) == (503, "5")
         assert "journal" in (await r.json())["error"]
+    status, _ = await running.post("/hooks/shop", '{"in": "the outage"}')
+    assert status == 503
     samples = await scrape(running)
     assert value(samples, "webhookd_journal_up") == 0
     assert value(samples, "webhookd_intake_requests_total", source="shop", status="202") == 1
+    # Refused as the journal failed it, or as its commit outlasted ack_timeout_s.
+    refused = "webhookd_intake_unavailable_total"
+    assert (
+        value(samples, refused, reason="journal_unavailable")
+        + value(samples, refused, reason="commit_timeout")
+        == 1
+    )
     await db_outage.end()
 
     async def journal_up() -> bool:

@@ -340,6 +340,7 @@ async def test_draining_answers_503_with_retry_after(make_intake: StartIntake) -
     assert_error(answer, 503, retry_after=True)
     assert answer.headers["Retry-After"] == "9"
     assert await intake.events() == 0
+    assert intake.state.unavailable == {"shutting_down": 1}
 
 
 async def test_backlog_over_max_backlog_answers_503(
@@ -352,6 +353,7 @@ async def test_backlog_over_max_backlog_answers_503(
         assert (await intake.post("/hooks/demo", f'{{"n": {n}}}')).status == 202
     assert_error(await intake.post("/hooks/demo", b'{"n": 2}'), 503, retry_after=True)
     assert await intake.events() == 2
+    assert intake.state.unavailable == {"backlog_full": 1}
     [said] = [r for r in caplog.records if "backlog full" in r.getMessage()]
     assert said.levelname == "WARNING" and said.getMessage() == (
         "refused webhook status=503 source=demo reason='backlog full' backlog=2 max_backlog=2"
@@ -373,6 +375,7 @@ async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
             blocker.execute("ROLLBACK")
     assert_error(answer, 503, retry_after=True)
     assert answer.headers["Retry-After"] == "7"
+    assert intake.state.unavailable == {"commit_timeout": 1}
 
     async def late_commit_landed() -> bool:  # SQLite's busy handler sleeps between its tries
         return len(committed_ids(intake.db)) == 1

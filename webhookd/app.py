@@ -217,7 +217,7 @@ class Daemon:
 
             counts = PolledCounts(journal)
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes, counts=counts)
-            metrics.attach(self.intake.observers, pool.on_finish)
+            metrics.attach(self.intake, pool.on_finish)
             journal.on_commit_seconds = metrics.commit.observe
 
             def poisoned(pills: Sequence[Poisoned]) -> None:

@@ -40,6 +40,7 @@ from webhookd.journal import (
     Poisoned,
     PolledCounts,
 )
+from webhookd.state import UNAVAILABLE, IntakeState
 from webhookd.workers import WorkerPool
 
 ACK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -187,10 +188,12 @@ class Metrics:
         if applied:
             self.reload_at.set(self.pool.clock.time())
 
-    def attach(self, observers: list[Any], on_finish: list[Any]) -> None:
-        """Subscribe to the receiver's observers and the pool's ``on_finish`` hooks."""
-        observers.append(self.observe_intake)
+    def attach(self, intake: IntakeState, on_finish: list[Any]) -> None:
+        """Subscribe to the receiver's observers and the pool's ``on_finish`` hooks, and export
+        its 503s by reason."""
+        intake.observers.append(self.observe_intake)
         on_finish.append(self.observe_finish)
+        self._state.unavailable = intake.unavailable
 
     def observe_intake(self, source: str, status: int, seconds: float) -> None:
         # On the ack path, so counted in plain ints and handed to prometheus_client at scrape
@@ -290,6 +293,7 @@ class _StateCollector(Collector):
         self.paused: frozenset[str] = frozenset()
         self.nodes: list[NodeInfo] = []
         self.journal_up = True
+        self.unavailable: Mapping[str, int] = {}  # the receiver's 503s by reason, once attached
 
     def describe(self) -> list[Metric]:
         return []  # gauges appear only at scrape time: nothing to describe up front
@@ -383,6 +387,14 @@ class _StateCollector(Collector):
             1 if self.journal.last_write_error else 0,
         )
         yield from _lane_metrics(self.lanes())
+        refused = CounterMetricFamily(
+            "webhookd_intake_unavailable",
+            "The receiver's 503s by reason (each also counted in webhookd_intake_requests_total).",
+            labels=["reason"],
+        )
+        for reason in UNAVAILABLE:
+            refused.add_metric([reason], self.unavailable.get(reason, 0))
+        yield refused
 
     def _jobs_by_source(self, counts: Counts) -> GaugeMetricFamily:
         """Jobs by source and state: which source's queue grows, or holds the dead letters.

@@ -350,6 +350,8 @@ class Receiver:
     def _refused_by_server(self, status: int) -> None:
         # An answer of the server's, under no source: a 503 past server.max_connections, a
         # 400 or 431 for a request it could not parse.
+        if status == 503:
+            self.state.unavailable["max_connections"] += 1
         for observer in self.state.observers:
             observer("", status, 0.0)
 
@@ -366,7 +368,16 @@ class Receiver:
             request.path[:200],
             exc_info=True,
         )
-        return json_error(503, "internal error, retry later", self.config.server.retry_after_s)
+        return self._unavailable("internal_error", "internal error, retry later")
+
+    def _unavailable(self, reason: str, message: str) -> web.Response:
+        """A 503 with ``Retry-After``, counted by ``reason`` (one of ``state.UNAVAILABLE``)."""
+        self.state.unavailable[reason] += 1
+        return json_error(503, message, self.config.server.retry_after_s)
+
+    def _bodies_in_flight(self) -> _Refused:
+        self.state.unavailable["bodies_in_flight"] += 1
+        return _Refused(503, "too many bodies in flight", self.config.server.retry_after_s)
 
     def _resolve(self, path: str) -> tuple[str, SourceConfig] | str:
         """The source a path is for (the name it is journalled under, and its config), else
@@ -440,7 +451,7 @@ class Receiver:
                 raise _Refused(413, self._too_large)
             return body
         if self._inflight_bytes + length_bytes > server.max_inflight_body_bytes:
-            raise _Refused(503, "too many bodies in flight", server.retry_after_s)
+            raise self._bodies_in_flight()
         self._inflight_bytes += length_bytes
         counted = length_bytes
         parts: list[bytes] = []
@@ -456,7 +467,7 @@ class Receiver:
                         self._inflight_bytes += size - counted
                         counted = size
                         if self._inflight_bytes > server.max_inflight_body_bytes:
-                            raise _Refused(503, "too many bodies in flight", server.retry_after_s)
+                            raise self._bodies_in_flight()
                     parts.append(chunk)
         except TimeoutError:
             raise _Refused(408, "body not received in time", close=True) from None
@@ -531,7 +542,7 @@ class Receiver:
         masked = self._secret_headers[src.name]
         sifted = src.name in self._sifted
         if self.state.draining:
-            return json_error(503, "shutting down", server.retry_after_s)
+            return self._unavailable("shutting_down", "shutting down")
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
             raise _Refused(413, self._too_large)
@@ -570,7 +581,7 @@ class Receiver:
                 self.journal.backlog_jobs,
                 server.max_backlog,
             )
-            return json_error(503, "backlog full", server.retry_after_s)
+            return self._unavailable("backlog_full", "backlog full")
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
@@ -641,7 +652,7 @@ class Receiver:
                 "journal writer behind by more than server.max_inflight_body_bytes of webhooks:"
                 " answering 503",
             )
-            return json_error(503, "journal busy, retry later", server.retry_after_s)
+            return self._unavailable("writer_behind", "journal busy, retry later")
         state = self.state
         state.waiting += 1
         if state.waiting >= BUSY_WAITING:
@@ -652,9 +663,9 @@ class Receiver:
             result = await commit
         except _CommitTimeout:
             self._log_slow("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
-            return json_error(503, "journal busy, retry later", server.retry_after_s)
+            return self._unavailable("commit_timeout", "journal busy, retry later")
         except JournalUnavailable:
-            return json_error(503, "journal unavailable, retry later", server.retry_after_s)
+            return self._unavailable("journal_unavailable", "journal unavailable, retry later")
         finally:
             state.waiting -= 1
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.

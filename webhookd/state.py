@@ -7,6 +7,7 @@ creates one ``IntakeState`` and hands it to the receiver, the admin API and the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,21 @@ from dataclasses import dataclass, field
 # answered in 1-3 ms keeps 1-3 waiting (rate × time); 64 connections posting as fast as they
 # are answered reached 16 often enough that a hold never lapsed in the middle of a burst.
 BUSY_WAITING = 16
+
+# Why the receiver answered 503, as ``webhookd_intake_unavailable_total`` labels it: draining;
+# the backlog at server.max_backlog; server.max_inflight_body_bytes of bodies being read, or
+# queued for a writer that is behind; a commit slower than ack_timeout_s; the journal failing
+# writes; an unexpected error; a connection past server.max_connections.
+UNAVAILABLE = (
+    "shutting_down",
+    "backlog_full",
+    "bodies_in_flight",
+    "writer_behind",
+    "commit_timeout",
+    "journal_unavailable",
+    "internal_error",
+    "max_connections",
+)
 
 
 @dataclass
@@ -24,6 +40,8 @@ class IntakeState:
     # Observers of every answer: (source or "", status, seconds spent). Metrics subscribe here.
     observers: list[Callable[[str, int, float], None]] = field(default_factory=list)
     verify_failures: int = 0
+    # The receiver's 503s by why (UNAVAILABLE's reasons): the metrics export them.
+    unavailable: Counter[str] = field(default_factory=Counter)
     # Webhooks read and waiting for their answer (the journal's commit), and when (on the daemon's
     # monotonic clock) BUSY_WAITING of them last waited at once: the receiver then has more than
     # it can answer, and the workers hold new jobs back until it has caught up.
