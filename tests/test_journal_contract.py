@@ -726,6 +726,21 @@ async def test_dismissing_dead_letters_cancels_the_dead_jobs_alone(journal: Base
         await journal.cancel(["evt_nope"], dead_only=True)
 
 
+async def test_unfinished_jobs_are_counted_by_source_and_action(journal: BaseJournal) -> None:
+    """What a config must still be able to run: queued and running jobs by (source, action);
+    finished ones are not counted."""
+    first, second = new_event(jobs=2), new_event(source="mail", jobs=1)
+    await journal.ingest(first)
+    await journal.ingest(second)
+    done, running = (j.id for j in first.jobs)
+    await journal.claim([done, running], "b")
+    await journal.finish([finished(done, JobState.DONE, "done")])
+    assert await journal.unfinished_by_action() == {
+        ("shop", "forward-1"): 1,
+        ("mail", "forward-0"): 1,
+    }
+
+
 async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:
     """The receiver's backpressure reads ``backlog_jobs``: a replay counts the jobs it queues
     again, and a cancel the queued jobs it takes out, so the tally neither drifts up nor goes

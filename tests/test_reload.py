@@ -472,23 +472,27 @@ async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     assert line.startswith("config reload: b/forward no longer configured: its queued job(s)")
 
 
-async def test_a_start_without_a_source_that_holds_queued_jobs_says_so(
+async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(
     tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An old config deployed, or a source renamed while stopped: its queued jobs would go dead
-    one line each with no word before; the start says so once, naming the source."""
+    """An old config deployed, a source or an action renamed while stopped: their queued jobs
+    would go dead one line each with no word before; the start says so once, naming each
+    source and action."""
     kept, dropped = forward("a", f"{target.url}/a"), forward("b", f"{target.url}/b")
-    running: Running = await run_daemon(make_config(tmp_path, kept + dropped))
-    pause = f"{running.admin_url}/sources/b/pause"
-    async with running.http.post(pause, headers={"X-Webhookd": "1"}) as r:
-        assert r.status == 200  # its webhooks' jobs stay queued
-    assert (await running.post("/hooks/b", b"{}"))[0] == 202
+    renamed = forward("c", f"{target.url}/c") + 'name = "old"\n'
+    running: Running = await run_daemon(make_config(tmp_path, kept + dropped + renamed))
+    for source in ("b", "c"):
+        pause = f"{running.admin_url}/sources/{source}/pause"
+        async with running.http.post(pause, headers={"X-Webhookd": "1"}) as r:
+            assert r.status == 200  # its webhooks' jobs stay queued
+        assert (await running.post(f"/hooks/{source}", b"{}"))[0] == 202
     await running.stop()
     caplog.set_level(logging.WARNING, logger="webhookd.app")
-    cfg = make_config(tmp_path, kept)
+    cfg = make_config(tmp_path, kept + forward("c", f"{target.url}/c") + 'name = "new"\n')
     await run_daemon(cfg)
-    said = [r.getMessage() for r in caplog.records if "queued jobs of source" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "holds queued jobs" in r.getMessage()]
     assert said == [
-        f"the journal holds queued jobs of source(s) not in {cfg.origin}: b (1); they go dead"
-        " at their turn (`webhookd replay --dead --source NAME` runs them once it is back)"
+        f"the journal holds queued jobs that {cfg.origin} has no action for: b/forward (1),"
+        " c/old (1); they go dead at their turn (`webhookd replay --dead --source NAME` runs"
+        " them once the source and action are back under those names)"
     ]

@@ -35,7 +35,7 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,7 +50,7 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ALERT_SOURCE, CATCH_ALL, Config, Listen, plan_reload
+from webhookd.config import CATCH_ALL, Config, Listen, plan_reload
 from webhookd.errors import ConfigError, JournalError, WebhookdError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
@@ -647,24 +647,31 @@ def _exit_within(deadline_s: float, status: int) -> None:
 
 
 async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:
-    """Say at start when the journal holds queued jobs of sources the config no longer has
-    (an old config deployed, a source renamed): one line, before they go dead at their turn,
-    one dead line each. With a catch-all, any name may be its: nothing to say."""
-    if CATCH_ALL in cfg.sources:
-        return
+    """Say at start when the journal holds queued jobs this config has no action for: of a
+    source it no longer has (an old config deployed, a source renamed) or an action a source
+    no longer has (an action renamed). One line, before they go dead at their turn, one dead
+    line each. The catch-all's actions are those of any name it takes."""
     try:
-        counts = await journal.counts()
+        unfinished = await journal.unfinished_by_action()
     except JournalError:
         return  # the daemon says what is wrong with its journal elsewhere
-    orphans = {
-        name: jobs.get("queued", 0)
-        for name, jobs in counts.jobs_by_source.items()
-        if name not in cfg.sources and name != ALERT_SOURCE and jobs.get("queued", 0)
-    }
+    orphans = orphaned_jobs(cfg, unfinished)
     if orphans:
         log.warning(
-            "the journal holds queued jobs of source(s) not in %s: %s; they go dead at their"
-            " turn (`webhookd replay --dead --source NAME` runs them once it is back)",
+            "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
+            " turn (`webhookd replay --dead --source NAME` runs them once the source and action"
+            " are back under those names)",
             cfg.origin,
-            ", ".join(f"{name} ({n})" for name, n in sorted(orphans.items())),
+            ", ".join(f"{name} ({n})" for name, n in orphans),
         )
+
+
+def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> list[tuple[str, int]]:
+    """``source/action`` and its queued or running jobs, for each pair of ``unfinished`` that
+    ``cfg`` cannot run (as the workers decide it: ``source_for`` and its ``action``), sorted."""
+    out: list[tuple[str, int]] = []
+    for (source, action), n in sorted(unfinished.items()):
+        found = cfg.source_for(source)
+        if n and (found is None or found.action(action) is None):
+            out.append((f"{source}/{action}", n))
+    return out

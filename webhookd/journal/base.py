@@ -471,6 +471,11 @@ class BaseJournal(ABC):
         """Jobs by state and by source, the oldest queued job's receive time, events."""
 
     @abstractmethod
+    async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
+        """Jobs queued or running by (source, action): what a config must still be able to run
+        (the start's warning of jobs no configured action will take)."""
+
+    @abstractmethod
     async def nodes(self, limit: int = 64) -> list[NodeInfo]:
         """The processes working on this journal, oldest first, at most ``limit`` (this one
         included; a node that stopped cleanly is gone, one that died shows ``stale``)."""

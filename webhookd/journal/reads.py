@@ -291,6 +291,16 @@ class Reads:
         events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest[0][0], int(events[0][0]))
 
+    async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
+        # Each state through its partial index: an IN on the table scans every job kept.
+        rows = await fetch(
+            self.reader,
+            "SELECT source, action, COUNT(*) FROM (SELECT source, action FROM jobs"
+            " WHERE state = 'queued' UNION ALL SELECT source, action FROM jobs"
+            " WHERE state = 'running') GROUP BY source, action",
+        )
+        return {(source, action): int(n) for source, action, n in rows}
+
     async def size_bytes(self) -> int:
         """The journal's size on disk: the main file plus its WAL."""
         return sum(self.file_bytes().values())

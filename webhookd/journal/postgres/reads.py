@@ -248,6 +248,13 @@ class PgReads:
         events = await self._value("SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest, int(events))
 
+    async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
+        rows = await self.fetch(
+            "SELECT source, action, COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+            " GROUP BY source, action"
+        )
+        return {(source, action): int(n) for source, action, n in rows}
+
     async def storage_bytes(self) -> int:
         """The journal's tables with their indexes and TOAST, in the current schema."""
         value = await self._value(
