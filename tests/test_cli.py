@@ -150,6 +150,13 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     doc = json.loads(out.output)
     assert doc["jobs"]["dead"] == 1 and doc["sources"]["mail"]["done"] == 1
     assert doc["daemon"] is None  # the admin port is 0 in the file: not reachable by the CLI
+    # The dead letters by cause: source, action, the start of the error, how many, how recent.
+    [cause] = doc["dead_causes"]
+    assert (cause["source"], cause["action"], cause["jobs"]) == ("shop", "deliver", 1)
+    assert cause["error"].endswith("answered 500") and cause["last_at"] <= time.time()
+    table = await cli("stats", "--config", str(config))
+    said = r"\n      1  shop/deliver  gave up .*: http://\S+ answered 500  \(latest \d+s ago\)"
+    assert re.search(said, table.output), table.output
     # A SQLite journal's files and their sizes; PostgreSQL's tables with their indexes.
     on_sqlite = isinstance(running.daemon.journal, Journal)
     sizes = doc["journal_bytes"]

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
+    CAUSE_CHARS,
     EVENT_STATES,
     BaseJournal,
     Cancelled,
@@ -739,6 +740,28 @@ async def test_unfinished_jobs_are_counted_by_source_and_action(journal: BaseJou
         ("shop", "forward-1"): 1,
         ("mail", "forward-0"): 1,
     }
+
+
+async def test_dead_jobs_are_grouped_by_the_start_of_their_error(journal: BaseJournal) -> None:
+    """``webhookd stats``' dead letters by cause: per source, action and the first
+    ``CAUSE_CHARS`` of the last error (an order id past them does not split a cause), most
+    jobs first, with when the latest went dead."""
+    long = "x" * CAUSE_CHARS
+    errors = [long + " order 1", long + " order 2", "answered 404", None]
+    for n, error in enumerate(errors):
+        item = new_event(jobs=1)
+        await journal.ingest(item)
+        [job] = item.jobs
+        await journal.claim([job.id], "b")
+        await journal.finish([finished(job.id, JobState.DEAD, "dead", now=START + n, error=error)])
+    causes = await journal.dead_causes()
+    assert [(c.source, c.action, c.error, c.jobs) for c in causes] == [
+        ("shop", "forward-0", long, 2),
+        ("shop", "forward-0", None, 1),  # the latest first among equals
+        ("shop", "forward-0", "answered 404", 1),
+    ]
+    assert causes[0].last_at == START + 1 and causes[1].last_at == START + 3
+    assert len(await journal.dead_causes(limit=1)) == 1
 
 
 async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:

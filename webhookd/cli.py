@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -819,6 +820,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
     """Backlog, oldest queued age, recent rates and outcomes, jobs by source (from the journal;
     workers and lanes too when the daemon's admin API answers)."""
     cfg = _read_config(config_path)
+    masker = Masker(secret_values(cfg))
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
@@ -831,6 +833,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             files = await journal.sizes()
+            causes = await journal.dead_causes() if counts.jobs_by_state.get("dead") else []
         oldest = counts.oldest_due_at
         daemon, daemon_error = await _daemon_stats(cfg)
         if daemon is not None and "cluster" in daemon:
@@ -846,6 +849,10 @@ def stats(config_path: str | None, as_json: bool) -> None:
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),
             "paused": paused,
+            "dead_causes": [
+                {**asdict(c), "error": masker.text(c.error) if c.error is not None else None}
+                for c in causes
+            ],
             "journal_bytes": files,
             "nodes": nodes,
             "daemon": daemon,
@@ -958,6 +965,15 @@ def _stats_table(doc: dict[str, Any]) -> str:
     for src, by in doc["sources"].items():
         mark = " (paused)" if src in doc["paused"] else ""
         lines.append(f"{(src + mark)[:24]:<24}" + "".join(f"{by.get(s, 0):>10}" for s in states))
+    if doc["dead_causes"]:
+        lines += ["", "dead letters by cause (`webhookd events --state dead` lists them)"]
+        now = time.time()
+        for c in doc["dead_causes"]:
+            error = printable(c["error"]) if c["error"] is not None else "(no error recorded)"
+            lines.append(
+                f"{c['jobs']:>7}  {c['source']}/{c['action']}  {error}"
+                f"  (latest {_age(now - c['last_at'])} ago)"
+            )
     return "\n".join(lines)
 
 

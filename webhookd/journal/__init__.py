@@ -70,12 +70,14 @@ from webhookd.journal.batch import (
 )
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
+    CAUSE_CHARS,
     Activity,
     Cancelled,
     Cap,
     CapClaim,
     Claimed,
     Counts,
+    DeadCause,
     EventDetail,
     EventSummary,
     Finished,
@@ -108,6 +110,7 @@ from webhookd.throttle import Throttle
 
 __all__ = [
     "BULK_BATCH",
+    "CAUSE_CHARS",
     "EVENT_STATES",
     "MIGRATIONS",
     "Activity",
@@ -117,6 +120,7 @@ __all__ = [
     "CapClaim",
     "Claimed",
     "Counts",
+    "DeadCause",
     "EventDetail",
     "EventSummary",
     "Finished",

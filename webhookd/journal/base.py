@@ -34,6 +34,7 @@ from webhookd.journal.records import (
     CapClaim,
     Claimed,
     Counts,
+    DeadCause,
     EventDetail,
     EventSummary,
     Finished,
@@ -469,6 +470,11 @@ class BaseJournal(ABC):
     @abstractmethod
     async def counts(self) -> Counts:
         """Jobs by state and by source, the oldest queued job's receive time, events."""
+
+    @abstractmethod
+    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+        """The dead jobs grouped by source, action and the start of their last error, most
+        jobs first, at most ``limit`` groups."""
 
     @abstractmethod
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:

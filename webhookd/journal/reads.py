@@ -16,8 +16,10 @@ import aiosqlite
 from webhookd.clock import Clock
 from webhookd.errors import NotFound
 from webhookd.journal.records import (
+    CAUSE_CHARS,
     Activity,
     Counts,
+    DeadCause,
     EventDetail,
     EventSummary,
     Lane,
@@ -290,6 +292,16 @@ class Reads:
         )
         events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest[0][0], int(events[0][0]))
+
+    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+        rows = await fetch(
+            self.reader,
+            f"SELECT source, action, substr(last_error, 1, {CAUSE_CHARS}) AS cause, COUNT(*),"
+            " MAX(finished_at) FROM jobs WHERE state = 'dead' GROUP BY source, action, cause"
+            " ORDER BY COUNT(*) DESC, MAX(finished_at) DESC LIMIT ?",
+            (limit,),
+        )
+        return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
         # Each state through its partial index: an IN on the table scans every job kept.

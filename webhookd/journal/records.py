@@ -253,6 +253,24 @@ class Cancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadCause:
+    """Dead jobs of one source's action that ended with the same error (its first
+    ``CAUSE_CHARS``): what ``webhookd stats`` lists under "dead letters by cause"."""
+
+    source: str
+    action: str
+    error: str | None
+    jobs: int
+    last_at: float  # when the latest of them went dead
+
+
+# How much of a dead job's last error tells its cause: a target's URL and status, an
+# exception's type and the start of its message, past which errors of one cause still differ
+# (an order id, a response body).
+CAUSE_CHARS = 120
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     jobs_by_state: Mapping[str, int]
     jobs_by_source: Mapping[str, Mapping[str, int]]

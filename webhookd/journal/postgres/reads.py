@@ -8,8 +8,10 @@ from typing import Any, Literal
 from webhookd.clock import Clock
 from webhookd.errors import NotFound
 from webhookd.journal.records import (
+    CAUSE_CHARS,
     Activity,
     Counts,
+    DeadCause,
     EventDetail,
     EventSummary,
     Lane,
@@ -247,6 +249,15 @@ class PgReads:
         )
         events = await self._value("SELECT COUNT(*) FROM events")
         return Counts(by_state, by_source, oldest, int(events))
+
+    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+        rows = await self.fetch(
+            f"SELECT source, action, left(last_error, {CAUSE_CHARS}) AS cause, COUNT(*),"
+            " MAX(finished_at) FROM jobs WHERE state = 'dead' GROUP BY source, action, cause"
+            " ORDER BY COUNT(*) DESC, MAX(finished_at) DESC LIMIT $1",
+            limit,
+        )
+        return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
         rows = await self.fetch(
