@@ -122,22 +122,21 @@ async def test_payload_on_stdin_env_cwd_and_templated_argv(
 async def test_an_env_value_written_env_or_file_is_that_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``env = { TOKEN = "env:NAME" }`` hands the command the secret, not the reference."""
+    """``env = { TOKEN = "env:NAME" }`` hands the command the secret, not the reference; what
+    it prints of a secret is journaled as ***."""
     monkeypatch.setenv("DEPLOY_TOKEN", "tok-from-the-daemon")
     (tmp_path / "key").write_text("key-from-a-file\n")
-    code = "import os; print(os.environ['TOKEN'], os.environ['KEY'], os.environ['PLAIN'])"
+    code = (
+        "import os; e = os.environ; print(e['TOKEN'] == 'tok-from-the-daemon',"
+        " e['KEY'] == 'key-from-a-file', e['TOKEN'], e['PLAIN'])"
+    )
     extra = (
         f'env = {{ TOKEN = "env:DEPLOY_TOKEN", KEY = "file:{tmp_path / "key"}", PLAIN = "as is" }}'
     )
     job = await run_command(tmp_path, python_argv(code), extra)
     assert job.state == JobState.DONE
     assert job.history[0].detail is not None
-    assert job.history[0].detail["stdout"].split() == [
-        "tok-from-the-daemon",
-        "key-from-a-file",
-        "as",
-        "is",
-    ]
+    assert job.history[0].detail["stdout"].split() == ["True", "True", "***", "as", "is"]
 
 
 async def test_only_the_last_2kb_of_stdout_and_stderr_are_kept(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from webhookd.redact import (
     MASK,
     SECRET_HEADERS,
     WRITTEN_OUT,
+    Masker,
     redact_headers,
     redact_request_headers,
+    secret_parts,
     written_out,
 )
 
@@ -86,3 +88,48 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     ]
     for value in ("admin-token-inline", "pg-password", "old-inline-secret", "sk-inline-key"):
         assert value not in result.output
+
+
+@pytest.mark.parametrize(
+    ("secret", "quoted", "shown"),
+    [
+        # A target answering 401 quotes the token of a configured Authorization header.
+        ("Bearer tgttoken7c41", "invalid token tgttoken7c41", "invalid token ***"),
+        # aiohttp sends a URL's user and password as Basic credentials; a target echoes them.
+        (
+            "http://user:pwSECRET9@127.0.0.1:9/in",
+            "'Authorization': 'Basic dXNlcjpwd1NFQ1JFVDk='",
+            "'Authorization': 'Basic ***'",
+        ),
+        ("http://user:pwSECRET9@127.0.0.1:9/in", "password pwSECRET9", "password ***"),
+        # A webhook URL's token in its path, or a query's token=, echoed without the rest.
+        (
+            "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "no route for /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "no route for /services/T0001/B0002/***",
+        ),
+        ("http://127.0.0.1:9/hook?token=qtok&x=1", "/hook?token=qtok&x=1", "/hook?token=***&x=1"),
+    ],
+)
+def test_a_secret_is_masked_where_a_target_quotes_part_of_it(
+    secret: str, quoted: str, shown: str
+) -> None:
+    """Masking the configured value whole missed the parts a target or program quotes on
+    their own: a header's token, a URL's password or its Basic form, a path's token."""
+    assert Masker([secret]).text(quoted) == shown
+
+
+def test_the_parts_of_a_secret_spare_ordinary_words() -> None:
+    """A path's words (``services``, ``hooks``), a database's name and the second word of a
+    secret with a space are not masked on their own: they appear everywhere else too."""
+    masker = Masker(
+        [
+            "https://hooks.example.com/services/hooks/in",
+            "postgresql://webhookd:pw12345678@db/webhookd",
+            "correct horse",
+        ]
+    )
+    text = "journal /var/lib/webhookd/webhookd.db, services, hooks, horse"
+    assert masker.text(text) == text
+    assert masker.text("user webhookd, password pw12345678") == "user webhookd, password ***"
+    assert secret_parts("Bearer short") == set()  # a token part under 8 characters

@@ -60,7 +60,7 @@ async def test_journal_is_private_credentials_are_not_stored_and_secrets_are_mas
 ) -> None:
     """Under a permissive umask the journal files are 0600; the token scheme's header, the
     Authorization and Cookie headers are stored (and handed to actions) as ***, a signature
-    header as sent; an error quoting a secret shows *** in the events API and in show."""
+    header as sent; an error quoting a secret is journaled, and shown, as ***."""
     monkeypatch.setenv("WEBHOOKD_TEST_SHARED_TOKEN", SECRET)
     path = config(tmp_path)
     old_umask = os.umask(0o022)
@@ -97,7 +97,12 @@ async def test_journal_is_private_credentials_are_not_stored_and_secrets_are_mas
 
     with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
         [(stored,)] = db.execute("SELECT headers FROM events").fetchall()
+        outcomes = db.execute("SELECT last_error FROM jobs").fetchall()
+        outcomes += db.execute("SELECT * FROM attempts").fetchall()
     assert SECRET not in stored and CREDENTIAL not in stored
+    # An error quoting a secret is masked before it is journaled: the journal, its backups
+    # and a `show` where the variable is not set never hold it.
+    assert "upstream refused key ***" in repr(outcomes) and SECRET not in repr(outcomes)
     kept = {k.lower(): v for k, v in json.loads(stored)}
     assert kept["x-shared-token"] == kept["authorization"] == kept["cookie"] == "***"
     assert kept["x-hub-signature-256"] == "sha256=abc123"

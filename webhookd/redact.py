@@ -3,17 +3,18 @@ an event is shown, and configured secret values in everything it shows (log line
 show``, the events API and the dashboard).
 
 One rule everywhere: ``Masker`` replaces every configured secret value (four characters or
-more) with ``***``. Hazard: only values this process knows are masked; a command that reads the
-journal without a secret's variable exported cannot mask that secret (the daemon's log and
-API can).
+more), and the parts of one a target may quote alone (``secret_parts``), with ``***``. The
+workers mask an attempt's error and detail before they are journaled; only values the daemon
+knows are masked, so an event's body is stored as sent.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from webhookd.config import (
     DEFAULT_OPENAI_API_KEY,
@@ -112,6 +113,7 @@ class Masker:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         kept = {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}
         self.given = frozenset(kept)  # what a reload's masker starts from
+        kept |= {part for s in kept for part in secret_parts(s)}
         # Each also as a log line may carry it: in a %r (a backslash or a quote escaped), in a
         # JSON string, or shown printable (a tab as \t).
         forms = {f for s in kept for f in (repr(s)[1:-1], json.dumps(s)[1:-1], printable(s))}
@@ -135,6 +137,59 @@ class Masker:
         if isinstance(value, list | tuple):
             return [self.deep(v) for v in value]
         return value
+
+
+# A part of a secret shorter than this is not masked on its own (it would mask ordinary words);
+# the whole secret still is.
+_MIN_PART_CHARS = 8
+
+
+def secret_parts(secret: str) -> set[str]:
+    """The parts of a secret that a target or a program may quote without the rest: what
+    follows the scheme of an ``Authorization``-style value (``Bearer <token>``); of a URL its
+    password and the ``Basic`` credentials made of its user and password; and of an http(s)
+    URL (a Slack or Discord webhook's token is in its path) the path segments and query values
+    that read as a credential. Never a path as a whole, nor a database's name: those are
+    ordinary words elsewhere (``/webhookd`` in every journal path)."""
+    parts: set[str] = set()
+    scheme, space, token = secret.partition(" ")
+    token = token.strip()
+    # Not under _MIN_PART_CHARS: that is the second word of a secret with a space, not a token.
+    if space and scheme.isalpha() and len(scheme) <= 20 and len(token) >= _MIN_PART_CHARS:
+        parts.add(token)
+    if "://" in secret:
+        try:
+            url = urlsplit(secret)
+            password = url.password
+        except ValueError:
+            password, url = None, None
+        if url is not None and password:
+            user = unquote(url.username or "")
+            parts |= {password, unquote(password)}
+            parts.add(base64.b64encode(f"{user}:{unquote(password)}".encode()).decode())
+        if url is not None and url.scheme in ("http", "https"):
+            parts |= {seg for seg in url.path.split("/") if _looks_like_token(seg)}
+            for name, value in parse_qsl(url.query):
+                hinted = any(hint in name.lower() for hint in _QUERY_HINTS)
+                if _looks_like_token(value) or (hinted and len(value) >= _MIN_SECRET_CHARS):
+                    parts.add(value)
+    # A part named as a credential (a password, a query's token=) counts from 4 characters, as
+    # a whole secret does; the others were held to _MIN_PART_CHARS above.
+    return {p for p in parts if len(p) >= _MIN_SECRET_CHARS}
+
+
+# Query parameters whose value is a credential whatever it looks like (?token=, ?api_key=, ?sig=).
+_QUERY_HINTS = ("token", "key", "secret", "sig", "auth", "pass", "code")
+
+
+def _looks_like_token(text: str) -> bool:
+    """A value that reads as a credential rather than a word (``services``, ``hooks``): 16
+    characters or more, or 8 or more mixing letters and digits."""
+    return len(text) >= 16 or (
+        len(text) >= _MIN_PART_CHARS
+        and any(c.isdigit() for c in text)
+        and any(c.isalpha() for c in text)
+    )
 
 
 # The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its

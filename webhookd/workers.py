@@ -25,6 +25,7 @@ from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready
 from webhookd.models import JobState, storable_text
+from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
 
@@ -131,6 +132,10 @@ class WorkerPool:
         intake: IntakeState | None = None,
     ) -> None:
         self.config = config
+        # What an attempt's error and detail quote of a secret (a URL's password, a target
+        # echoing a token) is masked before it is journaled: the journal, its backups and a
+        # `show` run where the secrets' variables are not set never hold it.
+        self.masker = Masker(secret_values(config))
         self.intake = intake  # the receiver's state: new jobs wait while a burst is answered
         self._held_since: float | None = None
         self._no_hold_until = -math.inf
@@ -209,6 +214,7 @@ class WorkerPool:
             if id(action) not in live:
                 self._retired[id(action)] = action
         self.config = config
+        self.masker = Masker([*self.masker.given, *secret_values(config)])  # the old ones too
         # A replaced action (a new URL, a longer timeout) starts with a clean slate.
         old = {id(a) for a in self.actions.values()}
         replaced = {key for key, action in actions.items() if id(action) not in old}
@@ -958,7 +964,9 @@ class WorkerPool:
         now = self.clock.time()
         # Else an outcome whose error holds a lone surrogate is never recorded: the job would
         # stay running, its write retried as an outage.
-        error = storable_text(outcome.error[:_ERROR_CHARS]) if outcome.error else None
+        masker = self.masker
+        error = storable_text(masker.text(outcome.error[:_ERROR_CHARS])) if outcome.error else None
+        detail = masker.deep(outcome.detail) if outcome.detail else outcome.detail
 
         def make(
             state: JobState, kind: str, run_at: float | None = None, err: str | None = error
@@ -979,7 +987,7 @@ class WorkerPool:
                 run_at=run_at,
                 error=err,
                 result=result,
-                detail=outcome.detail,
+                detail=detail,
                 claim=claimed.claim,
             )
 
