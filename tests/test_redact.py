@@ -19,6 +19,7 @@ from webhookd.redact import (
     redact_headers,
     redact_request_headers,
     secret_parts,
+    secret_values,
     written_out,
 )
 
@@ -60,25 +61,46 @@ api_key = "sk-inline-key"
 [[sources.shop.actions]]
 type = "forward"
 url = "http://127.0.0.1:9/plain"
+headers = { Authorization = "Bearer inline-header-777", Idempotency-Key = "not-a-credential" }
+[[sources.shop.actions]]
+type = "forward"
+name = "userinfo"
+url = "http://u:inline-url-pw@127.0.0.1:9/in"
+[[sources.shop.actions]]
+type = "command"
+argv = ["/bin/true"]
+env = { DEPLOY_TOKEN = "inline-env-555", SORT_KEY = "date", REGION = "eu-west-1-long" }
 [sources.mail]
 verify = { scheme = "github", secret = "env:WRITTEN_TEST_NEW" }
+[alerts]
+url = "https://hooks.example.com/services/T1/B2/inline-alert-url-token"
 """
 
 
 def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A signing secret, the admin token, an option that holds only a secret and a URL with a
-    password, written in the file itself, are named (check warns of each, as the daemon does
-    as it starts); what comes from env: or file:, and a URL without a password, are not."""
+    """A signing secret, the admin token, the alerts' URL, an option that holds only a secret,
+    a URL with a password, and a header or a command's variable named as a credential, written
+    in the file itself, are named (check warns of each, as the daemon does as it starts) and
+    masked; what comes from env: or file:, a URL without a password, and values under other
+    names or too short to be a credential, are not."""
     monkeypatch.setenv("WRITTEN_TEST_NEW", "from-the-environment")
     cfg = config_mod.loads(_WRITTEN, "t", kinds=actions.kind_defaults)
     assert written_out(cfg) == [
         "admin.token",
         "journal.url",
         "sources.shop.verify.secrets[0]",
+        "alerts.url",
         "sources.shop.actions[0].api_key",
+        "sources.shop.actions[1].headers.Authorization",
+        "sources.shop.actions[2].url",
+        "sources.shop.actions[3].env.DEPLOY_TOKEN",
     ]
+    masked = Masker(secret_values(cfg)).text(
+        "inline-header-777 inline-url-pw inline-env-555 date eu-west-1-long not-a-credential"
+    )
+    assert masked == "*** *** *** date eu-west-1-long not-a-credential"
     path = tmp_path / "webhookd.toml"
     path.write_text(_WRITTEN)
     result = CliRunner().invoke(main, ["check", "--config", str(path)])
@@ -88,6 +110,7 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     ]
     for value in ("admin-token-inline", "pg-password", "old-inline-secret", "sk-inline-key"):
         assert value not in result.output
+    assert "inline-" not in result.output
 
 
 @pytest.mark.parametrize(

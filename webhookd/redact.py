@@ -212,7 +212,63 @@ def secret_values(obj: Any) -> set[str]:
             value = read_secret(value)
         if not value.missing:
             found.add(value.reveal())
+    found |= {value for _key, value in inline_credentials(obj)}
     return found
+
+
+# Names that say a header's or an environment variable's value is a credential (and those
+# ending in "key": STRIPE_KEY, X-Api-Key, but not Idempotency-Key).
+_CREDENTIAL_HINTS = (*_SHOWN_MASKED_HINTS, "auth", "passwd", "credential")
+
+
+def _credential_name(name: str) -> bool:
+    low = name.lower()
+    if any(hint in low for hint in _CREDENTIAL_HINTS):
+        return True
+    return low.endswith("key") and low != "idempotency-key"
+
+
+def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
+    """Credentials written in an action's options as they are, not as ``env:``/``file:``: a
+    forward URL with a password, a header or a command's environment variable whose name says
+    it holds a credential (``Authorization``, ``X-Api-Key``, ``DEPLOY_TOKEN``). With their
+    dotted keys: ``check`` names them, and the daemon masks them as it masks the others."""
+
+    def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
+        for name, value in table.items():
+            path = f"{key}.{name}"
+            if name in ("url", "forward") and isinstance(value, str) and _has_password(value):
+                yield path, value
+            elif name in _SECRET_TABLES and isinstance(value, Mapping):
+                for item, text in value.items():
+                    # From 8 characters: a short value under such a name (SORT_KEY = "date")
+                    # is a word, and would be masked in every line.
+                    if (
+                        _credential_name(item)
+                        and isinstance(text, str)
+                        and len(text) >= _MIN_PART_CHARS
+                        and _written(text)
+                    ):
+                        yield f"{path}.{item}", text
+            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+                yield from options(value, path)
+
+    for action in _actions(obj):
+        yield from options(action.options, action.key)
+
+
+def _written(value: str) -> bool:
+    """A value written as it is: not an ``env:``/``file:`` reference, and long enough to mask."""
+    return len(value) >= _MIN_SECRET_CHARS and not value.startswith(("env:", "file:"))
+
+
+def _has_password(url: str) -> bool:
+    if not _written(url):
+        return False
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
 
 
 def unreadable_secrets(obj: Any) -> list[str]:
@@ -273,13 +329,17 @@ WRITTEN_OUT = (
 def written_out(cfg: Config) -> list[str]:
     """The keys of the secrets written out in the config file rather than read from ``env:`` or
     ``file:`` (anyone who can read the file, a backup or a repository, has them): signing
-    secrets, ``admin.token``, the options that hold only a secret, and a URL with a password
-    in it. Keys only, never a value."""
+    secrets, ``admin.token``, the alerts' URL, the options that hold only a secret, a URL with
+    a password in it, and the headers and command environment variables named as credentials
+    (``inline_credentials``). Keys only, never a value."""
     keys = []
     for secret in secrets_in(cfg):
         if secret.reference is not None or secret.missing:
             continue
-        if secret.key.endswith("url") and urlsplit(secret.reveal()).password is None:
+        # A URL is a credential when it has a password; an incoming webhook's URL (the
+        # alerts') always is.
+        whole = secret.key == "alerts.url"
+        if secret.key.endswith("url") and not whole and not _has_password(secret.reveal()):
             continue
         keys.append(secret.key)
     for action in _actions(cfg):
@@ -289,6 +349,7 @@ def written_out(cfg: Config) -> list[str]:
                 if isinstance(item, str) and item and not item.startswith(("env:", "file:")):
                     keys.append(f"{action.key}.{name}")
                     break
+    keys += [key for key, _value in inline_credentials(cfg)]
     return keys
 
 
