@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,25 @@ def clean_env() -> dict[str, str]:
     env.pop("WEBHOOKD_CONFIG", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# Runs what follows as the user nobody, as a daemon with a user of its own runs.
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def why_not_as_nobody() -> str | None:
+    """Why this run cannot start webhookd as the user nobody (None when it can): that takes
+    root, ``setpriv``, and a checkout and virtualenv nobody can read."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return "running as another user takes root and setpriv"
+    done = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", "import webhookd.journal; print('importable')"],
+        capture_output=True,
+        text=True,
+    )
+    if done.stdout.strip() != "importable":
+        return "this checkout or its virtualenv is not readable by the user nobody"
+    return None
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -8,8 +8,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +20,7 @@ import aiohttp
 import pytest
 import uvloop
 from actionkit import action_kit, toml_list
-from procs import Procs, get_json, poll, write_config
+from procs import AS_NOBODY, Procs, get_json, poll, why_not_as_nobody, write_config
 
 from webhookd import actions
 from webhookd.actions import command
@@ -508,3 +510,54 @@ async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(
     env = doc["env"]
     assert env["WEBHOOKD_EVENT_ID"] == event_id and env["DEPLOY_KEY_ID"] == "k1"
     assert "SHOP_DB_PASSWORD" not in env
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_program_cannot_read_the_daemons_environment_through_proc(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program runs as the daemon's user, so its minimal environment alone kept nothing from
+    it: /proc/<daemon>/environ held every env: secret. ``webhookd serve`` marks itself not
+    dumpable, which leaves that file (and the daemon's memory) to root alone."""
+    if (why := why_not_as_nobody()) is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("SHOP_DB_PASSWORD", "hunter2-in-the-daemon")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path's parents are root's alone
+    try:
+        os.chmod(base, 0o777)
+        # A shell, not this venv's python: nobody may not reach the interpreter it links to.
+        probe = (
+            "if cat /proc/$PPID/environ; then echo readable;"
+            " else stat -c 'denied, owner %u' /proc/$PPID/environ; fi"
+        )
+        argv = command_config(["/bin/sh", "-c", probe])
+        cfg = write_config(base / "webhookd.toml", base / "webhookd.db", argv)
+        os.chmod(cfg, 0o644)
+        daemon = await procs.serve(cfg, wrap=AS_NOBODY)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            async with http.post(f"{daemon.url}/hooks/gh", json=PUSH) as r:
+                assert r.status == 202
+                event_id = (await r.json())["id"]
+            doc: dict[str, Any] = {}
+
+            async def done() -> bool:
+                nonlocal doc
+                status, doc = await get_json(http, f"{daemon.admin_url}/events/{event_id}")
+                return status == 200 and doc["state"] == "done"
+
+            await poll(done, timeout_s=15)
+            # The daemon still reads its own /proc: its process metrics are there.
+            async with http.get(f"{daemon.admin_url}/metrics") as r:
+                fds = [
+                    line
+                    for line in (await r.text()).splitlines()
+                    if line.startswith("process_open_fds ")
+                ]
+        assert len(fds) == 1 and float(fds[0].split()[1]) > 0
+        [attempt] = doc["jobs"][0]["errors"]
+        assert attempt["detail"]["stdout"] == "denied, owner 0\n"  # root's, as a whole
+        assert "Permission denied" in attempt["detail"]["stderr"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from ops_support import cli
-from procs import held_open
+from procs import AS_NOBODY, held_open, why_not_as_nobody
 from test_backup import small_disk
 
 from webhookd.clock import ManualClock
@@ -863,8 +863,7 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 def _as_nobody(*args: str) -> str:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    done = subprocess.run([*nobody, sys.executable, *args], capture_output=True, text=True)
+    done = subprocess.run([*AS_NOBODY, sys.executable, *args], capture_output=True, text=True)
     return done.stdout + done.stderr
 
 
@@ -872,10 +871,8 @@ async def test_a_journal_this_user_cannot_use_is_refused_saying_why() -> None:
     """SQLite says "unable to open database file" of a journal another user owns and "readonly
     database" of one in a folder it cannot make its -wal in (a daemon run as a user of its own,
     files left root's): the error names which, with the uid, the owner and the mode."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("opening a journal as another user takes root and setpriv")
-    if _as_nobody("-c", "import webhookd.journal; print('importable')").strip() != "importable":
-        pytest.skip("this checkout or its virtualenv is not readable by the user nobody")
+    if (why := why_not_as_nobody()) is not None:
+        pytest.skip(why)
     base = Path(tempfile.mkdtemp(dir="/tmp"))  # tmp_path's parents are root's alone
     try:
         os.chmod(base, 0o755)

@@ -28,6 +28,7 @@ line.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -553,6 +554,24 @@ class _Running:
     alerter: Alerter
 
 
+def keep_memory_private() -> bool:
+    """Mark this process not dumpable (Linux's ``PR_SET_DUMPABLE``, as ssh-agent does): its
+    ``/proc/<pid>/environ`` and memory, where every ``env:`` secret is, are then readable by
+    root alone, not by a ``command`` it runs nor any other process of its user, which could
+    otherwise read them whatever environment the command was given. (It also means no core
+    dumps, and that ``py-spy`` or ``gdb`` on the daemon need root.) False where not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
 def run(
     config: Config,
     loader: Callable[[], Config] | None = None,
@@ -576,6 +595,7 @@ def run(
         finally:
             _exit_within(EXIT_DEADLINE_S, status)
 
+    keep_memory_private()
     # The event loop hands every commit to SQLite's thread and back. With CPython's default 5 ms
     # switch interval a busy loop keeps that thread waiting for the GIL, which adds directly to
     # ack latency; 1 ms lets it in sooner (measured in bench/: more throughput, lower p99).
