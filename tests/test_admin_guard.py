@@ -146,3 +146,10 @@ async def test_with_a_token_the_health_probe_needs_none_and_everything_else_does
         assert (await call(http, "GET", admin + path_))[0] == 401, path_
     good = {"Authorization": "Bearer guard-token-5678"}
     assert (await call(http, "GET", admin + "/events", headers=good))[0] == 200
+    # A wrong token is someone guessing: said (throttled), never the token sent. A missing one
+    # (the dashboard before its token is typed in) is not.
+    guess = {"Authorization": "Bearer guess-0001"}
+    assert (await call(http, "GET", admin + "/events", headers=guess))[0] == 401
+    line = await daemon.wait_said("wrong bearer token")
+    assert "GET '/events' from 127.0.0.1" in line and "guess-0001" not in daemon.log
+    assert sum("wrong bearer token" in said for said in daemon.lines) == 1

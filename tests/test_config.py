@@ -201,6 +201,8 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             "sources.a.actions[0].headers.Webhook-Signature",
         ),
         ('[sources.a]\npath = "/hooks/a?token=1"', "sources.a.path"),
+        # All that guards an admin API others can reach: not a token one can guess.
+        ('[admin]\nlisten = "0.0.0.0:8081"\ntoken = "short-token-15c"', "admin.token"),
         ('[sources.a]\npath = "/hooks/a#frag"', "sources.a.path"),
     ],
 )
@@ -469,7 +471,7 @@ def test_admin_listen_may_not_share_server_listens_port(
     server: str, admin: str, conflict: bool
 ) -> None:
     """admin.listen where server.listen binds too (port 0 aside) is refused naming admin.listen."""
-    text = f'[server]\nlisten = "{server}"\n[admin]\nlisten = "{admin}"\ntoken = "t"'
+    text = f'[server]\nlisten = "{server}"\n[admin]\nlisten = "{admin}"\ntoken = "{"t" * 16}"'
     if not conflict:
         assert loads(text).admin.listen is not None
         return
@@ -695,7 +697,11 @@ def test_check_warns_of_a_stripe_secret_that_is_no_signing_secret_without_showin
 ) -> None:
     """Stripe's signing secrets start whsec_: an API key pasted instead (sk_, rk_, pk_) is
     warned of by its prefix alone, any other value without whsec_ more mildly; exit 0."""
-    values = {"A": "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "B": "whsec_fine", "C": "plain-secret"}
+    values = {
+        "A": "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+        "B": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZI",
+        "C": "plain-secret-of-32-characters-xy",
+    }
     for name, value in values.items():
         monkeypatch.setenv(f"CHECK_STRIPE_{name}", value)
     path = tmp_path / "webhookd.toml"
@@ -1065,3 +1071,39 @@ def test_plan_reload_takes_the_log_settings_but_those_the_command_line_set() -> 
     assert level.kept == ("log.level",)
     both = plan_reload(old, new, fixed={"log.level", "log.format"})
     assert (both.config.log, both.kept) == (old.log, ("log.level", "log.format"))
+
+
+def test_a_short_admin_token_is_taken_on_loopback_and_a_long_one_anywhere() -> None:
+    """The length rule is for an admin API others can reach."""
+    assert loads('[admin]\ntoken = "short"').admin.token is not None
+    text = '[admin]\nlisten = "0.0.0.0:8081"\ntoken = "a-token-of-16-ch"'
+    assert loads(text).admin.listen is not None
+
+
+def test_check_warns_of_unsigned_sources_on_a_public_listener_and_of_short_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source that takes unsigned webhooks on an address others can reach, and a signing
+    secret short enough to guess, are warned of by name and length only; on loopback an
+    unsigned source is the development setup and is not."""
+    monkeypatch.setenv("CHECK_SHORT_SECRET", "hunter2")
+    body = (
+        '[sources.deploy]\n[[sources.deploy.actions]]\ntype = "log"\n'
+        '[sources.gh]\nverify = { scheme = "github", secret = "env:CHECK_SHORT_SECRET" }\n'
+    )
+    path = tmp_path / "webhookd.toml"
+    for listen, unsigned in (("0.0.0.0:8080", True), ("127.0.0.1:8080", False)):
+        path.write_text(f'[server]\nlisten = "{listen}"\n' + body, encoding="utf-8")
+        result = CliRunner().invoke(main, ["check", "--config", str(path)])
+        assert result.exit_code == 0, result.output
+        said = [
+            "webhookd: warning: source(s) deploy take unsigned webhooks on 0.0.0.0:8080: anyone"
+            " who can reach it can post to them (set their verify, or let only a proxy that"
+            " checks the senders reach this address)"
+        ] * unsigned
+        said.append(
+            "webhookd: warning: sources.gh.verify.secret has 7 characters: short enough to"
+            " guess; use 32 random characters or more (openssl rand -hex 32)"
+        )
+        assert result.stderr.splitlines() == said
+        assert "hunter2" not in result.output

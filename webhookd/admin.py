@@ -159,6 +159,9 @@ class Admin:
         token = ctx.config.admin.token
         self._token = token.reveal().encode() if token else None
         self._log_unexpected = Throttle(log, logging.ERROR, "unexpected errors")
+        # A wrong token is someone guessing, or a poller left with an old one: news either way
+        # (a missing one is a dashboard before its token is typed in, and is not).
+        self._log_wrong_token = Throttle(log, logging.WARNING, "requests with a wrong token")
 
     def _unexpected(self, request: web.Request) -> web.Response:
         error = sys.exception()
@@ -212,6 +215,13 @@ class Admin:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
             if not (hmac.compare_digest(given_bytes, self._token) and scheme.lower() == "bearer"):
+                if given_bytes:
+                    self._log_wrong_token(
+                        "admin API refused a request with a wrong bearer token: %s %r from %s",
+                        request.method,
+                        request.path[:200],
+                        request.remote,
+                    )
                 return web.json_response(
                     {"error": "missing or wrong bearer token"},
                     status=401,

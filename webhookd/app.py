@@ -51,7 +51,7 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, Config, Listen, plan_reload
+from webhookd.config import Config, Listen, plan_reload
 from webhookd.errors import ConfigError, JournalError, WebhookdError
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
@@ -60,7 +60,7 @@ from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
-from webhookd.redact import WRITTEN_OUT, secret_values, written_out
+from webhookd.redact import WRITTEN_OUT, secret_values, weak_points, written_out
 from webhookd.retention import prune_expired
 from webhookd.state import IntakeState
 from webhookd.workers import RECOVERED, WorkerPool
@@ -346,13 +346,8 @@ class Daemon:
             log.warning("%s is %s", key, WRITTEN_OUT)
         for said in action_registry.warnings(cfg):
             log.warning("%s", said)
-        catch_all = cfg.sources.get(CATCH_ALL)
-        if catch_all is not None and catch_all.verify is None and not cfg.server.listen.is_loopback:
-            log.warning(
-                "the catch-all source accepts unsigned webhooks on %s: fine for "
-                "development, not for a public address",
-                cfg.server.listen,
-            )
+        for said in weak_points(cfg):
+            log.warning("%s", said)
 
     async def _reloads(self, running: _Running) -> None:
         """Apply each reload asked for, one at a time; none once the drain has begun."""

@@ -49,6 +49,7 @@ from webhookd.redact import (
     printable,
     secret_values,
     unreadable_secrets,
+    weak_points,
     written_out,
 )
 from webhookd.retention import prune_expired, windows_s
@@ -319,6 +320,8 @@ def check(config_path: str | None) -> None:
         click.echo(f"webhookd: warning: {nowhere}", err=True)
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
+    for said in weak_points(cfg):
+        click.echo(f"webhookd: warning: {said}", err=True)
     for src in cfg.sources.values():
         for said in SCHEMES[src.verify.scheme].secret_warnings(src.verify) if src.verify else ():
             click.echo(f"webhookd: warning: {said}", err=True)

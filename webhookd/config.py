@@ -61,6 +61,9 @@ ALERT_ACTION = "alert"
 ACTION_KINDS = ("log", "forward", "openai", "command", "python")
 DEFAULT_MAX_COOLDOWN_S = 3600.0  # a lane's longest 429 cool-down, whatever the provider asks
 
+# The shortest admin.token taken on an admin.listen that is not loopback.
+MIN_ADMIN_TOKEN_CHARS = 16
+
 EMBEDDED_DEFAULT = """\
 # webhookd's embedded default: a development setup on loopback.
 [server]
@@ -1166,6 +1169,19 @@ def parse(
         # Events, their results and replay would be open to anyone who can reach the port.
         raise ConfigError(
             a.path("token"), f"is required when admin.listen ({admin.listen}) is not loopback"
+        )
+    if (
+        admin.listen is not None
+        and not admin.listen.is_loopback
+        and admin.token is not None
+        and not admin.token.missing
+        and len(admin.token.reveal()) < MIN_ADMIN_TOKEN_CHARS
+    ):
+        # All that guards the API there, and nothing slows a guesser down.
+        raise ConfigError(
+            a.path("token"),
+            f"must have {MIN_ADMIN_TOKEN_CHARS} characters or more when admin.listen"
+            f" ({admin.listen}) is not loopback (openssl rand -hex 24 makes one)",
         )
 
     j = root.table("journal")

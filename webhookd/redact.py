@@ -353,6 +353,35 @@ def written_out(cfg: Config) -> list[str]:
     return keys
 
 
+# A signing secret shorter than this can be guessed offline from one signed webhook (an HMAC's
+# secret), or online (the token scheme's): providers' own are 32 characters or more.
+MIN_SIGNING_SECRET_CHARS = 16
+
+
+def weak_points(cfg: Config) -> list[str]:
+    """What ``check`` and a start warn of in how the config exposes the daemon: sources that
+    take unsigned webhooks on a listener others can reach, and signing secrets short enough to
+    guess. Keys and lengths only, never a value."""
+    said = []
+    listen = cfg.server.listen
+    unsigned = sorted(name for name, src in cfg.sources.items() if src.verify is None)
+    if unsigned and not listen.is_loopback:
+        said.append(
+            f"source(s) {', '.join(unsigned)} take unsigned webhooks on {listen}: anyone who can"
+            " reach it can post to them (set their verify, or let only a proxy that checks the"
+            " senders reach this address)"
+        )
+    for src in cfg.sources.values():
+        for secret in src.verify.secrets if src.verify is not None else ():
+            if not secret.missing and len(secret.reveal()) < MIN_SIGNING_SECRET_CHARS:
+                said.append(
+                    f"{secret.key} has {len(secret.reveal())} characters: short enough to"
+                    f" guess; use {MIN_SIGNING_SECRET_CHARS * 2} random characters or more"
+                    " (openssl rand -hex 32)"
+                )
+    return said
+
+
 def _actions(obj: Any) -> list[ActionConfig]:
     """The action configs ``obj`` (a config or a part of one) holds."""
     if isinstance(obj, ActionConfig):
