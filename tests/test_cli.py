@@ -845,6 +845,29 @@ async def test_verbs_that_take_a_source_say_the_same_of_one_there_is_not(
     assert said == {"pause": line, "resume": line, "send": line}
 
 
+async def test_the_alerts_own_source_is_no_unknown_source_with_alerts_set(tmp_path: Path) -> None:
+    """With [alerts] set, --source webhookd names the alerts' own source: events, replay --dead
+    and cancel --dead list or act on its events with no "no source" note. Without [alerts] the
+    note is there, as for any name no source has."""
+    alerts = '[alerts]\nurl = "http://127.0.0.1:9/alerts"\n'
+    config, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/") + alerts)
+    await dead_letters(cfg.journal.path, config_mod.ALERT_SOURCE, 1)
+    verbs = (
+        ["events", "--source", "webhookd"],
+        ["replay", "--dead", "--source", "webhookd", "--dry-run"],
+        ["cancel", "--dead", "--source", "webhookd", "--dry-run"],
+    )
+    for verb in verbs:
+        out = await cli(*verb, "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert out.stderr == "", out.stderr
+    listed = await cli("events", "--source", "webhookd", "--json", "--config", str(config))
+    assert [json.loads(line)["source"] for line in listed.stdout.splitlines()] == ["webhookd"]
+    config.write_text(config.read_text().replace(alerts, ""), encoding="utf-8")
+    out = await cli("events", "--source", "webhookd", "--config", str(config))
+    assert out.stderr.startswith("webhookd: note: no source 'webhookd' in "), out.stderr
+
+
 async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     """A command that needs the journal exits 1 with one line when there is none yet."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

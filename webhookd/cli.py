@@ -705,6 +705,8 @@ def _unknown_source_note(cfg: config_mod.Config, source: str | None) -> None:
     read as "nothing there". Events of a source since removed are still matched."""
     if source is None or source in cfg.sources:
         return
+    if source == config_mod.ALERT_SOURCE and cfg.alerts is not None:
+        return  # the alerts' own source: configured by [alerts], not under [sources]
     close = cfg.close_source(source)
     if close is None and config_mod.CATCH_ALL in cfg.sources:
         return  # a name the catch-all may have taken
