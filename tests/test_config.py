@@ -917,6 +917,10 @@ def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None
         ("log", 'level = "loud"', "level", "must be one of debug, info, warning"),
         ("forward", "method = 1", "method", "must be a string, not an integer"),
         ("forward", 'method = "GET"', "method", "must be one of POST, PUT, PATCH"),
+        ("forward", "url = 12345", "url", "must be a string, not an integer"),
+        ("forward", 'url = ["env:X"]', "url", "must be a string, not an array"),
+        ("openai", "base_url = 1", "base_url", "must be a string, not an integer"),
+        ("openai", "then = { forward = 1 }", "then.forward", "must be a string, not an integer"),
         ("openai", "max_tokens = 2.5", "max_tokens", "must be an integer, not a float"),
         ("openai", "tools = []", "tools", "unknown key for an openai action"),
         ("openai", "max_tokens = 0", "max_tokens", "must be at least 1"),
@@ -938,6 +942,8 @@ def test_action_options_are_read_like_the_rest_of_the_config(
     }.get(kind, "")
     if kind == "openai" and "max_tokens" not in line:
         required += "\nmax_tokens = 10"
+    # A required option the case gives itself (a url of the wrong type) is not written twice.
+    required = "\n".join(r for r in required.splitlines() if not r.startswith(f"{key} = "))
     text = f'[[sources.a.actions]]\ntype = "{kind}"\n{required}\n{line}\n'
     with pytest.raises(ConfigError) as info:
         actions.validate(loads(text))

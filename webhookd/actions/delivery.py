@@ -88,7 +88,10 @@ def read_url(t: Table, name: str) -> str:
     )
     if isinstance(value, Secret):
         value = value.reveal()
-    elif isinstance(value, str):
+    elif value is not None:
+        # Through the config's own reader: a number or an array is named as the wrong type
+        # ("must be a string, not an integer"), not taken for a URL left out.
+        value = t.string(name)
         _no_template(value, t.path(name))
         value = text_or_secret(value, t.path(name))
     return check_url(value, t.path(name), secret=secret)

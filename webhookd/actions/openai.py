@@ -116,7 +116,7 @@ class _Settings:
         header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
         self.base_url: str | None = None
         if t.has("base_url"):
-            self.base_url = check_url(t.raw("base_url"), t.path("base_url"))
+            self.base_url = check_url(t.string("base_url"), t.path("base_url"))
         model = t.raw("model", None)
         if not isinstance(model, str) or not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
