@@ -1013,6 +1013,48 @@ def test_journal_urls_as_libpq_writes_them_are_taken(url: str) -> None:
     assert loads(f'[journal]\nurl = "{url}"').journal.url is not None
 
 
+_FORWARD = '[[sources.a.actions]]\ntype = "forward"\nurl = "{}"\n'
+_THEN = (
+    '[[sources.a.actions]]\ntype = "openai"\napi_key = "sk-test"\nmodel = "m"\nprompt = "p"\n'
+    'max_tokens = 10\nthen = {{ forward = "{}" }}\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "key"),
+    [
+        (_FORWARD, "http://127.0.0.1:99999/x", "sources.a.actions[0].url"),
+        (_FORWARD, "http://127.0.0.1:0/x", "sources.a.actions[0].url"),
+        (_FORWARD, "https://[::1]:65536/x", "sources.a.actions[0].url"),
+        (_FORWARD, "http://hooks:Zq9/pw@example.com/x", "sources.a.actions[0].url"),
+        (_FORWARD, "env:FWD_URL", "sources.a.actions[0].url"),
+        (_THEN, "http://127.0.0.1:99999/x", "sources.a.actions[0].then.forward"),
+        ('[alerts]\nurl = "{}"\n', "http://127.0.0.1:99999/x", "alerts.url"),
+    ],
+    ids=["above", "zero", "ipv6", "slash-in-password", "env", "then-forward", "alerts"],
+)
+def test_a_delivery_url_whose_port_is_not_a_port_is_refused_naming_the_key(
+    text: str, url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward, then.forward or [alerts] URL with a port out of 1-65535 (or a bare / in its
+    password, which ends the host early) is a config error, not an InvalidUrlClientError at
+    every attempt; an env: URL is checked as read, and never shown."""
+    monkeypatch.setenv("FWD_URL", "http://u:Zq9secret@127.0.0.1:70000/x")
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(text.format(url), kinds=actions.kind_defaults))
+    assert info.value.key == key
+    assert "has a port that is not a number from 1 to 65535" in str(info.value)
+    assert "Zq9" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/x", "https://h:65535/x", "http://[::1]:8080/", "http://h/x"]
+)
+def test_delivery_urls_with_a_port_in_range_or_none_are_taken(url: str) -> None:
+    """The port check takes 1 to 65535, an IPv6 address's, and none (the scheme's own)."""
+    actions.validate(loads(_FORWARD.format(url)))
+
+
 RELOAD_BASE = """
 [server]
 listen = "127.0.0.1:8080"

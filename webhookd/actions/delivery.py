@@ -76,6 +76,15 @@ def check_url(value: Any, key: str, *, secret: bool = False) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         shown = "its value (a secret, not shown)" if secret else repr(value)
         raise ConfigError(key, f"{shown} is not an http(s) URL")
+    try:
+        port_ok = parts.port != 0  # None: the scheme's own
+    except ValueError:  # ":99999", ":http": aiohttp would refuse it at every attempt
+        port_ok = False
+    if not port_ok:
+        # Not quoted: with a / in a password, what stands here is part of the password.
+        raise ConfigError(
+            key, "has a port that is not a number from 1 to 65535 (in a password, write / as %2F)"
+        )
     return value
 
 
