@@ -300,6 +300,39 @@ def test_a_url_that_cannot_be_posted_to_is_one_line_and_exit_1(tmp_path: Path, u
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # urllib sends no user part: it looks up "u:Zq9Qx8@127.0.0.1" as a host, and fails.
+        ("http://u:Zq9Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach http://u:***@127.0.0.1:{port}"),
+        ("http://u:Zq9%40Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach http://u:***@127.0.0.1"),
+        # http.client quotes the host it refuses, user part and all.
+        ("http://u:Zq9 Qx8@127.0.0.1:{port}/hooks/gh", "could not post to http://u:***@127.0.0.1"),
+        # A bare / ends the host early: "Zq9" reads as a port, and is quoted as one.
+        ("http://u:Zq9/Qx8@127.0.0.1:{port}/hooks/gh", "could not post to http://u:***@127.0.0.1"),
+        ("u:Zq9Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach u:***@127.0.0.1"),
+    ],
+)
+def test_a_password_in_the_url_is_never_printed(tmp_path: Path, url: str, shown: str) -> None:
+    """A --url with a user and password that cannot be posted to: the one error line shows
+    the URL with its password as ***, and no part of the password anywhere."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    port = str(_free_port())
+    url, shown = url.replace("{port}", port), shown.replace("{port}", port)
+    result = CliRunner().invoke(main, ["send", "gh", "--url", url, "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"webhookd: error: {shown}"), line
+    assert "Zq9" not in line and "Qx8" not in line, line
+
+
+def test_a_url_without_a_password_is_shown_as_it_is() -> None:
+    """Only a password is masked: an @ in the path beside a port, or a user alone, stays."""
+    for url in ("http://127.0.0.1:8080/hooks/a@b", "http://u@h/x", "https://h/x?to=a@b"):
+        assert send.shown_url(url) == url
+
+
 @pytest.mark.slow
 async def test_send_to_a_source_with_a_space_and_non_ascii_in_its_path(
     tmp_path: Path, run_daemon: Any

@@ -1215,11 +1215,12 @@ def send(
     try:
         answer = send_mod.post(delivery)
     except send_mod.PostError as exc:  # refused, timed out, or a URL urllib cannot use
+        shown = send_mod.shown_url(delivery.url)  # a --url's password never printed
         if not exc.unreachable:
-            _fail(f"could not post to {delivery.url}: {exc}", 1)
+            _fail(f"could not post to {shown}: {exc}", 1)
         where = "--url" if url else f"server.listen in {cfg.origin}"
         hint = f": is the daemon running? ({where})" if exc.refused else ""
-        _fail(f"cannot reach {delivery.url}: {exc}{hint}", 1)
+        _fail(f"cannot reach {shown}: {exc}{hint}", 1)
     click.echo(f"{answer.status} {answer.reason}")
     if answer.body:
         click.echo(answer.body.decode("utf-8", "replace"))

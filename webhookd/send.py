@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from webhookd import schemes
 from webhookd.config import (
@@ -60,6 +61,62 @@ def default_body(scheme: str | None, delivery_id: str) -> bytes:
     """
     found = SCHEMES.get(scheme or "")
     return found.default_body(delivery_id) if found is not None else sample_json(delivery_id)
+
+
+# webhookd.redact's mask: send sits beside redact in the import layers, so it has its own.
+MASK = "***"
+
+
+def shown_url(url: str) -> str:
+    """``url`` as ``send`` prints it: its password, if it has one, as ``***``
+    (``http://u:***@host/``).
+
+    A bare ``/``, ``?`` or ``#`` in a password ends the host there as URLs are read, and the
+    rest reads as a port that is none: then all from the first ``:`` of the user part to the
+    last ``@`` is masked, which may hide more than the password, never less."""
+    span = _password_span(url)
+    return url if span is None else url[: span[0]] + MASK + url[span[1] :]
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where in ``url`` its password is, if it has one (as ``shown_url`` says)."""
+    _, sep, rest = url.partition("://")
+    rest = rest if sep else url  # no scheme: "u:pw@host/x", unusable, yet no less a password
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo = authority.rpartition("@")[0]
+    elif "@" in rest and (not sep or not _has_port_or_none(authority)):
+        userinfo = rest.rpartition("@")[0]
+    else:
+        return None
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return None
+    start = len(url) - len(rest)
+    return start + len(user) + 1, start + len(userinfo)
+
+
+def _has_port_or_none(authority: str) -> bool:
+    """Whether what follows the host in ``authority`` is a port, or nothing."""
+    try:
+        urlsplit("//" + authority).port  # noqa: B018 (read for its ValueError: not a port)
+    except ValueError:
+        return False
+    return True
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) with ``url``'s password masked: urllib and http.client
+    quote the host they cannot use, user part and all, decoded or not, or only the start of a
+    password that a bare ``/`` cut short."""
+    span = _password_span(url)
+    if span is None:
+        return text
+    password = url[span[0] : span[1]]
+    parts = {password, unquote(password), *re.split(r"[/?#]", password)} - {""}
+    for part in sorted(parts, key=len, reverse=True):  # a part inside another: the longer first
+        text = text.replace(part, MASK)
+    return text
 
 
 def _host(listen: Listen) -> str:
@@ -276,7 +333,9 @@ def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
         reason = exc.reason
         said = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
         refused = isinstance(reason, ConnectionRefusedError)
-        raise PostError(said or type(reason).__name__, unreachable=True, refused=refused) from exc
+        said = _without_password(said or type(reason).__name__, delivery.url)
+        raise PostError(said, unreachable=True, refused=refused) from exc
     except (OSError, ValueError, http.client.HTTPException) as exc:
         # A timed-out read is an OSError; InvalidURL and a garbled answer are HTTPException.
-        raise PostError(str(exc) or type(exc).__name__) from exc
+        said = _without_password(str(exc) or type(exc).__name__, delivery.url)
+        raise PostError(said) from exc
