@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Running, Target, jobs_for, make_config, new_event
+from procs import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 import webhookd
@@ -1060,11 +1061,42 @@ async def test_a_drain_that_cannot_re_queue_says_so_and_leaves_the_job_for_a_rec
     await dispatcher
     assert rig.pool.left_claimed == 1
     assert (await rig.job(stuck)).state == JobState.RUNNING  # the next start's recovery's
-    [said] = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
-    assert said.startswith("drain: 1 job(s) did not finish in 0s and could not be re-queued (")
+    [said] = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
+    assert said.startswith(
+        "drain: 1 job(s) still running after 0s were cut off, and could not be re-queued ("
+    )
     assert said.endswith(
         "): recovered once their lease runs out on a cluster, or by the next start"
     )
+
+
+async def test_a_drain_says_which_jobs_had_finished_but_could_not_record_their_outcome(
+    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose delivery went through while the journal could not take its outcome is no
+    job that "did not finish": the drain says it finished, that it runs again, and so that the
+    delivery is made twice (and records no cut-off attempt for it)."""
+    rig, dispatcher, event_id = await one_job_running(target, make_rig)
+    lock = sqlite3.connect(rig.cfg.journal.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        assert target.hold is not None
+        target.hold.set()  # delivered; its outcome waits for the lock
+        await poll(lambda: _logged(caplog, "not recorded yet"), timeout_s=20)
+        assert await rig.pool.drain(0.0) == 1
+    finally:
+        lock.close()
+    await dispatcher
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain: 1")]
+    assert said.startswith(
+        "drain: 1 job(s) finished but their outcome could not be recorded (they run again: a"
+        " delivery they made is made twice), and could not be re-queued ("
+    )
+    assert len(target.seen) == 1 and event_id
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
 
 
 async def test_drain_lets_a_job_finish_within_the_grace(target: Target, make_rig: MakeRig) -> None:

@@ -104,6 +104,9 @@ class Daemon:
     clock: Clock = SYSTEM_CLOCK
     install_signals: bool = True
     tune_gc: bool = False  # freeze startup objects and collect less often (see `_tune_gc`)
+    # Once a drain begins, exit by STOP_MARGIN_S past its grace whatever hangs (`webhookd
+    # serve` only: it ends the process).
+    exit_if_stuck: bool = False
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     bound: Bound = field(default_factory=Bound)
@@ -313,6 +316,17 @@ class Daemon:
 
         await self.stop_event.wait()
         log.info("draining (%s): no longer accepting webhooks", self._stop_why)
+        if self.exit_if_stuck:
+            # A database that hangs holds each write of the close for its answer deadline
+            # (a minute): the stop would outlast a service manager's stop timeout (systemd's
+            # 40 s in the shipped unit) and end in its SIGKILL, with no word of why.
+            budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
+            _exit_within(
+                budget_s,
+                1,
+                f"stop took longer than {budget_s:g}s (the journal did not answer while closing):"
+                " exiting now; the next start recovers what was left",
+            )
         self.intake.draining = True
         listening.remove(receiver_runner)
         await receiver_runner.cleanup()
@@ -582,7 +596,7 @@ def run(
     async def main() -> int:
         status = 1
         try:
-            daemon = Daemon(config, tune_gc=True, loader=loader, fixed=fixed)
+            daemon = Daemon(config, tune_gc=True, exit_if_stuck=True, loader=loader, fixed=fixed)
             if reload_asked is not None:
                 daemon.on_wired.append(lambda d: d.request_reload() if reload_asked() else None)
             status = await daemon.run()
@@ -647,11 +661,19 @@ def _open_files_for(cfg: Config) -> None:
 # Once the daemon is done, the process gets this long to exit; a thread stuck in I/O (the
 # journal's on a dead disk, a sync handler that never returns) would otherwise keep it alive.
 EXIT_DEADLINE_S = 5.0
+# Past the drain's own time (the answers in flight, then workers.shutdown_grace_s): what the
+# close may take before `webhookd serve` exits regardless. The defaults come to 38 s, under the
+# shipped unit's TimeoutStopSec=40.
+STOP_MARGIN_S = 10.0
 
 
-def _exit_within(deadline_s: float, status: int) -> None:
+def _exit_within(deadline_s: float, status: int, why: str | None = None) -> None:
+    """Exit with ``status`` in ``deadline_s`` unless the process has by then, saying ``why``."""
+
     def exit_now() -> None:
-        log.error("exit took longer than %gs (a thread is stuck): exiting now", deadline_s)
+        log.error(
+            "%s", why or f"exit took longer than {deadline_s:g}s (a thread is stuck): exiting now"
+        )
         kill_running_commands()
         logging.shutdown()
         os._exit(status)

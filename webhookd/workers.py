@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from webhookd.actions.base import Action, Outcome, cut_detail
 from webhookd.clock import SYSTEM_CLOCK, Clock
@@ -828,13 +828,13 @@ class WorkerPool:
             task.cancel()
         if stragglers:
             await asyncio.gather(*stragglers.values(), return_exceptions=True)
-            late = f"drain: {len(stragglers)} job(s) did not finish in {grace_s:.0f}s"
+            late = _drain_said(len(cut), len(stragglers) - len(cut), grace_s)
             failed = await self._unclaim(list(stragglers), cut)
             if failed is None:
                 log.warning("%s; re-queued", late)
             else:
                 self.left_claimed = len(stragglers)
-                log.error("%s and could not be re-queued (%s): %s", late, failed, RECOVERED)
+                log.error("%s, and could not be re-queued (%s): %s", late, failed, RECOVERED)
         return len(stragglers)
 
     async def _unclaim(self, job_ids: list[str], cut: Sequence[Finished] = ()) -> str | None:
@@ -873,6 +873,7 @@ class WorkerPool:
                     if key in self._retired:
                         self._close_soon(self._retired.pop(key))
         finished = self._decide(claimed, action_cfg, outcome, started_at)
+        self._attempting.pop(job.id, None)  # its attempt is over: a drain does not cut it off
         self._release(job.id)
         if await self._record(finished):
             # Cancelled while it ran: the journal ended it instead of queueing it again.
@@ -918,10 +919,16 @@ class WorkerPool:
         """
         delay_s = 0.05
         while True:
+            # Shielded: a drain that cancels us must not cut a commit in flight. Left to end
+            # by itself then, its failure is the drain's to report, not an unread exception
+            # with its traceback at exit.
+            commit = asyncio.ensure_future(self.journal.finish([finished]))
             try:
-                # Shielded: a drain that cancels us must not cut a commit in flight.
-                cancelled = await asyncio.shield(self.journal.finish([finished]))
+                cancelled = await asyncio.shield(commit)
                 return finished.job_id in cancelled
+            except asyncio.CancelledError:
+                commit.add_done_callback(_read_and_dropped)
+                raise
             except JournalUnavailable as exc:
                 if delay_s == 0.05:
                     log.error(
@@ -1026,3 +1033,23 @@ class WorkerPool:
             outcomes=dict(self.outcomes),
             holding=self.holding,
         )
+
+
+def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:
+    """The drain's line on what it gave back: jobs still running at the end of the grace (cut
+    off), and jobs whose attempt had ended but whose outcome the journal did not take (an
+    outage): both run again, and the second kind's target has had its delivery already."""
+    said = []
+    if running:
+        said.append(f"{running} job(s) still running after {grace_s:g}s were cut off")
+    if unrecorded:
+        said.append(
+            f"{unrecorded} job(s) finished but their outcome could not be recorded (they run"
+            " again: a delivery they made is made twice)"
+        )
+    return "drain: " + "; ".join(said)
+
+
+def _read_and_dropped(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # read, so that asyncio does not log it as never retrieved
