@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from test_journal_contract import (
     new_event,
 )
 
+from webhookd import admin as admin_mod
+from webhookd import metrics as metrics_mod
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
@@ -958,7 +961,7 @@ async def test_pg_an_outage_logs_one_short_line_as_it_begins_and_one_as_it_ends(
         await db_outage.end()
         await poll(lambda: _said(caplog, "available again", 1), timeout_s=30)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [r.getMessage().split(":")[0].split(" after")[0] for r in loud] == [
+    assert [r.getMessage().split(":")[0].split(",")[0] for r in loud] == [
         "journal unavailable",
         "journal available again",
     ]
@@ -1341,6 +1344,60 @@ async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
         hop.flowing.set()
         await poll(lambda: readyz(200), timeout_s=30)
         await event_state(http, admin, await accepted(running, "shop", '{"n": 3}'), "done")
+    finally:
+        hop.flowing.set()
+        await running.stop()
+        await hop.close()
+
+
+async def test_pg_reads_of_the_admin_api_answer_in_seconds_while_the_database_hangs(
+    tmp_path: Path,
+    pg_url: str,
+    run_daemon: Any,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each use of a connection waits up to the answer deadline (a minute), so /stats, the
+    dashboard's reads and /metrics hung that long on a database that stopped answering: a
+    scrape timed out (the node looked down, never webhookd_journal_up 0). They now answer
+    within ADMIN_READ_S: /stats a 503, /metrics its own counters with webhookd_journal_up 0;
+    and the heartbeat, cut after two heartbeats' time, makes /readyz say so meanwhile."""
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 30)
+    monkeypatch.setattr(admin_mod, "ADMIN_READ_S", 0.5)
+    monkeypatch.setattr(metrics_mod, "ADMIN_READ_S", 0.5)
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    cfg = make_config(
+        tmp_path,
+        forward_source("shop", target.url + "/shop"),
+        journal_url=url,
+        journal="lease_s = 3",
+    )
+    running = await run_daemon(cfg)
+    http, admin = running.http, running.admin_url
+    try:
+        await event_state(http, admin, await accepted(running, "shop", '{"n": 1}'), "done")
+        hop.flowing.clear()
+        for path in ("/stats", "/events"):
+            started = time.monotonic()
+            async with http.get(admin + path) as r:
+                assert (r.status, (await r.json())["error"]) == (
+                    503,
+                    "no answer from the journal in 0.5 s",
+                ), path
+            assert time.monotonic() - started < 10, path
+        started = time.monotonic()
+        async with http.get(admin + "/metrics") as r:
+            assert r.status == 200 and "\nwebhookd_journal_up 0.0\n" in await r.text()
+        assert time.monotonic() - started < 10
+
+        async def not_ready() -> bool:  # the heartbeat's cut: 5 s, not the 30 s deadline
+            async with http.get(admin + "/readyz") as r:
+                return r.status == 503
+
+        started = time.monotonic()
+        await poll(not_ready, timeout_s=25)
+        assert time.monotonic() - started < 20
     finally:
         hop.flowing.set()
         await running.stop()

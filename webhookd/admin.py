@@ -28,6 +28,7 @@ from aiohttp import web
 from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
+    ADMIN_READ_S,
     BULK_BATCH,
     EVENT_STATES,
     BaseJournal,
@@ -35,6 +36,7 @@ from webhookd.journal import (
     EventSummary,
     LaneBacklog,
     PolledCounts,
+    answer_within,
     present_only,
 )
 from webhookd.json_errors import Handler, json_error, json_errors
@@ -67,6 +69,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 INTENT_HEADER = "X-Webhookd"
 # What a 503 for a journal outage asks a poller to wait: about a PostgreSQL restart's length.
 _OUTAGE_RETRY_AFTER_S = 5.0
+# What reads no journal, or bounds its own reads (``Admin._bounded``).
+_UNBOUNDED = frozenset({"/", "/healthz", "/metrics"})
 
 
 @dataclass
@@ -182,7 +186,9 @@ class Admin:
         guard = self._auth if self._token is not None else self._same_origin
         # The JSON errors outermost, so what the guard passes on and a route then refuses
         # (no such path, wrong method) is JSON too.
-        app = web.Application(middlewares=[json_errors(unexpected=self._unexpected), guard])
+        app = web.Application(
+            middlewares=[json_errors(unexpected=self._unexpected), guard, self._bounded]
+        )
         app.on_response_prepare.append(_private)
         r = app.router
         r.add_get("/healthz", self.healthz)
@@ -228,6 +234,16 @@ class Admin:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return await handler(request)
+
+    @web.middleware
+    async def _bounded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A read answers within ``ADMIN_READ_S`` or is a 503, as when the journal fails: a
+        database that hangs would hold a dashboard's poll, ``/readyz`` or ``webhookd stats``
+        for the pool's minute. ``/metrics`` bounds its own reads and still answers, with the
+        last figures; a change (``POST``) is not cut short."""
+        if request.method != "GET" or request.path in _UNBOUNDED:
+            return await handler(request)
+        return await answer_within(handler(request), ADMIN_READ_S)
 
     @web.middleware
     async def _same_origin(self, request: web.Request, handler: Handler) -> web.StreamResponse:

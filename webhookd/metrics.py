@@ -32,6 +32,7 @@ from webhookd.actions.base import Outcome
 from webhookd.config import CATCH_ALL, Config
 from webhookd.errors import JournalError
 from webhookd.journal import (
+    ADMIN_READ_S,
     BaseJournal,
     Claimed,
     Counts,
@@ -39,6 +40,7 @@ from webhookd.journal import (
     NodeInfo,
     Poisoned,
     PolledCounts,
+    answer_within,
 )
 from webhookd.state import UNAVAILABLE, IntakeState
 from webhookd.workers import WorkerPool
@@ -256,6 +258,11 @@ class Metrics:
         elif finished.outcome == "dead":
             self.dead.labels(*labels).inc()
 
+    async def _read_journal(self) -> None:
+        self._state.counts, _ = await self.counts.get()
+        self._state.paused = await self.journal.paused_sources()
+        self._state.nodes = await self.journal.nodes()
+
     async def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; reads the journal's counts first.
 
@@ -264,9 +271,9 @@ class Metrics:
         figures stay those of the last read, and ``webhookd_journal_up`` is 0.
         """
         try:
-            self._state.counts, _ = await self.counts.get()
-            self._state.paused = await self.journal.paused_sources()
-            self._state.nodes = await self.journal.nodes()
+            # Bounded: a database that hangs would hold the scrape past Prometheus' timeout,
+            # and an outage would show as a node down rather than as webhookd_journal_up 0.
+            await answer_within(self._read_journal(), ADMIN_READ_S)
         except JournalError:  # the outage itself is logged once, by the journal or the pool
             self._state.journal_up = False
         else:

@@ -47,10 +47,12 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import (
+    ADMIN_READ_S,
     BULK_BATCH,
     REPLAYED_RESULT,
     BaseJournal,
     PolledCounts,
+    answer_within,
     migrating,
     present_only,
 )
@@ -109,6 +111,7 @@ from webhookd.models import JobState, new_boot_id, storable_text
 from webhookd.throttle import Throttle
 
 __all__ = [
+    "ADMIN_READ_S",
     "BULK_BATCH",
     "CAUSE_CHARS",
     "EVENT_STATES",
@@ -139,6 +142,7 @@ __all__ = [
     "Replayed",
     "Series",
     "Starter",
+    "answer_within",
     "open_journal",
     "present_only",
 ]

@@ -23,10 +23,10 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from webhookd.clock import Clock
-from webhookd.errors import JournalError, NotFound
+from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.records import (
     Activity,
     Cancelled,
@@ -517,6 +517,35 @@ class BaseJournal(ABC):
     async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None:
         """Open (with a reason) or close (``None``) the lane's circuit on every node."""
         raise JournalError(f"journal {self.location} keeps no shared lanes")
+
+
+# How long the admin API's reads (/stats, /events, /metrics' counts) may wait for the journal:
+# under Prometheus' default 10 s scrape timeout, so that a hung database shows as
+# webhookd_journal_up 0 instead of a failed scrape.
+ADMIN_READ_S = 5.0
+
+
+async def answer_within(aw: Awaitable[_T], seconds: float) -> _T:
+    """``aw``'s answer, or ``JournalUnavailable`` once ``seconds`` have passed without one.
+
+    For what polls the journal (the admin API, ``/metrics``): a database that keeps its
+    connections open and stops answering would hold each read for the pool's minute. The read
+    is not cancelled, as cancelling a query on a hung server waits just as long: it ends by
+    itself within that minute, and its answer or its error is dropped."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:
+        if not task.done():
+            task.add_done_callback(_dropped)
+    if task not in done:
+        raise JournalUnavailable(f"no answer from the journal in {seconds:g} s")
+    return task.result()
+
+
+def _dropped(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # read, so that asyncio does not log it as never retrieved
 
 
 class PolledCounts:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -37,7 +38,11 @@ class _QuietFloorRetries(logging.Filter):
 
 def db_error(exc: BaseException) -> str:
     """What went wrong, for a log line or a 503: asyncpg's own words, or for a timeout (whose
-    text is empty) that the database did not answer in time."""
+    text is empty) that the database did not answer in time. asyncpg's words for a connection
+    the server ended mid-use ("cannot switch to state 15; another operation (2) is in
+    progress") read like a bug of the daemon's: they are said as what they mean."""
+    if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
+        return "connection to the database lost"
     if str(exc):
         return str(exc)
     return "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -125,13 +130,19 @@ class BoundedPool:
         self.raw = raw
 
     @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[Any]:
-        deadline_s = ANSWER_DEADLINE_S
+    async def acquire(self, deadline_s: float | None = None) -> AsyncIterator[Any]:
+        """A connection for one use, cut after ``ANSWER_DEADLINE_S``, or ``deadline_s`` if that
+        is shorter (the heartbeat's)."""
+        limit = ANSWER_DEADLINE_S
+        deadline_s = limit if deadline_s is None else min(deadline_s, limit)
         no_answer = f"no answer from the database in {deadline_s:g} s"
+        started = time.monotonic()
         try:  # a free connection, or a new one: connecting is the part that can hang here
             conn = await self.raw.acquire(timeout=deadline_s)
         except TimeoutError as exc:
-            raise TimeoutError(no_answer) from exc
+            # The pool's own connect timeout may have ended it first: the time it really took.
+            took = time.monotonic() - started
+            raise TimeoutError(f"no answer from the database in {took:.0f} s") from exc
         cut = False
 
         def cut_off() -> None:
@@ -160,6 +171,6 @@ class BoundedPool:
         async with self.acquire() as conn:
             return await conn.fetchval(sql, *args)
 
-    async def execute(self, sql: str, *args: Any) -> str:
-        async with self.acquire() as conn:
+    async def execute(self, sql: str, *args: Any, deadline_s: float | None = None) -> str:
+        async with self.acquire(deadline_s) as conn:
             return str(await conn.execute(sql, *args))

@@ -83,7 +83,10 @@ class PgNodes:
 
     async def heartbeat(self) -> None:
         """Renew this node's lease on the jobs it runs. Being a write, it also tells /readyz
-        whether the database takes writes when no webhook is arriving."""
+        whether the database takes writes when no webhook is arriving: cut after two
+        heartbeats' time (at least 5 s), not the pool's minute, so that a database that hangs
+        (keeps its connections and stops answering) makes the node not ready in seconds while
+        its webhooks are answered 503."""
         now = self.clock.time()
         try:
             await self.pool.execute(
@@ -94,6 +97,7 @@ class PgNodes:
                 now,
                 socket.gethostname(),
                 os.getpid(),
+                deadline_s=max(2 * self.heartbeat_s, 5.0),
             )
         except DB_ERRORS as exc:
             self.went_down(exc)
@@ -116,7 +120,8 @@ class PgNodes:
         if self._down_since is not None:
             down_s = self.clock.monotonic() - self._down_since
             self._down_since = None
-            log.warning("journal available again after %.1f s", down_s)
+            # From when a write first failed: a hang may have begun up to a deadline before.
+            log.warning("journal available again, %.1f s after a write first failed", down_s)
 
     async def lead(self) -> bool:
         """Take or renew the leader lease (for ``lease_s``) if it is free, expired or already
