@@ -919,6 +919,9 @@ def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None
         ("forward", 'method = "GET"', "method", "must be one of POST, PUT, PATCH"),
         ("forward", "url = 12345", "url", "must be a string, not an integer"),
         ("forward", 'url = ["env:X"]', "url", "must be a string, not an array"),
+        ("forward", 'url = ["env:UNSET_IN_ANY_TEST"]', "url", "must be a string, not an array"),
+        ("forward", 'url = "http://:80/x"', "url", "'http://:80/x' is not an http(s) URL"),
+        ("openai", "model = 123", "model", "must be a string, not an integer"),
         ("openai", "base_url = 1", "base_url", "must be a string, not an integer"),
         ("openai", "then = { forward = 1 }", "then.forward", "must be a string, not an integer"),
         ("openai", "max_tokens = 2.5", "max_tokens", "must be an integer, not a float"),
@@ -1155,3 +1158,17 @@ def test_check_warns_of_unsigned_sources_on_a_public_listener_and_of_short_secre
         )
         assert result.stderr.splitlines() == said
         assert "hunter2" not in result.output
+
+
+def test_check_names_a_url_of_the_wrong_type_before_the_secrets_it_would_read(
+    tmp_path: Path,
+) -> None:
+    """``url = ["env:X"]`` with X unset: check's look for unreadable secrets took the array for
+    a list of secrets and said X was not set; it is the wrong type, and check says so."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text('[[sources.a.actions]]\ntype = "forward"\nurl = ["env:UNSET_IN_ANY_TEST"]\n')
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "webhookd: error: sources.a.actions[0].url: must be a string, not an array\n",
+    )

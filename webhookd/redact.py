@@ -296,7 +296,7 @@ def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
         for name, value in table.items():
             path = f"{key}.{name}"
             if name in _SECRET_OPTIONS:
-                if isinstance(value, list):
+                if isinstance(value, list) and name == "secrets":  # elsewhere: the wrong type
                     yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
                 else:
                     yield path, value

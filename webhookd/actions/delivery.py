@@ -73,7 +73,8 @@ def check_url(value: Any, key: str, *, secret: bool = False) -> str:
         parts = urlsplit(value)
     except ValueError:  # "http://[::1", say
         parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+    # A host, not only a netloc: "http://:80/x" and "http://u:pw@/x" have none to deliver to.
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         shown = "its value (a secret, not shown)" if secret else repr(value)
         raise ConfigError(key, f"{shown} is not an http(s) URL")
     try:

@@ -117,8 +117,8 @@ class _Settings:
         self.base_url: str | None = None
         if t.has("base_url"):
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
-        model = t.raw("model", None)
-        if not isinstance(model, str) or not model:
+        model = t.string("model") if t.has("model") else None  # a number: the wrong type
+        if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
         self.model = model
         if not t.has("prompt"):
