@@ -662,10 +662,11 @@ async def test_replay_requeues_dead_jobs_with_fresh_attempts(journal: BaseJourna
         await journal.replay(["evt_nope"])
 
 
-async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: BaseJournal) -> None:
-    """``replay --dead`` and a source's replay-dead: of an event whose forward to one target
-    was delivered, another went dead and a third waits out a backoff, only the dead one is
-    queued again. Re-queuing the delivered one delivered the webhook to its target twice."""
+async def _delivered_dead_and_waiting(
+    journal: BaseJournal,
+) -> tuple[NewEvent, tuple[str, str, str], float]:
+    """An event whose forward to one target was delivered, another went dead and a third waits
+    out a backoff until the time returned: the event, its three job ids and that time."""
     item = new_event(jobs=3)
     await journal.ingest(item)
     delivered, dead, waiting = (j.id for j in item.jobs)
@@ -678,6 +679,14 @@ async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: Ba
             finished(waiting, JobState.QUEUED, "retry", run_at=later),
         ]
     )
+    return item, (delivered, dead, waiting), later
+
+
+async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: BaseJournal) -> None:
+    """``replay --dead`` and a source's replay-dead: of an event whose forward to one target
+    was delivered, another went dead and a third waits out a backoff, only the dead one is
+    queued again. Re-queuing the delivered one delivered the webhook to its target twice."""
+    item, (delivered, dead, waiting), later = await _delivered_dead_and_waiting(journal)
     backlog = journal.backlog_jobs
     replayed = await journal.replay([item.event.id], dead_only=True)
     assert replayed == {item.event.id: Replayed(1, 0)}
@@ -693,18 +702,7 @@ async def test_dismissing_dead_letters_cancels_the_dead_jobs_alone(journal: Base
     dead and a third waits out a backoff, only the dead one becomes ``cancelled``, keeping its
     attempts and error; the event leaves the dead letters, the backlog is unchanged, and a
     replay still runs the dismissed job again."""
-    item = new_event(jobs=3)
-    await journal.ingest(item)
-    delivered, dead, waiting = (j.id for j in item.jobs)
-    await journal.claim([delivered, dead, waiting], "b")
-    later = START + 3600
-    await journal.finish(
-        [
-            finished(delivered, JobState.DONE, "done"),
-            finished(dead, JobState.DEAD, "dead", error="404"),
-            finished(waiting, JobState.QUEUED, "retry", run_at=later),
-        ]
-    )
+    item, (delivered, dead, waiting), _ = await _delivered_dead_and_waiting(journal)
     assert await journal.event_ids_with_jobs("dead") == [item.event.id]
     backlog = journal.backlog_jobs
     assert await journal.cancel([item.event.id], dead_only=True) == {item.event.id: Cancelled(1, 0)}
