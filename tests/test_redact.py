@@ -61,7 +61,11 @@ api_key = "sk-inline-key"
 [[sources.shop.actions]]
 type = "forward"
 url = "http://127.0.0.1:9/plain"
-headers = { Authorization = "Bearer inline-header-777", Idempotency-Key = "not-a-credential" }
+[sources.shop.actions.headers]
+Authorization = "Bearer inline-header-777"
+X-Idempotency-Key = "orders-v2-2024"
+X-Routing-Key = "orders.created"
+X-Author = "integration-team"
 [[sources.shop.actions]]
 type = "forward"
 name = "userinfo"
@@ -69,7 +73,13 @@ url = "http://u:inline-url-pw@127.0.0.1:9/in"
 [[sources.shop.actions]]
 type = "command"
 argv = ["/bin/true"]
-env = { DEPLOY_TOKEN = "inline-env-555", SORT_KEY = "date", REGION = "eu-west-1-long" }
+[sources.shop.actions.env]
+DEPLOY_TOKEN = "inline-env-555"
+AWS_SECRET_ACCESS_KEY = "inline-aws-secret"
+SORT_KEY = "received_at"
+REGION = "eu-west-1-long"
+GIT_AUTHOR_NAME = "Deploy Bot"
+OAUTH_REDIRECT_URL = "https://example.com/callback"
 [sources.mail]
 verify = { scheme = "github", secret = "env:WRITTEN_TEST_NEW" }
 [alerts]
@@ -96,11 +106,17 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
         "sources.shop.actions[1].headers.Authorization",
         "sources.shop.actions[2].url",
         "sources.shop.actions[3].env.DEPLOY_TOKEN",
+        "sources.shop.actions[3].env.AWS_SECRET_ACCESS_KEY",
     ]
     masked = Masker(secret_values(cfg)).text(
-        "inline-header-777 inline-url-pw inline-env-555 date eu-west-1-long not-a-credential"
+        "inline-header-777 inline-url-pw inline-env-555 inline-aws-secret received_at"
+        " eu-west-1-long Deploy Bot https://example.com/callback orders-v2-2024 orders.created"
+        " integration-team"
     )
-    assert masked == "*** *** *** date eu-west-1-long not-a-credential"
+    assert masked == (
+        "*** *** *** *** received_at eu-west-1-long Deploy Bot https://example.com/callback"
+        " orders-v2-2024 orders.created integration-team"
+    )
     path = tmp_path / "webhookd.toml"
     path.write_text(_WRITTEN)
     result = CliRunner().invoke(main, ["check", "--config", str(path)])
@@ -127,8 +143,8 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
         ("http://user:pwSECRET9@127.0.0.1:9/in", "password pwSECRET9", "password ***"),
         # A webhook URL's token in its path, or a query's token=, echoed without the rest.
         (
-            "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX",
-            "no route for /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "https://hooks.slack.com/services/T0001/B0002/aB3dE5fG7hJ9kL1mN2pQ4rS6",
+            "no route for /services/T0001/B0002/aB3dE5fG7hJ9kL1mN2pQ4rS6",
             "no route for /services/T0001/B0002/***",
         ),
         ("http://127.0.0.1:9/hook?token=qtok&x=1", "/hook?token=qtok&x=1", "/hook?token=***&x=1"),
@@ -143,16 +159,26 @@ def test_a_secret_is_masked_where_a_target_quotes_part_of_it(
 
 
 def test_the_parts_of_a_secret_spare_ordinary_words() -> None:
-    """A path's words (``services``, ``hooks``), a database's name and the second word of a
-    secret with a space are not masked on their own: they appear everywhere else too."""
+    """A path's words, an id, a database's name, a plain-word development password, the
+    values of query parameters not named as credentials, and the second word of a secret with
+    a space, are not masked on their own: they appear everywhere else too, and a part is
+    masked in what is journaled for good."""
     masker = Masker(
         [
-            "https://hooks.example.com/services/hooks/in",
-            "postgresql://webhookd:pw12345678@db/webhookd",
+            "https://hooks.example.com/services/order-processing/webhook-receiver",
+            "https://hooks.slack.com/services/T0ABC1234/B0DEF5678/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "https://collect.example.com/in?api_key=k3y9abcd1234&signed=true&design=modern",
+            "https://outlook.office.com/webhookb2/in?region=eu-west-1",
+            "postgresql://postgres:postgres@localhost/webhookd",
             "correct horse",
         ]
     )
-    text = "journal /var/lib/webhookd/webhookd.db, services, hooks, horse"
+    text = (
+        "journal /var/lib/webhookd/webhookd.db, postgresql, role postgres, order-processing,"
+        " webhook-receiver, team T0ABC1234, signed=true, modern, eu-west-1, webhookb2, horse"
+    )
     assert masker.text(text) == text
-    assert masker.text("user webhookd, password pw12345678") == "user webhookd, password ***"
+    assert masker.text("api_key=k3y9abcd1234") == "api_key=***"
     assert secret_parts("Bearer short") == set()  # a token part under 8 characters
+    doc = {"received_at": 1.5, "note": "k3y9abcd1234"}  # a document's own keys are kept
+    assert masker.deep(doc) == {"received_at": 1.5, "note": "***"}

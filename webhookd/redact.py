@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -127,13 +128,15 @@ class Masker:
         return text
 
     def deep(self, value: Any) -> Any:
-        """``value`` with every string in it (keys included) masked; other values as they are."""
+        """``value`` with every string in it masked but the keys of its mappings (names, the
+        documents' own among them: a value that happened to read as a key lost its field);
+        other values as they are."""
         if not self.secrets:
             return value
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, Mapping):
-            return {self.deep(k): self.deep(v) for k, v in value.items()}
+            return {k: self.deep(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.deep(v) for v in value]
         return value
@@ -147,10 +150,12 @@ _MIN_PART_CHARS = 8
 def secret_parts(secret: str) -> set[str]:
     """The parts of a secret that a target or a program may quote without the rest: what
     follows the scheme of an ``Authorization``-style value (``Bearer <token>``); of a URL its
-    password and the ``Basic`` credentials made of its user and password; and of an http(s)
-    URL (a Slack or Discord webhook's token is in its path) the path segments and query values
-    that read as a credential. Never a path as a whole, nor a database's name: those are
-    ordinary words elsewhere (``/webhookd`` in every journal path)."""
+    password (unless it is a plain word: a development database's ``postgres``) and the
+    ``Basic`` credentials made of its user and password; and of an http(s) URL (a Slack or
+    Discord webhook's token is in its path) the path segments that read as a token and the
+    values of the query parameters named as credentials. Never a path as a whole, a word, a
+    database's name or an id (Slack's ``T0ABC1234``): those are ordinary text elsewhere, and a
+    part is masked everywhere, journaled attempts included."""
     parts: set[str] = set()
     scheme, space, token = secret.partition(" ")
     token = token.strip()
@@ -164,32 +169,43 @@ def secret_parts(secret: str) -> set[str]:
         except ValueError:
             password, url = None, None
         if url is not None and password:
-            user = unquote(url.username or "")
-            parts |= {password, unquote(password)}
-            parts.add(base64.b64encode(f"{user}:{unquote(password)}".encode()).decode())
+            user, plain = unquote(url.username or ""), unquote(password)
+            if len(plain) >= _MIN_PART_CHARS and not plain.isalpha():
+                parts |= {password, plain}
+            parts.add(base64.b64encode(f"{user}:{plain}".encode()).decode())
         if url is not None and url.scheme in ("http", "https"):
             parts |= {seg for seg in url.path.split("/") if _looks_like_token(seg)}
             for name, value in parse_qsl(url.query):
-                hinted = any(hint in name.lower() for hint in _QUERY_HINTS)
-                if _looks_like_token(value) or (hinted and len(value) >= _MIN_SECRET_CHARS):
+                if name.lower() in _CREDENTIAL_QUERY_NAMES or _looks_like_token(value):
                     parts.add(value)
-    # A part named as a credential (a password, a query's token=) counts from 4 characters, as
-    # a whole secret does; the others were held to _MIN_PART_CHARS above.
     return {p for p in parts if len(p) >= _MIN_SECRET_CHARS}
 
 
-# Query parameters whose value is a credential whatever it looks like (?token=, ?api_key=, ?sig=).
-_QUERY_HINTS = ("token", "key", "secret", "sig", "auth", "pass", "code")
+# Query parameters whose value is a credential whatever it looks like (?token=, ?api_key=).
+_CREDENTIAL_QUERY_NAMES = frozenset(
+    {
+        "token",
+        "access_token",
+        "auth",
+        "key",
+        "api_key",
+        "apikey",
+        "api-key",
+        "secret",
+        "sig",
+        "signature",
+        "code",
+        "password",
+        "pass",
+    }
+)
 
 
 def _looks_like_token(text: str) -> bool:
-    """A value that reads as a credential rather than a word (``services``, ``hooks``): 16
-    characters or more, or 8 or more mixing letters and digits."""
-    return len(text) >= 16 or (
-        len(text) >= _MIN_PART_CHARS
-        and any(c.isdigit() for c in text)
-        and any(c.isalpha() for c in text)
-    )
+    """A value that reads as a generated credential rather than a word or an id: 16
+    characters or more, letters and digits mixed (``order-processing``, ``webhookb2`` and a
+    Slack team's ``T0ABC1234`` do not)."""
+    return len(text) >= 16 and any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
 
 
 # The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
@@ -216,16 +232,22 @@ def secret_values(obj: Any) -> set[str]:
     return found
 
 
-# Names that say a header's or an environment variable's value is a credential (and those
-# ending in "key": STRIPE_KEY, X-Api-Key, but not Idempotency-Key).
-_CREDENTIAL_HINTS = (*_SHOWN_MASKED_HINTS, "auth", "passwd", "credential")
+# What names a header or a command's environment variable as holding a credential: a header
+# of SECRET_HEADERS, or a name with one of these words in it (split at - and _), or ending in
+# API_KEY, ACCESS_KEY, SECRET_KEY or PRIVATE_KEY. Whole words only: GIT_AUTHOR_NAME, SORT_KEY,
+# X-Routing-Key, X-Idempotency-Key and OAUTH_REDIRECT_URL are no credentials.
+_CREDENTIAL_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credentials"})
+_CREDENTIAL_KEYS = frozenset({"api", "access", "secret", "private"})
 
 
 def _credential_name(name: str) -> bool:
     low = name.lower()
-    if any(hint in low for hint in _CREDENTIAL_HINTS):
+    if low in SECRET_HEADERS:
         return True
-    return low.endswith("key") and low != "idempotency-key"
+    words = re.split(r"[-_.]", low)
+    if _CREDENTIAL_WORDS.intersection(words):
+        return True
+    return len(words) >= 2 and words[-1] == "key" and words[-2] in _CREDENTIAL_KEYS
 
 
 def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
