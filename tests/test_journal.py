@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 from ops_support import cli
-from procs import AS_NOBODY, held_open, why_not_as_nobody
+from procs import AS_NOBODY, held_open, poll, why_not_as_nobody
 from test_backup import small_disk
 
 from webhookd.clock import ManualClock
-from webhookd.errors import JournalError
+from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
     MIGRATIONS,
@@ -49,6 +49,7 @@ from webhookd.journal import (
     _take_serve_lock,
     opened_elsewhere,
 )
+from webhookd.journal.base import MAX_ABANDONED_READS, answer_within
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init
@@ -915,3 +916,31 @@ async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> 
                 filler.flush()
         with pytest.raises(JournalError, match=f"no space left on the disk of {disk}"):
             await Journal(disk / "j.db").open()
+
+
+async def test_reads_answer_within_their_bound_and_abandoned_ones_are_capped() -> None:
+    """``answer_within``: a read with no answer in time is a JournalUnavailable, left to end by
+    itself; while MAX_ABANDONED_READS of those wait, a new read is refused without being made
+    (each would hold a connection of the pool); once they end, reads are made again."""
+    answer = asyncio.Event()
+    made = ended = 0
+
+    async def read() -> str:
+        nonlocal made, ended
+        made += 1
+        await answer.wait()
+        ended += 1
+        return "counts"
+
+    async def all_ended() -> bool:
+        return ended == made
+
+    for _ in range(MAX_ABANDONED_READS):
+        with pytest.raises(JournalUnavailable, match=r"no answer from the journal in 0\.01 s"):
+            await answer_within(read(), 0.01)
+    with pytest.raises(JournalUnavailable, match=f"to {MAX_ABANDONED_READS} earlier reads"):
+        await answer_within(read(), 10)
+    assert made == MAX_ABANDONED_READS  # the refused one was never made
+    answer.set()
+    await poll(all_ended, timeout_s=5)
+    assert await answer_within(read(), 10) == "counts"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import (
     AsyncIterator,
@@ -525,25 +527,47 @@ class BaseJournal(ABC):
 ADMIN_READ_S = 5.0
 
 
+# Reads answer_within gave up on that still wait for the journal: past this many, it refuses
+# new ones at once. A dashboard polling every 2 s would otherwise pile one up every 5 s on a
+# slow database, each holding a connection of the pool (10) that the heartbeat and the
+# writer need.
+MAX_ABANDONED_READS = 4
+# Per event loop: one daemon's (a test's loop ends with its daemon, and its reads with it).
+_abandoned: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Future[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def answer_within(aw: Awaitable[_T], seconds: float) -> _T:
     """``aw``'s answer, or ``JournalUnavailable`` once ``seconds`` have passed without one.
 
     For what polls the journal (the admin API, ``/metrics``): a database that keeps its
     connections open and stops answering would hold each read for the pool's minute. The read
     is not cancelled, as cancelling a query on a hung server waits just as long: it ends by
-    itself within that minute, and its answer or its error is dropped."""
+    itself within that minute, and its answer or its error is dropped. While
+    ``MAX_ABANDONED_READS`` of those still wait, a new read is refused without being made."""
+    abandoned = _abandoned.setdefault(asyncio.get_running_loop(), set())
+    if len(abandoned) >= MAX_ABANDONED_READS:
+        close = getattr(aw, "close", None)
+        if close is not None:
+            close()  # a coroutine never started: no "never awaited" warning
+        raise JournalUnavailable(
+            f"no answer from the journal in {seconds:g} s to {len(abandoned)} earlier reads"
+        )
     task = asyncio.ensure_future(aw)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     finally:
         if not task.done():
-            task.add_done_callback(_dropped)
+            abandoned.add(task)
+            task.add_done_callback(functools.partial(_dropped, abandoned))
     if task not in done:
         raise JournalUnavailable(f"no answer from the journal in {seconds:g} s")
     return task.result()
 
 
-def _dropped(task: asyncio.Future[Any]) -> None:
+def _dropped(abandoned: set[asyncio.Future[Any]], task: asyncio.Future[Any]) -> None:
+    abandoned.discard(task)
     if not task.cancelled():
         task.exception()  # read, so that asyncio does not log it as never retrieved
 
