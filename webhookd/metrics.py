@@ -408,13 +408,17 @@ class _StateCollector(Collector):
         Each configured source (and one since removed, for the jobs it left) has its queued,
         running and dead series from the start, at 0 (a series that appears only once it is
         above 0 reads as "no data" before that); the names a catch-all took are summed under
-        ``*``, or each junk path would be a series forever."""
+        ``*``, or each junk path would be a series forever; without a catch-all, the jobs of
+        sources no longer configured (an old config deployed) under ``(removed)``."""
         configured = self.sources()
         totals: dict[tuple[str, str], int] = {
             (source, state): 0 for source in configured for state in _WATCHED_STATES
         }
+        # Not configured: a name the catch-all took, or without one a source since removed
+        # (its jobs go dead at their turn; the start's warning names it).
+        other = CATCH_ALL if CATCH_ALL in configured else _REMOVED
         for source, states in counts.jobs_by_source.items():
-            label = source if source in configured else CATCH_ALL
+            label = source if source in configured else other
             for state, n in states.items():
                 totals[label, state] = totals.get((label, state), 0) + n
         family = GaugeMetricFamily(
@@ -428,6 +432,7 @@ class _StateCollector(Collector):
 
 
 _WATCHED_STATES = ("queued", "running", "dead")
+_REMOVED = "(removed)"
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
