@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ import asyncpg
 import pytest
 from conftest import DatabaseOutage, Target, fresh_database, make_config
 from ops_support import accepted, event_state, forward_source
-from procs import poll
+from procs import Procs, config_text, poll
 from test_journal_contract import (
     LEASE_S,
     START,
@@ -37,6 +38,7 @@ from test_journal_contract import (
 
 from webhookd import admin as admin_mod
 from webhookd import metrics as metrics_mod
+from webhookd.app import STOP_MARGIN_S
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
@@ -1700,3 +1702,40 @@ async def test_pg_connections_probe_a_silent_path_with_tcp_keepalive(pg_url: str
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (
             db.TCP_USER_TIMEOUT_MS
         )
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.timeout(90)
+async def test_pg_a_stop_while_the_database_hangs_ends_within_its_budget_saying_why(
+    tmp_path: Path, pg_url: str, procs: Procs
+) -> None:
+    """A SIGTERM while the database hangs: each write of the close waited out the minute's
+    answer deadline, and the stop took 105 s, past the shipped unit's TimeoutStopSec=40 (a
+    SIGKILL, with no word of why). ``webhookd serve`` now exits within ack_timeout_s + 1 +
+    shutdown_grace_s + STOP_MARGIN_S of the drain's start, exit 1, saying so."""
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    config = tmp_path / "webhookd.toml"
+    config.write_text(
+        config_text(
+            f'url = "{url}"',
+            '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n',
+            server="ack_timeout_s = 1",
+            workers="shutdown_grace_s = 0",
+        )
+    )
+    try:
+        daemon = await procs.serve(config)
+        hop.flowing.clear()
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout_s=60) == 1
+        took = time.monotonic() - started
+        budget = 1 + 1 + 0 + STOP_MARGIN_S
+        assert budget - 1 < took < budget + 5, took
+        said = "stop took longer than 12s (a step of the close did not end"
+        assert any(said in line for line in daemon.lines), daemon.log
+    finally:
+        hop.flowing.set()
+        await hop.close()

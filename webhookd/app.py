@@ -107,6 +107,7 @@ class Daemon:
     # Once a drain begins, exit by STOP_MARGIN_S past its grace whatever hangs (`webhookd
     # serve` only: it ends the process).
     exit_if_stuck: bool = False
+    stop_watchdog: threading.Timer | None = field(default=None, init=False)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     bound: Bound = field(default_factory=Bound)
@@ -321,11 +322,12 @@ class Daemon:
             # (a minute): the stop would outlast a service manager's stop timeout (systemd's
             # 40 s in the shipped unit) and end in its SIGKILL, with no word of why.
             budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
-            _exit_within(
+            self.stop_watchdog = _exit_within(
                 budget_s,
                 1,
-                f"stop took longer than {budget_s:g}s (the journal did not answer while closing):"
-                " exiting now; the next start recovers what was left",
+                f"stop took longer than {budget_s:g}s (a step of the close did not end: a write"
+                " to a journal that does not answer, say): exiting now; the next start recovers"
+                " what was left",
             )
         self.intake.draining = True
         listening.remove(receiver_runner)
@@ -595,6 +597,7 @@ def run(
 
     async def main() -> int:
         status = 1
+        daemon: Daemon | None = None
         try:
             daemon = Daemon(config, tune_gc=True, exit_if_stuck=True, loader=loader, fixed=fixed)
             if reload_asked is not None:
@@ -602,6 +605,8 @@ def run(
             status = await daemon.run()
             return status
         finally:
+            if daemon is not None and daemon.stop_watchdog is not None:
+                daemon.stop_watchdog.cancel()  # stopped in time: the exit's own deadline now
             _exit_within(EXIT_DEADLINE_S, status)
 
     keep_memory_private()
@@ -667,8 +672,9 @@ EXIT_DEADLINE_S = 5.0
 STOP_MARGIN_S = 10.0
 
 
-def _exit_within(deadline_s: float, status: int, why: str | None = None) -> None:
-    """Exit with ``status`` in ``deadline_s`` unless the process has by then, saying ``why``."""
+def _exit_within(deadline_s: float, status: int, why: str | None = None) -> threading.Timer:
+    """Exit with ``status`` in ``deadline_s`` unless the process has by then, saying ``why``;
+    ``cancel()`` the timer returned to call it off."""
 
     def exit_now() -> None:
         log.error(
@@ -681,6 +687,7 @@ def _exit_within(deadline_s: float, status: int, why: str | None = None) -> None
     timer = threading.Timer(deadline_s, exit_now)
     timer.daemon = True  # never itself a reason to wait at exit
     timer.start()
+    return timer
 
 
 async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:

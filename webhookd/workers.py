@@ -972,7 +972,8 @@ class WorkerPool:
         # Else an outcome whose error holds a lone surrogate is never recorded: the job would
         # stay running, its write retried as an outage.
         masker = self.masker
-        error = storable_text(masker.text(outcome.error[:_ERROR_CHARS])) if outcome.error else None
+        # Masked, then cut: a secret across the cut would keep its first half.
+        error = storable_text(masker.text(outcome.error)[:_ERROR_CHARS]) if outcome.error else None
         detail = masker.deep(outcome.detail) if outcome.detail else outcome.detail
 
         def make(
@@ -1044,8 +1045,8 @@ def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:
         said.append(f"{running} job(s) still running after {grace_s:g}s were cut off")
     if unrecorded:
         said.append(
-            f"{unrecorded} job(s) finished but their outcome could not be recorded (they run"
-            " again: a delivery they made is made twice)"
+            f"{unrecorded} job(s) finished but their outcome was not recorded in time (unless"
+            " it lands yet, each runs again: a delivery it made is made twice)"
         )
     return "drain: " + "; ".join(said)
 
