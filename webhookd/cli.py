@@ -647,8 +647,8 @@ def cancel(
     cancelled instead of retried. A running daemon starts no cancelled job.
 
     With --dead, dead letters handled some other way are dismissed: their dead jobs become
-    cancelled, keeping their attempts and errors, and leave the dead-letter count; replay
-    still runs them again.
+    cancelled, keeping their attempts and errors, and leave the dead-letter count (replay
+    <id> runs them again, with the event's other finished jobs).
     """
     if queued and dead:
         raise click.UsageError("give --queued or --dead, not both")
@@ -675,7 +675,7 @@ def cancel(
     if dead:
         line = f"dismissed {cancelled} dead job(s) of {len(result)} event(s)"
         if cancelled:
-            line += ": cancelled, attempts and errors kept; replay runs them again"
+            line += ": cancelled, attempts and errors kept"
         elif result:
             line += " (none of theirs was dead)"
         click.echo(line)
