@@ -95,6 +95,7 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ("[workers]\nconcurrency = 0", "workers.concurrency"),
         ("[workers]\nconcurrency = 2.5", "workers.concurrency"),
         ('[log]\nlevel = "loud"', "log.level"),
+        ('[log]\njobs = "some"', "log.jobs"),
         (
             '[sources.a]\nack_status = 500\n[[sources.a.actions]]\ntype = "log"',
             "sources.a.ack_status",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import sqlite3
 import time
@@ -158,6 +159,31 @@ async def test_an_error_text_no_journal_can_store_is_recorded_escaped(make_rig: 
     job = await rig.job(event_id)
     assert (job.state, job.attempts) == (JobState.QUEUED, 1)
     assert job.last_error == "ValueError: bad \\udcff byte"
+
+
+@pytest.mark.parametrize(("jobs", "done_at"), [("all", logging.INFO), ("failures", logging.DEBUG)])
+async def test_log_jobs_failures_writes_done_jobs_at_debug_and_failures_as_before(
+    make_rig: MakeRig, target: Target, caplog: pytest.LogCaptureFixture, jobs: str, done_at: int
+) -> None:
+    """``log.jobs = "failures"``: a done job's line goes to debug (a busy box's log is its
+    failures), a retry's and a dead letter's stay warnings."""
+    caplog.set_level(logging.DEBUG, logger="webhookd.workers")
+    rig = await make_rig(
+        '[sources.h]\n[[sources.h.actions]]\ntype = "log"\n'
+        + forward_source("f", target.url, retry="{ max_attempts = 1 }")
+        + f'[log]\njobs = "{jobs}"\n'
+    )
+    target.statuses = [500]
+    await rig.ingest("h")
+    await rig.ingest("f")
+    async with asyncio.timeout(10):
+        await rig.pool.run_until_idle()
+    levels = {
+        r.getMessage().split(" outcome=")[1].split()[0]: r.levelno
+        for r in caplog.records
+        if " outcome=" in r.getMessage()
+    }
+    assert levels == {"done": done_at, "dead": logging.WARNING}
 
 
 class Held:

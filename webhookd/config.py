@@ -298,6 +298,9 @@ class WorkersConfig:
 class LogConfig:
     level: str = setting("info", choices=("debug", "info", "warning", "error"))
     format: Literal["text", "json"] = "text"
+    # "all": a line per finished attempt, done ones at info; "failures": done ones (and a
+    # lane's paced waits) at debug, so a busy box logs its retries and dead letters only.
+    jobs: str = setting("all", choices=("all", "failures"))
 
 
 @dataclass(frozen=True, slots=True)

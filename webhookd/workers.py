@@ -891,7 +891,9 @@ class WorkerPool:
             hook(claimed, outcome, finished)
         # A job that waits for its lane's pace is the lane doing its work, not a problem.
         paced = finished.outcome == "wait" and outcome.detail.get("paced")
-        level = logging.INFO if finished.outcome == "done" or paced else logging.WARNING
+        level = logging.WARNING
+        if finished.outcome == "done" or paced:
+            level = logging.INFO if self.config.log.jobs == "all" else logging.DEBUG
         # A retry or a wait says when the job runs next (``show`` says it as a time).
         log.log(
             level,
