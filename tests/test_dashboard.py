@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -176,11 +177,16 @@ async def browser(tmp_path: Path) -> AsyncIterator[str]:
             pytest.fail(f"{reason}: the browser test must run in CI")
         pytest.skip(reason)
     profile = tmp_path / "chromium-profile"
+    # Its singleton socket's folder goes to TMPDIR, and a browser that is killed leaves it
+    # there: in a folder of ours, removed after, not one more in /tmp at every test (and a
+    # short path: a Unix socket's has at most 107 bytes, which tmp_path's can pass).
+    scratch = Path(tempfile.mkdtemp(prefix="chromium-"))
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM,
         *FLAGS,
         f"--user-data-dir={profile}",
         "about:blank",
+        env={**os.environ, "TMPDIR": str(scratch)},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -220,6 +226,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[str]:
             await proc.wait()
         if drain is not None:
             await drain
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
