@@ -652,11 +652,8 @@ def cancel(
     """
     if queued and dead:
         raise click.UsageError("give --queued or --dead, not both")
-    if dead:
-        since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
-    else:
-        flag = "--queued" if queued else "--queued or --dead"
-        since_ts = _bulk_filters(event_ids, queued, flag, source, since, tenant)
+    flag = "--dead" if dead else "--queued" if queued else "--queued or --dead"
+    since_ts = _bulk_filters(event_ids, queued or dead, flag, source, since, tenant, with_ids=dead)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     result: dict[str, Cancelled] | None = _bulk(

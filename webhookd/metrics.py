@@ -423,7 +423,8 @@ class _StateCollector(Collector):
                 totals[label, state] = totals.get((label, state), 0) + n
         family = GaugeMetricFamily(
             "webhookd_source_jobs",
-            'Jobs in the journal by source and state; the names a catch-all took under "*".',
+            'Jobs in the journal by source and state; the names a catch-all took under "*",'
+            ' sources no longer configured (without a catch-all) under "(removed)".',
             labels=["source", "state"],
         )
         for (source, state), n in sorted(totals.items()):

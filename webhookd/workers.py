@@ -17,13 +17,13 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from webhookd.actions.base import Action, Outcome, cut_detail
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
-from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready
+from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
 from webhookd.models import JobState, storable_text
 from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
@@ -929,7 +929,7 @@ class WorkerPool:
                 cancelled = await asyncio.shield(commit)
                 return finished.job_id in cancelled
             except asyncio.CancelledError:
-                commit.add_done_callback(_read_and_dropped)
+                commit.add_done_callback(let_go)
                 raise
             except JournalUnavailable as exc:
                 if delay_s == 0.05:
@@ -1051,8 +1051,3 @@ def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:
             " it lands yet, each runs again: a delivery it made is made twice)"
         )
     return "drain: " + "; ".join(said)
-
-
-def _read_and_dropped(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # read, so that asyncio does not log it as never retrieved

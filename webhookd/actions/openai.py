@@ -117,7 +117,7 @@ class _Settings:
         self.base_url: str | None = None
         if t.has("base_url"):
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
-        model = t.string("model") if t.has("model") else None  # a number: the wrong type
+        model = t.string("model", None)  # a number is the wrong type, named so
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
         self.model = model

@@ -53,6 +53,7 @@ from webhookd.journal.base import (
     BaseJournal,
     PolledCounts,
     answer_within,
+    let_go,
     migrating,
     present_only,
 )
@@ -143,6 +144,7 @@ __all__ = [
     "Series",
     "Starter",
     "answer_within",
+    "let_go",
     "open_journal",
     "present_only",
 ]

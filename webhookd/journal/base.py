@@ -568,8 +568,14 @@ async def answer_within(aw: Awaitable[_T], seconds: float) -> _T:
 
 def _dropped(abandoned: set[asyncio.Future[Any]], task: asyncio.Future[Any]) -> None:
     abandoned.discard(task)
+    let_go(task)
+
+
+def let_go(task: asyncio.Future[Any]) -> None:
+    """A done callback for a task no one waits for any more: its error is read, so that asyncio
+    does not log it at exit as never retrieved, with its traceback."""
     if not task.cancelled():
-        task.exception()  # read, so that asyncio does not log it as never retrieved
+        task.exception()
 
 
 class PolledCounts:
