@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from webhookd.journal import (
 )
 from webhookd.journal.base import MAX_ABANDONED_READS, answer_within
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
+from webhookd.journal.records import CATCH_ALL_SHOWN
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init
 
@@ -797,11 +798,11 @@ class _CostlyCounts(Journal):
     cost_s = 0.0
     asked = 0
 
-    async def counts(self) -> Counts:
+    async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         self.asked += 1
         assert isinstance(self.clock, ManualClock)
         self.clock.advance(self.cost_s)
-        return await super().counts()
+        return await super().counts(keep, most)
 
     async def lane_backlog(self) -> list[LaneBacklog]:
         self.asked += 1

@@ -762,6 +762,33 @@ async def test_dead_jobs_are_grouped_by_the_start_of_their_error(journal: BaseJo
     assert len(await journal.dead_causes(limit=1)) == 1
 
 
+async def test_counts_fold_the_names_past_the_most_in_the_database(journal: BaseJournal) -> None:
+    """``counts()`` reads each kept name (the configured sources) whatever its jobs, and of the
+    others the ``most`` with the most jobs, ties by name in code point order as ``sources_shown``
+    ranks them; the rest come back summed under ``*``, so a catch-all that took a million names
+    costs a short answer. The totals by state are whole either way."""
+    sources = ["kept", "Big", "big", "b", "c", "d"]  # "Big" < "b" < "big" by code point
+    jobs = {"kept": 1, "Big": 2, "big": 2, "b": 1, "c": 1, "d": 1}
+    items = [new_event(source=s, jobs=jobs[s]) for s in sources]
+    for item in items:
+        await journal.ingest(item)
+    [job] = items[-1].jobs
+    await journal.claim([job.id], "b")
+    await journal.finish([finished(job.id, JobState.DEAD, "dead")])
+    counts = await journal.counts(keep=("kept", "absent"), most=3)
+    assert counts.jobs_by_source == {
+        "kept": {"queued": 1},
+        "Big": {"queued": 2},
+        "big": {"queued": 2},
+        "b": {"queued": 1},
+        "*": {"queued": 1, "dead": 1},
+    }
+    assert counts.jobs_by_state["queued"] == 7 and counts.jobs_by_state["dead"] == 1
+    assert set((await journal.counts(most=0)).jobs_by_source) == {"*"}
+    everything = await journal.counts(keep=sources)
+    assert {s: sum(by.values()) for s, by in everything.jobs_by_source.items()} == jobs
+
+
 async def test_replay_and_cancel_keep_the_backlog_tally_in_step(journal: BaseJournal) -> None:
     """The receiver's backpressure reads ``backlog_jobs``: a replay counts the jobs it queues
     again, and a cancel the queued jobs it takes out, so the tally neither drifts up nor goes

@@ -54,7 +54,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import Config, Listen, plan_reload
 from webhookd.errors import ConfigError, JournalError, WebhookdError
 from webhookd.http1 import host_port
-from webhookd.journal import BaseJournal, Poisoned, PolledCounts, open_journal
+from webhookd.journal import BaseJournal, Poisoned, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
@@ -220,8 +220,7 @@ class Daemon:
             alerter = Alerter(cfg.alerts, journal, clock=self.clock)
             pool.on_finish.append(alerter.observe)
 
-            counts = PolledCounts(journal)
-            metrics = Metrics(journal, pool, lanes=lambda: resources.lanes, counts=counts)
+            metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
             metrics.attach(self.intake, pool.on_finish)
             journal.on_commit_seconds = metrics.commit.observe
 
@@ -246,7 +245,7 @@ class Daemon:
                 metrics=metrics.render,
                 lanes=resources.lanes,
                 throughput=throughput,
-                counts=counts,
+                counts=metrics.counts,
             )
             receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
             running = _Running(http, pool, receiver, metrics, ctx, alerter)

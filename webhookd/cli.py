@@ -826,7 +826,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
-            counts = await journal.counts()
+            counts = await journal.counts((*cfg.sources, config_mod.ALERT_SOURCE))
             recent = await journal.activity(300)
             hour = await journal.activity(3600)
             paused = sorted(await journal.paused_sources())

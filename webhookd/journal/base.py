@@ -20,6 +20,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -30,6 +31,7 @@ from typing import Any, Generic, Literal, TypeVar
 from webhookd.clock import Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.records import (
+    CATCH_ALL_SHOWN,
     Activity,
     Cancelled,
     Cap,
@@ -470,8 +472,12 @@ class BaseJournal(ABC):
         to the ids' order."""
 
     @abstractmethod
-    async def counts(self) -> Counts:
-        """Jobs by state and by source, the oldest queued job's receive time, events."""
+    async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
+        """Jobs by state and by source, the oldest queued job's receive time, events.
+
+        By source: each name in ``keep`` (the configured sources), the ``most`` other names
+        with the most jobs (ties by name), and the rest summed under ``*`` in the database, so
+        the answer stays small however many names a catch-all took."""
 
     @abstractmethod
     async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
@@ -589,14 +595,22 @@ class PolledCounts:
     about 2 % of the time however large the journal grows; a smaller journal is read afresh
     for every caller, so what it shows is always current. Callers arriving while a read runs
     wait for it and get its answer when it may be reused. Both say how old their answer is.
+
+    ``keep``: the source names ``counts()`` reads one by one whatever their jobs (the configured
+    ones, read at each count so that a reload's are in the next).
     """
 
     BUDGET = 0.02
     CACHE_FROM_ROWS = 100_000  # a count of this many costs ~50-100 ms here
 
-    def __init__(self, journal: BaseJournal, cache_from_rows: int = CACHE_FROM_ROWS) -> None:
+    def __init__(
+        self,
+        journal: BaseJournal,
+        keep: Callable[[], Collection[str]] = tuple,
+        cache_from_rows: int = CACHE_FROM_ROWS,
+    ) -> None:
         self._counts = _Reused(
-            journal.counts,
+            lambda: journal.counts(keep()),
             lambda c: c.events + sum(c.jobs_by_state.values()),
             journal.clock,
             cache_from_rows,

@@ -5,17 +5,20 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
 
 from webhookd.clock import Clock
+from webhookd.config import CATCH_ALL
 from webhookd.errors import NotFound
 from webhookd.journal.records import (
+    CATCH_ALL_SHOWN,
     CAUSE_CHARS,
     Activity,
     Counts,
@@ -44,7 +47,7 @@ from webhookd.journal.schema import (
     job_history_sql,
     key_digest,
 )
-from webhookd.models import JobState, Priority, event_state, tenant_forms
+from webhookd.models import Priority, event_state, tenant_forms
 
 
 class Reads:
@@ -276,22 +279,25 @@ class Reads:
             for r in rows
         ]
 
-    async def counts(self) -> Counts:
+    async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         rows = await fetch(
-            self.reader, "SELECT source, state, COUNT(*) FROM jobs GROUP BY source, state"
+            self.reader,
+            "WITH c AS MATERIALIZED (SELECT source, state, COUNT(*) AS n FROM jobs"
+            " GROUP BY source, state),"
+            " shown AS (SELECT source FROM c WHERE source NOT IN (SELECT value FROM json_each(?1))"
+            " GROUP BY source ORDER BY SUM(n) DESC, source LIMIT ?2)"
+            " SELECT CASE WHEN source IN (SELECT value FROM json_each(?1))"
+            " OR source IN (SELECT source FROM shown) THEN source ELSE ?3 END AS name,"
+            " state, SUM(n) FROM c GROUP BY name, state",
+            (json.dumps(sorted(keep)), most, CATCH_ALL),
         )
-        by_state: dict[str, int] = {s.value: 0 for s in JobState}
-        by_source: dict[str, dict[str, int]] = {}
-        for source, state, n in rows:
-            by_state[state] = by_state.get(state, 0) + n
-            by_source.setdefault(source, {})[state] = n
         oldest = await fetch(
             self.reader,
             "SELECT MIN(run_at) FROM jobs WHERE state = 'queued' AND run_at <= ?",
             (self.clock.time(),),
         )
         events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
-        return Counts(by_state, by_source, oldest[0][0], int(events[0][0]))
+        return Counts.of(rows, oldest[0][0], int(events[0][0]))
 
     async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
         rows = await fetch(

@@ -3,7 +3,7 @@ pool at a commit (``Starter``)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,7 +14,8 @@ from webhookd.redact import shown_headers
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
 # bound on what one request for one event sends back (the whole body stays in the journal).
 SHOWN_BODY_BYTES = 64 * 1024
-# How many of the names a catch-all source took ``Counts.sources_shown`` lists one by one.
+# How many of the names a catch-all source took ``Counts.sources_shown`` lists one by one, and
+# ``counts()`` reads one by one: the rest are summed under the catch-all's own name, ``*``.
 CATCH_ALL_SHOWN = 50
 
 
@@ -278,6 +279,16 @@ class Counts:
     # retry's backoff); jobs not due yet are waiting on purpose and do not count.
     oldest_due_at: float | None
     events: int
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]], oldest_due_at: float | None, events: int) -> Counts:
+        """From rows of (source, state, jobs), as both journals' ``counts()`` read them."""
+        by_state: dict[str, int] = {s.value: 0 for s in JobState}
+        by_source: dict[str, dict[str, int]] = {}
+        for source, state, n in rows:
+            by_state[state] = by_state.get(state, 0) + int(n)
+            by_source.setdefault(source, {})[state] = int(n)
+        return cls(by_state, by_source, oldest_due_at, events)
 
     def sources_shown(
         self, configured: Collection[str], most: int = CATCH_ALL_SHOWN

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal
 
 from webhookd.clock import Clock
+from webhookd.config import CATCH_ALL
 from webhookd.errors import NotFound
 from webhookd.journal.records import (
+    CATCH_ALL_SHOWN,
     CAUSE_CHARS,
     Activity,
     Counts,
@@ -28,7 +30,7 @@ from webhookd.journal.schema import (
     event_detail,
     job_history_sql,
 )
-from webhookd.models import JobState, Priority, event_state, tenant_forms
+from webhookd.models import Priority, event_state, tenant_forms
 
 TABLES = (
     "events",
@@ -235,20 +237,24 @@ class PgReads:
             for r in rows
         ]
 
-    async def counts(self) -> Counts:
-        rows = await self.fetch("SELECT source, state, COUNT(*) FROM jobs GROUP BY source, state")
-        by_state: dict[str, int] = {s.value: 0 for s in JobState}
-        by_source: dict[str, dict[str, int]] = {}
-        for source, state, n in rows:
-            by_state[state] = by_state.get(state, 0) + int(n)
-            by_source.setdefault(source, {})[state] = int(n)
+    async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
+        rows = await self.fetch(
+            "WITH c AS (SELECT source, state, COUNT(*) AS n FROM jobs GROUP BY source, state),"
+            " shown AS (SELECT source FROM c WHERE NOT source = ANY($1::text[])"
+            ' GROUP BY source ORDER BY SUM(n) DESC, source COLLATE "C" LIMIT $2)'
+            " SELECT CASE WHEN source = ANY($1::text[]) OR source IN (SELECT source FROM shown)"
+            " THEN source ELSE $3 END, state, SUM(n) FROM c GROUP BY 1, 2",
+            sorted(keep),
+            most,
+            CATCH_ALL,
+        )
         oldest = await self._value(
             "SELECT MIN(run_at) FROM jobs WHERE state = 'queued'"
             " AND run_at <= $1::double precision",
             self.clock.time(),
         )
         events = await self._value("SELECT COUNT(*) FROM events")
-        return Counts(by_state, by_source, oldest, int(events))
+        return Counts.of(rows, oldest, int(events))
 
     async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
         rows = await self.fetch(
