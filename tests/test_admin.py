@@ -786,7 +786,16 @@ async def test_stats_series_counts_accepted_finished_dead_and_backlog_per_minute
     status, doc = await get(running, "/stats/series?minutes=5")
     after = running.daemon.clock.time()
     assert status == 200, doc
-    assert set(doc) == {"source", "start", "step_s", "accepted", "finished", "dead", "backlog"}
+    assert set(doc) == {
+        "source",
+        "start",
+        "step_s",
+        "accepted",
+        "finished",
+        "dead",
+        "backlog",
+        "age_s",
+    }
     assert doc["step_s"] == 60 and doc["start"] % 60 == 0 and doc["source"] is None
     assert doc["start"] + 4 * 60 <= after and before < doc["start"] + 5 * 60  # ends this minute
     assert all(len(doc[k]) == 5 for k in ("accepted", "finished", "dead", "backlog"))

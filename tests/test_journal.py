@@ -45,6 +45,7 @@ from webhookd.journal import (
     NewJob,
     PolledCounts,
     Replayed,
+    Series,
     _owner_only,
     _take_serve_lock,
     opened_elsewhere,
@@ -810,6 +811,12 @@ class _CostlyCounts(Journal):
         self.clock.advance(self.cost_s)
         return await super().lane_backlog()
 
+    async def series(self, **kwargs: Any) -> Series:
+        self.asked += 1
+        assert isinstance(self.clock, ManualClock)
+        self.clock.advance(self.cost_s)
+        return await super().series(**kwargs)
+
 
 async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_one(
     tmp_path: Path,
@@ -825,7 +832,7 @@ async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_
         assert (await small.get())[0].events == 1
         await journal.ingest(new_event())
         assert (await small.get())[0].events == 2
-        # As if these two events and their jobs were the 100,000 rows of a large journal.
+        # As if these two events and their jobs were the 10,000 rows of a large journal.
         polled = PolledCounts(journal, cache_from_rows=4)
         journal.asked = 0
         answers = await asyncio.gather(*(polled.get() for _ in range(3)))
@@ -846,6 +853,18 @@ async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_
         await journal.ingest(new_event())
         clock.advance(50.0)
         assert await polled.lane_backlog() == (lanes, 50.0) and journal.asked == 5
+        # The dashboard's series likewise, each window (minutes, source) on its own: five
+        # accepted and five in the backlog are ten rows read, so each window's read is reused.
+        journal.asked = 0
+        hour, age_s = await polled.series(60)
+        assert (sum(hour.accepted), hour.backlog[-1], age_s) == (5, 5, 0.0)
+        await journal.ingest(new_event())
+        assert await polled.series(60) == (hour, 0.0) and journal.asked == 1
+        clock.advance(10.0)
+        assert await polled.series(60) == (hour, 10.0)
+        assert (await polled.series(60, "shop"))[1] == 0.0 and journal.asked == 2
+        clock.advance(90.0)
+        assert sum((await polled.series(60))[0].accepted) == 6 and journal.asked == 3
 
 
 _OPEN_AS_USER = """

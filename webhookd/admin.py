@@ -323,10 +323,9 @@ class Admin:
         source = q.get("source") or None
         if source is not None and len(source) > _MAX_SOURCE_CHARS:
             return json_error(400, f"source must be at most {_MAX_SOURCE_CHARS} characters")
-        series = await self.ctx.journal.series(
-            now=self.ctx.pool.clock.time(), minutes=minutes, source=source
-        )
-        return web.json_response({"source": source, **asdict(series)})
+        assert self.ctx.counts is not None  # set by __post_init__
+        series, age_s = await self.ctx.counts.series(minutes, source)
+        return web.json_response({"source": source, **asdict(series), "age_s": round(age_s, 3)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self.ctx.metrics is None:
