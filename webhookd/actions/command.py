@@ -28,13 +28,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, keep_detail, options
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
+from webhookd.redact import Masker, secret_values
 from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
@@ -45,6 +46,9 @@ _OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
 # What any program needs to find its tools and speak the right locale; nothing that can be a secret.
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
+# Read before the tail as well: a configured secret shorter than this that the tail's cut
+# falls inside is masked whole before the cut, so no fragment of it is left at the tail's start.
+_SPARE_BYTES = 1024
 _KILL_GRACE_S = 2.0
 # The process groups of the commands running now. An exit that cannot wait for them (a second
 # signal, an exit stuck on a thread) SIGKILLs them first: each would otherwise outlive the daemon
@@ -135,18 +139,21 @@ def missing_program(config: ActionConfig) -> str | None:
 class _Tail:
     """The last ``TAIL_BYTES`` of a stream, kept as it comes so big outputs cost nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, mask: Callable[[str], str]) -> None:
+        self.mask = mask
         self.data = bytearray()
         self.total = 0
 
     def add(self, chunk: bytes) -> None:
         self.total += len(chunk)
         self.data += chunk
-        del self.data[:-TAIL_BYTES]
+        del self.data[: -(TAIL_BYTES + _SPARE_BYTES)]
 
-    def text(self) -> str:
-        cut = "…" if self.total > len(self.data) else ""
-        return cut + self.data.decode("utf-8", "replace")
+    def text(self, most: int = TAIL_BYTES) -> str:
+        """The last ``most`` characters, masked before they are cut."""
+        shown = self.mask(self.data.decode("utf-8", "replace"))
+        cut = "…" if self.total > most or len(shown) > most else ""
+        return cut + shown[-most:]
 
 
 class _Watch(asyncio.SubprocessProtocol):
@@ -158,8 +165,8 @@ class _Watch(asyncio.SubprocessProtocol):
     again to see the group die.
     """
 
-    def __init__(self) -> None:
-        self.out, self.err = _Tail(), _Tail()
+    def __init__(self, mask: Callable[[str], str]) -> None:
+        self.out, self.err = _Tail(mask), _Tail(mask)
         self.exited = asyncio.Event()
         self.closed = asyncio.Event()
 
@@ -175,9 +182,12 @@ class _Watch(asyncio.SubprocessProtocol):
 
 
 class CommandAction:
-    def __init__(self, config: ActionConfig) -> None:
+    def __init__(self, config: ActionConfig, secrets: Iterable[str] = ()) -> None:
         self.config = config
         self.settings = _Settings(config)
+        # The worker masks what an attempt records as well; this masks the tails before they
+        # are cut (see ``_SPARE_BYTES``).
+        self.mask = Masker(secrets).text
 
     def argv_for(self, event: Event) -> list[str]:
         payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
@@ -204,7 +214,7 @@ class CommandAction:
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
         env = self.env_for(event)
         started = time.monotonic()
-        watch = _Watch()
+        watch = _Watch(self.mask)
         try:
             transport, _ = await asyncio.get_running_loop().subprocess_exec(
                 lambda: watch,
@@ -254,7 +264,7 @@ class CommandAction:
                 stdout=watch.out.text(),
                 stderr=watch.err.text(),
             )
-            tail = watch.err.text()[-500:]
+            tail = watch.err.text(500)
             log.warning(
                 "command %s (pid %d) for event %s stopped before it finished%s",
                 argv[0],
@@ -316,4 +326,4 @@ async def _stop(pid: int, watch: _Watch) -> None:
 
 
 def create(config: ActionConfig, resources: Resources) -> CommandAction:
-    return CommandAction(config)
+    return CommandAction(config, secret_values(resources.config))
