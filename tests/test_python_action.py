@@ -269,3 +269,33 @@ def test_path_option_makes_a_project_directory_importable(
     )
     (action,) = loads(text).sources["s"].actions
     assert resolve_handler(action)(None) == "mine"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("open_to_all", ["directory", "module", "package"])
+def test_a_handler_any_user_may_write_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_to_all: str
+) -> None:
+    """A ``path`` directory, or the handler's module or package, that every user may write
+    (``/tmp`` as the current directory, a ``chmod 777`` folder) is refused before the module
+    runs: any user could put code there for the daemon to run as its own."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"open_hooks_{open_to_all}"
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'w').close()\ndef handle(event):\n    return 1\n"
+    if open_to_all == "package":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(code)
+        opened = tmp_path / name
+    else:
+        (tmp_path / f"{name}.py").write_text(code)
+        opened = tmp_path if open_to_all == "directory" else tmp_path / f"{name}.py"
+    opened.chmod(opened.stat().st_mode | 0o002)
+    text = (
+        '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
+        f'handler = "{name}:handle"\npath = "{tmp_path}"\n'
+    )
+    with pytest.raises(ConfigError, match="is writable by every user") as err:
+        actions.validate(loads(text))
+    key = "path" if open_to_all == "directory" else "handler"
+    assert err.value.key == f"sources.s.actions[0].{key}" and str(opened) in str(err.value)
+    assert not ran.exists()

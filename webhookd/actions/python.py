@@ -26,9 +26,11 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import os
+import stat
 import sys
 import threading
 import traceback
@@ -64,8 +66,18 @@ def resolve_handler(config: ActionConfig) -> Handler:
     if not isinstance(path, str) or not path:
         raise ConfigError(t.path("path"), "must be a directory path")
     directory = os.path.abspath(path)
+    _refuse_if_anyone_may_write(t.path("path"), directory)
     if directory not in sys.path:
         sys.path.insert(0, directory)
+    # Found before it runs: a module file any user may write would run their code as ours.
+    try:
+        top = importlib.util.find_spec(module_name.partition(".")[0])
+    except (ImportError, ValueError):  # the import below says what is wrong
+        top = None
+    if top is not None:
+        for where in (top.origin, *(top.submodule_search_locations or ())):
+            if where is not None and os.path.isabs(where):
+                _refuse_if_anyone_may_write(key, where)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -87,6 +99,23 @@ def resolve_handler(config: ActionConfig) -> Handler:
         raise ConfigError(key, f"{spec!r} is not callable")
     handler: Handler = target
     return handler
+
+
+def _refuse_if_anyone_may_write(key: str, path: str) -> None:
+    """A handler's directory or module that every user may write (``/tmp``, a ``chmod 777``
+    folder, the default ``path`` when the current directory is one of those) would let any
+    of them put code there for the daemon to run as its own user: a config error instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a missing directory imports nothing from it
+        return
+    if mode & stat.S_IWOTH:
+        raise ConfigError(
+            key,
+            f"{path} is writable by every user (mode {stat.S_IMODE(mode):04o}): any of them"
+            " could put code there for webhookd to import; use a directory and module only"
+            " their owner can write",
+        )
 
 
 def validate(config: ActionConfig) -> None:
