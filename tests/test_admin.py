@@ -480,6 +480,21 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
         ("deliver", "done"),
         ("down", "cancelled"),
     ]
+    assert [j["dismissed_at"] is not None for j in detail["jobs"]] == [False, True]
+
+    # Undone (``replay --dismissed``): the dismissed job alone runs again.
+    status, error = await post_admin(running, f"/events/{event_id}/replay?dead=1&dismissed=1")
+    assert status == 400 and "not both" in error["error"]
+    status, doc = await post_admin(running, f"/events/{event_id}/replay?dismissed=1")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
+
+    async def down_ran_thrice() -> bool:
+        _, detail = await get(running, f"/events/{event_id}")
+        jobs = {j["action"]: j for j in detail["jobs"]}
+        return len(jobs["down"]["errors"]) == 3 and jobs["down"]["state"] == "dead"
+
+    await poll(down_ran_thrice, timeout_s=15)
+    assert len(target.seen) == 1
 
 
 async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(

@@ -246,9 +246,19 @@ async def test_cancel_dead_dismisses_dead_letters_and_replay_brings_them_back(
     await event_state(running.http, running.admin_url, first, "cancelled")
     assert len(target.seen) == delivered
 
-    out = await cli("replay", first, "--config", str(config))
+    out = await cli("show", first, "--config", str(config))
+    assert "dismissed " in out.output and "(replay --dismissed undoes it)" in out.output
+    out = await cli("replay", "--dismissed", "--dead", "--config", str(config))
+    assert out.exit_code == 2 and "give --dead or --dismissed, not both" in out.output
+    out = await cli(
+        "replay", "--dismissed", "--source", "shop", "--dry-run", "--config", str(config)
+    )
+    assert out.exit_code == 0 and "would replay 1 event(s)" in out.output and first in out.output
+    out = await cli("replay", "--dismissed", "--source", "shop", "--config", str(config))
     assert out.exit_code == 0 and "1 job(s) re-queued" in out.output
     await event_state(running.http, running.admin_url, first, "done")
+    out = await cli("replay", first, "--dismissed", "--config", str(config))
+    assert out.output == "nothing to replay: none of the jobs of 1 event(s) was dismissed\n"
 
 
 async def test_the_daemon_counts_the_jobs_a_replay_from_the_cli_queues(

@@ -337,7 +337,8 @@ async def test_dashboard_dismisses_a_dead_letter_handled_another_way(
 ) -> None:
     """Dismiss on a dead letter (``cancel --dead``): its dead job becomes cancelled with its
     attempt and error kept, the letter leaves the list, nothing is sent again, and the done
-    job beside it stays done."""
+    job beside it stays done. The event's page says dismissed, and its Replay dismissed runs
+    that job alone again."""
     cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + DOWN_ACTION)
     running = await run_daemon(cfg)
     event_id = await accepted(running, "shop", '{"order": 6}')
@@ -356,6 +357,17 @@ async def test_dashboard_dismisses_a_dead_letter_handled_another_way(
         ("down", "cancelled", 1),
     ]
     assert doc["jobs"][1]["errors"] and len(target.seen) == 1
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        button = f"#detail button.undismiss[data-id='{event_id}']"
+        await page.wait_for(f'document.querySelector("{button}")')
+        assert "· dismissed " in await page.evaluate(
+            "document.querySelector('#detail').textContent"
+        )
+        status = await page.click_for_status(button, "replayed")
+        assert status == f"replayed {event_id}: 1 dismissed job(s) re-queued"
+    doc = await event_state(running.http, running.admin_url, event_id, "dead")
+    assert [len(j["errors"]) for j in doc["jobs"]] == [1, 2] and len(target.seen) == 1
 
 
 async def set_width(page: Page, width: int) -> None:

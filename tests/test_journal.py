@@ -136,12 +136,12 @@ async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_t
     assert re.search(rf"{path}: schema upgraded to version {latest} in \d+\.\d s", upgrades[1])
 
 
-def journal_of_the_version_before(path: Path) -> None:
+def journal_of_the_version_before(path: Path, version: int = len(MIGRATIONS) - 1) -> None:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         add_functions(conn)
-        for migration in MIGRATIONS[:-1]:
+        for migration in MIGRATIONS[:version]:
             conn.executescript(migration)
-        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        conn.execute(f"PRAGMA user_version = {version}")
         conn.commit()
 
 
@@ -152,7 +152,7 @@ async def test_sqlite_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_
     backoff) and one without a key: the upgrade (its triggers' bodies hold semicolons of their
     own) marks the two behind the head, so the first refill after it leaves them unread."""
     path = tmp_path / "old.db"
-    journal_of_the_version_before(path)
+    journal_of_the_version_before(path, version=9)  # the one before ``behind``
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.executemany(
             "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"

@@ -725,6 +725,43 @@ async def test_dismissing_dead_letters_cancels_the_dead_jobs_alone(journal: Base
         await journal.cancel(["evt_nope"], dead_only=True)
 
 
+async def test_a_dismissal_is_undone_by_replaying_the_dismissed_jobs_alone(
+    journal: BaseJournal,
+) -> None:
+    """``replay --dismissed``: a dismissed dead job is marked (``dismissed_at``), so it runs
+    again alone, the event's delivered job left done; a job cancelled before it ran is no
+    dismissal, and a replay clears the mark."""
+    item, (delivered, dead, waiting), _ = await _delivered_dead_and_waiting(journal)
+    other = new_event()
+    await journal.ingest(other)
+    await journal.cancel([other.event.id])  # cancelled while queued: not a dismissal
+    assert await journal.event_ids_with_jobs("dismissed") == []
+    await journal.cancel([item.event.id], dead_only=True)
+    jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+    assert jobs[dead].dismissed_at == jobs[dead].finished_at is not None
+    assert jobs[delivered].dismissed_at is None and jobs[waiting].dismissed_at is None
+    assert await journal.event_ids_with_jobs("dismissed") == [item.event.id]
+    assert await journal.event_ids_with_jobs("dismissed", source="elsewhere") == []
+    both = [item.event.id, other.event.id]
+    backlog = journal.backlog_jobs
+    assert await journal.replay(both, dismissed_only=True) == {
+        item.event.id: Replayed(1, 0),
+        other.event.id: Replayed(0, 0),
+    }
+    assert journal.backlog_jobs == backlog + 1 == await journal.backlog()
+    jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+    assert (jobs[dead].state, jobs[dead].attempts, jobs[dead].dismissed_at) == (
+        JobState.QUEUED,
+        0,
+        None,
+    )
+    assert jobs[delivered].state == JobState.DONE
+    assert (await journal.get_event(other.event.id)).jobs[0].state == JobState.CANCELLED
+    assert await journal.event_ids_with_jobs("dismissed") == []
+    with pytest.raises(ValueError, match="not both"):
+        await journal.replay(both, dead_only=True, dismissed_only=True)
+
+
 async def test_unfinished_jobs_are_counted_by_source_and_action(journal: BaseJournal) -> None:
     """What a config must still be able to run: queued and running jobs by (source, action);
     finished ones are not counted."""

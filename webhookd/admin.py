@@ -400,13 +400,21 @@ class Admin:
 
     async def replay(self, request: web.Request) -> web.Response:
         """The event's finished jobs run again; with ``?dead=1`` (``replay --dead``, the
-        dashboard's dead letters) its dead jobs alone, so a delivered forward is not sent twice."""
+        dashboard's dead letters) its dead jobs alone, so a delivered forward is not sent twice;
+        with ``?dismissed=1`` (``replay --dismissed``) its dismissed dead jobs alone."""
         event_id = request.match_info["id"]
         dead = request.query.get("dead", "0")
+        dismissed = request.query.get("dismissed", "0")
         if dead not in ("0", "1"):
             return json_error(400, "dead must be 0 or 1")
+        if dismissed not in ("0", "1"):
+            return json_error(400, "dismissed must be 0 or 1")
+        if dead == dismissed == "1":
+            return json_error(400, "give dead=1 or dismissed=1, not both")
         try:
-            counts = await self.ctx.journal.replay([event_id], dead_only=dead == "1")
+            counts = await self.ctx.journal.replay(
+                [event_id], dead_only=dead == "1", dismissed_only=dismissed == "1"
+            )
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:

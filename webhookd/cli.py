@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -42,6 +42,7 @@ from webhookd.journal import (
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log
+from webhookd.journal.records import JobsIn
 from webhookd.models import event_id_time
 from webhookd.redact import (
     WRITTEN_OUT,
@@ -447,6 +448,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             click.echo(f"    next run {_when(job['run_at'])}")
         elif job["state"] == "running" and idle_journal:
             click.echo("    no daemon runs on this journal: the next start queues it again")
+        elif job["state"] == "cancelled" and job["dismissed_at"] is not None:
+            click.echo(f"    dismissed {_when(job['dismissed_at'])} (replay --dismissed undoes it)")
         elif job["state"] == "cancelled" and job["finished_at"] is not None:
             click.echo(f"    cancelled {_when(job['finished_at'])}")
         last = 0
@@ -489,7 +492,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 def _bulk(
     cfg: config_mod.Config,
     event_ids: tuple[str, ...],
-    select: tuple[Literal["dead", "queued"], str | None, float | None, str | None],
+    select: tuple[JobsIn, str | None, float | None, str | None],
     verb: tuple[str, str],
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
@@ -562,18 +565,28 @@ def _bulk(
     help="Replay the dead jobs of every event that has one (its other jobs are left alone);"
     " with event ids, only those events' dead jobs.",
 )
-@click.option("--source", help="With --dead: only this source.")
+@click.option(
+    "--dismissed",
+    is_flag=True,
+    help="Undo dismissals (cancel --dead): replay the dismissed dead jobs of every event that"
+    " has one (its other jobs are left alone); with event ids, only those events'.",
+)
+@click.option("--source", help="With --dead or --dismissed: only this source.")
 @click.option(
     "--since",
-    help="With --dead: only events received since (30m, 2h, 7d, or an ISO time, UTC unless"
-    " it says).",
+    help="With --dead or --dismissed: only events received since (30m, 2h, 7d, or an ISO"
+    " time, UTC unless it says).",
 )
-@click.option("--tenant", help="With --dead: only this tenant's events (the tenant as sent).")
+@click.option(
+    "--tenant",
+    help="With --dead or --dismissed: only this tenant's events (the tenant as sent).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
     event_ids: tuple[str, ...],
     config_path: str | None,
     dead: bool,
+    dismissed: bool,
     source: str | None,
     since: str | None,
     tenant: str | None,
@@ -582,24 +595,32 @@ def replay(
     """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
 
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
-    running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued.
+    running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued; with
+    --dismissed, only the dead jobs that cancel --dead dismissed.
     """
-    since_ts = _bulk_filters(event_ids, dead, "--dead", source, since, tenant, with_ids=True)
+    if dead and dismissed:
+        raise click.UsageError("give --dead or --dismissed, not both")
+    flag = "--dismissed" if dismissed else "--dead"
+    only = dead or dismissed
+    since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
-        ("dead", source, since_ts, tenant),
+        ("dismissed" if dismissed else "dead", source, since_ts, tenant),
         ("replaying", "replayed"),
-        lambda journal, batch: journal.replay(batch, dead_only=dead),
+        lambda journal, batch: journal.replay(batch, dead_only=dead, dismissed_only=dismissed),
         "would replay {n} event(s)" if dry_run else None,
-        None if dead else _done_jobs_note,
+        None if only else _done_jobs_note,
     )
     if result is None:
         return
     requeued = sum(r.requeued for r in result.values())
     run_now = sum(r.run_now for r in result.values())
+    if result and not requeued and dismissed:
+        click.echo(f"nothing to replay: none of the jobs of {len(result)} event(s) was dismissed")
+        return
     if result and not requeued and not run_now:
         # Running, or queued and already due (a paused source's): a replay has nothing to add.
         click.echo(f"nothing to replay: the jobs of {len(result)} event(s) are queued or running")
@@ -648,7 +669,7 @@ def cancel(
 
     With --dead, dead letters handled some other way are dismissed: their dead jobs become
     cancelled, keeping their attempts and errors, and leave the dead-letter count (replay
-    <id> runs them again, with the event's other finished jobs).
+    --dismissed runs them again, alone).
     """
     if queued and dead:
         raise click.UsageError("give --queued or --dead, not both")

@@ -281,6 +281,8 @@ class Job:
     history: tuple[Attempt, ...] = field(default=())
     # Queued behind a job of its order key (``ordered_by``): that job's id, else None.
     waiting_for: str | None = None
+    # Cancelled by dismissing it as a dead letter (``cancel --dead``): when; else None.
+    dismissed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ from webhookd.journal.schema import (
     fetch,
     fetch_rows,
     leaving_running,
+    replayed_jobs,
 )
 from webhookd.models import JobState, new_boot_id, storable_text
 from webhookd.throttle import Throttle
@@ -1160,7 +1161,7 @@ class Journal(Reads, BaseJournal):
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
     ) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
 
@@ -1178,22 +1179,24 @@ class Journal(Reads, BaseJournal):
 
         With ``dead_only`` (a replay of dead letters: ``replay --dead``, a source's
         replay-dead) only the dead jobs are re-queued, the event's other jobs left as they
-        are: a forward that was delivered is not delivered again.
+        are: a forward that was delivered is not delivered again. With ``dismissed_only``
+        (``replay --dismissed``: a dismissal undone) only the dead jobs dismissed (``cancel``
+        with ``dead_only``) are, likewise.
 
         Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
         """
         now = self.clock.time()
 
-        again = "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
+        again = replayed_jobs(dead_only, dismissed_only)
 
         def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 f" run_at = ?, finished_at = NULL, boot_id = NULL, result = {REPLAYED_RESULT},"
-                f" cancel_requested_at = NULL WHERE event_id = ? AND {again}",
+                f" cancel_requested_at = NULL, dismissed_at = NULL WHERE event_id = ? AND {again}",
                 (now, event_id),
             )
-            if dead_only:
+            if dead_only or dismissed_only:
                 return Replayed(requeued=requeued.rowcount, run_now=0)
             hurried = conn.execute(
                 "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued' AND run_at > ?",
@@ -1220,15 +1223,16 @@ class Journal(Reads, BaseJournal):
 
         With ``dead_only`` (dismissing dead letters: ``cancel --dead``) only the dead jobs
         become ``cancelled``, keeping their attempts, last error and result, and leave the
-        dead-letter queue; the event's other jobs are left as they are."""
+        dead-letter queue; the event's other jobs are left as they are. They are marked
+        dismissed (``dismissed_at``), so that ``replay`` with ``dismissed_only`` undoes it."""
         now = self.clock.time()
         if dead_only:
 
             def dismiss(conn: sqlite3.Connection, event_id: str) -> Cancelled:
                 cur = conn.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished_at = ?"
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, dismissed_at = ?"
                     " WHERE event_id = ? AND state = 'dead'",
-                    (now, event_id),
+                    (now, now, event_id),
                 )
                 return Cancelled(cur.rowcount, 0)
 

@@ -26,7 +26,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
@@ -43,6 +43,7 @@ from webhookd.journal.records import (
     EventSummary,
     Finished,
     Ingested,
+    JobsIn,
     Lane,
     LaneBacklog,
     NewEvent,
@@ -294,10 +295,11 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
     ) -> dict[str, Replayed]:
-        """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone (see
-        ``Journal.replay``); ``NotFound`` for an unknown id."""
+        """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone, or with
+        ``dismissed_only`` the dead jobs dismissed (see ``Journal.replay``); ``NotFound`` for an
+        unknown id."""
 
     @abstractmethod
     async def cancel(
@@ -375,21 +377,21 @@ class BaseJournal(ABC):
     @abstractmethod
     async def event_ids_with_jobs(
         self,
-        state: Literal["dead", "queued"],
+        state: JobsIn,
         source: str | None = None,
         since: float | None = None,
         limit: int = 10_000,
         after: str | None = None,
         tenant: str | None = None,
     ) -> list[str]:
-        """Events with a job in ``state`` (what ``replay --dead`` and ``cancel --queued``
-        take), optionally of one source, received since a time and of one tenant (as sent:
-        see ``tenant_forms``), in id order: the first ``limit`` of those past the id
-        ``after``."""
+        """Events with a job in ``state`` (what ``replay --dead``, ``replay --dismissed`` and
+        ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now cancelled),
+        optionally of one source, received since a time and of one tenant (as sent: see
+        ``tenant_forms``), in id order: the first ``limit`` of those past the id ``after``."""
 
     async def pages_of_event_ids_with_jobs(
         self,
-        state: Literal["dead", "queued"],
+        state: JobsIn,
         source: str | None,
         since: float | None,
         tenant: str | None = None,

@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosqlite
 
@@ -25,6 +25,7 @@ from webhookd.journal.records import (
     DeadCause,
     EventDetail,
     EventSummary,
+    JobsIn,
     Lane,
     LaneBacklog,
     NodeInfo,
@@ -156,7 +157,7 @@ class Reads:
 
     async def event_ids_with_jobs(
         self,
-        state: Literal["dead", "queued"],
+        state: JobsIn,
         source: str | None = None,
         since: float | None = None,
         limit: int = 10_000,
@@ -166,10 +167,15 @@ class Reads:
         # Read from the partial index that holds the jobs in that state, whose WHERE the
         # state's fixed clause states (``state`` is the jobs' column: events have none). Left
         # to itself, the planner walked every job in ``jobs_event`` order to skip a sort.
-        index = {"dead": "jobs_finished", "queued": "jobs_due"}[state]
+        index = {"dead": "jobs_finished", "queued": "jobs_due", "dismissed": "jobs_finished"}[state]
+        jobs_in = (
+            f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NOT NULL"
+            if state == "dismissed"
+            else STATE_JOBS[state]
+        )
         sql = (
             f"SELECT DISTINCT j.event_id FROM jobs j INDEXED BY {index}"
-            f" JOIN events e ON e.id = j.event_id WHERE {STATE_JOBS[state]}"
+            f" JOIN events e ON e.id = j.event_id WHERE {jobs_in}"
         )
         args: list[Any] = []
         if source is not None:

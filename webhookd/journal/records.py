@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from webhookd.config import ALERT_SOURCE, VerifyConfig
 from webhookd.models import Event, Job, JobState, quick_init
@@ -14,6 +14,8 @@ from webhookd.redact import shown_headers
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
 # bound on what one request for one event sends back (the whole body stays in the journal).
 SHOWN_BODY_BYTES = 64 * 1024
+# The jobs a bulk replay or cancel looks for: dead, queued, or dead ones dismissed.
+JobsIn = Literal["dead", "queued", "dismissed"]
 # How many of the names a catch-all source took ``Counts.sources_shown`` lists one by one, and
 # ``counts()`` reads one by one: the rest are summed under the catch-all's own name, ``*``.
 CATCH_ALL_SHOWN = 50
@@ -186,6 +188,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "state": str(j.state),
         "cancel_requested": j.cancel_requested,
         "finished_at": j.finished_at,
+        "dismissed_at": j.dismissed_at,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
         "run_at": j.run_at,

@@ -210,7 +210,23 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE jobs SET behind = NULL WHERE seq = {_KEY_HEAD} AND behind IS NOT NULL;
     END;
     """,
+    # 10 → 11: when a dead job was dismissed (``cancel --dead``): it is ``cancelled`` like a job
+    # cancelled before it ran, and this tells the two apart, so that ``replay --dismissed``
+    # can undo a dismissal alone. NULL for every other job; adding it rewrites nothing.
+    """
+    ALTER TABLE jobs ADD COLUMN dismissed_at REAL;
+    """,
 )
+
+
+def replayed_jobs(dead_only: bool, dismissed_only: bool) -> str:
+    """The WHERE clause of the jobs a replay re-queues: every finished job, or the dead ones
+    alone, or the dead ones dismissed (cancelled with ``dismissed_at``) alone."""
+    if dead_only and dismissed_only:
+        raise ValueError("replay dead jobs or dismissed ones, not both")
+    if dismissed_only:
+        return "state = 'cancelled' AND dismissed_at IS NOT NULL"
+    return "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
 
 
 def leaving_running(state: str, finished_at: str, now: str, j: str = "") -> str:
@@ -431,7 +447,8 @@ def job_history_sql(param: str) -> str:
         f"SELECT {JOB_COLUMNS}, a.n AS a_n, a.started_at AS a_started_at,"
         " a.finished_at AS a_finished_at, a.outcome AS a_outcome, a.error AS a_error,"
         " a.detail AS a_detail, j.cancel_requested_at IS NOT NULL AS cancel_requested,"
-        f" j.finished_at AS j_finished_at, {WAITING_FOR} AS waiting_for"
+        f" j.finished_at AS j_finished_at, {WAITING_FOR} AS waiting_for,"
+        " j.dismissed_at AS j_dismissed_at"
         f" FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.event_id = {param}"
         " ORDER BY j.seq, a.seq"
     )
@@ -473,6 +490,7 @@ def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
             cancel_requested=bool(first["cancel_requested"]),
             finished_at=first["j_finished_at"],
             waiting_for=first["waiting_for"],
+            dismissed_at=first["j_dismissed_at"],
         )
         jobs.append(job)
     filtered = tuple(json.loads(event_row["filtered"])) if event_row["filtered"] else ()

@@ -83,7 +83,7 @@ from webhookd.journal.records import (
     Replayed,
     walk_end,
 )
-from webhookd.journal.schema import leaving_running
+from webhookd.journal.schema import leaving_running, replayed_jobs
 from webhookd.models import JobState, new_boot_id
 
 __all__ = ["PostgresJournal", "redact_url"]
@@ -583,23 +583,23 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         return await self._write(fn)
 
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
     ) -> dict[str, Replayed]:
         """``BaseJournal.replay``, safe beside a prune on any node (see ``_each_event``): an
         acknowledged replay is never followed by the deletion of the event it re-queued."""
         now = self.clock.time()
-        again = "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
+        again = replayed_jobs(dead_only, dismissed_only)
 
         async def change(conn: Any, event_id: str) -> Replayed:
             requeued = await conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
-                f" lease_until = NULL, result = {REPLAYED_RESULT}, cancel_requested_at = NULL"
-                f" WHERE event_id = $2 AND {again}",
+                f" lease_until = NULL, result = {REPLAYED_RESULT}, cancel_requested_at = NULL,"
+                f" dismissed_at = NULL WHERE event_id = $2 AND {again}",
                 now,
                 event_id,
             )
-            if dead_only:
+            if dead_only or dismissed_only:
                 return Replayed(requeued=rowcount(requeued), run_now=0)
             hurried = await conn.execute(
                 "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
@@ -626,7 +626,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
 
             async def dismiss(conn: Any, event_id: str) -> Cancelled:
                 cur = await conn.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished_at = $1"
+                    "UPDATE jobs SET state = 'cancelled', finished_at = $1, dismissed_at = $1"
                     " WHERE event_id = $2 AND state = 'dead'",
                     now,
                     event_id,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from webhookd.clock import Clock
 from webhookd.config import CATCH_ALL
@@ -16,6 +16,7 @@ from webhookd.journal.records import (
     DeadCause,
     EventDetail,
     EventSummary,
+    JobsIn,
     Lane,
     LaneBacklog,
     NodeInfo,
@@ -151,16 +152,18 @@ class PgReads:
 
     async def event_ids_with_jobs(
         self,
-        state: Literal["dead", "queued"],
+        state: JobsIn,
         source: str | None = None,
         since: float | None = None,
         limit: int = 10_000,
         after: str | None = None,
         tenant: str | None = None,
     ) -> list[str]:
+        dismissed = state == "dismissed"
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = $4 AND ($1::text IS NULL OR e.source = $1)"
+            " WHERE j.state = $4 AND ($7 = (j.dismissed_at IS NOT NULL) OR NOT $7)"
+            " AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
             " AND ($6::text[] IS NULL OR e.tenant = ANY($6::text[]))"
@@ -168,9 +171,10 @@ class PgReads:
             source,
             since,
             limit,
-            state,
+            "cancelled" if dismissed else state,
             after,
             list(tenant_forms(tenant)) if tenant is not None else None,
+            dismissed,
         )
         return [r[0] for r in rows]
 

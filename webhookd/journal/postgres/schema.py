@@ -219,6 +219,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHEN (OLD.order_key IS NOT NULL AND OLD.state IN ('queued', 'running'))
         EXECUTE FUNCTION webhookd_key_moves_on();
     """,
+    # 9 → 10: when a dead job was dismissed; as in the SQLite journal's migration 11.
+    """
+    ALTER TABLE jobs ADD COLUMN IF NOT EXISTS dismissed_at double precision;
+    """,
 )
 
 
