@@ -329,6 +329,32 @@ async def test_requests_refused_before_storing_get_a_line_a_flood_of_them_a_coun
     assert said == ["suppressed=3 more refused requests in the last 60 s, not logged one by one"]
 
 
+async def test_behind_a_trusted_proxy_the_lines_name_the_client_it_forwards_for(
+    tmp_path: Path, target: Target, run_daemon: Any, restore_logging: None
+) -> None:
+    """With ``server.trusted_proxies``, a refused or rejected webhook's line names the client
+    the proxy's ``X-Forwarded-For`` gives (the last address not a proxy's), not the proxy; what
+    a client wrote there itself is told as such. From a peer not listed the header is ignored
+    (the line before this one: peer=127.0.0.1)."""
+    signed = forward_source("gh", target.url) + '[sources.gh.verify]\nscheme = "github"\n'
+    signed += 'secret = "a-signing-secret-of-some-length"\n'
+    cfg = make_config(tmp_path, signed, server='trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]')
+    captured = io.StringIO()
+    logs.setup("info", "text", stream=captured)
+    running = await run_daemon(cfg)
+    hops = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7, 10.1.2.3"}
+    assert (await running.post("/hooks/nope", b"{}", headers=hops))[0] == 404
+    assert (await running.post("/hooks/gh", b"{}", headers=hops))[0] == 401
+    junk = {"X-Forwarded-For": "not-an-address"}
+    assert (await running.post("/hooks/nope", b"{}", headers=junk))[0] == 404
+    assert await running.stop() == 0
+    lines = captured.getvalue().splitlines()
+    refused = [line for line in lines if "refused webhook" in line]
+    rejected = [line for line in lines if "rejected webhook" in line]
+    assert refused[0].endswith("peer=198.51.100.7") and rejected[0].endswith("peer=198.51.100.7")
+    assert refused[1].endswith("peer=127.0.0.1 (forwarded for 'not-an-address')")
+
+
 async def test_a_drain_tells_what_the_throttled_lines_held_back(
     tmp_path: Path,
     target: Target,

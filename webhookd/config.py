@@ -176,6 +176,23 @@ def _meet(a: _Address, b: _Address) -> bool:
     return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: Any, key: str) -> tuple[Network, ...]:
+    """An array of IP addresses or networks (``"10.0.0.0/8"``, ``"::1"``)."""
+    shape = 'must be an array of IP addresses or networks, like ["127.0.0.1", "10.0.0.0/8"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, shape)
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(key, f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
 def parse_listen(value: Any, key: str) -> Listen:
     if not isinstance(value, str):
         raise ConfigError(key, 'must be a string like "127.0.0.1:8080"')
@@ -257,6 +274,9 @@ class ServerConfig:
     body_timeout_s: float = setting(10.0, positive=True)
     max_inflight_body_bytes: int = setting(64 * 1_048_576, positive=True)
     max_connections: int = setting(1024, positive=True)
+    # Peers whose X-Forwarded-For names the client (a TLS proxy's address): what the log lines
+    # of refused and rejected webhooks then show as the peer.
+    trusted_proxies: tuple[Network, ...] = setting((), parse=parse_networks)
 
 
 @dataclass(frozen=True, slots=True)

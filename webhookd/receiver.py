@@ -13,9 +13,11 @@ request's 503 (logged once with its traceback), never a plain-text 500.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -30,6 +32,7 @@ from webhookd.config import (
     ActionConfig,
     Config,
     Extractor,
+    Network,
     SourceConfig,
 )
 from webhookd.errors import JournalUnavailable, VerificationError
@@ -93,6 +96,35 @@ class _Payload:
 
 
 _UNSET: Any = object()
+
+
+def client_of(request: Request, trusted: Sequence[Network]) -> str | None:
+    """Who sent ``request``: its peer, or when the peer is a trusted proxy, the address its
+    ``X-Forwarded-For`` names last that is not one too (each proxy appends the address it got
+    the request from; what is left of that was written by the client, and may be anything)."""
+    peer = request.remote
+    if not trusted or peer is None or not _within(peer, trusted):
+        return peer
+    hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
+    for hop in reversed(hops):
+        if not hop.strip():
+            continue
+        if not _within(hop.strip(), trusted):
+            try:
+                return str(ipaddress.ip_address(hop.strip()))
+            except ValueError:  # not an address: what a client wrote, told as such
+                return f"{peer} (forwarded for {hop.strip()[:64]!r})"
+    return peer
+
+
+def _within(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+    return any(ip in network for network in networks)
 
 
 def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = False) -> str | None:
@@ -437,7 +469,7 @@ class Receiver:
             status,
             request.path[:200],
             reason,
-            request.remote,
+            client_of(request, self.config.server.trusted_proxies),
         )
 
     async def _read(self, request: Request, length_bytes: int) -> bytes:
@@ -528,7 +560,10 @@ class Receiver:
         except VerificationError as exc:
             self.state.verify_failures += 1
             self._log_rejected(
-                "rejected webhook source=%s reason=%r peer=%s", name, exc.reason, request.remote
+                "rejected webhook source=%s reason=%r peer=%s",
+                name,
+                exc.reason,
+                client_of(request, self.config.server.trusted_proxies),
             )
             return json_error(401, exc.reason)
         return verdict.as_dict()
