@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -37,7 +38,13 @@ from webhookd import actions, models
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
-from webhookd.journal import Finished, Journal, _take_serve_lock, serve_lock_file
+from webhookd.journal import (
+    Finished,
+    Journal,
+    _take_serve_lock,
+    open_journal,
+    serve_lock_file,
+)
 from webhookd.models import JobState, event_id_time, new_event_id
 
 
@@ -582,6 +589,59 @@ async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> N
     assert out.exit_code == 2 and "server.lisen" in out.output
     out = await cli("prune", "--config", str(config))
     assert out.exit_code == 0 and out.output.startswith("pruned 0 event(s) and 0 dedup key(s)")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_check_warns_of_queued_jobs_the_config_has_no_action_for(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A config about to be deployed that drops or renames a source or action: ``check`` reads
+    the journal (read only: no upgrade, no file made, no node joined) and names what the new
+    daemon would let go dead, whether a daemon has the journal open or not."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "postgres":
+            server = request.getfixturevalue("pg_server_url")
+            where = f'url = "{await stack.enter_async_context(fresh_database(server))}"'
+        else:
+            where = f'path = "{tmp_path / "j.db"}"'
+        config = tmp_path / "webhookd.toml"
+        config.write_text(
+            f'[journal]\n{where}\n[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+        )
+        out = await cli("check", "--config", str(config))  # no journal yet: nothing to say
+        assert (out.exit_code, out.stderr) == (0, ""), out.output
+        async with open_journal(config_mod.loads(f"[journal]\n{where}\n").journal) as journal:
+            for source in ("gone", "gone", "shop"):
+                await journal.ingest(new_event(source=source))  # each with a job forward-0
+            out = await cli("check", "--config", str(config))  # beside a daemon that has it
+        assert out.exit_code == 0, out.output
+        said = (
+            "webhookd: warning: the journal holds queued jobs that this config has no action"
+            " for: gone/forward-0 (2), shop/forward-0 (1); started with it, the daemon lets"
+            " them go dead at their turn\n"
+        )
+        assert out.stderr == said
+        if backend == "sqlite":
+            files = sorted(os.listdir(tmp_path))
+            out = await cli("check", "--config", str(config))  # and with none
+            assert out.stderr == said and sorted(os.listdir(tmp_path)) == files
+            assert "j.db-wal" not in files
+        out = await cli("check", "--no-journal", "--config", str(config))
+        assert (out.exit_code, out.stderr) == (0, "")
+
+
+async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) -> None:
+    """A journal ``check`` cannot reach (its database elsewhere, here a port nothing listens
+    on) is a note, without the password, not an error: the config itself is valid."""
+    config = tmp_path / "webhookd.toml"
+    config.write_text('[journal]\nurl = "postgresql://app:pw-of-the-app@127.0.0.1:1/db"\n')
+    out = await cli("check", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.stderr.splitlines()[-1].startswith(
+        "webhookd: note: journal not read for queued jobs this config has no action for:"
+        " PostgreSQL app:***@127.0.0.1:1/db: "
+    )
+    assert "pw-of-the-app" not in out.output
 
 
 async def dead_letters(path: Path, source: str, n: int, age_s: float = 0.0) -> None:

@@ -39,6 +39,7 @@ from webhookd.journal import (
     open_journal,
     present_only,
     serve_lock_held,
+    unfinished_by_action_of,
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log
@@ -290,11 +291,19 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def check(config_path: str | None) -> None:
+@click.option(
+    "--no-journal",
+    is_flag=True,
+    help="Do not read the journal for queued jobs the config has no action for (a config"
+    " checked where its database cannot be reached).",
+)
+def check(config_path: str | None, no_journal: bool) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
     cannot read, one line each). Warns of a config without a source of its own, secrets
     written in the file, a Stripe secret that is not whsec_, a command whose program is not
-    there, and a journal.path this user could not use."""
+    there, a journal.path this user could not use, and queued jobs in the journal that the
+    config has no action for (read only, beside a running daemon too; a journal it cannot
+    read within 5 s is a note)."""
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
         unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
@@ -333,6 +342,27 @@ def check(config_path: str | None) -> None:
     if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)
+    elif not no_journal and (orphans := _orphans_note(cfg)):
+        click.echo(f"webhookd: {orphans}", err=True)
+
+
+def _orphans_note(cfg: config_mod.Config) -> str | None:
+    """What ``check`` says of the jobs in the journal that ``cfg`` has no action for (a source
+    or action renamed or removed): what the daemon would warn of at its start with it."""
+    from webhookd.app import orphaned_jobs
+
+    try:
+        unfinished = asyncio.run(unfinished_by_action_of(cfg.journal))
+    except JournalError as exc:
+        return f"note: journal not read for queued jobs this config has no action for: {exc}"
+    orphans = orphaned_jobs(cfg, unfinished)
+    if not orphans:
+        return None
+    return (
+        "warning: the journal holds queued jobs that this config has no action for: "
+        + ", ".join(f"{name} ({n})" for name, n in orphans)
+        + "; started with it, the daemon lets them go dead at their turn"
+    )
 
 
 def _no_sources(cfg: config_mod.Config) -> str | None:

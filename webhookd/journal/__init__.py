@@ -71,7 +71,7 @@ from webhookd.journal.batch import (
     reserve_starts,
     write_ops,
 )
-from webhookd.journal.reads import Reads
+from webhookd.journal.reads import Reads, peek_unfinished_by_action
 from webhookd.journal.records import (
     CAUSE_CHARS,
     Activity,
@@ -148,6 +148,7 @@ __all__ = [
     "let_go",
     "open_journal",
     "present_only",
+    "unfinished_by_action_of",
 ]
 
 log = logging.getLogger("webhookd.journal")
@@ -1425,6 +1426,19 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+async def unfinished_by_action_of(cfg: JournalConfig) -> dict[tuple[str, str], int]:
+    """The queued or running jobs by (source, action) of the journal ``cfg`` names, read
+    without opening it as ``open_journal`` does: no schema upgrade, no file created, no node
+    joined (``check``, beside a running daemon or none). ``{}`` when there is no journal yet;
+    ``JournalError`` when it cannot be read."""
+    if cfg.url is not None:
+        from webhookd.journal.postgres import db
+
+        check_journal_url(cfg.url, "journal.url")
+        return await db.peek_unfinished_by_action(cfg.url.reveal(), cfg.statement_cache_size)
+    return await asyncio.to_thread(peek_unfinished_by_action, cfg.path)
 
 
 def open_journal(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import aiosqlite
 
 from webhookd.clock import Clock
 from webhookd.config import CATCH_ALL
-from webhookd.errors import NotFound
+from webhookd.errors import JournalError, NotFound
 from webhookd.journal.records import (
     CATCH_ALL_SHOWN,
     CAUSE_CHARS,
@@ -39,6 +40,7 @@ from webhookd.journal.schema import (
     HEAD_OF_KEY,
     LANES_PER_QUERY,
     LANES_SQL,
+    MIGRATIONS,
     READY_COLUMNS,
     STATE_FILTERS,
     STATE_JOBS,
@@ -49,6 +51,46 @@ from webhookd.journal.schema import (
     key_digest,
 )
 from webhookd.models import Priority, event_state, tenant_forms
+
+# Queued or running jobs by (source, action), each state through its partial index: an IN on the
+# table scans every job kept.
+UNFINISHED_BY_ACTION_SQL = (
+    "SELECT source, action, COUNT(*) FROM (SELECT source, action FROM jobs"
+    " WHERE state = 'queued' UNION ALL SELECT source, action FROM jobs"
+    " WHERE state = 'running') GROUP BY source, action"
+)
+
+
+def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
+    """``unfinished_by_action`` of the SQLite journal at ``path``, read through a read-only
+    connection of its own: no schema upgrade, no file created, nothing written, beside a
+    running daemon or none (``check``). ``{}`` when there is no journal yet; ``JournalError``
+    when it cannot be read (another user's file, a schema newer than this webhookd's)."""
+    if not path.exists():
+        return {}
+    # Read-only, SQLite still creates a WAL journal's -wal and -shm files when they are not
+    # there, as the user reading (root, say), which a daemon of another user could then not
+    # open. Without a -wal file (no daemon has it open: the last to close removed it) every
+    # commit is in the file itself, which is then read as it is, with no lock and no file of
+    # its own; with one, the daemon's -wal and -shm are read beside it.
+    wal, shm = (path.with_name(path.name + end) for end in ("-wal", "-shm"))
+    if wal.exists() != shm.exists():
+        raise JournalError(f"{path}: its -wal or -shm file is missing: not read")
+    how = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{how}", uri=True, timeout=1.0)
+    except sqlite3.Error as exc:
+        raise JournalError(f"{path}: {exc}") from None
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise JournalError(f"{path} has a schema newer than this webhookd's")
+        rows = conn.execute(UNFINISHED_BY_ACTION_SQL).fetchall()
+    except sqlite3.Error as exc:
+        raise JournalError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+    return {(source, action): int(n) for source, action, n in rows}
 
 
 class Reads:
@@ -316,13 +358,7 @@ class Reads:
         return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
-        # Each state through its partial index: an IN on the table scans every job kept.
-        rows = await fetch(
-            self.reader,
-            "SELECT source, action, COUNT(*) FROM (SELECT source, action FROM jobs"
-            " WHERE state = 'queued' UNION ALL SELECT source, action FROM jobs"
-            " WHERE state = 'running') GROUP BY source, action",
-        )
+        rows = await fetch(self.reader, UNFINISHED_BY_ACTION_SQL)
         return {(source, action): int(n) for source, action, n in rows}
 
     async def size_bytes(self) -> int:

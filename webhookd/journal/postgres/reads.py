@@ -8,6 +8,7 @@ from typing import Any
 from webhookd.clock import Clock
 from webhookd.config import CATCH_ALL
 from webhookd.errors import NotFound
+from webhookd.journal.postgres.db import UNFINISHED_BY_ACTION_SQL
 from webhookd.journal.records import (
     CATCH_ALL_SHOWN,
     CAUSE_CHARS,
@@ -270,10 +271,7 @@ class PgReads:
         return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
-        rows = await self.fetch(
-            "SELECT source, action, COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
-            " GROUP BY source, action"
-        )
+        rows = await self.fetch(UNFINISHED_BY_ACTION_SQL)
         return {(source, action): int(n) for source, action, n in rows}
 
     async def storage_bytes(self) -> int:
