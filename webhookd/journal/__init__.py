@@ -1434,10 +1434,10 @@ async def unfinished_by_action_of(cfg: JournalConfig) -> dict[tuple[str, str], i
     joined (``check``, beside a running daemon or none). ``{}`` when there is no journal yet;
     ``JournalError`` when it cannot be read."""
     if cfg.url is not None:
-        from webhookd.journal.postgres import db
+        from webhookd.journal.postgres import schema
 
         check_journal_url(cfg.url, "journal.url")
-        return await db.peek_unfinished_by_action(cfg.url.reveal(), cfg.statement_cache_size)
+        return await schema.peek_unfinished_by_action(cfg.url.reveal(), cfg.statement_cache_size)
     return await asyncio.to_thread(peek_unfinished_by_action, cfg.path)
 
 

@@ -14,8 +14,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
-from webhookd.errors import JournalError
-
 # What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
 # InternalClientError too: on the stock event loop a connection the server has just terminated
 # can raise it ("cannot switch to state ...") instead of a connection error.
@@ -183,35 +181,3 @@ class BoundedPool:
     async def execute(self, sql: str, *args: Any, deadline_s: float | None = None) -> str:
         async with self.acquire(deadline_s) as conn:
             return str(await conn.execute(sql, *args))
-
-
-async def peek_unfinished_by_action(
-    url: str, statement_cache_size: int
-) -> dict[tuple[str, str], int]:
-    """Queued or running jobs by (source, action) in the PostgreSQL journal at ``url``, read in
-    a read-only transaction of a connection of its own: no schema upgrade, no node joined
-    (``check``). ``{}`` when the journal has no tables yet; ``JournalError`` when it cannot be
-    read within 5 s, or its schema is newer than this webhookd's."""
-    from webhookd.journal.postgres.schema import MIGRATIONS  # it imports the journal's base
-
-    where = redact_url(url)
-    try:
-        async with asyncio.timeout(5):
-            conn = await asyncpg.connect(
-                url,
-                statement_cache_size=statement_cache_size,
-                server_settings={"application_name": "webhookd check"},
-            )
-            try:
-                async with conn.transaction(readonly=True):
-                    if await conn.fetchval("SELECT to_regclass('webhookd_schema') IS NULL"):
-                        return {}
-                    version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
-                    if int(version or 0) > len(MIGRATIONS):
-                        raise JournalError(f"{where} has a schema newer than this webhookd's")
-                    rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
-            finally:
-                conn.terminate()
-    except DB_ERRORS as exc:
-        raise JournalError(f"{where}: {db_error(exc)}") from None
-    return {(source, action): int(n) for source, action, n in rows}

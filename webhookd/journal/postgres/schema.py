@@ -7,10 +7,19 @@ see it done. A transaction-scoped lock (not a session one) also works behind PgB
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import asyncpg
 
 from webhookd.errors import JournalError
 from webhookd.journal.base import migrating
+from webhookd.journal.postgres.db import (
+    DB_ERRORS,
+    UNFINISHED_BY_ACTION_SQL,
+    db_error,
+    redact_url,
+)
 
 # Any constant: the advisory lock key that serialises migrations across nodes.
 _MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
@@ -245,3 +254,33 @@ async def migrate(conn: Any, where: str) -> int:
                 await conn.execute(MIGRATIONS[target])
                 await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target + 1)
     return len(MIGRATIONS)
+
+
+async def peek_unfinished_by_action(
+    url: str, statement_cache_size: int
+) -> dict[tuple[str, str], int]:
+    """Queued or running jobs by (source, action) in the PostgreSQL journal at ``url``, read in
+    a read-only transaction of a connection of its own: no schema upgrade, no node joined
+    (``check``). ``{}`` when the journal has no tables yet; ``JournalError`` when it cannot be
+    read within 5 s, or its schema is newer than this webhookd's."""
+    where = redact_url(url)
+    try:
+        async with asyncio.timeout(5):
+            conn = await asyncpg.connect(
+                url,
+                statement_cache_size=statement_cache_size,
+                server_settings={"application_name": "webhookd check"},
+            )
+            try:
+                async with conn.transaction(readonly=True):
+                    if await conn.fetchval("SELECT to_regclass('webhookd_schema') IS NULL"):
+                        return {}
+                    version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
+                    if int(version or 0) > len(MIGRATIONS):
+                        raise JournalError(f"{where} has a schema newer than this webhookd's")
+                    rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
+            finally:
+                conn.terminate()
+    except DB_ERRORS as exc:
+        raise JournalError(f"{where}: {db_error(exc)}") from None
+    return {(source, action): int(n) for source, action, n in rows}
