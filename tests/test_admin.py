@@ -166,6 +166,14 @@ def test_stats_sources_fold_only_the_names_a_catch_all_took() -> None:
         "webhookd": {"dead": 1},
         "*": {"done": 2},
     }
+    # What counts() already folded under "*" is summed with the rest, not ranked as a name:
+    # the most names are still shown, catch-all or not.
+    folded = Counts({}, {"a": {"done": 3}, "b": {"done": 1}, "*": {"done": 9}}, None, 0)
+    for configured in (set(), {"*"}):
+        assert folded.sources_shown(configured, most=1) == {
+            "a": {"done": 3},
+            "*": {"done": 10},
+        }
 
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())

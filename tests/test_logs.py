@@ -334,8 +334,9 @@ async def test_behind_a_trusted_proxy_the_lines_name_the_client_it_forwards_for(
 ) -> None:
     """With ``server.trusted_proxies``, a refused or rejected webhook's line names the client
     the proxy's ``X-Forwarded-For`` gives (the last address not a proxy's), not the proxy; what
-    a client wrote there itself is told as such. From a peer not listed the header is ignored
-    (the line before this one: peer=127.0.0.1)."""
+    a client wrote there itself is told as such. (Without it the header is ignored: the test
+    before this one sends none, and ``client_of``'s own test sends one from an untrusted
+    peer.)"""
     signed = forward_source("gh", target.url) + '[sources.gh.verify]\nscheme = "github"\n'
     signed += 'secret = "a-signing-secret-of-some-length"\n'
     cfg = make_config(tmp_path, signed, server='trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]')
@@ -505,3 +506,27 @@ async def test_a_retry_line_says_in_how_many_seconds_the_job_runs_next(
     found = re.search(r"attempt=1 outcome=retry next_in_s=(\d+\.\d) error='", line)
     assert found is not None, line
     assert 30 <= float(found[1]) <= 60  # the policy's 60 s, its second half random
+
+
+def test_client_of_trusts_the_forwarded_for_header_of_listed_peers_alone() -> None:
+    """``client_of``: from a peer not listed, or with no list, the peer itself whatever the
+    header says; from a listed one, the last hop not listed (an IPv4 peer seen by a dual-stack
+    listener included), or the peer when every hop is a proxy."""
+    from types import SimpleNamespace
+
+    from multidict import CIMultiDict
+
+    from webhookd.config import parse_networks
+    from webhookd.receiver import client_of
+
+    def seen(peer: str, *hops: str, trusted: tuple[str, ...] = ("10.0.0.0/8",)) -> str | None:
+        headers = CIMultiDict(("X-Forwarded-For", hop) for hop in hops)
+        request = SimpleNamespace(remote=peer, headers=headers)
+        return client_of(request, parse_networks(list(trusted), "k"))  # type: ignore[arg-type]
+
+    assert seen("203.0.113.5", "6.6.6.6") == "203.0.113.5"  # not a proxy: ignored
+    assert seen("10.0.0.2", "6.6.6.6", trusted=()) == "10.0.0.2"
+    assert seen("10.0.0.2", "198.51.100.1, 6.6.6.6", "10.0.0.9") == "6.6.6.6"
+    assert seen("::ffff:10.0.0.2", "6.6.6.6") == "6.6.6.6"
+    assert seen("10.0.0.2", "10.0.0.3, 10.0.0.4") == "10.0.0.2"
+    assert seen("10.0.0.2") == "10.0.0.2"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -271,31 +273,70 @@ def test_path_option_makes_a_project_directory_importable(
     assert resolve_handler(action)(None) == "mine"  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("open_to_all", ["directory", "module", "package"])
-def test_a_handler_any_user_may_write_is_a_config_error(
+@pytest.mark.parametrize(
+    "open_to_all",
+    [
+        "directory",
+        "module",
+        "package",
+        "submodule",
+        "subpackage",
+        "bytecode cache",
+        "parent not sticky",
+        "sticky parent, another owner",
+    ],
+)
+def test_a_handler_other_users_may_change_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_to_all: str
 ) -> None:
-    """A ``path`` directory, or the handler's module or package, that every user may write
-    (``/tmp`` as the current directory, a ``chmod 777`` folder) is refused before the module
-    runs: any user could put code there for the daemon to run as its own."""
+    """A ``path`` folder, or any module, package or bytecode cache on the way to the handler,
+    that every user may write (``/tmp`` as the current directory, a ``chmod 777`` folder), or
+    that sits in a folder every user may write and so could be swapped for another (unless
+    that folder is sticky and it is ours), is refused before the module runs."""
+    if open_to_all == "sticky parent, another owner" and os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
     monkeypatch.setattr(sys, "path", list(sys.path))
-    name = f"open_hooks_{open_to_all}"
+    name = "open_hooks_" + open_to_all.replace(" ", "_").replace(",", "")
     ran = tmp_path / "ran"
     code = f"open({str(ran)!r}, 'w').close()\ndef handle(event):\n    return 1\n"
-    if open_to_all == "package":
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(code)
-        opened = tmp_path / name
+    base = tmp_path / "base"
+    base.mkdir()
+    handler = f"{name}:handle"
+    if open_to_all in ("package", "submodule", "subpackage"):
+        (base / name / "sub").mkdir(parents=True)
+        (base / name / "__init__.py").write_text("")
+        (base / name / "sub" / "__init__.py").write_text("")
+        (base / name / "sub" / "leaf.py").write_text(code)
+        handler = f"{name}.sub.leaf:handle"
     else:
-        (tmp_path / f"{name}.py").write_text(code)
-        opened = tmp_path if open_to_all == "directory" else tmp_path / f"{name}.py"
+        (base / f"{name}.py").write_text(code)
+    opened = {
+        "directory": base,
+        "module": base / f"{name}.py",
+        "package": base / name,
+        "submodule": base / name / "sub" / "leaf.py",
+        "subpackage": base / name / "sub",
+        "bytecode cache": base / "__pycache__",
+        "parent not sticky": tmp_path,
+        "sticky parent, another owner": tmp_path,
+    }[open_to_all]
+    if open_to_all == "bytecode cache":
+        opened.mkdir()
     opened.chmod(opened.stat().st_mode | 0o002)
+    if open_to_all == "sticky parent, another owner":
+        opened.chmod(opened.stat().st_mode | stat.S_ISVTX)
+        os.chown(base, 65534, 65534)  # nobody
     text = (
         '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
-        f'handler = "{name}:handle"\npath = "{tmp_path}"\n'
+        f'handler = "{handler}"\npath = "{base}"\n'
     )
-    with pytest.raises(ConfigError, match="is writable by every user") as err:
-        actions.validate(loads(text))
-    key = "path" if open_to_all == "directory" else "handler"
-    assert err.value.key == f"sources.s.actions[0].{key}" and str(opened) in str(err.value)
+    try:
+        with pytest.raises(ConfigError) as err:
+            actions.validate(loads(text))
+    finally:
+        opened.chmod(0o755)
+    says = "owned by another user" if "another owner" in open_to_all else "writable by every user"
+    assert says in str(err.value) and str(opened) in str(err.value)
+    on_path = open_to_all in ("directory", "parent not sticky", "sticky parent, another owner")
+    assert err.value.key == f"sources.s.actions[0].{'path' if on_path else 'handler'}"
     assert not ran.exists()

@@ -182,3 +182,23 @@ def test_the_parts_of_a_secret_spare_ordinary_words() -> None:
     assert secret_parts("Bearer short") == set()  # a token part under 8 characters
     doc = {"received_at": 1.5, "note": "k3y9abcd1234"}  # a document's own keys are kept
     assert masker.deep(doc) == {"received_at": 1.5, "note": "***"}
+
+
+_REPEATED = "ab" + ("tok-0123456789abcdef" + "\n") * 2 + "end"
+
+
+@pytest.mark.parametrize("start", range(len(_REPEATED) + 1))
+def test_text_after_a_cut_shows_no_part_of_a_secret_the_cut_fell_inside(start: int) -> None:
+    """``Masker.after``: the text past a cut, masked as if the whole text were masked then cut.
+    Wherever the cut falls in a run of repeated secrets (a verbose program's output), what is
+    left shows none of their characters, only *** and every character that was no secret's."""
+    secret = "tok-0123456789abcdef"
+    text = _REPEATED
+    in_secret = set()
+    for at in (i for i in range(len(text)) if text.startswith(secret, i)):
+        in_secret |= set(range(at, at + len(secret)))
+    plain = "".join(c for i, c in enumerate(text) if i >= start and i not in in_secret)
+    shown = Masker([secret]).after(text, start)
+    assert shown.replace(MASK, "") == plain
+    if start not in in_secret or start - 1 not in in_secret:  # no secret cut in two
+        assert shown == Masker([secret]).text(text[start:])

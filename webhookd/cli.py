@@ -630,7 +630,7 @@ def replay(
     """
     if dead and dismissed:
         raise click.UsageError("give --dead or --dismissed, not both")
-    flag = "--dismissed" if dismissed else "--dead"
+    flag = "--dismissed" if dismissed else "--dead" if dead else "--dead or --dismissed"
     only = dead or dismissed
     since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)

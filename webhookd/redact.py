@@ -127,6 +127,19 @@ class Masker:
                 text = text.replace(secret, MASK)
         return text
 
+    def after(self, text: str, start: int) -> str:
+        """``text[start:]`` masked, where ``text[:start]`` is what was read before it: a secret
+        that ``start`` falls inside shows as ``***``, not as its last characters (masked alone,
+        the part after ``start`` would be no secret the masker knows)."""
+        end = start
+        for secret in self.secrets:
+            n = len(secret)
+            at = text.find(secret, max(start - n + 1, 0), start + n - 1)
+            while at != -1 and at < start:
+                end = max(end, at + n)
+                at = text.find(secret, at + 1, start + n - 1)
+        return (MASK if end > start else "") + self.text(text[end:])
+
     def deep(self, value: Any) -> Any:
         """``value`` with every string in it masked but the keys of its mappings (names, the
         documents' own among them: a value that happened to read as a key lost its field);

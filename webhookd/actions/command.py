@@ -28,7 +28,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, keep_detail, options
@@ -46,8 +46,8 @@ _OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
 # What any program needs to find its tools and speak the right locale; nothing that can be a secret.
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
-# Read before the tail as well: a configured secret shorter than this that the tail's cut
-# falls inside is masked whole before the cut, so no fragment of it is left at the tail's start.
+# Kept before the tail as well: a configured secret shorter than this that the tail's cut
+# falls inside is found whole, and shown as *** rather than as its last characters.
 _SPARE_BYTES = 1024
 _KILL_GRACE_S = 2.0
 # The process groups of the commands running now. An exit that cannot wait for them (a second
@@ -139,8 +139,8 @@ def missing_program(config: ActionConfig) -> str | None:
 class _Tail:
     """The last ``TAIL_BYTES`` of a stream, kept as it comes so big outputs cost nothing."""
 
-    def __init__(self, mask: Callable[[str], str]) -> None:
-        self.mask = mask
+    def __init__(self, masker: Masker) -> None:
+        self.masker = masker
         self.data = bytearray()
         self.total = 0
 
@@ -150,10 +150,14 @@ class _Tail:
         del self.data[: -(TAIL_BYTES + _SPARE_BYTES)]
 
     def text(self, most: int = TAIL_BYTES) -> str:
-        """The last ``most`` characters, masked before they are cut."""
-        shown = self.mask(self.data.decode("utf-8", "replace"))
-        cut = "…" if self.total > most or len(shown) > most else ""
-        return cut + shown[-most:]
+        """The last ``most`` bytes as text, masked: what was read before them only tells
+        whether a secret began there (see ``Masker.after``)."""
+        cut_at = max(len(self.data) - most, 0)
+        before = self.data[:cut_at].decode("utf-8", "replace")
+        shown = self.masker.after(
+            before + self.data[cut_at:].decode("utf-8", "replace"), len(before)
+        )
+        return ("…" if self.total > len(self.data) - cut_at else "") + shown
 
 
 class _Watch(asyncio.SubprocessProtocol):
@@ -165,8 +169,8 @@ class _Watch(asyncio.SubprocessProtocol):
     again to see the group die.
     """
 
-    def __init__(self, mask: Callable[[str], str]) -> None:
-        self.out, self.err = _Tail(mask), _Tail(mask)
+    def __init__(self, masker: Masker) -> None:
+        self.out, self.err = _Tail(masker), _Tail(masker)
         self.exited = asyncio.Event()
         self.closed = asyncio.Event()
 
@@ -185,9 +189,9 @@ class CommandAction:
     def __init__(self, config: ActionConfig, secrets: Iterable[str] = ()) -> None:
         self.config = config
         self.settings = _Settings(config)
-        # The worker masks what an attempt records as well; this masks the tails before they
-        # are cut (see ``_SPARE_BYTES``).
-        self.mask = Masker(secrets).text
+        # The worker masks what an attempt records as well; this also masks a secret the
+        # tails' cut falls inside (see ``_SPARE_BYTES``).
+        self.masker = Masker(secrets)
 
     def argv_for(self, event: Event) -> list[str]:
         payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
@@ -214,7 +218,7 @@ class CommandAction:
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
         env = self.env_for(event)
         started = time.monotonic()
-        watch = _Watch(self.mask)
+        watch = _Watch(self.masker)
         try:
             transport, _ = await asyncio.get_running_loop().subprocess_exec(
                 lambda: watch,

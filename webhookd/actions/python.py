@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -66,20 +67,21 @@ def resolve_handler(config: ActionConfig) -> Handler:
     if not isinstance(path, str) or not path:
         raise ConfigError(t.path("path"), "must be a directory path")
     directory = os.path.abspath(path)
-    _refuse_if_anyone_may_write(t.path("path"), directory)
+    _refuse_if_others_may_write(t.path("path"), directory, is_dir=True)
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    # Found before it runs: a module file any user may write would run their code as ours.
     try:
-        top = importlib.util.find_spec(module_name.partition(".")[0])
-    except (ImportError, ValueError):  # the import below says what is wrong
-        top = None
-    if top is not None:
-        for where in (top.origin, *(top.submodule_search_locations or ())):
-            if where is not None and os.path.isabs(where):
-                _refuse_if_anyone_may_write(key, where)
-    try:
+        # Each of the dotted name's modules and packages is found (its parent imported, not
+        # itself) and looked at before it runs: code another user may change would run as ours.
+        parts = module_name.split(".")
+        for depth in range(1, len(parts) + 1):
+            found = importlib.util.find_spec(".".join(parts[:depth]))
+            if found is None:
+                break  # the import below says so
+            _refuse_writable_spec(key, found)
         module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
     except ModuleNotFoundError as exc:
         raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from exc
     except BaseException as exc:  # the user's module failed while importing
@@ -101,21 +103,64 @@ def resolve_handler(config: ActionConfig) -> Handler:
     return handler
 
 
-def _refuse_if_anyone_may_write(key: str, path: str) -> None:
-    """A handler's directory or module that every user may write (``/tmp``, a ``chmod 777``
-    folder, the default ``path`` when the current directory is one of those) would let any
-    of them put code there for the daemon to run as its own user: a config error instead."""
+def _refuse_writable_spec(key: str, spec: importlib.machinery.ModuleSpec) -> None:
+    """``_refuse_if_others_may_write`` for a found module: its file, its bytecode cache, the
+    folders holding them, and a package's (or a namespace package's) folders."""
+    files = [f for f in (spec.origin, spec.cached) if f is not None and os.path.isabs(f)]
+    for file in files:
+        _refuse_if_others_may_write(key, file, is_dir=False)
+    for folder in {*map(os.path.dirname, files), *(spec.submodule_search_locations or ())}:
+        _refuse_if_others_may_write(key, folder, is_dir=True)
+
+
+def _refuse_if_others_may_write(key: str, path: str, *, is_dir: bool) -> None:
+    """A handler's folder or file that other users may change would let them run their code as
+    the daemon's user (as root, under sudo): a config error instead. That is: one every user
+    may write (``/tmp``, a ``chmod 777`` folder, the default ``path`` when the current
+    directory is one of those); or one inside a folder every user may write, which they could
+    rename and put their own in its place, unless that folder is sticky (as ``/tmp`` is) and
+    what is in it is owned by root or by us. A file or folder not there yet is looked at when
+    the config is next read. Its owner is not otherwise asked: a deploy user's files are
+    theirs to change."""
+    real = os.path.realpath(path)
     try:
-        mode = os.stat(path).st_mode
-    except OSError:  # a missing directory imports nothing from it
-        return
-    if mode & stat.S_IWOTH:
+        mode = os.stat(real).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and mode & stat.S_IWOTH and not (is_dir and real == "/"):
         raise ConfigError(
             key,
-            f"{path} is writable by every user (mode {stat.S_IMODE(mode):04o}): any of them"
-            " could put code there for webhookd to import; use a directory and module only"
-            " their owner can write",
+            f"{real} is writable by every user (mode {stat.S_IMODE(mode):04o}): any of them"
+            f" could put code there for webhookd to import; {_USE}",
         )
+    child, parent = real, os.path.dirname(real)
+    while parent != child:
+        try:
+            info = os.stat(parent)
+        except OSError:
+            info = None
+        if info is not None and info.st_mode & stat.S_IWOTH:
+            if not info.st_mode & stat.S_ISVTX:
+                raise ConfigError(
+                    key,
+                    f"{parent}, which holds {real}, is writable by every user (mode"
+                    f" {stat.S_IMODE(info.st_mode):04o}) and not sticky: any of them could put"
+                    f" their own in its place; {_USE}",
+                )
+            try:
+                owner = os.stat(child).st_uid
+            except OSError:  # not there yet: nothing to hijack now
+                owner = 0
+            if owner not in (0, os.geteuid()):
+                raise ConfigError(
+                    key,
+                    f"{child} is owned by another user (uid {owner}) in {parent}, which every"
+                    f" user may write: they could change what webhookd imports; {_USE}",
+                )
+        child, parent = parent, os.path.dirname(parent)
+
+
+_USE = "use folders and modules only their owner can write"
 
 
 def validate(config: ActionConfig) -> None:

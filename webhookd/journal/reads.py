@@ -5,7 +5,6 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
@@ -328,16 +327,19 @@ class Reads:
         ]
 
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
+        # Plain SQL any SQLite with CTEs runs (no MATERIALIZED, no JSON functions); from 3.35
+        # a CTE used twice is counted once. The kept names are numbered parameters, each used
+        # twice; an empty list is SQLite's ``IN ()``.
+        names = sorted(keep)
+        kept = ", ".join(f"?{i}" for i in range(3, 3 + len(names)))
         rows = await fetch(
             self.reader,
-            "WITH c AS MATERIALIZED (SELECT source, state, COUNT(*) AS n FROM jobs"
-            " GROUP BY source, state),"
-            " shown AS (SELECT source FROM c WHERE source NOT IN (SELECT value FROM json_each(?1))"
-            " GROUP BY source ORDER BY SUM(n) DESC, source LIMIT ?2)"
-            " SELECT CASE WHEN source IN (SELECT value FROM json_each(?1))"
-            " OR source IN (SELECT source FROM shown) THEN source ELSE ?3 END AS name,"
-            " state, SUM(n) FROM c GROUP BY name, state",
-            (json.dumps(sorted(keep)), most, CATCH_ALL),
+            "WITH c AS (SELECT source, state, COUNT(*) AS n FROM jobs GROUP BY source, state),"
+            f" shown AS (SELECT source FROM c WHERE source NOT IN ({kept})"
+            " GROUP BY source ORDER BY SUM(n) DESC, source LIMIT ?1)"
+            f" SELECT CASE WHEN source IN ({kept}) OR source IN (SELECT source FROM shown)"
+            " THEN source ELSE ?2 END AS name, state, SUM(n) FROM c GROUP BY name, state",
+            (most, CATCH_ALL, *names),
         )
         oldest = await fetch(
             self.reader,

@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from webhookd.config import ALERT_SOURCE, VerifyConfig
+from webhookd.config import ALERT_SOURCE, CATCH_ALL, VerifyConfig
 from webhookd.models import Event, Job, JobState, quick_init
 from webhookd.redact import shown_headers
 
@@ -302,11 +302,19 @@ class Counts:
         under ``*``, the catch-all's own name, as the metrics label them. Without that bound a
         client posting to a new name each time made the document, and the dashboard's source
         picker, grow with every name still in the journal."""
+        # ``*``: the names ``counts()`` folded already (no job's source is ever the catch-all's
+        # own name), summed with the rest below rather than ranked among the names.
         taken = sorted(
-            (n for n in self.jobs_by_source if n not in configured and n != ALERT_SOURCE),
+            (
+                n
+                for n in self.jobs_by_source
+                if n not in configured and n != ALERT_SOURCE and n != CATCH_ALL
+            ),
             key=lambda name: (-sum(self.jobs_by_source[name].values()), name),
         )
         folded = set(taken[most:])
+        if CATCH_ALL not in configured and CATCH_ALL in self.jobs_by_source:
+            folded.add(CATCH_ALL)
         shown = {k: dict(v) for k, v in sorted(self.jobs_by_source.items()) if k not in folded}
         if folded:
             rest = shown.setdefault("*", {})
