@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 from conftest import Running, Target, fresh_database, make_config
 from openai_standin import StandIn
+from ops_support import event_state
 from procs import DaemonProc, Procs, write_config
 from procs import Target as ServerTarget
 from rawhttp import RawConn
@@ -455,6 +457,31 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert line.startswith("config reload: a/forward no longer configured: its queued job(s)")
     assert 'name = "..."' in line
+
+
+async def test_a_command_a_reload_kept_masks_the_secrets_the_reload_added(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """An action a reload leaves as it was is kept, not rebuilt: a command's output tails are
+    still masked with the daemon's secrets as they are now, so a secret the reload added that
+    the tail's 2 KB cut falls inside shows as ***, not as its last characters."""
+    secret = "whsec-added-by-the-reload-0123456789"
+    code = f"import sys; sys.stdout.write('x' * 5000 + {secret!r} + 'y' * 2028)"
+    command = (
+        '[sources.c]\n[[sources.c.actions]]\ntype = "command"\n'
+        f"argv = {json.dumps([sys.executable, '-c', code])}\n"
+    )
+    added = f'[sources.b]\n[sources.b.verify]\nscheme = "hmac"\nsecret = "{secret}"\n'
+    added += 'header = "X-Sig"\n[[sources.b.actions]]\ntype = "log"\n'
+    running: Running = await run_daemon(
+        make_config(tmp_path, command), loader=lambda: make_config(tmp_path, command + added)
+    )
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    status, answer = await running.post("/hooks/c", b"{}")
+    assert status == 202
+    doc = await event_state(running.http, running.admin_url, answer["id"], "done")
+    assert doc["jobs"][0]["errors"][0]["detail"]["stdout"] == "…***" + "y" * 2028
 
 
 async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(

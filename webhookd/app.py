@@ -195,7 +195,10 @@ class Daemon:
                 )
             )
             self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)
-            resources = Resources(config=cfg, http=http, lanes=self.lanes)
+            # The pool's masker, asked when a job runs (the pool is made below).
+            resources = Resources(
+                config=cfg, http=http, lanes=self.lanes, masker=lambda: pool.masker
+            )
             actions = action_registry.build(resources)
 
             pool = WorkerPool(
@@ -413,7 +416,9 @@ class Daemon:
             {name: c for name, c in cfg.lanes.items() if name not in lanes},
             store=journal if journal.shares_lanes else None,
         )
-        resources = Resources(config=cfg, http=running.http, lanes=lanes)
+        resources = Resources(
+            config=cfg, http=running.http, lanes=lanes, masker=lambda: running.pool.masker
+        )
         try:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:

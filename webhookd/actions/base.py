@@ -7,7 +7,7 @@ of that into a recorded attempt; actions never touch the journal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from webhookd.limiter import Lane
+    from webhookd.redact import Masker
 
 OutcomeKind = Literal["done", "retry", "dead", "wait"]
 
@@ -79,6 +80,9 @@ class Resources:
     config: Config
     http: aiohttp.ClientSession
     lanes: Mapping[str, Lane] = field(default_factory=dict)
+    # The daemon's masker as it is now (the worker pool's: a reload's secrets added to the
+    # earlier ones), for an action that masks what it keeps itself; None: this config's own.
+    masker: Callable[[], Masker] | None = None
 
 
 class Action(Protocol):

@@ -28,7 +28,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from webhookd.actions.base import Outcome, Resources, keep_detail, options
@@ -186,12 +186,13 @@ class _Watch(asyncio.SubprocessProtocol):
 
 
 class CommandAction:
-    def __init__(self, config: ActionConfig, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, config: ActionConfig, masker: Callable[[], Masker]) -> None:
         self.config = config
         self.settings = _Settings(config)
         # The worker masks what an attempt records as well; this also masks a secret the
-        # tails' cut falls inside (see ``_SPARE_BYTES``).
-        self.masker = Masker(secrets)
+        # tails' cut falls inside (see ``_SPARE_BYTES``). Asked at each run: an action a
+        # reload kept is given that reload's secrets too.
+        self.masker = masker
 
     def argv_for(self, event: Event) -> list[str]:
         payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
@@ -218,7 +219,7 @@ class CommandAction:
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
         env = self.env_for(event)
         started = time.monotonic()
-        watch = _Watch(self.masker)
+        watch = _Watch(self.masker())
         try:
             transport, _ = await asyncio.get_running_loop().subprocess_exec(
                 lambda: watch,
@@ -330,4 +331,7 @@ async def _stop(pid: int, watch: _Watch) -> None:
 
 
 def create(config: ActionConfig, resources: Resources) -> CommandAction:
-    return CommandAction(config, secret_values(resources.config))
+    if resources.masker is not None:
+        return CommandAction(config, resources.masker)
+    own = Masker(secret_values(resources.config))
+    return CommandAction(config, lambda: own)
