@@ -27,6 +27,7 @@ from procs import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 import webhookd
+import webhookd.journal as journal_module
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
@@ -1043,6 +1044,21 @@ async def test_lanes_held_back_by_a_cap_leave_the_window_to_jobs_that_can_run(
     assert counts.jobs_by_source["b"] == {"done": b_jobs}
 
 
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's busy timeout at 1 s instead of 5 s, for the journals this test opens: a test of
+    what a write held past it does waits it out, and the behaviour is the same at any length."""
+    monkeypatch.setattr(journal_module, "_BUSY_TIMEOUT_MS", 1000)
+    monkeypatch.setattr(
+        journal_module,
+        "_PRAGMAS",
+        tuple(
+            "PRAGMA busy_timeout = 1000" if p.startswith("PRAGMA busy_timeout") else p
+            for p in journal_module._PRAGMAS
+        ),
+    )
+
+
 async def one_job_running(target: Target, make_rig: MakeRig) -> tuple[Rig, asyncio.Task[None], str]:
     """A dispatching pool whose one job is held by the target: (rig, dispatcher, event id)."""
     rig = await make_rig(forward_source("slow", target.url))
@@ -1072,7 +1088,7 @@ async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
 
 
 async def test_a_drain_that_cannot_re_queue_says_so_and_leaves_the_job_for_a_recovery(
-    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture, short_busy_timeout: None
 ) -> None:
     """With the journal unwritable as the grace ends (another process holding its write lock
     past busy_timeout), the cut-short job stays claimed, and the log says that, and what will
@@ -1097,7 +1113,7 @@ async def test_a_drain_that_cannot_re_queue_says_so_and_leaves_the_job_for_a_rec
 
 
 async def test_a_drain_says_which_jobs_had_finished_but_could_not_record_their_outcome(
-    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+    target: Target, make_rig: MakeRig, caplog: pytest.LogCaptureFixture, short_busy_timeout: None
 ) -> None:
     """A job whose delivery went through while the journal could not take its outcome is no
     job that "did not finish": the drain says it finished, that it runs again, and so that the
