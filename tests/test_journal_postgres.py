@@ -15,14 +15,14 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import DatabaseOutage, Target, fresh_database, make_config
+from conftest import DatabaseOutage, Running, Target, fresh_database, make_config
 from ops_support import accepted, event_state, forward_source
 from procs import Procs, config_text, poll
 from test_journal_contract import (
@@ -1327,18 +1327,13 @@ async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
     answers again the node takes webhooks and runs their jobs without a restart. Before the
     deadline the writer waited on the hung connection and ``/readyz`` stayed 200."""
     monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 1)
-    hop = HangingHop(pg_url)
-    url = await hop.start()
-    cfg = make_config(tmp_path, forward_source("shop", target.url + "/shop"), journal_url=url)
-    running = await run_daemon(cfg)
-    http, admin = running.http, running.admin_url
+    async with _daemon_behind_a_hop(tmp_path, pg_url, run_daemon, target) as (running, hop):
+        http, admin = running.http, running.admin_url
 
-    async def readyz(want: int) -> bool:
-        async with http.get(admin + "/readyz") as r:
-            return r.status == want
+        async def readyz(want: int) -> bool:
+            async with http.get(admin + "/readyz") as r:
+                return r.status == want
 
-    try:
-        await event_state(http, admin, await accepted(running, "shop", '{"n": 1}'), "done")
         hop.flowing.clear()
         status, doc = await running.post("/hooks/shop", '{"n": 2}')
         assert status == 503 and "error" in doc
@@ -1346,6 +1341,24 @@ async def test_pg_a_node_behind_a_hung_pooler_says_not_ready_then_carries_on(
         hop.flowing.set()
         await poll(lambda: readyz(200), timeout_s=30)
         await event_state(http, admin, await accepted(running, "shop", '{"n": 3}'), "done")
+
+
+@contextlib.asynccontextmanager
+async def _daemon_behind_a_hop(
+    tmp_path: Path, pg_url: str, run_daemon: Any, target: Target, journal: str = ""
+) -> AsyncIterator[tuple[Running, HangingHop]]:
+    """A daemon whose journal it reaches through a ``HangingHop``, its first webhook done; at
+    the end the hop flows again, the daemon is stopped and the hop closed."""
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    cfg = make_config(
+        tmp_path, forward_source("shop", target.url + "/shop"), journal_url=url, journal=journal
+    )
+    running = await run_daemon(cfg)
+    try:
+        http, admin = running.http, running.admin_url
+        await event_state(http, admin, await accepted(running, "shop", '{"n": 1}'), "done")
+        yield running, hop
     finally:
         hop.flowing.set()
         await running.stop()
@@ -1367,18 +1380,9 @@ async def test_pg_reads_of_the_admin_api_answer_in_seconds_while_the_database_ha
     monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 30)
     monkeypatch.setattr(admin_mod, "ADMIN_READ_S", 0.5)
     monkeypatch.setattr(metrics_mod, "ADMIN_READ_S", 0.5)
-    hop = HangingHop(pg_url)
-    url = await hop.start()
-    cfg = make_config(
-        tmp_path,
-        forward_source("shop", target.url + "/shop"),
-        journal_url=url,
-        journal="lease_s = 3",
-    )
-    running = await run_daemon(cfg)
-    http, admin = running.http, running.admin_url
-    try:
-        await event_state(http, admin, await accepted(running, "shop", '{"n": 1}'), "done")
+    hop_config = (tmp_path, pg_url, run_daemon, target, "lease_s = 3")
+    async with _daemon_behind_a_hop(*hop_config) as (running, hop):
+        http, admin = running.http, running.admin_url
         hop.flowing.clear()
         for path in ("/stats", "/events"):
             started = time.monotonic()
@@ -1400,10 +1404,6 @@ async def test_pg_reads_of_the_admin_api_answer_in_seconds_while_the_database_ha
         started = time.monotonic()
         await poll(not_ready, timeout_s=25)
         assert time.monotonic() - started < 20
-    finally:
-        hop.flowing.set()
-        await running.stop()
-        await hop.close()
 
 
 async def test_pg_a_transaction_a_frozen_node_left_open_is_ended_by_the_server(

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from webhookd.config import ALERT_SOURCE, Config
+from webhookd.config import Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
     ADMIN_READ_S,
@@ -97,7 +97,7 @@ class AdminContext:
 
     def __post_init__(self) -> None:
         if self.counts is None:
-            self.counts = PolledCounts(self.journal, lambda: (*self.config.sources, ALERT_SOURCE))
+            self.counts = PolledCounts(self.journal, lambda: self.config.sources)
         self.masker = Masker(secret_values(self.config))
 
     def reconfigure(self, config: Config) -> None:

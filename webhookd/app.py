@@ -703,23 +703,23 @@ async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:
         unfinished = await journal.unfinished_by_action()
     except JournalError:
         return  # the daemon says what is wrong with its journal elsewhere
-    orphans = orphaned_jobs(cfg, unfinished)
-    if orphans:
+    if orphans := orphaned_jobs(cfg, unfinished):
         log.warning(
             "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
             " turn (`webhookd replay --dead --source NAME` runs them once the source and action"
             " are back under those names)",
             cfg.origin,
-            ", ".join(f"{name} ({n})" for name, n in orphans),
+            orphans,
         )
 
 
-def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> list[tuple[str, int]]:
-    """``source/action`` and its queued or running jobs, for each pair of ``unfinished`` that
-    ``cfg`` cannot run (as the workers decide it: ``source_for`` and its ``action``), sorted."""
-    out: list[tuple[str, int]] = []
+def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str | None:
+    """``source/action (jobs)`` for each pair of ``unfinished`` that ``cfg`` cannot run (as the
+    workers decide it: ``source_for`` and its ``action``), sorted, comma-separated; ``None``
+    when it can run them all (the start's warning and ``check``'s)."""
+    out: list[str] = []
     for (source, action), n in sorted(unfinished.items()):
         found = cfg.source_for(source)
         if n and (found is None or found.action(action) is None):
-            out.append((f"{source}/{action}", n))
-    return out
+            out.append(f"{source}/{action} ({n})")
+    return ", ".join(out) or None

@@ -355,13 +355,11 @@ def _orphans_note(cfg: config_mod.Config) -> str | None:
         unfinished = asyncio.run(unfinished_by_action_of(cfg.journal))
     except JournalError as exc:
         return f"note: journal not read for queued jobs this config has no action for: {exc}"
-    orphans = orphaned_jobs(cfg, unfinished)
-    if not orphans:
+    if not (orphans := orphaned_jobs(cfg, unfinished)):
         return None
     return (
-        "warning: the journal holds queued jobs that this config has no action for: "
-        + ", ".join(f"{name} ({n})" for name, n in orphans)
-        + "; started with it, the daemon lets them go dead at their turn"
+        f"warning: the journal holds queued jobs that this config has no action for: {orphans};"
+        " started with it, the daemon lets them go dead at their turn"
     )
 
 
@@ -877,7 +875,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
-            counts = await journal.counts((*cfg.sources, config_mod.ALERT_SOURCE))
+            counts = await journal.counts(cfg.sources)
             recent = await journal.activity(300)
             hour = await journal.activity(3600)
             paused = sorted(await journal.paused_sources())

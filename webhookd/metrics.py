@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from webhookd import __version__
 from webhookd.actions.base import Outcome
-from webhookd.config import ALERT_SOURCE, CATCH_ALL, Config
+from webhookd.config import CATCH_ALL, Config
 from webhookd.errors import JournalError
 from webhookd.journal import (
     ADMIN_READ_S,
@@ -79,9 +79,8 @@ class Metrics:
     ) -> None:
         self.journal = journal
         self.pool = pool
-        # Counted one by one: every source configured since the start (the labels), and the
-        # alerts' own (``/stats`` lists it even while [alerts] is off).
-        self.counts = counts or PolledCounts(journal, lambda: self._sources | {ALERT_SOURCE})
+        # Counted one by one: every source configured since the start (the labels).
+        self.counts = counts or PolledCounts(journal, lambda: self._sources)
         # Series are labelled by configured source only: everything the catch-all took counts
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
         self._sources: frozenset[str] = frozenset()

@@ -106,14 +106,12 @@ def client_of(request: Request, trusted: Sequence[Network]) -> str | None:
     if not trusted or peer is None or not _within(peer, trusted):
         return peer
     hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
-    for hop in reversed(hops):
-        if not hop.strip():
-            continue
-        if not _within(hop.strip(), trusted):
+    for hop in reversed([h.strip() for h in hops if h.strip()]):
+        if not _within(hop, trusted):
             try:
-                return str(ipaddress.ip_address(hop.strip()))
+                return str(ipaddress.ip_address(hop))
             except ValueError:  # not an address: what a client wrote, told as such
-                return f"{peer} (forwarded for {hop.strip()[:64]!r})"
+                return f"{peer} (forwarded for {hop[:64]!r})"
     return peer
 
 

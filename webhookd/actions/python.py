@@ -67,7 +67,7 @@ def resolve_handler(config: ActionConfig) -> Handler:
     if not isinstance(path, str) or not path:
         raise ConfigError(t.path("path"), "must be a directory path")
     directory = os.path.abspath(path)
-    _refuse_if_others_may_write(t.path("path"), directory, is_dir=True)
+    _refuse_if_others_may_write(t.path("path"), directory)
     if directory not in sys.path:
         sys.path.insert(0, directory)
     try:
@@ -108,12 +108,12 @@ def _refuse_writable_spec(key: str, spec: importlib.machinery.ModuleSpec) -> Non
     folders holding them, and a package's (or a namespace package's) folders."""
     files = [f for f in (spec.origin, spec.cached) if f is not None and os.path.isabs(f)]
     for file in files:
-        _refuse_if_others_may_write(key, file, is_dir=False)
+        _refuse_if_others_may_write(key, file)
     for folder in {*map(os.path.dirname, files), *(spec.submodule_search_locations or ())}:
-        _refuse_if_others_may_write(key, folder, is_dir=True)
+        _refuse_if_others_may_write(key, folder)
 
 
-def _refuse_if_others_may_write(key: str, path: str, *, is_dir: bool) -> None:
+def _refuse_if_others_may_write(key: str, path: str) -> None:
     """A handler's folder or file that other users may change would let them run their code as
     the daemon's user (as root, under sudo): a config error instead. That is: one every user
     may write (``/tmp``, a ``chmod 777`` folder, the default ``path`` when the current
@@ -127,7 +127,7 @@ def _refuse_if_others_may_write(key: str, path: str, *, is_dir: bool) -> None:
         mode = os.stat(real).st_mode
     except OSError:
         mode = None
-    if mode is not None and mode & stat.S_IWOTH and not (is_dir and real == "/"):
+    if mode is not None and mode & stat.S_IWOTH:
         raise ConfigError(
             key,
             f"{real} is writable by every user (mode {stat.S_IMODE(mode):04o}): any of them"

@@ -477,7 +477,8 @@ class BaseJournal(ABC):
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         """Jobs by state and by source, the oldest queued job's receive time, events.
 
-        By source: each name in ``keep`` (the configured sources), the ``most`` other names
+        By source: each name in ``keep`` (the configured sources) and the alerts' own
+        (``kept_sources``), the ``most`` other names
         with the most jobs (ties by name), and the rest summed under ``*`` in the database, so
         the answer stays small however many names a catch-all took."""
 

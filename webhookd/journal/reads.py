@@ -31,6 +31,8 @@ from webhookd.journal.records import (
     NodeInfo,
     Ready,
     Series,
+    by_action,
+    kept_sources,
 )
 from webhookd.journal.schema import (
     BACKLOG_SQL,
@@ -89,7 +91,7 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
         raise JournalError(f"{path}: {exc}") from None
     finally:
         conn.close()
-    return {(source, action): int(n) for source, action, n in rows}
+    return by_action(rows)
 
 
 class Reads:
@@ -330,7 +332,7 @@ class Reads:
         # Plain SQL any SQLite with CTEs runs (no MATERIALIZED, no JSON functions); from 3.35
         # a CTE used twice is counted once. The kept names are numbered parameters, each used
         # twice; an empty list is SQLite's ``IN ()``.
-        names = sorted(keep)
+        names = kept_sources(keep)
         kept = ", ".join(f"?{i}" for i in range(3, 3 + len(names)))
         rows = await fetch(
             self.reader,
@@ -361,7 +363,7 @@ class Reads:
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
         rows = await fetch(self.reader, UNFINISHED_BY_ACTION_SQL)
-        return {(source, action): int(n) for source, action, n in rows}
+        return by_action(rows)
 
     async def size_bytes(self) -> int:
         """The journal's size on disk: the main file plus its WAL."""

@@ -274,6 +274,18 @@ class DeadCause:
 CAUSE_CHARS = 120
 
 
+def by_action(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str], int]:
+    """``unfinished_by_action``'s answer from rows of (source, action, jobs), as every reader of
+    it (both journals, and ``check``'s read-only peeks) gets them."""
+    return {(source, action): int(n) for source, action, n in rows}
+
+
+def kept_sources(keep: Collection[str]) -> list[str]:
+    """The names ``counts()`` reads one by one: ``keep`` (the configured sources) and the
+    alerts' own, which ``sources_shown`` lists whether [alerts] is on or not."""
+    return sorted({*keep, ALERT_SOURCE})
+
+
 @dataclass(frozen=True, slots=True)
 class Counts:
     jobs_by_state: Mapping[str, int]

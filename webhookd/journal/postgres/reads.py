@@ -23,6 +23,8 @@ from webhookd.journal.records import (
     NodeInfo,
     Ready,
     Series,
+    by_action,
+    kept_sources,
 )
 from webhookd.journal.schema import (
     EVENT_COLUMNS,
@@ -163,7 +165,7 @@ class PgReads:
         dismissed = state == "dismissed"
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = $4 AND ($7 = (j.dismissed_at IS NOT NULL) OR NOT $7)"
+            " WHERE j.state = $4 AND (NOT $7 OR j.dismissed_at IS NOT NULL)"
             " AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
@@ -249,7 +251,7 @@ class PgReads:
             ' GROUP BY source ORDER BY SUM(n) DESC, source COLLATE "C" LIMIT $2)'
             " SELECT CASE WHEN source = ANY($1::text[]) OR source IN (SELECT source FROM shown)"
             " THEN source ELSE $3 END, state, SUM(n) FROM c GROUP BY 1, 2",
-            sorted(keep),
+            kept_sources(keep),
             most,
             CATCH_ALL,
         )
@@ -272,7 +274,7 @@ class PgReads:
 
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:
         rows = await self.fetch(UNFINISHED_BY_ACTION_SQL)
-        return {(source, action): int(n) for source, action, n in rows}
+        return by_action(rows)
 
     async def storage_bytes(self) -> int:
         """The journal's tables with their indexes and TOAST, in the current schema."""

@@ -20,6 +20,7 @@ from webhookd.journal.postgres.db import (
     db_error,
     redact_url,
 )
+from webhookd.journal.records import by_action
 
 # Any constant: the advisory lock key that serialises migrations across nodes.
 _MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
@@ -283,4 +284,4 @@ async def peek_unfinished_by_action(
                 conn.terminate()
     except DB_ERRORS as exc:
         raise JournalError(f"{where}: {db_error(exc)}") from None
-    return {(source, action): int(n) for source, action, n in rows}
+    return by_action(rows)
