@@ -30,6 +30,7 @@ from ops_support import cli
 from procs import AS_NOBODY, held_open, poll, why_not_as_nobody
 from test_backup import small_disk
 
+import webhookd.journal as journal_module
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import (
@@ -925,6 +926,71 @@ async def test_a_journal_this_user_cannot_use_is_refused_saying_why() -> None:
         )
     finally:
         shutil.rmtree(base)
+
+
+def _limit_pages(extra: int | None) -> Any:
+    """A journal call that lets the file grow by ``extra`` pages at most (None: no limit)."""
+
+    def fn(conn: sqlite3.Connection) -> None:
+        [(pages,)] = conn.execute("PRAGMA page_count").fetchall()
+        limit = 1073741823 if extra is None else pages + extra
+        conn.execute(f"PRAGMA max_page_count = {limit}").fetchall()
+
+    return fn
+
+
+async def test_writes_that_fail_and_succeed_by_turns_end_in_one_line_once_they_keep_succeeding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a nearly full disk a small commit still fits where a large one fails: the error
+    clears at each success (``/readyz``), but "writes succeed again" is said once, after
+    commits have gone through for ``WRITES_BACK_AFTER_S`` with none failing, or at close."""
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
+    monkeypatch.setattr(journal_module, "WRITES_BACK_AFTER_S", 3600.0)
+    said = "journal writes succeed again"
+    async with Journal(tmp_path / "j.db") as journal:
+        await journal.ingest(new_event())
+        await journal._call(_limit_pages(2), transaction=False)
+        for _ in range(3):
+            with pytest.raises(JournalUnavailable, match="full"):
+                await journal.ingest(new_event(body=b"x" * 200_000))
+            assert journal.last_write_error is not None
+            await journal.pause("shop")  # a row on a page the file already has
+            assert journal.last_write_error is None
+        assert said not in caplog.text
+        await journal._call(_limit_pages(None), transaction=False)
+        await journal.ingest(new_event(body=b"x" * 200_000))
+    again = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert again == [f"{said} (the last failure: database or disk is full)"]
+
+
+async def test_writes_succeed_again_is_said_once_they_have_kept_succeeding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no failure in ``WRITES_BACK_AFTER_S``, the line comes while the journal runs."""
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
+    monkeypatch.setattr(journal_module, "WRITES_BACK_AFTER_S", 0.0)
+    said = asyncio.get_running_loop().create_future()
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "journal writes succeed again" in record.getMessage() and not said.done():
+                said.set_result(record.getMessage())
+
+    heard = Heard(logging.INFO)
+    logging.getLogger("webhookd.journal").addHandler(heard)
+    try:
+        async with Journal(tmp_path / "j.db") as journal:
+            await journal._call(_limit_pages(2), transaction=False)
+            with pytest.raises(JournalUnavailable):
+                await journal.ingest(new_event(body=b"x" * 200_000))
+            await journal._call(_limit_pages(None), transaction=False)
+            await journal.ingest(new_event())
+            line = await asyncio.wait_for(said, timeout=5)
+            assert journal._writes_back_line is None  # said while open, not by the close
+    finally:
+        logging.getLogger("webhookd.journal").removeHandler(heard)
+    assert line == "journal writes succeed again (the last failure: database or disk is full)"
 
 
 async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> None:

@@ -157,6 +157,11 @@ MAX_BATCH = 512
 # How long close() waits for the writer to flush and for each thread to let go of its
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
 CLOSE_TIMEOUT_S = 10.0
+# After write failures, how long commits must go through with none failing before one line says
+# writes succeed again. On a nearly full disk small commits (a claim, a job's outcome) still fit
+# in the WAL's old space while larger ones fail, so success and failure alternate for as long
+# as the disk stays full: a line at each first success would say so hundreds of times a second.
+WRITES_BACK_AFTER_S = 5.0
 _BUSY_TIMEOUT_MS = 5000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 _PRAGMAS = (
@@ -525,6 +530,10 @@ class Journal(Reads, BaseJournal):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.last_write_error: str | None = None
+        # The failure the "writes succeed again" line will name, and the timer that writes it
+        # once commits have gone through for WRITES_BACK_AFTER_S with none failing.
+        self._failure_ended: str | None = None
+        self._writes_back_line: asyncio.TimerHandle | None = None
         # Why the writer stopped, when it stopped without close() asking it to.
         self.writer_problem: str | None = None
         self.commits = 0
@@ -600,6 +609,8 @@ class Journal(Reads, BaseJournal):
         connections without being waited on past that, so a stuck disk cannot stop an exit.
         """
         self._closing = True
+        if self._writes_back_line is not None:  # the last commits went through
+            self._say_writes_again()
         self._log_write_failed.flush()
         try:
             task, self._task = self._task, None
@@ -942,17 +953,39 @@ class Journal(Reads, BaseJournal):
         return result, None
 
     def _writes_again(self) -> None:
-        """A commit went through: after failures (a full disk, say), one line says so."""
-        if self.last_write_error is not None:
+        """A commit went through: after failures (a full disk, say), the error clears at once
+        (``/readyz``, the metrics) and one line says so once commits have kept going through
+        for ``WRITES_BACK_AFTER_S`` (``_write_failed`` calls it off)."""
+        if self.last_write_error is None:
+            return
+        self._failure_ended = self.last_write_error
+        self.last_write_error = None
+        if self._writes_back_line is None:
+            self._writes_back_line = asyncio.get_running_loop().call_later(
+                WRITES_BACK_AFTER_S, self._say_writes_again
+            )
+
+    def _write_failed(self, error: str) -> None:
+        self.last_write_error = error
+        if self._writes_back_line is not None:
+            self._writes_back_line.cancel()
+            self._writes_back_line = None
+
+    def _say_writes_again(self) -> None:
+        """The line that ends a run of write failures (also when the journal closes first)."""
+        if self._writes_back_line is not None:
+            self._writes_back_line.cancel()
+            self._writes_back_line = None
+        if self._failure_ended is not None:
             self._log_write_failed.flush()  # what was held back, before the line that ends it
-            log.info("journal writes succeed again (the last failure: %s)", self.last_write_error)
-            self.last_write_error = None
+            log.info("journal writes succeed again (the last failure: %s)", self._failure_ended)
+            self._failure_ended = None
 
     def _resolve(self, group: Group) -> None:
         """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
         keep those written claimed in ``group.started``)."""
         if group.error is not None:
-            self.last_write_error = _describe(group.error)
+            self._write_failed(_describe(group.error))
             self._log_write_failed("journal write failed: %s", self.last_write_error)
         elif group.commits:
             self._writes_again()
@@ -987,7 +1020,7 @@ class Journal(Reads, BaseJournal):
         self.backlog_jobs += len(created) + len(started)
         for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
             if isinstance(call_exc, WriteFailed):
-                self.last_write_error = _describe(call_exc.cause)
+                self._write_failed(_describe(call_exc.cause))
                 call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
             elif call_exc is None and call.transaction:
                 self._writes_again()
