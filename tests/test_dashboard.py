@@ -360,7 +360,8 @@ async def test_dashboard_dismisses_a_dead_letter_handled_another_way(
 
     async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
         button = f"#detail button.undismiss[data-id='{event_id}']"
-        await page.wait_for(f'document.querySelector("{button}")')
+        # Loaded first: the lists above the event's box would move the button under the click.
+        await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
         assert "· dismissed " in await page.evaluate(
             "document.querySelector('#detail').textContent"
         )
