@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -303,11 +305,13 @@ def test_a_url_that_cannot_be_posted_to_is_one_line_and_exit_1(tmp_path: Path, u
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        # urllib sends no user part: it looks up "u:Zq9Qx8@127.0.0.1" as a host, and fails.
+        # Nothing listens there: the URL is shown as the error's, its password masked.
         ("http://u:Zq9Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach http://u:***@127.0.0.1:{port}"),
         ("http://u:Zq9%40Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach http://u:***@127.0.0.1"),
-        # http.client quotes the host it refuses, user part and all.
-        ("http://u:Zq9 Qx8@127.0.0.1:{port}/hooks/gh", "could not post to http://u:***@127.0.0.1"),
+        # A space is no harm in a password sent as Basic auth.
+        ("http://u:Zq9 Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach http://u:***@127.0.0.1"),
+        # http.client refuses the space in the path.
+        ("http://u:Zq9Qx8@127.0.0.1:{port}/hooks/g h", "could not post to http://u:***@127.0.0.1"),
         # A bare / ends the host early: "Zq9" reads as a port, and is quoted as one.
         ("http://u:Zq9/Qx8@127.0.0.1:{port}/hooks/gh", "could not post to http://u:***@127.0.0.1"),
         ("u:Zq9Qx8@127.0.0.1:{port}/hooks/gh", "cannot reach u:***@127.0.0.1"),
@@ -325,6 +329,32 @@ def test_a_password_in_the_url_is_never_printed(tmp_path: Path, url: str, shown:
     [line] = result.output.splitlines()
     assert line.startswith(f"webhookd: error: {shown}"), line
     assert "Zq9" not in line and "Qx8" not in line, line
+
+
+async def test_a_user_and_password_in_the_url_go_as_basic_auth(
+    tmp_path: Path, target: Target
+) -> None:
+    """`send --url https://user:pw@host/...` posts as a provider does to such a URL (a proxy
+    in front of the daemon asking for Basic auth): the user part goes as the Authorization
+    header, percent-decoded, not in the request line, and the signature is untouched."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    url = target.url.replace("http://", "http://hooks:pa%40ss word@") + "/hooks/gh"
+    code, out, err = await _webhookd("send", "gh", "--url", url, "--config", str(path))
+    assert (code, out.splitlines()[0], err) == (0, "200 OK", "")
+    [seen] = target.seen
+    basic = base64.b64encode(b"hooks:pa@ss word").decode("ascii")
+    assert (seen.path, seen.headers["Authorization"]) == ("/hooks/gh", f"Basic {basic}")
+    src = config_mod.loads(cfg_text(), "t").sources["gh"]
+    assert src.verify is not None
+    checked = verify(src.verify, headers=seen.headers, body=seen.body, url=url, now=time.time())
+    assert checked.scheme == "github"
+
+    # An Authorization header of the sender's own wins over the URL's.
+    target.seen.clear()
+    own = ("send", "gh", "--url", url, "-H", "Authorization: Bearer t1", "--config", str(path))
+    code, _, _ = await _webhookd(*own)
+    assert code == 0 and target.seen[0].headers["Authorization"] == "Bearer t1"
 
 
 def test_a_url_without_a_password_is_shown_as_it_is() -> None:

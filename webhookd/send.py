@@ -8,6 +8,7 @@ the answer.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from webhookd import schemes
 from webhookd.config import (
@@ -310,17 +311,38 @@ class PostError(Exception):
         self.refused = refused
 
 
+def without_user(url: str) -> tuple[str, str | None]:
+    """``url`` without its user part (``https://u:pw@host/x``), and the ``Authorization``
+    header that carries it instead, as a provider, curl or a browser sends it: Basic, the
+    percent-decoded user and password in UTF-8. ``(url, None)`` for a URL without one, or
+    one that cannot be read (``post`` then says why it cannot be posted to)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
 def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
     """POST ``delivery``; any HTTP answer is returned. Anything else, a network failure, a
     URL the standard library cannot send (a space, a non-ASCII letter, a bad host) or an answer
     that is not HTTP, raises ``PostError``.
 
-    Proxy settings from the environment are ignored: the target is the user's own daemon.
+    A user and password in the URL go as Basic auth (``without_user``), unless ``delivery``
+    has an ``Authorization`` header of its own. Proxy settings from the environment are
+    ignored: the target is the user's own daemon.
     """
     try:
-        request = urllib.request.Request(
-            delivery.url, data=delivery.body, headers=delivery.headers, method="POST"
-        )
+        url, authorization = without_user(delivery.url)
+        headers = dict(delivery.headers)
+        if authorization and not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = authorization
+        request = urllib.request.Request(url, data=delivery.body, headers=headers, method="POST")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(request, timeout=timeout_s) as response:
