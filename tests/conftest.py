@@ -50,6 +50,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# ``-n auto`` (pyproject's addopts): one worker per core, at most this many. A worker running
+# the multi-node tests holds some 40 connections to the throwaway PostgreSQL (200 at most), and
+# past a few workers the daemons' timing tests would share each core with more of each other.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     chosen = [name.strip() for name in str(config.getoption("--loops")).split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(LOOPS))
