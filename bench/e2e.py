@@ -72,6 +72,11 @@ async def _run(url: str, admin_url: str, config: Path, n: int, pid: int) -> dict
                 first = (time.monotonic(), backlog)
         emptied = time.monotonic()
         final = await stats(http, admin_url)
+        # The backlog is live; the counts by state may be a read up to 50 times its cost old
+        # ("counts_age_s"): the jobs done are those of the first count made after the drain.
+        while final.get("counts_age_s") and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            final = await stats(http, admin_url)
         other = busy.other_pct()
     drained_s = emptied - first[0] if first is not None else 0.0
     return {
