@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -215,10 +215,12 @@ async def spawn(
     stdout: int,
     open_files: tuple[int, int] | None = None,
     wrap: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """``python -m webhookd ARGS`` in a clean environment, stderr piped; ``open_files``: its
-    (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set it; ``wrap``: a
-    program (and its arguments) that runs the daemon, as a container's init would."""
+    """``python -m webhookd ARGS`` in a clean environment (plus ``env``), stderr piped;
+    ``open_files``: its (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set
+    it; ``wrap``: a program (and its arguments) that runs the daemon, as a container's init
+    would."""
 
     def limit() -> None:
         if open_files is not None:
@@ -231,7 +233,7 @@ async def spawn(
         "webhookd",
         *args,
         cwd=cwd,
-        env=clean_env(),
+        env=clean_env() | dict(env or {}),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
@@ -254,13 +256,19 @@ class Procs:
         open_files: tuple[int, int] | None = None,
         flags: Sequence[str] = (),
         wrap: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> DaemonProc:
         """``webhookd serve [--config CONFIG] FLAGS``, once listening unless ``wait`` is off;
-        ``wrap``: as for ``spawn``."""
+        ``wrap`` and ``env``: as for ``spawn``."""
         args = ["serve"] if config is None else ["serve", "--config", str(config)]
         args += flags
         proc = await spawn(
-            args, cwd, stdout=asyncio.subprocess.DEVNULL, open_files=open_files, wrap=wrap
+            args,
+            cwd,
+            stdout=asyncio.subprocess.DEVNULL,
+            open_files=open_files,
+            wrap=wrap,
+            env=env,
         )
         daemon = DaemonProc(proc)
         daemon.reader = asyncio.create_task(daemon._read(), name=f"stderr of {proc.pid}")

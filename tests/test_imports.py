@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.content_coding",
         "webhookd.json_errors",
         "webhookd.throttle",
+        "webhookd.sdnotify",
     ),
     ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.

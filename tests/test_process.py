@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -711,3 +712,48 @@ async def test_embedded_default_takes_a_webhook_and_show_reports_it_done(
     assert (tmp_path / "webhookd.db").exists()
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
+
+
+async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_says_stopping(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A ``Type=notify`` unit: ``READY=1`` (with the receiver's address) once the port takes
+    connections, ``WATCHDOG=1`` every half ``WatchdogSec`` meanwhile, ``STOPPING=1`` as
+    SIGTERM's drain begins, then exit 0. A second serve on the same journal, which cannot
+    start, exits without ever saying it is ready."""
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as stack:
+        sockets = []
+        for _ in range(2):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+            sock.bind(f"\0webhookd-test-{uuid.uuid4().hex}")
+            sock.setblocking(False)
+            sockets.append(sock)
+        first, second = ("@" + s.getsockname()[1:].decode() for s in sockets)
+
+        async def said(sock: socket.socket) -> str:
+            return (await asyncio.wait_for(loop.sock_recv(sock, 4096), 15)).decode()
+
+        cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db")
+        env = {"NOTIFY_SOCKET": first, "WATCHDOG_USEC": "200000"}
+        daemon = await procs.serve(cfg, wait=False, env=env)
+        while (ready := await said(sockets[0])) == "WATCHDOG=1":
+            pass  # pinged from the start: a long schema upgrade is no hang
+        await daemon.wait_listening()
+        assert ready == f"READY=1\nSTATUS=taking webhooks on {daemon.receiver}"
+        host, port = daemon.receiver.rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.close()
+        await writer.wait_closed()
+        assert [await said(sockets[0]) for _ in range(2)] == ["WATCHDOG=1"] * 2
+
+        other = await procs.serve(cfg, wait=False, env={"NOTIFY_SOCKET": second})
+        assert await other.wait_exit(timeout_s=15) == 1
+        with pytest.raises(BlockingIOError):  # nothing was sent to it, READY=1 least of all
+            sockets[1].recv(4096)
+
+        daemon.signal(signal.SIGTERM)
+        while (stopping := await said(sockets[0])) == "WATCHDOG=1":
+            pass
+        assert stopping == "STOPPING=1\nSTATUS=draining (SIGTERM)"
+        assert await daemon.wait_exit() == 0

@@ -62,6 +62,7 @@ from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
 from webhookd.redact import WRITTEN_OUT, secret_values, weak_points, written_out
 from webhookd.retention import prune_expired
+from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
 from webhookd.workers import RECOVERED, WorkerPool
 
@@ -107,6 +108,9 @@ class Daemon:
     # Once a drain begins, exit by STOP_MARGIN_S past its grace whatever hangs (`webhookd
     # serve` only: it ends the process).
     exit_if_stuck: bool = False
+    # systemd's notifications (``webhookd serve`` under a ``Type=notify`` unit): ready, stopping,
+    # and the watchdog's pings.
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
     stop_watchdog: threading.Timer | None = field(default=None, init=False)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -164,6 +168,9 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         started_at = self.clock.time()
         async with AsyncExitStack() as stack:
+            # First in, last out: pings from the start (a long schema upgrade) to the end of
+            # the drain and the journal's close.
+            await stack.enter_async_context(self.notifier.watchdog())
             if self.install_signals:
                 stack.callback(loop.remove_signal_handler, signal.SIGHUP)
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
@@ -316,9 +323,11 @@ class Daemon:
         if self.tune_gc:
             _tune_gc()
         self.started.set()
+        self.notifier.send("READY=1", f"STATUS=taking webhooks on {self.bound.receiver}")
 
         await self.stop_event.wait()
         log.info("draining (%s): no longer accepting webhooks", self._stop_why)
+        self.notifier.send("STOPPING=1", f"STATUS=draining ({self._stop_why})")
         if self.exit_if_stuck:
             # A database that hangs holds each write of the close for its answer deadline
             # (a minute): the stop would outlast a service manager's stop timeout (systemd's
@@ -603,7 +612,14 @@ def run(
         status = 1
         daemon: Daemon | None = None
         try:
-            daemon = Daemon(config, tune_gc=True, exit_if_stuck=True, loader=loader, fixed=fixed)
+            daemon = Daemon(
+                config,
+                tune_gc=True,
+                exit_if_stuck=True,
+                notifier=Notifier.from_environ(),
+                loader=loader,
+                fixed=fixed,
+            )
             if reload_asked is not None:
                 daemon.on_wired.append(lambda d: d.request_reload() if reload_asked() else None)
             status = await daemon.run()
