@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -467,12 +467,15 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
     status, doc = await post_admin(running, f"/events/{event_id}/replay?dead=1")
     assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
 
-    async def down_ran_twice() -> bool:
-        _, detail = await get(running, f"/events/{event_id}")
-        jobs = {j["action"]: j for j in detail["jobs"]}
-        return len(jobs["down"]["errors"]) == 2 and jobs["down"]["state"] == "dead"
+    def down_ran(times: int) -> Callable[[], Awaitable[bool]]:
+        async def ran() -> bool:
+            _, detail = await get(running, f"/events/{event_id}")
+            jobs = {j["action"]: j for j in detail["jobs"]}
+            return len(jobs["down"]["errors"]) == times and jobs["down"]["state"] == "dead"
 
-    await poll(down_ran_twice, timeout_s=15)
+        return ran
+
+    await poll(down_ran(2), timeout_s=15)
     _, detail = await get(running, f"/events/{event_id}")
     assert [j["state"] for j in detail["jobs"] if j["action"] == "deliver"] == ["done"]
     assert len(target.seen) == 1
@@ -496,12 +499,7 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
     status, doc = await post_admin(running, f"/events/{event_id}/replay?dismissed=1")
     assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
 
-    async def down_ran_thrice() -> bool:
-        _, detail = await get(running, f"/events/{event_id}")
-        jobs = {j["action"]: j for j in detail["jobs"]}
-        return len(jobs["down"]["errors"]) == 3 and jobs["down"]["state"] == "dead"
-
-    await poll(down_ran_thrice, timeout_s=15)
+    await poll(down_ran(3), timeout_s=15)
     assert len(target.seen) == 1
 
 

@@ -584,6 +584,29 @@ def _bulk(
     return None
 
 
+def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``--source``, ``--since`` and ``--tenant`` of a bulk replay or cancel, which take them
+    with ``flags`` (its help's words: "--dead or --dismissed")."""
+    options = (
+        click.option("--source", help=f"With {flags}: only this source."),
+        click.option(
+            "--since",
+            help=f"With {flags}: only events received since (30m, 2h, 7d, or an ISO time, UTC"
+            " unless it says).",
+        ),
+        click.option(
+            "--tenant", help=f"With {flags}: only this tenant's events (the tenant as sent)."
+        ),
+    )
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):  # as if stacked in this order above the command
+            command = option(command)
+        return command
+
+    return add
+
+
 @main.command()
 @click.argument("event_ids", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
@@ -599,16 +622,7 @@ def _bulk(
     help="Undo dismissals (cancel --dead): replay the dismissed dead jobs of every event that"
     " has one (its other jobs are left alone); with event ids, only those events'.",
 )
-@click.option("--source", help="With --dead or --dismissed: only this source.")
-@click.option(
-    "--since",
-    help="With --dead or --dismissed: only events received since (30m, 2h, 7d, or an ISO"
-    " time, UTC unless it says).",
-)
-@click.option(
-    "--tenant",
-    help="With --dead or --dismissed: only this tenant's events (the tenant as sent).",
-)
+@_bulk_selection("--dead or --dismissed")
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
     event_ids: tuple[str, ...],
@@ -669,15 +683,7 @@ def replay(
     help="Dismiss dead letters instead: the dead jobs of every event that has one (its other"
     " jobs are left alone); with event ids, only those events' dead jobs.",
 )
-@click.option("--source", help="With --queued or --dead: only this source.")
-@click.option(
-    "--since",
-    help="With --queued or --dead: only events received since (30m, 2h, 7d, or an ISO time,"
-    " UTC unless it says).",
-)
-@click.option(
-    "--tenant", help="With --queued or --dead: only this tenant's events (the tenant as sent)."
-)
+@_bulk_selection("--queued or --dead")
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
 def cancel(
     event_ids: tuple[str, ...],
