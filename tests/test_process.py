@@ -718,9 +718,10 @@ async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_s
     tmp_path: Path, procs: Procs
 ) -> None:
     """A ``Type=notify`` unit: ``READY=1`` (with the receiver's address) once the port takes
-    connections, ``WATCHDOG=1`` every half ``WatchdogSec`` meanwhile, ``STOPPING=1`` as
-    SIGTERM's drain begins, then exit 0. A second serve on the same journal, which cannot
-    start, exits without ever saying it is ready."""
+    connections, ``WATCHDOG=1`` every half ``WatchdogSec`` meanwhile, ``RELOADING=1`` then
+    ``READY=1`` around SIGHUP's reload, ``STOPPING=1`` as SIGTERM's drain begins, then exit 0.
+    A second serve on the same journal, which cannot start, exits without ever saying it is
+    ready."""
     loop = asyncio.get_running_loop()
     with contextlib.ExitStack() as stack:
         sockets = []
@@ -732,7 +733,11 @@ async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_s
         first, second = ("@" + s.getsockname()[1:].decode() for s in sockets)
 
         async def said(sock: socket.socket) -> str:
-            return (await asyncio.wait_for(loop.sock_recv(sock, 4096), 15)).decode()
+            """The next datagram but the status lines, which come every 10 s."""
+            while True:
+                got = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 15)).decode()
+                if not got.startswith("STATUS="):
+                    return got
 
         cfg = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db")
         env = {"NOTIFY_SOCKET": first, "WATCHDOG_USEC": "200000"}
@@ -740,12 +745,20 @@ async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_s
         while (ready := await said(sockets[0])) == "WATCHDOG=1":
             pass  # pinged from the start: a long schema upgrade is no hang
         await daemon.wait_listening()
-        assert ready == f"READY=1\nSTATUS=taking webhooks on {daemon.receiver}"
+        assert ready.startswith(f"READY=1\nSTATUS=taking webhooks on {daemon.receiver}; backlog 0")
         host, port = daemon.receiver.rsplit(":", 1)
         _, writer = await asyncio.open_connection(host, int(port))
         writer.close()
         await writer.wait_closed()
         assert [await said(sockets[0]) for _ in range(2)] == ["WATCHDOG=1"] * 2
+
+        daemon.signal(signal.SIGHUP)
+        while (reloading := await said(sockets[0])) == "WATCHDOG=1":
+            pass
+        assert reloading.startswith("RELOADING=1\nSTATUS=reloading the config\nMONOTONIC_USEC=")
+        while (reloaded := await said(sockets[0])) == "WATCHDOG=1":
+            pass
+        assert reloaded.startswith(f"READY=1\nSTATUS=taking webhooks on {daemon.receiver}; ")
 
         other = await procs.serve(cfg, wait=False, env={"NOTIFY_SOCKET": second})
         assert await other.wait_exit(timeout_s=15) == 1
@@ -755,5 +768,5 @@ async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_s
         daemon.signal(signal.SIGTERM)
         while (stopping := await said(sockets[0])) == "WATCHDOG=1":
             pass
-        assert stopping == "STOPPING=1\nSTATUS=draining (SIGTERM)"
+        assert stopping.startswith("STOPPING=1\nSTATUS=draining (SIGTERM); backlog ")
         assert await daemon.wait_exit() == 0

@@ -269,6 +269,7 @@ class Daemon:
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                     tg.create_task(self._reloads(running), name="reload"),
+                    tg.create_task(self._keep_status(ctx), name="sd-status"),
                     tg.create_task(alerter.run(), name="alerts"),
                 ]
                 listening: list[_Listener] = []
@@ -323,11 +324,11 @@ class Daemon:
         if self.tune_gc:
             _tune_gc()
         self.started.set()
-        self.notifier.send("READY=1", f"STATUS=taking webhooks on {self.bound.receiver}")
+        self.notifier.send("READY=1", f"STATUS={self._status(ctx)}")
 
         await self.stop_event.wait()
         log.info("draining (%s): no longer accepting webhooks", self._stop_why)
-        self.notifier.send("STOPPING=1", f"STATUS=draining ({self._stop_why})")
+        self.notifier.send("STOPPING=1", f"STATUS={self._status(ctx)}")
         if self.exit_if_stuck:
             # A database that hangs holds each write of the close for its answer deadline
             # (a minute): the stop would outlast a service manager's stop timeout (systemd's
@@ -384,6 +385,7 @@ class Daemon:
             if self.stop_event.is_set():
                 log.info("config reload ignored: draining")
             else:
+                self.notifier.reloading()
                 try:
                     refused = await self._reload(running)
                 except Exception:  # a bug here must not end the daemon: it keeps what it runs
@@ -391,6 +393,7 @@ class Daemon:
                     refused = "the reload failed (logged with its traceback)"
                 running.metrics.observe_reload(refused is None, len(running.ctx.restart_pending))
                 running.ctx.reload_refused = refused
+                self.notifier.send("READY=1", f"STATUS={self._status(running.ctx)}")
             self.reloaded.set()
 
     async def _reload(self, running: _Running) -> str | None:
@@ -507,6 +510,18 @@ class Daemon:
             await asyncio.sleep(HEARTBEAT_S)
             log.info("%s", heartbeat_line(ctx))
 
+    async def _keep_status(self, ctx: AdminContext) -> None:
+        await self.started.wait()
+        await self.notifier.keep_status(lambda: self._status(ctx))
+
+    def _status(self, ctx: AdminContext) -> str:
+        """systemd's STATUS= line (``systemctl status`` shows it)."""
+        if self.stop_event.is_set():
+            doing = f"draining ({self._stop_why})"
+        else:
+            doing = f"taking webhooks on {self.bound.receiver}"
+        return status_line(doing, ctx)
+
 
 def heartbeat_line(ctx: AdminContext) -> str:
     """One key=value line: backlog, rates, workers, paused sources and lanes."""
@@ -530,6 +545,31 @@ def heartbeat_line(ctx: AdminContext) -> str:
             + (",circuit:open" if s.circuit_open else "")
         )
     return " ".join(parts)
+
+
+PAUSED_SHOWN = 5  # paused sources a status line names; the rest are counted
+
+
+def status_line(doing: str, ctx: AdminContext) -> str:
+    """What the daemon does, its backlog, workers and intake, then whatever is wrong: a
+    journal that refuses writes, paused sources, a refused reload."""
+    stats = ctx.pool.statistics()
+    rates = ctx.throughput.rates() if ctx.throughput is not None else {}
+    parts = [
+        f"{doing}; backlog {ctx.journal.backlog_jobs}, busy {stats.busy}/{stats.concurrency},"
+        f" {rates.get('accepted_per_s', 0):.1f} accepted/s"
+    ]
+    journal = ctx.journal
+    if journal.writer_problem:
+        parts.append(journal.writer_problem)
+    elif journal.last_write_error:
+        parts.append(f"journal: {journal.last_write_error}")
+    if paused := sorted(ctx.pool.paused):
+        more = f" and {len(paused) - PAUSED_SHOWN} more" if len(paused) > PAUSED_SHOWN else ""
+        parts.append("paused: " + ", ".join(paused[:PAUSED_SHOWN]) + more)
+    if ctx.reload_refused:
+        parts.append("config reload refused (see the log)")
+    return "; ".join(parts)
 
 
 # Young-generation collections every 20,000 net container allocations instead of 700.
