@@ -15,8 +15,10 @@ import email.utils
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,6 +117,81 @@ def _no_template(written: str, key: str) -> None:
             "is sent as written: {{ }} lookups are read only in a command's argv and an openai"
             " action's prompt and system",
         )
+
+
+_TLS_OPTIONS = ("ca_file", "cert_file", "key_file")
+
+
+class _EncryptedKey(Exception):
+    """A private key that asks for a password (``ssl`` would read one from the terminal)."""
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey
+
+
+def read_tls(t: Table, url: str) -> ssl.SSLContext | None:
+    """``tls = { ca_file, cert_file, key_file }`` for an https ``url``: the CA certificates to
+    trust in place of the system's (a private CA), and a client certificate with its key to
+    present (mutual TLS; ``key_file`` left out, the key is in ``cert_file``). PEM files, read at
+    every load: a reload takes renewed ones. None without a ``tls`` table."""
+    if not t.has("tls"):
+        return None
+    tls = t.table("tls")
+    tls.only(_TLS_OPTIONS, "in tls")
+    if urlsplit(url).scheme != "https":
+        raise ConfigError(tls.key, "is for an https url: this url is plain http")
+    ca_file = tls.string("ca_file", None)
+    cert_file = tls.string("cert_file", None)
+    key_file = tls.string("key_file", None)
+    if key_file is not None and cert_file is None:
+        raise ConfigError(tls.path("key_file"), "needs cert_file, the certificate it goes with")
+    if ca_file is None and cert_file is None:
+        raise ConfigError(tls.key, "names no file: give ca_file, cert_file, or both")
+    if ca_file is not None:
+        _pem(ca_file, tls.path("ca_file"), b"-----BEGIN CERTIFICATE-----", "CA certificate")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)  # a cafile: those CAs only
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(tls.path("ca_file"), f"cannot be used: {_reason(exc)}") from None
+    if cert_file is None:
+        return context
+    cert_key = tls.path("cert_file")
+    key_key = tls.path("key_file") if key_file is not None else cert_key
+    _pem(cert_file, cert_key, b"-----BEGIN CERTIFICATE-----", "certificate")
+    _pem(key_file or cert_file, key_key, b"PRIVATE KEY-----", "private key")
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    except _EncryptedKey:
+        raise ConfigError(
+            key_key,
+            "holds an encrypted private key: give it unencrypted, readable by the daemon's user"
+            " only",
+        ) from None
+    except (OSError, ValueError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            mismatch = "is not the private key of cert_file's certificate"
+            raise ConfigError(key_key, mismatch) from None
+        raise ConfigError(cert_key, f"cannot be used: {_reason(exc)}") from None
+    return context
+
+
+def _pem(path: str, key: str, marker: bytes, what: str) -> None:
+    """A readable file with ``marker`` in it, or ``ConfigError`` naming ``key`` and why not."""
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ConfigError(key, f"cannot be read: {_reason(exc)}") from None
+    if marker not in data:
+        raise ConfigError(key, f"holds no PEM {what}")
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "not a file path" if isinstance(exc, ValueError) else str(exc)
 
 
 _SIGNING_HEADERS = frozenset({"webhook-signature", "webhook-timestamp"})
@@ -222,13 +299,23 @@ def _why(error: OSError) -> str:
 
 
 async def deliver(
-    http: aiohttp.ClientSession, method: str, url: str, body: bytes, headers: Mapping[str, str]
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    tls: ssl.SSLContext | None = None,
 ) -> Outcome:
-    """Send one request and classify the answer."""
+    """Send one request and classify the answer; ``tls``: the action's own (``read_tls``)."""
     started = time.monotonic()
     try:
         async with http.request(
-            method, url, data=body, headers=dict(headers), allow_redirects=False
+            method,
+            url,
+            data=body,
+            headers=dict(headers),
+            allow_redirects=False,
+            ssl=True if tls is None else tls,
         ) as response:
             head = await response.content.read(_RESPONSE_HEAD_BYTES)
             status = response.status

@@ -7,6 +7,7 @@ provider's own headers, those that say what the webhook is (``X-GitHub-Event``,
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from webhookd.actions.delivery import (
     deliver,
     read_headers,
     read_signing_secrets,
+    read_tls,
     read_url,
     signed_headers,
 )
@@ -32,7 +34,7 @@ from webhookd.redact import MASK, SECRET_HEADERS
 DEFAULTS = ActionDefaults(
     retry=RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=6 * 3600.0)
 )
-_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets")
+_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets", "tls")
 
 # The provider's headers that say what a webhook is, where its body does not: a GitHub service
 # cannot tell a push from a pull request without X-GitHub-Event, nor a Shopify one an order's
@@ -74,6 +76,7 @@ class _Settings:
     headers: Mapping[str, str]
     secrets: tuple[str, ...]
     passed: frozenset[str]  # lower case
+    tls: ssl.SSLContext | None  # a private CA, a client certificate
     method: Literal["POST", "PUT", "PATCH"] = "POST"
 
 
@@ -83,7 +86,8 @@ def _settings(config: ActionConfig) -> _Settings:
     headers = read_headers(t)
     secrets = tuple(s.reveal() for s in read_signing_secrets(t))
     passed = _read_passed(t.raw("pass_headers", list(PASS_HEADERS)), t.path("pass_headers"))
-    return t.read(_Settings(url, headers, secrets, passed), only=("method",))
+    tls = read_tls(t, url)
+    return t.read(_Settings(url, headers, secrets, passed, tls), only=("method",))
 
 
 def _read_passed(value: object, key: str) -> frozenset[str]:
@@ -140,6 +144,7 @@ class ForwardAction:
             self.settings.url,
             event.body,
             self.headers_for(event, time.time()),
+            self.settings.tls,
         )
 
     async def aclose(self) -> None:

@@ -56,6 +56,7 @@ from webhookd.actions.delivery import (
     parse_retry_after,
     read_headers,
     read_signing_secrets,
+    read_tls,
     read_url,
     signed_headers,
 )
@@ -93,7 +94,7 @@ _OPTIONS = (
     "then",
 )
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent under its own name
-_THEN_OPTIONS = ("forward", "secret", "secrets", "headers")
+_THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls")
 _RETRYABLE_4XX = frozenset({408, 409, 425})
 _DEFAULT_LANE_WAIT_S = 10.0
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
@@ -189,6 +190,7 @@ class _Then:
         self.url = read_url(t, "forward")
         self.headers = read_headers(t)
         self.secrets = [s.reveal() for s in read_signing_secrets(t)]
+        self.tls = read_tls(t, self.url)
 
     async def send(
         self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]
@@ -204,7 +206,7 @@ class _Then:
             now=time.time(),
             extra=self.headers,
         )
-        return await deliver(http, "POST", self.url, data, headers)
+        return await deliver(http, "POST", self.url, data, headers, self.tls)
 
 
 def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
