@@ -93,6 +93,8 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ('[server]\ntrusted_proxies = "127.0.0.1"', "server.trusted_proxies"),
         ('[server]\ntrusted_proxies = ["10.0.0.0/33"]', "server.trusted_proxies"),
         ('[server]\ntrusted_proxies = ["nginx"]', "server.trusted_proxies"),
+        ("[sources.a]\nallow_from = []", "sources.a.allow_from"),
+        ('[sources.a]\nallow_from = ["github.com"]', "sources.a.allow_from"),
         ("[server]\nspeed = 3", "server.speed"),
         ("colour = 1", "colour"),
         ("[workers]\nconcurrency = 0", "workers.concurrency"),

@@ -324,6 +324,45 @@ async def test_body_over_the_limit_is_413_with_or_without_content_length(
     assert await intake.events() == 1
 
 
+async def test_a_sender_outside_allow_from_is_403_and_nothing_is_stored(
+    make_intake: StartIntake,
+) -> None:
+    """``allow_from`` takes webhooks from the addresses and networks it lists only (the test's
+    client is 127.0.0.1), answered before the body is read; other sources take any sender."""
+    intake = await make_intake(
+        '[sources.shop]\nallow_from = ["10.0.0.0/8", "::1"]\n'
+        '[sources.office]\nallow_from = ["192.0.2.1", "127.0.0.0/8"]\n[sources.open]\n'
+    )
+    refused = await intake.post("/hooks/shop", b'{"n": 1}')
+    assert_error(refused, 403)
+    assert refused.doc == {"error": "sender not allowed (the source's allow_from)"}
+    assert (await intake.post("/hooks/office", b'{"n": 2}')).status == 202
+    assert (await intake.post("/hooks/open", b'{"n": 3}')).status == 202
+    assert await intake.events() == 2
+
+
+async def test_behind_a_trusted_proxy_allow_from_judges_the_client_it_forwards_for(
+    make_intake: StartIntake,
+) -> None:
+    """The client a trusted proxy's ``X-Forwarded-For`` names (the last address that is not a
+    proxy's) is judged, not the proxy; what cannot be an address is refused."""
+    intake = await make_intake(
+        '[sources.shop]\nallow_from = ["203.0.113.0/24"]\n',
+        server='trusted_proxies = ["127.0.0.1"]',
+    )
+
+    async def status(forwarded: str | None, n: int) -> int:
+        headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+        return (await intake.post("/hooks/shop", json.dumps({"n": n}), headers=headers)).status
+
+    assert await status("203.0.113.9", 1) == 202
+    assert await status("198.51.100.7, 203.0.113.9", 2) == 202  # the client wrote the first
+    assert await status("203.0.113.9, 198.51.100.7", 3) == 403  # the proxy got it from .7
+    assert await status("not-an-address", 4) == 403
+    assert await status(None, 5) == 403  # the proxy itself
+    assert await intake.events() == 2
+
+
 async def test_get_on_a_hook_path_is_405(make_intake: StartIntake) -> None:
     """Webhooks are POSTed: GET (no handshake scheme) and DELETE are refused with JSON 405."""
     intake = await make_intake()

@@ -408,6 +408,9 @@ class SourceConfig:
     concurrency: int | None = setting(None, minimum=1)
     # A cap on one tenant's running jobs of this source.
     tenant_concurrency: int | None = setting(None, minimum=1)
+    # The senders taken (the peer, or the client a trusted proxy names); () takes any. A
+    # provider's published ranges, or an internal sender's address, beside its signature.
+    allow_from: tuple[Network, ...] = setting((), parse=parse_networks)
     actions: tuple[ActionConfig, ...] = ()
 
     def action(self, name: str) -> ActionConfig | None:
@@ -1088,8 +1091,14 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
             source, priority=_priority(t.raw("priority"), t.path("priority"))
         )
     source = t.read(
-        source, only=("intake_per_s", "ack_status", "concurrency", "tenant_concurrency")
+        source,
+        only=("intake_per_s", "ack_status", "concurrency", "tenant_concurrency", "allow_from"),
     )
+    if t.has("allow_from") and not source.allow_from:
+        raise ConfigError(
+            t.path("allow_from"),
+            "is empty, which would refuse every webhook: leave it out to take any sender",
+        )
     if not 200 <= source.ack_status <= 299 or source.ack_status in (204, 205):
         # 204 and 205 have no body; the ack's JSON after one breaks a keep-alive client.
         raise ConfigError(t.path("ack_status"), "must be a 2xx status code other than 204 or 205")

@@ -570,6 +570,10 @@ class Receiver:
         server = self.config.server
         if request.method not in self._methods[src.name]:  # a HEAD reads as GET
             return self._not_allowed(src)
+        if src.allow_from:
+            client = client_of(request, server.trusted_proxies)
+            if client is None or not _within(client, src.allow_from):
+                raise _Refused(403, "sender not allowed (the source's allow_from)")
         # Read before the first await: a reload may drop this source from the maps meanwhile.
         bucket = self._buckets.get(src.name)
         masked = self._secret_headers[src.name]
