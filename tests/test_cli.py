@@ -31,7 +31,7 @@ from ops_support import (
     ingest,
     write_config,
 )
-from procs import Procs, clean_env, poll
+from procs import Procs, clean_env, poll, spawn
 from test_journal_contract import finished, new_event
 
 from webhookd import actions, models
@@ -375,6 +375,54 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
     for args in ((), (first, "--queued"), (first, "--source", "shop")):
         out = await cli("cancel", *args, "--config", str(config))
         assert out.exit_code == 2
+
+
+async def test_events_follow_prints_each_new_event_as_it_is_journaled(
+    wired: tuple[Path, Running], tmp_path: Path
+) -> None:
+    """``events --follow`` (a real process beside the daemon): the listing oldest first (cut by
+    --limit: the older one never shows), then each webhook accepted after it, in the order
+    they came, filtered as asked; SIGINT ends it as a shell expects (130)."""
+    config, running = wired
+    await accepted(running, "shop", '{"n": "cut by the limit"}')
+    listed = await accepted(running, "shop", '{"n": "listed"}')
+    follow = await spawn(
+        [
+            "events",
+            "--follow",
+            "--json",
+            "--limit",
+            "1",
+            "--source",
+            "shop",
+            "--config",
+            str(config),
+        ],
+        tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert follow.stdout is not None
+
+    async def next_id() -> str:
+        line = await asyncio.wait_for(follow.stdout.readline(), 15)
+        assert line, "events --follow ended"
+        doc: dict[str, Any] = json.loads(line)
+        return str(doc["id"])
+
+    try:
+        assert await next_id() == listed
+        later = [await accepted(running, "shop", json.dumps({"n": n})) for n in range(3)]
+        await accepted(running, "mail")  # another source: not shown
+        last = await accepted(running, "shop", '{"n": "last"}')
+        assert [await next_id() for _ in range(4)] == [*later, last]
+    finally:
+        follow.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(follow.communicate(), 15)
+    assert follow.returncode == 130, err
+
+    out = await cli("events", "--follow", "--state", "dead", "--config", str(config))
+    assert out.exit_code == 2
+    assert "--follow prints events as they arrive, in whatever state" in out.output
 
 
 async def test_events_replay_and_cancel_take_a_tenant_as_sent(

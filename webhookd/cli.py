@@ -43,7 +43,7 @@ from webhookd.journal import (
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log
-from webhookd.journal.records import JobsIn
+from webhookd.journal.records import EventSummary, JobsIn
 from webhookd.models import event_id_time
 from webhookd.redact import (
     WRITTEN_OUT,
@@ -813,6 +813,13 @@ def _bulk_filters(
     help="At most this many events, newest first.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Then print each new event as it is journaled, oldest first, until interrupted (the"
+    " listing itself is then oldest first too); not with --state.",
+)
 def events(
     config_path: str | None,
     state: str | None,
@@ -822,6 +829,7 @@ def events(
     contains: str | None,
     limit: int,
     as_json: bool,
+    follow: bool,
 ) -> None:
     """List recent events, newest first."""
     cfg = _read_config(config_path)
@@ -829,45 +837,100 @@ def events(
     since_ts = parse_since(since) if since else None
     if contains is not None and not 1 <= len(contains) <= MAX_CONTAINS:
         raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
+    if follow and state is not None:
+        raise click.UsageError(
+            "--follow prints events as they arrive, in whatever state; --state is for a listing"
+        )
+    masker = Masker(secret_values(cfg))
 
     async def go() -> list[Any]:
         async with _journal(cfg) as journal:
-            return await journal.list_events(
+            listing = partial(
+                journal.list_events,
                 state=state,
                 source=source,
                 tenant=tenant,
-                limit=limit,
-                since=since_ts,
                 contains=contains.encode() if contains is not None else None,
             )
+            rows = await listing(limit=limit, since=since_ts)
+            if follow:
+                echo = partial(_echo_event, masker=masker, as_json=as_json)
+                await _follow(listing, rows, limit, since_ts, echo)
+            return rows
 
     rows = _run(go)
-    masker = Masker(secret_values(cfg))
     for r in rows:
-        if as_json:
-            row = {
-                "id": r.id,
-                "source": r.source,
-                "received_at": r.received_at,
-                "tenant": r.tenant or None,
-                "priority": r.priority,
-                "state": r.state,
-                "jobs": r.jobs,
-            }
-            click.echo(json.dumps(masker.deep(row)))
-        else:
-            click.echo(
-                printable(
-                    masker.text(
-                        f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
-                        f"{'  tenant=' + r.tenant if r.tenant else ''}"
-                    )
-                )
-            )
+        _echo_event(r, masker, as_json)
     if not rows and not as_json:
         click.echo("no events", err=True)
     elif len(rows) == limit:
         click.echo(f"webhookd: note: the newest {limit} shown; --limit for more", err=True)
+
+
+def _echo_event(r: EventSummary, masker: Masker, as_json: bool) -> None:
+    if as_json:
+        row = {
+            "id": r.id,
+            "source": r.source,
+            "received_at": r.received_at,
+            "tenant": r.tenant or None,
+            "priority": r.priority,
+            "state": r.state,
+            "jobs": r.jobs,
+        }
+        click.echo(json.dumps(masker.deep(row)))
+    else:
+        click.echo(
+            printable(
+                masker.text(
+                    f"{r.id}  {_when(r.received_at)}  {r.state:<9} {r.source}"
+                    f"{'  tenant=' + r.tenant if r.tenant else ''}"
+                )
+            )
+        )
+
+
+# ``events --follow``: how often the journal is asked, and how far back each ask looks past the
+# newest event seen. An event is journaled with its receive time, up to an ack deadline (or on
+# another node, its clock a little off) after a younger one: the look back catches it, and the
+# ids already printed keep it from being printed twice.
+FOLLOW_EVERY_S = 0.5
+FOLLOW_LOOK_BACK_S = 10.0
+FOLLOW_PAGE = 10_000
+
+
+async def _follow(
+    listing: Callable[..., Awaitable[list[EventSummary]]],
+    listed: list[EventSummary],
+    limit: int,
+    since: float | None,
+    echo: Callable[[EventSummary], None],
+) -> None:
+    """Print the listing oldest first, then each event journaled after it, until cancelled."""
+    shown: dict[str, float] = {}  # id → received_at, for the look back's span only
+    # A listing cut by its limit: what is older than the oldest line stays unprinted.
+    cutoff = min(r.received_at for r in listed) if len(listed) == limit else -math.inf
+    newest = max([r.received_at for r in listed], default=since or time.time())
+    said_more = False
+    rows = listed
+    while True:
+        for r in reversed(rows):  # newest first from the journal: printed oldest first
+            if r.id not in shown and r.received_at >= cutoff:
+                shown[r.id] = r.received_at
+                newest = max(newest, r.received_at)
+                echo(r)
+        if len(rows) == FOLLOW_PAGE and not said_more:
+            said_more = True
+            click.echo(
+                f"webhookd: note: over {FOLLOW_PAGE:,} events in {FOLLOW_LOOK_BACK_S:g} s: some"
+                " are not shown (--source or --contains shows fewer)",
+                err=True,
+            )
+        horizon = newest - FOLLOW_LOOK_BACK_S
+        for event_id in [i for i, at in shown.items() if at < horizon]:
+            del shown[event_id]
+        await asyncio.sleep(FOLLOW_EVERY_S)
+        rows = await listing(limit=FOLLOW_PAGE, since=max(horizon, since or -math.inf))
 
 
 @main.command()
