@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.json_errors",
         "webhookd.throttle",
         "webhookd.sdnotify",
+        "webhookd.multipart",
     ),
     ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.

@@ -649,6 +649,29 @@ def test_mailgun_multipart_form() -> None:
     assert default_dedup("mailgun", headers, body) == token
 
 
+def test_mailgun_multipart_with_a_large_attachment_before_its_fields() -> None:
+    """The fields after a megabytes-long attachment are found (the attachment is skipped, not
+    parsed); a signature field far larger than any real one is not taken."""
+    ts, token = str(int(NOW)), "tok456"
+    attachment = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="attachment-1"; filename="a.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + b"\x00--XyZ\r\n" * 300_000 + b"\r\n"
+    )
+
+    def field(name: str, value: str) -> bytes:
+        return b'--XyZ\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (
+            name.encode(),
+            value.encode(),
+        )
+
+    signed = field("timestamp", ts) + field("signature", mailgun_sig("k", ts, token))
+    headers = CIMultiDict({"Content-Type": "multipart/form-data; boundary=XyZ"})
+    body = attachment + signed + field("token", token) + b"--XyZ--\r\n"
+    assert check(make_cfg("mailgun", "k"), headers, body)
+    huge = attachment + signed + field("token", token + " " * 2000) + b"--XyZ--\r\n"
+    assert reason(make_cfg("mailgun", "k"), headers, huge) == "missing token"
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [

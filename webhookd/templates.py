@@ -18,11 +18,9 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from typing import Any
 
+from webhookd import multipart
 from webhookd.errors import ConfigError
 from webhookd.models import Event
 
@@ -137,21 +135,13 @@ def payload_of(event: Event) -> Any:
 
 
 def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
     fields: dict[str, str] = {}
-    if not isinstance(message, EmailMessage) or not message.is_multipart():
-        return fields
-    for part in message.iter_parts():
-        if not isinstance(part, EmailMessage):
-            continue
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or part.get_filename() is not None:
+    for part in multipart.parts(content_type, body):
+        name = part.name
+        if name is None or part.filename is not None:
             continue  # unnamed parts and uploaded files are not fields
-        raw = part.get_payload(decode=True)
-        if not isinstance(raw, bytes):
-            continue
-        charset = part.get_content_charset() or "utf-8"  # browsers and Mailgun send no charset
+        raw = part.decoded()
+        charset = part.headers.get_content_charset() or "utf-8"  # browsers, Mailgun send none
         try:
             fields[name] = raw.decode(charset, "replace")
         except LookupError:

@@ -1,0 +1,119 @@
+"""``webhookd.multipart``: the same parts as the ``email`` package finds, for any well-formed
+body (a property test with the standard library's parser as the reference), and the corner
+cases that a boundary search must get right."""
+
+from __future__ import annotations
+
+import base64
+import email.message
+import email.parser
+import email.policy
+import quopri
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from webhookd.multipart import parts
+
+Fields = list[tuple[str | None, str | None, bytes]]  # name, filename, decoded content
+
+
+def ours(content_type: str, body: bytes) -> Fields:
+    return [(p.name, p.filename, p.decoded()) for p in parts(content_type, body)]
+
+
+def reference(content_type: str, body: bytes) -> Fields:
+    """What the ``email`` package's whole-message parser makes of it."""
+    head = b"Content-Type: " + content_type.encode() + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head + body)
+    found: Fields = []
+    for part in message.get_payload():
+        assert isinstance(part, email.message.Message)
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        found.append((name if isinstance(name, str) else None, part.get_filename(), payload))
+    return found
+
+
+# A line of a value: any bytes but line breaks (the reference parser also breaks lines at a
+# bare CR, which HTTP's multipart does not).
+LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+FIELD = st.tuples(
+    st.from_regex(r"[a-z][a-z0-9_-]{0,11}", fullmatch=True),
+    st.one_of(st.none(), st.from_regex(r"[a-z]{1,8}\.(pdf|png|txt)", fullmatch=True)),
+    st.lists(LINE, min_size=1, max_size=4),
+    st.sampled_from([None, "base64", "quoted-printable"]),
+)
+
+
+@given(
+    boundary=st.from_regex(r"[A-Za-z0-9'()+_,.:=?-]{1,40}", fullmatch=True),
+    fields=st.lists(FIELD, min_size=1, max_size=6),
+    crlf=st.booleans(),
+    preamble=st.sampled_from([b"", b"This is the preamble.", b"preamble\r\nof two lines"]),
+    epilogue=st.sampled_from([b"", b"epilogue", b"\r\n"]),
+)
+def test_the_parts_are_the_ones_the_email_package_finds(
+    boundary: str,
+    fields: list[tuple[str, str | None, list[bytes], str | None]],
+    crlf: bool,
+    preamble: bytes,
+    epilogue: bytes,
+) -> None:
+    nl = b"\r\n" if crlf else b"\n"
+    delimiter = b"--" + boundary.encode()
+    body = preamble + nl if preamble else b""
+    for name, filename, lines, encoding in fields:
+        # A line that is a delimiter would end the part: content has none.
+        value = nl.join(b"x" + line if line.startswith(delimiter) else line for line in lines)
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        head = [f"Content-Disposition: {disposition}".encode()]
+        if encoding == "base64":
+            sent = base64.encodebytes(value).replace(b"\n", nl).rstrip(nl)
+        elif encoding == "quoted-printable":
+            sent = quopri.encodestring(value).replace(b"\n", nl).rstrip(nl)
+        else:
+            sent = value
+        if encoding:
+            head.append(f"Content-Transfer-Encoding: {encoding}".encode())
+        body += delimiter + nl + nl.join(head) + nl + nl + sent + nl
+    body += delimiter + b"--" + nl + epilogue
+    content_type = f'multipart/form-data; boundary="{boundary}"'
+    assert ours(content_type, body) == reference(content_type, body)
+
+
+def test_a_line_that_starts_like_the_boundary_is_content() -> None:
+    body = (
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="a"\r\n\r\n'
+        b"--XyZabc is not a delimiter\r\n--XyZ  \r\n"  # the delimiter, with spaces after it
+        b'Content-Disposition: form-data; name="b"\r\n\r\n'
+        b"2\r\n"
+        b"--XyZ--"
+    )
+    assert ours("multipart/form-data; boundary=XyZ", body) == [
+        ("a", None, b"--XyZabc is not a delimiter"),
+        ("b", None, b"2"),
+    ]
+
+
+def test_an_unfinished_body_ends_its_last_part_and_odd_parts_are_still_parts() -> None:
+    body = (
+        b"--XyZ\r\n"
+        b"\r\n"  # no headers at all
+        b"anonymous\r\n"
+        b"--XyZ\r\n"
+        b"Content-Disposition: form-data; name*=utf-8''r%C3%A9sum%C3%A9\r\n\r\n"
+        b"cut short"
+    )
+    assert ours("multipart/form-data; boundary=XyZ", body) == [
+        (None, None, b"anonymous"),
+        ("résumé", None, b"cut short"),
+    ]
+
+
+def test_without_a_boundary_or_a_delimiter_there_are_no_parts() -> None:
+    assert ours("multipart/form-data", b"--XyZ\r\n\r\nx\r\n--XyZ--") == []
+    assert ours("multipart/form-data; boundary=XyZ", b"no delimiter here") == []
+    assert ours("multipart/form-data; boundary=XyZ", b"--XyZ") == []  # no line after it
