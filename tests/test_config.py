@@ -94,6 +94,8 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ('[server]\ntrusted_proxies = ["10.0.0.0/33"]', "server.trusted_proxies"),
         ('[server]\ntrusted_proxies = ["nginx"]', "server.trusted_proxies"),
         ("[sources.a]\nallow_from = []", "sources.a.allow_from"),
+        ("[sources.a]\nmax_body_bytes = 0", "sources.a.max_body_bytes"),
+        ("[sources.a]\nmax_body_bytes = 100_000_000", "sources.a.max_body_bytes"),
         ('[sources.a]\nallow_from = ["github.com"]', "sources.a.allow_from"),
         ("[server]\nspeed = 3", "server.speed"),
         ("colour = 1", "colour"),

@@ -7,6 +7,7 @@ no worker pool runs, so what a request leaves in the journal stays there to be i
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import logging
@@ -322,6 +323,33 @@ async def test_body_over_the_limit_is_413_with_or_without_content_length(
     assert_error(await intake.post("/hooks/big", chunks()), 413)
     assert (await intake.post("/hooks/big", b"x" * 100)).status == 202
     assert await intake.events() == 1
+
+
+async def test_a_sources_own_max_body_bytes_replaces_the_servers_for_it_alone(
+    make_intake: StartIntake,
+) -> None:
+    """A source's ``max_body_bytes`` (mail with attachments, say) holds for its bodies as
+    sent, chunked and inflated; every other source keeps the server's."""
+    intake = await make_intake(
+        "[sources.mail]\nmax_body_bytes = 300\n[sources.small]\n", server="max_body_bytes = 100"
+    )
+
+    async def chunks(n: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield b"x" * 60
+
+    assert (await intake.post("/hooks/mail", b"x" * 300)).status == 202
+    assert (await intake.post("/hooks/mail", chunks(4))).status == 202
+    too_large = await intake.post("/hooks/mail", b"x" * 301)
+    assert_error(too_large, 413)
+    assert too_large.doc == {"error": "body larger than 300 bytes"}
+    assert_error(await intake.post("/hooks/mail", chunks(6)), 413)
+    inflated = gzip.compress(b"y" * 301)
+    gzipped = {"Content-Encoding": "gzip"}
+    assert_error(await intake.post("/hooks/mail", inflated, headers=gzipped), 413)
+    small = await intake.post("/hooks/small", b"x" * 101)
+    assert small.doc == {"error": "body larger than 100 bytes"}
+    assert await intake.events() == 2
 
 
 async def test_a_sender_outside_allow_from_is_403_and_nothing_is_stored(

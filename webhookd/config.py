@@ -408,6 +408,9 @@ class SourceConfig:
     concurrency: int | None = setting(None, minimum=1)
     # A cap on one tenant's running jobs of this source.
     tenant_concurrency: int | None = setting(None, minimum=1)
+    # This source's own body limit in place of server.max_body_bytes (a mail provider's
+    # attachments beside small JSON webhooks); None: the server's.
+    max_body_bytes: int | None = setting(None, positive=True)
     # The senders taken (the peer, or the client a trusted proxy names); () takes any. A
     # provider's published ranges, or an internal sender's address, beside its signature.
     allow_from: tuple[Network, ...] = setting((), parse=parse_networks)
@@ -1092,7 +1095,14 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
         )
     source = t.read(
         source,
-        only=("intake_per_s", "ack_status", "concurrency", "tenant_concurrency", "allow_from"),
+        only=(
+            "intake_per_s",
+            "ack_status",
+            "concurrency",
+            "tenant_concurrency",
+            "allow_from",
+            "max_body_bytes",
+        ),
     )
     if t.has("allow_from") and not source.allow_from:
         raise ConfigError(
@@ -1281,6 +1291,12 @@ def parse(
     src_table.finish()
     seen: dict[str, str] = {}
     for src in sources.values():
+        inflight = server.max_inflight_body_bytes
+        if (src.max_body_bytes or 0) > inflight:  # else a body that size could never be read
+            raise ConfigError(
+                f"{source_key(src.name)}.max_body_bytes",
+                f"must be at most server.max_inflight_body_bytes ({inflight})",
+            )
         if src.name == CATCH_ALL:
             continue
         if src.path in seen:

@@ -204,6 +204,10 @@ class _Refused(Exception):
         self.close = close
 
 
+def _too_large(most_bytes: int) -> _Refused:
+    return _Refused(413, f"body larger than {most_bytes} bytes")
+
+
 def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:
     """``value`` if SQLite can store it; a lone surrogate (``"\\udcff"`` in JSON, a raw
     non-UTF-8 byte in a header) cannot be encoded and is refused with a 400 naming the field."""
@@ -289,7 +293,6 @@ class Receiver:
         self.state = state
         self.clock = clock
         self._ack_deadlines = _Deadlines(config.server.ack_timeout_s)
-        self._too_large = f"body larger than {config.server.max_body_bytes} bytes"
         # Bytes of bodies being read now: Content-Length reserved up front, chunked bodies
         # counted as they grow (server.max_inflight_body_bytes).
         self._inflight_bytes = 0
@@ -470,15 +473,16 @@ class Receiver:
             client_of(request, self.config.server.trusted_proxies),
         )
 
-    async def _read(self, request: Request, length_bytes: int) -> bytes:
-        """The raw body, read within ``server.body_timeout_s`` while the bytes of all bodies
-        being read stay under ``server.max_inflight_body_bytes`` (else 408 or 503)."""
+    async def _read(self, request: Request, length_bytes: int, most_bytes: int) -> bytes:
+        """The raw body, at most ``most_bytes`` (else 413), read within
+        ``server.body_timeout_s`` while the bytes of all bodies being read stay under
+        ``server.max_inflight_body_bytes`` (else 408 or 503)."""
         server = self.config.server
         content = request.content
         if content.is_eof():  # it came with the headers (the usual case): nothing to wait for
             body = request.body_received()
-            if len(body) > server.max_body_bytes:  # chunked, so not refused by its length
-                raise _Refused(413, self._too_large)
+            if len(body) > most_bytes:  # chunked, so not refused by its length
+                raise _too_large(most_bytes)
             return body
         if self._inflight_bytes + length_bytes > server.max_inflight_body_bytes:
             raise self._bodies_in_flight()
@@ -491,8 +495,8 @@ class Receiver:
                 await self._go_on(request)
                 while chunk := await content.readany():
                     size += len(chunk)
-                    if size > server.max_body_bytes:
-                        raise _Refused(413, self._too_large)
+                    if size > most_bytes:
+                        raise _too_large(most_bytes)
                     if size > counted:  # chunked (or longer than announced): count as it grows
                         self._inflight_bytes += size - counted
                         counted = size
@@ -581,14 +585,15 @@ class Receiver:
         if self.state.draining:
             return self._unavailable("shutting_down", "shutting down")
         length = request.content_length
-        if length is not None and length > server.max_body_bytes:
-            raise _Refused(413, self._too_large)
-        body = await self._read(request, length or 0)
+        most_bytes = src.max_body_bytes or server.max_body_bytes
+        if length is not None and length > most_bytes:
+            raise _too_large(most_bytes)
+        body = await self._read(request, length or 0, most_bytes)
         headers = request.headers
         encoding = headers.get("Content-Encoding")
         if encoding is not None:
             try:
-                body = content_coding.decode(body, encoding, server.max_body_bytes)
+                body = content_coding.decode(body, encoding, most_bytes)
             except content_coding.DecodeError as exc:
                 raise _Refused(exc.status, exc.message) from None
         now = self.clock.time()
