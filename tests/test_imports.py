@@ -21,7 +21,9 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "webhookd"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # Foundations: nothing from webhookd.
+    # Nothing from webhookd, and the foundations' own.
+    ("webhookd.forms",),
+    # Foundations: nothing from webhookd but the above.
     (
         "webhookd.errors",
         "webhookd.clock",
@@ -31,7 +33,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.json_errors",
         "webhookd.throttle",
         "webhookd.sdnotify",
-        "webhookd.multipart",
     ),
     ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.

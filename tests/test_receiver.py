@@ -255,6 +255,42 @@ type = "log"
     assert vip.dedup_key == f"multi:{tenant}:sha256:" + hashlib.sha256(body).hexdigest()
 
 
+async def test_form_extractors_read_a_multipart_form_as_well(make_intake: StartIntake) -> None:
+    """``form:`` reads a multipart post's fields (a mail route's, with an attachment) as it
+    reads an urlencoded one's: tenant, priority and dedup alike; an uploaded file is no field."""
+    intake = await make_intake(
+        """
+[sources.mail]
+tenant = "form:recipient"
+dedup = "form:Message-Id"
+priority = { default = "normal", by = "form:attachment-1", high = ["x.pdf"] }
+"""
+    )
+
+    def field(name: str, value: bytes, filename: str = "") -> bytes:
+        named = f'name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return b"--XyZ\r\nContent-Disposition: form-data; %s\r\n\r\n%s\r\n" % (
+            named.encode(),
+            value,
+        )
+
+    body = (
+        field("recipient", b"support@example.com")
+        + field("Message-Id", b"<m-1@example.com>")
+        + field("attachment-1", b"%PDF-1.4 x.pdf", filename="x.pdf")
+        + b"--XyZ--\r\n"
+    )
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    first = await intake.post("/hooks/mail", body, headers=multipart)
+    again = await intake.post("/hooks/mail", body.replace(b"x.pdf", b"y.pdf"), headers=multipart)
+    assert first.status == 202
+    assert (again.status, again.doc["id"]) == (200, first.doc["id"])  # same Message-Id
+    event = (await intake.journal.get_event(first.doc["id"])).event
+    assert event.tenant == "support@example.com"
+    assert event.dedup_key == "mail:<m-1@example.com>"
+    assert event.priority == Priority.NORMAL  # the file's content is not a field's value
+
+
 async def test_unknown_source_is_404_without_a_catch_all(make_intake: StartIntake) -> None:
     """Without a catch-all, only configured paths exist; anything else is a JSON 404."""
     intake = await make_intake(

@@ -14,7 +14,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
+
+from webhookd import forms
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Every 10-bit value as its two base32 characters: an id is 13 lookups.
@@ -243,8 +244,9 @@ class Event:
         return json.loads(self.body)
 
     def form(self) -> dict[str, str]:
-        """The body parsed as ``application/x-www-form-urlencoded`` (last value wins)."""
-        return dict(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
+        """The form's fields: a ``multipart/form-data`` body's (uploaded files left out), else
+        the body read as ``application/x-www-form-urlencoded`` (last value wins)."""
+        return forms.fields(self.content_type, self.body)
 
 
 @dataclass(frozen=True, slots=True)

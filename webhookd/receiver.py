@@ -19,11 +19,10 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from webhookd import content_coding
+from webhookd import content_coding, forms
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import (
     ALERT_SOURCE,
@@ -72,10 +71,11 @@ class TokenBucket:
 class _Payload:
     """Lazily parsed views of a body, shared by every extractor of one request."""
 
-    __slots__ = ("_form", "_json", "body")
+    __slots__ = ("_form", "_json", "body", "content_type")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, content_type: str) -> None:
         self.body = body
+        self.content_type = content_type
         self._json: Any = _UNSET
         self._form: dict[str, str] | None = None
 
@@ -89,9 +89,7 @@ class _Payload:
 
     def form(self) -> dict[str, str]:
         if self._form is None:
-            self._form = dict(
-                parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True)
-            )
+            self._form = forms.fields(self.content_type, self.body)
         return self._form
 
 
@@ -627,7 +625,7 @@ class Receiver:
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
-        payload = _Payload(body)
+        payload = _Payload(body, headers.get("Content-Type", ""))
         key = None
         if src.dedup is not None:
             found = extract(src.dedup, headers, payload, typed=True)

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhookd import multipart
 from webhookd.errors import ConfigError
 from webhookd.models import Event
 
@@ -124,26 +123,9 @@ def _text(value: Any) -> str:
 def payload_of(event: Event) -> Any:
     """What templates look into: the JSON body, or the form's fields; ``{}`` when neither."""
     media_type = event.content_type.partition(";")[0].strip().lower()
-    if media_type == "application/x-www-form-urlencoded":
+    if media_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         return event.form()
-    if media_type == "multipart/form-data":
-        return _multipart_fields(event.content_type, event.body)
     try:
         return json.loads(event.body, parse_float=_Number)
     except ValueError:
         return {}
-
-
-def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for part in multipart.parts(content_type, body):
-        name = part.name
-        if name is None or part.filename is not None:
-            continue  # unnamed parts and uploaded files are not fields
-        raw = part.decoded()
-        charset = part.headers.get_content_charset() or "utf-8"  # browsers, Mailgun send none
-        try:
-            fields[name] = raw.decode(charset, "replace")
-        except LookupError:
-            fields[name] = raw.decode("utf-8", "replace")
-    return fields

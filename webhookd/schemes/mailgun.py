@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode
 
-from webhookd import multipart
+from webhookd import forms
 from webhookd.errors import VerificationError
 from webhookd.schemes.base import (
     FORM,
@@ -42,7 +42,7 @@ _FIELD_BYTES = 1024
 
 def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for part in multipart.parts(content_type, body):
+    for part in forms.parts(content_type, body):
         name = part.name
         if name in _FIELDS and name not in fields and part.size <= _FIELD_BYTES:
             fields[name] = part.decoded().decode("utf-8", "replace")

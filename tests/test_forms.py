@@ -1,6 +1,6 @@
-"""``webhookd.multipart``: the same parts as the ``email`` package finds, for any well-formed
-body (a property test with the standard library's parser as the reference), and the corner
-cases that a boundary search must get right."""
+"""``webhookd.forms``: a multipart body's parts are those the ``email`` package finds, for any
+well-formed body (a property test with the standard library's parser as the reference); the
+corner cases a boundary search must get right; form fields read from either kind of form."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import quopri
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd.multipart import parts
+from webhookd.forms import fields, parts
 
 Fields = list[tuple[str | None, str | None, bytes]]  # name, filename, decoded content
 
@@ -117,3 +117,23 @@ def test_without_a_boundary_or_a_delimiter_there_are_no_parts() -> None:
     assert ours("multipart/form-data", b"--XyZ\r\n\r\nx\r\n--XyZ--") == []
     assert ours("multipart/form-data; boundary=XyZ", b"no delimiter here") == []
     assert ours("multipart/form-data; boundary=XyZ", b"--XyZ") == []  # no line after it
+
+
+def test_fields_read_either_kind_of_form_and_leave_files_out() -> None:
+    urlencoded = fields("application/x-www-form-urlencoded", b"a=1&b=%C3%A9&a=2&empty=")
+    assert urlencoded == {"a": "2", "b": "é", "empty": ""}
+    body = (
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="subject"\r\n'
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\n"
+        b"caf\xe9\r\n"
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\n'
+        b"not a field\r\n"
+        b"--XyZ\r\n"
+        b'Content-Disposition: form-data; name="odd"\r\n'
+        b"Content-Type: text/plain; charset=no-such-charset\r\n\r\n"
+        b"caf\xc3\xa9\r\n"
+        b"--XyZ--\r\n"
+    )
+    assert fields("multipart/form-data; boundary=XyZ", body) == {"subject": "café", "odd": "café"}

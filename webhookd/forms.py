@@ -1,10 +1,11 @@
-"""``multipart/form-data`` bodies (RFC 7578) split into their parts by the boundary alone.
+"""Form bodies: ``application/x-www-form-urlencoded``, and ``multipart/form-data`` (RFC 7578)
+split into its parts by the boundary alone (``fields`` reads either).
 
-The parts are found with ``bytes.find``; only each part's header block goes through the
-``email`` parser. The standard library's whole-message parser reads every line of every part:
-a 24 MB Mailgun post with an attachment held the event loop for ~380 ms in it (measured),
-every other webhook's answer waiting meanwhile, where finding the parts takes a scan of the
-bytes and an attachment's content is never read line by line.
+A multipart body's parts are found with ``bytes.find``; only each part's header block goes
+through the ``email`` parser. The standard library's whole-message parser reads every line of
+every part: a 24 MB Mailgun post with an attachment held the event loop for ~380 ms in it
+(measured), every other webhook's answer waiting meanwhile, where finding the parts takes a
+scan of the bytes and an attachment's content is never read line by line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import email.policy
 import email.utils
 import quopri
 from collections.abc import Iterator
+from urllib.parse import parse_qsl
 
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _CR = 0x0D
@@ -138,3 +140,23 @@ def _part(body: bytes, start: int, end: int) -> Part:
     else:
         return Part(_HEADERS.parsebytes(body[start:end]), body, end, end)
     return Part(_HEADERS.parsebytes(body[start:header_end]), body, content_start, end)
+
+
+def fields(content_type: str, body: bytes) -> dict[str, str]:
+    """A form's fields by name (the last of a name wins): a multipart form's named parts that
+    are no uploaded file, decoded by their charset (UTF-8 when they name none, as browsers and
+    Mailgun send them), else the body read as ``application/x-www-form-urlencoded``."""
+    if content_type.partition(";")[0].strip().lower() != "multipart/form-data":
+        return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    found: dict[str, str] = {}
+    for part in parts(content_type, body):
+        name = part.name
+        if name is None or part.filename is not None:
+            continue  # unnamed parts and uploaded files are not fields
+        raw = part.decoded()
+        charset = part.headers.get_content_charset() or "utf-8"
+        try:
+            found[name] = raw.decode(charset, "replace")
+        except LookupError:
+            found[name] = raw.decode("utf-8", "replace")
+    return found
