@@ -113,6 +113,14 @@ def test_an_unfinished_body_ends_its_last_part_and_odd_parts_are_still_parts() -
     ]
 
 
+def test_a_part_of_megabytes_without_a_blank_line_is_not_read_as_headers() -> None:
+    """Headers end within 16 KiB: past that a part has no name (and is no field), and the
+    megabytes are not parsed line by line."""
+    long_part = b'Content-Disposition: form-data; name="token"\r\n' + b"X-Pad: y\r\n" * 400_000
+    body = b"--XyZ\r\n" + long_part + b"--XyZ\r\n" + b'Content-Disposition: form-data; name="b"'
+    assert [p.name for p in parts("multipart/form-data; boundary=XyZ", body)] == [None, "b"]
+
+
 def test_without_a_boundary_or_a_delimiter_there_are_no_parts() -> None:
     assert ours("multipart/form-data", b"--XyZ\r\n\r\nx\r\n--XyZ--") == []
     assert ours("multipart/form-data; boundary=XyZ", b"no delimiter here") == []

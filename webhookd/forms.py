@@ -22,6 +22,9 @@ from urllib.parse import parse_qsl
 
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _CR = 0x0D
+# A part's header block is a few lines; one longer than this is not read as headers (else a
+# part of megabytes with no blank line would be parsed line by line after all).
+_HEAD_BYTES = 16 * 1024
 
 
 class Part:
@@ -126,19 +129,22 @@ def _delimits(body: bytes, at: int, delimiter: bytes) -> bool:
 
 def _part(body: bytes, start: int, end: int) -> Part:
     """A part's header block and its content, split at the first blank line (a part with no
-    headers starts with one; one with no blank line is all headers). The search stops at that
-    line: the content is not scanned."""
+    headers starts with one; a short one with no blank line is all headers). The search goes
+    no further than a header block can: the content is not scanned."""
     for blank in (b"\r\n", b"\n"):
         if body.startswith(blank, start, end):
             return Part(email.message.Message(), body, start + len(blank), end)
-    crlf = body.find(b"\r\n\r\n", start, end)
-    lf = body.find(b"\n\n", start, end if crlf < 0 else crlf + 1)  # a bare-LF one before it
+    head_end = min(end, start + _HEAD_BYTES)
+    crlf = body.find(b"\r\n\r\n", start, head_end)
+    lf = body.find(b"\n\n", start, head_end if crlf < 0 else crlf + 1)  # a bare-LF one first
     if lf >= 0:
         header_end, content_start = lf, lf + 2
     elif crlf >= 0:
         header_end, content_start = crlf, crlf + 4
-    else:
-        return Part(_HEADERS.parsebytes(body[start:end]), body, end, end)
+    elif end - start <= _HEAD_BYTES:
+        return Part(_HEADERS.parsebytes(body[start:end]), body, end, end)  # all headers
+    else:  # no blank line where headers end: nothing to read it by (no name, no field)
+        return Part(email.message.Message(), body, start, end)
     return Part(_HEADERS.parsebytes(body[start:header_end]), body, content_start, end)
 
 
