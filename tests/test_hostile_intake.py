@@ -29,6 +29,7 @@ from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from conftest import make_config, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from rawhttp import RawAnswer, RawConn, post
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -202,8 +203,7 @@ async def test_any_unicode_in_extracted_fields_is_stored_or_refused_with_400(
     # What each extractor sees, the way the receiver's request gives it (aiohttp decodes header
     # bytes as UTF-8 with surrogateescape).
     seen_headers = {n.decode(): v.decode("utf-8", "surrogateescape") for n, v in headers}
-    content_type = next((v for n, v in seen_headers.items() if n.lower() == "content-type"), "")
-    payload = _Payload(body, content_type)
+    payload = _Payload(body, CIMultiDict(seen_headers))
     dedup, tenant, order = (
         extract(spec(s), seen_headers, payload, typed=(n == 0))
         for n, s in enumerate(EXTRACTORS[source])

@@ -17,7 +17,7 @@ import ipaddress
 import json
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -71,11 +71,11 @@ class TokenBucket:
 class _Payload:
     """Lazily parsed views of a body, shared by every extractor of one request."""
 
-    __slots__ = ("_form", "_json", "body", "content_type")
+    __slots__ = ("_form", "_json", "body", "headers")
 
-    def __init__(self, body: bytes, content_type: str) -> None:
+    def __init__(self, body: bytes, headers: Mapping[str, str]) -> None:
         self.body = body
-        self.content_type = content_type
+        self.headers = headers  # read for the form's kind only when a field is asked for
         self._json: Any = _UNSET
         self._form: dict[str, str] | None = None
 
@@ -89,7 +89,7 @@ class _Payload:
 
     def form(self) -> dict[str, str]:
         if self._form is None:
-            self._form = forms.fields(self.content_type, self.body)
+            self._form = forms.fields(self.headers.get("Content-Type", ""), self.body)
         return self._form
 
 
@@ -625,7 +625,7 @@ class Receiver:
 
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
-        payload = _Payload(body, headers.get("Content-Type", ""))
+        payload = _Payload(body, headers)
         key = None
         if src.dedup is not None:
             found = extract(src.dedup, headers, payload, typed=True)
