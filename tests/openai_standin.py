@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,15 +80,16 @@ class StandIn:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
-    async def start(self) -> StandIn:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> StandIn:
+        """Serve on a free loopback port; over https with ``ssl_context``."""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
         return self
 
     async def aclose(self) -> None:

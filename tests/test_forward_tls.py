@@ -79,11 +79,11 @@ async def tls_target(pki: Pki) -> AsyncIterator[Callable[[bool], Awaitable[TlsTa
             )
             return web.Response(text="ok")
 
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        pki.server.configure_cert(context)
         if mutual:
-            pki.ca.configure_trust(context)
-            context.verify_mode = ssl.CERT_REQUIRED
+            context = mutual_context(pki)
+        else:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            pki.server.configure_cert(context)
         app = web.Application()
         app.router.add_post("/{tail:.*}", handle)
         runner = web.AppRunner(app, access_log=None)
@@ -303,6 +303,21 @@ async def test_a_daemon_forwards_over_mutual_tls(
     assert [p["subjectAltName"][0][1] for p in target.peers] == ["billing-client.example"]
 
 
+def openai_source(standin: StandIn, extra: str = "") -> str:
+    """A source whose one openai action asks the stand-in, plus ``extra`` options."""
+    return f"""
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:OPENAI_TLS_TEST_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+prompt = "Reply to {{{{ subject }}}}"
+max_tokens = 50
+{extra}
+"""
+
+
 async def test_an_openai_actions_answer_goes_on_over_mutual_tls(
     tmp_path: Path,
     pki: Pki,
@@ -315,18 +330,8 @@ async def test_an_openai_actions_answer_goes_on_over_mutual_tls(
     tls = files(pki, ca_file="ca.pem", cert_file="client.pem", key_file="client.key")
     standin = await StandIn(clock=clock).start()
     try:
-        source = f"""
-[sources.mail]
-[[sources.mail.actions]]
-type = "openai"
-api_key = "env:OPENAI_TLS_TEST_KEY"
-base_url = "{standin.base_url}"
-model = "gpt-4o-mini"
-prompt = "Reply to {{{{ subject }}}}"
-max_tokens = 50
-then = {{ forward = "{target.url}", tls = {tls} }}
-"""
-        async with action_kit(tmp_path, source, clock=clock) as kit:
+        then = f'then = {{ forward = "{target.url}", tls = {tls} }}'
+        async with action_kit(tmp_path, openai_source(standin, then), clock=clock) as kit:
             event_id = await kit.send("mail", {"subject": "Refund"})
             await kit.run()
             job = await kit.job(event_id)
@@ -334,3 +339,39 @@ then = {{ forward = "{target.url}", tls = {tls} }}
         await standin.aclose()
     assert job.state == JobState.DONE, job.last_error
     assert [p["subjectAltName"][0][1] for p in target.peers] == ["billing-client.example"]
+
+
+def mutual_context(pki: Pki) -> ssl.SSLContext:
+    """A server's TLS with the private CA's certificate, asking for a client's of that CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    pki.server.configure_cert(context)
+    pki.ca.configure_trust(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def test_an_openai_action_reaches_a_model_server_of_its_own_over_mutual_tls(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tls`` on the action itself is for its ``base_url``: a self-hosted model server behind
+    a private CA that asks for a client certificate. Without it the call is retried."""
+    monkeypatch.setenv("OPENAI_TLS_TEST_KEY", "sk-standin")
+    clock = ManualClock()
+    standin = await StandIn(clock=clock).start(mutual_context(pki))
+    tls = files(pki, ca_file="ca.pem", cert_file="client-and-key.pem")
+    try:
+        with_tls = openai_source(standin, f"tls = {tls}")
+        async with action_kit(tmp_path / "with", with_tls, clock=clock) as kit:
+            event_id = await kit.send("mail", {"subject": "Refund"})
+            await kit.run()
+            done = await kit.job(event_id)
+        async with action_kit(tmp_path / "without", openai_source(standin), clock=clock) as kit:
+            event_id = await kit.send("mail", {"subject": "Refund"})
+            await kit.run()
+            refused = await kit.job(event_id)
+    finally:
+        await standin.aclose()
+    assert done.state == JobState.DONE, done.last_error
+    assert done.result["text"] == "Draft: Reply to Refund"
+    assert refused.state == JobState.QUEUED and refused.attempts == 1  # retried later
+    assert standin.received == 1

@@ -92,7 +92,9 @@ _OPTIONS = (
     "lane",
     "max_lane_wait_s",
     "then",
+    "tls",
 )
+OPENAI_BASE_URL = "https://api.openai.com/v1"  # the package's own, without base_url
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent under its own name
 _THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls")
 _RETRYABLE_4XX = frozenset({408, 409, 425})
@@ -118,6 +120,8 @@ class _Settings:
         self.base_url: str | None = None
         if t.has("base_url"):
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
+        # A server of your own on https behind a private CA, or asking for a client certificate.
+        self.tls = read_tls(t, self.base_url or OPENAI_BASE_URL)
         model = t.string("model", None)  # a number is the wrong type, named so
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
@@ -271,7 +275,9 @@ class OpenAIAction:
             timeout=config.timeout_s,
             # A redirect is not followed (the SDK's default would): a 3xx re-posting the
             # prompt, payload data in it, wherever it points is dead, as a forward's is.
-            http_client=openai.DefaultAsyncHttpxClient(follow_redirects=False),
+            http_client=openai.DefaultAsyncHttpxClient(
+                follow_redirects=False, verify=self.settings.tls or True
+            ),
         )
 
     async def run(self, event: Event, job: Job) -> Outcome:
