@@ -1290,8 +1290,8 @@ def parse(
         sources[name] = _source(name, src_table.raw(name), src_table.path(name), kinds)
     src_table.finish()
     seen: dict[str, str] = {}
+    inflight = server.max_inflight_body_bytes
     for src in sources.values():
-        inflight = server.max_inflight_body_bytes
         if (src.max_body_bytes or 0) > inflight:  # else a body that size could never be read
             raise ConfigError(
                 f"{source_key(src.name)}.max_body_bytes",
