@@ -17,8 +17,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.machine import CpuMeter
-from bench.servers import JOURNAL_URL_ENV, Server, ServerFailed, proc_cpu_s, running_webhookd
+from bench.machine import OtherProcesses
+from bench.servers import JOURNAL_URL_ENV, Server, ServerFailed, running_webhookd
 
 _SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
 _EXPORT = re.compile(r"^export (\w+)=(\S+)$", re.M)
@@ -30,13 +30,18 @@ class Postgres:
     url: str  # the ``postgres`` database, empty
     data_dir: Path
 
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def cpu_s(self) -> float:
         """CPU time the server has used so far: the postmaster, the backends it has reaped,
         and the ones still running (its children only: other servers on the machine are not
         counted)."""
-        try:
-            postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        postmaster = self.postmaster_pid()
+        if postmaster is None:
             return 0.0
         tick = os.sysconf("SC_CLK_TCK")
         total = 0.0
@@ -120,21 +125,15 @@ def running_nodes(
 
 
 class ClusterBusy:
-    """As ``harness.Busy`` for several nodes and their PostgreSQL: the CPU everything else on
-    the machine used meanwhile, in % of one CPU."""
+    """As ``harness.Busy`` for several nodes and their PostgreSQL: the CPU processes other
+    than those and the benchmark's own used meanwhile, in % of one CPU."""
 
     def __init__(self, servers: list[Server], pg: Postgres | None) -> None:
-        self._servers = servers
-        self._pg = pg
-        self._meter = CpuMeter()
-        self._ours = self._used()
+        def ours() -> list[int]:
+            postmaster = pg.postmaster_pid() if pg is not None else None
+            return [s.proc.pid for s in servers] + ([postmaster] if postmaster else [])
 
-    def _used(self) -> float:
-        nodes = sum(s.cpu_s() for s in self._servers)
-        return nodes + proc_cpu_s(os.getpid()) + (self._pg.cpu_s() if self._pg else 0.0)
+        self._others = OtherProcesses(also=ours)
 
     def other_pct(self) -> float | None:
-        use = self._meter.read()
-        if use is None or use.wall_s <= 0:
-            return None
-        return max(0.0, 100 * (use.busy_s - (self._used() - self._ours)) / use.wall_s)
+        return self._others.pct()

@@ -29,8 +29,7 @@ from aiohttp import web
 
 from bench.intake import BUSY_OTHER_PCT, choose_cpus
 from bench.loadgen import BODY_BYTES, make_body, percentile
-from bench.machine import CpuMeter
-from bench.servers import proc_cpu_s
+from bench.machine import OtherProcesses
 
 REQUEST_TIMEOUT_S = 10.0
 _HEADERS = {"Content-Type": "application/json"}
@@ -347,20 +346,15 @@ def placed() -> Iterator[int | None]:
 
 
 class Busy:
-    """CPU used by everything but the daemon and this process during a measurement, in % of one
-    CPU: on a shared 2-core machine, another process on the daemon's core halves its speed."""
+    """CPU used by processes other than the daemon and the benchmark's own during a measurement,
+    in % of one CPU (``machine.OtherProcesses``): on a shared 2-core machine, another process
+    on the daemon's core halves its speed."""
 
     def __init__(self, daemon_pid: int) -> None:
-        self._pid = daemon_pid
-        self._meter = CpuMeter()
-        self._ours = proc_cpu_s(daemon_pid) + proc_cpu_s(os.getpid())
+        self._others = OtherProcesses(also=lambda: (daemon_pid,))
 
     def other_pct(self) -> float | None:
-        use = self._meter.read()
-        if use is None or use.wall_s <= 0:
-            return None
-        ours = proc_cpu_s(self._pid) + proc_cpu_s(os.getpid()) - self._ours
-        return max(0.0, 100 * (use.busy_s - ours) / use.wall_s)
+        return self._others.pct()
 
 
 def busy_note(other_pct: float | None) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.loadgen import LoadResult
-from bench.machine import CpuMeter, describe
+from bench.machine import CpuMeter, OtherProcesses, describe
 from bench.servers import (
     BARE,
     MINIMAL,
@@ -217,18 +217,15 @@ def _closed_run(
 def _measured(
     server: Server, measure: Callable[[], LoadResult]
 ) -> tuple[LoadResult, float, float | None]:
-    """Run `measure`; also return the server's CPU % and everything else's CPU %."""
-    meter = CpuMeter()
+    """Run `measure`; also return the server's CPU % and other processes' CPU % (see
+    ``machine.OtherProcesses``: not the kernel's work for the server's own fsyncs)."""
+    others = OtherProcesses()
+    started = time.monotonic()
     server_before = server.cpu_s()
     load = measure()
-    use = meter.read()
     server_s = server.cpu_s() - server_before
-    wall_s = use.wall_s if use is not None else load.elapsed_s
-    other_pct = None
-    if use is not None:
-        gen_s = load.gen_cpu_pct / 100 * load.elapsed_s
-        other_pct = max(0.0, 100 * (use.busy_s - server_s - gen_s) / wall_s)
-    return load, 100 * server_s / wall_s, other_pct
+    wall_s = time.monotonic() - started
+    return load, 100 * server_s / wall_s, others.pct()
 
 
 def _rate_runs(

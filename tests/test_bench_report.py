@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.intake import ratio_text
+from bench.machine import OtherProcesses
 
 
 @pytest.mark.parametrize(
@@ -22,3 +23,28 @@ def test_a_ratio_beside_its_target_is_never_rounded_onto_the_other_side(
     value: float, target: float | None, printed: str
 ) -> None:
     assert ratio_text(value, target) == printed
+
+
+def test_other_processes_are_those_outside_the_benchmarks_tree_and_what_it_names() -> None:
+    """What the busy notes count: CPU of processes that are neither the benchmark, what it
+    started (a server, its generator, their children), nor what it names (a daemonized
+    postmaster and its backends); a process new in the window counts whole. Kernel threads are
+    never in the table (``_user_processes`` leaves them out)."""
+    # pid -> (parent pid, CPU seconds so far); 100 is the benchmark.
+    start = {1: (0, 50.0), 100: (1, 3.0), 101: (100, 1.0), 500: (1, 2.0), 900: (1, 7.0)}
+    end = {
+        1: (0, 50.1),  # init, a stranger: +0.1
+        100: (1, 4.0),  # the benchmark: +1.0, ours
+        101: (100, 3.0),  # the server it started: +2.0, ours
+        102: (101, 0.5),  # a command the server ran, new: ours
+        500: (1, 2.5),  # the postmaster it names: +0.5, ours
+        501: (500, 0.7),  # a backend of it, new: ours
+        900: (1, 7.2),  # another tenant's process: +0.2
+        901: (1, 0.2),  # and one that started meanwhile: +0.2
+    }
+    tables = iter([start, end])
+    times = iter([10.0, 12.0])
+    others = OtherProcesses(
+        also=lambda: (500,), root=100, read=lambda: next(tables), clock=lambda: next(times)
+    )
+    assert others.pct() == pytest.approx(100 * (0.1 + 0.2 + 0.2) / 2.0)
