@@ -148,11 +148,21 @@ def _part(body: bytes, start: int, end: int) -> Part:
     return Part(_HEADERS.parsebytes(body[start:header_end]), body, content_start, end)
 
 
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+
+
+def media_type(content_type: str) -> str:
+    """A Content-Type's media type alone, in lower case: ``multipart/form-data`` of
+    ``Multipart/Form-Data; boundary=x``."""
+    return content_type.partition(";")[0].strip().lower()
+
+
 def fields(content_type: str, body: bytes) -> dict[str, str]:
     """A form's fields by name (the last of a name wins): a multipart form's named parts that
     are no uploaded file, decoded by their charset (UTF-8 when they name none, as browsers and
     Mailgun send them), else the body read as ``application/x-www-form-urlencoded``."""
-    if content_type.partition(";")[0].strip().lower() != "multipart/form-data":
+    if media_type(content_type) != MULTIPART:
         return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     found: dict[str, str] = {}
     for part in parts(content_type, body):

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from webhookd import forms
 from webhookd.errors import ConfigError
 from webhookd.models import Event
 
@@ -122,8 +123,7 @@ def _text(value: Any) -> str:
 
 def payload_of(event: Event) -> Any:
     """What templates look into: the JSON body, or the form's fields; ``{}`` when neither."""
-    media_type = event.content_type.partition(";")[0].strip().lower()
-    if media_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    if forms.media_type(event.content_type) in (forms.URLENCODED, forms.MULTIPART):
         return event.form()
     try:
         return json.loads(event.body, parse_float=_Number)

@@ -21,13 +21,14 @@ from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import parse_qsl
 
 from webhookd.errors import ConfigError, VerificationError
+from webhookd.forms import URLENCODED
 from webhookd.models import sha256_key
 from webhookd.secret import Secret
 
 # ASCII digits only: int() alone would also accept "1_000", " 12" and other scripts' digits.
 _DIGITS = re.compile(r"[0-9]{1,15}")
 ALGORITHMS: dict[str, Any] = {name: getattr(hashlib, name) for name in ("sha1", "sha256", "sha512")}
-FORM = "application/x-www-form-urlencoded"
+FORM = URLENCODED  # what form-posting providers send
 SAMPLE_MESSAGE = "test webhook from webhookd send"
 
 Result = tuple[int, float | None]  # the matching secret's index, the signed timestamp if any

@@ -52,7 +52,7 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
 def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
     """Mailgun's signature fields from a JSON ``signature`` object, a form or a multipart form."""
     content_type = header(headers, "Content-Type") or ""
-    if content_type.lower().startswith("multipart/form-data"):
+    if forms.media_type(content_type) == forms.MULTIPART:
         return _multipart_fields(content_type, body)
     doc = parse_json(body)
     if isinstance(doc, dict):
