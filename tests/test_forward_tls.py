@@ -5,6 +5,7 @@ are made per test by ``trustme``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +28,7 @@ from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.errors import ConfigError
-from webhookd.models import JobState
+from webhookd.models import Job, JobState
 
 
 @dataclass
@@ -109,19 +110,20 @@ def config_for(tmp_path: Path, options: str) -> Any:
     )
 
 
-@pytest.fixture
-async def send(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Outcome]]]:
-    """``await send(options)``: build a forward from TOML options, run it once on one event."""
+async def forward_once(tmp_path: Path, options: str) -> Outcome:
+    """Build a forward from TOML options and run it once on one event."""
+    cfg = config_for(tmp_path, options)
+    [action_cfg] = cfg.sources["shop"].actions
     async with aiohttp.ClientSession() as http:
+        action = forward.create(action_cfg, Resources(config=cfg, http=http))
+        event = make_event()
+        return await action.run(event, make_job(event))
 
-        async def run(options: str) -> Outcome:
-            cfg = config_for(tmp_path, options)
-            [action_cfg] = cfg.sources["shop"].actions
-            action = forward.create(action_cfg, Resources(config=cfg, http=http))
-            event = make_event()
-            return await action.run(event, make_job(event))
 
-        yield run
+@pytest.fixture
+def send(tmp_path: Path) -> Callable[[str], Awaitable[Outcome]]:
+    """``await send(options)``: ``forward_once`` in this test's folder."""
+    return functools.partial(forward_once, tmp_path)
 
 
 def files(pki: Pki, **names: str) -> str:
@@ -318,6 +320,14 @@ max_tokens = 50
 """
 
 
+async def openai_job(tmp_path: Path, standin: StandIn, clock: ManualClock, extra: str = "") -> Job:
+    """One webhook through ``openai_source(standin, extra)``: its job, as the run left it."""
+    async with action_kit(tmp_path, openai_source(standin, extra), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund"})
+        await kit.run()
+        return await kit.job(event_id)
+
+
 async def test_an_openai_actions_answer_goes_on_over_mutual_tls(
     tmp_path: Path,
     pki: Pki,
@@ -331,10 +341,7 @@ async def test_an_openai_actions_answer_goes_on_over_mutual_tls(
     standin = await StandIn(clock=clock).start()
     try:
         then = f'then = {{ forward = "{target.url}", tls = {tls} }}'
-        async with action_kit(tmp_path, openai_source(standin, then), clock=clock) as kit:
-            event_id = await kit.send("mail", {"subject": "Refund"})
-            await kit.run()
-            job = await kit.job(event_id)
+        job = await openai_job(tmp_path, standin, clock, then)
     finally:
         await standin.aclose()
     assert job.state == JobState.DONE, job.last_error
@@ -360,15 +367,8 @@ async def test_an_openai_action_reaches_a_model_server_of_its_own_over_mutual_tl
     standin = await StandIn(clock=clock).start(mutual_context(pki))
     tls = files(pki, ca_file="ca.pem", cert_file="client-and-key.pem")
     try:
-        with_tls = openai_source(standin, f"tls = {tls}")
-        async with action_kit(tmp_path / "with", with_tls, clock=clock) as kit:
-            event_id = await kit.send("mail", {"subject": "Refund"})
-            await kit.run()
-            done = await kit.job(event_id)
-        async with action_kit(tmp_path / "without", openai_source(standin), clock=clock) as kit:
-            event_id = await kit.send("mail", {"subject": "Refund"})
-            await kit.run()
-            refused = await kit.job(event_id)
+        done = await openai_job(tmp_path / "with", standin, clock, f"tls = {tls}")
+        refused = await openai_job(tmp_path / "without", standin, clock)
     finally:
         await standin.aclose()
     assert done.state == JobState.DONE, done.last_error

@@ -1132,6 +1132,11 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
     return dataclasses.replace(source, actions=tuple(actions))
 
 
+# What [alerts] takes of a forward's options: a chat service reached through an egress proxy,
+# or a relay of your own behind a private CA.
+_ALERT_FORWARD_OPTIONS = ("tls", "proxy")
+
+
 def _alerts(t: Table, kinds: KindDefaults | None) -> AlertsConfig:
     """``[alerts]``, with its reserved source: one forward action to ``url``, retried with the
     forward defaults unless ``timeout_s`` or ``retry`` say otherwise."""
@@ -1152,7 +1157,8 @@ def _alerts(t: Table, kinds: KindDefaults | None) -> AlertsConfig:
         key=t.key,
         timeout_s=timeout_s,
         retry=retry,
-        options={"url": url},
+        # The forward's own options, read (and checked, naming alerts.tls...) as it is built.
+        options={"url": url, **{k: t.raw(k) for k in _ALERT_FORWARD_OPTIONS if t.has(k)}},
     )
     source = SourceConfig(
         name=ALERT_SOURCE,

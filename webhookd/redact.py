@@ -223,8 +223,9 @@ def _looks_like_token(text: str) -> bool:
 
 # The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
 # options as written), and the tables whose every value may be one.
-_SECRET_OPTIONS = frozenset({"url", "forward", "secret", "secrets", "api_key"})
+_SECRET_OPTIONS = frozenset({"url", "forward", "proxy", "secret", "secrets", "api_key"})
 _SECRET_TABLES = frozenset({"headers", "env"})
+_URL_OPTIONS = frozenset({"url", "forward", "proxy"})
 
 
 def secret_values(obj: Any) -> set[str]:
@@ -272,7 +273,7 @@ def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
     def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
         for name, value in table.items():
             path = f"{key}.{name}"
-            if name in ("url", "forward") and isinstance(value, str) and _has_password(value):
+            if name in _URL_OPTIONS and isinstance(value, str) and _has_password(value):
                 yield path, value
             elif name in _SECRET_TABLES and isinstance(value, Mapping):
                 for item, text in value.items():
@@ -345,14 +346,13 @@ def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
         if action.type == "openai" and "api_key" not in action.options:
             found.append((f"{action.key}.api_key", DEFAULT_OPENAI_API_KEY))
         for key, value in found:
-            if isinstance(value, Secret) or (
-                isinstance(value, str) and value.startswith(("env:", "file:"))
-            ):
+            # A Secret here (the alerts' url) is one of the leaves above.
+            if isinstance(value, str) and value.startswith(("env:", "file:")):
                 yield key, value
 
 
-# The action options that hold nothing but a secret: a forward's ``url`` may hold one or not.
-_SECRET_ONLY_OPTIONS = sorted(_SECRET_OPTIONS - {"url", "forward"})
+# The action options that hold nothing but a secret: a URL may hold one (a password) or not.
+_SECRET_ONLY_OPTIONS = sorted(_SECRET_OPTIONS - _URL_OPTIONS)
 
 
 # What is said of each (by ``check``, and by the daemon as it starts).
@@ -421,8 +421,8 @@ def _actions(obj: Any) -> list[ActionConfig]:
     """The action configs ``obj`` (a config or a part of one) holds."""
     if isinstance(obj, ActionConfig):
         return [obj]
-    if isinstance(obj, Config):
-        return [a for src in obj.sources.values() for a in src.actions]
+    if isinstance(obj, Config):  # the alerts' forward too: its proxy may hold a password
+        return [a for src in obj.all_sources() for a in src.actions]
     if isinstance(obj, SourceConfig):
         return list(obj.actions)
     return []

@@ -1,15 +1,17 @@
 """Outbound HTTP delivery shared by actions: Standard Webhooks signing and outcome classification.
 
 ``forward`` sends the event's body with it; ``openai`` sends its answer on with it
-(``then = { forward = URL }``). Outcomes: 2xx is done; 408, 425, 429, 5xx, timeouts and
-connection errors are retried (the response's ``Retry-After`` is a lower bound for the next
-attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are permanent, and
-so is a 3xx: redirects are never followed. Every request carries the event id as ``webhook-id`` and
-``Idempotency-Key`` so the receiver can drop the duplicates that at-least-once delivery allows.
+(``then = { forward = URL }``). Outcomes: 2xx is done; 407 (a proxy's), 408, 425, 429, 5xx,
+timeouts and connection errors are retried (the response's ``Retry-After`` is a lower bound for
+the next attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are
+permanent, and so is a 3xx: redirects are never followed. Every request carries the event id as
+``webhook-id`` and ``Idempotency-Key`` so the receiver can drop the duplicates that
+at-least-once delivery allows.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import email.utils
 import math
@@ -18,9 +20,10 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -36,7 +39,9 @@ from webhookd.config import (
 from webhookd.errors import ConfigError
 from webhookd.schemes.standard import check_whsec, sign_standard
 
-_RETRYABLE_4XX = frozenset({408, 425, 429})
+# 407: a proxy on the way asks for credentials (fixed in the config and reloaded, the retries
+# go through).
+_RETRYABLE_4XX = frozenset({407, 408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
 _LOCATION_CHARS = 500
 
@@ -176,6 +181,54 @@ def read_tls(t: Table, url: str) -> ssl.SSLContext | None:
     return context
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """``proxy = "http://[user:password@]host:port"``: the HTTP proxy an action's requests go out
+    through (a tunnel by CONNECT for an https target, so its TLS is still end to end)."""
+
+    url: str  # without the user and password: the one an error text may name
+    authorization: str | None = field(default=None, repr=False)  # Proxy-Authorization, Basic
+    written: str = field(default="", repr=False)  # as configured, credentials in it (httpx's)
+
+
+def read_proxy(t: Table) -> Proxy | None:
+    """The ``proxy`` option, or None; ``env:``/``file:`` for one whose URL has a password in
+    it. Never quoted in an error: a URL written out may hold one."""
+    if not t.has("proxy"):
+        return None
+    key = t.path("proxy")
+    written = t.string("proxy")
+    _no_template(written, key)
+    value = text_or_secret(written, key)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # "http://[::1", ":99999"
+        parts, port = None, None
+    like = "like http://proxy.internal:3128"
+    if parts is not None and parts.scheme == "https":
+        raise ConfigError(
+            key,
+            f"an https:// proxy is not supported: give its http:// address, {like} (an https"
+            " target's traffic is tunnelled through it, still TLS from end to end)",
+        )
+    if parts is None or parts.scheme != "http" or not parts.hostname or port == 0:
+        raise ConfigError(key, f"must be an http:// URL of a proxy, {like}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, f"names a host and a port only (and a user and password), {like}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    url = f"http://{host}" + (f":{port}" if port is not None else "")
+    authorization = None
+    if parts.username is not None or parts.password is not None:
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        if ":" in user:
+            said = "has a user name with a : in it, which Basic credentials cannot carry"
+            raise ConfigError(key, said)
+        pair = f"{user}:{password}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode()
+    return Proxy(url, authorization, value)
+
+
 def _pem(path: str, key: str, marker: bytes, what: str) -> None:
     """A readable file with ``marker`` in it, or ``ConfigError`` naming ``key`` and why not."""
     try:
@@ -305,28 +358,44 @@ async def deliver(
     body: bytes,
     headers: Mapping[str, str],
     tls: ssl.SSLContext | None = None,
+    proxy: Proxy | None = None,
 ) -> Outcome:
-    """Send one request and classify the answer; ``tls``: the action's own (``read_tls``)."""
+    """Send one request and classify the answer; ``tls`` and ``proxy``: the action's own
+    (``read_tls``, ``read_proxy``)."""
     started = time.monotonic()
+    sent = dict(headers)
+    proxy_headers = None
+    if proxy is not None and proxy.authorization is not None:
+        # An https target's go on the CONNECT; a plain http request is the proxy's to read.
+        if url.startswith("https:"):
+            proxy_headers = {"Proxy-Authorization": proxy.authorization}
+        else:
+            sent["Proxy-Authorization"] = proxy.authorization
     try:
         async with http.request(
             method,
             url,
             data=body,
-            headers=dict(headers),
+            headers=sent,
             allow_redirects=False,
             ssl=True if tls is None else tls,
+            proxy=None if proxy is None else proxy.url,
+            proxy_headers=proxy_headers,
         ) as response:
             head = await response.content.read(_RESPONSE_HEAD_BYTES)
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
             location = response.headers.get("Location")
     except (aiohttp.ClientError, OSError) as exc:
-        if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+        if isinstance(exc, aiohttp.ClientHttpProxyError) and proxy is not None:
+            # The CONNECT refused: 407 for credentials, 403 for a target it does not allow.
+            why = f"the proxy {proxy.url} answered {exc.status} {exc.message}"
+        elif isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
             exc,
             aiohttp.ClientSSLError,  # a TLS failure's own text says what it was
         ):  # where its own text adds "ssl:default" to a plain http URL
-            why = f"cannot connect to {exc.host}:{exc.port}: {_why(exc.os_error)}"
+            to = "the proxy " if isinstance(exc, aiohttp.ClientProxyConnectionError) else ""
+            why = f"cannot connect to {to}{exc.host}:{exc.port}: {_why(exc.os_error)}"
         else:
             why = f"{type(exc).__name__}: {exc}"
         return Outcome.retry(
@@ -348,6 +417,10 @@ async def deliver(
         return Outcome.dead(f"{url} answered {status}, which is not a success", **detail)
     if status == 410:
         return Outcome.dead(f"{url} answered 410 Gone: the endpoint is retired", **detail)
+    if status == 407 and proxy is not None:
+        # A plain http request's: the proxy's answer, not the target's.
+        said = f"the proxy {proxy.url} answered 407 for {url}: check its user and password"
+        return Outcome.retry(said, after_s=retry_after, **detail)
     if status >= 500 or status in _RETRYABLE_4XX:
         return Outcome.retry(f"{url} answered {status}", after_s=retry_after, **detail)
     return Outcome.dead(f"{url} answered {status}", **detail)

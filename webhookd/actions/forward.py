@@ -17,8 +17,10 @@ import aiohttp
 
 from webhookd.actions.base import Outcome, Resources, options
 from webhookd.actions.delivery import (
+    Proxy,
     deliver,
     read_headers,
+    read_proxy,
     read_signing_secrets,
     read_tls,
     read_url,
@@ -34,7 +36,7 @@ from webhookd.redact import MASK, SECRET_HEADERS
 DEFAULTS = ActionDefaults(
     retry=RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=6 * 3600.0)
 )
-_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets", "tls")
+_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets", "tls", "proxy")
 
 # The provider's headers that say what a webhook is, where its body does not: a GitHub service
 # cannot tell a push from a pull request without X-GitHub-Event, nor a Shopify one an order's
@@ -77,6 +79,7 @@ class _Settings:
     secrets: tuple[str, ...]
     passed: frozenset[str]  # lower case
     tls: ssl.SSLContext | None  # a private CA, a client certificate
+    proxy: Proxy | None
     method: Literal["POST", "PUT", "PATCH"] = "POST"
 
 
@@ -86,8 +89,8 @@ def _settings(config: ActionConfig) -> _Settings:
     headers = read_headers(t)
     secrets = tuple(s.reveal() for s in read_signing_secrets(t))
     passed = _read_passed(t.raw("pass_headers", list(PASS_HEADERS)), t.path("pass_headers"))
-    tls = read_tls(t, url)
-    return t.read(_Settings(url, headers, secrets, passed, tls), only=("method",))
+    settings = _Settings(url, headers, secrets, passed, read_tls(t, url), read_proxy(t))
+    return t.read(settings, only=("method",))
 
 
 def _read_passed(value: object, key: str) -> frozenset[str]:
@@ -145,6 +148,7 @@ class ForwardAction:
             event.body,
             self.headers_for(event, time.time()),
             self.settings.tls,
+            self.settings.proxy,
         )
 
     async def aclose(self) -> None:

@@ -55,6 +55,7 @@ from webhookd.actions.delivery import (
     deliver,
     parse_retry_after,
     read_headers,
+    read_proxy,
     read_signing_secrets,
     read_tls,
     read_url,
@@ -93,11 +94,12 @@ _OPTIONS = (
     "max_lane_wait_s",
     "then",
     "tls",
+    "proxy",
 )
 OPENAI_BASE_URL = "https://api.openai.com/v1"  # the package's own, without base_url
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent under its own name
-_THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls")
-_RETRYABLE_4XX = frozenset({408, 409, 425})
+_THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls", "proxy")
+_RETRYABLE_4XX = frozenset({407, 408, 409, 425})  # 407: a proxy asking for credentials
 _DEFAULT_LANE_WAIT_S = 10.0
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
@@ -122,6 +124,8 @@ class _Settings:
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
         # A server of your own on https behind a private CA, or asking for a client certificate.
         self.tls = read_tls(t, self.base_url or OPENAI_BASE_URL)
+        # Without one, the openai package's own reading of HTTPS_PROXY and NO_PROXY holds.
+        self.proxy = read_proxy(t)
         model = t.string("model", None)  # a number is the wrong type, named so
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
@@ -195,6 +199,7 @@ class _Then:
         self.headers = read_headers(t)
         self.secrets = [s.reveal() for s in read_signing_secrets(t)]
         self.tls = read_tls(t, self.url)
+        self.proxy = read_proxy(t)
 
     async def send(
         self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]
@@ -210,7 +215,7 @@ class _Then:
             now=time.time(),
             extra=self.headers,
         )
-        return await deliver(http, "POST", self.url, data, headers, self.tls)
+        return await deliver(http, "POST", self.url, data, headers, self.tls, self.proxy)
 
 
 def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
@@ -276,7 +281,9 @@ class OpenAIAction:
             # A redirect is not followed (the SDK's default would): a 3xx re-posting the
             # prompt, payload data in it, wherever it points is dead, as a forward's is.
             http_client=openai.DefaultAsyncHttpxClient(
-                follow_redirects=False, verify=self.settings.tls or True
+                follow_redirects=False,
+                verify=self.settings.tls or True,
+                proxy=self.settings.proxy.written if self.settings.proxy else None,
             ),
         )
 
