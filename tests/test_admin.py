@@ -495,12 +495,28 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
 
     # Undone (``replay --dismissed``): the dismissed job alone runs again.
     status, error = await post_admin(running, f"/events/{event_id}/replay?dead=1&dismissed=1")
-    assert status == 400 and "not both" in error["error"]
+    assert (status, error["error"]) == (400, "give one of dead=1, dismissed=1 and done=1")
     status, doc = await post_admin(running, f"/events/{event_id}/replay?dismissed=1")
     assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
 
     await poll(down_ran(3), timeout_s=15)
     assert len(target.seen) == 1
+
+    # Delivered again (``replay --done --action deliver``): that action's done job alone.
+    status, error = await post_admin(running, f"/events/{event_id}/replay?done=1&action=")
+    assert (status, error["error"]) == (400, "action must name an action")
+    status, doc = await post_admin(running, f"/events/{event_id}/replay?done=1&action=down")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 0, "run_now": 0})  # it is dead
+    status, doc = await post_admin(running, f"/events/{event_id}/replay?done=1&action=deliver")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
+
+    async def delivered_again() -> bool:
+        _, detail = await get(running, f"/events/{event_id}")
+        return [j["state"] for j in detail["jobs"] if j["action"] == "deliver"] == ["done"]
+
+    await poll(delivered_again, timeout_s=15)
+    assert len(target.seen) == 2
+    assert await down_ran(3)()  # the dead one was not run again
 
 
 async def test_a_bulk_replays_batch_goes_on_past_an_event_pruned_since_it_was_listed(

@@ -41,11 +41,13 @@ from webhookd.clock import ManualClock
 from webhookd.journal import (
     Finished,
     Journal,
+    NewEvent,
+    NewJob,
     _take_serve_lock,
     open_journal,
     serve_lock_file,
 )
-from webhookd.models import JobState, event_id_time, new_event_id
+from webhookd.models import JobState, event_id_time, new_event_id, new_job_id
 
 
 async def dead_event(running: Running, target: Target, source: str = "shop") -> str:
@@ -256,7 +258,7 @@ async def test_cancel_dead_dismisses_dead_letters_and_replay_brings_them_back(
     out = await cli("show", first, "--config", str(config))
     assert "dismissed " in out.output and "(replay --dismissed undoes it)" in out.output
     out = await cli("replay", "--dismissed", "--dead", "--config", str(config))
-    assert out.exit_code == 2 and "give --dead or --dismissed, not both" in out.output
+    assert out.exit_code == 2 and "give one of --dead, --dismissed and --done" in out.output
     out = await cli(
         "replay", "--dismissed", "--source", "shop", "--dry-run", "--config", str(config)
     )
@@ -1150,6 +1152,67 @@ async def test_replay_of_ids_with_dead_leaves_their_done_jobs_alone(tmp_path: Pa
     async with Journal(cfg.journal.path) as journal:
         jobs = {job.id: job.state for job in (await journal.get_event(item.event.id)).jobs}
     assert jobs == {done_id: "done", dead_id: "queued"}
+
+
+async def test_replay_done_and_action_make_one_actions_deliveries_again(tmp_path: Path) -> None:
+    """`replay --done --action deliver` (a target that answered 2xx and lost the webhooks)
+    queues that action's done jobs alone, not the event's model call; `cancel --action` and
+    `replay <id> --action` touch that action's jobs alone; a name no source has is a note."""
+    path, cfg = write_config(
+        tmp_path,
+        forward_source("shop", "http://127.0.0.1:9/")
+        + '[[sources.shop.actions]]\nname = "draft"\ntype = "log"\n',
+    )
+    base = new_event()
+    item = NewEvent(
+        base.event,
+        (NewJob(new_job_id(), "deliver", "forward", 3), NewJob(new_job_id(), "draft", "log", 3)),
+    )
+    deliver_id, draft_id = (job.id for job in item.jobs)
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([deliver_id, draft_id], "boot_test")
+        await journal.finish(
+            [finished(deliver_id, JobState.DONE, "done"), finished(draft_id, JobState.DONE, "done")]
+        )
+
+    async def states() -> dict[str, str]:
+        async with Journal(cfg.journal.path) as journal:
+            return {job.action: job.state for job in (await journal.get_event(item.event.id)).jobs}
+
+    config = ("--config", str(path))
+    out = await cli("replay", "--done", "--dead", *config)
+    assert out.exit_code == 2 and "give one of --dead, --dismissed and --done" in out.output
+    done_of_deliver = ("--done", "--action", "deliver")
+    out = await cli("replay", *done_of_deliver, "--source", "shop", "--dry-run", *config)
+    assert out.stdout == f"would replay 1 event(s)\n{item.event.id}\n"
+    out = await cli("replay", *done_of_deliver, *config)
+    assert out.stdout == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
+    assert out.stderr == ""
+    assert await states() == {"deliver": "queued", "draft": "done"}
+    out = await cli("replay", item.event.id, *done_of_deliver, *config)
+    assert out.stdout == (
+        "nothing to replay: none of the jobs of action 'deliver' of 1 event(s) was done\n"
+    )
+    out = await cli("cancel", item.event.id, "--action", "deliver", *config)
+    assert out.stdout == "cancelled 1 job(s) of 1 event(s)\n"
+    assert await states() == {"deliver": "cancelled", "draft": "done"}
+
+    out = await cli("replay", item.event.id, "--action", "drat", *config)
+    assert out.stderr == (
+        f"webhookd: note: no action 'drat' of any source in {path} (did you mean draft?):"
+        " only jobs journaled under that name match\n"
+    )
+    assert (
+        out.stdout
+        == "nothing to replay: 1 event(s) have no finished or waiting job of action 'drat'\n"
+    )
+    out = await cli("replay", item.event.id, "--action", "draft", *config)
+    assert out.stderr == (
+        "webhookd: note: 1 done job(s) among them run again (a delivery that succeeded is"
+        " made again); --dead replays only the dead ones\n"
+    )
+    assert await states() == {"deliver": "cancelled", "draft": "queued"}
 
 
 async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_obey(

@@ -697,6 +697,70 @@ async def test_a_replay_of_dead_letters_requeues_the_dead_jobs_alone(journal: Ba
     assert (jobs[waiting].state, jobs[waiting].run_at) == (JobState.QUEUED, later)
 
 
+async def test_a_replay_of_done_jobs_makes_the_deliveries_again_alone(
+    journal: BaseJournal,
+) -> None:
+    """``replay --done`` (a target answered 2xx and lost what it was sent): of an event whose
+    forward to one target was delivered, another went dead and a third waits out a backoff,
+    only the delivered one is queued again, with fresh attempts; the others keep their state
+    and their wait."""
+    item, (delivered, dead, waiting), later = await _delivered_dead_and_waiting(journal)
+    event_id = item.event.id
+    assert await journal.event_ids_with_jobs("done") == [event_id]
+    assert await journal.event_ids_with_jobs("done", action="forward-1") == []  # that one is dead
+    backlog = journal.backlog_jobs
+    assert await journal.replay([event_id], done_only=True) == {event_id: Replayed(1, 0)}
+    assert journal.backlog_jobs == backlog + 1 == await journal.backlog()
+    jobs = {j.id: j for j in (await journal.get_event(event_id)).jobs}
+    assert (jobs[delivered].state, jobs[delivered].attempts) == (JobState.QUEUED, 0)
+    assert jobs[dead].state == JobState.DEAD
+    assert (jobs[waiting].state, jobs[waiting].run_at) == (JobState.QUEUED, later)
+    assert await journal.event_ids_with_jobs("done") == []
+    with pytest.raises(ValueError, match="one of them"):
+        await journal.replay([event_id], dead_only=True, done_only=True)
+
+
+async def test_a_replay_or_a_cancel_of_one_action_leaves_the_events_other_jobs_alone(
+    journal: BaseJournal,
+) -> None:
+    """``--action``: a forward delivered again without the event's other jobs (a model asked
+    again, a deploy run twice); each verb and each kind of job, on the action named alone."""
+    item, (delivered, dead, waiting), later = await _delivered_dead_and_waiting(journal)
+    event_id = item.event.id
+
+    async def states() -> dict[str, tuple[str, float | None]]:
+        jobs = (await journal.get_event(event_id)).jobs
+        return {j.id: (j.state, j.run_at if j.state == JobState.QUEUED else None) for j in jobs}
+
+    assert await journal.event_ids_with_jobs("dead", action="forward-1") == [event_id]
+    assert await journal.event_ids_with_jobs("dead", action="forward-0") == []
+    assert await journal.event_ids_with_jobs("queued", action="forward-2") == [event_id]
+    # The delivered one queued again; the waiting one not hurried, the dead one left dead.
+    assert await journal.replay([event_id], action="forward-0") == {event_id: Replayed(1, 0)}
+    now = journal.clock.time()
+    assert await states() == {
+        delivered: (JobState.QUEUED, now),
+        dead: (JobState.DEAD, None),
+        waiting: (JobState.QUEUED, later),
+    }
+    assert await journal.replay([event_id], action="forward-2") == {event_id: Replayed(0, 1)}
+    assert (await states())[waiting] == (JobState.QUEUED, now)
+    assert await journal.cancel([event_id], action="forward-2") == {event_id: Cancelled(1, 0)}
+    assert await journal.cancel([event_id], dead_only=True, action="forward-0") == {
+        event_id: Cancelled(0, 0)
+    }
+    assert await journal.replay([event_id], dead_only=True, action="forward-1") == {
+        event_id: Replayed(1, 0)
+    }
+    assert await states() == {
+        delivered: (JobState.QUEUED, now),
+        dead: (JobState.QUEUED, now),
+        waiting: (JobState.CANCELLED, None),
+    }
+    assert journal.backlog_jobs == await journal.backlog() == 2
+    assert await journal.replay([event_id], action="no-such") == {event_id: Replayed(0, 0)}
+
+
 async def test_dismissing_dead_letters_cancels_the_dead_jobs_alone(journal: BaseJournal) -> None:
     """``cancel --dead``: of an event whose forward to one target was delivered, another went
     dead and a third waits out a backoff, only the dead one becomes ``cancelled``, keeping its
@@ -758,7 +822,7 @@ async def test_a_dismissal_is_undone_by_replaying_the_dismissed_jobs_alone(
     assert jobs[delivered].state == JobState.DONE
     assert (await journal.get_event(other.event.id)).jobs[0].state == JobState.CANCELLED
     assert await journal.event_ids_with_jobs("dismissed") == []
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one of them"):
         await journal.replay(both, dead_only=True, dismissed_only=True)
 
 

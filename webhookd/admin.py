@@ -401,19 +401,28 @@ class Admin:
     async def replay(self, request: web.Request) -> web.Response:
         """The event's finished jobs run again; with ``?dead=1`` (``replay --dead``, the
         dashboard's dead letters) its dead jobs alone, so a delivered forward is not sent twice;
-        with ``?dismissed=1`` (``replay --dismissed``) its dismissed dead jobs alone."""
+        with ``?dismissed=1`` (``replay --dismissed``) its dismissed dead jobs alone, with
+        ``?done=1`` (``replay --done``) its done ones; with ``?action=NAME`` (``--action``)
+        only the jobs of that action."""
         event_id = request.match_info["id"]
-        dead = request.query.get("dead", "0")
-        dismissed = request.query.get("dismissed", "0")
-        if dead not in ("0", "1"):
-            return json_error(400, "dead must be 0 or 1")
-        if dismissed not in ("0", "1"):
-            return json_error(400, "dismissed must be 0 or 1")
-        if dead == dismissed == "1":
-            return json_error(400, "give dead=1 or dismissed=1, not both")
+        flags = {}
+        for name in ("dead", "dismissed", "done"):
+            value = request.query.get(name, "0")
+            if value not in ("0", "1"):
+                return json_error(400, f"{name} must be 0 or 1")
+            flags[name] = value == "1"
+        if sum(flags.values()) > 1:
+            return json_error(400, "give one of dead=1, dismissed=1 and done=1")
+        action = request.query.get("action")
+        if action == "":
+            return json_error(400, "action must name an action")
         try:
             counts = await self.ctx.journal.replay(
-                [event_id], dead_only=dead == "1", dismissed_only=dismissed == "1"
+                [event_id],
+                dead_only=flags["dead"],
+                dismissed_only=flags["dismissed"],
+                done_only=flags["done"],
+                action=action,
             )
         except NotFound:
             return json_error(404, "no such event")
@@ -427,13 +436,17 @@ class Admin:
 
     async def cancel(self, request: web.Request) -> web.Response:
         """The event's queued jobs are cancelled (a running one once its attempt ends); with
-        ``?dead=1`` (``cancel --dead``, the dashboard's Dismiss) its dead jobs alone."""
+        ``?dead=1`` (``cancel --dead``, the dashboard's Dismiss) its dead jobs alone; with
+        ``?action=NAME`` (``--action``) only the jobs of that action."""
         event_id = request.match_info["id"]
         dead = request.query.get("dead", "0")
         if dead not in ("0", "1"):
             return json_error(400, "dead must be 0 or 1")
+        action = request.query.get("action")
+        if action == "":
+            return json_error(400, "action must name an action")
         try:
-            counts = await self.ctx.journal.cancel([event_id], dead_only=dead == "1")
+            counts = await self.ctx.journal.cancel([event_id], dead_only=dead == "1", action=action)
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:

@@ -63,6 +63,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
+ACTION_HELP = (
+    "Only the jobs of the action of this name (as show lists them): a forward made again"
+    " without asking a model again or running a deploy twice."
+)
 # The longest text `events --contains` takes.
 MAX_CONTAINS = 1000
 
@@ -520,14 +524,15 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 def _bulk(
     cfg: config_mod.Config,
     event_ids: tuple[str, ...],
-    select: tuple[JobsIn, str | None, float | None, str | None],
+    select: tuple[JobsIn, str | None, float | None, str | None, str | None],
     verb: tuple[str, str],
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
     looked_up: Callable[[list[EventDetail]], None] | None = None,
 ) -> dict[str, T] | None:
     """A replay or a cancel: over the ids given, each looked up first so that a typo changes
-    nothing, or over every event ``select`` finds (a job state, a source, a receive time, a tenant).
+    nothing, or over every event ``select`` finds (a job state, a source, a receive time, a
+    tenant, an action's name).
     One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
     commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
     and past forms, for the progress bar and the error that says how far it got. An event
@@ -544,9 +549,11 @@ def _bulk(
                 if looked_up is not None:
                     looked_up(found)
             else:
-                ids = [
-                    i async for page in journal.pages_of_event_ids_with_jobs(*select) for i in page
-                ]
+                state, source, since, tenant, action = select
+                pages = journal.pages_of_event_ids_with_jobs(
+                    state, source, since, tenant, action=action
+                )
+                ids = [i async for page in pages for i in page]
             out: dict[str, T] = {}
             if dry_run is not None:
                 return ids, out
@@ -622,46 +629,78 @@ def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[...,
     help="Undo dismissals (cancel --dead): replay the dismissed dead jobs of every event that"
     " has one (its other jobs are left alone); with event ids, only those events'.",
 )
-@_bulk_selection("--dead or --dismissed")
+@click.option(
+    "--done",
+    is_flag=True,
+    help="Make deliveries again (for a target that answered 2xx and lost them): the done jobs"
+    " of every event that has one (its other jobs are left alone); with event ids, only those"
+    " events' done jobs.",
+)
+@_bulk_selection("--dead, --dismissed or --done")
+@click.option("--action", help=ACTION_HELP)
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
     event_ids: tuple[str, ...],
     config_path: str | None,
     dead: bool,
     dismissed: bool,
+    done: bool,
     source: str | None,
     since: str | None,
     tenant: str | None,
+    action: str | None,
     dry_run: bool,
 ) -> None:
     """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
 
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
     running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued; with
-    --dismissed, only the dead jobs that cancel --dead dismissed.
+    --dismissed, only the dead jobs that cancel --dead dismissed; with --done, only done ones.
+    With --action, only the jobs of that action.
     """
-    if dead and dismissed:
-        raise click.UsageError("give --dead or --dismissed, not both")
-    flag = "--dismissed" if dismissed else "--dead" if dead else "--dead or --dismissed"
-    only = dead or dismissed
+    if dead + dismissed + done > 1:
+        raise click.UsageError("give one of --dead, --dismissed and --done")
+    flag = (
+        "--dismissed"
+        if dismissed
+        else "--done"
+        if done
+        else "--dead"
+        if dead
+        else "--dead, --dismissed or --done"
+    )
+    only = dead or dismissed or done
     since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
+    _unknown_action_note(cfg, source, action)
+    state: JobsIn = "dismissed" if dismissed else "done" if done else "dead"
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
-        ("dismissed" if dismissed else "dead", source, since_ts, tenant),
+        (state, source, since_ts, tenant, action),
         ("replaying", "replayed"),
-        lambda journal, batch: journal.replay(batch, dead_only=dead, dismissed_only=dismissed),
+        lambda journal, batch: journal.replay(
+            batch, dead_only=dead, dismissed_only=dismissed, done_only=done, action=action
+        ),
         "would replay {n} event(s)" if dry_run else None,
-        None if only else _done_jobs_note,
+        None if only else partial(_done_jobs_note, action=action),
     )
     if result is None:
         return
     requeued = sum(r.requeued for r in result.values())
     run_now = sum(r.run_now for r in result.values())
-    if result and not requeued and dismissed:
-        click.echo(f"nothing to replay: none of the jobs of {len(result)} event(s) was dismissed")
+    of_action = f" of action {action!r}" if action is not None else ""
+    if result and not requeued and (dismissed or done):
+        click.echo(
+            f"nothing to replay: none of the jobs{of_action} of {len(result)} event(s) was"
+            f" {'dismissed' if dismissed else 'done'}"
+        )
+        return
+    if result and not requeued and not run_now and action is not None:
+        click.echo(
+            f"nothing to replay: {len(result)} event(s) have no finished or waiting job{of_action}"
+        )
         return
     if result and not requeued and not run_now:
         # Running, or queued and already due (a paused source's): a replay has nothing to add.
@@ -684,6 +723,7 @@ def replay(
     " jobs are left alone); with event ids, only those events' dead jobs.",
 )
 @_bulk_selection("--queued or --dead")
+@click.option("--action", help=ACTION_HELP)
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
 def cancel(
     event_ids: tuple[str, ...],
@@ -693,6 +733,7 @@ def cancel(
     source: str | None,
     since: str | None,
     tenant: str | None,
+    action: str | None,
     dry_run: bool,
 ) -> None:
     """Cancel events' queued jobs: they never run, unless replayed.
@@ -703,7 +744,7 @@ def cancel(
 
     With --dead, dead letters handled some other way are dismissed: their dead jobs become
     cancelled, keeping their attempts and errors, and leave the dead-letter count (replay
-    --dismissed runs them again, alone).
+    --dismissed runs them again, alone). With --action, only the jobs of that action.
     """
     if queued and dead:
         raise click.UsageError("give --queued or --dead, not both")
@@ -711,12 +752,13 @@ def cancel(
     since_ts = _bulk_filters(event_ids, queued or dead, flag, source, since, tenant, with_ids=dead)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
+    _unknown_action_note(cfg, source, action)
     result: dict[str, Cancelled] | None = _bulk(
         cfg,
         event_ids,
-        ("dead" if dead else "queued", source, since_ts, tenant),
+        ("dead" if dead else "queued", source, since_ts, tenant, action),
         ("dismissing", "dismissed") if dead else ("cancelling", "cancelled"),
-        lambda journal, batch: journal.cancel(batch, dead_only=dead),
+        lambda journal, batch: journal.cancel(batch, dead_only=dead, action=action),
         f"would cancel the {'dead' if dead else 'queued'} jobs of {{n}} event(s)"
         if dry_run
         else None,
@@ -741,15 +783,40 @@ def cancel(
     click.echo(line)
 
 
-def _done_jobs_note(events: list[EventDetail]) -> None:
-    """A note on stderr when replaying ``events`` whole runs done jobs again: a delivery that
-    succeeded is made again, where ``--dead`` would leave it alone."""
-    if done := sum(job.state == "done" for event in events for job in event.jobs):
+def _done_jobs_note(events: list[EventDetail], action: str | None = None) -> None:
+    """A note on stderr when replaying ``events`` whole (or the jobs of ``action``) runs done
+    jobs again: a delivery that succeeded is made again, where ``--dead`` would leave it
+    alone."""
+    if done := sum(
+        job.state == "done" and action in (None, job.action)
+        for event in events
+        for job in event.jobs
+    ):
         click.echo(
             f"webhookd: note: {done} done job(s) among them run again (a delivery that"
             " succeeded is made again); --dead replays only the dead ones",
             err=True,
         )
+
+
+def _unknown_action_note(cfg: config_mod.Config, source: str | None, action: str | None) -> None:
+    """A note on stderr when ``--action`` names no action of the configured sources (of
+    ``--source``, if given): a slip would otherwise read as "nothing there". Jobs of an action
+    since removed are still matched."""
+    if action is None:
+        return
+    sources = [s for s in cfg.all_sources() if source is None or s.name == source]
+    names = {a.name for s in sources for a in s.actions}
+    if action in names or (source is not None and not sources):
+        return  # a source not configured has its own note
+    close = config_mod.closest(action, names)
+    hint = f" (did you mean {close}?)" if close else ""
+    where = f"source {source!r}" if source is not None else "any source"
+    click.echo(
+        f"webhookd: note: no action {action!r} of {where} in {cfg.origin}{hint}: only jobs"
+        " journaled under that name match",
+        err=True,
+    )
 
 
 def _unknown_source_note(cfg: config_mod.Config, source: str | None) -> None:

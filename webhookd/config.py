@@ -482,7 +482,7 @@ class Config:
     def close_source(self, name: str) -> str | None:
         """The configured source ``name`` is most likely a misspelling of, if one is close."""
         # Names are short: "shpo" scores 0.75 against "shop", under the 0.8 keys are held to.
-        return _closest(name, (n for n in self.sources if n != CATCH_ALL), cutoff=0.7)
+        return closest(name, (n for n in self.sources if n != CATCH_ALL), cutoff=0.7)
 
     def all_sources(self) -> tuple[SourceConfig, ...]:
         """The user's sources, and the alerts' own source when there is one (to build actions)."""
@@ -735,11 +735,11 @@ class Table:
 
 def _unknown(name: str, known: Iterable[str], said: str, cutoff: float = 0.8) -> str:
     """``said``, and the known key ``name`` is most likely a misspelling of, if one is close."""
-    close = _closest(name, known, cutoff)
+    close = closest(name, known, cutoff)
     return f"{said} (did you mean {close}?)" if close else said
 
 
-def _closest(name: str, known: Iterable[str], cutoff: float = 0.8) -> str | None:
+def closest(name: str, known: Iterable[str], cutoff: float = 0.8) -> str | None:
     """The known name ``name`` is most likely a misspelling of: the same but for case, else
     by difflib's ratio, or one letter off (a short key's ratio is low for one slip: rpn, rpm)."""
     keys = sorted(known)

@@ -102,6 +102,7 @@ from webhookd.journal.schema import (
     EVENT_STATES,
     EXPIRED,
     MIGRATIONS,
+    action_clause,
     add_functions,
     attempt_row,
     fetch,
@@ -1195,7 +1196,13 @@ class Journal(Reads, BaseJournal):
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
+        self,
+        event_ids: Sequence[str],
+        *,
+        dead_only: bool = False,
+        dismissed_only: bool = False,
+        done_only: bool = False,
+        action: str | None = None,
     ) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
 
@@ -1215,38 +1222,45 @@ class Journal(Reads, BaseJournal):
         replay-dead) only the dead jobs are re-queued, the event's other jobs left as they
         are: a forward that was delivered is not delivered again. With ``dismissed_only``
         (``replay --dismissed``: a dismissal undone) only the dead jobs dismissed (``cancel``
-        with ``dead_only``) are, likewise.
+        with ``dead_only``) are, likewise, and with ``done_only`` (``replay --done``: deliveries
+        made again, for a target that answered 2xx and lost them) only the done ones.
+
+        With ``action`` only the jobs of the action of that name are touched: a forward made
+        again without asking a model again or running a deploy twice.
 
         Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
         """
         now = self.clock.time()
 
-        again = replayed_jobs(dead_only, dismissed_only)
+        again = replayed_jobs(dead_only, dismissed_only, done_only)
+        of_action, named = action_clause(action, "?")
 
         def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 f" run_at = ?, finished_at = NULL, boot_id = NULL, result = {REPLAYED_RESULT},"
-                f" cancel_requested_at = NULL, dismissed_at = NULL WHERE event_id = ? AND {again}",
-                (now, event_id),
+                " cancel_requested_at = NULL, dismissed_at = NULL"
+                f" WHERE event_id = ? AND {again}{of_action}",
+                (now, event_id, *named),
             )
-            if dead_only or dismissed_only:
+            if dead_only or dismissed_only or done_only:
                 return Replayed(requeued=requeued.rowcount, run_now=0)
             hurried = conn.execute(
-                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued' AND run_at > ?",
-                (now, event_id, now),
+                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued'"
+                f" AND run_at > ?{of_action}",
+                (now, event_id, now, *named),
             )
             conn.execute(
                 "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = ?"
-                " AND state = 'running' AND cancel_requested_at IS NOT NULL",
-                (event_id,),
+                f" AND state = 'running' AND cancel_requested_at IS NOT NULL{of_action}",
+                (event_id, *named),
             )
             return Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
 
         return self._count_replayed(await self._each_event(event_ids, change))
 
     async def cancel(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, action: str | None = None
     ) -> dict[str, Cancelled]:
         """Stop each event's jobs that have not started: queued ones (due, or waiting for a
         retry, a lane or a paused source) become ``cancelled`` and never run, keeping their
@@ -1258,15 +1272,17 @@ class Journal(Reads, BaseJournal):
         With ``dead_only`` (dismissing dead letters: ``cancel --dead``) only the dead jobs
         become ``cancelled``, keeping their attempts, last error and result, and leave the
         dead-letter queue; the event's other jobs are left as they are. They are marked
-        dismissed (``dismissed_at``), so that ``replay`` with ``dismissed_only`` undoes it."""
+        dismissed (``dismissed_at``), so that ``replay`` with ``dismissed_only`` undoes it.
+        With ``action``, only the jobs of the action of that name."""
         now = self.clock.time()
+        of_action, named = action_clause(action, "?")
         if dead_only:
 
             def dismiss(conn: sqlite3.Connection, event_id: str) -> Cancelled:
                 cur = conn.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, dismissed_at = ?"
-                    " WHERE event_id = ? AND state = 'dead'",
-                    (now, now, event_id),
+                    f" WHERE event_id = ? AND state = 'dead'{of_action}",
+                    (now, now, event_id, *named),
                 )
                 return Cancelled(cur.rowcount, 0)
 
@@ -1275,12 +1291,13 @@ class Journal(Reads, BaseJournal):
         def change(conn: sqlite3.Connection, event_id: str) -> Cancelled:
             cancelled = conn.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?"
-                " WHERE event_id = ? AND state = 'queued'",
-                (now, event_id),
+                f" WHERE event_id = ? AND state = 'queued'{of_action}",
+                (now, event_id, *named),
             )
             running = conn.execute(
-                "UPDATE jobs SET cancel_requested_at = ? WHERE event_id = ? AND state = 'running'",
-                (now, event_id),
+                "UPDATE jobs SET cancel_requested_at = ? WHERE event_id = ?"
+                f" AND state = 'running'{of_action}",
+                (now, event_id, *named),
             )
             return Cancelled(cancelled.rowcount, running.rowcount)
 

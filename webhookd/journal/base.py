@@ -295,19 +295,27 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
+        self,
+        event_ids: Sequence[str],
+        *,
+        dead_only: bool = False,
+        dismissed_only: bool = False,
+        done_only: bool = False,
+        action: str | None = None,
     ) -> dict[str, Replayed]:
-        """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone, or with
-        ``dismissed_only`` the dead jobs dismissed (see ``Journal.replay``); ``NotFound`` for an
-        unknown id."""
+        """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone, with
+        ``dismissed_only`` the dead jobs dismissed, with ``done_only`` the done ones; with
+        ``action``, only the jobs of the action of that name (see ``Journal.replay``);
+        ``NotFound`` for an unknown id."""
 
     @abstractmethod
     async def cancel(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, action: str | None = None
     ) -> dict[str, Cancelled]:
         """Cancel each event's queued jobs, and its running ones once their attempt ends, or
         with ``dead_only`` its dead jobs alone (dismissed dead letters; see ``Journal.cancel``);
-        ``NotFound`` for an unknown id, changing nothing."""
+        with ``action``, only the jobs of the action of that name; ``NotFound`` for an unknown
+        id, changing nothing."""
 
     @abstractmethod
     async def pause(self, source: str) -> bool:
@@ -383,11 +391,13 @@ class BaseJournal(ABC):
         limit: int = 10_000,
         after: str | None = None,
         tenant: str | None = None,
+        action: str | None = None,
     ) -> list[str]:
-        """Events with a job in ``state`` (what ``replay --dead``, ``replay --dismissed`` and
-        ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now cancelled),
-        optionally of one source, received since a time and of one tenant (as sent: see
-        ``tenant_forms``), in id order: the first ``limit`` of those past the id ``after``."""
+        """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed`` and
+        ``--done`` and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now
+        cancelled), optionally of one source, received since a time, of one tenant (as sent:
+        see ``tenant_forms``) and, the job, of the action of that name, in id order: the first
+        ``limit`` of those past the id ``after``."""
 
     async def pages_of_event_ids_with_jobs(
         self,
@@ -396,12 +406,13 @@ class BaseJournal(ABC):
         since: float | None,
         tenant: str | None = None,
         page_size: int = 10_000,
+        action: str | None = None,
     ) -> AsyncIterator[list[str]]:
         """``event_ids_with_jobs``, all of them, a page at a time: a page replayed or cancelled
         before the next is read is not met again, and one that dies again is not either."""
         after = None
         while page := await self.event_ids_with_jobs(
-            state, source, since, page_size, after, tenant
+            state, source, since, page_size, after, tenant, action
         ):
             yield page
             after = page[-1]

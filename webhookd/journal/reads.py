@@ -206,16 +206,18 @@ class Reads:
         limit: int = 10_000,
         after: str | None = None,
         tenant: str | None = None,
+        action: str | None = None,
     ) -> list[str]:
-        # Read from the partial index that holds the jobs in that state, whose WHERE the
-        # state's fixed clause states (``state`` is the jobs' column: events have none). Left
-        # to itself, the planner walked every job in ``jobs_event`` order to skip a sort.
-        index = {"dead": "jobs_finished", "queued": "jobs_due", "dismissed": "jobs_finished"}[state]
-        jobs_in = (
-            f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NOT NULL"
-            if state == "dismissed"
-            else STATE_JOBS[state]
-        )
+        # Read from the index that holds the jobs in that state, whose WHERE the state's fixed
+        # clause states (``state`` is the jobs' column: events have none). Left to itself, the
+        # planner walked every job in ``jobs_event`` order to skip a sort.
+        index = "jobs_due" if state == "queued" else "jobs_finished"
+        if state == "dismissed":
+            jobs_in = f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NOT NULL"
+        elif state == "done":  # not in STATE_JOBS: a done event may have no job at all
+            jobs_in = "state = 'done' AND state IN ('done', 'dead', 'cancelled')"
+        else:
+            jobs_in = STATE_JOBS[state]
         sql = (
             f"SELECT DISTINCT j.event_id FROM jobs j INDEXED BY {index}"
             f" JOIN events e ON e.id = j.event_id WHERE {jobs_in}"
@@ -230,6 +232,9 @@ class Reads:
         if tenant is not None:
             sql += " AND e.tenant IN (?, ?)"
             args.extend(tenant_forms(tenant))
+        if action is not None:
+            sql += " AND j.action = ?"
+            args.append(action)
         if after is not None:
             sql += " AND j.event_id > ?"
             args.append(after)

@@ -219,14 +219,25 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def replayed_jobs(dead_only: bool, dismissed_only: bool) -> str:
+def replayed_jobs(dead_only: bool, dismissed_only: bool, done_only: bool = False) -> str:
     """The WHERE clause of the jobs a replay re-queues: every finished job, or the dead ones
-    alone, or the dead ones dismissed (cancelled with ``dismissed_at``) alone."""
-    if dead_only and dismissed_only:
-        raise ValueError("replay dead jobs or dismissed ones, not both")
+    alone, or the dead ones dismissed (cancelled with ``dismissed_at``) alone, or the done ones
+    alone (a delivery made again: a target that answered 2xx and lost it)."""
+    if dead_only + dismissed_only + done_only > 1:
+        raise ValueError("replay dead, dismissed or done jobs, one of them")
     if dismissed_only:
         return "state = 'cancelled' AND dismissed_at IS NOT NULL"
+    if done_only:
+        return "state = 'done'"
     return "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"
+
+
+def action_clause(action: str | None, placeholder: str) -> tuple[str, tuple[str, ...]]:
+    """A replay's or a cancel's ``AND action = ?`` for the jobs of one action, with its
+    argument; nothing for all of an event's jobs."""
+    if action is None:
+        return "", ()
+    return f" AND action = {placeholder}", (action,)
 
 
 def leaving_running(state: str, finished_at: str, now: str, j: str = "") -> str:

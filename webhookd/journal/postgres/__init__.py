@@ -83,7 +83,7 @@ from webhookd.journal.records import (
     Replayed,
     walk_end,
 )
-from webhookd.journal.schema import leaving_running, replayed_jobs
+from webhookd.journal.schema import action_clause, leaving_running, replayed_jobs
 from webhookd.models import JobState, new_boot_id
 
 __all__ = ["PostgresJournal", "redact_url"]
@@ -583,53 +583,66 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         return await self._write(fn)
 
     async def replay(
-        self, event_ids: Sequence[str], *, dead_only: bool = False, dismissed_only: bool = False
+        self,
+        event_ids: Sequence[str],
+        *,
+        dead_only: bool = False,
+        dismissed_only: bool = False,
+        done_only: bool = False,
+        action: str | None = None,
     ) -> dict[str, Replayed]:
         """``BaseJournal.replay``, safe beside a prune on any node (see ``_each_event``): an
         acknowledged replay is never followed by the deletion of the event it re-queued."""
         now = self.clock.time()
-        again = replayed_jobs(dead_only, dismissed_only)
+        again = replayed_jobs(dead_only, dismissed_only, done_only)
+        of_action, named = action_clause(action, "$3")
 
         async def change(conn: Any, event_id: str) -> Replayed:
             requeued = await conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
                 " run_at = $1, finished_at = NULL, node_id = NULL, claim_token = NULL,"
                 f" lease_until = NULL, result = {REPLAYED_RESULT}, cancel_requested_at = NULL,"
-                f" dismissed_at = NULL WHERE event_id = $2 AND {again}",
+                f" dismissed_at = NULL WHERE event_id = $2 AND {again}{of_action}",
                 now,
                 event_id,
+                *named,
             )
-            if dead_only or dismissed_only:
+            if dead_only or dismissed_only or done_only:
                 return Replayed(requeued=rowcount(requeued), run_now=0)
             hurried = await conn.execute(
                 "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"
-                " AND run_at > $1",
+                f" AND run_at > $1{of_action}",
                 now,
                 event_id,
+                *named,
             )
             await conn.execute(
                 "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = $1"
-                " AND state = 'running' AND cancel_requested_at IS NOT NULL",
+                " AND state = 'running' AND cancel_requested_at IS NOT NULL"
+                + action_clause(action, "$2")[0],
                 event_id,
+                *named,
             )
             return Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
 
         return self._count_replayed(await self._each_event(event_ids, change))
 
     async def cancel(
-        self, event_ids: Sequence[str], *, dead_only: bool = False
+        self, event_ids: Sequence[str], *, dead_only: bool = False, action: str | None = None
     ) -> dict[str, Cancelled]:
         """``BaseJournal.cancel``, events locked as ``replay`` locks them. A job some node is
         claiming this instant is waited for, then marked as a running one is."""
         now = self.clock.time()
+        of_action, named = action_clause(action, "$3")
         if dead_only:
 
             async def dismiss(conn: Any, event_id: str) -> Cancelled:
                 cur = await conn.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = $1, dismissed_at = $1"
-                    " WHERE event_id = $2 AND state = 'dead'",
+                    f" WHERE event_id = $2 AND state = 'dead'{of_action}",
                     now,
                     event_id,
+                    *named,
                 )
                 return Cancelled(rowcount(cur), 0)
 
@@ -638,15 +651,17 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         async def change(conn: Any, event_id: str) -> Cancelled:
             cancelled = await conn.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = $1"
-                " WHERE event_id = $2 AND state = 'queued'",
+                f" WHERE event_id = $2 AND state = 'queued'{of_action}",
                 now,
                 event_id,
+                *named,
             )
             running = await conn.execute(
                 "UPDATE jobs SET cancel_requested_at = $1 WHERE event_id = $2"
-                " AND state = 'running'",
+                f" AND state = 'running'{of_action}",
                 now,
                 event_id,
+                *named,
             )
             return Cancelled(rowcount(cancelled), rowcount(running))
 

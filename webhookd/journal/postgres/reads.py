@@ -161,6 +161,7 @@ class PgReads:
         limit: int = 10_000,
         after: str | None = None,
         tenant: str | None = None,
+        action: str | None = None,
     ) -> list[str]:
         dismissed = state == "dismissed"
         rows = await self.fetch(
@@ -170,6 +171,7 @@ class PgReads:
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
             " AND ($6::text[] IS NULL OR e.tenant = ANY($6::text[]))"
+            " AND ($8::text IS NULL OR j.action = $8)"
             " ORDER BY j.event_id LIMIT $3",
             source,
             since,
@@ -178,6 +180,7 @@ class PgReads:
             after,
             list(tenant_forms(tenant)) if tenant is not None else None,
             dismissed,
+            action,
         )
         return [r[0] for r in rows]
 
