@@ -371,6 +371,36 @@ async def test_dashboard_dismisses_a_dead_letter_handled_another_way(
     assert [len(j["errors"]) for j in doc["jobs"]] == [1, 2] and len(target.seen) == 1
 
 
+async def test_dashboard_replays_one_job_of_an_event_alone(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """An event with a delivered job and a dead one: the delivered job's Replay this job on the
+    event's page (``replay <id> --action deliver``) delivers it again, and the dead one is not
+    run again."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/in") + DOWN_ACTION)
+    running = await run_daemon(cfg)
+    event_id = await accepted(running, "shop", '{"order": 7}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    assert len(target.seen) == 1
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        button = "#detail button.replay-job[data-action='deliver']"
+        await page.wait_for(f'document.body.dataset.loaded && document.querySelector("{button}")')
+        assert (
+            await page.evaluate("document.querySelectorAll('#detail button.replay-job').length")
+            == 2
+        )
+        status = await page.click_for_status(button, "replayed")
+        assert status == f"replayed {event_id}: the job of deliver re-queued"
+
+    async def delivered_twice() -> bool:
+        return len(target.seen) == 2
+
+    await poll(delivered_twice, timeout_s=15)
+    doc = await event_state(running.http, running.admin_url, event_id, "dead")
+    assert [(j["action"], len(j["errors"])) for j in doc["jobs"]] == [("deliver", 2), ("down", 1)]
+
+
 async def set_width(page: Page, width: int) -> None:
     """The window's width in CSS pixels, as a phone's (390) or a laptop's (1280)."""
     await send(
