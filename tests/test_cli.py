@@ -331,6 +331,30 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert "was not paused" in out.output
 
 
+async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_filter(
+    tmp_path: Path,
+) -> None:
+    """A catch-all's jobs go by the name each webhook came to, never "*" (which stats sums
+    them under): a pause of "*" would hold nothing, so it is refused; the filters say that
+    nothing is journaled under it; a name it takes is paused as any source is."""
+    path, cfg = write_config(tmp_path, '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n')
+    async with Journal(cfg.journal.path):
+        pass  # made, as a first start makes it
+    config = ("--config", str(path))
+    said = (
+        '"*" is the catch-all: its events and jobs go by the name each webhook came to'
+        " (/hooks/<name>); give that name (webhookd events lists them)"
+    )
+    out = await cli("pause", "*", *config)
+    assert (out.exit_code, out.stderr) == (2, f"webhookd: error: {said}\n")
+    out = await cli("pause", "billing", *config)
+    assert (out.exit_code, out.stdout) == (0, "paused billing\n")
+    out = await cli("resume", "*", *config)  # one paused by an earlier webhookd can go
+    assert (out.exit_code, out.stdout) == (0, "* was not paused\n")
+    out = await cli("events", "--source", "*", *config)
+    assert out.stderr.startswith(f"webhookd: note: {said}: nothing is journaled under it\n")
+
+
 async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_runs_none(
     wired: tuple[Path, Running], target: Target
 ) -> None:

@@ -469,6 +469,8 @@ class Admin:
         source = request.match_info["source"]
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
+        if pausing and (said := self.ctx.config.by_other_names(source)):
+            return json_error(400, said)
         journal = self.ctx.journal
         try:
             changed = await (journal.pause(source) if pausing else journal.resume(source))

@@ -822,6 +822,9 @@ def _unknown_action_note(cfg: config_mod.Config, source: str | None, action: str
 def _unknown_source_note(cfg: config_mod.Config, source: str | None) -> None:
     """A note on stderr when ``--source`` names no configured source: a slip would otherwise
     read as "nothing there". Events of a source since removed are still matched."""
+    if source is not None and (said := cfg.by_other_names(source)):
+        click.echo(f"webhookd: note: {said}: nothing is journaled under it", err=True)
+        return
     if source is None or source in cfg.sources:
         return
     if source == config_mod.ALERT_SOURCE and cfg.alerts is not None:
@@ -1198,6 +1201,9 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
     cfg = _read_config(config_path)
     if cfg.source_for(source) is None:
         _fail(cfg.no_source(source), 2)
+    # Only a pause is refused: a "*" paused by an earlier webhookd can still be resumed.
+    if pausing and (said := cfg.by_other_names(source)):
+        _fail(said, 2)
 
     async def go() -> bool:
         async with _journal(cfg) as journal:

@@ -466,6 +466,17 @@ class Config:
             return self.sources.get(CATCH_ALL)
         return found
 
+    def by_other_names(self, name: str) -> str | None:
+        """What a verb that acts on one source's events or jobs says of the catch-all's own
+        name ``*``: they are journaled under the name each webhook came to, never ``*`` (the
+        name metrics and ``stats`` sum the catch-all's names under). None for any other."""
+        if name != CATCH_ALL or CATCH_ALL not in self.sources:
+            return None
+        return (
+            f'"{CATCH_ALL}" is the catch-all: its events and jobs go by the name each webhook'
+            " came to (/hooks/<name>); give that name (webhookd events lists them)"
+        )
+
     def no_source(self, name: str, *, takes_webhooks: bool = False) -> str:
         """What a verb says of a source name it found no source for: the configured names, and
         the closest if ``name`` looks misspelt. ``takes_webhooks`` (``send``): also that the
