@@ -1056,6 +1056,28 @@ def test_a_delivery_url_whose_port_is_not_a_port_is_refused_naming_the_key(
     assert info.value.key == key
     assert "has a port that is not a number from 1 to 65535" in str(info.value)
     assert "Zq9" not in str(info.value)
+    # The hint on a / in a password, only where the URL has one.
+    assert ("write / as %2F" in str(info.value)) == ("@" in url or url.startswith("env:"))
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "key"),
+    [
+        (_FORWARD, "http://exa mple.com/x", "sources.a.actions[0].url"),
+        (_FORWARD, "https://billing.internal>/x", "sources.a.actions[0].url"),
+        (_THEN, "http://exa mple.com/x", "sources.a.actions[0].then.forward"),
+        ('[alerts]\nurl = "{}"\n', "https://hooks .slack.com/x", "alerts.url"),
+    ],
+    ids=["space", "angle-bracket", "then-forward", "alerts"],
+)
+def test_a_delivery_url_with_a_host_no_host_could_have_is_refused_naming_the_key(
+    text: str, url: str, key: str
+) -> None:
+    """A space or a character no host name holds: every attempt would fail at the name
+    lookup, so check says so at once."""
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(text.format(url), kinds=actions.kind_defaults))
+    assert str(info.value) == f"{key}: has a host name with a space or a character no host name has"
 
 
 @pytest.mark.parametrize(

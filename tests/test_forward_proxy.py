@@ -128,6 +128,7 @@ async def test_a_proxy_refusing_the_credentials_is_retried_and_named_without_the
     assert outcome.kind == "retry"
     error = outcome.error or ""
     assert f"the proxy {proxy.url} answered 407" in error
+    assert error.endswith(": check its user and password")
     assert "wrong" not in error and "egress" not in error
     assert t.seen == []
 
@@ -161,7 +162,21 @@ LIKE = "like http://proxy.internal:3128"
         ("socks5://proxy.internal:1080", f"{KEY}: must be an http:// URL of a proxy, {LIKE}"),
         ("proxy.internal:3128", f"{KEY}: must be an http:// URL of a proxy, {LIKE}"),
         ("http://:3128", f"{KEY}: must be an http:// URL of a proxy, {LIKE}"),
-        ("http://u:pw@proxy.internal:99999", f"{KEY}: must be an http:// URL of a proxy, {LIKE}"),
+        (
+            "http://u:pw@proxy.internal:99999",
+            f"{KEY}: has a port that is not a number from 1 to 65535 (in a password, write / as"
+            " %2F)",
+        ),
+        (
+            "http://u:pa/ss@proxy.internal:3128",
+            f"{KEY}: has a port that is not a number from 1 to 65535 (in a password, write / as"
+            " %2F)",
+        ),
+        ("http://proxy.internal", f"{KEY}: names no port: give the proxy's, {LIKE}"),
+        (
+            "http://pro xy:3128",
+            f"{KEY}: has a host name with a space or a character no host name has",
+        ),
         (
             "http://proxy.internal:3128/squid",
             f"{KEY}: names a host and a port only (and a user and password), {LIKE}",
@@ -176,7 +191,19 @@ LIKE = "like http://proxy.internal:3128"
             " an openai action's prompt and system",
         ),
     ],
-    ids=["https", "socks", "no-scheme", "no-host", "bad-port", "path", "colon-user", "template"],
+    ids=[
+        "https",
+        "socks",
+        "no-scheme",
+        "no-host",
+        "bad-port",
+        "slash-in-password",
+        "no-port",
+        "space",
+        "path",
+        "colon-user",
+        "template",
+    ],
 )
 def test_a_proxy_value_that_cannot_be_used_is_a_config_error_that_never_quotes_it(
     tmp_path: Path, value: str, error: str

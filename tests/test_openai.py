@@ -518,7 +518,7 @@ async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
         (
             'then = { url = "http://x" }',
             "sources.s.actions[0].then.url",
-            "takes forward, secret, secrets, headers",
+            "takes forward (the URL), secret, secrets, headers",
         ),
         ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s", ""),
         ("max_completion_tokens = 10", "sources.s.actions[0].max_completion_tokens", ""),

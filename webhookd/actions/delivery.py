@@ -16,6 +16,7 @@ import datetime
 import email.utils
 import math
 import os
+import re
 import socket
 import ssl
 import time
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import aiohttp
 
@@ -84,16 +85,32 @@ def check_url(value: Any, key: str, *, secret: bool = False) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         shown = "its value (a secret, not shown)" if secret else repr(value)
         raise ConfigError(key, f"{shown} is not an http(s) URL")
-    try:
-        port_ok = parts.port != 0  # None: the scheme's own
-    except ValueError:  # ":99999", ":http": aiohttp would refuse it at every attempt
-        port_ok = False
-    if not port_ok:
-        # Not quoted: with a / in a password, what stands here is part of the password.
-        raise ConfigError(
-            key, "has a port that is not a number from 1 to 65535 (in a password, write / as %2F)"
-        )
+    _check_host(parts.hostname, key)
+    _check_port(parts, value, key)
     return value
+
+
+# What no host name or address holds: white space, control characters, and the characters
+# RFC 3986 leaves out of a host ("exa mple.com" fails every attempt with a name lookup).
+_NOT_IN_HOST = re.compile(r'[\s\x00-\x1f\x7f<>"{}|\\^`/?#@]')
+
+
+def _check_host(host: str, key: str) -> None:
+    if _NOT_IN_HOST.search(host):
+        raise ConfigError(key, "has a host name with a space or a character no host name has")
+
+
+def _check_port(parts: SplitResult, value: str, key: str) -> int | None:
+    """The URL's port (None: the scheme's own), or ``ConfigError`` naming ``key``."""
+    try:
+        port = parts.port
+    except ValueError:  # ":99999", ":http": aiohttp would refuse it at every attempt
+        port = 0
+    if port == 0:
+        # Not quoted: with a / in a password, what stands here is part of the password.
+        hint = " (in a password, write / as %2F)" if "@" in value else ""
+        raise ConfigError(key, f"has a port that is not a number from 1 to 65535{hint}")
+    return port
 
 
 def read_url(t: Table, name: str) -> str:
@@ -201,10 +218,9 @@ def read_proxy(t: Table) -> Proxy | None:
     _no_template(written, key)
     value = text_or_secret(written, key)
     try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:  # "http://[::1", ":99999"
-        parts, port = None, None
+        parts: SplitResult | None = urlsplit(value)
+    except ValueError:  # "http://[::1"
+        parts = None
     like = "like http://proxy.internal:3128"
     if parts is not None and parts.scheme == "https":
         raise ConfigError(
@@ -212,12 +228,16 @@ def read_proxy(t: Table) -> Proxy | None:
             f"an https:// proxy is not supported: give its http:// address, {like} (an https"
             " target's traffic is tunnelled through it, still TLS from end to end)",
         )
-    if parts is None or parts.scheme != "http" or not parts.hostname or port == 0:
+    if parts is None or parts.scheme != "http" or not parts.hostname:
         raise ConfigError(key, f"must be an http:// URL of a proxy, {like}")
+    _check_host(parts.hostname, key)
+    port = _check_port(parts, value, key)
+    if port is None:  # proxies have no one port (3128, 8080, 1080...): say which
+        raise ConfigError(key, f"names no port: give the proxy's, {like}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(key, f"names a host and a port only (and a user and password), {like}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    url = f"http://{host}" + (f":{port}" if port is not None else "")
+    url = f"http://{host}:{port}"
     authorization = None
     if parts.username is not None or parts.password is not None:
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
@@ -390,6 +410,8 @@ async def deliver(
         if isinstance(exc, aiohttp.ClientHttpProxyError) and proxy is not None:
             # The CONNECT refused: 407 for credentials, 403 for a target it does not allow.
             why = f"the proxy {proxy.url} answered {exc.status} {exc.message}"
+            if exc.status == 407:
+                why += ": check its user and password"
         elif isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
             exc,
             aiohttp.ClientSSLError,  # a TLS failure's own text says what it was

@@ -194,7 +194,10 @@ class _Then:
         if not isinstance(value, Mapping):
             raise ConfigError(key, "must be a table like { forward = URL }")
         t = Table(value, key)
-        t.only(_THEN_OPTIONS, f"for then, which takes {', '.join(_THEN_OPTIONS)} (the URL)")
+        t.only(
+            _THEN_OPTIONS,
+            f"for then, which takes forward (the URL), {', '.join(_THEN_OPTIONS[1:])}",
+        )
         self.url = read_url(t, "forward")
         self.headers = read_headers(t)
         self.secrets = [s.reveal() for s in read_signing_secrets(t)]
