@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import sqlite3
@@ -320,6 +321,16 @@ async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: 
         "webhookd-20250101T000000Z.db",
         "webhookd-20250102T000000Z.db",
     }
+    # Made within one second: the next free name, and rotation takes them in that order.
+    at = dt.datetime(2026, 2, 1, tzinfo=dt.UTC).timestamp()
+    made_then = []
+    for _ in range(3):
+        made_then.append(copies.dated(folder, journal, at))
+        made_then[-1].write_bytes(b"a copy")
+    first = "webhookd-20260201T000000Z"
+    assert [p.name for p in made_then] == [f"{first}.db", f"{first}-2.db", f"{first}-3.db"]
+    assert copies.rotate(folder, journal, 2, made_then[2]) == made_then[:2]
+    assert {again.name, made_then[2].name} <= names(folder)
     out = await cli("backup", str(tmp_path / "one.db"), "--keep", "3", "--config", str(config))
     assert (out.exit_code, out.output) == (
         2,

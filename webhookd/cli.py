@@ -1270,20 +1270,24 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
     folder = target if target.is_dir() else None
     if keep is not None and folder is None:
         _fail(f"--keep takes a folder as DEST, and {dest} is not one", 2)
-    if folder is not None:
-        target = copies.dated(folder, cfg.journal.path, time.time())
-    try:
-        with _progress(1, "backing up (MB)") as bar:
+    while True:
+        if folder is not None:
+            target = copies.dated(folder, cfg.journal.path, time.time())
+        try:
+            with _progress(1, "backing up (MB)") as bar:
 
-            def step(done: int, size: int) -> None:
-                bar.length = max(1, math.ceil(size / 1e6))
-                bar.update(math.ceil(done / 1e6) - bar.pos)
+                def step(done: int, size: int) -> None:
+                    bar.length = max(1, math.ceil(size / 1e6))
+                    bar.update(math.ceil(done / 1e6) - bar.pos)
 
-            made = copies.backup(cfg.journal.path, target, on_step=step)
-    except copies.DestinationExists as exc:
-        _fail(str(exc), 2)
-    except JournalError as exc:
-        _fail(str(exc), 1)
+                made = copies.backup(cfg.journal.path, target, on_step=step)
+            break
+        except copies.DestinationExists as exc:
+            if folder is None:
+                _fail(str(exc), 2)
+            # Another backup took the dated name meanwhile: this one takes the next.
+        except JournalError as exc:
+            _fail(str(exc), 1)
     _said_swept(made)
     click.echo(
         f"backed up {cfg.journal.path} to {target}: {made.events:,} event(s), newest received"

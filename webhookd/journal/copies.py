@@ -45,7 +45,8 @@ DAEMON_ROOM = 2 * WAL_SIZE_LIMIT_BYTES
 
 # A dated backup's name, ``<journal's stem>-<UTC time>.db``: sorted by name is sorted by time.
 _STAMP = "%Y%m%dT%H%M%SZ"
-_DATED = re.compile(r"-\d{8}T\d{6}Z\.db")
+# A second backup within the same second is ``-<UTC time>-2.db``, and so on.
+_DATED = re.compile(r"-(\d{8}T\d{6}Z)(?:-([2-9]|[1-9]\d+))?\.db")
 # What a backup or a restore writes before the file has its name: ``.<name>.<pid>.partial`` (with
 # SQLite's ``-journal`` beside it while pages go in) or ``.<name>.<pid>.restoring``.
 _UNFINISHED = re.compile(r"\..+\.([1-9]\d*)\.(?:partial|restoring)(?:-journal)?")
@@ -143,8 +144,14 @@ def _backup(
 
 def dated(folder: Path, journal: Path, at: float) -> Path:
     """Where a backup of ``journal`` made at ``at`` goes in ``folder``: a name of its own per
-    second, so a timer's backups sit side by side and ``rotate`` can tell which are oldest."""
-    return folder / f"{journal.stem}-{time.strftime(_STAMP, time.gmtime(at))}.db"
+    second, so a timer's backups sit side by side and ``rotate`` can tell which are oldest;
+    ``-2``, ``-3``... after it for another made within the same second."""
+    name = f"{journal.stem}-{time.strftime(_STAMP, time.gmtime(at))}"
+    path, n = folder / f"{name}.db", 1
+    while os.path.lexists(path):
+        n += 1
+        path = folder / f"{name}-{n}.db"
+    return path
 
 
 def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
@@ -157,13 +164,14 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
     if keep < 1:
         raise ValueError("keep must be at least 1")
     stem = journal.stem
-    ours = sorted(
-        entry.name
+    dated_at = {
+        entry.name: (found[1], int(found[2] or 1))
         for entry in os.scandir(folder)
         if entry.name.startswith(stem)
-        and _DATED.fullmatch(entry.name, len(stem))
+        and (found := _DATED.fullmatch(entry.name, len(stem)))
         and entry.is_file(follow_symlinks=False)
-    )
+    }
+    ours = sorted(dated_at, key=dated_at.__getitem__)  # by time, then -2, -3... within it
     # Newest first by name; a file stamped in the future (a clock set back) keeps its place but
     # never pushes out the backup just made.
     kept = [made.name, *[n for n in reversed(ours) if n != made.name][: keep - 1]]
