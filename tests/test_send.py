@@ -480,6 +480,13 @@ SLACK = '[sources.sl]\nverify = { scheme = "slack", secret = "sl-secret" }\n'
     ("source", "header", "replaced", "reason"),
     [
         ("gh", "X-Hub-Signature-256: sha256=00", "X-Hub-Signature-256", "signature mismatch"),
+        # Beside one that does not break it (send sets it too): only the one that does.
+        (
+            "gh",
+            "X-GitHub-Event: push' -H 'X-Hub-Signature-256: sha256=00",
+            "X-Hub-Signature-256",
+            "signature mismatch",
+        ),
         ("sl", "x-slack-request-timestamp: 1", "x-slack-request-timestamp", "signature mismatch"),
         ("tw", "Content-Type: text/plain", "Content-Type", "unsigned body"),
     ],
@@ -492,8 +499,9 @@ def test_a_header_that_breaks_the_signature_is_warned_of(
     path = tmp_path / "webhookd.toml"
     path.write_text(cfg_text(extra=SLACK))
     url = f"http://127.0.0.1:{_free_port()}/hooks/{source}"  # nothing listens: exit 1
+    headers = [arg for h in header.split("' -H '") for arg in ("-H", h)]
     result = CliRunner().invoke(
-        main, ["send", source, "-H", header, "--url", url, "--config", str(path)]
+        main, ["send", source, *headers, "--url", url, "--config", str(path)]
     )
     assert result.exit_code == 1, result.output
     scheme = {"gh": "github", "sl": "slack", "tw": "twilio"}[source]
@@ -551,6 +559,35 @@ def test_id_beside_a_file_says_where_the_delivery_id_is_read_instead(
     result = CliRunner().invoke(main, ["send", source, *args])
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == f"webhookd: note: --id is not sent: {note}"
+
+
+@pytest.mark.parametrize(
+    ("dedup", "note"),
+    [
+        (
+            '"json:id"',
+            "webhookd: note: --id is not the delivery id the daemon reads:"
+            " sources.gh.dedup reads it from json:id",
+        ),
+        ('"header:X-GitHub-Delivery"', None),
+    ],
+)
+def test_id_beside_a_file_says_so_when_the_sources_own_dedup_reads_elsewhere(
+    tmp_path: Path, dedup: str, note: str | None
+) -> None:
+    """A source's own ``dedup`` rule decides what the delivery id is: --id is said not to be it
+    unless the rule reads the very header --id is sent in."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text().replace("[sources.gh]", f"[sources.gh]\ndedup = {dedup}", 1))
+    payload = tmp_path / "push.json"
+    payload.write_bytes(b'{"id": 7, "ref": "refs/heads/main"}')
+    url = f"http://127.0.0.1:{_free_port()}/hooks/gh"
+    args = ["--file", str(payload), "--id", "mine", "--url", url, "--config", str(path)]
+    result = CliRunner().invoke(main, ["send", "gh", *args])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert (lines[0] if len(lines) == 2 else None) == note
+    assert lines[-1].startswith(f"webhookd: error: cannot reach {url}: ")
 
 
 def test_id_beside_a_file_for_a_header_scheme_goes_without_a_note(tmp_path: Path) -> None:

@@ -219,10 +219,17 @@ def build(
 def id_note(src: SourceConfig, delivery: Delivery, delivery_id: str) -> str | None:
     """What ``send`` says of ``--id`` beside ``--file`` when the daemon will not read it as the
     delivery id: the scheme takes its id from the body (Stripe's ``id``, Slack's
-    ``event_id``), or has none, and ``--file``'s body is sent as it is. None when it will, or
-    when the source's own ``dedup`` rule decides."""
+    ``event_id``), or has none, and ``--file``'s body is sent as it is, or the source's own
+    ``dedup`` rule reads something else. None when it will."""
     if src.dedup is not None:
-        return None
+        rule = src.dedup
+        sent = {k.lower(): v for k, v in delivery.headers.items()}
+        if rule.kind == "header" and sent.get(rule.arg.lower()) == delivery_id:
+            return None
+        return (
+            f"--id is not the delivery id the daemon reads: {source_key(src.name)}.dedup reads"
+            f" it from {rule.spec}"
+        )
     scheme = SCHEMES.get(src.verify.scheme) if src.verify is not None else None
     key = scheme.dedup_key(delivery.headers, delivery.body) if scheme is not None else None
     if key == delivery_id:
@@ -251,8 +258,16 @@ def unverified_note(
             src.verify, headers=delivery.headers, body=delivery.body, url=delivery.url, now=now
         )
     except VerificationError as exc:
-        signed = {name.lower() for name in _signed_headers(src, delivery, now)}
+        provider = _signed_headers(src, delivery, now)
+        signed = {name.lower() for name in provider}
         names = [name for name, _ in extra_headers if name.lower() in signed]
+        # Of those, the ones that break it alone (not X-GitHub-Event, which send sets too).
+        breaking = [
+            n
+            for n, v in extra_headers
+            if n in names and not _verifies(src, delivery, _with(provider, n, v), now)
+        ]
+        names = breaking or names
         return (
             f"--header {', '.join(names or [n for n, _ in extra_headers])}: replaces what"
             f" {src.verify.scheme} verifies: the request does not verify with"
@@ -260,6 +275,20 @@ def unverified_note(
             " answer 401"
         )
     return None
+
+
+def _with(headers: dict[str, str], name: str, value: str) -> dict[str, str]:
+    """``headers`` with ``name`` (in any case) set to ``value``."""
+    return {k: v for k, v in headers.items() if k.lower() != name.lower()} | {name: value}
+
+
+def _verifies(src: SourceConfig, delivery: Delivery, headers: dict[str, str], now: float) -> bool:
+    assert src.verify is not None
+    try:
+        schemes.verify(src.verify, headers=headers, body=delivery.body, url=delivery.url, now=now)
+    except VerificationError:
+        return False
+    return True
 
 
 def _signed_headers(src: SourceConfig, delivery: Delivery, now: float) -> dict[str, str]:
