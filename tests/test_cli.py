@@ -1328,6 +1328,23 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     line, doc = await stats("the-daemons-token")
     assert line == "" and doc["daemon"]["workers"] and doc["daemon_error"] is None
 
+    # Another journal's config whose admin.listen is this daemon's port (a staging config
+    # beside production's, say): its figures are not mixed with that daemon's.
+    other = tmp_path / "other"
+    other.mkdir()
+    async with Journal(other / "webhookd.db"):
+        pass
+    other_path = other / "webhookd.toml"
+    other_path.write_text(text.replace(str(cfg.journal.path), str(other / "webhookd.db")))
+    out = await cli(
+        "stats", "--json", "--config", str(other_path), env={TOKEN_ENV: "the-daemons-token"}
+    )
+    doc = json.loads(out.output)
+    assert doc["daemon"] is None and doc["daemon_error"] == (
+        f"the daemon answering on the admin API at {running.daemon.bound.admin} serves another"
+        f" journal (admin.listen in {other_path} is another config's?)"
+    )
+
     await running.stop()
     line, doc = await stats("the-daemons-token")
     assert line == (

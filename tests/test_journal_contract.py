@@ -647,6 +647,18 @@ async def test_nodes_lists_this_process_with_its_running_jobs(journal: BaseJourn
     assert await journal.nodes(limit=0) == []
 
 
+async def test_a_journals_identity_is_its_own_and_the_same_each_time_it_is_read(
+    journal: BaseJournal, tmp_path: Path
+) -> None:
+    """``identity`` (what ``webhookd stats`` holds a daemon's ``/stats`` to): the same at each
+    read, and another journal's is another."""
+    mine = await journal.identity()
+    assert mine == await journal.identity()
+    assert mine.startswith("sqlite:" if isinstance(journal, Journal) else "postgresql:")
+    async with Journal(tmp_path / "another.db") as another:
+        assert await another.identity() != mine
+
+
 # -- operator actions ------------------------------------------------------------------------
 
 

@@ -520,6 +520,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     oldest = counts.oldest_due_at
     return {
         "boot_id": ctx.boot_id,
+        "journal_id": await ctx.journal.identity(),
         "uptime_s": round(now - ctx.started_at, 3),
         "draining": ctx.intake.draining,
         "jobs": dict(counts.jobs_by_state),

@@ -1024,8 +1024,9 @@ def stats(config_path: str | None, as_json: bool) -> None:
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             files = await journal.sizes()
             causes = await journal.dead_causes() if counts.jobs_by_state.get("dead") else []
+            identity = await journal.identity()
         oldest = counts.oldest_due_at
-        daemon, daemon_error = await _daemon_stats(cfg)
+        daemon, daemon_error = await _daemon_stats(cfg, identity)
         if daemon is not None and "cluster" in daemon:
             nodes = daemon["cluster"]["nodes"]
         return {
@@ -1056,10 +1057,13 @@ def stats(config_path: str | None, as_json: bool) -> None:
     click.echo(_stats_table(doc))
 
 
-async def _daemon_stats(cfg: config_mod.Config) -> tuple[dict[str, Any] | None, str | None]:
+async def _daemon_stats(
+    cfg: config_mod.Config, journal_id: str
+) -> tuple[dict[str, Any] | None, str | None]:
     """The running daemon's ``/stats`` (workers, lanes, throughput), else None and why not:
     not asked (no admin listener on a known port), not reachable, refused (a 401: the token,
-    named by its variable, never by its value), or another answer."""
+    named by its variable, never by its value), another answer, or a daemon of another journal
+    (``journal_id``: this one's, ``BaseJournal.identity``) on that port."""
     import aiohttp
 
     listen = cfg.admin.listen
@@ -1085,9 +1089,15 @@ async def _daemon_stats(cfg: config_mod.Config) -> tuple[dict[str, Any] | None, 
             if r.status != 200:
                 return None, f"the admin API at {address} answered {r.status}"
             doc: dict[str, Any] = await r.json()
-            return doc, None
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None, f"not reachable on the admin API at {address}"
+    # A daemon of an earlier webhookd says nothing of its journal: taken at its word.
+    if doc.get("journal_id", journal_id) != journal_id:
+        return None, (
+            f"the daemon answering on the admin API at {address} serves another journal"
+            f" (admin.listen in {cfg.origin} is another config's?)"
+        )
+    return doc, None
 
 
 def _refused(cfg: config_mod.Config, sent: bool) -> str:

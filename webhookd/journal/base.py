@@ -182,6 +182,12 @@ class BaseJournal(ABC):
         for a journal that is not files on this host (PostgreSQL's size is the server's)."""
         return {}
 
+    @abstractmethod
+    async def identity(self) -> str:
+        """What tells this journal from any other, the same from every process that opens it
+        (``webhookd stats`` holds a daemon's ``/stats`` to it): a SQLite file's device and
+        inode, a PostgreSQL database's oid on its server's run."""
+
     async def sizes(self) -> dict[str, int]:
         """What ``/stats`` and ``webhookd stats`` report as ``journal_bytes``: a SQLite
         journal's files (``file_bytes``), PostgreSQL's tables with their indexes (``tables``)."""

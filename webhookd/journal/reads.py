@@ -374,6 +374,10 @@ class Reads:
         """The journal's size on disk: the main file plus its WAL."""
         return sum(self.file_bytes().values())
 
+    async def identity(self) -> str:
+        found = os.stat(self.path)
+        return f"sqlite:{found.st_dev}:{found.st_ino}"
+
     def file_bytes(self) -> dict[str, int]:
         sizes = {}
         for name, path in (

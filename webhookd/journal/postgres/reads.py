@@ -289,6 +289,14 @@ class PgReads:
         )
         return int(value)
 
+    async def identity(self) -> str:
+        # Readable by any role: no server-wide identifier is (pg_control_system's is not).
+        [row] = await self.fetch(
+            "SELECT oid, pg_postmaster_start_time()::text FROM pg_database"
+            " WHERE datname = current_database()"
+        )
+        return f"postgresql:{row[0]}:{row[1]}"
+
     async def sizes(self) -> dict[str, int]:
         return {"tables": await self.storage_bytes()}
 
