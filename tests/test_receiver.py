@@ -451,12 +451,15 @@ async def test_backlog_over_max_backlog_answers_503(
 ) -> None:
     """Past `server.max_backlog` unfinished jobs, intake answers 503, stores nothing, and
     says so in a warning (throttled): shedding load is news."""
-    intake = await make_intake(server="max_backlog = 2")
+    intake = await make_intake(CATCH_ALL_LOG + "[sources.audit]\n", server="max_backlog = 2")
     for n in range(2):
         assert (await intake.post("/hooks/demo", f'{{"n": {n}}}')).status == 202
     assert_error(await intake.post("/hooks/demo", b'{"n": 2}'), 503, retry_after=True)
     assert await intake.events() == 2
     assert intake.state.unavailable == {"backlog_full": 1}
+    # A source without actions adds no job to the backlog: it is not refused for it.
+    assert (await intake.post("/hooks/audit", b'{"n": 3}')).status == 202
+    assert await intake.events() == 3
     [said] = [r for r in caplog.records if "backlog full" in r.getMessage()]
     assert said.levelname == "WARNING" and said.getMessage() == (
         "refused webhook status=503 source=demo reason='backlog full' backlog=2 max_backlog=2"

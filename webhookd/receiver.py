@@ -613,7 +613,8 @@ class Receiver:
                     "refused webhook status=429 source=%s reason='over intake_per_s'", name
                 )
                 return json_error(429, "intake limit reached", wait_s)
-        if self.journal.backlog_jobs >= server.max_backlog:
+        # A source without actions adds no job: the backlog's bound is not its to keep.
+        if self.journal.backlog_jobs >= server.max_backlog and src.actions:
             self._log_shed(
                 "refused webhook status=503 source=%s reason='backlog full' backlog=%d"
                 " max_backlog=%d",
