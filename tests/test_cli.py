@@ -322,6 +322,8 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert stats["paused"] == ["shop"] and stats["backlog"] == 1
     out = await cli("stats", "--config", str(config))
     assert "paused         shop" in out.output
+    out = await cli("show", held, "--config", str(config))  # not a next run long past
+    assert "\n    held: shop is paused (webhookd resume shop)\n" in out.output
 
     out = await cli("resume", "shop", "--config", str(config))
     assert out.exit_code == 0 and out.output.strip() == "resumed shop"

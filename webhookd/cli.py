@@ -411,33 +411,37 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         raise click.UsageError("give an event id or --key, not both and not neither")
     cfg = _read_config(config_path)
 
-    async def go() -> EventDetail:
+    async def go() -> tuple[EventDetail, bool]:
         async with _journal(cfg) as journal:
-            if event_id is not None:
-                return await journal.get_event(event_id)
-            assert key is not None  # one of the two: checked above
-            found = await journal.event_by_key(key)
-            if found is None:
-                # A key without its source's name is the commonest miss: say the form.
-                form = "" if ":" in key else " (a key is SOURCE:DELIVERY_ID, e.g. shopify:<id>)"
-                raise WebhookdError(
-                    printable(
-                        f"no event has the dedup key {key!r}{form}: never seen,"
-                        f"{_second_key_note(cfg, key)} or its key is older than"
-                        f" journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
-                    )
-                )
-            owner, first_seen_at, detail = found
-            if detail is None:
-                raise WebhookdError(
-                    printable(
-                        f"the dedup key {key!r} was first seen {_when(first_seen_at)} as"
-                        f" {owner}, which has been pruned since"
-                    )
-                )
-            return detail
+            detail = await found_event(journal)
+            return detail, detail.event.source in await journal.paused_sources()
 
-    detail = _run(go)
+    async def found_event(journal: BaseJournal) -> EventDetail:
+        if event_id is not None:
+            return await journal.get_event(event_id)
+        assert key is not None  # one of the two: checked above
+        found = await journal.event_by_key(key)
+        if found is None:
+            # A key without its source's name is the commonest miss: say the form.
+            form = "" if ":" in key else " (a key is SOURCE:DELIVERY_ID, e.g. shopify:<id>)"
+            raise WebhookdError(
+                printable(
+                    f"no event has the dedup key {key!r}{form}: never seen,"
+                    f"{_second_key_note(cfg, key)} or its key is older than"
+                    f" journal.keep_dedup_d ({cfg.journal.keep_dedup_d:g} d)"
+                )
+            )
+        owner, first_seen_at, detail = found
+        if detail is None:
+            raise WebhookdError(
+                printable(
+                    f"the dedup key {key!r} was first seen {_when(first_seen_at)} as"
+                    f" {owner}, which has been pruned since"
+                )
+            )
+        return detail
+
+    detail, paused = _run(go)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).
     source = cfg.source_for(detail.event.source)
     doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
@@ -476,6 +480,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         )
         if job["state"] == "queued" and job["waiting_for"]:
             click.echo(f"    waits for {job['waiting_for']}, before it in its order key")
+        elif job["state"] == "queued" and paused:
+            click.echo(f"    held: {doc['source']} is paused (webhookd resume {doc['source']})")
         elif job["state"] == "queued":
             click.echo(f"    next run {_when(job['run_at'])}")
         elif job["state"] == "running" and idle_journal:
