@@ -278,6 +278,9 @@ async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
             said = await page.wait_for("document.querySelector('#stale').textContent")
             assert said == "missing or wrong bearer token"
             assert await page.evaluate("document.querySelector('#dead-empty').hidden")
+            assert await page.evaluate("document.querySelector('#meta').textContent") == (
+                "token needed"  # it answered: not "connecting…"
+            )
             await page.type_text("#token", "dash-token-1234")
             await page.click("#auth button")
         row = f"#dead tr[data-event-id='{event_id}']"
