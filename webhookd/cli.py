@@ -664,18 +664,11 @@ def replay(
     --dismissed, only the dead jobs that cancel --dead dismissed; with --done, only done ones.
     With --action, only the jobs of that action.
     """
-    if dead + dismissed + done > 1:
+    chosen = [f for f, on in (("--dead", dead), ("--dismissed", dismissed), ("--done", done)) if on]
+    if len(chosen) > 1:
         raise click.UsageError("give one of --dead, --dismissed and --done")
-    flag = (
-        "--dismissed"
-        if dismissed
-        else "--done"
-        if done
-        else "--dead"
-        if dead
-        else "--dead, --dismissed or --done"
-    )
-    only = dead or dismissed or done
+    flag = chosen[0] if chosen else "--dead, --dismissed or --done"
+    only = bool(chosen)
     since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
