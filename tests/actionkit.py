@@ -163,6 +163,15 @@ unjsonable_runs: list[str] = []  # the events unjsonable_result ran for
 
 
 def unjsonable_result(event: webhookd.Event) -> Any:
-    """A result JSON cannot be made of: tuple keys, or NaN (which JSON parsers refuse)."""
+    """A result JSON cannot be made of: tuple keys, NaN (which JSON parsers refuse), an int
+    past Python's 4,300 digits, or lists nested past the recursion limit."""
     unjsonable_runs.append(event.id)
-    return {(1, 2): "b"} if event.json()["keys"] else {"x": float("nan")}
+    kind = event.json()["kind"]
+    if kind == "deep":
+        deep: list[Any] = []
+        inner = deep
+        for _ in range(100_000):
+            inner.append([])
+            inner = inner[0]
+        return deep
+    return {"keys": {(1, 2): "b"}, "nan": {"x": float("nan")}, "huge": 10**5000}[kind]

@@ -21,6 +21,7 @@ from webhookd import actions
 from webhookd.actions.python import PythonAction, resolve_handler
 from webhookd.config import loads
 from webhookd.errors import ConfigError
+from webhookd.journal.schema import dump
 from webhookd.models import Job, JobState
 
 SEEN_THREADS: list[str] = []
@@ -200,17 +201,38 @@ async def test_values_json_cannot_hold_are_stored_as_text(tmp_path: Path) -> Non
     assert job.result["set"] == "{1}"
 
 
-@pytest.mark.parametrize(("keys", "text"), [(True, "{(1, 2): 'b'}"), (False, "{'x': nan}")])
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        ("keys", "{(1, 2): 'b'}"),
+        ("nan", "{'x': nan}"),
+        ("huge", "<int that cannot be written as text: Exceeds the limit (4300 digits)"),
+        ("deep", "[[[[[[[...]]]]]]]"),
+    ],
+)
 async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_once(
-    tmp_path: Path, keys: bool, text: str
+    tmp_path: Path, kind: str, text: str
 ) -> None:
     """A result with keys JSON cannot have, or a NaN (which would make the admin API's answer
-    invalid JSON), is kept whole as its str(): the job is done, not retried, so the handler
-    that did its work is not run again."""
+    invalid JSON), is kept whole as its str(); one even str() cannot write (an int past 4,300
+    digits, nesting past the recursion limit), as a short form of it. The job is done, not
+    retried, so the handler that did its work is not run again; a huge int once left its job
+    running, its outcome failing every write, and ran it again at each start."""
     actionkit.unjsonable_runs.clear()
-    job, _ = await run_handler(tmp_path, "actionkit:unjsonable_result", {"keys": keys})
-    assert (job.state, job.attempts, job.result) == (JobState.DONE, 1, text)
+    job, _ = await run_handler(tmp_path, "actionkit:unjsonable_result", {"kind": kind})
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    assert job.result.startswith(text)
     assert actionkit.unjsonable_runs == [job.event_id]
+
+
+def test_an_outcome_json_cannot_hold_is_written_as_a_note_never_an_error() -> None:
+    """The journal writes outcomes in batches: one it could not write would fail every batch
+    it joined and hold up every other job's outcome."""
+    assert dump({"n": 1}) == '{"n":1}'
+    assert dump(10**5000) == (
+        '"<int that cannot be written as JSON: Exceeds the limit (4300 digits) for integer'
+        ' string conversion; use sys.set_int_max_str_digits() to increase the limit>"'
+    )
 
 
 @pytest.mark.parametrize(

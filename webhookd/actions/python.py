@@ -31,6 +31,7 @@ import importlib.util
 import inspect
 import json
 import os
+import reprlib
 import stat
 import sys
 import threading
@@ -329,14 +330,24 @@ class PythonAction:
 def _json_safe(value: Any) -> Any:
     """The handler's return value as JSON can hold it: a value JSON has no form for (a date, a
     set) as its ``str()``; and the whole value as its ``str()`` when it cannot be JSON at all
-    (keys that are not strings or numbers, NaN or an infinity, a cycle). Never an error: the
-    handler's work is done, and failing here would run it again."""
-    if value is None or type(value) in (str, int, bool):  # already JSON (most handlers)
+    (keys that are not strings or numbers, NaN or an infinity, a cycle, an int past Python's
+    4,300 digits). Never an error: the handler's work is done, and failing here would run it
+    again; what even ``str()`` cannot write (that int, nesting past the recursion limit) is
+    kept as ``reprlib``'s short form, or failing that, as what it is."""
+    if value is None or type(value) in (str, bool):  # already JSON (most handlers)
         return value
     try:
         return json.loads(json.dumps(value, default=str, allow_nan=False))
     except (TypeError, ValueError, RecursionError):
+        pass
+    try:
         return str(value)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return reprlib.repr(value)
+    except (ValueError, RecursionError) as exc:  # an int past the limit, alone
+        return f"<{type(value).__name__} that cannot be written as text: {exc}>"
 
 
 def create(config: ActionConfig, resources: Resources) -> PythonAction:

@@ -510,9 +510,15 @@ def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
 
 
 def dump(value: Any) -> str | None:
+    """A result's or an attempt's detail as JSON text. Never an error: the outcomes are written
+    in batches, and one the writer could not write would fail every batch it joined, holding
+    up every other job's outcome; what cannot be JSON is kept as a note of what it was."""
     if value is None:
         return None
-    return json.dumps(value, default=str, separators=(",", ":"))
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return json.dumps(f"<{type(value).__name__} that cannot be written as JSON: {exc}>")
 
 
 def attempt_row(f: Finished) -> tuple[Any, ...]:
