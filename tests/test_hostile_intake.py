@@ -270,6 +270,23 @@ async def test_json_true_and_the_string_true_are_different_deliveries(
     assert (again.status, again.doc) == (200, {"id": answers[0].doc["id"], "duplicate": True})
 
 
+async def test_an_empty_string_is_no_value_for_a_dedup_tenant_or_order_rule(
+    make_intake: StartIntake,
+) -> None:
+    """``"id": ""`` is read as no id, as an empty header or form field is: the body's hash is
+    the key. Read as the key ``j:``, it made every later webhook with an empty id a duplicate
+    of the first, and no job ran for them; an empty order key serialised unrelated events."""
+    intake = await make_intake(JSON_SOURCE)
+    bodies = [b'{"id": "", "t": "", "o": "", "n": 1}', b'{"id": "", "t": "", "o": "", "n": 2}']
+    answers = [await intake.post(b"/hooks/j", body) for body in bodies]
+    assert [(a.status, a.doc["duplicate"]) for a in answers] == [(202, False), (202, False)]
+    for answer in answers:
+        row = intake.row("SELECT dedup_key, tenant FROM events WHERE id = ?", answer.doc["id"])
+        assert row[0] != "j:" and row[1] == ""
+        [order_key] = intake.row("SELECT order_key FROM jobs WHERE event_id = ?", answer.doc["id"])
+        assert order_key is None
+
+
 @pytest.mark.parametrize(
     "path",
     [

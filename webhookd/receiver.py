@@ -146,7 +146,9 @@ def extract(spec: Extractor, headers: Any, payload: _Payload, *, typed: bool = F
             node = node[int(part)]
         else:
             return None
-    if node is None or isinstance(node, dict | list):
+    # An empty string is no value, as an empty header or form field is: a dedup key of ""
+    # would make every later webhook with it a duplicate of the first.
+    if node is None or node == "" or isinstance(node, dict | list):
         return None
     if typed:
         if isinstance(node, str) and not node.startswith("="):
