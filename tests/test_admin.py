@@ -391,6 +391,12 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
     assert (status, doc) == (200, {"source": "shop", "paused": False, "changed": False})
     status, error = await post_admin(running, "/sources/nope/pause")
     assert (status, set(error)) == (404, {"error"})
+    # One paused that the config has no more (taken out by a reload): resumed, not a 404.
+    await running.daemon.journal.pause("gone")
+    status, doc = await post_admin(running, "/sources/gone/resume")
+    assert (status, doc) == (200, {"source": "gone", "paused": False, "changed": True})
+    status, error = await post_admin(running, "/sources/gone/resume")
+    assert (status, set(error)) == (404, {"error"})
 
 
 async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sources(

@@ -357,6 +357,30 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
     assert out.stderr.startswith(f"webhookd: note: {said}: nothing is journaled under it\n")
 
 
+async def test_a_paused_source_the_config_no_longer_has_can_still_be_resumed(
+    tmp_path: Path,
+) -> None:
+    """A source paused, then taken out of the config: its queued jobs would wait for good, as
+    nothing could resume it. It is resumed (its jobs then go dead at their turn, as other
+    removed sources' do); a pause of it, or a resume of a name never paused, is still refused."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    async with Journal(cfg.journal.path) as journal:
+        await journal.pause("gone")
+    config = ("--config", str(path))
+    out = await cli("pause", "gone", *config)
+    assert out.exit_code == 2 and "no source 'gone'" in out.output
+    out = await cli("resume", "gone", *config)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        f"resumed gone, which {path} has no more: its queued jobs go dead at their turn"
+        " (webhookd replay --dead runs them once it is back)\n",
+    )
+    async with Journal(cfg.journal.path) as journal:
+        assert await journal.paused_sources() == set()
+    out = await cli("resume", "gone", *config)
+    assert out.exit_code == 2 and "no source 'gone'" in out.output
+
+
 async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_runs_none(
     wired: tuple[Path, Running], target: Target
 ) -> None:

@@ -467,12 +467,16 @@ class Admin:
         dispatcher has the change: a webhook sent after the answer to a paused source starts
         no job here (other nodes hear of it within milliseconds, or at their next sweep)."""
         source = request.match_info["source"]
-        if self.ctx.config.source_for(source) is None:
-            return json_error(404, "no such source")
-        if pausing and (said := self.ctx.config.by_other_names(source)):
-            return json_error(400, said)
         journal = self.ctx.journal
         try:
+            # One the config no longer has is resumed while paused: its jobs go dead at their
+            # turn, as other removed sources' do, instead of waiting for good.
+            if self.ctx.config.source_for(source) is None and (
+                pausing or source not in await journal.paused_sources()
+            ):
+                return json_error(404, "no such source")
+            if pausing and (said := self.ctx.config.by_other_names(source)):
+                return json_error(400, said)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
         except JournalError as exc:
             return json_error(503, str(exc))

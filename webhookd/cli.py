@@ -1208,19 +1208,31 @@ def resume(source: str, config_path: str | None) -> None:
 
 def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
     cfg = _read_config(config_path)
-    if cfg.source_for(source) is None:
+    # A source the config no longer has can still be resumed while it is paused: its jobs would
+    # otherwise wait for good (they go dead at their turn, as other removed sources' do).
+    removed = cfg.source_for(source) is None
+    if removed and pausing:
         _fail(cfg.no_source(source), 2)
     # Only a pause is refused: a "*" paused by an earlier webhookd can still be resumed.
     if pausing and (said := cfg.by_other_names(source)):
         _fail(said, 2)
 
-    async def go() -> bool:
+    async def go() -> bool | None:
         async with _journal(cfg) as journal:
+            if removed and source not in await journal.paused_sources():
+                return None
             return await (journal.pause(source) if pausing else journal.resume(source))
 
     changed = _run(go)
+    if changed is None:
+        _fail(cfg.no_source(source), 2)
     if pausing:
         click.echo(f"paused {source}" if changed else f"{source} was already paused")
+    elif removed:
+        click.echo(
+            f"resumed {source}, which {cfg.origin} has no more: its queued jobs go dead at"
+            " their turn (webhookd replay --dead runs them once it is back)"
+        )
     else:
         click.echo(f"resumed {source}" if changed else f"{source} was not paused")
 
