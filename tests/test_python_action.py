@@ -295,6 +295,62 @@ def test_path_option_makes_a_project_directory_importable(
     assert resolve_handler(action)(None) == "mine"  # type: ignore[arg-type]
 
 
+def python_action(handler: str, path: Path, source: str = "s") -> str:
+    return (
+        f'[sources.{source}]\n[[sources.{source}.actions]]\ntype = "python"\n'
+        f'handler = "{handler}"\npath = "{path}"\n'
+    )
+
+
+def test_a_module_another_of_that_name_was_imported_before_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python keeps one module per name: two actions whose ``path`` folders each hold a
+    ``hooks_clash.py`` ran the first one's code for both, and ``check`` said ok; a module named
+    as a standard library one (``queue``) was that one. Both are config errors now."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "hooks_clash", raising=False)
+    for folder, says in (("one", "one"), ("two", "two")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hooks_clash.py").write_text(
+            f"def handle(event):\n    return {says!r}\n"
+        )
+    text = python_action("hooks_clash:handle", tmp_path / "one", "one") + python_action(
+        "hooks_clash:handle", tmp_path / "two", "two"
+    )
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(text))
+    assert str(err.value) == (
+        f"sources.two.actions[0].handler: module 'hooks_clash' is already"
+        f" {tmp_path / 'one' / 'hooks_clash.py'}, not the one in {tmp_path / 'two'} (Python keeps"
+        " one module per name: give this one a name of its own)"
+    )
+    (tmp_path / "std").mkdir()
+    (tmp_path / "std" / "queue.py").write_text("def handle(event):\n    return 1\n")
+    with pytest.raises(ConfigError, match=r"module 'queue' is already .*queue\.py, not the one"):
+        actions.validate(loads(python_action("queue:handle", tmp_path / "std")))
+
+
+def test_a_handler_added_to_a_module_imported_before_says_a_restart_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload imports nothing again: a function added to a module already imported is not
+    there until a restart, and the error says so."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "hooks_edited", raising=False)
+    (tmp_path / "hooks_edited.py").write_text("def handle(event):\n    return 1\n")
+    actions.validate(loads(python_action("hooks_edited:handle", tmp_path)))
+    (tmp_path / "hooks_edited.py").write_text(
+        "def handle(event):\n    return 1\ndef new(event):\n    return 2\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(python_action("hooks_edited:new", tmp_path)))
+    assert str(err.value) == (
+        "sources.s.actions[0].handler: module 'hooks_edited' has no 'new' (as imported before:"
+        " a changed file takes a restart)"
+    )
+
+
 @pytest.mark.parametrize(
     "open_to_all",
     [

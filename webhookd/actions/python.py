@@ -71,6 +71,7 @@ def resolve_handler(config: ActionConfig) -> Handler:
     _refuse_if_others_may_write(t.path("path"), directory)
     if directory not in sys.path:
         sys.path.insert(0, directory)
+    loaded_before = module_name in sys.modules  # by another action, or a load before a reload
     try:
         # Each of the dotted name's modules and packages is found (its parent imported, not
         # itself) and looked at before it runs: code another user may change would run as ours.
@@ -93,15 +94,36 @@ def resolve_handler(config: ActionConfig) -> Handler:
         raise ConfigError(
             key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
+    if t.has("path"):
+        _refuse_another_module(key, parts[0], directory)
     target: Any = module
     for name in attr.split("."):
         target = getattr(target, name, None)
         if target is None:
-            raise ConfigError(key, f"module {module_name!r} has no {attr!r}")
+            # A module is imported once per process: one edited since is not read again.
+            again = " (as imported before: a changed file takes a restart)" if loaded_before else ""
+            raise ConfigError(key, f"module {module_name!r} has no {attr!r}{again}")
     if not callable(target):
         raise ConfigError(key, f"{spec!r} is not callable")
     handler: Handler = target
     return handler
+
+
+def _refuse_another_module(key: str, name: str, directory: str) -> None:
+    """``ConfigError`` when the module ``name`` in ``directory`` (the action's ``path``) is not
+    the one imported under that name: another action's of the same name imported first, from
+    its own ``path``, or the standard library's (a ``queue.py`` of one's own). Python keeps one
+    module per name, so the handler would be the other module's."""
+    mine = importlib.machinery.PathFinder.find_spec(name, [directory])
+    loaded = sys.modules.get(name)
+    spec = getattr(loaded, "__spec__", None)
+    if mine is None or spec is None or mine.origin == spec.origin:
+        return
+    raise ConfigError(
+        key,
+        f"module {name!r} is already {spec.origin or 'imported'}, not the one in {directory}"
+        " (Python keeps one module per name: give this one a name of its own)",
+    )
 
 
 def _refuse_writable_spec(key: str, spec: importlib.machinery.ModuleSpec) -> None:
