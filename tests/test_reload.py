@@ -445,12 +445,17 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
 ) -> None:
     """Adding a second unnamed forward renames the first ('forward' becomes 'forward-1'):
     its queued jobs would go dead at their turn without a word. The reload names the actions
-    it took away and says how to keep their jobs."""
+    it took away that leave queued jobs behind, and says how to keep them."""
     one = forward("a", f"{target.url}/one")
     second = '[[sources.a.actions]]\ntype = "forward"\nurl = "' + target.url + '/two"\n'
     running: Running = await run_daemon(
         make_config(tmp_path, one), loader=lambda: make_config(tmp_path, one + second)
     )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("a")  # its job stays queued
+    await running.daemon.pool.pause_applied()
+    status, _ = await running.post("/hooks/a", b"{}")
+    assert status == 202
     caplog.set_level(logging.WARNING, logger="webhookd.app")
     running.daemon.request_reload()
     await running.daemon.reloaded.wait()
@@ -487,16 +492,24 @@ async def test_a_command_a_reload_kept_masks_the_secrets_the_reload_added(
 async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A source removed (or renamed) takes its actions with it: the same warning names them."""
+    """A source removed (or renamed) takes its actions with it: the same warning names those
+    that leave queued jobs behind, and no other (an action with none has nothing to lose)."""
     kept, dropped = forward("a", f"{target.url}/a"), forward("b", f"{target.url}/b")
+    other = forward("c", f"{target.url}/c")
     running: Running = await run_daemon(
-        make_config(tmp_path, kept + dropped), loader=lambda: make_config(tmp_path, kept)
+        make_config(tmp_path, kept + dropped + other), loader=lambda: make_config(tmp_path, kept)
     )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("b")
+    await running.daemon.pool.pause_applied()
+    status, _ = await running.post("/hooks/b", b"{}")
+    assert status == 202
     caplog.set_level(logging.WARNING, logger="webhookd.app")
     running.daemon.request_reload()
     await running.daemon.reloaded.wait()
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert line.startswith("config reload: b/forward no longer configured: its queued job(s)")
+    assert "c/forward" not in line  # taken away too, with no job queued
 
 
 async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(

@@ -422,8 +422,17 @@ class Daemon:
             new.origin,
         )
         cfg = plan.config
-        lanes = {name: lane for name, lane in self.lanes.items() if name in cfg.lanes}
         journal = running.pool.journal
+        gone = plan.actions_gone
+        if gone:
+            # Named only for the jobs they leave behind: an action taken away with none queued
+            # has nothing to go dead.
+            try:
+                waiting = await journal.unfinished_by_action()
+                gone = tuple(g for g in gone if waiting.get(_source_action(g), 0))
+            except JournalError:
+                pass  # all of them named, as they may have some
+        lanes = {name: lane for name, lane in self.lanes.items() if name in cfg.lanes}
         lanes |= build_lanes(
             {name: c for name, c in cfg.lanes.items() if name not in lanes},
             store=journal if journal.shares_lanes else None,
@@ -446,7 +455,7 @@ class Daemon:
         running.ctx.reconfigure(cfg)
         running.alerter.reconfigure(cfg.alerts)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
-        if gone := plan.actions_gone:
+        if gone:
             log.warning(
                 "config reload: %s no longer configured: %s queued job(s) go dead when their"
                 " turn comes (replayable once an action of that name is back; name an"
@@ -779,3 +788,9 @@ def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str
         if n and (found is None or found.action(action) is None):
             out.append(f"{source}/{action} ({n})")
     return ", ".join(out) or None
+
+
+def _source_action(name: str) -> tuple[str, str]:
+    """``("shop", "forward")`` of a plan's ``"shop/forward"`` (a source's name has no ``/``)."""
+    source, _, action = name.partition("/")
+    return source, action
