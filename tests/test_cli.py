@@ -1265,6 +1265,33 @@ async def test_replay_done_and_action_make_one_actions_deliveries_again(tmp_path
     assert await states() == {"deliver": "cancelled", "draft": "queued"}
 
 
+async def test_show_prints_a_python_handlers_traceback_under_its_attempt(tmp_path: Path) -> None:
+    """The traceback a handler's exception left was only in ``show --json``; the text form
+    prints it under the attempt, as it prints a command's output."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event()
+    tb = 'Traceback (most recent call last):\n  File "h.py", line 3, in handle\nValueError: boom\n'
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([item.jobs[0].id], "boot_test")
+        await journal.finish(
+            [
+                finished(
+                    item.jobs[0].id,
+                    JobState.DEAD,
+                    "dead",
+                    error="ValueError: boom",
+                    detail={"traceback": tb},
+                )
+            ]
+        )
+    out = await cli("show", item.event.id, "--config", str(path))
+    assert (
+        "      traceback:\n        Traceback (most recent call last):\n"
+        '          File "h.py", line 3, in handle\n        ValueError: boom\n'
+    ) in out.output
+
+
 async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_obey(
     tmp_path: Path,
 ) -> None:

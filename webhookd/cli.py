@@ -507,7 +507,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
                 head = " ".join(str(response).split())[:_RESPONSE_PREVIEW_CHARS]
                 more = " …" if len(str(response)) > _RESPONSE_PREVIEW_CHARS else ""
                 click.echo(printable(f"      response: {head}{more}"))
-            for stream in ("stdout", "stderr"):  # a command's, kept with its attempt
+            # A command's output, kept with its attempt; a python handler's traceback.
+            for stream in ("stdout", "stderr", "traceback"):
                 output = (attempt["detail"] or {}).get(stream)
                 if output:
                     click.echo(f"      {stream}:")
