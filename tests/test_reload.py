@@ -464,6 +464,26 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
     assert 'name = "..."' in line
 
 
+async def test_a_reload_warns_of_what_a_start_would(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command whose program is not there, added by a reload, is warned of as ``check`` and a
+    start warn of it: applied, its jobs would otherwise fail with no word until they ran."""
+    one = forward("a", f"{target.url}/one")
+    missing = tmp_path / "no-such-program"
+    added = f'[sources.c]\n[[sources.c.actions]]\ntype = "command"\nargv = ["{missing}"]\n'
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, one + added)
+    )
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    said = [r.getMessage() for r in caplog.records if "argv[0]" in r.getMessage()]
+    assert [s.split(": ", 2)[:2] for s in said] == [
+        ["config reload", "sources.c.actions[0].argv[0]"]
+    ]
+
+
 async def test_a_command_a_reload_kept_masks_the_secrets_the_reload_added(
     tmp_path: Path, run_daemon: Any
 ) -> None:

@@ -370,12 +370,17 @@ class Daemon:
             self.journal.location if self.journal else cfg.journal.path,
             cfg.origin,
         )
+        self._warn_of(cfg)
+
+    @staticmethod
+    def _warn_of(cfg: Config, prefix: str = "") -> None:
+        """What ``check`` warns of, at a start and at each reload (a reload's prefixed)."""
         for key in written_out(cfg):
-            log.warning("%s is %s", key, WRITTEN_OUT)
+            log.warning("%s%s is %s", prefix, key, WRITTEN_OUT)
         for said in action_registry.warnings(cfg):
-            log.warning("%s", said)
+            log.warning("%s%s", prefix, said)
         for said in weak_points(cfg):
-            log.warning("%s", said)
+            log.warning("%s%s", prefix, said)
 
     async def _reloads(self, running: _Running) -> None:
         """Apply each reload asked for, one at a time; none once the drain has begun."""
@@ -455,6 +460,7 @@ class Daemon:
         running.ctx.reconfigure(cfg)
         running.alerter.reconfigure(cfg.alerts)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
+        self._warn_of(cfg, "config reload: ")
         if gone:
             log.warning(
                 "config reload: %s no longer configured: %s queued job(s) go dead when their"
