@@ -355,6 +355,11 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
     assert (out.exit_code, out.stdout) == (0, "* was not paused\n")
     out = await cli("events", "--source", "*", *config)
     assert out.stderr.startswith(f"webhookd: note: {said}: nothing is journaled under it\n")
+    # A name the catch-all takes has the catch-all's actions: a slip of one is noted.
+    out = await cli("replay", "--done", "--source", "billing", "--action", "lgo", *config)
+    assert out.stderr.startswith(
+        f"webhookd: note: no action 'lgo' of source 'billing' in {path} (did you mean log?)"
+    )
 
 
 async def test_a_paused_source_the_config_no_longer_has_can_still_be_resumed(

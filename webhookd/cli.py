@@ -805,10 +805,14 @@ def _unknown_action_note(cfg: config_mod.Config, source: str | None, action: str
     since removed are still matched."""
     if action is None:
         return
-    sources = [s for s in cfg.all_sources() if source is None or s.name == source]
-    names = {a.name for s in sources for a in s.actions}
-    if action in names or (source is not None and not sources):
+    # The source that takes the name: a catch-all's for a name it took, the alerts' own.
+    taking = cfg.source_for(source) if source is not None else None
+    if source is not None and taking is None:
         return  # a source not configured has its own note
+    sources = cfg.all_sources() if taking is None else (taking,)
+    names = {a.name for s in sources for a in s.actions}
+    if action in names:
+        return
     close = config_mod.closest(action, names)
     hint = f" (did you mean {close}?)" if close else ""
     where = f"source {source!r}" if source is not None else "any source"
