@@ -596,6 +596,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         now = self.clock.time()
         again = replayed_jobs(dead_only, dismissed_only, done_only)
         of_action, named = action_clause(action, "$3")
+        of_action_2, _ = action_clause(action, "$2")  # where the event id is the one other
 
         async def change(conn: Any, event_id: str) -> Replayed:
             requeued = await conn.execute(
@@ -618,8 +619,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             await conn.execute(
                 "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = $1"
-                " AND state = 'running' AND cancel_requested_at IS NOT NULL"
-                + action_clause(action, "$2")[0],
+                f" AND state = 'running' AND cancel_requested_at IS NOT NULL{of_action_2}",
                 event_id,
                 *named,
             )
