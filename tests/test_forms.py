@@ -10,10 +10,12 @@ import email.parser
 import email.policy
 import quopri
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd.forms import fields, parts
+from webhookd.forms import URLENCODED, fields, parts
+from webhookd.models import Event, Priority
 
 Fields = list[tuple[str | None, str | None, bytes]]  # name, filename, decoded content
 
@@ -145,3 +147,17 @@ def test_fields_read_either_kind_of_form_and_leave_files_out() -> None:
         b"--XyZ--\r\n"
     )
     assert fields("multipart/form-data; boundary=XyZ", body) == {"subject": "café", "odd": "café"}
+
+
+def test_a_handler_asking_a_json_body_for_its_form_is_told_to_read_json() -> None:
+    """``event.form()`` on a JSON body raises as ``json()`` does on a form, instead of one
+    field named after the whole body; a form, or a body sent without a type, is read."""
+    for content_type in ("application/json", "Application/JSON; charset=utf-8", "x/y+json"):
+        event = Event(
+            "e", "s", 0.0, "k", "", Priority.NORMAL, (("Content-Type", content_type),), b'{"a": 1}'
+        )
+        with pytest.raises(ValueError, match=r"is JSON .*use \.json\(\)"):
+            event.form()
+    form = Event("e", "s", 0.0, "k", "", Priority.NORMAL, (("Content-Type", URLENCODED),), b"a=1")
+    untyped = Event("e", "s", 0.0, "k", "", Priority.NORMAL, (), b"a=1")
+    assert form.form() == untyped.form() == {"a": "1"}

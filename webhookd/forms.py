@@ -158,6 +158,12 @@ def media_type(content_type: str) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type names JSON: ``application/json`` or a ``+json`` type."""
+    kind = media_type(content_type)
+    return kind == "application/json" or kind.endswith("+json")
+
+
 def fields(content_type: str, body: bytes) -> dict[str, str]:
     """A form's fields by name (the last of a name wins): a multipart form's named parts that
     are no uploaded file, decoded by their charset (UTF-8 when they name none, as browsers and

@@ -245,7 +245,11 @@ class Event:
 
     def form(self) -> dict[str, str]:
         """The form's fields: a ``multipart/form-data`` body's (uploaded files left out), else
-        the body read as ``application/x-www-form-urlencoded`` (last value wins)."""
+        the body read as ``application/x-www-form-urlencoded`` (last value wins). A body sent
+        as JSON raises ``ValueError``, as ``json()`` does on one that is not: read as a form,
+        ``{"a": 1}`` would be one field named after the whole body."""
+        if forms.is_json(self.content_type):
+            raise ValueError(f"the body is JSON ({self.content_type}), not a form: use .json()")
         return forms.fields(self.content_type, self.body)
 
 
