@@ -450,12 +450,16 @@ async def test_backlog_over_max_backlog_answers_503(
     make_intake: StartIntake, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past `server.max_backlog` unfinished jobs, intake answers 503, stores nothing, and
-    says so in a warning (throttled): shedding load is news."""
+    says so in a warning (throttled): shedding load is news. A duplicate is answered 200."""
     intake = await make_intake(CATCH_ALL_LOG + "[sources.audit]\n", server="max_backlog = 2")
-    for n in range(2):
-        assert (await intake.post("/hooks/demo", f'{{"n": {n}}}')).status == 202
+    first = [await intake.post("/hooks/demo", f'{{"n": {n}}}') for n in range(2)]
+    assert [a.status for a in first] == [202, 202]
     assert_error(await intake.post("/hooks/demo", b'{"n": 2}'), 503, retry_after=True)
     assert await intake.events() == 2
+    assert intake.state.unavailable == {"backlog_full": 1}
+    # A delivery already journaled is still told it is a duplicate: its retry adds nothing.
+    again = await intake.post("/hooks/demo", b'{"n": 1}')
+    assert (again.status, again.doc) == (200, {"id": first[1].doc["id"], "duplicate": True})
     assert intake.state.unavailable == {"backlog_full": 1}
     # A source without actions adds no job to the backlog: it is not refused for it.
     assert (await intake.post("/hooks/audit", b'{"n": 3}')).status == 202

@@ -266,6 +266,8 @@ def allowed_methods(src: SourceConfig) -> tuple[str, ...]:
 
 
 _NO_SOURCE = "no such source"
+# Dedup lookups at once for webhooks that meet a full backlog (``_backlog_full``).
+_FULL_LOOKUPS = 4
 
 
 def _case_sensitive(names: tuple[str, ...]) -> str:
@@ -296,6 +298,7 @@ class Receiver:
         # Bytes of bodies being read now: Content-Length reserved up front, chunked bodies
         # counted as they grow (server.max_inflight_body_bytes).
         self._inflight_bytes = 0
+        self._full_lookups = 0
         self._buckets: dict[str, TokenBucket] = {}
         # Lines a sender can cause by the thousand: a few a minute, the rest summed up.
         self._log_rejected = Throttle(
@@ -570,6 +573,32 @@ class Receiver:
             return json_error(401, exc.reason)
         return verdict.as_dict()
 
+    async def _backlog_full(self, name: str, key: str, second: str | None) -> Answer:
+        """Past ``server.max_backlog``: a delivery the journal already holds is answered as the
+        duplicate it is (a provider retrying one whose answer it lost would otherwise be told to
+        come back until the backlog drains); anything else is refused with 503. A few lookups
+        at a time: a flood while the backlog is full gets its 503s without queueing reads."""
+        if self._full_lookups < _FULL_LOOKUPS:
+            self._full_lookups += 1
+            try:
+                for k in (key, second):
+                    owner = await self.journal.key_owner(k) if k is not None else None
+                    if owner is not None:
+                        return Ack(200, b'{"id": "%s", "duplicate": true}' % owner[0].encode())
+            except JournalUnavailable:
+                pass  # the 503 below says the same: come back later
+            finally:
+                self._full_lookups -= 1
+        server = self.config.server
+        self._log_shed(
+            "refused webhook status=503 source=%s reason='backlog full' backlog=%d"
+            " max_backlog=%d",
+            name,
+            self.journal.backlog_jobs,
+            server.max_backlog,
+        )
+        return self._unavailable("backlog_full", "backlog full")
+
     async def _take(self, request: Request, name: str, src: SourceConfig) -> Answer:
         server = self.config.server
         if request.method not in self._methods[src.name]:  # a HEAD reads as GET
@@ -615,17 +644,6 @@ class Receiver:
                     "refused webhook status=429 source=%s reason='over intake_per_s'", name
                 )
                 return json_error(429, "intake limit reached", wait_s)
-        # A source without actions adds no job: the backlog's bound is not its to keep.
-        if self.journal.backlog_jobs >= server.max_backlog and src.actions:
-            self._log_shed(
-                "refused webhook status=503 source=%s reason='backlog full' backlog=%d"
-                " max_backlog=%d",
-                name,
-                self.journal.backlog_jobs,
-                server.max_backlog,
-            )
-            return self._unavailable("backlog_full", "backlog full")
-
         # Only the extracted values are bound to SQLite as text (headers are stored as ASCII
         # JSON, the body as bytes, the source name matched SOURCE_NAME or is configured).
         payload = _Payload(body, headers)
@@ -649,6 +667,10 @@ class Receiver:
             # A body's hash is its tenant's: two tenants posting one body are two deliveries.
             digest = sha256_key(body)
             key = body_key or (f"{tenant}:{digest}" if tenant else digest)
+        second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
+        # A source without actions adds no job: the backlog's bound is not its to keep.
+        if self.journal.backlog_jobs >= server.max_backlog and src.actions:
+            return await self._backlog_full(name, f"{name}:{key}", second)
         rule = src.priority
         # Priority rules name tenants as sent, whatever the journal keeps of them.
         by = extract(rule.by, headers, payload) if rule.by is not None else sent_tenant or None
@@ -687,7 +709,6 @@ class Receiver:
         )
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
-        second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         if self.journal.queued_body_bytes > server.max_inflight_body_bytes:
             # The writer is not keeping up (a stalled disk, a database gone silent): what each
             # webhook answered 503 leaves queued stays in memory until it is written.
