@@ -405,7 +405,7 @@ async def test_cancel_ids_and_queued_with_filters_and_dry_run_and_the_daemon_run
     out = await cli("cancel", first, "--config", str(config))
     assert out.exit_code == 0 and out.output.strip() == "cancelled 1 job(s) of 1 event(s)"
     out = await cli("cancel", "--queued", "--dry-run", "--config", str(config))
-    lines = ["would cancel the queued jobs of 2 event(s)", second, third]
+    lines = ["would cancel the queued and running jobs of 2 event(s)", second, third]
     assert out.output.splitlines() == lines
     out = await cli("cancel", "--queued", "--source", "mail", "--config", str(config))
     assert out.output.strip() == "cancelled 0 job(s) of 0 event(s)"

@@ -1007,6 +1007,24 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         assert running in {r.id for r in await daemon.ready(clock.time(), 10)}
 
 
+async def test_cancel_by_filter_finds_events_whose_only_live_job_is_running(
+    journal: BaseJournal,
+) -> None:
+    """``cancel --queued --source S`` finds what ``cancel <id>`` would act on: an event whose
+    jobs are all running (a worker waiting for a lane, a delivery in flight) as well as one
+    with a queued job, in id order, a page at a time."""
+    busy, waiting, both = new_event(), new_event(), new_event(jobs=2)
+    for item in (busy, waiting, both):
+        await journal.ingest(item)
+    await journal.claim([busy.jobs[0].id, both.jobs[0].id], "b")
+    ids = sorted(item.event.id for item in (busy, waiting, both))
+    assert await journal.event_ids_with_jobs("queued") == sorted([waiting.event.id, both.event.id])
+    assert await journal.event_ids_with_jobs("unfinished") == ids
+    pages = journal.pages_of_event_ids_with_jobs("unfinished", None, None, page_size=2)
+    assert [page async for page in pages] == [ids[:2], ids[2:]]
+    assert await journal.cancel([busy.event.id]) == {busy.event.id: Cancelled(0, 1)}
+
+
 async def test_a_job_cancelled_while_it_runs_is_not_queued_again_by_a_drain_or_a_recovery(
     store: Store,
 ) -> None:

@@ -756,10 +756,11 @@ def cancel(
     result: dict[str, Cancelled] | None = _bulk(
         cfg,
         event_ids,
-        ("dead" if dead else "queued", source, since_ts, tenant, action),
+        # A running job is cancelled too, as for an id given: it ends with its attempt.
+        ("dead" if dead else "unfinished", source, since_ts, tenant, action),
         ("dismissing", "dismissed") if dead else ("cancelling", "cancelled"),
         lambda journal, batch: journal.cancel(batch, dead_only=dead, action=action),
-        f"would cancel the {'dead' if dead else 'queued'} jobs of {{n}} event(s)"
+        f"would cancel the {'dead' if dead else 'queued and running'} jobs of {{n}} event(s)"
         if dry_run
         else None,
     )

@@ -591,8 +591,7 @@ class Receiver:
                 self._full_lookups -= 1
         server = self.config.server
         self._log_shed(
-            "refused webhook status=503 source=%s reason='backlog full' backlog=%d"
-            " max_backlog=%d",
+            "refused webhook status=503 source=%s reason='backlog full' backlog=%d max_backlog=%d",
             name,
             self.journal.backlog_jobs,
             server.max_backlog,

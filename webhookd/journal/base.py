@@ -399,11 +399,11 @@ class BaseJournal(ABC):
         tenant: str | None = None,
         action: str | None = None,
     ) -> list[str]:
-        """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed`` and
-        ``--done`` and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now
-        cancelled), optionally of one source, received since a time, of one tenant (as sent:
-        see ``tenant_forms``) and, the job, of the action of that name, in id order: the first
-        ``limit`` of those past the id ``after``."""
+        """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed`` and ``--done``
+        and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now cancelled;
+        ``unfinished``, queued or running, cancel's), optionally of one source, received since a
+        time, of one tenant (as sent: see ``tenant_forms``) and, the job, of the action of that
+        name, in id order: the first ``limit`` of those past the id ``after``."""
 
     async def pages_of_event_ids_with_jobs(
         self,

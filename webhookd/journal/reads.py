@@ -211,6 +211,18 @@ class Reads:
         # Read from the index that holds the jobs in that state, whose WHERE the state's fixed
         # clause states (``state`` is the jobs' column: events have none). Left to itself, the
         # planner walked every job in ``jobs_event`` order to skip a sort.
+        if state == "unfinished":  # queued or running: one read from each one's index
+            found: set[str] = set()
+            for index, jobs_in in (
+                ("jobs_due", STATE_JOBS["queued"]),
+                ("jobs_running", STATE_JOBS["running"]),
+            ):
+                found.update(
+                    await self._event_ids_in(
+                        index, jobs_in, source, since, limit, after, tenant, action
+                    )
+                )
+            return sorted(found)[:limit]
         index = "jobs_due" if state == "queued" else "jobs_finished"
         if state == "dismissed":
             jobs_in = f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NOT NULL"
@@ -218,6 +230,19 @@ class Reads:
             jobs_in = "state = 'done' AND state IN ('done', 'dead', 'cancelled')"
         else:
             jobs_in = STATE_JOBS[state]
+        return await self._event_ids_in(index, jobs_in, source, since, limit, after, tenant, action)
+
+    async def _event_ids_in(
+        self,
+        index: str,
+        jobs_in: str,
+        source: str | None,
+        since: float | None,
+        limit: int,
+        after: str | None,
+        tenant: str | None,
+        action: str | None,
+    ) -> list[str]:
         sql = (
             f"SELECT DISTINCT j.event_id FROM jobs j INDEXED BY {index}"
             f" JOIN events e ON e.id = j.event_id WHERE {jobs_in}"

@@ -164,9 +164,10 @@ class PgReads:
         action: str | None = None,
     ) -> list[str]:
         dismissed = state == "dismissed"
+        states = {"dismissed": ["cancelled"], "unfinished": ["queued", "running"]}
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = $4 AND (NOT $7 OR j.dismissed_at IS NOT NULL)"
+            " WHERE j.state = ANY($4::text[]) AND (NOT $7 OR j.dismissed_at IS NOT NULL)"
             " AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
@@ -176,7 +177,7 @@ class PgReads:
             source,
             since,
             limit,
-            "cancelled" if dismissed else state,
+            states.get(state, [state]),
             after,
             list(tenant_forms(tenant)) if tenant is not None else None,
             dismissed,
