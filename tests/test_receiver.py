@@ -255,6 +255,27 @@ type = "log"
     assert vip.dedup_key == f"multi:{tenant}:sha256:" + hashlib.sha256(body).hexdigest()
 
 
+async def test_a_form_of_too_many_fields_is_refused_when_a_rule_reads_it(
+    make_intake: StartIntake,
+) -> None:
+    """A ``form:`` rule reads at most ``forms.MOST_FIELDS`` fields: a body of more is a 400
+    naming the limit, nothing stored, instead of holding the event loop while it is split."""
+    intake = await make_intake('[sources.mail]\ndedup = "form:id"\n')
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    tiny = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+    for body, headers in (
+        (b"id=1" + b"&x=" * 100_000, {"Content-Type": "application/x-www-form-urlencoded"}),
+        (tiny * 15_000 + b"--b--\r\n", multipart),
+    ):
+        answer = await intake.post("/hooks/mail", body, headers=headers)
+        assert (answer.status, answer.doc) == (
+            400,
+            {"error": "the form has more than 1,000 fields"},
+        )
+    ok = await intake.post("/hooks/mail", b"id=1" + b"&x=" * 999, headers=headers)
+    assert ok.status == 202 and await intake.events() == 1
+
+
 async def test_form_extractors_read_a_multipart_form_as_well(make_intake: StartIntake) -> None:
     """``form:`` reads a multipart post's fields (a mail route's, with an attachment) as it
     reads an urlencoded one's: tenant, priority and dedup alike; an uploaded file is no field."""

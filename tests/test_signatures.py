@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from webhookd import forms
 from webhookd.config import Secret, VerifyConfig
 from webhookd.errors import ConfigError, VerificationError
 from webhookd.schemes import (
@@ -670,6 +671,37 @@ def test_mailgun_multipart_with_a_large_attachment_before_its_fields() -> None:
     assert check(make_cfg("mailgun", "k"), headers, body)
     huge = attachment + signed + field("token", token + " " * 2000) + b"--XyZ--\r\n"
     assert reason(make_cfg("mailgun", "k"), headers, huge) == "missing token"
+
+
+def test_forms_of_too_many_fields_are_refused_before_they_are_read() -> None:
+    """A Mailgun post of tens of thousands of tiny parts (or pairs), or a Twilio form of as
+    many parameters, is refused by its count: read part by part it held the event loop for
+    seconds before the signature was looked at. A form at the limit is read."""
+    ts, token = str(int(NOW)), "tok789"
+    cfg = make_cfg("mailgun", "k")
+    signed_fields = {"timestamp": ts, "token": token, "signature": mailgun_sig("k", ts, token)}
+    multipart = CIMultiDict({"Content-Type": "multipart/form-data; boundary=b"})
+
+    def parts(n: int) -> bytes:
+        head = b"".join(
+            b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+            % (k.encode(), v.encode())
+            for k, v in signed_fields.items()
+        )
+        tiny = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+        return head + tiny * (n - 3) + b"--b--\r\n"
+
+    assert check(cfg, multipart, parts(forms.MOST_FIELDS))
+    assert reason(cfg, multipart, parts(50_000)) == "the form has more than 1,000 fields"
+    urlencoded = "&".join(f"{k}={v}" for k, v in signed_fields.items())
+    assert check(cfg, {}, (urlencoded + "&x=" * (forms.MOST_FIELDS - 3)).encode())
+    flood = (urlencoded + "&x=" * 200_000).encode()
+    assert reason(cfg, {}, flood) == "the form has more than 1,000 fields"
+    twilio = make_cfg("twilio")
+    headers, body = signed(twilio, FORM_BODY + b"&x=" * (forms.MOST_FIELDS - 3))
+    assert check(twilio, headers, body, url=TWILIO_PUBLIC)
+    over = body + b"&x="
+    assert reason(twilio, headers, over, url=TWILIO_PUBLIC) == "the form has more than 1,000 fields"
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,11 @@ class _Payload:
 
     def form(self) -> dict[str, str]:
         if self._form is None:
-            self._form = forms.fields(self.headers.get("Content-Type", ""), self.body)
+            content_type = self.headers.get("Content-Type", "")
+            try:
+                self._form = forms.fields(content_type, self.body, forms.MOST_FIELDS)
+            except forms.TooManyFields as exc:
+                raise _Refused(400, str(exc)) from None
         return self._form
 
 

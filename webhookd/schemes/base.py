@@ -18,8 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, Protocol
-from urllib.parse import parse_qsl
 
+from webhookd import forms
 from webhookd.errors import ConfigError, VerificationError
 from webhookd.forms import URLENCODED
 from webhookd.models import sha256_key
@@ -337,8 +337,16 @@ def parse_json(body: bytes) -> Any:
 
 
 def form_pairs(body: bytes) -> list[tuple[str, str]] | None:
+    """A signed form's pairs, or None if it is no UTF-8 form; ``forms.TooManyFields`` past
+    ``forms.MOST_FIELDS`` of them."""
     try:
-        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+        text = body.decode("utf-8")
+    except ValueError:
+        return None
+    try:
+        return forms.pairs(text, forms.MOST_FIELDS, errors="strict")
+    except forms.TooManyFields:
+        raise
     except ValueError:
         return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from webhookd import forms
 from webhookd.errors import VerificationError
@@ -42,7 +42,7 @@ _FIELD_BYTES = 1024
 
 def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for part in forms.parts(content_type, body):
+    for part in forms.parts(content_type, body, forms.MOST_FIELDS):
         name = part.name
         if name in _FIELDS and name not in fields and part.size <= _FIELD_BYTES:
             fields[name] = part.decoded().decode("utf-8", "replace")
@@ -50,7 +50,8 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, str]:
 
 
 def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
-    """Mailgun's signature fields from a JSON ``signature`` object, a form or a multipart form."""
+    """Mailgun's signature fields from a JSON ``signature`` object, a form or a multipart form
+    (``forms.TooManyFields`` past ``forms.MOST_FIELDS`` of them)."""
     content_type = header(headers, "Content-Type") or ""
     if forms.media_type(content_type) == forms.MULTIPART:
         return _multipart_fields(content_type, body)
@@ -66,7 +67,7 @@ def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
         }
     fields: dict[str, str] = {}
     # Its fields are ASCII, so a form's other fields need not be UTF-8 (a latin-1 subject).
-    for key, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+    for key, value in forms.pairs(body.decode("utf-8", "replace"), forms.MOST_FIELDS):
         if key in _FIELDS:
             fields.setdefault(key, value)
     return fields
@@ -92,7 +93,10 @@ class Mailgun(Scheme):
     def check(
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
     ) -> Result:
-        fields = signature_fields(headers, body)
+        try:
+            fields = signature_fields(headers, body)
+        except forms.TooManyFields as exc:
+            raise VerificationError(str(exc)) from None
         if "signature" not in fields and "parent-signature" not in fields:
             raise VerificationError("missing signature")
         ts = parse_timestamp(fields.get("timestamp"))

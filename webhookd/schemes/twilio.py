@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from webhookd import forms
 from webhookd.errors import ConfigError, VerificationError
 from webhookd.models import sha256_key
 from webhookd.schemes.base import (
@@ -108,7 +109,10 @@ class Twilio(Scheme):
             content_type = (header(headers, "Content-Type") or FORM).lower()
             if body and not content_type.startswith(FORM):
                 raise VerificationError("unsigned body")  # no bodySHA256: the body is unchecked
-            pairs = form_pairs(body)
+            try:
+                pairs = form_pairs(body)
+            except forms.TooManyFields as exc:
+                raise VerificationError(str(exc)) from None
             if pairs is None:
                 raise VerificationError("malformed body")
             params = _params(pairs)
