@@ -80,6 +80,14 @@ SORT_KEY = "received_at"
 REGION = "eu-west-1-long"
 GIT_AUTHOR_NAME = "Deploy Bot"
 OAUTH_REDIRECT_URL = "https://example.com/callback"
+[[sources.shop.actions]]
+type = "forward"
+name = "keyed"
+url = "https://relay.example.com/in?api_key=inline-query-key&x=1"
+[[sources.shop.actions]]
+type = "forward"
+name = "slack"
+url = "https://hooks.slack.com/services/T0ABC1234/B0DEF5678/inlinePathToken1234abcd"
 [sources.mail]
 verify = { scheme = "github", secret = "env:WRITTEN_TEST_NEW" }
 [alerts]
@@ -91,10 +99,10 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A signing secret, the admin token, the alerts' URL, an option that holds only a secret,
-    a URL with a password, and a header or a command's variable named as a credential, written
-    in the file itself, are named (check warns of each, as the daemon does as it starts) and
-    masked; what comes from env: or file:, a URL without a password, and values under other
-    names or too short to be a credential, are not."""
+    a URL with a password, a key or a token, and a header or a command's variable named as a
+    credential, written in the file itself, are named (check warns of each, as the daemon does
+    as it starts) and masked; what comes from env: or file:, a URL without any of those, and
+    values under other names or too short to be a credential, are not."""
     monkeypatch.setenv("WRITTEN_TEST_NEW", "from-the-environment")
     cfg = config_mod.loads(_WRITTEN, "t", kinds=actions.kind_defaults)
     assert written_out(cfg) == [
@@ -107,14 +115,17 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
         "sources.shop.actions[2].url",
         "sources.shop.actions[3].env.DEPLOY_TOKEN",
         "sources.shop.actions[3].env.AWS_SECRET_ACCESS_KEY",
+        "sources.shop.actions[4].url",
+        "sources.shop.actions[5].url",
     ]
     masked = Masker(secret_values(cfg)).text(
-        "inline-header-777 inline-url-pw inline-env-555 inline-aws-secret received_at"
+        "inline-query-key inlinePathToken1234abcd"
+        " inline-header-777 inline-url-pw inline-env-555 inline-aws-secret received_at"
         " eu-west-1-long Deploy Bot https://example.com/callback orders-v2-2024 orders.created"
         " integration-team"
     )
     assert masked == (
-        "*** *** *** *** received_at eu-west-1-long Deploy Bot https://example.com/callback"
+        "*** *** *** *** *** *** received_at eu-west-1-long Deploy Bot https://example.com/callback"
         " orders-v2-2024 orders.created integration-team"
     )
     path = tmp_path / "webhookd.toml"

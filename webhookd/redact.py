@@ -266,14 +266,15 @@ def _credential_name(name: str) -> bool:
 
 def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
     """Credentials written in an action's options as they are, not as ``env:``/``file:``: a
-    forward URL with a password, a header or a command's environment variable whose name says
-    it holds a credential (``Authorization``, ``X-Api-Key``, ``DEPLOY_TOKEN``). With their
-    dotted keys: ``check`` names them, and the daemon masks them as it masks the others."""
+    forward URL with a credential in it (``_holds_credential``), a header or a command's
+    environment variable whose name says it holds a credential (``Authorization``,
+    ``X-Api-Key``, ``DEPLOY_TOKEN``). With their dotted keys: ``check`` names them, and the
+    daemon masks them as it masks the others."""
 
     def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
         for name, value in table.items():
             path = f"{key}.{name}"
-            if name in _URL_OPTIONS and isinstance(value, str) and _has_password(value):
+            if name in _URL_OPTIONS and isinstance(value, str) and _holds_credential(value):
                 yield path, value
             elif name in _SECRET_TABLES and isinstance(value, Mapping):
                 for item, text in value.items():
@@ -296,6 +297,13 @@ def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
 def _written(value: str) -> bool:
     """A value written as it is: not an ``env:``/``file:`` reference, and long enough to mask."""
     return len(value) >= _MIN_SECRET_CHARS and not value.startswith(("env:", "file:"))
+
+
+def _holds_credential(url: str) -> bool:
+    """A URL written out with a password, a query parameter named as a credential (``?key=``)
+    or a path segment that reads as a token (a Slack or Discord webhook's): what ``check`` warns
+    of and the daemon masks, as it does for such a URL read from ``env:``."""
+    return _has_password(url) or (_written(url) and bool(secret_parts(url)))
 
 
 def _has_password(url: str) -> bool:
