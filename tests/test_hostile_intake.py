@@ -463,6 +463,27 @@ async def test_bad_content_encoding_is_a_json_400_without_a_traceback(
     assert "Traceback" not in caplog.text
 
 
+async def test_a_transfer_coding_but_chunked_is_a_400_not_a_body_stored_still_coded(
+    make_intake: StartIntake,
+) -> None:
+    """``Transfer-Encoding: gzip, chunked`` is framed by its chunks alone: taken, the gzip bytes
+    would be the journaled body. It is refused; plain chunked (any case) is taken."""
+    intake = await make_intake(CATCH_ALL)
+    packed = gzip.compress(b'{"te": "gzip"}')
+    for coding, status in ((b"gzip, chunked", 400), (b"Chunked", 202)):
+        conn = await RawConn.open(intake.address)
+        await conn.head(b"/hooks/z", [(b"Transfer-Encoding", coding)])
+        await conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed))
+        answer = await conn.answer()
+        await conn.close()
+        if status == 400:
+            error = assert_json_error(answer, 400)
+            assert error == "unsupported Transfer-Encoding: only chunked is taken"
+        else:
+            assert answer.status == 202
+    assert await intake.events() == 1
+
+
 async def test_valid_encodings_are_stored_decoded_and_bombs_are_413(
     make_intake: StartIntake,
 ) -> None:
