@@ -909,8 +909,11 @@ def test_meta_handshake_of_another_mode_is_refused() -> None:
 
 
 def test_non_handshakes_return_none() -> None:
-    """Ordinary requests, other schemes and unverified sources are not handshakes."""
-    assert meta_handshake(META) is None
+    """Ordinary requests, other schemes and unverified sources are not handshakes; a GET at
+    a Meta source is one, and without hub.mode it is refused as such (a 400, not a 405 whose
+    Allow names GET)."""
+    refused = meta_handshake(META)
+    assert refused is not None and refused.status == 400 and b"missing hub.mode" in refused.body
     assert meta_handshake(META, "POST", hub_mode="subscribe", hub_verify_token="vt-123") is None
     assert meta_handshake(None, hub_mode="subscribe", hub_verify_token="vt-123") is None
     assert meta_handshake(make_cfg("github"), hub_mode="subscribe") is None

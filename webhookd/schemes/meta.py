@@ -52,9 +52,11 @@ class Meta(Scheme):
         url: str,
         now: float,
     ) -> Handshake | None:
-        mode = query.get("hub.mode")
-        if method.upper() != "GET" or mode is None:  # a GET without hub.mode is no handshake
+        if method.upper() != "GET":
             return None
+        mode = query.get("hub.mode")
+        if mode is None:  # a GET, which this path takes for the handshake alone
+            return _refused(400, "missing hub.mode: a GET here is Meta's verification request")
         token = query.get("hub.verify_token")
         if cfg.verify_token is None or token is None or not same(token, cfg.verify_token.reveal()):
             return _refused(403, "verify token mismatch")
