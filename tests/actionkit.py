@@ -111,7 +111,10 @@ concurrency = {concurrency}
         Journal(cfg.journal.path, clock=clock) as journal,
         aiohttp.ClientSession() as http,
     ):
-        actions = registry.build(Resources(config=cfg, http=http, lanes=lanes))
+        resources = Resources(
+            config=cfg, http=http, lanes=lanes, held=lambda source: source in pool.paused
+        )
+        actions = registry.build(resources)
         pool = WorkerPool(
             config=cfg, journal=journal, actions=actions, boot_id="boot_kit", clock=clock
         )

@@ -305,6 +305,42 @@ async def test_long_lane_wait_frees_the_worker_and_reschedules_without_an_attemp
     assert waits and all(r.levelno == logging.INFO for r in waits)
 
 
+async def test_a_pause_holds_the_jobs_waiting_for_their_lane_too(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """``webhookd pause`` while a job waits its lane's turn (up to ``max_lane_wait_s``): when
+    the lane admits it the call is not made, its tokens go back, and it is queued, held with
+    the source's other jobs, no attempt used; a resume runs it."""
+    kits: list[ActionKit] = []
+
+    async def pause_while_it_waits(_lanes: Mapping[str, Lane]) -> None:
+        kit = kits[0]
+        if len(kits) == 1:  # the first nap: the first call made, the second job waiting
+            kits.append(kit)
+            await standin.wait_received(1)
+            await kit.journal.pause("mail")
+            kit.pool.paused = frozenset({"mail"})  # what the pool reads of webhookd pause
+
+    extra = "[lanes.llm]\nrpm = 6\n"  # one call every 10 s: the second waits in the lane
+    async with action_kit(
+        tmp_path, source(standin) + extra, clock=clock, settle_before_nap=pause_while_it_waits
+    ) as kit:
+        kits.append(kit)
+        first, second = await burst(kit, 2)
+        await kit.run()
+        held = await kit.job(second)
+        stats = kit.lanes["llm"].statistics()
+        assert len(standin.served) == 1
+        await kit.journal.resume("mail")
+        await kit.run_all()
+        done = [await kit.job(i) for i in (first, second)]
+    assert (held.state, held.attempts) == (JobState.QUEUED, 0)
+    assert held.last_error == "source paused"
+    assert stats.tokens_debited_total == standin.served[0].tokens  # the held one's went back
+    assert [(j.state, j.attempts) for j in done] == [(JobState.DONE, 1)] * 2
+    assert len(standin.served) == 2
+
+
 async def test_then_forward_posts_the_answer_signed_with_standard_webhooks(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

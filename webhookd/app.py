@@ -204,7 +204,11 @@ class Daemon:
             self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)
             # The pool's masker, asked when a job runs (the pool is made below).
             resources = Resources(
-                config=cfg, http=http, lanes=self.lanes, masker=lambda: pool.masker
+                config=cfg,
+                http=http,
+                lanes=self.lanes,
+                masker=lambda: pool.masker,
+                held=lambda source: source in pool.paused,
             )
             actions = action_registry.build(resources)
 
@@ -443,7 +447,11 @@ class Daemon:
             store=journal if journal.shares_lanes else None,
         )
         resources = Resources(
-            config=cfg, http=running.http, lanes=lanes, masker=lambda: running.pool.masker
+            config=cfg,
+            http=running.http,
+            lanes=lanes,
+            masker=lambda: running.pool.masker,
+            held=lambda source: source in running.pool.paused,
         )
         try:
             actions = await action_registry.rebuild(resources, running.pool.actions)

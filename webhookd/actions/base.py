@@ -83,6 +83,9 @@ class Resources:
     # The daemon's masker as it is now (the worker pool's: a reload's secrets added to the
     # earlier ones), for an action that masks what it keeps itself; None: this config's own.
     masker: Callable[[], Masker] | None = None
+    # Whether a source's jobs are held now (``webhookd pause``): an action that waited before
+    # its work (for a lane) asks before it starts, so a pause stops what was waiting too.
+    held: Callable[[str], bool] = lambda _source: False
 
 
 class Action(Protocol):

@@ -270,6 +270,7 @@ class OpenAIAction:
         self.config = config
         self.settings = _Settings(config)
         self.http = resources.http
+        self.held = resources.held
         self.lane: Lane | None = None
         if self.settings.lane is not None:
             lane = resources.lanes.get(self.settings.lane)
@@ -349,6 +350,11 @@ class OpenAIAction:
             except LaneBusy as busy:
                 # The lane pacing its calls, as configured: no sign of trouble (``paced``).
                 return Outcome.wait(str(busy), busy.retry_after_s, lane=busy.lane, paced=True)
+            if self.held(event.source):
+                # Paused while it waited for the lane (up to max_lane_wait_s): the call is not
+                # made, its reservation is given back, and the job is queued, held with the rest.
+                self.lane.settle(reservation, 0)
+                return Outcome.wait("source paused", 1.0, lane=self.lane.name, paced=True)
         started = time.monotonic()
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
