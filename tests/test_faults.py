@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -114,7 +115,8 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     """While the journal's writer hangs (a stalled disk), each webhook is answered 503 after
     ack_timeout_s but stays queued to be written; past server.max_inflight_body_bytes of them
     the receiver answers 503 without queueing more, so memory stays bounded however long the
-    hang lasts. Once the writer goes on, what was queued is stored."""
+    hang lasts, and /readyz says so (a balancer then sends the webhooks elsewhere). Once the
+    writer goes on, what was queued is stored and the daemon is ready again."""
     cfg = make_config(
         tmp_path,
         '[[sources.a.actions]]\ntype = "log"',
@@ -139,8 +141,21 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     assert journal.queued_body_bytes <= 20_000 + 5_100  # the limit, and the one that passed it
     queued = len(journal._queue)
     assert 4 <= queued < 12
+    async with running.http.get(running.admin_url + "/readyz") as r:
+        status, doc = r.status, await r.json()
+    assert status == 503 and re.fullmatch(
+        r"journal: a commit has taken \d+\.\d s, past server\.ack_timeout_s: webhooks are"
+        r" answered 503",
+        doc["problems"][0],
+    ), doc
     go.set()
     await hung
+
+    async def ready() -> bool:
+        async with running.http.get(running.admin_url + "/readyz") as r:
+            return r.status == 200
+
+    await poll(ready, timeout_s=10)  # once what queued behind the hang is written
     assert await running.stop() == 0
     assert len(journaled_ids(cfg.journal.path)) == queued
 

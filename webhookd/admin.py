@@ -296,6 +296,12 @@ class Admin:
         if self.ctx.intake.draining:
             problems.append("draining")
         journal = self.ctx.journal
+        late_s = journal.writing_for_s()
+        if late_s > self.ctx.config.server.ack_timeout_s:
+            problems.append(
+                f"journal: a commit has taken {late_s:.1f} s, past server.ack_timeout_s:"
+                " webhooks are answered 503"
+            )
         if journal.writer_problem:
             problems.append(journal.writer_problem)
         elif journal.last_write_error:

@@ -856,10 +856,12 @@ class Journal(Reads, BaseJournal):
                 group = Group(ops, calls, self.clock.time(), checkpoint_tail=self._checkpoint_tail)
                 self._checkpoint_tail = False
                 group.starts = starts = reserve_starts(self.starter, ops)
+                self._writing_since = time.monotonic()
                 try:
                     await self._in_thread(self._write_batch, group)
                     self._resolve(group)
                 finally:
+                    self._writing_since = None
                     # The pool starts the jobs written claimed and gets every other slot it
                     # reserved back, whatever became of the write. Should the writer die here,
                     # a job written claimed stays running under this boot: the next start

@@ -156,6 +156,16 @@ class BaseJournal(ABC):
     # PostgreSQL's, where nodes and operators write the same rows at once).
     rerun_writes: int = 0
     _backlog_jobs: int = 0
+    # When (time.monotonic()) the writer began the group commit it is writing now; None
+    # between groups.
+    _writing_since: float | None = None
+
+    def writing_for_s(self) -> float:
+        """How long the group commit being written has taken so far (0.0 between groups): one
+        far past ``server.ack_timeout_s`` (a disk that stalls, a database connection gone
+        silent) means every webhook is being answered 503, which ``/readyz`` says."""
+        since = self._writing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def backlog_jobs(self) -> int:

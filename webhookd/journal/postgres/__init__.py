@@ -356,11 +356,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
 
         began = time.perf_counter()
+        self._writing_since = time.monotonic()
         try:
             ingested, (recorded, cancelled) = await self._write(
                 lambda conn: write_group(conn, ingests, results, tokens, now, starts.job_ids, claim)
             )
         except BaseException as exc:
+            self._writing_since = None
             if starts.job_ids:
                 # Jobs written claimed in a commit that may have happened: undone by token
                 # once the server answers again (as a claim's are), and the slots given back.
@@ -374,6 +376,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 if not op.future.done():
                     op.future.set_exception(exc)
             return
+        self._writing_since = None
         write_s = time.perf_counter() - began
         self.batched_ops += len(batch)
         started: list[Claimed] = []
