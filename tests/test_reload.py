@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -522,7 +524,7 @@ async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     assert running.daemon.journal is not None and running.daemon.pool is not None
     await running.daemon.journal.pause("b")
     await running.daemon.pool.pause_applied()
-    status, _ = await running.post("/hooks/b", b"{}")
+    status, answer = await running.post("/hooks/b", b"{}")
     assert status == 202
     caplog.set_level(logging.WARNING, logger="webhookd.app")
     running.daemon.request_reload()
@@ -530,6 +532,13 @@ async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert line.startswith("config reload: b/forward no longer configured: its queued job(s)")
     assert "c/forward" not in line  # taken away too, with no job queued
+    # Resumed, its job goes dead naming the process whose config lacks the source: on a
+    # cluster, the node a reload has not reached.
+    await running.daemon.journal.resume("b")
+    await running.daemon.pool.pause_applied()
+    doc = await event_state(running.http, running.admin_url, answer["id"], "dead")
+    node = f"{socket.gethostname()} (pid {os.getpid()})"
+    assert doc["jobs"][0]["last_error"] == f"source 'b' is not configured on {node}"
 
 
 async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(

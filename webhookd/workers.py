@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -855,9 +857,12 @@ class WorkerPool:
         action = self.actions.get((source.name, job.action)) if source else None
         started_at = self.clock.time()
         if action is None or action_cfg is None:
-            outcome = Outcome.dead(
-                f"action {job.action!r} is not configured for source {event.source!r}"
-            )
+            # Named with this process: on a cluster, the node a reload has not reached yet.
+            node = f"{socket.gethostname()} (pid {os.getpid()})"
+            missing = f"source {event.source!r}"
+            if source is not None:
+                missing = f"action {job.action!r} of {missing}"
+            outcome = Outcome.dead(f"{missing} is not configured on {node}")
         else:
             key = id(action)
             self._attempting[job.id] = (claimed, started_at)
