@@ -137,6 +137,11 @@ class Request:
         return self._message.headers
 
     @property
+    def chunked(self) -> bool:
+        """Whether the body is framed by chunks (its Transfer-Encoding ends with ``chunked``)."""
+        return bool(self._message.chunked)
+
+    @property
     def content_length(self) -> int | None:
         value = self._message.headers.get("Content-Length")
         return None if value is None else int(value)  # the parser accepts digits only

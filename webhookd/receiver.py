@@ -616,8 +616,7 @@ class Receiver:
         sifted = src.name in self._sifted
         if self.state.draining:
             return self._unavailable("shutting_down", "shutting down")
-        framing = request.headers.get("Transfer-Encoding")
-        if framing is not None and framing.strip().lower() != "chunked":
+        if request.chunked and request.headers["Transfer-Encoding"].strip().lower() != "chunked":
             # The parser frames a body by its last coding alone: "gzip, chunked" would be
             # journaled still compressed, for the actions to take as the body.
             raise _Refused(400, "unsupported Transfer-Encoding: only chunked is taken")
