@@ -90,7 +90,7 @@ def _backup(
 ) -> Copy:
     started = time.monotonic()
     if not journal.is_file():
-        raise JournalError(f"no journal at {journal}")
+        raise JournalError(f"no journal at {journal.absolute()}")
     if os.path.lexists(dest):
         raise DestinationExists(f"{dest} already exists: a backup is written to a new file")
     swept = sweep(dest.parent)  # before the room is measured: what it frees counts
