@@ -962,14 +962,18 @@ async def test_dashboard_says_a_reload_was_refused_until_one_is_applied(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
     """A refused SIGHUP reload was told by the log and a gauge alone: the page now says it,
-    with the reason, while the previous config runs, and stops once a reload is applied."""
+    with the reason, while the previous config runs, and stops once a reload is applied. Keys
+    that wait for a restart are still shown beside a later refusal."""
     cfg = make_config(tmp_path, forward_source("shop", target.url + "/in"))
+    later = make_config(
+        tmp_path, forward_source("shop", target.url + "/in"), workers="concurrency = 3"
+    )
     refuse = [True]
 
     def loader() -> Any:
         if refuse[0]:
             raise ConfigError("sources.shop.bogus", "unknown key")
-        return cfg
+        return later
 
     running = await run_daemon(cfg, loader=loader)
     daemon = running.daemon
@@ -986,4 +990,12 @@ async def test_dashboard_says_a_reload_was_refused_until_one_is_applied(
         daemon.reloaded.clear()
         daemon.request_reload()
         await daemon.reloaded.wait()
-        await page.wait_for(f"{said} === ''")
+        pending = "changed in the config file, applied at the next restart: workers.concurrency"
+        await page.wait_for(f"{said} === {json.dumps(pending)}")
+        refuse[0] = True
+        daemon.reloaded.clear()
+        daemon.request_reload()
+        await daemon.reloaded.wait()
+        refused = "config reload refused, still running the previous config: sources.shop.bogus"
+        both = f"{refused}: unknown key · {pending}"
+        await page.wait_for(f"{said} === {json.dumps(both)}")

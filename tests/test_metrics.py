@@ -153,7 +153,7 @@ def file_sizes(journal: Path) -> dict[str, int]:
 
 async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Path) -> None:
     """Queued jobs show as backlog with the oldest one's age; a lane's use and waits show too,
-    and the journal's files their sizes."""
+    the journal's files their sizes, and each source whether it is paused."""
     clock = ManualClock()
     cfg = make_config(tmp_path, forward_source("s", "http://127.0.0.1:9/"))
     lane = Lane(LaneConfig(name="openai", rpm=60, tpm=6000, burst_s=2.0), clock=clock)
@@ -172,6 +172,8 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
         body, content_type = await metrics.render()
         # Read at scrape time from the files (no checkpoint runs meanwhile on the manual clock).
         sizes = file_sizes(cfg.journal.path)
+        await journal.pause("s")
+        paused = parse((await metrics.render())[0].decode())
         # With a catch-all, such names are ones it took: summed under its own name.
         metrics.configure(make_config(tmp_path, '[sources."*"]\n'))
         with_catch_all = parse((await metrics.render())[0].decode())
@@ -183,6 +185,9 @@ async def test_backlog_age_and_lane_gauges_are_read_at_scrape_time(tmp_path: Pat
     assert value(samples, "webhookd_backlog_jobs") == 5
     assert value(samples, "webhookd_oldest_queued_age_seconds") == 90
     assert value(samples, "webhookd_source_jobs", source="s", state="queued") == 3
+    # A configured source's pause gauge is there at 0 before any pause, 1 during one.
+    assert value(samples, "webhookd_source_paused", source="s") == 0
+    assert value(paused, "webhookd_source_paused", source="s") == 1
     assert value(samples, "webhookd_source_jobs", source="(removed)", state="queued") == 2
     assert value(with_catch_all, "webhookd_source_jobs", source="*", state="queued") == 2
     assert not [k for k in samples if ("source", "gone-a") in k[1]]

@@ -340,11 +340,16 @@ class _StateCollector(Collector):
         yield from _node_metrics(self.nodes)
         paused = GaugeMetricFamily(
             "webhookd_source_paused",
-            "1 for a source whose processing is paused.",
+            "1 for a source whose processing is paused, 0 for one that runs.",
             labels=["source"],
         )
-        for source in sorted(self.paused):
-            paused.add_metric([source], 1)
+        # Each configured source from the start (a series that appears only with a pause reads
+        # as "no data" before it and after the resume), and any other name paused (one a
+        # catch-all took, one a reload removed). The catch-all's own "*" is never paused.
+        shown = {name: 0 for name in self.sources() if name != CATCH_ALL}
+        shown.update(dict.fromkeys(self.paused, 1))
+        for source, value in sorted(shown.items()):
+            paused.add_metric([source], value)
         yield paused
         slow = GaugeMetricFamily(
             "webhookd_action_slow",
