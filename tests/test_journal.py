@@ -50,6 +50,7 @@ from webhookd.journal import (
     _owner_only,
     _take_serve_lock,
     opened_elsewhere,
+    why_unusable,
 )
 from webhookd.journal.base import MAX_ABANDONED_READS, answer_within
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
@@ -1002,6 +1003,15 @@ async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> 
                 filler.flush()
         with pytest.raises(JournalError, match=f"no space left on the disk of {disk}"):
             await Journal(disk / "j.db").open()
+
+
+def test_a_journal_path_on_the_kernels_filesystem_is_not_called_a_full_disk() -> None:
+    """/proc has no blocks at all: it is named for what it is, not as a disk without room."""
+    assert why_unusable(Path("/proc/no-such/j.db")) in (
+        "/proc is on no disk: a filesystem of the kernel's, with no room for files",
+        f"this user, uid {os.geteuid()}, cannot create files in /proc, where SQLite keeps the"
+        " journal's -wal and -shm",  # not root
+    )
 
 
 async def test_reads_answer_within_their_bound_and_abandoned_ones_are_capped() -> None:

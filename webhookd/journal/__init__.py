@@ -307,6 +307,8 @@ def why_unusable(path: Path) -> str | None:
                 " SQLite keeps the journal's -wal and -shm"
             )
         usage = os.statvfs(folder)
+        if not usage.f_blocks:  # /proc, /sys: a filesystem with no room at all
+            return f"{folder} is on no disk: a filesystem of the kernel's, with no room for files"
         if usage.f_bavail * usage.f_frsize < _NEARLY_FULL_BYTES:
             return f"no space left on the disk of {folder}"
     except OSError:
