@@ -38,6 +38,7 @@ from webhookd import actions, models
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
+from webhookd.errors import ConfigError
 from webhookd.journal import (
     Finished,
     Journal,
@@ -1352,10 +1353,14 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
 ) -> None:
     """A 401 from the admin API (the token's variable unset where the CLI runs, or another
     value) is said as such, naming the variable and never a value; "not reachable" is for a
-    daemon that does not answer at all."""
+    daemon that does not answer at all. A reload the daemon refused is said beside its figures."""
     monkeypatch.setenv(TOKEN_ENV, "the-daemons-token")
     path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
-    running = await run_daemon(cfg)
+
+    def loader() -> Any:
+        raise ConfigError("sources.shop.bogus", "unknown key")
+
+    running = await run_daemon(cfg, loader=loader)
     text = path.read_text().replace(
         '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
     )
@@ -1385,6 +1390,14 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     assert "not-the-token" not in line and "the-daemons-token" not in line
     line, doc = await stats("the-daemons-token")
     assert line == "" and doc["daemon"]["workers"] and doc["daemon_error"] is None
+    # A refused reload is said too: what runs is not what the file says.
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    table = await cli("stats", *config, env={TOKEN_ENV: "the-daemons-token"})
+    assert (
+        "\nconfig         reload refused, still running the previous config: sources.shop.bogus:"
+        " unknown key\n" in table.output
+    ), table.output
 
     # Another journal's config whose admin.listen is this daemon's port (a staging config
     # beside production's, say): its figures are not mixed with that daemon's.

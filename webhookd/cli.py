@@ -1154,6 +1154,17 @@ def _stats_table(doc: dict[str, Any]) -> str:
                 f"  cooldown {lane['cooling_until_s']:.0f}s"
                 f"{'  CIRCUIT OPEN' if lane['circuit_open'] else ''}"
             )
+        # What the daemon runs is not what the file says: as the dashboard and systemd say.
+        if daemon.get("reload_refused"):
+            lines.append(
+                f"config         reload refused, still running the previous config:"
+                f" {daemon['reload_refused']}"
+            )
+        if daemon.get("restart_pending"):
+            lines.append(
+                "config         changed, applied at the next restart: "
+                + ", ".join(daemon["restart_pending"])
+            )
     elif doc["daemon_error"] is not None:
         lines.append(f"daemon         {doc['daemon_error']} (journal figures only)")
     for node in doc["nodes"]:
