@@ -249,7 +249,7 @@ async def test_a_job_waiting_out_a_retrys_backoff_is_no_backlog_until_it_falls_d
     [alert] = await rig.alerter.tick()
     doc = await rig.alert_doc(alert)
     assert (doc["count"], doc["events"]) == (1, [event_id])
-    assert "1 job(s) queued, one due for 5s (shop: 1)" in doc["text"]
+    assert "1 job(s) queued, one due for 5s (shop: 1 paused)" in doc["text"]
     assert (await rig.journal.counts()).oldest_due_at == job.run_at
 
 
@@ -322,7 +322,7 @@ async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
     [alert] = await rig.alerter.tick()
     doc = await rig.alert_doc(alert)
     assert (doc["kind"], doc["count"], doc["events"]) == ("backlog", 1, [waiting])
-    assert "1 job(s) queued, one due for 90s (shop: 1)" in doc["text"]
+    assert "1 job(s) queued, one due for 90s (shop: 1 paused)" in doc["text"]
     # The alert itself is queued now (nothing ran it): it is not counted as backlog.
     rig.clock.advance(299.0)
     assert await rig.alerter.tick() == []

@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -211,9 +211,11 @@ class Alerter:
         for b in lanes:
             by_source[b.lane[1]] += b.queued
         events = await self.journal.oldest_queued_event_ids(EVENTS_CAP, ALERT_SOURCE)
+        # A paused source is named as such: on call, a pause reads otherwise as a stuck target.
+        paused = await self.journal.paused_sources()
         text = (
             f"webhookd: {queued} job(s) queued, one due for {_duration(waited_s)}"
-            f" ({_sources(by_source)}); oldest events: {', '.join(events)}"
+            f" ({_sources(by_source, paused)}); oldest events: {', '.join(events)}"
         )
         return queued, events, text
 
@@ -274,10 +276,10 @@ def _dead_text(dead: _DeadSince) -> str:
     )
 
 
-def _sources(counts: Counter[str]) -> str:
-    """``shop: 4, github: 1`` for the biggest few sources, ``…`` for the rest."""
+def _sources(counts: Counter[str], paused: Collection[str] = ()) -> str:
+    """``shop: 4 paused, github: 1`` for the biggest few sources, ``…`` for the rest."""
     top = counts.most_common(_SOURCES_IN_TEXT)
-    text = ", ".join(f"{name}: {n}" for name, n in top)
+    text = ", ".join(f"{name}: {n}{' paused' if name in paused else ''}" for name, n in top)
     return text + (", …" if len(counts) > _SOURCES_IN_TEXT else "")
 
 
