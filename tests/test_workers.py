@@ -372,7 +372,8 @@ async def test_a_304_is_dead_and_not_called_a_redirect(target: Target, make_rig:
 async def test_attempt_longer_than_timeout_is_cut_off_and_retried(
     target: Target, make_rig: MakeRig
 ) -> None:
-    """A target that holds the request past `timeout_s` costs one attempt and is retried."""
+    """A target that holds the request past `timeout_s` costs one attempt and is retried, its
+    error naming the URL, as an answer's does."""
     target.hold = asyncio.Event()  # set at the target's teardown
     rig = await make_rig(forward_source("slow", target.url, timeout_s="0.2"))
     event_id = await rig.ingest("slow")
@@ -380,7 +381,7 @@ async def test_attempt_longer_than_timeout_is_cut_off_and_retried(
     assert due is not None and due > rig.clock.time()
     job = await rig.job(event_id)
     assert (job.state, job.attempts) == (JobState.QUEUED, 1)
-    assert job.last_error == "timed out after 0.2s"
+    assert job.last_error == f"timed out after 0.2s ({target.url}/slow)"  # where it went
     assert len(target.seen) == 1
 
 

@@ -955,7 +955,11 @@ class WorkerPool:
             async with asyncio.timeout(cfg.timeout_s):
                 return await action.run(claimed.event, claimed.job), False
         except TimeoutError as exc:  # with what the action saw so far, if it kept any
-            return Outcome.retry(f"timed out after {cfg.timeout_s:g}s", **cut_detail(exc)), True
+            # Named by where it went, as its other failures are ("<url> answered 503"); masked
+            # with them before it is logged or kept.
+            target = getattr(action, "target", None)
+            said = f"timed out after {cfg.timeout_s:g}s" + (f" ({target})" if target else "")
+            return Outcome.retry(said, **cut_detail(exc)), True
         except Retry as exc:
             return Outcome.retry(exc.reason, after_s=exc.after_s), False
         except Reject as exc:

@@ -140,6 +140,11 @@ class ForwardAction:
             extra=extra,
         )
 
+    @property
+    def target(self) -> str:
+        """Where it delivers: named in a timeout's error."""
+        return self.settings.url
+
     async def run(self, event: Event, job: Job) -> Outcome:
         return await deliver(
             self.http,
