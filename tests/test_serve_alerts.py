@@ -118,5 +118,5 @@ async def test_an_old_backlog_reaches_the_alert_url_as_a_backlog_alert(
     await sink.wait_for(lambda: len(sink.arrivals) >= 1)
     body = json.loads(sink.arrivals[0].body)
     assert (body["kind"], body["count"], body["events"]) == ("backlog", 1, [event_id])
-    assert "(shop: 1)" in body["text"]
+    assert "(shop: 1 paused)" in body["text"]
     assert shop.arrivals == []  # paused: nothing was delivered
