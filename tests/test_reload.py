@@ -25,6 +25,7 @@ from ops_support import event_state
 from procs import DaemonProc, Procs, write_config
 from procs import Target as ServerTarget
 from rawhttp import RawConn
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions
 from webhookd import config as config_mod
@@ -329,6 +330,48 @@ async def test_a_reload_takes_a_rotated_file_secret(
     await running.daemon.reloaded.wait()
     assert await post("second-token-3d4e5f", 5) == 202
     assert await reload_metrics(running) == 0.0
+
+
+async def test_a_reload_takes_an_actions_rotated_file_secrets(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A forward's ``file:`` header value and signing secret are read again by a reload, its
+    options unchanged (they compared equal, and the action kept what it read at start: a
+    revoked credential stayed in use with nothing to say a restart was needed)."""
+    token, key = tmp_path / "token", tmp_path / "signing"
+    token.write_text("header-token-one\n", encoding="utf-8")
+    first, second = "whsec_" + "A" * 32, "whsec_" + "B" * 32
+    key.write_text(first, encoding="utf-8")
+    source = forward("shop", target.url) + (
+        f'secret = "file:{key}"\nheaders = {{ "X-Tok" = "file:{token}" }}\n'
+    )
+    running: Running = await run_daemon(
+        make_config(tmp_path, source), loader=lambda: make_config(tmp_path, source)
+    )
+
+    async def delivered(n: int) -> dict[str, str]:
+        status, _ = await running.post("/hooks/shop", json.dumps({"n": n}))
+        assert status == 202
+        await target.wait_for(lambda t: len(t.seen) == n)
+        return target.seen[-1].headers
+
+    def signed_by(headers: dict[str, str], secret: str) -> bool:
+        body = target.seen[-1].body
+        try:
+            Webhook(secret).verify(body, headers)
+        except WebhookVerificationError:
+            return False
+        return True
+
+    sent = await delivered(1)
+    assert sent["X-Tok"] == "header-token-one" and signed_by(sent, first)
+    token.write_text("header-token-two\n", encoding="utf-8")
+    key.write_text(second, encoding="utf-8")
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    sent = await delivered(2)
+    assert sent["X-Tok"] == "header-token-two"
+    assert signed_by(sent, second) and not signed_by(sent, first)
 
 
 async def reload_metrics(running: Running) -> float:

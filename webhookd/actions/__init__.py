@@ -9,6 +9,7 @@ defaults from here (``kind_defaults``), so config stays below the actions.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from webhookd.actions.base import Action, ActionKind, Outcome, Resources
 from webhookd.config import ActionDefaults, Config
@@ -121,7 +122,7 @@ def build(
     for source in resources.config.all_sources():
         for action in source.actions:
             old = keep.get((source.name, action.name)) if keep else None
-            if old is not None and old.config == action:
+            if old is not None and old.config == action and not _reads_files(action.options):
                 actions[(source.name, action.name)] = old
                 continue
             module = kind(action.type, f"{action.key}.type")
@@ -132,11 +133,29 @@ def build(
     return actions
 
 
+def _reads_files(options: Mapping[str, Any]) -> bool:
+    """Whether an action's options name files read when it is created: a ``file:`` secret (a
+    header, a signing secret, a URL, a proxy, a command's environment) or ``tls``'s PEM files.
+    Such an action is created again at every reload, even with its options unchanged, so a
+    file rotated in place is taken, as the README promises; it compares equal otherwise."""
+    for name, value in options.items():
+        if name == "tls" or (isinstance(value, str) and value.startswith("file:")):
+            return True
+        if isinstance(value, Mapping) and _reads_files(value):
+            return True
+        if isinstance(value, list) and any(
+            isinstance(item, str) and item.startswith("file:") for item in value
+        ):
+            return True
+    return False
+
+
 async def rebuild(
     resources: Resources, keep: Mapping[tuple[str, str], Action]
 ) -> dict[tuple[str, str], Action]:
     """``build`` for a reload: the running actions whose config is unchanged live on (their
-    clients and pools with them). Should creating one fail, those created so far are closed."""
+    clients and pools with them), but those that read files (``_reads_files``). Should
+    creating one fail, those created so far are closed."""
     made: list[Action] = []
     try:
         return build(resources, keep, made)
