@@ -363,9 +363,17 @@ def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path:
     only read the journal."""
     empty = tmp_path / "empty"
     empty.write_text("\n", encoding="utf-8")
+    # A pipe with no writer (reading it would wait for good, in a reload too), a device that
+    # never ends, a file no secret is as large as: refused, not read.
+    fifo, big = tmp_path / "fifo", tmp_path / "big"
+    os.mkfifo(fifo)
+    big.write_bytes(b"k" * (64 * 1024 + 1))
     for path, why in (
         (tmp_path / "nope", "cannot be read: No such file or directory"),
         (empty, "is empty"),
+        (fifo, "cannot be read: not a regular file (a pipe or a device)"),
+        (Path("/dev/zero"), "cannot be read: not a regular file (a pipe or a device)"),
+        (big, "cannot be read: larger than 64 KiB"),
     ):
         text = f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{path}" }}'
         with pytest.raises(ConfigError) as info:
@@ -373,6 +381,9 @@ def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path:
         assert str(info.value) == f"sources.gh.verify.secret: file {path} {why}"
         verify = loads(text, secrets=False).sources["gh"].verify
         assert verify is not None and verify.secrets[0].missing
+    with pytest.raises(ConfigError) as info:  # nor is a config file
+        load(fifo)
+    assert str(info.value) == f"cannot read {fifo}: not a regular file (a pipe or a device)"
 
 
 GOOD_WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 import types
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -871,6 +872,37 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+# The most bytes read of a file: secret (a token, a key, a URL), of a config file, and of a
+# PEM file (a CA bundle: the system's is a few hundred KB).
+SECRET_FILE_BYTES = 64 * 1024
+CONFIG_FILE_BYTES = 4 * 1024 * 1024
+PEM_FILE_BYTES = 16 * 1024 * 1024
+
+
+class Unfit(Exception):
+    """A file that is not read: a pipe or a device (reading one may block, or never end), or
+    one larger than any file of its kind."""
+
+
+def read_small(path: str | Path, most: int) -> bytes:
+    """A regular file's bytes, at most ``most`` of them (``Unfit`` otherwise; ``OSError`` as
+    reading it raises one). Opened without blocking, so a FIFO with no writer is refused, not
+    waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise Unfit("not a regular file (a pipe or a device)")
+        data = f.read(most + 1)
+    if len(data) > most:
+        raise Unfit(f"larger than {most // 1024:,} KiB")
+    return data
+
+
+def read_small_text(path: Path, most: int) -> str:
+    """``read_small`` as UTF-8 text (``UnicodeDecodeError`` if it is not)."""
+    return read_small(path, most).decode("utf-8")
+
+
 def read_secret(value: Any, key: str = "") -> Secret:
     """A secret as written in config: ``"env:NAME"``, ``"file:PATH"`` or the value itself; one
     that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``)."""
@@ -895,12 +927,14 @@ def read_secret(value: Any, key: str = "") -> Secret:
         # A file's whole text, less its trailing newline (Docker secrets, systemd credentials);
         # read at every load, so a reload (SIGHUP) takes a rotated one.
         try:
-            text = Path(value[5:]).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
+            text = read_small_text(Path(value[5:]), SECRET_FILE_BYTES)
+        except (OSError, UnicodeDecodeError, ValueError, Unfit) as exc:  # ValueError: a NUL
             if isinstance(exc, OSError) and exc.strerror:
                 reason = exc.strerror
             elif isinstance(exc, UnicodeDecodeError):
                 reason = "not UTF-8"
+            elif isinstance(exc, Unfit):
+                reason = str(exc)
             else:
                 reason = "not a file path"
             return Secret(None, origin=value, key=key, unreadable=reason)
@@ -1388,9 +1422,11 @@ def load(
         return loads(EMBEDDED_DEFAULT, "embedded default", kinds=kinds)
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_small_text(p, CONFIG_FILE_BYTES)
     except OSError as exc:
         raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from exc
+    except Unfit as exc:
+        raise ConfigError("", f"cannot read {p}: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{p} is not UTF-8 text") from exc
     return loads(text, str(p), secrets=secrets, kinds=kinds)

@@ -22,7 +22,6 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -31,9 +30,12 @@ import aiohttp
 from webhookd.actions.base import Outcome
 from webhookd.config import (
     HEADER_NAME,
+    PEM_FILE_BYTES,
     Secret,
     Table,
+    Unfit,
     header_value,
+    read_small,
     resolve_secret,
     text_or_secret,
 )
@@ -252,9 +254,11 @@ def read_proxy(t: Table) -> Proxy | None:
 def _pem(path: str, key: str, marker: bytes, what: str) -> None:
     """A readable file with ``marker`` in it, or ``ConfigError`` naming ``key`` and why not."""
     try:
-        data = Path(path).read_bytes()
+        data = read_small(path, PEM_FILE_BYTES)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise ConfigError(key, f"cannot be read: {_reason(exc)}") from None
+    except Unfit as exc:  # a pipe would hold the load (and a reload) for good
+        raise ConfigError(key, f"cannot be read: {exc}") from None
     if marker not in data:
         raise ConfigError(key, f"holds no PEM {what}")
 
