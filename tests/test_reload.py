@@ -374,6 +374,30 @@ async def test_a_reload_takes_an_actions_rotated_file_secrets(
     assert signed_by(sent, second) and not signed_by(sent, first)
 
 
+async def test_a_reload_is_refused_when_its_sources_need_a_server_not_running_yet(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """The new file's [server] waits for a restart, so its sources are checked against the
+    running one: a source taking bodies larger than the running max_inflight_body_bytes (each
+    such webhook would get 503 for good) is refused, the previous config running on."""
+    server = "max_body_bytes = 1000\nmax_inflight_body_bytes = 2000"
+    later = "max_body_bytes = 1000\nmax_inflight_body_bytes = 10000"
+    big = forward("m", target.url).replace("[sources.m]", "[sources.m]\nmax_body_bytes = 5000")
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward("a", target.url), server=server),
+        loader=lambda: make_config(tmp_path, forward("a", target.url) + big, server=later),
+    )
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    async with running.http.get(running.admin_url + "/stats") as r:
+        refused = (await r.json())["reload_refused"]
+    assert refused == (
+        "sources.m.max_body_bytes: must be at most server.max_inflight_body_bytes (2000) (the"
+        " value running now: [server] and [journal] change at a restart)"
+    )
+    assert (await running.post("/hooks/m", b"{}"))[0] == 404  # not added
+
+
 async def reload_metrics(running: Running) -> float:
     """``webhookd_config_last_reload_successful``, as a scrape reads it."""
     async with running.http.get(f"{running.admin_url}/metrics") as r:

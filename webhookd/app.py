@@ -423,7 +423,12 @@ class Daemon:
             log.error("config reload refused, still running the previous config: %s", exc)
             return str(exc)
         logs.add_secrets(secret_values(new))
-        plan = plan_reload(self.config, new, fixed=self.fixed)
+        try:
+            plan = plan_reload(self.config, new, fixed=self.fixed)
+        except ConfigError as exc:  # sources that need a [server] or [journal] not yet running
+            why = f"{exc} (the value running now: [server] and [journal] change at a restart)"
+            log.error("config reload refused, still running the previous config: %s", why)
+            return why
         log.debug(
             "config reload: %d source(s) and %d lane(s) read from %s",
             len(new.sources),

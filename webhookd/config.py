@@ -558,6 +558,55 @@ def _changed(name: str, old: Any, new: Any) -> list[str]:
     ]
 
 
+def check_sources(
+    sources: Mapping[str, SourceConfig],
+    server: ServerConfig,
+    journal: JournalConfig,
+    lanes: Mapping[str, LaneConfig],
+) -> None:
+    """What a source's settings must agree with beyond its own table: the server's body limits,
+    the journal's dedup window, the lanes, and the other sources' paths. At a load, and again
+    at a reload against the sections the running daemon keeps until a restart (a reload takes
+    the sources, not ``[server]`` or ``[journal]``).
+    """
+    seen: dict[str, str] = {}
+    inflight = server.max_inflight_body_bytes
+    for src in sources.values():
+        if (src.max_body_bytes or 0) > inflight:  # else a body that size could never be read
+            raise ConfigError(
+                f"{source_key(src.name)}.max_body_bytes",
+                f"must be at most server.max_inflight_body_bytes ({inflight})",
+            )
+        if src.name == CATCH_ALL:
+            continue
+        if src.path in seen:
+            raise ConfigError(
+                f"{source_key(src.name)}.path",
+                f"{src.path} is also used by {source_key(seen[src.path])}",
+            )
+        seen[src.path] = src.name
+    keep_dedup_s = journal.keep_dedup_d * 86_400
+    for src in sources.values():
+        verify = src.verify
+        if (
+            verify
+            and not SCHEMES[verify.scheme].untimed(verify)
+            and verify.tolerance_s > keep_dedup_s
+        ):
+            # A request re-sent once its delivery id is forgotten would verify as a new event.
+            raise ConfigError(
+                f"{source_key(src.name)}.verify.tolerance_s",
+                f"{verify.tolerance_s:g} s is longer than journal.keep_dedup_d keeps delivery"
+                f" ids ({keep_dedup_s:g} s): a request re-sent after would verify again",
+            )
+        for action in src.actions:
+            lane = action.options.get("lane")
+            if lane is not None and not isinstance(lane, str):
+                raise ConfigError(f"{action.key}.lane", f"must be a string, not {_type_name(lane)}")
+            if lane is not None and lane not in lanes:
+                raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
+
+
 def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:
     """Take ``new``'s sources (their actions with them), its ``[alerts]``, any lane it adds
     and its ``[log]`` but for the dotted keys in ``fixed`` (those the command line set, e.g.
@@ -580,6 +629,9 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
             kept.append(f"lanes.{name}")
             lanes[name] = lane
     before, after = old.sources, new.sources
+    # Checked at the load against the new file's [server] and [journal]; the daemon keeps its
+    # own until a restart, so the sources must agree with those (ConfigError: refused).
+    check_sources(after, old.server, old.journal, lanes)
     changed = tuple(n for n in after if n in before and after[n] != before[n])
     # The actions whose queued jobs have nothing left to run them: those of a changed source
     # that no longer has them, and all of a source removed (or renamed).
@@ -1340,42 +1392,7 @@ def parse(
     for name in list(src_table.data):
         sources[name] = _source(name, src_table.raw(name), src_table.path(name), kinds)
     src_table.finish()
-    seen: dict[str, str] = {}
-    inflight = server.max_inflight_body_bytes
-    for src in sources.values():
-        if (src.max_body_bytes or 0) > inflight:  # else a body that size could never be read
-            raise ConfigError(
-                f"{source_key(src.name)}.max_body_bytes",
-                f"must be at most server.max_inflight_body_bytes ({inflight})",
-            )
-        if src.name == CATCH_ALL:
-            continue
-        if src.path in seen:
-            raise ConfigError(
-                f"{source_key(src.name)}.path",
-                f"{src.path} is also used by {source_key(seen[src.path])}",
-            )
-        seen[src.path] = src.name
-    keep_dedup_s = journal.keep_dedup_d * 86_400
-    for src in sources.values():
-        verify = src.verify
-        if (
-            verify
-            and not SCHEMES[verify.scheme].untimed(verify)
-            and verify.tolerance_s > keep_dedup_s
-        ):
-            # A request re-sent once its delivery id is forgotten would verify as a new event.
-            raise ConfigError(
-                f"{source_key(src.name)}.verify.tolerance_s",
-                f"{verify.tolerance_s:g} s is longer than journal.keep_dedup_d keeps delivery"
-                f" ids ({keep_dedup_s:g} s): a request re-sent after would verify again",
-            )
-        for action in src.actions:
-            lane = action.options.get("lane")
-            if lane is not None and not isinstance(lane, str):
-                raise ConfigError(f"{action.key}.lane", f"must be a string, not {_type_name(lane)}")
-            if lane is not None and lane not in lanes:
-                raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
+    check_sources(sources, server, journal, lanes)
     alerts = _alerts(root.table("alerts"), kinds) if root.has("alerts") else None
     root.finish()
     config = Config(
