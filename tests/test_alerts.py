@@ -361,6 +361,7 @@ def test_alerts_config_defaults_and_the_forward_retry(monkeypatch: pytest.Monkey
         ("[sources.webhookd]", "sources.webhookd", "reserved"),
         ("[alerts]\non_dead = true", "alerts.url", "is required"),
         ('[alerts]\nurl = "hooks.example.com/s3cr3t"', "alerts.url", "must be an http(s) URL"),
+        ('[alerts]\nurl = "http://u:s3cr3t@[bad/x"', "alerts.url", "must be an http(s) URL"),
         ('[alerts]\nurl = "https://x.example"\nmin_interval_s = -1', "alerts.min_interval_s", ""),
         ('[alerts]\nurl = "https://x.example"\nbacklog_age_s = 0', "alerts.backlog_age_s", ""),
         ('[alerts]\nurl = "https://x.example"\ncolour = 1', "alerts.colour", "unknown key"),

@@ -1005,6 +1005,7 @@ def test_journal_url_opens_postgresql_from_the_environment(monkeypatch: pytest.M
             "not a number from 1 to",
         ),
         ('url = "postgresql://wh:Zq9@x@db/wh"', "journal.url", "write it as %40"),
+        ('url = "postgresql://wh:Zq9@[bad/wh"', "journal.url", "a \\[ with no \\]"),
         # With a / in it, what looks like a port is part of the password: never shown.
         ('url = "postgresql://wh:Zq9/Zq8:Zq7@db/wh"', "journal.url", "write / as %2F"),
     ],

@@ -871,6 +871,8 @@ def check_journal_url(url: Secret, key: str) -> None:
     if "@" in userinfo:
         raise ConfigError(key, "has an @ in its user or password: write it as %40")
     for host in hosts.split(","):  # libpq's list of hosts, each with its own port
+        if host.startswith("[") and "]" not in host:
+            raise ConfigError(key, "has a [ with no ] after it: write an IPv6 host [addr]:port")
         name, colon, port = host.rpartition(":")
         if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
             continue  # no port (an IPv6 address's own colons are inside its brackets)
@@ -1239,9 +1241,12 @@ def _alerts(t: Table, kinds: KindDefaults | None) -> AlertsConfig:
     forward defaults unless ``timeout_s`` or ``retry`` say otherwise."""
     url = t.secret("url")
     if not url.missing:
-        parts = urlsplit(url.reveal())
+        # The value is not shown: an incoming-webhook URL is itself the credential.
+        try:
+            parts = urlsplit(url.reveal())
+        except ValueError:  # "http://[bad": what urlsplit says would quote the URL
+            raise ConfigError(t.path("url"), "must be an http(s) URL") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            # The value is not shown: an incoming-webhook URL is itself the credential.
             raise ConfigError(t.path("url"), "must be an http(s) URL")
     defaults = ActionDefaults() if kinds is None else kinds("forward", t.path("url"))
     timeout_s = t.read(defaults, only=("timeout_s",)).timeout_s
