@@ -131,6 +131,15 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ("[server]\nack_timeout_s = inf", "server.ack_timeout_s"),
         ("[journal]\nkeep_done_h = -nan", "journal.keep_done_h"),
         ("[workers]\nshutdown_grace_s = inf", "workers.shutdown_grace_s"),
+        # Past what a deadline can be (1e300 s crashed the stop's watchdog), or a busy loop.
+        ("[workers]\nshutdown_grace_s = 1e300", "workers.shutdown_grace_s"),
+        ("[journal]\nkeep_dedup_d = 1e9", "journal.keep_dedup_d"),
+        (
+            '[[sources.a.actions]]\ntype = "log"\nretry = { base_s = 1e12 }',
+            "sources.a.actions[0].retry.base_s",
+        ),
+        ("[workers]\nsweep_interval_s = 1e-9", "workers.sweep_interval_s"),
+        ("[journal]\nprune_interval_s = 1e-9", "journal.prune_interval_s"),
         ("[lanes.ai]\nrpm = 60\nburst_s = nan", "lanes.ai.burst_s"),
         ("[sources.a]\nintake_per_s = inf", "sources.a.intake_per_s"),
         ('[[sources.a.actions]]\ntype = "log"\ntimeout_s = nan', "sources.a.actions[0].timeout_s"),

@@ -299,14 +299,15 @@ class JournalConfig:
     keep_done_h: float = setting(24.0, minimum=0)
     keep_dead_d: float = setting(14.0, minimum=0)
     keep_dedup_d: float = setting(7.0, minimum=0)
-    prune_interval_s: float = setting(60.0, positive=True)
+    prune_interval_s: float = setting(60.0, positive=True, minimum=0.01)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkersConfig:
     concurrency: int = setting(32, minimum=1)
     shutdown_grace_s: float = setting(25.0, minimum=0)
-    sweep_interval_s: float = setting(1.0, positive=True)
+    # Each a wake of an idle daemon (prune_interval_s too): at 1e-9 s it used a whole core.
+    sweep_interval_s: float = setting(1.0, positive=True, minimum=0.01)
     window: int = setting(1000, minimum=1)
     max_recoveries: int = setting(3, minimum=1)
     # After this many attempts of an action in a row end by its timeout_s, it runs one job at a
@@ -912,7 +913,18 @@ def check_number(
         raise ConfigError(key, "must be greater than 0")
     if minimum is not None and value < minimum:
         raise ConfigError(key, f"must be at least {minimum}")
+    name = key.rpartition(".")[2]
+    unit = None if name.endswith("per_s") else _DURATION_UNITS.get(name.rpartition("_")[2])
+    if unit is not None and value * unit > _LONGEST_S:
+        # A deadline that far off is past what the clock can say (1e300 s of shutdown_grace_s
+        # crashed the stop's watchdog), and no wait that long is meant.
+        raise ConfigError(key, "is longer than 100 years")
     return value
+
+
+# Durations are named by their unit (``_s``, ``_h``, ``_d``); none may pass 100 years.
+_DURATION_UNITS = {"s": 1, "h": 3_600, "d": 86_400}
+_LONGEST_S = 100 * 365 * 86_400
 
 
 def _type_name(value: Any) -> str:
