@@ -88,6 +88,18 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
     ("text", "key"),
     [
         ("[server]\nlisten = 8080", "server.listen"),
+        ('[server]\nlisten = ":8080"', "server.listen"),  # every interface is written out
+        (
+            '[sources.a]\nverify = { scheme = "hmac", secret = "k", header = "X Sig" }',
+            "sources.a.verify.header",
+        ),
+        (
+            '[sources.a]\nverify = { scheme = "hmac", secret = "k", header = "X-Sig",'
+            ' timestamp_header = "env:TS" }',
+            "sources.a.verify.timestamp_header",
+        ),
+        ('[server]\nlisten = "[::1:8080"', "server.listen"),
+        ('[admin]\nlisten = "::1]:8081"', "admin.listen"),
         ('[server]\nlisten = "127.0.0.1:99999"', "server.listen"),
         ("[server]\nmax_body_bytes = -1", "server.max_body_bytes"),
         ('[server]\ntrusted_proxies = "127.0.0.1"', "server.trusted_proxies"),

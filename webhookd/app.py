@@ -34,6 +34,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -623,7 +624,10 @@ def _tune_gc() -> None:
 def _cannot_listen(listen: Listen, what: str, exc: OSError) -> WebhookdError:
     """One line for a port that cannot be had: the system's words for it (aiohttp wraps them
     in a sentence of its own, address and all, which the line already says)."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if isinstance(exc, socket.gaierror):  # its errno is getaddrinfo's, not the system's
+        reason = f"{listen.host} does not resolve ({exc.strerror})"
+    else:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return WebhookdError(f"cannot listen on {listen} ({what}): {reason}")
 
 

@@ -203,8 +203,16 @@ def parse_listen(value: Any, key: str) -> Listen:
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(key, f"port {port} is out of range")
-    host = host.strip("[]") or "0.0.0.0"
-    return Listen(host, port)
+    if not host:
+        # Every interface is a choice to write out: a bare ":8080" read as one took webhooks
+        # from the whole network where loopback was meant.
+        raise ConfigError(
+            key,
+            f"{value!r} names no host: write 127.0.0.1:{port} (0.0.0.0:{port}: every interface)",
+        )
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(key, f"{value!r} is not HOST:PORT (an IPv6 host is written [::1]:PORT)")
+    return Listen(host.strip("[]"), port)
 
 
 def parse_extractor(value: Any, key: str) -> Extractor:
@@ -1119,6 +1127,10 @@ def _verify(value: Any, key: str) -> VerifyConfig:
     signed = t.string("signed", None)
     allow_sha1 = t.bool("allow_sha1", False)
     dedup_body = t.bool("dedup_body", True)
+    for name, value in (("header", header), ("timestamp_header", timestamp_header)):
+        if value and not HEADER_NAME.fullmatch(value):
+            # No request can carry it: every webhook would be refused 401 "missing signature".
+            raise ConfigError(t.path(name), f"{value[:64]!r} is not a header name")
     t.finish()
     for name in OPTION_KEYS:
         if t.has(name) and name not in impl.option_keys:
