@@ -89,6 +89,18 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
     [
         ("[server]\nlisten = 8080", "server.listen"),
         ('[server]\nlisten = ":8080"', "server.listen"),  # every interface is written out
+        # Settings that say two things, or that nothing reads as written.
+        (
+            '[sources.a]\npriority = { by = "json:x", high = ["a"], low = ["b", "a"] }',
+            "sources.a.priority.low",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+            'headers = { "X-Tok" = "first", "x-tok" = "second" }',
+            "sources.a.actions[0].headers.x-tok",
+        ),
+        ('[sources."*"]\npath = "/x"', "sources.*.path"),
+        ('[journal]\npath = "env:DBPATH"', "journal.path"),
         (
             '[sources.a]\nverify = { scheme = "hmac", secret = "k", header = "X Sig" }',
             "sources.a.verify.header",

@@ -1098,6 +1098,10 @@ def _priority(value: Any, key: str) -> PriorityRule:
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ConfigError(t.path(name), "must be an array of strings")
         sets[name] = frozenset(items)
+        for other, earlier in sets.items():
+            both = sorted(earlier & sets[name]) if other != name else []
+            if both:  # one value, two classes: which wins would be the code's choice, unsaid
+                raise ConfigError(t.path(name), f"{both[0][:64]!r} is also in {other}")
     t.finish()
     return PriorityRule(default=default, by=by, **sets)
 
@@ -1202,6 +1206,11 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
     if name == ALERT_SOURCE:
         raise ConfigError(key, f"the source name {ALERT_SOURCE!r} is reserved for [alerts]")
     t = Table(value, key)
+    if name == CATCH_ALL and t.has("path"):
+        # It takes /hooks/<name> for every name no source has: a path of its own is not read.
+        raise ConfigError(
+            t.path("path"), "is not taken by the catch-all (it answers /hooks/<name>)"
+        )
     path = t.string("path", f"/hooks/{name}")
     if not path.startswith("/"):
         raise ConfigError(t.path("path"), "must start with '/'")
@@ -1363,6 +1372,11 @@ def parse(
         raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
     if j.has("path") and not j.raw("path"):  # "" would be read as the working directory
         raise ConfigError(j.path("path"), "must name the journal's file (like ./webhookd.db)")
+    if j.has("path") and str(j.raw("path")).startswith(("env:", "file:")):
+        # Not a secret: read as written, it would name a file called "env:DBPATH".
+        raise ConfigError(
+            j.path("path"), "is a path, written as it is (env: and file: are for secrets)"
+        )
     journal = j.read(JournalConfig())
     j.finish()
     if journal.keep_dead_d * 24 < journal.keep_done_h:

@@ -283,10 +283,14 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
     ):
         raise ConfigError(t.path(name), "must be a table of strings")
     headers = {}
+    seen: dict[str, str] = {}
     for k, v in value.items():
         key = f"{t.path(name)}.{k}"
         if not HEADER_NAME.fullmatch(k):
             raise ConfigError(key, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        if k.lower() in seen:  # names are case-insensitive: one of the two would be dropped
+            raise ConfigError(key, f"is {seen[k.lower()]} again, in another case")
+        seen[k.lower()] = k
         if k.lower() in _SIGNING_HEADERS:
             # With a secret, the signing would replace it; without one, a forged-looking header.
             raise ConfigError(key, "is the signing's to set: give secret or secrets instead")
