@@ -284,6 +284,20 @@ def test_a_secret_reference_naming_nothing_says_so(written: str, says: str) -> N
         # A short key one letter off (difflib's ratio alone is too low), and a lane whose only
         # key is misspelt is told the key, not that it has neither rpm nor tpm.
         ("[lanes.small]\nrpn = 5", "lanes.small.rpn: unknown key (did you mean rpm?)"),
+        # Names other tools use for a key spelt another way here.
+        ('[log]\nlvl = "info"', "log.lvl: unknown key (did you mean level?)"),
+        (
+            "[workers.weights]\nmedium = 2",
+            "workers.weights.medium: unknown key (did you mean normal?)",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "log"\nmax_attempts = 3',
+            "sources.a.actions[0].max_attempts: unknown key for a log action (did you mean retry?)",
+        ),
+        (
+            '[[sources.a.actions]]\ntype = "log"\nretry = { max_retries = 3 }',
+            "sources.a.actions[0].retry.max_retries: unknown key (did you mean max_attempts?)",
+        ),
         ("[lanes.small]\nrmp = 5", "lanes.small.rmp: unknown key (did you mean rpm?)"),
         ("[lanes.small]\nrpm = 5\nzz = 1", "lanes.small.zz: unknown key"),
     ],

@@ -812,10 +812,29 @@ def _unknown(name: str, known: Iterable[str], said: str, cutoff: float = 0.8) ->
     return f"{said} (did you mean {close}?)" if close else said
 
 
+# Names other tools use, or that a reader guesses, for keys spelt another way here: no
+# misspelling of them, so the ratio alone does not find them. The first one known wins (an
+# action's max_attempts is its retry table's).
+_MEANT = {
+    "lvl": ("level",),
+    "loglevel": ("level",),
+    "max_retries": ("max_attempts", "retry"),
+    "retries": ("max_attempts", "retry"),
+    "attempts": ("max_attempts", "retry"),
+    "max_attempts": ("retry",),
+    "backoff": ("retry",),
+    "timeout": ("timeout_s",),
+    "medium": ("normal",),
+}
+
+
 def closest(name: str, known: Iterable[str], cutoff: float = 0.8) -> str | None:
     """The known name ``name`` is most likely a misspelling of: the same but for case, else
     by difflib's ratio, or one letter off (a short key's ratio is low for one slip: rpn, rpm)."""
     keys = sorted(known)
+    meant = [key for key in _MEANT.get(name.lower(), ()) if key in known]
+    if meant:
+        return meant[0]
     close = [key for key in keys if key.lower() == name.lower() and key != name][:1]
     close = close or difflib.get_close_matches(name, keys, n=1, cutoff=cutoff)
     if not close and len(name) >= 3:
