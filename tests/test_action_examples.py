@@ -172,6 +172,21 @@ def test_reference_config_passes_check_with_its_commented_action_examples() -> N
     assert [a.type for a in cfg.sources["stripe"].actions] == ["forward", "log", "python"]
 
 
+def test_reference_config_states_each_action_kinds_defaults() -> None:
+    """The defaults webhookd.toml lists by kind are the ones an action without them gets."""
+    lines = (ROOT / "webhookd.toml").read_text().splitlines()
+    [line] = [x for x in lines if x.startswith("#   openai ")]
+    said = re.split(r"\s{2,}", line.removeprefix("#").strip())
+    expected = []
+    for kinds in (("openai",), ("command", "python"), ("log",)):
+        d = actions.kind_defaults(kinds[0], "x")
+        assert all(actions.kind_defaults(k, "x") == d for k in kinds)
+        r = d.retry
+        values = f"{d.timeout_s:g}; {r.max_attempts}, {r.base_s:g}, {r.factor:g}, {r.cap_s:g}"
+        expected.append(f"{' and '.join(kinds)} {values}")
+    assert said == expected
+
+
 def _reference_with_examples() -> str:
     """webhookd.toml with its commented openai/command/python examples uncommented."""
     text = (ROOT / "webhookd.toml").read_text()
