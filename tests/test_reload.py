@@ -497,7 +497,11 @@ async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
         lines = daemon.log.splitlines()
         [last] = [line for line in lines if "config reloaded" in line][-1:]
         if flags:
-            assert "config reload: log.level, log.format changed, kept" in daemon.log
+            assert (
+                "config reload: log.level, log.format changed in the file; the command line's"
+                " --log-level, --log-format still set them"
+            ) in daemon.log
+            assert "until the next restart" not in daemon.log  # a restart keeps them too
             assert debug_line not in daemon.log
             assert not any(line.startswith("{") for line in lines)
         else:

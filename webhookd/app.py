@@ -483,12 +483,22 @@ class Daemon:
                 ", ".join(gone),
                 "its" if len(gone) == 1 else "their",
             )
-        running.ctx.restart_pending = plan.kept
-        if plan.kept:
+        # A key the command line sets (--log-level) is not the file's at a restart either.
+        flagged = [key for key in plan.kept if key in self.fixed]
+        restart = tuple(key for key in plan.kept if key not in self.fixed)
+        running.ctx.restart_pending = restart
+        if restart:
             log.warning(
                 "config reload: %s changed, kept as %s until the next restart",
-                ", ".join(plan.kept),
-                "they were" if len(plan.kept) > 1 else "it was",
+                ", ".join(restart),
+                "they were" if len(restart) > 1 else "it was",
+            )
+        if flagged:
+            log.warning(
+                "config reload: %s changed in the file; the command line's --%s still %s",
+                ", ".join(flagged),
+                ", --".join(key.replace("log.", "log-") for key in flagged),
+                "set them" if len(flagged) > 1 else "sets it",
             )
         # Last: a level raised to warning would drop the summary above.
         if cfg.log.format != old_log.format:
