@@ -988,6 +988,12 @@ def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None
         ("forward", 'url = ["env:UNSET_IN_ANY_TEST"]', "url", "must be a string, not an array"),
         ("forward", 'url = "http://:80/x"', "url", "'http://:80/x' is not an http(s) URL"),
         ("openai", "model = 123", "model", "must be a string, not an integer"),
+        (
+            "openai",
+            'model = "env:MODEL"',
+            "model",
+            "is a model name, written as it is (env: and file: are for secrets)",
+        ),
         ("openai", "base_url = 1", "base_url", "must be a string, not an integer"),
         ("openai", "then = { forward = 1 }", "then.forward", "must be a string, not an integer"),
         ("openai", "max_tokens = 2.5", "max_tokens", "must be an integer, not a float"),

@@ -129,6 +129,11 @@ class _Settings:
         model = t.string("model", None)  # a number is the wrong type, named so
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
+        if model.startswith(("env:", "file:")):  # sent as written, the server would refuse it
+            raise ConfigError(
+                t.path("model"),
+                "is a model name, written as it is (env: and file: are for secrets)",
+            )
         self.model = model
         if not t.has("prompt"):
             raise ConfigError(t.path("prompt"), "is required (a template)")
