@@ -996,6 +996,13 @@ def read_small_text(path: Path, most: int) -> str:
     return read_small(path, most).decode("utf-8")
 
 
+def no_reference(value: str, key: str, what: str) -> None:
+    """``ConfigError`` for an ``env:``/``file:`` reference in a key that takes no secret and
+    would use the text as written."""
+    if value.startswith(("env:", "file:")):
+        raise ConfigError(key, f"is {what}, written as it is (env: and file: are for secrets)")
+
+
 def read_secret(value: Any, key: str = "") -> Secret:
     """A secret as written in config: ``"env:NAME"``, ``"file:PATH"`` or the value itself; one
     that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``)."""
@@ -1391,11 +1398,8 @@ def parse(
         raise ConfigError(j.path("url"), "cannot be set together with journal.path: choose one")
     if j.has("path") and not j.raw("path"):  # "" would be read as the working directory
         raise ConfigError(j.path("path"), "must name the journal's file (like ./webhookd.db)")
-    if j.has("path") and str(j.raw("path")).startswith(("env:", "file:")):
-        # Not a secret: read as written, it would name a file called "env:DBPATH".
-        raise ConfigError(
-            j.path("path"), "is a path, written as it is (env: and file: are for secrets)"
-        )
+    if j.has("path"):  # read as written, "env:DBPATH" would name a file by that very name
+        no_reference(str(j.raw("path")), j.path("path"), "a path")
     journal = j.read(JournalConfig())
     j.finish()
     if journal.keep_dead_d * 24 < journal.keep_done_h:

@@ -70,6 +70,7 @@ from webhookd.config import (
     RetryPolicy,
     Table,
     header_value,
+    no_reference,
     resolve_secret,
 )
 from webhookd.errors import ConfigError
@@ -129,11 +130,7 @@ class _Settings:
         model = t.string("model", None)  # a number is the wrong type, named so
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
-        if model.startswith(("env:", "file:")):  # sent as written, the server would refuse it
-            raise ConfigError(
-                t.path("model"),
-                "is a model name, written as it is (env: and file: are for secrets)",
-            )
+        no_reference(model, t.path("model"), "a model name")  # else sent as written
         self.model = model
         if not t.has("prompt"):
             raise ConfigError(t.path("prompt"), "is required (a template)")
