@@ -421,15 +421,14 @@ class Daemon:
             # 3.3 ms, as the thread's share of the interpreter slows the acks around it.
             new = await asyncio.to_thread(self.loader)
         except ConfigError as exc:
-            log.error("config reload refused, still running the previous config: %s", exc)
-            return str(exc)
+            return _refused(str(exc))
         logs.add_secrets(secret_values(new))
         try:
             plan = plan_reload(self.config, new, fixed=self.fixed)
         except ConfigError as exc:  # sources that need a [server] or [journal] not yet running
-            why = f"{exc} (the value running now: [server] and [journal] change at a restart)"
-            log.error("config reload refused, still running the previous config: %s", why)
-            return why
+            return _refused(
+                f"{exc} (the value running now: [server] and [journal] change at a restart)"
+            )
         log.debug(
             "config reload: %d source(s) and %d lane(s) read from %s",
             len(new.sources),
@@ -462,8 +461,7 @@ class Daemon:
         try:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
-            log.error("config reload refused, still running the previous config: %s", exc)
-            return str(exc)
+            return _refused(str(exc))
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
@@ -629,6 +627,12 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _refused(why: str) -> str:
+    """A reload refused: said, and returned for ``/stats``' ``reload_refused``."""
+    log.error("config reload refused, still running the previous config: %s", why)
+    return why
 
 
 def _cannot_listen(listen: Listen, what: str, exc: OSError) -> WebhookdError:

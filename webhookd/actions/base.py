@@ -89,7 +89,8 @@ class Resources:
 
 
 class Action(Protocol):
-    """One configured action of one source."""
+    """One configured action of one source. One that sends somewhere may also have ``target``
+    (its URL), which the worker names in the error of an attempt its timeout cut off."""
 
     config: ActionConfig
 
