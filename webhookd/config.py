@@ -1123,11 +1123,12 @@ def _priority(value: Any, key: str) -> PriorityRule:
         items = t.raw(name, [])
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ConfigError(t.path(name), "must be an array of strings")
-        sets[name] = frozenset(items)
+        values = frozenset(items)
         for other, earlier in sets.items():
-            both = sorted(earlier & sets[name]) if other != name else []
-            if both:  # one value, two classes: which wins would be the code's choice, unsaid
+            # One value, two classes: which wins would be the code's choice, unsaid.
+            if both := sorted(values & earlier):
                 raise ConfigError(t.path(name), f"{both[0][:64]!r} is also in {other}")
+        sets[name] = values
     t.finish()
     return PriorityRule(default=default, by=by, **sets)
 

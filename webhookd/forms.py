@@ -98,7 +98,7 @@ def parts(content_type: str, body: bytes, most: int | None = None) -> Iterator[P
     its line by nothing but spaces or tabs, or by ``--`` for the last; the line break before
     it is the delimiter's, not the part's. A body without a last delimiter ends its last part.
     """
-    left = most
+    taken = 0
     holder = email.message.Message()
     holder["Content-Type"] = content_type
     boundary = holder.get_boundary()
@@ -117,10 +117,9 @@ def parts(content_type: str, body: bytes, most: int | None = None) -> Iterator[P
         start, end = line_end + 1, len(body) if following < 0 else following - 1
         if end > start and body[end - 1] == _CR:  # the line break before it is its own
             end -= 1
-        if left is not None:
-            if left == 0:
-                raise TooManyFields(most or 0)
-            left -= 1
+        if most is not None and taken == most:
+            raise TooManyFields(most)
+        taken += 1
         yield _part(body, start, end)
         at = following
 
