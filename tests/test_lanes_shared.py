@@ -88,6 +88,23 @@ def busiest_window(times: list[float], amounts: list[float] | None = None) -> fl
     return best
 
 
+async def test_a_withdrawn_call_gives_its_request_back_to_the_shared_bucket(pg_url: str) -> None:
+    """Calls admitted and then not made (their source paused) go back to the shared bucket,
+    requests and tokens, with the node's next request for a chunk: spendable at once."""
+    driver = Driver()
+    async with nodes(pg_url, driver.clock, 1) as (journal,):
+        lane = shared_lane(journal, driver, rpm=60, tpm=6_000, burst_s=3.0)
+        taken = [await lane.acquire(100, max_wait_s=0) for _ in range(3)]  # the burst
+        with pytest.raises(LaneBusy):
+            await lane.acquire(100, max_wait_s=0)
+        for reservation in taken:
+            lane.withdraw(reservation)
+        again = [await lane.acquire(100, max_wait_s=0) for _ in range(3)]
+        with pytest.raises(LaneBusy):
+            await lane.acquire(100, max_wait_s=0)
+    assert [r.admitted_at_s for r in again] == [taken[0].admitted_at_s] * 3
+
+
 async def test_two_nodes_sharing_a_lane_stay_within_rpm_and_tpm_in_every_window_and_use_it(
     pg_url: str,
 ) -> None:

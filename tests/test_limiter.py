@@ -233,6 +233,25 @@ async def test_settle_refunds_and_charges_the_difference() -> None:
         lane.settle(third, 0)
 
 
+async def test_withdraw_gives_back_the_request_and_the_tokens() -> None:
+    """A call admitted and then not made (its source paused) takes nothing from the lane: its
+    request and its tokens go back, and the next call in line is let in at once."""
+    sim = GatedSleep()
+    lane = sim.lane(rpm=60, tpm=60_000)  # a burst of 3 requests, 3 000 tokens
+    taken = [await lane.acquire(1_000, max_wait_s=0) for _ in range(3)]
+    waiting = asyncio.create_task(lane.acquire(1_000, max_wait_s=math.inf))
+    await run_ready()
+    assert not waiting.done()
+    lane.withdraw(taken[0])
+    reservation = await waiting
+    assert reservation.admitted_at_s == sim.start
+    stats = lane.statistics()
+    assert (stats.requests_available, stats.tokens_available) == (0, 0)
+    assert stats.tokens_debited_total == 3_000
+    with pytest.raises(ValueError, match="already settled"):
+        lane.withdraw(taken[0])
+
+
 async def test_refund_wakes_the_waiting_head_early() -> None:
     """A refund lets a waiting call in at once instead of after its computed refill time."""
     sim = GatedSleep()

@@ -131,6 +131,7 @@ class Reservation:
     tokens: int
     admitted_at_s: float  # on the lane's monotonic clock
     _entry: _Entry | None = field(default=None, repr=False)
+    _request: _Entry | None = field(default=None, repr=False)  # the call's place in the RPM log
     _grant_at: float | None = field(default=None, repr=False)  # shared lanes: whose chunk
     _settled: bool = field(default=False, repr=False)
 
@@ -332,6 +333,18 @@ class Lane:
         if delta < 0:
             self._wake_head()
 
+    def withdraw(self, reservation: Reservation) -> None:
+        """Give back all ``reservation`` took, its request as well as its tokens: the call it
+        admitted was not made (its source was paused while it waited for the lane)."""
+        self.settle(reservation, 0)
+        if self._store is not None:
+            if self.config.rpm and reservation._grant_at is not None:
+                self._returns.append((reservation._grant_at, -1.0, 0.0))
+            return
+        if self._requests is not None and reservation._request is not None:
+            self._requests.adjust(reservation._request, -1, self._now())
+            self._wake_head()
+
     def observe_remaining(self, requests: int | None, tokens: int | None) -> None:
         """Lower the local levels to the upstream's ``x-ratelimit-remaining-*``; never raise."""
         self._now()
@@ -448,12 +461,11 @@ class Lane:
         # Requests and tokens are debited together, with no await in between.
         if self._circuit_reason is not None and self._probe_after_s is not None:
             self._probe_at = now + self._probe_after_s  # this call is the half-open probe
-        if self._requests is not None:
-            self._requests.take(1, now)
+        request = self._requests.take(1, now) if self._requests is not None else None
         entry = self._tokens.take(tokens, now) if self._tokens is not None else None
         self._admitted_total += 1
         self._tokens_debited_total += tokens
-        return Reservation(self.name, tokens, now, entry)
+        return Reservation(self.name, tokens, now, entry, request)
 
     # -- shared lanes ------------------------------------------------------------------------
 
@@ -513,7 +525,7 @@ class Lane:
         self._stock[1] -= tokens
         self._admitted_total += 1
         self._tokens_debited_total += tokens
-        return Reservation(self.name, tokens, now, None, self._grant_at)
+        return Reservation(self.name, tokens, now, None, None, self._grant_at)
 
     def _drop_stock(self) -> None:
         """Give the unspent chunk back with the next request (it was never used)."""

@@ -354,8 +354,8 @@ class OpenAIAction:
                 return Outcome.wait(str(busy), busy.retry_after_s, lane=busy.lane, paced=True)
             if self.held(event.source):
                 # Paused while it waited for the lane (up to max_lane_wait_s): the call is not
-                # made, its reservation is given back, and the job is queued, held with the rest.
-                self.lane.settle(reservation, 0)
+                # made, its request and tokens go back, and the job is queued, held with the rest.
+                self.lane.withdraw(reservation)
                 return Outcome.wait("source paused", 1.0, lane=self.lane.name, paced=True)
         started = time.monotonic()
         try:
