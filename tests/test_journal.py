@@ -147,6 +147,27 @@ def journal_of_the_version_before(path: Path, version: int = len(MIGRATIONS) - 1
         conn.commit()
 
 
+@pytest.mark.parametrize("serving", [True, False], ids=["serve", "cli"])
+async def test_sqlite_a_process_that_upgraded_the_journal_still_holds_it_open(
+    tmp_path: Path, serving: bool
+) -> None:
+    """Looking for an older daemon before an upgrade must not drop this process's own hold on
+    the journal: closing any descriptor of the ``-shm`` file releases SQLite's locks on it, and
+    the next process to open the journal would take itself for the first and rebuild the
+    shared index under this one's writer (a bus error, or worse)."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    probe = "import sys; from webhookd.journal import opened_elsewhere as o; print(o(sys.argv[1]))"
+    async with Journal(path, serving=serving):
+        asked = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", probe, str(path), stdout=asyncio.subprocess.PIPE
+        )
+        seen, _ = await asked.communicate()
+    assert seen.decode().strip() == f"process {os.getpid()}"
+
+
 async def test_sqlite_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_a_head(
     tmp_path: Path,
 ) -> None:

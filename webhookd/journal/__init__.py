@@ -366,7 +366,8 @@ def opened_elsewhere(path: Path) -> str | None:
     The serve lock tells of a daemon of this webhookd; a daemon of one from before that lock
     (schema versions below 9), a CLI verb or an ``sqlite3`` shell take none, and upgrading the
     schema or restoring under any of them breaks it. This process's own connections do not
-    count (POSIX locks are per process)."""
+    count (POSIX locks are per process), and must not be open yet: closing the descriptor
+    opened here drops every lock the process holds on the file, SQLite's included."""
     if sys.platform != "linux":
         return None
     try:
@@ -505,6 +506,7 @@ class Journal(Reads, BaseJournal):
         # lock while open and truncates the WAL when it closes.
         self.serving = serving
         self._lock_fd: int | None = None
+        self._held_elsewhere: str | None = None  # who had the file open as this opened it
         # Named as a PostgreSQL node is, so ``nodes()`` reads the same on both backends.
         self.node_id = new_boot_id().replace("boot_", "node_")
         self.opened_at = clock.time()
@@ -579,6 +581,9 @@ class Journal(Reads, BaseJournal):
                 f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"
                 f"{_other_file(exc, self.path)}{_why_not(self.path)}"
             ) from None
+        # Asked before this process opens the journal: once it has, closing the descriptor the
+        # question needs would drop SQLite's own locks on the -shm file (``opened_elsewhere``).
+        self._held_elsewhere = opened_elsewhere(self.path)
         self._thread = _OwnThread("webhookd-journal")
         self._queue = OpQueue()
         self.opened_at = self.clock.time()
@@ -752,7 +757,7 @@ class Journal(Reads, BaseJournal):
             )
         if version == len(MIGRATIONS):
             return
-        if version > 0 and (holder := opened_elsewhere(self.path)) is not None:
+        if version > 0 and (holder := self._held_elsewhere) is not None:
             raise JournalError(
                 f"{self.path} has schema version {version}, this webhookd's is"
                 f" {len(MIGRATIONS)}, and {holder} has it open (a daemon of the older"
