@@ -106,8 +106,8 @@ async def test_sqlite_schema_version_is_recorded_and_newer_files_refused(tmp_pat
             pass
     assert str(err.value) == (
         f"{path} has schema version {len(MIGRATIONS) + 1}, newer than this webhookd understands"
-        f" ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd restore` the backup taken"
-        " before it upgraded the journal"
+        f" ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd restore` a backup you"
+        " took before the upgrade"
     )
 
 
@@ -129,7 +129,7 @@ async def test_sqlite_a_schema_upgrade_at_open_is_logged_with_its_versions_and_t
             conn.executescript(migration)
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
         conn.commit()
-    async with Journal(path):
+    async with Journal(path, serving=True):
         pass
     upgrades = [r.getMessage() for r in caplog.records if "upgrad" in r.getMessage()]
     latest = len(MIGRATIONS)
@@ -147,9 +147,8 @@ def journal_of_the_version_before(path: Path, version: int = len(MIGRATIONS) - 1
         conn.commit()
 
 
-@pytest.mark.parametrize("serving", [True, False], ids=["serve", "cli"])
 async def test_sqlite_a_process_that_upgraded_the_journal_still_holds_it_open(
-    tmp_path: Path, serving: bool
+    tmp_path: Path,
 ) -> None:
     """Looking for an older daemon before an upgrade must not drop this process's own hold on
     the journal: closing any descriptor of the ``-shm`` file releases SQLite's locks on it, and
@@ -160,7 +159,7 @@ async def test_sqlite_a_process_that_upgraded_the_journal_still_holds_it_open(
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
     probe = "import sys; from webhookd.journal import opened_elsewhere as o; print(o(sys.argv[1]))"
-    async with Journal(path, serving=serving):
+    async with Journal(path, serving=True):
         asked = await asyncio.create_subprocess_exec(
             sys.executable, "-c", probe, str(path), stdout=asyncio.subprocess.PIPE
         )
@@ -184,7 +183,7 @@ async def test_sqlite_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_
             [("j1", "k", 1e9 + 60), ("j2", "k", 1e9), ("j3", "k", 1e9), ("j4", None, 1e9)],
         )
         conn.commit()
-    async with Journal(path) as journal:
+    async with Journal(path, serving=True) as journal:
         lane = (int(Priority.NORMAL), "shop", "t1")
         assert [r.id for r in await journal.ready_in_lanes(1e9, [(lane, 5)])] == ["j4"]
     with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -192,47 +191,50 @@ async def test_sqlite_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_
     assert marked == {"j2", "j3"}
 
 
-async def test_a_cli_journal_upgrades_no_schema_under_a_running_daemon(tmp_path: Path) -> None:
-    """After an upgrade, a CLI verb run before the daemon's restart would change the tables
-    under the older daemon, which would then fail every write: it is refused, saying to
-    restart the daemon, and the schema is left as it was. With no daemon running, the CLI
-    upgrades it (holding the daemon's lock meanwhile)."""
+async def test_only_a_daemon_upgrades_a_journal(tmp_path: Path) -> None:
+    """A verb of a newer webhookd on a journal of the older schema would change the tables
+    under a daemon of the older webhookd, or bring a restored backup forward before the older
+    version is back: it is refused, saying to start the daemon, and the schema is left as it
+    was, with no daemon running as with one. The daemon upgrades it as it starts."""
     path = tmp_path / "old.db"
     journal_of_the_version_before(path)
+    latest = len(MIGRATIONS)
     daemon = _take_serve_lock(path)  # an older `webhookd serve` running on it
     try:
-        with pytest.raises(JournalError, match="restart the daemon with this webhookd"):
+        with pytest.raises(JournalError, match="start `webhookd serve` of this webhookd on it"):
             await Journal(path).open()
     finally:
         os.close(daemon)
+    with pytest.raises(JournalError, match=f"schema version {latest - 1}, this webhookd's is"):
+        await Journal(path).open()
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest - 1
+    async with Journal(path, serving=True):
+        pass
     async with Journal(path):
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
 
 
-async def test_a_cli_verb_that_upgrades_the_journal_says_so(tmp_path: Path) -> None:
-    """With no daemon running, the first verb of a newer webhookd upgrades the journal: it
-    says so on stderr, as serve logs it, instead of changing the file in silence."""
+async def test_a_cli_verb_on_an_older_journal_says_to_start_the_daemon(tmp_path: Path) -> None:
+    """One line and exit 1, the journal untouched; after the daemon's start the verb works."""
     path = tmp_path / "old.db"
     journal_of_the_version_before(path)
     config = tmp_path / "webhookd.toml"
     config.write_text(f"[journal]\npath = {json.dumps(str(path))}\n")
     latest = len(MIGRATIONS)
     first = await cli("events", "--config", str(config))
-    assert first.exit_code == 0, first.output
-    said = first.output.splitlines()
-    assert said[0].startswith(
-        f"webhookd: journal {path}: upgrading its schema from version {latest - 1} to {latest}"
-    )
-    assert re.fullmatch(
-        rf"webhookd: journal {re.escape(str(path))}: schema upgraded to version {latest} in"
-        r" \d+\.\d s",
-        said[1],
-    )
+    assert first.exit_code == 1
+    assert first.output.strip().splitlines() == [
+        f"webhookd: error: {path} has schema version {latest - 1}, this webhookd's is {latest}:"
+        " start `webhookd serve` of this webhookd on it (it upgrades the journal as it starts),"
+        " then run this again"
+    ]
+    async with Journal(path, serving=True):
+        pass
     again = await cli("events", "--config", str(config))
+    assert again.exit_code == 0, again.output
     assert "upgrad" not in again.output
 
 
@@ -244,7 +246,7 @@ async def test_no_schema_is_upgraded_under_a_process_that_has_the_journal_open(
     it; upgrading the tables under it would fail all its writes, and a second daemon would run
     its jobs again. SQLite's own lock on the -shm file tells of every process that has the
     journal open: a CLI verb and a starting daemon both refuse, naming its pid, and change
-    nothing; once it is gone the upgrade goes ahead."""
+    nothing; once it is gone the daemon upgrades it."""
     path = tmp_path / "old.db"
     journal_of_the_version_before(path)
     with held_open(path) as pid:
@@ -253,7 +255,7 @@ async def test_no_schema_is_upgraded_under_a_process_that_has_the_journal_open(
         assert "stop it before this webhookd upgrades the journal" in str(err.value)
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) - 1
-    async with Journal(path, serving=serving):
+    async with Journal(path, serving=True):
         pass
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
@@ -313,7 +315,7 @@ async def test_sqlite_dedup_keys_of_a_journal_from_before_digests_still_hold(
             [("s:kept", "evt_kept", time.time()), ("s:old", "evt_old", 1.0)],
         )
         conn.commit()
-    async with Journal(path) as journal:
+    async with Journal(path, serving=True) as journal:
         now = time.time()
         again = await journal.ingest(new_event(key="s:kept", jobs=0, received_at=now))
         assert again == Ingested("evt_kept", duplicate=True)

@@ -663,7 +663,7 @@ async def test_pg_schema_version_is_recorded_and_newer_databases_refused(pg_url:
     assert str(err.value) == (
         f"{redact_url(pg_url)} has journal schema version {len(MIGRATIONS) + 1}, newer than"
         f" this webhookd understands ({len(MIGRATIONS)}): run the newer webhookd, or restore"
-        " the backup taken before it upgraded the database (pg_restore)"
+        " a pg_dump you took before the upgrade"
     )
 
 
@@ -693,6 +693,31 @@ async def test_pg_a_schema_upgrade_at_open_is_logged_with_its_versions(
     assert len(upgrades) == 2
     assert f"{where}: upgrading its schema from version {latest - 1} to {latest}" in upgrades[0]
     assert f"{where}: schema upgraded to version {latest} in " in upgrades[1]
+
+
+async def test_pg_the_cli_neither_makes_nor_upgrades_a_journal(pg_server_url: str) -> None:
+    """Only a node brings the schema forward: a verb on a database with no journal (a mistyped
+    name) would report an empty cluster, and one on an older schema would change the tables
+    under the older nodes still running. Both are refused, and the database left as it was."""
+    async with fresh_database(pg_server_url) as empty:
+        with pytest.raises(JournalError, match=r"no webhookd journal in .* yet: `webhookd serve`"):
+            await PostgresJournal(empty, node=False).open()
+        conn = await asyncpg.connect(empty)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('webhookd_schema')") is None
+            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+            for version, migration in enumerate(MIGRATIONS[:-1], start=1):
+                await conn.execute(migration)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+            latest = len(MIGRATIONS)
+            with pytest.raises(
+                JournalError,
+                match=f"schema version {latest - 1}, this webhookd's is {latest}: start the nodes",
+            ):
+                await PostgresJournal(empty, node=False).open()
+            assert await conn.fetchval("SELECT max(version) FROM webhookd_schema") == latest - 1
+        finally:
+            await conn.close()
 
 
 async def test_pg_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_a_head(

@@ -259,7 +259,7 @@ async def test_a_journal_from_before_when_is_migrated_and_reads_nothing_filtered
             " VALUES ('evt_old', 's', 1.0, 's:k', 1, '[]', x'7b7d')"
         )
         conn.commit()
-    async with Journal(db) as journal:
+    async with Journal(db, serving=True) as journal:
         detail = await journal.get_event("evt_old")
     assert (detail.state, detail.as_dict()["filtered"]) == ("done", [])
     with closing(sqlite3.connect(db)) as conn:

@@ -753,7 +753,7 @@ class Journal(Reads, BaseJournal):
             raise JournalError(
                 f"{self.path} has schema version {version}, newer than this webhookd"
                 f" understands ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd"
-                " restore` the backup taken before it upgraded the journal"
+                " restore` a backup you took before the upgrade"
             )
         if version == len(MIGRATIONS):
             return
@@ -763,23 +763,15 @@ class Journal(Reads, BaseJournal):
                 f" {len(MIGRATIONS)}, and {holder} has it open (a daemon of the older"
                 " webhookd?): stop it before this webhookd upgrades the journal"
             )
-        lock = None
         if not self.serving and version > 0:
-            # A CLI verb finding an older schema: a daemon of the older webhookd may be running
-            # on it, and would fail every write once its tables changed under it. Upgraded only
-            # with no daemon there, holding the daemon's lock meanwhile. (A new file has none:
-            # a daemon makes its tables before it serves.)
-            lock = _take_serve_lock(
-                self.path,
-                f"its schema is version {version}, this webhookd's is {len(MIGRATIONS)}:"
-                " restart the daemon with this webhookd (it upgrades the journal as it starts),"
-                " then run this again",
+            # Only a daemon upgrades: a verb would change the tables under a daemon of the
+            # older webhookd, or bring a restored backup forward before the way back is taken.
+            raise JournalError(
+                f"{self.path} has schema version {version}, this webhookd's is"
+                f" {len(MIGRATIONS)}: start `webhookd serve` of this webhookd on it (it upgrades"
+                " the journal as it starts), then run this again"
             )
-        try:
-            self._upgrade(conn, version)
-        finally:
-            if lock is not None:
-                os.close(lock)
+        self._upgrade(conn, version)
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
         with migrating(self.location, version, len(MIGRATIONS)):

@@ -98,6 +98,8 @@ POOL_SIZE = 10
 # Only parameters a pooler passes on: PgBouncer refuses a connection that asks for any other
 # at startup (``synchronous_commit`` among them), so that one is checked instead (``open``).
 _SERVER_SETTINGS = {"application_name": "webhookd"}
+# The CLI told apart from the nodes in pg_stat_activity.
+_CLI_SETTINGS = {"application_name": "webhookd cli"}
 # Each write transaction's lock wait, and how long the server lets one sit idle (_write).
 LOCK_TIMEOUT_S = 5
 IDLE_IN_TRANSACTION_S = 5
@@ -188,7 +190,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     self.url,
                     min_size=1,
                     max_size=POOL_SIZE,
-                    server_settings=_SERVER_SETTINGS,
+                    server_settings=_SERVER_SETTINGS if self.node else _CLI_SETTINGS,
                     statement_cache_size=self.statement_cache_size,
                     init=_on_connect,
                     timeout=10,  # to connect; a server that never answers is an error, not a hang
@@ -199,7 +201,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     f"cannot open journal {self.location}: its URL cannot be read"
                 ) from exc
             async with self._pool.raw.acquire() as conn:  # a migration may take long
-                await migrate(conn, self.location)
+                await migrate(conn, self.location, upgrade=self.node)
                 durable = await conn.fetchval("SHOW synchronous_commit")
             if self.node:
                 await self.heartbeat()

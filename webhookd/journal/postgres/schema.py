@@ -236,9 +236,13 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-async def migrate(conn: Any, where: str) -> int:
+async def migrate(conn: Any, where: str, *, upgrade: bool = True) -> int:
     """Bring the schema up to date on ``conn`` (an asyncpg connection); returns its version.
-    ``where`` names the journal in the log line an upgrade writes (no password in it)."""
+    ``where`` names the journal in the log line an upgrade writes (no password in it).
+
+    ``upgrade=False`` (the CLI) refuses a database with no journal or an older schema instead:
+    a verb would otherwise make a journal in a mistyped database and report it empty, or change
+    the tables under running nodes of the older webhookd."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS webhookd_schema (version integer NOT NULL)")
@@ -247,8 +251,19 @@ async def migrate(conn: Any, where: str) -> int:
         if version > len(MIGRATIONS):
             raise JournalError(
                 f"{where} has journal schema version {version}, newer than this webhookd"
-                f" understands ({len(MIGRATIONS)}): run the newer webhookd, or restore the"
-                " backup taken before it upgraded the database (pg_restore)"
+                f" understands ({len(MIGRATIONS)}): run the newer webhookd, or restore a"
+                " pg_dump you took before the upgrade"
+            )
+        if not upgrade and version == 0:
+            raise JournalError(
+                f"no webhookd journal in {where} yet: `webhookd serve` makes it at its first"
+                " start (is journal.url the database the nodes use?)"
+            )
+        if not upgrade and version < len(MIGRATIONS):
+            raise JournalError(
+                f"{where} has journal schema version {version}, this webhookd's is"
+                f" {len(MIGRATIONS)}: start the nodes on this webhookd (the first upgrades the"
+                " schema as it starts), then run this again"
             )
         with migrating(where, version, len(MIGRATIONS)):
             for target in range(version, len(MIGRATIONS)):
