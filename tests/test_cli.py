@@ -750,6 +750,24 @@ async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) 
     assert "pw-of-the-app" not in out.output
 
 
+@pytest.mark.parametrize("password", ["Abc@Sec/ret99", "Abc@Sec?ret99", "Abc#Secret99"])
+@pytest.mark.parametrize("verb", ["check", "serve", "stats", "events", "prune"])
+async def test_a_journal_url_whose_password_would_be_split_stops_every_verb_unshown(
+    tmp_path: Path, password: str, verb: str
+) -> None:
+    """A journal URL in its env: variable whose password holds a bare @ beside a /, ? or # (or
+    a #) is a config error naming journal.url, exit 2, before any connection: one line, no
+    traceback, no part of the password."""
+    config = tmp_path / "webhookd.toml"
+    config.write_text('[journal]\nurl = "env:WEBHOOKD_JOURNAL_URL"\n')
+    url = f"postgresql://wh:{password}@127.0.0.1:1/whtrial"
+    out = await cli(verb, "--config", str(config), env={"WEBHOOKD_JOURNAL_URL": url})
+    assert out.exit_code == 2, out.output
+    assert out.stderr.startswith("webhookd: error: journal.url: ") and out.stderr.count("\n") == 1
+    assert "write / as %2F, ? as %3F, @ as %40 and # as %23" in out.stderr
+    assert not any(part in out.output for part in ("Abc", "Sec", "ret99", "Secret99"))
+
+
 async def dead_letters(path: Path, source: str, n: int, age_s: float = 0.0) -> None:
     """Journal ``n`` events of ``source`` whose one job went dead ``age_s`` seconds ago."""
     clock = ManualClock(time.time() - age_s)

@@ -33,6 +33,7 @@ from webhookd.config import (
     Secret,
     ServerConfig,
     WorkersConfig,
+    credentials_unclear,
     load,
     loads,
     parse_listen,
@@ -1062,7 +1063,7 @@ def test_journal_url_opens_postgresql_from_the_environment(monkeypatch: pytest.M
             "journal.listen_url",
             "not a number from 1 to",
         ),
-        ('url = "postgresql://wh:Zq9@x@db/wh"', "journal.url", "write it as %40"),
+        ('url = "postgresql://wh:Zq9@x@db/wh"', "journal.url", "@ as %40"),
         ('url = "postgresql://wh:Zq9@[bad/wh"', "journal.url", "a \\[ with no \\]"),
         # With a / in it, what looks like a port is part of the password: never shown.
         ('url = "postgresql://wh:Zq9/Zq8:Zq7@db/wh"', "journal.url", "write / as %2F"),
@@ -1092,6 +1093,53 @@ def test_bad_journal_backend_keys_name_the_key(journal: str, key: str, message: 
 def test_journal_urls_as_libpq_writes_them_are_taken(url: str) -> None:
     """Escaped passwords, several hosts with their ports, IPv6, a Unix socket's folder."""
     assert loads(f'[journal]\nurl = "{url}"').journal.url is not None
+
+
+# Passwords whose bare @, /, ? or # a parser would take for the end of the host or the path:
+# the rest of the password would be shown as the host, the database or an option.
+_SPLIT_PASSWORDS = ["Abc@Sec/ret99", "Abc@Sec?ret99", "Abc#Secret99", "Abc/ret99"]
+
+
+@pytest.mark.parametrize("password", _SPLIT_PASSWORDS)
+@pytest.mark.parametrize("written", ["inline", "env"])
+def test_a_journal_url_whose_password_would_be_split_is_refused_unshown(
+    password: str, written: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password with a bare @ beside a /, ? or #, or a / alone, cannot be told from the host
+    and path after it: a config error naming journal.url that says how to write it, with no
+    part of the password, whether the URL is in the file or in its env: variable."""
+    url = f"postgresql://wh:{password}@127.0.0.1:19310/whtrial"
+    monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", url)
+    value = url if written == "inline" else "env:WEBHOOKD_JOURNAL_URL"
+    with pytest.raises(ConfigError) as info:
+        loads(f'[journal]\nurl = "{value}"')
+    said = str(info.value)
+    assert info.value.key == "journal.url" and said.startswith("journal.url: ")
+    assert "write / as %2F, ? as %3F, @ as %40 and # as %23" in said and "\n" not in said
+    assert not any(part in said for part in ("Abc", "Sec", "ret99", "Secret99"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://wh:Zq9@db/wh#frag",
+        "postgresql:///wh?host=/run/postgresql&user=Zq9@x",
+        "postgresql://wh@db/Zq9@x",
+    ],
+)
+def test_a_journal_url_with_a_fragment_or_an_at_past_the_host_is_refused(url: str) -> None:
+    """libpq URLs have no fragment, and an @ past the host may be a password's: refused."""
+    with pytest.raises(ConfigError, match="@ as %40") as info:
+        loads(f'[journal]\nurl = "{url}"')
+    assert info.value.key == "journal.url" and "Zq9" not in str(info.value)
+
+
+def test_a_journal_url_whose_password_is_percent_encoded_is_taken() -> None:
+    """The same passwords escaped as libpq reads them: taken as written."""
+    url = "postgresql://wh:Abc%40Sec%2Fret99%3Fx%23y@127.0.0.1:19310/whtrial"
+    journal_url = loads(f'[journal]\nurl = "{url}"').journal.url
+    assert journal_url is not None and journal_url.reveal() == url
+    assert not credentials_unclear(url)
 
 
 _FORWARD = '[[sources.a.actions]]\ntype = "forward"\nurl = "{}"\n'

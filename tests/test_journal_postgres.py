@@ -791,6 +791,7 @@ async def test_pg_cannot_open_an_unreachable_server() -> None:
         ("postgresql://u@db.internal:5432/hooks", "PostgreSQL u@db.internal:5432/hooks"),
         ("postgresql://u@h/d?password=hunter2&sslmode=require", "PostgreSQL u@h/d"),
         ("postgres://u:p%40ss@h:6432/d", "PostgreSQL u:***@h:6432/d"),
+        ("postgres://u:Abc%40Sec%2Fret99%23x@h:6432/d", "PostgreSQL u:***@h:6432/d"),
         ("postgresql:///hooks?host=/run/postgresql", "PostgreSQL /run/postgresql/hooks"),
     ],
 )
@@ -798,6 +799,24 @@ def test_a_journal_url_is_named_by_where_it_points_never_written_out(url: str, s
     """A URL is a secret, masked whole in logs: a node names its journal by host and
     database, with no password, in the user part or an option."""
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://wh:Abc@Sec/ret99@127.0.0.1:19310/whtrial",
+        "postgresql://wh:Abc@Sec?ret99@127.0.0.1:19310/whtrial",
+        "postgresql://wh:Abc#Secret99@127.0.0.1:19310/whtrial",
+        "postgresql://wh:Abc/ret99@127.0.0.1:19310/whtrial",
+        "postgresql://wh:Abc@Sec@127.0.0.1:19310/whtrial",
+        "postgresql://wh:Abc@[Sec/ret99",
+    ],
+)
+def test_a_journal_url_whose_password_may_be_split_is_named_by_nothing(url: str) -> None:
+    """Where a bare @, /, ? or # may have split the password into the host, path, options or
+    fragment (the config refuses such a URL; this is what a log would say if one got by),
+    no part of the URL is named: no part of it is sure not to be the password's."""
+    assert redact_url(url) == "PostgreSQL ***"
 
 
 async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> None:

@@ -888,16 +888,21 @@ def check_journal_url(url: Secret, key: str) -> None:
     """A PostgreSQL URL, or a ``ConfigError`` naming ``key`` (the URL itself is never shown).
 
     What would otherwise fail only as the daemon connects, with an error that names no key: a
-    port that is not a port, and an ``@`` in the user or password, which the driver takes for
-    the end of them (a host that does not exist, while the URL as masked shows the right one).
+    port that is not a port, and an ``@``, ``/``, ``?`` or ``#`` in the user or password, which
+    the driver takes for the end of them (a host that does not exist, while the URL as masked
+    shows the right one, or the rest of the password).
     """
     text = url.reveal()
     if not text.startswith(("postgresql://", "postgres://")):
         raise ConfigError(key, "must be a postgresql:// URL")
+    if credentials_unclear(text):
+        raise ConfigError(
+            key,
+            "has an @ or # that leaves unclear where its password ends: in a user, password or"
+            " option, write / as %2F, ? as %3F, @ as %40 and # as %23",
+        )
     netloc = text.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
-    userinfo, _, hosts = netloc.rpartition("@")
-    if "@" in userinfo:
-        raise ConfigError(key, "has an @ in its user or password: write it as %40")
+    hosts = netloc.rpartition("@")[2]
     for host in hosts.split(","):  # libpq's list of hosts, each with its own port
         if host.startswith("[") and "]" not in host:
             raise ConfigError(key, "has a [ with no ] after it: write an IPv6 host [addr]:port")
@@ -911,6 +916,18 @@ def check_journal_url(url: Secret, key: str) -> None:
                 "has a port that is not a number from 1 to 65535 (in a password, write / as %2F"
                 " and ? as %3F)",
             )
+
+
+def credentials_unclear(url: str) -> bool:
+    """Whether ``url`` may hold a password that a parser would split, so that a part of it
+    reads as the host, path, options or fragment: an ``@`` past the first ``/``, ``?`` or
+    ``#`` after ``//``, two ``@`` before it, or a ``#`` at all (a libpq URL has no fragment).
+    Such a URL is neither taken nor shown, since no reading of it is sure."""
+    rest = url.partition("://")[2]
+    if "#" in rest:
+        return True
+    end = next((i for i, c in enumerate(rest) if c in "/?"), len(rest))
+    return rest.count("@", 0, end) > 1 or "@" in rest[end:]
 
 
 def check_number(

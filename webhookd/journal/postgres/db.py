@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
+from webhookd.config import credentials_unclear
+
 # What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
 # InternalClientError too: on the stock event loop a connection the server has just terminated
 # can raise it ("cannot switch to state ...") instead of a connection error.
@@ -67,8 +69,15 @@ def redact_url(url: str) -> str:
 
     Never the URL itself: its password (in the user part or a ``?password=`` option) is left
     out with the rest of its options, and the log masks a secret's whole value, so a URL
-    written out would show as ``***`` even without a password."""
-    parts = urlsplit(url)
+    written out would show as ``***`` even without a password. A URL whose password may have
+    been split into its host, path or options (``credentials_unclear``), or that cannot be read
+    at all, is only ``PostgreSQL ***``: what its parts hold is not sure."""
+    if credentials_unclear(url):
+        return "PostgreSQL ***"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "postgresql://[bad": what it says would quote the URL
+        return "PostgreSQL ***"
     user, at, host = parts.netloc.rpartition("@")
     if parts.password is not None:
         user = user.split(":", 1)[0] + ":***"

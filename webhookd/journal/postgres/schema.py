@@ -299,4 +299,6 @@ async def peek_unfinished_by_action(
                 conn.terminate()
     except DB_ERRORS as exc:
         raise JournalError(f"{where}: {db_error(exc)}") from None
+    except ValueError:  # a URL the driver cannot read: its words may quote it
+        raise JournalError(f"{where}: its URL cannot be read") from None
     return by_action(rows)
