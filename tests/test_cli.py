@@ -650,6 +650,28 @@ async def test_show_says_which_job_of_its_order_key_a_queued_job_waits_for(
     assert "next run" in out.output and "waits for" not in out.output
 
 
+async def test_show_says_why_a_queued_job_waits_when_no_attempt_says_it(tmp_path: Path) -> None:
+    """A lane's 429 puts the job back without an attempt: show says what it waits for beside
+    its next run; a retry's reason is its attempt's own line, not said twice."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        waiting, retried = await ingest(journal, "mail", 2)
+        await journal.claim([waiting, retried], "boot")
+        now = journal.clock.time()
+        await journal.finish(
+            [
+                Finished(waiting, 1, JobState.QUEUED, now, now, "wait", now + 30, "429 slow down"),
+                Finished(retried, 1, JobState.QUEUED, now, now, "retry", now + 30, "answered 500"),
+            ]
+        )
+        events = [await journal.get_event(e.id) for e in await journal.list_events(limit=2)]
+        event_of = {detail.jobs[0].id: detail.event.id for detail in events}
+    out = await cli("show", event_of[waiting], "--config", str(config))
+    assert re.search(r"\n    next run .* \(waits: 429 slow down\)\n", out.output), out.output
+    out = await cli("show", event_of[retried], "--config", str(config))
+    assert "waits:" not in out.output and out.output.count("answered 500") == 1, out.output
+
+
 async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Path) -> None:
     """A model's answer (an ``openai`` job's ``text``) reads as the text it is, line by line,
     under the rest of its result, not as one JSON string full of escapes."""

@@ -22,10 +22,13 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Target, make_config
-from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source
+from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source, ingest
 from procs import poll
 
 from webhookd.errors import ConfigError
+from webhookd.journal import Journal
+from webhookd.journal.records import Finished
+from webhookd.models import JobState
 from webhookd.redact import printable
 from webhookd.send import build as signed_request
 
@@ -596,6 +599,29 @@ async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     assert doc["jobs"][0]["attempts"] == 1 and len(target.seen) == 1
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc["jobs"][0]["finished_at"]))
     assert line.endswith(f" · cancelled {stamp} UTC")
+
+
+async def test_dashboard_says_why_a_queued_job_waits_when_no_attempt_says_it(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A job a lane's 429 put back (no attempt used) shows what it waits for beside its next
+    run, as ``webhookd show`` says it."""
+    config = make_config(tmp_path, forward_source("shop", target.url + "/in"))
+    async with Journal(tmp_path / "webhookd.db", serving=True) as journal:
+        (job_id,) = await ingest(journal, "shop", 1)
+        await journal.claim([job_id], "boot")
+        now = journal.clock.time()
+        wait = Finished(job_id, 1, JobState.QUEUED, now, now, "wait", now + 3600, "429 slow down")
+        await journal.finish([wait])
+        (summary,) = await journal.list_events(limit=1)
+    running = await run_daemon(config)
+    async with open_page(browser, f"{running.admin_url}/#/events/{summary.id}") as page:
+        line = await page.wait_for(
+            "[...document.querySelectorAll('#detail .job .muted')]"
+            ".map((e) => e.textContent).find((t) => t.includes('next run'))"
+        )
+    assert line.endswith(" (waits: 429 slow down)"), line
+    assert not target.seen
 
 
 async def test_dashboard_cancels_a_running_job_after_its_attempt(

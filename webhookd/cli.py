@@ -206,6 +206,15 @@ _RESPONSE_PREVIEW_CHARS = 200
 _TEXT_PREVIEW_CHARS = 4000
 
 
+def _waits(job: dict[str, Any]) -> str:
+    """Why a queued job waits, when no attempt of it says so: a lane's 429 or an exhausted
+    quota puts it back without using an attempt."""
+    reason = job.get("last_error")
+    if not reason or any(a["error"] == reason for a in job["errors"]):
+        return ""
+    return printable(f" (waits: {reason})")
+
+
 def _verified_line(verified: dict[str, Any]) -> str:
     """How a webhook verified, in ``show``'s words and times (``--json`` has the fields)."""
     line = f"verified {verified.get('scheme')}"
@@ -483,7 +492,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         elif job["state"] == "queued" and paused:
             click.echo(f"    held: {doc['source']} is paused (webhookd resume {doc['source']})")
         elif job["state"] == "queued":
-            click.echo(f"    next run {_when(job['run_at'])}")
+            click.echo(f"    next run {_when(job['run_at'])}{_waits(job)}")
         elif job["state"] == "running" and idle_journal:
             click.echo("    no daemon runs on this journal: the next start queues it again")
         elif job["state"] == "cancelled" and job["dismissed_at"] is not None:
