@@ -165,6 +165,15 @@ def odd_result(event: webhookd.Event) -> Any:
 unjsonable_runs: list[str] = []  # the events unjsonable_result ran for
 
 
+def huge(kind: str) -> Any:
+    """A result far past the journal's bound: one long text, or a structure of many rows."""
+    return "x" * 200_000 if kind == "text" else {"rows": ["y" * 100] * 2_000}
+
+
+def huge_result(event: webhookd.Event) -> Any:
+    return huge(event.json()["kind"])
+
+
 def unjsonable_result(event: webhookd.Event) -> Any:
     """A result JSON cannot be made of: tuple keys, NaN (which JSON parsers refuse), an int
     past Python's 4,300 digits, or lists nested past the recursion limit."""

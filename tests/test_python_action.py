@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import sys
@@ -18,7 +19,7 @@ from conftest import new_event
 
 import webhookd
 from webhookd import actions
-from webhookd.actions.python import PythonAction, resolve_handler
+from webhookd.actions.python import MOST_RESULT_CHARS, PythonAction, resolve_handler
 from webhookd.config import loads
 from webhookd.errors import ConfigError
 from webhookd.journal.schema import dump
@@ -223,6 +224,22 @@ async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_
     assert (job.state, job.attempts) == (JobState.DONE, 1)
     assert job.result.startswith(text)
     assert actionkit.unjsonable_runs == [job.event_id]
+
+
+@pytest.mark.parametrize("kind", ["text", "structure"])
+async def test_a_huge_result_is_kept_as_its_start_saying_its_size(
+    tmp_path: Path, kind: str
+) -> None:
+    """A handler returning megabytes would grow the journal, and every read of its event, by as
+    much: past MOST_RESULT_CHARS of JSON the start is kept as text with the size it had; the
+    job is done all the same."""
+    job, _ = await run_handler(tmp_path, "actionkit:huge_result", {"kind": kind})
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    head, _, said = job.result.rpartition(" … (cut: ")
+    assert len(head) == MOST_RESULT_CHARS
+    value = actionkit.huge(kind)
+    size = len(value) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False))
+    assert said == f"{size:,} characters in all)"
 
 
 def test_an_outcome_json_cannot_hold_is_written_as_a_note_never_an_error() -> None:

@@ -29,6 +29,10 @@ def echo(event):
 
 def fail(event):
     raise RuntimeError("upstream refused key " + os.environ["WEBHOOKD_TEST_SHARED_TOKEN"])
+
+
+def leak(event):
+    return {"note": "used key " + os.environ["WEBHOOKD_TEST_SHARED_TOKEN"]}
 """
 
 
@@ -51,6 +55,11 @@ name = "fail"
 handler = "leaky:fail"
 path = "{tmp_path}"
 retry = {{ max_attempts = 1 }}
+[[sources.tok.actions]]
+type = "python"
+name = "leak"
+handler = "leaky:leak"
+path = "{tmp_path}"
 """
     return write_config(tmp_path / "c.toml", tmp_path / "j.db", body)
 
@@ -99,10 +108,13 @@ async def test_journal_is_private_credentials_are_not_stored_and_secrets_are_mas
         [(stored,)] = db.execute("SELECT headers FROM events").fetchall()
         outcomes = db.execute("SELECT last_error FROM jobs").fetchall()
         outcomes += db.execute("SELECT * FROM attempts").fetchall()
+        results = db.execute("SELECT result FROM jobs").fetchall()
     assert SECRET not in stored and CREDENTIAL not in stored
     # An error quoting a secret is masked before it is journaled: the journal, its backups
     # and a `show` where the variable is not set never hold it.
     assert "upstream refused key ***" in repr(outcomes) and SECRET not in repr(outcomes)
+    # So is a handler's return value quoting one.
+    assert "used key ***" in repr(results) and SECRET not in repr(results)
     kept = {k.lower(): v for k, v in json.loads(stored)}
     assert kept["x-shared-token"] == kept["authorization"] == kept["cookie"] == "***"
     assert kept["x-hub-signature-256"] == "sha256=abc123"
@@ -115,6 +127,7 @@ async def test_journal_is_private_credentials_are_not_stored_and_secrets_are_mas
         "X-Hub-Signature-256": "sha256=abc123",
     }
     assert jobs["fail"]["state"] == "dead"
+    assert jobs["leak"]["result"] == {"note": "used key ***"}
     assert SECRET not in text and "upstream refused key ***" in jobs["fail"]["last_error"]
 
     for args in (["show", event_id], ["show", event_id, "--json"]):

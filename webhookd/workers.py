@@ -986,11 +986,14 @@ class WorkerPool:
         # Masked, then cut: a secret across the cut would keep its first half.
         error = storable_text(masker.text(outcome.error)[:_ERROR_CHARS]) if outcome.error else None
         detail = masker.deep(outcome.detail) if outcome.detail else outcome.detail
+        # A handler's return value or a model's answer may quote a secret as a command's output
+        # may: masked the same (an answer kept for a retry's then-forward was masked as kept).
+        outcome_result = masker.deep(outcome.result) if outcome.result is not None else None
 
         def make(
             state: JobState, kind: str, run_at: float | None = None, err: str | None = error
         ) -> Finished:
-            result = outcome.result
+            result = outcome_result
             if result is None and state != JobState.DONE:
                 # What an earlier attempt kept (an openai answer whose then-forward failed)
                 # outlives an attempt that ends with none, a timeout say: else the next one

@@ -343,10 +343,27 @@ class PythonAction:
                 f"handler raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}",
                 traceback=tb,
             )
-        return Outcome.done(_json_safe(value))
+        return Outcome.done(_bounded(_json_safe(value)))
 
     async def aclose(self) -> None:
         self._threads.close()
+
+
+# A result is journaled whole and served by the events API and the dashboard: past this many
+# characters of JSON, the start of it is kept, as text, with the size it had.
+MOST_RESULT_CHARS = 64 * 1024
+
+
+def _bounded(value: Any) -> Any:
+    """``value``, or when its JSON is longer than ``MOST_RESULT_CHARS``, the start of it as text
+    saying how long it was: a handler returning megabytes would otherwise grow the journal and
+    every read of its event by as much, on every attempt."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) <= MOST_RESULT_CHARS:
+        return value
+    return f"{text[:MOST_RESULT_CHARS]} … (cut: {len(text):,} characters in all)"
 
 
 def _json_safe(value: Any) -> Any:
