@@ -14,11 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import Target, make_config
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions
-from webhookd.actions import forward
+from webhookd.actions import delivery, forward
 from webhookd.actions.base import Outcome, Resources
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
@@ -279,6 +280,37 @@ async def test_attempt_detail_records_status_duration_and_response_head(
     assert outcome.detail["status"] == status
     assert 0 <= outcome.detail["duration_s"] < 30
     assert outcome.detail["response"] == ("0123456789" * 300)[:1024]
+
+
+async def test_an_answer_whose_body_never_comes_is_decided_by_its_status(
+    send: Callable[[str], Forward], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target that sends ``200`` and its headers, then stalls its body, has the webhook: it is
+    done, not timed out and delivered again; the detail says the body did not come."""
+    monkeypatch.setattr(delivery, "RESPONSE_HEAD_S", 0.05)
+    stalled = asyncio.Event()
+
+    async def headers_only(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await stalled.wait()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/x", headers_only)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        outcome = await send(f'url = "http://127.0.0.1:{port}/x"')()
+    finally:
+        stalled.set()
+        await runner.cleanup()
+    assert outcome.kind == "done"
+    assert outcome.detail["status"] == 200
+    assert outcome.detail["response"] == "(no body within 0.05 s)"
 
 
 async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> None:

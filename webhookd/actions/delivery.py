@@ -11,6 +11,7 @@ at-least-once delivery allows.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import email.utils
@@ -46,6 +47,8 @@ from webhookd.schemes.standard import check_whsec, sign_standard
 # go through).
 _RETRYABLE_4XX = frozenset({407, 408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
+# How long the start of an answer's body may take once its status has come.
+RESPONSE_HEAD_S = 2.0
 _LOCATION_CHARS = 500
 
 
@@ -410,8 +413,14 @@ async def deliver(
             proxy=None if proxy is None else proxy.url,
             proxy_headers=proxy_headers,
         ) as response:
-            head = await response.content.read(_RESPONSE_HEAD_BYTES)
             status = response.status
+            try:
+                # The status is the answer: a body that does not come (headers sent, then
+                # nothing) is no reason to send a delivered webhook again at the timeout.
+                async with asyncio.timeout(RESPONSE_HEAD_S):
+                    head = await response.content.read(_RESPONSE_HEAD_BYTES)
+            except TimeoutError:
+                head = f"(no body within {RESPONSE_HEAD_S:g} s)".encode()
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
             location = response.headers.get("Location")
     except (aiohttp.ClientError, OSError) as exc:
