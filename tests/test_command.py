@@ -441,6 +441,7 @@ STUBBORN = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 child = subprocess.Popen([sys.executable, "-c", sys.argv[2]])
+print("ignoring SIGTERM", file=sys.stderr, flush=True)
 with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(f"{os.getpid()} {child.pid}")
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])  # both ignore SIGTERM once the file exists
@@ -479,7 +480,8 @@ async def test_timeout_sigkills_a_group_that_ignores_sigterm(
 async def test_drain_sigkills_a_group_that_ignores_sigterm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A drain that cuts a command short kills its whole group, SIGTERM or not; the job requeues."""
+    """A drain that cuts a command short kills its whole group, SIGTERM or not; the job requeues,
+    its cut attempt keeping what the program wrote (as a timed-out one does)."""
     monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
     pid_file = tmp_path / "pids"
 
@@ -495,6 +497,9 @@ async def test_drain_sigkills_a_group_that_ignores_sigterm(
         job = await kit.job(event_id)
     assert job.state == JobState.QUEUED
     assert [(a.n, a.outcome) for a in job.history] == [(1, "interrupted")]  # cut, not counted
+    detail = job.history[0].detail
+    assert detail is not None and detail["counted"] is False
+    assert "ignoring SIGTERM" in detail["stderr"]
     await both_end(read_pids(pid_file))
 
 

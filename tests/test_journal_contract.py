@@ -587,6 +587,23 @@ async def test_an_attempt_a_drain_cut_off_is_recorded_and_not_counted(
     assert (job.state, job.attempts) == (JobState.DONE, 1)
 
 
+async def test_a_result_a_cut_attempt_kept_is_the_jobs_and_none_leaves_the_earlier_one(
+    journal: BaseJournal,
+) -> None:
+    """A cut attempt that kept a result (an openai answer whose then-forward the drain cut off)
+    leaves it as the job's, for the next attempt to reuse; one that kept none leaves the job's
+    earlier result alone."""
+    item, job_id, claimed = await claimed_one(journal)
+    answer = {"text": "a draft", "model": "m"}
+    cut = finished(job_id, JobState.QUEUED, "interrupted", claim=claimed.claim)
+    await journal.unclaim([job_id], [dataclasses.replace(cut, result=answer)])
+    [again] = await journal.claim([job_id], "b2")
+    assert again.job.result == answer
+    await journal.unclaim([job_id], [dataclasses.replace(cut, claim=again.claim)])
+    job = (await journal.get_event(item.event.id)).jobs[0]
+    assert (job.state, job.result) == (JobState.QUEUED, answer)
+
+
 # -- recovery --------------------------------------------------------------------------------
 
 

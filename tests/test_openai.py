@@ -504,6 +504,41 @@ async def test_an_answer_kept_by_a_failed_then_survives_a_restart(
     assert len(target.seen) == 3
 
 
+async def test_a_drain_that_cuts_off_the_then_forward_keeps_the_answer_across_a_restart(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """SIGTERM while the then-target holds the POST, past workers.shutdown_grace_s: the drain's
+    interrupted record keeps the answer, so the next process posts it without a second
+    completion (paid for once, the same text downstream)."""
+    target.hold = asyncio.Event()
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    config = source(standin, lane=None, extra=then)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        running = asyncio.create_task(kit.run())
+        await target.wait_for(lambda t: t.running == 1)
+        assert await kit.pool.drain(0.01) == 1
+        await running
+        cut = await kit.job(event_id)
+    assert (cut.state, cut.attempts) == (JobState.QUEUED, 0)
+    [interrupted] = cut.history
+    assert (interrupted.outcome, interrupted.detail) == (
+        "interrupted",
+        {"answer_reused": False, "counted": False},
+    )
+    assert cut.result["text"] == "Draft: Reply to Refund: please"
+    target.hold.set()
+    async with action_kit(tmp_path, config, clock=clock) as kit:  # the restart
+        await kit.run_all()
+        job = await kit.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    assert job.history[-1].detail is not None and job.history[-1].detail["answer_reused"]
+    assert len(standin.served) == 1
+    assert [json.loads(s.body)["text"] for s in target.seen] == [
+        "Draft: Reply to Refund: please"
+    ] * 2
+
+
 @pytest.mark.parametrize(("status", "outcome"), [(401, "dead"), (404, "dead"), (503, "retry")])
 async def test_status_errors_map_to_dead_or_retry(
     tmp_path: Path, standin: StandIn, clock: ManualClock, status: int, outcome: str

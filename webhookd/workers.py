@@ -19,9 +19,9 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from webhookd.actions.base import Action, Outcome, cut_detail
+from webhookd.actions.base import Action, Outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalUnavailable, Reject, Retry
@@ -180,6 +180,9 @@ class WorkerPool:
         self._held_caps: dict[str, tuple[Cap, ...]] = {}
         # Jobs whose action has begun, with the attempt: one a drain cuts off is recorded.
         self._attempting: dict[str, tuple[Claimed, float]] = {}
+        # What an attempt a drain cancelled kept (``keep_detail``): its result and detail, for
+        # the record of the cut attempt (an openai answer must outlive it).
+        self._cut_kept: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._counted_as: dict[str, str] = {}  # job id → the source name it is counted under
         self._running_by_action: Counter[tuple[str, str]] = Counter()
         self._running_by_source: Counter[str] = Counter()
@@ -810,26 +813,34 @@ class WorkerPool:
                 async with asyncio.timeout(grace_s):
                     await self._idle.wait()
         stragglers = dict(self._running)
-        cut = [
-            Finished(
-                job_id,
-                claimed.job.attempts,
-                JobState.QUEUED,
-                started_at,
-                self.clock.time(),
-                "interrupted",
-                error=f"cut off by the drain after workers.shutdown_grace_s ({grace_s:g} s),"
-                " its target may have had the request; not counted: the job runs again as"
-                " this attempt",
-                detail={"counted": False},
-            )
-            for job_id, (claimed, started_at) in self._attempting.items()
-            if job_id in stragglers
-        ]
+        # Taken before the cancel: a job leaves ``_attempting`` as its task ends.
+        attempting = {j: a for j, a in self._attempting.items() if j in stragglers}
         for task in stragglers.values():
             task.cancel()
+        cut: list[Finished] = []
         if stragglers:
             await asyncio.gather(*stragglers.values(), return_exceptions=True)
+            for job_id, (claimed, started_at) in attempting.items():
+                # What the cut attempt kept: a result (an answer whose then-forward was in
+                # flight, for the next attempt to post instead of asking again) and its detail
+                # (a command's output so far).
+                result, kept = self._cut_kept.pop(job_id, (None, {}))
+                cut.append(
+                    Finished(
+                        job_id,
+                        claimed.job.attempts,
+                        JobState.QUEUED,
+                        started_at,
+                        self.clock.time(),
+                        "interrupted",
+                        error=f"cut off by the drain after workers.shutdown_grace_s"
+                        f" ({grace_s:g} s), its target may have had the request; not counted:"
+                        " the job runs again as this attempt",
+                        result=result,
+                        detail=self.masker.deep({**kept, "counted": False}),
+                    )
+                )
+            self._cut_kept.clear()
             late = _drain_said(len(cut), len(stragglers) - len(cut), grace_s)
             failed = await self._unclaim(list(stragglers), cut)
             if failed is None:
@@ -959,7 +970,8 @@ class WorkerPool:
             # with them before it is logged or kept.
             target = getattr(action, "target", None)
             said = f"timed out after {cfg.timeout_s:g}s" + (f" ({target})" if target else "")
-            return Outcome.retry(said, **cut_detail(exc)), True
+            result, detail = cut_short(exc)
+            return Outcome.retry(said, result=result, **detail), True
         except Retry as exc:
             return Outcome.retry(exc.reason, after_s=exc.after_s), False
         except Reject as exc:
@@ -969,11 +981,14 @@ class WorkerPool:
             return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]), False
         except BaseException as exc:
             task = asyncio.current_task()
+            result, detail = cut_short(exc)
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                self._cut_kept[claimed.job.id] = (result, detail)  # for the drain's record
                 raise  # a drain cancelling the job
             # SystemExit, KeyboardInterrupt, a stray CancelledError: one job's failure, which
             # must not reach the event loop (it would stop the daemon half way).
-            return Outcome.retry(f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS]), False
+            said = f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+            return Outcome.retry(said, result=result, **detail), False
 
     def _decide(
         self, claimed: Claimed, cfg: ActionConfig | None, outcome: Outcome, started_at: float

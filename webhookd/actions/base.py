@@ -61,16 +61,23 @@ class Outcome:
         return cls("wait", error=reason, after_s=after_s, detail=detail)
 
 
-def keep_detail(exc: BaseException, **detail: Any) -> None:
-    """Give the exception that cuts an attempt short (the worker's timeout, as a cancellation)
-    what the attempt saw so far: a timed-out attempt is stored with it (``cut_detail``)."""
+def keep_detail(exc: BaseException, *, result: Any = None, **detail: Any) -> None:
+    """Give the exception that cuts an attempt short (the worker's timeout, a drain's
+    cancellation) what the attempt saw so far, stored with the cut attempt (``cut_short``).
+    ``result``: work done before the cut (an openai answer), kept as a failed attempt's is,
+    else the next attempt (after a restart too) pays for it again."""
     exc.webhookd_detail = detail  # type: ignore[attr-defined]
+    exc.webhookd_result = result  # type: ignore[attr-defined]
 
 
-def cut_detail(exc: BaseException) -> dict[str, Any]:
-    """What ``keep_detail`` gave the cancellation behind ``exc`` (a ``TimeoutError``)."""
-    detail = getattr(exc.__cause__, "webhookd_detail", None)
-    return detail if isinstance(detail, dict) else {}
+def cut_short(exc: BaseException) -> tuple[Any, dict[str, Any]]:
+    """The result and detail ``keep_detail`` gave ``exc`` (a cancellation) or the cancellation
+    behind it (the worker's ``TimeoutError``); ``(None, {})`` when none."""
+    for cause in (exc, exc.__cause__):
+        detail = getattr(cause, "webhookd_detail", None)
+        if isinstance(detail, dict):
+            return getattr(cause, "webhookd_result", None), detail
+    return None, {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ POST fails the job is retried, and the retry reuses the answer instead of asking
 again: the failed attempt keeps the answer as the job's result, in the journal, so it survives
 a restart too. The POST has what is left of the attempt's ``timeout_s``, less a little, so it
 fails in time to keep the answer; an attempt that ends with no result keeps an earlier one's.
-Only a crash between the answer and the attempt's record loses it (the model is
+An attempt a drain cuts off (``workers.shutdown_grace_s`` run out while the POST is in flight)
+keeps it too. Only a crash between the answer and the attempt's record loses it (the model is
 then asked again; the downstream sees the same ``webhook-id``/``Idempotency-Key`` either way).
 ``webhookd replay`` of a dead job (its then-forward failed for good) delivers the kept answer
 once more, without asking again: mend the target, then replay. Of a done job it starts over and
@@ -49,7 +50,7 @@ import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from webhookd.actions.base import Outcome, Resources, options
+from webhookd.actions.base import Outcome, Resources, keep_detail, options
 from webhookd.actions.delivery import (
     check_url,
     deliver,
@@ -313,6 +314,11 @@ class OpenAIAction:
         try:
             async with asyncio.timeout(max(left_s - min(1.0, self.config.timeout_s / 20), 0.0)):
                 sent = await then.send(self.http, event, answer)
+        except asyncio.CancelledError as exc:
+            # Cut off from outside (a drain past workers.shutdown_grace_s, the worker's
+            # timeout_s): the answer goes with the cancellation, for the cut attempt's record.
+            keep_detail(exc, result=answer, answer_reused=reused)
+            raise
         except TimeoutError:
             return Outcome.retry(
                 "then.forward: no answer within the attempt's timeout_s",
@@ -391,7 +397,12 @@ class OpenAIAction:
                 self.lane.settle(reservation, total)
             if self.lane.statistics().circuit_open:
                 self.lane.close_circuit()  # this call was the probe, and it went through
-                await self.lane.publish()
+                try:
+                    await self.lane.publish()
+                except asyncio.CancelledError as exc:  # answered already: not to be paid twice
+                    if answer is not None:
+                        keep_detail(exc, result=answer, answer_reused=False)
+                    raise
         self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
         if answer is None:
             return Outcome.retry("the model answered with no choices", duration_s=_round(started))

@@ -105,6 +105,7 @@ from webhookd.journal.schema import (
     action_clause,
     add_functions,
     attempt_row,
+    dump,
     fetch,
     fetch_rows,
     leaving_running,
@@ -1085,6 +1086,8 @@ class Journal(Reads, BaseJournal):
 
     async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
         now = self.clock.time()
+        # A cut attempt's result (an openai answer) is kept as a failed attempt's is.
+        kept = {f.job_id: dump(f.result) for f in cut if f.result is not None}
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -1095,9 +1098,9 @@ class Journal(Reads, BaseJournal):
             )
             conn.executemany(
                 f"UPDATE jobs SET {_BACK_TO_QUEUE}, attempts = MAX(attempts - 1, 0),"
-                " run_at = ?1, boot_id = NULL"
+                " run_at = ?1, boot_id = NULL, result = COALESCE(?3, result)"
                 " WHERE id = ?2 AND state = 'running'",
-                [(now, job_id) for job_id in job_ids],
+                [(now, job_id, kept.get(job_id)) for job_id in job_ids],
             )
 
         if job_ids:

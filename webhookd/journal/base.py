@@ -260,7 +260,8 @@ class BaseJournal(ABC):
         """Put claimed jobs back to ``queued`` without counting the attempt (a drain, a claim
         that came back as the drain began). ``cut``: the attempts a drain cut off mid-way
         (their action had started, so a target may have been called), each recorded as an
-        attempt of its own, in the same transaction, for each of its jobs this gives back."""
+        attempt of its own, in the same transaction, for each of its jobs this gives back; one
+        with a ``result`` (an openai answer) leaves it as the job's, as a failed attempt does."""
 
     @abstractmethod
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:

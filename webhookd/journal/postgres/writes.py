@@ -165,7 +165,9 @@ async def write_unclaims(
     conn: Any, held: Mapping[str, str], cut: Sequence[Finished], now: float
 ) -> None:
     """Give back claimed jobs (job id → claim token) without counting their attempt, first
-    recording each attempt a drain cut off (``cut``) of those this claim still holds."""
+    recording each attempt a drain cut off (``cut``) of those this claim still holds, and the
+    result it kept (an openai answer), as a failed attempt's is."""
+    kept = {f.job_id: dump(f.result) for f in cut if f.result is not None}
     rows = [(*attempt_row(f), held[f.job_id]) for f in cut if f.job_id in held]
     if rows:
         await conn.execute(
@@ -179,13 +181,15 @@ async def write_unclaims(
         )
     await conn.execute(
         "UPDATE jobs j SET attempts = GREATEST(j.attempts - 1, 0), run_at = $3,"
-        " node_id = NULL, claim_token = NULL, lease_until = NULL, "
+        " node_id = NULL, claim_token = NULL, lease_until = NULL,"
+        " result = COALESCE(u.res, j.result), "
         + leaving_running("'queued'", "j.finished_at", "$3::double precision", "j.")
-        + " FROM unnest($1::text[], $2::text[]) AS u(id, tok)"
+        + " FROM unnest($1::text[], $2::text[], $4::text[]) AS u(id, tok, res)"
         " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok",
         list(held),
         list(held.values()),
         now,
+        [kept.get(job_id) for job_id in held],
     )
 
 
