@@ -836,7 +836,7 @@ class WorkerPool:
                         error=f"cut off by the drain after workers.shutdown_grace_s"
                         f" ({grace_s:g} s), its target may have had the request; not counted:"
                         " the job runs again as this attempt",
-                        result=result,
+                        result=self.masker.deep(result),
                         detail=self.masker.deep({**kept, "counted": False}),
                     )
                 )
