@@ -117,3 +117,5 @@ timeout_s = {timeout_s}
         assert job.run_at > kit.clock.time()
         if case == "timeout":
             assert attempt.error is not None and "timed out" in attempt.error
+            where = {"forward": world.target.url, "openai": world.standin.base_url}.get(kind)
+            assert where is None or f"({where}" in attempt.error  # named by where it went

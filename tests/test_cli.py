@@ -34,7 +34,7 @@ from ops_support import (
 from procs import Procs, clean_env, poll, spawn
 from test_journal_contract import finished, new_event
 
-from webhookd import actions, models
+from webhookd import __version__, actions, models
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
@@ -48,6 +48,8 @@ from webhookd.journal import (
     open_journal,
     serve_lock_file,
 )
+from webhookd.journal import schema as sqlite_schema
+from webhookd.journal.postgres import schema as postgres_schema
 from webhookd.models import JobState, event_id_time, new_event_id, new_job_id
 
 
@@ -648,6 +650,16 @@ async def test_show_says_which_job_of_its_order_key_a_queued_job_waits_for(
     assert "next run" not in out.output
     out = await cli("show", event_of[head], "--config", str(config))
     assert "next run" in out.output and "waits for" not in out.output
+
+
+async def test_version_names_the_journal_schemas_it_reads() -> None:
+    """What an upgrade or a rollback turns on: a journal past these versions is refused."""
+    out = await cli("--version")
+    assert out.exit_code == 0
+    assert out.output == (
+        f"webhookd {__version__} (journal schema: SQLite {len(sqlite_schema.MIGRATIONS)},"
+        f" PostgreSQL {len(postgres_schema.MIGRATIONS)})\n"
+    )
 
 
 async def test_show_says_why_a_queued_job_waits_when_no_attempt_says_it(tmp_path: Path) -> None:

@@ -294,6 +294,11 @@ class OpenAIAction:
             ),
         )
 
+    @property
+    def target(self) -> str:
+        """Where it asks: named in a timeout's error, as a forward's URL is."""
+        return self.settings.base_url or OPENAI_BASE_URL
+
     async def run(self, event: Event, job: Job) -> Outcome:
         started = time.monotonic()
         then = self.settings.then
