@@ -81,9 +81,9 @@ async def test_a_tenants_ten_jobs_start_among_the_first_of_another_tenants_10000
     B's jobs start within A's first few dozen; and 10 more B posts made while A's flood runs
     start within the next few dozen of A's, on whichever node took them."""
     cfg = cluster_config(tmp_path / "webhookd.toml", downstream.url, concurrency=4)
-    # Paused before the nodes start: neither claims a job until the resume.
-    await cli_ok(procs, "pause", "shop", "--config", str(cfg))
     nodes = await serve_nodes(procs, cfg)
+    # Paused before anything is posted: neither node claims a job until the resume.
+    await cli_ok(procs, "pause", "shop", "--config", str(cfg))
     await post_many(
         http, nodes, [(json.dumps({"t": "A", "n": n}), {"X-Tenant": "A"}) for n in range(FLOOD)]
     )
@@ -129,9 +129,9 @@ async def test_priority_classes_keep_8_4_1_across_two_nodes(
     """With high, normal and low jobs all queued, two nodes together start them about 8:4:1
     (low priority is slowed, never starved) in the merged order the sink sees."""
     cfg = cluster_config(tmp_path / "webhookd.toml", downstream.url, concurrency=2)
-    # Paused before the nodes start: neither claims a job until the resume.
-    await cli_ok(procs, "pause", "shop", "--config", str(cfg))
     nodes = await serve_nodes(procs, cfg)
+    # Paused before anything is posted: neither node claims a job until the resume.
+    await cli_ok(procs, "pause", "shop", "--config", str(cfg))
     per_class = 300
     await post_many(
         http,
