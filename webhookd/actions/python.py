@@ -343,7 +343,7 @@ class PythonAction:
                 f"handler raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}",
                 traceback=tb,
             )
-        return Outcome.done(_bounded(_json_safe(value)))
+        return Outcome.done(_json_safe(value))
 
     async def aclose(self) -> None:
         self._threads.close()
@@ -354,15 +354,12 @@ class PythonAction:
 MOST_RESULT_CHARS = 64 * 1024
 
 
-def _bounded(value: Any) -> Any:
-    """``value``, or when its JSON is longer than ``MOST_RESULT_CHARS``, the start of it as text
-    saying how long it was: a handler returning megabytes would otherwise grow the journal and
-    every read of its event by as much, on every attempt."""
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def _cut(text: str) -> str:
+    """``text``, or past ``MOST_RESULT_CHARS`` its start saying how long it was: a handler
+    returning megabytes would otherwise grow the journal and every read of its event by as
+    much."""
     if len(text) <= MOST_RESULT_CHARS:
-        return value
+        return text
     return f"{text[:MOST_RESULT_CHARS]} … (cut: {len(text):,} characters in all)"
 
 
@@ -372,15 +369,22 @@ def _json_safe(value: Any) -> Any:
     (keys that are not strings or numbers, NaN or an infinity, a cycle, an int past Python's
     4,300 digits). Never an error: the handler's work is done, and failing here would run it
     again; what even ``str()`` cannot write (that int, nesting past the recursion limit) is
-    kept as ``reprlib``'s short form, or failing that, as what it is."""
-    if value is None or type(value) in (str, bool):  # already JSON (most handlers)
+    kept as ``reprlib``'s short form, or failing that, as what it is. Past
+    ``MOST_RESULT_CHARS`` of JSON, the start of it, as text (``_cut``)."""
+    if value is None or type(value) is bool:  # already JSON (most handlers)
         return value
+    if type(value) is str:
+        return _cut(value)
     try:
-        return json.loads(json.dumps(value, default=str, allow_nan=False))
+        text = json.dumps(value, default=str, allow_nan=False)
+        if len(text) <= MOST_RESULT_CHARS:
+            return json.loads(text)
     except (TypeError, ValueError, RecursionError):
         pass
+    else:
+        return _cut(text)
     try:
-        return str(value)
+        return _cut(str(value))
     except (ValueError, RecursionError):
         pass
     try:
