@@ -65,6 +65,7 @@ class StandIn:
     quota_exhausted: bool = False
     hold: asyncio.Event | None = None
     malformed: bytes | None = None  # answered with status 200 instead of a chat completion
+    malformed_type: str = "application/json"  # ... as this content type
     refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
     limited_headers: dict[str, str | None] = field(default_factory=dict)
     url: str = ""
@@ -116,7 +117,7 @@ class StandIn:
         if self.statuses:
             return self._error(self.statuses.pop(0))
         if self.malformed is not None:
-            return web.Response(body=self.malformed, content_type="application/json")
+            return web.Response(body=self.malformed, content_type=self.malformed_type)
         if self.quota_exhausted:
             self.quota_refused += 1
             message = "You exceeded your current quota, please check your plan and billing details."

@@ -571,6 +571,20 @@ async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
     assert (job.history[0].error or "").startswith("the answer is not a chat completion: ")
 
 
+async def test_a_page_that_is_not_json_is_named_by_its_content_type(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 200 of HTML (a proxy's or a login page) says what came back, not that a str has no
+    ``usage``."""
+    standin.malformed, standin.malformed_type = b"<html>sign in</html>", "text/html"
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.history[0].outcome == "retry"
+    assert job.history[0].error == "the answer is not a chat completion: a 200 of text/html"
+
+
 @pytest.mark.parametrize(
     ("line", "key", "says"),
     [

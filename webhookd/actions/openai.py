@@ -388,6 +388,12 @@ class OpenAIAction:
             return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
         try:
             completion: ChatCompletion = raw.parse()
+            if not isinstance(completion, ChatCompletion):  # the SDK gives text that is not JSON
+                kind = raw.headers.get("content-type") or "no content type"
+                return Outcome.retry(
+                    f"the answer is not a chat completion: a {raw.status_code} of {kind}",
+                    duration_s=_round(started),
+                )
             answer = _answer(completion)
             total = completion.usage.total_tokens if completion.usage is not None else None
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
