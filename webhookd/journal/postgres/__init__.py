@@ -364,7 +364,6 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 lambda conn: write_group(conn, ingests, results, tokens, now, starts.job_ids, claim)
             )
         except BaseException as exc:
-            self._writing_since = None
             if starts.job_ids:
                 # Jobs written claimed in a commit that may have happened: undone by token
                 # once the server answers again (as a claim's are), and the slots given back.
@@ -378,7 +377,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 if not op.future.done():
                     op.future.set_exception(exc)
             return
-        self._writing_since = None
+        finally:
+            self._writing_since = None
         write_s = time.perf_counter() - began
         self.batched_ops += len(batch)
         started: list[Claimed] = []
