@@ -419,6 +419,33 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
     assert await again.wait_exit() == 0
 
 
+async def test_serve_on_a_journal_of_a_newer_webhookd_exits_3_which_the_unit_does_not_restart(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A journal a newer release upgraded (a rollback of the package, not of the journal) stays
+    newer however often this one starts: ``serve`` exits 3, not the 1 of a failure a restart may
+    mend, and the shipped unit names 3 beside the 2 of a bad config as a status not to restart
+    on, so systemd does not start it every 2 s for good."""
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(tmp_path / "webhookd.toml", journal)
+    first = await procs.serve(cfg)
+    first.signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute(f"PRAGMA user_version = {version + 1}")
+
+    refused = await procs.serve(cfg, wait=False)
+    assert await refused.wait_exit(timeout_s=15) == 3
+    assert not refused.listening.is_set()
+    fatal = [line for line in refused.lines if "fatal:" in line]
+    assert len(fatal) == 1 and "newer than this webhookd understands" in fatal[0], refused.log
+
+    unit = (Path(__file__).parent.parent / "examples" / "webhookd.service").read_text()
+    prevent = [line for line in unit.splitlines() if line.startswith("RestartPreventExitStatus=")]
+    assert prevent == ["RestartPreventExitStatus=2 3"]
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
 async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
     tmp_path: Path,

@@ -53,7 +53,13 @@ from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import Config, Listen, plan_reload
-from webhookd.errors import ConfigError, JournalError, WebhookdError
+from webhookd.errors import (
+    EXIT_JOURNAL_NEWER,
+    ConfigError,
+    JournalError,
+    JournalNewer,
+    WebhookdError,
+)
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
@@ -157,6 +163,9 @@ class Daemon:
                 # webhookd's own errors say what happened; anything else is named by its type.
                 kind = "" if isinstance(error, WebhookdError) else f"{type(error).__name__}: "
                 log.error("fatal: %s%s", kind, error, exc_info=log.isEnabledFor(logging.DEBUG))
+            # A journal a newer release upgraded stays newer: a supervisor should not retry.
+            if any(isinstance(error, JournalNewer) for error in errors):
+                return EXIT_JOURNAL_NEWER
             return 1
 
     async def _run(self) -> int:

@@ -292,7 +292,8 @@ def main() -> None:
 def serve(config_path: str | None, log_format: str | None, log_level: str | None) -> None:
     """Run the daemon until SIGTERM/SIGINT (a second signal exits at once); SIGHUP reads the
     config again and applies its sources, alerts, new lanes and log settings (the rest at the
-    next restart)."""
+    next restart). Exits 0 after a drain, 2 on a bad config, 3 on a journal a newer webhookd
+    has upgraded, 1 on any other failure."""
     # SIGHUP's default ends the process: one sent right after a start (`systemctl start` then
     # `reload`) would kill the daemon before the loop's handler is in place, and systemd takes
     # that for a clean exit. Until then it is only noted, and done once started.

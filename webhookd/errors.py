@@ -3,7 +3,8 @@
     WebhookdError
     ├── ConfigError            bad configuration; carries the dotted key (exit 2)
     ├── JournalError           the journal could not do what was asked
-    │   └── JournalUnavailable   a write failed or timed out: intake answers 503
+    │   ├── JournalUnavailable   a write failed or timed out: intake answers 503
+    │   └── JournalNewer         its schema is newer than this webhookd's (``serve`` exits 3)
     ├── NotFound               no event with that id
     ├── VerificationError      a webhook's signature, timestamp or token did not check out
     └── ActionError            raised inside an action; the worker records it as an outcome
@@ -35,6 +36,15 @@ class JournalError(WebhookdError):
 
 class JournalUnavailable(JournalError):
     """A write could not be committed (disk full, read-only, locked, too slow)."""
+
+
+class JournalNewer(JournalError):
+    """The journal's schema is newer than this webhookd understands: a newer release upgraded
+    it. No restart of this release can fix that, so ``serve`` exits with ``EXIT_JOURNAL_NEWER``
+    (the shipped unit does not restart on it)."""
+
+
+EXIT_JOURNAL_NEWER = 3
 
 
 class NotFound(WebhookdError):

@@ -45,7 +45,7 @@ import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
-from webhookd.errors import JournalError, JournalUnavailable, NotFound
+from webhookd.errors import JournalError, JournalNewer, JournalUnavailable, NotFound
 from webhookd.journal.base import (
     ADMIN_READ_S,
     BULK_BATCH,
@@ -751,7 +751,7 @@ class Journal(Reads, BaseJournal):
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
-            raise JournalError(
+            raise JournalNewer(
                 f"{self.path} has schema version {version}, newer than this webhookd"
                 f" understands ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd"
                 " restore` a backup you took before the upgrade"

@@ -16,7 +16,7 @@ import aiosqlite
 
 from webhookd.clock import Clock
 from webhookd.config import CATCH_ALL
-from webhookd.errors import JournalError, NotFound
+from webhookd.errors import JournalError, JournalNewer, NotFound
 from webhookd.journal.records import (
     CATCH_ALL_SHOWN,
     CAUSE_CHARS,
@@ -85,7 +85,7 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
-            raise JournalError(f"{path} has a schema newer than this webhookd's")
+            raise JournalNewer(f"{path} has a schema newer than this webhookd's")
         rows = conn.execute(UNFINISHED_BY_ACTION_SQL).fetchall()
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: {exc}") from None

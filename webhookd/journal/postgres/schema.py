@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from webhookd.errors import JournalError
+from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal.base import migrating
 from webhookd.journal.postgres.db import (
     DB_ERRORS,
@@ -249,7 +249,7 @@ async def migrate(conn: Any, where: str, *, upgrade: bool = True) -> int:
         version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
         version = int(version or 0)
         if version > len(MIGRATIONS):
-            raise JournalError(
+            raise JournalNewer(
                 f"{where} has journal schema version {version}, newer than this webhookd"
                 f" understands ({len(MIGRATIONS)}): run the newer webhookd, or restore a"
                 " pg_dump you took before the upgrade"
@@ -293,7 +293,7 @@ async def peek_unfinished_by_action(
                         return {}
                     version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
                     if int(version or 0) > len(MIGRATIONS):
-                        raise JournalError(f"{where} has a schema newer than this webhookd's")
+                        raise JournalNewer(f"{where} has a schema newer than this webhookd's")
                     rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
             finally:
                 conn.terminate()
