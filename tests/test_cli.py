@@ -883,21 +883,38 @@ async def _dead_ids(config: Path) -> list[str]:
     return [json.loads(line)["id"] for line in out.output.splitlines()]
 
 
+def _id_received_ago(seconds: float) -> str:
+    """An event id as one received ``seconds`` ago would have."""
+    fresh = new_event_id()
+    return fresh[:4] + models._encode(int((time.time() - seconds) * 1000), 5) + fresh[14:]
+
+
 async def test_an_old_event_id_not_found_names_retention(tmp_path: Path) -> None:
-    """An id of an event received a day ago and not in the journal was most likely pruned:
-    the error says when it was received and which keys prune; a made-up id says only
-    "no event"."""
+    """An id of an event received two days ago and not in the journal was most likely pruned:
+    the error says when it was received and the retention keys with their values; one
+    received an hour ago is younger than anything retention takes (keep_done_h = 24), so it
+    is not this journal's (one moved from, a node of another cluster); a made-up id says
+    only "no event"."""
     config = await bulk_journal(tmp_path)
-    fresh = new_event_id()  # the same with a time a day ago
-    old = fresh[:4] + models._encode(int((time.time() - 86400) * 1000), 5) + fresh[14:]
+
+    def received(event_id: str) -> str:
+        at = dt.datetime.fromtimestamp(event_id_time(event_id) or 0, dt.UTC)
+        return at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+    keep = "journal.keep_done_h = 24, keep_dead_d = 14"
+    old = _id_received_ago(2 * 86400)
     out = await cli("show", old, "--config", str(config))
-    received = dt.datetime.fromtimestamp(event_id_time(old) or 0, dt.UTC)
     assert (out.exit_code, out.output) == (
         1,
-        f"webhookd: error: no event {old}: its id says it was received"
-        f" {received.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}Z, and retention prunes an event"
-        " once its jobs are done (journal.keep_done_h) or dead (journal.keep_dead_d) for"
-        " that long\n",
+        f"webhookd: error: no event {old}: its id says it was received {received(old)}, and"
+        f" retention prunes an event that long past its last job ({keep})\n",
+    )
+    recent = _id_received_ago(3600)
+    out = await cli("replay", recent, "--config", str(config))
+    assert (out.exit_code, out.output) == (
+        1,
+        f"webhookd: error: no event {recent}: its id says it was received {received(recent)},"
+        f" sooner than retention prunes any ({keep}): is it another journal's?\n",
     )
     out = await cli("replay", "evt_typo", "--config", str(config))
     assert (out.exit_code, out.output) == (1, "webhookd: error: no event evt_typo\n")

@@ -113,7 +113,10 @@ def _read_config(path: str | None) -> config_mod.Config:
     return _load(path, secrets=False)
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+def _run(coro_fn: Callable[[], Awaitable[T]], journal: config_mod.JournalConfig | None = None) -> T:
+    """Run a verb's coroutine, its errors as one line and an exit status; ``journal`` (its
+    retention) words a missing event's."""
+
     async def main() -> T:
         return await coro_fn()
 
@@ -122,7 +125,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except KeyboardInterrupt:
         sys.exit(130)  # as a shell reports a command ended by SIGINT
     except NotFound as exc:
-        _fail(_no_event(str(exc)), 1)
+        _fail(_no_event(str(exc), journal) if journal else f"no event {exc}", 1)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except WebhookdError as exc:
@@ -230,17 +233,18 @@ def _verified_line(verified: dict[str, Any]) -> str:
 _SAYS_WHAT = frozenset({"x-github-event", "x-shopify-topic", "x-shopify-shop-domain"})
 
 
-def _no_event(event_id: str) -> str:
-    """The "no event ..." error, and for an id of an event received a while ago, that retention may
-    have pruned it (a mistyped id says only the first part)."""
+def _no_event(event_id: str, journal: config_mod.JournalConfig) -> str:
+    """The "no event ..." error, and for an id of an event received a while ago, whether
+    retention may have pruned it (a mistyped id says only the first part)."""
     received = event_id_time(event_id)
-    if received is None or not 60 < time.time() - received < 100 * 365 * 86400:
+    if received is None or not 60 < (age := time.time() - received) < 100 * 365 * 86400:
         return f"no event {event_id}"
-    return (
-        f"no event {event_id}: its id says it was received {_when(received)}, and retention"
-        " prunes an event once its jobs are done (journal.keep_done_h) or dead"
-        " (journal.keep_dead_d) for that long"
-    )
+    said = f"no event {event_id}: its id says it was received {_when(received)}"
+    keep = f"journal.keep_done_h = {journal.keep_done_h:g}, keep_dead_d = {journal.keep_dead_d:g}"
+    if age < journal.keep_done_h * 3600:
+        # Younger than anything retention takes: not pruned, so not in this journal at all.
+        return f"{said}, sooner than retention prunes any ({keep}): is it another journal's?"
+    return f"{said}, and retention prunes an event that long past its last job ({keep})"
 
 
 def _version(ctx: click.Context) -> None:
@@ -471,7 +475,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
             )
         return detail
 
-    detail, paused = _run(go)
+    detail, paused = _run(go, cfg.journal)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).
     source = cfg.source_for(detail.event.source)
     doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
@@ -617,7 +621,7 @@ def _bulk(
                     bar.update(len(batch))
             return ids, out
 
-    ids, out = _run(go)
+    ids, out = _run(go, cfg.journal)
     if dry_run is None:
         if len(out) < len(ids):
             click.echo(f"{len(ids) - len(out)} event(s) pruned since listed: skipped", err=True)
