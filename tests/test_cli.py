@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from click.testing import CliRunner
 from conftest import Running, Target, fresh_database
@@ -767,6 +768,44 @@ async def test_check_warns_of_queued_jobs_the_config_has_no_action_for(
             assert out.stderr == said and sorted(os.listdir(tmp_path)) == files
             assert "j.db-wal" not in files
         out = await cli("check", "--no-journal", "--config", str(config))
+        assert (out.exit_code, out.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_would(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Before a rollback, ``check`` of the older release on the journal answers what ``serve``
+    would: the journal is refused (exit 3, its schema named), not "ok" with a note."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "postgres":
+            server = request.getfixturevalue("pg_server_url")
+            url = await stack.enter_async_context(fresh_database(server))
+            where = f'url = "{url}"'
+        else:
+            where = f'path = "{tmp_path / "j.db"}"'
+        config = tmp_path / "webhookd.toml"
+        config.write_text(
+            f'[journal]\n{where}\n[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+        )
+        async with open_journal(config_mod.loads(f"[journal]\n{where}\n").journal) as journal:
+            await journal.ingest(new_event(source="shop"))
+        if backend == "postgres":
+            conn = await asyncpg.connect(url)
+            try:
+                newer = len(postgres_schema.MIGRATIONS) + 1
+                await conn.execute(f"INSERT INTO webhookd_schema VALUES ({newer})")
+            finally:
+                await conn.close()
+        else:
+            with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as db:
+                db.execute(f"PRAGMA user_version = {len(sqlite_schema.MIGRATIONS) + 1}")
+        out = await cli("check", "--config", str(config))
+        assert out.exit_code == 3, out.output
+        [error] = out.stderr.splitlines()
+        assert error.startswith("webhookd: error: ") and "has a schema newer than this" in error
+        assert "`webhookd serve` of this webhookd refuses it" in error
+        out = await cli("check", "--no-journal", "--config", str(config))  # not read: ok
         assert (out.exit_code, out.stderr) == (0, "")
 
 

@@ -27,7 +27,14 @@ import click
 
 from webhookd import __version__
 from webhookd import config as config_mod
-from webhookd.errors import ConfigError, JournalError, NotFound, WebhookdError
+from webhookd.errors import (
+    EXIT_JOURNAL_NEWER,
+    ConfigError,
+    JournalError,
+    JournalNewer,
+    NotFound,
+    WebhookdError,
+)
 from webhookd.journal import (
     BULK_BATCH,
     EVENT_STATES,
@@ -341,7 +348,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
     written in the file, a Stripe secret that is not whsec_, a command whose program is not
     there, a journal.path this user could not use, and queued jobs in the journal that the
     config has no action for (read only, beside a running daemon too; a journal it cannot
-    read within 5 s is a note)."""
+    read within 5 s is a note). A journal of a newer webhookd exits 3, as serve would."""
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
         unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
@@ -380,8 +387,17 @@ def check(config_path: str | None, no_journal: bool) -> None:
     if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)
-    elif not no_journal and (orphans := _orphans_note(cfg)):
-        click.echo(f"webhookd: {orphans}", err=True)
+    elif not no_journal:
+        try:
+            orphans = _orphans_note(cfg)
+        except JournalNewer as exc:  # serve would exit on it: so does the check
+            _fail(
+                f"{exc}: `webhookd serve` of this webhookd refuses it; run the newer one, or"
+                " restore a backup taken before the upgrade",
+                EXIT_JOURNAL_NEWER,
+            )
+        if orphans:
+            click.echo(f"webhookd: {orphans}", err=True)
 
 
 def _orphans_note(cfg: config_mod.Config) -> str | None:
@@ -391,6 +407,8 @@ def _orphans_note(cfg: config_mod.Config) -> str | None:
 
     try:
         unfinished = asyncio.run(unfinished_by_action_of(cfg.journal))
+    except JournalNewer:
+        raise
     except JournalError as exc:
         return f"note: journal not read for queued jobs this config has no action for: {exc}"
     if not (orphans := orphaned_jobs(cfg, unfinished)):
