@@ -419,6 +419,60 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
     assert await again.wait_exit() == 0
 
 
+async def test_a_handler_that_swallows_the_drains_cancel_is_named_and_does_not_hold_the_exit(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """An async python handler that catches CancelledError and goes on cannot be stopped from
+    outside. The drain waits a few seconds for it after the cancel, then names the job in a
+    warning, re-queues it as cut off (not counted), closes the journal and exits 0, where it
+    used to wait on the handler until the stop's deadline and exit 1 blaming "a step of the
+    close"."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "stubborn_hooks.py").write_text(
+        "import asyncio\nimport sys\n\n\n"
+        "async def handle(event):\n"
+        "    print('stubborn handler started', file=sys.stderr, flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            await asyncio.sleep(3600)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n"
+    )
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+name = "stubborn"
+type = "python"
+handler = "stubborn_hooks:handle"
+path = "{project}"
+""",
+        workers="shutdown_grace_s = 0.5",
+    )
+    daemon = await procs.serve(cfg)
+    async with http.post(f"{daemon.url}/hooks/shop", data="{}", headers=JSON) as r:
+        assert r.status == 202
+        event_id = (await r.json())["id"]
+    await daemon.wait_said("stubborn handler started")
+
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout_s=25) == 0, daemon.log
+    [named] = [line for line in daemon.lines if "did not end" in line and "drain:" in line]
+    assert "action=stubborn" in named and "catch CancelledError" in named, daemon.log
+    assert not any("stop took longer" in line for line in daemon.lines), daemon.log
+    # The handler outlives the close too; the exit's own deadline ends the process.
+    assert "exit took longer than 5s (a thread or a handler is stuck)" in daemon.lines[-1]
+    doc = await show(procs, cfg, event_id)
+    [job] = doc["jobs"]
+    assert (job["state"], job["attempts"]) == ("queued", 0)
+    assert [(a["outcome"], a["detail"]) for a in job["errors"]] == [
+        ("interrupted", {"counted": False})
+    ]
+
+
 async def test_serve_on_a_journal_of_a_newer_webhookd_exits_3_which_the_unit_does_not_restart(
     tmp_path: Path, procs: Procs
 ) -> None:

@@ -793,7 +793,10 @@ def _exit_within(deadline_s: float, status: int, why: str | None = None) -> thre
 
     def exit_now() -> None:
         log.error(
-            "%s", why or f"exit took longer than {deadline_s:g}s (a thread is stuck): exiting now"
+            "%s",
+            why
+            or f"exit took longer than {deadline_s:g}s (a thread or a handler is stuck):"
+            " exiting now",
         )
         kill_running_commands()
         logging.shutdown()

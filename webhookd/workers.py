@@ -43,6 +43,8 @@ _ERROR_CHARS = 2000
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
 # between tries: the job stays running in the journal until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
+# How long a drain waits for the attempts it cancelled to end before it re-queues them anyway.
+CUT_WAIT_S = 3.0
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
 # this long, unless a job of it ends here or another node says one ended: the node does not
 # spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
@@ -819,7 +821,23 @@ class WorkerPool:
             task.cancel()
         cut: list[Finished] = []
         if stragglers:
-            await asyncio.gather(*stragglers.values(), return_exceptions=True)
+            ended, stuck = await asyncio.wait(stragglers.values(), timeout=CUT_WAIT_S)
+            for task in ended:
+                if not task.cancelled():
+                    task.exception()  # read: an error past the cancel is the attempt's, unlogged
+            for job_id, task in stragglers.items():
+                if task in stuck and job_id in attempting:
+                    # A handler that catches CancelledError and goes on: named here, since
+                    # the stop's own deadline can only say that something did not end.
+                    job = attempting[job_id][0].job
+                    log.warning(
+                        "drain: job=%s action=%s did not end %gs after it was cancelled (does"
+                        " its handler catch CancelledError?): re-queued, and left running"
+                        " until the process exits",
+                        job_id,
+                        job.action,
+                        CUT_WAIT_S,
+                    )
             for job_id, (claimed, started_at) in attempting.items():
                 # What the cut attempt kept: a result (an answer whose then-forward was in
                 # flight, for the next attempt to post instead of asking again) and its detail
