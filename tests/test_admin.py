@@ -605,11 +605,18 @@ async def test_admin_token_is_required_when_set(
     tmp_path: Path, run_daemon: StartDaemon, monkeypatch: Any
 ) -> None:
     """With `admin.token`, requests without it or with a wrong one get 401; the right one 200;
-    /healthz (liveness only) answers without it, for a container's health probe."""
+    /healthz (liveness only) answers without it, for a container's health probe, to HEAD as
+    to GET (a `wget --spider` probe sends HEAD); so does the dashboard's page, which holds no
+    data."""
     monkeypatch.setenv("TEST_ADMIN_TOKEN", "s3cret-token")
     cfg = make_config(tmp_path, admin='token = "env:TEST_ADMIN_TOKEN"')
     running: Running = await run_daemon(cfg)
     assert (await get(running, "/healthz"))[0] == 200
+    for path in ("/healthz", "/"):
+        async with running.http.head(running.admin_url + path) as r:
+            assert r.status == 200, path
+    async with running.http.head(running.admin_url + "/stats") as r:
+        assert r.status == 401
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
         for path in ("/readyz", "/events"):
             async with running.http.get(running.admin_url + path, headers=headers) as r:

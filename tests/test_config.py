@@ -218,6 +218,9 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
             "sources.a.verify.tolerance_s",
         ),
         ('[admin]\ntoken = "tok\\n"', "admin.token"),
+        ('[admin]\ntoken = "a-token-with-a-space "', "admin.token"),
+        ('[admin]\ntoken = "   "', "admin.token"),
+        ('[admin]\ntoken = ""', "admin.token"),
         (
             '[[sources.a.actions]]\ntype = "command"\nargv = ["", "x"]',
             "sources.a.actions[0].argv[0]",

@@ -214,7 +214,7 @@ class Admin:
         # every API call it makes, so a browser can load it without a header. /healthz says
         # only "alive", so a container's health probe needs no copy of the token.
         if self._token is not None and not (
-            request.method == "GET" and request.path in ("/", "/healthz")
+            request.method in ("GET", "HEAD") and request.path in ("/", "/healthz")
         ):
             # "Bearer" in any case (RFC 9110 §11.1); a header's undecodable bytes come back as
             # surrogates, which only a wrong token has.

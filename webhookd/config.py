@@ -1391,7 +1391,14 @@ def parse(
         )
     if admin.token is not None and not admin.token.missing:
         # Sent in an Authorization header: one no client can send makes every request a 401.
-        header_value(admin.token.reveal(), a.path("token"))
+        token = header_value(admin.token.reveal(), a.path("token"))
+        if token != token.strip(" \t") or not token:
+            # HTTP drops a header value's outer whitespace, so no request could match it.
+            raise ConfigError(
+                a.path("token"),
+                "is empty or starts or ends with a space or tab, which an Authorization"
+                " header cannot carry (a copy and paste's stray space?)",
+            )
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.
         raise ConfigError(
