@@ -153,6 +153,10 @@ async def test_stats_lists_fifty_names_a_catch_all_took_and_sums_the_rest_under_
     # Those jobs go by their names: a pause of "*" would hold none of them.
     status, error = await post_admin(running, "/sources/*/pause")
     assert status == 400 and error["error"].startswith('"*" is the catch-all: its events')
+    # Nor of a configured source's name in another case, which the receiver refuses.
+    status, error = await post_admin(running, "/sources/ZZ/pause")
+    assert status == 400 and "did you mean zz?" in error["error"]
+    assert (await get(running, "/stats"))[1]["paused"] == []
 
 
 def test_stats_sources_fold_only_the_names_a_catch_all_took() -> None:

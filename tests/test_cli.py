@@ -342,8 +342,14 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
 ) -> None:
     """A catch-all's jobs go by the name each webhook came to, never "*" (which stats sums
     them under): a pause of "*" would hold nothing, so it is refused; the filters say that
-    nothing is journaled under it; a name it takes is paused as any source is."""
-    path, cfg = write_config(tmp_path, '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n')
+    nothing is journaled under it; a name it takes is paused as any source is. So would a
+    pause of a configured source's name in another case (the receiver refuses /hooks/Shop
+    beside "shop"): it used to say "paused Shop" while shop's jobs ran on."""
+    path, cfg = write_config(
+        tmp_path,
+        '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n'
+        '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n',
+    )
     async with Journal(cfg.journal.path):
         pass  # made, as a first start makes it
     config = ("--config", str(path))
@@ -355,6 +361,14 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
     assert (out.exit_code, out.stderr) == (2, f"webhookd: error: {said}\n")
     out = await cli("pause", "billing", *config)
     assert (out.exit_code, out.stdout) == (0, "paused billing\n")
+    out = await cli("pause", "Shop", *config)
+    assert (out.exit_code, out.stderr) == (
+        2,
+        "webhookd: error: no source 'Shop': source names are case-sensitive, and the receiver"
+        " refuses /hooks/Shop beside 'shop' (did you mean shop?)\n",
+    )
+    out = await cli("events", "--source", "SHOP", *config)
+    assert out.stderr.startswith("webhookd: note: no source 'SHOP': source names are case-")
     out = await cli("resume", "*", *config)  # one paused by an earlier webhookd can go
     assert (out.exit_code, out.stdout) == (0, "* was not paused\n")
     out = await cli("events", "--source", "*", *config)

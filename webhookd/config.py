@@ -477,11 +477,24 @@ class Config:
         return found
 
     def by_other_names(self, name: str) -> str | None:
-        """What a verb that acts on one source's events or jobs says of the catch-all's own
-        name ``*``: they are journaled under the name each webhook came to, never ``*`` (the
-        name metrics and ``stats`` sum the catch-all's names under). None for any other."""
-        if name != CATCH_ALL or CATCH_ALL not in self.sources:
+        """What a verb that acts on one source's events or jobs says of a name the catch-all
+        would seem to take but never journals: its own name ``*`` (events go by the name each
+        webhook came to; metrics and ``stats`` sum them under ``*``), and a configured source's
+        name in another case (the receiver refuses /hooks/Shop beside "shop"), where a pause
+        would hold nothing. None for any other."""
+        if CATCH_ALL not in self.sources:
             return None
+        if name != CATCH_ALL:
+            if name in self.sources:
+                return None
+            names = [*self.sources, *([ALERT_SOURCE] if self.alerts is not None else [])]
+            same = sorted(n for n in names if n.lower() == name.lower() and n != CATCH_ALL)
+            if not same:
+                return None
+            return (
+                f"no source {name!r}: source names are case-sensitive, and the receiver refuses"
+                f" /hooks/{name} beside {same[0]!r} (did you mean {same[0]}?)"
+            )
         return (
             f'"{CATCH_ALL}" is the catch-all: its events and jobs go by the name each webhook'
             " came to (/hooks/<name>); give that name (webhookd events lists them)"
