@@ -497,7 +497,9 @@ async def test_dashboard_shows_a_senders_bidi_and_control_characters_escaped(
     cfg = make_config(tmp_path, forward_source("shop", target.url + "/in", tenant="json:tenant"))
     running = await run_daemon(cfg)
     tenant = "\u202egnp.exe\x1b[2J\u00a0\u2066\u2028x"
-    event_id = await accepted(running, "shop", json.dumps({"tenant": tenant}))
+    # Sent raw in the body (JSON escapes only the ESC), which the page shows as it came.
+    body = json.dumps({"tenant": tenant}, ensure_ascii=False)
+    event_id = await accepted(running, "shop", body)
     await event_state(running.http, running.admin_url, event_id, "done")
 
     async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
@@ -507,8 +509,8 @@ async def test_dashboard_shows_a_senders_bidi_and_control_characters_escaped(
         line = await page.wait_for("document.querySelector('#detail p.summary')?.textContent")
         assert f" · tenant {printable(tenant)} · priority " in line
         assert await page.evaluate("document.querySelectorAll('#detail p.summary bdi').length") >= 2
-        body = await page.wait_for("document.querySelector('#detail pre.body')?.textContent")
-        assert '"tenant": "\\u202egnp.exe\\u001b[2J\\xa0\\u2066\\u2028x"' in body
+        shown = await page.wait_for("document.querySelector('#detail pre.body')?.textContent")
+        assert '"tenant": "\\u202egnp.exe\\u001b[2J\\xa0\\u2066\\u2028x"' in shown
         text = await page.evaluate("document.body.innerText")
         assert not any(c in text for c in "\u202e\x1b\u2066\u2028")
 
@@ -722,6 +724,67 @@ async def test_dashboard_pauses_and_resumes_a_source(
         assert status == "resumed shop: its jobs run again"
     await event_state(running.http, running.admin_url, held, "done")
     assert len(target.seen) == 2
+
+
+async def test_dashboard_event_page_keeps_every_character_of_a_body_and_says_what_holds_a_job(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """A JSON body is indented, not re-encoded: an order id past 2^53, ``10.10``, ``1.0`` and a
+    repeated key read as sent (a parse and stringify gave 820982911946154500, 10.1, 1 and one
+    key); a handler's result keeps such an id too. A queued job of a paused source says so,
+    as ``show`` does; a list cut at 50 says it is."""
+    project = tmp_path / "project"
+    project.mkdir()
+    module = f"order_hooks_{os.urandom(4).hex()}"  # the daemon runs in this process: one a run
+    (project / f"{module}.py").write_text(
+        "def handle(event):\n    return {'order': 820982911946154508}\n"
+    )
+    running = await run_daemon(
+        make_config(
+            tmp_path,
+            f"""
+[sources.shop]
+[[sources.shop.actions]]
+name = "keep"
+type = "python"
+handler = "{module}:handle"
+path = "{project}"
+
+[sources.held]
+[[sources.held.actions]]
+type = "log"
+""",
+        )
+    )
+    async with running.http.post(
+        running.admin_url + "/sources/held/pause", headers={"X-Webhookd": "1"}
+    ) as r:
+        assert r.status == 200
+    body = (
+        '{"id":820982911946154508, "amount":10.10,"dup":1,"dup":2,"f":1.0,"e":{ },"l":[],'
+        '"s":"a,{\\"b"}'
+    )
+    event_id = await accepted(running, "shop", body)
+    await event_state(running.http, running.admin_url, event_id, "done")
+    held = [await accepted(running, "held", f'{{"n": {n}}}') for n in range(51)]
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        shown = await page.wait_for("document.querySelector('#detail pre.body')?.textContent")
+        assert shown == (
+            '{\n  "id": 820982911946154508,\n  "amount": 10.10,\n  "dup": 1,\n  "dup": 2,\n'
+            '  "f": 1.0,\n  "e": {},\n  "l": [],\n  "s": "a,{\\"b"\n}'
+        )
+        result = await page.wait_for("document.querySelector('#detail pre.result')?.textContent")
+        assert result == '{\n  "order": 820982911946154508\n}'
+
+        await page.evaluate(f"location.hash = '#/events/{held[-1]}'")
+        line = await page.wait_for(
+            "document.querySelector('#detail .job')?.textContent.includes('is paused') &&"
+            " document.querySelector('#detail .job').textContent"
+        )
+        assert " · held: held is paused" in line
+        await page.wait_for("!document.querySelector('#events-more').hidden")
+        assert await page.evaluate("document.querySelector('#dead-more').hidden")
 
 
 async def test_dashboard_shows_the_catch_alls_other_names_as_one_row_with_no_buttons(
