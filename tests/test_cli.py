@@ -929,6 +929,35 @@ async def test_bulk_replay_and_prune_print_one_summary_line_when_not_on_a_termin
     assert line.startswith("pruned 300 event(s) and ")
 
 
+async def test_replay_counts_the_events_it_changed_and_warns_of_a_backlog_past_the_cap(
+    tmp_path: Path,
+) -> None:
+    """A bulk replay that matches nothing says so; one that matches counts only the events it
+    re-queued a job of (a listed event another replay took meanwhile is not its own); and one
+    that takes the backlog past server.max_backlog says intake now answers 503 (dead jobs do
+    not count towards the cap, so a large dead-letter queue replayed at once closes intake)."""
+    config = await bulk_journal(tmp_path)
+    text = config.read_text().replace("[server]\n", "[server]\nmax_backlog = 400\n", 1)
+    config.write_text(text)
+    out = await cli("replay", "--dead", "--tenant", "nobody", "--config", str(config))
+    assert (out.exit_code, out.output) == (
+        0,
+        "nothing to replay: no event has a dead job that matches\n",
+    )
+    [shop_id, *_] = await _dead_ids(config)
+    out = await cli("replay", "--dead", "--source", "shop", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "replayed 450 event(s), 450 job(s) re-queued, 0 waiting job(s) due now\n"
+    assert out.stderr == (
+        "webhookd: warning: the backlog is now 450 job(s), past server.max_backlog (400): new"
+        " webhooks to any source are answered 503 until it drains below; replaying in parts"
+        " (--since, --source, --action) spares intake\n"
+    )
+    [mail_id, *_] = await _dead_ids(config)
+    out = await cli("replay", "--dead", shop_id, mail_id, "--config", str(config))
+    assert out.stdout == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
+
+
 async def _dead_ids(config: Path) -> list[str]:
     out = await cli(
         "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)

@@ -506,7 +506,8 @@ class Admin:
             async for ids in pages:
                 for start in range(0, len(ids), BULK_BATCH):
                     done = await present_only(replay_dead, ids[start : start + BULK_BATCH])
-                    events += len(done)
+                    # Those another replay took meanwhile are not this one's.
+                    events += sum(1 for r in done.values() if r.requeued)
                     requeued += sum(r.requeued for r in done.values())
                     self.ctx.pool.poke()
         except JournalError as exc:

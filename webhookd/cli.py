@@ -743,6 +743,10 @@ def replay(
     requeued = sum(r.requeued for r in result.values())
     run_now = sum(r.run_now for r in result.values())
     of_action = f" of action {action!r}" if action is not None else ""
+    if not result:
+        which = "dismissed" if dismissed else "done" if done else "dead"
+        click.echo(f"nothing to replay: no event has a {which} job{of_action} that matches")
+        return
     if result and not requeued and (dismissed or done):
         click.echo(
             f"nothing to replay: none of the jobs{of_action} of {len(result)} event(s) was"
@@ -758,10 +762,32 @@ def replay(
         # Running, or queued and already due (a paused source's): a replay has nothing to add.
         click.echo(f"nothing to replay: the jobs of {len(result)} event(s) are queued or running")
         return
+    # Events another replay (or a run) took meanwhile are not counted as this one's.
+    changed = sum(1 for r in result.values() if r.requeued or r.run_now)
     click.echo(
-        f"replayed {len(result)} event(s), {requeued} job(s) re-queued,"
+        f"replayed {changed} event(s), {requeued} job(s) re-queued,"
         f" {run_now} waiting job(s) due now"
     )
+    if requeued:
+        _backlog_note(cfg)
+
+
+def _backlog_note(cfg: config_mod.Config) -> None:
+    """A warning when a replay has taken the backlog past ``server.max_backlog``: dead jobs do
+    not count towards it, so a replay of many can close intake for every source."""
+
+    async def go() -> int:
+        async with _journal(cfg) as journal:
+            return await journal.backlog()
+
+    backlog, most = _run(go), cfg.server.max_backlog
+    if backlog > most:
+        click.echo(
+            f"webhookd: warning: the backlog is now {backlog} job(s), past server.max_backlog"
+            f" ({most}): new webhooks to any source are answered 503 until it drains below;"
+            " replaying in parts (--since, --source, --action) spares intake",
+            err=True,
+        )
 
 
 @main.command()
