@@ -508,7 +508,13 @@ async def test_replay_of_an_events_dead_jobs_leaves_its_delivered_one_alone(
 
     # Undone (``replay --dismissed``): the dismissed job alone runs again.
     status, error = await post_admin(running, f"/events/{event_id}/replay?dead=1&dismissed=1")
-    assert (status, error["error"]) == (400, "give one of dead=1, dismissed=1 and done=1")
+    assert (status, error["error"]) == (
+        400,
+        "give one of dead=1, dismissed=1, done=1 and cancelled=1",
+    )
+    # A dismissal is --dismissed's: ?cancelled=1 (a cancel undone) leaves it be.
+    status, doc = await post_admin(running, f"/events/{event_id}/replay?cancelled=1")
+    assert (status, doc) == (202, {"id": event_id, "requeued": 0, "run_now": 0})
     status, doc = await post_admin(running, f"/events/{event_id}/replay?dismissed=1")
     assert (status, doc) == (202, {"id": event_id, "requeued": 1, "run_now": 0})
 

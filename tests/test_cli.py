@@ -262,7 +262,8 @@ async def test_cancel_dead_dismisses_dead_letters_and_replay_brings_them_back(
     out = await cli("show", first, "--config", str(config))
     assert "dismissed " in out.output and "(replay --dismissed undoes it)" in out.output
     out = await cli("replay", "--dismissed", "--dead", "--config", str(config))
-    assert out.exit_code == 2 and "give one of --dead, --dismissed and --done" in out.output
+    assert out.exit_code == 2
+    assert "give one of --dead, --dismissed, --done and --cancelled" in out.output
     out = await cli(
         "replay", "--dismissed", "--source", "shop", "--dry-run", "--config", str(config)
     )
@@ -958,6 +959,26 @@ async def test_replay_counts_the_events_it_changed_and_warns_of_a_backlog_past_t
     assert out.stdout == "replayed 1 event(s), 1 job(s) re-queued, 0 waiting job(s) due now\n"
 
 
+async def test_replay_cancelled_undoes_a_cancel_that_stopped_a_replay(tmp_path: Path) -> None:
+    """A mass replay of dead letters stopped with cancel --queued left its jobs cancelled: no
+    longer dead letters (replay --dead does not see them), nor dismissed ones (nor --dismissed),
+    and pruned keep_done_h after the cancel. replay --cancelled runs them again in bulk."""
+    config = await bulk_journal(tmp_path)
+    where = ("--source", "shop", "--config", str(config))
+    out = await cli("replay", "--dead", *where)
+    assert out.stdout.startswith("replayed 450 event(s), 450 job(s) re-queued")
+    out = await cli("cancel", "--queued", *where)
+    assert out.exit_code == 0 and out.stdout.startswith("cancelled 450 job(s)"), out.output
+    out = await cli("replay", "--dead", *where)
+    assert out.stdout == "nothing to replay: no event has a dead job that matches\n"
+    out = await cli("replay", "--cancelled", "--dry-run", *where)
+    assert out.stdout.startswith("would replay 450 event(s)\n")
+    out = await cli("replay", "--cancelled", *where)
+    assert out.stdout == "replayed 450 event(s), 450 job(s) re-queued, 0 waiting job(s) due now\n"
+    out = await cli("replay", "--cancelled", *where)
+    assert out.stdout == "nothing to replay: no event has a cancelled job that matches\n"
+
+
 async def _dead_ids(config: Path) -> list[str]:
     out = await cli(
         "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)
@@ -1389,7 +1410,8 @@ async def test_replay_done_and_action_make_one_actions_deliveries_again(tmp_path
 
     config = ("--config", str(path))
     out = await cli("replay", "--done", "--dead", *config)
-    assert out.exit_code == 2 and "give one of --dead, --dismissed and --done" in out.output
+    assert out.exit_code == 2
+    assert "give one of --dead, --dismissed, --done and --cancelled" in out.output
     done_of_deliver = ("--done", "--action", "deliver")
     out = await cli("replay", *done_of_deliver, "--source", "shop", "--dry-run", *config)
     assert out.stdout == f"would replay 1 event(s)\n{item.event.id}\n"

@@ -855,6 +855,38 @@ async def test_a_dismissal_is_undone_by_replaying_the_dismissed_jobs_alone(
         await journal.replay(both, dead_only=True, dismissed_only=True)
 
 
+async def test_a_cancel_is_undone_by_replaying_the_cancelled_jobs_alone(
+    journal: BaseJournal,
+) -> None:
+    """``replay --cancelled``: jobs a ``cancel`` cancelled (a ``cancel --queued`` that stopped a
+    mass replay of dead letters, say) run again alone, with fresh attempts; the event's
+    delivered job stays done, and a dismissed dead letter is ``--dismissed``'s, not this."""
+    item, (delivered, dead, waiting), _ = await _delivered_dead_and_waiting(journal)
+    queued = new_event()
+    await journal.ingest(queued)  # its job still queued
+    await journal.cancel([item.event.id])  # the queued job
+    assert await journal.event_ids_with_jobs("cancelled") == [item.event.id]
+    assert await journal.event_ids_with_jobs("cancelled", source="elsewhere") == []
+    both = [item.event.id, queued.event.id]
+    backlog = journal.backlog_jobs
+    assert await journal.replay(both, cancelled_only=True) == {
+        item.event.id: Replayed(1, 0),
+        queued.event.id: Replayed(0, 0),
+    }
+    assert journal.backlog_jobs == backlog + 1 == await journal.backlog()
+    jobs = {j.id: j for j in (await journal.get_event(item.event.id)).jobs}
+    assert (jobs[waiting].state, jobs[waiting].attempts) == (JobState.QUEUED, 0)
+    assert (jobs[delivered].state, jobs[dead].state) == (JobState.DONE, JobState.DEAD)
+    assert await journal.event_ids_with_jobs("cancelled") == []
+    await journal.cancel([item.event.id], dead_only=True)  # a dismissal: not a cancel's
+    assert await journal.event_ids_with_jobs("cancelled") == []
+    assert await journal.replay([item.event.id], cancelled_only=True) == {
+        item.event.id: Replayed(0, 0)
+    }
+    with pytest.raises(ValueError, match="one of them"):
+        await journal.replay(both, dismissed_only=True, cancelled_only=True)
+
+
 async def test_unfinished_jobs_are_counted_by_source_and_action(journal: BaseJournal) -> None:
     """What a config must still be able to run: queued and running jobs by (source, action);
     finished ones are not counted."""

@@ -412,13 +412,13 @@ class Admin:
         only the jobs of that action."""
         event_id = request.match_info["id"]
         flags = {}
-        for name in ("dead", "dismissed", "done"):
+        for name in ("dead", "dismissed", "done", "cancelled"):
             value = request.query.get(name, "0")
             if value not in ("0", "1"):
                 return json_error(400, f"{name} must be 0 or 1")
             flags[name] = value == "1"
         if sum(flags.values()) > 1:
-            return json_error(400, "give one of dead=1, dismissed=1 and done=1")
+            return json_error(400, "give one of dead=1, dismissed=1, done=1 and cancelled=1")
         action = request.query.get("action")
         if action == "":
             return json_error(400, "action must name an action")
@@ -428,6 +428,7 @@ class Admin:
                 dead_only=flags["dead"],
                 dismissed_only=flags["dismissed"],
                 done_only=flags["done"],
+                cancelled_only=flags["cancelled"],
                 action=action,
             )
         except NotFound:

@@ -695,7 +695,14 @@ def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[...,
     " of every event that has one (its other jobs are left alone); with event ids, only those"
     " events' done jobs.",
 )
-@_bulk_selection("--dead, --dismissed or --done")
+@click.option(
+    "--cancelled",
+    is_flag=True,
+    help="Undo cancel (a cancel --queued that stopped a replay, say): replay the cancelled jobs"
+    " that were not dismissed (--dismissed's) of every event that has one (its other jobs are"
+    " left alone); with event ids, only those events'.",
+)
+@_bulk_selection("--dead, --dismissed, --done or --cancelled")
 @click.option("--action", help=ACTION_HELP)
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
 def replay(
@@ -704,6 +711,7 @@ def replay(
     dead: bool,
     dismissed: bool,
     done: bool,
+    cancelled: bool,
     source: str | None,
     since: str | None,
     tenant: str | None,
@@ -714,26 +722,35 @@ def replay(
 
     A queued job waiting for a retry or a rate limit keeps its attempts and runs at once. A
     running daemon picks both up within 1 s. With --dead, only dead jobs are re-queued; with
-    --dismissed, only the dead jobs that cancel --dead dismissed; with --done, only done ones.
-    With --action, only the jobs of that action.
+    --dismissed, only the dead jobs that cancel --dead dismissed; with --done, only done ones;
+    with --cancelled, only the cancelled ones cancel --dead did not dismiss. With --action,
+    only the jobs of that action.
     """
-    chosen = [f for f, on in (("--dead", dead), ("--dismissed", dismissed), ("--done", done)) if on]
+    flags = (("--dead", dead), ("--dismissed", dismissed), ("--done", done))
+    chosen = [f for f, on in (*flags, ("--cancelled", cancelled)) if on]
     if len(chosen) > 1:
-        raise click.UsageError("give one of --dead, --dismissed and --done")
-    flag = chosen[0] if chosen else "--dead, --dismissed or --done"
+        raise click.UsageError("give one of --dead, --dismissed, --done and --cancelled")
+    flag = chosen[0] if chosen else "--dead, --dismissed, --done or --cancelled"
     only = bool(chosen)
     since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     _unknown_action_note(cfg, source, action)
-    state: JobsIn = "dismissed" if dismissed else "done" if done else "dead"
+    state: JobsIn = (
+        "dismissed" if dismissed else "done" if done else "cancelled" if cancelled else "dead"
+    )
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
         (state, source, since_ts, tenant, action),
         ("replaying", "replayed"),
         lambda journal, batch: journal.replay(
-            batch, dead_only=dead, dismissed_only=dismissed, done_only=done, action=action
+            batch,
+            dead_only=dead,
+            dismissed_only=dismissed,
+            done_only=done,
+            cancelled_only=cancelled,
+            action=action,
         ),
         "would replay {n} event(s)" if dry_run else None,
         None if only else partial(_done_jobs_note, action=action),
@@ -744,13 +761,12 @@ def replay(
     run_now = sum(r.run_now for r in result.values())
     of_action = f" of action {action!r}" if action is not None else ""
     if not result:
-        which = "dismissed" if dismissed else "done" if done else "dead"
-        click.echo(f"nothing to replay: no event has a {which} job{of_action} that matches")
+        click.echo(f"nothing to replay: no event has a {state} job{of_action} that matches")
         return
-    if result and not requeued and (dismissed or done):
+    if result and not requeued and (dismissed or done or cancelled):
         click.echo(
             f"nothing to replay: none of the jobs{of_action} of {len(result)} event(s) was"
-            f" {'dismissed' if dismissed else 'done'}"
+            f" {'dismissed' if dismissed else 'done' if done else 'cancelled'}"
         )
         return
     if result and not requeued and not run_now and action is not None:

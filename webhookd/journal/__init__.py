@@ -1206,6 +1206,7 @@ class Journal(Reads, BaseJournal):
         dead_only: bool = False,
         dismissed_only: bool = False,
         done_only: bool = False,
+        cancelled_only: bool = False,
         action: str | None = None,
     ) -> dict[str, Replayed]:
         """Run each event's jobs again, now.
@@ -1227,7 +1228,9 @@ class Journal(Reads, BaseJournal):
         are: a forward that was delivered is not delivered again. With ``dismissed_only``
         (``replay --dismissed``: a dismissal undone) only the dead jobs dismissed (``cancel``
         with ``dead_only``) are, likewise, and with ``done_only`` (``replay --done``: deliveries
-        made again, for a target that answered 2xx and lost them) only the done ones.
+        made again, for a target that answered 2xx and lost them) only the done ones, and with
+        ``cancelled_only`` (``replay --cancelled``: a ``cancel`` undone) only the cancelled
+        jobs that were not dismissed.
 
         With ``action`` only the jobs of the action of that name are touched: a forward made
         again without asking a model again or running a deploy twice.
@@ -1236,7 +1239,7 @@ class Journal(Reads, BaseJournal):
         """
         now = self.clock.time()
 
-        again = replayed_jobs(dead_only, dismissed_only, done_only)
+        again = replayed_jobs(dead_only, dismissed_only, done_only, cancelled_only)
         of_action, named = action_clause(action, "?")
 
         def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
@@ -1247,7 +1250,7 @@ class Journal(Reads, BaseJournal):
                 f" WHERE event_id = ? AND {again}{of_action}",
                 (now, event_id, *named),
             )
-            if dead_only or dismissed_only or done_only:
+            if dead_only or dismissed_only or done_only or cancelled_only:
                 return Replayed(requeued=requeued.rowcount, run_now=0)
             hurried = conn.execute(
                 "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued'"

@@ -318,10 +318,12 @@ class BaseJournal(ABC):
         dead_only: bool = False,
         dismissed_only: bool = False,
         done_only: bool = False,
+        cancelled_only: bool = False,
         action: str | None = None,
     ) -> dict[str, Replayed]:
         """Run each event's jobs again, now, or with ``dead_only`` its dead jobs alone, with
-        ``dismissed_only`` the dead jobs dismissed, with ``done_only`` the done ones; with
+        ``dismissed_only`` the dead jobs dismissed, with ``done_only`` the done ones, with
+        ``cancelled_only`` the cancelled ones not dismissed; with
         ``action``, only the jobs of the action of that name (see ``Journal.replay``);
         ``NotFound`` for an unknown id."""
 
@@ -410,8 +412,9 @@ class BaseJournal(ABC):
         tenant: str | None = None,
         action: str | None = None,
     ) -> list[str]:
-        """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed`` and ``--done``
-        and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now cancelled;
+        """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed``, ``--done`` and
+        ``--cancelled`` and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now
+        cancelled, ``cancelled`` any other cancelled job;
         ``unfinished``, queued or running, cancel's), optionally of one source, received since a
         time, of one tenant (as sent: see ``tenant_forms``) and, the job, of the action of that
         name, in id order: the first ``limit`` of those past the id ``after``."""

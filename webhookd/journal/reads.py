@@ -226,6 +226,8 @@ class Reads:
         index = "jobs_due" if state == "queued" else "jobs_finished"
         if state == "dismissed":
             jobs_in = f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NOT NULL"
+        elif state == "cancelled":
+            jobs_in = f"{STATE_JOBS['cancelled']} AND j.dismissed_at IS NULL"
         elif state == "done":  # not in STATE_JOBS: a done event may have no job at all
             jobs_in = "state = 'done' AND state IN ('done', 'dead', 'cancelled')"
         else:

@@ -15,7 +15,7 @@ from webhookd.redact import shown_headers
 # bound on what one request for one event sends back (the whole body stays in the journal).
 SHOWN_BODY_BYTES = 64 * 1024
 # The jobs a bulk replay or cancel looks for: dead, queued, dead ones dismissed, or done.
-JobsIn = Literal["dead", "queued", "unfinished", "dismissed", "done"]
+JobsIn = Literal["dead", "queued", "unfinished", "dismissed", "done", "cancelled"]
 # How many of the names a catch-all source took ``Counts.sources_shown`` lists one by one, and
 # ``counts()`` reads one by one: the rest are summed under the catch-all's own name, ``*``.
 CATCH_ALL_SHOWN = 50

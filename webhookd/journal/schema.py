@@ -219,14 +219,19 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def replayed_jobs(dead_only: bool, dismissed_only: bool, done_only: bool = False) -> str:
+def replayed_jobs(
+    dead_only: bool, dismissed_only: bool, done_only: bool = False, cancelled_only: bool = False
+) -> str:
     """The WHERE clause of the jobs a replay re-queues: every finished job, or the dead ones
     alone, or the dead ones dismissed (cancelled with ``dismissed_at``) alone, or the done ones
-    alone (a delivery made again: a target that answered 2xx and lost it)."""
-    if dead_only + dismissed_only + done_only > 1:
-        raise ValueError("replay dead, dismissed or done jobs, one of them")
+    alone (a delivery made again: a target that answered 2xx and lost it), or the cancelled ones
+    not dismissed alone (``cancel`` undone)."""
+    if dead_only + dismissed_only + done_only + cancelled_only > 1:
+        raise ValueError("replay dead, dismissed, done or cancelled jobs, one of them")
     if dismissed_only:
         return "state = 'cancelled' AND dismissed_at IS NOT NULL"
+    if cancelled_only:
+        return "state = 'cancelled' AND dismissed_at IS NULL"
     if done_only:
         return "state = 'done'"
     return "state = 'dead'" if dead_only else "state NOT IN ('queued', 'running')"

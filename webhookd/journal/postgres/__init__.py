@@ -594,12 +594,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         dead_only: bool = False,
         dismissed_only: bool = False,
         done_only: bool = False,
+        cancelled_only: bool = False,
         action: str | None = None,
     ) -> dict[str, Replayed]:
         """``BaseJournal.replay``, safe beside a prune on any node (see ``_each_event``): an
         acknowledged replay is never followed by the deletion of the event it re-queued."""
         now = self.clock.time()
-        again = replayed_jobs(dead_only, dismissed_only, done_only)
+        again = replayed_jobs(dead_only, dismissed_only, done_only, cancelled_only)
         of_action, named = action_clause(action, "$3")
         of_action_2, _ = action_clause(action, "$2")  # where the event id is the one other
 
@@ -613,7 +614,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 event_id,
                 *named,
             )
-            if dead_only or dismissed_only or done_only:
+            if dead_only or dismissed_only or done_only or cancelled_only:
                 return Replayed(requeued=rowcount(requeued), run_now=0)
             hurried = await conn.execute(
                 "UPDATE jobs SET run_at = $1 WHERE event_id = $2 AND state = 'queued'"

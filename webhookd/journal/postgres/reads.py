@@ -163,11 +163,13 @@ class PgReads:
         tenant: str | None = None,
         action: str | None = None,
     ) -> list[str]:
-        dismissed = state == "dismissed"
+        # $7: dismissed (a cancelled job with dismissed_at), not (cancelled without), or either.
+        dismissed = {"dismissed": True, "cancelled": False}.get(state)
         states = {"dismissed": ["cancelled"], "unfinished": ["queued", "running"]}
         rows = await self.fetch(
             "SELECT DISTINCT j.event_id FROM jobs j JOIN events e ON e.id = j.event_id"
-            " WHERE j.state = ANY($4::text[]) AND (NOT $7 OR j.dismissed_at IS NOT NULL)"
+            " WHERE j.state = ANY($4::text[])"
+            " AND ($7::boolean IS NULL OR (j.dismissed_at IS NOT NULL) = $7)"
             " AND ($1::text IS NULL OR e.source = $1)"
             " AND ($2::double precision IS NULL OR e.received_at >= $2)"
             " AND ($5::text IS NULL OR j.event_id > $5)"
