@@ -1028,6 +1028,17 @@ async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> 
             await Journal(disk / "j.db").open()
 
 
+def test_a_journal_on_a_read_only_filesystem_is_named_so(tmp_path: Path) -> None:
+    """A filesystem mounted read-only (an ext4 that met an error, a read-only volume) makes
+    access() fail too: what the open's error says names the mount, not the file's owner and
+    mode."""
+    with small_disk(tmp_path / "small", "1m") as disk:
+        (disk / "j.db").write_bytes(b"")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        said = f"the filesystem of {disk} is mounted read-only"
+        assert why_unusable(disk / "j.db") == said
+
+
 def test_a_journal_path_on_the_kernels_filesystem_is_not_called_a_full_disk() -> None:
     """/proc has no blocks at all: it is named for what it is, not as a disk without room."""
     assert why_unusable(Path("/proc/no-such/j.db")) in (

@@ -296,6 +296,9 @@ def why_unusable(path: Path) -> str | None:
     try:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            # access() fails with EROFS there too, which would read as a permission problem.
+            return f"the filesystem of {folder} is mounted read-only"
         if path.exists() and not os.access(path, os.R_OK | os.W_OK):
             st = path.stat()
             return (
