@@ -187,6 +187,38 @@ async def test_log_jobs_failures_writes_done_jobs_at_debug_and_failures_as_befor
     assert levels == {"done": done_at, "dead": logging.WARNING}
 
 
+async def test_a_down_targets_retry_lines_are_ten_a_minute_and_its_dead_lines_all_go_out(
+    make_rig: MakeRig, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target that is down fails every attempt of every webhook: each action's retry lines
+    go out ten a minute, the rest counted in one line (at the period's end, or the drain's);
+    dead letters' lines are never held back, and another action's retries have their own
+    ten."""
+    caplog.set_level(logging.DEBUG, logger="webhookd.workers")
+    rig = await make_rig(
+        forward_source("f", target.url)
+        + forward_source("g", target.url)
+        + forward_source("d", target.url, retry="{ max_attempts = 1 }")
+    )
+    target.default_status = 503
+    for _ in range(15):
+        await rig.ingest("f")
+    for source in ("g", "d", "d", "d"):
+        await rig.ingest(source)
+    async with asyncio.timeout(10):
+        await rig.pool.run_until_idle()
+    lines = [r.getMessage() for r in caplog.records if " outcome=" in r.getMessage()]
+    retried = [line for line in lines if "outcome=retry" in line]
+    assert sum("source=f " in line for line in retried) == 10
+    assert sum("source=g " in line for line in retried) == 1
+    assert sum("outcome=dead" in line for line in lines) == 3
+    await rig.pool.drain(0.0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed=")]
+    assert said == [
+        "suppressed=5 more job lines of f/forward in the last 60 s, not logged one by one"
+    ]
+
+
 class Held:
     """An action whose attempts wait until ``release`` is set."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from webhookd.models import JobState, storable_text
 from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
+from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.workers")
 # What becomes of jobs left claimed by a process that stops: the line that says they were left.
@@ -45,6 +47,8 @@ _ERROR_CHARS = 2000
 FINISH_RETRY_MAX_S = 2.0
 # How long a drain waits for the attempts it cancelled to end before it re-queues them anyway.
 CUT_WAIT_S = 3.0
+# Actions whose retry and wait lines are throttled each on their own (``_failure_line``).
+_MOST_FAILURE_LINES = 256
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
 # this long, unless a job of it ends here or another node says one ended: the node does not
 # spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
@@ -207,6 +211,9 @@ class WorkerPool:
         self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
+        # Each action's retry and wait lines, ten a minute: a target down fails every attempt
+        # of every webhook, one line each, and journald drops the dead letters' with them.
+        self._failure_lines: dict[tuple[str, str], Throttle] = {}
         # Actions a reload replaced or removed, by id: closed once no attempt runs on them.
         self._attempts_on: Counter[int] = Counter()
         self._retired: dict[int, Action] = {}
@@ -866,6 +873,8 @@ class WorkerPool:
             else:
                 self.left_claimed = len(stragglers)
                 log.error("%s, and could not be re-queued (%s): %s", late, failed, RECOVERED)
+        for throttle in self._failure_lines.values():
+            throttle.flush()  # the counts held back, before the process ends
         return len(stragglers)
 
     async def _unclaim(self, job_ids: list[str], cut: Sequence[Finished] = ()) -> str | None:
@@ -928,9 +937,11 @@ class WorkerPool:
         level = logging.WARNING
         if finished.outcome == "done" or paced:
             level = logging.INFO if self.config.log.jobs == "all" else logging.DEBUG
+        say: Callable[..., None] = functools.partial(log.log, level)
+        if level == logging.WARNING and finished.state == JobState.QUEUED:
+            say = self._failure_line(event.source, job.action)  # dead lines always go out
         # A retry or a wait says when the job runs next (``show`` says it as a time).
-        log.log(
-            level,
+        say(
             "job=%s event=%s source=%s action=%s attempt=%d outcome=%s%s%s",
             job.id,
             event.id,
@@ -943,6 +954,21 @@ class WorkerPool:
             else "",
             f" error={finished.error!r}" if finished.error else "",
         )
+
+    def _failure_line(self, source: str, action: str) -> Throttle:
+        """The throttle of one action's retry and wait lines (a catch-all's names past
+        ``_MOST_FAILURE_LINES`` share one)."""
+        key = (source, action)
+        throttle = self._failure_lines.get(key)
+        if throttle is None:
+            if len(self._failure_lines) >= _MOST_FAILURE_LINES:
+                key = ("*", "*")
+                throttle = self._failure_lines.get(key)
+            if throttle is None:
+                what = "job lines" if key == ("*", "*") else f"job lines of {source}/{action}"
+                throttle = Throttle(log, logging.WARNING, what, clock=self.clock.monotonic)
+                self._failure_lines[key] = throttle
+        return throttle
 
     async def _record(self, finished: Finished) -> bool:
         """Commit an attempt's outcome, trying again while the journal cannot take it; returns
