@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -20,12 +21,13 @@ import pytest
 from conftest import Target, jobs_for, make_config, new_event
 
 from webhookd import actions as action_registry
-from webhookd.actions.base import Resources
-from webhookd.alerts import EVENTS_CAP, Alerter
+from webhookd.actions.base import Outcome, Resources
+from webhookd.alerts import EVENTS_CAP, INGEST_RETRY_S, Alerter
 from webhookd.clock import ManualClock
 from webhookd.config import ALERT_SOURCE, Config, loads
 from webhookd.errors import ConfigError, JournalUnavailable
-from webhookd.journal import Journal, NewEvent
+from webhookd.journal import Claimed, Finished, Journal, NewEvent
+from webhookd.models import Job, JobState
 from webhookd.workers import WorkerPool
 
 
@@ -80,6 +82,8 @@ async def make_rig(tmp_path: Path, target: Target) -> AsyncIterator[MakeRig]:
         http = await stack.enter_async_context(aiohttp.ClientSession())
 
         async def start(alerts: str) -> Rig:
+            if "failing_s" not in alerts:  # the failing alerts' own tests turn them on
+                alerts += "\nfailing_s = 0"
             cfg = shop_config(tmp_path, target, alerts)
             clock = ManualClock()
             journal = await stack.enter_async_context(Journal(cfg.journal.path, clock=clock))
@@ -106,7 +110,8 @@ async def test_five_dead_jobs_make_one_alert_now_and_one_summary_after_the_inter
     await rig.pool.run_until_idle()
     [alert1] = await rig.alerter.tick()
     assert await rig.alert_doc(alert1) == {
-        "text": f"webhookd: 1 job(s) went dead (shop: 1): {first}",
+        "text": f"webhookd: 1 job(s) went dead (shop: 1): {first}; last error: shop/forward:"
+        f" {rig.target.url}/shop answered 400; `webhookd replay --dead` runs them again",
         "kind": "dead",
         "count": 1,
         "events": [first],
@@ -162,7 +167,7 @@ async def test_an_alert_lists_at_most_twenty_events_and_says_how_many_more(
     assert doc["count"] == 25
     # Jobs run side by side, so which 20 die first is theirs to decide.
     assert len(set(doc["events"])) == EVENTS_CAP and set(doc["events"]) <= set(ids)
-    assert doc["text"].endswith(" and 5 more")
+    assert " and 5 more; last error: shop/forward: " in doc["text"]
 
 
 async def test_the_alerts_own_dead_job_never_makes_another_alert(make_rig: MakeRig) -> None:
@@ -331,6 +336,135 @@ async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
     assert (await rig.alert_doc(again))["count"] == 1
     await rig.pool.run_until_idle()  # the paused source waits; the alerts go out
     assert [a["kind"] for a in rig.alerts_received()] == ["backlog", "backlog"]
+
+
+async def test_a_backlog_told_old_is_told_when_it_is_back_under_the_threshold(
+    make_rig: MakeRig,
+) -> None:
+    """Once an old backlog has been told, the first check that finds none brings a "recovered"
+    alert saying so: an on-call reader is not left to guess whether it cleared."""
+    rig = await make_rig("backlog_age_s = 60\nmin_interval_s = 0")
+    await rig.journal.pause("shop")
+    await rig.ingest()
+    rig.clock.advance(90.0)
+    [alert] = await rig.alerter.tick()
+    assert (await rig.alert_doc(alert))["kind"] == "backlog"
+    await rig.journal.resume("shop")
+    await rig.pool.run_until_idle()  # the shop job and the alert are delivered
+    rig.clock.advance(30.0)
+    [cleared] = await rig.alerter.tick()
+    assert await rig.alert_doc(cleared) == {
+        "text": "webhookd: recovered: no queued job due longer than 60s any more",
+        "kind": "recovered",
+        "count": 0,
+        "events": [],
+    }
+    rig.clock.advance(30.0)
+    assert await rig.alerter.tick() == []  # told once
+
+
+async def test_an_action_failing_for_failing_s_is_told_each_interval_then_its_recovery(
+    make_rig: MakeRig,
+) -> None:
+    """A target answering 500 under a retry policy that takes hours to go dead: no job dies,
+    so no dead alert would come for hours. Once every attempt of the action has failed for
+    failing_s, a "failing" alert names it, its attempts and its last error; it is told again
+    each min_interval_s while it fails; the first attempt done after that brings one
+    "recovered" alert with how long it failed."""
+    rig = await make_rig("failing_s = 120\nmin_interval_s = 300")
+    rig.target.default_status = 500
+    await rig.ingest()
+    await rig.pool.run_until_idle()  # attempt 1 fails; its retry waits out a backoff
+    assert await rig.alerter.tick() == []
+    assert rig.alerter.next_due_s() == pytest.approx(120.0)
+    rig.clock.advance(119.0)
+    assert await rig.alerter.tick() == []
+    rig.clock.advance(1.0)
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert (doc["kind"], doc["count"], doc["events"]) == ("failing", 1, [])
+    assert doc["text"] == (
+        "webhookd: shop/forward failing for 2m (1 attempt(s), none done; last:"
+        f" {rig.target.url}/shop answered 500)"
+    )
+    rig.clock.advance(300.0)
+    await rig.pool.run_until_idle()  # the retry is due: it fails again (the alert is sent)
+    [again] = await rig.alerter.tick()
+    assert "shop/forward failing for 7m (2 attempt(s)" in (await rig.alert_doc(again))["text"]
+
+    rig.target.default_status = 200
+    rig.clock.advance(3600.0)
+    await rig.pool.run_until_idle()
+    [recovered] = await rig.alerter.tick()
+    assert await rig.alert_doc(recovered) == {
+        "text": "webhookd: recovered: shop/forward done again after 67m failing",
+        "kind": "recovered",
+        "count": 1,
+        "events": [],
+    }
+    rig.clock.advance(600.0)
+    assert await rig.alerter.tick() == []
+    assert rig.alerter.next_due_s() is None
+
+
+async def test_an_alert_the_journal_cannot_take_is_logged_once_per_outage(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full or read-only disk refuses the alert every INGEST_RETRY_S: that is said once at
+    ERROR (not every 5 s for the outage's length), and once more when alerts are journaled
+    again; the dead job is told then."""
+    rig = await make_rig("min_interval_s = 0")
+    rig.target.default_status = 400
+    first = await rig.ingest()
+    await rig.pool.run_until_idle()
+    ingest = rig.journal.ingest
+
+    async def refused(item: NewEvent) -> None:
+        raise JournalUnavailable("journal write failed: database or disk is full")
+
+    monkeypatch.setattr(rig.journal, "ingest", refused)
+    caplog.set_level(logging.DEBUG, logger="webhookd.alerts")
+    for _ in range(3):
+        assert await rig.alerter.tick() == []
+        rig.clock.advance(INGEST_RETRY_S)
+    monkeypatch.setattr(rig.journal, "ingest", ingest)
+    [alert] = await rig.alerter.tick()
+    assert (await rig.alert_doc(alert))["events"] == [first]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "journaled" in r.getMessage()]
+    refusal = "alert kind=dead not journaled, will try again: journal write failed: database or"
+    assert [level for level, _ in said] == ["ERROR", "DEBUG", "DEBUG", "INFO"]
+    assert said[0][1].startswith(refusal) and said[-1][1] == "alerts are journaled again"
+
+
+def _attempt(rig: Rig, kind: str, **detail: Any) -> None:
+    """Hand the alerter one attempt of shop's forward that ended as ``kind``."""
+    event = new_event("shop", rig.clock.time())
+    [new_job] = jobs_for(rig.cfg.sources["shop"])
+    job = Job(new_job.id, event.id, new_job.action, "forward", JobState.RUNNING, 1, 5, 0.0)
+    outcome = Outcome(kind, error=None if kind == "done" else f"{kind} here", detail=detail)  # type: ignore[arg-type]
+    state = {"done": JobState.DONE, "dead": JobState.DEAD}.get(kind, JobState.QUEUED)
+    finished = Finished(job.id, 1, state, 0.0, 0.0, kind, error=outcome.error)
+    rig.alerter.observe(Claimed(job, event, 0), outcome, finished)
+
+
+async def test_a_wait_the_lane_planned_is_neither_a_failure_nor_a_success(
+    make_rig: MakeRig,
+) -> None:
+    """A lane's own pace (``paced``: its RPM, a pause, an open circuit's refusals) neither
+    starts nor ends a run of failures; a wait it did not plan (a 429, insufficient_quota)
+    is a failure, so a lane out of quota, whose jobs never go dead, is told."""
+    rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
+    _attempt(rig, "wait", paced=True)
+    assert rig.alerter.next_due_s() is None
+    _attempt(rig, "wait", status=429, code="insufficient_quota")
+    for _ in range(3):
+        _attempt(rig, "wait", paced=True)  # the circuit, open, refusing calls
+    rig.clock.advance(60.0)
+    [alert] = await rig.alerter.tick()
+    assert "last: wait here" in (await rig.alert_doc(alert))["text"]
+    _attempt(rig, "done")
+    [recovered] = await rig.alerter.tick()
+    assert (await rig.alert_doc(recovered))["kind"] == "recovered"
 
 
 def test_alerts_config_defaults_and_the_forward_retry(monkeypatch: pytest.MonkeyPatch) -> None:

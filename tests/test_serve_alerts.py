@@ -84,7 +84,10 @@ async def test_a_dead_job_reaches_the_alert_url_and_is_listed_as_a_webhookd_even
     (alert,) = sink.arrivals
     body = json.loads(alert.body)
     assert (body["kind"], body["count"], body["events"]) == ("dead", 1, [event_id])
-    assert body["text"] == f"webhookd: 1 job(s) went dead (shop: 1): {event_id}"
+    assert body["text"] == (
+        f"webhookd: 1 job(s) went dead (shop: 1): {event_id}; last error: shop/forward:"
+        f" {shop.url}/orders answered 400; `webhookd replay --dead` runs them again"
+    )
 
     async with http.post(f"{daemon.url}/hooks/webhookd", data=b"{}", headers=JSON) as r:
         assert r.status == 404  # the catch-all does not take the reserved name
@@ -120,3 +123,42 @@ async def test_an_old_backlog_reaches_the_alert_url_as_a_backlog_alert(
     assert (body["kind"], body["count"], body["events"]) == ("backlog", 1, [event_id])
     assert "(shop: 1 paused)" in body["text"]
     assert shop.arrivals == []  # paused: nothing was delivered
+
+
+async def test_a_failing_action_is_alerted_before_its_jobs_die_and_its_recovery_is_told(
+    tmp_path: Path,
+    procs: Procs,
+    http: aiohttp.ClientSession,
+    shop: Target,
+    sink: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A target that answers 500 to every attempt, under a retry policy that takes long to go
+    dead: no job dies, yet once its action has failed for failing_s the alert URL gets a
+    "failing" alert naming the action and its last error; when an attempt is done again, a
+    "recovered" alert says for how long it failed."""
+    monkeypatch.setenv("ALERT_URL", f"{sink.url}/services/{TOKEN}")
+    cfg = config(tmp_path, shop, "failing_s = 0.5\nmin_interval_s = 0\non_dead = false")
+    text = cfg.read_text().replace(
+        f'url = "{shop.url}/orders"',
+        f'url = "{shop.url}/orders"\nretry = {{ max_attempts = 50, base_s = 0.2, cap_s = 0.2 }}',
+    )
+    cfg.write_text(text)
+    shop.status = 500
+    daemon = await procs.serve(cfg)
+    event_id = await post(http, f"{daemon.url}/hooks/shop")
+
+    await sink.wait_for(lambda: len(sink.arrivals) >= 1)
+    body = json.loads(sink.arrivals[0].body)
+    assert (body["kind"], body["count"], body["events"]) == ("failing", 1, [])
+    assert body["text"].startswith("webhookd: shop/forward failing for ")
+    assert f"none done; last: {shop.url}/orders answered 500" in body["text"]
+
+    shop.status = 200
+    await sink.wait_for(lambda: any(b"recovered" in a.body for a in sink.arrivals))
+    [recovered] = [json.loads(a.body) for a in sink.arrivals if b"recovered" in a.body]
+    assert (recovered["kind"], recovered["count"]) == ("recovered", 1)
+    assert recovered["text"].startswith("webhookd: recovered: shop/forward done again after ")
+    shown = await procs.cli("show", event_id, "--json", "--config", str(cfg))
+    assert json.loads(shown.stdout)["state"] == "done"
+    assert TOKEN not in daemon.log

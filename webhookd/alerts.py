@@ -1,4 +1,5 @@
-"""Alerts: tell someone when jobs go dead or the backlog grows old, at most once per kind per
+"""Alerts: tell someone when jobs go dead, an action keeps failing, or the backlog grows old,
+and when a failing action or an old backlog is well again; at most once per kind per
 ``[alerts] min_interval_s``, each alert summarising everything since the last of its kind.
 
 An alert is an event of the reserved source ``webhookd`` with one forward job to ``[alerts]
@@ -29,7 +30,7 @@ from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 log = logging.getLogger("webhookd.alerts")
 
-Kind = Literal["dead", "backlog"]
+Kind = Literal["dead", "backlog", "failing", "recovered"]
 EVENTS_CAP = 20  # event ids in one alert; the text says how many more there were
 _SOURCES_IN_TEXT = 5
 # A backlog is looked at this often at most, so an alert comes within half the threshold of it
@@ -37,6 +38,20 @@ _SOURCES_IN_TEXT = 5
 BACKLOG_CHECK_MAX_S = 30.0
 # After an alert could not be journaled (a full disk), wait this long before trying again.
 INGEST_RETRY_S = 5.0
+# Actions followed for failing alerts at once: a catch-all's names are the senders' to choose.
+MOST_FAILING = 256
+_ERROR_IN_TEXT = 200
+
+
+@dataclass
+class _Failing:
+    """One action's attempts since its last success, all failed (``retry``, ``dead``, or a
+    ``wait`` a lane did not plan: a 429, an exhausted quota)."""
+
+    since: float  # wall clock of the first of them
+    attempts: int = 0
+    last_error: str = ""
+    told: bool = False  # a failing alert has named it
 
 
 @dataclass
@@ -47,6 +62,7 @@ class _DeadSince:
     events: list[str] = field(default_factory=list)  # distinct, the first EVENTS_CAP of them
     more: int = 0  # dead jobs whose events did not fit in ``events``
     by_source: Counter[str] = field(default_factory=Counter)
+    last_error: str = ""  # of the last of them, "source/action: error"
 
 
 class Alerter:
@@ -68,6 +84,12 @@ class Alerter:
         self._hold_until = 0.0  # after a failed ingest
         self._next_backlog_check = clock.monotonic()
         self._wake = asyncio.Event()
+        self._failing: dict[tuple[str, str], _Failing] = {}
+        # Told failing, then answering again: how long each failed. And a backlog told old.
+        self._recovered: dict[tuple[str, str], float] = {}
+        self._backlog_told = False
+        self._backlog_cleared = False
+        self._not_journaled = False  # the last alert could not be journaled
 
     def reconfigure(self, config: AlertsConfig | None) -> None:
         """Alert by ``config`` from now on (a reload's ``[alerts]``). Dead jobs not yet told
@@ -75,6 +97,9 @@ class Alerter:
         are dropped, and dead jobs from then on are not counted."""
         if config == self.config:
             return
+        if config is None or not config.failing_s:
+            self._failing.clear()
+            self._recovered.clear()
         if config is None or not config.on_dead:
             if self._dead.count:
                 log.info(
@@ -88,21 +113,43 @@ class Alerter:
         self._wake.set()
 
     def observe(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
-        """A job finished an attempt: count it if it went dead (and is not an alert's)."""
+        """A job finished an attempt: count it if it went dead, and follow its action's run of
+        failures (an alert's own jobs are never counted)."""
+        source, action = claimed.event.source, claimed.job.action
         if finished.state == JobState.DEAD:
-            self._count_dead(claimed.event.source, claimed.event.id)
+            self._count_dead(source, claimed.event.id, f"{source}/{action}: {finished.error}")
+        config = self.config
+        if config is None or not config.failing_s or source == ALERT_SOURCE:
+            return
+        key = (source, action)
+        if outcome.kind == "done":
+            ended = self._failing.pop(key, None)
+            if ended is not None and ended.told:
+                self._recovered[key] = self.clock.time() - ended.since
+                self._wake.set()
+        elif outcome.kind != "wait" or not outcome.detail.get("paced"):
+            # A wait the lane planned (its pace, a pause) is neither a failure nor a success.
+            failing = self._failing.get(key)
+            if failing is None:
+                if len(self._failing) >= MOST_FAILING:
+                    return
+                failing = self._failing[key] = _Failing(self.clock.time())
+                self._wake.set()  # its alert falls due failing_s from now
+            failing.attempts += 1
+            failing.last_error = finished.error or outcome.error or outcome.kind
 
     def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
         """Jobs a recovery sent to dead (at start, or a silent node's): dead like any other."""
         for pill in pills:
-            self._count_dead(pill.source, pill.event_id)
+            self._count_dead(pill.source, pill.event_id, "")
 
-    def _count_dead(self, source: str, event_id: str) -> None:
+    def _count_dead(self, source: str, event_id: str, error: str) -> None:
         if self.config is None or not self.config.on_dead or source == ALERT_SOURCE:
             return
         dead = self._dead
         dead.count += 1
         dead.by_source[source] += 1
+        dead.last_error = error or dead.last_error
         if event_id not in dead.events:
             if len(dead.events) < EVENTS_CAP:
                 dead.events.append(event_id)
@@ -129,6 +176,12 @@ class Alerter:
             due.append(self._free_at("dead", config))
         if config.backlog_age_s is not None:
             due.append(max(self._next_backlog_check, self._free_at("backlog", config)))
+        if config.failing_s and self._failing:
+            first = min(f.since for f in self._failing.values())
+            at = self.clock.monotonic() + first + config.failing_s - self.clock.time()
+            due.append(max(at, self._free_at("failing", config)))
+        if self._recovered or self._backlog_cleared:
+            due.append(self._free_at("recovered", config))
         if not due:
             return None
         return max(min(due) - self.clock.monotonic(), 0.0)
@@ -161,6 +214,25 @@ class Alerter:
                 sent = await self._send(config, "backlog", *alert)
                 if sent is not None:
                     made.append(sent)
+                    self._backlog_told = True
+            elif self._backlog_told:
+                self._backlog_told, self._backlog_cleared = False, True
+        if config.failing_s and now >= self._free_at("failing", config):
+            wall = self.clock.time()
+            due = {k: f for k, f in self._failing.items() if wall - f.since >= config.failing_s}
+            if due:
+                sent = await self._send(config, "failing", len(due), [], _failing_text(due, wall))
+                if sent is not None:
+                    made.append(sent)
+                    for failing in due.values():
+                        failing.told = True
+        if (self._recovered or self._backlog_cleared) and now >= self._free_at("recovered", config):
+            recovered, cleared = self._recovered, self._backlog_cleared
+            text = _recovered_text(recovered, cleared, config.backlog_age_s)
+            sent = await self._send(config, "recovered", len(recovered), [], text)
+            if sent is not None:
+                made.append(sent)
+                self._recovered, self._backlog_cleared = {}, False
         return made
 
     async def flush(self) -> list[str]:
@@ -247,8 +319,15 @@ class Alerter:
             await self.journal.ingest(NewEvent(event, (job,)))
         except JournalError as exc:
             self._hold_until = self.clock.monotonic() + INGEST_RETRY_S
-            log.error("alert kind=%s not journaled, will try again: %s", kind, exc)
+            # Said once per outage (tried again every INGEST_RETRY_S): the journal's own lines
+            # and /readyz tell the outage itself.
+            level = logging.DEBUG if self._not_journaled else logging.ERROR
+            log.log(level, "alert kind=%s not journaled, will try again: %s", kind, exc)
+            self._not_journaled = True
             return None
+        if self._not_journaled:
+            log.info("alerts are journaled again")
+            self._not_journaled = False
         self._last_sent[kind] = self.clock.monotonic()
         log.warning("alert kind=%s count=%d event=%s text=%r", kind, count, event.id, text)
         return event.id
@@ -258,6 +337,7 @@ def _merge(old: _DeadSince, new: _DeadSince) -> _DeadSince:
     """``old`` (an alert that could not be journaled) followed by what came in meanwhile."""
     merged = _DeadSince(old.count + new.count, list(old.events), old.more + new.more)
     merged.by_source = old.by_source + new.by_source
+    merged.last_error = new.last_error or old.last_error
     for event_id in new.events:
         if event_id in merged.events:
             continue
@@ -270,10 +350,42 @@ def _merge(old: _DeadSince, new: _DeadSince) -> _DeadSince:
 
 def _dead_text(dead: _DeadSince) -> str:
     more = f" and {dead.more} more" if dead.more else ""
+    last = f"; last error: {_cut(dead.last_error)}" if dead.last_error else ""
     return (
         f"webhookd: {dead.count} job(s) went dead ({_sources(dead.by_source)}):"
-        f" {', '.join(dead.events)}{more}"
+        f" {', '.join(dead.events)}{more}{last}; `webhookd replay --dead` runs them again"
     )
+
+
+def _failing_text(due: dict[tuple[str, str], _Failing], wall: float) -> str:
+    """``shop/deliver failing for 12m (31 attempts, none done; last: ...)``, longest first."""
+    longest = sorted(due.items(), key=lambda item: item[1].since)
+    parts = [
+        f"{source}/{action} failing for {_duration(wall - f.since)} ({f.attempts} attempt(s),"
+        f" none done; last: {_cut(f.last_error)})"
+        for (source, action), f in longest[:_SOURCES_IN_TEXT]
+    ]
+    more = ", …" if len(due) > _SOURCES_IN_TEXT else ""
+    return f"webhookd: {'; '.join(parts)}{more}"
+
+
+def _recovered_text(
+    recovered: dict[tuple[str, str], float], cleared: bool, age_s: float | None
+) -> str:
+    """What is well again: each action told failing, with how long it failed; the backlog."""
+    parts = [
+        f"{source}/{action} done again after {_duration(failed_s)} failing"
+        for (source, action), failed_s in list(recovered.items())[:_SOURCES_IN_TEXT]
+    ]
+    if len(recovered) > _SOURCES_IN_TEXT:
+        parts.append("…")
+    if cleared and age_s is not None:
+        parts.append(f"no queued job due longer than {_duration(age_s)} any more")
+    return f"webhookd: recovered: {'; '.join(parts)}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _ERROR_IN_TEXT else text[: _ERROR_IN_TEXT - 1] + "…"
 
 
 def _sources(counts: Counter[str], paused: Collection[str] = ()) -> str:

@@ -448,6 +448,10 @@ class AlertsConfig:
     # One alert of a kind per 5 minutes: the first goes out at once, a storm of dead jobs then
     # costs at most 12 summaries an hour per kind, well inside chat services' rate limits.
     min_interval_s: float = setting(300.0, minimum=0)
+    # An action whose every attempt has failed for this long is told (its retries may take
+    # hours to go dead); then again each interval while it fails, and once when it is done
+    # again. 0: no failing alerts.
+    failing_s: float = setting(300.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1359,7 +1363,8 @@ def _alerts(t: Table, kinds: KindDefaults | None) -> AlertsConfig:
         actions=(action,),
     )
     alerts = t.read(
-        AlertsConfig(url=url, source=source), only=("on_dead", "backlog_age_s", "min_interval_s")
+        AlertsConfig(url=url, source=source),
+        only=("on_dead", "backlog_age_s", "min_interval_s", "failing_s"),
     )
     t.finish()
     return alerts
