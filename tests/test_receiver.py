@@ -492,10 +492,12 @@ async def test_backlog_over_max_backlog_answers_503(
 
 
 async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
-    make_intake: StartIntake,
+    make_intake: StartIntake, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A journal locked past `ack_timeout_s` gets 503; once free, intake works by itself and
-    the late commit makes the provider's retry a duplicate rather than a second event."""
+    the late commit makes the provider's retry a duplicate rather than a second event. The
+    log says when commits answer in time again, once: a stall's lines stop with it."""
+    caplog.set_level(logging.WARNING, logger="webhookd.receiver")
     intake = await make_intake(server="ack_timeout_s = 0.3\nretry_after_s = 7")
     body = b'{"slow": true}'
     with closing(sqlite3.connect(intake.db, isolation_level=None, timeout=0)) as blocker:
@@ -517,6 +519,11 @@ async def test_commit_missing_ack_timeout_answers_503_then_intake_recovers(
     fresh = await intake.post("/hooks/demo", b'{"after": true}')
     assert (fresh.status, fresh.doc["duplicate"]) == (202, False)
     assert committed_ids(intake.db) == {retried.doc["id"], fresh.doc["id"]}
+    said = [r.getMessage() for r in caplog.records if "journal commit" in r.getMessage()]
+    assert said == [
+        "journal commit slower than 0.3s: answering 503",
+        "journal commits answer within 0.3s again",
+    ]
 
 
 async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_intake_busy(

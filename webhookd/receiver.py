@@ -311,6 +311,7 @@ class Receiver:
         self._log_slow = Throttle(
             log, logging.WARNING, "503s for a slow journal commit", clock=clock.monotonic
         )
+        self._slow_told = False  # a commit past ack_timeout_s was answered 503 since the last
         # Shedding load is news: a provider's retries are what carry those webhooks now.
         self._log_shed = Throttle(
             log, logging.WARNING, "webhooks refused over a limit", clock=clock.monotonic
@@ -734,11 +735,16 @@ class Receiver:
             result = await commit
         except _CommitTimeout:
             self._log_slow("journal commit slower than %.1fs: answering 503", server.ack_timeout_s)
+            self._slow_told = True
             return self._unavailable("commit_timeout", "journal busy, retry later")
         except JournalUnavailable:
             return self._unavailable("journal_unavailable", "journal unavailable, retry later")
         finally:
             state.waiting -= 1
+        if self._slow_told:  # the end of a stall is news too: the 503s' lines stopped with it
+            self._slow_told = False
+            self._log_slow.flush()
+            log.warning("journal commits answer within %.1fs again", server.ack_timeout_s)
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.
         if result.duplicate:
             return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
