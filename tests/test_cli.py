@@ -137,8 +137,14 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     # A full page says there may be more; a source not configured is said to be so.
     out = await cli("events", "--limit", "1", "--config", str(config))
     assert out.stdout.count("\n") == 1 and out.stderr == (
-        "webhookd: note: the newest 1 shown; --limit for more\n"
+        f"webhookd: note: the newest 1 shown; --limit for more, or --before {done} for the"
+        " next page\n"
     )
+    # The next page: past --limit's 100,000 too.
+    out = await cli("events", "--limit", "1", "--before", done, "--json", "--config", str(config))
+    assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [dead]
+    out = await cli("events", "--before", "evt_nope", "--config", str(config))
+    assert out.exit_code == 2 and "--before" in out.output
     for verb in (
         ["events", "--source", "mali"],
         ["replay", "--dead", "--source", "mali", "--dry-run"],

@@ -51,7 +51,7 @@ from webhookd.journal import (
 )
 from webhookd.journal.base import upgrade_log
 from webhookd.journal.records import EventSummary, JobsIn
-from webhookd.models import event_id_time
+from webhookd.models import EVENT_ID, event_id_time
 from webhookd.redact import (
     WRITTEN_OUT,
     Masker,
@@ -981,6 +981,11 @@ def _bulk_filters(
     show_default=True,
     help="At most this many events, newest first.",
 )
+@click.option(
+    "--before",
+    help="Only events journaled before this event id: the next page, given the last id of one"
+    " (past --limit's 100,000, say).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option(
     "--follow",
@@ -997,10 +1002,17 @@ def events(
     since: str | None,
     contains: str | None,
     limit: int,
+    before: str | None,
     as_json: bool,
     follow: bool,
 ) -> None:
     """List recent events, newest first."""
+    if before is not None and not EVENT_ID.fullmatch(before):
+        raise click.BadParameter(
+            "must be an event id (evt_ and 26 characters)", param_hint="--before"
+        )
+    if follow and before is not None:
+        raise click.UsageError("--follow prints what arrives from now; --before is for a listing")
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     since_ts = parse_since(since) if since else None
@@ -1021,7 +1033,7 @@ def events(
                 tenant=tenant,
                 contains=contains.encode() if contains is not None else None,
             )
-            rows = await listing(limit=limit, since=since_ts)
+            rows = await listing(limit=limit, since=since_ts, before=before)
             if follow:
                 echo = partial(_echo_event, masker=masker, as_json=as_json)
                 await _follow(listing, rows, limit, since_ts, echo)
@@ -1033,7 +1045,11 @@ def events(
     if not rows and not as_json:
         click.echo("no events", err=True)
     elif len(rows) == limit:
-        click.echo(f"webhookd: note: the newest {limit} shown; --limit for more", err=True)
+        click.echo(
+            f"webhookd: note: the newest {limit} shown; --limit for more, or --before"
+            f" {rows[-1].id} for the next page",
+            err=True,
+        )
 
 
 def _echo_event(r: EventSummary, masker: Masker, as_json: bool) -> None:
