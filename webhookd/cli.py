@@ -22,6 +22,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import quote
 
 import click
 
@@ -1186,14 +1187,8 @@ async def _daemon_stats(
         return None, "no admin API to ask (admin.listen is off)"
     if listen.port == 0:
         return None, "no admin API to ask (admin.listen has port 0: its port is not known)"
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-    address = f"{host}:{listen.port}"
-    token = cfg.admin.token
-    # An unset token variable sends no token: the answer still tells a daemon that is up (401)
-    # from one that is not there.
-    sent = token is not None and not token.missing
-    headers = {"Authorization": f"Bearer {token.reveal()}"} if token and sent else {}
+    address, headers = _admin_address(cfg)
+    sent = bool(headers)
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
@@ -1213,6 +1208,46 @@ async def _daemon_stats(
             f" (admin.listen in {cfg.origin} is another config's?)"
         )
     return doc, None
+
+
+async def _daemon_applies(
+    cfg: config_mod.Config, journal_id: str, source: str, pausing: bool
+) -> bool:
+    """Whether the daemon of this journal, asked on its admin API, applied a pause or resume
+    the journal already holds (answered once its dispatcher has it)."""
+    import aiohttp
+
+    daemon, _ = await _daemon_stats(cfg, journal_id)
+    if daemon is None:
+        return False
+    address, headers = _admin_address(cfg)
+    verb = "pause" if pausing else "resume"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.post(
+                f"http://{address}/sources/{quote(source, safe='')}/{verb}",
+                headers={**headers, "X-Webhookd": "1"},
+            ) as r,
+        ):
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def _admin_address(cfg: config_mod.Config) -> tuple[str, dict[str, str]]:
+    """Where the CLI reaches the daemon's admin API (``admin.listen``, a wildcard as loopback),
+    and the headers its token needs."""
+    listen = cfg.admin.listen
+    assert listen is not None
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    token = cfg.admin.token
+    # An unset token variable sends no token: the answer still tells a daemon that is up (401)
+    # from one that is not there.
+    sent = token is not None and not token.missing
+    headers = {"Authorization": f"Bearer {token.reveal()}"} if token and sent else {}
+    return f"{host}:{listen.port}", headers
 
 
 def _refused(cfg: config_mod.Config, sent: bool) -> str:
@@ -1344,17 +1379,27 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
     if pausing and (said := cfg.by_other_names(source)):
         _fail(said, 2)
 
-    async def go() -> bool | None:
+    async def go() -> tuple[bool | None, bool]:
         async with _journal(cfg) as journal:
             if removed and source not in await journal.paused_sources():
-                return None
-            return await (journal.pause(source) if pausing else journal.resume(source))
+                return None, False
+            changed = await (journal.pause(source) if pausing else journal.resume(source))
+            identity = await journal.identity()
+        # The daemon reads the change at its next sweep (within a second); asked, it applies
+        # it before it answers, so no job of a source said paused starts after the answer.
+        return changed, await _daemon_applies(cfg, identity, source, pausing)
 
-    changed = _run(go)
+    changed, applied = _run(go)
     if changed is None:
         _fail(cfg.no_source(source), 2)
     if pausing:
-        click.echo(f"paused {source}" if changed else f"{source} was already paused")
+        when = "from now" if applied else "within a second, if one runs"
+        click.echo(
+            f"paused {source}: the daemon starts none of its jobs {when} (running ones finish"
+            " their attempt)"
+            if changed
+            else f"{source} was already paused"
+        )
     elif removed:
         click.echo(
             f"resumed {source}, which {cfg.origin} has no more: its queued jobs go dead at"
