@@ -1074,3 +1074,23 @@ async def test_reads_answer_within_their_bound_and_abandoned_ones_are_capped() -
     answer.set()
     await poll(all_ended, timeout_s=5)
     assert await answer_within(read(), 10) == "counts"
+
+
+async def test_a_daemons_journal_says_when_it_is_created_and_only_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start that finds no journal at its path says it made a new one (after a restart
+    nobody expected, that is how a new journal is told); a start on one says nothing of it,
+    nor does the CLI's journal."""
+    caplog.set_level(logging.INFO, logger="webhookd.journal")
+    path = tmp_path / "webhookd.db"
+    line = f"journal {path}: created (no journal at that path)"
+    async with Journal(path, serving=True):
+        pass
+    assert [r.getMessage() for r in caplog.records].count(line) == 1
+    caplog.clear()
+    async with Journal(path, serving=True):
+        pass
+    async with Journal(tmp_path / "other.db"):
+        pass
+    assert not [r for r in caplog.records if "created" in r.getMessage()]

@@ -236,8 +236,9 @@ def interrupted_restores(journal: Path) -> list[Path]:
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def _owner_only(path: Path) -> None:
-    """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600.
+def _owner_only(path: Path) -> bool:
+    """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600;
+    whether it created the file (there was none).
 
     It holds every webhook body, and so whatever secrets senders put in them. SQLite creates the
     -wal and -shm files with the main file's mode, so creating that one first is what keeps them
@@ -248,21 +249,24 @@ def _owner_only(path: Path) -> None:
     start on a journal made read-only (0400) leaves them 0400, and after the journal is made
     writable again a read-only -shm would keep every start failing with "readonly database".
     """
+    created = False
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        created = True
     try:
         with path.open("rb") as f:
             head = f.read(len(_SQLITE_HEADER))
     except OSError:
-        return  # unreadable: opening it says why
+        return created  # unreadable: opening it says why
     if head and head != _SQLITE_HEADER:
-        return  # not a journal (a journal.path that names another file by mistake): left as is
+        return created  # not a journal (a journal.path that names another file by mistake)
     for name, exact in ((path, False), (Path(f"{path}-wal"), True), (Path(f"{path}-shm"), True)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             mode = name.stat().st_mode
             # A file only: a folder (a path that names one by mistake) is never touched.
             if stat.S_ISREG(mode) and (stat.S_IMODE(mode) != 0o600 if exact else mode & 0o077):
                 name.chmod(0o600)
+    return created
 
 
 # Free pages one incremental vacuum hands back, at most and at least. Its cost per page grows
@@ -577,7 +581,9 @@ class Journal(Reads, BaseJournal):
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            _owner_only(self.path)
+            if _owner_only(self.path) and self.serving:
+                # After an unexpected restart, the line that tells a new journal was begun.
+                log.info("journal %s: created (no journal at that path)", self.path)
             if self.serving:
                 self._lock_fd = _take_serve_lock(self.path)
         except OSError as exc:
