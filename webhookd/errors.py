@@ -4,6 +4,7 @@
     ├── ConfigError            bad configuration; carries the dotted key (exit 2)
     ├── JournalError           the journal could not do what was asked
     │   ├── JournalUnavailable   a write failed or timed out: intake answers 503
+    │   │   └── JournalGone        its file was removed or replaced while open: until the exit
     │   └── JournalNewer         its schema is newer than this webhookd's (``serve`` exits 3)
     ├── NotFound               no event with that id
     ├── VerificationError      a webhook's signature, timestamp or token did not check out
@@ -36,6 +37,12 @@ class JournalError(WebhookdError):
 
 class JournalUnavailable(JournalError):
     """A write could not be committed (disk full, read-only, locked, too slow)."""
+
+
+class JournalGone(JournalUnavailable):
+    """The SQLite journal's file was removed or replaced while the daemon had it open: every
+    write is refused from then until the daemon exits, which one line of its own explains (so
+    a write refused this way is not worth a line of its own)."""
 
 
 class JournalNewer(JournalError):

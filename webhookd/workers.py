@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from webhookd.actions.base import Action, Outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
-from webhookd.errors import JournalUnavailable, Reject, Retry
+from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
 from webhookd.models import JobState, storable_text
 from webhookd.redact import Masker, secret_values
@@ -634,7 +634,8 @@ class WorkerPool:
                 # A full disk, say: the picks stay queued in the journal and are read back by
                 # the next refill (a wake or the sweep), instead of the dispatcher dying.
                 self._refill_now = True
-                if not self._claim_failing:
+                # A journal gone (removed while open) has the daemon's exit line say so.
+                if not self._claim_failing and not isinstance(exc, JournalGone):
                     log.error("claiming jobs failed, will try again: %s", exc)
                 self._claim_failing = True
             finally:
@@ -771,7 +772,8 @@ class WorkerPool:
                 # A journal outage (a PostgreSQL restart) pauses dispatch, it does not end the
                 # daemon: the next sweep reads the journal again. Said once per outage, not at
                 # every sweep while it lasts.
-                level = logging.DEBUG if dispatch_failing else logging.WARNING
+                quiet = dispatch_failing or isinstance(exc, JournalGone)
+                level = logging.DEBUG if quiet else logging.WARNING
                 log.log(level, "dispatch paused until the journal answers again: %s", exc)
                 dispatch_failing = True
                 self._refill_now = True
@@ -992,7 +994,8 @@ class WorkerPool:
                 commit.add_done_callback(let_go)
                 raise
             except JournalUnavailable as exc:
-                if delay_s == 0.05:
+                if delay_s == 0.05 and not isinstance(exc, JournalGone):
+                    # Until the exit, for a journal gone: the job runs again at the next start.
                     log.error(
                         "job=%s outcome=%s not recorded yet, will try again: %s",
                         finished.job_id,

@@ -16,6 +16,10 @@ Hazards worth knowing before editing:
   higher automatic threshold only as a backstop, should the background checkpoints fall behind.
 * The file is shared with CLI processes (``webhookd replay`` while the daemon runs): WAL mode
   lets readers run beside the writer, and ``busy_timeout`` makes writers queue for the lock.
+* SQLite goes on committing into a file whose name was taken away (``rm -rf`` of its folder, a
+  file put at its path), and the file is gone at the exit. The daemon's ``watch`` compares the
+  path with what it named at open, once a second; once it differs every write is refused and
+  the writer copies the file out through its own connection (``moved``), then the daemon exits.
 * All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
   ``schema`` (migrations, shared SQL, row converters), ``records`` (what goes in and out),
   ``batch`` (what one group commit writes), ``reads`` (queries), and here the lifecycle, the
@@ -45,7 +49,13 @@ import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
-from webhookd.errors import JournalError, JournalNewer, JournalUnavailable, NotFound
+from webhookd.errors import (
+    JournalError,
+    JournalGone,
+    JournalNewer,
+    JournalUnavailable,
+    NotFound,
+)
 from webhookd.journal.base import (
     ADMIN_READ_S,
     BULK_BATCH,
@@ -71,6 +81,7 @@ from webhookd.journal.batch import (
     reserve_starts,
     write_ops,
 )
+from webhookd.journal.moved import REMOVED, FileIds, Saved, moved, save_open
 from webhookd.journal.reads import Reads, peek_unfinished_by_action
 from webhookd.journal.records import (
     CAUSE_CHARS,
@@ -185,6 +196,9 @@ CHECKPOINT_EVERY_S = 0.5
 # Passes one background checkpoint may make: the first copies what 0.5 s of commits wrote, each
 # later one only what was committed while the one before ran (a few pages), until none is left.
 CHECKPOINT_PASSES = 4
+# How often the daemon's journal checks that its path still names the file it has open (one
+# ``stat``, beside the writer: never on the ack path).
+PATH_CHECK_S = 1.0
 _T = TypeVar("_T")
 # The row ``probe_write`` adds and removes (no source name starts with a dot), and its size:
 # about a big webhook's body.
@@ -549,6 +563,12 @@ class Journal(Reads, BaseJournal):
         self._writes_back_line: asyncio.TimerHandle | None = None
         # Why the writer stopped, when it stopped without close() asking it to.
         self.writer_problem: str | None = None
+        # What the path named at open, and, once it names something else, why every write is
+        # refused and the task saving the file's contents (its answer: the line to exit with).
+        self._opened_as: FileIds | None = None
+        self._refusing: str | None = None
+        self._saving: asyncio.Task[str] | None = None
+        self._saving_said = False
         self.commits = 0
         self.batched_ops = 0
         # Jobs queued or running, kept in step by this process's writes and re-counted when
@@ -611,6 +631,12 @@ class Journal(Reads, BaseJournal):
             await self._close_connections()
             raise
         self._data_version = await self._in_thread(_data_version, self._writer)
+        try:
+            self._opened_as = FileIds.of(self.path)
+        except OSError:  # gone already: nothing to compare with, so nothing watched
+            self._opened_as = None
+        self._refusing = None
+        self._saving, self._saving_said = None, False
         self.backlog_jobs = await self.backlog()
         self._last_checkpoint = self.clock.monotonic()
         self._closing = False
@@ -649,6 +675,11 @@ class Journal(Reads, BaseJournal):
                 )
         finally:
             await self._close_connections()
+        if self._saving is not None and not self._saving_said:
+            # The watch was cancelled while the contents were being saved (a stop asked for
+            # at that moment): the daemon still exits non-zero, with the same line.
+            self._saving_said = True
+            raise JournalError(await self._saving)
 
     def _checkpoint_quietly(self, sql: str) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -719,6 +750,10 @@ class Journal(Reads, BaseJournal):
     def _open_checkpointer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # A read now opens the -wal and -shm it checkpoints through, while the path names them:
+        # a connection whose first read came after the file was removed (``moved``) would
+        # fail each checkpoint with "disk I/O error" until the daemon saw it.
+        conn.execute("PRAGMA schema_version").fetchone()
         return conn
 
     def _checkpoint(self) -> tuple[int, bool]:
@@ -814,6 +849,8 @@ class Journal(Reads, BaseJournal):
     # -- the writer --------------------------------------------------------------------------
 
     def _enqueue(self, op: Op) -> None:
+        if self._refusing is not None:
+            raise JournalGone(self._refusing)
         if self._task is None or self._task.done():
             raise JournalUnavailable(self.writer_problem or "journal writer is not running")
         self._queue.put(op)
@@ -829,17 +866,84 @@ class Journal(Reads, BaseJournal):
             self.writer_problem = f"journal writer stopped: {why}"
 
     async def watch(self) -> None:
-        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked.
+        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
+        once the journal's path no longer names the file open (``moved``).
 
         The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
         that can neither take nor finish anything, and it must exit rather than half live.
+        A file removed or replaced while open takes every commit with it at the exit, so
+        from the moment that is seen nothing more is acknowledged or claimed, what the file
+        holds is written back out (``_save``), and the daemon exits non-zero with one line
+        saying where it went: the next start opens it and runs again what was running.
         """
         task = self._task
         if task is None:
             raise JournalError("journal is not open")
-        await asyncio.wait({task})  # cancelling the watch leaves the writer alone
+        while not task.done():
+            # Cancelling the watch leaves the writer alone.
+            await asyncio.wait({task}, timeout=PATH_CHECK_S)
+            opened = self._opened_as
+            if (
+                self._saving is None
+                and opened is not None
+                and not task.done()
+                and (how := moved(self.path, opened)) is not None
+            ):
+                self._save(how)
+            if self._saving is not None:
+                said = await asyncio.shield(self._saving)
+                self._saving_said = True
+                raise JournalError(said)
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
+
+    def _save(self, how: str) -> None:
+        """The path names another file, or none (``how``): refuse every write from now on
+        (intake answers 503, ``/readyz`` says why), and hand the writer, behind what it was
+        given before, a copy of the file it has open (``moved.save_open``)."""
+        self._refusing = f"journal {self.path} was {how} while open"
+        self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
+        opened, at = self._opened_as, self.clock.time()
+        assert opened is not None
+
+        def save(conn: sqlite3.Connection) -> Saved | str:
+            # Never raises: a failure is the line's to tell, not the writer's.
+            try:
+                return save_open(conn, self.path, opened, at)
+            except (OSError, sqlite3.Error) as exc:
+                return _said(exc)
+
+        op = CallOp(self._new_future(), save, transaction=False)
+        self._queue.put(op)  # behind every write acknowledged or claimed until now
+        self._saving = asyncio.create_task(self._saved(how, op.future), name="journal-save")
+
+    async def _saved(self, how: str, future: asyncio.Future[Saved | str]) -> str:
+        """The line the daemon exits with, once the writer has run the copy."""
+        try:
+            saved = await future
+        except JournalError as exc:  # the writer stopped first
+            saved = str(exc)
+        what = f"journal {self.path} was {how} while open"
+        if isinstance(saved, str):
+            then = "begins a new journal there" if how == REMOVED else "opens what is there now"
+            return (
+                f"{what}, and saving its contents failed ({saved}): they are lost with this"
+                " process (a `webhookd backup` taken before holds what it held then); nothing"
+                f" was acknowledged once this was seen; exiting: the next start {then}"
+            )
+        if not saved.beside:
+            return (
+                f"{what}: its contents (every acknowledged webhook) were written back to"
+                f" {saved.path}; exiting so that the next start opens it (jobs that were"
+                " running run again)"
+            )
+        there = "another file is there now" if how != REMOVED else "a file not its own is there"
+        return (
+            f"{what}: its contents (every acknowledged webhook) were saved to {saved.path}"
+            f" ({there}, left as it is); exiting: the next start opens what is at {self.path}"
+            f" (to go on with the saved journal instead: stop webhookd, then `webhookd restore"
+            f" {saved.path}`)"
+        )
 
     async def _submit(self, op: Op) -> Any:
         self._enqueue(op)
@@ -1463,6 +1567,13 @@ class Journal(Reads, BaseJournal):
             return cur.rowcount > 0
 
         return await self._call(fn)  # type: ignore[no-any-return]
+
+
+def _said(exc: OSError | sqlite3.Error) -> str:
+    """An error saving a copy: the system's words and the file, or SQLite's."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _describe(exc: BaseException) -> str:

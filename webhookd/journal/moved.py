@@ -1,0 +1,177 @@
+"""A SQLite journal whose file was removed or replaced while the daemon had it open.
+
+SQLite goes on writing into a file its descriptors hold after ``rm`` (or an ``rm -rf`` of its
+folder, a cleaner of old files, a ``mv``) took its name away: every commit succeeds, and the
+whole file goes with the last descriptor, at the daemon's exit. The daemon notices by comparing
+what the journal's path names now with what it named at open (``FileIds``, ``moved``), stops
+taking writes, and writes what it holds back out through a connection still open on it
+(``save_open``: a new connection opened by path would find nothing there, or another file).
+
+The ``-wal`` and ``-shm`` left under the journal's name (``rm`` of the main file alone, a
+``mv`` of it) are the moved-away journal's own, and SQLite would replay that ``-wal`` into any
+file put at the path, the operator's or the one written back: once the copy is safe they go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# A saved copy's name beside another file at the journal's path: ``<name>.saved-<UTC time>``.
+SAVED_STAMP = "%Y%m%dT%H%M%SZ"
+REMOVED = "removed"
+REPLACED = "replaced"
+_OWN = ("-wal", "-shm")
+
+
+@dataclass(frozen=True)
+class FileIds:
+    """(device, inode) of the journal's file and of its ``-wal`` and ``-shm`` (None: none),
+    which SQLite names after the file's real path (``base``: through any symlink)."""
+
+    db: tuple[int, int]
+    base: Path
+    own: dict[str, tuple[int, int] | None]
+
+    @classmethod
+    def of(cls, path: Path) -> FileIds:
+        """What ``path`` and its ``-wal`` and ``-shm`` name now; ``OSError`` without a file."""
+        base = Path(os.path.realpath(path))
+        own = {suffix: _maybe_id(Path(f"{base}{suffix}")) for suffix in _OWN}
+        return cls(_id(path), base, own)
+
+
+def _id(path: Path) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
+def _maybe_id(path: Path) -> tuple[int, int] | None:
+    try:
+        return _id(path)
+    except OSError:
+        return None
+
+
+def moved(path: Path, opened: FileIds) -> str | None:
+    """``REMOVED`` when nothing is at ``path`` any more, ``REPLACED`` when another file is,
+    ``None`` while it still names the file opened (or when it cannot tell: a folder made
+    unreadable; asked again later). One ``stat``: a few microseconds."""
+    try:
+        now = _id(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return REMOVED
+    except OSError:
+        return None
+    return None if now == opened.db else REPLACED
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Where ``save_open`` wrote the journal, and whether another file held its path."""
+
+    path: Path
+    beside: bool
+
+
+def save_open(conn: sqlite3.Connection, path: Path, opened: FileIds, at: float) -> Saved:
+    """Copy the database ``conn`` has open (its file and ``-wal``, as its reads see them) to
+    ``path`` if nothing is there, else to ``<name>.saved-<UTC time at>`` beside it: a file put
+    at the path is never overwritten. Missing folders are made (0700); the copy is 0600 and
+    synced before it has its name, and its folder synced after.
+
+    The ``-wal`` and ``-shm`` under the journal's name go first, if they are still the ones
+    opened with it and their file is gone (see the module); any others there send the copy
+    beside them, where they cannot be replayed into it.
+
+    Runs on ``conn``'s own thread, between transactions. Raises ``OSError`` or
+    ``sqlite3.Error``, leaving nothing behind but what it has already saved."""
+    folder = path.parent
+    _make_folders(folder)
+    # Named as a backup's unfinished copy is: should this process die midway, the next
+    # ``webhookd backup`` or ``restore`` in the folder deletes it.
+    partial = folder / f".{path.name}.{os.getpid()}.partial"
+    with contextlib.suppress(FileNotFoundError):  # a process of this pid long gone left it
+        partial.unlink()
+    new_private(partial)
+    try:
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            conn.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")  # self-contained: no -wal of its own
+        finally:
+            target.close()
+        sync(partial)
+        # Only when the file they go with is gone from its real path too: a symlink removed
+        # leaves the file it named whole, and that file needs its -wal.
+        if _maybe_id(opened.base) != opened.db:
+            for suffix in _OWN:
+                own = Path(f"{opened.base}{suffix}")
+                if opened.own[suffix] is not None and _maybe_id(own) == opened.own[suffix]:
+                    with contextlib.suppress(FileNotFoundError):
+                        own.unlink()
+        saved = _give_name(partial, path, at)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    sync(folder)
+    return saved
+
+
+def _give_name(partial: Path, path: Path, at: float) -> Saved:
+    """Link ``partial`` as ``path``, or as the first free ``<name>.saved-<time>[-n]``: a link
+    never replaces a file that is there (a rename would)."""
+    if not any(os.path.lexists(f"{path}{suffix}") for suffix in _OWN):
+        with contextlib.suppress(FileExistsError):
+            _link(partial, path)
+            return Saved(path, beside=False)
+    stamp = time.strftime(SAVED_STAMP, time.gmtime(at))
+    dest, n = path.with_name(f"{path.name}.saved-{stamp}"), 1
+    while True:
+        with contextlib.suppress(FileExistsError):
+            _link(partial, dest)
+            return Saved(dest, beside=True)
+        n += 1
+        dest = path.with_name(f"{path.name}.saved-{stamp}-{n}")
+
+
+def _link(partial: Path, dest: Path) -> None:
+    try:
+        os.link(partial, dest)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: a rename, once nothing is there
+        if os.path.lexists(dest):
+            raise FileExistsError(dest) from None
+        os.rename(partial, dest)
+
+
+def _make_folders(folder: Path) -> None:
+    """Make ``folder`` and those above it that are gone, each 0700 and synced into its own."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(made, 0o700)
+        sync(made.parent)
+
+
+def new_private(path: Path) -> Path:
+    """Create ``path`` empty and 0600 (the journal's bodies may hold secrets)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def sync(path: Path) -> None:
+    """fsync a file or a folder (a folder: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
