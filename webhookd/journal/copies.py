@@ -35,6 +35,7 @@ from webhookd.journal import (
     restored_marker,
     serve_lock_file,
 )
+from webhookd.journal.moved import new_private, sync
 from webhookd.journal.schema import MIGRATIONS
 
 # A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
@@ -94,7 +95,7 @@ def _backup(
     if os.path.lexists(dest):
         raise DestinationExists(f"{dest} already exists: a backup is written to a new file")
     swept = sweep(dest.parent)  # before the room is measured: what it frees counts
-    partial = _new_private(dest.parent / f".{dest.name}.{os.getpid()}.partial")
+    partial = new_private(dest.parent / f".{dest.name}.{os.getpid()}.partial")
     fd = os.open(partial, os.O_RDONLY)
     try:
         source = sqlite3.connect(journal, isolation_level=None)
@@ -131,7 +132,7 @@ def _backup(
         if os.path.lexists(dest):
             raise DestinationExists(f"{dest} appeared while the backup ran; nothing was kept")
         os.replace(partial, dest)
-        _sync(dest.parent)
+        sync(dest.parent)
     except sqlite3.Error as exc:
         raise JournalError(f"cannot back up {journal}: {exc}") from exc
     finally:
@@ -180,7 +181,7 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):  # another rotation got there first
             path.unlink()
     if gone:
-        _sync(folder)
+        sync(folder)
     return gone
 
 
@@ -207,7 +208,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
             " serve lock?): stop it before a restore"
         )
     swept = sweep(journal.parent)
-    partial = _new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
+    partial = new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
     try:
         _give(serve_lock_file(journal), owner)
         _give(partial, owner)
@@ -216,16 +217,16 @@ def _restore(copy: Path, journal: Path) -> Copy:
             events, latest = _check(partial)
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
-        _sync(partial)
+        sync(partial)
         # Checked and on disk: named so that a restore stopped from here on (killed, or a move
         # failing; the old journal half moved aside, or none left under its name) stops the
         # next start instead of letting it begin an empty journal (interrupted_restores).
         ready = restored_marker(journal, os.getpid())
         os.replace(partial, ready)
-        _sync(journal.parent)
+        sync(journal.parent)
         replaced = _move_aside(journal)
         os.replace(ready, journal)
-        _sync(journal.parent)
+        sync(journal.parent)
         for stale in interrupted_restores(journal):  # an earlier one's, finished by this one
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -277,7 +278,7 @@ def sweep(folder: Path) -> tuple[Path, ...]:
                 os.unlink(entry.path)
                 gone.append(Path(entry.path))
     if gone:
-        _sync(folder)
+        sync(folder)
     return tuple(sorted(gone))
 
 
@@ -358,17 +359,3 @@ def _move_aside(journal: Path) -> Path | None:
             os.replace(f"{journal}{suffix}", f"{aside}{suffix}")
             moved = aside
     return moved
-
-
-def _new_private(path: Path) -> Path:
-    """Create ``path`` empty and 0600 (the journal's bodies may hold secrets)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    return path
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
