@@ -148,6 +148,11 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
         r" answered 503",
         doc["problems"][0],
     ), doc
+    # systemctl status says it too (STATUS=), though no write has failed.
+    assert running.daemon.status_now is not None
+    assert re.search(
+        r"; journal: a commit has taken \d+ s, webhooks answered 503", running.daemon.status_now()
+    )
     go.set()
     await hung
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -128,6 +129,8 @@ class Daemon:
     pool: WorkerPool | None = None
     lanes: dict[str, Lane] = field(default_factory=dict)
     intake: IntakeState = field(default_factory=IntakeState)
+    # What systemd's STATUS= line would say now (``systemctl status``), once wired.
+    status_now: Callable[[], str] | None = None
     on_wired: list[Callable[[Daemon], None]] = field(default_factory=list)
     # Reads the config again for a reload (SIGHUP, ``request_reload``); raises ConfigError.
     loader: Callable[[], Config] | None = None
@@ -271,6 +274,7 @@ class Daemon:
                 throughput=throughput,
                 counts=metrics.counts,
             )
+            self.status_now = functools.partial(self._status, ctx)
             receiver = Receiver(cfg, journal, self.intake, clock=self.clock)
             running = _Running(http, pool, receiver, metrics, ctx, alerter)
             # If any of these tasks ends (the writer's watch: when the writer does), the group
@@ -283,7 +287,7 @@ class Daemon:
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
                     tg.create_task(self._force_exit(), name="force-exit"),
                     tg.create_task(self._reloads(running), name="reload"),
-                    tg.create_task(self._keep_status(ctx), name="sd-status"),
+                    tg.create_task(self._keep_status(self.status_now), name="sd-status"),
                     tg.create_task(alerter.run(), name="alerts"),
                 ]
                 listening: list[_Listener] = []
@@ -556,9 +560,9 @@ class Daemon:
             await asyncio.sleep(HEARTBEAT_S)
             log.info("%s", heartbeat_line(ctx))
 
-    async def _keep_status(self, ctx: AdminContext) -> None:
+    async def _keep_status(self, status: Callable[[], str]) -> None:
         await self.started.wait()
-        await self.notifier.keep_status(lambda: self._status(ctx))
+        await self.notifier.keep_status(status)
 
     def _status(self, ctx: AdminContext) -> str:
         """systemd's STATUS= line (``systemctl status`` shows it)."""
@@ -598,7 +602,8 @@ PAUSED_SHOWN = 5  # paused sources a status line names; the rest are counted
 
 def status_line(doing: str, ctx: AdminContext) -> str:
     """What the daemon does, its backlog, workers and intake, then whatever is wrong: a
-    journal that refuses writes, paused sources, a refused reload."""
+    commit that does not end, a journal that refuses writes, paused sources, a refused
+    reload."""
     stats = ctx.pool.statistics()
     rates = ctx.throughput.rates() if ctx.throughput is not None else {}
     parts = [
@@ -606,6 +611,9 @@ def status_line(doing: str, ctx: AdminContext) -> str:
         f" {rates.get('accepted_per_s', 0):.1f} accepted/s"
     ]
     journal = ctx.journal
+    if (late_s := journal.writing_for_s()) > ctx.config.server.ack_timeout_s:
+        # A stalled disk: no write fails, each just does not end (as /readyz says it).
+        parts.append(f"journal: a commit has taken {late_s:.0f} s, webhooks answered 503")
     if journal.writer_problem:
         parts.append(journal.writer_problem)
     elif journal.last_write_error:
