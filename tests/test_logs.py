@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from actionkit import action_kit
 from conftest import Target, make_config
 from openai_standin import StandIn
 from ops_support import TOKEN_ENV, event_state, forward_source
@@ -215,6 +216,51 @@ def test_json_lines_lift_key_value_pairs_into_fields() -> None:
         "error": "boom: x y",
         "busy": "1/4",
     }
+
+
+def test_json_fields_keep_a_names_text_and_a_lines_own_values() -> None:
+    """A source named like a number (``2024``, ``nan``, ``1e5``, ``007``) stays text, so a field
+    keeps one type and the line stays JSON (``nan`` made ``NaN``, which is none); only what JSON
+    writes as a number becomes one; a key said twice keeps its first value, the line's own,
+    not one a sender's text appended."""
+    for name in ("2024", "nan", "Infinity", "-inf", "1e5", "1_000", "007"):
+        assert logs.fields(f"event=evt_1 source={name} attempt=2")["source"] == name
+    assert logs.fields("n=007 m=1_000 k=1e400 x=-0.5 y=3e2") == {
+        "n": "007",
+        "m": "1_000",
+        "k": "1e400",
+        "x": -0.5,
+        "y": 300.0,
+    }
+    said = logs.fields("event=evt_1 source=shop content_type='a source=evil' source=evil")
+    assert (said["source"], said["content_type"]) == ("shop", "a source=evil")
+    record = logging.LogRecord("webhookd.x", logging.INFO, "", 0, "source=nan k=1e400", (), None)
+    doc = json.loads(logs.JsonFormatter().format(record), parse_constant=_no_constant)
+    assert (doc["source"], doc["k"]) == ("nan", "1e400")
+
+
+async def test_a_log_actions_line_keeps_its_own_fields_whatever_the_content_type_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender's Content-Type is quoted in the log action's line: one carrying
+    ``source=shop event=evt_FAKE`` cannot replace the event's own id and source in the JSON
+    line's fields."""
+    caplog.set_level(logging.INFO, logger="webhookd.actions.log")
+    async with action_kit(
+        tmp_path, '[sources.new]\n[[sources.new.actions]]\ntype = "log"\n'
+    ) as kit:
+        event_id = await kit.send(
+            "new", b"hello", content_type="text/plain; source=shop event=evt_FAKE bytes=999999"
+        )
+        await kit.run()
+    [record] = [r for r in caplog.records if r.name == "webhookd.actions.log"]
+    doc = json.loads(logs.JsonFormatter().format(record))
+    assert (doc["event"], doc["source"], doc["bytes"]) == (event_id, "new", 5)
+    assert doc["content_type"] == "text/plain; source=shop event=evt_FAKE bytes=999999"
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"not JSON: {name}")
 
 
 async def test_a_daemon_starting_with_a_secret_written_in_its_config_warns_naming_the_key(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -28,6 +29,10 @@ LEVELS = {
 }
 _PAIR = re.compile(r"(?<![\w.])([a-z_][\w.]*)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s'\"]+)")
 _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
+# Fields that name something: text even when it looks like a number.
+_NAMES = frozenset({"source", "action", "event", "job", "tenant", "node", "lane", "boot", "key"})
+# A number as JSON writes one.
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 
 
 class _Masking(logging.Formatter):
@@ -63,7 +68,7 @@ class JsonFormatter(_Masking):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.mask(self.formatException(record.exc_info))
-        return json.dumps(doc, ensure_ascii=False)
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False)
 
 
 def _formatter(fmt: str, secrets: Iterable[str] = ()) -> _Masking:
@@ -71,20 +76,22 @@ def _formatter(fmt: str, secrets: Iterable[str] = ()) -> _Masking:
 
 
 def fields(message: str) -> dict[str, Any]:
-    """The ``key=value`` pairs of a message; numbers become numbers, quotes are removed."""
+    """The ``key=value`` pairs of a message; numbers become numbers, quotes are removed.
+
+    The first of a key wins: a line's own fields come before any text a sender chose. A name
+    (a source, an action, an id) stays text whatever it looks like (a source ``2024`` or
+    ``nan``), and only what JSON writes as a number becomes one (not ``007``, ``1_000``, ``inf``):
+    a field keeps one type, and the line stays JSON."""
     out: dict[str, Any] = {}
     for key, raw in _PAIR.findall(message):
+        if key in out:
+            continue
         value: Any = raw
         if raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) >= 2:
             value = raw[1:-1]
-        else:
-            try:
-                value = int(raw)
-            except ValueError:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = raw
+        elif key not in _NAMES and _NUMBER.fullmatch(raw):
+            number = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            value = number if math.isfinite(number) else raw  # 1e400: text, not Infinity
         out[key] = value
     return out
 

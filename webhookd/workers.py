@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from webhookd.actions.base import Action, Outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ActionConfig, Config, RetryPolicy
+from webhookd.config import CATCH_ALL, ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
 from webhookd.models import JobState, storable_text
@@ -500,14 +500,14 @@ class WorkerPool:
             if self._timeouts[key] >= limit and key not in self.slow:
                 self.slow.add(key)
                 log.warning(
-                    "action slow source=%s action=%s: %d attempts in a row timed out;"
+                    "action slow source=%s action=%s attempts_timed_out=%d (in a row):"
                     " running one job at a time until one does not",
                     *key,
                     self._timeouts[key],
                 )
         elif self._timeouts.pop(key, 0) and key in self.slow:
             self.slow.discard(key)
-            log.info("action answering again source=%s action=%s: back to full concurrency", *key)
+            log.info("action answering again source=%s action=%s (back to full concurrency)", *key)
             self._wake.set()
 
     def _caps(self, job: Ready) -> tuple[Cap, ...]:
@@ -958,8 +958,10 @@ class WorkerPool:
         )
 
     def _failure_line(self, source: str, action: str) -> Throttle:
-        """The throttle of one action's retry and wait lines (a catch-all's names past
-        ``_MOST_FAILURE_LINES`` share one)."""
+        """The throttle of one action's retry and wait lines: the names a catch-all took share
+        its action's (a sender chooses them), and past ``_MOST_FAILURE_LINES`` all share one."""
+        if source not in self.config.sources:
+            source = CATCH_ALL
         key = (source, action)
         throttle = self._failure_lines.get(key)
         if throttle is None:

@@ -48,7 +48,8 @@ class LogAction:
                 preview = f" body={text!r}{more}"
             log.log(
                 self.level,
-                "event=%s source=%s bytes=%d content_type=%s%s",
+                # The sender's Content-Type quoted: as text, it could add fields of its own.
+                "event=%s source=%s bytes=%d content_type=%r%s",
                 event.id,
                 event.source,
                 len(event.body),
