@@ -133,6 +133,35 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert value(after, "webhookd_journal_commit_seconds_sum") > 0
 
 
+async def test_a_removed_sources_dead_letters_are_counted_as_removed_from_zero(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """Jobs left by a source the config no longer has (and no catch-all) go dead at their turn:
+    their dead letters are labelled ``(removed)``, as webhookd_source_jobs labels their jobs,
+    not ``*`` (there is no catch-all), and the series is there at 0 from the start, so an
+    ``increase(...) > 0`` alert sees them die."""
+    cfg = make_config(tmp_path, forward_source("ok", "http://127.0.0.1:9/"))
+    async with Journal(cfg.journal.path) as journal:
+        await ingest(journal, "py", 2)
+        await journal.pause("py")  # held, so the start's metrics can be read before they die
+    running = await run_daemon(cfg)
+    before = await scrape(running)
+    labels = {"source": "(removed)", "action": "deliver"}
+    assert ("webhookd_dead_letters_total", tuple(sorted(labels.items()))) in before
+    assert value(before, "webhookd_dead_letters_total", **labels) == 0
+    assert value(before, "webhookd_source_jobs", source="(removed)", state="queued") == 2
+    assert running.daemon.journal is not None
+    await running.daemon.journal.resume("py")
+
+    async def dead() -> bool:
+        samples = await scrape(running)
+        return value(samples, "webhookd_dead_letters_total", **labels) == 2
+
+    await poll(dead, timeout_s=20)
+    samples = await scrape(running)
+    assert value(samples, "webhookd_dead_letters_total", source="*", action="deliver") == 0
+
+
 async def test_two_daemons_in_one_process_keep_separate_metrics(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

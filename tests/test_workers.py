@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import sqlite3
@@ -193,29 +194,37 @@ async def test_a_down_targets_retry_lines_are_ten_a_minute_and_its_dead_lines_al
     """A target that is down fails every attempt of every webhook: each action's retry lines
     go out ten a minute, the rest counted in one line (at the period's end, or the drain's);
     dead letters' lines are never held back, and another action's retries have their own
-    ten."""
+    ten. The names a catch-all took share its action's ten: a sender chooses them."""
     caplog.set_level(logging.DEBUG, logger="webhookd.workers")
     rig = await make_rig(
         forward_source("f", target.url)
         + forward_source("g", target.url)
         + forward_source("d", target.url, retry="{ max_attempts = 1 }")
+        + '[sources."*"]\n[[sources."*".actions]]\ntype = "forward"\n'
+        + f'url = "{target.url}/any"\n'
     )
     target.default_status = 503
     for _ in range(15):
         await rig.ingest("f")
     for source in ("g", "d", "d", "d"):
         await rig.ingest(source)
+    for n in range(12):
+        item = new_item(rig.cfg, "*", rig.clock.time())
+        event = dataclasses.replace(item.event, source=f"name{n}")
+        await rig.journal.ingest(dataclasses.replace(item, event=event))
     async with asyncio.timeout(10):
         await rig.pool.run_until_idle()
     lines = [r.getMessage() for r in caplog.records if " outcome=" in r.getMessage()]
     retried = [line for line in lines if "outcome=retry" in line]
     assert sum("source=f " in line for line in retried) == 10
     assert sum("source=g " in line for line in retried) == 1
+    assert sum("source=name" in line for line in retried) == 10
     assert sum("outcome=dead" in line for line in lines) == 3
     await rig.pool.drain(0.0)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed=")]
-    assert said == [
-        "suppressed=5 more job lines of f/forward in the last 60 s, not logged one by one"
+    assert sorted(said) == [
+        "suppressed=2 more job lines of */forward in the last 60 s, not logged one by one",
+        "suppressed=5 more job lines of f/forward in the last 60 s, not logged one by one",
     ]
 
 

@@ -203,7 +203,7 @@ class Daemon:
                     recovered.named(),
                     recovered.cancelled,
                 )
-            await _warn_of_orphans(journal, cfg)
+            orphans = await _warn_of_orphans(journal, cfg)
 
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(
@@ -249,6 +249,8 @@ class Daemon:
 
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
             metrics.attach(self.intake, pool.on_finish)
+            for source, action in orphans:
+                metrics.expect(source, action)
             journal.on_commit_seconds = metrics.commit.observe
 
             def poisoned(pills: Sequence[Poisoned]) -> None:
@@ -816,15 +818,17 @@ def _exit_within(deadline_s: float, status: int, why: str | None = None) -> thre
     return timer
 
 
-async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:
+async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str, str]]:
     """Say at start when the journal holds queued jobs this config has no action for: of a
     source it no longer has (an old config deployed, a source renamed) or an action a source
     no longer has (an action renamed). One line, before they go dead at their turn, one dead
-    line each. The catch-all's actions are those of any name it takes."""
+    line each. The catch-all's actions are those of any name it takes. Returns their (source,
+    action) pairs, whose dead-letter series the metrics then start at 0."""
     try:
         unfinished = await journal.unfinished_by_action()
     except JournalError:
-        return  # the daemon says what is wrong with its journal elsewhere
+        return []  # the daemon says what is wrong with its journal elsewhere
+    pairs = [pair for pair, n in unfinished.items() if n and _orphaned(cfg, *pair)]
     if orphans := orphaned_jobs(cfg, unfinished):
         log.warning(
             "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
@@ -833,6 +837,12 @@ async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> None:
             cfg.origin,
             orphans,
         )
+    return pairs
+
+
+def _orphaned(cfg: Config, source: str, action: str) -> bool:
+    found = cfg.source_for(source)
+    return found is None or found.action(action) is None
 
 
 def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str | None:
@@ -841,8 +851,7 @@ def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str
     when it can run them all (the start's warning and ``check``'s)."""
     out: list[str] = []
     for (source, action), n in sorted(unfinished.items()):
-        found = cfg.source_for(source)
-        if n and (found is None or found.action(action) is None):
+        if n and _orphaned(cfg, source, action):
             out.append(f"{source}/{action} ({n})")
     return ", ".join(out) or None
 

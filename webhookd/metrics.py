@@ -84,6 +84,7 @@ class Metrics:
         # Series are labelled by configured source only: everything the catch-all took counts
         # as "*" (the receiver reports it so), or each junk path would be a series forever.
         self._sources: frozenset[str] = frozenset()
+        self._catch_all = False
         self._intake_children: dict[tuple[str, int], Any] = {}
         self._finish_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         # Counted on the ack path since the last scrape (see ``observe_intake``); the ack
@@ -180,10 +181,17 @@ class Metrics:
         shows no increase, so an `increase(...) > 0` alert would miss exactly that one. A
         removed source keeps its label, so the jobs it left are still counted under it."""
         self._sources = self._sources | {s.name for s in config.all_sources()}
+        self._catch_all = CATCH_ALL in config.sources
         for src in config.all_sources():
             for action in src.actions:
-                self.retries.labels(self._label(src.name), action.name)
-                self.dead.labels(self._label(src.name), action.name)
+                self.expect(src.name, action.name)
+
+    def expect(self, source: str, action: str) -> None:
+        """Make ``source``'s ``action`` retry and dead-letter series, at 0 (a configured one's,
+        or at start the jobs of a source the config no longer has: they go dead at their
+        turn)."""
+        self.retries.labels(self._label(source), action)
+        self.dead.labels(self._label(source), action)
 
     def observe_reload(self, applied: bool, restart_pending: int) -> None:
         self.reload_ok.set(1 if applied else 0)
@@ -232,8 +240,12 @@ class Metrics:
             self._ack_pending_sum_s = 0.0
 
     def _label(self, source: str) -> str:
-        """A source's metrics label: its name if configured, else the catch-all's ``*``."""
-        return source if source in self._sources else CATCH_ALL
+        """A source's metrics label: its name if configured (now or earlier in this run), else
+        the catch-all's ``*`` when there is one, or ``(removed)``: a source an earlier config
+        had, whose jobs this one lets go dead."""
+        if source in self._sources:
+            return source
+        return CATCH_ALL if self._catch_all else _REMOVED
 
     def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
         """Jobs a recovery sent to dead: dead letters, though no worker saw them end."""
