@@ -922,6 +922,19 @@ async def test_dead_jobs_are_grouped_by_the_start_of_their_error(journal: BaseJo
     ]
     assert causes[0].last_at == START + 1 and causes[1].last_at == START + 3
     assert len(await journal.dead_causes(limit=1)) == 1
+    # With the configured names given, the others (a catch-all's) are one cause, not one each.
+    for n, source in enumerate(("name1", "name2", "name3")):
+        item = new_event(source=source, jobs=1)
+        await journal.ingest(item)
+        [job] = item.jobs
+        await journal.claim([job.id], "b")
+        dead = finished(job.id, JobState.DEAD, "dead", now=START + 10 + n, error="answered 503")
+        await journal.finish([dead])
+    folded = await journal.dead_causes(limit=2, names={"shop"}, other="*")
+    assert [(c.source, c.action, c.error, c.jobs) for c in folded] == [
+        ("*", "forward-0", "answered 503", 3),
+        ("shop", "forward-0", long, 2),
+    ]
 
 
 async def test_counts_fold_the_names_past_the_most_in_the_database(journal: BaseJournal) -> None:

@@ -1139,7 +1139,13 @@ def stats(config_path: str | None, as_json: bool) -> None:
             now = time.time()
             nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             files = await journal.sizes()
-            causes = await journal.dead_causes() if counts.jobs_by_state.get("dead") else []
+            causes = []
+            if counts.jobs_by_state.get("dead"):
+                # The names a catch-all took are one cause under "*", not a row each; without
+                # one, the sources since removed are "(removed)", as in the metrics.
+                names = {*cfg.sources, config_mod.ALERT_SOURCE}
+                other = "*" if config_mod.CATCH_ALL in cfg.sources else "(removed)"
+                causes = await journal.dead_causes(names=names, other=other)
             identity = await journal.identity()
         oldest = counts.oldest_due_at
         daemon, daemon_error = await _daemon_stats(cfg, identity)

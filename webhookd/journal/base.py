@@ -514,9 +514,12 @@ class BaseJournal(ABC):
         the answer stays small however many names a catch-all took."""
 
     @abstractmethod
-    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+    async def dead_causes(
+        self, limit: int = 10, names: Collection[str] | None = None, other: str = "*"
+    ) -> list[DeadCause]:
         """The dead jobs grouped by source, action and the start of their last error, most
-        jobs first, at most ``limit`` groups."""
+        jobs first, at most ``limit`` groups; with ``names``, a source not among them is
+        grouped as ``other`` (a catch-all's names: one cause, not one row per name)."""
 
     @abstractmethod
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:

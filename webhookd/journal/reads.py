@@ -5,6 +5,7 @@ WAL lets these run beside the writer (and beside other processes' writes) withou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -383,13 +384,21 @@ class Reads:
         events = await fetch(self.reader, "SELECT COUNT(*) FROM events")
         return Counts.of(rows, oldest[0][0], int(events[0][0]))
 
-    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+    async def dead_causes(
+        self, limit: int = 10, names: Collection[str] | None = None, other: str = "*"
+    ) -> list[DeadCause]:
+        named = "source"
+        args: tuple[Any, ...] = (limit,)
+        if names is not None:
+            named = "CASE WHEN source IN (SELECT value FROM json_each(?)) THEN source ELSE ? END"
+            args = (json.dumps(sorted(names)), other, limit)
         rows = await fetch(
             self.reader,
-            f"SELECT source, action, substr(last_error, 1, {CAUSE_CHARS}) AS cause, COUNT(*),"
-            " MAX(finished_at) FROM jobs WHERE state = 'dead' GROUP BY source, action, cause"
-            " ORDER BY COUNT(*) DESC, MAX(finished_at) DESC LIMIT ?",
-            (limit,),
+            f"SELECT {named} AS named, action, substr(last_error, 1, {CAUSE_CHARS}) AS cause,"
+            " COUNT(*), MAX(finished_at) FROM jobs WHERE state = 'dead'"
+            " GROUP BY named, action, cause ORDER BY COUNT(*) DESC, MAX(finished_at) DESC"
+            " LIMIT ?",
+            args,
         )
         return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 

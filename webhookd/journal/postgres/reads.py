@@ -269,12 +269,18 @@ class PgReads:
         events = await self._value("SELECT COUNT(*) FROM events")
         return Counts.of(rows, oldest, int(events))
 
-    async def dead_causes(self, limit: int = 10) -> list[DeadCause]:
+    async def dead_causes(
+        self, limit: int = 10, names: Collection[str] | None = None, other: str = "*"
+    ) -> list[DeadCause]:
         rows = await self.fetch(
-            f"SELECT source, action, left(last_error, {CAUSE_CHARS}) AS cause, COUNT(*),"
-            " MAX(finished_at) FROM jobs WHERE state = 'dead' GROUP BY source, action, cause"
-            " ORDER BY COUNT(*) DESC, MAX(finished_at) DESC LIMIT $1",
+            "SELECT CASE WHEN $2::text[] IS NULL OR source = ANY($2::text[]) THEN source"
+            f" ELSE $3 END AS named, action, left(last_error, {CAUSE_CHARS}) AS cause,"
+            " COUNT(*), MAX(finished_at) FROM jobs WHERE state = 'dead'"
+            " GROUP BY named, action, cause ORDER BY COUNT(*) DESC, MAX(finished_at) DESC"
+            " LIMIT $1",
             limit,
+            sorted(names) if names is not None else None,
+            other,
         )
         return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
