@@ -22,7 +22,7 @@ from conftest import Target, jobs_for, make_config, new_event
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Outcome, Resources
-from webhookd.alerts import EVENTS_CAP, INGEST_RETRY_S, Alerter
+from webhookd.alerts import EVENTS_CAP, FAILING_STALE_S, INGEST_RETRY_S, Alerter
 from webhookd.clock import ManualClock
 from webhookd.config import ALERT_SOURCE, Config, loads
 from webhookd.errors import ConfigError, JournalUnavailable
@@ -367,37 +367,43 @@ async def test_an_action_failing_for_failing_s_is_told_each_interval_then_its_re
     make_rig: MakeRig,
 ) -> None:
     """A target answering 500 under a retry policy that takes hours to go dead: no job dies,
-    so no dead alert would come for hours. Once every attempt of the action has failed for
-    failing_s, a "failing" alert names it, its attempts and its last error; it is told again
-    each min_interval_s while it fails; the first attempt done after that brings one
-    "recovered" alert with how long it failed."""
+    so no dead alert would come for hours. Once an attempt fails failing_s after the first
+    failure with none done between, a "failing" alert names the action, its attempts and its
+    last error; it is told again each min_interval_s while attempts keep failing, not when
+    nothing was tried meanwhile; the first attempt done after that brings one "recovered"
+    alert with how long it failed."""
     rig = await make_rig("failing_s = 120\nmin_interval_s = 300")
     rig.target.default_status = 500
     await rig.ingest()
     await rig.pool.run_until_idle()  # attempt 1 fails; its retry waits out a backoff
     assert await rig.alerter.tick() == []
-    assert rig.alerter.next_due_s() == pytest.approx(120.0)
+    assert rig.alerter.next_due_s() is None  # one failure says nothing of the next minutes
     rig.clock.advance(119.0)
+    await rig.pool.run_until_idle()  # the retry fails too, 119 s in
     assert await rig.alerter.tick() == []
     rig.clock.advance(1.0)
+    await rig.ingest()
+    await rig.pool.run_until_idle()  # another webhook's attempt fails, 120 s in
     [alert] = await rig.alerter.tick()
     doc = await rig.alert_doc(alert)
     assert (doc["kind"], doc["count"], doc["events"]) == ("failing", 1, [])
     assert doc["text"] == (
-        "webhookd: shop/forward failing for 2m (1 attempt(s), none done; last:"
+        "webhookd: shop/forward failing for 2m (3 attempt(s), none done; last:"
         f" {rig.target.url}/shop answered 500)"
     )
     rig.clock.advance(300.0)
-    await rig.pool.run_until_idle()  # the retry is due: it fails again (the alert is sent)
+    await rig.pool.run_until_idle()  # the retries due fail again (the alert is sent)
     [again] = await rig.alerter.tick()
-    assert "shop/forward failing for 7m (2 attempt(s)" in (await rig.alert_doc(again))["text"]
+    assert "shop/forward failing for 7m (5 attempt(s)" in (await rig.alert_doc(again))["text"]
+    rig.clock.advance(300.0)
+    assert await rig.alerter.tick() == []  # nothing tried since: not told as if it still failed
 
     rig.target.default_status = 200
     rig.clock.advance(3600.0)
     await rig.pool.run_until_idle()
     [recovered] = await rig.alerter.tick()
     assert await rig.alert_doc(recovered) == {
-        "text": "webhookd: recovered: shop/forward done again after 67m failing",
+        "text": "webhookd: recovered: shop/forward done again after 72m failing",
         "kind": "recovered",
         "count": 1,
         "events": [],
@@ -405,6 +411,34 @@ async def test_an_action_failing_for_failing_s_is_told_each_interval_then_its_re
     rig.clock.advance(600.0)
     assert await rig.alerter.tick() == []
     assert rig.alerter.next_due_s() is None
+
+
+async def test_a_catch_alls_names_fail_as_one_action_and_one_unwatched_is_forgotten(
+    make_rig: MakeRig,
+) -> None:
+    """The names a catch-all took (a sender's choice) are followed as its one action, so 300 of
+    them cannot fill the table and hide a configured source's failures; an action nothing
+    has tried for FAILING_STALE_S is no longer followed."""
+    rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
+    rig.alerter.reconfigure(rig.alerter.config, sources={"shop"})
+    for n in range(300):
+        _attempt(rig, "retry", source=f"name{n}")
+    rig.clock.advance(60.0)
+    _attempt(rig, "retry", source="name300")
+    _attempt(rig, "retry")
+    rig.clock.advance(60.0)
+    _attempt(rig, "retry")
+    [alert] = await rig.alerter.tick()
+    doc = await rig.alert_doc(alert)
+    assert doc["count"] == 2
+    assert doc["text"].startswith("webhookd: */forward failing for 2m (301 attempt(s)")
+    assert "; shop/forward failing for 60s (2 attempt(s)" in doc["text"]
+    rig.clock.advance(FAILING_STALE_S + 1)
+    _attempt(rig, "retry")  # shop fails on, alone: the catch-all's entry is dropped
+    rig.clock.advance(60.0)
+    _attempt(rig, "retry")
+    [later] = await rig.alerter.tick()
+    assert (await rig.alert_doc(later))["count"] == 1
 
 
 async def test_an_alert_the_journal_cannot_take_is_logged_once_per_outage(
@@ -436,9 +470,9 @@ async def test_an_alert_the_journal_cannot_take_is_logged_once_per_outage(
     assert said[0][1].startswith(refusal) and said[-1][1] == "alerts are journaled again"
 
 
-def _attempt(rig: Rig, kind: str, **detail: Any) -> None:
-    """Hand the alerter one attempt of shop's forward that ended as ``kind``."""
-    event = new_event("shop", rig.clock.time())
+def _attempt(rig: Rig, kind: str, source: str = "shop", **detail: Any) -> None:
+    """Hand the alerter one attempt of ``source``'s forward that ended as ``kind``."""
+    event = new_event(source, rig.clock.time())
     [new_job] = jobs_for(rig.cfg.sources["shop"])
     job = Job(new_job.id, event.id, new_job.action, "forward", JobState.RUNNING, 1, 5, 0.0)
     outcome = Outcome(kind, error=None if kind == "done" else f"{kind} here", detail=detail)  # type: ignore[arg-type]
@@ -452,7 +486,8 @@ async def test_a_wait_the_lane_planned_is_neither_a_failure_nor_a_success(
 ) -> None:
     """A lane's own pace (``paced``: its RPM, a pause, an open circuit's refusals) neither
     starts nor ends a run of failures; a wait it did not plan (a 429, insufficient_quota)
-    is a failure, so a lane out of quota, whose jobs never go dead, is told."""
+    is a failure, so a lane out of quota, whose jobs never go dead, is told: its circuit's
+    probe, a call a minute, fails again."""
     rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
     _attempt(rig, "wait", paced=True)
     assert rig.alerter.next_due_s() is None
@@ -460,6 +495,8 @@ async def test_a_wait_the_lane_planned_is_neither_a_failure_nor_a_success(
     for _ in range(3):
         _attempt(rig, "wait", paced=True)  # the circuit, open, refusing calls
     rig.clock.advance(60.0)
+    assert await rig.alerter.tick() == []
+    _attempt(rig, "wait", status=429, code="insufficient_quota")  # the probe
     [alert] = await rig.alerter.tick()
     assert "last: wait here" in (await rig.alert_doc(alert))["text"]
     _attempt(rig, "done")

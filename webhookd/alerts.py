@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
+from webhookd.config import ALERT_ACTION, ALERT_SOURCE, CATCH_ALL, AlertsConfig
 from webhookd.errors import JournalError
 from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
@@ -38,8 +38,10 @@ _SOURCES_IN_TEXT = 5
 BACKLOG_CHECK_MAX_S = 30.0
 # After an alert could not be journaled (a full disk), wait this long before trying again.
 INGEST_RETRY_S = 5.0
-# Actions followed for failing alerts at once: a catch-all's names are the senders' to choose.
+# Actions followed for failing alerts at once (a catch-all's names count as one: its own).
 MOST_FAILING = 256
+# An action with no attempt for this long is no longer followed: nothing says it still fails.
+FAILING_STALE_S = 86_400.0
 _ERROR_IN_TEXT = 200
 
 
@@ -49,9 +51,17 @@ class _Failing:
     ``wait`` a lane did not plan: a 429, an exhausted quota)."""
 
     since: float  # wall clock of the first of them
+    last_at: float  # and of the latest
     attempts: int = 0
+    new: int = 0  # since it was last told
     last_error: str = ""
     told: bool = False  # a failing alert has named it
+
+    def due(self, failing_s: float) -> bool:
+        """Still failing ``failing_s`` after its first failure (an attempt then says so), and
+        not told since its latest: an action nothing tries any more (no traffic, its source
+        paused) is told once, not every interval as if it still failed."""
+        return self.last_at - self.since >= failing_s and (not self.told or self.new > 0)
 
 
 @dataclass
@@ -74,9 +84,17 @@ class Alerter:
     """
 
     def __init__(
-        self, config: AlertsConfig | None, journal: BaseJournal, *, clock: Clock = SYSTEM_CLOCK
+        self,
+        config: AlertsConfig | None,
+        journal: BaseJournal,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        sources: Collection[str] | None = None,
     ):
         self.config = config
+        # The configured sources: the names a catch-all took are followed as its own ("*").
+        self._sources = frozenset(sources) if sources is not None else None
+        self._full_said = False
         self.journal = journal
         self.clock = clock
         self._dead = _DeadSince()
@@ -91,10 +109,14 @@ class Alerter:
         self._backlog_cleared = False
         self._not_journaled = False  # the last alert could not be journaled
 
-    def reconfigure(self, config: AlertsConfig | None) -> None:
-        """Alert by ``config`` from now on (a reload's ``[alerts]``). Dead jobs not yet told
-        are told by it, at its interval counted from the last alert; without ``[alerts]`` they
-        are dropped, and dead jobs from then on are not counted."""
+    def reconfigure(
+        self, config: AlertsConfig | None, sources: Collection[str] | None = None
+    ) -> None:
+        """Alert by ``config`` from now on (a reload's ``[alerts]``, and its ``sources``). Dead
+        jobs not yet told are told by it, at its interval counted from the last alert; without
+        ``[alerts]`` they are dropped, and dead jobs from then on are not counted."""
+        if sources is not None:
+            self._sources = frozenset(sources)
         if config == self.config:
             return
         if config is None or not config.failing_s:
@@ -121,22 +143,34 @@ class Alerter:
         config = self.config
         if config is None or not config.failing_s or source == ALERT_SOURCE:
             return
-        key = (source, action)
+        if self._sources is not None and source not in self._sources:
+            source = CATCH_ALL  # a sender chose the name: one entry, not one per name
+        key, now = (source, action), self.clock.time()
         if outcome.kind == "done":
             ended = self._failing.pop(key, None)
             if ended is not None and ended.told:
-                self._recovered[key] = self.clock.time() - ended.since
+                self._recovered[key] = now - ended.since
                 self._wake.set()
         elif outcome.kind != "wait" or not outcome.detail.get("paced"):
             # A wait the lane planned (its pace, a pause) is neither a failure nor a success.
             failing = self._failing.get(key)
             if failing is None:
                 if len(self._failing) >= MOST_FAILING:
+                    if not self._full_said:
+                        log.warning(
+                            "alerts: %d failing actions followed already; %s/%s is not",
+                            MOST_FAILING,
+                            *key,
+                        )
+                        self._full_said = True
                     return
-                failing = self._failing[key] = _Failing(self.clock.time())
-                self._wake.set()  # its alert falls due failing_s from now
+                failing = self._failing[key] = _Failing(now, now)
             failing.attempts += 1
+            failing.new += 1
+            failing.last_at = now
             failing.last_error = finished.error or outcome.error or outcome.kind
+            if failing.due(config.failing_s):
+                self._wake.set()
 
     def observe_poisoned(self, pills: Sequence[Poisoned]) -> None:
         """Jobs a recovery sent to dead (at start, or a silent node's): dead like any other."""
@@ -176,10 +210,8 @@ class Alerter:
             due.append(self._free_at("dead", config))
         if config.backlog_age_s is not None:
             due.append(max(self._next_backlog_check, self._free_at("backlog", config)))
-        if config.failing_s and self._failing:
-            first = min(f.since for f in self._failing.values())
-            at = self.clock.monotonic() + first + config.failing_s - self.clock.time()
-            due.append(max(at, self._free_at("failing", config)))
+        if config.failing_s and any(f.due(config.failing_s) for f in self._failing.values()):
+            due.append(self._free_at("failing", config))
         if self._recovered or self._backlog_cleared:
             due.append(self._free_at("recovered", config))
         if not due:
@@ -219,13 +251,15 @@ class Alerter:
                 self._backlog_told, self._backlog_cleared = False, True
         if config.failing_s and now >= self._free_at("failing", config):
             wall = self.clock.time()
-            due = {k: f for k, f in self._failing.items() if wall - f.since >= config.failing_s}
+            for key in [k for k, f in self._failing.items() if wall - f.last_at > FAILING_STALE_S]:
+                del self._failing[key]
+            due = {k: f for k, f in self._failing.items() if f.due(config.failing_s)}
             if due:
                 sent = await self._send(config, "failing", len(due), [], _failing_text(due, wall))
                 if sent is not None:
                     made.append(sent)
                     for failing in due.values():
-                        failing.told = True
+                        failing.told, failing.new = True, 0
         if (self._recovered or self._backlog_cleared) and now >= self._free_at("recovered", config):
             recovered, cleared = self._recovered, self._backlog_cleared
             text = _recovered_text(recovered, cleared, config.backlog_age_s)
@@ -365,7 +399,7 @@ def _failing_text(due: dict[tuple[str, str], _Failing], wall: float) -> str:
         f" none done; last: {_cut(f.last_error)})"
         for (source, action), f in longest[:_SOURCES_IN_TEXT]
     ]
-    more = ", …" if len(due) > _SOURCES_IN_TEXT else ""
+    more = f"; and {len(due) - _SOURCES_IN_TEXT} more" if len(due) > _SOURCES_IN_TEXT else ""
     return f"webhookd: {'; '.join(parts)}{more}"
 
 

@@ -244,7 +244,7 @@ class Daemon:
                 hook(self)
 
             # Made without [alerts] too, watching nothing, so that a reload can add them.
-            alerter = Alerter(cfg.alerts, journal, clock=self.clock)
+            alerter = Alerter(cfg.alerts, journal, clock=self.clock, sources=cfg.sources)
             pool.on_finish.append(alerter.observe)
 
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
@@ -485,7 +485,7 @@ class Daemon:
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
         running.ctx.reconfigure(cfg)
-        running.alerter.reconfigure(cfg.alerts)
+        running.alerter.reconfigure(cfg.alerts, cfg.sources)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
         self._warn_of(cfg, "config reload: ")
         if gone:

@@ -365,6 +365,8 @@ def check(config_path: str | None, no_journal: bool) -> None:
     alerts = ""
     if cfg.alerts is not None:
         kinds = ["dead"] if cfg.alerts.on_dead else []
+        if cfg.alerts.failing_s:
+            kinds.append(f"failing for {cfg.alerts.failing_s:g}s")
         if cfg.alerts.backlog_age_s is not None:
             kinds.append(f"backlog older than {cfg.alerts.backlog_age_s:g}s")
         alerts = f", alerts on {' and '.join(kinds) or 'nothing'}"
