@@ -426,7 +426,8 @@ async def test_a_handler_that_swallows_the_drains_cancel_is_named_and_does_not_h
     outside. The drain waits a few seconds for it after the cancel, then names the job in a
     warning, re-queues it as cut off (not counted), closes the journal and exits 0, where it
     used to wait on the handler until the stop's deadline and exit 1 blaming "a step of the
-    close"."""
+    close". A handler that catches the cancel and returns has its outcome kept, and is
+    not counted as cut off."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "stubborn_hooks.py").write_text(
@@ -437,7 +438,14 @@ async def test_a_handler_that_swallows_the_drains_cancel_is_named_and_does_not_h
         "        try:\n"
         "            await asyncio.sleep(3600)\n"
         "        except asyncio.CancelledError:\n"
-        "            pass\n"
+        "            pass\n\n\n"
+        "async def polite(event):\n"
+        "    print('polite handler started', file=sys.stderr, flush=True)\n"
+        "    try:\n"
+        "        await asyncio.sleep(3600)\n"
+        "    except asyncio.CancelledError:\n"
+        "        pass\n"
+        "    return {'finished': True}\n"
     )
     cfg = write_config(
         tmp_path / "webhookd.toml",
@@ -449,6 +457,12 @@ name = "stubborn"
 type = "python"
 handler = "stubborn_hooks:handle"
 path = "{project}"
+
+[[sources.shop.actions]]
+name = "polite"
+type = "python"
+handler = "stubborn_hooks:polite"
+path = "{project}"
 """,
         workers="shutdown_grace_s = 0.5",
     )
@@ -457,16 +471,20 @@ path = "{project}"
         assert r.status == 202
         event_id = (await r.json())["id"]
     await daemon.wait_said("stubborn handler started")
+    await daemon.wait_said("polite handler started")
 
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit(timeout_s=25) == 0, daemon.log
     [named] = [line for line in daemon.lines if "did not end" in line and "drain:" in line]
     assert "action=stubborn" in named and "catch CancelledError" in named, daemon.log
     assert not any("stop took longer" in line for line in daemon.lines), daemon.log
+    assert any("drain: 1 job(s) still running after 0.5s were cut off" in x for x in daemon.lines)
+    assert any("stopped cleanly (1 job(s) re-queued)" in line for line in daemon.lines)
     # The handler outlives the close too; the exit's own deadline ends the process.
     assert "exit took longer than 5s (a thread or a handler is stuck)" in daemon.lines[-1]
     doc = await show(procs, cfg, event_id)
-    [job] = doc["jobs"]
+    job, done = sorted(doc["jobs"], key=lambda j: j["action"] != "stubborn")
+    assert (done["action"], done["state"], done["result"]) == ("polite", "done", {"finished": True})
     assert (job["state"], job["attempts"]) == ("queued", 0)
     assert [(a["outcome"], a["detail"]) for a in job["errors"]] == [
         ("interrupted", {"counted": False})

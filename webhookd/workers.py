@@ -834,6 +834,14 @@ class WorkerPool:
             for task in ended:
                 if not task.cancelled():
                     task.exception()  # read: an error past the cancel is the attempt's, unlogged
+            # A handler that caught the cancel and returned: its outcome is recorded, its job
+            # neither cut off nor re-queued.
+            stragglers = {
+                j: t
+                for j, t in stragglers.items()
+                if not (t in ended and not t.cancelled() and t.exception() is None)
+            }
+            attempting = {j: a for j, a in attempting.items() if j in self._attempting}
             for job_id, task in stragglers.items():
                 if task in stuck and job_id in attempting:
                     # A handler that catches CancelledError and goes on: named here, since
