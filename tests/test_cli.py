@@ -143,6 +143,7 @@ async def test_show_events_and_stats_read_the_journal_beside_a_running_daemon(
     # The next page: past --limit's 100,000 too.
     out = await cli("events", "--limit", "1", "--before", done, "--json", "--config", str(config))
     assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [dead]
+    assert out.stderr.startswith("webhookd: note: the next 1 shown; ")
     out = await cli("events", "--before", "evt_nope", "--config", str(config))
     assert out.exit_code == 2 and "--before" in out.output
     for verb in (
@@ -834,12 +835,15 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
             with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as db:
                 db.execute(f"PRAGMA user_version = {len(sqlite_schema.MIGRATIONS) + 1}")
         out = await cli("check", "--config", str(config))
-        assert out.exit_code == 3, out.output
+        assert (out.exit_code, out.stdout) == (3, ""), out.output  # no "ok" before the refusal
         [error] = out.stderr.splitlines()
         assert error.startswith("webhookd: error: ") and "has a schema newer than this" in error
         assert "`webhookd serve` of this webhookd refuses it" in error
         out = await cli("check", "--no-journal", "--config", str(config))  # not read: ok
         assert (out.exit_code, out.stderr) == (0, "")
+        for verb in ("stats", "events"):  # every verb refuses it as serve does: 3
+            out = await cli(verb, "--config", str(config))
+            assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
 
 
 async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) -> None:

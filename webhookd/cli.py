@@ -134,6 +134,8 @@ def _run(coro_fn: Callable[[], Awaitable[T]], journal: config_mod.JournalConfig 
         sys.exit(130)  # as a shell reports a command ended by SIGINT
     except NotFound as exc:
         _fail(_no_event(str(exc), journal) if journal else f"no event {exc}", 1)
+    except JournalNewer as exc:  # as serve and check exit: a rerun will not mend it
+        _fail(str(exc), EXIT_JOURNAL_NEWER)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except WebhookdError as exc:
@@ -370,6 +372,17 @@ def check(config_path: str | None, no_journal: bool) -> None:
         if cfg.alerts.backlog_age_s is not None:
             kinds.append(f"backlog older than {cfg.alerts.backlog_age_s:g}s")
         alerts = f", alerts on {' and '.join(kinds) or 'nothing'}"
+    unusable = why_unusable(cfg.journal.path) if cfg.journal.url is None else None
+    orphans = None
+    if unusable is None and not no_journal:
+        try:  # before the "ok": a journal serve would refuse makes the check fail
+            orphans = _orphans_note(cfg)
+        except JournalNewer as exc:
+            _fail(
+                f"{exc}: `webhookd serve` of this webhookd refuses it; run the newer one, or"
+                " restore a backup taken before the upgrade",
+                EXIT_JOURNAL_NEWER,
+            )
     click.echo(
         f"ok: {cfg.origin}: {len(cfg.sources)} source(s) ({sources}), {actions} "
         f"action(s), {len(cfg.lanes)} lane(s){alerts}"
@@ -387,20 +400,11 @@ def check(config_path: str | None, no_journal: bool) -> None:
 
     for said in action_kinds.warnings(cfg):
         click.echo(f"webhookd: warning: {said}", err=True)
-    if cfg.journal.url is None and (why := why_unusable(cfg.journal.path)):
+    if unusable is not None:
         # A warning, not exit 2: check may run as another user than serve (an operator's).
-        click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {why}", err=True)
-    elif not no_journal:
-        try:
-            orphans = _orphans_note(cfg)
-        except JournalNewer as exc:  # serve would exit on it: so does the check
-            _fail(
-                f"{exc}: `webhookd serve` of this webhookd refuses it; run the newer one, or"
-                " restore a backup taken before the upgrade",
-                EXIT_JOURNAL_NEWER,
-            )
-        if orphans:
-            click.echo(f"webhookd: {orphans}", err=True)
+        click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {unusable}", err=True)
+    elif orphans:
+        click.echo(f"webhookd: {orphans}", err=True)
 
 
 def _orphans_note(cfg: config_mod.Config) -> str | None:
@@ -1048,8 +1052,9 @@ def events(
     if not rows and not as_json:
         click.echo("no events", err=True)
     elif len(rows) == limit:
+        which = "the next" if before else "the newest"
         click.echo(
-            f"webhookd: note: the newest {limit} shown; --limit for more, or --before"
+            f"webhookd: note: {which} {limit} shown; --limit for more, or --before"
             f" {rows[-1].id} for the next page",
             err=True,
         )
