@@ -429,6 +429,30 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
     assert (status, set(error)) == (404, {"error"})
 
 
+async def test_replay_dead_past_max_backlog_answers_a_warning_the_dashboard_shows(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """Dead jobs do not count towards server.max_backlog: a source's replay-dead that takes
+    the backlog past it (the dashboard's Replay N dead) says that intake now answers 503, as
+    the CLI's replay does."""
+    cfg = make_config(
+        tmp_path, forward_source("shop", target.url + "/shop"), server="max_backlog = 1"
+    )
+    running: Running = await run_daemon(cfg)
+    outcomes = Outcomes(running)
+    target.statuses = [500, 500]
+    for n in (1, 2):  # one at a time: a queued job counts towards the cap, a dead one not
+        await outcomes.wait(await accept(running, "/hooks/shop", f'{{"n": {n}}}'), "dead")
+    status, paused = await post_admin(running, "/sources/shop/pause")
+    assert status == 200, paused
+    status, doc = await post_admin(running, "/sources/shop/replay-dead")
+    assert (status, doc["requeued"]) == (202, 2)
+    assert doc["warning"] == (
+        "the backlog is now 2 job(s), past server.max_backlog (1): new webhooks to any source"
+        " are answered 503 until it drains below"
+    )
+
+
 async def test_replay_dead_runs_the_dead_job_alone_not_the_events_delivered_one(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:

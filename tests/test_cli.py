@@ -1585,6 +1585,15 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     assert "not-the-token" not in line and "the-daemons-token" not in line
     line, doc = await stats("the-daemons-token")
     assert line == "" and doc["daemon"]["workers"] and doc["daemon_error"] is None
+    # pause says why the daemon was not asked to apply it at once: the token, by its name.
+    paused = await cli("pause", "shop", *config, env={TOKEN_ENV: "not-the-token"})
+    assert paused.exit_code == 0 and "within a second" in paused.stdout
+    assert paused.stderr == (
+        "webhookd: note: the daemon was not asked to apply it now: the admin API refused the"
+        f" token in {TOKEN_ENV} (admin.token): not the daemon's\n"
+    )
+    resumed = await cli("resume", "shop", *config, env={TOKEN_ENV: "the-daemons-token"})
+    assert (resumed.exit_code, resumed.stderr) == (0, "")
     # A refused reload is said too: what runs is not what the file says.
     running.daemon.request_reload()
     await running.daemon.reloaded.wait()

@@ -513,9 +513,15 @@ class Admin:
                     self.ctx.pool.poke()
         except JournalError as exc:
             return json_error(503, str(exc))
-        return web.json_response(
-            {"source": source, "events": events, "requeued": requeued}, status=202
-        )
+        answer: dict[str, Any] = {"source": source, "events": events, "requeued": requeued}
+        most = self.ctx.config.server.max_backlog
+        if requeued and (backlog := journal.backlog_jobs) > most:
+            # Dead jobs do not count towards the cap: a replay of many closes intake.
+            answer["warning"] = (
+                f"the backlog is now {backlog} job(s), past server.max_backlog ({most}): new"
+                " webhooks to any source are answered 503 until it drains below"
+            )
+        return web.json_response(answer, status=202)
 
 
 def summary_dict(row: EventSummary) -> dict[str, Any]:

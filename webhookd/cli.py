@@ -1225,14 +1225,16 @@ async def _daemon_stats(
 
 async def _daemon_applies(
     cfg: config_mod.Config, journal_id: str, source: str, pausing: bool
-) -> bool:
+) -> tuple[bool, str | None]:
     """Whether the daemon of this journal, asked on its admin API, applied a pause or resume
-    the journal already holds (answered once its dispatcher has it)."""
+    the journal already holds (answered once its dispatcher has it); if not, why, when a
+    daemon answered (a refused token, another journal's daemon on the port)."""
     import aiohttp
 
-    daemon, _ = await _daemon_stats(cfg, journal_id)
+    daemon, why = await _daemon_stats(cfg, journal_id)
     if daemon is None:
-        return False
+        quiet = why is None or why.startswith(("no admin API", "not reachable"))
+        return False, None if quiet else why
     address, headers = _admin_address(cfg)
     verb = "pause" if pausing else "resume"
     try:
@@ -1243,9 +1245,9 @@ async def _daemon_applies(
                 headers={**headers, "X-Webhookd": "1"},
             ) as r,
         ):
-            return r.status == 200
+            return r.status == 200, None if r.status == 200 else f"it answered {r.status}"
     except (aiohttp.ClientError, TimeoutError):
-        return False
+        return False, None
 
 
 def _admin_address(cfg: config_mod.Config) -> tuple[str, dict[str, str]]:
@@ -1392,19 +1394,21 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
     if pausing and (said := cfg.by_other_names(source)):
         _fail(said, 2)
 
-    async def go() -> tuple[bool | None, bool]:
+    async def go() -> tuple[bool | None, tuple[bool, str | None]]:
         async with _journal(cfg) as journal:
             if removed and source not in await journal.paused_sources():
-                return None, False
+                return None, (False, None)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
             identity = await journal.identity()
         # The daemon reads the change at its next sweep (within a second); asked, it applies
         # it before it answers, so no job of a source said paused starts after the answer.
         return changed, await _daemon_applies(cfg, identity, source, pausing)
 
-    changed, applied = _run(go)
+    changed, (applied, why_not) = _run(go)
     if changed is None:
         _fail(cfg.no_source(source), 2)
+    if why_not is not None:
+        click.echo(f"webhookd: note: the daemon was not asked to apply it now: {why_not}", err=True)
     if pausing:
         when = "from now" if applied else "within a second, if one runs"
         click.echo(
