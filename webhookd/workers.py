@@ -841,7 +841,7 @@ class WorkerPool:
                 for j, t in stragglers.items()
                 if not (t in ended and not t.cancelled() and t.exception() is None)
             }
-            attempting = {j: a for j, a in attempting.items() if j in self._attempting}
+            attempting = {j: a for j, a in attempting.items() if j in stragglers}
             for job_id, task in stragglers.items():
                 if task in stuck and job_id in attempting:
                     # A handler that catches CancelledError and goes on: named here, since
