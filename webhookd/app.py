@@ -58,6 +58,7 @@ from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
     JournalError,
+    JournalGone,
     JournalNewer,
     WebhookdError,
 )
@@ -547,7 +548,10 @@ class Daemon:
                     events, dedup = await prune_expired(journal, jc)
                 await journal.refresh_backlog()
             except JournalError as exc:  # a full disk, a failed read: the next round tries again
-                log.warning("retention skipped this round: %s", exc)
+                # A journal removed while open refuses every write until the exit, which its
+                # own lines tell: not a line a round while its contents wait to be saved.
+                level = logging.DEBUG if isinstance(exc, JournalGone) else logging.WARNING
+                log.log(level, "retention skipped this round: %s", exc)
                 continue
             if events or dedup:
                 log.info(

@@ -880,6 +880,11 @@ class WorkerPool:
             failed = await self._unclaim(list(stragglers), cut)
             if failed is None:
                 log.warning("%s; re-queued", late)
+            elif isinstance(failed, JournalGone):
+                # Its file removed while open: the line the daemon exits with says where the
+                # journal went, these jobs running in it, and whether the next start has them.
+                self.left_claimed = len(stragglers)
+                log.info("%s; not re-queued (%s)", late, failed)
             else:
                 self.left_claimed = len(stragglers)
                 log.error("%s, and could not be re-queued (%s): %s", late, failed, RECOVERED)
@@ -887,13 +892,15 @@ class WorkerPool:
             throttle.flush()  # the counts held back, before the process ends
         return len(stragglers)
 
-    async def _unclaim(self, job_ids: list[str], cut: Sequence[Finished] = ()) -> str | None:
+    async def _unclaim(
+        self, job_ids: list[str], cut: Sequence[Finished] = ()
+    ) -> JournalUnavailable | None:
         """Put claimed jobs back to queued (``cut``: the attempts a drain cut off, recorded);
         why not, when the journal could not."""
         try:
             await self.journal.unclaim(job_ids, cut)
         except JournalUnavailable as exc:
-            return str(exc)
+            return exc
         return None
 
     # -- running one job ---------------------------------------------------------------------
