@@ -5,32 +5,38 @@ until the exit took every commit with it. These tests remove the journal's folde
 or a cleaner of ``/tmp`` does), its file alone, or put another file at its path, and check that
 from the moment the daemon sees it nothing more is acknowledged, that every webhook it did
 acknowledge is in the file written back (or beside another file, never over it), and that the
-daemon exits 1 with one line saying where the contents went.
+daemon exits 1 with one line saying where the contents went. A copy that cannot be written (no
+room, no folder) is tried again while the daemon stays up refusing writes, since the contents
+are then held by nothing but the process, and a stop meanwhile makes one last try.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import Running, make_config
-from procs import Procs, Target, get_json, poll, write_config
+from procs import DaemonProc, Procs, Target, get_json, poll, settled_event, write_config
 
 import webhookd.journal as journal_module
+from webhookd.app import STOP_MARGIN_S
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, Priority, new_event_id, new_job_id
@@ -80,6 +86,21 @@ def digest(path: Path) -> str:
 def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The journal looks at its path every 10 ms instead of every second."""
     monkeypatch.setattr(journal_module, "PATH_CHECK_S", 0.01)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that failed is tried again after 1 ms instead of 5 s."""
+    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 0.001)
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Until ``check()`` holds, asked every few milliseconds."""
+
+    async def holds() -> bool:
+        return check()
+
+    await poll(holds, timeout_s=timeout_s, interval_s=0.005)
 
 
 @contextlib.asynccontextmanager
@@ -218,28 +239,135 @@ async def test_a_journal_replaced_by_another_file_is_saved_beside_it_and_leaves_
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
 
 
-async def test_a_journal_that_cannot_be_saved_still_refuses_writes_and_says_so(
-    tmp_path: Path, quick_checks: None
+async def test_a_copy_that_cannot_be_written_is_tried_again_until_the_folder_is_mended(
+    tmp_path: Path,
+    quick_checks: None,
+    quick_retries: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Its folder removed and a file put where that folder was: nothing can be written
-    there. Every write is refused all the same, and the line says the contents were lost."""
+    """Its folder removed and a file put where that folder was: the copy cannot be written
+    there. Every write is refused all the same, the failure is said once, with what to do,
+    ``/readyz``'s reason says it, and the copy is tried again and again (the process holds the
+    only contents) until the file is moved away: then it is written back."""
     path = tmp_path / "state" / "webhookd.db"
     journal = Journal(path, serving=True)
     await journal.open()
     try:
-        await ingest_all(journal, 3)
+        acked = await ingest_all(journal, 3)
         shutil.rmtree(tmp_path / "state")
         (tmp_path / "state").write_text("not a folder")
         async with watched(journal) as watch:
-            with pytest.raises(JournalError, match="saving its contents failed") as caught:
+            await until(lambda: journal.save_tries >= 3)
+            assert not watch.done()
+            problem = journal.writer_problem or ""
+            assert f"journal {path} was removed while open: writes refused;" in problem
+            assert "saving its contents failed (Not a directory" in problem
+            assert (
+                f"trying again every 0.001s: free space or make {path.parent} writable" in problem
+            )
+            with pytest.raises(JournalUnavailable, match="was removed while open"):
+                await journal.ingest(new_item(99))
+            (tmp_path / "state").unlink()  # what the operator does
+            with pytest.raises(JournalError, match=f"written back to {path};"):
                 await watch
-        assert "Not a directory" in str(caught.value)
-        assert "the next start begins a new journal there" in str(caught.value)
-        with pytest.raises(JournalUnavailable):
-            await journal.ingest(new_item(99))
     finally:
         await journal.close()
+    assert event_ids(path) == acked
+    [said] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said.levelno == logging.ERROR
+    assert said.getMessage().startswith(
+        f"journal {path} was removed while open, and saving its contents failed (Not a directory"
+    )
+    assert "trying again every 0.001s, every write refused meanwhile" in said.getMessage()
+    assert f"make {path.parent} writable" in said.getMessage()
+    assert "they are lost if it ends before a copy succeeds" in said.getMessage()
+
+
+async def test_a_copy_failing_one_way_then_another_says_each_reason_once(
+    tmp_path: Path,
+    quick_checks: None,
+    quick_retries: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk nearly full may fail one try one way and the next another: the first failure is
+    the ERROR line, the other reason one WARNING, and neither is said again at each try."""
+    reasons = [errno.ENOSPC, errno.EACCES] * 4
+    save_open = journal_module.save_open
+
+    def flapping(*args: Any) -> Any:
+        if reasons:
+            code = reasons.pop(0)
+            raise OSError(code, os.strerror(code))
+        return save_open(*args)
+
+    monkeypatch.setattr(journal_module, "save_open", flapping)
+    path = tmp_path / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        acked = await ingest_all(journal, 3)
+        path.unlink()
+        async with watched(journal) as watch:
+            with pytest.raises(JournalError, match=f"written back to {path};"):
+                await watch
+    finally:
+        await journal.close()
+    assert journal.save_tries == 9
+    assert event_ids(path) == acked
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [level for level, _ in said] == [logging.ERROR, logging.WARNING], said
+    assert "saving its contents failed (No space left on device)" in said[0][1]
+    assert said[1][1].endswith("saving its contents still fails, now with: Permission denied")
+
+
+async def test_a_stop_while_copies_fail_makes_one_last_try_and_says_the_contents_are_lost(
+    tmp_path: Path, quick_checks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while the copy keeps failing, its next try an hour away: the close does not wait
+    for it, but tries once more at once; that failing too, the line says the contents are
+    lost, and the journal still closes."""
+    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    path = tmp_path / "state" / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    await ingest_all(journal, 3)
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("not a folder")
+    async with watched(journal):
+        await until(lambda: journal.save_tries == 1)
+    # The watch is cancelled, as the daemon's stop does.
+    async with asyncio.timeout(10):
+        with pytest.raises(JournalError, match="saving its contents failed") as caught:
+            await journal.close()
+    assert journal.save_tries == 2
+    said = str(caught.value)
+    assert "(Not a directory: " in said and "; 2 tries): they are lost with this process" in said
+    assert "the next start begins a new journal there" in said
+    assert journal._reader is None and journal._thread is None
     assert (tmp_path / "state").read_text() == "not a folder"
+
+
+async def test_a_stop_once_the_folder_is_mended_writes_the_contents_back_with_its_last_try(
+    tmp_path: Path, quick_checks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cause of the failures put right, then a stop before the next try: the close's own
+    try writes the contents back, and its line says where."""
+    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    path = tmp_path / "state" / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    acked = await ingest_all(journal, 3)
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("not a folder")
+    async with watched(journal):
+        await until(lambda: journal.save_tries == 1)
+        (tmp_path / "state").unlink()
+    async with asyncio.timeout(10):
+        with pytest.raises(JournalError, match=f"written back to {path};"):
+            await journal.close()
+    assert journal.save_tries == 2
+    assert event_ids(path) == acked
 
 
 async def test_a_stop_while_the_contents_are_saved_still_ends_in_the_error(
@@ -316,6 +444,129 @@ async def test_intake_answers_503_and_readyz_says_why_from_the_moment_the_remova
     assert len(fatal) == 1 and fatal[0].startswith("fatal: journal "), fatal
     assert f"written back to {cfg.journal.path};" in fatal[0]
     assert event_ids(cfg.journal.path) == set(acked)
+
+
+async def refused_once(running: Running, acked: list[str]) -> None:
+    """Post one webhook at a time until one is refused (each answered 202 meanwhile, into the
+    file removed but not seen so yet, is ``acked``)."""
+
+    async def refused() -> bool:
+        body = json.dumps({"nonce": os.urandom(8).hex()})  # never a duplicate
+        status, doc = await running.post("/hooks/a", body, headers=JSON)
+        if status == 202:
+            acked.append(doc["id"])
+            return False
+        assert (status, doc) == (503, {"error": "journal unavailable, retry later"})
+        return True
+
+    await poll(refused, timeout_s=10)
+
+
+def no_room(monkeypatch: pytest.MonkeyPatch, room: threading.Event) -> list[int]:
+    """Copies that fail as on a full disk until ``room`` is set; the list counts the tries."""
+    tries: list[int] = []
+    save_open = journal_module.save_open
+
+    def save(*args: Any) -> Any:
+        tries.append(1)
+        if not room.is_set():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save_open(*args)
+
+    monkeypatch.setattr(journal_module, "save_open", save)
+    return tries
+
+
+async def test_serve_refuses_writes_while_the_copy_fails_and_exits_1_once_a_try_writes_it_back(
+    tmp_path: Path,
+    run_daemon: Any,
+    quick_checks: None,
+    quick_retries: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The copy fails for want of room, again and again: the daemon stays up refusing every
+    webhook, ``/readyz`` not ready with the reason, one ERROR line; once there is room, the
+    next try writes the journal back and the daemon exits 1 with the usual line."""
+    room = threading.Event()
+    tries = no_room(monkeypatch, room)
+    cfg = make_config(tmp_path / "state", '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    acked = []
+    for n in range(3):
+        status, doc = await running.post("/hooks/a", json.dumps({"n": n}), headers=JSON)
+        assert status == 202
+        acked.append(doc["id"])
+    shutil.rmtree(tmp_path / "state")
+    await refused_once(running, acked)
+    await until(lambda: len(tries) >= 5)
+    assert not running.task.done()
+    status, ready = await get_json(running.http, f"{running.admin_url}/readyz")
+    assert status == 503 and ready is not None, ready
+    problems = ready["problems"]
+    assert isinstance(problems, list)
+    assert any(
+        "saving its contents failed (No space left on device), trying again every" in p
+        for p in problems
+    ), problems
+    assert await running.post("/hooks/a", b"{}", headers=JSON) == (
+        503,
+        {"error": "journal unavailable, retry later"},
+    )
+    room.set()
+    assert await running.task == 1
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert said[0].startswith(
+        f"journal {cfg.journal.path} was removed while open, and saving its contents failed"
+        " (No space left on device): trying again every 0.001s"
+    )
+    assert (
+        said[1].startswith("fatal: journal ") and f"written back to {cfg.journal.path};" in said[1]
+    )
+    assert event_ids(cfg.journal.path) == set(acked)
+
+
+async def test_serve_stopped_while_the_copy_fails_exits_1_within_the_stop_saying_they_are_lost(
+    tmp_path: Path,
+    run_daemon: Any,
+    downstream: Target,
+    quick_checks: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop (SIGTERM) while every copy fails, the next try an hour away and a job held
+    running at its target: the drain cuts the job off (the journal refuses to take it back,
+    said at info: the exit's line tells the rest), the close makes one last try, and the
+    daemon exits 1 within the stop's time, its line saying the contents are lost."""
+    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    caplog.set_level(logging.INFO, logger="webhookd.workers")
+    tries = no_room(monkeypatch, threading.Event())
+    downstream.delay_s = 60.0
+    cfg = make_config(
+        tmp_path / "state",
+        forward_source("a", f"{downstream.url}/hook"),
+        workers="shutdown_grace_s = 0.2",
+    )
+    running: Running = await run_daemon(cfg)
+    status, _ = await running.post("/hooks/a", b'{"held": true}', headers=JSON)
+    assert status == 202
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)
+    acked: list[str] = []
+    shutil.rmtree(tmp_path / "state")
+    await refused_once(running, acked)
+    await until(lambda: len(tries) == 1)
+    budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
+    async with asyncio.timeout(budget_s):
+        assert await running.stop() == 1
+    assert len(tries) == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert "saving its contents failed (No space left on device): trying again" in said[0]
+    assert said[1].startswith(f"fatal: journal {cfg.journal.path} was removed while open, and")
+    assert "(No space left on device; 2 tries): they are lost with this process" in said[1]
+    [cut] = [r.getMessage() for r in caplog.records if "not re-queued" in r.getMessage()]
+    assert f"not re-queued (journal {cfg.journal.path} was removed while open)" in cut
 
 
 # -- a real daemon -----------------------------------------------------------------------------
@@ -442,3 +693,115 @@ async def test_serve_whose_journal_is_replaced_saves_it_beside_the_new_file_and_
     assert digest(journal) == put
     assert not beside(journal, "-wal")
     assert event_ids(saved) == set(acked)
+
+
+# -- a real daemon on a full disk --------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs (a disk that really fills up), mounted at the folder returned."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs takes root: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to its last byte with one file, returned: removing it makes room."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def serve_on_full_disk(
+    tmp_path: Path, disk: Path, procs: Procs, http: aiohttp.ClientSession
+) -> tuple[DaemonProc, Path, Path, list[str]]:
+    """A daemon whose journal is on ``disk``, five webhooks taken and their jobs done, then the
+    disk filled and the journal's folder removed, and the daemon's copy failed once: the
+    daemon, its config, the filler and the webhooks acknowledged."""
+    journal = disk / "state" / "webhookd.db"
+    body = '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+    cfg = write_config(tmp_path / "webhookd.toml", journal, body)
+    daemon = await procs.serve(cfg)
+    acked = []
+    for n in range(5):
+        status, event_id = await post(http, f"{daemon.url}/hooks/shop", n)
+        assert status == 202 and event_id is not None
+        acked.append(event_id)
+    for event_id in acked:  # nothing left to write once the disk is full
+        await settled_event(http, daemon.admin_url, event_id)
+    filler = fill(disk)
+    shutil.rmtree(disk / "state")
+    line = await daemon.wait_said("saving its contents failed", timeout_s=10)
+    assert re.search(r"Z error ", line), line
+    assert f"journal {journal} was removed while open, and saving its contents failed (" in line
+    assert "trying again every 5s, every write refused meanwhile" in line
+    assert f"make {journal.parent} writable" in line
+    status, event_id = await post(http, f"{daemon.url}/hooks/shop", 99)
+    assert status == 503 and event_id is None
+    status, ready = await get_json(http, f"{daemon.admin_url}/readyz")
+    assert status == 503 and ready is not None
+    problems = ready["problems"]
+    assert isinstance(problems, list)
+    assert any("saving its contents failed (" in p for p in problems), problems
+    return daemon, cfg, filler, acked
+
+
+def above_info(daemon: DaemonProc) -> list[str]:
+    return [x for x in daemon.lines if re.search(r"Z (warning|error) ", x)]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+async def test_serve_on_a_full_disk_keeps_the_removed_journal_until_room_is_made(
+    tmp_path: Path, full_disk: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """The journal on a full disk and its folder removed: the copy fails, and the daemon, the
+    only holder of the contents, stays up refusing webhooks instead of exiting; once room is
+    made, the next try writes the journal back and the daemon exits 1 saying so."""
+    daemon, cfg, filler, acked = await serve_on_full_disk(tmp_path, full_disk, procs, http)
+    assert daemon.proc.returncode is None
+    filler.unlink()
+    assert await daemon.wait_exit(timeout_s=20) == 1, daemon.log
+    journal = full_disk / "state" / "webhookd.db"
+    failed, fatal = above_info(daemon)
+    assert "saving its contents failed" in failed
+    assert "fatal:" in fatal and f"written back to {journal};" in fatal, daemon.log
+    assert "Traceback" not in daemon.log
+    assert await listed(procs, cfg) == set(acked)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+async def test_serve_stopped_while_its_journal_cannot_be_saved_exits_1_saying_it_is_lost(
+    tmp_path: Path, full_disk: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM while the copy keeps failing: one last try, then exit 1 within the stop's time,
+    the line saying the contents are lost."""
+    daemon, _, _, _ = await serve_on_full_disk(tmp_path, full_disk, procs, http)
+    daemon.signal(signal.SIGTERM)
+    budget_s = 2 + 1 + 25 + STOP_MARGIN_S  # ack_timeout_s, shutdown_grace_s: the defaults
+    assert await daemon.wait_exit(timeout_s=budget_s) == 1, daemon.log
+    failed, fatal = above_info(daemon)
+    assert "saving its contents failed" in failed
+    assert "fatal:" in fatal and "they are lost with this process" in fatal, daemon.log
+    assert "database or disk is full" in fatal or "No space left on device" in fatal, fatal
+    assert "Traceback" not in daemon.log

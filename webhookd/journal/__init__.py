@@ -20,6 +20,8 @@ Hazards worth knowing before editing:
   file put at its path), and the file is gone at the exit. The daemon's ``watch`` compares the
   path with what it named at open, once a second; once it differs every write is refused and
   the writer copies the file out through its own connection (``moved``), then the daemon exits.
+  A copy that fails (no room) is tried again every ``SAVE_RETRY_S`` with the daemon still up:
+  its exit would take the only holder of the contents with it.
 * All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
   ``schema`` (migrations, shared SQL, row converters), ``records`` (what goes in and out),
   ``batch`` (what one group commit writes), ``reads`` (queries), and here the lifecycle, the
@@ -199,6 +201,11 @@ CHECKPOINT_PASSES = 4
 # How often the daemon's journal checks that its path still names the file it has open (one
 # ``stat``, beside the writer: never on the ack path).
 PATH_CHECK_S = 1.0
+# How long the daemon waits before it tries again to save a journal removed or replaced while
+# open, when the copy failed (no room, a folder it may not write to): the contents are held
+# only by this process, so it keeps them, refusing every write, until the operator has made
+# room or mended the folder. Each try is one copy (``moved.save_open``).
+SAVE_RETRY_S = 5.0
 _T = TypeVar("_T")
 # The row ``probe_write`` adds and removes (no source name starts with a dot), and its size:
 # about a big webhook's body.
@@ -564,11 +571,16 @@ class Journal(Reads, BaseJournal):
         # Why the writer stopped, when it stopped without close() asking it to.
         self.writer_problem: str | None = None
         # What the path named at open, and, once it names something else, why every write is
-        # refused and the task saving the file's contents (its answer: the line to exit with).
+        # refused and the task saving the file's contents (its answer: the line to exit with),
+        # trying again every SAVE_RETRY_S while the copy fails. ``_save_last``: close() asked,
+        # so the next try is the last; ``_save_wake`` ends the wait before the next at once.
         self._opened_as: FileIds | None = None
         self._refusing: str | None = None
         self._saving: asyncio.Task[str] | None = None
         self._saving_said = False
+        self._save_last = False
+        self._save_wake: asyncio.Event | None = None
+        self.save_tries = 0  # copies tried since the path was seen changed (tests, the lines)
         self.commits = 0
         self.batched_ops = 0
         # Jobs queued or running, kept in step by this process's writes and re-counted when
@@ -637,6 +649,7 @@ class Journal(Reads, BaseJournal):
             self._opened_as = None
         self._refusing = None
         self._saving, self._saving_said = None, False
+        self._save_last, self._save_wake, self.save_tries = False, None, 0
         self.backlog_jobs = await self.backlog()
         self._last_checkpoint = self.clock.monotonic()
         self._closing = False
@@ -651,11 +664,16 @@ class Journal(Reads, BaseJournal):
         Bounded: a writer that does not finish within ``CLOSE_TIMEOUT_S`` is cancelled (what it
         still held fails with ``JournalUnavailable``), and the threads are told to close their
         connections without being waited on past that, so a stuck disk cannot stop an exit.
+
+        A journal whose file was removed or replaced while open (``watch``) and not saved yet
+        gets one last copy, not the wait for the next try, and ``JournalError`` says where its
+        contents went, or that they are lost (``_last_save``).
         """
         self._closing = True
         if self._writes_back_line is not None:  # the last commits went through
             self._say_writes_again()
         self._log_write_failed.flush()
+        said: str | None = None
         try:
             task, self._task = self._task, None
             if task is not None and not task.done():
@@ -667,6 +685,8 @@ class Journal(Reads, BaseJournal):
                     await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
             if self._checkpointing is not None:
                 await asyncio.wait({self._checkpointing}, timeout=CLOSE_TIMEOUT_S)
+            # Before the connections close: the copy is read through the writer's.
+            said = await self._last_save()
             # Only the daemon's: TRUNCATE holds the write lock while it waits for readers, so a
             # CLI command's close would hold up the running daemon's commits behind a long read.
             if self.serving and task is not None and task.done() and self.writer_problem is None:
@@ -675,11 +695,21 @@ class Journal(Reads, BaseJournal):
                 )
         finally:
             await self._close_connections()
-        if self._saving is not None and not self._saving_said:
-            # The watch was cancelled while the contents were being saved (a stop asked for
-            # at that moment): the daemon still exits non-zero, with the same line.
-            self._saving_said = True
-            raise JournalError(await self._saving)
+        if said is not None:
+            raise JournalError(said)
+
+    async def _last_save(self) -> str | None:
+        """The line to exit with, when the contents were being saved and the watch, cancelled
+        by a stop, has not said it: the try running now ends, then at most one more is made
+        (none once one has succeeded), never the wait for the next one."""
+        saving = self._saving
+        if saving is None or self._saving_said:
+            return None
+        self._saving_said = True
+        self._save_last = True
+        if self._save_wake is not None:
+            self._save_wake.set()
+        return await saving
 
     def _checkpoint_quietly(self, sql: str) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -867,14 +897,17 @@ class Journal(Reads, BaseJournal):
 
     async def watch(self) -> None:
         """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
-        once the journal's path no longer names the file open (``moved``).
+        once the journal's path no longer names the file open (``moved``) and its contents
+        have been saved.
 
         The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
         that can neither take nor finish anything, and it must exit rather than half live.
         A file removed or replaced while open takes every commit with it at the exit, so
         from the moment that is seen nothing more is acknowledged or claimed, what the file
         holds is written back out (``_save``), and the daemon exits non-zero with one line
-        saying where it went: the next start opens it and runs again what was running.
+        saying where it went: the next start opens it and runs again what was running. While
+        the copy fails (no room), it is tried again every ``SAVE_RETRY_S``, and the daemon
+        stays up, refusing writes, for as long as that lasts: its exit would lose the file.
         """
         task = self._task
         if task is None:
@@ -900,9 +933,11 @@ class Journal(Reads, BaseJournal):
     def _save(self, how: str) -> None:
         """The path names another file, or none (``how``): refuse every write from now on
         (intake answers 503, ``/readyz`` says why), and hand the writer, behind what it was
-        given before, a copy of the file it has open (``moved.save_open``)."""
+        given before, a copy of the file it has open (``moved.save_open``); ``_saves`` tries
+        again while it fails."""
         self._refusing = f"journal {self.path} was {how} while open"
         self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
+        self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
         opened, at = self._opened_as, self.clock.time()
         assert opened is not None
 
@@ -915,22 +950,77 @@ class Journal(Reads, BaseJournal):
 
         op = CallOp(self._new_future(), save, transaction=False)
         self._queue.put(op)  # behind every write acknowledged or claimed until now
-        self._saving = asyncio.create_task(self._saved(how, op.future), name="journal-save")
+        self._saving = asyncio.create_task(self._saves(how, save, op.future), name="journal-save")
 
-    async def _saved(self, how: str, future: asyncio.Future[Saved | str]) -> str:
-        """The line the daemon exits with, once the writer has run the copy."""
-        try:
-            saved = await future
-        except JournalError as exc:  # the writer stopped first
-            saved = str(exc)
+    async def _saves(
+        self,
+        how: str,
+        save: Callable[[sqlite3.Connection], Saved | str],
+        first: asyncio.Future[Saved | str],
+    ) -> str:
+        """The line the daemon exits with, once a copy is written, or once the last try
+        close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
+        close()) and the copy is tried again on the writer's thread: nothing else writes."""
         what = f"journal {self.path} was {how} while open"
-        if isinstance(saved, str):
-            then = "begins a new journal there" if how == REMOVED else "opens what is there now"
-            return (
-                f"{what}, and saving its contents failed ({saved}): they are lost with this"
-                " process (a `webhookd backup` taken before holds what it held then); nothing"
-                f" was acknowledged once this was seen; exiting: the next start {then}"
+        attempt, said = first, set[str]()
+        while True:
+            last = self._save_last  # asked before this try began: the try is the last
+            try:
+                saved = await attempt
+            except JournalError as exc:  # the writer stopped before it came to it
+                saved = str(exc)
+            self.save_tries += 1
+            if isinstance(saved, Saved):
+                return self._saved(what, how, saved)
+            thread, writer = self._thread, self._writer
+            if last or thread is None or writer is None:
+                return self._lost(what, how, saved)
+            self._save_failed(what, saved, said)
+            wake = self._save_wake
+            assert wake is not None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SAVE_RETRY_S):
+                    await wake.wait()
+            wake.clear()
+            attempt = thread.submit(save, writer)
+
+    def _save_failed(self, what: str, why: str, said: set[str]) -> None:
+        """A copy failed and will be tried again: ``/readyz`` and the systemd status say why
+        from now on; the log says it once, and each other reason once (``said``: those told),
+        so that a disk nearly full failing one way then another is not a line a try."""
+        folder, every = self.path.parent, f"{SAVE_RETRY_S:g}s"
+        self.writer_problem = (
+            f"{what}: writes refused; saving its contents failed ({why}), trying again every"
+            f" {every}: free space or make {folder} writable; they are lost if this process ends"
+            " first"
+        )
+        if not said:
+            log.error(
+                "%s, and saving its contents failed (%s): trying again every %s, every write"
+                " refused meanwhile; free space on its file system or make %s writable, as the"
+                " error calls for. The contents (every acknowledged webhook) are held only by"
+                " this process: they are lost if it ends before a copy succeeds",
+                what,
+                why,
+                every,
+                folder,
             )
+        elif why not in said:
+            log.warning("%s: saving its contents still fails, now with: %s", what, why)
+        else:
+            log.debug("%s: saving its contents failed again (%s)", what, why)
+        said.add(why)
+
+    def _lost(self, what: str, how: str, why: str) -> str:
+        then = "begins a new journal there" if how == REMOVED else "opens what is there now"
+        tries = f"; {self.save_tries} tries" if self.save_tries > 1 else ""
+        return (
+            f"{what}, and saving its contents failed ({why}{tries}): they are lost with this"
+            " process (a `webhookd backup` taken before holds what it held then); nothing"
+            f" was acknowledged once this was seen; exiting: the next start {then}"
+        )
+
+    def _saved(self, what: str, how: str, saved: Saved) -> str:
         if not saved.beside:
             return (
                 f"{what}: its contents (every acknowledged webhook) were written back to"
