@@ -133,6 +133,27 @@ async def test_healthz_and_stats_describe_the_running_daemon(
     assert stats["workers"]["holding"] is False and stats["intake"]["waiting"] == 0
 
 
+async def test_stats_journal_id_is_what_the_cli_reads_for_the_same_journal(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """``webhookd stats`` holds the daemon's ``/stats`` to its own journal's identity: the two
+    agree for the daemon's journal, reached through a symlink too, and not for another."""
+    real = tmp_path / "data" / "webhookd.db"
+    real.parent.mkdir()
+    link = tmp_path / "webhookd.db"
+    link.symlink_to(real)
+    running: Running = await run_daemon(
+        make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    )
+    status, stats = await get(running, "/stats")
+    assert status == 200
+    for path in (link, real):
+        async with Journal(path) as cli_journal:  # as the CLI opens it
+            assert await cli_journal.identity() == stats["journal_id"]
+    async with Journal(tmp_path / "other.db") as other:
+        assert await other.identity() != stats["journal_id"]
+
+
 async def test_stats_lists_fifty_names_a_catch_all_took_and_sums_the_rest_under_its_own(
     tmp_path: Path, run_daemon: StartDaemon
 ) -> None:

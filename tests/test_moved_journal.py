@@ -569,6 +569,58 @@ async def test_serve_stopped_while_the_copy_fails_exits_1_within_the_stop_saying
     assert f"not re-queued (journal {cfg.journal.path} was removed while open)" in cut
 
 
+async def test_a_journals_identity_is_the_file_it_opened_whatever_its_path_names_now(
+    tmp_path: Path,
+) -> None:
+    """``identity`` (what ``webhookd stats`` holds a daemon's ``/stats`` to) is the file the
+    journal opened: the same once its path is removed or names another file, with no error;
+    one never opened reads it from the path, and says plainly when nothing is there."""
+    path = tmp_path / "state" / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        mine = await journal.identity()
+        found = path.stat()
+        assert mine == f"sqlite:{found.st_dev}:{found.st_ino}"
+        shutil.rmtree(tmp_path / "state")
+        assert await journal.identity() == mine
+        (tmp_path / "state").mkdir()
+        async with Journal(path) as other:  # another file at the path now
+            assert await other.identity() != mine
+        assert await journal.identity() == mine
+    finally:
+        await journal.close()
+    assert await Journal(path).identity() != mine  # not opened: what the path names
+    with pytest.raises(JournalError, match="No such file or directory"):
+        await Journal(tmp_path / "none.db").identity()
+
+
+async def test_stats_between_the_removal_and_its_sight_answer_200_with_the_file_opened(
+    tmp_path: Path,
+    run_daemon: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The moment between an ``rm -rf`` of the journal's folder and the daemon's next look at
+    its path (up to a second; held open here): ``/stats`` answered 500 with a traceback at each
+    poll of a dashboard. It answers 200, its ``journal_id`` still the file open, and nothing
+    the admin API serves fails or logs an error."""
+    monkeypatch.setattr(journal_module, "PATH_CHECK_S", 3600.0)
+    cfg = make_config(tmp_path / "state", '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    status, before = await get_json(running.http, f"{running.admin_url}/stats")
+    assert status == 200 and before is not None
+    shutil.rmtree(tmp_path / "state")
+    status, after = await get_json(running.http, f"{running.admin_url}/stats")
+    assert status == 200 and after is not None, after
+    assert after["journal_id"] == before["journal_id"]
+    assert after["journal_bytes"] == {"db": 0, "wal": 0}  # no file at the path
+    for page in ("/readyz", "/stats/series", "/metrics", "/events", "/healthz"):
+        async with running.http.get(running.admin_url + page) as r:
+            assert r.status in (200, 503), (page, r.status, await r.text())
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 # -- a real daemon -----------------------------------------------------------------------------
 
 

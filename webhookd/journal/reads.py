@@ -18,6 +18,7 @@ import aiosqlite
 from webhookd.clock import Clock
 from webhookd.config import CATCH_ALL
 from webhookd.errors import JournalError, JournalNewer, NotFound
+from webhookd.journal.moved import FileIds
 from webhookd.journal.records import (
     CATCH_ALL_SHOWN,
     CAUSE_CHARS,
@@ -96,13 +97,14 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
 
 
 class Reads:
-    """The read half of ``Journal``; it needs ``reader``, ``clock``, ``path``, ``node_id`` and
-    ``opened_at``."""
+    """The read half of ``Journal``; it needs ``reader``, ``clock``, ``path``, ``node_id``,
+    ``opened_at`` and ``_opened_as``."""
 
     path: Path
     clock: Clock
     node_id: str
     opened_at: float
+    _opened_as: FileIds | None  # what the path named at open (None: not open, or no file)
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -411,7 +413,18 @@ class Reads:
         return sum(self.file_bytes().values())
 
     async def identity(self) -> str:
-        found = os.stat(self.path)
+        """The (device, inode) of the file this journal opened, recorded then (``FileIds``):
+        not what the path names now, which a removal or a file put there changes (the daemon
+        sees that within a second, ``watch``). Read from the path only when nothing was
+        recorded (not open); ``JournalError`` when that finds no file."""
+        opened = self._opened_as
+        if opened is not None:
+            device, inode = opened.db
+            return f"sqlite:{device}:{inode}"
+        try:
+            found = os.stat(self.path)
+        except OSError as exc:
+            raise JournalError(f"journal {self.path}: {exc.strerror or exc}") from None
         return f"sqlite:{found.st_dev}:{found.st_ino}"
 
     def file_bytes(self) -> dict[str, int]:
