@@ -387,6 +387,39 @@ async def test_a_stop_while_the_contents_are_saved_still_ends_in_the_error(
     assert event_ids(path) == acked
 
 
+async def test_a_write_queued_as_the_removal_is_seen_is_answered_without_waiting_for_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webhook queued just before the removal is seen, in the writer's batch with it: its
+    commit is answered as it lands, not once the copy (seconds for a big journal, past the
+    intake's ack deadline) is done; the copy holds it."""
+    began, held = threading.Event(), threading.Event()
+    save_open = journal_module.save_open
+
+    def held_save(*args: Any) -> Any:
+        began.set()
+        held.wait(30)
+        return save_open(*args)
+
+    monkeypatch.setattr(journal_module, "save_open", held_save)
+    path = tmp_path / "j" / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        shutil.rmtree(tmp_path / "j")
+        queued = journal.submit_ingest(new_item(1))
+        journal._save("removed")  # what the watch does once it sees it
+        async with asyncio.timeout(10):
+            ingested = await queued
+        assert not held.is_set()
+        assert await asyncio.to_thread(began.wait, 10)
+    finally:
+        held.set()
+        with pytest.raises(JournalError, match=f"written back to {path};"):
+            await journal.close()
+    assert event_ids(path) == {ingested.event_id}
+
+
 async def test_intake_answers_503_and_readyz_says_why_from_the_moment_the_removal_is_seen(
     tmp_path: Path,
     run_daemon: Any,
@@ -426,7 +459,7 @@ async def test_intake_answers_503_and_readyz_says_why_from_the_moment_the_remova
             return True
 
         await poll(refused, timeout_s=10)
-        assert began.wait(10)
+        assert await asyncio.to_thread(began.wait, 10)  # not on the loop: the save needs it
         async with running.http.post(running.url + "/hooks/a", data=b"{}", headers=JSON) as r:
             assert r.status == 503 and r.headers["Retry-After"]
         status, ready = await get_json(running.http, f"{running.admin_url}/readyz")

@@ -932,48 +932,46 @@ class Journal(Reads, BaseJournal):
 
     def _save(self, how: str) -> None:
         """The path names another file, or none (``how``): refuse every write from now on
-        (intake answers 503, ``/readyz`` says why), and hand the writer, behind what it was
-        given before, a copy of the file it has open (``moved.save_open``); ``_saves`` tries
-        again while it fails."""
+        (intake answers 503, ``/readyz`` says why), and, once the writer has done what it was
+        given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
+        tries again while that fails."""
         self._refusing = f"journal {self.path} was {how} while open"
         self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
         self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
+        # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
+        # those writes are answered as they commit, not once the copy (seconds) is done.
+        flushed = CallOp(self._new_future(), _nothing, transaction=False)
+        self._queue.put(flushed)
+        self._saving = asyncio.create_task(self._saves(how, flushed.future), name="journal-save")
+
+    async def _saves(self, how: str, flushed: asyncio.Future[None]) -> str:
+        """The line the daemon exits with, once a copy is written, or once the last try
+        close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
+        close()) and the copy is tried again on the writer's thread: nothing else writes."""
+        what = f"journal {self.path} was {how} while open"
         opened, at = self._opened_as, self.clock.time()
         assert opened is not None
 
         def save(conn: sqlite3.Connection) -> Saved | str:
-            # Never raises: a failure is the line's to tell, not the writer's.
+            # Never raises: a failure is the line's to tell.
             try:
                 return save_open(conn, self.path, opened, at)
             except (OSError, sqlite3.Error) as exc:
                 return _said(exc)
 
-        op = CallOp(self._new_future(), save, transaction=False)
-        self._queue.put(op)  # behind every write acknowledged or claimed until now
-        self._saving = asyncio.create_task(self._saves(how, save, op.future), name="journal-save")
-
-    async def _saves(
-        self,
-        how: str,
-        save: Callable[[sqlite3.Connection], Saved | str],
-        first: asyncio.Future[Saved | str],
-    ) -> str:
-        """The line the daemon exits with, once a copy is written, or once the last try
-        close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
-        close()) and the copy is tried again on the writer's thread: nothing else writes."""
-        what = f"journal {self.path} was {how} while open"
-        attempt, said = first, set[str]()
+        with contextlib.suppress(JournalError):  # the writer stopped first: its thread copies
+            await flushed
+        said = set[str]()
         while True:
             last = self._save_last  # asked before this try began: the try is the last
-            try:
-                saved = await attempt
-            except JournalError as exc:  # the writer stopped before it came to it
-                saved = str(exc)
+            thread, writer = self._thread, self._writer
+            if thread is None or writer is None:  # closed under it (a close() cancelled)
+                return self._lost(what, how, "the journal was closed first")
+            saved = await thread.submit(save, writer)
             self.save_tries += 1
             if isinstance(saved, Saved):
                 return self._saved(what, how, saved)
-            thread, writer = self._thread, self._writer
-            if last or thread is None or writer is None:
+            if last:
                 return self._lost(what, how, saved)
             self._save_failed(what, saved, said)
             wake = self._save_wake
@@ -982,7 +980,6 @@ class Journal(Reads, BaseJournal):
                 async with asyncio.timeout(SAVE_RETRY_S):
                     await wake.wait()
             wake.clear()
-            attempt = thread.submit(save, writer)
 
     def _save_failed(self, what: str, why: str, said: set[str]) -> None:
         """A copy failed and will be tried again: ``/readyz`` and the systemd status say why
@@ -1657,6 +1654,10 @@ class Journal(Reads, BaseJournal):
             return cur.rowcount > 0
 
         return await self._call(fn)  # type: ignore[no-any-return]
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A call that writes nothing: its answer says the writes queued before it are done."""
 
 
 def _said(exc: OSError | sqlite3.Error) -> str:
