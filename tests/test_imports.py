@@ -42,7 +42,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.config",),
     ("webhookd.redact", "webhookd.send"),
     ("webhookd.logs",),
-    # The journal: what it takes and gives and its SQL, its parts, the Journal itself.
+    # The journal: a file's identity and its rescue (nothing of webhookd), what it takes and
+    # gives and its SQL, its parts, the Journal itself.
+    ("webhookd.journal.moved",),
     ("webhookd.journal.records",),
     ("webhookd.journal.schema",),
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
