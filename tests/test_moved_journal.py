@@ -387,12 +387,9 @@ async def test_a_stop_while_the_contents_are_saved_still_ends_in_the_error(
     assert event_ids(path) == acked
 
 
-async def test_a_write_queued_as_the_removal_is_seen_is_answered_without_waiting_for_the_copy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A webhook queued just before the removal is seen, in the writer's batch with it: its
-    commit is answered as it lands, not once the copy (seconds for a big journal, past the
-    intake's ack deadline) is done; the copy holds it."""
+def hold_the_copy(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make the copy of a removed journal wait, once begun, until ``held`` is set: (began,
+    held)."""
     began, held = threading.Event(), threading.Event()
     save_open = journal_module.save_open
 
@@ -402,6 +399,16 @@ async def test_a_write_queued_as_the_removal_is_seen_is_answered_without_waiting
         return save_open(*args)
 
     monkeypatch.setattr(journal_module, "save_open", held_save)
+    return began, held
+
+
+async def test_a_write_queued_as_the_removal_is_seen_is_answered_without_waiting_for_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webhook queued just before the removal is seen, in the writer's batch with it: its
+    commit is answered as it lands, not once the copy (seconds for a big journal, past the
+    intake's ack deadline) is done; the copy holds it."""
+    began, held = hold_the_copy(monkeypatch)
     path = tmp_path / "j" / "webhookd.db"
     journal = Journal(path, serving=True)
     await journal.open()
@@ -431,15 +438,7 @@ async def test_intake_answers_503_and_readyz_says_why_from_the_moment_the_remova
     webhook is answered 503 with ``Retry-After`` and counted, and ``/readyz`` is not ready and
     says why; then the daemon ends with exit status 1 and one fatal line, and the file written
     back holds every webhook answered 202."""
-    began, held = threading.Event(), threading.Event()
-    save_open = journal_module.save_open
-
-    def held_save(*args: Any) -> Any:
-        began.set()
-        held.wait(30)
-        return save_open(*args)
-
-    monkeypatch.setattr(journal_module, "save_open", held_save)
+    began, held = hold_the_copy(monkeypatch)
     cfg = make_config(tmp_path / "state", '[[sources.a.actions]]\ntype = "log"')
     running: Running = await run_daemon(cfg)
     acked = []
