@@ -24,7 +24,6 @@ import shutil
 import signal
 import sqlite3
 import stat
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import aiohttp
 import pytest
 from conftest import Running, make_config
 from procs import DaemonProc, Procs, Target, get_json, poll, settled_event, write_config
+from test_backup import small_disk
 
 import webhookd.journal as journal_module
 from webhookd.app import STOP_MARGIN_S
@@ -785,20 +785,8 @@ async def test_serve_whose_journal_is_replaced_saves_it_beside_the_new_file_and_
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MB tmpfs (a disk that really fills up), mounted at the folder returned."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(disk)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs takes root: {mounted.stderr.strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "3m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def fill(disk: Path) -> Path:
