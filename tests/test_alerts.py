@@ -420,7 +420,8 @@ async def test_a_catch_alls_names_fail_as_one_action_and_one_unwatched_is_forgot
     them cannot fill the table and hide a configured source's failures; an action nothing
     has tried for FAILING_STALE_S is no longer followed."""
     rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
-    rig.alerter.reconfigure(rig.alerter.config, sources={"shop"})
+    catch_all = loads('[sources.shop]\n[sources."*"]\n')  # shop, and "*" for any other name
+    rig.alerter.reconfigure(rig.alerter.config, catch_all.counted_as)
     for n in range(300):
         _attempt(rig, "retry", source=f"name{n}")
     rig.clock.advance(60.0)

@@ -17,13 +17,13 @@ import json
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ALERT_ACTION, ALERT_SOURCE, CATCH_ALL, AlertsConfig
+from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
 from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
@@ -89,11 +89,12 @@ class Alerter:
         journal: BaseJournal,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        sources: Collection[str] | None = None,
+        counted_as: Callable[[str], str] | None = None,
     ):
         self.config = config
-        # The configured sources: the names a catch-all took are followed as its own ("*").
-        self._sources = frozenset(sources) if sources is not None else None
+        # The daemon config's ``counted_as``: the names a catch-all took are followed as its
+        # own ("*"). None: each name as it is.
+        self._counted_as = counted_as
         self._full_said = False
         self.journal = journal
         self.clock = clock
@@ -110,13 +111,14 @@ class Alerter:
         self._not_journaled = False  # the last alert could not be journaled
 
     def reconfigure(
-        self, config: AlertsConfig | None, sources: Collection[str] | None = None
+        self, config: AlertsConfig | None, counted_as: Callable[[str], str] | None = None
     ) -> None:
-        """Alert by ``config`` from now on (a reload's ``[alerts]``, and its ``sources``). Dead
-        jobs not yet told are told by it, at its interval counted from the last alert; without
-        ``[alerts]`` they are dropped, and dead jobs from then on are not counted."""
-        if sources is not None:
-            self._sources = frozenset(sources)
+        """Alert by ``config`` from now on (a reload's ``[alerts]``, and its config's
+        ``counted_as``). Dead jobs not yet told are told by it, at its interval counted from
+        the last alert; without ``[alerts]`` they are dropped, and dead jobs from then on are
+        not counted."""
+        if counted_as is not None:
+            self._counted_as = counted_as
         if config == self.config:
             return
         if config is None or not config.failing_s:
@@ -143,8 +145,8 @@ class Alerter:
         config = self.config
         if config is None or not config.failing_s or source == ALERT_SOURCE:
             return
-        if self._sources is not None and source not in self._sources:
-            source = CATCH_ALL  # a sender chose the name: one entry, not one per name
+        if self._counted_as is not None:
+            source = self._counted_as(source)  # a sender's name: one entry, not one per name
         key, now = (source, action), self.clock.time()
         if outcome.kind == "done":
             ended = self._failing.pop(key, None)

@@ -245,7 +245,7 @@ class Daemon:
                 hook(self)
 
             # Made without [alerts] too, watching nothing, so that a reload can add them.
-            alerter = Alerter(cfg.alerts, journal, clock=self.clock, sources=cfg.sources)
+            alerter = Alerter(cfg.alerts, journal, clock=self.clock, counted_as=cfg.counted_as)
             pool.on_finish.append(alerter.observe)
 
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
@@ -486,7 +486,7 @@ class Daemon:
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
         running.ctx.reconfigure(cfg)
-        running.alerter.reconfigure(cfg.alerts, cfg.sources)
+        running.alerter.reconfigure(cfg.alerts, cfg.counted_as)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
         self._warn_of(cfg, "config reload: ")
         if gone:
@@ -832,32 +832,38 @@ async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str,
         unfinished = await journal.unfinished_by_action()
     except JournalError:
         return []  # the daemon says what is wrong with its journal elsewhere
-    pairs = [pair for pair, n in unfinished.items() if n and _orphaned(cfg, *pair)]
-    if orphans := orphaned_jobs(cfg, unfinished):
+    found = _orphans(cfg, unfinished)
+    if found:
         log.warning(
             "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
             " turn (`webhookd replay --dead --source NAME` runs them once the source and action"
             " are back under those names)",
             cfg.origin,
-            orphans,
+            _orphans_text(found),
         )
-    return pairs
+    return list(found)
 
 
-def _orphaned(cfg: Config, source: str, action: str) -> bool:
-    found = cfg.source_for(source)
-    return found is None or found.action(action) is None
+def _orphans(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """The pairs of ``unfinished`` that ``cfg`` cannot run (as the workers decide it:
+    ``source_for`` and its ``action``), sorted, with their jobs."""
+    out = {}
+    for (source, action), n in sorted(unfinished.items()):
+        found = cfg.source_for(source)
+        if n and (found is None or found.action(action) is None):
+            out[source, action] = n
+    return out
+
+
+def _orphans_text(orphans: Mapping[tuple[str, str], int]) -> str:
+    return ", ".join(f"{source}/{action} ({n})" for (source, action), n in orphans.items())
 
 
 def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str | None:
-    """``source/action (jobs)`` for each pair of ``unfinished`` that ``cfg`` cannot run (as the
-    workers decide it: ``source_for`` and its ``action``), sorted, comma-separated; ``None``
-    when it can run them all (the start's warning and ``check``'s)."""
-    out: list[str] = []
-    for (source, action), n in sorted(unfinished.items()):
-        if n and _orphaned(cfg, source, action):
-            out.append(f"{source}/{action} ({n})")
-    return ", ".join(out) or None
+    """``source/action (jobs)`` for each pair of ``unfinished`` that ``cfg`` cannot run,
+    sorted, comma-separated; ``None`` when it can run them all (``check``'s note, as the
+    start warns of them)."""
+    return _orphans_text(_orphans(cfg, unfinished)) or None
 
 
 def _source_action(name: str) -> tuple[str, str]:

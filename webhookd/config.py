@@ -480,6 +480,13 @@ class Config:
             return self.sources.get(CATCH_ALL)
         return found
 
+    def counted_as(self, name: str) -> str:
+        """The name a source's jobs are counted and followed under: the source ``source_for``
+        finds (``*`` for a name the catch-all took, so a sender's choice of names is one
+        entry), else the name itself (a source since removed)."""
+        source = self.source_for(name)
+        return source.name if source is not None else name
+
     def by_other_names(self, name: str) -> str | None:
         """What a verb that acts on one source's events or jobs says of a name the catch-all
         would seem to take but never journals: its own name ``*`` (events go by the name each

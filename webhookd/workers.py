@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from webhookd.actions.base import Action, Outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import CATCH_ALL, ActionConfig, Config, RetryPolicy
+from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
 from webhookd.models import JobState, storable_text
@@ -671,8 +671,7 @@ class WorkerPool:
         job is uncounted under the source it was counted under: a reload meanwhile may give
         its source name another config (a catch-all's event, and now a source of its own)."""
         if delta > 0:
-            source = self.config.source_for(job.source)
-            name = self._counted_as[job.id] = source.name if source else job.source
+            name = self._counted_as[job.id] = self.config.counted_as(job.source)
         else:
             name = self._counted_as.pop(job.id, job.source)
         _bump(self._running_by_action, (name, job.action), delta)
@@ -974,9 +973,9 @@ class WorkerPool:
 
     def _failure_line(self, source: str, action: str) -> Throttle:
         """The throttle of one action's retry and wait lines: the names a catch-all took share
-        its action's (a sender chooses them), and past ``_MOST_FAILURE_LINES`` all share one."""
-        if source not in self.config.sources:
-            source = CATCH_ALL
+        its action's (a sender chooses them), and past ``_MOST_FAILURE_LINES`` (the names a
+        removed catch-all left) all share one."""
+        source = self.config.counted_as(source)
         key = (source, action)
         throttle = self._failure_lines.get(key)
         if throttle is None:
