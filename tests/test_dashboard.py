@@ -827,9 +827,15 @@ async def test_dashboard_replays_a_sources_dead_letters(
             "?.textContent"
         )
         assert label == "Replay 1 dead"
-        status = await page.click_for_status(
-            "#sources button.replay-dead[data-source='shop']", "replayed"
+        button = "#sources button.replay-dead[data-source='shop']"
+        await page.click(button)  # the first click arms it: nothing is posted
+        armed = await page.wait_for(
+            f"document.querySelector({json.dumps(button)})?.textContent.startsWith('Click again')"
+            f" && [document.querySelector({json.dumps(button)}).textContent,"
+            f" document.querySelector({json.dumps(button)}).disabled]"
         )
+        assert armed == ["Click again to replay 1 dead", False]
+        status = await page.click_for_status(button, "replayed")
         assert status == "replayed the dead letters of shop: 1 job(s) of 1 event(s) re-queued"
     await event_state(running.http, running.admin_url, event_id, "done")
     assert len(target.seen) == 2
