@@ -30,6 +30,7 @@ from conftest import make_config, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
+from procs import poll
 from rawhttp import RawAnswer, RawConn, post
 
 from webhookd.clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -372,13 +373,31 @@ async def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(
 async def test_bodies_in_flight_over_the_cap_get_503_until_they_are_gone(
     make_intake: StartIntake,
 ) -> None:
-    """Past `max_inflight_body_bytes`, a body is refused 503 + Retry-After; later ones get in."""
+    """Past `max_inflight_body_bytes` of bodies' bytes arrived, a body is refused 503 +
+    Retry-After; later ones get in. A body counts by what has arrived, not by the length its
+    head announces: heads announcing large bodies and sending a byte each hold a byte each."""
     intake = await make_intake(
         CATCH_ALL,
         server="max_body_bytes = 100_000\nmax_inflight_body_bytes = 500_000\n"
         "body_timeout_s = 3\nretry_after_s = 4",
     )
-    holding = [await stalled(intake.address, 100_000) for _ in range(5)]  # the cap, reserved
+
+    async def counted(n: int) -> None:
+        async def held() -> bool:
+            return intake.receiver._inflight_bytes == n
+
+        await poll(held, timeout_s=10)
+
+    idle = [await stalled(intake.address, 100_000) for _ in range(20)]  # 4 times the cap
+    await counted(20)
+    body = json.dumps({"pad": "x" * 50_000}).encode()
+    past_idle = await stalled(intake.address, len(body), body[:10])
+    await past_idle.send(body[10:])
+    assert (await past_idle.answer()).status == 202
+    await past_idle.close()
+    # Five bodies nearly whole: with the idle ones' bytes, the cap.
+    holding = [*idle, *[await stalled(intake.address, 100_000, b"x" * 99_996) for _ in range(5)]]
+    await counted(500_000)
     refused = []
     for _ in range(3):
         conn = await RawConn.open(intake.address)
@@ -406,7 +425,7 @@ async def test_bodies_in_flight_over_the_cap_get_503_until_they_are_gone(
     assert [a.status for a in answers] == [202] * 5, answers
     for conn in conns:
         await conn.close()
-    assert await intake.events() == 5
+    assert await intake.events() == 6
 
 
 # ---------------------------------------------------------------------------------------------

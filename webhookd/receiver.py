@@ -481,10 +481,14 @@ class Receiver:
             client_of(request, self.config.server.trusted_proxies),
         )
 
-    async def _read(self, request: Request, length_bytes: int, most_bytes: int) -> bytes:
+    async def _read(self, request: Request, most_bytes: int) -> bytes:
         """The raw body, at most ``most_bytes`` (else 413), read within
         ``server.body_timeout_s`` while the bytes of all bodies being read stay under
-        ``server.max_inflight_body_bytes`` (else 408 or 503)."""
+        ``server.max_inflight_body_bytes`` (else 408 or 503).
+
+        A body is counted by the bytes that have arrived, not by the length its head announces:
+        counted up front, 64 connections announcing 1 MB each and sending a byte a second held
+        the whole 64 MiB, and every other webhook sent with its body behind its head got 503."""
         server = self.config.server
         content = request.content
         if content.is_eof():  # it came with the headers (the usual case): nothing to wait for
@@ -492,24 +496,20 @@ class Receiver:
             if len(body) > most_bytes:  # chunked, so not refused by its length
                 raise _too_large(most_bytes)
             return body
-        if self._inflight_bytes + length_bytes > server.max_inflight_body_bytes:
+        if self._inflight_bytes >= server.max_inflight_body_bytes:
             raise self._bodies_in_flight()
-        self._inflight_bytes += length_bytes
-        counted = length_bytes
+        counted = 0
         parts: list[bytes] = []
-        size = 0
         try:
             async with asyncio.timeout(server.body_timeout_s):
                 await self._go_on(request)
                 while chunk := await content.readany():
-                    size += len(chunk)
-                    if size > most_bytes:
+                    if counted + len(chunk) > most_bytes:  # chunked, or longer than announced
                         raise _too_large(most_bytes)
-                    if size > counted:  # chunked (or longer than announced): count as it grows
-                        self._inflight_bytes += size - counted
-                        counted = size
-                        if self._inflight_bytes > server.max_inflight_body_bytes:
-                            raise self._bodies_in_flight()
+                    self._inflight_bytes += len(chunk)
+                    counted += len(chunk)
+                    if self._inflight_bytes > server.max_inflight_body_bytes:
+                        raise self._bodies_in_flight()
                     parts.append(chunk)
         except TimeoutError:
             raise _Refused(408, "body not received in time", close=True) from None
@@ -625,7 +625,7 @@ class Receiver:
         most_bytes = src.max_body_bytes or server.max_body_bytes
         if length is not None and length > most_bytes:
             raise _too_large(most_bytes)
-        body = await self._read(request, length or 0, most_bytes)
+        body = await self._read(request, most_bytes)
         headers = request.headers
         encoding = headers.get("Content-Encoding")
         if encoding is not None:
