@@ -576,3 +576,9 @@ def test_client_of_trusts_the_forwarded_for_header_of_listed_peers_alone() -> No
     assert seen("::ffff:10.0.0.2", "6.6.6.6") == "6.6.6.6"
     assert seen("10.0.0.2", "10.0.0.3, 10.0.0.4") == "10.0.0.2"
     assert seen("10.0.0.2") == "10.0.0.2"
+    # A port some proxies append is dropped; a bare IPv6 address keeps its colons.
+    assert seen("10.0.0.2", "6.6.6.6:51234") == "6.6.6.6"
+    assert seen("10.0.0.2", "[2001:db8::7]:443, 10.0.0.9:80") == "2001:db8::7"
+    assert seen("10.0.0.2", "[2001:db8::7]") == "2001:db8::7"
+    assert seen("10.0.0.2", "2001:db8::7") == "2001:db8::7"
+    assert seen("10.0.0.2", "6.6.6.6:x") == "10.0.0.2 (forwarded for '6.6.6.6:x')"

@@ -108,13 +108,26 @@ def client_of(request: Request, trusted: Sequence[Network]) -> str | None:
     if not trusted or peer is None or not _within(peer, trusted):
         return peer
     hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
-    for hop in reversed([h.strip() for h in hops if h.strip()]):
+    for hop in reversed([_without_port(h.strip()) for h in hops if h.strip()]):
         if not _within(hop, trusted):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:  # not an address: what a client wrote, told as such
                 return f"{peer} (forwarded for {hop[:64]!r})"
     return peer
+
+
+def _without_port(hop: str) -> str:
+    """An ``X-Forwarded-For`` entry's address without the port some proxies append (Azure's
+    Application Gateway: ``203.0.113.7:51234``, ``[2001:db8::7]:443``); a bare IPv6 address,
+    colons and all, as it is."""
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end > 0 and (hop[end + 1 :] == "" or hop[end + 1 :].lstrip(":").isdigit()):
+            return hop[1:end]
+        return hop
+    host, colon, port = hop.partition(":")
+    return host if colon and port.isdigit() and ":" not in port else hop
 
 
 def _within(address: str, networks: Sequence[Network]) -> bool:
