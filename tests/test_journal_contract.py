@@ -1624,6 +1624,62 @@ async def test_prune_keeps_what_is_not_expired(store: Store) -> None:
         assert await journal.maintain() >= 0
 
 
+async def test_dedup_keys_stamped_ahead_of_the_clock_are_pruned_a_keep_after_it_steps_back(
+    store: Store,
+) -> None:
+    """Keys made while the clock was a day ahead still dedup once it is stepped back, and are
+    taken as made then: pruned ``keep_dedup_s`` later, not a day and that, and the keys that
+    came after them with them (on SQLite such a head held every later key's pruning until its
+    own time came)."""
+    clock = store.clock
+    keep = {"keep_done_s": 3600.0, "keep_dead_s": 3600.0, "keep_dedup_s": 7200.0}
+    async with store.journal() as journal:
+        ahead = [new_event(received_at=START + 86400) for _ in range(3)]
+        later = [new_event(received_at=START) for _ in range(2)]
+        for item in (*ahead, *later):
+            await journal.ingest(item)
+        assert (await journal.prune(**keep, batch=3)).dedup == 0
+        clock.advance(7201)
+        assert (await journal.key_owner(ahead[0].event.dedup_key)) is not None  # still dedups
+        pruned = 0
+        while (round_ := await journal.prune(**keep, batch=3)).dedup or round_.events:
+            pruned += round_.dedup
+        assert pruned == 5
+        assert await journal.key_owner(ahead[0].event.dedup_key) is None
+
+
+async def test_clock_stepped_back_moves_queued_jobs_times_where_one_clock_wrote_them(
+    store: Store,
+) -> None:
+    """A step back of the wall clock moves every queued job's run_at as far back on SQLite
+    (their order kept, a retry's wait as planned); a cluster's journal leaves them (None)."""
+    clock = store.clock
+    async with store.journal() as journal:
+        waiting, due = new_event(received_at=clock.time()), new_event(received_at=clock.time())
+        for item in (waiting, due):
+            await journal.ingest(item)
+        await journal.claim([waiting.jobs[0].id], "b")
+        retry_at = clock.time() + 30
+        await journal.finish(
+            [
+                finished(
+                    waiting.jobs[0].id, JobState.QUEUED, "retry", now=clock.time(), run_at=retry_at
+                )
+            ]
+        )
+        clock.step_wall(-3600)
+        moved = await journal.clock_stepped_back(3600)
+        run_at = (await journal.get_event(waiting.event.id)).jobs[0].run_at
+        if store.kind == "sqlite":
+            assert moved == 2
+            assert run_at == pytest.approx(clock.time() + 30)
+            assert await journal.next_run_at(frozenset(), after=clock.time()) == pytest.approx(
+                clock.time() + 30
+            )
+        else:
+            assert moved is None and run_at == pytest.approx(retry_at)
+
+
 async def test_prune_works_in_bounded_batches(journal: BaseJournal) -> None:
     """Each prune call deletes at most ``batch`` events: no long transaction on a big backlog."""
     items = [new_event() for _ in range(7)]

@@ -94,11 +94,14 @@ class AdminContext:
     # says and the daemon runs differ until a restart.
     restart_pending: tuple[str, ...] = ()
     masker: Masker = field(init=False)
+    started_mono: float = field(init=False)  # the start on the monotonic clock: the uptime's
 
     def __post_init__(self) -> None:
         if self.counts is None:
             self.counts = PolledCounts(self.journal, lambda: self.config.sources)
         self.masker = Masker(secret_values(self.config))
+        clock = self.pool.clock
+        self.started_mono = clock.monotonic() - (clock.time() - self.started_at)
 
     def reconfigure(self, config: Config) -> None:
         """A reload's config; every secret masked so far stays masked."""
@@ -539,7 +542,8 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     return {
         "boot_id": ctx.boot_id,
         "journal_id": await ctx.journal.identity(),
-        "uptime_s": round(now - ctx.started_at, 3),
+        # Not by the wall clock: a step of it made a negative uptime.
+        "uptime_s": round(ctx.pool.clock.monotonic() - ctx.started_mono, 3),
         "draining": ctx.intake.draining,
         "jobs": dict(counts.jobs_by_state),
         "sources": counts.sources_shown(ctx.config.sources),

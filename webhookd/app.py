@@ -52,7 +52,7 @@ from webhookd.actions.base import Resources
 from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
-from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
 from webhookd.config import Config, Listen, plan_reload
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
@@ -78,6 +78,7 @@ from webhookd.workers import RECOVERED, WorkerPool
 log = logging.getLogger("webhookd")
 
 HEARTBEAT_S = 30.0
+CLOCK_CHECK_S = 1.0  # how often the wall clock is compared with the monotonic one
 
 # Both listeners' per-connection settings, set on purpose, not inherited: an idle keep-alive
 # connection is closed after 75 s (aiohttp's own default is an hour of held sockets); request
@@ -181,6 +182,8 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         started_at = self.clock.time()
+        if (unset := unset_clock(started_at)) is not None:
+            raise WebhookdError(unset)
         async with AsyncExitStack() as stack:
             # First in, last out: pings from the start (a long schema upgrade) to the end of
             # the drain and the journal's close.
@@ -205,6 +208,11 @@ class Daemon:
                     recovered.cancelled,
                 )
             orphans = await _warn_of_orphans(journal, cfg)
+            # A journal written ahead of this clock: it was stepped back while webhookd was down
+            # (or was ahead then). Handled as a step back while it runs is.
+            newest = await journal.list_events(limit=1)
+            if newest and (ahead_s := newest[0].received_at - self.clock.time()) >= STEP_S:
+                await clock_stepped(journal, -ahead_s, since="the newest event was journaled")
 
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(
@@ -292,6 +300,7 @@ class Daemon:
                     tg.create_task(self._reloads(running), name="reload"),
                     tg.create_task(self._keep_status(self.status_now), name="sd-status"),
                     tg.create_task(alerter.run(), name="alerts"),
+                    tg.create_task(self._watch_clock(journal, pool), name="clock"),
                 ]
                 listening: list[_Listener] = []
                 try:
@@ -561,6 +570,14 @@ class Daemon:
                     await journal.storage_bytes(),
                 )
 
+    async def _watch_clock(self, journal: BaseJournal, pool: WorkerPool) -> None:
+        steps = StepWatch(self.clock)
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            if moved_s := steps.step():
+                await clock_stepped(journal, moved_s)
+                pool.poke()  # the jobs due, and the next one's time, are read again
+
     async def _heartbeat(self, ctx: AdminContext) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
@@ -577,6 +594,42 @@ class Daemon:
         else:
             doing = f"taking webhooks on {self.bound.receiver}"
         return status_line(doing, ctx)
+
+
+async def clock_stepped(journal: BaseJournal, moved_s: float, since: str = "") -> None:
+    """Tell a step of the wall clock ``moved_s`` seconds (back: negative) and, for a step back,
+    have the journal move its queued jobs' times with it."""
+    when = f" since {since}" if since else ""
+    if moved_s > 0:
+        log.warning(
+            "the wall clock stepped forward %.0f s%s (set by hand or NTP, or the machine was"
+            " suspended): jobs waiting until then run now",
+            moved_s,
+            when,
+        )
+        return
+    try:
+        moved = await journal.clock_stepped_back(-moved_s)
+    except JournalError as exc:
+        moved, why = None, f"they could not be moved ({exc})"
+    else:
+        why = "a cluster's nodes share them, each by its own clock: keep the nodes in NTP sync"
+    if moved is None:
+        log.warning(
+            "the wall clock stepped back %.0f s%s: queued jobs wait that much longer; %s",
+            -moved_s,
+            when,
+            why,
+        )
+        return
+    log.warning(
+        "the wall clock stepped back %.0f s%s (set by hand or NTP): the %d queued job(s) were"
+        " moved as far back, so that each waits what it was meant to; the journal's earlier"
+        " times are that much ahead of the clock",
+        -moved_s,
+        when,
+        moved,
+    )
 
 
 def heartbeat_line(ctx: AdminContext) -> str:

@@ -1331,7 +1331,7 @@ def _stats_table(doc: dict[str, Any]) -> str:
         state = "STALE" if node["stale"] else ("this" if node["this"] else "live")
         lines.append(
             f"node {node['node_id'][-12:]:<12} {node['host'] or '-'}:{node['pid'] or '-'}"
-            f"  running {node['running']}  heartbeat {_age(node['heartbeat_age_s'])} ago"
+            f"  running {node['running']}  heartbeat {_ago(node['heartbeat_age_s'])}"
             f"  {state}"
         )
     states = list(doc["jobs"])
@@ -1348,7 +1348,7 @@ def _stats_table(doc: dict[str, Any]) -> str:
             error = printable(c["error"]) if c["error"] is not None else "(no error recorded)"
             lines.append(
                 f"{c['jobs']:>7}  {c['source']}/{c['action']}  {error}"
-                f"  (latest {_age(now - c['last_at'])} ago)"
+                f"  (latest {_ago(now - c['last_at'])})"
             )
     return "\n".join(lines)
 
@@ -1361,6 +1361,14 @@ def _age(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def _ago(seconds: float | None) -> str:
+    """How long ago, or how far ahead of this machine's clock a time written by a clock ahead of
+    it (another node's, or this one's before a step back) is."""
+    if seconds is not None and seconds < -1:
+        return f"{_age(-seconds)} ahead of this clock"
+    return "-" if seconds is None else f"{_age(max(seconds, 0.0))} ago"
 
 
 def _pairs(counts: dict[str, int]) -> str:

@@ -909,7 +909,7 @@ class WorkerPool:
         source = self.config.source_for(event.source)
         action_cfg: ActionConfig | None = source.action(job.action) if source else None
         action = self.actions.get((source.name, job.action)) if source else None
-        started_at = self.clock.time()
+        started_at, started = self.clock.time(), self.clock.monotonic()
         if action is None or action_cfg is None:
             # Named with this process: on a cluster, the node a reload has not reached yet.
             node = f"{socket.gethostname()} (pid {os.getpid()})"
@@ -931,7 +931,10 @@ class WorkerPool:
                     del self._attempts_on[key]
                     if key in self._retired:
                         self._close_soon(self._retired.pop(key))
-        finished = self._decide(claimed, action_cfg, outcome, started_at)
+        # Its end is its start and how long it took: a step of the wall clock meanwhile does
+        # not make an attempt of an hour (or of less than nothing) in the metrics.
+        finished_at = started_at + (self.clock.monotonic() - started)
+        finished = self._decide(claimed, action_cfg, outcome, started_at, finished_at)
         self._attempting.pop(job.id, None)  # its attempt is over: a drain does not cut it off
         self._release(job.id)
         if await self._record(finished):
@@ -1054,7 +1057,12 @@ class WorkerPool:
             return Outcome.retry(said, result=result, **detail), False
 
     def _decide(
-        self, claimed: Claimed, cfg: ActionConfig | None, outcome: Outcome, started_at: float
+        self,
+        claimed: Claimed,
+        cfg: ActionConfig | None,
+        outcome: Outcome,
+        started_at: float,
+        finished_at: float,
     ) -> Finished:
         job = claimed.job
         now = self.clock.time()
@@ -1082,7 +1090,7 @@ class WorkerPool:
                 attempt=job.attempts,
                 state=state,
                 started_at=started_at,
-                finished_at=now,
+                finished_at=finished_at,
                 outcome=kind,
                 run_at=run_at,
                 error=err,

@@ -1568,7 +1568,14 @@ class Journal(Reads, BaseJournal):
             jobs = cur.rowcount
             conn.executemany("DELETE FROM events WHERE id = ?", ids)
             # The oldest keys by arrival (rowid), not an index on their time: read ``batch`` of
-            # them and delete those expired (a key from a clock stepped forward waits its turn).
+            # them and delete those expired. Those stamped ahead of the clock (made before it
+            # was stepped back) are taken as made now: left as they were, such a head held
+            # back the deletion of every key behind it until its own time came, 30 years on.
+            conn.execute(
+                "UPDATE dedup SET created_at = ? WHERE n IN (SELECT n FROM (SELECT n, created_at"
+                " FROM dedup ORDER BY n LIMIT ?) WHERE created_at > ?)",
+                (now, batch, now),
+            )
             cur = conn.execute(
                 "DELETE FROM dedup WHERE n IN (SELECT n FROM (SELECT n, created_at FROM dedup"
                 " ORDER BY n LIMIT ?) WHERE created_at < ?)",
@@ -1630,6 +1637,15 @@ class Journal(Reads, BaseJournal):
                 (source, now),
             )
             return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def clock_stepped_back(self, by_s: float) -> int | None:
+        def fn(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE jobs SET run_at = run_at - ? WHERE state = 'queued'", (by_s,)
+            )
+            return max(cur.rowcount, 0)
 
         return await self._call(fn)  # type: ignore[no-any-return]
 

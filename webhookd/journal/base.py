@@ -344,6 +344,14 @@ class BaseJournal(ABC):
     async def resume(self, source: str) -> bool:
         """Let ``source``'s jobs run again; ``False`` if it was not paused."""
 
+    @abstractmethod
+    async def clock_stepped_back(self, by_s: float) -> int | None:
+        """The wall clock was stepped back ``by_s`` seconds: move every queued job's ``run_at``
+        as far back, so that each waits what it was meant to (a retry 30 s, not 30 s and the
+        step; a job just queued not at all) and the jobs keep their order. How many moved;
+        None where nodes whose clocks did not step share the jobs (they are left as they are).
+        """
+
     # -- retention and storage ---------------------------------------------------------------
 
     @abstractmethod

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal.base import REPLAYED_RESULT, BaseJournal
 from webhookd.journal.batch import (
@@ -693,6 +693,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
         )
 
+    async def clock_stepped_back(self, by_s: float) -> int | None:
+        # The jobs' times were written by every node, each by its own clock: this one's step
+        # says nothing of theirs.
+        return None
+
     # -- retention ---------------------------------------------------------------------------
 
     async def prune(
@@ -740,6 +745,15 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     await conn.execute("DELETE FROM jobs WHERE event_id = ANY($1::text[])", ids)
                 )
                 await conn.execute("DELETE FROM events WHERE id = ANY($1::text[])", ids)
+            # Keys stamped ahead of the clock (by a node whose clock was since stepped back) are
+            # taken as made now, as on SQLite: else they are kept until that time comes.
+            await conn.execute(
+                "UPDATE dedup SET created_at = $1 WHERE key IN (SELECT key FROM dedup"
+                " WHERE created_at > $1::double precision + $2 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+                now,
+                STEP_S,
+                batch,
+            )
             dedup = await conn.execute(
                 "DELETE FROM dedup WHERE key IN (SELECT key FROM dedup WHERE created_at < $1"
                 " LIMIT $2 FOR UPDATE SKIP LOCKED)",
