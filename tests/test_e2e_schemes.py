@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -158,14 +160,24 @@ async def test_signed_forged_and_duplicate(
 
 @pytest.mark.parametrize("name", TIMESTAMPED)
 async def test_stale_timestamp_rejected(
-    name: str, tmp_path: Path, target: Target, run_daemon: Any
+    name: str,
+    tmp_path: Path,
+    target: Target,
+    run_daemon: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A correctly signed request a day old is refused and leaves no row."""
+    """A correctly signed request a day old is refused and leaves no row; the log says by how
+    much and which way (the sender is told no more than the reason)."""
     r = await run_daemon(config(tmp_path, target))
     stale = delivery(r, name, delivery_id="dlv-old", now=r.daemon.clock.time() - 86_400)
-    status, err = await post(r, stale)
+    with caplog.at_level(logging.WARNING, logger="webhookd"):
+        status, err = await post(r, stale)
     assert (status, err) == (401, {"error": "timestamp outside tolerance"})
     assert await events_of(r, name) == 0
+    assert re.search(
+        r"detail=.the timestamp is 8640\d s behind this server's clock \(tolerance \d+ s\)",
+        caplog.text,
+    ), caplog.text
 
 
 async def test_mailgun_spends_a_token_once_and_knows_a_retry_by_its_event_id(

@@ -65,9 +65,10 @@ class VerificationError(WebhookdError):
     ("signature mismatch", "timestamp outside tolerance") and never echoes secrets or digests.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail  # for the log alone: what the operator needs to see why
 
 
 class ActionError(WebhookdError):

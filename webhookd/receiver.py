@@ -583,10 +583,11 @@ class Receiver:
         except VerificationError as exc:
             self.state.verify_failures += 1
             self._log_rejected(
-                "rejected webhook source=%s reason=%r peer=%s",
+                "rejected webhook source=%s reason=%r peer=%s%s",
                 name,
                 exc.reason,
                 client_of(request, self.config.server.trusted_proxies),
+                f" detail={exc.detail!r}" if exc.detail else "",
             )
             return json_error(401, exc.reason)
         return verdict.as_dict()

@@ -368,7 +368,14 @@ def check_window(ts: int, now: float, tolerance_s: float, *, future: bool = True
     age = now // 1 - ts
     # Written as "not (inside)" so that a NaN anywhere fails closed; the edge itself is valid.
     if not (age <= tolerance_s and (not future or -age <= tolerance_s)):
-        raise VerificationError("timestamp outside tolerance")
+        # The log says by how much, and which way: a sender's clock off, or this server's
+        # (every provider "off" by the same amount).
+        off = "decades" if abs(age) > 10**9 else f"{abs(age):.0f} s"
+        raise VerificationError(
+            "timestamp outside tolerance",
+            f"the timestamp is {off} {'behind' if age > 0 else 'ahead of'} this server's clock"
+            f" (tolerance {tolerance_s:g} s)",
+        )
 
 
 # -- MACs, in constant time --------------------------------------------------------------------
