@@ -51,6 +51,7 @@ from webhookd.journal import (
 )
 from webhookd.journal import schema as sqlite_schema
 from webhookd.journal.postgres import schema as postgres_schema
+from webhookd.journal.records import EventSummary
 from webhookd.models import JobState, event_id_time, new_event_id, new_job_id
 
 
@@ -518,6 +519,45 @@ async def test_events_follow_prints_each_new_event_as_it_is_journaled(
     out = await cli("events", "--follow", "--state", "dead", "--config", str(config))
     assert out.exit_code == 2
     assert "--follow prints events as they arrive, in whatever state" in out.output
+
+
+async def test_events_follow_goes_on_after_the_clock_steps_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event journaled after the clock stepped back an hour is stamped an hour before the
+    newest one printed: ``--follow``'s look back goes back with the clock, and prints it."""
+    from webhookd import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.0)
+    clock = ManualClock()
+    journal: list[EventSummary] = []
+
+    def journaled(event_id: str) -> EventSummary:
+        row = EventSummary(event_id, "shop", clock.time(), "", "normal", "done", 1)
+        journal.insert(0, row)  # newest first, as the journal lists them
+        return row
+
+    async def listing(limit: int, since: float) -> list[EventSummary]:
+        return [r for r in journal if r.received_at >= since][:limit]
+
+    printed: list[str] = []
+    both = asyncio.Event()
+
+    def echo(row: EventSummary) -> None:
+        printed.append(row.id)
+        if len(printed) == 1:
+            clock.step_wall(-3600)
+            journaled("after the step")
+        else:
+            both.set()
+
+    first = journaled("before the step")
+    follow = asyncio.create_task(cli_mod._follow(listing, [first], 100, None, echo, clock=clock))
+    try:
+        await asyncio.wait_for(both.wait(), 10)
+    finally:
+        follow.cancel()
+    assert printed == ["before the step", "after the step"]
 
 
 async def test_events_replay_and_cancel_take_a_tenant_as_sent(

@@ -28,6 +28,7 @@ import click
 
 from webhookd import __version__
 from webhookd import config as config_mod
+from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -1098,12 +1099,16 @@ async def _follow(
     limit: int,
     since: float | None,
     echo: Callable[[EventSummary], None],
+    clock: Clock = SYSTEM_CLOCK,
 ) -> None:
     """Print the listing oldest first, then each event journaled after it, until cancelled."""
     shown: dict[str, float] = {}  # id → received_at, for the look back's span only
     # A listing cut by its limit: what is older than the oldest line stays unprinted.
     cutoff = min(r.received_at for r in listed) if len(listed) == limit else -math.inf
-    newest = max([r.received_at for r in listed], default=since or time.time())
+    newest = max([r.received_at for r in listed], default=since or clock.time())
+    # The clock stepped back (the daemon's too, on this machine): events are stamped that much
+    # before the newest seen, and the look back must go back with them.
+    steps = StepWatch(clock)
     said_more = False
     rows = listed
     while True:
@@ -1119,6 +1124,9 @@ async def _follow(
                 " are not shown (--source or --contains shows fewer)",
                 err=True,
             )
+        if (moved_s := steps.step()) < 0:
+            newest += moved_s
+            cutoff += moved_s
         horizon = newest - FOLLOW_LOOK_BACK_S
         for event_id in [i for i, at in shown.items() if at < horizon]:
             del shown[event_id]
