@@ -18,6 +18,7 @@ import pytest
 from actionkit import ActionKit, action_kit
 from conftest import Target, make_config
 from openai_standin import StandIn
+from procs import poll
 from standardwebhooks.webhooks import Webhook
 
 from webhookd.actions.openai import _Settings
@@ -701,6 +702,46 @@ async def test_daemon_runs_the_mailgun_case_end_to_end_through_its_lane(
     assert draft["event_id"] == answer["id"]
     assert draft["text"] == "Draft: Reply to Late parcel: Where is it?"
     assert daemon.daemon.lanes["llm"].statistics().admitted_total == 1
+
+
+async def test_a_full_lane_line_leaves_the_other_workers_to_other_sources(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """Model calls queued far past what their lane admits hold at most ``most_waiting`` workers
+    in its line: another source's forwards run at once beside them, not one per admission."""
+    upstream = await StandIn().start()
+    forward = f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/in"
+"""
+    try:
+        cfg = make_config(
+            tmp_path,
+            source(upstream) + forward + "[lanes.llm]\nrpm = 60\nburst_s = 1\n",
+            workers="concurrency = 8\nshutdown_grace_s = 1",
+        )
+        daemon = await run_daemon(cfg)
+        lane = daemon.daemon.lanes["llm"]
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for n in range(40):  # a minute and more of the lane's rpm
+            status, _ = await daemon.post("/hooks/mail", f"subject=n{n}&text=hi", headers=form)
+            assert status == 202
+
+        async def line_full() -> bool:
+            return lane.waiting >= lane.most_waiting
+
+        await poll(line_full, timeout_s=10)
+        for n in range(10):
+            status, _ = await daemon.post("/hooks/shop", json.dumps({"n": n}))
+            assert status == 202
+        # Each would wait for an admission to free a worker without the cap: 10 s and more.
+        await target.wait_for(lambda t: len(t.seen) == 10, timeout_s=5)
+        assert lane.waiting <= lane.most_waiting == 4
+        assert lane.statistics().admitted_total < 20  # the model calls are far from done
+    finally:
+        await upstream.aclose()
 
 
 @pytest.mark.parametrize(

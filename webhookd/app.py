@@ -241,6 +241,7 @@ class Daemon:
                 boot_id=self.boot_id,
                 clock=self.clock,
                 intake=self.intake,
+                rate_lanes=self.lanes,
             )
             self.pool = pool
             # The actions, and those a reload replaced, closed before the HTTP session.

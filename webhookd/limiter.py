@@ -67,6 +67,12 @@ CHUNK_TTL_S = 1.0
 SHARED_LOG_S = LOG_S + CHUNK_TTL_S
 # A job refused because the journal is unreachable comes back after this long.
 JOURNAL_RETRY_S = 5.0
+# Workers waiting in a lane's line at once, at most: the dispatcher starts no job of an action
+# that names the lane past ``Lane.most_waiting`` (two seconds of its rpm, and at least this).
+# Each waiter holds a worker; more than the lane admits in a second or two only kept other
+# sources' jobs from the workers (800 queued model calls at rpm 450 held all 32 workers, and
+# a burst of forwards to an idle target got 37 of 200 through in 20 s).
+MOST_WAITING_FLOOR = 4
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -240,6 +246,10 @@ class Lane:
         self._requests = _Bucket(config.rpm, config.burst_s, now) if config.rpm else None
         self._tokens = _Bucket(config.tpm, config.burst_s, now) if config.tpm else None
         self._queue: deque[_Waiter] = deque()
+        self.most_waiting = max(MOST_WAITING_FLOOR, math.ceil((config.rpm or 0) / WINDOW_S * 2))
+        # Called when a call is admitted or leaves the line (the worker pool's wake: another
+        # job of the lane may start once fewer than ``most_waiting`` wait).
+        self.on_change: Callable[[], None] | None = None
         self._cooling_until = -math.inf
         self._circuit_reason: str | None = None
         self._probe_at = math.inf
@@ -307,6 +317,13 @@ class Lane:
             self._queue.remove(waiter)
             if was_head and self._queue:
                 self._queue[0].wake()
+            if self.on_change is not None:
+                self.on_change()
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting in line (each holds a worker)."""
+        return len(self._queue)
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         """Refund or charge the difference between the reserved and the actual token count."""
@@ -465,6 +482,8 @@ class Lane:
         entry = self._tokens.take(tokens, now) if self._tokens is not None else None
         self._admitted_total += 1
         self._tokens_debited_total += tokens
+        if self.on_change is not None:
+            self.on_change()
         return Reservation(self.name, tokens, now, entry, request)
 
     # -- shared lanes ------------------------------------------------------------------------
@@ -525,6 +544,8 @@ class Lane:
         self._stock[1] -= tokens
         self._admitted_total += 1
         self._tokens_debited_total += tokens
+        if self.on_change is not None:
+            self.on_change()
         return Reservation(self.name, tokens, now, None, None, self._grant_at)
 
     def _drop_stock(self) -> None:

@@ -27,6 +27,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
+from webhookd.limiter import Lane as RateLane
 from webhookd.models import JobState, storable_text
 from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
@@ -138,8 +139,13 @@ class WorkerPool:
         clock: Clock = SYSTEM_CLOCK,
         rng: Callable[[], float] = random.random,
         intake: IntakeState | None = None,
+        rate_lanes: Mapping[str, RateLane] | None = None,
     ) -> None:
         self.config = config
+        # The [lanes] by name (the daemon's dict, which a reload updates in place): a job of an
+        # action that names one whose line is full (``RateLane.most_waiting``) is not started.
+        self.rate_lanes: Mapping[str, RateLane] = rate_lanes if rate_lanes is not None else {}
+        self._lane_room: dict[str, int] = {}  # for this round's picks: room left in each line
         # What an attempt's error and detail quote of a secret (a URL's password, a target
         # echoing a token) is masked before it is journaled: the journal, its backups and a
         # `show` run where the secrets' variables are not set never hold it.
@@ -426,9 +432,10 @@ class WorkerPool:
         """Of new jobs that all fit (``room_at_commit``), those that may start at their commit:
         not of a paused source, not ordered (the journal knows whether an older job of the key
         is unfinished) and without caps (counted across the cluster by a claim). Such a job
-        passes every other check ``_can_run`` makes."""
+        passes every other check ``_can_run`` makes, its lane's line with room included."""
         taken = []
         paused = self.paused
+        room = self._room_in_lanes() if self.rate_lanes else {}
         for item in items:
             e = item.event
             if e.source in paused:
@@ -437,7 +444,12 @@ class WorkerPool:
                 if j.order_key is not None or (self.slow and self._is_slow(e.source, j.action)):
                     continue
                 job = Ready(j.id, e.source, j.action, int(e.priority), e.tenant, None, 0)
+                lane = self._rate_lane_of(job) if room else None
+                if lane in room and room[lane] <= 0:
+                    continue  # its lane's line is full: claimed once it has room
                 if not self._caps(job):
+                    if lane in room:
+                        room[lane] -= 1
                     self._reserved[job.id] = job
                     self._count(job, +1)
                     taken.append(job.id)
@@ -467,6 +479,8 @@ class WorkerPool:
             return True  # the worker records it as dead with a clear reason
         action = source.action(job.action)
         if action is not None:
+            if self._lane_room and self._lane_room.get(action.options.get("lane") or "", 1) <= 0:
+                return False  # its lane's line is full: it would only hold a worker there
             limit = action.concurrency
             if self.slow and (source.name, job.action) in self.slow:
                 limit = 1
@@ -592,12 +606,15 @@ class WorkerPool:
             self._forget_saturated()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._acting) - len(self._reserved)
+        room = self._lane_room = self._room_in_lanes()
         while len(picks) < free:
             job = self.scheduler.pop(self._can_run)
             if job is None:
                 break
             picks[job.id] = job
             self._count(job, +1)
+            if room and (lane := self._rate_lane_of(job)) in room:
+                room[lane] -= 1  # it joins the line once it runs
         if not picks:
             return 0, 0
         # Picks are counted as running from here; a claimed pick keeps its count until its task
@@ -650,6 +667,20 @@ class WorkerPool:
             self._start(c, picks[c.job.id], caps.get(c.job.id, ()))
         lost = len(picks) - len(to_start) - held if claim_ok and not self._stopping else 0
         return len(to_start), lost
+
+    def _room_in_lanes(self) -> dict[str, int]:
+        """How many more of its actions' jobs each lane's line takes now (a lane with stock
+        admits them at once, and wakes the pool to pick more)."""
+        room = {}
+        for name, lane in self.rate_lanes.items():
+            lane.on_change = self._wake.set  # set again each round: a reload adds lanes
+            room[name] = lane.most_waiting - lane.waiting
+        return room
+
+    def _rate_lane_of(self, job: Ready) -> str | None:
+        source = self.config.source_for(job.source)
+        action = source.action(job.action) if source is not None else None
+        return action.options.get("lane") if action is not None else None
 
     def _hold_back(self, full: frozenset[str], refused: list[Ready]) -> int:
         """Caps full with other nodes' jobs: their jobs wait in the window (still queued, no
