@@ -96,6 +96,10 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
     return by_action(rows)
 
 
+# The lane counts ``ready_in_lanes`` pads a statement to (the last is ``LANES_PER_QUERY``).
+_LANES_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, LANES_PER_QUERY)
+
+
 class Reads:
     """The read half of ``Journal``; it needs ``reader``, ``clock``, ``path``, ``node_id``,
     ``opened_at`` and ``_opened_as``."""
@@ -143,9 +147,15 @@ class Reads:
         )
         out: list[Ready] = []
         for start in range(0, len(wants), LANES_PER_QUERY):
-            chunk = wants[start : start + LANES_PER_QUERY]
+            chunk = list(wants[start : start + LANES_PER_QUERY])
+            # Padded to one of a few sizes with parts that read nothing (LIMIT 0): each size is
+            # a statement of its own in the connection's cache, and one per lane count kept up
+            # to 128 statements of up to 200 parts compiled (88 MB more RSS after one of each
+            # count from 1 to 200, against 5 MB padded).
+            size = next(s for s in _LANES_SIZES if s >= len(chunk))
+            chunk += [(chunk[-1][0], 0)] * (size - len(chunk))
             args = [arg for lane, n in chunk for arg in (*lane, now, n)]
-            rows = await fetch(self.reader, " UNION ALL ".join([part] * len(chunk)), args)
+            rows = await fetch(self.reader, " UNION ALL ".join([part] * size), args)
             out.extend(Ready(*r) for r in rows)
         return out
 
