@@ -212,6 +212,34 @@ async def test_ready_in_lanes_compiles_a_few_statement_sizes_whatever_the_lane_c
     assert sorted(parts) == [0, 1, 3, 7, 15, 31, 63, 127, 199]
 
 
+async def test_sqlite_events_from_before_the_query_column_read_as_having_none(
+    tmp_path: Path,
+) -> None:
+    """An event and its queued job journaled by the version before ``events.query``: after the
+    upgrade its page and the claim of its job read its query as ``""``, and a new event keeps
+    its own."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path, version=11)  # the one before ``query``
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body) VALUES ('evt_old', 'shop', 1e9, 'shop:k', '', 1, '[]', X'7B7D')"
+        )
+        conn.execute(
+            "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"
+            " run_at, max_attempts) VALUES ('job_old', 'evt_old', 'shop', 'a', 'log', 'queued',"
+            " 1, '', 1e9, 3)"
+        )
+        conn.commit()
+    async with Journal(path, serving=True) as journal:
+        assert (await journal.get_event("evt_old")).event.query == ""
+        [claimed] = await journal.claim(["job_old"], "b")
+        assert (claimed.event.id, claimed.event.query) == ("evt_old", "")
+        item = new_event(jobs=0)
+        await journal.ingest(NewEvent(dataclasses.replace(item.event, query="store=eu"), ()))
+        assert (await journal.get_event(item.event.id)).event.query == "store=eu"
+
+
 async def test_only_a_daemon_upgrades_a_journal(tmp_path: Path) -> None:
     """A verb of a newer webhookd on a journal of the older schema would change the tables
     under a daemon of the older webhookd, or bring a restored backup forward before the older

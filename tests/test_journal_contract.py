@@ -1778,6 +1778,26 @@ async def test_filtered_actions_are_kept_with_the_event(journal: BaseJournal) ->
     assert (await journal.get_event(plain.event.id)).filtered == ()
 
 
+async def test_an_events_query_is_kept_as_sent_and_comes_back_with_its_claimed_job(
+    journal: BaseJournal,
+) -> None:
+    """The URL query an event was received with is read back as it was written, by the
+    event's page and by the claim that hands its job to a worker; an event without one has
+    ``""``."""
+    sent = new_event()
+    item = NewEvent(dataclasses.replace(sent.event, query="store=eu&note=a%20b+c"), sent.jobs)
+    plain = new_event()
+    for one in (item, plain):
+        await journal.ingest(one)
+    assert (await journal.get_event(item.event.id)).event.query == "store=eu&note=a%20b+c"
+    assert (await journal.get_event(plain.event.id)).event.query == ""
+    claimed = await journal.claim([item.jobs[0].id, plain.jobs[0].id], "b")
+    assert {c.event.id: c.event.query for c in claimed} == {
+        item.event.id: "store=eu&note=a%20b+c",
+        plain.event.id: "",
+    }
+
+
 async def test_expired_events_and_the_oldest_queued_are_counted_and_named(store: Store) -> None:
     """What a prune would delete is counted beforehand (a progress bar), and the oldest queued
     work is named by event, leaving out the source asked (a backlog alert)."""

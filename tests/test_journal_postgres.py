@@ -755,6 +755,37 @@ async def test_pg_the_upgrade_that_adds_behind_marks_the_jobs_queued_behind_a_he
         assert await marked_behind(Store("postgres", old, ManualClock(START))) == {"j2", "j3"}
 
 
+async def test_pg_events_from_before_the_query_column_read_as_having_none(
+    pg_server_url: str,
+) -> None:
+    """An event and its queued job written by the version before ``events.query``: after the
+    upgrade its page and the claim of its job read its query as ``""``."""
+    async with fresh_database(pg_server_url) as old:
+        conn = await asyncpg.connect(old)
+        try:
+            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+            for version, migration in enumerate(MIGRATIONS[:10], start=1):  # before ``query``
+                await conn.execute(migration)
+                await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", version)
+            await conn.execute(
+                "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority,"
+                " headers, body) VALUES ('evt_old', 'shop', $1, 'shop:k', '', 1, '[]', '{}')",
+                START,
+            )
+            await conn.execute(
+                "INSERT INTO jobs (id, event_id, source, action, type, state, priority, tenant,"
+                " run_at, max_attempts) VALUES ('job_old', 'evt_old', 'shop', 'a', 'log',"
+                " 'queued', 1, '', $1, 3)",
+                START,
+            )
+        finally:
+            await conn.close()
+        async with node(old, ManualClock(START)) as journal:
+            assert (await journal.get_event("evt_old")).event.query == ""
+            [claimed] = await journal.claim(["job_old"], "b")
+            assert (claimed.event.id, claimed.event.query) == ("evt_old", "")
+
+
 async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
     pg_url: str, db_outage: DatabaseOutage
 ) -> None:

@@ -215,8 +215,9 @@ def event_state(job_states: list[str]) -> str:
 @quick_init
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An accepted webhook as journaled: the raw body, and the headers as received but for
-    credential headers, whose values are stored as ``***`` (see ``redact``)."""
+    """An accepted webhook as journaled: the raw body, the headers as received but for
+    credential headers, whose values are stored as ``***`` (see ``redact``), and the URL's
+    query as received (still percent-encoded, without the ``?``; ``""`` when there was none)."""
 
     id: str
     source: str
@@ -227,6 +228,7 @@ class Event:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     verified: Mapping[str, Any] | None = None
+    query: str = ""
 
     def header(self, name: str, default: str | None = None) -> str | None:
         lname = name.lower()

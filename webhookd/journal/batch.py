@@ -322,6 +322,7 @@ def sort_ingests(
                 e.body,
                 verified,
                 json.dumps(op.item.filtered) if op.item.filtered else None,
+                e.query,
             )
         )
         ready = []
@@ -452,7 +453,7 @@ def write_ingests(
         insert_rows(
             conn,
             "INSERT INTO events(id, source, received_at, dedup_key, tenant, priority, headers,"
-            " body, verified, filtered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " body, verified, filtered, query) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             out.event_rows,
         )
     # In arrival order (seq), runs of jobs without an order key many rows per statement; one

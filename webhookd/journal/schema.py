@@ -216,6 +216,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN dismissed_at REAL;
     """,
+    # 11 → 12: the URL's query as received (``Event.query``), '' when there was none: the
+    # events of a journal from before read as having none. A constant default rewrites nothing.
+    """
+    ALTER TABLE events ADD COLUMN query TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -379,7 +384,7 @@ def few_jobs_sql(where: str) -> str:
 EVENT_COLUMNS = (
     "e.id AS e_id, e.source AS e_source, e.received_at AS e_received_at,"
     " e.dedup_key AS e_dedup_key, e.tenant AS e_tenant, e.priority AS e_priority,"
-    " e.headers AS e_headers, e.body AS e_body, e.verified AS e_verified"
+    " e.headers AS e_headers, e.body AS e_body, e.verified AS e_verified, e.query AS e_query"
 )
 JOB_COLUMNS = (
     "j.id, j.event_id, j.action, j.type, j.state, j.attempts, j.max_attempts, j.run_at,"
@@ -419,6 +424,7 @@ def claimed_from_row(r: Any) -> tuple[Job, Event, int]:
         headers=tuple((k, v) for k, v in headers),
         body=bytes(r[19]),
         verified=json.loads(r[20]) if r[20] else None,
+        query=r[21],
     )
     return job, event, int(r[11])
 
@@ -434,6 +440,7 @@ def event_from_row(r: sqlite3.Row) -> Event:
         headers=tuple((k, v) for k, v in json.loads(r["e_headers"])),
         body=bytes(r["e_body"]),
         verified=json.loads(r["e_verified"]) if r["e_verified"] else None,
+        query=r["e_query"],
     )
 
 

@@ -233,6 +233,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN IF NOT EXISTS dismissed_at double precision;
     """,
+    # 10 → 11: the URL's query as received; as in the SQLite journal's migration 12. A
+    # constant default is kept in the catalog: no row is rewritten, whatever the table's size.
+    """
+    ALTER TABLE events ADD COLUMN IF NOT EXISTS query text NOT NULL DEFAULT '';
+    """,
 )
 
 

@@ -76,10 +76,10 @@ async def write_ingests(
     if events:
         await conn.execute(
             "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority, headers,"
-            " body, verified, filtered) SELECT * FROM unnest($1::text[], $2::text[],"
+            " body, verified, filtered, query) SELECT * FROM unnest($1::text[], $2::text[],"
             " $3::double precision[], $4::text[], $5::text[], $6::integer[], $7::text[],"
-            " $8::bytea[], $9::text[], $10::text[])",
-            *_columns(events, 10),
+            " $8::bytea[], $9::text[], $10::text[], $11::text[])",
+            *_columns(events, 11),
         )
     if jobs:
         await conn.execute(
