@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import hmac
 import json
 import logging
 import math
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ from procs import poll
 from webhookd.clock import SYSTEM_CLOCK, Clock, ManualClock
 from webhookd.http1 import Answer as Answered
 from webhookd.http1 import Request
-from webhookd.journal import Journal
+from webhookd.journal import MIGRATIONS, Journal
+from webhookd.journal.schema import add_functions, key_digest
 from webhookd.models import Priority
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
@@ -253,6 +256,91 @@ type = "log"
     tenant = "sha256:" + hashlib.sha256(b"key-vip").hexdigest()
     assert vip.tenant == tenant and vip.priority == Priority.HIGH
     assert vip.dedup_key == f"multi:{tenant}:sha256:" + hashlib.sha256(body).hexdigest()
+
+
+async def test_a_query_is_kept_as_sent_and_tells_deliveries_of_one_body_apart(
+    make_intake: StartIntake,
+) -> None:
+    """Where the body's hash is the dedup key, a webhook's URL query is hashed with it: one
+    body under ``?event=created`` and ``?event=deleted`` is two events, each keeping its query
+    as sent (still percent-encoded), and the same query again is a duplicate. Without a query
+    (a bare ``?`` too) the key is the body's hash alone, as it always was."""
+    intake = await make_intake()
+    body = b'{"order": 7}'
+    created = await intake.post("/hooks/plain?event=created&note=a%20b+c", body)
+    deleted = await intake.post("/hooks/plain?event=deleted", body)
+    again = await intake.post("/hooks/plain?event=created&note=a%20b+c", body)
+    bare = await intake.post("/hooks/plain", body)
+    empty = await intake.post("/hooks/plain?", body)
+    assert (created.status, deleted.status, bare.status) == (202, 202, 202)
+    assert len({created.doc["id"], deleted.doc["id"], bare.doc["id"]}) == 3
+    assert (again.status, again.doc) == (200, {"id": created.doc["id"], "duplicate": True})
+    assert (empty.status, empty.doc) == (200, {"id": bare.doc["id"], "duplicate": True})
+    first = (await intake.journal.get_event(created.doc["id"])).event
+    assert first.query == "event=created&note=a%20b+c"
+    hashed = hashlib.sha256(b"event=created&note=a%20b+c\n" + body).hexdigest()
+    assert first.dedup_key == "plain:query+body:sha256:" + hashed
+    plain = (await intake.journal.get_event(bare.doc["id"])).event
+    assert plain.query == ""
+    assert plain.dedup_key == "plain:sha256:" + hashlib.sha256(body).hexdigest()
+
+
+async def test_a_delivery_journaled_before_the_upgrade_is_still_a_duplicate_after_it(
+    tmp_path: Path, make_intake: StartIntake
+) -> None:
+    """A journal of the version before the query was kept, holding a webhook as that
+    webhookd journaled it (its key the body's hash): once upgraded in place, the provider's
+    retry of it, with no query, is answered as its duplicate, and the old event reads as
+    having none."""
+    body = b'{"order": 8}'
+    old_key = "plain:sha256:" + hashlib.sha256(body).hexdigest()
+    path = tmp_path / "webhookd.db"  # make_config's journal
+    with closing(sqlite3.connect(path)) as conn:
+        add_functions(conn)
+        for migration in MIGRATIONS[:11]:  # up to the version before ``events.query``
+            conn.executescript(migration)
+        conn.execute("PRAGMA user_version = 11")
+        conn.execute(
+            "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body) VALUES ('evt_old', 'plain', ?, ?, '', 1, '[]', ?)",
+            (time.time(), old_key, body),
+        )
+        conn.execute(
+            "INSERT INTO dedup (digest, event_id, created_at) VALUES (?, 'evt_old', ?)",
+            (key_digest(old_key), time.time()),
+        )
+        conn.commit()
+    async with Journal(path, serving=True):  # the daemon's start upgrades it
+        pass
+    intake = await make_intake()
+    retry = await intake.post("/hooks/plain", body)
+    assert (retry.status, retry.doc) == (200, {"id": "evt_old", "duplicate": True})
+    assert (await intake.journal.get_event("evt_old")).event.query == ""
+
+
+async def test_a_signed_body_under_a_fresh_query_is_its_first_events_duplicate(
+    make_intake: StartIntake,
+) -> None:
+    """A signature that covers the body and no timestamp (Meta's) keeps the signed body as a
+    dedup key: the query is not signed, so a captured request re-sent under another query is
+    the first event's duplicate, as it is under a fresh delivery id."""
+    secret = "a-meta-app-secret-for-the-test"
+    intake = await make_intake(
+        f"""
+[sources.meta]
+verify = {{ scheme = "meta", secret = "{secret}" }}
+[[sources.meta.actions]]
+type = "log"
+"""
+    )
+    body = b'{"object": "page", "entry": []}'
+    mac = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    signed = {"X-Hub-Signature-256": f"sha256={mac}", "Content-Type": "application/json"}
+    first = await intake.post("/hooks/meta?page=1", body, headers=signed)
+    replayed = await intake.post("/hooks/meta?page=2", body, headers=signed)
+    assert first.status == 202
+    assert (replayed.status, replayed.doc) == (200, {"id": first.doc["id"], "duplicate": True})
+    assert (await intake.journal.get_event(first.doc["id"])).event.query == "page=1"
 
 
 async def test_a_form_of_too_many_fields_is_refused_when_a_rule_reads_it(

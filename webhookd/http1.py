@@ -165,6 +165,14 @@ class Request:
         return self._message.url.query
 
     @property
+    def query_string(self) -> str:
+        """The query as received, still percent-encoded, without the ``?`` (``""`` when none).
+        Bounded by the parser: a request target over ``max_line_size`` (8190 bytes, app.py's
+        ``_HANDLER``) is refused with a 400 before any handler runs, as is (by aiohttp's C
+        parser) a query with a byte that is not ASCII."""
+        return self._message.url.raw_query_string
+
+    @property
     def remote(self) -> str | None:
         return self._conn.peer
 

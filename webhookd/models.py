@@ -184,6 +184,14 @@ def sha256_key(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def query_body_key(query: str, body: bytes) -> str:
+    """The dedup key of a body sent with a query (``/hooks/shop?store=eu``): ``query+body:sha256:``
+    and the hex SHA-256 of the query, a line feed and the body. A request line holds no line
+    feed, so two different (query, body) pairs never hash the same bytes; the label keeps these
+    keys apart from a body's own hash (``sha256_key``), which a request without a query keeps."""
+    return "query+body:" + sha256_key(query.encode() + b"\n" + body)
+
+
 def kept_digest(value: str) -> str:
     """What the journal keeps of a value read from a credential header (a tenant, a dedup or an
     order key): its digest, so that equal values still match and the credential is nowhere."""

@@ -38,7 +38,14 @@ from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error
-from webhookd.models import Event, kept_digest, new_event_id, new_job_id, sha256_key
+from webhookd.models import (
+    Event,
+    kept_digest,
+    new_event_id,
+    new_job_id,
+    query_body_key,
+    sha256_key,
+)
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
 from webhookd.state import BUSY_WAITING, IntakeState
@@ -685,9 +692,17 @@ class Receiver:
         tenant = ""
         if src.tenant and sent_tenant is not None:
             tenant = _storable(_kept(src.tenant, sent_tenant, masked), "tenant", src.tenant) or ""
+        # Read once; stored as sent, like the headers (shown masked where it names a credential).
+        query = request.query_string
+        if query and not query.isascii():  # only aiohttp's pure-Python parser lets one through
+            _storable(query, "the query")
         if key is None:
             # A body's hash is its tenant's: two tenants posting one body are two deliveries.
-            digest = sha256_key(body)
+            # With a query it is the query's too (``/hooks/shop?store=eu`` and ``?store=us``);
+            # without one, the key is what it always was, so a retry across an upgrade is
+            # still a duplicate. A signed body's key (``body_key``) leaves the query out: it
+            # is not signed, and a captured request re-sent under a fresh query would verify.
+            digest = query_body_key(query, body) if query else sha256_key(body)
             key = body_key or (f"{tenant}:{digest}" if tenant else digest)
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         # A source without actions adds no job: the backlog's bound is not its to keep.
@@ -706,6 +721,7 @@ class Receiver:
             headers=redact_request_headers(headers, masked),
             body=body,
             verified=checked,
+            query=query,
         )
         actions = src.actions
         filtered: tuple[str, ...] = ()
