@@ -47,6 +47,7 @@ EVENT_KEYS = {
     "priority",
     "verified",
     "state",
+    "query",
     "jobs",
 }
 JOB_KEYS = {"id", "action", "type", "state", "attempts", "run_at", "result", "errors"}

@@ -567,6 +567,33 @@ async def test_dashboard_event_page_shows_the_dedup_key_a_replay_and_short_attem
         assert cut.startswith("#1 (not counted) ") and "counted" not in cut[17:], cut
 
 
+async def test_dashboard_event_page_shows_the_query_with_a_token_masked_and_no_line_without(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """An event received with a query shows it next to its summary, as sent but for the value
+    of a parameter named as a credential (the token is nowhere in the page), isolated as other
+    text the sender chose; an event without one has no query line."""
+    running = await run_daemon(make_config(tmp_path, '[[sources.shop.actions]]\ntype = "log"'))
+    status, doc = await running.post("/hooks/shop?store=eu&token=t0k-of-the-sender", "{}")
+    assert status == 202, doc
+    status, plain = await running.post("/hooks/shop", "{}")
+    assert status == 202, plain
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{doc['id']}") as page:
+        line = await page.wait_for("document.querySelector('#detail p.query')?.textContent")
+        assert line == "query store=eu&token=***"
+        assert await page.evaluate("document.querySelectorAll('#detail p.query bdi').length") == 1
+        summary = "document.querySelector('#detail p.summary').nextElementSibling.className"
+        assert await page.evaluate(summary) == "query"
+        assert "t0k-of-the-sender" not in await page.evaluate("document.body.innerHTML")
+        await page.evaluate(f"location.hash = '#/events/{plain['id']}'")
+        key = "shop:sha256:" + hashlib.sha256(b"{}").hexdigest()
+        await page.wait_for(
+            f"document.querySelector('#detail p.dedup')?.textContent === 'dedup key {key}'"
+        )
+        assert await page.evaluate("document.querySelector('#detail p.query')") is None
+
+
 async def test_dashboard_cancels_a_job_waiting_for_its_retry(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:

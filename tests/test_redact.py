@@ -20,6 +20,7 @@ from webhookd.redact import (
     redact_request_headers,
     secret_parts,
     secret_values,
+    shown_query,
     written_out,
 )
 
@@ -93,6 +94,28 @@ verify = { scheme = "github", secret = "env:WRITTEN_TEST_NEW" }
 [alerts]
 url = "https://hooks.example.com/services/T1/B2/inline-alert-url-token"
 """
+
+
+@pytest.mark.parametrize(
+    ("query", "shown"),
+    [
+        ("", ""),
+        ("store=eu&event=created", "store=eu&event=created"),
+        ("store=eu&token=t0k&sig=abc&note=a%20b", "store=eu&token=***&sig=***&note=a%20b"),
+        (
+            "X-Hub-Signature=s&api_key=k&access%5Ftoken=z&Password=p",
+            "X-Hub-Signature=***&api_key=***&access%5Ftoken=***&Password=***",
+        ),
+        ("key=k&&flag&secret=&code=1", "key=***&&flag&secret=***&code=***"),
+    ],
+)
+def test_a_query_is_shown_with_the_values_of_its_credential_parameters_masked(
+    query: str, shown: str
+) -> None:
+    """A parameter named as a credential (what masks a header, ``_`` read as ``-``, or a
+    credential query name: ``key``, ``sig``, ``code``) is shown as ``name=***``, whatever the
+    case or the percent-encoding of its name; every other byte of the query as received."""
+    assert shown_query(query) == shown
 
 
 def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(

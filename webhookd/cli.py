@@ -512,6 +512,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
     idle_journal = cfg.journal.url is None and serve_lock_held(cfg.journal.path) is False
     click.echo(f"event    {doc['id']}  [{doc['state']}]")
     click.echo(f"source   {doc['source']}   received {_when(doc['received_at'])}")
+    if doc["query"]:
+        click.echo(printable(f"query    {doc['query']}"))
     click.echo(
         printable(
             f"tenant   {doc['tenant'] or '-'}   priority {doc['priority']}   "

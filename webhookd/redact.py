@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from webhookd.config import (
     DEFAULT_OPENAI_API_KEY,
@@ -106,6 +106,27 @@ def shown_headers(
     if verify is not None and verify.header:
         names |= {verify.header.lower()}
     return redact_headers(pairs, names)
+
+
+def shown_query(query: str) -> str:
+    """The query as it is shown: a parameter whose name reads as a credential (a header's
+    ``_SHOWN_MASKED_HINTS``, ``_`` read as ``-``, or one of ``_CREDENTIAL_QUERY_NAMES``:
+    ``?token=``, ``?api_key=``, ``?sig=``) keeps its name, its value ``***``; the rest as
+    received, still percent-encoded. Stored as sent, as signature headers are."""
+    if not query:
+        return query
+    params = query.split("&")
+    for i, param in enumerate(params):
+        name, eq, _value = param.partition("=")
+        if eq and _credential_param(unquote_plus(name)):
+            params[i] = f"{name}={MASK}"
+    return "&".join(params)
+
+
+def _credential_param(name: str) -> bool:
+    low = name.lower()
+    dashed = low.replace("_", "-")
+    return low in _CREDENTIAL_QUERY_NAMES or any(hint in dashed for hint in _SHOWN_MASKED_HINTS)
 
 
 class Masker:

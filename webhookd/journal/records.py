@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 from webhookd.config import ALERT_SOURCE, CATCH_ALL, VerifyConfig
 from webhookd.models import Event, Job, JobState, quick_init
-from webhookd.redact import shown_headers
+from webhookd.redact import shown_headers, shown_query
 
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
 # bound on what one request for one event sends back (the whole body stays in the journal).
@@ -157,7 +157,8 @@ class EventDetail:
         """The one JSON shape of ``GET /events/<id>`` and ``webhookd show --json`` (contract).
 
         ``headers`` are shown with credential and signature values masked (``verify``, the
-        source's, names its own signature header); ``body`` is the body as text (UTF-8, bad
+        source's, names its own signature header), and so are the ``query``'s credential
+        parameters (``""`` when the URL had none); ``body`` is the body as text (UTF-8, bad
         bytes replaced), its first ``SHOWN_BODY_BYTES`` when ``body_truncated``.
         """
         e = self.event
@@ -172,6 +173,7 @@ class EventDetail:
             "state": self.state,
             "content_type": e.content_type,
             "body_bytes": len(e.body),
+            "query": shown_query(e.query),
             "headers": [list(pair) for pair in shown_headers(e.headers, verify)],
             "body": e.body[:SHOWN_BODY_BYTES].decode("utf-8", "replace"),
             "body_truncated": len(e.body) > SHOWN_BODY_BYTES,
