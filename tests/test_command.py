@@ -416,7 +416,7 @@ async def test_program_sees_a_minimal_environment_unless_opted_in(
     assert job.history[0].detail is not None
     seen = set(json.loads(job.history[0].detail["stdout"]))
     passed_on = {n for n in os.environ if n in ("PATH", "HOME", "LANG") or n.startswith("LC_")}
-    expected = passed_on | {"TZ", "STAGE", "WEBHOOKD_EVENT_ID", "WEBHOOKD_SOURCE"}
+    expected = passed_on | {"TZ", "STAGE", "WEBHOOKD_EVENT_ID", "WEBHOOKD_SOURCE", "WEBHOOKD_QUERY"}
     # The program's own Python may add LC_CTYPE (PEP 538 locale coercion): an LC_* name anyway.
     assert seen - {"LC_CTYPE"} == expected | visible
 

@@ -5,7 +5,8 @@ argument whatever it contains (put ``--`` before such arguments if the program t
 The environment is minimal, because output tails are shown by the API and a program should
 not see the daemon's secrets: ``PATH``, ``HOME``, ``LANG``, ``LC_*`` and ``TZ`` from the daemon,
 the names ``inherit_env`` lists (``*`` globs allowed), the action's ``env`` table, then
-``WEBHOOKD_EVENT_ID`` and ``WEBHOOKD_SOURCE``. A NUL byte in a rendered argument (a payload can
+``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and ``WEBHOOKD_QUERY`` (the URL's query as received,
+empty when it had none). A NUL byte in a rendered argument (a payload can
 hold one, a program argument cannot) makes the attempt dead. Exit 0 is done, an exit code listed
 in ``permanent_exit_codes`` is dead, anything else (another code, a signal) is retried. The last
 2 KB of stdout and stderr are kept with the attempt.
@@ -36,7 +37,7 @@ from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.redact import Masker, secret_values
-from webhookd.templates import Template, compile_template, payload_of
+from webhookd.templates import Template, compile_template, payload_of, query_of
 
 log = logging.getLogger("webhookd.actions.command")
 
@@ -195,8 +196,10 @@ class CommandAction:
         self.masker = masker
 
     def argv_for(self, event: Event) -> list[str]:
-        payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
-        return [arg.render(payload) for arg in self.settings.argv]
+        if not any(a.has_lookups for a in self.settings.argv):
+            return [arg.render({}) for arg in self.settings.argv]
+        payload, query = payload_of(event), query_of(event)
+        return [arg.render(payload, query) for arg in self.settings.argv]
 
     def env_for(self, event: Event) -> dict[str, str]:
         inherited = {
@@ -209,6 +212,7 @@ class CommandAction:
             **self.settings.env,
             "WEBHOOKD_EVENT_ID": event.id,
             "WEBHOOKD_SOURCE": event.source,
+            "WEBHOOKD_QUERY": event.query,
         }
 
     async def run(self, event: Event, job: Job) -> Outcome:

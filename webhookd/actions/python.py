@@ -3,7 +3,8 @@
 The handler is imported when the config is loaded (``webhookd check`` included), from the
 directories on ``sys.path`` plus ``path`` (default: the current directory); a missing module or
 function is a ``ConfigError`` naming ``….handler``. It receives the ``Event`` (``.id``,
-``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``).
+``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``,
+``.query``: the URL's query as received, ``""`` when it had none).
 An ``async def`` handler is awaited; a plain function runs in a thread so it cannot stall the
 daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
 abandoned, not killed, and keeps running in the background, holding its thread; while such
