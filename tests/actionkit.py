@@ -142,6 +142,10 @@ def sync_echo(event: webhookd.Event) -> dict[str, Any]:
     return {"thread": True, "form": event.form(), "tenant": event.tenant}
 
 
+async def echo_query(event: webhookd.Event) -> dict[str, str]:
+    return {"query": event.query}
+
+
 async def flaky(event: webhookd.Event) -> None:
     raise RuntimeError("database is locked")
 

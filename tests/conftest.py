@@ -120,6 +120,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    query: str = ""  # as received, still percent-encoded
 
 
 @dataclass
@@ -147,7 +148,15 @@ class Target:
         self.peak_running = max(self.peak_running, self.running)
         try:
             body = await request.read()
-            self.seen.append(Seen(request.method, request.path, dict(request.headers), body))
+            self.seen.append(
+                Seen(
+                    request.method,
+                    request.path,
+                    dict(request.headers),
+                    body,
+                    request.rel_url.raw_query_string,
+                )
+            )
             self.changed.set()
             if self.hold is not None:
                 await self.hold.wait()

@@ -15,12 +15,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from conftest import Target, make_config
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions
 from webhookd.actions import delivery, forward
 from webhookd.actions.base import Outcome, Resources
+from webhookd.cli import main
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
 from webhookd.schemes.standard import sign_standard
@@ -28,7 +30,9 @@ from webhookd.schemes.standard import sign_standard
 JSON_BODY = b'{"order": 42, "note": "caf\xc3\xa9"}'
 
 
-def make_event(body: bytes = JSON_BODY, content_type: str = "application/json") -> Event:
+def make_event(
+    body: bytes = JSON_BODY, content_type: str = "application/json", query: str = ""
+) -> Event:
     return Event(
         id=new_event_id(),
         source="shop",
@@ -38,6 +42,7 @@ def make_event(body: bytes = JSON_BODY, content_type: str = "application/json") 
         priority=Priority.NORMAL,
         headers=(("Content-Type", content_type), ("X-Provider-Only", "not forwarded")),
         body=body,
+        query=query,
     )
 
 
@@ -165,6 +170,59 @@ def test_pass_headers_that_cannot_be_passed_are_config_errors(
     with pytest.raises(ConfigError, match=says) as err:
         actions.validate(make_config(tmp_path, text))
     assert err.value.key == f"sources.shop.actions[0].{key}"
+
+
+@pytest.mark.parametrize(
+    ("path", "received"),
+    [
+        ("/in", "store=eu&note=a%20b+c"),
+        ("/in?from=webhookd", "from=webhookd&store=eu&note=a%20b+c"),
+        ("/in?", "store=eu&note=a%20b+c"),
+        ("/in?from=webhookd#top", "from=webhookd&store=eu&note=a%20b+c"),
+    ],
+)
+async def test_pass_query_adds_the_webhooks_query_after_the_targets_own(
+    target: Target, send: Callable[[str], Forward], path: str, received: str
+) -> None:
+    """With ``pass_query = true`` the target gets the webhook URL's query as it came in, after
+    the configured URL's own (joined with ``&``); without it, only the configured URL's."""
+    event = make_event(query="store=eu&note=a%20b+c")
+    passing = send(f'url = "{target.url}{path}"\npass_query = true')
+    assert (await passing(event)).kind == "done"
+    assert (await send(f'url = "{target.url}/plain"')(event)).kind == "done"
+    assert (await passing(make_event())).kind == "done"
+    passed, plain, without = target.seen
+    assert (passed.path, passed.query) == ("/in", received)
+    assert (plain.path, plain.query) == ("/plain", "")
+    assert without.query == path.partition("?")[2].partition("#")[0]
+
+
+async def test_a_failed_forward_with_a_query_names_the_configured_url(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """The error names the target as configured, not with the webhook's query added: a
+    sender's ``?token=`` stays out of the journaled error, and one target's failures read as
+    one cause in ``stats`` whatever each event's query."""
+    target.default_status = 404
+    outcome = await send(f'url = "{target.url}/in"\npass_query = true')(
+        make_event(query="token=from-the-sender")
+    )
+    assert (outcome.kind, outcome.error) == ("dead", f"{target.url}/in answered 404")
+    assert target.seen[0].query == "token=from-the-sender"
+
+
+def test_a_pass_query_that_is_not_a_boolean_is_a_config_error_exit_2(tmp_path: Path) -> None:
+    """``pass_query = "yes"`` is refused as other options are: one line naming the key, exit 2."""
+    config = tmp_path / "webhookd.toml"
+    config.write_text(
+        '[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\n'
+        'url = "http://127.0.0.1:9/x"\npass_query = "yes"\n'
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "webhookd: error: sources.shop.actions[0].pass_query: must be true or false, not a string"
+    ]
 
 
 async def test_custom_headers_and_method_are_used(

@@ -390,10 +390,15 @@ async def deliver(
     headers: Mapping[str, str],
     tls: ssl.SSLContext | None = None,
     proxy: Proxy | None = None,
+    *,
+    named: str | None = None,
 ) -> Outcome:
     """Send one request and classify the answer; ``tls`` and ``proxy``: the action's own
-    (``read_tls``, ``read_proxy``)."""
+    (``read_tls``, ``read_proxy``). Errors name the target as ``named`` (default ``url``): a
+    forward's configured URL, not ``url`` with a webhook's query added, which may hold the
+    sender's token and would make each event's error a cause of its own in ``stats``."""
     started = time.monotonic()
+    target = url if named is None else named
     sent = dict(headers)
     proxy_headers = None
     if proxy is not None and proxy.authorization is not None:
@@ -451,15 +456,17 @@ async def deliver(
         # Not followed: a forward goes to the URL configured, and a redirect could send the
         # body (and its signature) somewhere else. The operator fixes the URL and replays.
         where = location[:_LOCATION_CHARS]
-        return Outcome.dead(f"{url} answered {status}: redirect to {where} not followed", **detail)
+        return Outcome.dead(
+            f"{target} answered {status}: redirect to {where} not followed", **detail
+        )
     if 300 <= status < 400:  # 304 Not Modified, or a redirect that says nowhere
-        return Outcome.dead(f"{url} answered {status}, which is not a success", **detail)
+        return Outcome.dead(f"{target} answered {status}, which is not a success", **detail)
     if status == 410:
-        return Outcome.dead(f"{url} answered 410 Gone: the endpoint is retired", **detail)
+        return Outcome.dead(f"{target} answered 410 Gone: the endpoint is retired", **detail)
     if status == 407 and proxy is not None:
         # A plain http request's: the proxy's answer, not the target's.
-        said = f"the proxy {proxy.url} answered 407 for {url}: check its user and password"
+        said = f"the proxy {proxy.url} answered 407 for {target}: check its user and password"
         return Outcome.retry(said, after_s=retry_after, **detail)
     if status >= 500 or status in _RETRYABLE_4XX:
-        return Outcome.retry(f"{url} answered {status}", after_s=retry_after, **detail)
-    return Outcome.dead(f"{url} answered {status}", **detail)
+        return Outcome.retry(f"{target} answered {status}", after_s=retry_after, **detail)
+    return Outcome.dead(f"{target} answered {status}", **detail)

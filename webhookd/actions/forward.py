@@ -2,7 +2,8 @@
 
 How answers map to outcomes, and the headers every request carries, are in ``delivery``. Of the
 provider's own headers, those that say what the webhook is (``X-GitHub-Event``,
-``X-Shopify-Topic`` …: ``PASS_HEADERS``) go along unless ``pass_headers`` names others.
+``X-Shopify-Topic`` …: ``PASS_HEADERS``) go along unless ``pass_headers`` names others; with
+``pass_query``, the webhook URL's query goes along too, after the target URL's own.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ from webhookd.redact import MASK, SECRET_HEADERS
 DEFAULTS = ActionDefaults(
     retry=RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=6 * 3600.0)
 )
-_OPTIONS = ("url", "method", "headers", "pass_headers", "secret", "secrets", "tls", "proxy")
+_OPTIONS = (
+    "url",
+    "method",
+    "headers",
+    "pass_headers",
+    "pass_query",
+    "secret",
+    "secrets",
+    "tls",
+    "proxy",
+)
 
 # The provider's headers that say what a webhook is, where its body does not: a GitHub service
 # cannot tell a push from a pull request without X-GitHub-Event, nor a Shopify one an order's
@@ -81,6 +92,7 @@ class _Settings:
     tls: ssl.SSLContext | None  # a private CA, a client certificate
     proxy: Proxy | None
     method: Literal["POST", "PUT", "PATCH"] = "POST"
+    pass_query: bool = False  # the webhook's query added to ``url``'s
 
 
 def _settings(config: ActionConfig) -> _Settings:
@@ -90,7 +102,7 @@ def _settings(config: ActionConfig) -> _Settings:
     secrets = tuple(s.reveal() for s in read_signing_secrets(t))
     passed = _read_passed(t.raw("pass_headers", list(PASS_HEADERS)), t.path("pass_headers"))
     settings = _Settings(url, headers, secrets, passed, read_tls(t, url), read_proxy(t))
-    return t.read(settings, only=("method",))
+    return t.read(settings, only=("method", "pass_query"))
 
 
 def _read_passed(value: object, key: str) -> frozenset[str]:
@@ -145,19 +157,33 @@ class ForwardAction:
         """Where it delivers: named in a timeout's error."""
         return self.settings.url
 
+    def url_for(self, event: Event) -> str:
+        url = self.settings.url
+        return with_query(url, event.query) if self.settings.pass_query else url
+
     async def run(self, event: Event, job: Job) -> Outcome:
         return await deliver(
             self.http,
             self.settings.method,
-            self.settings.url,
+            self.url_for(event),
             event.body,
             self.headers_for(event, time.time()),
             self.settings.tls,
             self.settings.proxy,
+            named=self.settings.url,
         )
 
     async def aclose(self) -> None:
         return None
+
+
+def with_query(url: str, query: str) -> str:
+    """``url`` with ``query`` after its own (joined with ``&``), before any fragment."""
+    if not query:
+        return url
+    base, hash_mark, fragment = url.partition("#")
+    joint = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
+    return f"{base}{joint}{query}{hash_mark}{fragment}"
 
 
 def _sendable(value: str) -> bool:
