@@ -6,7 +6,7 @@ import pytest
 
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Priority
-from webhookd.templates import compile_template, payload_of, query_of
+from webhookd.templates import compile_template, payload_of
 
 ORDER = {
     "id": 42,
@@ -18,7 +18,7 @@ ORDER = {
 }
 
 
-def event(body: bytes, content_type: str, query: str = "") -> Event:
+def event(body: bytes, content_type: str) -> Event:
     return Event(
         id="evt_1",
         source="s",
@@ -28,7 +28,6 @@ def event(body: bytes, content_type: str, query: str = "") -> Event:
         priority=Priority.NORMAL,
         headers=(("Content-Type", content_type),),
         body=body,
-        query=query,
     )
 
 
@@ -100,24 +99,3 @@ def test_multipart_form_fields_are_looked_up_and_files_skipped() -> None:
     assert payload == {"subject": "Résumé please", "body-plain": "Line one\r\nLine two"}
     rendered = compile_template("{{ subject }}: {{ body-plain }}", "k").render(payload)
     assert rendered == "Résumé please: Line one\r\nLine two"
-
-
-def test_query_lookups_read_the_urls_parameters_and_an_absent_one_renders_empty() -> None:
-    """``{{ query.NAME }}`` is the URL query's parameter, decoded, the last of a name winning
-    as in a form; one the URL lacks renders empty, as a missing key does. ``{{ query }}`` is
-    still the payload's own field."""
-    sent = event(b'{"query": "from the body"}', "application/json", "store=e%75&a=1&a=2&x=a+b")
-    template = compile_template(
-        "{{ query.store }}|{{ query.a }}|{{ query.x }}|[{{ query.nope }}]|{{ query }}", "k"
-    )
-    rendered = template.render(payload_of(sent), query_of(sent))
-    assert rendered == "eu|2|a b|[]|from the body"
-    none = event(b"{}", "application/json")
-    assert template.render(payload_of(none), query_of(none)) == "|||[]|"
-
-
-def test_a_query_lookup_deeper_than_one_name_is_a_config_error_naming_the_key() -> None:
-    """A query parameter is a name, not a path: ``{{ query.a.b }}`` fails at load."""
-    with pytest.raises(ConfigError, match="a query parameter is one name") as err:
-        compile_template("{{ query.store.id }}", "sources.s.actions[0].argv[1]")
-    assert err.value.key == "sources.s.actions[0].argv[1]"

@@ -10,11 +10,6 @@ The payload is the body parsed as JSON; or, for ``application/x-www-form-urlenco
 ``multipart/form-data`` bodies, the form's fields (files are skipped). Rendering: a string as is,
 ``null`` and a missing key as the empty string (a webhook that lacks an optional field must not
 fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON.
-
-One path is not the payload's: ``{{ query.NAME }}`` is the parameter ``NAME`` of the URL's query
-(decoded, the last of a name winning, as a form's fields are read), and an absent one renders
-empty as a missing key does. A payload's own ``query`` is still ``{{ query }}``; its fields
-are not reachable under ``query.``, and a deeper ``{{ query.a.b }}`` is a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from webhookd import forms
@@ -33,19 +27,8 @@ from webhookd.models import Event
 _TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _PATH = re.compile(r"[\w-]+(?:\.[\w-]+)*")
 _MISSING: Any = object()
-# The first segment of a lookup into the URL's query, not the payload: {{ query.store }}.
-QUERY = "query"
-_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """A lookup of the URL query's parameter ``name`` (``{{ query.name }}``)."""
-
-    name: str
-
-
-Part = str | tuple[str, ...] | Param  # literal text, a lookup path, or a query parameter
+Part = str | tuple[str, ...]  # literal text, or a lookup path
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +40,12 @@ class Template:
 
     @property
     def has_lookups(self) -> bool:
-        return any(not isinstance(p, str) for p in self.parts)
+        return any(isinstance(p, tuple) for p in self.parts)
 
-    def render(self, payload: Any, query: Mapping[str, str] = _NO_PARAMS) -> str:
-        """The text with each lookup's value: into ``payload``, or into ``query`` (the URL
-        query's parameters, ``query_of``) for a ``{{ query.NAME }}``."""
+    def render(self, payload: Any) -> str:
         out: list[str] = []
         for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-            elif isinstance(part, Param):
-                out.append(query.get(part.name, ""))
-            else:
-                out.append(_text(lookup(payload, part)))
+            out.append(part if isinstance(part, str) else _text(lookup(payload, part)))
         return "".join(out)
 
 
@@ -91,22 +67,13 @@ def compile_template(text: Any, key: str) -> Template:
                 f"{{{{{match.group(1)}}}}} is not a lookup: write a dotted path of letters, "
                 "digits, '_' and '-', like {{ data.object.id }}",
             )
-        parts.append(_lookup_part(tuple(path.split(".")), match.group(0), key))
+        parts.append(tuple(path.split(".")))
         at = match.end()
     tail = text[at:]
     _check_literal(tail, key)
     if tail:
         parts.append(tail)
     return Template(text, tuple(parts))
-
-
-def _lookup_part(path: tuple[str, ...], tag: str, key: str) -> Part:
-    """A parsed lookup: into the query when it starts with ``query.``, else into the payload."""
-    if path[0] != QUERY or len(path) == 1:
-        return path
-    if len(path) > 2:
-        raise ConfigError(key, f"{tag}: a query parameter is one name, as in {{{{ query.store }}}}")
-    return Param(path[1])
 
 
 def _check_literal(literal: str, key: str) -> None:
@@ -152,14 +119,6 @@ def _text(value: Any) -> str:
     if isinstance(value, _Number):
         return value.text
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def query_of(event: Event) -> Mapping[str, str]:
-    """What ``{{ query.NAME }}`` looks into: the URL query's parameters, read as an urlencoded
-    form's fields are (decoded, the last of a name wins); empty when the URL had no query."""
-    if not event.query:
-        return _NO_PARAMS
-    return dict(forms.pairs(event.query))
 
 
 def payload_of(event: Event) -> Any:

@@ -37,7 +37,7 @@ from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.redact import Masker, secret_values
-from webhookd.templates import Template, compile_template, payload_of, query_of
+from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
 
@@ -196,10 +196,8 @@ class CommandAction:
         self.masker = masker
 
     def argv_for(self, event: Event) -> list[str]:
-        if not any(a.has_lookups for a in self.settings.argv):
-            return [arg.render({}) for arg in self.settings.argv]
-        payload, query = payload_of(event), query_of(event)
-        return [arg.render(payload, query) for arg in self.settings.argv]
+        payload: Any = payload_of(event) if any(a.has_lookups for a in self.settings.argv) else {}
+        return [arg.render(payload) for arg in self.settings.argv]
 
     def env_for(self, event: Event) -> dict[str, str]:
         inherited = {

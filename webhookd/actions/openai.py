@@ -77,7 +77,7 @@ from webhookd.config import (
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
-from webhookd.templates import Template, compile_template, payload_of, query_of
+from webhookd.templates import Template, compile_template, payload_of
 
 # A completion can take minutes; failures are mostly brief (overload, a dropped connection).
 DEFAULTS = ActionDefaults(
@@ -344,12 +344,11 @@ class OpenAIAction:
         return Outcome.dead(f"then.forward: {sent.error}", result=answer, **detail)
 
     def _messages(self, event: Event) -> list[ChatCompletionMessageParam]:
-        payload, query = payload_of(event), query_of(event)
-        system, prompt = self.settings.system, self.settings.prompt
+        payload = payload_of(event)
         messages: list[ChatCompletionMessageParam] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system.render(payload, query)})
-        messages.append({"role": "user", "content": prompt.render(payload, query)})
+        if self.settings.system is not None:
+            messages.append({"role": "system", "content": self.settings.system.render(payload)})
+        messages.append({"role": "user", "content": self.settings.prompt.render(payload)})
         return messages
 
     async def _ask(self, event: Event) -> dict[str, Any] | Outcome:
