@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -1814,3 +1815,44 @@ async def test_pg_a_stop_while_the_database_hangs_ends_within_its_budget_saying_
     finally:
         hop.flowing.set()
         await hop.close()
+
+
+@pytest.mark.parametrize("journal", ["sqlite", "postgres"])
+async def test_a_sender_made_key_of_3_kb_is_kept_as_its_digest_and_fails_no_commit(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    run_daemon: Any,
+    target: Target,
+    journal: str,
+) -> None:
+    """A dedup key, tenant and order key of 3,000 characters (a sender's ``id``): PostgreSQL
+    refuses index entries over 2,704 bytes, and the refusal failed the group commit the
+    webhook shared with others, 503 for all. Kept as their digests, every webhook is taken, the long one dedups, and its
+    tenant is found as sent."""
+    source = f"""
+[sources.shop]
+dedup = "json:id"
+tenant = "json:t"
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/in"
+ordered_by = "json:id"
+"""
+    async with contextlib.AsyncExitStack() as stack:
+        url = None
+        if journal == "postgres":
+            server = request.getfixturevalue("pg_server_url")
+            url = await stack.enter_async_context(fresh_database(server))
+        running = await run_daemon(make_config(tmp_path, source, journal_url=url))
+        long = secrets.token_hex(1500)  # random: PostgreSQL compresses a repeated one
+        bodies = [json.dumps({"id": long, "t": long}), *(json.dumps({"id": n}) for n in range(5))]
+        answers = await asyncio.gather(*(running.post("/hooks/shop", b) for b in bodies))
+        assert [status for status, _ in answers] == [202] * 6, answers
+        again = await running.post("/hooks/shop", bodies[0])
+        assert again == (200, {"id": answers[0][1]["id"], "duplicate": True})
+        doc = await event_state(running.http, running.admin_url, answers[0][1]["id"], "done")
+        assert doc["dedup_key"].startswith("shop:sha256:") and len(doc["dedup_key"]) < 80
+        async with running.http.get(
+            f"{running.admin_url}/events", params={"tenant": long, "limit": "5"}
+        ) as r:
+            assert [e["id"] for e in (await r.json())["events"]] == [answers[0][1]["id"]]

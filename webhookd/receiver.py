@@ -232,15 +232,26 @@ def _too_large(most_bytes: int) -> _Refused:
     return _Refused(413, f"body larger than {most_bytes} bytes")
 
 
+# A dedup key, tenant or order key a sender makes longer than this is kept as its digest (equal
+# values still match, and ``tenant_forms`` finds it as sent): PostgreSQL indexes these values
+# and refuses an index entry over a few KB, and that refusal failed the whole group commit, so
+# one webhook with a 10 KB ``id`` got every webhook committed beside it a 503. Nor does a tenant
+# of 500 KB belong in every ``/stats`` the dashboard polls.
+MOST_KEY_CHARS = 256
+
+
 def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:
-    """``value`` if SQLite can store it; a lone surrogate (``"\\udcff"`` in JSON, a raw
-    non-UTF-8 byte in a header) cannot be encoded and is refused with a 400 naming the field."""
+    """``value`` as the journal can store and index it: a lone surrogate (``"\\udcff"`` in
+    JSON, a raw non-UTF-8 byte in a header) cannot be encoded and is refused with a 400 naming
+    the field; one over ``MOST_KEY_CHARS`` is kept as its digest."""
     if value is not None and not value.isascii():
         try:
             value.encode()
         except UnicodeEncodeError:
             field = f"{role} ({spec.spec})" if spec is not None else role
             raise _Refused(400, f"{field} is not valid UTF-8 text") from None
+    if value is not None and len(value) > MOST_KEY_CHARS:
+        return kept_digest(value)
     return value
 
 
