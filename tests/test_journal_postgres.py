@@ -1827,8 +1827,8 @@ async def test_a_sender_made_key_of_3_kb_is_kept_as_its_digest_and_fails_no_comm
 ) -> None:
     """A dedup key, tenant and order key of 3,000 characters (a sender's ``id``): PostgreSQL
     refuses index entries over 2,704 bytes, and the refusal failed the group commit the
-    webhook shared with others, 503 for all. Kept as their digests, every webhook is taken, the long one dedups, and its
-    tenant is found as sent."""
+    webhook shared with others, 503 for all. Kept as their digests, every webhook is taken,
+    the long one dedups, and its tenant is found as sent."""
     source = f"""
 [sources.shop]
 dedup = "json:id"
