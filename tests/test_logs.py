@@ -24,7 +24,7 @@ from rawhttp import RawConn
 
 from webhookd import logs
 from webhookd.admin import AdminContext, Throughput
-from webhookd.app import heartbeat_line
+from webhookd.app import heartbeat_line, status_line
 from webhookd.throttle import Throttle
 
 GH_SECRET = "gh-signing-secret-5f2a9c"
@@ -321,7 +321,11 @@ async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
     assert fields["backlog"] == 0
     assert fields["busy"] == f"0/{daemon.config.workers.concurrency}"
     assert {"accepted_per_s", "finished_per_s", "outcomes"} <= set(fields)
-    assert fields["paused"] == "shop"
+    assert fields["paused"] == "shop" and "holding" not in fields
+    # Queued jobs beside idle workers while a burst is answered: the line says why.
+    daemon.pool.holding = True
+    assert logs.fields(heartbeat_line(ctx))["holding"] == "burst"
+    assert "new jobs held while a burst is answered" in status_line("serving", ctx)
 
 
 @pytest.mark.subprocess

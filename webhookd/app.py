@@ -645,6 +645,8 @@ def heartbeat_line(ctx: AdminContext) -> str:
         f"window={stats.window}",
         "outcomes=" + (",".join(f"{k}:{v}" for k, v in sorted(stats.outcomes.items())) or "-"),
     ]
+    if ctx.pool.holding:
+        parts.append("holding=burst")  # no new job starts while the receiver has a burst
     if ctx.pool.paused:
         parts.append("paused=" + ",".join(sorted(ctx.pool.paused)))
     for name, lane in sorted(ctx.lanes.items()):
@@ -678,6 +680,8 @@ def status_line(doing: str, ctx: AdminContext) -> str:
         parts.append(journal.writer_problem)
     elif journal.last_write_error:
         parts.append(f"journal: {journal.last_write_error}")
+    if ctx.pool.holding:
+        parts.append("new jobs held while a burst is answered")
     if paused := sorted(ctx.pool.paused):
         more = f" and {len(paused) - PAUSED_SHOWN} more" if len(paused) > PAUSED_SHOWN else ""
         parts.append("paused: " + ", ".join(paused[:PAUSED_SHOWN]) + more)

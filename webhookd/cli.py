@@ -1317,6 +1317,8 @@ def _stats_table(doc: dict[str, Any]) -> str:
             f"workers        {w['busy']}/{w['concurrency']} busy   window {w['window']}   "
             f"{rates.get('accepted_per_s', 0)} accepted/s, "
             f"{rates.get('finished_per_s', 0)} finished/s"
+            # Else queued jobs beside idle workers, with no reason given.
+            + ("   holding new jobs: a burst is being answered" if w.get("holding") else "")
         )
         for name, lane in daemon.get("lanes", {}).items():
             lines.append(
