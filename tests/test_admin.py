@@ -195,6 +195,8 @@ def test_stats_sources_fold_only_the_names_a_catch_all_took() -> None:
         "webhookd": {"dead": 1},
         "*": {"done": 2},
     }
+    # A configured source with no job yet is listed, with none (the catch-all's own name not).
+    assert Counts({}, {}, None, 0).sources_shown({"quiet", "*"}) == {"quiet": {}}
     # What counts() already folded under "*" is summed with the rest, not ranked as a name:
     # the most names are still shown, catch-all or not.
     folded = Counts({}, {"a": {"done": 3}, "b": {"done": 1}, "*": {"done": 9}}, None, 0)

@@ -335,6 +335,10 @@ class Counts:
             for name in folded:
                 for state, n in self.jobs_by_source[name].items():
                     rest[state] = rest.get(state, 0) + n
+        # A configured source with no job yet is there too, with none: not missing, as it was.
+        missing = [n for n in configured if n not in shown and n != CATCH_ALL]
+        if missing:
+            shown = dict(sorted({**shown, **{n: {} for n in missing}}.items()))
         return shown
 
 
