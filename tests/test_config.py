@@ -1311,6 +1311,28 @@ def test_check_warns_of_unsigned_sources_on_a_public_listener_and_of_short_secre
         assert "hunter2" not in result.output
 
 
+def test_check_warns_of_allow_from_on_loopback_with_no_trusted_proxy(tmp_path: Path) -> None:
+    """On loopback the daemon sits behind a proxy: without the proxy in trusted_proxies every
+    sender is the proxy's address, and an allow_from source refuses them all."""
+    body = '[sources.ci]\nallow_from = ["192.0.2.0/24"]\n'
+    path = tmp_path / "webhookd.toml"
+    for server, warned in (
+        ('listen = "127.0.0.1:8080"', True),
+        ('listen = "127.0.0.1:8080"\ntrusted_proxies = ["127.0.0.1"]', False),
+        ('listen = "0.0.0.0:8080"', False),
+    ):
+        path.write_text(f"[server]\n{server}\n" + body, encoding="utf-8")
+        result = CliRunner().invoke(main, ["check", "--config", str(path)])
+        assert result.exit_code == 0, result.output
+        said = [line for line in result.stderr.splitlines() if "allow_from" in line]
+        warning = (
+            "webhookd: warning: source(s) ci take webhooks only from their allow_from, and"
+            " 127.0.0.1:8080 is loopback, so behind a proxy every sender is the proxy's"
+            " address: list the proxy in server.trusted_proxies"
+        )
+        assert said == [warning] * warned
+
+
 def test_check_names_a_url_of_the_wrong_type_before_the_secrets_it_would_read(
     tmp_path: Path,
 ) -> None:

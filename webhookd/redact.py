@@ -435,6 +435,14 @@ def weak_points(cfg: Config) -> list[str]:
             " reach it can post to them (set their verify, or let only a proxy that checks the"
             " senders reach this address)"
         )
+    allowing = sorted(name for name, src in cfg.sources.items() if src.allow_from)
+    if allowing and listen.is_loopback and not cfg.server.trusted_proxies:
+        # On loopback, behind a proxy: every request comes from the proxy's address.
+        said.append(
+            f"source(s) {', '.join(allowing)} take webhooks only from their allow_from, and"
+            f" {listen} is loopback, so behind a proxy every sender is the proxy's address:"
+            " list the proxy in server.trusted_proxies"
+        )
     for src in cfg.sources.values():
         for secret in src.verify.secrets if src.verify is not None else ():
             if not secret.missing and len(secret.reveal()) < MIN_SIGNING_SECRET_CHARS:
