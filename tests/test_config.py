@@ -1313,7 +1313,8 @@ def test_check_warns_of_unsigned_sources_on_a_public_listener_and_of_short_secre
 
 def test_check_warns_of_allow_from_on_loopback_with_no_trusted_proxy(tmp_path: Path) -> None:
     """On loopback the daemon sits behind a proxy: without the proxy in trusted_proxies every
-    sender is the proxy's address, and an allow_from source refuses them all."""
+    sender is the proxy's address, and an allow_from source refuses them all. One that lists
+    the local machine (development, a sender on the same box) is not warned of."""
     body = '[sources.ci]\nallow_from = ["192.0.2.0/24"]\n'
     path = tmp_path / "webhookd.toml"
     for server, warned in (
@@ -1331,6 +1332,9 @@ def test_check_warns_of_allow_from_on_loopback_with_no_trusted_proxy(tmp_path: P
             " address: list the proxy in server.trusted_proxies"
         )
         assert said == [warning] * warned
+    path.write_text('[sources.ci]\nallow_from = ["127.0.0.0/8"]\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert "allow_from" not in result.stderr
 
 
 def test_check_names_a_url_of_the_wrong_type_before_the_secrets_it_would_read(

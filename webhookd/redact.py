@@ -11,6 +11,7 @@ knows are masked, so an event's body is stored as sent.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -422,6 +423,9 @@ def written_out(cfg: Config) -> list[str]:
 MIN_SIGNING_SECRET_CHARS = 16
 
 
+_LOOPBACK_V4 = ipaddress.ip_address("127.0.0.1")
+
+
 def weak_points(cfg: Config) -> list[str]:
     """What ``check`` and a start warn of in how the config exposes the daemon: sources that
     take unsigned webhooks on a listener others can reach, and signing secrets short enough to
@@ -435,7 +439,12 @@ def weak_points(cfg: Config) -> list[str]:
             " reach it can post to them (set their verify, or let only a proxy that checks the"
             " senders reach this address)"
         )
-    allowing = sorted(name for name, src in cfg.sources.items() if src.allow_from)
+    # Sources that take webhooks from listed senders only, the local machine not among them.
+    allowing = sorted(
+        name
+        for name, src in cfg.sources.items()
+        if src.allow_from and not any(_LOOPBACK_V4 in net for net in src.allow_from)
+    )
     if allowing and listen.is_loopback and not cfg.server.trusted_proxies:
         # On loopback, behind a proxy: every request comes from the proxy's address.
         said.append(
