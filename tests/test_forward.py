@@ -211,6 +211,43 @@ async def test_a_failed_forward_with_a_query_names_the_configured_url(
     assert target.seen[0].query == "token=from-the-sender"
 
 
+async def test_pass_query_sends_the_querys_bytes_as_they_came(
+    target: Target, send: Callable[[str], Forward]
+) -> None:
+    """``%41`` stays ``%41`` and ``%2F`` stays ``%2F``: a target checking a signature over its
+    query gets the bytes the sender signed (the client re-encoded a URL given as text)."""
+    sent = "a=%41&g=%7E&h=%2F&%74oken=x&s=a+b"
+    forward = send(f'url = "{target.url}/in?v=2"\npass_query = true')
+    assert (await forward(make_event(query=sent))).kind == "done"
+    assert target.seen[0].query == f"v=2&{sent}"
+
+
+async def test_a_client_error_quoting_the_url_names_the_configured_one(
+    send: Callable[[str], Forward],
+) -> None:
+    """A target answering what the client cannot parse: the client's error quotes the URL it
+    sent to, with the webhook's query; the journaled error names the configured URL."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}/in"
+        outcome = await send(f'url = "{url}"\npass_query = true')(
+            make_event(query="store=eu&token=from-the-sender")
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcome.error is not None
+    assert "from-the-sender" not in outcome.error and url in outcome.error, outcome.error
+
+
 def test_a_pass_query_that_is_not_a_boolean_is_a_config_error_exit_2(tmp_path: Path) -> None:
     """``pass_query = "yes"`` is refused as other options are: one line naming the key, exit 2."""
     config = tmp_path / "webhookd.toml"

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from webhookd.actions.base import Outcome
 from webhookd.config import (
@@ -385,7 +386,7 @@ def _why(error: OSError) -> str:
 async def deliver(
     http: aiohttp.ClientSession,
     method: str,
-    url: str,
+    url: str | URL,
     body: bytes,
     headers: Mapping[str, str],
     tls: ssl.SSLContext | None = None,
@@ -398,12 +399,13 @@ async def deliver(
     forward's configured URL, not ``url`` with a webhook's query added, which may hold the
     sender's token and would make each event's error a cause of its own in ``stats``."""
     started = time.monotonic()
-    target = url if named is None else named
+    sent_to = str(url)
+    target = sent_to if named is None else named
     sent = dict(headers)
     proxy_headers = None
     if proxy is not None and proxy.authorization is not None:
         # An https target's go on the CONNECT; a plain http request is the proxy's to read.
-        if url.startswith("https:"):
+        if sent_to.startswith("https:"):
             proxy_headers = {"Proxy-Authorization": proxy.authorization}
         else:
             sent["Proxy-Authorization"] = proxy.authorization
@@ -441,7 +443,8 @@ async def deliver(
             to = "the proxy " if isinstance(exc, aiohttp.ClientProxyConnectionError) else ""
             why = f"cannot connect to {to}{exc.host}:{exc.port}: {_why(exc.os_error)}"
         else:
-            why = f"{type(exc).__name__}: {exc}"
+            # The client's own text may quote the URL it was sent to: the target's name instead.
+            why = f"{type(exc).__name__}: {exc}".replace(sent_to, target)
         return Outcome.retry(
             f"connection failed: {why}", duration_s=round(time.monotonic() - started, 4)
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
+from yarl import URL
 
 from webhookd.actions.base import Outcome, Resources, options
 from webhookd.actions.delivery import (
@@ -157,9 +158,9 @@ class ForwardAction:
         """Where it delivers: named in a timeout's error."""
         return self.settings.url
 
-    def url_for(self, event: Event) -> str:
+    def url_for(self, event: Event) -> str | URL:
         url = self.settings.url
-        return with_query(url, event.query) if self.settings.pass_query else url
+        return with_query(url, event.query) if self.settings.pass_query and event.query else url
 
     async def run(self, event: Event, job: Job) -> Outcome:
         return await deliver(
@@ -177,13 +178,13 @@ class ForwardAction:
         return None
 
 
-def with_query(url: str, query: str) -> str:
-    """``url`` with ``query`` after its own (joined with ``&``), before any fragment."""
-    if not query:
-        return url
-    base, hash_mark, fragment = url.partition("#")
+def with_query(url: str, query: str) -> URL:
+    """``url`` with ``query`` after its own (joined with ``&``), the query's bytes as they came
+    (``%41`` stays ``%41``: a target may check a signature over them; a URL given as text is
+    re-encoded by the client); a fragment is not sent."""
+    base = str(URL(url).with_fragment(None))  # the configured URL, encoded as the client would
     joint = "" if base.endswith(("?", "&")) else "&" if "?" in base else "?"
-    return f"{base}{joint}{query}{hash_mark}{fragment}"
+    return URL(f"{base}{joint}{query}", encoded=True)
 
 
 def _sendable(value: str) -> bool:
