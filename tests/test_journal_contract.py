@@ -1648,11 +1648,11 @@ async def test_dedup_keys_stamped_ahead_of_the_clock_are_pruned_a_keep_after_it_
         assert await journal.key_owner(ahead[0].event.dedup_key) is None
 
 
-async def test_clock_stepped_back_moves_queued_jobs_times_where_one_clock_wrote_them(
+async def test_a_step_of_the_clock_moves_queued_jobs_times_where_one_clock_wrote_them(
     store: Store,
 ) -> None:
-    """A step back of the wall clock moves every queued job's run_at as far back on SQLite
-    (their order kept, a retry's wait as planned); a cluster's journal leaves them (None)."""
+    """A step of the wall clock moves every queued job's run_at as far on SQLite (their order
+    kept, a retry's wait as planned); a cluster's journal leaves them (None)."""
     clock = store.clock
     async with store.journal() as journal:
         waiting, due = new_event(received_at=clock.time()), new_event(received_at=clock.time())
@@ -1667,17 +1667,55 @@ async def test_clock_stepped_back_moves_queued_jobs_times_where_one_clock_wrote_
                 )
             ]
         )
-        clock.step_wall(-3600)
-        moved = await journal.clock_stepped_back(3600)
-        run_at = (await journal.get_event(waiting.event.id)).jobs[0].run_at
-        if store.kind == "sqlite":
-            assert moved == 2
-            assert run_at == pytest.approx(clock.time() + 30)
-            assert await journal.next_run_at(frozenset(), after=clock.time()) == pytest.approx(
-                clock.time() + 30
-            )
-        else:
-            assert moved is None and run_at == pytest.approx(retry_at)
+        for step in (-3600.0, 7200.0):
+            clock.step_wall(step)
+            moved = await journal.clock_stepped(step)
+            run_at = (await journal.get_event(waiting.event.id)).jobs[0].run_at
+            if store.kind == "sqlite":
+                assert moved == 2
+                assert run_at == pytest.approx(clock.time() + 30)
+                assert await journal.next_run_at(frozenset(), after=clock.time()) == (
+                    pytest.approx(clock.time() + 30)
+                )
+            else:
+                assert moved is None and run_at == pytest.approx(retry_at)
+
+
+async def test_jobs_planned_further_ahead_than_any_wait_are_brought_due_once(
+    journal: BaseJournal,
+) -> None:
+    """A job due a year ahead (a clock a year ahead planned it) is due by ``latest``; one
+    within it is left; a second call moves nothing."""
+    clock = journal.clock
+    far, near = new_event(received_at=clock.time()), new_event(received_at=clock.time())
+    for item in (far, near):
+        await journal.ingest(item)
+    await journal.claim([far.jobs[0].id, near.jobs[0].id], "b")
+    await journal.finish(
+        [
+            finished(
+                far.jobs[0].id,
+                JobState.QUEUED,
+                "retry",
+                now=clock.time(),
+                run_at=clock.time() + 365 * 86400,
+            ),
+            finished(
+                near.jobs[0].id,
+                JobState.QUEUED,
+                "retry",
+                now=clock.time(),
+                run_at=clock.time() + 60,
+            ),
+        ]
+    )
+    latest = clock.time() + 3600
+    assert await journal.bring_due_by(latest) == 1
+    assert (await journal.get_event(far.event.id)).jobs[0].run_at == pytest.approx(latest)
+    assert (await journal.get_event(near.event.id)).jobs[0].run_at == pytest.approx(
+        clock.time() + 60
+    )
+    assert await journal.bring_due_by(latest) == 0
 
 
 async def test_prune_works_in_bounded_batches(journal: BaseJournal) -> None:

@@ -78,7 +78,9 @@ from webhookd.workers import RECOVERED, WorkerPool
 log = logging.getLogger("webhookd")
 
 HEARTBEAT_S = 30.0
-CLOCK_CHECK_S = 1.0  # how often the wall clock is compared with the monotonic one
+# How often the wall clock is compared with the monotonic one: a retry planned between a step
+# and its sight is moved with the jobs planned before it, by mistake; a short look keeps those few.
+CLOCK_CHECK_S = 0.25
 
 # Both listeners' per-connection settings, set on purpose, not inherited: an idle keep-alive
 # connection is closed after 75 s (aiohttp's own default is an hour of held sockets); request
@@ -208,11 +210,7 @@ class Daemon:
                     recovered.cancelled,
                 )
             orphans = await _warn_of_orphans(journal, cfg)
-            # A journal written ahead of this clock: it was stepped back while webhookd was down
-            # (or was ahead then). Handled as a step back while it runs is.
-            newest = await journal.list_events(limit=1)
-            if newest and (ahead_s := newest[0].received_at - self.clock.time()) >= STEP_S:
-                await clock_stepped(journal, -ahead_s, since="the newest event was journaled")
+            await _check_the_clock(journal, cfg, self.clock.time())
 
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(
@@ -597,40 +595,57 @@ class Daemon:
         return status_line(doing, ctx)
 
 
-async def clock_stepped(journal: BaseJournal, moved_s: float, since: str = "") -> None:
-    """Tell a step of the wall clock ``moved_s`` seconds (back: negative) and, for a step back,
-    have the journal move its queued jobs' times with it."""
-    when = f" since {since}" if since else ""
-    if moved_s > 0:
-        log.warning(
-            "the wall clock stepped forward %.0f s%s (set by hand or NTP, or the machine was"
-            " suspended): jobs waiting until then run now",
-            moved_s,
-            when,
-        )
-        return
+async def clock_stepped(journal: BaseJournal, moved_s: float) -> None:
+    """Tell a step of the wall clock ``moved_s`` seconds (back: negative) and have the journal
+    move its queued jobs' times with it."""
+    way = "back" if moved_s < 0 else "forward"
     try:
-        moved = await journal.clock_stepped_back(-moved_s)
+        moved = await journal.clock_stepped(moved_s)
     except JournalError as exc:
         moved, why = None, f"they could not be moved ({exc})"
     else:
         why = "a cluster's nodes share them, each by its own clock: keep the nodes in NTP sync"
     if moved is None:
         log.warning(
-            "the wall clock stepped back %.0f s%s: queued jobs wait that much longer; %s",
-            -moved_s,
-            when,
+            "the wall clock stepped %s %.0f s: queued jobs wait that much %s; %s",
+            way,
+            abs(moved_s),
+            "longer" if moved_s < 0 else "less",
             why,
         )
         return
     log.warning(
-        "the wall clock stepped back %.0f s%s (set by hand or NTP): the %d queued job(s) were"
-        " moved as far back, so that each waits what it was meant to; the journal's earlier"
-        " times are that much ahead of the clock",
-        -moved_s,
-        when,
+        "the wall clock stepped %s %.0f s (%s): the %d queued job(s) were moved as far, so that"
+        " each waits what it was meant to; the times journaled before are that much %s of the"
+        " clock",
+        way,
+        abs(moved_s),
+        "set by hand or NTP" if moved_s < 0 else "set by hand or NTP, or the machine slept",
         moved,
+        "ahead" if moved_s < 0 else "behind",
     )
+
+
+async def _check_the_clock(journal: BaseJournal, cfg: Config, now: float) -> None:
+    """At the start: a journal written ahead of this clock (stepped back while webhookd was
+    down, or ahead then) is told, and jobs planned further ahead than any wait webhookd plans
+    are made due by then. Not moved by the difference: a second start would move them again."""
+    newest = await journal.list_events(limit=1)
+    if newest and (ahead_s := newest[0].received_at - now) >= STEP_S:
+        log.warning(
+            "the wall clock is %.0f s behind the newest event in the journal: it was stepped"
+            " back, or was ahead when that was journaled; waits planned then run up to that much"
+            " longer",
+            ahead_s,
+        )
+    latest = now + cfg.longest_wait_s()
+    if brought := await journal.bring_due_by(latest):
+        log.warning(
+            "%d queued job(s) were due more than %.0f s ahead, longer than any wait webhookd"
+            " plans (a clock ahead of this one planned them): due within that now",
+            brought,
+            latest - now,
+        )
 
 
 def heartbeat_line(ctx: AdminContext) -> str:

@@ -534,6 +534,14 @@ class Config:
         own = (self.alerts.source,) if self.alerts is not None else ()
         return (*self.sources.values(), *own)
 
+    def longest_wait_s(self) -> float:
+        """The longest a queued job is ever planned ahead: a retry's ``cap_s`` (a ``Retry-After``
+        is capped at it too), a lane's ``max_cooldown_s``, or the hour a 429 without a lane
+        waits at most. A job due later was planned by a clock ahead of this one."""
+        caps = [a.retry.cap_s for src in self.all_sources() for a in src.actions]
+        cooldowns = [lane.max_cooldown_s for lane in self.lanes.values()]
+        return max([DEFAULT_MAX_COOLDOWN_S, *caps, *cooldowns])
+
 
 # ---------------------------------------------------------------------------------------------
 # Reloading (SIGHUP)

@@ -345,12 +345,17 @@ class BaseJournal(ABC):
         """Let ``source``'s jobs run again; ``False`` if it was not paused."""
 
     @abstractmethod
-    async def clock_stepped_back(self, by_s: float) -> int | None:
-        """The wall clock was stepped back ``by_s`` seconds: move every queued job's ``run_at``
-        as far back, so that each waits what it was meant to (a retry 30 s, not 30 s and the
-        step; a job just queued not at all) and the jobs keep their order. How many moved;
-        None where nodes whose clocks did not step share the jobs (they are left as they are).
-        """
+    async def clock_stepped(self, by_s: float) -> int | None:
+        """The wall clock was stepped ``by_s`` seconds (back: negative): move every queued
+        job's ``run_at`` as far, so that each waits what it was meant to (a retry 30 s, not 30
+        s and an hour's step back, nor at once after a step forward) and the jobs keep their
+        order. In batches, so that intake commits between them. How many moved; None where
+        nodes whose clocks did not step share the jobs (they are left as they are)."""
+
+    @abstractmethod
+    async def bring_due_by(self, latest: float) -> int:
+        """Queued jobs due after ``latest`` (no wait webhookd plans is that long: their time
+        was written by a clock ahead of this one) are made due then. How many."""
 
     # -- retention and storage ---------------------------------------------------------------
 

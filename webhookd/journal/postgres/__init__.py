@@ -693,10 +693,19 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
         )
 
-    async def clock_stepped_back(self, by_s: float) -> int | None:
+    async def clock_stepped(self, by_s: float) -> int | None:
         # The jobs' times were written by every node, each by its own clock: this one's step
         # says nothing of theirs.
         return None
+
+    async def bring_due_by(self, latest: float) -> int:
+        return rowcount(
+            await self._write(
+                lambda conn: conn.execute(
+                    "UPDATE jobs SET run_at = $1 WHERE state = 'queued' AND run_at > $1", latest
+                )
+            )
+        )
 
     # -- retention ---------------------------------------------------------------------------
 
