@@ -1313,8 +1313,9 @@ def test_check_warns_of_unsigned_sources_on_a_public_listener_and_of_short_secre
 
 def test_check_warns_of_allow_from_on_loopback_with_no_trusted_proxy(tmp_path: Path) -> None:
     """On loopback the daemon sits behind a proxy: without the proxy in trusted_proxies every
-    sender is the proxy's address, and an allow_from source refuses them all. One that lists
-    the local machine (development, a sender on the same box) is not warned of."""
+    sender is the proxy's address, and an allow_from source refuses them all (or, listing the
+    local machine too, takes them all). One that lists only the local machine (development, a
+    sender on the same box) is not warned of."""
     body = '[sources.ci]\nallow_from = ["192.0.2.0/24"]\n'
     path = tmp_path / "webhookd.toml"
     for server, warned in (
@@ -1329,12 +1330,19 @@ def test_check_warns_of_allow_from_on_loopback_with_no_trusted_proxy(tmp_path: P
         warning = (
             "webhookd: warning: source(s) ci take webhooks only from their allow_from, and"
             " 127.0.0.1:8080 is loopback, so behind a proxy every sender is the proxy's"
-            " address: list the proxy in server.trusted_proxies"
+            " address, which allow_from judges instead: list the proxy in"
+            " server.trusted_proxies"
         )
         assert said == [warning] * warned
-    path.write_text('[sources.ci]\nallow_from = ["127.0.0.0/8"]\n', encoding="utf-8")
-    result = CliRunner().invoke(main, ["check", "--config", str(path)])
-    assert "allow_from" not in result.stderr
+    # Loopback alone is development; loopback beside others lets every sender through a proxy.
+    for allowed, warned in (
+        ('["127.0.0.0/8"]', False),
+        ('["::1", "127.0.0.2"]', False),
+        ('["127.0.0.1", "203.0.113.0/24"]', True),
+    ):
+        path.write_text(f"[sources.ci]\nallow_from = {allowed}\n", encoding="utf-8")
+        result = CliRunner().invoke(main, ["check", "--config", str(path)])
+        assert ("allow_from" in result.stderr) == warned, (allowed, result.stderr)
 
 
 def test_check_names_a_url_of_the_wrong_type_before_the_secrets_it_would_read(

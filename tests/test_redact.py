@@ -107,6 +107,10 @@ url = "https://hooks.example.com/services/T1/B2/inline-alert-url-token"
             "X-Hub-Signature=***&api_key=***&access%5Ftoken=***&Password=***",
         ),
         ("key=k&&flag&secret=&code=1", "key=***&&flag&secret=***&code=***"),
+        (
+            "pwd=p&jwt=j&passwd=q&session=s&sid=i&side=l",
+            "pwd=***&jwt=***&passwd=***&session=***&sid=***&side=l",
+        ),
     ],
 )
 def test_a_query_is_shown_with_the_values_of_its_credential_parameters_masked(

@@ -11,7 +11,6 @@ knows are masked, so an event's body is stored as sent.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -232,6 +231,11 @@ _CREDENTIAL_QUERY_NAMES = frozenset(
         "code",
         "password",
         "pass",
+        "passwd",
+        "pwd",
+        "jwt",
+        "session",
+        "sid",
     }
 )
 
@@ -423,9 +427,6 @@ def written_out(cfg: Config) -> list[str]:
 MIN_SIGNING_SECRET_CHARS = 16
 
 
-_LOOPBACK_V4 = ipaddress.ip_address("127.0.0.1")
-
-
 def weak_points(cfg: Config) -> list[str]:
     """What ``check`` and a start warn of in how the config exposes the daemon: sources that
     take unsigned webhooks on a listener others can reach, and signing secrets short enough to
@@ -439,18 +440,23 @@ def weak_points(cfg: Config) -> list[str]:
             " reach it can post to them (set their verify, or let only a proxy that checks the"
             " senders reach this address)"
         )
-    # Sources that take webhooks from listed senders only, the local machine not among them.
+    # Sources that take webhooks from listed senders other than the local machine (a list of
+    # loopback addresses alone is a development setup, or a sender on the same box).
     allowing = sorted(
         name
         for name, src in cfg.sources.items()
-        if src.allow_from and not any(_LOOPBACK_V4 in net for net in src.allow_from)
+        if any(
+            not (n.network_address.is_loopback and n.broadcast_address.is_loopback)
+            for n in src.allow_from
+        )
     )
     if allowing and listen.is_loopback and not cfg.server.trusted_proxies:
-        # On loopback, behind a proxy: every request comes from the proxy's address.
+        # On loopback, behind a proxy: every request comes from the proxy's address, which
+        # allow_from then judges (all refused, or all taken if it lists loopback too).
         said.append(
             f"source(s) {', '.join(allowing)} take webhooks only from their allow_from, and"
-            f" {listen} is loopback, so behind a proxy every sender is the proxy's address:"
-            " list the proxy in server.trusted_proxies"
+            f" {listen} is loopback, so behind a proxy every sender is the proxy's address,"
+            " which allow_from judges instead: list the proxy in server.trusted_proxies"
         )
     for src in cfg.sources.values():
         for secret in src.verify.secrets if src.verify is not None else ():
