@@ -744,6 +744,35 @@ url = "{target.url}/in"
         await upstream.aclose()
 
 
+async def test_a_full_lane_line_leaves_the_same_sources_other_actions_running(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """One source with a model call and a forward per webhook: the calls queued past the lane's
+    line wait, and the forwards behind them in the same tenant's lane go at once."""
+    upstream = await StandIn().start()
+    forward = f"""
+[[sources.mail.actions]]
+type = "forward"
+url = "{target.url}/in"
+"""
+    try:
+        cfg = make_config(
+            tmp_path,
+            source(upstream) + forward + "[lanes.llm]\nrpm = 60\nburst_s = 1\n",
+            workers="concurrency = 8\nshutdown_grace_s = 1",
+        )
+        daemon = await run_daemon(cfg)
+        lane = daemon.daemon.lanes["llm"]
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for n in range(40):
+            status, _ = await daemon.post("/hooks/mail", f"subject=n{n}&text=hi", headers=form)
+            assert status == 202
+        await target.wait_for(lambda t: len(t.seen) == 40, timeout_s=5)
+        assert lane.statistics().admitted_total < 20  # the model calls are far from done
+    finally:
+        await upstream.aclose()
+
+
 @pytest.mark.parametrize(
     ("limit", "lane", "said"),
     [

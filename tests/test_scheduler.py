@@ -78,6 +78,31 @@ def test_each_lane_and_the_window_are_bounded() -> None:
     assert len(s) == 10 and s.room == 0
 
 
+def test_a_run_of_a_blocked_actions_jobs_does_not_hide_the_lanes_other_jobs() -> None:
+    """A tenant's model calls (their lane's line full) queued ahead of its forwards: a pop
+    passes over the blocked action's jobs without asking about each, and takes a forward;
+    jobs with an order key are each asked about, and a lane with none free is blocked."""
+    s = Scheduler(capacity=100)
+    calls = [Ready(f"call{n}", "s", "model", 1, "t", None, n) for n in range(30)]
+    forwards = [Ready(f"fwd{n}", "s", "deliver", 1, "t", None, 30 + n) for n in range(3)]
+    for job in (*calls, *forwards):
+        s.add(job)
+    asked: list[str] = []
+
+    def no_model(job: Ready) -> bool:
+        asked.append(job.id)
+        return job.action != "model"
+
+    assert [j.id for j in iter(lambda: s.pop(no_model), None)] == ["fwd0", "fwd1", "fwd2"]
+    assert asked.count("call0") == 4 and "call1" not in asked  # one ask per pop for the run
+    ordered = Scheduler(capacity=100)
+    for n in range(20):
+        ordered.add(Ready(f"k{n}", "s", "model", 1, "t", f"key{n}", n))
+    ordered.add(Ready("fwd", "s", "deliver", 1, "t", None, 20))
+    assert ordered.pop(lambda j: j.action != "model") is None  # 9 keys asked, none free
+    assert ordered.is_blocked((1, "s", "t"), lambda j: j.action != "model")
+
+
 def test_a_blocked_lane_is_found_and_cut_back_to_its_oldest_jobs() -> None:
     """A lane none of whose first jobs may start is blocked (one with a job past them that
     could is too: a pop never looks that far); trimming keeps its oldest jobs, frees their
