@@ -8,6 +8,7 @@ about a second and the stand-in's sliding windows see the same times the lane ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from actionkit import ActionKit, action_kit
-from conftest import Target, make_config
+from conftest import Running, Target, make_config
 from openai_standin import StandIn
 from procs import poll
 from standardwebhooks.webhooks import Webhook
@@ -704,30 +705,36 @@ async def test_daemon_runs_the_mailgun_case_end_to_end_through_its_lane(
     assert daemon.daemon.lanes["llm"].statistics().admitted_total == 1
 
 
+@contextlib.asynccontextmanager
+async def model_calls_queued(
+    tmp_path: Path, run_daemon: Any, extra: str
+) -> AsyncIterator[tuple[Running, Lane]]:
+    """A daemon of 8 workers with 40 model calls posted to ``mail`` on a lane of 60 rpm (a
+    minute and more of it), beside ``extra`` sources or actions."""
+    upstream = await StandIn().start()
+    try:
+        cfg = make_config(
+            tmp_path,
+            source(upstream) + extra + "[lanes.llm]\nrpm = 60\nburst_s = 1\n",
+            workers="concurrency = 8\nshutdown_grace_s = 1",
+        )
+        daemon = await run_daemon(cfg)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for n in range(40):
+            status, _ = await daemon.post("/hooks/mail", f"subject=n{n}&text=hi", headers=form)
+            assert status == 202
+        yield daemon, daemon.daemon.lanes["llm"]
+    finally:
+        await upstream.aclose()
+
+
 async def test_a_full_lane_line_leaves_the_other_workers_to_other_sources(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
     """Model calls queued far past what their lane admits hold at most ``most_waiting`` workers
     in its line: another source's forwards run at once beside them, not one per admission."""
-    upstream = await StandIn().start()
-    forward = f"""
-[sources.shop]
-[[sources.shop.actions]]
-type = "forward"
-url = "{target.url}/in"
-"""
-    try:
-        cfg = make_config(
-            tmp_path,
-            source(upstream) + forward + "[lanes.llm]\nrpm = 60\nburst_s = 1\n",
-            workers="concurrency = 8\nshutdown_grace_s = 1",
-        )
-        daemon = await run_daemon(cfg)
-        lane = daemon.daemon.lanes["llm"]
-        form = {"Content-Type": "application/x-www-form-urlencoded"}
-        for n in range(40):  # a minute and more of the lane's rpm
-            status, _ = await daemon.post("/hooks/mail", f"subject=n{n}&text=hi", headers=form)
-            assert status == 202
+    shop = f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{target.url}/in"\n'
+    async with model_calls_queued(tmp_path, run_daemon, shop) as (daemon, lane):
 
         async def line_full() -> bool:
             return lane.waiting >= lane.most_waiting
@@ -740,8 +747,6 @@ url = "{target.url}/in"
         await target.wait_for(lambda t: len(t.seen) == 10, timeout_s=5)
         assert lane.waiting <= lane.most_waiting == 4
         assert lane.statistics().admitted_total < 20  # the model calls are far from done
-    finally:
-        await upstream.aclose()
 
 
 async def test_a_full_lane_line_leaves_the_same_sources_other_actions_running(
@@ -749,28 +754,10 @@ async def test_a_full_lane_line_leaves_the_same_sources_other_actions_running(
 ) -> None:
     """One source with a model call and a forward per webhook: the calls queued past the lane's
     line wait, and the forwards behind them in the same tenant's lane go at once."""
-    upstream = await StandIn().start()
-    forward = f"""
-[[sources.mail.actions]]
-type = "forward"
-url = "{target.url}/in"
-"""
-    try:
-        cfg = make_config(
-            tmp_path,
-            source(upstream) + forward + "[lanes.llm]\nrpm = 60\nburst_s = 1\n",
-            workers="concurrency = 8\nshutdown_grace_s = 1",
-        )
-        daemon = await run_daemon(cfg)
-        lane = daemon.daemon.lanes["llm"]
-        form = {"Content-Type": "application/x-www-form-urlencoded"}
-        for n in range(40):
-            status, _ = await daemon.post("/hooks/mail", f"subject=n{n}&text=hi", headers=form)
-            assert status == 202
+    forward = f'[[sources.mail.actions]]\ntype = "forward"\nurl = "{target.url}/in"\n'
+    async with model_calls_queued(tmp_path, run_daemon, forward) as (_, lane):
         await target.wait_for(lambda t: len(t.seen) == 40, timeout_s=5)
         assert lane.statistics().admitted_total < 20  # the model calls are far from done
-    finally:
-        await upstream.aclose()
 
 
 @pytest.mark.parametrize(
