@@ -842,8 +842,14 @@ async def serve_on_full_disk(
     return daemon, cfg, filler, acked
 
 
-def above_info(daemon: DaemonProc) -> list[str]:
-    return [x for x in daemon.lines if re.search(r"Z (warning|error) ", x)]
+def above_info(daemon: DaemonProc) -> tuple[str, str]:
+    """The line saying the copy failed and the exit's fatal line, the only lines above INFO
+    but for a reason the copy's failure changed to (said once each, as a full disk may answer
+    "database or disk is full" one time and "No space left on device" the next)."""
+    failed, *changed, fatal = [x for x in daemon.lines if re.search(r"Z (warning|error) ", x)]
+    for line in changed:
+        assert "saving its contents still fails, now with:" in line, daemon.log
+    return failed, fatal
 
 
 @pytest.mark.slow
