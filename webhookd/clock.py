@@ -54,8 +54,8 @@ SYSTEM_CLOCK = SystemClock()
 # Before this, the wall clock is not set (a machine with no clock of its own that has booted at
 # 1970 and not yet synced): ids, retries and retention all go by it, so serve refuses to start.
 WALL_FLOOR = 1_672_531_200.0  # 2023-01-01T00:00:00Z
-# A step of the wall clock against the monotonic one this large is told, and a step back moves
-# the queued jobs' times with it. NTP slews a small offset (at most 0.5 ms a second), never
+# A step of the wall clock against the monotonic one this large is told, and moves the queued
+# jobs' times with it. NTP slews a small offset (at most 0.5 ms a second), never
 # this; a step is a clock set by hand, an NTP step at boot, or a machine resumed.
 STEP_S = 10.0
 
