@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import gc
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from webhookd.config import (
     ServerConfig,
     WorkersConfig,
     credentials_unclear,
+    leaves,
     load,
     loads,
     parse_listen,
@@ -1357,3 +1359,25 @@ def test_check_names_a_url_of_the_wrong_type_before_the_secrets_it_would_read(
         2,
         "webhookd: error: sources.a.actions[0].url: must be a string, not an array\n",
     )
+
+
+def test_walking_a_config_for_its_secrets_leaves_no_cycle_for_the_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload walks the config for its secrets several times. The walk was a generator
+    calling itself through its closure: a cycle holding its set of every object seen, freed
+    only by a collection, which the daemon runs seldom (80 MB to 763 MB over 200 reloads of
+    300 sources). Walked now, it leaves nothing for the collector to find."""
+    monkeypatch.setenv("WALK_SECRET", "s" * 40)
+    text = "".join(
+        f'[sources.s{n}]\nverify = {{ scheme = "github", secret = "env:WALK_SECRET" }}\n'
+        for n in range(20)
+    )
+    cfg = loads(text)
+    gc.collect()
+    gc.disable()
+    try:
+        assert len(secret_values(cfg)) == 1 and len(list(leaves(cfg))) > 20
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

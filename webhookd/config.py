@@ -1131,25 +1131,29 @@ def text_or_secret(value: str, key: str) -> str:
 def leaves(obj: Any) -> Iterator[Any]:
     """Every value ``obj`` (a config or a part of one) holds below its dataclasses, mappings and
     sequences, in config order, each object once."""
+    # A stack of iterators, not a nested generator calling itself: that one referred to itself
+    # through its closure, a cycle that kept its ``seen`` set (0.7 MB at 300 sources) alive
+    # until a collection, which the daemon's tuned collector seldom runs, so every reload
+    # (several walks each) added megabytes: 80 MB to 763 MB over 200 reloads.
     seen: set[int] = set()
-
-    def walk(node: Any) -> Iterator[Any]:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for f in dataclasses.fields(node):
-                yield from walk(getattr(node, f.name))
-        elif isinstance(node, Mapping):
-            for value in node.values():
-                yield from walk(value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            for value in node:
-                yield from walk(value)
+    stack: list[Iterator[Any]] = [iter((obj,))]
+    while stack:
+        for node in stack[-1]:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if dataclasses.is_dataclass(node) and not isinstance(node, type):
+                stack.append(iter([getattr(node, f.name) for f in dataclasses.fields(node)]))
+            elif isinstance(node, Mapping):
+                stack.append(iter(list(node.values())))
+            elif isinstance(node, list | tuple | set | frozenset):
+                stack.append(iter(node))
+            else:
+                yield node
+                continue
+            break  # into the node just pushed
         else:
-            yield node
-
-    return walk(obj)
+            stack.pop()
 
 
 def secrets_in(obj: Any) -> list[Secret]:

@@ -297,27 +297,30 @@ def inline_credentials(obj: Any) -> Iterator[tuple[str, str]]:
     ``X-Api-Key``, ``DEPLOY_TOKEN``). With their dotted keys: ``check`` names them, and the
     daemon masks them as it masks the others."""
 
-    def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
-        for name, value in table.items():
-            path = f"{key}.{name}"
-            if name in _URL_OPTIONS and isinstance(value, str) and _holds_credential(value):
-                yield path, value
-            elif name in _SECRET_TABLES and isinstance(value, Mapping):
-                for item, text in value.items():
-                    # From 8 characters: a short value under such a name (SORT_KEY = "date")
-                    # is a word, and would be masked in every line.
-                    if (
-                        _credential_name(item)
-                        and isinstance(text, str)
-                        and len(text) >= _MIN_PART_CHARS
-                        and _written(text)
-                    ):
-                        yield f"{path}.{item}", text
-            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
-                yield from options(value, path)
-
     for action in _actions(obj):
-        yield from options(action.options, action.key)
+        yield from _inline_options(action.options, action.key)
+
+
+def _inline_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
+    """``inline_credentials`` of one action's options table (at module level: a nested
+    generator calling itself is a cycle, garbage the daemon's collector seldom frees)."""
+    for name, value in table.items():
+        path = f"{key}.{name}"
+        if name in _URL_OPTIONS and isinstance(value, str) and _holds_credential(value):
+            yield path, value
+        elif name in _SECRET_TABLES and isinstance(value, Mapping):
+            for item, text in value.items():
+                # From 8 characters: a short value under such a name (SORT_KEY = "date")
+                # is a word, and would be masked in every line.
+                if (
+                    _credential_name(item)
+                    and isinstance(text, str)
+                    and len(text) >= _MIN_PART_CHARS
+                    and _written(text)
+                ):
+                    yield f"{path}.{item}", text
+        elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+            yield from _inline_options(value, path)
 
 
 def _written(value: str) -> bool:
@@ -355,6 +358,22 @@ def unreadable_secrets(obj: Any) -> list[str]:
     return said
 
 
+def _secret_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, Secret | str]]:
+    """The options of one action's table that take a secret, with their dotted keys (at module
+    level: a nested generator calling itself is a cycle, garbage the daemon seldom frees)."""
+    for name, value in table.items():
+        path = f"{key}.{name}"
+        if name in _SECRET_OPTIONS:
+            if isinstance(value, list) and name == "secrets":  # elsewhere: the wrong type
+                yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
+            else:
+                yield path, value
+        elif name in _SECRET_TABLES and isinstance(value, Mapping):
+            yield from ((f"{path}.{k}", item) for k, item in value.items())
+        elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+            yield from _secret_options(value, path)
+
+
 def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
     """Each ``Secret`` in ``obj`` and each ``env:``/``file:`` reference in its actions' options
     that take a secret (``secret_values``), with its dotted key."""
@@ -362,21 +381,8 @@ def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
         if isinstance(leaf, Secret):
             yield leaf.key, leaf
 
-    def options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, Secret | str]]:
-        for name, value in table.items():
-            path = f"{key}.{name}"
-            if name in _SECRET_OPTIONS:
-                if isinstance(value, list) and name == "secrets":  # elsewhere: the wrong type
-                    yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
-                else:
-                    yield path, value
-            elif name in _SECRET_TABLES and isinstance(value, Mapping):
-                yield from ((f"{path}.{k}", item) for k, item in value.items())
-            elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
-                yield from options(value, path)
-
     for action in _actions(obj):
-        found = list(options(action.options, action.key))
+        found = list(_secret_options(action.options, action.key))
         if action.type == "openai" and "api_key" not in action.options:
             found.append((f"{action.key}.api_key", DEFAULT_OPENAI_API_KEY))
         for key, value in found:
