@@ -398,6 +398,29 @@ async def test_a_reload_is_refused_when_its_sources_need_a_server_not_running_ye
     assert (await running.post("/hooks/m", b"{}"))[0] == 404  # not added
 
 
+async def test_a_reload_of_a_file_with_no_source_is_refused_and_a_start_on_one_warns(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty file, or one cut short before its first source (a copy under way when the
+    SIGHUP came), would take every source and its queued jobs away: the reload is refused and
+    the sources run on. A daemon started on such a file warns as ``check`` does."""
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward("a", target.url)), loader=lambda: make_config(tmp_path)
+    )
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    async with running.http.get(running.admin_url + "/stats") as r:
+        refused = (await r.json())["reload_refused"]
+    assert refused.endswith(
+        "configures no source, where 1 run now (an empty file, or one cut short?); a restart"
+        " takes it as it is"
+    )
+    assert (await running.post("/hooks/a", b"{}"))[0] == 202
+    with caplog.at_level(logging.WARNING, logger="webhookd"):
+        await run_daemon(make_config(tmp_path / "empty"))
+    assert "sources: none configured: every webhook is answered 404" in caplog.text
+
+
 async def reload_metrics(running: Running) -> float:
     """``webhookd_config_last_reload_successful``, as a scrape reads it."""
     async with running.http.get(f"{running.admin_url}/metrics") as r:

@@ -53,7 +53,7 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
-from webhookd.config import Config, Listen, plan_reload
+from webhookd.config import CATCH_ALL, Config, Listen, no_sources, plan_reload
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -404,6 +404,8 @@ class Daemon:
     @staticmethod
     def _warn_of(cfg: Config, prefix: str = "") -> None:
         """What ``check`` warns of, at a start and at each reload (a reload's prefixed)."""
+        if nowhere := no_sources(cfg):
+            log.warning("%s%s", prefix, nowhere)
         for key in written_out(cfg):
             log.warning("%s%s is %s", prefix, key, WRITTEN_OUT)
         for said in action_registry.warnings(cfg):
@@ -447,6 +449,14 @@ class Daemon:
         except ConfigError as exc:
             return _refused(str(exc))
         logs.add_secrets(secret_values(new))
+        running_sources = [n for n in self.config.sources if n != CATCH_ALL]
+        if running_sources and not any(n != CATCH_ALL for n in new.sources):
+            # An empty file, or one cut short before its first source (a copy under way): as
+            # a reload, every source and its queued jobs would go at once.
+            return _refused(
+                f"{new.origin} configures no source, where {len(running_sources)} run now (an"
+                " empty file, or one cut short?); a restart takes it as it is"
+            )
         try:
             plan = plan_reload(self.config, new, fixed=self.fixed)
         except ConfigError as exc:  # sources that need a [server] or [journal] not yet running

@@ -388,7 +388,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
         f"ok: {cfg.origin}: {len(cfg.sources)} source(s) ({sources}), {actions} "
         f"action(s), {len(cfg.lanes)} lane(s){alerts}"
     )
-    if nowhere := _no_sources(cfg):
+    if nowhere := config_mod.no_sources(cfg):
         click.echo(f"webhookd: warning: {nowhere}", err=True)
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
@@ -424,20 +424,6 @@ def _orphans_note(cfg: config_mod.Config) -> str | None:
     return (
         f"warning: the journal holds queued jobs that this config has no action for: {orphans};"
         " started with it, the daemon lets them go dead at their turn"
-    )
-
-
-def _no_sources(cfg: config_mod.Config) -> str | None:
-    """What ``check`` warns of a config without a source of its own: where webhooks go."""
-    if any(name != config_mod.CATCH_ALL for name in cfg.sources):
-        return None
-    catch_all = cfg.sources.get(config_mod.CATCH_ALL)
-    if catch_all is None:
-        return "sources: none configured: every webhook is answered 404"
-    how = "unsigned" if catch_all.verify is None else f"verified as {catch_all.verify.scheme}"
-    return (
-        f'sources: none configured but the catch-all "{config_mod.CATCH_ALL}": every webhook'
-        f" goes to it, {how}"
     )
 
 

@@ -1128,6 +1128,20 @@ def text_or_secret(value: str, key: str) -> str:
     return value
 
 
+def no_sources(cfg: Config) -> str | None:
+    """What ``check`` and the daemon warn of a config without a source of its own: where
+    webhooks go."""
+    if any(name != CATCH_ALL for name in cfg.sources):
+        return None
+    catch_all = cfg.sources.get(CATCH_ALL)
+    if catch_all is None:
+        return "sources: none configured: every webhook is answered 404"
+    how = "unsigned" if catch_all.verify is None else f"verified as {catch_all.verify.scheme}"
+    return (
+        f'sources: none configured but the catch-all "{CATCH_ALL}": every webhook goes to it, {how}'
+    )
+
+
 def leaves(obj: Any) -> Iterator[Any]:
     """Every value ``obj`` (a config or a part of one) holds below its dataclasses, mappings and
     sequences, in config order, each object once."""
