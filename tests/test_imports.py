@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "webhookd"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # Nothing from webhookd, and the foundations' own.
-    ("webhookd.forms",),
+    ("webhookd.forms", "webhookd.hangups"),
     # Foundations: nothing from webhookd but the above.
     (
         "webhookd.errors",
@@ -73,6 +73,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.receiver", "webhookd.admin", "webhookd.metrics", "webhookd.alerts"),
     ("webhookd.app",),
     ("webhookd.cli",),
+    ("webhookd.entry",),
     ("webhookd.__main__",),
 )
 

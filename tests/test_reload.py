@@ -659,3 +659,35 @@ async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(
         " c/old (1); they go dead at their turn (`webhookd replay --dead --source NAME` runs"
         " them once the source and action are back under those names)"
     ]
+
+
+def test_the_command_notes_a_sighup_to_serve_before_the_cli_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGHUP in the 0.2 s the CLI takes to import killed ``serve`` (a reload right after a
+    start; systemd takes that death for a clean exit). The command's entry point notes it
+    before importing the CLI, and importing the package itself pulls in nothing heavy."""
+    import subprocess
+    import sys
+    import types
+
+    from webhookd import entry, hangups
+
+    seen: list[object] = []
+    fake = types.ModuleType("webhookd.cli")
+    fake.main = lambda: seen.append(signal.getsignal(signal.SIGHUP))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "webhookd.cli", fake)
+    monkeypatch.setattr(sys, "argv", ["webhookd", "serve"])
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        entry.main()
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert seen == [hangups.note]
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, webhookd.entry; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'webhookd.models'" not in loaded and "'aiohttp'" not in loaded, loaded

@@ -1,5 +1,5 @@
 """``python -m webhookd`` runs the CLI."""
 
-from webhookd.cli import main
+from webhookd.entry import main
 
 main()

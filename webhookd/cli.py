@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import click
 
-from webhookd import __version__
+from webhookd import __version__, hangups
 from webhookd import config as config_mod
 from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch
 from webhookd.errors import (
@@ -309,12 +309,10 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     config again and applies its sources, alerts, new lanes and log settings (the rest at the
     next restart). Exits 0 after a drain, 2 on a bad config, 3 on a journal a newer webhookd
     has upgraded, 1 on any other failure."""
-    # SIGHUP's default ends the process: one sent right after a start (`systemctl start` then
-    # `reload`) would kill the daemon before the loop's handler is in place, and systemd takes
-    # that for a clean exit. Until then it is only noted, and done once started.
-    hups: list[int] = []
+    # Until the loop's handler is in place a SIGHUP is only noted (``webhookd.hangups``; from
+    # the command's first instant by ``webhookd.entry``), and done once started.
     with contextlib.suppress(ValueError):  # not the main thread (embedded, tests): no signals
-        signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
+        signal.signal(signal.SIGHUP, hangups.note)
     from webhookd import app, logs
 
     try:
@@ -333,7 +331,7 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
             cfg,
             lambda: _config(path),
             fixed=frozenset(key for key, flag in fixed.items() if flag is not None),
-            reload_asked=lambda: bool(hups),
+            reload_asked=lambda: bool(hangups.NOTED),
         )
     )
 

@@ -1,0 +1,17 @@
+"""The ``webhookd`` command. Before the CLI is imported (0.2 s), a SIGHUP to ``serve`` is only
+noted (``webhookd.hangups``), not the end of the process."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from webhookd import hangups
+
+
+def main() -> None:
+    if "serve" in sys.argv[1:]:
+        signal.signal(signal.SIGHUP, hangups.note)
+    from webhookd.cli import main as cli
+
+    cli()
