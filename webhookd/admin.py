@@ -18,7 +18,7 @@ import hmac
 import logging
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
@@ -103,10 +103,13 @@ class AdminContext:
         clock = self.pool.clock
         self.started_mono = clock.monotonic() - (clock.time() - self.started_at)
 
-    def reconfigure(self, config: Config) -> None:
-        """A reload's config; every secret masked so far stays masked."""
+    def reconfigure(self, config: Config, secrets: Collection[str] | None = None) -> None:
+        """A reload's config (``secrets``: its ``secret_values``, if read already); every
+        secret masked so far stays masked."""
         self.config = config
-        self.masker = Masker([*self.masker.given, *secret_values(config)])
+        if secrets is None:
+            secrets = secret_values(config)
+        self.masker = Masker([*self.masker.given, *secrets])
 
 
 _FINISHED = frozenset({"done", "dead", "cancelled"})  # the outcomes that end a job

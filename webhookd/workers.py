@@ -18,7 +18,7 @@ import os
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -225,16 +225,24 @@ class WorkerPool:
         self._retired: dict[int, Action] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def reconfigure(self, config: Config, actions: Mapping[tuple[str, str], Action]) -> None:
+    def reconfigure(
+        self,
+        config: Config,
+        actions: Mapping[tuple[str, str], Action],
+        secrets: Collection[str] | None = None,
+    ) -> None:
         """Take a reload's sources and actions (``config.workers`` stays as it was): jobs
         started from now on run on them. An attempt already running ends on the action it
-        started on, which is closed once no attempt runs on it."""
+        started on, which is closed once no attempt runs on it. ``secrets``: the config's
+        ``secret_values``, when the caller has them already."""
         live = {id(a) for a in actions.values()}
         for action in self.actions.values():
             if id(action) not in live:
                 self._retired[id(action)] = action
         self.config = config
-        self.masker = Masker([*self.masker.given, *secret_values(config)])  # the old ones too
+        if secrets is None:
+            secrets = secret_values(config)
+        self.masker = Masker([*self.masker.given, *secrets])  # the old ones too
         # A replaced action (a new URL, a longer timeout) starts with a clean slate.
         old = {id(a) for a in self.actions.values()}
         replaced = {key for key, action in actions.items() if id(action) not in old}
