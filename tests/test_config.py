@@ -1250,12 +1250,16 @@ def test_plan_reload_takes_sources_and_new_lanes_and_names_what_waits_for_a_rest
     back = plan_reload(cfg, old)
     assert (back.config.alerts, back.summary()) == (
         None,
-        "added a; removed c; changed b; removed [alerts]",
+        "added a; removed c; changed b; removed lanes new; removed [alerts]",
     )
     quieter = dataclasses.replace(new, alerts=dataclasses.replace(cfg.alerts, min_interval_s=60))
     assert plan_reload(new, quieter).summary() == "changed [alerts]"
     assert cfg.lanes["llm"] == old.lanes["llm"]  # kept with its buckets: a restart changes it
     assert cfg.lanes["new"] == new.lanes["new"]
+    many = RELOAD_BASE + "".join(f"[sources.s{n:02d}]\n" for n in range(15))
+    assert plan_reload(old, loads(many)).summary() == (
+        "added s00, s01, s02, s03, s04, s05, s06, s07, s08, s09 and 5 more"
+    )
 
 
 def test_the_catch_all_stands_only_for_names_it_would_take() -> None:

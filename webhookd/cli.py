@@ -361,7 +361,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
     if unread:
         _fail(unread[-1], 2)
     cfg = _load(config_path)
-    sources = ", ".join(sorted(cfg.sources)) or "none"
+    sources = config_mod.some(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())
     alerts = ""
     if cfg.alerts is not None:

@@ -28,7 +28,7 @@ import re
 import stat
 import tomllib
 import types
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -562,6 +562,7 @@ class Reload:
     changed: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()  # changed keys that wait for a restart, e.g. "server", "lanes.x"
     lanes_added: tuple[str, ...] = ()
+    lanes_removed: tuple[str, ...] = ()
     alerts: str = ""  # "added", "removed" or "changed" when ``[alerts]`` did
     # "source/action" of each action a changed source no longer has: its queued jobs will
     # find no action to run on (an unnamed action's name is its type, and its type and place
@@ -570,12 +571,13 @@ class Reload:
 
     def summary(self) -> str:
         parts = [
-            f"{what} {', '.join(names)}"
+            f"{what} {some(names)}"
             for what, names in (
                 ("added", self.added),
                 ("removed", self.removed),
                 ("changed", self.changed),
                 ("added lanes", self.lanes_added),
+                ("removed lanes", self.lanes_removed),
             )
             if names
         ]
@@ -691,9 +693,17 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         changed=changed,
         kept=tuple(kept),
         lanes_added=tuple(n for n in lanes if n not in old.lanes),
+        lanes_removed=tuple(n for n in old.lanes if n not in lanes),
         alerts=_alerts_change(old.alerts, new.alerts),
         actions_gone=tuple(gone),
     )
+
+
+def some(names: Sequence[str], most: int = 10) -> str:
+    """``names`` for a line of the log or of ``check``: the first ``most``, and how many more (a
+    reload of 300 sources made a line of 2 KB)."""
+    shown = ", ".join(names[:most])
+    return f"{shown} and {len(names) - most} more" if len(names) > most else shown
 
 
 def _alerts_change(old: AlertsConfig | None, new: AlertsConfig | None) -> str:
