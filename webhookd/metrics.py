@@ -10,6 +10,7 @@ enough for the ack path). Gauges that describe the journal, the pool and the lan
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -173,7 +174,10 @@ class Metrics:
         ProcessCollector(registry=r)
         self.configure(pool.config)
         self._state = _StateCollector(journal, pool, lanes, lambda: self._sources)
-        r.register(self._state)
+        # A registry of its own: read on the loop, where the pool and the lanes change, while
+        # the counters and histograms render in a thread (see ``render``).
+        self._state_registry = CollectorRegistry(auto_describe=True)
+        self._state_registry.register(self._state)
 
     def configure(self, config: Config) -> None:
         """Take (a reload's) configured sources and actions. Each action's retry and dead-letter
@@ -292,7 +296,12 @@ class Metrics:
         else:
             self._state.journal_up = True
         self._flush()
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        state = generate_latest(self._state_registry)
+        # The counters and histograms (a series per source and action: 850 KB at 300 sources,
+        # 90 ms to render) in a thread, which the ack path outruns between its turns; in the
+        # loop each scrape held every ack that long. prometheus_client locks its own values.
+        counted = await asyncio.to_thread(generate_latest, self.registry)
+        return counted + state, CONTENT_TYPE_LATEST
 
 
 class _StateCollector(Collector):
