@@ -13,8 +13,9 @@ from conftest import Running, make_config, new_event
 from procs import poll
 
 from webhookd import config as config_mod
+from webhookd.actions.base import Outcome
 from webhookd.cli import main
-from webhookd.journal import Journal, NewEvent, NewJob
+from webhookd.journal import Claimed, Finished, Journal, NewEvent, NewJob
 from webhookd.models import new_job_id
 
 TOKEN_ENV = "WEBHOOKD_TEST_ADMIN_TOKEN"
@@ -127,3 +128,34 @@ async def ingest(
         items.append(NewEvent(event, (job,)))
     await asyncio.gather(*(journal.ingest(item) for item in items))
     return [item.jobs[0].id for item in items]
+
+
+class Outcomes:
+    """What each event's jobs came to, woken by the pool's ``on_finish``: the state its last
+    finished job reached, and how many of its jobs have finished."""
+
+    def __init__(self, running: Running) -> None:
+        self.state: dict[str, str] = {}
+        self.done: dict[str, int] = {}
+        self.changed = asyncio.Event()
+        assert running.daemon.pool is not None
+        running.daemon.pool.on_finish.append(self._on_finish)
+
+    def _on_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
+        self.state[claimed.event.id] = str(finished.state)
+        self.done[claimed.event.id] = self.done.get(claimed.event.id, 0) + 1
+        self.changed.set()
+
+    async def _until(self, reached: Callable[[], bool], timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not reached():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def wait(self, event_id: str, state: str, timeout_s: float = 15) -> None:
+        """Until the event's last finished job is in ``state``."""
+        await self._until(lambda: self.state.get(event_id) == state, timeout_s)
+
+    async def wait_finished(self, event_id: str, jobs: int, timeout_s: float = 20) -> None:
+        """Until ``jobs`` of the event's jobs have finished an attempt."""
+        await self._until(lambda: self.done.get(event_id, 0) >= jobs, timeout_s)

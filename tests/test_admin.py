@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Running, Target, make_config, new_event
-from ops_support import DOWN_ACTION, cli, event_state, forward_source, write_config
+from ops_support import DOWN_ACTION, Outcomes, cli, event_state, forward_source, write_config
 from procs import poll
 from rawhttp import RawConn
 from test_hostile_intake import MALFORMED, assert_refused_quietly
@@ -66,26 +66,6 @@ retry = {{ max_attempts = 1 }}
 """
         for name in names
     )
-
-
-class Outcomes:
-    """The state each event's last finished job reached, woken by the pool's ``on_finish``."""
-
-    def __init__(self, running: Running) -> None:
-        self.state: dict[str, str] = {}
-        self.changed = asyncio.Event()
-        assert running.daemon.pool is not None
-        running.daemon.pool.on_finish.append(self._on_finish)
-
-    def _on_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
-        self.state[claimed.event.id] = str(finished.state)
-        self.changed.set()
-
-    async def wait(self, event_id: str, state: str, timeout_s: float = 15) -> None:
-        async with asyncio.timeout(timeout_s):
-            while self.state.get(event_id) != state:
-                self.changed.clear()
-                await self.changed.wait()
 
 
 async def get(running: Running, path: str, **kw: Any) -> tuple[int, Any]:

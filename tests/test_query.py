@@ -8,7 +8,6 @@ pool's ``on_finish`` hook, never on a timer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -16,35 +15,12 @@ from typing import Any
 
 from actionkit import toml_list
 from conftest import Running, Target
-from ops_support import cli, write_config
-
-from webhookd.actions.base import Outcome
-from webhookd.journal import Claimed, Finished
+from ops_support import Outcomes, cli, write_config
 
 SENT = "store=eu&token=s3cr3t-from-the-sender&note=a%20b+c"
 SHOWN = "store=eu&token=***&note=a%20b+c"
 # Prints what the program was given: its arguments and the query's variable.
 PROGRAM = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['WEBHOOKD_QUERY']]))"
-
-
-class Finishes:
-    """The jobs each event has finished, told by the pool's ``on_finish``."""
-
-    def __init__(self, running: Running) -> None:
-        self.done: dict[str, int] = {}
-        self.changed = asyncio.Event()
-        assert running.daemon.pool is not None
-        running.daemon.pool.on_finish.append(self._on_finish)
-
-    def _on_finish(self, claimed: Claimed, outcome: Outcome, finished: Finished) -> None:
-        self.done[claimed.event.id] = self.done.get(claimed.event.id, 0) + 1
-        self.changed.set()
-
-    async def wait(self, event_id: str, jobs: int, timeout_s: float = 20) -> None:
-        async with asyncio.timeout(timeout_s):
-            while self.done.get(event_id, 0) < jobs:
-                self.changed.clear()
-                await self.changed.wait()
 
 
 async def test_a_webhooks_query_reaches_every_action_and_is_shown_masked(
@@ -72,11 +48,11 @@ handler = "actionkit:echo_query"
 """,
     )
     running: Running = await run_daemon(cfg)
-    finishes = Finishes(running)
+    outcomes = Outcomes(running)
     status, answer = await running.post(f"/hooks/shop?{SENT}", b'{"order": 1}')
     assert status == 202, answer
     event_id = answer["id"]
-    await finishes.wait(event_id, 3)
+    await outcomes.wait_finished(event_id, 3)
 
     async with running.http.get(f"{running.admin_url}/events/{event_id}") as r:
         assert r.status == 200
@@ -107,10 +83,10 @@ async def test_an_event_without_a_query_shows_none_and_its_command_gets_it_empty
         f'[sources.shop]\n[[sources.shop.actions]]\ntype = "command"\nargv = {toml_list(argv)}\n',
     )
     running: Running = await run_daemon(cfg)
-    finishes = Finishes(running)
+    outcomes = Outcomes(running)
     status, answer = await running.post("/hooks/shop", b'{"order": 2}')
     assert status == 202, answer
-    await finishes.wait(answer["id"], 1)
+    await outcomes.wait_finished(answer["id"], 1)
     async with running.http.get(f"{running.admin_url}/events/{answer['id']}") as r:
         doc = await r.json()
     assert doc["query"] == ""
