@@ -162,6 +162,7 @@ class WorkerPool:
         self.concurrency = config.workers.concurrency
         self.scheduler = self._new_scheduler()
         self._wake = asyncio.Event()
+        self._hear_lanes()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -240,6 +241,7 @@ class WorkerPool:
             if id(action) not in live:
                 self._retired[id(action)] = action
         self.config = config
+        self._hear_lanes()
         if secrets is None:
             secrets = secret_values(config)
         self.masker = Masker([*self.masker.given, *secrets])  # the old ones too
@@ -679,11 +681,13 @@ class WorkerPool:
     def _room_in_lanes(self) -> dict[str, int]:
         """How many more of its actions' jobs each lane's line takes now (a lane with stock
         admits them at once, and wakes the pool to pick more)."""
-        room = {}
-        for name, lane in self.rate_lanes.items():
-            lane.on_change = self._wake.set  # set again each round: a reload adds lanes
-            room[name] = lane.most_waiting - lane.waiting
-        return room
+        return {name: lane.most_waiting - lane.waiting for name, lane in self.rate_lanes.items()}
+
+    def _hear_lanes(self) -> None:
+        """Be woken when a lane admits a call or one leaves its line (at the start, and for the
+        lanes a reload adds, which it puts in ``rate_lanes`` before ``reconfigure``)."""
+        for lane in self.rate_lanes.values():
+            lane.on_change = self._wake.set
 
     def _rate_lane_of(self, job: Ready) -> str | None:
         source = self.config.source_for(job.source)
