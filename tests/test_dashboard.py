@@ -868,6 +868,37 @@ async def test_dashboard_replays_a_sources_dead_letters(
     assert len(target.seen) == 2
 
 
+async def test_dashboard_offers_nothing_to_do_with_a_source_a_reload_took_out(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """A source a reload removed is still listed by source with its jobs, marked as not in the
+    config, without the Pause and Replay buttons its admin routes would answer 404 to."""
+    kept = forward_source("keep", target.url + "/keep")
+    running = await run_daemon(
+        make_config(tmp_path, forward_source("shop", target.url + "/in") + kept),
+        loader=lambda: make_config(tmp_path, kept),
+    )
+    target.statuses = [500]  # one attempt: dead at once
+    event_id = await accepted(running, "shop", '{"order": 3}')
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    async with running.http.get(running.admin_url + "/stats") as r:
+        stats = await r.json()
+    assert (stats["sources"]["shop"]["dead"], stats["removed"]) == (1, ["shop"])
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        row = await page.wait_for(
+            "document.body.dataset.loaded === '1' &&"
+            " document.querySelector(\"#sources tr[data-source='shop']\")"
+            "?.textContent.includes('not in the config') &&"
+            " [document.querySelector(\"#sources tr[data-source='shop']\").textContent,"
+            " document.querySelectorAll(\"#sources tr[data-source='shop'] button\").length,"
+            " document.querySelectorAll(\"#sources tr[data-source='keep'] button\").length]"
+        )
+    assert row == ["shop (not in the config)0001", 0, 1]
+
+
 async def test_dashboard_marks_its_data_stale_while_the_daemon_is_unreachable(
     tmp_path: Path, run_daemon: Any, browser: str
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from webhookd.config import Config
+from webhookd.config import CATCH_ALL, Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
     ADMIN_READ_S,
@@ -542,6 +542,8 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     pool = ctx.pool.statistics()
     now = ctx.pool.clock.time()
     oldest = counts.oldest_due_at
+    sources = counts.sources_shown(ctx.config.sources)
+    paused = sorted(await ctx.journal.paused_sources())
     return {
         "boot_id": ctx.boot_id,
         "journal_id": await ctx.journal.identity(),
@@ -549,7 +551,14 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "uptime_s": round(ctx.pool.clock.monotonic() - ctx.started_mono, 3),
         "draining": ctx.intake.draining,
         "jobs": dict(counts.jobs_by_state),
-        "sources": counts.sources_shown(ctx.config.sources),
+        "sources": sources,
+        # Names above (or paused) that a reload took out of the config: the dashboard offers
+        # no Pause or Replay for them (a removed source's jobs go dead at their turn).
+        "removed": sorted(
+            name
+            for name in {*sources, *paused}
+            if name != CATCH_ALL and ctx.config.source_for(name) is None
+        ),
         "events": counts.events,
         "backlog": ctx.journal.backlog_jobs,
         "oldest_queued_age_s": round(now - oldest, 3) if oldest is not None else None,
@@ -571,7 +580,7 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
             "waiting": ctx.intake.waiting,
         },
         "throughput": ctx.throughput.rates() if ctx.throughput is not None else None,
-        "paused": sorted(await ctx.journal.paused_sources()),
+        "paused": paused,
         # A SQLite journal's files ({"db", "wal"}, bytes); PostgreSQL's tables ({"tables"}).
         "journal_bytes": await ctx.journal.sizes(),
         "cluster": await cluster_stats(ctx.journal, counts, now),
