@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import serialization  # trustme's own depend
 from openai_standin import StandIn
 from ops_support import event_state
 from test_forward import make_event, make_job
+from test_send import _webhookd as webhookd_cli
+from test_send import cfg_text
 
 from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
@@ -375,3 +377,31 @@ async def test_an_openai_action_reaches_a_model_server_of_its_own_over_mutual_tl
     assert done.result["text"] == "Draft: Reply to Refund"
     assert refused.state == JobState.QUEUED and refused.attempts == 1  # retried later
     assert standin.received == 1
+
+
+async def test_send_trusts_a_private_ca_given_with_cacert(
+    tmp_path: Path, pki: Pki, tls_target: Callable[[bool], Awaitable[TlsTarget]]
+) -> None:
+    """`webhookd send --url https://...` to a proxy with a private CA's certificate: without
+    --cacert one line says the certificate could not be verified and what to give; with the
+    CA's file it is posted; a file with no certificate in it is a usage error naming it."""
+    target = await tls_target(False)
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    base = ("send", "gh", "--url", target.url.replace("/in", "/hooks/gh"), "--config", str(path))
+    code, out, err = await webhookd_cli(*base)
+    assert (code, out) == (1, "")
+    [line] = err.splitlines()
+    assert "certificate verify failed" not in line and "unable to get local issuer" in line
+    assert line.endswith("a private CA's certificate goes in --cacert"), line
+    assert target.peers == []
+
+    code, out, err = await webhookd_cli(
+        *base, "--cacert", pki.write("ca.pem", pki.ca.cert_pem.bytes())
+    )
+    assert (code, out.splitlines()[0], err) == (0, "200 OK", "")
+    assert len(target.peers) == 1
+
+    code, out, err = await webhookd_cli(*base, "--cacert", pki.write("not.pem", b"nothing\n"))
+    assert (code, out) == (2, "")
+    assert err.startswith("webhookd: error: --cacert ") and "no CA certificate" in err, err

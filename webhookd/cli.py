@@ -1575,6 +1575,12 @@ def restore(copy: Path, config_path: str | None) -> None:
     " to try a when filter; one the provider sets is replaced (a warning says if the"
     " request then does not verify).",
 )
+@click.option(
+    "--cacert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For an https --url: trust the CA certificates in this PEM file instead of the"
+    " system's (a proxy in front of the daemon with a private CA's certificate).",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def send(
     source: str,
@@ -1582,6 +1588,7 @@ def send(
     url: str | None,
     delivery_id: str | None,
     extra_headers: tuple[str, ...],
+    cacert: str | None,
     config_path: str | None,
 ) -> None:
     """Sign a test webhook the way SOURCE's provider would and post it; print the answer.
@@ -1598,6 +1605,7 @@ def send(
     cfg = _read_config(config_path)
     try:
         extra = [send_mod.parse_header(h) for h in extra_headers]
+        tls = send_mod.trusting(cacert) if cacert is not None else None
         src = send_mod.resolve(cfg, source)
         if note := send_mod.catch_all_note(cfg, source, src):
             click.echo(f"webhookd: note: {note}", err=True)
@@ -1619,7 +1627,7 @@ def send(
     except ValueError as exc:
         _fail(str(exc), 2)
     try:
-        answer = send_mod.post(delivery)
+        answer = send_mod.post(delivery, tls=tls)
     except send_mod.PostError as exc:  # refused, timed out, or a URL urllib cannot use
         shown = send_mod.shown_url(delivery.url)  # a --url's password never printed
         if not exc.unreachable:

@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import re
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -357,14 +358,27 @@ def without_user(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
-def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
+def trusting(cafile: str) -> ssl.SSLContext:
+    """The TLS context of ``send --cacert``: the system's checks, with the CAs in ``cafile``
+    (PEM) trusted in place of the system's (a proxy in front of the daemon with a private CA's
+    certificate). Raises ``ValueError`` naming the option for a file that holds none."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ValueError(
+            f"--cacert {cafile}: no CA certificate can be read from it ({exc})"
+        ) from exc
+
+
+def post(delivery: Delivery, timeout_s: float = 30.0, tls: ssl.SSLContext | None = None) -> Answer:
     """POST ``delivery``; any HTTP answer is returned. Anything else, a network failure, a
     URL the standard library cannot send (a space, a non-ASCII letter, a bad host) or an answer
     that is not HTTP, raises ``PostError``.
 
     A user and password in the URL go as Basic auth (``without_user``), unless ``delivery``
     has an ``Authorization`` header of its own. Proxy settings from the environment are
-    ignored: the target is the user's own daemon.
+    ignored: the target is the user's own daemon. ``tls``: the context for an ``https`` URL
+    (``trusting``); else the system's CAs.
     """
     try:
         url, authorization = without_user(delivery.url)
@@ -372,7 +386,10 @@ def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
         if authorization and not any(k.lower() == "authorization" for k in headers):
             headers["Authorization"] = authorization
         request = urllib.request.Request(url, data=delivery.body, headers=headers, method="POST")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=tls))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(request, timeout=timeout_s) as response:
                 return Answer(response.status, response.reason, response.read())
@@ -384,6 +401,9 @@ def post(delivery: Delivery, timeout_s: float = 30.0) -> Answer:
         reason = exc.reason
         said = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
         refused = isinstance(reason, ConnectionRefusedError)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            # "certificate verify failed: unable to get local issuer certificate", and how on.
+            said = f"{reason.verify_message}; a private CA's certificate goes in --cacert"
         said = _without_password(said or type(reason).__name__, delivery.url)
         raise PostError(said, unreachable=True, refused=refused) from exc
     except (OSError, ValueError, http.client.HTTPException) as exc:
