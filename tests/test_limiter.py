@@ -34,8 +34,9 @@ class SimTime:
         tpm: int | None = None,
         burst_s: float = 3.0,
         probe_after_s: float | None = 60.0,
+        max_cooldown_s: float = 3600.0,
     ) -> Lane:
-        config = LaneConfig("llm", rpm=rpm, tpm=tpm, burst_s=burst_s)
+        config = LaneConfig("llm", rpm=rpm, tpm=tpm, burst_s=burst_s, max_cooldown_s=max_cooldown_s)
         return Lane(config, clock=self.clock, sleep=self.sleep, probe_after_s=probe_after_s)
 
     def elapsed(self) -> float:
@@ -370,22 +371,47 @@ async def test_circuit_without_probing_stays_shut() -> None:
 
 
 async def test_long_projected_wait_raises_at_once_instead_of_waiting() -> None:
-    """A call whose wait (counting the queue ahead) would exceed max_wait_s is refused at once."""
+    """A call whose wait (counting the queue ahead, and the calls already asked back) would
+    exceed max_wait_s is refused at once, and asked back when its turn comes."""
     sim = GatedSleep()
     lane = sim.lane(tpm=6_000)  # 100 tokens/s
     await lane.acquire(300, max_wait_s=0)
     with pytest.raises(LaneBusy) as busy:
         await lane.acquire(250, max_wait_s=2.0)
     assert busy.value.retry_after_s == pytest.approx(2.5)
-    ahead = asyncio.create_task(lane.acquire(150, max_wait_s=2.0))
+    # Its 250 tokens count ahead of what comes next: 1 s alone, 3.5 s behind them.
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(100, max_wait_s=2.0)
+    assert busy.value.retry_after_s == pytest.approx(3.5)
+    ahead = asyncio.create_task(lane.acquire(150, max_wait_s=10.0))
     await run_ready()
     with pytest.raises(LaneBusy) as busy:
-        await lane.acquire(100, max_wait_s=2.0)  # alone 1 s, behind 150 tokens 2.5 s
-    assert busy.value.retry_after_s == pytest.approx(2.5)
+        await lane.acquire(100, max_wait_s=2.0)  # behind 350 asked back and 150 in line
+    assert busy.value.retry_after_s == pytest.approx(6.0)
     stats = lane.statistics()
-    assert (stats.waiting, stats.waits_total, stats.busy_total) == (1, 1, 2)
+    assert (stats.waiting, stats.waits_total, stats.busy_total) == (1, 1, 3)
     sim.release()
     await ahead
+
+
+async def test_a_backlog_refused_at_once_is_asked_back_one_turn_apart_in_order() -> None:
+    """Calls refused together come back when each one's turn comes, not all at the first:
+    at rpm 6 (one call each 10 s once the burst is spent) the refused are asked back 10 s
+    apart, in the order they came; a promise lapses at its time, and one past the lane's
+    max_cooldown_s is asked back then."""
+    sim = SimTime()
+    lane = sim.lane(rpm=6, burst_s=10.0, max_cooldown_s=45.0)
+    await lane.acquire(1, max_wait_s=0)  # the burst: one call
+    retries = []
+    for _ in range(6):
+        with pytest.raises(LaneBusy) as busy:
+            await lane.acquire(1, max_wait_s=5.0)
+        retries.append(busy.value.retry_after_s)
+    assert retries == pytest.approx([10.0, 20.0, 30.0, 40.0, 45.0, 45.0])
+    # The first comes back at its time: its turn is there, and it is admitted at once.
+    sim.clock.advance(10.0)
+    reservation = await lane.acquire(1, max_wait_s=5.0)
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 10.0)
 
 
 async def test_cancelled_waiter_leaves_the_queue_without_debit() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -258,6 +259,13 @@ class Lane:
         self._tokens_refunded_total = 0
         self._waits_total = 0
         self._busy_total = 0
+        # Calls refused with "has a long wait" and told when to come back ((when, tokens), the
+        # soonest first): each later projection counts them ahead, so a backlog refused at
+        # once is asked back one slot apart, in the order it was refused, instead of all
+        # together at the first slot (5,000 jobs at rpm 6 came back every few seconds, each
+        # refused again). A promise lapses when its time comes.
+        self._promised: list[tuple[float, int]] = []
+        self._promised_tokens = 0
         # Shared lanes: the journal's chunk being spent, what goes back with the next request,
         # and what a 429 or the circuit changed that the other nodes must hear of.
         self._store = store
@@ -286,11 +294,10 @@ class Lane:
         self._check_open(now)
         if not self._queue and self._wait_s(tokens, now) <= 0:
             return self._admit(tokens, now)
-        projected_s = self._wait_s(
-            tokens, now, len(self._queue), sum(w.tokens for w in self._queue)
-        )
+        ahead, ahead_tokens = self._ahead(now)
+        projected_s = self._wait_s(tokens, now, ahead, ahead_tokens)
         if projected_s > max_wait_s:
-            raise self._busy(projected_s, "has a long wait")
+            raise self._promise(projected_s, tokens, now)
         with self._in_line(tokens) as waiter:
             while True:
                 if self._queue[0] is not waiter:
@@ -467,6 +474,23 @@ class Lane:
         if now < self._cooling_until:
             raise self._busy(self._cooling_until - now, "cooling down")
 
+    def _ahead(self, now: float) -> tuple[int, int]:
+        """Calls (and their tokens) a new one would come after: those in line, and those told
+        to come back at a time still to come."""
+        promised = self._promised
+        while promised and promised[0][0] <= now:
+            self._promised_tokens -= heapq.heappop(promised)[1]
+        in_line = sum(w.tokens for w in self._queue)
+        return len(self._queue) + len(promised), in_line + self._promised_tokens
+
+    def _promise(self, projected_s: float, tokens: int, now: float) -> LaneBusy:
+        """``LaneBusy`` for a call the lane cannot admit within its wait: asked back when its
+        turn comes (at most ``max_cooldown_s`` on), a turn the next projections count."""
+        busy = self._busy(projected_s, "has a long wait")
+        heapq.heappush(self._promised, (now + busy.retry_after_s, tokens))
+        self._promised_tokens += tokens
+        return busy
+
     def _busy(self, retry_after_s: float, reason: str) -> LaneBusy:
         self._busy_total += 1
         # Every wait a lane hands out is bounded like its cool-down: a job asked back too early
@@ -496,9 +520,9 @@ class Lane:
         self._check_open(now)
         if not self._queue and self._stock_covers(tokens, now):
             return self._admit_shared(tokens, now)
-        projected_s = self._projected_shared_s(tokens)
+        projected_s = self._projected_shared_s(tokens, now)
         if projected_s > max_wait_s:
-            raise self._busy(projected_s, "has a long wait")
+            raise self._promise(projected_s, tokens, now)
         deadline = now + max_wait_s
         with self._in_line(tokens) as waiter:
             while True:
@@ -517,16 +541,18 @@ class Lane:
                 now = self._clock.monotonic()
                 self._check_open(now)
                 if now > deadline and not self._stock_covers(tokens, now):
-                    raise self._busy(self._projected_shared_s(tokens), "has a long wait")
+                    raise self._busy(self._projected_shared_s(tokens, now), "has a long wait")
 
-    def _projected_shared_s(self, tokens: int) -> float:
-        """This node's queue at the lane's whole rate: how long it takes at best."""
+    def _projected_shared_s(self, tokens: int, now: float) -> float:
+        """This node's queue (and the calls it asked back) at the lane's whole rate: how long
+        it takes at best."""
         wait_s = 0.0
+        ahead_calls, ahead_tokens = self._ahead(now)
         if self.config.rpm:
-            ahead = len(self._queue) + 1 - self._stock[0]
+            ahead = ahead_calls + 1 - self._stock[0]
             wait_s = max(wait_s, ahead / (self.config.rpm / WINDOW_S))
         if self.config.tpm:
-            ahead = sum(w.tokens for w in self._queue) + min(tokens, self.config.tpm)
+            ahead = ahead_tokens + min(tokens, self.config.tpm)
             wait_s = max(wait_s, (ahead - self._stock[1]) / (self.config.tpm / WINDOW_S))
         return max(wait_s - self.config.burst_s, 0.0)
 
