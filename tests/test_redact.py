@@ -186,6 +186,17 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
             "no route for /services/T0001/B0002/***",
         ),
         ("http://127.0.0.1:9/hook?token=qtok&x=1", "/hook?token=qtok&x=1", "/hook?token=***&x=1"),
+        # Tokens with joiners: a UUID, a key's prefix and its random part.
+        (
+            "https://in.example.com/hooks/5f3c2a1e-9b8d-4c7e-a6f5-0123456789ab",
+            "unknown hook 5f3c2a1e-9b8d-4c7e-a6f5-0123456789ab",
+            "unknown hook ***",
+        ),
+        (
+            "https://in.example.com/k/sk-proj-AbC9dEfGh1jKlMn0pQrStUv/in",
+            "key sk-proj-AbC9dEfGh1jKlMn0pQrStUv refused",
+            "key *** refused",
+        ),
     ],
 )
 def test_a_secret_is_masked_where_a_target_quotes_part_of_it(
@@ -207,13 +218,15 @@ def test_the_parts_of_a_secret_spare_ordinary_words() -> None:
             "https://hooks.slack.com/services/T0ABC1234/B0DEF5678/XXXXXXXXXXXXXXXXXXXXXXXX",
             "https://collect.example.com/in?api_key=k3y9abcd1234&signed=true&design=modern",
             "https://outlook.office.com/webhookb2/in?region=eu-west-1",
+            "http://127.0.0.1:9/status/503/payment-status-v2/orders-create-2024",
             "postgresql://postgres:postgres@localhost/webhookd",
             "correct horse",
         ]
     )
     text = (
         "journal /var/lib/webhookd/webhookd.db, postgresql, role postgres, order-processing,"
-        " webhook-receiver, team T0ABC1234, signed=true, modern, eu-west-1, webhookb2, horse"
+        " webhook-receiver, team T0ABC1234, signed=true, modern, eu-west-1, webhookb2, horse,"
+        " payment-status-v2, orders-create-2024"
     )
     assert masker.text(text) == text
     assert masker.text("api_key=k3y9abcd1234") == "api_key=***"

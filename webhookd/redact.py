@@ -243,8 +243,21 @@ _CREDENTIAL_QUERY_NAMES = frozenset(
 def _looks_like_token(text: str) -> bool:
     """A value that reads as a generated credential rather than a word or an id: 16
     characters or more, letters and digits mixed (``order-processing``, ``webhookb2`` and a
-    Slack team's ``T0ABC1234`` do not)."""
-    return len(text) >= 16 and any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
+    Slack team's ``T0ABC1234`` do not), and not words joined by ``-``, ``_`` or ``.``
+    (``payment-status-v2``, ``orders-create-2024``: a path an operator named, which masked
+    its every mention, in errors and bodies alike)."""
+    if len(text) < 16 or not any(c.isdigit() for c in text) or not any(c.isalpha() for c in text):
+        return False
+    pieces = _JOINERS.split(text)
+    return len(pieces) == 1 or not all(_WORDLIKE.fullmatch(piece) for piece in pieces)
+
+
+# What joins the words of a name, and a word of one: lowercase letters then digits (``v2``,
+# ``webhooks``), digits then lowercase letters (``2024``, ``3ds``) or a capitalised word, at
+# most 15 characters. A generated token's pieces mix cases, or letters and digits, or run long:
+# ``sk-proj-`` and 48 more, ``xoxb-...-AbCd...``, a UUID's ``5f3c2a1e``.
+_JOINERS = re.compile(r"[-_.]")
+_WORDLIKE = re.compile(r"(?=.{0,15}$)(?:[a-z]*[0-9]*|[0-9]*[a-z]*|[A-Z][a-z]+[0-9]*)")
 
 
 # The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
