@@ -779,6 +779,46 @@ async def test_a_lanes_own_pace_never_makes_a_job_give_up_but_429s_do_count(
         assert outcomes[0] == "retry" and "429 from the service" in (job.history[0].error or "")
 
 
+class WaitsThen429:
+    """An action turned away ``turns`` times without trouble (``why``: ``paced``, its lane's
+    own pace, or ``held``, its lane out of quota), then given one 429, then run."""
+
+    def __init__(self, action: Action, turns: int, why: str) -> None:
+        self.config = action.config
+        self.turns = turns
+        self.why = why
+        self.calls = 0
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        self.calls += 1
+        if self.calls <= self.turns:
+            return Outcome.wait("lane busy", after_s=1.0, **{self.why: True})
+        if self.calls == self.turns + 1:
+            return Outcome.wait("429 from the service", after_s=1.0)
+        return Outcome.done({"ok": True})
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("why", ["paced", "held"])
+async def test_waits_of_a_lanes_pace_or_quota_do_not_count_towards_the_429s(
+    make_rig: MakeRig, why: str
+) -> None:
+    """More than MAX_WAITS turns waited for the lane (a long backlog, a quota outage), then
+    a 429: the 429 is a wait like any first one, not a failed attempt."""
+    rig = await make_rig('[sources.p]\n[[sources.p.actions]]\ntype = "log"\n')
+    stub = WaitsThen429(rig.actions[("p", "log")], MAX_WAITS + 5, why)
+    rig.actions[("p", "log")] = stub
+    event_id = await rig.ingest("p")
+    for _ in range(MAX_WAITS + 7):
+        await rig.pool.run_until_idle()
+        rig.clock.advance(1.0)
+    job = await rig.job(event_id)
+    assert stub.calls == MAX_WAITS + 7
+    assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])
+
+
 async def test_commit_wakes_the_dispatcher_without_waiting_for_the_sweep(
     tmp_path: Path, target: Target, run_daemon: Callable[..., Any]
 ) -> None:

@@ -1120,7 +1120,11 @@ class WorkerPool:
         outcome_result = masker.deep(outcome.result) if outcome.result is not None else None
 
         def make(
-            state: JobState, kind: str, run_at: float | None = None, err: str | None = error
+            state: JobState,
+            kind: str,
+            run_at: float | None = None,
+            err: str | None = error,
+            counted_wait: bool = False,
         ) -> Finished:
             result = outcome_result
             if result is None and state != JobState.DONE:
@@ -1140,6 +1144,7 @@ class WorkerPool:
                 result=result,
                 detail=detail,
                 claim=claimed.claim,
+                counted_wait=counted_wait,
             )
 
         if outcome.kind == "done":
@@ -1147,14 +1152,17 @@ class WorkerPool:
         if outcome.kind == "dead":
             return make(JobState.DEAD, "dead")
         # A lane pacing its calls (``paced``) is no sign of trouble: however long a backlog
-        # keeps a job waiting its turn, it never gives up on it for that (it never ran).
-        if outcome.kind == "wait" and (claimed.waits < MAX_WAITS or outcome.detail.get("paced")):
+        # keeps a job waiting its turn, it never gives up on it for that (it never ran); nor
+        # while its lane is out of quota (``held``). Neither counts towards MAX_WAITS: after a
+        # hundred turns waited, a job's first 429 used an attempt.
+        exempt = bool(outcome.detail.get("paced") or outcome.detail.get("held"))
+        if outcome.kind == "wait" and (exempt or claimed.waits < MAX_WAITS):
             # An action bounds its own waits (a lane's max_cooldown_s); this only keeps a nan,
             # an inf or a negative from becoming a run_at.
             wait_s = outcome.after_s
             if wait_s is None or not (math.isfinite(wait_s) and wait_s > 0):
                 wait_s = 1.0
-            return make(JobState.QUEUED, "wait", now + wait_s)
+            return make(JobState.QUEUED, "wait", now + wait_s, counted_wait=not exempt)
         # A failure: retry with backoff, or give up when the attempts are used.
         if job.attempts >= job.max_attempts or cfg is None:
             return make(

@@ -441,7 +441,8 @@ class OpenAIAction:
             if code == "insufficient_quota":
                 if self.lane is not None:
                     self.lane.open_circuit("insufficient_quota")
-                return Outcome.wait(error, _QUOTA_WAIT_S, **detail)
+                # Held, not failed: a lane out of quota keeps its jobs until a call succeeds.
+                return Outcome.wait(error, _QUOTA_WAIT_S, held=True, **detail)
             wait_s = cooldown_s(headers)
             if self.lane is not None:
                 wait_s = self.lane.cooldown(wait_s)  # capped at the lane's max_cooldown_s

@@ -571,7 +571,7 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> fro
                 f.error,
                 f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
                 1 if wait else 0,
-                1 if wait else 0,
+                1 if f.counted_wait else 0,
                 f.job_id,
                 f.finished_at,
             )

@@ -312,19 +312,21 @@ async def write_finishes(
                 f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
                 1 if wait else 0,
                 f.finished_at,
+                1 if f.counted_wait else 0,
             )
         )
     applied = await conn.fetch(
         f"UPDATE jobs j SET {leaving_running('u.state', 'u.fin', 'u.at', 'j.')},"
         " run_at = u.run, result = u.res, last_error = u.err,"
         " node_id = NULL, claim_token = NULL, lease_until = NULL,"
-        " attempts = j.attempts - u.w, waits = j.waits + u.w"
+        " attempts = j.attempts - u.w, waits = j.waits + u.cw"
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[], $5::text[],"
-        " $6::text[], $7::double precision[], $8::integer[], $9::double precision[])"
-        " WITH ORDINALITY AS u(id, tok, state, run, res, err, fin, w, at, n)"
+        " $6::text[], $7::double precision[], $8::integer[], $9::double precision[],"
+        " $10::integer[])"
+        " WITH ORDINALITY AS u(id, tok, state, run, res, err, fin, w, at, cw, n)"
         " WHERE j.id = u.id AND j.state = 'running' AND j.claim_token = u.tok"
         " RETURNING u.n, j.id, j.state, u.state AS wanted",
-        *_columns(rows, 9),
+        *_columns(rows, 10),
     )
     recorded = {int(r[0]) - 1 for r in applied}
     cancelled = frozenset(r[1] for r in applied if r[2] == "cancelled" and r[3] == "queued")
