@@ -63,8 +63,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.copies",),
     # Over the journal's interface, or pacing the work.
     ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter"),
-    # Actions: the interface, the HTTP delivery helpers, one module per kind, the registry.
+    # Actions: the interface, the HTTP client, the delivery helpers, one module per kind, the
+    # registry.
     ("webhookd.actions.base",),
+    ("webhookd.actions.client",),
     ("webhookd.actions.delivery",),
     ("webhookd.actions.*",),
     ("webhookd.actions",),

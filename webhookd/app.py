@@ -49,6 +49,7 @@ from aiohttp import web
 from webhookd import actions as action_registry
 from webhookd import logs
 from webhookd.actions.base import Resources
+from webhookd.actions.client import Lookup, open_session
 from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
@@ -143,6 +144,9 @@ class Daemon:
     fixed: frozenset[str] = frozenset()
     # Set after each reload, applied or refused (for tests and embedding).
     reloaded: asyncio.Event = field(default_factory=asyncio.Event)
+    # How the actions' HTTP client looks up a host name, on its own threads (tests give one
+    # that hangs).
+    lookup: Lookup = socket.getaddrinfo
     _force: asyncio.Event = field(default_factory=asyncio.Event)
     _stop_why: str = "asked to stop"
     _reload_wanted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -213,13 +217,7 @@ class Daemon:
             await _check_the_clock(journal, cfg, self.clock.time())
 
             http = await stack.enter_async_context(
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=max(cfg.workers.concurrency * 2, 100)),
-                    timeout=aiohttp.ClientTimeout(total=None),
-                    # No cookies: one target's Set-Cookie would go back with every later
-                    # delivery to its host, whatever the event, tenant or source.
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
+                open_session(max(cfg.workers.concurrency * 2, 100), self.lookup)
             )
             self.lanes = build_lanes(cfg.lanes, store=journal if journal.shares_lanes else None)
             # The pool's masker, asked when a job runs (the pool is made below).

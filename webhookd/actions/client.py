@@ -1,0 +1,98 @@
+"""The HTTP client the actions deliver through: one aiohttp session for the daemon, whose host
+name lookups run on threads of its own.
+
+Hazard: aiohttp's default resolver asks the event loop (``loop.getaddrinfo``), and uvloop runs
+that on libuv's thread pool, 4 threads of which at most 2 take lookups at once. Two targets
+whose DNS hung (20 s) held every other lookup behind them, and every connect too: uvloop's
+connect looks up even an IP literal there (below). Healthy targets timed out in the meantime.
+On the stock loop the lookups share the default executor with whatever else uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+# ``socket.getaddrinfo``'s shape: (host, port, family, type, proto, flags) -> its 5-tuples.
+Lookup = Callable[[str, int, int, int, int, int], Sequence[tuple[Any, Any, int, str, Any]]]
+
+# Lookups under way at once (threads start as needed): only more names than this stuck in DNS
+# at once would hold up the others' lookups.
+LOOKUP_THREADS = 16
+# The addresses found are numbers: the connect that follows need not look them up again.
+_NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+_AS_NUMBERS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+
+
+class Resolver(AbstractResolver):
+    """Host names looked up with ``lookup`` (``socket.getaddrinfo``) on ``LOOKUP_THREADS``
+    threads of their own. The connector in front keeps its DNS cache (10 s) and asks once
+    for a name many requests wait on.
+
+    uvloop's connect still looks up the address found here on libuv's pool (a number, so no
+    DNS, but in the same queue): fast while that pool is free. What else webhookd looks up
+    there is its own journal's host (PostgreSQL) and an openai action's API host (httpx).
+    """
+
+    def __init__(self, lookup: Lookup = socket.getaddrinfo) -> None:
+        self._lookup = lookup
+        self._threads = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhookd-dns")
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return await asyncio.wrap_future(self._threads.submit(self._addresses, host, port, family))
+
+    def _addresses(self, host: str, port: int, family: int) -> list[ResolveResult]:
+        found = self._lookup(host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+        addresses: list[ResolveResult] = []
+        for af, _, proto, _, address in found:
+            if af == socket.AF_INET6 and address[3]:
+                # A link-local address is only reachable through its interface: the scope id
+                # goes with it, "fe80::1%eth0".
+                number, service = socket.getnameinfo(address, _AS_NUMBERS)
+                address = (number, int(service))
+            addresses.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address[0],
+                    port=address[1],
+                    family=af,
+                    proto=proto,
+                    flags=_NUMERIC,
+                )
+            )
+        return addresses
+
+    async def close(self) -> None:
+        # A lookup stuck in DNS is not waited for, and those queued behind it are dropped. Its
+        # thread ends at the system resolver's timeout; the interpreter's exit waits for that
+        # (`serve` exits regardless once its exit deadline passes).
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.asynccontextmanager
+async def open_session(
+    connections: int, lookup: Lookup = socket.getaddrinfo
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """The daemon's HTTP session: at most ``connections`` open, host names looked up by a
+    ``Resolver`` with ``lookup``, closed with it."""
+    resolver = Resolver(lookup)
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, resolver=resolver),
+            timeout=aiohttp.ClientTimeout(total=None),
+            # No cookies: one target's Set-Cookie would go back with every later delivery to
+            # its host, whatever the event, tenant or source.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as http:
+            yield http
+    finally:
+        await resolver.close()  # the connector does not close a resolver it was given
