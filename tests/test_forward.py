@@ -408,6 +408,57 @@ async def test_an_answer_whose_body_never_comes_is_decided_by_its_status(
     assert outcome.detail["response"] == "(no body within 0.05 s)"
 
 
+@pytest.mark.parametrize(
+    ("coding", "status", "kind"),
+    [("br", 200, "done"), ("zstd", 204, "done"), ("gzip", 503, "retry")],
+)
+async def test_a_body_the_client_cannot_decode_leaves_the_status_to_decide(
+    target: Target, send: Callable[[str], Forward], coding: str, status: int, kind: str
+) -> None:
+    """A 2xx in a Content-Encoding the client cannot decode (br without Brotli, or not what it
+    says) failed as the client's own 400, and the target had the webhook again at each retry:
+    it is done at once, the detail saying the body is not shown. A 503 is retried as a 503.
+    Bodies are asked for plain."""
+    target.default_status = status
+    target.headers = {"Content-Encoding": coding}
+    target.body = b"\x8b\x08 neither br, zstd nor gzip"
+    outcome = await send(f'url = "{target.url}/x"')()
+    assert (outcome.kind, outcome.detail["status"]) == (kind, status)
+    assert outcome.error == (None if kind == "done" else f"{target.url}/x answered {status}")
+    shown = "" if status == 204 else f"(a body in Content-Encoding {coding}, not shown)"
+    assert outcome.detail["response"] == shown
+    [seen] = target.seen
+    assert seen.headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(("status", "kind"), [(200, "done"), (503, "retry")])
+async def test_a_body_that_breaks_off_leaves_the_status_to_decide(
+    send: Callable[[str], Forward], status: int, kind: str
+) -> None:
+    """A target that sends its status and headers and then closes the connection before its
+    body has answered: a 200 is done (not sent again), a 503 retried as a 503, not as a
+    connection failure; the detail says why the body is not there."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(len(JSON_BODY))  # read: closed with it unread, a reset
+        writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 100\r\n\r\n" % status)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        outcome = await send(f'url = "http://127.0.0.1:{port}/x"')()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (outcome.kind, outcome.detail["status"]) == (kind, status)
+    if kind == "retry":
+        assert outcome.error == f"http://127.0.0.1:{port}/x answered 503"
+    assert outcome.detail["response"].startswith("(the body could not be read: ClientPayloadError")
+
+
 async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> None:
     """A target that refuses the connection is a retryable failure, not a dead job."""
     with socket.socket() as closed:

@@ -1,10 +1,11 @@
 """Outbound HTTP delivery shared by actions: Standard Webhooks signing and outcome classification.
 
 ``forward`` sends the event's body with it; ``openai`` sends its answer on with it
-(``then = { forward = URL }``). Outcomes: 2xx is done; 407 (a proxy's), 408, 425, 429, 5xx,
-timeouts and connection errors are retried (the response's ``Retry-After`` is a lower bound for
-the next attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are
-permanent, and so is a 3xx: redirects are never followed. Every request carries the event id as
+(``then = { forward = URL }``). Outcomes, by the status (a body that does not come or cannot
+be read changes none): 2xx is done; 407 (a proxy's), 408, 425, 429, 5xx, timeouts and
+connection errors are retried (the response's ``Retry-After`` is a lower bound for the next
+attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are permanent,
+and so is a 3xx: redirects are never followed. Every request carries the event id as
 ``webhook-id`` and ``Idempotency-Key`` so the receiver can drop the duplicates that
 at-least-once delivery allows.
 """
@@ -51,6 +52,7 @@ _RESPONSE_HEAD_BYTES = 1024
 # How long the start of an answer's body may take once its status has come.
 RESPONSE_HEAD_S = 2.0
 _LOCATION_CHARS = 500
+_WHY_CHARS = 200
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -402,6 +404,9 @@ async def deliver(
     sent_to = str(url)
     target = sent_to if named is None else named
     sent = dict(headers)
+    if not any(k.lower() == "accept-encoding" for k in sent):
+        # The body is not decoded (below): asked for plain, its start is text to show.
+        sent["Accept-Encoding"] = "identity"
     proxy_headers = None
     if proxy is not None and proxy.authorization is not None:
         # An https target's go on the CONNECT; a plain http request is the proxy's to read.
@@ -419,15 +424,13 @@ async def deliver(
             ssl=True if tls is None else tls,
             proxy=None if proxy is None else proxy.url,
             proxy_headers=proxy_headers,
+            # Only the body's start is kept, for the operator. Decoded, a coding the client
+            # lacks (br without Brotli, zstd) failed the request before its status was read,
+            # so a 200 was retried.
+            auto_decompress=False,
         ) as response:
             status = response.status
-            try:
-                # The status is the answer: a body that does not come (headers sent, then
-                # nothing) is no reason to send a delivered webhook again at the timeout.
-                async with asyncio.timeout(RESPONSE_HEAD_S):
-                    head = await response.content.read(_RESPONSE_HEAD_BYTES)
-            except TimeoutError:
-                head = f"(no body within {RESPONSE_HEAD_S:g} s)".encode()
+            head = await _response_head(response)
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
             location = response.headers.get("Location")
     except (aiohttp.ClientError, OSError) as exc:
@@ -451,7 +454,7 @@ async def deliver(
     detail: dict[str, Any] = {
         "status": status,
         "duration_s": round(time.monotonic() - started, 4),
-        "response": head.decode("utf-8", "replace"),
+        "response": head,
     }
     if 200 <= status < 300:
         return Outcome.done({"status": status}, **detail)
@@ -473,3 +476,21 @@ async def deliver(
     if status >= 500 or status in _RETRYABLE_4XX:
         return Outcome.retry(f"{target} answered {status}", after_s=retry_after, **detail)
     return Outcome.dead(f"{target} answered {status}", **detail)
+
+
+async def _response_head(response: aiohttp.ClientResponse) -> str:
+    """The start of an answer's body as text, or why it is not there. The status is the
+    answer: a body that does not come (headers sent, then nothing) or breaks off is no reason
+    to send a delivered webhook again."""
+    try:
+        async with asyncio.timeout(RESPONSE_HEAD_S):
+            head = await response.content.read(_RESPONSE_HEAD_BYTES)
+    except TimeoutError:
+        return f"(no body within {RESPONSE_HEAD_S:g} s)"
+    except (aiohttp.ClientError, OSError) as exc:
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
+        return f"(the body could not be read: {why})"
+    coding = response.headers.get("Content-Encoding", "identity")
+    if head and coding.lower() != "identity":
+        return f"(a body in Content-Encoding {coding[:_WHY_CHARS]}, not shown)"
+    return head.decode("utf-8", "replace")
