@@ -325,6 +325,41 @@ def test_a_header_no_request_can_carry_is_a_config_error_not_a_failing_delivery(
     assert "downstream-token" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("action", "key"),
+    [
+        ('type = "forward"\nurl = "env:FWD_URL"\nheaders = { authorization = "Bearer t" }', ""),
+        (
+            'type = "openai"\napi_key = "env:FWD_TOKEN"\nmodel = "m"\nmax_tokens = 10\n'
+            'prompt = "p"\nthen = { forward = "env:FWD_URL", headers = { authorization = "t" } }',
+            "then.",
+        ),
+    ],
+    ids=["forward", "openai-then"],
+)
+def test_an_authorization_header_beside_a_user_and_password_in_the_url_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, key: str
+) -> None:
+    """A URL with a user and password sends them as Basic credentials, and the client refuses
+    an ``Authorization`` header besides: it passed ``check``, then failed every attempt. Now
+    ``check`` is exit 2 naming the header's key, never showing the password."""
+    monkeypatch.setenv("FWD_URL", "http://hooks:SUPERSECRET@127.0.0.1:9/in")
+    monkeypatch.setenv("FWD_TOKEN", "sk-test")
+    config = tmp_path / "webhookd.toml"
+    config.write_text(f"[sources.shop]\n[[sources.shop.actions]]\n{action}\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert (result.exit_code, result.output.splitlines()) == (
+        2,
+        [
+            f"webhookd: error: sources.shop.actions[0].{key}headers.authorization: cannot be sent"
+            " with the user and password in the URL, which already go as Basic credentials:"
+            " give one or the other"
+        ],
+    )
+    monkeypatch.setenv("FWD_URL", "http://127.0.0.1:9/in")  # the header alone is fine
+    assert CliRunner().invoke(main, ["check", "--config", str(config)]).exit_code == 0
+
+
 @pytest.mark.parametrize("url", ["htps://hooks.example.com/T0/SUPERSECRET", "http://[SUPERSECRET"])
 def test_a_secret_url_that_is_not_one_is_refused_without_showing_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str

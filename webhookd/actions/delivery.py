@@ -280,9 +280,10 @@ def _reason(exc: OSError | ValueError) -> str:
 _SIGNING_HEADERS = frozenset({"webhook-signature", "webhook-timestamp"})
 
 
-def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
-    """Extra request headers at key ``name`` (default: none); a value written ``env:NAME`` or
-    ``file:PATH`` is that secret (``Authorization = "env:TARGET_TOKEN"``)."""
+def read_headers(t: Table, name: str = "headers", *, url: str) -> dict[str, str]:
+    """Extra request headers at key ``name`` (default: none) for requests to ``url``; a value
+    written ``env:NAME`` or ``file:PATH`` is that secret (``Authorization = "env:TARGET_TOKEN"``).
+    """
     value = t.raw(name, {})
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -300,9 +301,23 @@ def read_headers(t: Table, name: str = "headers") -> dict[str, str]:
         if k.lower() in _SIGNING_HEADERS:
             # With a secret, the signing would replace it; without one, a forged-looking header.
             raise ConfigError(key, "is the signing's to set: give secret or secrets instead")
+        if k.lower() == "authorization" and _has_credentials(url):
+            # The client refuses to send both: every attempt failed, until the job went dead.
+            raise ConfigError(
+                key,
+                "cannot be sent with the user and password in the URL, which already go as"
+                " Basic credentials: give one or the other",
+            )
         _no_template(v, key)
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
+
+
+def _has_credentials(url: str) -> bool:
+    """Whether ``url`` has a user or a password, as the client reads it (``http://@host`` has
+    neither)."""
+    parts = URL(url)
+    return parts.raw_user is not None or parts.raw_password is not None
 
 
 def read_signing_secrets(t: Table) -> tuple[Secret, ...]:

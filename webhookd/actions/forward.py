@@ -99,7 +99,7 @@ class _Settings:
 def _settings(config: ActionConfig) -> _Settings:
     t = options(config, _OPTIONS)
     url = read_url(t, "url")
-    headers = read_headers(t)
+    headers = read_headers(t, url=url)
     secrets = tuple(s.reveal() for s in read_signing_secrets(t))
     passed = _read_passed(t.raw("pass_headers", list(PASS_HEADERS)), t.path("pass_headers"))
     settings = _Settings(url, headers, secrets, passed, read_tls(t, url), read_proxy(t))

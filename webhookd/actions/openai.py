@@ -202,7 +202,7 @@ class _Then:
             f"for then, which takes forward (the URL), {', '.join(_THEN_OPTIONS[1:])}",
         )
         self.url = read_url(t, "forward")
-        self.headers = read_headers(t)
+        self.headers = read_headers(t, url=self.url)
         self.secrets = [s.reveal() for s in read_signing_secrets(t)]
         self.tls = read_tls(t, self.url)
         self.proxy = read_proxy(t)
