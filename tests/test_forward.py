@@ -398,6 +398,89 @@ async def test_the_daemon_keeps_no_cookies_from_one_delivery_to_the_next(
     assert pool.outcomes["done"] == 2
 
 
+def forward_source(url: str) -> str:
+    return f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{url}"\n'
+
+
+class IdleCloser:
+    """A raw target on 127.0.0.1 that closes each connection, unanswered, at its request
+    number ``closes_at`` (its keep-alive timeout running out just as the request came),
+    having answered 200 to those before."""
+
+    def __init__(self, closes_at: int) -> None:
+        self.closes_at = closes_at
+        self.requests: list[int] = []  # each request's connection, numbered from 0
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection, self.connections = self.connections, self.connections + 1
+        try:
+            for n in range(1, self.closes_at + 1):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)  # all read: closed on it unread, a reset
+                self.requests.append(connection)
+                if n == self.closes_at:
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return  # the client closed it
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def deliver_one_by_one(running: Any, n: int) -> list[tuple[int, str]]:
+    """Post ``n`` webhooks to ``/hooks/shop``, each once the one before is finished; the
+    (attempt, outcome) each attempt finished with."""
+    pool = running.daemon.pool
+    finished: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    pool.on_finish.append(lambda _, __, f: finished.put_nowait((f.attempt, f.outcome)))
+    outcomes = []
+    for i in range(n):
+        assert (await running.post("/hooks/shop", b'{"n": %d}' % i))[0] == 202
+        outcomes.append(await asyncio.wait_for(finished.get(), 10.0))
+    return outcomes
+
+
+async def test_a_reused_connection_the_target_closed_is_sent_again_at_once(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """A target closing an idle keep-alive connection as the next request goes out on it
+    cost that webhook a failed attempt and a 10 s backoff: the request is sent again at once
+    on a new connection (it carries an Idempotency-Key), and both webhooks are done at their
+    first attempt."""
+    target = IdleCloser(closes_at=2)
+    async with target as url:
+        cfg = make_config(tmp_path, forward_source(f"{url}/in"))
+        outcomes = await deliver_one_by_one(await run_daemon(cfg), 2)
+    assert outcomes == [(1, "done"), (1, "done")]
+    assert target.requests == [0, 0, 1]  # the second on the first connection, then a new one
+
+
+async def test_a_new_connection_closed_unanswered_is_not_sent_again(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """Only a reused connection is sent on again: a target closing a new one before it answers
+    has had the request, and the attempt fails (retried later, with its backoff)."""
+    target = IdleCloser(closes_at=1)
+    async with target as url:
+        cfg = make_config(tmp_path, forward_source(f"{url}/in"))
+        outcomes = await deliver_one_by_one(await run_daemon(cfg), 1)
+    assert outcomes == [(1, "retry")]
+    assert target.requests == [0]
+
+
 @pytest.mark.parametrize(("status", "kind"), [(200, "done"), (500, "retry"), (404, "dead")])
 async def test_attempt_detail_records_status_duration_and_response_head(
     target: Target, send: Callable[[str], Forward], status: int, kind: str

@@ -1,5 +1,6 @@
 """The HTTP client the actions deliver through: one aiohttp session for the daemon, whose host
-name lookups run on threads of its own.
+name lookups run on threads of its own, and which tells a request whether its connection was
+a reused one.
 
 Hazard: aiohttp's default resolver asks the event loop (``loop.getaddrinfo``), and uvloop runs
 that on libuv's thread pool, 4 threads of which at most 2 take lookups at once. Two targets
@@ -13,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -78,12 +81,36 @@ class Resolver(AbstractResolver):
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(slots=True)
+class ConnectionUsed:
+    """A request's ``trace_request_ctx``: whether the connection it went out on last was an
+    idle one reused. Only the session ``open_session`` makes sets it; False elsewhere."""
+
+    reused: bool = False
+
+
+def _noting(reused: bool) -> Callable[[Any, SimpleNamespace, Any], Awaitable[None]]:
+    async def note(_session: Any, context: SimpleNamespace, _params: Any) -> None:
+        if isinstance(used := context.trace_request_ctx, ConnectionUsed):
+            used.reused = reused
+
+    return note
+
+
+def _connections_noted() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_noting(True))
+    # At the start of a new one: one that then fails to connect was not a reused one either.
+    trace.on_connection_create_start.append(_noting(False))
+    return trace
+
+
 @contextlib.asynccontextmanager
 async def open_session(
     connections: int, lookup: Lookup = socket.getaddrinfo
 ) -> AsyncIterator[aiohttp.ClientSession]:
     """The daemon's HTTP session: at most ``connections`` open, host names looked up by a
-    ``Resolver`` with ``lookup``, closed with it."""
+    ``Resolver`` with ``lookup``, closed with it; a request's ``ConnectionUsed`` noted."""
     resolver = Resolver(lookup)
     try:
         async with aiohttp.ClientSession(
@@ -92,6 +119,7 @@ async def open_session(
             # No cookies: one target's Set-Cookie would go back with every later delivery to
             # its host, whatever the event, tenant or source.
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[_connections_noted()],
         ) as http:
             yield http
     finally:

@@ -7,7 +7,8 @@ connection errors are retried (the response's ``Retry-After`` is a lower bound f
 attempt's delay, up to the action's ``retry.cap_s``); 410 Gone and other 4xx are permanent,
 and so is a 3xx: redirects are never followed. Every request carries the event id as
 ``webhook-id`` and ``Idempotency-Key`` so the receiver can drop the duplicates that
-at-least-once delivery allows.
+at-least-once delivery allows (and that sending again at once makes, once, when a reused
+connection was closed before any answer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import base64
 import datetime
 import email.utils
+import errno
 import math
 import os
 import re
@@ -31,6 +33,7 @@ import aiohttp
 from yarl import URL
 
 from webhookd.actions.base import Outcome
+from webhookd.actions.client import ConnectionUsed
 from webhookd.config import (
     HEADER_NAME,
     PEM_FILE_BYTES,
@@ -429,7 +432,8 @@ async def deliver(
             proxy_headers = {"Proxy-Authorization": proxy.authorization}
         else:
             sent["Proxy-Authorization"] = proxy.authorization
-    try:
+
+    async def exchange(used: ConnectionUsed) -> tuple[int, str, float | None, str | None]:
         async with http.request(
             method,
             url,
@@ -443,11 +447,28 @@ async def deliver(
             # lacks (br without Brotli, zstd) failed the request before its status was read,
             # so a 200 was retried.
             auto_decompress=False,
+            trace_request_ctx=used,
         ) as response:
-            status = response.status
-            head = await _response_head(response)
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-            location = response.headers.get("Location")
+            return (
+                response.status,
+                await _response_head(response),
+                parse_retry_after(response.headers.get("Retry-After"), time.time()),
+                response.headers.get("Location"),
+            )
+
+    used = ConnectionUsed()
+    try:
+        try:
+            status, head, retry_after, location = await exchange(used)
+        except aiohttp.ClientConnectionError as exc:
+            if not (used.reused and _dropped_unanswered(exc) and _replayable(sent)):
+                raise
+            # A target may close a connection it kept idle just as a request goes out on it
+            # (the usual race at its keep-alive timeout), which cost an attempt and a backoff.
+            # As Go's net/http does for a request with an Idempotency-Key on a reused
+            # connection (aiohttp does it for idempotent methods alone), it is sent again at
+            # once: once, on the next connection the pool gives (the dropped one is closed).
+            status, head, retry_after, location = await exchange(ConnectionUsed())
     except (aiohttp.ClientError, OSError) as exc:
         if isinstance(exc, aiohttp.ClientHttpProxyError) and proxy is not None:
             # The CONNECT refused: 407 for credentials, 403 for a target it does not allow.
@@ -491,6 +512,24 @@ async def deliver(
     if status >= 500 or status in _RETRYABLE_4XX:
         return Outcome.retry(f"{target} answered {status}", after_s=retry_after, **detail)
     return Outcome.dead(f"{target} answered {status}", **detail)
+
+
+def _dropped_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
+    """Whether the connection was closed or reset before any answer came (the answer's own
+    failures are ``_response_head``'s)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
+        return True
+    # A reset read as an OSError (EPIPE: found on writing), not a connect that failed.
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+
+
+def _replayable(headers: Mapping[str, str]) -> bool:
+    """Whether the receiver can tell a request sent again from the first (Go's test)."""
+    return any(k.lower() in ("idempotency-key", "x-idempotency-key") for k in headers)
 
 
 async def _response_head(response: aiohttp.ClientResponse) -> str:
