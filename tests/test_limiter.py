@@ -414,6 +414,32 @@ async def test_a_backlog_refused_at_once_is_asked_back_one_turn_apart_in_order()
     assert reservation.admitted_at_s == pytest.approx(sim.start + 10.0)
 
 
+async def test_a_call_asked_back_does_not_count_itself_ahead_when_it_comes_back_early() -> None:
+    """A call asked back at its turn that comes a little early (its job picked a moment
+    before the time) waits the moment out in line, instead of counting its own promise
+    ahead of itself and being refused for a turn later."""
+    sim = SimTime()
+    lane = sim.lane(rpm=6, burst_s=10.0)
+    await lane.acquire(1, max_wait_s=0)
+    with pytest.raises(LaneBusy) as first:
+        await lane.acquire(1, max_wait_s=5.0, key="job-a")
+    with pytest.raises(LaneBusy) as second:
+        await lane.acquire(1, max_wait_s=5.0, key="job-b")
+    assert (first.value.retry_after_s, second.value.retry_after_s) == pytest.approx((10.0, 20.0))
+    sim.clock.advance(9.5)  # job-a, half a second early
+    reservation = await lane.acquire(1, max_wait_s=5.0, key="job-a")
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 10.0)
+    # job-b comes back early too (the clock is at 10 s, job-a's admission), too early to wait
+    # it out: asked back at its own turn still, not behind a promise of its own.
+    sim.clock.advance(1.0)
+    with pytest.raises(LaneBusy) as again:
+        await lane.acquire(1, max_wait_s=5.0, key="job-b")
+    assert again.value.retry_after_s == pytest.approx(9.0)
+    sim.clock.advance(9.0)
+    reservation = await lane.acquire(1, max_wait_s=5.0, key="job-b")
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 20.0)
+
+
 async def test_cancelled_waiter_leaves_the_queue_without_debit() -> None:
     """Cancelling a waiting call removes it, debits nothing and lets the next call proceed."""
     sim = GatedSleep()

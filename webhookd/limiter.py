@@ -259,12 +259,15 @@ class Lane:
         self._tokens_refunded_total = 0
         self._waits_total = 0
         self._busy_total = 0
-        # Calls refused with "has a long wait" and told when to come back ((when, tokens), the
-        # soonest first): each later projection counts them ahead, so a backlog refused at
-        # once is asked back one slot apart, in the order it was refused, instead of all
-        # together at the first slot (5,000 jobs at rpm 6 came back every few seconds, each
-        # refused again). A promise lapses when its time comes.
-        self._promised: list[tuple[float, int]] = []
+        # Calls refused with "has a long wait" and told when to come back, by the key they
+        # came with (a job's id): each later projection counts them ahead, so a backlog
+        # refused at once is asked back one slot apart, in the order it was refused, instead
+        # of all together at the first slot (5,000 jobs at rpm 6 came back every few seconds,
+        # each refused again). A promise lapses when its time comes, or when its call comes
+        # back (a little early, it counted itself ahead and was refused again: rpm 20 used 14).
+        self._promised: dict[object, tuple[float, int]] = {}
+        self._promise_times: list[tuple[float, int, object]] = []  # (when, n, key), soonest first
+        self._promises_made = 0
         self._promised_tokens = 0
         # Shared lanes: the journal's chunk being spent, what goes back with the next request,
         # and what a 429 or the circuit changed that the other nodes must hear of.
@@ -284,20 +287,22 @@ class Lane:
     def shared(self) -> bool:
         return self._store is not None
 
-    async def acquire(self, tokens: int, *, max_wait_s: float) -> Reservation:
-        """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once."""
+    async def acquire(self, tokens: int, *, max_wait_s: float, key: object = None) -> Reservation:
+        """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once.
+        ``key``: the same for a call asked back as when it was refused (a job's id)."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
+        turn = self._keep_no_promise(key)
         if self._store is not None:
-            return await self._acquire_shared(tokens, max_wait_s)
+            return await self._acquire_shared(tokens, max_wait_s, key, turn)
         now = self._now()
         self._check_open(now)
         if not self._queue and self._wait_s(tokens, now) <= 0:
             return self._admit(tokens, now)
-        ahead, ahead_tokens = self._ahead(now)
+        ahead, ahead_tokens = self._ahead(now, turn)
         projected_s = self._wait_s(tokens, now, ahead, ahead_tokens)
         if projected_s > max_wait_s:
-            raise self._promise(projected_s, tokens, now)
+            raise self._promise(projected_s, tokens, now, key)
         with self._in_line(tokens) as waiter:
             while True:
                 if self._queue[0] is not waiter:
@@ -474,21 +479,39 @@ class Lane:
         if now < self._cooling_until:
             raise self._busy(self._cooling_until - now, "cooling down")
 
-    def _ahead(self, now: float) -> tuple[int, int]:
+    def _ahead(self, now: float, turn: float = math.inf) -> tuple[int, int]:
         """Calls (and their tokens) a new one would come after: those in line, and those told
-        to come back at a time still to come."""
-        promised = self._promised
-        while promised and promised[0][0] <= now:
-            self._promised_tokens -= heapq.heappop(promised)[1]
+        to come back at a time still to come; for one asked back at ``turn`` itself, those
+        told to come back before it."""
+        times = self._promise_times
+        while times and times[0][0] <= now:
+            when, _, key = heapq.heappop(times)
+            # Not a promise made since to the same key (it came back, and was asked back later).
+            if (kept := self._promised.get(key)) is not None and kept[0] == when:
+                self._keep_no_promise(key)
         in_line = sum(w.tokens for w in self._queue)
-        return len(self._queue) + len(promised), in_line + self._promised_tokens
+        if turn == math.inf:
+            return len(self._queue) + len(self._promised), in_line + self._promised_tokens
+        before = [tokens for when, tokens in self._promised.values() if when < turn]
+        return len(self._queue) + len(before), in_line + sum(before)
 
-    def _promise(self, projected_s: float, tokens: int, now: float) -> LaneBusy:
+    def _keep_no_promise(self, key: object) -> float:
+        """Take back the promise made to ``key``, if any: when its turn was (else inf)."""
+        if key is None or (kept := self._promised.pop(key, None)) is None:
+            return math.inf
+        self._promised_tokens -= kept[1]
+        return kept[0]
+
+    def _promise(self, projected_s: float, tokens: int, now: float, key: object) -> LaneBusy:
         """``LaneBusy`` for a call the lane cannot admit within its wait: asked back when its
         turn comes (at most ``max_cooldown_s`` on), a turn the next projections count."""
         busy = self._busy(projected_s, "has a long wait")
-        heapq.heappush(self._promised, (now + busy.retry_after_s, tokens))
+        self._promises_made += 1
+        key = key if key is not None else self._promises_made  # unnamed: its own
+        when = now + busy.retry_after_s
+        self._promised[key] = (when, tokens)
         self._promised_tokens += tokens
+        heapq.heappush(self._promise_times, (when, self._promises_made, key))
         return busy
 
     def _busy(self, retry_after_s: float, reason: str) -> LaneBusy:
@@ -512,7 +535,9 @@ class Lane:
 
     # -- shared lanes ------------------------------------------------------------------------
 
-    async def _acquire_shared(self, tokens: int, max_wait_s: float) -> Reservation:
+    async def _acquire_shared(
+        self, tokens: int, max_wait_s: float, key: object, turn: float
+    ) -> Reservation:
         """``acquire`` spending chunks the journal grants: the same FIFO, cool-down and circuit,
         and a wait bounded by ``max_wait_s`` (other nodes share the refill, so a projection
         from this node's queue alone is only a lower bound)."""
@@ -520,9 +545,9 @@ class Lane:
         self._check_open(now)
         if not self._queue and self._stock_covers(tokens, now):
             return self._admit_shared(tokens, now)
-        projected_s = self._projected_shared_s(tokens, now)
+        projected_s = self._projected_shared_s(tokens, now, turn)
         if projected_s > max_wait_s:
-            raise self._promise(projected_s, tokens, now)
+            raise self._promise(projected_s, tokens, now, key)
         deadline = now + max_wait_s
         with self._in_line(tokens) as waiter:
             while True:
@@ -543,11 +568,11 @@ class Lane:
                 if now > deadline and not self._stock_covers(tokens, now):
                     raise self._busy(self._projected_shared_s(tokens, now), "has a long wait")
 
-    def _projected_shared_s(self, tokens: int, now: float) -> float:
-        """This node's queue (and the calls it asked back) at the lane's whole rate: how long
-        it takes at best."""
+    def _projected_shared_s(self, tokens: int, now: float, turn: float = math.inf) -> float:
+        """This node's queue (and the calls it asked back, before ``turn``) at the lane's whole
+        rate: how long it takes at best."""
         wait_s = 0.0
-        ahead_calls, ahead_tokens = self._ahead(now)
+        ahead_calls, ahead_tokens = self._ahead(now, turn)
         if self.config.rpm:
             ahead = ahead_calls + 1 - self._stock[0]
             wait_s = max(wait_s, ahead / (self.config.rpm / WINDOW_S))

@@ -307,7 +307,7 @@ class OpenAIAction:
         answer = job.result if then is not None and _is_answer(job.result) else None
         reused = answer is not None
         if answer is None:
-            asked = await self._ask(event)
+            asked = await self._ask(event, job.id)
             if isinstance(asked, Outcome):
                 return asked
             answer = asked
@@ -351,14 +351,16 @@ class OpenAIAction:
         messages.append({"role": "user", "content": self.settings.prompt.render(payload)})
         return messages
 
-    async def _ask(self, event: Event) -> dict[str, Any] | Outcome:
+    async def _ask(self, event: Event, job_id: str) -> dict[str, Any] | Outcome:
         s = self.settings
         messages = self._messages(event)
         reservation: Reservation | None = None
         if self.lane is not None:
             try:
                 reservation = await self.lane.acquire(
-                    estimate_tokens(messages) + s.max_tokens, max_wait_s=s.max_lane_wait_s
+                    estimate_tokens(messages) + s.max_tokens,
+                    max_wait_s=s.max_lane_wait_s,
+                    key=job_id,  # asked back at its turn, it takes that turn
                 )
             except LaneBusy as busy:
                 # The lane pacing its calls, as configured: no sign of trouble (``paced``).
