@@ -54,7 +54,17 @@ def test_lookups_render_values_and_missing_keys_render_empty(text: str, rendered
 
 @pytest.mark.parametrize(
     "text",
-    ["Hi {{ name", "{{ }}", "{{ a + b }}", "{{ name | upper }}", "{{ f(x) }}", "{{ a..b }}"],
+    [
+        "Hi {{ name",
+        "{{ }}",
+        "{{ a + b }}",
+        "{{ name | upper }}",
+        "{{ f(x) }}",
+        "{{ a..b }}",
+        "{{ .. }}",
+        "{{ .id }}",
+        "{{ . . }}",
+    ],
 )
 def test_malformed_templates_are_config_errors_naming_the_key(text: str) -> None:
     """Anything but a dotted path, or an unclosed tag, fails at config load with the key."""
@@ -69,6 +79,19 @@ def test_payload_is_json_or_urlencoded_form() -> None:
     form = event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded")
     assert payload_of(form) == {"subject": "Hi", "body-plain": "Line 1"}
     assert payload_of(event(b"\x00 not json", "application/octet-stream")) == {}
+
+
+def test_a_dot_alone_is_the_whole_payload_as_compact_json() -> None:
+    """``{{ . }}`` puts the whole JSON body in as compact JSON, numbers as they were sent, and a
+    form's fields as their JSON object: a prompt can ask about the webhook as a whole."""
+    body = '{"id": 7, "price": 1.50,\n "who": {"name": "Zoë"}, "tags": [], "note": null}'
+    payload = payload_of(event(body.encode(), "application/json"))
+    rendered = compile_template("Summarize: {{ . }}|{{.}}", "k").render(payload)
+    whole = '{"id":7,"price":1.5,"who":{"name":"Zoë"},"tags":[],"note":null}'
+    assert rendered == f"Summarize: {whole}|{whole}"
+    form = payload_of(event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded"))
+    assert compile_template("{{ . }}", "k").render(form) == '{"subject":"Hi","body-plain":"Line 1"}'
+    assert compile_template("[{{ . }}]", "k").render([1, "a"]) == '[[1,"a"]]'
 
 
 def test_a_number_is_put_in_as_it_was_sent() -> None:

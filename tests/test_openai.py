@@ -61,6 +61,7 @@ def source(
     extra: str = "",
     model: str = "gpt-4o-mini",
     limit: str = "max_tokens = 200",
+    prompt: str = "Reply to {{ subject }}: {{ text }}",
 ) -> str:
     return f"""
 [sources.mail]
@@ -70,7 +71,7 @@ api_key = "env:{KEY}"
 base_url = "{standin.base_url}"
 model = "{model}"
 system = "You draft replies for a support team."
-prompt = "Reply to {{{{ subject }}}}: {{{{ text }}}}"
+prompt = "{prompt}"
 {limit}
 {f'lane = "{lane}"' if lane else ""}
 {extra}
@@ -103,6 +104,18 @@ async def test_answer_is_stored_with_text_model_usage_and_finish_reason(
         "usage": {"prompt_tokens": 24, "completion_tokens": 150, "total_tokens": 174},
         "finish_reason": "stop",
     }
+
+
+async def test_a_prompt_of_the_whole_payload_asks_about_the_whole_webhook(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """``{{ . }}`` puts the whole JSON body in the prompt (the stand-in answers its start)."""
+    config = source(standin, lane=None, prompt="Sum: {{ . }}")
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"id": 7, "tags": ["a"]})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.result["text"] == 'Draft: Sum: {"id":7,"tags":["a"]}'
 
 
 async def test_lane_reserves_then_settles_to_usage_and_heeds_remaining_headers(

@@ -2,14 +2,16 @@
 
 A template is literal text with lookups. A lookup is a dotted path whose segments are letters,
 digits, ``_`` and ``-`` (``{{ body-plain }}``, ``{{ data.object.id }}``, ``{{ items.0.name }}``:
-a number indexes a list). There are no expressions, filters, calls or attribute access, so a
-payload can never make a template run anything. Templates are compiled when the config is
-loaded; a stray ``{{`` or a bad path is a ``ConfigError`` naming the key.
+a number indexes a list), or a dot alone, ``{{ . }}``: the whole payload. There are no
+expressions, filters, calls or attribute access, so a payload can never make a template run
+anything. Templates are compiled when the config is loaded; a stray ``{{`` or a bad path is a
+``ConfigError`` naming the key.
 
 The payload is the body parsed as JSON; or, for ``application/x-www-form-urlencoded`` and
 ``multipart/form-data`` bodies, the form's fields (files are skipped). Rendering: a string as is,
 ``null`` and a missing key as the empty string (a webhook that lacks an optional field must not
-fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON.
+fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON
+(so ``{{ . }}`` is a JSON body as compact JSON, and a form's fields as a JSON object).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _PATH = re.compile(r"[\w-]+(?:\.[\w-]+)*")
 _MISSING: Any = object()
 
-Part = str | tuple[str, ...]  # literal text, or a lookup path
+Part = str | tuple[str, ...]  # literal text, or a lookup path (``()``: the whole payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +63,16 @@ def compile_template(text: Any, key: str) -> Template:
         if literal:
             parts.append(literal)
         path = match.group(1).strip()
-        if not _PATH.fullmatch(path):
+        if path == ".":  # the whole payload: a path of no steps
+            parts.append(())
+        elif _PATH.fullmatch(path):
+            parts.append(tuple(path.split(".")))
+        else:
             raise ConfigError(
                 key,
                 f"{{{{{match.group(1)}}}}} is not a lookup: write a dotted path of letters, "
-                "digits, '_' and '-', like {{ data.object.id }}",
+                "digits, '_' and '-', like {{ data.object.id }}, or {{ . }} for the whole payload",
             )
-        parts.append(tuple(path.split(".")))
         at = match.end()
     tail = text[at:]
     _check_literal(tail, key)
@@ -82,7 +87,8 @@ def _check_literal(literal: str, key: str) -> None:
 
 
 def lookup(payload: Any, path: tuple[str, ...]) -> Any:
-    """The value at ``path``, or ``None`` when any step is missing."""
+    """The value at ``path`` (the payload itself at ``()``), or ``None`` when any step is
+    missing."""
     node = payload
     for segment in path:
         if isinstance(node, Mapping):
