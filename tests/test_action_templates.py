@@ -94,6 +94,33 @@ def test_a_dot_alone_is_the_whole_payload_as_compact_json() -> None:
     assert compile_template("[{{ . }}]", "k").render([1, "a"]) == '[[1,"a"]]'
 
 
+@pytest.mark.parametrize(
+    ("text", "misses"),
+    [
+        ("Summarize: {{ body }} {{ data.id }} {{ body }}", ("body", "data.id")),
+        ("{{ note }}{{ items.9 }}", ("note", "items.9")),  # null found nothing too
+        ("{{ nope }} {{ id }}", ()),  # one found a value
+        ("{{ nope }} {{ customer.tags.1 }}", ()),
+        ("no lookups", ()),
+        ("{{ . }}", ()),
+    ],
+)
+def test_render_noting_misses_names_the_lookups_when_every_one_found_nothing(
+    text: str, misses: tuple[str, ...]
+) -> None:
+    """The lookups come back only when none found a value (the text is then the template's
+    literal text alone), each once; the text is what ``render`` makes."""
+    template = compile_template(text, "k")
+    assert template.render_noting_misses(ORDER) == (template.render(ORDER), misses)
+
+
+def test_an_empty_string_is_a_value_and_a_null_payload_is_nothing() -> None:
+    """An empty field was sent, so it is no miss; a JSON ``null`` body leaves even ``{{ . }}``
+    with nothing."""
+    assert compile_template("{{ a }}", "k").render_noting_misses({"a": ""}) == ("", ())
+    assert compile_template("[{{ . }}]", "k").render_noting_misses(None) == ("[]", (".",))
+
+
 def test_a_number_is_put_in_as_it_was_sent() -> None:
     """A price of 1.50 renders 1.50, not the float's 1.5, and 1e400 as itself, not Infinity;
     inside an object put whole it is a JSON number as before."""

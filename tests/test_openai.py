@@ -118,6 +118,28 @@ async def test_a_prompt_of_the_whole_payload_asks_about_the_whole_webhook(
     assert job.result["text"] == 'Draft: Sum: {"id":7,"tags":["a"]}'
 
 
+async def test_a_prompt_whose_lookups_all_miss_is_warned_of_once(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two webhooks for which every prompt lookup finds nothing: one warning, naming the source,
+    action, option and lookups, with a hint at {{ . }}. A prompt whose lookups are found: none."""
+    missing = source(standin, lane=None, prompt="Summarize this webhook: {{ body }}")
+    found = source(standin, lane=None)
+    caplog.set_level(logging.WARNING, logger="webhookd.actions.openai")
+    for i, config in enumerate((missing, found)):
+        async with action_kit(tmp_path / f"run{i}", config, clock=clock) as kit:
+            for subject in ("Refund", "Late"):
+                await kit.send("mail", {"subject": subject, "text": "please"})
+            await kit.run_all()
+    assert [r.getMessage() for r in caplog.records if r.name == "webhookd.actions.openai"] == [
+        "source=mail action=openai option=prompt rendered with every lookup missing"
+        " ({{ body }}): the model is asked its literal text alone. The payload is the body"
+        " parsed as JSON (a form's fields for a form), and {{ . }} is the whole of it. Said"
+        " once for the action"
+    ]
+    assert len(standin.served) == 4
+
+
 async def test_lane_reserves_then_settles_to_usage_and_heeds_remaining_headers(
     tmp_path: Path, standin: StandIn, clock: ManualClock
 ) -> None:

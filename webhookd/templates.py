@@ -45,10 +45,27 @@ class Template:
         return any(isinstance(p, tuple) for p in self.parts)
 
     def render(self, payload: Any) -> str:
+        return self.render_noting_misses(payload)[0]
+
+    def render_noting_misses(self, payload: Any) -> tuple[str, tuple[str, ...]]:
+        """The rendered text, and its lookups (their paths, ``.`` for ``{{ . }}``) when every one
+        found nothing: then the text is the template's literal text alone, most likely because
+        the payload is not shaped as the template expects. A missing key and ``null`` found
+        nothing; an empty string is a value. ``()`` when any lookup found one, or there are none."""
         out: list[str] = []
+        misses: list[str] = []
+        found = False
         for part in self.parts:
-            out.append(part if isinstance(part, str) else _text(lookup(payload, part)))
-        return "".join(out)
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = lookup(payload, part)
+            if value is None:
+                misses.append(".".join(part) or ".")
+            else:
+                found = True
+            out.append(_text(value))
+        return "".join(out), () if found else tuple(dict.fromkeys(misses))
 
 
 def compile_template(text: Any, key: str) -> Template:

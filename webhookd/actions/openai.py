@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -78,6 +79,8 @@ from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
 from webhookd.templates import Template, compile_template, payload_of
+
+log = logging.getLogger("webhookd.actions.openai")
 
 # A completion can take minutes; failures are mostly brief (overload, a dropped connection).
 DEFAULTS = ActionDefaults(
@@ -274,6 +277,7 @@ class OpenAIAction:
         self.settings = _Settings(config)
         self.http = resources.http
         self.held = resources.held
+        self.told_blank: set[str] = set()  # the options said to render blank: see ``_render``
         self.lane: Lane | None = None
         if self.settings.lane is not None:
             lane = resources.lanes.get(self.settings.lane)
@@ -347,9 +351,30 @@ class OpenAIAction:
         payload = payload_of(event)
         messages: list[ChatCompletionMessageParam] = []
         if self.settings.system is not None:
-            messages.append({"role": "system", "content": self.settings.system.render(payload)})
-        messages.append({"role": "user", "content": self.settings.prompt.render(payload)})
+            system = self._render("system", self.settings.system, event, payload)
+            messages.append({"role": "system", "content": system})
+        prompt = self._render("prompt", self.settings.prompt, event, payload)
+        messages.append({"role": "user", "content": prompt})
         return messages
+
+    def _render(self, option: str, template: Template, event: Event, payload: Any) -> str:
+        text, misses = template.render_noting_misses(payload)
+        # The model is asked, and paid for, the template's literal text alone: say so, once per
+        # option rather than at every webhook shaped otherwise (not per name a catch-all took,
+        # which a sender could grow without end).
+        if misses and option not in self.told_blank:
+            self.told_blank.add(option)
+            log.warning(
+                "source=%s action=%s option=%s rendered with every lookup missing (%s): the"
+                " model is asked its literal text alone. The payload is the body parsed as JSON"
+                " (a form's fields for a form), and {{ . }} is the whole of it. Said once for"
+                " the action",
+                event.source,
+                self.config.name,
+                option,
+                ", ".join(f"{{{{ {m} }}}}" for m in misses),
+            )
+        return text
 
     async def _ask(self, event: Event, job_id: str) -> dict[str, Any] | Outcome:
         s = self.settings
