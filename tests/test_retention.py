@@ -108,6 +108,29 @@ async def test_prune_takes_small_batches_and_keeps_what_is_not_expired(tmp_path:
         assert set(queued) == await job_ids(path)
 
 
+async def test_a_prune_from_another_process_rests_between_its_batches(tmp_path: Path) -> None:
+    """``rest`` (``webhookd prune`` beside a daemon on SQLite) is awaited between batches, with
+    how long the batch before took, and not after the last: the daemon's writer gets the file
+    between two batches instead of waiting behind all of them."""
+    clock = ManualClock()
+    rests: list[float] = []
+
+    async def rest(took_s: float) -> None:
+        rests.append(took_s)
+
+    async with Journal(tmp_path / "journal.db", clock=clock) as journal:
+        assert journal.one_writer
+        await work_off(journal, await ingest(journal, "shop", 1200))
+        clock.advance(3 * HOUR)
+        batches: list[Pruned] = []
+        events, _ = await prune_all(journal, **KEEP, on_batch=batches.append, rest=rest)
+    assert events == 1200
+    # One rest after each batch that deleted something, none after the one that found none
+    # (then compaction's steps, each but the last followed by one).
+    assert len(rests) >= sum(1 for b in batches if b.events or b.dedup) >= 3
+    assert all(took >= 0 for took in rests)
+
+
 class _WalkRecorded(Journal):
     """The real journal, noting where each ``prune`` call starts its walk."""
 

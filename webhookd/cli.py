@@ -171,6 +171,27 @@ def _journal(cfg: config_mod.Config) -> BaseJournal:
     return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries, node=False)
 
 
+# A bulk verb's rest between two batches on a journal that takes one writer at a time, at
+# least this and as long as the batch took. SQLite's lock is no queue: the daemon's writer,
+# waiting in its busy handler (polling at up to 100 ms once it has waited a while), seldom
+# caught the moment between two batches of a verb that took the lock again at once, and
+# answered webhooks 503 past server.ack_timeout_s (148 of 2,949 during a prune of 757,000
+# events, while the daemon's own retention pruning them answered none).
+REST_FLOOR_S = 0.05
+
+
+def _resting(journal: BaseJournal) -> Callable[[float], Awaitable[None]] | None:
+    """What a bulk verb awaits between its batches (given how long the last took), or None
+    where the journal takes many writers at once (PostgreSQL's row locks)."""
+    if not journal.one_writer:
+        return None
+
+    async def rest(took_s: float) -> None:
+        await asyncio.sleep(max(took_s, REST_FLOOR_S))
+
+    return rest
+
+
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 
 
@@ -610,9 +631,14 @@ def _bulk(
             out: dict[str, T] = {}
             if dry_run is not None:
                 return ids, out
+            rest = _resting(journal)
+            took = 0.0
             with _progress(len(ids), verb[0]) as bar:
                 for start in range(0, len(ids), BULK_BATCH):
                     batch = ids[start : start + BULK_BATCH]
+                    if start and rest is not None:
+                        await rest(took)  # room for the daemon's commits, if one runs
+                    began = time.monotonic()
                     try:
                         if event_ids:
                             out.update(await change(journal, batch))
@@ -630,6 +656,7 @@ def _bulk(
                             err=True,
                         )
                         raise
+                    took = time.monotonic() - began
                     bar.update(len(batch))
             return ids, out
 
@@ -1439,8 +1466,9 @@ def prune(config_path: str | None) -> None:
 
     async def go() -> tuple[int, int]:
         async with _journal(cfg) as journal:
+            rest = _resting(journal)
             if not _on_terminal():
-                return await prune_expired(journal, cfg.journal)
+                return await prune_expired(journal, cfg.journal, rest=rest)
             windows = windows_s(cfg.journal)
             # Counted only for the bar: a log gets the summary line and no extra scan.
             expired = await journal.expired_events(
@@ -1452,6 +1480,7 @@ def prune(config_path: str | None) -> None:
                     journal,
                     cfg.journal,
                     on_batch=lambda p: bar.update(min(p.events, expired - bar.pos)),
+                    rest=rest,
                 )
 
     events_n, dedup_n = _run(go)

@@ -7,7 +7,8 @@ interface, so every journal backend is pruned the same way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from webhookd.config import JournalConfig
 from webhookd.journal import BaseJournal, Pruned
@@ -25,11 +26,18 @@ def windows_s(config: JournalConfig) -> dict[str, float]:
     }
 
 
+# Between two batches: how long a batch took (``rest``'s argument).
+Rest = Callable[[float], Awaitable[None]]
+
+
 async def prune_expired(
-    journal: BaseJournal, config: JournalConfig, on_batch: Callable[[Pruned], None] | None = None
+    journal: BaseJournal,
+    config: JournalConfig,
+    on_batch: Callable[[Pruned], None] | None = None,
+    rest: Rest | None = None,
 ) -> tuple[int, int]:
     """Prune with the windows ``config`` sets (``keep_done_h`` …); (events, dedup keys)."""
-    return await prune_all(journal, **windows_s(config), on_batch=on_batch)
+    return await prune_all(journal, **windows_s(config), on_batch=on_batch, rest=rest)
 
 
 async def prune_all(
@@ -39,16 +47,21 @@ async def prune_all(
     keep_dead_s: float,
     keep_dedup_s: float,
     on_batch: Callable[[Pruned], None] | None = None,
+    rest: Rest | None = None,
 ) -> tuple[int, int]:
     """Prune in small batches until nothing is expired, then compact; (events, dedup keys).
 
     Each batch is its own short transaction and the loop yields between them, so ingest
-    commits interleave with retention instead of waiting behind it. ``on_batch`` hears what
-    each batch deleted (``webhookd prune``'s progress bar).
+    commits interleave with retention instead of waiting behind it; ``rest``, when given, is
+    awaited between batches instead (another process than the daemon's, which must leave the
+    daemon room to write). ``on_batch`` hears what each batch deleted (``webhookd prune``'s
+    progress bar).
     """
+    pause = rest if rest is not None else _yield
     events = dedup = 0
     start_at = None  # each batch walks on from where the one before stopped
     while True:
+        began = time.monotonic()
         pruned = await journal.prune(
             keep_done_s=keep_done_s,
             keep_dead_s=keep_dead_s,
@@ -61,13 +74,18 @@ async def prune_all(
         events, dedup = events + pruned.events, dedup + pruned.dedup
         if not (pruned.events or pruned.dedup):
             break
-        await asyncio.sleep(0)
+        await pause(time.monotonic() - began)
     left: int | None = None
     # Until no free pages are left, or they stop shrinking (an old, non-incremental file).
     while True:
+        began = time.monotonic()
         free = await journal.maintain()
         if free == 0 or free == left:
             break
         left = free
-        await asyncio.sleep(0)
+        await pause(time.monotonic() - began)
     return events, dedup
+
+
+async def _yield(_took_s: float) -> None:
+    await asyncio.sleep(0)

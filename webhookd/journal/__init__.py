@@ -523,6 +523,8 @@ def checkpoint_passes(conn: sqlite3.Connection) -> tuple[int, bool]:
 class Journal(Reads, BaseJournal):
     """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
 
+    one_writer = True
+
     def __init__(
         self,
         path: str | Path,

@@ -142,6 +142,10 @@ class BaseJournal(ABC):
     # Whether lanes' RPM/TPM buckets live in the journal, shared by every node using it (the
     # ``*_lane`` methods); a single-node journal leaves them in each lane's memory.
     shares_lanes: bool = False
+    # Whether the journal takes one writer at a time (SQLite's file lock): another process's
+    # bulk verb beside the daemon must then leave it room between its batches (``webhookd
+    # prune``, ``replay``, ``cancel``).
+    one_writer: bool = False
     on_commit: Callable[[list[Ready]], None] | None
     starter: Starter | None = None  # set by the daemon: new jobs may start at their commit
     on_remote_jobs: Callable[[], None] | None = None
