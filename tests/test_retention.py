@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+from conftest import make_config
 from ops_support import ingest
 
+from webhookd.app import Daemon
 from webhookd.clock import ManualClock
 from webhookd.journal import (
     VACUUM_PAGES_MAX,
@@ -129,6 +134,61 @@ async def test_a_prune_from_another_process_rests_between_its_batches(tmp_path: 
     # (then compaction's steps, each but the last followed by one).
     assert len(rests) >= sum(1 for b in batches if b.events or b.dedup) >= 3
     assert all(took >= 0 for took in rests)
+
+
+class _SlowBatches(Journal):
+    """The real journal, each prune batch taking six seconds of ``clock``; the batch numbered
+    ``hold_at`` (from 1) waits for ``go`` first."""
+
+    clock: ManualClock
+    hold_at = 0
+    calls = 0
+
+    async def prune(self, **kwargs: Any) -> Pruned:
+        self.calls += 1
+        if self.calls == self.hold_at:
+            self.held.set()
+            await asyncio.Event().wait()  # until cancelled
+        self.clock.advance(6)
+        return await super().prune(**kwargs)
+
+
+async def test_a_long_retention_round_says_how_far_it_has_got_and_when_a_stop_cuts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round of batches taking 6 s each logs its progress every 10 s; a stop in the middle
+    of one says what it pruned and that the rest waits for the next round."""
+    clock = ManualClock()
+    cfg = make_config(tmp_path, journal="keep_done_h = 1")
+    daemon = Daemon(cfg, install_signals=False, clock=clock)
+    caplog.set_level(logging.INFO, logger="webhookd")
+    journal = _SlowBatches(tmp_path / "slow.db", clock=clock)
+    journal.held = asyncio.Event()
+    async with journal:
+        await work_off(journal, await ingest(journal, "shop", 1200))
+        clock.advance(3 * HOUR)
+        assert await daemon._prune_round(journal) == (1200, 0)
+        said = [r.getMessage() for r in caplog.records if "retention" in r.getMessage()]
+        # Batches of 500, 500, 200 and none, at 6, 12, 18 and 24 s: said at 12 s and 24 s.
+        assert said == [
+            "retention pruning: 1000 event(s), 0 dedup key(s) so far",
+            "retention pruning: 1200 event(s), 0 dedup key(s) so far",
+        ]
+
+        caplog.clear()
+        await work_off(journal, await ingest(journal, "shop", 1200))
+        clock.advance(3 * HOUR)
+        journal.calls, journal.hold_at = 0, 2
+        round_ = asyncio.create_task(daemon._prune_round(journal))
+        await journal.held.wait()
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+    said = [r.getMessage() for r in caplog.records if "retention" in r.getMessage()]
+    assert said == [
+        "retention round cut short by the stop: 500 event(s), 0 dedup key(s) pruned; the rest,"
+        " and the free pages, at the next round"
+    ]
 
 
 class _WalkRecorded(Journal):

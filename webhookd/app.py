@@ -64,7 +64,7 @@ from webhookd.errors import (
     WebhookdError,
 )
 from webhookd.http1 import host_port
-from webhookd.journal import BaseJournal, Poisoned, open_journal
+from webhookd.journal import BaseJournal, Poisoned, Pruned, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
 from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
@@ -79,6 +79,8 @@ from webhookd.workers import RECOVERED, WorkerPool
 log = logging.getLogger("webhookd")
 
 HEARTBEAT_S = 30.0
+# A retention round that runs longer than this says how far it has got, this often.
+PRUNE_PROGRESS_S = 10.0
 # How often the wall clock is compared with the monotonic one: a retry planned between a step
 # and its sight is moved with the jobs planned before it, by mistake; a short look keeps those few.
 CLOCK_CHECK_S = 0.25
@@ -569,7 +571,7 @@ class Daemon:
             try:
                 events = dedup = 0
                 if journal.leads():  # else another node of the cluster prunes
-                    events, dedup = await prune_expired(journal, jc)
+                    events, dedup = await self._prune_round(journal)
                 await journal.refresh_backlog()
             except JournalError as exc:  # a full disk, a failed read: the next round tries again
                 # A journal removed while open refuses every write until the exit, which its
@@ -584,6 +586,33 @@ class Daemon:
                     dedup,
                     await journal.storage_bytes(),
                 )
+
+    async def _prune_round(self, journal: BaseJournal) -> tuple[int, int]:
+        """One retention round. A long one (a backlog of expired rows after retention was
+        shortened, or a first round on an old journal) says how far it has got every
+        ``PRUNE_PROGRESS_S``, and a stop that cuts it short says so: a round of 757,000
+        events ran 86 s with one line at its end, and none when a stop cut it off."""
+        done = [0, 0]
+        said_at = self.clock.monotonic()
+
+        def on_batch(pruned: Pruned) -> None:
+            nonlocal said_at
+            done[0] += pruned.events
+            done[1] += pruned.dedup
+            if (now := self.clock.monotonic()) - said_at >= PRUNE_PROGRESS_S:
+                said_at = now
+                log.info("retention pruning: %d event(s), %d dedup key(s) so far", *done)
+
+        try:
+            return await prune_expired(journal, self.config.journal, on_batch=on_batch)
+        except asyncio.CancelledError:
+            if done[0] or done[1]:
+                log.info(
+                    "retention round cut short by the stop: %d event(s), %d dedup key(s)"
+                    " pruned; the rest, and the free pages, at the next round",
+                    *done,
+                )
+            raise
 
     async def _watch_clock(self, journal: BaseJournal, pool: WorkerPool) -> None:
         steps = StepWatch(self.clock)
