@@ -2,10 +2,13 @@
 
 Limits hold over a sliding window (60 s by default) on an injectable clock, the way the real
 API enforces them: a request over either limit gets a 429 with the real error body
-(``rate_limit_exceeded``), ``Retry-After`` and ``x-ratelimit-*`` headers; when ``quota_exhausted``
-is set every request gets 429 ``insufficient_quota``. A request is charged its usage (prompt
-tokens: characters / 4 + 3 per message; completion: ``min(max_completion_tokens or max_tokens,
-completion_tokens)``); like the real API it refuses ``max_tokens`` for reasoning models (o1 …).
+(``rate_limit_exceeded``), ``Retry-After`` and ``x-ratelimit-*`` headers; a request bigger than
+the whole ``tpm`` (its prompt and ``max_tokens``, as the real API counts it) gets the real API's
+429 "Request too large", with no ``Retry-After``: no wait lets it through. When
+``quota_exhausted`` is set every request gets 429 ``insufficient_quota``. A request is charged
+its usage (prompt tokens: characters / 4 + 3 per message; completion:
+``min(max_completion_tokens or max_tokens, completion_tokens)``); like the real API it refuses
+``max_tokens`` for reasoning models (o1 …).
 ``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies,
 ``hold`` makes requests hang until it is set, and ``limited_headers`` replaces (or, with
 ``None``, removes) headers of the 429 ``rate_limit_exceeded`` answers: a provider asking for a
@@ -71,7 +74,8 @@ class StandIn:
     url: str = ""
     received: int = 0
     served: list[Charge] = field(default_factory=list)
-    rate_limited: int = 0  # 429 rate_limit_exceeded answers
+    rate_limited: int = 0  # 429 rate_limit_exceeded answers over the window's limits
+    too_large: int = 0  # 429 rate_limit_exceeded answers to a request over the whole tpm
     quota_refused: int = 0  # 429 insufficient_quota answers
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _window: deque[Charge] = field(default_factory=deque)
@@ -134,6 +138,8 @@ class StandIn:
         messages = body["messages"]
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         prompt = sum(math.ceil(len(m["content"]) / 4) + 3 for m in messages)
+        if self.tpm is not None and prompt + max_tokens > self.tpm:
+            return self._too_large(prompt + max_tokens)
         completion = min(max_tokens, self.completion_tokens)
         total = prompt + completion
         while self._window and self._window[0].at <= now - self.window_s:
@@ -206,6 +212,15 @@ class StandIn:
         return web.json_response(
             error_body(what, "rate_limit_exceeded", message), status=429, headers=headers
         )
+
+    def _too_large(self, requested: int) -> web.Response:
+        self.too_large += 1
+        message = (
+            f"Request too large for gpt-4o-mini in organization org-standin on tokens per min"
+            f" (TPM): Limit {self.tpm}, Requested {requested}. The input or output tokens must be"
+            " reduced in order to run successfully."
+        )
+        return web.json_response(error_body("tokens", "rate_limit_exceeded", message), status=429)
 
     def _headers(self, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}

@@ -300,6 +300,34 @@ async def test_a_429_asking_for_years_without_a_lane_waits_at_most_an_hour(
     assert parked.run_at == pytest.approx(start + 3600, abs=1)
 
 
+async def test_a_request_over_the_providers_whole_tpm_is_dead_and_holds_no_one_back(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 429 "Request too large" (the prompt and max_tokens over the provider's tpm) is dead
+    at its first call, saying what to shorten: it neither cools the lane nor keeps its tokens,
+    and the small call behind it is answered at once."""
+    standin.tpm = 6_000
+    extra = "[lanes.llm]\nrpm = 1000\ntpm = 100_000\n"  # above the provider's, as it happens
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        big = await kit.send("mail", {"subject": "log", "text": "x" * 40_000})
+        small = await kit.send("mail", {"subject": "hi", "text": "short"})
+        start = kit.clock.time()
+        await kit.run()
+        jobs = [await kit.job(i) for i in (big, small)]
+        stats = kit.lanes["llm"].statistics()
+    assert kit.clock.time() == start  # nothing waited out
+    assert (jobs[0].state, jobs[0].attempts) == (JobState.DEAD, 1)
+    assert jobs[0].last_error == (
+        "429 rate_limit_exceeded: the request's 10,220 tokens are over the provider's limit of"
+        " 6,000 per minute, and no wait lets it through: shorten the prompt (or what it quotes"
+        " of the payload) or lower max_tokens"
+    )
+    assert (jobs[1].state, jobs[1].attempts) == (JobState.DONE, 1)
+    assert (standin.too_large, standin.rate_limited, len(standin.served)) == (1, 0, 1)
+    assert stats.cooling_until_s == 0
+    assert stats.tokens_debited_total == standin.served[0].tokens  # the big one's went back
+
+
 async def test_insufficient_quota_opens_the_circuit_and_jobs_wait_until_it_is_back(
     tmp_path: Path, standin: StandIn, clock: ManualClock
 ) -> None:

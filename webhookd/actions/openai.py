@@ -6,6 +6,9 @@ retries. Outcomes:
 * answered: done; the result is ``{text, model, usage, finish_reason}``, and ``refusal`` when
   the model declined (its text then empty);
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
+* a 429 ``rate_limit_exceeded`` for a request bigger than the provider's whole limit per minute
+  ("Request too large", or a ``Requested`` over its ``Limit``): dead at once, the lane neither
+  cooled nor charged (no wait lets it through);
 * any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` (at most the
   lane's ``max_cooldown_s``; an hour without a lane) and the job waits (no attempt used);
 * with several nodes on one PostgreSQL journal the lane is shared (``webhookd.limiter``): a
@@ -110,6 +113,9 @@ _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# OpenAI's words for a 429: "Limit 6000, Used 5800, Requested 900" (wait for the window), or
+# "Limit 6000, Requested 10216" with "Request too large" (no wait will do).
+_LIMIT_REQUESTED = re.compile(r"Limit (\d[\d,]*),(?: Used \d[\d,]*,)? Requested (\d[\d,]*)")
 
 
 def validate(config: ActionConfig) -> None:
@@ -470,6 +476,11 @@ class OpenAIAction:
                     self.lane.open_circuit("insufficient_quota")
                 # Held, not failed: a lane out of quota keeps its jobs until a call succeeds.
                 return Outcome.wait(error, _QUOTA_WAIT_S, held=True, **detail)
+            too_large = self._too_large(exc)
+            if too_large is not None:
+                # However long it waits, the request is refused again: each try would cool the
+                # whole lane, holding every other call on it back for nothing.
+                return Outcome.dead(too_large, **detail)
             wait_s = cooldown_s(headers)
             if self.lane is not None:
                 wait_s = self.lane.cooldown(wait_s)  # capped at the lane's max_cooldown_s
@@ -482,6 +493,28 @@ class OpenAIAction:
             )
         return Outcome.dead(error, **detail)
 
+    def _too_large(self, exc: openai.APIStatusError) -> str | None:
+        """The error for a 429 that refuses a request bigger than the provider's limit per
+        minute, else ``None``."""
+        body = exc.body if isinstance(exc.body, Mapping) else {}
+        message = body.get("message")
+        message = message if isinstance(message, str) else exc.message
+        found = _LIMIT_REQUESTED.search(message)
+        limit, requested = (_count(found[1]), _count(found[2])) if found else (0, 0)
+        if requested <= limit and "Request too large" not in message:
+            return None
+        said = "the request's tokens are over the provider's limit per minute"
+        if requested > limit:
+            said = (
+                f"the request's {requested:,} tokens are over the provider's limit of {limit:,}"
+                " per minute"
+            )
+        return (
+            f"{exc.status_code} {exc.code or 'rate_limit_exceeded'}: {said}, and no wait lets it"
+            " through: shorten the prompt (or what it quotes of the payload) or lower"
+            f" {self.settings.token_limit_name}"
+        )
+
     async def aclose(self) -> None:
         await self.client.close()
 
@@ -489,6 +522,10 @@ class OpenAIAction:
 def _is_answer(value: Any) -> bool:
     """Is ``value`` an answer as ``_ask`` returns it (kept by an earlier attempt)?"""
     return isinstance(value, dict) and isinstance(value.get("text"), str) and "model" in value
+
+
+def _count(digits: str) -> int:
+    return int(digits.replace(",", ""))
 
 
 def _round(started: float) -> float:
