@@ -715,6 +715,43 @@ def test_max_tokens_is_required_and_api_key_defaults_to_openai_api_key(
 
 
 @pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("sk-abc ", "begins or ends with a space or a tab"),
+        ("\tsk-abc", "begins or ends with a space or a tab"),
+        ("sk-\u00e9t\u00e9", "not printable ASCII"),
+    ],
+)
+@pytest.mark.parametrize("written", ["env", "file"])
+def test_an_api_key_no_header_can_carry_is_refused_at_load_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, says: str, written: str
+) -> None:
+    """A key with a stray space (an env: value, a file: one before its newline) passed check,
+    then every call failed as "Connection error.": refused at load, named, never shown."""
+    from webhookd import actions
+
+    if written == "env":
+        monkeypatch.setenv(KEY, key)
+        api_key = f"env:{KEY}"
+    else:
+        (tmp_path / "key").write_text(key + "\n")  # the newline is the file's, and dropped
+        api_key = f"file:{tmp_path / 'key'}"
+    text = f"""
+[sources.s]
+[[sources.s.actions]]
+type = "openai"
+api_key = "{api_key}"
+model = "m"
+prompt = "p"
+max_tokens = 10
+"""
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(text))
+    assert err.value.key == "sources.s.actions[0].api_key"
+    assert says in str(err.value) and "sk-" not in str(err.value)
+
+
+@pytest.mark.parametrize(
     ("limit", "state", "completion_tokens"),
     [("max_completion_tokens = 40", JobState.DONE, 40), ("max_tokens = 40", JobState.DEAD, None)],
 )

@@ -129,7 +129,19 @@ class _Settings:
         t = options(config, _OPTIONS)
         # The openai package's own default: the key most deployments already have set.
         self.api_key = resolve_secret(t.raw("api_key", DEFAULT_OPENAI_API_KEY), t.path("api_key"))
-        header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
+        key = header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
+        # The client refuses such a header at every call ("Connection error.", or an encoding
+        # error): said here instead, at check and reload, the key named and never shown.
+        if key != key.strip(" \t"):
+            raise ConfigError(
+                t.path("api_key"),
+                "begins or ends with a space or a tab, which no Bearer token has (a stray one"
+                " where it is written, in its variable or in its file?)",
+            )
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(
+                t.path("api_key"), "holds a character that is not printable ASCII, as no key does"
+            )
         self.base_url: str | None = None
         if t.has("base_url"):
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
