@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -616,6 +617,25 @@ async def test_status_errors_map_to_dead_or_retry(
         job = await kit.job(event_id)
     assert job.history[0].outcome == outcome
     assert job.history[0].error is not None and str(status) in job.history[0].error
+
+
+async def test_a_connection_error_names_the_host_and_why(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A base_url on a port nobody listens on: a retry whose error says where and why, not the
+    client's bare "Connection error."."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = source(standin, lane=None).replace(standin.url, f"http://127.0.0.1:{port}")
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
+    assert job.last_error == (
+        f"connection failed: cannot connect to 127.0.0.1:{port}: Connection refused"
+    )
 
 
 @pytest.mark.parametrize(

@@ -395,7 +395,7 @@ def _put(headers: dict[str, str], name: str, value: str) -> None:
     headers[name] = value
 
 
-def _why(error: OSError) -> str:
+def connect_reason(error: OSError) -> str:
     """An OS error's reason: the errno's name for it ("Connection refused") where asyncio's own
     text is "Connect call failed ('10.0.0.5', 443)"; a name lookup's own text."""
     if error.errno and error.errno > 0 and not isinstance(error, socket.gaierror):
@@ -480,7 +480,7 @@ async def deliver(
             aiohttp.ClientSSLError,  # a TLS failure's own text says what it was
         ):  # where its own text adds "ssl:default" to a plain http URL
             to = "the proxy " if isinstance(exc, aiohttp.ClientProxyConnectionError) else ""
-            why = f"cannot connect to {to}{exc.host}:{exc.port}: {_why(exc.os_error)}"
+            why = f"cannot connect to {to}{exc.host}:{exc.port}: {connect_reason(exc.os_error)}"
         else:
             # The client's own text may quote the URL it was sent to: the target's name instead.
             why = f"{type(exc).__name__}: {exc}".replace(sent_to, target)

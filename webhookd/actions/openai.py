@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from webhookd.actions.base import Outcome, Resources, keep_detail, options
 from webhookd.actions.delivery import (
     check_url,
+    connect_reason,
     deliver,
     parse_retry_after,
     read_headers,
@@ -315,6 +317,11 @@ class OpenAIAction:
                 proxy=self.settings.proxy.written if self.settings.proxy else None,
             ),
         )
+        # Where the calls go, as a connection error names it: the client's own reading of the
+        # base URL (OPENAI_BASE_URL without base_url), never a user or password in it.
+        url = self.client.base_url
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        self.host = f"{host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
     @property
     def target(self) -> str:
@@ -430,7 +437,7 @@ class OpenAIAction:
                 await self.lane.publish()  # a cool-down or an open circuit holds on every node
             return outcome
         except openai.APIConnectionError as exc:  # includes APITimeoutError
-            return Outcome.retry(f"{type(exc).__name__}: {exc}", duration_s=_round(started))
+            return Outcome.retry(self._unreachable(exc), duration_s=_round(started))
         try:
             completion: ChatCompletion = raw.parse()
             if not isinstance(completion, ChatCompletion):  # the SDK gives text that is not JSON
@@ -504,6 +511,26 @@ class OpenAIAction:
                 error, after_s=parse_retry_after(headers.get("retry-after"), time.time()), **detail
             )
         return Outcome.dead(error, **detail)
+
+    def _unreachable(self, exc: openai.APIConnectionError) -> str:
+        """A connection error in a forward's words, where to and why: the client's own says
+        only "Connection error." for a refused port and an unknown host alike."""
+        if isinstance(exc, openai.APITimeoutError):
+            return f"timed out after {self.config.timeout_s:g}s ({self.host})"
+        chain: list[BaseException] = []
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        proxy = self.settings.proxy
+        to = self.host + (f" through the proxy {proxy.url}" if proxy is not None else "")
+        # The deepest OS error says why ("All connection attempts failed" stands above it).
+        reasons = [c for c in chain if isinstance(c, OSError)]
+        if reasons and not isinstance(reasons[-1], ssl.SSLError):
+            return f"connection failed: cannot connect to {to}: {connect_reason(reasons[-1])}"
+        # A TLS failure's own text says what it was; else what lies under the client's words.
+        last = reasons[-1] if reasons else chain[-1] if chain else exc
+        return f"connection failed: {to}: {type(last).__name__}: {last}"
 
     def _too_large(self, exc: openai.APIStatusError) -> str | None:
         """The error for a 429 that refuses a request bigger than the provider's limit per
