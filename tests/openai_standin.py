@@ -12,7 +12,7 @@ its usage (prompt tokens: characters / 4 + 3 per message; completion:
 ``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies,
 ``hold`` makes requests hang until it is set, and ``limited_headers`` replaces (or, with
 ``None``, removes) headers of the 429 ``rate_limit_exceeded`` answers: a provider asking for a
-cool-down of years.
+cool-down of years; ``answer_headers`` are added to (or replace) the answers' own.
 
 The arrival time is read before anything is awaited, so a test's simulated clock can wait for
 ``received`` to catch up with what its lane admitted before moving on.
@@ -71,6 +71,7 @@ class StandIn:
     malformed_type: str = "application/json"  # ... as this content type
     refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
     limited_headers: dict[str, str | None] = field(default_factory=dict)
+    answer_headers: dict[str, str] = field(default_factory=dict)  # added to its answers (200)
     url: str = ""
     received: int = 0
     served: list[Charge] = field(default_factory=list)
@@ -178,7 +179,7 @@ class StandIn:
                 "total_tokens": total,
             },
         }
-        return web.json_response(answer, headers=self._headers(now))
+        return web.json_response(answer, headers=self._headers(now) | self.answer_headers)
 
     def _error(self, status: int) -> web.Response:
         kind, code, message = _ERRORS[status]

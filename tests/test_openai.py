@@ -157,6 +157,24 @@ async def test_lane_reserves_then_settles_to_usage_and_heeds_remaining_headers(
     assert stats.tokens_available <= 1_000 - served.tokens
 
 
+@pytest.mark.parametrize("remaining", ["inf", "nan", "1e999", "-Infinity"])
+async def test_a_remaining_header_that_is_no_count_is_ignored_and_the_answer_kept(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, remaining: str
+) -> None:
+    """``x-ratelimit-remaining-tokens: inf`` after an answer raised OverflowError: the paid
+    answer became a retry, and the model was asked again. Such a value is not heeded."""
+    standin.tpm = 100_000
+    standin.answer_headers = {"x-ratelimit-remaining-tokens": remaining}
+    extra = "[lanes.llm]\ntpm = 10_000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "hi", "text": "short"})
+        await kit.run()
+        job = await kit.job(event_id)
+        stats = kit.lanes["llm"].statistics()
+    assert (job.state, job.attempts, len(standin.served)) == (JobState.DONE, 1, 1)
+    assert stats.tokens_available is not None and stats.tokens_available > 0
+
+
 @pytest.mark.parametrize(
     ("upstream", "lane", "binding"),
     [

@@ -258,7 +258,7 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
         return None
     try:
         number = int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" overflows, "nan" is no number: both unsaid
         return None
     return number if number >= 0 else None
 
