@@ -74,6 +74,7 @@ class StandIn:
     answer_headers: dict[str, str] = field(default_factory=dict)  # added to its answers (200)
     url: str = ""
     received: int = 0
+    bodies: list[Any] = field(default_factory=list)  # the requests' JSON, as received
     served: list[Charge] = field(default_factory=list)
     rate_limited: int = 0  # 429 rate_limit_exceeded answers over the window's limits
     too_large: int = 0  # 429 rate_limit_exceeded answers to a request over the whole tpm
@@ -115,6 +116,7 @@ class StandIn:
         self.received += 1
         self.arrived.set()
         body = await request.json()
+        self.bodies.append(body)
         if self.hold is not None:
             await self.hold.wait()
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":

@@ -477,6 +477,27 @@ async def test_a_refusal_is_kept_in_the_answer(
     assert (job.result["text"], job.result["refusal"]) == ("", "I can't help with that.")
 
 
+async def test_a_lone_surrogate_in_the_payload_reaches_the_model_as_a_replacement_character(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """JSON may escape half a UTF-16 pair ("\\ud83d"), which no UTF-8 can carry: every attempt
+    failed with UnicodeEncodeError, its lane's tokens taken each time. The model is asked with
+    U+FFFD in its place, and the answer is posted on, the payload with it."""
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    extra = "[lanes.llm]\nrpm = 1000\ntpm = 100_000\n"
+    async with action_kit(tmp_path, source(standin, extra=then) + extra, clock=clock) as kit:
+        event_id = await kit.send("mail", b'{"subject": "hi \\ud83d", "text": "x"}')
+        await kit.run()
+        job = await kit.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    [asked] = standin.bodies
+    assert asked["messages"][-1]["content"] == "Reply to hi \ufffd: x"
+    [seen] = target.seen
+    posted = json.loads(seen.body)
+    assert posted["text"] == "Draft: Reply to hi \ufffd: x"
+    assert posted["payload"] == {"subject": "hi \ufffd", "text": "x"}
+
+
 async def test_a_replay_of_a_job_dead_in_its_then_delivers_the_kept_answer(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

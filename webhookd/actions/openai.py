@@ -117,6 +117,8 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # OpenAI's words for a 429: "Limit 6000, Used 5800, Requested 900" (wait for the window), or
 # "Limit 6000, Requested 10216" with "Request too large" (no wait will do).
+# Half a UTF-16 pair, which JSON may escape ("\\ud83d") but no UTF-8 can carry.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _LIMIT_REQUESTED = re.compile(r"Limit (\d[\d,]*),(?: Used \d[\d,]*,)? Requested (\d[\d,]*)")
 
 
@@ -235,7 +237,8 @@ class _Then:
     ) -> Outcome:
         body = {"event_id": event.id, "source": event.source, **answer}
         body["payload"] = payload_of(event)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        data = _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
         headers = signed_headers(
             self.secrets,
             msg_id=event.id,
@@ -399,7 +402,9 @@ class OpenAIAction:
                 option,
                 ", ".join(f"{{{{ {m} }}}}" for m in misses),
             )
-        return text
+        # A lone surrogate from the payload would fail every attempt as UnicodeEncodeError:
+        # the model is sent U+FFFD in its place, as any UTF-8 decoder would show it.
+        return _LONE_SURROGATE.sub("\ufffd", text)
 
     async def _ask(self, event: Event, job_id: str) -> dict[str, Any] | Outcome:
         s = self.settings
