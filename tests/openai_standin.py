@@ -70,6 +70,7 @@ class StandIn:
     malformed: bytes | None = None  # answered with status 200 instead of a chat completion
     malformed_type: str = "application/json"  # ... as this content type
     refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
+    content: Any = None  # answered as message.content, whatever max_tokens says
     limited_headers: dict[str, str | None] = field(default_factory=dict)
     answer_headers: dict[str, str] = field(default_factory=dict)  # added to its answers (200)
     url: str = ""
@@ -168,6 +169,8 @@ class StandIn:
                         "role": "assistant",
                         "content": None
                         if self.refusal
+                        else self.content
+                        if self.content is not None
                         else "Draft: " + messages[-1]["content"][:40],
                         "refusal": self.refusal,
                     },

@@ -498,6 +498,30 @@ async def test_a_lone_surrogate_in_the_payload_reaches_the_model_as_a_replacemen
     assert posted["payload"] == {"subject": "hi \ufffd", "text": "x"}
 
 
+@pytest.mark.parametrize(
+    ("limit", "kept"), [("max_tokens = 200", 65_536), ("max_tokens = 8000", 128_000)]
+)
+async def test_an_answer_past_what_max_tokens_allows_is_cut_and_marked_truncated(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target, limit: str, kept: int
+) -> None:
+    """A server that ignores max_tokens answered 50 MB, stored and posted on whole: the text is
+    kept to 64 KiB or 16 characters a token, whichever is more, the result says it was cut,
+    and then posts what was kept."""
+    standin.content = "word " * 1_000_000
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    config = source(standin, lane=None, extra=then, limit=limit)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "Refund", "text": "please"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    assert job.result["text"] == standin.content[:kept]
+    assert job.result["truncated"] is True
+    [seen] = target.seen
+    posted = json.loads(seen.body)
+    assert (posted["text"], posted["truncated"]) == (job.result["text"], True)
+
+
 async def test_a_replay_of_a_job_dead_in_its_then_delivers_the_kept_answer(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

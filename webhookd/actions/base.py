@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 OutcomeKind = Literal["done", "retry", "dead", "wait"]
 
+# A result is journaled whole and served by the events API and the dashboard: past this many
+# characters, a python action keeps the start of its JSON, as text, with the size it had, and
+# an openai action the start of an answer (at least this much).
+MOST_RESULT_CHARS = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:

@@ -4,7 +4,8 @@ The only home of the ``openai`` package. The client runs with ``max_retries=0``:
 retries. Outcomes:
 
 * answered: done; the result is ``{text, model, usage, finish_reason}``, and ``refusal`` when
-  the model declined (its text then empty);
+  the model declined (its text then empty); each text is kept to 64 KiB or 16 characters per
+  ``max_tokens``, whichever is more, with ``truncated: true`` when a server answered more;
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
 * a 429 ``rate_limit_exceeded`` for a request bigger than the provider's whole limit per minute
   ("Request too large", or a ``Requested`` over its ``Limit``): dead at once, the lane neither
@@ -55,7 +56,7 @@ import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from webhookd.actions.base import Outcome, Resources, keep_detail, options
+from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, keep_detail, options
 from webhookd.actions.delivery import (
     check_url,
     connect_reason,
@@ -111,6 +112,9 @@ _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent und
 _THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls", "proxy")
 _RETRYABLE_4XX = frozenset({407, 408, 409, 425})  # 407: a proxy asking for credentials
 _DEFAULT_LANE_WAIT_S = 10.0
+# Characters an answer's text may have per token of max_tokens, far above a real model's (about
+# 4): only a server not bound by max_tokens goes past it, and its answer is cut there.
+_CHARS_PER_TOKEN = 16
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -451,7 +455,7 @@ class OpenAIAction:
                     f"the answer is not a chat completion: a {raw.status_code} of {kind}",
                     duration_s=_round(started),
                 )
-            answer = _answer(completion)
+            answer = _answer(completion, max(MOST_RESULT_CHARS, s.max_tokens * _CHARS_PER_TOKEN))
             total = completion.usage.total_tokens if completion.usage is not None else None
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             # A 200 whose body is not a chat completion (a proxy's page, a server that is not
@@ -576,24 +580,31 @@ def _round(started: float) -> float:
     return round(time.monotonic() - started, 4)
 
 
-def _answer(completion: ChatCompletion) -> dict[str, Any] | None:
-    """The job's result from a chat completion; ``None`` when it holds no choice."""
+def _answer(completion: ChatCompletion, most_chars: int) -> dict[str, Any] | None:
+    """The job's result from a chat completion; ``None`` when it holds no choice. Each text in
+    it is kept to ``most_chars``, and ``truncated`` says one was cut: a server that ignores
+    max_tokens could answer megabytes, journaled, posted on and served whole otherwise."""
     usage = completion.usage
     if not completion.choices:
         return None
     choice = completion.choices[0]
     # A model that declines says why in ``refusal``, with no content: kept, not lost as "".
     refusal = getattr(choice.message, "refusal", None)
-    return {
+    texts = {
         "text": choice.message.content or "",
         **({"refusal": refusal} if refusal else {}),
         "model": completion.model,
+        "finish_reason": choice.finish_reason,
+    }
+    kept = {name: v[:most_chars] if isinstance(v, str) else v for name, v in texts.items()}
+    return {
+        **kept,
         "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "total_tokens": usage.total_tokens if usage else None,
         },
-        "finish_reason": choice.finish_reason,
+        **({"truncated": True} if kept != texts else {}),
     }
 
 

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from webhookd.actions.base import Outcome, Resources, options
+from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, options
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
@@ -348,11 +348,6 @@ class PythonAction:
 
     async def aclose(self) -> None:
         self._threads.close()
-
-
-# A result is journaled whole and served by the events API and the dashboard: past this many
-# characters of JSON, the start of it is kept, as text, with the size it had.
-MOST_RESULT_CHARS = 64 * 1024
 
 
 def _cut(text: str) -> str:
