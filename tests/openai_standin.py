@@ -67,8 +67,9 @@ class StandIn:
     statuses: list[int] = field(default_factory=list)
     quota_exhausted: bool = False
     hold: asyncio.Event | None = None
-    malformed: bytes | None = None  # answered with status 200 instead of a chat completion
+    malformed: bytes | None = None  # answered instead of a chat completion
     malformed_type: str = "application/json"  # ... as this content type
+    malformed_status: int = 200  # ... with this status (a proxy's 502 page)
     refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
     content: Any = None  # answered as message.content, whatever max_tokens says
     limited_headers: dict[str, str | None] = field(default_factory=dict)
@@ -125,7 +126,9 @@ class StandIn:
         if self.statuses:
             return self._error(self.statuses.pop(0))
         if self.malformed is not None:
-            return web.Response(body=self.malformed, content_type=self.malformed_type)
+            return web.Response(
+                body=self.malformed, content_type=self.malformed_type, status=self.malformed_status
+            )
         if self.quota_exhausted:
             self.quota_refused += 1
             message = "You exceeded your current quota, please check your plan and billing details."

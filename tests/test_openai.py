@@ -255,6 +255,10 @@ async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attem
     assert standin.rate_limited == 1
     assert cooling_s == pytest.approx(60)
     assert (waiting.state, waiting.attempts, waiting.history) == (JobState.QUEUED, 0, ())
+    assert waiting.last_error is not None and waiting.last_error.count("429") == 1
+    assert waiting.last_error.startswith(
+        f"{standin.base_url}/chat/completions answered 429 rate_limit_exceeded: Rate limit reached"
+    )
     assert waiting.run_at == pytest.approx(start + 60, abs=1)
     assert (done.state, done.attempts) == (JobState.DONE, 1)
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -337,9 +341,9 @@ async def test_a_request_over_the_providers_whole_tpm_is_dead_and_holds_no_one_b
     assert kit.clock.time() == start  # nothing waited out
     assert (jobs[0].state, jobs[0].attempts) == (JobState.DEAD, 1)
     assert jobs[0].last_error == (
-        "429 rate_limit_exceeded: the request's 10,220 tokens are over the provider's limit of"
-        " 6,000 per minute, and no wait lets it through: shorten the prompt (or what it quotes"
-        " of the payload) or lower max_tokens"
+        f"{standin.base_url}/chat/completions answered 429 rate_limit_exceeded: the request's"
+        " 10,220 tokens are over the provider's limit of 6,000 per minute, and no wait lets it"
+        " through: shorten the prompt (or what it quotes of the payload) or lower max_tokens"
     )
     assert (jobs[1].state, jobs[1].attempts) == (JobState.DONE, 1)
     assert (standin.too_large, standin.rate_limited, len(standin.served)) == (1, 0, 1)
@@ -578,7 +582,10 @@ async def test_the_model_call_does_not_follow_a_redirect(
         await kit.run()
         job = await kit.job(event_id)
     assert (job.state, job.attempts) == (JobState.DEAD, 1)
-    assert job.last_error is not None and job.last_error.startswith("307")
+    assert job.last_error == (
+        f"{target.url}/chat/completions answered 307:"
+        f" redirect to {standin.base_url}/chat/completions not followed"
+    )
     assert len(target.seen) == 1 and standin.served == []
 
 
@@ -716,7 +723,9 @@ async def test_an_answer_that_is_not_a_chat_completion_is_retried_saying_so(
         await kit.run()
         job = await kit.job(event_id)
     assert job.history[0].outcome == "retry"
-    assert (job.history[0].error or "").startswith("the answer is not a chat completion: ")
+    assert (job.history[0].error or "").startswith(
+        f"the answer of {standin.base_url}/chat/completions is not a chat completion: "
+    )
 
 
 async def test_a_page_that_is_not_json_is_named_by_its_content_type(
@@ -730,7 +739,73 @@ async def test_a_page_that_is_not_json_is_named_by_its_content_type(
         await kit.run()
         job = await kit.job(event_id)
     assert job.history[0].outcome == "retry"
-    assert job.history[0].error == "the answer is not a chat completion: a 200 of text/html"
+    assert job.history[0].error == (
+        f"the answer of {standin.base_url}/chat/completions is not a chat completion:"
+        " a 200 of text/html: <html>sign in</html>"
+    )
+
+
+async def test_an_error_page_names_the_url_the_status_once_and_the_start_of_the_page(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A proxy's 502 page was "502: Error code: 502": the URL, the status once, and how the
+    page began, on one line and cut short."""
+    page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>" + "x" * 5000
+    standin.malformed, standin.malformed_type = page.encode(), "text/html"
+    standin.malformed_status = 502
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.history[0].outcome == "retry"
+    said = " ".join(page.split())[:300]
+    assert job.last_error == f"{standin.base_url}/chat/completions answered 502: {said} …"
+
+
+async def test_a_base_url_without_v1_is_dead_naming_the_url_it_asked(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """base_url without its /v1: the server's own 404 (not the API's "no such model"), said
+    with the URL asked and the likely cause, where it was "404: Error code: 404"."""
+    config = source(standin, lane=None).replace(standin.base_url, standin.url)
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert (job.state, job.attempts) == (JobState.DEAD, 1)
+    assert job.last_error == (
+        f"{standin.url}/chat/completions answered 404: 404: Not Found"
+        " (no such path: is /v1 missing from base_url?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "body", "why"),
+    [
+        (123, None, "its message's content is not text: 123"),
+        (None, b'{"hello": "world"}', 'it has no choices: {"hello": "world"}'),
+    ],
+)
+async def test_a_200_that_holds_no_answer_is_retried_naming_the_url(
+    tmp_path: Path,
+    standin: StandIn,
+    clock: ManualClock,
+    content: Any,
+    body: bytes | None,
+    why: str,
+) -> None:
+    """A message whose content is 123 was kept as the answer (text 123, model null), and a 200
+    of {"hello": "world"} was "the model answered with no choices": neither is an answer, and
+    the retry says where it came from and what it was."""
+    standin.content, standin.malformed = content, body
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    assert (job.state, job.history[0].outcome, job.result) == (JobState.QUEUED, "retry", None)
+    assert job.last_error == (
+        f"the answer of {standin.base_url}/chat/completions is not a chat completion: {why}"
+    )
 
 
 @pytest.mark.parametrize(

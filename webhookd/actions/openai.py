@@ -115,6 +115,7 @@ _DEFAULT_LANE_WAIT_S = 10.0
 # Characters an answer's text may have per token of max_tokens, far above a real model's (about
 # 4): only a server not bound by max_tokens goes past it, and its answer is cut there.
 _CHARS_PER_TOKEN = 16
+_EXCERPT_CHARS = 300  # of an answer's body or message, in an error
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -329,6 +330,8 @@ class OpenAIAction:
         url = self.client.base_url
         host = f"[{url.host}]" if ":" in url.host else url.host
         self.host = f"{host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+        port = f":{url.port}" if url.port else ""
+        self.asks = f"{url.scheme}://{host}{port}{url.path.rstrip('/')}/chat/completions"
 
     @property
     def target(self) -> str:
@@ -451,19 +454,13 @@ class OpenAIAction:
             completion: ChatCompletion = raw.parse()
             if not isinstance(completion, ChatCompletion):  # the SDK gives text that is not JSON
                 kind = raw.headers.get("content-type") or "no content type"
-                return Outcome.retry(
-                    f"the answer is not a chat completion: a {raw.status_code} of {kind}",
-                    duration_s=_round(started),
-                )
+                return self._not_a_completion(f"a {raw.status_code} of {kind}", raw.text, started)
             answer = _answer(completion, max(MOST_RESULT_CHARS, s.max_tokens * _CHARS_PER_TOKEN))
             total = completion.usage.total_tokens if completion.usage is not None else None
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             # A 200 whose body is not a chat completion (a proxy's page, a server that is not
             # quite compatible): the SDK's parse or the reads below fail on it in their own words.
-            return Outcome.retry(
-                f"the answer is not a chat completion: {type(exc).__name__}: {exc}",
-                duration_s=_round(started),
-            )
+            return self._not_a_completion(f"{type(exc).__name__}: {exc}", raw.text, started)
         if self.lane is not None and reservation is not None:
             if isinstance(total, int):
                 self.lane.settle(reservation, total)
@@ -477,8 +474,20 @@ class OpenAIAction:
                     raise
         self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
         if answer is None:
-            return Outcome.retry("the model answered with no choices", duration_s=_round(started))
+            return self._not_a_completion("it has no choices", raw.text, started)
+        if not isinstance(answer["text"], str):  # no answer, however the server may count it
+            content = json.dumps(answer["text"], ensure_ascii=False, default=str)
+            return self._not_a_completion("its message's content is not text", content, started)
         return answer
+
+    def _not_a_completion(self, why: str, body: str, started: float) -> Outcome:
+        """A 200 that is no chat completion (a proxy's page, a server not quite compatible): a
+        retry saying where from, what is wrong with it, and how it began."""
+        return Outcome.retry(
+            f"the answer of {self.asks} is not a chat completion: {why}: "
+            + (_excerpt(body) or "an empty body"),
+            duration_s=_round(started),
+        )
 
     def _observe(self, headers: Mapping[str, str]) -> None:
         if self.lane is not None:
@@ -493,7 +502,15 @@ class OpenAIAction:
         status = exc.status_code
         code = exc.code or exc.type or ""
         detail = {"status": status, "code": code, "duration_s": round(duration_s, 4)}
-        error = f"{status} {code}: {exc.message}" if code else f"{status}: {exc.message}"
+        # The status once (the client's own message repeats it), where, and what the server said.
+        error = f"{self.asks} answered {status}" + (f" {code}" if code else "")
+        said = _said(exc.body)
+        if 300 <= status < 400 and exc.response.headers.get("location"):
+            said = f"redirect to {_excerpt(exc.response.headers['location'])} not followed"
+        elif status == 404 and not _message(exc.body) and "/v1/" not in self.asks:
+            # Not the API's own 404 (no such model): a base_url without the API's /v1.
+            said = f"{said} (no such path: is /v1 missing from base_url?)".lstrip()
+        error += f": {said}" if said else ""
         headers = exc.response.headers
         if status == 429 and self.lane is not None and reservation is not None:
             self.lane.settle(reservation, 0)  # refused: nothing was used upstream
@@ -544,9 +561,7 @@ class OpenAIAction:
     def _too_large(self, exc: openai.APIStatusError) -> str | None:
         """The error for a 429 that refuses a request bigger than the provider's limit per
         minute, else ``None``."""
-        body = exc.body if isinstance(exc.body, Mapping) else {}
-        message = body.get("message")
-        message = message if isinstance(message, str) else exc.message
+        message = _message(exc.body)
         found = _LIMIT_REQUESTED.search(message)
         limit, requested = (_count(found[1]), _count(found[2])) if found else (0, 0)
         if requested <= limit and "Request too large" not in message:
@@ -558,9 +573,9 @@ class OpenAIAction:
                 " per minute"
             )
         return (
-            f"{exc.status_code} {exc.code or 'rate_limit_exceeded'}: {said}, and no wait lets it"
-            " through: shorten the prompt (or what it quotes of the payload) or lower"
-            f" {self.settings.token_limit_name}"
+            f"{self.asks} answered {exc.status_code} {exc.code or 'rate_limit_exceeded'}: {said},"
+            " and no wait lets it through: shorten the prompt (or what it quotes of the payload)"
+            f" or lower {self.settings.token_limit_name}"
         )
 
     async def aclose(self) -> None:
@@ -570,6 +585,28 @@ class OpenAIAction:
 def _is_answer(value: Any) -> bool:
     """Is ``value`` an answer as ``_ask`` returns it (kept by an earlier attempt)?"""
     return isinstance(value, dict) and isinstance(value.get("text"), str) and "model" in value
+
+
+def _message(body: object) -> str:
+    """An API error's message (the client's ``body`` is the error object of a JSON answer)."""
+    message = body.get("message") if isinstance(body, Mapping) else None
+    return message if isinstance(message, str) else ""
+
+
+def _said(body: object) -> str:
+    """What an error answer says, on one line: its API error's message, else its body's start
+    (a proxy's page, a compatible server's own JSON)."""
+    if _message(body):
+        return _excerpt(_message(body))
+    if body is None or isinstance(body, str):
+        return _excerpt(body or "")
+    return _excerpt(json.dumps(body, ensure_ascii=False, default=str))
+
+
+def _excerpt(text: str) -> str:
+    """The start of ``text`` on one line, for an error: enough to tell a page or a message."""
+    line = " ".join(text[: _EXCERPT_CHARS * 4].split())
+    return line if len(line) <= _EXCERPT_CHARS else f"{line[:_EXCERPT_CHARS]} …"
 
 
 def _count(digits: str) -> int:
