@@ -1671,6 +1671,66 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     )
 
 
+async def test_stats_beside_the_daemon_prints_its_counts_and_alone_reads_the_same_from_the_journal(
+    wired: tuple[Path, Running], target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the daemon's admin API answering, stats prints the counts the daemon keeps (its
+    /stats) and counts no job itself: on a large journal that reads every job, as the daemon
+    did already. With the daemon stopped it reads them from the journal: the same document
+    and the same table, but for the daemon's own lines."""
+    config, running = wired
+    await dead_event(running, target)
+    done = await accepted(running, "mail")
+    await event_state(running.http, running.admin_url, done, "done")
+    config.write_text(
+        config.read_text().replace(
+            '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+        ),
+        encoding="utf-8",
+    )
+    # Which journal counts: the daemon's, or the one the CLI opens.
+    kind = type(running.daemon.journal)
+    counted_by: list[object] = []
+    real_counts = kind.counts
+
+    async def counts(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counted_by.append(self)
+        return await real_counts(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "counts", counts)
+
+    async def stats() -> tuple[dict[str, Any], str]:
+        doc = await cli("stats", "--json", "--config", str(config))
+        table = await cli("stats", "--config", str(config))
+        assert doc.exit_code == table.exit_code == 0, (doc.output, table.output)
+        # What the daemon adds (workers, nodes) aside, and the dead letter's age in seconds.
+        lines = [
+            re.sub(r"\(latest \d+s ago\)", "(latest)", line)
+            for line in table.output.splitlines()
+            if not line.startswith(("workers ", "node ", "daemon ", "journal "))
+        ]
+        return json.loads(doc.output), "\n".join(lines)
+
+    beside, beside_table = await stats()
+    assert beside["daemon"] is not None and beside["daemon_error"] is None
+    assert all(journal is running.daemon.journal for journal in counted_by)
+    for key in ("events", "jobs", "sources", "paused", "journal_bytes"):
+        assert beside[key] == beside["daemon"][key], key
+    assert beside["jobs"]["dead"] == beside["sources"]["mail"]["done"] == 1
+    # Not in the daemon's document, so read from the journal: the recent outcomes, the causes.
+    assert beside["outcomes_5m"] == {"dead": 1, "done": 1}
+    assert [c["action"] for c in beside["dead_causes"]] == ["deliver"]
+
+    await running.stop()
+    counted_by.clear()
+    alone, alone_table = await stats()
+    assert alone["daemon"] is None and counted_by  # counted by the CLI's own journal
+    assert list(alone) == list(beside)
+    for key in set(alone) - {"journal_bytes", "nodes", "daemon", "daemon_error"}:
+        assert alone[key] == beside[key], key
+    assert alone_table == beside_table
+
+
 def test_show_says_how_a_webhook_verified_in_words_and_its_own_times() -> None:
     """``show`` printed the verdict as JSON with epoch floats, the one line of it not in its
     time format; ``--json`` keeps the fields."""

@@ -1151,50 +1151,48 @@ async def _follow(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON document.")
 def stats(config_path: str | None, as_json: bool) -> None:
-    """Backlog, oldest queued age, recent rates and outcomes, jobs by source (from the journal;
-    workers and lanes too when the daemon's admin API answers)."""
+    """Backlog, oldest queued age, recent rates and outcomes, jobs by source (the counts the
+    daemon keeps, with its workers and lanes, when its admin API answers; else all read from
+    the journal)."""
     cfg = _read_config(config_path)
     masker = Masker(secret_values(cfg))
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
-            counts = await journal.counts(cfg.sources)
+            # Asked first: what the daemon has already counted is not read again here.
+            daemon, daemon_error = await _daemon_stats(cfg, await journal.identity())
+            now = time.time()
+            counted = await _counted(journal, cfg, daemon, now)
             recent = await journal.activity(300)
             hour = await journal.activity(3600)
-            paused = sorted(await journal.paused_sources())
-            # The CLI is no node (SQLite's journal lists only the process that opened it). The
-            # daemon's own view, when it answers, replaces this one.
-            now = time.time()
-            nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
-            files = await journal.sizes()
+            if daemon is not None and "cluster" in daemon:
+                nodes = daemon["cluster"]["nodes"]
+            else:
+                # The CLI is no node (SQLite's journal lists only the process that opened it).
+                nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             causes = []
-            if counts.jobs_by_state.get("dead"):
+            if counted["jobs"].get("dead"):
                 # The names a catch-all took are one cause under "*", not a row each; without
                 # one, the sources since removed are "(removed)", as in the metrics.
                 names = {*cfg.sources, config_mod.ALERT_SOURCE}
                 other = "*" if config_mod.CATCH_ALL in cfg.sources else "(removed)"
                 causes = await journal.dead_causes(names=names, other=other)
-            identity = await journal.identity()
-        oldest = counts.oldest_due_at
-        daemon, daemon_error = await _daemon_stats(cfg, identity)
-        if daemon is not None and "cluster" in daemon:
-            nodes = daemon["cluster"]["nodes"]
+        jobs = counted["jobs"]
         return {
-            "events": counts.events,
-            "backlog": counts.jobs_by_state.get("queued", 0)
-            + counts.jobs_by_state.get("running", 0),
-            "oldest_queued_age_s": round(now - oldest, 1) if oldest is not None else None,
-            "jobs": dict(counts.jobs_by_state),
-            "sources": counts.sources_shown(cfg.sources),
+            "events": counted["events"],
+            "backlog": jobs.get("queued", 0) + jobs.get("running", 0),
+            "oldest_queued_age_s": counted["oldest_queued_age_s"],
+            "jobs": jobs,
+            "sources": counted["sources"],
             "received_per_min_5m": round(recent.received / 5, 1),
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),
-            "paused": paused,
+            "paused": counted["paused"],
             "dead_causes": [
                 {**asdict(c), "error": masker.text(c.error) if c.error is not None else None}
                 for c in causes
             ],
-            "journal_bytes": files,
+            "journal_bytes": counted["journal_bytes"],
             "nodes": nodes,
             "daemon": daemon,
             "daemon_error": daemon_error,
@@ -1205,6 +1203,34 @@ def stats(config_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(_stats_table(doc))
+
+
+# What ``stats`` takes from the daemon's ``/stats`` when it answers: the counts it keeps (reused
+# a while on a large journal, where a count reads every job, as the dashboard's are) and what it
+# reads at each asking. The journal is read for them only when the daemon does not answer, or
+# answers without one of them (an earlier webhookd's).
+_DAEMON_COUNTED = ("events", "jobs", "sources", "oldest_queued_age_s", "paused", "journal_bytes")
+
+
+async def _counted(
+    journal: BaseJournal, cfg: config_mod.Config, daemon: dict[str, Any] | None, now: float
+) -> dict[str, Any]:
+    """``_DAEMON_COUNTED``'s figures, from the daemon's ``/stats`` or read from the journal."""
+    if daemon is not None and all(key in daemon for key in _DAEMON_COUNTED):
+        counted = {key: daemon[key] for key in _DAEMON_COUNTED}
+        age = counted["oldest_queued_age_s"]
+        counted["oldest_queued_age_s"] = round(age, 1) if age is not None else None
+        return counted
+    counts = await journal.counts(cfg.sources)
+    oldest = counts.oldest_due_at
+    return {
+        "events": counts.events,
+        "jobs": dict(counts.jobs_by_state),
+        "sources": counts.sources_shown(cfg.sources),
+        "oldest_queued_age_s": round(now - oldest, 1) if oldest is not None else None,
+        "paused": sorted(await journal.paused_sources()),
+        "journal_bytes": await journal.sizes(),
+    }
 
 
 async def _daemon_stats(
