@@ -941,6 +941,47 @@ async def test_polled_counts_are_fresh_on_a_small_journal_and_reused_on_a_large_
         assert sum((await polled.series(60))[0].accepted) == 6 and journal.asked == 3
 
 
+async def test_activity_counts_each_window_as_a_read_of_every_attempt_would(
+    tmp_path: Path,
+) -> None:
+    """``activity`` reads the attempts from the first of its window on, found by ``seq`` (an
+    attempt is appended as it ends); it counts what a read of them all counts, for a window
+    ending anywhere, with the gaps a prune leaves in ``seq``, and with outcomes appended nine
+    minutes after one that ended later (a journal that could not take them for a while)."""
+    path = tmp_path / "j.db"
+    clock = ManualClock()
+    async with Journal(path, clock=clock) as journal:
+        assert (await journal.activity(300)).attempts_by_outcome == {}  # none yet: no range
+        items = [new_event(received_at=clock.time()) for _ in range(150)]
+        for item in items:
+            await journal.ingest(item)
+        job_ids = [item.jobs[0].id for item in items]
+        await journal.claim(job_ids, "boot")
+        ends = []
+        for n, job_id in enumerate(job_ids):
+            at = clock.time() + 30 * n - (540 if n % 10 == 9 else 0)
+            state = JobState.DEAD if n % 3 == 0 else JobState.DONE
+            ends.append(Finished(job_id, 1, state, at - 1, at, str(state)))
+        await journal.finish(ends)  # appended in this order
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM attempts WHERE seq % 7 = 0")
+        db.commit()
+        ended = [at for (at,) in db.execute("SELECT finished_at FROM attempts")]
+
+        def read_all(since: float) -> dict[str, int]:
+            sql = "SELECT outcome, COUNT(*) FROM attempts WHERE finished_at >= ? GROUP BY outcome"
+            return dict(db.execute(sql, (since,)).fetchall())
+
+        clock.advance(30 * 150)
+        async with Journal(path, clock=clock) as journal:
+            # A window starting at each attempt's end, and just after it.
+            for at in ended:
+                for since in (at, at + 0.5):
+                    window_s = clock.time() - since
+                    counted = (await journal.activity(window_s)).attempts_by_outcome
+                    assert counted == read_all(since), since
+
+
 _OPEN_AS_USER = """
 import asyncio, sys
 from pathlib import Path

@@ -96,6 +96,11 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
     return by_action(rows)
 
 
+# How much earlier than the attempt appended before it an attempt may have ended (``activity``):
+# an outcome the journal could not take is tried again until it can, and later ones may be
+# committed first meanwhile; one held back by an outage longer than this may go uncounted.
+_ENDED_BEFORE_APPENDED_S = 600.0
+
 # The lane counts ``ready_in_lanes`` pads a statement to (the last is ``LANES_PER_QUERY``).
 _LANES_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, LANES_PER_QUERY)
 
@@ -404,10 +409,13 @@ class Reads:
         if names is not None:
             named = "CASE WHEN source IN (SELECT value FROM json_each(?)) THEN source ELSE ? END"
             args = (json.dumps(sorted(names)), other, limit)
+        # The dead jobs through ``jobs_finished``, whose WHERE ``STATE_JOBS`` repeats: read
+        # from the table, 6,000 among 500,000 jobs took 115 ms, and 30-50 this way; 494,000
+        # jobs in one state took 1.4 s either way.
         rows = await fetch(
             self.reader,
             f"SELECT {named} AS named, action, substr(last_error, 1, {CAUSE_CHARS}) AS cause,"
-            " COUNT(*), MAX(finished_at) FROM jobs WHERE state = 'dead'"
+            f" COUNT(*), MAX(finished_at) FROM jobs WHERE {STATE_JOBS['dead']}"
             " GROUP BY named, action, cause ORDER BY COUNT(*) DESC, MAX(finished_at) DESC"
             " LIMIT ?",
             args,
@@ -479,12 +487,42 @@ class Reads:
         received = await fetch(
             self.reader, "SELECT COUNT(*) FROM events WHERE received_at >= ?", (since,)
         )
+        first = await self._attempts_from(since - _ENDED_BEFORE_APPENDED_S)
         rows = await fetch(
             self.reader,
-            "SELECT outcome, COUNT(*) FROM attempts WHERE finished_at >= ? GROUP BY outcome",
-            (since,),
+            "SELECT outcome, COUNT(*) FROM attempts WHERE seq >= ? AND finished_at >= ?"
+            " GROUP BY outcome",
+            (first, since),
         )
         return Activity(window_s, int(received[0][0]), {r[0]: int(r[1]) for r in rows})
+
+    async def _attempts_from(self, since: float) -> int:
+        """The ``seq`` from which on the attempts ended at ``since`` or later, found by halving
+        the ``seq`` range: the daemon appends an attempt as it ends, so ``finished_at`` grows
+        with ``seq``. ``finished_at`` has no index (one would cost every attempt's write), and
+        ``WHERE finished_at >= ?`` read every attempt kept: 75-110 ms for 610,000 of them, for
+        each of ``stats``' two windows, against 2.5 ms this way for the last 5 minutes."""
+        # Each its own SELECT: MIN and MAX in one read every row.
+        rows = await fetch(
+            self.reader, "SELECT (SELECT MIN(seq) FROM attempts), (SELECT MAX(seq) FROM attempts)"
+        )
+        low, high = rows[0]
+        if low is None:
+            return 0
+        high += 1
+        while low < high:
+            middle = (low + high) // 2
+            found = await fetch(
+                self.reader,
+                "SELECT seq, finished_at FROM attempts WHERE seq >= ? ORDER BY seq LIMIT 1",
+                (middle,),
+            )
+            # None: pruned since the range was read, or no time kept; either is counted from.
+            if not found or found[0][1] is None or found[0][1] >= since:
+                high = middle
+            else:
+                low = found[0][0] + 1
+        return int(low)
 
     async def series(
         self, *, now: float, minutes: int, source: str | None = None, step_s: int = 60
