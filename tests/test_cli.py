@@ -51,6 +51,7 @@ from webhookd.journal import (
 )
 from webhookd.journal import schema as sqlite_schema
 from webhookd.journal.postgres import schema as postgres_schema
+from webhookd.journal.postgres.db import redact_url
 from webhookd.journal.records import EventSummary
 from webhookd.models import JobState, event_id_time, new_event_id, new_job_id
 
@@ -884,6 +885,81 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
         for verb in ("stats", "events"):  # every verb refuses it as serve does: 3
             out = await cli(verb, "--config", str(config))
             assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_leaves_it_so(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Run before a restart on a newer webhookd, ``check`` of a journal of an older schema says
+    in a note (exit 0) that ``serve`` upgrades it as it starts and answers nothing until done,
+    from and to which version, how many events it holds, and on SQLite the disk it may take;
+    it upgrades nothing and makes no file. Once ``serve`` has upgraded it, no note."""
+    async with contextlib.AsyncExitStack() as stack:
+        insert = (
+            "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority, headers,"
+            " body) VALUES ({}, 'shop', 1700000000, {}, '', 1, '[]', {})"
+        )
+        if backend == "postgres":
+            url = await stack.enter_async_context(
+                fresh_database(request.getfixturevalue("pg_server_url"))
+            )
+            where, latest = f'url = "{url}"', len(postgres_schema.MIGRATIONS)
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+                for version, migration in enumerate(postgres_schema.MIGRATIONS[:4], start=1):
+                    await conn.execute(migration)
+                    await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", version)
+                for n in range(3):
+                    await conn.execute(insert.format("$1", "$2", "$3"), f"e{n}", f"k{n}", b"{}")
+            finally:
+                await conn.close()
+        else:
+            path = tmp_path / "j.db"
+            where, latest = f'path = "{path}"', len(sqlite_schema.MIGRATIONS)
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                sqlite_schema.add_functions(db)
+                for migration in sqlite_schema.MIGRATIONS[:4]:
+                    db.executescript(migration)
+                db.execute("PRAGMA user_version = 4")
+                for n in range(3):
+                    db.execute(insert.format("?", "?", "?"), (f"e{n}", f"k{n}", b"{}"))
+                db.commit()
+            files = sorted(os.listdir(tmp_path))
+        config = tmp_path / "webhookd.toml"
+        config.write_text(
+            f'[journal]\n{where}\n[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+        )
+        out = await cli("check", "--config", str(config))
+        assert out.exit_code == 0 and out.stdout.startswith("ok: "), out.output
+        if backend == "postgres":
+            assert out.stderr == (
+                f"webhookd: note: journal {redact_url(url)} is at schema version 4: the first"
+                f" node of this webhookd to start upgrades it to {latest} (the others wait for"
+                " it), and none answers until that is done; it holds 3 event(s)\n"
+            )
+            conn = await asyncpg.connect(url)
+            try:
+                assert await conn.fetchval("SELECT max(version) FROM webhookd_schema") == 4
+            finally:
+                await conn.close()
+        else:
+            said = re.escape(
+                f"webhookd: note: journal {path} is at schema version 4: `webhookd serve` of"
+                f" this webhookd upgrades it to {latest} as it starts, and answers nothing until"
+                " that is done; it holds 3 event(s), and the upgrade may take up to"
+            )
+            disk = r" [\d.]+ MB more of its disk meanwhile \([\d,.]+ MB free\)\n"
+            assert re.fullmatch(said + disk, out.stderr), out.stderr
+            assert sorted(os.listdir(tmp_path)) == [*files, "webhookd.toml"]
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        # serve's start upgrades it (as a node's open does); then there is nothing to say.
+        async with open_journal(config_mod.loads(f"[journal]\n{where}\n").journal):
+            pass
+        out = await cli("check", "--config", str(config))
+        assert (out.exit_code, out.stderr) == (0, ""), out.output
 
 
 async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) -> None:

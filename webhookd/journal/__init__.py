@@ -84,7 +84,7 @@ from webhookd.journal.batch import (
     write_ops,
 )
 from webhookd.journal.moved import REMOVED, FileIds, Saved, moved, save_open
-from webhookd.journal.reads import Reads, peek_unfinished_by_action
+from webhookd.journal.reads import Reads, peek
 from webhookd.journal.records import (
     CAUSE_CHARS,
     Activity,
@@ -103,6 +103,7 @@ from webhookd.journal.records import (
     NewEvent,
     NewJob,
     NodeInfo,
+    Peeked,
     Poisoned,
     Pruned,
     Ready,
@@ -151,6 +152,7 @@ __all__ = [
     "NewEvent",
     "NewJob",
     "NodeInfo",
+    "Peeked",
     "Poisoned",
     "PolledCounts",
     "Pruned",
@@ -162,8 +164,8 @@ __all__ = [
     "answer_within",
     "let_go",
     "open_journal",
+    "peek_journal",
     "present_only",
-    "unfinished_by_action_of",
 ]
 
 log = logging.getLogger("webhookd.journal")
@@ -1744,17 +1746,18 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T
     return result
 
 
-async def unfinished_by_action_of(cfg: JournalConfig) -> dict[tuple[str, str], int]:
-    """The queued or running jobs by (source, action) of the journal ``cfg`` names, read
-    without opening it as ``open_journal`` does: no schema upgrade, no file created, no node
-    joined (``check``, beside a running daemon or none). ``{}`` when there is no journal yet;
-    ``JournalError`` when it cannot be read."""
+async def peek_journal(cfg: JournalConfig) -> Peeked:
+    """The queued or running jobs by (source, action) and the schema version of the journal
+    ``cfg`` names, with its events when ``serve`` would upgrade it, read without opening it as
+    ``open_journal`` does: no schema upgrade, no file created, no node joined (``check``,
+    beside a running daemon or none). Nothing when there is no journal yet; ``JournalError``
+    when it cannot be read."""
     if cfg.url is not None:
         from webhookd.journal.postgres import schema
 
         check_journal_url(cfg.url, "journal.url")
-        return await schema.peek_unfinished_by_action(cfg.url.reveal(), cfg.statement_cache_size)
-    return await asyncio.to_thread(peek_unfinished_by_action, cfg.path)
+        return await schema.peek(cfg.url.reveal(), cfg.statement_cache_size)
+    return await asyncio.to_thread(peek, cfg.path)
 
 
 def open_journal(

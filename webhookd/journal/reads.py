@@ -31,6 +31,7 @@ from webhookd.journal.records import (
     Lane,
     LaneBacklog,
     NodeInfo,
+    Peeked,
     Ready,
     Series,
     by_action,
@@ -64,13 +65,13 @@ UNFINISHED_BY_ACTION_SQL = (
 )
 
 
-def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
-    """``unfinished_by_action`` of the SQLite journal at ``path``, read through a read-only
-    connection of its own: no schema upgrade, no file created, nothing written, beside a
-    running daemon or none (``check``). ``{}`` when there is no journal yet; ``JournalError``
-    when it cannot be read (another user's file, a schema newer than this webhookd's)."""
+def peek(path: Path) -> Peeked:
+    """``Peeked`` of the SQLite journal at ``path``, read through a read-only connection of
+    its own: no schema upgrade, no file created, nothing written, beside a running daemon or
+    none (``check``). Nothing when there is no journal yet; ``JournalError`` when it cannot be
+    read (another user's file, a schema newer than this webhookd's)."""
     if not path.exists():
-        return {}
+        return Peeked({}, 0)
     # Read-only, SQLite still creates a WAL journal's -wal and -shm files when they are not
     # there, as the user reading (root, say), which a daemon of another user could then not
     # open. Without a -wal file (no daemon has it open: the last to close removed it) every
@@ -89,11 +90,14 @@ def peek_unfinished_by_action(path: Path) -> dict[tuple[str, str], int]:
         if version > len(MIGRATIONS):
             raise JournalNewer(f"{path} has a schema newer than this webhookd's")
         rows = conn.execute(UNFINISHED_BY_ACTION_SQL).fetchall()
+        events = None
+        if 0 < version < len(MIGRATIONS):  # what the upgrade will go through, for its note
+            events = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: {exc}") from None
     finally:
         conn.close()
-    return by_action(rows)
+    return Peeked(by_action(rows), version, events)
 
 
 # How much earlier than the attempt appended before it an attempt may have ended (``activity``):

@@ -285,6 +285,17 @@ def by_action(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str], int]:
     return {(source, action): int(n) for source, action, n in rows}
 
 
+@dataclass(frozen=True, slots=True)
+class Peeked:
+    """What ``check`` reads of a journal without opening it: its queued or running jobs by
+    (source, action), its schema version (0: no journal yet), and, when ``serve`` of this
+    webhookd would upgrade it, its events (None otherwise: not counted)."""
+
+    unfinished: Mapping[tuple[str, str], int]
+    version: int
+    events: int | None = None
+
+
 def kept_sources(keep: Collection[str]) -> list[str]:
     """The names ``counts()`` reads one by one: ``keep`` (the configured sources) and the
     alerts' own, which ``sources_shown`` lists whether [alerts] is on or not."""

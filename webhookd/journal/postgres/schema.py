@@ -20,7 +20,7 @@ from webhookd.journal.postgres.db import (
     db_error,
     redact_url,
 )
-from webhookd.journal.records import by_action
+from webhookd.journal.records import Peeked, by_action
 
 # Any constant: the advisory lock key that serialises migrations across nodes.
 _MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
@@ -277,13 +277,11 @@ async def migrate(conn: Any, where: str, *, upgrade: bool = True) -> int:
     return len(MIGRATIONS)
 
 
-async def peek_unfinished_by_action(
-    url: str, statement_cache_size: int
-) -> dict[tuple[str, str], int]:
-    """Queued or running jobs by (source, action) in the PostgreSQL journal at ``url``, read in
-    a read-only transaction of a connection of its own: no schema upgrade, no node joined
-    (``check``). ``{}`` when the journal has no tables yet; ``JournalError`` when it cannot be
-    read within 5 s, or its schema is newer than this webhookd's."""
+async def peek(url: str, statement_cache_size: int) -> Peeked:
+    """``Peeked`` of the PostgreSQL journal at ``url``, read in a read-only transaction of a
+    connection of its own: no schema upgrade, no node joined (``check``). Nothing when the
+    journal has no tables yet; ``JournalError`` when it cannot be read within 5 s, or its
+    schema is newer than this webhookd's."""
     where = redact_url(url)
     try:
         async with asyncio.timeout(5):
@@ -295,15 +293,20 @@ async def peek_unfinished_by_action(
             try:
                 async with conn.transaction(readonly=True):
                     if await conn.fetchval("SELECT to_regclass('webhookd_schema') IS NULL"):
-                        return {}
-                    version = await conn.fetchval("SELECT max(version) FROM webhookd_schema")
-                    if int(version or 0) > len(MIGRATIONS):
+                        return Peeked({}, 0)
+                    version = int(
+                        await conn.fetchval("SELECT max(version) FROM webhookd_schema") or 0
+                    )
+                    if version > len(MIGRATIONS):
                         raise JournalNewer(f"{where} has a schema newer than this webhookd's")
                     rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
+                    events = None
+                    if 0 < version < len(MIGRATIONS):  # for the upgrade's note
+                        events = int(await conn.fetchval("SELECT COUNT(*) FROM events"))
             finally:
                 conn.terminate()
     except DB_ERRORS as exc:
         raise JournalError(f"{where}: {db_error(exc)}") from None
     except ValueError:  # a URL the driver cannot read: its words may quote it
         raise JournalError(f"{where}: its URL cannot be read") from None
-    return by_action(rows)
+    return Peeked(by_action(rows), version, events)
