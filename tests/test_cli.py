@@ -794,6 +794,23 @@ async def test_show_prints_a_models_answer_as_text_under_its_result(tmp_path: Pa
     )
 
 
+async def test_show_says_where_it_cut_a_long_result(tmp_path: Path) -> None:
+    """A result whose JSON is longer than show prints ends in a line saying how long it was
+    and that --json has it all, not where the cut fell as if it ended there."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "mail", 1)
+        await journal.claim([job_id], "boot")
+        now = journal.clock.time()
+        result = {"rows": "y" * 3000}
+        await journal.finish([Finished(job_id, 1, JobState.DONE, now, now, "done", result=result)])
+        [summary] = await journal.list_events(limit=1)
+    out = await cli("show", summary.id, "--config", str(config))
+    assert out.exit_code == 0, out.output
+    shown = '    result {"rows": "' + "y" * (2000 - len('{"rows": "')) + " … (3,012 characters:"
+    assert f"{shown} --json has them all)\n" in out.output, out.output[-300:]
+
+
 async def test_check_and_prune(tmp_path: Path, wired: tuple[Path, Running]) -> None:
     """check names the sources and exits 2 on a bad key; prune reports what it removed."""
     config, _running = wired

@@ -629,14 +629,26 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
         text = result.get("text") if isinstance(result, dict) else None
         if isinstance(text, str):  # a model's answer: read as text, not as an escaped string
             rest = {k: v for k, v in result.items() if k != "text"}
-            click.echo(printable(f"    result {json.dumps(rest, ensure_ascii=False)[:2000]}"))
+            click.echo(printable(f"    result {_cut_shown(json.dumps(rest, ensure_ascii=False))}"))
             click.echo("    text:")
             for text_line in text[:_TEXT_PREVIEW_CHARS].split("\n"):
                 click.echo("      " + printable(text_line) if text_line else "")
             if len(text) > _TEXT_PREVIEW_CHARS:
                 click.echo(f"      … ({len(text):,} characters: --json has them all)")
         elif result is not None:
-            click.echo(printable(f"    result {json.dumps(result, ensure_ascii=False)[:2000]}"))
+            shown = _cut_shown(json.dumps(result, ensure_ascii=False))
+            click.echo(printable(f"    result {shown}"))
+
+
+_RESULT_SHOWN_CHARS = 2000
+
+
+def _cut_shown(text: str) -> str:
+    """A result's JSON as ``show`` prints it: its start, saying so when it was cut (the whole
+    was shown to end there, with nothing to tell it was not)."""
+    if len(text) <= _RESULT_SHOWN_CHARS:
+        return text
+    return f"{text[:_RESULT_SHOWN_CHARS]} … ({len(text):,} characters: --json has them all)"
 
 
 def _bulk(
