@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -23,7 +24,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from procs import DaemonProc, Procs, Target, get_json, poll, port_is_free, write_config
+from procs import (
+    DaemonProc,
+    Procs,
+    Target,
+    config_text,
+    get_json,
+    poll,
+    port_is_free,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(60)]
 
@@ -744,6 +754,64 @@ async def test_serve_raises_its_open_files_limit_for_max_connections_or_warns(
     assert line.split()[3:5] == [str(raised_to), str(hard)], line
     warned = [line for line in daemon.lines if "open-files limit" in line]
     assert len(warned) == (hard < 1344), daemon.log
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
+async def test_under_a_low_open_files_limit_idle_connections_cannot_take_the_daemon_off_the_air(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """Under a hard limit of 300 open files, below what server.max_connections (1,024) needs,
+    the receiver holds at most what fits (a quarter of the limit here: 300 less 2 per worker
+    and 256 kept leaves fewer), and the start's warning says so. 300 idle connections, more
+    than the limit, then get what a full receiver gives: the ones past it are answered 503
+    and closed, the admin API still answers, and a webhook gets its 202 once an idle
+    connection (a second old) is closed to make room for it."""
+    cfg = tmp_path / "webhookd.toml"
+    body = '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"'
+    text = config_text(f'path = "{tmp_path / "webhookd.db"}"', body, workers="concurrency = 4")
+    cfg.write_text(text, encoding="utf-8")
+    daemon = await procs.serve(cfg, open_files=(300, 300))
+    [warned] = [line for line in daemon.lines if "open-files limit" in line]
+    assert "the receiver takes at most 75 connections" in warned, warned
+    host, port = daemon.receiver.rsplit(":", 1)
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(300)]
+    closed: list[bytes] = []
+    all_closed = asyncio.Event()
+
+    async def until_closed(reader: asyncio.StreamReader) -> None:
+        closed.append(await reader.read())
+        if len(closed) == 300 - 75:
+            all_closed.set()
+
+    readers = [asyncio.create_task(until_closed(reader)) for reader, _ in conns]
+    try:
+        async with asyncio.timeout(15):
+            await all_closed.wait()
+        # Refused with a 503 as they came, or (a second on) closed to make room.
+        assert {answer[:13] for answer in closed} <= {b"HTTP/1.1 503 ", b""}
+        assert closed.count(b"") < len(closed), "not one connection was answered 503"
+        status, ready = await get_json(http, f"{daemon.admin_url}/readyz")
+        assert (status, ready) == (200, {"ready": True}), daemon.log
+
+        async def taken() -> bool:
+            try:
+                async with http.post(f"{daemon.url}/hooks/shop", json={"n": 1}) as r:
+                    return r.status == 202
+            except aiohttp.ClientConnectionError:  # refused as it connected: reset
+                return False
+
+        await poll(taken, timeout_s=15, interval_s=0.05)
+        room = [line for line in daemon.lines if "to make room" in line]
+        assert room and room[0].endswith(
+            "(at most 75 under the open-files limit, server.max_connections = 1024)"
+        ), daemon.log
+        assert len(await asyncio.to_thread(os.listdir, f"/proc/{daemon.pid}/fd")) < 300
+    finally:
+        for task in readers:
+            task.cancel()
+        for _, writer in conns:
+            writer.close()
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
 

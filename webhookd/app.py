@@ -130,6 +130,9 @@ class Daemon:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     bound: Bound = field(default_factory=Bound)
+    # The receiver's cap on open connections, once running: server.max_connections, or fewer
+    # when the open-files limit leaves no room for that many (``_open_files_for``).
+    max_connections: int | None = field(default=None, init=False)
     boot_id: str = field(default_factory=new_boot_id)
     # Set once wired, for tests and embedding: the parts themselves.
     journal: BaseJournal | None = None
@@ -183,7 +186,7 @@ class Daemon:
 
     async def _run(self) -> int:
         cfg = self.config
-        _open_files_for(cfg)
+        self.max_connections = _open_files_for(cfg)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -341,7 +344,7 @@ class Daemon:
             admin_runner = await self._listen(admin, cfg.admin.listen, "admin")
             listening.append(admin_runner)
             self.bound.admin = _address(admin_runner)
-        receiver_runner = receiver.server(**_HANDLER)
+        receiver_runner = receiver.server(max_connections=self.max_connections, **_HANDLER)
         listen = cfg.server.listen
         try:
             bound = await receiver_runner.start(listen.host, listen.port, backlog=1024)
@@ -885,29 +888,42 @@ def run(
 _RESERVED_FILES = 256
 
 
-def _open_files_for(cfg: Config) -> None:
+def _open_files_for(cfg: Config) -> int:
     """Raise the soft limit on open files to what ``server.max_connections`` and the rest need,
-    as far as the hard limit allows (a shell's default soft limit is often 1,024), or warn.
+    as far as the hard limit allows (a shell's default soft limit is often 1,024); returns the
+    connections the receiver may hold: ``server.max_connections``, or, when the hard limit is
+    below what it needs, what fits beside the rest (one warning says so).
 
     At the limit no descriptor is left for the admin API, the actions or the journal, and
-    connections to both ports are reset: the receiver's cap must come first.
+    connections to both ports are reset, unlogged (libuv closes what it cannot accept): the
+    receiver's cap must come first. Left at a max_connections the limit cannot hold, it never
+    did: 1,100 idle connections under a limit of 1,024 took both ports off the air.
     """
-    need = cfg.server.max_connections + 2 * cfg.workers.concurrency + _RESERVED_FILES
+    wanted = cfg.server.max_connections
+    rest = 2 * cfg.workers.concurrency + _RESERVED_FILES
+    need = wanted + rest
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
-        return
+        return wanted
     new = need if hard == resource.RLIM_INFINITY else min(need, hard)
     if new > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    if new < need:
-        log.warning(
-            "the open-files limit (%d, hard) is below the %d that server.max_connections = %d"
-            " needs with the rest: raise it (LimitNOFILE=, ulimit -n) or lower"
-            " server.max_connections",
-            hard,
-            need,
-            cfg.server.max_connections,
-        )
+    if new >= need:
+        return wanted
+    # A quarter of the limit at least: the rest is reckoned generously (an idle daemon holds a
+    # few dozen descriptors), and a receiver of a handful of connections would turn providers
+    # away under any load.
+    fits = min(wanted, max(new - rest, new // 4))
+    log.warning(
+        "the open-files limit (%d, hard) is below the %d that server.max_connections = %d"
+        " needs with the rest: the receiver takes at most %d connections; raise the limit"
+        " (LimitNOFILE=, ulimit -n) or lower server.max_connections",
+        hard,
+        need,
+        wanted,
+        fits,
+    )
+    return fits
 
 
 # Once the daemon is done, the process gets this long to exit; a thread stuck in I/O (the

@@ -618,6 +618,7 @@ class Http1Server:
         max_field_size: int = 8190,
         max_headers: int = 100,
         max_connections: int = 1024,
+        limit_said: str = "",
         retry_after_s: int = 5,
         refused: Callable[[int], None] | None = None,
     ) -> None:
@@ -628,6 +629,8 @@ class Http1Server:
         # admin API, the actions' connections and the journal. One past the limit is answered
         # 503 (``refused`` is told) and closed, so a flood of connections cannot take them all.
         self.max_connections = max_connections
+        # How the log lines name that limit (lowered below the config's, they say why).
+        self.limit_said = limit_said or f"server.max_connections = {max_connections}"
         self.retry_after_s = retry_after_s
         self.refused = refused
         self._refused_since_log = 0
@@ -694,10 +697,10 @@ class Http1Server:
         now = self.loop.time()
         if now - self._refusal_logged_at >= _REFUSAL_LOG_S:
             log.warning(
-                "%d connection(s) answered 503: %d open, server.max_connections = %d",
+                "%d connection(s) answered 503: %d open, %s",
                 self._refused_since_log,
                 len(self.connections),
-                self.max_connections,
+                self.limit_said,
             )
             self._refusal_logged_at = now
             self._refused_since_log = 0
@@ -721,11 +724,10 @@ class Http1Server:
             del self.connections[conn]
             conn.close()
             self.log_evicted(
-                "closed the connection from %s, idle for %.1f s, to make room for a new one"
-                " (server.max_connections = %d)",
+                "closed the connection from %s, idle for %.1f s, to make room for a new one (%s)",
                 conn.peer,
                 self.loop.time() - since,
-                self.max_connections,
+                self.limit_said,
             )
             return True
         return False

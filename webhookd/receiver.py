@@ -399,21 +399,33 @@ class Receiver:
         # The methods each source's path takes (a 405's Allow header names them).
         self._methods = {src.name: allowed_methods(src) for src in sources}
 
-    def server(self, **limits: Any) -> Http1Server:
+    def server(self, max_connections: int | None = None, **limits: Any) -> Http1Server:
         """The HTTP server for the webhooks (``webhookd.http1``): every request goes straight to
         ``handle``, which finds its source itself. ``limits``: keep-alive timeout and header
-        limits. What the HTTP parser refuses (a header over the limit, TLS on the plain port)
-        is a JSON 4xx, logged in one line. Bodies are inflated by content_coding, not the
-        parser; no access log (webhookd logs what it refuses; a line per webhook costs intake).
+        limits; ``max_connections``: fewer connections than ``server.max_connections``, as
+        many as the open-files limit leaves room for. What the HTTP parser refuses (a header
+        over the limit, TLS on the plain port) is a JSON 4xx, logged in one line. Bodies are
+        inflated by content_coding, not the parser; no access log (webhookd logs what it
+        refuses; a line per webhook costs intake).
         """
         server = self.config.server
+        most = server.max_connections
+        limit_said = ""
+        if max_connections is not None and max_connections < most:
+            # The refusals' and evictions' lines say why the figure is not the config's.
+            limit_said = (
+                f"at most {max_connections} under the open-files limit,"
+                f" server.max_connections = {most}"
+            )
+            most = max_connections
         return Http1Server(
             self.handle,
             self._unexpected,
             shutdown_timeout_s=server.ack_timeout_s + 1,
             send_timeout_s=server.body_timeout_s,
             linger_s=server.body_timeout_s,
-            max_connections=server.max_connections,
+            max_connections=most,
+            limit_said=limit_said,
             retry_after_s=server.retry_after_s,
             refused=self._refused_by_server,
             **limits,
