@@ -8,11 +8,12 @@ import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -294,6 +295,59 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
     assert (
         job.history[0].error == f"cannot start 'webhookd-no-such-program' (on the PATH): {ENOENT}"
     )
+
+
+@contextlib.contextmanager
+def at_open_files_limit(free: int) -> Iterator[int]:
+    """This process at its soft limit on open files for the block, but ``free`` descriptors
+    (the gaps below the limit filled); yields the limit. The limit and the gaps are given back
+    after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1 + free
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with contextlib.suppress(OSError):  # EMFILE: none left
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        for _ in range(free):
+            os.close(fillers.pop())
+        yield limit
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(("free", "tried"), [(0, False), (4, False), (1, True)])
+async def test_a_program_that_cannot_start_for_want_of_open_files_waits_without_an_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free: int, tried: bool
+) -> None:
+    """At the daemon's open-files limit, or fewer short of it than a start takes, a program
+    cannot start: the error says the daemon is at its limit, and the job waits a few seconds
+    using no attempt (retried on backoff, the daemon's own shortage made it dead within
+    seconds). It is not even tried: a start uvloop cannot finish leaks what it made. Tried
+    (``tried``: past that look), the failure is seen for what it is, whether EMFILE (asyncio)
+    or uvloop's "Unknown error -1"."""
+    if tried:
+        looks = command._out_of_files
+
+        def after_a_start(exc: OSError | None = None) -> str | None:
+            return None if exc is None else looks(exc)
+
+        monkeypatch.setattr(command, "_out_of_files", after_a_start)
+    argv = python_argv("print('ok')")
+    async with action_kit(tmp_path, command_config(argv)) as kit:
+        detail = await kit.journal.get_event(await kit.send("gh", PUSH))
+        action = kit.actions[("gh", "command")]
+        with at_open_files_limit(free) as limit:
+            outcome = await action.run(detail.event, detail.jobs[0])
+        assert (outcome.kind, outcome.after_s) == ("wait", 5.0), outcome
+        assert outcome.error == (
+            f"cannot start {sys.executable!r}: too many open files: the daemon is at its"
+            f" open-files limit ({limit})"
+        )
+        assert (await action.run(detail.event, detail.jobs[0])).kind == "done"
 
 
 def test_check_and_the_start_warn_of_a_program_that_is_not_there(tmp_path: Path) -> None:

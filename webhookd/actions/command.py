@@ -8,8 +8,9 @@ the names ``inherit_env`` lists (``*`` globs allowed), the action's ``env`` tabl
 ``WEBHOOKD_EVENT_ID``, ``WEBHOOKD_SOURCE`` and ``WEBHOOKD_QUERY`` (the URL's query as received,
 empty when it had none). A NUL byte in a rendered argument (a payload can
 hold one, a program argument cannot) makes the attempt dead. Exit 0 is done, an exit code listed
-in ``permanent_exit_codes`` is dead, anything else (another code, a signal) is retried. The last
-2 KB of stdout and stderr are kept with the attempt.
+in ``permanent_exit_codes`` is dead, anything else (another code, a signal) is retried. A
+program that cannot start because the daemon is out of descriptors waits a few seconds, using
+no attempt. The last 2 KB of stdout and stderr are kept with the attempt.
 
 The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
 the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
@@ -25,6 +26,7 @@ import errno
 import fnmatch
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,13 @@ TAIL_BYTES = 2048
 # falls inside is found whole, and shown as *** rather than as its last characters.
 _SPARE_BYTES = 1024
 _KILL_GRACE_S = 2.0
+# A program that could not start for want of descriptors waits this long, using no attempt:
+# the shortage is the daemon's (its connections, other commands' pipes), not the job's, and
+# retried on backoff a job went dead within seconds of it.
+_NO_FILES_WAIT_S = 5.0
+# Descriptors a start takes at once (uvloop's: a socket pair for each of the three pipes, and
+# its own; asyncio's take 7).
+_START_FILES = 10
 # The process groups of the commands running now. An exit that cannot wait for them (a second
 # signal, an exit stuck on a thread) SIGKILLs them first: each would otherwise outlive the daemon
 # and run beside the same job's next attempt once the next start recovers it.
@@ -111,6 +120,29 @@ def _looked_up(program: str, cwd: str | None) -> str:
     if "/" in program:
         return f" (relative to {os.path.abspath(cwd or os.curdir)})"
     return " (on the PATH)"
+
+
+def _out_of_files(exc: OSError | None = None) -> str | None:
+    """What has run out, when a program cannot start for want of a descriptor: before a start
+    (``exc`` None), fewer are left under the daemon's open-files limit than a start takes;
+    after one failed, ``exc`` is EMFILE or ENFILE, or an error with no errno of its own while
+    that is so (uvloop passes libuv's -1, "Unknown error -1", when it cannot make a pipe)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    at_limit = f"too many open files: the daemon is at its open-files limit ({soft})"
+    if exc is not None:
+        if exc.errno == errno.EMFILE:
+            return at_limit
+        if exc.errno == errno.ENFILE:
+            return "too many open files in the system"
+        if exc.errno in errno.errorcode:
+            return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        held = len(os.listdir("/proc/self/fd")) - 1  # not the listing's own
+    except OSError as listing:  # the listing takes a descriptor too: at the limit, none is left
+        return at_limit if listing.errno == errno.EMFILE else None
+    return at_limit if soft - held < _START_FILES else None
 
 
 def _env_name(name: Any) -> bool:
@@ -220,6 +252,10 @@ class CommandAction:
                 # execve would cut the argument short (uvloop does so silently): never run that.
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
         env = self.env_for(event)
+        # Not tried short of descriptors: a start that uvloop cannot finish leaves the ones it
+        # had made open for good (3 a time, measured) and its loop unable to close at the exit.
+        if (short := _out_of_files()) is not None:
+            return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S)
         started = time.monotonic()
         watch = _Watch(self.masker())
         try:
@@ -234,6 +270,8 @@ class CommandAction:
                 start_new_session=True,
             )
         except OSError as exc:
+            if (short := _out_of_files(exc)) is not None:
+                return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S)
             where = _looked_up(argv[0], self.settings.cwd)
             error = f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}"
             if exc.errno == errno.E2BIG:  # the payload made the arguments too long: every time
