@@ -371,6 +371,42 @@ async def test_a_connection_past_max_connections_is_answered_503_and_closed(
     assert served.events() == 4
 
 
+async def test_refusals_after_the_line_are_told_when_their_10_s_are_up_and_at_the_close(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first connection refused is logged at once, the ones within 10 s of that line are
+    counted; the count is logged when the 10 s are up though no refusal comes after them (a
+    timer, run here by hand rather than waited for), and what is left at the close."""
+    served = await start(server_config="max_connections = 1")
+    server = served.server
+    held = await RawConn.open(served.address)
+    await held.send(post(0))
+    assert (await held.answer()).status == 202
+
+    async def refuse(n: int) -> None:
+        for _ in range(n):
+            conn = await RawConn.open(served.address)
+            assert (await conn.answer()).status == 503
+            await conn.close()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
+
+    await refuse(3)
+    line = "connection(s) answered 503: 1 open, server.max_connections = 1"
+    assert said() == [f"1 {line}"]
+    timer = server._refusal_timer
+    assert timer is not None and timer.when() == server._refusal_logged_at + 10.0
+    server.log_refusals()  # what the timer runs when the 10 s are up
+    assert said() == [f"1 {line}", f"2 {line}"] and server._refusal_timer is None
+    await refuse(1)  # within 10 s of that line: held until the close, if it comes first
+    assert len(said()) == 2
+    await held.close()
+    await server.close(1.0)
+    assert said() == [f"1 {line}", f"2 {line}", f"1 {line}"]
+    assert served.state.unavailable == {"max_connections": 4}
+
+
 async def test_at_max_connections_the_one_idle_longest_makes_room_for_a_new_one(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:

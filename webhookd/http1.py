@@ -634,7 +634,10 @@ class Http1Server:
         self.retry_after_s = retry_after_s
         self.refused = refused
         self._refused_since_log = 0
+        self._open_at_refusal = 0  # connections open at the last one refused
         self._refusal_logged_at = -math.inf
+        # Logs the refusals held back when their time is up, should no later one come to.
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self.log_malformed = Throttle(log, logging.INFO, "malformed requests refused")
         self.shutdown_timeout_s = shutdown_timeout_s
         self.keepalive_timeout = keepalive_timeout
@@ -694,16 +697,32 @@ class Http1Server:
         if self.refused is not None:
             self.refused(503)
         self._refused_since_log += 1
-        now = self.loop.time()
-        if now - self._refusal_logged_at >= _REFUSAL_LOG_S:
-            log.warning(
-                "%d connection(s) answered 503: %d open, %s",
-                self._refused_since_log,
-                len(self.connections),
-                self.limit_said,
+        self._open_at_refusal = len(self.connections)
+        if self.loop.time() - self._refusal_logged_at >= _REFUSAL_LOG_S:
+            self.log_refusals()
+        elif self._refusal_timer is None:
+            # Else a flood's refusals after its first line went untold until the next flood,
+            # or for ever.
+            self._refusal_timer = self.loop.call_at(
+                self._refusal_logged_at + _REFUSAL_LOG_S, self.log_refusals
             )
-            self._refusal_logged_at = now
-            self._refused_since_log = 0
+
+    def log_refusals(self) -> None:
+        """Say how many connections were refused since the last such line, if any: at a
+        refusal ``_REFUSAL_LOG_S`` after that line, else when those are up, and at the close."""
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
+        if not self._refused_since_log:
+            return
+        log.warning(
+            "%d connection(s) answered 503: %d open, %s",
+            self._refused_since_log,
+            self._open_at_refusal,
+            self.limit_said,
+        )
+        self._refusal_logged_at = self.loop.time()
+        self._refused_since_log = 0
 
     def make_room(self) -> bool:
         """At ``max_connections``: close the connection idle longest, if one has been for
@@ -783,3 +802,4 @@ class Http1Server:
                     await server.wait_closed()
         self.log_malformed.flush()
         self.log_evicted.flush()
+        self.log_refusals()
