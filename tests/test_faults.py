@@ -26,6 +26,7 @@ from procs import poll
 from webhookd import actions
 from webhookd.config import parse
 from webhookd.errors import ConfigError
+from webhookd.journal import Journal
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,6 +108,43 @@ async def test_the_stop_line_comes_after_the_write_failures_held_back(
         "suppressed=2 more journal write failures in the last 60 s, not logged one by one"
     )
     assert said[-1].startswith("stopped cleanly") and held < len(said) - 1, said[held:]
+
+
+async def test_a_last_checkpoint_that_fails_at_stop_is_said_and_its_wal_read_back(
+    tmp_path: Path,
+    run_daemon: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a full disk the checkpoint the stop makes last fails: one warning says why and that
+    the WAL is kept, to be read back at the next start, and the last line does not say
+    "stopped cleanly". The failure is injected; a connection held open from outside stands
+    for the rest of a full disk, under which SQLite's own checkpoint, as the daemon's last
+    connection closes, fails as well and leaves the WAL."""
+    caplog.set_level(logging.INFO, logger="webhookd")
+
+    def disk_full(self: Journal) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Journal, "_truncate_wal", disk_full)
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    status, doc = await running.post("/hooks/a", b'{"n": 1}', headers=JSON)
+    assert status == 202
+    wal = Path(f"{cfg.journal.path}-wal")
+    with contextlib.closing(sqlite3.connect(cfg.journal.path)) as other:
+        other.execute("SELECT count(*) FROM events").fetchone()
+        assert await running.stop() == 0
+        kept = (await asyncio.to_thread(wal.stat)).st_size
+        said = [r.getMessage() for r in caplog.records if r.name.startswith("webhookd")]
+        assert kept > 0 and said[-2] == (
+            f"journal {cfg.journal.path}: the last checkpoint failed (database or disk is full):"
+            f" its WAL ({kept / 1e6:.1f} MB) is kept, and replayed at the next start"
+        ), said
+        assert said[-1] == (
+            "stopped (0 job(s) re-queued), not cleanly: the journal's last checkpoint failed"
+        )
+        assert doc["id"] in journaled_ids(cfg.journal.path)  # there for the next start
 
 
 async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(

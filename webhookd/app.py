@@ -17,7 +17,8 @@ Shutdown (first SIGTERM or SIGINT):
      put them back to ``queued`` without counting the attempt;
   4. journal the dead-job alert still held back by its interval (sent by the next start);
      stop the background tasks; close the admin listener, the actions and the HTTP session;
-  5. flush and checkpoint the journal; exit 0.
+  5. flush and checkpoint the journal (a checkpoint that fails, at a full disk, leaves the
+     WAL, which the next start reads back: a warning says so); exit 0.
 A second signal exits at once; boot recovery covers whatever was left.
 
 Should a long-lived task end (the dispatcher, retention, the heartbeat, alerts, the journal's
@@ -320,6 +321,11 @@ class Daemon:
         # write failure it held back, a checkpoint that failed).
         if left_claimed:
             log.info("stopped (%d job(s) left claimed: %s)", left_claimed, RECOVERED)
+        elif journal.wal_kept is not None:
+            log.info(
+                "stopped (%d job(s) re-queued), not cleanly: the journal's last checkpoint failed",
+                cancelled,
+            )
         else:
             log.info("stopped cleanly (%d job(s) re-queued)", cancelled)
         return 0

@@ -576,6 +576,7 @@ class Journal(Reads, BaseJournal):
         self._writes_back_line: asyncio.TimerHandle | None = None
         # Why the writer stopped, when it stopped without close() asking it to.
         self.writer_problem: str | None = None
+        self.wal_kept = None
         # What the path named at open, and, once it names something else, why every write is
         # refused and the task saving the file's contents (its answer: the line to exit with),
         # trying again every SAVE_RETRY_S while the copy fails. ``_save_last``: close() asked,
@@ -660,6 +661,7 @@ class Journal(Reads, BaseJournal):
         self._last_checkpoint = self.clock.monotonic()
         self._closing = False
         self.writer_problem = None
+        self.wal_kept = None
         self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._task.add_done_callback(self._writer_ended)
 
@@ -680,6 +682,7 @@ class Journal(Reads, BaseJournal):
             self._say_writes_again()
         self._log_write_failed.flush()
         said: str | None = None
+        failed: str | None = None
         try:
             task, self._task = self._task, None
             if task is not None and not task.done():
@@ -696,11 +699,11 @@ class Journal(Reads, BaseJournal):
             # Only the daemon's: TRUNCATE holds the write lock while it waits for readers, so a
             # CLI command's close would hold up the running daemon's commits behind a long read.
             if self.serving and task is not None and task.done() and self.writer_problem is None:
-                await self._on_thread_within(
-                    CLOSE_TIMEOUT_S, self._checkpoint_quietly, "PRAGMA wal_checkpoint(TRUNCATE)"
-                )
+                failed = await self._final_checkpoint()
         finally:
             await self._close_connections()
+        if failed is not None:
+            self._say_wal_kept(failed)
         if said is not None:
             raise JournalError(said)
 
@@ -716,6 +719,41 @@ class Journal(Reads, BaseJournal):
         if self._save_wake is not None:
             self._save_wake.set()
         return await saving
+
+    async def _final_checkpoint(self) -> str | None:
+        """The daemon's last checkpoint: the whole WAL copied into the main file, and emptied.
+        Why it failed, if it did (a full disk)."""
+        assert self._thread is not None
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._thread.submit(self._truncate_wal)
+        except TimeoutError:
+            return f"it did not finish within {CLOSE_TIMEOUT_S:g}s"
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
+
+    def _truncate_wal(self) -> None:
+        self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    def _say_wal_kept(self, why: str) -> None:
+        """Once closed after a last checkpoint that failed: the WAL left beside the journal, if
+        it was (the writer's close checkpoints too, as the last connection, and may yet have
+        copied it). SQLite reads it back at the next open, whole: its commits are not lost."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            size = wal.stat().st_size
+        except OSError:
+            return
+        if size:
+            self.wal_kept = why
+            log.warning(
+                "journal %s: the last checkpoint failed (%s): its WAL (%.1f MB) is kept,"
+                " and replayed at the next start",
+                self.path,
+                why,
+                size / 1e6,
+            )
 
     def _checkpoint_quietly(self, sql: str) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -745,11 +783,6 @@ class Journal(Reads, BaseJournal):
         lock_fd, self._lock_fd = self._lock_fd, None
         if lock_fd is not None:  # last, after the connections: the next daemon may start
             os.close(lock_fd)
-
-    async def _on_thread_within(self, timeout_s: float, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the writer's thread, waiting at most ``timeout_s`` for it."""
-        assert self._thread is not None
-        await asyncio.wait({self._thread.submit(fn, *args)}, timeout=timeout_s)
 
     def _require_writer(self) -> sqlite3.Connection:
         if self._writer is None:

@@ -154,6 +154,9 @@ class BaseJournal(ABC):
     on_commit_seconds: Callable[[float], None] | None = None
     last_write_error: str | None
     writer_problem: str | None
+    # Set by close() when the last checkpoint of a SQLite journal failed (a full disk) and left
+    # its WAL: why (the daemon's last line is then not "stopped cleanly").
+    wal_kept: str | None = None
     commits: int
     batched_ops: int
     # Write transactions run again after the database ended them to break a deadlock (only
