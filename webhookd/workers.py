@@ -1153,8 +1153,9 @@ class WorkerPool:
             return make(JobState.DEAD, "dead")
         # A lane pacing its calls (``paced``) is no sign of trouble: however long a backlog
         # keeps a job waiting its turn, it never gives up on it for that (it never ran); nor
-        # while its lane is out of quota (``held``). Neither counts towards MAX_WAITS: after a
-        # hundred turns waited, a job's first 429 used an attempt.
+        # while its lane is out of quota or the daemon out of open files (``held``). Neither
+        # counts towards MAX_WAITS: after a hundred turns waited, a job's first 429 used an
+        # attempt.
         exempt = bool(outcome.detail.get("paced") or outcome.detail.get("held"))
         if outcome.kind == "wait" and (exempt or claimed.waits < MAX_WAITS):
             # An action bounds its own waits (a lane's max_cooldown_s); this only keeps a nan,

@@ -255,7 +255,7 @@ class CommandAction:
         # Not tried short of descriptors: a start that uvloop cannot finish leaves the ones it
         # had made open for good (3 a time, measured) and its loop unable to close at the exit.
         if (short := _out_of_files()) is not None:
-            return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S)
+            return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S, held=True)
         started = time.monotonic()
         watch = _Watch(self.masker())
         try:
@@ -271,7 +271,9 @@ class CommandAction:
             )
         except OSError as exc:
             if (short := _out_of_files(exc)) is not None:
-                return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S)
+                return Outcome.wait(
+                    f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S, held=True
+                )
             where = _looked_up(argv[0], self.settings.cwd)
             error = f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}"
             if exc.errno == errno.E2BIG:  # the payload made the arguments too long: every time
