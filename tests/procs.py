@@ -216,11 +216,12 @@ async def spawn(
     open_files: tuple[int, int] | None = None,
     wrap: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    stderr: int = asyncio.subprocess.PIPE,
 ) -> asyncio.subprocess.Process:
-    """``python -m webhookd ARGS`` in a clean environment (plus ``env``), stderr piped;
-    ``open_files``: its (soft, hard) limit on open files, as a shell's ``ulimit -n`` would set
-    it; ``wrap``: a program (and its arguments) that runs the daemon, as a container's init
-    would."""
+    """``python -m webhookd ARGS`` in a clean environment (plus ``env``), stderr piped (or to
+    the descriptor ``stderr``); ``open_files``: its (soft, hard) limit on open files, as a
+    shell's ``ulimit -n`` would set it; ``wrap``: a program (and its arguments) that runs the
+    daemon, as a container's init would."""
 
     def limit() -> None:
         if open_files is not None:
@@ -236,7 +237,7 @@ async def spawn(
         env=clean_env() | dict(env or {}),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
         preexec_fn=limit if open_files is not None else None,
     )
 

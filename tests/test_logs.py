@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import io
@@ -10,16 +11,19 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import aiohttp
 import pytest
 from actionkit import action_kit
 from conftest import Target, make_config
 from openai_standin import StandIn
 from ops_support import TOKEN_ENV, event_state, forward_source
-from procs import DaemonProc, Procs, spawn, write_config
+from procs import DaemonProc, Procs, get_json, poll, spawn, write_config
 from rawhttp import RawConn
 
 from webhookd import logs
@@ -586,3 +590,181 @@ def test_client_of_trusts_the_forwarded_for_header_of_listed_peers_alone() -> No
     assert seen("10.0.0.2", "[2001:db8::7]") == "2001:db8::7"
     assert seen("10.0.0.2", "2001:db8::7") == "2001:db8::7"
     assert seen("10.0.0.2", "6.6.6.6:x") == "10.0.0.2 (forwarded for '6.6.6.6:x')"
+
+
+LOG_ACTION = '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+# The log action quotes a webhook's Content-Type: this one makes its line 3 KB, so a few
+# hundred webhooks write more than a pipe and the daemon's backlog hold.
+LONG_TYPE = "text/plain; pad=" + "x" * 3000
+DROPPED = re.compile(r"(\d+) log line\(s\) dropped: stderr was not being read")
+_LISTENING = re.compile(r"listening on http://(\S+) \(webhooks\) and http://(\S+) \(admin\)")
+
+
+def _read_lines(stream: IO[bytes], lines: list[str], until: str | None = None) -> None:
+    """Read ``stream`` into ``lines`` until a line holds ``until``, else to its end (run in a
+    thread: the reads block)."""
+    while raw := stream.readline():
+        lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        if until is not None and until in lines[-1]:
+            return
+
+
+async def _serve_into_a_pipe(tmp_path: Path, procs: Procs) -> tuple[DaemonProc, IO[bytes], int]:
+    """``webhookd serve`` with a log action, its stderr a pipe whose read end is the test's,
+    read up to the "listening on" line; returns the daemon, that read end, and how many bytes
+    the daemon can write before a write waits for the test (the pipe and what a read took
+    ahead)."""
+    config = write_config(tmp_path / "w.toml", tmp_path / "w.db", LOG_ACTION)
+    read_end, write_end = os.pipe()
+    try:
+        proc = await spawn(
+            ["serve", "--config", str(config)],
+            None,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=write_end,
+        )
+    finally:
+        os.close(write_end)
+    daemon = DaemonProc(proc)
+    procs.daemons.append(daemon)  # killed at the test's end whatever happens
+    stderr = os.fdopen(read_end, "rb")
+    async with asyncio.timeout(15):
+        await asyncio.to_thread(_read_lines, stderr, daemon.lines, "listening on")
+    found = _LISTENING.search(daemon.lines[-1])
+    assert found is not None, daemon.log
+    daemon.receiver, daemon.admin = found[1], found[2]
+    room = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) + io.DEFAULT_BUFFER_SIZE
+    return daemon, stderr, room
+
+
+async def _log_webhooks(
+    http: aiohttp.ClientSession, daemon: DaemonProc, n: int, content_type: str, done: int = 0
+) -> list[str]:
+    """Post ``n`` webhooks (bodies of their own: not duplicates), 20 at a time, each answered
+    202, and wait until the journal has ``done + n`` jobs done (each one a line of the log
+    action); returns their event ids."""
+
+    async def post(body: str) -> str:
+        headers = {"Content-Type": content_type}
+        async with http.post(f"{daemon.url}/hooks/shop", data=body, headers=headers) as r:
+            assert r.status == 202
+            return str((await r.json())["id"])
+
+    ids: list[str] = []
+    while len(ids) < n:
+        batch = range(done + len(ids), done + min(len(ids) + 20, n))
+        ids += await asyncio.gather(*(post(f'{{"n": {i}}}') for i in batch))
+
+    async def all_done() -> bool:
+        _, doc = await get_json(http, f"{daemon.admin_url}/stats")
+        jobs = doc["jobs"] if doc else {}
+        return isinstance(jobs, dict) and jobs.get("done") == done + n
+
+    await poll(all_done, timeout_s=30)
+    return ids
+
+
+@pytest.mark.subprocess
+async def test_a_stalled_stderr_costs_log_lines_not_the_daemon(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """stderr into a pipe the test stops reading (a blocking log driver, a stalled journald):
+    webhooks are still answered, their jobs run and /healthz answers, where the whole daemon
+    used to wait for the reader once 64 KB were unread. Lines past the backlog are dropped, and
+    once stderr is read again the log says how many, where the gap is."""
+    daemon, stderr, room = await _serve_into_a_pipe(tmp_path, procs)
+    n = (logs.BACKLOG_CHARS + room) // len(LONG_TYPE) + 50
+    with stderr:
+        async with asyncio.timeout(60):
+            stalled = await _log_webhooks(http, daemon, n, LONG_TYPE)
+            assert (await get_json(http, f"{daemon.admin_url}/healthz"))[0] == 200
+
+        async with asyncio.timeout(15):  # with no line logged since
+            await asyncio.to_thread(_read_lines, stderr, daemon.lines, "log line(s) dropped")
+        daemon.signal(signal.SIGTERM)
+        await asyncio.to_thread(_read_lines, stderr, daemon.lines)
+        assert await daemon.wait_exit() == 0
+    told = [i for i, line in enumerate(daemon.lines) if DROPPED.search(line)]
+    dropped = sum(int(found[1]) for found in map(DROPPED.search, daemon.lines) if found)
+    written = [i for i, line in enumerate(daemon.lines) if "pad=xxx" in line]
+    # Each webhook's line was written or is among those counted (with the job lines).
+    assert 0 < len(written) < len(stalled) <= len(written) + dropped
+    assert written[-1] < told[-1] and "stopped cleanly" in daemon.lines[-1]
+
+
+@pytest.mark.subprocess
+async def test_a_stalled_stderr_does_not_hold_the_exit(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM while nothing reads stderr: the drain runs and the process exits 0, what it
+    could not write given up after ``logs.DRAIN_S``, where it used to wait for the reader for
+    ever (its signal was not even handled)."""
+    daemon, stderr, room = await _serve_into_a_pipe(tmp_path, procs)
+    with stderr:
+        async with asyncio.timeout(60):
+            await _log_webhooks(http, daemon, room // len(LONG_TYPE) + 20, LONG_TYPE)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout_s=15) == 0
+        unread = await asyncio.to_thread(stderr.read)
+    assert b"draining" not in unread  # queued behind the full pipe: the exit did not wait
+
+
+@pytest.mark.subprocess
+async def test_a_stderr_read_as_it_comes_gets_every_line(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """Written by a thread of its own, no line is lost or said twice when stderr is read: one
+    log action line for each of 300 webhooks, and the exit's last line before the process
+    ends."""
+    daemon = await procs.serve(write_config(tmp_path / "w.toml", tmp_path / "w.db", LOG_ACTION))
+    ids = await _log_webhooks(http, daemon, 300, "application/json")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    assert sorted(re.findall(r"actions\.log: event=(\S+) source=shop", daemon.log)) == sorted(ids)
+    assert not DROPPED.search(daemon.log) and "stopped cleanly" in daemon.lines[-1]
+
+
+def test_lines_past_the_backlog_are_dropped_and_counted_warnings_kept_first(
+    restore_logging: None,
+) -> None:
+    """Logging into a pipe nobody reads never waits: info lines past the backlog are dropped
+    and a warning still finds a place; each gap is told where it is, by the next line that
+    finds room or by the flush at exit, which gives up after ``DRAIN_S`` (once, however often
+    asked)."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "w") as writer:
+        handler = logs.setup("info", "text", stream=writer)
+        log = logging.getLogger("webhookd.test")
+        room = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+        infos = (logs.BACKLOG_CHARS + room) // 1000 + 10
+
+        def log_with_nobody_reading() -> None:
+            for n in range(infos):
+                log.info("info n=%d %s", n, "i" * 1000)
+            log.warning("kept")
+            log.info("lost")
+            handler.flush()  # as at exit: gives up after DRAIN_S...
+            handler.flush()  # ...in all
+
+        logging_thread = threading.Thread(target=log_with_nobody_reading, daemon=True)
+        logging_thread.start()
+        logging_thread.join(timeout=logs.DRAIN_S + 10)
+        assert not logging_thread.is_alive(), "a log call waited for the pipe's reader"
+
+        lines: list[str] = []
+        reading = threading.Thread(target=_read_lines, args=(reader, lines, "the end"))
+        reading.start()
+        log.warning("the end")
+        reading.join(timeout=30)
+    written = [line for line in lines if " info n=" in line]
+    told = [int(found[1]) for line in lines if (found := DROPPED.search(line))]
+    # Each line was written or counted (in one gap or more: the writer may still have been
+    # filling the pipe when the backlog first ran out).
+    assert 0 < len(written) < infos and len(written) + sum(told) == infos + 1
+    assert [DROPPED.sub("N dropped", line.split(" ", 1)[1]) for line in lines[-4:]] == [
+        "warning logs: N dropped",
+        "warning test: kept",
+        "warning logs: N dropped",
+        "warning test: the end",
+    ]
+    assert told[-1] == 1  # "lost", told by the flush

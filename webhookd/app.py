@@ -936,8 +936,9 @@ def _open_files_for(cfg: Config) -> int:
 # journal's on a dead disk, a sync handler that never returns) would otherwise keep it alive.
 EXIT_DEADLINE_S = 5.0
 # Past the drain's own time (the answers in flight, then workers.shutdown_grace_s): what the
-# close may take before `webhookd serve` exits regardless. The defaults come to 38 s, under the
-# shipped unit's TimeoutStopSec=40.
+# close may take before `webhookd serve` exits regardless. The defaults come to 38 s (39 when
+# stderr's reader has stalled: logs.DRAIN_S for the last lines), under the shipped unit's
+# TimeoutStopSec=40.
 STOP_MARGIN_S = 10.0
 
 
@@ -953,7 +954,7 @@ def _exit_within(deadline_s: float, status: int, why: str | None = None) -> thre
             " exiting now",
         )
         kill_running_commands()
-        logging.shutdown()
+        logging.shutdown()  # writes what is queued: logs.DRAIN_S at most, if stderr stalled
         os._exit(status)
 
     timer = threading.Timer(deadline_s, exit_now)

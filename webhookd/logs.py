@@ -4,6 +4,10 @@ Messages are written ``what key=value key=value``; the JSON formatter lifts thos
 fields of their own. Secrets never reach the log by construction (``Secret`` hides itself in
 ``repr``), and as a second line of defence every configured secret value is masked in each
 formatted line before it is written, by the same ``redact.Masker`` the CLI and the admin API use.
+
+A line is formatted where it is logged and written to stderr by a thread of its own: a reader
+that stalls (a blocking log driver, a stalled journald, a stopped pipe) holds that thread, never
+the event loop. Past a bounded backlog lines are dropped and counted, not waited for.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import IO, Any
@@ -33,6 +39,14 @@ _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 _NAMES = frozenset({"source", "action", "event", "job", "tenant", "node", "lane", "boot", "key"})
 # A number as JSON writes one.
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+# What may wait for stderr, in characters (about 4,000 lines); past it a line is dropped. Info
+# and debug lines stop short of the last eighth: a flood of them cannot crowd out the warning
+# or error that says what went wrong.
+BACKLOG_CHARS = 1 << 20
+WARNING_RESERVE_CHARS = BACKLOG_CHARS // 8
+# At exit, what is queued gets this long in all to reach stderr: a reader that stalled cannot
+# hold the exit (app.EXIT_DEADLINE_S) for more.
+DRAIN_S = 1.0
 
 
 class _Masking(logging.Formatter):
@@ -69,6 +83,103 @@ class JsonFormatter(_Masking):
         if record.exc_info:
             doc["exc"] = self.mask(self.formatException(record.exc_info))
         return json.dumps(doc, ensure_ascii=False, allow_nan=False)
+
+
+class _Queued(logging.Handler):
+    """Formats each line on the caller's thread (so a reload's format and secrets apply from
+    the next line on) and hands it to a thread of its own that writes it to ``stream``.
+
+    Not ``QueueHandler`` and ``QueueListener``: a full queue is a logging error per line there,
+    the listener's ``stop`` waits for its thread without a bound, and its handler, stuck in a
+    write, would hold the lock ``logging.shutdown`` takes at exit."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.lines: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        # Characters queued (by callers, under the handler's lock) and written (by the
+        # writer): each counter has one writer, so neither needs a lock of its own.
+        self.queued = self.written = 0
+        self.dropped = 0
+        self.drain_until: float | None = None
+        threading.Thread(target=self._write, name="log writer", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        room = BACKLOG_CHARS
+        if record.levelno < logging.WARNING:
+            room -= WARNING_RESERVE_CHARS
+        if self.queued - self.written >= room:
+            self.dropped += 1
+            return
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self._tell_dropped()  # where the gap is: before the first line after it
+        self._put(line)
+
+    def flush(self) -> None:
+        """Wait until every line queued so far is written: DRAIN_S in all, however often this
+        is called (by ``logging.shutdown`` at exit, from more than one thread at times)."""
+        self.acquire()
+        try:
+            self._tell_dropped()
+            if self.drain_until is None:
+                self.drain_until = time.monotonic() + DRAIN_S
+            until = self.drain_until
+        finally:
+            self.release()
+        done = threading.Event()
+        self.lines.put(done)
+        done.wait(max(0.0, until - time.monotonic()))
+
+    def _tell_dropped(self) -> None:
+        if self.dropped:
+            told = logging.LogRecord(
+                "webhookd.logs",
+                logging.WARNING,
+                __file__,
+                0,
+                "%d log line(s) dropped: stderr was not being read",
+                (self.dropped,),
+                None,
+            )
+            self.dropped = 0
+            self._put(self.format(told) + "\n")
+
+    def _put(self, line: str) -> None:
+        self.queued += len(line)
+        self.lines.put(line)
+
+    def _write(self) -> None:
+        while True:
+            line = self.lines.get()
+            if isinstance(line, threading.Event):
+                line.set()  # a flush is waiting for the lines before it
+                continue
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is closed: nowhere left to write, nor to say so
+            self.written += len(line)
+            # Caught up after a gap that no line since has told: tell it now. Whoever holds
+            # the lock instead tells it (a line finding room, a flush).
+            lock = self.lock
+            if self.dropped and self.lines.empty() and lock and lock.acquire(blocking=False):
+                try:
+                    self._tell_dropped()
+                finally:
+                    lock.release()
+
+
+def _handler(stream: IO[str]) -> logging.Handler:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return logging.StreamHandler(stream)  # in memory (a test's): it cannot stall
+    return _Queued(stream)
 
 
 def _formatter(fmt: str, secrets: Iterable[str] = ()) -> _Masking:
@@ -127,7 +238,7 @@ def setup(
     stream: IO[str] | None = None,
 ) -> logging.Handler:
     """Send every log line to ``stream`` (stderr) in ``fmt``; returns the handler installed."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _handler(stream or sys.stderr)
     handler.setFormatter(_formatter(fmt, secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
