@@ -736,22 +736,24 @@ async def test_an_attempt_that_ends_with_no_result_keeps_the_one_an_earlier_atte
 
 
 class WaitsItsTurn:
-    """An action whose lane turns it away ``turns`` times (``paced``: the lane's own pace,
-    a backlog ahead of it), then runs it."""
+    """An action turned away ``turns`` times (``why``: ``paced``, its lane's own pace, a
+    backlog ahead of it; ``held``, its lane out of quota; None, a 429 from the service), then
+    given one 429 more when ``then_429``, then run."""
 
-    def __init__(self, action: Action, turns: int, paced: bool) -> None:
+    def __init__(self, action: Action, turns: int, why: str | None, then_429: bool = False):
         self.config = action.config
-        self.turns = turns
-        self.paced = paced
+        self.turns = turns + then_429
+        self.why = why
+        self.then_429 = then_429
         self.calls = 0
 
     async def run(self, event: Event, job: Job) -> Outcome:
         self.calls += 1
-        if self.calls <= self.turns:
-            if self.paced:
-                return Outcome.wait("lane busy", after_s=1.0, paced=True)
+        if self.calls > self.turns:
+            return Outcome.done({"ok": True})
+        if self.why is None or (self.then_429 and self.calls == self.turns):
             return Outcome.wait("429 from the service", after_s=1.0)
-        return Outcome.done({"ok": True})
+        return Outcome.wait("lane busy", after_s=1.0, **{self.why: True})
 
     async def aclose(self) -> None:
         return None
@@ -765,7 +767,7 @@ async def test_a_lanes_own_pace_never_makes_a_job_give_up_but_429s_do_count(
     tight lane) still runs when its turn comes; one turned away by 429s that often starts
     using its attempts."""
     rig = await make_rig('[sources.p]\n[[sources.p.actions]]\ntype = "log"\n')
-    stub = WaitsItsTurn(rig.actions[("p", "log")], MAX_WAITS + 5, paced)
+    stub = WaitsItsTurn(rig.actions[("p", "log")], MAX_WAITS + 5, "paced" if paced else None)
     rig.actions[("p", "log")] = stub
     event_id = await rig.ingest("p")
     for _ in range(MAX_WAITS + 6):
@@ -779,28 +781,6 @@ async def test_a_lanes_own_pace_never_makes_a_job_give_up_but_429s_do_count(
         assert outcomes[0] == "retry" and "429 from the service" in (job.history[0].error or "")
 
 
-class WaitsThen429:
-    """An action turned away ``turns`` times without trouble (``why``: ``paced``, its lane's
-    own pace, or ``held``, its lane out of quota), then given one 429, then run."""
-
-    def __init__(self, action: Action, turns: int, why: str) -> None:
-        self.config = action.config
-        self.turns = turns
-        self.why = why
-        self.calls = 0
-
-    async def run(self, event: Event, job: Job) -> Outcome:
-        self.calls += 1
-        if self.calls <= self.turns:
-            return Outcome.wait("lane busy", after_s=1.0, **{self.why: True})
-        if self.calls == self.turns + 1:
-            return Outcome.wait("429 from the service", after_s=1.0)
-        return Outcome.done({"ok": True})
-
-    async def aclose(self) -> None:
-        return None
-
-
 @pytest.mark.parametrize("why", ["paced", "held"])
 async def test_waits_of_a_lanes_pace_or_quota_do_not_count_towards_the_429s(
     make_rig: MakeRig, why: str
@@ -808,7 +788,7 @@ async def test_waits_of_a_lanes_pace_or_quota_do_not_count_towards_the_429s(
     """More than MAX_WAITS turns waited for the lane (a long backlog, a quota outage), then
     a 429: the 429 is a wait like any first one, not a failed attempt."""
     rig = await make_rig('[sources.p]\n[[sources.p.actions]]\ntype = "log"\n')
-    stub = WaitsThen429(rig.actions[("p", "log")], MAX_WAITS + 5, why)
+    stub = WaitsItsTurn(rig.actions[("p", "log")], MAX_WAITS + 5, why, then_429=True)
     rig.actions[("p", "log")] = stub
     event_id = await rig.ingest("p")
     for _ in range(MAX_WAITS + 7):
