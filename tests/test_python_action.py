@@ -346,6 +346,15 @@ def test_a_module_another_of_that_name_was_imported_before_is_a_config_error(
     (tmp_path / "std" / "queue.py").write_text("def handle(event):\n    return 1\n")
     with pytest.raises(ConfigError, match=r"module 'queue' is already .*queue\.py, not the one"):
         actions.validate(loads(python_action("queue:handle", tmp_path / "std")))
+    # The folder is searched after the import path: a module of that name found before it (an
+    # installed package's, one on PYTHONPATH) is the one imported, not yet imported or not.
+    monkeypatch.delitem(sys.modules, "hooks_earlier", raising=False)
+    for folder in ("earlier", "mine"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hooks_earlier.py").write_text("def handle(event):\n    return 1\n")
+    sys.path.insert(0, str(tmp_path / "earlier"))
+    with pytest.raises(ConfigError, match=r"module 'hooks_earlier' is already .*earlier"):
+        actions.validate(loads(python_action("hooks_earlier:handle", tmp_path / "mine")))
 
 
 def test_a_handler_added_to_a_module_imported_before_says_a_restart_reads_it(

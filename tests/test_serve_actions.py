@@ -9,6 +9,8 @@ line. The ``command`` kind has its own serve tests beside the rest of its tests.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,63 @@ path = "{project}"
     jobs = jobs_by_action(doc)
     assert jobs["sync"]["result"] == {"order": 7, "off_the_loop_thread": True}
     assert jobs["async"]["result"] == {"order": 7, "loop": "uvloop"}
+
+
+SHADOWING_HOOKS = """
+import secrets
+
+import shop_helpers
+
+
+def on_order(event):
+    return {"total": shop_helpers.total(event.json()), "secrets": secrets.__file__}
+"""
+
+
+async def test_a_handlers_folder_cannot_shadow_the_standard_library_for_the_daemon(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """A handler's folder holding a ``secrets.py`` of its own (one that raises at import) once
+    went in front of the standard library for the whole daemon: the ``secrets`` that pydantic,
+    and so the daemon, imports after the handlers was that file, and ``check`` printed ok and a
+    traceback, ``serve`` died after its start. The folder is searched last now: the handler
+    still imports its sibling module, the daemon and the handler get the standard library's
+    ``secrets``, and ``check`` and ``serve`` warn that the file is not what it imports."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "secrets.py").write_text("raise KeyError('not the stdlib secrets')\n")
+    (project / "shop_helpers.py").write_text("def total(order):\n    return sum(order['items'])\n")
+    (project / "shop_hooks.py").write_text(SHADOWING_HOOKS, encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "python"
+handler = "shop_hooks:on_order"
+path = "{project}"
+""",
+    )
+    warning = (
+        f"sources.shop.actions[0].path: {project / 'secrets.py'} is named as the standard"
+        " library's secrets: `import secrets` gets the standard library's, not this file,"
+        " in the handler too"
+    )
+
+    checked = await procs.cli("check", "--config", str(cfg))
+    assert (checked.returncode, checked.stdout.startswith("ok: ")) == (0, True), checked
+    assert checked.stderr == f"webhookd: warning: {warning}\n"
+
+    daemon = await procs.serve(cfg)
+    await daemon.wait_said(re.escape(warning))
+    event_id = await post(http, f"{daemon.url}/hooks/shop", b'{"items": [2, 3]}')
+    doc = await settled_event(http, daemon.admin_url, event_id)
+
+    assert doc["state"] == "done", doc
+    result = jobs_by_action(doc)["python"]["result"]
+    assert result == {"total": 5, "secrets": secrets.__file__}
+    assert "fatal" not in daemon.log and "Traceback" not in daemon.log
 
 
 async def test_log_writes_one_line_with_the_event_and_its_body(

@@ -96,9 +96,11 @@ def validate(config: Config) -> None:
 
 def warnings(config: Config) -> list[str]:
     """What ``check`` and the daemon's start warn of in the actions, key first: a command whose
-    program is not there, an openai action whose calls are bigger than its lane's tpm."""
+    program is not there, an openai action whose calls are bigger than its lane's tpm, a
+    python handler's folder holding a file named as a standard library module."""
     from webhookd.actions.command import missing_program
     from webhookd.actions.openai import lane_too_small
+    from webhookd.actions.python import stdlib_names_in_folder
 
     said = []
     for source in config.all_sources():
@@ -107,6 +109,8 @@ def warnings(config: Config) -> list[str]:
                 said.append(f"{action.key}.argv[0]: {why}: its jobs fail until it is")
             elif action.type == "openai" and (big := lane_too_small(action, config.lanes)):
                 said.append(f"{action.key}.{big[0]}: {big[1]}")
+            elif action.type == "python":
+                said.extend(stdlib_names_in_folder(action))
     return said
 
 

@@ -1,10 +1,11 @@
 """The ``python`` action: call the user's ``"package.module:function"`` with the event.
 
 The handler is imported when the config is loaded (``webhookd check`` included), from the
-directories on ``sys.path`` plus ``path`` (default: the current directory); a missing module or
-function is a ``ConfigError`` naming ``….handler``. It receives the ``Event`` (``.id``,
-``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``,
-``.query``: the URL's query as received, ``""`` when it had none).
+directories on ``sys.path`` and then ``path`` (default: the current directory), which is
+searched last so that its files never stand in for the standard library's or an installed
+package's; a missing module or function is a ``ConfigError`` naming ``….handler``. It receives
+the ``Event`` (``.id``, ``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``,
+``.form()``, ``.tenant``, ``.query``: the URL's query as received, ``""`` when it had none).
 An ``async def`` handler is awaited; a plain function runs in a thread so it cannot stall the
 daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
 abandoned, not killed, and keeps running in the background, holding its thread; while such
@@ -70,8 +71,12 @@ def resolve_handler(config: ActionConfig) -> Handler:
         raise ConfigError(t.path("path"), "must be a directory path")
     directory = os.path.abspath(path)
     _refuse_if_others_may_write(t.path("path"), directory)
+    # At the end of the import path: in front, it held up the daemon's own imports too, and a
+    # secrets.py or csv.py of the operator's was what the daemon and the packages it imports
+    # after the handlers got for the standard library's (a KeyError from one ended serve). The
+    # handler's module stays the folder's: one of a name taken before it is refused below.
     if directory not in sys.path:
-        sys.path.insert(0, directory)
+        sys.path.append(directory)
     loaded_before = module_name in sys.modules  # by another action, or a load before a reload
     try:
         # Each of the dotted name's modules and packages is found (its parent imported, not
@@ -113,8 +118,9 @@ def resolve_handler(config: ActionConfig) -> Handler:
 def _refuse_another_module(key: str, name: str, directory: str) -> None:
     """``ConfigError`` when the module ``name`` in ``directory`` (the action's ``path``) is not
     the one imported under that name: another action's of the same name imported first, from
-    its own ``path``, or the standard library's (a ``queue.py`` of one's own). Python keeps one
-    module per name, so the handler would be the other module's."""
+    its own ``path``, or one found before the folder on the import path, the standard
+    library's or an installed package's (a ``queue.py`` or ``csv.py`` of one's own). Python
+    keeps one module per name, so the handler would be the other module's."""
     mine = importlib.machinery.PathFinder.find_spec(name, [directory])
     loaded = sys.modules.get(name)
     spec = getattr(loaded, "__spec__", None)
@@ -185,6 +191,36 @@ def _refuse_if_others_may_write(key: str, path: str) -> None:
 
 
 _USE = "use folders and modules only their owner can write"
+
+
+def stdlib_names_in_folder(config: ActionConfig) -> list[str]:
+    """What ``check`` and the daemon's start warn of, one line each: a module or package in the
+    handler's folder named as a standard library module. The folder is searched after the
+    standard library, so that file is not what ``import`` gets, in the handler either; one the
+    operator meant to use would be silently the standard library's."""
+    path = config.options.get("path", ".")
+    if not isinstance(path, str) or not path:
+        return []  # a config error, said by validate
+    directory = os.path.abspath(path)
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []  # not there (yet): nothing in it can be imported
+    said = []
+    for entry in entries:
+        file = os.path.join(directory, entry)
+        if entry.endswith(".py") and os.path.isfile(file):
+            name = entry.removesuffix(".py")
+        elif os.path.isfile(os.path.join(file, "__init__.py")):
+            name = entry
+        else:
+            continue
+        if name in sys.stdlib_module_names:
+            said.append(
+                f"{config.key}.path: {file} is named as the standard library's {name}:"
+                f" `import {name}` gets the standard library's, not this file, in the handler too"
+            )
+    return said
 
 
 def validate(config: ActionConfig) -> None:
