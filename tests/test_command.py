@@ -21,7 +21,15 @@ import aiohttp
 import pytest
 import uvloop
 from actionkit import action_kit, toml_list
-from procs import AS_NOBODY, Procs, get_json, poll, why_not_as_nobody, write_config
+from procs import (
+    AS_NOBODY,
+    Procs,
+    get_json,
+    poll,
+    settled_event,
+    why_not_as_nobody,
+    write_config,
+)
 
 from webhookd import actions
 from webhookd.actions import command
@@ -592,6 +600,40 @@ async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(
     env = doc["env"]
     assert env["WEBHOOKD_EVENT_ID"] == event_id and env["DEPLOY_KEY_ID"] == "k1"
     assert "SHOP_DB_PASSWORD" not in env
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_credential_the_program_inherits_is_masked_in_what_it_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: Procs
+) -> None:
+    """``inherit_env = ["AWS_*"]`` hands the program AWS_SECRET_ACCESS_KEY; a program that
+    printed its environment had it journaled, and shown by the events API and ``show``, in
+    plain text beside a masked ``env`` secret. A variable it inherits whose name says it holds
+    a credential is masked as those are; one whose name does not (AWS_REGION) is shown."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "awssecretzzzz")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    code = "import os; print('\\n'.join(f'{k}={v}' for k, v in sorted(os.environ.items())))"
+    extra = 'inherit_env = ["AWS_*"]\nenv = { DEPLOY_TOKEN = "deploytoken-55" }'
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        command_config(python_argv(code), extra, timeout_s=30),
+    )
+    daemon = await procs.serve(cfg)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with http.post(f"{daemon.url}/hooks/gh", json=PUSH) as r:
+            assert r.status == 202
+            event_id = (await r.json())["id"]
+        doc = await settled_event(http, daemon.admin_url, event_id)
+    [attempt] = doc["jobs"][0]["errors"]
+    shown = await procs.cli("show", event_id, "--config", str(cfg))
+    assert shown.returncode == 0, shown.stderr
+    for printed in (attempt["detail"]["stdout"], shown.stdout):
+        assert "DEPLOY_TOKEN=***" in printed and "AWS_SECRET_ACCESS_KEY=***" in printed
+        assert "AWS_REGION=eu-west-1" in printed
+        assert "awssecretzzzz" not in printed
 
 
 @pytest.mark.subprocess

@@ -167,6 +167,31 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     assert "inline-" not in result.output
 
 
+def test_a_credential_a_command_inherits_from_the_environment_is_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``inherit_env``'s names and globs, matched against the environment as the masker is
+    made: what is named as a credential (as a command's ``env`` names are read) is masked,
+    other names, short values and variables no command inherits are not."""
+    for name, value in {
+        "AWS_SECRET_ACCESS_KEY": "awssecretzzzz",
+        "AWS_SESSION_TOKEN": "awssessiontok1",
+        "AWS_REGION": "eu-west-1-long",
+        "AWS_SECRET_WORD": "short",
+        "SHOP_DB_PASSWORD": "not-inherited-pw",
+    }.items():
+        monkeypatch.setenv(name, value)
+    text = (
+        '[sources.gh]\n[[sources.gh.actions]]\ntype = "command"\nargv = ["x"]\n'
+        'inherit_env = ["AWS_*"]\n'
+    )
+    cfg = config_mod.loads(text, "t", kinds=actions.kind_defaults)
+    masked = Masker(secret_values(cfg)).text(
+        "awssecretzzzz awssessiontok1 eu-west-1-long short not-inherited-pw"
+    )
+    assert masked == "*** *** eu-west-1-long short not-inherited-pw"
+
+
 @pytest.mark.parametrize(
     ("secret", "quoted", "shown"),
     [

@@ -11,7 +11,9 @@ knows are masked, so an event's body is stored as sent.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -270,7 +272,8 @@ _URL_OPTIONS = frozenset({"url", "forward", "proxy"})
 def secret_values(obj: Any) -> set[str]:
     """Every secret a config holds, where known: ``Secret`` values, the ``env:`` and ``file:``
     references of the action options that take a secret (a forward's ``url`` and ``headers``,
-    a ``secret``, a command's ``env``...), and an openai action's default key.
+    a ``secret``, a command's ``env``...), an openai action's default key, and the credentials
+    a command inherits from this process's environment (``inherited_credentials``).
 
     Only those: an ``argv`` item or a prompt that happens to start with ``env:`` is text, not a
     secret (reading it as one masked ``env:HOME``'s value in every line, and a ``file:`` naming
@@ -282,7 +285,7 @@ def secret_values(obj: Any) -> set[str]:
         if not value.missing:
             found.add(value.reveal())
     found |= {value for _key, value in inline_credentials(obj)}
-    return found
+    return found | inherited_credentials(obj)
 
 
 # What names a header or a command's environment variable as holding a credential: a header
@@ -334,6 +337,29 @@ def _inline_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, s
                     yield f"{path}.{item}", text
         elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
             yield from _inline_options(value, path)
+
+
+def inherited_credentials(obj: Any) -> set[str]:
+    """The values of this process's environment variables that a command action passes on to
+    its program (its ``inherit_env`` names and globs) whose name says they hold a credential,
+    as a ``command``'s ``env`` names are read (``AWS_SECRET_ACCESS_KEY``, not ``AWS_REGION``).
+    The program has them and may print them: its output is journaled and shown, masked."""
+    patterns = {
+        pattern
+        for action in _actions(obj)
+        if action.type == "command" and isinstance(action.options.get("inherit_env"), list)
+        for pattern in action.options["inherit_env"]
+        if isinstance(pattern, str)
+    }
+    if not patterns:
+        return set()
+    return {
+        value
+        for name, value in os.environ.items()
+        if len(value) >= _MIN_PART_CHARS
+        and _credential_name(name)
+        and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    }
 
 
 def _written(value: str) -> bool:
