@@ -15,6 +15,7 @@ import itertools
 import os
 import socket
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,6 +531,38 @@ async def test_done_and_dead_outcomes_keep_result_and_leave_the_backlog(
     assert journal.backlog_jobs == 0 == await journal.backlog()
     assert await journal.event_ids_with_jobs("dead") == [bad.event.id]
     assert await journal.event_ids_with_jobs("dead", source="elsewhere") == []
+
+
+async def test_a_stored_result_this_process_cannot_parse_is_read_as_its_text(
+    journal: BaseJournal,
+) -> None:
+    """A result with an int past the 4,300 digits Python reads, journaled while a handler had
+    lifted that limit for the whole daemon, failed every later read of its event (the events
+    API answered 500, ``show`` and ``replay`` crashed) and would fail its job's claim: it is
+    read as its text, saying why, and the rest of the event as it is."""
+    done, dead = new_event(), new_event()
+    for item in (done, dead):
+        await journal.ingest(item)
+    await journal.claim([done.jobs[0].id, dead.jobs[0].id], "b")
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        await journal.finish(
+            [
+                finished(done.jobs[0].id, JobState.DONE, "done", result={"n": 10**5000}),
+                finished(dead.jobs[0].id, JobState.DEAD, "dead", result=10**5000, error="no"),
+            ]
+        )
+    finally:
+        sys.set_int_max_str_digits(limit)
+    unread = "<not read as JSON here: Exceeds the limit (4300 digits) for integer string"
+    job = (await journal.get_event(done.event.id)).jobs[0]
+    assert job.state == JobState.DONE
+    assert job.result.startswith(unread) and job.result.endswith(f'> {{"n":1{"0" * 5000}}}')
+    # A dead job keeps its result through a replay (an openai answer): its claim reads it.
+    await journal.replay([dead.event.id], dead_only=True)
+    [claimed] = await journal.claim([dead.jobs[0].id], "b")
+    assert claimed.job.result.startswith(unread) and claimed.job.result.endswith("0" * 5000)
 
 
 async def test_every_dead_event_is_listed_page_by_page_however_many(

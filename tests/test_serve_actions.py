@@ -8,9 +8,12 @@ line. The ``command`` kind has its own serve tests beside the rest of its tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
+import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +227,68 @@ path = "{project}"
     result = jobs_by_action(doc)["python"]["result"]
     assert result == {"total": 5, "secrets": secrets.__file__}
     assert "fatal" not in daemon.log and "Traceback" not in daemon.log
+
+
+LIFTED_HOOKS = """
+import sys
+
+
+def on_order(event):
+    sys.set_int_max_str_digits(0)  # for the whole daemon
+    return {"order": event.json()["order"], "n": 10**5000}
+"""
+
+
+async def test_a_result_past_the_int_digits_limit_is_read_after_a_restart(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """A handler that lifted Python's int digits limit and returned 10**5000 was journaled as
+    done with its 5,001 digits; after a restart the events API answered 500 and ``show`` and
+    ``replay`` crashed, reading it back under the limit. The int is journaled as a short form
+    now; and a result stored that way before (written here into the journal) is shown as its
+    text, saying why, by the API and ``show``, and ``replay`` runs its job again."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "lifted_hooks.py").write_text(LIFTED_HOOKS, encoding="utf-8")
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        journal,
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "python"
+handler = "lifted_hooks:on_order"
+path = "{project}"
+""",
+    )
+    daemon = await procs.serve(cfg)
+    ids = [await post(http, f"{daemon.url}/hooks/shop", b'{"order": %d}' % n) for n in (1, 2)]
+    for event_id in ids:
+        assert (await settled_event(http, daemon.admin_url, event_id))["state"] == "done"
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:
+        db.execute("UPDATE jobs SET result = ? WHERE event_id = ?", ("1" + "0" * 5000, ids[1]))
+
+    daemon = await procs.serve(cfg)
+    async with http.get(f"{daemon.admin_url}/events/{ids[0]}") as r:
+        assert r.status == 200
+        short = (await r.json())["jobs"][0]["result"]
+    long_int = "<int of 5,001 digits, past the 4,300 Python reads by default>"
+    assert short == {"order": 1, "n": long_int}
+    async with http.get(f"{daemon.admin_url}/events/{ids[1]}") as r:
+        assert r.status == 200
+        unread = (await r.json())["jobs"][0]["result"]
+    why = "<not read as JSON here: Exceeds the limit (4300 digits) for integer string conversion"
+    assert unread.startswith(why) and unread.endswith("> 1" + "0" * 5000)
+    shown = await procs.cli("show", ids[1], "--config", str(cfg))
+    assert shown.returncode == 0, shown.stderr
+    assert f"    result {json.dumps(unread)[:2000]}" in shown.stdout
+    replayed = await procs.cli("replay", ids[1], "--config", str(cfg))
+    assert replayed.returncode == 0, replayed.stderr
+    doc = await settled_event(http, daemon.admin_url, ids[1])
+    assert doc["jobs"][0]["result"] == {"order": 2, "n": short["n"]}
 
 
 async def test_log_writes_one_line_with_the_event_and_its_body(

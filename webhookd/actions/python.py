@@ -32,6 +32,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import json
+import math
 import os
 import reprlib
 import stat
@@ -39,7 +40,7 @@ import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, options
@@ -397,32 +398,80 @@ def _cut(text: str) -> str:
 
 def _json_safe(value: Any) -> Any:
     """The handler's return value as JSON can hold it: a value JSON has no form for (a date, a
-    set) as its ``str()``; and the whole value as its ``str()`` when it cannot be JSON at all
-    (keys that are not strings or numbers, NaN or an infinity, a cycle, an int past Python's
-    4,300 digits). Never an error: the handler's work is done, and failing here would run it
-    again; what even ``str()`` cannot write (that int, nesting past the recursion limit) is
-    kept as ``reprlib``'s short form, or failing that, as what it is. Past
-    ``MOST_RESULT_CHARS`` of JSON, the start of it, as text (``_cut``)."""
+    set) as its ``str()``; an int past the 4,300 digits Python reads by default as a short
+    form giving its size (``_shorten_ints``); and the whole value as its ``str()`` when it
+    cannot be JSON at all (keys that are not strings or numbers, NaN or an infinity, a cycle).
+    Never an error: the handler's work is done, and failing here would run it again; what even
+    ``str()`` cannot write (nesting past the recursion limit) is kept as ``reprlib``'s short
+    form, or failing that, as what it is. Past ``MOST_RESULT_CHARS`` of JSON, the start of it,
+    as text (``_cut``)."""
     if value is None or type(value) is bool:  # already JSON (most handlers)
         return value
     if type(value) is str:
         return _cut(value)
     try:
-        text = json.dumps(value, default=str, allow_nan=False)
-        if len(text) <= MOST_RESULT_CHARS:
-            return json.loads(text)
+        text: str | None = json.dumps(value, default=str, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        pass
-    else:
-        return _cut(text)
+        text = None
+    # JSON this short cannot hold an int too long to read; longer, or none at all (an int past
+    # the limit fails, unless a handler lifted the limit for the whole process), it may.
+    if text is None or len(text) > _INT_DIGITS:
+        shorter = _shorten_ints(value)
+        if shorter is not value:
+            return _json_safe(shorter)
+    if text is not None:
+        if len(text) > MOST_RESULT_CHARS:
+            return _cut(text)
+        with contextlib.suppress(ValueError, RecursionError):
+            return json.loads(text)
     try:
         return _cut(str(value))
     except (ValueError, RecursionError):
         pass
     try:
         return reprlib.repr(value)
-    except (ValueError, RecursionError) as exc:  # an int past the limit, alone
+    except (ValueError, RecursionError) as exc:  # an int past the limit, nested too deep
         return f"<{type(value).__name__} that cannot be written as text: {exc}>"
+
+
+# The digits of an int that Python reads and writes as text by default. A handler may lift the
+# limit (``sys.set_int_max_str_digits(0)``) for the whole daemon, but a result is read again by
+# a restarted daemon, ``show`` and the API, under this one: its short form goes by its size.
+_INT_DIGITS = sys.int_info.default_max_str_digits
+_TOO_LONG = 10**_INT_DIGITS
+
+
+def _shorten_ints(value: Any) -> Any:
+    """``value`` with each int in it past ``_INT_DIGITS`` (in its lists, tuples, sets and
+    mappings, keys too) as a short form saying how long it is; ``value`` itself when it holds
+    none, or when it is nested too deep to look through."""
+    try:
+        return _shorter(value)
+    except RecursionError:
+        return value
+
+
+def _shorter(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) < _TOO_LONG:
+            return value
+        digits = int(value.bit_length() * math.log10(2)) + 1  # one too many at most
+        if abs(value) < 10 ** (digits - 1):
+            digits -= 1
+        return f"<int of {digits:,} digits, past the {_INT_DIGITS:,} Python reads by default>"
+    if isinstance(value, Mapping):
+        pairs = [(_shorter(k), _shorter(v)) for k, v in value.items()]
+        if all(k is k2 and v is v2 for (k, v), (k2, v2) in zip(value.items(), pairs, strict=True)):
+            return value
+        return dict(pairs)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_shorter(v) for v in value]
+        if all(v is v2 for v, v2 in zip(value, items, strict=True)):
+            return value
+        for kind in (list, tuple, set, frozenset):  # a tuple or a frozenset may be a key
+            if isinstance(value, kind):
+                return kind(items)
+    return value
 
 
 def create(config: ActionConfig, resources: Resources) -> PythonAction:

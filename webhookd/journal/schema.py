@@ -411,7 +411,7 @@ def claimed_from_row(r: Any) -> tuple[Job, Event, int]:
         max_attempts=r[6],
         run_at=r[7],
         recoveries=r[8],
-        result=json.loads(r[9]) if r[9] is not None else None,
+        result=stored_json(r[9]) if r[9] is not None else None,
         last_error=r[10],
     )
     event = Event(
@@ -455,10 +455,28 @@ def job_from_row(r: sqlite3.Row, history: tuple[Attempt, ...] = ()) -> Job:
         max_attempts=r["max_attempts"],
         run_at=r["run_at"],
         recoveries=r["recoveries"],
-        result=json.loads(r["result"]) if r["result"] is not None else None,
+        result=stored_json(r["result"]) if r["result"] is not None else None,
         last_error=r["last_error"],
         history=history,
     )
+
+
+def stored_json(text: str) -> Any:
+    """A job's result or an attempt's detail as the journal holds it, read. One this process
+    cannot read, an int past the 4,300 digits Python reads (written while a handler had lifted
+    that limit for the whole daemon), is its text, saying why: an error here failed every read
+    of its event, the events API's answer a 500 and ``show`` and ``replay`` a traceback, and
+    its job's claim."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return f"<not read as JSON here: {exc}> {text}"
+
+
+def _stored_detail(text: str) -> Mapping[str, Any]:
+    """``stored_json`` for an attempt's detail, which its readers take as a mapping."""
+    detail = stored_json(text)
+    return detail if isinstance(detail, Mapping) else {"unread": detail}
 
 
 def job_history_sql(param: str) -> str:
@@ -501,7 +519,7 @@ def event_detail(event_row: Any, rows: Sequence[Any]) -> EventDetail:
                 finished_at=r["a_finished_at"],
                 outcome=r["a_outcome"],
                 error=r["a_error"],
-                detail=json.loads(r["a_detail"]) if r["a_detail"] else None,
+                detail=_stored_detail(r["a_detail"]) if r["a_detail"] else None,
             )
             for r in group
             if r["a_n"] is not None
