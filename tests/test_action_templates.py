@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from webhookd.errors import ConfigError
@@ -128,6 +131,33 @@ def test_a_number_is_put_in_as_it_was_sent() -> None:
     payload = payload_of(event(body, "application/json"))
     rendered = compile_template("{{ price }} {{ huge }} {{ qty }} {{ line }}", "k").render(payload)
     assert rendered == '1.50 1e400 2 {"price":2.5}'
+
+
+def strict_json(text: str) -> Any:
+    """``text`` read as JSON allows it: no NaN or Infinity, ints kept as their digits (Python
+    reads no more than 4,300 of them)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_int=str, parse_constant=refuse)
+
+
+def test_a_number_past_what_python_holds_keeps_its_text_and_the_rest_of_the_payload() -> None:
+    """An int of 5,000 digits made the whole body unreadable: every lookup rendered empty (a
+    command ran with empty arguments, recorded done). 1e400 put whole was ``Infinity``, and a
+    body's ``NaN`` ``NaN``: not JSON. Each keeps its text now, a lookup of the rest finds it,
+    and ``{{ . }}`` is valid JSON."""
+    digits = "9" * 5000
+    body = f'{{"ref": "main", "amount": {digits}, "rate": 1e400, "x": NaN, "p": 1.50}}'
+    payload = payload_of(event(body.encode(), "application/json"))
+    parts = compile_template("{{ ref }}|{{ amount }}|{{ rate }}|{{ x }}|{{ p }}", "k")
+    assert parts.render(payload) == f"main|{digits}|1e400|NaN|1.50"
+    whole = compile_template("{{ . }}", "k").render(payload)
+    assert whole == f'{{"ref":"main","amount":{digits},"rate":1e400,"x":"NaN","p":1.5}}'
+    assert strict_json(whole)["amount"] == digits
+    listed = payload_of(event(b'[-1e400, 1, {"a": Infinity}]', "application/json"))
+    assert compile_template("{{ . }}", "k").render(listed) == '[-1e400,1,{"a":"Infinity"}]'
 
 
 def test_multipart_form_fields_are_looked_up_and_files_skipped() -> None:

@@ -453,6 +453,26 @@ def test_program_gone_before_its_body_is_written_is_done(tmp_path: Path) -> None
     assert job.state == JobState.DONE, job.history[0].error
 
 
+async def test_a_number_past_what_python_holds_leaves_the_other_lookups_their_values(
+    tmp_path: Path,
+) -> None:
+    """A body with a 5,000-digit int read as no payload at all: the program ran with every
+    lookup empty and its job was done. The other fields are looked up as sent now, the number
+    keeps its text, and ``{{ . }}`` is valid JSON (1e400 was ``Infinity``)."""
+    seen = tmp_path / "argv.json"
+    code = f"import json, sys; open({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))"
+    argv = python_argv(code, "--ref={{ ref }}", "{{ rate }}", "{{ amount }}", "{{ . }}")
+    digits = "7" * 5000
+    body = f'{{"ref": "refs/heads/main", "amount": {digits}, "rate": 1e400}}'.encode()
+    job = await run_command(tmp_path, argv, body=body)
+    assert job.state == JobState.DONE
+    ref, rate, amount, whole = json.loads(seen.read_text())
+    assert (ref, rate, amount) == ("--ref=refs/heads/main", "1e400", digits)
+    # Valid JSON: no Infinity or NaN, and the int's digits as sent (read here as text).
+    as_json = json.loads(whole, parse_int=str, parse_constant=lambda name: 1 / 0)
+    assert as_json == {"ref": "refs/heads/main", "amount": digits, "rate": float("inf")}
+
+
 ENV_DUMP = "import json, os; print(json.dumps(sorted(os.environ)))"
 
 

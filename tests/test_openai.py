@@ -502,6 +502,26 @@ async def test_a_lone_surrogate_in_the_payload_reaches_the_model_as_a_replacemen
     assert posted["payload"] == {"subject": "hi \ufffd", "text": "x"}
 
 
+async def test_a_number_past_what_python_holds_is_posted_on_as_it_was_sent(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """A payload's 1e400 and 5,000-digit int (kept as their text, where the int once emptied
+    the whole payload) are posted on by then.forward as sent: valid JSON, not ``Infinity``."""
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    digits = "3" * 5000
+    body = f'{{"subject": "hi", "text": "x", "rate": 1e400, "n": {digits}}}'.encode()
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        event_id = await kit.send("mail", body)
+        await kit.run()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE
+    assert standin.bodies[-1]["messages"][-1]["content"] == "Reply to hi: x"
+    [seen] = target.seen
+    assert seen.body.endswith(
+        f'"payload":{{"subject":"hi","text":"x","rate":1e400,"n":{digits}}}}}'.encode()
+    )
+
+
 @pytest.mark.parametrize(
     ("limit", "kept"), [("max_tokens = 200", 65_536), ("max_tokens = 8000", 128_000)]
 )

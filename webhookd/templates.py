@@ -11,12 +11,15 @@ The payload is the body parsed as JSON; or, for ``application/x-www-form-urlenco
 ``multipart/form-data`` bodies, the form's fields (files are skipped). Rendering: a string as is,
 ``null`` and a missing key as the empty string (a webhook that lacks an optional field must not
 fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON
-(so ``{{ . }}`` is a JSON body as compact JSON, and a form's fields as a JSON object).
+(so ``{{ . }}`` is a JSON body as compact JSON, and a form's fields as a JSON object). A number
+no float or int here holds (``1e400``, an int past the digits Python reads) is kept as the
+text it was sent as, and ``NaN`` or ``Infinity`` (which Python reads, JSON has not) as a string.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,14 +137,78 @@ class _Number(float):
         return number
 
 
+class _Sent:
+    """A JSON number no float or int here holds, as the text it was sent as: ``1e400`` (a
+    float's ``Infinity``, which is no JSON), an int past the digits Python reads (which failed
+    the whole payload). Written as that text, alone or within an object put whole."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:  # as str() writes it too (an excerpt of a body holding one)
+        return self.text
+
+
+def _float(text: str) -> _Number | _Sent:
+    number = _Number(text)
+    return number if math.isfinite(number) else _Sent(text)
+
+
+def _int(text: str) -> int | _Sent:
+    try:
+        return int(text)
+    except ValueError:  # past the digits Python reads
+        return _Sent(text)
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, _Number):
+    if isinstance(value, _Number | _Sent):
         return value.text
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return to_json(value)
+
+
+class _HoldsSent(TypeError):
+    pass
+
+
+def _refuse(value: Any) -> Any:
+    raise _HoldsSent
+
+
+def to_json(value: Any) -> str:
+    """``value`` (a payload, or a document holding one) as compact JSON, a ``_Sent`` number as
+    its text: what ``{{ . }}`` puts in and an openai action's ``then`` posts, valid JSON."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_refuse)
+    except _HoldsSent:  # seldom: written piece by piece
+        out: list[str] = []
+        _write(value, out)
+        return "".join(out)
+
+
+def _write(value: Any, out: list[str]) -> None:
+    if isinstance(value, _Sent):
+        out.append(value.text)
+    elif isinstance(value, Mapping):
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            out.append(("," if i else "") + json.dumps(key, ensure_ascii=False) + ":")
+            _write(item, out)
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, item in enumerate(value):
+            out.append("," if i else "")
+            _write(item, out)
+        out.append("]")
+    else:
+        out.append(json.dumps(value, ensure_ascii=False))
 
 
 def payload_of(event: Event) -> Any:
@@ -149,6 +216,12 @@ def payload_of(event: Event) -> Any:
     if forms.media_type(event.content_type) in (forms.URLENCODED, forms.MULTIPART):
         return event.form()
     try:
-        return json.loads(event.body, parse_float=_Number)
+        return json.loads(event.body, parse_float=_float, parse_constant=str)
+    except json.JSONDecodeError:
+        return {}
+    except ValueError:
+        pass  # an int past the digits Python reads (or no UTF-8): its text is kept this time
+    try:
+        return json.loads(event.body, parse_float=_float, parse_constant=str, parse_int=_int)
     except ValueError:
         return {}

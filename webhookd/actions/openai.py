@@ -84,7 +84,7 @@ from webhookd.config import (
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
-from webhookd.templates import Template, compile_template, payload_of
+from webhookd.templates import Template, compile_template, payload_of, to_json
 
 log = logging.getLogger("webhookd.actions.openai")
 
@@ -242,7 +242,7 @@ class _Then:
     ) -> Outcome:
         body = {"event_id": event.id, "source": event.source, **answer}
         body["payload"] = payload_of(event)
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        text = to_json(body)  # a number sent past what a float or an int holds: as sent
         data = _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
         headers = signed_headers(
             self.secrets,
