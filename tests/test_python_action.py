@@ -115,9 +115,9 @@ def held_until_let_go(event: webhookd.Event) -> str:
     return event.id
 
 
-def held_action(extra: str = "") -> PythonAction:
-    """A python action of one thread (concurrency = 1) whose handler is held until let go."""
-    config = '[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = 1\n'
+def held_action(extra: str = "", concurrency: int = 1) -> PythonAction:
+    """A python action of ``concurrency`` threads whose handler is held until let go."""
+    config = f'[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = {concurrency}\n'
     config += 'handler = "test_python_action:held_until_let_go"\n' + extra
     (action_config,) = loads(config).sources["s"].actions
     ENTERED.clear()
@@ -171,6 +171,34 @@ async def test_a_call_behind_an_overrun_handler_waits_without_an_attempt() -> No
     assert outcome.after_s == 5
     await action.aclose()
     assert [events[0].id] == CALLED
+
+
+async def test_the_wait_behind_an_overrun_handler_counts_the_threads_it_holds() -> None:
+    """With concurrency = 2, one call that overran timeout_s and one running within it, the
+    next job waits; its reason said "all 1 handler thread(s) still run calls that overran
+    timeout_s", as if one thread were all there is and the overrun held it."""
+    action = held_action("timeout_s = 5\n", concurrency=2)
+    events = [new_event("s", 0.0) for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    try:
+        overrun = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
+        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
+        overrun.cancel()  # what its timeout does: the thread runs on, abandoned
+        with pytest.raises(asyncio.CancelledError):
+            await overrun
+        ENTERED.clear()
+        running = asyncio.create_task(action.run(events[1], None))  # type: ignore[arg-type]
+        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
+        outcome = await action.run(events[2], None)  # type: ignore[arg-type]
+    finally:
+        LET_GO.set()
+    assert (outcome.kind, outcome.error) == (
+        "wait",
+        "all 2 handler threads are busy, 1 of them still running a call that overran timeout_s",
+    )
+    assert (await running).result == events[1].id
+    await action.aclose()
+    assert [events[0].id, events[1].id] == CALLED
 
 
 async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:

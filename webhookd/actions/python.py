@@ -263,10 +263,13 @@ class HandlerThreads:
         self.abandoned = 0  # threads running a call whose attempt has ended
         self._closed = False
 
-    def held_back(self) -> bool:
-        """Whether a call made now would wait for a thread that an abandoned call holds."""
+    def held_back(self) -> tuple[int, int] | None:
+        """When a call made now would wait for a thread that an abandoned call holds: how many
+        threads abandoned calls hold, of the most there may be; else ``None``."""
         with self._cond:
-            return self.abandoned > 0 and self._live + self.abandoned >= self._max
+            if self.abandoned > 0 and self._live + self.abandoned >= self._max:
+                return self.abandoned, self._max
+            return None
 
     def call(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -353,14 +356,19 @@ class PythonAction:
         try:
             if self.is_async:
                 value = await self.handler(event)
-            elif self._threads.held_back():
-                # Every thread this action may use runs a call that overran timeout_s: this one
-                # would only wait for a thread, and its attempt would end before it ran.
-                n = self._threads.abandoned
-                return Outcome.wait(
-                    f"all {n} handler thread(s) still run calls that overran timeout_s",
-                    min(self.config.timeout_s, _HELD_BACK_WAIT_S),
-                )
+            elif held := self._threads.held_back():
+                # Every thread this action may use is busy, and some run calls that overran
+                # timeout_s: this one would only wait for a thread, and its attempt would end
+                # before it ran.
+                overran, threads = held
+                if overran == threads:
+                    why = f"all {threads} handler thread(s) still run calls that overran timeout_s"
+                else:
+                    why = (
+                        f"all {threads} handler threads are busy, {overran} of them still running"
+                        " a call that overran timeout_s"
+                    )
+                return Outcome.wait(why, min(self.config.timeout_s, _HELD_BACK_WAIT_S))
             else:
                 value = await self._threads.call(self.handler, event)
             if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
