@@ -8,8 +8,10 @@ line. The ``command`` kind has its own serve tests beside the rest of its tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -289,6 +291,55 @@ path = "{project}"
     assert replayed.returncode == 0, replayed.stderr
     doc = await settled_event(http, daemon.admin_url, ids[1])
     assert doc["jobs"][0]["result"] == {"order": 2, "n": short["n"]}
+
+
+async def test_a_sync_handler_past_its_timeout_is_said_to_run_on_and_its_end_is_logged(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """Python cannot stop a thread: a sync handler past timeout_s runs on to its end. Its
+    attempt said only "timed out after 1s"; it says the call runs on now, and the daemon logs
+    one line when that call returns at last, with how long it ran."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "slow_hooks.py").write_text(
+        f"def on_push(event):\n    with open({str(fifo)!r}) as f:\n        return f.read()\n"
+    )
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.gh]
+[[sources.gh.actions]]
+type = "python"
+handler = "slow_hooks:on_push"
+path = "{project}"
+timeout_s = 1
+retry = {{ max_attempts = 1 }}
+""",
+    )
+    daemon = await procs.serve(cfg)
+    event_id = await post(http, f"{daemon.url}/hooks/gh", b"{}")
+    doc = await settled_event(http, daemon.admin_url, event_id)
+    runs_on = (
+        "timed out after 1s; the handler's call runs on in its thread (Python cannot stop one)"
+        " until it returns"
+    )
+    assert doc["state"] == "dead"
+    assert doc["jobs"][0]["last_error"] == f"gave up after 1 attempt(s): {runs_on}"
+    assert "ran on" not in daemon.log  # the call still blocks, reading the FIFO
+
+    # Opening the FIFO to write lets the handler's open return; it reads to the end.
+    await asyncio.get_running_loop().run_in_executor(None, fifo.write_text, "go")
+    line = await daemon.wait_said("returned after")
+    said = re.search(
+        rf"event={event_id} source=gh action=python: a handler call that ran on after its"
+        r" attempt was cut off \(timeout_s 1s\) returned after (\d+\.\d)s, freeing its thread",
+        line,
+    )
+    assert said is not None, line
+    assert float(said[1]) >= 1.0
 
 
 async def test_log_writes_one_line_with_the_event_and_its_body(

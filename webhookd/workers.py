@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from webhookd.actions.base import Action, Outcome, cut_short
+from webhookd.actions.base import Action, Outcome, cut_note, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
@@ -1079,6 +1079,8 @@ class WorkerPool:
             # with them before it is logged or kept.
             target = getattr(action, "target", None)
             said = f"timed out after {cfg.timeout_s:g}s" + (f" ({target})" if target else "")
+            if note := cut_note(exc):  # what the timeout did not stop
+                said += f"; {note}"
             result, detail = cut_short(exc)
             return Outcome.retry(said, result=result, **detail), True
         except Retry as exc:

@@ -75,6 +75,21 @@ def keep_detail(exc: BaseException, *, result: Any = None, **detail: Any) -> Non
     exc.webhookd_result = result  # type: ignore[attr-defined]
 
 
+def keep_note(exc: BaseException, note: str) -> None:
+    """Give the exception that cuts an attempt short what the worker adds to a timed-out
+    attempt's error (``cut_note``): work that goes on all the same (a sync handler's call)."""
+    exc.webhookd_note = note  # type: ignore[attr-defined]
+
+
+def cut_note(exc: BaseException) -> str | None:
+    """The note ``keep_note`` gave ``exc`` or the cancellation behind it, if any."""
+    for cause in (exc, exc.__cause__):
+        note = getattr(cause, "webhookd_note", None)
+        if isinstance(note, str):
+            return note
+    return None
+
+
 def cut_short(exc: BaseException) -> tuple[Any, dict[str, Any]]:
     """The result and detail ``keep_detail`` gave ``exc`` (a cancellation) or the cancellation
     behind it (the worker's ``TimeoutError``); ``(None, {})`` when none."""

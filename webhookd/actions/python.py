@@ -32,21 +32,25 @@ import importlib.machinery
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import reprlib
 import stat
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, options
+from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, keep_note, options
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
+
+log = logging.getLogger("webhookd.actions.python")
 
 DEFAULTS = ActionDefaults(timeout_s=300.0)  # a handler may do real work: a report, a sync
 _OPTIONS = ("handler", "path")
@@ -247,13 +251,20 @@ class HandlerThreads:
     future in between). Daemon threads: a handler stuck past its timeout does not hold up exit.
 
     A call whose attempt ends while it runs (past ``timeout_s``) is *abandoned*: a thread cannot
-    be stopped, so it keeps its thread until the handler returns. ``held_back`` tells when the
+    be stopped, so it keeps its thread until the handler returns, and then ``overran`` is
+    told (from that thread) of its argument and how long it ran. ``held_back`` tells when the
     threads such calls hold leave none for another call, which would only wait for one.
     """
 
-    def __init__(self, max_threads: int, name: str) -> None:
+    def __init__(
+        self,
+        max_threads: int,
+        name: str,
+        overran: Callable[[Any, float], None] = lambda _arg, _ran_s: None,
+    ) -> None:
         self._max = max(max_threads, 1)
         self._name = name
+        self._overran = overran
         self._cond = threading.Condition()
         self._work: deque[_Call] = deque()
         self._threads = 0
@@ -271,7 +282,8 @@ class HandlerThreads:
                 return self.abandoned, self._max
             return None
 
-    def call(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
+    def call(self, fn: Callable[[Any], Any], arg: Any) -> _Call:
+        """Hand ``fn(arg)`` to a thread; its answer is set on the call's ``future``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         context = contextvars.copy_context()  # as asyncio.to_thread passes it on
@@ -288,7 +300,7 @@ class HandlerThreads:
                 self._threads += 1
                 threading.Thread(target=self._serve, name=self._name, daemon=True).start()
         future.add_done_callback(functools.partial(self._ended, item))
-        return future
+        return item
 
     def _ended(self, item: _Call, future: asyncio.Future[Any]) -> None:
         """On the loop: the call's attempt no longer waits for it (answered, or cut off)."""
@@ -321,6 +333,7 @@ class HandlerThreads:
                     # again.
                     continue
                 item.running = True
+            started = time.monotonic()
             try:
                 result, error = item.context.run(item.fn, item.arg), None
             except BaseException as exc:  # the awaiting side decides what it means
@@ -329,8 +342,11 @@ class HandlerThreads:
                 item.loop.call_soon_threadsafe(_settle, item.future, result, error)
             with self._cond:
                 item.running = False
-                if item.abandoned:
+                abandoned = item.abandoned
+                if abandoned:
                     self.abandoned -= 1
+            if abandoned:
+                self._overran(item.arg, time.monotonic() - started)
             del item, result, error  # not kept alive while this thread waits
 
 
@@ -349,7 +365,7 @@ class PythonAction:
         self.handler = resolve_handler(config)
         self.is_async = inspect.iscoroutinefunction(self.handler)
         self._threads = HandlerThreads(
-            config.concurrency or max_threads, f"webhookd-python-{config.name}"
+            config.concurrency or max_threads, f"webhookd-python-{config.name}", self._overran
         )
 
     async def run(self, event: Event, job: Job) -> Outcome:
@@ -370,7 +386,13 @@ class PythonAction:
                     )
                 return Outcome.wait(why, min(self.config.timeout_s, _HELD_BACK_WAIT_S))
             else:
-                value = await self._threads.call(self.handler, event)
+                call = self._threads.call(self.handler, event)
+                try:
+                    value = await call.future
+                except asyncio.CancelledError as exc:
+                    if call.running:  # the worker's timeout error says so (README: hazard)
+                        keep_note(exc, _RUNS_ON)
+                    raise
             if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
                 value = await value
         except ActionError:
@@ -391,8 +413,23 @@ class PythonAction:
             )
         return Outcome.done(_json_safe(value))
 
+    def _overran(self, event: Event, ran_s: float) -> None:
+        """From its thread: a call whose attempt was cut off while it ran has returned."""
+        log.warning(
+            "event=%s source=%s action=%s: a handler call that ran on after its attempt was"
+            " cut off (timeout_s %gs) returned after %.1fs, freeing its thread",
+            event.id,
+            event.source,
+            self.config.name,
+            self.config.timeout_s,
+            ran_s,
+        )
+
     async def aclose(self) -> None:
         self._threads.close()
+
+
+_RUNS_ON = "the handler's call runs on in its thread (Python cannot stop one) until it returns"
 
 
 def _cut(text: str) -> str:
