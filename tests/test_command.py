@@ -563,7 +563,8 @@ async def test_drain_sigkills_a_group_that_ignores_sigterm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A drain that cuts a command short kills its whole group, SIGTERM or not; the job requeues,
-    its cut attempt keeping what the program wrote (as a timed-out one does)."""
+    its cut attempt keeping what the program wrote (as a timed-out one does), its error saying
+    the program may have done its work (it said "its target may have had the request")."""
     monkeypatch.setattr(command, "_KILL_GRACE_S", 0.2)
     pid_file = tmp_path / "pids"
 
@@ -579,6 +580,10 @@ async def test_drain_sigkills_a_group_that_ignores_sigterm(
         job = await kit.job(event_id)
     assert job.state == JobState.QUEUED
     assert [(a.n, a.outcome) for a in job.history] == [(1, "interrupted")]  # cut, not counted
+    assert job.history[0].error == (
+        "cut off by the drain after workers.shutdown_grace_s (0 s), its program may have done its"
+        " work; not counted: the job runs again as this attempt"
+    )
     detail = job.history[0].detail
     assert detail is not None and detail["counted"] is False
     assert "ignoring SIGTERM" in detail["stderr"]

@@ -201,6 +201,35 @@ async def test_the_wait_behind_an_overrun_handler_counts_the_threads_it_holds() 
     assert [events[0].id, events[1].id] == CALLED
 
 
+async def test_an_attempt_the_drain_cut_off_says_its_handler_may_have_done_its_work(
+    tmp_path: Path,
+) -> None:
+    """A drain cuts off a sync handler's attempt past the grace; its error said "its target
+    may have had the request", a forward's words: a handler has no target, it does work."""
+    config = (
+        '[sources.s]\n[[sources.s.actions]]\ntype = "python"\n'
+        'handler = "test_python_action:held_until_let_go"\n'
+    )
+    ENTERED.clear()
+    LET_GO.clear()
+    loop = asyncio.get_running_loop()
+    async with action_kit(tmp_path, config) as kit:
+        event_id = await kit.send("s")
+        running = asyncio.create_task(kit.run())
+        try:
+            assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
+            assert await kit.pool.drain(0) == 1
+            await running
+        finally:
+            LET_GO.set()
+        job = await kit.job(event_id)
+    assert (job.state, [a.outcome for a in job.history]) == (JobState.QUEUED, ["interrupted"])
+    assert job.history[0].error == (
+        "cut off by the drain after workers.shutdown_grace_s (0 s), its handler may have done its"
+        " work; not counted: the job runs again as this attempt"
+    )
+
+
 async def test_retry_with_after_s_is_a_lower_bound_on_the_next_attempt(tmp_path: Path) -> None:
     """webhookd.Retry(after_s=120) queues the job no sooner than 120 s later."""
     job, now = await run_handler(tmp_path, "actionkit:please_retry")

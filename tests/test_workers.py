@@ -1144,8 +1144,9 @@ async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
     [cut] = job.history
     assert (cut.n, cut.outcome, cut.detail) == (1, "interrupted", {"counted": False})
-    assert cut.error is not None and cut.error.startswith(
-        "cut off by the drain after workers.shutdown_grace_s (0.2 s)"
+    assert cut.error == (
+        "cut off by the drain after workers.shutdown_grace_s (0.2 s), its target may have had"
+        " the request; not counted: the job runs again as this attempt"
     )
 
 

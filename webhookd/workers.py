@@ -48,6 +48,13 @@ _ERROR_CHARS = 2000
 FINISH_RETRY_MAX_S = 2.0
 # How long a drain waits for the attempts it cancelled to end before it re-queues them anyway.
 CUT_WAIT_S = 3.0
+# What an attempt the drain cut off may have done by then, in its error, by its action's kind.
+_CUT_MAY_HAVE = {
+    "forward": "its target may have had the request",
+    "openai": "its target may have had the request",
+    "python": "its handler may have done its work",
+    "command": "its program may have done its work",
+}
 # Actions whose retry and wait lines are throttled each on their own (``_failure_line``).
 _MOST_FAILURE_LINES = 256
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
@@ -902,6 +909,7 @@ class WorkerPool:
                 # flight, for the next attempt to post instead of asking again) and its detail
                 # (a command's output so far).
                 result, kept = self._cut_kept.pop(job_id, (None, {}))
+                done = _CUT_MAY_HAVE.get(claimed.job.type, "it may have done its work")
                 cut.append(
                     Finished(
                         job_id,
@@ -911,8 +919,8 @@ class WorkerPool:
                         self.clock.time(),
                         "interrupted",
                         error=f"cut off by the drain after workers.shutdown_grace_s"
-                        f" ({grace_s:g} s), its target may have had the request; not counted:"
-                        " the job runs again as this attempt",
+                        f" ({grace_s:g} s), {done}; not counted: the job runs again as this"
+                        " attempt",
                         result=self.masker.deep(result),
                         detail=self.masker.deep({**kept, "counted": False}),
                     )
