@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -344,6 +345,8 @@ async def test_a_program_that_cannot_start_for_want_of_open_files_waits_without_
             return None if exc is None else looks(exc)
 
         monkeypatch.setattr(command, "_out_of_files", after_a_start)
+    else:  # a start failed for want of files a moment ago: each start looks first, for a while
+        monkeypatch.setattr(command, "_files_short_until", math.inf)
     argv = python_argv("print('ok')")
     async with action_kit(tmp_path, command_config(argv)) as kit:
         detail = await kit.journal.get_event(await kit.send("gh", PUSH))

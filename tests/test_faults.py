@@ -147,6 +147,25 @@ async def test_a_last_checkpoint_that_fails_at_stop_is_said_and_its_wal_read_bac
         assert doc["id"] in journaled_ids(cfg.journal.path)  # there for the next start
 
 
+async def test_a_last_checkpoint_a_reader_held_back_is_not_a_clean_stop(
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite reports a checkpoint a reader's snapshot held back (``events --follow``, a
+    backup) as a result, not an error: the stop still says the WAL is kept, and why."""
+    caplog.set_level(logging.INFO, logger="webhookd")
+    cfg = make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"')
+    running: Running = await run_daemon(cfg)
+    assert (await running.post("/hooks/a", b'{"n": 1}', headers=JSON))[0] == 202
+    with contextlib.closing(sqlite3.connect(cfg.journal.path, isolation_level=None)) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM events").fetchone()  # a snapshot, held
+        assert await running.stop() == 0
+        other.execute("COMMIT")
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("webhookd")]
+    assert "the last checkpoint failed (another process was reading the journal)" in said[-2]
+    assert said[-1].endswith("not cleanly: the journal's last checkpoint failed"), said[-1]
+
+
 async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     tmp_path: Path, run_daemon: Any
 ) -> None:

@@ -403,15 +403,20 @@ async def test_a_backlog_refused_at_once_is_asked_back_one_turn_apart_in_order()
     lane = sim.lane(rpm=6, burst_s=10.0, max_cooldown_s=45.0)
     await lane.acquire(1, max_wait_s=0)  # the burst: one call
     retries = []
-    for _ in range(6):
+    for n in range(6):
         with pytest.raises(LaneBusy) as busy:
-            await lane.acquire(1, max_wait_s=5.0)
+            await lane.acquire(1, max_wait_s=5.0, key=f"job-{n}")
         retries.append(busy.value.retry_after_s)
     assert retries == pytest.approx([10.0, 20.0, 30.0, 40.0, 45.0, 45.0])
-    # The first comes back at its time: its turn is there, and it is admitted at once.
+    # A new call at the first's time finds it taken: asked back after the last turn given.
     sim.clock.advance(10.0)
-    reservation = await lane.acquire(1, max_wait_s=5.0)
-    assert reservation.admitted_at_s == pytest.approx(sim.start + 10.0)
+    with pytest.raises(LaneBusy) as busy:
+        await lane.acquire(1, max_wait_s=5.0, key="new")
+    assert busy.value.retry_after_s == pytest.approx(45.0)
+    # The first comes back a moment late: its turn is still there, and it is admitted at once.
+    sim.clock.advance(1.0)
+    reservation = await lane.acquire(1, max_wait_s=5.0, key="job-0")
+    assert reservation.admitted_at_s == pytest.approx(sim.start + 11.0)
 
 
 async def test_a_call_asked_back_does_not_count_itself_ahead_when_it_comes_back_early() -> None:

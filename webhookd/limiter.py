@@ -74,6 +74,12 @@ JOURNAL_RETRY_S = 5.0
 # sources' jobs from the workers (800 queued model calls at rpm 450 held all 32 workers, and
 # a burst of forwards to an idle target got 37 of 200 through in 20 s).
 MOST_WAITING_FLOOR = 4
+# A call asked back at its turn has this long past it to come and take it (a job is picked a
+# little after its time) before later calls may; and a lane keeps at most this many such
+# turns, each of which an asked-back call's projection counts (the rest are asked back as
+# their projection says, uncounted).
+PROMISE_GRACE_S = 5.0
+MOST_PROMISES = 1_000
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -292,15 +298,15 @@ class Lane:
         ``key``: the same for a call asked back as when it was refused (a job's id)."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
-        turn = self._keep_no_promise(key)
         if self._store is not None:
-            return await self._acquire_shared(tokens, max_wait_s, key, turn)
+            return await self._acquire_shared(tokens, max_wait_s, key)
         now = self._now()
-        self._check_open(now)
-        if not self._queue and self._wait_s(tokens, now) <= 0:
-            return self._admit(tokens, now)
+        self._check_open(now)  # a call turned away while the lane cools keeps its turn
+        turn = self._keep_no_promise(key)
         ahead, ahead_tokens = self._ahead(now, turn)
         projected_s = self._wait_s(tokens, now, ahead, ahead_tokens)
+        if not self._queue and projected_s <= 0:  # nothing in line, nor asked back before it
+            return self._admit(tokens, now)
         if projected_s > max_wait_s:
             raise self._promise(projected_s, tokens, now, key)
         with self._in_line(tokens) as waiter:
@@ -484,7 +490,7 @@ class Lane:
         to come back at a time still to come; for one asked back at ``turn`` itself, those
         told to come back before it."""
         times = self._promise_times
-        while times and times[0][0] <= now:
+        while times and times[0][0] + PROMISE_GRACE_S <= now:
             when, _, key = heapq.heappop(times)
             # Not a promise made since to the same key (it came back, and was asked back later).
             if (kept := self._promised.get(key)) is not None and kept[0] == when:
@@ -506,6 +512,8 @@ class Lane:
         """``LaneBusy`` for a call the lane cannot admit within its wait: asked back when its
         turn comes (at most ``max_cooldown_s`` on), a turn the next projections count."""
         busy = self._busy(projected_s, "has a long wait")
+        if len(self._promised) >= MOST_PROMISES:
+            return busy  # asked back as before promises: a bound on what each turn counts
         self._promises_made += 1
         key = key if key is not None else self._promises_made  # unnamed: its own
         when = now + busy.retry_after_s
@@ -535,15 +543,15 @@ class Lane:
 
     # -- shared lanes ------------------------------------------------------------------------
 
-    async def _acquire_shared(
-        self, tokens: int, max_wait_s: float, key: object, turn: float
-    ) -> Reservation:
+    async def _acquire_shared(self, tokens: int, max_wait_s: float, key: object) -> Reservation:
         """``acquire`` spending chunks the journal grants: the same FIFO, cool-down and circuit,
         and a wait bounded by ``max_wait_s`` (other nodes share the refill, so a projection
         from this node's queue alone is only a lower bound)."""
         now = self._clock.monotonic()
         self._check_open(now)
-        if not self._queue and self._stock_covers(tokens, now):
+        turn = self._keep_no_promise(key)
+        no_turns_before = not self._ahead(now, turn)[0]
+        if not self._queue and no_turns_before and self._stock_covers(tokens, now):
             return self._admit_shared(tokens, now)
         projected_s = self._projected_shared_s(tokens, now, turn)
         if projected_s > max_wait_s:

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fnmatch
 import logging
+import math
 import os
 import resource
 import shutil
@@ -120,6 +121,18 @@ def _looked_up(program: str, cwd: str | None) -> str:
     if "/" in program:
         return f" (relative to {os.path.abspath(cwd or os.curdir)})"
     return " (on the PATH)"
+
+
+# Until when each start first counts the descriptors left (``_out_of_files``): for a while
+# after one failed for want of them. Counting at every start listed /proc/self/fd on the
+# event loop, 0.6 ms at 1,000 open connections and 5 ms at 9,000.
+_files_short_until = -math.inf
+_SHORT_WATCH_S = 60.0
+
+
+def _files_ran_short() -> None:
+    global _files_short_until
+    _files_short_until = time.monotonic() + _SHORT_WATCH_S
 
 
 def _out_of_files(exc: OSError | None = None) -> str | None:
@@ -254,7 +267,7 @@ class CommandAction:
         env = self.env_for(event)
         # Not tried short of descriptors: a start that uvloop cannot finish leaves the ones it
         # had made open for good (3 a time, measured) and its loop unable to close at the exit.
-        if (short := _out_of_files()) is not None:
+        if _files_short_until > time.monotonic() and (short := _out_of_files()) is not None:
             return Outcome.wait(f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S, held=True)
         started = time.monotonic()
         watch = _Watch(self.masker())
@@ -271,6 +284,7 @@ class CommandAction:
             )
         except OSError as exc:
             if (short := _out_of_files(exc)) is not None:
+                _files_ran_short()
                 return Outcome.wait(
                     f"cannot start {argv[0]!r}: {short}", _NO_FILES_WAIT_S, held=True
                 )

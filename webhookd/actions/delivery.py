@@ -461,7 +461,9 @@ async def deliver(
         try:
             status, head, retry_after, location = await exchange(used)
         except aiohttp.ClientConnectionError as exc:
-            if not (used.reused and _dropped_unanswered(exc) and _replayable(sent)):
+            # PUT is idempotent: aiohttp sends it again itself, and a third try was one too many.
+            again = method.upper() not in _CLIENT_RESENDS and _replayable(sent)
+            if not (used.reused and _dropped_unanswered(exc) and again):
                 raise
             # A target may close a connection it kept idle just as a request goes out on it
             # (the usual race at its keep-alive timeout), which cost an attempt and a backoff.
@@ -525,6 +527,10 @@ def _dropped_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
         and not isinstance(exc, aiohttp.ClientConnectorError)
         and exc.errno in (errno.ECONNRESET, errno.EPIPE)
     )
+
+
+# The methods aiohttp's client sends once more itself when a kept-alive connection drops them.
+_CLIENT_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def _replayable(headers: Mapping[str, str]) -> bool:

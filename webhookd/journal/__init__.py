@@ -522,6 +522,10 @@ def checkpoint_passes(conn: sqlite3.Connection) -> tuple[int, bool]:
     return copied, False
 
 
+class _Busy(Exception):
+    """A checkpoint SQLite could not finish for a reader, which it reports as a result."""
+
+
 class Journal(Reads, BaseJournal):
     """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
 
@@ -731,10 +735,16 @@ class Journal(Reads, BaseJournal):
             return f"it did not finish within {CLOSE_TIMEOUT_S:g}s"
         except sqlite3.Error as exc:
             return str(exc)
+        except _Busy as exc:
+            return str(exc)
         return None
 
     def _truncate_wal(self) -> None:
-        self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        row = self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if row is not None and row[0]:
+            # Not an error to SQLite: a reader's snapshot (events --follow, a backup) held
+            # frames the checkpoint could not copy, and the WAL stays.
+            raise _Busy("another process was reading the journal")
 
     def _say_wal_kept(self, why: str) -> None:
         """Once closed after a last checkpoint that failed: the WAL left beside the journal, if
