@@ -95,6 +95,12 @@ def test_a_dot_alone_is_the_whole_payload_as_compact_json() -> None:
     form = payload_of(event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded"))
     assert compile_template("{{ . }}", "k").render(form) == '{"subject":"Hi","body-plain":"Line 1"}'
     assert compile_template("[{{ . }}]", "k").render([1, "a"]) == '[[1,"a"]]'
+    # A body neither JSON nor a form: nothing found, said as a miss (it rendered "{}").
+    text = payload_of(event(b"<order id='7'/>", "application/xml"))
+    assert compile_template("Summarize: {{ . }}", "k").render_noting_misses(text) == (
+        "Summarize: ",
+        (".",),
+    )
 
 
 @pytest.mark.parametrize(

@@ -930,6 +930,7 @@ async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_le
                     await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", version)
                 for n in range(3):
                     await conn.execute(insert.format("$1", "$2", "$3"), f"e{n}", f"k{n}", b"{}")
+                await conn.execute("ANALYZE events")  # the note counts by the planner's estimate
             finally:
                 await conn.close()
         else:
@@ -954,7 +955,7 @@ async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_le
             assert out.stderr == (
                 f"webhookd: note: journal {redact_url(url)} is at schema version 4: the first"
                 f" node of this webhookd to start upgrades it to {latest} (the others wait for"
-                " it), and none answers until that is done; it holds 3 event(s)\n"
+                " it), and none answers until that is done; it holds about 3 event(s)\n"
             )
             conn = await asyncpg.connect(url)
             try:

@@ -468,7 +468,7 @@ def _upgrade_note(journal: config_mod.JournalConfig, peeked: Peeked) -> str:
             f"note: journal {redact_url(journal.url.reveal())} is at schema version"
             f" {peeked.version}: the first node of this webhookd to start upgrades it to"
             f" {len(POSTGRES_MIGRATIONS)} (the others wait for it), and none answers until that"
-            f" is done; it holds {peeked.events:,} event(s)"
+            f" is done; it holds about {peeked.events:,} event(s)"
         )
     from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 

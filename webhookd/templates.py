@@ -106,9 +106,16 @@ def _check_literal(literal: str, key: str) -> None:
         raise ConfigError(key, "has a '{{' that is not closed by '}}'")
 
 
+class NoPayload(dict[str, Any]):
+    """The payload of a body that is neither JSON nor a form: empty, and ``{{ . }}`` finds
+    nothing in it (it rendered ``{}``, and a model was asked about "{}" with no warning)."""
+
+
 def lookup(payload: Any, path: tuple[str, ...]) -> Any:
     """The value at ``path`` (the payload itself at ``()``), or ``None`` when any step is
     missing."""
+    if not path and isinstance(payload, NoPayload):
+        return None
     node = payload
     for segment in path:
         if isinstance(node, Mapping):
@@ -212,16 +219,17 @@ def _write(value: Any, out: list[str]) -> None:
 
 
 def payload_of(event: Event) -> Any:
-    """What templates look into: the JSON body, or the form's fields; ``{}`` when neither."""
+    """What templates look into: the JSON body, or the form's fields; an empty ``NoPayload``
+    when neither (lookups find nothing in it, ``{{ . }}`` included)."""
     if forms.media_type(event.content_type) in (forms.URLENCODED, forms.MULTIPART):
         return event.form()
     try:
         return json.loads(event.body, parse_float=_float, parse_constant=str)
     except json.JSONDecodeError:
-        return {}
+        return NoPayload()
     except ValueError:
         pass  # an int past the digits Python reads (or no UTF-8): its text is kept this time
     try:
         return json.loads(event.body, parse_float=_float, parse_constant=str, parse_int=_int)
     except ValueError:
-        return {}
+        return NoPayload()
