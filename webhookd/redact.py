@@ -351,14 +351,23 @@ def inherited_credentials(obj: Any) -> set[str]:
         for pattern in action.options["inherit_env"]
         if isinstance(pattern, str)
     }
-    if not patterns:
-        return set()
     return {
         value
+        for name, value in inherited_env(patterns).items()
+        if len(value) >= _MIN_PART_CHARS and _credential_name(name)
+    }
+
+
+def inherited_env(patterns: Iterable[str]) -> dict[str, str]:
+    """The variables of this process's environment that ``inherit_env``'s names and globs pass
+    on to a command's program (what its ``env_for`` starts from, and what is masked of it)."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return {}
+    return {
+        name: value
         for name, value in os.environ.items()
-        if len(value) >= _MIN_PART_CHARS
-        and _credential_name(name)
-        and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
     }
 
 

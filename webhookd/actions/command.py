@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fnmatch
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from webhookd.actions.base import Outcome, Resources, keep_detail, options
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
-from webhookd.redact import Masker, secret_values
+from webhookd.redact import Masker, inherited_env, secret_values
 from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
@@ -245,13 +244,8 @@ class CommandAction:
         return [arg.render(payload) for arg in self.settings.argv]
 
     def env_for(self, event: Event) -> dict[str, str]:
-        inherited = {
-            name: value
-            for name, value in os.environ.items()
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.inherit)
-        }
         return {
-            **inherited,
+            **inherited_env(self.settings.inherit),
             **self.settings.env,
             "WEBHOOKD_EVENT_ID": event.id,
             "WEBHOOKD_SOURCE": event.source,
