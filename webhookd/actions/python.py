@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import reprlib
 import stat
 import sys
@@ -458,9 +459,10 @@ def _json_safe(value: Any) -> Any:
         text: str | None = json.dumps(value, default=str, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         text = None
-    # JSON this short cannot hold an int too long to read; longer, or none at all (an int past
-    # the limit fails, unless a handler lifted the limit for the whole process), it may.
-    if text is None or len(text) > _INT_DIGITS:
+    # Only JSON with a run of that many digits can hold an int too long to read; none at all
+    # (an int past the limit fails, unless a handler lifted the limit for the whole process)
+    # may too. Not a walk of every result longer than the limit: the scan is one regex.
+    if text is None or _LONG_DIGITS.search(text):
         shorter = _shorten_ints(value)
         if shorter is not value:
             return _json_safe(shorter)
@@ -484,6 +486,7 @@ def _json_safe(value: Any) -> Any:
 # a restarted daemon, ``show`` and the API, under this one: its short form goes by its size.
 _INT_DIGITS = sys.int_info.default_max_str_digits
 _TOO_LONG = 10**_INT_DIGITS
+_LONG_DIGITS = re.compile(f"[0-9]{{{_INT_DIGITS + 1}}}")
 
 
 def _shorten_ints(value: Any) -> Any:
