@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,36 @@ async def test_a_link_local_address_found_keeps_its_interface() -> None:
         ("target.example", "2001:db8::1", 8080, socket.AF_INET6),
         ("target.example", "192.0.2.1", 8080, socket.AF_INET),
     ]
+
+
+STUCK_LOOKUP = """
+import asyncio, sys, threading
+import aiohttp
+from webhookd.actions.client import open_session
+
+stuck = threading.Event()
+
+def lookup(*_args):
+    stuck.set()
+    threading.Event().wait()  # a lookup stuck in DNS for good
+
+async def main():
+    async with open_session(4, lookup=lookup) as session:
+        with_timeout = aiohttp.ClientTimeout(total=30)
+        asking = asyncio.ensure_future(session.get("http://stuck.invalid/", timeout=with_timeout))
+        await asyncio.get_running_loop().run_in_executor(None, stuck.wait)
+        asking.cancel()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_lookup_stuck_in_dns_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+    """The lookup threads are daemons: a process whose last lookup never returns still exits
+    once it is done (a ``ThreadPoolExecutor``'s threads are joined at exit, for ever here)."""
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK_LOOKUP], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "closed\n"

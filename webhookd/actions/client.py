@@ -11,17 +11,17 @@ On the stock loop the lookups share the default executor with whatever else uses
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+from webhookd.threads import CallThreads
 
 # ``socket.getaddrinfo``'s shape: (host, port, family, type, proto, flags) -> its 5-tuples.
 Lookup = Callable[[str, int, int, int, int, int], Sequence[tuple[Any, Any, int, str, Any]]]
@@ -36,7 +36,8 @@ _AS_NUMBERS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 
 class Resolver(AbstractResolver):
     """Host names looked up with ``lookup`` (``socket.getaddrinfo``) on ``LOOKUP_THREADS``
-    threads of their own. The connector in front keeps its DNS cache (10 s) and asks once
+    daemon threads of their own: a lookup stuck in DNS holds up neither the others nor the
+    process's exit. The connector in front keeps its DNS cache (10 s) and asks once
     for a name many requests wait on.
 
     uvloop's connect still looks up the address found here on libuv's pool (a number, so no
@@ -46,14 +47,18 @@ class Resolver(AbstractResolver):
 
     def __init__(self, lookup: Lookup = socket.getaddrinfo) -> None:
         self._lookup = lookup
-        self._threads = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhookd-dns")
+        self._threads = CallThreads(LOOKUP_THREADS, "webhookd-dns")
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        return await asyncio.wrap_future(self._threads.submit(self._addresses, host, port, family))
+        found: list[ResolveResult] = await self._threads.call(
+            self._addresses, (host, port, family)
+        ).future
+        return found
 
-    def _addresses(self, host: str, port: int, family: int) -> list[ResolveResult]:
+    def _addresses(self, asked: tuple[str, int, int]) -> list[ResolveResult]:
+        host, port, family = asked
         found = self._lookup(host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
         addresses: list[ResolveResult] = []
         for af, _, proto, _, address in found:
@@ -75,10 +80,9 @@ class Resolver(AbstractResolver):
         return addresses
 
     async def close(self) -> None:
-        # A lookup stuck in DNS is not waited for, and those queued behind it are dropped. Its
-        # thread ends at the system resolver's timeout; the interpreter's exit waits for that
-        # (`serve` exits regardless once its exit deadline passes).
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        # A lookup stuck in DNS is not waited for: its thread is a daemon, which the
+        # interpreter's exit does not wait for either.
+        self._threads.close()
 
 
 @dataclass(slots=True)
