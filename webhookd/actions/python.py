@@ -260,7 +260,7 @@ class PythonAction:
                 try:
                     value = await call.future
                 except asyncio.CancelledError as exc:
-                    if call.running:  # the worker's timeout error says so (README: hazard)
+                    if call.running:  # the worker's timeout error says so (docs/actions.md#python)
                         keep_note(exc, _RUNS_ON)
                     raise
             if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
