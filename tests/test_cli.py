@@ -701,13 +701,13 @@ async def test_show_names_the_kind_a_provider_says_in_a_header(tmp_path: Path) -
     """A Shopify or GitHub webhook's kind is in a header, not its body: show prints it."""
     config, cfg = write_config(tmp_path, "")
     item = new_event(source="mail")
-    headers = (("X-Shopify-Topic", "orders/create"), ("X-Other", "x"))
+    headers = (("X-Shopify-Topic", "orders/create"), ("X-Other", "x"), ("Shopify-Topic", "a/b"))
     item = dataclasses.replace(item, event=dataclasses.replace(item.event, headers=headers))
     async with Journal(cfg.journal.path) as journal:
         await journal.ingest(item)
     out = await cli("show", item.event.id, "--config", str(config))
     assert out.exit_code == 0, out.output
-    assert "\ntype     X-Shopify-Topic: orders/create\n" in out.output
+    assert "\ntype     X-Shopify-Topic: orders/create   Shopify-Topic: a/b\n" in out.output
     assert "X-Other" not in out.output
 
 

@@ -126,6 +126,7 @@ async def test_the_headers_that_say_what_the_webhook_is_go_along(
                 ("Content-Type", "application/json"),
                 ("X-GitHub-Event", "pull_request"),
                 ("x-shopify-topic", "orders/create"),
+                ("Shopify-Webhook-Id", "w-1"),  # an event subscription's, without X-
                 ("X-Provider-Only", "kept back"),
                 ("X-Token", "***"),
                 ("X-Odd", "caf\udce9"),  # a latin-1 byte the parser could not decode
@@ -140,10 +141,11 @@ async def test_the_headers_that_say_what_the_webhook_is_go_along(
     )
     assert (await run(event)).kind == "done"
     a, b, c = target.seen
-    assert (a.headers["X-GitHub-Event"], a.headers["x-shopify-topic"]) == (
-        "pull_request",
-        "orders/create",
-    )
+    assert (
+        a.headers["X-GitHub-Event"],
+        a.headers["x-shopify-topic"],
+        a.headers["Shopify-Webhook-Id"],
+    ) == ("pull_request", "orders/create", "w-1")
     assert "X-Provider-Only" not in a.headers
     assert not {"X-GitHub-Event", "x-shopify-topic"} & set(b.headers)
     assert (c.headers["X-Provider-Only"], c.headers["X-GitHub-Event"]) == ("kept back", "ping")

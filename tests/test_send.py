@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -615,6 +616,8 @@ def test_github_and_shopify_test_deliveries_name_their_event_as_the_providers_do
     sent = send.build(src, url="http://x/hooks/shop", body=None, now=NOW, delivery_id="d")
     topic = (sent.headers["X-Shopify-Topic"], sent.headers["X-Shopify-Shop-Domain"])
     assert topic == ("orders/create", "example.myshopify.com")
+    # Shopify's libraries refuse a delivery that does not say its API version.
+    assert re.fullmatch(r"\d{4}-\d{2}", sent.headers["X-Shopify-API-Version"])
     assert src.verify is not None
     assert verify(src.verify, headers=sent.headers, body=sent.body, url=sent.url, now=NOW)
     pushed = send.build(

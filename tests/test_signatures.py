@@ -268,6 +268,30 @@ def test_twilio_sdk_vector_json_body() -> None:
     assert reason(cfg, headers, body + b" ", url=url) == "body hash mismatch"
 
 
+def test_twilio_shared_key_signed_with_sha256() -> None:
+    """A request signed with a shared key names HMAC-SHA256 in its settings header, as
+    twilio-python 9.13's ``compute_signature(url, params, "HMAC_SHA256")`` signs it (this
+    vector); without the header, or with ``HMAC_SHA1``, the same signature is a mismatch."""
+    cfg = make_cfg("twilio", "12345", url=None)
+    sig = "033hgUJA9M/hXIZsYjwkerEP/DBm35nEri5FhCYjA5s="
+    headers = twilio(sig, content_type="application/x-www-form-urlencoded")
+    headers["X-Twilio-Webhooks-Signature-Settings"] = (
+        "key=webhooks_sharedkey_1, algorithm=hmac_sha256"
+    )
+    assert check(cfg, headers, TW_FORM, url=TW_URI)
+    headers["X-Twilio-Webhooks-Signature-Settings"] = "key=webhooks_sharedkey_1,algorithm=HMAC_SHA1"
+    assert reason(cfg, headers, TW_FORM, url=TW_URI) == "signature mismatch"
+    headers["X-Twilio-Webhooks-Signature-Settings"] = "algorithm=HMAC_MD5"
+    assert reason(cfg, headers, TW_FORM, url=TW_URI) == (
+        "unsupported algorithm in X-Twilio-Webhooks-Signature-Settings"
+    )
+    del headers["X-Twilio-Webhooks-Signature-Settings"]
+    assert reason(cfg, headers, TW_FORM, url=TW_URI) == "signature mismatch"
+    sha1 = twilio("RSOYDt4T1cUTdK1PDd93/VVr8B8=", content_type="application/x-www-form-urlencoded")
+    sha1["X-Twilio-Webhooks-Signature-Settings"] = "key=webhooks_sharedkey_1"  # no algorithm=
+    assert check(cfg, sha1, TW_FORM, url=TW_URI)
+
+
 def test_twilio_public_url_replaces_local_address() -> None:
     """With verify.url set, the public URL plus the received query string is what is checked."""
     cfg = make_cfg("twilio", "12345", url="https://mycompany.com/myapp.php")
@@ -314,6 +338,10 @@ def test_standardwebhooks_library_accepts_ours() -> None:
         assert standardwebhooks.Webhook(secret).verify(JSON_BODY, headers) == json.loads(JSON_BODY)
     made, body = sign(make_cfg("standard"), body=JSON_BODY, url="", now=now, delivery_id="d")
     assert standardwebhooks.Webhook(STANDARD_SECRET).verify(body, dict(made))
+    # A secret without whsec_ is base64 to the library: signed with what it decodes to.
+    bare = STANDARD_SECRET.removeprefix("whsec_")
+    made, body = sign(make_cfg("standard", bare), body=JSON_BODY, url="", now=now, delivery_id="d")
+    assert standardwebhooks.Webhook(bare).verify(body, dict(made))
 
 
 # -- every scheme: valid, tampered, wrong secret, rotation -------------------------------------
@@ -570,6 +598,18 @@ def test_shopify_events_header() -> None:
     assert check(cfg, headers, body)
 
 
+def test_shopify_events_headers_name_the_delivery() -> None:
+    """Shopify's event subscriptions send its headers without ``X-``: their webhook id is the
+    delivery id, as X-Shopify-Webhook-Id is (else the body's hash would make two deliveries of
+    one body one event)."""
+    scheme = SCHEMES["shopify"]
+    headers = CIMultiDict({"Shopify-Webhook-Id": "w-1", "Shopify-Event-Id": "e-1"})
+    assert scheme.dedup_key(headers, b"{}") == "w-1"
+    assert scheme.dedup_key(CIMultiDict({"Shopify-Event-Id": "e-1"}), b"{}") == "e-1"
+    classic = CIMultiDict({"X-Shopify-Webhook-Id": "x-1", "Shopify-Webhook-Id": "w-1"})
+    assert scheme.dedup_key(classic, b"{}") == "x-1"
+
+
 def test_standard_svix_headers() -> None:
     """Svix-branded headers verify like webhook-* ones."""
     cfg = make_cfg("standard")
@@ -797,6 +837,13 @@ def test_sign_mailgun_json_and_form() -> None:
     cfg = make_cfg("mailgun")
     _, body = signed(cfg, b'{"event-data": {"id": "e1"}, "signature": {"token": "old"}}')
     assert json.loads(body)["signature"]["token"] == "dlv_1"
+    # The rest of the document goes as written: escapes, spacing, numbers past a float's.
+    written = b'{"event-data":{"subject":"R\\u00e9union","big":12345678901234567890.10}}'
+    _, body = signed(cfg, written)
+    assert body.startswith(written[:-1] + b', "signature": {"timestamp": ')
+    assert check(cfg, CIMultiDict(), body)
+    _, body = signed(cfg, b'{"signature": {"token": "old"}, "n": 1.10}')
+    assert body.startswith(b'{"signature": {"timestamp": ') and body.endswith(b'}, "n": 1.10}')
     headers, body = signed(cfg, b"subject=hi&body-plain=x")
     assert body.startswith(b"subject=hi&body-plain=x&timestamp=")
     assert headers["Content-Type"] == "application/x-www-form-urlencoded"

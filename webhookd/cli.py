@@ -263,7 +263,15 @@ def _verified_line(verified: dict[str, Any]) -> str:
 
 # The headers a provider names a webhook's kind in (GitHub's event, Shopify's topic and shop),
 # for show: its body alone does not say whether it was a push or an order's update.
-_SAYS_WHAT = frozenset({"x-github-event", "x-shopify-topic", "x-shopify-shop-domain"})
+_SAYS_WHAT = frozenset(
+    {
+        "x-github-event",
+        "x-shopify-topic",
+        "x-shopify-shop-domain",
+        "shopify-topic",
+        "shopify-shop-domain",
+    }
+)
 
 
 def _no_event(event_id: str, journal: config_mod.JournalConfig) -> str:

@@ -65,6 +65,18 @@ PASS_HEADERS = (
     "X-Shopify-Webhook-Id",
     "X-Shopify-Event-Id",
     "X-Shopify-Triggered-At",
+    "X-Shopify-Sub-Topic",
+    "X-Shopify-Name",
+    # Shopify's event subscriptions: the same headers without their X-.
+    "Shopify-Topic",
+    "Shopify-Shop-Domain",
+    "Shopify-API-Version",
+    "Shopify-Webhook-Id",
+    "Shopify-Event-Id",
+    "Shopify-Triggered-At",
+    "Shopify-Handle",
+    "Shopify-Action",
+    "Shopify-Resource-Id",
 )
 # What the forward sets itself, or what would describe another request than the one it sends.
 _OWN_HEADERS = frozenset(

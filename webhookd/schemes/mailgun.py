@@ -10,6 +10,7 @@ Mailgun retries for 8 hours, possibly with the first delivery's signature, so th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
@@ -73,6 +74,58 @@ def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
     return fields
 
 
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, at: int) -> int:
+    """Past JSON's white space from ``at``."""
+    found = _SPACE.match(text, at)
+    assert found is not None  # it matches the empty string
+    return found.end()
+
+
+_DECODER = json.JSONDecoder()
+
+
+def with_member(text: str, name: str, value: object) -> str:
+    """``text``, a JSON object, with its top-level member ``name`` set to ``value``: each of its
+    members of that name given the new value, or one added at its end; every other character
+    as it was (numbers past a float's precision, ``\\u`` escapes, spacing). ``ValueError`` when
+    ``text`` is not a JSON object."""
+    new = json.dumps(value)
+    at = _skip(text, 0)
+    if text[at : at + 1] != "{":
+        raise ValueError("not a JSON object")
+    at = _skip(text, at + 1)
+    values: list[tuple[int, int]] = []  # where each member called name has its value
+    last, members = at, 0  # where a new member would go: after the last value, or in {}
+    while text[at : at + 1] != "}":
+        if text[at : at + 1] != '"':
+            raise ValueError("a member's name is no string")
+        key, at = json.decoder.scanstring(text, at + 1)  # type: ignore[attr-defined]
+        at = _skip(text, at)
+        if text[at : at + 1] != ":":
+            raise ValueError("no ':' after a member's name")
+        start = _skip(text, at + 1)
+        _, at = _DECODER.raw_decode(text, start)
+        if key == name:
+            values.append((start, at))
+        last, members = at, members + 1
+        at = _skip(text, at)
+        if text[at : at + 1] == ",":
+            at = _skip(text, at + 1)
+        elif text[at : at + 1] != "}":
+            raise ValueError("no ',' or '}' after a member")
+    if text[at + 1 :].strip(" \t\n\r"):
+        raise ValueError("more after the object")
+    if not values:
+        member = f"{json.dumps(name)}: {new}"
+        return text[:last] + (f", {member}" if members else member) + text[last:]
+    for start, end in reversed(values):
+        text = text[:start] + new + text[end:]
+    return text
+
+
 def _event_id(body: bytes) -> str | None:
     doc = parse_json(body)
     data = doc.get("event-data") if isinstance(doc, dict) else None
@@ -130,8 +183,12 @@ class Mailgun(Scheme):
         fields = {"timestamp": ts, "token": delivery_id, "signature": mac}
         doc = parse_json(body)
         if isinstance(doc, dict):
-            doc["signature"] = fields
-            return {}, json.dumps(doc).encode(), "application/json"
+            try:  # signed in place: the rest of the document arrives as it was written
+                signed = with_member(body.decode("utf-8"), "signature", fields).encode()
+            except ValueError:  # not UTF-8 (JSON in UTF-16, say): written anew
+                doc["signature"] = fields
+                signed = json.dumps(doc).encode()
+            return {}, signed, "application/json"
         pairs = form_pairs(body) if doc is None else None
         if pairs is None:
             raise ValueError("mailgun: the body must be a JSON object or a urlencoded form")

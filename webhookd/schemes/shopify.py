@@ -1,5 +1,6 @@
 """Shopify: ``X-Shopify-Hmac-Sha256`` (base64 HMAC-SHA256 of the raw body), no timestamp, and the
-delivery id in ``X-Shopify-Webhook-Id``."""
+delivery id in ``X-Shopify-Webhook-Id``. Shopify's event subscriptions send the same headers
+without their ``X-`` (``Shopify-Hmac-Sha256``, ``Shopify-Webhook-Id``…)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,20 @@ from webhookd.schemes.base import (
     utf8,
 )
 
+# The Admin API version ``webhookd send`` says its test delivery was made under.
+API_VERSION = "2025-10"
+
 
 class Shopify(Scheme):
     name = "shopify"
     legacy_sha1 = False
     untimed_always = True
-    dedup_headers = ("X-Shopify-Webhook-Id", "X-Shopify-Event-Id")
+    dedup_headers = (
+        "X-Shopify-Webhook-Id",
+        "X-Shopify-Event-Id",
+        "Shopify-Webhook-Id",
+        "Shopify-Event-Id",
+    )
     dedup_json = None
 
     def check(
@@ -42,5 +51,7 @@ class Shopify(Scheme):
             # Shopify says what and whose with every delivery: a test order of a test shop.
             "X-Shopify-Topic": "orders/create",
             "X-Shopify-Shop-Domain": "example.myshopify.com",
+            # Shopify's own libraries refuse a delivery without it.
+            "X-Shopify-API-Version": API_VERSION,
         }
         return headers, body, content_type(body)

@@ -51,10 +51,12 @@ def sign_standard(secrets: Sequence[str], *, msg_id: str, timestamp: int, body: 
     """The Standard Webhooks ``webhook-signature`` value: ``v1,<base64>`` per secret."""
     sigs = []
     for index, secret in enumerate(secrets):
-        keys = standard_keys(secret)  # the last one: whsec_ decoded, or else the raw UTF-8
+        # The first: what Standard Webhooks libraries verify with (whsec_ or not, the base64
+        # decoded), the raw UTF-8 only for a secret that is no base64 at all.
+        keys = standard_keys(secret)
         if not keys:  # config refuses such a secret naming its key (check_whsec): not reached
             raise ConfigError(f"secrets[{index}]", "is not valid whsec_ base64")
-        sigs.append("v1," + b64(digest(keys[-1], utf8(f"{msg_id}.{timestamp}.") + body)))
+        sigs.append("v1," + b64(digest(keys[0], utf8(f"{msg_id}.{timestamp}.") + body)))
     return " ".join(sigs)
 
 

@@ -1,5 +1,8 @@
 """Twilio: ``X-Twilio-Signature`` = base64 HMAC-SHA1 of the public URL plus the sorted POST
-parameters (or, for a JSON body, of the URL whose ``bodySHA256`` query holds the body's hash)."""
+parameters (or, for a JSON body, of the URL whose ``bodySHA256`` query holds the body's hash).
+Signed with a shared key instead of the auth token, the request names its HMAC in
+``X-Twilio-Webhooks-Signature-Settings`` (``key=<id>,algorithm=HMAC_SHA256``), as Twilio's SDKs
+read it."""
 
 from __future__ import annotations
 
@@ -68,6 +71,23 @@ def _params(pairs: Iterable[tuple[str, str]]) -> str:
     return "".join(k + v for k, v in sorted(set(pairs)))
 
 
+SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
+_ALGORITHMS = {"HMAC_SHA1": "sha1", "HMAC_SHA256": "sha256"}
+
+
+def _algorithm(headers: Mapping[str, str]) -> str:
+    """The HMAC the request was signed with: the settings header's ``algorithm=``, else SHA-1
+    (the auth token's signature, and what a settings header without ``algorithm=`` means)."""
+    for part in (header(headers, SETTINGS_HEADER) or "").split(","):
+        name, sep, value = part.partition("=")
+        if sep and name.strip().lower() == "algorithm" and value.strip():
+            algorithm = _ALGORITHMS.get(value.strip().upper())
+            if algorithm is None:
+                raise VerificationError(f"unsupported algorithm in {SETTINGS_HEADER}")
+            return algorithm
+    return "sha1"
+
+
 def _body_hash_param(url: str) -> str | None:
     query = url.partition("#")[0].partition("?")[2]
     return next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "bodySHA256"), None)
@@ -101,6 +121,7 @@ class Twilio(Scheme):
         self, cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, url: str, now: float
     ) -> Result:
         received = unb64(required_header(headers, "X-Twilio-Signature"))
+        algorithm = _algorithm(headers)
         url = _signed_url(cfg, url)
         body_hash = _body_hash_param(url)
         if body_hash is not None:
@@ -117,7 +138,7 @@ class Twilio(Scheme):
                 raise VerificationError("malformed body")
             params = _params(pairs)
         msgs = [utf8(u + params) for u in _variants(url)]
-        index = match(cfg, [received], msgs, algorithm="sha1")
+        index = match(cfg, [received], msgs, algorithm=algorithm)
         if body_hash is not None:
             actual = hashlib.sha256(body).hexdigest().encode()
             if not hmac.compare_digest(actual, utf8(body_hash.lower())):
