@@ -264,6 +264,29 @@ def test_a_pass_query_that_is_not_a_boolean_is_a_config_error_exit_2(tmp_path: P
     ]
 
 
+def test_check_warns_of_a_fixed_idempotency_key(tmp_path: Path) -> None:
+    """A ``headers`` Idempotency-Key (or webhook-id) is one value for every event: a service
+    that drops repeats by it keeps the first delivery only. Said (exit 0), for a ``then`` too;
+    a forward with neither is not warned of."""
+    config = tmp_path / "webhookd.toml"
+    config.write_text(
+        '[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nname = "ledger"\n'
+        'url = "http://127.0.0.1:9/x"\n'
+        '[[sources.shop.actions]]\ntype = "forward"\nname = "mailer"\n'
+        'url = "http://127.0.0.1:9/x"\nheaders = { Idempotency-Key = "mailer" }\n'
+        '[[sources.shop.actions]]\ntype = "openai"\nname = "ai"\napi_key = "sk-test"\n'
+        'model = "m"\nprompt = "hi"\nmax_tokens = 100\n'
+        'then = { forward = "http://127.0.0.1:9/y", headers = { webhook-id = "ai" } }\n'
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if "one value for every event" in line]
+    assert [line.split(": one value")[0] for line in warned] == [
+        "webhookd: warning: sources.shop.actions[1].headers.Idempotency-Key",
+        "webhookd: warning: sources.shop.actions[2].then.headers.webhook-id",
+    ], result.output
+
+
 async def test_custom_headers_and_method_are_used(
     target: Target, send: Callable[[str], Forward]
 ) -> None:

@@ -316,6 +316,27 @@ def read_headers(t: Table, name: str = "headers", *, url: str) -> dict[str, str]
     return headers
 
 
+# What a service drops repeats by: each delivery sets both to the event's id.
+_REPEAT_KEYS = frozenset({"idempotency-key", "webhook-id"})
+
+
+def fixed_repeat_keys(headers: object, key: str) -> list[str]:
+    """``check``'s and the start's warning for each of ``headers`` (an action's ``headers``
+    option, at ``key``) that gives a key a service drops repeats by one value for every
+    event: such a service takes every delivery after the first for a repeat, and drops it."""
+    if not isinstance(headers, Mapping):
+        return []
+    said = []
+    for name in headers:
+        if isinstance(name, str) and name.lower() in _REPEAT_KEYS:
+            said.append(
+                f"{key}.{name}: one value for every event, so a service that drops repeats by"
+                f" it keeps only the first delivery; without it each delivery's {name} is its"
+                " event's id (where two actions post to one service, key the dedup on the path too)"
+            )
+    return said
+
+
 def _has_credentials(url: str) -> bool:
     """Whether ``url`` has a user or a password, as the client reads it (``http://@host`` has
     neither)."""
