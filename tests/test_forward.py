@@ -602,6 +602,43 @@ async def test_a_body_that_breaks_off_leaves_the_status_to_decide(
     assert outcome.detail["response"].startswith("(the body could not be read: ClientPayloadError")
 
 
+@pytest.mark.parametrize(
+    ("answer_head", "said"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+            "answered what is not HTTP the client can read: Got more than 8190 bytes",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Cut", "closed the connection within"),
+    ],
+)
+async def test_an_answer_the_client_cannot_read_says_so(
+    send: Callable[[str], Forward], answer_head: bytes, said: str
+) -> None:
+    """A head past the client's limits, or cut short: retried, and the error says what the
+    target did, not "connection failed: ClientResponseError: 400" (no status it sent) nor the
+    parser's record of a part-read head."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(len(JSON_BODY))
+        writer.write(answer_head)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/in"
+        outcome = await send(f'url = "{url}"')()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcome.kind == "retry"
+    assert outcome.error is not None and outcome.error.startswith(url), outcome.error
+    assert said in outcome.error and "RawResponseMessage" not in outcome.error, outcome.error
+    assert len(outcome.error) < 400, outcome.error
+
+
 async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> None:
     """A target that refuses the connection is a retryable failure, not a dead job."""
     with socket.socket() as closed:

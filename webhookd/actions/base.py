@@ -145,6 +145,16 @@ class ActionKind(Protocol):
     def create(self, config: ActionConfig, resources: Resources) -> Action: ...
 
 
+# Of an answer's body or a message, in an error.
+EXCERPT_CHARS = 300
+
+
+def excerpt(text: str) -> str:
+    """The start of ``text`` on one line, for an error: enough to tell a page or a message."""
+    line = " ".join(text[: EXCERPT_CHARS * 4].split())
+    return line if len(line) <= EXCERPT_CHARS else f"{line[:EXCERPT_CHARS]} …"
+
+
 def options(config: ActionConfig, names: tuple[str, ...]) -> Table:
     """The action's own options, read with the ``Table`` that reads the rest of the config.
 

@@ -32,7 +32,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import aiohttp
 from yarl import URL
 
-from webhookd.actions.base import Outcome
+from webhookd.actions.base import Outcome, excerpt
 from webhookd.actions.client import ConnectionUsed
 from webhookd.config import (
     HEADER_NAME,
@@ -504,6 +504,21 @@ async def deliver(
         ):  # where its own text adds "ssl:default" to a plain http URL
             to = "the proxy " if isinstance(exc, aiohttp.ClientProxyConnectionError) else ""
             why = f"cannot connect to {to}{exc.host}:{exc.port}: {connect_reason(exc.os_error)}"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            # The client's parser refused the answer (a head past its limits, a status line or
+            # chunks it cannot read): its "400" is no status the target sent.
+            said = excerpt(str(exc.message)).replace(sent_to, target)
+            return Outcome.retry(
+                f"{target} answered what is not HTTP the client can read: {said}",
+                duration_s=round(time.monotonic() - started, 4),
+            )
+        elif isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(
+            exc.message, str
+        ):  # a head read in part, which the client's text shows as its parser's record
+            why = f"{target} closed the connection within its answer's head"
+            if (code := getattr(exc.message, "code", None)) is not None:
+                why += f" (status {code})"
+            return Outcome.retry(why, duration_s=round(time.monotonic() - started, 4))
         else:
             # The client's own text may quote the URL it was sent to: the target's name instead.
             why = f"{type(exc).__name__}: {exc}".replace(sent_to, target)

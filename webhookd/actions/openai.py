@@ -56,7 +56,14 @@ import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, keep_detail, options
+from webhookd.actions.base import (
+    MOST_RESULT_CHARS,
+    Outcome,
+    Resources,
+    excerpt,
+    keep_detail,
+    options,
+)
 from webhookd.actions.delivery import (
     check_url,
     connect_reason,
@@ -115,7 +122,6 @@ _DEFAULT_LANE_WAIT_S = 10.0
 # Characters an answer's text may have per token of max_tokens, far above a real model's (about
 # 4): only a server not bound by max_tokens goes past it, and its answer is cut there.
 _CHARS_PER_TOKEN = 16
-_EXCERPT_CHARS = 300  # of an answer's body or message, in an error
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -485,7 +491,7 @@ class OpenAIAction:
         retry saying where from, what is wrong with it, and how it began."""
         return Outcome.retry(
             f"the answer of {self.asks} is not a chat completion: {why}: "
-            + (_excerpt(body) or "an empty body"),
+            + (excerpt(body) or "an empty body"),
             duration_s=_round(started),
         )
 
@@ -506,7 +512,7 @@ class OpenAIAction:
         error = f"{self.asks} answered {status}" + (f" {code}" if code else "")
         said = _said(exc.body)
         if 300 <= status < 400 and exc.response.headers.get("location"):
-            said = f"redirect to {_excerpt(exc.response.headers['location'])} not followed"
+            said = f"redirect to {excerpt(exc.response.headers['location'])} not followed"
         elif status == 404 and not _message(exc.body) and "/v1/" not in self.asks:
             # Not the API's own 404 (no such model): a base_url without the API's /v1.
             said = f"{said} (no such path: is /v1 missing from base_url?)".lstrip()
@@ -597,16 +603,10 @@ def _said(body: object) -> str:
     """What an error answer says, on one line: its API error's message, else its body's start
     (a proxy's page, a compatible server's own JSON)."""
     if _message(body):
-        return _excerpt(_message(body))
+        return excerpt(_message(body))
     if body is None or isinstance(body, str):
-        return _excerpt(body or "")
-    return _excerpt(json.dumps(body, ensure_ascii=False, default=str))
-
-
-def _excerpt(text: str) -> str:
-    """The start of ``text`` on one line, for an error: enough to tell a page or a message."""
-    line = " ".join(text[: _EXCERPT_CHARS * 4].split())
-    return line if len(line) <= _EXCERPT_CHARS else f"{line[:_EXCERPT_CHARS]} …"
+        return excerpt(body or "")
+    return excerpt(json.dumps(body, ensure_ascii=False, default=str))
 
 
 def _count(digits: str) -> int:
