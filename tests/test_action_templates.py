@@ -90,7 +90,7 @@ def test_a_dot_alone_is_the_whole_payload_as_compact_json() -> None:
     body = '{"id": 7, "price": 1.50,\n "who": {"name": "Zoë"}, "tags": [], "note": null}'
     payload = payload_of(event(body.encode(), "application/json"))
     rendered = compile_template("Summarize: {{ . }}|{{.}}", "k").render(payload)
-    whole = '{"id":7,"price":1.5,"who":{"name":"Zoë"},"tags":[],"note":null}'
+    whole = '{"id":7,"price":1.50,"who":{"name":"Zoë"},"tags":[],"note":null}'
     assert rendered == f"Summarize: {whole}|{whole}"
     form = payload_of(event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded"))
     assert compile_template("{{ . }}", "k").render(form) == '{"subject":"Hi","body-plain":"Line 1"}'
@@ -132,11 +132,11 @@ def test_an_empty_string_is_a_value_and_a_null_payload_is_nothing() -> None:
 
 def test_a_number_is_put_in_as_it_was_sent() -> None:
     """A price of 1.50 renders 1.50, not the float's 1.5, and 1e400 as itself, not Infinity;
-    inside an object put whole it is a JSON number as before."""
+    inside an object put whole too (it was the float's there)."""
     body = b'{"price": 1.50, "huge": 1e400, "qty": 2, "line": {"price": 2.50}}'
     payload = payload_of(event(body, "application/json"))
     rendered = compile_template("{{ price }} {{ huge }} {{ qty }} {{ line }}", "k").render(payload)
-    assert rendered == '1.50 1e400 2 {"price":2.5}'
+    assert rendered == '1.50 1e400 2 {"price":2.50}'
 
 
 def strict_json(text: str) -> Any:
@@ -160,7 +160,7 @@ def test_a_number_past_what_python_holds_keeps_its_text_and_the_rest_of_the_payl
     parts = compile_template("{{ ref }}|{{ amount }}|{{ rate }}|{{ x }}|{{ p }}", "k")
     assert parts.render(payload) == f"main|{digits}|1e400|NaN|1.50"
     whole = compile_template("{{ . }}", "k").render(payload)
-    assert whole == f'{{"ref":"main","amount":{digits},"rate":1e400,"x":"NaN","p":1.5}}'
+    assert whole == f'{{"ref":"main","amount":{digits},"rate":1e400,"x":"NaN","p":1.50}}'
     assert strict_json(whole)["amount"] == digits
     listed = payload_of(event(b'[-1e400, 1, {"a": Infinity}]', "application/json"))
     assert compile_template("{{ . }}", "k").render(listed) == '[-1e400,1,{"a":"Infinity"}]'

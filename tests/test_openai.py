@@ -447,6 +447,21 @@ async def test_then_forward_posts_the_answer_signed_with_standard_webhooks(
     assert json.loads(seen.body)["usage"]["total_tokens"] == job.result["usage"]["total_tokens"]
 
 
+async def test_then_posts_the_payload_as_sent_and_null_for_a_body_neither_json_nor_a_form(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """The payload's numbers go on as they were sent (10.10, not the float's 10.1); a body
+    neither JSON nor a form is ``null``, not an empty object a webhook may well have sent."""
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    async with action_kit(tmp_path, source(standin, lane=None, extra=then), clock=clock) as kit:
+        await kit.send("mail", b'{"subject": "Refund", "amount": 10.10, "rate": 1E5}')
+        await kit.send("mail", b"plain words", content_type="text/plain")
+        await kit.run()
+    first, second = sorted(target.seen, key=lambda seen: b"amount" not in seen.body)
+    assert b'"payload":{"subject":"Refund","amount":10.10,"rate":1E5}' in first.body
+    assert json.loads(second.body)["payload"] is None
+
+
 async def test_failed_then_retries_without_asking_the_model_again(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

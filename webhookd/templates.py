@@ -132,8 +132,8 @@ def lookup(payload: Any, path: tuple[str, ...]) -> Any:
 
 class _Number(float):
     """A JSON number with a fraction or an exponent, and the text it was sent as: ``1.50`` is
-    put in a template as ``1.50`` (a price), not as the float's ``1.5``, ``1e400`` as itself,
-    not ``Infinity``. Within an object or a list put whole, it is written as a float."""
+    put in a template as ``1.50`` (a price), not as the float's ``1.5``, alone or within an
+    object or a list put whole."""
 
     __slots__ = ("text",)
     text: str
@@ -180,27 +180,32 @@ def _text(value: Any) -> str:
     return to_json(value)
 
 
-class _HoldsSent(TypeError):
-    pass
-
-
-def _refuse(value: Any) -> Any:
-    raise _HoldsSent
-
-
 def to_json(value: Any) -> str:
-    """``value`` (a payload, or a document holding one) as compact JSON, a ``_Sent`` number as
-    its text: what ``{{ . }}`` puts in and an openai action's ``then`` posts, valid JSON."""
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_refuse)
-    except _HoldsSent:  # seldom: written piece by piece
-        out: list[str] = []
-        _write(value, out)
-        return "".join(out)
+    """``value`` (a payload, or a document holding one) as compact JSON, each number with a
+    fraction or an exponent as the text it was sent as: what ``{{ . }}`` puts in and an openai
+    action's ``then`` posts, valid JSON."""
+    if not _holds_sent_text(value):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    out: list[str] = []  # json's encoder writes a float subclass as the float: piece by piece
+    _write(value, out)
+    return "".join(out)
+
+
+def _holds_sent_text(value: Any) -> bool:
+    """Whether a number in ``value`` is written otherwise than as a float or int is."""
+    if isinstance(value, _Sent):
+        return True
+    if isinstance(value, _Number):
+        return value.text != float.__repr__(value)
+    if isinstance(value, Mapping):
+        return any(_holds_sent_text(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_sent_text(item) for item in value)
+    return False
 
 
 def _write(value: Any, out: list[str]) -> None:
-    if isinstance(value, _Sent):
+    if isinstance(value, _Sent | _Number):
         out.append(value.text)
     elif isinstance(value, Mapping):
         out.append("{")

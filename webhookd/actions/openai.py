@@ -91,7 +91,7 @@ from webhookd.config import (
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import Event, Job
-from webhookd.templates import Template, compile_template, payload_of, to_json
+from webhookd.templates import NoPayload, Template, compile_template, payload_of, to_json
 
 log = logging.getLogger("webhookd.actions.openai")
 
@@ -247,7 +247,9 @@ class _Then:
         self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]
     ) -> Outcome:
         body = {"event_id": event.id, "source": event.source, **answer}
-        body["payload"] = payload_of(event)
+        payload = payload_of(event)
+        # null for a body neither JSON nor a form: an empty object is a payload of its own.
+        body["payload"] = None if isinstance(payload, NoPayload) else payload
         text = to_json(body)  # a number sent past what a float or an int holds: as sent
         data = _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
         headers = signed_headers(
