@@ -798,6 +798,28 @@ async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path:
     assert any("events_received (received_at>? AND received_at<?)" in p for p in on), on
 
 
+async def test_sqlite_what_prune_deletes_is_not_left_in_the_file(tmp_path: Path) -> None:
+    """Pruned bodies are overwritten (``secure_delete``), not left in the file's free space
+    for a later reader of the file to find: whatever the SQLite build's own default is. After
+    a clean close (the WAL copied back and removed) the file holds no trace of them."""
+    path = tmp_path / "j.db"
+    marker = b"ERASE-ME-" + os.urandom(8).hex().encode()
+    async with Journal(path) as journal:
+        items = [  # rows over several pages, and bodies long enough to overflow one
+            new_event(body=b'{"n": %d, "note": "%s"}' % (n, marker * 300)) for n in range(40)
+        ]
+        for item in items:
+            await journal.ingest(item)
+        job_ids = [item.jobs[0].id for item in items]
+        await journal.claim(job_ids, "boot")
+        at = time.time() - 10
+        await journal.finish([Finished(j, 1, JobState.DONE, at, at, "done") for j in job_ids])
+        keep = {"keep_done_s": 0.0, "keep_dead_s": 0.0, "keep_dedup_s": 0.0}
+        assert (await journal.prune(**keep)).events == 40
+    assert not Path(f"{path}-wal").exists()
+    assert marker not in path.read_bytes()
+
+
 async def test_sqlite_a_refill_seeks_the_due_jobs_past_those_in_backoff(tmp_path: Path) -> None:
     """A lane's due jobs are a range of ``jobs_lane`` (…, behind, run_at, seq) and the earliest
     run_at the head of ``jobs_due``: jobs waiting out a retry's backoff, first in their lane by

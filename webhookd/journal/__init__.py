@@ -188,6 +188,10 @@ _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
     "PRAGMA temp_store = MEMORY",
+    # What retention and prune delete is overwritten with zeros in the file, not left in its
+    # free space (a build's choice: on in Debian's, off in SQLite's own). The cost, off the ack
+    # path: a page a delete frees is written once more, as zeros.
+    "PRAGMA secure_delete = ON",
     # A WAL that a long read made grow (a backup, a sqlite3 shell left open) is cut back to this
     # when it next starts over, instead of keeping its largest size on disk until the daemon
     # stops; under load it stays well below it.
