@@ -95,6 +95,34 @@ async def test_pg_a_heartbeating_node_keeps_its_jobs_past_lease_s(pg_url: str) -
         assert (await other.get_event(item.event.id)).state == "running"
 
 
+async def test_pg_a_node_with_a_longer_lease_keeps_its_jobs_under_a_leader_with_a_shorter(
+    pg_url: str,
+) -> None:
+    """Nodes whose ``journal.lease_s`` differ (a rolling restart that changes it): each is
+    judged by its own lease, which its heartbeat keeps within. The leader's 3 s took a node of
+    30 s, heartbeating every 5 s, for lost between beats: its jobs ran twice."""
+    clock = ManualClock(START)
+    long = PostgresJournal(pg_url, clock=clock, lease_s=30.0, heartbeat_s=3600)
+    short = PostgresJournal(pg_url, clock=clock, lease_s=3.0, heartbeat_s=3600)
+    async with long, short:
+        item = new_event()
+        await long.ingest(item)
+        await long.claim([item.jobs[0].id], "boot_long")
+        for _ in range(12):  # a minute of beats 5 s apart: past the claim's own lease too
+            await long.heartbeat()
+            clock.advance(4)  # the leader looks between two of them: 4 s of silence
+            await short.heartbeat()
+            recovery = await short.recover_lost()
+            assert (recovery.requeued, recovery.dead) == (0, 0)
+            seen = {n.node_id: n.stale for n in await short.nodes()}
+            assert seen == {long.node_id: False, short.node_id: False}
+            clock.advance(1)
+        clock.advance(31)  # now silent past its own lease: lost
+        await short.heartbeat()
+        assert {n.node_id: n.stale for n in await short.nodes()}[long.node_id]
+        assert (await short.recover_lost()).requeued == 1
+
+
 async def test_pg_nodes_lists_every_node_and_marks_a_silent_one_stale(pg_url: str) -> None:
     """Each node's ``/stats`` lists both nodes with their own running jobs; one silent past
     lease_s shows stale, and one that stopped cleanly is gone."""

@@ -90,13 +90,15 @@ class PgNodes:
         now = self.clock.time()
         try:
             await self.pool.execute(
-                "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid)"
-                " VALUES ($1, $2, $2, $3, $4)"
-                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s)"
+                " VALUES ($1, $2, $2, $3, $4, $5)"
+                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,"
+                " lease_s = EXCLUDED.lease_s",
                 self.node_id,
                 now,
                 socket.gethostname(),
                 os.getpid(),
+                self.lease_s,
                 deadline_s=max(2 * self.heartbeat_s, 5.0),
             )
         except DB_ERRORS as exc:
@@ -160,7 +162,8 @@ class PgNodes:
         )
 
     async def recover_lost(self) -> Recovery:
-        """Re-queue the running jobs of nodes silent past ``lease_s``; forget long-gone nodes."""
+        """Re-queue the running jobs of nodes silent past their ``lease_s``; forget long-gone
+        nodes."""
         now = self.clock.time()
 
         async def fn(conn: Any) -> Recovery:

@@ -313,11 +313,12 @@ class PgReads:
         # Running jobs per node come from ``jobs_running``, one index range per node.
         rows = await self.fetch(
             "SELECT n.node_id, n.host, n.pid, n.started_at, n.heartbeat_at, (SELECT COUNT(*)"
-            " FROM jobs j WHERE j.state = 'running' AND j.node_id = n.node_id)"
-            " FROM nodes n ORDER BY n.started_at, n.node_id LIMIT $1",
+            " FROM jobs j WHERE j.state = 'running' AND j.node_id = n.node_id),"
+            " COALESCE(n.lease_s, $2) FROM nodes n ORDER BY n.started_at, n.node_id LIMIT $1",
             limit,
+            self.lease_s,
         )
-        silent_before = self.clock.time() - self.lease_s
+        now = self.clock.time()
         return [
             NodeInfo(
                 r[0],
@@ -327,7 +328,7 @@ class PgReads:
                 float(r[4]),
                 int(r[5]),
                 this=r[0] == self.node_id,
-                stale=float(r[4]) < silent_before,
+                stale=float(r[4]) < now - float(r[6]),  # silent past its own lease
             )
             for r in rows
         ]

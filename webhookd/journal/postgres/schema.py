@@ -238,6 +238,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN IF NOT EXISTS query text NOT NULL DEFAULT '';
     """,
+    # 11 → 12: each node's own journal.lease_s, which its heartbeat keeps within: the leader
+    # judged every node by its own, and took the jobs of a node with a longer lease (heart-
+    # beating every 5 s) for lost when its own was 3 s. NULL for a node of an older webhookd.
+    """
+    ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_s double precision;
+    """,
 )
 
 

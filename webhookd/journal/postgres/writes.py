@@ -344,14 +344,15 @@ async def write_finishes(
 
 
 async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: int) -> Recovery:
-    """Re-queue running jobs whose node has not heartbeat within ``lease_s`` (killed, host
-    lost, cut off); the ``max_recoveries``-th recovery of a job sends it to ``dead``."""
+    """Re-queue running jobs whose node has not heartbeat within its own lease (killed, host
+    lost, cut off), ``lease_s`` for a node that did not say its own; the
+    ``max_recoveries``-th recovery of a job sends it to ``dead``."""
     lost = await conn.fetch(
         "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id,"
         " j.cancel_requested_at FROM jobs j"
         " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) < $1::double precision"
         " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = j.node_id"
-        " AND n.heartbeat_at >= $1::double precision - $2::double precision)"
+        " AND n.heartbeat_at >= $1::double precision - COALESCE(n.lease_s, $2::double precision))"
         " ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         now,
         lease_s,
