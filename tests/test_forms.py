@@ -149,6 +149,43 @@ def test_fields_read_either_kind_of_form_and_leave_files_out() -> None:
     assert fields("multipart/form-data; boundary=XyZ", body) == {"subject": "café", "odd": "café"}
 
 
+@pytest.mark.parametrize("charset", ["punycode", "undefined", "idna", "rot13", "base64"])
+def test_a_part_is_decoded_only_by_a_text_charset(charset: str) -> None:
+    """A charset a sender names is used only when it is a text encoding of a known kind:
+    punycode's decoding takes quadratic time (a 1 MB value held the event loop 160 s),
+    ``undefined`` and ``idna`` raise (the receiver answered 503), others are no text encoding.
+    Such a part is read as UTF-8, as one that names no charset."""
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="id"\r\n'
+        b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n\r\n"
+        b"caf\xc3\xa9-" + b"zz" * 1000 + b"\r\n--XyZ--\r\n"
+    )
+    found = fields("multipart/form-data; boundary=XyZ", body)
+    assert found == {"id": "café-" + "zz" * 1000}
+
+
+def test_a_part_whose_parameters_run_long_is_no_field() -> None:
+    """The email package parses a parameter list in time that grows with its square: a part
+    whose Content-Disposition (or Content-Type) holds thousands of ";" is not parsed for its
+    name (no provider's has more than a few), nor is such a form's own Content-Type; one of a
+    provider's shape still is."""
+    many = b"; a=1" * 1000  # within the 16 KiB a head is read in
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="odd"' + many + b"\r\n\r\nx\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="id"\r\n'
+        b"Content-Type: text/plain; charset=iso-8859-1" + many + b"\r\n\r\ncaf\xc3\xa9\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="ok"; filename="a.txt"\r\n\r\nf\r\n'
+        b"--XyZ--\r\n"
+    )
+    found = [
+        (p.name, p.filename, p.charset) for p in parts("multipart/form-data; boundary=XyZ", body)
+    ]
+    assert found == [(None, None, None), ("id", None, None), ("ok", "a.txt", None)]
+    assert fields("multipart/form-data; boundary=XyZ", body) == {"id": "café"}
+    long_type = "multipart/form-data; boundary=XyZ" + "; a=1" * 5000
+    assert list(parts(long_type, body)) == []
+
+
 def test_a_handler_asking_a_json_body_for_its_form_is_told_to_read_json() -> None:
     """``event.form()`` on a JSON body raises as ``json()`` does on a form, instead of one
     field named after the whole body; a form, or a body sent without a type, is read."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email.message
 import email.parser
 import email.policy
@@ -41,6 +42,36 @@ _CR = 0x0D
 _HEAD_BYTES = 16 * 1024
 
 
+# A part's Content-Disposition or Content-Type read for its parameters (name, filename,
+# charset) only up to this many ";" and this length: the email package parses a parameter list
+# in time that grows with its square (16,000 ";" took 234 ms, a thousand such parts minutes on
+# the event loop, before any signature was checked). A provider's run to two or three.
+_MOST_PARAMS = 32
+_MOST_PARAMS_CHARS = 4096
+# The charsets a part's text is decoded by (and their aliases): others (punycode's decoding
+# takes quadratic time, idna and "undefined" raise, some are no text encoding at all) are read
+# as UTF-8, as a part that names none is.
+_CHARSETS = frozenset(
+    codecs.lookup(name).name
+    for name in (
+        "utf-8", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "ascii", "latin-1",
+        "iso8859-2", "iso8859-5", "iso8859-7", "iso8859-9", "iso8859-15", "cp1250", "cp1251",
+        "cp1252", "cp1253", "cp1254", "cp1256", "koi8-r", "koi8-u", "shift_jis", "euc-jp",
+        "iso2022_jp", "euc-kr", "gb2312", "gbk", "gb18030", "big5",
+    )
+)  # fmt: skip
+
+
+def text_of(raw: bytes, charset: str | None) -> str:
+    """``raw`` decoded by ``charset`` when it is one of ``_CHARSETS``, else as UTF-8; bytes it
+    cannot decode become U+FFFD."""
+    try:
+        name = codecs.lookup(charset).name if charset else "utf-8"
+    except LookupError:
+        name = "utf-8"
+    return raw.decode(name if name in _CHARSETS else "utf-8", "replace")
+
+
 class Part:
     """One part: its parsed header block, and where its content is in the body (copied out
     only when asked for: an attachment skipped costs nothing)."""
@@ -62,9 +93,19 @@ class Part:
         """As sent: a Content-Transfer-Encoding, if any, not undone (``decoded``)."""
         return self._body[self._start : self._end]
 
+    def _readable(self, header: str) -> bool:
+        """Whether ``header``'s parameters are few and short enough to be parsed."""
+        value = self.headers.get(header)
+        return value is None or (
+            len(value) <= _MOST_PARAMS_CHARS and str(value).count(";") <= _MOST_PARAMS
+        )
+
     @property
     def name(self) -> str | None:
-        """The form field's name (``Content-Disposition: form-data; name=...``)."""
+        """The form field's name (``Content-Disposition: form-data; name=...``); None for a
+        part whose parameters are past ``_MOST_PARAMS``, which is no provider's field."""
+        if not self._readable("content-disposition"):
+            return None
         name = self.headers.get_param("name", header="content-disposition")
         if isinstance(name, tuple):  # RFC 2231: name*=utf-8''...
             name = email.utils.collapse_rfc2231_value(name)
@@ -73,7 +114,16 @@ class Part:
     @property
     def filename(self) -> str | None:
         """Set on an uploaded file (an attachment), None on a plain field."""
+        if not self._readable("content-disposition"):
+            return None
         return self.headers.get_filename()
+
+    @property
+    def charset(self) -> str | None:
+        """The charset its Content-Type names, if any (and its parameters can be read)."""
+        if not self._readable("content-type"):
+            return None
+        return self.headers.get_content_charset()
 
     def decoded(self) -> bytes:
         """The content with its transfer encoding undone (base64, quoted-printable), as the
@@ -99,6 +149,8 @@ def parts(content_type: str, body: bytes, most: int | None = None) -> Iterator[P
     it is the delimiter's, not the part's. A body without a last delimiter ends its last part.
     """
     taken = 0
+    if len(content_type) > _MOST_PARAMS_CHARS or content_type.count(";") > _MOST_PARAMS:
+        return  # no provider's: its parameters are not parsed (see _MOST_PARAMS)
     holder = email.message.Message()
     holder["Content-Type"] = content_type
     boundary = holder.get_boundary()
@@ -203,10 +255,5 @@ def fields(content_type: str, body: bytes, most: int | None = None) -> dict[str,
         name = part.name
         if name is None or part.filename is not None:
             continue  # unnamed parts and uploaded files are not fields
-        raw = part.decoded()
-        charset = part.headers.get_content_charset() or "utf-8"
-        try:
-            found[name] = raw.decode(charset, "replace")
-        except LookupError:
-            found[name] = raw.decode("utf-8", "replace")
+        found[name] = text_of(part.decoded(), part.charset)
     return found

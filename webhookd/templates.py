@@ -225,9 +225,13 @@ def _write(value: Any, out: list[str]) -> None:
 
 def payload_of(event: Event) -> Any:
     """What templates look into: the JSON body, or the form's fields; an empty ``NoPayload``
-    when neither (lookups find nothing in it, ``{{ . }}`` included)."""
+    when neither, or a form of more than ``forms.MOST_FIELDS`` fields (lookups find nothing
+    in it, ``{{ . }}`` included)."""
     if forms.media_type(event.content_type) in (forms.URLENCODED, forms.MULTIPART):
-        return event.form()
+        try:  # as many fields as the receiver reads: a form of more is read on the event loop
+            return forms.fields(event.content_type, event.body, forms.MOST_FIELDS)
+        except forms.TooManyFields:
+            return NoPayload()
     try:
         return json.loads(event.body, parse_float=_float, parse_constant=str)
     except json.JSONDecodeError:
