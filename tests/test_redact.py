@@ -59,6 +59,7 @@ model = "m"
 prompt = "p"
 max_tokens = 10
 api_key = "sk-inline-key"
+then = { forward = "http://127.0.0.1:9/then", secret = "whsec_aW5saW5lLXRoZW4tc2VjcmV0" }
 [[sources.shop.actions]]
 type = "forward"
 url = "http://127.0.0.1:9/plain"
@@ -146,13 +147,13 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
         "sources.shop.actions[5].url",
     ]
     masked = Masker(secret_values(cfg)).text(
-        "inline-query-key inlinePathToken1234abcd"
+        "inline-query-key inlinePathToken1234abcd sk-inline-key whsec_aW5saW5lLXRoZW4tc2VjcmV0"
         " inline-header-777 inline-url-pw inline-env-555 inline-aws-secret received_at"
         " eu-west-1-long Deploy Bot https://example.com/callback orders-v2-2024 orders.created"
         " integration-team"
     )
     assert masked == (
-        "*** *** *** *** *** *** received_at eu-west-1-long Deploy Bot https://example.com/callback"
+        "*** *** *** *** *** *** *** *** received_at eu-west-1-long Deploy Bot https://example.com/callback"
         " orders-v2-2024 orders.created integration-team"
     )
     path = tmp_path / "webhookd.toml"

@@ -285,7 +285,22 @@ def secret_values(obj: Any) -> set[str]:
         if not value.missing:
             found.add(value.reveal())
     found |= {value for _key, value in inline_credentials(obj)}
+    for action in _actions(obj):
+        found |= set(_written_secrets(action.options))
     return found | inherited_credentials(obj)
+
+
+def _written_secrets(table: Mapping[str, Any]) -> Iterator[str]:
+    """The values of the options that hold only a secret (an openai ``api_key``, a signing
+    ``secret`` or ``secrets``, a ``then``'s too) written in the file as they are: an API's
+    answer quoting the key ("Incorrect API key provided: sk-...") showed it whole."""
+    for name, value in table.items():
+        if name in _SECRET_ONLY_OPTIONS:
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and _written(item):
+                    yield item
+        elif isinstance(value, Mapping):  # then = { forward = ..., secret = ... }
+            yield from _written_secrets(value)
 
 
 # What names a header or a command's environment variable as holding a credential: a header
