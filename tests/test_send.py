@@ -358,6 +358,29 @@ async def test_a_user_and_password_in_the_url_go_as_basic_auth(
     assert code == 0 and target.seen[0].headers["Authorization"] == "Bearer t1"
 
 
+async def test_a_redirect_is_the_answer_and_what_a_server_answers_is_printed_escaped(
+    tmp_path: Path, target: Target
+) -> None:
+    """A redirect is not followed: urllib sent the request on, its credentials with it (the
+    token scheme's secret, a --url's Basic auth), and printed the answer of a GET there as a
+    delivery. The answer's reason and body are printed with their controls escaped, so none
+    reaches the terminal as a sequence it obeys."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    target.default_status = 302
+    target.headers = {"Location": f"{target.url}/landed"}
+    target.body = b'{"error": "\x1b]0;HACKED\x07\x1b[2J all good"}'
+    url = target.url.replace("http://", "http://hooks:pw-secret@") + "/hooks/gh"
+    code, out, err = await _webhookd("send", "gh", "--url", url, "--config", str(path))
+    assert [seen.path for seen in target.seen] == ["/hooks/gh"]  # nothing sent on
+    assert (code, err) == (1, "")
+    assert out.splitlines() == [
+        "302 Found",
+        f"redirect to {target.url}/landed not followed",
+        '{"error": "\\x1b]0;HACKED\\x07\\x1b[2J all good"}',
+    ]
+
+
 def test_a_url_without_a_password_is_shown_as_it_is() -> None:
     """Only a password is masked: an @ in the path beside a port, or a user alone, stays."""
     for url in ("http://127.0.0.1:8080/hooks/a@b", "http://u@h/x", "https://h/x?to=a@b"):

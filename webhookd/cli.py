@@ -1754,9 +1754,13 @@ def send(
         where = "--url" if url else f"server.listen in {cfg.origin}"
         hint = f": is the daemon running? ({where})" if exc.refused else ""
         _fail(f"cannot reach {shown}: {exc}{hint}", 1)
-    click.echo(f"{answer.status} {answer.reason}")
+    # What the answering server chose, escaped: none of it reaches the terminal as a control.
+    click.echo(printable(f"{answer.status} {answer.reason}"))
+    if answer.location is not None:
+        click.echo(printable(f"redirect to {answer.location} not followed"))
     if answer.body:
-        click.echo(answer.body.decode("utf-8", "replace"))
+        text = answer.body.decode("utf-8", "replace")
+        click.echo("\n".join(printable(line) for line in text.split("\n")))
     if answer.status == 401 and (note := send_mod.refused_note(cfg, src)):
         click.echo(f"webhookd: note: {note}", err=True)
     sys.exit(0 if answer.ok else 1)

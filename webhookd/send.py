@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from webhookd import schemes
@@ -48,7 +49,8 @@ class Delivery:
 class Answer:
     status: int
     reason: str
-    body: bytes
+    body: bytes  # at most MOST_ANSWER_BYTES of it
+    location: str | None = None  # a redirect's, not followed
 
     @property
     def ok(self) -> bool:
@@ -370,6 +372,20 @@ def trusting(cafile: str) -> ssl.SSLContext:
         ) from exc
 
 
+# Of an answer's body, what send reads and prints: the daemon's are a line of JSON.
+MOST_ANSWER_BYTES = 64 * 1024
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is the answer, not followed: urllib would send the request on with its
+    headers, a token scheme's secret and a --url's Basic credentials among them, to wherever
+    the Location says (another host too), and print the answer of a GET there as if the
+    webhook had been delivered."""
+
+    def redirect_request(self, *_args: Any) -> None:
+        return None
+
+
 def post(delivery: Delivery, timeout_s: float = 30.0, tls: ssl.SSLContext | None = None) -> Answer:
     """POST ``delivery``; any HTTP answer is returned. Anything else, a network failure, a
     URL the standard library cannot send (a space, a non-ASCII letter, a bad host) or an answer
@@ -386,16 +402,20 @@ def post(delivery: Delivery, timeout_s: float = 30.0, tls: ssl.SSLContext | None
         if authorization and not any(k.lower() == "authorization" for k in headers):
             headers["Authorization"] = authorization
         request = urllib.request.Request(url, data=delivery.body, headers=headers, method="POST")
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        handlers: list[urllib.request.BaseHandler] = [
+            urllib.request.ProxyHandler({}),
+            _NoRedirects(),
+        ]
         if tls is not None:
             handlers.append(urllib.request.HTTPSHandler(context=tls))
         opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(request, timeout=timeout_s) as response:
-                return Answer(response.status, response.reason, response.read())
+                return Answer(response.status, response.reason, response.read(MOST_ANSWER_BYTES))
         except urllib.error.HTTPError as exc:
             with exc:
-                return Answer(exc.code, str(exc.reason), exc.read())
+                location = exc.headers.get("Location") if 300 <= exc.code < 400 else None
+                return Answer(exc.code, str(exc.reason), exc.read(MOST_ANSWER_BYTES), location)
     except urllib.error.URLError as exc:
         # Its text is "<urlopen error [Errno 111] Connection refused>": say only the reason.
         reason = exc.reason
