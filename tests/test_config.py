@@ -1385,3 +1385,21 @@ def test_walking_a_config_for_its_secrets_leaves_no_cycle_for_the_collector(
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_actions_named_by_their_place_are_warned_of() -> None:
+    """Two unnamed actions of one type are named by their place (forward-1, forward-2): adding,
+    removing or moving one renames the others, whose queued jobs then go dead. ``check`` and
+    a start say so; one unnamed action of its type (named by its type alone) is not."""
+    cfg = loads(
+        "[sources.a]\n"
+        '[[sources.a.actions]]\ntype = "log"\n'
+        '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/x"\n'
+        '[[sources.a.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/y"\n'
+        '[[sources.a.actions]]\ntype = "forward"\nname = "z"\nurl = "http://127.0.0.1:9/z"\n',
+        "t",
+    )
+    [said] = actions.warnings(cfg)
+    assert said.startswith(
+        "sources.a.actions: forward-2, forward-3 have no name and are named by their place"
+    )

@@ -536,12 +536,12 @@ async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
         assert await daemon.wait_exit() == 0
 
 
-async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
-    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+async def test_a_reload_that_would_rename_an_unnamed_action_is_refused(
+    tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:
-    """Adding a second unnamed forward renames the first ('forward' becomes 'forward-1'):
-    its queued jobs would go dead at their turn without a word. The reload names the actions
-    it took away that leave queued jobs behind, and says how to keep them."""
+    """Adding a second unnamed forward renames the first ('forward' becomes 'forward-1'): its
+    queued jobs, and on other nodes the new ones, would go dead at their turn. The reload is
+    refused, saying which name to give; the queued job is delivered where it was meant to."""
     one = forward("a", f"{target.url}/one")
     second = '[[sources.a.actions]]\ntype = "forward"\nurl = "' + target.url + '/two"\n'
     running: Running = await run_daemon(
@@ -552,11 +552,43 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
     await running.daemon.pool.pause_applied()
     status, _ = await running.post("/hooks/a", b"{}")
     assert status == 202
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    async with running.http.get(running.admin_url + "/stats") as r:
+        refused = (await r.json())["reload_refused"]
+    assert refused == (
+        "sources.a.actions[0]: an action without a name, named forward until now, would be"
+        " forward-1 (an unnamed forward is named by its place once its source has two), and the"
+        ' jobs of forward would go dead: give it name = "forward", and each other unnamed one'
+        " a name of its own"
+    )
+    await running.daemon.journal.resume("a")
+    await target.wait_for(lambda t: len(t.seen) == 1)
+    assert [seen.path for seen in target.seen] == ["/one"]
+
+
+async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An action renamed (or taken away) leaves its queued jobs nothing to run on: the reload
+    names the actions it took away that leave queued jobs behind, and says how to keep them."""
+    one = forward("a", f"{target.url}/one").replace(
+        'type = "forward"', 'type = "forward"\nname = "old"'
+    )
+    two = one.replace('name = "old"', 'name = "new"')
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, two)
+    )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("a")  # its job stays queued
+    await running.daemon.pool.pause_applied()
+    status, _ = await running.post("/hooks/a", b"{}")
+    assert status == 202
     caplog.set_level(logging.WARNING, logger="webhookd.app")
     running.daemon.request_reload()
     await running.daemon.reloaded.wait()
     [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
-    assert line.startswith("config reload: a/forward no longer configured: its queued job(s)")
+    assert line.startswith("config reload: a/old no longer configured: its queued job(s)")
     assert 'name = "..."' in line
 
 

@@ -486,6 +486,14 @@ class Daemon:
             len(new.lanes),
             new.origin,
         )
+        if plan.renamed:
+            key, kind, was, now = plan.renamed[0]
+            return _refused(
+                f"{key}: an action without a name, named {was} until now, would be {now} (an"
+                f" unnamed {kind} is named by its place once its source has two), and the jobs"
+                f' of {was} would go dead: give it name = "{was}", and each other'
+                " unnamed one a name of its own"
+            )
         cfg = plan.config
         journal = running.pool.journal
         gone = plan.actions_gone

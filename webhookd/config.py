@@ -401,6 +401,8 @@ class ActionConfig:
     # Every condition must allow the event's value, or the action gets no job for it.
     when: tuple[Condition, ...] = setting((), parse=parse_when)
     options: Mapping[str, Any] = field(default_factory=dict)
+    # False for a name made from the type (and, beside another of its type, its place).
+    named: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,6 +570,9 @@ class Reload:
     # find no action to run on (an unnamed action's name is its type, and its type and place
     # once its source has two of that type: adding a second forward renames the first).
     actions_gone: tuple[str, ...] = ()
+    # Of those, the unnamed ones the new file gives another name by their place, with it:
+    # (key, type, old name, new name). A reload refuses them (their jobs would go dead).
+    renamed: tuple[tuple[str, str, str, str], ...] = ()
 
     def summary(self) -> str:
         parts = [
@@ -684,6 +689,15 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         for a in src.actions
         if n not in after or a.name not in {b.name for b in after[n].actions}
     ]
+    renamed = [
+        (b.key, a.type, a.name, b.name)
+        for n, src in before.items()
+        if n in after
+        for a in src.actions
+        if not a.named and a.name not in {b.name for b in after[n].actions}
+        for b in after[n].actions
+        if not b.named and b.type == a.type and b.name not in {c.name for c in src.actions}
+    ]
     return Reload(
         config=dataclasses.replace(
             old, sources=after, lanes=lanes, log=log, alerts=new.alerts, origin=new.origin
@@ -696,6 +710,7 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         lanes_removed=tuple(n for n in old.lanes if n not in lanes),
         alerts=_alerts_change(old.alerts, new.alerts),
         actions_gone=tuple(gone),
+        renamed=tuple(renamed[:1]),
     )
 
 
@@ -1360,7 +1375,7 @@ def _source(name: str, value: Any, key: str, kinds: KindDefaults | None) -> Sour
                 1 for r in raw_actions if isinstance(r, Mapping) and r.get("type") == action.type
             )
             given = action.type if same == 1 else f"{action.type}-{i + 1}"
-            action = dataclasses.replace(action, name=given)
+            action = dataclasses.replace(action, name=given, named=False)
         if any(a.name == given for a in actions):
             raise ConfigError(f"{akey}.name", f"duplicate action name {given!r}")
         actions.append(action)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from webhookd.actions.base import Action, ActionKind, Outcome, Resources
-from webhookd.config import ActionDefaults, Config
+from webhookd.config import ActionDefaults, Config, source_key
 from webhookd.errors import ConfigError
 
 
@@ -106,6 +106,14 @@ def warnings(config: Config) -> list[str]:
 
     said = []
     for source in config.all_sources():
+        by_place = [a for a in source.actions if not a.named and a.name != a.type]
+        if by_place:
+            said.append(
+                f"{source_key(source.name)}.actions: {', '.join(a.name for a in by_place)} have no"
+                " name and are named by their place: adding, removing or moving an action of"
+                " their type renames them, and their queued jobs then go dead (a reload"
+                " refuses it; a restart, or another node, does not): give each a name"
+            )
         for action in source.actions:
             if action.type == "command" and (why := missing_program(action)):
                 said.append(f"{action.key}.argv[0]: {why}: its jobs fail until it is")
