@@ -123,6 +123,33 @@ async def test_pg_a_node_with_a_longer_lease_keeps_its_jobs_under_a_leader_with_
         assert (await short.recover_lost()).requeued == 1
 
 
+async def test_pg_nodes_whose_configs_differ_say_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each node's heartbeat carries a digest of its sources, actions and lanes: a node whose
+    digest differs from a live one's says so once (until every node has one file, a job of
+    an action one lacks goes dead on it), /stats marks it, and it is said when they agree."""
+    clock = ManualClock(START)
+    caplog.set_level(logging.WARNING, logger="webhookd.journal.postgres.nodes")
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        a.config_digest, b.config_digest = "one", "two"
+        for journal in (a, b):
+            await journal.heartbeat()
+        assert await a.compare_configs() == {f"{socket.gethostname()} pid {os.getpid()}"}
+        await a.compare_configs()  # said once
+        assert {n.node_id: n.same_config for n in await a.nodes()} == {
+            a.node_id: True,
+            b.node_id: False,
+        }
+        b.config_digest = "one"  # reloaded with the same file
+        await b.heartbeat()
+        assert await a.compare_configs() == frozenset()
+    said = [r.getMessage() for r in caplog.records if "node" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("node(s) ") and "other than this node's config" in said[0]
+    assert said[1] == "every node runs this node's sources, actions and lanes again"
+
+
 async def test_pg_nodes_lists_every_node_and_marks_a_silent_one_stale(pg_url: str) -> None:
     """Each node's ``/stats`` lists both nodes with their own running jobs; one silent past
     lease_s shows stale, and one that stopped cleanly is gone."""
@@ -1097,6 +1124,7 @@ async def test_pg_an_outcome_kept_back_by_an_outage_is_recorded_once_it_is_over(
         with pytest.raises(JournalUnavailable):
             await journal.record_pending()  # still down: kept for the next round
         await db_outage.end()
+        await _writable_again(journal)  # the pool may first hand out a connection it cut
         assert await journal.record_pending() == 1
         job = (await journal.get_event(item.event.id)).jobs[0]
         assert (job.state, [a.outcome for a in job.history]) == (JobState.DONE, ["done"])

@@ -55,7 +55,7 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
-from webhookd.config import CATCH_ALL, Config, Listen, no_sources, plan_reload
+from webhookd.config import CATCH_ALL, Config, Listen, cluster_digest, no_sources, plan_reload
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -207,6 +207,7 @@ class Daemon:
             journal = open_journal(
                 cfg.journal, clock=self.clock, max_recoveries=cfg.workers.max_recoveries
             )
+            journal.config_digest = cluster_digest(cfg)
             await stack.enter_async_context(journal)
             self.journal = journal
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
@@ -526,6 +527,7 @@ class Daemon:
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
         old_log, self.config = self.config.log, cfg
         running.pool.reconfigure(cfg, actions, secrets)
+        journal.config_digest = cluster_digest(cfg)
         running.receiver.reconfigure(cfg)
         running.metrics.configure(cfg)
         running.ctx.reconfigure(cfg, secrets)

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import hashlib
 import ipaddress
 import json
 import math
@@ -653,6 +654,18 @@ def check_sources(
                 raise ConfigError(f"{action.key}.lane", f"must be a string, not {_type_name(lane)}")
             if lane is not None and lane not in lanes:
                 raise ConfigError(f"{action.key}.lane", f"no lane named {lane!r} in [lanes]")
+
+
+def cluster_digest(cfg: Config) -> str:
+    """A digest of what nodes sharing a journal must agree on to run each other's jobs alike:
+    the sources' actions (names, types, options as written, caps, retries) and the lanes.
+    Not the verification, nor anything of [server]: those are each node's own."""
+    sources = [
+        (src.name, src.concurrency, src.tenant_concurrency, repr(src.actions))
+        for src in cfg.all_sources()
+    ]
+    lanes = sorted((name, repr(lane)) for name, lane in cfg.lanes.items())
+    return hashlib.sha256(repr((sources, lanes)).encode()).hexdigest()[:16]
 
 
 def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:

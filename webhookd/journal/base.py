@@ -146,6 +146,8 @@ class BaseJournal(ABC):
     # bulk verb beside the daemon must then leave it room between its batches (``webhookd
     # prune``, ``replay``, ``cancel``).
     one_writer: bool = False
+    # Set by the daemon (``config.cluster_digest``): nodes sharing the journal compare theirs.
+    config_digest: str | None = None
     on_commit: Callable[[list[Ready]], None] | None
     starter: Starter | None = None  # set by the daemon: new jobs may start at their commit
     on_remote_jobs: Callable[[], None] | None = None

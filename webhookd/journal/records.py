@@ -418,6 +418,9 @@ class NodeInfo:
     running: int
     this: bool
     stale: bool
+    # Whether it runs the sources, actions and lanes this node does (``cluster_digest``);
+    # None where it did not say (an older webhookd, a SQLite journal's one node).
+    same_config: bool | None = None
 
     def summary(self, now: float) -> dict[str, Any]:
         """The node as ``/stats`` and ``webhookd stats --json`` show it."""
@@ -431,6 +434,7 @@ class NodeInfo:
             "running": self.running,
             "this": self.this,
             "stale": self.stale,
+            "same_config": self.same_config,
         }
 
 

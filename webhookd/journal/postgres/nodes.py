@@ -49,6 +49,8 @@ class PgNodes:
     clock: Clock
     node_id: str
     lease_s: float
+    config_digest: str | None
+    _told_differ: frozenset[str]
     max_recoveries: int
     heartbeat_s: float
     last_write_error: str | None
@@ -90,21 +92,53 @@ class PgNodes:
         now = self.clock.time()
         try:
             await self.pool.execute(
-                "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s)"
-                " VALUES ($1, $2, $2, $3, $4, $5)"
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s,"
+                " config_digest) VALUES ($1, $2, $2, $3, $4, $5, $6)"
                 " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,"
-                " lease_s = EXCLUDED.lease_s",
+                " lease_s = EXCLUDED.lease_s, config_digest = EXCLUDED.config_digest",
                 self.node_id,
                 now,
                 socket.gethostname(),
                 os.getpid(),
                 self.lease_s,
+                self.config_digest,
                 deadline_s=max(2 * self.heartbeat_s, 5.0),
             )
         except DB_ERRORS as exc:
             self.went_down(exc)
             raise JournalUnavailable(f"journal heartbeat failed: {db_error(exc)}") from exc
         self.came_back()
+
+    async def compare_configs(self) -> frozenset[str]:
+        """The live nodes whose sources, actions or lanes are not this node's, said once
+        each time that set grows (and once when it empties): until every node has one file,
+        a job of an action one node lacks goes dead there, and caps and lanes are as loose as
+        the loosest node's."""
+        if self.config_digest is None:
+            return frozenset()
+        try:
+            rows = await self.pool.fetch(
+                "SELECT host, pid FROM nodes WHERE node_id <> $1 AND config_digest <> $2"
+                " AND heartbeat_at >= $3::double precision - COALESCE(lease_s, $4)",
+                self.node_id,
+                self.config_digest,
+                self.clock.time(),
+                self.lease_s,
+            )
+        except DB_ERRORS as exc:
+            raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
+        differ = frozenset(f"{r[0] or '?'} pid {r[1]}" for r in rows)
+        if differ - self._told_differ:
+            log.warning(
+                "node(s) %s run sources, actions or lanes other than this node's config: until"
+                " every node has the same file, a job of an action one lacks goes dead on it,"
+                " and concurrency caps and lanes are as loose as the loosest node's",
+                ", ".join(sorted(differ)),
+            )
+        elif self._told_differ and not differ:
+            log.warning("every node runs this node's sources, actions and lanes again")
+        self._told_differ = differ
+        return differ
 
     def went_down(self, exc: BaseException) -> None:
         """A write failed: say so once per outage (the retries that follow stay at debug)."""
@@ -185,6 +219,7 @@ class PgNodes:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
+                await self.compare_configs()
                 await self.release_doubtful()
                 await self.record_pending()
                 # Every node's backpressure reads the whole cluster's backlog, not its own

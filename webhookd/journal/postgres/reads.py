@@ -93,6 +93,7 @@ class PgReads:
     clock: Clock
     node_id: str
     lease_s: float
+    config_digest: str | None
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         raise NotImplementedError
@@ -314,7 +315,8 @@ class PgReads:
         rows = await self.fetch(
             "SELECT n.node_id, n.host, n.pid, n.started_at, n.heartbeat_at, (SELECT COUNT(*)"
             " FROM jobs j WHERE j.state = 'running' AND j.node_id = n.node_id),"
-            " COALESCE(n.lease_s, $2) FROM nodes n ORDER BY n.started_at, n.node_id LIMIT $1",
+            " COALESCE(n.lease_s, $2), n.config_digest FROM nodes n"
+            " ORDER BY n.started_at, n.node_id LIMIT $1",
             limit,
             self.lease_s,
         )
@@ -329,6 +331,11 @@ class PgReads:
                 int(r[5]),
                 this=r[0] == self.node_id,
                 stale=float(r[4]) < now - float(r[6]),  # silent past its own lease
+                same_config=(
+                    None
+                    if r[7] is None or self.config_digest is None
+                    else r[7] == self.config_digest
+                ),
             )
             for r in rows
         ]

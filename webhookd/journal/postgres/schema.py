@@ -240,9 +240,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 11 → 12: each node's own journal.lease_s, which its heartbeat keeps within: the leader
     # judged every node by its own, and took the jobs of a node with a longer lease (heart-
-    # beating every 5 s) for lost when its own was 3 s. NULL for a node of an older webhookd.
+    # beating every 5 s) for lost when its own was 3 s. And a digest of its sources, actions
+    # and lanes (``config.cluster_digest``), so that nodes whose files differ say so. NULL
+    # for a node of an older webhookd.
     """
-    ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_s double precision;
+    ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_s double precision,
+        ADD COLUMN IF NOT EXISTS config_digest text;
     """,
 )
 
