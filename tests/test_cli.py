@@ -697,6 +697,41 @@ async def test_show_says_when_no_daemon_runs_for_a_job_left_running(tmp_path: Pa
     assert "[running]" in out.output and hint not in out.output
 
 
+async def test_purge_deletes_a_tenants_events_after_a_dry_run_and_says_what_is_left(
+    tmp_path: Path,
+) -> None:
+    """``purge --tenant`` lists with --dry-run, refuses without --yes, deletes with it (an
+    event whose job runs left whole and named); by id, an unknown one changes nothing."""
+    config, cfg = write_config(tmp_path, "")
+    alice = [new_event(tenant="alice@example.com", body=b'{"n": %d}' % n) for n in range(3)]
+    bob = new_event(tenant="bob@example.com")
+    async with Journal(cfg.journal.path) as journal:
+        for item in (*alice, bob):
+            await journal.ingest(item)
+        await journal.claim([alice[2].jobs[0].id], "b")
+    where = ("--config", str(config))
+    refused = await cli("purge", "--tenant", "alice@example.com", *where)
+    assert refused.exit_code == 2 and "--dry-run, then delete with --yes" in refused.output
+    listed = await cli("purge", "--tenant", "alice@example.com", "--dry-run", *where)
+    assert listed.output.splitlines() == [
+        "would purge 3 event(s)",
+        *[item.event.id for item in reversed(alice)],
+    ]
+    done = await cli("purge", "--tenant", "alice@example.com", "--yes", *where)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines() == [
+        "purged 2 event(s) with 2 job(s); 1 left whole, a job of theirs running: cancel, then"
+        " purge again",
+        f"  running: {alice[2].event.id}",
+    ]
+    assert "overwritten in the journal file" in done.stderr
+    unknown = await cli("purge", bob.event.id, "evt_nope", *where)
+    assert unknown.exit_code == 1 and "evt_nope" in unknown.output
+    async with Journal(cfg.journal.path) as journal:
+        left = [e.id for e in await journal.list_events(limit=10)]
+    assert sorted(left) == sorted([alice[2].event.id, bob.event.id])
+
+
 async def test_show_names_the_kind_a_provider_says_in_a_header(tmp_path: Path) -> None:
     """A Shopify or GitHub webhook's kind is in a header, not its body: show prints it."""
     config, cfg = write_config(tmp_path, "")

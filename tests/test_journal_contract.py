@@ -40,6 +40,7 @@ from webhookd.journal import (
     NewEvent,
     NewJob,
     Poisoned,
+    Purged,
     Recovery,
     Replayed,
     schema,
@@ -1100,6 +1101,44 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         )
         assert retried == frozenset()
         assert running in {r.id for r in await daemon.ready(clock.time(), 10)}
+
+
+async def test_purge_deletes_events_whole_and_leaves_one_with_a_running_job(
+    store: Store,
+) -> None:
+    """Purge deletes an event now, whatever its jobs' states (queued, parked for a retry,
+    done, dead), with their attempts and its dedup key: the same delivery again is a new
+    event. One whose job runs is left whole; an unknown id changes nothing."""
+    clock = store.clock
+    async with store.journal() as daemon, store.journal() as cli:
+        gone = new_event(jobs=3, received_at=clock.time(), key="shop:alice")
+        busy = new_event(received_at=clock.time())
+        for item in (gone, busy):
+            await daemon.ingest(item)
+        queued, parked, finished_job = (j.id for j in gone.jobs)
+        await daemon.claim([parked, finished_job, busy.jobs[0].id], "b")
+        far = clock.time() + 3600
+        await daemon.finish(
+            [
+                finished(parked, JobState.QUEUED, "retry", run_at=far, error="503"),
+                finished(finished_job, JobState.DEAD, "dead", error="410"),
+            ]
+        )
+        with pytest.raises(NotFound):
+            await cli.purge([gone.event.id, "evt_nope"])
+        assert (await daemon.get_event(gone.event.id)).jobs[1].attempts == 1
+
+        assert await cli.purge([gone.event.id, busy.event.id]) == {
+            gone.event.id: Purged(3, 2),
+            busy.event.id: Purged(0, 0, running=1),
+        }
+        with pytest.raises(NotFound):
+            await daemon.get_event(gone.event.id)
+        assert (await daemon.get_event(busy.event.id)).state == "running"
+        assert await daemon.claim([queued, parked], "b") == []
+        assert await cli.backlog() == 1  # the running job's
+        again = new_event(key="shop:alice")
+        assert (await daemon.ingest(again)).duplicate is False  # its dedup key went with it
 
 
 async def test_cancel_by_filter_finds_events_whose_only_live_job_is_running(

@@ -44,6 +44,7 @@ from webhookd.journal import (
     Cancelled,
     EventDetail,
     Peeked,
+    Purged,
     Replayed,
     copies,
     open_journal,
@@ -961,6 +962,116 @@ def cancel(
     elif result and not cancelled:
         line += " (only queued jobs are cancelled: none of theirs was)"
     click.echo(line)
+
+
+@main.command()
+@click.argument("event_ids", nargs=-1)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--tenant", help="Every event of this tenant (as sent, even one kept as a digest).")
+@click.option(
+    "--contains",
+    help="Every event whose body holds this text, byte for byte (try the spellings a body may"
+    " hold: %40 for @ in a form).",
+)
+@click.option("--source", help="With --tenant or --contains: only this source's events.")
+@click.option("--since", help="With --tenant or --contains: only events received since.")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted, change nothing.")
+@click.option("--yes", is_flag=True, help="With --tenant or --contains: delete, not only list.")
+def purge(
+    event_ids: tuple[str, ...],
+    config_path: str | None,
+    tenant: str | None,
+    contains: str | None,
+    source: str | None,
+    since: str | None,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Delete events now, with their jobs, attempts and dedup keys, whatever their state: a
+    customer who asks to be forgotten, a webhook that carried what must not be kept.
+
+    By event id, or every event of a --tenant or whose body --contains a text (then --dry-run
+    lists them, and --yes deletes them). An event whose job is running is left whole: cancel
+    it, and purge it once its attempt has ended. A provider's retry of a purged delivery is
+    taken as a new event. Backups keep what they held.
+    """
+    bulk = tenant is not None or contains is not None
+    if bool(event_ids) == bulk:
+        raise click.UsageError("give event ids, or --tenant or --contains")
+    if (source or since) and not bulk:
+        raise click.UsageError("--source and --since go with --tenant or --contains")
+    if bulk and not (dry_run or yes):
+        raise click.UsageError(
+            "purge deletes for good: list what it would with --dry-run, then delete with --yes"
+        )
+    if contains is not None and not 1 <= len(contains) <= MAX_CONTAINS:
+        raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
+    since_ts = parse_since(since) if since else None
+    cfg = _read_config(config_path)
+    _unknown_source_note(cfg, source)
+
+    async def go() -> tuple[list[str], dict[str, Purged], bool]:
+        async with _journal(cfg) as journal:
+            if event_ids:
+                ids = list(dict.fromkeys(event_ids))
+                for event_id in ids:
+                    await journal.get_event(event_id)  # NotFound: nothing changed
+            else:
+                ids, before = [], None
+                while page := await journal.list_events(
+                    source=source,
+                    tenant=tenant,
+                    since=since_ts,
+                    contains=contains.encode() if contains is not None else None,
+                    limit=10_000,
+                    before=before,
+                ):
+                    ids += [e.id for e in page]
+                    before = page[-1].id
+            out: dict[str, Purged] = {}
+            if dry_run:
+                return ids, out, journal.one_writer
+            rest = _resting(journal)
+            took = 0.0
+            with _progress(len(ids), "purging") as bar:
+                for start in range(0, len(ids), BULK_BATCH):
+                    batch = ids[start : start + BULK_BATCH]
+                    if start and rest is not None:
+                        await rest(took)
+                    began = time.monotonic()
+                    out.update(await present_only(journal.purge, batch))
+                    took = time.monotonic() - began
+                    bar.update(len(batch))
+            return ids, out, journal.one_writer
+
+    ids, out, sqlite = _run(go, cfg.journal)
+    if dry_run:
+        click.echo(f"would purge {len(ids)} event(s)")
+        for event_id in ids:
+            click.echo(event_id)
+        return
+    deleted = {i: p for i, p in out.items() if not p.running}
+    line = f"purged {len(deleted)} event(s) with {sum(p.jobs for p in deleted.values())} job(s)"
+    if held := [i for i, p in out.items() if p.running]:
+        line += f"; {len(held)} left whole, a job of theirs running: cancel, then purge again"
+    click.echo(line)
+    for event_id in held:
+        click.echo(f"  running: {event_id}")
+    if len(out) < len(ids):
+        click.echo(f"{len(ids) - len(out)} event(s) pruned since listed: skipped", err=True)
+    if deleted:
+        click.echo(
+            "webhookd: note: "
+            + (
+                "what was deleted is overwritten in the journal file; its -wal may hold copies"
+                " until a running daemon stops cleanly"
+                if sqlite
+                else "PostgreSQL keeps deleted rows in its files until VACUUM reuses their"
+                " space (VACUUM FULL events, jobs, attempts rewrites them)"
+            )
+            + "; backups keep what they held",
+            err=True,
+        )
 
 
 def _done_jobs_note(events: list[EventDetail], action: str | None = None) -> None:

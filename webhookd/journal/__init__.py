@@ -106,6 +106,7 @@ from webhookd.journal.records import (
     Peeked,
     Poisoned,
     Pruned,
+    Purged,
     Ready,
     Recovery,
     Replayed,
@@ -122,6 +123,7 @@ from webhookd.journal.schema import (
     dump,
     fetch,
     fetch_rows,
+    key_digest,
     leaving_running,
     replayed_jobs,
 )
@@ -156,6 +158,7 @@ __all__ = [
     "Poisoned",
     "PolledCounts",
     "Pruned",
+    "Purged",
     "Ready",
     "Recovery",
     "Replayed",
@@ -1562,6 +1565,32 @@ class Journal(Reads, BaseJournal):
             return Cancelled(cancelled.rowcount, running.rowcount)
 
         return self._count_cancelled(await self._each_event(event_ids, change))
+
+    async def purge(self, event_ids: Sequence[str]) -> dict[str, Purged]:
+        """``BaseJournal.purge``. What it deletes is overwritten in the file (``secure_delete``);
+        the ``-wal`` may hold the pages as they were until commits overwrite them or the daemon
+        stops cleanly."""
+
+        def delete(conn: sqlite3.Connection, event_id: str) -> Purged:
+            states = [
+                r[0]
+                for r in fetch_rows(conn, "SELECT state FROM jobs WHERE event_id = ?", (event_id,))
+            ]
+            if "running" in states:
+                return Purged(0, 0, states.count("running"))
+            conn.execute(
+                "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
+                (event_id,),
+            )
+            conn.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))
+            (key,) = fetch_rows(conn, "SELECT dedup_key FROM events WHERE id = ?", (event_id,))[0]
+            conn.execute(
+                "DELETE FROM dedup WHERE digest = ? AND event_id = ?", (key_digest(key), event_id)
+            )
+            conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
+            return Purged(len(states), states.count("queued"))
+
+        return self._count_purged(await self._each_event(event_ids, delete))
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from webhookd.journal.records import (
     NodeInfo,
     Poisoned,
     Pruned,
+    Purged,
     Ready,
     Recovery,
     Replayed,
@@ -344,6 +345,16 @@ class BaseJournal(ABC):
         with ``dead_only`` its dead jobs alone (dismissed dead letters; see ``Journal.cancel``);
         with ``action``, only the jobs of the action of that name; ``NotFound`` for an unknown
         id, changing nothing."""
+
+    @abstractmethod
+    async def purge(self, event_ids: Sequence[str]) -> dict[str, Purged]:
+        """Delete each event now, with its jobs, their attempts and its dedup key (a provider's
+        retry of it is then a new event): an event with a running job is left whole, said in
+        its ``Purged``. ``NotFound`` for an unknown id, changing nothing."""
+
+    def _count_purged(self, out: dict[str, Purged]) -> dict[str, Purged]:
+        self.backlog_jobs -= sum(p.queued for p in out.values())
+        return out
 
     @abstractmethod
     async def pause(self, source: str) -> bool:

@@ -262,6 +262,16 @@ class Cancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class Purged:
+    """What a purge did to one event: deleted with its jobs, their attempts and its dedup key,
+    or left whole because a job of it was running (``running``)."""
+
+    jobs: int  # deleted, in any state
+    queued: int  # of those, queued ones (the backlog's)
+    running: int = 0  # running at that moment: nothing of the event deleted
+
+
+@dataclass(frozen=True, slots=True)
 class DeadCause:
     """Dead jobs of one source's action that ended with the same error (its first
     ``CAUSE_CHARS``): what ``webhookd stats`` lists under "dead letters by cause"."""
