@@ -1401,5 +1401,5 @@ def test_actions_named_by_their_place_are_warned_of() -> None:
     )
     [said] = actions.warnings(cfg)
     assert said.startswith(
-        "sources.a.actions: forward-2, forward-3 have no name and are named by their place"
+        "sources.a.actions: forward-2, forward-3 have no name and are named by place"
     )

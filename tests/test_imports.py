@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "webhookd"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # Nothing from webhookd, and the foundations' own.
-    ("webhookd.forms", "webhookd.hangups"),
+    ("webhookd.forms", "webhookd.hangups", "webhookd.threads"),
     # Foundations: nothing from webhookd but the above.
     (
         "webhookd.errors",

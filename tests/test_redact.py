@@ -160,7 +160,7 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
     path.write_text(_WRITTEN)
     result = CliRunner().invoke(main, ["check", "--no-journal", "--config", str(path)])
     assert result.exit_code == 0, result.output
-    assert result.stderr.splitlines() == [
+    assert [line for line in result.stderr.splitlines() if WRITTEN_OUT in line] == [
         f"webhookd: warning: {key} is {WRITTEN_OUT}" for key in written_out(cfg)
     ]
     for value in ("admin-token-inline", "pg-password", "old-inline-secret", "sk-inline-key"):

@@ -109,10 +109,11 @@ def warnings(config: Config) -> list[str]:
         by_place = [a for a in source.actions if not a.named and a.name != a.type]
         if by_place:
             said.append(
-                f"{source_key(source.name)}.actions: {', '.join(a.name for a in by_place)} have no"
-                " name and are named by their place: adding, removing or moving an action of"
-                " their type renames them, and their queued jobs then go dead (a reload"
-                " refuses it; a restart, or another node, does not): give each a name"
+                f"{source_key(source.name)}.actions: {', '.join(a.name for a in by_place)}"
+                f" {'has' if len(by_place) == 1 else 'have'} no name and"
+                f" {'is' if len(by_place) == 1 else 'are'} named by place: adding, removing or"
+                " moving an action of that type renames it, and its queued jobs then go dead"
+                " (a reload refuses it; a restart, or another node, does not): give each a name"
             )
         for action in source.actions:
             if action.type == "command" and (why := missing_program(action)):
