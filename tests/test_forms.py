@@ -186,6 +186,26 @@ def test_a_part_whose_parameters_run_long_is_no_field() -> None:
     assert list(parts(long_type, body)) == []
 
 
+def test_odd_bytes_in_a_parts_headers_and_charset_raise_nothing() -> None:
+    """A byte past ASCII in a part's header (which the email package hands back as a
+    ``Header``), a NUL or an unknown name in its charset, or a Content-Type whose ``name=``
+    parameters run long (``filename`` falls back to it): each read as the rest are, no error
+    (the receiver answered an unsigned request 503)."""
+    many = b"; a=1" * 1000
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="id\xff"\r\n\r\nx\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="c"\r\n'
+        b"Content-Type: text/plain; charset=a\x00b\r\n\r\ncaf\xc3\xa9\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="d"\r\n'
+        b"Content-Type: text/plain; charset=x-no-such-" + b"z" * 100 + b"\r\n\r\nd\r\n"
+        b"--XyZ\r\nContent-Disposition: form-data\r\nContent-Type: text/plain"
+        + many
+        + b"\r\n\r\nf\r\n--XyZ--\r\n"
+    )
+    found = fields("multipart/form-data; boundary=XyZ", body)
+    assert found == {"id\ufffd": "x", "c": "café", "d": "d"}
+
+
 def test_a_handler_asking_a_json_body_for_its_form_is_told_to_read_json() -> None:
     """``event.form()`` on a JSON body raises as ``json()`` does on a form, instead of one
     field named after the whole body; a form, or a body sent without a type, is read."""

@@ -17,8 +17,10 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import encodings
 import quopri
 from collections.abc import Iterator
+from encodings.aliases import aliases as _ALIASES
 from urllib.parse import parse_qsl
 
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -48,28 +50,35 @@ _HEAD_BYTES = 16 * 1024
 # the event loop, before any signature was checked). A provider's run to two or three.
 _MOST_PARAMS = 32
 _MOST_PARAMS_CHARS = 4096
-# The charsets a part's text is decoded by (and their aliases): others (punycode's decoding
+# The charsets a part's text is decoded by, by any of their names: others (punycode's decoding
 # takes quadratic time, idna and "undefined" raise, some are no text encoding at all) are read
-# as UTF-8, as a part that names none is.
-_CHARSETS = frozenset(
-    codecs.lookup(name).name
-    for name in (
-        "utf-8", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "ascii", "latin-1",
-        "iso8859-2", "iso8859-5", "iso8859-7", "iso8859-9", "iso8859-15", "cp1250", "cp1251",
-        "cp1252", "cp1253", "cp1254", "cp1256", "koi8-r", "koi8-u", "shift_jis", "euc-jp",
-        "iso2022_jp", "euc-kr", "gb2312", "gbk", "gb18030", "big5",
-    )
+# as UTF-8, as a part that names none is. Names are matched here, never looked up as sent: the
+# codecs registry keeps every name it was asked for, a sender's random ones too.
+_CHARSETS = (
+    "utf-8", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "ascii", "latin-1",
+    "iso8859-2", "iso8859-5", "iso8859-7", "iso8859-9", "iso8859-15", "cp1250", "cp1251",
+    "cp1252", "cp1253", "cp1254", "cp1256", "koi8-r", "koi8-u", "shift_jis", "euc-jp",
+    "iso2022_jp", "euc-kr", "gb2312", "gbk", "gb18030", "big5",
 )  # fmt: skip
 
 
+def _charset_names() -> frozenset[str]:
+    names = set()
+    for charset in _CHARSETS:
+        known = {encodings.normalize_encoding(charset), codecs.lookup(charset).name}
+        known = {name.replace("-", "_") for name in known}
+        names |= known | {alias for alias, codec in _ALIASES.items() if codec in known}
+    return frozenset(names)
+
+
+_CHARSET_NAMES = _charset_names()
+
+
 def text_of(raw: bytes, charset: str | None) -> str:
-    """``raw`` decoded by ``charset`` when it is one of ``_CHARSETS``, else as UTF-8; bytes it
-    cannot decode become U+FFFD."""
-    try:
-        name = codecs.lookup(charset).name if charset else "utf-8"
-    except LookupError:
-        name = "utf-8"
-    return raw.decode(name if name in _CHARSETS else "utf-8", "replace")
+    """``raw`` decoded by ``charset`` when it names one of ``_CHARSETS``, else as UTF-8; bytes
+    it cannot decode become U+FFFD."""
+    name = encodings.normalize_encoding(charset.strip().lower()) if charset else ""
+    return raw.decode(name if name in _CHARSET_NAMES else "utf-8", "replace")
 
 
 class Part:
@@ -93,12 +102,16 @@ class Part:
         """As sent: a Content-Transfer-Encoding, if any, not undone (``decoded``)."""
         return self._body[self._start : self._end]
 
-    def _readable(self, header: str) -> bool:
-        """Whether ``header``'s parameters are few and short enough to be parsed."""
-        value = self.headers.get(header)
-        return value is None or (
-            len(value) <= _MOST_PARAMS_CHARS and str(value).count(";") <= _MOST_PARAMS
-        )
+    def _readable(self, *headers: str) -> bool:
+        """Whether ``headers``' parameters are few and short enough to be parsed."""
+        for header in headers:
+            value = self.headers.get(header)
+            if value is None:
+                continue
+            text = str(value)  # a Header object where the line held a byte past ASCII
+            if len(text) > _MOST_PARAMS_CHARS or text.count(";") > _MOST_PARAMS:
+                return False
+        return True
 
     @property
     def name(self) -> str | None:
@@ -114,7 +127,8 @@ class Part:
     @property
     def filename(self) -> str | None:
         """Set on an uploaded file (an attachment), None on a plain field."""
-        if not self._readable("content-disposition"):
+        # Read from the Content-Type's name= where the Content-Disposition has no filename=.
+        if not self._readable("content-disposition", "content-type"):
             return None
         return self.headers.get_filename()
 
