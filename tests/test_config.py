@@ -1403,3 +1403,35 @@ def test_actions_named_by_their_place_are_warned_of() -> None:
     assert said.startswith(
         "sources.a.actions: forward-2, forward-3 have no name and are named by place"
     )
+
+
+def test_a_reload_names_the_action_that_was_renamed_by_its_options() -> None:
+    """The refusal names the new file's action with the renamed one's options, not the first
+    of its type: naming the action added before it would send the queued jobs (body and
+    signature) to the new one's target. Changed as well, it names the source's actions."""
+    old = loads(
+        '[sources.a]\n[[sources.a.actions]]\ntype = "log"\n'
+        '[[sources.a.actions]]\ntype = "forward"\nurl = "http://old.example/"\n',
+        "t",
+    )
+    new = loads(
+        '[sources.a]\n[[sources.a.actions]]\ntype = "forward"\nurl = "http://new.example/"\n'
+        '[[sources.a.actions]]\ntype = "log"\n'
+        '[[sources.a.actions]]\ntype = "forward"\nurl = "http://old.example/"\n',
+        "t",
+    )
+    assert plan_reload(old, new).renamed == (
+        ("sources.a.actions[2]", "forward", "forward", "forward-3"),
+    )
+    changed = loads(new_text("http://other.example/"), "t")
+    assert plan_reload(old, changed).renamed == (
+        ("sources.a.actions", "forward", "forward", "forward-1, forward-3"),
+    )
+
+
+def new_text(url: str) -> str:
+    return (
+        '[sources.a]\n[[sources.a.actions]]\ntype = "forward"\nurl = "http://new.example/"\n'
+        '[[sources.a.actions]]\ntype = "log"\n'
+        f'[[sources.a.actions]]\ntype = "forward"\nurl = "{url}"\n'
+    )

@@ -489,10 +489,11 @@ class Daemon:
         )
         if plan.renamed:
             key, kind, was, now = plan.renamed[0]
+            which = "it" if key.endswith("]") else f"the one of {now} that is to keep them"
             return _refused(
                 f"{key}: an action without a name, named {was} until now, would be {now} (an"
                 f" unnamed {kind} is named by its place once its source has two), and the jobs"
-                f' of {was} would go dead: give it name = "{was}", and each other'
+                f' of {was} would go dead: give {which} name = "{was}", and each other'
                 " unnamed one a name of its own"
             )
         cfg = plan.config

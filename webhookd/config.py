@@ -668,6 +668,17 @@ def cluster_digest(cfg: Config) -> str:
     return hashlib.sha256(repr((sources, lanes)).encode()).hexdigest()[:16]
 
 
+def _renamed(was: ActionConfig, unnamed: list[ActionConfig]) -> tuple[str, str, str, str]:
+    """``Reload.renamed`` of ``was``, an unnamed action the new file names otherwise: the new
+    one with its options, else (changed too) its source's actions, which the operator tells
+    apart."""
+    same = [b for b in unnamed if b.options == was.options]
+    if len(same) == 1:
+        return same[0].key, was.type, was.name, same[0].name
+    where = was.key.rpartition("[")[0]  # sources.<name>.actions
+    return where, was.type, was.name, ", ".join(b.name for b in unnamed)
+
+
 def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:
     """Take ``new``'s sources (their actions with them), its ``[alerts]``, any lane it adds
     and its ``[log]`` but for the dotted keys in ``fixed`` (those the command line set, e.g.
@@ -703,13 +714,12 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         if n not in after or a.name not in {b.name for b in after[n].actions}
     ]
     renamed = [
-        (b.key, a.type, a.name, b.name)
+        _renamed(a, [b for b in after[n].actions if b.type == a.type and not b.named])
         for n, src in before.items()
         if n in after
         for a in src.actions
         if not a.named and a.name not in {b.name for b in after[n].actions}
-        for b in after[n].actions
-        if not b.named and b.type == a.type and b.name not in {c.name for c in src.actions}
+        if any(b.type == a.type and not b.named for b in after[n].actions)
     ]
     return Reload(
         config=dataclasses.replace(
