@@ -1111,7 +1111,10 @@ async def test_purge_deletes_events_whole_and_leaves_one_with_a_running_job(
     event. One whose job runs is left whole; an unknown id changes nothing."""
     clock = store.clock
     async with store.journal() as daemon, store.journal() as cli:
-        gone = new_event(jobs=3, received_at=clock.time(), key="shop:alice")
+        gone = dataclasses.replace(
+            new_event(jobs=3, received_at=clock.time(), key="shop:alice"),
+            body_key="shop:signed-body",  # what a signed body's signature covers: a second key
+        )
         busy = new_event(received_at=clock.time())
         for item in (gone, busy):
             await daemon.ingest(item)
@@ -1138,7 +1141,9 @@ async def test_purge_deletes_events_whole_and_leaves_one_with_a_running_job(
         assert await daemon.claim([queued, parked], "b") == []
         assert await cli.backlog() == 1  # the running job's
         again = new_event(key="shop:alice")
-        assert (await daemon.ingest(again)).duplicate is False  # its dedup key went with it
+        assert (await daemon.ingest(again)).duplicate is False  # its dedup keys went with it
+        resent = dataclasses.replace(new_event(key="shop:other"), body_key="shop:signed-body")
+        assert (await daemon.ingest(resent)).duplicate is False
 
 
 async def test_cancel_by_filter_finds_events_whose_only_live_job_is_running(

@@ -1584,9 +1584,19 @@ class Journal(Reads, BaseJournal):
             )
             conn.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))
             (key,) = fetch_rows(conn, "SELECT dedup_key FROM events WHERE id = ?", (event_id,))[0]
-            conn.execute(
-                "DELETE FROM dedup WHERE digest = ? AND event_id = ?", (key_digest(key), event_id)
+            # Its keys went in together, the second (what a signed body's signature covers,
+            # ``NewEvent.second``) right after the first: the rowid after it, if it is the
+            # event's. The table has no index on the event.
+            found = fetch_rows(
+                conn,
+                "SELECT n FROM dedup WHERE digest = ? AND event_id = ?",
+                (key_digest(key), event_id),
             )
+            if found:
+                conn.execute(
+                    "DELETE FROM dedup WHERE n IN (?, ?) AND event_id = ?",
+                    (found[0][0], found[0][0] + 1, event_id),
+                )
             conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
             return Purged(len(states), states.count("queued"))
 

@@ -89,6 +89,10 @@ from webhookd.models import JobState, new_boot_id
 
 __all__ = ["PostgresJournal", "redact_url"]
 
+# An event's dedup keys are written by its commit, this long at most after it was received
+# (the ack's deadline is seconds): purge finds them by that time.
+_KEYS_WRITTEN_WITHIN_S = 600.0
+
 log = logging.getLogger("webhookd.journal")
 
 MAX_BATCH = 512
@@ -681,6 +685,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         tables' files until a ``VACUUM`` reuses its space (``VACUUM FULL`` rewrites them)."""
 
         async def delete(conn: Any, event_id: str) -> Purged:
+            # The event first, for the delete (a replay holding it is waited for before any
+            # of its jobs is locked here: no deadlock), then its jobs.
+            received = await conn.fetchval(
+                "SELECT received_at FROM events WHERE id = $1 FOR UPDATE", event_id
+            )
             states = [
                 r[0]
                 for r in await conn.fetch(
@@ -694,10 +703,14 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 event_id,
             )
             await conn.execute("DELETE FROM jobs WHERE event_id = $1", event_id)
+            # Its keys (the second, what a signed body's signature covers, too) by the time
+            # they were written, the event's arrival: the table has no index on the event.
             await conn.execute(
-                "DELETE FROM dedup WHERE key = (SELECT dedup_key FROM events WHERE id = $1)"
-                " AND event_id = $1",
+                "DELETE FROM dedup WHERE created_at BETWEEN $2::double precision - $3"
+                " AND $2::double precision + $3 AND event_id = $1",
                 event_id,
+                received,
+                _KEYS_WRITTEN_WITHIN_S,
             )
             await conn.execute("DELETE FROM events WHERE id = $1", event_id)
             return Purged(len(states), states.count("queued"))
