@@ -185,3 +185,11 @@ def test_multipart_form_fields_are_looked_up_and_files_skipped() -> None:
     assert payload == {"subject": "Résumé please", "body-plain": "Line one\r\nLine two"}
     rendered = compile_template("{{ subject }}: {{ body-plain }}", "k").render(payload)
     assert rendered == "Résumé please: Line one\r\nLine two"
+
+
+def test_a_payload_nested_deep_is_put_in_whole() -> None:
+    """``{{ . }}`` of a payload nested 450 deep (JSON the body's parser takes) holding a sent
+    number: written whole, as sent, not a job gone dead with a RecursionError."""
+    body = "[" * 450 + '{"price": 1.50}' + "]" * 450
+    payload = payload_of(event(body.encode(), "application/json"))
+    assert compile_template("{{ . }}", "k").render(payload) == body.replace(" ", "")

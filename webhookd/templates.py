@@ -192,35 +192,56 @@ def to_json(value: Any) -> str:
 
 
 def _holds_sent_text(value: Any) -> bool:
-    """Whether a number in ``value`` is written otherwise than as a float or int is."""
-    if isinstance(value, _Sent):
-        return True
-    if isinstance(value, _Number):
-        return value.text != float.__repr__(value)
-    if isinstance(value, Mapping):
-        return any(_holds_sent_text(item) for item in value.values())
-    if isinstance(value, list | tuple):
-        return any(_holds_sent_text(item) for item in value)
+    """Whether a number in ``value`` is written otherwise than as a float or int is. A walk
+    with a list of its own, not the call stack: a payload nested 450 deep is JSON too."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Sent):
+            return True
+        if isinstance(item, _Number):
+            if item.text != float.__repr__(item):
+                return True
+        elif isinstance(item, Mapping):
+            todo.extend(item.values())
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
     return False
 
 
+class _Written(str):
+    """JSON text already written: ``_write`` puts it out as it is."""
+
+    __slots__ = ()
+
+
 def _write(value: Any, out: list[str]) -> None:
-    if isinstance(value, _Sent | _Number):
-        out.append(value.text)
-    elif isinstance(value, Mapping):
-        out.append("{")
-        for i, (key, item) in enumerate(value.items()):
-            out.append(("," if i else "") + json.dumps(key, ensure_ascii=False) + ":")
-            _write(item, out)
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        out.append("[")
-        for i, item in enumerate(value):
-            out.append("," if i else "")
-            _write(item, out)
-        out.append("]")
-    else:
-        out.append(json.dumps(value, ensure_ascii=False))
+    """``value`` as compact JSON onto ``out``, each sent number as its text; with a list of
+    its own for what is still to write (as ``_holds_sent_text`` walks)."""
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Written):
+            out.append(item)
+        elif isinstance(item, _Sent | _Number):
+            out.append(item.text)
+        elif isinstance(item, Mapping):
+            parts: list[Any] = [_Written("{")]
+            for i, (key, member) in enumerate(item.items()):
+                parts += [_Written(("," if i else "") + json.dumps(key, ensure_ascii=False) + ":")]
+                parts.append(member)
+            parts.append(_Written("}"))
+            todo.extend(reversed(parts))
+        elif isinstance(item, list | tuple):
+            parts = [_Written("[")]
+            for i, member in enumerate(item):
+                if i:
+                    parts.append(_Written(","))
+                parts.append(member)
+            parts.append(_Written("]"))
+            todo.extend(reversed(parts))
+        else:
+            out.append(json.dumps(item, ensure_ascii=False))
 
 
 def payload_of(event: Event) -> Any:
