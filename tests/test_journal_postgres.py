@@ -130,7 +130,7 @@ async def test_pg_nodes_whose_configs_differ_say_so(
     digest differs from a live one's says so once (until every node has one file, a job of
     an action one lacks goes dead on it), /stats marks it, and it is said when they agree."""
     clock = ManualClock(START)
-    caplog.set_level(logging.WARNING, logger="webhookd.journal.postgres.nodes")
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
     async with node(pg_url, clock) as a, node(pg_url, clock) as b:
         a.config_digest, b.config_digest = "one", "two"
         for journal in (a, b):
@@ -1588,6 +1588,31 @@ async def test_pg_after_an_outage_a_node_recovers_others_only_once_up_for_a_whol
         assert not j._settled()
         clock.advance(1)
         assert j._settled()
+
+
+async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_node(
+    pg_url: str,
+) -> None:
+    """A node of a longer lease heartbeats within it, not within the leader's: the first node
+    back from an outage waits that longest lease before it takes any node's silence for its
+    loss (with 3 s against a node of 30 s, it re-queued the live node's jobs)."""
+    clock = ManualClock(START)
+    short = PostgresJournal(pg_url, clock=clock, lease_s=3.0, heartbeat_s=3600)
+    long = PostgresJournal(pg_url, clock=clock, lease_s=30.0, heartbeat_s=3600)
+    async with short, long:
+        item = new_event()
+        await long.ingest(item)
+        await long.claim([item.jobs[0].id], "boot_long")
+        await long.heartbeat()
+        await short.heartbeat()
+        short.went_down(OSError("connection refused"))
+        clock.advance(60)  # the outage: both silent
+        await short.heartbeat()  # back first
+        await short.compare_configs()  # the lease loop's look at the others
+        clock.advance(4)
+        assert not short._settled()  # up a lease of its own, not the longest
+        clock.advance(26)
+        assert short._settled()
 
 
 async def test_pg_two_nodes_never_run_two_jobs_of_one_order_key_at_once(pg_url: str) -> None:

@@ -139,6 +139,7 @@ def test_secrets_written_in_the_config_file_are_named_by_key_never_by_value(
         "sources.shop.verify.secrets[0]",
         "alerts.url",
         "sources.shop.actions[0].api_key",
+        "sources.shop.actions[0].then.secret",
         "sources.shop.actions[1].headers.Authorization",
         "sources.shop.actions[2].url",
         "sources.shop.actions[3].env.DEPLOY_TOKEN",

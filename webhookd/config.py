@@ -661,7 +661,12 @@ def cluster_digest(cfg: Config) -> str:
     the sources' actions (names, types, options as written, caps, retries) and the lanes.
     Not the verification, nor anything of [server]: those are each node's own."""
     sources = [
-        (src.name, src.concurrency, src.tenant_concurrency, repr(src.actions))
+        (
+            src.name,
+            src.concurrency,
+            src.tenant_concurrency,
+            [repr(dataclasses.replace(a, options=_unsecret(a.options))) for a in src.actions],
+        )
         for src in cfg.all_sources()
     ]
     lanes = sorted((name, repr(lane)) for name, lane in cfg.lanes.items())
@@ -677,6 +682,19 @@ def _renamed(was: ActionConfig, unnamed: list[ActionConfig]) -> tuple[str, str, 
         return same[0].key, was.type, was.name, same[0].name
     where = was.key.rpartition("[")[0]  # sources.<name>.actions
     return where, was.type, was.name, ", ".join(b.name for b in unnamed)
+
+
+# An action's options that hold nothing but a secret, left out of ``cluster_digest``: a digest
+# other nodes read, and one a rotation (a node at a time) would tell apart.
+_SECRET_ONLY = frozenset({"secret", "secrets", "api_key"})
+
+
+def _unsecret(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: _unsecret(v) if isinstance(v, Mapping) else v
+        for k, v in options.items()
+        if k not in _SECRET_ONLY
+    }
 
 
 def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:

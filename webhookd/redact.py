@@ -481,12 +481,16 @@ def written_out(cfg: Config) -> list[str]:
             continue
         keys.append(secret.key)
     for action in _actions(cfg):
-        for name in _SECRET_ONLY_OPTIONS:
-            value = action.options.get(name)
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, str) and item and not item.startswith(("env:", "file:")):
-                    keys.append(f"{action.key}.{name}")
-                    break
+        tables = [(action.key, action.options)]
+        if isinstance(then := action.options.get("then"), Mapping):
+            tables.append((f"{action.key}.then", then))
+        for key, table in tables:
+            for name in _SECRET_ONLY_OPTIONS:
+                value = table.get(name)
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str) and item and not item.startswith(("env:", "file:")):
+                        keys.append(f"{key}.{name}")
+                        break
     keys += [key for key, _value in inline_credentials(cfg)]
     return keys
 

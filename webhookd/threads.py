@@ -75,7 +75,7 @@ class CallThreads:
         item = _Call(loop, future, context, fn, arg)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the action is closed")
+                raise RuntimeError("the threads are closed")
             self._work.append(item)
             self._live += 1
             if self._idle > self._woken:

@@ -144,6 +144,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.clock = clock
         self.lease_s = lease_s
         self._told_differ: frozenset[str] = frozenset()
+        self._longest_lease_s = lease_s
         self.max_recoveries = max_recoveries
         # Three heartbeats per lease: one lost or late heartbeat does not cost the node its jobs.
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(5.0, lease_s / 3)

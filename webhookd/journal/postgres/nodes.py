@@ -51,6 +51,7 @@ class PgNodes:
     lease_s: float
     config_digest: str | None
     _told_differ: frozenset[str]
+    _longest_lease_s: float
     max_recoveries: int
     heartbeat_s: float
     last_write_error: str | None
@@ -113,21 +114,25 @@ class PgNodes:
         """The live nodes whose sources, actions or lanes are not this node's, said once
         each time that set grows (and once when it empties): until every node has one file,
         a job of an action one node lacks goes dead there, and caps and lanes are as loose as
-        the loosest node's."""
-        if self.config_digest is None:
-            return frozenset()
+        the loosest node's. Also notes the longest lease any node has (``_settled``)."""
         try:
             rows = await self.pool.fetch(
-                "SELECT host, pid FROM nodes WHERE node_id <> $1 AND config_digest <> $2"
-                " AND heartbeat_at >= $3::double precision - COALESCE(lease_s, $4)",
+                "SELECT host, pid, config_digest, lease_s,"
+                " heartbeat_at >= $2::double precision - COALESCE(lease_s, $3)"
+                " FROM nodes WHERE node_id <> $1",
                 self.node_id,
-                self.config_digest,
                 self.clock.time(),
                 self.lease_s,
             )
         except DB_ERRORS as exc:
             raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
-        differ = frozenset(f"{r[0] or '?'} pid {r[1]}" for r in rows)
+        self._longest_lease_s = max([self.lease_s, *(float(r[3]) for r in rows if r[3])])
+        mine = self.config_digest
+        differ = frozenset(
+            f"{r[0] or '?'} pid {r[1]}"
+            for r in rows
+            if mine is not None and r[2] is not None and r[2] != mine and r[4]
+        )
         if differ - self._told_differ:
             log.warning(
                 "node(s) %s run sources, actions or lanes other than this node's config: until"
@@ -253,9 +258,11 @@ class PgNodes:
         then may it take other nodes' silence for their loss. After an outage longer than
         ``lease_s`` every node's heartbeat is stale at once; the first one back would else
         re-queue the jobs of nodes that are alive and running them (and fence out their
-        outcomes), so the work would be done twice. Meanwhile the others heartbeat again."""
+        outcomes), so the work would be done twice. Meanwhile the others heartbeat again:
+        within their own lease, so the wait is the longest lease of any node."""
         up_since = self._up_since
-        return up_since is not None and self.clock.monotonic() - up_since >= self.lease_s
+        wait_s = max(self.lease_s, self._longest_lease_s)
+        return up_since is not None and self.clock.monotonic() - up_since >= wait_s
 
     async def _listen_loop(self) -> None:
         """LISTEN on a connection of its own; reconnect when it is lost, looking at once."""
