@@ -95,6 +95,20 @@ async def test_pg_a_heartbeating_node_keeps_its_jobs_past_lease_s(pg_url: str) -
         assert (await other.get_event(item.event.id)).state == "running"
 
 
+@contextlib.asynccontextmanager
+async def _long_lease_running_a_job(
+    pg_url: str, clock: ManualClock
+) -> AsyncIterator[tuple[PostgresJournal, PostgresJournal]]:
+    """A node of a 30 s lease running a job, and one of 3 s: (long, short)."""
+    long = PostgresJournal(pg_url, clock=clock, lease_s=30.0, heartbeat_s=3600)
+    short = PostgresJournal(pg_url, clock=clock, lease_s=3.0, heartbeat_s=3600)
+    async with long, short:
+        item = new_event()
+        await long.ingest(item)
+        await long.claim([item.jobs[0].id], "boot_long")
+        yield long, short
+
+
 async def test_pg_a_node_with_a_longer_lease_keeps_its_jobs_under_a_leader_with_a_shorter(
     pg_url: str,
 ) -> None:
@@ -102,12 +116,7 @@ async def test_pg_a_node_with_a_longer_lease_keeps_its_jobs_under_a_leader_with_
     judged by its own lease, which its heartbeat keeps within. The leader's 3 s took a node of
     30 s, heartbeating every 5 s, for lost between beats: its jobs ran twice."""
     clock = ManualClock(START)
-    long = PostgresJournal(pg_url, clock=clock, lease_s=30.0, heartbeat_s=3600)
-    short = PostgresJournal(pg_url, clock=clock, lease_s=3.0, heartbeat_s=3600)
-    async with long, short:
-        item = new_event()
-        await long.ingest(item)
-        await long.claim([item.jobs[0].id], "boot_long")
+    async with _long_lease_running_a_job(pg_url, clock) as (long, short):
         for _ in range(12):  # a minute of beats 5 s apart: past the claim's own lease too
             await long.heartbeat()
             clock.advance(4)  # the leader looks between two of them: 4 s of silence
@@ -1597,12 +1606,7 @@ async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_
     back from an outage waits that longest lease before it takes any node's silence for its
     loss (with 3 s against a node of 30 s, it re-queued the live node's jobs)."""
     clock = ManualClock(START)
-    short = PostgresJournal(pg_url, clock=clock, lease_s=3.0, heartbeat_s=3600)
-    long = PostgresJournal(pg_url, clock=clock, lease_s=30.0, heartbeat_s=3600)
-    async with short, long:
-        item = new_event()
-        await long.ingest(item)
-        await long.claim([item.jobs[0].id], "boot_long")
+    async with _long_lease_running_a_job(pg_url, clock) as (long, short):
         await long.heartbeat()
         await short.heartbeat()
         short.went_down(OSError("connection refused"))

@@ -36,6 +36,15 @@ TOKEN = "token-of-a-reloaded-source-7c41"
 T = TypeVar("T")
 
 
+async def _reloaded(running: Running) -> str | None:
+    """Reload the daemon's config; what /stats then says of a refusal (None: applied)."""
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    async with running.http.get(running.admin_url + "/stats") as r:
+        refused: str | None = (await r.json())["reload_refused"]
+    return refused
+
+
 def forward(name: str, url: str) -> str:
     return f"""
 [sources.{name}]
@@ -387,10 +396,7 @@ async def test_a_reload_is_refused_when_its_sources_need_a_server_not_running_ye
         make_config(tmp_path, forward("a", target.url), server=server),
         loader=lambda: make_config(tmp_path, forward("a", target.url) + big, server=later),
     )
-    running.daemon.request_reload()
-    await running.daemon.reloaded.wait()
-    async with running.http.get(running.admin_url + "/stats") as r:
-        refused = (await r.json())["reload_refused"]
+    refused = await _reloaded(running)
     assert refused == (
         "sources.m.max_body_bytes: must be at most server.max_inflight_body_bytes (2000) (the"
         " value running now: [server] and [journal] change at a restart)"
@@ -407,10 +413,7 @@ async def test_a_reload_of_a_file_with_no_source_is_refused_and_a_start_on_one_w
     running: Running = await run_daemon(
         make_config(tmp_path, forward("a", target.url)), loader=lambda: make_config(tmp_path)
     )
-    running.daemon.request_reload()
-    await running.daemon.reloaded.wait()
-    async with running.http.get(running.admin_url + "/stats") as r:
-        refused = (await r.json())["reload_refused"]
+    refused = await _reloaded(running)
     assert refused.endswith(
         "configures no source, where 1 run now (an empty file, or one cut short?); a restart"
         " takes it as it is"
@@ -552,10 +555,7 @@ async def test_a_reload_that_would_rename_an_unnamed_action_is_refused(
     await running.daemon.pool.pause_applied()
     status, _ = await running.post("/hooks/a", b"{}")
     assert status == 202
-    running.daemon.request_reload()
-    await running.daemon.reloaded.wait()
-    async with running.http.get(running.admin_url + "/stats") as r:
-        refused = (await r.json())["reload_refused"]
+    refused = await _reloaded(running)
     assert refused == (
         "sources.a.actions[0]: an action without a name, named forward until now, would be"
         " forward-1 (an unnamed forward is named by its place once its source has two), and the"
