@@ -111,6 +111,10 @@ def retry_delay_s(
     return delay
 
 
+# A dispatch failure this soon after one said is the same outage: said at debug.
+RETELL_FAILING_S = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     concurrency: int
@@ -776,6 +780,7 @@ class WorkerPool:
         last_sweep = last_count = self.clock.monotonic() - sweep_s
         self._wake.set()  # and it runs at once, not a sweep interval after the start
         dispatch_failing = False
+        told_failing_at = -math.inf  # when a failure was last said (monotonic)
         while not self._stopping:
             timeout = sweep_s
             if self._next_due is not None:
@@ -796,6 +801,10 @@ class WorkerPool:
                 break
             now_mono = self.clock.monotonic()
             due = self._next_due is not None and self._next_due <= self.clock.time()
+            # Whether this round reads the journal: only such a round, gone through, says an
+            # outage is over (a round that reads nothing went through while it went on, and
+            # the next sweep's failure was said again as a new outage).
+            reads = due or now_mono - last_sweep >= sweep_s or self._pause_stale
             try:
                 if due or now_mono - last_sweep >= sweep_s:
                     self._refill_now = True
@@ -816,14 +825,19 @@ class WorkerPool:
                             waiter.set_result(None)
                 while not self._stopping and await self._dispatch_once():
                     pass
-                dispatch_failing = False
+                if reads:
+                    dispatch_failing = False
             except JournalUnavailable as exc:
                 # A journal outage (a PostgreSQL restart) pauses dispatch, it does not end the
                 # daemon: the next sweep reads the journal again. Said once per outage, not at
-                # every sweep while it lasts.
-                quiet = dispatch_failing or isinstance(exc, JournalGone)
+                # every sweep while it lasts, nor again for a read that a pooled connection
+                # not yet cut answered in its first seconds.
+                recent = self.clock.monotonic() - told_failing_at < RETELL_FAILING_S
+                quiet = dispatch_failing or recent or isinstance(exc, JournalGone)
                 level = logging.DEBUG if quiet else logging.WARNING
                 log.log(level, "dispatch paused until the journal answers again: %s", exc)
+                if not quiet:
+                    told_failing_at = self.clock.monotonic()
                 dispatch_failing = True
                 self._refill_now = True
 
