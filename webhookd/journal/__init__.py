@@ -223,9 +223,9 @@ _PROBE = ".write-probe"
 _STEP_BATCH = 5000
 PROBE_BYTES = 64 * 1024
 
-# A running job put back in the queue (drain, recovery) at ``?1``, or cancelled instead when a
+# A running job put back in the queue (drain, recovery) at ``:now``, or cancelled instead when a
 # cancel came while it ran.
-_BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", "?1")
+_BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", ":now")
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
@@ -1348,15 +1348,17 @@ class Journal(Reads, BaseJournal):
         def fn(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
-                " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7"
-                " WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running')",
-                [attempt_row(f) for f in cut if f.job_id in job_ids],
+                " SELECT ?, ?, ?, ?, ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'running')",
+                [(*row, row[0]) for row in (attempt_row(f) for f in cut if f.job_id in job_ids)],
             )
+            # Named, not numbered (?1): Python 3.12.0-3.12.3 warn of numbered ones bound by
+            # position, and 3.14 was to refuse them.
             conn.executemany(
                 f"UPDATE jobs SET {_BACK_TO_QUEUE}, attempts = MAX(attempts - 1, 0),"
-                " run_at = ?1, boot_id = NULL, result = COALESCE(?3, result)"
-                " WHERE id = ?2 AND state = 'running'",
-                [(now, job_id, kept.get(job_id)) for job_id in job_ids],
+                " run_at = :now, boot_id = NULL, result = COALESCE(:result, result)"
+                " WHERE id = :id AND state = 'running'",
+                [{"now": now, "id": job_id, "result": kept.get(job_id)} for job_id in job_ids],
             )
 
         if job_ids:
@@ -1390,7 +1392,7 @@ class Journal(Reads, BaseJournal):
                     attempts.append((r["id"], r["attempts"], started, now, "interrupted", reason))
                 else:
                     cancelled += marked
-                    requeue.append((now, r["id"]))
+                    requeue.append({"now": now, "id": r["id"]})
                     attempts.append(
                         (
                             r["id"],
@@ -1402,8 +1404,8 @@ class Journal(Reads, BaseJournal):
                         )
                     )
             conn.executemany(
-                f"UPDATE jobs SET {_BACK_TO_QUEUE}, recoveries = recoveries + 1, run_at = ?1,"
-                " boot_id = NULL WHERE id = ?2",
+                f"UPDATE jobs SET {_BACK_TO_QUEUE}, recoveries = recoveries + 1, run_at = :now,"
+                " boot_id = NULL WHERE id = :id",
                 requeue,
             )
             conn.executemany(

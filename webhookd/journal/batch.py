@@ -563,25 +563,27 @@ def write_finishes(conn: sqlite3.Connection, results: Sequence[Finished]) -> fro
     for f in results:
         wait = f.outcome == "wait"
         updates.append(
-            (
-                str(f.state),
-                f.run_at if f.run_at is not None else f.finished_at,
+            {
+                "state": str(f.state),
+                "run_at": f.run_at if f.run_at is not None else f.finished_at,
                 # Kept on a retry too when the attempt left one (work done before it failed).
-                dump(f.result) if f.result is not None else None,
-                f.error,
-                f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
-                1 if wait else 0,
-                1 if f.counted_wait else 0,
-                f.job_id,
-                f.finished_at,
-            )
+                "result": dump(f.result) if f.result is not None else None,
+                "error": f.error,
+                "finished": f.finished_at if f.state in (JobState.DONE, JobState.DEAD) else None,
+                "wait": 1 if wait else 0,
+                "counted": 1 if f.counted_wait else 0,
+                "id": f.job_id,
+                "now": f.finished_at,
+            }
         )
         if not wait:
             attempts.append(attempt_row(f))
     conn.executemany(
-        f"UPDATE jobs SET {leaving_running('?1', '?5', '?9')}, run_at = ?2, result = ?3,"
-        " last_error = ?4, boot_id = NULL, attempts = attempts - ?6, waits = waits + ?7"
-        " WHERE id = ?8",
+        # Named, not numbered (?1): Python 3.12.0-3.12.3 warn of numbered ones bound by
+        # position, and 3.14 was to refuse them.
+        f"UPDATE jobs SET {leaving_running(':state', ':finished', ':now')}, run_at = :run_at,"
+        " result = :result, last_error = :error, boot_id = NULL, attempts = attempts - :wait,"
+        " waits = waits + :counted WHERE id = :id",
         updates,
     )
     if attempts:

@@ -384,18 +384,19 @@ class Reads:
 
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         # Plain SQL any SQLite with CTEs runs (no MATERIALIZED, no JSON functions); from 3.35
-        # a CTE used twice is counted once. The kept names are numbered parameters, each used
-        # twice; an empty list is SQLite's ``IN ()``.
+        # a CTE used twice is counted once. The kept names are named parameters, each used
+        # twice (named, not numbered: Python 3.12.0-3.12.3 warn of numbered ones bound by
+        # position); an empty list is SQLite's ``IN ()``.
         names = kept_sources(keep)
-        kept = ", ".join(f"?{i}" for i in range(3, 3 + len(names)))
+        kept = ", ".join(f":k{i}" for i in range(len(names)))
         rows = await fetch(
             self.reader,
             "WITH c AS (SELECT source, state, COUNT(*) AS n FROM jobs GROUP BY source, state),"
             f" shown AS (SELECT source FROM c WHERE source NOT IN ({kept})"
-            " GROUP BY source ORDER BY SUM(n) DESC, source LIMIT ?1)"
+            " GROUP BY source ORDER BY SUM(n) DESC, source LIMIT :most)"
             f" SELECT CASE WHEN source IN ({kept}) OR source IN (SELECT source FROM shown)"
-            " THEN source ELSE ?2 END AS name, state, SUM(n) FROM c GROUP BY name, state",
-            (most, CATCH_ALL, *names),
+            " THEN source ELSE :rest END AS name, state, SUM(n) FROM c GROUP BY name, state",
+            {"most": most, "rest": CATCH_ALL, **{f"k{i}": n for i, n in enumerate(names)}},
         )
         oldest = await fetch(
             self.reader,
