@@ -1266,7 +1266,7 @@ def _prune_before_the_second_batch(
         nonlocal batches
         batches += 1
         if batches == 2:
-            with sqlite3.connect(journal_path) as db:
+            with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
                 job_ids = "SELECT id FROM jobs WHERE event_id = ?"
                 db.execute(f"DELETE FROM attempts WHERE job_id IN ({job_ids})", (event_id,))
                 db.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))

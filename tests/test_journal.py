@@ -88,7 +88,7 @@ async def test_sqlite_ingest_is_on_disk_when_acknowledged(tmp_path: Path) -> Non
     async with Journal(path) as journal:
         item = new_event()
         await journal.ingest(item)
-        with sqlite3.connect(path) as other:
+        with contextlib.closing(sqlite3.connect(path)) as other, other:
             rows = other.execute("SELECT id FROM events").fetchall()
         assert rows == [(item.event.id,)]
 
@@ -877,7 +877,7 @@ async def test_a_claim_alone_commits_without_an_fsync_and_the_writer_is_back_to_
             lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0], transaction=False
         )
         assert level == 2  # FULL
-    with sqlite3.connect(tmp_path / "j.db") as other:
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as other, other:
         assert other.execute("SELECT state FROM jobs").fetchall() == [("done",)]
 
 

@@ -175,7 +175,7 @@ async def test_signal_mid_burst_loses_no_acknowledged_webhook(
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
 
-    with sqlite3.connect(journal) as db:
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         journaled = dict(db.execute("SELECT id, body FROM events").fetchall())
         job_states = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -50,7 +51,7 @@ async def work_off(journal: Journal, job_ids: list[str], *, dead_every: int = 0)
 
 
 def table_counts(path: Path) -> dict[str, int]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         return {
             t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
             for t in ("events", "jobs", "attempts", "dedup")
@@ -221,7 +222,7 @@ async def test_a_pass_walks_past_the_events_kept_for_dead_jobs_once(tmp_path: Pa
 
 
 async def job_ids(path: Path) -> set[str]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         return {r[0] for r in conn.execute("SELECT id FROM jobs")}
 
 

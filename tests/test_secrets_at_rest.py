@@ -3,6 +3,7 @@ headers never stored, and configured secrets masked in the events API and ``webh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -104,7 +105,7 @@ async def test_journal_is_private_credentials_are_not_stored_and_secrets_are_mas
     for name in (journal, Path(f"{journal}-wal"), Path(f"{journal}-shm")):
         assert stat.S_IMODE(name.stat().st_mode) == 0o600, name
 
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db, db:
         [(stored,)] = db.execute("SELECT headers FROM events").fetchall()
         outcomes = db.execute("SELECT last_error FROM jobs").fetchall()
         outcomes += db.execute("SELECT * FROM attempts").fetchall()
