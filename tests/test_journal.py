@@ -697,11 +697,15 @@ def test_insert_rows_writes_what_executemany_writes(count: int) -> None:
     # Keys repeat (k0 … k39, and k3 is already in): only the first of each goes in.
     rows = [(f"k{i % 40}", bytes([i % 256]), i) for i in range(count)]
     by_rows, by_many = conns
-    inserted = insert_rows(by_rows, sql, rows)
-    expected = by_many.executemany(sql, rows).rowcount
-    assert inserted == expected == len({k for k, _, _ in rows} - {"k3"})
-    read = "SELECT rowid, k, v, n FROM t ORDER BY rowid"
-    assert by_rows.execute(read).fetchall() == by_many.execute(read).fetchall()
+    try:
+        inserted = insert_rows(by_rows, sql, rows)
+        expected = by_many.executemany(sql, rows).rowcount
+        assert inserted == expected == len({k for k, _, _ in rows} - {"k3"})
+        read = "SELECT rowid, k, v, n FROM t ORDER BY rowid"
+        assert by_rows.execute(read).fetchall() == by_many.execute(read).fetchall()
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
