@@ -147,6 +147,16 @@ async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_run
     assert [events[0].id, events[2].id] == CALLED
 
 
+async def _overrun(action: Any, event: webhookd.Event) -> None:
+    """Run ``event`` on ``action`` until its handler is entered, then cut its attempt off as
+    its timeout does: the handler's thread runs on, abandoned."""
+    overrun = asyncio.create_task(action.run(event, None))
+    assert await asyncio.get_running_loop().run_in_executor(None, ENTERED.wait, 30.0)
+    overrun.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await overrun
+
+
 async def test_a_call_behind_an_overrun_handler_waits_without_an_attempt() -> None:
     """With concurrency = 1 and the one thread held by a handler that overran timeout_s (and
     cannot be stopped), the next job's call would wait for that thread until its own timeout:
@@ -154,13 +164,8 @@ async def test_a_call_behind_an_overrun_handler_waits_without_an_attempt() -> No
     used, saying why, and the handler is not called meanwhile."""
     action = held_action("timeout_s = 5\n")
     events = [new_event("s", 0.0) for _ in range(2)]
-    loop = asyncio.get_running_loop()
     try:
-        overrun = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
-        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
-        overrun.cancel()  # what its timeout does: the thread runs on, abandoned
-        with pytest.raises(asyncio.CancelledError):
-            await overrun
+        await _overrun(action, events[0])
         outcome = await action.run(events[1], None)  # type: ignore[arg-type]
     finally:
         LET_GO.set()
@@ -181,11 +186,7 @@ async def test_the_wait_behind_an_overrun_handler_counts_the_threads_it_holds() 
     events = [new_event("s", 0.0) for _ in range(3)]
     loop = asyncio.get_running_loop()
     try:
-        overrun = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
-        assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
-        overrun.cancel()  # what its timeout does: the thread runs on, abandoned
-        with pytest.raises(asyncio.CancelledError):
-            await overrun
+        await _overrun(action, events[0])
         ENTERED.clear()
         running = asyncio.create_task(action.run(events[1], None))  # type: ignore[arg-type]
         assert await loop.run_in_executor(None, ENTERED.wait, 30.0)

@@ -45,6 +45,28 @@ def jobs_by_action(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {job["action"]: job for job in doc["jobs"]}
 
 
+def handler_config(
+    tmp_path: Path, modules: dict[str, str], source: str, handler: str, extra: str = ""
+) -> Path:
+    """A config whose source ``source`` runs the python ``handler`` from a folder of its own,
+    ``tmp_path / "project"``, holding ``modules`` (file name: text); ``extra`` TOML after it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name, text in modules.items():
+        (project / name).write_text(text, encoding="utf-8")
+    return write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        f"""
+[sources.{source}]
+[[sources.{source}.actions]]
+type = "python"
+handler = "{handler}"
+path = "{project}"
+{extra}""",
+    )
+
+
 async def test_forward_delivers_the_raw_body_signed_to_a_real_target(
     tmp_path: Path,
     procs: Procs,
@@ -194,22 +216,13 @@ async def test_a_handlers_folder_cannot_shadow_the_standard_library_for_the_daem
     traceback, ``serve`` died after its start. The folder is searched last now: the handler
     still imports its sibling module, the daemon and the handler get the standard library's
     ``secrets``, and ``check`` and ``serve`` warn that the file is not what it imports."""
+    modules = {
+        "secrets.py": "raise KeyError('not the stdlib secrets')\n",
+        "shop_helpers.py": "def total(order):\n    return sum(order['items'])\n",
+        "shop_hooks.py": SHADOWING_HOOKS,
+    }
+    cfg = handler_config(tmp_path, modules, "shop", "shop_hooks:on_order")
     project = tmp_path / "project"
-    project.mkdir()
-    (project / "secrets.py").write_text("raise KeyError('not the stdlib secrets')\n")
-    (project / "shop_helpers.py").write_text("def total(order):\n    return sum(order['items'])\n")
-    (project / "shop_hooks.py").write_text(SHADOWING_HOOKS, encoding="utf-8")
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        tmp_path / "webhookd.db",
-        f"""
-[sources.shop]
-[[sources.shop.actions]]
-type = "python"
-handler = "shop_hooks:on_order"
-path = "{project}"
-""",
-    )
     warning = (
         f"sources.shop.actions[0].path: {project / 'secrets.py'} is named as the standard"
         " library's secrets: `import secrets` gets the standard library's, not this file,"
@@ -249,21 +262,10 @@ async def test_a_result_past_the_int_digits_limit_is_read_after_a_restart(
     ``replay`` crashed, reading it back under the limit. The int is journaled as a short form
     now; and a result stored that way before (written here into the journal) is shown as its
     text, saying why, by the API and ``show``, and ``replay`` runs its job again."""
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "lifted_hooks.py").write_text(LIFTED_HOOKS, encoding="utf-8")
-    journal = tmp_path / "webhookd.db"
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        journal,
-        f"""
-[sources.shop]
-[[sources.shop.actions]]
-type = "python"
-handler = "lifted_hooks:on_order"
-path = "{project}"
-""",
+    cfg = handler_config(
+        tmp_path, {"lifted_hooks.py": LIFTED_HOOKS}, "shop", "lifted_hooks:on_order"
     )
+    journal = tmp_path / "webhookd.db"
     daemon = await procs.serve(cfg)
     ids = [await post(http, f"{daemon.url}/hooks/shop", b'{"order": %d}' % n) for n in (1, 2)]
     for event_id in ids:
@@ -301,23 +303,13 @@ async def test_a_sync_handler_past_its_timeout_is_said_to_run_on_and_its_end_is_
     one line when that call returns at last, with how long it ran."""
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "slow_hooks.py").write_text(
-        f"def on_push(event):\n    with open({str(fifo)!r}) as f:\n        return f.read()\n"
-    )
-    cfg = write_config(
-        tmp_path / "webhookd.toml",
-        tmp_path / "webhookd.db",
-        f"""
-[sources.gh]
-[[sources.gh.actions]]
-type = "python"
-handler = "slow_hooks:on_push"
-path = "{project}"
-timeout_s = 1
-retry = {{ max_attempts = 1 }}
-""",
+    hooks = f"def on_push(event):\n    with open({str(fifo)!r}) as f:\n        return f.read()\n"
+    cfg = handler_config(
+        tmp_path,
+        {"slow_hooks.py": hooks},
+        "gh",
+        "slow_hooks:on_push",
+        "timeout_s = 1\nretry = { max_attempts = 1 }\n",
     )
     daemon = await procs.serve(cfg)
     event_id = await post(http, f"{daemon.url}/hooks/gh", b"{}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import email.message
 import email.parser
 import email.policy
@@ -63,12 +62,9 @@ _CHARSETS = (
 
 
 def _charset_names() -> frozenset[str]:
-    names = set()
-    for charset in _CHARSETS:
-        known = {encodings.normalize_encoding(charset), codecs.lookup(charset).name}
-        known = {name.replace("-", "_") for name in known}
-        names |= known | {alias for alias, codec in _ALIASES.items() if codec in known}
-    return frozenset(names)
+    # By name alone: looking each up would import its codec's module at every start.
+    modules = {encodings.normalize_encoding(charset).lower() for charset in _CHARSETS}
+    return frozenset(modules | {alias for alias, module in _ALIASES.items() if module in modules})
 
 
 _CHARSET_NAMES = _charset_names()
