@@ -663,15 +663,18 @@ def _cut_shown(text: str) -> str:
 def _bulk(
     cfg: config_mod.Config,
     event_ids: tuple[str, ...],
-    select: tuple[JobsIn, str | None, float | None, str | None, str | None],
+    select: (
+        tuple[JobsIn, str | None, float | None, str | None, str | None]
+        | Callable[[BaseJournal], Awaitable[list[str]]]
+    ),
     verb: tuple[str, str],
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
     looked_up: Callable[[list[EventDetail]], None] | None = None,
 ) -> dict[str, T] | None:
-    """A replay or a cancel: over the ids given, each looked up first so that a typo changes
-    nothing, or over every event ``select`` finds (a job state, a source, a receive time, a
-    tenant, an action's name).
+    """A replay, a cancel or a purge: over the ids given, each looked up first so that a typo
+    changes nothing, or over every event ``select`` finds (a job state, a source, a receive
+    time, a tenant, an action's name; or what it returns, given the journal).
     One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
     commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
     and past forms, for the progress bar and the error that says how far it got. An event
@@ -687,6 +690,8 @@ def _bulk(
                 found = [await journal.get_event(event_id) for event_id in ids]  # or NotFound
                 if looked_up is not None:
                     looked_up(found)
+            elif callable(select):
+                ids = await select(journal)
             else:
                 state, source, since, tenant, action = select
                 pages = journal.pages_of_event_ids_with_jobs(
@@ -1010,45 +1015,30 @@ def purge(
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
 
-    async def go() -> tuple[list[str], dict[str, Purged], bool]:
-        async with _journal(cfg) as journal:
-            if event_ids:
-                ids = list(dict.fromkeys(event_ids))
-                for event_id in ids:
-                    await journal.get_event(event_id)  # NotFound: nothing changed
-            else:
-                ids, before = [], None
-                while page := await journal.list_events(
-                    source=source,
-                    tenant=tenant,
-                    since=since_ts,
-                    contains=contains.encode() if contains is not None else None,
-                    limit=10_000,
-                    before=before,
-                ):
-                    ids += [e.id for e in page]
-                    before = page[-1].id
-            out: dict[str, Purged] = {}
-            if dry_run:
-                return ids, out, journal.one_writer
-            rest = _resting(journal)
-            took = 0.0
-            with _progress(len(ids), "purging") as bar:
-                for start in range(0, len(ids), BULK_BATCH):
-                    batch = ids[start : start + BULK_BATCH]
-                    if start and rest is not None:
-                        await rest(took)
-                    began = time.monotonic()
-                    out.update(await present_only(journal.purge, batch))
-                    took = time.monotonic() - began
-                    bar.update(len(batch))
-            return ids, out, journal.one_writer
+    async def matching(journal: BaseJournal) -> list[str]:
+        ids: list[str] = []
+        before = None
+        while page := await journal.list_events(
+            source=source,
+            tenant=tenant,
+            since=since_ts,
+            contains=contains.encode() if contains is not None else None,
+            limit=10_000,
+            before=before,
+        ):
+            ids += [e.id for e in page]
+            before = page[-1].id
+        return ids
 
-    ids, out, sqlite = _run(go, cfg.journal)
-    if dry_run:
-        click.echo(f"would purge {len(ids)} event(s)")
-        for event_id in ids:
-            click.echo(event_id)
+    out: dict[str, Purged] | None = _bulk(
+        cfg,
+        event_ids,
+        matching,
+        ("purging", "purged"),
+        lambda journal, batch: journal.purge(batch),
+        "would purge {n} event(s)" if dry_run else None,
+    )
+    if out is None:
         return
     deleted = {i: p for i, p in out.items() if not p.running}
     line = f"purged {len(deleted)} event(s) with {sum(p.jobs for p in deleted.values())} job(s)"
@@ -1057,15 +1047,13 @@ def purge(
     click.echo(line)
     for event_id in held:
         click.echo(f"  running: {event_id}")
-    if len(out) < len(ids):
-        click.echo(f"{len(ids) - len(out)} event(s) pruned since listed: skipped", err=True)
     if deleted:
         click.echo(
             "webhookd: note: "
             + (
                 "what was deleted is overwritten in the journal file; its -wal may hold copies"
                 " until a running daemon stops cleanly"
-                if sqlite
+                if cfg.journal.url is None
                 else "PostgreSQL keeps deleted rows in its files until VACUUM reuses their"
                 " space (VACUUM FULL events, jobs, attempts rewrites them)"
             )
