@@ -124,7 +124,7 @@ class CallThreads:
             except BaseException as exc:  # the awaiting side decides what it means
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                item.loop.call_soon_threadsafe(_settle, item.future, result, error)
+                item.loop.call_soon_threadsafe(settle, item.future, result, error)
             with self._cond:
                 item.running = False
                 abandoned = item.abandoned
@@ -135,8 +135,10 @@ class CallThreads:
             del item, result, error  # not kept alive while this thread waits
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():  # timed out or drained: the answer has nobody to go to
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the loop: a thread's answer to ``future``, unless its waiter is gone (timed out,
+    drained, cancelled)."""
+    if future.done():
         return
     if error is not None:
         future.set_exception(error)

@@ -128,6 +128,7 @@ from webhookd.journal.schema import (
     replayed_jobs,
 )
 from webhookd.models import JobState, new_boot_id, storable_text
+from webhookd.threads import settle
 from webhookd.throttle import Throttle
 
 __all__ = [
@@ -494,18 +495,9 @@ class _OwnThread:
             except BaseException as exc:  # handed to the waiter, like an executor would
                 result, error = None, exc
             try:
-                self._loop.call_soon_threadsafe(_settle, future, result, error)
+                self._loop.call_soon_threadsafe(settle, future, result, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the waiter was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def checkpoint_passes(conn: sqlite3.Connection) -> tuple[int, bool]:
