@@ -278,9 +278,15 @@ class Procs:
             await daemon.wait_listening()
         return daemon
 
-    async def cli(self, *args: str, cwd: Path | None = None, timeout_s: float = 30.0) -> Cli:
-        """Run ``webhookd ARGS`` to completion."""
-        proc = await spawn(args, cwd, stdout=asyncio.subprocess.PIPE)
+    async def cli(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout_s: float = 30.0,
+        env: Mapping[str, str] | None = None,
+    ) -> Cli:
+        """Run ``webhookd ARGS`` to completion (``env``: as for ``spawn``)."""
+        proc = await spawn(args, cwd, stdout=asyncio.subprocess.PIPE, env=env)
         try:
             async with asyncio.timeout(timeout_s):
                 out, err = await proc.communicate()

@@ -59,8 +59,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.postgres.nodes",),
     ("webhookd.journal.postgres",),
     ("webhookd.journal",),
-    # Copies of a SQLite journal's file (backup, restore): beside the daemon, under its lock.
-    ("webhookd.journal.copies",),
+    # Copies of a SQLite journal (backup, restore; into PostgreSQL), under the daemon's lock.
+    ("webhookd.journal.copies", "webhookd.journal.postgres.from_sqlite"),
     # Over the journal's interface, or pacing the work.
     ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter"),
     # Actions: the interface, the HTTP client, the delivery helpers, one module per kind, the

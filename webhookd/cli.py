@@ -1767,6 +1767,71 @@ def restore(copy: Path, config_path: str | None) -> None:
         click.echo(f"the journal it replaced is now {put.replaced}")
 
 
+@main.command("copy")
+@click.option(
+    "--to",
+    "to_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The config file of the nodes that will share the PostgreSQL journal (journal.url).",
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def copy_journal(to_path: str, config_path: str | None) -> None:
+    """Copy the SQLite journal, with its daemon stopped, into a new PostgreSQL journal.
+
+    Events, jobs (queued, retrying, dead and finished), attempts, pauses and the dedup keys
+    of the events kept all move, in one transaction: the PostgreSQL journal gets all of them
+    or none. It must hold no events yet (its schema is made if it has none). The SQLite file
+    is left as it was; start no daemon on it again, or its queued jobs run twice.
+    """
+    cfg = _read_config(config_path)
+    if cfg.journal.url is not None:
+        _fail("journal.url is set in the source config: copy goes from a SQLite journal", 2)
+    to = _read_config(to_path)
+    if to.journal.url is None:
+        _fail(f"journal.url: {to_path} names no PostgreSQL journal to copy into", 2)
+    url = to.journal.url.reveal()
+    from webhookd.journal.postgres.db import redact_url
+    from webhookd.journal.postgres.from_sqlite import copy_journal as copy_into
+
+    async def go() -> Any:
+        with _progress(1, "copying (rows)") as bar:
+
+            def total(n: int) -> None:
+                bar.length = max(n, 1)
+
+            return await copy_into(
+                cfg.journal.path,
+                url,
+                statement_cache_size=to.journal.statement_cache_size,
+                on_rows=bar.update,
+                on_total=total,
+            )
+
+    made = _run(go)
+    jobs = ", ".join(f"{n:,} {state}" for state, n in sorted(made.jobs.items())) or "none"
+    click.echo(
+        f"copied {cfg.journal.path} into {redact_url(url)}:"
+        f" {made.events:,} event(s); jobs: {jobs}; {made.attempts:,} attempt(s);"
+        f" {made.dedup_keys:,} dedup key(s); in {made.seconds:.1f} s"
+    )
+    if made.keys_left:
+        click.echo(
+            f"{made.keys_left:,} dedup key(s) not copied: their event was pruned, or a signed"
+            " body's key (only a digest of each is kept): a provider's retry of one is new"
+        )
+    if made.paused:
+        click.echo(f"paused, as before: {', '.join(made.paused)}")
+    if made.jobs.get("running"):
+        click.echo(
+            "the running jobs (the daemon was killed) are re-queued by the first node to"
+            " start, as a crashed node's are"
+        )
+    click.echo(
+        f"start no daemon on {cfg.journal.path} again: its queued jobs now run from PostgreSQL"
+    )
+
+
 @main.command()
 @click.argument("source")
 @click.option(

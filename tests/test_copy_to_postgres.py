@@ -1,0 +1,200 @@
+"""``webhookd copy``: a SQLite journal copied into an empty PostgreSQL one, for the move from one
+box to several nodes. What a user reads back (events, jobs, attempts, pauses), what the queue
+does next (order, recovery, numbering) and dedup are the same on the new journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from cluster import node_config, post_acked, stop
+from conftest import Target
+from procs import Procs, settled_event, write_config
+
+from webhookd.clock import ManualClock
+from webhookd.errors import JournalError
+from webhookd.journal import Finished, Journal, NewEvent, NewJob, _take_serve_lock
+from webhookd.journal.postgres import PostgresJournal
+from webhookd.journal.postgres.from_sqlite import copy_journal
+from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+
+START = 1_700_000_000.0
+
+
+def new_event(
+    key: str, *, jobs: int = 1, order_key: str | None = None, body_key: str | None = None
+) -> NewEvent:
+    event = Event(
+        id=new_event_id(),
+        source="shop",
+        received_at=START,
+        dedup_key=key,
+        tenant="t1",
+        priority=Priority.HIGH,
+        headers=(("Content-Type", "application/json"), ("X-Thing", "é")),
+        body=b'{"raw": "\xff", "nul": "\x00"}',
+        query="a=1",
+    )
+    made = tuple(NewJob(new_job_id(), f"forward-{i}", "forward", 3, order_key) for i in range(jobs))
+    return NewEvent(event, made, body_key)
+
+
+def outcome(job_id: str, state: JobState, what: str, **kw: object) -> Finished:
+    return Finished(
+        job_id=job_id,
+        attempt=1,
+        state=state,
+        started_at=START + 1,
+        finished_at=START + 2,
+        outcome=what,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    clock = ManualClock(START)
+    path = tmp_path / "journal.db"
+    async with Journal(path, clock=clock) as lite:
+        done_and_queued = new_event("shop:1", jobs=2)
+        dead = new_event("shop:2")
+        running = new_event("shop:3")
+        first, second = (new_event(f"shop:o{i}", order_key="cust-9") for i in range(2))
+        signed = new_event("gh:delivery-1", body_key="gh:sha256:aa")
+        for item in (done_and_queued, dead, running, first, second, signed):
+            assert not (await lite.ingest(item)).duplicate
+        done_id = done_and_queued.jobs[0].id
+        await lite.claim([done_id, dead.jobs[0].id, running.jobs[0].id], "boot_a")
+        await lite.finish(
+            [
+                outcome(done_id, JobState.DONE, "ok", result={"status": 200}),
+                outcome(dead.jobs[0].id, JobState.DEAD, "failed", error="HTTP 410"),
+            ]
+        )
+        await lite.pause("shop")
+        ids = [x.event.id for x in (done_and_queued, dead, running, first, second, signed)]
+        before = {i: await lite.get_event(i) for i in ids}
+    # The journal is closed here as a killed daemon leaves it: one job still running.
+
+    made = await copy_journal(path, pg_url)
+    assert (made.events, made.attempts, made.dedup_keys) == (6, 2, 6)
+    assert made.jobs == {"queued": 4, "done": 1, "dead": 1, "running": 1}
+    assert made.keys_left == 1  # the signed body's key: only its digest was kept
+    assert made.paused == ("shop",)
+
+    async with PostgresJournal(pg_url, clock=clock, heartbeat_s=3600) as pg:
+        assert {i: await pg.get_event(i) for i in ids} == before
+        assert await pg.paused_sources() == frozenset({"shop"})
+        # Dedup: a provider's retry of a copied delivery is the copied event.
+        again = await pg.ingest(new_event("shop:1"))
+        assert again.duplicate and again.event_id == done_and_queued.event.id
+        # The body key did not move (the docs say so): a replay under a new id is new.
+        assert not (await pg.ingest(new_event("gh:delivery-2", body_key="gh:sha256:aa"))).duplicate
+        # Order: the second job of the key waits for the first.
+        await pg.resume("shop")
+        ready = {r.id for r in await pg.ready(clock.time(), 100)}
+        assert first.jobs[0].id in ready and second.jobs[0].id not in ready
+        # The killed daemon's running job comes back as a dead node's does.
+        recovery = await pg.recover("boot_b", max_recoveries=3)
+        assert recovery.requeued == 1
+        job = (await pg.get_event(running.event.id)).jobs[0]
+        assert (job.state, job.recoveries) == (JobState.QUEUED, 1)
+        assert [a.outcome for a in job.history] == ["interrupted"]
+        # New rows are numbered after the copied ones: the queue's order holds.
+        fresh = new_event("shop:new")
+        await pg.ingest(fresh)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        seqs = await conn.fetch("SELECT id, seq FROM events ORDER BY seq")
+        assert [r["id"] for r in seqs][: len(ids)] == ids
+        assert seqs[-1]["id"] == fresh.event.id
+    finally:
+        await conn.close()
+
+
+async def test_a_copy_refuses_what_it_cannot_do_safely(tmp_path: Path, pg_url: str) -> None:
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        await lite.ingest(new_event("shop:1"))
+
+    lock = _take_serve_lock(path)  # as `webhookd serve` holds it
+    try:
+        with pytest.raises(JournalError, match="stop it before a copy"):
+            await copy_journal(path, pg_url)
+    finally:
+        os.close(lock)
+
+    with pytest.raises(JournalError, match="no journal at"):
+        await copy_journal(tmp_path / "none.db", pg_url)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("none.db")]
+
+    await copy_journal(path, pg_url)
+    with pytest.raises(JournalError, match="already holds events"):
+        await copy_journal(path, pg_url)  # a second copy, or nodes that took webhooks
+
+
+async def test_a_copy_that_fails_midway_commits_nothing(tmp_path: Path, pg_url: str) -> None:
+    """One transaction: a row PostgreSQL refuses (here a job whose JSON caps are broken, as a
+    damaged file could hold) leaves the new journal without any."""
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        for i in range(3):
+            await lite.ingest(new_event(f"shop:{i}"))
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("UPDATE jobs SET caps = '{not json' WHERE seq = 3")
+    raw.close()
+    with pytest.raises(JournalError, match="a row of jobs cannot be copied"):
+        await copy_journal(path, pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_daemons_queued_jobs_are_delivered_by_a_node_after_the_copy(
+    tmp_path: Path, pg_url: str, procs: Procs, target: Target
+) -> None:
+    """The move as the docs tell it: a paused SQLite daemon holds queued jobs, is stopped,
+    copied; a PostgreSQL node started on the copy delivers each once, resumed by the CLI."""
+    actions = f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{target.url}/in"
+"""
+    lite_cfg = write_config(tmp_path / "lite.toml", tmp_path / "journal.db", actions)
+    pg_cfg = node_config(tmp_path / "pg.toml", actions)
+    env = {"WEBHOOKD_JOURNAL_URL": pg_url}
+    daemon = await procs.serve(lite_cfg)
+    async with aiohttp.ClientSession() as http:
+        pause = f"{daemon.admin_url}/sources/shop/pause"
+        async with http.post(pause, headers={"X-Webhookd": "1"}) as r:
+            assert r.status == 200, await r.text()
+        sent = [await post_acked(http, daemon.url, "shop", {"n": i}) for i in range(5)]
+    await stop(daemon)
+
+    wrong = await procs.cli("copy", "--to", str(lite_cfg), "--config", str(lite_cfg))
+    copied = await procs.cli("copy", "--to", str(pg_cfg), "--config", str(lite_cfg), env=env)
+    node = await procs.serve(pg_cfg, env=env)
+    resumed = await procs.cli("resume", "shop", "--config", str(pg_cfg), env=env)
+    assert wrong.returncode == 2 and "journal.url:" in wrong.stderr
+    assert copied.returncode == 0, copied.stderr
+    assert "5 event(s); jobs: 5 queued" in copied.stdout
+    assert "paused, as before: shop" in copied.stdout
+    assert pg_url.split("@")[-1] in copied.stdout
+    assert resumed.returncode == 0, resumed.stderr
+    async with aiohttp.ClientSession() as http:
+        for event_id in sent:
+            doc = await settled_event(http, node.admin_url, event_id)
+            assert [j["state"] for j in doc["jobs"]] == ["done"]
+    await stop(node)
+    assert sorted(s.headers["webhook-id"] for s in target.seen) == sorted(sent)
+    assert sorted(json.loads(s.body)["n"] for s in target.seen) == list(range(5))

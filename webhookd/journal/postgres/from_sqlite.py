@@ -1,0 +1,309 @@
+"""A SQLite journal copied into an empty PostgreSQL one (``webhookd copy``), for the move from
+one box to several nodes without losing history, queued work or dedup.
+
+The SQLite journal is read in one read transaction, with no daemon on it (its serve lock is
+held throughout, so none can start); the rows go in by ``COPY``, in one PostgreSQL transaction
+that commits all of them or none, and keep their sequence numbers (the queue's and ordered
+keys' order). The SQLite file is left as it was.
+
+- Jobs that were running when the SQLite daemon was killed go in running with no node: the
+  first node to lead re-queues them as it would a dead node's (an ``interrupted`` attempt,
+  one more recovery).
+- Dedup keys: SQLite keeps only a digest of each key, PostgreSQL the key itself, which an
+  event's row holds. So the key of every event still in the journal moves, with its time; a
+  key whose event retention already deleted, and the second key of a scheme that also dedups
+  by the signed body (``verify.dedup_body``), do not. Both are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from webhookd.errors import JournalError
+from webhookd.journal import _take_serve_lock, opened_elsewhere
+from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
+from webhookd.journal.postgres.schema import migrate
+from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
+from webhookd.journal.schema import key_digest
+
+# Rows read from SQLite and sent in one COPY: a few MB of bodies at most at 1 KB each.
+BATCH_ROWS = 2_000
+
+_EVENT_COLUMNS = (
+    "seq",
+    "id",
+    "source",
+    "received_at",
+    "dedup_key",
+    "tenant",
+    "priority",
+    "headers",
+    "body",
+    "verified",
+    "filtered",
+    "query",
+)
+# The columns both journals' jobs share; ``caps`` (JSON text in SQLite, an array here) follows.
+_JOB_COLUMNS = (
+    "seq",
+    "id",
+    "event_id",
+    "source",
+    "action",
+    "type",
+    "state",
+    "priority",
+    "tenant",
+    "order_key",
+    "run_at",
+    "attempts",
+    "max_attempts",
+    "recoveries",
+    "waits",
+    "claimed_at",
+    "finished_at",
+    "last_error",
+    "result",
+    "cancel_requested_at",
+    "behind",
+    "dismissed_at",
+)
+_ATTEMPT_COLUMNS = (
+    "seq",
+    "job_id",
+    "n",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "error",
+    "detail",
+)
+_TABLES = ("events", "jobs", "attempts", "dedup", "paused_sources")
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What ``copy_journal`` put into the PostgreSQL journal, and what it could not."""
+
+    events: int
+    jobs: dict[str, int]  # by state, as copied (running: to be re-queued by the first leader)
+    attempts: int
+    dedup_keys: int
+    keys_left: int  # dedup keys that did not move: their event was pruned, or a body's key
+    paused: tuple[str, ...]
+    seconds: float
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[list[tuple[Any, ...]]]:
+    cursor = conn.execute(sql)
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        yield batch
+
+
+async def _copy(
+    pg: Any,
+    table: str,
+    columns: Sequence[str],
+    batches: Iterator[list[tuple[Any, ...]]],
+    on_rows: Callable[[int], None],
+) -> int:
+    done = 0
+    try:
+        for batch in batches:
+            await pg.copy_records_to_table(table, records=batch, columns=list(columns))
+            done += len(batch)
+            on_rows(len(batch))
+    except (ValueError, TypeError) as exc:  # a row this code cannot convert: a damaged file?
+        raise JournalError(f"a row of {table} cannot be copied ({exc}): nothing was") from exc
+    return done
+
+
+def _job_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+    for batch in batches:
+        yield [(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in batch]
+
+
+def _dedup_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+    """(key, event id, created) of each dedup row whose digest is its event's key's (not a
+    body's key, whose text no row keeps)."""
+    for batch in batches:
+        if rows := [(k, ev, at) for digest, k, ev, at in batch if key_digest(k) == digest]:
+            yield rows
+
+
+def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
+    """The journal at ``path`` held: its serve lock's descriptor (no daemon can start on it),
+    and a connection in a read transaction on it (one snapshot for every table)."""
+    if not path.is_file():
+        raise JournalError(f"no journal at {path}")
+    lock = _take_serve_lock(path, "stop it before a copy")
+    try:
+        if (holder := opened_elsewhere(path)) is not None:
+            raise JournalError(f"{holder} has {path} open: stop it before a copy")
+        conn = sqlite3.connect(path, isolation_level=None)
+    except BaseException:
+        os.close(lock)
+        raise
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version != len(SQLITE_MIGRATIONS):
+            raise JournalError(
+                f"{path} has schema version {version}, this webhookd's is"
+                f" {len(SQLITE_MIGRATIONS)}: start and stop `webhookd serve` of this webhookd"
+                " on it (it upgrades the journal as it starts), then copy it"
+            )
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()  # the snapshot starts here
+    except BaseException as exc:
+        conn.close()
+        os.close(lock)
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(f"cannot read {path}: {exc}") from exc
+        raise
+    return lock, conn
+
+
+async def copy_journal(
+    path: Path,
+    url: str,
+    *,
+    statement_cache_size: int = 100,
+    on_rows: Callable[[int], None] = lambda n: None,
+    on_total: Callable[[int], None] = lambda n: None,
+) -> Copied:
+    """Copy the SQLite journal at ``path``, with no daemon on it, into the PostgreSQL journal
+    at ``url``, which has no events or jobs yet (its schema is made if it has none).
+    ``on_total`` is told how many rows there are to copy, ``on_rows`` each batch's."""
+    started = time.monotonic()
+    where = redact_url(url)
+    lock, lite = _open_sqlite(path)
+    try:
+        return await _into_postgres(
+            lite, url, where, statement_cache_size, on_rows, on_total, started
+        )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read {path}: {exc}") from exc
+    finally:
+        lite.close()
+        os.close(lock)
+
+
+async def _into_postgres(
+    lite: sqlite3.Connection,
+    url: str,
+    where: str,
+    statement_cache_size: int,
+    on_rows: Callable[[int], None],
+    on_total: Callable[[int], None],
+    started: float,
+) -> Copied:
+    try:
+        pg = await asyncpg.connect(
+            url,
+            timeout=10,
+            statement_cache_size=statement_cache_size,
+            server_settings={"application_name": "webhookd copy"},
+        )
+    except ValueError as exc:
+        raise JournalError(f"cannot open journal {where}: its URL cannot be read") from exc
+    except DB_ERRORS as exc:
+        raise JournalError(f"cannot open journal {where}: {db_error(exc)}") from exc
+    try:
+        fresh = await pg.fetchval("SELECT to_regclass('webhookd_schema') IS NULL")
+        # A journal of an older schema belongs to nodes of an older webhookd: not upgraded here.
+        await migrate(pg, where, upgrade=bool(fresh))
+        async with pg.transaction():
+            if await pg.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM jobs)"
+            ):
+                raise JournalError(
+                    f"{where} already holds events: a copy goes into a journal no node has"
+                    " taken webhooks into (a new database)"
+                )
+            totals = [
+                int(lite.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in _TABLES
+            ]
+            on_total(sum(totals))
+            events = await _copy(
+                pg,
+                "events",
+                _EVENT_COLUMNS,
+                _rows(lite, f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY seq"),
+                on_rows,
+            )
+            jobs = await _copy(
+                pg,
+                "jobs",
+                (*_JOB_COLUMNS, "caps"),
+                _job_rows(
+                    _rows(lite, f"SELECT {', '.join(_JOB_COLUMNS)}, caps FROM jobs ORDER BY seq")
+                ),
+                on_rows,
+            )
+            attempts = await _copy(
+                pg,
+                "attempts",
+                _ATTEMPT_COLUMNS,
+                _rows(lite, f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq"),
+                on_rows,
+            )
+            keys = await _copy(
+                pg,
+                "dedup",
+                ("key", "event_id", "created_at"),
+                _dedup_rows(
+                    _rows(
+                        lite,
+                        "SELECT d.digest, e.dedup_key, d.event_id, d.created_at FROM dedup d"
+                        " JOIN events e ON e.id = d.event_id ORDER BY d.n",
+                    )
+                ),
+                on_rows,
+            )
+            paused = lite.execute("SELECT source, paused_at FROM paused_sources").fetchall()
+            await pg.executemany(
+                "INSERT INTO paused_sources (source, paused_at) VALUES ($1, $2)"
+                " ON CONFLICT (source) DO NOTHING",
+                paused,
+            )
+            on_rows(len(paused))
+            # New rows are numbered after the copied ones.
+            for table in ("events", "jobs", "attempts"):
+                await pg.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'),"
+                    f" (SELECT max(seq) FROM {table}))"
+                    f" WHERE EXISTS (SELECT 1 FROM {table})"
+                )
+            states = {
+                r[0]: int(r[1])
+                for r in await pg.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
+            }
+            if (events, jobs, attempts) != tuple(totals[:3]):
+                raise JournalError(
+                    f"the copy read {totals[:3]} events, jobs and attempts but wrote"
+                    f" {[events, jobs, attempts]}: nothing was committed"
+                )
+    except DB_ERRORS as exc:
+        raise JournalError(f"cannot copy into {where}: {db_error(exc)}") from exc
+    finally:
+        await pg.close()
+    return Copied(
+        events=events,
+        jobs=states,
+        attempts=attempts,
+        dedup_keys=keys,
+        keys_left=totals[3] - keys,
+        paused=tuple(sorted(r[0] for r in paused)),
+        seconds=time.monotonic() - started,
+    )
