@@ -302,6 +302,11 @@ def test_a_secret_reference_naming_nothing_says_so(written: str, says: str) -> N
         ),
         ("[lanes.small]\nrmp = 5", "lanes.small.rmp: unknown key (did you mean rpm?)"),
         ("[lanes.small]\nrpm = 5\nzz = 1", "lanes.small.zz: unknown key"),
+        # A required key misspelt is missed before the misspelling is read: it is offered.
+        (
+            '[[sources.a.actions]]\ntpe = "log"',
+            'sources.a.actions[0].type: is required (is "tpe" a misspelling of it?)',
+        ),
     ],
 )
 def test_a_misspelt_key_is_told_the_key_it_most_likely_meant(text: str, said: str) -> None:
@@ -735,6 +740,26 @@ def test_check_names_every_secret_it_cannot_have_not_only_the_first(
             "webhookd: error: sources.gh.actions[0].headers.Authorization: environment variable"
             " CHECK_FWD_UNSET is not set",
         ],
+    )
+
+
+def test_check_names_a_misspelt_option_not_the_unset_default_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ai_key`` for ``api_key`` left the default ``env:OPENAI_API_KEY`` in place: check named
+    that variable unset, and the typo only once it was set."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = tmp_path / "webhookd.toml"
+    path.write_text(
+        '[[sources.o.actions]]\ntype = "openai"\nmodel = "m"\nprompt = "p"\n'
+        'ai_key = "env:CHECK_KEY_UNSET"\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "webhookd: error: sources.o.actions[0].ai_key: unknown key for an openai action"
+        " (did you mean api_key?)\n",
     )
 
 

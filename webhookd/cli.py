@@ -114,9 +114,12 @@ def _config(path: str | None, *, secrets: bool = True) -> config_mod.Config:
     """``_load``'s work, raising ``ConfigError`` (a reload reports it and goes on)."""
     from webhookd import actions
 
-    cfg = config_mod.load(path, secrets=secrets, kinds=actions.kind_defaults if secrets else None)
+    cfg = config_mod.load(path, secrets=False, kinds=actions.kind_defaults if secrets else None)
     if secrets:
+        # Options first: a misspelt api_key is named as such, not as the unset variable of
+        # the default it left in place.
         actions.validate(cfg)
+        config_mod.reveal_secrets(cfg)
     return cfg
 
 
@@ -383,11 +386,17 @@ def check(config_path: str | None, no_journal: bool) -> None:
     config has no action for (read only, beside a running daemon too; a journal it cannot
     read within 5 s is a note). Notes a journal of an older schema, which serve upgrades at its
     start before it answers anything. A journal of a newer webhookd exits 3, as serve would."""
+    unread: list[str] = []
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
         unread = unreadable_secrets(_config(_config_path(config_path), secrets=False))
+        if unread:
+            # Unless an action's option is misspelt: ai_key leaves api_key's default, whose
+            # unset variable would be named instead of the typo.
+            _config(_config_path(config_path))
     except ConfigError as exc:
-        _fail(str(exc), 2)
+        if str(exc) not in unread:
+            _fail(str(exc), 2)
     for line in unread[:-1]:
         click.echo(f"webhookd: error: {line}", err=True)
     if unread:

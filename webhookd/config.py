@@ -806,7 +806,10 @@ class Table:
         if name in self.data:
             return self.data[name]
         if default is _MISSING:
-            raise ConfigError(self.path(name), "is required")
+            # A key written beside it may be this one misspelt: ``tpe`` for ``type``.
+            close = closest(name, [k for k in self.data if isinstance(k, str)], 0.75)
+            said = f" (is {json.dumps(close)} a misspelling of it?)" if close else ""
+            raise ConfigError(self.path(name), f"is required{said}")
         return default
 
     def string(self, name: str, default: Any = _MISSING, *, choices: tuple[str, ...] = ()) -> Any:
@@ -1615,9 +1618,15 @@ def parse(
         origin=origin,
     )
     if secrets:
-        for secret in secrets_in(config):
-            secret.reveal()  # the first unset variable, as a ConfigError naming its key
+        reveal_secrets(config)
     return config
+
+
+def reveal_secrets(config: Config) -> None:
+    """Read every secret of ``config`` now: the first unset variable or unreadable file is a
+    ``ConfigError`` naming its key."""
+    for secret in secrets_in(config):
+        secret.reveal()
 
 
 def loads(
