@@ -17,6 +17,7 @@ keys' order). The SQLite file is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -223,6 +224,9 @@ async def _into_postgres(
         # A journal of an older schema belongs to nodes of an older webhookd: not upgraded here.
         await migrate(pg, where, upgrade=bool(fresh))
         async with pg.transaction():
+            # Held to the commit: a second copy, or a node taking webhooks meanwhile, waits
+            # and then finds the events, rather than mixing its rows with these.
+            await pg.execute("LOCK TABLE events IN EXCLUSIVE MODE")
             if await pg.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM jobs)"
             ):
@@ -294,6 +298,10 @@ async def _into_postgres(
                     f"the copy read {totals[:3]} events, jobs and attempts but wrote"
                     f" {[events, jobs, attempts]}: nothing was committed"
                 )
+        # The planner's statistics, which autovacuum would gather only later: the nodes' first
+        # claims and reads are planned on them.
+        with contextlib.suppress(*DB_ERRORS):  # committed: a failure here loses nothing
+            await pg.execute("ANALYZE events, jobs, attempts, dedup")
     except DB_ERRORS as exc:
         raise JournalError(f"cannot copy into {where}: {db_error(exc)}") from exc
     finally:
