@@ -1573,6 +1573,34 @@ async def test_replay_of_ids_with_dead_leaves_their_done_jobs_alone(tmp_path: Pa
     assert jobs == {done_id: "done", dead_id: "queued"}
 
 
+async def test_replay_dead_of_an_event_with_no_dead_job_says_none_was_dead(
+    tmp_path: Path,
+) -> None:
+    """`replay <id> --dead` of an event whose jobs are all done said they were "queued or
+    running", and with --action that it had "no finished or waiting job" of it: it says, as
+    --done and the rest do, that none of them was dead."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event(jobs=2)
+    first, second = (job.id for job in item.jobs)
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([first, second], "boot_test")
+        await journal.finish(
+            [finished(first, JobState.DONE, "done"), finished(second, JobState.DONE, "done")]
+        )
+    config = ("--config", str(path))
+    out = await cli("replay", item.event.id, "--dead", *config)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "nothing to replay: none of the jobs of 1 event(s) was dead\n",
+    )
+    out = await cli("replay", item.event.id, "--dead", "--action", "forward-1", *config)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "nothing to replay: none of the jobs of action 'forward-1' of 1 event(s) was dead\n",
+    )
+
+
 async def test_replay_done_and_action_make_one_actions_deliveries_again(tmp_path: Path) -> None:
     """`replay --done --action deliver` (a target that answered 2xx and lost the webhooks)
     queues that action's done jobs alone, not the event's model call; `cancel --action` and

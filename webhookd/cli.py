@@ -863,10 +863,9 @@ def replay(
     if not result:
         click.echo(f"nothing to replay: no event has a {state} job{of_action} that matches")
         return
-    if result and not requeued and (dismissed or done or cancelled):
+    if result and not requeued and only:  # a flag re-queues its state's jobs, hurries none
         click.echo(
-            f"nothing to replay: none of the jobs{of_action} of {len(result)} event(s) was"
-            f" {'dismissed' if dismissed else 'done' if done else 'cancelled'}"
+            f"nothing to replay: none of the jobs{of_action} of {len(result)} event(s) was {state}"
         )
         return
     if result and not requeued and not run_now and action is not None:
