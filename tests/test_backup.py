@@ -237,13 +237,19 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert read(Path(f"{aside}-wal")) == b"its wal"
     assert journal.read_bytes() == good.read_bytes()
 
-    # A -wal left without its journal is not the restored file's: moved aside, not replayed.
+    # A -wal left without its journal is not the restored file's: moved aside, not replayed,
+    # and said to be all there was (it said "the journal it replaced is now" a name no file had).
     journal.unlink()
     wal.write_bytes(b"an orphan wal")
     put = await cli("restore", str(good), "--config", str(config))
     assert put.exit_code == 0, put.output
-    aside = Path(put.output.split("the journal it replaced is now ")[1].strip())
-    assert read(Path(f"{aside}-wal")) == b"an orphan wal"
+    assert "the journal it replaced" not in put.output
+    said = put.output.splitlines()[-1]
+    assert said.startswith("there was no journal to replace, only its -wal: now ")
+    aside_wal = Path(said.rsplit(" ", 1)[1])
+    assert aside_wal.name.startswith("webhookd.db.replaced-") and aside_wal.name.endswith("-wal")
+    assert read(aside_wal) == b"an orphan wal"
+    assert aside_wal.name.removesuffix("-wal") not in names(tmp_path)
     assert not wal.exists()
     assert journal.read_bytes() == good.read_bytes()
 

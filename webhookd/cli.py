@@ -1773,6 +1773,12 @@ def restore(copy: Path, config_path: str | None) -> None:
     )
     if put.replaced is not None:
         click.echo(f"the journal it replaced is now {put.replaced}")
+    elif put.strays:  # a -wal (or -shm) whose journal had been removed: moved, not replayed
+        left = " and ".join("-" + p.name.rsplit("-", 1)[1] for p in put.strays)
+        click.echo(
+            f"there was no journal to replace, only its {left}: now"
+            f" {', '.join(str(p) for p in put.strays)}"
+        )
 
 
 @main.command("copy")

@@ -68,6 +68,8 @@ class Copy:
     seconds: float
     replaced: Path | None = None  # restore: where the journal it replaced was moved
     swept: tuple[Path, ...] = ()  # what an earlier backup or restore, killed midway, left
+    # restore: where a -wal or -shm left without its journal was moved (no journal was there)
+    strays: tuple[Path, ...] = ()
 
 
 def backup(
@@ -224,7 +226,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
         ready = restored_marker(journal, os.getpid())
         os.replace(partial, ready)
         sync(journal.parent)
-        replaced = _move_aside(journal)
+        moved = _move_aside(journal)
         os.replace(ready, journal)
         sync(journal.parent)
         for stale in interrupted_restores(journal):  # an earlier one's, finished by this one
@@ -235,7 +237,10 @@ def _restore(copy: Path, journal: Path) -> Copy:
             partial.unlink()
         os.close(lock)
     size = journal.stat().st_size
-    return Copy(journal, size, events, latest, time.monotonic() - started, replaced, swept)
+    replaced = moved.pop("", None)
+    strays = () if replaced is not None else tuple(moved.values())
+    seconds = time.monotonic() - started
+    return Copy(journal, size, events, latest, seconds, replaced, swept, strays)
 
 
 def _copy_whole(copy: Path, into: Path) -> None:
@@ -336,9 +341,9 @@ def _check(path: Path) -> tuple[int, float | None]:
     return int(events), latest
 
 
-def _move_aside(journal: Path) -> Path | None:
+def _move_aside(journal: Path) -> dict[str, Path]:
     """Rename ``journal`` to ``<name>.replaced-<UTC time>``, with its ``-wal`` and ``-shm``;
-    ``None`` when none of them is there.
+    returns where each that was there went, by its suffix (``""`` for the journal itself).
 
     Moved as they are, not opened: SQLite deletes a ``-wal`` it cannot apply to a damaged file
     when its connection closes, and the WAL may hold the last commits. The WAL goes first, so
@@ -353,9 +358,9 @@ def _move_aside(journal: Path) -> Path | None:
     while any(os.path.lexists(f"{aside}{suffix}") for suffix in ("-wal", "-shm", "")):
         n += 1
         aside = journal.with_name(f"{journal.name}.replaced-{stamp}-{n}")
-    moved = None
+    moved = {}
     for suffix in ("-wal", "-shm", ""):
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{journal}{suffix}", f"{aside}{suffix}")
-            moved = aside
+            moved[suffix] = Path(f"{aside}{suffix}")
     return moved
