@@ -183,11 +183,12 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert code == 0, shown
     assert out.startswith(f"backed up {journal} to {tmp_path / 'drawn.db'}: 0 event(s), ")
     assert "backing up (MB)" in shown and "1/1" in shown
+    # A folder not there is a usage error, as for "DEST/" below (it was exit 1, "No such file").
     nowhere = tmp_path / "no-such-folder" / "copy.db"
     out = await cli("backup", str(nowhere), "--config", str(config))
-    assert out.exit_code == 1
-    assert out.output == (
-        f"webhookd: error: cannot back up {journal} to {nowhere}: No such file or directory\n"
+    assert (out.exit_code, out.output) == (
+        2,
+        f"webhookd: error: no folder {nowhere.parent}: make it first\n",
     )
     # "DEST/" names a folder: one that does not exist is an error, never a file of that name.
     slash = f"{tmp_path / 'not-made-yet'}/"

@@ -934,9 +934,19 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
         assert "`webhookd serve` of this webhookd refuses it" in error
         out = await cli("check", "--no-journal", "--config", str(config))  # not read: ok
         assert (out.exit_code, out.stderr) == (0, "")
-        for verb in ("stats", "events"):  # every verb refuses it as serve does: 3
+        for verb in ("stats", "events", "prune"):  # every verb refuses it as serve does: 3
             out = await cli(verb, "--config", str(config))
             assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
+        if backend == "sqlite":  # backup and copy too, which read the file themselves
+            out = await cli("backup", str(tmp_path / "copy.db"), "--config", str(config))
+            assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
+            assert "copy.db" not in os.listdir(tmp_path)
+            # copy said to upgrade it with this webhookd's serve, which refuses it (exit 1).
+            pg = tmp_path / "pg.toml"
+            pg.write_text('[journal]\nurl = "postgresql://webhookd@127.0.0.1:1/none"\n')
+            out = await cli("copy", "--to", str(pg), "--config", str(config))
+            assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
+            assert "webhookd serve" not in out.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -1,7 +1,8 @@
 """The command line: click commands over the daemon and the journal; errors become exit codes.
 
-Exit codes: 0 ok, 1 runtime error, 2 bad usage or configuration. Commands that read or change
-the journal open the SQLite file directly, so they work whether or not the daemon is running.
+Exit codes: 0 ok, 1 runtime error, 2 bad usage or configuration, 3 a journal of a newer
+webhookd (``EXIT_JOURNAL_NEWER``, from every verb that opens the journal). Commands that read or
+change the journal open it directly, so they work whether or not the daemon is running.
 """
 
 from __future__ import annotations
@@ -1710,6 +1711,8 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
     folder = target if target.is_dir() else None
     if keep is not None and folder is None:
         _fail(f"--keep takes a folder as DEST, and {dest} is not one", 2)
+    if folder is None and not target.parent.is_dir():  # as for "DEST/": never made here
+        _fail(f"no folder {target.parent}: make it first", 2)
     while True:
         if folder is not None:
             target = copies.dated(folder, cfg.journal.path, time.time())
@@ -1726,6 +1729,8 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
             if folder is None:
                 _fail(str(exc), 2)
             # Another backup took the dated name meanwhile: this one takes the next.
+        except JournalNewer as exc:  # as every verb that opens the journal
+            _fail(str(exc), EXIT_JOURNAL_NEWER)
         except JournalError as exc:
             _fail(str(exc), 1)
     _said_swept(made)

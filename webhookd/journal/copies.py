@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from webhookd.errors import JournalError
+from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
     WAL_SIZE_LIMIT_BYTES,
@@ -107,6 +107,13 @@ def _backup(
             # daemon's commits meanwhile do not make the backup start over.
             source.execute("BEGIN")
             source.execute("SELECT count(*) FROM sqlite_schema")
+            version = int(source.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(MIGRATIONS):  # as every verb that opens it: refused, exit 3
+                raise JournalNewer(
+                    f"{journal} has schema version {version}, newer than this webhookd"
+                    f" understands ({len(MIGRATIONS)}): back it up with the webhookd that"
+                    " upgraded it"
+                )
             page_size = int(source.execute("PRAGMA page_size").fetchone()[0])
             pages = int(source.execute("PRAGMA page_count").fetchone()[0])
             _check_room(journal, dest.parent, pages * page_size)

@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from webhookd.errors import JournalError
+from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import _take_serve_lock, opened_elsewhere
 from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
@@ -157,6 +157,11 @@ def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
     try:
         conn.execute("PRAGMA query_only = ON")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(SQLITE_MIGRATIONS):  # no serve of this webhookd brings it here
+            raise JournalNewer(
+                f"{path} has schema version {version}, newer than this webhookd understands"
+                f" ({len(SQLITE_MIGRATIONS)}): copy it with the webhookd that upgraded it"
+            )
         if version != len(SQLITE_MIGRATIONS):
             raise JournalError(
                 f"{path} has schema version {version}, this webhookd's is"
