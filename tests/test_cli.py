@@ -701,7 +701,8 @@ async def test_purge_deletes_a_tenants_events_after_a_dry_run_and_says_what_is_l
     tmp_path: Path,
 ) -> None:
     """``purge --tenant`` lists with --dry-run, refuses without --yes, deletes with it (an
-    event whose job runs left whole and named); by id, an unknown one changes nothing."""
+    event whose job runs left whole and named, and exit 1: a script erasing a customer's data
+    saw 0 and went on); by id, an unknown one changes nothing."""
     config, cfg = write_config(tmp_path, "")
     alice = [new_event(tenant="alice@example.com", body=b'{"n": %d}' % n) for n in range(3)]
     bob = new_event(tenant="bob@example.com")
@@ -718,13 +719,27 @@ async def test_purge_deletes_a_tenants_events_after_a_dry_run_and_says_what_is_l
         *[item.event.id for item in reversed(alice)],
     ]
     done = await cli("purge", "--tenant", "alice@example.com", "--yes", *where)
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 1, done.output
     assert done.stdout.splitlines() == [
         "purged 2 event(s) with 2 job(s); 1 left whole, a job of theirs running: cancel, then"
         " purge again",
         f"  running: {alice[2].event.id}",
     ]
     assert "overwritten in the journal file" in done.stderr
+    by_id = await cli("purge", alice[2].event.id, *where)
+    assert (by_id.exit_code, by_id.stdout.splitlines()) == (
+        1,
+        [
+            "purged 0 event(s) with 0 job(s); 1 left whole, a job of theirs running: cancel,"
+            " then purge again",
+            f"  running: {alice[2].event.id}",
+        ],
+    )
+    listed = await cli("purge", "--tenant", "alice@example.com", "--dry-run", *where)
+    assert (listed.exit_code, listed.stdout) == (
+        0,
+        f"would purge 1 event(s)\n{alice[2].event.id}\n",
+    )
     unknown = await cli("purge", bob.event.id, "evt_nope", *where)
     assert unknown.exit_code == 1 and "evt_nope" in unknown.output
     async with Journal(cfg.journal.path) as journal:

@@ -1005,9 +1005,9 @@ def purge(
     customer who asks to be forgotten, a webhook that carried what must not be kept.
 
     By event id, or every event of a --tenant or whose body --contains a text (then --dry-run
-    lists them, and --yes deletes them). An event whose job is running is left whole: cancel
-    it, and purge it once its attempt has ended. A provider's retry of a purged delivery is
-    taken as a new event. Backups keep what they held.
+    lists them, and --yes deletes them). An event whose job is running is left whole, and the
+    exit is 1: cancel it, and purge it once its attempt has ended. A provider's retry of a
+    purged delivery is taken as a new event. Backups keep what they held.
     """
     bulk = tenant is not None or contains is not None
     if bool(event_ids) == bulk:
@@ -1069,6 +1069,8 @@ def purge(
             + "; backups keep what they held",
             err=True,
         )
+    if held:  # a scripted erasure must notice what it has still to do
+        sys.exit(1)
 
 
 def _done_jobs_note(events: list[EventDetail], action: str | None = None) -> None:
