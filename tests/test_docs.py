@@ -6,6 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
+
+from webhookd.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CITED = re.compile(r"(?:(test_\w+)\.py)?::(test_\w+)")
@@ -30,3 +34,33 @@ def test_every_test_the_documents_cite_exists() -> None:
                     missing.append(f"{doc.name}: {module}.py::{found.group(2)}")
     assert not missing, "\n".join(missing)
     assert sum(len(names) for names in defined.values()) > 300  # the tests were found at all
+
+
+def _sections(doc: str) -> dict[str, str]:
+    """A document's ``## `` sections by title; ``## pause, resume`` is both's."""
+    found = {}
+    for part in re.split(r"^## ", doc, flags=re.M)[1:]:
+        title, _, body = part.partition("\n")
+        for name in title.split(", "):
+            found[name.strip()] = body
+    return found
+
+
+def test_every_option_of_every_verb_is_in_its_section_of_cli_md() -> None:
+    """docs/cli.md had no word of `stats --json` nor `serve --log-format`, and none of how a
+    verb finds its config: every verb's options are in its section (--config, which every verb
+    takes, in the note at the top, with WEBHOOKD_CONFIG)."""
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    top, sections = doc.split("\n## ", 1)[0], _sections(doc)
+    assert "`--config FILE`" in top and "`WEBHOOKD_CONFIG`" in top
+    missing = []
+    for name, command in main.commands.items():
+        body = sections.get(name)
+        if body is None:
+            missing.append(f"## {name}")
+            continue
+        for param in command.params:
+            opts = [o for o in param.opts if o != "--config"]
+            if isinstance(param, click.Option) and opts and not any(o in body for o in opts):
+                missing.append(f"{name} {opts[0]}")
+    assert not missing, "\n".join(missing)
