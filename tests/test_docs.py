@@ -3,12 +3,14 @@ one in the same table cell): every cited test must exist, or a guarantee is back
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
 import click
 
 from webhookd.cli import main
+from webhookd.config import ACTION_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -63,4 +65,18 @@ def test_every_option_of_every_verb_is_in_its_section_of_cli_md() -> None:
             opts = [o for o in param.opts if o != "--config"]
             if isinstance(param, click.Option) and opts and not any(o in body for o in opts):
                 missing.append(f"{name} {opts[0]}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_option_of_every_action_kind_is_in_its_section_of_actions_md() -> None:
+    """docs/actions.md had no word of openai's `temperature`, `lane` and `max_lane_wait_s`, nor
+    of command's `cwd` (it said the working directory was the daemon's): each kind's options,
+    as its module takes them, are in its section."""
+    sections = _sections((ROOT / "docs" / "actions.md").read_text())
+    missing = []
+    for kind in ACTION_KINDS:
+        module = importlib.import_module(f"webhookd.actions.{kind}")
+        names = (*module._OPTIONS, *getattr(module, "_THEN_OPTIONS", ()))
+        # `name` or `name = ...`, as the section writes an option with its value
+        missing += [f"{kind} {n}" for n in names if not re.search(rf"`{n}(`| =)", sections[kind])]
     assert not missing, "\n".join(missing)

@@ -17,6 +17,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _PREVIEW_BYTES = 200
 
 
+_OPTIONS = ("level", "body")
+
+
 @dataclass(frozen=True, slots=True)
 class _Settings:
     level: Literal["debug", "info", "warning"] = "info"
@@ -24,7 +27,7 @@ class _Settings:
 
 
 def _settings(config: ActionConfig) -> _Settings:
-    t = options(config, ("level", "body"))
+    t = options(config, _OPTIONS)
     return t.read(_Settings())
 
 
