@@ -402,6 +402,33 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
     )
 
 
+async def test_a_pause_of_the_catch_alls_name_without_one_says_there_is_none(
+    tmp_path: Path,
+) -> None:
+    """``pause '*'`` of a config with no catch-all said "*" broke the rule of a source's name:
+    it says "*" is the catch-all, and that this config has none."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    async with Journal(cfg.journal.path):
+        pass
+    for verb in ("pause", "resume"):
+        out = await cli(verb, "*", "--config", str(path))
+        assert (out.exit_code, out.stderr) == (
+            2,
+            f"webhookd: error: no source '*': \"*\" is the catch-all, and {path} has none"
+            " (configured: shop)\n",
+        )
+
+
+async def test_help_says_what_follow_and_cancel_queued_take() -> None:
+    """events --help said --follow was "not with --state", but --before is refused with it too;
+    cancel --help said --queued cancels "every event that has a queued job", where it cancels
+    running jobs too, as its --dry-run says."""
+    out = await cli("events", "--help")
+    assert "not with --state or --before" in " ".join(out.output.split())
+    out = await cli("cancel", "--help")
+    assert "Cancel the queued and running jobs of every event" in " ".join(out.output.split())
+
+
 async def test_a_paused_source_the_config_no_longer_has_can_still_be_resumed(
     tmp_path: Path,
 ) -> None:

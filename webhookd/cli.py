@@ -909,7 +909,12 @@ def _backlog_note(cfg: config_mod.Config) -> None:
 @main.command()
 @click.argument("event_ids", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--queued", is_flag=True, help="Cancel every event that has a queued job.")
+@click.option(
+    "--queued",
+    is_flag=True,
+    help="Cancel the queued and running jobs of every event that has one (a running one"
+    " finishes its attempt, with no retry after it).",
+)
 @click.option(
     "--dead",
     is_flag=True,
@@ -1187,7 +1192,7 @@ def _bulk_filters(
     "-f",
     is_flag=True,
     help="Then print each new event as it is journaled, oldest first, until interrupted (the"
-    " listing itself is then oldest first too); not with --state.",
+    " listing itself is then oldest first too); not with --state or --before.",
 )
 def events(
     config_path: str | None,

@@ -516,12 +516,19 @@ class Config:
 
     def no_source(self, name: str, *, takes_webhooks: bool = False) -> str:
         """What a verb says of a source name it found no source for: the configured names, and
-        the closest if ``name`` looks misspelt. ``takes_webhooks`` (``send``): also that the
-        catch-all never takes the alerts' own source."""
+        the closest if ``name`` looks misspelt; of ``*`` with no catch-all, that ``*`` is the
+        catch-all's. ``takes_webhooks`` (``send``): also that the catch-all never takes the
+        alerts' own source."""
+        names = sorted(n for n in self.sources if n != CATCH_ALL)
+        configured = f"(configured: {', '.join(names) or 'none'})"
+        if name == CATCH_ALL and CATCH_ALL not in self.sources:  # the catch-all's, not a slip
+            return (
+                f'no source {name!r}: "{CATCH_ALL}" is the catch-all, and {self.origin} has'
+                f" none {configured}"
+            )
         if not SOURCE_NAME.fullmatch(name):
             return f"no source {name!r}: a source's name is {SOURCE_NAME_RULE}"
-        names = sorted(n for n in self.sources if n != CATCH_ALL)
-        said = f"no source {name!r} in {self.origin} (configured: {', '.join(names) or 'none'})"
+        said = f"no source {name!r} in {self.origin} {configured}"
         if takes_webhooks and CATCH_ALL in self.sources:
             said += f'; the catch-all "{CATCH_ALL}" never takes "{ALERT_SOURCE}" (the alerts\')'
         close = self.close_source(name)
