@@ -18,9 +18,16 @@ from procs import Procs, settled_event, write_config
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
-from webhookd.journal import Finished, Journal, NewEvent, NewJob, _take_serve_lock
+from webhookd.journal import (
+    Finished,
+    Journal,
+    NewEvent,
+    NewJob,
+    _take_serve_lock,
+    copied_marker,
+)
 from webhookd.journal.postgres import PostgresJournal
-from webhookd.journal.postgres.from_sqlite import copy_journal
+from webhookd.journal.postgres.from_sqlite import _open_sqlite, copy_journal
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 START = 1_700_000_000.0
@@ -67,7 +74,8 @@ async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
         running = new_event("shop:3")
         first, second = (new_event(f"shop:o{i}", order_key="cust-9") for i in range(2))
         signed = new_event("gh:delivery-1", body_key="gh:sha256:aa")
-        for item in (done_and_queued, dead, running, first, second, signed):
+        pruned = new_event("shop:gone")
+        for item in (done_and_queued, dead, running, first, second, signed, pruned):
             assert not (await lite.ingest(item)).duplicate
         done_id = done_and_queued.jobs[0].id
         await lite.claim([done_id, dead.jobs[0].id, running.jobs[0].id], "boot_a")
@@ -80,13 +88,22 @@ async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
         await lite.pause("shop")
         ids = [x.event.id for x in (done_and_queued, dead, running, first, second, signed)]
         before = {i: await lite.get_event(i) for i in ids}
-    # The journal is closed here as a killed daemon leaves it: one job still running.
+    # The journal is closed here as a killed daemon leaves it: one job still running. And as
+    # retention leaves an event it deleted: its dedup key kept, as a digest.
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("DELETE FROM jobs WHERE event_id = :id", {"id": pruned.event.id})
+        raw.execute("DELETE FROM events WHERE id = :id", {"id": pruned.event.id})
+    raw.close()
 
     made = await copy_journal(path, pg_url)
     assert (made.events, made.attempts, made.dedup_keys) == (6, 2, 6)
     assert made.jobs == {"queued": 4, "done": 1, "dead": 1, "running": 1}
-    assert made.keys_left == 1  # the signed body's key: only its digest was kept
+    # Only digests were kept of these: the signed body's key, and the pruned event's.
+    assert (made.body_keys, made.keys_of_pruned) == (1, 1)
     assert made.paused == ("shop",)
+    assert made.unfinished == {("shop", "forward-0"): 4, ("shop", "forward-1"): 1}
+    assert "copied into PostgreSQL" in copied_marker(path).read_text()
 
     async with PostgresJournal(pg_url, clock=clock, heartbeat_s=3600) as pg:
         assert {i: await pg.get_event(i) for i in ids} == before
@@ -135,8 +152,32 @@ async def test_a_copy_refuses_what_it_cannot_do_safely(tmp_path: Path, pg_url: s
     assert not [n for n in os.listdir(tmp_path) if n.startswith("none.db")]
 
     await copy_journal(path, pg_url)
+    with pytest.raises(JournalError, match="a second copy would run its queued jobs twice"):
+        await copy_journal(path, pg_url)
+    copied_marker(path).unlink()  # as the refusal says, to copy it all the same
     with pytest.raises(JournalError, match="already holds events"):
         await copy_journal(path, pg_url)  # a second copy, or nodes that took webhooks
+
+
+async def test_while_a_copy_reads_the_journal_no_verb_changes_it_and_no_daemon_starts(
+    tmp_path: Path,
+) -> None:
+    """A pause or a replay made during a copy was in neither journal: the copy holds the
+    write lock, and the serve lock, naming itself."""
+    path = tmp_path / "journal.db"
+    async with Journal(path):
+        pass
+    lock, held = _open_sqlite(path)
+    try:
+        other = sqlite3.connect(path, timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("CREATE TABLE t (x)")
+        other.close()
+        with pytest.raises(JournalError, match=r"in use by another webhookd copy \(pid \d+\)"):
+            _take_serve_lock(path)
+    finally:
+        held.close()
+        os.close(lock)
 
 
 async def test_a_copy_that_fails_midway_commits_nothing(tmp_path: Path, pg_url: str) -> None:
@@ -182,10 +223,16 @@ url = "{target.url}/in"
     await stop(daemon)
 
     wrong = await procs.cli("copy", "--to", str(lite_cfg), "--config", str(lite_cfg))
+    unset = await procs.cli("copy", "--to", str(pg_cfg), "--config", str(lite_cfg))
     copied = await procs.cli("copy", "--to", str(pg_cfg), "--config", str(lite_cfg), env=env)
+    # The old box's daemon, started again (its unit still enabled), would run them twice.
+    again = await procs.cli("check", "--config", str(lite_cfg))
     node = await procs.serve(pg_cfg, env=env)
     resumed = await procs.cli("resume", "shop", "--config", str(pg_cfg), env=env)
     assert wrong.returncode == 2 and "journal.url:" in wrong.stderr
+    assert unset.returncode == 2, unset.stderr
+    assert "journal.url: environment variable WEBHOOKD_JOURNAL_URL is not set" in unset.stderr
+    assert again.returncode == 2 and "was copied into PostgreSQL" in again.stderr
     assert copied.returncode == 0, copied.stderr
     assert "5 event(s); jobs: 5 queued" in copied.stdout
     assert "paused, as before: shop" in copied.stdout

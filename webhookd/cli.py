@@ -47,6 +47,8 @@ from webhookd.journal import (
     Peeked,
     Purged,
     Replayed,
+    copied_marker,
+    copied_to,
     copies,
     open_journal,
     peek_journal,
@@ -355,6 +357,7 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
     except ConfigError as exc:
         _fail(str(exc), 2)
     cfg = _load(path)
+    _refuse_copied(cfg)
     logs.setup(
         log_level or cfg.log.level,
         log_format or cfg.log.format,
@@ -403,6 +406,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
     if unread:
         _fail(unread[-1], 2)
     cfg = _load(config_path)
+    _refuse_copied(cfg)
     sources = config_mod.some(sorted(cfg.sources)) or "none"
     actions = sum(len(s.actions) for s in cfg.sources.values())
     alerts = ""
@@ -446,6 +450,19 @@ def check(config_path: str | None, no_journal: bool) -> None:
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {unusable}", err=True)
     for said in notes:
         click.echo(f"webhookd: {said}", err=True)
+
+
+def _refuse_copied(cfg: config_mod.Config) -> None:
+    """Exit 2 on a SQLite journal ``webhookd copy`` put into PostgreSQL: its queued jobs run
+    there now, and a daemon on the file would run them a second time."""
+    if cfg.journal.url is not None or (said := copied_to(cfg.journal.path)) is None:
+        return
+    _fail(
+        f"journal.path: {cfg.journal.path} was {said}, and its jobs run there: serve the"
+        f" nodes' config (journal.url); to serve this file all the same, delete"
+        f" {copied_marker(cfg.journal.path)}",
+        2,
+    )
 
 
 def _journal_notes(cfg: config_mod.Config) -> list[str]:
@@ -1813,26 +1830,40 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set in the source config: copy goes from a SQLite journal", 2)
+    if not cfg.journal.path.exists():
+        _fail(
+            f"no journal at {cfg.journal.path.absolute()}: name the daemon's config with"
+            " --config (or WEBHOOKD_CONFIG)",
+            1,
+        )
     to = _read_config(to_path)
     if to.journal.url is None:
         _fail(f"journal.url: {to_path} names no PostgreSQL journal to copy into", 2)
-    url = to.journal.url.reveal()
+    try:
+        url = to.journal.url.reveal()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    from webhookd.app import orphaned_jobs
     from webhookd.journal.postgres.db import redact_url
     from webhookd.journal.postgres.from_sqlite import copy_journal as copy_into
 
     async def go() -> Any:
-        with _progress(1, "copying (rows)") as bar:
+        try:
+            with _progress(1, "copying (rows)") as bar:
 
-            def total(n: int) -> None:
-                bar.length = max(n, 1)
+                def total(n: int) -> None:
+                    bar.length = max(n, 1)
 
-            return await copy_into(
-                cfg.journal.path,
-                url,
-                statement_cache_size=to.journal.statement_cache_size,
-                on_rows=bar.update,
-                on_total=total,
-            )
+                return await copy_into(
+                    cfg.journal.path,
+                    url,
+                    statement_cache_size=to.journal.statement_cache_size,
+                    on_rows=bar.update,
+                    on_total=total,
+                )
+        except asyncio.CancelledError:  # Ctrl-C: the transaction is rolled back
+            click.echo("webhookd: interrupted: nothing was copied", err=True)
+            raise
 
     made = _run(go)
     jobs = ", ".join(f"{n:,} {state}" for state, n in sorted(made.jobs.items())) or "none"
@@ -1841,10 +1872,15 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
         f" {made.events:,} event(s); jobs: {jobs}; {made.attempts:,} attempt(s);"
         f" {made.dedup_keys:,} dedup key(s); in {made.seconds:.1f} s"
     )
-    if made.keys_left:
+    if made.keys_of_pruned:
         click.echo(
-            f"{made.keys_left:,} dedup key(s) not copied: their event was pruned, or a signed"
-            " body's key (only a digest of each is kept): a provider's retry of one is new"
+            f"{made.keys_of_pruned:,} dedup key(s) of events retention had deleted not copied"
+            " (SQLite keeps only a digest of each): a provider's retry of one is new"
+        )
+    if made.body_keys:
+        click.echo(
+            f"{made.body_keys:,} signed body key(s) (verify.dedup_body) not copied; each event's"
+            " delivery id was"
         )
     if made.paused:
         click.echo(f"paused, as before: {', '.join(made.paused)}")
@@ -1853,8 +1889,15 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
             "the running jobs (the daemon was killed) are re-queued by the first node to"
             " start, as a crashed node's are"
         )
+    if orphans := orphaned_jobs(to, made.unfinished):
+        click.echo(
+            f"warning: {to_path} has no action for queued jobs of the copy: {orphans}; started"
+            " with it, the nodes let them go dead at their turn",
+            err=True,
+        )
     click.echo(
-        f"start no daemon on {cfg.journal.path} again: its queued jobs now run from PostgreSQL"
+        f"{cfg.journal.path} is left as it was, marked copied: serve and check refuse it"
+        f" from now on (its queued jobs run from PostgreSQL)"
     )
 
 

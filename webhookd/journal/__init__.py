@@ -374,6 +374,23 @@ def serve_lock_file(path: Path) -> Path:
     return Path(f"{os.path.realpath(path)}-lock")
 
 
+def copied_marker(path: Path) -> Path:
+    """The file ``webhookd copy`` leaves beside a SQLite journal it copied into PostgreSQL:
+    while it is there, ``serve`` (and ``check``) refuse the journal, whose queued jobs now run
+    from the copy. It says where and when."""
+    return Path(f"{os.path.realpath(path)}-copied")
+
+
+def copied_to(path: Path) -> str | None:
+    """What ``copied_marker`` says of the journal at ``path`` (where and when it was copied
+    into PostgreSQL), or None when it was not."""
+    try:
+        said = copied_marker(path).read_text("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    return said or "copied into PostgreSQL"
+
+
 def serve_lock_held(path: Path) -> bool | None:
     """Whether the ``webhookd serve`` that last took the journal's lock may still run: the pid
     its lock file names runs here. A daemon killed (``kill -9``, a crash) leaves its pid
@@ -390,7 +407,8 @@ def serve_lock_held(path: Path) -> bool | None:
         return False
     except OSError:
         return None
-    return holder.isdigit() and process_running(int(holder))
+    pid = holder.partition(" ")[0]  # and the verb holding it, since copy and restore take it
+    return pid.isdigit() and process_running(int(pid))
 
 
 # SQLite (os_unix.c) holds a shared POSIX lock on this byte of ``<db>-shm`` in every process
@@ -431,9 +449,11 @@ def opened_elsewhere(path: Path) -> str | None:
 def _take_serve_lock(
     path: Path,
     why: str = "one daemon per SQLite journal (several nodes share a PostgreSQL one)",
+    verb: str = "serve",
 ) -> int:
     """Hold ``<journal>-lock`` for this process's life, or raise ``JournalError`` naming the
-    ``webhookd serve`` that holds it, then ``why``; returns the lock file's descriptor.
+    ``webhookd serve`` that holds it, then ``why``; returns the lock file's descriptor. The file
+    holds the pid of the process that has it, and its ``verb`` (serve, restore, copy).
 
     A second daemon on the same file would take the first one's running jobs for an earlier
     boot's at its start (recovery) and run them again beside it. The CLI does not take this
@@ -446,17 +466,17 @@ def _take_serve_lock(
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        pid, _, held_by = os.pread(fd, 32, 0).decode("ascii", "replace").strip().partition(" ")
         os.close(fd)
-        by = f" (pid {holder})" if holder.isdigit() else ""
+        by = f" (pid {pid})" if pid.isdigit() else ""
         raise JournalError(
-            f"journal {path} is in use by another webhookd serve{by}: {why}"
+            f"journal {path} is in use by another webhookd {held_by or 'serve'}{by}: {why}"
         ) from None
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {verb}\n".encode(), 0)
     return fd
 
 

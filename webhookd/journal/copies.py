@@ -209,7 +209,7 @@ def _restore(copy: Path, journal: Path) -> Copy:
         raise JournalError(f"no backup at {copy}")
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
-    lock = _take_serve_lock(journal, "stop it before a restore")
+    lock = _take_serve_lock(journal, "stop it before a restore", "restore")
     if (holder := opened_elsewhere(journal)) is not None:
         os.close(lock)
         raise JournalError(

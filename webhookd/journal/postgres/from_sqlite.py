@@ -30,7 +30,8 @@ from typing import Any
 import asyncpg
 
 from webhookd.errors import JournalError, JournalNewer
-from webhookd.journal import _take_serve_lock, opened_elsewhere
+from webhookd.journal import _take_serve_lock, copied_marker, copied_to, opened_elsewhere
+from webhookd.journal.moved import sync
 from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
@@ -99,9 +100,13 @@ class Copied:
     jobs: dict[str, int]  # by state, as copied (running: to be re-queued by the first leader)
     attempts: int
     dedup_keys: int
-    keys_left: int  # dedup keys that did not move: their event was pruned, or a body's key
+    # Dedup keys that did not move: of events retention deleted, and signed bodies' keys.
+    keys_of_pruned: int
+    body_keys: int
     paused: tuple[str, ...]
     seconds: float
+    # Queued and running jobs by (source, action), which the nodes' config must have.
+    unfinished: dict[tuple[str, str], int]
 
 
 def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[list[tuple[Any, ...]]]:
@@ -133,20 +138,41 @@ def _job_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[A
         yield [(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in batch]
 
 
-def _dedup_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
-    """(key, event id, created) of each dedup row whose digest is its event's key's (not a
-    body's key, whose text no row keeps)."""
+def _dedup_rows(
+    batches: Iterator[list[tuple[Any, ...]]], body_keys: list[int]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """(key, event id, created) of each dedup row whose digest is its event's key's; the others
+    (a signed body's key, whose text no row keeps) are counted in ``body_keys``."""
     for batch in batches:
-        if rows := [(k, ev, at) for digest, k, ev, at in batch if key_digest(k) == digest]:
+        rows = [(k, ev, at) for digest, k, ev, at in batch if key_digest(k) == digest]
+        body_keys[0] += len(batch) - len(rows)
+        if rows:
             yield rows
+
+
+def _mark_copied(path: Path, where: str) -> None:
+    """Leave ``copied_marker`` beside the journal, synced: a daemon started on the file again
+    (a reboot of the old box, its unit still enabled) would run its queued jobs a second
+    time."""
+    marker = copied_marker(path)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    marker.write_text(f"copied into {where} at {when}\n", encoding="utf-8")
+    sync(marker)
+    sync(marker.parent)
 
 
 def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
     """The journal at ``path`` held: its serve lock's descriptor (no daemon can start on it),
-    and a connection in a read transaction on it (one snapshot for every table)."""
+    and a connection in a transaction holding its write lock (one snapshot for every table,
+    and no change by a CLI verb meanwhile)."""
     if not path.is_file():
         raise JournalError(f"no journal at {path}")
-    lock = _take_serve_lock(path, "stop it before a copy")
+    if (said := copied_to(path)) is not None:
+        raise JournalError(
+            f"{path} was {said}: a second copy would run its queued jobs twice (delete"
+            f" {copied_marker(path)} to copy it all the same)"
+        )
+    lock = _take_serve_lock(path, "stop it before a copy", "copy")
     try:
         if (holder := opened_elsewhere(path)) is not None:
             raise JournalError(f"{holder} has {path} open: stop it before a copy")
@@ -155,7 +181,6 @@ def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
         os.close(lock)
         raise
     try:
-        conn.execute("PRAGMA query_only = ON")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(SQLITE_MIGRATIONS):  # no serve of this webhookd brings it here
             raise JournalNewer(
@@ -168,8 +193,9 @@ def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
                 f" {len(SQLITE_MIGRATIONS)}: start and stop `webhookd serve` of this webhookd"
                 " on it (it upgrades the journal as it starts), then copy it"
             )
-        conn.execute("BEGIN")
-        conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()  # the snapshot starts here
+        # The write lock, never used: a CLI verb's change (a pause, a replay) meanwhile would
+        # be in neither journal. It waits, then says the journal is locked.
+        conn.execute("BEGIN IMMEDIATE")
     except BaseException as exc:
         conn.close()
         os.close(lock)
@@ -194,9 +220,18 @@ async def copy_journal(
     where = redact_url(url)
     lock, lite = _open_sqlite(path)
     try:
-        return await _into_postgres(
+        made = await _into_postgres(
             lite, url, where, statement_cache_size, on_rows, on_total, started
         )
+        # Under the lock still: no daemon can have started on the file in between.
+        try:
+            _mark_copied(path, where)
+        except OSError as exc:
+            raise JournalError(
+                f"the copy is committed, but {copied_marker(path)} could not be written"
+                f" ({exc.strerror or exc}): start no daemon on {path} again"
+            ) from exc
+        return made
     except sqlite3.Error as exc:
         raise JournalError(f"cannot read {path}: {exc}") from exc
     finally:
@@ -267,6 +302,7 @@ async def _into_postgres(
                 _rows(lite, f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq"),
                 on_rows,
             )
+            body_keys = [0]
             keys = await _copy(
                 pg,
                 "dedup",
@@ -276,7 +312,8 @@ async def _into_postgres(
                         lite,
                         "SELECT d.digest, e.dedup_key, d.event_id, d.created_at FROM dedup d"
                         " JOIN events e ON e.id = d.event_id ORDER BY d.n",
-                    )
+                    ),
+                    body_keys,
                 ),
                 on_rows,
             )
@@ -298,6 +335,13 @@ async def _into_postgres(
                 r[0]: int(r[1])
                 for r in await pg.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
             }
+            unfinished = {
+                (r[0], r[1]): int(r[2])
+                for r in await pg.fetch(
+                    "SELECT source, action, count(*) FROM jobs"
+                    " WHERE state IN ('queued', 'running') GROUP BY source, action"
+                )
+            }
             if (events, jobs, attempts) != tuple(totals[:3]):
                 raise JournalError(
                     f"the copy read {totals[:3]} events, jobs and attempts but wrote"
@@ -308,7 +352,12 @@ async def _into_postgres(
         with contextlib.suppress(*DB_ERRORS):  # committed: a failure here loses nothing
             await pg.execute("ANALYZE events, jobs, attempts, dedup")
     except DB_ERRORS as exc:
-        raise JournalError(f"cannot copy into {where}: {db_error(exc)}") from exc
+        # A connection lost mid-copy surfaces as the transaction's failure to end: say the loss.
+        cause = exc.__context__ if isinstance(exc.__context__, DB_ERRORS) else exc
+        raise JournalError(
+            f"cannot copy into {where}: {db_error(cause)}; a copy commits all or nothing: run"
+            " it again (it refuses a journal a copy already filled)"
+        ) from exc
     finally:
         await pg.close()
     return Copied(
@@ -316,7 +365,9 @@ async def _into_postgres(
         jobs=states,
         attempts=attempts,
         dedup_keys=keys,
-        keys_left=totals[3] - keys,
+        keys_of_pruned=totals[3] - keys - body_keys[0],
+        body_keys=body_keys[0],
         paused=tuple(sorted(r[0] for r in paused)),
         seconds=time.monotonic() - started,
+        unfinished=unfinished,
     )
