@@ -1951,3 +1951,27 @@ def test_show_says_how_a_webhook_verified_in_words_and_its_own_times() -> None:
     )
     untimed = {"scheme": "github", "secret_index": 0, "timestamp": None, "received_at": at}
     assert _verified_line(untimed) == "verified github, checked 2026-12-03 15:28:32.818Z"
+
+
+async def test_reading_verbs_answer_while_another_process_holds_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """``events``, ``show`` and ``stats`` waited 5 s for SQLite's write lock and failed
+    "database is locked" while any other process held it (a copy, a long transaction): each
+    connection asked for auto_vacuum, which takes that lock and means something on a new
+    file only."""
+    config, cfg = write_config(tmp_path, '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"')
+    async with Journal(cfg.journal.path) as journal:
+        [job_id] = await ingest(journal, "shop", 1)
+        event_id = (await journal.list_events(limit=1))[0].id
+    holder = sqlite3.connect(cfg.journal.path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        listed = await cli("events", "--json", "--config", str(config))
+        shown = await cli("show", event_id, "--config", str(config))
+        counted = await cli("stats", "--json", "--config", str(config))
+    finally:
+        holder.close()
+    assert [r.exit_code for r in (listed, shown, counted)] == [0, 0, 0], listed.output
+    assert json.loads(listed.stdout)["id"] == event_id
+    assert job_id in shown.stdout

@@ -185,10 +185,12 @@ CLOSE_TIMEOUT_S = 10.0
 WRITES_BACK_AFTER_S = 5.0
 _BUSY_TIMEOUT_MS = 5000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# Only on a new file, before the first table is created, does auto_vacuum take effect; on any
+# other it waits for the write lock, so a read-only verb beside a long write (a copy, a backup
+# step, another process's transaction) failed "database is locked" for nothing.
+_NEW_FILE_PRAGMA = "PRAGMA auto_vacuum = INCREMENTAL"
 _PRAGMAS = (
     f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
-    # auto_vacuum only takes effect on a new file, before the first table is created.
-    "PRAGMA auto_vacuum = INCREMENTAL",
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
     "PRAGMA temp_store = MEMORY",
@@ -826,7 +828,9 @@ class Journal(Reads, BaseJournal):
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
+        async with conn.execute("PRAGMA page_count") as cursor:
+            row = await cursor.fetchone()
+        for pragma in (_NEW_FILE_PRAGMA, *_PRAGMAS) if row and not row[0] else _PRAGMAS:
             await conn.execute(pragma)
         return conn
 
@@ -835,7 +839,8 @@ class Journal(Reads, BaseJournal):
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
-            for pragma in _PRAGMAS:
+            new = not conn.execute("PRAGMA page_count").fetchone()[0]
+            for pragma in (_NEW_FILE_PRAGMA, *_PRAGMAS) if new else _PRAGMAS:
                 conn.execute(pragma)
             conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
             add_functions(conn)
