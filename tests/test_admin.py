@@ -281,6 +281,14 @@ async def test_events_list_filters_by_state_source_limit_and_before(
     for bad in ("?state=sleeping", "?limit=0", "?limit=many"):
         status, error = await get(running, "/events" + bad)
         assert status == 400 and isinstance(error["error"], str), bad
+    # A filter this endpoint lacks is refused, not ignored: an export "since last week" got
+    # every event.
+    status, error = await get(running, "/events?since=2099-01-01")
+    assert (status, error["error"]) == (
+        400,
+        "unknown parameter 'since': it takes state, limit, before, source, tenant",
+    )
+    assert await listed("?tenant=") == [last, failed, first]  # of no tenant, as --tenant ""
     # A cursor that is no event id is refused, not read as text that sorts after every id.
     for bad in ("garbage", "evt_", first.lower(), first + "0"):
         status, error = await get(running, "/events?before=" + bad)
@@ -432,6 +440,22 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
     assert (status, doc) == (202, {"source": "shop", "events": 0, "requeued": 0})
     status, error = await post_admin(running, "/sources/nope/replay-dead")
     assert (status, set(error)) == (404, {"error"})
+    # A typo or a filter it lacks replayed every dead letter of the source; now nothing.
+    target.statuses = [500]
+    again = await accept(running, "/hooks/shop", '{"n": 4}')
+    await outcomes.wait(again, "dead")
+    for query in ("?action=nope&since=2099-01-01", "?Tenant=acme"):
+        status, error = await post_admin(running, "/sources/shop/replay-dead" + query)
+        assert status == 400 and error["error"].startswith("unknown parameter"), query
+    status, error = await post_admin(running, f"/events/{again}/replay?Dead=1")
+    assert (status, error["error"]) == (
+        400,
+        "unknown parameter 'Dead': it takes dead, dismissed, done, cancelled, action",
+    )
+    # An empty tenant is the events of no tenant (these have none), never "every tenant".
+    status, doc = await post_admin(running, "/sources/shop/replay-dead?tenant=")
+    assert (status, doc["requeued"]) == (202, 1)
+    await outcomes.wait(again, "done")
 
 
 async def test_replay_dead_past_max_backlog_answers_a_warning_the_dashboard_shows(

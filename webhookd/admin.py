@@ -54,6 +54,17 @@ _MAX_SOURCE_CHARS = 200
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
+def _unknown_parameters(request: web.Request, known: tuple[str, ...]) -> web.Response | None:
+    """A 400 naming a query parameter the endpoint does not take, else None. Ignored, a typo
+    or a filter this endpoint lacks widened the request: ``replay-dead?action=x&since=...``
+    replayed every dead job of the source, ``/events?since=...`` listed every event."""
+    for name in request.query:
+        if name not in known:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            return json_error(400, f"unknown parameter {name!r}: {takes}")
+    return None
+
+
 def _split_host(host: str) -> tuple[str, str]:
     """``name[:port]`` (an IPv6 name in brackets) as ``(name, port)``; port "" when absent."""
     if host.startswith("["):
@@ -326,6 +337,8 @@ class Admin:
         """Per-minute accepted, done and dead counts and the backlog, read from the journal (so
         a restart loses nothing): ``?minutes=`` (default 60) ending now, ``?source=`` or all."""
         q = request.query
+        if refused := _unknown_parameters(request, ("minutes", "source")):
+            return refused
         try:
             minutes = int(q.get("minutes", "60"))
         except ValueError:
@@ -361,6 +374,10 @@ class Admin:
 
     async def events(self, request: web.Request) -> web.Response:
         q = request.query
+        if refused := _unknown_parameters(
+            request, ("state", "limit", "before", "source", "tenant")
+        ):
+            return refused
         state = q.get("state") or None
         if state is not None and state not in EVENT_STATES:
             return json_error(400, f"state must be one of {', '.join(EVENT_STATES)}")
@@ -377,7 +394,7 @@ class Admin:
         rows = await self.ctx.journal.list_events(
             state=state,
             source=q.get("source") or None,
-            tenant=q.get("tenant") or None,
+            tenant=q.get("tenant"),  # empty: the events of no tenant, as --tenant ""
             limit=limit,
             before=before,
         )
@@ -417,6 +434,10 @@ class Admin:
         ``?done=1`` (``replay --done``) its done ones; with ``?action=NAME`` (``--action``)
         only the jobs of that action."""
         event_id = request.match_info["id"]
+        if refused := _unknown_parameters(
+            request, ("dead", "dismissed", "done", "cancelled", "action")
+        ):
+            return refused
         flags = {}
         for name in ("dead", "dismissed", "done", "cancelled"):
             value = request.query.get(name, "0")
@@ -452,6 +473,8 @@ class Admin:
         ``?dead=1`` (``cancel --dead``, the dashboard's Dismiss) its dead jobs alone; with
         ``?action=NAME`` (``--action``) only the jobs of that action."""
         event_id = request.match_info["id"]
+        if refused := _unknown_parameters(request, ("dead", "action")):
+            return refused
         dead = request.query.get("dead", "0")
         if dead not in ("0", "1"):
             return json_error(400, "dead must be 0 or 1")
@@ -480,6 +503,8 @@ class Admin:
         dispatcher has the change: a webhook sent after the answer to a paused source starts
         no job here (other nodes hear of it within milliseconds, or at their next sweep)."""
         source = request.match_info["source"]
+        if refused := _unknown_parameters(request, ()):
+            return refused
         journal = self.ctx.journal
         try:
             # One the config no longer has is resumed while paused: its jobs go dead at their
@@ -501,6 +526,8 @@ class Admin:
         event of the source (and of ``?tenant=``, as sent) that has one, ``BULK_BATCH`` events
         at a time; an event pruned since it was listed is skipped."""
         source = request.match_info["source"]
+        if refused := _unknown_parameters(request, ("tenant",)):
+            return refused
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
         journal = self.ctx.journal
@@ -508,7 +535,12 @@ class Admin:
         events = requeued = 0
         try:
             pages = journal.pages_of_event_ids_with_jobs(
-                "dead", source, None, tenant=request.query.get("tenant") or None
+                # Empty: the events of no tenant, as --tenant "" (a script's unset variable
+                # replayed every tenant's).
+                "dead",
+                source,
+                None,
+                tenant=request.query.get("tenant"),
             )
             async for ids in pages:
                 for start in range(0, len(ids), BULK_BATCH):
