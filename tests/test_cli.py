@@ -1816,7 +1816,7 @@ async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
         doc = await cli("stats", "--json", *config, env={TOKEN_ENV: value})
         assert table.exit_code == doc.exit_code == 0, (table.output, doc.output)
         daemon = [line for line in table.output.splitlines() if line.startswith("daemon ")]
-        return (daemon[0] if daemon else ""), json.loads(doc.output)
+        return (daemon[0] if daemon else ""), json.loads(doc.stdout)
 
     line, doc = await stats(None)
     assert line == (
@@ -1975,3 +1975,23 @@ async def test_reading_verbs_answer_while_another_process_holds_the_write_lock(
     assert [r.exit_code for r in (listed, shown, counted)] == [0, 0, 0], listed.output
     assert json.loads(listed.stdout)["id"] == event_id
     assert job_id in shown.stdout
+
+
+async def test_show_says_when_a_secret_it_cannot_read_is_left_unmasked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under cron the daemon's env: variables are not set: show cannot mask what it cannot
+    read, and says so on stderr rather than pass for masked output."""
+    monkeypatch.setenv(TOKEN_ENV, "tok-abcdef-123456")
+    config, cfg = write_config(
+        tmp_path, '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"', token=True
+    )
+    async with Journal(cfg.journal.path) as journal:
+        await ingest(journal, "shop", 1, body=b'{"leak": "tok-abcdef-123456"}')
+        event_id = (await journal.list_events(limit=1))[0].id
+    masked = await cli("show", event_id, "--json", "--config", str(config))
+    bare = await cli("show", event_id, "--json", "--config", str(config), env={TOKEN_ENV: None})  # type: ignore[dict-item]
+    assert (masked.exit_code, bare.exit_code) == (0, 0)
+    assert "tok-abcdef-123456" not in masked.stdout and "note:" not in masked.stderr
+    assert "tok-abcdef-123456" in bare.stdout
+    assert "1 secret(s) of the config cannot be read here" in bare.stderr

@@ -452,6 +452,20 @@ def check(config_path: str | None, no_journal: bool) -> None:
         click.echo(f"webhookd: {said}", err=True)
 
 
+def _masker(cfg: config_mod.Config) -> Masker:
+    """What ``show``, ``events`` and ``stats`` mask their output with: the config's secrets
+    this process can read. Those it cannot (an ``env:`` variable set for the daemon only, as
+    under cron) are not masked, and a note on stderr says so."""
+    if unread := unreadable_secrets(cfg):
+        click.echo(
+            f"webhookd: note: {len(unread)} secret(s) of the config cannot be read here (an"
+            " env: variable not set in this shell?), so a body or an error quoting one shows"
+            " it; the daemon's log and admin API mask it",
+            err=True,
+        )
+    return Masker(secret_values(cfg))
+
+
 def _refuse_copied(cfg: config_mod.Config) -> None:
     """Exit 2 on a SQLite journal ``webhookd copy`` put into PostgreSQL: its queued jobs run
     there now, and a daemon on the file would run them a second time."""
@@ -589,7 +603,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
     detail, paused = _run(go, cfg.journal)
     # Masked as the log and the admin API mask it (secrets whose variable is exported here).
     source = cfg.source_for(detail.event.source)
-    doc = Masker(secret_values(cfg)).deep(detail.as_dict(source.verify if source else None))
+    doc = _masker(cfg).deep(detail.as_dict(source.verify if source else None))
     if as_json:
         click.echo(_json_shown(json.dumps(doc, indent=2, ensure_ascii=False)))
         return
@@ -1239,7 +1253,7 @@ def events(
         raise click.UsageError(
             "--follow prints events as they arrive, in whatever state; --state is for a listing"
         )
-    masker = Masker(secret_values(cfg))
+    masker = _masker(cfg)
 
     async def go() -> list[Any]:
         async with _journal(cfg) as journal:
@@ -1351,7 +1365,7 @@ def stats(config_path: str | None, as_json: bool) -> None:
     daemon keeps, with its workers and lanes, when its admin API answers; else all read from
     the journal)."""
     cfg = _read_config(config_path)
-    masker = Masker(secret_values(cfg))
+    masker = _masker(cfg)
 
     async def go() -> dict[str, Any]:
         async with _journal(cfg) as journal:
