@@ -494,6 +494,44 @@ url = "{target.url}/b"
     assert {s.path for s in target.seen} == {"/a", "/b"}
 
 
+@contextlib.asynccontextmanager
+async def hung_target(answer: asyncio.Event) -> AsyncIterator[str]:
+    """The URL of a real loopback server that takes each request and answers only once
+    ``answer`` is set: a downstream that hangs."""
+
+    async def hang(request: web.BaseRequest) -> web.Response:
+        await answer.wait()
+        return web.Response(text="ok")
+
+    runner = web.ServerRunner(web.Server(hang))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        answer.set()
+        await runner.cleanup()
+
+
+class Peak:
+    """The most attempts of ``action`` that ran at once (its ``run`` wrapped to count them)."""
+
+    def __init__(self, action: Action) -> None:
+        self.running = self.most = 0
+        run = action.run
+
+        async def counted(event: Event, job: Job) -> Outcome:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                return await run(event, job)
+            finally:
+                self.running -= 1
+
+        action.run = counted  # type: ignore[method-assign]
+
+
 async def slow_gauge(rig: Rig) -> dict[tuple[str, str], float]:
     """``webhookd_action_slow`` as /metrics would show it: (source, action) → value."""
     body, _ = await Metrics(rig.journal, rig.pool, lanes=dict).render()
@@ -513,45 +551,23 @@ async def test_an_action_whose_attempts_keep_timing_out_runs_one_job_at_a_time(
     one job at a time, leaving the other workers to other sources, and shows in
     ``webhookd_action_slow``; its first answer lifts that."""
     answer = asyncio.Event()
-
-    async def hang(request: web.BaseRequest) -> web.Response:
-        await answer.wait()
-        return web.Response(text="ok")
-
-    runner = web.ServerRunner(web.Server(hang))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    try:
+    async with hung_target(answer) as url:
         rig = await make_rig(
-            forward_source("slow", f"http://{host}:{port}", timeout_s="0.2")
-            + forward_source("fine", target.url),
+            forward_source("slow", url, timeout_s="0.2") + forward_source("fine", target.url),
             workers="concurrency = 4",
         )
-        action = rig.actions[("slow", "forward")]
-        run, running, peak = action.run, 0, 0
-
-        async def counted(event: Event, job: Job) -> Outcome:
-            nonlocal running, peak
-            running += 1
-            peak = max(peak, running)
-            try:
-                return await run(event, job)
-            finally:
-                running -= 1
-
-        action.run = counted  # type: ignore[method-assign]
+        peak = Peak(rig.actions[("slow", "forward")])
         for _ in range(3):
             await rig.ingest("slow")
         await rig.pool.run_until_idle()
-        assert (peak, rig.pool.slow) == (3, {("slow", "forward")})
+        assert (peak.most, rig.pool.slow) == (3, {("slow", "forward")})
         assert await slow_gauge(rig) == {("slow", "forward"): 1}
 
-        peak = 0
+        peak.most = 0
         held = [await rig.ingest("slow") for _ in range(4)]
         fine = await rig.ingest("fine")
         await rig.pool.run_until_idle()
-        assert peak == 1  # the four one after another, with three workers free
+        assert peak.most == 1  # the four one after another, with three workers free
         assert (await rig.job(fine)).state == JobState.DONE
         assert [(await rig.job(e)).attempts for e in held] == [1, 1, 1, 1]
 
@@ -560,8 +576,52 @@ async def test_an_action_whose_attempts_keep_timing_out_runs_one_job_at_a_time(
         await rig.pool.run_until_idle()
         assert (await rig.job(answered)).state == JobState.DONE
         assert (rig.pool.slow, await slow_gauge(rig)) == (set(), {})
-    finally:
-        await runner.cleanup()
+
+
+async def test_a_reload_keeps_the_slow_mode_of_an_action_that_still_reaches_its_target(
+    tmp_path: Path, make_rig: MakeRig
+) -> None:
+    """An action with a ``file:`` secret is built anew by a reload that reads a new one, and
+    still reaches the same hung target: it keeps its count of timeouts and runs on one job at
+    a time (a reload with nothing changed sent every worker there again, each held for
+    timeout_s). A new URL starts afresh."""
+    key = tmp_path / "signing"
+    async with hung_target(asyncio.Event()) as url, aiohttp.ClientSession() as http:
+
+        def source(where: str) -> str:
+            return forward_source("slow", where, timeout_s="0.2", secret=f'"file:{key}"')
+
+        async def reload(where: str, secret: str) -> Peak:
+            key.write_text(secret, encoding="utf-8")
+            cfg = make_config(tmp_path, source(where), workers="concurrency = 4")
+            actions = await action_registry.rebuild(
+                Resources(config=cfg, http=http), rig.pool.actions
+            )
+            assert actions[("slow", "forward")] is not rig.pool.actions[("slow", "forward")]
+            rig.pool.reconfigure(cfg, actions)
+            return Peak(actions[("slow", "forward")])
+
+        key.write_text("whsec_" + "A" * 32, encoding="utf-8")
+        rig = await make_rig(source(url), workers="concurrency = 4")
+        for _ in range(2):
+            await rig.ingest("slow")
+        await rig.pool.run_until_idle()
+        assert rig.pool.slow == set()
+
+        await reload(url, "whsec_" + "B" * 32)
+        await rig.ingest("slow")  # the third timeout in a row, across the reload
+        await rig.pool.run_until_idle()
+        assert rig.pool.slow == {("slow", "forward")}
+
+        peak = await reload(url, "whsec_" + "C" * 32)
+        held = [await rig.ingest("slow") for _ in range(4)]
+        await rig.pool.run_until_idle()
+        assert (peak.most, rig.pool.slow) == (1, {("slow", "forward")})
+        assert [(await rig.job(e)).attempts for e in held] == [1, 1, 1, 1]
+        assert await slow_gauge(rig) == {("slow", "forward"): 1}
+
+        await reload(url.replace("127.0.0.1", "localhost"), "whsec_" + "C" * 32)
+        assert (rig.pool.slow, await slow_gauge(rig)) == (set(), {})
 
 
 async def test_an_action_a_reload_takes_away_is_no_longer_marked_slow(make_rig: MakeRig) -> None:

@@ -137,6 +137,18 @@ def _bump(counter: Counter[_K], key: _K, delta: int) -> None:
         del counter[key]
 
 
+def _same_target(old: Action | None, new: Action) -> bool:
+    """Whether ``new``, which a reload built in place of ``old``, reaches what ``old`` did: the
+    same kind and the same ``target`` (a forward's URL, an openai base URL), or for a kind
+    without one (a command, a handler) the same options as written."""
+    if old is None or old.config.type != new.config.type:
+        return False
+    target = getattr(old, "target", None)
+    if target is not None or getattr(new, "target", None) is not None:
+        return bool(target == getattr(new, "target", None))
+    return old.config.options == new.config.options
+
+
 class WorkerPool:
     """Runs due jobs, at most ``concurrency`` at a time."""
 
@@ -256,12 +268,18 @@ class WorkerPool:
         if secrets is None:
             secrets = secret_values(config)
         self.masker = Masker([*self.masker.given, *secrets])  # the old ones too
-        # A replaced action (a new URL, a longer timeout) starts with a clean slate.
+        # An action replaced by one that reaches another place (a new URL, another kind), or
+        # taken away, starts with a clean slate: it no longer runs one job at a time (nor shows
+        # so in webhookd_action_slow). One that reaches the same place keeps its slow mode and
+        # its count of timeouts: a reload that only read its file: secrets again, or changed a
+        # header, sent every worker to a target that still did not answer.
         old = {id(a) for a in self.actions.values()}
-        replaced = {key for key, action in actions.items() if id(action) not in old}
-        # An action replaced or taken away no longer runs one job at a time (nor shows so in
-        # webhookd_action_slow).
-        gone = replaced | (self.actions.keys() - actions.keys())
+        gone = {
+            key
+            for key, action in actions.items()
+            if id(action) not in old and not _same_target(self.actions.get(key), action)
+        }
+        gone |= self.actions.keys() - actions.keys()
         self.slow -= gone
         for gone_key in gone:
             self._timeouts.pop(gone_key, None)
