@@ -374,6 +374,13 @@ async def test_a_reload_takes_an_actions_rotated_file_secrets(
 
     sent = await delivered(1)
     assert sent["X-Tok"] == "header-token-one" and signed_by(sent, first)
+    # Its files as they were: the action is kept, not built again (nor its state reset).
+    assert running.daemon.pool is not None
+    kept = running.daemon.pool.actions[("shop", "forward")]
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    assert running.daemon.pool.actions[("shop", "forward")] is kept
+    running.daemon.reloaded.clear()
     token.write_text("header-token-two\n", encoding="utf-8")
     key.write_text(second, encoding="utf-8")
     running.daemon.request_reload()
@@ -381,6 +388,51 @@ async def test_a_reload_takes_an_actions_rotated_file_secrets(
     sent = await delivered(2)
     assert sent["X-Tok"] == "header-token-two"
     assert signed_by(sent, second) and not signed_by(sent, first)
+
+
+@served
+async def test_a_reload_names_the_actions_whose_file_secrets_changed(
+    tmp_path: Path, procs: Procs, downstream: ServerTarget
+) -> None:
+    """A forward's signing secret and an openai action's key rotated in their files: the
+    reload's line names those actions (their options as written are the same, and it said
+    "no source changed"), and never the values. A reload with nothing changed says so."""
+    signing, key = tmp_path / "signing", tmp_path / "api-key"
+    signing.write_text("whsec_" + "A" * 32 + "\n", encoding="utf-8")
+    key.write_text("sk-first-key-0123456789\n", encoding="utf-8")
+    ask = f"""
+[sources.ai]
+[[sources.ai.actions]]
+type = "openai"
+name = "ask"
+api_key = "file:{key}"
+base_url = "{downstream.url}/v1"
+model = "gpt-4o-mini"
+prompt = "Summarise"
+max_tokens = 50
+"""
+    body = forward("shop", downstream.url) + f'secret = "file:{signing}"\n' + ask
+    config = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", body)
+    daemon = await procs.serve(config)
+
+    async def reloaded(n: int) -> str:
+        daemon.signal(signal.SIGHUP)
+        async with asyncio.timeout(10):  # each reload's line, woken by each line said
+            while daemon.log.count("config reloaded") < n:
+                daemon.said.clear()
+                await daemon.said.wait()
+        return [line for line in daemon.lines if "config reloaded" in line][-1]
+
+    assert (await reloaded(1)).endswith(f"config reloaded from {config}: no source changed")
+    signing.write_text("whsec_" + "B" * 32 + "\n", encoding="utf-8")
+    key.write_text("sk-second-key-0123456789\n", encoding="utf-8")
+    assert (await reloaded(2)).endswith(
+        f"config reloaded from {config}: changed shop, ai; new secrets in shop/forward, ai/ask"
+    )
+    assert "A" * 32 not in daemon.log and "B" * 32 not in daemon.log
+    assert "first-key" not in daemon.log and "second-key" not in daemon.log
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
 
 
 async def test_a_reload_is_refused_when_its_sources_need_a_server_not_running_yet(

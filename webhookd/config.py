@@ -404,6 +404,10 @@ class ActionConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     # False for a name made from the type (and, beside another of its type, its place).
     named: bool = field(default=True, compare=False)
+    # A digest of what its env: and file: options held when the config was read
+    # (``read_digest``): options as written compare equal when a file's secret was rotated.
+    # Not in its repr, so not in ``cluster_digest``: nodes rotate a secret one at a time.
+    read: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +585,9 @@ class Reload:
     # Of those, the unnamed ones the new file gives another name by their place, with it:
     # (key, type, old name, new name). A reload refuses them (their jobs would go dead).
     renamed: tuple[tuple[str, str, str, str], ...] = ()
+    # "source/action" of each action whose env: or file: options read other values (a secret
+    # rotated in its file): their options as written are the same.
+    secrets: tuple[str, ...] = ()
 
     def summary(self) -> str:
         parts = [
@@ -589,6 +596,7 @@ class Reload:
                 ("added", self.added),
                 ("removed", self.removed),
                 ("changed", self.changed),
+                ("new secrets in", self.secrets),
                 ("added lanes", self.lanes_added),
                 ("removed lanes", self.lanes_removed),
             )
@@ -738,6 +746,12 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         for a in src.actions
         if n not in after or a.name not in {b.name for b in after[n].actions}
     ]
+    rotated = [
+        f"{n}/{a.name}"
+        for n in changed
+        for a in after[n].actions
+        if (was := before[n].action(a.name)) is not None and was.read != a.read
+    ]
     renamed = [
         _renamed(a, [b for b in after[n].actions if b.type == a.type and not b.named])
         for n, src in before.items()
@@ -759,6 +773,7 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         alerts=_alerts_change(old.alerts, new.alerts),
         actions_gone=tuple(gone),
         renamed=tuple(renamed[:1]),
+        secrets=tuple(rotated),
     )
 
 
@@ -1175,6 +1190,44 @@ def resolve_secret(value: Any, key: str) -> Secret:
     return secret
 
 
+# The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
+# options as written), and the tables whose every value may be one.
+SECRET_OPTIONS = frozenset({"url", "forward", "proxy", "secret", "secrets", "api_key"})
+SECRET_TABLES = frozenset({"headers", "env"})
+
+
+def secret_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, Any]]:
+    """The options of one action's table that take a secret, with their dotted keys (at module
+    level: a nested generator calling itself is a cycle, garbage the daemon seldom frees)."""
+    for name, value in table.items():
+        path = f"{key}.{name}"
+        if name in SECRET_OPTIONS:
+            if isinstance(value, list) and name == "secrets":  # elsewhere: the wrong type
+                yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
+            else:
+                yield path, value
+        elif name in SECRET_TABLES and isinstance(value, Mapping):
+            yield from ((f"{path}.{k}", item) for k, item in value.items())
+        elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
+            yield from secret_options(value, path)
+
+
+def read_digest(options: Mapping[str, Any]) -> str:
+    """A digest of the values an action's ``env:`` and ``file:`` options hold now, read as its
+    kind reads them: what a reload compares to tell which actions' secrets changed, never
+    showing them. One that cannot be read adds its error; the action's build reports it."""
+    digest = hashlib.sha256()
+    for where, value in secret_options(options, ""):
+        if isinstance(value, str) and value.startswith(("env:", "file:")):
+            try:
+                secret = read_secret(value, where)
+                read = "" if secret.missing else secret.reveal()
+            except ConfigError as exc:
+                read = f"\0{exc}"
+            digest.update(f"{where}\0{read}\0".encode())
+    return digest.hexdigest()
+
+
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 
 
@@ -1362,7 +1415,7 @@ def _action(value: Any, key: str, kinds: KindDefaults | None) -> tuple[str, Acti
         only=("concurrency", "ordered_by", "when"),
     )
     options = {k: v for k, v in t.data.items() if k not in COMMON_ACTION_KEYS}
-    return name, dataclasses.replace(action, options=options)
+    return name, dataclasses.replace(action, options=options, read=read_digest(options))
 
 
 def source_key(name: str) -> str:

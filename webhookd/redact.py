@@ -21,6 +21,8 @@ from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from webhookd.config import (
     DEFAULT_OPENAI_API_KEY,
+    SECRET_OPTIONS,
+    SECRET_TABLES,
     ActionConfig,
     Config,
     Secret,
@@ -28,6 +30,7 @@ from webhookd.config import (
     VerifyConfig,
     leaves,
     read_secret,
+    secret_options,
     secrets_in,
 )
 from webhookd.errors import ConfigError
@@ -262,10 +265,6 @@ _JOINERS = re.compile(r"[-_.]")
 _WORDLIKE = re.compile(r"(?=.{0,15}$)(?:[a-z]*[0-9]*|[0-9]*[a-z]*|[A-Z][a-z]+[0-9]*)")
 
 
-# The action options whose value may be a secret written ``env:``/``file:`` (an action keeps its
-# options as written), and the tables whose every value may be one.
-_SECRET_OPTIONS = frozenset({"url", "forward", "proxy", "secret", "secrets", "api_key"})
-_SECRET_TABLES = frozenset({"headers", "env"})
 _URL_OPTIONS = frozenset({"url", "forward", "proxy"})
 
 
@@ -339,7 +338,7 @@ def _inline_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, s
         path = f"{key}.{name}"
         if name in _URL_OPTIONS and isinstance(value, str) and _holds_credential(value):
             yield path, value
-        elif name in _SECRET_TABLES and isinstance(value, Mapping):
+        elif name in SECRET_TABLES and isinstance(value, Mapping):
             for item, text in value.items():
                 # From 8 characters: a short value under such a name (SORT_KEY = "date")
                 # is a word, and would be masked in every line.
@@ -421,22 +420,6 @@ def unreadable_secrets(obj: Any) -> list[str]:
     return said
 
 
-def _secret_options(table: Mapping[str, Any], key: str) -> Iterator[tuple[str, Secret | str]]:
-    """The options of one action's table that take a secret, with their dotted keys (at module
-    level: a nested generator calling itself is a cycle, garbage the daemon seldom frees)."""
-    for name, value in table.items():
-        path = f"{key}.{name}"
-        if name in _SECRET_OPTIONS:
-            if isinstance(value, list) and name == "secrets":  # elsewhere: the wrong type
-                yield from ((f"{path}[{i}]", item) for i, item in enumerate(value))
-            else:
-                yield path, value
-        elif name in _SECRET_TABLES and isinstance(value, Mapping):
-            yield from ((f"{path}.{k}", item) for k, item in value.items())
-        elif isinstance(value, Mapping):  # then = { forward = ..., headers = ... }
-            yield from _secret_options(value, path)
-
-
 def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
     """Each ``Secret`` in ``obj`` and each ``env:``/``file:`` reference in its actions' options
     that take a secret (``secret_values``), with its dotted key."""
@@ -445,7 +428,7 @@ def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
             yield leaf.key, leaf
 
     for action in _actions(obj):
-        found = list(_secret_options(action.options, action.key))
+        found = list(secret_options(action.options, action.key))
         if action.type == "openai" and "api_key" not in action.options:
             found.append((f"{action.key}.api_key", DEFAULT_OPENAI_API_KEY))
         for key, value in found:
@@ -455,7 +438,7 @@ def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
 
 
 # The action options that hold nothing but a secret: a URL may hold one (a password) or not.
-_SECRET_ONLY_OPTIONS = sorted(_SECRET_OPTIONS - _URL_OPTIONS)
+_SECRET_ONLY_OPTIONS = sorted(SECRET_OPTIONS - _URL_OPTIONS)
 
 
 # What is said of each (by ``check``, and by the daemon as it starts).

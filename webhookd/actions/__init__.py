@@ -142,7 +142,7 @@ def build(
     for source in resources.config.all_sources():
         for action in source.actions:
             old = keep.get((source.name, action.name)) if keep else None
-            if old is not None and old.config == action and not _reads_files(action.options):
+            if old is not None and old.config == action and not _reads_pem(action.options):
                 actions[(source.name, action.name)] = old
                 continue
             module = kind(action.type, f"{action.key}.type")
@@ -153,28 +153,21 @@ def build(
     return actions
 
 
-def _reads_files(options: Mapping[str, Any]) -> bool:
-    """Whether an action's options name files read when it is created: a ``file:`` secret (a
-    header, a signing secret, a URL, a proxy, a command's environment) or ``tls``'s PEM files.
-    Such an action is created again at every reload, even with its options unchanged, so a
-    file rotated in place is taken, as the README promises; it compares equal otherwise."""
-    for name, value in options.items():
-        if name == "tls" or (isinstance(value, str) and value.startswith("file:")):
-            return True
-        if isinstance(value, Mapping) and _reads_files(value):
-            return True
-        if isinstance(value, list) and any(
-            isinstance(item, str) and item.startswith("file:") for item in value
-        ):
-            return True
-    return False
+def _reads_pem(options: Mapping[str, Any]) -> bool:
+    """Whether an action's options name PEM files (``tls``, an openai ``then``'s too), read
+    when it is created: such an action is created again at every reload, its options
+    unchanged, so a renewed certificate is taken. Its ``env:`` and ``file:`` secrets need no
+    such rule: ``ActionConfig.read`` differs once one of them does."""
+    return "tls" in options or any(
+        isinstance(value, Mapping) and _reads_pem(value) for value in options.values()
+    )
 
 
 async def rebuild(
     resources: Resources, keep: Mapping[tuple[str, str], Action]
 ) -> dict[tuple[str, str], Action]:
     """``build`` for a reload: the running actions whose config is unchanged live on (their
-    clients and pools with them), but those that read files (``_reads_files``). Should
+    clients and pools with them), but those that read PEM files (``_reads_pem``). Should
     creating one fail, those created so far are closed."""
     made: list[Action] = []
     try:
