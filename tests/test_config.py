@@ -444,6 +444,98 @@ def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path:
     assert str(info.value) == f"cannot read {fifo}: not a regular file (a pipe or a device)"
 
 
+def test_a_secret_read_with_a_line_break_in_it_is_refused_naming_the_key_not_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new secret put under the old one in its file (``cat old new > f``), or a variable
+    with a line break in it: ``check`` and a load refuse it, naming the key and the lines it
+    holds, never the value (it was taken as one secret, and every webhook got 401). A
+    command's environment takes several lines: a PEM key, say."""
+    two = tmp_path / "two"
+    two.write_text("old-secret-0123456789\nnew-secret-0123456789\n", encoding="utf-8")
+    monkeypatch.setenv("TWO_LINES", "old-secret-0123456789\r\nnew-secret-0123456789")
+    monkeypatch.setenv("ENDS_IN_NEWLINE", "old-secret-0123456789\n")
+    path = tmp_path / "webhookd.toml"
+    for written, why in (
+        (
+            f"file:{two}",
+            f"file {two} holds 2 lines: one secret per file (secrets = [...] takes two, each"
+            " from its own file)",
+        ),
+        (
+            "env:TWO_LINES",
+            "environment variable TWO_LINES holds 2 lines: one secret per variable (secrets ="
+            " [...] takes two, each from its own variable)",
+        ),
+        (
+            "env:ENDS_IN_NEWLINE",
+            "environment variable ENDS_IN_NEWLINE ends in a line break, which no secret does",
+        ),
+    ):
+        for text, key in (
+            (
+                f'[sources.gh]\nverify = {{ scheme = "github", secret = "{written}" }}',
+                "sources.gh.verify.secret",
+            ),
+            (
+                '[[sources.gh.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+                f'secret = "{written}"',
+                "sources.gh.actions[0].secret",
+            ),
+        ):
+            path.write_text(text, encoding="utf-8")
+            result = CliRunner().invoke(main, ["check", "--config", str(path)])
+            assert result.exit_code == 2, result.output
+            assert result.stderr == f"webhookd: error: {key}: {why}\n"
+            with pytest.raises(ConfigError) as info:
+                actions.validate(loads(text))
+            assert str(info.value) == f"{key}: {why}"
+            assert "secret-0123456789" not in str(info.value) + result.output
+
+    pem = tmp_path / "deploy.pem"
+    pem.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----\n")
+    text = (
+        '[[sources.ci.actions]]\ntype = "command"\nargv = ["/bin/true"]\n'
+        f'env = {{ DEPLOY_KEY = "file:{pem}" }}\n'
+    )
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    cfg = loads(text)
+    actions.validate(cfg)
+    assert pem.read_text().rstrip("\n") in secret_values(cfg)  # read whole, and masked
+
+
+def test_check_warns_of_a_secret_with_a_space_or_tab_at_either_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stray space pasted with a secret: every signature fails, yet the value is taken. So
+    ``check`` warns (it may be meant), naming the key, never the value."""
+    padded = tmp_path / "padded"
+    padded.write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\t\n", encoding="utf-8")
+    monkeypatch.setenv("SPACED_SECRET", " gh-secret-0123456789abcdef0123456789")
+    monkeypatch.setenv("FINE_SECRET", "gh-secret-0123456789abcdef0123456789")
+    path = tmp_path / "webhookd.toml"
+    path.write_text(
+        '[sources.gh]\nverify = { scheme = "github", secret = "env:SPACED_SECRET" }\n'
+        '[[sources.gh.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
+        f'secret = "file:{padded}"\n'
+        '[sources.ok]\nverify = { scheme = "github", secret = "env:FINE_SECRET" }\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    tail = (
+        " starts or ends with a space or tab (a stray one from a copy and paste?): what it"
+        " signs or checks will not match the other side; remove it unless it is meant"
+    )
+    assert result.stderr.splitlines() == [
+        f"webhookd: warning: sources.gh.verify.secret{tail}",
+        f"webhookd: warning: sources.gh.actions[0].secret{tail}",
+    ]
+    assert "0123456789" not in result.output and "MfKQ9r8" not in result.output
+
+
 GOOD_WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FORWARD = '[[sources.x.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
 OPENAI = (

@@ -71,7 +71,13 @@ from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
-from webhookd.redact import WRITTEN_OUT, secret_values, weak_points, written_out
+from webhookd.redact import (
+    WRITTEN_OUT,
+    secret_values,
+    spaced_secrets,
+    weak_points,
+    written_out,
+)
 from webhookd.retention import prune_expired
 from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
@@ -420,7 +426,7 @@ class Daemon:
             log.warning("%s%s is %s", prefix, key, WRITTEN_OUT)
         for said in action_registry.warnings(cfg):
             log.warning("%s%s", prefix, said)
-        for said in weak_points(cfg):
+        for said in [*weak_points(cfg), *spaced_secrets(cfg)]:
             log.warning("%s%s", prefix, said)
 
     async def _reloads(self, running: _Running) -> None:

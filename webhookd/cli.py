@@ -64,6 +64,7 @@ from webhookd.redact import (
     Masker,
     printable,
     secret_values,
+    spaced_secrets,
     unreadable_secrets,
     weak_points,
     written_out,
@@ -385,11 +386,12 @@ def serve(config_path: str | None, log_format: str | None, log_level: str | None
 def check(config_path: str | None, no_journal: bool) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
     cannot read, one line each). Warns of a config without a source of its own, secrets
-    written in the file, a Stripe secret that is not whsec_, a command whose program is not
-    there, a journal.path this user could not use, and queued jobs in the journal that the
-    config has no action for (read only, beside a running daemon too; a journal it cannot
-    read within 5 s is a note). Notes a journal of an older schema, which serve upgrades at its
-    start before it answers anything. A journal of a newer webhookd exits 3, as serve would."""
+    written in the file, a secret with a space or tab at either end, a Stripe secret that is
+    not whsec_, a command whose program is not there, a journal.path this user could not use,
+    and queued jobs in the journal that the config has no action for (read only, beside a
+    running daemon too; a journal it cannot read within 5 s is a note). Notes a journal of an
+    older schema, which serve upgrades at its start before it answers anything. A journal of a
+    newer webhookd exits 3, as serve would."""
     unread: list[str] = []
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
@@ -436,7 +438,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
         click.echo(f"webhookd: warning: {nowhere}", err=True)
     for key in written_out(cfg):
         click.echo(f"webhookd: warning: {key} is {WRITTEN_OUT}", err=True)
-    for said in weak_points(cfg):
+    for said in [*weak_points(cfg), *spaced_secrets(cfg)]:
         click.echo(f"webhookd: warning: {said}", err=True)
     for src in cfg.sources.values():
         for said in SCHEMES[src.verify.scheme].secret_warnings(src.verify) if src.verify else ():

@@ -1143,9 +1143,11 @@ def no_reference(value: str, key: str, what: str) -> None:
         raise ConfigError(key, f"is {what}, written as it is (env: and file: are for secrets)")
 
 
-def read_secret(value: Any, key: str = "") -> Secret:
+def read_secret(value: Any, key: str = "", *, lines: bool = False) -> Secret:
     """A secret as written in config: ``"env:NAME"``, ``"file:PATH"`` or the value itself; one
-    that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``)."""
+    that cannot be had (unset, unreadable, empty) is *missing* (see ``Secret``). So is one read
+    from a variable or a file that holds a line break, unless ``lines`` (a command's
+    environment: a PEM key): two secrets in one file (``cat old new``) verified nothing."""
     if not isinstance(value, str) or not value:
         raise ConfigError(key, 'must be a non-empty string (a secret, "env:NAME" or "file:PATH")')
     if value == "env:":
@@ -1162,7 +1164,9 @@ def read_secret(value: Any, key: str = "") -> Secret:
                 " in lower case (as written, it would be the secret itself)",
             )
     if value.startswith("env:"):
-        return Secret(os.environ.get(value[4:]), origin=value, key=key)  # None: not set
+        read = os.environ.get(value[4:])  # None: not set
+        flaw = "" if lines or read is None else _line_breaks(read, "variable")
+        return Secret(read, origin=value, key=key, flaw=flaw)
     if value.startswith("file:"):
         # A file's whole text, less its trailing newline (Docker secrets, systemd credentials);
         # read at every load, so a reload (SIGHUP) takes a rotated one.
@@ -1178,14 +1182,30 @@ def read_secret(value: Any, key: str = "") -> Secret:
             else:
                 reason = "not a file path"
             return Secret(None, origin=value, key=key, unreadable=reason)
-        return Secret(text.rstrip("\r\n"), origin=value, key=key)
+        text = text.rstrip("\r\n")
+        flaw = "" if lines else _line_breaks(text, "file")
+        return Secret(text, origin=value, key=key, flaw=flaw)
     return Secret(value, key=key)
 
 
-def resolve_secret(value: Any, key: str) -> Secret:
+def _line_breaks(value: str, where: str) -> str:
+    """What is wrong with a secret read from a ``where`` (a file, a variable) that holds a line
+    break, for ``Secret``'s error; "" when it holds none."""
+    count = len(re.split(r"\r\n?|\n", value.rstrip("\r\n")))
+    if count == 1:
+        # A file's trailing newline is dropped as it is read; a variable's is kept.
+        return "ends in a line break, which no secret does" if value.endswith(("\r", "\n")) else ""
+    return (
+        f"holds {count} lines: one secret per {where} (secrets = [...] takes two, each from"
+        f" its own {where})"
+    )
+
+
+def resolve_secret(value: Any, key: str, *, lines: bool = False) -> Secret:
     """A secret from config: ``"env:NAME"`` is looked up in the environment (and must be set),
-    ``"file:PATH"`` read from its file (which must be readable and not empty)."""
-    secret = read_secret(value, key)
+    ``"file:PATH"`` read from its file (which must be readable and not empty); ``lines``: as
+    ``read_secret`` takes it."""
+    secret = read_secret(value, key, lines=lines)
     secret.reveal()
     return secret
 
@@ -1220,7 +1240,7 @@ def read_digest(options: Mapping[str, Any]) -> str:
     for where, value in secret_options(options, ""):
         if isinstance(value, str) and value.startswith(("env:", "file:")):
             try:
-                secret = read_secret(value, where)
+                secret = read_secret(value, where, lines=True)
                 read = "" if secret.missing else secret.reveal()
             except ConfigError as exc:
                 read = f"\0{exc}"
@@ -1248,12 +1268,12 @@ def header_value(value: str, key: str) -> str:
 DEFAULT_OPENAI_API_KEY = "env:OPENAI_API_KEY"
 
 
-def text_or_secret(value: str, key: str) -> str:
+def text_or_secret(value: str, key: str, *, lines: bool = False) -> str:
     """An option's text, or, written ``"env:NAME"`` or ``"file:PATH"``, the secret it names
     (which must be there, as ``resolve_secret`` says): a header's credential or a URL that is
     one stays out of the config file. Its value is masked wherever shown (``secret_values``)."""
     if value.startswith(("env:", "file:")):
-        return resolve_secret(value, key).reveal()
+        return resolve_secret(value, key, lines=lines).reveal()
     return value
 
 

@@ -278,9 +278,9 @@ def secret_values(obj: Any) -> set[str]:
     secret (reading it as one masked ``env:HOME``'s value in every line, and a ``file:`` naming
     a FIFO hung the start)."""
     found: set[str] = set()
-    for _key, value in _references(obj):
+    for key, value, lines in _references(obj):
         if isinstance(value, str):
-            value = read_secret(value)
+            value = read_secret(value, key, lines=lines)
         if not value.missing:
             found.add(value.reveal())
     found |= {value for _key, value in inline_credentials(obj)}
@@ -412,29 +412,48 @@ def unreadable_secrets(obj: Any) -> list[str]:
     one-line error naming its key that loading it would raise (never a value). All of them,
     where the load stops at the first."""
     said = []
-    for key, value in _references(obj):
+    for key, value, lines in _references(obj):
         try:
-            (read_secret(value, key) if isinstance(value, str) else value).reveal()
+            (read_secret(value, key, lines=lines) if isinstance(value, str) else value).reveal()
         except ConfigError as exc:
             said.append(str(exc))
     return said
 
 
-def _references(obj: Any) -> Iterator[tuple[str, Secret | str]]:
+def spaced_secrets(cfg: Config) -> list[str]:
+    """What ``check`` and a start warn of each secret that starts or ends with a space or tab:
+    most often a stray one from a copy and paste, with which every signature fails. Keys only,
+    never a value."""
+    said = []
+    for key, value, lines in _references(cfg):
+        secret = read_secret(value, key, lines=lines) if isinstance(value, str) else value
+        if not secret.missing and secret.reveal() != secret.reveal().strip(" \t"):
+            said.append(
+                f"{key} starts or ends with a space or tab (a stray one from a copy and paste?):"
+                " what it signs or checks will not match the other side; remove it unless it"
+                " is meant"
+            )
+    return said
+
+
+def _references(obj: Any) -> Iterator[tuple[str, Secret | str, bool]]:
     """Each ``Secret`` in ``obj`` and each ``env:``/``file:`` reference in its actions' options
-    that take a secret (``secret_values``), with its dotted key."""
+    that take a secret (``secret_values``), with its dotted key, and whether its value may hold
+    several lines (a command's environment variable: ``read_secret``'s ``lines``)."""
     for leaf in leaves(obj):
         if isinstance(leaf, Secret):
-            yield leaf.key, leaf
+            yield leaf.key, leaf, False
 
     for action in _actions(obj):
         found = list(secret_options(action.options, action.key))
         if action.type == "openai" and "api_key" not in action.options:
             found.append((f"{action.key}.api_key", DEFAULT_OPENAI_API_KEY))
+        environment = f"{action.key}.env." if action.type == "command" else None
         for key, value in found:
             # A Secret here (the alerts' url) is one of the leaves above.
             if isinstance(value, str) and value.startswith(("env:", "file:")):
-                yield key, value
+                lines = environment is not None and key.startswith(environment)
+                yield key, value, lines
 
 
 # The action options that hold nothing but a secret: a URL may hold one (a password) or not.

@@ -15,18 +15,25 @@ class Secret:
     An ``env:`` secret whose variable is not set, or set but empty, and a ``file:`` secret
     whose file cannot be read or is empty, are *missing*: a command that only reads the journal
     can still load the config; ``reveal()`` raises the ``ConfigError`` naming its key and
-    saying why (``unreadable``: the reason a file could not be read).
+    saying why (``unreadable``: the reason a file could not be read). So is one whose value
+    was read but cannot be a secret (``flaw``: what is wrong with it, as "holds 2 lines").
     """
 
-    __slots__ = ("_key", "_origin", "_unreadable", "_value")
+    __slots__ = ("_flaw", "_key", "_origin", "_unreadable", "_value")
 
     def __init__(
-        self, value: str | None, origin: str = "inline", key: str = "", unreadable: str = ""
+        self,
+        value: str | None,
+        origin: str = "inline",
+        key: str = "",
+        unreadable: str = "",
+        flaw: str = "",
     ) -> None:
-        self._value = value
+        self._value = None if flaw else value
         self._origin = origin
         self._key = key
         self._unreadable = unreadable
+        self._flaw = flaw
 
     @property
     def missing(self) -> bool:
@@ -53,9 +60,10 @@ class Secret:
         if not self._value:
             if self._origin.startswith("file:"):
                 state = f"cannot be read: {self._unreadable}" if self._value is None else "is empty"
-                raise ConfigError(self._key, f"file {self._origin[5:]} {state}")
+                raise ConfigError(self._key, f"file {self._origin[5:]} {self._flaw or state}")
             state = "is not set" if self._value is None else "is empty"
-            raise ConfigError(self._key, f"environment variable {self.variable} {state}")
+            where = f"environment variable {self.variable}"
+            raise ConfigError(self._key, f"{where} {self._flaw or state}")
         return self._value
 
     def __repr__(self) -> str:

@@ -90,8 +90,9 @@ class _Settings:
         self.cwd: str | None = cwd
         env = t.raw("env", {})
         if isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values()):
-            # A value written env:NAME or file:PATH is that secret, handed to this command only.
-            env = {k: text_or_secret(v, f"{t.path('env')}.{k}") for k, v in env.items()}
+            # A value written env:NAME or file:PATH is that secret, handed to this command only
+            # (a PEM key, several lines, as well).
+            env = {k: text_or_secret(v, f"{t.path('env')}.{k}", lines=True) for k, v in env.items()}
         if not isinstance(env, Mapping) or not all(
             _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()
         ):
