@@ -537,6 +537,7 @@ def test_check_warns_of_a_secret_with_a_space_or_tab_at_either_end(
 
 
 GOOD_WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+NOT_A_NAME = "env: must name an environment variable; this one does not look like a name"
 FORWARD = '[[sources.x.actions]]\ntype = "forward"\nurl = "http://127.0.0.1:9/"\n'
 OPENAI = (
     '[[sources.x.actions]]\ntype = "openai"\napi_key = "k"\nmodel = "m"\nprompt = "p"\n'
@@ -733,6 +734,38 @@ CAUGHT_BY_CHECK = [
         '[admin]\ntoken = "File:/run/secrets/token"',
         'admin.token: reads no file: write "file:PATH" in lower case (as written, it would be'
         " the secret itself)",
+    ),
+    # A secret pasted after env: or file: is not named as a variable or a file: it was shown
+    # whole in the log, /stats, the dashboard and here.
+    *(
+        (text, f"{key}: {what} (not shown: it may be the secret itself)")
+        for text, key, what in (
+            (
+                f'[sources.gh]\nverify = {{ scheme = "github", secret = "env:{GOOD_WHSEC}" }}',
+                "sources.gh.verify.secret",
+                NOT_A_NAME,
+            ),
+            (
+                FORWARD + 'headers = { Authorization = "env:Bearer sk-proj-Ab12Cd34Ef56" }',
+                "sources.x.actions[0].headers.Authorization",
+                NOT_A_NAME,
+            ),
+            (
+                '[admin]\ntoken = "env:3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a"',
+                "admin.token",
+                NOT_A_NAME,
+            ),
+            (
+                '[admin]\ntoken = "env:a3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5"',
+                "admin.token",
+                NOT_A_NAME,
+            ),
+            (
+                f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{GOOD_WHSEC}" }}',
+                "sources.gh.verify.secret",
+                "file: must name a file; this one does not look like a path",
+            ),
+        )
     ),
 ]
 

@@ -341,6 +341,28 @@ async def test_a_reload_takes_a_rotated_file_secret(
     assert await reload_metrics(running) == 0.0
 
 
+async def test_a_reload_refusing_a_secret_pasted_after_env_does_not_show_it(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``secret = "env:whsec_..."``: the secret in place of a variable's name. The refusal in
+    the log and in /stats' ``reload_refused`` (which the dashboard shows) names the key, and
+    not the "variable": it showed the secret whole."""
+    pasted = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    one = forward("a", target.url)
+    added = forward("d", target.url).replace(
+        "[sources.d]", f'[sources.d]\nverify = {{ scheme = "standard", secret = "env:{pasted}" }}'
+    )
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, one + added)
+    )
+    caplog.set_level(logging.ERROR, logger="webhookd.app")
+    assert await _reloaded(running) == (
+        "sources.d.verify.secret: env: must name an environment variable; this one does not"
+        " look like a name (not shown: it may be the secret itself)"
+    )
+    assert "config reload refused" in caplog.text and pasted[6:] not in caplog.text
+
+
 async def test_a_reload_takes_an_actions_rotated_file_secrets(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -1163,6 +1163,20 @@ def read_secret(value: Any, key: str = "", *, lines: bool = False) -> Secret:
                 f'reads no {"variable" if prefix == "env:" else "file"}: write "{prefix}{what}"'
                 " in lower case (as written, it would be the secret itself)",
             )
+    if value.startswith("env:") and not _variable_name(value[4:]):
+        # A secret pasted after the prefix: every error naming the variable (the log, /stats,
+        # the dashboard, check) showed it whole.
+        raise ConfigError(
+            key,
+            "env: must name an environment variable; this one does not look like a name (not"
+            " shown: it may be the secret itself)",
+        )
+    if value.startswith("file:") and _not_a_path(value[5:]):
+        raise ConfigError(
+            key,
+            "file: must name a file; this one does not look like a path (not shown: it may be"
+            " the secret itself)",
+        )
     if value.startswith("env:"):
         read = os.environ.get(value[4:])  # None: not set
         flaw = "" if lines or read is None else _line_breaks(read, "variable")
@@ -1186,6 +1200,54 @@ def read_secret(value: Any, key: str = "", *, lines: bool = False) -> Secret:
         flaw = "" if lines else _line_breaks(text, "file")
         return Secret(text, origin=value, key=key, flaw=flaw)
     return Secret(value, key=key)
+
+
+# How the secrets of providers and APIs begin (Stripe, OpenAI, Shopify, Slack, GitHub, GitLab,
+# Mailgun, SendGrid, Standard Webhooks): after env: or file:, one was pasted in place of a name.
+_SECRET_PREFIXES = (
+    "whsec_",
+    "sk-",
+    "sk_",
+    "rk_",
+    "shpss_",
+    "shpat_",
+    "shpca_",
+    "shppa_",
+    "xoxb-",
+    "xoxp-",
+    "xapp-",
+    "ghp_",
+    "gho_",
+    "ghs_",
+    "github_pat_",
+    "glpat-",
+    "key-",
+    "SG.",
+)
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def _variable_name(name: str) -> bool:
+    """Whether ``name``, after ``env:``, reads as the name of an environment variable (which an
+    error may show), not as a secret: letters, digits and ``_``, 40 at most, not beginning as
+    a provider's secret does nor a run of 16 letters and digits (a hex key)."""
+    return bool(_VARIABLE_NAME.fullmatch(name)) and not _reads_as_secret(name)
+
+
+def _not_a_path(path: str) -> bool:
+    """Whether ``path``, after ``file:``, is clearly a secret rather than a file's path: one
+    beginning as a provider's secret does, or a run of letters and digits with no ``/``."""
+    return path.startswith(_SECRET_PREFIXES) or ("/" not in path and _reads_as_secret(path))
+
+
+def _reads_as_secret(text: str) -> bool:
+    return text.startswith(_SECRET_PREFIXES) or (
+        len(text) >= 16
+        and text.isascii()
+        and text.isalnum()
+        and any(c.isdigit() for c in text)
+        and any(c.isalpha() for c in text)
+    )
 
 
 def _line_breaks(value: str, where: str) -> str:
