@@ -3,6 +3,9 @@
 #   docker run -d --name webhookd -p 127.0.0.1:8080:8080 -v webhookd-data:/var/lib/webhookd \
 #     -v "$PWD/webhookd.toml:/etc/webhookd/webhookd.toml:ro" --env-file secrets.env \
 #     --stop-timeout 40 webhookd
+# --env-file is read once, by `docker run`: an env: secret changed there takes a new container
+# (`docker restart` keeps the old values); a file: one (a mounted secret) is read again by
+# `docker kill -s HUP webhookd`.
 # Mount your config at /etc/webhookd/webhookd.toml. It must listen on 0.0.0.0:8080 inside the container and keep its journal under
 # /var/lib/webhookd. The receiver is published on the host's loopback for the TLS proxy in
 # front of it (publish -p 8080:8080 only if the proxy is elsewhere). Keep the admin API

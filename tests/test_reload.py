@@ -124,7 +124,8 @@ async def test_a_bad_config_on_sighup_is_refused_naming_the_key_and_the_daemon_g
         "config reload refused, still running the previous config: "
         "sources.c.actions[0].bogus: unknown key for a forward action"
     )
-    # The environment is the one it started with: a secret whose variable is not in it.
+    # The environment is the one it started with: a secret whose variable is not in it (set
+    # since in the EnvironmentFile, say, which only a restart reads). The refusal says so.
     unset = forward("d", downstream.url).replace(
         "[sources.d]",
         '[sources.d]\nverify = { scheme = "github", secret = "env:WEBHOOKD_NOT_SET" }',
@@ -132,13 +133,13 @@ async def test_a_bad_config_on_sighup_is_refused_naming_the_key_and_the_daemon_g
     config.write_text(good + unset, encoding="utf-8")
     daemon.signal(signal.SIGHUP)
     line = await daemon.wait_said(r"environment variable WEBHOOKD_NOT_SET")
-    assert line.endswith(
-        "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set"
+    why = (
+        "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set (a reload"
+        " keeps the environment the daemon started with; a restart reads a new one)"
     )
+    assert line.endswith(why)
     async with http.get(f"{daemon.admin_url}/stats") as r:  # not only in the log and a gauge
-        assert (await r.json())["reload_refused"] == (
-            "sources.d.verify.secret: environment variable WEBHOOKD_NOT_SET is not set"
-        )
+        assert (await r.json())["reload_refused"] == why
     status, first = await deliver(http, daemon, "a")
     assert status == 202
     # Forwarded before its source goes: a job whose source a reload removed has no action.

@@ -235,10 +235,33 @@ async def test_send_command_against_running_daemon(
     assert out.splitlines() == ["401 Unauthorized", '{"error": "signature mismatch"}']
     assert err == (
         "webhookd: note: the secret in SEND_TEST_STALE_SECRET (sources.gh.verify.secret) in this"
-        " shell must be the one the daemon was started with (or last reloaded)\n"
+        " shell must be the one the daemon was started with (a reload does not read env:"
+        " values again)\n"
     )
     assert r.daemon.journal is not None
     assert len(await r.daemon.journal.list_events(source="gh")) == 1
+
+
+def test_the_401_note_says_a_reload_reads_a_file_secret_again_and_not_an_env_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``env:`` secret is the daemon's environment's as it started (a reload keeps it); a
+    ``file:`` one and one written in the file are read again by a reload."""
+    monkeypatch.setenv("SEND_NOTE_SECRET", "gh-secret-of-the-shell")
+    key = tmp_path / "gh"
+    key.write_text("gh-secret-in-a-file\n", encoding="utf-8")
+    notes = []
+    for written in ("env:SEND_NOTE_SECRET", f"file:{key}", "gh-secret-written-out"):
+        cfg = config_mod.loads(cfg_text(secret=written), "webhookd.toml")
+        notes.append(send.refused_note(cfg, cfg.sources["gh"]))
+    assert notes == [
+        "the secret in SEND_NOTE_SECRET (sources.gh.verify.secret) in this shell must be the one"
+        " the daemon was started with (a reload does not read env: values again)",
+        f"the secret in {key} (sources.gh.verify.secret) must be the one the daemon read when it"
+        " started or last reloaded",
+        "sources.gh.verify.secret in webhookd.toml must be the one the daemon read when it"
+        " started or last reloaded",
+    ]
 
 
 def test_extra_headers_go_beside_the_providers_and_replace_one_of_the_same_name() -> None:

@@ -62,6 +62,7 @@ from webhookd.errors import (
     JournalError,
     JournalGone,
     JournalNewer,
+    UnsetVariable,
     WebhookdError,
 )
 from webhookd.http1 import host_port
@@ -471,7 +472,7 @@ class Daemon:
             # 300 sources takes ~12 ms; three of them in the loop held acks 55-90 ms).
             new, secrets = await asyncio.to_thread(read)
         except ConfigError as exc:
-            return _refused(str(exc))
+            return _refused(_reload_error(exc))
         logs.add_secrets(secrets)
         running_sources = [n for n in self.config.sources if n != CATCH_ALL]
         if running_sources and not any(n != CATCH_ALL for n in new.sources):
@@ -528,7 +529,7 @@ class Daemon:
         try:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
-            return _refused(str(exc))
+            return _refused(_reload_error(exc))
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
@@ -794,6 +795,18 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _reload_error(exc: ConfigError) -> str:
+    """What a reload refused for ``exc`` says: a variable the daemon's environment lacks may
+    well be set where the operator looks (the EnvironmentFile, a shell), which only a restart
+    reads."""
+    if isinstance(exc, UnsetVariable):
+        return (
+            f"{exc} (a reload keeps the environment the daemon started with; a restart reads"
+            " a new one)"
+        )
+    return str(exc)
 
 
 def _refused(why: str) -> str:

@@ -2,6 +2,7 @@
 
     WebhookdError
     ├── ConfigError            bad configuration; carries the dotted key (exit 2)
+    │   └── UnsetVariable        an env: secret's variable is not set, or empty
     ├── JournalError           the journal could not do what was asked
     │   ├── JournalUnavailable   a write failed or timed out: intake answers 503
     │   │   └── JournalGone        its file was removed or replaced while open: until the exit
@@ -29,6 +30,11 @@ class ConfigError(WebhookdError):
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+
+class UnsetVariable(ConfigError):
+    """An ``env:`` secret's variable is not set, or set but empty: a reload says that the
+    environment is the one the daemon started with."""
 
 
 class JournalError(WebhookdError):

@@ -6,7 +6,7 @@ that ``config`` can ask the signature schemes to validate their options without 
 
 from __future__ import annotations
 
-from webhookd.errors import ConfigError
+from webhookd.errors import ConfigError, UnsetVariable
 
 
 class Secret:
@@ -61,9 +61,11 @@ class Secret:
             if self._origin.startswith("file:"):
                 state = f"cannot be read: {self._unreadable}" if self._value is None else "is empty"
                 raise ConfigError(self._key, f"file {self._origin[5:]} {self._flaw or state}")
-            state = "is not set" if self._value is None else "is empty"
             where = f"environment variable {self.variable}"
-            raise ConfigError(self._key, f"{where} {self._flaw or state}")
+            if self._flaw:
+                raise ConfigError(self._key, f"{where} {self._flaw}")
+            state = "is not set" if self._value is None else "is empty"
+            raise UnsetVariable(self._key, f"{where} {state}")
         return self._value
 
     def __repr__(self) -> str:

@@ -177,12 +177,16 @@ def refused_note(cfg: Config, src: SourceConfig) -> str | None:
     secret = src.verify.secrets[0]
     variable = secret.variable
     if variable is not None:
-        where = f"the secret in {variable} ({secret.key}) in this shell"
-    elif secret.reference is not None:
+        # The daemon reads its environment once: a reload does not see a value changed since.
+        return (
+            f"the secret in {variable} ({secret.key}) in this shell must be the one the daemon"
+            " was started with (a reload does not read env: values again)"
+        )
+    if secret.reference is not None:
         where = f"the secret in {secret.reference[5:]} ({secret.key})"
     else:
         where = f"{secret.key} in {cfg.origin}"
-    return f"{where} must be the one the daemon was started with (or last reloaded)"
+    return f"{where} must be the one the daemon read when it started or last reloaded"
 
 
 def parse_header(text: str) -> tuple[str, str]:
