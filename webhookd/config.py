@@ -1224,13 +1224,14 @@ _SECRET_PREFIXES = (
     "key-",
     "SG.",
 )
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def _variable_name(name: str) -> bool:
     """Whether ``name``, after ``env:``, reads as the name of an environment variable (which an
-    error may show), not as a secret: letters, digits and ``_``, 40 at most, not beginning as
-    a provider's secret does nor a run of 16 letters and digits (a hex key)."""
+    error may show), not as a secret: letters, digits and ``_``, 128 at most (names run long:
+    ACME_STRIPE_WEBHOOK_SIGNING_SECRET_PRODUCTION), not beginning as a provider's secret does
+    nor a run of 16 letters and digits (a hex key)."""
     return bool(_VARIABLE_NAME.fullmatch(name)) and not _reads_as_secret(name)
 
 
