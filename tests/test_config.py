@@ -442,6 +442,13 @@ def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path:
     with pytest.raises(ConfigError) as info:  # nor is a config file
         load(fifo)
     assert str(info.value) == f"cannot read {fifo}: not a regular file (a pipe or a device)"
+    # A secret pasted after file: (base64 holds + / =) is not named: it showed whole in the
+    # log, /stats and check.
+    for pasted in ("Kq3v9+XyZ0aB7cD1eF2gH3iJ4kL5mN6o=", "Kq3v/9+XyZ0aB7cD1eF2gH3iJ4kL5mN6o="):
+        with pytest.raises(ConfigError) as info:
+            loads(f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{pasted}" }}')
+        assert pasted not in str(info.value)
+        assert str(info.value).startswith("sources.gh.verify.secret: file: (not shown: it does")
 
 
 def test_a_secret_read_with_a_line_break_in_it_is_refused_naming_the_key_not_the_value(

@@ -245,3 +245,83 @@ url = "{target.url}/in"
     await stop(node)
     assert sorted(s.headers["webhook-id"] for s in target.seen) == sorted(sent)
     assert sorted(json.loads(s.body)["n"] for s in target.seen) == list(range(5))
+
+
+def plant(link: Path, target: Path | None, text: str | None = None) -> None:
+    """``link`` a symlink to ``target`` (None: removed), whatever was there; or with ``text``,
+    a file holding it."""
+    if os.path.lexists(link):
+        os.unlink(link)
+    if target is not None:
+        os.symlink(target, link)
+    elif text is not None:
+        with open(link, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def text_mode_and_link(path: Path) -> tuple[str | None, int | None, bool]:
+    """(text, permission bits, is a symlink) of ``path``; None for what is not there."""
+    if not os.path.lexists(path):
+        return None, None, False
+    link = os.path.islink(path)
+    if link and not os.path.exists(path):
+        return None, None, True
+    with open(path, encoding="utf-8") as f:
+        return f.read(), os.stat(path).st_mode & 0o777, link
+
+
+async def test_a_copy_writes_no_file_through_a_symlink_planted_beside_the_journal(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The daemon's user owns the journal's folder: a symlink it plants as the lock file or
+    the marker must not have a root copy empty or write the file it points at."""
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        await lite.ingest(new_event("shop:1"))
+    victim, planted = tmp_path / "important.conf", tmp_path / "nologin"
+    plant(victim, None, "keep me\n")
+    plant(Path(f"{path}-lock"), victim)
+    with pytest.raises(JournalError, match="cannot lock"):
+        await copy_journal(path, pg_url)
+    assert text_mode_and_link(victim)[0] == "keep me\n"
+    plant(Path(f"{path}-lock"), None)
+
+    plant(copied_marker(path), planted)  # dangling: it would be created
+    with pytest.raises(JournalError, match="its marker cannot be read"):
+        await copy_journal(path, pg_url)  # taken as copied: refused, nothing written
+    assert text_mode_and_link(planted) == (None, None, False)
+    plant(copied_marker(path), None)
+    await copy_journal(path, pg_url)
+    said, mode, link = text_mode_and_link(copied_marker(path))
+    assert said is not None and said.startswith("copied into PostgreSQL")
+    assert (mode, link) == (0o600, False)
+    assert text_mode_and_link(planted) == (None, None, False)
+
+
+async def test_after_a_copy_the_verbs_that_change_the_old_journal_refuse_it(
+    tmp_path: Path, pg_url: str, procs: Procs
+) -> None:
+    """A pause, replay, cancel, purge or prune of the copied file reached nothing: its jobs
+    run from PostgreSQL. Reading it still works."""
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        item = new_event("shop:1")
+        await lite.ingest(item)
+    config = write_config(tmp_path / "lite.toml", path, "[sources.shop]\n")
+    await copy_journal(path, pg_url)
+    event_id = item.event.id
+    for args in (
+        ("pause", "shop"),
+        ("resume", "shop"),
+        ("replay", event_id),
+        ("cancel", event_id),
+        ("purge", event_id, "--yes"),
+        ("prune",),
+    ):
+        done = await procs.cli(*args, "--config", str(config))
+        assert done.returncode == 2, (args, done.stderr)
+        assert (
+            "was copied into PostgreSQL" in done.stderr and "with the nodes' config" in done.stderr
+        )
+    shown = await procs.cli("show", event_id, "--config", str(config))
+    assert shown.returncode == 0 and event_id in shown.stdout

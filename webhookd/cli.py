@@ -468,14 +468,16 @@ def _masker(cfg: config_mod.Config) -> Masker:
     return Masker(secret_values(cfg))
 
 
-def _refuse_copied(cfg: config_mod.Config) -> None:
+def _refuse_copied(cfg: config_mod.Config, verb: str = "serve") -> None:
     """Exit 2 on a SQLite journal ``webhookd copy`` put into PostgreSQL: its queued jobs run
-    there now, and a daemon on the file would run them a second time."""
+    there now, so a daemon on the file would run them a second time, and a change made to it
+    (a pause, a replay, a purge) would reach nothing."""
     if cfg.journal.url is not None or (said := copied_to(cfg.journal.path)) is None:
         return
+    what = "serve the nodes' config" if verb == "serve" else f"{verb} with the nodes' config"
     _fail(
-        f"journal.path: {cfg.journal.path} was {said}, and its jobs run there: serve the"
-        f" nodes' config (journal.url); to serve this file all the same, delete"
+        f"journal.path: {cfg.journal.path} was {said}, and its jobs run there: {what}"
+        f" (journal.url); to {verb} this file all the same, delete"
         f" {copied_marker(cfg.journal.path)}",
         2,
     )
@@ -868,6 +870,7 @@ def replay(
     only = bool(chosen)
     since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
     cfg = _read_config(config_path)
+    _refuse_copied(cfg, "replay")
     _unknown_source_note(cfg, source)
     _unknown_action_note(cfg, source, action)
     state: JobsIn = (
@@ -983,6 +986,7 @@ def cancel(
     flag = "--dead" if dead else "--queued" if queued else "--queued or --dead"
     since_ts = _bulk_filters(event_ids, queued or dead, flag, source, since, tenant, with_ids=dead)
     cfg = _read_config(config_path)
+    _refuse_copied(cfg, "cancel")
     _unknown_source_note(cfg, source)
     _unknown_action_note(cfg, source, action)
     result: dict[str, Cancelled] | None = _bulk(
@@ -1060,6 +1064,7 @@ def purge(
         raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
     since_ts = parse_since(since) if since else None
     cfg = _read_config(config_path)
+    _refuse_copied(cfg, "purge")
     _unknown_source_note(cfg, source)
 
     async def matching(journal: BaseJournal) -> list[str]:
@@ -1654,6 +1659,7 @@ def resume(source: str, config_path: str | None) -> None:
 
 def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
     cfg = _read_config(config_path)
+    _refuse_copied(cfg, "pause" if pausing else "resume")
     # A source the config no longer has can still be resumed while it is paused: its jobs would
     # otherwise wait for good (they go dead at their turn, as other removed sources' do).
     removed = cfg.source_for(source) is None
@@ -1701,6 +1707,7 @@ def prune(config_path: str | None) -> None:
     """Delete expired done/dead events and dedup keys now (the daemon also does it every
     journal.prune_interval_s, 60 s by default)."""
     cfg = _read_config(config_path)
+    _refuse_copied(cfg, "prune")
 
     async def go() -> tuple[int, int]:
         async with _journal(cfg) as journal:

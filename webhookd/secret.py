@@ -60,7 +60,7 @@ class Secret:
         if not self._value:
             if self._origin.startswith("file:"):
                 state = f"cannot be read: {self._unreadable}" if self._value is None else "is empty"
-                raise ConfigError(self._key, f"file {self._origin[5:]} {self._flaw or state}")
+                raise ConfigError(self._key, f"{_file(self._origin[5:])} {self._flaw or state}")
             where = f"environment variable {self.variable}"
             if self._flaw:
                 raise ConfigError(self._key, f"{where} {self._flaw}")
@@ -78,3 +78,12 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def _file(path: str) -> str:
+    """How an error names a ``file:`` secret's file: by its path when it reads as one (from
+    ``/``, ``./``, ``../`` or ``~``), else not at all: a secret pasted after ``file:``
+    (base64 holds ``/``, ``+`` and ``=``) showed whole in the log, ``/stats`` and ``check``."""
+    if path.startswith(("/", "./", "../", "~/")) and not any(c.isspace() for c in path):
+        return f"file {path}"
+    return "file: (not shown: it does not begin with / or ./, and may be the secret itself)"

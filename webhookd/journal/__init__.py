@@ -128,6 +128,7 @@ from webhookd.journal.schema import (
     replayed_jobs,
 )
 from webhookd.models import JobState, new_boot_id, storable_text
+from webhookd.redact import printable
 from webhookd.threads import settle
 from webhookd.throttle import Throttle
 
@@ -383,14 +384,30 @@ def copied_marker(path: Path) -> Path:
     return Path(f"{os.path.realpath(path)}-copied")
 
 
+# What a marker holds at most: "copied into <URL, password masked> at <time>".
+_MARKER_BYTES = 512
+
+
 def copied_to(path: Path) -> str | None:
     """What ``copied_marker`` says of the journal at ``path`` (where and when it was copied
-    into PostgreSQL), or None when it was not."""
+    into PostgreSQL), or None when there is none. Read as a small regular file, never
+    through a symlink (one planted in the journal's folder would have an error quote any
+    file); a marker that cannot be read that way still marks the journal copied."""
     try:
-        said = copied_marker(path).read_text("utf-8", "replace").strip()
+        fd = os.open(copied_marker(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    return said or "copied into PostgreSQL"
+    except OSError:
+        return "copied into PostgreSQL (its marker cannot be read)"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "copied into PostgreSQL (its marker is not a file)"
+        said = os.read(fd, _MARKER_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return "copied into PostgreSQL (its marker cannot be read)"
+    finally:
+        os.close(fd)
+    return printable(said.strip()) or "copied into PostgreSQL"
 
 
 def serve_lock_held(path: Path) -> bool | None:
@@ -448,6 +465,10 @@ def opened_elsewhere(path: Path) -> str | None:
     return f"process {pid}" if pid > 0 else "a process in another PID namespace (a container?)"
 
 
+# Who may hold the serve lock, as its file names them after the pid.
+_LOCK_VERBS = ("serve", "restore", "copy")
+
+
 def _take_serve_lock(
     path: Path,
     why: str = "one daemon per SQLite journal (several nodes share a PostgreSQL one)",
@@ -464,15 +485,20 @@ def _take_serve_lock(
     file of its own: SQLite's POSIX locks on the journal are dropped by closing any descriptor
     of that file in the process, so the journal itself is never opened for this.
     """
-    fd = os.open(serve_lock_file(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Never through a symlink: one planted in the journal's folder (by the daemon's user, say)
+    # would have a root CLI empty and write any file it points at.
+    fd = os.open(
+        serve_lock_file(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid, _, held_by = os.pread(fd, 32, 0).decode("ascii", "replace").strip().partition(" ")
         os.close(fd)
         by = f" (pid {pid})" if pid.isdigit() else ""
+        verb = held_by if held_by in _LOCK_VERBS else "serve"
         raise JournalError(
-            f"journal {path} is in use by another webhookd {held_by or 'serve'}{by}: {why}"
+            f"journal {path} is in use by another webhookd {verb}{by}: {why}"
         ) from None
     except BaseException:
         os.close(fd)
@@ -650,6 +676,14 @@ class Journal(Reads, BaseJournal):
                 log.info("journal %s: created (no journal at that path)", self.path)
             if self.serving:
                 self._lock_fd = _take_serve_lock(self.path)
+                if (said := copied_to(self.path)) is not None:  # a copy ended as serve began
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+                    raise JournalError(
+                        f"journal {self.path} was {said}, and its jobs run there: serve the"
+                        f" nodes' config (journal.url); delete {copied_marker(self.path)} to"
+                        " serve this file all the same"
+                    )
         except OSError as exc:
             raise JournalError(
                 f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"

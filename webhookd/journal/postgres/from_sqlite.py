@@ -153,11 +153,23 @@ def _dedup_rows(
 def _mark_copied(path: Path, where: str) -> None:
     """Leave ``copied_marker`` beside the journal, synced: a daemon started on the file again
     (a reboot of the old box, its unit still enabled) would run its queued jobs a second
-    time."""
+    time. Written as a new 0600 file, the journal's owner's, and renamed into place: never
+    through a symlink planted under the marker's name."""
     marker = copied_marker(path)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    marker.write_text(f"copied into {where} at {when}\n", encoding="utf-8")
-    sync(marker)
+    partial = marker.with_name(f".{marker.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, f"copied into {where} at {when}\n".encode())
+        owner = os.stat(path)
+        if os.geteuid() == 0:  # a root copy for a daemon of its own user, who must read it
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, marker)
     sync(marker.parent)
 
 
@@ -167,13 +179,16 @@ def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
     and no change by a CLI verb meanwhile)."""
     if not path.is_file():
         raise JournalError(f"no journal at {path}")
-    if (said := copied_to(path)) is not None:
-        raise JournalError(
-            f"{path} was {said}: a second copy would run its queued jobs twice (delete"
-            f" {copied_marker(path)} to copy it all the same)"
-        )
-    lock = _take_serve_lock(path, "stop it before a copy", "copy")
     try:
+        lock = _take_serve_lock(path, "stop it before a copy", "copy")
+    except OSError as exc:  # a symlink planted as its lock file, say
+        raise JournalError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+    try:
+        if (said := copied_to(path)) is not None:  # asked under the lock: no copy in between
+            raise JournalError(
+                f"{path} was {said}: a second copy would run its queued jobs twice (delete"
+                f" {copied_marker(path)} to copy it all the same)"
+            )
         if (holder := opened_elsewhere(path)) is not None:
             raise JournalError(f"{holder} has {path} open: stop it before a copy")
         conn = sqlite3.connect(path, isolation_level=None)
