@@ -1271,18 +1271,22 @@ def events(
                 tenant=tenant,
                 contains=contains.encode() if contains is not None else None,
             )
-            rows = await listing(limit=limit, since=since_ts, before=before)
             if follow:
+                rows = await listing(limit=limit, since=since_ts, before=before)
                 echo = partial(_echo_event, masker=masker, as_json=as_json)
                 await _follow(listing, rows, limit, since_ts, echo)
-            return rows
+                return rows
+            # One more than shown: whether there is a next page to point to.
+            return await listing(limit=limit + 1, since=since_ts, before=before)
 
     rows = _run(go)
+    more = not follow and len(rows) > limit
+    rows = rows[:limit]
     for r in rows:
         _echo_event(r, masker, as_json)
     if not rows and not as_json:
         click.echo("no events", err=True)
-    elif len(rows) == limit:
+    elif more:
         which = "the next" if before else "the newest"
         click.echo(
             f"webhookd: note: {which} {limit} shown; --limit for more, or --before"
