@@ -294,17 +294,23 @@ def sort_ingests(
     written under (``Claimed.claim``).
 
     An event is a duplicate when either of its keys names another event; then one of its two
-    keys may have gone in, naming an event that will never exist, so both are orphans.
+    keys may have gone in, naming an event that will never exist, so both are orphans. A key
+    that names an earlier event of this group which is itself a duplicate (a signed body sent
+    again under a fresh delivery id, several times at once: the first copy took the new id)
+    names that event's owner: the answer's id is an event that exists.
     """
     out = SortedIngests()
     results, event_rows, job_rows, orphans = out.results, out.event_rows, out.job_rows, out.orphans
+    became: dict[str, str] = {}  # an event of this group found a duplicate → the one it is of
     for op in ops:
         e = op.item.event
         body_key = op.item.body_key
         owner = owners.get(e.dedup_key, e.id)
         if owner == e.id and body_key is not None:
             owner = owners.get(body_key, e.id)
+        owner = became.get(owner, owner)
         if owner != e.id:
+            became[e.id] = owner
             results.append((Ingested(owner, duplicate=True), [], []))
             if body_key is not None:
                 orphans += [(e.dedup_key, e.id), (body_key, e.id)]
