@@ -621,8 +621,10 @@ async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_i
     make_intake: StartIntake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``IntakeState.waiting`` counts the webhooks read and waiting for their commit; when
-    BUSY_WAITING wait at once, ``busy_at`` says when (the workers then hold new jobs back). The
-    count comes back down once they are answered."""
+    BUSY_WAITING wait at once, ``busy_at`` says when, as they are answered (the workers then
+    hold new jobs back). The count comes back down once they are answered. A crowd of
+    duplicates leaves no job behind and holds nothing: a sender looping on one delivery held
+    every source's jobs for up to 13 s."""
     monkeypatch.setattr("webhookd.receiver.BUSY_WAITING", 2)
     clock = ManualClock()
     intake = await make_intake(server="ack_timeout_s = 30", clock=clock)
@@ -640,15 +642,26 @@ async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_i
         try:
             first = asyncio.create_task(intake.post("/hooks/demo", b'{"n": 1}'))
             assert await submitted.get() == 1
-            assert state.busy_at == -math.inf  # one waiting is not a crowd
             clock.advance(1.0)
             second = asyncio.create_task(intake.post("/hooks/demo", b'{"n": 2}'))
             assert await submitted.get() == 2
-            assert state.busy_at == clock.monotonic()
+            assert state.busy_at == -math.inf  # not until answered
         finally:
             blocker.execute("ROLLBACK")
     assert [(await first).status, (await second).status] == [202, 202]
+    assert state.busy_at == clock.monotonic()  # the second was one of a crowd
     assert state.waiting == 0
+    state.busy_at = -math.inf
+    clock.advance(1.0)
+    with closing(sqlite3.connect(intake.db, isolation_level=None, timeout=0)) as blocker:
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            again = [asyncio.create_task(intake.post("/hooks/demo", b'{"n": 1}')) for _ in range(3)]
+            assert [await submitted.get() for _ in again] == [1, 2, 3]
+        finally:
+            blocker.execute("ROLLBACK")
+    assert {(await a).status for a in again} == {200}
+    assert state.busy_at == -math.inf  # duplicates: no burst to answer first
 
 
 async def test_intake_limit_answers_429_with_retry_after(

@@ -788,8 +788,7 @@ class Receiver:
             return self._unavailable("writer_behind", "journal busy, retry later")
         state = self.state
         state.waiting += 1
-        if state.waiting >= BUSY_WAITING:
-            state.busy_at = self.clock.monotonic()
+        crowded = state.waiting >= BUSY_WAITING
         try:
             commit = self.journal.submit_ingest(NewEvent(event, jobs, second, filtered))
             self._ack_deadlines.watch(commit)
@@ -808,5 +807,9 @@ class Receiver:
             log.warning("journal commits answer within %.1fs again", server.ack_timeout_s)
         # Ids are [0-9A-Z_] only, so the answer is formatted, not encoded: this is the hot path.
         if result.duplicate:
+            # A crowd of duplicates (a sender retrying one delivery in a loop) leaves no job
+            # behind: it does not hold every source's jobs as a burst of webhooks does.
             return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
+        if crowded:
+            state.busy_at = self.clock.monotonic()
         return Ack(src.ack_status, b'{"id": "%s", "duplicate": false}' % event.id.encode())

@@ -43,7 +43,8 @@ class IntakeState:
     # The receiver's 503s by why (UNAVAILABLE's reasons): the metrics export them.
     unavailable: Counter[str] = field(default_factory=Counter)
     # Webhooks read and waiting for their answer (the journal's commit), and when (on the daemon's
-    # monotonic clock) BUSY_WAITING of them last waited at once: the receiver then has more than
-    # it can answer, and the workers hold new jobs back until it has caught up.
+    # monotonic clock) a new event was last answered that had waited with BUSY_WAITING others
+    # at once: the receiver then has more than it can answer, and the workers hold new jobs
+    # back until it has caught up. Duplicates leave no job behind and mark nothing.
     waiting: int = 0
     busy_at: float = -math.inf

@@ -64,14 +64,14 @@ SATURATED_RECHECK_S = 0.25
 # Picks and claims one dispatch may make when claims come back short (other nodes took the
 # jobs first): each round drops what it lost from the window and fills the slots again.
 _DISPATCH_ROUNDS = 8
-# Intake first. While the receiver is busy (``IntakeState.busy_at`` within HOLD_WINDOW_S: it had
-# BUSY_WAITING webhooks waiting for their answer at once), no new job starts: the jobs running go
-# on, the rest wait in the journal until the burst is answered. Measured on 2 cores, 40,000
-# webhooks posted by wrk over 64 connections, a forward each: acked in 18.3 s with the forwards
-# running beside intake; 10.3-11.7 s with this, as fast as with the source paused (9.7-11.8 s).
-# The window bridges a burst's short lulls (with 50 ms, 600 of a 10,000 burst's jobs started
-# before it was answered). A hold lasts at most HOLD_MAX_S, then jobs run for as long again
-# whatever the receiver has waiting (a flood that never ends cannot starve them); while it
+# Intake first. While the receiver is busy (``IntakeState.busy_at`` within HOLD_WINDOW_S: it
+# answered a new event that had waited with BUSY_WAITING others), no new job starts: the jobs
+# running go on, the rest wait in the journal until the burst is answered. Measured on 2 cores,
+# 40,000 webhooks posted by wrk over 64 connections, a forward each: acked in 18.3 s with the
+# forwards running beside intake; 10.3-11.7 s with this, as fast as with the source paused
+# (9.7-11.8 s). The window bridges a burst's short lulls (with 50 ms, 600 of a 10,000 burst's jobs
+# started before it was answered). A hold lasts at most HOLD_MAX_S, then jobs run for as long
+# again whatever the receiver has waiting (a flood that never ends cannot starve them); while it
 # lasts the dispatcher looks again every HOLD_RECHECK_S.
 HOLD_WINDOW_S = 0.25
 HOLD_MAX_S = 15.0
