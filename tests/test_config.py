@@ -921,6 +921,23 @@ def test_check_warns_of_a_config_without_a_source_of_its_own(
     assert result.stderr == f"webhookd: warning: {warning}\n"
 
 
+@pytest.mark.parametrize("days", [0, 1])
+def test_check_warns_of_a_dedup_window_shorter_than_the_providers_retries(
+    tmp_path: Path, days: int
+) -> None:
+    """keep_dedup_d = 0 was taken without a word and turned dedup off: a delivery sent twice
+    0.3 s apart was two events. Below Stripe's 3 days of retries, check says what it costs."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(f"[journal]\nkeep_dedup_d = {days}\n[sources.shop]\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"webhookd: warning: journal.keep_dedup_d is {days} d: a provider's retry of a delivery"
+        " taken longer ago than that is a new event, its jobs run again (Stripe retries for 3"
+        " days)\n"
+    )
+
+
 def test_check_warns_of_a_stripe_secret_that_is_no_signing_secret_without_showing_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -502,10 +502,15 @@ def written_out(cfg: Config) -> list[str]:
 MIN_SIGNING_SECRET_CHARS = 16
 
 
+# The dedup window below which check warns: the longest of the providers' retries (Stripe's).
+DEDUP_DAYS_WANTED = 3.0
+
+
 def weak_points(cfg: Config) -> list[str]:
     """What ``check`` and a start warn of in how the config exposes the daemon: sources that
-    take unsigned webhooks on a listener others can reach, and signing secrets short enough to
-    guess. Keys and lengths only, never a value."""
+    take unsigned webhooks on a listener others can reach, a dedup window shorter than the
+    providers' retries, and signing secrets short enough to guess. Keys and lengths only,
+    never a value."""
     said = []
     listen = cfg.server.listen
     unsigned = sorted(name for name, src in cfg.sources.items() if src.verify is None)
@@ -532,6 +537,13 @@ def weak_points(cfg: Config) -> list[str]:
             f"source(s) {', '.join(allowing)} take webhooks only from their allow_from, and"
             f" {listen} is loopback, so behind a proxy every sender is the proxy's address,"
             " which allow_from judges instead: list the proxy in server.trusted_proxies"
+        )
+    if cfg.sources and cfg.journal.keep_dedup_d < DEDUP_DAYS_WANTED:
+        # 0 read as "forever" by some: it keeps a key only until the next prune (a minute).
+        said.append(
+            f"journal.keep_dedup_d is {cfg.journal.keep_dedup_d:g} d: a provider's retry of a"
+            " delivery taken longer ago than that is a new event, its jobs run again (Stripe"
+            f" retries for {DEDUP_DAYS_WANTED:g} days)"
         )
     for src in cfg.sources.values():
         for secret in src.verify.secrets if src.verify is not None else ():
