@@ -667,6 +667,22 @@ async def test_a_reload_that_takes_an_action_away_says_its_jobs_will_go_dead(
     assert 'name = "..."' in line
 
 
+async def test_a_reload_that_makes_a_sources_dedup_key_otherwise_says_so(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tenant rule added to a source prefixes its body-hash keys: a retry of a delivery
+    taken before the reload became a new event, and the reload said only "changed"."""
+    one = forward("a", f"{target.url}/one")
+    two = one.replace("[sources.a]\n", '[sources.a]\ntenant = "header:X-Shop"\n')
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, two)
+    )
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    assert await _reloaded(running) is None
+    [line] = [r.getMessage() for r in caplog.records if "dedup key" in r.getMessage()]
+    assert line.startswith("config reload: the dedup key of a (tenant) is made otherwise now")
+
+
 async def test_a_reload_warns_of_what_a_start_would(
     tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

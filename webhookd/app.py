@@ -542,6 +542,12 @@ class Daemon:
         running.alerter.reconfigure(cfg.alerts, cfg.counted_as)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
         self._warn_of(cfg, "config reload: ")
+        if plan.rekeyed:
+            log.warning(
+                "config reload: the dedup key of %s is made otherwise now: a provider's retry of"
+                " a delivery taken before this reload is a new event, its jobs run again",
+                ", ".join(plan.rekeyed),
+            )
         if gone:
             log.warning(
                 "config reload: %s no longer configured: %s queued job(s) go dead when their"

@@ -588,6 +588,10 @@ class Reload:
     # "source/action" of each action whose env: or file: options read other values (a secret
     # rotated in its file): their options as written are the same.
     secrets: tuple[str, ...] = ()
+    # Changed sources whose dedup key is made otherwise now (``dedup``, ``tenant``, the
+    # verify scheme, ``dedup_body``), with what changed: a provider's retry of a delivery
+    # taken before the reload is a new event there.
+    rekeyed: tuple[str, ...] = ()
 
     def summary(self) -> str:
         parts = [
@@ -712,6 +716,20 @@ def _unsecret(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _key_parts_changed(before: SourceConfig, after: SourceConfig) -> list[str]:
+    """What makes ``after``'s dedup keys other than ``before``'s: its ``dedup`` or ``tenant``
+    rule (the tenant prefixes a body-hash key), its verify scheme (whose delivery id is the
+    key), or ``dedup_body``."""
+    was, now = before.verify, after.verify
+    parts = [
+        ("dedup", before.dedup != after.dedup),
+        ("tenant", before.tenant != after.tenant),
+        ("verify.scheme", (was and was.scheme) != (now and now.scheme)),
+        ("verify.dedup_body", (was and was.dedup_body) != (now and now.dedup_body)),
+    ]
+    return [name for name, differs in parts if differs]
+
+
 def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Reload:
     """Take ``new``'s sources (their actions with them), its ``[alerts]``, any lane it adds
     and its ``[log]`` but for the dotted keys in ``fixed`` (those the command line set, e.g.
@@ -760,6 +778,11 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         if not a.named and a.name not in {b.name for b in after[n].actions}
         if any(b.type == a.type and not b.named for b in after[n].actions)
     ]
+    rekeyed = [
+        f"{n} ({', '.join(what)})"
+        for n in changed
+        if (what := _key_parts_changed(before[n], after[n]))
+    ]
     return Reload(
         config=dataclasses.replace(
             old, sources=after, lanes=lanes, log=log, alerts=new.alerts, origin=new.origin
@@ -773,6 +796,7 @@ def plan_reload(old: Config, new: Config, *, fixed: Collection[str] = ()) -> Rel
         alerts=_alerts_change(old.alerts, new.alerts),
         actions_gone=tuple(gone),
         renamed=tuple(renamed[:1]),
+        rekeyed=tuple(rekeyed),
         secrets=tuple(rotated),
     )
 
