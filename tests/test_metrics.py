@@ -131,6 +131,13 @@ async def test_counters_move_as_webhooks_are_accepted_retried_and_dead_lettered(
     assert 2 <= commits <= value(after, "webhookd_journal_commits_total")
     assert value(after, "webhookd_journal_commit_seconds_bucket", le="+Inf") == commits
     assert value(after, "webhookd_journal_commit_seconds_sum") > 0
+    # Duplicates by source, each source's series there at 0: a sender retrying in a loop.
+    assert value(after, "webhookd_intake_duplicates_total", source="ok") == 0
+    answers = [(await running.post("/hooks/ok", b'{"again": 1}'))[0] for _ in range(3)]
+    assert answers == [202, 200, 200]
+    again = await scrape(running)
+    assert value(again, "webhookd_intake_duplicates_total", source="ok") == 2
+    assert value(again, "webhookd_intake_duplicates_total", source="flaky") == 0
 
 
 async def test_a_removed_sources_dead_letters_are_counted_as_removed_from_zero(

@@ -209,6 +209,7 @@ class Metrics:
         intake.observers.append(self.observe_intake)
         on_finish.append(self.observe_finish)
         self._state.unavailable = intake.unavailable
+        self._state.duplicates = intake.duplicates
 
     def observe_intake(self, source: str, status: int, seconds: float) -> None:
         # On the ack path, so counted in plain ints and handed to prometheus_client at scrape
@@ -323,6 +324,7 @@ class _StateCollector(Collector):
         self.nodes: list[NodeInfo] = []
         self.journal_up = True
         self.unavailable: Mapping[str, int] = {}  # the receiver's 503s by reason, once attached
+        self.duplicates: Mapping[str, int] = {}  # its duplicates by source, once attached
 
     def describe(self) -> list[Metric]:
         return []  # gauges appear only at scrape time: nothing to describe up front
@@ -429,6 +431,15 @@ class _StateCollector(Collector):
         for reason in UNAVAILABLE:
             refused.add_metric([reason], self.unavailable.get(reason, 0))
         yield refused
+        again = CounterMetricFamily(
+            "webhookd_intake_duplicates",
+            "Deliveries answered as duplicates of an event already journaled, by source (each"
+            " also counted in webhookd_intake_requests_total): a sender retrying in a loop.",
+            labels=["source"],
+        )
+        for source in sorted({*self.sources(), *self.duplicates}):
+            again.add_metric([source], self.duplicates.get(source, 0))
+        yield again
 
     def _jobs_by_source(self, counts: Counts) -> GaugeMetricFamily:
         """Jobs by source and state: which source's queue grows, or holds the dead letters.

@@ -626,7 +626,7 @@ class Receiver:
             return json_error(401, exc.reason)
         return verdict.as_dict()
 
-    async def _backlog_full(self, name: str, key: str, second: str | None) -> Answer:
+    async def _backlog_full(self, name: str, source: str, key: str, second: str | None) -> Answer:
         """Past ``server.max_backlog``: a delivery the journal already holds is answered as the
         duplicate it is (a provider retrying one whose answer it lost would otherwise be told to
         come back until the backlog drains); anything else is refused with 503. A few lookups
@@ -640,6 +640,7 @@ class Receiver:
                         for k in (key, second):
                             owner = await self.journal.key_owner(k) if k is not None else None
                             if owner is not None:
+                                self.state.duplicates[source] += 1  # a catch-all's: "*"
                                 said = b'{"id": "%s", "duplicate": true}' % owner[0].encode()
                                 return Ack(200, said)
             except (JournalUnavailable, TimeoutError):
@@ -738,7 +739,7 @@ class Receiver:
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         # A source without actions adds no job: the backlog's bound is not its to keep.
         if self.journal.backlog_jobs >= server.max_backlog and src.actions:
-            return await self._backlog_full(name, f"{name}:{key}", second)
+            return await self._backlog_full(name, src.name, f"{name}:{key}", second)
         rule = src.priority
         # Priority rules name tenants as sent, whatever the journal keeps of them.
         by = extract(rule.by, headers, payload) if rule.by is not None else sent_tenant or None
@@ -809,6 +810,7 @@ class Receiver:
         if result.duplicate:
             # A crowd of duplicates (a sender retrying one delivery in a loop) leaves no job
             # behind: it does not hold every source's jobs as a burst of webhooks does.
+            state.duplicates[src.name] += 1
             return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
         if crowded:
             state.busy_at = self.clock.monotonic()

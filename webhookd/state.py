@@ -42,6 +42,9 @@ class IntakeState:
     verify_failures: int = 0
     # The receiver's 503s by why (UNAVAILABLE's reasons): the metrics export them.
     unavailable: Counter[str] = field(default_factory=Counter)
+    # Deliveries answered as duplicates, by configured source (a catch-all's under "*"): a
+    # sender retrying in a loop shows here, not among the events.
+    duplicates: Counter[str] = field(default_factory=Counter)
     # Webhooks read and waiting for their answer (the journal's commit), and when (on the daemon's
     # monotonic clock) a new event was last answered that had waited with BUSY_WAITING others
     # at once: the receiver then has more than it can answer, and the workers hold new jobs
