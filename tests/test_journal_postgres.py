@@ -45,7 +45,7 @@ from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
 from webhookd.journal.batch import IngestOp
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, db, nodes, redact_url
-from webhookd.journal.postgres.db import db_error
+from webhookd.journal.postgres.db import DB_ERRORS, db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.journal.postgres.writes import PRUNE_SQL, write_group, write_ingests
@@ -1945,3 +1945,74 @@ ordered_by = "json:id"
         ) as r:
             assert [e["id"] for e in (await r.json())["events"]] == [answers[0][1]["id"]]
         assert await running.stop() == 0  # before its database is dropped
+
+
+def _as_owner(*args: str) -> list[str]:
+    """``args`` as the server's owner runs them (``postgres`` when the tests run as root)."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+
+@contextlib.contextmanager
+def hot_standby(server_url: str) -> Iterator[str]:
+    """A streaming standby of the test server (pg_basebackup -R), on a port of its own; yields
+    its URL (the server's path). Stopped and deleted afterwards."""
+    import subprocess
+
+    home = Path(os.environ["WEBHOOKD_TEST_PG_DIR"])
+    bin_dir = Path((home / "bin").read_text().strip())
+    data = home / f"standby-{secrets.token_hex(4)}"
+    parts = urlsplit(server_url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(
+        _as_owner(
+            str(bin_dir / "pg_basebackup"),
+            *("-h", "127.0.0.1", "-p", str(parts.port), "-U", "postgres"),
+            *("-D", str(data), "-R", "-X", "stream", "-c", "fast"),
+        ),
+        check=True,
+        capture_output=True,
+    )
+    # A standby must allow at least as many connections as its primary (.ci/postgres.sh: 200).
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {home} -c max_connections=500"
+    start = _as_owner(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", f"{data}.log", "-w")
+    try:
+        subprocess.run([*start, "-o", options, "start"], check=True, capture_output=True)
+        yield urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+    finally:
+        subprocess.run(
+            _as_owner(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
+            capture_output=True,
+        )
+        subprocess.run(["rm", "-rf", str(data), f"{data}.log"], check=False)
+
+
+async def test_pg_a_node_on_a_standby_is_refused_and_the_cli_reads_it(
+    pg_server_url: str, pg_url: str
+) -> None:
+    """A node pointed at a hot standby by mistake was refused with "cannot execute CREATE
+    TABLE in a read-only transaction", and every verb the same, so that an operator could not
+    look at a replica before promoting it."""
+    async with PostgresJournal(pg_url, heartbeat_s=3600) as primary:
+        item = new_event()
+        await primary.ingest(item)
+    name = urlsplit(pg_url).path
+    with hot_standby(pg_server_url) as standby_server:
+        standby = urlunsplit(urlsplit(standby_server)._replace(path=name))
+
+        async def replayed() -> bool:
+            with contextlib.suppress(*DB_ERRORS):
+                conn = await asyncpg.connect(standby)
+                try:
+                    return bool(await conn.fetchval("SELECT count(*) FROM events"))
+                finally:
+                    await conn.close()
+            return False
+
+        await poll(replayed, timeout_s=30, interval_s=0.1)
+        with pytest.raises(JournalError, match=r"is a standby \(read-only, in recovery\): point"):
+            async with PostgresJournal(standby, node=True):
+                pass
+        async with PostgresJournal(standby, node=False) as reader:
+            assert (await reader.get_event(item.event.id)).event == item.event

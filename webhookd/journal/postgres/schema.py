@@ -257,6 +257,14 @@ async def migrate(conn: Any, where: str, *, upgrade: bool = True) -> int:
     ``upgrade=False`` (the CLI) refuses a database with no journal or an older schema instead:
     a verb would otherwise make a journal in a mistyped database and report it empty, or change
     the tables under running nodes of the older webhookd."""
+    if await conn.fetchval("SELECT pg_is_in_recovery()"):
+        # A hot standby: no write, the CLI's CREATE TABLE IF NOT EXISTS included. A node is
+        # refused saying so; a verb reads it (a look at a replica before promoting it).
+        if upgrade:
+            raise JournalError(
+                f"{where} is a standby (read-only, in recovery): point journal.url at the primary"
+            )
+        return await _standby_version(conn, where)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS webhookd_schema (version integer NOT NULL)")
@@ -284,6 +292,25 @@ async def migrate(conn: Any, where: str, *, upgrade: bool = True) -> int:
                 await conn.execute(MIGRATIONS[target])
                 await conn.execute("INSERT INTO webhookd_schema (version) VALUES ($1)", target + 1)
     return len(MIGRATIONS)
+
+
+async def _standby_version(conn: Any, where: str) -> int:
+    """The schema version of the journal on a standby, which a verb may read as it is: only
+    this webhookd's."""
+    if await conn.fetchval("SELECT to_regclass('webhookd_schema') IS NULL"):
+        raise JournalError(f"no webhookd journal in {where} (a standby) yet")
+    version = int(await conn.fetchval("SELECT max(version) FROM webhookd_schema") or 0)
+    if version > len(MIGRATIONS):
+        raise JournalNewer(
+            f"{where} has journal schema version {version}, newer than this webhookd"
+            f" understands ({len(MIGRATIONS)}): run the newer webhookd"
+        )
+    if version < len(MIGRATIONS):
+        raise JournalError(
+            f"{where} (a standby) has journal schema version {version}, this webhookd's is"
+            f" {len(MIGRATIONS)}: upgrade it on the primary"
+        )
+    return version
 
 
 async def peek(url: str, statement_cache_size: int) -> Peeked:
