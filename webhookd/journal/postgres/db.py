@@ -151,7 +151,7 @@ class BoundedPool:
         is shorter (the heartbeat's)."""
         limit = ANSWER_DEADLINE_S
         deadline_s = limit if deadline_s is None else min(deadline_s, limit)
-        no_answer = f"no answer from the database in {deadline_s:.1f} s"
+        no_answer = f"no answer from the database in {round(deadline_s, 1):g} s"
         started = time.monotonic()
         try:  # a free connection, or a new one: connecting is the part that can hang here
             conn = await self.raw.acquire(timeout=deadline_s)
