@@ -1600,18 +1600,26 @@ async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(
     assert out.exit_code == 2 and "sources.shop.verify.secret: " in out.output
 
 
+async def event_finished_as(tmp_path: Path, *states: JobState) -> tuple[Path, Any, NewEvent]:
+    """A journal holding one event whose jobs (one per state) finished in ``states``: (config
+    file, config, the event)."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event(jobs=len(states))
+    ids = [job.id for job in item.jobs]
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim(ids, "boot_test")
+        await journal.finish(
+            [finished(i, state, str(state)) for i, state in zip(ids, states, strict=True)]
+        )
+    return path, cfg, item
+
+
 async def test_replay_of_ids_with_dead_leaves_their_done_jobs_alone(tmp_path: Path) -> None:
     """An event with a done job and a dead one: `replay <id>` runs both again (the delivery
     that succeeded too), `replay <id> --dead` only the dead one, as `--dead` alone does."""
-    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
-    item = new_event(jobs=2)
+    path, cfg, item = await event_finished_as(tmp_path, JobState.DONE, JobState.DEAD)
     done_id, dead_id = (job.id for job in item.jobs)
-    async with Journal(cfg.journal.path) as journal:
-        await journal.ingest(item)
-        await journal.claim([done_id, dead_id], "boot_test")
-        await journal.finish(
-            [finished(done_id, JobState.DONE, "done"), finished(dead_id, JobState.DEAD, "dead")]
-        )
     out = await cli("replay", item.event.id, "--dry-run", "--config", str(path))
     assert out.stderr == (
         "webhookd: note: 1 done job(s) among them run again (a delivery that succeeded is"
@@ -1631,15 +1639,7 @@ async def test_replay_dead_of_an_event_with_no_dead_job_says_none_was_dead(
     """`replay <id> --dead` of an event whose jobs are all done said they were "queued or
     running", and with --action that it had "no finished or waiting job" of it: it says, as
     --done and the rest do, that none of them was dead."""
-    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
-    item = new_event(jobs=2)
-    first, second = (job.id for job in item.jobs)
-    async with Journal(cfg.journal.path) as journal:
-        await journal.ingest(item)
-        await journal.claim([first, second], "boot_test")
-        await journal.finish(
-            [finished(first, JobState.DONE, "done"), finished(second, JobState.DONE, "done")]
-        )
+    path, _, item = await event_finished_as(tmp_path, JobState.DONE, JobState.DONE)
     config = ("--config", str(path))
     out = await cli("replay", item.event.id, "--dead", *config)
     assert (out.exit_code, out.stdout) == (
