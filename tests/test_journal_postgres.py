@@ -80,6 +80,40 @@ async def test_pg_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(pg_u
     assert [a.outcome for a in job.history] == ["interrupted", "done"]
 
 
+async def test_pg_after_an_outage_a_node_requeues_the_running_jobs_it_no_longer_holds(
+    pg_url: str,
+) -> None:
+    """A primary failed over to a replica that lacked the last commits: a node's outcome
+    committed before the crash is gone, its job is running again under the node, which holds
+    no claim for it and heartbeats, so nobody ever took it (5 jobs, two minutes, freed only by
+    a restart). Once an outage has ended the node re-queues such jobs, and only those: not the
+    one it runs, nor one whose claim is being written."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as busy:
+        items = [new_event() for _ in range(3)]
+        for item in items:
+            await busy.ingest(item)
+        running, forgotten, claiming = (item.jobs[0].id for item in items)
+        assert len(await busy.claim([running, forgotten], "boot_busy")) == 2
+        assert len(await busy.claim([claiming], "boot_busy")) == 1  # a claim of its own
+        # The outcome of `forgotten` was committed and lost; `claiming`'s claim is in flight.
+        del busy._tokens[forgotten]
+        busy._claiming.add(busy._tokens.pop(claiming))
+        assert (await busy.release_forgotten()).requeued == 0  # no outage: not looked for
+        busy.went_down(OSError("connection lost"))
+        busy.came_back()
+        recovery = await busy.release_forgotten()
+        assert (recovery.requeued, recovery.dead) == (1, 0)
+        states = {item.jobs[0].id: (await busy.get_event(item.event.id)).jobs[0] for item in items}
+        assert {job_id: job.state for job_id, job in states.items()} == {
+            running: JobState.RUNNING,
+            forgotten: JobState.QUEUED,
+            claiming: JobState.RUNNING,
+        }
+        assert [a.outcome for a in states[forgotten].history] == ["interrupted"]
+        assert (await busy.release_forgotten()).requeued == 0  # once per outage
+
+
 async def test_pg_a_heartbeating_node_keeps_its_jobs_past_lease_s(pg_url: str) -> None:
     """A long job on a live node is not taken away: its heartbeat renews the lease."""
     clock = ManualClock(START)

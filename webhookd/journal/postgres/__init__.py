@@ -66,6 +66,7 @@ from webhookd.journal.postgres.writes import (
     PRUNE_SQL,
     write_claim,
     write_claim_capped,
+    write_forgotten,
     write_group,
     write_unclaims,
 )
@@ -182,6 +183,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         # bound to): a claim has one outcome, so the worker's repeated tries keep one copy.
         self._pending: dict[tuple[str, str | None], Finished] = {}
         self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
+        # Tokens of claims being written: committed, perhaps, but not yet in ``_tokens``.
+        self._claiming: set[str] = set()
+        # An outage ended: look for running jobs under this node that it no longer holds.
+        self.forgotten_wanted = False
 
     @property
     def location(self) -> str:
@@ -373,6 +378,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         now = self.clock.time()
         starts = reserve_starts(self.starter, ingests)
         claim = (self.node_id, secrets.token_hex(8) if starts.job_ids else "", self.lease_s)
+        if claim[1]:
+            self._claiming.add(claim[1])
 
         began = time.perf_counter()
         self._writing_since = time.monotonic()
@@ -381,6 +388,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 lambda conn: write_group(conn, ingests, results, tokens, now, starts.job_ids, claim)
             )
         except BaseException as exc:
+            self._claiming.discard(claim[1])
             if starts.job_ids:
                 # Jobs written claimed in a commit that may have happened: undone by token
                 # once the server answers again (as a claim's are), and the slots given back.
@@ -407,6 +415,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 iop.future.set_result(result)
         for c in started:
             self._tokens[c.job.id] = claim[1]
+        self._claiming.discard(claim[1])
         freed = False
         # (job, token) of the claims answered here: another copy of one of their outcomes in
         # this batch is a duplicate, not a lost lease.
@@ -463,6 +472,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             return []
         token = secrets.token_hex(8)
         now = self.clock.time()
+        self._claiming.add(token)
         try:
             claimed = await self._write(
                 lambda conn: write_claim(conn, job_ids, self.node_id, token, now, self.lease_s)
@@ -472,6 +482,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             # would stay running under this live node forever. Undo by token once it is back.
             self._doubtful.append(token)
             raise
+        finally:
+            self._claiming.discard(token)
         for c in claimed:
             self._tokens[c.job.id] = token
         return claimed
@@ -484,6 +496,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             return CapClaim([], frozenset())
         token = secrets.token_hex(8)
         now = self.clock.time()
+        self._claiming.add(token)
         try:
             result = await self._write(
                 lambda conn: write_claim_capped(
@@ -493,6 +506,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except JournalUnavailable:
             self._doubtful.append(token)
             raise
+        finally:
+            self._claiming.discard(token)
         for c in result.claimed:
             self._tokens[c.job.id] = token
             if caps.get(c.job.id):
@@ -526,6 +541,28 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             for f, token in bound:
                 self._pending.setdefault((f.job_id, token), f)
             raise
+
+    async def release_forgotten(self) -> Recovery:
+        """Once an outage has ended: re-queue, as a crashed node's are, the running jobs under
+        this node's id whose claim it no longer holds. Their outcome was committed to a
+        primary that then failed over before its replica had it; this node's heartbeat keeps
+        their lease, so no other node would ever take them (measured: 5 jobs running two
+        minutes on, freed only by a restart)."""
+        if not self.forgotten_wanted:
+            return Recovery(requeued=0)
+        # Every claim this process may hold: answered ones (by job: one claim takes several),
+        # outcomes kept back; and by token, ones being written (their jobs not yet known
+        # here) and ones in doubt (released by token, unpenalised).
+        held = {*self._tokens.items(), *((job, token) for job, token in self._pending if token)}
+        in_flight = {*self._claiming, *self._doubtful}
+        now = self.clock.time()
+        recovery = await self._write(
+            lambda conn: write_forgotten(
+                conn, self.node_id, held, in_flight, now, self.max_recoveries
+            )
+        )
+        self.forgotten_wanted = False
+        return recovery
 
     async def release_doubtful(self) -> int:
         """Re-queue, without counting the attempt, jobs of claims whose commit was in doubt

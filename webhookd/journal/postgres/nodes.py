@@ -59,6 +59,7 @@ class PgNodes:
     _leader_until: float
     _down_since: float | None
     _up_since: float | None
+    forgotten_wanted: bool
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
     on_pause_change: Callable[[], None] | None
@@ -75,6 +76,9 @@ class PgNodes:
         raise NotImplementedError
 
     async def release_doubtful(self) -> int:
+        raise NotImplementedError
+
+    async def release_forgotten(self) -> Recovery:
         raise NotImplementedError
 
     if TYPE_CHECKING:  # PgReads supplies it; a stub here would shadow it in the MRO
@@ -161,6 +165,9 @@ class PgNodes:
         if self._down_since is not None:
             down_s = self.clock.monotonic() - self._down_since
             self._down_since = None
+            # The database may not be the one that went away (a replica promoted): what this
+            # node last wrote may be missing from it (``release_forgotten``).
+            self.forgotten_wanted = True
             # From when a write first failed: a hang may have begun up to a deadline before.
             log.warning("journal available again, %.1f s after a write first failed", down_s)
 
@@ -227,6 +234,7 @@ class PgNodes:
                 await self.compare_configs()
                 await self.release_doubtful()
                 await self.record_pending()
+                forgotten = await self.release_forgotten()
                 # Every node's backpressure reads the whole cluster's backlog, not its own
                 # writes: one index-only count over the queued/running partial indexes.
                 self.backlog_jobs = await self.backlog()
@@ -252,6 +260,26 @@ class PgNodes:
                 self.backlog_jobs -= recovered.dead + recovered.cancelled
             if recovered.poisoned and self.on_poisoned is not None:
                 self.on_poisoned(recovered.poisoned)
+            self._said_forgotten(forgotten)
+
+    def _said_forgotten(self, forgotten: Recovery) -> None:
+        """What ``release_forgotten`` re-queued, said once, as a recovery is."""
+        if not (forgotten.requeued or forgotten.dead or forgotten.cancelled):
+            return
+        log.warning(
+            "re-queued %d job(s) this node ran whose outcome the database no longer has (a"
+            " failover to a replica that lacked the last commits?); %d poison pill(s) sent to"
+            " dead%s; %d cancelled while running",
+            forgotten.requeued,
+            forgotten.dead,
+            forgotten.named(),
+            forgotten.cancelled,
+        )
+        self.backlog_jobs -= forgotten.dead + forgotten.cancelled
+        if forgotten.requeued and self.on_remote_jobs is not None:
+            self.on_remote_jobs()
+        if forgotten.poisoned and self.on_poisoned is not None:
+            self.on_poisoned(forgotten.poisoned)
 
     def _settled(self) -> bool:
         """Whether this node has reached the database without a break for a whole lease: only

@@ -8,7 +8,7 @@ commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from webhookd.journal.batch import IngestOp, IngestResult, admit, sort_ingests
@@ -343,20 +343,58 @@ async def write_finishes(
     return recorded, cancelled
 
 
+_LOST_COLUMNS = (
+    "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id,"
+    " j.cancel_requested_at FROM jobs j"
+)
+
+
 async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: int) -> Recovery:
     """Re-queue running jobs whose node has not heartbeat within its own lease (killed, host
     lost, cut off), ``lease_s`` for a node that did not say its own; the
     ``max_recoveries``-th recovery of a job sends it to ``dead``."""
     lost = await conn.fetch(
-        "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id,"
-        " j.cancel_requested_at FROM jobs j"
-        " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) < $1::double precision"
-        " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = j.node_id"
-        " AND n.heartbeat_at >= $1::double precision - COALESCE(n.lease_s, $2::double precision))"
-        " ORDER BY j.seq FOR UPDATE SKIP LOCKED",
+        _LOST_COLUMNS + " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) <"
+        " $1::double precision AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id ="
+        " j.node_id AND n.heartbeat_at >= $1::double precision - COALESCE(n.lease_s,"
+        " $2::double precision)) ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         now,
         lease_s,
     )
+    return await _requeue_lost(conn, lost, now, max_recoveries)
+
+
+async def write_forgotten(
+    conn: Any,
+    node_id: str,
+    held: Collection[tuple[str, str]],
+    in_flight: Collection[str],
+    now: float,
+    max_recoveries: int,
+) -> Recovery:
+    """Re-queue, as ``write_recovery`` does, the running jobs under ``node_id`` that it does not
+    hold: neither the (job, claim token) pairs of ``held`` nor a claim whose token is in
+    ``in_flight`` (being written, or in doubt). Such a job's outcome was written to a primary
+    that failed over before its replica had the commit; the node's heartbeat keeps its lease,
+    so no other node would ever take it."""
+    rows = await conn.fetch(
+        _LOST_COLUMNS.replace("SELECT ", "SELECT j.claim_token, ", 1)
+        + " WHERE j.state = 'running' AND j.node_id = $1 ORDER BY j.seq FOR UPDATE SKIP LOCKED",
+        node_id,
+    )
+    lost = [
+        r
+        for r in rows
+        if (r["id"], r["claim_token"]) not in held and r["claim_token"] not in in_flight
+    ]
+    return await _requeue_lost(conn, lost, now, max_recoveries)
+
+
+async def _requeue_lost(
+    conn: Any, lost: Sequence[Any], now: float, max_recoveries: int
+) -> Recovery:
+    """Each of ``lost`` (rows of ``_LOST_COLUMNS``) queued again with an ``interrupted``
+    attempt, or sent to dead at its ``max_recoveries``-th recovery (a poison pill)."""
     rows = []
     poisoned = []
     cancelled = 0
