@@ -183,7 +183,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         # bound to): a claim has one outcome, so the worker's repeated tries keep one copy.
         self._pending: dict[tuple[str, str | None], Finished] = {}
         self._doubtful: list[str] = []  # tokens of claims whose commit is unknown
-        # Tokens of claims being written: committed, perhaps, but not yet in ``_tokens``.
+        # Tokens of claims being written (committed, perhaps, but not yet in ``_tokens``) or
+        # being given back (``unclaim``): release_forgotten leaves their jobs alone.
         self._claiming: set[str] = set()
         # An outage ended: look for running jobs under this node that it no longer holds.
         self.forgotten_wanted = False
@@ -603,7 +604,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         held = {job_id: self._tokens.pop(job_id) for job_id in job_ids if job_id in self._tokens}
         if held:
             now = self.clock.time()
-            await self._write(lambda conn: write_unclaims(conn, held, cut, now))
+            # Still this node's until the write ends: not for release_forgotten to take.
+            releasing = set(held.values()) - self._claiming
+            self._claiming |= releasing
+            try:
+                await self._write(lambda conn: write_unclaims(conn, held, cut, now))
+            finally:
+                self._claiming -= releasing
 
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
         """At start: heartbeat, then, if this node leads, re-queue what silent nodes left
