@@ -166,7 +166,9 @@ def _say_upgrades() -> None:
         upgrade_log.setLevel(logging.INFO)
 
 
-def _journal(cfg: config_mod.Config) -> BaseJournal:
+def _journal_file_needed(cfg: config_mod.Config) -> None:
+    """Exit 1 when ``cfg`` names a SQLite journal that is not there (a verb run in another
+    folder, or without the daemon's --config, reads the embedded default's)."""
     if cfg.journal.url is None and not cfg.journal.path.exists():
         where = cfg.journal.path
         if not where.is_absolute():  # as serve reads it: from its working directory
@@ -176,6 +178,10 @@ def _journal(cfg: config_mod.Config) -> BaseJournal:
             " (or set journal.path or --config)",
             1,
         )
+
+
+def _journal(cfg: config_mod.Config) -> BaseJournal:
+    _journal_file_needed(cfg)
     _say_upgrades()
     return open_journal(cfg.journal, max_recoveries=cfg.workers.max_recoveries, node=False)
 
@@ -1852,17 +1858,13 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
     Events, jobs (queued, retrying, dead and finished), attempts, pauses and the dedup keys
     of the events kept all move, in one transaction: the PostgreSQL journal gets all of them
     or none. It must hold no events yet (its schema is made if it has none). The SQLite file
-    is left as it was; start no daemon on it again, or its queued jobs run twice.
+    is left as it was, and marked copied: serve, check and the verbs that change a journal
+    refuse it from then on (its queued jobs would run twice).
     """
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set in the source config: copy goes from a SQLite journal", 2)
-    if not cfg.journal.path.exists():
-        _fail(
-            f"no journal at {cfg.journal.path.absolute()}: name the daemon's config with"
-            " --config (or WEBHOOKD_CONFIG)",
-            1,
-        )
+    _journal_file_needed(cfg)
     to = _read_config(to_path)
     if to.journal.url is None:
         _fail(f"journal.url: {to_path} names no PostgreSQL journal to copy into", 2)
@@ -1918,13 +1920,13 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
         )
     if orphans := orphaned_jobs(to, made.unfinished):
         click.echo(
-            f"warning: {to_path} has no action for queued jobs of the copy: {orphans}; started"
-            " with it, the nodes let them go dead at their turn",
+            f"webhookd: warning: {to_path} has no action for queued jobs of the copy:"
+            f" {orphans}; started with it, the nodes let them go dead at their turn",
             err=True,
         )
     click.echo(
-        f"{cfg.journal.path} is left as it was, marked copied: serve and check refuse it"
-        f" from now on (its queued jobs run from PostgreSQL)"
+        f"{cfg.journal.path} is left as it was, marked copied: serve, check and the verbs that"
+        " change a journal refuse it from now on (its queued jobs run from PostgreSQL)"
     )
 
 

@@ -226,10 +226,6 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except BaseException:
             await self._close_pool()
             raise
-        # Where the database's default is weaker than on, each write transaction turns it on for
-        # itself (in _write_settings, below): "off" loses commits in a crash, and "local" or
-        # "remote_write" acknowledge a webhook a synchronous standby has not flushed, which a
-        # failover to it loses. "remote_apply" is stronger than "on".
         if self.node and not standbys:
             # Said once per start: a commit is then as safe as this server's disk, and a
             # failover to an asynchronous replica loses the last ones (measured: 406 of 8,000).
@@ -239,6 +235,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 " docs/scaling.md, replicas and failover)",
                 self.location,
             )
+        # Where the database's default is weaker than on, each write transaction turns it on for
+        # itself (in _write_settings, below): "off" loses commits in a crash, and "local" or
+        # "remote_write" acknowledge a webhook a synchronous standby has not flushed, which a
+        # failover to it loses. "remote_apply" is stronger than "on".
         self._sync_each = durable not in ("on", "remote_apply")
         if self._sync_each:
             log.info(

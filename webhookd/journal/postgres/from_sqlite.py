@@ -1,8 +1,9 @@
 """A SQLite journal copied into an empty PostgreSQL one (``webhookd copy``), for the move from
 one box to several nodes without losing history, queued work or dedup.
 
-The SQLite journal is read in one read transaction, with no daemon on it (its serve lock is
-held throughout, so none can start); the rows go in by ``COPY``, in one PostgreSQL transaction
+The SQLite journal is read in one transaction holding its write lock, with no daemon on it
+(its serve lock is held throughout, so none can start, and a CLI verb's change waits); the
+rows go in by ``COPY``, in one PostgreSQL transaction
 that commits all of them or none, and keep their sequence numbers (the queue's and ordered
 keys' order). The SQLite file is left as it was.
 
@@ -31,7 +32,7 @@ import asyncpg
 
 from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import _take_serve_lock, copied_marker, copied_to, opened_elsewhere
-from webhookd.journal.moved import sync
+from webhookd.journal.moved import new_private, sync
 from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
@@ -160,7 +161,7 @@ def _mark_copied(path: Path, where: str) -> None:
     partial = marker.with_name(f".{marker.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(new_private(partial), os.O_WRONLY | os.O_NOFOLLOW)
     try:
         os.write(fd, f"copied into {where} at {when}\n".encode())
         owner = os.stat(path)

@@ -246,40 +246,31 @@ class PgNodes:
                 self._leader_until = min(self._leader_until, self.clock.time())
                 log.debug("%s", exc)  # the outage itself was logged once, by went_down
                 continue
-            if recovered.requeued and self.on_remote_jobs is not None:
-                self.on_remote_jobs()
-            if recovered.requeued or recovered.dead or recovered.cancelled:
-                log.warning(
-                    "re-queued %d job(s) of silent node(s); %d poison pill(s) sent to dead%s;"
-                    " %d cancelled while running",
-                    recovered.requeued,
-                    recovered.dead,
-                    recovered.named(),
-                    recovered.cancelled,
-                )
-                self.backlog_jobs -= recovered.dead + recovered.cancelled
-            if recovered.poisoned and self.on_poisoned is not None:
-                self.on_poisoned(recovered.poisoned)
-            self._said_forgotten(forgotten)
+            self._said_recovered(recovered, "of silent node(s)")
+            self._said_recovered(
+                forgotten,
+                "this node ran whose outcome the database no longer has (a failover to a"
+                " replica that lacked the last commits?)",
+            )
 
-    def _said_forgotten(self, forgotten: Recovery) -> None:
-        """What ``release_forgotten`` re-queued, said once, as a recovery is."""
-        if not (forgotten.requeued or forgotten.dead or forgotten.cancelled):
-            return
-        log.warning(
-            "re-queued %d job(s) this node ran whose outcome the database no longer has (a"
-            " failover to a replica that lacked the last commits?); %d poison pill(s) sent to"
-            " dead%s; %d cancelled while running",
-            forgotten.requeued,
-            forgotten.dead,
-            forgotten.named(),
-            forgotten.cancelled,
-        )
-        self.backlog_jobs -= forgotten.dead + forgotten.cancelled
-        if forgotten.requeued and self.on_remote_jobs is not None:
+    def _said_recovered(self, recovered: Recovery, whose: str) -> None:
+        """What a recovery re-queued (``whose`` jobs), said once, with the backlog and the
+        hooks told."""
+        if recovered.requeued and self.on_remote_jobs is not None:
             self.on_remote_jobs()
-        if forgotten.poisoned and self.on_poisoned is not None:
-            self.on_poisoned(forgotten.poisoned)
+        if recovered.requeued or recovered.dead or recovered.cancelled:
+            log.warning(
+                "re-queued %d job(s) %s; %d poison pill(s) sent to dead%s; %d cancelled while"
+                " running",
+                recovered.requeued,
+                whose,
+                recovered.dead,
+                recovered.named(),
+                recovered.cancelled,
+            )
+            self.backlog_jobs -= recovered.dead + recovered.cancelled
+        if recovered.poisoned and self.on_poisoned is not None:
+            self.on_poisoned(recovered.poisoned)
 
     def _settled(self) -> bool:
         """Whether this node has reached the database without a break for a whole lease: only

@@ -344,8 +344,8 @@ async def write_finishes(
 
 
 _LOST_COLUMNS = (
-    "SELECT j.id, j.attempts, j.recoveries, j.claimed_at, j.source, j.action, j.event_id,"
-    " j.cancel_requested_at FROM jobs j"
+    "SELECT j.id, j.claim_token, j.attempts, j.recoveries, j.claimed_at, j.source, j.action,"
+    " j.event_id, j.cancel_requested_at FROM jobs j"
 )
 
 
@@ -378,7 +378,7 @@ async def write_forgotten(
     that failed over before its replica had the commit; the node's heartbeat keeps its lease,
     so no other node would ever take it."""
     rows = await conn.fetch(
-        _LOST_COLUMNS.replace("SELECT ", "SELECT j.claim_token, ", 1)
+        _LOST_COLUMNS
         + " WHERE j.state = 'running' AND j.node_id = $1 ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         node_id,
     )
