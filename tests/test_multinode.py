@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -240,17 +241,32 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
     await stop(daemon)
 
 
-def restart_server() -> None:
-    """``pg_ctl restart -m fast`` of the throwaway server (.ci/postgres.sh exports its dir)."""
-    pg_dir = os.environ.get("WEBHOOKD_TEST_PG_DIR")
-    if not pg_dir:
-        reason = (
-            "WEBHOOKD_TEST_PG_DIR is not set: this test restarts the server .ci/postgres.sh ran"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    pg_ctl = Path(pg_dir, "bin").read_text().strip() + "/pg_ctl"
+@pytest.fixture
+def own_server(journal_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A PostgreSQL server of this test's own (``.ci/postgres.sh start``), its journal URL as
+    ``WEBHOOKD_JOURNAL_URL``; yields its folder. Restarting the shared server cut every other
+    test's connections on the other workers ("terminating connection due to administrator
+    command", then "connection refused" while it came back)."""
+    script = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
+    started = subprocess.run(
+        ["bash", str(script), "start"], check=True, capture_output=True, text=True, timeout=120
+    )
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in started.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    home = Path(exports["WEBHOOKD_TEST_PG_DIR"])
+    try:
+        monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", exports["WEBHOOKD_TEST_PG_URL"])
+        yield home
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(home)], capture_output=True, timeout=120)
+
+
+def restart_server(home: Path) -> None:
+    """``pg_ctl restart -m fast`` of the server in ``home`` (``own_server``)."""
+    pg_ctl = (home / "bin").read_text().strip() + "/pg_ctl"
     as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     # The server's output goes to its log file: a pipe would be held open by the new server.
     subprocess.run(
@@ -258,9 +274,9 @@ def restart_server() -> None:
             *as_owner,
             pg_ctl,
             "-D",
-            f"{pg_dir}/data",
+            f"{home}/data",
             "-l",
-            f"{pg_dir}/server.log",
+            f"{home}/server.log",
             "-m",
             "fast",
             "-w",
@@ -281,6 +297,7 @@ async def test_postgresql_restarted_under_load_loses_no_acknowledged_webhook(
     procs: Procs,
     downstream: Target,
     http: aiohttp.ClientSession,
+    own_server: Path,
 ) -> None:
     """Two nodes take a steady stream while PostgreSQL restarts: requests during the restart
     get 503 (never a false 2xx), the nodes reconnect by themselves, and every webhook that was
@@ -290,7 +307,7 @@ async def test_postgresql_restarted_under_load_loses_no_acknowledged_webhook(
     async with Load(http, nodes, senders=4) as load:
         await downstream.wait_for(lambda: len(downstream.ids) >= 20)
         before = len(load.acked)
-        await asyncio.to_thread(restart_server)
+        await asyncio.to_thread(restart_server, own_server)
         after_restart = len(load.statuses)
         await poll(partial(load.acked_at_least, before + 20), timeout_s=30, interval_s=0.1)
     acked, statuses = load.acked, load.statuses
