@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -724,6 +725,26 @@ def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> No
         rates = throughput.rates()
     assert rates["window_s"] == pytest.approx(60, abs=1.1)
     assert rates["accepted_per_s"] == pytest.approx(100, rel=0.02)
+
+
+def test_duplicates_are_said_apart_from_accepted_webhooks() -> None:
+    """A sender retrying one delivery in a loop is answered 200 each time, and the journal
+    takes nothing: accepted/s counted those answers as intake while the dashboard's chart,
+    read from the journal, showed none."""
+    clock = ManualClock()
+    pool = cast(WorkerPool, SimpleNamespace(clock=clock, outcomes={"done": 0}))
+    duplicates: Counter[str] = Counter(shop=7)  # answered before the window began
+    throughput = Throughput(pool, duplicates)
+    for _ in range(60):  # a minute: 10 new events and 90 duplicates a second
+        clock.advance(1)
+        for _ in range(10):
+            throughput.observe("shop", 202, 0.001)
+        for _ in range(90):
+            duplicates["shop"] += 1
+            throughput.observe("shop", 200, 0.001)
+        rates = throughput.rates()
+    assert rates["accepted_per_s"] == pytest.approx(10, rel=0.02)
+    assert rates["duplicates_per_s"] == pytest.approx(90, rel=0.02)
 
 
 def test_only_jobs_that_end_are_counted_as_finished() -> None:

@@ -282,7 +282,7 @@ class Daemon:
             journal.on_poisoned = poisoned
             if recovered.poisoned:
                 poisoned(recovered.poisoned)
-            throughput = Throughput(pool)
+            throughput = Throughput(pool, self.intake.duplicates)
             self.intake.observers.append(throughput.observe)
             ctx = AdminContext(
                 config=cfg,
