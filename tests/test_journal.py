@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
@@ -1228,3 +1229,40 @@ def test_the_sqlite_journals_statements_number_no_placeholder() -> None:
         if re.search(r"""["'][^"']*\?\d""", line) and not line.lstrip().startswith("#")
     ]
     assert found == []
+
+
+async def test_sqlite_a_clock_step_moves_only_the_jobs_queued_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk over the queued jobs after a step of the wall clock goes a batch at a time,
+    and webhooks keep coming meanwhile, journaled by the stepped clock. Unbounded, it moved
+    those too (each then waited the whole step), and under steady intake never ended."""
+    monkeypatch.setattr(journal_module, "_STEP_BATCH", 1)
+    first_batch = threading.Event()
+    read = journal_module.fetch_rows
+
+    def batch_read(conn: sqlite3.Connection, sql: str, *args: Any) -> Any:
+        rows = read(conn, sql, *args)
+        if sql.startswith("SELECT seq FROM jobs"):
+            first_batch.set()
+        return rows
+
+    monkeypatch.setattr(journal_module, "fetch_rows", batch_read)
+    clock = ManualClock(start=1_700_000_000.0)
+    async with Journal(tmp_path / "j.db", clock=clock) as journal:
+        before = [new_event(received_at=clock.time()) for _ in range(5)]
+        for item in before:
+            await journal.ingest(item)
+        clock.step_wall(3600)
+        walk = asyncio.create_task(journal.clock_stepped(3600))
+        await asyncio.to_thread(first_batch.wait, 10)  # the walk has begun
+        after = [new_event(received_at=clock.time()) for _ in range(20)]
+        # Each its own write, taken by the writer between the walk's batches.
+        await asyncio.gather(*(journal.ingest(item) for item in after))
+        assert await walk == len(before)
+        for item in before:
+            job = (await journal.get_event(item.event.id)).jobs[0]
+            assert job.run_at == pytest.approx(item.event.received_at + 3600)
+        for item in after:
+            job = (await journal.get_event(item.event.id)).jobs[0]
+            assert job.run_at == pytest.approx(item.event.received_at)

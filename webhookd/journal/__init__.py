@@ -1786,6 +1786,13 @@ class Journal(Reads, BaseJournal):
         return await self._call(fn)  # type: ignore[no-any-return]
 
     async def clock_stepped(self, by_s: float) -> int | None:
+        # Only the jobs queued when the walk begins: one journaled since (a webhook, a retry
+        # of a job of higher seq) has its time from the new clock already. Unbounded, the walk
+        # moved those too, and under steady intake never came to its end.
+        top = await self._call(lambda conn: fetch_rows(conn, "SELECT MAX(seq) FROM jobs"))
+        last_seq = top[0][0] if top else None
+        if last_seq is None:
+            return 0
         moved, after = 0, -1
         while True:
 
@@ -1795,8 +1802,9 @@ class Journal(Reads, BaseJournal):
                 # commit for seconds.
                 rows = fetch_rows(
                     conn,
-                    "SELECT seq FROM jobs WHERE state = 'queued' AND seq > ? ORDER BY seq LIMIT ?",
-                    (after, _STEP_BATCH),
+                    "SELECT seq FROM jobs WHERE state = 'queued' AND seq > ? AND seq <= ?"
+                    " ORDER BY seq LIMIT ?",
+                    (after, last_seq, _STEP_BATCH),
                 )
                 if not rows:
                     return 0, after
