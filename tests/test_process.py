@@ -429,6 +429,49 @@ async def test_a_second_serve_on_the_same_journal_exits_1_and_leaves_the_running
     assert await again.wait_exit() == 0
 
 
+async def test_sigterm_while_a_body_is_still_arriving_starts_no_queued_job(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """The receiver's close waits (up to ``ack_timeout_s`` + 1 s) for a request whose body is
+    still arriving. The pool was stopped only after it: a job queued behind a running one
+    started during the drain, when its worker came free, to be cut off at the grace."""
+    cfg = tmp_path / "webhookd.toml"
+    cfg.write_text(
+        config_text(
+            f'path = "{tmp_path / "webhookd.db"}"',
+            forward_source("shop", f"{downstream.url}/shop"),
+            workers="concurrency = 1\nshutdown_grace_s = 10",
+            server="ack_timeout_s = 1",
+        ),
+        encoding="utf-8",
+    )
+    daemon = await procs.serve(cfg)
+    downstream.delay_s = 30.0  # until released
+    ids = []
+    for n in range(2):
+        async with http.post(f"{daemon.url}/hooks/shop", data=f'{{"n": {n}}}', headers=JSON) as r:
+            assert r.status == 202
+            ids.append((await r.json())["id"])
+    await downstream.wait_for(lambda: len(downstream.arrivals) == 1)  # the second is queued
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    _, slow = await asyncio.open_connection(host, int(port))
+    slow.write(
+        b"POST /hooks/shop HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 10\r\n\r\n{"n"'
+    )
+    await slow.drain()
+    try:
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_said(r"draining \(SIGTERM\)")
+        downstream.release.set()  # the running job ends: its worker is free during the drain
+        assert await daemon.wait_exit(timeout_s=20) == 0
+    finally:
+        slow.close()
+    assert downstream.ids == [ids[0]]
+    doc = await show(procs, cfg, ids[1])
+    assert [(j["state"], j["attempts"], j["errors"]) for j in doc["jobs"]] == [("queued", 0, [])]
+
+
 async def test_a_handler_that_swallows_the_drains_cancel_is_named_and_does_not_hold_the_exit(
     tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
 ) -> None:

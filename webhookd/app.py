@@ -388,6 +388,10 @@ class Daemon:
                 " what was left",
             )
         self.intake.draining = True
+        # No new job starts from here: the receiver's close below waits up to ack_timeout_s
+        # for requests in flight, and the backlog's jobs started meanwhile were then cut off
+        # at the grace and run again at the next start.
+        pool.stop()
         listening.remove(receiver_runner)
         await receiver_runner.cleanup()
         receiver.flush_logs()
