@@ -632,6 +632,11 @@ class Lane:
             try:
                 grant = await store.reserve_lane(self._spec, need=need, want=want, returns=returns)
             except JournalError as exc:
+                # A failed write: its returns go with the next one (only a connection lost
+                # at the commit leaves one in doubt). A round trip cancelled instead (a job's
+                # timeout_s, a drain) is in doubt as a rule, so its returns are dropped rather
+                # than counted twice, which would let the cluster past its limit: the lane is
+                # under-used until they age out of its log (SHARED_LOG_S).
                 self._returns = returns + self._returns
                 raise self._busy(
                     JOURNAL_RETRY_S, f"admits nothing: the journal is unreachable ({exc})"
