@@ -1589,6 +1589,36 @@ async def test_a_tenant_filter_finds_the_tenant_as_sent_even_one_kept_as_a_diges
     assert pages == [[other.event.id]]
 
 
+async def test_the_bulk_selection_takes_a_window_since_one_time_until_another(
+    journal: BaseJournal,
+) -> None:
+    """``replay --dead --since A --until B`` (an outage's window): an event received at
+    ``since`` is in it, one received at ``until`` is not, so windows laid end to end take each
+    event once; a queued job's event (``cancel --queued``'s) is windowed alike."""
+    items = [new_event(received_at=START + offset) for offset in (0, 10, 20, 30)]
+    for item in items:
+        await journal.ingest(item)
+    dead = [item.jobs[0].id for item in items[:3]]
+    await journal.claim(dead, "b")
+    await journal.finish([finished(j, JobState.DEAD, "dead", error="404") for j in dead])
+    at_0, at_10, at_20, at_30 = (item.event.id for item in items)
+
+    async def dead_in(since: float | None, until: float | None) -> list[str]:
+        return await journal.event_ids_with_jobs("dead", since=since, until=until)
+
+    assert await dead_in(START, START + 20) == sorted([at_0, at_10])
+    assert await dead_in(START + 20, START + 40) == [at_20]
+    assert await dead_in(None, START + 10) == [at_0]
+    assert await dead_in(START + 10, START + 10) == []
+    assert await dead_in(START + 5, None) == sorted([at_10, at_20])
+    assert await journal.event_ids_with_jobs("unfinished", until=START + 30) == []
+    assert await journal.event_ids_with_jobs("unfinished", until=START + 31) == [at_30]
+    pages = journal.pages_of_event_ids_with_jobs(
+        "dead", None, START + 10, page_size=1, until=START + 30
+    )
+    assert [p async for p in pages] == [[i] for i in sorted([at_10, at_20])]
+
+
 async def test_paging_by_before_visits_every_event_once_even_when_ids_and_commits_disagree(
     journal: BaseJournal,
 ) -> None:

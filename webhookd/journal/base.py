@@ -444,13 +444,16 @@ class BaseJournal(ABC):
         after: str | None = None,
         tenant: str | None = None,
         action: str | None = None,
+        until: float | None = None,
     ) -> list[str]:
         """Events with a job in ``state`` (what ``replay --dead``, ``--dismissed``, ``--done`` and
         ``--cancelled`` and ``cancel --queued`` take: ``dismissed`` is a dead job dismissed, now
         cancelled, ``cancelled`` any other cancelled job;
         ``unfinished``, queued or running, cancel's), optionally of one source, received since a
-        time, of one tenant (as sent: see ``tenant_forms``) and, the job, of the action of that
-        name, in id order: the first ``limit`` of those past the id ``after``."""
+        time (that time included) and before another (``until``, excluded: windows laid end to
+        end take each event once), of one tenant (as sent: see ``tenant_forms``) and, the job,
+        of the action of that name, in id order: the first ``limit`` of those past the id
+        ``after``."""
 
     async def pages_of_event_ids_with_jobs(
         self,
@@ -460,12 +463,13 @@ class BaseJournal(ABC):
         tenant: str | None = None,
         page_size: int = 10_000,
         action: str | None = None,
+        until: float | None = None,
     ) -> AsyncIterator[list[str]]:
         """``event_ids_with_jobs``, all of them, a page at a time: a page replayed or cancelled
         before the next is read is not met again, and one that dies again is not either."""
         after = None
         while page := await self.event_ids_with_jobs(
-            state, source, since, page_size, after, tenant, action
+            state, source, since, page_size, after, tenant, action, until
         ):
             yield page
             after = page[-1]

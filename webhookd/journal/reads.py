@@ -229,6 +229,7 @@ class Reads:
         after: str | None = None,
         tenant: str | None = None,
         action: str | None = None,
+        until: float | None = None,
     ) -> list[str]:
         # Read from the index that holds the jobs in that state, whose WHERE the state's fixed
         # clause states (``state`` is the jobs' column: events have none). Left to itself, the
@@ -241,7 +242,7 @@ class Reads:
             ):
                 found.update(
                     await self._event_ids_in(
-                        index, jobs_in, source, since, limit, after, tenant, action
+                        index, jobs_in, source, since, limit, after, tenant, action, until
                     )
                 )
             return sorted(found)[:limit]
@@ -254,7 +255,9 @@ class Reads:
             jobs_in = "state = 'done' AND state IN ('done', 'dead', 'cancelled')"
         else:
             jobs_in = STATE_JOBS[state]
-        return await self._event_ids_in(index, jobs_in, source, since, limit, after, tenant, action)
+        return await self._event_ids_in(
+            index, jobs_in, source, since, limit, after, tenant, action, until
+        )
 
     async def _event_ids_in(
         self,
@@ -266,6 +269,7 @@ class Reads:
         after: str | None,
         tenant: str | None,
         action: str | None,
+        until: float | None,
     ) -> list[str]:
         sql = (
             f"SELECT DISTINCT j.event_id FROM jobs j INDEXED BY {index}"
@@ -278,6 +282,9 @@ class Reads:
         if since is not None:
             sql += " AND e.received_at >= ?"
             args.append(since)
+        if until is not None:
+            sql += " AND e.received_at < ?"
+            args.append(until)
         if tenant is not None:
             sql += " AND e.tenant IN (?, ?)"
             args.extend(tenant_forms(tenant))

@@ -163,6 +163,7 @@ class PgReads:
         after: str | None = None,
         tenant: str | None = None,
         action: str | None = None,
+        until: float | None = None,
     ) -> list[str]:
         # $7: dismissed (a cancelled job with dismissed_at), not (cancelled without), or either.
         dismissed = {"dismissed": True, "cancelled": False}.get(state)
@@ -176,6 +177,7 @@ class PgReads:
             " AND ($5::text IS NULL OR j.event_id > $5)"
             " AND ($6::text[] IS NULL OR e.tenant = ANY($6::text[]))"
             " AND ($8::text IS NULL OR j.action = $8)"
+            " AND ($9::double precision IS NULL OR e.received_at < $9)"
             " ORDER BY j.event_id LIMIT $3",
             source,
             since,
@@ -185,6 +187,7 @@ class PgReads:
             list(tenant_forms(tenant)) if tenant is not None else None,
             dismissed,
             action,
+            until,
         )
         return [r[0] for r in rows]
 
