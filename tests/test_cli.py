@@ -626,7 +626,9 @@ async def test_events_replay_and_cancel_take_a_tenant_as_sent(
     await event_state(running.http, running.admin_url, globex, "done")
     assert (await event_state(running.http, running.admin_url, acme, "dead"))["state"] == "dead"
     out = await cli("replay", acme, "--tenant", "acme", "--config", str(config))
-    assert out.exit_code == 2 and "--source, --since and --tenant go with --dead" in out.output
+    assert out.exit_code == 2 and "--source, --since, --until and --tenant go with --dead" in (
+        out.output
+    )
 
 
 async def test_show_finds_an_event_by_its_dedup_key(
@@ -1222,6 +1224,38 @@ async def test_replay_cancelled_undoes_a_cancel_that_stopped_a_replay(tmp_path: 
     assert out.stdout == "nothing to replay: no event has a cancelled job that matches\n"
 
 
+async def test_replay_and_cancel_until_take_the_events_of_a_window_alone(
+    tmp_path: Path,
+) -> None:
+    """replay --dead --since 2d --until 1d takes the dead letters of yesterday's outage alone:
+    those of the day before and of the last hour stay dead. --until alone takes what came
+    before it, and an ISO time as --since does; cancel --dead takes the same window."""
+    config, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    await dead_letters(cfg.journal.path, "shop", 2, age_s=3 * 86400)
+    before = set(await _dead_ids(config))
+    await dead_letters(cfg.journal.path, "shop", 3, age_s=1.5 * 86400)
+    outage = set(await _dead_ids(config)) - before
+    await dead_letters(cfg.journal.path, "shop", 4, age_s=3600)
+    recent = set(await _dead_ids(config)) - before - outage
+    window = ("--since", "2d", "--until", "1d", "--config", str(config))
+
+    out = await cli("replay", "--dead", *window, "--dry-run")
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == ["would replay 3 event(s)", *sorted(outage)]
+    day_ago = dt.datetime.fromtimestamp(time.time() - 86400, dt.UTC).strftime("%Y-%m-%dT%H:%M")
+    out = await cli("cancel", "--dead", "--until", day_ago, "--dry-run", "--config", str(config))
+    assert out.stdout.splitlines() == [
+        "would cancel the dead jobs of 5 event(s)",
+        *sorted(before | outage),
+    ]
+    out = await cli("replay", "--dead", *window)
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "replayed 3 event(s), 3 job(s) re-queued, 0 waiting job(s) due now\n"
+    assert set(await _dead_ids(config)) == before | recent
+    out = await cli("cancel", "--dead", *window)
+    assert out.stdout == "dismissed 0 dead job(s) of 0 event(s)\n"
+
+
 async def _dead_ids(config: Path) -> list[str]:
     out = await cli(
         "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)
@@ -1390,8 +1424,19 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["replay"], "give event ids or --dead"),
         (["cancel", "evt_1", "--queued"], "give event ids or --queued, not both"),
         (["replay", "evt_1", "--dead", "--source", "x"], "go with --dead and no event ids"),
-        (["replay", "evt_1", "--source", "x"], "--source, --since and --tenant go with --dead"),
+        (["replay", "evt_1", "--source", "x"], "--source, --since, --until and --tenant go with"),
         (["replay", "--dead", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
+        (["replay", "--dead", "--until", "yesterday"], "Invalid value for '--until': use 30m"),
+        (
+            ["replay", "--dead", "--since", "1h", "--until", "2h"],
+            "is not later than --since 1h (",
+        ),
+        (
+            ["cancel", "--queued", "--since", "2026-01-02", "--until", "2026-01-01T00:00"],
+            "--until 2026-01-01T00:00 (2026-01-01 00:00:00.000Z) is not later than --since"
+            " 2026-01-02 (2026-01-02 00:00:00.000Z)",
+        ),
+        (["cancel", "evt_1", "--until", "1h"], "--source, --since, --until and --tenant go with"),
         (["events", "--since", "yesterday"], "Invalid value for '--since': use 30m"),
         (["events", "--state", "lost"], "'lost' is not one of"),
         (["events", "--limit", "0"], "0 is not in the range"),
@@ -1399,8 +1444,8 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
         (["pause", "nosuch"], "no source 'nosuch'"),
         (["show"], "give an event id or --key"),
         (["cancel"], "give event ids or --queued"),
-        (["cancel", "evt_1", "--since", "1h"], "--source, --since and --tenant go with --queued"),
-        (["cancel", "evt_1", "--tenant", "a"], "--source, --since and --tenant go with --queued"),
+        (["cancel", "evt_1", "--since", "1h"], "--until and --tenant go with --queued"),
+        (["cancel", "evt_1", "--tenant", "a"], "--until and --tenant go with --queued"),
         (["cancel", "--queued", "--dead"], "give --queued or --dead, not both"),
         (["cancel", "evt_1", "--dead", "--source", "x"], "go with --dead and no event ids"),
         (["frobnicate"], "No such command"),

@@ -210,8 +210,9 @@ def _resting(journal: BaseJournal) -> Callable[[float], Awaitable[None]] | None:
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 
 
-def parse_since(value: str, now: float | None = None) -> float:
-    """``30m``, ``2h``, ``7d`` ago, or an ISO 8601 time (UTC unless it says otherwise)."""
+def parse_since(value: str, now: float | None = None, option: str = "--since") -> float:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO 8601 time (UTC unless it says otherwise); a bad
+    one is ``option``'s error (``--until`` takes the same forms)."""
     now = time.time() if now is None else now
     m = _RELATIVE.match(value.strip())
     if m:
@@ -220,7 +221,7 @@ def parse_since(value: str, now: float | None = None) -> float:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(
-            "use 30m, 2h, 7d or an ISO time like 2026-01-31T12:00", param_hint="'--since'"
+            "use 30m, 2h, 7d or an ISO time like 2026-01-31T12:00", param_hint=f"'{option}'"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
@@ -715,7 +716,7 @@ def _bulk(
     cfg: config_mod.Config,
     event_ids: tuple[str, ...],
     select: (
-        tuple[JobsIn, str | None, float | None, str | None, str | None]
+        tuple[JobsIn, str | None, float | None, float | None, str | None, str | None]
         | Callable[[BaseJournal], Awaitable[list[str]]]
     ),
     verb: tuple[str, str],
@@ -725,7 +726,7 @@ def _bulk(
 ) -> dict[str, T] | None:
     """A replay, a cancel or a purge: over the ids given, each looked up first so that a typo
     changes nothing, or over every event ``select`` finds (a job state, a source, a receive
-    time, a tenant, an action's name; or what it returns, given the journal).
+    window, a tenant, an action's name; or what it returns, given the journal).
     One transaction per ``BULK_BATCH`` events: short enough not to hold up the daemon's ingest
     commits, few enough that a big bulk verb is not one commit per event. ``verb``: its "-ing"
     and past forms, for the progress bar and the error that says how far it got. An event
@@ -744,9 +745,9 @@ def _bulk(
             elif callable(select):
                 ids = await select(journal)
             else:
-                state, source, since, tenant, action = select
+                state, source, since, until, tenant, action = select
                 pages = journal.pages_of_event_ids_with_jobs(
-                    state, source, since, tenant, action=action
+                    state, source, since, tenant, action=action, until=until
                 )
                 ids = [i async for page in pages for i in page]
             out: dict[str, T] = {}
@@ -793,14 +794,19 @@ def _bulk(
 
 
 def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """``--source``, ``--since`` and ``--tenant`` of a bulk replay or cancel, which take them
-    with ``flags`` (its help's words: "--dead or --dismissed")."""
+    """``--source``, ``--since``, ``--until`` and ``--tenant`` of a bulk replay or cancel, which
+    take them with ``flags`` (its help's words: "--dead or --dismissed")."""
     options = (
         click.option("--source", help=f"With {flags}: only this source."),
         click.option(
             "--since",
             help=f"With {flags}: only events received since (30m, 2h, 7d, or an ISO time, UTC"
             " unless it says).",
+        ),
+        click.option(
+            "--until",
+            help=f"With {flags}: only events received before (as --since; that time itself"
+            " excluded, so --since 2h --until 1h and --since 1h take each event once).",
         ),
         click.option(
             "--tenant", help=f"With {flags}: only this tenant's events (the tenant as sent)."
@@ -856,6 +862,7 @@ def replay(
     cancelled: bool,
     source: str | None,
     since: str | None,
+    until: str | None,
     tenant: str | None,
     action: str | None,
     dry_run: bool,
@@ -874,7 +881,7 @@ def replay(
         raise click.UsageError("give one of --dead, --dismissed, --done and --cancelled")
     flag = chosen[0] if chosen else "--dead, --dismissed, --done or --cancelled"
     only = bool(chosen)
-    since_ts = _bulk_filters(event_ids, only, flag, source, since, tenant, with_ids=True)
+    window = _bulk_filters(event_ids, only, flag, source, since, until, tenant, with_ids=True)
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "replay")
     _unknown_source_note(cfg, source)
@@ -885,7 +892,7 @@ def replay(
     result: dict[str, Replayed] | None = _bulk(
         cfg,
         event_ids,
-        (state, source, since_ts, tenant, action),
+        (state, source, *window, tenant, action),
         ("replaying", "replayed"),
         lambda journal, batch: journal.replay(
             batch,
@@ -973,6 +980,7 @@ def cancel(
     dead: bool,
     source: str | None,
     since: str | None,
+    until: str | None,
     tenant: str | None,
     action: str | None,
     dry_run: bool,
@@ -990,7 +998,9 @@ def cancel(
     if queued and dead:
         raise click.UsageError("give --queued or --dead, not both")
     flag = "--dead" if dead else "--queued" if queued else "--queued or --dead"
-    since_ts = _bulk_filters(event_ids, queued or dead, flag, source, since, tenant, with_ids=dead)
+    window = _bulk_filters(
+        event_ids, queued or dead, flag, source, since, until, tenant, with_ids=dead
+    )
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "cancel")
     _unknown_source_note(cfg, source)
@@ -999,7 +1009,7 @@ def cancel(
         cfg,
         event_ids,
         # A running job is cancelled too, as for an id given: it ends with its attempt.
-        ("dead" if dead else "unfinished", source, since_ts, tenant, action),
+        ("dead" if dead else "unfinished", source, *window, tenant, action),
         ("dismissing", "dismissed") if dead else ("cancelling", "cancelled"),
         lambda journal, batch: journal.cancel(batch, dead_only=dead, action=action),
         f"would cancel the {'dead' if dead else 'queued and running'} jobs of {{n}} event(s)"
@@ -1189,19 +1199,32 @@ def _bulk_filters(
     flag: str,
     source: str | None,
     since: str | None,
+    until: str | None,
     tenant: str | None,
     *,
     with_ids: bool = False,
-) -> float | None:
+) -> tuple[float | None, float | None]:
     """Check a bulk verb's arguments (ids, or ``flag`` with its filters; ``with_ids``: ``flag``
-    may also narrow the ids given); ``--since`` parsed."""
+    may also narrow the ids given); ``--since`` and ``--until`` parsed, against one "now" so
+    that ``--since 2h --until 1h`` is an hour to the millisecond. A window that ends at or
+    before its start is a usage error: it would select nothing, silently."""
     if not event_ids and not bulk:
         raise click.UsageError(f"give event ids or {flag}")
     if event_ids and bulk and not with_ids:
         raise click.UsageError(f"give event ids or {flag}, not both")
-    if (source or since or tenant is not None) and (event_ids or not bulk):
-        raise click.UsageError(f"--source, --since and --tenant go with {flag} and no event ids")
-    return parse_since(since) if since else None
+    if (source or since or until or tenant is not None) and (event_ids or not bulk):
+        raise click.UsageError(
+            f"--source, --since, --until and --tenant go with {flag} and no event ids"
+        )
+    now = time.time()
+    since_ts = parse_since(since, now) if since else None
+    until_ts = parse_since(until, now, "--until") if until else None
+    if since_ts is not None and until_ts is not None and until_ts <= since_ts:
+        raise click.UsageError(
+            f"--until {until} ({_when(until_ts)}) is not later than --since {since}"
+            f" ({_when(since_ts)}): no event is received in that window"
+        )
+    return since_ts, until_ts
 
 
 @main.command()
