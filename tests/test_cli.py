@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from conftest import Running, Target, fresh_database
 from ops_support import (
     TOKEN_ENV,
@@ -981,6 +981,14 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
         for verb in ("stats", "events", "prune"):  # every verb refuses it as serve does: 3
             out = await cli(verb, "--config", str(config))
             assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
+        for args in (  # and with --json, nothing on stdout
+            ("replay", "--dead"),
+            ("cancel", "--queued"),
+            ("purge", "--tenant", "t", "--yes"),
+        ):
+            out = await cli(*args, "--json", "--config", str(config))
+            assert (out.exit_code, out.stdout) == (3, ""), out.output
+            assert "newer than this webhookd" in out.stderr
         if backend == "sqlite":  # backup and copy too, which read the file themselves
             out = await cli("backup", str(tmp_path / "copy.db"), "--config", str(config))
             assert out.exit_code == 3 and "newer than this webhookd" in out.stderr, out.output
@@ -1256,11 +1264,193 @@ async def test_replay_and_cancel_until_take_the_events_of_a_window_alone(
     assert out.stdout == "dismissed 0 dead job(s) of 0 event(s)\n"
 
 
-async def _dead_ids(config: Path) -> list[str]:
+async def _dead_ids(config: Path, *filters: str) -> list[str]:
     out = await cli(
-        "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config)
+        "events", "--state", "dead", "--limit", "1000", "--json", "--config", str(config), *filters
     )
     return [json.loads(line)["id"] for line in out.output.splitlines()]
+
+
+def _json_of(out: Result) -> dict[str, Any]:
+    """The one JSON document a verb's --json printed: stdout holds it and nothing else."""
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+async def test_replay_json_says_what_it_did_to_each_event_and_keeps_warnings_on_stderr(
+    tmp_path: Path,
+) -> None:
+    """replay --json prints one document: the ids it went over, what it did to each (the
+    admin API's requeued and run_now), their sums and how many events it changed. A dry run
+    has the ids and changes nothing; "nothing to replay" is exit 0 with no event changed; the
+    backlog warning stays on stderr; an unknown id is exit 1 with nothing on stdout."""
+    config = await bulk_journal(tmp_path)
+    text = config.read_text().replace("[server]\n", "[server]\nmax_backlog = 400\n", 1)
+    config.write_text(text)
+    where = ("--config", str(config))
+    shop = sorted(await _dead_ids(config, "--source", "shop"))
+    mail = sorted(await _dead_ids(config, "--source", "mail"))
+    zero = {"skipped": 0, "events": 0, "requeued": 0, "run_now": 0}
+
+    out = await cli("replay", "--dead", "--until", "1d", "--dry-run", "--json", *where)
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert _json_of(out) == {
+        "dry_run": True,
+        "selected": 300,
+        **zero,
+        "ids": mail,
+        "per_event": [],
+    }
+    assert sorted(await _dead_ids(config)) == sorted(shop + mail)  # a dry run changed nothing
+
+    out = await cli("replay", "--dead", "--source", "shop", "--json", *where)
+    assert out.exit_code == 0, out.output
+    assert _json_of(out) == {
+        "dry_run": False,
+        "selected": 450,
+        "skipped": 0,
+        "events": 450,
+        "requeued": 450,
+        "run_now": 0,
+        "ids": shop,
+        "per_event": [{"id": i, "requeued": 1, "run_now": 0} for i in shop],
+    }
+    assert out.stderr.startswith("webhookd: warning: the backlog is now 450 job(s)")
+
+    out = await cli("replay", "--dead", "--source", "shop", "--json", *where)
+    assert (out.exit_code, out.stderr) == (0, "")
+    assert _json_of(out) == {"dry_run": False, "selected": 0, **zero, "ids": [], "per_event": []}
+    # By id: its job is queued and due already, so nothing changed, and it is said per event.
+    out = await cli("replay", shop[0], "--json", *where)
+    assert out.exit_code == 0, out.output
+    assert _json_of(out) == {
+        "dry_run": False,
+        "selected": 1,
+        **zero,
+        "ids": [shop[0]],
+        "per_event": [{"id": shop[0], "requeued": 0, "run_now": 0}],
+    }
+    out = await cli("replay", "evt_typo", "--json", *where)
+    assert (out.exit_code, out.stdout, out.stderr) == (
+        1,
+        "",
+        "webhookd: error: no event evt_typo\n",
+    )
+
+
+async def test_replay_json_counts_an_event_pruned_since_it_was_listed_as_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event retention deleted between the listing and its batch is counted under skipped
+    and is not among the ids replayed; the line that says so stays on stderr."""
+    config = await bulk_journal(tmp_path)
+    ids = sorted(await _dead_ids(config))
+    _prune_before_the_second_batch(config, ids[220], monkeypatch)
+    out = await cli("replay", "--dead", "--json", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert out.stderr == "1 event(s) pruned since listed: skipped\n"
+    doc = _json_of(out)
+    assert (doc["selected"], doc["skipped"], doc["events"], doc["requeued"]) == (750, 1, 749, 749)
+    assert doc["ids"] == ids[:220] + ids[221:]
+    assert [row["id"] for row in doc["per_event"]] == doc["ids"]
+
+
+async def test_cancel_json_counts_each_events_cancelled_and_running_jobs(tmp_path: Path) -> None:
+    """cancel --json: each event's cancelled and running jobs (the admin API's names) and their
+    sums; a running job is counted as running (it ends with its attempt). cancel --dead
+    --dry-run --json lists the dead letters it would dismiss, and dismisses none."""
+    config, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    items = [new_event(received_at=time.time()) for _ in range(3)]
+    async with Journal(cfg.journal.path) as journal:
+        for item in items:
+            await journal.ingest(item)
+        await journal.claim([items[2].jobs[0].id], "boot")
+    await dead_letters(cfg.journal.path, "shop", 1)
+    [dead] = await _dead_ids(config)
+    where = ("--config", str(config))
+    queued, running = sorted(i.event.id for i in items[:2]), items[2].event.id
+
+    out = await cli("cancel", "--queued", "--json", *where)
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert _json_of(out) == {
+        "dry_run": False,
+        "selected": 3,
+        "skipped": 0,
+        "events": 3,
+        "cancelled": 2,
+        "running": 1,
+        "ids": sorted([*queued, running]),
+        "per_event": sorted(
+            [
+                *({"id": i, "cancelled": 1, "running": 0} for i in queued),
+                {"id": running, "cancelled": 0, "running": 1},
+            ],
+            key=lambda row: row["id"],
+        ),
+    }
+    out = await cli("cancel", "--dead", "--dry-run", "--json", *where)
+    doc = _json_of(out)
+    assert (doc["dry_run"], doc["ids"], doc["cancelled"], doc["per_event"]) == (True, [dead], 0, [])
+    assert await _dead_ids(config) == [dead]
+    out = await cli("cancel", "--dead", "--json", *where)
+    doc = _json_of(out)
+    assert (doc["dry_run"], doc["events"], doc["cancelled"], doc["running"]) == (False, 1, 1, 0)
+    assert doc["per_event"] == [{"id": dead, "cancelled": 1, "running": 0}]
+    assert await _dead_ids(config) == []
+
+
+async def test_purge_json_says_what_it_deleted_and_what_it_left_whole(tmp_path: Path) -> None:
+    """purge --json: the ids gone over, each with its jobs deleted (queued among them) or
+    left whole for a running one (purged false, and under held), and the sums; exit 1 with a
+    held event as without --json, the note of what is left elsewhere on stderr. A dry run
+    lists the ids and deletes nothing."""
+    config, cfg = write_config(tmp_path, "")
+    alice = [new_event(tenant="alice@example.com", body=b'{"n": %d}' % n) for n in range(3)]
+    async with Journal(cfg.journal.path) as journal:
+        for item in alice:
+            await journal.ingest(item)
+        await journal.claim([alice[2].jobs[0].id], "b")
+    where = ("--tenant", "alice@example.com", "--json", "--config", str(config))
+    newest_first = [item.event.id for item in reversed(alice)]
+    held = alice[2].event.id
+
+    out = await cli("purge", *where, "--dry-run")
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert _json_of(out) == {
+        "dry_run": True,
+        "selected": 3,
+        "skipped": 0,
+        "events": 0,
+        "jobs": 0,
+        "queued": 0,
+        "running": 0,
+        "held": [],
+        "ids": newest_first,
+        "per_event": [],
+    }
+    out = await cli("purge", *where, "--yes")
+    assert out.exit_code == 1, out.output
+    assert "overwritten in the journal file" in out.stderr
+    assert _json_of(out) == {
+        "dry_run": False,
+        "selected": 3,
+        "skipped": 0,
+        "events": 2,
+        "jobs": 2,
+        "queued": 2,
+        "running": 1,
+        "held": [held],
+        "ids": newest_first,
+        "per_event": [
+            {"id": held, "jobs": 0, "queued": 0, "running": 1, "purged": False},
+            *(
+                {"id": i, "jobs": 1, "queued": 1, "running": 0, "purged": True}
+                for i in newest_first[1:]
+            ),
+        ],
+    }
+    async with Journal(cfg.journal.path) as journal:
+        assert [e.id for e in await journal.list_events(limit=10)] == [held]
 
 
 def _id_received_ago(seconds: float) -> str:
@@ -1416,6 +1606,20 @@ async def test_bulk_replay_and_prune_show_a_progress_bar_on_a_terminal(tmp_path:
     assert code == 0, shown
     assert out.startswith("pruned 300 event(s) and ")
     assert "pruning" in shown and "300/300" in shown
+
+
+@pytest.mark.subprocess
+async def test_json_goes_to_stdout_alone_while_the_progress_bar_is_drawn_on_a_terminal(
+    tmp_path: Path,
+) -> None:
+    """With --json on a terminal, the bar is drawn on stderr as without it, and stdout holds
+    the document alone: a script reads it whole."""
+    config = await bulk_journal(tmp_path)
+    replay = ("replay", "--dead", "--source", "shop", "--json", "--config", str(config))
+    out, shown, code = await asyncio.to_thread(on_a_terminal, *replay)
+    assert code == 0, shown
+    assert json.loads(out)["requeued"] == 450
+    assert "replaying" in shown and "450/450" in shown and "{" not in shown
 
 
 @pytest.mark.parametrize(

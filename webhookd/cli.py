@@ -19,10 +19,10 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 from urllib.parse import quote
 
 import click
@@ -78,6 +78,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $WEBHOOKD_CONFIG, else the embedded default)."
+JSON_HELP = (
+    "Print what was done as one JSON document (notes and warnings stay on stderr; see"
+    " docs/cli.md, JSON for scripts)."
+)
 ACTION_HELP = (
     "Only the jobs of the action of this name (as show lists them): a forward made again"
     " without asking a model again or running a deploy twice."
@@ -723,7 +727,8 @@ def _bulk(
     change: Callable[[BaseJournal, list[str]], Awaitable[dict[str, T]]],
     dry_run: str | None,
     looked_up: Callable[[list[EventDetail]], None] | None = None,
-) -> dict[str, T] | None:
+    as_json: bool = False,
+) -> _Bulk[T]:
     """A replay, a cancel or a purge: over the ids given, each looked up first so that a typo
     changes nothing, or over every event ``select`` finds (a job state, a source, a receive
     window, a tenant, an action's name; or what it returns, given the journal).
@@ -732,8 +737,9 @@ def _bulk(
     and past forms, for the progress bar and the error that says how far it got. An event
     ``select`` found and retention pruned before its batch is skipped and counted (it was
     finished long enough to go); one of the ids given stops the verb there, saying how far it
-    got. With ``dry_run`` (its summary line, ``{n}`` for the count) the events are listed
-    instead, and ``None`` returned. ``looked_up`` is given the ids' events, before any change."""
+    got. With ``dry_run`` (its summary line, ``{n}`` for the count) nothing is changed, and the
+    events are listed (unless ``as_json``: the caller prints them in its document).
+    ``looked_up`` is given the ids' events, before any change."""
 
     async def go() -> tuple[list[str], dict[str, T]]:
         async with _journal(cfg) as journal:
@@ -786,11 +792,50 @@ def _bulk(
     if dry_run is None:
         if len(out) < len(ids):
             click.echo(f"{len(ids) - len(out)} event(s) pruned since listed: skipped", err=True)
-        return out
-    click.echo(dry_run.format(n=len(ids)))
-    for event_id in ids:
-        click.echo(event_id)
-    return None
+        return _Bulk(ids, out)
+    if not as_json:
+        click.echo(dry_run.format(n=len(ids)))
+        for event_id in ids:
+            click.echo(event_id)
+    return _Bulk(ids, None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bulk(Generic[T]):
+    """What ``_bulk`` went over: ``ids``, the events selected (the ids given, or what the
+    selection found), and ``done``, what the change did to each of them still there at its
+    batch (those pruned meanwhile left out), or None for a dry run, which changed nothing."""
+
+    ids: list[str]
+    done: dict[str, T] | None
+
+
+def _bulk_doc(
+    bulk: _Bulk[Any], record: type[Any], changed: Callable[[Any], bool], **extra: Any
+) -> dict[str, Any]:
+    """A bulk verb's ``--json`` document: ``per_event`` holds each event's id and ``record``
+    (a replay's or a cancel's in the names ``POST /events/<id>/replay`` or ``/cancel`` answers
+    for one), the same counts are summed beside ``events``, the events ``changed`` something
+    of, and ``extra`` is added. A dry run has the ids it would go over and nothing changed:
+    every count 0, ``per_event`` empty."""
+    done = bulk.done or {}
+    per_event = [{"id": i, **asdict(done[i])} for i in bulk.ids if i in done]
+    return {
+        "dry_run": bulk.done is None,
+        "selected": len(bulk.ids),
+        "skipped": len(bulk.ids) - len(done) if bulk.done is not None else 0,
+        "events": sum(1 for r in done.values() if changed(r)),
+        **{f.name: sum(row[f.name] for row in per_event) for f in fields(record)},
+        **extra,
+        "ids": bulk.ids if bulk.done is None else [row["id"] for row in per_event],
+        "per_event": per_event,
+    }
+
+
+def _echo_json(doc: dict[str, Any]) -> None:
+    """A verb's ``--json`` document on stdout, alone there (ids, counts, names: nothing a
+    terminal would obey, and non-ASCII escaped)."""
+    click.echo(json.dumps(doc, indent=2))
 
 
 def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -853,6 +898,7 @@ def _bulk_selection(flags: str) -> Callable[[Callable[..., None]], Callable[...,
 @_bulk_selection("--dead, --dismissed, --done or --cancelled")
 @click.option("--action", help=ACTION_HELP)
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def replay(
     event_ids: tuple[str, ...],
     config_path: str | None,
@@ -866,6 +912,7 @@ def replay(
     tenant: str | None,
     action: str | None,
     dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Re-queue events' finished jobs with fresh attempts, and run their waiting jobs now.
 
@@ -889,7 +936,7 @@ def replay(
     state: JobsIn = (
         "dismissed" if dismissed else "done" if done else "cancelled" if cancelled else "dead"
     )
-    result: dict[str, Replayed] | None = _bulk(
+    bulk: _Bulk[Replayed] = _bulk(
         cfg,
         event_ids,
         (state, source, *window, tenant, action),
@@ -904,7 +951,16 @@ def replay(
         ),
         "would replay {n} event(s)" if dry_run else None,
         None if only else partial(_done_jobs_note, action=action),
+        as_json=as_json,
     )
+    if as_json:
+        # Events another replay (or a run) took meanwhile are not counted as this one's.
+        doc = _bulk_doc(bulk, Replayed, lambda r: bool(r.requeued or r.run_now))
+        _echo_json(doc)
+        if doc["requeued"]:
+            _backlog_note(cfg)
+        return
+    result = bulk.done
     if result is None:
         return
     requeued = sum(r.requeued for r in result.values())
@@ -973,6 +1029,7 @@ def _backlog_note(cfg: config_mod.Config) -> None:
 @_bulk_selection("--queued or --dead")
 @click.option("--action", help=ACTION_HELP)
 @click.option("--dry-run", is_flag=True, help="Say what would be cancelled, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def cancel(
     event_ids: tuple[str, ...],
     config_path: str | None,
@@ -984,6 +1041,7 @@ def cancel(
     tenant: str | None,
     action: str | None,
     dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Cancel events' queued jobs: they never run, unless replayed.
 
@@ -1005,7 +1063,7 @@ def cancel(
     _refuse_copied(cfg, "cancel")
     _unknown_source_note(cfg, source)
     _unknown_action_note(cfg, source, action)
-    result: dict[str, Cancelled] | None = _bulk(
+    bulk: _Bulk[Cancelled] = _bulk(
         cfg,
         event_ids,
         # A running job is cancelled too, as for an id given: it ends with its attempt.
@@ -1015,7 +1073,12 @@ def cancel(
         f"would cancel the {'dead' if dead else 'queued and running'} jobs of {{n}} event(s)"
         if dry_run
         else None,
+        as_json=as_json,
     )
+    if as_json:
+        _echo_json(_bulk_doc(bulk, Cancelled, lambda r: bool(r.cancelled or r.running)))
+        return
+    result = bulk.done
     if result is None:
         return
     cancelled = sum(r.cancelled for r in result.values())
@@ -1049,6 +1112,7 @@ def cancel(
 @click.option("--since", help="With --tenant or --contains: only events received since.")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted, change nothing.")
 @click.option("--yes", is_flag=True, help="With --tenant or --contains: delete, not only list.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def purge(
     event_ids: tuple[str, ...],
     config_path: str | None,
@@ -1058,6 +1122,7 @@ def purge(
     since: str | None,
     dry_run: bool,
     yes: bool,
+    as_json: bool,
 ) -> None:
     """Delete events now, with their jobs, attempts and dedup keys, whatever their state: a
     customer who asks to be forgotten, a webhook that carried what must not be kept.
@@ -1098,23 +1163,32 @@ def purge(
             before = page[-1].id
         return ids
 
-    out: dict[str, Purged] | None = _bulk(
+    purged: _Bulk[Purged] = _bulk(
         cfg,
         event_ids,
         matching,
         ("purging", "purged"),
         lambda journal, batch: journal.purge(batch),
         "would purge {n} event(s)" if dry_run else None,
+        as_json=as_json,
     )
-    if out is None:
+    out = purged.done or {}
+    held = [i for i in purged.ids if i in out and out[i].running]
+    if as_json:
+        doc = _bulk_doc(purged, Purged, lambda p: not p.running, held=held)
+        for row in doc["per_event"]:
+            row["purged"] = not row["running"]
+        _echo_json(doc)
+    if purged.done is None:
         return
     deleted = {i: p for i, p in out.items() if not p.running}
-    line = f"purged {len(deleted)} event(s) with {sum(p.jobs for p in deleted.values())} job(s)"
-    if held := [i for i, p in out.items() if p.running]:
-        line += f"; {len(held)} left whole, a job of theirs running: cancel, then purge again"
-    click.echo(line)
-    for event_id in held:
-        click.echo(f"  running: {event_id}")
+    if not as_json:
+        line = f"purged {len(deleted)} event(s) with {sum(p.jobs for p in deleted.values())} job(s)"
+        if held:
+            line += f"; {len(held)} left whole, a job of theirs running: cancel, then purge again"
+        click.echo(line)
+        for event_id in held:
+            click.echo(f"  running: {event_id}")
     if deleted:
         click.echo(
             "webhookd: note: "
