@@ -339,6 +339,11 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert "shop" in pool.paused  # applied before the CLI answered
     out = await cli("pause", "shop", "--config", str(config))
     assert "already paused" in out.output
+    out = await cli("pause", "shop", "--json", "--config", str(config))
+    assert (out.exit_code, json.loads(out.stdout)) == (
+        0,
+        {"source": "shop", "paused": True, "changed": False, "applied": True, "removed": False},
+    )
     held = await accepted(running, "shop")
     other = await accepted(running, "mail")
     await event_state(running.http, running.admin_url, other, "done")
@@ -985,6 +990,8 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
             ("replay", "--dead"),
             ("cancel", "--queued"),
             ("purge", "--tenant", "t", "--yes"),
+            ("pause", "shop"),
+            ("prune",),
         ):
             out = await cli(*args, "--json", "--config", str(config))
             assert (out.exit_code, out.stdout) == (3, ""), out.output
@@ -1453,6 +1460,51 @@ async def test_purge_json_says_what_it_deleted_and_what_it_left_whole(tmp_path: 
         assert [e.id for e in await journal.list_events(limit=10)] == [held]
 
 
+async def test_pause_and_resume_json_say_the_sources_state_and_what_changed(
+    tmp_path: Path,
+) -> None:
+    """pause and resume --json: the source, whether it is paused and whether this changed it
+    (the admin API's answer), whether a running daemon applied it already (none here), and
+    whether the config has the source no more (a paused source removed can be resumed)."""
+    config, cfg = write_config(
+        tmp_path,
+        forward_source("shop", "http://127.0.0.1:9/") + forward_source("mail", "http://x/"),
+    )
+    async with Journal(cfg.journal.path):
+        pass
+    where = ("--json", "--config", str(config))
+    said = {"source": "shop", "applied": False, "removed": False}
+    for verb, changed in (("pause", True), ("pause", False), ("resume", True), ("resume", False)):
+        out = await cli(verb, "shop", *where)
+        assert (out.exit_code, out.stderr) == (0, ""), out.output
+        assert _json_of(out) == {**said, "paused": verb == "pause", "changed": changed}
+    assert (await cli("pause", "mail", *where)).exit_code == 0
+    config.write_text(config.read_text().replace("sources.mail", "sources.other"))
+    out = await cli("resume", "mail", *where)
+    assert out.exit_code == 0, out.output
+    assert _json_of(out) == {
+        "source": "mail",
+        "paused": False,
+        "changed": True,
+        "applied": False,
+        "removed": True,
+    }
+    out = await cli("resume", "mail", *where)  # not paused, and not configured: nothing to do
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert "no source 'mail'" in out.stderr
+
+
+async def test_prune_json_counts_the_events_jobs_and_dedup_keys_it_deleted(tmp_path: Path) -> None:
+    """prune --json: the expired events deleted, their jobs and the dedup keys; a second run
+    finds nothing to do, exit 0."""
+    config = await bulk_journal(tmp_path)
+    out = await cli("prune", "--json", "--config", str(config))
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert _json_of(out) == {"events": 300, "jobs": 300, "dedup_keys": 300}
+    out = await cli("prune", "--json", "--config", str(config))
+    assert (out.exit_code, _json_of(out)) == (0, {"events": 0, "jobs": 0, "dedup_keys": 0})
+
+
 def _id_received_ago(seconds: float) -> str:
     """An event id as one received ``seconds`` ago would have."""
     fresh = new_event_id()
@@ -1620,6 +1672,11 @@ async def test_json_goes_to_stdout_alone_while_the_progress_bar_is_drawn_on_a_te
     assert code == 0, shown
     assert json.loads(out)["requeued"] == 450
     assert "replaying" in shown and "450/450" in shown and "{" not in shown
+    prune = ("prune", "--json", "--config", str(config))
+    out, shown, code = await asyncio.to_thread(on_a_terminal, *prune)
+    assert code == 0, shown
+    assert json.loads(out)["events"] == 300
+    assert "pruning" in shown and "300/300" in shown and "{" not in shown
 
 
 @pytest.mark.parametrize(

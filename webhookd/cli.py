@@ -45,6 +45,7 @@ from webhookd.journal import (
     Cancelled,
     EventDetail,
     Peeked,
+    Pruned,
     Purged,
     Replayed,
     copied_marker,
@@ -1751,20 +1752,27 @@ def _pairs(counts: dict[str, int]) -> str:
 @main.command()
 @click.argument("source")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def pause(source: str, config_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def pause(source: str, config_path: str | None, as_json: bool) -> None:
     """Hold processing of SOURCE's jobs; its webhooks are still accepted and journaled."""
-    _pause_or_resume(source, config_path, pausing=True)
+    _pause_or_resume(source, config_path, pausing=True, as_json=as_json)
 
 
 @main.command()
 @click.argument("source")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def resume(source: str, config_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def resume(source: str, config_path: str | None, as_json: bool) -> None:
     """Let SOURCE's jobs run again (a running daemon notices within a second)."""
-    _pause_or_resume(source, config_path, pausing=False)
+    _pause_or_resume(source, config_path, pausing=False, as_json=as_json)
 
 
-def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> None:
+def _pause_or_resume(
+    source: str, config_path: str | None, *, pausing: bool, as_json: bool = False
+) -> None:
+    """``pause`` or ``resume``; with ``as_json``, what ``POST /sources/<name>/pause`` answers
+    (``source``, ``paused``, ``changed``), and whether the running daemon has ``applied`` it
+    already and the config has the source no more (``removed``)."""
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "pause" if pausing else "resume")
     # A source the config no longer has can still be resumed while it is paused: its jobs would
@@ -1791,7 +1799,17 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
         _fail(cfg.no_source(source), 2)
     if why_not is not None:
         click.echo(f"webhookd: note: the daemon was not asked to apply it now: {why_not}", err=True)
-    if pausing:
+    if as_json:
+        _echo_json(
+            {
+                "source": source,
+                "paused": pausing,
+                "changed": changed,
+                "applied": applied,
+                "removed": removed,
+            }
+        )
+    elif pausing:
         when = "from now" if applied else "within a second, if one runs"
         click.echo(
             f"paused {source}: the daemon starts none of its jobs {when} (running ones finish"
@@ -1810,32 +1828,41 @@ def _pause_or_resume(source: str, config_path: str | None, *, pausing: bool) -> 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def prune(config_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def prune(config_path: str | None, as_json: bool) -> None:
     """Delete expired done/dead events and dedup keys now (the daemon also does it every
     journal.prune_interval_s, 60 s by default)."""
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "prune")
+    jobs_n = 0  # the pruned events' jobs, which --json says too
 
     async def go() -> tuple[int, int]:
+        def counted(pruned: Pruned) -> None:
+            nonlocal jobs_n
+            jobs_n += pruned.jobs
+
         async with _journal(cfg) as journal:
             rest = _resting(journal)
             if not _on_terminal():
-                return await prune_expired(journal, cfg.journal, rest=rest)
+                return await prune_expired(journal, cfg.journal, on_batch=counted, rest=rest)
             windows = windows_s(cfg.journal)
             # Counted only for the bar: a log gets the summary line and no extra scan.
             expired = await journal.expired_events(
                 keep_done_s=windows["keep_done_s"], keep_dead_s=windows["keep_dead_s"]
             )
             with _progress(expired, "pruning") as bar:
-                # Events that expire while it runs are pruned too: the bar stops at its end.
-                return await prune_expired(
-                    journal,
-                    cfg.journal,
-                    on_batch=lambda p: bar.update(min(p.events, expired - bar.pos)),
-                    rest=rest,
-                )
+
+                def step(pruned: Pruned) -> None:
+                    counted(pruned)
+                    # Events that expire while it runs are pruned too: the bar stops at its end.
+                    bar.update(min(pruned.events, expired - bar.pos))
+
+                return await prune_expired(journal, cfg.journal, on_batch=step, rest=rest)
 
     events_n, dedup_n = _run(go)
+    if as_json:
+        _echo_json({"events": events_n, "jobs": jobs_n, "dedup_keys": dedup_n})
+        return
     click.echo(f"pruned {events_n} event(s) and {dedup_n} dedup key(s)")
 
 
