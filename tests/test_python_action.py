@@ -15,7 +15,8 @@ from typing import Any
 import actionkit
 import pytest
 from actionkit import action_kit
-from conftest import new_event
+from conftest import make_config, new_event
+from procs import poll
 
 import webhookd
 from webhookd import actions
@@ -108,6 +109,11 @@ ENTERED, LET_GO = threading.Event(), threading.Event()
 CALLED: list[str] = []
 
 
+def job_of(event: webhookd.Event) -> Job:
+    """A job of ``event`` for the held action, as the pool hands one to ``run``."""
+    return Job(f"job_{event.id[4:]}", event.id, "python", "python", JobState.RUNNING, 1, 3, 0.0)
+
+
 def held_until_let_go(event: webhookd.Event) -> str:
     CALLED.append(event.id)
     ENTERED.set()
@@ -115,10 +121,12 @@ def held_until_let_go(event: webhookd.Event) -> str:
     return event.id
 
 
-def held_action(extra: str = "", concurrency: int = 1) -> PythonAction:
+def held_action(
+    extra: str = "", concurrency: int = 1, handler: str = "held_until_let_go"
+) -> PythonAction:
     """A python action of ``concurrency`` threads whose handler is held until let go."""
     config = f'[sources.s]\n[[sources.s.actions]]\ntype = "python"\nconcurrency = {concurrency}\n'
-    config += 'handler = "test_python_action:held_until_let_go"\n' + extra
+    config += f'handler = "test_python_action:{handler}"\n' + extra
     (action_config,) = loads(config).sources["s"].actions
     ENTERED.clear()
     LET_GO.clear()
@@ -134,15 +142,15 @@ async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_run
     events = [new_event("s", 0.0) for _ in range(3)]
     loop = asyncio.get_running_loop()
     try:
-        first = asyncio.create_task(action.run(events[0], None))  # type: ignore[arg-type]
+        first = asyncio.create_task(action.run(events[0], job_of(events[0])))
         assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
         with pytest.raises(TimeoutError):  # cut off once its call is queued behind the first
             async with asyncio.timeout(0):
-                await action.run(events[1], None)  # type: ignore[arg-type]
+                await action.run(events[1], job_of(events[1]))
     finally:
         LET_GO.set()
     assert (await first).result == events[0].id
-    assert (await action.run(events[2], None)).result == events[2].id  # type: ignore[arg-type]
+    assert (await action.run(events[2], job_of(events[2]))).result == events[2].id
     await action.aclose()
     assert [events[0].id, events[2].id] == CALLED
 
@@ -150,7 +158,7 @@ async def test_a_call_whose_attempt_ended_while_it_waited_for_a_thread_never_run
 async def _overrun(action: Any, event: webhookd.Event) -> None:
     """Run ``event`` on ``action`` until its handler is entered, then cut its attempt off as
     its timeout does: the handler's thread runs on, abandoned."""
-    overrun = asyncio.create_task(action.run(event, None))
+    overrun = asyncio.create_task(action.run(event, job_of(event)))
     assert await asyncio.get_running_loop().run_in_executor(None, ENTERED.wait, 30.0)
     overrun.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -166,7 +174,7 @@ async def test_a_call_behind_an_overrun_handler_waits_without_an_attempt() -> No
     events = [new_event("s", 0.0) for _ in range(2)]
     try:
         await _overrun(action, events[0])
-        outcome = await action.run(events[1], None)  # type: ignore[arg-type]
+        outcome = await action.run(events[1], job_of(events[1]))
     finally:
         LET_GO.set()
     assert (outcome.kind, outcome.error) == (
@@ -188,9 +196,9 @@ async def test_the_wait_behind_an_overrun_handler_counts_the_threads_it_holds() 
     try:
         await _overrun(action, events[0])
         ENTERED.clear()
-        running = asyncio.create_task(action.run(events[1], None))  # type: ignore[arg-type]
+        running = asyncio.create_task(action.run(events[1], job_of(events[1])))
         assert await loop.run_in_executor(None, ENTERED.wait, 30.0)
-        outcome = await action.run(events[2], None)  # type: ignore[arg-type]
+        outcome = await action.run(events[2], job_of(events[2]))
     finally:
         LET_GO.set()
     assert (outcome.kind, outcome.error) == (
@@ -515,3 +523,131 @@ def test_a_handler_other_users_may_change_is_a_config_error(
     on_path = open_to_all in ("directory", "parent not sticky", "sticky parent, another owner")
     assert err.value.key == f"sources.s.actions[0].{'path' if on_path else 'handler'}"
     assert not ran.exists()
+
+
+RETURNED = threading.Event()
+
+
+async def test_a_retry_waits_for_its_call_that_ran_on_and_takes_what_it_returned() -> None:
+    """A sync handler past timeout_s runs on in its thread. Its job's retry called the handler
+    again beside it: the work done twice. It now waits, no attempt used, and once the call has
+    returned takes what it returned as its result: the handler is called once."""
+    action = held_action("timeout_s = 5\n", concurrency=2)
+    RETURNED.clear()
+    action._threads._overran = lambda _event, _ran_s: RETURNED.set()  # after the call's end
+    event = new_event("s", 0.0)
+    try:
+        await _overrun(action, event)
+        waiting = await action.run(event, job_of(event))
+    finally:
+        LET_GO.set()
+    assert (waiting.kind, waiting.after_s) == ("wait", 5)
+    assert waiting.error == (
+        "its previous call, cut off at timeout_s (5s), still runs in its thread: this attempt"
+        " takes what it returns"
+    )
+    assert await asyncio.get_running_loop().run_in_executor(None, RETURNED.wait, 30.0)
+    done = await action.run(event, job_of(event))
+    assert (done.kind, done.result, done.detail) == ("done", event.id, {"ran_on": True})
+    assert [event.id] == CALLED
+    again = await action.run(event, job_of(event))  # taken once: a replay calls the handler
+    assert (again.kind, again.result) == ("done", event.id)
+    await action.aclose()
+    assert [event.id, event.id] == CALLED
+
+
+def raises_once_let_go(event: webhookd.Event) -> str:
+    CALLED.append(event.id)
+    if len(CALLED) == 1:
+        ENTERED.set()
+        LET_GO.wait(30.0)
+        raise RuntimeError("the ledger refused it")
+    return event.id
+
+
+async def test_a_call_that_ran_on_and_raised_is_called_again_by_the_retry() -> None:
+    """What a call cut off at timeout_s raised was its attempt's failure, recorded at the cut:
+    the retry calls the handler again."""
+    action = held_action(handler="raises_once_let_go")
+    RETURNED.clear()
+    action._threads._overran = lambda _event, _ran_s: RETURNED.set()
+    event = new_event("s", 0.0)
+    try:
+        await _overrun(action, event)
+    finally:
+        LET_GO.set()
+    assert await asyncio.get_running_loop().run_in_executor(None, RETURNED.wait, 30.0)
+    done = await action.run(event, job_of(event))
+    assert (done.kind, done.result, done.detail) == ("done", event.id, {})
+    await action.aclose()
+    assert [event.id, event.id] == CALLED
+
+
+ORDER_SEEN: list[tuple[int, str]] = []
+FIRST_IN, FIRST_LET_GO = threading.Event(), threading.Event()
+
+
+def ordered_ledger(event: webhookd.Event) -> int:
+    """The first call of webhook 0 runs on past timeout_s until let go; every call says when it
+    starts and ends."""
+    n = int(event.json()["n"])
+    ORDER_SEEN.append((n, "start"))
+    if n == 0 and not FIRST_IN.is_set():
+        FIRST_IN.set()
+        FIRST_LET_GO.wait(30.0)
+    ORDER_SEEN.append((n, "end"))
+    return n
+
+
+async def test_an_ordered_key_waits_for_a_call_that_ran_past_timeout_s(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """ordered_by with a sync handler: webhook 0's call runs past timeout_s. Its retry ran the
+    handler again, ended first and released the key, so webhook 1 was handled while webhook 0's
+    first call still ran (a trial saw 20 of a day's handled out of order). Now the retry waits
+    for that call and takes its answer, and webhook 1 starts after it ended."""
+    ORDER_SEEN.clear()
+    FIRST_IN.clear()
+    FIRST_LET_GO.clear()
+    cfg = make_config(
+        tmp_path,
+        """
+[sources.s]
+[[sources.s.actions]]
+type = "python"
+handler = "test_python_action:ordered_ledger"
+ordered_by = "json:k"
+timeout_s = 0.2
+retry = { max_attempts = 3, base_s = 0.05, factor = 1, cap_s = 0.05 }
+""",
+        workers="concurrency = 4",
+    )
+    running = await run_daemon(cfg)
+    loop = asyncio.get_running_loop()
+    ids = []
+    try:
+        for n in range(2):
+            status, doc = await running.post("/hooks/s", json.dumps({"k": "cus_1", "n": n}))
+            assert status == 202, doc
+            ids.append(doc["id"])
+        assert await loop.run_in_executor(None, FIRST_IN.wait, 30.0)
+
+        async def retry_waits() -> bool:  # a wait is not an attempt: its reason is the job's
+            async with running.http.get(f"{running.admin_url}/events/{ids[0]}") as r:
+                job = (await r.json())["jobs"][0]
+            return str(job["last_error"]).startswith("its previous call, cut off at timeout_s")
+
+        await poll(retry_waits, timeout_s=20)
+        assert (1, "start") not in ORDER_SEEN
+    finally:
+        FIRST_LET_GO.set()
+
+    async def all_done() -> bool:
+        async with running.http.get(f"{running.admin_url}/events/{ids[1]}") as r:
+            return bool((await r.json())["state"] == "done")
+
+    await poll(all_done, timeout_s=20)
+    assert ORDER_SEEN == [(0, "start"), (0, "end"), (1, "start"), (1, "end")]
+    async with running.http.get(f"{running.admin_url}/events/{ids[0]}") as r:
+        job = (await r.json())["jobs"][0]
+    assert (job["state"], job["result"]) == ("done", 0)

@@ -14,15 +14,31 @@ from collections.abc import Callable
 from typing import Any
 
 
-class _Call:
+class ThreadCall:
     """One call handed to the threads, and where it is (under ``CallThreads._cond``)."""
 
-    __slots__ = ("abandoned", "arg", "context", "fn", "future", "loop", "running")
+    __slots__ = (
+        "abandoned",
+        "arg",
+        "context",
+        "ended",
+        "error",
+        "fn",
+        "future",
+        "loop",
+        "result",
+        "running",
+    )
 
     def __init__(self, loop: Any, future: Any, context: Any, fn: Any, arg: Any) -> None:
         self.loop, self.future, self.context, self.fn, self.arg = loop, future, context, fn, arg
         self.running = False  # a thread has taken it
         self.abandoned = False  # and its attempt ended (timed out, drained) before it returned
+        # Once it has returned (set by its thread): what it returned or raised. An abandoned
+        # call's answer has no future to go to; its caller may still want it.
+        self.ended = False
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class CallThreads:
@@ -51,7 +67,7 @@ class CallThreads:
         self._name = name
         self._overran = overran
         self._cond = threading.Condition()
-        self._work: deque[_Call] = deque()
+        self._work: deque[ThreadCall] = deque()
         self._threads = 0
         self._idle = 0
         self._woken = 0  # idle threads told to wake that have not taken work yet
@@ -67,12 +83,12 @@ class CallThreads:
                 return self.abandoned, self._max
             return None
 
-    def call(self, fn: Callable[[Any], Any], arg: Any) -> _Call:
+    def call(self, fn: Callable[[Any], Any], arg: Any) -> ThreadCall:
         """Hand ``fn(arg)`` to a thread; its answer is set on the call's ``future``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         context = contextvars.copy_context()  # as asyncio.to_thread passes it on
-        item = _Call(loop, future, context, fn, arg)
+        item = ThreadCall(loop, future, context, fn, arg)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the threads are closed")
@@ -87,7 +103,7 @@ class CallThreads:
         future.add_done_callback(functools.partial(self._ended, item))
         return item
 
-    def _ended(self, item: _Call, future: asyncio.Future[Any]) -> None:
+    def _ended(self, item: ThreadCall, future: asyncio.Future[Any]) -> None:
         """On the loop: the call's attempt no longer waits for it (answered, or cut off)."""
         with self._cond:
             self._live -= 1
@@ -119,8 +135,9 @@ class CallThreads:
                     continue
                 item.running = True
             started = time.monotonic()
+            arg = item.arg
             try:
-                result, error = item.context.run(item.fn, item.arg), None
+                result, error = item.context.run(item.fn, arg), None
             except BaseException as exc:  # the awaiting side decides what it means
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
@@ -130,9 +147,11 @@ class CallThreads:
                 abandoned = item.abandoned
                 if abandoned:
                     self.abandoned -= 1
+                item.result, item.error, item.ended = result, error, True
+                item.arg = item.context = None  # an event's body is not kept with its answer
             if abandoned:
-                self._overran(item.arg, time.monotonic() - started)
-            del item, result, error  # not kept alive while this thread waits
+                self._overran(arg, time.monotonic() - started)
+            del item, arg, result, error  # not kept alive while this thread waits
 
 
 def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

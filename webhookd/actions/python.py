@@ -10,7 +10,8 @@ An ``async def`` handler is awaited; a plain function runs in a thread so it can
 daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
 abandoned, not killed, and keeps running in the background, holding its thread; while such
 calls hold every thread the action may use, its jobs wait, no attempt used, rather than time
-out before they run). The threads are the action's own,
+out before they run, and the job's own retry waits for the call and takes what it returned).
+The threads are the action's own,
 started as needed up to the workers' concurrency and kept: handing a call to one that waits
 costs a fraction of ``asyncio.to_thread``, which matters when the handler itself is quick.
 
@@ -45,15 +46,19 @@ from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, keep_no
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
-from webhookd.threads import CallThreads
+from webhookd.threads import CallThreads, ThreadCall
 
 log = logging.getLogger("webhookd.actions.python")
 
 DEFAULTS = ActionDefaults(timeout_s=300.0)  # a handler may do real work: a report, a sync
 _OPTIONS = ("handler", "path")
 _TRACEBACK_CHARS = 2000
-# How long a job waits (no attempt used) when every handler thread runs an abandoned call.
+# How long a job waits (no attempt used) when every handler thread runs an abandoned call,
+# or its own call cut off at timeout_s still runs.
 _HELD_BACK_WAIT_S = 30.0
+# Calls cut off at timeout_s that have since returned, kept for their job's next attempt: the
+# oldest are let go past this many (those still running are bounded by the threads).
+_RAN_ON_KEPT = 64
 
 Handler = Callable[[Event], Any]
 
@@ -237,8 +242,13 @@ class PythonAction:
         self._threads = CallThreads(
             config.concurrency or max_threads, f"webhookd-python-{config.name}", self._overran
         )
+        # A sync call cut off at timeout_s runs on in its thread: by job id, until that job's
+        # next attempt here takes what it returned (``_ran_on_outcome``).
+        self._ran_on: dict[str, ThreadCall] = {}
 
     async def run(self, event: Event, job: Job) -> Outcome:
+        if not self.is_async and (late := self._ran_on_outcome(job)) is not None:
+            return late
         try:
             if self.is_async:
                 value = await self.handler(event)
@@ -262,6 +272,8 @@ class PythonAction:
                 except asyncio.CancelledError as exc:
                     if call.running:  # the worker's timeout error says so (docs/actions.md#python)
                         keep_note(exc, _RUNS_ON)
+                    if call.running or call.ended:
+                        self._keep_ran_on(job.id, call)
                     raise
             if inspect.isawaitable(value):  # a sync callable that hands back a coroutine
                 value = await value
@@ -282,6 +294,40 @@ class PythonAction:
                 traceback=tb,
             )
         return Outcome.done(_json_safe(value))
+
+    def _ran_on_outcome(self, job: Job) -> Outcome | None:
+        """For a job whose last call here was cut off at timeout_s and ran on: wait (no
+        attempt used) while it still runs, and once it has returned, what it returned is this
+        attempt's result, the handler not called again. ``None`` (call the handler) when there
+        is no such call, or it raised.
+
+        A retry beside the call it retries did the work twice, and ended before it: the key's
+        next ``ordered_by`` jobs then ran while it still did (a trial saw 20 handled out of
+        order, 54 handled two or three times)."""
+        call = self._ran_on.get(job.id)
+        if call is None:
+            return None
+        if not call.ended:
+            return Outcome.wait(
+                f"its previous call, cut off at timeout_s ({self.config.timeout_s:g}s), still"
+                " runs in its thread: this attempt takes what it returns",
+                min(self.config.timeout_s, _HELD_BACK_WAIT_S),
+            )
+        del self._ran_on[job.id]
+        value, call.result = call.result, None
+        if call.error is not None:
+            return None  # its failure is the attempt recorded at the cut: a retry calls again
+        if inspect.iscoroutine(value):
+            value.close()  # a sync callable that handed back a coroutine: nothing awaited it
+            return None
+        return Outcome.done(_json_safe(value), ran_on=True)
+
+    def _keep_ran_on(self, job_id: str, call: ThreadCall) -> None:
+        self._ran_on[job_id] = call
+        over = len(self._ran_on) - _RAN_ON_KEPT
+        if over > 0:
+            for gone in [j for j, c in self._ran_on.items() if c.ended][:over]:
+                del self._ran_on[gone]
 
     def _overran(self, event: Event, ran_s: float) -> None:
         """From its thread: a call whose attempt was cut off while it ran has returned."""
