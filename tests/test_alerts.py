@@ -154,6 +154,41 @@ async def test_dead_jobs_held_back_by_the_interval_are_journaled_at_shutdown(
     assert await rig.alerter.flush() == []
 
 
+async def test_a_start_after_a_kill_tells_the_dead_jobs_the_last_run_did_not(
+    make_rig: MakeRig,
+) -> None:
+    """Four jobs went dead within min_interval_s of the first dead alert, and the process was
+    killed (no drain, no flush): they went untold for good, and the next start's first alert
+    of each kind ignored the interval. A start now tells them, when the interval counted from
+    the last run's alert is up."""
+    rig = await make_rig("min_interval_s = 300")
+    rig.target.default_status = 400
+    await rig.ingest()
+    await rig.pool.run_until_idle()
+    [first] = await rig.alerter.tick()
+    rig.clock.advance(1.0)
+    untold = [await rig.ingest() for _ in range(4)]
+    await rig.pool.run_until_idle()
+    assert await rig.alerter.tick() == []  # held back by the interval, then the kill
+    rig.clock.advance(99.0)
+
+    started_at = rig.clock.time()
+    again = Alerter(rig.cfg.alerts, rig.journal, clock=rig.clock)
+    await again.restore(started_at)
+    assert await again.tick() == []  # the interval runs from the last run's alert
+    assert again.next_due_s() == pytest.approx(200.0)
+    rig.clock.advance(200.0)
+    [told] = await again.tick()
+    doc = await rig.alert_doc(told)
+    assert (doc["kind"], doc["count"], sorted(doc["events"])) == ("dead", 4, sorted(untold))
+    assert doc["text"].startswith("webhookd: 4 job(s) went dead (shop: 4)")
+    assert first not in doc["events"]
+
+    later = Alerter(rig.cfg.alerts, rig.journal, clock=rig.clock)
+    await later.restore(rig.clock.time())  # everything told: nothing to tell again
+    assert later.next_due_s() is None
+
+
 async def test_an_alert_lists_at_most_twenty_events_and_says_how_many_more(
     make_rig: MakeRig,
 ) -> None:

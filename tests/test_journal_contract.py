@@ -1991,3 +1991,28 @@ async def test_only_a_journal_nodes_share_keeps_lane_buckets_and_grants_each_onc
         second = await other.reserve_lane(spec, need=(1, 0), want=(10, 0))
     assert (first.requests, second.requests) == (3, 0)
     assert second.retry_s == pytest.approx(1.0)
+
+
+async def test_dead_between_counts_the_jobs_that_went_dead_in_a_window(
+    journal: BaseJournal,
+) -> None:
+    """What a start tells of dead jobs the last run left untold: those gone dead after one time
+    and before another, by source, the latest few in the order they died, not the alerts'."""
+    died = []
+    for n, source in enumerate(("shop", "shop", "git", "webhookd", "shop")):
+        item = new_event(source=source)
+        await journal.ingest(item)
+        [job] = item.jobs
+        await journal.claim([job.id], "b")
+        await journal.finish(
+            [finished(job.id, JobState.DEAD, "dead", now=START + 10 * n, error=f"no {n}")]
+        )
+        died.append((item.event.id, source, job.action, f"no {n}"))
+    window = await journal.dead_between(START + 5, START + 45, 2, "webhookd")
+    assert window.by_source == {"shop": 2, "git": 1}
+    assert window.latest == [died[2], died[4]]
+    assert (await journal.dead_between(START + 35, START + 45, 5, "webhookd")).by_source == {
+        "shop": 1
+    }
+    nothing = await journal.dead_between(START + 40, START + 40, 5, "webhookd")
+    assert (nothing.by_source, nothing.latest) == ({}, [])

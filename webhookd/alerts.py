@@ -110,6 +110,48 @@ class Alerter:
         self._backlog_cleared = False
         self._not_journaled = False  # the last alert could not be journaled
 
+    async def restore(self, started_at: float) -> None:
+        """Take up where the alerts of an earlier run on this journal left off: each kind's
+        last alert, which ``min_interval_s`` counts from (a restart sent the same backlog
+        alert twice in two seconds), and, on a journal one process holds, the dead jobs since
+        the last dead alert that no alert told (a ``kill -9`` lost them with the process: a
+        trial's 163 dead letters went untold). ``started_at``: this start's wall clock, before
+        its recovery sent any poison pill to dead (those are told as they are counted). A
+        cluster's nodes each tell the dead jobs they saw: there, only the intervals."""
+        config = self.config
+        if config is None:
+            return
+        wall, now = self.clock.time(), self.clock.monotonic()
+        last: dict[Kind, float] = {}
+        for kind in ("dead", "backlog", "failing", "recovered"):
+            # Alerts are journaled as json.dumps makes them: '"kind": "dead"' is in the body.
+            found = await self.journal.list_events(
+                source=ALERT_SOURCE, limit=1, contains=f'"kind": "{kind}"'.encode()
+            )
+            if found:
+                last[kind] = found[0].received_at
+                self._last_sent[kind] = now - max(wall - found[0].received_at, 0.0)
+        told_at = last.get("dead")
+        if not config.on_dead or self.journal.shares_lanes or told_at is None:
+            return
+        dead = await self.journal.dead_between(told_at, started_at, EVENTS_CAP, ALERT_SOURCE)
+        untold = sum(dead.by_source.values())
+        if not untold:
+            return
+        restored = _DeadSince(untold, by_source=Counter(dead.by_source))
+        for event_id, source, action, error in dead.latest:
+            if event_id not in restored.events:
+                restored.events.append(event_id)
+            restored.last_error = f"{source}/{action}: {error or ''}"
+        restored.more = untold - len(dead.latest)
+        self._dead = _merge(restored, self._dead)
+        log.info(
+            "alerts: %d job(s) went dead after the last dead alert, and the process that saw"
+            " them stopped before telling: told by the next dead alert",
+            untold,
+        )
+        self._wake.set()
+
     def reconfigure(
         self, config: AlertsConfig | None, counted_as: Callable[[str], str] | None = None
     ) -> None:

@@ -266,6 +266,10 @@ class Daemon:
             # Made without [alerts] too, watching nothing, so that a reload can add them.
             alerter = Alerter(cfg.alerts, journal, clock=self.clock, counted_as=cfg.counted_as)
             pool.on_finish.append(alerter.observe)
+            try:
+                await alerter.restore(started_at)
+            except JournalError as exc:  # a database slow to answer: alerts start afresh
+                log.warning("alerts: the earlier run's alerts could not be read: %s", exc)
 
             metrics = Metrics(journal, pool, lanes=lambda: resources.lanes)
             metrics.attach(self.intake, pool.on_finish)

@@ -39,6 +39,7 @@ from webhookd.journal.records import (
     Claimed,
     Counts,
     DeadCause,
+    DeadJobs,
     EventDetail,
     EventSummary,
     Finished,
@@ -478,6 +479,13 @@ class BaseJournal(ABC):
     async def oldest_queued_event_ids(self, limit: int, exclude_source: str) -> list[str]:
         """The events of the oldest queued jobs (any source but ``exclude_source``), oldest
         first, at most ``limit``: what a backlog alert names."""
+
+    @abstractmethod
+    async def dead_between(
+        self, after: float, before: float, limit: int, exclude_source: str
+    ) -> DeadJobs:
+        """The jobs (of any source but ``exclude_source``) that went dead after ``after`` and
+        before ``before``: by source, and the latest ``limit`` of them."""
 
     @abstractmethod
     async def expired_events(self, *, keep_done_s: float, keep_dead_s: float) -> int:

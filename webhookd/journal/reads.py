@@ -25,6 +25,7 @@ from webhookd.journal.records import (
     Activity,
     Counts,
     DeadCause,
+    DeadJobs,
     EventDetail,
     EventSummary,
     JobsIn,
@@ -219,6 +220,28 @@ class Reads:
             (self.clock.time(), exclude_source, limit * 4),  # an event may hold several jobs
         )
         return list(dict.fromkeys(r[0] for r in rows))[:limit]
+
+    async def dead_between(
+        self, after: float, before: float, limit: int, exclude_source: str
+    ) -> DeadJobs:
+        window = (after, before, exclude_source)
+        # Through jobs_finished, which holds the dead jobs by finished_at.
+        counted = await fetch(
+            self.reader,
+            "SELECT source, COUNT(*) FROM jobs WHERE state = 'dead' AND finished_at > ?"
+            " AND finished_at < ? AND source != ? GROUP BY source",
+            window,
+        )
+        rows = await fetch(
+            self.reader,
+            "SELECT event_id, source, action, last_error FROM jobs WHERE state = 'dead'"
+            " AND finished_at > ? AND finished_at < ? AND source != ?"
+            " ORDER BY finished_at DESC, seq DESC LIMIT ?",
+            (*window, limit),
+        )
+        return DeadJobs(
+            {r[0]: int(r[1]) for r in counted}, [(r[0], r[1], r[2], r[3]) for r in reversed(rows)]
+        )
 
     async def event_ids_with_jobs(
         self,

@@ -283,6 +283,16 @@ class DeadCause:
     last_at: float  # when the latest of them went dead
 
 
+@dataclass(frozen=True, slots=True)
+class DeadJobs:
+    """Jobs that went dead within a time window: how many of each source, and the latest of
+    them (``latest``: event id, source, action, last error; newest last): what a dead-job
+    alert tells."""
+
+    by_source: dict[str, int]
+    latest: list[tuple[str, str, str, str | None]]
+
+
 # How much of a dead job's last error tells its cause: a target's URL and status, an
 # exception's type and the start of its message, past which errors of one cause still differ
 # (an order id, a response body).

@@ -15,6 +15,7 @@ from webhookd.journal.records import (
     Activity,
     Counts,
     DeadCause,
+    DeadJobs,
     EventDetail,
     EventSummary,
     JobsIn,
@@ -371,6 +372,29 @@ class PgReads:
             self.clock.time(),
         )
         return list(dict.fromkeys(r[0] for r in rows))[:limit]
+
+    async def dead_between(
+        self, after: float, before: float, limit: int, exclude_source: str
+    ) -> DeadJobs:
+        window = " AND finished_at > $1::double precision AND finished_at < $2::double precision"
+        counted = await self.fetch(
+            f"SELECT source, COUNT(*) FROM jobs WHERE state = 'dead'{window} AND source <> $3"
+            " GROUP BY source",
+            after,
+            before,
+            exclude_source,
+        )
+        rows = await self.fetch(
+            f"SELECT event_id, source, action, last_error FROM jobs WHERE state = 'dead'{window}"
+            " AND source <> $3 ORDER BY finished_at DESC, seq DESC LIMIT $4",
+            after,
+            before,
+            exclude_source,
+            limit,
+        )
+        return DeadJobs(
+            {r[0]: int(r[1]) for r in counted}, [(r[0], r[1], r[2], r[3]) for r in reversed(rows)]
+        )
 
     async def expired_events(self, *, keep_done_s: float, keep_dead_s: float) -> int:
         """How many events ``prune`` with these windows would delete now (for a progress bar)."""
