@@ -138,29 +138,40 @@ def test_retry_and_reject_take_their_reason_as_text_and_after_s_as_a_number() ->
             webhookd.Retry("later", after_s=wrong)  # type: ignore[arg-type]
 
 
-class RaisesUndecodable:
-    """A handler's error with a byte kept by surrogateescape: no journal stores it as is."""
+class RaisesUnstorable:
+    """A handler's error with a byte kept by surrogateescape (no journal stores it as is) or a
+    NUL (PostgreSQL's text holds none)."""
 
-    def __init__(self, action: Action) -> None:
+    def __init__(self, action: Action, text: str) -> None:
         self.config = action.config
+        self.text = text
 
     async def run(self, event: Event, job: Job) -> Outcome:
-        raise ValueError(b"bad \xff byte".decode("utf-8", "surrogateescape"))
+        raise ValueError(self.text)
 
     async def aclose(self) -> None:
         return None
 
 
-async def test_an_error_text_no_journal_can_store_is_recorded_escaped(make_rig: MakeRig) -> None:
+@pytest.mark.parametrize(
+    ("text", "recorded"),
+    [
+        (b"bad \xff byte".decode("utf-8", "surrogateescape"), "bad \\udcff byte"),
+        ("bad \x00 byte", "bad \\x00 byte"),
+    ],
+)
+async def test_an_error_text_no_journal_can_store_is_recorded_escaped(
+    make_rig: MakeRig, text: str, recorded: str
+) -> None:
     """Its outcome used to be retried as a journal outage for ever, the job left running."""
     rig = await make_rig('[sources.h]\n[[sources.h.actions]]\ntype = "log"\n')
-    rig.actions[("h", "log")] = RaisesUndecodable(rig.actions[("h", "log")])
+    rig.actions[("h", "log")] = RaisesUnstorable(rig.actions[("h", "log")], text)
     event_id = await rig.ingest("h")
     async with asyncio.timeout(10):
         await rig.pool.run_until_idle()
     job = await rig.job(event_id)
     assert (job.state, job.attempts) == (JobState.QUEUED, 1)
-    assert job.last_error == "ValueError: bad \\udcff byte"
+    assert job.last_error == f"ValueError: {recorded}"
 
 
 @pytest.mark.parametrize(("jobs", "done_at"), [("all", logging.INFO), ("failures", logging.DEBUG)])

@@ -170,7 +170,11 @@ class Priority(enum.IntEnum):
 def storable_text(text: str) -> str:
     """``text`` as a journal or a log stream can hold it: a lone surrogate (an undecodable byte
     kept by ``surrogateescape``, in a handler's exception or a failed value) written as its
-    escape. SQLite and PostgreSQL refuse one, and no log stream can encode it."""
+    escape, and so is a NUL. SQLite and PostgreSQL refuse a surrogate, no log stream can encode
+    one, and PostgreSQL's text holds no NUL (a handler's error with one failed its outcome's
+    write at every try, the job running for good)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

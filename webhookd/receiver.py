@@ -242,13 +242,17 @@ MOST_KEY_CHARS = 256
 
 def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:
     """``value`` as the journal can store and index it: a lone surrogate (``"\\udcff"`` in
-    JSON, a raw non-UTF-8 byte in a header) cannot be encoded and is refused with a 400 naming
-    the field; one over ``MOST_KEY_CHARS`` is kept as its digest."""
-    if value is not None and not value.isascii():
+    JSON, a raw non-UTF-8 byte in a header) cannot be encoded, and a NUL (``"\\u0000"``,
+    ``%00`` in a query) is no PostgreSQL text: either is refused with a 400 naming the field
+    (on PostgreSQL a NUL failed the whole group commit, 503 for every webhook in it). One over
+    ``MOST_KEY_CHARS`` is kept as its digest."""
+    if value is not None and (not value.isascii() or "\x00" in value):
+        field = f"{role} ({spec.spec})" if spec is not None else role
+        if "\x00" in value:
+            raise _Refused(400, f"{field} holds a NUL character")
         try:
             value.encode()
         except UnicodeEncodeError:
-            field = f"{role} ({spec.spec})" if spec is not None else role
             raise _Refused(400, f"{field} is not valid UTF-8 text") from None
     if value is not None and len(value) > MOST_KEY_CHARS:
         return kept_digest(value)
@@ -726,7 +730,9 @@ class Receiver:
             tenant = _storable(_kept(src.tenant, sent_tenant, masked), "tenant", src.tenant) or ""
         # Read once; stored as sent, like the headers (shown masked where it names a credential).
         query = request.query_string
-        if query and not query.isascii():  # only aiohttp's pure-Python parser lets one through
+        # Kept as sent (%00 stays three characters); only aiohttp's pure-Python parser lets a
+        # non-ASCII or NUL byte through.
+        if query and (not query.isascii() or "\x00" in query):
             _storable(query, "the query")
         if key is None:
             # A body's hash is its tenant's: two tenants posting one body are two deliveries.
