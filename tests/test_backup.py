@@ -406,6 +406,27 @@ async def test_a_journal_moved_aside_is_restored_with_the_commits_in_its_wal(
     assert asides[0] != asides[1] and all(a.is_file() for a in asides)
 
 
+async def test_a_restore_through_a_symlink_keeps_the_commits_in_its_wal(tmp_path: Path) -> None:
+    """SQLite names a ``-wal`` after the file a symlink points at: looked for beside the link's
+    own name (``latest.db`` → a journal moved aside), it was missed, and the file was copied
+    alone, without the commits only its ``-wal`` held."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for _ in range(3):
+            await j.ingest(new_event())
+    crashed = tmp_path / "crashed.db"
+    await asyncio.to_thread(left_in_the_wal, journal, crashed)
+    link = tmp_path / "latest.db"
+    link.symlink_to(crashed)
+    restored = tmp_path / "restored" / "webhookd.db"
+    restored.parent.mkdir()
+    copies.restore(link, restored)
+    with contextlib.closing(sqlite3.connect(restored)) as conn:
+        assert conn.execute("SELECT DISTINCT source FROM events").fetchall() == [
+            ("only-in-the-wal",)
+        ]
+
+
 async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:
     """A backup killed midway leaves its temporary copy (and SQLite's ``-journal`` of it),
     hidden, as large as the journal: the next backup or restore in that folder deletes them,

@@ -254,7 +254,7 @@ def _copy_whole(copy: Path, into: Path) -> None:
     """The backup's bytes into ``into``; or, when a ``-wal`` beside it holds commits (a journal
     an earlier restore moved aside, put back), the database SQLite reads through both, as one
     self-contained file: copied alone, the file would lose them without a word."""
-    wal = Path(f"{copy}-wal")
+    wal = Path(f"{copy.resolve()}-wal")  # SQLite's: beside the file a symlink names
     if not (wal.is_file() and wal.stat().st_size > 0):
         shutil.copyfile(copy, into)
         return
