@@ -222,6 +222,43 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     assert len(journaled_ids(cfg.journal.path)) == queued
 
 
+async def test_a_writer_that_hangs_holds_a_bounded_count_of_empty_webhooks(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """Bodies bound what a hung writer keeps, and tiny ones weigh nothing: each with its
+    headers (a few KB a sender chooses) stayed queued after its 503, without end. Past
+    server.max_connections of them waiting (each connection has one in flight at a time) the
+    receiver answers 503 without queueing more."""
+    cfg = make_config(
+        tmp_path,
+        '[[sources.a.actions]]\ntype = "log"',
+        server="ack_timeout_s = 0.05\nmax_connections = 20",
+    )
+    running: Running = await run_daemon(cfg)
+    journal = running.daemon.journal
+    assert journal is not None
+    entered, go = threading.Event(), threading.Event()
+
+    def hang(conn: Any) -> None:  # on the writer's thread: everything queued behind it waits
+        entered.set()
+        go.wait(30)
+
+    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        pad = "x" * 4000
+        for i in range(60):  # one at a time: each answered 503, by its timeout or the bound
+            status, _ = await running.post("/hooks/a", b"%d" % i, headers={"X-Pad": pad})
+            assert status == 503
+        assert journal.queued_body_bytes < 100
+        assert journal.queued_ingests == 21  # the limit, and the one that passed it
+    finally:
+        go.set()
+    await hung
+    assert await running.stop() == 0
+    assert len(journaled_ids(cfg.journal.path)) == 21
+
+
 async def test_idle_and_half_sent_connections_do_not_stop_others(
     tmp_path: Path, run_daemon: Any
 ) -> None:

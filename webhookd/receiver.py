@@ -785,12 +785,17 @@ class Receiver:
         )
         # Queued for the writer, the commit completes even if we stop waiting (timeout, client
         # gone): the provider's retry then finds a duplicate instead of creating a second event.
-        if self.journal.queued_body_bytes > server.max_inflight_body_bytes:
+        journal = self.journal
+        if (
+            journal.queued_body_bytes > server.max_inflight_body_bytes
+            or journal.queued_ingests > server.max_connections
+        ):
             # The writer is not keeping up (a stalled disk, a database gone silent): what each
-            # webhook answered 503 leaves queued stays in memory until it is written.
+            # webhook answered 503 leaves queued stays in memory until it is written. Bodies
+            # bound it, and so does their count: empty ones with 32 KB of headers piled up.
             self._log_slow(
-                "journal writer behind by more than server.max_inflight_body_bytes of webhooks:"
-                " answering 503",
+                "journal writer behind by more than server.max_inflight_body_bytes or"
+                " server.max_connections of webhooks: answering 503",
             )
             return self._unavailable("writer_behind", "journal busy, retry later")
         state = self.state

@@ -1362,6 +1362,10 @@ class Journal(Reads, BaseJournal):
     def queued_body_bytes(self) -> int:
         return self._queue.body_bytes
 
+    @property
+    def queued_ingests(self) -> int:
+        return self._queue.ingests
+
     def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
         """Queue an event for the next group commit; the future resolves once it is committed.
 

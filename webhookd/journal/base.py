@@ -303,6 +303,13 @@ class BaseJournal(ABC):
         at most (a webhook refused then gets a 503 and is sent again)."""
         return 0
 
+    @property
+    def queued_ingests(self) -> int:
+        """The webhooks waiting for the writer, however small: the receiver stops queueing
+        more past ``server.max_connections`` of them (each connection has one at a time in
+        flight; more are webhooks answered 503 while a hung writer kept them)."""
+        return 0
+
     async def probe_write(self) -> None:
         """While ``last_write_error`` is set: try a write that leaves nothing behind, so the
         error clears once the journal takes writes again even with no webhook coming to show

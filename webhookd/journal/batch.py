@@ -119,14 +119,16 @@ class OpQueue:
     still takes what is queued, then ``take`` answers ``[]``.
     """
 
-    __slots__ = ("_ops", "_wakeup", "body_bytes", "closed")
+    __slots__ = ("_ops", "_wakeup", "body_bytes", "closed", "ingests")
 
     def __init__(self) -> None:
         self._ops: list[Op] = []
         self._wakeup: asyncio.Future[None] | None = None
         self.closed = False
-        # The webhook bodies of the ingests queued, not yet taken by the writer: what a writer
-        # that hangs (a stalled disk, a database gone silent) keeps in memory.
+        # The ingests queued, not yet taken by the writer, and their webhook bodies: what a
+        # writer that hangs (a stalled disk, a database gone silent) keeps in memory. Each
+        # holds its headers too (up to 32 KB): bodies alone let empty ones pile up unbounded.
+        self.ingests = 0
         self.body_bytes = 0
 
     def __len__(self) -> int:
@@ -134,6 +136,7 @@ class OpQueue:
 
     def put(self, op: Op) -> None:
         if type(op) is IngestOp:
+            self.ingests += 1
             self.body_bytes += len(op.item.event.body)
         self._ops.append(op)
         wakeup = self._wakeup
@@ -179,7 +182,9 @@ class OpQueue:
         else:
             batch = ops[:limit]
             del ops[:limit]
-        self.body_bytes -= sum(len(op.item.event.body) for op in batch if type(op) is IngestOp)
+        bodies = [len(op.item.event.body) for op in batch if type(op) is IngestOp]
+        self.ingests -= len(bodies)
+        self.body_bytes -= sum(bodies)
         return batch
 
     def drain(self) -> list[Op]:

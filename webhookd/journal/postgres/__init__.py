@@ -344,6 +344,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     def queued_body_bytes(self) -> int:
         return self._queue.body_bytes
 
+    @property
+    def queued_ingests(self) -> int:
+        return self._queue.ingests
+
     def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
         future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
         self._enqueue(IngestOp(future, item))
