@@ -353,6 +353,23 @@ async def test_a_stop_while_copies_fail_makes_one_last_try_and_says_the_contents
     assert (tmp_path / "state").read_text() == "not a folder"
 
 
+async def test_a_stop_before_the_watch_saw_the_removal_writes_the_journal_back(
+    tmp_path: Path, quick_checks: None
+) -> None:
+    """The folder removed, then a stop within the second before the watch's next look: the
+    close checkpointed into a file nothing names, and the daemon exited 0 with every
+    acknowledged webhook gone. The close looks itself, writes the contents back, and says so."""
+    path = tmp_path / "state" / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    acked = await ingest_all(journal, 20)
+    shutil.rmtree(tmp_path / "state")
+    async with asyncio.timeout(10):
+        with pytest.raises(JournalError, match="was removed while open"):
+            await journal.close()  # no watch ran: as a stop in the same second
+    assert event_ids(path) == acked
+
+
 async def test_a_stop_once_the_folder_is_mended_writes_the_contents_back_with_its_last_try(
     tmp_path: Path, quick_checks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -626,7 +643,8 @@ async def test_a_journals_identity_is_the_file_it_opened_whatever_its_path_names
             assert await other.identity() != mine
         assert await journal.identity() == mine
     finally:
-        await journal.close()
+        with pytest.raises(JournalError, match="was replaced while open"):
+            await journal.close()  # its contents saved beside the file there now, and said
     assert await Journal(path).identity() != mine  # not opened: what the path names
     with pytest.raises(JournalError, match="No such file or directory"):
         await Journal(tmp_path / "none.db").identity()

@@ -746,6 +746,18 @@ class Journal(Reads, BaseJournal):
         failed: str | None = None
         try:
             task, self._task = self._task, None
+            opened = self._opened_as
+            if (
+                self.serving
+                and self._saving is None
+                and opened is not None
+                and task is not None
+                and not task.done()
+                and (how := moved(self.path, opened)) is not None
+            ):
+                # Removed or replaced since the watch last looked (once a second): a stop
+                # right after would checkpoint into a file nothing names and exit 0.
+                self._save(how)
             if task is not None and not task.done():
                 self._queue.close()
                 await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
