@@ -82,6 +82,11 @@ def test_payload_is_json_or_urlencoded_form() -> None:
     form = event(b"subject=Hi&body-plain=Line+1", "application/x-www-form-urlencoded")
     assert payload_of(form) == {"subject": "Hi", "body-plain": "Line 1"}
     assert payload_of(event(b"\x00 not json", "application/octet-stream")) == {}
+    # Nested past Python's stack: nothing, as for any body that is not JSON (a RecursionError
+    # escaped, and every templated job of the webhook retried until it went dead).
+    for deep in (b"[" * 100_000, b"[" * 100_000 + b"1" + b"]" * 100_000):
+        assert payload_of(event(deep, "application/json")) == {}
+    assert payload_of(event(b'{"n": ' + b"9" * 5000 + b', "a": ' + b"[" * 100_000, "")) == {}
 
 
 def test_a_dot_alone_is_the_whole_payload_as_compact_json() -> None:

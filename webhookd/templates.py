@@ -255,11 +255,11 @@ def payload_of(event: Event) -> Any:
             return NoPayload()
     try:
         return json.loads(event.body, parse_float=_float, parse_constant=str)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested deeper than Python's stack: none
         return NoPayload()
     except ValueError:
         pass  # an int past the digits Python reads (or no UTF-8): its text is kept this time
     try:
         return json.loads(event.body, parse_float=_float, parse_constant=str, parse_int=_int)
-    except ValueError:
+    except (ValueError, RecursionError):
         return NoPayload()
