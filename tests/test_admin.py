@@ -714,6 +714,34 @@ async def test_an_authorization_header_of_undecodable_bytes_is_a_401_not_a_bug(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+async def test_an_unknown_expectation_is_a_json_417_that_echoes_nothing(
+    tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's own answer was plain text, "Unknown Expect: <the header>", before the token
+    was asked for; every error of this API is JSON. 100-continue is still met."""
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "s3cret-token")
+    running: Running = await run_daemon(
+        make_config(tmp_path, admin='token = "env:TEST_ADMIN_TOKEN"')
+    )
+    answers = []
+    for expect in (b"<script>x</script>", b"100-continue"):
+        conn = await RawConn.open(running.admin_url.removeprefix("http://"))
+        try:
+            await conn.head(b"/stats", [(b"Expect", expect)], method=b"GET")
+            answer = await conn.answer()
+            if answer.status == 100:  # met: the final answer follows
+                answer = await conn.answer()
+            answers.append(answer)
+        finally:
+            await conn.close()
+    odd, met = answers
+    assert (odd.status, odd.doc) == (
+        417,
+        {"error": "unknown expectation: only 100-continue is met"},
+    )
+    assert met.status == 401 and set(met.doc) == {"error"}  # then the token is asked for
+
+
 def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> None:
     """A dashboard or a script polling ``/stats`` 100 times a second keeps a 60 s window."""
     clock = ManualClock()
