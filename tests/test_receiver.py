@@ -747,3 +747,47 @@ async def test_a_flood_of_bad_signatures_logs_ten_lines_a_minute_and_counts_the_
     ]
     assert intake.state.verify_failures == 32
     assert await intake.events() == 0
+
+
+REPLAYED = """
+[sources.slack]
+verify = { scheme = "slack", secret = "slack-signing-secret-0123456789" }
+[[sources.slack.actions]]
+type = "log"
+
+[sources.hm]
+verify = { scheme = "hmac", secret = "hmac-secret-0123456789abcdef", header = "X-Sig", \
+  timestamp_header = "X-Ts", signed = "{timestamp}.{body}" }
+tenant = "header:X-Shop"
+[[sources.hm.actions]]
+type = "log"
+"""
+
+
+async def test_a_signed_request_sent_again_under_another_query_or_tenant_is_a_duplicate(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """A scheme that signs a timestamp but no delivery id (a Slack slash command, an hmac
+    source with timestamp_header): the body's key took in the query and the tenant, neither
+    signed, so a captured request sent again within the tolerance under ``?a=1``, ``?a=2`` or
+    another tenant header was a new event each time. What was signed is a second key; the
+    provider's retry, signed anew, is still judged by the body."""
+    from webhookd.schemes import sign
+
+    cfg = make_config(tmp_path, REPLAYED)
+    running = await run_daemon(cfg)
+    bodies = {"slack": b"command=%2Fdeploy&text=prod&user_id=U1", "hm": b'{"amount": 100}'}
+    for name, body in bodies.items():
+        verify = cfg.sources[name].verify
+        assert verify is not None
+        headers, body = sign(verify, body=body, url="", now=time.time(), delivery_id="x")
+        answers = []
+        for query, shop in (("", "a"), ("?a=1", "a"), ("?a=2", "b"), ("", "b")):
+            status, doc = await running.post(
+                f"/hooks/{name}{query}", body, headers={**headers, "X-Shop": shop}
+            )
+            answers.append((status, doc["duplicate"]))
+        assert answers == [(202, False)] + [(200, True)] * 3, (name, answers)
+        retry, body = sign(verify, body=body, url="", now=time.time() + 5, delivery_id="x")
+        status, doc = await running.post(f"/hooks/{name}", body, headers={**retry, "X-Shop": "a"})
+        assert (status, doc["duplicate"]) == (200, True)  # the same body: judged by the first

@@ -742,6 +742,14 @@ class Receiver:
             # is not signed, and a captured request re-sent under a fresh query would verify.
             digest = query_body_key(query, body) if query else sha256_key(body)
             key = body_key or (f"{tenant}:{digest}" if tenant else digest)
+            stamp = checked["timestamp"] if checked is not None else None
+            if body_key is None and stamp is not None:
+                # A signed timestamp bounds a replay to the tolerance window, not to one event:
+                # the same signed request re-sent under another query (or an unsigned tenant
+                # header) had a key of its own. What was signed, its time and body, is a second
+                # key (for a source whose provider sends no delivery id); a provider's retry
+                # signs a new time and is judged by the first.
+                body_key = sha256_key(b"signed %r\n%b" % (stamp, body))
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         # A source without actions adds no job: the backlog's bound is not its to keep.
         if self.journal.backlog_jobs >= server.max_backlog and src.actions:
