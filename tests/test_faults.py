@@ -42,6 +42,25 @@ def journaled_ids(path: Path) -> set[str]:
         return {row[0] for row in db.execute("SELECT id FROM events")}
 
 
+@contextlib.asynccontextmanager
+async def writer_held(journal: Any) -> AsyncIterator[None]:
+    """The journal's writer held on its thread, as a stalled disk holds it: everything queued
+    behind waits until the block ends."""
+    entered, go = threading.Event(), threading.Event()
+
+    def hang(conn: Any) -> None:
+        entered.set()
+        go.wait(30)
+
+    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        yield
+    finally:
+        go.set()
+        await hung
+
+
 async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(
     tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -182,36 +201,28 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
     running: Running = await run_daemon(cfg)
     journal = running.daemon.journal
     assert journal is not None
-    entered, go = threading.Event(), threading.Event()
-
-    def hang(conn: Any) -> None:  # on the writer's thread: everything queued behind it waits
-        entered.set()
-        go.wait(30)
-
-    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
-    assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-    answers = []
-    for i in range(12):
-        body = b'{"n": %d, "pad": "%s"}' % (i, b"x" * 5000)
-        answers.append((await running.post("/hooks/a", body, headers=JSON))[0])
-    assert set(answers) == {503}
-    assert journal.queued_body_bytes <= 20_000 + 5_100  # the limit, and the one that passed it
-    queued = len(journal._queue)
-    assert 4 <= queued < 12
-    async with running.http.get(running.admin_url + "/readyz") as r:
-        status, doc = r.status, await r.json()
-    assert status == 503 and re.fullmatch(
-        r"journal: a commit has taken \d+\.\d s, past server\.ack_timeout_s: webhooks are"
-        r" answered 503",
-        doc["problems"][0],
-    ), doc
-    # systemctl status says it too (STATUS=), though no write has failed.
-    assert running.daemon.status_now is not None
-    assert re.search(
-        r"; journal: a commit has taken \d+ s, webhooks answered 503", running.daemon.status_now()
-    )
-    go.set()
-    await hung
+    async with writer_held(journal):
+        answers = []
+        for i in range(12):
+            body = b'{"n": %d, "pad": "%s"}' % (i, b"x" * 5000)
+            answers.append((await running.post("/hooks/a", body, headers=JSON))[0])
+        assert set(answers) == {503}
+        assert journal.queued_body_bytes <= 20_000 + 5_100  # the limit, and the one past it
+        queued = len(journal._queue)
+        assert 4 <= queued < 12
+        async with running.http.get(running.admin_url + "/readyz") as r:
+            status, doc = r.status, await r.json()
+        assert status == 503 and re.fullmatch(
+            r"journal: a commit has taken \d+\.\d s, past server\.ack_timeout_s: webhooks are"
+            r" answered 503",
+            doc["problems"][0],
+        ), doc
+        # systemctl status says it too (STATUS=), though no write has failed.
+        assert running.daemon.status_now is not None
+        assert re.search(
+            r"; journal: a commit has taken \d+ s, webhooks answered 503",
+            running.daemon.status_now(),
+        )
 
     async def ready() -> bool:
         async with running.http.get(running.admin_url + "/readyz") as r:
@@ -237,24 +248,13 @@ async def test_a_writer_that_hangs_holds_a_bounded_count_of_empty_webhooks(
     running: Running = await run_daemon(cfg)
     journal = running.daemon.journal
     assert journal is not None
-    entered, go = threading.Event(), threading.Event()
-
-    def hang(conn: Any) -> None:  # on the writer's thread: everything queued behind it waits
-        entered.set()
-        go.wait(30)
-
-    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
-    try:
-        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    async with writer_held(journal):
         pad = "x" * 4000
         for i in range(60):  # one at a time: each answered 503, by its timeout or the bound
             status, _ = await running.post("/hooks/a", b"%d" % i, headers={"X-Pad": pad})
             assert status == 503
         assert journal.queued_body_bytes < 100
         assert journal.queued_ingests == 21  # the limit, and the one that passed it
-    finally:
-        go.set()
-    await hung
     assert await running.stop() == 0
     assert len(journaled_ids(cfg.journal.path)) == 21
 

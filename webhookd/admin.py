@@ -231,19 +231,24 @@ class Admin:
         )
         app.on_response_prepare.append(_private)
         r = app.router
-        r.add_get("/healthz", self.healthz, expect_handler=_expect)
-        r.add_get("/readyz", self.readyz, expect_handler=_expect)
-        r.add_get("/stats", self.stats, expect_handler=_expect)
-        r.add_get("/stats/series", self.series, expect_handler=_expect)
-        r.add_get("/metrics", self.metrics, expect_handler=_expect)
-        r.add_get("/events", self.events, expect_handler=_expect)
-        r.add_get("/events/{id}", self.event, expect_handler=_expect)
-        r.add_get("/keys/{key:.+}", self.key, expect_handler=_expect)
-        r.add_post("/events/{id}/replay", self.replay, expect_handler=_expect)
-        r.add_post("/events/{id}/cancel", self.cancel, expect_handler=_expect)
-        r.add_post("/sources/{source}/pause", self.pause, expect_handler=_expect)
-        r.add_post("/sources/{source}/resume", self.resume, expect_handler=_expect)
-        r.add_post("/sources/{source}/replay-dead", self.replay_dead, expect_handler=_expect)
+        # Each with an expectation handler of its own: aiohttp's answers in plain text.
+        routes = (
+            (r.add_get, "/healthz", self.healthz),
+            (r.add_get, "/readyz", self.readyz),
+            (r.add_get, "/stats", self.stats),
+            (r.add_get, "/stats/series", self.series),
+            (r.add_get, "/metrics", self.metrics),
+            (r.add_get, "/events", self.events),
+            (r.add_get, "/events/{id}", self.event),
+            (r.add_get, "/keys/{key:.+}", self.key),
+            (r.add_post, "/events/{id}/replay", self.replay),
+            (r.add_post, "/events/{id}/cancel", self.cancel),
+            (r.add_post, "/sources/{source}/pause", self.pause),
+            (r.add_post, "/sources/{source}/resume", self.resume),
+            (r.add_post, "/sources/{source}/replay-dead", self.replay_dead),
+        )
+        for add, path, handler in routes:
+            add(path, handler, expect_handler=_expect)
         if self.ctx.dashboard:
             r.add_get("/", self.dashboard, expect_handler=_expect)
         return app
