@@ -1633,6 +1633,35 @@ async def test_pg_after_an_outage_a_node_recovers_others_only_once_up_for_a_whol
         assert j._settled()
 
 
+async def test_pg_a_node_started_as_the_database_comes_back_leaves_live_nodes_their_jobs(
+    pg_url: str,
+) -> None:
+    """A node (re)started as the database comes back from an outage longer than lease_s takes
+    the expired leader lease, and every live node's heartbeat is stale: its start-up recovery
+    re-queues only a stopped node's job, and leaves a silent one's to the lease loop, by when
+    the live node has heartbeat again."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as live:
+        running, left = new_event(), new_event()
+        await live.ingest(running)
+        await live.ingest(left)
+        assert len(await live.claim([running.jobs[0].id], "boot_live")) == 1
+        assert await live.lead()
+        async with node(pg_url, clock) as stopped:  # stops with a job running: no row left
+            assert len(await stopped.claim([left.jobs[0].id], "boot_stopped")) == 1
+        live.went_down(OSError("connection refused"))
+        clock.advance(2 * LEASE_S)  # the outage: no node writes
+        async with node(pg_url, clock) as starting:
+            recovery = await starting.recover("boot_starting", 3)
+            await live.heartbeat()  # a moment after the start
+            assert (recovery.requeued, recovery.dead) == (1, 0)
+            states = [(await live.get_event(i.event.id)).jobs[0].state for i in (running, left)]
+            assert states == [JobState.RUNNING, JobState.QUEUED]
+            clock.advance(LEASE_S)  # the lease loop's turn: the live node has heartbeat
+            await starting.heartbeat()
+            assert starting._settled() and (await starting.recover_lost()).requeued == 0
+
+
 async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_node(
     pg_url: str,
 ) -> None:

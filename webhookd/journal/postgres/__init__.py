@@ -617,14 +617,20 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 self._claiming -= releasing
 
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
-        """At start: heartbeat, then, if this node leads, re-queue what silent nodes left
-        running. A restarted process is a new node, so its own earlier jobs come back once
-        their lease has passed (by the leader's lease loop if another node leads)."""
+        """At start: heartbeat, then, if this node leads, re-queue what nodes that are gone
+        left running. A restarted process is a new node, so its own earlier jobs come back
+        once their lease has passed (by the leader's lease loop if another node leads).
+
+        Until this node has reached the database for a whole lease (``_settled``, never so
+        just after it opened) that is only the jobs of nodes with no row in ``nodes`` (one
+        that stopped, jobs copied from SQLite): it may be starting as the database comes back
+        from an outage, when every live node's heartbeat is stale at once. A silent node's
+        jobs are left to the lease loop, a lease later."""
         self.max_recoveries = max_recoveries
         await self.heartbeat()
         if not await self.lead():
             return Recovery(requeued=0)
-        return await self.recover_lost()
+        return await self.recover_lost(gone_only=not self._settled())
 
     # -- operator actions --------------------------------------------------------------------
 

@@ -207,13 +207,18 @@ class PgNodes:
             self.node_id,
         )
 
-    async def recover_lost(self) -> Recovery:
+    async def recover_lost(self, *, gone_only: bool = False) -> Recovery:
         """Re-queue the running jobs of nodes silent past their ``lease_s``; forget long-gone
-        nodes."""
+        nodes. ``gone_only``: only those of nodes with no row at all, which no outage makes
+        look so (see ``recover``)."""
         now = self.clock.time()
 
         async def fn(conn: Any) -> Recovery:
-            recovery = await write_recovery(conn, now, self.lease_s, self.max_recoveries)
+            recovery = await write_recovery(
+                conn, now, self.lease_s, self.max_recoveries, gone_only=gone_only
+            )
+            if gone_only:
+                return recovery
             await conn.execute(
                 "DELETE FROM nodes WHERE heartbeat_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j"
                 " WHERE j.state = 'running' AND j.node_id = nodes.node_id)",

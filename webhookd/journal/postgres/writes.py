@@ -349,17 +349,21 @@ _LOST_COLUMNS = (
 )
 
 
-async def write_recovery(conn: Any, now: float, lease_s: float, max_recoveries: int) -> Recovery:
+async def write_recovery(
+    conn: Any, now: float, lease_s: float, max_recoveries: int, *, gone_only: bool = False
+) -> Recovery:
     """Re-queue running jobs whose node has not heartbeat within its own lease (killed, host
     lost, cut off), ``lease_s`` for a node that did not say its own; the
-    ``max_recoveries``-th recovery of a job sends it to ``dead``."""
+    ``max_recoveries``-th recovery of a job sends it to ``dead``. ``gone_only``: only jobs
+    whose node has no row in ``nodes`` (stopped, or none: copied from SQLite)."""
     lost = await conn.fetch(
         _LOST_COLUMNS + " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) <"
         " $1::double precision AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id ="
-        " j.node_id AND n.heartbeat_at >= $1::double precision - COALESCE(n.lease_s,"
-        " $2::double precision)) ORDER BY j.seq FOR UPDATE SKIP LOCKED",
+        " j.node_id AND ($3::boolean OR n.heartbeat_at >= $1::double precision"
+        " - COALESCE(n.lease_s, $2::double precision))) ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         now,
         lease_s,
+        gone_only,
     )
     return await _requeue_lost(conn, lost, now, max_recoveries)
 
