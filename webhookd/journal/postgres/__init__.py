@@ -555,16 +555,19 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         minutes on, freed only by a restart)."""
         if not self.forgotten_wanted:
             return Recovery(requeued=0)
-        # Every claim this process may hold: answered ones (by job: one claim takes several),
-        # outcomes kept back; and by token, ones being written (their jobs not yet known
-        # here) and ones in doubt (released by token, unpenalised).
-        held = {*self._tokens.items(), *((job, token) for job, token in self._pending if token)}
-        in_flight = {*self._claiming, *self._doubtful}
+
+        def holds() -> tuple[set[tuple[str, str]], set[str]]:
+            # Every claim this process may hold: answered ones (by job: one claim takes
+            # several), outcomes kept back; and by token, ones being written (their jobs not
+            # yet known here) and ones in doubt (released by token, unpenalised). Asked once
+            # the running jobs are read: a claim that committed before that read is in one of
+            # them by then, where one taken before the transaction began would miss it.
+            held = {*self._tokens.items(), *((job, token) for job, token in self._pending if token)}
+            return held, {*self._claiming, *self._doubtful}
+
         now = self.clock.time()
         recovery = await self._write(
-            lambda conn: write_forgotten(
-                conn, self.node_id, held, in_flight, now, self.max_recoveries
-            )
+            lambda conn: write_forgotten(conn, self.node_id, holds, now, self.max_recoveries)
         )
         self.forgotten_wanted = False
         return recovery

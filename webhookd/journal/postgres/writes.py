@@ -8,7 +8,7 @@ commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from webhookd.journal.batch import IngestOp, IngestResult, admit, sort_ingests
@@ -371,21 +371,22 @@ async def write_recovery(
 async def write_forgotten(
     conn: Any,
     node_id: str,
-    held: Collection[tuple[str, str]],
-    in_flight: Collection[str],
+    holds: Callable[[], tuple[Collection[tuple[str, str]], Collection[str]]],
     now: float,
     max_recoveries: int,
 ) -> Recovery:
     """Re-queue, as ``write_recovery`` does, the running jobs under ``node_id`` that it does not
-    hold: neither the (job, claim token) pairs of ``held`` nor a claim whose token is in
-    ``in_flight`` (being written, or in doubt). Such a job's outcome was written to a primary
-    that failed over before its replica had the commit; the node's heartbeat keeps its lease,
-    so no other node would ever take it."""
+    hold: ``holds()`` says which it does, asked once they are read (so that a claim committed
+    before the read is known), as the (job, claim token) pairs ``held`` and the tokens
+    ``in_flight`` of claims being written or in doubt. Such a job's outcome was written to a
+    primary that failed over before its replica had the commit; the node's heartbeat keeps its
+    lease, so no other node would ever take it."""
     rows = await conn.fetch(
         _LOST_COLUMNS
         + " WHERE j.state = 'running' AND j.node_id = $1 ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         node_id,
     )
+    held, in_flight = holds()
     lost = [
         r
         for r in rows
