@@ -59,7 +59,8 @@ from webhookd.journal.postgres.db import DB_ERRORS, db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
 from webhookd.journal.postgres.writes import PRUNE_SQL, write_group, write_ingests
-from webhookd.models import JobState, Priority
+from webhookd.limiter import SHARED_LOG_S
+from webhookd.models import JobState, LaneSpec, Priority
 from webhookd.workers import WorkerPool, order_cap
 
 
@@ -1774,6 +1775,40 @@ async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_
         assert not short._settled()  # up a lease of its own, not the longest
         clock.advance(26)
         assert short._settled()
+
+
+async def test_pg_a_lane_change_made_after_waiting_for_its_row_is_stamped_when_made(
+    pg_url: str,
+) -> None:
+    """A reservation that waits for the lane's row (another node's reservation holds it, or
+    the pool has no connection free) is logged when it is granted, not when it was asked for:
+    stamped d seconds early it would leave the shared log d seconds early, and a 60 s window
+    could hold more than rpm. A cool-down and a circuit's next probe count from then too."""
+    clock = ManualClock(START)
+    spec = LaneSpec("gpt", 60, None, 60.0, SHARED_LOG_S, 30.0)
+    async with node(pg_url, clock) as j:
+        await j.reserve_lane(spec, need=(1, 0), want=(1, 0))  # the row exists
+        holder, watch = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+
+        async def held_up(change: Awaitable[Any]) -> Any:
+            """``change`` while another session holds the lane's row for 5 s (of the clock)."""
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM lanes WHERE name = 'gpt' FOR UPDATE")
+                waiting = asyncio.ensure_future(change)
+                await poll(lambda: _blocked_by(watch, holder), timeout_s=10)
+                clock.advance(5)
+            return await asyncio.wait_for(waiting, 10)
+
+        try:
+            grant = await held_up(j.reserve_lane(spec, need=(1, 0), want=(1, 0)))
+            await held_up(j.cool_lane(spec, 10))
+            await held_up(j.set_lane_circuit(spec, "HTTP 500"))
+        finally:
+            await holder.close()
+            await watch.close()
+        [row] = await j.fetch("SELECT log_at, cooling_until, probe_at FROM lanes")
+    assert (grant.requests, grant.at, max(row[0])) == (1, START + 5, START + 5)
+    assert (row[1], row[2]) == (START + 10 + 10, START + 15 + 30)
 
 
 async def test_pg_two_nodes_never_run_two_jobs_of_one_order_key_at_once(pg_url: str) -> None:

@@ -239,26 +239,29 @@ def _row(record: Any) -> LaneRow:
     )
 
 
-async def _locked_row(conn: Any, spec: LaneSpec, now: float) -> LaneRow:
-    """The lane's row, locked for this transaction; created (full of its burst) on first use."""
+async def _locked_row(conn: Any, spec: LaneSpec, clock: Clock) -> tuple[LaneRow, float]:
+    """The lane's row, locked for this transaction (created, full of its burst, on first use),
+    and the time once it is held: a grant made after waiting for the lock (another node's
+    reservation) or for a connection is stamped when it is made, not when it was asked for,
+    or it would leave the log that much early and a 60 s window could hold more than the
+    limit."""
     record = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM lanes WHERE name = $1 FOR UPDATE", spec.name
     )
-    if record is not None:
-        return _row(record)
-    row = LaneRow.fresh(spec, now)
-    await conn.execute(
-        "INSERT INTO lanes (name, requests, tokens, updated_at) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT DO NOTHING",
-        spec.name,
-        row.requests,
-        row.tokens,
-        row.updated_at,
-    )
-    record = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM lanes WHERE name = $1 FOR UPDATE", spec.name
-    )
-    return _row(record)
+    if record is None:
+        fresh = LaneRow.fresh(spec, clock.time())
+        await conn.execute(
+            "INSERT INTO lanes (name, requests, tokens, updated_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT DO NOTHING",
+            spec.name,
+            fresh.requests,
+            fresh.tokens,
+            fresh.updated_at,
+        )
+        record = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM lanes WHERE name = $1 FOR UPDATE", spec.name
+        )
+    return _row(record), clock.time()
 
 
 async def _save(conn: Any, name: str, row: LaneRow) -> None:
@@ -302,10 +305,8 @@ class PgLanes:
         want: tuple[float, float],
         returns: Sequence[Return] = (),
     ) -> LaneGrant:
-        now = self.clock.time()
-
         async def fn(conn: Any) -> LaneGrant:
-            row = await _locked_row(conn, spec, now)
+            row, now = await _locked_row(conn, spec, self.clock)
             grant = plan(row, spec, now, need=need, want=want, returns=returns, node=self.node_id)
             await _save(conn, spec.name, row)
             return grant
@@ -313,10 +314,8 @@ class PgLanes:
         return await self._write(fn)
 
     async def cool_lane(self, spec: LaneSpec, seconds: float) -> None:
-        now = self.clock.time()
-
         async def fn(conn: Any) -> None:
-            await _locked_row(conn, spec, now)
+            _, now = await _locked_row(conn, spec, self.clock)
             await conn.execute(
                 "UPDATE lanes SET cooling_until = GREATEST(cooling_until, $2) WHERE name = $1",
                 spec.name,
@@ -326,11 +325,9 @@ class PgLanes:
         await self._write(fn)
 
     async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None:
-        now = self.clock.time()
-        probe_at = now + spec.probe_after_s if spec.probe_after_s is not None else None
-
         async def fn(conn: Any) -> None:
-            await _locked_row(conn, spec, now)
+            _, now = await _locked_row(conn, spec, self.clock)
+            probe_at = now + spec.probe_after_s if spec.probe_after_s is not None else None
             await conn.execute(
                 "UPDATE lanes SET circuit = $2, probe_at = $3 WHERE name = $1",
                 spec.name,
