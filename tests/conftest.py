@@ -295,6 +295,29 @@ async def fresh_database(server_url: str) -> AsyncIterator[str]:
             await admin.close()
 
 
+@contextlib.contextmanager
+def own_pg_server() -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL server of the caller's own (``.ci/postgres.sh start``), for a test that
+    restarts or reconfigures it: doing so to the shared server cut or changed every other test's
+    on the other workers. Yields its URL and its folder; stopped and removed afterwards."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
+    started = subprocess.run(
+        ["bash", str(script), "start"], check=True, capture_output=True, text=True, timeout=120
+    )
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in started.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    home = Path(exports["WEBHOOKD_TEST_PG_DIR"])
+    try:
+        yield exports["WEBHOOKD_TEST_PG_URL"], home
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(home)], capture_output=True, timeout=120)
+
+
 @pytest.fixture
 async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
     """A fresh, empty database for this test alone."""

@@ -15,8 +15,10 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -2144,13 +2146,31 @@ def _as_owner(*args: str) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
 
 
-@contextlib.contextmanager
-def hot_standby(server_url: str) -> Iterator[str]:
-    """A streaming standby of the test server (pg_basebackup -R), on a port of its own; yields
-    its URL (the server's path). Stopped and deleted afterwards."""
-    import subprocess
+@dataclass
+class Standby:
+    """A streaming standby that ``hot_standby`` started: its URL (its server's path), and a
+    stop and a start, to take it away from its primary and bring it back."""
 
-    home = Path(os.environ["WEBHOOKD_TEST_PG_DIR"])
+    url: str
+    pg_ctl: list[str]  # pg_ctl -D its folder, as the server's owner
+    options: str
+
+    def stop(self) -> None:
+        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run([*self.pg_ctl, "-o", self.options, "start"], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def hot_standby(
+    server_url: str, home: Path | None = None, name: str | None = None
+) -> Iterator[Standby]:
+    """A streaming standby of the server at ``server_url`` (pg_basebackup -R), on a port of its
+    own, beside the server in ``home`` (by default the test server's); ``name`` is its
+    ``cluster_name``, the name ``synchronous_standby_names`` knows it by. Stopped and deleted
+    afterwards."""
+    home = home or Path(os.environ["WEBHOOKD_TEST_PG_DIR"])
     bin_dir = Path((home / "bin").read_text().strip())
     data = home / f"standby-{secrets.token_hex(4)}"
     parts = urlsplit(server_url)
@@ -2168,15 +2188,17 @@ def hot_standby(server_url: str) -> Iterator[str]:
     )
     # A standby must allow at least as many connections as its primary (.ci/postgres.sh: 200).
     options = f"-p {port} -c listen_addresses=127.0.0.1 -k {home} -c max_connections=500"
-    start = _as_owner(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", f"{data}.log", "-w")
+    if name is not None:
+        options += f" -c cluster_name={name}"
+    pg_ctl = _as_owner(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", f"{data}.log", "-w")
+    standby = Standby(
+        urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")), pg_ctl, options
+    )
     try:
-        subprocess.run([*start, "-o", options, "start"], check=True, capture_output=True)
-        yield urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+        standby.start()
+        yield standby
     finally:
-        subprocess.run(
-            _as_owner(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
-            capture_output=True,
-        )
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
         subprocess.run(["rm", "-rf", str(data), f"{data}.log"], check=False)
 
 
@@ -2191,7 +2213,7 @@ async def test_pg_a_node_on_a_standby_is_refused_and_the_cli_reads_it(
         await primary.ingest(item)
     name = urlsplit(pg_url).path
     with hot_standby(pg_server_url) as standby_server:
-        standby = urlunsplit(urlsplit(standby_server)._replace(path=name))
+        standby = urlunsplit(urlsplit(standby_server.url)._replace(path=name))
 
         async def replayed() -> bool:
             with contextlib.suppress(*DB_ERRORS):

@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 from cluster import JSON, Load, pg_config, post, serve_nodes, stop, unique_body
-from conftest import DatabaseOutage
+from conftest import DatabaseOutage, own_pg_server
 from procs import Procs, Target, get_json, poll
 
 pytestmark = [
@@ -243,25 +243,13 @@ async def test_database_refusing_connections_gets_503_and_not_ready_then_recover
 
 @pytest.fixture
 def own_server(journal_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A PostgreSQL server of this test's own (``.ci/postgres.sh start``), its journal URL as
+    """A PostgreSQL server of this test's own (``own_pg_server``), its journal URL as
     ``WEBHOOKD_JOURNAL_URL``; yields its folder. Restarting the shared server cut every other
     test's connections on the other workers ("terminating connection due to administrator
     command", then "connection refused" while it came back)."""
-    script = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
-    started = subprocess.run(
-        ["bash", str(script), "start"], check=True, capture_output=True, text=True, timeout=120
-    )
-    exports = dict(
-        line.removeprefix("export ").split("=", 1)
-        for line in started.stdout.splitlines()
-        if line.startswith("export ")
-    )
-    home = Path(exports["WEBHOOKD_TEST_PG_DIR"])
-    try:
-        monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", exports["WEBHOOKD_TEST_PG_URL"])
+    with own_pg_server() as (url, home):
+        monkeypatch.setenv("WEBHOOKD_JOURNAL_URL", url)
         yield home
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(home)], capture_output=True, timeout=120)
 
 
 def restart_server(home: Path) -> None:
