@@ -25,7 +25,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import DatabaseOutage, Running, Target, fresh_database, make_config
+from conftest import (
+    DatabaseOutage,
+    Running,
+    Target,
+    fresh_database,
+    make_config,
+    own_pg_server,
+)
 from ops_support import accepted, event_state, forward_source
 from procs import Procs, config_text, poll
 from test_journal_contract import (
@@ -2230,3 +2237,127 @@ async def test_pg_a_node_on_a_standby_is_refused_and_the_cli_reads_it(
                 pass
         async with PostgresJournal(standby, node=False) as reader:
             assert (await reader.get_event(item.event.id)).event == item.event
+
+
+STANDBY_NAME = "webhookd_standby"
+SYNC_NAMES = f"FIRST 1 ({STANDBY_NAME})"
+
+
+@pytest.fixture
+async def sync_standby() -> AsyncIterator[tuple[str, Standby]]:
+    """A server of the test's own whose commits wait for a synchronous standby (named in
+    ``synchronous_standby_names``), and that standby: yields a fresh database's URL on the
+    server and the standby, to stop (every commit then waits) and start again."""
+    with own_pg_server() as (server_url, home), hot_standby(server_url, home, STANDBY_NAME) as sb:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{SYNC_NAMES}'")
+            await admin.execute("SELECT pg_reload_conf()")
+
+            async def synchronous() -> bool:
+                return bool(
+                    await admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_replication"
+                        " WHERE application_name = $1 AND sync_state = 'sync'",
+                        STANDBY_NAME,
+                    )
+                )
+
+            await poll(synchronous, timeout_s=30, interval_s=0.1)
+            await admin.execute("CREATE DATABASE webhookd_sync")
+        finally:
+            await admin.close()
+        yield urlunsplit(urlsplit(server_url)._replace(path="/webhookd_sync")), sb
+
+
+async def _backends(admin: asyncpg.Connection) -> tuple[int, int, set[int]]:
+    """The database's backends but ``admin``'s: how many, how many wait for a synchronous
+    standby, and the ids of those running a statement (waiting, or at work)."""
+    rows = await admin.fetch(
+        "SELECT pid, state, wait_event FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    return (
+        len(rows),
+        sum(r["wait_event"] == "SyncRep" for r in rows),
+        {r["pid"] for r in rows if r["state"] == "active"},
+    )
+
+
+def _held_pids(*journals: PostgresJournal) -> set[int]:
+    """The server process ids of every connection the journals' pools hold."""
+    return {
+        h._con.get_server_pid()
+        for j in journals
+        for h in j.pool.raw._holders
+        if h._con is not None and not h._con.is_closed()
+    }
+
+
+async def test_pg_while_a_synchronous_standby_is_away_a_node_holds_no_more_backends_than_its_pool(
+    sync_standby: tuple[str, Standby],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the synchronous standby is away every commit waits for it. A heartbeat or write cut
+    at its deadline had its connection terminated, and its backend stayed on the server, waiting
+    (a backend waiting for a standby or a lock does not see its client go), while the pool
+    opened another: two nodes left 14 more backends in 100 s, more all the time, until
+    max_connections. The cut now cancels the statement first: the backend answers and the
+    connection goes back to the pool, so every backend waiting on the server is one a pool
+    holds. Each node says once that it waits for synchronous replication, naming the
+    standbys, and once that it is over when the standby is back; writes cut meanwhile were not
+    acknowledged."""
+    url, standby = sync_standby
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 2)  # a write's cut; the heartbeat's is 5 s
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
+    watch = await asyncpg.connect(url)
+    async with (
+        PostgresJournal(url, lease_s=3) as a,
+        PostgresJournal(url, lease_s=3) as b,
+    ):
+        assert (await a.ingest(new_event())).duplicate is False
+        await asyncio.to_thread(standby.stop)
+        cut: list[NewEvent] = []
+
+        async def ingest_cut(journal: PostgresJournal) -> None:
+            item = new_event()
+            with pytest.raises(JournalUnavailable, match="waiting for synchronous replication"):
+                await journal.ingest(item)
+            cut.append(item)
+
+        async def bounded_until_stalled() -> bool:
+            await asyncio.gather(ingest_cut(a), ingest_cut(b))
+            count, _, active = await _backends(watch)
+            # Every statement running on the server is one of the pools' connections'.
+            assert active <= _held_pids(a, b), (active, _held_pids(a, b))
+            assert count <= 2 * postgres.POOL_SIZE + 2  # and the listeners
+            said = "journal unavailable: waiting for synchronous replication: the standbys"
+            return len(cut) >= 8 and _count(caplog, said) >= 2
+
+        await poll(bounded_until_stalled, timeout_s=60, interval_s=0)
+        stalled = (
+            "journal unavailable: waiting for synchronous replication: the standbys named in"
+            f" synchronous_standby_names ('{SYNC_NAMES}') did not confirm a commit in"
+        )
+        assert _count(caplog, stalled) == 2  # once per node, not once per cut statement
+        assert _count(caplog, "no answer") == 0
+        assert a.last_write_error is not None and "synchronous replication" in a.last_write_error
+        await asyncio.to_thread(standby.start)
+
+        async def recovered() -> bool:
+            _, waiting, _ = await _backends(watch)
+            again = _count(caplog, "the synchronous standbys confirm commits again")
+            return waiting == 0 and again == 2
+
+        await poll(recovered, timeout_s=30, interval_s=0.1)
+        assert (await b.ingest(new_event())).duplicate is False
+        # Cut, each one answered as not taken; their commits were made on the primary all the
+        # same, and a provider's retry of one is now the duplicate it is.
+        retried = await a.ingest(new_event(key=cut[0].event.dedup_key))
+        assert (retried.duplicate, retried.event_id) == (True, cut[0].event.id)
+    await watch.close()
+
+
+def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)

@@ -155,6 +155,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.statement_cache_size = statement_cache_size
         self._leader_until = 0.0
         self._down_since: float | None = None  # when the current outage began (monotonic)
+        # This outage was said to be commits waiting for the synchronous standbys (went_down).
+        self._replication_stalled = False
         # Since when writes have gone through without a break (monotonic; None while down).
         self._up_since: float | None = None
         self._beat_at: float | None = None  # when the last heartbeat that went through began
@@ -335,7 +337,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     continue
                 self.went_down(exc)
                 raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
-            self.came_back()
+            # While commits wait for the synchronous standbys, one that wrote nothing (a claim
+            # that found its jobs taken) does not wait, and proves nothing: the heartbeat's,
+            # which always writes, says when the standbys are back.
+            if not self._replication_stalled:
+                self.came_back()
             self.commits += 1
             return result
 

@@ -134,13 +134,39 @@ def keep_alive(conn: Any) -> None:
 # transaction, prune 500) and the reads are single queries, so a minute is far past a healthy
 # answer. REINDEX, which can legitimately take longer, goes around it (``BoundedPool.raw``).
 ANSWER_DEADLINE_S = 60.0
+# A use cut at its deadline first has what it runs cancelled, as asyncpg cancels a statement
+# at its own timeout: a cancel request (on a connection of its own) ends the server's wait,
+# whatever it waits for, the statement answers, and the connection goes back to the pool. Only
+# a connection whose statement still has not answered this long after is terminated (a hung
+# pooler, a silent path). Terminating it at once left its backend waiting on the server: one
+# waiting for a lock or for a synchronous standby does not notice that its client has gone.
+# While a synchronous standby was away, two nodes under load so left 14 more backends in 100 s
+# (heartbeats queued behind the first one's row lock, commits in SyncRep), more the longer it
+# lasted, up to max_connections: each node's pool opened new connections all along.
+CANCEL_GRACE_S = 2.0
+# What PostgreSQL says (a WARNING) as a cancel request ends a commit's wait for its synchronous
+# standbys; the commit stands then, made on the primary alone. In the server's lc_messages:
+# another language than English leaves the cut said as no answer.
+SYNC_REP_CANCELLED = "canceling wait for synchronous replication"
+
+
+class Cut(TimeoutError):
+    """A use of a connection that had no answer by its deadline. A write cut so may have
+    committed, as one whose connection dropped may: callers treat both alike."""
+
+
+class ReplicationStall(Cut):
+    """A commit cut while it waited for the synchronous standbys (``synchronous_standby_names``)
+    to confirm it: the cancel ended the wait, and the commit stands on the primary alone until
+    a standby has it. Not a network fault: the database answers, its standbys do not."""
 
 
 class BoundedPool:
     """The journal's asyncpg pool, each use of a connection cut after ``ANSWER_DEADLINE_S``:
-    the connection is terminated (its socket closed), so whatever waits on it fails at once
-    with ``TimeoutError`` and the pool opens a fresh one for the next use. A write cut so may
-    have committed, as one whose connection dropped may: callers treat both alike."""
+    what it runs is cancelled, and whatever waits on it fails with ``Cut`` (``ReplicationStall``
+    when the server said that a commit waited for its synchronous standbys); a connection that
+    does not answer the cancel within ``CANCEL_GRACE_S`` is terminated (its socket closed), and
+    the pool opens a fresh one for the next use."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
@@ -151,7 +177,6 @@ class BoundedPool:
         is shorter (the heartbeat's)."""
         limit = ANSWER_DEADLINE_S
         deadline_s = limit if deadline_s is None else min(deadline_s, limit)
-        no_answer = f"no answer from the database in {round(deadline_s, 1):g} s"
         started = time.monotonic()
         try:  # a free connection, or a new one: connecting is the part that can hang here
             conn = await self.raw.acquire(timeout=deadline_s)
@@ -159,25 +184,28 @@ class BoundedPool:
             # The pool's own connect timeout may have ended it first: the time it really took.
             took = time.monotonic() - started
             raise TimeoutError(f"no answer from the database in {took:.0f} s") from exc
-        cut = False
-
-        def cut_off() -> None:
-            nonlocal cut
-            cut = True
-            conn.terminate()
-
-        timer = asyncio.get_running_loop().call_later(deadline_s, cut_off)
+        loop = asyncio.get_running_loop()
+        cut = _Cutter(conn, deadline_s)
+        timer = loop.call_later(deadline_s, cut.begin)
+        failed: BaseException | None = None
         try:
             yield conn
         except DB_ERRORS as exc:
-            if cut:
-                raise TimeoutError(no_answer) from exc
-            raise
+            if not cut.began:
+                raise
+            failed = exc
         finally:
             try:
-                await self.raw.release(conn)  # still under the timer: it may talk to the server
+                await cut.settle()
+                # Still under the timer: it may talk to the server. After a cut, what it says
+                # (a reset that the give-up ended, say) adds nothing to the cut.
+                with contextlib.suppress(*(DB_ERRORS if cut.began else ())):
+                    await self.raw.release(conn)
             finally:
                 timer.cancel()
+                cut.close()
+        if cut.began:  # the body may have ended well after the deadline: its answer came late
+            raise cut.error() from failed
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         async with self.acquire() as conn:
@@ -190,3 +218,73 @@ class BoundedPool:
     async def execute(self, sql: str, *args: Any, deadline_s: float | None = None) -> str:
         async with self.acquire(deadline_s) as conn:
             return str(await conn.execute(sql, *args))
+
+
+class _Cutter:
+    """The cut of one use of ``conn`` at its deadline (``begin``): a cancel request first,
+    and the connection terminated if no answer comes within ``CANCEL_GRACE_S``."""
+
+    def __init__(self, conn: Any, deadline_s: float) -> None:
+        # The connection itself, not the pool's proxy of it: the proxy refuses every call once
+        # a terminate has handed the connection back.
+        self.conn = getattr(conn, "_con", conn)
+        self.deadline_s = deadline_s
+        self.began = False
+        self.releasing = False  # past the use: the connection is being given back
+        self.sync_rep = False  # the server said the cancel ended a wait for synchronous standbys
+        self.standbys: str | None = None
+        self._sent: asyncio.Future[None] | None = None
+        self._give_up: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        conn = self.conn
+        if conn.is_closed():
+            return
+        if self.releasing:
+            # A cancel sent now could reach the connection's next user: only a hung reset
+            # ends here, and it ends as before, with the connection.
+            conn.terminate()
+            return
+        self.began = True
+        loop = asyncio.get_running_loop()
+        conn.add_log_listener(self._heard)
+        # asyncpg's own cancel request, as it sends one at a statement's timeout: the future is
+        # done once the server has taken it (or asyncpg gave the connection up).
+        self._sent = loop.create_future()
+        conn._cancel_current_command(self._sent)
+        self._give_up = loop.call_later(CANCEL_GRACE_S, conn.terminate)
+
+    def _heard(self, _conn: Any, message: Any) -> None:
+        if str(getattr(message, "message", "")).startswith(SYNC_REP_CANCELLED):
+            self.sync_rep = True
+
+    async def settle(self) -> None:
+        """After the use: let the cancel request be taken before the connection goes back (a
+        late one would cancel its next user's statement), and, when a commit waited for
+        synchronous standbys, read which ones it waited for."""
+        self.releasing = True
+        if not self.began:
+            return
+        if self._sent is not None:
+            await asyncio.wait({self._sent})  # ended by the give-up's terminate at the latest
+            if not self._sent.cancelled():
+                self._sent.exception()  # asyncpg 0.29 sets a failed cancel's error here
+        self.conn.remove_log_listener(self._heard)  # asyncpg warns of one left at release
+        if self.sync_rep and not self.conn.is_closed():
+            with contextlib.suppress(*DB_ERRORS):
+                self.standbys = await self.conn.fetchval("SHOW synchronous_standby_names")
+
+    def close(self) -> None:
+        if self._give_up is not None:
+            self._give_up.cancel()
+
+    def error(self) -> Cut:
+        """What the cut use raises: what the server said, or that it said nothing in time."""
+        took = f"{round(self.deadline_s, 1):g} s"
+        if self.sync_rep:
+            return ReplicationStall(
+                "waiting for synchronous replication: the standbys named in"
+                f" synchronous_standby_names ({self.standbys or '?'!r}) did not confirm a commit"
+                f" in {took}"
+            )
+        return Cut(f"no answer from the database in {took}")

@@ -24,7 +24,13 @@ import asyncpg
 
 from webhookd.clock import Clock
 from webhookd.errors import JournalUnavailable
-from webhookd.journal.postgres.db import DB_ERRORS, db_error, keep_alive, redact_url
+from webhookd.journal.postgres.db import (
+    DB_ERRORS,
+    ReplicationStall,
+    db_error,
+    keep_alive,
+    redact_url,
+)
 from webhookd.journal.postgres.writes import write_recovery
 from webhookd.journal.records import Poisoned, Recovery
 
@@ -58,6 +64,7 @@ class PgNodes:
     backlog_jobs: int
     _leader_until: float
     _down_since: float | None
+    _replication_stalled: bool
     _up_since: float | None
     _beat_at: float | None
     forgotten_wanted: bool
@@ -152,12 +159,18 @@ class PgNodes:
         return differ
 
     def went_down(self, exc: BaseException) -> None:
-        """A write failed: say so once per outage (the retries that follow stay at debug)."""
+        """A write failed: say so once per outage (the retries that follow stay at debug), and
+        once more if it turns out to be commits waiting for the synchronous standbys: an
+        operator told only that the database does not answer looks at the network."""
         self.last_write_error = db_error(exc)
         self._up_since = None
+        stalled = isinstance(exc, ReplicationStall) and not self._replication_stalled
+        self._replication_stalled |= stalled
         if self._down_since is None:
             self._down_since = self.clock.monotonic()
             log.warning("journal unavailable: %s; retrying until it is back", self.last_write_error)
+        elif stalled:
+            log.warning("journal unavailable: %s", self.last_write_error)
 
     def came_back(self) -> None:
         """A write succeeded: clear the error, and say the outage is over if there was one."""
@@ -171,7 +184,14 @@ class PgNodes:
             # node last wrote may be missing from it (``release_forgotten``).
             self.forgotten_wanted = True
             # From when a write first failed: a hang may have begun up to a deadline before.
-            log.warning("journal available again, %.1f s after a write first failed", down_s)
+            log.warning(
+                "journal available again, %.1f s after a write first failed%s",
+                down_s,
+                ": the synchronous standbys confirm commits again"
+                if self._replication_stalled
+                else "",
+            )
+        self._replication_stalled = False
 
     async def lead(self) -> bool:
         """Take or renew the leader lease (for ``lease_s``) if it is free, expired or already
