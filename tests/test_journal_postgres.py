@@ -2361,3 +2361,27 @@ async def test_pg_while_a_synchronous_standby_is_away_a_node_holds_no_more_backe
 
 def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in r.getMessage() for r in caplog.records)
+
+
+async def test_pg_a_retry_of_a_webhook_cut_while_the_synchronous_standby_is_away_waits_for_it(
+    sync_standby: tuple[str, Standby], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit cut in its wait for the synchronous standby stands on the primary (the cancel
+    ends the wait, not the commit), and its webhook was answered 503. The provider's retry
+    found the key taken and was answered as a duplicate at once, its own commit having written
+    nothing to wait for: a 2xx for a webhook no standby had, which a failover to the standby
+    loses. A batch that answers a duplicate now commits as one that journals a webhook does,
+    waiting for the standby: the retry gets a 503 until the standby has the webhook."""
+    url, standby = sync_standby
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 2)
+    async with PostgresJournal(url, heartbeat_s=3600) as journal:
+        await asyncio.to_thread(standby.stop)
+        item = new_event()
+        with pytest.raises(JournalUnavailable, match="waiting for synchronous replication"):
+            await journal.ingest(item)
+        retry = new_event(key=item.event.dedup_key)
+        with pytest.raises(JournalUnavailable, match="waiting for synchronous replication"):
+            await journal.ingest(retry)
+        await asyncio.to_thread(standby.start)
+        again = await journal.ingest(new_event(key=item.event.dedup_key))
+        assert (again.duplicate, again.event_id) == (True, item.event.id)

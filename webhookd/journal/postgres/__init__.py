@@ -165,6 +165,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.writer_problem: str | None = None
         self._closing = False
         self._sync_each = False  # see open()
+        # Whether commits wait for synchronous standbys: said at open, or by a commit cut in
+        # that wait since (the setting may change under a running node). See write_ingests.
+        self.sync_standbys = False
         self.commits = 0
         self.batched_ops = 0
         self.backlog_jobs = 0
@@ -229,6 +232,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         except BaseException:
             await self._close_pool()
             raise
+        self.sync_standbys = bool(standbys)
         if self.node and not standbys:
             # Said once per start: a commit is then as safe as this server's disk, and a
             # failover to an asynchronous replica loses the last ones (measured: 406 of 8,000).
@@ -397,7 +401,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._writing_since = time.monotonic()
         try:
             ingested, (recorded, cancelled) = await self._write(
-                lambda conn: write_group(conn, ingests, results, tokens, now, starts.job_ids, claim)
+                lambda conn: write_group(
+                    conn, ingests, results, tokens, now, starts.job_ids, claim, self.sync_standbys
+                )
             )
         except BaseException as exc:
             self._claiming.discard(claim[1])

@@ -65,6 +65,7 @@ class PgNodes:
     _leader_until: float
     _down_since: float | None
     _replication_stalled: bool
+    sync_standbys: bool
     _up_since: float | None
     _beat_at: float | None
     forgotten_wanted: bool
@@ -164,6 +165,8 @@ class PgNodes:
         operator told only that the database does not answer looks at the network."""
         self.last_write_error = db_error(exc)
         self._up_since = None
+        if isinstance(exc, ReplicationStall):
+            self.sync_standbys = True
         stalled = isinstance(exc, ReplicationStall) and not self._replication_stalled
         self._replication_stalled |= stalled
         if self._down_since is None:

@@ -39,11 +39,13 @@ async def write_ingests(
     now: float,
     start: frozenset[str] = frozenset(),
     claim: tuple[str, str, float] = ("", "", 0.0),
+    hold_taken: bool = False,
 ) -> list[IngestResult]:
     """Dedup keys, then events and jobs; a key already held (by a committed event, another
     node's included, or an earlier one in this batch) makes its event a duplicate. The jobs in
     ``start`` are written claimed, as ``write_claim`` would, by ``claim``: (node id, token,
-    lease in seconds)."""
+    lease in seconds). ``hold_taken`` (a database with synchronous standbys): the keys found
+    taken are locked, so that the commit waits for the standbys (see below)."""
     claims: dict[str, str] = {}  # key → the first event in this batch that brings it
     for op in ops:
         e = op.item.event
@@ -62,7 +64,20 @@ async def write_ingests(
     )
     owners: dict[str, str] = dict(claims)
     if int(status.rsplit(" ", 1)[-1]) != len(keys):
-        rows = await conn.fetch("SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])", keys)
+        # A duplicate is answered as the event that holds its key, which may be on the primary
+        # alone: a commit whose wait for the synchronous standbys was cancelled (cut at its
+        # deadline, a restart) stands there. With standbys, the keys found taken are therefore
+        # locked (the weakest lock, which only a delete waits for): a row lock is written to
+        # the WAL, so this batch's commit waits for the standbys as a new event's does, and
+        # they confirm it only once they have every commit before it. Else a batch of
+        # duplicates alone wrote nothing, did not wait, and a provider's retry of a webhook
+        # answered 503 was answered 2xx while no standby had it. Without standbys the holder's
+        # commit is as durable as any, and the lock would only cost a flush.
+        rows = await conn.fetch(
+            "SELECT key, event_id FROM dedup WHERE key = ANY($1::text[])"
+            + (" FOR KEY SHARE" if hold_taken else ""),
+            keys,
+        )
         owners.update({r[0]: r[1] for r in rows})
     out = sort_ingests(ops, owners, start, claim[1])
     events, jobs, orphans = out.event_rows, out.job_rows, out.orphans
@@ -149,15 +164,17 @@ async def write_group(
     now: float,
     start: frozenset[str],
     claim: tuple[str, str, float],
+    hold_taken: bool = False,
 ) -> tuple[list[IngestResult], tuple[set[int], frozenset[str]]]:
-    """One group commit: outcomes (``write_finishes``), then ingests (``write_ingests``).
+    """One group commit: outcomes (``write_finishes``), then ingests (``write_ingests``, with
+    ``hold_taken``).
 
     In this order: outcomes lock the jobs they end, and an ingest behind a job of its key
     share-locks that job last of all (the ``behind`` mark's lock, skipping a job being
     written), then waits on nothing. Ingests first, two nodes each ingesting behind a job the
     other was ending each held what the other waited for: a deadlock."""
     finished = await write_finishes(conn, results, tokens) if results else (set(), frozenset())
-    ingested = await write_ingests(conn, ingests, now, start, claim) if ingests else []
+    ingested = await write_ingests(conn, ingests, now, start, claim, hold_taken) if ingests else []
     return ingested, finished
 
 
