@@ -33,7 +33,7 @@ from conftest import (
     make_config,
     own_pg_server,
 )
-from ops_support import accepted, event_state, forward_source
+from ops_support import accepted, cli, event_state, forward_source
 from procs import Procs, config_text, poll
 from test_journal_contract import (
     LEASE_S,
@@ -2361,6 +2361,50 @@ async def test_pg_while_a_synchronous_standby_is_away_a_node_holds_no_more_backe
 
 def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in r.getMessage() for r in caplog.records)
+
+
+async def test_pg_a_cli_change_held_by_an_absent_synchronous_standby_says_why_then_what_became(
+    sync_standby: tuple[str, Standby], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`webhookd pause` while the synchronous standby was away sat silent for the answer
+    deadline, said "no answer from the database", and left its backend waiting on the server,
+    so that the pause took effect later, whenever the standby came back. It now says within
+    seconds that it waits, and for what; at the deadline it cancels its commit's wait, exits 1
+    and says that the change is made on the primary, where it now is, and no backend of its is
+    left behind."""
+    url, standby = sync_standby
+    monkeypatch.setattr(db, "ANSWER_DEADLINE_S", 4)
+    monkeypatch.setattr(postgres, "CLI_WAITING_S", 1)
+    config = tmp_path / "webhookd.toml"
+    shop = '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+    config.write_text(config_text(f'url = "{url}"', shop))
+    async with PostgresJournal(url, heartbeat_s=3600):  # made, as a node makes it at its start
+        pass
+    watch = await asyncpg.connect(url)
+    try:
+        await asyncio.to_thread(standby.stop)
+        out = await cli("pause", "shop", "--config", str(config))
+        assert out.exit_code == 1, out.output
+        waiting, failed = out.stderr.splitlines()
+        assert waiting == (
+            "webhookd: waiting for the database (its commit waits for synchronous replication:"
+            f" the standbys named in synchronous_standby_names ('{SYNC_NAMES}') have not"
+            " confirmed it); giving up after 4 s"
+        )
+        assert failed == (
+            "webhookd: error: journal write failed: waiting for synchronous replication: the"
+            f" standbys named in synchronous_standby_names ('{SYNC_NAMES}') did not confirm a"
+            " commit in 4 s; the change is made on the primary all the same, and reaches the"
+            " standbys once they are back (a failover to one before then loses it)"
+        )
+        assert await watch.fetchval("SELECT count(*) FROM paused_sources") == 1
+        _, waiting_backends, _ = await _backends(watch)
+        assert waiting_backends == 0
+        await asyncio.to_thread(standby.start)
+        out = await cli("resume", "shop", "--config", str(config))
+        assert out.exit_code == 0 and out.stdout == "resumed shop\n", out.output
+    finally:
+        await watch.close()
 
 
 async def test_pg_a_retry_of_a_webhook_cut_while_the_synchronous_standby_is_away_waits_for_it(

@@ -57,7 +57,7 @@ from webhookd.journal import (
     serve_lock_held,
     why_unusable,
 )
-from webhookd.journal.base import upgrade_log
+from webhookd.journal.base import upgrade_log, waiting_log
 from webhookd.journal.records import EventSummary, JobsIn
 from webhookd.models import EVENT_ID, event_id_time
 from webhookd.redact import (
@@ -165,10 +165,12 @@ class _SayOnStderr(logging.Handler):
 
 
 def _say_upgrades() -> None:
-    """A verb that opens an older journal upgrades its schema; it says so, as serve logs it."""
-    if not any(isinstance(h, _SayOnStderr) for h in upgrade_log.handlers):
-        upgrade_log.addHandler(_SayOnStderr())
-        upgrade_log.setLevel(logging.INFO)
+    """A verb that opens an older journal upgrades its schema; it says so, as serve logs it.
+    One that its database keeps waiting says that too, and for what when the server tells."""
+    for logger in (upgrade_log, waiting_log):
+        if not any(isinstance(h, _SayOnStderr) for h in logger.handlers):
+            logger.addHandler(_SayOnStderr())
+            logger.setLevel(logging.INFO)
 
 
 def _journal_file_needed(cfg: config_mod.Config) -> None:

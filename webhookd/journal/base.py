@@ -65,6 +65,9 @@ _T = TypeVar("_T")
 log = logging.getLogger("webhookd.journal")
 # Its own logger, so that a CLI verb, which logs nothing else, can still say it upgrades.
 upgrade_log = logging.getLogger("webhookd.journal.upgrade")
+# The same for a CLI verb whose database keeps it waiting (a PostgreSQL journal's, which says
+# what for when the server tells): else it would sit silent until it gives up.
+waiting_log = logging.getLogger("webhookd.journal.waiting")
 
 # Events per transaction of a bulk replay or cancel (the CLI's, the admin API's): short enough
 # not to hold up the daemon's ingest commits, few enough that a big one is not a commit per event.

@@ -56,6 +56,7 @@ from webhookd.journal.postgres.db import (
     quiet_pool_retries,
     redact_url,
     rowcount,
+    what_became,
 )
 from webhookd.journal.postgres.lanes import PgLanes
 from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
@@ -111,6 +112,10 @@ LOCK_TIMEOUT_S = 5
 IDLE_IN_TRANSACTION_S = 5
 # How often a write the server ended to break a deadlock is tried (_write).
 WRITE_TRIES = 3
+# How long a command's use of the database (the CLI's) waits before it says that it waits, and
+# for what (``BoundedPool``): a commit held by an absent synchronous standby waited the whole
+# answer deadline in silence, and an operator took the command for hung.
+CLI_WAITING_S = 3.0
 
 
 async def _on_connect(conn: Any) -> None:
@@ -214,7 +219,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     init=_on_connect,
                     timeout=10,  # to connect; a server that never answers is an error, not a hang
                 )
-                self._pool = BoundedPool(raw)
+                self._pool = BoundedPool(raw, waiting_s=None if self.node else CLI_WAITING_S)
             except ValueError as exc:  # a URL the driver cannot read: its words may quote it
                 raise JournalError(
                     f"cannot open journal {self.location}: its URL cannot be read"
@@ -339,8 +344,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     log.info("journal write ended to break a deadlock; trying it again")
                     self.rerun_writes += 1
                     continue
-                self.went_down(exc)
-                raise JournalUnavailable(f"journal write failed: {db_error(exc)}") from exc
+                # A node's writes are retried or answered 503, and it says so once per outage;
+                # an operator's command is told what became of its change.
+                if self.node:
+                    self.went_down(exc)
+                became = "" if self.node else what_became(exc)
+                raise JournalUnavailable(f"journal write failed: {db_error(exc)}{became}") from exc
             # While commits wait for the synchronous standbys, one that wrote nothing (a claim
             # that found its jobs taken) does not wait, and proves nothing: the heartbeat's,
             # which always writes, says when the standbys are back.

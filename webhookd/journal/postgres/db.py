@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 import asyncpg
 
 from webhookd.config import credentials_unclear
+from webhookd.journal.base import waiting_log
 
 # What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.
 # InternalClientError too: on the stock event loop a connection the server has just terminated
@@ -166,10 +167,14 @@ class BoundedPool:
     what it runs is cancelled, and whatever waits on it fails with ``Cut`` (``ReplicationStall``
     when the server said that a commit waited for its synchronous standbys); a connection that
     does not answer the cancel within ``CANCEL_GRACE_S`` is terminated (its socket closed), and
-    the pool opens a fresh one for the next use."""
+    the pool opens a fresh one for the next use.
 
-    def __init__(self, raw: Any) -> None:
+    ``waiting_s`` (the CLI's): a use still waiting after that long says so once, and why as far
+    as the server tells, on ``waiting_log``: a command that would otherwise sit silent."""
+
+    def __init__(self, raw: Any, waiting_s: float | None = None) -> None:
         self.raw = raw
+        self.waiting_s = waiting_s
 
     @contextlib.asynccontextmanager
     async def acquire(self, deadline_s: float | None = None) -> AsyncIterator[Any]:
@@ -187,6 +192,9 @@ class BoundedPool:
         loop = asyncio.get_running_loop()
         cut = _Cutter(conn, deadline_s)
         timer = loop.call_later(deadline_s, cut.begin)
+        waiting = None
+        if self.waiting_s is not None and self.waiting_s < deadline_s:
+            waiting = loop.call_later(self.waiting_s, self._say_waiting, cut)
         failed: BaseException | None = None
         try:
             yield conn
@@ -195,6 +203,8 @@ class BoundedPool:
                 raise
             failed = exc
         finally:
+            if waiting is not None:
+                waiting.cancel()
             try:
                 await cut.settle()
                 # Still under the timer: it may talk to the server. After a cut, what it says
@@ -207,6 +217,41 @@ class BoundedPool:
         if cut.began:  # the body may have ended well after the deadline: its answer came late
             raise cut.error() from failed
 
+    def _say_waiting(self, cut: _Cutter) -> None:
+        task = asyncio.get_running_loop().create_task(self._waiting(cut))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _waiting(self, cut: _Cutter) -> None:
+        """Say that ``cut``'s use waits, and for what if another connection can see it in
+        ``pg_stat_activity`` (not behind a pooler: the process id it gives is its own)."""
+        if cut.conn.is_closed():
+            return
+        why = "no answer yet"
+        pid = cut.conn.get_server_pid()
+        with contextlib.suppress(*DB_ERRORS):
+            async with asyncio.timeout(5.0):
+                async with self.raw.acquire() as other:
+                    row = await other.fetchrow(
+                        "SELECT wait_event_type, wait_event,"
+                        " current_setting('synchronous_standby_names') FROM pg_stat_activity"
+                        " WHERE pid = $1",
+                        pid,
+                    )
+            if row is not None and row[1] == "SyncRep":
+                why = (
+                    "its commit waits for synchronous replication: the standbys named in"
+                    f" synchronous_standby_names ({row[2]!r}) have not confirmed it"
+                )
+            elif row is not None and row[0] == "Lock":
+                why = "it waits for a lock another session holds"
+        if not cut.releasing:  # still waiting
+            waiting_log.warning(
+                "waiting for the database (%s); giving up after %g s",
+                why,
+                round(cut.deadline_s, 1),
+            )
+
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         async with self.acquire() as conn:
             return list(await conn.fetch(sql, *args))
@@ -218,6 +263,10 @@ class BoundedPool:
     async def execute(self, sql: str, *args: Any, deadline_s: float | None = None) -> str:
         async with self.acquire(deadline_s) as conn:
             return str(await conn.execute(sql, *args))
+
+
+# Tasks started from timer callbacks, kept referenced until they end.
+_background: set[asyncio.Task[None]] = set()
 
 
 class _Cutter:
@@ -288,3 +337,17 @@ class _Cutter:
                 f" in {took}"
             )
         return Cut(f"no answer from the database in {took}")
+
+
+def what_became(exc: BaseException) -> str:
+    """What a write that failed with ``exc`` left in the journal, for a command that made it
+    (the CLI): a cut one may have been made, and one cut in its wait for the synchronous
+    standbys was. Nothing for any other error: its transaction was rolled back."""
+    if isinstance(exc, ReplicationStall):
+        return (
+            "; the change is made on the primary all the same, and reaches the standbys once"
+            " they are back (a failover to one before then loses it)"
+        )
+    if isinstance(exc, Cut):
+        return "; the change may or may not have been made: look before making it again"
+    return ""
