@@ -1739,16 +1739,23 @@ async def test_pg_a_lock_on_jobs_that_holds_every_lease_loop_costs_no_live_node_
             assert len(await live.claim([job_id], "boot_live")) == 1
             released = False
             after: asyncio.Future[Recovery] = asyncio.get_running_loop().create_future()
-            recover_lost = leader.recover_lost
 
-            async def watched(**kw: Any) -> Recovery:
-                began_after = released  # a round begun under the lock may end after it
-                recovery = await recover_lost(**kw)
-                if began_after and not after.done():
-                    after.set_result(recovery)
-                return recovery
+            def watch(node: PostgresJournal) -> None:
+                # Either node: the leader's lease may pass under the lock, and the live node
+                # lead when it goes.
+                recover_lost = node.recover_lost
 
-            leader.recover_lost = watched  # type: ignore[method-assign]
+                async def watched(**kw: Any) -> Recovery:
+                    began_after = released  # a round begun under the lock may end after it
+                    recovery = await recover_lost(**kw)
+                    if began_after and not after.done():
+                        after.set_result(recovery)
+                    return recovery
+
+                node.recover_lost = watched  # type: ignore[method-assign]
+
+            watch(leader)
+            watch(live)
             op = await asyncpg.connect(pg_url)
             try:
                 async with op.transaction():
@@ -1757,7 +1764,7 @@ async def test_pg_a_lock_on_jobs_that_holds_every_lease_loop_costs_no_live_node_
                 released = True
             finally:
                 await op.close()
-            recovery = await asyncio.wait_for(after, 30)  # the leader's first look since
+            recovery = await asyncio.wait_for(after, 30)  # the first look since, by who leads
             job = (await live.get_event(item.event.id)).jobs[0]
             assert (recovery.requeued, job.state, job_id in live._tokens) == (
                 0,
