@@ -77,6 +77,28 @@ def text_of(raw: bytes, charset: str | None) -> str:
     return raw.decode(name if name in _CHARSET_NAMES else "utf-8", "replace")
 
 
+# A parameter as the email package's ``get_param`` hands it back: a string, or for an RFC 2231
+# one (``name*=charset'language'text``) that tuple, its text's percent escapes undone as latin-1.
+_Param = str | tuple[str | None, str | None, str]
+
+
+def _param_text(value: _Param) -> str:
+    """A parameter's text, as the email package's ``collapse_rfc2231_value`` makes it, but with
+    an RFC 2231 value's charset matched by ``text_of``, never looked up: that function hands a
+    sender's charset name to the codecs registry, and the ``encodings`` module keeps every
+    name it is asked for, unknown ones too (a thousand parts named ``name*=<random>''x`` in
+    each forged post grew a daemon by 148 MB in 120 posts, never given back)."""
+    if isinstance(value, tuple):
+        charset, _, text = value
+        return text_of(bytes(text, "raw-unicode-escape"), charset)
+    return email.utils.unquote(value)
+
+
+def _get_param(headers: email.message.Message, param: str, header: str) -> _Param | None:
+    """``header``'s parameter ``param`` as ``get_param`` reads it, None where there is none."""
+    return headers.get_param(param, header=header)
+
+
 class Part:
     """One part: its parsed header block, and where its content is in the body (copied out
     only when asked for: an attachment skipped costs nothing)."""
@@ -115,25 +137,33 @@ class Part:
         part whose parameters are past ``_MOST_PARAMS``, which is no provider's field."""
         if not self._readable("content-disposition"):
             return None
-        name = self.headers.get_param("name", header="content-disposition")
+        name = _get_param(self.headers, "name", "content-disposition")
         if isinstance(name, tuple):  # RFC 2231: name*=utf-8''...
-            name = email.utils.collapse_rfc2231_value(name)
-        return name if isinstance(name, str) else None
+            return _param_text(name)
+        return name
 
     @property
     def filename(self) -> str | None:
         """Set on an uploaded file (an attachment), None on a plain field."""
-        # Read from the Content-Type's name= where the Content-Disposition has no filename=.
+        # As the email package's get_filename reads it (the Content-Type's name= where the
+        # Content-Disposition has no filename=), but with no charset looked up (_param_text).
         if not self._readable("content-disposition", "content-type"):
             return None
-        return self.headers.get_filename()
+        filename = _get_param(self.headers, "filename", "content-disposition")
+        if filename is None:
+            filename = _get_param(self.headers, "name", "content-type")
+        return None if filename is None else _param_text(filename).strip()
 
     @property
     def charset(self) -> str | None:
-        """The charset its Content-Type names, if any (and its parameters can be read)."""
+        """The charset its Content-Type names, in lower case, if any (and its parameters can
+        be read); None for one that is not ASCII, which names no charset."""
         if not self._readable("content-type"):
             return None
-        return self.headers.get_content_charset()
+        charset = _get_param(self.headers, "charset", "content-type")
+        if isinstance(charset, tuple):  # charset*=...: its text as sent, decoded by nothing
+            charset = charset[2]  # (a charset's name is ASCII, read alike in any charset)
+        return charset.lower() if charset is not None and charset.isascii() else None
 
     def decoded(self) -> bytes:
         """The content with its transfer encoding undone (base64, quoted-printable), as the
@@ -163,7 +193,8 @@ def parts(content_type: str, body: bytes, most: int | None = None) -> Iterator[P
         return  # no provider's: its parameters are not parsed (see _MOST_PARAMS)
     holder = email.message.Message()
     holder["Content-Type"] = content_type
-    boundary = holder.get_boundary()
+    value = _get_param(holder, "boundary", "content-type")
+    boundary = "" if value is None else _param_text(value).rstrip()  # as get_boundary reads it
     if not boundary:
         return
     delimiter = b"--" + boundary.encode("utf-8", "replace")
