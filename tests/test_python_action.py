@@ -66,6 +66,34 @@ async def test_sync_handler_runs_in_a_thread_with_form_and_tenant(tmp_path: Path
     assert SEEN_THREADS and SEEN_THREADS[0] != threading.main_thread().name
 
 
+async def count_fields(event: webhookd.Event) -> int:
+    return len(event.form())
+
+
+async def test_a_handlers_form_reads_as_many_fields_as_the_receiver_does(tmp_path: Path) -> None:
+    """``event.form()`` reads at most 1,000 fields or parts, as the receiver does: a form of
+    more raises ``forms.TooManyFields`` (a ``ValueError``), and the attempt fails saying so,
+    where it was read whole (320 ms for a megabyte of tiny parts, on the event loop in an
+    async handler)."""
+    at_limit = b"&".join(b"f%d=1" % n for n in range(1_000))
+    urlencoded = "application/x-www-form-urlencoded"
+    job, _ = await run_handler(tmp_path, "test_python_action:count_fields", at_limit, urlencoded)
+    assert (job.state, job.result) == (JobState.DONE, 1_000)
+    part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+    over = [
+        (at_limit + b"&f=1", urlencoded),
+        (part * 1_001 + b"--b--\r\n", "multipart/form-data; boundary=b"),
+    ]
+    for n, (body, content_type) in enumerate(over):
+        job, _ = await run_handler(
+            tmp_path / str(n), "test_python_action:count_fields", body, content_type
+        )
+        assert (job.history[0].outcome, job.history[0].error) == (
+            "retry",
+            "TooManyFields: the form has more than 1,000 fields",
+        )
+
+
 BLOCKED, ALL_BLOCKING = threading.Event(), threading.Event()
 BLOCKING: list[str] = []
 BLOCKING_HANDLERS = 12  # more than the default executor's threads on a small machine
