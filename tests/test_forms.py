@@ -397,6 +397,22 @@ def test_odd_bytes_in_a_parts_headers_and_charset_raise_nothing() -> None:
     assert found == {"id\ufffd": "x", "c": "café", "d": "d"}
 
 
+def test_a_parameter_sent_whole_and_in_numbered_pieces_makes_its_header_unreadable() -> None:
+    """``name*=a; name*0=b``: the email package's parameter decoding raises TypeError on it
+    (sorting None with ints). The header's parameters are not read, as ones past their limits
+    are not: no name (so no field), no filename, no charset, or no boundary for the form."""
+    body = (
+        b"--XyZ\r\nContent-Disposition: form-data; name*=a; name*0=b\r\n\r\nv\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="f"; filename*1=a; filename*=b\r\n'
+        b"Content-Type: text/plain; charset*0=utf-8; charset*=x\r\n\r\nw\r\n--XyZ--\r\n"
+    )
+    found = [
+        (p.name, p.filename, p.charset) for p in parts("multipart/form-data; boundary=XyZ", body)
+    ]
+    assert found == [(None, None, None), (None, None, None)]
+    assert list(parts("multipart/form-data; boundary*=XyZ; boundary*0=XyZ", body)) == []
+
+
 def test_a_handler_asking_a_json_body_for_its_form_is_told_to_read_json() -> None:
     """``event.form()`` on a JSON body raises as ``json()`` does on a form, instead of one
     field named after the whole body; a form, or a body sent without a type, is read."""

@@ -771,3 +771,25 @@ async def test_no_charset_a_form_names_is_looked_up(make_intake: StartIntake) ->
         assert answer.status == 202, answer
         assert (await intake.journal.get_event(answer.doc["id"])).event.dedup_key == f"f:v{seed}"
     assert encodings._cache == before  # type: ignore[attr-defined]
+
+
+async def test_rfc_2231_parameters_numbered_and_not_are_no_error(make_intake: StartIntake) -> None:
+    """A part parameter sent both whole and in numbered pieces (``name*=a; name*0=b``), which
+    the email package's parameter decoding fails on with a TypeError: an unsigned post to a
+    Mailgun source was answered 503 (and logged as an unexpected error); now the part's
+    parameters are unreadable, as ones past their limits are, and the post is a 401."""
+    intake = await make_intake(MAILGUN_SOURCE + FORM_SOURCE)
+    body = (
+        b"--XyZ\r\nContent-Disposition: form-data; name*=a; name*0=b\r\n\r\nv\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="id"\r\n'
+        b"Content-Type: text/plain; charset*=utf-8''x; charset*1=y\r\n\r\nw\r\n--XyZ--\r\n"
+    )
+    headers = [(b"Content-Type", b"multipart/form-data; boundary=XyZ")]
+    answer = await intake.post(b"/hooks/mg", body, headers)
+    assert assert_json_error(answer, 401) == "missing signature"
+    answer = await intake.post(b"/hooks/f", body, headers)
+    assert answer.status == 202, answer
+    assert (await intake.journal.get_event(answer.doc["id"])).event.dedup_key == "f:w"
+    numbered = [(b"Content-Type", b"multipart/form-data; boundary*=XyZ; boundary*0=XyZ")]
+    answer = await intake.post(b"/hooks/mg", body, numbered)
+    assert assert_json_error(answer, 401) == "missing signature"

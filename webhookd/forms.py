@@ -103,8 +103,14 @@ def _param_text(value: _Param) -> str:
 
 
 def _get_param(headers: email.message.Message, param: str, header: str) -> _Param | None:
-    """``header``'s parameter ``param`` as ``get_param`` reads it, None where there is none."""
-    return headers.get_param(param, header=header)
+    """``header``'s parameter ``param`` as ``get_param`` reads it, None where there is none or
+    the parameters cannot be read: one sent both whole and in numbered RFC 2231 pieces
+    (``name*=a; name*0=b``) makes the email package sort None with ints, a TypeError (an
+    unsigned post to a Mailgun source was answered 503)."""
+    try:
+        return headers.get_param(param, header=header)
+    except TypeError:
+        return None
 
 
 class Part:
