@@ -36,7 +36,7 @@ import contextlib
 import heapq
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,9 @@ JOURNAL_RETRY_S = 5.0
 # sources' jobs from the workers (800 queued model calls at rpm 450 held all 32 workers, and
 # a burst of forwards to an idle target got 37 of 200 through in 20 s).
 MOST_WAITING_FLOOR = 4
+# The most calls of an earlier process a lane without an ``rpm`` is seeded with (``Lane.seed``):
+# one with an rpm takes its latest ``rpm``, all that a window holds.
+MOST_SEEDED = 10_000
 # A call asked back at its turn has this long past it to come and take it (a job is picked a
 # little after its time) before later calls may; and a lane keeps at most this many such
 # turns, each of which an asked-back call's projection counts (the rest are asked back as
@@ -193,6 +196,18 @@ class _Bucket:
                 window_s = self.log[-1].at + LOG_S - now
         return max(0.0, bucket_s, window_s)
 
+    def seed(self, entries: Sequence[tuple[float, float]], now: float) -> None:
+        """Replay admissions made before ``now`` (times on this clock, oldest first) into a
+        bucket that has admitted nothing: its log holds them, and its level is what they left
+        of a bucket full before the first, refilled since. No burst of a fresh bucket on top."""
+        if not entries:
+            return
+        self.updated = entries[0][0]
+        for at, amount in entries:
+            self.refresh(at)
+            self.take(amount, at)
+        self.refresh(now)
+
     def take(self, amount: float, now: float) -> _Entry:
         self.level -= amount
         entry = _Entry(now, amount)
@@ -265,6 +280,7 @@ class Lane:
         self._tokens_refunded_total = 0
         self._waits_total = 0
         self._busy_total = 0
+        self._seeded = False
         # Calls refused with "has a long wait" and told when to come back, by the key they
         # came with (a job's id): each later projection counts them ahead, so a backlog
         # refused at once is asked back one slot apart, in the order it was refused, instead
@@ -292,6 +308,36 @@ class Lane:
     @property
     def shared(self) -> bool:
         return self._store is not None
+
+    @property
+    def most_seeded(self) -> int:
+        """The most earlier calls ``seed`` counts: the latest ``rpm`` (more than a window
+        holds change no admission), else ``MOST_SEEDED``."""
+        return self.config.rpm or MOST_SEEDED
+
+    def seed(self, calls: Iterable[tuple[float, int]]) -> int:
+        """Count the calls an earlier process made through this lane, (wall-clock time each
+        left, its tokens), as admitted here: a restart's lane goes on from the minute before it
+        instead of starting with a fresh burst on top of it. Before the lane admits anything,
+        and only a lane of its own (a shared lane's log is in the journal). Returns how many it
+        counted: those of the last ``LOG_S``, at most ``most_seeded``, the latest.
+
+        Each time goes from the wall clock to the lane's monotonic one by the offset between
+        them now; a call dated after now (the wall clock stepped back since) counts as now."""
+        if self._store is not None:
+            raise ValueError(f"lane {self.name!r} is shared: its log is the journal's")
+        if self._admitted_total or self._queue or self._promised or self._seeded:
+            raise ValueError(f"lane {self.name!r} has admitted or been seeded already")
+        self._seeded = True
+        wall, now = self._clock.time(), self._clock.monotonic()
+        entries = sorted(
+            (now - max(wall - at, 0.0), max(tokens, 0)) for at, tokens in calls if wall - at < LOG_S
+        )[-self.most_seeded :]
+        if self._requests is not None:
+            self._requests.seed([(at, 1.0) for at, _ in entries], now)
+        if self._tokens is not None:
+            self._tokens.seed([(at, float(tokens)) for at, tokens in entries], now)
+        return len(entries)
 
     async def acquire(self, tokens: int, *, max_wait_s: float, key: object = None) -> Reservation:
         """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once.
