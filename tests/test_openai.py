@@ -157,6 +157,26 @@ async def test_lane_reserves_then_settles_to_usage_and_heeds_remaining_headers(
     assert stats.tokens_available <= 1_000 - served.tokens
 
 
+async def test_an_attempt_keeps_when_its_call_left_the_lane_and_what_the_lane_counts(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """Each attempt that called through a lane keeps, for the next start's lane, the seconds
+    from its start to the call (``lane_call_s``) and the tokens the lane counts for it
+    (``lane_tokens``): the usage once answered, else the reservation (a 503's)."""
+    standin.statuses = [503]
+    extra = "[lanes.llm]\ntpm = 100_000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "hi", "text": "short"})
+        await kit.run_all()
+        job = await kit.job(event_id)
+        stats = kit.lanes["llm"].statistics()
+    failed, answered = (attempt.detail or {} for attempt in job.history)
+    (served,) = standin.served
+    assert (failed["status"], answered["lane_tokens"]) == (503, served.tokens)
+    assert failed["lane_tokens"] == stats.tokens_debited_total - served.tokens  # the reservation
+    assert 0 <= failed["lane_call_s"] < 1.0 and 0 <= answered["lane_call_s"] < 1.0
+
+
 @pytest.mark.parametrize("remaining", ["inf", "nan", "1e999", "-Infinity"])
 async def test_a_remaining_header_that_is_no_count_is_ignored_and_the_answer_kept(
     tmp_path: Path, standin: StandIn, clock: ManualClock, remaining: str

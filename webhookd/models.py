@@ -334,3 +334,11 @@ class LaneGrant:
     cooling_s: float  # the lane's shared cool-down left
     circuit: str | None  # why the lane's circuit is open, if it is
     probe_in_s: float  # an open circuit: seconds until a node may probe (0: this grant is it)
+
+
+# What an attempt that made a call through a lane keeps in its detail (the ``openai`` action),
+# so that the next process's lane counts the call (``BaseJournal.lane_calls``): the seconds
+# from the attempt's start to the lane letting the call go, and the tokens the lane counts for
+# it (the reported usage once answered, 0 after a 429, else the reservation).
+LANE_CALL_S = "lane_call_s"
+LANE_TOKENS = "lane_tokens"

@@ -24,7 +24,10 @@ The lane reserves ``prompt estimate + max_tokens`` and is settled against ``usag
 Reasoning models (o1, o3, o4-mini …) refuse ``max_tokens``: write ``max_completion_tokens``
 instead, and that is the parameter sent.
 The estimate is the prompt's characters / 4 plus 4 tokens per message: about right for English
-with OpenAI's tokenizers, and only a reservation; the settle corrects it.
+with OpenAI's tokenizers, and only a reservation; the settle corrects it. An attempt whose call
+went through a lane keeps in its detail when the call left (``lane_call_s``, seconds into the
+attempt) and what the lane counts for it (``lane_tokens``: the usage, 0 after a 429, else the
+reservation): the next start's lane counts the calls of the minute before it from them.
 
 With ``then = { forward = URL }`` the answer is POSTed on, signed like ``forward``. When that
 POST fails the job is retried, and the retry reuses the answer instead of asking the model
@@ -43,6 +46,7 @@ used).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -90,7 +94,7 @@ from webhookd.config import (
 )
 from webhookd.errors import ConfigError
 from webhookd.limiter import Lane, LaneBusy, Reservation
-from webhookd.models import Event, Job
+from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job
 from webhookd.templates import NoPayload, Template, compile_template, payload_of, to_json
 
 log = logging.getLogger("webhookd.actions.openai")
@@ -348,13 +352,23 @@ class OpenAIAction:
 
     async def run(self, event: Event, job: Job) -> Outcome:
         started = time.monotonic()
+        # The call's place in its lane (``LANE_CALL_S``, ``LANE_TOKENS``), set by ``_ask`` once
+        # the lane lets the call go: kept with the attempt however it ends, so that the next
+        # process's lane counts the call (``BaseJournal.lane_calls``). Empty: no call, or no lane.
+        call: dict[str, Any] = {}
+        outcome = await self._run(event, job, started, call)
+        if call:
+            outcome = dataclasses.replace(outcome, detail={**outcome.detail, **call})
+        return outcome
+
+    async def _run(self, event: Event, job: Job, started: float, call: dict[str, Any]) -> Outcome:
         then = self.settings.then
         # A job's result before it is done can only be the answer an earlier attempt kept when
         # its then-forward failed.
         answer = job.result if then is not None and _is_answer(job.result) else None
         reused = answer is not None
         if answer is None:
-            asked = await self._ask(event, job.id)
+            asked = await self._ask(event, job.id, started, call)
             if isinstance(asked, Outcome):
                 return asked
             answer = asked
@@ -369,7 +383,7 @@ class OpenAIAction:
         except asyncio.CancelledError as exc:
             # Cut off from outside (a drain past workers.shutdown_grace_s, the worker's
             # timeout_s): the answer goes with the cancellation, for the cut attempt's record.
-            keep_detail(exc, result=answer, answer_reused=reused)
+            keep_detail(exc, result=answer, answer_reused=reused, **call)
             raise
         except TimeoutError:
             return Outcome.retry(
@@ -421,7 +435,9 @@ class OpenAIAction:
         # the model is sent U+FFFD in its place, as any UTF-8 decoder would show it.
         return _LONE_SURROGATE.sub("\ufffd", text)
 
-    async def _ask(self, event: Event, job_id: str) -> dict[str, Any] | Outcome:
+    async def _ask(
+        self, event: Event, job_id: str, started: float, call: dict[str, Any]
+    ) -> dict[str, Any] | Outcome:
         s = self.settings
         messages = self._messages(event)
         reservation: Reservation | None = None
@@ -440,7 +456,10 @@ class OpenAIAction:
                 # made, its request and tokens go back, and the job is queued, held with the rest.
                 self.lane.withdraw(reservation)
                 return Outcome.wait("source paused", 1.0, lane=self.lane.name, paced=True)
-        started = time.monotonic()
+            # Rounded up: never before the call left, which the lane counted from then.
+            call[LANE_CALL_S] = math.ceil((time.monotonic() - started) * 1000) / 1000
+            call[LANE_TOKENS] = reservation.tokens
+        called = time.monotonic()
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
                 model=s.model,
@@ -452,40 +471,47 @@ class OpenAIAction:
                 temperature=s.temperature if s.temperature is not None else openai.omit,
             )
         except openai.APIStatusError as exc:
-            outcome = self._failed(exc, reservation, time.monotonic() - started)
+            outcome = self._failed(exc, reservation, time.monotonic() - called)
+            if exc.status_code == 429 and call:
+                call[LANE_TOKENS] = 0  # refused: ``_failed`` gave the lane its tokens back
             if self.lane is not None:
                 await self.lane.publish()  # a cool-down or an open circuit holds on every node
             return outcome
         except openai.APIConnectionError as exc:  # includes APITimeoutError
-            return Outcome.retry(self._unreachable(exc), duration_s=_round(started))
+            return Outcome.retry(self._unreachable(exc), duration_s=_round(called))
+        except asyncio.CancelledError as exc:
+            if call:  # cut off (a drain, the attempt's timeout_s) with the call under way
+                keep_detail(exc, **call)
+            raise
         try:
             completion: ChatCompletion = raw.parse()
             if not isinstance(completion, ChatCompletion):  # the SDK gives text that is not JSON
                 kind = raw.headers.get("content-type") or "no content type"
-                return self._not_a_completion(f"a {raw.status_code} of {kind}", raw.text, started)
+                return self._not_a_completion(f"a {raw.status_code} of {kind}", raw.text, called)
             answer = _answer(completion, max(MOST_RESULT_CHARS, s.max_tokens * _CHARS_PER_TOKEN))
             total = completion.usage.total_tokens if completion.usage is not None else None
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             # A 200 whose body is not a chat completion (a proxy's page, a server that is not
             # quite compatible): the SDK's parse or the reads below fail on it in their own words.
-            return self._not_a_completion(f"{type(exc).__name__}: {exc}", raw.text, started)
+            return self._not_a_completion(f"{type(exc).__name__}: {exc}", raw.text, called)
         if self.lane is not None and reservation is not None:
             if isinstance(total, int):
                 self.lane.settle(reservation, total)
+                call[LANE_TOKENS] = total
             if self.lane.statistics().circuit_open:
                 self.lane.close_circuit()  # this call was the probe, and it went through
                 try:
                     await self.lane.publish()
                 except asyncio.CancelledError as exc:  # answered already: not to be paid twice
                     if answer is not None:
-                        keep_detail(exc, result=answer, answer_reused=False)
+                        keep_detail(exc, result=answer, answer_reused=False, **call)
                     raise
         self._observe(raw.headers)  # after the settle: its refund must not undo the upstream's word
         if answer is None:
-            return self._not_a_completion("it has no choices", raw.text, started)
+            return self._not_a_completion("it has no choices", raw.text, called)
         if not isinstance(answer["text"], str):  # no answer, however the server may count it
             content = json.dumps(answer["text"], ensure_ascii=False, default=str)
-            return self._not_a_completion("its message's content is not text", content, started)
+            return self._not_a_completion("its message's content is not text", content, called)
         return answer
 
     def _not_a_completion(self, why: str, body: str, started: float) -> Outcome:
