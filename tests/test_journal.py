@@ -42,7 +42,9 @@ from webhookd.journal import (
     Finished,
     Ingested,
     Journal,
+    LaneAction,
     LaneBacklog,
+    LaneCall,
     NewEvent,
     NewJob,
     PolledCounts,
@@ -801,6 +803,38 @@ async def test_sqlite_prune_walks_only_the_events_old_enough_to_expire(tmp_path:
     plan, on = _plans(tmp_path / "j.db", statements, "SELECT e.id, e.received_at FROM events")
     assert "SCAN e" not in plan and any("events_received (received_at<?)" in p for p in plan), plan
     assert any("events_received (received_at>? AND received_at<?)" in p for p in on), on
+
+
+async def test_sqlite_lane_calls_read_the_windows_attempts_by_rowid_and_each_job_by_id(
+    tmp_path: Path,
+) -> None:
+    """``finished_at`` has no index in SQLite (it would cost every attempt's write): a start's
+    read of its lanes' calls takes the window's attempts by rowid from the ``seq`` halving
+    found, and each one's job by its id, never a scan of either table (measured: see
+    ``Reads.lane_calls``). The contract suite checks what it reads."""
+    clock = ManualClock()
+    async with Journal(tmp_path / "j.db", clock=clock) as journal:
+        for n in range(6):
+            item = new_event()
+            item = NewEvent(item.event, (NewJob(new_job_id(), "draft" if n % 2 else "x", "o", 3),))
+            await journal.ingest(item)
+            await journal.claim([item.jobs[0].id], "boot")
+            clock.advance(40.0)
+            done = dataclasses.replace(
+                _finished(item.jobs[0].id, JobState.DONE),
+                started_at=clock.time() - 1.0,
+                finished_at=clock.time(),
+                detail={"lane_call_s": 0.5, "lane_tokens": 10},
+            )
+            await journal.finish([done])
+        wanted = [LaneAction("shop", "draft", "llm", 60, 100)]
+        async with _traced(journal) as statements:
+            calls = await journal.lane_calls(wanted, clock.time() - 60.5)
+    assert calls == {"llm": [LaneCall(clock.time() - 0.5, 10)]}
+    [plan] = _plans(tmp_path / "j.db", statements, "WITH wanted")
+    assert "SEARCH a USING INTEGER PRIMARY KEY (rowid>?)" in plan, plan
+    assert "SEARCH j USING INDEX sqlite_autoindex_jobs_1 (id=?)" in plan, plan
+    assert not any(step in ("SCAN a", "SCAN j", "SCAN attempts", "SCAN jobs") for step in plan)
 
 
 async def test_sqlite_what_prune_deletes_is_not_left_in_the_file(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from webhookd.clock import ManualClock
+from webhookd.config import CATCH_ALL
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
     CAUSE_CHARS,
@@ -37,6 +38,8 @@ from webhookd.journal import (
     Claimed,
     Finished,
     Journal,
+    LaneAction,
+    LaneCall,
     NewEvent,
     NewJob,
     Poisoned,
@@ -1696,6 +1699,75 @@ async def test_counts_and_activity_describe_the_journal(store: Store) -> None:
             ("b", 1, None)
         ]
         assert await journal.oldest_queued_event_ids(5, exclude_source="webhookd") == []
+
+
+async def test_lane_calls_are_what_the_attempts_of_a_lanes_actions_kept_of_the_window(
+    store: Store,
+) -> None:
+    """What a restarted daemon's lanes start with (``lane_calls``): for each lane, the call of
+    each attempt of its actions that ended in the window, when it left and what it counts, as
+    its detail says, else at the attempt's end, of its answer's usage, else of the action's
+    max_tokens (an attempt a crash cut off, recovered at the next start, among them); an
+    attempt that posted an answer kept from before made none. A catch-all's action goes by
+    the names it takes, not a configured source's; of each lane the latest ``most``."""
+
+    async def attempt(
+        journal: BaseJournal,
+        source: str,
+        action: str,
+        state: JobState,
+        outcome: str,
+        at: float,
+        **kw: object,
+    ) -> None:
+        item = new_event(source=source, jobs=0)
+        item = NewEvent(item.event, (NewJob(new_job_id(), action, "openai", 3),))
+        await journal.ingest(item)
+        [claimed] = await journal.claim([item.jobs[0].id], "boot_before")
+        done = finished(item.jobs[0].id, state, outcome, now=START + at, claim=claimed.claim)
+        await journal.finish([dataclasses.replace(done, finished_at=START + at + 1.0, **kw)])
+
+    async with store.journal() as dying:  # a crash with a call under way
+        crashed = new_event(source="mail", jobs=0)
+        crashed = NewEvent(crashed.event, (NewJob(new_job_id(), "draft", "openai", 3),))
+        await dying.ingest(crashed)
+        await dying.claim([crashed.jobs[0].id], "boot_crashed")
+    store.clock.advance(LEASE_S + 1)  # past its lease (PostgreSQL); a new boot (SQLite)
+    restarted_at = store.clock.time()
+    async with store.journal() as journal:
+        await journal.recover("boot_restarted", max_recoveries=3)
+        done, queued, dead = JobState.DONE, JobState.QUEUED, JobState.DEAD
+        usage = {"text": "a draft", "model": "m", "usage": {"total_tokens": 99}}
+        await attempt(journal, "mail", "draft", done, "done", -20.0)  # ended before the window
+        kept = {"lane_call_s": 0.25, "lane_tokens": 321}
+        await attempt(journal, "mail", "draft", done, "done", 10.0, detail=kept)
+        await attempt(journal, "mail", "draft", done, "done", 12.0, result=usage)
+        refused = {"status": 429, "code": "rate_limit_exceeded"}
+        await attempt(journal, "mail", "draft", dead, "dead", 14.0, detail=refused)
+        await attempt(journal, "mail", "draft", queued, "retry", 16.0, detail={"status": 503})
+        reused = {"then": {"status": 502}, "answer_reused": True}
+        await attempt(journal, "mail", "draft", queued, "retry", 18.0, detail=reused)
+        await attempt(journal, "mail", "other", done, "done", 19.0, detail=kept)  # no lane
+        await attempt(journal, "gh", "sum", done, "done", 20.0, detail=kept)
+        latest = {"lane_call_s": 0.5, "lane_tokens": 7}
+        await attempt(journal, "gitlab", "sum", done, "done", 22.0, detail=latest)
+        await attempt(journal, "shop", "sum", done, "done", 24.0, detail=kept)  # its own "sum"
+        wanted = [
+            LaneAction("mail", "draft", "llm", 100, 200),
+            LaneAction(CATCH_ALL, "sum", "all", 1, 50),
+        ]
+        calls = await journal.lane_calls(wanted, START, named={"mail", "shop"})
+        assert await journal.lane_calls([], START) == {}
+    assert calls == {
+        "llm": [
+            LaneCall(START + 10.25, 321),
+            LaneCall(START + 13.0, 99),  # its end, its answer's usage
+            LaneCall(START + 15.0, 0),  # refused: the lane gave its tokens back
+            LaneCall(START + 17.0, 200),  # its end, the action's max_tokens
+            LaneCall(restarted_at, 200),  # cut off by the crash: counted as late as it can be
+        ],
+        "all": [LaneCall(START + 22.5, 7)],
+    }
 
 
 async def test_a_group_commit_takes_in_the_webhooks_queued_a_turn_later(

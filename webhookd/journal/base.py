@@ -46,7 +46,9 @@ from webhookd.journal.records import (
     Ingested,
     JobsIn,
     Lane,
+    LaneAction,
     LaneBacklog,
+    LaneCall,
     NewEvent,
     NodeInfo,
     Poisoned,
@@ -593,6 +595,21 @@ class BaseJournal(ABC):
     @abstractmethod
     async def activity(self, window_s: float) -> Activity:
         """Events received and attempts by outcome over the last ``window_s`` seconds."""
+
+    @abstractmethod
+    async def lane_calls(
+        self, actions: Sequence[LaneAction], since: float, named: Collection[str] = ()
+    ) -> dict[str, list[LaneCall]]:
+        """The calls ``actions`` made through their lanes whose attempts ended after ``since``
+        (wall clock), by lane, oldest first: of each lane the latest ``most`` (by the order the
+        attempts were written), as ``lane_call`` reads each attempt. An action of the catch-all
+        (source ``CATCH_ALL``) is the one of that name in the jobs of any source not ``named``.
+
+        What a process's lanes start with on a journal of their own, so that a restart does not
+        let one 60 s window hold a minute's calls before it and a minute's after: one read, of
+        the attempts ended in the window (PostgreSQL's ``attempts_finished``; SQLite's rowid
+        order). A journal whose lanes are shared (``shares_lanes``) has their log in the
+        database already and needs none of this."""
 
     # -- lanes shared by several nodes (only where ``shares_lanes``) ---------------------------
 

@@ -30,12 +30,15 @@ from webhookd.journal.records import (
     EventSummary,
     JobsIn,
     Lane,
+    LaneAction,
     LaneBacklog,
+    LaneCall,
     NodeInfo,
     Peeked,
     Ready,
     Series,
     by_action,
+    calls_by_lane,
     kept_sources,
 )
 from webhookd.journal.schema import (
@@ -530,6 +533,52 @@ class Reads:
             (first, since),
         )
         return Activity(window_s, int(received[0][0]), {r[0]: int(r[1]) for r in rows})
+
+    async def lane_calls(
+        self, actions: Sequence[LaneAction], since: float, named: Collection[str] = ()
+    ) -> dict[str, list[LaneCall]]:
+        """The calls ``actions`` made through their lanes whose attempts ended after ``since``,
+        by lane, oldest first, the latest ``most`` of each (see ``BaseJournal``).
+
+        ``finished_at`` has no index here (see ``_attempts_from``), and none is added: the
+        attempts of the window are those from the ``seq`` found by halving (with the same
+        allowance for outcomes written late as ``activity``), read in rowid order, each one's
+        job by its id, and the answers of the calls kept only. Measured on a journal of 100,000
+        attempts, one in five a lane's: 0.7-1.3 ms when they span a day, 5-8 ms an hour, 19-27
+        ms when all are of the last ten minutes (every one read, 10,000 in the window)."""
+        if not actions:
+            return {}
+        wanted = ", ".join("(?, ?, ?, ?, ?)" for _ in actions)
+        rows_of = [(a.source, a.action, a.lane, a.most, a.tokens) for a in actions]
+        try:
+            first = await self._attempts_from(since - _ENDED_BEFORE_APPENDED_S)
+            rows = await fetch(
+                self.reader,
+                f"WITH wanted(source, action, lane, most, tokens) AS (VALUES {wanted}),"
+                # CROSS JOIN keeps this order: the window's attempts by rowid, then each one's
+                # job by its id (no index has jobs by action).
+                " called AS (SELECT w.lane, w.most, w.tokens, a.seq, a.job_id,"
+                " ROW_NUMBER() OVER (PARTITION BY w.lane ORDER BY a.seq DESC) AS nth"
+                " FROM attempts a CROSS JOIN jobs j CROSS JOIN wanted w"
+                " WHERE a.seq >= ? AND a.finished_at > ? AND j.id = a.job_id"
+                " AND w.action = j.action AND (w.source = j.source OR (w.source = ?"
+                " AND j.source NOT IN (SELECT value FROM json_each(?)))))"
+                # The rows and answers of the calls kept only (an answer is up to 64 KiB).
+                " SELECT c.lane, a.started_at, a.finished_at, a.outcome, a.detail,"
+                " CASE WHEN a.outcome = 'done' THEN j.result END, c.tokens"
+                " FROM called c CROSS JOIN attempts a CROSS JOIN jobs j"
+                " WHERE c.nth <= c.most AND a.seq = c.seq AND j.id = c.job_id",
+                (
+                    *(v for row in rows_of for v in row),
+                    first,
+                    since,
+                    CATCH_ALL,
+                    json.dumps(sorted(named)),
+                ),
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        return calls_by_lane(rows)
 
     async def _attempts_from(self, since: float) -> int:
         """The ``seq`` from which on the attempts ended at ``since`` or later, found by halving

@@ -3,12 +3,13 @@ pool at a commit (``Starter``)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from webhookd.config import ALERT_SOURCE, CATCH_ALL, VerifyConfig
-from webhookd.models import Event, Job, JobState, quick_init
+from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job, JobState, quick_init
 from webhookd.redact import shown_headers, shown_query
 
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
@@ -403,6 +404,85 @@ class Activity:
     window_s: float
     received: int
     attempts_by_outcome: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LaneAction:
+    """An action that makes its calls through a rate lane (``[lanes.NAME]``), as
+    ``lane_calls`` asks for them."""
+
+    source: str  # ``CATCH_ALL``: the catch-all's, whose jobs go by the name each webhook took
+    action: str
+    lane: str
+    most: int  # the lane's latest calls are read, at most this many (its rpm)
+    tokens: int  # what a call counts when its attempt kept no count (the action's max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneCall:
+    """A call an earlier process made through a lane: when it left (wall clock; at the latest,
+    when its attempt recorded no time of its own) and the tokens it counts."""
+
+    at: float
+    tokens: int
+
+
+def lane_call(
+    started_at: float,
+    finished_at: float,
+    outcome: str,
+    detail: str | None,
+    result: str | None,
+    tokens: int,
+) -> LaneCall | None:
+    """The call an attempt of a lane's action made, from its row (``detail`` and the job's
+    ``result`` as JSON text, ``result`` only for ``done``); ``None`` when it made none.
+
+    An attempt of this release says when its call left and what it counts (``LANE_CALL_S``,
+    ``LANE_TOKENS``). Else (cut off by a crash, recovered at the next start; cut off by a drain
+    or its timeout before the call; written by an earlier release) the call is counted at the
+    attempt's end, which no call is after, and at the answer's usage when it was done, else at
+    ``tokens`` (the action's ``max_tokens``: the prompt is not counted). An attempt that posted
+    an answer kept from an earlier one made no call."""
+    try:
+        said = json.loads(detail) if detail else {}
+    except ValueError:
+        said = {}
+    if not isinstance(said, dict):
+        said = {}
+    if said.get("answer_reused") is True:
+        return None
+    after_s = said.get(LANE_CALL_S)
+    at = finished_at
+    if isinstance(after_s, (int, float)) and not isinstance(after_s, bool) and after_s >= 0:
+        at = min(started_at + after_s, finished_at)
+    counted = said.get(LANE_TOKENS)
+    if isinstance(counted, int) and not isinstance(counted, bool) and counted >= 0:
+        return LaneCall(at, counted)
+    if said.get("status") == 429:
+        return LaneCall(at, 0)  # refused: the lane gave its tokens back
+    if outcome == "done" and result:
+        try:
+            usage = json.loads(result).get("usage") or {}
+            total = usage.get("total_tokens")
+        except (ValueError, AttributeError):
+            total = None
+        if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+            return LaneCall(at, total)
+    return LaneCall(at, tokens)
+
+
+def calls_by_lane(rows: Iterable[Sequence[Any]]) -> dict[str, list[LaneCall]]:
+    """``lane_calls``' answer from its rows (lane, started_at, finished_at, outcome, detail,
+    result, tokens): the calls by lane, oldest first."""
+    found: dict[str, list[LaneCall]] = {}
+    for lane, started_at, finished_at, outcome, detail, result, tokens in rows:
+        call = lane_call(started_at, finished_at, outcome, detail, result, tokens)
+        if call is not None:
+            found.setdefault(lane, []).append(call)
+    for calls in found.values():
+        calls.sort(key=lambda call: call.at)
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,14 @@ from webhookd.journal.records import (
     EventSummary,
     JobsIn,
     Lane,
+    LaneAction,
     LaneBacklog,
+    LaneCall,
     NodeInfo,
     Ready,
     Series,
     by_action,
+    calls_by_lane,
     kept_sources,
 )
 from webhookd.journal.schema import (
@@ -356,6 +359,39 @@ class PgReads:
             since,
         )
         return Activity(window_s, int(received), {r[0]: int(r[1]) for r in rows})
+
+    async def lane_calls(
+        self, actions: Sequence[LaneAction], since: float, named: Collection[str] = ()
+    ) -> dict[str, list[LaneCall]]:
+        """The calls ``actions`` made through their lanes whose attempts ended after ``since``,
+        by lane, oldest first, the latest ``most`` of each (see ``BaseJournal``): the window's
+        attempts from ``attempts_finished``, each one's job by its id. The daemon does not ask:
+        lanes on this journal are shared, their log kept in the ``lanes`` table."""
+        if not actions:
+            return {}
+        rows = await self.fetch(
+            "WITH called AS (SELECT w.lane, w.most, w.tokens, a.seq, a.job_id,"
+            " row_number() OVER (PARTITION BY w.lane ORDER BY a.seq DESC) AS nth"
+            " FROM attempts a JOIN jobs j ON j.id = a.job_id"
+            " JOIN unnest($2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[])"
+            " AS w(source, action, lane, most, tokens) ON w.action = j.action"
+            " AND (w.source = j.source OR (w.source = $7 AND j.source <> ALL($8::text[])))"
+            " WHERE a.finished_at > $1)"
+            # The rows and answers of the calls kept only (an answer is up to 64 KiB).
+            " SELECT c.lane, a.started_at, a.finished_at, a.outcome, a.detail,"
+            " CASE WHEN a.outcome = 'done' THEN j.result END, c.tokens"
+            " FROM called c JOIN attempts a ON a.seq = c.seq JOIN jobs j ON j.id = c.job_id"
+            " WHERE c.nth <= c.most",
+            since,
+            [a.source for a in actions],
+            [a.action for a in actions],
+            [a.lane for a in actions],
+            [a.most for a in actions],
+            [a.tokens for a in actions],
+            CATCH_ALL,
+            sorted(named),
+        )
+        return calls_by_lane(rows)
 
     async def _value(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
