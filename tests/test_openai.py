@@ -1075,6 +1075,100 @@ async def test_a_full_lane_line_leaves_the_same_sources_other_actions_running(
         assert lane.statistics().admitted_total < 20  # the model calls are far from done
 
 
+# A lane of 6 rpm that may spend its whole minute at once: a restart that forgot the minute
+# before would send 6 more calls at once.
+RESTART_LANE = "[lanes.llm]\nrpm = 6\nburst_s = 60\n"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_a_restarted_daemons_lane_sends_only_what_the_minute_before_it_left(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """4 calls on a lane of 6 rpm, a stop, a start on the same journal and 6 more webhooks:
+    the new process's lane counts the 4 (from their attempts) and sends 2 within the minute,
+    asking the rest back for when the first calls leave it. Before, it started afresh and sent
+    6, and the provider (the stand-in, holding 6 rpm) answered 4 of them 429."""
+    upstream = await StandIn(rpm=6).start()
+    try:
+        cfg = make_config(tmp_path, source(upstream) + RESTART_LANE)
+        first = await run_daemon(cfg)
+        for n in range(4):
+            assert (await first.post("/hooks/mail", f"subject=a{n}&text=hi", headers=FORM))[
+                0
+            ] == 202
+        async with asyncio.timeout(10):
+            await upstream.wait_received(4)
+        assert await first.stop() == 0
+        second = await run_daemon(cfg)
+        lane = second.daemon.lanes["llm"]
+        for n in range(6):
+            assert (await second.post("/hooks/mail", f"subject=b{n}&text=hi", headers=FORM))[
+                0
+            ] == 202
+
+        async def the_rest_asked_back() -> bool:  # or, as before, sent
+            return lane.statistics().busy_total >= 4 or upstream.rate_limited > 0
+
+        await poll(the_rest_asked_back, timeout_s=10)
+        stats = lane.statistics()
+    finally:
+        await upstream.aclose()
+    assert (stats.admitted_total, upstream.received, upstream.rate_limited) == (2, 6, 0)
+    served = [charge.at for charge in upstream.served]
+    assert len(served) == 6 and served[-1] - served[0] < 60  # all six in one minute
+
+
+async def test_a_lane_after_kill_9_counts_the_minute_before_and_the_call_it_cut_off(
+    tmp_path: Path, procs: Any, http: Any
+) -> None:
+    """``kill -9`` with 3 calls made and a fourth under way (no outcome recorded: the next
+    start recovers it as interrupted): the next process's lane counts all four, the one cut
+    off as made at the restart, and of 6 more webhooks (and the recovered job) sends 2 within
+    the minute."""
+    from procs import write_config
+
+    upstream = await StandIn(rpm=6).start()
+    try:
+        config = write_config(
+            tmp_path / "webhookd.toml", tmp_path / "webhookd.db", source(upstream) + RESTART_LANE
+        )
+
+        async def post(daemon: Any, subject: str) -> None:
+            url = f"{daemon.url}/hooks/mail"
+            async with http.post(url, data=f"subject={subject}&text=hi", headers=FORM) as r:
+                assert r.status == 202
+
+        first = await procs.serve(config)
+        for n in range(3):
+            await post(first, f"a{n}")
+        async with asyncio.timeout(10):
+            await upstream.wait_received(3)
+        upstream.hold = asyncio.Event()  # the fourth is under way when the process dies
+        await post(first, "a3")
+        async with asyncio.timeout(10):
+            await upstream.wait_received(4)
+        await first.kill9()
+        upstream.hold.set()
+        upstream.hold = None
+        second = await procs.serve(config)
+        await second.wait_said(r"lane llm: 4 call\(s\) of the minute before this start counted")
+        for n in range(6):
+            await post(second, f"b{n}")
+
+        async def the_rest_asked_back() -> bool:
+            async with http.get(f"{second.admin_url}/stats") as r:
+                lane = (await r.json())["lanes"]["llm"]
+            # 7 jobs, the recovered one among them; or, as before, sent
+            return bool(lane["busy_total"] >= 5) or upstream.rate_limited > 0
+
+        await poll(the_rest_asked_back, timeout_s=10)
+        async with http.get(f"{second.admin_url}/stats") as r:
+            admitted = (await r.json())["lanes"]["llm"]["admitted_total"]
+    finally:
+        await upstream.aclose()
+    assert (admitted, upstream.received, upstream.rate_limited) == (2, 6, 0)
+
+
 @pytest.mark.parametrize(
     ("limit", "lane", "said"),
     [

@@ -49,13 +49,22 @@ from aiohttp import web
 
 from webhookd import actions as action_registry
 from webhookd import logs
-from webhookd.actions.base import Resources
+from webhookd.actions.base import Action, Resources
 from webhookd.actions.client import Lookup, open_session
 from webhookd.actions.command import kill_running_commands
+from webhookd.actions.openai import lane_actions
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
-from webhookd.config import CATCH_ALL, Config, Listen, cluster_digest, no_sources, plan_reload
+from webhookd.config import (
+    ALERT_SOURCE,
+    CATCH_ALL,
+    Config,
+    Listen,
+    cluster_digest,
+    no_sources,
+    plan_reload,
+)
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -68,7 +77,7 @@ from webhookd.errors import (
 from webhookd.http1 import host_port
 from webhookd.journal import BaseJournal, Poisoned, Pruned, open_journal
 from webhookd.json_errors import JsonErrorAppRunner
-from webhookd.limiter import Lane, build_lanes
+from webhookd.limiter import LOG_S, Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
 from webhookd.receiver import Receiver
@@ -243,6 +252,8 @@ class Daemon:
                 held=lambda source: source in pool.paused,
             )
             actions = action_registry.build(resources)
+            if not journal.shares_lanes:  # a shared lane's log is in the journal already
+                await _count_earlier_calls(journal, cfg, actions, self.lanes, self.clock.time())
 
             pool = WorkerPool(
                 config=cfg,
@@ -1005,6 +1016,36 @@ def _exit_within(deadline_s: float, status: int, why: str | None = None) -> thre
     timer.daemon = True  # never itself a reason to wait at exit
     timer.start()
     return timer
+
+
+async def _count_earlier_calls(
+    journal: BaseJournal,
+    cfg: Config,
+    actions: Mapping[tuple[str, str], Action],
+    lanes: Mapping[str, Lane],
+    now: float,
+) -> None:
+    """Start each lane with the calls the process before this one made through it in the
+    window before this start, read from their attempts (``Lane.seed``): a restart, clean or
+    not, then lets no 60 s window hold more than the lane's limits, where a fresh lane would
+    add its burst to the minute before. Before the workers start, so before any admission. A
+    read that fails leaves the lanes fresh, said once."""
+    wanted = lane_actions(actions)
+    if not wanted:
+        return
+    named = {name for name in cfg.sources if name != CATCH_ALL} | {ALERT_SOURCE}
+    try:
+        calls = await journal.lane_calls(wanted, now - LOG_S, named)
+    except JournalError as exc:
+        log.warning(
+            "lanes: the calls of the minute before this start could not be read, so each lane"
+            " starts with its burst as if none had been made: %s",
+            exc,
+        )
+        return
+    for name, made in sorted(calls.items()):
+        if counted := lanes[name].seed((call.at, call.tokens) for call in made):
+            log.info("lane %s: %d call(s) of the minute before this start counted", name, counted)
 
 
 async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str, str]]:

@@ -62,6 +62,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from webhookd.actions.base import (
     MOST_RESULT_CHARS,
+    Action,
     Outcome,
     Resources,
     excerpt,
@@ -93,6 +94,7 @@ from webhookd.config import (
     resolve_secret,
 )
 from webhookd.errors import ConfigError
+from webhookd.journal.records import LaneAction
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job
 from webhookd.templates import NoPayload, Template, compile_template, payload_of, to_json
@@ -675,3 +677,18 @@ def _answer(completion: ChatCompletion, most_chars: int) -> dict[str, Any] | Non
 
 def create(config: ActionConfig, resources: Resources) -> OpenAIAction:
     return OpenAIAction(config, resources)
+
+
+def lane_actions(actions: Mapping[tuple[str, str], Action]) -> list[LaneAction]:
+    """The actions of ``actions`` (by source and name, as ``build`` makes them) that make their
+    calls through a lane, as ``BaseJournal.lane_calls`` asks for them: the daemon's start
+    counts their calls of the minute before it in their lanes (``Lane.seed``). A call whose
+    attempt kept no count counts the action's ``max_tokens``."""
+    found = []
+    for (source, name), action in actions.items():
+        if isinstance(action, OpenAIAction) and action.lane is not None:
+            lane = action.lane
+            found.append(
+                LaneAction(source, name, lane.name, lane.most_seeded, action.settings.max_tokens)
+            )
+    return found
