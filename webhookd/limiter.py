@@ -23,10 +23,22 @@ that request too, and a 429's cool-down or an open circuit is written to the jou
 node (``publish``). When the journal cannot be reached the lane admits nothing (``LaneBusy``):
 guessing would let every node spend the whole budget.
 
+On a journal of its own (SQLite) the log lives in memory, and a restart would start it empty
+while the provider still counts the minute before: a lane of 120 rpm let 127 calls into one
+60 s window across a ``kill -9``, a fresh burst on top of the previous process's calls. So the
+daemon's start seeds each lane (``Lane.seed``) with the calls its actions made in the last
+``LOG_S``, read from their attempts (``BaseJournal.lane_calls``): each at the time it left and
+with the tokens it used, as the attempt's detail says, else at the attempt's end, which no call
+is after (a call a crash cut off counts as made at the restart). The bucket is replayed
+through them, so no burst is added on top; the bound then holds across a restart, clean or
+not. Hazards left, not seen: a call answered 429 (a wait records no attempt; the provider
+was refusing then anyway); the prompt of a call whose attempt kept no count (a crash's, an
+earlier release's: it counts the action's ``max_tokens``); a step of the wall clock between
+the two processes (the calls move with it); another process or node calling on the same API
+key. ``observe_remaining`` lowers the local estimate from response headers for those.
+
 Not aiolimiter: it starts empty and then bursts a whole period, has no refund, and lets small
-requests overtake a large one. Hazard: the log lives in memory, so right after a restart
-the upstream may still count the previous minute; a fresh lane therefore starts with only
-``burst_s`` worth, and ``observe_remaining`` lowers the local estimate from response headers.
+requests overtake a large one.
 """
 
 from __future__ import annotations
