@@ -1022,6 +1022,24 @@ async def test_pg_a_commit_on_one_node_wakes_the_others_at_once(pg_url: str) -> 
         assert not woken[a].is_set()
 
 
+async def test_pg_jobs_a_node_gives_back_wake_the_others_at_once(pg_url: str) -> None:
+    """Jobs queued again (a drain's cut, a claim in doubt, a silent node's recovered) were
+    left for the other nodes' sweep, which may be workers.sweep_interval_s away; each wakes
+    them as a commit of new jobs does."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as a, node(pg_url, clock) as b:
+        woken = asyncio.Event()
+        b.on_remote_jobs = woken.set
+        await asyncio.wait_for(asyncio.gather(a.listening.wait(), b.listening.wait()), 10)
+        item = new_event()
+        await a.ingest(item)
+        await asyncio.wait_for(woken.wait(), 10)  # its commit's wake-up
+        [claimed] = await a.claim([item.jobs[0].id], "boot_a")
+        woken.clear()
+        await a.unclaim([claimed.job.id])  # a drain gives it back
+        await asyncio.wait_for(woken.wait(), 10)
+
+
 async def test_pg_listen_url_hears_what_a_pooler_loses(
     pg_url: str,
     pgbouncer_url: str,

@@ -592,6 +592,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             lambda conn: write_forgotten(conn, self.node_id, holds, now, self.max_recoveries)
         )
         self.forgotten_wanted = False
+        if recovery.requeued:
+            self._notify_wanted.set()
         return recovery
 
     async def release_doubtful(self) -> int:
@@ -616,8 +618,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             self._doubtful.extend(tokens)
             raise
         released = rowcount(status)
-        if released and self.on_remote_jobs is not None:
-            self.on_remote_jobs()
+        if released:
+            self._notify_wanted.set()  # queued again: any idle node may take them now
+            if self.on_remote_jobs is not None:
+                self.on_remote_jobs()
         return released
 
     async def record_pending(self) -> int:
@@ -640,6 +644,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 await self._write(lambda conn: write_unclaims(conn, held, cut, now))
             finally:
                 self._claiming -= releasing
+            self._notify_wanted.set()  # given back by a drain: another node need not sweep
 
     async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
         """At start: heartbeat, then, if this node leads, re-queue what nodes that are gone

@@ -251,7 +251,12 @@ class PgNodes:
             )
             return recovery
 
-        return await self._write(fn)
+        recovery = await self._write(fn)
+        if recovery.requeued:
+            # Queued again: the idle nodes hear of them now, not at their next sweep (which
+            # may be workers.sweep_interval_s away).
+            self._notify_wanted.set()
+        return recovery
 
     async def _lease_loop(self) -> None:
         """Heartbeat, recount the cluster's backlog, and, while leading, take over the jobs of
