@@ -20,7 +20,7 @@ from conftest import Target, make_config
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions
-from webhookd.actions import delivery, forward
+from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
 from webhookd.cli import main
 from webhookd.errors import ConfigError
@@ -423,17 +423,22 @@ async def test_the_daemon_keeps_no_cookies_from_one_delivery_to_the_next(
     assert pool.outcomes["done"] == 2
 
 
-def forward_source(url: str) -> str:
-    return f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{url}"\n'
+def forward_source(url: str, method: str = "POST") -> str:
+    return (
+        f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "{url}"\n'
+        f'method = "{method}"\n'
+    )
 
 
 class IdleCloser:
     """A raw target on 127.0.0.1 that closes each connection, unanswered, at its request
     number ``closes_at`` (its keep-alive timeout running out just as the request came),
-    having answered 200 to those before."""
+    having answered 200 to those before; with ``begun``, after the first line of its answer
+    (it had the request, and was answering)."""
 
-    def __init__(self, closes_at: int) -> None:
+    def __init__(self, closes_at: int, begun: bool = False) -> None:
         self.closes_at = closes_at
+        self.begun = begun
         self.requests: list[int] = []  # each request's connection, numbered from 0
         self.connections = 0
         self.server: asyncio.Server | None = None
@@ -447,6 +452,9 @@ class IdleCloser:
                 await reader.readexactly(length)  # all read: closed on it unread, a reset
                 self.requests.append(connection)
                 if n == self.closes_at:
+                    if self.begun:
+                        writer.write(b"HTTP/1.1 200 OK\r\n")
+                        await writer.drain()
                     return
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
@@ -493,17 +501,34 @@ async def test_a_reused_connection_the_target_closed_is_sent_again_at_once(
     assert target.requests == [0, 0, 1]  # the second on the first connection, then a new one
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT"])
 async def test_a_new_connection_closed_unanswered_is_not_sent_again(
-    tmp_path: Path, run_daemon: Any
+    tmp_path: Path, run_daemon: Any, method: str
 ) -> None:
     """Only a reused connection is sent on again: a target closing a new one before it answers
-    has had the request, and the attempt fails (retried later, with its backoff)."""
+    has had the request, and the attempt fails (retried later, with its backoff). A PUT too,
+    which aiohttp's client sent again itself, on a new connection as on a reused one."""
     target = IdleCloser(closes_at=1)
     async with target as url:
-        cfg = make_config(tmp_path, forward_source(f"{url}/in"))
+        cfg = make_config(tmp_path, forward_source(f"{url}/in", method))
         outcomes = await deliver_one_by_one(await run_daemon(cfg), 1)
     assert outcomes == [(1, "retry")]
     assert target.requests == [0]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_a_connection_closed_once_the_answer_began_is_not_sent_again(
+    tmp_path: Path, run_daemon: Any, method: str
+) -> None:
+    """A reused connection closed after the first line of the answer: the target had the
+    request and was answering, so it is no keep-alive race; sent again at once, the target
+    got it twice."""
+    target = IdleCloser(closes_at=2, begun=True)
+    async with target as url:
+        cfg = make_config(tmp_path, forward_source(f"{url}/in", method))
+        outcomes = await deliver_one_by_one(await run_daemon(cfg), 2)
+    assert outcomes == [(1, "done"), (1, "retry")]
+    assert target.requests == [0, 0]
 
 
 @pytest.mark.parametrize(("status", "kind"), [(200, "done"), (500, "retry"), (404, "dead")])
@@ -521,11 +546,10 @@ async def test_attempt_detail_records_status_duration_and_response_head(
 
 
 async def test_an_answer_whose_body_never_comes_is_decided_by_its_status(
-    send: Callable[[str], Forward], monkeypatch: pytest.MonkeyPatch
+    send: Callable[[str], Forward],
 ) -> None:
     """A target that sends ``200`` and its headers, then stalls its body, has the webhook: it is
-    done, not timed out and delivered again; the detail says the body did not come."""
-    monkeypatch.setattr(delivery, "RESPONSE_HEAD_S", 0.05)
+    done, not timed out and delivered again; the detail says the body had not come."""
     stalled = asyncio.Event()
 
     async def headers_only(request: web.Request) -> web.StreamResponse:
@@ -548,7 +572,9 @@ async def test_an_answer_whose_body_never_comes_is_decided_by_its_status(
         await runner.cleanup()
     assert outcome.kind == "done"
     assert outcome.detail["status"] == 200
-    assert outcome.detail["response"] == "(no body within 0.05 s)"
+    assert outcome.detail["response"] == (
+        "(no body yet with the head: a 2xx is not kept waiting for one)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -599,7 +625,10 @@ async def test_a_body_that_breaks_off_leaves_the_status_to_decide(
     assert (outcome.kind, outcome.detail["status"]) == (kind, status)
     if kind == "retry":
         assert outcome.error == f"http://127.0.0.1:{port}/x answered 503"
-    assert outcome.detail["response"].startswith("(the body could not be read: ClientPayloadError")
+        said = ("(the body could not be read: ClientPayloadError",)
+    else:  # a 2xx's body is not waited for: what had come with the head, or that none had
+        said = ("(the body could not be read: ClientPayloadError", "(no body yet with the head")
+    assert outcome.detail["response"].startswith(said)
 
 
 @pytest.mark.parametrize(
@@ -723,3 +752,51 @@ async def test_rotated_secrets_each_sign_the_delivery(
         assert Webhook(secret).verify(seen.body, seen.headers)["order"] == 42
     with pytest.raises(WebhookVerificationError):
         Webhook(other).verify(seen.body, seen.headers)
+
+
+async def test_a_2xx_whose_body_comes_late_is_done_within_timeout_s(tmp_path: Path) -> None:
+    """A target that sends ``200`` and its headers at once but its body later: the forward
+    waited up to 2 s for the body's start, the attempt's timeout_s (1 s) ended first, and the
+    200 was recorded as timed out and sent again, ten times. A 2xx's body is not waited for."""
+    from actionkit import action_kit
+
+    body_sent = asyncio.Event()
+    requests = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        requests += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        await body_sent.wait()  # the body, once the test is over
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    extra = f"""
+[sources.s]
+[[sources.s.actions]]
+type = "forward"
+url = "http://127.0.0.1:{port}/in"
+timeout_s = 1
+"""
+    try:
+        async with action_kit(tmp_path, extra) as kit:
+            event_id = await kit.send("s", {"a": 1})
+            await kit.run()
+            job = await kit.job(event_id)
+    finally:
+        body_sent.set()
+        server.close()
+        await server.wait_closed()
+    assert (job.state, requests) == (JobState.DONE, 1)
+    assert job.history[-1].detail["response"] == (
+        "(no body yet with the head: a 2xx is not kept waiting for one)"
+    )

@@ -472,7 +472,7 @@ async def deliver(
         ) as response:
             return (
                 response.status,
-                await _response_head(response),
+                await _response_head(response, wait=not 200 <= response.status < 300),
                 parse_retry_after(response.headers.get("Retry-After"), time.time()),
                 response.headers.get("Location"),
             )
@@ -482,9 +482,7 @@ async def deliver(
         try:
             status, head, retry_after, location = await exchange(used)
         except aiohttp.ClientConnectionError as exc:
-            # PUT is idempotent: aiohttp sends it again itself, and a third try was one too many.
-            again = method.upper() not in _CLIENT_RESENDS and _replayable(sent)
-            if not (used.reused and _dropped_unanswered(exc) and again):
+            if not (used.reused and _dropped_unanswered(exc) and _replayable(sent)):
                 raise
             # A target may close a connection it kept idle just as a request goes out on it
             # (the usual race at its keep-alive timeout), which cost an attempt and a backoff.
@@ -554,8 +552,11 @@ async def deliver(
 
 def _dropped_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
     """Whether the connection was closed or reset before any answer came (the answer's own
-    failures are ``_response_head``'s)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
+    failures are ``_response_head``'s). A disconnect within the answer's head (``message``
+    the parser's record of what came, not a text) was answered: its request was sent again."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)
+    if isinstance(exc, ConnectionResetError):
         return True
     # A reset read as an OSError (EPIPE: found on writing), not a connect that failed.
     return (
@@ -565,19 +566,26 @@ def _dropped_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
     )
 
 
-# The methods aiohttp's client sends once more itself when a kept-alive connection drops them.
-_CLIENT_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
 def _replayable(headers: Mapping[str, str]) -> bool:
     """Whether the receiver can tell a request sent again from the first (Go's test)."""
     return any(k.lower() in ("idempotency-key", "x-idempotency-key") for k in headers)
 
 
-async def _response_head(response: aiohttp.ClientResponse) -> str:
+async def _response_head(response: aiohttp.ClientResponse, *, wait: bool = True) -> str:
     """The start of an answer's body as text, or why it is not there. The status is the
     answer: a body that does not come (headers sent, then nothing) or breaks off is no reason
-    to send a delivered webhook again."""
+    to send a delivered webhook again. Without ``wait`` (a 2xx) only what has come with the
+    head is read: waiting for the rest, the attempt's timeout_s could end first, and the 2xx
+    was recorded as timed out and sent again (ten times to a target slow to send its body)."""
+    if not wait:
+        try:
+            head = response.content.read_nowait(_RESPONSE_HEAD_BYTES)
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
+            return f"(the body could not be read: {why})"
+        if not head and not response.content.at_eof():
+            return "(no body yet with the head: a 2xx is not kept waiting for one)"
+        return _head_text(response, head)
     try:
         async with asyncio.timeout(RESPONSE_HEAD_S):
             head = await response.content.read(_RESPONSE_HEAD_BYTES)
@@ -586,6 +594,10 @@ async def _response_head(response: aiohttp.ClientResponse) -> str:
     except (aiohttp.ClientError, OSError) as exc:
         why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
         return f"(the body could not be read: {why})"
+    return _head_text(response, head)
+
+
+def _head_text(response: aiohttp.ClientResponse, head: bytes) -> str:
     coding = response.headers.get("Content-Encoding", "identity")
     if head and coding.lower() != "identity":
         return f"(a body in Content-Encoding {coding[:_WHY_CHARS]}, not shown)"
