@@ -507,15 +507,28 @@ async def test_program_sees_a_minimal_environment_unless_opted_in(
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_nul_byte_in_a_rendered_argument_is_dead(tmp_path: Path, loop: str) -> None:
-    """A payload value with a NUL byte never runs the program cut short; the job is dead."""
+@pytest.mark.parametrize(
+    ("ref", "said"),
+    [
+        ("main\u0000--force", "argv[4] contains a NUL byte (from the payload)"),
+        # No start can encode it: retried, every attempt failed alike until the job went dead.
+        (
+            "main\ud800",
+            "argv[4] holds a lone surrogate (from the payload): no argument can carry it",
+        ),
+    ],
+)
+def test_an_argument_no_program_can_be_given_is_dead(
+    tmp_path: Path, loop: str, ref: str, said: str
+) -> None:
+    """A payload value with a NUL byte never runs the program cut short, and one with a lone
+    surrogate cannot be passed at all: the job is dead at its first attempt."""
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').write('ran')"
-    body = {"ref": "main\u0000--force"}
     argv = python_argv(code, "--", "{{ ref }}")
-    job = run_on(loop, run_command(tmp_path, argv, body=body))
+    job = run_on(loop, run_command(tmp_path, argv, body={"ref": ref}))
     assert (job.state, job.history[0].outcome) == (JobState.DEAD, "dead")
-    assert job.history[0].error == "argv[4] contains a NUL byte (from the payload)"
+    assert job.history[0].error == said
     assert not marker.exists()
 
 

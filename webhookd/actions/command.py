@@ -259,6 +259,14 @@ class CommandAction:
             if "\0" in arg:
                 # execve would cut the argument short (uvloop does so silently): never run that.
                 return Outcome.dead(f"argv[{i}] contains a NUL byte (from the payload)")
+            if not arg.isascii():
+                try:  # as the start encodes it: a lone surrogate ("\ud800" in JSON) is no byte
+                    arg.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:  # every retry would fail alike
+                    return Outcome.dead(
+                        f"argv[{i}] holds a lone surrogate (from the payload): no argument can"
+                        " carry it"
+                    )
         env = self.env_for(event)
         # Not tried short of descriptors: a start that uvloop cannot finish leaves the ones it
         # had made open for good (3 a time, measured) and its loop unable to close at the exit.
