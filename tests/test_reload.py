@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions
 from webhookd import config as config_mod
+from webhookd.app import Daemon
 from webhookd.config import Config
+from webhookd.sdnotify import Notifier
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "token-of-a-reloaded-source-7c41"
@@ -800,13 +803,16 @@ def test_the_command_notes_a_sighup_to_serve_before_the_cli_is_imported(
     fake = types.ModuleType("webhookd.cli")
     fake.main = lambda: seen.append(signal.getsignal(signal.SIGHUP))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "webhookd.cli", fake)
-    monkeypatch.setattr(sys, "argv", ["webhookd", "serve"])
     before = signal.getsignal(signal.SIGHUP)
-    try:
-        entry.main()
-    finally:
-        signal.signal(signal.SIGHUP, before)
-    assert seen == [hangups.note]
+    # Only the verb: "serve" as any argument made `events --follow --source serve` outlive
+    # its terminal's hangup.
+    for argv in (["webhookd", "serve"], ["webhookd", "events", "--source", "serve"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            entry.main()
+        finally:
+            signal.signal(signal.SIGHUP, before)
+    assert seen == [hangups.note, before]
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, webhookd.entry; print(sorted(sys.modules))"],
         capture_output=True,
@@ -814,3 +820,118 @@ def test_the_command_notes_a_sighup_to_serve_before_the_cli_is_imported(
         check=True,
     ).stdout
     assert "'webhookd.models'" not in loaded and "'aiohttp'" not in loaded, loaded
+
+
+# -- reloads and stops at awkward moments (in-process daemons, a notifier that records) --------
+
+LOG_SOURCE = '[sources.a]\n[[sources.a.actions]]\ntype = "log"\n'
+
+
+class SaidToSystemd(Notifier):
+    """What the daemon tells systemd, each with whether it was listening then."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.daemon: Daemon | None = None
+        self.said: list[tuple[str, bool]] = []
+        self.stopping = asyncio.Event()
+
+    def send(self, *fields: str) -> None:
+        listening = self.daemon is not None and self.daemon.started.is_set()
+        self.said.append((fields[0], listening))
+        if fields[0] == "STOPPING=1":
+            self.stopping.set()
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1")
+
+
+async def test_a_reload_asked_during_the_start_waits_for_it(tmp_path: Path) -> None:
+    """A SIGHUP noted while the daemon starts: its reload ran as soon as the daemon's tasks
+    did, and its READY=1 told systemd the daemon was up before either port listened."""
+    notifier = SaidToSystemd()
+    cfg = make_config(tmp_path, LOG_SOURCE)
+    daemon = Daemon(
+        cfg,
+        install_signals=False,
+        notifier=notifier,
+        loader=lambda: make_config(tmp_path, LOG_SOURCE),
+    )
+    notifier.daemon = daemon
+    daemon.request_reload()
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.reloaded.wait(), 10)
+    daemon.request_stop()
+    assert await task == 0
+    assert all(listening for what, listening in notifier.said if what == "READY=1"), notifier.said
+    assert [what for what, _ in notifier.said][:3] == ["READY=1", "RELOADING=1", "READY=1"]
+
+
+async def test_a_reload_the_drain_overtakes_is_not_applied(tmp_path: Path) -> None:
+    """SIGTERM while a reload reads its config: the reload was applied during the drain (the
+    draining daemon ran a source it had not started with) and its READY=1 came after
+    STOPPING=1. It is dropped, what it built closed, and nothing is said after STOPPING=1."""
+    notifier = SaidToSystemd()
+    cfg = make_config(tmp_path, LOG_SOURCE)
+    reading, read = threading.Event(), threading.Event()
+
+    def loader() -> Config:
+        reading.set()
+        read.wait(10)
+        return make_config(tmp_path, LOG_SOURCE + LOG_SOURCE.replace("sources.a", "sources.b"))
+
+    daemon = Daemon(cfg, install_signals=False, notifier=notifier, loader=loader)
+    notifier.daemon = daemon
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.started.wait(), 10)
+    assert daemon.pool is not None
+    drain = daemon.pool.drain
+
+    async def drain_after_the_reload(grace_s: float) -> int:  # a job the drain waits for
+        await daemon.reloaded.wait()
+        return await drain(grace_s)
+
+    daemon.pool.drain = drain_after_the_reload  # type: ignore[method-assign]
+    daemon.request_reload()
+    assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 10)
+    daemon.request_stop()
+    await asyncio.wait_for(notifier.stopping.wait(), 10)
+    read.set()
+    assert await task == 0
+    assert sorted(daemon.config.sources) == ["a"]
+    said = [what for what, _ in notifier.said]
+    assert "READY=1" not in said[said.index("STOPPING=1") :], said
+
+
+async def test_a_retention_round_survives_an_outage_when_it_reads_the_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size a round's line gives is a query on PostgreSQL, read after the round's own
+    error handling: an outage then ended the retention task, and the daemon with it (exit 1,
+    "fatal: journal read failed"). The line says the size is unknown, and rounds go on."""
+    import webhookd.app as app_module
+    from webhookd.errors import JournalUnavailable
+
+    rounds = asyncio.Queue[int]()
+
+    async def pruned(journal: Any, jc: Any, on_batch: Any = None) -> tuple[int, int]:
+        rounds.put_nowait(1)
+        return 5, 0
+
+    monkeypatch.setattr(app_module, "prune_expired", pruned)
+
+    def outage_at_the_size(daemon: Daemon) -> None:
+        async def size() -> int:
+            raise JournalUnavailable("journal read failed: connection was closed")
+
+        assert daemon.journal is not None
+        daemon.journal.storage_bytes = size  # type: ignore[method-assign]
+
+    cfg = make_config(tmp_path, LOG_SOURCE, journal="prune_interval_s = 0.05")
+    daemon = Daemon(cfg, install_signals=False, on_wired=[outage_at_the_size])
+    task = asyncio.create_task(daemon.run())
+    for _ in range(3):  # the next rounds come: the task lives on
+        await asyncio.wait_for(rounds.get(), 10)
+    assert not task.done()
+    daemon.request_stop()
+    assert await task == 0

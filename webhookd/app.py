@@ -450,7 +450,10 @@ class Daemon:
             log.warning("%s%s", prefix, said)
 
     async def _reloads(self, running: _Running) -> None:
-        """Apply each reload asked for, one at a time; none once the drain has begun."""
+        """Apply each reload asked for, one at a time; none once the drain has begun. One asked
+        for during the start waits for it: its READY=1 would tell systemd the daemon was up
+        before either port listened."""
+        await self.started.wait()
         while True:
             await self._reload_wanted.wait()
             self._reload_wanted.clear()
@@ -465,7 +468,8 @@ class Daemon:
                     refused = "the reload failed (logged with its traceback)"
                 running.metrics.observe_reload(refused is None, len(running.ctx.restart_pending))
                 running.ctx.reload_refused = refused
-                self.notifier.send("READY=1", f"STATUS={self._status(running.ctx)}")
+                if not self.stop_event.is_set():  # STOPPING=1 has been said: no READY=1 after
+                    self.notifier.send("READY=1", f"STATUS={self._status(running.ctx)}")
             self.reloaded.set()
 
     async def _reload(self, running: _Running) -> str | None:
@@ -549,6 +553,15 @@ class Daemon:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
             return _refused(_reload_error(exc))
+        if self.stop_event.is_set():
+            # A stop came while the new config was read and built: the drain runs on what it
+            # began with, and what was built for the reload is closed unused.
+            kept = {id(a) for a in running.pool.actions.values()}
+            for action in actions.values():
+                if id(action) not in kept:
+                    await action.aclose()
+            log.info("config reload not applied: the drain began while it was read")
+            return "the drain began while the reload was read"
         # From here on nothing can fail: the parts take the new config in turn, with no await.
         self.lanes.clear()
         self.lanes.update(lanes)  # the dict the metrics, the admin API and the actions read
@@ -632,11 +645,12 @@ class Daemon:
                 log.log(level, "retention skipped this round: %s", exc)
                 continue
             if events or dedup:
+                try:  # a query on PostgreSQL: an outage now must not end the task, the daemon
+                    size = f"{await journal.storage_bytes()}"
+                except JournalError:
+                    size = "unknown"
                 log.info(
-                    "retention pruned_events=%d pruned_dedup=%d size_bytes=%d",
-                    events,
-                    dedup,
-                    await journal.storage_bytes(),
+                    "retention pruned_events=%d pruned_dedup=%d size_bytes=%s", events, dedup, size
                 )
 
     async def _prune_round(self, journal: BaseJournal) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from webhookd import hangups
 
 
 def main() -> None:
-    if "serve" in sys.argv[1:]:
+    if sys.argv[1:2] == ["serve"]:  # the verb, not any argument (events --source serve)
         signal.signal(signal.SIGHUP, hangups.note)
     from webhookd.cli import main as cli
 
