@@ -1166,7 +1166,18 @@ def test_each_action_kind_owns_its_timeout_and_retry_defaults(kind: str) -> None
         ("forward", "url = 12345", "url", "must be a string, not an integer"),
         ("forward", 'url = ["env:X"]', "url", "must be a string, not an array"),
         ("forward", 'url = ["env:UNSET_IN_ANY_TEST"]', "url", "must be a string, not an array"),
-        ("forward", 'url = "http://:80/x"', "url", "'http://:80/x' is not an http(s) URL"),
+        (
+            "forward",
+            'url = "http://:80/x"',
+            "url",
+            "'http:///… (the rest not shown)' is not an http(s) URL",
+        ),
+        (
+            "forward",
+            'url = "htps://hooks.slack.com/services/T0/B0/Secret123token"',
+            "url",
+            "'htps://hooks.slack.com/… (the rest not shown)' is not an http(s) URL",
+        ),
         ("openai", "model = 123", "model", "must be a string, not an integer"),
         (
             "openai",

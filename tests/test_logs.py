@@ -241,6 +241,11 @@ def test_json_fields_keep_a_names_text_and_a_lines_own_values() -> None:
     record = logging.LogRecord("webhookd.x", logging.INFO, "", 0, "source=nan k=1e400", (), None)
     doc = json.loads(logs.JsonFormatter().format(record), parse_constant=_no_constant)
     assert (doc["source"], doc["k"]) == ("nan", "1e400")
+    # Past Python's 4,300 digits int() raised: the line was lost to a logging error's traceback.
+    digits = "9" * 5000
+    record = logging.LogRecord("webhookd.x", logging.INFO, "", 0, f"n={digits} m=12", (), None)
+    doc = json.loads(logs.JsonFormatter().format(record))
+    assert (doc["n"], doc["m"]) == (digits, 12)
 
 
 async def test_a_log_actions_line_keeps_its_own_fields_whatever_the_content_type_says(

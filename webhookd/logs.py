@@ -200,11 +200,18 @@ def fields(message: str) -> dict[str, Any]:
         value: Any = raw
         if raw[:1] in "'\"" and raw[-1:] == raw[:1] and len(raw) >= 2:
             value = raw[1:-1]
-        elif key not in _NAMES and _NUMBER.fullmatch(raw):
+        elif key not in _NAMES and len(raw) <= _NUMBER_CHARS and _NUMBER.fullmatch(raw):
+            # No longer than a double's digits: past 4,300 int() raises (the line was lost to
+            # a logging error's traceback), and no number that long is a count or a time.
             number = float(raw) if any(c in raw for c in ".eE") else int(raw)
             value = number if math.isfinite(number) else raw  # 1e400: text, not Infinity
         out[key] = value
     return out
+
+
+# The longest value read as a number: a 64-bit integer's 20 characters, a double written in
+# full; a longer run of digits (a sender's value, a config's) stays text.
+_NUMBER_CHARS = 32
 
 
 def set_level(level: str) -> None:

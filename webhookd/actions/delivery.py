@@ -84,8 +84,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def check_url(value: Any, key: str, *, secret: bool = False) -> str:
-    """An http(s) URL from config, or ``ConfigError`` naming ``key``; the error quotes the value
-    unless it is a ``secret`` (read from ``env:``/``file:``: a URL with a token in it)."""
+    """An http(s) URL from config, or ``ConfigError`` naming ``key``. The error quotes no more
+    than the URL's scheme and host, none of it for a ``secret`` (read from ``env:``/``file:``):
+    a Slack-style URL holds its token in the path, and a reload refused for a mistyped scheme
+    wrote it whole to the log and /stats (the masker learns a config's secrets only once it is
+    taken)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(key, "is required (the URL to deliver to)")
     try:
@@ -94,7 +97,13 @@ def check_url(value: Any, key: str, *, secret: bool = False) -> str:
         parts = None
     # A host, not only a netloc: "http://:80/x" and "http://u:pw@/x" have none to deliver to.
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        shown = "its value (a secret, not shown)" if secret else repr(value)
+        if secret:
+            shown = "its value (a secret, not shown)"
+        elif parts is not None and parts.scheme:
+            rest = "/… (the rest not shown)" if value.rstrip("/") != f"{parts.scheme}://" else ""
+            shown = f"'{parts.scheme}://{parts.hostname or ''}{rest}'"
+        else:
+            shown = "its value (not shown: it may hold a token)"
         raise ConfigError(key, f"{shown} is not an http(s) URL")
     _check_host(parts.hostname, key)
     _check_port(parts, value, key)
