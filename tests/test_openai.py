@@ -23,7 +23,7 @@ from openai_standin import StandIn
 from procs import poll
 from standardwebhooks.webhooks import Webhook
 
-from webhookd.actions.openai import _Settings
+from webhookd.actions.openai import _Settings, estimate_tokens
 from webhookd.clock import ManualClock
 from webhookd.config import loads
 from webhookd.errors import ConfigError
@@ -1212,3 +1212,18 @@ lane = "llm"
             " admitted nothing for a minute, then goes over its limit alone (OpenAI refuses a"
             " request bigger than the limit with a 429)"
         ]
+
+
+def test_a_prompt_in_chinese_or_japanese_is_not_estimated_at_a_quarter_token_a_character() -> None:
+    """Characters / 4 counted 4,250 characters of Chinese as 1,067 tokens, where the tokenizers
+    give one or more a character: calls admitted together on such estimates took a lane past
+    its tpm before their settles. Other characters count one each, ASCII a quarter."""
+    chinese = "订单已发货请确认收货地址" * 100  # 1,200 characters
+    assert estimate_tokens([{"role": "user", "content": chinese}]) == 1_200 + 4
+    english = "Summarize this order for the support team. " * 25  # 1,075 ASCII characters
+    assert estimate_tokens([{"role": "user", "content": english}]) == 269 + 4
+    mixed = [
+        {"role": "system", "content": "Reply in Japanese."},
+        {"role": "user", "content": "注文 #7"},
+    ]
+    assert estimate_tokens(mixed) == (5 + 4) + (1 + 2 + 4)  # type: ignore[arg-type]
