@@ -986,3 +986,45 @@ async def test_under_systemd_it_is_ready_once_listening_pings_the_watchdog_and_s
             pass
         assert stopping.startswith("STOPPING=1\nSTATUS=draining (SIGTERM); backlog ")
         assert await daemon.wait_exit() == 0
+
+
+async def test_a_second_sigterm_during_the_start_exits_at_once(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A start held by a journal that does not answer (a TCP listener that never speaks, as a
+    hung PostgreSQL): SIGTERM, then SIGTERM again, did nothing until the start gave up (8 s
+    here, up to a minute), and then exited 1 with the start's error. The second signal now
+    exits at once, as it does once the daemon runs."""
+    connected = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        connected.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = tmp_path / "webhookd.toml"
+    cfg.write_text(
+        config_text(
+            f'url = "postgresql://wh:pw@127.0.0.1:{port}/wh"',
+            forward_source("a", "http://127.0.0.1:9/x"),
+        ),
+        encoding="utf-8",
+    )
+    try:
+        daemon = await procs.serve(cfg, wait=False)
+        await asyncio.wait_for(connected.wait(), 20)  # in the start, opening the journal
+        daemon.signal(signal.SIGTERM)
+        # Told apart: two signals sent at once can reach a process as one.
+        await daemon.wait_said(r"SIGTERM during the start: draining once it is done")
+        signalled = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout_s=20) == 1
+        assert time.monotonic() - signalled < 5
+        await daemon.wait_said(r"second signal: exiting at once")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

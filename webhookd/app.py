@@ -180,12 +180,37 @@ class Daemon:
 
     def request_stop(self, why: str = "asked to stop") -> None:
         """Begin a drain; a second call exits at once. Safe to call from a signal handler.
-        ``why`` (the signal's name) is what the drain's log line says started it."""
+        ``why`` (the signal's name) is what the drain's log line says started it. Asked for
+        during the start (a journal that does not answer, a long schema upgrade), the stop's
+        budget runs from now: the start does not make it wait."""
         if self.stop_event.is_set():
             self._force.set()
         else:
             self._stop_why = why
+            if not self.started.is_set():
+                log.info(
+                    "%s during the start: draining once it is done; a second signal exits at once",
+                    why,
+                )
+                self._arm_stop_watchdog()
         self.stop_event.set()
+
+    def _arm_stop_watchdog(self) -> None:
+        """Exit within the stop's budget, however the close goes. A database that hangs holds
+        each write of the close for its answer deadline (a minute): the stop would outlast a
+        service manager's stop timeout (systemd's 40 s in the shipped unit) and end in its
+        SIGKILL, with no word of why."""
+        if not self.exit_if_stuck or self.stop_watchdog is not None:
+            return
+        cfg = self.config
+        budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
+        self.stop_watchdog = _exit_within(
+            budget_s,
+            1,
+            f"stop took longer than {budget_s:g}s (a step of the start or the close did not"
+            " end: a journal that does not answer, say): exiting now; the next start recovers"
+            " what was left",
+        )
 
     async def run(self) -> int:
         try:
@@ -213,6 +238,10 @@ class Daemon:
         if (unset := unset_clock(started_at)) is not None:
             raise WebhookdError(unset)
         async with AsyncExitStack() as stack:
+            # A second signal exits at once from here on, during the start too (a journal
+            # that does not answer, a schema upgrade).
+            force_exit = asyncio.create_task(self._force_exit(), name="force-exit")
+            stack.callback(force_exit.cancel)
             # First in, last out: pings from the start (a long schema upgrade) to the end of
             # the drain and the journal's close.
             await stack.enter_async_context(self.notifier.watchdog())
@@ -322,7 +351,6 @@ class Daemon:
                     tg.create_task(journal.watch(), name="journal-writer-watch"),
                     tg.create_task(self._retention(journal), name="retention"),
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
-                    tg.create_task(self._force_exit(), name="force-exit"),
                     tg.create_task(self._reloads(running), name="reload"),
                     tg.create_task(self._keep_status(self.status_now), name="sd-status"),
                     tg.create_task(alerter.run(), name="alerts"),
@@ -390,18 +418,7 @@ class Daemon:
         await self.stop_event.wait()
         log.info("draining (%s): no longer accepting webhooks", self._stop_why)
         self.notifier.send("STOPPING=1", f"STATUS={self._status(ctx)}")
-        if self.exit_if_stuck:
-            # A database that hangs holds each write of the close for its answer deadline
-            # (a minute): the stop would outlast a service manager's stop timeout (systemd's
-            # 40 s in the shipped unit) and end in its SIGKILL, with no word of why.
-            budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
-            self.stop_watchdog = _exit_within(
-                budget_s,
-                1,
-                f"stop took longer than {budget_s:g}s (a step of the close did not end: a write"
-                " to a journal that does not answer, say): exiting now; the next start recovers"
-                " what was left",
-            )
+        self._arm_stop_watchdog()
         self.intake.draining = True
         # No new job starts from here: the receiver's close below waits up to ack_timeout_s
         # for requests in flight, and the backlog's jobs started meanwhile were then cut off
