@@ -313,9 +313,8 @@ class CommandAction:
             _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
             # Only a process that left the group (setsid) can still hold them: the program's
             # exit status stands without waiting for it, else a deploy script that exited 0
-            # would be cut off at timeout_s and run again. So does it when timeout_s (or a
-            # drain) ends during this wait: the program has exited, its status is the outcome.
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            # would be cut off at timeout_s and run again.
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_KILL_GRACE_S):
                     await watch.closed.wait()
         except BaseException as exc:
