@@ -1743,7 +1743,10 @@ async def test_pg_a_lock_on_jobs_that_holds_every_lease_loop_costs_no_live_node_
     node's migration) holds every node's lease loop, heartbeats with it, though ``nodes`` is
     free and no write fails. Once it goes, the leader's loop waits a whole lease before it
     takes any node's silence for its loss: the live node has heartbeat again by then."""
-    lease_s = 2.0  # a heartbeat every 0.67 s
+    # A heartbeat every 2 s: each node heartbeats again within a lease of the lock going,
+    # however loaded the machine (with 2 s, a loaded run's live node took longer, and was
+    # rightly taken for silent).
+    lease_s = 6.0
     async with PostgresJournal(pg_url, lease_s=lease_s) as leader:
 
         async def leads_settled() -> bool:
@@ -1778,7 +1781,7 @@ async def test_pg_a_lock_on_jobs_that_holds_every_lease_loop_costs_no_live_node_
             try:
                 async with op.transaction():
                     await op.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
-                    await asyncio.sleep(2 * lease_s)  # held for two leases
+                    await asyncio.sleep(1.5 * lease_s)  # held past a lease
                 released = True
             finally:
                 await op.close()
