@@ -122,16 +122,16 @@ class Alerter:
         if config is None:
             return
         wall, now = self.clock.time(), self.clock.monotonic()
-        last: dict[Kind, float] = {}
+        told_at: float | None = None  # the last dead alert's
         for kind in ("dead", "backlog", "failing", "recovered"):
             # Alerts are journaled as json.dumps makes them: '"kind": "dead"' is in the body.
             found = await self.journal.list_events(
                 source=ALERT_SOURCE, limit=1, contains=f'"kind": "{kind}"'.encode()
             )
             if found:
-                last[kind] = found[0].received_at
-                self._last_sent[kind] = now - max(wall - found[0].received_at, 0.0)
-        told_at = last.get("dead")
+                sent_at = found[0].received_at
+                self._last_sent[kind] = now - max(wall - sent_at, 0.0)
+                told_at = sent_at if kind == "dead" else told_at
         if not config.on_dead or self.journal.shares_lanes or told_at is None:
             return
         dead = await self.journal.dead_between(told_at, started_at, EVENTS_CAP, ALERT_SOURCE)

@@ -242,8 +242,8 @@ MOST_KEY_CHARS = 256
 
 def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:
     """``value`` as the journal can store and index it: a lone surrogate (``"\\udcff"`` in
-    JSON, a raw non-UTF-8 byte in a header) cannot be encoded, and a NUL (``"\\u0000"``,
-    ``%00`` in a query) is no PostgreSQL text: either is refused with a 400 naming the field
+    JSON, a raw non-UTF-8 byte in a header) cannot be encoded, and a NUL (``"\\u0000"`` in
+    JSON) is no PostgreSQL text: either is refused with a 400 naming the field
     (on PostgreSQL a NUL failed the whole group commit, 503 for every webhook in it). One over
     ``MOST_KEY_CHARS`` is kept as its digest."""
     if value is not None and (not value.isascii() or "\x00" in value):

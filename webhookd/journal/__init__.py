@@ -750,18 +750,10 @@ class Journal(Reads, BaseJournal):
         failed: str | None = None
         try:
             task, self._task = self._task, None
-            opened = self._opened_as
-            if (
-                self.serving
-                and self._saving is None
-                and opened is not None
-                and task is not None
-                and not task.done()
-                and (how := moved(self.path, opened)) is not None
-            ):
+            if self.serving and task is not None:
                 # Removed or replaced since the watch last looked (once a second): a stop
                 # right after would checkpoint into a file nothing names and exit 0.
-                self._save(how)
+                self._save_if_moved(task)
             if task is not None and not task.done():
                 self._queue.close()
                 await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
@@ -1040,20 +1032,25 @@ class Journal(Reads, BaseJournal):
         while not task.done():
             # Cancelling the watch leaves the writer alone.
             await asyncio.wait({task}, timeout=PATH_CHECK_S)
-            opened = self._opened_as
-            if (
-                self._saving is None
-                and opened is not None
-                and not task.done()
-                and (how := moved(self.path, opened)) is not None
-            ):
-                self._save(how)
+            self._save_if_moved(task)
             if self._saving is not None:
                 said = await asyncio.shield(self._saving)
                 self._saving_said = True
                 raise JournalError(said)
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
+
+    def _save_if_moved(self, task: asyncio.Task[None]) -> None:
+        """``_save`` the contents once the path no longer names the file opened, if no save
+        has begun and the writer (``task``) still runs: the watch's look, and the close's."""
+        opened = self._opened_as
+        if (
+            self._saving is None
+            and opened is not None
+            and not task.done()
+            and (how := moved(self.path, opened)) is not None
+        ):
+            self._save(how)
 
     def _save(self, how: str) -> None:
         """The path names another file, or none (``how``): refuse every write from now on
