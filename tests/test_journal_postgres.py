@@ -51,17 +51,7 @@ from webhookd import metrics as metrics_mod
 from webhookd.app import STOP_MARGIN_S
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal import (
-    Cap,
-    CapClaim,
-    Claimed,
-    Finished,
-    NewEvent,
-    Poisoned,
-    Ready,
-    Recovery,
-    postgres,
-)
+from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
 from webhookd.journal.batch import IngestOp
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, db, nodes, redact_url
 from webhookd.journal.postgres.db import DB_ERRORS, db_error
@@ -1734,64 +1724,6 @@ async def test_pg_a_node_started_as_the_database_comes_back_leaves_live_nodes_th
             clock.advance(LEASE_S)  # the lease loop's turn: the live node has heartbeat
             await starting.heartbeat()
             assert starting._settled() and (await starting.recover_lost()).requeued == 0
-
-
-async def test_pg_a_lock_on_jobs_that_holds_every_lease_loop_costs_no_live_node_its_jobs(
-    pg_url: str,
-) -> None:
-    """A lock on ``jobs`` held past lease_s (``VACUUM FULL jobs``, ``LOCK TABLE``, a newer
-    node's migration) holds every node's lease loop, heartbeats with it, though ``nodes`` is
-    free and no write fails. Once it goes, the leader's loop waits a whole lease before it
-    takes any node's silence for its loss: the live node has heartbeat again by then."""
-    # A heartbeat every 2 s: each node heartbeats again within a lease of the lock going,
-    # however loaded the machine (with 2 s, a loaded run's live node took longer, and was
-    # rightly taken for silent).
-    lease_s = 6.0
-    async with PostgresJournal(pg_url, lease_s=lease_s) as leader:
-
-        async def leads_settled() -> bool:
-            return leader.leads() and leader._settled()
-
-        await poll(leads_settled, timeout_s=30)
-        async with PostgresJournal(pg_url, lease_s=lease_s) as live:
-            item = new_event()
-            await live.ingest(item)
-            job_id = item.jobs[0].id
-            assert len(await live.claim([job_id], "boot_live")) == 1
-            released = False
-            after: asyncio.Future[Recovery] = asyncio.get_running_loop().create_future()
-
-            def watch(node: PostgresJournal) -> None:
-                # Either node: the leader's lease may pass under the lock, and the live node
-                # lead when it goes.
-                recover_lost = node.recover_lost
-
-                async def watched(**kw: Any) -> Recovery:
-                    began_after = released  # a round begun under the lock may end after it
-                    recovery = await recover_lost(**kw)
-                    if began_after and not after.done():
-                        after.set_result(recovery)
-                    return recovery
-
-                node.recover_lost = watched  # type: ignore[method-assign]
-
-            watch(leader)
-            watch(live)
-            op = await asyncpg.connect(pg_url)
-            try:
-                async with op.transaction():
-                    await op.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
-                    await asyncio.sleep(1.5 * lease_s)  # held past a lease
-                released = True
-            finally:
-                await op.close()
-            recovery = await asyncio.wait_for(after, 30)  # the first look since, by who leads
-            job = (await live.get_event(item.event.id)).jobs[0]
-            assert (recovery.requeued, job.state, job_id in live._tokens) == (
-                0,
-                JobState.RUNNING,
-                True,
-            )
 
 
 async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_node(

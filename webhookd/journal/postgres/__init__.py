@@ -164,7 +164,6 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._replication_stalled = False
         # Since when writes have gone through without a break (monotonic; None while down).
         self._up_since: float | None = None
-        self._beat_at: float | None = None  # when the last heartbeat that went through began
         self.on_commit: Callable[[list[Ready]], None] | None = None
         self.last_write_error: str | None = None
         self.writer_problem: str | None = None

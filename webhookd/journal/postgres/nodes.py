@@ -67,7 +67,6 @@ class PgNodes:
     _replication_stalled: bool
     sync_standbys: bool
     _up_since: float | None
-    _beat_at: float | None
     forgotten_wanted: bool
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
@@ -103,7 +102,7 @@ class PgNodes:
         heartbeats' time (at least 5 s), not the pool's minute, so that a database that hangs
         (keeps its connections and stops answering) makes the node not ready in seconds while
         its webhooks are answered 503."""
-        now, beat_at = self.clock.time(), self.clock.monotonic()
+        now = self.clock.time()
         try:
             await self.pool.execute(
                 "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s,"
@@ -121,7 +120,6 @@ class PgNodes:
         except DB_ERRORS as exc:
             self.went_down(exc)
             raise JournalUnavailable(f"journal heartbeat failed: {db_error(exc)}") from exc
-        self._beat_at = beat_at
         self.came_back()
 
     async def compare_configs(self) -> frozenset[str]:
@@ -264,7 +262,6 @@ class PgNodes:
         node's own jobs are re-queued by the others if it stays cut off past its lease)."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            beat_at = self._beat_at  # the last heartbeat before this round's
             try:
                 await self.heartbeat()
                 await self.compare_configs()
@@ -275,7 +272,6 @@ class PgNodes:
                 # writes: one index-only count over the queued/running partial indexes.
                 self.backlog_jobs = await self.backlog()
                 leads = await self.lead()
-                self._after_a_stall(beat_at)
                 recovered = (
                     await self.recover_lost() if leads and self._settled() else Recovery(requeued=0)
                 )
@@ -308,24 +304,6 @@ class PgNodes:
             self.backlog_jobs -= recovered.dead + recovered.cancelled
         if recovered.poisoned and self.on_poisoned is not None:
             self.on_poisoned(recovered.poisoned)
-
-    def _after_a_stall(self, beat_at: float | None) -> None:
-        """If this node's heartbeats have been more than a lease apart (from ``beat_at``, the
-        last before this round's, to now), take it as just back: what held its lease loop (a
-        lock on ``jobs``: ``VACUUM FULL``, ``LOCK TABLE``, a newer node's migration) held every
-        node's, so their heartbeats are as stale and they heartbeat again only now. No write
-        failed meanwhile, so ``_settled`` would else let the leader re-queue their jobs. (Back
-        from an outage since ``beat_at``, it is waiting already.)"""
-        now, up_since = self.clock.monotonic(), self._up_since
-        if beat_at is None or up_since is None or up_since > beat_at:
-            return
-        if now - beat_at > self.lease_s:
-            self._up_since = now
-            log.info(
-                "no heartbeat for %.1f s (the lease loop was held up): other nodes' silence is"
-                " not taken for their loss for a lease",
-                now - beat_at,
-            )
 
     def _settled(self) -> bool:
         """Whether this node has reached the database without a break for a whole lease: only
