@@ -10,9 +10,11 @@ its usage (prompt tokens: characters / 4 + 3 per message; completion:
 ``min(max_completion_tokens or max_tokens, completion_tokens)``); like the real API it refuses
 ``max_tokens`` for reasoning models (o1 …).
 ``statuses`` forces the next answers (500, 400, 401 …) with the matching error bodies,
-``hold`` makes requests hang until it is set, and ``limited_headers`` replaces (or, with
-``None``, removes) headers of the 429 ``rate_limit_exceeded`` answers: a provider asking for a
-cool-down of years; ``answer_headers`` are added to (or replace) the answers' own.
+``hold`` makes requests hang until it is set, ``oversized`` answers a chat completion of that
+many bytes, written 64 KiB at a time (``sent`` counts what was written before the client hung
+up), and ``limited_headers`` replaces (or, with ``None``, removes) headers of the 429
+``rate_limit_exceeded`` answers: a provider asking for a cool-down of years; ``answer_headers``
+are added to (or replace) the answers' own.
 
 The arrival time is read before anything is awaited, so a test's simulated clock can wait for
 ``received`` to catch up with what its lane admitted before moving on.
@@ -22,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import re
 import ssl
+import string
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +46,19 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
 }
 
+
+def _oversized_chunk() -> bytes:
+    """64 KiB of text, words with a random letter in every 128 bytes: gzip makes it about 50
+    times smaller, so 128 MiB of it is under 4 MiB compressed, yet no 64 KiB read of that
+    inflates to more than about 3 MiB."""
+    rng = random.Random(7)
+    chunk = bytearray(b"word " * (64 * 1024 // 5))
+    for i in range(0, len(chunk), 128):
+        chunk[i] = ord(rng.choice(string.ascii_lowercase))
+    return bytes(chunk)
+
+
+_OVERSIZED_CHUNK = _oversized_chunk()
 
 # Reasoning models (o1, o3-mini, o4-mini …) refuse ``max_tokens``, as the real API does.
 _REASONING_MODEL = re.compile(r"o\d")
@@ -72,6 +90,12 @@ class StandIn:
     malformed_status: int = 200  # ... with this status (a proxy's 502 page)
     refusal: str | None = None  # answered as a refusal: no content, this as message.refusal
     content: Any = None  # answered as message.content, whatever max_tokens says
+    oversized: int | None = None  # bytes of a chat completion answered as a stream of chunks
+    oversized_length: bool = False  # ... announced in a Content-Length (else chunked)
+    oversized_gzip: bool = False  # ... compressed as it is written (Content-Encoding: gzip)
+    oversized_status: int = 200  # ... with this status (a 503 with a page of megabytes)
+    sent: int = 0  # bytes of the oversized answer written before the client hung up
+    oversized_over: asyncio.Event = field(default_factory=asyncio.Event)  # its write has ended
     limited_headers: dict[str, str | None] = field(default_factory=dict)
     answer_headers: dict[str, str] = field(default_factory=dict)  # added to its answers (200)
     url: str = ""
@@ -113,7 +137,7 @@ class StandIn:
             self.arrived.clear()
             await self.arrived.wait()
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         now = self.clock.monotonic()  # before any await: see the module docstring
         self.received += 1
         self.arrived.set()
@@ -125,6 +149,8 @@ class StandIn:
             return self._error(401)
         if self.statuses:
             return self._error(self.statuses.pop(0))
+        if self.oversized is not None:
+            return await self._oversized(request, self.oversized)
         if self.malformed is not None:
             return web.Response(
                 body=self.malformed, content_type=self.malformed_type, status=self.malformed_status
@@ -188,6 +214,45 @@ class StandIn:
             },
         }
         return web.json_response(answer, headers=self._headers(now) | self.answer_headers)
+
+    async def _oversized(self, request: web.Request, size: int) -> web.StreamResponse:
+        """A chat completion of ``size`` bytes, its text one long run of words, written a chunk
+        at a time: ``sent`` counts what was written before the client closed the connection."""
+        head = (
+            b'{"id": "chatcmpl-oversized", "object": "chat.completion", "created": 1700000000,'
+            b' "model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": "stop",'
+            b' "message": {"role": "assistant", "content": "'
+        )
+        tail = b'"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}'
+        response = web.StreamResponse(
+            status=self.oversized_status, headers={"Content-Type": "application/json"}
+        )
+        if self.oversized_length:
+            response.content_length = size
+        gzip = zlib.compressobj(wbits=31) if self.oversized_gzip else None
+        if gzip is not None:
+            response.headers["Content-Encoding"] = "gzip"
+
+        async def write(data: bytes, last: bool = False) -> None:
+            if gzip is not None:
+                data = gzip.compress(data) + (gzip.flush() if last else b"")
+            await response.write(data)
+            self.sent += len(data)
+
+        try:
+            await response.prepare(request)
+            await write(head)
+            left = size - len(head) - len(tail)
+            while left > 0:
+                await write(_OVERSIZED_CHUNK[:left])
+                left -= len(_OVERSIZED_CHUNK)
+            await write(tail, last=True)
+            await response.write_eof()
+        except ConnectionError:  # the client hung up: aiohttp's reset on a closing transport
+            pass
+        finally:
+            self.oversized_over.set()
+        return response
 
     def _error(self, status: int) -> web.Response:
         kind, code, message = _ERRORS[status]

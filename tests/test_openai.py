@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -564,10 +565,10 @@ async def test_a_number_past_what_python_holds_is_posted_on_as_it_was_sent(
 async def test_an_answer_past_what_max_tokens_allows_is_cut_and_marked_truncated(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target, limit: str, kept: int
 ) -> None:
-    """A server that ignores max_tokens answered 50 MB, stored and posted on whole: the text is
-    kept to 64 KiB or 16 characters a token, whichever is more, the result says it was cut,
-    and then posts what was kept."""
-    standin.content = "word " * 1_000_000
+    """A server that ignores max_tokens answered 3 MB (under the 4 MiB an answer may have),
+    stored and posted on whole: the text is kept to 64 KiB or 16 characters a token, whichever
+    is more, the result says it was cut, and then posts what was kept."""
+    standin.content = "word " * 600_000
     then = f'then = {{ forward = "{target.url}/drafts" }}'
     config = source(standin, lane=None, extra=then, limit=limit)
     async with action_kit(tmp_path, config, clock=clock) as kit:
@@ -580,6 +581,58 @@ async def test_an_answer_past_what_max_tokens_allows_is_cut_and_marked_truncated
     [seen] = target.seen
     posted = json.loads(seen.body)
     assert (posted["text"], posted["truncated"]) == (job.result["text"], True)
+
+
+@pytest.mark.parametrize("sent_as", ["chunked", "content_length", "gzip"])
+async def test_an_answer_over_4_mib_is_dead_and_not_read_into_memory(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, sent_as: str
+) -> None:
+    """A server answering a completion of 150 MB was read whole, then parsed: the daemon's
+    memory grew by 460 MB. Reading stops past 4 MiB (before the first byte when a Content-Length
+    says so; counted decompressed under gzip), the connection is closed, and the attempt is
+    dead, naming the limit."""
+    size = 128 * 1024 * 1024
+    announced = sent_as == "content_length"
+    standin.oversized, standin.oversized_length = size, announced
+    standin.oversized_gzip = sent_as == "gzip"
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        tracemalloc.start()
+        try:
+            await kit.run()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        job = await kit.job(event_id)
+    await standin.oversized_over.wait()
+    assert (job.state, job.attempts, job.result) == (JobState.DEAD, 1, None)
+    url = f"{standin.base_url}/chat/completions"
+    said = f"is {size:,} bytes, over" if announced else "is over"
+    assert job.last_error == (
+        f"the answer of {url} {said} the 4 MiB a chat completion may have: not read past it"
+        " (does the server ignore max_tokens?)"
+    )
+    assert standin.sent < size / 4, "the client read on past the limit"
+    assert peak < size / 4, f"{peak:,} bytes allocated at the peak"
+
+
+async def test_an_error_answer_over_4_mib_is_cut_there_and_its_status_decides(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 503 with a body of 128 MiB is read to 4 MiB only, and retried as a 503 is, its
+    error showing how the body began."""
+    size = 128 * 1024 * 1024
+    standin.oversized, standin.oversized_status = size, 503
+    async with action_kit(tmp_path, source(standin, lane=None), clock=clock) as kit:
+        event_id = await kit.send("mail", {"subject": "x"})
+        await kit.run()
+        job = await kit.job(event_id)
+    await standin.oversized_over.wait()
+    assert (job.state, job.history[0].outcome) == (JobState.QUEUED, "retry")
+    assert (job.last_error or "").startswith(
+        f'{standin.base_url}/chat/completions answered 503: {{"id": "chatcmpl-oversized",'
+    )
+    assert standin.sent < size / 4, "the client read on past the limit"
 
 
 async def test_a_replay_of_a_job_dead_in_its_then_delivers_the_kept_answer(

@@ -6,6 +6,9 @@ retries. Outcomes:
 * answered: done; the result is ``{text, model, usage, finish_reason}``, and ``refusal`` when
   the model declined (its text then empty); each text is kept to 64 KiB or 16 characters per
   ``max_tokens``, whichever is more, with ``truncated: true`` when a server answered more;
+* an answer over 4 MiB decompressed (``MOST_ANSWER_BYTES``; announced so, or past it as it is
+  read): dead, read no further (a server that ignores ``max_tokens``, or a hostile one, answers
+  as much each time); an error answer's body is cut there instead, and its status decides;
 * 429 ``insufficient_quota``: the lane's circuit opens and the job waits (no attempt used);
 * a 429 ``rate_limit_exceeded`` for a request bigger than the provider's whole limit per minute
   ("Request too large", or a ``Requested`` over its ``Limit``): dead at once, the lane neither
@@ -46,6 +49,7 @@ used).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -128,6 +132,10 @@ _DEFAULT_LANE_WAIT_S = 10.0
 # Characters an answer's text may have per token of max_tokens, far above a real model's (about
 # 4): only a server not bound by max_tokens goes past it, and its answer is cut there.
 _CHARS_PER_TOKEN = 16
+# What an answer may hold, decompressed: a chat completion of 128k tokens is about 0.5 MiB of
+# English, 1 MiB or so of Chinese with each character escaped (\uXXXX). The client read an
+# answer whole, then parsed it: a server answering 150 MB took the daemon up by 460 MB.
+MOST_ANSWER_BYTES = 4 * 1024 * 1024
 _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -342,6 +350,7 @@ class OpenAIAction:
             # A redirect is not followed (the SDK's default would): a 3xx re-posting the
             # prompt, payload data in it, wherever it points is dead, as a forward's is.
             http_client=openai.DefaultAsyncHttpxClient(
+                event_hooks={"response": [_read_at_most]},
                 follow_redirects=False,
                 verify=self.settings.tls or True,
                 proxy=self.settings.proxy.written if self.settings.proxy else None,
@@ -487,7 +496,12 @@ class OpenAIAction:
             if self.lane is not None:
                 await self.lane.publish()  # a cool-down or an open circuit holds on every node
             return outcome
+        except _TooLarge as exc:  # from the client's response hook, as it raised it
+            return self._too_large_answer(exc, called)
         except openai.APIConnectionError as exc:  # includes APITimeoutError
+            # Some versions of the openai package wrap whatever the client raises in one.
+            if isinstance(exc.__cause__, _TooLarge):
+                return self._too_large_answer(exc.__cause__, called)
             return Outcome.retry(self._unreachable(exc), duration_s=_round(called))
         except asyncio.CancelledError as exc:
             if call:  # cut off (a drain, the attempt's timeout_s) with the call under way
@@ -530,6 +544,18 @@ class OpenAIAction:
         return Outcome.retry(
             f"the answer of {self.asks} is not a chat completion: {why}: "
             + (excerpt(body) or "an empty body"),
+            duration_s=_round(started),
+        )
+
+    def _too_large_answer(self, exc: _TooLarge, started: float) -> Outcome:
+        """Dead: asked again, the server (one ignoring max_tokens, or a hostile one) answers as
+        much, and each try may be paid for."""
+        size = f"is {exc.size:,} bytes, over" if exc.size is not None else "is over"
+        return Outcome.dead(
+            f"the answer of {self.asks} {size} the {MOST_ANSWER_BYTES // 1024 // 1024} MiB a chat"
+            f" completion may have: not read past it (does the server ignore"
+            f" {self.settings.token_limit_name}?)",
+            status=exc.status,
             duration_s=_round(started),
         )
 
@@ -624,6 +650,38 @@ class OpenAIAction:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+class _TooLarge(Exception):
+    """A successful answer's body over ``MOST_ANSWER_BYTES``: ``size`` as its Content-Length
+    announced it, ``None`` when it went past the limit as it was read."""
+
+    def __init__(self, status: int, size: int | None) -> None:
+        super().__init__(f"an answer over {MOST_ANSWER_BYTES} bytes")
+        self.status = status
+        self.size = size
+
+
+async def _read_at_most(response: Any) -> None:
+    """The client's response hook: the body read here, before the client reads it whole, and
+    no further than ``MOST_ANSWER_BYTES``, counted decompressed (a gzip of kilobytes can hold
+    gigabytes). Past that, a 2xx raises ``_TooLarge`` (the connection closed, the rest never
+    read), and an error's body is cut there (only its start is shown). The client's own read
+    then finds the body read (``aread`` keeps it in ``_content``, in httpx and httpx2 alike)."""
+    length = response.headers.get("content-length", "")
+    if response.is_success and length.isdigit() and int(length) > MOST_ANSWER_BYTES:
+        raise _TooLarge(response.status_code, int(length))
+    body = bytearray()
+    # Closed however the loop ends, and the response (its connection) with it.
+    async with contextlib.aclosing(response.aiter_bytes()) as parts:
+        async for part in parts:
+            body += part
+            if len(body) > MOST_ANSWER_BYTES:
+                if response.is_success:
+                    raise _TooLarge(response.status_code, None)
+                del body[MOST_ANSWER_BYTES:]
+                break
+    response._content = bytes(body)
 
 
 def _is_answer(value: Any) -> bool:
