@@ -276,6 +276,88 @@ async def test_a_child_that_left_the_group_does_not_turn_an_exit_0_into_a_timeou
     )
 
 
+# Starts a child in a session of its own (setsid: out of reach of the group's kill) that holds
+# its stdout, records the child's pid in argv[1], and exits with the status argv[2].
+DEPLOY_LEAVING_A_SESSION = """
+import subprocess, sys
+child = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+)
+with open(sys.argv[1], "w") as f:
+    f.write(str(child.pid))
+print("deployed", flush=True)
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def deploy_leaving_a_session(pid_file: Path, status: int) -> list[str]:
+    return python_argv(DEPLOY_LEAVING_A_SESSION, str(pid_file), str(status))
+
+
+def end_the_session_child(pid_file: Path) -> None:
+    with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "outcome"), [(0, JobState.DONE, "done"), (1, JobState.QUEUED, "retry")]
+)
+async def test_an_exit_status_before_timeout_s_stands_though_the_pipes_are_still_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, state: JobState, outcome: str
+) -> None:
+    """timeout_s ends while the action waits for the pipes of a program that has exited (a
+    child of its own session holds them): the exit status is the outcome, done for 0 (not a
+    timeout, the deploy run again), with the output read and a note of the held pipes."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 10.0)  # the pipe wait outlasts timeout_s
+    pid_file = tmp_path / "child.pid"
+    try:
+        job = await run_command(tmp_path, deploy_leaving_a_session(pid_file, status), timeout_s=3)
+    finally:
+        end_the_session_child(pid_file)
+    assert (job.state, job.attempts) == (state, 1)
+    error = f"{sys.executable}: exit code {status}" if status else None  # not "timed out"
+    assert (job.history[0].outcome, job.history[0].error) == (outcome, error)
+    detail = job.history[0].detail
+    assert detail is not None
+    assert (detail["exit_code"], detail["stdout"]) == (status, "deployed\n")
+    assert "still held" in detail["pipes"]
+
+
+async def test_a_drain_during_the_pipe_wait_of_a_program_that_exited_0_records_it_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that cancels the job while the action waits for the pipes of a program that has
+    exited 0 records it done, not cut off and queued to run again; the drain still ends it."""
+    monkeypatch.setattr(command, "_KILL_GRACE_S", 10.0)
+    exited = asyncio.Event()
+    kill_group = command._kill_group
+
+    def watched(pgid: int, sig: signal.Signals) -> None:
+        kill_group(pgid, sig)
+        if sig == signal.SIGKILL:  # the program has exited; its pipe wait begins
+            exited.set()
+
+    monkeypatch.setattr(command, "_kill_group", watched)
+    pid_file = tmp_path / "child.pid"
+    config = command_config(deploy_leaving_a_session(pid_file, 0), timeout_s=60)
+    try:
+        async with action_kit(tmp_path, config) as kit:
+            event_id = await kit.send("gh", PUSH)
+            running = asyncio.create_task(kit.run())
+            await exited.wait()
+            assert await kit.pool.drain(0) == 0  # none cut off
+            await running
+            job = await kit.job(event_id)
+    finally:
+        end_the_session_child(pid_file)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    assert [(a.n, a.outcome) for a in job.history] == [(1, "done")]
+    detail = job.history[0].detail
+    assert detail is not None
+    assert (detail["exit_code"], detail["stdout"]) == (0, "deployed\n")
+    assert "still held" in detail["pipes"]
+
+
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_arguments_too_long_for_the_system_are_dead_not_retried(tmp_path: Path, loop: str) -> None:
     """A payload that makes an argument longer than the kernel takes (E2BIG) fails the same way

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from webhookd.actions.base import Action, Outcome, cut_note, cut_short
+from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
@@ -1115,6 +1115,10 @@ class WorkerPool:
             async with asyncio.timeout(cfg.timeout_s):
                 return await action.run(claimed.event, claimed.job), False
         except TimeoutError as exc:  # with what the action saw so far, if it kept any
+            if (ended := cut_outcome(exc)) is not None:
+                # Its work had ended before the cut (a command's program had exited, a process
+                # it left holding its pipes): that is the outcome, not a timeout.
+                return ended, False
             # Named by where it went, as its other failures are ("<url> answered 503"); masked
             # with them before it is logged or kept.
             target = getattr(action, "target", None)
@@ -1134,6 +1138,10 @@ class WorkerPool:
             task = asyncio.current_task()
             result, detail = cut_short(exc)
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                if (ended := cut_outcome(exc)) is not None:
+                    # A drain cut an attempt whose work had ended (as above): recorded as that,
+                    # not queued to run again; the task ends once it is recorded.
+                    return ended, False
                 self._cut_kept[claimed.job.id] = (result, detail)  # for the drain's record
                 raise  # a drain cancelling the job
             # SystemExit, KeyboardInterrupt, a stray CancelledError: one job's failure, which

@@ -90,6 +90,22 @@ def cut_note(exc: BaseException) -> str | None:
     return None
 
 
+def keep_outcome(exc: BaseException, outcome: Outcome) -> None:
+    """Give the exception that cuts an attempt short the outcome its work had already come to
+    (a command whose program had exited, its output pipes still held open): the worker records
+    that instead of a timeout or a drain's cut (``cut_outcome``). The exception goes on."""
+    exc.webhookd_outcome = outcome  # type: ignore[attr-defined]
+
+
+def cut_outcome(exc: BaseException) -> Outcome | None:
+    """The outcome ``keep_outcome`` gave ``exc`` or the cancellation behind it, if any."""
+    for cause in (exc, exc.__cause__):
+        outcome = getattr(cause, "webhookd_outcome", None)
+        if isinstance(outcome, Outcome):
+            return outcome
+    return None
+
+
 def cut_short(exc: BaseException) -> tuple[Any, dict[str, Any]]:
     """The result and detail ``keep_detail`` gave ``exc`` (a cancellation) or the cancellation
     behind it (the worker's ``TimeoutError``); ``(None, {})`` when none."""

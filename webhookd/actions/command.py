@@ -15,7 +15,10 @@ no attempt. The last 2 KB of stdout and stderr are kept with the attempt.
 The program runs in its own session (process group). When the action's ``timeout_s`` passes, or
 the daemon drains, the whole group gets SIGTERM, then SIGKILL after a short grace; when the
 program exits, whatever it left running in its group is killed too, so nothing outlives its job
-(start long-lived services through a service manager, not from a hook).
+(start long-lived services through a service manager, not from a hook). A process it left in a
+session of its own (setsid) is out of that reach and may hold the program's output open: the
+program's exit status is the outcome all the same, even when ``timeout_s`` or a drain ends the
+short wait for that output.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from webhookd.actions.base import Outcome, Resources, keep_detail, options
+from webhookd.actions.base import Outcome, Resources, keep_detail, keep_outcome, options
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
@@ -299,6 +302,7 @@ class CommandAction:
             return Outcome.retry(error)
         pid = transport.get_pid()
         _RUNNING_GROUPS.add(pid)
+        code: int | None = None  # the program's exit status, once it has exited
         try:
             # uvloop's pipe transports do not subclass asyncio.WriteTransport, but have its methods.
             stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
@@ -310,6 +314,7 @@ class CommandAction:
                 stdin.write(event.body)
                 stdin.close()
             await watch.exited.wait()
+            code = transport.get_returncode()
             _kill_group(pid, signal.SIGKILL)  # leftovers would hold the pipes open
             # Only a process that left the group (setsid) can still hold them: the program's
             # exit status stands without waiting for it, else a deploy script that exited 0
@@ -318,6 +323,21 @@ class CommandAction:
                 async with asyncio.timeout(_KILL_GRACE_S):
                     await watch.closed.wait()
         except BaseException as exc:
+            if code is not None:
+                # The program had exited: timeout_s or a drain ended only the wait for its
+                # pipes. Its exit status is the attempt's outcome (the worker records it, and
+                # a deploy that exited 0 is not run again); its group is gone already.
+                keep_outcome(exc, self._outcome(argv[0], code, watch, started))
+                log.warning(
+                    "command %s (pid %d) for event %s had exited (status %d) but a process it"
+                    " left in a session of its own still held its output when the attempt was"
+                    " cut: recorded by its exit status",
+                    argv[0],
+                    pid,
+                    event.id,
+                    code,
+                )
+                raise
             # Timed out or cancelled by a drain: end the whole group, then let the error go on,
             # with what the program wrote so far for the attempt's record.
             await asyncio.shield(_stop(pid, watch))
@@ -340,21 +360,31 @@ class CommandAction:
         finally:
             _RUNNING_GROUPS.discard(pid)
             transport.close()
-        code = transport.get_returncode()
         if code is None:  # cannot happen after process_exited; keep the type honest
             return Outcome.retry(f"{argv[0]}: no exit status")
+        return self._outcome(argv[0], code, watch, started)
+
+    def _outcome(self, program: str, code: int, watch: _Watch, started: float) -> Outcome:
+        """The outcome of a program that exited with ``code``, with what it wrote; and, when a
+        process it left in a session of its own still holds its pipes, a note that it does
+        (what that process writes is not kept)."""
         detail: dict[str, Any] = {
             "exit_code": code,
             "duration_s": round(time.monotonic() - started, 4),
             "stdout": watch.out.text(),
             "stderr": watch.err.text(),
         }
+        if not watch.closed.is_set():
+            detail["pipes"] = (
+                "still held open after the program exited, by a process it left in a session"
+                " of its own (setsid): its output after that is not kept"
+            )
         if code == 0:
             return Outcome.done({"exit_code": 0}, **detail)
         reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
         if code in self.settings.permanent:
-            return Outcome.dead(f"{argv[0]}: {reason} (permanent)", **detail)
-        return Outcome.retry(f"{argv[0]}: {reason}", **detail)
+            return Outcome.dead(f"{program}: {reason} (permanent)", **detail)
+        return Outcome.retry(f"{program}: {reason}", **detail)
 
     async def aclose(self) -> None:
         return None
