@@ -51,13 +51,28 @@ from webhookd import metrics as metrics_mod
 from webhookd.app import STOP_MARGIN_S
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
-from webhookd.journal import Cap, CapClaim, Claimed, Finished, NewEvent, Poisoned, Ready, postgres
+from webhookd.journal import (
+    Cap,
+    CapClaim,
+    Claimed,
+    Finished,
+    NewEvent,
+    Poisoned,
+    Ready,
+    Recovery,
+    postgres,
+)
 from webhookd.journal.batch import IngestOp
 from webhookd.journal.postgres import REINDEX_EVERY_S, PostgresJournal, db, nodes, redact_url
 from webhookd.journal.postgres.db import DB_ERRORS, db_error
 from webhookd.journal.postgres.reads import BACKLOG_SQL, READY_IN_LANES_SQL
 from webhookd.journal.postgres.schema import MIGRATIONS
-from webhookd.journal.postgres.writes import PRUNE_SQL, write_group, write_ingests
+from webhookd.journal.postgres.writes import (
+    _LOST_COLUMNS,
+    PRUNE_SQL,
+    write_group,
+    write_ingests,
+)
 from webhookd.limiter import SHARED_LOG_S
 from webhookd.models import JobState, LaneSpec, Priority
 from webhookd.workers import WorkerPool, order_cap
@@ -1726,6 +1741,113 @@ async def test_pg_a_node_started_as_the_database_comes_back_leaves_live_nodes_th
             assert starting._settled() and (await starting.recover_lost()).requeued == 0
 
 
+# A lock held past lease_s, by where it catches the nodes: its table, the statements the test
+# sees waiting on it (they begin so), and how many.
+_LOCKS_HELD = {
+    "jobs-every-lease-loop": ("jobs", BACKLOG_SQL, 2),
+    "jobs-the-leaders-recovery": ("jobs", _LOST_COLUMNS, 1),
+}
+
+
+@pytest.mark.parametrize("where", list(_LOCKS_HELD))
+async def test_pg_a_lock_held_past_the_lease_costs_no_live_node_its_running_job(
+    pg_url: str, where: str
+) -> None:
+    """A lock held past lease_s (``VACUUM FULL``, ``LOCK TABLE``, a newer node's migration).
+
+    On ``jobs``: it held every node's lease loop, the heartbeat with it, though ``nodes`` was
+    free; once it went, the node that took the lead (the leader's lease had run out meanwhile)
+    re-queued the live node's running job before that node heartbeat again, so the job ran
+    twice. The heartbeat now has a task and a connection of its own, and goes on.
+
+    Taken as the leader's recovery begins, its statement waits behind the lock and runs the
+    moment the lock goes, before any heartbeat: it judges silence as of when it began.
+
+    Each lock is let go only once what it holds is seen waiting on it (``pg_locks``) for
+    longer than a lease: the live node's last heartbeat before it is then stale."""
+    table, waits, count = _LOCKS_HELD[where]
+    at_recovery = waits == _LOST_COLUMNS
+    lease_s = 3.0
+    async with PostgresJournal(pg_url, lease_s=lease_s, heartbeat_s=0.5) as first:
+
+        async def leads_settled() -> bool:
+            return first.leads() and first._settled()
+
+        await poll(leads_settled, timeout_s=30)
+        async with PostgresJournal(pg_url, lease_s=lease_s, heartbeat_s=0.5) as live:
+            item = new_event()
+            await live.ingest(item)
+            job_id = item.jobs[0].id
+            assert len(await live.claim([job_id], "boot_live")) == 1
+            holder, watch = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+            held = holder.transaction()
+            locked = asyncio.Event()
+
+            async def lock() -> None:
+                await held.start()
+                await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+
+            if at_recovery:  # taken by the leader's next recovery, as it begins
+                recover_lost = first.recover_lost
+
+                async def locking(**kw: Any) -> Recovery:
+                    if not locked.is_set():
+                        await lock()
+                    return await recover_lost(**kw)
+
+                first.recover_lost = locking  # type: ignore[method-assign]
+            released = False
+            after: asyncio.Future[Recovery] = asyncio.get_running_loop().create_future()
+
+            def watch_recoveries(journal: PostgresJournal) -> None:
+                """Whichever node leads once the lock has gone: its first recovery then."""
+                recover_lost = journal.recover_lost
+
+                async def watched(**kw: Any) -> Recovery:
+                    began_after = released
+                    recovery = await recover_lost(**kw)
+                    if began_after and not after.done():
+                        after.set_result(recovery)
+                    return recovery
+
+                journal.recover_lost = watched  # type: ignore[method-assign]
+
+            watch_recoveries(first)
+            watch_recoveries(live)
+
+            async def held_past_the_lease() -> bool:
+                waited = await watch.fetch(
+                    "SELECT EXTRACT(epoch FROM clock_timestamp() - l.waitstart)"
+                    " FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                    " WHERE NOT l.granted AND $1 = ANY(pg_blocking_pids(a.pid))"
+                    " AND starts_with(a.query, $2)",
+                    holder.get_server_pid(),
+                    waits,
+                )
+                seconds = [float(r[0]) for r in waited if r[0] is not None]
+                return len(seconds) == count and min(seconds) > lease_s + 0.25
+
+            try:
+                if not at_recovery:
+                    await lock()
+                await asyncio.wait_for(locked.wait(), 30)
+                await poll(held_past_the_lease, timeout_s=30)
+                await held.commit()
+                released = True
+            finally:
+                await holder.close()
+                await watch.close()
+            recovery = await asyncio.wait_for(after, 30)  # the first look since
+            job = (await live.get_event(item.event.id)).jobs[0]
+            assert (recovery.requeued, job.state, job.history, job_id in live._tokens) == (
+                0,
+                JobState.RUNNING,
+                (),
+                True,
+            )
+
+
 async def test_pg_after_an_outage_the_leader_waits_out_the_longest_lease_of_any_node(
     pg_url: str,
 ) -> None:
@@ -2245,11 +2367,14 @@ async def _backends(admin: asyncpg.Connection) -> tuple[int, int, set[int]]:
 
 
 def _held_pids(*journals: PostgresJournal) -> set[int]:
-    """The server process ids of every connection the journals' pools hold."""
+    """The server process ids of every connection the journals' pools hold (the heartbeat's
+    too)."""
     return {
         h._con.get_server_pid()
         for j in journals
-        for h in j.pool.raw._holders
+        for pool in (j.pool, j._beat_pool)
+        if pool is not None
+        for h in pool.raw._holders
         if h._con is not None and not h._con.is_closed()
     }
 
@@ -2291,7 +2416,7 @@ async def test_pg_while_a_synchronous_standby_is_away_a_node_holds_no_more_backe
             count, _, active = await _backends(watch)
             # Every statement running on the server is one of the pools' connections'.
             assert active <= _held_pids(a, b), (active, _held_pids(a, b))
-            assert count <= 2 * postgres.POOL_SIZE + 2  # and the listeners
+            assert count <= 2 * (postgres.POOL_SIZE + 2)  # and the listeners and heartbeats
             said = "journal unavailable: waiting for synchronous replication: the standbys"
             return len(cut) >= 8 and _count(caplog, said) >= 2
 

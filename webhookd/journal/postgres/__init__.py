@@ -7,11 +7,12 @@ The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
   database's default is off): a webhook is acknowledged only after its batch commits. No
   transaction is ever held across an action: a claim commits before the action starts and its
   outcome is a transaction of its own.
-* A node is a process with a row in ``nodes`` and a heartbeat every few seconds; that heartbeat
-  is the lease on every job it claimed. Any node re-queues the running jobs of a node silent for
-  ``lease_s`` (the poison-pill rule counts those recoveries). Each claim gets a fresh token and
-  an outcome is written only while its token still stands, so a node that lost its lease (a
-  long GC pause, a network cut) cannot overwrite the new owner's outcome.
+* A node is a process with a row in ``nodes`` and a heartbeat every few seconds, on a task and
+  a connection of its own; that heartbeat is the lease on every job it claimed. Any node
+  re-queues the running jobs of a node silent for ``lease_s`` (the poison-pill rule counts
+  those recoveries). Each claim gets a fresh token and an outcome is written only while its
+  token still stands, so a node that lost its lease (a long GC pause, a network cut) cannot
+  overwrite the new owner's outcome.
 * Wake-ups: after a commit that made jobs ready a task of its own sends a ``NOTIFY`` naming
   this node (at most one per ``NOTIFY_EVERY_S``: NOTIFY takes a global lock at commit, so it
   stays out of the ingest transaction; commits meanwhile share the next one, none is dropped),
@@ -107,6 +108,8 @@ POOL_SIZE = 10
 _SERVER_SETTINGS = {"application_name": "webhookd"}
 # The CLI told apart from the nodes in pg_stat_activity.
 _CLI_SETTINGS = {"application_name": "webhookd cli"}
+# The heartbeat's connection (``PgNodes.heartbeat``), told apart in pg_stat_activity.
+_BEAT_SETTINGS = {"application_name": "webhookd-heartbeat"}
 # Each write transaction's lock wait, and how long the server lets one sit idle (_write).
 LOCK_TIMEOUT_S = 5
 IDLE_IN_TRANSACTION_S = 5
@@ -176,9 +179,11 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.batched_ops = 0
         self.backlog_jobs = 0
         self._pool: BoundedPool | None = None
+        self._beat_pool: BoundedPool | None = None  # one connection, the heartbeat's alone
         self._queue = OpQueue()
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._notify_task: asyncio.Task[None] | None = None
         self._notify_wanted = asyncio.Event()
@@ -219,6 +224,17 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     timeout=10,  # to connect; a server that never answers is an error, not a hang
                 )
                 self._pool = BoundedPool(raw, waiting_s=None if self.node else CLI_WAITING_S)
+                if self.node:
+                    beat = await asyncpg.create_pool(
+                        self.url,
+                        min_size=1,
+                        max_size=1,
+                        server_settings=_BEAT_SETTINGS,
+                        statement_cache_size=self.statement_cache_size,
+                        init=_on_connect,
+                        timeout=10,
+                    )
+                    self._beat_pool = BoundedPool(beat)
             except ValueError as exc:  # a URL the driver cannot read: its words may quote it
                 raise JournalError(
                     f"cannot open journal {self.location}: its URL cannot be read"
@@ -274,16 +290,17 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self._writer.add_done_callback(self._writer_ended)
         if not self.node:
             return
+        self._beat_task = asyncio.create_task(self._beat_loop(), name="journal-heartbeat")
         self._lease_task = asyncio.create_task(self._lease_loop(), name="journal-leases")
         self._listen_task = asyncio.create_task(self._listen_loop(), name="journal-listen")
         self._notify_task = asyncio.create_task(self._notify_loop(), name="journal-notify")
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._notify_task, self._listen_task, self._lease_task):
+        for task in (self._notify_task, self._listen_task, self._lease_task, self._beat_task):
             if task is not None:
                 await _cancelled(task)
-        self._notify_task = self._listen_task = self._lease_task = None
+        self._notify_task = self._listen_task = self._lease_task = self._beat_task = None
         if self._writer is not None and self._pending:
             with contextlib.suppress(JournalUnavailable):
                 await self.record_pending()  # a last try; else lease recovery re-queues them
@@ -301,10 +318,12 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         await self._close_pool()
 
     async def _close_pool(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(pool.raw.close(), 10)
+        pools = (self._beat_pool, self._pool)
+        self._pool = self._beat_pool = None
+        for pool in pools:
+            if pool is not None:
+                with contextlib.suppress(*DB_ERRORS):
+                    await asyncio.wait_for(pool.raw.close(), 10)
 
     @property
     def pool(self) -> BoundedPool:

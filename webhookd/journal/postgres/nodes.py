@@ -1,8 +1,8 @@
-"""A PostgreSQL journal's life as a node: its heartbeat (the lease on every job it runs), the
-leader lease and the maintenance only its holder runs (recovery of silent nodes' jobs,
-retention), the cluster-wide backlog count, and the wake-ups between nodes (LISTEN on a
-connection of its own, NOTIFY after commits that made jobs ready or freed a cap's slot, and
-after a pause or resume).
+"""A PostgreSQL journal's life as a node: its heartbeat (the lease on every job it runs, on a
+task and a connection of its own, so that nothing else the node does holds it up), the leader
+lease and the maintenance only its holder runs (recovery of silent nodes' jobs, retention), the
+cluster-wide backlog count, and the wake-ups between nodes (LISTEN on a connection of its own,
+NOTIFY after commits that made jobs ready or freed a cap's slot, and after a pause or resume).
 
 Hazard: leadership is a lease, not a lock. A leader cut off from the database (or paused past
 its lease) may still believe it leads for a moment while another node has taken over; the
@@ -67,6 +67,7 @@ class PgNodes:
     _replication_stalled: bool
     sync_standbys: bool
     _up_since: float | None
+    _beat_pool: Any
     forgotten_wanted: bool
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
@@ -101,10 +102,16 @@ class PgNodes:
         whether the database takes writes when no webhook is arriving: cut after two
         heartbeats' time (at least 5 s), not the pool's minute, so that a database that hangs
         (keeps its connections and stops answering) makes the node not ready in seconds while
-        its webhooks are answered 503."""
+        its webhooks are answered 503.
+
+        It goes over a connection of its own and writes ``nodes`` alone: a lock on ``jobs``
+        (``VACUUM FULL``, ``LOCK TABLE``, a newer node's migration), or a pool taken up by
+        statements waiting on one, does not hold it up, so the other nodes see this one alive
+        while it lasts."""
         now = self.clock.time()
         try:
-            await self.pool.execute(
+            # Its own pool; the shared one says "not open" once closed, and is a non-node's only.
+            await (self._beat_pool or self.pool).execute(
                 "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s,"
                 " config_digest) VALUES ($1, $2, $2, $3, $4, $5, $6)"
                 " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,"
@@ -256,14 +263,25 @@ class PgNodes:
             self._notify_wanted.set()
         return recovery
 
-    async def _lease_loop(self) -> None:
-        """Heartbeat, recount the cluster's backlog, and, while leading, take over the jobs of
-        silent nodes. A database outage is survived: the next round tries again (and this
-        node's own jobs are re-queued by the others if it stays cut off past its lease)."""
+    async def _beat_loop(self) -> None:
+        """Heartbeat every ``heartbeat_s``, apart from the lease loop: its writes and reads of
+        ``jobs`` may each wait up to a minute. A database outage is survived: the next beat
+        tries again (and this node's own jobs are re-queued by the others if it stays cut off
+        past its lease)."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
+            except JournalUnavailable as exc:
+                log.debug("%s", exc)  # the outage itself was logged once, by went_down
+
+    async def _lease_loop(self) -> None:
+        """Recount the cluster's backlog, and, while leading, take over the jobs of silent
+        nodes, every ``heartbeat_s``. A database outage is survived: the next round tries
+        again."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
                 await self.compare_configs()
                 await self.release_doubtful()
                 await self.record_pending()
