@@ -1745,7 +1745,9 @@ async def test_pg_a_node_started_as_the_database_comes_back_leaves_live_nodes_th
 # sees waiting on it (they begin so), and how many.
 _LOCKS_HELD = {
     "jobs-every-lease-loop": ("jobs", BACKLOG_SQL, 2),
+    "nodes-every-heartbeat": ("nodes", "INSERT INTO nodes ", 2),
     "jobs-the-leaders-recovery": ("jobs", _LOST_COLUMNS, 1),
+    "nodes-the-leaders-recovery": ("nodes", _LOST_COLUMNS, 1),
 }
 
 
@@ -1759,6 +1761,10 @@ async def test_pg_a_lock_held_past_the_lease_costs_no_live_node_its_running_job(
     free; once it went, the node that took the lead (the leader's lease had run out meanwhile)
     re-queued the live node's running job before that node heartbeat again, so the job ran
     twice. The heartbeat now has a task and a connection of its own, and goes on.
+
+    On ``nodes``: every node's heartbeat waits. A node whose own heartbeat was held up past a
+    sixth of a lease waits a lease, as after an outage, before it takes any node's silence
+    for its loss: the live node heartbeats again meanwhile.
 
     Taken as the leader's recovery begins, its statement waits behind the lock and runs the
     moment the lock goes, before any heartbeat: it judges silence as of when it began.

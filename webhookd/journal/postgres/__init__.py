@@ -180,6 +180,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         self.backlog_jobs = 0
         self._pool: BoundedPool | None = None
         self._beat_pool: BoundedPool | None = None  # one connection, the heartbeat's alone
+        self._beat_sent: float | None = None  # when the heartbeat in flight began (monotonic)
         self._queue = OpQueue()
         self._writer: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None

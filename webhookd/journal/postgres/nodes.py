@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +44,10 @@ NOTIFY_EVERY_S = 0.1
 PROBE_S = 5.0
 LISTEN_CHECK_S = 5.0  # how often an idle listener proves its connection is alive
 RECONNECT_MAX_S = 5.0
+# A heartbeat that waits longer than this share of the lease (half a heartbeat at the default
+# pace of three a lease) was held up by a lock on ``nodes``, which holds every node's (see
+# ``_settled``).
+HELD_UP_LEASES = 1 / 6
 _T = TypeVar("_T")
 
 
@@ -68,6 +73,7 @@ class PgNodes:
     sync_standbys: bool
     _up_since: float | None
     _beat_pool: Any
+    _beat_sent: float | None
     forgotten_wanted: bool
     listening: asyncio.Event
     on_remote_jobs: Callable[[], None] | None
@@ -107,8 +113,11 @@ class PgNodes:
         It goes over a connection of its own and writes ``nodes`` alone: a lock on ``jobs``
         (``VACUUM FULL``, ``LOCK TABLE``, a newer node's migration), or a pool taken up by
         statements waiting on one, does not hold it up, so the other nodes see this one alive
-        while it lasts."""
+        while it lasts. One held up past a sixth of a lease makes this node wait a lease before
+        it takes others' silence for their loss (``_settled``)."""
         now = self.clock.time()
+        # Real time, as the deadlines: what it measures is a wait on the server.
+        sent = self._beat_sent = time.monotonic()
         try:
             # Its own pool; the shared one says "not open" once closed, and is a non-node's only.
             await (self._beat_pool or self.pool).execute(
@@ -127,6 +136,17 @@ class PgNodes:
         except DB_ERRORS as exc:
             self.went_down(exc)
             raise JournalUnavailable(f"journal heartbeat failed: {db_error(exc)}") from exc
+        finally:
+            self._beat_sent = None
+        took_s = time.monotonic() - sent
+        if took_s > self.lease_s * HELD_UP_LEASES and self._up_since is not None:
+            # What held it (a lock on nodes) held every node's: their heartbeats are as late.
+            self._up_since = self.clock.monotonic()
+            log.info(
+                "a heartbeat waited %.1f s (a lock on the nodes table?): other nodes' silence is"
+                " not taken for their loss for a lease",
+                took_s,
+            )
         self.came_back()
 
     async def compare_configs(self) -> frozenset[str]:
@@ -241,6 +261,8 @@ class PgNodes:
         """Re-queue the running jobs of nodes silent past their ``lease_s``; forget long-gone
         nodes. ``gone_only``: only those of nodes with no row at all, which no outage makes
         look so (see ``recover``)."""
+        # Silence is judged as of now, as the caller found this node ``_settled``: a statement
+        # that then waits on a lock finds the heartbeats only fresher when it runs.
         now = self.clock.time()
 
         async def fn(conn: Any) -> Recovery:
@@ -329,7 +351,17 @@ class PgNodes:
         ``lease_s`` every node's heartbeat is stale at once; the first one back would else
         re-queue the jobs of nodes that are alive and running them (and fence out their
         outcomes), so the work would be done twice. Meanwhile the others heartbeat again:
-        within their own lease, so the wait is the longest lease of any node."""
+        within their own lease, so the wait is the longest lease of any node.
+
+        A lock on ``nodes`` (a newer node's migration, ``LOCK TABLE``) holds every node's
+        heartbeat as an outage does, though no write fails: this node's own heartbeat is the
+        witness. While it has waited past a sixth of a lease, the node is not settled, and
+        once it went through so late, the wait starts again (``heartbeat``). The recovery
+        judges silence as of this moment (its ``now`` is read now), so a recovery statement
+        that then waits on a lock can only find the heartbeats fresher."""
+        sent = self._beat_sent
+        if sent is not None and time.monotonic() - sent > self.lease_s * HELD_UP_LEASES:
+            return False
         up_since = self._up_since
         wait_s = max(self.lease_s, self._longest_lease_s)
         return up_since is not None and self.clock.monotonic() - up_since >= wait_s
