@@ -394,6 +394,31 @@ async def test_long_projected_wait_raises_at_once_instead_of_waiting() -> None:
     await ahead
 
 
+@pytest.mark.parametrize("grows_by", ["an under-estimate settled", "the upstream's headers"])
+async def test_a_call_whose_wait_grows_in_line_leaves_it_by_max_wait_s(grows_by: str) -> None:
+    """A call that joined the line on a short projected wait leaves it with LaneBusy (its job
+    rescheduled, its worker freed) once its wait would go past max_wait_s, instead of holding
+    its worker until the attempt's timeout_s cuts it off."""
+    sim = GatedSleep()
+    lane = sim.lane(tpm=6_000)  # 100 tokens/s, a burst of 300
+    first = await lane.acquire(100, max_wait_s=0)  # 200 left
+    waiting = asyncio.create_task(lane.acquire(300, max_wait_s=2.0))  # 1 s: joins the line
+    await run_ready()
+    assert lane.waiting == 1 and not waiting.done()
+    if grows_by == "an under-estimate settled":
+        lane.settle(first, 3_000)  # the prompt took 3,000 tokens: 29 s more to wait
+    else:
+        lane.observe_remaining(None, 0)  # the provider counts none left: 3 s in all
+    sim.release()  # its 1 s nap ends
+    await run_ready()
+    assert waiting.done(), f"still in line after {sim.elapsed():.1f} s with max_wait_s = 2"
+    with pytest.raises(LaneBusy, match="has a long wait") as busy:
+        waiting.result()
+    assert sim.elapsed() == pytest.approx(1.0)
+    assert busy.value.retry_after_s == pytest.approx(29.0 if "settled" in grows_by else 2.0)
+    assert lane.waiting == 0
+
+
 async def test_a_backlog_refused_at_once_is_asked_back_one_turn_apart_in_order() -> None:
     """Calls refused together come back when each one's turn comes, not all at the first:
     at rpm 6 (one call each 10 s once the burst is spent) the refused are asked back 10 s

@@ -352,8 +352,10 @@ class Lane:
         return len(entries)
 
     async def acquire(self, tokens: int, *, max_wait_s: float, key: object = None) -> Reservation:
-        """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy`` at once.
-        ``key``: the same for a call asked back as when it was refused (a job's id)."""
+        """Admit a call estimated at ``tokens``, in FIFO order, or raise ``LaneBusy``: at once
+        when its wait would be longer than ``max_wait_s``, and from its place in line when the
+        wait grows past it. ``key``: the same for a call asked back as when it was refused (a
+        job's id)."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         if self._store is not None:
@@ -367,6 +369,10 @@ class Lane:
             return self._admit(tokens, now)
         if projected_s > max_wait_s:
             raise self._promise(projected_s, tokens, now, key)
+        # The wait can grow once in line (an under-estimate charged by ``settle``, the
+        # upstream's ``x-ratelimit-remaining-*``): past max_wait_s the call leaves, its worker
+        # freed, rather than holding it until the attempt's timeout_s.
+        deadline = now + max_wait_s
         with self._in_line(tokens) as waiter:
             while True:
                 if self._queue[0] is not waiter:
@@ -375,6 +381,8 @@ class Lane:
                     wait_s = self._wait_s(tokens, now)
                     if wait_s <= 0:
                         return self._admit(tokens, now)
+                    if now + wait_s > deadline:
+                        raise self._busy(wait_s, "has a long wait")
                     await self._nap(waiter, max(wait_s, _MIN_NAP_S))
                 now = self._now()
                 self._check_open(now)
