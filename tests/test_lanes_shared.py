@@ -185,6 +185,94 @@ async def test_an_open_circuit_holds_on_every_node_and_only_one_node_probes(pg_u
         assert not lane_a.statistics().circuit_open
 
 
+async def saturate_across_a_step(pg_url: str, step_s: float) -> list[float]:
+    """One node keeping a lane of rpm 60 at its limit for a minute, then ``step_s`` stepping
+    its wall clock, then two more minutes: when each call was admitted, in real time."""
+    driver = Driver()
+    admitted: list[float] = []
+    async with nodes(pg_url, driver.clock, 1) as (journal,):
+        lane = shared_lane(journal, driver, rpm=60, burst_s=3.0)
+        start = driver.clock.monotonic()
+
+        async def worker() -> None:
+            stepped = False
+            while driver.clock.monotonic() < start + 3 * WINDOW_S:
+                if not stepped and driver.clock.monotonic() >= start + WINDOW_S:
+                    driver.clock.step_wall(step_s)
+                    stepped = True
+                try:
+                    reservation = await lane.acquire(1, max_wait_s=30)
+                except LaneBusy as busy:
+                    await driver.sleep(busy.retry_after_s)
+                    continue
+                admitted.append(reservation.admitted_at_s - start)
+
+        task = asyncio.create_task(worker())
+        while not task.done():
+            await driver.step([task])
+        task.result()
+    return admitted
+
+
+async def test_a_shared_lane_goes_on_at_its_pace_after_the_wall_clock_steps_back(
+    pg_url: str,
+) -> None:
+    """The wall clock set back an hour under a saturated lane: the lane neither wedges (its
+    row stamped an hour ahead) nor goes past its limit; it admits at its pace."""
+    admitted = await saturate_across_a_step(pg_url, -3_600)
+    after = [at for at in admitted if at >= WINDOW_S]
+    assert after, "nothing admitted in the two minutes after the step back"
+    assert after[0] < WINDOW_S + SHARED_LOG_S, f"first call after the step at {after[0]:.1f} s"
+    assert busiest_window(admitted) <= 60
+    assert len(after) >= 0.9 * 2 * 60
+
+
+async def test_a_shared_lane_admits_at_once_two_minutes_after_its_clock_stepped_back_an_hour(
+    pg_url: str,
+) -> None:
+    """One node, a minute of calls at rpm 60, its wall clock set back an hour, two minutes go
+    by: its minute is long over, and the lane admits the next call at once."""
+    clock = ManualClock()
+    async with nodes(pg_url, clock, 1) as (journal,):
+
+        async def nap(seconds: float) -> None:
+            clock.advance(seconds)
+
+        lane = Lane(LaneConfig("llm", rpm=60), clock=clock, sleep=nap, store=journal)
+        for _ in range(60):
+            await lane.acquire(1, max_wait_s=5)
+        clock.step_wall(-3_600)
+        clock.advance(120)
+        try:
+            await lane.acquire(1, max_wait_s=0)
+        except LaneBusy as busy:
+            pytest.fail(f"2 min after the step back the lane still refuses: {busy}")
+
+
+async def test_a_shared_lane_admits_no_second_minute_at_once_after_the_wall_clock_steps_forward(
+    pg_url: str,
+) -> None:
+    """The wall clock set an hour ahead under a saturated lane: its log still holds the
+    minute's calls, so no 60 s window of real time holds more than rpm."""
+    admitted = await saturate_across_a_step(pg_url, 3_600)
+    assert busiest_window(admitted) <= 60
+    assert len([at for at in admitted if at >= WINDOW_S]) >= 0.9 * 2 * 60
+
+
+async def test_a_cooldown_published_after_a_step_forward_lasts_what_it_said(pg_url: str) -> None:
+    """A cool-down written by a node whose clock stepped since it last wrote the row is moved
+    with the row's other times: it ends when it said, not a step later."""
+    driver = Driver()
+    async with nodes(pg_url, driver.clock, 1) as (journal,):
+        lane = shared_lane(journal, driver, rpm=600)
+        await lane.acquire(1, max_wait_s=5)
+        driver.clock.step_wall(3_600)
+        lane.cooldown(12)
+        await lane.publish()
+        driver.clock.advance(12)
+        assert (await lane.acquire(1, max_wait_s=5)).lane == "llm"
+
+
 async def test_an_unreachable_database_makes_the_shared_lane_admit_nothing(
     pg_url: str, db_outage: DatabaseOutage
 ) -> None:
@@ -232,3 +320,55 @@ def test_plan_never_grants_more_than_the_limit_within_the_shared_log() -> None:
         now += max(grant.retry_s, 0.1)
     assert busiest_window(grants) <= 30
     assert len([g for g in grants if g >= 60]) >= 0.9 * 30 * 4
+
+
+WALL = 1_700_000_000.0  # the wall clock at real time 0, before any step
+
+
+def saturate_plan(
+    row: LaneRow, start: float, real_s: float, step_s: float = 0.0, told: bool = True
+) -> tuple[list[float], float]:
+    """Grants asked for one at a time, as fast as ``row`` allows, for ``real_s`` of real time
+    from ``start``, on a wall clock that reads real time plus ``step_s``; the first ask tells
+    that step if ``told``. The real time of each grant, and when it stopped."""
+    grants: list[float] = []
+    real, stepped_s = start, step_s if told else 0.0
+    while real < start + real_s:
+        now = WALL + step_s + real
+        grant = plan(row, spec(), now, need=(1, 0), want=(1, 0), stepped_s=stepped_s)
+        stepped_s = 0.0
+        grants += [real] * int(grant.requests)
+        real += max(grant.retry_s, 0.05)
+    return grants, real
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["told", "untold"])
+def test_plan_goes_on_at_its_pace_after_the_wall_clock_steps_back(told: bool) -> None:
+    """A row stamped an hour ahead of the clock (the clock set back under a saturated lane) is
+    no reason to refuse for an hour: the lane goes on at its pace, within its limit, whether the
+    asking node says its clock stepped or not (another node's, or one restarted since)."""
+    row = LaneRow.fresh(spec(), WALL)
+    before, real = saturate_plan(row, 0.0, 1.5 * WINDOW_S)
+    after, _ = saturate_plan(row, real, 2 * WINDOW_S, step_s=-3_600, told=told)
+    assert after, "nothing granted in the two minutes after the step back"
+    assert after[0] < real + SHARED_LOG_S
+    assert busiest_window(before + after) <= 60
+    assert len(after) >= 0.9 * 2 * 60
+
+
+def test_plan_grants_no_second_minute_at_once_after_the_wall_clock_steps_forward() -> None:
+    """Under a saturated lane the clock jumps an hour ahead: the node says so, and the
+    row's log and bucket go on as they were, so no 60 s of real time holds more than rpm."""
+    row = LaneRow.fresh(spec(), WALL)
+    before, real = saturate_plan(row, 0.0, 1.5 * WINDOW_S)
+    after, _ = saturate_plan(row, real, 2 * WINDOW_S, step_s=3_600)
+    assert busiest_window(before + after) <= 60
+    assert len(after) >= 0.9 * 2 * 60
+
+
+def test_plan_after_an_idle_hour_with_no_step_grants_the_burst_at_once() -> None:
+    """An hour with no call is time, not a step: the bucket is full and the log empty."""
+    row = LaneRow.fresh(spec(), WALL)
+    _, real = saturate_plan(row, 0.0, WINDOW_S + 1)
+    grant = plan(row, spec(), WALL + real + 3_600, need=(1, 0), want=(10, 0))
+    assert grant.requests == 3

@@ -162,6 +162,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         # mode needs (a statement prepared on one server connection is unknown on the next).
         self.statement_cache_size = statement_cache_size
         self._leader_until = 0.0
+        self._lane_offsets: dict[str, float] = {}
         self._down_since: float | None = None  # when the current outage began (monotonic)
         # This outage was said to be commits waiting for the synchronous standbys (went_down).
         self._replication_stalled = False

@@ -9,7 +9,9 @@ fits the per-minute limit, so no 60 s window of the whole cluster holds more tha
 cool-down and an open circuit live in the row too, so every node honours them.
 
 ``plan`` is the arithmetic, free of I/O, on the journal's wall clock (hosts' clocks must agree,
-as for leases).
+as for leases). A step of that clock is not time: ``unstep`` moves the row's times by what a
+step added to or took from the time since the row was last written, so a step back does not
+wedge the lane for the length of the step and a step forward does not empty its log at once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from webhookd.clock import Clock
+from webhookd.clock import STEP_S, Clock
 from webhookd.models import LaneGrant, LaneSpec
 
 WINDOW_S = 60.0
@@ -121,6 +123,35 @@ class LaneRow:
         return cls(requests, tokens, now, [], [], [])
 
 
+def unstep(row: LaneRow, now: float, stepped_s: float = 0.0) -> float:
+    """Move the row's times (in place) by what a step of the wall clock made of the time since
+    it was last written, and return how far. ``stepped_s``: how far the asking node's wall
+    clock moved against its monotonic one since it last wrote the row (0 if unknown).
+
+    The node's step is no time, as far as it falls after the row's last write (another node
+    may have moved the row past it already): the row goes on from where it was, its log and
+    bucket as they were, none of the step refilling it or ageing its grants. A row still
+    written ahead of ``now`` by more than ``STEP_S`` (a step back the node does not know of:
+    another node's that was ahead, or one from before the node started) goes on from ``now``,
+    the time between its last write and the step not counted. No grant leaves the log early;
+    at worst the lane waits up to the log's length more than it had to."""
+    elapsed = now - row.updated_at
+    shift = 0.0
+    if stepped_s >= STEP_S:
+        shift = min(stepped_s, max(elapsed, 0.0))
+    elif stepped_s <= -STEP_S and elapsed < 0:
+        shift = min(stepped_s, elapsed)
+    if row.updated_at + shift > now + STEP_S:
+        shift = elapsed
+    if shift:
+        row.updated_at += shift
+        row.log_at = [at + shift for at in row.log_at]
+        row.cooling_until += shift
+        row.probe_at = row.probe_at + shift if row.probe_at is not None else None
+        row.queue_until = [until + shift for until in row.queue_until]
+    return shift
+
+
 def plan(
     row: LaneRow,
     spec: LaneSpec,
@@ -130,9 +161,13 @@ def plan(
     want: tuple[float, float],
     returns: Sequence[Return] = (),
     node: str = "",
+    stepped_s: float = 0.0,
 ) -> LaneGrant:
-    """Refill, apply ``returns``, then grant ``node`` between ``need`` and ``want`` (requests,
-    tokens) or nothing; updates ``row`` in place."""
+    """Undo a step of the clock (``unstep``), refill, apply ``returns``, then grant ``node``
+    between ``need`` and ``want`` (requests, tokens) or nothing; updates ``row`` in place."""
+    if shift := unstep(row, now, stepped_s):
+        # Returns name their grants by the times the log had: they move with it.
+        returns = [(at + shift, requests, tokens) for at, requests, tokens in returns]
     dims: list[tuple[_Dim | None, float, float]] = []
     for limit, level, amounts, n, w in (
         (spec.rpm, row.requests, row.log_requests, need[0], want[0]),
@@ -293,9 +328,30 @@ class PgLanes:
     clock: Clock
     node_id: str
     shares_lanes = True
+    # Per lane, this node's wall clock less its monotonic one when it last wrote the lane's
+    # row: a change of it since is a step of the wall clock (``unstep``).
+    _lane_offsets: dict[str, float]
 
     async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
         raise NotImplementedError
+
+    async def _change_lane(
+        self, spec: LaneSpec, change: Callable[[LaneRow, float, float], _T]
+    ) -> _T:
+        """``change(row, now, stepped_s)`` on the lane's row, locked, in a transaction of its
+        own; the row is saved after it."""
+
+        async def fn(conn: Any) -> tuple[_T, float]:
+            row, now = await _locked_row(conn, spec, self.clock)
+            offset = now - self.clock.monotonic()
+            last = self._lane_offsets.get(spec.name)
+            result = change(row, now, offset - last if last is not None else 0.0)
+            await _save(conn, spec.name, row)
+            return result, offset
+
+        result, offset = await self._write(fn)
+        self._lane_offsets[spec.name] = offset  # once the row written in this frame is committed
+        return result
 
     async def reserve_lane(
         self,
@@ -305,34 +361,33 @@ class PgLanes:
         want: tuple[float, float],
         returns: Sequence[Return] = (),
     ) -> LaneGrant:
-        async def fn(conn: Any) -> LaneGrant:
-            row, now = await _locked_row(conn, spec, self.clock)
-            grant = plan(row, spec, now, need=need, want=want, returns=returns, node=self.node_id)
-            await _save(conn, spec.name, row)
-            return grant
+        def change(row: LaneRow, now: float, stepped_s: float) -> LaneGrant:
+            return plan(
+                row,
+                spec,
+                now,
+                need=need,
+                want=want,
+                returns=returns,
+                node=self.node_id,
+                stepped_s=stepped_s,
+            )
 
-        return await self._write(fn)
+        return await self._change_lane(spec, change)
 
     async def cool_lane(self, spec: LaneSpec, seconds: float) -> None:
-        async def fn(conn: Any) -> None:
-            _, now = await _locked_row(conn, spec, self.clock)
-            await conn.execute(
-                "UPDATE lanes SET cooling_until = GREATEST(cooling_until, $2) WHERE name = $1",
-                spec.name,
-                now + seconds,
-            )
+        def change(row: LaneRow, now: float, stepped_s: float) -> None:
+            unstep(row, now, stepped_s)
+            row.cooling_until = max(row.cooling_until, now + seconds)
 
-        await self._write(fn)
+        await self._change_lane(spec, change)
 
     async def set_lane_circuit(self, spec: LaneSpec, reason: str | None) -> None:
-        async def fn(conn: Any) -> None:
-            _, now = await _locked_row(conn, spec, self.clock)
-            probe_at = now + spec.probe_after_s if spec.probe_after_s is not None else None
-            await conn.execute(
-                "UPDATE lanes SET circuit = $2, probe_at = $3 WHERE name = $1",
-                spec.name,
-                reason,
-                probe_at if reason is not None else None,
-            )
+        def change(row: LaneRow, now: float, stepped_s: float) -> None:
+            unstep(row, now, stepped_s)
+            row.circuit = reason
+            row.probe_at = None
+            if reason is not None and spec.probe_after_s is not None:
+                row.probe_at = now + spec.probe_after_s
 
-        await self._write(fn)
+        await self._change_lane(spec, change)
