@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -325,4 +328,39 @@ async def test_a_postgresql_outage_is_a_503_on_stats_and_journal_up_0_on_metrics
         r for r in caplog.records if paused in r.getMessage() and r.levelno >= logging.WARNING
     ]
     assert len(warned) == 1 and len(loud) >= 5
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
+def garble_past_first_page(db: Path) -> None:
+    """A failing disk under a SQLite file: every page past the first reads back as garbage."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # everything into the main file
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(db, "r+b") as f:
+        f.seek(4096)
+        f.write(os.urandom(os.path.getsize(db) - 4096))
+
+
+async def test_an_unreadable_sqlite_journal_is_a_503_on_stats_and_journal_up_0_on_metrics(
+    tmp_path: Path, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SQLite journal whose pages read back as garbage (a failing disk) is an outage as a
+    PostgreSQL one is: ``/metrics`` still serves this process's own counters with
+    ``webhookd_journal_up 0``, and ``/stats`` is a 503 with Retry-After, not a 500 with a
+    logged traceback."""
+    cfg = make_config(tmp_path, '[[sources.shop.actions]]\ntype = "log"')
+    running = await run_daemon(cfg)
+    for n in range(20):  # pages enough past the first to corrupt
+        last = await accepted(running, "shop", f'{{"n": {n}}}')
+    await event_state(running.http, running.admin_url, last, "done")
+    assert value(await scrape(running), "webhookd_journal_up") == 1
+
+    assert cfg.journal.path is not None
+    garble_past_first_page(cfg.journal.path)
+
+    samples = await scrape(running)
+    assert value(samples, "webhookd_journal_up") == 0
+    assert value(samples, "webhookd_intake_requests_total", source="shop", status="202") == 20
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert (r.status, r.headers.get("Retry-After")) == (503, "5")
+        assert "journal read failed" in (await r.json())["error"]
     assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]

@@ -1496,8 +1496,8 @@ class Journal(Reads, BaseJournal):
     async def refresh_backlog(self) -> int:
         try:
             self.backlog_jobs = await self.backlog()
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal read failed: {exc}") from exc
+        except JournalError as exc:  # a failed count pauses the dispatcher, its sweep reads it
+            raise JournalUnavailable(str(exc)) from exc
         return self.backlog_jobs
 
     async def refresh_backlog_if_changed(self) -> None:
@@ -1708,8 +1708,8 @@ class Journal(Reads, BaseJournal):
                 f" WHERE e.received_at < ?{since} AND {EXPIRED} ORDER BY e.received_at LIMIT ?",
                 args,
             )
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal read failed: {exc}") from exc
+        except JournalError as exc:
+            raise JournalUnavailable(str(exc)) from exc
         candidates = [r[0] for r in rows]
         walked_to = walk_end(rows, batch, done_before)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosqlite
 
+from webhookd.errors import JournalError
 from webhookd.journal.records import EventDetail, Finished
 from webhookd.models import Attempt, Event, Job, JobState, Priority, event_state
 
@@ -333,7 +334,15 @@ async def fetch(
     sql: str,
     args: Sequence[Any] | tuple[Any, ...] | Mapping[str, Any] = (),
 ) -> list[sqlite3.Row]:
-    return list(await conn.execute_fetchall(sql, args))
+    """A read on the reader connection; one that fails (a page that reads back as garbage from
+    a failing disk, a table gone) is a ``JournalError``: the admin API answers it 503 with
+    Retry-After and ``/metrics`` says ``webhookd_journal_up 0``, as for a PostgreSQL outage.
+    Not ``JournalUnavailable``, which the dispatcher waits out: a file that cannot be read
+    does not heal by itself, and a dispatcher that cannot read it ends the daemon."""
+    try:
+        return list(await conn.execute_fetchall(sql, args))
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal read failed: {exc}") from exc
 
 
 STATE_FILTERS = {
