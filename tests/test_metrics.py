@@ -44,6 +44,9 @@ async def scrape(running: Running) -> Samples:
         return parse(await r.text())
 
 
+DEAD = "webhookd_dead_letters_total"
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -170,6 +173,36 @@ async def test_a_removed_sources_dead_letters_are_counted_as_removed_from_zero(
     await poll(dead, timeout_s=20)
     samples = await scrape(running)
     assert value(samples, "webhookd_dead_letters_total", source="*", action="deliver") == 0
+
+
+async def test_a_dead_letter_of_a_name_a_reload_took_from_the_catch_all_counts_under_it(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """A reload that takes the catch-all out: the jobs of the names it took go dead at their
+    turn, and their dead letters count under its ``source="*"`` series, there at 0 from the
+    start, so an ``increase(...) > 0`` alert sees them die (a series born at its first dead
+    letter, already 1, shows no increase)."""
+    shop = '[[sources.shop.actions]]\ntype = "log"\n'
+    catch_all = (
+        '[[sources."*".actions]]\ntype = "forward"\nname = "down"\n'
+        'url = "http://127.0.0.1:9/down"\nretry = { max_attempts = 1 }\n'
+    )
+    reloaded = make_config(tmp_path, shop)
+    running = await run_daemon(make_config(tmp_path, shop + catch_all), loader=lambda: reloaded)
+    intent = {"headers": {"X-Webhookd": "1"}}
+    async with running.http.post(running.admin_url + "/sources/foo/pause", **intent) as r:
+        assert r.status == 200
+    event_id = await accepted(running, "foo")  # held while foo is paused
+    running.daemon.request_reload()
+    await running.daemon.reloaded.wait()
+    before = {k: v for k, v in (await scrape(running)).items() if k[0] == DEAD}
+    assert value(before, DEAD, source="*", action="down") == 0
+    async with running.http.post(running.admin_url + "/sources/foo/resume", **intent) as r:
+        assert r.status == 200
+    await event_state(running.http, running.admin_url, event_id, "dead")
+    after = {k: v for k, v in (await scrape(running)).items() if k[0] == DEAD}
+    assert set(after) == set(before)  # no series born at its first dead letter
+    assert value(after, DEAD, source="*", action="down") == 1
 
 
 async def test_two_daemons_in_one_process_keep_separate_metrics(

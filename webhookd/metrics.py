@@ -183,9 +183,10 @@ class Metrics:
         """Take (a reload's) configured sources and actions. Each action's retry and dead-letter
         series exist from the start, at 0: a series born at its first dead letter (already 1)
         shows no increase, so an `increase(...) > 0` alert would miss exactly that one. A
-        removed source keeps its label, so the jobs it left are still counted under it."""
+        removed source keeps its label, so the jobs it left are still counted under it; so does
+        a removed catch-all (``*``), for those of the names it took."""
         self._sources = self._sources | {s.name for s in config.all_sources()}
-        self._catch_all = CATCH_ALL in config.sources
+        self._catch_all = self._catch_all or CATCH_ALL in config.sources
         for src in config.all_sources():
             for action in src.actions:
                 self.expect(src.name, action.name)
@@ -246,8 +247,9 @@ class Metrics:
 
     def _label(self, source: str) -> str:
         """A source's metrics label: its name if configured (now or earlier in this run), else
-        the catch-all's ``*`` when there is one, or ``(removed)``: a source an earlier config
-        had, whose jobs this one lets go dead."""
+        the catch-all's ``*`` when there is or was one in this run (its series, there from 0,
+        are what an ``increase()`` alert sees move), or ``(removed)``: a source an earlier
+        config had, whose jobs this one lets go dead."""
         if source in self._sources:
             return source
         return CATCH_ALL if self._catch_all else _REMOVED
