@@ -417,6 +417,23 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
     assert (status, set(error)) == (404, {"error"})
 
 
+@pytest.mark.parametrize("catch_all", [False, True], ids=["plain", "catch-all"])
+async def test_the_alerts_own_source_can_be_paused_beside_a_catch_all(
+    tmp_path: Path, run_daemon: StartDaemon, catch_all: bool
+) -> None:
+    """POST /sources/webhookd/pause (the alerts' own source, which the dashboard lists with a
+    Pause button once it has jobs) pauses it whether or not a catch-all is configured: its
+    exact name is no other case of a configured one."""
+    sources = (
+        '[alerts]\nurl = "http://127.0.0.1:9/alerts"\n[[sources.shop.actions]]\ntype = "log"\n'
+    )
+    if catch_all:
+        sources += '[[sources."*".actions]]\ntype = "log"\n'
+    running: Running = await run_daemon(make_config(tmp_path, sources))
+    status, doc = await post_admin(running, "/sources/webhookd/pause")
+    assert (status, doc) == (200, {"source": "webhookd", "paused": True, "changed": True})
+
+
 async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sources(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:

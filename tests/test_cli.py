@@ -1764,6 +1764,25 @@ async def test_the_alerts_own_source_is_no_unknown_source_with_alerts_set(tmp_pa
     assert out.stderr.startswith("webhookd: note: no source 'webhookd' in "), out.stderr
 
 
+async def test_the_alerts_own_source_is_no_other_case_of_itself_beside_a_catch_all(
+    tmp_path: Path,
+) -> None:
+    """With [alerts] and a catch-all, --source webhookd and pause webhookd name the alerts' own
+    source: no "did you mean webhookd?" of the name given exactly; "Webhookd" still gets it."""
+    config, cfg = write_config(
+        tmp_path,
+        '[alerts]\nurl = "http://127.0.0.1:9/alerts"\n'
+        '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n',
+    )
+    await dead_letters(cfg.journal.path, config_mod.ALERT_SOURCE, 1)
+    out = await cli("events", "--source", "webhookd", "--config", str(config))
+    assert (out.exit_code, out.stderr) == (0, "")
+    out = await cli("pause", "webhookd", "--config", str(config))
+    assert (out.exit_code, out.stdout.partition(":")[0]) == (0, "paused webhookd"), out.output
+    out = await cli("pause", "Webhookd", "--config", str(config))
+    assert out.exit_code == 2 and out.stderr.endswith("(did you mean webhookd?)\n"), out.stderr
+
+
 async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     """A command that needs the journal exits 1 with one line when there is none yet."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

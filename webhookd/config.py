@@ -506,7 +506,10 @@ class Config:
             if name in self.sources:
                 return None
             names = [*self.sources, *([ALERT_SOURCE] if self.alerts is not None else [])]
-            same = sorted(n for n in names if n.lower() == name.lower() and n != CATCH_ALL)
+            # Another name in another case: the alerts' own, given exactly, is no slip.
+            same = sorted(
+                n for n in names if n.lower() == name.lower() and n not in (name, CATCH_ALL)
+            )
             if not same:
                 return None
             return (
