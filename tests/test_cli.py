@@ -2117,6 +2117,22 @@ async def test_prune_help_states_the_real_interval() -> None:
     assert "hourly" not in out.output and "prune_interval_s, 60 s" in out.output
 
 
+@pytest.mark.parametrize("value", ["pässwort-0123456789abcdef", "token-€-0123456789abcdef"])
+async def test_a_token_the_dashboard_could_not_send_is_refused_by_the_cli_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """admin.token from the environment with a character past ASCII: the CLI, which would send
+    it as UTF-8, refuses it as `serve` does (a browser sends a header a byte a character, so
+    the dashboard could never log in), in one line naming the key and never the value."""
+    monkeypatch.setenv(TOKEN_ENV, "an-ascii-token-to-write-the-config")
+    path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"), token=True)
+    for verb in (["stats"], ["pause", "shop"]):
+        out = await cli(*verb, "--config", str(path), env={TOKEN_ENV: value})
+        assert out.exit_code == 2, out.output
+        assert out.stderr.startswith("webhookd: error: admin.token: holds a character that")
+        assert out.stderr.count("\n") == 1 and value not in out.stderr
+
+
 async def test_stats_tells_a_refused_token_from_a_daemon_that_is_not_there(
     tmp_path: Path, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

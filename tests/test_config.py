@@ -223,6 +223,10 @@ def test_reference_config_in_the_repository_is_valid(monkeypatch: pytest.MonkeyP
         ('[admin]\ntoken = "a-token-with-a-space "', "admin.token"),
         ('[admin]\ntoken = "   "', "admin.token"),
         ('[admin]\ntoken = ""', "admin.token"),
+        # A browser sends a header's characters a byte each: the dashboard could never log in.
+        ('[admin]\ntoken = "pässwort-0123456789abcdef"', "admin.token"),
+        ('[admin]\ntoken = "token-€-0123456789abcdef"', "admin.token"),
+        ('[admin]\ntoken = "token\\t0123456789abcdef"', "admin.token"),
         (
             '[[sources.a.actions]]\ntype = "command"\nargv = ["", "x"]',
             "sources.a.actions[0].argv[0]",

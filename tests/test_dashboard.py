@@ -308,6 +308,28 @@ async def test_dashboard_shows_a_dead_event_and_its_replay_button_delivers_it(
     assert doc["jobs"][0]["result"] == {"status": 200}
 
 
+# Every character admin.token may hold (printable ASCII; a space only inside): what config
+# takes, the page must be able to send as the daemon compares it.
+WIDEST_TOKEN = "".join(map(chr, range(0x21, 0x50))) + " " + "".join(map(chr, range(0x50, 0x7F)))
+
+
+async def test_dashboard_logs_in_with_any_token_the_config_takes(
+    tmp_path: Path, run_daemon: Any, browser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token of every printable ASCII character, quotes, backslash and an inner space
+    included, is taken by config and typed into the page, which then loads: a browser sends a
+    header's characters a byte each, as the daemon compares them. A character past ASCII, which
+    it would send otherwise (or not at all), is a config error (test_config)."""
+    monkeypatch.setenv(TOKEN_ENV, WIDEST_TOKEN)
+    running = await run_daemon(make_config(tmp_path, admin=f'token = "env:{TOKEN_ENV}"'))
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.querySelector('#auth.show')")
+        await page.type_text("#token", WIDEST_TOKEN)
+        await page.click("#auth button")
+        assert await page.wait_for("document.body.dataset.loaded === '1'")
+        assert await page.evaluate("document.querySelector('#auth.show')") is None
+
+
 async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:

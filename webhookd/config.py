@@ -1689,6 +1689,14 @@ def parse(
                 "is empty or starts or ends with a space or tab, which an Authorization"
                 " header cannot carry (a copy and paste's stray space?)",
             )
+        if not all(" " <= c <= "~" for c in token):
+            # A browser sends a header's characters as one byte each (and refuses any past
+            # U+00FF), the CLI as UTF-8: the dashboard could never send what is compared.
+            raise ConfigError(
+                a.path("token"),
+                "holds a character that is not printable ASCII, which the dashboard cannot"
+                " send (openssl rand -hex 24 makes one)",
+            )
     if admin.listen is not None and not admin.listen.is_loopback and admin.token is None:
         # Events, their results and replay would be open to anyone who can reach the port.
         raise ConfigError(
