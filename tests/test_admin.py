@@ -476,6 +476,28 @@ async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sour
     await outcomes.wait(again, "done")
 
 
+async def test_replay_dead_of_the_catch_alls_own_name_or_another_case_is_refused_as_a_pause(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """POST /sources/*/replay-dead, and of "Shop" beside "shop", answered 202 with 0 re-queued
+    while the names the catch-all took held dead letters: read as "nothing to replay". Each is
+    now the 400 a pause of it gets, saying which name to give; that name replays them."""
+    down = DOWN_ACTION.replace("sources.shop", 'sources."*"')
+    running: Running = await run_daemon(
+        make_config(tmp_path, down + '[[sources.shop.actions]]\ntype = "log"\n')
+    )
+    outcomes = Outcomes(running)
+    event_id = await accept(running, "/hooks/foo", '{"n": 1}')
+    await outcomes.wait(event_id, "dead")
+    for name, says in (("*", '"*" is the catch-all: '), ("Shop", "(did you mean shop?)")):
+        paused = await post_admin(running, f"/sources/{name}/pause")
+        replayed = await post_admin(running, f"/sources/{name}/replay-dead")
+        assert replayed == paused, (name, replayed, paused)
+        assert replayed[0] == 400 and says in replayed[1]["error"], (name, replayed)
+    status, doc = await post_admin(running, "/sources/foo/replay-dead")
+    assert (status, doc) == (202, {"source": "foo", "events": 1, "requeued": 1})
+
+
 async def test_replay_dead_past_max_backlog_answers_a_warning_the_dashboard_shows(
     tmp_path: Path, target: Target, run_daemon: StartDaemon
 ) -> None:

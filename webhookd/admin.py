@@ -558,6 +558,10 @@ class Admin:
             return refused
         if self.ctx.config.source_for(source) is None:
             return json_error(404, "no such source")
+        # "*" or "Shop" beside "shop": nothing is journaled under it, and "0 re-queued" would
+        # read as nothing to replay while the names the catch-all took hold dead letters.
+        if said := self.ctx.config.by_other_names(source):
+            return json_error(400, said)
         journal = self.ctx.journal
         replay_dead = functools.partial(journal.replay, dead_only=True)
         events = requeued = 0
