@@ -16,7 +16,7 @@ from typing import Any, cast
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Running, Target, make_config, new_event
+from conftest import DatabaseOutage, Running, Target, make_config, new_event
 from ops_support import DOWN_ACTION, Outcomes, cli, event_state, forward_source, write_config
 from procs import poll
 from rawhttp import RawConn
@@ -496,6 +496,39 @@ async def test_replay_dead_of_the_catch_alls_own_name_or_another_case_is_refused
         assert replayed[0] == 400 and says in replayed[1]["error"], (name, replayed)
     status, doc = await post_admin(running, "/sources/foo/replay-dead")
     assert (status, doc) == (202, {"source": "foo", "events": 1, "requeued": 1})
+
+
+async def test_admin_writes_in_a_postgresql_outage_are_503s_with_retry_after(
+    tmp_path: Path,
+    target: Target,
+    run_daemon: StartDaemon,
+    pg_url: str,
+    db_outage: DatabaseOutage,
+) -> None:
+    """While the database is down, replay, cancel, pause and replay-dead answer 503 with
+    Retry-After, as the reads do: a script or proxy that honours it is told when to come back
+    (docs/scaling.md)."""
+    cfg = make_config(tmp_path, forward_source("shop", target.url + "/shop"), journal_url=pg_url)
+    running: Running = await run_daemon(cfg)
+    event_id = await accept(running, "/hooks/shop", '{"n": 1}')
+    await event_state(running.http, running.admin_url, event_id, "done")
+    await db_outage.begin()
+
+    async def stats_unavailable() -> bool:
+        return (await get(running, "/stats"))[0] == 503
+
+    await poll(stats_unavailable, timeout_s=30)
+    answers = {}
+    for path in (
+        f"/events/{event_id}/replay",
+        f"/events/{event_id}/cancel",
+        "/sources/shop/pause",
+        "/sources/shop/resume",
+        "/sources/shop/replay-dead",
+    ):
+        async with running.http.post(running.admin_url + path, headers={"X-Webhookd": "1"}) as r:
+            answers[path] = (r.status, r.headers.get("Retry-After"))
+    assert answers == dict.fromkeys(answers, (503, "5"))
 
 
 async def test_replay_dead_past_max_backlog_answers_a_warning_the_dashboard_shows(

@@ -489,7 +489,7 @@ class Admin:
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:
-            return json_error(503, str(exc))
+            return json_error(503, str(exc), _OUTAGE_RETRY_AFTER_S)
         self.ctx.pool.poke()
         done = counts[event_id]
         return web.json_response(
@@ -514,7 +514,7 @@ class Admin:
         except NotFound:
             return json_error(404, "no such event")
         except JournalError as exc:
-            return json_error(503, str(exc))
+            return json_error(503, str(exc), _OUTAGE_RETRY_AFTER_S)
         done = counts[event_id]
         return web.json_response(
             {"id": event_id, "cancelled": done.cancelled, "running": done.running}
@@ -545,7 +545,7 @@ class Admin:
                 return json_error(400, said)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
         except JournalError as exc:
-            return json_error(503, str(exc))
+            return json_error(503, str(exc), _OUTAGE_RETRY_AFTER_S)
         await self.ctx.pool.pause_applied()
         return web.json_response({"source": source, "paused": pausing, "changed": changed})
 
@@ -582,7 +582,7 @@ class Admin:
                     requeued += sum(r.requeued for r in done.values())
                     self.ctx.pool.poke()
         except JournalError as exc:
-            return json_error(503, str(exc))
+            return json_error(503, str(exc), _OUTAGE_RETRY_AFTER_S)
         answer: dict[str, Any] = {"source": source, "events": events, "requeued": requeued}
         most = self.ctx.config.server.max_backlog
         if requeued and (backlog := journal.backlog_jobs) > most:
