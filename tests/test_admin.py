@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -334,6 +335,33 @@ async def test_event_detail_has_the_contract_shape_and_unknown_ids_are_404(
     assert (status, set(error)) == (404, {"error"})
     status, error = await post_admin(running, "/events/evt_00000000000000000000000000/replay")
     assert (status, set(error)) == (404, {"error"})
+
+
+async def test_reads_refuse_a_parameter_they_do_not_take_and_probes_take_any(
+    tmp_path: Path, target: Target, run_daemon: StartDaemon
+) -> None:
+    """/stats, /events/<id> and /keys/<key> take no parameter: one given is a 400 naming it,
+    as on the other endpoints (``/stats?source=shop`` answered every source's figures as if
+    filtered). /healthz, /readyz and /metrics, which probes and scrapers call with parameters
+    of their own, still answer."""
+    running: Running = await run_daemon(make_config(tmp_path, forward_sources(target.url, "shop")))
+    outcomes = Outcomes(running)
+    event_id = await accept(running, "/hooks/shop", '{"order": 1}')
+    await outcomes.wait(event_id, "done")
+    _, doc = await get(running, f"/events/{event_id}")
+    key = quote(doc["dedup_key"], safe="")
+    for path, name in (
+        ("/stats?source=shop", "source"),
+        (f"/events/{event_id}?action=forward", "action"),
+        (f"/keys/{key}?pruned=0", "pruned"),
+    ):
+        status, error = await get(running, path)
+        said = f"unknown parameter {name!r}: it takes none"
+        assert (status, error) == (400, {"error": said}), path
+        assert (await get(running, path.partition("?")[0]))[0] == 200, path
+    for path in ("/healthz?probe=1", "/readyz?probe=1", "/metrics?format=text"):
+        async with running.http.get(running.admin_url + path) as r:
+            assert r.status == 200, path
 
 
 async def test_replay_requeues_a_dead_event_and_the_daemon_delivers_it(

@@ -359,6 +359,9 @@ class Admin:
         return web.json_response({"ready": True})
 
     async def stats(self, request: web.Request) -> web.Response:
+        # /stats?source=shop answered every source's figures as if filtered.
+        if refused := _unknown_parameters(request, ()):
+            return refused
         return web.json_response(await collect_stats(self.ctx))
 
     async def series(self, request: web.Request) -> web.Response:
@@ -429,6 +432,8 @@ class Admin:
         return web.json_response(self.ctx.masker.deep({"events": [summary_dict(r) for r in rows]}))
 
     async def event(self, request: web.Request) -> web.Response:
+        if refused := _unknown_parameters(request, ()):
+            return refused
         try:
             detail = await self.ctx.journal.get_event(request.match_info["id"])
         except NotFound:
@@ -442,6 +447,8 @@ class Admin:
     async def key(self, request: web.Request) -> web.Response:
         """The event a dedup key (``source:key``: a provider's delivery id) names, and whether
         that event is still in the journal (a key is kept longer than a done event)."""
+        if refused := _unknown_parameters(request, ()):
+            return refused
         key = request.match_info["key"]
         found = await self.ctx.journal.event_by_key(key)
         if found is None:
