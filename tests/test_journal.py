@@ -425,6 +425,26 @@ async def test_sqlite_journal_files_are_readable_by_their_owner_only(tmp_path: P
         os.umask(old_umask)
 
 
+async def test_a_journal_created_through_a_symlink_is_readable_by_its_owner_only(
+    tmp_path: Path,
+) -> None:
+    """journal.path a symlink to a data disk whose file the first start makes: the 0600 create
+    met the link (O_EXCL), and SQLite made the journal, -wal and -shm with the umask's 0644."""
+    real = tmp_path / "data" / "j.db"
+    real.parent.mkdir()
+    link = tmp_path / "j.db"
+    link.symlink_to(real)
+    old_umask = os.umask(0o022)
+    try:
+        async with Journal(link, serving=True) as journal:
+            await journal.ingest(new_event())
+            names = [real, Path(f"{real}-wal"), Path(f"{real}-shm")]
+            assert {stat.S_IMODE(p.stat().st_mode) for p in names} == {0o600}
+    finally:
+        os.umask(old_umask)
+    assert link.is_symlink()
+
+
 async def test_a_journal_path_naming_a_folder_or_under_a_file_is_refused_and_touches_nothing(
     tmp_path: Path,
 ) -> None:

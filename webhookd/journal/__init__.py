@@ -291,6 +291,9 @@ def _owner_only(path: Path) -> bool:
     start on a journal made read-only (0400) leaves them 0400, and after the journal is made
     writable again a read-only -shm would keep every start failing with "readonly database".
     """
+    # At the file's real path: through a symlink whose file is not made yet (the journal moved
+    # to a data disk, first start) O_EXCL meets the link, and SQLite would create the file.
+    path = Path(os.path.realpath(path))
     created = False
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
