@@ -203,6 +203,34 @@ async def test_a_symlink_to_the_journal_removed_leaves_the_file_it_named_whole(
     assert event_ids(real) == acked
 
 
+async def test_the_file_a_symlinked_journal_names_removed_is_written_back_through_the_link(
+    tmp_path: Path, quick_checks: None
+) -> None:
+    """journal.path a symlink to a data disk, and the file it names removed: the contents were
+    saved beside the link as ``.saved-<time>``, "a file not its own is there" said of a link
+    that named nothing, and the next start followed it into a new, empty journal. They go back
+    where the link points, for that start to open."""
+    real = tmp_path / "data" / "webhookd.db"
+    real.parent.mkdir()
+    path = tmp_path / "lib" / "webhookd.db"
+    path.parent.mkdir()
+    path.symlink_to(real)
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        acked = await ingest_all(journal, 10)
+        real.unlink()
+        async with watched(journal) as watch:
+            with pytest.raises(JournalError, match=f"written back to {real};"):
+                await watch
+    finally:
+        await journal.close()
+    assert path.is_symlink() and sorted(os.listdir(path.parent)) == ["webhookd.db"]
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    async with Journal(path, serving=True) as again:
+        assert {e.id for e in await again.list_events(limit=100)} == acked
+
+
 async def test_a_journal_replaced_by_another_file_is_saved_beside_it_and_leaves_it_alone(
     tmp_path: Path, quick_checks: None
 ) -> None:

@@ -88,8 +88,13 @@ def save_open(conn: sqlite3.Connection, path: Path, opened: FileIds, at: float) 
     opened with it and their file is gone (see the module); any others there send the copy
     beside them, where they cannot be replayed into it.
 
+    A symlink whose file is gone is written through: the next start follows it, and would
+    begin a new journal at its end.
+
     Runs on ``conn``'s own thread, between transactions. Raises ``OSError`` or
     ``sqlite3.Error``, leaving nothing behind but what it has already saved."""
+    if os.path.islink(path) and not os.path.exists(path):
+        path = Path(os.path.realpath(path))
     folder = path.parent
     _make_folders(folder)
     # Named as a backup's unfinished copy is: should this process die midway, the next
