@@ -427,6 +427,41 @@ async def test_a_restore_through_a_symlink_keeps_the_commits_in_its_wal(tmp_path
         ]
 
 
+async def test_a_restore_through_a_symlinked_journal_path_puts_the_backup_where_it_points(
+    tmp_path: Path,
+) -> None:
+    """journal.path a symlink to a data disk: the restore renamed the link aside and put the
+    backup at its name, a file on the link's disk, while the daemon's journal stayed on the
+    data disk and the serve lock moved to ``<link>-lock``. The file the link names is moved
+    aside (with its -wal) and replaced; the link stays."""
+    real = tmp_path / "data" / "webhookd.db"
+    real.parent.mkdir()
+    async with Journal(real) as j:
+        for _ in range(3):
+            await j.ingest(new_event())
+    backup = tmp_path / "backup.db"
+    copies.backup(real, backup)
+    async with Journal(real) as j:  # two webhooks since, and a commit in the -wal only
+        for _ in range(2):
+            await j.ingest(new_event())
+    await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", LEFT_IN_THE_WAL, str(real)], check=True
+    )
+    link = tmp_path / "lib" / "webhookd.db"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    config = write_config(tmp_path / "webhookd.toml", link)
+    out = await cli("restore", str(backup), "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert link.is_symlink() and names(link.parent) == {"webhookd.db"}
+    assert event_ids(real) == event_ids(backup)
+    aside = Path(out.output.split("the journal it replaced is now ")[1].strip())
+    assert aside.parent == real.parent
+    assert {"webhookd.db", "webhookd.db-lock", aside.name, f"{aside.name}-wal"} <= names(
+        real.parent
+    )
+
+
 async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:
     """A backup killed midway leaves its temporary copy (and SQLite's ``-journal`` of it),
     hidden, as large as the journal: the next backup or restore in that folder deletes them,

@@ -207,6 +207,8 @@ def _restore(copy: Path, journal: Path) -> Copy:
     started = time.monotonic()
     if not copy.is_file():
         raise JournalError(f"no backup at {copy}")
+    # The file a symlinked journal.path names, on its own disk: the link stays as it is.
+    journal = Path(os.path.realpath(journal))
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore", "restore")
