@@ -433,7 +433,7 @@ async def test_a_restore_through_a_symlinked_journal_path_puts_the_backup_where_
     """journal.path a symlink to a data disk: the restore renamed the link aside and put the
     backup at its name, a file on the link's disk, while the daemon's journal stayed on the
     data disk and the serve lock moved to ``<link>-lock``. The file the link names is moved
-    aside (with its -wal) and replaced; the link stays."""
+    aside (with the commits of its -wal) and replaced; the link stays."""
     real = tmp_path / "data" / "webhookd.db"
     real.parent.mkdir()
     async with Journal(real) as j:
@@ -456,10 +456,85 @@ async def test_a_restore_through_a_symlinked_journal_path_puts_the_backup_where_
     assert link.is_symlink() and names(link.parent) == {"webhookd.db"}
     assert event_ids(real) == event_ids(backup)
     aside = Path(out.output.split("the journal it replaced is now ")[1].strip())
-    assert aside.parent == real.parent
-    assert {"webhookd.db", "webhookd.db-lock", aside.name, f"{aside.name}-wal"} <= names(
-        real.parent
-    )
+    assert aside.parent == real.parent and len(event_ids(aside)) == 5
+    with contextlib.closing(sqlite3.connect(aside)) as conn:
+        assert conn.execute("SELECT DISTINCT source FROM events").fetchall() == [
+            ("only-in-the-wal",)
+        ]
+
+
+# copies.restore as `webhookd restore` runs it, stopped once the backup is checked (seconds to
+# minutes of PRAGMA quick_check on a big journal) until a line comes on stdin.
+_RESTORE_STOPPED_AT_THE_CHECK = """
+import sys
+from pathlib import Path
+from webhookd.errors import JournalError
+from webhookd.journal import copies
+real = copies._check
+def check(path):
+    checked = real(path)
+    print("checked", flush=True)
+    sys.stdin.readline()
+    return checked
+copies._check = check
+try:
+    copies.restore(Path(sys.argv[1]), Path(sys.argv[2]))
+except JournalError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def paused(journal: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(journal)) as conn:
+        return {row[0] for row in conn.execute("SELECT source FROM paused_sources")}
+
+
+async def test_a_change_made_while_a_restore_runs_is_refused_not_moved_aside(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """restore looked for other processes with the journal open once, before the copy and the
+    check of the backup: a pause meanwhile said it paused, and went aside with the replaced
+    journal. The journal's write lock is now held until just before the move (a change waits
+    for it, then fails), and a process that has the journal open by then stops the restore."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for _ in range(3):
+            await j.ingest(new_event())
+    backup = tmp_path / "backup.db"
+    copies.backup(journal, backup)
+    shop = '[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+    config = write_config(tmp_path / "webhookd.toml", journal, shop)
+
+    async def restoring() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-c", _RESTORE_STOPPED_AT_THE_CHECK, str(backup), str(journal)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and await proc.stdout.readline() == b"checked\n"
+        return proc
+
+    first = await restoring()
+    out = await procs.cli("pause", "shop", "--config", str(config))
+    _, err = await first.communicate(b"go on\n")
+    assert first.returncode == 0, err.decode()
+    assert out.returncode == 1 and "database is locked" in out.stderr, out
+    [aside] = [n for n in names(tmp_path) if n.startswith("webhookd.db.replaced-")]
+    assert paused(tmp_path / aside) == paused(journal) == set()
+
+    async with Journal(journal):  # a start on the restored journal (WAL on again), stopped
+        pass
+    before = names(tmp_path)
+    second = await restoring()
+    with held_open(journal) as pid:
+        _, err = await second.communicate(b"go on\n")
+        assert second.returncode == 1
+        assert err.decode() == (
+            f"process {pid} has {journal} open (a webhookd command run meanwhile?): stop it"
+            " before a restore\n"
+        )
+        assert names(tmp_path) - {"webhookd.db-wal", "webhookd.db-shm"} == before
 
 
 async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:

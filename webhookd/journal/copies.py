@@ -27,6 +27,7 @@ from pathlib import Path
 from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
+    _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
     interrupted_restores,
@@ -212,15 +213,15 @@ def _restore(copy: Path, journal: Path) -> Copy:
     journal.parent.mkdir(parents=True, exist_ok=True)
     owner = _owner(journal)
     lock = _take_serve_lock(journal, "stop it before a restore", "restore")
-    if (holder := opened_elsewhere(journal)) is not None:
-        os.close(lock)
-        raise JournalError(
-            f"{holder} has {journal} open (a daemon of an older webhookd, which takes no"
-            " serve lock?): stop it before a restore"
-        )
-    swept = sweep(journal.parent)
-    partial = new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
+    held: sqlite3.Connection | None = None
+    partial: Path | None = None
     try:
+        _refuse_if_open(journal, "a daemon of an older webhookd, which takes no serve lock?")
+        # Held from this check until the journal is moved aside: a change a CLI verb made
+        # meanwhile (a pause, a replay) would be moved aside with it, though it said it was made.
+        held = _hold_writes(journal)
+        swept = sweep(journal.parent)
+        partial = new_private(journal.parent / f".{journal.name}.{os.getpid()}.restoring")
         _give(serve_lock_file(journal), owner)
         _give(partial, owner)
         try:
@@ -229,6 +230,10 @@ def _restore(copy: Path, journal: Path) -> Copy:
         except sqlite3.Error as exc:
             raise JournalError(f"{copy} is not a journal webhookd can restore: {exc}") from exc
         sync(partial)
+        if held is not None:  # closed first: asking shuts the -shm, dropping its locks
+            held.close()
+            held = None
+        _refuse_if_open(journal, "a webhookd command run meanwhile?")
         # Checked and on disk: named so that a restore stopped from here on (killed, or a move
         # failing; the old journal half moved aside, or none left under its name) stops the
         # next start instead of letting it begin an empty journal (interrupted_restores).
@@ -242,14 +247,49 @@ def _restore(copy: Path, journal: Path) -> Copy:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
+        if held is not None:
+            held.close()
+        if partial is not None:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
         os.close(lock)
     size = journal.stat().st_size
     replaced = moved.pop("", None)
     strays = () if replaced is not None else tuple(moved.values())
     seconds = time.monotonic() - started
     return Copy(journal, size, events, latest, seconds, replaced, swept, strays)
+
+
+def _refuse_if_open(journal: Path, maybe: str) -> None:
+    """``JournalError`` if another process has ``journal`` open (``maybe``: who, perhaps)."""
+    if (holder := opened_elsewhere(journal)) is not None:
+        raise JournalError(f"{holder} has {journal} open ({maybe}): stop it before a restore")
+
+
+def _hold_writes(journal: Path) -> sqlite3.Connection | None:
+    """A connection holding SQLite's write lock on ``journal`` (``BEGIN IMMEDIATE``, nothing
+    written), as ``webhookd copy`` does: another process's change waits ``busy_timeout``, then
+    fails saying the journal is locked. None when there is no journal, or none SQLite can
+    write: a file without SQLite's header is never opened (closing a connection on it would
+    delete its ``-wal``), and is moved aside as it is."""
+    try:
+        with journal.open("rb") as f:
+            if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                return None
+    except OSError:  # none there, or not this user's to read
+        return None
+    conn = sqlite3.connect(f"{journal.as_uri()}?mode=rw", uri=True, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        conn.close()
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+            raise JournalError(
+                f"another process is writing {journal} ({exc}): stop it before a restore"
+            ) from exc
+        return None
+    return conn
 
 
 def _copy_whole(copy: Path, into: Path) -> None:
@@ -354,8 +394,10 @@ def _move_aside(journal: Path) -> dict[str, Path]:
     """Rename ``journal`` to ``<name>.replaced-<UTC time>``, with its ``-wal`` and ``-shm``;
     returns where each that was there went, by its suffix (``""`` for the journal itself).
 
-    Moved as they are, not opened: SQLite deletes a ``-wal`` it cannot apply to a damaged file
-    when its connection closes, and the WAL may hold the last commits. The WAL goes first, so
+    Moved as they are, not opened here: SQLite deletes a ``-wal`` it cannot apply to a damaged
+    file when its connection closes, and the WAL may hold the last commits. (The connection
+    that held the write lock meanwhile, opened only on a file with SQLite's header, folded the
+    ``-wal`` into it as it closed, as any last connection's close does.) The WAL goes first, so
     that no step leaves it beside a file that is not its own; a ``-wal`` whose journal is gone
     is moved too, or SQLite would replay it into the restored file.
     """
