@@ -676,6 +676,35 @@ async def test_a_backup_with_no_room_for_it_is_refused_before_it_writes(tmp_path
         assert names(disk) == {"webhookd.db"}
 
 
+async def test_a_backup_that_runs_out_of_room_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    """A disk with room for the journal's pages and not a few KB more: switching the copy out
+    of the WAL mode its header came with makes SQLite's -wal and -shm beside it, and the -shm
+    found no room. The backup said "disk I/O error", deleted the copy and left the -wal and
+    -shm, hidden, that no later backup's sweep knew to delete."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for n in range(40):
+            await j.ingest(new_event(body=b"x" * 100_000 + str(n).encode()))
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    size = journal.stat().st_size
+    with small_disk(tmp_path / "disk", str(size + 8192)) as disk:
+        out = await cli("backup", str(disk / "copy.db"), "--config", str(config))
+        assert out.exit_code == 1
+        assert out.output.startswith(
+            f"webhookd: error: not enough room in {disk} for the backup: the disk filled up"
+        ), out.output
+        assert names(disk) == set()
+        # What a backup killed midway left there: the next one's sweep deletes it all.
+        dead = f".copy.db.{2**22 + 1}.partial"
+        for name in (dead, f"{dead}-wal", f"{dead}-shm"):
+            (disk / name).write_bytes(b"")
+        remount = ["mount", "-o", f"remount,size={size * 3}", str(disk)]
+        await asyncio.to_thread(subprocess.run, remount, check=True)
+        out = await cli("backup", str(disk / "second.db"), "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert names(disk) == {"second.db"}
+
+
 def owner_of(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_uid, st.st_gid

@@ -15,6 +15,7 @@ aside together with its ``-wal``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import (
     _BUSY_TIMEOUT_MS,
+    _NEARLY_FULL_BYTES,
     _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
@@ -49,9 +51,11 @@ DAEMON_ROOM = 2 * WAL_SIZE_LIMIT_BYTES
 _STAMP = "%Y%m%dT%H%M%SZ"
 # A second backup within the same second is ``-<UTC time>-2.db``, and so on.
 _DATED = re.compile(r"-(\d{8}T\d{6}Z)(?:-([2-9]|[1-9]\d+))?\.db")
-# What a backup or a restore writes before the file has its name: ``.<name>.<pid>.partial`` (with
-# SQLite's ``-journal`` beside it while pages go in) or ``.<name>.<pid>.restoring``.
-_UNFINISHED = re.compile(r"\..+\.([1-9]\d*)\.(?:partial|restoring)(?:-journal)?")
+# What a backup or a restore writes before the file has its name: ``.<name>.<pid>.partial`` or
+# ``.<name>.<pid>.restoring``, with SQLite's files beside it: ``-journal`` while pages go in,
+# ``-wal`` and ``-shm`` while it is switched out of WAL mode (the online backup copies the mode).
+_SQLITE_FILES = ("-journal", "-wal", "-shm")
+_UNFINISHED = re.compile(r"\..+\.([1-9]\d*)\.(?:partial|restoring)(?:-journal|-wal|-shm)?")
 
 
 class DestinationExists(JournalError):
@@ -86,6 +90,8 @@ def backup(
     try:
         return _backup(journal, dest, on_step, step_pages)
     except OSError as exc:  # a folder that is not there, a full disk, no permission
+        if exc.errno == errno.ENOSPC:
+            raise _filled(dest.parent, exc.strerror or str(exc)) from exc
         raise JournalError(f"cannot back up {journal} to {dest}: {exc.strerror or exc}") from exc
 
 
@@ -144,11 +150,13 @@ def _backup(
         os.replace(partial, dest)
         sync(dest.parent)
     except sqlite3.Error as exc:
+        # SQLite says "disk I/O error" when the -shm it needs finds no room: the disk says so.
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL or _no_room(dest.parent):
+            raise _filled(dest.parent, str(exc)) from exc
         raise JournalError(f"cannot back up {journal}: {exc}") from exc
     finally:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
+        _remove(partial)
     seconds = time.monotonic() - started
     return Copy(dest, dest.stat().st_size, events, latest, seconds, swept=swept)
 
@@ -250,14 +258,35 @@ def _restore(copy: Path, journal: Path) -> Copy:
         if held is not None:
             held.close()
         if partial is not None:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+            _remove(partial)
         os.close(lock)
     size = journal.stat().st_size
     replaced = moved.pop("", None)
     strays = () if replaced is not None else tuple(moved.values())
     seconds = time.monotonic() - started
     return Copy(journal, size, events, latest, seconds, replaced, swept, strays)
+
+
+def _remove(partial: Path) -> None:
+    """Delete an unfinished copy and SQLite's files beside it, those that are there."""
+    for suffix in ("", *_SQLITE_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{partial}{suffix}")
+
+
+def _no_room(folder: Path) -> bool:
+    """Whether the disk of ``folder`` is full, or all but."""
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _filled(folder: Path, why: str) -> JournalError:
+    return JournalError(
+        f"not enough room in {folder} for the backup: the disk filled up while it was written"
+        f" ({why}); nothing was kept"
+    )
 
 
 def _refuse_if_open(journal: Path, maybe: str) -> None:
@@ -314,7 +343,8 @@ def _copy_whole(copy: Path, into: Path) -> None:
 
 def sweep(folder: Path) -> tuple[Path, ...]:
     """Delete what a backup or a restore killed midway (``kill -9``, a timer's timeout, a power
-    cut) left in ``folder``: its files under their temporary names, whose process is gone.
+    cut) left in ``folder``: its files under their temporary names (SQLite's ``-journal``,
+    ``-wal`` and ``-shm`` beside them too), whose process is gone.
 
     Each is about as large as the journal, hidden by its leading dot, and never given a name,
     so nothing else would delete them: a daily timer's leftovers would fill the disk. A file
