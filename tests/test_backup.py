@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -291,7 +292,9 @@ async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: 
     # Stamped in the future (a clock set back since): kept, and it cannot push out the new one.
     ahead = "webhookd-20991231T000000Z.db"
     others = ["webhookd-notes.db", "other-20260101T000000Z.db", "webhookd-20260101T000000Z.db.gz"]
-    for name in [*old, ahead, *others]:
+    for name in [*old, ahead]:
+        copies.backup(journal, folder / name)
+    for name in others:
         (folder / name).write_bytes(b"an older copy")
     (folder / "webhookd-20250101T000000Z.db").symlink_to(tmp_path / "elsewhere.db")
     (folder / "webhookd-20250102T000000Z.db").mkdir()
@@ -333,7 +336,7 @@ async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: 
     made_then = []
     for _ in range(3):
         made_then.append(copies.dated(folder, journal, at))
-        made_then[-1].write_bytes(b"a copy")
+        copies.backup(journal, made_then[-1])
     first = "webhookd-20260201T000000Z"
     assert [p.name for p in made_then] == [f"{first}.db", f"{first}-2.db", f"{first}-3.db"]
     assert copies.rotate(folder, journal, 2, made_then[2]) == made_then[:2]
@@ -345,6 +348,35 @@ async def test_backups_into_a_folder_are_dated_and_the_oldest_deleted(tmp_path: 
     )
     out = await cli("backup", str(folder), "--keep", "0", "--config", str(config))
     assert out.exit_code == 2 and "0 is not in the range x>=1" in out.output
+
+
+async def test_keep_deletes_only_its_own_journals_backups(tmp_path: Path) -> None:
+    """Two daemons with the default file name (webhookd.db in two state folders) backing up
+    into one folder: --keep told a journal's backups by the file's name alone, and each run
+    deleted the other journal's. A journal now gets an id at its first backup, every backup
+    of it carries it, and --keep deletes only those: not another journal's, nor one it cannot
+    tell (made before there were ids)."""
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    held: dict[str, set[str]] = {}
+    configs = {}
+    for name, count in (("a", 3), ("b", 2)):
+        journal = tmp_path / name / "webhookd.db"
+        journal.parent.mkdir()
+        async with Journal(journal) as j:
+            held[name] = {(await j.ingest(new_event())).event_id for _ in range(count)}
+        configs[name] = write_config(tmp_path / f"{name}.toml", journal)
+    # A's backup by a webhookd before ids, in the folder: not told as a's, so kept.
+    shutil.copyfile(tmp_path / "a" / "webhookd.db", folder / "webhookd-20250101T000000Z.db")
+    made: dict[str, list[str]] = {"a": [], "b": []}
+    for name in ("a", "a", "a", "b", "b", "b"):
+        out = await cli("backup", str(folder), "--keep", "2", "--config", str(configs[name]))
+        assert out.exit_code == 0, out.output
+        made[name].append(Path(out.output.split(" to ", 1)[1].split(": ", 1)[0]).name)
+    assert names(folder) == {"webhookd-20250101T000000Z.db", *made["a"][1:], *made["b"][1:]}
+    for name in held:
+        for kept in made[name][1:]:
+            assert event_ids(folder / kept) == held[name]
 
 
 # A backup that kills itself (SIGKILL: no cleanup runs) once its first page is in the copy.

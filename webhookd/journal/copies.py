@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import time
@@ -110,6 +111,7 @@ def _backup(
         source = sqlite3.connect(journal, isolation_level=None)
         try:
             source.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            _give_id(source)
             # One read transaction around every step: the copy is of its first moment, and the
             # daemon's commits meanwhile do not make the backup start over.
             source.execute("BEGIN")
@@ -177,18 +179,23 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
     """Delete the oldest of ``journal``'s dated backups in ``folder`` beyond the newest ``keep``,
     the one just ``made`` always among those kept; returns what was deleted, oldest first.
 
-    Only regular files named as ``dated`` names them for this journal are touched: anything
-    else in the folder (other journals' backups, a copy renamed by hand, a symlink) stays.
+    Only regular files named as ``dated`` names them for this journal, and holding its id as
+    ``made`` does, are touched: anything else in the folder (other journals' backups, whatever
+    their names, a backup of a webhookd that recorded no id, a copy renamed by hand, a symlink)
+    stays. When ``made`` holds no id (its journal could not be given one), none is deleted.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
     stem = journal.stem
+    ours_id = journal_id(made)
     dated_at = {
         entry.name: (found[1], int(found[2] or 1))
         for entry in os.scandir(folder)
         if entry.name.startswith(stem)
         and (found := _DATED.fullmatch(entry.name, len(stem)))
         and entry.is_file(follow_symlinks=False)
+        and ours_id != 0
+        and journal_id(entry.path) == ours_id
     }
     ours = sorted(dated_at, key=dated_at.__getitem__)  # by time, then -2, -3... within it
     # Newest first by name; a file stamped in the future (a clock set back) keeps its place but
@@ -201,6 +208,36 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
     if gone:
         sync(folder)
     return gone
+
+
+def _give_id(conn: sqlite3.Connection) -> None:
+    """Give the journal ``conn`` has open an id of its own, if it has none yet: a random
+    ``application_id`` in its header, which its backups carry, so that ``rotate`` can tell
+    them from other journals' of the same name. Once per journal; a journal this process
+    cannot write keeps none (its backups are then never deleted by ``rotate``)."""
+    if conn.execute("PRAGMA application_id").fetchone()[0]:
+        return
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if not conn.execute("PRAGMA application_id").fetchone()[0]:  # no other backup's
+            conn.execute(f"PRAGMA application_id = {secrets.randbelow(2**31 - 1) + 1}")
+        conn.execute("COMMIT")
+    except sqlite3.Error:  # read-only, or locked for busy_timeout
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def journal_id(path: Path | str) -> int:
+    """The id ``_give_id`` gave the journal a SQLite file at ``path`` is or was a copy of, read
+    from its header (a backup has no -wal); 0 when it has none or is not a SQLite file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        return 0
+    if len(head) < 72 or not head.startswith(_SQLITE_HEADER):
+        return 0
+    return int.from_bytes(head[68:72], "big", signed=True)
 
 
 def restore(copy: Path, journal: Path) -> Copy:
