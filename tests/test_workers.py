@@ -1177,6 +1177,85 @@ async def test_lanes_held_back_by_a_cap_leave_the_window_to_jobs_that_can_run(
     assert counts.jobs_by_source["b"] == {"done": b_jobs}
 
 
+@pytest.mark.parametrize(
+    ("tenants", "per_tenant", "workers"),
+    [(20, 60, ""), (1, 200, "window = 64")],
+    ids=["20-capped-tenants", "window-of-64"],
+)
+async def test_a_window_of_capped_lanes_leaves_room_for_another_sources_backlog(
+    make_rig: MakeRig, tenants: int, per_tenant: int, workers: str
+) -> None:
+    """A source capped at one running job, with 20 tenants' backlogs (each lane within its
+    share of the window, 50 of 1,000) or one tenant's in a window of 64: its lanes, of which
+    no job may start, keep at most half the window, and another source's backlog, written by
+    another process, runs on the 31 idle workers in top-ups as the window empties, not one job
+    a sweep. The blocked jobs a trim dropped are not read again by the refills after it."""
+    rig = await make_rig(
+        '[sources.a]\nconcurrency = 1\n[[sources.a.actions]]\ntype = "log"\n'
+        '[sources.b]\n[[sources.b.actions]]\ntype = "log"\n',
+        workers=workers,
+    )
+    held = HeldOpen(rig.actions[("a", "log")], rig.journal)
+    rig.actions[("a", "log")] = held
+    backlog = [  # queued before the start: the first refill fills the window with them
+        NewEvent(
+            new_event("a", rig.clock.time(), tenant=f"t{n % tenants}"),
+            jobs_for(rig.cfg.sources["a"]),
+        )
+        for n in range(tenants * per_tenant)
+    ]
+    for start in range(0, len(backlog), 100):
+        await asyncio.gather(*(rig.journal.ingest(item) for item in backlog[start : start + 100]))
+    a_read = 0
+    refills = asyncio.Queue[None]()
+    real_ready_in_lanes = rig.journal.ready_in_lanes
+
+    async def counted(*args: Any) -> Any:
+        nonlocal a_read
+        rows = await real_ready_in_lanes(*args)
+        a_read += sum(job.source == "a" for job in rows)
+        refills.put_nowait(None)
+        return rows
+
+    rig.journal.ready_in_lanes = counted  # type: ignore[method-assign]
+    dispatcher = asyncio.create_task(rig.pool.run())
+    await held.started.get()  # a's one slot is taken, its other jobs wait
+    capacity = rig.cfg.workers.window
+    assert len(rig.pool.scheduler) == capacity - 1  # the window is full of a's jobs
+    b_jobs = 300  # several refills' worth: the window's free half is topped up as it empties
+    b_done = asyncio.Event()
+    rig.pool.on_finish.append(
+        lambda *_: b_done.set() if rig.pool.outcomes["done"] >= b_jobs else None
+    )
+    # Written by another process (a replay, another node): read by refills alone.
+    for start in range(0, b_jobs, 100):
+        await asyncio.gather(*(rig.ingest("b") for _ in range(start, start + 100)))
+    rig.journal.on_commit = rig.pool.notify
+    rig.pool.poke()
+    # No sweep comes on the manual clock: each of b's jobs is read by a top-up.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(b_done.wait(), 10.0)
+    window = rig.pool.scheduler.lanes()
+    assert rig.pool.outcomes["done"] == b_jobs, (
+        f"{rig.pool.outcomes['done']} of b's {b_jobs} jobs ran in 10 s with 31 workers idle;"
+        f" the window holds {sum(window.values())} jobs, {window.get((1, 'b', ''), 0)} of b"
+    )
+    assert sum(n for lane, n in window.items() if lane[1] == "a") <= capacity // 2, window
+    while not refills.empty():
+        refills.get_nowait()
+    a_read = 0
+    for _ in range(3):  # refills while a's lanes are still blocked read none of a's jobs
+        rig.pool.poke()
+        await refills.get()
+    assert a_read == 0
+    assert held.started.empty()  # a's cap held all along
+    held.go.set()
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    counts = await rig.journal.counts()
+    assert counts.jobs_by_source["b"] == {"done": b_jobs}
+
+
 @pytest.fixture
 def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """SQLite's busy timeout at 1 s instead of 5 s, for the journals this test opens: a test of

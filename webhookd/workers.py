@@ -198,6 +198,7 @@ class WorkerPool:
         self._refill_now = True
         self._overflow = True
         self._low_water = 0  # a lazy top-up waits until the window is down to this
+        self._blocked_jobs = 0  # jobs in lanes none of whose jobs may start, at the last trim
         self._next_due: float | None = None
         self._lane_cursor: Lane | None = None
         # A job's task runs its action, then records the outcome. Its slot (and its counts
@@ -391,14 +392,20 @@ class WorkerPool:
         share = min(cap, max(scheduler.capacity // max(len(lanes), 1), 1))
         fair = self._fair_share
         room = scheduler.room
+        # What lanes whose jobs may not start may still take (see _trim_blocked).
+        blocked_room = self._blocked_budget - min(self._blocked_jobs, len(scheduler))
         wants: list[tuple[Lane, int]] = []
         lanes = [lane for lane in lanes if lane[1] not in self.paused]
         for lane in sorted(lanes, key=scheduler.lane_size):  # an empty lane goes first
             size = scheduler.lane_size(lane)
+            want = min(share - size, room)
             # A lane whose jobs may not start now (capped) is topped up to a worker-sized share
-            # at most, as _trim_blocked cuts one back: no more than its caps can use soon.
-            target = fair if share > fair and scheduler.is_blocked(lane, self._can_run) else share
-            want = min(target - size, room)
+            # at most, and only within what blocked lanes may hold of the window, as
+            # _trim_blocked cuts them back: no more than its caps can use soon, and the jobs
+            # a trim dropped are not read again while they still may not start.
+            if want > 0 and scheduler.is_blocked(lane, self._can_run):
+                want = min(want, fair - size, blocked_room)
+                blocked_room -= max(want, 0)
             if want <= 0:
                 more = True  # at its share (or no room left): the journal may hold more
                 continue
@@ -410,21 +417,41 @@ class WorkerPool:
             scheduler.add(job)
         more = more or any(got[lane] >= n for lane, n in wants)
         self._overflow = more
+        # A top-up once half the window has gone, or half of its jobs that may run: blocked
+        # lanes' jobs stay, and the half of the window they may hold would never go.
         self._low_water = len(scheduler) // 2
+        blocked = self._blocked_budget - blocked_room  # at most (rows may have come short)
+        if len(scheduler) > blocked:
+            self._low_water = max(self._low_water, blocked + (len(scheduler) - blocked) // 2)
         self._next_due = None if more else await self.journal.next_run_at(self.paused, after=now)
 
+    @property
+    def _blocked_budget(self) -> int:
+        """What lanes none of whose jobs may start hold of the window at most: half of it."""
+        return self.scheduler.capacity // 2
+
     def _trim_blocked(self) -> None:
-        """Cut back each lane of the window holding more than a worker-sized share of jobs of
-        which none may start now (a cap they count against is reached): the rest of the window
-        stays for jobs that can run. Without this, a few capped lanes with a backlog (a source
-        with ``concurrency = 1`` and four tenants, say) filled the window, and another source's
-        new jobs got in only as the capped ones ran. The jobs dropped are still queued in the
-        journal: the next refill may bring them back."""
+        """Cut back the lanes of the window of which no job may start now (a cap they count
+        against is reached): each to a worker-sized share, and should they hold more than half
+        the window together, to an even share of that half (at least a job each; past as many
+        lanes as that allows, all of a lane's jobs go). The rest of the window stays for jobs
+        that can run. Without this, a few capped lanes with a backlog (a source with
+        ``concurrency = 1`` and four tenants, say) filled the window, and another source's new
+        jobs got in only as the capped ones ran; so did 20 such tenants, each within its share
+        of the window, or one in a window of 64. The jobs dropped are still queued in the
+        journal: a refill brings them back, but not past what blocked lanes may hold
+        (``_refill``), so while they still may not start no refill reads them again. Run
+        before each refill: one look at each lane of the window."""
         scheduler = self.scheduler
-        if sum(
-            scheduler.trim(lane, self._fair_share)
-            for lane in scheduler.blocked(self._can_run, above=self._fair_share)
-        ):
+        blocked = scheduler.blocked(self._can_run)
+        cut = sum(scheduler.trim(lane, self._fair_share) for lane in blocked)
+        budget = self._blocked_budget
+        if sum(map(scheduler.lane_size, blocked)) > budget:
+            keep = budget // len(blocked)
+            for n, lane in enumerate(blocked):
+                cut += scheduler.trim(lane, keep or int(n < budget))
+        self._blocked_jobs = sum(map(scheduler.lane_size, blocked))
+        if cut:
             self._overflow = True
 
     async def _refresh_paused(self) -> None:
