@@ -1112,9 +1112,8 @@ async def test_a_full_lane_line_leaves_the_other_workers_to_other_sources(
             assert status == 202
         # Each would wait for an admission to free a worker without the cap: 10 s and more.
         await target.wait_for(lambda t: len(t.seen) == 10, timeout_s=5)
-        # One more for a moment at most: a job picked in one dispatch round reaches the line
-        # after the next round has read it (a known overshoot, not a worker per admission).
-        assert lane.most_waiting == 4 and lane.waiting <= lane.most_waiting + 1
+        # Not one more: a round counts the jobs picked before whose calls are on their way.
+        assert lane.most_waiting == 4 and lane.waiting <= lane.most_waiting
         assert lane.statistics().admitted_total < 20  # the model calls are far from done
 
 

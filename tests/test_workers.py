@@ -34,6 +34,8 @@ from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
+from webhookd.limiter import Lane as RateLane
+from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
@@ -1254,6 +1256,82 @@ async def test_a_window_of_capped_lanes_leaves_room_for_another_sources_backlog(
     await dispatcher
     counts = await rig.journal.counts()
     assert counts.jobs_by_source["b"] == {"done": b_jobs}
+
+
+class LaneCaller:
+    """Stands for an ``openai`` action: its call comes to the lane, noting how long the line it
+    joins is, and waits its turn there."""
+
+    def __init__(self, lane: RateLane, enough: int) -> None:
+        self.lane = lane
+        self.longest_line = 0
+        self.calls = 0
+        self.enough = enough
+        self.came = asyncio.Event()  # once ``enough`` calls have come
+
+    async def run(self, event: Event, job: Job) -> Outcome:
+        # A call that finds others waiting joins the line behind them (nothing runs between
+        # this and its place in the line); one that finds none counts as a line of one.
+        self.longest_line = max(self.longest_line, self.lane.waiting + 1)
+        self.calls += 1
+        if self.calls >= self.enough:
+            self.came.set()
+        await self.lane.acquire(1, max_wait_s=120, key=job.id)
+        return Outcome.done()
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("rpm", "workers", "calls"), [(450, 32, 40), (60, 16, 8)])
+async def test_a_lanes_line_holds_at_most_most_waiting_of_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rpm: int, workers: int, calls: int
+) -> None:
+    """Model calls queued far past what their lane admits hold at most ``most_waiting`` workers
+    in its line (two seconds of its rpm, at least 4), the line's first fill included: the
+    dispatcher runs another round as soon as one started something, and each counts the jobs
+    picked before whose calls have not come to the lane yet. Before, a round saw the line as it
+    was before the last round's tasks ran, and 30 of 32 workers waited in a line of 15."""
+    monkeypatch.setenv("WORKERS_TEST_KEY", "sk-test")
+    lane_source = f"""
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:WORKERS_TEST_KEY"
+base_url = "http://127.0.0.1:9/v1"
+model = "gpt-4o-mini"
+prompt = "hi"
+max_tokens = 10
+lane = "llm"
+
+[lanes.llm]
+rpm = {rpm}
+burst_s = 1
+"""
+    cfg = make_config(tmp_path, lane_source, workers=f"concurrency = {workers}")
+    lanes = build_lanes(cfg.lanes)
+    caller = LaneCaller(lanes["llm"], calls)
+    async with Journal(cfg.journal.path) as journal:
+        items = [new_item(cfg, "mail", journal.clock.time()) for _ in range(2 * calls + workers)]
+        await asyncio.gather(*(journal.ingest(item) for item in items))
+        pool = WorkerPool(
+            config=cfg,
+            journal=journal,
+            actions={("mail", "openai"): caller},
+            boot_id="boot_test",
+            rate_lanes=lanes,
+        )
+        dispatcher = asyncio.create_task(pool.run())
+        try:
+            await asyncio.wait_for(caller.came.wait(), 30.0)
+        finally:
+            await pool.drain(0)
+            await dispatcher
+    most = lanes["llm"].most_waiting
+    assert caller.longest_line <= most, (
+        f"{caller.longest_line} of {workers} workers waited in the line at once"
+        f" (most_waiting = {most})"
+    )
 
 
 @pytest.fixture

@@ -284,6 +284,10 @@ class Lane:
         # Called when a call is admitted or leaves the line (the worker pool's wake: another
         # job of the lane may start once fewer than ``most_waiting`` wait).
         self.on_change: Callable[[], None] | None = None
+        # Called with a call's ``key`` as it comes to ``acquire``, before it is admitted, turned
+        # away or put in line (the worker pool's count of jobs started for the lane whose call
+        # is not here yet: they are not in ``waiting``, and may all join the line).
+        self.on_arrival: Callable[[object], None] | None = None
         self._cooling_until = -math.inf
         self._circuit_reason: str | None = None
         self._probe_at = math.inf
@@ -356,6 +360,8 @@ class Lane:
         when its wait would be longer than ``max_wait_s``, and from its place in line when the
         wait grows past it. ``key``: the same for a call asked back as when it was refused (a
         job's id)."""
+        if self.on_arrival is not None:
+            self.on_arrival(key)
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         if self._store is not None:

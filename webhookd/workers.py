@@ -169,6 +169,12 @@ class WorkerPool:
         # action that names one whose line is full (``RateLane.most_waiting``) is not started.
         self.rate_lanes: Mapping[str, RateLane] = rate_lanes if rate_lanes is not None else {}
         self._lane_room: dict[str, int] = {}  # for this round's picks: room left in each line
+        # Jobs of an action that names a lane, picked but whose call has not come to the lane
+        # yet (a claim, the task's start and the action's own work come first), by lane: not in
+        # its ``waiting`` yet, each may join its line. Counted from the pick until the call
+        # comes to the lane (``on_arrival``) or the job is given up or its action returns.
+        self._to_lane: dict[str, str] = {}  # job id → lane name
+        self._to_lane_count: Counter[str] = Counter()
         # What an attempt's error and detail quote of a secret (a URL's password, a target
         # echoing a token) is masked before it is journaled: the journal, its backups and a
         # `show` run where the secrets' variables are not set never hold it.
@@ -516,6 +522,7 @@ class WorkerPool:
                 if not self._caps(job):
                     if lane in room:
                         room[lane] -= 1
+                        self._bound_for_lane(job.id, lane)
                     self._reserved[job.id] = job
                     self._count(job, +1)
                     taken.append(job.id)
@@ -532,6 +539,7 @@ class WorkerPool:
             unused = self._reserved.pop(job_id, None)
             if unused is not None:
                 self._count(unused, -1)
+                self._arrived(job_id)
         if not self._reserved:
             self._settled.set()
 
@@ -681,6 +689,7 @@ class WorkerPool:
             self._count(job, +1)
             if room and (lane := self._rate_lane_of(job)) in room:
                 room[lane] -= 1  # it joins the line once it runs
+                self._bound_for_lane(job.id, lane)
         if not picks:
             return 0, 0
         # Picks are counted as running from here; a claimed pick keeps its count until its task
@@ -727,6 +736,7 @@ class WorkerPool:
                 for job_id, job in picks.items():
                     if job_id not in starting:
                         self._count(job, -1)
+                        self._arrived(job_id)
                 if full:
                     held = self._hold_back(full, [j for i, j in picks.items() if i not in starting])
         for c in to_start:
@@ -736,14 +746,34 @@ class WorkerPool:
 
     def _room_in_lanes(self) -> dict[str, int]:
         """How many more of its actions' jobs each lane's line takes now (a lane with stock
-        admits them at once, and wakes the pool to pick more)."""
-        return {name: lane.most_waiting - lane.waiting for name, lane in self.rate_lanes.items()}
+        admits them at once, and wakes the pool to pick more): those picked before whose calls
+        have not come to the lane yet count as in the line already, else the rounds that run
+        before their tasks do each fill it again."""
+        count = self._to_lane_count
+        return {
+            name: lane.most_waiting - lane.waiting - count[name]
+            for name, lane in self.rate_lanes.items()
+        }
 
     def _hear_lanes(self) -> None:
         """Be woken when a lane admits a call or one leaves its line (at the start, and for the
         lanes a reload adds, which it puts in ``rate_lanes`` before ``reconfigure``)."""
         for lane in self.rate_lanes.values():
             lane.on_change = self._wake.set
+            lane.on_arrival = self._arrived
+
+    def _bound_for_lane(self, job_id: str, lane: str) -> None:
+        """A job of ``lane``'s action was picked: it counts against the line's room until its
+        call comes to the lane (see ``_to_lane``)."""
+        self._to_lane[job_id] = lane
+        self._to_lane_count[lane] += 1
+
+    def _arrived(self, key: object) -> None:
+        """A call came to its lane (``RateLane.on_arrival``; ``key`` is its job's id), or the
+        job's action returned or it is not started: it no longer counts as on its way."""
+        lane = self._to_lane.pop(key, None) if isinstance(key, str) else None
+        if lane is not None:
+            _bump(self._to_lane_count, lane, -1)
 
     def _rate_lane_of(self, job: Ready) -> str | None:
         source = self.config.source_for(job.source)
@@ -811,6 +841,7 @@ class WorkerPool:
         """The job's action returned: its slot goes to the next job. A capped job keeps its cap
         counts until its outcome is committed: the journal counts it running until then, so a
         claim of the cap's next job would only be refused."""
+        self._arrived(job_id)  # a call it never made (an error first, a kept answer)
         ready = self._acting.pop(job_id, None)
         if ready is not None:
             if job_id not in self._held_caps:
