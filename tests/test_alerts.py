@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from conftest import Target, jobs_for, make_config, new_event
 
+import webhookd
 from webhookd import actions as action_registry
 from webhookd.actions.base import Outcome, Resources
 from webhookd.alerts import EVENTS_CAP, FAILING_STALE_S, INGEST_RETRY_S, Alerter
@@ -203,6 +204,59 @@ async def test_an_alert_lists_at_most_twenty_events_and_says_how_many_more(
     # Jobs run side by side, so which 20 die first is theirs to decide.
     assert len(set(doc["events"])) == EVENTS_CAP and set(doc["events"]) <= set(ids)
     assert " and 5 more; last error: shop/forward: " in doc["text"]
+
+
+def reject_order(event: webhookd.Event) -> None:
+    """A handler refusing an order, quoting the sender's order field in its error."""
+    raise webhookd.Reject(f"unknown order {event.json()['order']}")
+
+
+async def test_a_senders_words_in_an_alert_are_quoted_on_one_line_not_obeyed(
+    tmp_path: Path, target: Target
+) -> None:
+    """An error quoting what a sender posted (a mention of the whole channel, a link under a
+    label of its choosing, a line break) reaches Slack or Mattermost in the dead and failing
+    alerts' text with ``&``, ``<`` and ``>`` escaped as Slack asks, on one line."""
+    cfg = make_config(
+        tmp_path,
+        f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "python"
+handler = "test_alerts:reject_order"
+
+[alerts]
+url = "{target.url}/alerts"
+failing_s = 60
+min_interval_s = 0
+""",
+    )
+    order = "<!channel> <https://evil.example/login|Open the runbook> & co\nAll clear"
+    body = json.dumps({"order": order}).encode()
+    clock = ManualClock()
+    async with aiohttp.ClientSession() as http, Journal(cfg.journal.path, clock=clock) as journal:
+        acts = action_registry.build(Resources(config=cfg, http=http))
+        pool = WorkerPool(config=cfg, journal=journal, actions=acts, boot_id="b", clock=clock)
+        assert cfg.alerts is not None
+        alerter = Alerter(cfg.alerts, journal, clock=clock)
+        pool.on_finish.append(alerter.observe)
+        for _ in range(2):  # dead at once, twice 60 s apart: failing for failing_s too
+            item = NewEvent(new_event("shop", clock.time(), body), jobs_for(cfg.sources["shop"]))
+            await journal.ingest(item)
+            await pool.run_until_idle()
+            clock.advance(60.0)
+        assert len(await alerter.tick()) == 2
+        await pool.run_until_idle()  # the alerts are delivered
+    sent = {doc["kind"]: doc["text"] for doc in (json.loads(s.body) for s in target.seen)}
+    quoted = (
+        "unknown order &lt;!channel&gt; &lt;https://evil.example/login|Open the runbook&gt;"
+        " &amp; co\\nAll clear"
+    )
+    assert sent.keys() == {"dead", "failing"}
+    assert f"last error: shop/python: {quoted}; `webhookd replay" in sent["dead"]
+    assert sent["failing"].endswith(f"last: {quoted})")
+    for text in sent.values():
+        assert "<" not in text and ">" not in text and "\n" not in text
 
 
 async def test_the_alerts_own_dead_job_never_makes_another_alert(make_rig: MakeRig) -> None:

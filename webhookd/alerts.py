@@ -27,6 +27,7 @@ from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
 from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+from webhookd.redact import printable
 
 log = logging.getLogger("webhookd.alerts")
 
@@ -463,7 +464,14 @@ def _recovered_text(
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= _ERROR_IN_TEXT else text[: _ERROR_IN_TEXT - 1] + "…"
+    """An error for the text: a sender's or a target's words, quoted and not obeyed. One
+    printable line (a line break shows as ``\\n``), cut, then with ``&``, ``<`` and ``>``
+    escaped as Slack asks (``&amp;`` ``&lt;`` ``&gt;``; Mattermost shows them as the
+    characters): ``<!channel>`` or ``<https://…|Open the runbook>`` in an error would
+    otherwise mention everyone, or show a link under a label of the sender's choosing."""
+    text = printable(text)
+    text = text if len(text) <= _ERROR_IN_TEXT else text[: _ERROR_IN_TEXT - 1] + "…"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _sources(counts: Counter[str], paused: Collection[str] = ()) -> str:
