@@ -545,6 +545,26 @@ async def test_attempt_detail_records_status_duration_and_response_head(
     assert outcome.detail["response"] == ("0123456789" * 300)[:1024]
 
 
+@pytest.mark.parametrize("status", [200, 401])
+async def test_a_secret_the_response_heads_cut_falls_inside_is_masked_whole(
+    target: Target,
+    send: Callable[[str], Forward],
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+) -> None:
+    """The answer's first 1 KB is masked before it is cut: a target quoting the token it was
+    sent across byte 1,024 (a 401 page) leaves ***, not the token's first 11 characters
+    (masked after the cut, they would be no secret the masker knows)."""
+    token = "sk-live-Q7vR2mX9pL4tW8nB3kH6jD1fG5sA0zYc"
+    monkeypatch.setenv("WEBHOOKD_TEST_TOKEN", token)
+    target.default_status = status
+    target.body = b"x" * 1000 + b" invalid key " + token.encode()  # the token from byte 1,013
+    options = f'url = "{target.url}/x"\nheaders = {{ X-Api-Key = "env:WEBHOOKD_TEST_TOKEN" }}'
+    outcome = await send(options)()
+    assert outcome.detail["status"] == status
+    assert outcome.detail["response"] == "x" * 1000 + " invalid key ***"
+
+
 async def test_an_answer_whose_body_never_comes_is_decided_by_its_status(
     send: Callable[[str], Forward],
 ) -> None:

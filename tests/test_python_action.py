@@ -289,6 +289,43 @@ async def test_other_exceptions_are_retried_with_message_and_traceback(tmp_path:
     assert attempt.detail is not None and "in flaky" in attempt.detail["traceback"]
 
 
+API_KEY = "sk-live-Q7vR2mX9pL4tW8nB3kH6jD1fG5sA0zYc"  # 40 characters
+
+
+def quote_the_key(event: webhookd.Event) -> None:
+    """What an API's client raises: its answer quoting the key, then a long explanation."""
+    key = os.environ["WEBHOOKD_TEST_API_KEY"]
+    raise RuntimeError(f"Incorrect API key provided: {key} {'x' * 1978}")
+
+
+async def test_a_secret_the_traceback_tails_cut_falls_inside_is_masked_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The traceback kept is its last 2,000 characters, masked before the cut: a configured
+    secret the cut falls inside shows as ***, not as its last 20 characters (masked after
+    the cut, they would be no secret the masker knows)."""
+    monkeypatch.setenv("WEBHOOKD_TEST_API_KEY", API_KEY)
+    config = """
+[sources.s]
+[[sources.s.actions]]
+type = "python"
+handler = "test_python_action:quote_the_key"
+
+[sources.crm]
+[[sources.crm.actions]]
+type = "forward"
+url = "http://127.0.0.1:9/crm"
+headers = { Authorization = "env:WEBHOOKD_TEST_API_KEY" }
+"""
+    async with action_kit(tmp_path, config) as kit:
+        event_id = await kit.send("s")
+        await kit.run()
+        [attempt] = (await kit.job(event_id)).history
+    assert attempt.error is not None and attempt.detail is not None
+    assert attempt.error.startswith("RuntimeError: Incorrect API key provided: *** xxx")
+    assert attempt.detail["traceback"] == "*** " + "x" * 1978 + "\n"
+
+
 async def test_values_json_cannot_hold_are_stored_as_text(tmp_path: Path) -> None:
     """A result JSON cannot represent is kept as its str() rather than failing a finished job."""
     job, _ = await run_handler(tmp_path, "actionkit:odd_result")

@@ -280,3 +280,19 @@ def test_text_after_a_cut_shows_no_part_of_a_secret_the_cut_fell_inside(start: i
     assert shown.replace(MASK, "") == plain
     if start not in in_secret or start - 1 not in in_secret:  # no secret cut in two
         assert shown == Masker([secret]).text(text[start:])
+
+
+@pytest.mark.parametrize("end", range(len(_REPEATED) + 1))
+def test_text_before_a_cut_shows_no_part_of_a_secret_the_cut_fell_inside(end: int) -> None:
+    """``Masker.before``: the text up to a cut, masked as if the whole text were masked then
+    cut (a target's answer kept to its first 1 KB)."""
+    secret = "tok-0123456789abcdef"
+    text = _REPEATED
+    in_secret = set()
+    for at in (i for i in range(len(text)) if text.startswith(secret, i)):
+        in_secret |= set(range(at, at + len(secret)))
+    plain = "".join(c for i, c in enumerate(text) if i < end and i not in in_secret)
+    shown = Masker([secret]).before(text, end)
+    assert shown.replace(MASK, "") == plain
+    if end not in in_secret or end - 1 not in in_secret:  # no secret cut in two
+        assert shown == Masker([secret]).text(text[:end])

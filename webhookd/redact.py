@@ -166,6 +166,19 @@ class Masker:
                 at = text.find(secret, at + 1, start + n - 1)
         return (MASK if end > start else "") + self.text(text[end:])
 
+    def before(self, text: str, end: int) -> str:
+        """``text[:end]`` masked, where ``text[end:]`` is what was read after it: a secret that
+        ``end`` falls inside shows as ``***``, not as its first characters (``after``'s
+        counterpart, for the start of a text)."""
+        start = end
+        for secret in self.secrets:
+            n = len(secret)
+            at = text.find(secret, max(end - n + 1, 0), end + n - 1)
+            while at != -1:
+                start = min(start, at)
+                at = text.find(secret, at + 1, end + n - 1)
+        return self.text(text[:start]) + (MASK if start < end else "")
+
     def deep(self, value: Any) -> Any:
         """``value`` with every string in it masked but the keys of its mappings (names, the
         documents' own among them: a value that happened to read as a key lost its field);

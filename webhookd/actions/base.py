@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from webhookd.config import COMMON_ACTION_KEYS, ActionConfig, ActionDefaults, Config, Table
 from webhookd.models import Event, Job
+from webhookd.redact import Masker, secret_values
 
 if TYPE_CHECKING:
     import aiohttp
 
     from webhookd.limiter import Lane
-    from webhookd.redact import Masker
 
 OutcomeKind = Literal["done", "retry", "dead", "wait"]
 
@@ -129,6 +129,16 @@ class Resources:
     # Whether a source's jobs are held now (``webhookd pause``): an action that waited before
     # its work (for a lane) asks before it starts, so a pause stops what was waiting too.
     held: Callable[[str], bool] = lambda _source: False
+
+
+def masker_of(resources: Resources) -> Callable[[], Masker]:
+    """The daemon's masker as it is at each call, else one of this config's own secrets: for
+    an action that cuts what it keeps, so it masks before the cut (a secret across the cut
+    would keep the part on the kept side, a part no masker knows)."""
+    if resources.masker is not None:
+        return resources.masker
+    own = Masker(secret_values(resources.config))
+    return lambda: own
 
 
 class Action(Protocol):

@@ -46,12 +46,16 @@ from webhookd.config import (
     text_or_secret,
 )
 from webhookd.errors import ConfigError
+from webhookd.redact import Masker
 from webhookd.schemes.standard import check_whsec, sign_standard
 
 # 407: a proxy on the way asks for credentials (fixed in the config and reloaded, the retries
 # go through).
 _RETRYABLE_4XX = frozenset({407, 408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
+# Read past the head, so that a secret the head's end falls inside is masked whole (see
+# ``Masker.before``): one this long or shorter.
+_SPARE_BYTES = 1024
 # How long the start of an answer's body may take once its status has come.
 RESPONSE_HEAD_S = 2.0
 _LOCATION_CHARS = 500
@@ -443,11 +447,14 @@ async def deliver(
     proxy: Proxy | None = None,
     *,
     named: str | None = None,
+    masker: Masker | None = None,
 ) -> Outcome:
     """Send one request and classify the answer; ``tls`` and ``proxy``: the action's own
     (``read_tls``, ``read_proxy``). Errors name the target as ``named`` (default ``url``): a
     forward's configured URL, not ``url`` with a webhook's query added, which may hold the
-    sender's token and would make each event's error a cause of its own in ``stats``."""
+    sender's token and would make each event's error a cause of its own in ``stats``.
+    ``masker``: what the answer's head is masked by before it is cut (the worker masks the
+    rest of the outcome)."""
     started = time.monotonic()
     sent_to = str(url)
     target = sent_to if named is None else named
@@ -481,7 +488,9 @@ async def deliver(
         ) as response:
             return (
                 response.status,
-                await _response_head(response, wait=not 200 <= response.status < 300),
+                await _response_head(
+                    response, wait=not 200 <= response.status < 300, masker=masker
+                ),
                 parse_retry_after(response.headers.get("Retry-After"), time.time()),
                 response.headers.get("Location"),
             )
@@ -580,7 +589,9 @@ def _replayable(headers: Mapping[str, str]) -> bool:
     return any(k.lower() in ("idempotency-key", "x-idempotency-key") for k in headers)
 
 
-async def _response_head(response: aiohttp.ClientResponse, *, wait: bool = True) -> str:
+async def _response_head(
+    response: aiohttp.ClientResponse, *, wait: bool = True, masker: Masker | None = None
+) -> str:
     """The start of an answer's body as text, or why it is not there. The status is the
     answer: a body that does not come (headers sent, then nothing) or breaks off is no reason
     to send a delivered webhook again. Without ``wait`` (a 2xx) only what has come with the
@@ -588,26 +599,31 @@ async def _response_head(response: aiohttp.ClientResponse, *, wait: bool = True)
     was recorded as timed out and sent again (ten times to a target slow to send its body)."""
     if not wait:
         try:
-            head = response.content.read_nowait(_RESPONSE_HEAD_BYTES)
+            head = response.content.read_nowait(_RESPONSE_HEAD_BYTES + _SPARE_BYTES)
         except (aiohttp.ClientError, OSError, RuntimeError) as exc:
             why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
             return f"(the body could not be read: {why})"
         if not head and not response.content.at_eof():
             return "(no body yet with the head: a 2xx is not kept waiting for one)"
-        return _head_text(response, head)
+        return _head_text(response, head, masker)
     try:
         async with asyncio.timeout(RESPONSE_HEAD_S):
-            head = await response.content.read(_RESPONSE_HEAD_BYTES)
+            head = await response.content.read(_RESPONSE_HEAD_BYTES + _SPARE_BYTES)
     except TimeoutError:
         return f"(no body within {RESPONSE_HEAD_S:g} s)"
     except (aiohttp.ClientError, OSError) as exc:
         why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
         return f"(the body could not be read: {why})"
-    return _head_text(response, head)
+    return _head_text(response, head, masker)
 
 
-def _head_text(response: aiohttp.ClientResponse, head: bytes) -> str:
+def _head_text(response: aiohttp.ClientResponse, head: bytes, masker: Masker | None) -> str:
+    """The first ``_RESPONSE_HEAD_BYTES`` of ``head`` as text, masked then cut: a secret the
+    cut falls inside (a 401 page quoting the token it was sent) shows as ``***``, not as its
+    first characters, which no masker would know."""
     coding = response.headers.get("Content-Encoding", "identity")
     if head and coding.lower() != "identity":
         return f"(a body in Content-Encoding {coding[:_WHY_CHARS]}, not shown)"
-    return head.decode("utf-8", "replace")
+    text = head.decode("utf-8", "replace")
+    cut = len(head[:_RESPONSE_HEAD_BYTES].decode("utf-8", "replace"))
+    return text[:cut] if masker is None else masker.before(text, cut)

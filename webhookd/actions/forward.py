@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
 from yarl import URL
 
-from webhookd.actions.base import Outcome, Resources, options
+from webhookd.actions.base import Outcome, Resources, masker_of, options
 from webhookd.actions.delivery import (
     Proxy,
     deliver,
@@ -31,7 +31,7 @@ from webhookd.actions.delivery import (
 from webhookd.config import HEADER_NAME, ActionConfig, ActionDefaults, RetryPolicy
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
-from webhookd.redact import MASK, SECRET_HEADERS
+from webhookd.redact import MASK, SECRET_HEADERS, Masker
 
 # A downstream service can be down for hours (a deploy, an outage): the attempts, up to 6 h
 # apart, span about half a day.
@@ -139,9 +139,15 @@ def validate(config: ActionConfig) -> None:
 
 
 class ForwardAction:
-    def __init__(self, config: ActionConfig, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: ActionConfig,
+        http: aiohttp.ClientSession,
+        masker: Callable[[], Masker] = Masker,
+    ) -> None:
         self.config = config
         self.http = http
+        self.masker = masker
         self.settings = _settings(config)
 
     def headers_for(self, event: Event, now: float) -> dict[str, str]:
@@ -184,6 +190,7 @@ class ForwardAction:
             self.settings.tls,
             self.settings.proxy,
             named=self.settings.url,
+            masker=self.masker(),
         )
 
     async def aclose(self) -> None:
@@ -209,4 +216,4 @@ def _sendable(value: str) -> bool:
 
 
 def create(config: ActionConfig, resources: Resources) -> ForwardAction:
-    return ForwardAction(config, resources.http)
+    return ForwardAction(config, resources.http, masker_of(resources))

@@ -71,6 +71,7 @@ from webhookd.actions.base import (
     Resources,
     excerpt,
     keep_detail,
+    masker_of,
     options,
 )
 from webhookd.actions.delivery import (
@@ -101,6 +102,7 @@ from webhookd.errors import ConfigError
 from webhookd.journal.records import LaneAction
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job
+from webhookd.redact import Masker
 from webhookd.templates import NoPayload, Template, compile_template, payload_of, to_json
 
 log = logging.getLogger("webhookd.actions.openai")
@@ -258,7 +260,11 @@ class _Then:
         self.proxy = read_proxy(t)
 
     async def send(
-        self, http: aiohttp.ClientSession, event: Event, answer: Mapping[str, Any]
+        self,
+        http: aiohttp.ClientSession,
+        event: Event,
+        answer: Mapping[str, Any],
+        masker: Masker | None = None,
     ) -> Outcome:
         body = {"event_id": event.id, "source": event.source, **answer}
         payload = payload_of(event)
@@ -274,7 +280,9 @@ class _Then:
             now=time.time(),
             extra=self.headers,
         )
-        return await deliver(http, "POST", self.url, data, headers, self.tls, self.proxy)
+        return await deliver(
+            http, "POST", self.url, data, headers, self.tls, self.proxy, masker=masker
+        )
 
 
 def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
@@ -334,6 +342,7 @@ class OpenAIAction:
         self.config = config
         self.settings = _Settings(config)
         self.http = resources.http
+        self.masker = masker_of(resources)
         self.held = resources.held
         self.told_blank: set[str] = set()  # the options said to render blank: see ``_render``
         self.lane: Lane | None = None
@@ -398,7 +407,7 @@ class OpenAIAction:
         left_s = self.config.timeout_s - (time.monotonic() - started)
         try:
             async with asyncio.timeout(max(left_s - min(1.0, self.config.timeout_s / 20), 0.0)):
-                sent = await then.send(self.http, event, answer)
+                sent = await then.send(self.http, event, answer, self.masker())
         except asyncio.CancelledError as exc:
             # Cut off from outside (a drain past workers.shutdown_grace_s, the worker's
             # timeout_s): the answer goes with the cancellation, for the cut attempt's record.

@@ -42,10 +42,18 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from webhookd.actions.base import MOST_RESULT_CHARS, Outcome, Resources, keep_note, options
+from webhookd.actions.base import (
+    MOST_RESULT_CHARS,
+    Outcome,
+    Resources,
+    keep_note,
+    masker_of,
+    options,
+)
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
+from webhookd.redact import Masker
 from webhookd.threads import CallThreads, ThreadCall
 
 log = logging.getLogger("webhookd.actions.python")
@@ -235,8 +243,14 @@ def validate(config: ActionConfig) -> None:
 
 
 class PythonAction:
-    def __init__(self, config: ActionConfig, max_threads: int = 32) -> None:
+    def __init__(
+        self,
+        config: ActionConfig,
+        max_threads: int = 32,
+        masker: Callable[[], Masker] = Masker,
+    ) -> None:
         self.config = config
+        self.masker = masker
         self.handler = resolve_handler(config)
         self.is_async = inspect.iscoroutinefunction(self.handler)
         self._threads = CallThreads(
@@ -280,7 +294,7 @@ class PythonAction:
         except ActionError:
             raise  # Retry and Reject: the worker turns them into outcomes
         except Exception as exc:
-            tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
+            tb = self._traceback(exc)
             return Outcome.retry(f"{type(exc).__name__}: {exc}", traceback=tb)
         except BaseException as exc:
             task = asyncio.current_task()
@@ -288,12 +302,18 @@ class PythonAction:
                 raise  # a real cancellation (timeout, drain), not something the handler raised
             # SystemExit, KeyboardInterrupt …: left to propagate, they would stop the event loop
             # from inside a job. They are this attempt's failure, retried like any exception.
-            tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
+            tb = self._traceback(exc)
             return Outcome.retry(
                 f"handler raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}",
                 traceback=tb,
             )
         return Outcome.done(_json_safe(value))
+
+    def _traceback(self, exc: BaseException) -> str:
+        """The traceback's last ``_TRACEBACK_CHARS``, masked before the cut: a secret the
+        cut falls inside (an API's error quoting the key) shows as ``***``, not as its end."""
+        text = "".join(traceback.format_exception(exc))
+        return self.masker().after(text, max(len(text) - _TRACEBACK_CHARS, 0))
 
     def _ran_on_outcome(self, job: Job) -> Outcome | None:
         """For a job whose last call here was cut off at timeout_s and ran on: wait (no
@@ -438,4 +458,4 @@ def _shorter(value: Any) -> Any:
 
 
 def create(config: ActionConfig, resources: Resources) -> PythonAction:
-    return PythonAction(config, resources.config.workers.concurrency)
+    return PythonAction(config, resources.config.workers.concurrency, masker_of(resources))
