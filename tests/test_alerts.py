@@ -594,6 +594,101 @@ async def test_a_wait_the_lane_planned_is_neither_a_failure_nor_a_success(
     assert (await rig.alert_doc(recovered))["kind"] == "recovered"
 
 
+def _during_next_ingest(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, then: Callable[[], None], refused: bool = False
+) -> None:
+    """Run ``then`` once the next ingest is submitted and before it is committed (or, with
+    ``refused``, before the journal refuses it): a worker finishing an attempt while an alert
+    is being journaled."""
+    submit = rig.journal.submit_ingest
+    fired: list[bool] = []
+
+    async def ingest(item: NewEvent) -> Any:
+        if fired:
+            return await submit(item)
+        fired.append(True)
+        future = None if refused else submit(item)
+        then()
+        if future is None:
+            raise JournalUnavailable("journal write failed: database or disk is full")
+        return await future
+
+    monkeypatch.setattr(rig.journal, "ingest", ingest)
+
+
+async def test_a_recovery_observed_while_a_recovered_alert_is_journaled_is_told_next(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two actions told failing; one is done again, and while its "recovered" alert is being
+    committed the other is too: that one is told by the next "recovered" alert, not dropped
+    with the first's."""
+    rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
+    for _ in range(2):
+        for source in ("a", "b"):
+            _attempt(rig, "retry", source=source)
+        rig.clock.advance(60.0)
+    [failing] = await rig.alerter.tick()
+    assert (await rig.alert_doc(failing))["count"] == 2
+    _attempt(rig, "done", source="a")
+    _during_next_ingest(rig, monkeypatch, lambda: _attempt(rig, "done", source="b"))
+    [first] = await rig.alerter.tick()
+    assert (await rig.alert_doc(first))["text"] == (
+        "webhookd: recovered: a/forward done again after 2m failing"
+    )
+    [second] = await rig.alerter.tick()
+    assert (await rig.alert_doc(second))["text"] == (
+        "webhookd: recovered: b/forward done again after 2m failing"
+    )
+    assert rig.alerter.next_due_s() is None
+
+
+async def test_an_action_done_while_its_failing_alert_is_journaled_is_told_recovered(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An action done again while the "failing" alert naming it is being committed: the alert
+    goes out, so its recovery is told too (by the same tick, as it is due)."""
+    rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
+    _attempt(rig, "retry")
+    rig.clock.advance(60.0)
+    _attempt(rig, "retry")
+    _during_next_ingest(rig, monkeypatch, lambda: _attempt(rig, "done"))
+    [failing, recovered] = await rig.alerter.tick()
+    assert (await rig.alert_doc(failing))["kind"] == "failing"
+    assert (await rig.alert_doc(recovered))["text"] == (
+        "webhookd: recovered: shop/forward done again after 60s failing"
+    )
+    assert rig.alerter.next_due_s() is None
+
+
+async def test_a_failing_alert_the_journal_refuses_is_told_at_the_next_try(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing alert not journaled leaves its actions untold: told at the next try, with the
+    attempts made meanwhile; and one done meanwhile, never told failing, is not told recovered."""
+    rig = await make_rig("failing_s = 60\nmin_interval_s = 0")
+    for source in ("a", "b"):
+        _attempt(rig, "retry", source=source)
+    rig.clock.advance(60.0)
+
+    def meanwhile() -> None:
+        _attempt(rig, "retry", source="a")
+        _attempt(rig, "done", source="b")
+
+    for source in ("a", "b"):
+        _attempt(rig, "retry", source=source)
+    _during_next_ingest(rig, monkeypatch, meanwhile, refused=True)
+    assert await rig.alerter.tick() == []
+    rig.clock.advance(INGEST_RETRY_S)
+    [failing] = await rig.alerter.tick()
+    doc = await rig.alert_doc(failing)
+    assert (doc["count"], doc["text"]) == (
+        1,
+        "webhookd: a/forward failing for 65s (3 attempt(s), none done; last: retry here)",
+    )
+    assert rig.alerter.next_due_s() is None
+    assert await rig.alerter.tick() == []
+
+
 def test_alerts_config_defaults_and_the_forward_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """[alerts] needs only url (env: allowed); the rest default, and its job retries like a
     forward; without [alerts] there is no alert source."""

@@ -300,19 +300,48 @@ class Alerter:
                 del self._failing[key]
             due = {k: f for k, f in self._failing.items() if f.due(config.failing_s)}
             if due:
-                sent = await self._send(config, "failing", len(due), [], _failing_text(due, wall))
+                text = _failing_text(due, wall)
+                # Told before the ingest is awaited: an action done meanwhile is told recovered
+                # (``observe`` tells only those told failing). Undone if it is not journaled.
+                was = {k: (f.told, f.new, self._recovered.get(k)) for k, f in due.items()}
+                for failing in due.values():
+                    failing.told, failing.new = True, 0
+                sent = await self._send(config, "failing", len(due), [], text)
                 if sent is not None:
                     made.append(sent)
-                    for failing in due.values():
-                        failing.told, failing.new = True, 0
+                else:
+                    self._untell(due, was)
         if (self._recovered or self._backlog_cleared) and now >= self._free_at("recovered", config):
+            # Taken before the ingest is awaited, as the dead jobs are: a recovery observed
+            # meanwhile is kept for the next alert, not cleared with these.
             recovered, cleared = self._recovered, self._backlog_cleared
+            self._recovered, self._backlog_cleared = {}, False
             text = _recovered_text(recovered, cleared, config.backlog_age_s)
             sent = await self._send(config, "recovered", len(recovered), [], text)
             if sent is not None:
                 made.append(sent)
-                self._recovered, self._backlog_cleared = {}, False
+            else:  # kept for the next try, with what came meanwhile
+                if self.config is not None and self.config.failing_s:
+                    self._recovered = {**recovered, **self._recovered}
+                self._backlog_cleared = self._backlog_cleared or cleared
         return made
+
+    def _untell(
+        self,
+        due: dict[tuple[str, str], _Failing],
+        was: dict[tuple[str, str], tuple[bool, int, float | None]],
+    ) -> None:
+        """A failing alert was not journaled: its actions are as they were before it, with
+        the attempts made meanwhile counted; one done meanwhile that no alert had told failing
+        is not told recovered."""
+        for key, failing in due.items():
+            told, new, recovered_before = was[key]
+            failing.told, failing.new = told, failing.new + new
+            if not told and self._failing.get(key) is not failing and key in self._recovered:
+                if recovered_before is None:
+                    del self._recovered[key]
+                else:
+                    self._recovered[key] = recovered_before
 
     async def flush(self) -> list[str]:
         """Journal the dead jobs not yet told, whatever the interval: at shutdown, so the
