@@ -26,6 +26,7 @@ from ops_support import TOKEN_ENV, event_state, forward_source
 from procs import DaemonProc, Procs, get_json, poll, spawn, write_config
 from rawhttp import RawConn
 
+import webhookd
 from webhookd import logs
 from webhookd.admin import AdminContext, Throughput
 from webhookd.app import heartbeat_line, status_line
@@ -136,7 +137,8 @@ def test_secrets_a_reload_adds_are_masked_beside_the_earlier_ones(restore_loggin
 def test_a_text_line_stays_one_line_whatever_a_message_carries(restore_logging: None) -> None:
     """What a program or a target wrote (a command's stderr tail, an error) cannot start a line
     of its own that reads like the daemon's, nor send a terminal an escape sequence: the text
-    format writes a message's unprintable characters as escapes. A traceback keeps its lines."""
+    format writes a message's unprintable characters as escapes. A traceback keeps its lines,
+    indented under their record."""
     out = io.StringIO()
     logs.setup("info", "text", stream=out)
     forged = "boom\n2026-12-02T00:00:00.000Z info    workers: job j1 outcome=done\x1b[2K"
@@ -150,7 +152,41 @@ def test_a_text_line_stays_one_line_whatever_a_message_carries(restore_logging: 
         "stderr tail: boom\\n2026-12-02T00:00:00.000Z info    workers: job j1 outcome=done\\x1b[2K"
     )
     assert "\x1b" not in out.getvalue()
-    assert lines[1].endswith("test: failed") and lines[2] == "Traceback (most recent call last):"
+    assert lines[1].endswith("test: failed") and lines[2] == "  Traceback (most recent call last):"
+    assert lines[-2:] == ["  ValueError: first", "  second"]
+
+
+def look_up_order(event: webhookd.Event) -> None:
+    """A handler logging an exception that quotes the sender's order field, then refusing."""
+    order = event.json()["order"]
+    try:
+        raise LookupError(f"no such order {order}")
+    except LookupError:
+        logging.getLogger("orders").exception("order lookup failed")
+        raise webhookd.Reject("no such order") from None
+
+
+async def test_an_exceptions_text_from_a_sender_stays_escaped_in_the_text_log(
+    tmp_path: Path, restore_logging: None
+) -> None:
+    """A handler's own ``log.exception`` (formatted like the daemon's lines) whose exception
+    quotes a webhook: the sender's escape codes are written as escapes and its line dated like
+    the daemon's stands indented in the traceback, not as a line of its own."""
+    forged = "2030-01-01T00:00:00.000Z error   app: admin token rotated"
+    out = io.StringIO()
+    logs.setup("info", "text", stream=out)
+    config = '[sources.shop]\n[[sources.shop.actions]]\ntype = "python"\n'
+    config += 'handler = "test_logs:look_up_order"\n'
+    async with action_kit(tmp_path, config) as kit:
+        await kit.send("shop", {"order": f"42\x1b[2J\n{forged}"})
+        await kit.run()
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue()
+    assert not [line for line in lines if line.startswith("2030-")]
+    [at] = [n for n, line in enumerate(lines) if line.endswith("orders: order lookup failed")]
+    assert lines[at + 1] == "  Traceback (most recent call last):"
+    assert "  LookupError: no such order 42\\x1b[2J" in lines
+    assert f"  {forged}" in lines
 
 
 def test_secret_values_finds_env_secrets_in_a_config(

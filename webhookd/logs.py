@@ -64,7 +64,11 @@ class TextFormatter(_Masking):
             f"{record.name.removeprefix('webhookd.')}: {printable(record.getMessage())}"
         )
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # Each line printable and indented under its record: an exception's message may
+            # quote a webhook, whose escape codes or a line dated like the daemon's would
+            # otherwise stand in the log as they were sent.
+            trace = self.formatException(record.exc_info).split("\n")
+            line += "".join(f"\n  {printable(part)}" for part in trace)
         return self.mask(line)
 
 
