@@ -455,6 +455,19 @@ def test_an_unreadable_or_empty_file_secret_names_the_key_and_the_file(tmp_path:
         assert str(info.value).startswith("sources.gh.verify.secret: file: (not shown: it does")
 
 
+def test_a_base64_secret_pasted_after_file_is_not_shown_in_the_error(tmp_path: Path) -> None:
+    """One that begins with / (base64 does, one time in 64: ``openssl rand -base64 32``) is not
+    named as a path unless it or its folder, other than /, is there; a typo in the name of a
+    file in a folder that is there is named (as above)."""
+    for pasted in ("/u9Qk1+8yQm3ZpX0rT7vLw2cA5nHdE4sFgJ6hKbN0aU=", f"{tmp_path}/nope/secret"):
+        with pytest.raises(ConfigError) as info:
+            loads(f'[sources.gh]\nverify = {{ scheme = "github", secret = "file:{pasted}" }}')
+        assert str(info.value) == (
+            "sources.gh.verify.secret: file: (not shown: neither it nor its folder, other than /,"
+            " is there; it may be the secret itself) cannot be read: No such file or directory"
+        )
+
+
 def test_a_secret_read_with_a_line_break_in_it_is_refused_naming_the_key_not_the_value(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,8 @@ that ``config`` can ask the signature schemes to validate their options without 
 
 from __future__ import annotations
 
+import os
+
 from webhookd.errors import ConfigError, UnsetVariable
 
 
@@ -82,8 +84,17 @@ class Secret:
 
 def _file(path: str) -> str:
     """How an error names a ``file:`` secret's file: by its path when it reads as one (from
-    ``/``, ``./``, ``../`` or ``~``), else not at all: a secret pasted after ``file:``
-    (base64 holds ``/``, ``+`` and ``=``) showed whole in the log, ``/stats`` and ``check``."""
-    if path.startswith(("/", "./", "../", "~/")) and not any(c.isspace() for c in path):
+    ``/``, ``./``, ``../`` or ``~/``, no white space, and there, or in a folder that is there
+    other than ``/``: a typo in a file's name is shown), else not at all: a secret pasted after
+    ``file:`` (base64 holds ``/``, ``+`` and ``=``, and begins with ``/`` one time in 64)
+    showed whole in the log, ``/stats`` and ``check``."""
+    if not path.startswith(("/", "./", "../", "~/")) or any(c.isspace() for c in path):
+        return "file: (not shown: it does not begin with / or ./, and may be the secret itself)"
+    real = os.path.expanduser(path)
+    folder = os.path.dirname(real)
+    if os.path.lexists(real) or (os.path.isdir(folder) and os.path.realpath(folder).strip("/")):
         return f"file {path}"
-    return "file: (not shown: it does not begin with / or ./, and may be the secret itself)"
+    return (
+        "file: (not shown: neither it nor its folder, other than /, is there; it may be the"
+        " secret itself)"
+    )
