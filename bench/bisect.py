@@ -466,9 +466,7 @@ def _open_rows(path: Path, schema: str, *, check_same_thread: bool = True) -> sq
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     add_functions(conn)  # the journal's migrations call them
-    for statement in schema.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    conn.executescript(schema)  # whole statements: a trigger's body holds semicolons of its own
     return conn
 
 

@@ -1,9 +1,14 @@
-"""What the benchmark's tables print beside a target: a verdict the figure does not contradict."""
+"""What the benchmark reports: a verdict the figure does not contradict, measured on what it
+says it measured."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
+from bench import bisect
 from bench.intake import ratio_text
 from bench.machine import OtherProcesses
 
@@ -48,3 +53,20 @@ def test_other_processes_are_those_outside_the_benchmarks_tree_and_what_it_names
         also=lambda: (500,), root=100, read=lambda: next(tables), clock=lambda: next(times)
     )
     assert others.pct() == pytest.approx(100 * (0.1 + 0.2 + 0.2) / 2.0)
+
+
+@pytest.mark.parametrize("step", range(len(bisect._sql_steps())))
+def test_every_step_of_the_bisect_sql_table_opens_and_takes_rows(tmp_path: Path, step: int) -> None:
+    """Each schema of ``python -m bench.bisect``'s SQL table (and of ``--only latency``'s
+    ``rows:K`` servers) is created whole, the journal's triggers included, and takes a batch."""
+    name, schema, write = bisect._sql_steps()[step]
+    conn = bisect._open_rows(tmp_path / "j.db", schema)
+    conn.execute("BEGIN IMMEDIATE")
+    write(conn, [bisect._body(n) for n in range(bisect.BATCH)], time.time())
+    conn.execute("COMMIT")
+    table = "journal" if step == 0 else "events"
+    assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == bisect.BATCH, name
+    if "CREATE TRIGGER" in schema:
+        triggers = conn.execute("SELECT COUNT(*) FROM sqlite_schema WHERE type = 'trigger'")
+        assert triggers.fetchone()[0] == schema.count("CREATE TRIGGER"), name
+    conn.close()
