@@ -3,7 +3,8 @@
 Runs intake, journal, dispatch, e2e, peers, burst, lanes, lanes2 (two nodes on PostgreSQL),
 fairness (one node and two) and backlog (not chaos: it tests guarantees, not speed), one after
 the other, each with its own fresh daemon or journal.
-A scenario that fails is reported as a FAILED line and the rest still run.
+A scenario that fails, or a system in it that fails, is reported as a FAILED line and the rest
+still run; the exit status is then 1.
 Prints one table (scenario, metric, value, target, verdict) and the notes (a busy machine, a
 generator that was the bottleneck), writes everything as JSON (default
 ``bench/results/latest.json``) and draws a PNG chart (default ``bench/results/latest.png``;
@@ -103,6 +104,10 @@ def run_intake(quick: bool) -> Outcome:
                 _verdict_of(v),
             )
         )
+    targets = {t.name for t in options.targets}
+    for name, (key, least) in intake.RATIO_TARGETS.items():
+        if name in targets and key not in verdicts:  # it, or bare, failed in every round
+            rows.append(Row("intake", f"{name} / bare", "not measured", f"≥ {least:.2f}", "FAILED"))
     for run in report.rate:
         load = run.load
         # Only webhookd's own row is judged; the minimal server's rows are there to compare.
@@ -116,6 +121,24 @@ def run_intake(quick: bool) -> Outcome:
                 f"p99 ≤ {intake.LATENCY_P99_TARGET_MS:g} ms" if v else "",
                 _verdict_of(v),
             )
+        )
+    if (
+        WEBHOOKD.name in targets
+        and intake.LATENCY_RATE in options.rates
+        and "ack_p99_at_1000" not in verdicts
+    ):
+        rows.append(
+            Row(
+                "intake",
+                f"{WEBHOOKD.name} ack p50 / p99 at {intake.LATENCY_RATE:,.0f}/s",
+                "not measured",
+                f"p99 ≤ {intake.LATENCY_P99_TARGET_MS:g} ms",
+                "FAILED",
+            )
+        )
+    for name, why in report.failures.items():  # the why is in the notes
+        rows.append(
+            Row("intake", f"{name} failed", (why.splitlines() or ["?"])[0][:60], "", "FAILED")
         )
     notes = [f"intake: {n.lstrip('!* ')}" for n in intake._notes(report, data)]
     notes.insert(0, f"intake: closed-loop generator {report.generator}; {_pinning(report.cpus)}")
@@ -269,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chart_path.parent.mkdir(parents=True, exist_ok=True)
         draw(doc, chart_path)
         print(f"chart: {chart_path}")
-    return 1 if any(o.error for o in outcomes) else 0
+    # A scenario that raised, or one that caught a failure into a FAILED row.
+    return 1 if any(o.error for o in outcomes) or any(r.verdict == "FAILED" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@ says it measured."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench import bisect
+from bench import bisect, intake, peers, servers, suite
 from bench.intake import ratio_text
 from bench.machine import OtherProcesses
 
@@ -70,3 +74,63 @@ def test_every_step_of_the_bisect_sql_table_opens_and_takes_rows(tmp_path: Path,
         triggers = conn.execute("SELECT COUNT(*) FROM sqlite_schema WHERE type = 'trigger'")
         assert triggers.fetchone()[0] == schema.count("CREATE TRIGGER"), name
     conn.close()
+
+
+def _suite(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    """``python -m bench all`` with ``args``; its exit status and JSON document."""
+    out = tmp_path / "suite.json"
+    status = suite.main([*args, "--json", str(out), "--chart", str(tmp_path / "suite.png")])
+    return status, json.loads(out.read_text())
+
+
+def _failed(doc: dict[str, Any]) -> set[str]:
+    return {row["metric"] for row in doc["rows"] if row["verdict"] == "FAILED"}
+
+
+def test_a_webhookd_that_does_not_start_is_a_failed_row_and_exit_status_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README: a scenario that fails (a daemon that does not start) becomes a FAILED line and
+    the exit status is then 1. The intake scenario caught webhookd's failure to start, printed
+    nothing where its verdicts would have been, and the suite exited 0."""
+    monkeypatch.setattr(
+        servers, "webhookd_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"]
+    )
+    real_run = intake.run
+    short = {"rounds": 1, "duration_s": 0.5, "warmup_s": 0.0, "rate_duration_s": 0.5}
+    monkeypatch.setattr(
+        intake, "run", lambda options: real_run(replace(options, **short), progress=False)
+    )
+    status, doc = _suite(tmp_path, "--only", "intake", "--quick")
+    assert _failed(doc) == {
+        "webhookd / bare",
+        "webhookd ack p50 / p99 at 1,000/s",
+        "webhookd failed",
+    }
+    assert doc["scenarios"]["intake"]["result"]["summary"]["bare"]["rounds"] == 1  # bare ran
+    assert status == 1
+
+
+def test_a_failed_peers_row_makes_the_exit_status_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """webhookd+job failed in its first round of peers' intake: the ratios' rows say FAILED, and
+    the suite exited 0 all the same."""
+    result: dict[str, Any] = {
+        "quick": False,
+        "unavailable": {},
+        "generator": "wrk",
+        "cpus": {"systems": 1, "generator": 0},
+        "intake": {
+            "rounds": 5,
+            "duration_s": 10.0,
+            "failures": {"webhookd+job": "webhookd+job exited with 3"},
+            "runs": [{"system": "celery", "round": 1, "rps": 1600.0, "p99_ms": 5.0}],
+        },
+        "e2e": {"reps": 0, "n": 20_000, "failures": {}, "runs": []},
+    }
+    result["summary"] = peers.summarise(result)
+    monkeypatch.setattr(peers, "measure", lambda quick, size: result)
+    status, doc = _suite(tmp_path, "--only", "peers")
+    assert "intake with a job: webhookd / celery" in _failed(doc)
+    assert status == 1
