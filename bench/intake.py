@@ -342,10 +342,16 @@ def _verdicts(
     bare_gen = summary.get(BARE.name, {}).get("gen_cpu_pct", 0.0)
     for name, (key, least) in RATIO_TARGETS.items():
         if name in ratio_summary:
+            # A target (or bare) that died part-way leaves the rounds before: judged on those
+            # alone, a verdict would stand on a fraction of the measurement. FAILED instead.
+            rounds = len(ratio_summary[name]["per_round"])
+            complete = rounds == report.options.rounds
             verdicts[key] = {
                 "target": f">= {least}",
                 "value": ratio_summary[name]["median"],
-                "pass": ratio_summary[name]["median"] >= least,
+                "rounds": rounds,
+                "complete": complete,
+                "pass": complete and ratio_summary[name]["median"] >= least,
                 # The bare server outruns the generator: its req/s understated, the ratio kind.
                 "conclusive": bare_gen < GEN_BOUND_PCT,
             }
@@ -358,14 +364,24 @@ def _verdicts(
             "target": f"p99 <= {LATENCY_P99_TARGET_MS} ms",
             "value": load.p99_ms,
             "pass": load.p99_ms <= LATENCY_P99_TARGET_MS and load.errors == 0,
+            "complete": True,
             "conclusive": True,
         }
     return verdicts
 
 
+def rounds_text(measured: int, rounds: int, unit: str = "round") -> str:
+    """The rounds behind a figure: "5 rounds", or "2 of 5 rounds" (a target dropped part-way)."""
+    if measured != rounds:
+        return f"{measured} of {rounds} {unit}s"
+    return f"{rounds} {unit}" + ("s" if rounds != 1 else "")
+
+
 def _verdict_text(verdict: dict[str, Any] | None) -> str:
     if verdict is None:
         return ""
+    if not verdict["complete"]:
+        return "FAILED"
     text = "PASS" if verdict["pass"] else "MISS"
     return text if verdict["conclusive"] else text + "*"
 
@@ -414,6 +430,8 @@ def render(report: Report) -> str:
             spread = f"{ratio_text(r['median'], least)} ({r['min']:.2f}–{r['max']:.2f})"
             if least is not None:
                 verdict = f"≥ {least:.2f}  " + _verdict_text(verdicts.get(key))
+                if not verdicts[key]["complete"]:
+                    verdict += f" ({rounds_text(len(r['per_round']), opts.rounds)})"
             else:
                 verdict = "(info)"
             lines.append(f"{name:<14}{spread:>28}   {verdict}")

@@ -46,7 +46,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.harness import placed, post_many, stats_sync, tag
-from bench.intake import BUSY_OTHER_PCT, choose_cpus
+from bench.intake import BUSY_OTHER_PCT, choose_cpus, rounds_text
 from bench.machine import CpuMeter
 from bench.servers import (
     JOB_SOURCE,
@@ -558,7 +558,12 @@ def _say(message: str) -> None:
 def _spread(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),  # rounds or reps measured
+    }
 
 
 def _per_round(
@@ -610,39 +615,67 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
 def rows(result: dict[str, Any]) -> list[Row]:
     s = result["summary"]
     why = result["unavailable"]
+    rounds, reps = result["intake"]["rounds"], result["e2e"]["reps"]
     out: list[Row] = []
     for system, v in s["intake_rps"].items():
         p99 = s["intake_p99_ms"][system]
         shown = f"{v['median']:,.0f} ({v['min']:,.0f}–{v['max']:,.0f}), p99 {p99:.1f} ms"
-        out.append(Row("peers", f"intake req/s: {INTAKE_LABELS.get(system, system)}", shown))
+        metric = f"intake req/s: {INTAKE_LABELS.get(system, system)}" + _short(v, rounds, "round")
+        out.append(Row("peers", metric, shown))
     for peer, target in ((CELERY, INTAKE_VS_CELERY), (ARQ, INTAKE_VS_ARQ)):
         metric = f"intake with a job: webhookd / {peer.name}"
-        out.append(_ratio_row(metric, s["intake_ratio"][peer.name], target, why.get(peer.name)))
+        v = s["intake_ratio"][peer.name]
+        out.append(_ratio_row(metric, v, target, why.get(peer.name), rounds, "round"))
     for system, v in s["e2e_jobs_per_s"].items():
         shown = f"{v['median']:,.0f} ({v['min']:,.0f}–{v['max']:,.0f})" if v else "did not finish"
         metric = f"e2e {result['e2e']['n']:,} posted, jobs/s: {E2E_LABELS.get(system, system)}"
-        out.append(Row("peers", metric, shown))
+        out.append(Row("peers", metric + _short(v, reps, "rep"), shown))
     for handler, v in s["e2e_ratio"].items():
         if v is not None:
             spread = f"{v['median']:.1f}× ({v['min']:.1f}–{v['max']:.1f})"
-            out.append(Row("peers", f"e2e: {handler} / celery", spread))
+            metric = f"e2e: {handler} / celery (median of {rounds_text(int(v['n']), reps, 'rep')})"
+            out.append(Row("peers", metric, spread))
+    # The faster handler counts, but only when both finished every rep: one that failed or
+    # never finished is webhookd failing, whichever of the two was faster.
+    both = all(v is not None and v["n"] == reps for v in s["e2e_ratio"].values())
     out.append(
         _ratio_row(
             "e2e: webhookd (faster handler) / celery",
             s["e2e_best"],
             E2E_VS_CELERY,
             why.get(CELERY.name),
+            reps,
+            "rep",
+            complete=both,
         )
     )
     return out
 
 
+def _short(v: dict[str, float] | None, of: int, unit: str) -> str:
+    """After a system's figure, " (2 of 5 rounds)" when it was not measured in all of them."""
+    return f" ({rounds_text(int(v['n']), of, unit)})" if v is not None and v["n"] != of else ""
+
+
 def _ratio_row(
-    metric: str, v: dict[str, float] | None, target: float, unavailable: dict[str, str] | None
+    metric: str,
+    v: dict[str, float] | None,
+    target: float,
+    unavailable: dict[str, str] | None,
+    of: int,
+    unit: str,
+    *,
+    complete: bool = True,
 ) -> Row:
+    """A judged ratio: a verdict only when both systems were measured in every one of the
+    `of` rounds (or reps) and `complete`; judged on the ones that survived, a system that
+    died after the first would pass on a fifth of the measurement."""
     goal = f"≥ {target:g}×"
     if v is not None:
         spread = f"{v['median']:.1f}× ({v['min']:.1f}–{v['max']:.1f})"
+        metric += f" (median of {rounds_text(int(v['n']), of, unit)})"
+        if v["n"] != of or not complete:
+            return Row("peers", metric, spread, goal, "FAILED")
         return Row("peers", metric, spread, goal, verdict(v["median"] >= target))
     if unavailable is not None:
         return Row("peers", metric, f"not run: {unavailable['short']}", goal, "skipped")
@@ -675,8 +708,8 @@ def notes(result: dict[str, Any]) -> list[str]:
                     )
     if result["quick"]:
         out.append(
-            "peers: --quick: few rounds, short runs and a small end-to-end batch; the ratios "
-            "are a smoke test, not a measurement"
+            "peers: --quick: few rounds, short runs and a small end-to-end batch; the verdicts "
+            "are indicative, not a measurement"
         )
     return out
 

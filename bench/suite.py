@@ -80,13 +80,14 @@ def run_intake(quick: bool) -> Outcome:
 
     options, _ = intake.parse_args(["--quick"] if quick else [])
     report = intake.run(options)
+    options = report.options  # what it ran with
     data = intake.to_json(report)
     rows: list[Row] = []
     for name, s in data["summary"].items():
         rows.append(
             Row(
                 "intake",
-                f"{name} req/s, closed loop ({options.rounds} rounds)",
+                f"{name} req/s, closed loop ({intake.rounds_text(s['rounds'], options.rounds)})",
                 f"{s['rps_median']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f})",
             )
         )
@@ -97,7 +98,8 @@ def run_intake(quick: bool) -> Outcome:
         rows.append(
             Row(
                 "intake",
-                f"{name} / bare (median of rounds)",
+                f"{name} / bare (median of"
+                f" {intake.rounds_text(len(r['per_round']), options.rounds)})",
                 f"{intake.ratio_text(r['median'], least if v else None)}"
                 f" ({r['min']:.2f}–{r['max']:.2f})",
                 f"≥ {least:.2f}" if v else "",
@@ -142,12 +144,19 @@ def run_intake(quick: bool) -> Outcome:
         )
     notes = [f"intake: {n.lstrip('!* ')}" for n in intake._notes(report, data)]
     notes.insert(0, f"intake: closed-loop generator {report.generator}; {_pinning(report.cpus)}")
+    if quick:
+        notes.append(
+            f"intake: --quick: {options.rounds} rounds × {options.duration_s:g} s, fixed rates"
+            f" {options.rate_duration_s:g} s each; the verdicts are indicative, not a measurement"
+        )
     return Outcome("intake", data, rows, notes)
 
 
 def _verdict_of(v: dict[str, Any] | None) -> str:
     if v is None:
         return ""
+    if not v["complete"]:  # judged on the rounds that were measured, it would stand on a part
+        return "FAILED"
     return verdict(bool(v["pass"])) + ("" if v["conclusive"] else "*")
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from bench import bisect, intake, peers, servers, suite
 from bench.intake import ratio_text
+from bench.loadgen import LoadResult
 from bench.machine import OtherProcesses
 
 
@@ -134,3 +135,105 @@ def test_a_failed_peers_row_makes_the_exit_status_1(
     status, doc = _suite(tmp_path, "--only", "peers")
     assert "intake with a job: webhookd / celery" in _failed(doc)
     assert status == 1
+
+
+def test_a_webhookd_that_dies_after_its_first_round_is_not_judged_on_that_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """webhookd served round 1, then failed to start in round 2 and was dropped: the ratio was
+    judged on round 1 alone (a PASS on a fraction of the measurement), under a label that gave
+    the rounds asked for, not those measured."""
+    real_command = servers.webhookd_command
+    starts = iter([real_command()])
+    exits_3 = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    monkeypatch.setattr(servers, "webhookd_command", lambda: next(starts, exits_3))
+    real_run = intake.run
+    short = {"rounds": 2, "duration_s": 0.5, "warmup_s": 0.0, "rates": ()}
+    monkeypatch.setattr(
+        intake, "run", lambda options: real_run(replace(options, **short), progress=False)
+    )
+    status, doc = _suite(tmp_path, "--only", "intake", "--quick")
+    rows = {row["metric"]: row for row in doc["rows"]}
+    assert rows["webhookd req/s, closed loop (1 of 2 rounds)"]["verdict"] == ""
+    assert rows["bare req/s, closed loop (2 rounds)"]["verdict"] == ""
+    assert rows["webhookd / bare (median of 1 of 2 rounds)"]["verdict"] == "FAILED"
+    verdict = doc["scenarios"]["intake"]["result"]["verdicts"]["intake_ratio"]
+    assert (verdict["rounds"], verdict["complete"], verdict["pass"]) == (1, False, False)
+    assert status == 1
+
+
+def _load(rps: float) -> LoadResult:
+    requests = int(rps * 10)
+    return LoadResult("wrk", "closed", 10.0, requests, 0, {"202": requests}, rps, 1, 5, 9, 20, 50)
+
+
+def test_quick_verdicts_are_judged_on_its_rounds_and_said_to_be_indicative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--quick runs 3 short rounds: every one of them measured is a complete measurement of its
+    kind, judged, with a note that it is indicative."""
+
+    def run(options: intake.Options) -> intake.Report:
+        report = intake.Report(options=options, machine={}, cpus=(1, 0), generator="wrk")
+        for n in range(1, options.rounds + 1):
+            report.closed.append(intake.Run("bare", n, _load(25_000), 100, 0))
+            report.closed.append(intake.Run("webhookd", n, _load(16_000), 100, 0))
+        return report
+
+    monkeypatch.setattr(intake, "run", run)
+    outcome = suite.run_intake(True)
+    rows = {row.metric: row for row in outcome.rows}
+    assert rows["webhookd / bare (median of 3 rounds)"].verdict == "PASS"
+    assert any("--quick" in n and "indicative" in n for n in outcome.notes), outcome.notes
+
+
+def _e2e(system: str, rep: int, jobs_per_s: float | None) -> dict[str, Any]:
+    return {
+        "system": system,
+        "rep": rep,
+        "n": 20_000,
+        "acked": 20_000,
+        "failures": 0,
+        "intake_s": 5.0,
+        "seconds": 20_000 / jobs_per_s if jobs_per_s else None,
+        "jobs_per_s": jobs_per_s,
+    }
+
+
+def test_peers_verdicts_stand_only_on_every_round_and_rep_of_both_systems() -> None:
+    """webhookd+job died after round 1 of 5; webhookd's async handler finished rep 1 of 3 and
+    then never again, its sync handler failed: both ratios were judged PASS on what was left."""
+    result: dict[str, Any] = {
+        "quick": False,
+        "unavailable": {},
+        "generator": "wrk",
+        "cpus": {"systems": 1, "generator": 0},
+        "intake": {
+            "rounds": 5,
+            "duration_s": 10.0,
+            "failures": {"webhookd+job": "webhookd+job died during the run"},
+            "runs": [{"system": "webhookd+job", "round": 1, "rps": 12_000.0, "p99_ms": 5.0}]
+            + [{"system": "celery", "round": n, "rps": 1_600.0, "p99_ms": 5.0} for n in range(1, 6)]
+            + [{"system": "arq", "round": n, "rps": 2_400.0, "p99_ms": 5.0} for n in range(1, 6)],
+        },
+        "e2e": {
+            "reps": 3,
+            "n": 20_000,
+            "failures": {"webhookd sync": "19990 of 20000 jobs done once the backlog was empty"},
+            "runs": [
+                _e2e("webhookd async", 1, 4_500.0),
+                _e2e("webhookd async", 2, None),
+                _e2e("webhookd async", 3, None),
+                *(_e2e("celery", n, 700.0) for n in (1, 2, 3)),
+            ],
+        },
+    }
+    result["summary"] = peers.summarise(result)
+    rows = {row.metric: row for row in peers.rows(result)}
+    assert (
+        rows["intake with a job: webhookd / celery (median of 1 of 5 rounds)"].verdict == "FAILED"
+    )
+    assert rows["intake with a job: webhookd / arq (median of 1 of 5 rounds)"].verdict == "FAILED"
+    assert rows["intake req/s: webhookd, one job each (paused) (1 of 5 rounds)"].verdict == ""
+    best = rows["e2e: webhookd (faster handler) / celery (median of 1 of 3 reps)"]
+    assert (best.value, best.verdict) == ("6.4× (6.4–6.4)", "FAILED")
