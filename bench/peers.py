@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -47,7 +46,7 @@ from typing import Any
 from bench import loadgen
 from bench.harness import placed, post_many, stats_sync, tag
 from bench.intake import BUSY_OTHER_PCT, choose_cpus, rounds_text
-from bench.machine import CpuMeter
+from bench.machine import OtherProcesses
 from bench.servers import (
     JOB_SOURCE,
     READY_TIMEOUT_S,
@@ -480,7 +479,7 @@ def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
     """Both measurements; peers that cannot run are listed with why under ``unavailable``."""
     rounds, duration_s, reps, n = SIZES[quick]
     n = size if size is not None else n
-    meter, ours_before = CpuMeter(), _own_cpu_s()
+    others = OtherProcesses()  # what this scenario did not start
     cpus = choose_cpus()
     unavailable: dict[str, dict[str, str]] = {}
     bins: dict[str, Path] = {}
@@ -534,21 +533,8 @@ def measure(quick: bool = False, size: int | None = None) -> dict[str, Any]:
             shown = f"{rate:8,.0f} jobs/s" if rate else "did not finish"
             _say(f"peers e2e rep {rep}/{reps} {system:<14} {shown}")
     result["summary"] = summarise(result)
-    # Every process this scenario started has been waited for by now, so its CPU is in ours.
-    use = meter.read()
-    if use is not None and use.wall_s > 0:
-        ours_s = _own_cpu_s() - ours_before
-        result["other_cpu_pct"] = max(0.0, 100 * (use.busy_s - ours_s) / use.wall_s)
+    result["other_cpu_pct"] = others.pct()
     return result
-
-
-def _own_cpu_s() -> float:
-    """CPU time of this process and of its children that have been waited for."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
 
 
 def _say(message: str) -> None:

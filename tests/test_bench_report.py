@@ -4,15 +4,19 @@ says it measured."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import bisect, intake, peers, servers, suite
+from bench import bisect, intake, machine, peers, servers, suite
 from bench.intake import ratio_text
 from bench.loadgen import LoadResult
 from bench.machine import OtherProcesses
@@ -38,26 +42,80 @@ def test_a_ratio_beside_its_target_is_never_rounded_onto_the_other_side(
 def test_other_processes_are_those_outside_the_benchmarks_tree_and_what_it_names() -> None:
     """What the busy notes count: CPU of processes that are neither the benchmark, what it
     started (a server, its generator, their children), nor what it names (a daemonized
-    postmaster and its backends); a process new in the window counts whole. Kernel threads are
-    never in the table (``_user_processes`` leaves them out)."""
-    # pid -> (parent pid, CPU seconds so far); 100 is the benchmark.
-    start = {1: (0, 50.0), 100: (1, 3.0), 101: (100, 1.0), 500: (1, 2.0), 900: (1, 7.0)}
+    postmaster and its backends); a process new in the window counts whole. A stranger's
+    children that ended are in its reaped children's time: only its growth in the window counts,
+    less what one seen at the start had used before. Kernel threads are never in the table
+    (``_user_processes`` leaves them out)."""
+    # pid -> (parent pid, CPU seconds so far, reaped children's CPU seconds); 100 is the bench.
+    start = {
+        1: (0, 50.0, 200.0),
+        100: (1, 3.0, 1.0),
+        101: (100, 1.0, 0.0),
+        103: (100, 0.4, 0.0),
+        500: (1, 2.0, 0.0),
+        900: (1, 7.0, 100.0),
+        902: (900, 1.5, 0.5),
+    }
     end = {
-        1: (0, 50.1),  # init, a stranger: +0.1
-        100: (1, 4.0),  # the benchmark: +1.0, ours
-        101: (100, 3.0),  # the server it started: +2.0, ours
-        102: (101, 0.5),  # a command the server ran, new: ours
-        500: (1, 2.5),  # the postmaster it names: +0.5, ours
-        501: (500, 0.7),  # a backend of it, new: ours
-        900: (1, 7.2),  # another tenant's process: +0.2
-        901: (1, 0.2),  # and one that started meanwhile: +0.2
+        1: (0, 50.1, 200.0),  # init, a stranger: +0.1
+        100: (1, 4.0, 5.0),  # the benchmark, +1.0, and what it reaped (103): ours
+        101: (100, 3.0, 0.0),  # the server it started: +2.0, ours
+        102: (101, 0.5, 0.0),  # a command the server ran, new: ours
+        500: (1, 2.5, 0.0),  # the postmaster it names: +0.5, ours
+        501: (500, 0.7, 0.0),  # a backend of it, new: ours
+        # Another tenant's shell: +0.2 of its own; its reaped children's time grew by 2.4: 902
+        # ended (1.7 + 0.5 in all, 2.0 of it before the window) and others came and went (0.2).
+        900: (1, 7.2, 102.4),
+        901: (1, 0.2, 0.3),  # and one that started meanwhile: +0.5
     }
     tables = iter([start, end])
     times = iter([10.0, 12.0])
     others = OtherProcesses(
         also=lambda: (500,), root=100, read=lambda: next(tables), clock=lambda: next(times)
     )
-    assert others.pct() == pytest.approx(100 * (0.1 + 0.2 + 0.2) / 2.0)
+    assert others.pct() == pytest.approx(100 * (0.1 + 0.2 + (2.4 - 2.0) + 0.5) / 2.0)
+
+
+def _reaped_s(pid: int) -> float:
+    """CPU seconds of the children `pid` has waited for (stat(5) cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_neighbour_of_short_lived_processes_is_counted_as_other() -> None:
+    """A test suite or a build is a stream of processes each gone in a fraction of a second:
+    none was in both readings, so none was counted, and a machine busy with one read as idle.
+    Here a shell outside the benchmark's process tree runs one short CPU-bound shell after
+    another; what it is charged is compared with what its reaped children used meanwhile."""
+    loop = "while :; do sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'; done"
+    started = subprocess.run(
+        ["sh", "-c", f'setsid sh -c "{loop}" </dev/null >/dev/null 2>&1 & echo $!'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    neighbour = int(started.stdout)
+    try:
+        start = machine._user_processes()
+        reaped_before = _reaped_s(neighbour)
+        deadline = time.monotonic() + 30
+        while _reaped_s(neighbour) - reaped_before < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the neighbour runs on its own: nothing to wait on but its figures
+        reaped = _reaped_s(neighbour) - reaped_before
+        end = machine._user_processes()
+    finally:
+        os.killpg(neighbour, signal.SIGTERM)
+    assert neighbour not in machine._tree(start, [os.getpid()])  # a stranger's
+
+    def other_s(also: Callable[[], tuple[int, ...]]) -> float:
+        tables, times = iter([start, end]), iter([0.0, 1.0])
+        found = OtherProcesses(also, read=lambda: next(tables), clock=lambda: next(times)).pct()
+        assert found is not None
+        return found / 100  # CPU seconds over a window of one second
+
+    charged = other_s(tuple) - other_s(lambda: (neighbour,))
+    assert reaped >= 0.5
+    assert charged >= 0.9 * reaped, f"charged {charged:.2f} s of the {reaped:.2f} s it used"
 
 
 @pytest.mark.parametrize("step", range(len(bisect._sql_steps())))
