@@ -81,11 +81,19 @@ class Options:
     use_wrk: bool = True
     tmpdir: str | None = None
 
+    def rate_targets(self) -> list[Target]:
+        """Who runs the fixed rates: webhookd (the latency target is its), then the minimal
+        durable server (how much of webhookd's ack latency the disk's fsyncs alone set).
+        Without either (say ``--targets bare``) the first target, which still shows what the
+        generator and loopback alone cost."""
+        return [t for t in (WEBHOOKD, MINIMAL) if t in self.targets] or [self.targets[0]]
+
     def estimate_s(self) -> float:
         """A rough upper bound on the runtime, for the banner."""
         per_run = 2.0 + self.warmup_s + self.duration_s
         rates = 2.0 + self.warmup_s + len(self.rates) * (self.rate_duration_s + 0.5)
-        return self.rounds * len(self.targets) * per_run + (rates if self.rates else 0.0)
+        closed = self.rounds * len(self.targets) * per_run
+        return closed + (len(self.rate_targets()) * rates if self.rates else 0.0)
 
 
 @dataclass(frozen=True)
@@ -167,12 +175,7 @@ def run(options: Options, progress: bool = True) -> Report:
                 f"  p99 {run_.load.p99_ms:6.2f} ms  errors {run_.load.errors}"
             )
 
-    # The latency target is webhookd's; the minimal durable server runs the same rates beside it,
-    # which shows how much of webhookd's ack latency the disk's fsyncs alone set. Without
-    # webhookd (say ``--targets bare``) the first target runs them, which still shows what the
-    # generator and loopback alone cost.
-    rate_targets = [t for t in (WEBHOOKD, MINIMAL) if t in options.targets] or [options.targets[0]]
-    for rate_target in rate_targets if options.rates else ():
+    for rate_target in options.rate_targets() if options.rates else ():
         if rate_target.name in report.failures:
             continue
         try:

@@ -295,3 +295,13 @@ def test_peers_verdicts_stand_only_on_every_round_and_rep_of_both_systems() -> N
     assert rows["intake req/s: webhookd, one job each (paused) (1 of 5 rounds)"].verdict == ""
     best = rows["e2e: webhookd (faster handler) / celery (median of 1 of 3 reps)"]
     assert (best.value, best.verdict) == ("6.4× (6.4–6.4)", "FAILED")
+
+
+def test_the_intake_estimate_counts_the_fixed_rates_of_each_server_that_runs_them() -> None:
+    """webhookd and the minimal server each run the fixed rates, and the banner's upper bound
+    counted them once: 95 s short of a full run's."""
+    one = intake.Options(rounds=1, targets=(servers.WEBHOOKD,), rates=(500.0, 1000.0))
+    both = replace(one, targets=(servers.WEBHOOKD, servers.MINIMAL))
+    assert both.estimate_s() == pytest.approx(2 * one.estimate_s())
+    # Without either, the first target runs them.
+    assert replace(one, targets=(servers.BARE,)).estimate_s() == pytest.approx(one.estimate_s())
