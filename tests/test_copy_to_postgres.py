@@ -4,8 +4,10 @@ does next (order, recovery, numbering) and dedup are the same on the new journal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import asyncpg
 import pytest
 from cluster import node_config, post_acked, stop
 from conftest import Target
-from procs import Procs, settled_event, write_config
+from procs import Procs, poll, settled_event, spawn, write_config
 
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError
@@ -25,9 +27,11 @@ from webhookd.journal import (
     NewJob,
     _take_serve_lock,
     copied_marker,
+    copied_to,
 )
 from webhookd.journal.postgres import PostgresJournal
 from webhookd.journal.postgres.from_sqlite import _open_sqlite, copy_journal
+from webhookd.journal.postgres.schema import migrate
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 START = 1_700_000_000.0
@@ -325,3 +329,147 @@ async def test_after_a_copy_the_verbs_that_change_the_old_journal_refuse_it(
         )
     shown = await procs.cli("show", event_id, "--config", str(config))
     assert shown.returncode == 0 and event_id in shown.stdout
+
+
+async def copy_waits(url: str, wait_event: str, query: str) -> None:
+    """Until the copy's backend waits on a lock (``wait_event``) in ``query`` (its start)."""
+    conn = await asyncpg.connect(url)
+
+    async def waiting() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name ="
+                " 'webhookd copy' AND wait_event = $1 AND query LIKE $2)",
+                wait_event,
+                f"{query}%",
+            )
+        )
+
+    try:
+        await poll(waiting, timeout_s=20)  # state in the server
+    finally:
+        await conn.close()
+
+
+async def copy_cut_short(
+    tmp_path: Path, pg_url: str, sig: int, wait_event: str, query: str
+) -> tuple[asyncio.subprocess.Process, str, Path, Path]:
+    """``webhookd copy`` of a journal of 3 queued jobs, sent ``sig`` once it waits as
+    ``copy_waits`` tells; its exit status, what it said, the journal and its config."""
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        for i in range(3):
+            await lite.ingest(new_event(f"shop:{i}"))
+    lite_cfg = write_config(tmp_path / "lite.toml", path, "[sources.shop]\n")
+    pg_cfg = node_config(tmp_path / "pg.toml", "[sources.shop]\n")
+    proc = await spawn(
+        ["copy", "--to", str(pg_cfg), "--config", str(lite_cfg)],
+        None,
+        stdout=asyncio.subprocess.PIPE,
+        env={"WEBHOOKD_JOURNAL_URL": pg_url},
+    )
+    try:
+        await copy_waits(pg_url, wait_event, query)
+        proc.send_signal(sig)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc, err.decode(), path, lite_cfg
+
+
+async def queued_in(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM jobs WHERE state = 'queued'"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+async def test_a_copy_cut_short_after_its_commit_leaves_the_file_marked(
+    tmp_path: Path, pg_url: str, procs: Procs, sig: int
+) -> None:
+    """The ANALYZE after the commit waits behind a VACUUM (here a lock as one takes): the
+    copy is in, so the file is marked already, and Ctrl-C there does not say otherwise."""
+    conn = await asyncpg.connect(pg_url)
+    await migrate(conn, "test")
+    vacuum = conn.transaction()
+    await vacuum.start()
+    await conn.execute("LOCK TABLE dedup IN SHARE UPDATE EXCLUSIVE MODE")
+    try:
+        proc, said, path, lite_cfg = await copy_cut_short(
+            tmp_path, pg_url, sig, "relation", "ANALYZE"
+        )
+    finally:
+        await vacuum.rollback()
+        await conn.close()
+    check = await procs.cli("check", "--config", str(lite_cfg))
+    assert await queued_in(pg_url) == 3
+    assert "nothing was copied" not in said, said
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "was copied into PostgreSQL" in said, said
+    assert (copied_to(path) or "").startswith("copied into PostgreSQL")
+    assert check.returncode == 2 and "was copied into PostgreSQL" in check.stderr
+
+
+async def hold_the_commit(conn: asyncpg.Connection, *, fail: bool = False) -> None:
+    """A deferred trigger on events that, at the COMMIT, waits for advisory lock 7 (held
+    by ``conn``), or with ``fail`` refuses it."""
+    await migrate(conn, "test")
+    body = "RAISE EXCEPTION 'refused at the commit'" if fail else "PERFORM pg_advisory_lock(7)"
+    await conn.execute(
+        f"""
+        CREATE FUNCTION at_commit() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN {body}; RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON events
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION at_commit();
+        """
+    )
+    await conn.execute("SELECT pg_advisory_lock(7)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+async def test_a_copy_cut_short_during_its_commit_leaves_the_file_marked_saying_how_to_tell(
+    tmp_path: Path, pg_url: str, procs: Procs, sig: int
+) -> None:
+    """Cut short while its COMMIT is under way, the copy may have landed or not: the file is
+    marked (serve and check refuse it), and the marker says how to tell and what then."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await hold_the_commit(conn)
+        proc, said, path, lite_cfg = await copy_cut_short(
+            tmp_path, pg_url, sig, "advisory", "COMMIT"
+        )
+        await conn.execute("SELECT pg_advisory_unlock(7)")  # the commit goes on, if it can
+    finally:
+        await conn.close()
+    check = await procs.cli("check", "--config", str(lite_cfg))
+    marker = copied_to(path) or ""
+    assert marker.startswith("being copied into PostgreSQL")
+    assert "committed if that journal holds events" in marker
+    assert "if it holds none, delete this marker and copy again" in marker
+    assert check.returncode == 2 and "was being copied into PostgreSQL" in check.stderr
+    assert "nothing was copied" not in said, said
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "was being copied into PostgreSQL" in said, said
+    else:  # a COMMIT sent lands: the file's jobs are in PostgreSQL, and refused here
+        assert await queued_in(pg_url) == 3
+
+
+async def test_a_commit_the_database_refuses_leaves_the_file_unmarked(
+    tmp_path: Path, pg_url: str
+) -> None:
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        await lite.ingest(new_event("shop:1"))
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await hold_the_commit(conn, fail=True)
+        with pytest.raises(JournalError, match=r"refused at the commit.*run it again"):
+            await copy_journal(path, pg_url)
+    finally:
+        await conn.close()
+    assert not copied_marker(path).exists()
+    assert await queued_in(pg_url) == 0

@@ -2016,8 +2016,15 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
                     on_rows=bar.update,
                     on_total=total,
                 )
-        except asyncio.CancelledError:  # Ctrl-C: the transaction is rolled back
-            click.echo("webhookd: interrupted: nothing was copied", err=True)
+        except asyncio.CancelledError:  # Ctrl-C
+            if (said := copied_to(cfg.journal.path)) is None:  # before the COMMIT: rolled back
+                click.echo("webhookd: interrupted: nothing was copied", err=True)
+            else:
+                click.echo(
+                    f"webhookd: interrupted: {cfg.journal.path} was {said}; the marker is"
+                    f" {copied_marker(cfg.journal.path)}",
+                    err=True,
+                )
             raise
 
     made = _run(go)

@@ -151,19 +151,35 @@ def _dedup_rows(
             yield rows
 
 
-def _mark_copied(path: Path, where: str) -> None:
+def _refused(exc: BaseException) -> bool:
+    """Whether the server answered ``exc`` to a COMMIT, which then did not land (a lost
+    connection, or a server going down, leaves that unknown)."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
+    )
+
+
+def _mark_copied(path: Path, where: str, *, committing: bool = False) -> None:
     """Leave ``copied_marker`` beside the journal, synced: a daemon started on the file again
     (a reboot of the old box, its unit still enabled) would run its queued jobs a second
-    time. Written as a new 0600 file, the journal's owner's, and renamed into place: never
-    through a symlink planted under the marker's name."""
+    time. ``committing``: written before the COMMIT, saying the copy may have landed, and
+    how to tell. Written as a new 0600 file, the journal's owner's, and renamed into place:
+    never through a symlink planted under the marker's name."""
     marker = copied_marker(path)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    said = f"copied into {where} at {when}"
+    if committing:
+        said = (
+            f"being copied into {where} at {when} (a copy that did not finish was committed"
+            " if that journal holds events: if it holds none, delete this marker and copy"
+            " again)"
+        )
     partial = marker.with_name(f".{marker.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
     fd = os.open(new_private(partial), os.O_WRONLY | os.O_NOFOLLOW)
     try:
-        os.write(fd, f"copied into {where} at {when}\n".encode())
+        os.write(fd, f"{said}\n".encode())
         owner = os.stat(path)
         if os.geteuid() == 0:  # a root copy for a daemon of its own user, who must read it
             os.fchown(fd, owner.st_uid, owner.st_gid)
@@ -236,18 +252,10 @@ async def copy_journal(
     where = redact_url(url)
     lock, lite = _open_sqlite(path)
     try:
-        made = await _into_postgres(
-            lite, url, where, statement_cache_size, on_rows, on_total, started
+        # The file is marked under the lock: no daemon can have started on it in between.
+        return await _into_postgres(
+            path, lite, url, where, statement_cache_size, on_rows, on_total, started
         )
-        # Under the lock still: no daemon can have started on the file in between.
-        try:
-            _mark_copied(path, where)
-        except OSError as exc:
-            raise JournalError(
-                f"the copy is committed, but {copied_marker(path)} could not be written"
-                f" ({exc.strerror or exc}): start no daemon on {path} again"
-            ) from exc
-        return made
     except sqlite3.Error as exc:
         raise JournalError(f"cannot read {path}: {exc}") from exc
     finally:
@@ -256,6 +264,7 @@ async def copy_journal(
 
 
 async def _into_postgres(
+    path: Path,
     lite: sqlite3.Connection,
     url: str,
     where: str,
@@ -275,6 +284,7 @@ async def _into_postgres(
         raise JournalError(f"cannot open journal {where}: its URL cannot be read") from exc
     except DB_ERRORS as exc:
         raise JournalError(f"cannot open journal {where}: {db_error(exc)}") from exc
+    committing = False
     try:
         fresh = await pg.fetchval("SELECT to_regclass('webhookd_schema') IS NULL")
         # A journal of an older schema belongs to nodes of an older webhookd: not upgraded here.
@@ -363,13 +373,42 @@ async def _into_postgres(
                     f"the copy read {totals[:3]} events, jobs and attempts but wrote"
                     f" {[events, jobs, attempts]}: nothing was committed"
                 )
+            # Marked before the COMMIT: a copy cut short from here on (Ctrl-C, kill -9, a lost
+            # connection) may have committed, and a daemon on the file would run its jobs again.
+            try:
+                _mark_copied(path, where, committing=True)
+            except OSError as exc:
+                raise JournalError(
+                    f"{copied_marker(path)} could not be written ({exc.strerror or exc}):"
+                    " nothing was copied"
+                ) from exc
+            committing = True
+        try:
+            _mark_copied(path, where)
+        except OSError as exc:
+            raise JournalError(
+                f"the copy is committed, but {copied_marker(path)} could not say so"
+                f" ({exc.strerror or exc}): start no daemon on {path} again"
+            ) from exc
         # The planner's statistics, which autovacuum would gather only later: the nodes' first
-        # claims and reads are planned on them.
+        # claims and reads are planned on them. After the marker: ANALYZE may wait behind a
+        # VACUUM, and the copy is in already.
         with contextlib.suppress(*DB_ERRORS):  # committed: a failure here loses nothing
             await pg.execute("ANALYZE events, jobs, attempts, dedup")
     except DB_ERRORS as exc:
         # A connection lost mid-copy surfaces as the transaction's failure to end: say the loss.
         cause = exc.__context__ if isinstance(exc.__context__, DB_ERRORS) else exc
+        if committing and not _refused(exc):
+            # The COMMIT was sent and its answer lost: it may have landed. The marker stays.
+            raise JournalError(
+                f"cannot tell whether the copy into {where} was committed: {db_error(cause)};"
+                f" {copied_marker(path)} stays: if that journal holds events, it was; if it"
+                " holds none, delete the marker and copy again"
+            ) from exc
+        if committing:  # refused: nothing landed, and the file is not copied
+            with contextlib.suppress(OSError):
+                copied_marker(path).unlink()
+                sync(copied_marker(path).parent)
         raise JournalError(
             f"cannot copy into {where}: {db_error(cause)}; a copy commits all or nothing: run"
             " it again (it refuses a journal a copy already filled)"
