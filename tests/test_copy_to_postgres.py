@@ -473,3 +473,65 @@ async def test_a_commit_the_database_refuses_leaves_the_file_unmarked(
         await conn.close()
     assert not copied_marker(path).exists()
     assert await queued_in(pg_url) == 0
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has the file at ``path`` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(fd.resolve() == path.resolve() for fd in fds.iterdir() if fd.is_symlink())
+
+
+async def test_a_change_that_waited_for_a_copy_is_refused_once_the_copy_ends(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A verb checks the marker as it starts, then waits for the write lock the copy holds:
+    a copy that ends meanwhile (well within the verb's 5 s) has the change refused, not made
+    in the copied file only."""
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        await lite.ingest(new_event("shop:1"))
+    lite_cfg = write_config(tmp_path / "lite.toml", path, "[sources.shop]\n")
+    pg_cfg = node_config(tmp_path / "pg.toml", "[sources.shop]\n")
+    env = {"WEBHOOKD_JOURNAL_URL": pg_url}
+    conn = await asyncpg.connect(pg_url)
+    await migrate(conn, "test")
+    holder = conn.transaction()  # a node starting, say: the copy waits for it
+    await holder.start()
+    await conn.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+    copy = await spawn(
+        ["copy", "--to", str(pg_cfg), "--config", str(lite_cfg)],
+        None,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    pause = None
+    try:
+        await copy_waits(pg_url, "relation", "LOCK TABLE events")
+        pause = await spawn(
+            ["pause", "shop", "--config", str(lite_cfg)], None, stdout=asyncio.subprocess.PIPE
+        )
+
+        async def pause_has_the_journal_open() -> bool:  # past its check of the marker
+            assert pause is not None
+            return has_open(pause.pid, path)
+
+        await poll(pause_has_the_journal_open, timeout_s=20)  # state in another process
+        await holder.rollback()
+        _, copy_err = await asyncio.wait_for(copy.communicate(), 30)
+        _, pause_err = await asyncio.wait_for(pause.communicate(), 30)
+    finally:
+        for proc in (copy, pause):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await conn.close()
+    assert copy.returncode == 0, copy_err.decode()
+    said = pause_err.decode()
+    assert pause.returncode == 2, said
+    assert "was copied into PostgreSQL" in said and "while this waited for it" in said
+    assert "nothing was changed" in said
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("SELECT count(*) FROM paused_sources").fetchone() == (0,)
+    finally:
+        raw.close()

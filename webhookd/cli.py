@@ -33,6 +33,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
+    JournalCopied,
     JournalError,
     JournalNewer,
     NotFound,
@@ -151,6 +152,8 @@ def _run(coro_fn: Callable[[], Awaitable[T]], journal: config_mod.JournalConfig 
         _fail(_no_event(str(exc), journal) if journal else f"no event {exc}", 1)
     except JournalNewer as exc:  # as serve and check exit: a rerun will not mend it
         _fail(str(exc), EXIT_JOURNAL_NEWER)
+    except JournalCopied as exc:  # as a verb refuses a copied journal at its start
+        _fail(str(exc), 2)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except WebhookdError as exc:

@@ -51,6 +51,11 @@ class JournalGone(JournalUnavailable):
     a write refused this way is not worth a line of its own)."""
 
 
+class JournalCopied(JournalError):
+    """A change to a SQLite journal ``webhookd copy`` put into PostgreSQL while the change
+    waited for it: refused, as at the verb's start (exit 2)."""
+
+
 class JournalNewer(JournalError):
     """The journal's schema is newer than this webhookd understands: a newer release upgraded
     it. No restart of this release can fix that, so ``serve`` exits with ``EXIT_JOURNAL_NEWER``

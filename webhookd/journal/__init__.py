@@ -52,6 +52,7 @@ import aiosqlite
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import JournalConfig, check_journal_url
 from webhookd.errors import (
+    JournalCopied,
     JournalError,
     JournalGone,
     JournalNewer,
@@ -1366,7 +1367,25 @@ class Journal(Reads, BaseJournal):
             self.on_commit(created)
 
     async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
+        if transaction and not self.serving:  # a CLI verb's change
+            fn = self._not_copied(fn)
         return await self._submit(CallOp(self._new_future(), fn, transaction))
+
+    def _not_copied(self, fn: Callable[[sqlite3.Connection], _T]) -> Callable[..., _T]:
+        """``fn``, refused on a journal ``webhookd copy`` put into PostgreSQL. Asked inside
+        the write transaction: a verb checks the marker as it starts, then may wait here for
+        the write lock a copy holds, and that copy may end meanwhile."""
+
+        def guarded(conn: sqlite3.Connection) -> _T:
+            if (said := copied_to(self.path)) is not None:
+                raise JournalCopied(
+                    f"journal {self.path} was {said} while this waited for it, and its jobs"
+                    " run there: nothing was changed; make the change with the nodes' config"
+                    " (journal.url)"
+                )
+            return fn(conn)
+
+        return guarded
 
     # -- intake, dispatch, outcomes -----------------------------------------------------------
 
