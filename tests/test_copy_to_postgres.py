@@ -535,3 +535,28 @@ async def test_a_change_that_waited_for_a_copy_is_refused_once_the_copy_ends(
         assert raw.execute("SELECT count(*) FROM paused_sources").fetchone() == (0,)
     finally:
         raw.close()
+
+
+async def test_a_journal_nodes_took_webhooks_into_is_refused_though_they_were_pruned(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Retention deleted the events and jobs, not their dedup keys nor the pauses: copied
+    into, that journal would take this deployment's deliveries of those keys as duplicates
+    of events it does not hold, and keep a source paused the copied journal ran."""
+    clock = ManualClock(START)
+    async with PostgresJournal(pg_url, clock=clock, heartbeat_s=3600) as pg:
+        assert not (await pg.ingest(new_event("shop:delivery-7", jobs=0))).duplicate
+        await pg.pause("other")
+        clock.advance(3600)
+        await pg.prune(keep_done_s=60, keep_dead_s=60, keep_dedup_s=86400 * 7)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0  # pruned
+    finally:
+        await conn.close()
+    path = tmp_path / "journal.db"
+    async with Journal(path, clock=clock) as lite:
+        await lite.ingest(new_event("shop:1"))
+    with pytest.raises(JournalError, match="already holds dedup keys"):
+        await copy_journal(path, pg_url)
+    assert not copied_marker(path).exists()

@@ -1986,9 +1986,10 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
 
     Events, jobs (queued, retrying, dead and finished), attempts, pauses and the dedup keys
     of the events kept all move, in one transaction: the PostgreSQL journal gets all of them
-    or none. It must hold no events yet (its schema is made if it has none). The SQLite file
-    is left as it was, and marked copied: serve, check and the verbs that change a journal
-    refuse it from then on (its queued jobs would run twice).
+    or none. It must hold nothing yet, not even pruned webhooks' dedup keys (its schema is
+    made if it has none). The SQLite file is left as it was, and marked copied: serve, check
+    and the verbs that change a journal refuse it from then on (its queued jobs would run
+    twice).
     """
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:

@@ -91,6 +91,16 @@ _ATTEMPT_COLUMNS = (
     "detail",
 )
 _TABLES = ("events", "jobs", "attempts", "dedup", "paused_sources")
+# What a journal nodes took webhooks into keeps, each table by what it holds: the copy goes
+# into one holding none (events and jobs pruned leave dedup keys, pauses, lanes' calls).
+_DEPLOYMENT_STATE = {
+    "events": "events",
+    "jobs": "jobs",
+    "attempts": "attempts",
+    "dedup": "dedup keys",
+    "paused_sources": "paused sources",
+    "lanes": "lanes' state",
+}
 
 
 @dataclass(frozen=True)
@@ -246,7 +256,8 @@ async def copy_journal(
     on_total: Callable[[int], None] = lambda n: None,
 ) -> Copied:
     """Copy the SQLite journal at ``path``, with no daemon on it, into the PostgreSQL journal
-    at ``url``, which has no events or jobs yet (its schema is made if it has none).
+    at ``url``, which holds nothing yet: no events, jobs, dedup keys, pauses (its schema is
+    made if it has none).
     ``on_total`` is told how many rows there are to copy, ``on_rows`` each batch's."""
     started = time.monotonic()
     where = redact_url(url)
@@ -293,12 +304,15 @@ async def _into_postgres(
             # Held to the commit: a second copy, or a node taking webhooks meanwhile, waits
             # and then finds the events, rather than mixing its rows with these.
             await pg.execute("LOCK TABLE events IN EXCLUSIVE MODE")
-            if await pg.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM jobs)"
-            ):
+            held = await pg.fetchrow(
+                "SELECT "
+                + ", ".join(f"EXISTS (SELECT 1 FROM {t}) AS {t}" for t in _DEPLOYMENT_STATE)
+            )
+            if what := [words for t, words in _DEPLOYMENT_STATE.items() if held and held[t]]:
                 raise JournalError(
-                    f"{where} already holds events: a copy goes into a journal no node has"
-                    " taken webhooks into (a new database)"
+                    f"{where} already holds {what[0]}: a copy goes into a journal no node has"
+                    " taken webhooks into, even if retention deleted them since (a new"
+                    " database)"
                 )
             totals = [
                 int(lite.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
