@@ -32,7 +32,7 @@ from webhookd.journal import (
 from webhookd.journal.postgres import PostgresJournal
 from webhookd.journal.postgres.from_sqlite import _open_sqlite, copy_journal
 from webhookd.journal.postgres.schema import migrate
-from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+from webhookd.models import Event, JobState, Priority, kept_digest, new_event_id, new_job_id
 
 START = 1_700_000_000.0
 
@@ -559,4 +559,79 @@ async def test_a_journal_nodes_took_webhooks_into_is_refused_though_they_were_pr
         await lite.ingest(new_event("shop:1"))
     with pytest.raises(JournalError, match="already holds dedup keys"):
         await copy_journal(path, pg_url)
+    assert not copied_marker(path).exists()
+
+
+def write_raw(path: Path, sql: str, *args: object) -> None:
+    """``sql`` run on the SQLite journal at ``path``, as an older webhookd wrote it."""
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute(sql, args)
+    raw.close()
+
+
+async def test_rows_an_older_webhookd_wrote_are_copied_as_this_one_writes_them(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A NUL in an error (an older webhookd wrote a command's stderr as it was) and keys over
+    256 characters (kept whole before they were kept as their digest) are no PostgreSQL text
+    or index entry: the copy converts them as the journal and the receiver do now, rather than
+    fail every time."""
+    clock = ManualClock(START)
+    path = tmp_path / "journal.db"
+    long = "x" * 8000  # aiohttp takes 8 KB header values
+    async with Journal(path, clock=clock) as lite:
+        failed, keyed = new_event("shop:1"), new_event(f"shop:{long}", order_key=long)
+        for item in (failed, keyed):
+            await lite.ingest(item)
+        job_id = failed.jobs[0].id
+        await lite.claim([job_id], "boot_a")
+        await lite.finish([outcome(job_id, JobState.DEAD, "failed", error="exit 1")])
+    write_raw(path, "UPDATE jobs SET last_error = ? WHERE id = ?", "exit 1: \x00 stderr", job_id)
+    write_raw(path, "UPDATE attempts SET error = ? WHERE job_id = ?", "exit 1: \x00 stderr", job_id)
+    write_raw(path, "UPDATE events SET tenant = ? WHERE id = ?", long, keyed.event.id)
+    write_raw(path, "UPDATE jobs SET tenant = ? WHERE event_id = ?", long, keyed.event.id)
+
+    made = await copy_journal(path, pg_url)
+    assert (made.events, made.dedup_keys) == (2, 2)
+    async with PostgresJournal(pg_url, clock=clock, heartbeat_s=3600) as pg:
+        job = (await pg.get_event(failed.event.id)).jobs[0]
+        assert job.last_error == "exit 1: \\x00 stderr"
+        assert [a.error for a in job.history] == ["exit 1: \\x00 stderr"]
+        # The receiver keeps such a key as its digest now: a provider's retry is a duplicate.
+        retry = await pg.ingest(new_event(f"shop:{kept_digest(long)}"))
+        assert retry.duplicate and retry.event_id == keyed.event.id
+        assert (await pg.get_event(keyed.event.id)).event.tenant == kept_digest(long)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT tenant, order_key FROM jobs WHERE event_id = $1", keyed.event.id
+        )
+        assert tuple(row) == (kept_digest(long), kept_digest(long))
+    finally:
+        await conn.close()
+
+
+async def test_a_row_postgresql_still_refuses_is_named(tmp_path: Path, pg_url: str) -> None:
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        items = [new_event(f"shop:{i}") for i in range(3)]
+        for item in items:
+            await lite.ingest(item)
+        job_id = items[1].jobs[0].id
+        await lite.claim([job_id], "boot_a")
+        await lite.finish([outcome(job_id, JobState.DEAD, "failed", error="refused here")])
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate(conn, "test")
+        await conn.execute(
+            "ALTER TABLE attempts ADD CONSTRAINT a_test CHECK (error <> 'refused here')"
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(JournalError) as refused:
+        await copy_journal(path, pg_url)
+    said = str(refused.value)
+    assert said.startswith(f"attempt 1 of job {job_id} cannot be copied: new row for relation")
+    assert "a copy again fails the same until that row is changed" in said
     assert not copied_marker(path).exists()

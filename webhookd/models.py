@@ -196,6 +196,14 @@ def query_body_key(query: str, body: bytes) -> str:
     return "query+body:" + sha256_key(query.encode() + b"\n" + body)
 
 
+# A dedup key, tenant or order key a sender makes longer than this is kept as its digest (equal
+# values still match, and ``tenant_forms`` finds it as sent): PostgreSQL indexes these values
+# and refuses an index entry over a few KB, and that refusal failed the whole group commit, so
+# one webhook with a 10 KB ``id`` got every webhook committed beside it a 503. Nor does a tenant
+# of 500 KB belong in every ``/stats`` the dashboard polls.
+MOST_KEY_CHARS = 256
+
+
 def kept_digest(value: str) -> str:
     """What the journal keeps of a value read from a credential header (a tenant, a dedup or an
     order key): its digest, so that equal values still match and the credential is nowhere."""

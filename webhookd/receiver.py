@@ -39,6 +39,7 @@ from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error
 from webhookd.models import (
+    MOST_KEY_CHARS,
     Event,
     kept_digest,
     new_event_id,
@@ -230,14 +231,6 @@ class _Refused(Exception):
 
 def _too_large(most_bytes: int) -> _Refused:
     return _Refused(413, f"body larger than {most_bytes} bytes")
-
-
-# A dedup key, tenant or order key a sender makes longer than this is kept as its digest (equal
-# values still match, and ``tenant_forms`` finds it as sent): PostgreSQL indexes these values
-# and refuses an index entry over a few KB, and that refusal failed the whole group commit, so
-# one webhook with a 10 KB ``id`` got every webhook committed beside it a 503. Nor does a tenant
-# of 500 KB belong in every ``/stats`` the dashboard polls.
-MOST_KEY_CHARS = 256
 
 
 def _storable(value: str | None, role: str, spec: Extractor | None = None) -> str | None:

@@ -10,6 +10,8 @@ keys' order). The SQLite file is left as it was.
 - Jobs that were running when the SQLite daemon was killed go in running with no node: the
   first node to lead re-queues them as it would a dead node's (an ``interrupted`` attempt,
   one more recovery).
+- What an older webhookd wrote that PostgreSQL cannot hold goes in as the journal and the
+  receiver write it now: a NUL in text escaped, a key over ``MOST_KEY_CHARS`` as its digest.
 - Dedup keys: SQLite keeps only a digest of each key, PostgreSQL the key itself, which an
   event's row holds. So the key of every event still in the journal moves, with its time; a
   key whose event retention already deleted, and the second key of a scheme that also dedups
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +40,7 @@ from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from webhookd.journal.schema import key_digest
+from webhookd.models import MOST_KEY_CHARS, kept_digest, storable_text
 
 # Rows read from SQLite and sent in one COPY: a few MB of bodies at most at 1 KB each.
 BATCH_ROWS = 2_000
@@ -126,6 +130,15 @@ def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[list[tuple[Any, ...]]]
         yield batch
 
 
+# What names a row PostgreSQL refused, by table: the error says its line in the batch.
+_ROW_NAMES: dict[str, Callable[[tuple[Any, ...]], str]] = {
+    "events": lambda row: f"event {row[1]}",
+    "jobs": lambda row: f"job {row[1]}",
+    "attempts": lambda row: f"attempt {row[2]} of job {row[1]}",
+    "dedup": lambda row: f"the dedup key of event {row[1]}",
+}
+
+
 async def _copy(
     pg: Any,
     table: str,
@@ -136,17 +149,69 @@ async def _copy(
     done = 0
     try:
         for batch in batches:
-            await pg.copy_records_to_table(table, records=batch, columns=list(columns))
+            try:
+                await pg.copy_records_to_table(table, records=batch, columns=list(columns))
+            except asyncpg.PostgresError as exc:
+                # A value PostgreSQL cannot hold, which a copy again would meet again: named.
+                line = re.match(r"COPY \S+, line (\d+)", getattr(exc, "context", None) or "")
+                if line is None or not 0 < int(line[1]) <= len(batch):
+                    raise
+                raise JournalError(
+                    f"{_ROW_NAMES[table](batch[int(line[1]) - 1])} cannot be copied:"
+                    f" {getattr(exc, 'message', exc)}; nothing was copied, and a copy again"
+                    " fails the same until that row is changed (`webhookd purge` deletes an"
+                    " event)"
+                ) from exc
             done += len(batch)
             on_rows(len(batch))
-    except (ValueError, TypeError) as exc:  # a row this code cannot convert: a damaged file?
+    except (ValueError, TypeError, OverflowError) as exc:  # a damaged file?
         raise JournalError(f"a row of {table} cannot be copied ({exc}): nothing was") from exc
     return done
 
 
+def _storable(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with a NUL in its text escaped, as the journal writes text now (an older
+    webhookd wrote an error's NUL as it was, and PostgreSQL's text holds none)."""
+    if any(isinstance(v, str) and "\x00" in v for v in row):
+        return tuple(storable_text(v) if isinstance(v, str) else v for v in row)
+    return row
+
+
+def _kept(value: str | None) -> str | None:
+    """A tenant or an order key as the receiver keeps it now: one over ``MOST_KEY_CHARS``
+    (which an older webhookd kept whole, and PostgreSQL cannot index) as its digest."""
+    return kept_digest(value) if value is not None and len(value) > MOST_KEY_CHARS else value
+
+
+def _kept_key(source: str, key: str) -> str:
+    """A dedup key (``<source>:<value>``) as the receiver makes it now: a value over
+    ``MOST_KEY_CHARS`` as its digest, so that a provider's retry still finds it."""
+    value = key.removeprefix(f"{source}:")
+    if value != key and len(value) > MOST_KEY_CHARS:
+        return f"{source}:{kept_digest(value)}"
+    return key
+
+
+def _event_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+    for batch in batches:
+        yield [
+            _storable((*row[:4], _kept_key(row[2], row[4]), _kept(row[5]), *row[6:]))
+            for row in batch
+        ]
+
+
 def _job_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
     for batch in batches:
-        yield [(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in batch]
+        rows = []
+        for row in batch:
+            caps = json.loads(row[-1]) if row[-1] else None
+            rows.append(_storable((*row[:8], _kept(row[8]), _kept(row[9]), *row[10:-1], caps)))
+        yield rows
+
+
+def _attempt_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
+    for batch in batches:
+        yield [_storable(row) for row in batch]
 
 
 def _dedup_rows(
@@ -155,7 +220,11 @@ def _dedup_rows(
     """(key, event id, created) of each dedup row whose digest is its event's key's; the others
     (a signed body's key, whose text no row keeps) are counted in ``body_keys``."""
     for batch in batches:
-        rows = [(k, ev, at) for digest, k, ev, at in batch if key_digest(k) == digest]
+        rows = [
+            _storable((_kept_key(src, k), ev, at))
+            for digest, src, k, ev, at in batch
+            if key_digest(k) == digest
+        ]
         body_keys[0] += len(batch) - len(rows)
         if rows:
             yield rows
@@ -323,7 +392,9 @@ async def _into_postgres(
                 pg,
                 "events",
                 _EVENT_COLUMNS,
-                _rows(lite, f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY seq"),
+                _event_rows(
+                    _rows(lite, f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY seq")
+                ),
                 on_rows,
             )
             jobs = await _copy(
@@ -339,7 +410,9 @@ async def _into_postgres(
                 pg,
                 "attempts",
                 _ATTEMPT_COLUMNS,
-                _rows(lite, f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq"),
+                _attempt_rows(
+                    _rows(lite, f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq")
+                ),
                 on_rows,
             )
             body_keys = [0]
@@ -350,7 +423,8 @@ async def _into_postgres(
                 _dedup_rows(
                     _rows(
                         lite,
-                        "SELECT d.digest, e.dedup_key, d.event_id, d.created_at FROM dedup d"
+                        "SELECT d.digest, e.source, e.dedup_key, d.event_id, d.created_at"
+                        " FROM dedup d"
                         " JOIN events e ON e.id = d.event_id ORDER BY d.n",
                     ),
                     body_keys,
