@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sqlite3
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +32,7 @@ from webhookd.journal import (
     copied_to,
 )
 from webhookd.journal.postgres import PostgresJournal
-from webhookd.journal.postgres.from_sqlite import _open_sqlite, copy_journal
+from webhookd.journal.postgres.from_sqlite import BATCH_BYTES, _open_sqlite, copy_journal
 from webhookd.journal.postgres.schema import migrate
 from webhookd.models import Event, JobState, Priority, kept_digest, new_event_id, new_job_id
 
@@ -635,3 +637,47 @@ async def test_a_row_postgresql_still_refuses_is_named(tmp_path: Path, pg_url: s
     assert said.startswith(f"attempt 1 of job {job_id} cannot be copied: new row for relation")
     assert "a copy again fails the same until that row is changed" in said
     assert not copied_marker(path).exists()
+
+
+# Copies the journal at argv[1] into argv[2] in a process of its own; prints the rows of each
+# batch the events went in, then how much the peak RSS grew over the copy, in MiB.
+_COPY_MEASURED = """
+import asyncio, json, resource, sys
+from pathlib import Path
+from webhookd.journal.postgres.from_sqlite import copy_journal
+
+batches = []
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+asyncio.run(copy_journal(Path(sys.argv[1]), sys.argv[2], on_rows=batches.append))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([batches, (after - before) // 1024]))
+"""
+
+
+async def test_a_copy_of_large_bodies_holds_a_bounded_batch_in_memory(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Bodies are up to max_body_bytes (1 MiB by default): read 2,000 rows at a time, a batch
+    was up to 2 GiB. Batches are cut at BATCH_BYTES (16 MiB) of values too."""
+    n, size = 128, 1 << 20
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        for i in range(n):
+            item = new_event(f"shop:{i}")
+            big = replace(item.event, body=bytes([i % 251]) * size)
+            await lite.ingest(replace(item, event=big))
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _COPY_MEASURED,
+        str(path),
+        pg_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(done.communicate(), 60)
+    assert done.returncode == 0, err.decode()
+    batches, grew_mib = json.loads(out)
+    per = BATCH_BYTES // size  # the bodies' bytes reach the cap at that many rows
+    assert batches[: n // per] == [per] * (n // per), batches  # the events', then the jobs'
+    assert grew_mib < 64, f"the copy's peak RSS grew {grew_mib} MiB for {n} MiB of bodies"

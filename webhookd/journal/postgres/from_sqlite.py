@@ -42,8 +42,10 @@ from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from webhookd.journal.schema import key_digest
 from webhookd.models import MOST_KEY_CHARS, kept_digest, storable_text
 
-# Rows read from SQLite and sent in one COPY: a few MB of bodies at most at 1 KB each.
+# Rows read from SQLite and sent in one COPY: 2,000 at most, and no more than BATCH_BYTES of
+# their values (a body may be up to max_body_bytes: 2,000 of 1 MiB were 2 GiB in memory).
 BATCH_ROWS = 2_000
+BATCH_BYTES = 16 << 20
 
 _EVENT_COLUMNS = (
     "seq",
@@ -124,10 +126,29 @@ class Copied:
     unfinished: dict[tuple[str, str], int]
 
 
-def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[list[tuple[Any, ...]]]:
-    cursor = conn.execute(sql)
-    while batch := cursor.fetchmany(BATCH_ROWS):
+def _rows(
+    conn: sqlite3.Connection, sql: str, large: Sequence[int] = ()
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows ``sql`` reads, in batches of ``BATCH_ROWS`` or of ``BATCH_BYTES`` of the
+    values at the ``large`` indexes (a body, an error), whichever comes first; read one at a
+    time, so a row larger than that is a batch of its own."""
+    batch: list[tuple[Any, ...]] = []
+    size = 0
+    for row in conn.execute(sql):
+        batch.append(row)
+        for i in large:
+            if row[i] is not None:
+                size += len(row[i])
+        if len(batch) >= BATCH_ROWS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
+
+
+def _large(columns: Sequence[str], *names: str) -> tuple[int, ...]:
+    """Where the values that can be large (a body, a result) are in a row of ``columns``."""
+    return tuple(columns.index(name) for name in names)
 
 
 # What names a row PostgreSQL refused, by table: the error says its line in the batch.
@@ -393,7 +414,11 @@ async def _into_postgres(
                 "events",
                 _EVENT_COLUMNS,
                 _event_rows(
-                    _rows(lite, f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY seq")
+                    _rows(
+                        lite,
+                        f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY seq",
+                        _large(_EVENT_COLUMNS, "headers", "body", "verified"),
+                    )
                 ),
                 on_rows,
             )
@@ -402,7 +427,11 @@ async def _into_postgres(
                 "jobs",
                 (*_JOB_COLUMNS, "caps"),
                 _job_rows(
-                    _rows(lite, f"SELECT {', '.join(_JOB_COLUMNS)}, caps FROM jobs ORDER BY seq")
+                    _rows(
+                        lite,
+                        f"SELECT {', '.join(_JOB_COLUMNS)}, caps FROM jobs ORDER BY seq",
+                        _large(_JOB_COLUMNS, "last_error", "result"),
+                    )
                 ),
                 on_rows,
             )
@@ -411,7 +440,11 @@ async def _into_postgres(
                 "attempts",
                 _ATTEMPT_COLUMNS,
                 _attempt_rows(
-                    _rows(lite, f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq")
+                    _rows(
+                        lite,
+                        f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts ORDER BY seq",
+                        _large(_ATTEMPT_COLUMNS, "error", "detail"),
+                    )
                 ),
                 on_rows,
             )
