@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 from cluster import node_config, post_acked, stop
-from conftest import Target
+from conftest import Target, make_config
 from procs import Procs, poll, settled_event, spawn, write_config
 
 from webhookd.clock import ManualClock
@@ -105,7 +106,8 @@ async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
     made = await copy_journal(path, pg_url)
     assert (made.events, made.attempts, made.dedup_keys) == (6, 2, 6)
     assert made.jobs == {"queued": 4, "done": 1, "dead": 1, "running": 1}
-    # Only digests were kept of these: the signed body's key, and the pruned event's.
+    # Only digests were kept of these, which no event makes again: a second key of something
+    # signed other than the body (made up here), and the pruned event's.
     assert (made.body_keys, made.keys_of_pruned) == (1, 1)
     assert made.paused == ("shop",)
     assert made.unfinished == {("shop", "forward-0"): 4, ("shop", "forward-1"): 1}
@@ -117,7 +119,7 @@ async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
         # Dedup: a provider's retry of a copied delivery is the copied event.
         again = await pg.ingest(new_event("shop:1"))
         assert again.duplicate and again.event_id == done_and_queued.event.id
-        # The body key did not move (the docs say so): a replay under a new id is new.
+        # That second key did not move (the docs say so): a replay under a new id is new.
         assert not (await pg.ingest(new_event("gh:delivery-2", body_key="gh:sha256:aa"))).duplicate
         # Order: the second job of the key waits for the first.
         await pg.resume("shop")
@@ -681,3 +683,58 @@ async def test_a_copy_of_large_bodies_holds_a_bounded_batch_in_memory(
     per = BATCH_BYTES // size  # the bodies' bytes reach the cap at that many rows
     assert batches[: n // per] == [per] * (n // per), batches  # the events', then the jobs'
     assert grew_mib < 64, f"the copy's peak RSS grew {grew_mib} MiB for {n} MiB of bodies"
+
+
+SIGNED = """
+[sources.gh]
+verify = { scheme = "github", secret = "gh-secret-0123456789abcdef" }
+
+[sources.hm]
+verify = { scheme = "hmac", secret = "hmac-secret-0123456789abcdef", header = "X-Sig", \
+  timestamp_header = "X-Ts", signed = "{timestamp}.{body}" }
+"""
+
+
+async def test_a_signed_body_sent_again_after_the_copy_is_still_a_duplicate(
+    tmp_path: Path, pg_url: str, procs: Procs
+) -> None:
+    """What was signed is each event's second dedup key (``verify.dedup_body``; with a signed
+    timestamp, that time and the body): SQLite keeps its digest only, and the copy makes the
+    key again from the event. A captured request sent again under a fresh delivery id (gh),
+    or under another query (hm), is a duplicate on the nodes as on the old daemon."""
+    from webhookd.schemes import sign
+
+    verify = {name: make_config(tmp_path, SIGNED).sources[name].verify for name in ("gh", "hm")}
+    body = b'{"ref": "refs/heads/main", "after": "abc123"}'
+    signed = {}
+    for name, cfg in verify.items():
+        assert cfg is not None
+        signed[name] = sign(cfg, body=body, url="", now=time.time(), delivery_id=name)[0]
+    lite_cfg = write_config(tmp_path / "lite.toml", tmp_path / "journal.db", SIGNED)
+    pg_cfg = node_config(tmp_path / "pg.toml", SIGNED)
+    env = {"WEBHOOKD_JOURNAL_URL": pg_url}
+
+    async def send(http: aiohttp.ClientSession, url: str, again: bool) -> list[int]:
+        fresh = {"X-GitHub-Delivery": "another-delivery-id"} if again else {}
+        query = "?a=1" if again else ""
+        answers = []
+        for name in ("gh", "hm"):
+            headers = {**signed[name], **fresh, "Content-Type": "application/json"}
+            async with http.post(f"{url}/hooks/{name}{query}", data=body, headers=headers) as r:
+                answers.append(r.status)
+        return answers
+
+    daemon = await procs.serve(lite_cfg)
+    async with aiohttp.ClientSession() as http:
+        first = await send(http, daemon.url, again=False)
+        before = await send(http, daemon.url, again=True)
+    await stop(daemon)
+    copied = await procs.cli("copy", "--to", str(pg_cfg), "--config", str(lite_cfg), env=env)
+    assert copied.returncode == 0, copied.stderr
+    node = await procs.serve(pg_cfg, env=env)
+    async with aiohttp.ClientSession() as http:
+        after = await send(http, node.url, again=True)
+    await stop(node)
+    assert (first, before) == ([202, 202], [200, 200])  # on the old daemon: duplicates
+    assert after == [200, 200]
+    assert "not copied" not in copied.stdout

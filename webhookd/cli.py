@@ -2045,8 +2045,8 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
         )
     if made.body_keys:
         click.echo(
-            f"{made.body_keys:,} signed body key(s) (verify.dedup_body) not copied; each event's"
-            " delivery id was"
+            f"{made.body_keys:,} second dedup key(s) of what was signed other than a body (a"
+            " Twilio form's parameters, a Mailgun token) not copied; each event's delivery id was"
         )
     if made.paused:
         click.echo(f"paused, as before: {', '.join(made.paused)}")

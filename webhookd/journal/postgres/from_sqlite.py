@@ -13,9 +13,10 @@ keys' order). The SQLite file is left as it was.
 - What an older webhookd wrote that PostgreSQL cannot hold goes in as the journal and the
   receiver write it now: a NUL in text escaped, a key over ``MOST_KEY_CHARS`` as its digest.
 - Dedup keys: SQLite keeps only a digest of each key, PostgreSQL the key itself, which an
-  event's row holds. So the key of every event still in the journal moves, with its time; a
-  key whose event retention already deleted, and the second key of a scheme that also dedups
-  by the signed body (``verify.dedup_body``), do not. Both are counted.
+  event's row holds. So the key of every event still in the journal moves, with its time, and
+  so does a signed body's second key (``verify.dedup_body``), made again from the event's
+  body (and signed timestamp) and checked against the digest; a key whose event retention
+  already deleted, and a second key of something else signed, do not. Both are counted.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from webhookd.journal.schema import key_digest
-from webhookd.models import MOST_KEY_CHARS, kept_digest, storable_text
+from webhookd.models import MOST_KEY_CHARS, kept_digest, sha256_key, storable_text
 
 # Rows read from SQLite and sent in one COPY: 2,000 at most, and no more than BATCH_BYTES of
 # their values (a body may be up to max_body_bytes: 2,000 of 1 MiB were 2 GiB in memory).
@@ -117,7 +118,8 @@ class Copied:
     jobs: dict[str, int]  # by state, as copied (running: to be re-queued by the first leader)
     attempts: int
     dedup_keys: int
-    # Dedup keys that did not move: of events retention deleted, and signed bodies' keys.
+    # Dedup keys that did not move: of events retention deleted, and second keys of what was
+    # signed that cannot be made again from the event (not its body).
     keys_of_pruned: int
     body_keys: int
     paused: tuple[str, ...]
@@ -235,18 +237,36 @@ def _attempt_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tup
         yield [_storable(row) for row in batch]
 
 
+def _body_key(digest: bytes, source: str, body: bytes, verified: str | None) -> str | None:
+    """The second dedup key of an event whose digest is ``digest``, made again as the receiver
+    made it (``verify.dedup_body``): of its body (what most schemes without a timestamp sign),
+    or of its signed timestamp and body. None for another (a Twilio form's parameters, a
+    Mailgun token), which no row keeps."""
+    keys = [f"{source}:{sha256_key(body)}"]
+    with contextlib.suppress(ValueError, AttributeError):
+        stamp = json.loads(verified).get("timestamp") if verified else None
+        if stamp is not None:
+            signed = b"signed %r\n%b" % (stamp, body)  # as the receiver signs it
+            keys.append(f"{source}:{sha256_key(signed)}")
+    return next((k for k in keys if key_digest(k) == digest), None)
+
+
 def _dedup_rows(
-    batches: Iterator[list[tuple[Any, ...]]], body_keys: list[int]
+    batches: Iterator[list[tuple[Any, ...]]],
+    body_keys: list[int],
+    event: Callable[[str], tuple[bytes, str | None]],
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """(key, event id, created) of each dedup row whose digest is its event's key's; the others
-    (a signed body's key, whose text no row keeps) are counted in ``body_keys``."""
+    """(key, event id, created) of each dedup row: its event's key, or a signed body's key made
+    again from the event (``event``: its body and verdict by id); those that cannot be are
+    counted in ``body_keys``."""
     for batch in batches:
-        rows = [
-            _storable((_kept_key(src, k), ev, at))
-            for digest, src, k, ev, at in batch
-            if key_digest(k) == digest
-        ]
-        body_keys[0] += len(batch) - len(rows)
+        rows = []
+        for digest, src, k, ev, at in batch:
+            key = k if key_digest(k) == digest else _body_key(digest, src, *event(ev))
+            if key is None:
+                body_keys[0] += 1
+            else:
+                rows.append(_storable((_kept_key(src, key), ev, at)))
         if rows:
             yield rows
 
@@ -461,6 +481,9 @@ async def _into_postgres(
                         " JOIN events e ON e.id = d.event_id ORDER BY d.n",
                     ),
                     body_keys,
+                    lambda event_id: lite.execute(
+                        "SELECT body, verified FROM events WHERE id = ?", (event_id,)
+                    ).fetchone(),
                 ),
                 on_rows,
             )
