@@ -141,6 +141,67 @@ max_tokens = 100
     assert standin.received == len(standin.served) == 1
 
 
+async def test_an_openai_action_on_a_body_of_a_megabyte_does_not_hold_up_other_webhooks(
+    tmp_path: Path,
+    procs: Procs,
+    http: aiohttp.ClientSession,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three bodies of 900 KB, each a list of numbers with one ``1.50`` last, put whole in a
+    prompt with ``{{ . }}`` and posted on by ``then``: meanwhile each tiny webhook to another
+    source is answered 202 within a second (``{{ . }}`` of such a body took seconds of the
+    event loop's time, once for the prompt and once for the post, and they waited or got 503)."""
+    standin = await StandIn(completion_tokens=5).start()
+    try:
+        monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", "sk-standin")
+        cfg = write_config(
+            tmp_path / "webhookd.toml",
+            tmp_path / "webhookd.db",
+            f"""
+[sources.big]
+[[sources.big.actions]]
+type = "openai"
+api_key = "env:WEBHOOKD_TEST_OPENAI_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+max_tokens = 5
+prompt = "Summarize this webhook: {{{{ . }}}}"
+then = {{ forward = "{target.url}/answers" }}
+
+[sources.ping]
+[[sources.ping.actions]]
+type = "log"
+""",
+        )
+        daemon = await procs.serve(cfg)
+        # Under the default aiohttp limit of a megabyte a request, as the prompt and the post.
+        bodies = [b"[%d," % i + b"1," * 450_000 + b"1.50]" for i in range(3)]
+        ids = [await post(http, f"{daemon.url}/hooks/big", body) for body in bodies]
+        statuses, worst, n = [], 0.0, 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(target.seen) < len(ids) and asyncio.get_running_loop().time() < deadline:
+            started = asyncio.get_running_loop().time()
+            async with http.post(f"{daemon.url}/hooks/ping", json={"n": n}) as r:
+                statuses.append(r.status)
+            worst = max(worst, asyncio.get_running_loop().time() - started)
+            n += 1
+            await asyncio.sleep(0.05)  # a webhook every 50 ms or so, while they are rendered
+        docs = [await settled_event(http, daemon.admin_url, i, timeout_s=30) for i in ids]
+    finally:
+        await standin.aclose()
+
+    assert [doc["state"] for doc in docs] == ["done"] * 3, docs
+    posted = sorted(json.loads(seen.body)["payload"][0] for seen in target.seen)
+    assert posted == [0, 1, 2]
+    assert all(seen.body.endswith(b",1,1.50]}") for seen in target.seen)
+    refused = [status for status in statuses if status != 202]
+    assert not refused and worst < 1.0, (
+        f"{len(refused)} of {len(statuses)} tiny webhooks refused ({sorted(set(refused))}), the"
+        f" slowest answered in {worst:.2f}s"
+    )
+
+
 HANDLERS = """
 import asyncio
 import threading

@@ -184,29 +184,58 @@ def to_json(value: Any) -> str:
     """``value`` (a payload, or a document holding one) as compact JSON, each number with a
     fraction or an exponent as the text it was sent as: what ``{{ . }}`` puts in and an openai
     action's ``then`` posts, valid JSON."""
-    if not _holds_sent_text(value):
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    out: list[str] = []  # json's encoder writes a float subclass as the float: piece by piece
-    _write(value, out)
+    holding = _holding_sent_text(value)
+    if not holding:
+        return _dumps(value)
+    out: list[str] = []
+    _write(value, out, holding)
     return "".join(out)
 
 
-def _holds_sent_text(value: Any) -> bool:
-    """Whether a number in ``value`` is written otherwise than as a float or int is. A walk
-    with a list of its own, not the call stack: a payload nested 450 deep is JSON too."""
-    todo = [value]
+# One encoder for every call: json.dumps with options of its own makes a new one each time,
+# some microseconds, paid once per object when a payload is written piece by piece.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+# Written by json's encoder as ``_text`` writes them: a member of one of these types needs no
+# look. A number kept as sent is a ``_Number`` or a ``_Sent``; anything else, an object or a list.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_KEPT = frozenset({_Number, _Sent})
+
+
+def _holding_sent_text(value: Any) -> set[int]:
+    """The ids of the numbers in ``value`` written otherwise than as a float or int is, and of
+    the objects and lists (``value`` itself among them) that hold one at any depth: ``_write``
+    writes those piece by piece, and the rest with one ``json.dumps`` each. A walk with a list
+    of its own, not the call stack: a payload nested 450 deep is JSON too."""
+    holding: set[int] = set()
+    if isinstance(value, _Sent | _Number):
+        holding.add(id(value))
+    # An object or a list, with its parent's entry: the way up to mark.
+    todo: list[tuple[Any, Any]] = [(value, None)]
     while todo:
-        item = todo.pop()
-        if isinstance(item, _Sent):
-            return True
-        if isinstance(item, _Number):
-            if item.text != float.__repr__(item):
-                return True
-        elif isinstance(item, Mapping):
-            todo.extend(item.values())
-        elif isinstance(item, list | tuple):
-            todo.extend(item)
-    return False
+        entry = todo.pop()
+        node = entry[0]
+        if isinstance(node, list | tuple):
+            members: Any = node
+        elif isinstance(node, Mapping):
+            members = node.values()
+        else:
+            continue
+        for member in members:
+            kind = type(member)
+            if kind in _PLAIN:
+                continue
+            if kind in _KEPT:
+                if kind is _Number and member.text == float.__repr__(member):
+                    continue  # written as its float is
+                holding.add(id(member))
+                up = entry  # the one holding it, and each one above not marked yet
+                while up is not None and id(up[0]) not in holding:
+                    holding.add(id(up[0]))
+                    up = up[1]
+            else:
+                todo.append((member, entry))
+    return holding
 
 
 class _Written(str):
@@ -215,33 +244,50 @@ class _Written(str):
     __slots__ = ()
 
 
-def _write(value: Any, out: list[str]) -> None:
+def _write(value: Any, out: list[str], holding: set[int]) -> None:
     """``value`` as compact JSON onto ``out``, each sent number as its text; with a list of
-    its own for what is still to write (as ``_holds_sent_text`` walks)."""
+    its own for what is still to write (as ``_holding_sent_text`` walks). Only what is in
+    ``holding`` is written piece by piece: each run of members between those is written by
+    one ``json.dumps`` (one call per member took seconds for a body of a megabyte holding a
+    single 1.50)."""
     todo: list[Any] = [value]
     while todo:
         item = todo.pop()
         if isinstance(item, _Written):
             out.append(item)
+        elif id(item) not in holding:
+            out.append(_dumps(item))
         elif isinstance(item, _Sent | _Number):
             out.append(item.text)
-        elif isinstance(item, Mapping):
-            parts: list[Any] = [_Written("{")]
-            for i, (key, member) in enumerate(item.items()):
-                parts += [_Written(("," if i else "") + json.dumps(key, ensure_ascii=False) + ":")]
-                parts.append(member)
-            parts.append(_Written("}"))
-            todo.extend(reversed(parts))
-        elif isinstance(item, list | tuple):
-            parts = [_Written("[")]
-            for i, member in enumerate(item):
-                if i:
-                    parts.append(_Written(","))
-                parts.append(member)
-            parts.append(_Written("]"))
-            todo.extend(reversed(parts))
         else:
-            out.append(json.dumps(item, ensure_ascii=False))
+            mapping = not isinstance(item, list | tuple)
+            members: Any = item.items() if mapping else enumerate(item)
+            parts: list[Any] = []  # written text, and members that hold sent text, in order
+            text = ["{" if mapping else "["]
+            run: Any = {} if mapping else []  # members between those, written as one
+            for key, member in members:
+                if id(member) not in holding:
+                    if mapping:
+                        run[key] = member
+                    else:
+                        run.append(member)
+                    continue
+                if run:
+                    text += [_dumps(run)[1:-1], ","]
+                    run = {} if mapping else []
+                if mapping:
+                    text.append(_dumps(key) + ":")
+                if type(member) in _KEPT:
+                    text.append(member.text)
+                else:
+                    parts += [_Written("".join(text)), member]
+                    text = []
+                text.append(",")
+            if run:
+                text += [_dumps(run)[1:-1], ","]
+            text[-1] = "}" if mapping else "]"  # for the comma after the last member
+            parts.append(_Written("".join(text)))
+            todo.extend(reversed(parts))
 
 
 def payload_of(event: Event) -> Any:
