@@ -368,6 +368,40 @@ def test_arguments_too_long_for_the_system_are_dead_not_retried(tmp_path: Path, 
     assert job.last_error is not None and os.strerror(errno.E2BIG) in job.last_error
 
 
+# A body of a megabyte whose {{ . }} takes most of a second to write: 95,000 objects, each with
+# a price kept as sent (written piece by piece).
+PRICES = b"[" + b'{"p":1.50},' * 95_000 + b"7]"
+
+
+async def test_timeout_s_cuts_off_a_render_of_a_body_of_a_megabyte(tmp_path: Path) -> None:
+    """``{{ . }}`` of a body over 64 KiB is put in the argument on a thread: ``timeout_s`` ends
+    the attempt while it is being written. On the event loop, the render held the timeout back
+    until it was done (and the argument, too long for the kernel, made the job dead)."""
+    job = await run_command(tmp_path, ["/bin/true", "{{ . }}"], body=PRICES, timeout_s=0.05)
+    assert (job.state, job.history[0].error) == (JobState.QUEUED, "timed out after 0.05s")
+
+
+async def test_a_drain_cuts_off_a_render_of_a_body_of_a_megabyte(tmp_path: Path) -> None:
+    """A drain ends an attempt whose ``{{ . }}`` of a big body is being written on a thread: the
+    job runs again as that attempt, its program never started."""
+    async with action_kit(tmp_path, command_config(["/bin/true", "{{ . }}"])) as kit:
+        event_id = await kit.send("gh", PRICES)
+        running = asyncio.create_task(kit.run())
+
+        async def claimed() -> bool:
+            (job,) = (await kit.journal.get_event(event_id)).jobs
+            return job.state == JobState.RUNNING
+
+        await poll(claimed, timeout_s=10)
+        assert await kit.pool.drain(0) == 1
+        await running
+        job = await kit.job(event_id)
+    assert (job.state, [(a.n, a.outcome) for a in job.history]) == (
+        JobState.QUEUED,
+        [(1, "interrupted")],
+    )
+
+
 ENOENT = os.strerror(errno.ENOENT)
 
 

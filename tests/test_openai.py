@@ -559,6 +559,42 @@ async def test_a_number_past_what_python_holds_is_posted_on_as_it_was_sent(
     )
 
 
+async def test_a_body_of_a_megabyte_is_put_in_the_prompt_and_the_post_off_the_event_loop(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
+) -> None:
+    """A body of 825 KB, 75,000 objects each with a price kept as sent (so written
+    piece by piece: most of a second of CPU), put whole in the prompt and posted on by then:
+    rendered on a thread, so the event loop is never held up for a quarter of a second (it
+    stood still for each render, other webhooks unanswered meanwhile)."""
+    then = f'then = {{ forward = "{target.url}/drafts" }}'
+    config = source(standin, lane=None, extra=then, prompt="Sum: {{ . }}")
+    body = b"[" + b'{"p":1.50},' * 75_000 + b"7]"  # the prompt's request under aiohttp's 1 MiB
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+
+    async def beat() -> None:  # how long the loop goes without running a task
+        nonlocal longest
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            longest = max(longest, loop.time() - last)
+            last = loop.time()
+
+    async with action_kit(tmp_path, config, clock=clock) as kit:
+        event_id = await kit.send("mail", body)
+        beating = asyncio.create_task(beat())
+        try:
+            await kit.run()
+        finally:
+            beating.cancel()
+        job = await kit.job(event_id)
+    assert job.state == JobState.DONE, job.last_error
+    assert standin.bodies[-1]["messages"][-1]["content"] == f"Sum: {body.decode()}"
+    [seen] = target.seen
+    assert seen.body.endswith(b',{"p":1.50},7]}')
+    assert longest < 0.3, f"the event loop stood still for {longest:.2f}s"
+
+
 @pytest.mark.parametrize(
     ("limit", "kept"), [("max_tokens = 200", 65_536), ("max_tokens = 8000", 128_000)]
 )

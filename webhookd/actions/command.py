@@ -37,7 +37,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from webhookd.actions.base import Outcome, Resources, keep_detail, keep_outcome, options
+from webhookd.actions.base import (
+    Outcome,
+    Resources,
+    keep_detail,
+    keep_outcome,
+    options,
+    rendered,
+)
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
@@ -257,7 +264,7 @@ class CommandAction:
         }
 
     async def run(self, event: Event, job: Job) -> Outcome:
-        argv = self.argv_for(event)
+        argv = await rendered(event, lambda: self.argv_for(event))
         for i, arg in enumerate(argv):
             if "\0" in arg:
                 # execve would cut the argument short (uvloop does so silently): never run that.

@@ -73,6 +73,7 @@ from webhookd.actions.base import (
     keep_detail,
     masker_of,
     options,
+    rendered,
 )
 from webhookd.actions.delivery import (
     check_url,
@@ -259,6 +260,16 @@ class _Then:
         self.tls = read_tls(t, self.url)
         self.proxy = read_proxy(t)
 
+    @staticmethod
+    def _body(event: Event, answer: Mapping[str, Any]) -> bytes:
+        """What is posted: the answer, beside the event's id, source and payload."""
+        body = {"event_id": event.id, "source": event.source, **answer}
+        payload = payload_of(event)
+        # null for a body neither JSON nor a form: an empty object is a payload of its own.
+        body["payload"] = None if isinstance(payload, NoPayload) else payload
+        text = to_json(body)  # a number sent past what a float or an int holds: as sent
+        return _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
+
     async def send(
         self,
         http: aiohttp.ClientSession,
@@ -266,12 +277,7 @@ class _Then:
         answer: Mapping[str, Any],
         masker: Masker | None = None,
     ) -> Outcome:
-        body = {"event_id": event.id, "source": event.source, **answer}
-        payload = payload_of(event)
-        # null for a body neither JSON nor a form: an empty object is a payload of its own.
-        body["payload"] = None if isinstance(payload, NoPayload) else payload
-        text = to_json(body)  # a number sent past what a float or an int holds: as sent
-        data = _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
+        data = await rendered(event, lambda: self._body(event, answer))
         headers = signed_headers(
             self.secrets,
             msg_id=event.id,
@@ -467,7 +473,7 @@ class OpenAIAction:
         self, event: Event, job_id: str, started: float, call: dict[str, Any]
     ) -> dict[str, Any] | Outcome:
         s = self.settings
-        messages = self._messages(event)
+        messages = await rendered(event, lambda: self._messages(event))
         reservation: Reservation | None = None
         if self.lane is not None:
             try:
