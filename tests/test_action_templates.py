@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Priority
-from webhookd.templates import compile_template, payload_of
+from webhookd.templates import NoPayload, Template, compile_template, payload_of
 
 ORDER = {
     "id": 42,
@@ -204,6 +205,39 @@ def test_a_payload_nested_deep_is_put_in_whole() -> None:
     assert compile_template("{{ . }}", "k").render(payload) == body.replace(" ", "")
 
 
+def test_every_payload_that_parses_is_put_in_whole_however_deep() -> None:
+    """A body nested up to the depth ``json.loads`` takes (about 990) is a payload, and
+    ``{{ . }}`` puts it in whole: json.dumps, a few calls deeper on the stack, raised
+    RecursionError from about 955 levels on (a command never ran, an answer paid for was never
+    posted on). Deeper than json.loads goes, the body is no payload."""
+    template = compile_template("{{ . }}", "k")
+    parsed = []
+    for depth in range(800, 1100):
+        for inner in (b"1", b"1.50"):
+            body = b"[" * depth + inner + b"]" * depth
+            payload = payload_of(event(body, "application/json"))
+            if not isinstance(payload, NoPayload):
+                assert template.render(payload) == body.decode()
+                parsed.append(depth)
+    assert 900 < max(parsed) < 1099
+
+
+def test_a_payload_is_put_in_whole_with_little_of_the_stack_left() -> None:
+    """Rendered where the stack has no room left for json.dumps of 150 levels: written piece by
+    piece instead, still whole (not a RecursionError)."""
+    body = "[" * 150 + '{"a": [1, 2.5, "x", [], {}], "é": null}' + "]" * 150
+    payload = payload_of(event(body.encode(), "application/json"))
+    template = compile_template("{{ . }}", "k")
+
+    def deep_down(levels: int) -> str:
+        return deep_down(levels - 1) if levels else template.render(payload)
+
+    frame, frames = sys._getframe(), 0
+    while frame is not None:
+        frame, frames = frame.f_back, frames + 1
+    assert deep_down(sys.getrecursionlimit() - frames - 60) == body.replace(" ", "")
+
+
 @dataclass(frozen=True)
 class _AsSent:
     """A number as it is written in the body."""
@@ -247,22 +281,42 @@ def test_a_payload_is_put_in_whole_as_it_was_sent_wherever_its_numbers_are(tree:
     assert compile_template("{{ . }}", "k").render(payload) == body
 
 
-def test_one_number_kept_as_sent_costs_about_what_a_payload_without_one_does() -> None:
-    """``{{ . }}`` of 500,000 ints and one ``1.50`` (a megabyte, the default body limit) takes
-    about what it takes with ``1.5`` in its place: only the list holding the ``1.50`` is written
-    piece by piece, not every number with a call of its own (seconds of the event loop's
-    time, while every other sender's webhook waited)."""
+def deepest_parsed() -> int:
+    """The most lists a body can be nested in and still be a payload, from here."""
+    for depth in range(1000, 0, -1):
+        body = b"[" * depth + b"1" + b"]" * depth
+        if not isinstance(payload_of(event(body, "application/json")), NoPayload):
+            return depth
+    raise AssertionError("no depth parsed")
+
+
+@pytest.mark.parametrize("other", ["with-one-number-kept-as-sent", "nested-as-deep-as-it-parses"])
+def test_a_megabyte_costs_about_what_one_plainly_written_does(other: str) -> None:
+    """``{{ . }}`` of 500,000 ints (a megabyte, the default body limit) with a ``1.50`` last,
+    or nested as deep as a body parses, takes about what the ints take in one list: written by
+    one ``json.dumps`` but for the way down to the ``1.50``, or down the levels json.dumps has
+    no stack for, not with a call for every number (seconds of the event loop's time, while
+    every other sender's webhook waited)."""
     template = compile_template("{{ . }}", "k")
+    plain = b"[" + b"1," * 500_000 + b"1]"
+    if other == "with-one-number-kept-as-sent":
+        body = plain.replace(b"1]", b"1.50]")
+    else:
+        depth = deepest_parsed() - 1  # one level for the list of ints
+        body = b"[" * depth + plain + b"]" * depth
+    payload = payload_of(event(body, "application/json"))
+    assert not isinstance(payload, NoPayload)
+    plain_s = render_s(template, payload_of(event(plain, "application/json")), plain)
+    other_s = render_s(template, payload, body)
+    assert other_s < 3 * plain_s + 0.1, f"{other_s:.2f}s against {plain_s:.2f}s"
 
-    def render_s(last: bytes) -> float:
-        body = b"[" + b"1," * 500_000 + last + b"]"
-        payload = payload_of(event(body, "application/json"))
-        took = []
-        for _ in range(3):  # the quickest, the machine's other work aside
-            started = time.perf_counter()
-            assert template.render(payload) == body.decode()
-            took.append(time.perf_counter() - started)
-        return min(took)
 
-    plain, sent = render_s(b"1.5"), render_s(b"1.50")
-    assert sent < 3 * plain + 0.1, f"{sent:.2f}s with one 1.50 against {plain:.2f}s with 1.5"
+def render_s(template: Template, payload: Any, body: bytes) -> float:
+    """The seconds ``template`` takes to render ``payload`` (of ``body``), at the quickest of
+    three (the machine's other work aside)."""
+    took = []
+    for _ in range(3):
+        started = time.perf_counter()
+        assert template.render(payload) == body.decode()
+        took.append(time.perf_counter() - started)
+    return min(took)

@@ -202,6 +202,72 @@ type = "log"
     )
 
 
+async def test_a_payload_nested_as_deep_as_a_body_parses_reaches_argv_and_then(
+    tmp_path: Path,
+    procs: Procs,
+    http: aiohttp.ClientSession,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Webhooks nested 940 to 1,000 lists deep, each to a command with ``{{ . }}`` in its argv
+    and to an openai action with a ``then``: every job is done, each body that parses posted
+    on whole, the rest (deeper than json.loads goes, about 990) with ``"payload": null``. Some
+    levels short of that, json.dumps raised RecursionError where json.loads had not: the
+    command never ran, and a then could lose its post of an answer paid for the same way."""
+    standin = await StandIn(completion_tokens=5).start()
+    try:
+        monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", "sk-standin")
+        cfg = write_config(
+            tmp_path / "webhookd.toml",
+            tmp_path / "webhookd.db",
+            f"""
+[sources.deep]
+[[sources.deep.actions]]
+name = "cmd"
+type = "command"
+argv = ["/bin/true", "{{{{ . }}}}"]
+retry = {{ max_attempts = 1 }}
+
+[[sources.deep.actions]]
+name = "ai"
+type = "openai"
+api_key = "env:WEBHOOKD_TEST_OPENAI_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+max_tokens = 5
+prompt = "A webhook came"
+then = {{ forward = "{target.url}/answers" }}
+retry = {{ max_attempts = 1 }}
+""",
+        )
+        daemon = await procs.serve(cfg)
+        bodies = {
+            await post(http, f"{daemon.url}/hooks/deep", b"[" * n + b"1" + b"]" * n): n
+            for n in range(940, 1001)
+        }
+        docs = [await settled_event(http, daemon.admin_url, i, timeout_s=30) for i in bodies]
+    finally:
+        await standin.aclose()
+
+    dead = [
+        f"{bodies[doc['id']]} deep: {job['action']}: {job['last_error']}"
+        for doc in docs
+        for job in doc["jobs"]
+        if job["state"] != "done"
+    ]
+    assert not dead, f"{len(dead)} jobs not done: " + "; ".join(dead)
+    # Read as text: json.loads, here as in the daemon, takes no body much deeper than that.
+    posted = {seen.headers["webhook-id"]: seen.body for seen in target.seen}
+    assert sorted(posted) == sorted(bodies)
+    whole = {n for i, n in bodies.items() if posted[i].endswith(b"]" * n + b"}")}
+    empty = {n for i, n in bodies.items() if posted[i].endswith(b'"payload":null}')}
+    assert whole | empty == set(bodies.values()) and max(whole) < min(empty)
+    for event_id, n in bodies.items():
+        assert n in empty or posted[event_id].endswith(
+            b'"payload":' + b"[" * n + b"1" + b"]" * n + b"}"
+        )
+
+
 HANDLERS = """
 import asyncio
 import threading

@@ -8,12 +8,14 @@ anything. Templates are compiled when the config is loaded; a stray ``{{`` or a 
 ``ConfigError`` naming the key.
 
 The payload is the body parsed as JSON; or, for ``application/x-www-form-urlencoded`` and
-``multipart/form-data`` bodies, the form's fields (files are skipped). Rendering: a string as is,
-``null`` and a missing key as the empty string (a webhook that lacks an optional field must not
-fail the job), numbers and booleans as JSON writes them, objects and arrays as compact JSON
-(so ``{{ . }}`` is a JSON body as compact JSON, and a form's fields as a JSON object). A number
-no float or int here holds (``1e400``, an int past the digits Python reads) is kept as the
-text it was sent as, and ``NaN`` or ``Infinity`` (which Python reads, JSON has not) as a string.
+``multipart/form-data`` bodies, the form's fields (files are skipped); none for a body that is
+neither, or JSON nested deeper than ``json.loads`` reads (about 990 levels, as the stack
+allows). Rendering: a string as is, ``null`` and a missing key as the empty string (a webhook
+that lacks an optional field must not fail the job), numbers and booleans as JSON writes them,
+objects and arrays as compact JSON (so ``{{ . }}`` is a JSON body as compact JSON, and a form's
+fields as a JSON object). A number no float or int here holds (``1e400``, an int past the
+digits Python reads) is kept as the text it was sent as, and ``NaN`` or ``Infinity`` (which
+Python reads, JSON has not) as a string.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,8 +109,9 @@ def _check_literal(literal: str, key: str) -> None:
 
 
 class NoPayload(dict[str, Any]):
-    """The payload of a body that is neither JSON nor a form: empty, and ``{{ . }}`` finds
-    nothing in it (it rendered ``{}``, and a model was asked about "{}" with no warning)."""
+    """The payload of a body that is neither JSON nor a form (nor JSON ``json.loads`` reads:
+    nested deeper than the stack allows): empty, and ``{{ . }}`` finds nothing in it (it
+    rendered ``{}``, and a model was asked about "{}" with no warning)."""
 
 
 def lookup(payload: Any, path: tuple[str, ...]) -> Any:
@@ -185,10 +188,14 @@ def to_json(value: Any) -> str:
     fraction or an exponent as the text it was sent as: what ``{{ . }}`` puts in and an openai
     action's ``then`` posts, valid JSON."""
     holding = _holding_sent_text(value)
-    if not holding:
-        return _dumps(value)
     out: list[str] = []
-    _write(value, out, holding)
+    try:
+        if not holding:
+            return _dumps(value)
+        _write(value, out, holding)
+    except RecursionError:  # called with little of the stack left: no json.dumps of a tree
+        out.clear()
+        _write(value, out, _EVERY_ONE)
     return "".join(out)
 
 
@@ -202,25 +209,39 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 _KEPT = frozenset({_Number, _Sent})
 
 
+# json.dumps writes an object or a list by calling itself, a level of the stack for each level
+# of it, and raises RecursionError where the stack runs out; but json.loads takes a body nested
+# almost as deep as the stack allows (about 990). No more levels than this are left to it.
+_DUMPS_DEPTH = 200
+
+
 def _holding_sent_text(value: Any) -> set[int]:
     """The ids of the numbers in ``value`` written otherwise than as a float or int is, and of
-    the objects and lists (``value`` itself among them) that hold one at any depth: ``_write``
-    writes those piece by piece, and the rest with one ``json.dumps`` each. A walk with a list
-    of its own, not the call stack: a payload nested 450 deep is JSON too."""
+    the objects and lists (``value`` itself among them) that hold one at any depth or an object
+    or a list ``_DUMPS_DEPTH`` levels below them: ``_write`` writes those piece by piece, and
+    the rest with one ``json.dumps`` each. A walk with a list of its own, not the call stack."""
     holding: set[int] = set()
+
+    def mark(entry: Any) -> None:  # this one, and each one above it not marked yet
+        while entry is not None and id(entry[0]) not in holding:
+            holding.add(id(entry[0]))
+            entry = entry[1]
+
     if isinstance(value, _Sent | _Number):
         holding.add(id(value))
-    # An object or a list, with its parent's entry: the way up to mark.
-    todo: list[tuple[Any, Any]] = [(value, None)]
+    # An object or a list, with its parent's entry (the way up to mark), and its depth.
+    todo: list[tuple[Any, Any, int]] = [(value, None, 0)]
     while todo:
         entry = todo.pop()
-        node = entry[0]
+        node, _, depth = entry
         if isinstance(node, list | tuple):
             members: Any = node
         elif isinstance(node, Mapping):
             members = node.values()
         else:
             continue
+        if depth and depth % _DUMPS_DEPTH == 0:
+            mark(entry[1])
         for member in members:
             kind = type(member)
             if kind in _PLAIN:
@@ -229,13 +250,20 @@ def _holding_sent_text(value: Any) -> set[int]:
                 if kind is _Number and member.text == float.__repr__(member):
                     continue  # written as its float is
                 holding.add(id(member))
-                up = entry  # the one holding it, and each one above not marked yet
-                while up is not None and id(up[0]) not in holding:
-                    holding.add(id(up[0]))
-                    up = up[1]
+                mark(entry)
             else:
-                todo.append((member, entry))
+                todo.append((member, entry, depth + 1))
     return holding
+
+
+class _EveryOne:
+    """What ``_write`` takes for ``holding`` to write every object and list piece by piece."""
+
+    def __contains__(self, _id: object) -> bool:
+        return True
+
+
+_EVERY_ONE = _EveryOne()
 
 
 class _Written(str):
@@ -244,7 +272,7 @@ class _Written(str):
     __slots__ = ()
 
 
-def _write(value: Any, out: list[str], holding: set[int]) -> None:
+def _write(value: Any, out: list[str], holding: Container[int]) -> None:
     """``value`` as compact JSON onto ``out``, each sent number as its text; with a list of
     its own for what is still to write (as ``_holding_sent_text`` walks). Only what is in
     ``holding`` is written piece by piece: each run of members between those is written by
@@ -259,9 +287,11 @@ def _write(value: Any, out: list[str], holding: set[int]) -> None:
             out.append(_dumps(item))
         elif isinstance(item, _Sent | _Number):
             out.append(item.text)
+        elif not isinstance(item, Mapping | list | tuple):  # with every one held
+            out.append(_dumps(item))
         else:
-            mapping = not isinstance(item, list | tuple)
-            members: Any = item.items() if mapping else enumerate(item)
+            mapping = isinstance(item, Mapping)
+            members = item.items() if isinstance(item, Mapping) else enumerate(item)
             parts: list[Any] = []  # written text, and members that hold sent text, in order
             text = ["{" if mapping else "["]
             run: Any = {} if mapping else []  # members between those, written as one
@@ -285,7 +315,11 @@ def _write(value: Any, out: list[str], holding: set[int]) -> None:
                 text.append(",")
             if run:
                 text += [_dumps(run)[1:-1], ","]
-            text[-1] = "}" if mapping else "]"  # for the comma after the last member
+            end = "}" if mapping else "]"
+            if text[-1] == ",":
+                text[-1] = end  # for the comma after the last member
+            else:  # none (every one held)
+                text.append(end)
             parts.append(_Written("".join(text)))
             todo.extend(reversed(parts))
 

@@ -265,7 +265,8 @@ class _Then:
         """What is posted: the answer, beside the event's id, source and payload."""
         body = {"event_id": event.id, "source": event.source, **answer}
         payload = payload_of(event)
-        # null for a body neither JSON nor a form: an empty object is a payload of its own.
+        # null for a body neither JSON (that json.loads reads) nor a form: an empty object is a
+        # payload of its own.
         body["payload"] = None if isinstance(payload, NoPayload) else payload
         text = to_json(body)  # a number sent past what a float or an int holds: as sent
         return _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
