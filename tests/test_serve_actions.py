@@ -483,6 +483,41 @@ async def test_log_writes_one_line_with_the_event_and_its_body(
     assert f"body={body.decode()!r}" in line
 
 
+async def test_log_shows_no_part_of_a_secret_that_the_body_previews_cut_falls_inside(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured secret from byte 186 of a body to byte 214: the preview, cut at 200 bytes,
+    shows it as ``***`` (the line was masked after the cut, when the first 14 characters were
+    no secret the masker knew, and they were logged)."""
+    secret = "dpl-tok-7Qx2mZ9wLk4vR8sT1uY6"
+    monkeypatch.setenv("WEBHOOKD_TEST_DEPLOY_TOKEN", secret)
+    cfg = write_config(
+        tmp_path / "webhookd.toml",
+        tmp_path / "webhookd.db",
+        """
+[sources.ci]
+[[sources.ci.actions]]
+type = "log"
+
+[[sources.ci.actions]]
+type = "command"
+argv = ["/bin/true"]
+env = { DEPLOY_TOKEN = "env:WEBHOOKD_TEST_DEPLOY_TOKEN" }
+""",
+    )
+    daemon = await procs.serve(cfg)
+    # A CI webhook quoting the job's output, the token in it.
+    body = json.dumps({"log": "x" * (186 - len('{"log": "')) + secret + " done"}).encode()
+    assert body.index(secret.encode()) == 186
+
+    event_id = await post(http, f"{daemon.url}/hooks/ci", body)
+    doc = await settled_event(http, daemon.admin_url, event_id)
+    line = await daemon.wait_said(f"event={event_id} source=ci bytes=")
+
+    assert doc["state"] == "done", doc
+    assert line.endswith(f"body='{body[:186].decode()}***'…"), line[-80:]
+
+
 async def test_each_kind_gives_its_jobs_the_kinds_own_retry_defaults(
     tmp_path: Path,
     procs: Procs,

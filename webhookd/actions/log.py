@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from webhookd.actions.base import Outcome, Resources, options
+from webhookd.actions.base import Outcome, Resources, masker_of, options
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.models import Event, Job
+from webhookd.redact import Masker
 
 log = logging.getLogger("webhookd.actions.log")
 
 DEFAULTS = ActionDefaults()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _PREVIEW_BYTES = 200
+# Read past the preview, so that a secret its end falls inside is masked whole (see
+# ``Masker.before``): one this long or shorter.
+_SPARE_BYTES = 1024
 
 
 _OPTIONS = ("level", "body")
@@ -36,8 +41,11 @@ def validate(config: ActionConfig) -> None:
 
 
 class LogAction:
-    def __init__(self, config: ActionConfig) -> None:
+    def __init__(self, config: ActionConfig, masker: Callable[[], Masker]) -> None:
         self.config = config
+        # The log masks its lines too, but a secret the preview's cut falls inside is no secret
+        # it knows any more: masked here first, then cut.
+        self.masker = masker
         settings = _settings(config)
         self.level = _LEVELS[settings.level]
         self.show_body = settings.body
@@ -46,7 +54,9 @@ class LogAction:
         if log.isEnabledFor(self.level):
             preview = ""
             if self.show_body:
-                text = event.body[:_PREVIEW_BYTES].decode("utf-8", "replace")
+                text = event.body[: _PREVIEW_BYTES + _SPARE_BYTES].decode("utf-8", "replace")
+                cut = len(event.body[:_PREVIEW_BYTES].decode("utf-8", "replace"))
+                text = self.masker().before(text, cut)
                 more = "…" if len(event.body) > _PREVIEW_BYTES else ""
                 preview = f" body={text!r}{more}"
             log.log(
@@ -66,4 +76,4 @@ class LogAction:
 
 
 def create(config: ActionConfig, resources: Resources) -> LogAction:
-    return LogAction(config)
+    return LogAction(config, masker_of(resources))
