@@ -265,6 +265,42 @@ def test_bad_values_name_their_dotted_key(text: str, key: str) -> None:
     assert "\n" not in str(info.value)
 
 
+ASKING = 'type = "openai"\nprompt = "hi"\nmax_tokens = 5\napi_key = "sk-x"\n'
+
+
+@pytest.mark.parametrize(
+    ("action", "key"),
+    [
+        (
+            'type = "forward"\nurl = "http://127.0.0.1/"\nheaders = { X-Ref = "{{ ref }}" }',
+            "headers.X-Ref",
+        ),
+        (
+            'type = "command"\nargv = ["/bin/true", "{{ ref }}"]\nenv = { REF = "{{ ref }}" }',
+            "env.REF",
+        ),
+        ('type = "command"\nargv = ["/bin/true"]\ncwd = "/srv/{{ repository.name }}"', "cwd"),
+        (ASKING + 'model = "{{ model }}"', "model"),
+        (
+            ASKING + 'model = "gpt-4o-mini"\nbase_url = "http://127.0.0.1/{{ tenant }}/v1"',
+            "base_url",
+        ),
+    ],
+    ids=["forward-headers", "command-env", "command-cwd", "openai-model", "openai-base_url"],
+)
+def test_a_lookup_where_no_template_is_read_is_refused_by_name(action: str, key: str) -> None:
+    """A ``{{ }}`` in an option used as written (only a command's argv and an openai prompt and
+    system are templates) is refused, naming the option: a command's env and cwd and an openai
+    model took it silently, so the program got the text ``{{ ref }}`` and the API was asked for
+    a model named ``{{ model }}``."""
+    with pytest.raises(ConfigError) as info:
+        actions.validate(loads(f"[sources.s]\n[[sources.s.actions]]\n{action}\n"))
+    assert str(info.value) == (
+        f"sources.s.actions[0].{key}: is sent as written: {{{{ }}}} lookups are read only in a"
+        " command's argv and an openai action's prompt and system"
+    )
+
+
 @pytest.mark.parametrize(
     ("written", "says"),
     [

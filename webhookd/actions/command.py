@@ -45,6 +45,7 @@ from webhookd.actions.base import (
     options,
     rendered,
 )
+from webhookd.actions.delivery import no_template
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
@@ -95,13 +96,17 @@ class _Settings:
         cwd = t.raw("cwd", None)
         if cwd is not None and (not isinstance(cwd, str) or not cwd):
             raise ConfigError(t.path("cwd"), "must be a directory path")
-        if cwd is not None and not os.path.isdir(cwd):
-            raise ConfigError(t.path("cwd"), f"{cwd!r} is not a directory")
+        if cwd is not None:
+            no_template(cwd, t.path("cwd"))  # else a directory of that name is looked for
+            if not os.path.isdir(cwd):
+                raise ConfigError(t.path("cwd"), f"{cwd!r} is not a directory")
         self.cwd: str | None = cwd
         env = t.raw("env", {})
         if isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values()):
             # A value written env:NAME or file:PATH is that secret, handed to this command only
             # (a PEM key, several lines, as well).
+            for k, v in env.items():
+                no_template(v, f"{t.path('env')}.{k}")
             env = {k: text_or_secret(v, f"{t.path('env')}.{k}", lines=True) for k, v in env.items()}
         if not isinstance(env, Mapping) or not all(
             _env_name(k) and isinstance(v, str) and "\0" not in v for k, v in env.items()

@@ -150,12 +150,12 @@ def read_url(t: Table, name: str) -> str:
         # Through the config's own reader: a number or an array is named as the wrong type
         # ("must be a string, not an integer"), not taken for a URL left out.
         value = t.string(name)
-        _no_template(value, t.path(name))
+        no_template(value, t.path(name))
         value = text_or_secret(value, t.path(name))
     return check_url(value, t.path(name), secret=secret)
 
 
-def _no_template(written: str, key: str) -> None:
+def no_template(written: str, key: str) -> None:
     """A ``{{ }}`` where no template is read would be sent as written: refuse it by name."""
     if "{{" in written:
         raise ConfigError(
@@ -239,7 +239,7 @@ def read_proxy(t: Table) -> Proxy | None:
         return None
     key = t.path("proxy")
     written = t.string("proxy")
-    _no_template(written, key)
+    no_template(written, key)
     value = text_or_secret(written, key)
     try:
         parts: SplitResult | None = urlsplit(value)
@@ -324,7 +324,7 @@ def read_headers(t: Table, name: str = "headers", *, url: str) -> dict[str, str]
                 "cannot be sent with the user and password in the URL, which already go as"
                 " Basic credentials: give one or the other",
             )
-        _no_template(v, key)
+        no_template(v, key)
         headers[k] = header_value(text_or_secret(v, key), key)
     return headers
 

@@ -79,6 +79,7 @@ from webhookd.actions.delivery import (
     check_url,
     connect_reason,
     deliver,
+    no_template,
     parse_retry_after,
     read_headers,
     read_proxy,
@@ -176,6 +177,7 @@ class _Settings:
             )
         self.base_url: str | None = None
         if t.has("base_url"):
+            no_template(t.string("base_url"), t.path("base_url"))
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
         # A server of your own on https behind a private CA, or asking for a client certificate.
         self.tls = read_tls(t, self.base_url or OPENAI_BASE_URL)
@@ -185,6 +187,7 @@ class _Settings:
         if not model:
             raise ConfigError(t.path("model"), "is required (a model name)")
         no_reference(model, t.path("model"), "a model name")  # else sent as written
+        no_template(model, t.path("model"))
         self.model = model
         if not t.has("prompt"):
             raise ConfigError(t.path("prompt"), "is required (a template)")
