@@ -134,6 +134,12 @@ def _credential_param(name: str) -> bool:
     return low in _CREDENTIAL_QUERY_NAMES or any(hint in dashed for hint in _SHOWN_MASKED_HINTS)
 
 
+# How far past a cut a text is read (or kept), so that a secret the cut falls inside, of this
+# length or shorter, is found whole and shown as ``***`` rather than in part (``Masker.after``,
+# ``Masker.head``).
+SPARE_BYTES = 1024
+
+
 class Masker:
     """Replaces known secret values with ``***`` in text and in JSON-shaped documents."""
 
@@ -178,6 +184,12 @@ class Masker:
                 start = min(start, at)
                 at = text.find(secret, at + 1, end + n - 1)
         return self.text(text[:start]) + (MASK if start < end else "")
+
+    def head(self, data: bytes, most: int) -> str:
+        """The first ``most`` bytes of ``data`` as text, masked then cut (``before``): ``data``
+        read ``SPARE_BYTES`` past them, so a secret the cut falls inside shows as ``***``."""
+        text = data.decode("utf-8", "replace")
+        return self.before(text, len(data[:most].decode("utf-8", "replace")))
 
     def deep(self, value: Any) -> Any:
         """``value`` with every string in it masked but the keys of its mappings (names, the

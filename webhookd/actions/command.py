@@ -49,7 +49,7 @@ from webhookd.actions.delivery import no_template
 from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
-from webhookd.redact import Masker, inherited_env, secret_values
+from webhookd.redact import SPARE_BYTES, Masker, inherited_env, secret_values
 from webhookd.templates import Template, compile_template, payload_of
 
 log = logging.getLogger("webhookd.actions.command")
@@ -60,9 +60,6 @@ _OPTIONS = ("argv", "cwd", "env", "inherit_env", "permanent_exit_codes")
 # What any program needs to find its tools and speak the right locale; nothing that can be a secret.
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TZ")
 TAIL_BYTES = 2048
-# Kept before the tail as well: a configured secret shorter than this that the tail's cut
-# falls inside is found whole, and shown as *** rather than as its last characters.
-_SPARE_BYTES = 1024
 _KILL_GRACE_S = 2.0
 # A program that could not start for want of descriptors waits this long, using no attempt:
 # the shortage is the daemon's (its connections, other commands' pipes), not the job's, and
@@ -208,7 +205,7 @@ class _Tail:
     def add(self, chunk: bytes) -> None:
         self.total += len(chunk)
         self.data += chunk
-        del self.data[: -(TAIL_BYTES + _SPARE_BYTES)]
+        del self.data[: -(TAIL_BYTES + SPARE_BYTES)]
 
     def text(self, most: int = TAIL_BYTES) -> str:
         """The last ``most`` bytes as text, masked: what was read before them only tells
@@ -251,7 +248,7 @@ class CommandAction:
         self.config = config
         self.settings = _Settings(config)
         # The worker masks what an attempt records as well; this also masks a secret the
-        # tails' cut falls inside (see ``_SPARE_BYTES``). Asked at each run: an action a
+        # tails' cut falls inside (see ``SPARE_BYTES``). Asked at each run: an action a
         # reload kept is given that reload's secrets too.
         self.masker = masker
 

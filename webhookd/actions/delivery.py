@@ -46,16 +46,13 @@ from webhookd.config import (
     text_or_secret,
 )
 from webhookd.errors import ConfigError
-from webhookd.redact import Masker
+from webhookd.redact import SPARE_BYTES, Masker
 from webhookd.schemes.standard import check_whsec, sign_standard
 
 # 407: a proxy on the way asks for credentials (fixed in the config and reloaded, the retries
 # go through).
 _RETRYABLE_4XX = frozenset({407, 408, 425, 429})
 _RESPONSE_HEAD_BYTES = 1024
-# Read past the head, so that a secret the head's end falls inside is masked whole (see
-# ``Masker.before``): one this long or shorter.
-_SPARE_BYTES = 1024
 # How long the start of an answer's body may take once its status has come.
 RESPONSE_HEAD_S = 2.0
 _LOCATION_CHARS = 500
@@ -599,7 +596,7 @@ async def _response_head(
     was recorded as timed out and sent again (ten times to a target slow to send its body)."""
     if not wait:
         try:
-            head = response.content.read_nowait(_RESPONSE_HEAD_BYTES + _SPARE_BYTES)
+            head = response.content.read_nowait(_RESPONSE_HEAD_BYTES + SPARE_BYTES)
         except (aiohttp.ClientError, OSError, RuntimeError) as exc:
             why = f"{type(exc).__name__}: {exc}".splitlines()[0][:_WHY_CHARS]
             return f"(the body could not be read: {why})"
@@ -608,7 +605,7 @@ async def _response_head(
         return _head_text(response, head, masker)
     try:
         async with asyncio.timeout(RESPONSE_HEAD_S):
-            head = await response.content.read(_RESPONSE_HEAD_BYTES + _SPARE_BYTES)
+            head = await response.content.read(_RESPONSE_HEAD_BYTES + SPARE_BYTES)
     except TimeoutError:
         return f"(no body within {RESPONSE_HEAD_S:g} s)"
     except (aiohttp.ClientError, OSError) as exc:
@@ -624,6 +621,4 @@ def _head_text(response: aiohttp.ClientResponse, head: bytes, masker: Masker | N
     coding = response.headers.get("Content-Encoding", "identity")
     if head and coding.lower() != "identity":
         return f"(a body in Content-Encoding {coding[:_WHY_CHARS]}, not shown)"
-    text = head.decode("utf-8", "replace")
-    cut = len(head[:_RESPONSE_HEAD_BYTES].decode("utf-8", "replace"))
-    return text[:cut] if masker is None else masker.before(text, cut)
+    return (masker or Masker()).head(head, _RESPONSE_HEAD_BYTES)

@@ -10,16 +10,13 @@ from typing import Literal
 from webhookd.actions.base import Outcome, Resources, masker_of, options
 from webhookd.config import ActionConfig, ActionDefaults
 from webhookd.models import Event, Job
-from webhookd.redact import Masker
+from webhookd.redact import SPARE_BYTES, Masker
 
 log = logging.getLogger("webhookd.actions.log")
 
 DEFAULTS = ActionDefaults()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _PREVIEW_BYTES = 200
-# Read past the preview, so that a secret its end falls inside is masked whole (see
-# ``Masker.before``): one this long or shorter.
-_SPARE_BYTES = 1024
 
 
 _OPTIONS = ("level", "body")
@@ -54,9 +51,9 @@ class LogAction:
         if log.isEnabledFor(self.level):
             preview = ""
             if self.show_body:
-                text = event.body[: _PREVIEW_BYTES + _SPARE_BYTES].decode("utf-8", "replace")
-                cut = len(event.body[:_PREVIEW_BYTES].decode("utf-8", "replace"))
-                text = self.masker().before(text, cut)
+                text = self.masker().head(
+                    event.body[: _PREVIEW_BYTES + SPARE_BYTES], _PREVIEW_BYTES
+                )
                 more = "…" if len(event.body) > _PREVIEW_BYTES else ""
                 preview = f" body={text!r}{more}"
             log.log(
