@@ -550,34 +550,31 @@ class Reads:
             return {}
         wanted = ", ".join("(?, ?, ?, ?, ?)" for _ in actions)
         rows_of = [(a.source, a.action, a.lane, a.most, a.tokens) for a in actions]
-        try:
-            first = await self._attempts_from(since - _ENDED_BEFORE_APPENDED_S)
-            rows = await fetch(
-                self.reader,
-                f"WITH wanted(source, action, lane, most, tokens) AS (VALUES {wanted}),"
-                # CROSS JOIN keeps this order: the window's attempts by rowid, then each one's
-                # job by its id (no index has jobs by action).
-                " called AS (SELECT w.lane, w.most, w.tokens, a.seq, a.job_id,"
-                " ROW_NUMBER() OVER (PARTITION BY w.lane ORDER BY a.seq DESC) AS nth"
-                " FROM attempts a CROSS JOIN jobs j CROSS JOIN wanted w"
-                " WHERE a.seq >= ? AND a.finished_at > ? AND j.id = a.job_id"
-                " AND w.action = j.action AND (w.source = j.source OR (w.source = ?"
-                " AND j.source NOT IN (SELECT value FROM json_each(?)))))"
-                # The rows and answers of the calls kept only (an answer is up to 64 KiB).
-                " SELECT c.lane, a.started_at, a.finished_at, a.outcome, a.detail,"
-                " CASE WHEN a.outcome = 'done' THEN j.result END, c.tokens"
-                " FROM called c CROSS JOIN attempts a CROSS JOIN jobs j"
-                " WHERE c.nth <= c.most AND a.seq = c.seq AND j.id = c.job_id",
-                (
-                    *(v for row in rows_of for v in row),
-                    first,
-                    since,
-                    CATCH_ALL,
-                    json.dumps(sorted(named)),
-                ),
-            )
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
+        first = await self._attempts_from(since - _ENDED_BEFORE_APPENDED_S)
+        rows = await fetch(
+            self.reader,
+            f"WITH wanted(source, action, lane, most, tokens) AS (VALUES {wanted}),"
+            # CROSS JOIN keeps this order: the window's attempts by rowid, then each one's
+            # job by its id (no index has jobs by action).
+            " called AS (SELECT w.lane, w.most, w.tokens, a.seq, a.job_id,"
+            " ROW_NUMBER() OVER (PARTITION BY w.lane ORDER BY a.seq DESC) AS nth"
+            " FROM attempts a CROSS JOIN jobs j CROSS JOIN wanted w"
+            " WHERE a.seq >= ? AND a.finished_at > ? AND j.id = a.job_id"
+            " AND w.action = j.action AND (w.source = j.source OR (w.source = ?"
+            " AND j.source NOT IN (SELECT value FROM json_each(?)))))"
+            # The rows and answers of the calls kept only (an answer is up to 64 KiB).
+            " SELECT c.lane, a.started_at, a.finished_at, a.outcome, a.detail,"
+            " CASE WHEN a.outcome = 'done' THEN j.result END, c.tokens"
+            " FROM called c CROSS JOIN attempts a CROSS JOIN jobs j"
+            " WHERE c.nth <= c.most AND a.seq = c.seq AND j.id = c.job_id",
+            (
+                *(v for row in rows_of for v in row),
+                first,
+                since,
+                CATCH_ALL,
+                json.dumps(sorted(named)),
+            ),
+        )
         return calls_by_lane(rows)
 
     async def _attempts_from(self, since: float) -> int:
