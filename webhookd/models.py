@@ -204,6 +204,18 @@ def query_body_key(query: str, body: bytes) -> str:
 MOST_KEY_CHARS = 256
 
 
+def signed_key(stamp: Any, body: bytes) -> str:
+    """The second dedup key of a body signed with a timestamp (``stamp``, as the scheme read
+    it) by a provider that sends no delivery id: the hash of what was signed."""
+    return sha256_key(b"signed %r\n%b" % (stamp, body))
+
+
+def kept_long(value: str) -> str:
+    """A dedup key, tenant or order key as the journal keeps it: past ``MOST_KEY_CHARS``, its
+    digest (``kept_digest``)."""
+    return kept_digest(value) if len(value) > MOST_KEY_CHARS else value
+
+
 def kept_digest(value: str) -> str:
     """What the journal keeps of a value read from a credential header (a tenant, a dedup or an
     order key): its digest, so that equal values still match and the credential is nowhere."""

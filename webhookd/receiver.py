@@ -39,13 +39,14 @@ from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob
 from webhookd.json_errors import json_error
 from webhookd.models import (
-    MOST_KEY_CHARS,
     Event,
     kept_digest,
+    kept_long,
     new_event_id,
     new_job_id,
     query_body_key,
     sha256_key,
+    signed_key,
 )
 from webhookd.redact import redact_request_headers, secret_headers
 from webhookd.schemes import SCHEMES, Scheme
@@ -247,9 +248,7 @@ def _storable(value: str | None, role: str, spec: Extractor | None = None) -> st
             value.encode()
         except UnicodeEncodeError:
             raise _Refused(400, f"{field} is not valid UTF-8 text") from None
-    if value is not None and len(value) > MOST_KEY_CHARS:
-        return kept_digest(value)
-    return value
+    return None if value is None else kept_long(value)
 
 
 class _CommitTimeout(Exception):
@@ -742,7 +741,7 @@ class Receiver:
                 # header) had a key of its own. What was signed, its time and body, is a second
                 # key (for a source whose provider sends no delivery id); a provider's retry
                 # signs a new time and is judged by the first.
-                body_key = sha256_key(b"signed %r\n%b" % (stamp, body))
+                body_key = signed_key(stamp, body)
         second = f"{name}:{body_key}" if body_key is not None and body_key != key else None
         # A source without actions adds no job: the backlog's bound is not its to keep.
         if self.journal.backlog_jobs >= server.max_backlog and src.actions:

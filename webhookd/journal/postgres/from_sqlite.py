@@ -41,7 +41,7 @@ from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from webhookd.journal.schema import key_digest
-from webhookd.models import MOST_KEY_CHARS, kept_digest, sha256_key, storable_text
+from webhookd.models import kept_long, sha256_key, signed_key, storable_text
 
 # Rows read from SQLite and sent in one COPY: 2,000 at most, and no more than BATCH_BYTES of
 # their values (a body may be up to max_body_bytes: 2,000 of 1 MiB were 2 GiB in memory).
@@ -203,16 +203,14 @@ def _storable(row: tuple[Any, ...]) -> tuple[Any, ...]:
 def _kept(value: str | None) -> str | None:
     """A tenant or an order key as the receiver keeps it now: one over ``MOST_KEY_CHARS``
     (which an older webhookd kept whole, and PostgreSQL cannot index) as its digest."""
-    return kept_digest(value) if value is not None and len(value) > MOST_KEY_CHARS else value
+    return None if value is None else kept_long(value)
 
 
 def _kept_key(source: str, key: str) -> str:
     """A dedup key (``<source>:<value>``) as the receiver makes it now: a value over
     ``MOST_KEY_CHARS`` as its digest, so that a provider's retry still finds it."""
     value = key.removeprefix(f"{source}:")
-    if value != key and len(value) > MOST_KEY_CHARS:
-        return f"{source}:{kept_digest(value)}"
-    return key
+    return f"{source}:{kept_long(value)}" if value != key else key
 
 
 def _event_rows(batches: Iterator[list[tuple[Any, ...]]]) -> Iterator[list[tuple[Any, ...]]]:
@@ -246,8 +244,7 @@ def _body_key(digest: bytes, source: str, body: bytes, verified: str | None) -> 
     with contextlib.suppress(ValueError, AttributeError):
         stamp = json.loads(verified).get("timestamp") if verified else None
         if stamp is not None:
-            signed = b"signed %r\n%b" % (stamp, body)  # as the receiver signs it
-            keys.append(f"{source}:{sha256_key(signed)}")
+            keys.append(f"{source}:{signed_key(stamp, body)}")
     return next((k for k in keys if key_digest(k) == digest), None)
 
 
