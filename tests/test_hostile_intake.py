@@ -41,7 +41,7 @@ from webhookd.config import Extractor
 from webhookd.errors import ConfigError
 from webhookd.journal import Journal
 from webhookd.json_errors import refusal
-from webhookd.models import Priority
+from webhookd.models import Priority, sha256_key
 from webhookd.receiver import Receiver, _Payload, extract
 from webhookd.state import IntakeState
 
@@ -297,6 +297,24 @@ async def test_an_empty_string_is_no_value_for_a_dedup_tenant_or_order_rule(
     for answer in answers:
         row = intake.row("SELECT dedup_key, tenant FROM events WHERE id = ?", answer.doc["id"])
         assert row[0] != "j:" and row[1] == ""
+        [order_key] = intake.row("SELECT order_key FROM jobs WHERE event_id = ?", answer.doc["id"])
+        assert order_key is None
+
+
+async def test_a_form_rule_finds_no_value_in_a_json_body_and_falls_back_to_the_hash(
+    make_intake: StartIntake,
+) -> None:
+    """``dedup = "form:id"`` on a body sent as JSON reads no field, as for a form without
+    ``id``: the key is the body's hash. Split on "&", two different JSON events whose text
+    holds ``&id=7&`` had the key ``f:7``, and the second was answered a duplicate and lost."""
+    intake = await make_intake(FORM_SOURCE)
+    bodies = [b'{"n": 1, "text": "a&id=7&t=x&o=y&"}', b'{"n": 2, "text": "b&id=7&t=x&o=y&"}']
+    json_type = [(b"Content-Type", b"application/json")]
+    answers = [await intake.post(b"/hooks/f", body, json_type) for body in bodies]
+    assert [(a.status, a.doc["duplicate"]) for a in answers] == [(202, False), (202, False)]
+    for body, answer in zip(bodies, answers, strict=True):
+        row = intake.row("SELECT dedup_key, tenant FROM events WHERE id = ?", answer.doc["id"])
+        assert tuple(row) == (f"f:{sha256_key(body)}", "")
         [order_key] = intake.row("SELECT order_key FROM jobs WHERE event_id = ?", answer.doc["id"])
         assert order_key is None
 

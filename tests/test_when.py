@@ -199,6 +199,19 @@ async def test_json_true_and_form_fields_match_as_text(intake: tuple[Post, Journ
     assert (job_actions(signup), signup.filtered) == (["signup"], ("live",))
 
 
+async def test_a_json_body_has_no_form_fields_whatever_its_text_holds(
+    intake: tuple[Post, Journal],
+) -> None:
+    """A JSON event whose text holds ``&event=signup&`` (a customer's note, an e-mail subject)
+    matches no ``form:`` rule: split on "&" as a form, it matched ``form:event = signup``."""
+    post, _ = intake
+    for kind in ("application/json", "application/vnd.api+json; charset=utf-8"):
+        body = json.dumps({"livemode": False, "note": "hi&event=signup&", "as": kind}).encode()
+        status, detail = await post("/hooks/only", body, **{"Content-Type": kind})
+        assert status == 202
+        assert (job_actions(detail), detail.filtered) == ([], ("live", "signup")), kind
+
+
 async def test_an_event_whose_actions_are_all_filtered_is_done_with_no_jobs(
     intake: tuple[Post, Journal],
 ) -> None:
