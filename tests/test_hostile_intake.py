@@ -556,6 +556,30 @@ async def test_valid_encodings_are_stored_decoded_and_bombs_are_413(
     assert await intake.events() == len(cases)
 
 
+async def test_a_content_encoding_in_several_header_lines_is_undone_whole(
+    make_intake: StartIntake,
+) -> None:
+    """A list header's lines are one list (RFC 9110 §5.3): ``gzip`` on two lines is ``gzip,
+    gzip``, and ``identity`` then ``gzip`` is ``gzip``. Only the first line was read: one
+    layer was undone, or none, and the still compressed bytes were journaled as the body."""
+    intake = await make_intake(CATCH_ALL)
+    cases = [
+        ([b"gzip", b"gzip"], gzip.compress(GZIPPED)),
+        ([b"identity", b"gzip"], GZIPPED),
+        ([b"gzip", b"identity"], GZIPPED),
+    ]
+    for n, (lines, body) in enumerate(cases):  # one source each: bodies repeat
+        answer = await intake.post(
+            b"/hooks/z%d" % n, body, [(b"Content-Encoding", c) for c in lines]
+        )
+        assert answer.status == 202, (lines, answer)
+        assert (await intake.journal.get_event(answer.doc["id"])).event.body == PAYLOAD, lines
+    thrice = [(b"Content-Encoding", b"gzip")] * 3
+    refused = await intake.post(b"/hooks/z", gzip.compress(gzip.compress(GZIPPED)), thrice)
+    assert assert_json_error(refused, 400) == "more than 2 Content-Encodings"
+    assert await intake.events() == len(cases)
+
+
 # ---------------------------------------------------------------------------------------------
 # Unexpected errors
 

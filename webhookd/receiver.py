@@ -681,8 +681,9 @@ class Receiver:
             raise _too_large(most_bytes)
         body = await self._read(request, most_bytes)
         headers = request.headers
-        encoding = headers.get("Content-Encoding")
-        if encoding is not None:
+        # A list header's lines are one list (RFC 9110 §5.3): two "gzip" lines are "gzip, gzip".
+        encoding = ", ".join(headers.getall("Content-Encoding", ()))
+        if encoding:
             try:
                 body = content_coding.decode(body, encoding, most_bytes)
             except content_coding.DecodeError as exc:
