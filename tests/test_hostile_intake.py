@@ -580,6 +580,21 @@ async def test_a_content_encoding_in_several_header_lines_is_undone_whole(
     assert await intake.events() == len(cases)
 
 
+async def test_empty_list_elements_are_no_content_codings(make_intake: StartIntake) -> None:
+    """RFC 9110 §5.6.1.2: empty list elements are ignored. They were counted toward the limit
+    of two codings: ``gzip,,`` on a body gzipped once was a 400 "more than 2"."""
+    intake = await make_intake(CATCH_ALL)
+    cases = [(b"gzip,,", GZIPPED), (b", gzip, ,gzip ,", gzip.compress(GZIPPED))]
+    for n, (encoding, body) in enumerate(cases):  # one source each: bodies repeat
+        answer = await intake.post(b"/hooks/z%d" % n, body, [(b"Content-Encoding", encoding)])
+        assert answer.status == 202, (encoding, answer)
+        assert (await intake.journal.get_event(answer.doc["id"])).event.body == PAYLOAD
+    three = [(b"Content-Encoding", b"gzip, ,gzip,, gzip")]
+    refused = await intake.post(b"/hooks/z", gzip.compress(gzip.compress(GZIPPED)), three)
+    assert assert_json_error(refused, 400) == "more than 2 Content-Encodings"
+    assert await intake.events() == len(cases)
+
+
 # ---------------------------------------------------------------------------------------------
 # Unexpected errors
 

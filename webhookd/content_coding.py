@@ -35,12 +35,12 @@ def decode(body: bytes, encoding: str, limit_bytes: int) -> bytes:
     """``body`` with its Content-Encoding undone: 400 if malformed, truncated, unknown or
     coded more than twice, 413 if it inflates past ``limit_bytes`` (never inflating more than
     that: a bomb costs nothing)."""
-    codings = [c for c in (c.strip().lower() for c in encoding.split(",")) if c != "identity"]
+    # An empty list element ("gzip, ,") is no coding (RFC 9110 §5.6.1.2), nor counted as one.
+    listed = (c.strip().lower() for c in encoding.split(","))
+    codings = [c for c in listed if c and c != "identity"]
     if len(codings) > _MAX_LAYERS:  # each layer is undone on the event loop
         raise DecodeError(400, f"more than {_MAX_LAYERS} Content-Encodings")
     for coding in reversed(codings):  # applied in the order listed, so undone in reverse
-        if not coding:
-            continue
         wbits = _WBITS.get(coding)
         if wbits is None:
             raise DecodeError(400, f"unsupported Content-Encoding {coding[:40]!r}")
