@@ -38,6 +38,7 @@ from webhookd.journal import (
 )
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
 from webhookd.models import new_job_id
+from webhookd.state import IntakeState
 from webhookd.workers import WorkerPool
 
 EVENT_KEYS = {
@@ -846,10 +847,11 @@ def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> No
     """A dashboard or a script polling ``/stats`` 100 times a second keeps a 60 s window."""
     clock = ManualClock()
     pool = cast(WorkerPool, SimpleNamespace(clock=clock, outcomes={"done": 0}))
-    throughput = Throughput(pool)
+    intake = IntakeState()
+    throughput = Throughput(pool, intake)
     for _ in range(90 * 100):  # 90 s of polls, 10 ms apart, one webhook accepted per poll
         clock.advance(0.01)
-        throughput.observe("shop", 202, 0.001)
+        intake.accepted += 1
         rates = throughput.rates()
     assert rates["window_s"] == pytest.approx(60, abs=1.1)
     assert rates["accepted_per_s"] == pytest.approx(100, rel=0.02)
@@ -861,18 +863,47 @@ def test_duplicates_are_said_apart_from_accepted_webhooks() -> None:
     read from the journal, showed none."""
     clock = ManualClock()
     pool = cast(WorkerPool, SimpleNamespace(clock=clock, outcomes={"done": 0}))
-    duplicates: Counter[str] = Counter(shop=7)  # answered before the window began
-    throughput = Throughput(pool, duplicates)
+    intake = IntakeState(duplicates=Counter(shop=7), accepted=3)  # before the window began
+    throughput = Throughput(pool, intake)
     for _ in range(60):  # a minute: 10 new events and 90 duplicates a second
         clock.advance(1)
-        for _ in range(10):
-            throughput.observe("shop", 202, 0.001)
-        for _ in range(90):
-            duplicates["shop"] += 1
-            throughput.observe("shop", 200, 0.001)
+        intake.accepted += 10
+        intake.duplicates["shop"] += 90
         rates = throughput.rates()
     assert rates["accepted_per_s"] == pytest.approx(10, rel=0.02)
     assert rates["duplicates_per_s"] == pytest.approx(90, rel=0.02)
+
+
+async def test_provider_handshakes_are_not_counted_as_accepted_webhooks(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """Meta's ``hub.challenge`` GET (as Slack's ``url_verification``) is answered 200 and
+    journals nothing: counted among the receiver's 2xx answers, 50 of them read as thousands
+    of webhooks a second on the dashboard while the journal took none. A new event counts."""
+    source = """
+[sources.meta]
+verify = { scheme = "meta", secret = "app-secret", verify_token = "vt-1" }
+[[sources.meta.actions]]
+type = "log"
+
+[sources.shop]
+[[sources.shop.actions]]
+type = "log"
+"""
+    running: Running = await run_daemon(make_config(tmp_path, source))
+    query = "hub.mode=subscribe&hub.verify_token=vt-1&hub.challenge=c"
+    for _ in range(50):
+        async with running.http.get(f"{running.url}/hooks/meta?{query}") as r:
+            assert (r.status, await r.text()) == (200, "c")
+    status, stats = await get(running, "/stats")
+    assert status == 200 and stats["events"] == 0
+    assert stats["throughput"]["accepted_per_s"] == 0, stats["throughput"]
+    for duplicate in (False, True):  # one new event, then its duplicate: one of each
+        status, answer = await running.post("/hooks/shop", b'{"n": 1}')
+        assert answer["duplicate"] is duplicate, (status, answer)
+    status, stats = await get(running, "/stats")
+    rates = stats["throughput"]
+    assert stats["events"] == 1 and rates["accepted_per_s"] == rates["duplicates_per_s"] > 0
 
 
 def test_only_jobs_that_end_are_counted_as_finished() -> None:

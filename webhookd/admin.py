@@ -130,27 +130,25 @@ class Throughput:
     """Webhooks accepted (new events), duplicates answered and jobs finished (done, dead or
     cancelled) per second over about the last minute.
 
-    An intake observer counts 2xx answers, of which ``duplicates`` (the receiver's count by
-    source) are taken out: a sender retrying one delivery in a loop made accepted/s read as
-    intake while the journal took nothing (the dashboard's chart, read from the journal, said
-    otherwise). A ``rates()`` call records a sample (one a second at most) and measures against
-    the oldest sample of the last ``window_s`` (since the start before there is one).
+    Accepted webhooks are the receiver's count of new events journaled (``intake.accepted``),
+    not its 2xx answers: a provider's handshake (Meta's ``hub.challenge``, Slack's
+    ``url_verification``) is answered 200 and journals nothing, and a sender retrying one
+    delivery in a loop is answered 200 each time, counted apart in ``intake.duplicates``. A
+    ``rates()`` call records a sample (one a second at most) and measures against the oldest
+    sample of the last ``window_s`` (since the start before there is one).
     """
 
     def __init__(
-        self, pool: WorkerPool, duplicates: Mapping[str, int] | None = None, window_s: float = 60.0
+        self, pool: WorkerPool, intake: IntakeState | None = None, window_s: float = 60.0
     ) -> None:
         self.pool = pool
-        self.duplicates: Mapping[str, int] = duplicates if duplicates is not None else {}
+        self.intake = intake if intake is not None else IntakeState()
         self.window_s = window_s
-        self.accepted = 0
         now = pool.clock.monotonic()
-        again = sum(self.duplicates.values())
-        self._samples: deque[tuple[float, int, int, int]] = deque([(now, 0, again, 0)], maxlen=4096)
-
-    def observe(self, source: str, status: int, seconds: float) -> None:
-        if 200 <= status < 300:
-            self.accepted += 1
+        again = sum(self.intake.duplicates.values())
+        self._samples: deque[tuple[float, int, int, int]] = deque(
+            [(now, self.intake.accepted, again, 0)], maxlen=4096
+        )
 
     def rates(self) -> dict[str, float]:
         now = self.pool.clock.monotonic()
@@ -160,18 +158,18 @@ class Throughput:
         finished = sum(n for outcome, n in self.pool.outcomes.items() if outcome in _FINISHED)
         while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
-        again = sum(self.duplicates.values())
-        then, answered0, again0, finished0 = self._samples[0]
+        accepted = self.intake.accepted
+        again = sum(self.intake.duplicates.values())
+        then, accepted0, again0, finished0 = self._samples[0]
         # One sample a second at most: a client polling faster would otherwise fill the
         # deque and shorten the window it measures over.
         if now - self._samples[-1][0] >= self.window_s / 60:
-            self._samples.append((now, self.accepted, again, finished))
+            self._samples.append((now, accepted, again, finished))
         span = max(now - then, 1e-9)
-        duplicates = again - again0
         return {
             "window_s": round(span, 1),
-            "accepted_per_s": round(max(self.accepted - answered0 - duplicates, 0) / span, 2),
-            "duplicates_per_s": round(duplicates / span, 2),
+            "accepted_per_s": round((accepted - accepted0) / span, 2),
+            "duplicates_per_s": round((again - again0) / span, 2),
             "finished_per_s": round((finished - finished0) / span, 2),
         }
 

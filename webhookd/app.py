@@ -326,8 +326,7 @@ class Daemon:
             journal.on_poisoned = poisoned
             if recovered.poisoned:
                 poisoned(recovered.poisoned)
-            throughput = Throughput(pool, self.intake.duplicates)
-            self.intake.observers.append(throughput.observe)
+            throughput = Throughput(pool, self.intake)
             ctx = AdminContext(
                 config=cfg,
                 journal=journal,

@@ -829,6 +829,7 @@ class Receiver:
             # behind: it does not hold every source's jobs as a burst of webhooks does.
             state.duplicates[src.name] += 1
             return Ack(200, b'{"id": "%s", "duplicate": true}' % result.event_id.encode())
+        state.accepted += 1
         if crowded:
             state.busy_at = self.clock.monotonic()
         return Ack(src.ack_status, b'{"id": "%s", "duplicate": false}' % event.id.encode())

@@ -45,6 +45,9 @@ class IntakeState:
     # Deliveries answered as duplicates, by configured source (a catch-all's under "*"): a
     # sender retrying in a loop shows here, not among the events.
     duplicates: Counter[str] = field(default_factory=Counter)
+    # New events journaled and answered as such: not a duplicate, not a provider's handshake
+    # (answered 200 with nothing journaled). What ``Throughput`` measures intake by.
+    accepted: int = 0
     # Webhooks read and waiting for their answer (the journal's commit), and when (on the daemon's
     # monotonic clock) a new event was last answered that had waited with BUSY_WAITING others
     # at once: the receiver then has more than it can answer, and the workers hold new jobs
