@@ -857,6 +857,42 @@ def test_stats_polled_many_times_a_second_still_measure_the_whole_minute() -> No
     assert rates["accepted_per_s"] == pytest.approx(100, rel=0.02)
 
 
+async def test_a_burst_an_hour_ago_is_not_read_as_the_current_rate() -> None:
+    """The rates are over the last minute however seldom they are asked for. Sampled only
+    when asked, they measured against the last sample however old: the heartbeat's, 30 s
+    apart, made a window of up to 90 s, and with no one asking an hour-old burst was read, an
+    hour later, as intake now."""
+    clock = ManualClock()
+    outcomes = {"done": 0}
+    intake = IntakeState()
+    throughput = Throughput(
+        cast(WorkerPool, SimpleNamespace(clock=clock, outcomes=outcomes)), intake
+    )
+    start = clock.monotonic()
+    during: list[dict[str, float]] = []
+
+    class AnHourLater(Exception):
+        pass
+
+    async def sleep(seconds: float) -> None:  # simulated time: no real waiting
+        clock.advance(seconds)
+        elapsed = clock.monotonic() - start
+        if elapsed <= 60:  # a burst in the first minute: 100 webhooks a second, all delivered
+            intake.accepted += 100
+            outcomes["done"] += 100
+            if elapsed == 60:
+                during.append(throughput.rates())
+        elif elapsed > 3660:  # then an hour with no webhook, and no one asking
+            raise AnHourLater
+
+    with pytest.raises(AnHourLater):
+        await throughput.run(sleep)
+    assert (during[0]["accepted_per_s"], during[0]["finished_per_s"]) == (100, 100)
+    rates = throughput.rates()  # the dashboard is opened
+    assert (rates["accepted_per_s"], rates["finished_per_s"]) == (0, 0), rates
+    assert rates["window_s"] == pytest.approx(60, abs=1.1)
+
+
 def test_duplicates_are_said_apart_from_accepted_webhooks() -> None:
     """A sender retrying one delivery in a loop is answered 200 each time, and the journal
     takes nothing: accepted/s counted those answers as intake while the dashboard's chart,

@@ -10,6 +10,7 @@ show it is not a cross-site form (see ``_same_origin``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
@@ -133,9 +134,13 @@ class Throughput:
     Accepted webhooks are the receiver's count of new events journaled (``intake.accepted``),
     not its 2xx answers: a provider's handshake (Meta's ``hub.challenge``, Slack's
     ``url_verification``) is answered 200 and journals nothing, and a sender retrying one
-    delivery in a loop is answered 200 each time, counted apart in ``intake.duplicates``. A
-    ``rates()`` call records a sample (one a second at most) and measures against the oldest
-    sample of the last ``window_s`` (since the start before there is one).
+    delivery in a loop is answered 200 each time, counted apart in ``intake.duplicates``.
+
+    ``run()`` records a sample every second, as does a ``rates()`` call (one a second at most);
+    ``rates()`` measures against the newest sample at least ``window_s`` old (the start, before
+    there is one) and says the span in its ``window_s``. Taken only when asked, samples were
+    as far apart as the asking: the heartbeat's 30 s stretched the window to 90 s, and a
+    ``Throughput`` no one polled measured against the start however long ago that was.
     """
 
     def __init__(
@@ -149,6 +154,12 @@ class Throughput:
         self._samples: deque[tuple[float, int, int, int]] = deque(
             [(now, self.intake.accepted, again, 0)], maxlen=4096
         )
+
+    async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Sample every sixtieth of the window (a second), until cancelled."""
+        while True:
+            await sleep(self.window_s / 60)
+            self.rates()  # for its sample
 
     def rates(self) -> dict[str, float]:
         now = self.pool.clock.monotonic()

@@ -350,6 +350,7 @@ class Daemon:
                     tg.create_task(journal.watch(), name="journal-writer-watch"),
                     tg.create_task(self._retention(journal), name="retention"),
                     tg.create_task(self._heartbeat(ctx), name="heartbeat"),
+                    tg.create_task(throughput.run(), name="throughput"),
                     tg.create_task(self._reloads(running), name="reload"),
                     tg.create_task(self._keep_status(self.status_now), name="sd-status"),
                     tg.create_task(alerter.run(), name="alerts"),
