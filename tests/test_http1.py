@@ -20,7 +20,7 @@ from aiohttp.http_parser import HttpRequestParser
 from tests.conftest import make_config
 from tests.procs import poll
 from tests.rawhttp import RawConn
-from webhookd.http1 import MAX_HEAD_BYTES, Answer, Http1Server, Request
+from webhookd.http1 import MAX_HEAD_BYTES, Answer, Http1Server, Request, _Connection
 from webhookd.journal import Journal
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
@@ -693,6 +693,101 @@ async def test_a_client_that_takes_no_answers_is_cut_off_and_read_no_further(
     await poll(cut, timeout_s=10)
     assert asyncio.get_running_loop().time() - paused_at >= 0.4
     writer.transport.abort()
+
+
+PROBE = b"GET /hooks/h HTTP/1.1\r\nHost: test\r\n\r\n"  # a 405 of ~190 bytes
+
+
+async def unread(served: Served, ending: bytes) -> tuple[RawConn, _Connection]:
+    """A client that reads one answer, then sends 200 requests and ``ending`` and reads none
+    of their answers: with the socket's buffers made small on both sides, the answers fill
+    them and some 25 KB wait in the server's write buffer, below its high-water mark (so
+    writing never pauses, and the keep-alive path's send timeout never starts). Returns the
+    client (its transport not reading) and the server's side of its connection."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    host, _, port = served.address.rpartition(":")
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    client = RawConn(*await asyncio.open_connection(sock=sock))
+    await client.send(PROBE)
+    assert (await client.answer()).status == 405  # by now the server has the connection
+    client.writer.transport.pause_reading()  # what comes stays in the kernel's buffers
+    conn = next(reversed(served.server.connections))  # the one that answered last
+    assert conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await client.send(PROBE * 200 + ending)
+    return client, conn
+
+
+async def answers_left(client: RawConn) -> int:
+    """How many answers the client still gets, reading to the end."""
+    client.writer.transport.resume_reading()
+    got = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await client.reader.read(1 << 16):
+                got += chunk
+    await client.close()
+    return got.count(b"HTTP/1.1 405 ")
+
+
+@pytest.mark.parametrize(
+    ("ending", "keepalive_timeout"),
+    [
+        (b"GET /hooks/h HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", 75.0),
+        (b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: 999999999\r\n\r\n", 75.0),
+        (b"", 0.2),
+    ],
+    ids=["connection-close", "answered-before-its-body", "idle"],
+)
+async def test_a_connection_closed_with_answers_its_client_never_takes_is_cut_off(
+    start: Start, ending: bytes, keepalive_timeout: float
+) -> None:
+    """A close waits for the answers written to be sent: a client that takes none of them
+    would keep its socket, and a descriptor, for ever. Closed after ``Connection: close``,
+    after a lingering close (a 413 before the body) or for idling past keepalive_timeout, it
+    is cut off once server.body_timeout_s (the send timeout) has passed, its answers dropped."""
+    served = await start(keepalive_timeout=keepalive_timeout, server_config="body_timeout_s = 0.2")
+    client, conn = await unread(served, ending)
+
+    async def cut() -> bool:
+        return conn.transport is None
+
+    with contextlib.suppress(TimeoutError):
+        await poll(cut, timeout_s=5)
+    unsent = None if conn.transport is None else conn.transport.get_write_buffer_size()
+    left = await answers_left(client)
+    assert unsent is None, f"still open with {unsent} bytes unsent"
+    assert left < 200  # what waited in the server's buffer was dropped
+    assert not served.server.connections
+
+
+async def test_a_connection_closed_to_make_room_is_closed_at_once_answers_unsent_or_not(
+    start: Start,
+) -> None:
+    """At max_connections, the connection closed for a new one leaves ``connections`` (it no
+    longer counts against the limit): its socket must go with it, though its client takes
+    none of its answers, or each such client leaves a descriptor open, past the limit."""
+    served = await start(server_config="max_connections = 1")
+    served.server.evict_idle_s = 0.0
+    client, conn = await unread(served, b"")
+
+    async def idle_with_answers_unsent() -> bool:
+        transport = conn.transport
+        unsent = transport is not None and transport.get_write_buffer_size() > 0
+        return unsent and conn.idle_since() is not None
+
+    await poll(idle_with_answers_unsent, timeout_s=10)
+    newcomer = await RawConn.open(served.address)
+    await newcomer.send(post(1))
+    assert (await newcomer.answer()).status == 202
+    await newcomer.close()
+    evicted = conn.transport is None
+    left = await answers_left(client)
+    assert evicted, f"closed to make room, yet open till its client read ({left} answers)"
+    assert left < 200  # what waited in the server's buffer was dropped
+    assert conn not in served.server.connections
 
 
 async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(

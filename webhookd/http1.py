@@ -244,6 +244,7 @@ class _Connection(BaseProtocol):
         "_broken",
         "_closing",
         "_current",
+        "_cut",
         "_fresh",
         "_handling",
         "_head_at_least",
@@ -290,6 +291,7 @@ class _Connection(BaseProtocol):
         self._last_active = loop.time()
         self._last_read = -math.inf  # when part of a head last arrived
         self._linger: asyncio.TimerHandle | None = None  # closes a lingering connection
+        self._cut: asyncio.TimerHandle | None = None  # aborts a close its client never drains
         self.peer: str | None = None
         self.local_host = ""
 
@@ -317,6 +319,8 @@ class _Connection(BaseProtocol):
         self._closing = True
         if self._linger is not None:
             self._linger.cancel()
+        if self._cut is not None:
+            self._cut.cancel()
         # A body still being read ends with an error; the request's handler is not cancelled
         # (a webhook queued for its commit is written all the same).
         lost = exc if exc is not None else ConnectionResetError("connection lost")
@@ -567,9 +571,21 @@ class _Connection(BaseProtocol):
         self._closing = True
 
     def close(self) -> None:
+        """Close once the answers written are sent; a client that takes none of them for
+        ``send_timeout_s`` is cut off (else, reading nothing, it holds the socket for ever)."""
+        self._closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if self._cut is None and transport.get_write_buffer_size():
+            self._cut = self._loop.call_later(self._server.send_timeout_s, transport.abort)
+        transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping whatever answers are not sent yet."""
         self._closing = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def linger(self) -> None:
         """Close once the client has stopped sending, as nginx's lingering close: after this
@@ -741,7 +757,7 @@ class Http1Server:
             if conn.read_since(cutoff):  # a head arriving slowly: a request under way
                 continue
             del self.connections[conn]
-            conn.close()
+            conn.abort()  # a close would wait for its answers to be taken: maybe for ever
             self.log_evicted(
                 "closed the connection from %s, idle for %.1f s, to make room for a new one (%s)",
                 conn.peer,
@@ -767,7 +783,7 @@ class Http1Server:
         for conn in list(self.connections):
             since = conn.idle_since()
             if since is not None and since <= cutoff:
-                conn.close()
+                conn.abort()  # answers it has not taken in all that time never will be
         if not self.closing:
             self._sweep_later()
 
