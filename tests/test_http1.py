@@ -593,6 +593,32 @@ async def test_shutdown_answers_the_requests_in_flight_and_closes_the_idle(
     assert served.events() == 1
 
 
+async def test_a_request_pipelined_behind_one_in_flight_at_the_drain_gets_no_answer(
+    start: Start,
+) -> None:
+    """At the drain (as app.py does it: ``intake.draining``, then the server's close) a webhook
+    whose body is still arriving is taken, and its 202 says ``Connection: close``; one
+    pipelined behind it is not taken: no answer, nothing journaled (its provider sends it
+    again), and the connection closes after the first's answer."""
+    served = await start()
+    idle = await RawConn.open(served.address)
+    conn = await RawConn.open(served.address)
+    first = post(1)
+    await conn.send(first[:-3])  # its body under way: the handler is reading it
+    await served.entered.wait()
+    served.state.draining = True
+    closing = asyncio.create_task(served.server.cleanup())
+    assert await idle.closed_by_peer()  # the drain has begun
+    await conn.send(first[-3:] + post(2))  # the rest of the first, and a second behind it
+    answer = await conn.answer()
+    assert (answer.status, answer.headers["connection"]) == (202, "close"), answer
+    assert await conn.closed_by_peer()  # and nothing more: no answer to the second
+    await closing
+    await idle.close()
+    await conn.close()
+    assert served.events() == 1
+
+
 def chunked_post(n: int, trailer: bytes = b"") -> bytes:
     body = b'{"n": %d}' % n
     head = b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -8,11 +8,11 @@ Start order:
      the above is ready.
 
 Shutdown (first SIGTERM or SIGINT):
-  1. mark draining: ``/readyz`` answers 503, and a request reaching the receiver from now on
-     (one pipelined behind another) gets 503;
+  1. mark draining: ``/readyz`` answers 503;
   2. close the receiver's listener at once (new connections are refused) and its idle
      connections; requests in flight finish their commit and get their answer, for up to
-     ``server.ack_timeout_s`` + 1 s;
+     ``server.ack_timeout_s`` + 1 s, and their connections then close (a request pipelined
+     behind one in flight is not taken and gets no answer: nothing acknowledged, nothing lost);
   3. stop claiming; give running jobs ``workers.shutdown_grace_s``; cancel the stragglers and
      put them back to ``queued`` without counting the attempt;
   4. journal the dead-job alert still held back by its interval (sent by the next start);
