@@ -582,10 +582,16 @@ class _Connection(BaseProtocol):
         transport.close()
 
     def abort(self) -> None:
-        """Close now, dropping whatever answers are not sent yet."""
+        """Close now, dropping whatever answers are not sent yet (with none, a plain close:
+        an idle client sees its connection end, not a reset)."""
         self._closing = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     def linger(self) -> None:
         """Close once the client has stopped sending, as nginx's lingering close: after this
@@ -783,7 +789,7 @@ class Http1Server:
         for conn in list(self.connections):
             since = conn.idle_since()
             if since is not None and since <= cutoff:
-                conn.abort()  # answers it has not taken in all that time never will be
+                conn.close()  # answers it has not taken by now are cut off after send_timeout_s
         if not self.closing:
             self._sweep_later()
 
