@@ -836,6 +836,40 @@ type = "log"
         assert await page.evaluate("document.querySelector('#dead-more').hidden")
 
 
+async def test_dashboard_shows_a_deeply_nested_body_and_result_as_they_came(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """A body of 5000 nested arrays (10 KB) and a result 500 deep are shown as they came, not
+    indented: each line indented by its depth, the body alone would be 50 million characters,
+    seconds of a frozen tab (16 KB: 30 s) for the operator who opens the event."""
+    project = tmp_path / "project"
+    project.mkdir()
+    module = f"deep_hooks_{os.urandom(4).hex()}"  # the daemon runs in this process: one a run
+    (project / f"{module}.py").write_text(
+        "def handle(event):\n"
+        "    deep = []\n"
+        "    for _ in range(500):\n"
+        "        deep = [deep]\n"
+        "    return {'deep': deep}\n"
+    )
+    source = f"""
+[[sources.shop.actions]]
+type = "python"
+handler = "{module}:handle"
+path = "{project}"
+"""
+    running = await run_daemon(make_config(tmp_path, source))
+    body = "[" * 5000 + "]" * 5000
+    event_id = await accepted(running, "shop", body)
+    await event_state(running.http, running.admin_url, event_id, "done")
+
+    async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+        result = await page.wait_for("document.querySelector('#detail pre.result')?.textContent")
+        shown = await page.evaluate("document.querySelector('#detail pre.body').textContent")
+    assert shown == body
+    assert result == '{"deep":' + "[" * 501 + "]" * 501 + "}"
+
+
 async def test_dashboard_shows_the_catch_alls_other_names_as_one_row_with_no_buttons(
     tmp_path: Path, run_daemon: Any, browser: str
 ) -> None:
