@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from conftest import Target, make_config
 from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source, ingest
-from procs import poll
+from procs import Procs, poll, write_config
 
 from webhookd.errors import ConfigError
 from webhookd.journal import Journal
@@ -978,6 +978,42 @@ async def test_dashboard_marks_its_data_stale_while_the_daemon_is_unreachable(
         await page.wait_for(
             "document.querySelector('#stale').hidden && !document.body.classList.contains('stale')"
         )
+
+
+@pytest.mark.subprocess
+async def test_dashboard_marks_its_data_stale_while_the_daemon_does_not_answer(
+    tmp_path: Path, procs: Procs, browser: str
+) -> None:
+    """A daemon that stops answering with its connections open (stopped, a stalled tunnel)
+    fails a refresh within seconds: the page says so and how old its data is, dimmed. Polls
+    meanwhile send nothing (one refresh waits at a time: the rest would all reach the daemon
+    once it answers), and once it answers the page is current again."""
+    daemon = await procs.serve(write_config(tmp_path / "c.toml", tmp_path / "j.db"))
+    async with open_page(browser, daemon.admin_url + "/") as page:
+        await page.wait_for("document.body.dataset.loaded === '1'")
+        # The most requests the page has waited on at once, each still sent by the browser.
+        await page.evaluate(
+            """(() => { const real = window.fetch; let now = 0; window.most = 0;
+            window.fetch = (...args) => { window.most = Math.max(window.most, ++now);
+                return real(...args).finally(() => now--); }; })()"""
+        )
+        daemon.signal(signal.SIGSTOP)
+        try:
+            said = await page.wait_for(
+                "document.body.classList.contains('stale')"
+                " && !document.querySelector('#stale').hidden"
+                " && document.querySelector('#stale').textContent",
+                timeout_s=30,
+            )
+            most = await page.evaluate("window.most")
+        finally:
+            daemon.signal(signal.SIGCONT)
+        await page.wait_for(
+            "document.querySelector('#stale').hidden && !document.body.classList.contains('stale')"
+        )
+    assert re.fullmatch(r"no answer from the daemon in 5 s · last updated \d+s ago", said), said
+    # One refresh: /stats, the two lists and the charts' series.
+    assert most <= 4, f"{most} requests waited on at once"
 
 
 async def test_dashboard_keeps_an_actions_failure_in_view_when_the_refresh_fails_too(
