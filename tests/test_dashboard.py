@@ -330,6 +330,41 @@ async def test_dashboard_logs_in_with_any_token_the_config_takes(
         assert await page.evaluate("document.querySelector('#auth.show')") is None
 
 
+async def test_dashboard_refuses_a_token_no_config_takes_and_asks_again(
+    tmp_path: Path, run_daemon: Any, browser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token typed with a character past ASCII (a typographic apostrophe pasted for a dash),
+    which a browser cannot send in a header, is refused by the page, saying which character,
+    and the form stays; one kept in the tab from before is dropped, so a reload asks for the
+    token (the daemon's 401), not "daemon unreachable" at every refresh, and the right one then
+    loads the page."""
+    monkeypatch.setenv(TOKEN_ENV, "dash-token-1234")
+    running = await run_daemon(make_config(tmp_path, admin=f'token = "env:{TOKEN_ENV}"'))
+    stored = "sessionStorage.getItem('webhookd-token')"
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.querySelector('#auth.show')")
+        await page.type_text("#token", "dash\u2019token-1234")
+        await page.click("#auth button")
+        said = await page.wait_for("document.querySelector('#status.err')?.textContent")
+        assert said == "a token is printable ASCII: this one has \u2019 (U+2019)"
+        assert await page.evaluate(f"[!!document.querySelector('#auth.show'), {stored}]") == [
+            True,
+            None,
+        ]
+
+        await page.evaluate("sessionStorage.setItem('webhookd-token', 'dash\u200btoken-1234')")
+        await send(page.ws, "Page.reload", {}, session=page.session)
+        await until_event(page.ws, "Page.loadEventFired", page.session)
+        said = await page.wait_for(
+            "document.querySelector('#auth.show') && document.querySelector('#stale').textContent"
+        )
+        assert said == "missing or wrong bearer token"
+        assert await page.evaluate(stored) is None
+        await page.type_text("#token", "dash-token-1234")
+        await page.click("#auth button")
+        assert await page.wait_for("document.body.dataset.loaded === '1'")
+
+
 async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
