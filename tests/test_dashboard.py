@@ -1219,6 +1219,39 @@ async def test_dashboard_charts_the_last_hour_and_shows_an_event_page_with_secre
         await page.wait_for(f"{total('accepted')} === '4'", timeout_s=30)
 
 
+async def test_dashboard_labels_a_six_or_seven_digit_chart_whole(
+    run_daemon: Any, tmp_path: Path, browser: str
+) -> None:
+    """A chart whose top is 120,000 or 1,234,567 a minute says so in full sight, as 120K and
+    1.2M: written out, the label's first digit fell outside the <svg> and "120000" read
+    "20000". The daemon's series is raised in the page (a real backlog of 120,000 would take
+    its own journal of that many jobs)."""
+    running = await run_daemon(make_config(tmp_path))
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.querySelector('#chart-backlog svg')")
+        await page.evaluate(
+            """(() => { const real = window.fetch;
+            window.fetch = async (path, options) => {
+                const r = await real(path, options);
+                if (!String(path).startsWith("/stats/series")) return r;
+                const doc = await r.json(), last = doc.backlog.length - 1;
+                doc.backlog[last] = 120000;
+                doc.accepted[last] = 1234567;
+                return new Response(JSON.stringify(doc), {status: 200});
+            };
+            document.querySelector('#series-source').dispatchEvent(new Event('change')); })()"""
+        )
+        await page.wait_for(
+            "document.querySelector('#chart-backlog polyline')?.dataset.total === '120000'"
+        )
+        labels = await page.evaluate(
+            "['#chart-rates', '#chart-backlog'].map((chart) => {"
+            " const top = document.querySelector(chart + ' svg text');"
+            " return [top.textContent, top.getBBox().x >= 0]; })"
+        )
+    assert labels == [["1.2M", True], ["120K", True]]
+
+
 async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlog(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
