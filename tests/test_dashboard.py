@@ -905,6 +905,30 @@ path = "{project}"
     assert result == '{"deep":' + "[" * 501 + "]" * 501 + "}"
 
 
+async def test_dashboard_says_a_list_has_more_only_past_its_50(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """Exactly 50 dead letters are listed with no word of more, and 51 events as their newest
+    50 with the note that ``webhookd events`` lists more: the page asked for 50, could not tell
+    50 from more, and said "lists more" under exactly 50."""
+    config = make_config(tmp_path, '[[sources.shop.actions]]\ntype = "log"')
+    async with Journal(tmp_path / "webhookd.db", serving=True) as journal:
+        job_ids = await ingest(journal, "shop", 51)
+        await journal.claim(job_ids, "boot")
+        now = journal.clock.time()
+        done = Finished(job_ids[0], 1, JobState.DONE, now, now, "done")
+        dead = [Finished(j, 1, JobState.DEAD, now, now, "dead", error="no") for j in job_ids[1:]]
+        await journal.finish([done, *dead])
+    running = await run_daemon(config)
+    async with open_page(browser, running.admin_url + "/") as page:
+        shown = await page.wait_for(
+            "document.body.dataset.loaded === '1' && ['#dead', '#events'].map((list) =>"
+            " [document.querySelectorAll(list + ' tbody tr').length,"
+            " !document.querySelector(list + '-more').hidden])"
+        )
+    assert shown == [[50, False], [50, True]]
+
+
 async def test_dashboard_shows_the_catch_alls_other_names_as_one_row_with_no_buttons(
     tmp_path: Path, run_daemon: Any, browser: str
 ) -> None:
