@@ -761,6 +761,82 @@ async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(
     assert doc["jobs"][0]["last_error"] == f"source 'b' is not configured on {node}"
 
 
+async def test_a_reload_that_removes_a_source_the_catch_all_takes_says_where_its_jobs_go(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A removed source's queued jobs go to the catch-all's action of that name, as the
+    workers (and a start) resolve a name: the reload said they would go dead, and they were
+    then delivered to the catch-all's target. It says where they go now."""
+    kept, catch = forward("a", f"{target.url}/a"), forward('"*"', f"{target.url}/catch")
+    shop = forward("shop", f"{target.url}/shop")
+    running: Running = await run_daemon(
+        make_config(tmp_path, kept + shop + catch),
+        loader=lambda: make_config(tmp_path, kept + catch),
+    )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("shop")  # its job stays queued across the reload
+    await running.daemon.pool.pause_applied()
+    status, answer = await running.post("/hooks/shop", b"{}")
+    assert status == 202
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    assert await _reloaded(running) is None
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reload")]
+    assert not [line for line in said if "no longer configured" in line], said
+    assert [line for line in said if "catch-all" in line] == [
+        'config reload: the queued job(s) of shop/forward go to the catch-all "*" now, each to'
+        " its action of the same name"
+    ]
+    await running.daemon.journal.resume("shop")
+    await running.daemon.pool.pause_applied()
+    await event_state(running.http, running.admin_url, answer["id"], "done")
+    assert [seen.path for seen in target.seen] == ["/catch"]
+
+
+async def test_a_reload_that_removes_the_catch_all_says_the_jobs_it_took_will_go_dead(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queued jobs of a name only the catch-all took go dead once it is removed: the
+    reload said nothing of them (it looked for jobs journaled under "*", which none is), where
+    a start names them."""
+    kept, catch = forward("a", f"{target.url}/a"), forward('"*"', f"{target.url}/catch")
+    running: Running = await run_daemon(
+        make_config(tmp_path, kept + catch), loader=lambda: make_config(tmp_path, kept)
+    )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("orders")  # a name only the catch-all takes
+    await running.daemon.pool.pause_applied()
+    status, answer = await running.post("/hooks/orders", b"{}")
+    assert status == 202
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    assert await _reloaded(running) is None
+    [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
+    assert line.startswith("config reload: orders/forward no longer configured: its queued job(s)")
+    await running.daemon.journal.resume("orders")
+    await running.daemon.pool.pause_applied()
+    doc = await event_state(running.http, running.admin_url, answer["id"], "dead")
+    assert "source 'orders' is not configured" in doc["jobs"][0]["last_error"]
+
+
+async def test_a_reload_that_adds_a_source_in_the_catch_alls_place_says_what_goes_dead(
+    tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source added under a name the catch-all took runs that name's queued jobs from then
+    on: those of an action it lacks go dead, and the reload says so (it took nothing away)."""
+    catch = forward('"*"', f"{target.url}/catch")
+    orders = '[sources.orders]\n[[sources.orders.actions]]\ntype = "log"\n'
+    running: Running = await run_daemon(
+        make_config(tmp_path, catch), loader=lambda: make_config(tmp_path, catch + orders)
+    )
+    assert running.daemon.journal is not None and running.daemon.pool is not None
+    await running.daemon.journal.pause("orders")
+    await running.daemon.pool.pause_applied()
+    assert (await running.post("/hooks/orders", b"{}"))[0] == 202
+    caplog.set_level(logging.WARNING, logger="webhookd.app")
+    assert await _reloaded(running) is None
+    [line] = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
+    assert line.startswith("config reload: orders/forward no longer configured: its queued job(s)")
+
+
 async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(
     tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

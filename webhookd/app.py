@@ -64,6 +64,7 @@ from webhookd.config import (
     cluster_digest,
     no_sources,
     plan_reload,
+    some,
 )
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
@@ -545,15 +546,28 @@ class Daemon:
             )
         cfg = plan.config
         journal = running.pool.journal
-        gone = plan.actions_gone
-        if gone:
+        gone: Sequence[str] = plan.actions_gone
+        taken: list[str] = []
+        if gone or plan.added:
             # Named only for the jobs they leave behind: an action taken away with none queued
-            # has nothing to go dead.
+            # has nothing to go dead. A journaled name is looked up as the workers do (one no
+            # source has is the catch-all's), so the jobs that go dead are those the new config
+            # cannot run and the running one could: a source removed that the catch-all takes
+            # loses none, the catch-all removed loses the jobs of every name it took, and a
+            # source added in its place takes its names' jobs.
             try:
                 waiting = await journal.unfinished_by_action()
-                gone = tuple(g for g in gone if waiting.get(_source_action(g), 0))
             except JournalError:
                 pass  # all of them named, as they may have some
+            else:
+                dead, before = _orphans(cfg, waiting), _orphans(self.config, waiting)
+                gone = [f"{s}/{a}" for s, a in dead if (s, a) not in before]
+                taken = [
+                    f"{s}/{a}"
+                    for (s, a), n in sorted(waiting.items())
+                    if n and s in self.config.sources and s not in cfg.sources
+                    if (s, a) not in dead
+                ]
         lanes = {name: lane for name, lane in self.lanes.items() if name in cfg.lanes}
         lanes |= build_lanes(
             {name: c for name, c in cfg.lanes.items() if name not in lanes},
@@ -602,8 +616,15 @@ class Daemon:
                 "config reload: %s no longer configured: %s queued job(s) go dead when their"
                 " turn comes (replayable once an action of that name is back; name an"
                 ' action, name = "...", to keep its jobs)',
-                ", ".join(gone),
+                some(gone),
                 "its" if len(gone) == 1 else "their",
+            )
+        if taken:
+            log.warning(
+                'config reload: the queued job(s) of %s go to the catch-all "%s" now, each to'
+                " its action of the same name",
+                some(taken),
+                CATCH_ALL,
             )
         # A key the command line sets (--log-level) is not the file's at a restart either.
         flagged = [key for key in plan.kept if key in self.fixed]
@@ -1121,9 +1142,3 @@ def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str
     sorted, comma-separated; ``None`` when it can run them all (``check``'s note, as the
     start warns of them)."""
     return _orphans_text(_orphans(cfg, unfinished)) or None
-
-
-def _source_action(name: str) -> tuple[str, str]:
-    """``("shop", "forward")`` of a plan's ``"shop/forward"`` (a source's name has no ``/``)."""
-    source, _, action = name.partition("/")
-    return source, action
