@@ -502,6 +502,20 @@ async def test_a_reload_of_a_file_with_no_source_is_refused_and_a_start_on_one_w
     assert "sources: none configured: every webhook is answered 404" in caplog.text
 
 
+async def test_a_reload_of_a_file_whose_only_source_is_the_catch_all_is_applied(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A file whose one source is the catch-all configures a source (every webhook goes to
+    it), as a start and ``check`` take it: the reload was refused as an empty file."""
+    catch = forward('"*"', f"{target.url}/catch")
+    running: Running = await run_daemon(
+        make_config(tmp_path, forward("a", f"{target.url}/a") + catch),
+        loader=lambda: make_config(tmp_path, catch),
+    )
+    assert await _reloaded(running) is None
+    assert sorted(running.daemon.config.sources) == ["*"]
+
+
 async def reload_metrics(running: Running) -> float:
     """``webhookd_config_last_reload_successful``, as a scrape reads it."""
     async with running.http.get(f"{running.admin_url}/metrics") as r:

@@ -516,7 +516,7 @@ class Daemon:
             return _refused(_reload_error(exc))
         logs.add_secrets(secrets)
         running_sources = [n for n in self.config.sources if n != CATCH_ALL]
-        if running_sources and not any(n != CATCH_ALL for n in new.sources):
+        if running_sources and not new.sources:
             # An empty file, or one cut short before its first source (a copy under way): as
             # a reload, every source and its queued jobs would go at once.
             return _refused(
