@@ -8,6 +8,7 @@ end on the action it started on, and a request being received across one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -875,6 +876,27 @@ async def test_a_start_without_the_source_or_action_of_queued_jobs_says_so(
         " c/old (1); they go dead at their turn (`webhookd replay --dead --source NAME` runs"
         " them once the source and action are back under those names)"
     ]
+
+
+@served
+async def test_sighups_to_a_draining_daemon_do_not_change_its_exit_status(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """The loop's SIGHUP handler goes as the daemon closes, after the journal: asyncio's removal
+    put back the signal's default, so from there to the exit (~15 ms, up to EXIT_DEADLINE_S
+    while a thread holds it) a reload (`systemctl reload`, a log rotation's `kill -HUP`) ended
+    the process by SIGHUP, not with the drain's 0. Reloads keep coming through each drain."""
+    config = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", LOG_SOURCE)
+    statuses = []
+    for _ in range(3):
+        daemon = await procs.serve(config)
+        daemon.signal(signal.SIGTERM)
+        while daemon.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+                os.kill(daemon.pid, signal.SIGHUP)
+            await asyncio.sleep(0.0005)  # the pace of the signals, not a wait for anything
+        statuses.append(await daemon.wait_exit())
+    assert statuses == [0, 0, 0], f"exit statuses {statuses} (-1: ended by SIGHUP)"
 
 
 def test_the_command_notes_a_sighup_to_serve_before_the_cli_is_imported(

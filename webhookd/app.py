@@ -247,6 +247,12 @@ class Daemon:
             # the drain and the journal's close.
             await stack.enter_async_context(self.notifier.watchdog())
             if self.install_signals:
+                # Removing the loop's handler puts back the signal's default, which ends the
+                # process: a SIGHUP from the journal's close to the exit (up to EXIT_DEADLINE_S)
+                # ended a drain by the signal. Ignored from there, as there is nothing left to
+                # reload (not ``hangups.note``: the interpreter's exit puts back the default of
+                # a signal Python handles, and keeps one ignored).
+                stack.callback(signal.signal, signal.SIGHUP, signal.SIG_IGN)
                 stack.callback(loop.remove_signal_handler, signal.SIGHUP)
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
                 stack.callback(loop.remove_signal_handler, signal.SIGTERM)
