@@ -61,6 +61,7 @@ from webhookd.config import (
     CATCH_ALL,
     Config,
     Listen,
+    Reload,
     cluster_digest,
     no_sources,
     plan_reload,
@@ -459,19 +460,8 @@ class Daemon:
             self.journal.location if self.journal else cfg.journal.path,
             cfg.origin,
         )
-        self._warn_of(cfg)
-
-    @staticmethod
-    def _warn_of(cfg: Config, prefix: str = "") -> None:
-        """What ``check`` warns of, at a start and at each reload (a reload's prefixed)."""
-        if nowhere := no_sources(cfg):
-            log.warning("%s%s", prefix, nowhere)
-        for key in written_out(cfg):
-            log.warning("%s%s is %s", prefix, key, WRITTEN_OUT)
-        for said in action_registry.warnings(cfg):
-            log.warning("%s%s", prefix, said)
-        for said in [*weak_points(cfg), *spaced_secrets(cfg)]:
-            log.warning("%s%s", prefix, said)
+        for said in _warnings(cfg):
+            log.warning("%s", said)
 
     async def _reloads(self, running: _Running) -> None:
         """Apply each reload asked for, one at a time; none once the drain has begun. One asked
@@ -504,20 +494,27 @@ class Daemon:
         if self.loader is None:
             log.warning("config reload: this daemon was given no config to read again")
             return "this daemon was given no config to read again"
-        loader = self.loader
+        loader, running_config, fixed = self.loader, self.config, self.fixed
 
-        def read() -> tuple[Config, set[str]]:
+        def read() -> tuple[Config, set[str], Reload | ConfigError, list[str]]:
             new = loader()
-            return new, secret_values(new)
+            secrets = secret_values(new)
+            try:
+                plan = plan_reload(running_config, new, fixed=fixed)
+            except ConfigError as exc:  # refused once the file is known not to be empty
+                return new, secrets, exc, []
+            return new, secrets, plan, _warnings(plan.config)
 
         try:
             # In a thread: a config of 200 sources takes ~30 ms to parse and check, which in
             # the loop would hold every ack meanwhile. Measured (sequential webhooks, a reload
             # every 0.5 s): the slowest ack 30-35 ms against 48-50 in the loop, p99 9.5 against
             # 3.3 ms, as the thread's share of the interpreter slows the acks around it. Its
-            # secrets too, read once here for the log, the pool and the admin API (a walk of
-            # 300 sources takes ~12 ms; three of them in the loop held acks 55-90 ms).
-            new, secrets = await asyncio.to_thread(read)
+            # secrets too, read once here for the log, the pool and the admin API, and its plan
+            # and what it warns of (a walk of 300 sources takes ~12 ms; three of them in the
+            # loop held acks 55-90 ms, and the warnings' three more ~40 ms). Planned against
+            # the config running now, which only a reload changes, one at a time.
+            new, secrets, planned, warnings = await asyncio.to_thread(read)
         except ConfigError as exc:
             return _refused(_reload_error(exc))
         logs.add_secrets(secrets)
@@ -529,12 +526,12 @@ class Daemon:
                 f"{new.origin} configures no source, where {len(running_sources)} run now (an"
                 " empty file, or one cut short?); a restart takes it as it is"
             )
-        try:
-            plan = plan_reload(self.config, new, fixed=self.fixed)
-        except ConfigError as exc:  # sources that need a [server] or [journal] not yet running
+        if isinstance(planned, ConfigError):
+            # Sources that need a [server] or [journal] not yet running.
             return _refused(
-                f"{exc} (the value running now: [server] and [journal] change at a restart)"
+                f"{planned} (the value running now: [server] and [journal] change at a restart)"
             )
+        plan = planned
         log.debug(
             "config reload: %d source(s) and %d lane(s) read from %s",
             len(new.sources),
@@ -610,7 +607,8 @@ class Daemon:
         running.ctx.reconfigure(cfg, secrets)
         running.alerter.reconfigure(cfg.alerts, cfg.counted_as)
         log.info("config reloaded from %s: %s", cfg.origin, plan.summary())
-        self._warn_of(cfg, "config reload: ")
+        for said in warnings:
+            log.warning("config reload: %s", said)
         if plan.rekeyed:
             log.warning(
                 "config reload: the dedup key of %s is made otherwise now: a provider's retry of"
@@ -878,6 +876,16 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _warnings(cfg: Config) -> list[str]:
+    """What ``check`` warns of, which a start and each reload say too: where webhooks go
+    without a source of their own, secrets written out, the actions', and the config's weak
+    points."""
+    said = [nowhere] if (nowhere := no_sources(cfg)) else []
+    said += [f"{key} is {WRITTEN_OUT}" for key in written_out(cfg)]
+    said += action_registry.warnings(cfg)
+    return said + weak_points(cfg) + spaced_secrets(cfg)
 
 
 def _reload_error(exc: ConfigError) -> str:
