@@ -462,6 +462,76 @@ max_tokens = 50
     assert await daemon.wait_exit() == 0
 
 
+@served
+async def test_a_handler_module_a_start_takes_is_taken_by_a_reload(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A python handler's module is imported on the thread that imports it: a reload read its
+    config on a thread of its own, so a module that asks for its thread's event loop at import
+    (or sets a signal handler), which ``check`` and a start take, was refused by the reload
+    ("There is no current event loop in thread ..."). It is imported on the loop's thread."""
+    folder = tmp_path / "handlers"
+    folder.mkdir()
+    (folder / "loopy.py").write_text(
+        "import asyncio\n\nLOOP = asyncio.get_event_loop()\n\n\ndef handle(event):\n"
+        '    return "ok"\n',
+        encoding="utf-8",
+    )
+    for made, mode in ((tmp_path, 0o755), (folder, 0o755), (folder / "loopy.py", 0o644)):
+        made.chmod(mode)
+    config = write_config(tmp_path / "webhookd.toml", tmp_path / "webhookd.db", LOG_SOURCE)
+    text = config.read_text(encoding="utf-8") + (
+        f'[sources.p]\n[[sources.p.actions]]\ntype = "python"\npath = "{folder}"\n'
+        'handler = "loopy:handle"\n'
+    )
+    (tmp_path / "check.toml").write_text(text, encoding="utf-8")
+    checked = await procs.cli("check", "--config", str(tmp_path / "check.toml"))
+    assert checked.returncode == 0, checked.stderr
+    daemon = await procs.serve(config)
+    config.write_text(text, encoding="utf-8")
+    daemon.signal(signal.SIGHUP)
+    line = await daemon.wait_said(r"config reload(ed| refused)")
+    assert line.endswith(f"config reloaded from {config}: added p"), line
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+
+async def test_a_handler_module_a_reload_adds_is_imported_on_the_loops_thread(
+    tmp_path: Path, target: Target, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload adding a python action imports its module as it makes the action, on the
+    event loop's thread; a module whose import fails is refused as a reload's config error,
+    the previous config running on."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "reload_imported", raising=False)
+    module = tmp_path / "reload_imported.py"
+    module.write_text("raise RuntimeError('a setting it needs is missing')\n", encoding="utf-8")
+    one = forward("a", target.url)
+    added = (
+        f'[sources.p]\n[[sources.p.actions]]\ntype = "python"\npath = "{tmp_path}"\n'
+        'handler = "reload_imported:handle"\n'
+    )
+    running: Running = await run_daemon(
+        make_config(tmp_path, one), loader=lambda: make_config(tmp_path, one + added)
+    )
+    assert await _reloaded(running) == (
+        "sources.p.actions[0].handler: importing 'reload_imported' failed: RuntimeError: a"
+        " setting it needs is missing"
+    )
+    assert sorted(running.daemon.config.sources) == ["a"]
+    assert (await running.post("/hooks/p", b"{}"))[0] == 404
+
+    module.write_text(
+        "import threading\n\nIMPORTED_ON = threading.current_thread()\n\n\n"
+        "def handle(event):\n    return 1\n",
+        encoding="utf-8",
+    )
+    running.daemon.reloaded.clear()
+    assert await _reloaded(running) is None
+    assert sys.modules["reload_imported"].IMPORTED_ON is threading.current_thread()
+    assert (await running.post("/hooks/p", b"{}"))[0] == 202
+
+
 async def test_a_reload_is_refused_when_its_sources_need_a_server_not_running_yet(
     tmp_path: Path, target: Target, run_daemon: Any
 ) -> None:

@@ -49,7 +49,7 @@ from aiohttp import web
 
 from webhookd import actions as action_registry
 from webhookd import logs
-from webhookd.actions.base import Action, Resources
+from webhookd.actions.base import HANDLER_IMPORTS_DEFERRED, Action, Resources
 from webhookd.actions.client import Lookup, open_session
 from webhookd.actions.command import kill_running_commands
 from webhookd.actions.openai import lane_actions
@@ -497,6 +497,9 @@ class Daemon:
         loader, running_config, fixed = self.loader, self.config, self.fixed
 
         def read() -> tuple[Config, set[str], Reload | ConfigError, list[str]]:
+            # A new python handler's module is imported as its action is made, on the loop's
+            # thread (as at a start), not on this one (set in this thread's copy of the context).
+            HANDLER_IMPORTS_DEFERRED.set(True)
             new = loader()
             secrets = secret_values(new)
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -115,6 +116,13 @@ def cut_short(exc: BaseException) -> tuple[Any, dict[str, Any]]:
         if isinstance(detail, dict):
             return getattr(cause, "webhookd_result", None), detail
     return None, {}
+
+
+# Set where a config is read on a thread other than the event loop's (a reload's): there
+# ``validate`` leaves a python handler's module not imported yet to ``create``, on the loop's
+# thread, as at a start. A module's import runs on the thread that imports it, and one that asks
+# for its thread's event loop, or sets a signal handler, at import fails on any other.
+HANDLER_IMPORTS_DEFERRED: ContextVar[bool] = ContextVar("handler_imports_deferred", default=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,12 @@
 """The ``python`` action: call the user's ``"package.module:function"`` with the event.
 
-The handler is imported when the config is loaded (``webhookd check`` included), from the
-directories on ``sys.path`` and then ``path`` (default: the current directory), which is
-searched last so that its files never stand in for the standard library's or an installed
-package's; a missing module or function is a ``ConfigError`` naming ``….handler``. It receives
-the ``Event`` (``.id``, ``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``,
-``.form()``, ``.tenant``, ``.query``: the URL's query as received, ``""`` when it had none).
+The handler is imported when the config is loaded (``webhookd check`` included; a reload's as
+the action is made, on the event loop's thread, as at a start), from the directories on
+``sys.path`` and then ``path`` (default: the current directory), which is searched last so that
+its files never stand in for the standard library's or an installed package's; a missing module
+or function is a ``ConfigError`` naming ``….handler``. It receives the ``Event`` (``.id``,
+``.source``, ``.headers``, ``.header(name)``, ``.body``, ``.json()``, ``.form()``, ``.tenant``,
+``.query``: the URL's query as received, ``""`` when it had none).
 An ``async def`` handler is awaited; a plain function runs in a thread so it cannot stall the
 daemon (hazard: a thread cannot be stopped, so a sync handler that overruns ``timeout_s`` is
 abandoned, not killed, and keeps running in the background, holding its thread; while such
@@ -43,6 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from webhookd.actions.base import (
+    HANDLER_IMPORTS_DEFERRED,
     MOST_RESULT_CHARS,
     Outcome,
     Resources,
@@ -239,6 +241,10 @@ def stdlib_names_in_folder(config: ActionConfig) -> list[str]:
 
 
 def validate(config: ActionConfig) -> None:
+    spec = config.options.get("handler")
+    module_name = spec.partition(":")[0] if isinstance(spec, str) else ""
+    if module_name and module_name not in sys.modules and HANDLER_IMPORTS_DEFERRED.get():
+        return  # checked and imported by ``create``, on the event loop's thread
     resolve_handler(config)
 
 
