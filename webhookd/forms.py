@@ -19,7 +19,7 @@ import email.policy
 import email.utils
 import encodings
 import quopri
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from encodings.aliases import aliases as _ALIASES
 from urllib.parse import unquote
 
@@ -311,6 +311,30 @@ def pairs(text: str, most: int | None = None, errors: str = "replace") -> list[t
         if field:
             name, _, value = field.partition("=")
             found.append((_unquote(name, errors), _unquote(value, errors)))
+    return found
+
+
+def pairs_named(
+    text: str, names: Collection[str], most: int | None = None, longest: int | None = None
+) -> list[tuple[str, str]]:
+    """The pairs of an urlencoded form whose name is one of ``names``, in order, as ``pairs``
+    reads them, with no other value decoded: a Mailgun source looks for four short fields, and
+    undoing the escapes of every value first held the event loop ~1 s for 25 MiB of ``%41=``
+    before the signature was checked. A pair whose name as sent is too long to be any of
+    ``names`` (three characters, ``%XX``, for each of a name's bytes) is passed over without
+    its name decoded, and with ``longest``, one whose value as sent is longer. With ``most``,
+    a form of more pairs raises ``TooManyFields``, as in ``pairs``."""
+    if most is not None and text.count("&") >= most:
+        raise TooManyFields(most)
+    widest = 3 * max((len(name.encode()) for name in names), default=0)
+    found: list[tuple[str, str]] = []
+    for field in text.split("&"):
+        sent, _, value = field.partition("=")
+        if not field or len(sent) > widest or (longest is not None and len(value) > longest):
+            continue
+        name = _unquote(sent, "replace")
+        if name in names:
+            found.append((name, _unquote(value, "replace")))
     return found
 
 

@@ -37,7 +37,7 @@ _FIELDS = ("timestamp", "token", "signature", "parent-signature")
 
 
 # A signature field's most bytes: a timestamp, a 50-character token, 64 hex digits. A larger
-# part of that name is not decoded.
+# part (or urlencoded value, as sent) of that name is not decoded.
 _FIELD_BYTES = 1024
 
 
@@ -68,9 +68,9 @@ def signature_fields(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
         }
     fields: dict[str, str] = {}
     # Its fields are ASCII, so a form's other fields need not be UTF-8 (a latin-1 subject).
-    for key, value in forms.pairs(body.decode("utf-8", "replace"), forms.MOST_FIELDS):
-        if key in _FIELDS:
-            fields.setdefault(key, value)
+    text = body.decode("utf-8", "replace")
+    for key, value in forms.pairs_named(text, _FIELDS, forms.MOST_FIELDS, _FIELD_BYTES):
+        fields.setdefault(key, value)
     return fields
 
 
