@@ -1816,6 +1816,43 @@ async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
         await procs.aclose()
 
 
+def garble_jobs_pages(db: Path) -> None:
+    """A failing disk under the jobs table: its pages (and its indexes') read back as garbage,
+    the schema on the first pages as it was."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute(
+            "SELECT pageno FROM dbstat WHERE name IN"
+            " (SELECT name FROM sqlite_master WHERE tbl_name = 'jobs')"
+        ).fetchall()
+    with open(db, "r+b") as f:
+        for (page,) in pages:
+            f.seek((page - 1) * page_size)
+            f.write(b"\xff" * page_size)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "verb", [["stats"], ["events"], ["show", "evt_01M94DE3Q2TBERCWG70N3TACQC"]]
+)
+async def test_a_read_verb_on_a_journal_with_unreadable_pages_says_so_and_exits_1(
+    tmp_path: Path, procs: Procs, verb: list[str]
+) -> None:
+    """A journal whose jobs pages read back as garbage fails the first read of its open: the
+    verb says so in one line and its process exits 1, rather than being kept alive by the
+    reader it left open (a cron'd ``stats`` would pile up hung processes)."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(new_event())
+    garble_jobs_pages(cfg.journal.path)
+    out = await procs.cli(*verb, "--config", str(config), timeout_s=20)
+    assert (out.returncode, out.stderr) == (
+        1,
+        "webhookd: error: journal read failed: database disk image is malformed\n",
+    )
+
+
 # -- the admin API ------------------------------------------------------------------------------
 
 

@@ -710,6 +710,10 @@ class Journal(Reads, BaseJournal):
             self._reader = await self._connect()
             self._checkpointer = _OwnThread("webhookd-checkpoint")
             self._checkpoint_conn = await self._checkpointer.submit(self._open_checkpointer)
+            # Reads, in the try too: a page that reads back as garbage fails them, and a reader
+            # left open keeps its (non-daemon) thread, so the process, alive after its error.
+            self._data_version = await self._in_thread(_data_version, self._writer)
+            self.backlog_jobs = await self.backlog()
         except sqlite3.Error as exc:
             await self._close_connections()
             raise JournalError(
@@ -718,7 +722,6 @@ class Journal(Reads, BaseJournal):
         except BaseException:
             await self._close_connections()
             raise
-        self._data_version = await self._in_thread(_data_version, self._writer)
         try:
             self._opened_as = FileIds.of(self.path)
         except OSError:  # gone already: nothing to compare with, so nothing watched
@@ -726,7 +729,6 @@ class Journal(Reads, BaseJournal):
         self._refusing = None
         self._saving, self._saving_said = None, False
         self._save_last, self._save_wake, self.save_tries = False, None, 0
-        self.backlog_jobs = await self.backlog()
         self._last_checkpoint = self.clock.monotonic()
         self._closing = False
         self.writer_problem = None
