@@ -1783,6 +1783,53 @@ async def test_the_alerts_own_source_is_no_other_case_of_itself_beside_a_catch_a
     assert out.exit_code == 2 and out.stderr.endswith("(did you mean webhookd?)\n"), out.stderr
 
 
+# An argument that is not UTF-8 ("café" typed in a Latin-1 terminal): Python gives its bytes
+# as lone surrogates.
+NOT_UTF8 = os.fsdecode(b"caf\xe9")
+
+
+async def test_events_contains_searches_for_the_bytes_typed_even_when_not_utf8(
+    tmp_path: Path,
+) -> None:
+    """events --contains is byte for byte: text typed in another encoding finds a body holding
+    those bytes (a form posted in ISO-8859-1), and not the UTF-8 spelling of the same word."""
+    config, cfg = write_config(tmp_path, "")
+    latin1, utf8 = new_event(body=b"name=caf\xe9&n=1"), new_event(body="name=café".encode())
+    async with Journal(cfg.journal.path) as journal:
+        for item in (latin1, utf8):
+            await journal.ingest(item)
+    out = await cli("events", "--contains", NOT_UTF8, "--json", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [latin1.event.id]
+    out = await cli("events", "--contains", "café", "--json", "--config", str(config))
+    assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [utf8.event.id]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["events", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8 text"),
+        (["events", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8 text"),
+        (["show", "--key", NOT_UTF8], 2, "--key b'caf\\xe9' is not UTF-8 text"),
+        (["show", NOT_UTF8], 1, "no event caf\\udce9\n"),
+    ],
+    ids=["events-source", "events-tenant", "show-key", "show-id"],
+)
+async def test_an_argument_that_is_not_utf8_is_a_one_line_error(
+    tmp_path: Path, args: list[str], code: int, said: str
+) -> None:
+    """A --source, --tenant or --key that is not UTF-8 text (no journaled one is) is one line
+    naming it and exit 2, and an id that is not an event id's shape is no event, exit 1: not a
+    traceback from the database it was handed to."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(new_event())
+    out = await cli(*args, "--config", str(config))
+    assert (out.exit_code, out.stdout) == (code, ""), out.output
+    assert out.stderr.startswith(f"webhookd: error: {said}")
+    assert out.stderr.count("\n") == 1
+
+
 async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     """A command that needs the journal exits 1 with one line when there is none yet."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

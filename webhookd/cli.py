@@ -133,6 +133,19 @@ def _config(path: str | None, *, secrets: bool = True) -> config_mod.Config:
     return cfg
 
 
+def _utf8_only(value: str | None, option: str) -> None:
+    """Exit 2, in one line, when ``value`` (given as ``option``) is not UTF-8 text: its bytes
+    that are not came from the command line as lone surrogates, which no journaled name or key
+    holds (the receiver refuses them) and neither database can be asked for."""
+    if value is None or value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")  # the bytes as they were typed
+        _fail(f"{option} {raw!r} is not UTF-8 text, and every name and key journaled is", 2)
+
+
 def _read_config(path: str | None) -> config_mod.Config:
     return _load(path, secrets=False)
 
@@ -589,6 +602,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
     """Show one event: its jobs, attempts, errors and results."""
     if bool(event_id) == bool(key):
         raise click.UsageError("give an event id or --key, not both and not neither")
+    _utf8_only(key, "--key")
     cfg = _read_config(config_path)
 
     async def go() -> tuple[EventDetail, bool]:
@@ -598,6 +612,8 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 
     async def found_event(journal: BaseJournal) -> EventDetail:
         if event_id is not None:
+            if not EVENT_ID.fullmatch(event_id):  # no event had another shape (nor bad UTF-8)
+                raise NotFound(printable(event_id))
             return await journal.get_event(event_id)
         assert key is not None  # one of the two: checked above
         found = await journal.event_by_key(key)
@@ -1161,7 +1177,7 @@ def purge(
             source=source,
             tenant=tenant,
             since=since_ts,
-            contains=contains.encode() if contains is not None else None,
+            contains=contains.encode("utf-8", "surrogateescape") if contains else None,
             limit=10_000,
             before=before,
         ):
@@ -1360,6 +1376,8 @@ def events(
         )
     if follow and before is not None:
         raise click.UsageError("--follow prints what arrives from now; --before is for a listing")
+    _utf8_only(source, "--source")
+    _utf8_only(tenant, "--tenant")
     cfg = _read_config(config_path)
     _unknown_source_note(cfg, source)
     since_ts = parse_since(since) if since else None
@@ -1378,7 +1396,8 @@ def events(
                 state=state,
                 source=source,
                 tenant=tenant,
-                contains=contains.encode() if contains is not None else None,
+                # Byte for byte: text typed in another encoding is searched for as its bytes.
+                contains=contains.encode("utf-8", "surrogateescape") if contains else None,
             )
             if follow:
                 rows = await listing(limit=limit, since=since_ts, before=before)
