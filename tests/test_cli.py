@@ -657,6 +657,18 @@ async def test_show_finds_an_event_by_its_dedup_key(
         assert (await cli("show", *args, "--config", str(config))).exit_code == 2
 
 
+async def test_show_finds_an_event_by_a_delivery_id_over_256_characters(tmp_path: Path) -> None:
+    """A delivery id over 256 characters is journaled as its digest: show --key finds its
+    event by the id as the provider sent it, not "never seen"."""
+    config, cfg = write_config(tmp_path, "")
+    delivery = "d" * 300
+    item = new_event(key=f"shop:{models.kept_long(delivery)}")  # as the receiver keeps it
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+    out = await cli("show", "--key", f"shop:{delivery}", "--config", str(config))
+    assert out.exit_code == 0 and f"event    {item.event.id}  [" in out.output, out.output
+
+
 async def test_show_by_key_says_a_missing_key_may_be_a_duplicate_by_what_was_signed(
     tmp_path: Path,
 ) -> None:

@@ -56,6 +56,7 @@ from webhookd.models import (
     LaneSpec,
     Priority,
     kept_digest,
+    kept_long,
     new_event_id,
     new_job_id,
 )
@@ -1255,6 +1256,21 @@ async def test_key_owner_names_the_event_a_dedup_key_belongs_to(journal: BaseJou
     assert owner is not None and owner[0] == first.event.id and owner[1] > 0
     assert await journal.key_owner("shop:delivery-2") is None
     assert await journal.key_owner("mail:delivery-1") is None
+
+
+async def test_event_by_key_finds_a_delivery_id_kept_as_its_digest(journal: BaseJournal) -> None:
+    """A delivery id over 256 characters, or read from a credential header, is kept as its
+    digest: the key as the provider sent it still leads to its event (as a tenant does)."""
+    long_id = "d" * 300
+    long_one = new_event(key=f"shop:{kept_long(long_id)}")  # as the receiver journals it
+    credential = new_event(key=f"api:{kept_digest('tok-1')}")
+    for item in (long_one, credential):
+        await journal.ingest(item)
+    for sent, item in ((f"shop:{long_id}", long_one), ("api:tok-1", credential)):
+        found = await journal.event_by_key(sent)
+        assert found is not None and found[2] is not None
+        assert (found[0], found[2].event.id) == (item.event.id, item.event.id)
+    assert await journal.event_by_key(f"mail:{long_id}") is None
 
 
 async def test_ready_orders_by_priority_then_age_and_respects_run_at(

@@ -228,6 +228,14 @@ def tenant_forms(tenant: str) -> tuple[str, str]:
     return tenant, kept_digest(tenant)
 
 
+def key_forms(dedup_key: str) -> tuple[str, ...]:
+    """The values a journal may hold for a dedup key as sent (``source:delivery-id``): itself,
+    or with its delivery id as its digest, which the receiver keeps of one over
+    ``MOST_KEY_CHARS`` or read from a credential header. A look-up tries both."""
+    source, colon, value = dedup_key.partition(":")
+    return (dedup_key, f"{source}:{kept_digest(value)}") if colon else (dedup_key,)
+
+
 def event_state(job_states: list[str]) -> str:
     """An event's state from its jobs': dead if any is dead, else running if any is running,
     else queued if any is queued; cancelled if all are; otherwise (or with no jobs) done."""

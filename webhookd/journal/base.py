@@ -60,7 +60,7 @@ from webhookd.journal.records import (
     Series,
     Starter,
 )
-from webhookd.models import LaneGrant, LaneSpec
+from webhookd.models import LaneGrant, LaneSpec, key_forms
 
 _T = TypeVar("_T")
 
@@ -521,10 +521,13 @@ class BaseJournal(ABC):
         """
 
     async def event_by_key(self, dedup_key: str) -> tuple[str, float, EventDetail | None] | None:
-        """``key_owner``, and the event itself: ``None`` in its place once it has been pruned
-        (a key is kept longer than a done event)."""
-        owner = await self.key_owner(dedup_key)
-        if owner is None:
+        """``key_owner`` of the key as sent, or as the journal keeps it (``key_forms``: a
+        delivery id over ``MOST_KEY_CHARS`` as its digest), and the event itself: ``None`` in
+        its place once it has been pruned (a key is kept longer than a done event)."""
+        for form in key_forms(dedup_key):
+            if (owner := await self.key_owner(form)) is not None:
+                break
+        else:
             return None
         try:
             return (*owner, await self.get_event(owner[0]))
