@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from ops_support import cli
-from procs import Procs, Target, held_open, write_config
+from procs import Procs, Target, held_open, spawn, write_config
 from test_cli import on_a_terminal
 from test_journal_contract import new_event
 
@@ -256,15 +257,17 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     assert journal.read_bytes() == good.read_bytes()
 
     # A process with the journal open that takes no serve lock (a daemon of a webhookd from
-    # before it, an sqlite3 shell) would go on writing to the file a restore moved aside.
+    # before it, an sqlite3 shell) would go on writing to the file a restore moved aside. It
+    # is named by its command line (escaped, and cut short).
     with held_open(journal) as pid:
         before = names(tmp_path)
         out = await cli("restore", str(good), "--config", str(config))
-        assert (out.exit_code, out.output) == (
-            1,
-            f"webhookd: error: process {pid} has {journal} open (a daemon of an older"
-            " webhookd, which takes no serve lock?): stop it before a restore\n",
+        assert out.exit_code == 1
+        assert out.output.startswith(
+            f"webhookd: error: process {pid} has {journal} open (`{sys.executable} -c \\n"
         )
+        assert out.output.endswith(" …`): stop it before a restore\n")
+        assert out.output.count("\n") == 1
         assert names(tmp_path) == before
 
     pg = tmp_path / "pg.toml"
@@ -562,11 +565,43 @@ async def test_a_change_made_while_a_restore_runs_is_refused_not_moved_aside(
     with held_open(journal) as pid:
         _, err = await second.communicate(b"go on\n")
         assert second.returncode == 1
-        assert err.decode() == (
-            f"process {pid} has {journal} open (a webhookd command run meanwhile?): stop it"
-            " before a restore\n"
-        )
+        said = err.decode()
+        assert said.startswith(f"process {pid} has {journal} open (`{sys.executable} -c ")
+        assert said.endswith("`): stop it before a restore\n") and said.count("\n") == 1
         assert names(tmp_path) - {"webhookd.db-wal", "webhookd.db-shm"} == before
+
+
+async def test_a_restore_refused_for_events_follow_names_it_by_its_command_line(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A restore refused because `events --follow`, left in another terminal, has the journal
+    open says so by its command line, not by a guess of an older daemon."""
+    journal = tmp_path / "webhookd.db"
+    first = new_event()
+    async with Journal(journal) as j:
+        await j.ingest(first)
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    backup = tmp_path / "backup.db"
+    copies.backup(journal, backup)
+    follow = await spawn(
+        ["events", "--follow", "--json", "--config", str(config)],
+        tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert follow.stdout is not None
+    try:
+        line = await asyncio.wait_for(follow.stdout.readline(), 15)  # the journal is open
+        assert json.loads(line)["id"] == first.event.id
+        out = await procs.cli("restore", str(backup), "--config", str(config))
+    finally:
+        follow.send_signal(signal.SIGINT)
+        await asyncio.wait_for(follow.communicate(), 15)
+    assert out.returncode == 1
+    assert out.stderr.startswith(
+        f"webhookd: error: process {follow.pid} has {journal} open (`{sys.executable} -m"
+        " webhookd events --follow --json --config "  # then the path, cut if it is long
+    )
+    assert out.stderr.endswith("`): stop it before a restore\n"), out.stderr
 
 
 async def test_what_a_killed_backup_left_is_deleted_by_the_next(tmp_path: Path) -> None:
