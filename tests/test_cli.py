@@ -1859,6 +1859,27 @@ async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "verb", [["stats"], ["events"], ["show", "evt_01M94DE3Q2TBERCWG70N3TACQC"]]
+)
+def test_an_empty_file_at_journal_path_is_no_journal_and_is_left_empty(
+    tmp_path: Path, verb: list[str]
+) -> None:
+    """A read verb never makes a journal: an empty file at journal.path (a ``touch``, or a
+    daemon's first start just begun) is no journal, exit 1 as for none, and stays empty."""
+    path, cfg = write_config(tmp_path, "")
+    cfg.journal.path.touch()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = CliRunner().invoke(main, [*verb, "--config", str(path)])
+    assert (out.exit_code, out.stdout) == (1, ""), out.output
+    assert out.stderr == (
+        f"webhookd: error: no journal at {cfg.journal.path} yet (an empty file): `webhookd serve`"
+        " makes it at its first start (or set journal.path or --config)\n"
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert (names, cfg.journal.path.stat().st_size) == (before, 0)
+
+
 @pytest.mark.subprocess
 async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point maps errors to exit codes 0, 1 and 2 with one stderr line."""

@@ -191,16 +191,26 @@ def _say_upgrades() -> None:
 
 def _journal_file_needed(cfg: config_mod.Config) -> None:
     """Exit 1 when ``cfg`` names a SQLite journal that is not there (a verb run in another
-    folder, or without the daemon's --config, reads the embedded default's)."""
-    if cfg.journal.url is None and not cfg.journal.path.exists():
+    folder, or without the daemon's --config, reads the embedded default's), or is an empty
+    file: a verb never makes a journal, which it would there (its whole schema)."""
+    empty = cfg.journal.url is None and _zero_bytes(cfg.journal.path)
+    if cfg.journal.url is None and (empty or not cfg.journal.path.exists()):
         where = cfg.journal.path
         if not where.is_absolute():  # as serve reads it: from its working directory
             where = Path.cwd() / where
         _fail(
-            f"no journal at {where} yet: `webhookd serve` makes it at its first start"
-            " (or set journal.path or --config)",
+            f"no journal at {where} yet{' (an empty file)' if empty else ''}: `webhookd"
+            " serve` makes it at its first start (or set journal.path or --config)",
             1,
         )
+
+
+def _zero_bytes(path: Path) -> bool:
+    """Whether ``path`` is an empty file: a ``touch``, or what a daemon's first start has just
+    made, its schema still to come."""
+    with contextlib.suppress(OSError):
+        return path.is_file() and path.stat().st_size == 0
+    return False
 
 
 def _journal(cfg: config_mod.Config) -> BaseJournal:
