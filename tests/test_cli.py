@@ -15,7 +15,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,16 @@ from ops_support import (
     write_config,
 )
 from procs import Procs, clean_env, poll, spawn
-from test_journal_contract import finished, new_event
+from test_journal_contract import Store, finished, new_event
 
 from webhookd import __version__, actions, models
+from webhookd import cli as cli_mod
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.clock import ManualClock
 from webhookd.errors import ConfigError
 from webhookd.journal import (
+    BaseJournal,
     Finished,
     Journal,
     NewEvent,
@@ -554,43 +557,287 @@ async def test_events_follow_prints_each_new_event_as_it_is_journaled(
     assert "--follow prints events as they arrive, in whatever state" in out.output
 
 
+class _Follower:
+    """``events --follow --json`` as a process of its own: the ids it prints, what it says."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def ids(self, n: int, timeout_s: float = 15) -> list[str]:
+        """The next ``n`` ids it prints, each within ``timeout_s``."""
+        assert self.proc.stdout is not None
+        got = []
+        for _ in range(n):
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+            assert line, f"events --follow ended after {got}"
+            got.append(json.loads(line)["id"])
+        return got
+
+    async def says(self, text: str, timeout_s: float = 30) -> None:
+        """Until a line on its stderr holds ``text``."""
+        assert self.proc.stderr is not None
+        said = []
+        while not said or text not in said[-1]:
+            line = await asyncio.wait_for(self.proc.stderr.readline(), timeout_s)
+            assert line, f"events --follow ended, having said {said} (not {text!r})"
+            said.append(line.decode())
+
+    async def stop(self) -> str:
+        """End it as Ctrl-C does (exit 130); the rest of its stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(self.proc.communicate(), 15)
+        assert self.proc.returncode == 130, err
+        return err.decode()
+
+
+@contextlib.asynccontextmanager
+async def _following(tmp_path: Path, config: Path, *args: str) -> AsyncIterator[_Follower]:
+    proc = await spawn(
+        ["events", "--follow", "--json", *args, "--config", str(config)],
+        tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield _Follower(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_events_follow_goes_on_after_an_event_stamped_ahead_of_the_clock(
+    wired: tuple[Path, Running], tmp_path: Path
+) -> None:
+    """An event stamped an hour ahead (journaled before the clock was stepped back, or by a node
+    whose clock runs ahead) is listed, and the webhooks after it are printed as they come, not
+    once the clock has caught up with it."""
+    config, running = wired
+    assert running.daemon.journal is not None
+    ahead = new_event(received_at=time.time() + 3600, jobs=0)
+    await running.daemon.journal.ingest(ahead)
+    async with _following(tmp_path, config) as follow:
+        assert await follow.ids(1) == [ahead.event.id]
+        sent = [await accepted(running, "shop", json.dumps({"n": n})) for n in range(3)]
+        assert await follow.ids(3) == sent
+        await follow.stop()
+
+
+async def test_events_follow_prints_what_is_journaled_late_whatever_the_listing_cut(
+    wired: tuple[Path, Running], tmp_path: Path
+) -> None:
+    """--limit cuts the listing, not what comes after it: an event journaled after the listing
+    but stamped before its oldest line (by a node whose clock is 2 s behind, or a commit that
+    waited) is printed, in the order it was journaled."""
+    config, running = wired
+    assert running.daemon.journal is not None
+    listed = await accepted(running, "shop", '{"n": "listed"}')
+    async with _following(tmp_path, config, "--limit", "1") as follow:
+        assert await follow.ids(1) == [listed]
+        late = new_event(received_at=event_id_time(listed) - 2, jobs=0)
+        await running.daemon.journal.ingest(late)
+        later = await accepted(running, "shop", '{"n": "later"}')
+        assert await follow.ids(2) == [late.event.id, later]
+        await follow.stop()
+
+
+@pytest.mark.subprocess
+async def test_events_follow_says_nothing_is_missing_of_a_listing_of_10000(
+    tmp_path: Path,
+) -> None:
+    """``--follow --limit 10000`` on a journal of more: the listing is cut as asked, and the
+    note that a poll found more new events than it prints is not said of it."""
+    config, cfg = write_config(tmp_path, "")
+    start = time.time() - 86400
+    async with Journal(cfg.journal.path) as journal:
+        for b in range(0, 12_000, 1000):  # a day of events, 7 s apart
+            await asyncio.gather(
+                *(
+                    journal.ingest(new_event(received_at=start + (b + i) * 7, jobs=0))
+                    for i in range(1000)
+                )
+            )
+        async with _following(tmp_path, config, "--limit", "10000") as follow:
+            assert len(await follow.ids(10_000)) == 10_000
+            after = new_event(received_at=time.time(), jobs=0)
+            await journal.ingest(after)
+            assert await follow.ids(1) == [after.event.id]
+            said = await follow.stop()
+    assert "not shown" not in said
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def follow_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A SQLite file or a PostgreSQL database, and a manual clock, for ``_follow`` in process."""
+    if request.param == "sqlite":
+        yield Store("sqlite", str(tmp_path / "journal.db"), ManualClock(time.time()))
+        return
+    async with fresh_database(request.getfixturevalue("pg_server_url")) as url:
+        yield Store("postgres", url, ManualClock(time.time()))
+
+
+class _Printed(list[str]):
+    """The ids ``_follow`` prints (it is the ``echo``), and a wait for what it prints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def __call__(self, row: EventSummary) -> None:
+        self.append(row.id)
+        self.changed.set()
+
+    async def until(self, check: Callable[[list[str]], bool], timeout_s: float = 10) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not check(self):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def _listing(journal: BaseJournal, **filters: Any) -> Any:
+    """What ``events --follow`` asks, as the verb builds it."""
+    kept = {"state": None, "source": None, "tenant": None, "contains": None} | filters
+    return partial(journal.list_events, **kept)
+
+
 async def test_events_follow_goes_on_after_the_clock_steps_back(
-    monkeypatch: pytest.MonkeyPatch,
+    follow_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An event journaled after the clock stepped back an hour is stamped an hour before the
-    newest one printed: ``--follow``'s look back goes back with the clock, and prints it."""
-    from webhookd import cli as cli_mod
-
-    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.0)
-    clock = ManualClock()
-    journal: list[EventSummary] = []
-
-    def journaled(event_id: str) -> EventSummary:
-        row = EventSummary(event_id, "shop", clock.time(), "", "normal", "done", 1)
-        journal.insert(0, row)  # newest first, as the journal lists them
-        return row
-
-    async def listing(limit: int, since: float) -> list[EventSummary]:
-        return [r for r in journal if r.received_at >= since][:limit]
-
-    printed: list[str] = []
-    both = asyncio.Event()
-
-    def echo(row: EventSummary) -> None:
-        printed.append(row.id)
-        if len(printed) == 1:
+    ones printed: ``--follow`` prints it, and none of the hour before the step a second time."""
+    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    clock = follow_store.clock
+    printed = _Printed()
+    async with follow_store.journal() as journal:
+        first = new_event(received_at=clock.time(), jobs=0)
+        await journal.ingest(first)
+        follow = asyncio.create_task(
+            cli_mod._follow(journal, _listing(journal), 50, None, printed, clock)
+        )
+        try:
+            await printed.until(lambda p: p == [first.event.id])
+            later = []
+            for _ in range(3):  # twenty minutes apart, over the hour before the step
+                clock.advance(1200)
+                item = new_event(received_at=clock.time(), jobs=0)
+                later.append(item.event.id)
+                await journal.ingest(item)
+                await printed.until(lambda p: len(p) == 1 + len(later))
             clock.step_wall(-3600)
-            journaled("after the step")
-        else:
-            both.set()
+            after = new_event(received_at=clock.time(), jobs=0)
+            await journal.ingest(after)
+            await printed.until(lambda p: after.event.id in p)
+        finally:
+            follow.cancel()
+    assert printed == [first.event.id, *later, after.event.id]
 
-    first = journaled("before the step")
-    follow = asyncio.create_task(cli_mod._follow(listing, [first], 100, None, echo, clock=clock))
-    try:
-        await asyncio.wait_for(both.wait(), 10)
-    finally:
-        follow.cancel()
-    assert printed == ["before the step", "after the step"]
+
+class _Asks:
+    """``events --follow``'s asks of a SQLite journal counted, and the SQLite VM steps (in
+    hundreds) they take: what each costs, in work rather than in time."""
+
+    def __init__(self, journal: Journal, **filters: Any) -> None:
+        self.journal = journal
+        self.base = _listing(journal, **filters)
+        self.asked = 0
+        self.steps = 0
+        self.changed = asyncio.Event()
+
+    async def listing(self, **kw: Any) -> list[EventSummary]:
+        try:
+            return list(await self.base(**kw))
+        finally:
+            self.asked += 1
+            self.changed.set()
+
+    def step(self) -> int:
+        self.steps += 1
+        return 0
+
+    async def asks(self, n: int) -> None:
+        """Until ``n`` more asks are done."""
+        target = self.asked + n
+        async with asyncio.timeout(10):
+            while self.asked < target:
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def idle_cost(self, n: int = 3) -> float:
+        """The steps of one ask with nothing new to read, over ``n`` of them: after the one
+        under way, and the next, which reads what that one's position left out."""
+        await self.asks(2)
+        await self.journal.reader.set_progress_handler(self.step, 100)
+        try:
+            self.steps = 0
+            await self.asks(n)
+            return self.steps / n
+        finally:
+            await self.journal.reader.set_progress_handler(None, 100)
+
+
+@pytest.mark.subprocess  # one loop: what is measured is SQLite's work
+async def test_an_idle_events_follow_asks_as_little_of_a_big_journal_as_of_a_small_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ask of ``events --follow`` (twice a second, for as long as it runs) reads what was
+    journaled since the one before, a seek: an idle follow asks as little of 100,000 events as
+    of 1,000, where it read every one of them each time."""
+    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    old = time.time() - 86400  # yesterday's events
+    costs = []
+    async with Journal(tmp_path / "webhookd.db") as journal:
+        for n in (1_000, 99_000):
+            for b in range(0, n, 1000):
+                await asyncio.gather(
+                    *(
+                        journal.ingest(new_event(received_at=old + i * 0.5, jobs=0))
+                        for i in range(b, b + 1000)
+                    )
+                )
+            asks = _Asks(journal)
+            follow = asyncio.create_task(
+                cli_mod._follow(journal, asks.listing, 50, None, lambda r: None)
+            )
+            try:
+                costs.append(await asks.idle_cost())
+            finally:
+                follow.cancel()
+    small, big = costs
+    assert big <= 2 * small + 10, (
+        f"an idle ask took {big * 100:,.0f} SQLite steps on a journal of 100,000 events,"
+        f" {small * 100:,.0f} on one of 1,000"
+    )
+
+
+@pytest.mark.subprocess  # one loop: what is measured is SQLite's work
+async def test_a_long_events_follow_with_a_filter_asks_no_more_than_at_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``events --follow --contains TEXT`` (or --source, --tenant) through an hour of events of
+    which none matches: an idle ask costs what it did at the start, not a scan of every body
+    journaled since."""
+    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    async with Journal(tmp_path / "webhookd.db") as journal:
+        asks = _Asks(journal, contains=b"order-4711")
+        follow = asyncio.create_task(
+            cli_mod._follow(journal, asks.listing, 50, None, lambda r: None)
+        )
+        try:
+            first = await asks.idle_cost()
+            for _ in range(60):  # an hour, 300 webhooks a minute, none of them matching
+                now = time.time()
+                await asyncio.gather(
+                    *(
+                        journal.ingest(new_event(b"x" * 1000, received_at=now, jobs=0))
+                        for _ in range(300)
+                    )
+                )
+            last = await asks.idle_cost()
+        finally:
+            follow.cancel()
+    assert last <= 2 * first + 10, (
+        f"an idle ask took {last * 100:,.0f} SQLite steps after 18,000 events that do not"
+        f" match, {first * 100:,.0f} at the start"
+    )
 
 
 async def test_events_replay_and_cancel_take_a_tenant_as_sent(

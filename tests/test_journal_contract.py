@@ -1658,6 +1658,29 @@ async def test_paging_by_before_visits_every_event_once_even_when_ids_and_commit
     assert [e.id for e in await journal.list_events(before=new_event_id())] == [last, early, late]
 
 
+async def test_positions_list_what_was_journaled_between_two(journal: BaseJournal) -> None:
+    """``position()`` is 0 before the first event and grows with each one journaled, whatever
+    its receive time; ``positions`` lists those between two positions, filtered as asked."""
+    assert await journal.position() == 0
+    one = new_event(received_at=START + 60)
+    await journal.ingest(one)
+    first = await journal.position()
+    two, three = new_event(source="mail"), new_event(received_at=START - 3600)
+    await journal.ingest(two)
+    await journal.ingest(three)
+    last = await journal.position()
+    assert 0 < first < last
+
+    async def ids(**filters: Any) -> list[str]:
+        return [e.id for e in await journal.list_events(**filters)]
+
+    assert await ids(positions=(0, first)) == [one.event.id]
+    assert await ids(positions=(first, last)) == [three.event.id, two.event.id]
+    assert await ids(positions=(first, last), source="shop") == [three.event.id]
+    assert await ids(positions=(first, last), limit=1) == [three.event.id]
+    assert await ids(positions=(last, last)) == []
+
+
 async def test_list_events_by_a_rare_state_is_what_a_walk_over_every_event_finds(
     journal: BaseJournal, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -29,7 +30,7 @@ import click
 
 from webhookd import __version__, hangups
 from webhookd import config as config_mod
-from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch
+from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -1410,10 +1411,9 @@ def events(
                 contains=contains.encode("utf-8", "surrogateescape") if contains else None,
             )
             if follow:
-                rows = await listing(limit=limit, since=since_ts, before=before)
                 echo = partial(_echo_event, masker=masker, as_json=as_json)
-                await _follow(listing, rows, limit, since_ts, echo)
-                return rows
+                await _follow(journal, listing, limit, since_ts, echo)
+                return []
             # One more than shown: whether there is a next page to point to.
             return await listing(limit=limit + 1, since=since_ts, before=before)
 
@@ -1456,54 +1456,56 @@ def _echo_event(r: EventSummary, masker: Masker, as_json: bool) -> None:
         )
 
 
-# ``events --follow``: how often the journal is asked, and how far back each ask looks past the
-# newest event seen. An event is journaled with its receive time, up to an ack deadline (or on
-# another node, its clock a little off) after a younger one: the look back catches it, and the
-# ids already printed keep it from being printed twice.
+# ``events --follow``: how often the journal is asked, and how many events one ask reads at most.
+# Each ask reads the events journaled since the journal's position (``position()``) at the one
+# before, not since a receive time: a wall clock stepped either way, or a node's running ahead
+# or behind, moves no event in or out of it. Where several nodes write (PostgreSQL), an event
+# can commit after one at a later position: each ask reads back to the position of the ask
+# FOLLOW_LOOK_BACK_S before (on the monotonic clock), and the ids printed since keep what it
+# reads again from being printed twice.
 FOLLOW_EVERY_S = 0.5
 FOLLOW_LOOK_BACK_S = 10.0
 FOLLOW_PAGE = 10_000
 
 
 async def _follow(
+    journal: BaseJournal,
     listing: Callable[..., Awaitable[list[EventSummary]]],
-    listed: list[EventSummary],
     limit: int,
     since: float | None,
     echo: Callable[[EventSummary], None],
     clock: Clock = SYSTEM_CLOCK,
 ) -> None:
-    """Print the listing oldest first, then each event journaled after it, until cancelled."""
-    shown: dict[str, float] = {}  # id → received_at, for the look back's span only
-    # A listing cut by its limit: what is older than the oldest line stays unprinted.
-    cutoff = min(r.received_at for r in listed) if len(listed) == limit else -math.inf
-    newest = max([r.received_at for r in listed], default=since or clock.time())
-    # The clock stepped back (the daemon's too, on this machine): events are stamped that much
-    # before the newest seen, and the look back must go back with them.
-    steps = StepWatch(clock)
+    """Print the listing (``listing``'s newest ``limit``) oldest first, then each event
+    journaled after it, until cancelled."""
+    back_s = 0.0 if journal.one_writer else FOLLOW_LOOK_BACK_S
+    high = await journal.position()
+    rows = await listing(limit=limit, since=since, positions=(0, high))
+    asks: deque[tuple[float, int]] = deque()  # (monotonic time, position) of each ask
+    shown: dict[str, int] = {}  # id → the position it was read up to, while an ask may read it
     said_more = False
-    rows = listed
     while True:
+        asks.append((clock.monotonic(), high))
         for r in reversed(rows):  # newest first from the journal: printed oldest first
-            if r.id not in shown and r.received_at >= cutoff:
-                shown[r.id] = r.received_at
-                newest = max(newest, r.received_at)
+            if r.id not in shown:
+                shown[r.id] = high
                 echo(r)
+        await asyncio.sleep(FOLLOW_EVERY_S)
+        # Back to the latest ask at least back_s old, or to the first while none is.
+        while len(asks) > 1 and asks[1][0] <= clock.monotonic() - back_s:
+            asks.popleft()
+        low = asks[0][1]
+        high = max(await journal.position(), low)
+        rows = await listing(limit=FOLLOW_PAGE, since=since, positions=(low, high))
+        for event_id in [i for i, upto in shown.items() if upto <= low]:
+            del shown[event_id]
         if len(rows) == FOLLOW_PAGE and not said_more:
             said_more = True
             click.echo(
-                f"webhookd: note: over {FOLLOW_PAGE:,} events in {FOLLOW_LOOK_BACK_S:g} s: some"
-                " are not shown (--source or --contains shows fewer)",
+                f"webhookd: note: over {FOLLOW_PAGE:,} events at once: some are not shown"
+                " (--source or --contains shows fewer)",
                 err=True,
             )
-        if (moved_s := steps.step()) < 0:
-            newest += moved_s
-            cutoff += moved_s
-        horizon = newest - FOLLOW_LOOK_BACK_S
-        for event_id in [i for i, at in shown.items() if at < horizon]:
-            del shown[event_id]
-        await asyncio.sleep(FOLLOW_EVERY_S)
-        rows = await listing(limit=FOLLOW_PAGE, since=max(horizon, since or -math.inf))
 
 
 @main.command()

@@ -151,7 +151,7 @@ class BaseJournal(ABC):
     shares_lanes: bool = False
     # Whether the journal takes one writer at a time (SQLite's file lock): another process's
     # bulk verb beside the daemon must then leave it room between its batches (``webhookd
-    # prune``, ``replay``, ``cancel``).
+    # prune``, ``replay``, ``cancel``), and events commit in the order of their ``position()``.
     one_writer: bool = False
     # Set by the daemon (``config.cluster_digest``): nodes sharing the journal compare theirs.
     config_digest: str | None = None
@@ -552,6 +552,7 @@ class BaseJournal(ABC):
         since: float | None = None,
         contains: bytes | None = None,
         tenant: str | None = None,
+        positions: tuple[int, int] | None = None,
     ) -> list[EventSummary]:
         """Newest first (in the order events were journaled). ``state`` filters on the derived
         event state, ``tenant`` on the tenant as sent (see ``tenant_forms``): like
@@ -562,7 +563,16 @@ class BaseJournal(ABC):
         by the same order as the listing, not by the ids' order: in a cluster an event can be
         committed after one with a younger id (its node's clock behind), and a cursor by id
         would skip it between two pages. A cursor no longer in the journal (pruned) falls back
-        to the ids' order."""
+        to the ids' order. ``positions`` (low, high): only the events journaled after ``low``
+        and up to ``high``, two ``position()`` answers (a seek, whatever the journal holds)."""
+
+    @abstractmethod
+    async def position(self) -> int:
+        """How far the journal has come: the position of the newest event committed, 0 while
+        it holds none; each event journaled takes a higher one, never used again (what
+        ``events --follow`` asks from). With one writer (``one_writer``) events commit in the
+        order of their positions; where several nodes write, an event can commit after another
+        node's at a higher position, by as long as its commit took."""
 
     @abstractmethod
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:

@@ -367,6 +367,7 @@ class Reads:
         since: float | None = None,
         contains: bytes | None = None,
         tenant: str | None = None,
+        positions: tuple[int, int] | None = None,
     ) -> list[EventSummary]:
         """Newest first. ``state`` filters on the derived event state."""
         where: list[str] = []
@@ -384,6 +385,9 @@ class Reads:
         if since is not None:
             where.append("e.received_at >= ?")
             args.append(since)
+        if positions is not None:  # a seek of the rowid (or of events_source, with a source)
+            where.append("e.seq > ? AND e.seq <= ?")
+            args.extend(positions)
         if contains is not None:  # instr() on two BLOBs compares bytes
             where.append("instr(e.body, ?) > 0")
             args.append(contains)
@@ -414,6 +418,10 @@ class Reads:
             )
             for r in rows
         ]
+
+    async def position(self) -> int:
+        rows = await fetch(self.reader, "SELECT COALESCE(MAX(seq), 0) FROM events")
+        return int(rows[0][0])
 
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         # Plain SQL any SQLite with CTEs runs (no MATERIALIZED, no JSON functions); from 3.35

@@ -219,6 +219,7 @@ class PgReads:
         since: float | None = None,
         contains: bytes | None = None,
         tenant: str | None = None,
+        positions: tuple[int, int] | None = None,
     ) -> list[EventSummary]:
         where = [
             "($1::text IS NULL OR e.source = $1)",
@@ -236,6 +237,10 @@ class PgReads:
             n = len(args) + 1
             where.append(f"e.seq < ${n}::bigint" if seq is not None else f"e.id < ${n}::text")
             args.append(seq if seq is not None else before)
+        if positions is not None:
+            n = len(args) + 1
+            where.append(f"e.seq > ${n}::bigint AND e.seq <= ${n + 1}::bigint")
+            args.extend(positions)
         if state is not None:
             where.append(STATE_FILTERS[state])  # a fixed clause chosen by name, not user text
         rows = await self.fetch(
@@ -257,6 +262,9 @@ class PgReads:
             )
             for r in rows
         ]
+
+    async def position(self) -> int:
+        return int(await self._value("SELECT COALESCE(MAX(seq), 0) FROM events"))
 
     async def counts(self, keep: Collection[str] = (), most: int = CATCH_ALL_SHOWN) -> Counts:
         rows = await self.fetch(
