@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import Running, Target, fresh_database
+from conftest import DatabaseOutage, Running, Target, fresh_database
 from ops_support import (
     TOKEN_ENV,
     accepted,
@@ -663,6 +663,33 @@ async def test_events_follow_says_nothing_is_missing_of_a_listing_of_10000(
             assert await follow.ids(1) == [after.event.id]
             said = await follow.stop()
     assert "not shown" not in said
+
+
+@pytest.mark.subprocess
+async def test_events_follow_waits_out_a_database_outage(
+    tmp_path: Path, pg_url: str, db_outage: DatabaseOutage
+) -> None:
+    """A PostgreSQL restart under ``events --follow``: it says once that the journal does not
+    answer, asks again until it does, says so, and goes on printing (it runs until Ctrl-C)."""
+    from webhookd.journal.postgres import PostgresJournal
+
+    config, cfg = write_config(tmp_path, "")
+    text = config.read_text().replace(f'path = "{cfg.journal.path}"', f'url = "{pg_url}"')
+    config.write_text(text, encoding="utf-8")
+    first = new_event(received_at=time.time(), jobs=0)
+    async with PostgresJournal(pg_url, heartbeat_s=3600) as node:
+        await node.ingest(first)
+    async with _following(tmp_path, config) as follow:
+        assert await follow.ids(1) == [first.event.id]
+        await db_outage.begin()
+        await follow.says("asking again until it answers")
+        await db_outage.end()
+        after = new_event(received_at=time.time(), jobs=0)
+        async with PostgresJournal(pg_url, heartbeat_s=3600) as node:
+            await node.ingest(after)
+        assert await follow.ids(1) == [after.event.id]
+        await follow.says("the journal answers again")
+        await follow.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -37,6 +37,7 @@ from webhookd.errors import (
     JournalCopied,
     JournalError,
     JournalNewer,
+    JournalUnavailable,
     NotFound,
     WebhookdError,
 )
@@ -1466,6 +1467,9 @@ def _echo_event(r: EventSummary, masker: Masker, as_json: bool) -> None:
 FOLLOW_EVERY_S = 0.5
 FOLLOW_LOOK_BACK_S = 10.0
 FOLLOW_PAGE = 10_000
+# An ask the database did not answer (a restart, a failover) is made again this long after,
+# doubling up to FOLLOW_RETRY_MAX_S.
+FOLLOW_RETRY_MAX_S = 8.0
 
 
 async def _follow(
@@ -1490,13 +1494,24 @@ async def _follow(
             if r.id not in shown:
                 shown[r.id] = high
                 echo(r)
-        await asyncio.sleep(FOLLOW_EVERY_S)
-        # Back to the latest ask at least back_s old, or to the first while none is.
-        while len(asks) > 1 and asks[1][0] <= clock.monotonic() - back_s:
-            asks.popleft()
-        low = asks[0][1]
-        high = max(await journal.position(), low)
-        rows = await listing(limit=FOLLOW_PAGE, since=since, positions=(low, high))
+        pause_s, failed = FOLLOW_EVERY_S, False
+        while True:
+            await asyncio.sleep(pause_s)
+            # Back to the latest ask at least back_s old, or to the first while none is.
+            while len(asks) > 1 and asks[1][0] <= clock.monotonic() - back_s:
+                asks.popleft()
+            low = asks[0][1]
+            try:
+                high = max(await journal.position(), low)
+                rows = await listing(limit=FOLLOW_PAGE, since=since, positions=(low, high))
+                break
+            except JournalUnavailable as exc:  # a database's outage: waited out
+                if not failed:
+                    failed = True
+                    click.echo(f"webhookd: {exc}; asking again until it answers", err=True)
+                pause_s = min(max(pause_s, FOLLOW_EVERY_S) * 2, FOLLOW_RETRY_MAX_S)
+        if failed:
+            click.echo("webhookd: the journal answers again", err=True)
         for event_id in [i for i, upto in shown.items() if upto <= low]:
             del shown[event_id]
         if len(rows) == FOLLOW_PAGE and not said_more:
