@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,18 +33,6 @@ from webhookd.throttle import Throttle
 
 GH_SECRET = "gh-signing-secret-5f2a9c"
 ADMIN_SECRET = "admin-token-8d1e77b0"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
