@@ -121,6 +121,23 @@ def test_secrets_a_reload_adds_are_masked_beside_the_earlier_ones(restore_loggin
         assert out.getvalue().count(logs.MASK) == 2
 
 
+def test_a_log_masks_what_the_pool_says_may_still_be_printed_and_the_last_reloads_secrets(
+    restore_logging: None,
+) -> None:
+    """The secrets ``add_secrets`` adds are those of the reload being read, which may yet be
+    refused: the next one's replace them, beside what ``setup`` or the worker pool's last word
+    (``mask_only``: the running config's, and those of configs attempts still running began on)
+    left. A secret rotated out is not masked for the rest of the process."""
+    handler = logs.setup("info", "text", secrets={GH_SECRET}, stream=io.StringIO())
+    assert isinstance(handler.formatter, logs.TextFormatter)
+    logs.add_secrets({"refused-reload-secret-1"})
+    logs.add_secrets({"refused-reload-secret-2"})
+    assert handler.formatter.masker.given == {GH_SECRET, "refused-reload-secret-2"}
+    logs.mask_only({ADMIN_SECRET})
+    logs.add_secrets({ADMIN_SECRET, "next-reload-secret"})
+    assert handler.formatter.masker.given == {ADMIN_SECRET, "next-reload-secret"}
+
+
 def test_a_text_line_stays_one_line_whatever_a_message_carries(restore_logging: None) -> None:
     """What a program or a target wrote (a command's stderr tail, an error) cannot start a line
     of its own that reads like the daemon's, nor send a terminal an escape sequence: the text

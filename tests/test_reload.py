@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -29,8 +31,9 @@ from procs import Target as ServerTarget
 from rawhttp import RawConn
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from webhookd import actions
+from webhookd import actions, logs
 from webhookd import config as config_mod
+from webhookd.admin import AdminContext
 from webhookd.app import Daemon
 from webhookd.config import Config
 from webhookd.sdnotify import Notifier
@@ -854,6 +857,93 @@ async def test_a_command_a_reload_kept_masks_the_secrets_the_reload_added(
     assert status == 202
     doc = await event_state(running.http, running.admin_url, answer["id"], "done")
     assert doc["jobs"][0]["errors"][0]["detail"]["stdout"] == "…***" + "y" * 2028
+
+
+ROTATIONS = 50
+
+
+async def test_reloads_rotating_a_file_secret_keep_masking_only_what_may_still_be_printed(
+    tmp_path: Path, target: Target, run_daemon: Any, restore_logging: None
+) -> None:
+    """Each reload that read a rotated ``file:`` secret (what the README advises) added it,
+    for good, to the maskers every log line, every attempt's error and detail and every admin
+    answer go through: after 300 of them masking a 2 KB text took 540 µs instead of 1. With no
+    attempt begun before a reload still running, a secret it rotated out is masked no more (as
+    after a restart): the pool's, the admin API's and the log's maskers hold the one secret."""
+    secret = tmp_path / "token"
+
+    def token(n: int) -> str:
+        return f"token-generation-{n:05d}"
+
+    secret.write_text(token(0) + "\n", encoding="utf-8")
+    source = (
+        '[sources.shop]\nverify = { scheme = "token", header = "X-Token",'
+        f' secret = "file:{secret}" }}\n'
+        f'[[sources.shop.actions]]\ntype = "forward"\nurl = "{target.url}"\n'
+    )
+    cfg = make_config(tmp_path, source)
+    handler = logs.setup("info", "text", secrets=logs.secret_values(cfg), stream=io.StringIO())
+    running: Running = await run_daemon(cfg, loader=lambda: make_config(tmp_path, source))
+    daemon = running.daemon
+    for n in range(1, ROTATIONS + 1):
+        secret.write_text(token(n) + "\n", encoding="utf-8")
+        daemon.reloaded.clear()
+        daemon.request_reload()
+        await daemon.reloaded.wait()
+    status, _ = await running.post("/hooks/shop", b"{}", headers={"X-Token": token(ROTATIONS)})
+    assert status == 202  # the rotations were applied
+    assert daemon.pool is not None and isinstance(handler.formatter, logs.TextFormatter)
+    assert isinstance(daemon.status_now, functools.partial)
+    ctx: AdminContext = daemon.status_now.args[0]
+    held = {
+        "pool": daemon.pool.masker.given,
+        "admin API": ctx.masker.given,
+        "log": handler.formatter.masker.given,
+    }
+    assert held == dict.fromkeys(held, frozenset({token(ROTATIONS)}))
+
+
+async def test_a_secret_a_reload_rotates_out_stays_masked_while_an_attempt_begun_before_runs(
+    tmp_path: Path, target: Target, run_daemon: Any, restore_logging: None
+) -> None:
+    """Why a rotated-out secret is kept at all: a forward in flight across the reload ends on
+    the action it started on, and its error names the URL that action had, a secret the reload
+    rotated out. It stays masked, in what is journaled and in the log, until that attempt has
+    ended; a secret of a config no attempt began on (rotated in and out meanwhile) is not kept,
+    and once the attempt has ended only the running config's is."""
+    file = tmp_path / "url"
+    urls = [f"{target.url}/hooks/T{n}k9Xq27Lm0Zp4Rw8Vb" for n in range(3)]
+    file.write_text(urls[0] + "\n", encoding="utf-8")
+    source = f'[sources.shop]\n[[sources.shop.actions]]\ntype = "forward"\nurl = "file:{file}"\n'
+    cfg = make_config(tmp_path, source)
+    out = io.StringIO()
+    handler = logs.setup("info", "text", secrets=logs.secret_values(cfg), stream=out)
+    target.hold = asyncio.Event()
+    target.statuses = [403]  # dead at once: one attempt
+    running: Running = await run_daemon(cfg, loader=lambda: make_config(tmp_path, source))
+    daemon, pool = running.daemon, running.daemon.pool
+    assert pool is not None and isinstance(handler.formatter, logs.TextFormatter)
+    status, answer = await running.post("/hooks/shop", b"{}")
+    assert status == 202
+    await target.wait_for(lambda t: len(t.seen) == 1)
+    for n in (1, 2):
+        file.write_text(urls[n] + "\n", encoding="utf-8")
+        daemon.reloaded.clear()
+        daemon.request_reload()
+        await daemon.reloaded.wait()
+    assert pool.masker.text(f"{urls[0]} {urls[1]} {urls[2]}") == f"*** {urls[1]} ***"
+    logging.getLogger("webhookd.test").warning("the attempt quoted %s", urls[0])
+
+    ended = asyncio.Event()
+    pool.on_finish.append(lambda c, o, f: ended.set())
+    target.hold.set()
+    await asyncio.wait_for(ended.wait(), 10)
+    await asyncio.gather(*pool._running.values())  # its task's end lets its config go
+    doc = await event_state(running.http, running.admin_url, answer["id"], "dead")
+    assert [a["error"] for a in doc["jobs"][0]["errors"]] == ["*** answered 403"]
+    assert "error='*** answered 403'" in out.getvalue()
+    assert "the attempt quoted ***" in out.getvalue() and urls[0] not in out.getvalue()
+    assert pool.masker.given == {urls[2]} == handler.formatter.masker.given
 
 
 async def test_a_reload_that_removes_a_source_says_its_jobs_will_go_dead(

@@ -42,7 +42,7 @@ from webhookd.journal import (
 )
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID, Priority
-from webhookd.redact import Masker, secret_values
+from webhookd.redact import Masker
 from webhookd.state import IntakeState
 from webhookd.throttle import Throttle
 from webhookd.workers import WorkerPool
@@ -105,23 +105,24 @@ class AdminContext:
     # The keys a reload read but cannot change in place (server.listen, ...): what the file
     # says and the daemon runs differ until a restart.
     restart_pending: tuple[str, ...] = ()
-    masker: Masker = field(init=False)
     started_mono: float = field(init=False)  # the start on the monotonic clock: the uptime's
 
     def __post_init__(self) -> None:
         if self.counts is None:
             self.counts = PolledCounts(self.journal, lambda: self.config.sources)
-        self.masker = Masker(secret_values(self.config))
         clock = self.pool.clock
         self.started_mono = clock.monotonic() - (clock.time() - self.started_at)
 
+    @property
+    def masker(self) -> Masker:
+        """The worker pool's: the running config's secrets, and those of the configs attempts
+        still running began on (a secret a reload rotated out, until they end)."""
+        return self.pool.masker
+
     def reconfigure(self, config: Config, secrets: Collection[str] | None = None) -> None:
-        """A reload's config (``secrets``: its ``secret_values``, if read already); every
-        secret masked so far stays masked."""
+        """A reload's config (``secrets``: its ``secret_values``, if read already: the pool
+        has taken them, and ``masker`` is its)."""
         self.config = config
-        if secrets is None:
-            secrets = secret_values(config)
-        self.masker = Masker([*self.masker.given, *secrets])
 
 
 _FINISHED = frozenset({"done", "dead", "cancelled"})  # the outcomes that end a job

@@ -54,6 +54,7 @@ class _Masking(logging.Formatter):
         super().__init__()
         self.masker = Masker(secrets)
         self.mask = self.masker.text
+        self.held = self.masker.given  # what ``add_secrets`` adds to (``mask_only``'s)
 
 
 class TextFormatter(_Masking):
@@ -232,13 +233,25 @@ def set_format(fmt: str) -> None:
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
-    """Mask these too in every line from now on (a reloaded config's secrets); the earlier
-    ones stay masked, as lines about jobs started before the reload may still carry them."""
+    """Mask these too in every line from now on (a reloaded config's secrets), beside those
+    masked since the last ``setup`` or ``mask_only``, which say what may still be printed; those
+    a previous call added are dropped (a reload refused after it was read)."""
     for handler in logging.getLogger().handlers:
         formatter = handler.formatter
         if isinstance(formatter, _Masking):
-            formatter.masker = Masker([*formatter.masker.given, *secrets])
+            formatter.masker = Masker([*formatter.held, *secrets])
             formatter.mask = formatter.masker.text
+
+
+def mask_only(secrets: Iterable[str]) -> None:
+    """Mask these in every line from now on, and no other (the worker pool's, once a reload
+    is applied or the last attempt begun before one ends: a secret rotated out is dropped)."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _Masking):
+            formatter.masker = Masker(secrets)
+            formatter.mask = formatter.masker.text
+            formatter.held = formatter.masker.given
 
 
 def setup(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from webhookd import logs
 from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
@@ -178,7 +179,14 @@ class WorkerPool:
         # What an attempt's error and detail quote of a secret (a URL's password, a target
         # echoing a token) is masked before it is journaled: the journal, its backups and a
         # `show` run where the secrets' variables are not set never hold it.
-        self.masker = Masker(secret_values(config))
+        self._masking = frozenset(secret_values(config))  # what ``masker`` is made of
+        self.masker = Masker(self._masking)
+        # A reload's masker keeps the secrets of the configs that attempts still running began
+        # on (one may print a secret the reload rotated out): each config's secrets by
+        # generation, while it is the running one or an attempt begun on it runs.
+        self._generation = 0
+        self._secrets_of: dict[int, frozenset[str]] = {0: self._masking}
+        self._attempts_of: Counter[int] = Counter()
         self.intake = intake  # the receiver's state: new jobs wait while a burst is answered
         self._held_since: float | None = None
         self._no_hold_until = -math.inf
@@ -274,7 +282,10 @@ class WorkerPool:
         self._hear_lanes()
         if secrets is None:
             secrets = secret_values(config)
-        self.masker = Masker([*self.masker.given, *secrets])  # the old ones too
+        self._generation += 1
+        self._secrets_of = {g: s for g, s in self._secrets_of.items() if self._attempts_of[g]}
+        self._secrets_of[self._generation] = frozenset(secrets)
+        self._remask()
         # An action replaced by one that reaches another place (a new URL, another kind), or
         # taken away, starts with a clean slate: it no longer runs one job at a time (nor shows
         # so in webhookd_action_slow). One that reaches the same place keeps its slow mode and
@@ -295,6 +306,17 @@ class WorkerPool:
             self._close_soon(self._retired.pop(key))
         self._refill_now = True  # jobs of a source that had no action for them may run now
         self._wake.set()
+
+    def _remask(self) -> None:
+        """Mask the running config's secrets and those of the configs attempts still running
+        began on: a secret rotated out stays masked until the last of those ends, then goes
+        (each one kept was work for every line and attempt from then on). The log's masker
+        follows."""
+        wanted = frozenset().union(*self._secrets_of.values())
+        if wanted != self._masking:
+            self._masking = wanted
+            self.masker = Masker(wanted)
+            logs.mask_only(self.masker.given)
 
     def _close_soon(self, action: Action) -> None:
         task = asyncio.create_task(action.aclose(), name="close-retired-action")
@@ -818,9 +840,17 @@ class WorkerPool:
         self._running[job.id] = task
         self._idle.clear()
         self.started += 1
+        generation = self._generation
+        self._attempts_of[generation] += 1
 
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(job.id, None)
+            self._attempts_of[generation] -= 1
+            if not self._attempts_of[generation]:
+                del self._attempts_of[generation]
+                if generation != self._generation:  # the last attempt begun on that config
+                    del self._secrets_of[generation]
+                    self._remask()
             self._attempting.pop(job.id, None)
             self._release(job.id)  # if the action never returned (cancelled by a drain)
             held = self._held_caps.pop(job.id, ())
@@ -965,6 +995,8 @@ class WorkerPool:
         stragglers = dict(self._running)
         # Taken before the cancel: a job leaves ``_attempting`` as its task ends.
         attempting = {j: a for j, a in self._attempting.items() if j in stragglers}
+        # And the masker: a job's end drops the secrets of a config only it still ran on.
+        masker = self.masker
         for task in stragglers.values():
             task.cancel()
         cut: list[Finished] = []
@@ -1011,8 +1043,8 @@ class WorkerPool:
                         error=f"cut off by the drain after workers.shutdown_grace_s"
                         f" ({grace_s:g} s), {done}; not counted: the job runs again as this"
                         " attempt",
-                        result=self.masker.deep(result),
-                        detail=self.masker.deep({**kept, "counted": False}),
+                        result=masker.deep(result),
+                        detail=masker.deep({**kept, "counted": False}),
                     )
                 )
             self._cut_kept.clear()
