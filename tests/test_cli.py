@@ -2116,6 +2116,58 @@ async def test_an_argument_that_is_not_utf8_is_a_one_line_error(
     assert out.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["replay", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["replay", "--dead", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8"),
+        (["replay", "--dead", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8"),
+        (["replay", "--dead", "--action", NOT_UTF8], 2, "--action b'caf\\xe9' is not UTF-8"),
+        (["cancel", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["cancel", "--queued", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8"),
+        (["cancel", "--queued", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8"),
+        (["cancel", "--queued", "--action", NOT_UTF8], 2, "--action b'caf\\xe9' is not UTF-8"),
+        (["purge", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["purge", "--tenant", NOT_UTF8, "--yes"], 2, "--tenant b'caf\\xe9' is not UTF-8"),
+        (
+            ["purge", "--contains", "x", "--source", NOT_UTF8, "--yes"],
+            2,
+            "--source b'caf\\xe9' is not UTF-8",
+        ),
+    ],
+    ids=[
+        "replay-id",
+        "replay-source",
+        "replay-tenant",
+        "replay-action",
+        "cancel-id",
+        "cancel-source",
+        "cancel-tenant",
+        "cancel-action",
+        "purge-id",
+        "purge-tenant",
+        "purge-source",
+    ],
+)
+async def test_replay_cancel_and_purge_refuse_an_argument_that_is_not_utf8_in_one_line(
+    tmp_path: Path, args: list[str], code: int, said: str
+) -> None:
+    """The verbs that change the journal take such an argument as events and show do: an id
+    that is not UTF-8 is no event (exit 1), a --source, --tenant or --action one line and exit
+    2; not a traceback from the database, and the journal is left as it was."""
+    config, cfg = write_config(tmp_path, "")
+    item = new_event()
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        before = await journal.get_event(item.event.id)
+    out = await cli(*args, "--config", str(config))
+    assert (out.exit_code, out.stdout) == (code, ""), out.output
+    assert out.stderr.startswith(f"webhookd: error: {said}")
+    assert out.stderr.count("\n") == 1
+    async with Journal(cfg.journal.path) as journal:
+        assert await journal.get_event(item.event.id) == before
+
+
 async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
     """A command that needs the journal exits 1 with one line when there is none yet."""
     path, _ = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))

@@ -779,7 +779,11 @@ def _bulk(
         async with _journal(cfg) as journal:
             if event_ids:
                 ids = list(dict.fromkeys(event_ids))  # an id given twice is one event
-                found = [await journal.get_event(event_id) for event_id in ids]  # or NotFound
+                found = []
+                for event_id in ids:
+                    if not EVENT_ID.fullmatch(event_id):  # as show: no event has another shape
+                        raise NotFound(printable(event_id))
+                    found.append(await journal.get_event(event_id))  # or NotFound
                 if looked_up is not None:
                     looked_up(found)
             elif callable(select):
@@ -963,6 +967,9 @@ def replay(
     flag = chosen[0] if chosen else "--dead, --dismissed, --done or --cancelled"
     only = bool(chosen)
     window = _bulk_filters(event_ids, only, flag, source, since, until, tenant, with_ids=True)
+    _utf8_only(source, "--source")
+    _utf8_only(tenant, "--tenant")
+    _utf8_only(action, "--action")
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "replay")
     _unknown_source_note(cfg, source)
@@ -1093,6 +1100,9 @@ def cancel(
     window = _bulk_filters(
         event_ids, queued or dead, flag, source, since, until, tenant, with_ids=dead
     )
+    _utf8_only(source, "--source")
+    _utf8_only(tenant, "--tenant")
+    _utf8_only(action, "--action")
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "cancel")
     _unknown_source_note(cfg, source)
@@ -1178,6 +1188,8 @@ def purge(
     if contains is not None and not 1 <= len(contains) <= MAX_CONTAINS:
         raise click.BadParameter(f"give 1 to {MAX_CONTAINS} characters", param_hint="--contains")
     since_ts = parse_since(since) if since else None
+    _utf8_only(source, "--source")
+    _utf8_only(tenant, "--tenant")
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "purge")
     _unknown_source_note(cfg, source)
