@@ -2206,6 +2206,44 @@ def test_an_empty_file_at_journal_path_is_no_journal_and_is_left_empty(
     assert (names, cfg.journal.path.stat().st_size) == (before, 0)
 
 
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["stats"],
+        ["events"],
+        ["show", "evt_01M94DE3Q2TBERCWG70N3TACQC"],
+        ["replay", "evt_01M94DE3Q2TBERCWG70N3TACQC"],
+        ["cancel", "evt_01M94DE3Q2TBERCWG70N3TACQC"],
+        ["purge", "evt_01M94DE3Q2TBERCWG70N3TACQC"],
+        ["pause", "shop"],
+        ["prune"],
+        ["backup", "copy.db"],
+    ],
+    ids=lambda verb: verb[0],
+)
+def test_a_database_of_another_program_at_journal_path_is_refused_and_left_as_it_is(
+    tmp_path: Path, verb: list[str]
+) -> None:
+    """A journal.path that names another program's SQLite file (its own tables, no webhookd
+    schema): a verb that reads, one that changes and a backup each made webhookd's schema in
+    it (a backup gave it an id, then failed with a traceback). Each is now one line naming it,
+    exit 1, and the file is left as it was, with nothing beside it."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    with contextlib.closing(sqlite3.connect(cfg.journal.path)) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO notes (text) VALUES ('mine')")
+        db.commit()
+    before = (cfg.journal.path.read_bytes(), sorted(os.listdir(tmp_path)))
+    verb = [str(tmp_path / a) if a == "copy.db" else a for a in verb]
+    out = CliRunner().invoke(main, [*verb, "--config", str(path)])
+    assert (out.exit_code, out.stdout) == (1, ""), out.output
+    assert out.stderr.startswith(
+        f"webhookd: error: {cfg.journal.path} holds a database that is not a webhookd journal"
+    )
+    assert out.stderr.count("\n") == 1
+    assert (cfg.journal.path.read_bytes(), sorted(os.listdir(tmp_path))) == before
+
+
 @pytest.mark.subprocess
 async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point maps errors to exit codes 0, 1 and 2 with one stderr line."""

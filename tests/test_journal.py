@@ -337,6 +337,72 @@ def test_a_holder_in_another_pid_namespace_is_still_seen(tmp_path: Path) -> None
     assert opened_elsewhere(path) is None
 
 
+def another_programs_database(path: Path, *, wal: bool = False) -> sqlite3.Connection | None:
+    """A SQLite file of another program's at ``path``: a table of its own, a row in it, no
+    webhookd schema, ``user_version`` and ``application_id`` 0. With ``wal``, in WAL mode and
+    still open (returned): its table is only in its -wal, the file's header says nothing yet."""
+    conn = sqlite3.connect(path)
+    if wal:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    conn.execute("INSERT INTO notes (text) VALUES ('mine')")
+    conn.commit()
+    if wal:
+        return conn
+    conn.close()
+    path.chmod(0o644)  # read by its own program's users: left so
+    return None
+
+
+@pytest.mark.parametrize("serving", [False, True], ids=["cli", "serve"])
+async def test_a_database_of_another_program_is_refused_and_left_as_it_is(
+    tmp_path: Path, serving: bool
+) -> None:
+    """A journal.path that names another program's SQLite file had webhookd's whole schema made
+    in it, beside its own tables, by serve and by any verb. Both refuse it in one line naming
+    it, and write nothing in it or beside it: not its mode, not a -wal, not a lock file."""
+    path = tmp_path / "other.db"
+    another_programs_database(path)
+    before = (path.read_bytes(), path.stat().st_mode, sorted(os.listdir(tmp_path)))
+    with pytest.raises(JournalError) as err:
+        await Journal(path, serving=serving).open()
+    assert str(err.value).startswith(
+        f"{path} holds a database that is not a webhookd journal (tables of its own, none of"
+        " webhookd's)"
+    )
+    assert (path.read_bytes(), path.stat().st_mode, sorted(os.listdir(tmp_path))) == before
+
+
+async def test_a_database_of_another_program_in_wal_mode_is_refused_while_it_has_it_open(
+    tmp_path: Path,
+) -> None:
+    """Its tables still only in its -wal (the program runs), it is refused all the same: the
+    journal reads it through the -wal, and changes none of it."""
+    path = tmp_path / "other.db"
+    conn = another_programs_database(path, wal=True)
+    assert conn is not None
+    with contextlib.closing(conn):
+        with pytest.raises(JournalError, match="holds a database that is not a webhookd journal"):
+            await Journal(path, serving=True).open()
+        assert conn.execute("SELECT name FROM sqlite_schema").fetchall() == [("notes",)]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+async def test_serve_makes_its_journal_in_an_empty_database(tmp_path: Path) -> None:
+    """An empty database (a SQLite file with no table yet) is no other program's: the daemon
+    makes its journal in it, as in a new file."""
+    path = tmp_path / "webhookd.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 0")  # writes the header: a page, no table
+        conn.commit()
+    assert path.stat().st_size > 0
+    async with Journal(path, serving=True) as journal:
+        await journal.ingest(new_event())
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+
+
 async def test_a_second_daemon_through_a_symlink_meets_the_first_ones_lock(
     tmp_path: Path,
 ) -> None:

@@ -571,6 +571,40 @@ async def test_serve_on_a_journal_of_a_newer_webhookd_exits_3_which_the_unit_doe
     assert prevent == ["RestartPreventExitStatus=2 3"]
 
 
+async def test_serve_on_another_programs_database_exits_1_and_leaves_it_as_it_is(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A journal.path that names another program's SQLite file (tables of its own, no webhookd
+    schema) got webhookd's whole schema made in it beside them, and was served. The start is
+    now refused, one fatal line naming the file, exit 1, and the file is left as it was, with
+    nothing beside it; an empty database (no table) is still made a journal."""
+    journal = tmp_path / "webhookd.db"
+    cfg = write_config(tmp_path / "webhookd.toml", journal)
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.execute("INSERT INTO notes (text) VALUES ('mine')")
+        db.commit()
+    before = (journal.read_bytes(), sorted(os.listdir(tmp_path)))
+
+    refused = await procs.serve(cfg, wait=False)
+    assert await refused.wait_exit(timeout_s=15) == 1
+    assert not refused.listening.is_set()
+    fatal = [line for line in refused.lines if "fatal:" in line]
+    assert len(fatal) == 1, refused.log
+    assert f"fatal: {journal} holds a database that is not a webhookd journal" in fatal[0]
+    assert (journal.read_bytes(), sorted(os.listdir(tmp_path))) == before
+
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        db.execute("DROP TABLE notes")
+        db.commit()
+    served = await procs.serve(cfg)
+    served.signal(signal.SIGTERM)
+    assert await served.wait_exit() == 0
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_schema")}
+    assert {"events", "jobs"} <= names
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
 async def test_second_signal_exits_at_once_and_the_next_start_recovers_the_job(
     tmp_path: Path,

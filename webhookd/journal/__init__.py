@@ -279,6 +279,53 @@ def interrupted_restores(journal: Path) -> list[Path]:
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+def foreign(conn: sqlite3.Connection) -> bool:
+    """Whether the SQLite database ``conn`` has open is another program's: it holds tables (or
+    any schema) and no webhookd journal, whose first tables are made in the transaction that
+    sets its schema version (``user_version``). Asked in one statement, so of one moment: a
+    journal a daemon is making meanwhile is never seen with its tables and no version. An empty
+    database, with no table, is no other program's: ``serve`` makes its journal in it."""
+    version, schema = conn.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version),"
+        " EXISTS (SELECT 1 FROM sqlite_schema)"
+    ).fetchone()
+    return not version and bool(schema)
+
+
+def not_a_journal(path: Path) -> str:
+    """The line that refuses a database ``foreign`` tells of at ``path``."""
+    return (
+        f"{path} holds a database that is not a webhookd journal (tables of its own, none of"
+        " webhookd's): set journal.path to a file of webhookd's own; it was left as it is"
+    )
+
+
+def _foreign_file(path: Path) -> bool:
+    """``foreign`` of the file at ``path``, asked before a journal is opened there, so before
+    anything is changed in it or made beside it (no pragma is run). Only a SQLite file whose
+    header says schema version 0 is asked (a journal's first start still in its -wal is read
+    through it); False where it cannot be read, which opening it as a journal then says."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    if len(head) < 64 or not head.startswith(_SQLITE_HEADER) or any(head[60:64]):
+        return False
+    try:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000
+        )
+    except sqlite3.Error:
+        return False
+    try:
+        return foreign(conn)
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
 def _owner_only(path: Path) -> bool:
     """Create the journal file 0600, and tighten an existing one and its -wal and -shm to 0600;
     whether it created the file (there was none).
@@ -678,6 +725,8 @@ class Journal(Reads, BaseJournal):
                 f" in place ({left[0].name} is that backup, checked): run `webhookd restore`"
                 " with the backup again (what it replaced was moved aside, never deleted)"
             )
+        if await asyncio.to_thread(_foreign_file, self.path):  # its schema would be made in it
+            raise JournalError(not_a_journal(self.path))
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)

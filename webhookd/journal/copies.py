@@ -33,7 +33,9 @@ from webhookd.journal import (
     _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
+    foreign,
     interrupted_restores,
+    not_a_journal,
     opened_elsewhere,
     process_running,
     restored_marker,
@@ -112,6 +114,8 @@ def _backup(
         source = sqlite3.connect(journal, isolation_level=None)
         try:
             source.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if foreign(source):  # before its header is given an id
+                raise JournalError(not_a_journal(journal))
             _give_id(source)
             # One read transaction around every step: the copy is of its first moment, and the
             # daemon's commits meanwhile do not make the backup start over.
