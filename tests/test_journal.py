@@ -313,6 +313,23 @@ async def test_no_schema_is_upgraded_under_a_process_that_has_the_journal_open(
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
+@pytest.mark.parametrize("serving", [False, True], ids=["cli", "serve"])
+async def test_an_upgrade_refused_for_a_process_that_has_the_journal_open_names_its_command(
+    tmp_path: Path, serving: bool
+) -> None:
+    """The refusal named the holder's pid and guessed "a daemon of the older webhookd?", which
+    sent the operator looking for an old daemon when it was an `events --follow` or an sqlite3
+    shell: it is named by its command line, as a refused restore names it."""
+    path = tmp_path / "old.db"
+    journal_of_the_version_before(path)
+    with held_open(path) as pid, pytest.raises(JournalError) as err:
+        await Journal(path, serving=serving).open()
+    said = str(err.value)
+    assert f"process {pid} has it open (`{sys.executable} -c " in said, said
+    assert said.endswith("`): stop it before this webhookd upgrades the journal"), said
+    assert "older webhookd?" not in said
+
+
 def test_a_holder_in_another_pid_namespace_is_still_seen(tmp_path: Path) -> None:
     """Seen from a container, a process outside it has pid 0 in the kernel's answer: it still
     has the journal open, and is named as a process of another PID namespace."""

@@ -1005,10 +1005,17 @@ class Journal(Reads, BaseJournal):
         if version == len(MIGRATIONS):
             return
         if version > 0 and (holder := self._held_elsewhere) is not None:
+            from webhookd.journal.copies import _command_line  # copies imports this module
+
+            # Named by its command line (an `events --follow` left open, an sqlite3 shell)
+            # where it can be read; a guess where it cannot (another PID namespace's).
+            pid = holder.removeprefix("process ")
+            command = _command_line(int(pid)) if pid.isdigit() else None
+            said = f"`{command}`" if command else "a daemon of the older webhookd?"
             raise JournalError(
                 f"{self.path} has schema version {version}, this webhookd's is"
-                f" {len(MIGRATIONS)}, and {holder} has it open (a daemon of the older"
-                " webhookd?): stop it before this webhookd upgrades the journal"
+                f" {len(MIGRATIONS)}, and {holder} has it open ({said}): stop it before this"
+                " webhookd upgrades the journal"
             )
         if not self.serving and version > 0:
             # Only a daemon upgrades: a verb would change the tables under a daemon of the
