@@ -2186,13 +2186,15 @@ async def test_no_journal_is_a_runtime_error_exit_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "verb", [["stats"], ["events"], ["show", "evt_01M94DE3Q2TBERCWG70N3TACQC"]]
+    "verb",
+    [["stats"], ["events"], ["show", "evt_01M94DE3Q2TBERCWG70N3TACQC"], ["backup", "copy.db"]],
 )
 def test_an_empty_file_at_journal_path_is_no_journal_and_is_left_empty(
     tmp_path: Path, verb: list[str]
 ) -> None:
     """A read verb never makes a journal: an empty file at journal.path (a ``touch``, or a
-    daemon's first start just begun) is no journal, exit 1 as for none, and stays empty."""
+    daemon's first start just begun) is no journal, exit 1 as for none, and stays empty (a
+    backup gave it an id, then failed with a traceback)."""
     path, cfg = write_config(tmp_path, "")
     cfg.journal.path.touch()
     before = sorted(p.name for p in tmp_path.iterdir())

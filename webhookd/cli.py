@@ -1949,6 +1949,7 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
     cfg = _read_config(config_path)
     if cfg.journal.url is not None:
         _fail("journal.url is set: back up a PostgreSQL journal with pg_dump", 2)
+    _journal_file_needed(cfg)  # an empty file is no journal: nothing to copy, nor to give an id
     if dest.endswith(os.sep) and not os.path.isdir(dest):  # meant as a folder: never a file
         _fail(f"no folder {dest}: make it first", 2)
     target = Path(dest)

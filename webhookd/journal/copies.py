@@ -158,7 +158,9 @@ def _backup(
         sync(dest.parent)
     except sqlite3.Error as exc:
         # SQLite says "disk I/O error" when the -shm it needs finds no room: the disk says so.
-        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL or _no_room(dest.parent):
+        # (An error of this module's own, such as the check's, has no SQLite code.)
+        code = getattr(exc, "sqlite_errorcode", 0)
+        if code & 0xFF == sqlite3.SQLITE_FULL or _no_room(dest.parent):
             raise _filled(dest.parent, str(exc)) from exc
         raise JournalError(f"cannot back up {journal}: {exc}") from exc
     finally:
