@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cluster import pg_config, post, serve_nodes, stop, unique_body
+from cluster import node_config, pg_config, post, serve_nodes, stop, unique_body
 from procs import DaemonProc, Procs, Target, get_json, poll
 
 pytestmark = [
@@ -89,3 +89,27 @@ async def test_each_node_lists_both_nodes_and_a_killed_one_goes_stale_after_leas
 
     await poll(drained, timeout_s=6 * LEASE_S, interval_s=0.2)
     await stop(a)
+
+
+async def test_a_node_whose_dedup_rule_differs_is_marked_and_logged_by_the_other(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """Two nodes whose files differ only in a source's ``dedup``: each node's ``/stats`` marks
+    the other ``same_config`` false and its log names it. Both said the same config, while one
+    delivery posted to both became two events, each with its jobs."""
+    source = '[sources.shop]\ndedup = "{}"\n[[sources.shop.actions]]\ntype = "log"\n'
+    a = await procs.serve(
+        node_config(tmp_path / "a.toml", source.format("header:X-Delivery"), lease_s=LEASE_S)
+    )
+    b = await procs.serve(
+        node_config(tmp_path / "b.toml", source.format("json:id"), lease_s=LEASE_S)
+    )
+    for node, other in ((a, b), (b, a)):
+        view = await cluster(http, node)
+        assert {n["pid"]: n["same_config"] for n in view["nodes"]} == {
+            node.pid: True,
+            other.pid: False,
+        }
+        said = await node.wait_said(r"node\(s\) .* other than this node's config")
+        assert f"pid {other.pid} " in said
+    await stop(a, b)

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from webhookd.config import (
     Secret,
     ServerConfig,
     WorkersConfig,
+    cluster_digest,
     credentials_unclear,
     leaves,
     load,
@@ -1673,3 +1676,118 @@ def new_text(url: str) -> str:
         '[[sources.a.actions]]\ntype = "log"\n'
         f'[[sources.a.actions]]\ntype = "forward"\nurl = "{url}"\n'
     )
+
+
+# One source as every node of a cluster would run it: the keys ``cluster_digest`` compares.
+CLUSTER_SOURCE = """\
+[sources.shop]
+verify = { scheme = "github", secret = "env:SHOP_SECRET" }
+dedup = "header:X-Delivery"
+[[sources.shop.actions]]
+name = "deliver"
+type = "forward"
+url = "http://127.0.0.1:9/orders"
+when = { "header:X-Kind" = ["order"] }
+[[sources.shop.actions]]
+type = "log"
+[sources.mail]
+[[sources.mail.actions]]
+type = "log"
+"""
+
+
+def _digest(text: str) -> str:
+    return cluster_digest(loads(text, "node.toml", kinds=actions.kind_defaults))
+
+
+@pytest.mark.parametrize(
+    ("was", "now"),
+    [
+        ('dedup = "header:X-Delivery"', 'dedup = "json:id"'),
+        ('dedup = "header:X-Delivery"\n', ""),
+        # A node left unsigned: it takes any webhook the others refuse.
+        ('verify = { scheme = "github", secret = "env:SHOP_SECRET" }\n', ""),
+        ('scheme = "github"', 'scheme = "hmac", header = "X-Sig"'),
+        ('secret = "env:SHOP_SECRET"', 'secret = "env:OTHER_SECRET"'),
+        ('secret = "env:SHOP_SECRET"', 'secrets = ["env:OTHER_SECRET", "env:SHOP_SECRET"]'),
+        ('secret = "env:SHOP_SECRET" }', 'secret = "env:SHOP_SECRET", dedup_body = false }'),
+        ("[sources.shop]\n", '[sources.shop]\ntenant = "header:X-Shop"\n'),
+        ("[sources.shop]\n", '[sources.shop]\npriority = { by = "json:tier", high = ["gold"] }\n'),
+        ("[sources.shop]\n", '[sources.shop]\npath = "/in/shop"\n'),
+        ("[sources.shop]\n", "[sources.shop]\nmax_body_bytes = 4096\n"),
+        ("[sources.shop]\n", "[sources.shop]\nack_status = 200\n"),
+        ("[sources.shop]\n", '[sources.shop]\nallow_from = ["10.0.0.0/8"]\n'),
+        ("[sources.shop]\n", "[sources.shop]\ntenant_concurrency = 2\n"),
+        ('["order"]', '["order", "refund"]'),
+        ('when = { "header:X-Kind" = ["order"] }\n', ""),
+        ('when = { "header:X-Kind" = ["order"] }', 'ordered_by = "json:order_id"'),
+    ],
+)
+def test_cluster_digest_tells_apart_each_source_key_that_changes_what_a_node_does(
+    was: str, now: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose dedup rule differed was not flagged (the same delivery posted to two nodes
+    became two events, each forwarded), nor one left without ``verify``: the digest held only
+    the sources' names, caps and actions."""
+    monkeypatch.setenv("SHOP_SECRET", "gh-secret")
+    monkeypatch.setenv("OTHER_SECRET", "gh-secret")
+    assert was in CLUSTER_SOURCE
+    assert _digest(CLUSTER_SOURCE) != _digest(CLUSTER_SOURCE.replace(was, now, 1))
+
+
+def test_cluster_digest_is_the_same_for_one_config_written_otherwise_or_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes compare digests made in other processes: the order keys, sources and set members
+    are written in, the hash seed, a secret's value and each node's own keys (``[server]``,
+    ``intake_per_s``) change nothing, and neither does a reload of the same file."""
+    monkeypatch.setenv("SHOP_SECRET", "gh-secret")
+    text = CLUSTER_SOURCE.replace(
+        "[sources.shop]\n",
+        '[sources.shop]\npriority = { by = "json:tier", high = ["gold", "silver", "bronze"] }\n'
+        'allow_from = ["10.0.0.0/8", "192.168.0.0/16"]\n',
+    ).replace(
+        'when = { "header:X-Kind" = ["order"] }',
+        'when = { "header:X-Kind" = ["order", "refund"], "json:live" = ["yes"] }',
+    )
+    mail = '[sources.mail]\n[[sources.mail.actions]]\ntype = "log"\n'
+    reordered = (
+        mail
+        + text.replace(mail, "")
+        .replace(
+            'verify = { scheme = "github", secret = "env:SHOP_SECRET" }',
+            'verify = { secret = "env:SHOP_SECRET", scheme = "github" }',
+        )
+        .replace('name = "deliver"\ntype = "forward"', 'type = "forward"\nname = "deliver"')
+        .replace('"gold", "silver", "bronze"', '"bronze", "gold", "silver"')
+        .replace('"10.0.0.0/8", "192.168.0.0/16"', '"192.168.0.0/16", "10.0.0.0/8"')
+        .replace(
+            '"header:X-Kind" = ["order", "refund"], "json:live" = ["yes"]',
+            '"json:live" = ["yes"], "header:X-Kind" = ["refund", "order"]',
+        )
+        + '[server]\nlisten = "127.0.0.1:9090"\n'
+    ).replace("[sources.shop]\n", "[sources.shop]\nintake_per_s = 50\n")
+    digest = _digest(text)
+    assert _digest(reordered) == digest
+    monkeypatch.setenv("SHOP_SECRET", "rotated-on-this-node-first")
+    assert _digest(text) == digest
+
+    cfg = loads(text, "node.toml", kinds=actions.kind_defaults)
+    reloaded = plan_reload(cfg, loads(text, "node.toml", kinds=actions.kind_defaults)).config
+    assert cluster_digest(reloaded) == digest
+
+    path = tmp_path / "node.toml"
+    path.write_text(text, encoding="utf-8")
+    script = (
+        "import sys; from webhookd import actions, config;"
+        " print(config.cluster_digest(config.load(sys.argv[1], kinds=actions.kind_defaults)))"
+    )
+    for seed in ("1", "2", "3"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == digest, seed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import fnmatch
 import functools
 import hashlib
@@ -406,7 +407,7 @@ class ActionConfig:
     named: bool = field(default=True, compare=False)
     # A digest of what its env: and file: options held when the config was read
     # (``read_digest``): options as written compare equal when a file's secret was rotated.
-    # Not in its repr, so not in ``cluster_digest``: nodes rotate a secret one at a time.
+    # Not in its repr, nor in ``cluster_digest``: nodes rotate a secret one at a time.
     read: str = field(default="", repr=False)
 
 
@@ -679,20 +680,62 @@ def check_sources(
 
 
 def cluster_digest(cfg: Config) -> str:
-    """A digest of what nodes sharing a journal must agree on to run each other's jobs alike:
-    the sources' actions (names, types, options as written, caps, retries) and the lanes.
-    Not the verification, nor anything of [server]: those are each node's own."""
-    sources = [
-        (
-            src.name,
-            src.concurrency,
-            src.tenant_concurrency,
-            [repr(dataclasses.replace(a, options=_unsecret(a.options))) for a in src.actions],
-        )
-        for src in cfg.all_sources()
-    ]
-    lanes = sorted((name, repr(lane)) for name, lane in cfg.lanes.items())
-    return hashlib.sha256(repr((sources, lanes)).encode()).hexdigest()[:16]
+    """A digest of what nodes sharing a journal must agree on to take each other's webhooks and
+    run each other's jobs alike: every key of every source that changes what a node does with a
+    webhook or its jobs, and the lanes. Of a source: its path, ``verify`` (the scheme, each key,
+    and its secrets by their ``env:``/``file:`` reference, never a value), ``allow_from``,
+    ``max_body_bytes``, ``ack_status``, ``dedup``, ``tenant``, ``priority``, its caps and its
+    actions (names, types, options as written but those holding only a secret, ``when``,
+    ``ordered_by``, caps, ``timeout_s``, retries). Left out, as each node's own: ``[server]``,
+    ``[admin]``, ``[journal]``, ``[workers]``, ``[log]``, a source's ``intake_per_s`` (each
+    node's receiver answers 429 past its own rate), and what tells no webhook apart (an action's
+    place in the file). The same config gives the same digest in every process: tables and sets
+    are compared sorted (the order keys are written in, the entries of ``when`` and
+    ``allow_from``), arrays in their order (actions, a rotation's secrets)."""
+    doc = {
+        "sources": {src.name: _digested(src) for src in cfg.all_sources()},
+        "lanes": {name: _digested(lane) for name, lane in cfg.lanes.items()},
+    }
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# What ``cluster_digest`` leaves out of a table: each node's own, or nothing a webhook meets
+# (an action's dotted key and whether its name was written; ``read``: its secrets' values).
+_NOT_DIGESTED: dict[type, frozenset[str]] = {
+    SourceConfig: frozenset({"intake_per_s"}),
+    ActionConfig: frozenset({"key", "named", "read"}),
+}
+# Arrays whose entries' order means nothing: every condition must hold, any of its globs or
+# networks lets a webhook through.
+_UNORDERED = frozenset({"when", "accepts", "allow_from"})
+
+
+def _digested(value: Any) -> Any:
+    """``value`` as JSON for ``cluster_digest``: a secret by its reference, never its value."""
+    if isinstance(value, Secret):
+        return {"secret": value.reference or "inline"}
+    if isinstance(value, ActionConfig):
+        value = dataclasses.replace(value, options=_unsecret(value.options))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        skip = _NOT_DIGESTED.get(type(value), frozenset())
+        doc = {}
+        for f in dataclasses.fields(value):
+            if f.name not in skip:
+                item = _digested(getattr(value, f.name))
+                doc[f.name] = sorted(item, key=json.dumps) if f.name in _UNORDERED else item
+        return doc
+    if isinstance(value, Mapping):
+        return {str(k): _digested(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted((_digested(v) for v in value), key=json.dumps)
+    if isinstance(value, (list, tuple)):
+        return [_digested(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.name
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)  # a network, a TOML date
 
 
 def _renamed(was: ActionConfig, unnamed: list[ActionConfig]) -> tuple[str, str, str, str]:
