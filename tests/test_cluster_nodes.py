@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -112,4 +113,24 @@ async def test_a_node_whose_dedup_rule_differs_is_marked_and_logged_by_the_other
         }
         said = await node.wait_said(r"node\(s\) .* other than this node's config")
         assert f"pid {other.pid} " in said
+
+    # The CLI asks a's admin API: b's line says so (it printed the same line for both), and
+    # --json keeps the field.
+    cli_cfg = tmp_path / "cli.toml"
+    cli_cfg.write_text(
+        (tmp_path / "a.toml")
+        .read_text(encoding="utf-8")
+        .replace('[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{a.admin}"'),
+        encoding="utf-8",
+    )
+    out = await procs.cli("stats", "--config", str(cli_cfg))
+    assert out.returncode == 0, out.stderr
+    lines = {
+        int(m["pid"]): m["rest"]
+        for m in re.finditer(r"^node \S+ +\S+:(?P<pid>\d+) (?P<rest>.*)$", out.stdout, re.M)
+    }
+    assert lines[a.pid].endswith("  this") and lines[b.pid].endswith("  live  config differs")
+    out = await procs.cli("stats", "--json", "--config", str(cli_cfg))
+    doc = json.loads(out.stdout)
+    assert {n["pid"]: n["same_config"] for n in doc["nodes"]} == {a.pid: True, b.pid: False}
     await stop(a, b)

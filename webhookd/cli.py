@@ -1766,10 +1766,13 @@ def _stats_table(doc: dict[str, Any]) -> str:
         lines.append(f"daemon         {doc['daemon_error']} (journal figures only)")
     for node in doc["nodes"]:
         state = "STALE" if node["stale"] else ("this" if node["this"] else "live")
+        # Its sources, actions or lanes are not those of the daemon answering (``None``: not
+        # known, from a node or a daemon of an earlier webhookd, or with no daemon asked).
+        differs = "  config differs" if node.get("same_config") is False else ""
         lines.append(
             f"node {node['node_id'][-12:]:<12} {node['host'] or '-'}:{node['pid'] or '-'}"
             f"  running {node['running']}  heartbeat {_ago(node['heartbeat_age_s'])}"
-            f"  {state}"
+            f"  {state}{differs}"
         )
     states = list(doc["jobs"])
     lines.append("")
