@@ -35,6 +35,7 @@ from ops_support import (
 )
 from procs import Procs, clean_env, poll, spawn
 from test_journal_contract import Store, finished, new_event
+from test_workers import hung_target
 
 from webhookd import __version__, actions, models
 from webhookd import cli as cli_mod
@@ -2762,6 +2763,50 @@ async def test_stats_beside_the_daemon_prints_its_counts_and_alone_reads_the_sam
     for key in set(alone) - {"journal_bytes", "nodes", "daemon", "daemon_error"}:
         assert alone[key] == beside[key], key
     assert alone_table == beside_table
+
+
+async def test_stats_lists_the_actions_the_daemon_runs_one_job_at_a_time(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """An action whose attempts keep timing out runs one job at a time; stats said nothing of
+    it (only the log and webhookd_action_slow did), and its queued jobs beside idle workers
+    were taken for a resume that did not happen. /stats lists it under workers.slow, and the
+    CLI on a line of its own."""
+    async with hung_target(asyncio.Event()) as url:
+        body = f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+url = "{url}/shop"
+timeout_s = 0.2
+retry = {{ max_attempts = 1 }}
+"""
+        config, cfg = write_config(tmp_path, body)
+        running = await run_daemon(cfg)
+        config.write_text(
+            config.read_text().replace(
+                '[admin]\nlisten = "127.0.0.1:0"',
+                f'[admin]\nlisten = "{running.daemon.bound.admin}"',
+            ),
+            encoding="utf-8",
+        )
+        table = await cli("stats", "--config", str(config))
+        assert table.exit_code == 0, table.output
+        assert "slow " not in table.output
+
+        # workers.slow_after_timeouts (3) attempts in a row end by their timeout.
+        events = [await accepted(running, "shop", f'{{"n": {n}}}') for n in range(3)]
+        for event_id in events:
+            await event_state(running.http, running.admin_url, event_id, "dead")
+        doc = await cli("stats", "--json", "--config", str(config))
+        slow = json.loads(doc.output)["daemon"]["workers"]["slow"]
+        assert slow == [{"source": "shop", "action": "forward"}]
+        table = await cli("stats", "--config", str(config))
+        assert (
+            "\nslow           shop/forward: one job at a time, its last attempts timed out"
+            " (workers.slow_after_timeouts)\n" in table.output
+        ), table.output
+        await running.stop()
 
 
 def test_show_says_how_a_webhook_verified_in_words_and_its_own_times() -> None:

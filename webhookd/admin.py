@@ -654,6 +654,9 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
             "started": pool.started,
             "outcomes": dict(pool.outcomes),
             "holding": pool.holding,
+            # Actions running one job at a time on this node, their last attempts having ended
+            # by their timeout_s (workers.slow_after_timeouts), as webhookd_action_slow shows.
+            "slow": [{"source": s, "action": a} for s, a in sorted(ctx.pool.slow)],
         },
         "scheduler": _scheduler_stats(ctx, backlog, now),
         "intake": {

@@ -1745,6 +1745,13 @@ def _stats_table(doc: dict[str, Any]) -> str:
             # Else queued jobs beside idle workers, with no reason given.
             + ("   holding new jobs: a burst is being answered" if w.get("holding") else "")
         )
+        if w.get("slow"):  # else queued jobs of an action beside idle workers, unexplained
+            lines.append(
+                "slow           "
+                + ", ".join(f"{a['source']}/{a['action']}" for a in w["slow"])
+                + ": one job at a time, its last attempts timed out"
+                " (workers.slow_after_timeouts)"
+            )
         for name, lane in daemon.get("lanes", {}).items():
             lines.append(
                 f"lane {name:<9} waiting {lane['waiting']}  admitted {lane['admitted_total']}"
