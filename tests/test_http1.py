@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -266,6 +267,52 @@ async def test_requests_before_garbage_in_the_same_read_are_answered_before_its_
     assert await conn.closed_by_peer()
     await conn.close()
     assert served.events() == 2
+
+
+# A request the parser refuses (a duplicate Host header, as a client library might send).
+REFUSED = b"POST /hooks/h HTTP/1.1\r\nHost: t\r\nHost: u\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_a_webhook_before_a_refused_request_in_a_later_read_is_not_answered_400(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same past a connection's first read: a webhook and then a refused request in one
+    write get 202 (journaled) and 400, in that order; the parser drops what it completed in a
+    read when it raises, and a 400 sent in its place is read by the client, in order, as the
+    webhook's answer (providers do not retry a 400). Where the read began inside a request
+    (its head split across writes), the requests it completed cannot be found again: the
+    connection closes after the answers already due, without the 400."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    try:
+        for n in (1, 2):
+            await conn.send(post(n))
+            assert (await conn.answer()).status == 202
+        await conn.send(post(3) + REFUSED)
+        third = await conn.answer()
+        assert third.status == 202, third
+        assert (await conn.answer()).status == 400
+        assert await conn.closed_by_peer()
+    finally:
+        await conn.close()
+    assert served.events() == 3
+
+    caplog.set_level(logging.INFO, logger="webhookd.http")
+    conn = await RawConn.open(served.address)
+    split = post(5)
+    try:
+        await conn.send(post(4) + split[:20])
+        assert (await conn.answer()).status == 202
+        await conn.send(split[20:] + REFUSED)
+        assert await conn.closed_by_peer()  # no answer: none would be the right one
+    finally:
+        await conn.close()
+    assert served.events() == 4
+    said = [r.getMessage() for r in caplog.records if r.name == "webhookd.http"]
+    assert said == [
+        "closed the connection from 127.0.0.1 without answering a malformed request (400"
+        " Duplicate 'Host' header found.): the requests before it in the same read are lost"
+    ], said
 
 
 async def _head_of(conn: RawConn, method: bytes, target: bytes) -> tuple[bytes, list[bytes]]:

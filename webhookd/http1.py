@@ -22,7 +22,9 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
   a chunked request's connection closes after its answer;
 - a malformed request answered with a JSON 400 in one INFO line
   naming the client and the parser's reason, never the bytes; then the connection closes
-  (well-formed requests before it in a connection's first read are answered first);
+  (well-formed requests before it in the same read are answered first; where the read began
+  inside a request, so that those cannot be found again, the connection closes after the
+  answers already due, without the 400, which the client would take for one of theirs);
 - ``HEAD`` answered as the ``GET`` it stands for (the handler sees a GET), without the body;
 - a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
   (their commits and answers) for up to a timeout, then closes the rest.
@@ -70,6 +72,12 @@ _SKIPPED = frozenset(("content-length", "date", "connection", "transfer-encoding
 # with its event in the journal and held in memory meanwhile; nginx's default is about this
 # (large_client_header_buffers 4 8k), and no provider sends a tenth of it.
 MAX_HEAD_BYTES = 32 * 1024
+
+
+def _no_head_ends_in(data: bytes) -> bool:
+    """Whether no request head can have been completed by ``data`` (no blank line ends in
+    it, nor one begun in the read before)."""
+    return b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n"))
 
 
 class HeadTooLarge(HttpProcessingError):
@@ -287,7 +295,9 @@ class _Connection(BaseProtocol):
         # read since the read that completed the last head, says when heads must be measured.
         self._head_at_least = 0
         self._head_at_most = 0
-        self._fresh = True  # nothing read yet: the next byte begins a request
+        # The next byte read begins a request: nothing read yet, or the last read ended where
+        # a request did (see data_received).
+        self._fresh = True
         self._last_active = loop.time()
         self._last_read = -math.inf  # when part of a head last arrived
         self._linger: asyncio.TimerHandle | None = None  # closes a lingering connection
@@ -381,13 +391,23 @@ class _Connection(BaseProtocol):
             return
         last = self._last_body
         in_body = last is not None and not last.is_eof()  # what comes first is that body's
-        fresh, self._fresh = self._fresh, False
+        before = last.total_bytes if last is not None and in_body else 0
+        fresh = self._fresh
         try:
             messages, upgraded, _tail = self.request_parser.feed_data(data)
         except HttpProcessingError as exc:
-            if fresh:  # requests before the error in the same read are answered first
+            if fresh and not self._closing:  # requests before it in the read are answered first
                 self._queue.extend(self._taken_before(data))
-            self._queue.append(exc)
+                self._queue.append(exc)
+            elif _no_head_ends_in(data):  # none completed in this read: the 400 is the next answer
+                self._queue.append(exc)
+            else:  # those completed in this read are lost, and a 400 would answer one of them
+                self._server.log_malformed(
+                    "closed the connection from %s without answering a malformed request (%d %s):"
+                    " the requests before it in the same read are lost",
+                    self.peer,
+                    *refusal(exc),
+                )
             self._broken = self._closing = True  # nothing after it can be trusted
             self._pause_transport_reading()
             # A body's framing broke after its head (a bad chunk size): its reader fails now
@@ -399,6 +419,10 @@ class _Connection(BaseProtocol):
             if last is not None and not last.is_eof():  # all of it was that body's
                 self._head_at_most = 0
                 return
+            if data:  # a read that ends a request is all of its body's (nothing else came)
+                self._fresh = (
+                    last is not None and in_body and len(data) == last.total_bytes - before
+                )
             self._last_read = self._loop.time()  # a head under way: not idle, see make_room
             self._head_at_most += len(data)
             # Bytes surely of a head: read while no body was, and while the parser does not hold
@@ -419,9 +443,20 @@ class _Connection(BaseProtocol):
                     return
         last = self._last_body = messages[-1][1]
         self._head_at_least = 0
+        ended = last.is_eof()
         if data:  # the next head may have begun in this read
-            self._head_at_most = len(data) if last.is_eof() else 0
+            self._head_at_most = len(data) if ended else 0
         self._queue.extend(messages)
+        # Whether the next read begins a request: the parser held none of this one back (it
+        # does once _QUEUE_MAX wait, the one being answered counted), and it ended with its last
+        # request whole: with its body (the parser's copy of its bytes from this read), or with
+        # the blank line that ends a head if it has none, not with the next head begun (that
+        # cannot end in a blank line; b"", a read of bytes the parser held, ends with neither).
+        self._fresh = (
+            ended
+            and len(self._queue) < _QUEUE_MAX - 1
+            and data.endswith(last._buffer[-1] if last.total_bytes else b"\r\n\r\n")
+        )
         if upgraded:  # no other protocol is spoken here: answer, then close
             self._closing = True
             self._pause_transport_reading()
@@ -434,8 +469,9 @@ class _Connection(BaseProtocol):
 
         aiohttp's parser drops the requests it completed in a read when it raises on a later
         one in the same read. Parsed again by a parser that stops after each request, they are
-        found one by one until the error. Only for a connection's first read: elsewhere a read
-        may begin inside a request, and parsing it afresh could take a body for a request.
+        found one by one until the error. Only for a read that begins a request (``_fresh``):
+        elsewhere a read may begin inside a request, and parsing it afresh could take a body
+        for a request.
         """
         server = self._server
         parser = server.parser(self, max_queued=1)  # stops after each request; each feed goes on
