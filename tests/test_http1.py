@@ -863,6 +863,43 @@ async def test_a_connection_closed_to_make_room_is_closed_at_once_answers_unsent
     assert conn not in served.server.connections
 
 
+async def test_bodies_pipelined_behind_a_slow_answer_stop_the_reading_past_128_kib(
+    start: Start,
+) -> None:
+    """Requests pipelined behind one answered slowly (``hold``: a stalled commit) wait with
+    their bodies, which no in-flight bound counts: past 128 KiB of them the connection reads
+    no further (32 waiting bodies of ~120 KB, each under the parser's own pause, held 4 MB per
+    connection), and reads on as they are answered: all 40 are, and journaled."""
+    hold = asyncio.Event()
+    served = await start(hold=hold)
+    conn = await RawConn.open(served.address)
+    bodies = [b'["%s", %d]' % (b"x" * 120_000, n) for n in range(40)]
+    head = b"POST /hooks/h HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+    sending = asyncio.create_task(conn.send(b"".join(head % len(b) + b for b in bodies)))
+    try:
+        await served.entered.wait()
+        [server_conn] = served.server.connections
+
+        async def reading_stopped() -> bool:
+            return server_conn._buffer_paused
+
+        await poll(reading_stopped, timeout_s=10)
+        waiting = [item for item in server_conn._queue if isinstance(item, tuple)]
+        held = sum(body.total_bytes for _, body in waiting)
+        # 128 KiB, with the body under way before the read that passed it (up to the 128 KiB
+        # at which the parser pauses it) and that read (256 KiB at most).
+        assert held <= 512 * 1024, f"{len(waiting)} waiting requests hold {held} body bytes"
+        hold.set()
+        statuses = [(await conn.answer()).status for _ in range(40)]
+        await sending
+    finally:
+        hold.set()
+        sending.cancel()
+        await conn.close()
+    assert statuses == [202] * 40
+    assert served.events() == 40
+
+
 async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(
     start: Start,
 ) -> None:

@@ -11,7 +11,8 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
   limits, chunked framing, the body as a ``StreamReader`` with its flow control; besides its
   limits, a request line and headers over ``MAX_HEAD_BYTES`` in all are answered 431;
 - keep-alive with pipelining: answers in order, one request at a time per connection, at most
-  ``_QUEUE_MAX`` parsed requests held before reading pauses;
+  ``_QUEUE_MAX`` parsed requests held before reading pauses, or ``_QUEUED_BODIES_MAX`` of
+  their bodies;
 - a connection closed after ``keepalive_timeout`` without a complete request head (idle between
   requests, or a head that never ends), after an answer sent before its body was read (once
   the client stops sending: a lingering close), after ``Connection: close`` or an HTTP/1.0
@@ -66,6 +67,12 @@ _EVICT_IDLE_S = 1.0
 _QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops reading
 _QUEUE_RESUME = 16
 _READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
+# Whole bodies of the requests waiting on one connection (pipelined behind the one being
+# answered) past which it stops reading: no in-flight bound counts them (the receiver counts a
+# body as it reads it), and 32 waiting requests of ~128 KiB each (each under the parser's own
+# pause) held 4 MB per connection, 4 GB at 1,024 connections. Checked as requests are parsed
+# and answered: a read of one request costs nothing more.
+_QUEUED_BODIES_MAX = 2 * _READ_LIMIT
 _SKIPPED = frozenset(("content-length", "date", "connection", "transfer-encoding", "server"))
 # A request's line and headers together, at most. The parser's own limits (a line or field of
 # 8190 bytes, 100 headers) let one request bring ~800 KB of headers, all of it parsed, kept
@@ -370,10 +377,21 @@ class _Connection(BaseProtocol):
             and not self._paused
             and not self._broken
             and len(self._queue) <= queued_at_most
+            and not self._bodies_held()
         ):
             self.data_received(b"")
-            if len(self._queue) < _QUEUE_MAX:
+            if len(self._queue) < _QUEUE_MAX and not self._bodies_held():
                 self._resume_reading_for_buffer()
+
+    def _bodies_held(self) -> bool:
+        """Whether the requests waiting hold more than ``_QUEUED_BODIES_MAX`` in whole bodies
+        (one still arriving is bounded by its own flow control, and is read on when its turn
+        comes whatever this says)."""
+        held = 0
+        for item in self._queue:
+            if type(item) is tuple and item[1].is_eof():
+                held += item[1].total_bytes
+        return held > _QUEUED_BODIES_MAX
 
     def _fail_bodies(self, exc: BaseException, *, whole_too: bool = False) -> None:
         """End every body still being read (the one being answered, those queued) with ``exc``;
@@ -460,7 +478,9 @@ class _Connection(BaseProtocol):
         if upgraded:  # no other protocol is spoken here: answer, then close
             self._closing = True
             self._pause_transport_reading()
-        elif len(self._queue) >= _QUEUE_MAX and not self._buffer_paused:
+        elif (
+            len(self._queue) >= _QUEUE_MAX or (len(self._queue) > 1 and self._bodies_held())
+        ) and not self._buffer_paused:
             self._pause_reading_for_buffer()
         self._start()
 
