@@ -20,7 +20,7 @@ from aiohttp.http_parser import HttpRequestParser
 
 from tests.conftest import make_config
 from tests.procs import poll
-from tests.rawhttp import RawConn
+from tests.rawhttp import RawAnswer, RawConn
 from webhookd.http1 import MAX_HEAD_BYTES, Answer, Http1Server, Request, _Connection
 from webhookd.journal import Journal
 from webhookd.receiver import Receiver
@@ -191,6 +191,41 @@ async def test_a_big_head_behind_requests_the_parser_held_back_is_431(start: Sta
     assert await conn.closed_by_peer()
     await conn.close()
     assert served.events() == 60
+
+
+async def test_a_head_growing_behind_a_full_queue_is_still_431(start: Start) -> None:
+    """Header lines that never end, sent behind 31 pipelined webhooks while the first is
+    answered slowly (``hold``: a slow commit): once read, they are refused past 32 KiB, after
+    the 32 answers. Read while 31 waited, they went uncounted (the parser's held-back requests
+    were feared), and a head grew to the parser's ~800 KB, held until the keep-alive timeout."""
+    hold = asyncio.Event()
+    served = await start(hold=hold)
+    conn = await RawConn.open(served.address)
+    await conn.send(b"".join(post(n) for n in range(31)))
+    await served.entered.wait()
+    [server_conn] = served.server.connections
+    head = b"POST /hooks/h HTTP/1.1\r\nHost: t\r\n"
+    head += b"".join(b"X-Pad-%02d: %s\r\n" % (n, b"v" * 8000) for n in range(90))
+    await conn.send(post(31) + head)  # ~720 KB of header lines, the blank line never sent
+
+    async def read_or_stopped() -> bool:  # read all of it, or reading stopped before it
+        return server_conn._buffer_paused or server_conn._head_at_most >= len(head)
+
+    try:
+        await poll(read_or_stopped, timeout_s=10)
+        hold.set()
+        statuses = [(await conn.answer()).status for _ in range(32)]
+        assert statuses == [202] * 32, statuses
+        try:
+            async with asyncio.timeout(10):
+                answer: RawAnswer | None = await conn.answer()
+        except TimeoutError:
+            answer = None
+        assert answer is not None and answer.status == 431, f"a {len(head)}-byte head: {answer}"
+        assert await conn.closed_by_peer()
+    finally:
+        await conn.close()
+    assert served.events() == 32
 
 
 async def test_a_client_still_sending_a_refused_body_gets_its_answer_not_a_reset(

@@ -64,7 +64,10 @@ _REFUSAL_LOG_S = 10.0  # connections refused past the limit are logged at most t
 # At the connection limit, a connection idle this long is closed for a new one: a provider's
 # keep-alive connection between its requests, or one opened and left silent.
 _EVICT_IDLE_S = 1.0
-_QUEUE_MAX = 32  # parsed requests waiting on one connection before it stops reading
+# Parsed requests one connection holds, the one being answered among them, before it stops
+# reading: the parser counts each until it is answered, and past this many holds back what it
+# reads (aiohttp's pure-Python parser all of it, unparsed), so no read may come then.
+_QUEUE_MAX = 32
 _QUEUE_RESUME = 16
 _READ_LIMIT = 2**16  # body bytes buffered per request before the parser pauses the socket
 # Whole bodies of the requests waiting on one connection (pipelined behind the one being
@@ -380,7 +383,7 @@ class _Connection(BaseProtocol):
             and not self._bodies_held()
         ):
             self.data_received(b"")
-            if len(self._queue) < _QUEUE_MAX and not self._bodies_held():
+            if len(self._queue) < _QUEUE_MAX - 1 and not self._bodies_held():
                 self._resume_reading_for_buffer()
 
     def _bodies_held(self) -> bool:
@@ -443,9 +446,9 @@ class _Connection(BaseProtocol):
                 )
             self._last_read = self._loop.time()  # a head under way: not idle, see make_room
             self._head_at_most += len(data)
-            # Bytes surely of a head: read while no body was, and while the parser does not hold
-            # back pipelined requests for a full queue (those may be whole requests).
-            if not in_body and not self._closing and len(self._queue) < _QUEUE_MAX - 1:
+            # Bytes surely of a head: read while no body was (and the parser held none back:
+            # reading stops before it would, see _QUEUE_MAX).
+            if not in_body and not self._closing:
                 self._head_at_least += len(data)
                 if self._head_at_least > MAX_HEAD_BYTES:  # refused before the head is all in
                     self._refuse_head([])
@@ -479,7 +482,8 @@ class _Connection(BaseProtocol):
             self._closing = True
             self._pause_transport_reading()
         elif (
-            len(self._queue) >= _QUEUE_MAX or (len(self._queue) > 1 and self._bodies_held())
+            len(self._queue) >= _QUEUE_MAX - 1  # with the one being answered, _QUEUE_MAX
+            or (len(self._queue) > 1 and self._bodies_held())
         ) and not self._buffer_paused:
             self._pause_reading_for_buffer()
         self._start()
