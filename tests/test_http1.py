@@ -193,6 +193,35 @@ async def test_a_big_head_behind_requests_the_parser_held_back_is_431(start: Sta
     assert served.events() == 60
 
 
+@pytest.mark.parametrize("where", ["first", "second", "pipelined"])
+async def test_a_header_over_8190_bytes_is_400_wherever_it_is(start: Start, where: str) -> None:
+    """A header's name and value over 8,190 bytes in all (``max_field_size``) is refused with
+    the parser's 400 as any header, not only the first: from the second on the parser checks
+    the value alone, and a 16 KB header line was taken. One of exactly 8,190 is taken."""
+    served = await start()
+    long = b"X" * 7800 + b": " + b"a" * 8190  # a 15,992-byte header line
+    at_limit = b"X" * 7800 + b": " + b"a" * 390
+    heads = {
+        "first": b"POST /hooks/h HTTP/1.1\r\n" + long + b"\r\nHost: t\r\n",
+        "second": b"POST /hooks/h HTTP/1.1\r\nHost: t\r\n" + long + b"\r\n",
+        "pipelined": post(1) + b"POST /hooks/h HTTP/1.1\r\nHost: t\r\n" + long + b"\r\n",
+    }
+    conn = await RawConn.open(served.address)
+    try:
+        await conn.send(post(0, at_limit))
+        assert (await conn.answer()).status == 202
+        await conn.send(heads[where] + b"Content-Length: 2\r\n\r\n{}")
+        if where == "pipelined":
+            assert (await conn.answer()).status == 202
+        answer = await conn.answer()
+        assert answer.status == 400, answer
+        assert answer.doc == {"error": "a line of the request is longer than 8190 bytes"}
+        assert await conn.closed_by_peer()
+    finally:
+        await conn.close()
+    assert served.events() == (2 if where == "pipelined" else 1)
+
+
 async def test_a_head_growing_behind_a_full_queue_is_still_431(start: Start) -> None:
     """Header lines that never end, sent behind 31 pipelined webhooks while the first is
     answered slowly (``hold``: a slow commit): once read, they are refused past 32 KiB, after

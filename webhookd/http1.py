@@ -9,7 +9,8 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
 
 - aiohttp's parser (``HttpRequestParser``, the C one when built): request line and header
   limits, chunked framing, the body as a ``StreamReader`` with its flow control; besides its
-  limits, a request line and headers over ``MAX_HEAD_BYTES`` in all are answered 431;
+  limits, a request line and headers over ``MAX_HEAD_BYTES`` in all are answered 431, and a
+  header whose name and value pass ``max_field_size`` 400 (the parser checks the first only);
 - keep-alive with pipelining: answers in order, one request at a time per connection, at most
   ``_QUEUE_MAX`` parsed requests held before reading pauses, or ``_QUEUED_BODIES_MAX`` of
   their bodies;
@@ -49,7 +50,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy, MultiMapping
@@ -100,12 +101,17 @@ class HeadTooLarge(HttpProcessingError):
         super().__init__(message=f"request line and headers larger than {MAX_HEAD_BYTES} bytes")
 
 
-def head_bytes(message: RawRequestMessage) -> int:
+def head_bytes(message: RawRequestMessage, max_field_size: int) -> int:
     """The size of a parsed request's line and headers on the wire (less any spaces around
-    header values): ``METHOD target HTTP/1.1``, ``name: value`` each, CRLFs."""
+    header values): ``METHOD target HTTP/1.1``, ``name: value`` each, CRLFs. ``LineTooLong``
+    (400, as the parser answers) for a header whose name and value pass ``max_field_size``:
+    the parser checks them together for the first header only, the value alone for others."""
     size = len(message.method) + len(message.path) + 14  # " ", " HTTP/1.1\r\n", last CRLF
     for name, value in message.raw_headers:
-        size += len(name) + len(value) + 4
+        field = len(name) + len(value)
+        if field > max_field_size:
+            raise LineTooLong("a header", max_field_size)
+        size += field + 4
     return size
 
 
@@ -451,22 +457,38 @@ class _Connection(BaseProtocol):
             if not in_body and not self._closing:
                 self._head_at_least += len(data)
                 if self._head_at_least > MAX_HEAD_BYTES:  # refused before the head is all in
-                    self._refuse_head([])
+                    self._refuse_head([], HeadTooLarge())
             return
         if self._closing:  # closing: bodies in progress are read, no new request
             return
         # b"": bytes the parser held back (a full queue, a paused body) are parsed now; their
-        # heads were never counted, so each is measured. Else no head here can be larger.
-        if not data or self._head_at_most + len(data) > MAX_HEAD_BYTES:
+        # heads were never counted, so each is measured. Else the heads here hold no more than
+        # the bytes since the last whole head, less the bodies' among them, and are measured
+        # while that room could hold one too large (past MAX_HEAD_BYTES) or with a header the
+        # parser let through (past max_field_size: see head_bytes).
+        server = self._server
+        room = self._head_at_most + len(data)
+        if room > server.measured_past:  # measuring costs ~1 us a request: only where needed
+            if last is not None and in_body:
+                room -= last.total_bytes - before
+            for _message, body in messages:
+                room -= body.total_bytes
+        if not data or room > server.measured_past:
             for i, (message, _body) in enumerate(messages):
-                if head_bytes(message) > MAX_HEAD_BYTES:
-                    self._refuse_head(messages[:i])
+                try:
+                    size = head_bytes(message, server.max_field_size)
+                except LineTooLong as exc:
+                    self._refuse_head(messages[:i], exc)
                     return
+                if size > MAX_HEAD_BYTES:
+                    self._refuse_head(messages[:i], HeadTooLarge())
+                    return
+                room -= size - len(message.raw_headers)  # at least, "name:value" lines
+                if data and room <= server.measured_past:
+                    break  # the heads after it have no more room than that
         last = self._last_body = messages[-1][1]
         self._head_at_least = 0
         ended = last.is_eof()
-        if data:  # the next head may have begun in this read
-            self._head_at_most = len(data) if ended else 0
         self._queue.extend(messages)
         # Whether the next read begins a request: the parser held none of this one back (it
         # does once _QUEUE_MAX wait, the one being answered counted), and it ended with its last
@@ -478,6 +500,8 @@ class _Connection(BaseProtocol):
             and len(self._queue) < _QUEUE_MAX - 1
             and data.endswith(last._buffer[-1] if last.total_bytes else b"\r\n\r\n")
         )
+        if data:  # the next head may have begun in this read, unless it begins the next one
+            self._head_at_most = len(data) if ended and not self._fresh else 0
         if upgraded:  # no other protocol is spoken here: answer, then close
             self._closing = True
             self._pause_transport_reading()
@@ -500,23 +524,26 @@ class _Connection(BaseProtocol):
         server = self._server
         parser = server.parser(self, max_queued=1)  # stops after each request; each feed goes on
         taken: list[tuple[RawRequestMessage, StreamReader]] = []
+        max_field = server.max_field_size  # a header past it ends them too, as a refusal
         with contextlib.suppress(HttpProcessingError):
             messages, _, _ = parser.feed_data(data)
             while messages and len(taken) < _QUEUE_MAX:
                 for message, body in messages:
-                    if not body.is_eof() or head_bytes(message) > MAX_HEAD_BYTES:
+                    if not body.is_eof() or head_bytes(message, max_field) > MAX_HEAD_BYTES:
                         return taken  # its body broke, or its head is refused anyway
                     taken.append((message, body))
                 messages, _, _ = parser.feed_data(b"")
         return taken
 
-    def _refuse_head(self, before: list[tuple[RawRequestMessage, StreamReader]]) -> None:
-        """Answer the requests ``before`` a head over ``MAX_HEAD_BYTES``, then 431 for it, and
-        read nothing more."""
+    def _refuse_head(
+        self, before: list[tuple[RawRequestMessage, StreamReader]], refused: HttpProcessingError
+    ) -> None:
+        """Answer the requests ``before`` a head refused (over ``MAX_HEAD_BYTES``: 431; with a
+        header over ``max_field_size``: 400), then refuse it, and read nothing more."""
         self._broken = self._closing = True
         self._pause_transport_reading()
         self._queue.extend(before)
-        self._queue.append(HeadTooLarge())
+        self._queue.append(refused)
         self._start()
 
     # -- answering --
@@ -731,6 +758,9 @@ class Http1Server:
         self.linger_s = linger_s
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
+        # Past this many bytes since the last whole head, the heads a read completes are
+        # measured: one may pass MAX_HEAD_BYTES, or hold a header over max_field_size.
+        self.measured_past = min(max_field_size, MAX_HEAD_BYTES)
         self.max_headers = max_headers
         # Open connections, the one that finished an answer (or connected) longest ago first.
         self.connections: OrderedDict[_Connection, None] = OrderedDict()
