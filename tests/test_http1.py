@@ -379,6 +379,26 @@ async def test_a_webhook_before_a_refused_request_in_a_later_read_is_not_answere
     ], said
 
 
+async def test_a_refused_request_among_those_the_parser_held_back_gets_no_400(
+    start: Start,
+) -> None:
+    """40 webhooks without a body in one write, the 35th refused: the parser stops at 32 (a
+    full queue) and goes on later with the rest, from bytes of its own, when half are answered;
+    raising there, it loses the 33rd and 34th it completed, and a 400 would be read as the
+    33rd's answer. The 32 are answered, then the connection closes without one."""
+    served = await start()
+    conn = await RawConn.open(served.address)
+    empty = b"POST /hooks/h?n=%d HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+    try:
+        await conn.send(b"".join(REFUSED if n == 34 else empty % n for n in range(40)))
+        statuses = [(await conn.answer()).status for _ in range(32)]
+        assert statuses == [202] * 32, statuses
+        assert await conn.closed_by_peer()
+    finally:
+        await conn.close()
+    assert served.events() == 32
+
+
 async def _head_of(conn: RawConn, method: bytes, target: bytes) -> tuple[bytes, list[bytes]]:
     """The status line and header lines (without ``Date``) of the answer to ``method target``;
     the body, if any, is left unread."""

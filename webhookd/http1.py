@@ -24,9 +24,10 @@ protocol on aiohttp's C parser: ~30). This server keeps what the receiver relies
   a chunked request's connection closes after its answer;
 - a malformed request answered with a JSON 400 in one INFO line
   naming the client and the parser's reason, never the bytes; then the connection closes
-  (well-formed requests before it in the same read are answered first; where the read began
-  inside a request, so that those cannot be found again, the connection closes after the
-  answers already due, without the 400, which the client would take for one of theirs);
+  (well-formed requests before it in the same read are answered first; where those cannot be
+  found again, the read having begun inside a request or the parser gone on with bytes it had
+  held back, the connection closes after the answers already due, without the 400, which the
+  client would take for one of theirs);
 - ``HEAD`` answered as the ``GET`` it stands for (the handler sees a GET), without the body;
 - a shutdown that stops accepting, closes idle connections, lets the requests in flight finish
   (their commits and answers) for up to a timeout, then closes the rest.
@@ -87,7 +88,8 @@ MAX_HEAD_BYTES = 32 * 1024
 
 def _no_head_ends_in(data: bytes) -> bool:
     """Whether no request head can have been completed by ``data`` (no blank line ends in
-    it, nor one begun in the read before)."""
+    it, nor one begun in the read before). Not for b"": the parser went on with bytes it had
+    held back, which may hold whole requests."""
     return b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n"))
 
 
@@ -426,7 +428,7 @@ class _Connection(BaseProtocol):
             if fresh and not self._closing:  # requests before it in the read are answered first
                 self._queue.extend(self._taken_before(data))
                 self._queue.append(exc)
-            elif _no_head_ends_in(data):  # none completed in this read: the 400 is the next answer
+            elif data and _no_head_ends_in(data):  # none completed here: the 400 answers next
                 self._queue.append(exc)
             else:  # those completed in this read are lost, and a 400 would answer one of them
                 self._server.log_malformed(
