@@ -52,6 +52,7 @@ from webhookd.app import STOP_MARGIN_S
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import (
+    Cancelled,
     Cap,
     CapClaim,
     Claimed,
@@ -60,6 +61,7 @@ from webhookd.journal import (
     Poisoned,
     Ready,
     Recovery,
+    Replayed,
     postgres,
 )
 from webhookd.journal.batch import IngestOp
@@ -1141,6 +1143,69 @@ async def test_pg_a_pause_or_resume_anywhere_tells_every_listening_node(pg_url: 
         daemon.on_remote_jobs = woken.set
         await asyncio.wait_for(woken.wait(), 10)
         assert not told.is_set()
+
+
+async def test_pg_a_replay_cancel_or_purge_from_the_cli_wakes_every_node_at_once(
+    pg_url: str,
+) -> None:
+    """The CLI runs no notify task: a replay it made (of dead jobs, of waiting ones), or a
+    cancel or purge that let the next job of an order key through, waited for each node's
+    next sweep (measured: 28 s, sweeps 30 s apart). Each tells every listening node in its own
+    transaction, as a pause does; one that makes nothing runnable tells nobody."""
+    clock = ManualClock(START)
+    async with (
+        node(pg_url, clock) as daemon,
+        PostgresJournal(pg_url, clock=clock, node=False) as cli,
+    ):
+        woken = asyncio.Event()
+        wakes = 0
+
+        def wake() -> None:
+            nonlocal wakes
+            wakes += 1
+            woken.set()
+
+        daemon.on_remote_jobs = wake
+        told = asyncio.Event()
+        daemon.on_pause_change = told.set
+        await asyncio.wait_for(daemon.listening.wait(), 10)
+        item, waiting = new_event(), new_event()
+        head, behind, gone, after = (new_event(order_key=k) for k in ("k1", "k1", "k2", "k2"))
+        for one in (item, waiting, head, behind, gone, after):
+            await daemon.ingest(one)
+        [claimed] = await daemon.claim([item.jobs[0].id], "b")
+        await daemon.finish([finished(claimed.job.id, JobState.DEAD, "dead", claim=claimed.claim)])
+        [claimed] = await daemon.claim([waiting.jobs[0].id], "b")
+        await daemon.finish(
+            [
+                finished(
+                    claimed.job.id,
+                    JobState.QUEUED,
+                    "retry",
+                    run_at=START + 3600,
+                    claim=claimed.claim,
+                )
+            ]
+        )
+        changes: list[Callable[[], Awaitable[object]]] = [
+            lambda: cli.replay([item.event.id], dead_only=True),
+            lambda: cli.replay([waiting.event.id]),  # its retry is due now
+            lambda: cli.cancel([head.event.id]),  # the next job of k1 may run
+            lambda: cli.purge([gone.event.id]),  # the next job of k2 may run
+        ]
+        for change in changes:
+            woken.clear()  # the look-now of connecting, the one before
+            await change()
+            await asyncio.wait_for(woken.wait(), 10)
+        ready = {r.id for r in await daemon.ready(clock.time(), 10)}
+        assert {item.jobs[0].id, waiting.jobs[0].id, behind.jobs[0].id, after.jobs[0].id} <= ready
+        before = wakes
+        assert await cli.replay([item.event.id], dead_only=True) == {item.event.id: Replayed(0, 0)}
+        assert await cli.cancel([item.event.id], dead_only=True) == {item.event.id: Cancelled(0, 0)}
+        told.clear()  # the look-now of connecting
+        assert await cli.pause("shop") is True  # heard after anything sent before it
+        await asyncio.wait_for(told.wait(), 10)
+        assert wakes == before
 
 
 async def test_pg_the_listener_reconnects_and_asks_for_a_look_at_once(pg_url: str) -> None:

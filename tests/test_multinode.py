@@ -168,6 +168,32 @@ async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_wait
     await stop(busy, idle)
 
 
+async def test_a_replay_from_the_cli_starts_on_a_node_without_waiting_for_its_sweep(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+) -> None:
+    """``webhookd replay`` on a node whose fallback sweep is a minute away: the replayed job
+    runs again at once (the replay's own NOTIFY wakes the node), not at the next sweep."""
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, workers="sweep_interval_s = 60")
+    daemon = await procs.serve(cfg)
+    await daemon.wait_said("listening on")
+    status, doc = await post(http, daemon.url, unique_body(replayed=1))
+    assert status == 202
+    await downstream.wait_for(lambda: downstream.ids == [doc["id"]])
+    await poll(lambda: _state_is(procs, cfg, doc["id"], "done"), timeout_s=10)
+    out = await procs.cli("replay", "--done", doc["id"], "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "1 job(s) re-queued" in out.stdout
+    await downstream.wait_for(lambda: downstream.ids == [doc["id"]] * 2, timeout_s=10)
+    await stop(daemon)
+
+
+async def _state_is(procs: Procs, config: Path, event_id: str, state: str) -> bool:
+    return [j["state"] for j in (await show(procs, config, event_id))["jobs"]] == [state]
+
+
 async def test_max_backlog_counts_the_jobs_queued_through_every_node(
     tmp_path: Path,
     procs: Procs,

@@ -15,8 +15,9 @@ The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
   overwrite the new owner's outcome.
 * Wake-ups: after a commit that made jobs ready a task of its own sends a ``NOTIFY`` naming
   this node (at most one per ``NOTIFY_EVERY_S``: NOTIFY takes a global lock at commit, so it
-  stays out of the ingest transaction; commits meanwhile share the next one, none is dropped),
-  and every node LISTENs on
+  stays out of the ingest transaction; commits meanwhile share the next one, none is dropped);
+  an operator's change that made jobs runnable (a replay, the CLI's too) notifies in its own
+  transaction, as a pause does. Every node LISTENs on
   a connection of its own, outside the pool, so an idle node starts another node's job within
   milliseconds. Notifications are only a hint: those sent while the listener was disconnected
   are lost, so it asks the dispatcher to look at once after every reconnect, and the
@@ -60,7 +61,7 @@ from webhookd.journal.postgres.db import (
     what_became,
 )
 from webhookd.journal.postgres.lanes import PgLanes
-from webhookd.journal.postgres.nodes import PAUSE_CHANNEL, PgNodes
+from webhookd.journal.postgres.nodes import CHANNEL, PAUSE_CHANNEL, PgNodes
 from webhookd.journal.postgres.reads import PgReads
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.postgres.writes import (
@@ -685,7 +686,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     # -- operator actions --------------------------------------------------------------------
 
     async def _each_event(
-        self, event_ids: Sequence[str], change: Callable[[Any, str], Awaitable[_T]]
+        self,
+        event_ids: Sequence[str],
+        change: Callable[[Any, str], Awaitable[_T]],
+        runnable: Callable[[_T], bool] = lambda _: False,
     ) -> dict[str, _T]:
         """``change(conn, event_id)`` for each event, in one transaction; ``NotFound`` for an
         unknown id, changing nothing. Each event is locked (``FOR KEY SHARE``, held to the
@@ -693,7 +697,13 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         change: prune's candidate lock skips an event held so, and a change that comes after
         prune locked it waits, then finds it gone. Events are taken in id order, so two changes
         of overlapping events (two operators, two nodes) lock their jobs in the same order: one
-        waits for the other instead of both deadlocking."""
+        waits for the other instead of both deadlocking.
+
+        Where ``runnable`` says a change made jobs runnable (queued again, made due, or the
+        next of an order key let through), every node is woken in the same transaction (the
+        notification goes out at commit), as a pause is: the CLI runs no notify task, and a
+        node's would wait for its next sweep (``workers.sweep_interval_s``). Operator changes
+        are rare: NOTIFY's commit lock costs nothing here."""
 
         async def fn(conn: Any) -> dict[str, _T]:
             out: dict[str, _T] = {}
@@ -704,6 +714,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 if found is None:
                     raise NotFound(event_id)
                 out[event_id] = await change(conn, event_id)
+            if any(runnable(r) for r in out.values()):
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
             return out
 
         return await self._write(fn)
@@ -752,7 +764,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             return Replayed(requeued=rowcount(requeued), run_now=rowcount(hurried))
 
-        return self._count_replayed(await self._each_event(event_ids, change))
+        return self._count_replayed(
+            await self._each_event(event_ids, change, lambda r: bool(r.requeued or r.run_now))
+        )
 
     async def cancel(
         self, event_ids: Sequence[str], *, dead_only: bool = False, action: str | None = None
@@ -792,7 +806,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             )
             return Cancelled(rowcount(cancelled), rowcount(running))
 
-        return self._count_cancelled(await self._each_event(event_ids, change))
+        # A cancelled job may have held its order key: the next one may run now.
+        return self._count_cancelled(
+            await self._each_event(event_ids, change, lambda r: bool(r.cancelled))
+        )
 
     async def purge(self, event_ids: Sequence[str]) -> dict[str, Purged]:
         """``BaseJournal.purge``, events locked as ``replay`` locks them and their jobs before
@@ -830,7 +847,10 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             await conn.execute("DELETE FROM events WHERE id = $1", event_id)
             return Purged(len(states), states.count("queued"))
 
-        return self._count_purged(await self._each_event(event_ids, delete))
+        # A deleted queued job may have held its order key: the next one may run now.
+        return self._count_purged(
+            await self._each_event(event_ids, delete, lambda r: bool(r.queued))
+        )
 
     async def pause(self, source: str) -> bool:
         now = self.clock.time()
