@@ -44,6 +44,7 @@ from webhookd.journal import (
     NewJob,
     Poisoned,
     Purged,
+    Recorded,
     Recovery,
     Replayed,
     schema,
@@ -1096,8 +1097,8 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
 
         # The running job's attempt fails: its retry is not queued, it is cancelled, and the
         # finish says so (a plain one says nothing).
-        cancelled = await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
-        assert cancelled == {running}
+        recorded = await daemon.finish([finished(running, JobState.QUEUED, "retry", run_at=far)])
+        assert recorded == Recorded(cancelled=frozenset({running}))
         detail = await daemon.get_event(item.event.id)
         assert detail.state == "cancelled" and [r.id for r in await daemon.ready(far + 1, 9)] == [
             other.jobs[0].id
@@ -1117,7 +1118,7 @@ async def test_cancel_stops_queued_jobs_leaves_running_ones_and_replay_undoes_it
         retried = await daemon.finish(
             [finished(running, JobState.QUEUED, "retry", run_at=clock.time())]
         )
-        assert retried == frozenset()
+        assert retried == Recorded()
         assert running in {r.id for r in await daemon.ready(clock.time(), 10)}
 
 

@@ -60,6 +60,7 @@ from webhookd.journal import (
     NewEvent,
     Poisoned,
     Ready,
+    Recorded,
     Recovery,
     Replayed,
     postgres,
@@ -362,6 +363,48 @@ async def test_pg_only_the_leader_recovers_a_silent_nodes_jobs(pg_url: str) -> N
             leads = await leader.recover("boot_l", 3)
         assert (follows.requeued, leads.requeued) == (0, 1)
         assert (await leader.get_event(item.event.id)).jobs[0].state == JobState.QUEUED
+
+
+async def test_pg_a_silent_nodes_recovered_jobs_name_it_and_say_it_went_silent(pg_url: str) -> None:
+    """A job taken from a node silent past its lease (frozen, cut off) said "interrupted by a
+    crash or restart" though its node may never have crashed, and the recovery did not say
+    whose jobs it took: its interrupted attempt, its poison pill and the recovery now name the
+    node (host, pid, node id) and say that it went silent. A node gone from ``nodes`` (it
+    stopped, leaving a job running) keeps the crash or restart wording."""
+    clock = ManualClock(START)
+    leader = PostgresJournal(
+        pg_url, clock=clock, lease_s=LEASE_S, heartbeat_s=3600, max_recoveries=2
+    )
+    async with node(pg_url, clock) as silent, leader:
+        quiet, left = new_event(), new_event()
+        await silent.ingest(quiet)
+        await silent.ingest(left)
+        await silent.claim([quiet.jobs[0].id], "b")
+        async with node(pg_url, clock) as stopped:
+            await stopped.claim([left.jobs[0].id], "b")  # its close leaves it running
+        clock.advance(LEASE_S + 1)
+        await leader.heartbeat()
+        recovery = await leader.recover_lost()
+        named = f"{socket.gethostname()} pid {os.getpid()} ({silent.node_id})"
+        assert (recovery.requeued, recovery.nodes) == (2, (named,))
+        assert recovery.named_nodes() == f" {named}"
+        many = Recovery(7, nodes=tuple(f"n{i}" for i in range(7)))
+        assert many.named_nodes() == " n0, n1, n2, n3, n4 and 2 more"  # a line's worth
+
+        async def last_error(item: NewEvent) -> str | None:
+            return (await leader.get_event(item.event.id)).jobs[0].history[-1].error
+
+        assert await last_error(quiet) == f"its node {named} went silent and its lease passed"
+        assert await last_error(left) == "interrupted by a crash or restart"
+        await silent.claim([quiet.jobs[0].id], "b")
+        clock.advance(LEASE_S + 1)
+        await leader.heartbeat()
+        recovery = await leader.recover_lost()
+        assert (recovery.requeued, recovery.dead, recovery.nodes) == (0, 1, (named,))
+        assert await last_error(quiet) == (
+            f"poison pill: interrupted 2 times, the last as its node {named} went silent and"
+            " its lease passed"
+        )
 
 
 async def test_pg_the_leaders_lease_loop_hands_its_poison_pills_to_on_poisoned(
@@ -717,7 +760,7 @@ async def test_pg_a_group_commit_ended_by_a_deadlock_is_run_again_not_an_outage(
                 await asyncio.wait_for(
                     other.execute("UPDATE jobs SET run_at = run_at WHERE id = $1", first), 30
                 )
-            assert await asyncio.wait_for(finishing, 30) == frozenset()
+            assert await asyncio.wait_for(finishing, 30) == Recorded()
         finally:
             await other.close()
             await watch.close()
@@ -1424,8 +1467,9 @@ async def test_pg_an_outcome_whose_lease_passed_is_dropped_with_a_warning_and_it
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The one outcome not recorded that is worth a warning: this node still holds the claim it
-    answers, but lease recovery gave the job to another node. The node forgets the claim; the
-    other node's claim and outcome stand."""
+    answers, but lease recovery gave the job to another node. The node forgets the claim and
+    ``finish`` says the outcome was lost (its worker logs no outcome line that would read as
+    the job's); the other node's claim and outcome stand."""
     clock = ManualClock(START)
     async with node(pg_url, clock) as slow, node(pg_url, clock) as other:
         item = new_event()
@@ -1436,7 +1480,8 @@ async def test_pg_an_outcome_whose_lease_passed_is_dropped_with_a_warning_and_it
         await other.heartbeat()
         await other.recover_lost()
         [theirs] = await other.claim([job_id], "b")
-        await slow.finish([finished(job_id, JobState.DONE, "done", claim=mine.claim)])
+        late = await slow.finish([finished(job_id, JobState.DONE, "done", claim=mine.claim)])
+        assert late == Recorded(lost=frozenset({job_id}))  # its worker says no outcome of it
         assert job_id not in slow._tokens and other._tokens[job_id] == theirs.claim
         assert await _history(other, item) == (JobState.RUNNING, 2, [(1, "interrupted")])
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

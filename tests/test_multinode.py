@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -143,6 +144,41 @@ async def test_a_killed_nodes_running_jobs_are_finished_by_another_after_lease_s
         job = (await show(procs, cfg, event_id))["jobs"][0]
         assert (job["state"], job["attempts"]) == ("done", 2)
         assert [e["outcome"] for e in job["errors"]] == ["interrupted", "done"]
+
+
+async def test_a_frozen_nodes_taken_over_job_is_told_as_its_silence_not_as_a_crash(
+    tmp_path: Path,
+    procs: Procs,
+    downstream: Target,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A node frozen (SIGSTOP) past its lease mid-delivery: the leader's line names it (host,
+    pid, node id), the job's interrupted attempt says its node went silent (it neither crashed
+    nor restarted), and once it thaws its late outcome is said to be not recorded, with no
+    plain ``outcome=done`` line that reads as the job's."""
+    cfg = pg_config(tmp_path / "webhookd.toml", downstream.url, lease_s=2)
+    frozen = await procs.serve(cfg)
+    downstream.delay_s = 60  # its delivery hangs until released
+    status, doc = await post(http, frozen.url, unique_body(frozen=1))
+    assert status == 202
+    await downstream.wait_for(lambda: doc["id"] in downstream.ids)
+    frozen.signal(signal.SIGSTOP)
+    survivor = await procs.serve(cfg)
+    said = await survivor.wait_said(r"re-queued 1 job\(s\) of silent node", timeout_s=30)
+    assert f" pid {frozen.pid} (node_" in said, said
+    downstream.delay_s = 0
+    downstream.release.set()  # both deliveries answered 200; the frozen node reads its answer later
+    await survivor.wait_said(rf"event={doc['id']} .*attempt=2 outcome=done")
+    frozen.signal(signal.SIGCONT)
+    await frozen.wait_said(r"outcome=done not recorded: its lease passed to another node")
+    await stop(frozen, survivor)
+    assert not [line for line in frozen.lines if re.search(r"outcome=done(?! not recorded)", line)]
+    job = (await show(procs, cfg, doc["id"]))["jobs"][0]
+    assert (job["state"], job["attempts"]) == ("done", 2)
+    first = job["errors"][0]
+    assert first["outcome"] == "interrupted"
+    assert f" pid {frozen.pid} (node_" in first["error"] and "went silent" in first["error"]
+    assert "crash" not in first["error"]
 
 
 async def test_a_job_committed_on_a_busy_node_starts_on_an_idle_one_without_waiting_for_a_sweep(

@@ -33,7 +33,7 @@ from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
-from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready
+from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready, Recorded
 from webhookd.limiter import Lane as RateLane
 from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
@@ -699,7 +699,7 @@ async def test_a_capped_actions_jobs_follow_each_other_without_refused_claims(
             refused.append(result.full)
         return result
 
-    async def slow_finish(results: Any) -> frozenset[str]:  # the dispatcher runs meanwhile
+    async def slow_finish(results: Any) -> Recorded:  # the dispatcher runs meanwhile
         for _ in range(5):
             await asyncio.sleep(0)
         return await real_finish(results)
@@ -1081,7 +1081,7 @@ async def test_a_slot_is_free_once_the_action_returns_not_once_its_outcome_is_on
     recording: list[Any] = []
     real_finish = rig.journal.finish
 
-    async def slow_finish(results: Any) -> frozenset[str]:  # a disk taking its time to commit
+    async def slow_finish(results: Any) -> Recorded:  # a disk taking its time to commit
         recording.extend(results)
         if len(recording) == 2:
             both_ran.set()

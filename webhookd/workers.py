@@ -27,7 +27,17 @@ from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_sh
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
-from webhookd.journal import BaseJournal, Cap, Claimed, Finished, Lane, NewEvent, Ready, let_go
+from webhookd.journal import (
+    BaseJournal,
+    Cap,
+    Claimed,
+    Finished,
+    Lane,
+    NewEvent,
+    Ready,
+    Recorded,
+    let_go,
+)
 from webhookd.limiter import Lane as RateLane
 from webhookd.models import JobState, storable_text
 from webhookd.redact import Masker, secret_values
@@ -1110,7 +1120,8 @@ class WorkerPool:
         finished = self._decide(claimed, action_cfg, outcome, started_at, finished_at)
         self._attempting.pop(job.id, None)  # its attempt is over: a drain does not cut it off
         self._release(job.id)
-        if await self._record(finished):
+        recorded = await self._record(finished)
+        if finished.job_id in recorded.cancelled:
             # Cancelled while it ran: the journal ended it instead of queueing it again.
             finished = dataclasses.replace(
                 finished, state=JobState.CANCELLED, outcome="cancelled", run_at=None
@@ -1124,6 +1135,10 @@ class WorkerPool:
             self._next_due = finished.run_at
         for hook in self.on_finish:
             hook(claimed, outcome, finished)
+        if finished.job_id in recorded.lost:
+            # Not the job's outcome: its lease passed to another node, which runs it now. The
+            # journal said so; a line here saying "outcome=done" would read as the job's.
+            return
         # A job that waits for its lane's pace is the lane doing its work, not a problem.
         paced = finished.outcome == "wait" and outcome.detail.get("paced")
         level = logging.WARNING
@@ -1164,9 +1179,10 @@ class WorkerPool:
                 self._failure_lines[key] = throttle
         return throttle
 
-    async def _record(self, finished: Finished) -> bool:
+    async def _record(self, finished: Finished) -> Recorded:
         """Commit an attempt's outcome, trying again while the journal cannot take it; returns
-        whether a cancel made while the job ran ended it instead of a retry or a wait.
+        whether a cancel made while the job ran ended it instead of a retry or a wait, or its
+        lease had passed to another node (the outcome is then not recorded).
 
         Until it is committed the job stays 'running' in the journal; its slot is free already,
         but a journal that cannot take an outcome cannot take a claim either. Should a drain
@@ -1180,8 +1196,7 @@ class WorkerPool:
             # with its traceback at exit.
             commit = asyncio.ensure_future(self.journal.finish([finished]))
             try:
-                cancelled = await asyncio.shield(commit)
-                return finished.job_id in cancelled
+                return await asyncio.shield(commit)
             except asyncio.CancelledError:
                 commit.add_done_callback(let_go)
                 raise

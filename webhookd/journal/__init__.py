@@ -112,6 +112,7 @@ from webhookd.journal.records import (
     Pruned,
     Purged,
     Ready,
+    Recorded,
     Recovery,
     Replayed,
     Series,
@@ -169,6 +170,7 @@ __all__ = [
     "Pruned",
     "Purged",
     "Ready",
+    "Recorded",
     "Recovery",
     "Replayed",
     "Series",
@@ -1483,12 +1485,12 @@ class Journal(Reads, BaseJournal):
         result: CapClaim = await self._submit(op)
         return result
 
-    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
+    async def finish(self, results: Sequence[Finished]) -> Recorded:
         """Record attempts' outcomes (batched with whatever else is being committed)."""
         if not results:
-            return frozenset()
+            return Recorded()
         cancelled: frozenset[str] = await self._submit(FinishOp(self._new_future(), list(results)))
-        return cancelled
+        return Recorded(cancelled)
 
     async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
         now = self.clock.time()

@@ -55,6 +55,7 @@ from webhookd.journal.records import (
     Pruned,
     Purged,
     Ready,
+    Recorded,
     Recovery,
     Replayed,
     Series,
@@ -265,11 +266,12 @@ class BaseJournal(ABC):
         attempts unchanged; ``full`` names the caps that kept jobs back."""
 
     @abstractmethod
-    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
+    async def finish(self, results: Sequence[Finished]) -> Recorded:
         """Record attempts' outcomes. An outcome for a claim this process no longer holds (a
-        lease lost to another node) is ignored: the new owner's outcome stands. Returns the ids
-        of jobs that a cancel made while they ran kept from being queued again: they ended
-        ``cancelled`` instead (an outcome kept back to record later is not among them)."""
+        lease lost to another node) is ignored: the new owner's outcome stands. Says which jobs
+        a cancel made while they ran kept from being queued again (they ended ``cancelled``
+        instead), and which outcomes were ignored so, their lease lost (``Recorded.lost``); an
+        outcome kept back to record later is in neither."""
 
     @abstractmethod
     async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:

@@ -231,10 +231,20 @@ class Recovery:
     requeued: int
     poisoned: tuple[Poisoned, ...] = ()
     cancelled: int = 0  # cancelled while they ran: not queued again (nor sent to dead)
+    # The silent nodes whose jobs these were, each as "host pid N (node id)" (PostgreSQL).
+    nodes: tuple[str, ...] = ()
 
     @property
     def dead(self) -> int:
         return len(self.poisoned)
+
+    def named_nodes(self, shown: int = 5) -> str:
+        """The silent nodes for a log line, `` web-2 pid 4121 (node_…), … and 3 more``; empty
+        with none."""
+        if not self.nodes:
+            return ""
+        more = len(self.nodes) - shown
+        return f" {', '.join(self.nodes[:shown])}{f' and {more} more' if more > 0 else ''}"
 
     def named(self, shown: int = 5) -> str:
         """The poison pills' events for a log line, `` (evt_…, evt_… and 3 more)``; empty with
@@ -252,6 +262,15 @@ class Replayed:
 
     requeued: int  # finished jobs (dead, done, cancelled) queued again with fresh attempts
     run_now: int  # queued jobs that waited for a later run_at (backoff, snooze, rate limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What became of outcomes handed to ``finish``, by job id (those in neither set were
+    recorded as they said)."""
+
+    cancelled: frozenset[str] = frozenset()  # recorded, but ended cancelled (cancelled running)
+    lost: frozenset[str] = frozenset()  # not recorded: their lease had passed to another node
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ from webhookd.journal.records import (
     Pruned,
     Purged,
     Ready,
+    Recorded,
     Recovery,
     Replayed,
     walk_end,
@@ -465,6 +466,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             self._tokens[c.job.id] = claim[1]
         self._claiming.discard(claim[1])
         freed = False
+        lost: set[str] = set()
         # (job, token) of the claims answered here: another copy of one of their outcomes in
         # this batch is a duplicate, not a lost lease.
         answered = {(results[i].job_id, tokens[i]) for i in recorded}
@@ -486,6 +488,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 )
                 continue
             else:
+                lost.add(f.job_id)
                 log.warning(
                     "job=%s outcome=%s not recorded: its lease passed to another node",
                     f.job_id,
@@ -498,7 +501,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                     freed = True
         for fop in finishes:
             if not fop.future.done():
-                fop.future.set_result(cancelled & {f.job_id for f in fop.results})
+                ids = {f.job_id for f in fop.results}
+                fop.future.set_result(Recorded(cancelled & ids, frozenset(lost & ids)))
         self.backlog_jobs += len(created) + len(started)
         if created or freed:
             self._notify_wanted.set()
@@ -562,7 +566,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 self._capped.add(c.job.id)
         return result
 
-    async def finish(self, results: Sequence[Finished]) -> frozenset[str]:
+    async def finish(self, results: Sequence[Finished]) -> Recorded:
         """Record outcomes; if the database cannot take them now, raise JournalUnavailable and
         keep them to record with the next heartbeat (``record_pending``): this node's lease
         keeps their jobs running meanwhile, and no other node would ever re-queue them.
@@ -574,14 +578,14 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         after its job was recorded, queued and claimed again: looked up at write time, a late
         copy would take the new claim's token and set the running attempt back to queued."""
         if not results:
-            return frozenset()
+            return Recorded()
         return await self._finish_bound(
             [(f, f.claim or self._tokens.get(f.job_id)) for f in results]
         )
 
-    async def _finish_bound(self, bound: Sequence[tuple[Finished, str | None]]) -> frozenset[str]:
+    async def _finish_bound(self, bound: Sequence[tuple[Finished, str | None]]) -> Recorded:
         """``finish`` of outcomes already bound to their claim tokens."""
-        future: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
         try:
             self._enqueue(FinishOp(future, [f for f, _ in bound], [t for _, t in bound]))
             return await future

@@ -362,7 +362,7 @@ async def write_finishes(
 
 _LOST_COLUMNS = (
     "SELECT j.id, j.claim_token, j.attempts, j.recoveries, j.claimed_at, j.source, j.action,"
-    " j.event_id, j.cancel_requested_at FROM jobs j"
+    " j.event_id, j.cancel_requested_at, j.node_id FROM jobs j"
 )
 
 
@@ -382,7 +382,17 @@ async def write_recovery(
         lease_s,
         gone_only,
     )
-    return await _requeue_lost(conn, lost, now, max_recoveries)
+    # The nodes still listed went silent (frozen, cut off, killed): each is named, in the
+    # interrupted attempts and in the leader's log line. One no longer listed stopped, or the
+    # jobs were copied from SQLite: those were interrupted by a crash or restart.
+    silent = {
+        r[0]: f"{r[1] or '?'} pid {r[2]} ({r[0]})"
+        for r in await conn.fetch(
+            "SELECT node_id, host, pid FROM nodes WHERE node_id = ANY($1::text[])",
+            sorted({r["node_id"] for r in lost if r["node_id"] is not None}),
+        )
+    }
+    return await _requeue_lost(conn, lost, now, max_recoveries, silent)
 
 
 async def write_forgotten(
@@ -413,10 +423,17 @@ async def write_forgotten(
 
 
 async def _requeue_lost(
-    conn: Any, lost: Sequence[Any], now: float, max_recoveries: int
+    conn: Any,
+    lost: Sequence[Any],
+    now: float,
+    max_recoveries: int,
+    silent: Mapping[str, str] | None = None,
 ) -> Recovery:
     """Each of ``lost`` (rows of ``_LOST_COLUMNS``) queued again with an ``interrupted``
-    attempt, or sent to dead at its ``max_recoveries``-th recovery (a poison pill)."""
+    attempt, or sent to dead at its ``max_recoveries``-th recovery (a poison pill).
+    ``silent``: the nodes, by id, whose lease passed, as their jobs' attempts name them (any
+    other job's was interrupted by a crash or restart)."""
+    silent = silent or {}
     rows = []
     poisoned = []
     cancelled = 0
@@ -426,11 +443,16 @@ async def _requeue_lost(
         cancelled += r["cancel_requested_at"] is not None
         if dead:
             poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
-        reason = (
-            f"poison pill: interrupted by a crash or restart {r['recoveries'] + 1} times"
-            if dead
-            else "interrupted by a crash or restart"
-        )
+        times = r["recoveries"] + 1
+        node = silent.get(r["node_id"])
+        if node is None:
+            reason = "interrupted by a crash or restart"
+            reason = f"poison pill: {reason} {times} times" if dead else reason
+        else:
+            reason = f"its node {node} went silent and its lease passed"
+            reason = (
+                f"poison pill: interrupted {times} times, the last as {reason}" if dead else reason
+            )
         rows.append(
             (r["id"], "dead" if dead else "queued", reason, r["attempts"], r["claimed_at"] or now)
         )
@@ -465,4 +487,5 @@ async def _requeue_lost(
         now,
         reasons,
     )
-    return Recovery(len(rows) - len(poisoned) - cancelled, tuple(poisoned), cancelled)
+    nodes = tuple(sorted({silent[r["node_id"]] for r in lost if r["node_id"] in silent}))
+    return Recovery(len(rows) - len(poisoned) - cancelled, tuple(poisoned), cancelled, nodes)
