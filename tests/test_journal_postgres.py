@@ -1488,6 +1488,40 @@ async def test_pg_an_outcome_whose_lease_passed_is_dropped_with_a_warning_and_it
     assert [w for w in warned if job_id in w and "lease passed to another node" in w], warned
 
 
+async def test_pg_an_outcome_whose_lease_passed_is_neither_counted_nor_told_by_the_worker(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose node lost the job's lease while it ran (a frozen node, taken over) ends
+    its attempt with an outcome the journal does not record: it went to the metrics and to the
+    dead-letter alert as the job's all the same (a dead letter told of a job another node was
+    running). The worker now counts, tells and logs it as nothing."""
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as slow, node(pg_url, clock) as other:
+        item = new_event()
+        await slow.ingest(item)
+        job_id = item.jobs[0].id
+        record = slow.finish
+
+        async def taken_over_first(results: Sequence[Finished]) -> Recorded:
+            clock.advance(LEASE_S + 1)  # the node froze past its lease as the attempt ran
+            await other.heartbeat()
+            await other.recover_lost()
+            assert len(await other.claim([job_id], "b2")) == 1
+            return await record(results)
+
+        slow.finish = taken_over_first  # type: ignore[method-assign]
+        # No action by the job's name: its attempt's outcome is dead, a dead letter if counted.
+        pool = WorkerPool(config=make_config(tmp_path), journal=slow, actions={}, boot_id="b")
+        seen: list[Finished] = []
+        pool.on_finish.append(lambda _claimed, _outcome, finished: seen.append(finished))
+        with caplog.at_level(logging.DEBUG, logger="webhookd"):
+            await pool.run_until_idle()
+        assert await _history(other, item) == (JobState.RUNNING, 2, [(1, "interrupted")])
+    assert (seen, dict(pool.outcomes)) == ([], {})
+    told = [r.getMessage() for r in caplog.records if "outcome=" in r.getMessage()]
+    assert [line for line in told if "outcome=dead" in line and "not recorded" not in line] == []
+
+
 async def test_pg_every_claim_names_its_token_and_a_workers_outcome_answers_it(
     pg_url: str, tmp_path: Path
 ) -> None:

@@ -1121,6 +1121,11 @@ class WorkerPool:
         self._attempting.pop(job.id, None)  # its attempt is over: a drain does not cut it off
         self._release(job.id)
         recorded = await self._record(finished)
+        if finished.job_id in recorded.lost:
+            # Not the job's outcome: its lease passed to another node, which runs it now and
+            # reports its own. The journal said so; counted here too, or told as a dead letter,
+            # or logged as "outcome=done", it would read as the job's.
+            return
         if finished.job_id in recorded.cancelled:
             # Cancelled while it ran: the journal ended it instead of queueing it again.
             finished = dataclasses.replace(
@@ -1135,10 +1140,6 @@ class WorkerPool:
             self._next_due = finished.run_at
         for hook in self.on_finish:
             hook(claimed, outcome, finished)
-        if finished.job_id in recorded.lost:
-            # Not the job's outcome: its lease passed to another node, which runs it now. The
-            # journal said so; a line here saying "outcome=done" would read as the job's.
-            return
         # A job that waits for its lane's pace is the lane doing its work, not a problem.
         paced = finished.outcome == "wait" and outcome.detail.get("paced")
         level = logging.WARNING
