@@ -175,7 +175,11 @@ async def test_backup_and_restore_refuse_what_they_cannot_do_safely(tmp_path: Pa
     journal = tmp_path / "webhookd.db"
     config = write_config(tmp_path / "webhookd.toml", journal)
     missing = await cli("backup", str(tmp_path / "copy.db"), "--config", str(config))
-    assert (missing.exit_code, missing.output) == (1, f"webhookd: error: no journal at {journal}\n")
+    assert (missing.exit_code, missing.output) == (
+        1,
+        f"webhookd: error: no journal at {journal} yet: `webhookd serve` makes it at its first"
+        " start (or set journal.path or --config)\n",
+    )
 
     async with Journal(journal):
         pass

@@ -524,6 +524,24 @@ def opened_elsewhere(path: Path) -> str | None:
     return f"process {pid}" if pid > 0 else "a process in another PID namespace (a container?)"
 
 
+# How much of a process's command line a refusal quotes (a restore's, an upgrade's).
+_COMMAND_CHARS = 200
+
+
+def command_line(pid: int) -> str | None:
+    """The command line process ``pid`` runs, its arguments joined by spaces, printable and cut
+    to ``_COMMAND_CHARS``; None where it cannot be read (gone, hidden from this user, no
+    ``/proc``) or is empty (a kernel thread, a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    text = printable(raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace"))
+    if len(text) > _COMMAND_CHARS:
+        return text[:_COMMAND_CHARS] + " …"
+    return text or None
+
+
 # Who may hold the serve lock, as its file names them after the pid.
 _LOCK_VERBS = ("serve", "restore", "copy")
 
@@ -1007,12 +1025,10 @@ class Journal(Reads, BaseJournal):
         if version == len(MIGRATIONS):
             return
         if version > 0 and (holder := self._held_elsewhere) is not None:
-            from webhookd.journal.copies import _command_line  # copies imports this module
-
             # Named by its command line (an `events --follow` left open, an sqlite3 shell)
             # where it can be read; a guess where it cannot (another PID namespace's).
             pid = holder.removeprefix("process ")
-            command = _command_line(int(pid)) if pid.isdigit() else None
+            command = command_line(int(pid)) if pid.isdigit() else None
             said = f"`{command}`" if command else "a daemon of the older webhookd?"
             raise JournalError(
                 f"{self.path} has schema version {version}, this webhookd's is"

@@ -33,6 +33,7 @@ from webhookd.journal import (
     _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
+    command_line,
     foreign,
     interrupted_restores,
     not_a_journal,
@@ -43,7 +44,6 @@ from webhookd.journal import (
 )
 from webhookd.journal.moved import new_private, sync
 from webhookd.journal.schema import MIGRATIONS
-from webhookd.redact import printable
 
 # A backup's step: pages copied (4 MB of the journal's 4 KB pages), then synced.
 STEP_PAGES = 1024
@@ -338,27 +338,9 @@ def _refuse_if_open(journal: Path, maybe: str) -> None:
     where that can be read, else by ``maybe`` (who, perhaps)."""
     if (holder := opened_elsewhere(journal)) is not None:
         pid = holder.removeprefix("process ")
-        command = _command_line(int(pid)) if pid.isdigit() else None
+        command = command_line(int(pid)) if pid.isdigit() else None
         said = f"`{command}`" if command else maybe
         raise JournalError(f"{holder} has {journal} open ({said}): stop it before a restore")
-
-
-# How much of a process's command line a refused restore quotes.
-_COMMAND_CHARS = 200
-
-
-def _command_line(pid: int) -> str | None:
-    """The command line process ``pid`` runs, its arguments joined by spaces, printable and cut
-    to ``_COMMAND_CHARS``; None where it cannot be read (gone, hidden from this user, no
-    ``/proc``) or is empty (a kernel thread, a zombie)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    text = printable(raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace"))
-    if len(text) > _COMMAND_CHARS:
-        return text[:_COMMAND_CHARS] + " …"
-    return text or None
 
 
 def _hold_writes(journal: Path) -> sqlite3.Connection | None:
