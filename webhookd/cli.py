@@ -215,6 +215,14 @@ def _zero_bytes(path: Path) -> bool:
     return False
 
 
+async def _event(journal: BaseJournal, event_id: str) -> EventDetail:
+    """The event ``event_id``, or ``NotFound``: at once for an id of another shape (typed
+    wrong, or not UTF-8), which no event has."""
+    if not EVENT_ID.fullmatch(event_id):
+        raise NotFound(printable(event_id))
+    return await journal.get_event(event_id)
+
+
 def _journal(cfg: config_mod.Config) -> BaseJournal:
     _journal_file_needed(cfg)
     _say_upgrades()
@@ -624,9 +632,7 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
 
     async def found_event(journal: BaseJournal) -> EventDetail:
         if event_id is not None:
-            if not EVENT_ID.fullmatch(event_id):  # no event had another shape (nor bad UTF-8)
-                raise NotFound(printable(event_id))
-            return await journal.get_event(event_id)
+            return await _event(journal, event_id)
         assert key is not None  # one of the two: checked above
         found = await journal.event_by_key(key)
         if found is None:
@@ -779,11 +785,7 @@ def _bulk(
         async with _journal(cfg) as journal:
             if event_ids:
                 ids = list(dict.fromkeys(event_ids))  # an id given twice is one event
-                found = []
-                for event_id in ids:
-                    if not EVENT_ID.fullmatch(event_id):  # as show: no event has another shape
-                        raise NotFound(printable(event_id))
-                    found.append(await journal.get_event(event_id))  # or NotFound
+                found = [await _event(journal, event_id) for event_id in ids]  # or NotFound
                 if looked_up is not None:
                     looked_up(found)
             elif callable(select):

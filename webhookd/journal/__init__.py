@@ -528,7 +528,16 @@ def opened_elsewhere(path: Path) -> str | None:
 _COMMAND_CHARS = 200
 
 
-def command_line(pid: int) -> str | None:
+def who_holds(holder: str, maybe: str) -> str:
+    """How a refusal names ``holder`` (``opened_elsewhere``'s answer): by its command line in
+    backquotes (an `events --follow` left open, an sqlite3 shell) where it can be read, else by
+    ``maybe``, a guess (another PID namespace's process, one hidden from this user)."""
+    pid = holder.removeprefix("process ")
+    command = _command_line(int(pid)) if pid.isdigit() else None
+    return f"`{command}`" if command else maybe
+
+
+def _command_line(pid: int) -> str | None:
     """The command line process ``pid`` runs, its arguments joined by spaces, printable and cut
     to ``_COMMAND_CHARS``; None where it cannot be read (gone, hidden from this user, no
     ``/proc``) or is empty (a kernel thread, a zombie)."""
@@ -1025,11 +1034,7 @@ class Journal(Reads, BaseJournal):
         if version == len(MIGRATIONS):
             return
         if version > 0 and (holder := self._held_elsewhere) is not None:
-            # Named by its command line (an `events --follow` left open, an sqlite3 shell)
-            # where it can be read; a guess where it cannot (another PID namespace's).
-            pid = holder.removeprefix("process ")
-            command = command_line(int(pid)) if pid.isdigit() else None
-            said = f"`{command}`" if command else "a daemon of the older webhookd?"
+            said = who_holds(holder, "a daemon of the older webhookd?")
             raise JournalError(
                 f"{self.path} has schema version {version}, this webhookd's is"
                 f" {len(MIGRATIONS)}, and {holder} has it open ({said}): stop it before this"

@@ -33,7 +33,6 @@ from webhookd.journal import (
     _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
     _take_serve_lock,
-    command_line,
     foreign,
     interrupted_restores,
     not_a_journal,
@@ -41,6 +40,7 @@ from webhookd.journal import (
     process_running,
     restored_marker,
     serve_lock_file,
+    who_holds,
 )
 from webhookd.journal.moved import new_private, sync
 from webhookd.journal.schema import MIGRATIONS
@@ -337,9 +337,7 @@ def _refuse_if_open(journal: Path, maybe: str) -> None:
     """``JournalError`` if another process has ``journal`` open, named by its command line
     where that can be read, else by ``maybe`` (who, perhaps)."""
     if (holder := opened_elsewhere(journal)) is not None:
-        pid = holder.removeprefix("process ")
-        command = command_line(int(pid)) if pid.isdigit() else None
-        said = f"`{command}`" if command else maybe
+        said = who_holds(holder, maybe)
         raise JournalError(f"{holder} has {journal} open ({said}): stop it before a restore")
 
 
