@@ -354,15 +354,19 @@ def test_a_holder_in_another_pid_namespace_is_still_seen(tmp_path: Path) -> None
     assert opened_elsewhere(path) is None
 
 
-def another_programs_database(path: Path, *, wal: bool = False) -> sqlite3.Connection | None:
+def another_programs_database(
+    path: Path, *, wal: bool = False, version: int = 0
+) -> sqlite3.Connection | None:
     """A SQLite file of another program's at ``path``: a table of its own, a row in it, no
-    webhookd schema, ``user_version`` and ``application_id`` 0. With ``wal``, in WAL mode and
-    still open (returned): its table is only in its -wal, the file's header says nothing yet."""
+    webhookd schema, ``application_id`` 0 and ``user_version`` ``version`` (a program that
+    numbers its own migrations so). With ``wal``, in WAL mode and still open (returned): its
+    table is only in its -wal, the file's header says nothing yet."""
     conn = sqlite3.connect(path)
     if wal:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
     conn.execute("INSERT INTO notes (text) VALUES ('mine')")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     if wal:
         return conn
@@ -371,15 +375,18 @@ def another_programs_database(path: Path, *, wal: bool = False) -> sqlite3.Conne
     return None
 
 
+@pytest.mark.parametrize("version", [0, 3], ids=["version0", "version3"])
 @pytest.mark.parametrize("serving", [False, True], ids=["cli", "serve"])
 async def test_a_database_of_another_program_is_refused_and_left_as_it_is(
-    tmp_path: Path, serving: bool
+    tmp_path: Path, serving: bool, version: int
 ) -> None:
     """A journal.path that names another program's SQLite file had webhookd's whole schema made
     in it, beside its own tables, by serve and by any verb. Both refuse it in one line naming
-    it, and write nothing in it or beside it: not its mode, not a -wal, not a lock file."""
+    it, and write nothing in it or beside it: not its mode, not a -wal, not a lock file. One
+    that sets ``user_version`` for its own migrations was taken for an older journal: serve
+    ran webhookd's later migrations in it, a verb asked for serve to upgrade it."""
     path = tmp_path / "other.db"
-    another_programs_database(path)
+    another_programs_database(path, version=version)
     before = (path.read_bytes(), path.stat().st_mode, sorted(os.listdir(tmp_path)))
     with pytest.raises(JournalError) as err:
         await Journal(path, serving=serving).open()

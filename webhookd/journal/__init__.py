@@ -283,15 +283,23 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 
 def foreign(conn: sqlite3.Connection) -> bool:
     """Whether the SQLite database ``conn`` has open is another program's: it holds tables (or
-    any schema) and no webhookd journal, whose first tables are made in the transaction that
-    sets its schema version (``user_version``). Asked in one statement, so of one moment: a
-    journal a daemon is making meanwhile is never seen with its tables and no version. An empty
-    database, with no table, is no other program's: ``serve`` makes its journal in it."""
-    version, schema = conn.execute(
+    any schema) and no webhookd journal. A journal's first tables are made in the transaction
+    that sets its schema version (``user_version``), and every version has its ``events``,
+    ``jobs`` and ``dedup``: tables with version 0, or a version without those three (another
+    program that sets ``user_version`` for its own migrations), are not a journal. A version
+    past this webhookd's is left to the refusal of a newer journal, whatever its tables. Asked
+    in one statement, so of one moment: a journal a daemon is making meanwhile is never seen
+    with its tables and no version. An empty database, with no table, is no other program's:
+    ``serve`` makes its journal in it."""
+    version, schema, ours = conn.execute(
         "SELECT (SELECT user_version FROM pragma_user_version),"
-        " EXISTS (SELECT 1 FROM sqlite_schema)"
+        " EXISTS (SELECT 1 FROM sqlite_schema),"
+        " (SELECT count(*) FROM sqlite_schema WHERE type = 'table'"
+        " AND name IN ('events', 'jobs', 'dedup'))"
     ).fetchone()
-    return not version and bool(schema)
+    if version > len(MIGRATIONS):
+        return False
+    return bool(schema) and (not version or ours < 3)
 
 
 def not_a_journal(path: Path) -> str:
@@ -304,15 +312,15 @@ def not_a_journal(path: Path) -> str:
 
 def _foreign_file(path: Path) -> bool:
     """``foreign`` of the file at ``path``, asked before a journal is opened there, so before
-    anything is changed in it or made beside it (no pragma is run). Only a SQLite file whose
-    header says schema version 0 is asked (a journal's first start still in its -wal is read
-    through it); False where it cannot be read, which opening it as a journal then says."""
+    anything is changed in it or made beside it (no pragma is run). Only a SQLite file is
+    asked (a journal's first start still in its -wal is read through it); False where it
+    cannot be read, which opening it as a journal then says."""
     try:
         with path.open("rb") as f:
             head = f.read(64)
     except OSError:
         return False
-    if len(head) < 64 or not head.startswith(_SQLITE_HEADER) or any(head[60:64]):
+    if len(head) < 64 or not head.startswith(_SQLITE_HEADER):
         return False
     try:
         conn = sqlite3.connect(
