@@ -1295,6 +1295,49 @@ async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlo
         assert await page.wait_for(f"{backlog} === 'cluster backlog 0'")
 
 
+async def test_dashboard_shows_an_action_the_workers_run_one_job_at_a_time(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """An action whose last attempts ended by its timeout_s runs one job at a time (/stats'
+    workers.slow): the page says so beside the workers, naming it and why, with its name (free
+    text in the config) as text, escaped as ``show`` prints it. The page said nothing, and its
+    queued jobs beside idle workers were left unexplained in an incident."""
+    name = "<b>late</b>\u202e"
+    source = f"""
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+name = {json.dumps(name)}
+url = "{target.url}/in"
+timeout_s = 0.2
+retry = {{ max_attempts = 1 }}
+"""
+    running = await run_daemon(make_config(tmp_path, source))
+    target.hold = asyncio.Event()  # a downstream that takes the request and never answers
+    slow = "document.querySelector('#slow')"
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.body.dataset.loaded === '1'")
+        assert await page.evaluate(f"{slow}.textContent") == ""
+        # workers.slow_after_timeouts (3) attempts in a row end by their timeout.
+        for n in range(3):
+            await event_state(
+                running.http,
+                running.admin_url,
+                await accepted(running, "shop", f'{{"n": {n}}}'),
+                "dead",
+            )
+        said = await page.wait_for(f"{slow}.textContent")
+        assert said == (
+            f"slow: shop/{printable(name)}: one job at a time, its last attempts timed out"
+            " (workers.slow_after_timeouts)"
+        )
+        # The name is one isolated text, no markup made of it.
+        assert await page.evaluate(
+            f"[[...{slow}.querySelectorAll('bdi')].map((b) => b.textContent),"
+            f" {slow}.querySelector('b')]"
+        ) == [[f"shop/{printable(name)}"], None]
+
+
 async def test_dashboard_says_a_reload_was_refused_until_one_is_applied(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
