@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cluster import node_config, stop
 from conftest import Target, make_config
 from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source, ingest
 from procs import Procs, poll, write_config
@@ -1293,6 +1294,30 @@ async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlo
         assert await page.evaluate("document.querySelectorAll('#nodes tbody tr').length") == 1
         backlog = "document.querySelector('#cluster-backlog').textContent"
         assert await page.wait_for(f"{backlog} === 'cluster backlog 0'")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.usefixtures("journal_env")
+async def test_dashboard_marks_a_node_that_runs_another_config(
+    tmp_path: Path, procs: Procs, browser: str
+) -> None:
+    """Two nodes on one PostgreSQL journal whose files differ in a source's ``dedup``: the page
+    of one marks the other's line "config differs", as ``webhookd stats`` does (/stats'
+    ``same_config`` false), and not its own. It showed the two alike."""
+    source = '[sources.shop]\ndedup = "{}"\n[[sources.shop.actions]]\ntype = "log"\n'
+    a = await procs.serve(node_config(tmp_path / "a.toml", source.format("header:X-Delivery")))
+    b = await procs.serve(node_config(tmp_path / "b.toml", source.format("json:id")))
+    rows = (
+        "Object.fromEntries([...document.querySelectorAll('#nodes tbody tr')]"
+        ".map((tr) => [tr.cells[2].textContent, tr.cells[0].textContent]))"
+    )
+    async with open_page(browser, a.admin_url + "/") as page:
+        await page.wait_for(f"Object.keys({rows}).length === 2")
+        nodes = await page.evaluate(rows)
+    assert nodes[str(a.pid)].endswith(" (this)")
+    assert nodes[str(b.pid)].endswith(" config differs"), nodes
+    await stop(a, b)
 
 
 async def test_dashboard_shows_an_action_the_workers_run_one_job_at_a_time(
