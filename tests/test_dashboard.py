@@ -366,6 +366,50 @@ async def test_dashboard_refuses_a_token_no_config_takes_and_asks_again(
         assert await page.wait_for("document.body.dataset.loaded === '1'")
 
 
+async def test_dashboard_does_not_ask_again_for_a_token_it_has_replaced(
+    tmp_path: Path, run_daemon: Any, browser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh sent with the token before (a wrong one) whose 401s land just after the right
+    token is submitted does not bring the token form back: the 401 is the old token's, and the
+    page loads with the new one. The form came back, asking for a token it had."""
+    monkeypatch.setenv(TOKEN_ENV, "dash-token-1234")
+    running = await run_daemon(make_config(tmp_path, admin=f'token = "env:{TOKEN_ENV}"'))
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for("document.querySelector('#auth.show')")
+        await page.type_text("#token", "old-token-0000")
+        await page.click("#auth button")
+        await page.wait_for(
+            "document.querySelector('#auth.show') && !document.querySelector('#stale').hidden"
+        )
+        # The old token's answers are held, read, until the new token is submitted.
+        await page.evaluate(
+            """(() => { const real = window.fetch;
+            let letGo, held;
+            window.letGo = new Promise((r) => { letGo = r; });
+            window.held = new Promise((r) => { held = r; });
+            window.release = letGo;
+            window.fetch = async (path, options) => {
+                const r = await real(path, options);
+                if (options?.headers?.Authorization !== "Bearer old-token-0000") return r;
+                const text = await r.text();
+                held();
+                await window.letGo;
+                return new Response(text, {status: r.status, statusText: r.statusText});
+            }; })()"""
+        )
+        await page.evaluate("window.held")  # a poll's refresh waits on the old token's 401s
+        await page.evaluate("document.querySelector('#token').value = ''")
+        await page.type_text("#token", "dash-token-1234")
+        await page.click("#auth button")
+        await page.wait_for("!document.querySelector('#auth.show')")
+        await page.evaluate("window.release()")
+        assert await page.wait_for("document.body.dataset.loaded === '1'")
+        shown = await page.evaluate(
+            "[!!document.querySelector('#auth.show'), document.querySelector('#stale').hidden]"
+        )
+    assert shown == [False, True]
+
+
 async def test_dashboard_dead_letters_replay_runs_the_dead_job_alone(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
