@@ -255,6 +255,72 @@ url = "{target.url}/in"
     assert sorted(json.loads(s.body)["n"] for s in target.seen) == list(range(5))
 
 
+async def node_listens(url: str) -> None:
+    """Until a node's listener has run its LISTENs (the second, or its later check, is the last
+    query its connection ran)."""
+    conn = await asyncpg.connect(url)
+
+    async def listening() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname ="
+                " current_database() AND application_name = 'webhookd-listen' AND (query ="
+                " 'LISTEN \"webhookd_paused\"' OR query = 'SELECT 1'))"
+            )
+        )
+
+    try:
+        await poll(listening, timeout_s=20)  # state in the server
+    finally:
+        await conn.close()
+
+
+async def test_a_node_running_before_the_copy_is_woken_by_it_pauses_first(
+    tmp_path: Path, pg_url: str, procs: Procs, target: Target
+) -> None:
+    """A node started on the new database before the copy (a cutover begun first, or a node
+    started early) holds an empty journal and took no webhook: the copy goes in, and wakes it
+    at its commit. Its sweep is an hour away, so only the copy's notification starts the
+    copied job now. The copied pause holds on it at once too: a node woken for the jobs with
+    the pauses it knew (none) would start the paused source's job in the same claim."""
+    actions = "".join(
+        f"""
+[sources.{source}]
+[[sources.{source}.actions]]
+name = "forward-0"
+type = "forward"
+url = "{target.url}/{source}"
+"""
+        for source in ("held", "shop")
+    )
+    path = tmp_path / "journal.db"
+    async with Journal(path) as lite:
+        first = new_event("held:1")  # first in the queue: it would be picked with the other
+        held = replace(first, event=replace(first.event, source="held"))
+        shop = new_event("shop:1")
+        for item in (held, shop):
+            await lite.ingest(item)
+        await lite.pause("held")
+    lite_cfg = write_config(tmp_path / "lite.toml", path, actions)
+    pg_cfg = node_config(tmp_path / "pg.toml", actions, workers="sweep_interval_s = 3600")
+    env = {"WEBHOOKD_JOURNAL_URL": pg_url}
+    node = await procs.serve(pg_cfg, env=env)
+    await node_listens(pg_url)  # its look at what it missed while not listening is done too
+    copied = await procs.cli("copy", "--to", str(pg_cfg), "--config", str(lite_cfg), env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert "2 event(s); jobs: 2 queued" in copied.stdout
+    await target.wait_for(lambda t: bool(t.seen), timeout_s=15)
+    assert [s.headers["webhook-id"] for s in target.seen] == [shop.event.id]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        # The claim that took the shop's job has committed: the held one was not in it.
+        state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", held.jobs[0].id)
+        assert state == "queued"
+    finally:
+        await conn.close()
+    await stop(node)
+
+
 def plant(link: Path, target: Path | None, text: str | None = None) -> None:
     """``link`` a symlink to ``target`` (None: removed), whatever was there; or with ``text``,
     a file holding it."""

@@ -17,7 +17,7 @@ The one home of asyncpg: its errors become ``JournalUnavailable`` here. Hazards:
   this node (at most one per ``NOTIFY_EVERY_S``: NOTIFY takes a global lock at commit, so it
   stays out of the ingest transaction; commits meanwhile share the next one, none is dropped);
   an operator's change that made jobs runnable (a replay, the CLI's too) notifies in its own
-  transaction, as a pause does. Every node LISTENs on
+  transaction, as a pause and a copy from SQLite (``webhookd copy``) do. Every node LISTENs on
   a connection of its own, outside the pool, so an idle node starts another node's job within
   milliseconds. Notifications are only a hint: those sent while the listener was disconnected
   are lost, so it asks the dispatcher to look at once after every reconnect, and the

@@ -10,6 +10,8 @@ keys' order). The SQLite file is left as it was.
 - Jobs that were running when the SQLite daemon was killed go in running with no node: the
   first node to lead re-queues them as it would a dead node's (an ``interrupted`` attempt,
   one more recovery).
+- Nodes already running on the PostgreSQL journal (started on it empty) are notified at the
+  commit, pauses first, as the CLI's pause and replay notify them.
 - What an older webhookd wrote that PostgreSQL cannot hold goes in as the journal and the
   receiver write it now: a NUL in text escaped, a key over ``MOST_KEY_CHARS`` as its digest.
 - Dedup keys: SQLite keeps only a digest of each key, PostgreSQL the key itself, which an
@@ -38,6 +40,7 @@ from webhookd.errors import JournalError, JournalNewer
 from webhookd.journal import _take_serve_lock, copied_marker, copied_to, opened_elsewhere
 from webhookd.journal.moved import new_private, sync
 from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
+from webhookd.journal.postgres.nodes import CHANNEL, PAUSE_CHANNEL
 from webhookd.journal.postgres.schema import migrate
 from webhookd.journal.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from webhookd.journal.schema import key_digest
@@ -354,6 +357,18 @@ def _open_sqlite(path: Path) -> tuple[int, sqlite3.Connection]:
     return lock, conn
 
 
+async def _wake_nodes(pg: Any, paused: Sequence[str], queued: bool) -> None:
+    """Tell nodes already running on the journal (started before the copy, on an empty
+    journal) what it brought, in its transaction (the notifications go out at its commit), as
+    the CLI's pause and replay do: else they take the copied pauses and queued jobs only at
+    their next sweep (``workers.sweep_interval_s``). The pauses first: a node woken for the
+    jobs reads them with the pauses it knows, and would start those of a paused source."""
+    for source in paused:
+        await pg.execute("SELECT pg_notify($1, $2)", PAUSE_CHANNEL, source)
+    if queued:
+        await pg.execute("SELECT pg_notify($1, $2)", CHANNEL, "copy")
+
+
 async def copy_journal(
     path: Path,
     url: str,
@@ -514,6 +529,7 @@ async def _into_postgres(
                     f"the copy read {totals[:3]} events, jobs and attempts but wrote"
                     f" {[events, jobs, attempts]}: nothing was committed"
                 )
+            await _wake_nodes(pg, [r[0] for r in paused], "queued" in states)
             # Marked before the COMMIT: a copy cut short from here on (Ctrl-C, kill -9, a lost
             # connection) may have committed, and a daemon on the file would run its jobs again.
             try:

@@ -2,8 +2,8 @@
 task and a connection of its own, so that nothing else the node does holds it up), the leader
 lease and the maintenance only its holder runs (recovery of silent nodes' jobs, retention), the
 cluster-wide backlog count, and the wake-ups between nodes (LISTEN on a connection of its own,
-NOTIFY after commits that made jobs ready or freed a cap's slot, and after a pause, a resume or
-an operator's replay, cancel or purge).
+NOTIFY after commits that made jobs ready or freed a cap's slot, and after a pause, a resume,
+an operator's replay, cancel or purge, or a copy from SQLite).
 
 Hazard: leadership is a lease, not a lock. A leader cut off from the database (or paused past
 its lease) may still believe it leads for a moment while another node has taken over; the
