@@ -662,6 +662,76 @@ async def _lane_added_by_reload(tmp_path: Path, run_daemon: Any, added: str, url
     await running.stop()  # before its database is dropped
 
 
+async def reloaded(daemon: DaemonProc) -> None:
+    """SIGHUP the daemon; back once that reload's line is said."""
+    done = daemon.log.count("config reloaded") + 1
+    daemon.signal(signal.SIGHUP)
+    async with asyncio.timeout(10):  # woken by each line said
+        while daemon.log.count("config reloaded") < done:
+            daemon.said.clear()
+            await daemon.said.wait()
+
+
+@served
+async def test_a_reload_that_removes_alerts_says_their_queued_alerts_will_go_dead(
+    tmp_path: Path, procs: Procs, http: aiohttp.ClientSession
+) -> None:
+    """An alert waiting for its retry (the alert URL down) has no action left once a reload
+    removes [alerts]: it goes dead at its turn, unsent, and the reload says so as it does of a
+    removed source's jobs. A reload that removes [alerts] with no alert queued, or keeps them,
+    says nothing of alerts; and the way back the warning names sends the alert."""
+    config, journal = tmp_path / "webhookd.toml", tmp_path / "webhookd.db"
+    async with ServerTarget(status=400) as shop, ServerTarget(status=503) as sink:
+        plain = write_config(config, journal, forward("shop", shop.url)).read_text("utf-8")
+        alerting = plain + (
+            f'[alerts]\nurl = "{sink.url}/alerts"\nmin_interval_s = 0\n'
+            "retry = { base_s = 3600, cap_s = 3600 }\n"
+        )
+        config.write_text(alerting, encoding="utf-8")
+        daemon = await procs.serve(config)
+        config.write_text(plain, encoding="utf-8")  # no alert queued: nothing to say
+        await reloaded(daemon)
+        config.write_text(alerting, encoding="utf-8")
+        await reloaded(daemon)
+        status, _ = await deliver(http, daemon, "shop")
+        assert status == 202  # answered 400: dead, and alerted
+        await sink.wait_for(lambda: len(sink.ids) == 1)
+        [alert_id] = sink.ids
+        await daemon.wait_said(rf"event={alert_id} source=webhookd .*outcome=retry")
+        config.write_text(alerting + forward("other", shop.url), encoding="utf-8")  # kept
+        await reloaded(daemon)
+        config.write_text(plain, encoding="utf-8")
+        await reloaded(daemon)
+        warning = await daemon.wait_said(r"\[alerts\] removed")
+        assert warning.endswith(
+            "config reload: [alerts] removed: 1 queued alert(s) go dead when their turn comes,"
+            " unsent (`webhookd replay --dead --source webhookd` sends them once [alerts] is"
+            " back)"
+        )
+        # Its turn, now: dead, unsent, naming what this process lacks.
+        replayed = await procs.cli("replay", alert_id, "--config", str(config))
+        assert replayed.returncode == 0, replayed.stderr
+        doc = await event_state(http, daemon.admin_url, alert_id, "dead")
+        node = f"{socket.gethostname()} (pid {daemon.pid})"
+        assert doc["jobs"][0]["last_error"] == f"source 'webhookd' is not configured on {node}"
+        assert sink.ids == [alert_id]
+        # As the warning says: once [alerts] is back, the replay sends it.
+        sink.status = 200
+        config.write_text(alerting, encoding="utf-8")
+        await reloaded(daemon)
+        replayed = await procs.cli(
+            "replay", "--dead", "--source", "webhookd", "--config", str(config)
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        await sink.wait_for(lambda: sink.ids == [alert_id, alert_id])
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0
+    said = daemon.log.splitlines()
+    reloads = [n for n, line in enumerate(said) if "config reloaded" in line]
+    warned = [n for n, line in enumerate(said) if "[alerts] removed" in line]
+    assert len(reloads) == 5 and len(warned) == 1 and reloads[3] < warned[0] < reloads[4]
+
+
 @served
 async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
     tmp_path: Path, procs: Procs, downstream: ServerTarget

@@ -554,7 +554,10 @@ class Daemon:
         journal = running.pool.journal
         gone: Sequence[str] = plan.actions_gone
         taken: list[str] = []
-        if gone or plan.added:
+        # Alerts journaled and not yet sent, which [alerts] removed leaves nothing to send:
+        # None while not known (there may be some).
+        alerts_left: int | None = None if plan.alerts == "removed" else 0
+        if gone or plan.added or alerts_left is None:
             # Named only for the jobs they leave behind: an action taken away with none queued
             # has nothing to go dead. A journaled name is looked up as the workers do (one no
             # source has is the catch-all's), so the jobs that go dead are those the new config
@@ -567,7 +570,9 @@ class Daemon:
                 pass  # all of them named, as they may have some
             else:
                 dead, before = _orphans(cfg, waiting), _orphans(self.config, waiting)
-                gone = [f"{s}/{a}" for s, a in dead if (s, a) not in before]
+                lost = {(s, a): n for (s, a), n in dead.items() if (s, a) not in before}
+                gone = [f"{s}/{a}" for s, a in lost if s != ALERT_SOURCE]
+                alerts_left = sum(n for (s, _), n in lost.items() if s == ALERT_SOURCE)
                 taken = [
                     f"{s}/{a}"
                     for (s, a), n in sorted(waiting.items())
@@ -625,6 +630,14 @@ class Daemon:
                 ' action, name = "...", to keep its jobs)',
                 some(gone),
                 "its" if len(gone) == 1 else "their",
+            )
+        if alerts_left != 0:
+            log.warning(
+                "config reload: [alerts] removed: %s queued alert(s) go dead when their turn"
+                " comes, unsent (`webhookd replay --dead --source %s` sends them once [alerts]"
+                " is back)",
+                "its" if alerts_left is None else alerts_left,
+                ALERT_SOURCE,
             )
         if taken:
             log.warning(
