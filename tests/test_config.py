@@ -37,10 +37,12 @@ from webhookd.config import (
     ServerConfig,
     WorkersConfig,
     cluster_digest,
+    cluster_names,
     credentials_unclear,
     leaves,
     load,
     loads,
+    names_take,
     parse_listen,
     plan_reload,
 )
@@ -1791,3 +1793,24 @@ def test_cluster_digest_is_the_same_for_one_config_written_otherwise_or_read_aga
             check=True,
         )
         assert out.stdout.strip() == digest, seed
+
+
+@pytest.mark.parametrize(
+    "catch_all", ["", '[sources."*"]\n[[sources."*".actions]]\nname = "any"\ntype = "log"\n']
+)
+def test_cluster_names_take_a_job_where_the_config_runs_it(
+    catch_all: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What another node reads of this one's names (to leave it a job it lacks) takes a job
+    exactly where this config runs it: a source's own actions, the catch-all's for a name it
+    takes and no source has (never the alerts' own, nor ``../x``), nothing of a name neither
+    has."""
+    monkeypatch.setenv("SHOP_SECRET", "gh-secret")
+    cfg = loads(CLUSTER_SOURCE + catch_all, "node.toml", kinds=actions.kind_defaults)
+    names = json.loads(cluster_names(cfg))
+    for source in ("shop", "mail", "orders", "webhookd", "../x"):
+        for action in ("deliver", "log", "any", "forward"):
+            found = cfg.source_for(source)
+            runs = found is not None and found.action(action) is not None
+            assert names_take(names, source, action) == runs, (source, action)
+    assert names_take(names, "orders", "any") == bool(catch_all)

@@ -63,6 +63,7 @@ from webhookd.config import (
     Listen,
     Reload,
     cluster_digest,
+    cluster_names,
     no_sources,
     plan_reload,
     some,
@@ -261,6 +262,7 @@ class Daemon:
                 cfg.journal, clock=self.clock, max_recoveries=cfg.workers.max_recoveries
             )
             journal.config_digest = cluster_digest(cfg)
+            journal.config_names = cluster_names(cfg)
             await stack.enter_async_context(journal)
             self.journal = journal
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
@@ -595,9 +597,13 @@ class Daemon:
             actions = await action_registry.rebuild(resources, running.pool.actions)
         except ConfigError as exc:
             return _refused(_reload_error(exc))
+        # Told to the other nodes before the receiver takes the new sources' webhooks: a node
+        # that meets one of their jobs then finds this one has it, and leaves the job to it.
+        await journal.publish_names(cluster_names(cfg))
         if self.stop_event.is_set():
             # A stop came while the new config was read and built: the drain runs on what it
             # began with, and what was built for the reload is closed unused.
+            journal.config_names = cluster_names(self.config)  # for its heartbeats until then
             kept = {id(a) for a in running.pool.actions.values()}
             for action in actions.values():
                 if id(action) not in kept:

@@ -700,6 +700,25 @@ def cluster_digest(cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def cluster_names(cfg: Config) -> str:
+    """What this node runs, as the other nodes sharing its journal read it: each source's name
+    (the catch-all's ``*``, the alerts' own ``webhookd``) with its actions' names, as JSON. A
+    node lacking a job's source or action leaves the job to a live node whose names take it
+    (``names_take``)."""
+    doc = {src.name: sorted(a.name for a in src.actions) for src in cfg.all_sources()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def names_take(names: Mapping[str, Collection[str]], source: str, action: str) -> bool:
+    """Whether a node whose ``cluster_names`` are ``names`` runs ``action`` of jobs journaled
+    under ``source``: found as ``Config.source_for`` finds it (the source of that name, else
+    the catch-all for a name it takes, never for the alerts' own)."""
+    actions = names.get(source)
+    if actions is None and source != ALERT_SOURCE and SOURCE_NAME.fullmatch(source):
+        actions = names.get(CATCH_ALL)
+    return actions is not None and action in actions
+
+
 # What ``cluster_digest`` leaves out of a table: each node's own, or nothing a webhook meets
 # (an action's dotted key and whether its name was written; ``read``: its secrets' values).
 _NOT_DIGESTED: dict[type, frozenset[str]] = {

@@ -156,6 +156,9 @@ class BaseJournal(ABC):
     one_writer: bool = False
     # Set by the daemon (``config.cluster_digest``): nodes sharing the journal compare theirs.
     config_digest: str | None = None
+    # Set by the daemon (``config.cluster_names``, ``publish_names``): what this node runs, so
+    # that another node lacking a job's source or action leaves the job to it.
+    config_names: str | None = None
     on_commit: Callable[[list[Ready]], None] | None
     starter: Starter | None = None  # set by the daemon: new jobs may start at their commit
     on_remote_jobs: Callable[[], None] | None = None
@@ -602,6 +605,18 @@ class BaseJournal(ABC):
     async def nodes(self, limit: int = 64) -> list[NodeInfo]:
         """The processes working on this journal, oldest first, at most ``limit`` (this one
         included; a node that stopped cleanly is gone, one that died shows ``stale``)."""
+
+    async def publish_names(self, names: str) -> None:
+        """Take this node's ``config_names`` (a reload's, before it applies): a journal shared
+        by several nodes tells the others at once, where its heartbeat would tell them only
+        later, and a webhook of a source just added could meet a node that knows no better."""
+        self.config_names = names
+
+    async def peer_names(self) -> list[tuple[str, str]]:
+        """The other live nodes, each as its name in log lines (``host pid N``) and what it
+        runs (its ``config_names``), read now: a job this node cannot run is left to those
+        whose names take it. None for a journal of one node (SQLite)."""
+        return []
 
     @abstractmethod
     async def paused_sources(self) -> frozenset[str]:

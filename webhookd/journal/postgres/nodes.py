@@ -62,6 +62,7 @@ class PgNodes:
     node_id: str
     lease_s: float
     config_digest: str | None
+    config_names: str | None
     _told_differ: frozenset[str]
     _longest_lease_s: float
     max_recoveries: int
@@ -123,15 +124,17 @@ class PgNodes:
             # Its own pool; the shared one says "not open" once closed, and is a non-node's only.
             await (self._beat_pool or self.pool).execute(
                 "INSERT INTO nodes (node_id, started_at, heartbeat_at, host, pid, lease_s,"
-                " config_digest) VALUES ($1, $2, $2, $3, $4, $5, $6)"
+                " config_digest, runs) VALUES ($1, $2, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,"
-                " lease_s = EXCLUDED.lease_s, config_digest = EXCLUDED.config_digest",
+                " lease_s = EXCLUDED.lease_s, config_digest = EXCLUDED.config_digest,"
+                " runs = EXCLUDED.runs",
                 self.node_id,
                 now,
                 socket.gethostname(),
                 os.getpid(),
                 self.lease_s,
                 self.config_digest,
+                self.config_names,
                 deadline_s=max(2 * self.heartbeat_s, 5.0),
             )
         except DB_ERRORS as exc:
@@ -149,6 +152,39 @@ class PgNodes:
                 took_s,
             )
         self.came_back()
+
+    async def publish_names(self, names: str) -> None:
+        """Take ``names`` and write them to this node's row now (a reload's, before it takes
+        the new sources' webhooks): another node that meets a job of a source just added here
+        then finds this node has it. A database that does not answer within a heartbeat's
+        deadline is left to the next heartbeat, which writes them too."""
+        self.config_names = names
+        try:
+            await self.pool.execute(
+                "UPDATE nodes SET runs = $2 WHERE node_id = $1",
+                self.node_id,
+                names,
+                deadline_s=max(2 * self.heartbeat_s, 5.0),
+            )
+        except DB_ERRORS as exc:
+            log.debug("publishing this node's sources and actions failed: %s", db_error(exc))
+
+    async def peer_names(self) -> list[tuple[str, str]]:
+        """The other nodes alive (heartbeat within their lease, as ``compare_configs`` judges
+        them), each as ``host pid N`` and what it runs (``config.cluster_names``); a node of
+        an older webhookd, which says nothing of what it runs, is left out."""
+        try:
+            rows = await self.pool.fetch(
+                "SELECT host, pid, runs FROM nodes WHERE node_id <> $1 AND runs IS NOT NULL"
+                " AND heartbeat_at >= $2::double precision - COALESCE(lease_s, $3)"
+                " ORDER BY started_at",
+                self.node_id,
+                self.clock.time(),
+                self.lease_s,
+            )
+        except DB_ERRORS as exc:
+            raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
+        return [(f"{r[0] or '?'} pid {r[1]}", r[2]) for r in rows]
 
     async def compare_configs(self) -> frozenset[str]:
         """The live nodes whose sources, actions or lanes are not this node's, said once

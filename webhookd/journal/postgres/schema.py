@@ -247,6 +247,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_s double precision,
         ADD COLUMN IF NOT EXISTS config_digest text;
     """,
+    # 12 → 13: the names of the sources and actions each node runs (``config.cluster_names``),
+    # so that a node lacking a job's source or action leaves it to a live node that has it (a
+    # config changed node by node). NULL for a node of an older webhookd: its jobs go dead.
+    """
+    ALTER TABLE nodes ADD COLUMN IF NOT EXISTS runs text;
+    """,
 )
 
 
