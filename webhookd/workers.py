@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from webhookd import logs
 from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ActionConfig, Config, RetryPolicy
+from webhookd.config import ActionConfig, Config, RetryPolicy, names_take
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import (
     BaseJournal,
@@ -72,6 +73,13 @@ _MOST_FAILURE_LINES = 256
 # this long, unless a job of it ends here or another node says one ended: the node does not
 # spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
 SATURATED_RECHECK_S = 0.25
+# A job whose source or action this node lacks (a config changed node by node) is left to the
+# live nodes that have it, and its jobs kept out of this node's claims: whether some live node
+# still has it is read again this often (one read of ``nodes``), and a key none has any more
+# is claimed again here, to go dead. A node lost is seen stale only after its lease anyway.
+ELSEWHERE_RECHECK_S = 5.0
+# Its warning, said again at most this often per source and action.
+ELSEWHERE_RETELL_S = 300.0
 # Picks and claims one dispatch may make when claims come back short (other nodes took the
 # jobs first): each round drops what it lost from the window and fills the slots again.
 _DISPATCH_ROUNDS = 8
@@ -252,6 +260,10 @@ class WorkerPool:
         # Caps the journal found full with other nodes' jobs: key → when to try it again
         # (monotonic). Jobs of such a cap wait in the window meanwhile.
         self._saturated: dict[str, float] = {}
+        # Jobs (source as journaled, action) this node lacks and a live node has: left to those
+        # nodes, kept out of this node's claims until when to look again (monotonic).
+        self._elsewhere: dict[tuple[str, str], float] = {}
+        self._told_elsewhere: dict[tuple[str, str], float] = {}  # when each was last said
         # Actions (configured source, action) whose last attempts in a row ended by timeout_s,
         # how many; those at ``workers.slow_after_timeouts`` run one job at a time (``slow``).
         self._timeouts: Counter[tuple[str, str]] = Counter()
@@ -314,6 +326,7 @@ class WorkerPool:
         self.actions = actions
         for key in [k for k in self._retired if not self._attempts_on[k]]:
             self._close_soon(self._retired.pop(key))
+        self._elsewhere.clear()  # left to other nodes for lacking an action this one may have
         self._refill_now = True  # jobs of a source that had no action for them may run now
         self._wake.set()
 
@@ -580,6 +593,8 @@ class WorkerPool:
     def _can_run(self, job: Ready) -> bool:
         if job.source in self.paused:
             return False
+        if self._elsewhere and (job.source, job.action) in self._elsewhere:
+            return False  # left to the nodes that have its source and action
         source = self.config.source_for(job.source)
         if source is None:
             return True  # the worker records it as dead with a clear reason
@@ -710,6 +725,8 @@ class WorkerPool:
                 await self._refill()
         if self._saturated:
             self._forget_saturated()
+        if self._elsewhere:
+            await self._recheck_elsewhere()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._acting) - len(self._reserved)
         room = self._lane_room = self._room_in_lanes()
@@ -1094,11 +1111,14 @@ class WorkerPool:
         action = self.actions.get((source.name, job.action)) if source else None
         started_at, started = self.clock.time(), self.clock.monotonic()
         if action is None or action_cfg is None:
-            # Named with this process: on a cluster, the node a reload has not reached yet.
-            node = f"{socket.gethostname()} (pid {os.getpid()})"
             missing = f"source {event.source!r}"
             if source is not None:
                 missing = f"action {job.action!r} of {missing}"
+            # On a cluster whose config is changed node by node, a node that has it runs it.
+            if await self._left_elsewhere(claimed, missing):
+                return
+            # Named with this process: on a cluster, the node a reload has not reached yet.
+            node = f"{socket.gethostname()} (pid {os.getpid()})"
             outcome = Outcome.dead(f"{missing} is not configured on {node}")
         else:
             key = id(action)
@@ -1162,6 +1182,84 @@ class WorkerPool:
             else "",
             f" error={finished.error!r}" if finished.error else "",
         )
+
+    async def _left_elsewhere(self, claimed: Claimed, missing: str) -> bool:
+        """Give a job whose source or action this node lacks (``missing`` says which) back to
+        the live nodes that have it, if any does (read now: a node that just added it said so
+        before it took its webhooks, ``publish_names``); returns whether it was given back.
+        Its key is then kept out of this node's claims (``_elsewhere``) while one still has it.
+        A journal that cannot say is taken for a yes, and asked again at the next look."""
+        job, event = claimed.job, claimed.event
+        key = (event.source, job.action)
+        try:
+            nodes = _runners(await self.journal.peer_names(), *key)
+            who = ", ".join(nodes)
+        except JournalUnavailable:
+            nodes, who = ["?"], "the nodes that have it (the journal did not say which)"
+        if not nodes:
+            return False
+        now = self.clock.monotonic()
+        if key not in self._elsewhere and now - self._told_elsewhere.get(key, -math.inf) >= (
+            ELSEWHERE_RETELL_S
+        ):
+            self._told_elsewhere = {
+                k: t for k, t in self._told_elsewhere.items() if now - t < ELSEWHERE_RETELL_S
+            }
+            self._told_elsewhere[key] = now
+            log.warning(
+                "%s is not configured on this node: its jobs are left to %s, which run(s) it"
+                " (a config changed node by node?)",
+                missing,
+                who,
+            )
+        self._elsewhere[key] = now + ELSEWHERE_RECHECK_S
+        await self._give_back(claimed, f"left to {who}: {missing} is not configured here")
+        return True
+
+    async def _give_back(self, claimed: Claimed, why: str) -> None:
+        """Queue a claimed job again, due at once, for another node: not an attempt (none is
+        counted or recorded, nor told to the hooks), so its retries, its place in its order
+        key and its last error stay as they were."""
+        job = claimed.job
+        now = self.clock.time()
+        self._release(job.id)
+        # A wait gives back the attempt its claim counted; its error and result are kept.
+        await self._record(
+            Finished(
+                job.id,
+                job.attempts,
+                JobState.QUEUED,
+                now,
+                now,
+                "wait",
+                run_at=now,
+                error=job.last_error,
+                result=job.result,
+                claim=claimed.claim,
+            )
+        )
+        log.debug(
+            "job=%s event=%s source=%s action=%s given back: %s",
+            job.id,
+            claimed.event.id,
+            claimed.event.source,
+            job.action,
+            why,
+        )
+
+    async def _recheck_elsewhere(self) -> None:
+        """Of the jobs left to other nodes, look again at those due a look (one read of the
+        nodes): still left while a live node has them, else claimed here again, to go dead."""
+        now = self.clock.monotonic()
+        due = [key for key, at in self._elsewhere.items() if at <= now]
+        if not due:
+            return
+        peers = await self.journal.peer_names()
+        for key in due:
+            if _runners(peers, *key):
+                self._elsewhere[key] = now + ELSEWHERE_RECHECK_S
+            else:
+                del self._elsewhere[key]
 
     def _failure_line(self, source: str, action: str) -> Throttle:
         """The throttle of one action's retry and wait lines: the names a catch-all took share
@@ -1342,6 +1440,20 @@ class WorkerPool:
             outcomes=dict(self.outcomes),
             holding=self.holding,
         )
+
+
+def _runners(peers: Sequence[tuple[str, str]], source: str, action: str) -> list[str]:
+    """Of ``peers`` (``BaseJournal.peer_names``), the names of those that run ``action`` of
+    jobs journaled under ``source``."""
+    found = []
+    for node, names in peers:
+        try:
+            runs = json.loads(names)
+        except ValueError:
+            continue  # not written by a webhookd: it says nothing of what it runs
+        if isinstance(runs, dict) and names_take(runs, source, action):
+            found.append(node)
+    return found
 
 
 def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:

@@ -465,7 +465,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
         for c in started:
             self._tokens[c.job.id] = claim[1]
         self._claiming.discard(claim[1])
-        freed = False
+        freed = due = False
         lost: set[str] = set()
         # (job, token) of the claims answered here: another copy of one of their outcomes in
         # this batch is a duplicate, not a lost lease.
@@ -479,6 +479,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
             if i in recorded:
                 if f.state != JobState.QUEUED or f.job_id in cancelled:
                     self.backlog_jobs -= 1
+                elif f.run_at is not None and f.run_at <= now:
+                    due = True  # given back for another node to run (``WorkerPool._give_back``)
             elif not held or (f.job_id, token) in answered:
                 log.debug(
                     "job=%s outcome=%s attempt=%d already recorded or superseded",
@@ -504,7 +506,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
                 ids = {f.job_id for f in fop.results}
                 fop.future.set_result(Recorded(cancelled & ids, frozenset(lost & ids)))
         self.backlog_jobs += len(created) + len(started)
-        if created or freed:
+        if created or freed or due:
             self._notify_wanted.set()
         if starts.job_ids and self.starter is not None:
             # Before the announcement, whose error ends the writer: the pool gets every slot

@@ -189,8 +189,9 @@ class PgNodes:
     async def compare_configs(self) -> frozenset[str]:
         """The live nodes whose sources, actions or lanes are not this node's, said once
         each time that set grows (and once when it empties): until every node has one file,
-        a job of an action one node lacks goes dead there, and caps and lanes are as loose as
-        the loosest node's. Also notes the longest lease any node has (``_settled``)."""
+        a job of a source or action one node lacks is left to those that have it
+        (``peer_names``), and caps and lanes are as loose as the loosest node's. Also notes
+        the longest lease any node has (``_settled``)."""
         try:
             rows = await self.pool.fetch(
                 "SELECT host, pid, config_digest, lease_s,"
@@ -212,8 +213,9 @@ class PgNodes:
         if differ - self._told_differ:
             log.warning(
                 "node(s) %s run sources, actions or lanes other than this node's config: until"
-                " every node has the same file, a job of an action one lacks goes dead on it,"
-                " and concurrency caps and lanes are as loose as the loosest node's",
+                " every node has the same file, a job of a source or action one lacks is left"
+                " to the nodes that have it, and concurrency caps and lanes are as loose as the"
+                " loosest node's",
                 ", ".join(sorted(differ)),
             )
         elif self._told_differ and not differ:
