@@ -212,7 +212,8 @@ class PgNodes:
         )
         if differ - self._told_differ:
             log.warning(
-                "node(s) %s run sources, actions or lanes other than this node's config: until"
+                "node(s) %s run a config other than this node's config (its sources, actions,"
+                " lanes or alerts differ): until"
                 " every node has the same file, a job of a source or action one lacks is left"
                 " to the nodes that have it, and concurrency caps and lanes are as loose as the"
                 " loosest node's",
