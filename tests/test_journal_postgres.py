@@ -139,6 +139,10 @@ async def test_pg_after_an_outage_a_node_requeues_the_running_jobs_it_no_longer_
             claiming: JobState.RUNNING,
         }
         assert [a.outcome for a in states[forgotten].history] == ["interrupted"]
+        # Said as what it was: the node ran on, the database lost the outcome.
+        assert states[forgotten].history[0].error == (
+            "its outcome was lost as the database failed over (the new primary lacked the commit)"
+        )
         assert (await busy.release_forgotten()).requeued == 0  # once per outage
 
 

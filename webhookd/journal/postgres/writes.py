@@ -419,7 +419,11 @@ async def write_forgotten(
         for r in rows
         if (r["id"], r["claim_token"]) not in held and r["claim_token"] not in in_flight
     ]
-    return await _requeue_lost(conn, lost, now, max_recoveries)
+    return await _requeue_lost(conn, lost, now, max_recoveries, lost_as=FAILED_OVER)
+
+
+# Why ``write_forgotten`` re-queues a job: not a crash of the node, which ran on.
+FAILED_OVER = "its outcome was lost as the database failed over (the new primary lacked the commit)"
 
 
 async def _requeue_lost(
@@ -428,11 +432,12 @@ async def _requeue_lost(
     now: float,
     max_recoveries: int,
     silent: Mapping[str, str] | None = None,
+    lost_as: str | None = None,
 ) -> Recovery:
     """Each of ``lost`` (rows of ``_LOST_COLUMNS``) queued again with an ``interrupted``
     attempt, or sent to dead at its ``max_recoveries``-th recovery (a poison pill).
-    ``silent``: the nodes, by id, whose lease passed, as their jobs' attempts name them (any
-    other job's was interrupted by a crash or restart)."""
+    ``silent``: the nodes, by id, whose lease passed, as their jobs' attempts name them;
+    ``lost_as``: why every other job was lost (else: interrupted by a crash or restart)."""
     silent = silent or {}
     rows = []
     poisoned = []
@@ -445,11 +450,11 @@ async def _requeue_lost(
             poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
         times = r["recoveries"] + 1
         node = silent.get(r["node_id"])
-        if node is None:
+        if node is None and lost_as is None:
             reason = "interrupted by a crash or restart"
             reason = f"poison pill: {reason} {times} times" if dead else reason
         else:
-            reason = f"its node {node} went silent and its lease passed"
+            reason = lost_as or f"its node {node} went silent and its lease passed"
             reason = (
                 f"poison pill: interrupted {times} times, the last as {reason}" if dead else reason
             )
