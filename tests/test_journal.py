@@ -1293,6 +1293,49 @@ async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> 
             await Journal(disk / "j.db").open()
 
 
+async def test_serve_warns_of_a_journal_disk_with_less_room_than_a_full_wal_needs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst filled a 33 MB volume with the journal's -wal alone (it may reach 64 MiB, and a
+    checkpoint needs as much again), and the daemon then could not start until it was grown,
+    with nothing said at the start about the little room it had: ``serve`` warns of a disk
+    with less than 128 MiB free, one with that room not."""
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
+    with small_disk(tmp_path / "small", "40m") as disk:
+        async with Journal(disk / "j.db", serving=True):
+            pass
+    said = [r.getMessage() for r in caplog.records if "MiB free" in r.getMessage()]
+    assert len(said) == 1 and re.fullmatch(
+        rf"journal {re.escape(str(disk / 'j.db'))}: the disk of {re.escape(str(disk))} has"
+        r" (39|40) MiB free: keep 128 MiB free there, as a burst can fill 64 MiB of the"
+        r" journal's -wal and a checkpoint needs as much again; a disk that fills is answered"
+        r" 503 until room is made",
+        said[0],
+    ), said
+    caplog.clear()
+    with small_disk(tmp_path / "roomy", "200m") as disk:
+        async with Journal(disk / "j.db", serving=True):
+            pass
+    assert not [r for r in caplog.records if "MiB free" in r.getMessage()]
+
+
+async def test_check_warns_of_a_journal_disk_with_less_room_than_a_full_wal_needs(
+    tmp_path: Path,
+) -> None:
+    """A journal on a 40 MB volume: a burst can fill it with the -wal alone, and the daemon
+    then answers 503 until room is made. ``check`` warns of it, still exit 0."""
+    with small_disk(tmp_path / "small", "40m") as disk:
+        config = tmp_path / "webhookd.toml"
+        config.write_text(f'[journal]\npath = "{disk / "j.db"}"\n')
+        out = await cli("check", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    assert re.search(
+        rf"webhookd: warning: journal.path: {re.escape(str(disk / 'j.db'))}: the disk of"
+        rf" {re.escape(str(disk))} has (39|40) MiB free: keep 128 MiB free there",
+        out.stderr,
+    ), out.stderr
+
+
 def test_a_journal_on_a_read_only_filesystem_is_named_so(tmp_path: Path) -> None:
     """A filesystem mounted read-only (an ext4 that met an error, a read-only volume) makes
     access() fail too: what the open's error says names the mount, not the file's owner and

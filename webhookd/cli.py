@@ -58,6 +58,7 @@ from webhookd.journal import (
     peek_journal,
     present_only,
     serve_lock_held,
+    short_of_room,
     why_unusable,
 )
 from webhookd.journal.base import upgrade_log, waiting_log
@@ -500,6 +501,8 @@ def check(config_path: str | None, no_journal: bool) -> None:
     if unusable is not None:
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {unusable}", err=True)
+    elif cfg.journal.url is None and (short := short_of_room(cfg.journal.path)):
+        click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {short}", err=True)
     for said in notes:
         click.echo(f"webhookd: {said}", err=True)
 

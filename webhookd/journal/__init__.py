@@ -427,6 +427,37 @@ def why_unusable(path: Path) -> str | None:
     return None
 
 
+# The room a SQLite journal's disk should keep free: its WAL at its size limit, and as much
+# again for a checkpoint to grow the journal file by what the WAL holds (see the README's
+# full-disk paragraph: with less, a burst can fill the disk with WAL, and then no checkpoint,
+# so no write, ends until room is made).
+ROOM_WANTED_BYTES = 2 * WAL_SIZE_LIMIT_BYTES
+
+
+def short_of_room(path: Path) -> str | None:
+    """What ``serve`` and ``check`` warn of a journal at ``path`` whose disk has less free than
+    ``ROOM_WANTED_BYTES``, counting the room its -wal already holds as its own; None when it
+    has that room, or it cannot tell (``why_unusable`` says why then)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = os.statvfs(folder)
+        wal = path.with_name(path.name + "-wal")
+        held = wal.stat().st_size if wal.exists() else 0
+    except OSError:
+        return None
+    free = usage.f_bavail * usage.f_frsize
+    if not usage.f_blocks or free + held >= ROOM_WANTED_BYTES:
+        return None
+    return (
+        f"the disk of {folder} has {free >> 20} MiB free: keep {ROOM_WANTED_BYTES >> 20} MiB"
+        f" free there, as a burst can fill {WAL_SIZE_LIMIT_BYTES >> 20} MiB of the journal's"
+        " -wal and a checkpoint needs as much again; a disk that fills is answered 503 until"
+        " room is made"
+    )
+
+
 def _why_not(path: Path) -> str:
     """``why_unusable`` for the end of an error, in parentheses, or nothing."""
     why = why_unusable(path)
@@ -785,6 +816,8 @@ class Journal(Reads, BaseJournal):
                 f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"
                 f"{_other_file(exc, self.path)}{_why_not(self.path)}"
             ) from None
+        if self.serving and (short := await asyncio.to_thread(short_of_room, self.path)):
+            log.warning("journal %s: %s", self.path, short)
         # Asked before this process opens the journal: once it has, closing the descriptor the
         # question needs would drop SQLite's own locks on the -shm file (``opened_elsewhere``).
         self._held_elsewhere = opened_elsewhere(self.path)
