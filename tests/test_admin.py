@@ -419,10 +419,11 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
         make_config(tmp_path, forward_source("shop", target.url + "/shop"))
     )
     outcomes = Outcomes(running)
+    shop = {"source": "shop", "catch_all": False, "journaled": False}  # no webhook yet
     status, doc = await post_admin(running, "/sources/shop/pause")
-    assert (status, doc) == (200, {"source": "shop", "paused": True, "changed": True})
+    assert (status, doc) == (200, {**shop, "paused": True, "changed": True})
     status, doc = await post_admin(running, "/sources/shop/pause")
-    assert (status, doc) == (200, {"source": "shop", "paused": True, "changed": False})
+    assert (status, doc) == (200, {**shop, "paused": True, "changed": False})
     _, stats = await get(running, "/stats")
     assert stats["paused"] == ["shop"]
 
@@ -430,18 +431,28 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
     _, detail = await get(running, f"/events/{event_id}")
     assert (detail["state"], detail["jobs"][0]["attempts"]) == ("queued", 0)
 
+    shop["journaled"] = True
     status, doc = await post_admin(running, "/sources/shop/resume")
-    assert (status, doc) == (200, {"source": "shop", "paused": False, "changed": True})
+    assert (status, doc) == (200, {**shop, "paused": False, "changed": True})
     await outcomes.wait(event_id, "done")
     assert len(target.seen) == 1
     status, doc = await post_admin(running, "/sources/shop/resume")
-    assert (status, doc) == (200, {"source": "shop", "paused": False, "changed": False})
+    assert (status, doc) == (200, {**shop, "paused": False, "changed": False})
     status, error = await post_admin(running, "/sources/nope/pause")
     assert (status, set(error)) == (404, {"error"})
     # One paused that the config has no more (taken out by a reload): resumed, not a 404.
     await running.daemon.journal.pause("gone")
     status, doc = await post_admin(running, "/sources/gone/resume")
-    assert (status, doc) == (200, {"source": "gone", "paused": False, "changed": True})
+    assert (status, doc) == (
+        200,
+        {
+            "source": "gone",
+            "paused": False,
+            "changed": True,
+            "catch_all": False,
+            "journaled": False,
+        },
+    )
     status, error = await post_admin(running, "/sources/gone/resume")
     assert (status, set(error)) == (404, {"error"})
 
@@ -460,7 +471,73 @@ async def test_the_alerts_own_source_can_be_paused_beside_a_catch_all(
         sources += '[[sources."*".actions]]\ntype = "log"\n'
     running: Running = await run_daemon(make_config(tmp_path, sources))
     status, doc = await post_admin(running, "/sources/webhookd/pause")
-    assert (status, doc) == (200, {"source": "webhookd", "paused": True, "changed": True})
+    assert (status, doc) == (
+        200,
+        {
+            "source": "webhookd",
+            "paused": True,
+            "changed": True,
+            "catch_all": False,
+            "journaled": False,
+        },
+    )
+
+
+async def test_a_pause_of_a_slip_of_a_sources_name_beside_a_catch_all_is_a_400(
+    tmp_path: Path, run_daemon: StartDaemon
+) -> None:
+    """Beside a catch-all, POST /sources/githb/pause answered 200 "paused" while github's jobs
+    ran on: the catch-all takes every name. A slip of a configured source's name is a 400
+    saying which was meant (not a 404: the catch-all takes it), for a resume too, unless the
+    catch-all has taken webhooks under it. A name it takes is paused, the answer saying it is
+    one (``catch_all``) and whether webhooks have come under it (``journaled``)."""
+    sources = "".join(
+        f'[[sources.{name}.actions]]\ntype = "log"\n' for name in ("github", "stripe", '"*"')
+    )
+    running: Running = await run_daemon(make_config(tmp_path, sources))
+    for verb in ("pause", "resume"):
+        status, error = await post_admin(running, f"/sources/githb/{verb}")
+        assert (status, error) == (
+            400,
+            {
+                "error": "no source 'githb' (did you mean github?): the catch-all \"*\" would"
+                " take the name, but no webhook has come under it"
+            },
+        )
+    _, stats = await get(running, "/stats")
+    assert stats["paused"] == []
+
+    await accept(running, "/hooks/stripes", "{}")  # close to stripe, but taken under its name
+    status, doc = await post_admin(running, "/sources/stripes/pause")
+    assert (status, doc) == (
+        200,
+        {
+            "source": "stripes",
+            "paused": True,
+            "changed": True,
+            "catch_all": True,
+            "journaled": True,
+        },
+    )
+    status, doc = await post_admin(running, "/sources/billing/pause")
+    assert (status, doc) == (
+        200,
+        {
+            "source": "billing",
+            "paused": True,
+            "changed": True,
+            "catch_all": True,
+            "journaled": False,
+        },
+    )
+    status, doc = await post_admin(running, "/sources/github/pause")
+    assert (status, doc["catch_all"], doc["journaled"]) == (200, False, False)
+    # A slip paused by an earlier webhookd is resumed: its jobs would otherwise wait for good.
+    await running.daemon.journal.pause("githb")
+    status, doc = await post_admin(running, "/sources/githb/resume")
+    assert (status, doc["changed"]) == (200, True)
+    _, stats = await get(running, "/stats")
+    assert stats["paused"] == ["billing", "github", "stripes"]
 
 
 async def test_replay_dead_of_a_source_reruns_its_dead_letters_and_no_other_sources(

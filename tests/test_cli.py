@@ -346,7 +346,15 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     out = await cli("pause", "shop", "--json", "--config", str(config))
     assert (out.exit_code, json.loads(out.stdout)) == (
         0,
-        {"source": "shop", "paused": True, "changed": False, "applied": True, "removed": False},
+        {
+            "source": "shop",
+            "paused": True,
+            "changed": False,
+            "applied": True,
+            "removed": False,
+            "catch_all": False,
+            "journaled": False,
+        },
     )
     held = await accepted(running, "shop")
     other = await accepted(running, "mail")
@@ -409,6 +417,83 @@ async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_fi
     assert out.stderr.startswith(
         f"webhookd: note: no action 'lgo' of source 'billing' in {path} (did you mean log?)"
     )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def caught(
+    request: pytest.FixtureRequest, tmp_path: Path, run_daemon: Any
+) -> AsyncIterator[tuple[Path, Running]]:
+    """Sources github and stripe beside a catch-all, on either journal, the config naming the
+    daemon's admin API (so the CLI has it apply a pause)."""
+    body = "".join(
+        f'[[sources.{name}.actions]]\ntype = "log"\n' for name in ("github", "stripe", '"*"')
+    )
+    async for path, running in _wire(request, tmp_path, body, run_daemon):
+        text = path.read_text().replace(
+            '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+        )
+        path.write_text(text, encoding="utf-8")
+        yield path, running
+
+
+async def test_a_pause_of_a_slip_of_a_sources_name_beside_a_catch_all_is_refused(
+    caught: tuple[Path, Running],
+) -> None:
+    """Beside a catch-all, ``pause githb`` said "paused githb", exit 0, while github's jobs ran
+    on: the catch-all takes every name. A slip of a configured source's name (the did-you-mean
+    of the other verbs) is refused as it is without a catch-all, for a resume too, unless the
+    catch-all has taken webhooks under it; a name it takes that is close to none is paused,
+    the line and the JSON saying it is no configured source and, until one comes, that no
+    webhook has come under it. A slip paused before (by an earlier webhookd) can be resumed."""
+    path, running = caught
+    config = ("--config", str(path))
+    for verb in ("pause", "resume"):
+        for slip, meant in (("githb", "github"), ("stripee", "stripe")):
+            out = await cli(verb, slip, "--json", *config)
+            assert (out.exit_code, out.stdout, out.stderr) == (
+                2,
+                "",
+                f"webhookd: error: no source {slip!r} (did you mean {meant}?): the catch-all"
+                ' "*" would take the name, but no webhook has come under it\n',
+            )
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert (await r.json())["paused"] == []
+
+    said = {"paused": True, "changed": True, "applied": True, "removed": False}
+    await accepted(running, "stripes")  # close to stripe, but a name the catch-all took
+    out = await cli("pause", "stripes", "--json", *config)
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert _json_of(out) == {**said, "source": "stripes", "catch_all": True, "journaled": True}
+    out = await cli("pause", "stripes", *config)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "stripes was already paused; stripes is no configured source but a name the catch-all"
+        ' "*" takes\n',
+    )
+    out = await cli("pause", "billing", *config)
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "paused billing: the daemon starts none of its jobs from now (running ones finish their"
+        ' attempt); billing is no configured source but a name the catch-all "*" takes, and no'
+        " webhook has come under it yet\n",
+    )
+    out = await cli("pause", "github", "--json", *config)
+    assert _json_of(out) == {**said, "source": "github", "catch_all": False, "journaled": False}
+    out = await cli("resume", "github", *config)
+    assert (out.exit_code, out.stdout) == (0, "resumed github\n")
+
+    await running.daemon.journal.pause("githb")
+    assert running.daemon.pool is not None
+    await running.daemon.pool.pause_applied()  # the daemon holds it too
+    out = await cli("resume", "githb", *config)
+    assert out.stderr == "", out.stderr
+    assert (out.exit_code, out.stdout) == (
+        0,
+        'resumed githb; githb is no configured source but a name the catch-all "*" takes, and'
+        " no webhook has come under it yet\n",
+    )
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert (await r.json())["paused"] == ["billing", "stripes"]
 
 
 async def test_a_pause_of_the_catch_alls_name_without_one_says_there_is_none(
@@ -1760,7 +1845,13 @@ async def test_pause_and_resume_json_say_the_sources_state_and_what_changed(
     async with Journal(cfg.journal.path):
         pass
     where = ("--json", "--config", str(config))
-    said = {"source": "shop", "applied": False, "removed": False}
+    said = {
+        "source": "shop",
+        "applied": False,
+        "removed": False,
+        "catch_all": False,
+        "journaled": False,
+    }
     for verb, changed in (("pause", True), ("pause", False), ("resume", True), ("resume", False)):
         out = await cli(verb, "shop", *where)
         assert (out.exit_code, out.stderr) == (0, ""), out.output
@@ -1775,6 +1866,8 @@ async def test_pause_and_resume_json_say_the_sources_state_and_what_changed(
         "changed": True,
         "applied": False,
         "removed": True,
+        "catch_all": False,
+        "journaled": False,
     }
     out = await cli("resume", "mail", *where)  # not paused, and not configured: nothing to do
     assert (out.exit_code, out.stdout) == (2, "")

@@ -62,7 +62,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # Copies of a SQLite journal (backup, restore; into PostgreSQL), under the daemon's lock.
     ("webhookd.journal.copies", "webhookd.journal.postgres.from_sqlite"),
     # Over the journal's interface, or pacing the work.
-    ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter"),
+    ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter", "webhookd.pauses"),
     # Actions: the interface, the HTTP client, the delivery helpers, one module per kind, the
     # registry.
     ("webhookd.actions.base",),

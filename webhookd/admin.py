@@ -42,6 +42,7 @@ from webhookd.journal import (
 )
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID, Priority
+from webhookd.pauses import name_of
 from webhookd.redact import Masker
 from webhookd.state import IntakeState
 from webhookd.throttle import Throttle
@@ -560,11 +561,17 @@ class Admin:
                 return json_error(404, "no such source")
             if pausing and (said := self.ctx.config.by_other_names(source)):
                 return json_error(400, said)
+            paused = source in await journal.paused_sources()
+            named = await name_of(self.ctx.config, journal, source, pausing=pausing, paused=paused)
+            if named.refused is not None:  # a slip the catch-all would take: not a 404
+                return json_error(400, named.refused)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
         except JournalError as exc:
             return json_error(503, str(exc), _OUTAGE_RETRY_AFTER_S)
         await self.ctx.pool.pause_applied()
-        return web.json_response({"source": source, "paused": pausing, "changed": changed})
+        return web.json_response(
+            {"source": source, "paused": pausing, "changed": changed, **named.fields()}
+        )
 
     async def replay_dead(self, request: web.Request) -> web.Response:
         """``webhookd replay --dead --source <name> [--tenant T]``: the dead jobs of every

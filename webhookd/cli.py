@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import click
 
-from webhookd import __version__, hangups
+from webhookd import __version__, hangups, pauses
 from webhookd import config as config_mod
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import (
@@ -1849,8 +1849,9 @@ def _pause_or_resume(
     source: str, config_path: str | None, *, pausing: bool, as_json: bool = False
 ) -> None:
     """``pause`` or ``resume``; with ``as_json``, what ``POST /sources/<name>/pause`` answers
-    (``source``, ``paused``, ``changed``), and whether the running daemon has ``applied`` it
-    already and the config has the source no more (``removed``)."""
+    (``source``, ``paused``, ``changed``, and ``catch_all`` and ``journaled``: see
+    ``pauses.Named``), and whether the running daemon has ``applied`` it already and the
+    config has the source no more (``removed``)."""
     cfg = _read_config(config_path)
     _refuse_copied(cfg, "pause" if pausing else "resume")
     # A source the config no longer has can still be resumed while it is paused: its jobs would
@@ -1862,21 +1863,29 @@ def _pause_or_resume(
     if pausing and (said := cfg.by_other_names(source)):
         _fail(said, 2)
 
-    async def go() -> tuple[bool | None, tuple[bool, str | None]]:
+    async def go() -> tuple[pauses.Named, bool | None, tuple[bool, str | None]]:
         async with _journal(cfg) as journal:
-            if removed and source not in await journal.paused_sources():
-                return None, (False, None)
+            paused = source in await journal.paused_sources()
+            named = await pauses.name_of(cfg, journal, source, pausing=pausing, paused=paused)
+            if (removed and not paused) or named.refused is not None:
+                return named, None, (False, None)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
             identity = await journal.identity()
+        if named.slip_of is not None:
+            # A slip resumed as it was paused: the daemon, asked now, would refuse it as a slip
+            # (it is paused no more), and reads the resume within a second.
+            return named, changed, (False, None)
         # The daemon reads the change at its next sweep (within a second); asked, it applies
         # it before it answers, so no job of a source said paused starts after the answer.
-        return changed, await _daemon_applies(cfg, identity, source, pausing)
+        return named, changed, await _daemon_applies(cfg, identity, source, pausing)
 
-    changed, (applied, why_not) = _run(go)
+    named, changed, (applied, why_not) = _run(go)
     if changed is None:
-        _fail(cfg.no_source(source), 2)
+        _fail(named.refused or cfg.no_source(source), 2)
     if why_not is not None:
         click.echo(f"webhookd: note: the daemon was not asked to apply it now: {why_not}", err=True)
+    # A name the catch-all takes: said so, so that a slip of an expected name shows.
+    taken = f"; {said}" if (said := named.said()) else ""
     if as_json:
         _echo_json(
             {
@@ -1885,15 +1894,16 @@ def _pause_or_resume(
                 "changed": changed,
                 "applied": applied,
                 "removed": removed,
+                **named.fields(),
             }
         )
     elif pausing:
         when = "from now" if applied else "within a second, if one runs"
         click.echo(
             f"paused {source}: the daemon starts none of its jobs {when} (running ones finish"
-            " their attempt)"
+            f" their attempt){taken}"
             if changed
-            else f"{source} was already paused"
+            else f"{source} was already paused{taken}"
         )
     elif removed:
         click.echo(
@@ -1901,7 +1911,7 @@ def _pause_or_resume(
             " their turn (webhookd replay --dead runs them once it is back)"
         )
     else:
-        click.echo(f"resumed {source}" if changed else f"{source} was not paused")
+        click.echo(f"resumed {source}{taken}" if changed else f"{source} was not paused{taken}")
 
 
 @main.command()
