@@ -1346,12 +1346,17 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
             finally:
                 await conn.close()
         else:
+            newer = len(sqlite_schema.MIGRATIONS) + 1
             with contextlib.closing(sqlite3.connect(tmp_path / "j.db")) as db:
-                db.execute(f"PRAGMA user_version = {len(sqlite_schema.MIGRATIONS) + 1}")
+                db.execute(f"PRAGMA user_version = {newer}")
         out = await cli("check", "--config", str(config))
         assert (out.exit_code, out.stdout) == (3, ""), out.output  # no "ok" before the refusal
         [error] = out.stderr.splitlines()
-        assert error.startswith("webhookd: error: ") and "has a schema newer than this" in error
+        assert error.startswith("webhookd: error: ")
+        # Both versions, as serve names them: the journal's, and the newest this one reads.
+        assert (
+            f"schema version {newer}, newer than this webhookd understands ({newer - 1})" in error
+        )
         assert "`webhookd serve` of this webhookd refuses it" in error
         out = await cli("check", "--no-journal", "--config", str(config))  # not read: ok
         assert (out.exit_code, out.stderr) == (0, "")

@@ -92,7 +92,10 @@ def peek(path: Path) -> Peeked:
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
-            raise JournalNewer(f"{path} has a schema newer than this webhookd's")
+            raise JournalNewer(
+                f"{path} has schema version {version}, newer than this webhookd understands"
+                f" ({len(MIGRATIONS)})"
+            )
         rows = conn.execute(UNFINISHED_BY_ACTION_SQL).fetchall()
         events = None
         if 0 < version < len(MIGRATIONS):  # what the upgrade will go through, for its note

@@ -340,7 +340,10 @@ async def peek(url: str, statement_cache_size: int) -> Peeked:
                         await conn.fetchval("SELECT max(version) FROM webhookd_schema") or 0
                     )
                     if version > len(MIGRATIONS):
-                        raise JournalNewer(f"{where} has a schema newer than this webhookd's")
+                        raise JournalNewer(
+                            f"{where} has journal schema version {version}, newer than this"
+                            f" webhookd understands ({len(MIGRATIONS)})"
+                        )
                     rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
                     events = None
                     if 0 < version < len(MIGRATIONS):  # for the upgrade's note
