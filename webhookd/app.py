@@ -94,7 +94,7 @@ from webhookd.redact import (
 from webhookd.retention import prune_expired
 from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
-from webhookd.workers import RECOVERED, WorkerPool
+from webhookd.workers import WorkerPool
 
 log = logging.getLogger("webhookd")
 
@@ -381,7 +381,9 @@ class Daemon:
         # The last line, once the journal is closed: after anything its close still says (a
         # write failure it held back, a checkpoint that failed).
         if left_claimed:
-            log.info("stopped (%d job(s) left claimed: %s)", left_claimed, RECOVERED)
+            log.info(
+                "stopped (%d job(s) left claimed: %s)", left_claimed, journal.left_claimed_fate
+            )
         elif journal.wal_kept is not None:
             log.info(
                 "stopped (%d job(s) re-queued), not cleanly: the journal's last checkpoint failed",

@@ -47,8 +47,6 @@ from webhookd.state import IntakeState
 from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.workers")
-# What becomes of jobs left claimed by a process that stops: the line that says they were left.
-RECOVERED = "recovered once their lease runs out on a cluster, or by the next start"
 
 MAX_WAITS = 100  # rate-limit reschedules (429s) that do not use an attempt, per job
 # Lanes looked at per refill. More lanes than this with queued work are visited in turns (a
@@ -765,7 +763,7 @@ class WorkerPool:
                             "%d job(s) claimed as the drain began were not re-queued (%s): %s",
                             len(claimed),
                             failed,
-                            RECOVERED,
+                            self.journal.left_claimed_fate,
                         )
                 else:
                     to_start = claimed
@@ -1086,7 +1084,12 @@ class WorkerPool:
                 log.info("%s; not re-queued (%s)", late, failed)
             else:
                 self.left_claimed = len(stragglers)
-                log.error("%s, and could not be re-queued (%s): %s", late, failed, RECOVERED)
+                log.error(
+                    "%s, and could not be re-queued (%s): %s",
+                    late,
+                    failed,
+                    self.journal.left_claimed_fate,
+                )
         for throttle in self._failure_lines.values():
             throttle.flush()  # the counts held back, before the process ends
         return len(stragglers)

@@ -702,6 +702,8 @@ class Journal(Reads, BaseJournal):
     """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
 
     one_writer = True
+    # Nothing else runs its jobs: the next start re-queues what a boot before it left running.
+    left_claimed_fate = "recovered by the next start"
 
     def __init__(
         self,

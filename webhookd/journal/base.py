@@ -154,6 +154,9 @@ class BaseJournal(ABC):
     # bulk verb beside the daemon must then leave it room between its batches (``webhookd
     # prune``, ``replay``, ``cancel``), and events commit in the order of their ``position()``.
     one_writer: bool = False
+    # What becomes of jobs a stopping process leaves claimed (running) in this journal: the end
+    # of the line that says it left them (each backend says its own).
+    left_claimed_fate: str
     # Set by the daemon (``config.cluster_digest``): nodes sharing the journal compare theirs.
     config_digest: str | None = None
     # Set by the daemon (``config.cluster_names``, ``publish_names``): what this node runs, so

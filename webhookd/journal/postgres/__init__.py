@@ -133,6 +133,9 @@ _T = TypeVar("_T")
 class PostgresJournal(PgNodes, PgReads, PgLanes, BaseJournal):
     """A journal in a PostgreSQL database. Use as ``async with PostgresJournal(url) as j:``."""
 
+    # A restarted process is a new node: the leader re-queues its jobs once their lease passes.
+    left_claimed_fate = "recovered once their lease runs out"
+
     def __init__(
         self,
         url: str,
