@@ -733,6 +733,50 @@ async def test_a_reload_that_removes_alerts_says_their_queued_alerts_will_go_dea
 
 
 @served
+async def test_a_reload_that_hands_a_verified_sources_name_to_an_unverified_catch_all_warns(
+    tmp_path: Path, procs: Procs, downstream: ServerTarget, http: aiohttp.ClientSession
+) -> None:
+    """A verified source removed while an unverified catch-all is configured leaves its path
+    to the catch-all, which takes a forged request there as that source's event: the reload
+    says so, one line for the source. Not of an unverified source removed, nor of a verified
+    one removed with no catch-all left to take its name."""
+    config, journal = tmp_path / "webhookd.toml", tmp_path / "webhookd.db"
+    stripe = forward("stripe", downstream.url).replace(
+        "[sources.stripe]", '[sources.stripe]\nverify = { scheme = "stripe", secret = "whsec_s" }'
+    )
+    github = forward("gh", downstream.url).replace(
+        "[sources.gh]", '[sources.gh]\nverify = { scheme = "github", secret = "gh-secret" }'
+    )
+    plain, catch = forward("plain", downstream.url), forward('"*"', downstream.url)
+    write_config(config, journal, stripe + github + plain + catch)
+    head = config.read_text("utf-8").split("\n[sources.")[0] + "\n"
+    daemon = await procs.serve(config)
+    forged = '{"id": "evt_forged"}'
+    assert (await deliver(http, daemon, "stripe", forged))[0] == 401
+
+    config.write_text(head + stripe + github + catch, encoding="utf-8")  # plain: unverified
+    await reloaded(daemon)
+    config.write_text(head + github + catch, encoding="utf-8")
+    await reloaded(daemon)
+    warning = await daemon.wait_said(r"stripe removed")
+    assert warning.endswith(
+        "config reload: stripe removed, which was verified as stripe: its webhooks"
+        ' (/hooks/stripe) go to the catch-all "*" now, unverified: anyone may send events as'
+        " stripe (configure the source again to keep them verified)"
+    )
+    assert (await deliver(http, daemon, "stripe", forged))[0] == 202  # what it warns of
+    config.write_text(head + plain, encoding="utf-8")  # gh and the catch-all removed at once
+    await reloaded(daemon)
+    assert (await deliver(http, daemon, "gh", forged))[0] == 404
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    said = daemon.log.splitlines()
+    reloads = [n for n, line in enumerate(said) if "config reloaded" in line]
+    warned = [n for n, line in enumerate(said) if "removed, which was verified" in line]
+    assert len(reloads) == 3 and len(warned) == 1 and reloads[1] < warned[0] < reloads[2]
+
+
+@served
 async def test_a_reload_sets_the_log_settings_unless_the_command_line_did(
     tmp_path: Path, procs: Procs, downstream: ServerTarget
 ) -> None:

@@ -510,7 +510,7 @@ class Daemon:
                 plan = plan_reload(running_config, new, fixed=fixed)
             except ConfigError as exc:  # refused once the file is known not to be empty
                 return new, secrets, exc, []
-            return new, secrets, plan, _warnings(plan.config)
+            return new, secrets, plan, _warnings(plan.config) + _unguarded(running_config, plan)
 
         try:
             # In a thread: a config of 200 sources takes ~30 ms to parse and check, which in
@@ -910,6 +910,34 @@ def _warnings(cfg: Config) -> list[str]:
     said += [f"{key} is {WRITTEN_OUT}" for key in written_out(cfg)]
     said += action_registry.warnings(cfg)
     return said + weak_points(cfg) + spaced_secrets(cfg)
+
+
+def _unguarded(running: Config, plan: Reload) -> list[str]:
+    """What a reload warns of each verified source it removes whose name the catch-all takes
+    from then on, one line each. The catch-all never takes a configured name, so while the
+    source ran only its verified requests were journaled as it; now /hooks/<name> takes any
+    request, unverified (or verified by the catch-all's scheme, not the source's). Only a
+    reload can tell: a start knows nothing of the sources a file had before."""
+    catch_all = plan.config.sources.get(CATCH_ALL)
+    if catch_all is None:
+        return []
+    taken_as = catch_all.verify.scheme if catch_all.verify is not None else None
+    said = []
+    for name in plan.removed:
+        verify = running.sources[name].verify
+        if verify is None or verify.scheme == taken_as:
+            continue
+        how = (
+            f"unverified: anyone may send events as {name}"
+            if taken_as is None
+            else f"verified as {taken_as}, not {verify.scheme}"
+        )
+        said.append(
+            f"{name} removed, which was verified as {verify.scheme}: its webhooks (/hooks/{name})"
+            f' go to the catch-all "{CATCH_ALL}" now, {how} (configure the source again to keep'
+            " them verified)"
+        )
+    return said
 
 
 def _reload_error(exc: ConfigError) -> str:
