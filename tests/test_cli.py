@@ -2863,6 +2863,32 @@ async def test_stats_beside_the_daemon_prints_its_counts_and_alone_reads_the_sam
     assert alone_table == beside_table
 
 
+async def test_stats_names_a_removed_sources_dead_letters_the_catch_all_has_no_action_for(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """The dead letters of a name the catch-all took, of an action it has, are one cause under
+    "*"; those of a source the config has no more, of an action the catch-all lacks, keep the
+    source's name, marked as not in the config: they are not the catch-all's."""
+    shop = forward_source("shop", f"{target.url}/shop").replace('"deliver"', '"notify"')
+    catch = forward_source('"*"', f"{target.url}/catch")
+    config, cfg = write_config(tmp_path, shop + catch)
+    running = await run_daemon(cfg)
+    await dead_event(running, target, "shop")
+    await dead_event(running, target, "orders")  # the catch-all's
+    config.write_text(config.read_text().replace(shop, ""), encoding="utf-8")  # shop removed
+    out = await cli("stats", "--json", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    causes = json.loads(out.output)["dead_causes"]
+    assert [(c["source"], c["action"], c["jobs"], c["removed"]) for c in causes] == [
+        ("*", "deliver", 1, False),
+        ("shop", "notify", 1, True),
+    ]
+    table = (await cli("stats", "--config", str(config))).output
+    assert re.search(r"\n      1  \*/deliver  gave up .*/catch answered 500", table), table
+    said = r"\n      1  shop/notify \(not in the config\)  gave up .*/shop answered 500"
+    assert re.search(said, table), table
+
+
 async def test_stats_lists_the_actions_the_daemon_runs_one_job_at_a_time(
     tmp_path: Path, run_daemon: Any
 ) -> None:

@@ -988,6 +988,13 @@ async def test_dead_jobs_are_grouped_by_the_start_of_their_error(journal: BaseJo
         ("*", "forward-0", "answered 503", 3),
         ("shop", "forward-0", long, 2),
     ]
+    # With the catch-all's actions given, only their jobs are its own: others keep their names.
+    mine = await journal.dead_causes(
+        limit=1, names={"shop"}, other="*", other_actions={"forward-0"}
+    )
+    assert [(c.source, c.jobs) for c in mine] == [("*", 3)]
+    others = await journal.dead_causes(limit=6, names={"shop"}, other="*", other_actions={"log"})
+    assert [c.source for c in others if c.error == "answered 503"] == ["name3", "name2", "name1"]
 
 
 async def test_counts_fold_the_names_past_the_most_in_the_database(journal: BaseJournal) -> None:

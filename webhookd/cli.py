@@ -1564,12 +1564,16 @@ def stats(config_path: str | None, as_json: bool) -> None:
                 # The CLI is no node (SQLite's journal lists only the process that opened it).
                 nodes = [n.summary(now) for n in await journal.nodes() if not n.this]
             causes = []
+            names = {*cfg.sources, config_mod.ALERT_SOURCE}
             if counted["jobs"].get("dead"):
                 # The names a catch-all took are one cause under "*", not a row each; without
-                # one, the sources since removed are "(removed)", as in the metrics.
-                names = {*cfg.sources, config_mod.ALERT_SOURCE}
-                other = "*" if config_mod.CATCH_ALL in cfg.sources else "(removed)"
-                causes = await journal.dead_causes(names=names, other=other)
+                # one, the sources since removed are "(removed)", as in the metrics. A job of
+                # an action the catch-all lacks was not its own (a source a reload removed):
+                # it keeps its source's name, marked as not in the config.
+                catch_all = cfg.sources.get(config_mod.CATCH_ALL)
+                other = "*" if catch_all is not None else REMOVED_SOURCES
+                actions = [a.name for a in catch_all.actions] if catch_all is not None else None
+                causes = await journal.dead_causes(names=names, other=other, other_actions=actions)
         jobs = counted["jobs"]
         return {
             "events": counted["events"],
@@ -1582,7 +1586,12 @@ def stats(config_path: str | None, as_json: bool) -> None:
             "outcomes_1h": dict(hour.attempts_by_outcome),
             "paused": counted["paused"],
             "dead_causes": [
-                {**asdict(c), "error": masker.text(c.error) if c.error is not None else None}
+                {
+                    **asdict(c),
+                    "error": masker.text(c.error) if c.error is not None else None,
+                    # Of sources not in the config, whose jobs the catch-all does not run.
+                    "removed": c.source not in names and c.source != config_mod.CATCH_ALL,
+                }
                 for c in causes
             ],
             "journal_bytes": counted["journal_bytes"],
@@ -1596,6 +1605,11 @@ def stats(config_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(_stats_table(doc))
+
+
+# The dead letters' source when the config has no catch-all: sources no longer configured,
+# summed as the metrics label them.
+REMOVED_SOURCES = "(removed)"
 
 
 # What ``stats`` takes from the daemon's ``/stats`` when it answers: the counts it keeps (reused
@@ -1798,8 +1812,10 @@ def _stats_table(doc: dict[str, Any]) -> str:
         now = time.time()
         for c in doc["dead_causes"]:
             error = printable(c["error"]) if c["error"] is not None else "(no error recorded)"
+            removed = c["removed"] and c["source"] != REMOVED_SOURCES  # which says so itself
+            mark = " (not in the config)" if removed else ""
             lines.append(
-                f"{c['jobs']:>7}  {c['source']}/{c['action']}  {error}"
+                f"{c['jobs']:>7}  {c['source']}/{c['action']}{mark}  {error}"
                 f"  (latest {_ago(now - c['last_at'])})"
             )
     return "\n".join(lines)

@@ -593,11 +593,18 @@ class BaseJournal(ABC):
 
     @abstractmethod
     async def dead_causes(
-        self, limit: int = 10, names: Collection[str] | None = None, other: str = "*"
+        self,
+        limit: int = 10,
+        names: Collection[str] | None = None,
+        other: str = "*",
+        other_actions: Collection[str] | None = None,
     ) -> list[DeadCause]:
         """The dead jobs grouped by source, action and the start of their last error, most
         jobs first, at most ``limit`` groups; with ``names``, a source not among them is
-        grouped as ``other`` (a catch-all's names: one cause, not one row per name)."""
+        grouped as ``other`` (a catch-all's names: one cause, not one row per name). With
+        ``other_actions`` too, only a job of one of those actions is (those the catch-all
+        has); another keeps its source's name (a source since removed, whose action the
+        catch-all lacks, is not the catch-all's)."""
 
     @abstractmethod
     async def unfinished_by_action(self) -> dict[tuple[str, str], int]:

@@ -286,10 +286,15 @@ class PgReads:
         return Counts.of(rows, oldest, int(events))
 
     async def dead_causes(
-        self, limit: int = 10, names: Collection[str] | None = None, other: str = "*"
+        self,
+        limit: int = 10,
+        names: Collection[str] | None = None,
+        other: str = "*",
+        other_actions: Collection[str] | None = None,
     ) -> list[DeadCause]:
         rows = await self.fetch(
-            "SELECT CASE WHEN $2::text[] IS NULL OR source = ANY($2::text[]) THEN source"
+            "SELECT CASE WHEN $2::text[] IS NULL OR source = ANY($2::text[])"
+            " OR ($4::text[] IS NOT NULL AND action <> ALL($4::text[])) THEN source"
             f" ELSE $3 END AS named, action, left(last_error, {CAUSE_CHARS}) AS cause,"
             " COUNT(*), MAX(finished_at) FROM jobs WHERE state = 'dead'"
             " GROUP BY named, action, cause ORDER BY COUNT(*) DESC, MAX(finished_at) DESC"
@@ -297,6 +302,7 @@ class PgReads:
             limit,
             sorted(names) if names is not None else None,
             other,
+            sorted(other_actions) if other_actions is not None else None,
         )
         return [DeadCause(r[0], r[1], r[2], int(r[3]), float(r[4] or 0)) for r in rows]
 
