@@ -1204,7 +1204,11 @@ async def test_stats_series_counts_accepted_finished_dead_and_backlog_per_minute
         "dead",
         "backlog",
         "age_s",
+        "cut_by_retention",
+        "retention_keeps_s",
     }
+    # Retention keeps done events 24 h by default: the window is whole.
+    assert doc["cut_by_retention"] is False and doc["retention_keeps_s"] == 24 * 3600
     assert doc["step_s"] == 60 and doc["start"] % 60 == 0 and doc["source"] is None
     assert doc["start"] + 4 * 60 <= after and before < doc["start"] + 5 * 60  # ends this minute
     assert all(len(doc[k]) == 5 for k in ("accepted", "finished", "dead", "backlog"))

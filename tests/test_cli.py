@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import DatabaseOutage, Running, Target, fresh_database
+from conftest import DatabaseOutage, Running, Target, fresh_database, make_config
 from ops_support import (
     TOKEN_ENV,
     accepted,
@@ -2861,6 +2861,47 @@ async def test_stats_beside_the_daemon_prints_its_counts_and_alone_reads_the_sam
     for key in set(alone) - {"journal_bytes", "nodes", "daemon", "daemon_error"}:
         assert alone[key] == beside[key], key
     assert alone_table == beside_table
+
+
+async def test_stats_says_which_windows_are_longer_than_retention_keeps(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A figure of the last 5 minutes or hour is counted from the journal, which keeps done
+    events keep_done_h: a window longer than that counts only what is kept (at 20 webhooks/s
+    and 36 s kept, "received 150.0/min" beside the daemon's 1,200), and stats, /stats and
+    /stats/series say so. stats takes the retention the daemon runs when it answers."""
+    shop = forward_source("shop", f"{target.url}/shop")
+    config, _ = write_config(tmp_path, shop)
+    keep = "keep_done_h = 0.5\n"  # 30 min: the last 5 minutes are whole, the last hour cut
+    path_line = f'path = "{tmp_path / "webhookd.db"}"\n'
+    config.write_text(config.read_text().replace(path_line, path_line + keep), encoding="utf-8")
+    running = await run_daemon(make_config(tmp_path, shop, journal=keep))
+    await event_state(running.http, running.admin_url, await accepted(running, "shop"), "done")
+
+    out = await cli("stats", "--json", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["retention_keeps_s"] == 1800.0
+    assert doc["cut_by_retention"] == {"5m": False, "1h": True}
+    table = (await cli("stats", "--config", str(config))).output.splitlines()
+    note = "   (retention keeps 30m: counts cover what is kept)"
+    assert "received       0.2/min (last 5 min)" in table
+    assert "attempts 5 min done 1" in table
+    assert f"attempts 1 h   done 1{note}" in table
+    for minutes, cut in ((30, False), (31, True)):
+        async with running.http.get(f"{running.admin_url}/stats/series?minutes={minutes}") as r:
+            series = await r.json()
+        assert (series["cut_by_retention"], series["retention_keeps_s"]) == (cut, 1800.0)
+    async with running.http.get(f"{running.admin_url}/stats") as r:
+        assert (await r.json())["retention_keeps_s"] == 1800.0
+
+    # Beside the daemon: its retention, not the file's (a [journal] change waits for a restart).
+    text = config.read_text().replace(keep, "keep_done_h = 24\n")
+    admin = f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+    config.write_text(text.replace('[admin]\nlisten = "127.0.0.1:0"', admin), encoding="utf-8")
+    doc = json.loads((await cli("stats", "--json", "--config", str(config))).output)
+    assert doc["daemon"] is not None and doc["retention_keeps_s"] == 1800.0
+    assert doc["cut_by_retention"] == {"5m": False, "1h": True}
 
 
 async def test_stats_names_a_removed_sources_dead_letters_the_catch_all_has_no_action_for(

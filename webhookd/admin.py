@@ -44,6 +44,7 @@ from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID, Priority
 from webhookd.pauses import name_of
 from webhookd.redact import Masker
+from webhookd.retention import kept_s
 from webhookd.state import IntakeState
 from webhookd.throttle import Throttle
 from webhookd.workers import WorkerPool
@@ -392,7 +393,17 @@ class Admin:
             return json_error(400, f"source must be at most {_MAX_SOURCE_CHARS} characters")
         assert self.ctx.counts is not None  # set by __post_init__
         series, age_s = await self.ctx.counts.series(minutes, source)
-        return web.json_response({"source": source, **asdict(series), "age_s": round(age_s, 3)})
+        keeps_s = kept_s(self.ctx.config.journal)
+        return web.json_response(
+            {
+                "source": source,
+                **asdict(series),
+                "age_s": round(age_s, 3),
+                # A window longer than retention keeps counts only the events still kept.
+                "cut_by_retention": minutes * 60 > keeps_s,
+                "retention_keeps_s": keeps_s,
+            }
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self.ctx.metrics is None:
@@ -674,6 +685,9 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         "paused": paused,
         # A SQLite journal's files ({"db", "wal"}, bytes); PostgreSQL's tables ({"tables"}).
         "journal_bytes": await ctx.journal.sizes(),
+        # How far back the journal holds every event: its done counts, and any window read
+        # from it that is longer (``webhookd stats``' last 5 minutes and hour), cover only that.
+        "retention_keeps_s": kept_s(ctx.config.journal),
         "cluster": await cluster_stats(ctx.journal, counts, now),
         "lanes": {name: _lane_dict(lane) for name, lane in sorted(ctx.lanes.items())},
         "reload_refused": ctx.reload_refused,

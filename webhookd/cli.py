@@ -74,7 +74,7 @@ from webhookd.redact import (
     weak_points,
     written_out,
 )
-from webhookd.retention import prune_expired, windows_s
+from webhookd.retention import HOUR_S, kept_s, prune_expired, windows_s
 from webhookd.schemes import SCHEMES
 
 if TYPE_CHECKING:
@@ -1556,8 +1556,8 @@ def stats(config_path: str | None, as_json: bool) -> None:
             daemon, daemon_error = await _daemon_stats(cfg, await journal.identity())
             now = time.time()
             counted = await _counted(journal, cfg, daemon, now)
-            recent = await journal.activity(300)
-            hour = await journal.activity(3600)
+            recent = await journal.activity(RECENT_S)
+            hour = await journal.activity(HOUR_S)
             if daemon is not None and "cluster" in daemon:
                 nodes = daemon["cluster"]["nodes"]
             else:
@@ -1575,15 +1575,20 @@ def stats(config_path: str | None, as_json: bool) -> None:
                 actions = [a.name for a in catch_all.actions] if catch_all is not None else None
                 causes = await journal.dead_causes(names=names, other=other, other_actions=actions)
         jobs = counted["jobs"]
+        # The daemon's, when it answers: a [journal] changed in the file waits for a restart.
+        keeps_s = (daemon or {}).get("retention_keeps_s", kept_s(cfg.journal))
         return {
             "events": counted["events"],
             "backlog": jobs.get("queued", 0) + jobs.get("running", 0),
             "oldest_queued_age_s": counted["oldest_queued_age_s"],
             "jobs": jobs,
             "sources": counted["sources"],
-            "received_per_min_5m": round(recent.received / 5, 1),
+            "received_per_min_5m": round(recent.received / (RECENT_S / 60), 1),
             "outcomes_5m": dict(recent.attempts_by_outcome),
             "outcomes_1h": dict(hour.attempts_by_outcome),
+            # The windows above longer than retention keeps: they count only what is kept.
+            "retention_keeps_s": keeps_s,
+            "cut_by_retention": {"5m": keeps_s < RECENT_S, "1h": keeps_s < HOUR_S},
             "paused": counted["paused"],
             "dead_causes": [
                 {
@@ -1605,6 +1610,10 @@ def stats(config_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(_stats_table(doc))
+
+
+# ``stats``' recent window (its received rate and attempts), beside the last hour's.
+RECENT_S = 300.0
 
 
 # The dead letters' source when the config has no catch-all: sources no longer configured,
@@ -1739,10 +1748,10 @@ def _stats_table(doc: dict[str, Any]) -> str:
     lines = [
         f"backlog        {doc['backlog']} job(s)   oldest queued {_age(age)}   "
         f"events {doc['events']}",
-        f"received       {doc['received_per_min_5m']}/min (last 5 min)",
+        f"received       {doc['received_per_min_5m']}/min (last 5 min)" + _cut(doc, "5m"),
         # Attempts, not jobs: a job retried three times before it went dead is four of them.
-        "attempts 5 min " + _pairs(doc["outcomes_5m"]),
-        "attempts 1 h   " + _pairs(doc["outcomes_1h"]),
+        "attempts 5 min " + _pairs(doc["outcomes_5m"]) + _cut(doc, "5m"),
+        "attempts 1 h   " + _pairs(doc["outcomes_1h"]) + _cut(doc, "1h"),
     ]
     if doc["paused"]:
         lines.append("paused         " + ", ".join(doc["paused"]))
@@ -1819,6 +1828,14 @@ def _stats_table(doc: dict[str, Any]) -> str:
                 f"  (latest {_ago(now - c['last_at'])})"
             )
     return "\n".join(lines)
+
+
+def _cut(doc: dict[str, Any], window: str) -> str:
+    """What follows a figure of the last ``window`` when retention keeps less than it: the
+    journal it is counted from holds only the events of the kept part."""
+    if not doc["cut_by_retention"][window]:
+        return ""
+    return f"   (retention keeps {_age(doc['retention_keeps_s'])}: counts cover what is kept)"
 
 
 def _age(seconds: float | None) -> str:
