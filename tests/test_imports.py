@@ -39,6 +39,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.schemes.base",),
     ("webhookd.schemes.*",),
     ("webhookd.schemes",),
+    # Config: single values' checks and reading secrets and files, the Table, the values and
+    # types it fills, the reload plan, the parser, the package that gathers them.
+    ("webhookd.config.checks", "webhookd.config.reading"),
+    ("webhookd.config.table",),
+    ("webhookd.config.values",),
+    ("webhookd.config.sections",),
+    ("webhookd.config.reloads",),
+    ("webhookd.config.parsing",),
     ("webhookd.config",),
     ("webhookd.redact", "webhookd.send"),
     ("webhookd.logs",),

@@ -71,7 +71,7 @@ TIMESTAMPED = ("stripe", "slack", "standard", "mailgun", "hmac-ts")
 
 
 def make_cfg(scheme: str, *secrets: str, **kw: Any) -> VerifyConfig:
-    """A VerifyConfig as config.py would build it."""
+    """A VerifyConfig as webhookd.config would build it."""
     if scheme == "hmac-ts":
         scheme = "hmac"
         kw = {"header": "X-Sig", "timestamp_header": "X-Ts", "signed": "{timestamp}.{body}"} | kw
