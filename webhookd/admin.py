@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from webhookd.config import CATCH_ALL, Config
+from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.errors import JournalError, NotFound
 from webhookd.journal import (
     ADMIN_READ_S,

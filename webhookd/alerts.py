@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
+from webhookd.config.sections import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
 from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id

@@ -56,18 +56,9 @@ from webhookd.actions.openai import lane_actions
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
-from webhookd.config import (
-    ALERT_SOURCE,
-    CATCH_ALL,
-    Config,
-    Listen,
-    Reload,
-    cluster_digest,
-    cluster_names,
-    no_sources,
-    plan_reload,
-    some,
-)
+from webhookd.config.reloads import Reload, cluster_digest, cluster_names, plan_reload, some
+from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL, Config, no_sources
+from webhookd.config.values import Listen
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import LaneConfig
+from webhookd.config.sections import LaneConfig
 from webhookd.errors import JournalError, WebhookdError
 from webhookd.models import LaneGrant, LaneSpec
 

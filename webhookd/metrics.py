@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from webhookd import __version__
 from webhookd.actions.base import Outcome
-from webhookd.config import CATCH_ALL, Config
+from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.errors import JournalError
 from webhookd.journal import (
     ADMIN_READ_S,

@@ -24,16 +24,15 @@ from aiohttp import web
 
 from webhookd import content_coding, forms
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import (
+from webhookd.config.sections import (
     ALERT_SOURCE,
     CATCH_ALL,
     SOURCE_NAME,
     ActionConfig,
     Config,
-    Extractor,
-    Network,
     SourceConfig,
 )
+from webhookd.config.values import Extractor, Network
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
 from webhookd.journal import BaseJournal, NewEvent, NewJob

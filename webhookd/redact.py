@@ -19,22 +19,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
-from webhookd.config import (
+from webhookd.config.reading import (
     DEFAULT_OPENAI_API_KEY,
     SECRET_OPTIONS,
     SECRET_TABLES,
-    ActionConfig,
-    Config,
-    Secret,
-    SourceConfig,
-    VerifyConfig,
-    leaves,
     read_secret,
     secret_options,
-    secrets_in,
 )
+from webhookd.config.sections import ActionConfig, Config, SourceConfig, leaves, secrets_in
 from webhookd.errors import ConfigError
 from webhookd.schemes import SCHEMES
+from webhookd.schemes.base import VerifyConfig
+from webhookd.secret import Secret
 
 MASK = "***"
 _MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words and numbers

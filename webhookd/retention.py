@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from webhookd.config import JournalConfig
+from webhookd.config.sections import JournalConfig
 from webhookd.journal import BaseJournal, Pruned
 
 HOUR_S = 3600.0

@@ -21,16 +21,10 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from webhookd import schemes
-from webhookd.config import (
-    ALERT_SOURCE,
-    CATCH_ALL,
-    HEADER_NAME,
-    SOURCE_NAME,
-    Config,
-    Listen,
-    SourceConfig,
-    source_key,
-)
+from webhookd.config.checks import HEADER_NAME
+from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL, SOURCE_NAME, Config, SourceConfig
+from webhookd.config.table import source_key
+from webhookd.config.values import Listen
 from webhookd.errors import ConfigError, VerificationError
 from webhookd.schemes import SCHEMES
 from webhookd.schemes.base import sample_json

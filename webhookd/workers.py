@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 from webhookd import logs
 from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_short
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import ActionConfig, Config, RetryPolicy, names_take
+from webhookd.config.reloads import names_take
+from webhookd.config.sections import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
 from webhookd.journal import (
     BaseJournal,

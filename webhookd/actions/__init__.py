@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from webhookd.actions.base import Action, ActionKind, Outcome, Resources
-from webhookd.config import ActionDefaults, Config, source_key
+from webhookd.config.sections import ActionDefaults, Config
+from webhookd.config.table import source_key
 from webhookd.errors import ConfigError
 
 

@@ -13,7 +13,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from webhookd.config import COMMON_ACTION_KEYS, ActionConfig, ActionDefaults, Config, Table
+from webhookd.config.parsing import COMMON_ACTION_KEYS
+from webhookd.config.sections import ActionConfig, ActionDefaults, Config
+from webhookd.config.table import Table
 from webhookd.models import Event, Job
 from webhookd.redact import Masker, secret_values
 

@@ -46,7 +46,8 @@ from webhookd.actions.base import (
     rendered,
 )
 from webhookd.actions.delivery import no_template
-from webhookd.config import ActionConfig, ActionDefaults, text_or_secret
+from webhookd.config.reading import text_or_secret
+from webhookd.config.sections import ActionConfig, ActionDefaults
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.redact import SPARE_BYTES, Masker, inherited_env, secret_values

@@ -34,20 +34,19 @@ from yarl import URL
 
 from webhookd.actions.base import Outcome, excerpt
 from webhookd.actions.client import ConnectionUsed
-from webhookd.config import (
-    HEADER_NAME,
+from webhookd.config.checks import HEADER_NAME, header_value
+from webhookd.config.reading import (
     PEM_FILE_BYTES,
-    Secret,
-    Table,
     Unfit,
-    header_value,
     read_small,
     resolve_secret,
     text_or_secret,
 )
+from webhookd.config.table import Table
 from webhookd.errors import ConfigError
 from webhookd.redact import SPARE_BYTES, Masker
 from webhookd.schemes.standard import check_whsec, sign_standard
+from webhookd.secret import Secret
 
 # 407: a proxy on the way asks for credentials (fixed in the config and reloaded, the retries
 # go through).

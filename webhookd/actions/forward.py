@@ -28,7 +28,8 @@ from webhookd.actions.delivery import (
     read_url,
     signed_headers,
 )
-from webhookd.config import HEADER_NAME, ActionConfig, ActionDefaults, RetryPolicy
+from webhookd.config.checks import HEADER_NAME
+from webhookd.config.sections import ActionConfig, ActionDefaults, RetryPolicy
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job
 from webhookd.redact import MASK, SECRET_HEADERS, Masker

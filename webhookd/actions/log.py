@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from webhookd.actions.base import Outcome, Resources, masker_of, options
-from webhookd.config import ActionConfig, ActionDefaults
+from webhookd.config.sections import ActionConfig, ActionDefaults
 from webhookd.models import Event, Job
 from webhookd.redact import SPARE_BYTES, Masker
 

@@ -88,18 +88,16 @@ from webhookd.actions.delivery import (
     read_url,
     signed_headers,
 )
-from webhookd.config import (
+from webhookd.config.checks import header_value
+from webhookd.config.reading import DEFAULT_OPENAI_API_KEY, no_reference, resolve_secret
+from webhookd.config.sections import (
     DEFAULT_MAX_COOLDOWN_S,
-    DEFAULT_OPENAI_API_KEY,
     ActionConfig,
     ActionDefaults,
     LaneConfig,
     RetryPolicy,
-    Table,
-    header_value,
-    no_reference,
-    resolve_secret,
 )
+from webhookd.config.table import Table
 from webhookd.errors import ConfigError
 from webhookd.journal.records import LaneAction
 from webhookd.limiter import Lane, LaneBusy, Reservation

@@ -52,7 +52,7 @@ from webhookd.actions.base import (
     masker_of,
     options,
 )
-from webhookd.config import ActionConfig, ActionDefaults
+from webhookd.config.sections import ActionConfig, ActionDefaults
 from webhookd.errors import ActionError, ConfigError
 from webhookd.models import Event, Job
 from webhookd.redact import Masker

@@ -50,7 +50,8 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config import JournalConfig, check_journal_url
+from webhookd.config.checks import check_journal_url
+from webhookd.config.sections import JournalConfig
 from webhookd.errors import (
     JournalCopied,
     JournalError,

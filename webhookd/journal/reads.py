@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 
 from webhookd.clock import Clock
-from webhookd.config import CATCH_ALL
+from webhookd.config.sections import CATCH_ALL
 from webhookd.errors import JournalError, JournalNewer, NotFound
 from webhookd.journal.moved import FileIds
 from webhookd.journal.records import (

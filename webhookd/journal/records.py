@@ -8,9 +8,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from webhookd.config import ALERT_SOURCE, CATCH_ALL, VerifyConfig
+from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL
 from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job, JobState, quick_init
 from webhookd.redact import shown_headers, shown_query
+from webhookd.schemes.base import VerifyConfig
 
 # The most of a body an event's document carries: enough to read any ordinary webhook, and a
 # bound on what one request for one event sends back (the whole body stays in the journal).

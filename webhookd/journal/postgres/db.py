@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
-from webhookd.config import credentials_unclear
+from webhookd.config.checks import credentials_unclear
 from webhookd.journal.base import waiting_log
 
 # What asyncpg raises when the server is gone, refuses, or errs: all mean "not now" to callers.

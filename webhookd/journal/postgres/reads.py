@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from webhookd.clock import Clock
-from webhookd.config import CATCH_ALL
+from webhookd.config.sections import CATCH_ALL
 from webhookd.errors import NotFound
 from webhookd.journal.postgres.db import UNFINISHED_BY_ACTION_SQL
 from webhookd.journal.records import (
