@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from webhookd.config import CATCH_ALL, Config
+from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.journal import BaseJournal
 
 
