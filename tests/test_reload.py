@@ -1293,6 +1293,39 @@ async def test_a_reload_asked_during_the_start_waits_for_it(tmp_path: Path) -> N
     assert [what for what, _ in notifier.said][:3] == ["READY=1", "RELOADING=1", "READY=1"]
 
 
+async def test_sighup_is_never_left_at_its_default_while_the_daemon_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SIGHUP to a daemon with its signal handling reloads it, and at its stop SIGHUP
+    goes straight from the daemon's handler to ignored. The loop's own handler, removed, put
+    back SIGHUP's default (which ends the process) until the next statement ignored it: on a
+    busy machine a reload landing in between ended a drain by the signal (seen in CI)."""
+    set_to: list[Any] = []
+    real_signal = signal.signal
+
+    def recorded(sig: int, handler: Any) -> Any:
+        if sig == signal.SIGHUP:
+            set_to.append(handler)
+        return real_signal(sig, handler)
+
+    before = signal.getsignal(signal.SIGHUP)
+    monkeypatch.setattr(signal, "signal", recorded)
+    daemon = Daemon(
+        make_config(tmp_path, LOG_SOURCE), loader=lambda: make_config(tmp_path, LOG_SOURCE)
+    )
+    task = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.started.wait(), 10)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.wait_for(daemon.reloaded.wait(), 10)
+        daemon.request_stop()
+        assert await task == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        real_signal(signal.SIGHUP, before)
+    assert signal.SIG_DFL not in set_to, set_to
+
+
 async def test_a_reload_the_drain_overtakes_is_not_applied(tmp_path: Path) -> None:
     """SIGTERM while a reload reads its config: the reload was applied during the drain (the
     draining daemon ran a source it had not started with) and its READY=1 came after

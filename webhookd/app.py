@@ -227,7 +227,13 @@ class Daemon:
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            # A handler of Python's, not the loop's: removing the loop's puts back SIGHUP's
+            # default, which ends the process, until the next statement ignores it, and a
+            # reload landing there (a busy machine preempts the process in between) ended a
+            # drain by the signal. This one is replaced by SIG_IGN in one step at the end.
+            # It runs on the loop's thread, woken by the loop's wake-up descriptor (SIGTERM's
+            # and SIGINT's handlers keep one set), and hands the reload to the loop.
+            signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(self.request_reload))
         started_at = self.clock.time()
         if (unset := unset_clock(started_at)) is not None:
             raise WebhookdError(unset)
@@ -240,13 +246,11 @@ class Daemon:
             # the drain and the journal's close.
             await stack.enter_async_context(self.notifier.watchdog())
             if self.install_signals:
-                # Removing the loop's handler puts back the signal's default, which ends the
-                # process: a SIGHUP from the journal's close to the exit (up to EXIT_DEADLINE_S)
-                # ended a drain by the signal. Ignored from there, as there is nothing left to
-                # reload (not ``hangups.note``: the interpreter's exit puts back the default of
-                # a signal Python handles, and keeps one ignored).
+                # A SIGHUP from the journal's close to the exit (up to EXIT_DEADLINE_S) is
+                # ignored, as there is nothing left to reload (not ``hangups.note``: the
+                # interpreter's exit puts back the default of a signal Python handles, which
+                # ends the process, and keeps one ignored).
                 stack.callback(signal.signal, signal.SIGHUP, signal.SIG_IGN)
-                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
                 stack.callback(loop.remove_signal_handler, signal.SIGINT)
                 stack.callback(loop.remove_signal_handler, signal.SIGTERM)
             journal = open_journal(
