@@ -38,9 +38,9 @@ from test_journal_contract import Store, finished, new_event
 from test_workers import hung_target
 
 from webhookd import __version__, actions, models
-from webhookd import cli as cli_mod
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
+from webhookd.cli import reads as cli_reads
 from webhookd.clock import ManualClock
 from webhookd.errors import ConfigError
 from webhookd.journal import (
@@ -817,14 +817,14 @@ async def test_events_follow_goes_on_after_the_clock_steps_back(
 ) -> None:
     """An event journaled after the clock stepped back an hour is stamped an hour before the
     ones printed: ``--follow`` prints it, and none of the hour before the step a second time."""
-    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    monkeypatch.setattr(cli_reads, "FOLLOW_EVERY_S", 0.01)
     clock = follow_store.clock
     printed = _Printed()
     async with follow_store.journal() as journal:
         first = new_event(received_at=clock.time(), jobs=0)
         await journal.ingest(first)
         follow = asyncio.create_task(
-            cli_mod._follow(journal, _listing(journal), 50, None, printed, clock)
+            cli_reads._follow(journal, _listing(journal), 50, None, printed, clock)
         )
         try:
             await printed.until(lambda p: p == [first.event.id])
@@ -894,7 +894,7 @@ async def test_an_idle_events_follow_asks_as_little_of_a_big_journal_as_of_a_sma
     """Each ask of ``events --follow`` (twice a second, for as long as it runs) reads what was
     journaled since the one before, a seek: an idle follow asks as little of 100,000 events as
     of 1,000, where it read every one of them each time."""
-    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    monkeypatch.setattr(cli_reads, "FOLLOW_EVERY_S", 0.01)
     old = time.time() - 86400  # yesterday's events
     costs = []
     async with Journal(tmp_path / "webhookd.db") as journal:
@@ -908,7 +908,7 @@ async def test_an_idle_events_follow_asks_as_little_of_a_big_journal_as_of_a_sma
                 )
             asks = _Asks(journal)
             follow = asyncio.create_task(
-                cli_mod._follow(journal, asks.listing, 50, None, lambda r: None)
+                cli_reads._follow(journal, asks.listing, 50, None, lambda r: None)
             )
             try:
                 costs.append(await asks.idle_cost())
@@ -928,11 +928,11 @@ async def test_a_long_events_follow_with_a_filter_asks_no_more_than_at_its_start
     """``events --follow --contains TEXT`` (or --source, --tenant) through an hour of events of
     which none matches: an idle ask costs what it did at the start, not a scan of every body
     journaled since."""
-    monkeypatch.setattr(cli_mod, "FOLLOW_EVERY_S", 0.01)
+    monkeypatch.setattr(cli_reads, "FOLLOW_EVERY_S", 0.01)
     async with Journal(tmp_path / "webhookd.db") as journal:
         asks = _Asks(journal, contains=b"order-4711")
         follow = asyncio.create_task(
-            cli_mod._follow(journal, asks.listing, 50, None, lambda r: None)
+            cli_reads._follow(journal, asks.listing, 50, None, lambda r: None)
         )
         try:
             first = await asks.idle_cost()

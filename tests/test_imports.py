@@ -82,6 +82,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The daemon's faces, side by side: none imports another.
     ("webhookd.receiver", "webhookd.admin", "webhookd.metrics", "webhookd.alerts"),
     ("webhookd.app",),
+    # The CLI: its leaves (times and text, the click group, the admin API's client), what every
+    # verb shares, the bulk verbs' batches, one module per family of verbs, the package.
+    ("webhookd.cli.text", "webhookd.cli.group", "webhookd.cli.daemon"),
+    ("webhookd.cli.base",),
+    ("webhookd.cli.batches",),
+    ("webhookd.cli.*",),
     ("webhookd.cli",),
     ("webhookd.entry",),
     ("webhookd.__main__",),
