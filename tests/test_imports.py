@@ -50,9 +50,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.config",),
     ("webhookd.redact", "webhookd.send"),
     ("webhookd.logs",),
-    # The journal: a file's identity and its rescue (nothing of webhookd), what it takes and
-    # gives and its SQL, its parts, the Journal itself.
-    ("webhookd.journal.moved",),
+    # The journal: a file's identity and its rescue (nothing of webhookd), who holds a SQLite
+    # file and the threads its connections run on (nothing of the journal), what it takes and
+    # gives and its SQL, its parts, the two journals, the package that picks one.
+    ("webhookd.journal.moved", "webhookd.journal.locks", "webhookd.journal.threads"),
     ("webhookd.journal.records",),
     ("webhookd.journal.schema",),
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
@@ -65,7 +66,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.journal.postgres.writes",
     ),
     ("webhookd.journal.postgres.nodes",),
-    ("webhookd.journal.postgres",),
+    ("webhookd.journal.postgres", "webhookd.journal.sqlite"),
     ("webhookd.journal",),
     # Copies of a SQLite journal (backup, restore; into PostgreSQL), under the daemon's lock.
     ("webhookd.journal.copies", "webhookd.journal.postgres.from_sqlite"),

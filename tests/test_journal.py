@@ -31,7 +31,7 @@ from ops_support import cli
 from procs import AS_NOBODY, held_open, poll, why_not_as_nobody
 from test_backup import small_disk
 
-import webhookd.journal as journal_module
+import webhookd.journal.sqlite as journal_module
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import (

@@ -35,7 +35,7 @@ from conftest import Running, make_config
 from procs import DaemonProc, Procs, Target, get_json, poll, settled_event, write_config
 from test_backup import small_disk
 
-import webhookd.journal as journal_module
+import webhookd.journal.sqlite as journal_module
 from webhookd.app import STOP_MARGIN_S
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob

@@ -28,7 +28,7 @@ from procs import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 import webhookd
-import webhookd.journal as journal_module
+import webhookd.journal.sqlite as journal_module
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.clock import ManualClock

@@ -1,0 +1,1538 @@
+"""The SQLite journal (``Journal``): its lifecycle, the group-commit writer, the other writes.
+
+Hazards worth knowing before editing:
+
+* Every write goes through one writer task that takes whatever is waiting and commits it as one
+  ``BEGIN IMMEDIATE`` transaction (group commit). One fsync per batch, not per webhook, is what
+  makes durable intake fast; never add a write path that bypasses the writer.
+* Writes run on one thread of their own with a plain ``sqlite3`` connection, a whole batch per
+  hop (aiosqlite would make every statement its own hop, and each hop waits for the event
+  loop). Reads go through aiosqlite on a second connection; WAL lets them run beside writes.
+  Nothing awaits network I/O inside a transaction.
+* WAL checkpoints run on a third connection and thread of their own, in the background, never
+  inside an ingest's commit: SQLite's automatic checkpoint would copy a thousand pages back and
+  fsync the main file in whichever COMMIT crossed the threshold, and every webhook of that batch
+  would wait for it (the ack p99 at a steady rate was those stalls). The writer keeps a far
+  higher automatic threshold only as a backstop, should the background checkpoints fall behind.
+* The file is shared with CLI processes (``webhookd replay`` while the daemon runs): WAL mode
+  lets readers run beside the writer, and ``busy_timeout`` makes writers queue for the lock.
+* SQLite goes on committing into a file whose name was taken away (``rm -rf`` of its folder, a
+  file put at its path), and the file is gone at the exit. The daemon's ``watch`` compares the
+  path with what it named at open, once a second; once it differs every write is refused and
+  the writer copies the file out through its own connection (``moved``), then the daemon exits.
+  A copy that fails (no room) is tried again every ``SAVE_RETRY_S`` with the daemon still up:
+  its exit would take the only holder of the contents with it.
+* All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
+  ``schema`` (migrations, shared SQL, row converters), ``records`` (what goes in and out),
+  ``batch`` (what one group commit writes), ``reads`` (queries), ``files`` and ``locks`` (the
+  file, what lies beside it, who holds it), ``threads`` (the writer's and the checkpointer's),
+  and here the lifecycle, the writer and the other writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from webhookd.clock import SYSTEM_CLOCK, Clock
+from webhookd.errors import (
+    JournalCopied,
+    JournalError,
+    JournalGone,
+    JournalNewer,
+    JournalUnavailable,
+    NotFound,
+)
+from webhookd.journal.base import REPLAYED_RESULT, BaseJournal, migrating
+from webhookd.journal.batch import (
+    GATHER_PASSES,
+    CallOp,
+    ClaimOp,
+    FinishOp,
+    Group,
+    IngestOp,
+    Op,
+    OpQueue,
+    Starts,
+    WriteFailed,
+    reserve_starts,
+    write_ops,
+)
+from webhookd.journal.files import (
+    _BUSY_TIMEOUT_MS,
+    _NEW_FILE_PRAGMA,
+    _PRAGMAS,
+    _foreign_file,
+    _other_file,
+    _owner_only,
+    _why_not,
+    copied_marker,
+    copied_to,
+    interrupted_restores,
+    not_a_journal,
+    short_of_room,
+)
+from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
+from webhookd.journal.moved import REMOVED, FileIds, Saved, moved, save_open
+from webhookd.journal.reads import Reads
+from webhookd.journal.records import (
+    Cancelled,
+    Cap,
+    CapClaim,
+    Claimed,
+    Finished,
+    Ingested,
+    NewEvent,
+    Poisoned,
+    Pruned,
+    Purged,
+    Ready,
+    Recorded,
+    Recovery,
+    Replayed,
+    walk_end,
+)
+from webhookd.journal.schema import (
+    EXPIRED,
+    MIGRATIONS,
+    action_clause,
+    add_functions,
+    attempt_row,
+    dump,
+    fetch,
+    fetch_rows,
+    key_digest,
+    leaving_running,
+    replayed_jobs,
+)
+from webhookd.journal.threads import (
+    CHECKPOINT_EVERY_S,
+    WRITER_AUTOCHECKPOINT_PAGES,
+    _Busy,
+    _OwnThread,
+    checkpoint_passes,
+)
+from webhookd.models import JobState, new_boot_id, storable_text
+from webhookd.throttle import Throttle
+
+log = logging.getLogger("webhookd.journal")
+
+MAX_BATCH = 512
+# How long close() waits for the writer to flush and for each thread to let go of its
+# connection. A thread stuck in I/O is then left behind rather than holding up the exit.
+CLOSE_TIMEOUT_S = 10.0
+# After write failures, how long commits must go through with none failing before one line says
+# writes succeed again. On a nearly full disk small commits (a claim, a job's outcome) still fit
+# in the WAL's old space while larger ones fail, so success and failure alternate for as long
+# as the disk stays full: a line at each first success would say so hundreds of times a second.
+WRITES_BACK_AFTER_S = 5.0
+# How often the daemon's journal checks that its path still names the file it has open (one
+# ``stat``, beside the writer: never on the ack path).
+PATH_CHECK_S = 1.0
+# How long the daemon waits before it tries again to save a journal removed or replaced while
+# open, when the copy failed (no room, a folder it may not write to): the contents are held
+# only by this process, so it keeps them, refusing every write, until the operator has made
+# room or mended the folder. Each try is one copy (``moved.save_open``).
+SAVE_RETRY_S = 5.0
+_T = TypeVar("_T")
+# The row ``probe_write`` adds and removes (no source name starts with a dot), and its size:
+# about a big webhook's body.
+_PROBE = ".write-probe"
+# Queued jobs whose times one transaction moves after a step of the wall clock (clock_stepped).
+_STEP_BATCH = 5000
+PROBE_BYTES = 64 * 1024
+
+# A running job put back in the queue (drain, recovery) at ``:now``, or cancelled instead when a
+# cancel came while it ran.
+_BACK_TO_QUEUE = leaving_running("'queued'", "finished_at", ":now")
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+# Free pages one incremental vacuum hands back, at most and at least. Its cost per page grows
+# with the free list: after a prune of a million events (a 1.8 GB journal) 1,000 pages took up
+# to 3 s, and the webhooks waiting on the writer meanwhile passed server.ack_timeout_s.
+VACUUM_PAGES_MAX = 1000
+VACUUM_PAGES_MIN = 8
+VACUUM_BUDGET_S = 0.05
+
+
+def vacuum_pages(pages: int, took_s: float) -> int:
+    """How many pages the next incremental vacuum takes, after ``pages`` took ``took_s``: half
+    as many past the budget, twice as many under a fifth of it."""
+    if took_s > VACUUM_BUDGET_S:
+        return max(VACUUM_PAGES_MIN, pages // 2)
+    if took_s < VACUUM_BUDGET_S / 5:
+        return min(VACUUM_PAGES_MAX, pages * 2)
+    return pages
+
+
+class Journal(Reads, BaseJournal):
+    """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
+
+    one_writer = True
+    # Nothing else runs its jobs: the next start re-queues what a boot before it left running.
+    left_claimed_fate = "recovered by the next start"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        on_commit: Any = None,
+        serving: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        # The daemon's journal (``webhookd serve``), not the CLI's: it holds the file's serve
+        # lock while open and truncates the WAL when it closes.
+        self.serving = serving
+        self._lock_fd: int | None = None
+        self._held_elsewhere: str | None = None  # who had the file open as this opened it
+        # Named as a PostgreSQL node is, so ``nodes()`` reads the same on both backends.
+        self.node_id = new_boot_id().replace("boot_", "node_")
+        self.opened_at = clock.time()
+        # Called (synchronously, on the loop) with the jobs each committed ingest batch created.
+        self.on_commit = on_commit
+        self._writer: sqlite3.Connection | None = None  # used only on self._thread
+        self._thread: _OwnThread | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: _OwnThread | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None  # used only on its own thread
+        self._checkpointing: asyncio.Future[Any] | None = None
+        self._last_checkpoint = 0.0
+        # Set when a background checkpoint ended with frames still uncopied (commits kept coming
+        # through all its passes): the writer then copies them itself, before its next batch,
+        # so SQLite can start the WAL over.
+        self._checkpoint_tail = False
+        self._vacuum_pages = VACUUM_PAGES_MAX  # what an incremental vacuum takes (vacuum_pages)
+        # A full disk fails every commit, and any sender causes commits: ten lines a minute.
+        self._log_write_failed = Throttle(
+            log, logging.ERROR, "journal write failures", clock=clock.monotonic
+        )
+        # Background checkpoints done, and WAL frames they copied into the main file.
+        self.checkpoints = 0
+        self.checkpointed_frames = 0
+        self._queue = OpQueue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_write_error: str | None = None
+        # The failure the "writes succeed again" line will name, and the timer that writes it
+        # once commits have gone through for WRITES_BACK_AFTER_S with none failing.
+        self._failure_ended: str | None = None
+        self._writes_back_line: asyncio.TimerHandle | None = None
+        # Why the writer stopped, when it stopped without close() asking it to.
+        self.writer_problem: str | None = None
+        self.wal_kept = None
+        # What the path named at open, and, once it names something else, why every write is
+        # refused and the task saving the file's contents (its answer: the line to exit with),
+        # trying again every SAVE_RETRY_S while the copy fails. ``_save_last``: close() asked,
+        # so the next try is the last; ``_save_wake`` ends the wait before the next at once.
+        self._opened_as: FileIds | None = None
+        self._refusing: str | None = None
+        self._saving: asyncio.Task[str] | None = None
+        self._saving_said = False
+        self._save_last = False
+        self._save_wake: asyncio.Event | None = None
+        self.save_tries = 0  # copies tried since the path was seen changed (tests, the lines)
+        self.commits = 0
+        self.batched_ops = 0
+        # Jobs queued or running, kept in step by this process's writes and re-counted when
+        # another process has written (``refresh_backlog_if_changed``, every sweep) and at every
+        # retention round. The receiver's backpressure reads it.
+        self.backlog_jobs = 0
+        # The writer connection's ``data_version`` at the last count.
+        self._data_version = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Journal:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self.path.is_dir():
+            raise JournalError(f"cannot open journal {self.path}: it is a folder, not a file")
+        left = interrupted_restores(self.path)
+        if left:
+            # Opened as it is, the journal may be an empty new one or lack its last commits.
+            raise JournalError(
+                f"cannot open journal {self.path}: a restore stopped while putting a backup"
+                f" in place ({left[0].name} is that backup, checked): run `webhookd restore`"
+                " with the backup again (what it replaced was moved aside, never deleted)"
+            )
+        if await asyncio.to_thread(_foreign_file, self.path):  # its schema would be made in it
+            raise JournalError(not_a_journal(self.path))
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            if _owner_only(self.path) and self.serving:
+                # After an unexpected restart, the line that tells a new journal was begun.
+                log.info("journal %s: created (no journal at that path)", self.path)
+            if self.serving:
+                self._lock_fd = _take_serve_lock(self.path)
+                if (said := copied_to(self.path)) is not None:  # a copy ended as serve began
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+                    raise JournalError(
+                        f"journal {self.path} was {said}, and its jobs run there: serve the"
+                        f" nodes' config (journal.url); delete {copied_marker(self.path)} to"
+                        " serve this file all the same"
+                    )
+        except OSError as exc:
+            raise JournalError(
+                f"cannot open journal {self.path}: {exc.strerror or exc.__class__.__name__}"
+                f"{_other_file(exc, self.path)}{_why_not(self.path)}"
+            ) from None
+        if self.serving and (short := await asyncio.to_thread(short_of_room, self.path)):
+            log.warning("journal %s: %s", self.path, short)
+        # Asked before this process opens the journal: once it has, closing the descriptor the
+        # question needs would drop SQLite's own locks on the -shm file (``opened_elsewhere``).
+        self._held_elsewhere = opened_elsewhere(self.path)
+        self._thread = _OwnThread("webhookd-journal")
+        self._queue = OpQueue()
+        self.opened_at = self.clock.time()
+        try:
+            self._writer = await self._in_thread(self._open_writer)
+            self._reader = await self._connect()
+            self._checkpointer = _OwnThread("webhookd-checkpoint")
+            self._checkpoint_conn = await self._checkpointer.submit(self._open_checkpointer)
+            # Reads, in the try too: a page that reads back as garbage fails them, and a reader
+            # left open keeps its (non-daemon) thread, so the process, alive after its error.
+            self._data_version = await self._in_thread(_data_version, self._writer)
+            self.backlog_jobs = await self.backlog()
+        except sqlite3.Error as exc:
+            await self._close_connections()
+            raise JournalError(
+                f"cannot open journal {self.path}: {exc}{_why_not(self.path)}"
+            ) from exc
+        except BaseException:
+            await self._close_connections()
+            raise
+        try:
+            self._opened_as = FileIds.of(self.path)
+        except OSError:  # gone already: nothing to compare with, so nothing watched
+            self._opened_as = None
+        self._refusing = None
+        self._saving, self._saving_said = None, False
+        self._save_last, self._save_wake, self.save_tries = False, None, 0
+        self._last_checkpoint = self.clock.monotonic()
+        self._closing = False
+        self.writer_problem = None
+        self.wal_kept = None
+        self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
+        self._task.add_done_callback(self._writer_ended)
+
+    async def close(self) -> None:
+        """Flush what is queued, checkpoint the WAL into the main file (the daemon's journal),
+        close.
+
+        Bounded: a writer that does not finish within ``CLOSE_TIMEOUT_S`` is cancelled (what it
+        still held fails with ``JournalUnavailable``), and the threads are told to close their
+        connections without being waited on past that, so a stuck disk cannot stop an exit.
+
+        A journal whose file was removed or replaced while open (``watch``) and not saved yet
+        gets one last copy, not the wait for the next try, and ``JournalError`` says where its
+        contents went, or that they are lost (``_last_save``).
+        """
+        self._closing = True
+        if self._writes_back_line is not None:  # the last commits went through
+            self._say_writes_again()
+        self._log_write_failed.flush()
+        said: str | None = None
+        failed: str | None = None
+        try:
+            task, self._task = self._task, None
+            if self.serving and task is not None:
+                # Removed or replaced since the watch last looked (once a second): a stop
+                # right after would checkpoint into a file nothing names and exit 0.
+                self._save_if_moved(task)
+            if task is not None and not task.done():
+                self._queue.close()
+                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+                if not task.done():
+                    log.error("journal writer did not finish within %gs; closing", CLOSE_TIMEOUT_S)
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if self._checkpointing is not None:
+                await asyncio.wait({self._checkpointing}, timeout=CLOSE_TIMEOUT_S)
+            # Before the connections close: the copy is read through the writer's.
+            said = await self._last_save()
+            # Only the daemon's: TRUNCATE holds the write lock while it waits for readers, so a
+            # CLI command's close would hold up the running daemon's commits behind a long read.
+            if self.serving and task is not None and task.done() and self.writer_problem is None:
+                failed = await self._final_checkpoint()
+        finally:
+            await self._close_connections()
+        if failed is not None:
+            self._say_wal_kept(failed)
+        if said is not None:
+            raise JournalError(said)
+
+    async def _last_save(self) -> str | None:
+        """The line to exit with, when the contents were being saved and the watch, cancelled
+        by a stop, has not said it: the try running now ends, then at most one more is made
+        (none once one has succeeded), never the wait for the next one."""
+        saving = self._saving
+        if saving is None or self._saving_said:
+            return None
+        self._saving_said = True
+        self._save_last = True
+        if self._save_wake is not None:
+            self._save_wake.set()
+        return await saving
+
+    async def _final_checkpoint(self) -> str | None:
+        """The daemon's last checkpoint: the whole WAL copied into the main file, and emptied.
+        Why it failed, if it did (a full disk)."""
+        assert self._thread is not None
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._thread.submit(self._truncate_wal)
+        except TimeoutError:
+            return f"it did not finish within {CLOSE_TIMEOUT_S:g}s"
+        except sqlite3.Error as exc:
+            return str(exc)
+        except _Busy as exc:
+            return str(exc)
+        return None
+
+    def _truncate_wal(self) -> None:
+        row = self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if row is not None and row[0]:
+            # Not an error to SQLite: a reader's snapshot (events --follow, a backup) held
+            # frames the checkpoint could not copy, and the WAL stays.
+            raise _Busy("another process was reading the journal")
+
+    def _say_wal_kept(self, why: str) -> None:
+        """Once closed after a last checkpoint that failed: the WAL left beside the journal, if
+        it was (the writer's close checkpoints too, as the last connection, and may yet have
+        copied it). SQLite reads it back at the next open, whole: its commits are not lost."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            size = wal.stat().st_size
+        except OSError:
+            return
+        if size:
+            self.wal_kept = why
+            log.warning(
+                "journal %s: the last checkpoint failed (%s): its WAL (%.1f MB) is kept,"
+                " and replayed at the next start",
+                self.path,
+                why,
+                size / 1e6,
+            )
+
+    def _checkpoint_quietly(self, sql: str) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._require_writer().execute(sql)
+
+    async def _close_connections(self) -> None:
+        reader, self._reader = self._reader, None
+        writer, self._writer = self._writer, None
+        thread, self._thread = self._thread, None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        checkpoint_conn, self._checkpoint_conn = self._checkpoint_conn, None
+        if checkpointer is not None:
+            if checkpoint_conn is not None:
+                closed = checkpointer.submit(checkpoint_conn.close)
+                await asyncio.wait({closed}, timeout=CLOSE_TIMEOUT_S)
+            checkpointer.shutdown()
+        if reader is not None:
+            # stop() queues "close, then end the thread" behind whatever the thread is doing;
+            # unlike close() it needs no answer, so a stuck read cannot hold us here.
+            stopped = reader.stop()
+            if stopped is not None:
+                await asyncio.wait({stopped}, timeout=CLOSE_TIMEOUT_S)
+        if thread is not None:
+            if writer is not None:
+                await asyncio.wait({thread.submit(writer.close)}, timeout=CLOSE_TIMEOUT_S)
+            thread.shutdown()
+        lock_fd, self._lock_fd = self._lock_fd, None
+        if lock_fd is not None:  # last, after the connections: the next daemon may start
+            os.close(lock_fd)
+
+    def _require_writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise JournalError("journal is not open")
+        return self._writer
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the writer's own thread (the only thread that touches its connection)."""
+        assert self._thread is not None
+        return await self._thread.submit(fn, *args)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        async with conn.execute("PRAGMA page_count") as cursor:
+            row = await cursor.fetchone()
+        for pragma in (_NEW_FILE_PRAGMA, *_PRAGMAS) if row and not row[0] else _PRAGMAS:
+            await conn.execute(pragma)
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        # check_same_thread stays on: only the writer's thread ever uses this connection.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            new = not conn.execute("PRAGMA page_count").fetchone()[0]
+            for pragma in (_NEW_FILE_PRAGMA, *_PRAGMAS) if new else _PRAGMAS:
+                conn.execute(pragma)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
+            add_functions(conn)
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_checkpointer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # A read now opens the -wal and -shm it checkpoints through, while the path names them:
+        # a connection whose first read came after the file was removed (``moved``) would
+        # fail each checkpoint with "disk I/O error" until the daemon saw it.
+        conn.execute("PRAGMA schema_version").fetchone()
+        return conn
+
+    def _checkpoint(self) -> tuple[int, bool]:
+        """On the checkpointer's thread: ``checkpoint_passes`` on its own connection."""
+        assert self._checkpoint_conn is not None
+        return checkpoint_passes(self._checkpoint_conn)
+
+    def _maybe_checkpoint(self) -> None:
+        """After a commit: start a background checkpoint if none runs and the last is old."""
+        if self._checkpointing is not None or self._checkpointer is None:
+            return
+        now = self.clock.monotonic()
+        if now - self._last_checkpoint < CHECKPOINT_EVERY_S:
+            return
+        self._last_checkpoint = now
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpointed)
+
+    async def wait_checkpoint(self) -> None:
+        """Wait for the background checkpoint running now, if any (tests, close)."""
+        if self._checkpointing is not None:
+            await asyncio.wait({self._checkpointing})
+
+    def _checkpointed(self, done: asyncio.Future[tuple[int, bool]]) -> None:
+        self._checkpointing = None
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:  # the writer's own automatic checkpoint is the backstop
+            log.warning("background WAL checkpoint failed: %s", _describe(exc))
+            return
+        frames, whole = done.result()
+        # Frames committed after the last pass are left for the writer to copy before its next
+        # batch (a few, but that batch waits for them and an fsync of the main file).
+        self._checkpoint_tail = not whole
+        self.checkpoints += 1
+        self.checkpointed_frames += max(frames, 0)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise JournalNewer(
+                f"{self.path} has schema version {version}, newer than this webhookd"
+                f" understands ({len(MIGRATIONS)}): run the newer webhookd, or `webhookd"
+                " restore` a backup you took before the upgrade"
+            )
+        if version == len(MIGRATIONS):
+            return
+        if version > 0 and (holder := self._held_elsewhere) is not None:
+            said = who_holds(holder, "a daemon of the older webhookd?")
+            raise JournalError(
+                f"{self.path} has schema version {version}, this webhookd's is"
+                f" {len(MIGRATIONS)}, and {holder} has it open ({said}): stop it before this"
+                " webhookd upgrades the journal"
+            )
+        if not self.serving and version > 0:
+            # Only a daemon upgrades: a verb would change the tables under a daemon of the
+            # older webhookd, or bring a restored backup forward before the way back is taken.
+            raise JournalError(
+                f"{self.path} has schema version {version}, this webhookd's is"
+                f" {len(MIGRATIONS)}: start `webhookd serve` of this webhookd on it (it upgrades"
+                " the journal as it starts), then run this again"
+            )
+        self._upgrade(conn, version)
+
+    def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
+        with migrating(self.location, version, len(MIGRATIONS)):
+            for target in range(version, len(MIGRATIONS)):
+
+                def step(conn: sqlite3.Connection, target: int = target) -> None:
+                    # executescript would commit our transaction; run statement by statement
+                    # (a trigger's body holds semicolons of its own).
+                    statement = ""
+                    for part in MIGRATIONS[target].split(";"):
+                        statement += part + ";"
+                        if sqlite3.complete_statement(statement):
+                            if statement.strip(" \n;"):
+                                conn.execute(statement)
+                            statement = ""
+                    conn.execute(f"PRAGMA user_version = {target + 1}")
+
+                _transaction(conn, step)
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise JournalError("journal is not open")
+        return self._reader
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def _enqueue(self, op: Op) -> None:
+        if self._refusing is not None:
+            raise JournalGone(self._refusing)
+        if self._task is None or self._task.done():
+            raise JournalUnavailable(self.writer_problem or "journal writer is not running")
+        self._queue.put(op)
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """The writer's task is done: if close() did not ask for that, say why (``/readyz``)."""
+        if task.cancelled():
+            why = "cancelled"
+        else:
+            exc = task.exception()  # retrieved here, so asyncio does not log it a second time
+            why = _describe(exc) if exc is not None else "returned"
+        if not self._closing:
+            self.writer_problem = f"journal writer stopped: {why}"
+
+    async def watch(self) -> None:
+        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
+        once the journal's path no longer names the file open (``moved``) and its contents
+        have been saved.
+
+        The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
+        that can neither take nor finish anything, and it must exit rather than half live.
+        A file removed or replaced while open takes every commit with it at the exit, so
+        from the moment that is seen nothing more is acknowledged or claimed, what the file
+        holds is written back out (``_save``), and the daemon exits non-zero with one line
+        saying where it went: the next start opens it and runs again what was running. While
+        the copy fails (no room), it is tried again every ``SAVE_RETRY_S``, and the daemon
+        stays up, refusing writes, for as long as that lasts: its exit would lose the file.
+        """
+        task = self._task
+        if task is None:
+            raise JournalError("journal is not open")
+        while not task.done():
+            # Cancelling the watch leaves the writer alone.
+            await asyncio.wait({task}, timeout=PATH_CHECK_S)
+            self._save_if_moved(task)
+            if self._saving is not None:
+                said = await asyncio.shield(self._saving)
+                self._saving_said = True
+                raise JournalError(said)
+        if not self._closing:
+            raise JournalError(self.writer_problem or "journal writer stopped")
+
+    def _save_if_moved(self, task: asyncio.Task[None]) -> None:
+        """``_save`` the contents once the path no longer names the file opened, if no save
+        has begun and the writer (``task``) still runs: the watch's look, and the close's."""
+        opened = self._opened_as
+        if (
+            self._saving is None
+            and opened is not None
+            and not task.done()
+            and (how := moved(self.path, opened)) is not None
+        ):
+            self._save(how)
+
+    def _save(self, how: str) -> None:
+        """The path names another file, or none (``how``): refuse every write from now on
+        (intake answers 503, ``/readyz`` says why), and, once the writer has done what it was
+        given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
+        tries again while that fails."""
+        self._refusing = f"journal {self.path} was {how} while open"
+        self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
+        self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
+        # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
+        # those writes are answered as they commit, not once the copy (seconds) is done.
+        flushed = CallOp(self._new_future(), _nothing, transaction=False)
+        self._queue.put(flushed)
+        self._saving = asyncio.create_task(self._saves(how, flushed.future), name="journal-save")
+
+    async def _saves(self, how: str, flushed: asyncio.Future[None]) -> str:
+        """The line the daemon exits with, once a copy is written, or once the last try
+        close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
+        close()) and the copy is tried again on the writer's thread: nothing else writes."""
+        what = f"journal {self.path} was {how} while open"
+        opened, at = self._opened_as, self.clock.time()
+        assert opened is not None
+
+        def save(conn: sqlite3.Connection) -> Saved | str:
+            # Never raises: a failure is the line's to tell.
+            try:
+                return save_open(conn, self.path, opened, at)
+            except (OSError, sqlite3.Error) as exc:
+                return _said(exc)
+
+        with contextlib.suppress(JournalError):  # the writer stopped first: its thread copies
+            await flushed
+        said = set[str]()
+        while True:
+            last = self._save_last  # asked before this try began: the try is the last
+            thread, writer = self._thread, self._writer
+            if thread is None or writer is None:  # closed under it (a close() cancelled)
+                return self._lost(what, how, "the journal was closed first")
+            saved = await thread.submit(save, writer)
+            self.save_tries += 1
+            if isinstance(saved, Saved):
+                return self._saved(what, how, saved)
+            if last:
+                return self._lost(what, how, saved)
+            self._save_failed(what, saved, said)
+            wake = self._save_wake
+            assert wake is not None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SAVE_RETRY_S):
+                    await wake.wait()
+            wake.clear()
+
+    def _save_failed(self, what: str, why: str, said: set[str]) -> None:
+        """A copy failed and will be tried again: ``/readyz`` and the systemd status say why
+        from now on; the log says it once, and each other reason once (``said``: those told),
+        so that a disk nearly full failing one way then another is not a line a try."""
+        folder, every = self.path.parent, f"{SAVE_RETRY_S:g}s"
+        self.writer_problem = (
+            f"{what}: writes refused; saving its contents failed ({why}), trying again every"
+            f" {every}: free space or make {folder} writable; they are lost if this process ends"
+            " first"
+        )
+        if not said:
+            log.error(
+                "%s, and saving its contents failed (%s): trying again every %s, every write"
+                " refused meanwhile; free space on its file system or make %s writable, as the"
+                " error calls for. The contents (every acknowledged webhook) are held only by"
+                " this process: they are lost if it ends before a copy succeeds",
+                what,
+                why,
+                every,
+                folder,
+            )
+        elif why not in said:
+            log.warning("%s: saving its contents still fails, now with: %s", what, why)
+        else:
+            log.debug("%s: saving its contents failed again (%s)", what, why)
+        said.add(why)
+
+    def _lost(self, what: str, how: str, why: str) -> str:
+        then = "begins a new journal there" if how == REMOVED else "opens what is there now"
+        tries = f"; {self.save_tries} tries" if self.save_tries > 1 else ""
+        return (
+            f"{what}, and saving its contents failed ({why}{tries}): they are lost with this"
+            " process (a `webhookd backup` taken before holds what it held then); nothing"
+            f" was acknowledged once this was seen; exiting: the next start {then}"
+        )
+
+    def _saved(self, what: str, how: str, saved: Saved) -> str:
+        if not saved.beside:
+            return (
+                f"{what}: its contents (every acknowledged webhook) were written back to"
+                f" {saved.path}; exiting so that the next start opens it (jobs that were"
+                " running run again)"
+            )
+        there = "another file is there now" if how != REMOVED else "a file not its own is there"
+        return (
+            f"{what}: its contents (every acknowledged webhook) were saved to {saved.path}"
+            f" ({there}, left as it is); exiting: the next start opens what is at {self.path}"
+            f" (to go on with the saved journal instead: stop webhookd, then `webhookd restore"
+            f" {saved.path}`)"
+        )
+
+    async def _submit(self, op: Op) -> Any:
+        self._enqueue(op)
+        return await op.future
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _write_loop(self) -> None:
+        batch: list[Op] = []
+        try:
+            # After close() the queue still hands out what was queued, then nothing.
+            while batch := await self._queue.take(MAX_BATCH, GATHER_PASSES):
+                # The whole batch is one hop to the writer's thread: the group transaction,
+                # then each other write in its own. Futures are resolved back here, on the loop.
+                ops: list[Op] = []
+                calls: list[CallOp] = []
+                for op in batch:
+                    if isinstance(op, CallOp):
+                        calls.append(op)
+                    else:
+                        ops.append(op)
+                group = Group(ops, calls, self.clock.time(), checkpoint_tail=self._checkpoint_tail)
+                self._checkpoint_tail = False
+                group.starts = starts = reserve_starts(self.starter, ops)
+                self._writing_since = time.monotonic()
+                try:
+                    await self._in_thread(self._write_batch, group)
+                    self._resolve(group)
+                finally:
+                    self._writing_since = None
+                    # The pool starts the jobs written claimed and gets every other slot it
+                    # reserved back, whatever became of the write. Should the writer die here,
+                    # a job written claimed stays running under this boot: the next start
+                    # recovers it.
+                    if starts.job_ids and self.starter is not None:
+                        self.starter.settle(group.started, starts.job_ids)
+                if group.commits:
+                    self._maybe_checkpoint()
+        finally:
+            # Only reached with work left when the writer dies or is cancelled: fail the rest
+            # now rather than leave webhooks and workers waiting on futures no one will resolve.
+            self._fail_all(batch)
+
+    def _fail_all(self, batch: list[Op]) -> None:
+        error = JournalUnavailable("journal writer is not running")
+        for op in [*batch, *self._queue.drain()]:
+            if not op.future.done():
+                op.future.set_exception(error)
+
+    def _write_batch(self, group: Group) -> None:
+        """On the writer's thread: commit the group, then each call; record what happened.
+
+        Nothing may escape from here: an error fails the operations it concerns, never the
+        writer, which every later webhook and job needs.
+        """
+        conn = self._require_writer()
+        began = time.perf_counter()
+        if group.checkpoint_tail:
+            # Under a steady stream of commits a background checkpoint never ends with the
+            # whole WAL copied, and SQLite restarts the WAL only when it has: finishing the
+            # tail here (frames committed while it ran: a few pages) lets the next transaction
+            # start the WAL over instead of growing it to the backstop.
+            self._checkpoint_quietly("PRAGMA wal_checkpoint(PASSIVE)")
+        # A group none of whose operations needs a sync (claims alone, see ClaimOp.synced) is
+        # committed with synchronous = NORMAL; every other commit stays FULL.
+        unsynced = bool(group.ops) and not any(op.synced for op in group.ops)
+        if unsynced:
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.Error:
+                unsynced = False  # then the claims are fsync'd like the rest
+        try:
+            self._write_ops(conn, group)
+        finally:
+            if unsynced:
+                # Should this fail, it escapes and ends the writer (and the daemon): better
+                # than acknowledging webhooks from a connection left without its fsync.
+                conn.execute("PRAGMA synchronous = FULL")
+        if group.commits and not unsynced:
+            # The tail copy included: the group's webhooks waited for it too.
+            group.write_s = time.perf_counter() - began
+        for call in group.calls:
+            group.called.append(self._write_call(conn, call))
+
+    @staticmethod
+    def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
+        if group.ops:
+            try:
+                group.results = _transaction(conn, _writer_of(group.ops, group.now, group.starts))
+                group.commits += 1
+            except Exception as exc:
+                group.results = {}
+                if len(group.ops) == 1 or isinstance(exc, (sqlite3.OperationalError, OSError)):
+                    # Full, locked, read-only, I/O: every operation would fail again alone (and
+                    # a locked file would make each wait out busy_timeout).
+                    group.error = exc
+                else:
+                    # One operation's value failed the group (a lone surrogate cannot be
+                    # encoded, an integer too big): write each alone so the others still commit.
+                    for op in group.ops:
+                        try:
+                            group.results |= _transaction(
+                                conn, _writer_of([op], group.now, group.starts)
+                            )
+                            group.commits += 1
+                        except Exception as one_exc:
+                            group.errors[id(op)] = one_exc
+
+    @staticmethod
+    def _write_call(conn: sqlite3.Connection, op: CallOp) -> tuple[Any, BaseException | None]:
+        if not op.transaction:
+            try:
+                return op.fn(conn), None
+            except Exception as exc:
+                return None, JournalUnavailable(f"journal maintenance failed: {_describe(exc)}")
+        try:
+            result = _transaction(conn, op.fn)
+        except (sqlite3.Error, OSError) as exc:
+            return None, WriteFailed(exc)
+        except Exception as exc:  # an error of the operation itself (NotFound …): pass it on
+            return None, exc
+        return result, None
+
+    def _writes_again(self) -> None:
+        """A commit went through: after failures (a full disk, say), the error clears at once
+        (``/readyz``, the metrics) and one line says so once commits have kept going through
+        for ``WRITES_BACK_AFTER_S`` (``_write_failed`` calls it off)."""
+        if self.last_write_error is None:
+            return
+        self._failure_ended = self.last_write_error
+        self.last_write_error = None
+        if self._writes_back_line is None:
+            self._writes_back_line = asyncio.get_running_loop().call_later(
+                WRITES_BACK_AFTER_S, self._say_writes_again
+            )
+
+    def _write_failed(self, error: str) -> None:
+        self.last_write_error = error
+        if self._writes_back_line is not None:
+            self._writes_back_line.cancel()
+            self._writes_back_line = None
+
+    def _say_writes_again(self) -> None:
+        """The line that ends a run of write failures (also when the journal closes first)."""
+        if self._writes_back_line is not None:
+            self._writes_back_line.cancel()
+            self._writes_back_line = None
+        if self._failure_ended is not None:
+            self._log_write_failed.flush()  # what was held back, before the line that ends it
+            log.info("journal writes succeed again (the last failure: %s)", self._failure_ended)
+            self._failure_ended = None
+
+    def _resolve(self, group: Group) -> None:
+        """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
+        keep those written claimed in ``group.started``)."""
+        if group.error is not None:
+            self._write_failed(_describe(group.error))
+            self._log_write_failed("journal write failed: %s", self.last_write_error)
+        elif group.commits:
+            self._writes_again()
+        self.commits += group.commits
+        created: list[Ready] = []
+        started = group.started
+        for op in group.ops:
+            exc = group.error or group.errors.get(id(op))
+            if exc is not None:
+                if exc is not group.error:
+                    self._log_write_failed(
+                        "journal write failed for one %s: %s", _kind(op), _describe(exc)
+                    )
+                if not op.future.done():
+                    op.future.set_exception(
+                        JournalUnavailable(f"journal write failed: {_describe(exc)}")
+                    )
+                continue
+            result = group.results[id(op)]
+            self.batched_ops += 1
+            if isinstance(op, IngestOp):
+                ingested, ready, claimed = result
+                created.extend(ready)
+                started.extend(claimed)
+                result = ingested
+            elif isinstance(op, FinishOp):
+                # Those a cancel kept from being queued again (``result``) left the backlog too.
+                ended = sum(1 for f in op.results if f.state != JobState.QUEUED)
+                self.backlog_jobs -= ended + len(result)
+            if not op.future.done():
+                op.future.set_result(result)
+        self.backlog_jobs += len(created) + len(started)
+        for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
+            if isinstance(call_exc, WriteFailed):
+                self._write_failed(_describe(call_exc.cause))
+                call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
+            elif call_exc is None and call.transaction:
+                self._writes_again()
+                self.commits += 1
+            if call.future.done():
+                continue
+            if call_exc is not None:
+                call.future.set_exception(call_exc)
+            else:
+                call.future.set_result(result)
+        # Last, once every waiter has its answer: a consumer's error here ends the writer.
+        if group.write_s and self.on_commit_seconds is not None:
+            self.on_commit_seconds(group.write_s)
+        if created and self.on_commit is not None:
+            self.on_commit(created)
+
+    async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
+        if transaction and not self.serving:  # a CLI verb's change
+            fn = self._not_copied(fn)
+        return await self._submit(CallOp(self._new_future(), fn, transaction))
+
+    def _not_copied(self, fn: Callable[[sqlite3.Connection], _T]) -> Callable[..., _T]:
+        """``fn``, refused on a journal ``webhookd copy`` put into PostgreSQL. Asked inside
+        the write transaction: a verb checks the marker as it starts, then may wait here for
+        the write lock a copy holds, and that copy may end meanwhile."""
+
+        def guarded(conn: sqlite3.Connection) -> _T:
+            if (said := copied_to(self.path)) is not None:
+                raise JournalCopied(
+                    f"journal {self.path} was {said} while this waited for it, and its jobs"
+                    " run there: nothing was changed; make the change with the nodes' config"
+                    " (journal.url)"
+                )
+            return fn(conn)
+
+        return guarded
+
+    # -- intake, dispatch, outcomes -----------------------------------------------------------
+
+    async def ingest(self, item: NewEvent) -> Ingested:
+        """Journal an event and its jobs; returns once committed (or raises JournalUnavailable)."""
+        return await self.submit_ingest(item)
+
+    @property
+    def queued_body_bytes(self) -> int:
+        return self._queue.body_bytes
+
+    @property
+    def queued_ingests(self) -> int:
+        return self._queue.ingests
+
+    def submit_ingest(self, item: NewEvent) -> asyncio.Future[Ingested]:
+        """Queue an event for the next group commit; the future resolves once it is committed.
+
+        The write happens whether or not anyone still waits: cancelling the future only stops
+        the waiting. Raises ``JournalUnavailable`` at once when the writer is not running.
+        """
+        future: asyncio.Future[Ingested] = self._new_future()
+        self._enqueue(IngestOp(future, item))
+        return future
+
+    async def claim(self, job_ids: Sequence[str], boot_id: str) -> list[Claimed]:
+        """Mark queued jobs running (one more attempt each); returns those actually claimed."""
+        op = ClaimOp(self._new_future(), list(job_ids), boot_id, self.clock.time())
+        result: CapClaim = await self._submit(op)
+        return result.claimed
+
+    async def claim_capped(
+        self, job_ids: Sequence[str], boot_id: str, caps: Mapping[str, Sequence[Cap]]
+    ) -> CapClaim:
+        """``claim`` within caps counted over every process on this file (see BaseJournal)."""
+        op = ClaimOp(self._new_future(), list(job_ids), boot_id, self.clock.time(), caps)
+        result: CapClaim = await self._submit(op)
+        return result
+
+    async def finish(self, results: Sequence[Finished]) -> Recorded:
+        """Record attempts' outcomes (batched with whatever else is being committed)."""
+        if not results:
+            return Recorded()
+        cancelled: frozenset[str] = await self._submit(FinishOp(self._new_future(), list(results)))
+        return Recorded(cancelled)
+
+    async def unclaim(self, job_ids: Sequence[str], cut: Sequence[Finished] = ()) -> None:
+        now = self.clock.time()
+        # A cut attempt's result (an openai answer) is kept as a failed attempt's is.
+        kept = {f.job_id: dump(f.result) for f in cut if f.result is not None}
+
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error, detail)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'running')",
+                [(*row, row[0]) for row in (attempt_row(f) for f in cut if f.job_id in job_ids)],
+            )
+            # Named, not numbered (?1): Python 3.12.0-3.12.3 warn of numbered ones bound by
+            # position, and 3.14 was to refuse them.
+            conn.executemany(
+                f"UPDATE jobs SET {_BACK_TO_QUEUE}, attempts = MAX(attempts - 1, 0),"
+                " run_at = :now, boot_id = NULL, result = COALESCE(:result, result)"
+                " WHERE id = :id AND state = 'running'",
+                [{"now": now, "id": job_id, "result": kept.get(job_id)} for job_id in job_ids],
+            )
+
+        if job_ids:
+            await self._call(fn)
+
+    async def recover(self, boot_id: str, max_recoveries: int) -> Recovery:
+        """Re-queue jobs an earlier boot left ``running``; poison pills go to ``dead``."""
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> Recovery:
+            rows = fetch_rows(
+                conn,
+                "SELECT id, attempts, recoveries, claimed_at, source, action, event_id,"
+                " cancel_requested_at FROM jobs"
+                " WHERE state = 'running' AND (boot_id IS NULL OR boot_id != ?)",
+                (boot_id,),
+            )
+            requeue, dead, attempts, poisoned = [], [], [], []
+            cancelled = 0
+            for r in rows:
+                started = r["claimed_at"] or now
+                # Cancelled while it ran: no poison pill, and "re-queued" into cancelled.
+                marked = r["cancel_requested_at"] is not None
+                if not marked and r["recoveries"] + 1 >= max_recoveries:
+                    reason = (
+                        f"poison pill: interrupted by a crash or restart "
+                        f"{r['recoveries'] + 1} times"
+                    )
+                    dead.append((now, reason, now, r["id"]))
+                    poisoned.append(Poisoned(r["source"], r["action"], r["event_id"]))
+                    attempts.append((r["id"], r["attempts"], started, now, "interrupted", reason))
+                else:
+                    cancelled += marked
+                    requeue.append({"now": now, "id": r["id"]})
+                    attempts.append(
+                        (
+                            r["id"],
+                            r["attempts"],
+                            started,
+                            now,
+                            "interrupted",
+                            "interrupted by a crash or restart",
+                        )
+                    )
+            conn.executemany(
+                f"UPDATE jobs SET {_BACK_TO_QUEUE}, recoveries = recoveries + 1, run_at = :now,"
+                " boot_id = NULL WHERE id = :id",
+                requeue,
+            )
+            conn.executemany(
+                "UPDATE jobs SET state = 'dead', recoveries = recoveries + 1, run_at = ?,"
+                " last_error = ?, finished_at = ?, boot_id = NULL, cancel_requested_at = NULL"
+                " WHERE id = ?",
+                dead,
+            )
+            conn.executemany(
+                "INSERT INTO attempts(job_id, n, started_at, finished_at, outcome, error)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                attempts,
+            )
+            return Recovery(len(requeue) - cancelled, tuple(poisoned), cancelled)
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def refresh_backlog(self) -> int:
+        try:
+            self.backlog_jobs = await self.backlog()
+        except JournalError as exc:  # a failed count pauses the dispatcher, its sweep reads it
+            raise JournalUnavailable(str(exc)) from exc
+        return self.backlog_jobs
+
+    async def refresh_backlog_if_changed(self) -> None:
+        # ``data_version`` on the writer's connection moves only when another connection has
+        # committed: another process (this one writes through that connection alone), or a
+        # TRUNCATE checkpoint at a close, which costs one needless count.
+        version = await self._call(_data_version, transaction=False)
+        if version != self._data_version:
+            self._data_version = version
+            await self.refresh_backlog()
+
+    # -- operator actions --------------------------------------------------------------------
+
+    async def _each_event(
+        self, event_ids: Sequence[str], change: Callable[[sqlite3.Connection, str], _T]
+    ) -> dict[str, _T]:
+        """``change(conn, event_id)`` for each event, in one transaction; ``NotFound`` for an
+        unknown id, changing nothing."""
+
+        def fn(conn: sqlite3.Connection) -> dict[str, _T]:
+            out: dict[str, _T] = {}
+            for event_id in event_ids:
+                if not fetch_rows(conn, "SELECT 1 FROM events WHERE id = ?", (event_id,)):
+                    raise NotFound(event_id)
+                out[event_id] = change(conn, event_id)
+            return out
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def replay(
+        self,
+        event_ids: Sequence[str],
+        *,
+        dead_only: bool = False,
+        dismissed_only: bool = False,
+        done_only: bool = False,
+        cancelled_only: bool = False,
+        action: str | None = None,
+    ) -> dict[str, Replayed]:
+        """Run each event's jobs again, now.
+
+        Jobs that finished (dead, done, cancelled) are re-queued with fresh attempts: a replay
+        is another go from the start, not a resumption. A done or cancelled job's result is
+        cleared; a dead one's is kept (``REPLAYED_RESULT``): for an openai action whose
+        then-forward failed it is the answer, which the replay delivers without asking the model
+        again (other actions do not read a queued job's result). Queued jobs waiting for
+        a later ``run_at`` (a backoff, a snooze, a long ``Retry-After``, a lane's cool-down) are
+        made due now and keep their attempts, waits and kept result: they are still within their
+        retry policy, so a replay only skips the wait; resetting their attempts would let
+        repeated replays keep a failing job alive past ``max_attempts``, and would throw away an
+        answer kept for a failed ``then``. Running jobs are left alone, but a cancel made while
+        they run is withdrawn: the replay is the later word, and a failed attempt retries.
+
+        With ``dead_only`` (a replay of dead letters: ``replay --dead``, a source's
+        replay-dead) only the dead jobs are re-queued, the event's other jobs left as they
+        are: a forward that was delivered is not delivered again. With ``dismissed_only``
+        (``replay --dismissed``: a dismissal undone) only the dead jobs dismissed (``cancel``
+        with ``dead_only``) are, likewise, and with ``done_only`` (``replay --done``: deliveries
+        made again, for a target that answered 2xx and lost them) only the done ones, and with
+        ``cancelled_only`` (``replay --cancelled``: a ``cancel`` undone) only the cancelled
+        jobs that were not dismissed.
+
+        With ``action`` only the jobs of the action of that name are touched: a forward made
+        again without asking a model again or running a deploy twice.
+
+        Returns ``{event_id: Replayed}``; raises ``NotFound`` for an unknown id.
+        """
+        now = self.clock.time()
+
+        again = replayed_jobs(dead_only, dismissed_only, done_only, cancelled_only)
+        of_action, named = action_clause(action, "?")
+
+        def change(conn: sqlite3.Connection, event_id: str) -> Replayed:
+            requeued = conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, recoveries = 0, waits = 0,"
+                f" run_at = ?, finished_at = NULL, boot_id = NULL, result = {REPLAYED_RESULT},"
+                " cancel_requested_at = NULL, dismissed_at = NULL"
+                f" WHERE event_id = ? AND {again}{of_action}",
+                (now, event_id, *named),
+            )
+            if dead_only or dismissed_only or done_only or cancelled_only:
+                return Replayed(requeued=requeued.rowcount, run_now=0)
+            hurried = conn.execute(
+                "UPDATE jobs SET run_at = ? WHERE event_id = ? AND state = 'queued'"
+                f" AND run_at > ?{of_action}",
+                (now, event_id, now, *named),
+            )
+            conn.execute(
+                "UPDATE jobs SET cancel_requested_at = NULL WHERE event_id = ?"
+                f" AND state = 'running' AND cancel_requested_at IS NOT NULL{of_action}",
+                (event_id, *named),
+            )
+            return Replayed(requeued=requeued.rowcount, run_now=hurried.rowcount)
+
+        return self._count_replayed(await self._each_event(event_ids, change))
+
+    async def cancel(
+        self, event_ids: Sequence[str], *, dead_only: bool = False, action: str | None = None
+    ) -> dict[str, Cancelled]:
+        """Stop each event's jobs that have not started: queued ones (due, or waiting for a
+        retry, a lane or a paused source) become ``cancelled`` and never run, keeping their
+        attempts and last error; ``replay`` runs them again. A running job's attempt ends as it
+        ends (done, dead), but whatever would queue it again (a retry, a lane's wait, a drain, a
+        recovery) cancels it instead (``cancel_requested_at``, see ``leaving_running``). Returns
+        ``{event_id: Cancelled}``; raises ``NotFound`` for an unknown id, changing nothing.
+
+        With ``dead_only`` (dismissing dead letters: ``cancel --dead``) only the dead jobs
+        become ``cancelled``, keeping their attempts, last error and result, and leave the
+        dead-letter queue; the event's other jobs are left as they are. They are marked
+        dismissed (``dismissed_at``), so that ``replay`` with ``dismissed_only`` undoes it.
+        With ``action``, only the jobs of the action of that name."""
+        now = self.clock.time()
+        of_action, named = action_clause(action, "?")
+        if dead_only:
+
+            def dismiss(conn: sqlite3.Connection, event_id: str) -> Cancelled:
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, dismissed_at = ?"
+                    f" WHERE event_id = ? AND state = 'dead'{of_action}",
+                    (now, now, event_id, *named),
+                )
+                return Cancelled(cur.rowcount, 0)
+
+            return await self._each_event(event_ids, dismiss)  # the backlog is unchanged
+
+        def change(conn: sqlite3.Connection, event_id: str) -> Cancelled:
+            cancelled = conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?"
+                f" WHERE event_id = ? AND state = 'queued'{of_action}",
+                (now, event_id, *named),
+            )
+            running = conn.execute(
+                "UPDATE jobs SET cancel_requested_at = ? WHERE event_id = ?"
+                f" AND state = 'running'{of_action}",
+                (now, event_id, *named),
+            )
+            return Cancelled(cancelled.rowcount, running.rowcount)
+
+        return self._count_cancelled(await self._each_event(event_ids, change))
+
+    async def purge(self, event_ids: Sequence[str]) -> dict[str, Purged]:
+        """``BaseJournal.purge``. What it deletes is overwritten in the file (``secure_delete``);
+        the ``-wal`` may hold the pages as they were until commits overwrite them or the daemon
+        stops cleanly."""
+
+        def delete(conn: sqlite3.Connection, event_id: str) -> Purged:
+            states = [
+                r[0]
+                for r in fetch_rows(conn, "SELECT state FROM jobs WHERE event_id = ?", (event_id,))
+            ]
+            if "running" in states:
+                return Purged(0, 0, states.count("running"))
+            conn.execute(
+                "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
+                (event_id,),
+            )
+            conn.execute("DELETE FROM jobs WHERE event_id = ?", (event_id,))
+            (key,) = fetch_rows(conn, "SELECT dedup_key FROM events WHERE id = ?", (event_id,))[0]
+            # Its keys went in together, the second (what a signed body's signature covers,
+            # ``NewEvent.second``) right after the first: the rowid after it, if it is the
+            # event's. The table has no index on the event.
+            found = fetch_rows(
+                conn,
+                "SELECT n FROM dedup WHERE digest = ? AND event_id = ?",
+                (key_digest(key), event_id),
+            )
+            if found:
+                conn.execute(
+                    "DELETE FROM dedup WHERE n IN (?, ?) AND event_id = ?",
+                    (found[0][0], found[0][0] + 1, event_id),
+                )
+            conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
+            return Purged(len(states), states.count("queued"))
+
+        return self._count_purged(await self._each_event(event_ids, delete))
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(
+        self,
+        *,
+        keep_done_s: float,
+        keep_dead_s: float,
+        keep_dedup_s: float,
+        batch: int = 500,
+        start_at: float | None = None,
+    ) -> Pruned:
+        """Delete one small batch of expired rows of each kind; call until it returns zeros.
+
+        The candidates are found on the reader connection (WAL lets it run beside the writer),
+        walking ``events_received`` from the oldest event (or ``start_at``): only events older
+        than ``keep_done_s`` are visited, where walking by ``seq`` read every event of the file
+        whenever fewer than ``batch`` had expired, as in every round once retention has caught
+        up (250 ms at 300,000 events, against 1 ms). The write transaction then deletes at most
+        ``batch`` of them, re-checking each, so the write lock is held for milliseconds and an
+        ingest commit never waits long behind retention.
+        """
+        now = self.clock.time()
+        done_before, dead_before = now - keep_done_s, now - keep_dead_s
+        since, args = "", [done_before, done_before, dead_before, batch]
+        if start_at is not None:
+            since = " AND e.received_at >= ?"
+            args.insert(1, start_at)
+        try:
+            rows = await fetch(
+                self.reader,
+                f"SELECT e.id, e.received_at FROM events e INDEXED BY events_received"
+                f" WHERE e.received_at < ?{since} AND {EXPIRED} ORDER BY e.received_at LIMIT ?",
+                args,
+            )
+        except JournalError as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        candidates = [r[0] for r in rows]
+        walked_to = walk_end(rows, batch, done_before)
+
+        def fn(conn: sqlite3.Connection) -> Pruned:
+            ids: list[tuple[str]] = []
+            for start in range(0, len(candidates), 250):
+                chunk = candidates[start : start + 250]
+                marks = ",".join("?" * len(chunk))
+                still = fetch_rows(  # a replay may have re-queued one since the scan
+                    conn,
+                    f"SELECT e.id FROM events e WHERE e.id IN ({marks}) AND {EXPIRED}",
+                    (*chunk, done_before, dead_before),
+                )
+                ids.extend((r[0],) for r in still)
+            conn.executemany(
+                "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE event_id = ?)",
+                ids,
+            )
+            cur = conn.executemany("DELETE FROM jobs WHERE event_id = ?", ids)
+            jobs = cur.rowcount
+            conn.executemany("DELETE FROM events WHERE id = ?", ids)
+            # The oldest keys by arrival (rowid), not an index on their time: read ``batch`` of
+            # them and delete those expired. Those stamped ahead of the clock (made before it
+            # was stepped back) are taken as made now: left as they were, such a head held
+            # back the deletion of every key behind it until its own time came, 30 years on.
+            conn.execute(
+                "UPDATE dedup SET created_at = ? WHERE n IN (SELECT n FROM (SELECT n, created_at"
+                " FROM dedup ORDER BY n LIMIT ?) WHERE created_at > ?)",
+                (now, batch, now),
+            )
+            cur = conn.execute(
+                "DELETE FROM dedup WHERE n IN (SELECT n FROM (SELECT n, created_at FROM dedup"
+                " ORDER BY n LIMIT ?) WHERE created_at < ?)",
+                (batch, now - keep_dedup_s),
+            )
+            return Pruned(len(ids), max(jobs, 0), max(cur.rowcount, 0), walked_to)
+
+        result: Pruned = await self._call(fn)
+        return result
+
+    async def compact(self, pages: int | None = None) -> tuple[int, int]:
+        """Hand free pages back to the file system and checkpoint the WAL without waiting.
+
+        ``PRAGMA incremental_vacuum`` moves at most ``pages`` free pages per call (short, like
+        a prune batch; by default as many as ``vacuum_pages`` says fit in its time);
+        ``wal_checkpoint(PASSIVE)`` copies what no reader still needs into the main file so the
+        WAL is reused instead of growing. Returns (freelist pages left, WAL frames not yet
+        checkpointed).
+        """
+
+        def vacuum(conn: sqlite3.Connection) -> int:
+            # Each step of this PRAGMA frees one page, and Python's execute() steps a statement
+            # without result columns only once; executescript steps it to the end. It runs in
+            # autocommit, as its own short transaction.
+            started = time.monotonic()
+            conn.executescript(f"PRAGMA incremental_vacuum({int(pages or self._vacuum_pages)});")
+            if pages is None:
+                self._vacuum_pages = vacuum_pages(self._vacuum_pages, time.monotonic() - started)
+            rows = fetch_rows(conn, "PRAGMA freelist_count")
+            return int(rows[0][0])
+
+        def checkpoint(conn: sqlite3.Connection) -> int:
+            # (busy, frames in the WAL, frames checkpointed); it cannot run inside a transaction.
+            rows = fetch_rows(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            busy, log_frames, done = rows[0]
+            return 0 if busy or log_frames < 0 else int(log_frames) - int(done)
+
+        free: int = await self._call(vacuum, transaction=False)
+        behind: int = await self._call(checkpoint, transaction=False)
+        return free, behind
+
+    async def maintain(self) -> int:
+        """Incremental vacuum and a passive checkpoint (``compact``); free pages left."""
+        free, _ = await self.compact()
+        return free
+
+    async def storage_bytes(self) -> int:
+        return await self.size_bytes()
+
+    # -- pausing -----------------------------------------------------------------------------
+
+    async def pause(self, source: str) -> bool:
+        """Hold processing of ``source``'s jobs (intake goes on); ``False`` if already paused."""
+        now = self.clock.time()
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO paused_sources(source, paused_at) VALUES (?, ?)",
+                (source, now),
+            )
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def clock_stepped(self, by_s: float) -> int | None:
+        # Only the jobs queued when the walk begins: one journaled since (a webhook, a retry
+        # of a job of higher seq) has its time from the new clock already. Unbounded, the walk
+        # moved those too, and under steady intake never came to its end.
+        top = await self._call(lambda conn: fetch_rows(conn, "SELECT MAX(seq) FROM jobs"))
+        last_seq = top[0][0] if top else None
+        if last_seq is None:
+            return 0
+        moved, after = 0, -1
+        while True:
+
+            def fn(conn: sqlite3.Connection, after: int = after) -> tuple[int, int]:
+                # One batch of the queued jobs in seq order, through the partial index that
+                # holds only those: a million of them in one statement held every ingest's
+                # commit for seconds.
+                rows = fetch_rows(
+                    conn,
+                    "SELECT seq FROM jobs WHERE state = 'queued' AND seq > ? AND seq <= ?"
+                    " ORDER BY seq LIMIT ?",
+                    (after, last_seq, _STEP_BATCH),
+                )
+                if not rows:
+                    return 0, after
+                last = int(rows[-1][0])
+                cur = conn.execute(
+                    "UPDATE jobs SET run_at = run_at + ? WHERE state = 'queued'"
+                    " AND seq > ? AND seq <= ?",
+                    (by_s, after, last),
+                )
+                return max(cur.rowcount, 0), last
+
+            n, after = await self._call(fn)
+            if not n:
+                return moved
+            moved += n
+
+    async def bring_due_by(self, latest: float) -> int:
+        def fn(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE jobs SET run_at = ? WHERE state = 'queued' AND run_at > ?", (latest, latest)
+            )
+            return max(cur.rowcount, 0)
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+    async def probe_write(self) -> None:
+        # A row of PROBE_BYTES added and taken out in one transaction: SQLite writes the pages
+        # a transaction touched, not only what it changed, so the commit needs as much room as
+        # a webhook's body would (a full disk refuses it) and leaves nothing behind.
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO paused_sources(source, paused_at) VALUES (?, zeroblob(?))",
+                (_PROBE, PROBE_BYTES),
+            )
+            conn.execute("DELETE FROM paused_sources WHERE source = ?", (_PROBE,))
+
+        await self._call(fn)
+
+    async def resume(self, source: str) -> bool:
+        """Let ``source``'s jobs run again; ``False`` if it was not paused."""
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM paused_sources WHERE source = ?", (source,))
+            return cur.rowcount > 0
+
+        return await self._call(fn)  # type: ignore[no-any-return]
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A call that writes nothing: its answer says the writes queued before it are done."""
+
+
+def _said(exc: OSError | sqlite3.Error) -> str:
+    """An error saving a copy: the system's words and the file, or SQLite's."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """A write error for logs and ``/readyz``: SQLite's own words, else the exception's type."""
+    text = str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else f"{type(exc).__name__}: {exc}"
+    return storable_text(text)  # the value that failed may hold a lone surrogate
+
+
+def _writer_of(
+    ops: list[Op], now: float, starts: Starts
+) -> Callable[[sqlite3.Connection], dict[int, Any]]:
+    return lambda conn: write_ops(conn, ops, now, starts)
+
+
+def _kind(op: Op) -> str:
+    return {IngestOp: "ingest", FinishOp: "finish", ClaimOp: "claim"}.get(type(op), "write")
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if anything raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return result
