@@ -28,18 +28,16 @@ from aiohttp import HttpVersion11, web
 
 from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal import (
+from webhookd.journal.base import (
     ADMIN_READ_S,
     BULK_BATCH,
-    EVENT_STATES,
     BaseJournal,
-    Counts,
-    EventSummary,
-    LaneBacklog,
     PolledCounts,
     answer_within,
     present_only,
 )
+from webhookd.journal.records import Counts, EventSummary, LaneBacklog
+from webhookd.journal.schema import EVENT_STATES
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID, Priority
 from webhookd.pauses import name_of

@@ -25,7 +25,8 @@ from webhookd.actions.base import Outcome
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.sections import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
-from webhookd.journal import BaseJournal, Claimed, Finished, NewEvent, NewJob, Poisoned
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.records import Claimed, Finished, NewEvent, NewJob, Poisoned
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 from webhookd.redact import printable
 

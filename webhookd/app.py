@@ -69,7 +69,9 @@ from webhookd.errors import (
     WebhookdError,
 )
 from webhookd.http1 import host_port
-from webhookd.journal import BaseJournal, Poisoned, Pruned, open_journal
+from webhookd.journal import open_journal
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.records import Poisoned, Pruned
 from webhookd.json_errors import JsonErrorAppRunner
 from webhookd.limiter import LOG_S, Lane, build_lanes
 from webhookd.metrics import Metrics

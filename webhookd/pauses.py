@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from webhookd.config.sections import CATCH_ALL, Config
-from webhookd.journal import BaseJournal
+from webhookd.journal.base import BaseJournal
 
 
 @dataclass(frozen=True)

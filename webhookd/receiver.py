@@ -35,7 +35,8 @@ from webhookd.config.sections import (
 from webhookd.config.values import Extractor, Network
 from webhookd.errors import JournalUnavailable, VerificationError
 from webhookd.http1 import Ack, Answer, Http1Server, Request
-from webhookd.journal import BaseJournal, NewEvent, NewJob
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.records import NewEvent, NewJob
 from webhookd.json_errors import json_error
 from webhookd.models import (
     Event,

@@ -11,7 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from webhookd.config.sections import JournalConfig
-from webhookd.journal import BaseJournal, Pruned
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.records import Pruned
 
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S

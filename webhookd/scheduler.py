@@ -20,7 +20,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
-from webhookd.journal import Lane, Ready
+from webhookd.journal.records import Lane, Ready
 from webhookd.models import Priority
 
 # Past a head that may not start (a capped action, an action whose lane's line is full), how

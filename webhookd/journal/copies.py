@@ -27,18 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webhookd.errors import JournalError, JournalNewer
-from webhookd.journal import (
+from webhookd.journal.files import (
     _BUSY_TIMEOUT_MS,
     _NEARLY_FULL_BYTES,
     _SQLITE_HEADER,
     WAL_SIZE_LIMIT_BYTES,
-    _take_serve_lock,
     foreign,
     interrupted_restores,
     not_a_journal,
+    restored_marker,
+)
+from webhookd.journal.locks import (
+    _take_serve_lock,
     opened_elsewhere,
     process_running,
-    restored_marker,
     serve_lock_file,
     who_holds,
 )

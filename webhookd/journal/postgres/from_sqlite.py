@@ -37,7 +37,8 @@ from typing import Any
 import asyncpg
 
 from webhookd.errors import JournalError, JournalNewer
-from webhookd.journal import _take_serve_lock, copied_marker, copied_to, opened_elsewhere
+from webhookd.journal.files import copied_marker, copied_to
+from webhookd.journal.locks import _take_serve_lock, opened_elsewhere
 from webhookd.journal.moved import new_private, sync
 from webhookd.journal.postgres.db import DB_ERRORS, db_error, redact_url
 from webhookd.journal.postgres.nodes import CHANNEL, PAUSE_CHANNEL
