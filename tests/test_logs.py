@@ -804,12 +804,15 @@ def test_lines_past_the_backlog_are_dropped_and_counted_warnings_kept_first(
     written = [line for line in lines if " info n=" in line]
     told = [int(found[1]) for line in lines if (found := DROPPED.search(line))]
     # Each line was written or counted (in one gap or more: the writer may still have been
-    # filling the pipe when the backlog first ran out).
-    assert 0 < len(written) < infos and len(written) + sum(told) == infos + 1
+    # filling the pipe when the backlog first ran out, and on a busy machine it had made room
+    # again by the time "lost" came, which was then written).
+    lost_written = any(line.endswith(" test: lost") for line in lines)
+    assert 0 < len(written) < infos
+    assert len(written) + sum(told) + lost_written == infos + 1
     assert [DROPPED.sub("N dropped", line.split(" ", 1)[1]) for line in lines[-4:]] == [
         "warning logs: N dropped",
         "warning test: kept",
-        "warning logs: N dropped",
+        "info    test: lost" if lost_written else "warning logs: N dropped",
         "warning test: the end",
     ]
-    assert told[-1] == 1  # "lost", told by the flush
+    assert lost_written or told[-1] == 1  # "lost", told by the flush
