@@ -161,15 +161,21 @@ def _owner_only(path: Path) -> bool:
 _NEARLY_FULL_BYTES = 1 << 20
 
 
+def _nearest_folder(path: Path) -> Path:
+    """The folder of ``path``, or its nearest ancestor that exists (``open`` makes the rest)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def why_unusable(path: Path) -> str | None:
     """Why this process could not use a journal at ``path``, as far as it can see, or None:
     another user's file, a folder it cannot create files in (the nearest that exists: ``open``
     makes the rest), a disk with no room. SQLite itself says only "unable to open database
     file" or "disk I/O error"; ``webhookd check`` warns of the same before a start."""
-    folder = path.parent
     try:
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
+        folder = _nearest_folder(path)
         if os.statvfs(folder).f_flag & os.ST_RDONLY:
             # access() fails with EROFS there too, which would read as a permission problem.
             return f"the filesystem of {folder} is mounted read-only"
@@ -205,9 +211,7 @@ def short_of_room(path: Path) -> str | None:
     """What ``serve`` and ``check`` warn of a journal at ``path`` whose disk has less free than
     ``ROOM_WANTED_BYTES``, counting the room its -wal already holds as its own; None when it
     has that room, or it cannot tell (``why_unusable`` says why then)."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_folder(path)
     try:
         usage = os.statvfs(folder)
         wal = path.with_name(path.name + "-wal")
