@@ -1182,10 +1182,16 @@ class WorkerPool:
         """Give a job whose source or action this node lacks (``missing`` says which) back to
         the live nodes that have it, if any does (read now: a node that just added it said so
         before it took its webhooks, ``publish_names``); returns whether it was given back.
-        Its key is then kept out of this node's claims (``_elsewhere``) while one still has it.
+        Its key is then kept out of this node's claims (``_elsewhere``) while one still has it,
+        and the others of its jobs claimed meanwhile are given back without asking again.
         A journal that cannot say is taken for a yes, and asked again at the next look."""
         job, event = claimed.job, claimed.event
         key = (event.source, job.action)
+        if key in self._elsewhere:  # a live node had it at the last look (``_recheck_elsewhere``)
+            await self._give_back(
+                claimed, f"left to the nodes that have it: {missing} is not configured here"
+            )
+            return True
         try:
             nodes = _runners(await self.journal.peer_names(), *key)
             who = ", ".join(nodes)
@@ -1194,9 +1200,7 @@ class WorkerPool:
         if not nodes:
             return False
         now = self.clock.monotonic()
-        if key not in self._elsewhere and now - self._told_elsewhere.get(key, -math.inf) >= (
-            ELSEWHERE_RETELL_S
-        ):
+        if now - self._told_elsewhere.get(key, -math.inf) >= ELSEWHERE_RETELL_S:
             self._told_elsewhere = {
                 k: t for k, t in self._told_elsewhere.items() if now - t < ELSEWHERE_RETELL_S
             }
