@@ -17,6 +17,12 @@ from webhookd.journal import BaseJournal, copies
 from webhookd.redact import printable
 from webhookd.retention import HOUR_S, kept_s
 
+# ``stats``' recent window (its received rate and attempts), beside the last hour's.
+RECENT_S = 300.0
+# The dead letters' source when the config has no catch-all: sources no longer configured,
+# summed as the metrics label them.
+REMOVED_SOURCES = "(removed)"
+
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
@@ -88,15 +94,6 @@ def stats(config_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(_stats_table(doc))
-
-
-# ``stats``' recent window (its received rate and attempts), beside the last hour's.
-RECENT_S = 300.0
-
-
-# The dead letters' source when the config has no catch-all: sources no longer configured,
-# summed as the metrics label them.
-REMOVED_SOURCES = "(removed)"
 
 
 # What ``stats`` takes from the daemon's ``/stats`` when it answers: the counts it keeps (reused
