@@ -34,6 +34,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.throttle",
         "webhookd.sdnotify",
     ),
+    # The receiver's HTTP/1.1 server: requests and answers, then connections and the listener.
+    ("webhookd.http1.wire",),
+    ("webhookd.http1.server",),
     ("webhookd", "webhookd.secret", "webhookd.templates", "webhookd.http1"),
     # Signature schemes: the shared parts, one module per scheme, the registry.
     ("webhookd.schemes.base",),
