@@ -625,7 +625,7 @@ async def test_webhooks_waiting_for_their_commit_are_counted_and_a_crowd_marks_i
     hold new jobs back). The count comes back down once they are answered. A crowd of
     duplicates leaves no job behind and holds nothing: a sender looping on one delivery held
     every source's jobs for up to 13 s."""
-    monkeypatch.setattr("webhookd.receiver.BUSY_WAITING", 2)
+    monkeypatch.setattr("webhookd.receiver.handler.BUSY_WAITING", 2)
     clock = ManualClock()
     intake = await make_intake(server="ack_timeout_s = 30", clock=clock)
     state = intake.state
