@@ -55,8 +55,8 @@ from webhookd.journal import (
     opened_elsewhere,
     why_unusable,
 )
-from webhookd.journal.base import MAX_ABANDONED_READS, answer_within
 from webhookd.journal.batch import IngestOp, OpQueue, headers_json, insert_rows
+from webhookd.journal.polled import MAX_ABANDONED_READS, answer_within
 from webhookd.journal.records import CATCH_ALL_SHOWN
 from webhookd.journal.schema import BACKLOG_SQL, add_functions
 from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id, quick_init

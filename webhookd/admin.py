@@ -28,14 +28,8 @@ from aiohttp import HttpVersion11, web
 
 from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.errors import JournalError, NotFound
-from webhookd.journal.base import (
-    ADMIN_READ_S,
-    BULK_BATCH,
-    BaseJournal,
-    PolledCounts,
-    answer_within,
-    present_only,
-)
+from webhookd.journal.base import BULK_BATCH, BaseJournal, present_only
+from webhookd.journal.polled import ADMIN_READ_S, PolledCounts, answer_within
 from webhookd.journal.records import Counts, EventSummary, LaneBacklog
 from webhookd.journal.schema import EVENT_STATES
 from webhookd.json_errors import Handler, json_error, json_errors

@@ -32,7 +32,8 @@ from webhookd import __version__
 from webhookd.actions.base import Outcome
 from webhookd.config.sections import CATCH_ALL, Config
 from webhookd.errors import JournalError
-from webhookd.journal.base import ADMIN_READ_S, BaseJournal, PolledCounts, answer_within
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.polled import ADMIN_READ_S, PolledCounts, answer_within
 from webhookd.journal.records import Claimed, Counts, Finished, NodeInfo, Poisoned
 from webhookd.state import UNAVAILABLE, IntakeState
 from webhookd.workers import WorkerPool

@@ -29,7 +29,8 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.reloads import names_take
 from webhookd.config.sections import ActionConfig, Config, RetryPolicy
 from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
-from webhookd.journal.base import BaseJournal, let_go
+from webhookd.journal.base import BaseJournal
+from webhookd.journal.polled import let_go
 from webhookd.journal.records import Cap, Claimed, Finished, Lane, NewEvent, Ready, Recorded
 from webhookd.limiter import Lane as RateLane
 from webhookd.models import JobState, storable_text

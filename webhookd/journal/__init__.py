@@ -20,15 +20,7 @@ import asyncio
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.checks import check_journal_url
 from webhookd.config.sections import JournalConfig
-from webhookd.journal.base import (
-    ADMIN_READ_S,
-    BULK_BATCH,
-    BaseJournal,
-    PolledCounts,
-    answer_within,
-    let_go,
-    present_only,
-)
+from webhookd.journal.base import BULK_BATCH, BaseJournal, present_only
 from webhookd.journal.files import (
     _BUSY_TIMEOUT_MS,
     _NEARLY_FULL_BYTES,
@@ -52,6 +44,7 @@ from webhookd.journal.locks import (
     serve_lock_held,
     who_holds,
 )
+from webhookd.journal.polled import ADMIN_READ_S, PolledCounts, answer_within, let_go
 from webhookd.journal.reads import peek
 from webhookd.journal.records import (
     CAUSE_CHARS,
