@@ -376,6 +376,28 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert "was not paused" in out.output
 
 
+async def test_resuming_a_removed_source_beside_a_running_daemon_notes_nothing_amiss(
+    wired: tuple[Path, Running],
+) -> None:
+    """A paused source the config no longer has, resumed while the daemon runs: the CLI does
+    not ask the daemon to apply it (it would answer 404, the name being paused no more) and so
+    writes no note saying the daemon was not asked; the daemon reads the resume by itself."""
+    config, running = wired
+    text = config.read_text().replace(
+        '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+    )
+    config.write_text(text, encoding="utf-8")
+    await running.daemon.journal.pause("gone")
+    out = await cli("resume", "gone", "--config", str(config))
+    assert (out.exit_code, out.output) == (
+        0,
+        f"resumed gone, which {config} has no more: its queued jobs go dead at their turn"
+        " (webhookd replay --dead runs them once it is back)\n",
+    )
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert "gone" not in (await r.json())["paused"]
+
+
 async def test_the_catch_alls_own_name_is_refused_for_a_pause_and_noted_for_a_filter(
     tmp_path: Path,
 ) -> None:

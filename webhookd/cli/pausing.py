@@ -63,9 +63,10 @@ def _pause_or_resume(
                 return named, None, (False, None)
             changed = await (journal.pause(source) if pausing else journal.resume(source))
             identity = await journal.identity()
-        if named.slip_of is not None:
-            # A slip resumed as it was paused: the daemon, asked now, would refuse it as a slip
-            # (it is paused no more), and reads the resume within a second.
+        if named.slip_of is not None or removed:
+            # A slip, or a source the config has no more, resumed as it was paused: the daemon,
+            # asked now, would refuse it (a slip, or a 404: it is paused no more), and reads
+            # the resume within a second.
             return named, changed, (False, None)
         # The daemon reads the change at its next sweep (within a second); asked, it applies
         # it before it answers, so no job of a source said paused starts after the answer.
