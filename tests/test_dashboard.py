@@ -1321,6 +1321,22 @@ async def test_dashboard_labels_a_six_or_seven_digit_chart_whole(
     assert labels == [["1.2M", True], ["120K", True]]
 
 
+async def test_dashboard_says_when_retention_cuts_the_charts_hour(
+    run_daemon: Any, tmp_path: Path, browser: str
+) -> None:
+    """With finished events kept 30 minutes, the last hour's charts count only what is kept,
+    and the page says so under its heading; with the default retention it says nothing."""
+    running = await run_daemon(make_config(tmp_path, journal="keep_done_h = 0.5\n"))
+    note = "document.querySelector('#series-cut')"
+    async with open_page(browser, running.admin_url + "/") as page:
+        text = await page.wait_for(f"!{note}.hidden && {note}.textContent")
+    assert text == "Retention keeps 30m: the charts count what is kept."
+    whole = await run_daemon(make_config(tmp_path / "whole"))
+    async with open_page(browser, whole.admin_url + "/") as page:
+        await page.wait_for("document.querySelector('#chart-rates svg')")
+        assert await page.evaluate(f"{note}.hidden") is True
+
+
 async def test_dashboard_lists_the_node_with_its_host_pid_and_the_cluster_backlog(
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
