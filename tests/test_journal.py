@@ -31,6 +31,7 @@ from ops_support import cli
 from procs import AS_NOBODY, held_open, poll, why_not_as_nobody
 from test_backup import small_disk
 
+import webhookd.journal.changes as changes_module
 import webhookd.journal.sqlite as journal_module
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
@@ -1424,9 +1425,9 @@ async def test_sqlite_a_clock_step_moves_only_the_jobs_queued_before_it(
     """The walk over the queued jobs after a step of the wall clock goes a batch at a time,
     and webhooks keep coming meanwhile, journaled by the stepped clock. Unbounded, it moved
     those too (each then waited the whole step), and under steady intake never ended."""
-    monkeypatch.setattr(journal_module, "_STEP_BATCH", 1)
+    monkeypatch.setattr(changes_module, "_STEP_BATCH", 1)
     first_batch = threading.Event()
-    read = journal_module.fetch_rows
+    read = changes_module.fetch_rows
 
     def batch_read(conn: sqlite3.Connection, sql: str, *args: Any) -> Any:
         rows = read(conn, sql, *args)
@@ -1434,7 +1435,7 @@ async def test_sqlite_a_clock_step_moves_only_the_jobs_queued_before_it(
             first_batch.set()
         return rows
 
-    monkeypatch.setattr(journal_module, "fetch_rows", batch_read)
+    monkeypatch.setattr(changes_module, "fetch_rows", batch_read)
     clock = ManualClock(start=1_700_000_000.0)
     async with Journal(tmp_path / "j.db", clock=clock) as journal:
         before = [new_event(received_at=clock.time()) for _ in range(5)]

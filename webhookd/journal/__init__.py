@@ -21,6 +21,7 @@ from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.checks import check_journal_url
 from webhookd.config.sections import JournalConfig
 from webhookd.journal.base import BULK_BATCH, BaseJournal, present_only
+from webhookd.journal.changes import VACUUM_PAGES_MAX, VACUUM_PAGES_MIN, vacuum_pages
 from webhookd.journal.files import (
     _BUSY_TIMEOUT_MS,
     _NEARLY_FULL_BYTES,
@@ -79,7 +80,7 @@ from webhookd.journal.records import (
     Starter,
 )
 from webhookd.journal.schema import EVENT_STATES, MIGRATIONS
-from webhookd.journal.sqlite import VACUUM_PAGES_MAX, VACUUM_PAGES_MIN, Journal, vacuum_pages
+from webhookd.journal.sqlite import Journal
 from webhookd.journal.threads import (
     CHECKPOINT_EVERY_S,
     WRITER_AUTOCHECKPOINT_PAGES,
