@@ -69,6 +69,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "webhookd.journal.postgres.writes",
     ),
     ("webhookd.journal.postgres.nodes",),
+    ("webhookd.journal.postgres.changes",),
     ("webhookd.journal.postgres", "webhookd.journal.sqlite"),
     ("webhookd.journal",),
     # Copies of a SQLite journal (backup, restore; into PostgreSQL), under the daemon's lock.
