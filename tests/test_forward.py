@@ -22,6 +22,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from webhookd import actions
 from webhookd.actions import forward
 from webhookd.actions.base import Outcome, Resources
+from webhookd.actions.client import open_session
 from webhookd.cli import main
 from webhookd.errors import ConfigError
 from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
@@ -686,6 +687,44 @@ async def test_an_answer_the_client_cannot_read_says_so(
     assert outcome.error is not None and outcome.error.startswith(url), outcome.error
     assert said in outcome.error and "RawResponseMessage" not in outcome.error, outcome.error
     assert len(outcome.error) < 400, outcome.error
+
+
+@pytest.mark.parametrize(
+    ("header_bytes", "kind"), [(9_000, "done"), (60_000, "done"), (70_000, "retry")]
+)
+async def test_the_daemons_client_reads_a_2xx_with_a_header_line_as_long_as_http_client_does(
+    tmp_path: Path, header_bytes: int, kind: str
+) -> None:
+    """A 2xx whose head has a header of 9 KB (a session cookie, a content policy) is done,
+    not sent again at every attempt: lines up to 64 KiB are read, as Python's http.client does."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(len(JSON_BODY))
+        cookie = b"Set-Cookie: s=" + b"a" * header_bytes + b"\r\n"
+        writer.write(b"HTTP/1.1 200 OK\r\n" + cookie + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = make_config(
+        tmp_path,
+        "[sources.shop]\n[[sources.shop.actions]]\n"
+        f'type = "forward"\nurl = "http://127.0.0.1:{port}/in"',
+    )
+    try:
+        async with open_session(4) as http:
+            [action_cfg] = cfg.sources["shop"].actions
+            action = forward.create(action_cfg, Resources(config=cfg, http=http))
+            event = make_event()
+            outcome = await action.run(event, make_job(event))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcome.kind == kind, outcome.error
+    if kind == "retry":
+        assert outcome.error is not None and "Got more than 65536 bytes" in outcome.error
 
 
 async def test_connection_refused_is_retried(send: Callable[[str], Forward]) -> None:

@@ -32,6 +32,11 @@ LOOKUP_THREADS = 16
 # The addresses found are numbers: the connect that follows need not look them up again.
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 _AS_NUMBERS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+# The longest line of an answer's head (its status line, a header) the client reads: Python's
+# http.client's (what requests and urllib read). aiohttp's own 8190 bytes refused a service's
+# 2xx that set a 9 KB cookie or policy header: the delivery it had taken was sent again at
+# every attempt, then dead. 128 headers at most, as aiohttp has it (http.client: 100).
+HEAD_LINE_BYTES = 65536
 
 
 class Resolver(AbstractResolver):
@@ -119,6 +124,8 @@ async def open_session(
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, resolver=resolver),
+            max_line_size=HEAD_LINE_BYTES,
+            max_field_size=HEAD_LINE_BYTES,
             timeout=aiohttp.ClientTimeout(total=None),
             # No cookies: one target's Set-Cookie would go back with every later delivery to
             # its host, whatever the event, tenant or source.
