@@ -381,6 +381,21 @@ async def test_a_user_and_password_in_the_url_go_as_basic_auth(
     assert code == 0 and target.seen[0].headers["Authorization"] == "Bearer t1"
 
 
+async def test_a_header_value_that_is_not_ascii_goes_as_utf_8(
+    tmp_path: Path, target: Target
+) -> None:
+    """`send -H 'X-Shop-Name: Café ✓'` posts the value as UTF-8, as a provider would: not as
+    Latin-1 bytes the daemon cannot pass on, nor a failed post for a character past Latin-1."""
+    path = tmp_path / "webhookd.toml"
+    path.write_text(cfg_text())
+    url = target.url + "/hooks/gh"
+    args = ("send", "gh", "--url", url, "-H", "X-Shop-Name: Café ✓", "--config", str(path))
+    code, out, err = await _webhookd(*args)
+    assert (code, out.splitlines()[0], err) == (0, "200 OK", "")
+    [seen] = target.seen
+    assert seen.headers["X-Shop-Name"] == "Café ✓"
+
+
 async def test_a_redirect_is_the_answer_and_what_a_server_answers_is_printed_escaped(
     tmp_path: Path, target: Target
 ) -> None:

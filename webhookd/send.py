@@ -399,7 +399,14 @@ def post(delivery: Delivery, timeout_s: float = 30.0, tls: ssl.SSLContext | None
         headers = dict(delivery.headers)
         if authorization and not any(k.lower() == "authorization" for k in headers):
             headers["Authorization"] = authorization
-        request = urllib.request.Request(url, data=delivery.body, headers=headers, method="POST")
+        # As UTF-8, as a provider sends a value that is not ASCII (-H 'X-Shop-Name: Café'):
+        # http.client encodes a value as Latin-1, and refused a character past it ("✓"), so
+        # it is given the UTF-8 bytes as the Latin-1 text that encodes to them (an argument
+        # that was not UTF-8 goes as its bytes came, by surrogateescape).
+        sent = {
+            k: v.encode("utf-8", "surrogateescape").decode("latin-1") for k, v in headers.items()
+        }
+        request = urllib.request.Request(url, data=delivery.body, headers=sent, method="POST")
         handlers: list[urllib.request.BaseHandler] = [
             urllib.request.ProxyHandler({}),
             _NoRedirects(),
