@@ -11,9 +11,11 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -41,6 +43,7 @@ from webhookd import __version__, actions, models
 from webhookd import config as config_mod
 from webhookd.cli import _verified_line, main
 from webhookd.cli import reads as cli_reads
+from webhookd.cli import serving as cli_serving
 from webhookd.clock import ManualClock
 from webhookd.errors import ConfigError
 from webhookd.journal import (
@@ -1495,6 +1498,78 @@ async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) 
         " PostgreSQL app:***@127.0.0.1:1/db: "
     )
     assert "pw-of-the-app" not in out.output
+
+
+async def test_check_warns_of_a_host_name_an_action_delivers_to_that_does_not_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward's url and an openai action's base_url and then-forward whose host the resolver
+    says does not exist are each a warning naming the key: a mistyped host is otherwise
+    retried for the whole retry policy. Not a host reached through a proxy, nor one the
+    resolver does not answer for (within LOOKUP_S) or fails on another way. The resolver is
+    stood in for: whether a name exists depends on the machine's DNS."""
+    unanswered = threading.Event()
+
+    def look_up(name: str) -> None:
+        if name.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if name == "down.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if name == "silent.example":
+            unanswered.wait(30)
+
+    monkeypatch.setattr(cli_serving, "_look_up", look_up)
+    monkeypatch.setattr(cli_serving, "LOOKUP_S", 0.3)
+    body = """
+[sources.shop]
+[[sources.shop.actions]]
+type = "forward"
+name = "typo"
+url = "https://shop.invalid/in"
+[[sources.shop.actions]]
+type = "forward"
+name = "proxied"
+url = "https://behind.invalid/in"
+proxy = "http://127.0.0.1:3128"
+[[sources.shop.actions]]
+type = "forward"
+name = "local"
+url = "http://127.0.0.1:9/in"
+[[sources.shop.actions]]
+type = "forward"
+name = "silent"
+url = "http://silent.example/in"
+[[sources.shop.actions]]
+type = "forward"
+name = "down"
+url = "http://down.example/in"
+[[sources.shop.actions]]
+type = "openai"
+name = "summary"
+api_key = "env:NO_SUCH_KEY_IS_READ_HERE"
+base_url = "http://llm.invalid/v1"
+model = "m"
+max_tokens = 100
+prompt = "{{ body }}"
+then = { forward = "http://after.invalid/in" }
+"""
+    monkeypatch.setenv("OPENAI_TEST_KEY", "k")
+    path, _ = write_config(tmp_path, body.replace("NO_SUCH_KEY_IS_READ_HERE", "OPENAI_TEST_KEY"))
+    started = time.monotonic()
+    out = await cli("check", "--config", str(path))
+    unanswered.set()
+    assert out.exit_code == 0, out.output
+    tail = "fail, and are retried for the whole retry policy, until it does"
+    assert [line for line in out.stderr.splitlines() if "does not resolve" in line] == [
+        f"webhookd: warning: sources.shop.actions[{n}].{key}: host {host} does not resolve"
+        f" here (Name or service not known): its deliveries {tail}"
+        for n, key, host in (
+            (0, "url", "shop.invalid"),
+            (5, "base_url", "llm.invalid"),
+            (5, "then.forward", "after.invalid"),
+        )
+    ]
+    assert time.monotonic() - started < 10  # the silent resolver was not waited for
 
 
 @pytest.mark.parametrize("password", ["Abc@Sec/ret99", "Abc@Sec?ret99", "Abc#Secret99"])

@@ -13,7 +13,7 @@ from typing import Any
 
 from webhookd.actions.base import Action, ActionKind, Outcome, Resources
 from webhookd.config.sections import ActionDefaults, Config
-from webhookd.config.table import source_key
+from webhookd.config.table import Table, source_key
 from webhookd.errors import ConfigError
 
 
@@ -129,6 +129,25 @@ def warnings(config: Config) -> list[str]:
             elif action.type == "openai" and isinstance(then := action.options.get("then"), dict):
                 said.extend(fixed_repeat_keys(then.get("headers"), f"{action.key}.then.headers"))
     return said
+
+
+def looked_up_hosts(config: Config) -> list[tuple[str, str]]:
+    """``(key, host name)`` of each host the actions (the alerts' own among them) look up to
+    reach: a forward's ``url``, an openai action's ``base_url`` (when set) and its ``then``'s
+    ``forward``; none reached through a proxy, no IP address (``delivery.looked_up_hosts``)."""
+    from webhookd.actions import delivery
+
+    found = []
+    for source in config.all_sources():
+        for action in source.actions:
+            t = Table(action.options, action.key)
+            if action.type == "forward":
+                found += delivery.looked_up_hosts(t, ("url",))
+            elif action.type == "openai":
+                found += delivery.looked_up_hosts(t, ("base_url",))
+                if isinstance(then := action.options.get("then"), dict):
+                    found += delivery.looked_up_hosts(Table(then, t.path("then")), ("forward",))
+    return found
 
 
 def build(

@@ -18,6 +18,7 @@ import base64
 import datetime
 import email.utils
 import errno
+import ipaddress
 import math
 import os
 import re
@@ -149,6 +150,25 @@ def read_url(t: Table, name: str) -> str:
         no_template(value, t.path(name))
         value = text_or_secret(value, t.path(name))
     return check_url(value, t.path(name), secret=secret)
+
+
+def looked_up_hosts(t: Table, names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(key, host name)`` of each URL option of ``names`` set in ``t`` that the daemon looks
+    up itself: none through a ``proxy`` (the proxy looks the name up), no IP address. For
+    ``check``, which warns of a name that does not resolve: a mistyped host retried for the
+    whole retry policy (half a day by default) before its jobs go dead."""
+    if t.has("proxy"):
+        return []
+    found = []
+    for name in names:
+        if not t.has(name):
+            continue
+        host = urlsplit(read_url(t, name)).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            found.append((t.path(name), host))
+    return found
 
 
 def no_template(written: str, key: str) -> None:

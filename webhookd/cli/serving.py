@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 
 import click
 
@@ -24,6 +27,13 @@ from webhookd.redact import (
     written_out,
 )
 from webhookd.schemes import SCHEMES
+
+# How long ``check`` waits for the host names the actions look up, all of them at once.
+LOOKUP_S = 3.0
+# The resolver's "no such name" (EAI_NODATA, where the platform has it: a name with no address).
+_NO_SUCH_NAME = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 
 
 @main.command()
@@ -85,11 +95,12 @@ def check(config_path: str | None, no_journal: bool) -> None:
     """Validate a config file: prints one line, exits 2 naming the bad key (each secret it
     cannot read, one line each). Warns of a config without a source of its own, secrets
     written in the file, a secret with a space or tab at either end, a Stripe secret that is
-    not whsec_, a command whose program is not there, a journal.path this user could not use,
-    and queued jobs in the journal that the config has no action for (read only, beside a
-    running daemon too; a journal it cannot read within 5 s is a note). Notes a journal of an
-    older schema, which serve upgrades at its start before it answers anything. A journal of a
-    newer webhookd exits 3, as serve would."""
+    not whsec_, a command whose program is not there, a host name an action delivers to that
+    does not resolve here, a journal.path this user could not use, and queued jobs in the
+    journal that the config has no action for (read only, beside a running daemon too; a
+    journal it cannot read within 5 s is a note). Notes a journal of an older schema, which
+    serve upgrades at its start before it answers anything. A journal of a newer webhookd
+    exits 3, as serve would."""
     unread: list[str] = []
     try:
         # Every secret that cannot be had is named, not only the first a load stops at.
@@ -143,7 +154,7 @@ def check(config_path: str | None, no_journal: bool) -> None:
             click.echo(f"webhookd: warning: {said}", err=True)
     from webhookd import actions as action_kinds
 
-    for said in action_kinds.warnings(cfg):
+    for said in [*action_kinds.warnings(cfg), *_unresolved(action_kinds.looked_up_hosts(cfg))]:
         click.echo(f"webhookd: warning: {said}", err=True)
     if unusable is not None:
         # A warning, not exit 2: check may run as another user than serve (an operator's).
@@ -152,6 +163,45 @@ def check(config_path: str | None, no_journal: bool) -> None:
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {short}", err=True)
     for said in notes:
         click.echo(f"webhookd: {said}", err=True)
+
+
+def _unresolved(hosts: list[tuple[str, str]]) -> list[str]:
+    """A warning for each ``(key, host)`` whose name the resolver says does not exist, looked
+    up at once, ``LOOKUP_S`` at most in all: a resolver that does not answer, or fails another
+    way, is no finding (a host may resolve only where the daemon runs: "here" says so)."""
+    names = {host for _, host in hosts}
+    found: dict[str, BaseException | None] = {}
+
+    def look_up(name: str) -> None:
+        try:
+            _look_up(name)
+        except OSError as exc:
+            found[name] = exc
+        else:
+            found[name] = None
+
+    # Daemon threads: a lookup still waiting on a resolver when the time is up does not hold
+    # the command's exit.
+    threads = [threading.Thread(target=look_up, args=(n,), daemon=True) for n in sorted(names)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + LOOKUP_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    said = []
+    for key, host in hosts:
+        exc = found.get(host)
+        if isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_NAME:
+            said.append(
+                f"{key}: host {host} does not resolve here ({exc.strerror}): its deliveries"
+                " fail, and are retried for the whole retry policy, until it does"
+            )
+    return said
+
+
+def _look_up(name: str) -> None:
+    """Look ``name`` up as a connection to it would."""
+    socket.getaddrinfo(name, None)
 
 
 def _journal_notes(cfg: config_mod.Config) -> list[str]:
