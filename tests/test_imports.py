@@ -83,6 +83,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions.delivery",),
     ("webhookd.actions.*",),
     ("webhookd.actions",),
+    ("webhookd.attempts",),
     ("webhookd.workers",),
     # What the receiver reads from a request, and its pacing.
     ("webhookd.receiver.reading", "webhookd.receiver.limits"),

@@ -31,6 +31,7 @@ import webhookd
 import webhookd.journal.sqlite as journal_module
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
+from webhookd.attempts import MAX_WAITS, backoff_s
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready, Recorded
@@ -39,14 +40,7 @@ from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
-from webhookd.workers import (
-    HOLD_MAX_S,
-    HOLD_WINDOW_S,
-    MAX_WAITS,
-    SATURATED_RECHECK_S,
-    WorkerPool,
-    backoff_s,
-)
+from webhookd.workers import HOLD_MAX_S, HOLD_WINDOW_S, SATURATED_RECHECK_S, WorkerPool
 
 
 def forward_source(name: str, url: str, **options: str) -> str:

@@ -3,7 +3,8 @@
 The dispatcher is woken the moment an ingest commits (``notify``), when a retry falls due, and
 by a fallback sweep that finds rows written by other processes (``webhookd replay``). Claims
 are committed before an action starts, so the attempt counts even if the process dies in the
-middle of it. Only this module catches an action's errors, to record them as outcomes.
+middle of it. Only an attempt (``attempts``) catches an action's errors, to record them as
+outcomes.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from webhookd import logs
-from webhookd.actions.base import Action, Outcome, cut_note, cut_outcome, cut_short
+from webhookd.actions.base import Action, Outcome
+from webhookd.attempts import decide, run_attempt
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.reloads import names_take
-from webhookd.config.sections import ActionConfig, Config, RetryPolicy
-from webhookd.errors import JournalGone, JournalUnavailable, Reject, Retry
+from webhookd.config.sections import ActionConfig, Config
+from webhookd.errors import JournalGone, JournalUnavailable
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.polled import let_go
 from webhookd.journal.records import Cap, Claimed, Finished, Lane, NewEvent, Ready, Recorded
 from webhookd.limiter import Lane as RateLane
-from webhookd.models import JobState, storable_text
+from webhookd.models import JobState
 from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
@@ -41,11 +43,9 @@ from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.workers")
 
-MAX_WAITS = 100  # rate-limit reschedules (429s) that do not use an attempt, per job
 # Lanes looked at per refill. More lanes than this with queued work are visited in turns (a
 # cursor walks the journal's lane index), so a refill stays cheap with thousands of tenants.
 MAX_LANES_PER_REFILL = 256
-_ERROR_CHARS = 2000
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
 # between tries: the job stays running in the journal until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
@@ -92,33 +92,6 @@ _K = TypeVar("_K")
 def order_cap(job: Ready) -> Cap:
     """The cap that lets one job of ``job``'s order key run at a time (``WorkerPool._caps``)."""
     return Cap(f"order\x1f{job.source}\x1f{job.action}\x1f{job.order_key}", 1)
-
-
-def backoff_s(policy: RetryPolicy, attempt: int, rng: Callable[[], float] = random.random) -> float:
-    """The wait after the ``attempt``-th failure: ``min(cap, base·factor^(n-1)) · U(0.5, 1)``.
-
-    The random half spreads out the retries of jobs that failed together (one outage).
-    """
-    try:
-        raw = policy.base_s * policy.factor ** max(attempt - 1, 0)
-    except OverflowError:  # max_attempts in the thousands ("every minute for days")
-        raw = math.inf
-    return min(policy.cap_s, raw) * (0.5 + 0.5 * rng())
-
-
-def retry_delay_s(
-    policy: RetryPolicy,
-    attempt: int,
-    after_s: float | None,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """The delay before the next attempt: the backoff, or longer if downstream asked
-    (``Retry-After``, ``Retry(after_s=…)``), but never past ``cap_s``: a target that answers
-    ``Retry-After: 99999999`` must not park a job for years."""
-    delay = backoff_s(policy, attempt, rng)
-    if after_s is not None and not math.isnan(after_s):
-        delay = max(delay, min(after_s, policy.cap_s))
-    return delay
 
 
 # A dispatch failure this soon after one said is the same outage: said at debug.
@@ -1121,7 +1094,7 @@ class WorkerPool:
             self._attempting[job.id] = (claimed, started_at)
             self._attempts_on[key] += 1
             try:
-                outcome, timed_out = await self._attempt(action, action_cfg, claimed)
+                outcome, timed_out = await run_attempt(action, action_cfg, claimed, self._cut_kept)
                 assert source is not None
                 self._note_attempt((source.name, job.action), outcome, timed_out)
             finally:
@@ -1133,7 +1106,16 @@ class WorkerPool:
         # Its end is its start and how long it took: a step of the wall clock meanwhile does
         # not make an attempt of an hour (or of less than nothing) in the metrics.
         finished_at = started_at + (self.clock.monotonic() - started)
-        finished = self._decide(claimed, action_cfg, outcome, started_at, finished_at)
+        finished = decide(
+            claimed,
+            action_cfg,
+            outcome,
+            started_at,
+            finished_at,
+            now=self.clock.time(),
+            masker=self.masker,
+            rng=self.rng,
+        )
         self._attempting.pop(job.id, None)  # its attempt is over: a drain does not cut it off
         self._release(job.id)
         recorded = await self._record(finished)
@@ -1310,121 +1292,6 @@ class WorkerPool:
                     )
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, FINISH_RETRY_MAX_S)
-
-    async def _attempt(
-        self, action: Action, cfg: ActionConfig, claimed: Claimed
-    ) -> tuple[Outcome, bool]:
-        """How the attempt ended, and whether it was ended by ``timeout_s``."""
-        try:
-            async with asyncio.timeout(cfg.timeout_s):
-                return await action.run(claimed.event, claimed.job), False
-        except TimeoutError as exc:  # with what the action saw so far, if it kept any
-            if (ended := cut_outcome(exc)) is not None:
-                # Its work had ended before the cut (a command's program had exited, a process
-                # it left holding its pipes): that is the outcome, not a timeout.
-                return ended, False
-            # Named by where it went, as its other failures are ("<url> answered 503"); masked
-            # with them before it is logged or kept.
-            target = getattr(action, "target", None)
-            said = f"timed out after {cfg.timeout_s:g}s" + (f" ({target})" if target else "")
-            if note := cut_note(exc):  # what the timeout did not stop
-                said += f"; {note}"
-            result, detail = cut_short(exc)
-            return Outcome.retry(said, result=result, **detail), True
-        except Retry as exc:
-            return Outcome.retry(exc.reason, after_s=exc.after_s), False
-        except Reject as exc:
-            return Outcome.dead(exc.reason), False
-        except Exception as exc:  # an action's bug or an unexpected failure: retry it
-            log.debug("action %s raised", cfg.name, exc_info=True)
-            return Outcome.retry(f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]), False
-        except BaseException as exc:
-            task = asyncio.current_task()
-            result, detail = cut_short(exc)
-            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                if (ended := cut_outcome(exc)) is not None:
-                    # A drain cut an attempt whose work had ended (as above): recorded as that,
-                    # not queued to run again; the task ends once it is recorded.
-                    return ended, False
-                self._cut_kept[claimed.job.id] = (result, detail)  # for the drain's record
-                raise  # a drain cancelling the job
-            # SystemExit, KeyboardInterrupt, a stray CancelledError: one job's failure, which
-            # must not reach the event loop (it would stop the daemon half way).
-            said = f"action raised {type(exc).__name__}: {exc}"[:_ERROR_CHARS]
-            return Outcome.retry(said, result=result, **detail), False
-
-    def _decide(
-        self,
-        claimed: Claimed,
-        cfg: ActionConfig | None,
-        outcome: Outcome,
-        started_at: float,
-        finished_at: float,
-    ) -> Finished:
-        job = claimed.job
-        now = self.clock.time()
-        # Else an outcome whose error holds a lone surrogate is never recorded: the job would
-        # stay running, its write retried as an outage.
-        masker = self.masker
-        # Masked, then cut: a secret across the cut would keep its first half.
-        error = storable_text(masker.text(outcome.error)[:_ERROR_CHARS]) if outcome.error else None
-        detail = masker.deep(outcome.detail) if outcome.detail else outcome.detail
-        # A handler's return value or a model's answer may quote a secret as a command's output
-        # may: masked the same (an answer kept for a retry's then-forward was masked as kept).
-        outcome_result = masker.deep(outcome.result) if outcome.result is not None else None
-
-        def make(
-            state: JobState,
-            kind: str,
-            run_at: float | None = None,
-            err: str | None = error,
-            counted_wait: bool = False,
-        ) -> Finished:
-            result = outcome_result
-            if result is None and state != JobState.DONE:
-                # What an earlier attempt kept (an openai answer whose then-forward failed)
-                # outlives an attempt that ends with none, a timeout say: else the next one
-                # pays for the work again.
-                result = job.result
-            return Finished(
-                job_id=job.id,
-                attempt=job.attempts,
-                state=state,
-                started_at=started_at,
-                finished_at=finished_at,
-                outcome=kind,
-                run_at=run_at,
-                error=err,
-                result=result,
-                detail=detail,
-                claim=claimed.claim,
-                counted_wait=counted_wait,
-            )
-
-        if outcome.kind == "done":
-            return make(JobState.DONE, "done", err=None)
-        if outcome.kind == "dead":
-            return make(JobState.DEAD, "dead")
-        # A lane pacing its calls (``paced``) is no sign of trouble: however long a backlog
-        # keeps a job waiting its turn, it never gives up on it for that (it never ran); nor
-        # while its lane is out of quota or the daemon out of open files (``held``). Neither
-        # counts towards MAX_WAITS: after a hundred turns waited, a job's first 429 used an
-        # attempt.
-        exempt = bool(outcome.detail.get("paced") or outcome.detail.get("held"))
-        if outcome.kind == "wait" and (exempt or claimed.waits < MAX_WAITS):
-            # An action bounds its own waits (a lane's max_cooldown_s); this only keeps a nan,
-            # an inf or a negative from becoming a run_at.
-            wait_s = outcome.after_s
-            if wait_s is None or not (math.isfinite(wait_s) and wait_s > 0):
-                wait_s = 1.0
-            return make(JobState.QUEUED, "wait", now + wait_s, counted_wait=not exempt)
-        # A failure: retry with backoff, or give up when the attempts are used.
-        if job.attempts >= job.max_attempts or cfg is None:
-            return make(
-                JobState.DEAD, "dead", err=f"gave up after {job.attempts} attempt(s): {error}"
-            )
-        delay = retry_delay_s(cfg.retry, job.attempts, outcome.after_s, self.rng)
-        return make(JobState.QUEUED, "retry", now + delay)
 
     def running_by_lane(self) -> dict[Lane, int]:
         """Jobs running (or being claimed) per lane."""

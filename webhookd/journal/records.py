@@ -135,7 +135,7 @@ class Finished:
     result: Any = None
     detail: Mapping[str, Any] = field(default_factory=dict)
     claim: str = ""  # the ``Claimed.claim`` of the attempt this is the outcome of
-    # A wait that counts towards ``workers.MAX_WAITS`` (a provider's 429): not a lane's own
+    # A wait that counts towards ``attempts.MAX_WAITS`` (a provider's 429): not a lane's own
     # pacing or a hold for a lane out of quota, which may last as long as they must.
     counted_wait: bool = False
 
