@@ -83,7 +83,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions.delivery",),
     ("webhookd.actions.*",),
     ("webhookd.actions",),
-    ("webhookd.attempts",),
+    # The worker pool's parts: one attempt of a job, and the jobs left to other nodes.
+    ("webhookd.attempts", "webhookd.elsewhere"),
     ("webhookd.workers",),
     # What the receiver reads from a request, and its pacing.
     ("webhookd.receiver.reading", "webhookd.receiver.limits"),

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -28,8 +27,8 @@ from webhookd import logs
 from webhookd.actions.base import Action, Outcome
 from webhookd.attempts import decide, run_attempt
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config.reloads import names_take
 from webhookd.config.sections import ActionConfig, Config
+from webhookd.elsewhere import LeftElsewhere
 from webhookd.errors import JournalGone, JournalUnavailable
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.polled import let_go
@@ -64,13 +63,6 @@ _MOST_FAILURE_LINES = 256
 # this long, unless a job of it ends here or another node says one ended: the node does not
 # spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
 SATURATED_RECHECK_S = 0.25
-# A job whose source or action this node lacks (a config changed node by node) is left to the
-# live nodes that have it, and its jobs kept out of this node's claims: whether some live node
-# still has it is read again this often (one read of ``nodes``), and a key none has any more
-# is claimed again here, to go dead. A node lost is seen stale only after its lease anyway.
-ELSEWHERE_RECHECK_S = 5.0
-# Its warning, said again at most this often per source and action.
-ELSEWHERE_RETELL_S = 300.0
 # Picks and claims one dispatch may make when claims come back short (other nodes took the
 # jobs first): each round drops what it lost from the window and fills the slots again.
 _DISPATCH_ROUNDS = 8
@@ -226,8 +218,7 @@ class WorkerPool:
         self._saturated: dict[str, float] = {}
         # Jobs (source as journaled, action) this node lacks and a live node has: left to those
         # nodes, kept out of this node's claims until when to look again (monotonic).
-        self._elsewhere: dict[tuple[str, str], float] = {}
-        self._told_elsewhere: dict[tuple[str, str], float] = {}  # when each was last said
+        self._elsewhere = LeftElsewhere(journal, self.clock)
         # Actions (configured source, action) whose last attempts in a row ended by timeout_s,
         # how many; those at ``workers.slow_after_timeouts`` run one job at a time (``slow``).
         self._timeouts: Counter[tuple[str, str]] = Counter()
@@ -290,7 +281,7 @@ class WorkerPool:
         self.actions = actions
         for key in [k for k in self._retired if not self._attempts_on[k]]:
             self._close_soon(self._retired.pop(key))
-        self._elsewhere.clear()  # left to other nodes for lacking an action this one may have
+        self._elsewhere.keys.clear()  # left to other nodes for lacking an action this one may have
         self._refill_now = True  # jobs of a source that had no action for them may run now
         self._wake.set()
 
@@ -557,7 +548,7 @@ class WorkerPool:
     def _can_run(self, job: Ready) -> bool:
         if job.source in self.paused:
             return False
-        if self._elsewhere and (job.source, job.action) in self._elsewhere:
+        if self._elsewhere.keys and (job.source, job.action) in self._elsewhere.keys:
             return False  # left to the nodes that have its source and action
         source = self.config.source_for(job.source)
         if source is None:
@@ -689,8 +680,8 @@ class WorkerPool:
                 await self._refill()
         if self._saturated:
             self._forget_saturated()
-        if self._elsewhere:
-            await self._recheck_elsewhere()
+        if self._elsewhere.keys:
+            await self._elsewhere.recheck()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._acting) - len(self._reserved)
         room = self._lane_room = self._room_in_lanes()
@@ -1163,39 +1154,12 @@ class WorkerPool:
 
     async def _left_elsewhere(self, claimed: Claimed, missing: str) -> bool:
         """Give a job whose source or action this node lacks (``missing`` says which) back to
-        the live nodes that have it, if any does (read now: a node that just added it said so
-        before it took its webhooks, ``publish_names``); returns whether it was given back.
-        Its key is then kept out of this node's claims (``_elsewhere``) while one still has it,
-        and the others of its jobs claimed meanwhile are given back without asking again.
-        A journal that cannot say is taken for a yes, and asked again at the next look."""
-        job, event = claimed.job, claimed.event
-        key = (event.source, job.action)
-        if key in self._elsewhere:  # a live node had it at the last look (``_recheck_elsewhere``)
-            await self._give_back(
-                claimed, f"left to the nodes that have it: {missing} is not configured here"
-            )
-            return True
-        try:
-            nodes = _runners(await self.journal.peer_names(), *key)
-            who = ", ".join(nodes)
-        except JournalUnavailable:
-            nodes, who = ["?"], "the nodes that have it (the journal did not say which)"
-        if not nodes:
+        the live nodes that have it, if any does (``LeftElsewhere.left_to``); returns whether
+        it was given back."""
+        why = await self._elsewhere.left_to((claimed.event.source, claimed.job.action), missing)
+        if why is None:
             return False
-        now = self.clock.monotonic()
-        if now - self._told_elsewhere.get(key, -math.inf) >= ELSEWHERE_RETELL_S:
-            self._told_elsewhere = {
-                k: t for k, t in self._told_elsewhere.items() if now - t < ELSEWHERE_RETELL_S
-            }
-            self._told_elsewhere[key] = now
-            log.warning(
-                "%s is not configured on this node: its jobs are left to %s, which run(s) it"
-                " (a config changed node by node?)",
-                missing,
-                who,
-            )
-        self._elsewhere[key] = now + ELSEWHERE_RECHECK_S
-        await self._give_back(claimed, f"left to {who}: {missing} is not configured here")
+        await self._give_back(claimed, why)
         return True
 
     async def _give_back(self, claimed: Claimed, why: str) -> None:
@@ -1228,20 +1192,6 @@ class WorkerPool:
             job.action,
             why,
         )
-
-    async def _recheck_elsewhere(self) -> None:
-        """Of the jobs left to other nodes, look again at those due a look (one read of the
-        nodes): still left while a live node has them, else claimed here again, to go dead."""
-        now = self.clock.monotonic()
-        due = [key for key, at in self._elsewhere.items() if at <= now]
-        if not due:
-            return
-        peers = await self.journal.peer_names()
-        for key in due:
-            if _runners(peers, *key):
-                self._elsewhere[key] = now + ELSEWHERE_RECHECK_S
-            else:
-                del self._elsewhere[key]
 
     def _failure_line(self, source: str, action: str) -> Throttle:
         """The throttle of one action's retry and wait lines: the names a catch-all took share
@@ -1307,20 +1257,6 @@ class WorkerPool:
             outcomes=dict(self.outcomes),
             holding=self.holding,
         )
-
-
-def _runners(peers: Sequence[tuple[str, str]], source: str, action: str) -> list[str]:
-    """Of ``peers`` (``BaseJournal.peer_names``), the names of those that run ``action`` of
-    jobs journaled under ``source``."""
-    found = []
-    for node, names in peers:
-        try:
-            runs = json.loads(names)
-        except ValueError:
-            continue  # not written by a webhookd: it says nothing of what it runs
-        if isinstance(runs, dict) and names_take(runs, source, action):
-            found.append(node)
-    return found
 
 
 def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:
