@@ -1101,7 +1101,7 @@ async def test_a_daemon_started_with_tune_gc_freezes_its_startup_objects(
     daemons leave the collector alone."""
     import gc
 
-    from webhookd.app import GC_THRESHOLDS
+    from webhookd.process import GC_THRESHOLDS
 
     before = gc.get_threshold()
     try:

@@ -91,6 +91,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The daemon's faces, side by side: none imports another.
     ("webhookd.receiver.handler", "webhookd.admin", "webhookd.metrics", "webhookd.alerts"),
     ("webhookd.receiver",),
+    # The daemon's process, its status line, what it reads of its journal as it starts.
+    ("webhookd.process", "webhookd.status", "webhookd.boot"),
     ("webhookd.app",),
     # The CLI: its leaves (times and text, the click group, the admin API's client), what every
     # verb shares, the bulk verbs' batches, one module per family of verbs, the package.

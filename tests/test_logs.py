@@ -28,7 +28,7 @@ from rawhttp import RawConn
 import webhookd
 from webhookd import logs
 from webhookd.admin import AdminContext, Throughput
-from webhookd.app import heartbeat_line, status_line
+from webhookd.status import heartbeat_line, status_line
 from webhookd.throttle import Throttle
 
 GH_SECRET = "gh-signing-secret-5f2a9c"

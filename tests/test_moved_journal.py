@@ -36,10 +36,10 @@ from procs import DaemonProc, Procs, Target, get_json, poll, settled_event, writ
 from test_backup import small_disk
 
 import webhookd.journal.sqlite as journal_module
-from webhookd.app import STOP_MARGIN_S
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, Priority, new_event_id, new_job_id
+from webhookd.process import STOP_MARGIN_S
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,17 +29,14 @@ line.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
-import gc
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,13 +46,19 @@ from aiohttp import web
 
 from webhookd import actions as action_registry
 from webhookd import logs
-from webhookd.actions.base import HANDLER_IMPORTS_DEFERRED, Action, Resources
+from webhookd.actions.base import HANDLER_IMPORTS_DEFERRED, Resources
 from webhookd.actions.client import Lookup, open_session
 from webhookd.actions.command import kill_running_commands
-from webhookd.actions.openai import lane_actions
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
-from webhookd.clock import STEP_S, SYSTEM_CLOCK, Clock, StepWatch, unset_clock
+from webhookd.boot import (
+    _check_the_clock,
+    _count_earlier_calls,
+    _orphans,
+    _warn_of_orphans,
+    clock_stepped,
+)
+from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch, unset_clock
 from webhookd.config.reloads import Reload, cluster_digest, cluster_names, plan_reload, some
 from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL, Config, no_sources
 from webhookd.config.values import Listen
@@ -73,9 +76,17 @@ from webhookd.journal import open_journal
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.records import Poisoned, Pruned
 from webhookd.json_errors import JsonErrorAppRunner
-from webhookd.limiter import LOG_S, Lane, build_lanes
+from webhookd.limiter import Lane, build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import new_boot_id
+from webhookd.process import (
+    EXIT_DEADLINE_S,
+    STOP_MARGIN_S,
+    _exit_within,
+    _open_files_for,
+    _tune_gc,
+    keep_memory_private,
+)
 from webhookd.receiver import Receiver
 from webhookd.redact import (
     WRITTEN_OUT,
@@ -87,6 +98,7 @@ from webhookd.redact import (
 from webhookd.retention import prune_expired
 from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
+from webhookd.status import heartbeat_line, status_line
 from webhookd.workers import WorkerPool
 
 log = logging.getLogger("webhookd")
@@ -769,136 +781,6 @@ class Daemon:
         return status_line(doing, ctx)
 
 
-async def clock_stepped(journal: BaseJournal, moved_s: float) -> None:
-    """Tell a step of the wall clock ``moved_s`` seconds (back: negative) and have the journal
-    move its queued jobs' times with it."""
-    way = "back" if moved_s < 0 else "forward"
-    try:
-        moved = await journal.clock_stepped(moved_s)
-    except JournalError as exc:
-        moved, why = None, f"they could not be moved ({exc})"
-    else:
-        why = "a cluster's nodes share them, each by its own clock: keep the nodes in NTP sync"
-    if moved is None:
-        log.warning(
-            "the wall clock stepped %s %.0f s: queued jobs wait that much %s; %s",
-            way,
-            abs(moved_s),
-            "longer" if moved_s < 0 else "less",
-            why,
-        )
-        return
-    log.warning(
-        "the wall clock stepped %s %.0f s (%s): the %d queued job(s) were moved as far, so that"
-        " each waits what it was meant to; the times journaled before are that much %s of the"
-        " clock",
-        way,
-        abs(moved_s),
-        "set by hand or NTP" if moved_s < 0 else "set by hand or NTP, or the machine slept",
-        moved,
-        "ahead" if moved_s < 0 else "behind",
-    )
-
-
-async def _check_the_clock(journal: BaseJournal, cfg: Config, now: float) -> None:
-    """At the start: a journal written ahead of this clock (stepped back while webhookd was
-    down, or ahead then) is told, and jobs planned further ahead than any wait webhookd plans
-    are made due by then. Not moved by the difference: a second start would move them again."""
-    newest = await journal.list_events(limit=1)
-    if newest and (ahead_s := newest[0].received_at - now) >= STEP_S:
-        log.warning(
-            "the wall clock is %.0f s behind the newest event in the journal: it was stepped"
-            " back, or was ahead when that was journaled; waits planned then run up to that much"
-            " longer",
-            ahead_s,
-        )
-    latest = now + cfg.longest_wait_s()
-    if brought := await journal.bring_due_by(latest):
-        log.warning(
-            "%d queued job(s) were due more than %.0f s ahead, longer than any wait webhookd"
-            " plans (a clock ahead of this one planned them): due within that now",
-            brought,
-            latest - now,
-        )
-
-
-def heartbeat_line(ctx: AdminContext) -> str:
-    """One key=value line: backlog, rates, workers, paused sources and lanes."""
-    stats = ctx.pool.statistics()
-    rates = ctx.throughput.rates() if ctx.throughput is not None else {}
-    parts = [
-        f"heartbeat backlog={ctx.journal.backlog_jobs}",
-        f"accepted_per_s={rates.get('accepted_per_s', 0):.1f}",
-        f"finished_per_s={rates.get('finished_per_s', 0):.1f}",
-        f"busy={stats.busy}/{stats.concurrency}",
-        f"window={stats.window}",
-        "outcomes=" + (",".join(f"{k}:{v}" for k, v in sorted(stats.outcomes.items())) or "-"),
-    ]
-    if ctx.pool.holding:
-        parts.append("holding=burst")  # no new job starts while the receiver has a burst
-    if ctx.pool.paused:
-        parts.append("paused=" + ",".join(sorted(ctx.pool.paused)))
-    for name, lane in sorted(ctx.lanes.items()):
-        s = lane.statistics()
-        parts.append(
-            f"lane.{name}=waiting:{s.waiting},admitted:{s.admitted_total}"
-            + (f",cooldown_s:{s.cooling_until_s:.0f}" if s.cooling_until_s else "")
-            + (",circuit:open" if s.circuit_open else "")
-        )
-    return " ".join(parts)
-
-
-PAUSED_SHOWN = 5  # paused sources a status line names; the rest are counted
-
-
-def status_line(doing: str, ctx: AdminContext) -> str:
-    """What the daemon does, its backlog, workers and intake, then whatever is wrong: a
-    commit that does not end, a journal that refuses writes, paused sources, a refused
-    reload."""
-    stats = ctx.pool.statistics()
-    rates = ctx.throughput.rates() if ctx.throughput is not None else {}
-    parts = [
-        f"{doing}; backlog {ctx.journal.backlog_jobs}, busy {stats.busy}/{stats.concurrency},"
-        f" {rates.get('accepted_per_s', 0):.1f} accepted/s"
-    ]
-    journal = ctx.journal
-    if (late_s := journal.writing_for_s()) > ctx.config.server.ack_timeout_s:
-        # A stalled disk: no write fails, each just does not end (as /readyz says it).
-        parts.append(f"journal: a commit has taken {late_s:.0f} s, webhooks answered 503")
-    if journal.writer_problem:
-        parts.append(journal.writer_problem)
-    elif journal.last_write_error:
-        parts.append(f"journal: {journal.last_write_error}")
-    if ctx.pool.holding:
-        parts.append("new jobs held while a burst is answered")
-    if paused := sorted(ctx.pool.paused):
-        more = f" and {len(paused) - PAUSED_SHOWN} more" if len(paused) > PAUSED_SHOWN else ""
-        parts.append("paused: " + ", ".join(paused[:PAUSED_SHOWN]) + more)
-    if ctx.reload_refused:
-        parts.append("config reload refused (see the log)")
-    return "; ".join(parts)
-
-
-# Young-generation collections every 20,000 net container allocations instead of 700.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def _tune_gc() -> None:
-    """Take the garbage collector off the ack path.
-
-    By default CPython collects the youngest generation every 700 net allocations and, now and
-    then, walks every object the process holds: after startup that is ~45,000 of them (modules,
-    config, aiohttp's tables), and such a full pass stalled the event loop for 20-40 ms, a pause
-    every webhook in flight waits out. Freezing what exists once the daemon is up moves it out
-    of every later collection, and a higher threshold makes young collections rarer; measured
-    under full intake load (bench/): GC time per 10 s went from ~330 ms to ~40 ms, with no
-    full pass longer than a few ms. Garbage without cycles is freed at once either way.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def _warnings(cfg: Config) -> list[str]:
     """What ``check`` warns of, which a start and each reload say too: where webhooks go
     without a source of their own, secrets written out, the actions', and the config's weak
@@ -984,24 +866,6 @@ class _Running:
     alerter: Alerter
 
 
-def keep_memory_private() -> bool:
-    """Mark this process not dumpable (Linux's ``PR_SET_DUMPABLE``, as ssh-agent does): its
-    ``/proc/<pid>/environ`` and memory, where every ``env:`` secret is, are then readable by
-    root alone, not by a ``command`` it runs nor any other process of its user, which could
-    otherwise read them whatever environment the command was given. (It also means no core
-    dumps, and that ``py-spy`` or ``gdb`` on the daemon need root.) False where not possible."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
-
-
 def run(
     config: Config,
     loader: Callable[[], Config] | None = None,
@@ -1056,152 +920,3 @@ def run(
         kill_running_commands()  # nothing is left to stop them in order
         _exit_within(EXIT_DEADLINE_S, 1)
         return 1
-
-
-# Descriptors kept for everything but the receiver's connections: the journal's files and
-# connections, the admin API's, the actions' outgoing connections (up to the pool's limit),
-# commands' pipes, logs.
-_RESERVED_FILES = 256
-
-
-def _open_files_for(cfg: Config) -> int:
-    """Raise the soft limit on open files to what ``server.max_connections`` and the rest need,
-    as far as the hard limit allows (a shell's default soft limit is often 1,024); returns the
-    connections the receiver may hold: ``server.max_connections``, or, when the hard limit is
-    below what it needs, what fits beside the rest (one warning says so).
-
-    At the limit no descriptor is left for the admin API, the actions or the journal, and
-    connections to both ports are reset, unlogged (libuv closes what it cannot accept): the
-    receiver's cap must come first. Left at a max_connections the limit cannot hold, it never
-    did: 1,100 idle connections under a limit of 1,024 took both ports off the air.
-    """
-    wanted = cfg.server.max_connections
-    rest = 2 * cfg.workers.concurrency + _RESERVED_FILES
-    need = wanted + rest
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return wanted
-    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
-    if new > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    if new >= need:
-        return wanted
-    # A quarter of the limit at least: the rest is reckoned generously (an idle daemon holds a
-    # few dozen descriptors), and a receiver of a handful of connections would turn providers
-    # away under any load.
-    fits = min(wanted, max(new - rest, new // 4))
-    log.warning(
-        "the open-files limit (%d, hard) is below the %d that server.max_connections = %d"
-        " needs with the rest: the receiver takes at most %d connections; raise the limit"
-        " (LimitNOFILE=, ulimit -n) or lower server.max_connections",
-        hard,
-        need,
-        wanted,
-        fits,
-    )
-    return fits
-
-
-# Once the daemon is done, the process gets this long to exit; a thread stuck in I/O (the
-# journal's on a dead disk, a sync handler that never returns) would otherwise keep it alive.
-EXIT_DEADLINE_S = 5.0
-# Past the drain's own time (the answers in flight, then workers.shutdown_grace_s): what the
-# close may take before `webhookd serve` exits regardless. The defaults come to 38 s (39 when
-# stderr's reader has stalled: logs.DRAIN_S for the last lines), under the shipped unit's
-# TimeoutStopSec=40.
-STOP_MARGIN_S = 10.0
-
-
-def _exit_within(deadline_s: float, status: int, why: str | None = None) -> threading.Timer:
-    """Exit with ``status`` in ``deadline_s`` unless the process has by then, saying ``why``;
-    ``cancel()`` the timer returned to call it off."""
-
-    def exit_now() -> None:
-        log.error(
-            "%s",
-            why
-            or f"exit took longer than {deadline_s:g}s (a thread or a handler is stuck):"
-            " exiting now",
-        )
-        kill_running_commands()
-        logging.shutdown()  # writes what is queued: logs.DRAIN_S at most, if stderr stalled
-        os._exit(status)
-
-    timer = threading.Timer(deadline_s, exit_now)
-    timer.daemon = True  # never itself a reason to wait at exit
-    timer.start()
-    return timer
-
-
-async def _count_earlier_calls(
-    journal: BaseJournal,
-    cfg: Config,
-    actions: Mapping[tuple[str, str], Action],
-    lanes: Mapping[str, Lane],
-    now: float,
-) -> None:
-    """Start each lane with the calls the process before this one made through it in the
-    window before this start, read from their attempts (``Lane.seed``): a restart, clean or
-    not, then lets no 60 s window hold more than the lane's limits, where a fresh lane would
-    add its burst to the minute before. Before the workers start, so before any admission. A
-    read that fails leaves the lanes fresh, said once."""
-    wanted = lane_actions(actions)
-    if not wanted:
-        return
-    named = {name for name in cfg.sources if name != CATCH_ALL} | {ALERT_SOURCE}
-    try:
-        calls = await journal.lane_calls(wanted, now - LOG_S, named)
-    except JournalError as exc:
-        log.warning(
-            "lanes: the calls of the minute before this start could not be read, so each lane"
-            " starts with its burst as if none had been made: %s",
-            exc,
-        )
-        return
-    for name, made in sorted(calls.items()):
-        if counted := lanes[name].seed((call.at, call.tokens) for call in made):
-            log.info("lane %s: %d call(s) of the minute before this start counted", name, counted)
-
-
-async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str, str]]:
-    """Say at start when the journal holds queued jobs this config has no action for: of a
-    source it no longer has (an old config deployed, a source renamed) or an action a source
-    no longer has (an action renamed). One line, before they go dead at their turn, one dead
-    line each. The catch-all's actions are those of any name it takes. Returns their (source,
-    action) pairs, whose dead-letter series the metrics then start at 0."""
-    try:
-        unfinished = await journal.unfinished_by_action()
-    except JournalError:
-        return []  # the daemon says what is wrong with its journal elsewhere
-    found = _orphans(cfg, unfinished)
-    if found:
-        log.warning(
-            "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
-            " turn (`webhookd replay --dead --source NAME` runs them once the source and action"
-            " are back under those names)",
-            cfg.origin,
-            _orphans_text(found),
-        )
-    return list(found)
-
-
-def _orphans(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
-    """The pairs of ``unfinished`` that ``cfg`` cannot run (as the workers decide it:
-    ``source_for`` and its ``action``), sorted, with their jobs."""
-    out = {}
-    for (source, action), n in sorted(unfinished.items()):
-        found = cfg.source_for(source)
-        if n and (found is None or found.action(action) is None):
-            out[source, action] = n
-    return out
-
-
-def _orphans_text(orphans: Mapping[tuple[str, str], int]) -> str:
-    return ", ".join(f"{source}/{action} ({n})" for (source, action), n in orphans.items())
-
-
-def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str | None:
-    """``source/action (jobs)`` for each pair of ``unfinished`` that ``cfg`` cannot run,
-    sorted, comma-separated; ``None`` when it can run them all (``check``'s note, as the
-    start warns of them)."""
-    return _orphans_text(_orphans(cfg, unfinished)) or None

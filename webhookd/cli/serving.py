@@ -208,7 +208,7 @@ def _journal_notes(cfg: config_mod.Config) -> list[str]:
     """What ``check`` says of the journal, read only: the schema upgrade ``serve`` makes at its
     start, and the jobs in it that ``cfg`` has no action for (a source or action renamed or
     removed), which the daemon would warn of at its start with it."""
-    from webhookd.app import orphaned_jobs
+    from webhookd.boot import orphaned_jobs
 
     try:
         peeked = asyncio.run(peek_journal(cfg.journal))

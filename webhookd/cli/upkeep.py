@@ -201,7 +201,7 @@ def copy_journal(to_path: str, config_path: str | None) -> None:
         url = to.journal.url.reveal()
     except ConfigError as exc:
         _fail(str(exc), 2)
-    from webhookd.app import orphaned_jobs
+    from webhookd.boot import orphaned_jobs
     from webhookd.journal.postgres.db import redact_url
     from webhookd.journal.postgres.from_sqlite import copy_journal as copy_into
 
