@@ -1303,6 +1303,54 @@ lane = "llm"
         ]
 
 
+@pytest.mark.parametrize(
+    ("templates", "warned"),
+    [
+        ('prompt = "Classify this support e-mail:"', True),
+        ('system = "You classify e-mail."\nprompt = "Classify this one:"', True),
+        ('prompt = "Classify: {{ subject }}"', False),
+        ('system = "Classify {{ . }}"\nprompt = "Which label?"', False),
+    ],
+)
+def test_check_warns_of_a_prompt_that_never_shows_the_model_the_webhook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, templates: str, warned: bool
+) -> None:
+    """A prompt and system with no lookup ask every event the same text, paid for each, and the
+    webhook is never sent: check warns of it (nothing adds the payload to a prompt of itself)."""
+    from click.testing import CliRunner
+
+    from webhookd.cli import main
+
+    monkeypatch.setenv(KEY, "sk-standin")
+    config = tmp_path / "webhookd.toml"
+    config.write_text(
+        f"""
+[journal]
+path = "{tmp_path / "webhookd.db"}"
+[sources.mail]
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:{KEY}"
+model = "gpt-4o-mini"
+max_tokens = 200
+{templates}
+""",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "warning" in line]
+    if warned:
+        assert said == [
+            "webhookd: warning: sources.mail.actions[0].prompt: looks nothing up in the webhook"
+            + (", nor does system" if "system" in templates else "")
+            + ": every call asks the model the same text, without the webhook ({{ . }} puts in"
+            " the whole payload, {{ subject }} one field)"
+        ]
+    else:
+        assert said == []
+
+
 def test_a_prompt_in_chinese_or_japanese_is_not_estimated_at_a_quarter_token_a_character() -> None:
     """Characters / 4 counted 4,250 characters of Chinese as 1,067 tokens, where the tokenizers
     give one or more a character: calls admitted together on such estimates took a lane past

@@ -97,12 +97,13 @@ def validate(config: Config) -> None:
 
 def warnings(config: Config) -> list[str]:
     """What ``check`` and the daemon's start warn of in the actions, key first: a command whose
-    program is not there, an openai action whose calls are bigger than its lane's tpm, a
-    python handler's folder holding a file named as a standard library module, a forward's
-    (or a ``then``'s) ``headers`` giving every event one Idempotency-Key or webhook-id."""
+    program is not there, an openai action whose calls are bigger than its lane's tpm or whose
+    templates look nothing up in the webhook, a python handler's folder holding a file named as
+    a standard library module, a forward's (or a ``then``'s) ``headers`` giving every event one
+    Idempotency-Key or webhook-id."""
     from webhookd.actions.command import missing_program
     from webhookd.actions.delivery import fixed_repeat_keys
-    from webhookd.actions.openai import lane_too_small
+    from webhookd.actions.openai import lane_too_small, shows_no_webhook
     from webhookd.actions.python import stdlib_names_in_folder
 
     said = []
@@ -123,6 +124,8 @@ def warnings(config: Config) -> list[str]:
                 said.append(f"{action.key}.{big[0]}: {big[1]}")
             elif action.type == "python":
                 said.extend(stdlib_names_in_folder(action))
+            if action.type == "openai" and (blind := shows_no_webhook(action)):
+                said.append(f"{action.key}.prompt: {blind}")
             if action.type == "forward":
                 headers = action.options.get("headers")
                 said.extend(fixed_repeat_keys(headers, f"{action.key}.headers"))

@@ -244,6 +244,21 @@ def lane_too_small(config: ActionConfig, lanes: Mapping[str, LaneConfig]) -> tup
     )
 
 
+def shows_no_webhook(config: ActionConfig) -> str | None:
+    """Why this action's calls never show the model its webhook (``check`` and the daemon's
+    start warn of it), else ``None``: neither ``prompt`` nor ``system`` looks anything up, so
+    every call asks the same text, paid for each event. Nothing is added to a prompt of itself."""
+    settings = _Settings(config)
+    templates = [settings.prompt] + ([settings.system] if settings.system is not None else [])
+    if any(t.has_lookups for t in templates):
+        return None
+    return (
+        f"looks nothing up in the webhook{', nor does system' if settings.system else ''}:"
+        " every call asks the model the same text, without the webhook ({{ . }} puts in the"
+        " whole payload, {{ subject }} one field)"
+    )
+
+
 class _Then:
     """``then = { forward = URL, secret = …, headers = … }``: where the answer goes next."""
 
