@@ -287,6 +287,34 @@ async def test_rate_limit_429_cools_the_lane_for_retry_after_and_keeps_the_attem
     assert any("outcome=wait" in r.getMessage() and "429" in r.getMessage() for r in warned)
 
 
+async def test_a_429_without_retry_after_cools_the_lane_for_the_wait_its_message_names(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 429 with no Retry-After nor reset header ("Please try again in 59.9s." alone): the lane
+    cools for that wait, not for a default of a few seconds that would send a call the provider
+    refuses again and again until then."""
+    standin.rpm = 2
+    standin.limited_headers = {
+        "retry-after": None,
+        "x-ratelimit-reset-requests": None,
+        "x-ratelimit-reset-tokens": None,
+    }
+    extra = "[lanes.llm]\nrpm = 1000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        ids = await burst(kit, 3)
+        start = kit.clock.time()
+        await kit.run()
+        cooling_s = kit.lanes["llm"].statistics().cooling_until_s
+        waiting = await kit.job(ids[2])
+        await kit.run_all()
+        done = await kit.job(ids[2])
+    assert standin.rate_limited == 1
+    assert cooling_s == pytest.approx(60, abs=1)
+    assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0)
+    assert waiting.run_at == pytest.approx(start + 60, abs=1)
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+
+
 @pytest.mark.parametrize(
     ("lane_extra", "headers", "cap_s"),
     [

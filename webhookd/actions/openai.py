@@ -13,8 +13,9 @@ retries. Outcomes:
 * a 429 ``rate_limit_exceeded`` for a request bigger than the provider's whole limit per minute
   ("Request too large", or a ``Requested`` over its ``Limit``): dead at once, the lane neither
   cooled nor charged (no wait lets it through);
-* any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After`` (at most the
-  lane's ``max_cooldown_s``; an hour without a lane) and the job waits (no attempt used);
+* any other 429 (``rate_limit_exceeded``): the lane cools down for ``Retry-After``, else the
+  resets or the wait its message names (at most the lane's ``max_cooldown_s``; an hour without
+  a lane) and the job waits (no attempt used);
 * with several nodes on one PostgreSQL journal the lane is shared (``webhookd.limiter``): a
   cool-down or an open circuit holds on every node, and while the database is unreachable the
   lane admits nothing and the job waits;
@@ -142,6 +143,10 @@ _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The wait a 429's message names: OpenAI's "Please try again in 1.2s." ("120ms", "6m0s"),
+# Azure's "Please retry after 33 seconds."
+_TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)(?![a-z])", re.IGNORECASE)
+_RETRY_AFTER_SECONDS = re.compile(r"retry after (\d+(?:\.\d+)?) seconds?\b", re.IGNORECASE)
 # OpenAI's words for a 429: "Limit 6000, Used 5800, Requested 900" (wait for the window), or
 # "Limit 6000, Requested 10216" with "Request too large" (no wait will do).
 # Half a UTF-16 pair, which JSON may escape ("\\ud83d") but no UTF-8 can carry.
@@ -342,8 +347,10 @@ def _duration_s(value: str | None) -> float | None:
     return sum(float(n) * _UNIT_S[unit] for n, unit in parts)
 
 
-def cooldown_s(headers: Mapping[str, str]) -> float:
-    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets."""
+def cooldown_s(headers: Mapping[str, str], message: str = "") -> float:
+    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets,
+    else the wait its error's ``message`` names (OpenAI's "Please try again in 6m0s.", Azure's
+    "Please retry after 33 seconds.")."""
     ms = headers.get("retry-after-ms")
     if ms is not None:
         seconds = parse_retry_after(ms, time.time())
@@ -357,7 +364,16 @@ def cooldown_s(headers: Mapping[str, str]) -> float:
         for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
     ]
     known = [r for r in resets if r is not None]
-    return max(known) if known else _DEFAULT_COOLDOWN_S
+    if known:
+        return max(known)
+    # A 429 may come with none of those headers: its message is then the one word on when to
+    # come back, and the default's few seconds would send a call the provider refuses (and
+    # counts) again and again until then.
+    if (said := _TRY_AGAIN.search(message)) is not None:
+        return _duration_s(said[1]) or 0.0
+    if (said := _RETRY_AFTER_SECONDS.search(message)) is not None:
+        return float(said[1])
+    return _DEFAULT_COOLDOWN_S
 
 
 class OpenAIAction:
@@ -628,7 +644,7 @@ class OpenAIAction:
                 # However long it waits, the request is refused again: each try would cool the
                 # whole lane, holding every other call on it back for nothing.
                 return Outcome.dead(too_large, **detail)
-            wait_s = cooldown_s(headers)
+            wait_s = cooldown_s(headers, _message(exc.body))
             if self.lane is not None:
                 wait_s = self.lane.cooldown(wait_s)  # capped at the lane's max_cooldown_s
             else:
