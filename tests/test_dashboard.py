@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from cluster import node_config, stop
 from conftest import Target, make_config
+from openai_standin import StandIn
 from ops_support import DOWN_ACTION, TOKEN_ENV, accepted, event_state, forward_source, ingest
 from procs import Procs, poll, write_config
 
@@ -948,6 +949,33 @@ path = "{project}"
         shown = await page.evaluate("document.querySelector('#detail pre.body').textContent")
     assert shown == body
     assert result == '{"deep":' + "[" * 501 + "]" * 501 + "}"
+
+
+async def test_dashboard_shows_a_models_refusal_where_its_reply_would_be(
+    tmp_path: Path, run_daemon: Any, browser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that declines answers no text, only its refusal: the event page shows the
+    refusal in the reply's place, not an empty reply with the refusal folded away."""
+    monkeypatch.setenv("WEBHOOKD_TEST_OPENAI_KEY", "sk-standin")
+    standin = await StandIn(refusal="I can't help with that.").start()
+    try:
+        source = f"""
+[[sources.mail.actions]]
+type = "openai"
+api_key = "env:WEBHOOKD_TEST_OPENAI_KEY"
+base_url = "{standin.base_url}"
+model = "gpt-4o-mini"
+prompt = "Reply to {{{{ subject }}}}"
+max_tokens = 50
+"""
+        running = await run_daemon(make_config(tmp_path, source))
+        event_id = await accepted(running, "mail", '{"subject": "a refund"}')
+        await event_state(running.http, running.admin_url, event_id, "done")
+        async with open_page(browser, f"{running.admin_url}/#/events/{event_id}") as page:
+            shown = await page.wait_for("document.querySelector('#detail pre.result')?.textContent")
+    finally:
+        await standin.aclose()
+    assert shown == "refused: I can't help with that."
 
 
 async def test_dashboard_says_a_list_has_more_only_past_its_50(
