@@ -1003,6 +1003,17 @@ async def test_a_200_that_holds_no_answer_is_retried_naming_the_url(
         ),
         ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s", ""),
         ("max_completion_tokens = 10", "sources.s.actions[0].max_completion_tokens", ""),
+        # The endpoint's URL pasted whole: every call would ask .../chat/completions twice.
+        (
+            'base_url = "https://api.openai.com/v1/chat/completions"',
+            "sources.s.actions[0].base_url",
+            "ends in /chat/completions, which the client adds itself",
+        ),
+        (
+            'base_url = "http://127.0.0.1:11434/v1/chat/completions/"',
+            "sources.s.actions[0].base_url",
+            "give the API's root, as https://api.openai.com/v1",
+        ),
     ],
 )
 def test_bad_options_name_their_key(line: str, key: str, says: str) -> None:

@@ -60,6 +60,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
@@ -182,6 +183,14 @@ class _Settings:
         if t.has("base_url"):
             no_template(t.string("base_url"), t.path("base_url"))
             self.base_url = check_url(t.string("base_url"), t.path("base_url"))
+            # The endpoint's own URL, pasted from a curl example: the client adds
+            # /chat/completions to it, and every call would be a 404, each job dead.
+            if urlsplit(self.base_url).path.rstrip("/").endswith("/chat/completions"):
+                raise ConfigError(
+                    t.path("base_url"),
+                    "ends in /chat/completions, which the client adds itself: give the API's"
+                    f" root, as {OPENAI_BASE_URL} (the URL of /chat/completions less that)",
+                )
         # A server of your own on https behind a private CA, or asking for a client certificate.
         self.tls = read_tls(t, self.base_url or OPENAI_BASE_URL)
         # Without one, the openai package's own reading of HTTPS_PROXY and NO_PROXY holds.
