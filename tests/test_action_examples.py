@@ -90,6 +90,22 @@ async def run_example_action(name: str, source: str, doc: object) -> dict[str, o
     return {"kind": outcome.kind, "result": outcome.result, **outcome.detail}
 
 
+def test_mailgun_example_keeps_delivering_a_draft_through_an_app_restart() -> None:
+    """The example posts each draft to the app with ``then``, retried under the action's own
+    policy: the openai default gives up within about a minute, so an app restarting for a
+    deploy turned its drafts into dead letters. Its retries span an hour at the least."""
+    from webhookd.workers import backoff_s
+
+    cfg = config.load(ROOT / "examples" / "mailgun-openai.toml", kinds=actions.kind_defaults)
+    [action] = cfg.sources["mailgun"].actions
+    assert "then" in action.options
+    policy = action.retry
+    shortest_s = sum(
+        backoff_s(policy, attempt, rng=lambda: 0.0) for attempt in range(1, policy.max_attempts)
+    )
+    assert shortest_s >= 3600
+
+
 async def test_deploy_script_deploys_the_ref_and_commit_it_is_given() -> None:
     """The GitHub example runs deploy.sh with the pushed ref and commit from the payload."""
     main_push = {"ref": "refs/heads/main", "after": "abc123"}
