@@ -1003,6 +1003,9 @@ async def test_a_200_that_holds_no_answer_is_retried_naming_the_url(
         ),
         ("max_lane_wait_s = 500", "sources.s.actions[0].max_lane_wait_s", ""),
         ("max_completion_tokens = 10", "sources.s.actions[0].max_completion_tokens", ""),
+        # Pasted with a space: the server knows no such model, and each job would go dead.
+        ('model = " gpt-4o-mini"', "sources.s.actions[0].model", "begins or ends with white"),
+        ('model = "gpt-4o-mini\\n"', "sources.s.actions[0].model", "404, no such model"),
         # The endpoint's URL pasted whole: every call would ask .../chat/completions twice.
         (
             'base_url = "https://api.openai.com/v1/chat/completions"',
@@ -1026,12 +1029,13 @@ def test_bad_options_name_their_key(line: str, key: str, says: str) -> None:
 [[sources.s.actions]]
 type = "openai"
 api_key = "env:{KEY}"
-model = "m"
 max_tokens = 10
 {line}
 """
     if "prompt" not in line:
         text += 'prompt = "p"\n'
+    if not line.startswith("model"):
+        text += 'model = "m"\n'
     with pytest.raises(ConfigError) as err:
         actions.validate(loads(text))
     assert err.value.key == key and says in str(err.value)

@@ -200,6 +200,12 @@ class _Settings:
             raise ConfigError(t.path("model"), "is required (a model name)")
         no_reference(model, t.path("model"), "a model name")  # else sent as written
         no_template(model, t.path("model"))
+        if model != model.strip():  # pasted with a space or a line break: sent as written
+            raise ConfigError(
+                t.path("model"),
+                "begins or ends with white space, which no model name has (every call would be"
+                " answered 404, no such model)",
+            )
         self.model = model
         if not t.has("prompt"):
             raise ConfigError(t.path("prompt"), "is required (a template)")
