@@ -315,6 +315,32 @@ async def test_a_429_without_retry_after_cools_the_lane_for_the_wait_its_message
     assert (done.state, done.attempts) == (JobState.DONE, 1)
 
 
+async def test_a_429_for_spent_requests_cools_the_lane_for_their_reset_not_the_tokens(
+    tmp_path: Path, standin: StandIn, clock: ManualClock
+) -> None:
+    """A 429 with no Retry-After whose requests are spent (remaining 0, reset in 2s) while its
+    tokens have room: the lane cools for the requests' reset, not for the 90 s until the
+    tokens' limit is whole again, which held back every call of the lane for nothing."""
+    standin.rpm = 2
+    standin.limited_headers = {
+        "retry-after": None,
+        "x-ratelimit-reset-requests": "2s",
+        "x-ratelimit-remaining-tokens": "150000",
+        "x-ratelimit-reset-tokens": "1m30s",
+    }
+    extra = "[lanes.llm]\nrpm = 1000\n"
+    async with action_kit(tmp_path, source(standin) + extra, clock=clock, concurrency=1) as kit:
+        ids = await burst(kit, 3)
+        start = kit.clock.time()
+        await kit.run()
+        cooling_s = kit.lanes["llm"].statistics().cooling_until_s
+        waiting = await kit.job(ids[2])
+    assert standin.rate_limited == 1
+    assert cooling_s == pytest.approx(2, abs=0.5)
+    assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0)
+    assert waiting.run_at == pytest.approx(start + 2, abs=0.5)
+
+
 @pytest.mark.parametrize(
     ("lane_extra", "headers", "cap_s"),
     [

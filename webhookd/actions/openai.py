@@ -144,6 +144,7 @@ _DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_KINDS = ("requests", "tokens")  # x-ratelimit-{remaining,reset}-KIND
 # The wait a 429's message names: OpenAI's "Please try again in 1.2s." ("120ms", "6m0s"),
 # Azure's "Please retry after 33 seconds."
 _TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)(?![a-z])", re.IGNORECASE)
@@ -363,9 +364,9 @@ def _duration_s(value: str | None) -> float | None:
 
 
 def cooldown_s(headers: Mapping[str, str], message: str = "") -> float:
-    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets,
-    else the wait its error's ``message`` names (OpenAI's "Please try again in 6m0s.", Azure's
-    "Please retry after 33 seconds.")."""
+    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets
+    (of the limit spent, when one says so), else the wait its error's ``message`` names
+    (OpenAI's "Please try again in 6m0s.", Azure's "Please retry after 33 seconds.")."""
     ms = headers.get("retry-after-ms")
     if ms is not None:
         seconds = parse_retry_after(ms, time.time())
@@ -374,11 +375,14 @@ def cooldown_s(headers: Mapping[str, str], message: str = "") -> float:
     seconds = parse_retry_after(headers.get("retry-after"), time.time())
     if seconds is not None:
         return seconds
-    resets = [
-        _duration_s(headers.get(name))
-        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-    ]
-    known = [r for r in resets if r is not None]
+    resets = {kind: _duration_s(headers.get(f"x-ratelimit-reset-{kind}")) for kind in _KINDS}
+    # Each reset is when that limit is whole again, not when a call fits: the one spent (its
+    # remaining 0) is what refused the call. The other's, a minute and more after heavy use of
+    # it, would hold the lane back that long for a limit with room left.
+    spent = [kind for kind in _KINDS if _header_int(headers, f"x-ratelimit-remaining-{kind}") == 0]
+    known = [s for kind, s in resets.items() if s is not None and (kind in spent or not spent)]
+    if not known:  # the spent limit's reset not said: the longest said
+        known = [s for s in resets.values() if s is not None]
     if known:
         return max(known)
     # A 429 may come with none of those headers: its message is then the one word on when to
