@@ -422,6 +422,30 @@ async def test_missing_program_is_retried(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_cwd_gone_since_the_config_was_read_is_named_not_the_program(
+    tmp_path: Path, loop: str
+) -> None:
+    """A cwd removed after the config was read fails the start as a missing program would
+    (ENOENT): the error names the folder, not the program, which is there."""
+    release = tmp_path / "release"
+    release.mkdir()
+
+    async def run() -> Job:
+        config = command_config([sys.executable, "-c", "print('deployed')"], f'cwd = "{release}"')
+        async with action_kit(tmp_path, config) as kit:
+            event_id = await kit.send("gh", PUSH)
+            release.rmdir()
+            await kit.run()
+            return await kit.job(event_id)
+
+    job = run_on(loop, run())
+    assert (job.history[0].outcome, job.history[0].error) == (
+        "retry",
+        f"cannot start {sys.executable!r}: its cwd {str(release)!r} is no longer a directory",
+    )
+
+
 @contextlib.contextmanager
 def at_open_files_limit(free: int) -> Iterator[int]:
     """This process at its soft limit on open files for the block, but ``free`` descriptors

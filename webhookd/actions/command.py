@@ -136,6 +136,14 @@ def _looked_up(program: str, cwd: str | None) -> str:
     return " (on the PATH)"
 
 
+def _cwd_gone(cwd: str | None) -> str | None:
+    """Why a program cannot start in ``cwd``, when that folder is what is wrong: it was there
+    when the config was read, and has gone since (a release folder deleted, a mount lost)."""
+    if cwd is None or os.path.isdir(cwd):
+        return None
+    return f"its cwd {cwd!r} is no longer a directory"
+
+
 # Until when each start first counts the descriptors left (``_out_of_files``): for a while
 # after one failed for want of them. Counting at every start listed /proc/self/fd on the
 # event loop, 0.6 ms at 1,000 open connections and 5 ms at 9,000.
@@ -306,6 +314,9 @@ class CommandAction:
                 )
             where = _looked_up(argv[0], self.settings.cwd)
             error = f"cannot start {argv[0]!r}{where}: {exc.strerror or exc}"
+            if (gone := _cwd_gone(self.settings.cwd)) is not None:
+                # The start fails as for a missing program (ENOENT), which is not what is wrong.
+                error = f"cannot start {argv[0]!r}: {gone}"
             if exc.errno == errno.E2BIG:  # the payload made the arguments too long: every time
                 return Outcome.dead(error)
             # A missing program may appear (a deploy in progress); retry rather than give up.
