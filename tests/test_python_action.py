@@ -442,6 +442,45 @@ def test_a_handler_module_that_exits_while_importing_is_a_config_error(
     assert f"importing {name!r} failed: {says}" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("code", "line", "says"),
+    [
+        (
+            "import os\n\nSETTINGS = undefined_name\n",
+            3,
+            "NameError: name 'undefined_name' is not defined",
+        ),
+        (
+            "import json\n\nCFG = json.load(open('/nonexistent/cfg.json'))\n",
+            3,
+            "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/cfg.json'",
+        ),
+        (
+            "import os\nimport webhookd_no_such_dependency\n",
+            2,
+            "ModuleNotFoundError: No module named 'webhookd_no_such_dependency'",
+        ),
+    ],
+    ids=["name-error", "open-fails", "dependency-missing"],
+)
+def test_a_handler_module_that_fails_while_importing_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, line: int, says: str
+) -> None:
+    """A module that raises while importing is named with the file and line that raised: a
+    NameError in a long module said no line, and a dependency not installed was said as
+    "cannot import 'hooks': No module named 'requests'", as if the module itself were not
+    found."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"fails_on_import_{abs(hash(code))}"
+    (tmp_path / f"{name}.py").write_text(code + "\ndef handle(event):\n    return 1\n")
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(python_action(f"{name}:handle", tmp_path)))
+    assert err.value.key == "sources.s.actions[0].handler"
+    assert err.value.message == (
+        f"importing {name!r} failed: {says} ({tmp_path / name}.py, line {line})"
+    )
+
+
 def test_path_option_makes_a_project_directory_importable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

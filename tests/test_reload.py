@@ -519,7 +519,7 @@ async def test_a_handler_module_a_reload_adds_is_imported_on_the_loops_thread(
     )
     assert await _reloaded(running) == (
         "sources.p.actions[0].handler: importing 'reload_imported' failed: RuntimeError: a"
-        " setting it needs is missing"
+        f" setting it needs is missing ({module}, line 1)"
     )
     assert sorted(running.daemon.config.sources) == ["a"]
     assert (await running.post("/hooks/p", b"{}"))[0] == 404

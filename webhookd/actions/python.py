@@ -95,10 +95,10 @@ def resolve_handler(config: ActionConfig) -> Handler:
     if directory not in sys.path:
         sys.path.append(directory)
     loaded_before = module_name in sys.modules  # by another action, or a load before a reload
+    parts = module_name.split(".")
     try:
         # Each of the dotted name's modules and packages is found (its parent imported, not
         # itself) and looked at before it runs: code another user may change would run as ours.
-        parts = module_name.split(".")
         for depth in range(1, len(parts) + 1):
             found = importlib.util.find_spec(".".join(parts[:depth]))
             if found is None:
@@ -108,15 +108,16 @@ def resolve_handler(config: ActionConfig) -> Handler:
     except ConfigError:
         raise
     except ModuleNotFoundError as exc:
+        if exc.name not in {".".join(parts[:depth]) for depth in range(1, len(parts) + 1)}:
+            # Found, but what it imports is not (a dependency not installed): said as below.
+            raise ConfigError(key, _import_failed(module_name, exc)) from exc
         raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from exc
     except BaseException as exc:  # the user's module failed while importing
         if isinstance(exc, asyncio.CancelledError):
             raise
         # SystemExit too (a module that calls sys.exit() when a variable is missing, or parses
         # its arguments at import): left to propagate, a reload's import would end the daemon.
-        raise ConfigError(
-            key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(key, _import_failed(module_name, exc)) from exc
     if t.has("path"):
         _refuse_another_module(key, parts[0], directory)
     target: Any = module
@@ -130,6 +131,19 @@ def resolve_handler(config: ActionConfig) -> Handler:
         raise ConfigError(key, f"{spec!r} is not callable")
     handler: Handler = target
     return handler
+
+
+def _import_failed(module_name: str, exc: BaseException) -> str:
+    """What ``check`` and the start say of a handler's module that failed while importing:
+    the error, and where in the code it was raised (the last frame of the traceback outside
+    the import machinery), without which a ``NameError`` in a long module names no line."""
+    said = f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    if frames and not isinstance(exc, SyntaxError):  # a SyntaxError's own text says where
+        said += f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    return said
 
 
 def _refuse_another_module(key: str, name: str, directory: str) -> None:
