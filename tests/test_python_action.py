@@ -481,6 +481,33 @@ def test_a_handler_module_that_fails_while_importing_says_where(
     )
 
 
+def test_a_handler_written_as_a_file_or_under_a_path_that_is_no_folder_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler written as its file (``hooks.py:handle``, ``app/hooks.py:handle``) or under a
+    ``path`` that is no folder was "cannot import 'hooks.py': __path__ attribute not found on
+    'hooks'..." or a plain "No module named": each now says what to write instead."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "hooks_as_file.py").write_text("def handle(event):\n    return 1\n")
+    dotted = 'write "package.module:function", the module by its dotted name, not by its file'
+
+    def said(handler: str, path: Path) -> str:
+        with pytest.raises(ConfigError) as err:
+            actions.validate(loads(python_action(handler, path)))
+        assert err.value.key == "sources.s.actions[0].handler"
+        return err.value.message
+
+    assert said("hooks_as_file.py:handle", tmp_path).startswith("cannot import 'hooks_as_file.py'")
+    assert dotted in said("hooks_as_file.py:handle", tmp_path)
+    assert said("app/hooks_as_file.py:handle", tmp_path).startswith(
+        f"'app/hooks_as_file.py:handle': {dotted}"
+    )
+    assert said("hooks_not_there:handle", tmp_path / "hooks") == (
+        "cannot import 'hooks_not_there': No module named 'hooks_not_there'"
+        f" (path: {tmp_path / 'hooks'} is not a directory)"
+    )
+
+
 def test_path_option_makes_a_project_directory_importable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

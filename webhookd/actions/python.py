@@ -83,6 +83,8 @@ def resolve_handler(config: ActionConfig) -> Handler:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(key, f'{spec!r} must look like "package.module:function"')
+    if "/" in module_name or "\\" in module_name:  # a file's path written for a module
+        raise ConfigError(key, f"{spec!r}: {_DOTTED}")
     path = t.raw("path", ".")  # the current directory
     if not isinstance(path, str) or not path:
         raise ConfigError(t.path("path"), "must be a directory path")
@@ -111,6 +113,12 @@ def resolve_handler(config: ActionConfig) -> Handler:
         if exc.name not in {".".join(parts[:depth]) for depth in range(1, len(parts) + 1)}:
             # Found, but what it imports is not (a dependency not installed): said as below.
             raise ConfigError(key, _import_failed(module_name, exc)) from exc
+        if not os.path.isdir(directory):
+            raise ConfigError(
+                key, f"cannot import {module_name!r}: {exc} (path: {directory} is not a directory)"
+            ) from exc
+        if module_name.endswith(".py"):
+            raise ConfigError(key, f"cannot import {module_name!r}: {exc}; {_DOTTED}") from exc
         raise ConfigError(key, f"cannot import {module_name!r}: {exc}") from exc
     except BaseException as exc:  # the user's module failed while importing
         if isinstance(exc, asyncio.CancelledError):
@@ -131,6 +139,12 @@ def resolve_handler(config: ActionConfig) -> Handler:
         raise ConfigError(key, f"{spec!r} is not callable")
     handler: Handler = target
     return handler
+
+
+_DOTTED = (
+    'write "package.module:function", the module by its dotted name, not by its file (the'
+    " folder that holds it goes in path)"
+)
 
 
 def _import_failed(module_name: str, exc: BaseException) -> str:
