@@ -151,6 +151,19 @@ async def test_an_env_value_written_env_or_file_is_that_secret(
     assert job.history[0].detail["stdout"].split() == ["True", "True", "***", "as", "is"]
 
 
+async def test_a_pem_key_in_env_is_masked_line_by_line_too(tmp_path: Path) -> None:
+    """A several-line secret (a PEM key through ``env``) was masked only when printed whole:
+    ``env | sort``, or a tool quoting the line it could not read, printed its lines bare."""
+    body = ["MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj", "MgsDHoA8Q=="]
+    pem = "\n".join(["-----BEGIN PRIVATE KEY-----", *body, "-----END PRIVATE KEY-----"])
+    (tmp_path / "deploy.pem").write_text(pem + "\n")
+    code = "import os; print('\\n'.join(sorted(os.environ['KEY'].splitlines())))"
+    extra = f'env = {{ KEY = "file:{tmp_path / "deploy.pem"}" }}'
+    job = await run_command(tmp_path, python_argv(code), extra)
+    assert job.history[0].detail is not None
+    assert job.history[0].detail["stdout"].splitlines() == ["***", "***", "***", body[1]]
+
+
 async def test_only_the_last_2kb_of_stdout_and_stderr_are_kept(tmp_path: Path) -> None:
     """A chatty program's attempt keeps the tail of each stream, marked as cut."""
     code = (

@@ -289,6 +289,12 @@ _WORDLIKE = re.compile(r"(?=.{0,15}$)(?:[a-z]*[0-9]*|[0-9]*[a-z]*|[A-Z][a-z]+[0-
 _URL_OPTIONS = frozenset({"url", "forward", "proxy"})
 
 
+# A several-line secret's lines of this many characters or more are masked each on its own
+# too (a PEM key's body and its BEGIN and END lines; not a short last line, which as a word of
+# its own would mask ordinary text).
+_SECRET_LINE_CHARS = 16
+
+
 def secret_values(obj: Any) -> set[str]:
     """Every secret a config holds, where known: ``Secret`` values, the ``env:`` and ``file:``
     references of the action options that take a secret (a forward's ``url`` and ``headers``,
@@ -304,6 +310,12 @@ def secret_values(obj: Any) -> set[str]:
             value = read_secret(value, key, lines=lines)
         if not value.missing:
             found.add(value.reveal())
+            if lines:  # a PEM key: a program may print a line of it alone, or sort its lines
+                found |= {
+                    line.strip()
+                    for line in value.reveal().splitlines()
+                    if len(line.strip()) >= _SECRET_LINE_CHARS
+                }
     found |= {value for _key, value in inline_credentials(obj)}
     for action in _actions(obj):
         found |= set(_written_secrets(action.options))
