@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from webhookd.actions.command import TAIL_BYTES
 from webhookd.cli import main
 from webhookd.config import ACTION_KINDS
 
@@ -80,3 +81,13 @@ def test_every_option_of_every_action_kind_is_in_its_section_of_actions_md() -> 
         # `name` or `name = ...`, as the section writes an option with its value
         missing += [f"{kind} {n}" for n in names if not re.search(rf"`{n}(`| =)", sections[kind])]
     assert not missing, "\n".join(missing)
+
+
+def test_the_command_section_says_what_is_kept_of_the_output_and_what_the_exit_ends() -> None:
+    """docs/actions.md had no word of what a command's attempt keeps of its output, nor that a
+    process it left in the background of its group is killed as it exits (a `notify.sh &` in
+    a deploy script never ran, and nothing said why)."""
+    section = _sections((ROOT / "docs" / "actions.md").read_text())["command"]
+    text = " ".join(section.split())
+    assert f"the last {TAIL_BYTES // 1024} KB of its stdout and of its stderr" in text
+    assert "When the program exits, what it left running in its group" in text
