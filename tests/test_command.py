@@ -540,6 +540,35 @@ def test_check_and_the_start_warn_of_a_program_that_is_not_there(tmp_path: Path)
         assert said is None or warned[0].startswith("sources.gh.actions[0].argv[0]: ")
 
 
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_script_whose_interpreter_is_not_there_is_not_said_to_be_missing_itself(
+    tmp_path: Path, loop: str
+) -> None:
+    """A script whose #! names no program there (saved with Windows line endings, or naming a
+    python that is not installed) fails to start with ENOENT, which was said as the script
+    itself not being there, while check said nothing: both now name the interpreter."""
+    crlf, gone = tmp_path / "crlf.sh", tmp_path / "py.sh"
+    crlf.write_bytes(b"#!/bin/sh\r\necho deployed\r\n")
+    gone.write_text("#!/usr/bin/webhookd-no-such-python -u\nprint('deployed')\n")
+    for script in (crlf, gone):
+        script.chmod(0o755)
+    windows = " (the file has Windows line endings: convert it with dos2unix)"
+    for script, interpreter, more in [
+        (crlf, "/bin/sh\r", windows),
+        (gone, "/usr/bin/webhookd-no-such-python", ""),
+    ]:
+        said = f"the interpreter its #! line names, {interpreter!r}, is not there{more}"
+        job = run_on(loop, run_command(tmp_path, [str(script)]))
+        assert (job.history[0].outcome, job.history[0].error) == (
+            "retry",
+            f"cannot start {str(script)!r}: {said}",
+        )
+        warned = actions.warnings(loads(command_config([str(script)])))
+        assert warned == [
+            f"sources.gh.actions[0].argv[0]: {str(script)!r}: {said}: its jobs fail until it is"
+        ]
+
+
 @pytest.mark.parametrize(
     ("line", "key"),
     [

@@ -136,6 +136,43 @@ def _looked_up(program: str, cwd: str | None) -> str:
     return " (on the PATH)"
 
 
+def _interpreter_missing(program: str, env: Mapping[str, str], cwd: str | None) -> str | None:
+    """Why a program that is there fails to start as if it were not (ENOENT): the interpreter
+    its ``#!`` line names is not (``_shebang_problem``), or what a binary needs to run (its
+    ELF loader). ``None`` when the program itself is not there."""
+    if "/" in program:
+        found: str | None = os.path.join(cwd or os.curdir, program)
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None or not os.path.isfile(found):
+        return None
+    return _shebang_problem(found) or "the file is there, but the loader it needs to run is not"
+
+
+def _shebang_problem(file: str) -> str | None:
+    """What is wrong with the ``#!`` line of ``file``, whose program then fails to start as if
+    the file were not there: the interpreter it names is not (``#!/usr/bin/python`` where only
+    python3 is), or names none at all, as in a script saved with Windows line endings, whose
+    ``#!/bin/sh`` ends in a carriage return."""
+    try:
+        with open(file, "rb") as f:
+            head = f.readline(512)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    named = head[2:].rstrip(b"\n").lstrip(b" \t").replace(b"\t", b" ").split(b" ", 1)[0]
+    interpreter = named.decode("utf-8", "replace")
+    if not os.path.isabs(interpreter) or (
+        os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
+    ):
+        return None
+    said = f"the interpreter its #! line names, {interpreter!r}, is not there"
+    if interpreter.endswith("\r"):
+        said += " (the file has Windows line endings: convert it with dos2unix)"
+    return said
+
+
 def _cwd_gone(cwd: str | None) -> str | None:
     """Why a program cannot start in ``cwd``, when that folder is what is wrong: it was there
     when the config was read, and has gone since (a release folder deleted, a mount lost)."""
@@ -194,13 +231,17 @@ def missing_program(config: ActionConfig) -> str | None:
     settings = _Settings(config)
     program = settings.argv[0].render({})
     path = settings.env.get("PATH", os.environ.get("PATH", os.defpath))
+    found: str | None
     if "/" in program:
         where = os.path.join(settings.cwd or os.curdir, program)
-        if os.path.isfile(where) and os.access(where, os.X_OK):
-            return None
-    elif shutil.which(program, path=path) is not None:
-        return None
-    return f"{program!r} is not an executable file{_looked_up(program, settings.cwd)}"
+        found = where if os.path.isfile(where) and os.access(where, os.X_OK) else None
+    else:
+        found = shutil.which(program, path=path)
+    if found is None:
+        return f"{program!r} is not an executable file{_looked_up(program, settings.cwd)}"
+    if (problem := _shebang_problem(found)) is not None:
+        return f"{program!r}: {problem}"
+    return None
 
 
 class _Tail:
@@ -317,6 +358,10 @@ class CommandAction:
             if (gone := _cwd_gone(self.settings.cwd)) is not None:
                 # The start fails as for a missing program (ENOENT), which is not what is wrong.
                 error = f"cannot start {argv[0]!r}: {gone}"
+            elif exc.errno == errno.ENOENT and (
+                needs := _interpreter_missing(argv[0], env, self.settings.cwd)
+            ):
+                error = f"cannot start {argv[0]!r}{where}: {needs}"
             if exc.errno == errno.E2BIG:  # the payload made the arguments too long: every time
                 return Outcome.dead(error)
             # A missing program may appear (a deploy in progress); retry rather than give up.
