@@ -179,6 +179,24 @@ def huge_result(event: webhookd.Event) -> Any:
     return huge(event.json()["kind"])
 
 
+class Detached:
+    """As an ORM object read after its session closed: its str() and repr() raise."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("Instance is not bound to a Session")
+
+    __str__ = __repr__
+
+
+class DetachedError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("Instance is not bound to a Session")
+
+
+def raises_detached(event: webhookd.Event) -> None:
+    raise DetachedError()
+
+
 def unjsonable_result(event: webhookd.Event) -> Any:
     """A result JSON cannot be made of: tuple keys, NaN (which JSON parsers refuse), an int
     past Python's 4,300 digits (also with that limit lifted), or lists nested past the
@@ -192,6 +210,8 @@ def unjsonable_result(event: webhookd.Event) -> Any:
             inner.append([])
             inner = inner[0]
         return deep
+    if kind == "detached":  # an ORM object read after its session closed: its str() raises
+        return {"order": Detached(), "id": 7}
     if kind == "lifted":  # the limit lifted for the whole process, as a handler may do
         sys.set_int_max_str_digits(0)
         return {"n": 10**5000, "m": [-(10**4300), 10**4300 - 1]}

@@ -344,6 +344,7 @@ LONG_INT = "<int of 5,001 digits, past the 4,300 Python reads by default>"
         ("huge", LONG_INT),
         ("lifted", {"n": LONG_INT, "m": [LONG_INT.replace("5,001", "4,301"), 10**4300 - 1]}),
         ("deep", "[[[[[[[...]]]]]]]"),
+        ("detached", {"order": "<Detached whose str() raised RuntimeError>", "id": 7}),
     ],
 )
 async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_once(
@@ -353,9 +354,11 @@ async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_
     invalid JSON), is kept whole as its str(); an int past the 4,300 digits Python reads as a
     short form saying its size, also when a handler has lifted that limit for the whole
     process (the journal held its digits then, and the restarted daemon could not read it);
-    nesting past the recursion limit, as a short form of it. The job is done, not retried, so
-    the handler that did its work is not run again; a huge int once left its job running, its
-    outcome failing every write, and ran it again at each start."""
+    nesting past the recursion limit, as a short form of it; a value whose str() raises (an
+    ORM object read after its session closed), as a note naming its type. The job is done,
+    not retried, so the handler that did its work is not run again; a huge int once left its
+    job running, its outcome failing every write, and ran it again at each start, and a str()
+    that raised failed the attempt, which its retry did again."""
     actionkit.unjsonable_runs.clear()
     limit = sys.get_int_max_str_digits()
     try:
@@ -368,6 +371,21 @@ async def test_a_result_json_cannot_be_made_of_is_its_text_and_the_handler_runs_
     else:
         assert job.result == result
     assert actionkit.unjsonable_runs == [job.event_id]
+
+
+async def test_an_error_whose_str_raises_is_retried_with_its_own_name_and_traceback(
+    tmp_path: Path,
+) -> None:
+    """A handler's error whose str() raises was recorded as that RuntimeError, with no
+    traceback of the handler's: it is its own type's, its traceback kept."""
+    job, _ = await run_handler(tmp_path, "actionkit:raises_detached")
+    attempt = job.history[0]
+    assert (attempt.outcome, attempt.error) == (
+        "retry",
+        "DetachedError: <DetachedError whose str() raised RuntimeError>",
+    )
+    assert attempt.detail is not None
+    assert "in raises_detached\n    raise DetachedError()" in attempt.detail["traceback"]
 
 
 @pytest.mark.parametrize("kind", ["text", "structure"])

@@ -329,7 +329,7 @@ class PythonAction:
             raise  # Retry and Reject: the worker turns them into outcomes
         except Exception as exc:
             tb = self._traceback(exc)
-            return Outcome.retry(f"{type(exc).__name__}: {exc}", traceback=tb)
+            return Outcome.retry(f"{type(exc).__name__}: {_text_of(exc)}", traceback=tb)
         except BaseException as exc:
             task = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
@@ -337,9 +337,9 @@ class PythonAction:
             # SystemExit, KeyboardInterrupt …: left to propagate, they would stop the event loop
             # from inside a job. They are this attempt's failure, retried like any exception.
             tb = self._traceback(exc)
+            said = _text_of(exc)
             return Outcome.retry(
-                f"handler raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}",
-                traceback=tb,
+                f"handler raised {type(exc).__name__}{f': {said}' if said else ''}", traceback=tb
             )
         return Outcome.done(_json_safe(value))
 
@@ -425,7 +425,7 @@ def _json_safe(value: Any) -> Any:
     if type(value) is str:
         return _cut(value)
     try:
-        text: str | None = json.dumps(value, default=str, allow_nan=False)
+        text: str | None = json.dumps(value, default=_text_of, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         text = None
     # Only JSON with a run of that many digits can hold an int too long to read; none at all
@@ -442,12 +442,25 @@ def _json_safe(value: Any) -> Any:
             return json.loads(text)
     try:
         return _cut(str(value))
-    except (ValueError, RecursionError):
+    except Exception:  # a value whose str() raises: written as below
         pass
     try:
         return reprlib.repr(value)
-    except (ValueError, RecursionError) as exc:  # an int past the limit, nested too deep
-        return f"<{type(value).__name__} that cannot be written as text: {exc}>"
+    except Exception as exc:  # an int past the limit, nested too deep, a str() that raises
+        return f"<{type(value).__name__} that cannot be written as text: {_text_of(exc)}>"
+
+
+def _text_of(value: Any) -> str:
+    """``str(value)``, or when that raises, a note naming the value's type and the error: an
+    object whose ``str()`` fails (an ORM object read after its session closed) in what a
+    handler returned or raised failed the attempt that had done the work, which its retry then
+    did again."""
+    try:
+        return str(value)
+    except RecursionError:
+        raise  # nested too deep: _json_safe's short form
+    except Exception as exc:  # any error of the value's own __str__
+        return f"<{type(value).__name__} whose str() raised {type(exc).__name__}>"
 
 
 # The digits of an int that Python reads and writes as text by default. A handler may lift the
