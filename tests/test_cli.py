@@ -2789,6 +2789,26 @@ async def test_show_prints_a_commands_output_and_escapes_what_a_terminal_would_o
     assert doc["tenant"] == "acme\x9b31m" and doc["dedup_key"] == "shop:\x1b[2Jdelivery"
 
 
+async def test_show_says_when_a_commands_pipes_were_held_past_its_exit(tmp_path: Path) -> None:
+    """A program that left a process of its own session holding its output is done by its
+    exit status, and what that process wrote after is not kept: text ``show`` said nothing of
+    it (only ``--json`` had it), so the output looked cut short for no reason."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    item = new_event()
+    job_id = item.jobs[0].id
+    held = "still held open after the program exited, by a process it left in a session of its own"
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(item)
+        await journal.claim([job_id], "boot_test")
+        detail = {"exit_code": 0, "stdout": "deployed\n", "stderr": "", "pipes": held}
+        await journal.finish([finished(job_id, JobState.DONE, "done", detail=detail)])
+    out = await cli("show", item.event.id, "--config", str(path))
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    attempt = next(i for i, line in enumerate(lines) if line.startswith("    #1 "))
+    assert lines[attempt + 1 :][:3] == ["      stdout:", "        deployed", f"      pipes: {held}"]
+
+
 async def test_prune_help_states_the_real_interval() -> None:
     """prune --help says the daemon prunes every journal.prune_interval_s (60 s), not hourly."""
     out = await cli("prune", "--help")

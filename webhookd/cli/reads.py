@@ -222,6 +222,9 @@ def show(event_id: str | None, key: str | None, config_path: str | None, as_json
                     click.echo(f"      {stream}:")
                     for output_line in output.rstrip("\n").split("\n"):
                         click.echo("        " + printable(output_line))
+            # Why a command's output may end early: a process it left held its pipes.
+            if pipes := (attempt["detail"] or {}).get("pipes"):
+                click.echo(printable(f"      pipes: {pipes}"))
         result = job["result"]
         text = result.get("text") if isinstance(result, dict) else None
         if isinstance(text, str):  # a model's answer: read as text, not as an escaped string
