@@ -526,6 +526,24 @@ def test_a_handler_written_as_a_file_or_under_a_path_that_is_no_folder_says_so(
     )
 
 
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_a_generator_function_as_a_handler_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A handler with a yield in it runs none of its body when called: every job was done,
+    its result "<generator object ...>", and nothing was done."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"yields_{kind.replace(' ', '_')}"
+    (tmp_path / f"{name}.py").write_text(f"{kind} handle(event):\n    yield event.id\n")
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(python_action(f"{name}:handle", tmp_path)))
+    assert err.value.key == "sources.s.actions[0].handler"
+    assert err.value.message == (
+        f"'{name}:handle' is a generator function (it has a yield): a call runs none of its"
+        " body; return the result instead"
+    )
+
+
 def test_path_option_makes_a_project_directory_importable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

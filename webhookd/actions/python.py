@@ -137,6 +137,14 @@ def resolve_handler(config: ActionConfig) -> Handler:
             raise ConfigError(key, f"module {module_name!r} has no {attr!r}{again}")
     if not callable(target):
         raise ConfigError(key, f"{spec!r} is not callable")
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        # Called, it hands back a generator and runs none of its body: every job would be
+        # done, its result "<generator object ...>", with nothing done.
+        raise ConfigError(
+            key,
+            f"{spec!r} is a generator function (it has a yield): a call runs none of its body;"
+            " return the result instead",
+        )
     handler: Handler = target
     return handler
 
