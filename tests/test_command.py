@@ -206,13 +206,25 @@ async def test_a_secret_across_the_tails_cut_leaves_no_fragment(
         ("import sys; sys.exit(0)", JobState.DONE, "done", None),
         ("import sys; sys.exit(3)", JobState.DEAD, "dead", "exit code 3 (permanent)"),
         ("import sys; sys.exit(1)", JobState.QUEUED, "retry", "exit code 1"),
-        ("import os; os.kill(os.getpid(), 9)", JobState.QUEUED, "retry", "killed by signal 9"),
+        (
+            "import os; os.kill(os.getpid(), 9)",
+            JobState.QUEUED,
+            "retry",
+            "killed by signal 9 (SIGKILL)",
+        ),
+        (
+            "import os; os.kill(os.getpid(), 31)",
+            JobState.QUEUED,
+            "retry",
+            "killed by signal 31 (SIGSYS: a system call the service's SystemCallFilter= forbids?)",
+        ),
     ],
 )
 async def test_exit_status_decides_the_outcome(
     tmp_path: Path, code: str, state: JobState, outcome: str, error: str | None
 ) -> None:
-    """0 is done, a listed permanent code is dead, other codes and signals are retried."""
+    """0 is done, a listed permanent code is dead, other codes and signals are retried; a
+    signal is named (SIGSYS, as a seccomp filter kills a program, said only "signal 31")."""
     job = await run_command(tmp_path, python_argv(code), "permanent_exit_codes = [3, 4]")
     assert (job.state, job.history[0].outcome) == (state, outcome)
     if error is None:

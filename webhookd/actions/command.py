@@ -447,13 +447,25 @@ class CommandAction:
             )
         if code == 0:
             return Outcome.done({"exit_code": 0}, **detail)
-        reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+        reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}{_named(-code)}"
         if code in self.settings.permanent:
             return Outcome.dead(f"{program}: {reason} (permanent)", **detail)
         return Outcome.retry(f"{program}: {reason}", **detail)
 
     async def aclose(self) -> None:
         return None
+
+
+def _named(signum: int) -> str:
+    """A signal's name, which its number alone does not say: 31 is SIGSYS, what a seccomp filter
+    (the shipped unit's ``SystemCallFilter=``) kills a program with for a call it forbids."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return ""
+    if signum == signal.SIGSYS:
+        return f" ({name}: a system call the service's SystemCallFilter= forbids?)"
+    return f" ({name})"
 
 
 def kill_running_commands() -> int:
