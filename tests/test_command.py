@@ -233,6 +233,23 @@ async def test_exit_status_decides_the_outcome(
         assert job.history[0].error is not None and job.history[0].error.endswith(error)
 
 
+async def test_a_failed_programs_error_ends_with_its_last_line_on_stderr(tmp_path: Path) -> None:
+    """A program that exits non-zero: its error (the log line, alerts, the dead-letter list)
+    ends with the last line it wrote on stderr, on one line and masked, where it said why; a
+    program that wrote nothing there keeps the bare exit code."""
+    code = (
+        "import sys; print('cloning', file=sys.stderr);"
+        " print('fatal: could not read\\tUsername\\n', file=sys.stderr); sys.exit(3)"
+    )
+    job = await run_command(tmp_path, python_argv(code), "permanent_exit_codes = [3]")
+    error = job.history[0].error
+    assert error is not None and error.endswith(
+        "exit code 3 (permanent); stderr: fatal: could not read Username"
+    ), error
+    job = await run_command(tmp_path / "quiet", python_argv("import sys; sys.exit(1)"))
+    assert job.history[0].error is not None and job.history[0].error.endswith(": exit code 1")
+
+
 async def test_timeout_kills_the_whole_process_group(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,6 +40,7 @@ from typing import Any, cast
 from webhookd.actions.base import (
     Outcome,
     Resources,
+    excerpt,
     keep_detail,
     keep_outcome,
     options,
@@ -448,9 +449,13 @@ class CommandAction:
         if code == 0:
             return Outcome.done({"exit_code": 0}, **detail)
         reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}{_named(-code)}"
+        # Its last line on stderr, where a program says why it failed: the log line, the
+        # alert and the dead-letter list then say it too, not only ``show``.
+        said = next((line for line in reversed(watch.err.text(500).splitlines()) if line), "")
+        said = f"; stderr: {excerpt(said)}" if said.strip() else ""
         if code in self.settings.permanent:
-            return Outcome.dead(f"{program}: {reason} (permanent)", **detail)
-        return Outcome.retry(f"{program}: {reason}", **detail)
+            return Outcome.dead(f"{program}: {reason} (permanent){said}", **detail)
+        return Outcome.retry(f"{program}: {reason}{said}", **detail)
 
     async def aclose(self) -> None:
         return None
