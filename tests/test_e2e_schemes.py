@@ -386,7 +386,7 @@ async def test_an_unsigned_webhook_id_beside_svix_headers_does_not_name_the_deli
     assert await events_of(r, "svix") == 1
 
 
-@pytest.mark.parametrize("host", ["a:b", "x:99999", "h:0x50"])
+@pytest.mark.parametrize("host", ["a:b", "x:99999", "h:0x50", "x#", "x?a=1#", "x/y", "u@x", "x y"])
 async def test_a_malformed_host_is_a_400_on_a_verified_source(
     host: str, tmp_path: Path, target: Target, run_daemon: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -398,6 +398,28 @@ async def test_a_malformed_host_is_a_400_on_a_verified_source(
         assert await resp.json() == {"error": "malformed Host header"}
     assert not [rec for rec in caplog.records if rec.exc_info]
     assert await events_of(r, "github") == 0
+
+
+async def test_a_host_header_cannot_stand_in_for_the_query_twilio_signed(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A Host holding "?query#" is a 400: it once put its query in place of the request's own."""
+    r = await run_daemon(config(tmp_path, target))
+    src = r.daemon.config.sources["twilio_form"]
+    signed = send.build(
+        src,
+        url=f"{r.url}{src.path}?store=eu",
+        body=urlencode({"MessageSid": "SM1", "Body": "hi"}).encode(),
+        now=r.daemon.clock.time(),
+        delivery_id="dlv-host-query",
+    )
+    forged = signed.url.replace("store=eu", "store=us")
+    headers = signed.headers | {"Host": "x?store=eu#"}
+    async with r.http.post(forged, data=signed.body, headers=headers) as resp:
+        assert (resp.status, await resp.json()) == (400, {"error": "malformed Host header"})
+    async with r.http.post(forged, data=signed.body, headers=signed.headers) as resp:
+        assert (resp.status, await resp.json()) == (401, {"error": "signature mismatch"})
+    assert await events_of(r, "twilio_form") == 0
 
 
 async def test_token_source_with_header_dedup_catches_a_replayed_body(

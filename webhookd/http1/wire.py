@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -22,6 +23,11 @@ _SKIPPED = frozenset(("content-length", "date", "connection", "transfer-encoding
 # with its event in the journal and held in memory meanwhile; nginx's default is about this
 # (large_client_header_buffers 4 8k), and no provider sends a tenth of it.
 MAX_HEAD_BYTES = 32 * 1024
+# A Host header's value as RFC 9112 §3.2 has it: RFC 3986's host (an IP literal in brackets, or
+# a name of unreserved, sub-delims and %-escapes) and an optional port. A "/", "?", "#", "@" or
+# a space in it would move the URL's path, query or fragment: the URL a signature covers
+# (Twilio's) would then hold a query the request did not come with.
+_HOST = re.compile(r"(\[[0-9A-Za-z:._~%!$&'()*+,;=-]*\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(:[0-9]*)?")
 
 
 class HeadTooLarge(HttpProcessingError):
@@ -117,13 +123,16 @@ class Request:
         """The URL the client asked for, as aiohttp's ``request.url`` gives it: ``http``, the
         Host header (else the address the connection came in on), the path and query; for an
         absolute-form target (``POST http://host/path``) the target's own authority, which
-        HTTP/1.1 says wins over the Host header."""
+        HTTP/1.1 says wins over the Host header. ``ValueError`` for a Host that is no
+        ``host[:port]``."""
         target = self._message.url
         if target.absolute:
             return target.with_scheme("http")
         host = self._message.headers.get("Host")
         if host is None:
             host = self._conn.local_host
+        elif not _HOST.fullmatch(host):
+            raise ValueError("a Host header that is no host[:port]")
         return URL.build(scheme="http", authority=host).join(target)
 
     @property
