@@ -94,7 +94,7 @@ def test_mailgun_example_keeps_delivering_a_draft_through_an_app_restart() -> No
     """The example posts each draft to the app with ``then``, retried under the action's own
     policy: the openai default gives up within about a minute, so an app restarting for a
     deploy turned its drafts into dead letters. Its retries span an hour at the least."""
-    from webhookd.workers import backoff_s
+    from webhookd.attempts import backoff_s
 
     cfg = config.load(ROOT / "examples" / "mailgun-openai.toml", kinds=actions.kind_defaults)
     [action] = cfg.sources["mailgun"].actions
