@@ -625,6 +625,61 @@ def test_bad_options_name_their_key(line: str, key: str) -> None:
     assert err.value.key == f"sources.s.actions[0].{key}"
 
 
+@pytest.mark.parametrize(
+    ("argv", "at", "program"),
+    [
+        (["sh", "-c", "deploy {{ ref }}"], 2, "sh"),
+        (["/bin/bash", "-ec", "git checkout '{{ ref }}'"], 2, "bash"),
+        (["sudo", "-u", "deploy", "bash", "-lc", "deploy {{ ref }}"], 5, "bash"),
+        (["env", "X=1", "sh", "-c", "--", "deploy {{ ref }}"], 5, "sh"),
+        (["python3", "-c", "print('{{ ref }}')"], 2, "python3"),
+        (["perl", "-ne", "print if /{{ ref }}/"], 2, "perl"),
+        (["node", "--eval", "run('{{ ref }}')"], 2, "node"),
+        (["bash", "-o", "pipefail", "-c", "deploy {{ ref }}"], 4, "bash"),
+        (["python3", "-u", "{{ script }}"], 2, "python3"),
+        (["ssh", "deploy@shop", "deploy.sh", "{{ ref }}"], 3, "ssh"),
+    ],
+)
+def test_a_lookup_in_the_code_a_shell_or_interpreter_runs_is_a_config_error(
+    argv: list[str], at: int, program: str
+) -> None:
+    """A lookup inside a `sh -c` script (or an interpreter's inline code) makes a sender's
+    value code (over ssh, any argument: the remote shell runs them joined): a config error
+    naming the argument and showing the safe form."""
+    with pytest.raises(ConfigError) as err:
+        actions.validate(loads(command_config(argv)))
+    assert err.value.key == f"sources.gh.actions[0].argv[{at}]"
+    if program == "ssh":  # the remote shell runs the joined line: no argument is safe there
+        assert "read the payload from its stdin" in str(err.value)
+        return
+    assert f"has a lookup in the code (or the script) {program!r} runs" in str(err.value)
+    assert """["sh", "-c", 'deploy "$1"', "sh", "{{ ref }}"]""" in str(err.value)
+
+
+async def test_a_lookup_passed_to_a_shell_as_an_argument_of_its_own_stays_text(
+    tmp_path: Path,
+) -> None:
+    """The form the error shows (and any lookup outside the code) is taken: the value reaches
+    the script as "$1", text that runs nothing."""
+    said, ran = tmp_path / "said", tmp_path / "ran"
+    for argv in (
+        ["deploy.sh", "-c", "{{ ref }}"],
+        ["git", "-c", "user.name={{ ref }}", "log"],
+        [sys.executable, "-c", "pass", "{{ ref }}"],
+        ["python3", "deploy.py", "-c", "{{ ref }}"],  # the script's own -c
+        ["bash", "deploy.sh", "-c", "{{ ref }}"],
+        ["python3", "-m", "deploy", "{{ ref }}"],
+    ):
+        actions.validate(loads(command_config(argv)))
+    script = f'printf %s "$1" > {said}'
+    job = await run_command(
+        tmp_path, ["sh", "-c", script, "sh", "{{ ref }}"], body={"ref": f"x; touch {ran}"}
+    )
+    assert job.state == JobState.DONE
+    assert said.read_text() == f"x; touch {ran}"
+    assert not ran.exists()
+
+
 # -- stdin under every loop, the environment, NUL bytes --------------------------------------------
 
 STDIN_DIGEST = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"

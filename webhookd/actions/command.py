@@ -29,6 +29,7 @@ import errno
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -92,6 +93,23 @@ class _Settings:
             raise ConfigError(f"{t.path('argv')}[0]", "the program itself cannot be a lookup")
         if not argv[0]:
             raise ConfigError(f"{t.path('argv')}[0]", "must name the program to run")
+        if (code := _lookup_in_code(self.argv)) is not None:
+            at, program = code
+            if program == "ssh":
+                raise ConfigError(
+                    f"{t.path('argv')}[{at}]",
+                    "has a lookup in what ssh runs: ssh joins its arguments into one line for"
+                    " the remote shell, so a sender's value such as 'main; curl … | sh' would"
+                    " run as code there, an argument of its own or not. Let the remote command"
+                    " read the payload from its stdin (ssh passes the body on)",
+                )
+            raise ConfigError(
+                f"{t.path('argv')}[{at}]",
+                f"has a lookup in the code (or the script) {program!r} runs: a sender's value"
+                " such as 'main; curl … | sh' would run as code. Pass the value as an argument"
+                """ of its own after the code, which reads it as "$1" (sh) or sys.argv[1]"""
+                """ (python): argv = ["sh", "-c", 'deploy "$1"', "sh", "{{ ref }}"]""",
+            )
         cwd = t.raw("cwd", None)
         if cwd is not None and (not isinstance(cwd, str) or not cwd):
             raise ConfigError(t.path("cwd"), "must be a directory path")
@@ -124,6 +142,72 @@ class _Settings:
         ):
             raise ConfigError(t.path("permanent_exit_codes"), "must be an array of codes 1-255")
         self.permanent: frozenset[int] = frozenset(codes)
+
+
+# Programs that run an argument as code, the option that comes before that argument (a shell's
+# ``-c``, alone or among its other letters: ``-ec``, ``-lc``; Python's ``-c``; Perl's and Ruby's
+# ``-e``, ``-ne``; Node's ``-e``/``--eval``; PHP's ``-r``) and their options that take the next
+# argument as their value (``bash -o pipefail -c``). A lookup in that argument makes a sender's
+# text code; as an argument of its own after it, it is only text. The program's options end at
+# its first other argument (a script: ``python3 deploy.py -c x`` is the script's own ``-c``).
+_RUNS_CODE: tuple[tuple[re.Pattern[str], re.Pattern[str], frozenset[str]], ...] = (
+    (
+        re.compile(r"(?:ba|da|z|k|mk|a|c|tc|fi|y)?sh|busybox"),
+        re.compile(r"-[A-Za-z]*c[A-Za-z]*"),
+        frozenset({"-o", "+o", "-O", "+O", "--rcfile", "--init-file"}),
+    ),
+    (re.compile(r"python[0-9.]*|pypy[0-9.]*"), re.compile(r"-[A-Za-z]*c"), frozenset({"-W", "-X"})),
+    (re.compile(r"perl[0-9.]*"), re.compile(r"-[A-Za-z]*[eE]"), frozenset({"-I"})),
+    (re.compile(r"ruby[0-9.]*"), re.compile(r"-[A-Za-z]*e"), frozenset({"-I", "-r", "-C"})),
+    (
+        re.compile(r"node(?:js)?"),
+        re.compile(r"-e|--eval|-p|--print"),
+        frozenset({"-r", "--require", "--import", "--loader", "-C", "--conditions"}),
+    ),
+    (re.compile(r"php[0-9.]*"), re.compile(r"-r"), frozenset({"-c", "-d", "-z"})),
+)
+
+
+def _lookup_in_code(argv: tuple[Template, ...]) -> tuple[int, str] | None:
+    """The index of an argument with a lookup that a shell or an interpreter named before it
+    runs as code (``["sh", "-c", "deploy {{ ref }}"]``, also behind ``sudo`` or ``env``; any
+    argument after ``ssh``, which joins them into one line for the remote shell), and that
+    program's name, if any."""
+    for at, arg in enumerate(argv):
+        if arg.has_lookups:
+            continue
+        name = os.path.basename(arg.text)
+        if name == "ssh":
+            looked_up = [i for i in range(at + 1, len(argv)) if argv[i].has_lookups]
+            return (looked_up[0], name) if looked_up else None
+        for program, code_option, takes_value in _RUNS_CODE:
+            if program.fullmatch(name):
+                # The arguments after it are its own (the "sh" in ``sh -c '…' sh {{ ref }}``
+                # names $0, and runs nothing).
+                code = _code_argument(argv, at + 1, code_option, takes_value)
+                return (code, name) if code is not None and argv[code].has_lookups else None
+    return None
+
+
+def _code_argument(
+    argv: tuple[Template, ...], at: int, code_option: re.Pattern[str], takes_value: frozenset[str]
+) -> int | None:
+    """Where the code is among a program's arguments (from ``at``): after its code option, or
+    a lookup where it reads its options or the name of its script (``["python3", "{{ x }}"]``
+    runs what the sender names), while its own options last; None when it has none."""
+    while at < len(argv):
+        if argv[at].has_lookups:
+            return at
+        option = argv[at].text
+        if code_option.fullmatch(option):
+            at += 2 if argv[at + 1 : at + 2] and argv[at + 1].text == "--" else 1
+            return at if at < len(argv) else None
+        if option == "--":
+            return at + 1 if at + 1 < len(argv) else None  # the script's name follows
+        if not option.startswith(("-", "+")):
+            return None  # a script named as written, whose own options follow
+        at += 2 if option in takes_value else 1
+    return None
 
 
 def _looked_up(program: str, cwd: str | None) -> str:
