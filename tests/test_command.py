@@ -878,6 +878,36 @@ async def test_drain_sigkills_a_group_that_ignores_sigterm(
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.timeout(60)
+async def test_a_program_gets_no_descriptor_the_daemon_was_started_with(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A descriptor left open to ``webhookd serve`` by what started it (a shell, a supervisor)
+    does not reach the programs it runs: uvloop closes none, and every one got it."""
+    held = tmp_path / "held-by-the-starter"
+    code = (
+        "import os; print(sorted(os.path.realpath('/proc/self/fd/' + fd)"
+        " for fd in os.listdir('/proc/self/fd') if int(fd) > 2))"
+    )
+    cfg = write_config(
+        tmp_path / "webhookd.toml", tmp_path / "webhookd.db", command_config(python_argv(code))
+    )
+    # As a shell's `exec 7>>file` leaves it: open, inheritable, for whatever runs next.
+    starter = ["sh", "-c", f'exec 7>>"{held}"; exec "$@"', "sh"]
+    daemon = await procs.serve(cfg, wrap=starter)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with http.post(f"{daemon.url}/hooks/gh", json=PUSH) as r:
+            assert r.status == 202
+            event_id = (await r.json())["id"]
+        doc = await settled_event(http, daemon.admin_url, event_id)
+    (attempt,) = doc["jobs"][0]["errors"][-1:]
+    assert attempt["outcome"] == "done", (attempt["error"], attempt["detail"])
+    opened = attempt["detail"]["stdout"]  # the targets of the program's descriptors past 2
+    assert opened.startswith("[") and str(held) not in opened, opened
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.timeout(60)
 async def test_serve_gives_the_program_its_body_and_none_of_its_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: Procs
 ) -> None:

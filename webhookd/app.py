@@ -85,6 +85,7 @@ from webhookd.process import (
     _exit_within,
     _open_files_for,
     _tune_gc,
+    keep_descriptors_private,
     keep_memory_private,
 )
 from webhookd.receiver import Receiver
@@ -900,6 +901,7 @@ def run(
             _exit_within(EXIT_DEADLINE_S, status)
 
     keep_memory_private()
+    keep_descriptors_private()
     # The event loop hands every commit to SQLite's thread and back. With CPython's default 5 ms
     # switch interval a busy loop keeps that thread waiting for the GIL, which adds directly to
     # ack latency; 1 ms lets it in sooner (measured in bench/: more throughput, lower p99).

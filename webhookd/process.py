@@ -3,6 +3,7 @@ memory kept from other processes, and a deadline on its exit."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -52,6 +53,27 @@ def keep_memory_private() -> bool:
 
 
 _PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def keep_descriptors_private() -> int:
+    """Make every descriptor but stdin, stdout and stderr that this process was started with
+    close at exec; returns how many were not. Those the daemon opens itself are so already,
+    but uvloop starts a ``command`` without closing the others (it has no ``close_fds``), so
+    whatever a shell, a supervisor or a CI runner left open to the daemon (a pipe it waits on
+    for EOF, a readiness descriptor) reached every program, which could write to it or hold
+    it open past the daemon's own exit."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: nothing to go by
+        return 0
+    made = 0
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own, closed since
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+                    made += 1
+    return made
 
 
 # Descriptors kept for everything but the receiver's connections: the journal's files and
