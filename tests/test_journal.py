@@ -1337,6 +1337,39 @@ async def test_check_warns_of_a_journal_disk_with_less_room_than_a_full_wal_need
     ), out.stderr
 
 
+async def test_serve_and_check_warn_of_a_journal_another_user_owns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal.path in a folder others may write (/tmp): another user may make the file
+    first, and reads every webhook the daemon then writes into it, whatever mode the daemon
+    gives it. ``serve`` and ``check`` warn of a journal another user (not root) owns; one of
+    this user's, none."""
+    if os.geteuid() != 0:
+        pytest.skip("making a file another user's takes root (CI runs as root)")
+    theirs = tmp_path / "theirs.db"
+    theirs.write_bytes(b"")
+    os.chown(theirs, 65534, 65534)
+    theirs.chmod(0o666)
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
+    async with Journal(theirs, serving=True):
+        pass
+    warned = f"journal {theirs}: owned by uid 65534, not by this user (uid 0): that user can read"
+    assert [r.getMessage() for r in caplog.records if "owned by uid" in r.getMessage()] == [
+        f"{warned} every webhook written into it, whatever its mode; keep the journal in a folder"
+        " only webhookd's user may write (the shipped unit's /var/lib/webhookd), owned by that"
+        " user"
+    ]
+    config = tmp_path / "webhookd.toml"
+    config.write_text(f'[journal]\npath = "{theirs}"\n')
+    out = await cli("check", "--config", str(config), "--no-journal")
+    assert out.exit_code == 0, out.output
+    assert f"webhookd: warning: journal.path: {theirs}: owned by uid 65534" in out.stderr
+    caplog.clear()
+    async with Journal(tmp_path / "mine.db", serving=True):
+        pass
+    assert not [r for r in caplog.records if "owned by uid" in r.getMessage()]
+
+
 def test_a_journal_on_a_read_only_filesystem_is_named_so(tmp_path: Path) -> None:
     """A filesystem mounted read-only (an ext4 that met an error, a read-only volume) makes
     access() fail too: what the open's error says names the mount, not the file's owner and

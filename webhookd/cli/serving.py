@@ -18,7 +18,14 @@ from webhookd import hangups
 from webhookd.cli.base import CONFIG_HELP, _config, _config_path, _fail, _load, _refuse_copied
 from webhookd.cli.group import main
 from webhookd.errors import EXIT_JOURNAL_NEWER, ConfigError, JournalError, JournalNewer
-from webhookd.journal import Peeked, copies, peek_journal, short_of_room, why_unusable
+from webhookd.journal import (
+    Peeked,
+    copies,
+    peek_journal,
+    short_of_room,
+    someone_elses,
+    why_unusable,
+)
 from webhookd.redact import (
     WRITTEN_OUT,
     spaced_secrets,
@@ -159,8 +166,12 @@ def check(config_path: str | None, no_journal: bool) -> None:
     if unusable is not None:
         # A warning, not exit 2: check may run as another user than serve (an operator's).
         click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {unusable}", err=True)
-    elif cfg.journal.url is None and (short := short_of_room(cfg.journal.path)):
-        click.echo(f"webhookd: warning: journal.path: {cfg.journal.path}: {short}", err=True)
+    elif cfg.journal.url is None:
+        for warned in (short_of_room(cfg.journal.path), someone_elses(cfg.journal.path)):
+            if warned:
+                click.echo(
+                    f"webhookd: warning: journal.path: {cfg.journal.path}: {warned}", err=True
+                )
     for said in notes:
         click.echo(f"webhookd: {said}", err=True)
 

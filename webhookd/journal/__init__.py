@@ -35,6 +35,7 @@ from webhookd.journal.files import (
     not_a_journal,
     restored_marker,
     short_of_room,
+    someone_elses,
     why_unusable,
 )
 from webhookd.journal.locks import (
@@ -152,6 +153,7 @@ __all__ = [
     "serve_lock_file",
     "serve_lock_held",
     "short_of_room",
+    "someone_elses",
     "vacuum_pages",
     "who_holds",
     "why_unusable",

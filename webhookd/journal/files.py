@@ -200,6 +200,24 @@ def why_unusable(path: Path) -> str | None:
     return None
 
 
+def someone_elses(path: Path) -> str | None:
+    """What ``serve`` and ``check`` warn of a journal at ``path`` that another user owns (not
+    root, not this user): its owner can read every webhook the daemon writes into it whatever
+    its mode (a journal.path in a shared folder such as /tmp, where anyone may create the file
+    first); None otherwise, or when it cannot tell."""
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None
+    if owner in (0, os.geteuid()):
+        return None
+    return (
+        f"owned by uid {owner}, not by this user (uid {os.geteuid()}): that user can read every"
+        " webhook written into it, whatever its mode; keep the journal in a folder only"
+        " webhookd's user may write (the shipped unit's /var/lib/webhookd), owned by that user"
+    )
+
+
 # The room a SQLite journal's disk should keep free: its WAL at its size limit, and as much
 # again for a checkpoint to grow the journal file by what the WAL holds (see the README's
 # full-disk paragraph: with less, a burst can fill the disk with WAL, and then no checkpoint,

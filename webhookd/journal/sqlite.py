@@ -80,6 +80,7 @@ from webhookd.journal.files import (
     interrupted_restores,
     not_a_journal,
     short_of_room,
+    someone_elses,
 )
 from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
 from webhookd.journal.moved import REMOVED, FileIds, Saved, moved, save_open
@@ -266,6 +267,8 @@ class Journal(Reads, Changes):
             ) from None
         if self.serving and (short := await asyncio.to_thread(short_of_room, self.path)):
             log.warning("journal %s: %s", self.path, short)
+        if self.serving and (theirs := someone_elses(self.path)):
+            log.warning("journal %s: %s", self.path, theirs)
         # Asked before this process opens the journal: once it has, closing the descriptor the
         # question needs would drop SQLite's own locks on the -shm file (``opened_elsewhere``).
         self._held_elsewhere = opened_elsewhere(self.path)
