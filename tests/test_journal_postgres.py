@@ -1467,6 +1467,49 @@ async def test_pg_two_copies_of_an_outcome_in_one_commit_are_recorded_once(
     assert not [r for r in caplog.records if "lease passed" in r.getMessage()]
 
 
+@pytest.mark.parametrize("outcome", ["dead", "wait"])
+async def test_pg_an_outcome_committed_unheard_is_recorded_not_a_lost_lease_when_tried_again(
+    pg_url: str, caplog: pytest.LogCaptureFixture, outcome: str
+) -> None:
+    """A connection lost just as the server committed an outcome: the node hears a failure, and
+    the worker's next try (then the heartbeat's write of the copy kept back) finds the claim
+    answered. That read as a lost lease: a warning that another node had the job, and a worker
+    told so, which logged no outcome line and raised no alert for a dead letter that stood. It
+    is the outcome recorded, once: no warning, the claim forgotten, the backlog counted down
+    once, one attempt row."""
+    caplog.set_level(logging.DEBUG, logger="webhookd.journal")
+    hop = HangingHop(pg_url)
+    url = await hop.start()
+    try:
+        async with node(url, ManualClock(START)) as journal:
+            item, job_id, first = await claimed_one(journal)
+            if outcome == "dead":
+                end = finished(job_id, JobState.DEAD, "dead", error="404", claim=first.claim)
+                after: tuple[Any, ...] = (JobState.DEAD, 1, [(1, "dead")])
+            else:
+                end = finished(job_id, JobState.QUEUED, "wait", run_at=START + 9, claim=first.claim)
+                after = (JobState.QUEUED, 0, [])
+            backlog = journal.backlog_jobs
+            hop.lose_answer_to = b"COMMIT;"  # not the BEGIN's READ COMMITTED
+            with pytest.raises(JournalUnavailable):
+                await journal.finish([end])
+            assert hop.lose_answer_to is None
+            await _writable_again(journal)
+
+            async def committed() -> bool:  # the server made it, whatever the node heard
+                return await _history(journal, item) == after
+
+            await poll(committed, timeout_s=10)
+            recorded = await journal.finish([end])  # the worker's next try
+            assert recorded.lost == frozenset() and job_id not in journal._tokens
+            assert await journal.record_pending() == 1  # the heartbeat's, of the copy kept back
+            assert await _history(journal, item) == after
+            assert journal.backlog_jobs == backlog - (outcome == "dead")
+    finally:
+        await hop.close()
+    assert not [r for r in caplog.records if "lease passed" in r.getMessage()]
+
+
 async def test_pg_an_outcome_whose_lease_passed_is_dropped_with_a_warning_and_its_claim_forgotten(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1640,6 +1683,9 @@ class HangingHop:
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.hang_on = hang_on  # hang once a client sends these bytes (a statement's text)
+        # Once a client sends these bytes, pass them on and cut that client off before the
+        # server's answer reaches it: a commit made that its client never hears of.
+        self.lose_answer_to: bytes | None = None
         self.taken = 0  # connections taken so far
         self.took = asyncio.Event()  # set at each one
         self._server: asyncio.Server | None = None
@@ -1657,14 +1703,25 @@ class HangingHop:
         self.took.set()
         up_reader, up_writer = await asyncio.open_connection(self.target.hostname, self.target.port)
 
+        answer_lost = asyncio.Event()
+
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
                     if self.hang_on is not None and self.hang_on in data:
                         self.flowing.clear()
                     await self.flowing.wait()
+                    if answer_lost.is_set():
+                        return  # the server's answer, dropped
+                    cut = self.lose_answer_to
+                    lost = src is reader and cut is not None and cut in data
+                    if lost:
+                        self.lose_answer_to = None
+                        answer_lost.set()
                     dst.write(data)
                     await dst.drain()
+                    if lost:
+                        writer.transport.abort()
             except (ConnectionError, OSError):
                 pass
             finally:

@@ -419,7 +419,7 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
         began = time.perf_counter()
         self._writing_since = time.monotonic()
         try:
-            ingested, (recorded, cancelled) = await self._write(
+            ingested, (recorded, cancelled, earlier) = await self._write(
                 lambda conn: write_group(
                     conn, ingests, results, tokens, now, starts.job_ids, claim, self.sync_standbys
                 )
@@ -464,7 +464,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
             # claimed again since: the bookkeeping below is then the current claim's, and this
             # outcome must leave it alone.
             held = token is not None and self._tokens.get(f.job_id) == token
-            if i in recorded:
+            if i in recorded or (held and i in earlier):
+                # (Or recorded by an earlier try whose commit this node never heard of.)
                 if f.state != JobState.QUEUED or f.job_id in cancelled:
                     self.backlog_jobs -= 1
                 elif f.run_at is not None and f.run_at <= now:

@@ -165,7 +165,7 @@ async def write_group(
     start: frozenset[str],
     claim: tuple[str, str, float],
     hold_taken: bool = False,
-) -> tuple[list[IngestResult], tuple[set[int], frozenset[str]]]:
+) -> tuple[list[IngestResult], tuple[set[int], frozenset[str], set[int]]]:
     """One group commit: outcomes (``write_finishes``), then ingests (``write_ingests``, with
     ``hold_taken``).
 
@@ -173,7 +173,9 @@ async def write_group(
     share-locks that job last of all (the ``behind`` mark's lock, skipping a job being
     written), then waits on nothing. Ingests first, two nodes each ingesting behind a job the
     other was ending each held what the other waited for: a deadlock."""
-    finished = await write_finishes(conn, results, tokens) if results else (set(), frozenset())
+    finished = (
+        await write_finishes(conn, results, tokens) if results else (set(), frozenset(), set())
+    )
     ingested = await write_ingests(conn, ingests, now, start, claim, hold_taken) if ingests else []
     return ingested, finished
 
@@ -307,13 +309,15 @@ async def write_claim_capped(
 
 async def write_finishes(
     conn: Any, results: Sequence[Finished], tokens: Sequence[str | None]
-) -> tuple[set[int], frozenset[str]]:
+) -> tuple[set[int], frozenset[str], set[int]]:
     """Record outcomes whose claim token (``tokens``, one per result) still matches; returns
     the indexes in ``results`` of those recorded. A claim re-queued by lease recovery (and
     perhaps claimed again elsewhere) has a new token, so a late outcome from the node that lost
     it changes nothing; nor does a second copy of an outcome already recorded (its claim's
     token is gone). Two copies of one outcome in one batch are recorded once, with one attempt
-    row: the job's row is updated once, and only the copy that updated it is returned. Also
+    row: the job's row is updated once, and only the copy that updated it is returned. A copy
+    whose earlier try committed unseen is returned apart, as the third item
+    (``_recorded_earlier``), with no second row written. Also
     returns the ids of jobs a cancel kept from being queued again (``leaving_running``)."""
     rows = []
     for f, token in zip(results, tokens, strict=True):
@@ -346,7 +350,7 @@ async def write_finishes(
         *_columns(rows, 10),
     )
     recorded = {int(r[0]) - 1 for r in applied}
-    cancelled = frozenset(r[1] for r in applied if r[2] == "cancelled" and r[3] == "queued")
+    cancelled = {r[1] for r in applied if r[2] == "cancelled" and r[3] == "queued"}
     attempts = [
         attempt_row(f) for i, f in enumerate(results) if f.outcome != "wait" and i in recorded
     ]
@@ -357,7 +361,49 @@ async def write_finishes(
             " $4::double precision[], $5::text[], $6::text[], $7::text[])",
             *_columns(attempts, 7),
         )
-    return recorded, cancelled
+    earlier: set[int] = set()
+    if len(recorded) < len(results):
+        earlier, gone = await _recorded_earlier(conn, results, tokens, recorded)
+        cancelled |= gone
+    return recorded, frozenset(cancelled), earlier
+
+
+async def _recorded_earlier(
+    conn: Any, results: Sequence[Finished], tokens: Sequence[str | None], recorded: set[int]
+) -> tuple[set[int], set[str]]:
+    """Of the outcomes not recorded now, those an earlier try of this very outcome recorded:
+    a commit the server made whose answer the node never had (the connection lost at that
+    moment), tried again. Found by what that commit wrote: the attempt's row, with its own
+    finish time, or for a wait (which writes none) the job queued again at the wait's time,
+    no node's. Each claim's outcome is counted once. Without this they read as lost leases:
+    a warning that another node took the job, and a worker that tells nothing of an outcome
+    that stands (a dead letter neither logged nor alerted). Also returns the ids of those
+    jobs a cancel ended instead of queueing them again."""
+    answered = {(results[i].job_id, tokens[i]) for i in recorded}
+    rows = []
+    for i, (f, token) in enumerate(zip(results, tokens, strict=True)):
+        if token is None or (f.job_id, token) in answered:
+            continue
+        answered.add((f.job_id, token))
+        run_at = f.run_at if f.run_at is not None else f.finished_at
+        rows.append((i, f.job_id, f.attempt, f.finished_at, f.outcome, run_at))
+    if not rows:
+        return set(), set()
+    found = await conn.fetch(
+        "SELECT u.i, j.id, j.state FROM unnest($1::integer[], $2::text[], $3::integer[],"
+        " $4::double precision[], $5::text[], $6::double precision[])"
+        " AS u(i, id, n, fin, outcome, run) JOIN jobs j ON j.id = u.id"
+        " WHERE CASE WHEN u.outcome = 'wait'"
+        " THEN j.state = 'queued' AND j.run_at = u.run AND j.claim_token IS NULL"
+        " ELSE EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = u.id AND a.n = u.n"
+        " AND a.finished_at = u.fin AND a.outcome = u.outcome) END",
+        *_columns(rows, 6),
+    )
+    earlier = {int(r[0]) for r in found}
+    gone = {
+        r[1] for r in found if r[2] == "cancelled" and results[int(r[0])].state == JobState.QUEUED
+    }
+    return earlier, gone
 
 
 _LOST_COLUMNS = (
