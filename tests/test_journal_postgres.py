@@ -482,6 +482,32 @@ async def test_pg_a_journal_behind_pgbouncer_in_transaction_mode(pgbouncer_url: 
     )
 
 
+async def test_pg_prepared_statements_a_pooler_loses_are_said_with_the_setting_that_helps(
+    pgbouncer_url: str,
+) -> None:
+    """Through PgBouncer in transaction mode with the default ``statement_cache_size`` the
+    statements asyncpg prepares are lost or met twice between transactions. What a node's log
+    and the CLI said was asyncpg's error with its hint on lines of their own ("set
+    statement_cache_size to 0 when creating the asyncpg connection object"), a key no config
+    has; it is now one line naming ``journal.statement_cache_size = 0``."""
+
+    async def use() -> None:
+        async with PostgresJournal(pgbouncer_url, lease_s=LEASE_S, heartbeat_s=3600) as journal:
+            for _ in range(20):
+                await asyncio.gather(*(journal.counts() for _ in range(10)))
+
+    with pytest.raises(JournalError) as err:
+        for _ in range(5):
+            await use()
+    said = str(err.value)
+    assert "prepared statement" in said and "\n" not in said, said
+    assert said.endswith(
+        ": a pooler in transaction mode (PgBouncer before 1.21, or without"
+        " max_prepared_statements) keeps no prepared statement from one transaction to the next:"
+        " set journal.statement_cache_size = 0 (docs/scaling.md, PgBouncer)"
+    ), said
+
+
 async def test_pg_works_without_prepared_statements_as_pgbouncer_needs(pg_url: str) -> None:
     """With ``statement_cache_size = 0`` (transaction-mode PgBouncer before 1.21) a webhook is
     journaled, claimed and finished, and no named statement is left on the server."""

@@ -39,13 +39,29 @@ class _QuietFloorRetries(logging.Filter):
         return not (isinstance(exc, DB_ERRORS) and "connection floor" in record.getMessage())
 
 
+# What a pooler in transaction mode does to the statements asyncpg prepares and caches: each
+# transaction may run on another server connection, which has never heard of them or holds
+# another client's of the same name.
+_LOST_STATEMENTS = (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError)
+STATEMENTS_LOST = (
+    "a pooler in transaction mode (PgBouncer before 1.21, or without max_prepared_statements)"
+    " keeps no prepared statement from one transaction to the next: set"
+    " journal.statement_cache_size = 0 (docs/scaling.md, PgBouncer)"
+)
+
+
 def db_error(exc: BaseException) -> str:
     """What went wrong, for a log line or a 503: asyncpg's own words, or for a timeout (whose
     text is empty) that the database did not answer in time. asyncpg's words for a connection
     the server ended mid-use ("cannot switch to state 15; another operation (2) is in
-    progress") read like a bug of the daemon's: they are said as what they mean."""
+    progress") read like a bug of the daemon's, and its words for prepared statements a
+    pooler lost name its own connection objects: both are said as what they mean."""
     if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
         return "connection to the database lost"
+    if isinstance(exc, _LOST_STATEMENTS):
+        # asyncpg's hint, on lines of their own, speaks of its own connection objects.
+        said = getattr(exc, "message", None) or str(exc).split("\n", 1)[0]
+        return f"{said}: {STATEMENTS_LOST}"
     if str(exc):
         return str(exc)
     return "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
