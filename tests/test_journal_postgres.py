@@ -1656,6 +1656,32 @@ async def test_pg_a_claim_whose_commit_was_in_doubt_is_released_by_its_token(
         assert await journal.release_doubtful() == 0
 
 
+async def test_pg_a_transaction_whose_connection_the_server_ended_is_said_as_lost(
+    pg_url: str,
+) -> None:
+    """The server ending a write's connection mid-transaction (a restart, an administrator's
+    pg_terminate_backend) is the first line of an outage and of the worker's error: it said
+    "cannot call Transaction.__aexit__(): the underlying connection is closed", which reads as
+    a bug of the daemon's. It says what it means."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        async with node(pg_url, ManualClock(START)) as journal:
+
+            async def ended(conn: Any) -> None:
+                await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+
+                async def closed() -> bool:
+                    return bool(conn.is_closed())
+
+                await poll(closed, timeout_s=10)
+
+            with pytest.raises(JournalUnavailable) as err:
+                await journal._write(ended)
+    finally:
+        await admin.close()
+    assert str(err.value) == "journal write failed: connection to the database lost"
+
+
 async def test_pg_a_url_the_driver_cannot_read_is_a_journal_error_that_shows_no_password() -> None:
     """A URL that got past the config's checks but not the driver's parser (what the CLI and
     ``serve`` would have shown as a traceback) is one line naming the journal, password masked;

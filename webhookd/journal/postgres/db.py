@@ -54,10 +54,13 @@ def db_error(exc: BaseException) -> str:
     """What went wrong, for a log line or a 503: asyncpg's own words, or for a timeout (whose
     text is empty) that the database did not answer in time. asyncpg's words for a connection
     the server ended mid-use ("cannot switch to state 15; another operation (2) is in
-    progress") read like a bug of the daemon's, and its words for prepared statements a
+    progress", "cannot call Transaction.__aexit__(): the underlying connection is closed")
+    read like a bug of the daemon's, and its words for prepared statements a
     pooler lost name its own connection objects: both are said as what they mean."""
     if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
         return "connection to the database lost"
+    if isinstance(exc, asyncpg.InterfaceError) and "underlying connection is closed" in str(exc):
+        return "connection to the database lost"  # a transaction's end, its connection ended
     if isinstance(exc, _LOST_STATEMENTS):
         # asyncpg's hint, on lines of their own, speaks of its own connection objects.
         said = getattr(exc, "message", None) or str(exc).split("\n", 1)[0]
