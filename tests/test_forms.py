@@ -158,9 +158,9 @@ def test_a_body_of_short_header_lines_is_parsed_in_milliseconds(
         lambda: signature_fields({"Content-Type": content_type}, body),
         lambda: fields(content_type, body, MOST_FIELDS),
     ):
-        started = time.process_time()
+        started = time.thread_time()
         read()
-        assert time.process_time() - started < 0.05
+        assert time.thread_time() - started < 0.05
 
 
 def test_past_4096_header_lines_a_bodys_parts_have_no_headers() -> None:
@@ -229,9 +229,9 @@ def test_pairs_of_a_megabyte_of_escapes_take_milliseconds(text: str) -> None:
     """``urllib.parse.unquote`` takes Python steps for each "%": 1 MB of "%41" took ~170 ms of
     the event loop, of "%" ~350 ms, before a Twilio or Mailgun signature was checked. ``pairs``
     undoes them in a few passes over the bytes (~10 ms measured; the bound is generous)."""
-    started = time.process_time()
+    started = time.thread_time()
     found = pairs(text, MOST_FIELDS)
-    assert time.process_time() - started < 0.05
+    assert time.thread_time() - started < 0.05
     assert found == parse_qsl(text, keep_blank_values=True)
 
 
@@ -257,9 +257,9 @@ def least_cpu(read: Callable[[], object], times: int = 3) -> float:
     """The least CPU time of ``times`` runs of ``read``: its cost, less a busy machine's noise."""
     spent = []
     for _ in range(times):
-        started = time.process_time()
+        started = time.thread_time()
         read()
-        spent.append(time.process_time() - started)
+        spent.append(time.thread_time() - started)
     return min(spent)
 
 
@@ -480,9 +480,9 @@ def test_the_names_of_a_forged_forms_parts_are_read_in_milliseconds(shape: str) 
     for 4,096 pieces in all, each header once (10-20 ms measured; the bound is generous)."""
     found = list(parts("multipart/form-data; boundary=XyZ", forged_names(FORGED_NAMES[shape])))
     assert len(found) == MOST_FIELDS
-    started = time.process_time()
+    started = time.thread_time()
     read = [(part.name, part.filename, part.charset) for part in found]
-    spent = time.process_time() - started
+    spent = time.thread_time() - started
     assert spent < 0.05, f"{spent:.3f} s"
     assert read[-1] == (None, None, None)
 
