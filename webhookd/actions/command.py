@@ -535,8 +535,8 @@ class CommandAction:
         reason = f"exit code {code}" if code > 0 else f"killed by signal {-code}{_named(-code)}"
         # Its last line on stderr, where a program says why it failed: the log line, the
         # alert and the dead-letter list then say it too, not only ``show``.
-        said = next((line for line in reversed(watch.err.text(500).splitlines()) if line), "")
-        said = f"; stderr: {excerpt(said)}" if said.strip() else ""
+        last = next((ln for ln in reversed(watch.err.text(500).splitlines()) if ln.strip()), "")
+        said = f"; stderr: {excerpt(last)}" if last else ""
         if code in self.settings.permanent:
             return Outcome.dead(f"{program}: {reason} (permanent){said}", **detail)
         return Outcome.retry(f"{program}: {reason}{said}", **detail)
