@@ -52,11 +52,11 @@ from webhookd.actions.command import kill_running_commands
 from webhookd.admin import Admin, AdminContext, Throughput
 from webhookd.alerts import Alerter
 from webhookd.boot import (
-    _check_the_clock,
-    _count_earlier_calls,
-    _orphans,
-    _warn_of_orphans,
+    check_the_clock,
     clock_stepped,
+    count_earlier_calls,
+    orphaned,
+    warn_of_orphans,
 )
 from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch, unset_clock
 from webhookd.config.reloads import Reload, cluster_digest, cluster_names, plan_reload, some
@@ -82,11 +82,11 @@ from webhookd.models import new_boot_id
 from webhookd.process import (
     EXIT_DEADLINE_S,
     STOP_MARGIN_S,
-    _exit_within,
-    _open_files_for,
-    _tune_gc,
+    exit_within,
     keep_descriptors_private,
     keep_memory_private,
+    open_files_for,
+    tune_collector,
 )
 from webhookd.receiver import Receiver
 from webhookd.redact import (
@@ -145,7 +145,7 @@ class Daemon:
     config: Config
     clock: Clock = SYSTEM_CLOCK
     install_signals: bool = True
-    tune_gc: bool = False  # freeze startup objects and collect less often (see `_tune_gc`)
+    tune_gc: bool = False  # freeze startup objects and collect less often (see `tune_collector`)
     # Once a drain begins, exit by STOP_MARGIN_S past its grace whatever hangs (`webhookd
     # serve` only: it ends the process).
     exit_if_stuck: bool = False
@@ -157,7 +157,7 @@ class Daemon:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     bound: Bound = field(default_factory=Bound)
     # The receiver's cap on open connections, once running: server.max_connections, or fewer
-    # when the open-files limit leaves no room for that many (``_open_files_for``).
+    # when the open-files limit leaves no room for that many (``open_files_for``).
     max_connections: int | None = field(default=None, init=False)
     boot_id: str = field(default_factory=new_boot_id)
     # Set once wired, for tests and embedding: the parts themselves.
@@ -213,7 +213,7 @@ class Daemon:
             return
         cfg = self.config
         budget_s = cfg.server.ack_timeout_s + 1 + cfg.workers.shutdown_grace_s + STOP_MARGIN_S
-        self.stop_watchdog = _exit_within(
+        self.stop_watchdog = exit_within(
             budget_s,
             1,
             f"stop took longer than {budget_s:g}s (a step of the start or the close did not"
@@ -237,7 +237,7 @@ class Daemon:
 
     async def _run(self) -> int:
         cfg = self.config
-        self.max_connections = _open_files_for(cfg)
+        self.max_connections = open_files_for(cfg)
         loop = asyncio.get_running_loop()
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -285,8 +285,8 @@ class Daemon:
                     recovered.named(),
                     recovered.cancelled,
                 )
-            orphans = await _warn_of_orphans(journal, cfg)
-            await _check_the_clock(journal, cfg, self.clock.time())
+            orphans = await warn_of_orphans(journal, cfg)
+            await check_the_clock(journal, cfg, self.clock.time())
 
             http = await stack.enter_async_context(
                 open_session(max(cfg.workers.concurrency * 2, 100), self.lookup)
@@ -302,7 +302,7 @@ class Daemon:
             )
             actions = action_registry.build(resources)
             if not journal.shares_lanes:  # a shared lane's log is in the journal already
-                await _count_earlier_calls(journal, cfg, actions, self.lanes, self.clock.time())
+                await count_earlier_calls(journal, cfg, actions, self.lanes, self.clock.time())
 
             pool = WorkerPool(
                 config=cfg,
@@ -433,7 +433,7 @@ class Daemon:
         self.bound.receiver = bound[0]
         self._announce(cfg)
         if self.tune_gc:
-            _tune_gc()
+            tune_collector()
         self.started.set()
         self.notifier.send("READY=1", f"STATUS={self._status(ctx)}")
 
@@ -583,7 +583,7 @@ class Daemon:
             except JournalError:
                 pass  # all of them named, as they may have some
             else:
-                dead, before = _orphans(cfg, waiting), _orphans(self.config, waiting)
+                dead, before = orphaned(cfg, waiting), orphaned(self.config, waiting)
                 lost = {(s, a): n for (s, a), n in dead.items() if (s, a) not in before}
                 gone = [f"{s}/{a}" for s, a in lost if s != ALERT_SOURCE]
                 alerts_left = sum(n for (s, _), n in lost.items() if s == ALERT_SOURCE)
@@ -898,7 +898,7 @@ def run(
         finally:
             if daemon is not None and daemon.stop_watchdog is not None:
                 daemon.stop_watchdog.cancel()  # stopped in time: the exit's own deadline now
-            _exit_within(EXIT_DEADLINE_S, status)
+            exit_within(EXIT_DEADLINE_S, status)
 
     keep_memory_private()
     keep_descriptors_private()
@@ -920,5 +920,5 @@ def run(
         # Something raised SystemExit (or the like) in a task: that stops the event loop itself.
         log.error("fatal: the event loop stopped: %s: %s", type(exc).__name__, exc)
         kill_running_commands()  # nothing is left to stop them in order
-        _exit_within(EXIT_DEADLINE_S, 1)
+        exit_within(EXIT_DEADLINE_S, 1)
         return 1

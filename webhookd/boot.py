@@ -51,7 +51,7 @@ async def clock_stepped(journal: BaseJournal, moved_s: float) -> None:
     )
 
 
-async def _check_the_clock(journal: BaseJournal, cfg: Config, now: float) -> None:
+async def check_the_clock(journal: BaseJournal, cfg: Config, now: float) -> None:
     """At the start: a journal written ahead of this clock (stepped back while webhookd was
     down, or ahead then) is told, and jobs planned further ahead than any wait webhookd plans
     are made due by then. Not moved by the difference: a second start would move them again."""
@@ -73,7 +73,7 @@ async def _check_the_clock(journal: BaseJournal, cfg: Config, now: float) -> Non
         )
 
 
-async def _count_earlier_calls(
+async def count_earlier_calls(
     journal: BaseJournal,
     cfg: Config,
     actions: Mapping[tuple[str, str], Action],
@@ -103,7 +103,7 @@ async def _count_earlier_calls(
             log.info("lane %s: %d call(s) of the minute before this start counted", name, counted)
 
 
-async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str, str]]:
+async def warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str, str]]:
     """Say at start when the journal holds queued jobs this config has no action for: of a
     source it no longer has (an old config deployed, a source renamed) or an action a source
     no longer has (an action renamed). One line, before they go dead at their turn, one dead
@@ -113,7 +113,7 @@ async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str,
         unfinished = await journal.unfinished_by_action()
     except JournalError:
         return []  # the daemon says what is wrong with its journal elsewhere
-    found = _orphans(cfg, unfinished)
+    found = orphaned(cfg, unfinished)
     if found:
         log.warning(
             "the journal holds queued jobs that %s has no action for: %s; they go dead at their"
@@ -125,7 +125,7 @@ async def _warn_of_orphans(journal: BaseJournal, cfg: Config) -> list[tuple[str,
     return list(found)
 
 
-def _orphans(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+def orphaned(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
     """The pairs of ``unfinished`` that ``cfg`` cannot run (as the workers decide it:
     ``source_for`` and its ``action``), sorted, with their jobs."""
     out = {}
@@ -144,4 +144,4 @@ def orphaned_jobs(cfg: Config, unfinished: Mapping[tuple[str, str], int]) -> str
     """``source/action (jobs)`` for each pair of ``unfinished`` that ``cfg`` cannot run,
     sorted, comma-separated; ``None`` when it can run them all (``check``'s note, as the
     start warns of them)."""
-    return _orphans_text(_orphans(cfg, unfinished)) or None
+    return _orphans_text(orphaned(cfg, unfinished)) or None

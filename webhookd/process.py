@@ -21,7 +21,7 @@ log = logging.getLogger("webhookd")
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-def _tune_gc() -> None:
+def tune_collector() -> None:
     """Take the garbage collector off the ack path.
 
     By default CPython collects the youngest generation every 700 net allocations and, now and
@@ -82,7 +82,7 @@ def keep_descriptors_private() -> int:
 _RESERVED_FILES = 256
 
 
-def _open_files_for(cfg: Config) -> int:
+def open_files_for(cfg: Config) -> int:
     """Raise the soft limit on open files to what ``server.max_connections`` and the rest need,
     as far as the hard limit allows (a shell's default soft limit is often 1,024); returns the
     connections the receiver may hold: ``server.max_connections``, or, when the hard limit is
@@ -130,7 +130,7 @@ EXIT_DEADLINE_S = 5.0
 STOP_MARGIN_S = 10.0
 
 
-def _exit_within(deadline_s: float, status: int, why: str | None = None) -> threading.Timer:
+def exit_within(deadline_s: float, status: int, why: str | None = None) -> threading.Timer:
     """Exit with ``status`` in ``deadline_s`` unless the process has by then, saying ``why``;
     ``cancel()`` the timer returned to call it off."""
 
