@@ -170,10 +170,7 @@ async def _classes(servers: list[Server], sink: Sink) -> Any:
 @contextmanager
 def _nodes(count: int, sink_url: str, cpu: int | None, pg: Postgres | None) -> Iterator[Any]:
     def pause(config: Path) -> None:
-        if pg is None:
-            pause_bench(config)
-        else:
-            cli("pause", "bench", config=config)
+        pause_bench(config, None if pg is None else pg.url)
 
     if count == 1:
         with running_webhookd(config(sink_url), cpu=cpu, probe=False, before_start=pause) as s:

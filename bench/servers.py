@@ -145,13 +145,21 @@ def intake_sources(target: Target) -> str:
     return text
 
 
-def pause_bench(config: Path) -> None:
+def pause_bench(config: Path, journal_url: str | None = None) -> None:
     """``webhookd pause bench`` with `config`, before its daemon starts (a ``before_start``):
-    creates the journal (schema only) first, which the verb needs."""
-    from webhookd.journal import Journal
+    creates the journal (schema only) first, which the verb needs: the SQLite file beside
+    `config`, or the PostgreSQL journal at `journal_url`."""
+    from webhookd.journal import BaseJournal, Journal
 
     async def create() -> None:
-        async with Journal(config.with_name("bench.db")):
+        journal: BaseJournal
+        if journal_url is None:
+            journal = Journal(config.with_name("bench.db"))
+        else:
+            from webhookd.journal.postgres import PostgresJournal
+
+            journal = PostgresJournal(journal_url)
+        async with journal:
             pass
 
     asyncio.run(create())
