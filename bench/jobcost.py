@@ -27,7 +27,7 @@ from webhookd.actions.base import Resources
 from webhookd.config import loads
 from webhookd.journal import Finished, Journal, NewEvent, NewJob, Ready
 from webhookd.metrics import Metrics
-from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
+from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
 from webhookd.scheduler import Scheduler
 from webhookd.workers import WorkerPool
 
@@ -141,10 +141,11 @@ async def _loop_pieces(n: int) -> list[tuple[str, float]]:
         cfg = _config(handler)
         action = build(Resources(config=cfg, http=None))[("bench", "python")]  # type: ignore[arg-type]
         event = Event(new_event_id(), "bench", 0.0, "k", "", Priority.NORMAL, (), b"{}")
+        job = Job(new_job_id(), event.id, "python", "python", JobState.RUNNING, 1, 6, 0.0)
 
-        async def call(action: Any = action, event: Event = event) -> None:
+        async def call(action: Any = action, event: Event = event, job: Job = job) -> None:
             for _ in range(n):
-                await action.run(event, None)
+                await action.run(event, job)
 
         label = "async handler, awaited" if handler == "arun" else "sync handler, in a thread"
         rows.append((f"python action: {label}", await _cpu(call)))
