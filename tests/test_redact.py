@@ -112,6 +112,8 @@ url = "https://hooks.example.com/services/T1/B2/inline-alert-url-token"
             "pwd=p&jwt=j&passwd=q&session=s&sid=i&side=l",
             "pwd=***&jwt=***&passwd=***&session=***&sid=***&side=l",
         ),
+        ("a=1;token=t0k;b=2&sig=s;c", "a=1;token=***;b=2&sig=***;c"),
+        ("note=x;y&key=k;", "note=x;y&key=***;"),
     ],
 )
 def test_a_query_is_shown_with_the_values_of_its_credential_parameters_masked(
@@ -119,7 +121,8 @@ def test_a_query_is_shown_with_the_values_of_its_credential_parameters_masked(
 ) -> None:
     """A parameter named as a credential (what masks a header, ``_`` read as ``-``, or a
     credential query name: ``key``, ``sig``, ``code``) is shown as ``name=***``, whatever the
-    case or the percent-encoding of its name; every other byte of the query as received."""
+    case or the percent-encoding of its name, after a ``&`` or a ``;``; every other byte of the
+    query as received."""
     assert shown_query(query) == shown
 
 

@@ -113,15 +113,21 @@ def shown_query(query: str) -> str:
     """The query as it is shown: a parameter whose name reads as a credential (a header's
     ``_SHOWN_MASKED_HINTS``, ``_`` read as ``-``, or one of ``_CREDENTIAL_QUERY_NAMES``:
     ``?token=``, ``?api_key=``, ``?sig=``) keeps its name, its value ``***``; the rest as
-    received, still percent-encoded. Stored as sent, as signature headers are."""
+    received, still percent-encoded. Stored as sent, as signature headers are.
+
+    ``;`` separates parameters as ``&`` does: some frameworks a forward passes the query to
+    still split on it (``?a=1;token=…``), so a credential after one is masked too."""
     if not query:
         return query
-    params = query.split("&")
-    for i, param in enumerate(params):
-        name, eq, _value = param.partition("=")
+    parts = _QUERY_SEPARATORS.split(query)  # parameters, each followed by its separator
+    for i in range(0, len(parts), 2):
+        name, eq, _value = parts[i].partition("=")
         if eq and _credential_param(unquote_plus(name)):
-            params[i] = f"{name}={MASK}"
-    return "&".join(params)
+            parts[i] = f"{name}={MASK}"
+    return "".join(parts)
+
+
+_QUERY_SEPARATORS = re.compile(r"([&;])")
 
 
 def _credential_param(name: str) -> bool:
