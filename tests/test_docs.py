@@ -77,7 +77,11 @@ def test_every_option_of_every_action_kind_is_in_its_section_of_actions_md() -> 
     missing = []
     for kind in ACTION_KINDS:
         module = importlib.import_module(f"webhookd.actions.{kind}")
-        names = (*module._OPTIONS, *getattr(module, "_THEN_OPTIONS", ()))
+        if kind == "openai":  # its settings have a module of their own
+            module = importlib.import_module("webhookd.actions.openai_config")
+            names = (*module.OPTIONS, *module.THEN_OPTIONS)
+        else:
+            names = module._OPTIONS
         # `name` or `name = ...`, as the section writes an option with its value
         missing += [f"{kind} {n}" for n in names if not re.search(rf"`{n}(`| =)", sections[kind])]
     assert not missing, "\n".join(missing)

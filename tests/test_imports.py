@@ -81,6 +81,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions.base",),
     ("webhookd.actions.client",),
     ("webhookd.actions.delivery",),
+    # The openai action's settings and what a provider says of its limits.
+    ("webhookd.actions.openai_config", "webhookd.actions.openai_limits"),
     ("webhookd.actions.*",),
     ("webhookd.actions",),
     # The worker pool's parts: one attempt of a job, and the jobs left to other nodes.

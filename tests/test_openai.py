@@ -26,7 +26,9 @@ from procs import poll
 from standardwebhooks.webhooks import Webhook
 
 from webhookd.actions import openai as openai_action
-from webhookd.actions.openai import _Settings, estimate_tokens
+from webhookd.actions import openai_config
+from webhookd.actions.openai import estimate_tokens
+from webhookd.actions.openai_config import Settings
 from webhookd.clock import ManualClock
 from webhookd.config import loads
 from webhookd.errors import ConfigError
@@ -633,7 +635,7 @@ async def test_a_body_of_a_megabyte_is_put_in_the_prompt_and_the_post_off_the_ev
     body = b"[" + b'{"p":1.50},' * 75_000 + b"7]"  # the prompt's request under aiohttp's 1 MiB
     loop_thread = threading.current_thread()
     ran_on: dict[str, bool] = {}  # each render: whether it ran on the loop's thread
-    messages, then_body = openai_action.OpenAIAction._messages, openai_action._Then._body
+    messages, then_body = openai_action.OpenAIAction._messages, openai_config.Then._body
 
     def render_messages(self: Any, event: Any) -> Any:
         ran_on["_messages"] = threading.current_thread() is loop_thread
@@ -644,7 +646,7 @@ async def test_a_body_of_a_megabyte_is_put_in_the_prompt_and_the_post_off_the_ev
         return then_body(event, answer)
 
     monkeypatch.setattr(openai_action.OpenAIAction, "_messages", render_messages)
-    monkeypatch.setattr(openai_action._Then, "_body", staticmethod(render_body))
+    monkeypatch.setattr(openai_config.Then, "_body", staticmethod(render_body))
     async with action_kit(tmp_path, config, clock=clock) as kit:
         event_id = await kit.send("mail", body)
         await kit.run()
@@ -1090,7 +1092,7 @@ def test_max_tokens_is_required_and_api_key_defaults_to_openai_api_key(
         actions.validate(loads(base + "max_tokens = 10\n"))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
     (action,) = loads(base + "max_tokens = 10\n").sources["s"].actions
-    assert _Settings(action).api_key.reveal() == "sk-from-the-environment"
+    assert Settings(action).api_key.reveal() == "sk-from-the-environment"
 
 
 @pytest.mark.parametrize(

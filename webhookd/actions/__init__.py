@@ -103,7 +103,7 @@ def warnings(config: Config) -> list[str]:
     Idempotency-Key or webhook-id."""
     from webhookd.actions.command import missing_program
     from webhookd.actions.delivery import fixed_repeat_keys
-    from webhookd.actions.openai import lane_too_small, shows_no_webhook
+    from webhookd.actions.openai_config import lane_too_small, shows_no_webhook
     from webhookd.actions.python import stdlib_names_in_folder
 
     said = []

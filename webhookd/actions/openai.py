@@ -60,9 +60,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
@@ -74,38 +72,25 @@ from webhookd.actions.base import (
     excerpt,
     keep_detail,
     masker_of,
-    options,
     rendered,
 )
 from webhookd.actions.delivery import (
-    check_url,
     connect_reason,
-    deliver,
-    no_template,
     parse_retry_after,
-    read_headers,
-    read_proxy,
-    read_signing_secrets,
-    read_tls,
-    read_url,
-    signed_headers,
 )
-from webhookd.config.checks import header_value
-from webhookd.config.reading import DEFAULT_OPENAI_API_KEY, no_reference, resolve_secret
+from webhookd.actions.openai_config import LONE_SURROGATE, OPENAI_BASE_URL, Settings
+from webhookd.actions.openai_limits import cooldown_s, header_int
 from webhookd.config.sections import (
     DEFAULT_MAX_COOLDOWN_S,
     ActionConfig,
     ActionDefaults,
-    LaneConfig,
     RetryPolicy,
 )
-from webhookd.config.table import Table
 from webhookd.errors import ConfigError
 from webhookd.journal.records import LaneAction
 from webhookd.limiter import Lane, LaneBusy, Reservation
 from webhookd.models import LANE_CALL_S, LANE_TOKENS, Event, Job
-from webhookd.redact import Masker
-from webhookd.templates import NoPayload, Template, compile_template, payload_of, to_json
+from webhookd.templates import Template, payload_of
 
 log = logging.getLogger("webhookd.actions.openai")
 
@@ -113,26 +98,7 @@ log = logging.getLogger("webhookd.actions.openai")
 DEFAULTS = ActionDefaults(
     timeout_s=120.0, retry=RetryPolicy(max_attempts=6, base_s=2.0, factor=2.0, cap_s=60.0)
 )
-_OPTIONS = (
-    "api_key",
-    "base_url",
-    "model",
-    "system",
-    "prompt",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "lane",
-    "max_lane_wait_s",
-    "then",
-    "tls",
-    "proxy",
-)
-OPENAI_BASE_URL = "https://api.openai.com/v1"  # the package's own, without base_url
-_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")  # exactly one, sent under its own name
-_THEN_OPTIONS = ("forward", "secret", "secrets", "headers", "tls", "proxy")
 _RETRYABLE_4XX = frozenset({407, 408, 409, 425})  # 407: a proxy asking for credentials
-_DEFAULT_LANE_WAIT_S = 10.0
 # Characters an answer's text may have per token of max_tokens, far above a real model's (about
 # 4): only a server not bound by max_tokens goes past it, and its answer is cut there.
 _CHARS_PER_TOKEN = 16
@@ -140,193 +106,10 @@ _CHARS_PER_TOKEN = 16
 # English, 1 MiB or so of Chinese with each character escaped (\uXXXX). The client read an
 # answer whole, then parsed it: a server answering 150 MB took the daemon up by 460 MB.
 MOST_ANSWER_BYTES = 4 * 1024 * 1024
-_DEFAULT_COOLDOWN_S = 5.0  # a 429 that says nothing about when to come back
 _QUOTA_WAIT_S = 60.0
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_KINDS = ("requests", "tokens")  # x-ratelimit-{remaining,reset}-KIND
-# The wait a 429's message names: OpenAI's "Please try again in 1.2s." ("120ms", "6m0s"),
-# Azure's "Please retry after 33 seconds."
-_TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)(?![a-z])", re.IGNORECASE)
-_RETRY_AFTER_SECONDS = re.compile(r"retry after (\d+(?:\.\d+)?) seconds?\b", re.IGNORECASE)
 # OpenAI's words for a 429: "Limit 6000, Used 5800, Requested 900" (wait for the window), or
 # "Limit 6000, Requested 10216" with "Request too large" (no wait will do).
-# Half a UTF-16 pair, which JSON may escape ("\\ud83d") but no UTF-8 can carry.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _LIMIT_REQUESTED = re.compile(r"Limit (\d[\d,]*),(?: Used \d[\d,]*,)? Requested (\d[\d,]*)")
-
-
-def validate(config: ActionConfig) -> None:
-    _Settings(config)
-
-
-class _Settings:
-    """The action's options, checked (every ``ConfigError`` names its dotted key)."""
-
-    def __init__(self, config: ActionConfig) -> None:
-        t = options(config, _OPTIONS)
-        # The openai package's own default: the key most deployments already have set.
-        self.api_key = resolve_secret(t.raw("api_key", DEFAULT_OPENAI_API_KEY), t.path("api_key"))
-        key = header_value(self.api_key.reveal(), t.path("api_key"))  # sent as a Bearer token
-        # The client refuses such a header at every call ("Connection error.", or an encoding
-        # error): said here instead, at check and reload, the key named and never shown.
-        if key != key.strip(" \t"):
-            raise ConfigError(
-                t.path("api_key"),
-                "begins or ends with a space or a tab, which no Bearer token has (a stray one"
-                " where it is written, in its variable or in its file?)",
-            )
-        if not (key.isascii() and key.isprintable()):
-            raise ConfigError(
-                t.path("api_key"), "holds a character that is not printable ASCII, as no key does"
-            )
-        self.base_url: str | None = None
-        if t.has("base_url"):
-            no_template(t.string("base_url"), t.path("base_url"))
-            self.base_url = check_url(t.string("base_url"), t.path("base_url"))
-            # The endpoint's own URL, pasted from a curl example: the client adds
-            # /chat/completions to it, and every call would be a 404, each job dead.
-            if urlsplit(self.base_url).path.rstrip("/").endswith("/chat/completions"):
-                raise ConfigError(
-                    t.path("base_url"),
-                    "ends in /chat/completions, which the client adds itself: give the API's"
-                    f" root, as {OPENAI_BASE_URL} (the URL of /chat/completions less that)",
-                )
-        # A server of your own on https behind a private CA, or asking for a client certificate.
-        self.tls = read_tls(t, self.base_url or OPENAI_BASE_URL)
-        # Without one, the openai package's own reading of HTTPS_PROXY and NO_PROXY holds.
-        self.proxy = read_proxy(t)
-        model = t.string("model", None)  # a number is the wrong type, named so
-        if not model:
-            raise ConfigError(t.path("model"), "is required (a model name)")
-        no_reference(model, t.path("model"), "a model name")  # else sent as written
-        no_template(model, t.path("model"))
-        if model != model.strip():  # pasted with a space or a line break: sent as written
-            raise ConfigError(
-                t.path("model"),
-                "begins or ends with white space, which no model name has (every call would be"
-                " answered 404, no such model)",
-            )
-        self.model = model
-        if not t.has("prompt"):
-            raise ConfigError(t.path("prompt"), "is required (a template)")
-        self.prompt = compile_template(t.raw("prompt"), t.path("prompt"))
-        self.system: Template | None = None
-        if t.has("system"):
-            self.system = compile_template(t.raw("system"), t.path("system"))
-        # Sent under the name it is written with: reasoning models (o1, o3, o4-mini …) refuse
-        # max_tokens, and some compatible servers know only max_tokens.
-        given = [name for name in _TOKEN_LIMITS if t.has(name)]
-        if not given:
-            raise ConfigError(
-                t.path("max_tokens"),
-                "is required (the lane reserves it; reasoning models take max_completion_tokens)",
-            )
-        if len(given) > 1:
-            raise ConfigError(
-                t.path("max_completion_tokens"),
-                "give max_tokens or max_completion_tokens, not both",
-            )
-        self.token_limit_name = given[0]
-        self.max_tokens = int(t.number(self.token_limit_name, integer=True, minimum=1))
-        self.temperature: float | None = None
-        if t.has("temperature"):
-            self.temperature = float(t.number("temperature"))
-            if not 0 <= self.temperature <= 2:
-                raise ConfigError(t.path("temperature"), "must be between 0 and 2")
-        self.lane: str | None = t.string("lane", None)
-        # Waiting in the lane counts against timeout_s: leave the call at least half of it.
-        self.max_lane_wait_s = min(_DEFAULT_LANE_WAIT_S, config.timeout_s / 2)
-        if t.has("max_lane_wait_s"):
-            self.max_lane_wait_s = float(t.number("max_lane_wait_s"))
-            if not 0 <= self.max_lane_wait_s < config.timeout_s:
-                raise ConfigError(
-                    t.path("max_lane_wait_s"),
-                    f"must be at least 0 and below timeout_s ({config.timeout_s:g})",
-                )
-        self.then: _Then | None = None
-        if t.has("then"):
-            self.then = _Then(t.raw("then"), t.path("then"))
-
-
-def lane_too_small(config: ActionConfig, lanes: Mapping[str, LaneConfig]) -> tuple[str, str] | None:
-    """The option, and why, when this action's calls cannot fit its lane's ``tpm`` (``check``
-    and the daemon's start warn of it): the lane reserves ``max_tokens`` and the prompt for
-    each call, and a call bigger than a whole minute's tokens waits until the lane is empty,
-    then goes over the limit alone, which a provider enforcing that limit refuses."""
-    settings = _Settings(config)
-    lane = lanes.get(settings.lane) if settings.lane is not None else None
-    if lane is None or lane.tpm is None or settings.max_tokens <= lane.tpm:
-        return None
-    return settings.token_limit_name, (
-        f"{settings.max_tokens:,} is more than lanes.{settings.lane}.tpm ({lane.tpm:,}):"
-        " each call waits until the lane has admitted nothing for a minute, then goes over"
-        " its limit alone (OpenAI refuses a request bigger than the limit with a 429)"
-    )
-
-
-def shows_no_webhook(config: ActionConfig) -> str | None:
-    """Why this action's calls never show the model its webhook (``check`` and the daemon's
-    start warn of it), else ``None``: neither ``prompt`` nor ``system`` looks anything up, so
-    every call asks the same text, paid for each event. Nothing is added to a prompt of itself."""
-    settings = _Settings(config)
-    templates = [settings.prompt] + ([settings.system] if settings.system is not None else [])
-    if any(t.has_lookups for t in templates):
-        return None
-    return (
-        f"looks nothing up in the webhook{', nor does system' if settings.system else ''}:"
-        " every call asks the model the same text, without the webhook ({{ . }} puts in the"
-        " whole payload, {{ subject }} one field)"
-    )
-
-
-class _Then:
-    """``then = { forward = URL, secret = …, headers = … }``: where the answer goes next."""
-
-    def __init__(self, value: Any, key: str) -> None:
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, "must be a table like { forward = URL }")
-        t = Table(value, key)
-        t.only(
-            _THEN_OPTIONS,
-            f"for then, which takes forward (the URL), {', '.join(_THEN_OPTIONS[1:])}",
-        )
-        self.url = read_url(t, "forward")
-        self.headers = read_headers(t, url=self.url)
-        self.secrets = [s.reveal() for s in read_signing_secrets(t)]
-        self.tls = read_tls(t, self.url)
-        self.proxy = read_proxy(t)
-
-    @staticmethod
-    def _body(event: Event, answer: Mapping[str, Any]) -> bytes:
-        """What is posted: the answer, beside the event's id, source and payload."""
-        body = {"event_id": event.id, "source": event.source, **answer}
-        payload = payload_of(event)
-        # null for a body neither JSON (that json.loads reads) nor a form: an empty object is a
-        # payload of its own.
-        body["payload"] = None if isinstance(payload, NoPayload) else payload
-        text = to_json(body)  # a number sent past what a float or an int holds: as sent
-        return _LONE_SURROGATE.sub("\ufffd", text).encode()  # the payload's, as the model saw it
-
-    async def send(
-        self,
-        http: aiohttp.ClientSession,
-        event: Event,
-        answer: Mapping[str, Any],
-        masker: Masker | None = None,
-    ) -> Outcome:
-        data = await rendered(event, lambda: self._body(event, answer))
-        headers = signed_headers(
-            self.secrets,
-            msg_id=event.id,
-            body=data,
-            content_type="application/json",
-            now=time.time(),
-            extra=self.headers,
-        )
-        return await deliver(
-            http, "POST", self.url, data, headers, self.tls, self.proxy, masker=masker
-        )
 
 
 def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
@@ -342,63 +125,14 @@ def estimate_tokens(messages: list[ChatCompletionMessageParam]) -> int:
     return total
 
 
-def _header_int(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        number = int(float(value))
-    except (ValueError, OverflowError):  # "inf" overflows, "nan" is no number: both unsaid
-        return None
-    return number if number >= 0 else None
-
-
-def _duration_s(value: str | None) -> float | None:
-    """OpenAI's ``x-ratelimit-reset-*`` durations: ``1s``, ``120ms``, ``6m0s``."""
-    if not value:
-        return None
-    parts = _DURATION_PART.findall(value)
-    if not parts:
-        return None
-    return sum(float(n) * _UNIT_S[unit] for n, unit in parts)
-
-
-def cooldown_s(headers: Mapping[str, str], message: str = "") -> float:
-    """How long a 429 asks us to stay away: ``retry-after-ms``, ``retry-after``, the resets
-    (of the limit spent, when one says so), else the wait its error's ``message`` names
-    (OpenAI's "Please try again in 6m0s.", Azure's "Please retry after 33 seconds.")."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        seconds = parse_retry_after(ms, time.time())
-        if seconds is not None:
-            return seconds / 1000
-    seconds = parse_retry_after(headers.get("retry-after"), time.time())
-    if seconds is not None:
-        return seconds
-    resets = {kind: _duration_s(headers.get(f"x-ratelimit-reset-{kind}")) for kind in _KINDS}
-    # Each reset is when that limit is whole again, not when a call fits: the one spent (its
-    # remaining 0) is what refused the call. The other's, a minute and more after heavy use of
-    # it, would hold the lane back that long for a limit with room left.
-    spent = [kind for kind in _KINDS if _header_int(headers, f"x-ratelimit-remaining-{kind}") == 0]
-    known = [s for kind, s in resets.items() if s is not None and (kind in spent or not spent)]
-    if not known:  # the spent limit's reset not said: the longest said
-        known = [s for s in resets.values() if s is not None]
-    if known:
-        return max(known)
-    # A 429 may come with none of those headers: its message is then the one word on when to
-    # come back, and the default's few seconds would send a call the provider refuses (and
-    # counts) again and again until then.
-    if (said := _TRY_AGAIN.search(message)) is not None:
-        return _duration_s(said[1]) or 0.0
-    if (said := _RETRY_AFTER_SECONDS.search(message)) is not None:
-        return float(said[1])
-    return _DEFAULT_COOLDOWN_S
+def validate(config: ActionConfig) -> None:
+    Settings(config)
 
 
 class OpenAIAction:
     def __init__(self, config: ActionConfig, resources: Resources) -> None:
         self.config = config
-        self.settings = _Settings(config)
+        self.settings = Settings(config)
         self.http = resources.http
         self.masker = masker_of(resources)
         self.held = resources.held
@@ -519,7 +253,7 @@ class OpenAIAction:
             )
         # A lone surrogate from the payload would fail every attempt as UnicodeEncodeError:
         # the model is sent U+FFFD in its place, as any UTF-8 decoder would show it.
-        return _LONE_SURROGATE.sub("\ufffd", text)
+        return LONE_SURROGATE.sub("\ufffd", text)
 
     async def _ask(
         self, event: Event, job_id: str, started: float, call: dict[str, Any]
@@ -629,8 +363,8 @@ class OpenAIAction:
     def _observe(self, headers: Mapping[str, str]) -> None:
         if self.lane is not None:
             self.lane.observe_remaining(
-                _header_int(headers, "x-ratelimit-remaining-requests"),
-                _header_int(headers, "x-ratelimit-remaining-tokens"),
+                header_int(headers, "x-ratelimit-remaining-requests"),
+                header_int(headers, "x-ratelimit-remaining-tokens"),
             )
 
     def _failed(
