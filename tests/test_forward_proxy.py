@@ -24,7 +24,7 @@ from test_forward_tls import Pki, config_for, files, forward_once, openai_job
 
 from webhookd.actions import forward
 from webhookd.actions.base import Resources
-from webhookd.actions.delivery import read_proxy
+from webhookd.actions.targets import read_proxy
 from webhookd.clock import ManualClock
 from webhookd.config import Table
 from webhookd.errors import ConfigError

@@ -76,10 +76,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.copies", "webhookd.journal.postgres.from_sqlite"),
     # Over the journal's interface, or pacing the work.
     ("webhookd.retention", "webhookd.scheduler", "webhookd.limiter", "webhookd.pauses"),
-    # Actions: the interface, the HTTP client, the delivery helpers, one module per kind, the
-    # registry.
+    # Actions: the interface, the HTTP client, their targets as configured, the delivery helpers,
+    # one module per kind, the registry.
     ("webhookd.actions.base",),
     ("webhookd.actions.client",),
+    ("webhookd.actions.targets",),
     ("webhookd.actions.delivery",),
     # The openai action's settings and what a provider says of its limits.
     ("webhookd.actions.openai_config", "webhookd.actions.openai_limits"),

@@ -102,9 +102,9 @@ def warnings(config: Config) -> list[str]:
     a standard library module, a forward's (or a ``then``'s) ``headers`` giving every event one
     Idempotency-Key or webhook-id."""
     from webhookd.actions.command import missing_program
-    from webhookd.actions.delivery import fixed_repeat_keys
     from webhookd.actions.openai_config import lane_too_small, shows_no_webhook
     from webhookd.actions.python import stdlib_names_in_folder
+    from webhookd.actions.targets import fixed_repeat_keys
 
     said = []
     for source in config.all_sources():
@@ -137,19 +137,19 @@ def warnings(config: Config) -> list[str]:
 def looked_up_hosts(config: Config) -> list[tuple[str, str]]:
     """``(key, host name)`` of each host the actions (the alerts' own among them) look up to
     reach: a forward's ``url``, an openai action's ``base_url`` (when set) and its ``then``'s
-    ``forward``; none reached through a proxy, no IP address (``delivery.looked_up_hosts``)."""
-    from webhookd.actions import delivery
+    ``forward``; none reached through a proxy, no IP address (``targets.looked_up_hosts``)."""
+    from webhookd.actions import targets
 
     found = []
     for source in config.all_sources():
         for action in source.actions:
             t = Table(action.options, action.key)
             if action.type == "forward":
-                found += delivery.looked_up_hosts(t, ("url",))
+                found += targets.looked_up_hosts(t, ("url",))
             elif action.type == "openai":
-                found += delivery.looked_up_hosts(t, ("base_url",))
+                found += targets.looked_up_hosts(t, ("base_url",))
                 if isinstance(then := action.options.get("then"), dict):
-                    found += delivery.looked_up_hosts(Table(then, t.path("then")), ("forward",))
+                    found += targets.looked_up_hosts(Table(then, t.path("then")), ("forward",))
     return found
 
 

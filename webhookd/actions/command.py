@@ -47,7 +47,7 @@ from webhookd.actions.base import (
     options,
     rendered,
 )
-from webhookd.actions.delivery import no_template
+from webhookd.actions.targets import no_template
 from webhookd.config.reading import text_or_secret
 from webhookd.config.sections import ActionConfig, ActionDefaults
 from webhookd.errors import ConfigError

@@ -18,15 +18,14 @@ import aiohttp
 from yarl import URL
 
 from webhookd.actions.base import Outcome, Resources, masker_of, options
-from webhookd.actions.delivery import (
+from webhookd.actions.delivery import deliver, signed_headers
+from webhookd.actions.targets import (
     Proxy,
-    deliver,
     read_headers,
     read_proxy,
     read_signing_secrets,
     read_tls,
     read_url,
-    signed_headers,
 )
 from webhookd.config.checks import HEADER_NAME
 from webhookd.config.sections import ActionConfig, ActionDefaults, RetryPolicy

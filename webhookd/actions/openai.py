@@ -74,10 +74,7 @@ from webhookd.actions.base import (
     masker_of,
     rendered,
 )
-from webhookd.actions.delivery import (
-    connect_reason,
-    parse_retry_after,
-)
+from webhookd.actions.delivery import connect_reason, parse_retry_after
 from webhookd.actions.openai_config import LONE_SURROGATE, OPENAI_BASE_URL, Settings
 from webhookd.actions.openai_limits import cooldown_s, header_int
 from webhookd.config.sections import (

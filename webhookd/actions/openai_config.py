@@ -13,16 +13,15 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from webhookd.actions.base import Outcome, options, rendered
-from webhookd.actions.delivery import (
+from webhookd.actions.delivery import deliver, signed_headers
+from webhookd.actions.targets import (
     check_url,
-    deliver,
     no_template,
     read_headers,
     read_proxy,
     read_signing_secrets,
     read_tls,
     read_url,
-    signed_headers,
 )
 from webhookd.config.checks import header_value
 from webhookd.config.reading import DEFAULT_OPENAI_API_KEY, no_reference, resolve_secret
