@@ -178,6 +178,38 @@ async def test_a_journal_whose_file_alone_is_removed_gets_it_back_without_its_ol
     assert event_ids(path) == acked
 
 
+async def test_a_journal_whose_wal_alone_is_removed_checkpoints_it_into_the_file_and_exits(
+    tmp_path: Path, quick_checks: None
+) -> None:
+    """``rm webhookd.db-wal`` while the daemon runs: SQLite went on committing into the unlinked
+    -wal, unseen, and a crash took every commit not yet checkpointed with it. From the moment
+    the watch sees it nothing more is acknowledged, the -wal is checkpointed into the journal
+    file, and the watch ends saying so: every acknowledged webhook is in the file alone."""
+    path = tmp_path / "webhookd.db"
+    wal = tmp_path / "webhookd.db-wal"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        acked = await ingest_all(journal, 10)
+        wal.unlink()
+        acked |= await ingest_all(journal, 5, start=10)  # into the unlinked -wal, unseen yet
+        async with watched(journal) as watch:
+            with pytest.raises(JournalError, match=r"-wal of journal .* removed") as caught:
+                async with asyncio.timeout(10):
+                    await watch
+        said = str(caught.value)
+        assert f"were checkpointed into {path};" in said, said
+        with pytest.raises(JournalUnavailable, match=r"-wal of journal .* removed while open"):
+            await journal.ingest(new_item(99))
+        # What a crash would leave: the file alone, without the -wal the daemon has open.
+        copy = tmp_path / "after-a-crash.db"
+        shutil.copyfile(path, copy)
+        assert event_ids(copy) == acked
+    finally:
+        await journal.close()
+    assert event_ids(path) == acked
+
+
 async def test_a_symlink_to_the_journal_removed_leaves_the_file_it_named_whole(
     tmp_path: Path, quick_checks: None
 ) -> None:

@@ -10,6 +10,11 @@ taking writes, and writes what it holds back out through a connection still open
 The ``-wal`` and ``-shm`` left under the journal's name (``rm`` of the main file alone, a
 ``mv`` of it) are the moved-away journal's own, and SQLite would replay that ``-wal`` into any
 file put at the path, the operator's or the one written back: once the copy is safe they go.
+
+The ``-wal`` removed alone (``rm webhookd.db-wal``, a cleaner of "temporary" files) is the same
+trap one level down: SQLite commits into the unlinked ``-wal``, and what no checkpoint has
+copied into the file yet is gone with a crash. The daemon notices (``wal_moved``), and copies
+it into the file through a connection still open on it (``checkpoint_open``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 SAVED_STAMP = "%Y%m%dT%H%M%SZ"
 REMOVED = "removed"
 REPLACED = "replaced"
-_OWN = ("-wal", "-shm")
+WAL = "-wal"
+_OWN = (WAL, "-shm")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,38 @@ def moved(path: Path, opened: FileIds) -> str | None:
     except OSError:
         return None
     return None if now == opened.db else REPLACED
+
+
+def wal_moved(opened: FileIds) -> str | None:
+    """``REMOVED`` when nothing is at the name of the ``-wal`` opened with the journal any more,
+    ``REPLACED`` when another file is, ``None`` while it names that one (or when it cannot
+    tell, or none was there at open)."""
+    was = opened.own[WAL]
+    if was is None:
+        return None
+    try:
+        now = _id(Path(f"{opened.base}{WAL}"))
+    except (FileNotFoundError, NotADirectoryError):
+        return REMOVED
+    except OSError:
+        return None
+    return None if now == was else REPLACED
+
+
+def checkpoint_open(conn: sqlite3.Connection, path: Path) -> Saved:
+    """Copy every commit in the ``-wal`` ``conn`` has open (unlinked, say) into the journal's
+    file at ``path``, which it still names, and sync it: the file alone then holds them all.
+
+    Runs on ``conn``'s own thread, between transactions. Raises ``sqlite3.Error`` (no room for
+    the file to grow, a reader in another process holding part of the ``-wal`` back) or
+    ``OSError``."""
+    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if row is not None and row[0]:
+        raise sqlite3.OperationalError(
+            "another process was reading the journal, which held part of its -wal back"
+        )
+    sync(path)
+    return Saved(path, beside=False)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ Hazards worth knowing before editing:
   file put at its path), and the file is gone at the exit. The daemon's ``watch`` compares the
   path with what it named at open, once a second; once it differs every write is refused and
   the writer copies the file out through its own connection (``moved``), then the daemon exits.
+  Its ``-wal`` removed alone is checkpointed into the file the same way before the exit.
   A copy that fails (no room) is tried again every ``SAVE_RETRY_S`` with the daemon still up:
   its exit would take the only holder of the contents with it.
 * All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
@@ -83,7 +84,16 @@ from webhookd.journal.files import (
     someone_elses,
 )
 from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
-from webhookd.journal.moved import REMOVED, FileIds, Saved, moved, save_open
+from webhookd.journal.moved import (
+    REMOVED,
+    WAL,
+    FileIds,
+    Saved,
+    checkpoint_open,
+    moved,
+    save_open,
+    wal_moved,
+)
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
     Cap,
@@ -592,7 +602,8 @@ class Journal(Reads, Changes):
     async def watch(self) -> None:
         """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
         once the journal's path no longer names the file open (``moved``) and its contents
-        have been saved.
+        have been saved, or its ``-wal`` was removed (``wal_moved``) and has been checkpointed
+        into the file.
 
         The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
         that can neither take nor finish anything, and it must exit rather than half live.
@@ -625,7 +636,7 @@ class Journal(Reads, Changes):
             self._saving is None
             and opened is not None
             and not task.done()
-            and (how := moved(self.path, opened)) is not None
+            and (how := moved(self.path, opened) or _wal(wal_moved(opened))) is not None
         ):
             self._save(how)
 
@@ -634,7 +645,7 @@ class Journal(Reads, Changes):
         (intake answers 503, ``/readyz`` says why), and, once the writer has done what it was
         given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
         tries again while that fails."""
-        self._refusing = f"journal {self.path} was {how} while open"
+        self._refusing = self._what(how)
         self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
         self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
         # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
@@ -647,13 +658,15 @@ class Journal(Reads, Changes):
         """The line the daemon exits with, once a copy is written, or once the last try
         close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
         close()) and the copy is tried again on the writer's thread: nothing else writes."""
-        what = f"journal {self.path} was {how} while open"
+        what = self._what(how)
         opened, at = self._opened_as, self.clock.time()
         assert opened is not None
 
         def save(conn: sqlite3.Connection) -> Saved | str:
             # Never raises: a failure is the line's to tell.
             try:
+                if how.startswith(WAL):  # the file is still the journal's: the -wal goes in it
+                    return checkpoint_open(conn, self.path)
                 return save_open(conn, self.path, opened, at)
             except (OSError, sqlite3.Error) as exc:
                 return _said(exc)
@@ -707,8 +720,17 @@ class Journal(Reads, Changes):
             log.debug("%s: saving its contents failed again (%s)", what, why)
         said.add(why)
 
+    def _what(self, how: str) -> str:
+        """What happened to the journal (``how``: ``moved``'s, or ``-wal`` and ``wal_moved``'s)."""
+        if how.startswith(WAL):
+            verb = how.removeprefix(WAL).strip()
+            return f"the {WAL} of journal {self.path} was {verb} while open"
+        return f"journal {self.path} was {how} while open"
+
     def _lost(self, what: str, how: str, why: str) -> str:
         then = "begins a new journal there" if how == REMOVED else "opens what is there now"
+        if how.startswith(WAL):
+            then = "opens the journal's file without the commits that were only in its -wal"
         tries = f"; {self.save_tries} tries" if self.save_tries > 1 else ""
         return (
             f"{what}, and saving its contents failed ({why}{tries}): they are lost with this"
@@ -717,6 +739,12 @@ class Journal(Reads, Changes):
         )
 
     def _saved(self, what: str, how: str, saved: Saved) -> str:
+        if how.startswith(WAL):
+            return (
+                f"{what}: its contents (every acknowledged webhook) were checkpointed into"
+                f" {saved.path}; exiting so that the next start opens it with a {WAL} of its own"
+                " (jobs that were running run again)"
+            )
         if not saved.beside:
             return (
                 f"{what}: its contents (every acknowledged webhook) were written back to"
@@ -1106,6 +1134,11 @@ class Journal(Reads, Changes):
 
     async def storage_bytes(self) -> int:
         return await self.size_bytes()
+
+
+def _wal(how: str | None) -> str | None:
+    """``wal_moved``'s answer as a ``how`` of its own: ``-wal removed``, ``-wal replaced``."""
+    return None if how is None else f"{WAL} {how}"
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
