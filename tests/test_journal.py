@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1292,6 +1292,57 @@ async def test_a_journal_on_a_full_disk_is_refused_saying_so(tmp_path: Path) -> 
                 filler.flush()
         with pytest.raises(JournalError, match=f"no space left on the disk of {disk}"):
             await Journal(disk / "j.db").open()
+
+
+@contextlib.contextmanager
+def ext4_that_can_fail(path: Path) -> Iterator[tuple[Path, Path]]:
+    """A 16 MB ext4 image mounted at ``path`` with ``errors=remount-ro``, and the file of the
+    kernel's that makes it fail as a disk's I/O error does (``trigger_fs_error``): the kernel
+    then remounts it read-only under whatever has files open on it."""
+    image = path.with_name(path.name + ".img")
+    with image.open("wb") as file:
+        file.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    path.mkdir()
+    options = "loop,errors=remount-ro"
+    mounted = subprocess.run(
+        ["mount", "-o", options, str(image), str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        reason = f"mounting an ext4 image takes root and a loop device: {mounted.stderr.strip()}"
+        if os.environ.get("CI") and os.geteuid() == 0:
+            pytest.fail(f"{reason}; CI runs this test as root")
+        pytest.skip(reason)
+    try:
+        found = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(path)], capture_output=True, text=True
+        )
+        trigger = Path("/sys/fs/ext4") / Path(found.stdout.strip()).name / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip(f"this kernel has no {trigger} to make the file system fail")
+        yield path, trigger
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+async def test_a_write_on_a_file_system_remounted_read_only_says_so(tmp_path: Path) -> None:
+    """An I/O error made the kernel remount the journal's file system read-only: SQLite calls
+    that "disk I/O error", and the log, ``/readyz`` and every 503 said no more, while the cause
+    (and what mends it: an fsck, a restart) was the read-only mount. The error says it."""
+    with ext4_that_can_fail(tmp_path / "disk") as (disk, trigger):
+        journal = Journal(disk / "webhookd.db")
+        await journal.open()
+        try:
+            await journal.ingest(new_event())
+            await asyncio.to_thread(trigger.write_text, "1")
+            with pytest.raises(JournalUnavailable) as caught:
+                await journal.ingest(new_event())
+            said = f"(the file system of {disk} is read-only)"
+            assert str(caught.value).endswith(said), caught.value
+            assert journal.last_write_error is not None
+            assert journal.last_write_error.endswith(said), journal.last_write_error
+        finally:
+            await journal.close()
 
 
 async def test_serve_warns_of_a_journal_disk_with_less_room_than_a_full_wal_needs(

@@ -11,6 +11,7 @@ copy into PostgreSQL (``copied_marker``), the checked backups of restores killed
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sqlite3
@@ -197,6 +198,24 @@ def why_unusable(path: Path) -> str | None:
             return f"no space left on the disk of {folder}"
     except OSError:
         pass
+    return None
+
+
+def read_only(path: Path) -> str | None:
+    """Why a journal at ``path`` cannot be written to, when its file system will write nothing
+    (mounted read-only, or turned so by the kernel after an I/O error, which ext4 may not show
+    in the mount's flags), else None. SQLite says only "disk I/O error" then. Asked by making a
+    file with no name in the folder (``O_TMPFILE``, gone at its close): nothing is left, and no
+    descriptor of SQLite's files is opened or closed (a close would drop SQLite's locks)."""
+    folder = Path(os.path.realpath(path)).parent
+    said = f"the file system of {folder} is read-only"
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return said
+        fd = os.open(folder, getattr(os, "O_TMPFILE", 0) | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        return said if exc.errno == errno.EROFS else None
+    os.close(fd)
     return None
 
 

@@ -80,6 +80,7 @@ from webhookd.journal.files import (
     copied_to,
     interrupted_restores,
     not_a_journal,
+    read_only,
     short_of_room,
     someone_elses,
 )
@@ -145,6 +146,9 @@ PATH_CHECK_S = 1.0
 # room or mended the folder. Each try is one copy (``moved.save_open``).
 SAVE_RETRY_S = 5.0
 _T = TypeVar("_T")
+# SQLite's errors for a file it cannot write: "disk I/O error", "attempt to write a readonly
+# database" (``read_only`` then asks the file system why).
+_CANNOT_WRITE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY)
 
 # A running job put back in the queue (drain, recovery) at ``:now``, or cancelled instead when a
 # cancel came while it ran.
@@ -211,6 +215,8 @@ class Journal(Reads, Changes):
         self._writes_back_line: asyncio.TimerHandle | None = None
         # Why the writer stopped, when it stopped without close() asking it to.
         self.writer_problem: str | None = None
+        # Why the last failed batch could not be written, when SQLite's error hides it.
+        self._read_only: str | None = None
         self.wal_kept = None
         # What the path named at open, and, once it names something else, why every write is
         # refused and the task saving the file's contents (its answer: the line to exit with),
@@ -842,6 +848,10 @@ class Journal(Reads, Changes):
             group.write_s = time.perf_counter() - began
         for call in group.calls:
             group.called.append(self._write_call(conn, call))
+        failures = [group.error, *(e.cause for _, e in group.called if isinstance(e, WriteFailed))]
+        self._read_only = None
+        if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in failures):
+            self._read_only = read_only(self.path)
 
     @staticmethod
     def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
@@ -882,6 +892,13 @@ class Journal(Reads, Changes):
             return None, exc
         return result, None
 
+    def _write_error(self, exc: BaseException) -> str:
+        """A failed commit's error, with its cause where SQLite's words hide it: a file system
+        the kernel turned read-only after an I/O error is a bare "disk I/O error" to SQLite
+        (``_write_batch`` asked ``read_only`` on the writer's thread)."""
+        said = _describe(exc)
+        return f"{said} ({self._read_only})" if self._read_only else said
+
     def _writes_again(self) -> None:
         """A commit went through: after failures (a full disk, say), the error clears at once
         (``/readyz``, the metrics) and one line says so once commits have kept going through
@@ -915,7 +932,7 @@ class Journal(Reads, Changes):
         """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
         keep those written claimed in ``group.started``)."""
         if group.error is not None:
-            self._write_failed(_describe(group.error))
+            self._write_failed(self._write_error(group.error))
             self._log_write_failed("journal write failed: %s", self.last_write_error)
         elif group.commits:
             self._writes_again()
@@ -929,10 +946,11 @@ class Journal(Reads, Changes):
                     self._log_write_failed(
                         "journal write failed for one %s: %s", _kind(op), _describe(exc)
                     )
+                    said = _describe(exc)
+                else:
+                    said = self.last_write_error or _describe(exc)
                 if not op.future.done():
-                    op.future.set_exception(
-                        JournalUnavailable(f"journal write failed: {_describe(exc)}")
-                    )
+                    op.future.set_exception(JournalUnavailable(f"journal write failed: {said}"))
                 continue
             result = group.results[id(op)]
             self.batched_ops += 1
@@ -950,7 +968,7 @@ class Journal(Reads, Changes):
         self.backlog_jobs += len(created) + len(started)
         for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
             if isinstance(call_exc, WriteFailed):
-                self._write_failed(_describe(call_exc.cause))
+                self._write_failed(self._write_error(call_exc.cause))
                 call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
             elif call_exc is None and call.transaction:
                 self._writes_again()
