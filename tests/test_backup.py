@@ -747,6 +747,40 @@ async def test_a_backup_with_no_room_for_it_is_refused_before_it_writes(tmp_path
         assert names(disk) == {"webhookd.db"}
 
 
+async def test_keep_makes_room_by_deleting_the_backups_it_would_delete_after(
+    tmp_path: Path,
+) -> None:
+    """A nightly ``backup FOLDER --keep 2`` on a disk that holds two backups and not three:
+    the old backups were deleted only once the new one was in place, so each night's run was
+    refused for want of room, until someone deleted one by hand. With N of 2 or more, the ones
+    beyond the newest N-1 go first (and it says so); ``--keep 1`` still never deletes the only
+    backup before a new one is in place."""
+    journal = tmp_path / "webhookd.db"
+    async with Journal(journal) as j:
+        for n in range(20):
+            await j.ingest(new_event(body=b"x" * 100_000 + str(n).encode()))
+    config = write_config(tmp_path / "webhookd.toml", journal)
+    size = journal.stat().st_size
+    with small_disk(tmp_path / "disk", str(int(size * 2.6))) as disk:
+        made = []
+        for _ in range(2):
+            out = await cli("backup", str(disk), "--keep", "2", "--config", str(config))
+            assert out.exit_code == 0, out.output
+            assert "to make room" not in out.output
+            made.append(Path(out.output.split(" to ", 1)[1].split(": ", 1)[0]).name)
+        assert names(disk) == set(made)
+        out = await cli("backup", str(disk), "--keep", "1", "--config", str(config))
+        assert out.exit_code == 1
+        assert f"not enough room in {disk} for the backup" in out.output
+        assert names(disk) == set(made)
+        out = await cli("backup", str(disk), "--keep", "2", "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert f"deleted 1 older backup(s) first, to make room: {made[0]}\n" in out.output
+        newest = Path(out.output.split(" to ", 2)[2].split(": ", 1)[0]).name
+        assert names(disk) == {made[1], newest}
+        assert event_ids(disk / newest) == event_ids(disk / made[1])
+
+
 async def test_a_backup_that_runs_out_of_room_says_so_and_leaves_nothing(tmp_path: Path) -> None:
     """A disk with room for the journal's pages and not a few KB more: switching the copy out
     of the WAL mode its header came with makes SQLite's -wal and -shm beside it, and the -shm

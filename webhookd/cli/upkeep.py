@@ -82,7 +82,8 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
 
     DEST may be a folder: the copy is then named for the journal and the time,
     webhookd-20261203T040000Z.db, and --keep N deletes the oldest such copies beyond N once the
-    new one is in place (for a daily timer). The copy is checked (PRAGMA quick_check) before it
+    new one is in place (for a daily timer); with N of 2 or more, those beyond N-1 go first
+    when the folder has no room for the new one. The copy is checked (PRAGMA quick_check) before it
     is given its name. Copying the journal file with cp while the daemon runs can tear it: its
     -wal holds the latest commits.
     """
@@ -108,7 +109,7 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
                     bar.length = max(1, math.ceil(size / 1e6))
                     bar.update(math.ceil(done / 1e6) - bar.pos)
 
-                made = copies.backup(cfg.journal.path, target, on_step=step)
+                made = copies.backup(cfg.journal.path, target, on_step=step, keep=keep)
             break
         except copies.DestinationExists as exc:
             if folder is None:
@@ -119,6 +120,9 @@ def backup(dest: str, keep: int | None, config_path: str | None) -> None:
         except JournalError as exc:
             _fail(str(exc), 1)
     _said_swept(made)
+    if made.made_room:
+        names = ", ".join(p.name for p in made.made_room)
+        click.echo(f"deleted {len(made.made_room)} older backup(s) first, to make room: {names}")
     click.echo(
         f"backed up {cfg.journal.path} to {target}: {made.events:,} event(s), newest received"
         f" {_when(made.latest)}, {copies.megabytes(made.size)}, in {made.seconds:.1f} s"

@@ -81,6 +81,8 @@ class Copy:
     swept: tuple[Path, ...] = ()  # what an earlier backup or restore, killed midway, left
     # restore: where a -wal or -shm left without its journal was moved (no journal was there)
     strays: tuple[Path, ...] = ()
+    # backup with ``keep``: older backups deleted before the copy, to make room for it
+    made_room: tuple[Path, ...] = ()
 
 
 def backup(
@@ -89,12 +91,18 @@ def backup(
     *,
     on_step: Callable[[int, int], object] | None = None,
     step_pages: int = STEP_PAGES,
+    keep: int | None = None,
 ) -> Copy:
     """Copy ``journal`` as of one moment to ``dest``, a file that must not exist yet; it is
     created readable by its owner only, like the journal. ``on_step(bytes_done, size)`` after
-    each step; ``step_pages=-1`` copies in one step (unsynced until the end: measured worse)."""
+    each step; ``step_pages=-1`` copies in one step (unsynced until the end: measured worse).
+
+    ``keep`` (2 or more; ``rotate``'s, for ``dest`` dated in a folder): when the folder has no
+    room for the copy, the journal's oldest dated backups beyond the newest ``keep - 1`` (those
+    the rotation after it deletes anyway) are deleted first, so a timer's rotation on a disk
+    that holds ``keep`` backups does not fail every night; at least one stays meanwhile."""
     try:
-        return _backup(journal, dest, on_step, step_pages)
+        return _backup(journal, dest, on_step, step_pages, keep)
     except OSError as exc:  # a folder that is not there, a full disk, no permission
         if exc.errno == errno.ENOSPC:
             raise _filled(dest.parent, exc.strerror or str(exc)) from exc
@@ -102,7 +110,11 @@ def backup(
 
 
 def _backup(
-    journal: Path, dest: Path, on_step: Callable[[int, int], object] | None, step_pages: int
+    journal: Path,
+    dest: Path,
+    on_step: Callable[[int, int], object] | None,
+    step_pages: int,
+    keep: int | None,
 ) -> Copy:
     started = time.monotonic()
     if not journal.is_file():
@@ -110,6 +122,7 @@ def _backup(
     if os.path.lexists(dest):
         raise DestinationExists(f"{dest} already exists: a backup is written to a new file")
     swept = sweep(dest.parent)  # before the room is measured: what it frees counts
+    made_room: list[Path] = []
     partial = new_private(dest.parent / f".{dest.name}.{os.getpid()}.partial")
     fd = os.open(partial, os.O_RDONLY)
     try:
@@ -132,6 +145,9 @@ def _backup(
                 )
             page_size = int(source.execute("PRAGMA page_size").fetchone()[0])
             pages = int(source.execute("PRAGMA page_count").fetchone()[0])
+            if keep is not None and keep >= 2 and _short(journal, dest.parent, pages * page_size):
+                ours_id = int(source.execute("PRAGMA application_id").fetchone()[0])
+                made_room = _delete_oldest(dest.parent, journal.stem, ours_id, keep - 1)
             _check_room(journal, dest.parent, pages * page_size)
             target = sqlite3.connect(partial, isolation_level=None)
             try:
@@ -169,7 +185,8 @@ def _backup(
         os.close(fd)
         _remove(partial)
     seconds = time.monotonic() - started
-    return Copy(dest, dest.stat().st_size, events, latest, seconds, swept=swept)
+    size = dest.stat().st_size
+    return Copy(dest, size, events, latest, seconds, swept=swept, made_room=tuple(made_room))
 
 
 def dated(folder: Path, journal: Path, at: float) -> Path:
@@ -195,8 +212,16 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    stem = journal.stem
-    ours_id = journal_id(made)
+    ours = _dated_backups(folder, journal.stem, journal_id(made))
+    # Newest first by name; a file stamped in the future (a clock set back) keeps its place but
+    # never pushes out the backup just made.
+    kept = [made.name, *[n for n in reversed(ours) if n != made.name][: keep - 1]]
+    return _delete(folder, [name for name in ours if name not in kept])
+
+
+def _dated_backups(folder: Path, stem: str, ours_id: int) -> list[str]:
+    """The names of the dated backups in ``folder`` of the journal named ``stem`` whose id is
+    ``ours_id`` (none when it is 0), oldest first (by time, then -2, -3... within it)."""
     dated_at = {
         entry.name: (found[1], int(found[2] or 1))
         for entry in os.scandir(folder)
@@ -206,11 +231,18 @@ def rotate(folder: Path, journal: Path, keep: int, made: Path) -> list[Path]:
         and ours_id != 0
         and journal_id(entry.path) == ours_id
     }
-    ours = sorted(dated_at, key=dated_at.__getitem__)  # by time, then -2, -3... within it
-    # Newest first by name; a file stamped in the future (a clock set back) keeps its place but
-    # never pushes out the backup just made.
-    kept = [made.name, *[n for n in reversed(ours) if n != made.name][: keep - 1]]
-    gone = [folder / name for name in ours if name not in kept]
+    return sorted(dated_at, key=dated_at.__getitem__)
+
+
+def _delete_oldest(folder: Path, stem: str, ours_id: int, keep: int) -> list[Path]:
+    """Delete the journal's dated backups in ``folder`` but the newest ``keep`` (before a
+    backup, to make room for it); what was deleted, oldest first."""
+    ours = _dated_backups(folder, stem, ours_id)
+    return _delete(folder, ours[: max(len(ours) - keep, 0)])
+
+
+def _delete(folder: Path, names: list[str]) -> list[Path]:
+    gone = [folder / name for name in names]
     for path in gone:
         with contextlib.suppress(FileNotFoundError):  # another rotation got there first
             path.unlink()
@@ -429,6 +461,12 @@ def _give(path: Path, owner: os.stat_result) -> None:
     now = path.stat()
     if os.geteuid() == 0 and (now.st_uid, now.st_gid) != (owner.st_uid, owner.st_gid):
         os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def _short(journal: Path, folder: Path, size: int) -> bool:
+    """Whether ``folder`` has no room for a backup of ``size`` bytes (see ``_check_room``)."""
+    keep = DAEMON_ROOM if os.stat(folder).st_dev == os.stat(journal).st_dev else 0
+    return shutil.disk_usage(folder).free - size < keep
 
 
 def _check_room(journal: Path, folder: Path, size: int) -> None:
