@@ -1486,6 +1486,43 @@ async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_le
         assert (out.exit_code, out.stderr) == (0, ""), out.output
 
 
+async def test_check_counts_the_events_of_an_older_postgres_journal_never_analysed(
+    tmp_path: Path, pg_server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check``'s upgrade note counts the events of a PostgreSQL journal the planner has never
+    analysed (a database restored from a dump, or a small one), rather than saying it holds
+    about 0, and estimates them from the table's size past ``COUNTED_EVENTS``."""
+    async with fresh_database(pg_server_url) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+            for version, migration in enumerate(postgres_schema.MIGRATIONS[:4], start=1):
+                await conn.execute(migration)
+                await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", version)
+            await conn.execute(
+                "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority,"
+                " headers, body) SELECT 'e' || n, 'shop', 1700000000, 'k' || n, '', 1, '[]',"
+                " '\\x7b7d' FROM generate_series(1, 300) n"
+            )
+            assert (
+                await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass")
+                == -1
+            )
+        finally:
+            await conn.close()
+        config = tmp_path / "webhookd.toml"
+        config.write_text(
+            f'[journal]\nurl = "{url}"\n[sources.shop]\n[[sources.shop.actions]]\ntype = "log"\n'
+        )
+        out = await cli("check", "--config", str(config))
+        assert out.exit_code == 0, out.output
+        assert out.stderr.endswith(" it holds about 300 event(s)\n"), out.stderr
+        monkeypatch.setattr(postgres_schema, "COUNTED_EVENTS", 100)
+        out = await cli("check", "--config", str(config))
+        held = re.search(r" it holds about ([\d,]+) event\(s\)\n$", out.stderr)
+        assert held is not None and int(held[1].replace(",", "")) >= 100, out.stderr
+
+
 async def test_check_notes_a_journal_it_cannot_read_and_goes_on(tmp_path: Path) -> None:
     """A journal ``check`` cannot reach (its database elsewhere, here a port nothing listens
     on) is a note, without the password, not an error: the config itself is valid."""

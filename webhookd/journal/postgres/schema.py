@@ -8,6 +8,7 @@ see it done. A transaction-scoped lock (not a session one) also works behind PgB
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,11 @@ from webhookd.journal.postgres.db import (
     redact_url,
 )
 from webhookd.journal.records import Peeked, by_action
+
+# A table the planner has never analysed (``reltuples`` -1: a database just restored from a
+# dump, or one too small for autovacuum to have looked at it) has its rows counted, up to this
+# many, for ``check``'s note; past it they are estimated from its size, as the planner does.
+COUNTED_EVENTS = 100_000
 
 # Any constant: the advisory lock key that serialises migrations across nodes.
 _MIGRATION_LOCK = 0x77_68_6B_64  # "whkd"
@@ -347,12 +353,7 @@ async def peek(url: str, statement_cache_size: int) -> Peeked:
                     rows = await conn.fetch(UNFINISHED_BY_ACTION_SQL)
                     events = None
                     if 0 < version < len(MIGRATIONS):  # for the upgrade's note
-                        # The planner's estimate: an exact count of tens of millions of rows
-                        # outlasted the 5 s and lost every note (-1: never analysed, so 0).
-                        estimate = await conn.fetchval(
-                            "SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass"
-                        )
-                        events = max(int(estimate or 0), 0)
+                        events = await _events_estimate(conn)
             finally:
                 conn.terminate()
     except DB_ERRORS as exc:
@@ -360,3 +361,19 @@ async def peek(url: str, statement_cache_size: int) -> Peeked:
     except ValueError:  # a URL the driver cannot read: its words may quote it
         raise JournalError(f"{where}: its URL cannot be read") from None
     return Peeked(by_action(rows), version, events)
+
+
+async def _events_estimate(conn: Any) -> int:
+    """About how many events the journal holds: the planner's estimate (an exact count of tens
+    of millions of rows outlasted ``check``'s 5 s and lost every note), or, for a table never
+    analysed, a count up to ``COUNTED_EVENTS`` and the planner's guess from its size past it."""
+    estimate = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass")
+    if estimate is not None and estimate >= 0:
+        return int(estimate)
+    counted = int(
+        await conn.fetchval(f"SELECT count(*) FROM (SELECT FROM events LIMIT {COUNTED_EVENTS}) e")
+    )
+    if counted < COUNTED_EVENTS:
+        return counted
+    plan = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) SELECT FROM events"))
+    return max(counted, int(plan[0]["Plan"]["Plan Rows"]))
