@@ -25,7 +25,6 @@ from test_hostile_intake import MALFORMED, assert_refused_quietly
 
 from webhookd import send
 from webhookd.actions.base import Outcome
-from webhookd.admin import Throughput
 from webhookd.clock import ManualClock
 from webhookd.journal import (
     Claimed,
@@ -39,6 +38,7 @@ from webhookd.journal import (
 from webhookd.json_errors import JsonErrorAppRunner, json_errors
 from webhookd.models import new_job_id
 from webhookd.state import IntakeState
+from webhookd.stats import Throughput
 from webhookd.workers import WorkerPool
 
 EVENT_KEYS = {

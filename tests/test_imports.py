@@ -89,8 +89,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The worker pool's parts: one attempt of a job, and the jobs left to other nodes.
     ("webhookd.attempts", "webhookd.elsewhere"),
     ("webhookd.workers",),
-    # What the receiver reads from a request, and its pacing.
-    ("webhookd.receiver.reading", "webhookd.receiver.limits"),
+    # What the receiver reads from a request, and its pacing; what the daemon counts.
+    ("webhookd.receiver.reading", "webhookd.receiver.limits", "webhookd.stats"),
     # The daemon's faces, side by side: none imports another.
     ("webhookd.receiver.handler", "webhookd.admin", "webhookd.metrics", "webhookd.alerts"),
     ("webhookd.receiver",),

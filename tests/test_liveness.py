@@ -30,13 +30,14 @@ from aiohttp import web
 from conftest import Running, make_config, new_event
 from procs import Procs, get_json, poll, write_config
 
-from webhookd.admin import Admin, AdminContext
+from webhookd.admin import Admin
 from webhookd.app import Daemon
 from webhookd.config import parse_listen
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import new_job_id
 from webhookd.state import IntakeState
+from webhookd.stats import AdminContext
 from webhookd.workers import WorkerPool
 
 pytestmark = pytest.mark.timeout(90)

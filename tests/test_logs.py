@@ -27,7 +27,7 @@ from rawhttp import RawConn
 
 import webhookd
 from webhookd import logs
-from webhookd.admin import AdminContext, Throughput
+from webhookd.stats import AdminContext, Throughput
 from webhookd.status import heartbeat_line, status_line
 from webhookd.throttle import Throttle
 

@@ -33,10 +33,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from webhookd import actions, logs
 from webhookd import config as config_mod
-from webhookd.admin import AdminContext
 from webhookd.app import Daemon
 from webhookd.config import Config
 from webhookd.sdnotify import Notifier
+from webhookd.stats import AdminContext
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "token-of-a-reloaded-source-7c41"

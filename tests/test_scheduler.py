@@ -12,13 +12,13 @@ from conftest import make_config
 from sched_support import Recorder, harness, ingest, intake, positions, serve_target
 
 from webhookd import workers
-from webhookd.admin import AdminContext, collect_stats
 from webhookd.config import Config
 from webhookd.errors import ConfigError
 from webhookd.journal import Ready
 from webhookd.models import Priority
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
+from webhookd.stats import AdminContext, collect_stats
 
 # -- the scheduler alone -----------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from webhookd import logs
 from webhookd.actions.base import HANDLER_IMPORTS_DEFERRED, Resources
 from webhookd.actions.client import Lookup, open_session
 from webhookd.actions.command import kill_running_commands
-from webhookd.admin import Admin, AdminContext, Throughput
+from webhookd.admin import Admin
 from webhookd.alerts import Alerter
 from webhookd.boot import (
     check_the_clock,
@@ -99,6 +99,7 @@ from webhookd.redact import (
 from webhookd.retention import prune_expired
 from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
+from webhookd.stats import AdminContext, Throughput
 from webhookd.status import heartbeat_line, status_line
 from webhookd.workers import WorkerPool
 

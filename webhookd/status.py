@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from webhookd.admin import AdminContext
+from webhookd.stats import AdminContext
 
 
 def heartbeat_line(ctx: AdminContext) -> str:
