@@ -700,20 +700,25 @@ async def test_a_restore_killed_while_putting_the_backup_in_place_stops_the_next
         assert (await j.counts()).events == 5
 
 
+def mount_or_skip(command: list[str], takes: str) -> None:
+    """Run a ``mount`` ``command``; skip the test when it fails (it ``takes`` root and more),
+    but fail it under CI as root, where it must run."""
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        reason = f"{takes}: {mounted.stderr.strip()}"
+        if os.environ.get("CI") and os.geteuid() == 0:
+            pytest.fail(f"{reason}; CI runs this test as root")
+        pytest.skip(reason)
+
+
 @contextlib.contextmanager
 def small_disk(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``path``: a disk that really fills up."""
     path.mkdir()
-    mounted = subprocess.run(
+    mount_or_skip(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
+        "mounting a small tmpfs takes root",
     )
-    if mounted.returncode != 0:
-        reason = f"mounting a small tmpfs takes root: {mounted.stderr.strip()}"
-        if os.environ.get("CI") and os.geteuid() == 0:
-            pytest.fail(f"{reason}; CI runs this test as root")
-        pytest.skip(reason)
     try:
         yield path
     finally:

@@ -1410,6 +1410,14 @@ async def test_check_of_a_journal_a_newer_webhookd_upgraded_exits_3_as_serve_wou
             assert "webhookd serve" not in out.stderr
 
 
+async def _pg_schema_at(conn: Any, version: int) -> None:
+    """Make the PostgreSQL journal's schema as ``version`` of its migrations left it."""
+    await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
+    for n, migration in enumerate(postgres_schema.MIGRATIONS[:version], start=1):
+        await conn.execute(migration)
+        await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", n)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_leaves_it_so(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
@@ -1430,10 +1438,7 @@ async def test_check_says_serve_will_upgrade_a_journal_of_an_older_schema_and_le
             where, latest = f'url = "{url}"', len(postgres_schema.MIGRATIONS)
             conn = await asyncpg.connect(url)
             try:
-                await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
-                for version, migration in enumerate(postgres_schema.MIGRATIONS[:4], start=1):
-                    await conn.execute(migration)
-                    await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", version)
+                await _pg_schema_at(conn, 4)
                 for n in range(3):
                     await conn.execute(insert.format("$1", "$2", "$3"), f"e{n}", f"k{n}", b"{}")
                 await conn.execute("ANALYZE events")  # the note counts by the planner's estimate
@@ -1495,10 +1500,7 @@ async def test_check_counts_the_events_of_an_older_postgres_journal_never_analys
     async with fresh_database(pg_server_url) as url:
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute("CREATE TABLE webhookd_schema (version integer NOT NULL)")
-            for version, migration in enumerate(postgres_schema.MIGRATIONS[:4], start=1):
-                await conn.execute(migration)
-                await conn.execute("INSERT INTO webhookd_schema VALUES ($1)", version)
+            await _pg_schema_at(conn, 4)
             await conn.execute(
                 "INSERT INTO events (id, source, received_at, dedup_key, tenant, priority,"
                 " headers, body) SELECT 'e' || n, 'shop', 1700000000, 'k' || n, '', 1, '[]',"
