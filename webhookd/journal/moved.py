@@ -218,3 +218,48 @@ def sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def what_happened(path: Path, how: str) -> str:
+    """What happened to the journal at ``path`` (``how``: ``moved``'s, or ``-wal`` and
+    ``wal_moved``'s), as the lines about it begin."""
+    if how.startswith(WAL):
+        verb = how.removeprefix(WAL).strip()
+        return f"the {WAL} of journal {path} was {verb} while open"
+    return f"journal {path} was {how} while open"
+
+
+def lost_line(what: str, how: str, why: str, tries: int) -> str:
+    """The line the daemon exits with when saving the journal's contents failed for good."""
+    then = "begins a new journal there" if how == REMOVED else "opens what is there now"
+    if how.startswith(WAL):
+        then = "opens the journal's file without the commits that were only in its -wal"
+    said_tries = f"; {tries} tries" if tries > 1 else ""
+    return (
+        f"{what}, and saving its contents failed ({why}{said_tries}): they are lost with this"
+        " process (a `webhookd backup` taken before holds what it held then); nothing"
+        f" was acknowledged once this was seen; exiting: the next start {then}"
+    )
+
+
+def saved_line(what: str, how: str, saved: Saved, path: Path) -> str:
+    """The line the daemon exits with once the journal's contents are saved (``saved``)."""
+    if how.startswith(WAL):
+        return (
+            f"{what}: its contents (every acknowledged webhook) were checkpointed into"
+            f" {saved.path}; exiting so that the next start opens it with a {WAL} of its own"
+            " (jobs that were running run again)"
+        )
+    if not saved.beside:
+        return (
+            f"{what}: its contents (every acknowledged webhook) were written back to"
+            f" {saved.path}; exiting so that the next start opens it (jobs that were"
+            " running run again)"
+        )
+    there = "another file is there now" if how != REMOVED else "a file not its own is there"
+    return (
+        f"{what}: its contents (every acknowledged webhook) were saved to {saved.path}"
+        f" ({there}, left as it is); exiting: the next start opens what is at {path}"
+        f" (to go on with the saved journal instead: stop webhookd, then `webhookd restore"
+        f" {saved.path}`)"
+    )

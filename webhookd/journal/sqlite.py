@@ -86,14 +86,16 @@ from webhookd.journal.files import (
 )
 from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
 from webhookd.journal.moved import (
-    REMOVED,
     WAL,
     FileIds,
     Saved,
     checkpoint_open,
+    lost_line,
     moved,
     save_open,
+    saved_line,
     wal_moved,
+    what_happened,
 )
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
@@ -651,7 +653,7 @@ class Journal(Reads, Changes):
         (intake answers 503, ``/readyz`` says why), and, once the writer has done what it was
         given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
         tries again while that fails."""
-        self._refusing = self._what(how)
+        self._refusing = what_happened(self.path, how)
         self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
         self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
         # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
@@ -664,7 +666,7 @@ class Journal(Reads, Changes):
         """The line the daemon exits with, once a copy is written, or once the last try
         close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
         close()) and the copy is tried again on the writer's thread: nothing else writes."""
-        what = self._what(how)
+        what = what_happened(self.path, how)
         opened, at = self._opened_as, self.clock.time()
         assert opened is not None
 
@@ -684,13 +686,13 @@ class Journal(Reads, Changes):
             last = self._save_last  # asked before this try began: the try is the last
             thread, writer = self._thread, self._writer
             if thread is None or writer is None:  # closed under it (a close() cancelled)
-                return self._lost(what, how, "the journal was closed first")
+                return lost_line(what, how, "the journal was closed first", self.save_tries)
             saved = await thread.submit(save, writer)
             self.save_tries += 1
             if isinstance(saved, Saved):
-                return self._saved(what, how, saved)
+                return saved_line(what, how, saved, self.path)
             if last:
-                return self._lost(what, how, saved)
+                return lost_line(what, how, saved, self.save_tries)
             self._save_failed(what, saved, said)
             wake = self._save_wake
             assert wake is not None
@@ -725,45 +727,6 @@ class Journal(Reads, Changes):
         else:
             log.debug("%s: saving its contents failed again (%s)", what, why)
         said.add(why)
-
-    def _what(self, how: str) -> str:
-        """What happened to the journal (``how``: ``moved``'s, or ``-wal`` and ``wal_moved``'s)."""
-        if how.startswith(WAL):
-            verb = how.removeprefix(WAL).strip()
-            return f"the {WAL} of journal {self.path} was {verb} while open"
-        return f"journal {self.path} was {how} while open"
-
-    def _lost(self, what: str, how: str, why: str) -> str:
-        then = "begins a new journal there" if how == REMOVED else "opens what is there now"
-        if how.startswith(WAL):
-            then = "opens the journal's file without the commits that were only in its -wal"
-        tries = f"; {self.save_tries} tries" if self.save_tries > 1 else ""
-        return (
-            f"{what}, and saving its contents failed ({why}{tries}): they are lost with this"
-            " process (a `webhookd backup` taken before holds what it held then); nothing"
-            f" was acknowledged once this was seen; exiting: the next start {then}"
-        )
-
-    def _saved(self, what: str, how: str, saved: Saved) -> str:
-        if how.startswith(WAL):
-            return (
-                f"{what}: its contents (every acknowledged webhook) were checkpointed into"
-                f" {saved.path}; exiting so that the next start opens it with a {WAL} of its own"
-                " (jobs that were running run again)"
-            )
-        if not saved.beside:
-            return (
-                f"{what}: its contents (every acknowledged webhook) were written back to"
-                f" {saved.path}; exiting so that the next start opens it (jobs that were"
-                " running run again)"
-            )
-        there = "another file is there now" if how != REMOVED else "a file not its own is there"
-        return (
-            f"{what}: its contents (every acknowledged webhook) were saved to {saved.path}"
-            f" ({there}, left as it is); exiting: the next start opens what is at {self.path}"
-            f" (to go on with the saved journal instead: stop webhookd, then `webhookd restore"
-            f" {saved.path}`)"
-        )
 
     async def _submit(self, op: Op) -> Any:
         self._enqueue(op)
