@@ -71,9 +71,10 @@ async def test_a_job_of_a_source_only_one_node_has_is_left_to_it_and_done_there(
 async def test_a_job_of_a_source_no_live_node_has_goes_dead_naming_the_node(
     tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
 ) -> None:
-    """The node that had ``orders`` stopped with a job of it queued (held by a pause): the
-    other node, which never had it, sends the job to dead once the source is resumed, naming
-    itself, as before there were nodes to leave it to."""
+    """The node that had ``orders`` stopped with a job of it queued (held by a pause) and did
+    not come back: the other node, which never had it, leaves the job for the rest of the
+    stopped node's lease, saying so, then sends it to dead, naming itself, as before there
+    were nodes to leave it to."""
     a = await procs.serve(
         node_config(tmp_path / "a.toml", SHOP + orders(downstream.url), lease_s=LEASE_S)
     )
@@ -82,12 +83,45 @@ async def test_a_job_of_a_source_no_live_node_has_goes_dead_naming_the_node(
     async with http.post(f"{a.admin_url}/sources/orders/pause", headers=pause) as r:
         assert r.status == 200, await r.text()
     event_id = await post_acked(http, a.url, "orders", {"n": 1})
-    await stop(a)  # a clean stop: its node is gone at once
+    await stop(a)  # a clean stop: what it ran counts for its lease, then no more
     async with http.post(f"{b.admin_url}/sources/orders/resume", headers=pause) as r:
         assert r.status == 200, await r.text()
     doc = await event_state(http, b.admin_url, event_id, "dead")
     node = f"{socket.gethostname()} (pid {b.pid})"
     assert doc["jobs"][0]["last_error"] == f"source 'orders' is not configured on {node}"
+    assert doc["jobs"][0]["attempts"] == 1, doc  # the waits before it counted none
     assert not downstream.arrivals
-    assert not [line for line in b.lines if "is not configured on this node" in line]
+    said = [line for line in b.lines if "is not configured on this node" in line]
+    assert len(said) == 1 and f"pid {a.pid}, which ran it and stopped" in said[0], said
     await stop(b)
+
+
+async def test_a_restart_of_the_only_node_with_a_source_leaves_its_jobs_waiting_for_it(
+    tmp_path: Path, procs: Procs, downstream: Target, http: aiohttp.ClientSession
+) -> None:
+    """A rolling restart of the one node that has ``orders``: while it is down, the other
+    node leaves the source's queued job waiting (its lease has not passed since it stopped),
+    and the restarted node delivers it once; nothing goes dead. (The other node sent it to
+    dead at once, as if the source had been removed.)"""
+    a_toml = node_config(tmp_path / "a.toml", SHOP + orders(downstream.url), lease_s=30)
+    a = await procs.serve(a_toml)
+    b = await procs.serve(node_config(tmp_path / "b.toml", SHOP, lease_s=LEASE_S))
+    pause = {"X-Webhookd": "1"}
+    async with http.post(f"{a.admin_url}/sources/orders/pause", headers=pause) as r:
+        assert r.status == 200, await r.text()
+    event_id = await post_acked(http, a.url, "orders", {"n": 1})
+    await stop(a)  # the restart begins: b alone runs
+    async with http.post(f"{b.admin_url}/sources/orders/resume", headers=pause) as r:
+        assert r.status == 200, await r.text()
+    said = await b.wait_said(r"source 'orders' is not configured on this node")
+    assert f"its jobs wait for {socket.gethostname()} pid {a.pid}, which ran it and stopped" in said
+    a2 = await procs.serve(a_toml)  # the restart ends
+    doc = await event_state(http, a2.admin_url, event_id, "done")
+    assert [(j["state"], j["attempts"]) for j in doc["jobs"]] == [("done", 1)], doc
+    assert downstream.ids == [event_id]
+    status, stats = await get_json(http, f"{b.admin_url}/stats")
+    assert status == 200 and stats is not None
+    workers = stats["workers"]
+    assert isinstance(workers, dict)
+    assert "dead" not in workers["outcomes"], workers
+    await stop(a2, b)

@@ -49,6 +49,7 @@ from webhookd.journal.records import (
     LaneCall,
     NewEvent,
     NodeInfo,
+    Peer,
     Poisoned,
     Pruned,
     Purged,
@@ -612,7 +613,7 @@ class BaseJournal(ABC):
     @abstractmethod
     async def nodes(self, limit: int = 64) -> list[NodeInfo]:
         """The processes working on this journal, oldest first, at most ``limit`` (this one
-        included; a node that stopped cleanly is gone, one that died shows ``stale``)."""
+        included; a node that stopped cleanly is not listed, one that died shows ``stale``)."""
 
     async def publish_names(self, names: str) -> None:
         """Take this node's ``config_names`` (a reload's, before it applies): a journal shared
@@ -620,10 +621,11 @@ class BaseJournal(ABC):
         later, and a webhook of a source just added could meet a node that knows no better."""
         self.config_names = names
 
-    async def peer_names(self) -> list[tuple[str, str]]:
-        """The other live nodes, each as its name in log lines (``host pid N``) and what it
-        runs (its ``config_names``), read now: a job this node cannot run is left to those
-        whose names take it. None for a journal of one node (SQLite)."""
+    async def peer_names(self) -> list[Peer]:
+        """The other live nodes, and those that stopped cleanly less than their lease ago
+        (a restart), each with what it runs (its ``config_names``), read now: a job this node
+        cannot run is left to those whose names take it. None for a journal of one node
+        (SQLite)."""
         return []
 
     @abstractmethod

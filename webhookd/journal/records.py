@@ -522,6 +522,18 @@ class Series:
 
 
 @dataclass(frozen=True, slots=True)
+class Peer:
+    """Another node, as one lacking a job's source or action sees it (``peer_names``): its
+    name in log lines (``host pid N``), what it runs (``config.cluster_names``), and, for one
+    that stopped cleanly, how long what it ran still counts (``stopped_left_s``: the rest of
+    its lease; None while it runs)."""
+
+    name: str
+    runs: str
+    stopped_left_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     """One ``webhookd serve`` process working on the journal, as ``/stats`` shows it.
 

@@ -301,12 +301,18 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
             await self._writer
             self._writer = None
         if self._pool is not None and self.node:
-            # A clean stop gives up the node row (its jobs were finished or unclaimed by now)
-            # and the leader lease, so another node takes over maintenance without waiting.
+            # A clean stop gives up the leader lease, so another node takes over maintenance
+            # without waiting, and marks the node row stopped (its jobs were finished or
+            # unclaimed by now): listed no more, but what it ran counts for its lease, so
+            # that a restart's jobs wait for it rather than go dead (``peer_names``).
             with contextlib.suppress(*DB_ERRORS):
                 await self.resign()
             with contextlib.suppress(*DB_ERRORS):
-                await self._pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+                await self._pool.execute(
+                    "UPDATE nodes SET stopped_at = $2, heartbeat_at = $2 WHERE node_id = $1",
+                    self.node_id,
+                    self.clock.time(),
+                )
         await self._close_pool()
 
     async def _close_pool(self) -> None:

@@ -34,7 +34,7 @@ from webhookd.journal.postgres.db import (
     redact_url,
 )
 from webhookd.journal.postgres.writes import write_recovery
-from webhookd.journal.records import Poisoned, Recovery
+from webhookd.journal.records import Peer, Poisoned, Recovery
 
 log = logging.getLogger("webhookd.journal")
 
@@ -169,22 +169,31 @@ class PgNodes:
         except DB_ERRORS as exc:
             log.debug("publishing this node's sources and actions failed: %s", db_error(exc))
 
-    async def peer_names(self) -> list[tuple[str, str]]:
+    async def peer_names(self) -> list[Peer]:
         """The other nodes alive (heartbeat within their lease, as ``compare_configs`` judges
-        them), each as ``host pid N`` and what it runs (``config.cluster_names``); a node of
-        an older webhookd, which says nothing of what it runs, is left out."""
+        them) and those that stopped cleanly less than their lease ago, each as ``host pid N``
+        with what it runs (``config.cluster_names``); a node of an older webhookd, which says
+        nothing of what it runs, is left out. A stopped node counts for the lease a killed one
+        would keep its jobs: a restart (seconds) leaves its sources' jobs waiting for it, not
+        sent to dead."""
+        now = self.clock.time()
         try:
             rows = await self.pool.fetch(
-                "SELECT host, pid, runs FROM nodes WHERE node_id <> $1 AND runs IS NOT NULL"
+                "SELECT host, pid, runs, stopped_at IS NOT NULL,"
+                " heartbeat_at + COALESCE(lease_s, $3) - $2::double precision FROM nodes"
+                " WHERE node_id <> $1 AND runs IS NOT NULL"
                 " AND heartbeat_at >= $2::double precision - COALESCE(lease_s, $3)"
                 " ORDER BY started_at",
                 self.node_id,
-                self.clock.time(),
+                now,
                 self.lease_s,
             )
         except DB_ERRORS as exc:
             raise JournalUnavailable(f"journal read failed: {db_error(exc)}") from exc
-        return [(f"{r[0] or '?'} pid {r[1]}", r[2]) for r in rows]
+        return [
+            Peer(f"{r[0] or '?'} pid {r[1]}", r[2], max(float(r[4]), 0.0) if r[3] else None)
+            for r in rows
+        ]
 
     async def compare_configs(self) -> frozenset[str]:
         """The live nodes whose sources, actions or lanes are not this node's, said once
@@ -196,7 +205,7 @@ class PgNodes:
             rows = await self.pool.fetch(
                 "SELECT host, pid, config_digest, lease_s,"
                 " heartbeat_at >= $2::double precision - COALESCE(lease_s, $3)"
-                " FROM nodes WHERE node_id <> $1",
+                " FROM nodes WHERE node_id <> $1 AND stopped_at IS NULL",
                 self.node_id,
                 self.clock.time(),
                 self.lease_s,
@@ -311,10 +320,15 @@ class PgNodes:
             )
             if gone_only:
                 return recovery
+            # A node stopped cleanly is forgotten once its lease has passed (see peer_names).
             await conn.execute(
-                "DELETE FROM nodes WHERE heartbeat_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j"
+                "DELETE FROM nodes WHERE (heartbeat_at < $1 OR (stopped_at IS NOT NULL AND"
+                " heartbeat_at < $2::double precision - COALESCE(lease_s, $3)))"
+                " AND NOT EXISTS (SELECT 1 FROM jobs j"
                 " WHERE j.state = 'running' AND j.node_id = nodes.node_id)",
                 now - 10 * self.lease_s,
+                now,
+                self.lease_s,
             )
             return recovery
 

@@ -336,7 +336,7 @@ class PgReads:
         rows = await self.fetch(
             "SELECT n.node_id, n.host, n.pid, n.started_at, n.heartbeat_at, (SELECT COUNT(*)"
             " FROM jobs j WHERE j.state = 'running' AND j.node_id = n.node_id),"
-            " COALESCE(n.lease_s, $2), n.config_digest FROM nodes n"
+            " COALESCE(n.lease_s, $2), n.config_digest FROM nodes n WHERE n.stopped_at IS NULL"
             " ORDER BY n.started_at, n.node_id LIMIT $1",
             limit,
             self.lease_s,

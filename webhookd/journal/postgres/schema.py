@@ -259,6 +259,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS runs text;
     """,
+    # 13 → 14: when a node stopped cleanly. Its row stays until its lease has passed, so that
+    # what it ran still counts (a restart's jobs wait for it instead of going dead); it is
+    # listed no more, and a job it left running is any node's to recover at once.
+    """
+    ALTER TABLE nodes ADD COLUMN IF NOT EXISTS stopped_at double precision;
+    """,
 )
 
 

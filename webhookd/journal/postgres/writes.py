@@ -418,12 +418,13 @@ async def write_recovery(
     """Re-queue running jobs whose node has not heartbeat within its own lease (killed, host
     lost, cut off), ``lease_s`` for a node that did not say its own; the
     ``max_recoveries``-th recovery of a job sends it to ``dead``. ``gone_only``: only jobs
-    whose node has no row in ``nodes`` (stopped, or none: copied from SQLite)."""
+    whose node has no row in ``nodes`` or one marked stopped (or none: copied from SQLite)."""
     lost = await conn.fetch(
         _LOST_COLUMNS + " WHERE j.state = 'running' AND COALESCE(j.lease_until, 0) <"
         " $1::double precision AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id ="
-        " j.node_id AND ($3::boolean OR n.heartbeat_at >= $1::double precision"
-        " - COALESCE(n.lease_s, $2::double precision))) ORDER BY j.seq FOR UPDATE SKIP LOCKED",
+        " j.node_id AND n.stopped_at IS NULL AND ($3::boolean OR n.heartbeat_at >="
+        " $1::double precision - COALESCE(n.lease_s, $2::double precision)))"
+        " ORDER BY j.seq FOR UPDATE SKIP LOCKED",
         now,
         lease_s,
         gone_only,
@@ -434,7 +435,8 @@ async def write_recovery(
     silent = {
         r[0]: f"{r[1] or '?'} pid {r[2]} ({r[0]})"
         for r in await conn.fetch(
-            "SELECT node_id, host, pid FROM nodes WHERE node_id = ANY($1::text[])",
+            "SELECT node_id, host, pid FROM nodes WHERE node_id = ANY($1::text[])"
+            " AND stopped_at IS NULL",
             sorted({r["node_id"] for r in lost if r["node_id"] is not None}),
         )
     }
