@@ -117,7 +117,12 @@ concurrency = {concurrency}
         )
         actions = registry.build(resources)
         pool = WorkerPool(
-            config=cfg, journal=journal, actions=actions, boot_id="boot_kit", clock=clock
+            config=cfg,
+            journal=journal,
+            actions=actions,
+            boot_id="boot_kit",
+            clock=clock,
+            rate_lanes=lanes,  # as the daemon's: lines' room, and a drain's hand-back
         )
         try:
             yield ActionKit(cfg, clock, journal, pool, actions, lanes)

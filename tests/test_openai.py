@@ -509,6 +509,40 @@ async def test_a_pause_holds_the_jobs_waiting_for_their_lane_too(
     assert len(standin.served) == 2
 
 
+async def test_a_drain_hands_back_a_job_waiting_in_its_lanes_line_without_waiting_for_it(
+    tmp_path: Path, standin: StandIn, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain while a job waits its lane's turn: the job is put back to queued at once, its
+    call not made and no attempt recorded, and the drain does not spend its grace on it. (It
+    waited the whole grace, then cut the job off as if it had started.)"""
+    caplog.set_level(logging.INFO, logger="webhookd")
+    in_line = asyncio.Event()
+
+    async def never_its_turn(_lanes: Mapping[str, Lane]) -> None:
+        in_line.set()
+        await asyncio.Event().wait()  # the lane's turn never comes: only the drain ends it
+
+    extra = "[lanes.llm]\nrpm = 6\n"  # one call every 10 s: the second waits in the lane
+    async with action_kit(
+        tmp_path, source(standin) + extra, clock=clock, settle_before_nap=never_its_turn
+    ) as kit:
+        first, second = await burst(kit, 2)
+        running = asyncio.create_task(kit.run())
+        await in_line.wait()  # the second job's call is in the line, at its head
+        assert await kit.pool.drain(5.0) == 0
+        await running
+        handed = await kit.job(second)
+        done = await kit.job(first)
+        stats = kit.lanes["llm"].statistics()
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+    assert (handed.state, handed.attempts, handed.history) == (JobState.QUEUED, 0, ())
+    assert len(standin.served) == 1 and stats.waiting == 0
+    assert (
+        "drain: 1 job(s) waiting for their lane's turn handed back, not started (no attempt"
+        " counted): re-queued, for another node or the next start"
+    ) in [r.getMessage() for r in caplog.records]
+
+
 async def test_then_forward_posts_the_answer_signed_with_standard_webhooks(
     tmp_path: Path, standin: StandIn, clock: ManualClock, target: Target
 ) -> None:

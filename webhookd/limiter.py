@@ -237,10 +237,11 @@ class _Bucket:
 
 
 class _Waiter:
-    __slots__ = ("signal", "tokens")
+    __slots__ = ("key", "signal", "tokens")
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, key: object) -> None:
         self.tokens = tokens
+        self.key = key  # the call's (a job's id), as ``acquire`` was given it
         self.signal: asyncio.Future[None] | None = None
 
     def arm(self) -> asyncio.Future[None]:
@@ -288,6 +289,9 @@ class Lane:
         # away or put in line (the worker pool's count of jobs started for the lane whose call
         # is not here yet: they are not in ``waiting``, and may all join the line).
         self.on_arrival: Callable[[object], None] | None = None
+        # Called with a call's ``key`` as it takes its place in line, to wait (the worker
+        # pool's drain hands such a job back at once rather than wait for its turn).
+        self.on_wait: Callable[[object], None] | None = None
         self._cooling_until = -math.inf
         self._circuit_reason: str | None = None
         self._probe_at = math.inf
@@ -379,7 +383,7 @@ class Lane:
         # upstream's ``x-ratelimit-remaining-*``): past max_wait_s the call leaves, its worker
         # freed, rather than holding it until the attempt's timeout_s.
         deadline = now + max_wait_s
-        with self._in_line(tokens) as waiter:
+        with self._in_line(tokens, key) as waiter:
             while True:
                 if self._queue[0] is not waiter:
                     await waiter.arm()
@@ -394,13 +398,15 @@ class Lane:
                 self._check_open(now)
 
     @contextlib.contextmanager
-    def _in_line(self, tokens: int) -> Iterator[_Waiter]:
+    def _in_line(self, tokens: int, key: object) -> Iterator[_Waiter]:
         """A place at the back of the lane's FIFO, given up on the way out however it ends
         (admitted, refused, cancelled); leaving from the head wakes the next in line."""
-        waiter = _Waiter(tokens)
+        waiter = _Waiter(tokens, key)
         self._queue.append(waiter)
         self._waits_total += 1
         try:
+            if self.on_wait is not None:
+                self.on_wait(key)  # inside: a cancel it asks for leaves the line as any other
             yield waiter
         finally:
             was_head = self._queue[0] is waiter
@@ -414,6 +420,10 @@ class Lane:
     def waiting(self) -> int:
         """Calls waiting in line (each holds a worker)."""
         return len(self._queue)
+
+    def in_line(self) -> list[object]:
+        """The keys of the calls waiting in line, first first."""
+        return [waiter.key for waiter in self._queue]
 
     def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         """Refund or charge the difference between the reserved and the actual token count."""
@@ -629,7 +639,7 @@ class Lane:
         if projected_s > max_wait_s:
             raise self._promise(projected_s, tokens, now, key)
         deadline = now + max_wait_s
-        with self._in_line(tokens) as waiter:
+        with self._in_line(tokens, key) as waiter:
             while True:
                 if self._queue[0] is not waiter:
                     await waiter.arm()

@@ -150,6 +150,9 @@ class WorkerPool:
         # comes to the lane (``on_arrival``) or the job is given up or its action returns.
         self._to_lane: dict[str, str] = {}  # job id → lane name
         self._to_lane_count: Counter[str] = Counter()
+        # Jobs a drain took out of a lane's line (cancelled before their call was made): put
+        # back to queued, no attempt recorded, for another node or the next start.
+        self._handed_back: set[str] = set()
         # What an attempt's error and detail quote of a secret (a URL's password, a target
         # echoing a token) is masked before it is journaled: the journal, its backups and a
         # `show` run where the secrets' variables are not set never hold it.
@@ -765,6 +768,22 @@ class WorkerPool:
         for lane in self.rate_lanes.values():
             lane.on_change = self._wake.set
             lane.on_arrival = self._arrived
+            lane.on_wait = self._waits_in_line
+
+    def _waits_in_line(self, key: object) -> None:
+        """A job's call took its place in its lane's line (``RateLane.on_wait``): once the pool
+        stops, it is handed back rather than waited for (see ``drain``)."""
+        if self._stopping:
+            self._hand_back(key)
+
+    def _hand_back(self, key: object) -> None:
+        """Cancel a job whose call waits in a lane's line, to put it back to queued unstarted
+        (``drain``): it has not begun its work, so the drain need not wait for its turn."""
+        task = self._running.get(key) if isinstance(key, str) else None
+        if task is not None and key not in self._handed_back:
+            assert isinstance(key, str)
+            self._handed_back.add(key)
+            task.cancel()
 
     def _bound_for_lane(self, job_id: str, lane: str) -> None:
         """A job of ``lane``'s action was picked: it counts against the line's room until its
@@ -964,16 +983,30 @@ class WorkerPool:
         async with self._claiming:  # a claim in flight either starts its jobs or gives them back
             pass
         await self._settled.wait()  # so do jobs being written claimed in a group commit
+        # A job whose call waits its turn in a lane's line has not started its work: it is
+        # handed back now, for another node (or the next start), not waited for within the
+        # grace (and one whose call comes to a line from here on, as it does).
+        for lane in list(self.rate_lanes.values()):
+            for key in lane.in_line():
+                self._hand_back(key)
         if self._running:
-            log.info(
-                "drain: waiting up to %gs (workers.shutdown_grace_s) for %d running job(s);"
-                " a second signal exits at once",
-                grace_s,
-                len(self._running),
-            )
+            started = len(self._running) - len(self._handed_back & self._running.keys())
+            if started:
+                log.info(
+                    "drain: waiting up to %gs (workers.shutdown_grace_s) for %d running"
+                    " job(s); a second signal exits at once",
+                    grace_s,
+                    started,
+                )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace_s):
                     await self._idle.wait()
+        # Those still running past the grace (a handler that caught the cancel) are cut off
+        # as the others are.
+        handed = sorted(self._handed_back - self._running.keys())
+        self._handed_back.clear()
+        for job_id in handed:
+            self._cut_kept.pop(job_id, None)
         stragglers = dict(self._running)
         # Taken before the cancel: a job leaves ``_attempting`` as its task ends.
         attempting = {j: a for j, a in self._attempting.items() if j in stragglers}
@@ -1047,9 +1080,33 @@ class WorkerPool:
                     failed,
                     self.journal.left_claimed_fate,
                 )
+        if handed:
+            await self._unclaim_handed_back(handed)
         for throttle in self._failure_lines.values():
             throttle.flush()  # the counts held back, before the process ends
         return len(stragglers)
+
+    async def _unclaim_handed_back(self, handed: list[str]) -> None:
+        """Put the jobs a drain took out of their lanes' lines back to queued: no attempt was
+        made, so none is recorded."""
+        said = (
+            f"drain: {len(handed)} job(s) waiting for their lane's turn handed back, not"
+            " started (no attempt counted)"
+        )
+        failed = await self._unclaim(handed)
+        if failed is None:
+            log.info("%s: re-queued, for another node or the next start", said)
+        elif isinstance(failed, JournalGone):
+            self.left_claimed += len(handed)
+            log.info("%s; not re-queued (%s)", said, failed)
+        else:
+            self.left_claimed += len(handed)
+            log.error(
+                "%s, and could not be re-queued (%s): %s",
+                said,
+                failed,
+                self.journal.left_claimed_fate,
+            )
 
     async def _unclaim(
         self, job_ids: list[str], cut: Sequence[Finished] = ()
