@@ -1041,6 +1041,25 @@ async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
         assert journal.last_write_error is None
 
 
+async def test_pg_names_a_reload_published_during_an_outage_go_with_the_next_commit(
+    pg_url: str, db_outage: DatabaseOutage
+) -> None:
+    """A reload during an outage cannot write the node's new sources and actions: the first
+    group commit once the database is back writes them, in the transaction of the webhooks it
+    takes, so another node meeting a job of a source just added finds the node that has it.
+    (They waited for the next heartbeat, and such a job could go dead meanwhile.)"""
+    before, after = json.dumps({"sources": ["shop"]}), json.dumps({"sources": ["shop", "new"]})
+    async with node(pg_url, ManualClock(START)) as a, node(pg_url, ManualClock(START)) as b:
+        a.config_names = before
+        await a.heartbeat()
+        await db_outage.begin()
+        await a.publish_names(after)  # the reload's write, which the outage fails
+        await db_outage.end()
+        assert [p.runs for p in await b.peer_names()] == [before]
+        await a.ingest(new_event())  # a webhook of the new source, say
+        assert [p.runs for p in await b.peer_names()] == [after]
+
+
 async def test_pg_cannot_open_an_unreachable_server() -> None:
     """Pointing at a port nothing listens on fails at open with the URL, password hidden."""
     with socket.socket() as s:

@@ -195,6 +195,9 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
         self._claiming: set[str] = set()
         # An outage ended: look for running jobs under this node that it no longer holds.
         self.forgotten_wanted = False
+        # A reload's names not yet written (publish_names met an outage): the next group
+        # commit or heartbeat writes them.
+        self._names_pending = False
 
     @property
     def location(self) -> str:
@@ -422,14 +425,24 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
         if claim[1]:
             self._claiming.add(claim[1])
 
+        # What a reload's publish_names could not write (an outage) goes in this commit, ahead
+        # of the webhooks it takes: no job of a source just added is committed before the other
+        # nodes can see that this node has it.
+        names = self.config_names if self._names_pending else None
+
+        async def write(conn: Any) -> Any:
+            if names is not None:
+                await conn.execute(
+                    "UPDATE nodes SET runs = $2 WHERE node_id = $1", self.node_id, names
+                )
+            return await write_group(
+                conn, ingests, results, tokens, now, starts.job_ids, claim, self.sync_standbys
+            )
+
         began = time.perf_counter()
         self._writing_since = time.monotonic()
         try:
-            ingested, (recorded, cancelled, earlier) = await self._write(
-                lambda conn: write_group(
-                    conn, ingests, results, tokens, now, starts.job_ids, claim, self.sync_standbys
-                )
-            )
+            ingested, (recorded, cancelled, earlier) = await self._write(write)
         except BaseException as exc:
             self._claiming.discard(claim[1])
             if starts.job_ids:
@@ -448,6 +461,8 @@ class PostgresJournal(PgNodes, PgReads, PgLanes, PgChanges):
         finally:
             self._writing_since = None
         write_s = time.perf_counter() - began
+        if names is not None and names == self.config_names:
+            self._names_pending = False
         self.batched_ops += len(batch)
         started: list[Claimed] = []
         created: list[Ready] = []

@@ -64,6 +64,7 @@ class PgNodes:
     config_digest: str | None
     config_names: str | None
     _told_differ: frozenset[str]
+    _names_pending: bool
     _longest_lease_s: float
     max_recoveries: int
     heartbeat_s: float
@@ -118,6 +119,7 @@ class PgNodes:
         while it lasts. One held up past a sixth of a lease makes this node wait a lease before
         it takes others' silence for their loss (``_settled``)."""
         now = self.clock.time()
+        names = self.config_names
         # Real time, as the deadlines: what it measures is a wait on the server.
         sent = self._beat_sent = time.monotonic()
         try:
@@ -134,7 +136,7 @@ class PgNodes:
                 os.getpid(),
                 self.lease_s,
                 self.config_digest,
-                self.config_names,
+                names,
                 deadline_s=max(2 * self.heartbeat_s, 5.0),
             )
         except DB_ERRORS as exc:
@@ -142,6 +144,8 @@ class PgNodes:
             raise JournalUnavailable(f"journal heartbeat failed: {db_error(exc)}") from exc
         finally:
             self._beat_sent = None
+        if names == self.config_names:
+            self._names_pending = False
         took_s = time.monotonic() - sent
         if took_s > self.lease_s * HELD_UP_LEASES and self._up_since is not None:
             # What held it (a lock on nodes) held every node's: their heartbeats are as late.
@@ -157,8 +161,10 @@ class PgNodes:
         """Take ``names`` and write them to this node's row now (a reload's, before it takes
         the new sources' webhooks): another node that meets a job of a source just added here
         then finds this node has it. A database that does not answer within a heartbeat's
-        deadline is left to the next heartbeat, which writes them too."""
+        deadline (an outage) gets them with the first write that goes through once it is
+        back: the next group commit, ahead of the webhooks it takes, or the next heartbeat."""
         self.config_names = names
+        self._names_pending = True
         try:
             await self.pool.execute(
                 "UPDATE nodes SET runs = $2 WHERE node_id = $1",
@@ -168,6 +174,9 @@ class PgNodes:
             )
         except DB_ERRORS as exc:
             log.debug("publishing this node's sources and actions failed: %s", db_error(exc))
+            return
+        if names == self.config_names:
+            self._names_pending = False
 
     async def peer_names(self) -> list[Peer]:
         """The other nodes alive (heartbeat within their lease, as ``compare_configs`` judges
