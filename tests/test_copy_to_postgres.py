@@ -128,6 +128,8 @@ async def test_a_copy_reads_back_the_same_and_the_queue_goes_on_from_it(
         # The killed daemon's running job comes back as a dead node's does.
         recovery = await pg.recover("boot_b", max_recoveries=3)
         assert recovery.requeued == 1
+        # The node's line says whose it was (it said "from an earlier run", naming no one).
+        assert recovery.whose() == "left running by the SQLite daemon this journal was copied from"
         job = (await pg.get_event(running.event.id)).jobs[0]
         assert (job.state, job.recoveries) == (JobState.QUEUED, 1)
         assert [a.outcome for a in job.history] == ["interrupted"]

@@ -373,8 +373,9 @@ async def test_pg_a_silent_nodes_recovered_jobs_name_it_and_say_it_went_silent(p
     """A job taken from a node silent past its lease (frozen, cut off) said "interrupted by a
     crash or restart" though its node may never have crashed, and the recovery did not say
     whose jobs it took: its interrupted attempt, its poison pill and the recovery now name the
-    node (host, pid, node id) and say that it went silent. A node gone from ``nodes`` (it
-    stopped, leaving a job running) keeps the crash or restart wording."""
+    node (host, pid, node id) and say that it went silent. A node that stopped leaving a job
+    running keeps the crash or restart wording, and the recovery names it as stopped (it was
+    named nowhere, nor were jobs copied from SQLite running under no node)."""
     clock = ManualClock(START)
     leader = PostgresJournal(
         pg_url, clock=clock, lease_s=LEASE_S, heartbeat_s=3600, max_recoveries=2
@@ -392,6 +393,12 @@ async def test_pg_a_silent_nodes_recovered_jobs_name_it_and_say_it_went_silent(p
         named = f"{socket.gethostname()} pid {os.getpid()} ({silent.node_id})"
         assert (recovery.requeued, recovery.nodes) == (2, (named,))
         assert recovery.named_nodes() == f" {named}"
+        gone = f"{socket.gethostname()} pid {os.getpid()} ({stopped.node_id})"
+        assert recovery.whose() == f"of silent node(s) {named}, and of stopped node(s) {gone}"
+        assert Recovery(2, copied=1, stopped=("node_x",)).whose() == (
+            "of stopped node(s) node_x, and 1 left running by the SQLite daemon this journal was"
+            " copied from"
+        )
         many = Recovery(7, nodes=tuple(f"n{i}" for i in range(7)))
         assert many.named_nodes() == " n0, n1, n2, n3, n4 and 2 more"  # a line's worth
 

@@ -279,9 +279,10 @@ class Daemon:
             recovered = await journal.recover(self.boot_id, cfg.workers.max_recoveries)
             if recovered.requeued or recovered.dead or recovered.cancelled:
                 log.warning(
-                    "recovered %d interrupted job(s) from an earlier run; %d poison "
+                    "recovered %d interrupted job(s) %s; %d poison "
                     "pill(s) sent to dead%s; %d cancelled while running",
                     recovered.requeued,
+                    recovered.whose() or "from an earlier run",
                     recovered.dead,
                     recovered.named(),
                     recovered.cancelled,

@@ -234,18 +234,36 @@ class Recovery:
     cancelled: int = 0  # cancelled while they ran: not queued again (nor sent to dead)
     # The silent nodes whose jobs these were, each as "host pid N (node id)" (PostgreSQL).
     nodes: tuple[str, ...] = ()
+    # The nodes that stopped leaving some running (a drain that could not give them back),
+    # named as the silent ones (by their id alone once their row is gone), and how many were
+    # running under no node: copied so from SQLite (``webhookd copy``) (PostgreSQL).
+    stopped: tuple[str, ...] = ()
+    copied: int = 0
 
     @property
     def dead(self) -> int:
         return len(self.poisoned)
 
+    def whose(self) -> str:
+        """Whose jobs these were, for a log line (``re-queued 3 job(s) <whose>``): the silent
+        nodes, the stopped ones, the SQLite daemon a journal was copied from; empty when not
+        known (SQLite: its own earlier run's)."""
+        parts = []
+        if self.nodes:
+            parts.append(f"of silent node(s){self.named_nodes()}")
+        if self.stopped:
+            parts.append(f"of stopped node(s){_some(self.stopped)}")
+        if self.copied:
+            parts.append(
+                f"{'' if not parts else f'{self.copied} '}left running by the SQLite daemon this"
+                " journal was copied from"
+            )
+        return ", and ".join(parts)
+
     def named_nodes(self, shown: int = 5) -> str:
         """The silent nodes for a log line, `` web-2 pid 4121 (node_…), … and 3 more``; empty
         with none."""
-        if not self.nodes:
-            return ""
-        more = len(self.nodes) - shown
-        return f" {', '.join(self.nodes[:shown])}{f' and {more} more' if more > 0 else ''}"
+        return _some(self.nodes, shown)
 
     def named(self, shown: int = 5) -> str:
         """The poison pills' events for a log line, `` (evt_…, evt_… and 3 more)``; empty with
@@ -255,6 +273,14 @@ class Recovery:
         ids = [p.event_id for p in self.poisoned[:shown]]
         more = len(self.poisoned) - shown
         return f" ({', '.join(ids)}{f' and {more} more' if more > 0 else ''})"
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """``names`` for a log line, `` a, b, … and 3 more``; empty with none."""
+    if not names:
+        return ""
+    more = len(names) - shown
+    return f" {', '.join(names[:shown])}{f' and {more} more' if more > 0 else ''}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,7 +382,7 @@ class PgNodes:
                 self._leader_until = min(self._leader_until, self.clock.time())
                 log.debug("%s", exc)  # the outage itself was logged once, by went_down
                 continue
-            self._said_recovered(recovered, f"of silent node(s){recovered.named_nodes()}")
+            self._said_recovered(recovered, recovered.whose())
             self._said_recovered(
                 forgotten,
                 "this node ran whose outcome the database no longer has (a failover to a"

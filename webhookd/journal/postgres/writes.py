@@ -7,6 +7,7 @@ commit carries (COPY would be faster but cannot say ``ON CONFLICT``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -430,17 +431,21 @@ async def write_recovery(
         gone_only,
     )
     # The nodes still listed went silent (frozen, cut off, killed): each is named, in the
-    # interrupted attempts and in the leader's log line. One no longer listed stopped, or the
-    # jobs were copied from SQLite: those were interrupted by a crash or restart.
-    silent = {
-        r[0]: f"{r[1] or '?'} pid {r[2]} ({r[0]})"
-        for r in await conn.fetch(
-            "SELECT node_id, host, pid FROM nodes WHERE node_id = ANY($1::text[])"
-            " AND stopped_at IS NULL",
-            sorted({r["node_id"] for r in lost if r["node_id"] is not None}),
-        )
-    }
-    return await _requeue_lost(conn, lost, now, max_recoveries, silent)
+    # interrupted attempts and in the leader's log line. One marked stopped, or no longer
+    # listed, stopped; or the jobs were copied from SQLite: those were interrupted by a crash
+    # or restart, and the log line says whose they were.
+    ids = sorted({r["node_id"] for r in lost if r["node_id"] is not None})
+    listed = await conn.fetch(
+        "SELECT node_id, host, pid, stopped_at IS NOT NULL FROM nodes"
+        " WHERE node_id = ANY($1::text[])",
+        ids,
+    )
+    named = {r[0]: f"{r[1] or '?'} pid {r[2]} ({r[0]})" for r in listed}
+    silent = {r[0]: named[r[0]] for r in listed if not r[3]}
+    recovery = await _requeue_lost(conn, lost, now, max_recoveries, silent)
+    stopped = tuple(named.get(i, i) for i in ids if i not in silent)
+    copied = sum(r["node_id"] is None for r in lost)
+    return dataclasses.replace(recovery, stopped=stopped, copied=copied) if lost else recovery
 
 
 async def write_forgotten(
