@@ -239,7 +239,9 @@ async def test_pg_nodes_whose_configs_differ_say_so(
 ) -> None:
     """Each node's heartbeat carries a digest of its sources, actions and lanes: a node whose
     digest differs from a live one's says so once (until every node has one file, a job of
-    an action one lacks goes dead on it), /stats marks it, and it is said when they agree."""
+    an action one lacks goes dead on it), /stats marks it, and it is said when they agree.
+    A stale node is compared with none, in /stats as in the log (it was marked as running
+    another config there)."""
     clock = ManualClock(START)
     caplog.set_level(logging.WARNING, logger="webhookd.journal")
     async with node(pg_url, clock) as a, node(pg_url, clock) as b:
@@ -251,6 +253,12 @@ async def test_pg_nodes_whose_configs_differ_say_so(
         assert {n.node_id: n.same_config for n in await a.nodes()} == {
             a.node_id: True,
             b.node_id: False,
+        }
+        clock.advance(LEASE_S + 1)
+        await a.heartbeat()  # b silent past its lease
+        assert {n.node_id: (n.stale, n.same_config) for n in await a.nodes()} == {
+            a.node_id: (False, True),
+            b.node_id: (True, None),
         }
         b.config_digest = "one"  # reloaded with the same file
         await b.heartbeat()

@@ -342,24 +342,29 @@ class PgReads:
             self.lease_s,
         )
         now = self.clock.time()
-        return [
-            NodeInfo(
-                r[0],
-                r[1] or "",
-                r[2],
-                float(r[3]),
-                float(r[4]),
-                int(r[5]),
-                this=r[0] == self.node_id,
-                stale=float(r[4]) < now - float(r[6]),  # silent past its own lease
-                same_config=(
-                    None
-                    if r[7] is None or self.config_digest is None
-                    else r[7] == self.config_digest
-                ),
+        nodes = []
+        for r in rows:
+            stale = float(r[4]) < now - float(r[6])  # silent past its own lease
+            nodes.append(
+                NodeInfo(
+                    r[0],
+                    r[1] or "",
+                    r[2],
+                    float(r[3]),
+                    float(r[4]),
+                    int(r[5]),
+                    this=r[0] == self.node_id,
+                    stale=stale,
+                    # Not said of a stale node, as ``compare_configs`` does not: what it ran
+                    # is no config any node runs now.
+                    same_config=(
+                        None
+                        if r[7] is None or self.config_digest is None or stale
+                        else r[7] == self.config_digest
+                    ),
+                )
             )
-            for r in rows
-        ]
+        return nodes
 
     async def paused_sources(self) -> frozenset[str]:
         rows = await self.fetch("SELECT source FROM paused_sources")
