@@ -324,14 +324,19 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     """A paused source's webhooks are acked and journaled but not run until resumed. With the
     daemon's admin API at a port the config names, the CLI has it apply the pause before it
     answers: a webhook sent right after the answer starts no job (the daemon's own reading of
-    the journal would take up to a second)."""
+    the journal would take up to a second). On PostgreSQL the answer speaks of the nodes, the
+    one asked and the others (it spoke of one daemon)."""
     config, running = wired
     pool = running.daemon.pool
     assert pool is not None
+    cluster = running.daemon.config.journal.url is not None
     unknown_port = await cli("pause", "shop", "--config", str(config))  # admin port 0: unknown
     assert unknown_port.exit_code == 0 and unknown_port.output == (
-        "paused shop: the daemon starts none of its jobs within a second, if one runs (running"
-        " ones finish their attempt)\n"
+        "paused shop: the nodes start none of its jobs within a second (running ones finish"
+        " their attempt)\n"
+        if cluster
+        else "paused shop: the daemon starts none of its jobs within a second, if one runs"
+        " (running ones finish their attempt)\n"
     )
     assert (await cli("resume", "shop", "--config", str(config))).exit_code == 0
     text = config.read_text().replace(
@@ -340,8 +345,11 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     config.write_text(text, encoding="utf-8")
     out = await cli("pause", "shop", "--config", str(config))
     assert out.exit_code == 0 and out.output == (
-        "paused shop: the daemon starts none of its jobs from now (running ones finish their"
-        " attempt)\n"
+        "paused shop: this config's node starts none of its jobs from now, the other nodes"
+        " within a second (running ones finish their attempt)\n"
+        if cluster
+        else "paused shop: the daemon starts none of its jobs from now (running ones finish"
+        " their attempt)\n"
     )
     assert "shop" in pool.paused  # applied before the CLI answered
     out = await cli("pause", "shop", "--config", str(config))
@@ -496,11 +504,15 @@ async def test_a_pause_of_a_slip_of_a_sources_name_beside_a_catch_all_is_refused
         ' "*" takes\n',
     )
     out = await cli("pause", "billing", *config)
+    held = (
+        "this config's node starts none of its jobs from now, the other nodes within a second"
+        if running.daemon.config.journal.url is not None
+        else "the daemon starts none of its jobs from now"
+    )
     assert (out.exit_code, out.stdout) == (
         0,
-        "paused billing: the daemon starts none of its jobs from now (running ones finish their"
-        ' attempt); billing is no configured source but a name the catch-all "*" takes, and no'
-        " webhook has come under it yet\n",
+        f"paused billing: {held} (running ones finish their attempt); billing is no configured"
+        ' source but a name the catch-all "*" takes, and no webhook has come under it yet\n',
     )
     out = await cli("pause", "github", "--json", *config)
     assert _json_of(out) == {**said, "source": "github", "catch_all": False, "journaled": False}

@@ -75,8 +75,12 @@ def _pause_or_resume(
     named, changed, (applied, why_not) = _run(go)
     if changed is None:
         _fail(named.refused or cfg.no_source(source), 2)
+    # On PostgreSQL the daemon asked is one node, the one at this config's admin API: every
+    # node hears of the change within a second (a NOTIFY), that one before it answers.
+    cluster = cfg.journal.url is not None
+    daemon = "this config's node" if cluster else "the daemon"
     if why_not is not None:
-        click.echo(f"webhookd: note: the daemon was not asked to apply it now: {why_not}", err=True)
+        click.echo(f"webhookd: note: {daemon} was not asked to apply it now: {why_not}", err=True)
     # A name the catch-all takes: said so, so that a slip of an expected name shows.
     taken = f"; {said}" if (said := named.said()) else ""
     if as_json:
@@ -91,10 +95,18 @@ def _pause_or_resume(
             }
         )
     elif pausing:
-        when = "from now" if applied else "within a second, if one runs"
+        if not cluster:
+            when = "from now" if applied else "within a second, if one runs"
+            held = f"the daemon starts none of its jobs {when}"
+        elif applied:
+            held = (
+                "this config's node starts none of its jobs from now, the other nodes within a"
+                " second"
+            )
+        else:
+            held = "the nodes start none of its jobs within a second"
         click.echo(
-            f"paused {source}: the daemon starts none of its jobs {when} (running ones finish"
-            f" their attempt){taken}"
+            f"paused {source}: {held} (running ones finish their attempt){taken}"
             if changed
             else f"{source} was already paused{taken}"
         )
