@@ -1056,6 +1056,29 @@ async def test_pg_ingest_fails_loudly_when_the_server_goes_away(
         assert journal.last_write_error is None
 
 
+async def test_pg_a_node_of_another_config_that_stops_is_not_said_to_agree(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose config differs stops (a restart during a rollout): the others say that it
+    stopped, not that every node runs their config again (which read as the rollout done,
+    and was taken back as it came back)."""
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
+    clock = ManualClock(START)
+    async with node(pg_url, clock) as a:
+        a.config_digest = "one"
+        async with node(pg_url, clock) as b:
+            b.config_digest = "two"
+            await b.heartbeat()
+            named = f"{socket.gethostname()} pid {os.getpid()}"
+            assert await a.compare_configs() == {named}
+        assert await a.compare_configs() == frozenset()  # b stopped
+    said = [r.getMessage() for r in caplog.records if "node" in r.getMessage()]
+    assert said[-1] == (
+        f"node(s) {named}, which ran another config, stopped or went silent: the nodes running"
+        " now run this node's sources, actions and lanes"
+    ), said
+
+
 async def test_pg_names_a_reload_published_during_an_outage_go_with_the_next_commit(
     pg_url: str, db_outage: DatabaseOutage
 ) -> None:

@@ -238,7 +238,17 @@ class PgNodes:
                 ", ".join(sorted(differ)),
             )
         elif self._told_differ and not differ:
-            log.warning("every node runs this node's sources, actions and lanes again")
+            live = {f"{r[0] or '?'} pid {r[1]}" for r in rows if r[4]}
+            if self._told_differ & live:
+                log.warning("every node runs this node's sources, actions and lanes again")
+            else:
+                # Not an agreement: those nodes stopped (a restart, perhaps with the other file
+                # again) or went silent.
+                log.warning(
+                    "node(s) %s, which ran another config, stopped or went silent: the nodes"
+                    " running now run this node's sources, actions and lanes",
+                    ", ".join(sorted(self._told_differ)),
+                )
         self._told_differ = differ
         return differ
 
