@@ -325,7 +325,8 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     daemon's admin API at a port the config names, the CLI has it apply the pause before it
     answers: a webhook sent right after the answer starts no job (the daemon's own reading of
     the journal would take up to a second). On PostgreSQL the answer speaks of the nodes, the
-    one asked and the others (it spoke of one daemon)."""
+    one asked and the others (it spoke of one daemon). The resume's line, as the pause's,
+    says which."""
     config, running = wired
     pool = running.daemon.pool
     assert pool is not None
@@ -338,7 +339,12 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
         else "paused shop: the daemon starts none of its jobs within a second, if one runs"
         " (running ones finish their attempt)\n"
     )
-    assert (await cli("resume", "shop", "--config", str(config))).exit_code == 0
+    out = await cli("resume", "shop", "--config", str(config))
+    assert out.exit_code == 0 and out.output == (
+        "resumed shop: the nodes start its jobs again within a second\n"
+        if cluster
+        else "resumed shop: the daemon starts its jobs again within a second, if one runs\n"
+    )
     text = config.read_text().replace(
         '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
     )
@@ -380,7 +386,12 @@ async def test_pause_holds_processing_but_keeps_accepting_and_resume_releases(
     assert "\n    held: shop is paused (webhookd resume shop)\n" in out.output
 
     out = await cli("resume", "shop", "--config", str(config))
-    assert out.exit_code == 0 and out.output.strip() == "resumed shop"
+    assert out.exit_code == 0 and out.output == (
+        "resumed shop: this config's node starts its jobs again from now, the other nodes"
+        " within a second\n"
+        if cluster
+        else "resumed shop: the daemon starts its jobs again from now\n"
+    )
     await event_state(running.http, running.admin_url, held, "done")
     assert [s.path for s in target.seen] == ["/m", "/shop"]
     out = await cli("resume", "shop", "--config", str(config))
@@ -517,17 +528,29 @@ async def test_a_pause_of_a_slip_of_a_sources_name_beside_a_catch_all_is_refused
     out = await cli("pause", "github", "--json", *config)
     assert _json_of(out) == {**said, "source": "github", "catch_all": False, "journaled": False}
     out = await cli("resume", "github", *config)
-    assert (out.exit_code, out.stdout) == (0, "resumed github\n")
+    cluster = running.daemon.config.journal.url is not None
+    assert (out.exit_code, out.stdout) == (
+        0,
+        "resumed github: this config's node starts its jobs again from now, the other nodes"
+        " within a second\n"
+        if cluster
+        else "resumed github: the daemon starts its jobs again from now\n",
+    )
 
     await running.daemon.journal.pause("githb")
     assert running.daemon.pool is not None
     await running.daemon.pool.pause_applied()  # the daemon holds it too
     out = await cli("resume", "githb", *config)
+    resumed = (
+        "the nodes start its jobs again within a second"
+        if cluster
+        else "the daemon starts its jobs again within a second, if one runs"
+    )
     assert out.stderr == "", out.stderr
     assert (out.exit_code, out.stdout) == (
         0,
-        'resumed githb; githb is no configured source but a name the catch-all "*" takes, and'
-        " no webhook has come under it yet\n",
+        f"resumed githb: {resumed}; githb is no configured source but a name the catch-all"
+        ' "*" takes, and no webhook has come under it yet\n',
     )
     async with running.http.get(running.admin_url + "/stats") as r:
         assert (await r.json())["paused"] == ["billing", "stripes"]

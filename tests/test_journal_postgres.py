@@ -2807,7 +2807,9 @@ async def test_pg_a_cli_change_held_by_an_absent_synchronous_standby_says_why_th
         assert waiting_backends == 0
         await asyncio.to_thread(standby.start)
         out = await cli("resume", "shop", "--config", str(config))
-        assert out.exit_code == 0 and out.stdout == "resumed shop\n", out.output
+        assert out.exit_code == 0 and out.stdout == (
+            "resumed shop: the nodes start its jobs again within a second\n"
+        ), out.output
     finally:
         await watch.close()
 

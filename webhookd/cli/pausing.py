@@ -95,16 +95,7 @@ def _pause_or_resume(
             }
         )
     elif pausing:
-        if not cluster:
-            when = "from now" if applied else "within a second, if one runs"
-            held = f"the daemon starts none of its jobs {when}"
-        elif applied:
-            held = (
-                "this config's node starts none of its jobs from now, the other nodes within a"
-                " second"
-            )
-        else:
-            held = "the nodes start none of its jobs within a second"
+        held = _when(cluster, applied, "none of its jobs")
         click.echo(
             f"paused {source}: {held} (running ones finish their attempt){taken}"
             if changed
@@ -116,4 +107,20 @@ def _pause_or_resume(
             " their turn (webhookd replay --dead runs them once it is back)"
         )
     else:
-        click.echo(f"resumed {source}{taken}" if changed else f"{source} was not paused{taken}")
+        click.echo(
+            f"resumed {source}: {_when(cluster, applied, 'its jobs again')}{taken}"
+            if changed
+            else f"{source} was not paused{taken}"
+        )
+
+
+def _when(cluster: bool, applied: bool, what: str) -> str:
+    """Who starts ``what`` (``none of its jobs``) and from when: the daemon, from now if it
+    applied the change; on a cluster this config's node from now and the other nodes within
+    a second (a NOTIFY), or every node within a second when the one asked did not answer."""
+    if not cluster:
+        when = "from now" if applied else "within a second, if one runs"
+        return f"the daemon starts {what} {when}"
+    if applied:
+        return f"this config's node starts {what} from now, the other nodes within a second"
+    return f"the nodes start {what} within a second"
