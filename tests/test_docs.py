@@ -69,6 +69,21 @@ def test_every_option_of_every_verb_is_in_its_section_of_cli_md() -> None:
     assert not missing, "\n".join(missing)
 
 
+def test_every_option_of_every_verb_is_in_its_synopsis_in_cli_md() -> None:
+    """docs/cli.md's synopsis of `check` had no `--no-journal`, though the text under it named
+    it: the usage block that opens each verb's section names every option the verb takes."""
+    sections = _sections((ROOT / "docs" / "cli.md").read_text())
+    missing = []
+    for name, command in main.commands.items():
+        usage = re.search(r"```\n(.*?)```", sections[name], re.S)
+        synopsis = usage.group(1) if usage else ""
+        for param in command.params:
+            opts = [o for o in param.opts if o != "--config"]
+            if isinstance(param, click.Option) and opts and not any(o in synopsis for o in opts):
+                missing.append(f"{name} {opts[0]}")
+    assert not missing, "\n".join(missing)
+
+
 def test_every_option_of_every_action_kind_is_in_its_section_of_actions_md() -> None:
     """docs/actions.md had no word of openai's `temperature`, `lane` and `max_lane_wait_s`, nor
     of command's `cwd` (it said the working directory was the daemon's): each kind's options,
