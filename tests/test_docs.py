@@ -4,12 +4,15 @@ one in the same table cell): every cited test must exist, or a guarantee is back
 from __future__ import annotations
 
 import importlib
+import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from webhookd.actions.command import TAIL_BYTES
+from webhookd.alerts import _dead_text, _DeadSince
 from webhookd.cli import main
 from webhookd.config import ACTION_KINDS
 
@@ -110,3 +113,17 @@ def test_the_command_section_says_what_is_kept_of_the_output_and_what_the_exit_e
     text = " ".join(section.split())
     assert f"the last {TAIL_BYTES // 1024} KB of its stdout and of its stderr" in text
     assert "When the program exits, what it left running in its group" in text
+
+
+def test_the_alert_the_alerts_example_quotes_is_the_one_the_daemon_sends() -> None:
+    """examples/alerts-slack.toml quoted a dead alert's text without its last error and the
+    `webhookd replay --dead` the daemon ends it with: its body, made from the same dead jobs
+    by the code that makes it, is what the example shows."""
+    lines = (ROOT / "examples" / "alerts-slack.toml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('#   {"text": '))
+    end = next(i for i in range(start, len(lines)) if lines[i].endswith("}"))
+    quoted = json.loads(" ".join(line[1:].strip() for line in lines[start : end + 1]))
+    events = quoted["events"]
+    dead = _DeadSince(len(events), events, 0, Counter(stripe=len(events)))
+    dead.last_error = "stripe/forward: http://127.0.0.1:3000/internal/stripe answered 400"
+    assert quoted == {"text": _dead_text(dead), "kind": "dead", "count": 3, "events": events}
