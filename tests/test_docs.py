@@ -15,6 +15,8 @@ from webhookd.actions.command import TAIL_BYTES
 from webhookd.alerts import _dead_text, _DeadSince
 from webhookd.cli import main
 from webhookd.config import ACTION_KINDS
+from webhookd.journal.records import EventDetail
+from webhookd.models import Attempt, Event, Job, JobState, Priority
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -127,3 +129,18 @@ def test_the_alert_the_alerts_example_quotes_is_the_one_the_daemon_sends() -> No
     dead = _DeadSince(len(events), events, 0, Counter(stripe=len(events)))
     dead.last_error = "stripe/forward: http://127.0.0.1:3000/internal/stripe answered 400"
     assert quoted == {"text": _dead_text(dead), "kind": "dead", "count": 3, "events": events}
+
+
+def test_json_for_scripts_names_every_field_of_an_event_its_jobs_and_their_attempts() -> None:
+    """docs/cli.md's contract for `show --json` and `GET /events/<id>` had no word of an
+    event's `content_type` nor of an attempt's `detail`: every field of that one document is
+    named in its list."""
+    attempt = Attempt(1, 1.0, 2.0, "done", None, {"exit_code": 0})
+    job = Job("job_1", "evt_1", "log", "log", JobState.DONE, 1, 3, 1.0, history=(attempt,))
+    event = Event("evt_1", "shop", 1.0, "shop:1", "", Priority.NORMAL, (), b"{}")
+    doc = EventDetail(event, "done", (job,)).as_dict()
+    section = _sections((ROOT / "docs" / "cli.md").read_text())["show"]
+    listed = section.split("### JSON for scripts", 1)[1].split("- Times are", 1)[0]
+    fields = [*doc, *doc["jobs"][0], *doc["jobs"][0]["errors"][0]]
+    missing = [name for name in fields if f"`{name}`" not in listed]
+    assert not missing, "\n".join(missing)
