@@ -2516,6 +2516,33 @@ def test_a_database_of_another_program_at_journal_path_is_refused_and_left_as_it
     assert (cfg.journal.path.read_bytes(), sorted(os.listdir(tmp_path))) == before
 
 
+def test_check_says_a_database_of_another_program_is_no_journal_and_an_empty_file_none_yet(
+    tmp_path: Path,
+) -> None:
+    """`check` read another program's SQLite file at journal.path, and an empty one (a
+    `touch`, which serve makes its journal in), as a journal, and noted `no such table: jobs`:
+    it now says the first is no webhookd journal, as serve and the other verbs refuse it, and
+    says nothing of the second, as of a journal not made yet; both are left as they were."""
+    path, cfg = write_config(tmp_path, forward_source("shop", "http://127.0.0.1:9/"))
+    with contextlib.closing(sqlite3.connect(cfg.journal.path)) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.commit()
+    before = (cfg.journal.path.read_bytes(), sorted(os.listdir(tmp_path)))
+    out = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert out.stderr.endswith(
+        "webhookd: note: journal not read for queued jobs this config has no action for:"
+        f" {cfg.journal.path} holds a database that is not a webhookd journal (tables of its"
+        " own, none of webhookd's): set journal.path to a file of webhookd's own; it was left"
+        " as it is\n"
+    )
+    assert (cfg.journal.path.read_bytes(), sorted(os.listdir(tmp_path))) == before
+    cfg.journal.path.write_bytes(b"")
+    out = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert (out.exit_code, out.stderr) == (0, ""), out.output
+    assert cfg.journal.path.read_bytes() == b"" and sorted(os.listdir(tmp_path)) == before[1]
+
+
 @pytest.mark.subprocess
 async def test_cli_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point maps errors to exit codes 0, 1 and 2 with one stderr line."""

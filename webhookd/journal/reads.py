@@ -18,6 +18,7 @@ import aiosqlite
 from webhookd.clock import Clock
 from webhookd.config.sections import CATCH_ALL
 from webhookd.errors import JournalError, JournalNewer, NotFound
+from webhookd.journal.files import foreign, not_a_journal
 from webhookd.journal.moved import FileIds
 from webhookd.journal.records import (
     CATCH_ALL_SHOWN,
@@ -73,7 +74,8 @@ def peek(path: Path) -> Peeked:
     """``Peeked`` of the SQLite journal at ``path``, read through a read-only connection of
     its own: no schema upgrade, no file created, nothing written, beside a running daemon or
     none (``check``). Nothing when there is no journal yet; ``JournalError`` when it cannot be
-    read (another user's file, a schema newer than this webhookd's)."""
+    read (another user's file, a schema newer than this webhookd's, another program's
+    database); nothing either for an empty one (a ``touch``), where ``serve`` makes it."""
     if not path.exists():
         return Peeked({}, 0)
     # Read-only, SQLite still creates a WAL journal's -wal and -shm files when they are not
@@ -90,7 +92,11 @@ def peek(path: Path) -> Peeked:
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: {exc}") from None
     try:
+        if foreign(conn):
+            raise JournalError(not_a_journal(path))
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if not version:  # no table at all, or foreign() would have said so
+            return Peeked({}, 0)
         if version > len(MIGRATIONS):
             raise JournalNewer(
                 f"{path} has schema version {version}, newer than this webhookd understands"
