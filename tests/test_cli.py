@@ -2631,8 +2631,9 @@ async def test_every_admin_endpoint_refuses_a_missing_or_wrong_token(
 async def test_admin_endpoints_answer_with_the_documented_shapes(
     wired: tuple[Path, Running], target: Target
 ) -> None:
-    """healthz, readyz, stats, events (filters, bad params), event detail and replay."""
-    _, running = wired
+    """healthz, readyz, stats, events (filters, bad params), event detail and replay; what
+    /readyz answers 503 for is in /stats' problems and on a `not ready` line of `stats`."""
+    path, running = wired
     http, base = running.http, running.admin_url
     dead = await dead_event(running, target)
 
@@ -2662,7 +2663,16 @@ async def test_admin_endpoints_answer_with_the_documented_shapes(
     running.daemon.intake.draining = True  # what a SIGTERM sets first
     status, doc = await get("/readyz")
     assert status == 503 and doc["problems"] == ["draining"]
+    assert (await get("/stats"))[1]["problems"] == ["draining"]
+    text = path.read_text().replace(
+        '[admin]\nlisten = "127.0.0.1:0"', f'[admin]\nlisten = "{running.daemon.bound.admin}"'
+    )
+    path.write_text(text, encoding="utf-8")
+    table = await cli("stats", "--config", str(path))
+    assert "\nnot ready      draining\n" in table.output, table.output
     running.daemon.intake.draining = False
+    assert (await get("/stats"))[1]["problems"] == []
+    assert "not ready" not in (await cli("stats", "--config", str(path))).output
 
 
 async def test_journal_verbs_need_no_secrets_but_serve_and_check_do(

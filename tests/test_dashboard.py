@@ -1492,3 +1492,39 @@ async def test_dashboard_says_a_reload_was_refused_until_one_is_applied(
         refused = "config reload refused, still running the previous config: sources.shop.bogus"
         both = f"{refused}: unknown key · {pending}"
         await page.wait_for(f"{said} === {json.dumps(both)}")
+
+
+async def test_dashboard_and_stats_say_the_journal_refuses_writes_until_it_takes_them_again(
+    tmp_path: Path, run_daemon: Any, browser: str
+) -> None:
+    """While the journal cannot write (a full disk) and every webhook is answered 503, /stats'
+    problems and the page say so, as /readyz does, and stop once space returns."""
+    running = await run_daemon(make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"'))
+    journal = running.daemon.journal
+    assert journal is not None
+    # The disk fills: SQLite may not grow the file by another page (SQLITE_FULL, as on ENOSPC).
+    [(pages,)] = await journal._call(
+        lambda conn: conn.execute("PRAGMA page_count").fetchall(), transaction=False
+    )
+    await journal._call(
+        lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}").fetchall(),
+        transaction=False,
+    )
+    big = b'{"pad": "' + b"x" * 60_000 + b'"}'
+    status, _ = await running.post("/hooks/a", big, headers={"Content-Type": "application/json"})
+    assert status == 503
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert r.status == 200
+        problems = (await r.json())["problems"]
+    assert problems == ["journal: database or disk is full"]
+    async with open_page(browser, running.admin_url + "/") as page:
+        said = "document.querySelector('#reload').textContent"
+        await page.wait_for(f"{said}.includes('not ready')")
+        assert await page.evaluate(said) == "not ready: journal: database or disk is full"
+        await journal._call(
+            lambda conn: conn.execute("PRAGMA max_page_count = 1073741823").fetchall(),
+            transaction=False,
+        )
+        await page.wait_for(f"{said} === ''")
+    async with running.http.get(running.admin_url + "/stats") as r:
+        assert (await r.json())["problems"] == []

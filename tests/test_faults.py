@@ -217,6 +217,16 @@ async def test_a_writer_that_hangs_holds_a_bounded_queue_of_bodies(
             r" answered 503",
             doc["problems"][0],
         ), doc
+        # /stats says it as /readyz does, at once: a write that failed before the hang (a
+        # full disk) is not probed behind the stalled commit, holding the dashboard's poll.
+        journal.last_write_error = "database or disk is full"
+        async with asyncio.timeout(2), running.http.get(running.admin_url + "/stats") as r:
+            assert r.status == 200
+            said = (await r.json())["problems"]
+        assert said[0].startswith("journal: a commit has taken ") and said[1:] == [
+            "journal: database or disk is full"
+        ]
+        journal.last_write_error = None
         # systemctl status says it too (STATUS=), though no write has failed.
         assert running.daemon.status_now is not None
         assert re.search(

@@ -11,7 +11,6 @@ show it is not a cross-site form (see ``_same_origin``).
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
 import hmac
@@ -31,7 +30,7 @@ from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID
 from webhookd.pauses import name_of
 from webhookd.retention import kept_s
-from webhookd.stats import AdminContext, collect_stats, summary_dict
+from webhookd.stats import AdminContext, collect_stats, readiness_problems, summary_dict
 from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.admin")
@@ -233,24 +232,7 @@ class Admin:
         return web.json_response({"ok": True, "boot_id": self.ctx.boot_id})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        problems = []
-        if self.ctx.intake.draining:
-            problems.append("draining")
-        journal = self.ctx.journal
-        late_s = journal.writing_for_s()
-        if late_s > self.ctx.config.server.ack_timeout_s:
-            problems.append(
-                f"journal: a commit has taken {late_s:.1f} s, past server.ack_timeout_s:"
-                " webhooks are answered 503"
-            )
-        if journal.writer_problem:
-            problems.append(journal.writer_problem)
-        elif journal.last_write_error:
-            with contextlib.suppress(JournalError):  # still failing: the error says why
-                await journal.probe_write()
-            if journal.last_write_error:
-                problems.append(f"journal: {journal.last_write_error}")
-        if problems:
+        if problems := await readiness_problems(self.ctx):
             return web.json_response({"ready": False, "problems": problems}, status=503)
         return web.json_response({"ready": True})
 

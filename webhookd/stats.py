@@ -5,12 +5,14 @@ its rates over the last minute. The admin API serves it; the heartbeat line read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from webhookd.config.sections import CATCH_ALL, Config
+from webhookd.errors import JournalError
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.polled import PolledCounts
 from webhookd.journal.records import Counts, EventSummary, LaneBacklog
@@ -126,6 +128,35 @@ def summary_dict(row: EventSummary) -> dict[str, Any]:
     return {**asdict(row), "tenant": row.tenant or None}
 
 
+async def readiness_problems(ctx: AdminContext) -> list[str]:
+    """Why the daemon is not ready for webhooks now (``/readyz``' 503, ``/stats``' ``problems``),
+    ``[]`` when it is: a drain, a commit past ``ack_timeout_s``, a stopped writer, a journal that
+    refuses writes (a full disk: a write that leaves nothing behind is tried again, so space
+    that returned is seen without a webhook)."""
+    problems = []
+    if ctx.intake.draining:
+        problems.append("draining")
+    journal = ctx.journal
+    late_s = journal.writing_for_s()
+    stalled = late_s > ctx.config.server.ack_timeout_s
+    if stalled:
+        problems.append(
+            f"journal: a commit has taken {late_s:.1f} s, past server.ack_timeout_s:"
+            " webhooks are answered 503"
+        )
+    if journal.writer_problem:
+        problems.append(journal.writer_problem)
+    elif journal.last_write_error:
+        # Not behind a stalled commit: the probe would wait for it, and the dashboard's poll
+        # with it, to say what is said above already.
+        if not stalled:
+            with contextlib.suppress(JournalError):  # still failing: the error says why
+                await journal.probe_write()
+        if journal.last_write_error:
+            problems.append(f"journal: {journal.last_write_error}")
+    return problems
+
+
 async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
     """The ``/stats`` document (also what ``webhookd stats`` prints when the daemon runs)."""
     assert ctx.counts is not None  # set by __post_init__
@@ -142,6 +173,9 @@ async def collect_stats(ctx: AdminContext) -> dict[str, Any]:
         # Not by the wall clock: a step of it made a negative uptime.
         "uptime_s": round(ctx.pool.clock.monotonic() - ctx.started_mono, 3),
         "draining": ctx.intake.draining,
+        # What /readyz answers 503 for, [] when ready: a full disk or a stalled commit, while
+        # every webhook is answered 503, is told where a human looks, not to a balancer alone.
+        "problems": await readiness_problems(ctx),
         "jobs": dict(counts.jobs_by_state),
         "sources": sources,
         # Names above (or paused) that a reload took out of the config: the dashboard offers

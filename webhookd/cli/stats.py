@@ -167,6 +167,10 @@ def _stats_table(doc: dict[str, Any]) -> str:
                 f"  cooldown {lane['cooling_until_s']:.0f}s"
                 f"{'  CIRCUIT OPEN' if lane['circuit_open'] else ''}"
             )
+        # Why /readyz answers 503 now (a drain; a full disk or a stalled commit, every webhook
+        # refused): the counts alone look like a quiet hour.
+        for problem in daemon.get("problems", []):
+            lines.append(f"not ready      {problem}")
         # What the daemon runs is not what the file says: as the dashboard and systemd say.
         if daemon.get("reload_refused"):
             lines.append(
