@@ -428,10 +428,12 @@ async def test_a_backlog_older_than_backlog_age_s_is_alerted_once_per_interval(
 
 
 async def test_a_backlog_told_old_is_told_when_it_is_back_under_the_threshold(
-    make_rig: MakeRig,
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Once an old backlog has been told, the first check that finds none brings a "recovered"
-    alert saying so: an on-call reader is not left to guess whether it cleared."""
+    alert saying so: an on-call reader is not left to guess whether it cleared. The log says
+    the backlog as a warning and its recovery at info."""
+    caplog.set_level(logging.INFO, logger="webhookd.alerts")
     rig = await make_rig("backlog_age_s = 60\nmin_interval_s = 0")
     await rig.journal.pause("shop")
     await rig.ingest()
@@ -450,6 +452,12 @@ async def test_a_backlog_told_old_is_told_when_it_is_back_under_the_threshold(
     }
     rig.clock.advance(30.0)
     assert await rig.alerter.tick() == []  # told once
+    told = [
+        (r.levelno, r.getMessage().split()[1])
+        for r in caplog.records
+        if r.name == "webhookd.alerts" and r.getMessage().startswith("alert kind=")
+    ]
+    assert told == [(logging.WARNING, "kind=backlog"), (logging.INFO, "kind=recovered")]
 
 
 async def test_an_action_failing_for_failing_s_is_told_each_interval_then_its_recovery(

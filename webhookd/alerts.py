@@ -438,7 +438,10 @@ class Alerter:
             log.info("alerts are journaled again")
             self._not_journaled = False
         self._last_sent[kind] = self.clock.monotonic()
-        log.warning("alert kind=%s count=%d event=%s text=%r", kind, count, event.id, text)
+        # A recovery is good news: at info, so a reader of warnings and worse (journalctl -p
+        # warning) sees what went wrong, not also each time it mended.
+        level = logging.INFO if kind == "recovered" else logging.WARNING
+        log.log(level, "alert kind=%s count=%d event=%s text=%r", kind, count, event.id, text)
         return event.id
 
 
