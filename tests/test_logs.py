@@ -816,3 +816,48 @@ def test_lines_past_the_backlog_are_dropped_and_counted_warnings_kept_first(
         "warning test: the end",
     ]
     assert lost_written or told[-1] == 1  # "lost", told by the flush
+
+
+@pytest.mark.subprocess
+async def test_under_journald_each_line_carries_its_priority_and_elsewhere_none(
+    tmp_path: Path,
+) -> None:
+    """A stderr that systemd connected to the journal (named by JOURNAL_STREAM) gets each line
+    led by its syslog priority, <4> a warning, <6> info, which journald takes as the entry's
+    priority (`journalctl -p warning` finds the warnings); a stderr that is not the one named
+    gets the lines as they are."""
+    missing = tmp_path / "deploy.sh"  # the start warns of it
+    action = f'[sources.gh]\n[[sources.gh.actions]]\ntype = "command"\nargv = ["{missing}"]\n'
+    config = write_config(tmp_path / "w.toml", tmp_path / "w.db", action)
+
+    async def run(log: Path, named: bool) -> list[str]:
+        with log.open("w") as out:
+            st = os.fstat(out.fileno())
+            stream = f"{st.st_dev}:{st.st_ino}" if named else f"{st.st_dev}:{st.st_ino + 1}"
+            proc = await spawn(
+                ["serve", "--config", str(config)],
+                None,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=out.fileno(),
+                env={"JOURNAL_STREAM": stream},
+            )
+            try:
+
+                async def listening() -> bool:
+                    return "webhookd listening on" in await asyncio.to_thread(log.read_text)
+
+                await poll(listening, timeout_s=30)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0
+        return (await asyncio.to_thread(log.read_text)).splitlines()
+
+    lines = await run(tmp_path / "journald.log", named=True)
+    warned = [line for line in lines if "argv[0]" in line]
+    assert len(warned) == 1 and warned[0].startswith("<4>"), lines
+    assert re.match(r"<4>\S+Z warning ", warned[0]), warned
+    listening = [line for line in lines if "webhookd listening on" in line]
+    assert len(listening) == 1 and re.match(r"<6>\S+Z info ", listening[0]), lines
+    assert all(re.match(r"<[2-7]>", line) for line in lines), lines
+    plain = await run(tmp_path / "plain.log", named=False)
+    assert plain and not any(line.startswith("<") for line in plain), plain

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import re
 import sys
@@ -49,12 +50,46 @@ WARNING_RESERVE_CHARS = BACKLOG_CHARS // 8
 DRAIN_S = 1.0
 
 
+# The syslog priority journald reads from a "<N>" before a line of a stream it collects
+# (sd-daemon(3)); without one every line is stored at the stream's level, info, so
+# `journalctl -p warning` showed no failure at all.
+_PRIORITIES = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+
+
+def _priority(levelno: int) -> int:
+    return next((p for level, p in _PRIORITIES if levelno >= level), 7)
+
+
+def to_journald(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a journald stream: systemd names it in ``JOURNAL_STREAM``
+    (``device:inode``) for a service whose stderr it connected to the journal, so a stderr
+    redirected elsewhere by the service (to a file, a pipe) is not taken for one."""
+    named = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return bool(named) and named == f"{st.st_dev}:{st.st_ino}"
+
+
 class _Masking(logging.Formatter):
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), *, journald: bool = False) -> None:
         super().__init__()
         self.masker = Masker(secrets)
         self.mask = self.masker.text
         self.held = self.masker.given  # what ``add_secrets`` adds to (``mask_only``'s)
+        self.journald = journald  # each line led by its syslog priority, "<4>", for journald
+
+    def _leveled(self, record: logging.LogRecord, text: str) -> str:
+        if not self.journald:
+            return text
+        lead = f"<{_priority(record.levelno)}>"
+        return "\n".join(lead + line for line in text.split("\n"))
 
 
 class TextFormatter(_Masking):
@@ -70,7 +105,7 @@ class TextFormatter(_Masking):
             # otherwise stand in the log as they were sent.
             trace = self.formatException(record.exc_info).split("\n")
             line += "".join(f"\n  {printable(part)}" for part in trace)
-        return self.mask(line)
+        return self._leveled(record, self.mask(line))
 
 
 class JsonFormatter(_Masking):
@@ -87,7 +122,7 @@ class JsonFormatter(_Masking):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.mask(self.formatException(record.exc_info))
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False)
+        return self._leveled(record, json.dumps(doc, ensure_ascii=False, allow_nan=False))
 
 
 class _Queued(logging.Handler):
@@ -187,8 +222,9 @@ def _handler(stream: IO[str]) -> logging.Handler:
     return _Queued(stream)
 
 
-def _formatter(fmt: str, secrets: Iterable[str] = ()) -> _Masking:
-    return JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets)
+def _formatter(fmt: str, secrets: Iterable[str] = (), *, journald: bool = False) -> _Masking:
+    kind = JsonFormatter if fmt == "json" else TextFormatter
+    return kind(secrets, journald=journald)
 
 
 def fields(message: str) -> dict[str, Any]:
@@ -229,7 +265,7 @@ def set_format(fmt: str) -> None:
     for handler in logging.getLogger().handlers:
         old = handler.formatter
         if isinstance(old, _Masking):
-            handler.setFormatter(_formatter(fmt, old.masker.given))
+            handler.setFormatter(_formatter(fmt, old.masker.given, journald=old.journald))
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
@@ -262,8 +298,9 @@ def setup(
     stream: IO[str] | None = None,
 ) -> logging.Handler:
     """Send every log line to ``stream`` (stderr) in ``fmt``; returns the handler installed."""
-    handler = _handler(stream or sys.stderr)
-    handler.setFormatter(_formatter(fmt, secrets))
+    stream = stream or sys.stderr
+    handler = _handler(stream)
+    handler.setFormatter(_formatter(fmt, secrets, journald=to_journald(stream)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
