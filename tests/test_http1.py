@@ -1002,6 +1002,25 @@ async def test_a_client_gone_mid_body_leaves_nothing_and_the_server_goes_on(
     assert served.events() == 1
 
 
+async def test_a_client_reset_mid_body_has_its_connection_closed_and_forgotten(
+    start: Start,
+) -> None:
+    """A client that resets its connection mid-body leaves no connection, socket or descriptor
+    behind once its request has been answered, under every loop."""
+    served = await start(server_config="body_timeout_s = 0.5")
+    conn = await RawConn.open(served.address)
+    await conn.send(b"POST /hooks/h HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{")
+    await served.entered.wait()
+    conn.writer.transport.abort()
+    async with asyncio.timeout(10):
+        await served.left.wait()
+
+    async def forgotten() -> bool:
+        return not served.server.connections
+
+    await poll(forgotten, timeout_s=5)
+
+
 @pytest.mark.parametrize(
     ("head", "url"),
     [

@@ -491,7 +491,14 @@ class _Connection(BaseProtocol):
         if not transport.can_write_eof():
             self.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:
+            # The client is gone: its reset came while its reading was paused, so asyncio's
+            # transport has not seen it and raises here (uvloop's does not). Closed now, else
+            # nothing ever would: the connection, its socket and descriptor were kept for good.
+            transport.abort()
+            return
         self._reading_paused = self._buffer_paused = False  # a body's flow control: moot
         self._resume_transport_reading()
         self._linger = self._loop.call_later(self._server.linger_s, self.close)
