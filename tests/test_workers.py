@@ -1173,6 +1173,69 @@ async def test_lanes_held_back_by_a_cap_leave_the_window_to_jobs_that_can_run(
     assert counts.jobs_by_source["b"] == {"done": b_jobs}
 
 
+async def test_a_walk_past_lanes_that_may_not_start_reaches_the_lanes_behind_them(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More lanes than a refill reads, none of whose jobs may start (a capped source's tenants,
+    or the catch-all's names, which a sender chooses), ahead of another source's: a refill
+    read only such jobs, none started, nothing ended to wake the dispatcher, and the walk
+    reached the other source's lane once a sweep (3,000 such lanes left 2,000 of its jobs 24
+    done in 90 s). The walk now goes on at once to the lanes behind them, and the window is
+    shared among the lanes whose jobs may start: b's lane, read beside a's, took a share as
+    small as theirs (the window over the lanes read), a few jobs a visit."""
+    monkeypatch.setattr(webhookd.workers, "MAX_LANES_PER_REFILL", 16)
+    rig = await make_rig(
+        '[sources.a]\nconcurrency = 1\n[[sources.a.actions]]\ntype = "log"\n'
+        '[sources.b]\n[[sources.b.actions]]\ntype = "log"\n',
+        workers="window = 64",
+    )
+    b_read: list[int] = []
+    real_ready_in_lanes = rig.journal.ready_in_lanes
+
+    async def counted(*args: Any) -> Any:
+        rows = await real_ready_in_lanes(*args)
+        if any(job.source == "b" for job in rows):
+            b_read.append(sum(job.source == "b" for job in rows))
+        return rows
+
+    rig.journal.ready_in_lanes = counted  # type: ignore[method-assign]
+    held = HeldOpen(rig.actions[("a", "log")], rig.journal)
+    rig.actions[("a", "log")] = held
+    tenants = 40  # refills' worth of a's lanes, each a job that may not start
+    await asyncio.gather(
+        *(
+            rig.journal.ingest(
+                NewEvent(
+                    new_event("a", rig.clock.time(), tenant=f"t{n:02}"),
+                    jobs_for(rig.cfg.sources["a"]),
+                )
+            )
+            for n in range(tenants + 1)
+        )
+    )
+    dispatcher = asyncio.create_task(rig.pool.run())
+    await held.started.get()  # a's one slot is taken: its other lanes may not start
+    b_jobs = 24
+    b_done = asyncio.Event()
+    rig.pool.on_finish.append(
+        lambda *_: b_done.set() if rig.pool.outcomes["done"] >= b_jobs else None
+    )
+    # Written by another process: read by refills alone, and no sweep comes on this clock.
+    await asyncio.gather(*(rig.ingest("b") for _ in range(b_jobs)))
+    rig.pool.poke()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(b_done.wait(), 10.0)
+    assert rig.pool.outcomes["done"] == b_jobs, (
+        f"{rig.pool.outcomes['done']} of b's {b_jobs} jobs ran in 10 s behind {tenants} lanes"
+        " of which no job may start"
+    )
+    # Its first visit took what the workers can run, not the window's 64 over 16 lanes read.
+    assert b_read[0] == b_jobs, b_read
+    held.go.set()
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+
+
 @pytest.mark.parametrize(
     ("tenants", "per_tenant", "workers"),
     [(20, 60, ""), (1, 200, "window = 64")],
