@@ -59,6 +59,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.journal.moved", "webhookd.journal.locks", "webhookd.journal.threads"),
     ("webhookd.journal.records",),
     ("webhookd.journal.schema",),
+    # A SQLite journal's file and what lies beside it, as the reads and the copies judge it.
+    ("webhookd.journal.files",),
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
     ("webhookd.journal.base", "webhookd.journal.batch"),
     ("webhookd.journal.postgres.db",),
