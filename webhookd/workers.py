@@ -607,13 +607,13 @@ class WorkerPool:
         )
 
     def _lane_may_start(self, lane: Lane) -> bool:
-        """Whether some job of ``lane`` (priority, source, tenant) may start now, as far as its
-        source's and its actions' caps say (a refill's shares go to such lanes)."""
+        """Whether some job of ``lane`` (priority, source, tenant), not paused, may start now, as
+        far as its source's and its actions' caps say (a refill's shares go to such lanes)."""
         _, name, tenant = lane
         source = self.config.source_for(name)
         if source is None:
             return True
-        if name in self.paused or not self._source_may_start(source, tenant):
+        if not self._source_may_start(source, tenant):
             return False
         return not source.actions or any(
             self._action_may_start(source, action.name) for action in source.actions

@@ -463,18 +463,23 @@ def _give(path: Path, owner: os.stat_result) -> None:
         os.chown(path, owner.st_uid, owner.st_gid)
 
 
+def _room(journal: Path, folder: Path) -> tuple[int, int]:
+    """What is free in ``folder``, and what a backup must leave free there: on the journal's
+    own disk ``DAEMON_ROOM``, or the copy would turn the daemon's commits into 503s while it
+    lasts."""
+    keep = DAEMON_ROOM if os.stat(folder).st_dev == os.stat(journal).st_dev else 0
+    return shutil.disk_usage(folder).free, keep
+
+
 def _short(journal: Path, folder: Path, size: int) -> bool:
     """Whether ``folder`` has no room for a backup of ``size`` bytes (see ``_check_room``)."""
-    keep = DAEMON_ROOM if os.stat(folder).st_dev == os.stat(journal).st_dev else 0
-    return shutil.disk_usage(folder).free - size < keep
+    free, keep = _room(journal, folder)
+    return free - size < keep
 
 
 def _check_room(journal: Path, folder: Path, size: int) -> None:
-    """Refuse a backup its folder has no room for, before writing any of it; on the journal's
-    own disk, keep ``DAEMON_ROOM`` free besides, or the copy would turn the daemon's commits
-    into 503s while it lasts."""
-    free = shutil.disk_usage(folder).free
-    keep = DAEMON_ROOM if os.stat(folder).st_dev == os.stat(journal).st_dev else 0
+    """Refuse a backup its folder has no room for, before writing any of it (``_room``)."""
+    free, keep = _room(journal, folder)
     if free - size < keep:
         also = f", and the journal's disk keeps {megabytes(keep)} for the daemon" if keep else ""
         raise JournalError(

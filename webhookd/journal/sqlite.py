@@ -811,10 +811,14 @@ class Journal(Reads, Changes):
             group.write_s = time.perf_counter() - began
         for call in group.calls:
             group.called.append(self._write_call(conn, call))
-        failures = [group.error, *(e.cause for _, e in group.called if isinstance(e, WriteFailed))]
         self._read_only = None
-        if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in failures):
-            self._read_only = read_only(self.path)
+        if group.error is not None or group.called:  # not on a batch of ingests that went in
+            failures = [
+                group.error,
+                *(e.cause for _, e in group.called if isinstance(e, WriteFailed)),
+            ]
+            if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in failures):
+                self._read_only = read_only(self.path)
 
     @staticmethod
     def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
