@@ -31,7 +31,13 @@ from webhookd.stats import AdminContext, Throughput
 from webhookd.status import heartbeat_line, status_line
 from webhookd.throttle import Throttle
 
+
+def pragma(text: str) -> Any:
+    return lambda conn: conn.execute(f"PRAGMA {text}").fetchall()
+
+
 GH_SECRET = "gh-signing-secret-5f2a9c"
+JSON = {"Content-Type": "application/json"}
 ADMIN_SECRET = "admin-token-8d1e77b0"
 
 
@@ -375,6 +381,39 @@ async def test_heartbeat_line_says_backlog_rates_workers_and_paused(
     daemon.pool.holding = True
     assert logs.fields(heartbeat_line(ctx))["holding"] == "burst"
     assert "new jobs held while a burst is answered" in status_line("serving", ctx)
+
+
+async def test_heartbeat_line_names_the_journal_problem_webhooks_are_refused_for(
+    tmp_path: Path, run_daemon: Any
+) -> None:
+    """While the journal cannot write (a full disk) the heartbeat says so, in /readyz' words,
+    and stops saying it once a commit goes through again."""
+    running = await run_daemon(make_config(tmp_path, '[[sources.a.actions]]\ntype = "log"'))
+    daemon = running.daemon
+    journal = daemon.journal
+    assert journal is not None and daemon.pool is not None
+    ctx = AdminContext(
+        config=daemon.config,
+        journal=journal,
+        pool=daemon.pool,
+        intake=daemon.intake,
+        boot_id=daemon.boot_id,
+        started_at=0.0,
+        throughput=Throughput(daemon.pool),
+    )
+    assert "journal_problem" not in logs.fields(heartbeat_line(ctx))
+    # The disk fills: SQLite may not grow the file by another page (SQLITE_FULL, as ENOSPC).
+    [(pages,)] = await journal._call(pragma("page_count"), transaction=False)
+    await journal._call(pragma(f"max_page_count = {pages}"), transaction=False)
+    big = b'{"pad": "' + b"x" * 60_000 + b'"}'
+    assert (await running.post("/hooks/a", big, headers=JSON))[0] == 503
+    async with running.http.get(running.admin_url + "/readyz") as r:
+        problems = (await r.json())["problems"]
+    assert problems == ["journal: database or disk is full"]
+    assert logs.fields(heartbeat_line(ctx))["journal_problem"] == problems[0]
+    await journal._call(pragma("max_page_count = 1073741823"), transaction=False)
+    assert (await running.post("/hooks/a", big, headers=JSON))[0] == 202
+    assert "journal_problem" not in logs.fields(heartbeat_line(ctx))
 
 
 @pytest.mark.subprocess

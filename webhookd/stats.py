@@ -130,16 +130,18 @@ def summary_dict(row: EventSummary) -> dict[str, Any]:
 
 async def readiness_problems(ctx: AdminContext) -> list[str]:
     """Why the daemon is not ready for webhooks now (``/readyz``' 503, ``/stats``' ``problems``),
-    ``[]`` when it is: a drain, a commit past ``ack_timeout_s``, a stopped writer, a journal that
-    refuses writes (a full disk: a write that leaves nothing behind is tried again, so space
-    that returned is seen without a webhook)."""
+    ``[]`` when it is: a drain, and ``journal_problems``."""
+    problems = ["draining"] if ctx.intake.draining else []
+    return problems + await journal_problems(ctx.journal, ctx.config.server.ack_timeout_s)
+
+
+def journal_problems_now(journal: BaseJournal, ack_timeout_s: float) -> list[str]:
+    """Why the journal refuses webhooks, as last seen, in ``/readyz``' words (``[]`` when it
+    takes them): a commit past ``ack_timeout_s``, a stopped writer (a journal moved or removed
+    says so there), the last write's failure (a full disk, a database down)."""
     problems = []
-    if ctx.intake.draining:
-        problems.append("draining")
-    journal = ctx.journal
     late_s = journal.writing_for_s()
-    stalled = late_s > ctx.config.server.ack_timeout_s
-    if stalled:
+    if late_s > ack_timeout_s:
         problems.append(
             f"journal: a commit has taken {late_s:.1f} s, past server.ack_timeout_s:"
             " webhooks are answered 503"
@@ -147,14 +149,23 @@ async def readiness_problems(ctx: AdminContext) -> list[str]:
     if journal.writer_problem:
         problems.append(journal.writer_problem)
     elif journal.last_write_error:
-        # Not behind a stalled commit: the probe would wait for it, and the dashboard's poll
-        # with it, to say what is said above already.
-        if not stalled:
-            with contextlib.suppress(JournalError):  # still failing: the error says why
-                await journal.probe_write()
-        if journal.last_write_error:
-            problems.append(f"journal: {journal.last_write_error}")
+        problems.append(f"journal: {journal.last_write_error}")
     return problems
+
+
+async def journal_problems(journal: BaseJournal, ack_timeout_s: float) -> list[str]:
+    """``journal_problems_now``, once a journal that refused writes (a full disk) has been
+    tried with a write that leaves nothing behind, so space that returned is seen without a
+    webhook; not behind a stalled commit, which the probe would wait for (and the dashboard's
+    poll with it) to say what is said already."""
+    if (
+        journal.last_write_error
+        and not journal.writer_problem
+        and journal.writing_for_s() <= ack_timeout_s
+    ):
+        with contextlib.suppress(JournalError):  # still failing: the error says why
+            await journal.probe_write()
+    return journal_problems_now(journal, ack_timeout_s)
 
 
 async def collect_stats(ctx: AdminContext) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from webhookd.stats import AdminContext
+from webhookd.stats import AdminContext, journal_problems_now
 
 
 def heartbeat_line(ctx: AdminContext) -> str:
-    """One key=value line: backlog, rates, workers, paused sources and lanes."""
+    """One key=value line: backlog, rates, workers, paused sources and lanes, and what the
+    journal refuses webhooks for, if anything (``/readyz``' words: a full disk, a commit past
+    ``ack_timeout_s``, a journal moved away), as last seen."""
     stats = ctx.pool.statistics()
     rates = ctx.throughput.rates() if ctx.throughput is not None else {}
     parts = [
@@ -28,6 +30,9 @@ def heartbeat_line(ctx: AdminContext) -> str:
             + (f",cooldown_s:{s.cooling_until_s:.0f}" if s.cooling_until_s else "")
             + (",circuit:open" if s.circuit_open else "")
         )
+    # Last: text that is not the daemon's own (an OS error, a database's message), quoted.
+    if problems := journal_problems_now(ctx.journal, ctx.config.server.ack_timeout_s):
+        parts.append(f"journal_problem={'; '.join(problems)!r}")
     return " ".join(parts)
 
 
