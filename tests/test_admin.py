@@ -458,12 +458,13 @@ async def test_pause_holds_a_sources_next_webhook_and_resume_runs_it(
 
 
 @pytest.mark.parametrize("catch_all", [False, True], ids=["plain", "catch-all"])
-async def test_the_alerts_own_source_can_be_paused_beside_a_catch_all(
+async def test_a_pause_of_the_alerts_own_source_is_a_400_and_its_resume_goes(
     tmp_path: Path, run_daemon: StartDaemon, catch_all: bool
 ) -> None:
-    """POST /sources/webhookd/pause (the alerts' own source, which the dashboard lists with a
-    Pause button once it has jobs) pauses it whether or not a catch-all is configured: its
-    exact name is no other case of a configured one."""
+    """POST /sources/webhookd/pause (the alerts' own source, which the dashboard lists once
+    it has jobs) held every alert back, silently: it is a 400 saying why, with or without a
+    catch-all, and nothing is paused; its resume (one an earlier webhookd paused) goes, its
+    exact name no other case of a configured one."""
     sources = (
         '[alerts]\nurl = "http://127.0.0.1:9/alerts"\n[[sources.shop.actions]]\ntype = "log"\n'
     )
@@ -471,11 +472,18 @@ async def test_the_alerts_own_source_can_be_paused_beside_a_catch_all(
         sources += '[[sources."*".actions]]\ntype = "log"\n'
     running: Running = await run_daemon(make_config(tmp_path, sources))
     status, doc = await post_admin(running, "/sources/webhookd/pause")
+    assert status == 400
+    assert doc["error"].startswith("the alerts' source 'webhookd' cannot be paused: ")
+    journal = running.daemon.journal
+    assert journal is not None
+    assert await journal.paused_sources() == frozenset()
+    await journal.pause("webhookd")  # as an earlier webhookd could
+    status, doc = await post_admin(running, "/sources/webhookd/resume")
     assert (status, doc) == (
         200,
         {
             "source": "webhookd",
-            "paused": True,
+            "paused": False,
             "changed": True,
             "catch_all": False,
             "journaled": False,

@@ -2323,7 +2323,7 @@ async def test_the_alerts_own_source_is_no_unknown_source_with_alerts_set(tmp_pa
 async def test_the_alerts_own_source_is_no_other_case_of_itself_beside_a_catch_all(
     tmp_path: Path,
 ) -> None:
-    """With [alerts] and a catch-all, --source webhookd and pause webhookd name the alerts' own
+    """With [alerts] and a catch-all, --source webhookd and resume webhookd name the alerts' own
     source: no "did you mean webhookd?" of the name given exactly; "Webhookd" still gets it."""
     config, cfg = write_config(
         tmp_path,
@@ -2333,10 +2333,41 @@ async def test_the_alerts_own_source_is_no_other_case_of_itself_beside_a_catch_a
     await dead_letters(cfg.journal.path, config_mod.ALERT_SOURCE, 1)
     out = await cli("events", "--source", "webhookd", "--config", str(config))
     assert (out.exit_code, out.stderr) == (0, "")
-    out = await cli("pause", "webhookd", "--config", str(config))
-    assert (out.exit_code, out.stdout.partition(":")[0]) == (0, "paused webhookd"), out.output
+    async with Journal(cfg.journal.path) as journal:
+        await journal.pause("webhookd")  # as an earlier webhookd could
+    out = await cli("resume", "webhookd", "--config", str(config))
+    assert (out.exit_code, out.stdout.partition(":")[0]) == (0, "resumed webhookd"), out.output
     out = await cli("pause", "Webhookd", "--config", str(config))
     assert out.exit_code == 2 and out.stderr.endswith("(did you mean webhookd?)\n"), out.stderr
+
+
+@pytest.mark.parametrize("alerts", [True, False], ids=["alerts", "no-alerts"])
+async def test_a_pause_of_the_alerts_own_source_is_refused_saying_why(
+    tmp_path: Path, alerts: bool
+) -> None:
+    """pause webhookd held every alert back, silently: it is refused, exit 2, in one line
+    saying why and what quiets alerts instead, and nothing is paused; a resume of the alerts'
+    source an earlier webhookd paused still goes."""
+    config, cfg = write_config(
+        tmp_path,
+        ('[alerts]\nurl = "http://127.0.0.1:9/alerts"\n' if alerts else "")
+        + '[sources."*"]\n[[sources."*".actions]]\ntype = "log"\n',
+    )
+    for flags in ((), ("--json",)):
+        out = await cli("pause", "webhookd", *flags, "--config", str(config))
+        assert (out.exit_code, out.stdout) == (2, ""), out.output
+        assert out.stderr == (
+            "webhookd: error: the alerts' source 'webhookd' cannot be paused: its jobs are the"
+            " alerts, and held they would tell no one of anything, their own backlog included;"
+            " to quiet alerts, raise [alerts] min_interval_s, or remove [alerts], and reload\n"
+        )
+    async with Journal(cfg.journal.path) as journal:
+        assert await journal.paused_sources() == frozenset()
+        await journal.pause("webhookd")  # as an earlier webhookd could
+    out = await cli("resume", "webhookd", "--config", str(config))
+    assert out.exit_code == 0, out.output
+    async with Journal(cfg.journal.path) as journal:
+        assert await journal.paused_sources() == frozenset()
 
 
 # An argument that is not UTF-8 ("café" typed in a Latin-1 terminal): Python gives its bytes

@@ -856,6 +856,35 @@ async def test_dashboard_pauses_and_resumes_a_source(
     assert len(target.seen) == 2
 
 
+async def test_dashboard_offers_no_pause_of_the_alerts_own_source_only_its_resume(
+    tmp_path: Path, target: Target, run_daemon: Any, browser: str
+) -> None:
+    """The alerts' own source, listed once it has jobs, has no Pause button (the API refuses
+    it: held alerts tell no one); one an earlier webhookd paused has a Resume button."""
+    cfg = make_config(
+        tmp_path,
+        forward_source("shop", target.url + "/in") + f'[alerts]\nurl = "{target.url}/alerts"\n',
+    )
+    running = await run_daemon(cfg)
+    target.statuses = [400]  # the first delivery is refused: dead, and an alert is sent
+    await accepted(running, "shop", '{"order": 1}')
+    await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
+
+    async with open_page(browser, running.admin_url + "/") as page:
+        await page.wait_for(
+            "document.body.dataset.loaded === '1' &&"
+            " document.querySelector(\"#sources tr[data-source='webhookd']\") &&"
+            " document.querySelector(\"#sources button.pause[data-source='shop']\")"
+        )
+        buttons = "#sources tr[data-source='webhookd'] button"
+        assert await page.evaluate(f'document.querySelectorAll("{buttons}").length') == 0
+        assert running.daemon.journal is not None
+        await running.daemon.journal.pause("webhookd")  # as an earlier webhookd could
+        await page.wait_for(
+            "document.querySelector(\"#sources button.resume[data-source='webhookd']\")"
+        )
+
+
 async def test_dashboard_event_page_keeps_every_character_of_a_body_and_says_what_holds_a_job(
     tmp_path: Path, run_daemon: Any, browser: str
 ) -> None:

@@ -28,7 +28,7 @@ from webhookd.journal.polled import ADMIN_READ_S, answer_within
 from webhookd.journal.schema import EVENT_STATES
 from webhookd.json_errors import Handler, json_error, json_errors
 from webhookd.models import EVENT_ID
-from webhookd.pauses import name_of
+from webhookd.pauses import name_of, refused_pause
 from webhookd.retention import kept_s
 from webhookd.stats import AdminContext, collect_stats, readiness_problems, summary_dict
 from webhookd.throttle import Throttle
@@ -428,6 +428,8 @@ class Admin:
         source = request.match_info["source"]
         if refused := _unknown_parameters(request, ()):
             return refused
+        if pausing and (said := refused_pause(source)):
+            return json_error(400, said)
         journal = self.ctx.journal
         try:
             # One the config no longer has is resumed while paused: its jobs go dead at their

@@ -11,8 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from webhookd.config.sections import CATCH_ALL, Config
+from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL, Config
 from webhookd.journal.base import BaseJournal
+
+# A pause of the alerts' own source held every alert back, told to no one (their backlog is
+# never alerted on, or an unreachable alert URL would feed itself), and sent them all, stale,
+# at the resume: the pager went quiet exactly when something was wrong. A resume still goes,
+# for one an earlier webhookd paused.
+ALERTS_NOT_PAUSED = (
+    f"the alerts' source {ALERT_SOURCE!r} cannot be paused: its jobs are the alerts, and held"
+    " they would tell no one of anything, their own backlog included; to quiet alerts, raise"
+    " [alerts] min_interval_s, or remove [alerts], and reload"
+)
+
+
+def refused_pause(name: str) -> str | None:
+    """Why a pause of ``name`` is refused whatever the journal holds, if it is: the alerts'
+    own source."""
+    return ALERTS_NOT_PAUSED if name == ALERT_SOURCE else None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ def _pause_or_resume(
     ``pauses.Named``), and whether the running daemon has ``applied`` it already and the
     config has the source no more (``removed``)."""
     cfg = _read_config(config_path)
+    if pausing and (refused := pauses.refused_pause(source)):
+        _fail(refused, 2)
     _refuse_copied(cfg, "pause" if pausing else "resume")
     # A source the config no longer has can still be resumed while it is paused: its jobs would
     # otherwise wait for good (they go dead at their turn, as other removed sources' do).
