@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -23,12 +26,20 @@ from conftest import Target, jobs_for, make_config, new_event
 import webhookd
 from webhookd import actions as action_registry
 from webhookd.actions.base import Outcome, Resources
-from webhookd.alerts import EVENTS_CAP, FAILING_STALE_S, INGEST_RETRY_S, Alerter
+from webhookd.alerts import (
+    EVENTS_CAP,
+    FAILING_STALE_S,
+    INGEST_RETRY_S,
+    JOURNAL_BACK_AFTER_S,
+    JOURNAL_CHECK_S,
+    Alerter,
+)
 from webhookd.clock import ManualClock
-from webhookd.config import ALERT_SOURCE, Config, loads
+from webhookd.config import ALERT_ACTION, ALERT_SOURCE, Config, loads
 from webhookd.errors import ConfigError, JournalUnavailable
 from webhookd.journal import Claimed, Finished, Journal, NewEvent
 from webhookd.models import Job, JobState
+from webhookd.stats import journal_problems
 from webhookd.workers import WorkerPool
 
 
@@ -770,3 +781,179 @@ async def test_a_poison_pill_found_at_start_is_alerted_and_counted_as_a_dead_let
         metrics = await r.text()
     assert f'webhookd_dead_letters_total{{action="{pill.action}",source="shop"}} 1.0' in metrics
     assert not [s for s in target.seen if s.path == "/shop"]
+
+
+def _pragma(text: str) -> Callable[[Any], Any]:
+    return lambda conn: conn.execute(f"PRAGMA {text}").fetchall()
+
+
+async def _fill_the_disk(journal: Journal) -> None:
+    """SQLite may not grow the file by another page (SQLITE_FULL, as on ENOSPC); PRAGMAs go
+    through the journal's writer, the one connection that writes. Free pages are handed back
+    first: a small write (the probe of a write that leaves nothing) would fit in them."""
+    await journal._call(
+        lambda conn: conn.executescript("PRAGMA incremental_vacuum;"), transaction=False
+    )
+    [(pages,)] = await journal._call(_pragma("page_count"), transaction=False)
+    await journal._call(_pragma(f"max_page_count = {pages}"), transaction=False)
+
+
+async def _make_room(journal: Journal) -> None:
+    await journal._call(_pragma("max_page_count = 1073741823"), transaction=False)
+
+
+BIG = b'{"pad": "' + b"x" * 60_000 + b'"}'  # bigger than any free page: the file must grow
+
+
+async def test_a_journal_refusing_webhooks_is_alerted_directly_and_its_end_journaled(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A full disk refuses every webhook: the alert URL gets a "journal" alert at once, posted
+    directly (the journal cannot take it) with /readyz' reason; once space returns, a
+    journaled "recovered" alert says how long webhooks were refused and how many."""
+    cfg = make_config(
+        tmp_path,
+        f'[[sources.a.actions]]\ntype = "log"\n[alerts]\nurl = "{target.url}/alerts"\n',
+    )
+    running = await run_daemon(cfg)
+    journal = running.daemon.journal
+    assert journal is not None
+
+    def alerts(t: Target) -> list[dict[str, Any]]:
+        return [json.loads(s.body) for s in t.seen if s.path == "/alerts"]
+
+    await _fill_the_disk(journal)
+    for i in range(3):
+        assert (await running.post("/hooks/a", BIG.replace(b"x", b"abc"[i : i + 1], 1)))[0] == 503
+    await target.wait_for(lambda t: len(alerts(t)) == 1)
+    [alert] = alerts(target)
+    assert (alert["kind"], alert["events"]) == ("journal", [])
+    assert 1 <= alert["count"] <= 3
+    assert alert["text"] == (
+        f"webhookd: the journal refuses webhooks, each answered 503 ({alert['count']} so far):"
+        " journal: database or disk is full; this alert is not journaled, the recovered alert"
+        " tells when it ends"
+    )
+    assert await journal.list_events(source=ALERT_SOURCE) == []
+
+    await _make_room(journal)
+    await target.wait_for(lambda t: len(alerts(t)) == 2, timeout_s=20)
+    recovered = alerts(target)[1]
+    assert (recovered["kind"], recovered["count"]) == ("recovered", 0)
+    assert re.fullmatch(
+        r"webhookd: recovered: the journal takes webhooks again after \d+s refusing them"
+        r" \(3 answered 503\)",
+        recovered["text"],
+    ), recovered["text"]
+    [journaled] = await journal.list_events(source=ALERT_SOURCE)  # the recovered alert alone
+    assert json.loads((await journal.get_event(journaled.id)).event.body) == recovered
+    assert (await running.post("/hooks/a", BIG))[0] == 202
+
+
+async def test_a_journal_alert_is_retried_in_memory_and_held_by_min_interval_s(
+    make_rig: MakeRig,
+) -> None:
+    """The journal alert the alert URL refuses is posted again after the alerts' backoff, up
+    to their max_attempts; the outage's end is journaled as a recovered alert with how long
+    and how many; an outage again within min_interval_s of the last journal alert is told
+    once the interval has passed."""
+    rig = await make_rig(
+        "min_interval_s = 60\nretry = { max_attempts = 3, base_s = 2, factor = 1, cap_s = 2 }"
+    )
+    refused = [0]  # what the receiver would count: webhooks answered 503 for the journal
+    assert rig.cfg.alerts is not None
+    alerter = Alerter(
+        rig.cfg.alerts,
+        rig.journal,
+        clock=rig.clock,
+        journal_problems=functools.partial(journal_problems, rig.journal, 10.0),
+        refused=lambda: refused[0],
+        sender=lambda: rig.pool.actions.get((ALERT_SOURCE, ALERT_ACTION)),
+    )
+
+    async def refuse_one() -> None:
+        with pytest.raises(JournalUnavailable, match="database or disk is full"):
+            await rig.journal.ingest(
+                NewEvent(
+                    new_event("shop", rig.clock.time(), BIG),
+                    jobs_for(rig.cfg.sources["shop"]),
+                )
+            )
+        refused[0] += 1
+
+    await alerter.watch_journal()
+    assert alerter.journal_due_s() == JOURNAL_CHECK_S  # nothing wrong: looked at each second
+    await _fill_the_disk(rig.journal)
+    await refuse_one()
+    rig.target.statuses = [500]
+    rig.clock.advance(JOURNAL_CHECK_S)
+    began = rig.clock.time()
+    await alerter.watch_journal()
+    assert [a["kind"] for a in rig.alerts_received()] == ["journal"]  # answered 500
+    assert 1.0 <= alerter.journal_due_s() <= 2.0  # the backoff: base_s 2, jittered
+    rig.clock.advance(2.0)
+    await alerter.watch_journal()
+    [_, told] = rig.alerts_received()
+    assert (told["kind"], told["count"]) == ("journal", 1)
+    assert await rig.journal.list_events(source=ALERT_SOURCE) == []
+
+    await _make_room(rig.journal)
+    rig.clock.advance(JOURNAL_CHECK_S)
+    await alerter.watch_journal()  # the probe goes through: no reason seen from now
+    ended = rig.clock.time()
+    assert await alerter.tick() == []  # not over yet: a nearly full disk may fail again
+    rig.clock.advance(JOURNAL_BACK_AFTER_S)
+    await alerter.watch_journal()
+    [recovered] = await alerter.tick()
+    assert (await rig.alert_doc(recovered))["text"] == (
+        f"webhookd: recovered: the journal takes webhooks again after {ended - began:.0f}s"
+        " refusing them (1 answered 503)"
+    )
+
+    await _fill_the_disk(rig.journal)
+    await refuse_one()
+    rig.clock.advance(JOURNAL_CHECK_S)
+    await alerter.watch_journal()
+    assert len(rig.alerts_received()) == 2  # within min_interval_s of the last journal alert
+    assert alerter.journal_due_s() == JOURNAL_CHECK_S  # looked at, and held
+    rig.clock.advance(60.0)
+    await alerter.watch_journal()
+    assert [a["kind"] for a in rig.alerts_received()] == ["journal"] * 3
+    await _make_room(rig.journal)
+
+
+async def test_a_commit_that_does_not_end_is_alerted_while_it_hangs(
+    tmp_path: Path, target: Target, run_daemon: Any
+) -> None:
+    """A stalled disk holds the journal's writer: webhooks get 503 past ack_timeout_s, and the
+    journal alert reaches the alert URL while the commit still hangs, naming it as /readyz
+    does; nothing of it waits for the writer."""
+    cfg = make_config(
+        tmp_path,
+        f'[[sources.a.actions]]\ntype = "log"\n[alerts]\nurl = "{target.url}/alerts"\n',
+        server="ack_timeout_s = 0.2",
+    )
+    running = await run_daemon(cfg)
+    journal = running.daemon.journal
+    assert journal is not None
+    entered, go = threading.Event(), threading.Event()
+
+    def hang(conn: Any) -> None:
+        entered.set()
+        go.wait(30)
+
+    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        assert (await running.post("/hooks/a", b"{}"))[0] == 503
+        await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
+        [seen] = target.seen
+        alert = json.loads(seen.body)
+        assert alert["kind"] == "journal" and re.search(
+            r": journal: a commit has taken \d+\.\d s, past server\.ack_timeout_s: webhooks are"
+            r" answered 503; this alert is not journaled",
+            alert["text"],
+        ), alert
+    finally:
+        go.set()
+        await hung

@@ -60,7 +60,7 @@ from webhookd.boot import (
 )
 from webhookd.clock import SYSTEM_CLOCK, Clock, StepWatch, unset_clock
 from webhookd.config.reloads import Reload, cluster_digest, cluster_names, plan_reload, some
-from webhookd.config.sections import ALERT_SOURCE, CATCH_ALL, Config, no_sources
+from webhookd.config.sections import ALERT_ACTION, ALERT_SOURCE, CATCH_ALL, Config, no_sources
 from webhookd.config.values import Listen
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
@@ -99,7 +99,7 @@ from webhookd.redact import (
 from webhookd.retention import prune_expired
 from webhookd.sdnotify import Notifier
 from webhookd.state import IntakeState
-from webhookd.stats import AdminContext, Throughput
+from webhookd.stats import AdminContext, Throughput, journal_problems, journal_problems_now
 from webhookd.status import heartbeat_line, status_line
 from webhookd.workers import WorkerPool
 
@@ -326,7 +326,17 @@ class Daemon:
                 hook(self)
 
             # Made without [alerts] too, watching nothing, so that a reload can add them.
-            alerter = Alerter(cfg.alerts, journal, clock=self.clock, counted_as=cfg.counted_as)
+            alerter = Alerter(
+                cfg.alerts,
+                journal,
+                clock=self.clock,
+                counted_as=cfg.counted_as,
+                journal_problems=functools.partial(
+                    _journal_problems, journal, cfg.server.ack_timeout_s
+                ),
+                refused=self.intake.refused_by_journal,
+                sender=lambda: pool.actions.get((ALERT_SOURCE, ALERT_ACTION)),
+            )
             pool.on_finish.append(alerter.observe)
             try:
                 await alerter.restore(started_at)
@@ -782,6 +792,17 @@ class Daemon:
         else:
             doing = f"taking webhooks on {self.bound.receiver}"
         return status_line(doing, ctx)
+
+
+async def _journal_problems(journal: BaseJournal, ack_timeout_s: float) -> list[str]:
+    """What the alerts read of the journal each second: ``/readyz``' reasons, its probe of a
+    journal that refused writes given a second at most (a commit that stalls meanwhile holds
+    it), else the reasons as last seen."""
+    try:
+        async with asyncio.timeout(1.0):
+            return await journal_problems(journal, ack_timeout_s)
+    except TimeoutError:
+        return journal_problems_now(journal, ack_timeout_s)
 
 
 def _warnings(cfg: Config) -> list[str]:

@@ -30,6 +30,9 @@ UNAVAILABLE = (
     "internal_error",
     "max_connections",
 )
+# Those of them that are the journal's: a writer fallen behind, a commit past ack_timeout_s, a
+# write that failed. What a journal alert counts.
+JOURNAL_REFUSALS = ("writer_behind", "commit_timeout", "journal_unavailable")
 
 
 @dataclass
@@ -54,3 +57,7 @@ class IntakeState:
     # back until it has caught up. Duplicates leave no job behind and mark nothing.
     waiting: int = 0
     busy_at: float = -math.inf
+
+    def refused_by_journal(self) -> int:
+        """Webhooks answered 503 so far for a reason of the journal's (``JOURNAL_REFUSALS``)."""
+        return sum(self.unavailable[reason] for reason in JOURNAL_REFUSALS)
