@@ -26,14 +26,8 @@ from conftest import Target, jobs_for, make_config, new_event
 import webhookd
 from webhookd import actions as action_registry
 from webhookd.actions.base import Outcome, Resources
-from webhookd.alerts import (
-    EVENTS_CAP,
-    FAILING_STALE_S,
-    INGEST_RETRY_S,
-    JOURNAL_BACK_AFTER_S,
-    JOURNAL_CHECK_S,
-    Alerter,
-)
+from webhookd.alert_journal import JOURNAL_BACK_AFTER_S, JOURNAL_CHECK_S
+from webhookd.alerts import EVENTS_CAP, FAILING_STALE_S, INGEST_RETRY_S, Alerter
 from webhookd.clock import ManualClock
 from webhookd.config import ALERT_ACTION, ALERT_SOURCE, Config, loads
 from webhookd.errors import ConfigError, JournalUnavailable

@@ -52,7 +52,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.config.parsing",),
     ("webhookd.config",),
     ("webhookd.redact", "webhookd.send"),
-    ("webhookd.logs",),
+    ("webhookd.logs", "webhookd.alert_texts"),
     # The journal: a file's identity and its rescue (nothing of webhookd), who holds a SQLite
     # file and the threads its connections run on (nothing of the journal), what it takes and
     # gives and its SQL, its parts, the two journals, the package that picks one.
@@ -90,7 +90,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions",),
     # The worker pool's parts: one attempt of a job, and the jobs left to other nodes.
     ("webhookd.attempts", "webhookd.elsewhere"),
-    ("webhookd.workers",),
+    # The worker pool, and the one alert posted directly with the alerts' forward action.
+    ("webhookd.workers", "webhookd.alert_journal"),
     # What the receiver reads from a request, and its pacing; what the daemon counts.
     ("webhookd.receiver.reading", "webhookd.receiver.limits", "webhookd.stats"),
     # The daemon's faces, side by side: none imports another.

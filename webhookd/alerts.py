@@ -9,11 +9,8 @@ defaults, dead-lettered like any job, and listed by ``webhookd events --source w
 Hazard: the alerts' own dead jobs and backlog are never alerted on, or an unreachable alert URL
 would feed itself.
 
-The one exception is the ``journal`` alert: a journal that cannot write (a full disk, a commit
-that does not end, a database down, a file moved away) cannot take it, so it is posted directly
-by the alerts' own forward action, not journaled, each attempt under its ``timeout_s`` and
-retried in memory by its ``retry``, from the alerts' task: intake never waits for it. The
-``recovered`` alert that ends such an outage is journaled as the others, and keeps its record.
+The one exception is the ``journal`` alert, posted directly (``alert_journal``): a journal that
+cannot write cannot take it.
 """
 
 from __future__ import annotations
@@ -24,25 +21,24 @@ import json
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from webhookd.actions.base import Action, Outcome
-from webhookd.attempts import backoff_s, run_attempt
+from webhookd.alert_journal import JOURNAL_CHECK_S, Back, JournalWatch, add_back
+from webhookd.alert_texts import SOURCES_IN_TEXT, cut, duration, sources
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.sections import ALERT_ACTION, ALERT_SOURCE, AlertsConfig
 from webhookd.errors import JournalError
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.records import Claimed, Finished, NewEvent, NewJob, Poisoned
-from webhookd.models import Event, Job, JobState, Priority, new_event_id, new_job_id
-from webhookd.redact import printable
+from webhookd.models import Event, JobState, Priority, new_event_id, new_job_id
 
 log = logging.getLogger("webhookd.alerts")
 
 Kind = Literal["dead", "backlog", "failing", "recovered", "journal"]
 EVENTS_CAP = 20  # event ids in one alert; the text says how many more there were
-_SOURCES_IN_TEXT = 5
 # A backlog is looked at this often at most, so an alert comes within half the threshold of it
 # being crossed, and a big journal is not scanned more than twice a minute.
 BACKLOG_CHECK_MAX_S = 30.0
@@ -52,13 +48,6 @@ INGEST_RETRY_S = 5.0
 MOST_FAILING = 256
 # An action with no attempt for this long is no longer followed: nothing says it still fails.
 FAILING_STALE_S = 86_400.0
-_ERROR_IN_TEXT = 200
-# The journal is looked at this often for a reason to refuse webhooks (as /readyz names it).
-JOURNAL_CHECK_S = 1.0
-# A journal outage ends once no reason has been seen for this long: a nearly full disk that
-# takes a small commit between failing ones is one outage, not an alert and a recovery each.
-JOURNAL_BACK_AFTER_S = 5.0
-_REASON_IN_TEXT = 600  # a journal moved away, its copy failing, takes a few hundred characters
 
 
 @dataclass
@@ -78,21 +67,6 @@ class _Failing:
         not told since its latest: an action nothing tries any more (no traffic, its source
         paused) is told once, not every interval as if it still failed."""
         return self.last_at - self.since >= failing_s and (not self.told or self.new > 0)
-
-
-@dataclass
-class _Outage:
-    """The journal refusing webhooks: since when, why, and the alert posted directly of it."""
-
-    since: float  # wall clock of the first look that saw it
-    reason: str  # as /readyz names it, the latest seen
-    refused_before: int  # webhooks refused for a journal reason before it
-    cleared_at: float | None = None  # monotonic: no reason seen since
-    cleared_wall: float = 0.0  # the same, on the wall clock
-    tries: int = 0  # attempts to post the journal alert
-    next_try: float = 0.0  # monotonic
-    told: bool = False  # the journal alert got through
-    given_up: bool = False  # its attempts are used up
 
 
 @dataclass
@@ -128,17 +102,16 @@ class Alerter:
         sender: Callable[[], Action | None] | None = None,
     ):
         self.config = config
-        # Why the journal refuses webhooks now (``/readyz``' words), how many webhooks have
-        # been refused for a journal reason so far, and the alerts' forward action to post a
-        # journal alert with (the worker pool's): without them the journal is not watched.
-        self._journal_problems = journal_problems
-        self._refused = refused or (lambda: 0)
-        self._sender = sender
-        self._outage: _Outage | None = None
-        self._refused_seen = 0  # at the last look that saw no outage
-        self._next_journal_check = clock.monotonic()
-        # Outages ended and not yet told recovered: seconds refused, webhooks refused, count.
-        self._journal_back: tuple[float, int, int] | None = None
+        # The journal, watched with ``journal_problems`` (``/readyz``' words), ``refused``
+        # (webhooks refused for a journal reason so far) and ``sender`` (the alerts' forward
+        # action, the worker pool's): without ``journal_problems`` it is not watched.
+        self._journal_watch = (
+            None
+            if journal_problems is None
+            else JournalWatch(
+                clock, journal_problems, refused or (lambda: 0), sender or (lambda: None)
+            )
+        )
         # The daemon config's ``counted_as``: the names a catch-all took are followed as its
         # own ("*"). None: each name as it is.
         self._counted_as = counted_as
@@ -213,8 +186,8 @@ class Alerter:
         if config is None or not config.failing_s:
             self._failing.clear()
             self._recovered.clear()
-        if config is None:
-            self._outage, self._journal_back = None, None
+        if config is None and self._journal_watch is not None:
+            self._journal_watch.forget()
         if config is None or not config.on_dead:
             if self._dead.count:
                 log.info(
@@ -305,7 +278,7 @@ class Alerter:
             due.append(max(self._next_backlog_check, self._free_at("backlog", config)))
         if config.failing_s and any(f.due(config.failing_s) for f in self._failing.values()):
             due.append(self._free_at("failing", config))
-        if self._recovered or self._backlog_cleared or self._journal_back:
+        if self._recovered or self._backlog_cleared or self._journal_back():
             due.append(self._free_at("recovered", config))
         if not due:
             return None
@@ -360,13 +333,16 @@ class Alerter:
                 else:
                     self._untell(due, was)
         if (
-            self._recovered or self._backlog_cleared or self._journal_back
+            self._recovered or self._backlog_cleared or self._journal_back()
         ) and now >= self._free_at("recovered", config):
             # Taken before the ingest is awaited, as the dead jobs are: a recovery observed
             # meanwhile is kept for the next alert, not cleared with these.
             recovered, cleared = self._recovered, self._backlog_cleared
-            journal_back = self._journal_back
-            self._recovered, self._backlog_cleared, self._journal_back = {}, False, None
+            watch = self._journal_watch
+            journal_back = self._journal_back()
+            self._recovered, self._backlog_cleared = {}, False
+            if watch is not None:
+                watch.back = None
             text = _recovered_text(recovered, cleared, config.backlog_age_s, journal_back)
             sent = await self._send(config, "recovered", len(recovered), [], text)
             if sent is not None:
@@ -375,136 +351,25 @@ class Alerter:
                 if self.config is not None and self.config.failing_s:
                     self._recovered = {**recovered, **self._recovered}
                 self._backlog_cleared = self._backlog_cleared or cleared
-                self._journal_back = _add_back(journal_back, self._journal_back)
+                if watch is not None:
+                    watch.back = add_back(journal_back, watch.back)
         return made
 
-    def _journal_free_at(self, config: AlertsConfig) -> float:
-        """When a journal alert may go out next (monotonic): its interval alone, not the hold
-        after a failed ingest (an outage's, which it is posted around)."""
-        last = self._last_sent.get("journal")
-        return -float("inf") if last is None else last + config.min_interval_s
+    def _journal_back(self) -> Back | None:
+        """The journal's outages ended and not yet told recovered."""
+        return None if self._journal_watch is None else self._journal_watch.back
 
     def journal_due_s(self) -> float:
-        """Seconds until ``watch_journal`` has something to do: its next look, or the journal
-        alert's next attempt."""
-        due = self._next_journal_check
-        outage, config = self._outage, self.config
-        if outage is not None and config is not None and self._posts(outage):
-            due = min(due, max(outage.next_try, self._journal_free_at(config)))
-        return max(due - self.clock.monotonic(), 0.0)
-
-    @staticmethod
-    def _posts(outage: _Outage) -> bool:
-        """Whether the journal alert of ``outage`` is still to be posted."""
-        return not (outage.told or outage.given_up or outage.cleared_at is not None)
+        """Seconds until ``watch_journal`` has something to do."""
+        watch = self._journal_watch
+        return JOURNAL_CHECK_S if watch is None else watch.due_s(self.config)
 
     async def watch_journal(self) -> None:
-        """Look at the journal (every ``JOURNAL_CHECK_S``): an outage begins at the first look
-        that finds a reason to refuse webhooks, and ends once none has been found for
-        ``JOURNAL_BACK_AFTER_S`` (then told by the next ``recovered`` alert); while it lasts,
-        post its alert directly, until it is sent or its attempts are used up. Its own task's
-        (``run``), so an alert's ingest that a stalled commit holds does not hold it too."""
-        config, now = self.config, self.clock.monotonic()
-        if config is None or self._journal_problems is None:
-            self._next_journal_check = now + JOURNAL_CHECK_S
-            return
-        if now >= self._next_journal_check:
-            self._next_journal_check = now + JOURNAL_CHECK_S
-            problems = await self._journal_problems()
-            refused, outage = self._refused(), self._outage
-            if problems:
-                if outage is None:
-                    outage = self._outage = _Outage(self.clock.time(), "", self._refused_seen)
-                outage.reason, outage.cleared_at = "; ".join(problems), None
-            elif outage is None:
-                self._refused_seen = refused
-            elif outage.cleared_at is None:
-                outage.cleared_at, outage.cleared_wall = now, self.clock.time()
-            elif now - outage.cleared_at >= JOURNAL_BACK_AFTER_S:
-                self._outage, self._refused_seen = None, refused
-                back = (outage.cleared_wall - outage.since, refused - outage.refused_before, 1)
-                self._journal_back = _add_back(self._journal_back, back)
-                self._wake.set()
-                log.info(
-                    "alerts: the journal takes webhooks again after %s refusing them (%d"
-                    " answered 503): told by the next recovered alert",
-                    _duration(back[0]),
-                    back[1],
-                )
-        outage = self._outage
-        if (
-            outage is None
-            or not self._posts(outage)
-            or now < max(outage.next_try, self._journal_free_at(config))
-        ):
-            return
-        await self._post_journal_alert(config, outage)
-
-    async def _post_journal_alert(self, config: AlertsConfig, outage: _Outage) -> None:
-        """One attempt to post the journal alert with the alerts' own forward action (its
-        URL, proxy, TLS and ``timeout_s``), not journaled: the journal cannot take it. A
-        failure is tried again after the action's backoff, until its ``max_attempts``."""
-        action = self._sender() if self._sender is not None else None
-        if action is None:  # no alerts action (none built yet, or a reload took it away)
-            outage.next_try = self.clock.monotonic() + JOURNAL_CHECK_S
-            return
-        (action_config,) = config.source.actions
-        refused = self._refused() - outage.refused_before
-        text = (
-            f"webhookd: the journal refuses webhooks, each answered 503 ({refused} so far):"
-            f" {_cut(outage.reason, _REASON_IN_TEXT)}; this alert is not journaled, the"
-            " recovered alert tells when it ends"
-        )
-        body = {"text": text, "kind": "journal", "count": refused, "events": []}
-        wall = self.clock.time()
-        event = Event(
-            id=new_event_id(),
-            source=ALERT_SOURCE,
-            received_at=wall,
-            dedup_key="",
-            tenant="",
-            priority=Priority.HIGH,
-            headers=(("Content-Type", "application/json"),),
-            body=json.dumps(body).encode(),
-        )
-        outage.tries += 1
-        retry = action_config.retry
-        job = Job(
-            id=new_job_id(),
-            event_id=event.id,
-            action=ALERT_ACTION,
-            type="forward",
-            state=JobState.RUNNING,
-            attempts=outage.tries,
-            max_attempts=retry.max_attempts,
-            run_at=wall,
-        )
-        outcome, _ = await run_attempt(action, action_config, Claimed(job, event, 0), {})
-        now = self.clock.monotonic()
-        if outcome.kind == "done":
-            outage.told = True
-            self._last_sent["journal"] = now
-            log.warning("alert kind=journal count=%d sent directly text=%r", refused, text)
-            return
-        if outcome.kind == "dead" or outage.tries >= retry.max_attempts:
-            outage.given_up = True
-            log.error(
-                "alert kind=journal not sent after %d attempt(s), given up: %s",
-                outage.tries,
-                outcome.error,
-            )
-            return
-        delay_s = backoff_s(retry, outage.tries)
-        if outcome.after_s is not None:
-            delay_s = max(delay_s, min(outcome.after_s, retry.cap_s))
-        outage.next_try = now + delay_s
-        level = logging.WARNING if outage.tries == 1 else logging.DEBUG
-        log.log(
-            level,
-            "alert kind=journal not sent, will try again in %.0fs: %s",
-            delay_s,
-            outcome.error,
-        )
+        """Look at the journal and post its alert when due (``JournalWatch.watch``). Its own
+        task's (``run``), so an alert's ingest that a stalled commit holds does not hold it
+        too."""
+        if self._journal_watch is not None and await self._journal_watch.watch(self.config):
+            self._wake.set()  # an outage ended: the next recovered alert tells it
 
     def _untell(
         self,
@@ -536,7 +401,7 @@ class Alerter:
     async def run(self) -> None:
         """Alert until cancelled: the daemon's long-lived task."""
         async with asyncio.TaskGroup() as tg:
-            if self._journal_problems is not None:
+            if self._journal_watch is not None:
                 tg.create_task(self._watch_journal_loop(), name="alerts-journal")
             await self._alert_loop()
 
@@ -593,8 +458,8 @@ class Alerter:
         # A paused source is named as such: on call, a pause reads otherwise as a stuck target.
         paused = await self.journal.paused_sources()
         text = (
-            f"webhookd: {queued} job(s) queued, one due for {_duration(waited_s)}"
-            f" ({_sources(by_source, paused)}); oldest events: {', '.join(events)}"
+            f"webhookd: {queued} job(s) queued, one due for {duration(waited_s)}"
+            f" ({sources(by_source, paused)}); oldest events: {', '.join(events)}"
         )
         return queued, events, text
 
@@ -660,9 +525,9 @@ def _merge(old: _DeadSince, new: _DeadSince) -> _DeadSince:
 
 def _dead_text(dead: _DeadSince) -> str:
     more = f" and {dead.more} more" if dead.more else ""
-    last = f"; last error: {_cut(dead.last_error)}" if dead.last_error else ""
+    last = f"; last error: {cut(dead.last_error)}" if dead.last_error else ""
     return (
-        f"webhookd: {dead.count} job(s) went dead ({_sources(dead.by_source)}):"
+        f"webhookd: {dead.count} job(s) went dead ({sources(dead.by_source)}):"
         f" {', '.join(dead.events)}{more}{last}; `webhookd replay --dead` runs them again"
     )
 
@@ -671,28 +536,19 @@ def _failing_text(due: dict[tuple[str, str], _Failing], wall: float) -> str:
     """``shop/deliver failing for 12m (31 attempts, none done; last: ...)``, longest first."""
     longest = sorted(due.items(), key=lambda item: item[1].since)
     parts = [
-        f"{source}/{action} failing for {_duration(wall - f.since)} ({f.attempts} attempt(s),"
-        f" none done; last: {_cut(f.last_error)})"
-        for (source, action), f in longest[:_SOURCES_IN_TEXT]
+        f"{source}/{action} failing for {duration(wall - f.since)} ({f.attempts} attempt(s),"
+        f" none done; last: {cut(f.last_error)})"
+        for (source, action), f in longest[:SOURCES_IN_TEXT]
     ]
-    more = f"; and {len(due) - _SOURCES_IN_TEXT} more" if len(due) > _SOURCES_IN_TEXT else ""
+    more = f"; and {len(due) - SOURCES_IN_TEXT} more" if len(due) > SOURCES_IN_TEXT else ""
     return f"webhookd: {'; '.join(parts)}{more}"
-
-
-def _add_back(
-    a: tuple[float, int, int] | None, b: tuple[float, int, int] | None
-) -> tuple[float, int, int] | None:
-    """Two spells of journal outage told as one: their seconds, refusals and count summed."""
-    if a is None or b is None:
-        return a or b
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def _recovered_text(
     recovered: dict[tuple[str, str], float],
     cleared: bool,
     age_s: float | None,
-    journal_back: tuple[float, int, int] | None = None,
+    journal_back: Back | None = None,
 ) -> str:
     """What is well again: the journal, with how long it refused webhooks and how many; each
     action told failing, with how long it failed; the backlog."""
@@ -701,41 +557,15 @@ def _recovered_text(
         refused_s, refused, spells = journal_back
         over = f" over {spells} spells" if spells > 1 else ""
         parts.append(
-            f"the journal takes webhooks again after {_duration(refused_s)} refusing them{over}"
+            f"the journal takes webhooks again after {duration(refused_s)} refusing them{over}"
             f" ({refused} answered 503)"
         )
     parts += [
-        f"{source}/{action} done again after {_duration(failed_s)} failing"
-        for (source, action), failed_s in list(recovered.items())[:_SOURCES_IN_TEXT]
+        f"{source}/{action} done again after {duration(failed_s)} failing"
+        for (source, action), failed_s in list(recovered.items())[:SOURCES_IN_TEXT]
     ]
-    if len(recovered) > _SOURCES_IN_TEXT:
+    if len(recovered) > SOURCES_IN_TEXT:
         parts.append("…")
     if cleared and age_s is not None:
-        parts.append(f"no queued job due longer than {_duration(age_s)} any more")
+        parts.append(f"no queued job due longer than {duration(age_s)} any more")
     return f"webhookd: recovered: {'; '.join(parts)}"
-
-
-def _cut(text: str, most: int = _ERROR_IN_TEXT) -> str:
-    """An error for the text: a sender's or a target's words, quoted and not obeyed. One
-    printable line (a line break shows as ``\\n``), cut, then with ``&``, ``<`` and ``>``
-    escaped as Slack asks (``&amp;`` ``&lt;`` ``&gt;``; Mattermost shows them as the
-    characters): ``<!channel>`` or ``<https://…|Open the runbook>`` in an error would
-    otherwise mention everyone, or show a link under a label of the sender's choosing."""
-    text = printable(text)
-    text = text if len(text) <= most else text[: most - 1] + "…"
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _sources(counts: Counter[str], paused: Collection[str] = ()) -> str:
-    """``shop: 4 paused, github: 1`` for the biggest few sources, ``…`` for the rest."""
-    top = counts.most_common(_SOURCES_IN_TEXT)
-    text = ", ".join(f"{name}: {n}{' paused' if name in paused else ''}" for name, n in top)
-    return text + (", …" if len(counts) > _SOURCES_IN_TEXT else "")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
