@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from webhookd.journal import Journal, NewEvent
 from webhookd.models import Event, Job, Priority, new_boot_id
 from webhookd.receiver import Receiver
 from webhookd.state import IntakeState
-from webhookd.workers import WorkerPool
+from webhookd.workers import SATURATED_RECHECK_S, WorkerPool
 
 BATCH = 500
 
@@ -215,3 +216,46 @@ async def intake(h: Harness) -> AsyncIterator[aiohttp.ClientSession]:
 def positions(events: Sequence[Event], predicate: Callable[[Event], bool]) -> list[int]:
     """Where (0-based start slots) the events matching ``predicate`` started."""
     return [i for i, e in enumerate(events) if predicate(e)]
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Until ``check()`` holds, asked every few milliseconds; ``TimeoutError`` past
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.005)
+
+
+def leftover_counts(pool: WorkerPool) -> dict[str, object]:
+    """What an idle pool (no job running, being claimed or written claimed) still counts as
+    running: every count its caps and lanes are judged by, by name, those not empty. Each
+    is a job's until the job ends; one left once all have ended stays for good, and a cap
+    (or slow mode's limit of one) it reaches lets none of its jobs start again."""
+    assert not pool._running, "not idle: a job's task runs"
+    counts: dict[str, object] = {
+        "running_by_action": pool._running_by_action,
+        "running_by_source": pool._running_by_source,
+        "running_by_tenant": pool._running_by_tenant,
+        "running_by_lane": pool._running_by_lane,
+        "counted_as": pool._counted_as,
+        "held_caps": pool._held_caps,
+        "acting": pool._acting,
+        "reserved": pool._reserved,
+        "claiming_jobs": pool._claiming_jobs,
+        "to_lane": pool._to_lane,
+        "to_lane_count": pool._to_lane_count,
+        "attempting": pool._attempting,
+        "attempts_on": pool._attempts_on,
+        "attempts_of": pool._attempts_of,
+        "handed_back": pool._handed_back,
+        "cut_kept": pool._cut_kept,
+        # A cap found full is looked at again within SATURATED_RECHECK_S, never later.
+        "saturated_for_good": {
+            key: until
+            for key, until in pool._saturated.items()
+            if until > pool.clock.monotonic() + SATURATED_RECHECK_S
+        },
+    }
+    return {name: value for name, value in counts.items() if value}

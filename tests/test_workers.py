@@ -26,6 +26,7 @@ from aiohttp import web
 from conftest import Running, Target, jobs_for, make_config, new_event
 from procs import poll
 from prometheus_client.parser import text_string_to_metric_families
+from sched_support import leftover_counts, until
 
 import webhookd
 import webhookd.journal.sqlite as journal_module
@@ -35,6 +36,7 @@ from webhookd.attempts import MAX_WAITS, backoff_s
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready, Recorded
+from webhookd.journal.batch import IngestOp
 from webhookd.limiter import Lane as RateLane
 from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
@@ -278,6 +280,62 @@ async def test_a_reload_that_gives_a_running_jobs_source_its_own_config_frees_it
     await rig.journal.ingest(later)
     await rig.pool.run_until_idle()
     assert [j.state for j in (await rig.journal.get_event(later.event.id)).jobs] == [JobState.DONE]
+
+
+async def test_a_job_the_window_still_holds_while_it_runs_leaves_no_count_behind(
+    make_rig: MakeRig,
+) -> None:
+    """A refill read a catch-all job as soon as its webhook's commit was on disk, before the
+    loop got to that commit's announcement, which put the job (picked and claimed meanwhile)
+    back in the window: picked again while it ran, it was counted twice and uncounted once
+    under '*', and once slow mode made its action's limit 1 no catch-all job started again."""
+    rig = await make_rig('[sources."*"]\n[[sources."*".actions]]\ntype = "log"\nname = "a"\n')
+    release, started = asyncio.Event(), asyncio.Event()
+    rig.actions[("*", "a")] = Held(rig.actions[("*", "a")], release, started)
+    journal, pool = rig.journal, rig.pool
+    journal.on_commit = pool.notify  # commits reach the window, as in the daemon
+    item = NewEvent(new_event("foo", rig.clock.time(), b"{}"), jobs_for(rig.cfg.sources["*"]))
+    [job] = item.jobs
+    written, announce = asyncio.Event(), asyncio.Event()
+    in_thread, claim = journal._in_thread, journal.claim
+    claims: list[list[str]] = []
+
+    async def late(fn: Callable[..., Any], *args: Any) -> Any:
+        result = await in_thread(fn, *args)
+        if fn == journal._write_batch and any(
+            isinstance(op, IngestOp) and op.item is item for op in args[0].ops
+        ):
+            written.set()  # on disk, and the loop busy elsewhere before it announces it
+            await announce.wait()
+        return result
+
+    async def counted(job_ids: Any, boot_id: str) -> Any:
+        claims.append(list(job_ids))
+        return await claim(job_ids, boot_id)
+
+    journal._in_thread = late  # type: ignore[method-assign]
+    journal.claim = counted  # type: ignore[method-assign]
+    dispatcher = asyncio.create_task(pool.run())
+    await until(lambda: not pool._refill_now)  # its first sweep is read
+    ingesting = asyncio.create_task(journal.ingest(item))
+    await asyncio.wait_for(written.wait(), 10.0)
+    pool.poke()  # a refill reads the journal now: the job is queued there
+    await until(lambda: claims == [[job.id]])
+    announce.set()
+    await ingesting
+    await asyncio.wait_for(started.wait(), 10.0)
+    # The window holds no copy of it (else the dispatcher picks that one now, while it runs).
+    await until(lambda: job.id not in pool.scheduler and pool.statistics().claiming == 0)
+    release.set()
+    await until(lambda: not pool._running)
+    assert leftover_counts(pool) == {}
+    pool.slow.add(("*", "a"))  # its attempts timed out: one job at a time
+    later = NewEvent(new_event("bar", rig.clock.time(), b"{}"), jobs_for(rig.cfg.sources["*"]))
+    await journal.ingest(later)
+    await until(lambda: pool.statistics().outcomes.get("done") == 2)
+    assert await pool.drain(10.0) == 0
+    await dispatcher
+    assert [j.state for j in (await journal.get_event(later.event.id)).jobs] == [JobState.DONE]
 
 
 async def test_failing_target_is_retried_on_the_backoff_schedule_then_dead(

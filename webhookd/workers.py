@@ -346,6 +346,13 @@ class WorkerPool:
         for job in ready:
             if job.source in self.paused:
                 continue
+            if job.id in self._counted_as or job.id in self._running:
+                # Picked already: a refill read it once its commit was on disk, before this
+                # announcement. Back in the window it would be picked again while it ran (or
+                # claimed again once its retry was queued, its backoff skipped): counted twice,
+                # uncounted once under its own name (a catch-all's sender's), the other count
+                # left there for good.
+                continue
             taken = True
             # An ordered job may have an older job of its key unfinished (waiting for a retry,
             # say): only the journal knows, so it comes in through a refill.
