@@ -338,6 +338,31 @@ async def test_a_job_the_window_still_holds_while_it_runs_leaves_no_count_behind
     assert [j.state for j in (await journal.get_event(later.event.id)).jobs] == [JobState.DONE]
 
 
+async def test_lanes_of_jobs_not_due_yet_do_not_keep_a_due_job_behind_them_from_the_window(
+    make_rig: MakeRig,
+) -> None:
+    """More lanes hold queued jobs than the window has room: those first in the journal's
+    order, whose jobs wait out a backoff, took the room at every refill, and a due job in a
+    lane after them was never read (a catch-all's names each make lanes of their own)."""
+    rig = await make_rig(
+        '[sources.s]\n[[sources.s.actions]]\ntype = "log"\n', workers="concurrency = 2\nwindow = 4"
+    )
+    later = rig.clock.time() + 3600
+    for tenant in "abcd":  # each a lane whose job is due in an hour
+        event = new_event("s", later, b"{}", tenant=tenant)
+        await rig.journal.ingest(NewEvent(event, jobs_for(rig.cfg.sources["s"])))
+    due = NewEvent(
+        new_event("s", rig.clock.time(), b"{}", tenant="z"), jobs_for(rig.cfg.sources["s"])
+    )
+    await rig.journal.ingest(due)
+    dispatcher = asyncio.create_task(rig.pool.run())
+    await until(lambda: rig.pool.statistics().outcomes.get("done") == 1, timeout_s=5)
+    assert await rig.pool.drain(10.0) == 0
+    await dispatcher
+    assert [j.state for j in (await rig.journal.get_event(due.event.id)).jobs] == [JobState.DONE]
+    assert leftover_counts(rig.pool) == {}
+
+
 async def test_failing_target_is_retried_on_the_backoff_schedule_then_dead(
     target: Target, make_rig: MakeRig
 ) -> None:

@@ -196,6 +196,9 @@ class WorkerPool:
         self._blocked_jobs = 0  # jobs in lanes none of whose jobs may start, at the last trim
         self._next_due: float | None = None
         self._lane_cursor: Lane | None = None
+        # Lanes the last refill passed over for want of room in the window: read first by the
+        # next (see ``_refill``).
+        self._passed_over: set[Lane] = set()
         # A job's task runs its action, then records the outcome. Its slot (and its counts
         # against the caps) is given back when the action returns, so the next claims share
         # a group commit with the outcomes being written instead of waiting one out.
@@ -420,7 +423,14 @@ class WorkerPool:
         # What lanes whose jobs may not start may still take (see _trim_blocked).
         blocked_room = self._blocked_budget - min(self._blocked_jobs, len(scheduler))
         wants: list[tuple[Lane, int]] = []
-        for lane in sorted(lanes, key=scheduler.lane_size):  # an empty lane goes first
+        # An empty lane goes first, and of those, the ones the last refill had no room left
+        # for: a lane's jobs may all be waiting out a backoff, and the lanes first in the
+        # journal's order took the room at every refill while a due job behind them was never
+        # read (with more lanes than room: a catch-all's names make lanes of their own).
+        passed_over, self._passed_over = self._passed_over, set()
+        for lane in sorted(
+            lanes, key=lambda lane: (scheduler.lane_size(lane), lane not in passed_over)
+        ):
             size = scheduler.lane_size(lane)
             want = min(share - size, room)
             # A lane whose jobs may not start now (capped) is topped up to a worker-sized share
@@ -432,6 +442,8 @@ class WorkerPool:
                 blocked_room -= max(want, 0)
             if want <= 0:
                 more = True  # at its share (or no room left): the journal may hold more
+                if room <= 0:
+                    self._passed_over.add(lane)
                 continue
             wants.append((lane, size + want))  # the held jobs come back too, then are skipped
             room -= want
@@ -452,8 +464,10 @@ class WorkerPool:
         # names, which a sender chooses) can fill refill after refill; nothing then ends to
         # wake the dispatcher, and the walk reached the lanes behind them once a sweep: 3,000
         # such lanes left another source's 2,000 jobs 24 done in 90 s. The walk goes on at
-        # once instead, up to MAX_FRUITLESS_REFILLS in a row (a sweep allows as many again).
-        if self._lane_cursor is not None and not any(self._can_run(job) for job in rows):
+        # once instead, up to MAX_FRUITLESS_REFILLS in a row (a sweep allows as many again);
+        # so does a refill that passed lanes over for want of room.
+        walked = self._lane_cursor is not None or self._passed_over
+        if walked and not any(self._can_run(job) for job in rows):
             self._fruitless += 1
             if self._fruitless < MAX_FRUITLESS_REFILLS:
                 self._refill_now = True
