@@ -235,11 +235,11 @@ def leftover_counts(pool: WorkerPool) -> dict[str, object]:
     (or slow mode's limit of one) it reaches lets none of its jobs start again."""
     assert not pool._running, "not idle: a job's task runs"
     counts: dict[str, object] = {
-        "running_by_action": pool._running_by_action,
-        "running_by_source": pool._running_by_source,
-        "running_by_tenant": pool._running_by_tenant,
-        "running_by_lane": pool._running_by_lane,
-        "counted_as": pool._counted_as,
+        "running_by_action": pool.admission._running_by_action,
+        "running_by_source": pool.admission._running_by_source,
+        "running_by_tenant": pool.admission._running_by_tenant,
+        "running_by_lane": pool.admission._running_by_lane,
+        "counted_as": pool.admission.counted_as,
         "held_caps": pool._held_caps,
         "acting": pool._acting,
         "reserved": pool._reserved,

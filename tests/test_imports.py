@@ -88,8 +88,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions.openai_config", "webhookd.actions.openai_limits"),
     ("webhookd.actions.*",),
     ("webhookd.actions",),
-    # The worker pool's parts: one attempt of a job, and the jobs left to other nodes.
-    ("webhookd.attempts", "webhookd.elsewhere"),
+    # The worker pool's parts: one attempt of a job, the jobs left to other nodes, what runs
+    # and whether one more may start.
+    ("webhookd.attempts", "webhookd.elsewhere", "webhookd.admission"),
     # The worker pool, and the one alert posted directly with the alerts' forward action.
     ("webhookd.workers", "webhookd.alert_journal"),
     # What the receiver reads from a request, and its pacing; what the daemon counts.

@@ -48,6 +48,7 @@ from test_journal_contract import (
 
 from webhookd import admin as admin_mod
 from webhookd import metrics as metrics_mod
+from webhookd.admission import order_cap
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable, NotFound
 from webhookd.journal import (
@@ -78,7 +79,7 @@ from webhookd.journal.postgres.writes import (
 from webhookd.limiter import SHARED_LOG_S
 from webhookd.models import JobState, LaneSpec, Priority
 from webhookd.process import STOP_MARGIN_S
-from webhookd.workers import WorkerPool, order_cap
+from webhookd.workers import WorkerPool
 
 
 def node(url: str, clock: ManualClock) -> PostgresJournal:

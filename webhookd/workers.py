@@ -21,13 +21,14 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from webhookd import logs
 from webhookd.actions.base import Action, Outcome
+from webhookd.admission import Admission, bump
 from webhookd.attempts import decide, run_attempt
 from webhookd.clock import SYSTEM_CLOCK, Clock
-from webhookd.config.sections import ActionConfig, Config, SourceConfig
+from webhookd.config.sections import ActionConfig, Config
 from webhookd.elsewhere import LeftElsewhere
 from webhookd.errors import JournalGone, JournalUnavailable
 from webhookd.journal.base import BaseJournal
@@ -81,12 +82,6 @@ _DISPATCH_ROUNDS = 8
 HOLD_WINDOW_S = 0.25
 HOLD_MAX_S = 15.0
 HOLD_RECHECK_S = 0.01
-_K = TypeVar("_K")
-
-
-def order_cap(job: Ready) -> Cap:
-    """The cap that lets one job of ``job``'s order key run at a time (``WorkerPool._caps``)."""
-    return Cap(f"order\x1f{job.source}\x1f{job.action}\x1f{job.order_key}", 1)
 
 
 # A dispatch failure this soon after one said is the same outage: said at debug.
@@ -104,15 +99,6 @@ class PoolStats:
     started: int
     outcomes: Mapping[str, int]
     holding: bool = False  # new jobs wait while the receiver answers a burst (HOLD_WINDOW_S)
-
-
-def _bump(counter: Counter[_K], key: _K, delta: int) -> None:
-    """Add ``delta``, dropping keys that reach zero (tenants come and go)."""
-    value = counter[key] + delta
-    if value:
-        counter[key] = value
-    else:
-        del counter[key]
 
 
 def _same_target(old: Action | None, new: Action) -> bool:
@@ -146,7 +132,6 @@ class WorkerPool:
         # The [lanes] by name (the daemon's dict, which a reload updates in place): a job of an
         # action that names one whose line is full (``RateLane.most_waiting``) is not started.
         self.rate_lanes: Mapping[str, RateLane] = rate_lanes if rate_lanes is not None else {}
-        self._lane_room: dict[str, int] = {}  # for this round's picks: room left in each line
         # Jobs of an action that names a lane, picked but whose call has not come to the lane
         # yet (a claim, the task's start and the action's own work come first), by lane: not in
         # its ``waiting`` yet, each may join its line. Counted from the pick until the call
@@ -218,21 +203,14 @@ class WorkerPool:
         # What an attempt a drain cancelled kept (``keep_detail``): its result and detail, for
         # the record of the cut attempt (an openai answer must outlive it).
         self._cut_kept: dict[str, tuple[Any, dict[str, Any]]] = {}
-        self._counted_as: dict[str, str] = {}  # job id → the source name it is counted under
-        self._running_by_action: Counter[tuple[str, str]] = Counter()
-        self._running_by_source: Counter[str] = Counter()
-        self._running_by_tenant: Counter[tuple[str, str]] = Counter()
-        self._running_by_lane: Counter[Lane] = Counter()
+        # What runs, counted per action, source, tenant and lane: whether one more may start.
+        self.admission = Admission(config)
         # Caps the journal found full with other nodes' jobs: key → when to try it again
         # (monotonic). Jobs of such a cap wait in the window meanwhile.
         self._saturated: dict[str, float] = {}
         # Jobs (source as journaled, action) this node lacks and a live node has: left to those
         # nodes, kept out of this node's claims until when to look again (monotonic).
         self._elsewhere = LeftElsewhere(journal, self.clock)
-        # Actions (configured source, action) whose last attempts in a row ended by timeout_s,
-        # how many; those at ``workers.slow_after_timeouts`` run one job at a time (``slow``).
-        self._timeouts: Counter[tuple[str, str]] = Counter()
-        self.slow: set[tuple[str, str]] = set()
         self._pause_stale = False
         self._pause_read: list[asyncio.Future[None]] = []  # pause_applied's, until re-read
         self.started = 0
@@ -265,7 +243,7 @@ class WorkerPool:
         for action in self.actions.values():
             if id(action) not in live:
                 self._retired[id(action)] = action
-        self.config = config
+        self.config = self.admission.config = config
         self._hear_lanes()
         if secrets is None:
             secrets = secret_values(config)
@@ -285,9 +263,7 @@ class WorkerPool:
             if id(action) not in old and not _same_target(self.actions.get(key), action)
         }
         gone |= self.actions.keys() - actions.keys()
-        self.slow -= gone
-        for gone_key in gone:
-            self._timeouts.pop(gone_key, None)
+        self.admission.forget(gone)
         self.actions = actions
         for key in [k for k in self._retired if not self._attempts_on[k]]:
             self._close_soon(self._retired.pop(key))
@@ -349,7 +325,7 @@ class WorkerPool:
         for job in ready:
             if job.source in self.paused:
                 continue
-            if job.id in self._counted_as or job.id in self._running:
+            if job.id in self.admission.counted_as or job.id in self._running:
                 # Picked already: a refill read it once its commit was on disk, before this
                 # announcement. Back in the window it would be picked again while it ran (or
                 # claimed again once its retry was queued, its backoff skipped): counted twice,
@@ -416,7 +392,7 @@ class WorkerPool:
         # The window is shared among the lanes whose jobs may start: lanes held by a cap (a
         # sender's many catch-all names, say) took a share each, and another source's lane
         # walked past them got a few jobs a visit.
-        may_start = {lane: self._lane_may_start(lane) for lane in lanes}
+        may_start = {lane: self.admission.lane_may_start(lane) for lane in lanes}
         share = min(cap, max(scheduler.capacity // max(sum(may_start.values()), 1), 1))
         fair = self._fair_share
         room = scheduler.room
@@ -557,18 +533,20 @@ class WorkerPool:
             if e.source in paused:
                 continue
             for j in item.jobs:
-                if j.order_key is not None or (self.slow and self._is_slow(e.source, j.action)):
+                if j.order_key is not None or (
+                    self.admission.slow and self.admission.is_slow(e.source, j.action)
+                ):
                     continue
                 job = Ready(j.id, e.source, j.action, int(e.priority), e.tenant, None, 0)
                 lane = self._rate_lane_of(job) if room else None
                 if lane in room and room[lane] <= 0:
                     continue  # its lane's line is full: claimed once it has room
-                if not self._caps(job):
+                if not self.admission.caps(job):
                     if lane in room:
                         room[lane] -= 1
                         self._bound_for_lane(job.id, lane)
                     self._reserved[job.id] = job
-                    self._count(job, +1)
+                    self.admission.count(job, +1)
                     taken.append(job.id)
         if taken:
             self._settled.clear()
@@ -582,7 +560,7 @@ class WorkerPool:
         for job_id in reserved:
             unused = self._reserved.pop(job_id, None)
             if unused is not None:
-                self._count(unused, -1)
+                self.admission.count(unused, -1)
                 self._arrived(job_id)
         if not self._reserved:
             self._settled.set()
@@ -597,100 +575,13 @@ class WorkerPool:
         source = self.config.source_for(job.source)
         if source is None:
             return True  # the worker records it as dead with a clear reason
-        if not self._action_may_start(source, job.action):
+        if not self.admission.action_may_start(source, job.action):
             return False
-        if not self._source_may_start(source, job.tenant):
+        if not self.admission.source_may_start(source, job.tenant):
             return False
-        return not (self._saturated and any(c.key in self._saturated for c in self._caps(job)))
-
-    def _action_may_start(self, source: SourceConfig, name: str) -> bool:
-        """Whether a job of ``source``'s action ``name`` may start, as far as that action's
-        own cap (or its being slow) and its rate lane's line allow."""
-        action = source.action(name)
-        if action is None:
-            return True
-        if self._lane_room and self._lane_room.get(action.options.get("lane") or "", 1) <= 0:
-            return False  # its lane's line is full: it would only hold a worker there
-        limit = action.concurrency
-        if self.slow and (source.name, name) in self.slow:
-            limit = 1
-        return limit is None or self._running_by_action[(source.name, name)] < limit
-
-    def _source_may_start(self, source: SourceConfig, tenant: str) -> bool:
-        """Whether ``source``'s cap and its ``tenant``'s leave room for one more job."""
-        if (
-            source.tenant_concurrency is not None
-            and self._running_by_tenant[(source.name, tenant)] >= source.tenant_concurrency
-        ):
-            return False
-        return source.concurrency is None or (
-            self._running_by_source[source.name] < source.concurrency
+        return not (
+            self._saturated and any(c.key in self._saturated for c in self.admission.caps(job))
         )
-
-    def _lane_may_start(self, lane: Lane) -> bool:
-        """Whether some job of ``lane`` (priority, source, tenant), not paused, may start now, as
-        far as its source's and its actions' caps say (a refill's shares go to such lanes)."""
-        _, name, tenant = lane
-        source = self.config.source_for(name)
-        if source is None:
-            return True
-        if not self._source_may_start(source, tenant):
-            return False
-        return not source.actions or any(
-            self._action_may_start(source, action.name) for action in source.actions
-        )
-
-    def _is_slow(self, source_name: str, action: str) -> bool:
-        source = self.config.source_for(source_name)
-        return source is not None and (source.name, action) in self.slow
-
-    def _note_attempt(self, key: tuple[str, str], outcome: Outcome, timed_out: bool) -> None:
-        """Count attempts of an action that ended by its timeout, in a row: at
-        ``workers.slow_after_timeouts`` it runs one job at a time (a downstream that takes
-        connections and never answers would otherwise hold every worker for timeout_s each,
-        and other sources' jobs would wait behind it); any other end lifts that."""
-        limit = self.config.workers.slow_after_timeouts
-        if not limit or outcome.kind == "wait":  # a wait never reached the downstream
-            return
-        if timed_out:
-            self._timeouts[key] += 1
-            if self._timeouts[key] >= limit and key not in self.slow:
-                self.slow.add(key)
-                log.warning(
-                    "action slow source=%s action=%s attempts_timed_out=%d (in a row):"
-                    " running one job at a time until one does not",
-                    *key,
-                    self._timeouts[key],
-                )
-        elif self._timeouts.pop(key, 0) and key in self.slow:
-            self.slow.discard(key)
-            log.info("action answering again source=%s action=%s (back to full concurrency)", *key)
-            self._wake.set()
-
-    def _caps(self, job: Ready) -> tuple[Cap, ...]:
-        """The job's caps that hold across the cluster: its action's, source's and tenant's
-        concurrency, keyed by the configured source (a catch-all's jobs share its caps), and
-        one running job per order key (``ordered_by``).
-
-        The order key's cap is what keeps two nodes from starting two jobs of one key: each
-        claim checks the head of the key on its own snapshot, and a job committed between two
-        claims' snapshots (seqs are taken at insert, seen at commit) let both pass. Claims of a
-        cap take its lock and count what the one before committed."""
-        source = self.config.source_for(job.source)
-        if source is None:
-            return ()
-        caps = []
-        if job.order_key is not None:
-            caps.append(order_cap(job))
-        action = source.action(job.action)
-        if action is not None and action.concurrency is not None:
-            caps.append(Cap(f"action\x1f{source.name}\x1f{job.action}", action.concurrency))
-        if source.concurrency is not None:
-            caps.append(Cap(f"source\x1f{source.name}", source.concurrency))
-        if source.tenant_concurrency is not None:
-            key = f"tenant\x1f{source.name}\x1f{job.tenant}"
-            caps.append(Cap(key, source.tenant_concurrency))
-        return tuple(caps)
 
     def _forget_saturated(self) -> None:
         now = self.clock.monotonic()
@@ -751,13 +642,13 @@ class WorkerPool:
             await self._elsewhere.recheck()
         picks: dict[str, Ready] = {}
         free = self.concurrency - len(self._acting) - len(self._reserved)
-        room = self._lane_room = self._room_in_lanes()
+        room = self.admission.lane_room = self._room_in_lanes()
         while len(picks) < free:
             job = self.scheduler.pop(self._can_run)
             if job is None:
                 break
             picks[job.id] = job
-            self._count(job, +1)
+            self.admission.count(job, +1)
             if room and (lane := self._rate_lane_of(job)) in room:
                 room[lane] -= 1  # it joins the line once it runs
                 self._bound_for_lane(job.id, lane)
@@ -766,7 +657,7 @@ class WorkerPool:
         # Picks are counted as running from here; a claimed pick keeps its count until its task
         # ends, the others give theirs back below.
         to_start: list[Claimed] = []  # stays empty if the claim or the unclaim raises
-        caps = {job_id: mine for job_id, job in picks.items() if (mine := self._caps(job))}
+        caps = {job_id: mine for job_id, job in picks.items() if (mine := self.admission.caps(job))}
         full: frozenset[str] = frozenset()
         claim_ok = False
         held = 0
@@ -806,7 +697,7 @@ class WorkerPool:
                 starting = {c.job.id for c in to_start}
                 for job_id, job in picks.items():
                     if job_id not in starting:
-                        self._count(job, -1)
+                        self.admission.count(job, -1)
                         self._arrived(job_id)
                 if full:
                     held = self._hold_back(full, [j for i, j in picks.items() if i not in starting])
@@ -860,7 +751,7 @@ class WorkerPool:
         job's action returned or it is not started: it no longer counts as on its way."""
         lane = self._to_lane.pop(key, None) if isinstance(key, str) else None
         if lane is not None:
-            _bump(self._to_lane_count, lane, -1)
+            bump(self._to_lane_count, lane, -1)
 
     def _rate_lane_of(self, job: Ready) -> str | None:
         source = self.config.source_for(job.source)
@@ -876,24 +767,11 @@ class WorkerPool:
             self._saturated[key] = until
         held = 0
         for job in refused:
-            if any(c.key in full for c in self._caps(job)):
+            if any(c.key in full for c in self.admission.caps(job)):
                 held += 1
                 if not self.scheduler.add(job):
                     self._refill_now = True
         return held
-
-    def _count(self, job: Ready, delta: int) -> None:
-        """Keep the running counts the caps are checked against (picks count as running). A
-        job is uncounted under the source it was counted under: a reload meanwhile may give
-        its source name another config (a catch-all's event, and now a source of its own)."""
-        if delta > 0:
-            name = self._counted_as[job.id] = self.config.counted_as(job.source)
-        else:
-            name = self._counted_as.pop(job.id, job.source)
-        _bump(self._running_by_action, (name, job.action), delta)
-        _bump(self._running_by_source, name, delta)
-        _bump(self._running_by_tenant, (name, job.tenant), delta)
-        _bump(self._running_by_lane, job.lane, delta)
 
     def _start(self, claimed: Claimed, ready: Ready, caps: tuple[Cap, ...]) -> None:
         """Run a claimed job; its running counts were taken when it was picked."""
@@ -920,7 +798,7 @@ class WorkerPool:
             self._release(job.id)  # if the action never returned (cancelled by a drain)
             held = self._held_caps.pop(job.id, ())
             if held:
-                self._count(ready, -1)
+                self.admission.count(ready, -1)
                 for cap in held:  # a slot of its caps is free now: try them
                     self._saturated.pop(cap.key, None)
             if ready.order_key is not None:
@@ -940,7 +818,7 @@ class WorkerPool:
         ready = self._acting.pop(job_id, None)
         if ready is not None:
             if job_id not in self._held_caps:
-                self._count(ready, -1)
+                self.admission.count(ready, -1)
             self._wake.set()
 
     async def run(self) -> None:
@@ -1209,7 +1087,8 @@ class WorkerPool:
             try:
                 outcome, timed_out = await run_attempt(action, action_cfg, claimed, self._cut_kept)
                 assert source is not None
-                self._note_attempt((source.name, job.action), outcome, timed_out)
+                if self.admission.note_attempt((source.name, job.action), outcome, timed_out):
+                    self._wake.set()
             finally:
                 self._attempts_on[key] -= 1
                 if not self._attempts_on[key]:
@@ -1367,7 +1246,13 @@ class WorkerPool:
 
     def running_by_lane(self) -> dict[Lane, int]:
         """Jobs running (or being claimed) per lane."""
-        return dict(self._running_by_lane)
+        return self.admission.running_by_lane()
+
+    @property
+    def slow(self) -> set[tuple[str, str]]:
+        """Actions (configured source, action) running one job at a time, their last attempts
+        having ended by their timeout (``Admission.note_attempt``)."""
+        return self.admission.slow
 
     def statistics(self) -> PoolStats:
         return PoolStats(
