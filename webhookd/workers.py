@@ -29,6 +29,7 @@ from webhookd.admission import Admission, bump
 from webhookd.attempts import decide, run_attempt
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.config.sections import ActionConfig, Config
+from webhookd.draining import cut_off, requeue_cut_off, requeue_handed_back, unclaim
 from webhookd.elsewhere import LeftElsewhere
 from webhookd.errors import JournalGone, JournalUnavailable
 from webhookd.journal.base import BaseJournal
@@ -52,15 +53,6 @@ MAX_FRUITLESS_REFILLS = 16
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
 # between tries: the job stays running in the journal until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
-# How long a drain waits for the attempts it cancelled to end before it re-queues them anyway.
-CUT_WAIT_S = 3.0
-# What an attempt the drain cut off may have done by then, in its error, by its action's kind.
-_CUT_MAY_HAVE = {
-    "forward": "its target may have had the request",
-    "openai": "its target may have had the request",
-    "python": "its handler may have done its work",
-    "command": "its program may have done its work",
-}
 # Actions whose retry and wait lines are throttled each on their own (``_failure_line``).
 _MOST_FAILURE_LINES = 256
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
@@ -672,7 +664,7 @@ class WorkerPool:
                     claimed = await self.journal.claim(list(picks), self.boot_id)
                 if self._stopping:
                     # A drain began while the claim waited on the journal: start nothing new.
-                    failed = await self._unclaim([c.job.id for c in claimed])
+                    failed = await unclaim(self.journal, [c.job.id for c in claimed])
                     if failed is not None:
                         log.error(
                             "%d job(s) claimed as the drain began were not re-queued (%s): %s",
@@ -955,112 +947,18 @@ class WorkerPool:
         attempting = {j: a for j, a in self._attempting.items() if j in stragglers}
         # And the masker: a job's end drops the secrets of a config only it still ran on.
         masker = self.masker
-        for task in stragglers.values():
-            task.cancel()
-        cut: list[Finished] = []
         if stragglers:
-            ended, stuck = await asyncio.wait(stragglers.values(), timeout=CUT_WAIT_S)
-            for task in ended:
-                if not task.cancelled():
-                    task.exception()  # read: an error past the cancel is the attempt's, unlogged
-            # A handler that caught the cancel and returned: its outcome is recorded, its job
-            # neither cut off nor re-queued.
-            stragglers = {
-                j: t
-                for j, t in stragglers.items()
-                if not (t in ended and not t.cancelled() and t.exception() is None)
-            }
-            attempting = {j: a for j, a in attempting.items() if j in stragglers}
-            for job_id, task in stragglers.items():
-                if task in stuck and job_id in attempting:
-                    # A handler that catches CancelledError and goes on: named here, since
-                    # the stop's own deadline can only say that something did not end.
-                    job = attempting[job_id][0].job
-                    log.warning(
-                        "drain: job=%s action=%s did not end %gs after it was cancelled (does"
-                        " its handler catch CancelledError?): re-queued, and left running"
-                        " until the process exits",
-                        job_id,
-                        job.action,
-                        CUT_WAIT_S,
-                    )
-            for job_id, (claimed, started_at) in attempting.items():
-                # What the cut attempt kept: a result (an answer whose then-forward was in
-                # flight, for the next attempt to post instead of asking again) and its detail
-                # (a command's output so far).
-                result, kept = self._cut_kept.pop(job_id, (None, {}))
-                done = _CUT_MAY_HAVE.get(claimed.job.type, "it may have done its work")
-                cut.append(
-                    Finished(
-                        job_id,
-                        claimed.job.attempts,
-                        JobState.QUEUED,
-                        started_at,
-                        self.clock.time(),
-                        "interrupted",
-                        error=f"cut off by the drain after workers.shutdown_grace_s"
-                        f" ({grace_s:g} s), {done}; not counted: the job runs again as this"
-                        " attempt",
-                        result=masker.deep(result),
-                        detail=masker.deep({**kept, "counted": False}),
-                    )
-                )
+            stragglers, cut = await cut_off(
+                stragglers, attempting, self._cut_kept, masker, self.clock, grace_s
+            )
             self._cut_kept.clear()
-            late = _drain_said(len(cut), len(stragglers) - len(cut), grace_s)
-            failed = await self._unclaim(list(stragglers), cut)
-            if failed is None:
-                log.warning("%s; re-queued", late)
-            elif isinstance(failed, JournalGone):
-                # Its file removed while open: the line the daemon exits with says where the
-                # journal went, these jobs running in it, and whether the next start has them.
+            if not await requeue_cut_off(self.journal, list(stragglers), cut, grace_s):
                 self.left_claimed = len(stragglers)
-                log.info("%s; not re-queued (%s)", late, failed)
-            else:
-                self.left_claimed = len(stragglers)
-                log.error(
-                    "%s, and could not be re-queued (%s): %s",
-                    late,
-                    failed,
-                    self.journal.left_claimed_fate,
-                )
-        if handed:
-            await self._unclaim_handed_back(handed)
+        if handed and not await requeue_handed_back(self.journal, handed):
+            self.left_claimed += len(handed)
         for throttle in self._failure_lines.values():
             throttle.flush()  # the counts held back, before the process ends
         return len(stragglers)
-
-    async def _unclaim_handed_back(self, handed: list[str]) -> None:
-        """Put the jobs a drain took out of their lanes' lines back to queued: no attempt was
-        made, so none is recorded."""
-        said = (
-            f"drain: {len(handed)} job(s) waiting for their lane's turn handed back, not"
-            " started (no attempt counted)"
-        )
-        failed = await self._unclaim(handed)
-        if failed is None:
-            log.info("%s: re-queued, for another node or the next start", said)
-        elif isinstance(failed, JournalGone):
-            self.left_claimed += len(handed)
-            log.info("%s; not re-queued (%s)", said, failed)
-        else:
-            self.left_claimed += len(handed)
-            log.error(
-                "%s, and could not be re-queued (%s): %s",
-                said,
-                failed,
-                self.journal.left_claimed_fate,
-            )
-
-    async def _unclaim(
-        self, job_ids: list[str], cut: Sequence[Finished] = ()
-    ) -> JournalUnavailable | None:
-        """Put claimed jobs back to queued (``cut``: the attempts a drain cut off, recorded);
-        why not, when the journal could not."""
-        try:
-            await self.journal.unclaim(job_ids, cut)
-        except JournalUnavailable as exc:
-            return exc
-        return None
 
     # -- running one job ---------------------------------------------------------------------
 
@@ -1264,18 +1162,3 @@ class WorkerPool:
             outcomes=dict(self.outcomes),
             holding=self.holding,
         )
-
-
-def _drain_said(running: int, unrecorded: int, grace_s: float) -> str:
-    """The drain's line on what it gave back: jobs still running at the end of the grace (cut
-    off), and jobs whose attempt had ended but whose outcome the journal did not take (an
-    outage): both run again, and the second kind's target has had its delivery already."""
-    said = []
-    if running:
-        said.append(f"{running} job(s) still running after {grace_s:g}s were cut off")
-    if unrecorded:
-        said.append(
-            f"{unrecorded} job(s) finished but their outcome was not recorded in time (unless"
-            " it lands yet, each runs again: a delivery it made is made twice)"
-        )
-    return "drain: " + "; ".join(said)
