@@ -13,8 +13,10 @@ import click
 
 from webhookd.actions.command import TAIL_BYTES
 from webhookd.alerts import _dead_text, _DeadSince
+from webhookd.attempts import backoff_s
 from webhookd.cli import main
 from webhookd.config import ACTION_KINDS
+from webhookd.config.sections import RetryPolicy
 from webhookd.journal.records import EventDetail
 from webhookd.models import Attempt, Event, Job, JobState, Priority
 
@@ -144,3 +146,41 @@ def test_json_for_scripts_names_every_field_of_an_event_its_jobs_and_their_attem
     fields = [*doc, *doc["jobs"][0], *doc["jobs"][0]["errors"][0]]
     missing = [name for name in fields if f"`{name}`" not in listed]
     assert not missing, "\n".join(missing)
+
+
+def _retried_for(policy: RetryPolicy) -> str:
+    """The waits of a policy's attempts added up, with the jitter at its least and its most."""
+    waits = range(1, policy.max_attempts)
+    least = sum(backoff_s(policy, n, lambda: 0.0) for n in waits)
+    most = sum(backoff_s(policy, n, lambda: 1.0) for n in waits)
+
+    def span(s: float) -> str:
+        if s < 120:
+            return f"{s:g} s"
+        hours, minutes = divmod(round(s / 60), 60)
+        return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+    if least < 120 and most < 120:
+        return f"{least:g} to {most:g} s"
+    return f"{span(least)} to {span(most)}"
+
+
+def test_the_retry_spans_the_documents_state_are_the_defaults_with_their_jitter() -> None:
+    """The README said a forward's retries last ~12 h and docs/actions.md an openai's about a
+    minute, where the jitter spreads them over 7.5-15 h and 31-62 s: each kind's row in the
+    README's table of defaults, and each sentence quoting a default's span, has it exactly."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| type | `timeout_s` | `retry` |", 1)[1].split("\n\n", 1)[0]
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| `")}
+    for kind in ACTION_KINDS:
+        policy = importlib.import_module(f"webhookd.actions.{kind}").DEFAULTS.retry
+        row = next(line for cell, line in rows.items() if f"`{kind}`" in cell)
+        assert row.endswith(f" | {_retried_for(policy)} |"), row
+    forward = importlib.import_module("webhookd.actions.forward").DEFAULTS.retry
+    said = f"({forward.max_attempts} attempts over {_retried_for(forward)})"
+    assert said in readme
+    openai = importlib.import_module("webhookd.actions.openai").DEFAULTS.retry
+    actions = " ".join((ROOT / "docs" / "actions.md").read_text().split())
+    assert f"({openai.max_attempts} attempts, {_retried_for(openai)} in all," in actions
+    toml = (ROOT / "webhookd.toml").read_text()
+    assert f"the default gives up\n# # after {_retried_for(openai)}," in toml

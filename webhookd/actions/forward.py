@@ -34,7 +34,7 @@ from webhookd.models import Event, Job
 from webhookd.redact import MASK, SECRET_HEADERS, Masker
 
 # A downstream service can be down for hours (a deploy, an outage): the attempts, up to 6 h
-# apart, span about half a day.
+# apart, span 7 h 31 min to 15 h 2 min of waits.
 DEFAULTS = ActionDefaults(
     retry=RetryPolicy(max_attempts=10, base_s=10.0, factor=3.0, cap_s=6 * 3600.0)
 )

@@ -102,7 +102,7 @@ def looked_up_hosts(t: Table, names: Sequence[str]) -> list[tuple[str, str]]:
     """``(key, host name)`` of each URL option of ``names`` set in ``t`` that the daemon looks
     up itself: none through a ``proxy`` (the proxy looks the name up), no IP address. For
     ``check``, which warns of a name that does not resolve: a mistyped host retried for the
-    whole retry policy (half a day by default) before its jobs go dead."""
+    whole retry policy (7.5 to 15 h by default) before its jobs go dead."""
     if t.has("proxy"):
         return []
     found = []
