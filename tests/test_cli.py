@@ -2398,7 +2398,7 @@ async def test_events_contains_searches_for_the_bytes_typed_even_when_not_utf8(
         (["events", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8 text"),
         (["events", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8 text"),
         (["show", "--key", NOT_UTF8], 2, "--key b'caf\\xe9' is not UTF-8 text"),
-        (["show", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["show", NOT_UTF8], 1, "no event caf\\xe9\n"),
     ],
     ids=["events-source", "events-tenant", "show-key", "show-id"],
 )
@@ -2418,17 +2418,42 @@ async def test_an_argument_that_is_not_utf8_is_a_one_line_error(
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["pause", NOT_UTF8], "webhookd: error: no source 'caf\\xe9': a source's name is"),
+        (["send", NOT_UTF8], "webhookd: error: no source 'caf\\xe9': a source's name is"),
+        (["events", "--state", NOT_UTF8], "Error: Invalid value for '--state': 'caf\\xe9' is"),
+        (["events", "--limit", NOT_UTF8], "Error: Invalid value for '--limit': 'caf\\xe9' is"),
+        (["show", f"--{NOT_UTF8}"], "Error: No such option '--caf\\xe9'"),
+        ([NOT_UTF8], "Error: No such command 'caf\\xe9'"),
+    ],
+    ids=["pause", "send", "events-state", "events-limit", "option", "verb"],
+)
+async def test_an_argument_that_is_not_utf8_is_shown_as_typed_in_the_error(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """A byte that is not UTF-8 in an argument an error quotes (webhookd's own, or click's for
+    a bad value, option or verb) is shown as typed, `caf\\xe9`, not as Python's `caf\\udce9`."""
+    config, cfg = write_config(tmp_path, "")
+    async with Journal(cfg.journal.path) as journal:
+        await journal.ingest(new_event())
+    out = await cli(*args, "--config", str(config))
+    assert (out.exit_code, out.stdout) == (2, ""), out.output
+    assert said in out.stderr and "\\udc" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "code", "said"),
     [
-        (["replay", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["replay", NOT_UTF8], 1, "no event caf\\xe9\n"),
         (["replay", "--dead", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8"),
         (["replay", "--dead", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8"),
         (["replay", "--dead", "--action", NOT_UTF8], 2, "--action b'caf\\xe9' is not UTF-8"),
-        (["cancel", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["cancel", NOT_UTF8], 1, "no event caf\\xe9\n"),
         (["cancel", "--queued", "--source", NOT_UTF8], 2, "--source b'caf\\xe9' is not UTF-8"),
         (["cancel", "--queued", "--tenant", NOT_UTF8], 2, "--tenant b'caf\\xe9' is not UTF-8"),
         (["cancel", "--queued", "--action", NOT_UTF8], 2, "--action b'caf\\xe9' is not UTF-8"),
-        (["purge", NOT_UTF8], 1, "no event caf\\udce9\n"),
+        (["purge", NOT_UTF8], 1, "no event caf\\xe9\n"),
         (["purge", "--tenant", NOT_UTF8, "--yes"], 2, "--tenant b'caf\\xe9' is not UTF-8"),
         (
             ["purge", "--contains", "x", "--source", NOT_UTF8, "--yes"],

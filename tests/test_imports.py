@@ -103,7 +103,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.app",),
     # The CLI: its leaves (times and text, the click group, the admin API's client), what every
     # verb shares, the bulk verbs' batches, one module per family of verbs, the package.
-    ("webhookd.cli.text", "webhookd.cli.group", "webhookd.cli.daemon"),
+    ("webhookd.cli.text",),
+    ("webhookd.cli.group", "webhookd.cli.daemon"),
     ("webhookd.cli.base",),
     ("webhookd.cli.batches",),
     ("webhookd.cli.*",),

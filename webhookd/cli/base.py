@@ -15,7 +15,7 @@ from typing import NoReturn, TypeVar
 import click
 
 from webhookd import config as config_mod
-from webhookd.cli.text import _when
+from webhookd.cli.text import _when, as_typed
 from webhookd.errors import (
     EXIT_JOURNAL_NEWER,
     ConfigError,
@@ -52,7 +52,8 @@ MAX_CONTAINS = 1000
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"webhookd: error: {message}", err=True)
+    """One error line and exit ``code``; an argument's bytes that are not UTF-8 as typed."""
+    click.echo(f"webhookd: error: {as_typed(message)}", err=True)
     sys.exit(code)
 
 

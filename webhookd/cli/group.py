@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import click
 
 from webhookd import __version__
+from webhookd.cli.text import as_typed
+
+
+class _Group(click.Group):
+    """click's errors (an unknown verb or option, a bad value) show an argument's bytes that
+    are not UTF-8 as typed, as the verbs' own errors do."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _as_typed():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _as_typed():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _as_typed() -> Iterator[None]:
+    try:
+        yield
+    except click.ClickException as exc:
+        # click holds its message Final; it is read only when shown, after this.
+        setattr(exc, "message", as_typed(exc.message))  # noqa: B010
+        raise
 
 
 def _version(ctx: click.Context) -> None:
@@ -20,7 +48,7 @@ def _version(ctx: click.Context) -> None:
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--version",
     is_flag=True,

@@ -17,6 +17,19 @@ if TYPE_CHECKING:
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 
+# A byte of an argument that is not UTF-8 (0x80-0xff) reaches a verb as a lone surrogate,
+# U+DC80-U+DCFF, which a repr() shows and stderr writes as `\udcff`: a message may hold either
+# (a repr's, its backslash not escaped itself, or the surrogate itself).
+_NOT_UTF8_SHOWN = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def as_typed(text: str) -> str:
+    """``text`` with each byte of an argument that was not UTF-8 shown as it was typed,
+    ``evt_\\xff``, not as the ``evt_\\udcff`` Python makes of it."""
+    text = _NOT_UTF8_SHOWN.sub(r"\1\\x\2", text)
+    return _NOT_UTF8.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+
 
 def parse_since(value: str, now: float | None = None, option: str = "--since") -> float:
     """``30m``, ``2h``, ``7d`` ago, or an ISO 8601 time (UTC unless it says otherwise); a bad
