@@ -2421,19 +2421,21 @@ async def test_an_argument_that_is_not_utf8_is_a_one_line_error(
     ("args", "said"),
     [
         (["pause", NOT_UTF8], "webhookd: error: no source 'caf\\xe9': a source's name is"),
+        (["resume", NOT_UTF8], "webhookd: error: no source 'caf\\xe9': a source's name is"),
         (["send", NOT_UTF8], "webhookd: error: no source 'caf\\xe9': a source's name is"),
         (["events", "--state", NOT_UTF8], "Error: Invalid value for '--state': 'caf\\xe9' is"),
         (["events", "--limit", NOT_UTF8], "Error: Invalid value for '--limit': 'caf\\xe9' is"),
         (["show", f"--{NOT_UTF8}"], "Error: No such option '--caf\\xe9'"),
         ([NOT_UTF8], "Error: No such command 'caf\\xe9'"),
     ],
-    ids=["pause", "send", "events-state", "events-limit", "option", "verb"],
+    ids=["pause", "resume", "send", "events-state", "events-limit", "option", "verb"],
 )
 async def test_an_argument_that_is_not_utf8_is_shown_as_typed_in_the_error(
     tmp_path: Path, args: list[str], said: str
 ) -> None:
     """A byte that is not UTF-8 in an argument an error quotes (webhookd's own, or click's for
-    a bad value, option or verb) is shown as typed, `caf\\xe9`, not as Python's `caf\\udce9`."""
+    a bad value, option or verb) is shown as typed, `caf\\xe9`, not as Python's `caf\\udce9`;
+    resume says so as pause does, not in a traceback from the journal it was handed to."""
     config, cfg = write_config(tmp_path, "")
     async with Journal(cfg.journal.path) as journal:
         await journal.ingest(new_event())

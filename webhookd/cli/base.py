@@ -93,15 +93,22 @@ def _config(path: str | None, *, secrets: bool = True) -> config_mod.Config:
     return cfg
 
 
-def _utf8_only(value: str | None, option: str) -> None:
-    """Exit 2, in one line, when ``value`` (given as ``option``) is not UTF-8 text: its bytes
-    that are not came from the command line as lone surrogates, which no journaled name or key
-    holds (the receiver refuses them) and neither database can be asked for."""
-    if value is None or value.isascii():
-        return
+def _utf8(value: str) -> bool:
+    """Whether ``value`` is UTF-8 text: bytes of an argument that are not came from the
+    command line as lone surrogates, which no journaled name or key holds (the receiver refuses
+    them) and neither database can be asked for."""
+    if value.isascii():
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_only(value: str | None, option: str) -> None:
+    """Exit 2, in one line, when ``value`` (given as ``option``) is not UTF-8 text."""
+    if value is not None and not _utf8(value):
         raw = value.encode("utf-8", "surrogateescape")  # the bytes as they were typed
         _fail(f"{option} {raw!r} is not UTF-8 text, and every name and key journaled is", 2)
 

@@ -13,6 +13,7 @@ from webhookd.cli.base import (
     _read_config,
     _refuse_copied,
     _run,
+    _utf8,
 )
 from webhookd.cli.daemon import _daemon_applies
 from webhookd.cli.group import main
@@ -51,7 +52,9 @@ def _pause_or_resume(
     # A source the config no longer has can still be resumed while it is paused: its jobs would
     # otherwise wait for good (they go dead at their turn, as other removed sources' do).
     removed = cfg.source_for(source) is None
-    if removed and pausing:
+    # A name that is not UTF-8 text was never paused (no journaled name is), nor can the
+    # journal be asked of it.
+    if removed and (pausing or not _utf8(source)):
         _fail(cfg.no_source(source), 2)
     # Only a pause is refused: a "*" paused by an earlier webhookd can still be resumed.
     if pausing and (said := cfg.by_other_names(source)):
