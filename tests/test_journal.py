@@ -1340,6 +1340,23 @@ async def test_a_write_on_a_file_system_remounted_read_only_says_so(tmp_path: Pa
             await journal.close()
 
 
+async def test_the_last_checkpoint_on_a_file_system_remounted_read_only_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop's last checkpoint failed on a file system the kernel had remounted read-only,
+    and its warning said only "disk I/O error", where a failed write's error names the
+    read-only file system: the warning names it too."""
+    caplog.set_level(logging.WARNING, logger="webhookd.journal")
+    with ext4_that_can_fail(tmp_path / "disk") as (disk, trigger):
+        async with Journal(disk / "webhookd.db", serving=True) as journal:
+            await journal.ingest(new_event())
+            await asyncio.to_thread(trigger.write_text, "1")
+        said = [r.getMessage() for r in caplog.records if "last checkpoint" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f"(disk I/O error: the file system of {disk} is read-only)" in said[0], said
+        assert journal.wal_kept == f"disk I/O error: the file system of {disk} is read-only"
+
+
 async def test_serve_warns_of_a_journal_disk_with_less_room_than_a_full_wal_needs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -392,14 +392,19 @@ class Journal(Reads, Changes):
                 await self._thread.submit(self._truncate_wal)
         except TimeoutError:
             return f"it did not finish within {CLOSE_TIMEOUT_S:g}s"
-        except sqlite3.Error as exc:
-            return str(exc)
-        except _Busy as exc:
+        except (sqlite3.Error, _Busy) as exc:
             return str(exc)
         return None
 
     def _truncate_wal(self) -> None:
-        row = self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        try:
+            row = self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            # As a failed write's error says it (``_write_error``): SQLite's "disk I/O error"
+            # hides a file system the kernel turned read-only.
+            if exc.sqlite_errorcode & 0xFF in _CANNOT_WRITE and (why := read_only(self.path)):
+                raise sqlite3.OperationalError(f"{exc}: {why}") from exc
+            raise
         if row is not None and row[0]:
             # Not an error to SQLite: a reader's snapshot (events --follow, a backup) held
             # frames the checkpoint could not copy, and the WAL stays.
