@@ -210,6 +210,44 @@ async def test_a_journal_whose_wal_alone_is_removed_checkpoints_it_into_the_file
     assert event_ids(path) == acked
 
 
+async def test_a_journal_whose_shm_alone_is_removed_stops_taking_writes_and_exits(
+    tmp_path: Path, quick_checks: None
+) -> None:
+    """``rm webhookd.db-shm`` while the daemon runs: a CLI opening the journal then made a
+    -shm of its own, its reads missed the daemon's later commits and its writes were
+    overwritten by them, unseen. From the moment the watch sees it nothing more is
+    acknowledged, and the watch ends saying why: every acknowledged webhook is in the journal,
+    opened afresh."""
+    path = tmp_path / "webhookd.db"
+    journal = Journal(path, serving=True)
+    await journal.open()
+    try:
+        acked = await ingest_all(journal, 10)
+        (tmp_path / "webhookd.db-shm").unlink()
+        acked |= await ingest_all(journal, 5, start=10)
+        async with watched(journal) as watch:
+            with pytest.raises(JournalError, match=r"-shm of journal .* removed") as caught:
+                async with asyncio.timeout(10):
+                    await watch
+        said = str(caught.value)
+        assert "exiting so that the next start opens it with a -shm every process" in said, said
+        with pytest.raises(JournalUnavailable, match=r"-shm of journal .* removed while open"):
+            await journal.ingest(new_item(99))
+    finally:
+        await journal.close()
+    assert event_ids(path) == acked
+
+
+async def test_a_stop_right_after_the_shm_is_removed_is_a_clean_one(tmp_path: Path) -> None:
+    """A -shm removed just before a stop, unseen by the watch, needs nothing: the next start
+    makes one, and the close ends without an error."""
+    path = tmp_path / "webhookd.db"
+    async with Journal(path, serving=True) as journal:
+        acked = await ingest_all(journal, 3)
+        (tmp_path / "webhookd.db-shm").unlink()
+    assert event_ids(path) == acked
+
+
 async def test_a_symlink_to_the_journal_removed_leaves_the_file_it_named_whole(
     tmp_path: Path, quick_checks: None
 ) -> None:

@@ -15,6 +15,14 @@ The ``-wal`` removed alone (``rm webhookd.db-wal``, a cleaner of "temporary" fil
 trap one level down: SQLite commits into the unlinked ``-wal``, and what no checkpoint has
 copied into the file yet is gone with a crash. The daemon notices (``wal_moved``), and copies
 it into the file through a connection still open on it (``checkpoint_open``).
+
+The ``-shm`` removed alone loses nothing of the daemon's: its connections share the unlinked
+one, mapped. But it is where SQLite keeps the WAL's index and its locks, and a process opening
+the journal meanwhile (``webhookd events``, ``replay``, ``backup``) makes another, rebuilt from
+the ``-wal`` as it is then: its reads miss every later commit, and a write of its appends
+frames where the daemon's go, unseen by the daemon, which overwrites them (or the other way).
+The daemon notices it too, and exits once what it was given is written, so that the next start
+opens the journal with a ``-shm`` every process shares.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ SAVED_STAMP = "%Y%m%dT%H%M%SZ"
 REMOVED = "removed"
 REPLACED = "replaced"
 WAL = "-wal"
-_OWN = (WAL, "-shm")
+SHM = "-shm"
+_OWN = (WAL, SHM)
 
 
 @dataclass(frozen=True)
@@ -76,15 +85,15 @@ def moved(path: Path, opened: FileIds) -> str | None:
     return None if now == opened.db else REPLACED
 
 
-def wal_moved(opened: FileIds) -> str | None:
-    """``REMOVED`` when nothing is at the name of the ``-wal`` opened with the journal any more,
-    ``REPLACED`` when another file is, ``None`` while it names that one (or when it cannot
-    tell, or none was there at open)."""
-    was = opened.own[WAL]
+def own_moved(opened: FileIds, suffix: str) -> str | None:
+    """``REMOVED`` when nothing is at the name of the ``-wal`` or ``-shm`` (``suffix``) opened
+    with the journal any more, ``REPLACED`` when another file is, ``None`` while it names that
+    one (or when it cannot tell, or none was there at open)."""
+    was = opened.own[suffix]
     if was is None:
         return None
     try:
-        now = _id(Path(f"{opened.base}{WAL}"))
+        now = _id(Path(f"{opened.base}{suffix}"))
     except (FileNotFoundError, NotADirectoryError):
         return REMOVED
     except OSError:
@@ -221,11 +230,11 @@ def sync(path: Path) -> None:
 
 
 def what_happened(path: Path, how: str) -> str:
-    """What happened to the journal at ``path`` (``how``: ``moved``'s, or ``-wal`` and
-    ``wal_moved``'s), as the lines about it begin."""
-    if how.startswith(WAL):
-        verb = how.removeprefix(WAL).strip()
-        return f"the {WAL} of journal {path} was {verb} while open"
+    """What happened to the journal at ``path`` (``how``: ``moved``'s, or ``-wal`` or ``-shm``
+    and ``own_moved``'s), as the lines about it begin."""
+    if how.startswith(_OWN):
+        suffix, verb = how.split(" ", 1)
+        return f"the {suffix} of journal {path} was {verb} while open"
     return f"journal {path} was {how} while open"
 
 
@@ -239,6 +248,17 @@ def lost_line(what: str, how: str, why: str, tries: int) -> str:
         f"{what}, and saving its contents failed ({why}{said_tries}): they are lost with this"
         " process (a `webhookd backup` taken before holds what it held then); nothing"
         f" was acknowledged once this was seen; exiting: the next start {then}"
+    )
+
+
+def shm_line(what: str) -> str:
+    """The line the daemon exits with once the writes it was given before it saw its ``-shm``
+    removed or replaced are done."""
+    return (
+        f"{what}: a process opening the journal now would keep an index and locks of its own,"
+        f" its reads missing the daemon's commits and its writes overwriting them (or the"
+        f" other way); exiting so that the next start opens it with a {SHM} every process"
+        " shares (nothing acknowledged is lost; jobs that were running run again)"
     )
 
 

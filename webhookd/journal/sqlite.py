@@ -20,7 +20,8 @@ Hazards worth knowing before editing:
   file put at its path), and the file is gone at the exit. The daemon's ``watch`` compares the
   path with what it named at open, once a second; once it differs every write is refused and
   the writer copies the file out through its own connection (``moved``), then the daemon exits.
-  Its ``-wal`` removed alone is checkpointed into the file the same way before the exit.
+  Its ``-wal`` removed alone is checkpointed into the file the same way before the exit; its
+  ``-shm`` removed alone (which other processes would not share) ends the daemon too.
   A copy that fails (no room) is tried again every ``SAVE_RETRY_S`` with the daemon still up:
   its exit would take the only holder of the contents with it.
 * All SQL lives in this package, so that another journal (PostgreSQL) can replace it:
@@ -86,15 +87,17 @@ from webhookd.journal.files import (
 )
 from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
 from webhookd.journal.moved import (
+    SHM,
     WAL,
     FileIds,
     Saved,
     checkpoint_open,
     lost_line,
     moved,
+    own_moved,
     save_open,
     saved_line,
-    wal_moved,
+    shm_line,
     what_happened,
 )
 from webhookd.journal.reads import Reads
@@ -346,8 +349,9 @@ class Journal(Reads, Changes):
             task, self._task = self._task, None
             if self.serving and task is not None:
                 # Removed or replaced since the watch last looked (once a second): a stop
-                # right after would checkpoint into a file nothing names and exit 0.
-                self._save_if_moved(task)
+                # right after would checkpoint into a file nothing names and exit 0. (A -shm
+                # removed now needs nothing: the next start makes one.)
+                self._save_if_moved(task, stopping=True)
             if task is not None and not task.done():
                 self._queue.close()
                 await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
@@ -615,8 +619,8 @@ class Journal(Reads, Changes):
     async def watch(self) -> None:
         """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
         once the journal's path no longer names the file open (``moved``) and its contents
-        have been saved, or its ``-wal`` was removed (``wal_moved``) and has been checkpointed
-        into the file.
+        have been saved, or its ``-wal`` was removed (``own_moved``) and has been checkpointed
+        into the file, or its ``-shm`` was and what was queued is written.
 
         The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
         that can neither take nor finish anything, and it must exit rather than half live.
@@ -641,15 +645,21 @@ class Journal(Reads, Changes):
         if not self._closing:
             raise JournalError(self.writer_problem or "journal writer stopped")
 
-    def _save_if_moved(self, task: asyncio.Task[None]) -> None:
+    def _save_if_moved(self, task: asyncio.Task[None], *, stopping: bool = False) -> None:
         """``_save`` the contents once the path no longer names the file opened, if no save
-        has begun and the writer (``task``) still runs: the watch's look, and the close's."""
+        has begun and the writer (``task``) still runs: the watch's look, and the close's
+        (``stopping``), which leaves a ``-shm`` removed alone be."""
         opened = self._opened_as
         if (
             self._saving is None
             and opened is not None
             and not task.done()
-            and (how := moved(self.path, opened) or _wal(wal_moved(opened))) is not None
+            and (
+                how := moved(self.path, opened)
+                or _own(WAL, own_moved(opened, WAL))
+                or (None if stopping else _own(SHM, own_moved(opened, SHM)))
+            )
+            is not None
         ):
             self._save(how)
 
@@ -659,7 +669,8 @@ class Journal(Reads, Changes):
         given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
         tries again while that fails."""
         self._refusing = what_happened(self.path, how)
-        self.writer_problem = f"{self._refusing}: writes refused, saving its contents, then exiting"
+        saving = "" if how.startswith(SHM) else ", saving its contents"
+        self.writer_problem = f"{self._refusing}: writes refused{saving}, then exiting"
         self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
         # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
         # those writes are answered as they commit, not once the copy (seconds) is done.
@@ -686,6 +697,8 @@ class Journal(Reads, Changes):
 
         with contextlib.suppress(JournalError):  # the writer stopped first: its thread copies
             await flushed
+        if how.startswith(SHM):  # nothing to copy: the files the path names hold everything
+            return shm_line(what)
         said = set[str]()
         while True:
             last = self._save_last  # asked before this try began: the try is the last
@@ -1126,9 +1139,9 @@ class Journal(Reads, Changes):
         return await self.size_bytes()
 
 
-def _wal(how: str | None) -> str | None:
-    """``wal_moved``'s answer as a ``how`` of its own: ``-wal removed``, ``-wal replaced``."""
-    return None if how is None else f"{WAL} {how}"
+def _own(suffix: str, how: str | None) -> str | None:
+    """``own_moved``'s answer as a ``how`` of its own: ``-wal removed``, ``-shm replaced``."""
+    return None if how is None else f"{suffix} {how}"
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
