@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,22 @@ class Outcomes:
     async def wait_finished(self, event_id: str, jobs: int, timeout_s: float = 20) -> None:
         """Until ``jobs`` of the event's jobs have finished an attempt."""
         await self._until(lambda: self.done.get(event_id, 0) >= jobs, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def writer_held(journal: Any) -> AsyncIterator[None]:
+    """The journal's writer held on its thread, as a stalled disk holds it: everything queued
+    behind waits until the block ends."""
+    entered, go = threading.Event(), threading.Event()
+
+    def hang(conn: Any) -> None:
+        entered.set()
+        go.wait(30)
+
+    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        yield
+    finally:
+        go.set()
+        await hung

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Target, jobs_for, make_config, new_event
+from ops_support import writer_held
 
 import webhookd
 from webhookd import actions as action_registry
@@ -930,15 +930,7 @@ async def test_a_commit_that_does_not_end_is_alerted_while_it_hangs(
     running = await run_daemon(cfg)
     journal = running.daemon.journal
     assert journal is not None
-    entered, go = threading.Event(), threading.Event()
-
-    def hang(conn: Any) -> None:
-        entered.set()
-        go.wait(30)
-
-    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
-    try:
-        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    async with writer_held(journal):
         assert (await running.post("/hooks/a", b"{}"))[0] == 503
         await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
         [seen] = target.seen
@@ -948,6 +940,3 @@ async def test_a_commit_that_does_not_end_is_alerted_while_it_hangs(
             r" answered 503; this alert is not journaled",
             alert["text"],
         ), alert
-    finally:
-        go.set()
-        await hung

@@ -12,7 +12,6 @@ import logging
 import re
 import socket
 import sqlite3
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from conftest import Running, Target, make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ops_support import writer_held
 from procs import poll
 
 from webhookd import actions
@@ -40,25 +40,6 @@ def pragma(text: str) -> Any:
 def journaled_ids(path: Path) -> set[str]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return {row[0] for row in db.execute("SELECT id FROM events")}
-
-
-@contextlib.asynccontextmanager
-async def writer_held(journal: Any) -> AsyncIterator[None]:
-    """The journal's writer held on its thread, as a stalled disk holds it: everything queued
-    behind waits until the block ends."""
-    entered, go = threading.Event(), threading.Event()
-
-    def hang(conn: Any) -> None:
-        entered.set()
-        go.wait(30)
-
-    hung = asyncio.ensure_future(journal._call(hang, transaction=False))
-    try:
-        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
-        yield
-    finally:
-        go.set()
-        await hung
 
 
 async def test_full_disk_answers_503_never_2xx_and_recovers_by_itself(

@@ -107,17 +107,7 @@ async def requeue_cut_off(
     if failed is None:
         log.warning("%s; re-queued", late)
         return True
-    if isinstance(failed, JournalGone):
-        # Its file removed while open: the line the daemon exits with says where the
-        # journal went, these jobs running in it, and whether the next start has them.
-        log.info("%s; not re-queued (%s)", late, failed)
-    else:
-        log.error(
-            "%s, and could not be re-queued (%s): %s",
-            late,
-            failed,
-            journal.left_claimed_fate,
-        )
+    _not_requeued(journal, late, failed)
     return False
 
 
@@ -132,16 +122,20 @@ async def requeue_handed_back(journal: BaseJournal, handed: list[str]) -> bool:
     if failed is None:
         log.info("%s: re-queued, for another node or the next start", said)
         return True
+    _not_requeued(journal, said, failed)
+    return False
+
+
+def _not_requeued(journal: BaseJournal, said: str, failed: JournalUnavailable) -> None:
+    """Say that jobs a drain let go stay claimed in the journal, ``said`` being what it did."""
     if isinstance(failed, JournalGone):
+        # Its file removed while open: the line the daemon exits with says where the
+        # journal went, these jobs running in it, and whether the next start has them.
         log.info("%s; not re-queued (%s)", said, failed)
     else:
         log.error(
-            "%s, and could not be re-queued (%s): %s",
-            said,
-            failed,
-            journal.left_claimed_fate,
+            "%s, and could not be re-queued (%s): %s", said, failed, journal.left_claimed_fate
         )
-    return False
 
 
 async def unclaim(
