@@ -382,6 +382,25 @@ async def test_concurrent_claims_from_two_journals_take_each_job_once(store: Sto
 DEPLOY = Cap("action\x1fshop\x1fdeploy", 2)
 
 
+async def test_a_claim_takes_no_job_before_it_is_due(store: Store) -> None:
+    """A job queued again for a retry is not claimed before its run_at, by a plain or a capped
+    claim, on any node (a copy of it read while it was due, before it ran, is held by some
+    node's window): it stays queued with its attempts as they were, and is claimed once due."""
+    async with store.journal() as a, store.journal() as b:
+        item, job_id, _ = await claimed_one(a)
+        retry_at = store.clock.time() + 60
+        await a.finish([finished(job_id, JobState.QUEUED, "retry", run_at=retry_at)])
+        store.clock.advance(59.5)
+        for j in (a, b):
+            got = await j.claim_capped([job_id], "boot", {job_id: (DEPLOY,)})
+            assert (got.claimed, got.full) == ([], frozenset())
+            assert await j.claim([job_id], "boot") == []
+        job = (await b.get_event(item.event.id)).jobs[0]
+        assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+        store.clock.advance(0.5)
+        assert [c.job.attempts for c in await b.claim([job_id], "boot")] == [2]
+
+
 async def test_capped_claims_count_the_running_jobs_of_every_journal(store: Store) -> None:
     """A cap's slots are shared by every node: a job past the cap stays queued with no attempt
     used, uncapped jobs in the same claim go, and a finished or unclaimed job frees its slot."""
@@ -1312,6 +1331,7 @@ async def test_an_ordered_key_runs_one_job_at_a_time_in_arrival_order(
     await journal.finish([finished(first.jobs[0].id, JobState.QUEUED, "retry", run_at=START + 60)])
     # Waiting for its retry, the first still holds the key.
     assert {r.id for r in await journal.ready(2e9, 10)} == {first.jobs[0].id, other.jobs[0].id}
+    journal.clock.advance(60)  # type: ignore[attr-defined]  # its retry is due
     await journal.claim([first.jobs[0].id], "b")
     await journal.finish([finished(first.jobs[0].id, JobState.DONE, "done", attempt=2)])
     assert {r.id for r in await journal.ready(2e9, 10)} == {second.jobs[0].id, other.jobs[0].id}
@@ -1360,6 +1380,7 @@ async def test_jobs_behind_their_keys_head_are_marked_and_released_by_every_tran
     await journal.claim([job[0]], "b")
     await journal.finish([finished(job[0], JobState.QUEUED, "retry", run_at=START + 60)])
     assert await marked_behind(store) == set(job[1:4])  # a retry still holds its key
+    store.clock.advance(60)  # its retry is due
     await journal.claim([job[0]], "b")
     await journal.finish([finished(job[0], JobState.DEAD, "dead", attempt=2)])
     assert await marked_behind(store) == {job[2], job[3]}
@@ -1626,6 +1647,7 @@ async def test_the_bulk_selection_takes_a_window_since_one_time_until_another(
     for item in items:
         await journal.ingest(item)
     dead = [item.jobs[0].id for item in items[:3]]
+    journal.clock.advance(20)  # type: ignore[attr-defined]  # the last of them is due
     await journal.claim(dead, "b")
     await journal.finish([finished(j, JobState.DEAD, "dead", error="404") for j in dead])
     at_0, at_10, at_20, at_30 = (item.event.id for item in items)
@@ -1982,11 +2004,12 @@ async def test_prune_walks_on_from_where_the_batch_before_stopped(journal: BaseJ
     for item in items:
         await journal.ingest(item)
     ids = [i.jobs[0].id for i in items]
+    journal.clock.advance(5)  # type: ignore[attr-defined]  # the last of them is due
     await journal.claim(ids, "b")
     await journal.finish(
         [finished(i, JobState.DEAD if n < 2 else JobState.DONE, "x") for n, i in enumerate(ids)]
     )
-    journal.clock.advance(100)  # type: ignore[attr-defined]
+    journal.clock.advance(95)  # type: ignore[attr-defined]
     keep = {"keep_done_s": 50.0, "keep_dead_s": 3600.0, "keep_dedup_s": 3600.0}
 
     later = await journal.prune(**keep, batch=10, start_at=START + 4)

@@ -1590,6 +1590,7 @@ async def test_pg_a_kept_back_outcome_written_late_leaves_the_next_claim_alone(
         await _writable_again(journal)
         await journal.finish([retry])  # the worker's next try
         assert await _history(journal, item) == (JobState.QUEUED, 1, [(1, "retry")])
+        clock.advance(1)  # its retry is due
         [second] = await journal.claim([job_id], "b")
         assert second.claim and second.claim != first.claim
         await journal.record_pending()  # the next heartbeat
@@ -1622,6 +1623,7 @@ async def test_pg_a_workers_late_try_of_a_recorded_outcome_leaves_the_next_claim
         await db_outage.end()
         await _writable_again(journal)
         assert await journal.record_pending() == 1
+        clock.advance(1)  # its retry is due
         [second] = await journal.claim([job_id], "b")
         await journal.finish([retry])  # the worker's try, after its back-off
         assert await _history(journal, item) == (JobState.RUNNING, 2, [(1, "retry")])

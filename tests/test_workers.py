@@ -392,6 +392,30 @@ async def test_failing_target_is_retried_on_the_backoff_schedule_then_dead(
     assert [a.detail["status"] for a in job.history if a.detail] == [500] * 4
 
 
+async def test_a_late_announcement_of_a_job_queued_for_a_retry_does_not_start_it_early(
+    target: Target, make_rig: MakeRig
+) -> None:
+    """A commit's announcement that comes once its job has run and been queued again for a
+    retry (a stale copy in the window) starts no attempt before the backoff ends, and the
+    pick the claim refuses leaves no count behind."""
+    target.default_status = 500
+    rig = await make_rig(forward_source("flaky", target.url, retry="{ base_s = 10 }"))
+    announced: list[Ready] = []
+    rig.journal.on_commit = announced.extend  # held back, to be heard late
+    event_id = await rig.ingest("flaky")
+    due = await rig.pool.run_until_idle()
+    assert len(target.seen) == 1 and due == pytest.approx(rig.clock.time() + 10.0)
+    rig.pool.notify(announced)  # the ingest's announcement, after the job's first attempt
+    assert await rig.pool.run_until_idle() == pytest.approx(due)
+    assert len(target.seen) == 1  # the backoff holds
+    assert leftover_counts(rig.pool) == {}
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    rig.clock.advance(10.0)
+    await rig.pool.run_until_idle()
+    assert len(target.seen) == 2
+
+
 @pytest.mark.parametrize(("retry_after", "expected_s"), [("120", 120.0), ("1", 10.0)])
 async def test_retry_after_is_a_lower_bound_on_the_delay(
     target: Target, make_rig: MakeRig, retry_after: str, expected_s: float

@@ -520,14 +520,15 @@ def write_claim(conn: sqlite3.Connection, op: ClaimOp) -> CapClaim:
     marks = ",".join("?" * len(op.job_ids))
     # Which are still queued, read inside the write transaction: only those are claimed and
     # returned (a job this boot already runs is not handed out twice, whatever the clock says),
-    # and only at the head of its order key, as ``ready`` would have found it.
+    # and only when due and at the head of its order key, as ``ready`` would have found it (a
+    # copy read before the job ran and was queued again for a retry does not skip its backoff).
     queued = [
         r[0]
         for r in fetch_rows(
             conn,
             f"SELECT j.id FROM jobs j WHERE j.id IN ({marks}) AND j.state = 'queued'"
-            f" AND {HEAD_OF_KEY}",
-            op.job_ids,
+            f" AND j.run_at <= ? AND {HEAD_OF_KEY}",
+            (*op.job_ids, op.now),
         )
     ]
     full: frozenset[str] = frozenset()

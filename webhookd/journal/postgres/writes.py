@@ -216,11 +216,14 @@ async def write_unclaims(
 async def write_claim(
     conn: Any, job_ids: Sequence[str], node_id: str, token: str, now: float, lease_s: float
 ) -> list[Claimed]:
-    """Claim those of ``job_ids`` still queued and at the head of their order key. Rows another
-    node is claiming this instant are skipped, not waited for (``SKIP LOCKED``)."""
+    """Claim those of ``job_ids`` still queued, due at ``now`` (a copy read before the job ran
+    and was queued again for a retry does not skip its backoff) and at the head of their order
+    key. Rows another node is claiming this instant are skipped, not waited for (``SKIP
+    LOCKED``)."""
     rows = await conn.fetch(
         "WITH picked AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY($1::text[])"
-        f" AND j.state = 'queued' AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED)"
+        " AND j.state = 'queued' AND j.run_at <= $4::double precision"
+        f" AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED)"
         " UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, node_id = $2,"
         " claim_token = $3, claimed_at = $4::double precision,"
         " lease_until = $4::double precision + $5::double precision, caps = NULL"
@@ -270,13 +273,15 @@ async def write_claim_capped(
         )
     rows = await conn.fetch(
         "WITH picked AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY($1::text[])"
-        f" AND j.state = 'queued' AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED),"
+        " AND j.state = 'queued' AND j.run_at <= $3::double precision"
+        f" AND {HEAD_OF_KEY} ORDER BY j.seq FOR UPDATE SKIP LOCKED),"
         " held AS (SELECT k, count(*) AS n FROM jobs r CROSS JOIN LATERAL unnest(r.caps) AS k"
         " WHERE r.state = 'running' AND r.caps IS NOT NULL AND k = ANY($2::text[]) GROUP BY k)"
         " SELECT id, NULL AS k, 0::bigint AS n FROM picked"
         " UNION ALL SELECT NULL, k, n FROM held",
         list(job_ids),
         keys,
+        now,
     )
     claimable = [r["id"] for r in rows if r["id"] is not None]
     running = {r["k"]: int(r["n"]) for r in rows if r["id"] is None}
