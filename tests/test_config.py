@@ -1186,7 +1186,8 @@ KIND_DEFAULTS = {
 def test_the_readme_gives_each_kinds_defaults_as_the_code_has_them() -> None:
     """The README's table of timeout_s and retry per type is the kinds' own DEFAULTS."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| (\d+) \| `(\{[^`]+\})` \|$", readme, re.M)
+    # The table's last column (its retries' span in all) is test_docs.py's to check.
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| (\d+) \| `(\{[^`]+\})` \|", readme, re.M)
     documented = {}
     for kinds, timeout_s, retry in rows:
         policy = loads(f'[[sources.a.actions]]\ntype = "log"\nretry = {retry}').sources["a"]
