@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import jobs_for, new_event, serving
+from procs import poll
 
 from webhookd import actions as action_registry
 from webhookd.actions.base import Action, Outcome, Resources
@@ -219,13 +219,12 @@ def positions(events: Sequence[Event], predicate: Callable[[Event], bool]) -> li
 
 
 async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Until ``check()`` holds, asked every few milliseconds; ``TimeoutError`` past
-    ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.005)
+    """``procs.poll`` of a check of this process's state, asked every few milliseconds."""
+
+    async def holds() -> bool:
+        return check()
+
+    await poll(holds, timeout_s=timeout_s, interval_s=0.005)
 
 
 def leftover_counts(pool: WorkerPool) -> dict[str, object]:

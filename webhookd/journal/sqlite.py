@@ -406,7 +406,7 @@ class Journal(Reads, Changes):
         except sqlite3.Error as exc:
             # As a failed write's error says it (``_write_error``): SQLite's "disk I/O error"
             # hides a file system the kernel turned read-only.
-            if exc.sqlite_errorcode & 0xFF in _CANNOT_WRITE and (why := read_only(self.path)):
+            if why := self._read_only_cause([exc]):
                 raise sqlite3.OperationalError(f"{exc}: {why}") from exc
             raise
         if row is not None and row[0]:
@@ -835,8 +835,15 @@ class Journal(Reads, Changes):
                 group.error,
                 *(e.cause for _, e in group.called if isinstance(e, WriteFailed)),
             ]
-            if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in failures):
-                self._read_only = read_only(self.path)
+            self._read_only = self._read_only_cause(failures)
+
+    def _read_only_cause(self, errors: Sequence[BaseException | None]) -> str | None:
+        """What hides behind SQLite's "disk I/O error" (or "readonly") among ``errors``: a
+        file system the kernel turned read-only (``read_only``), asked on the writer's thread
+        only after such an error."""
+        if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in errors):
+            return read_only(self.path)
+        return None
 
     @staticmethod
     def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
