@@ -1031,6 +1031,44 @@ async def test_a_claim_alone_commits_without_an_fsync_and_the_writer_is_back_to_
         assert other.execute("SELECT state FROM jobs").fetchall() == [("done",)]
 
 
+async def test_outcomes_committed_together_are_written_at_once_and_each_hears_of_its_own_cancel(
+    tmp_path: Path,
+) -> None:
+    """Each job's task hands in its own outcome; those that reach the writer together are
+    written by one statement of each kind in one transaction, and each finish still hears only
+    whether a cancel ended its own job (a retry of a job cancelled while it ran is not queued)."""
+    seen: list[str] = []
+    async with Journal(tmp_path / "j.db") as journal:
+        items = [new_event() for _ in range(3)]
+        for item in items:
+            await journal.ingest(item)
+        kept, cancelled, done = (item.jobs[0].id for item in items)
+        assert len(await journal.claim([kept, cancelled, done], "boot")) == 3
+        await journal.cancel([items[1].event.id])  # while it runs: its retry must not queue
+        await journal._call(lambda conn: conn.set_trace_callback(seen.append), transaction=False)
+        retry = {"state": JobState.QUEUED, "outcome": "retry", "run_at": 1_700_000_060.0}
+        recorded = await asyncio.gather(
+            journal.finish([dataclasses.replace(_finished(kept, JobState.QUEUED), **retry)]),
+            journal.finish([dataclasses.replace(_finished(cancelled, JobState.QUEUED), **retry)]),
+            journal.finish([_finished(done, JobState.DONE)]),
+        )
+        assert [r.cancelled for r in recorded] == [frozenset(), {cancelled}, frozenset()]
+        assert seen.count("BEGIN IMMEDIATE") == 1
+        # The three attempt rows go in by two statements (a row count halves to fit) rather
+        # than one each.
+        assert sum(s.startswith("INSERT INTO attempts") for s in seen) == 2
+        ids = (kept, cancelled, done)
+        states = {
+            j: (await journal.get_event(i.event.id)).jobs[0]
+            for j, i in zip(ids, items, strict=True)
+        }
+    assert {j: (s.state, len(s.history)) for j, s in states.items()} == {
+        kept: (JobState.QUEUED, 1),
+        cancelled: (JobState.CANCELLED, 1),
+        done: (JobState.DONE, 1),
+    }
+
+
 def _finished(job_id: str, state: JobState) -> Finished:
     return Finished(
         job_id=job_id,

@@ -261,9 +261,14 @@ def write_ops(
         written = write_ingests(conn, ingests, now, starts)
         for iop, ingested in zip(ingests, written, strict=True):
             results[id(iop)] = ingested
-    for op in ops:
-        if isinstance(op, FinishOp):
-            results[id(op)] = write_finishes(conn, op.results)
+    # A group's outcomes in one go: one job per op mostly (each job's task records its own),
+    # and the statements cost per call more than per row.
+    finishes = [op for op in ops if isinstance(op, FinishOp)]
+    if finishes:
+        cancelled = write_finishes(conn, [f for fop in finishes for f in fop.results])
+        for fop in finishes:
+            mine = {f.job_id for f in fop.results} & cancelled if cancelled else ()
+            results[id(fop)] = frozenset(mine)
     for op in ops:
         if isinstance(op, ClaimOp):
             results[id(op)] = write_claim(conn, op)
