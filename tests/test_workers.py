@@ -42,7 +42,13 @@ from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
-from webhookd.workers import HOLD_MAX_S, HOLD_WINDOW_S, SATURATED_RECHECK_S, WorkerPool
+from webhookd.workers import (
+    HOLD_MAX_S,
+    HOLD_QUIET_S,
+    HOLD_WINDOW_S,
+    SATURATED_RECHECK_S,
+    WorkerPool,
+)
 
 
 def forward_source(name: str, url: str, **options: str) -> str:
@@ -1138,6 +1144,7 @@ async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_ca
     rig.journal.on_commit = pool.notify  # as the daemon wires them: commits fill the window
     clock = rig.clock
 
+    intake.waiting = 1  # the receiver always has a webhook waiting for its commit here
     intake.busy_at = clock.monotonic()
     first = await rig.ingest("s")
     assert await pool._dispatch_once() == 0
@@ -1168,6 +1175,40 @@ async def test_new_jobs_wait_while_the_receiver_is_busy_and_start_once_it_has_ca
     for event_id in (first, second, third):
         assert (await rig.job(event_id)).state == JobState.DONE
     assert (await rig.job(fourth)).state == JobState.QUEUED
+
+
+async def test_jobs_start_once_a_burst_has_ended_without_waiting_out_the_holds_window(
+    make_rig: MakeRig,
+) -> None:
+    """A burst is over when the receiver has had no webhook waiting for its commit and has
+    answered no new event for HOLD_QUIET_S: the held jobs start then, not HOLD_WINDOW_S after
+    the last crowd. A moment with nothing waiting between answers is not the end."""
+    rig = await make_rig('[sources.s]\n[[sources.s.actions]]\ntype = "log"\n')
+    intake = IntakeState()
+    pool = rig.pool
+    pool.intake = intake
+    rig.journal.on_commit = pool.notify
+    clock = rig.clock
+
+    intake.busy_at = clock.monotonic()
+    intake.waiting = 3
+    event_id = await rig.ingest("s")
+    assert await pool._dispatch_once() == 0  # held: webhooks wait for their commit
+    intake.waiting, intake.accepted = 0, intake.accepted + 3  # answered
+    assert await pool._dispatch_once() == 0
+    clock.advance(HOLD_QUIET_S / 2)
+    assert await pool._dispatch_once() == 0
+    intake.accepted += 1  # one more answered: the burst goes on
+    clock.advance(HOLD_QUIET_S / 2)
+    assert await pool._dispatch_once() == 0
+    clock.advance(HOLD_QUIET_S / 2)
+    assert await pool._dispatch_once() == 0  # quiet for half of HOLD_QUIET_S since
+    clock.advance(HOLD_QUIET_S)
+    assert clock.monotonic() - intake.busy_at < HOLD_WINDOW_S
+    assert await pool._dispatch_once() == 1  # quiet for longer than HOLD_QUIET_S: over
+    assert not pool.holding
+    assert await pool.drain(10.0) == 0
+    assert (await rig.job(event_id)).state == JobState.DONE
 
 
 async def test_a_slot_is_free_once_the_action_returns_not_once_its_outcome_is_on_disk(
