@@ -851,9 +851,18 @@ def test_records_built_on_the_ingest_path_stay_frozen_dataclasses() -> None:
     )
     assert Ingested("evt_1", duplicate=True) == Ingested("evt_1", True)
 
+    # A default factory is called for each record, as the generated __init__ calls it.
+    first = Finished("job_1", 1, JobState.DONE, 1.0, 2.0, "done")
+    assert (
+        first.detail == {}
+        and first.detail is not Finished("job_1", 1, JobState.DONE, 1.0, 2.0, "done").detail
+    )
+    assert Finished("job_1", 1, JobState.DONE, 1.0, 2.0, "done", detail={"a": 1}).detail == {"a": 1}
+    assert pickle.loads(pickle.dumps(first)) == first
+
     @dataclasses.dataclass(frozen=True, slots=True)
     class Later:
-        items: list[int] = dataclasses.field(default_factory=list)
+        items: list[int] = dataclasses.field(default=None, init=False)  # type: ignore[assignment]
 
     with pytest.raises(TypeError, match="quick_init"):
         quick_init(Later)

@@ -116,25 +116,32 @@ _C = TypeVar("_C")
 def quick_init(cls: type[_C]) -> type[_C]:
     """Give a frozen, slotted dataclass an ``__init__`` that fills each slot through its own
     descriptor: the generated one calls ``object.__setattr__`` per field, which made building
-    an event (9 fields) cost ~5x a plain class's. Same signature and defaults; the instances stay
-    frozen (``__setattr__`` still refuses). Only for classes without ``__post_init__`` or
-    default factories: it refuses the others rather than skip them.
+    an event (9 fields) cost ~5x a plain class's. Same signature, defaults and default
+    factories (called per instance, as the generated ``__init__`` does); the instances stay
+    frozen (``__setattr__`` still refuses). Only for classes without ``__post_init__``,
+    keyword-only fields or fields left out of ``__init__``: it refuses the others rather than
+    skip them.
     """
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if hasattr(cls, "__post_init__") or any(
-        f.default_factory is not dataclasses.MISSING or not f.init or f.kw_only for f in fields
-    ):
+    if hasattr(cls, "__post_init__") or any(not f.init or f.kw_only for f in fields):
         raise TypeError(f"quick_init cannot build {cls.__name__}.__init__")
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"_MISSING": dataclasses.MISSING}
     params = []
+    lines = []
     for f in fields:
         namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
-        if f.default is dataclasses.MISSING:
+        value = f.name
+        if f.default_factory is not dataclasses.MISSING:
+            namespace[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+            value = f"_factory_{f.name}() if {f.name} is _MISSING else {f.name}"
+        elif f.default is dataclasses.MISSING:
             params.append(f.name)
         else:
             namespace[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-    lines = [f"    _set_{f.name}(self, {f.name})" for f in fields] or ["    pass"]
+        lines.append(f"    _set_{f.name}(self, {value})")
+    lines = lines or ["    pass"]
     exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines), namespace)
     init = namespace["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
@@ -310,6 +317,8 @@ class Attempt:
     detail: Mapping[str, Any] | None = None
 
 
+@quick_init
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Job:
     """One action of one event, with its own state, attempts and result."""

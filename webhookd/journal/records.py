@@ -88,6 +88,7 @@ class Ready:
         return (self.priority, self.source, self.tenant)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job claimed for one attempt, with its event: everything a worker needs.
@@ -120,6 +121,7 @@ class CapClaim:
     full: frozenset[str]  # keys of caps found at their limit
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The outcome of one attempt, as the worker reports it."""
