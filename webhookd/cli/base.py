@@ -109,8 +109,9 @@ def _utf8(value: str) -> bool:
 def _utf8_only(value: str | None, option: str) -> None:
     """Exit 2, in one line, when ``value`` (given as ``option``) is not UTF-8 text."""
     if value is not None and not _utf8(value):
-        raw = value.encode("utf-8", "surrogateescape")  # the bytes as they were typed
-        _fail(f"{option} {raw!r} is not UTF-8 text, and every name and key journaled is", 2)
+        # Quoted as every other error quotes an argument: its bytes as they were typed.
+        shown = as_typed(repr(value))
+        _fail(f"{option} {shown} is not UTF-8 text, and every name and key journaled is", 2)
 
 
 def _read_config(path: str | None) -> config_mod.Config:
