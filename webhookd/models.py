@@ -318,7 +318,6 @@ class Attempt:
 
 
 @quick_init
-@quick_init
 @dataclass(frozen=True, slots=True)
 class Job:
     """One action of one event, with its own state, attempts and result."""

@@ -152,7 +152,9 @@ class WorkerPool:
         self._held_since: float | None = None
         self._no_hold_until = -math.inf
         self.holding = False
-        self._answered = 0  # the receiver's answered events when last seen, and since when
+        # The receiver's answered events when the dispatcher last looked, and since when (-1:
+        # never looked, so a first look never finds the receiver quiet already).
+        self._answered = -1
         self._answered_since = -math.inf
         self.journal = journal
         self.actions = actions
