@@ -237,6 +237,8 @@ async def quiesce(pool: WorkerPool, journal: Journal, timeout_s: float = 8.0) ->
                 if idle(pool)
                 else f"jobs never ended: {list(pool._running)}"
             )
+        # A sweep's turn, shortened: no event says "every due job has started" (only a read
+        # of the journal does), so the pool is poked and looked at again, up to the deadline.
         pool.poke()
         await asyncio.sleep(0.005)
     assert leftover_counts(pool) == {}

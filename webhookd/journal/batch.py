@@ -267,8 +267,7 @@ def write_ops(
     if finishes:
         cancelled = write_finishes(conn, [f for fop in finishes for f in fop.results])
         for fop in finishes:
-            mine = {f.job_id for f in fop.results} & cancelled if cancelled else ()
-            results[id(fop)] = frozenset(mine)
+            results[id(fop)] = cancelled.intersection(f.job_id for f in fop.results)
     for op in ops:
         if isinstance(op, ClaimOp):
             results[id(op)] = write_claim(conn, op)
