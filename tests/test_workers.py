@@ -1566,6 +1566,22 @@ async def one_job_running(target: Target, make_rig: MakeRig) -> tuple[Rig, async
     return rig, dispatcher, event_id
 
 
+async def test_burst_mode_after_a_stop_starts_nothing_and_returns(make_rig: MakeRig) -> None:
+    """Burst mode once the pool is stopped (a drain) claims nothing: it returns once nothing
+    runs, saying when the queued job is due. It went on claiming and giving back a job queued
+    again by the drain, for ever, when the drain's re-queue committed before its next look."""
+    rig = await make_rig('[sources.s]\n[[sources.s.actions]]\ntype = "log"\n')
+    event_id = await rig.ingest("s")
+    commits = rig.journal.commits
+    rig.pool.stop()
+    async with asyncio.timeout(10):  # a failure here spins for ever; this bounds it
+        due = await rig.pool.run_until_idle()
+    assert due == rig.clock.time()
+    assert rig.journal.commits == commits  # no claim given back
+    job = await rig.job(event_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+
+
 async def test_drain_cancels_a_job_past_the_grace_without_counting_its_attempt(
     target: Target, make_rig: MakeRig
 ) -> None:

@@ -906,13 +906,16 @@ class WorkerPool:
         """Burst mode: run every due job (and what they lead to) until nothing is due or running.
 
         Returns when the next queued job falls due (``None`` when nothing is queued), so a test
-        can advance its clock there and call again.
+        can advance its clock there and call again. Once the pool is stopped (``drain``) it
+        starts nothing more, and returns once nothing runs.
         """
         self._refill_now = True
         await self._refresh_paused()
         while True:
-            started = await self._dispatch_once()
+            started = 0 if self._stopping else await self._dispatch_once()
             if not started and not self._running:
+                if self._stopping:  # jobs due now included: none of them will start
+                    return await self.journal.next_run_at(self.paused)
                 if len(self.scheduler) == 0:
                     await self._refill()
                     if len(self.scheduler) == 0:
