@@ -89,8 +89,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions.*",),
     ("webhookd.actions",),
     # The worker pool's parts: one attempt of a job, the jobs left to other nodes, what runs
-    # and whether one more may start, what a drain does with the jobs it cuts off.
-    ("webhookd.attempts", "webhookd.elsewhere", "webhookd.admission", "webhookd.draining"),
+    # and whether one more may start, what a drain does with the jobs it cuts off, the hold
+    # of new jobs while the receiver answers a burst.
+    (
+        "webhookd.attempts",
+        "webhookd.elsewhere",
+        "webhookd.admission",
+        "webhookd.draining",
+        "webhookd.hold",
+    ),
     # The worker pool, and the one alert posted directly with the alerts' forward action.
     ("webhookd.workers", "webhookd.alert_journal"),
     # What the receiver reads from a request, and its pacing; what the daemon counts.

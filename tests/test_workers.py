@@ -35,6 +35,7 @@ from webhookd.actions.base import Action, Outcome, Resources
 from webhookd.attempts import MAX_WAITS, backoff_s
 from webhookd.clock import ManualClock
 from webhookd.config import Config, RetryPolicy
+from webhookd.hold import HOLD_MAX_S, HOLD_QUIET_S, HOLD_WINDOW_S
 from webhookd.journal import Cap, CapClaim, Finished, Journal, NewEvent, Ready, Recorded
 from webhookd.journal.batch import IngestOp
 from webhookd.limiter import Lane as RateLane
@@ -42,13 +43,7 @@ from webhookd.limiter import build_lanes
 from webhookd.metrics import Metrics
 from webhookd.models import Event, Job, JobState, new_job_id
 from webhookd.state import IntakeState
-from webhookd.workers import (
-    HOLD_MAX_S,
-    HOLD_QUIET_S,
-    HOLD_WINDOW_S,
-    SATURATED_RECHECK_S,
-    WorkerPool,
-)
+from webhookd.workers import SATURATED_RECHECK_S, WorkerPool
 
 
 def forward_source(name: str, url: str, **options: str) -> str:

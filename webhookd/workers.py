@@ -32,6 +32,7 @@ from webhookd.config.sections import ActionConfig, Config
 from webhookd.draining import cut_off, requeue_cut_off, requeue_handed_back, unclaim
 from webhookd.elsewhere import LeftElsewhere
 from webhookd.errors import JournalGone, JournalUnavailable
+from webhookd.hold import HOLD_RECHECK_S, BurstHold, intake_busy
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.polled import let_go
 from webhookd.journal.records import Cap, Claimed, Finished, Lane, NewEvent, Ready, Recorded
@@ -62,22 +63,6 @@ SATURATED_RECHECK_S = 0.25
 # Picks and claims one dispatch may make when claims come back short (other nodes took the
 # jobs first): each round drops what it lost from the window and fills the slots again.
 _DISPATCH_ROUNDS = 8
-# Intake first. While the receiver is busy (``IntakeState.busy_at`` within HOLD_WINDOW_S: it
-# answered a new event that had waited with BUSY_WAITING others), no new job starts: the jobs
-# running go on, the rest wait in the journal until the burst is answered. Measured on 2 cores,
-# 40,000 webhooks posted by wrk over 64 connections, a forward each: acked in 18.3 s with the
-# forwards running beside intake; 10.3-11.7 s with this, as fast as with the source paused
-# (9.7-11.8 s). The window bridges a burst's short lulls (with 50 ms, 600 of a 10,000 burst's jobs
-# started before it was answered). A hold lasts at most HOLD_MAX_S, then jobs run for as long
-# again whatever the receiver has waiting (a flood that never ends cannot starve them); while it
-# lasts the dispatcher looks again every HOLD_RECHECK_S. A burst that has ended (no webhook
-# waiting for its commit and none answered for HOLD_QUIET_S) ends the hold sooner: no lull of
-# a burst leaves the receiver with nothing at all to answer, so jobs need not wait out the
-# window (20,000 posted over 64 connections: the last quarter second of idle before its jobs).
-HOLD_WINDOW_S = 0.25
-HOLD_MAX_S = 15.0
-HOLD_RECHECK_S = 0.01
-HOLD_QUIET_S = 0.02
 
 
 # A dispatch failure this soon after one said is the same outage: said at debug.
@@ -94,7 +79,7 @@ class PoolStats:
     window: int
     started: int
     outcomes: Mapping[str, int]
-    holding: bool = False  # new jobs wait while the receiver answers a burst (HOLD_WINDOW_S)
+    holding: bool = False  # new jobs wait while the receiver answers a burst (``hold``)
 
 
 def _same_target(old: Action | None, new: Action) -> bool:
@@ -149,13 +134,8 @@ class WorkerPool:
         self._secrets_of: dict[int, frozenset[str]] = {0: self._masking}
         self._attempts_of: Counter[int] = Counter()
         self.intake = intake  # the receiver's state: new jobs wait while a burst is answered
-        self._held_since: float | None = None
-        self._no_hold_until = -math.inf
+        self._burst = BurstHold()
         self.holding = False
-        # The receiver's answered events when the dispatcher last looked, and since when (-1:
-        # never looked, so a first look never finds the receiver quiet already).
-        self._answered = -1
-        self._answered_since = -math.inf
         self.journal = journal
         self.actions = actions
         self.boot_id = boot_id
@@ -512,7 +492,7 @@ class WorkerPool:
             or self._refill_now
             or self._overflow
             or len(self.scheduler)
-            or self._intake_busy(self.clock.monotonic())
+            or intake_busy(self.intake, self.clock.monotonic())
         ):
             return 0
         if self._next_due is not None and self._next_due <= self.clock.time():
@@ -607,40 +587,9 @@ class WorkerPool:
                 break
         return started
 
-    def _intake_busy(self, now: float) -> bool:
-        """Whether the receiver had a burst waiting within HOLD_WINDOW_S of ``now``."""
-        return self.intake is not None and now - self.intake.busy_at < HOLD_WINDOW_S
-
-    def _receiver_quiet(self, now: float) -> bool:
-        """Whether the receiver has had nothing waiting for a commit and answered no new event
-        for HOLD_QUIET_S: the burst is over, whatever the hold's window says."""
-        assert self.intake is not None
-        intake = self.intake
-        if intake.waiting or intake.accepted != self._answered:
-            self._answered = intake.accepted
-            self._answered_since = now
-            return False
-        return now - self._answered_since >= HOLD_QUIET_S
-
-    def _hold(self) -> bool:
-        """Whether new jobs wait for the receiver now (see HOLD_WINDOW_S)."""
-        now = self.clock.monotonic()
-        if not self._intake_busy(now) or self._receiver_quiet(now):
-            self._held_since = None
-            return False
-        if now < self._no_hold_until:
-            return False
-        if self._held_since is None:
-            self._held_since = now
-        elif now - self._held_since >= HOLD_MAX_S:
-            self._held_since = None
-            self._no_hold_until = now + HOLD_MAX_S
-            return False
-        return True
-
     async def _dispatch_round(self) -> tuple[int, int]:
         """One pick and claim: (jobs started, picks the claim did not get that are gone)."""
-        self.holding = self._hold()
+        self.holding = self._burst.holds(self.intake, self.clock.monotonic())
         if self.holding:
             return 0, 0
         if self._refill_now or (self._overflow and len(self.scheduler) <= self._low_water):
