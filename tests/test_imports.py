@@ -90,13 +90,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.actions",),
     # The worker pool's parts: one attempt of a job, the jobs left to other nodes, what runs
     # and whether one more may start, what a drain does with the jobs it cuts off, the hold
-    # of new jobs while the receiver answers a burst.
+    # of new jobs while the receiver answers a burst, each attempt's log line.
     (
         "webhookd.attempts",
         "webhookd.elsewhere",
         "webhookd.admission",
         "webhookd.draining",
         "webhookd.hold",
+        "webhookd.joblines",
     ),
     # The worker pool, and the one alert posted directly with the alerts' forward action.
     ("webhookd.workers", "webhookd.alert_journal"),

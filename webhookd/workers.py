@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from webhookd.draining import cut_off, requeue_cut_off, requeue_handed_back, unc
 from webhookd.elsewhere import LeftElsewhere
 from webhookd.errors import JournalGone, JournalUnavailable
 from webhookd.hold import HOLD_RECHECK_S, BurstHold, intake_busy
+from webhookd.joblines import JobLines
 from webhookd.journal.base import BaseJournal
 from webhookd.journal.polled import let_go
 from webhookd.journal.records import Cap, Claimed, Finished, Lane, NewEvent, Ready, Recorded
@@ -41,7 +41,6 @@ from webhookd.models import JobState
 from webhookd.redact import Masker, secret_values
 from webhookd.scheduler import Scheduler
 from webhookd.state import IntakeState
-from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.workers")
 
@@ -54,8 +53,6 @@ MAX_FRUITLESS_REFILLS = 16
 # A finish the journal could not commit (a full disk) is tried again, waiting this long at most
 # between tries: the job stays running in the journal until its outcome is on disk.
 FINISH_RETRY_MAX_S = 2.0
-# Actions whose retry and wait lines are throttled each on their own (``_failure_line``).
-_MOST_FAILURE_LINES = 256
 # A cap found full across the cluster (other nodes' jobs hold its slots) is not tried again for
 # this long, unless a job of it ends here or another node says one ended: the node does not
 # spin on claims the journal refuses, and a slot freed elsewhere is still taken within this.
@@ -201,9 +198,7 @@ class WorkerPool:
         self.paused: frozenset[str] = frozenset()
         # Hooks for observers (metrics, tests): called with (claimed, outcome, finished).
         self.on_finish: list[Callable[[Claimed, Outcome, Finished], None]] = []
-        # Each action's retry and wait lines, ten a minute: a target down fails every attempt
-        # of every webhook, one line each, and journald drops the dead letters' with them.
-        self._failure_lines: dict[tuple[str, str], Throttle] = {}
+        self._lines = JobLines(self.clock)  # each attempt's outcome line
         # Actions a reload replaced or removed, by id: closed once no attempt runs on them.
         self._attempts_on: Counter[int] = Counter()
         self._retired: dict[int, Action] = {}
@@ -927,8 +922,7 @@ class WorkerPool:
                 self.left_claimed = len(stragglers)
         if handed and not await requeue_handed_back(self.journal, handed):
             self.left_claimed += len(handed)
-        for throttle in self._failure_lines.values():
-            throttle.flush()  # the counts held back, before the process ends
+        self._lines.flush()  # the counts held back, before the process ends
         return len(stragglers)
 
     # -- running one job ---------------------------------------------------------------------
@@ -999,28 +993,7 @@ class WorkerPool:
             self._next_due = finished.run_at
         for hook in self.on_finish:
             hook(claimed, outcome, finished)
-        # A job that waits for its lane's pace is the lane doing its work, not a problem.
-        paced = finished.outcome == "wait" and outcome.detail.get("paced")
-        level = logging.WARNING
-        if finished.outcome == "done" or paced:
-            level = logging.INFO if self.config.log.jobs == "all" else logging.DEBUG
-        say: Callable[..., None] = functools.partial(log.log, level)
-        if level == logging.WARNING and finished.state == JobState.QUEUED:
-            say = self._failure_line(event.source, job.action)  # dead lines always go out
-        # A retry or a wait says when the job runs next (``show`` says it as a time).
-        say(
-            "job=%s event=%s source=%s action=%s attempt=%d outcome=%s%s%s",
-            job.id,
-            event.id,
-            event.source,
-            job.action,
-            job.attempts,
-            finished.outcome,
-            f" next_in_s={max(finished.run_at - finished.finished_at, 0):.1f}"
-            if finished.state == JobState.QUEUED and finished.run_at is not None
-            else "",
-            f" error={finished.error!r}" if finished.error else "",
-        )
+        self._lines.tell(self.config, claimed, outcome, finished)
 
     async def _left_elsewhere(self, claimed: Claimed, missing: str) -> bool:
         """Give a job whose source or action this node lacks (``missing`` says which) back to
@@ -1062,23 +1035,6 @@ class WorkerPool:
             job.action,
             why,
         )
-
-    def _failure_line(self, source: str, action: str) -> Throttle:
-        """The throttle of one action's retry and wait lines: the names a catch-all took share
-        its action's (a sender chooses them), and past ``_MOST_FAILURE_LINES`` (the names a
-        removed catch-all left) all share one."""
-        source = self.config.counted_as(source)
-        key = (source, action)
-        throttle = self._failure_lines.get(key)
-        if throttle is None:
-            if len(self._failure_lines) >= _MOST_FAILURE_LINES:
-                key = ("*", "*")
-                throttle = self._failure_lines.get(key)
-            if throttle is None:
-                what = "job lines" if key == ("*", "*") else f"job lines of {source}/{action}"
-                throttle = Throttle(log, logging.WARNING, what, clock=self.clock.monotonic)
-                self._failure_lines[key] = throttle
-        return throttle
 
     async def _record(self, finished: Finished) -> Recorded:
         """Commit an attempt's outcome, trying again while the journal cannot take it; returns
