@@ -64,6 +64,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The interface and the SQLite group commit's writes, which PostgreSQL's writer reuses.
     ("webhookd.journal.base", "webhookd.journal.batch"),
     ("webhookd.journal.postgres.db",),
+    # The SQLite journal's group-commit writer, under the rest of its parts.
+    ("webhookd.journal.writer",),
     (
         "webhookd.journal.*",
         "webhookd.journal.postgres.reads",

@@ -32,7 +32,7 @@ from procs import AS_NOBODY, held_open, poll, why_not_as_nobody
 from test_backup import mount_or_skip, small_disk
 
 import webhookd.journal.changes as changes_module
-import webhookd.journal.sqlite as journal_module
+import webhookd.journal.writer as writer_module
 from webhookd.clock import ManualClock
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import (
@@ -1283,7 +1283,7 @@ async def test_writes_that_fail_and_succeed_by_turns_end_in_one_line_once_they_k
     clears at each success (``/readyz``), but "writes succeed again" is said once, after
     commits have gone through for ``WRITES_BACK_AFTER_S`` with none failing, or at close."""
     caplog.set_level(logging.INFO, logger="webhookd.journal")
-    monkeypatch.setattr(journal_module, "WRITES_BACK_AFTER_S", 3600.0)
+    monkeypatch.setattr(writer_module, "WRITES_BACK_AFTER_S", 3600.0)
     said = "journal writes succeed again"
     async with Journal(tmp_path / "j.db") as journal:
         await journal.ingest(new_event())
@@ -1306,7 +1306,7 @@ async def test_writes_succeed_again_is_said_once_they_have_kept_succeeding(
 ) -> None:
     """With no failure in ``WRITES_BACK_AFTER_S``, the line comes while the journal runs."""
     caplog.set_level(logging.INFO, logger="webhookd.journal")
-    monkeypatch.setattr(journal_module, "WRITES_BACK_AFTER_S", 0.0)
+    monkeypatch.setattr(writer_module, "WRITES_BACK_AFTER_S", 0.0)
     said = asyncio.get_running_loop().create_future()
 
     class Heard(logging.Handler):

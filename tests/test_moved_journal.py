@@ -35,7 +35,7 @@ from conftest import Running, make_config
 from procs import DaemonProc, Procs, Target, get_json, poll, settled_event, write_config
 from test_backup import small_disk
 
-import webhookd.journal.sqlite as journal_module
+import webhookd.journal.saving as saving
 from webhookd.errors import JournalError, JournalUnavailable
 from webhookd.journal import Journal, NewEvent, NewJob
 from webhookd.models import Event, Priority, new_event_id, new_job_id
@@ -85,13 +85,13 @@ def digest(path: Path) -> str:
 @pytest.fixture
 def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The journal looks at its path every 10 ms instead of every second."""
-    monkeypatch.setattr(journal_module, "PATH_CHECK_S", 0.01)
+    monkeypatch.setattr(saving, "PATH_CHECK_S", 0.01)
 
 
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy that failed is tried again after 1 ms instead of 5 s."""
-    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 0.001)
+    monkeypatch.setattr(saving, "SAVE_RETRY_S", 0.001)
 
 
 async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -396,7 +396,7 @@ async def test_a_copy_failing_one_way_then_another_says_each_reason_once(
     """A disk nearly full may fail one try one way and the next another: the first failure is
     the ERROR line, the other reason one WARNING, and neither is said again at each try."""
     reasons = [errno.ENOSPC, errno.EACCES] * 4
-    save_open = journal_module.save_open
+    save_open = saving.save_open
 
     def flapping(*args: Any) -> Any:
         if reasons:
@@ -404,7 +404,7 @@ async def test_a_copy_failing_one_way_then_another_says_each_reason_once(
             raise OSError(code, os.strerror(code))
         return save_open(*args)
 
-    monkeypatch.setattr(journal_module, "save_open", flapping)
+    monkeypatch.setattr(saving, "save_open", flapping)
     path = tmp_path / "webhookd.db"
     journal = Journal(path, serving=True)
     await journal.open()
@@ -430,7 +430,7 @@ async def test_a_stop_while_copies_fail_makes_one_last_try_and_says_the_contents
     """A stop while the copy keeps failing, its next try an hour away: the close does not wait
     for it, but tries once more at once; that failing too, the line says the contents are
     lost, and the journal still closes."""
-    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    monkeypatch.setattr(saving, "SAVE_RETRY_S", 3600.0)
     path = tmp_path / "state" / "webhookd.db"
     journal = Journal(path, serving=True)
     await journal.open()
@@ -473,7 +473,7 @@ async def test_a_stop_once_the_folder_is_mended_writes_the_contents_back_with_it
 ) -> None:
     """The cause of the failures put right, then a stop before the next try: the close's own
     try writes the contents back, and its line says where."""
-    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    monkeypatch.setattr(saving, "SAVE_RETRY_S", 3600.0)
     path = tmp_path / "state" / "webhookd.db"
     journal = Journal(path, serving=True)
     await journal.open()
@@ -511,14 +511,14 @@ def hold_the_copy(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thr
     """Make the copy of a removed journal wait, once begun, until ``held`` is set: (began,
     held)."""
     began, held = threading.Event(), threading.Event()
-    save_open = journal_module.save_open
+    save_open = saving.save_open
 
     def held_save(*args: Any) -> Any:
         began.set()
         held.wait(30)
         return save_open(*args)
 
-    monkeypatch.setattr(journal_module, "save_open", held_save)
+    monkeypatch.setattr(saving, "save_open", held_save)
     return began, held
 
 
@@ -617,7 +617,7 @@ async def refused_once(running: Running, acked: list[str]) -> None:
 def no_room(monkeypatch: pytest.MonkeyPatch, room: threading.Event) -> list[int]:
     """Copies that fail as on a full disk until ``room`` is set; the list counts the tries."""
     tries: list[int] = []
-    save_open = journal_module.save_open
+    save_open = saving.save_open
 
     def save(*args: Any) -> Any:
         tries.append(1)
@@ -625,7 +625,7 @@ def no_room(monkeypatch: pytest.MonkeyPatch, room: threading.Event) -> list[int]
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save_open(*args)
 
-    monkeypatch.setattr(journal_module, "save_open", save)
+    monkeypatch.setattr(saving, "save_open", save)
     return tries
 
 
@@ -691,7 +691,7 @@ async def test_serve_stopped_while_the_copy_fails_exits_1_within_the_stop_saying
     running at its target: the drain cuts the job off (the journal refuses to take it back,
     said at info: the exit's line tells the rest), the close makes one last try, and the
     daemon exits 1 within the stop's time, its line saying the contents are lost."""
-    monkeypatch.setattr(journal_module, "SAVE_RETRY_S", 3600.0)
+    monkeypatch.setattr(saving, "SAVE_RETRY_S", 3600.0)
     caplog.set_level(logging.INFO, logger="webhookd.workers")
     tries = no_room(monkeypatch, threading.Event())
     downstream.delay_s = 60.0
@@ -758,7 +758,7 @@ async def test_stats_between_the_removal_and_its_sight_answer_200_with_the_file_
     its path (up to a second; held open here): ``/stats`` answered 500 with a traceback at each
     poll of a dashboard. It answers 200, its ``journal_id`` still the file open, and nothing
     the admin API serves fails or logs an error."""
-    monkeypatch.setattr(journal_module, "PATH_CHECK_S", 3600.0)
+    monkeypatch.setattr(saving, "PATH_CHECK_S", 3600.0)
     cfg = make_config(tmp_path / "state", '[[sources.a.actions]]\ntype = "log"')
     running: Running = await run_daemon(cfg)
     status, before = await get_json(running.http, f"{running.admin_url}/stats")

@@ -28,7 +28,8 @@ Hazards worth knowing before editing:
   ``schema`` (migrations, shared SQL, row converters), ``records`` (what goes in and out),
   ``batch`` (what one group commit writes), ``reads`` (queries), ``files`` and ``locks`` (the
   file, what lies beside it, who holds it), ``threads`` (the writer's and the checkpointer's),
-  and here the lifecycle, the writer and the other writes.
+  ``writer`` (the group-commit writer), ``saving`` (a file moved while open), and here the
+  lifecycle, the checkpoints and the other writes.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,26 +47,16 @@ import aiosqlite
 
 from webhookd.clock import SYSTEM_CLOCK, Clock
 from webhookd.errors import (
-    JournalCopied,
     JournalError,
-    JournalGone,
     JournalNewer,
     JournalUnavailable,
 )
 from webhookd.journal.base import migrating
 from webhookd.journal.batch import (
-    GATHER_PASSES,
-    CallOp,
     ClaimOp,
     FinishOp,
-    Group,
     IngestOp,
-    Op,
     OpQueue,
-    Starts,
-    WriteFailed,
-    reserve_starts,
-    write_ops,
 )
 from webhookd.journal.changes import VACUUM_PAGES_MAX, Changes
 from webhookd.journal.files import (
@@ -81,24 +71,12 @@ from webhookd.journal.files import (
     copied_to,
     interrupted_restores,
     not_a_journal,
-    read_only,
     short_of_room,
     someone_elses,
 )
 from webhookd.journal.locks import _take_serve_lock, opened_elsewhere, who_holds
 from webhookd.journal.moved import (
-    SHM,
-    WAL,
     FileIds,
-    Saved,
-    checkpoint_open,
-    lost_line,
-    moved,
-    own_moved,
-    save_open,
-    saved_line,
-    shm_line,
-    what_happened,
 )
 from webhookd.journal.reads import Reads
 from webhookd.journal.records import (
@@ -109,10 +87,10 @@ from webhookd.journal.records import (
     Ingested,
     NewEvent,
     Poisoned,
-    Ready,
     Recorded,
     Recovery,
 )
+from webhookd.journal.saving import Saving
 from webhookd.journal.schema import (
     MIGRATIONS,
     add_functions,
@@ -128,32 +106,16 @@ from webhookd.journal.threads import (
     _OwnThread,
     checkpoint_passes,
 )
-from webhookd.models import JobState, new_boot_id, storable_text
+from webhookd.journal.writer import _describe, _transaction
+from webhookd.models import new_boot_id
 from webhookd.throttle import Throttle
 
 log = logging.getLogger("webhookd.journal")
 
-MAX_BATCH = 512
 # How long close() waits for the writer to flush and for each thread to let go of its
 # connection. A thread stuck in I/O is then left behind rather than holding up the exit.
 CLOSE_TIMEOUT_S = 10.0
-# After write failures, how long commits must go through with none failing before one line says
-# writes succeed again. On a nearly full disk small commits (a claim, a job's outcome) still fit
-# in the WAL's old space while larger ones fail, so success and failure alternate for as long
-# as the disk stays full: a line at each first success would say so hundreds of times a second.
-WRITES_BACK_AFTER_S = 5.0
-# How often the daemon's journal checks that its path still names the file it has open (one
-# ``stat``, beside the writer: never on the ack path).
-PATH_CHECK_S = 1.0
-# How long the daemon waits before it tries again to save a journal removed or replaced while
-# open, when the copy failed (no room, a folder it may not write to): the contents are held
-# only by this process, so it keeps them, refusing every write, until the operator has made
-# room or mended the folder. Each try is one copy (``moved.save_open``).
-SAVE_RETRY_S = 5.0
 _T = TypeVar("_T")
-# SQLite's errors for a file it cannot write: "disk I/O error", "attempt to write a readonly
-# database" (``read_only`` then asks the file system why).
-_CANNOT_WRITE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY)
 
 # A running job put back in the queue (drain, recovery) at ``:now``, or cancelled instead when a
 # cancel came while it ran.
@@ -164,7 +126,7 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-class Journal(Reads, Changes):
+class Journal(Saving, Reads, Changes):
     """The SQLite journal, the embedded default. Use as ``async with Journal(path) as journal:``."""
 
     one_writer = True
@@ -223,17 +185,14 @@ class Journal(Reads, Changes):
         # Why the last failed batch could not be written, when SQLite's error hides it.
         self._read_only: str | None = None
         self.wal_kept = None
-        # What the path named at open, and, once it names something else, why every write is
-        # refused and the task saving the file's contents (its answer: the line to exit with),
-        # trying again every SAVE_RETRY_S while the copy fails. ``_save_last``: close() asked,
-        # so the next try is the last; ``_save_wake`` ends the wait before the next at once.
+        # What the path named at open, and the save once it names something else (``Saving``).
         self._opened_as: FileIds | None = None
         self._refusing: str | None = None
         self._saving: asyncio.Task[str] | None = None
         self._saving_said = False
         self._save_last = False
         self._save_wake: asyncio.Event | None = None
-        self.save_tries = 0  # copies tried since the path was seen changed (tests, the lines)
+        self.save_tries = 0
         self.commits = 0
         self.batched_ops = 0
         # Jobs queued or running, kept in step by this process's writes and re-counted when
@@ -374,19 +333,6 @@ class Journal(Reads, Changes):
         if said is not None:
             raise JournalError(said)
 
-    async def _last_save(self) -> str | None:
-        """The line to exit with, when the contents were being saved and the watch, cancelled
-        by a stop, has not said it: the try running now ends, then at most one more is made
-        (none once one has succeeded), never the wait for the next one."""
-        saving = self._saving
-        if saving is None or self._saving_said:
-            return None
-        self._saving_said = True
-        self._save_last = True
-        if self._save_wake is not None:
-            self._save_wake.set()
-        return await saving
-
     async def _final_checkpoint(self) -> str | None:
         """The daemon's last checkpoint: the whole WAL copied into the main file, and emptied.
         Why it failed, if it did (a full disk)."""
@@ -461,16 +407,6 @@ class Journal(Reads, Changes):
         lock_fd, self._lock_fd = self._lock_fd, None
         if lock_fd is not None:  # last, after the connections: the next daemon may start
             os.close(lock_fd)
-
-    def _require_writer(self) -> sqlite3.Connection:
-        if self._writer is None:
-            raise JournalError("journal is not open")
-        return self._writer
-
-    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn`` on the writer's own thread (the only thread that touches its connection)."""
-        assert self._thread is not None
-        return await self._thread.submit(fn, *args)
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -596,407 +532,6 @@ class Journal(Reads, Changes):
         if self._reader is None:
             raise JournalError("journal is not open")
         return self._reader
-
-    # -- the writer --------------------------------------------------------------------------
-
-    def _enqueue(self, op: Op) -> None:
-        if self._refusing is not None:
-            raise JournalGone(self._refusing)
-        if self._task is None or self._task.done():
-            raise JournalUnavailable(self.writer_problem or "journal writer is not running")
-        self._queue.put(op)
-
-    def _writer_ended(self, task: asyncio.Task[None]) -> None:
-        """The writer's task is done: if close() did not ask for that, say why (``/readyz``)."""
-        if task.cancelled():
-            why = "cancelled"
-        else:
-            exc = task.exception()  # retrieved here, so asyncio does not log it a second time
-            why = _describe(exc) if exc is not None else "returned"
-        if not self._closing:
-            self.writer_problem = f"journal writer stopped: {why}"
-
-    async def watch(self) -> None:
-        """Wait for as long as the writer runs; raise ``JournalError`` if it stops unasked, or
-        once the journal's path no longer names the file open (``moved``) and its contents
-        have been saved, or its ``-wal`` was removed (``own_moved``) and has been checkpointed
-        into the file, or its ``-shm`` was and what was queued is written.
-
-        The daemon runs this beside its other long-lived tasks: a dead writer means a daemon
-        that can neither take nor finish anything, and it must exit rather than half live.
-        A file removed or replaced while open takes every commit with it at the exit, so
-        from the moment that is seen nothing more is acknowledged or claimed, what the file
-        holds is written back out (``_save``), and the daemon exits non-zero with one line
-        saying where it went: the next start opens it and runs again what was running. While
-        the copy fails (no room), it is tried again every ``SAVE_RETRY_S``, and the daemon
-        stays up, refusing writes, for as long as that lasts: its exit would lose the file.
-        """
-        task = self._task
-        if task is None:
-            raise JournalError("journal is not open")
-        while not task.done():
-            # Cancelling the watch leaves the writer alone.
-            await asyncio.wait({task}, timeout=PATH_CHECK_S)
-            self._save_if_moved(task)
-            if self._saving is not None:
-                said = await asyncio.shield(self._saving)
-                self._saving_said = True
-                raise JournalError(said)
-        if not self._closing:
-            raise JournalError(self.writer_problem or "journal writer stopped")
-
-    def _save_if_moved(self, task: asyncio.Task[None], *, stopping: bool = False) -> None:
-        """``_save`` the contents once the path no longer names the file opened, if no save
-        has begun and the writer (``task``) still runs: the watch's look, and the close's
-        (``stopping``), which leaves a ``-shm`` removed alone be."""
-        opened = self._opened_as
-        if (
-            self._saving is None
-            and opened is not None
-            and not task.done()
-            and (
-                how := moved(self.path, opened)
-                or _own(WAL, own_moved(opened, WAL))
-                or (None if stopping else _own(SHM, own_moved(opened, SHM)))
-            )
-            is not None
-        ):
-            self._save(how)
-
-    def _save(self, how: str) -> None:
-        """The path names another file, or none (``how``): refuse every write from now on
-        (intake answers 503, ``/readyz`` says why), and, once the writer has done what it was
-        given before, copy the file it has open (``moved.save_open``) on its thread; ``_saves``
-        tries again while that fails."""
-        self._refusing = what_happened(self.path, how)
-        saving = "" if how.startswith(SHM) else ", saving its contents"
-        self.writer_problem = f"{self._refusing}: writes refused{saving}, then exiting"
-        self._save_last, self._save_wake, self.save_tries = False, asyncio.Event(), 0
-        # Behind every write acknowledged or claimed until now; the copy is not in its batch, so
-        # those writes are answered as they commit, not once the copy (seconds) is done.
-        flushed = CallOp(self._new_future(), _nothing, transaction=False)
-        self._queue.put(flushed)
-        self._saving = asyncio.create_task(self._saves(how, flushed.future), name="journal-save")
-
-    async def _saves(self, how: str, flushed: asyncio.Future[None]) -> str:
-        """The line the daemon exits with, once a copy is written, or once the last try
-        close() asks for has failed. Until then each failure waits ``SAVE_RETRY_S`` (or for
-        close()) and the copy is tried again on the writer's thread: nothing else writes."""
-        what = what_happened(self.path, how)
-        opened, at = self._opened_as, self.clock.time()
-        assert opened is not None
-
-        def save(conn: sqlite3.Connection) -> Saved | str:
-            # Never raises: a failure is the line's to tell.
-            try:
-                if how.startswith(WAL):  # the file is still the journal's: the -wal goes in it
-                    return checkpoint_open(conn, self.path)
-                return save_open(conn, self.path, opened, at)
-            except (OSError, sqlite3.Error) as exc:
-                return _said(exc)
-
-        with contextlib.suppress(JournalError):  # the writer stopped first: its thread copies
-            await flushed
-        if how.startswith(SHM):  # nothing to copy: the files the path names hold everything
-            return shm_line(what)
-        said = set[str]()
-        while True:
-            last = self._save_last  # asked before this try began: the try is the last
-            thread, writer = self._thread, self._writer
-            if thread is None or writer is None:  # closed under it (a close() cancelled)
-                return lost_line(what, how, "the journal was closed first", self.save_tries)
-            saved = await thread.submit(save, writer)
-            self.save_tries += 1
-            if isinstance(saved, Saved):
-                return saved_line(what, how, saved, self.path)
-            if last:
-                return lost_line(what, how, saved, self.save_tries)
-            self._save_failed(what, saved, said)
-            wake = self._save_wake
-            assert wake is not None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SAVE_RETRY_S):
-                    await wake.wait()
-            wake.clear()
-
-    def _save_failed(self, what: str, why: str, said: set[str]) -> None:
-        """A copy failed and will be tried again: ``/readyz`` and the systemd status say why
-        from now on; the log says it once, and each other reason once (``said``: those told),
-        so that a disk nearly full failing one way then another is not a line a try."""
-        folder, every = self.path.parent, f"{SAVE_RETRY_S:g}s"
-        self.writer_problem = (
-            f"{what}: writes refused; saving its contents failed ({why}), trying again every"
-            f" {every}: free space or make {folder} writable; they are lost if this process ends"
-            " first"
-        )
-        if not said:
-            log.error(
-                "%s, and saving its contents failed (%s): trying again every %s, every write"
-                " refused meanwhile; free space on its file system or make %s writable, as the"
-                " error calls for. The contents (every acknowledged webhook) are held only by"
-                " this process: they are lost if it ends before a copy succeeds",
-                what,
-                why,
-                every,
-                folder,
-            )
-        elif why not in said:
-            log.warning("%s: saving its contents still fails, now with: %s", what, why)
-        else:
-            log.debug("%s: saving its contents failed again (%s)", what, why)
-        said.add(why)
-
-    async def _submit(self, op: Op) -> Any:
-        self._enqueue(op)
-        return await op.future
-
-    def _new_future(self) -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().create_future()
-
-    async def _write_loop(self) -> None:
-        batch: list[Op] = []
-        try:
-            # After close() the queue still hands out what was queued, then nothing.
-            while batch := await self._queue.take(MAX_BATCH, GATHER_PASSES):
-                # The whole batch is one hop to the writer's thread: the group transaction,
-                # then each other write in its own. Futures are resolved back here, on the loop.
-                ops: list[Op] = []
-                calls: list[CallOp] = []
-                for op in batch:
-                    if isinstance(op, CallOp):
-                        calls.append(op)
-                    else:
-                        ops.append(op)
-                group = Group(ops, calls, self.clock.time(), checkpoint_tail=self._checkpoint_tail)
-                self._checkpoint_tail = False
-                group.starts = starts = reserve_starts(self.starter, ops)
-                self._writing_since = time.monotonic()
-                try:
-                    await self._in_thread(self._write_batch, group)
-                    self._resolve(group)
-                finally:
-                    self._writing_since = None
-                    # The pool starts the jobs written claimed and gets every other slot it
-                    # reserved back, whatever became of the write. Should the writer die here,
-                    # a job written claimed stays running under this boot: the next start
-                    # recovers it.
-                    if starts.job_ids and self.starter is not None:
-                        self.starter.settle(group.started, starts.job_ids)
-                if group.commits:
-                    self._maybe_checkpoint()
-        finally:
-            # Only reached with work left when the writer dies or is cancelled: fail the rest
-            # now rather than leave webhooks and workers waiting on futures no one will resolve.
-            self._fail_all(batch)
-
-    def _fail_all(self, batch: list[Op]) -> None:
-        error = JournalUnavailable("journal writer is not running")
-        for op in [*batch, *self._queue.drain()]:
-            if not op.future.done():
-                op.future.set_exception(error)
-
-    def _write_batch(self, group: Group) -> None:
-        """On the writer's thread: commit the group, then each call; record what happened.
-
-        Nothing may escape from here: an error fails the operations it concerns, never the
-        writer, which every later webhook and job needs.
-        """
-        conn = self._require_writer()
-        began = time.perf_counter()
-        if group.checkpoint_tail:
-            # Under a steady stream of commits a background checkpoint never ends with the
-            # whole WAL copied, and SQLite restarts the WAL only when it has: finishing the
-            # tail here (frames committed while it ran: a few pages) lets the next transaction
-            # start the WAL over instead of growing it to the backstop.
-            self._checkpoint_quietly("PRAGMA wal_checkpoint(PASSIVE)")
-        # A group none of whose operations needs a sync (claims alone, see ClaimOp.synced) is
-        # committed with synchronous = NORMAL; every other commit stays FULL.
-        unsynced = bool(group.ops) and not any(op.synced for op in group.ops)
-        if unsynced:
-            try:
-                conn.execute("PRAGMA synchronous = NORMAL")
-            except sqlite3.Error:
-                unsynced = False  # then the claims are fsync'd like the rest
-        try:
-            self._write_ops(conn, group)
-        finally:
-            if unsynced:
-                # Should this fail, it escapes and ends the writer (and the daemon): better
-                # than acknowledging webhooks from a connection left without its fsync.
-                conn.execute("PRAGMA synchronous = FULL")
-        if group.commits and not unsynced:
-            # The tail copy included: the group's webhooks waited for it too.
-            group.write_s = time.perf_counter() - began
-        for call in group.calls:
-            group.called.append(self._write_call(conn, call))
-        self._read_only = None
-        if group.error is not None or group.called:  # not on a batch of ingests that went in
-            failures = [
-                group.error,
-                *(e.cause for _, e in group.called if isinstance(e, WriteFailed)),
-            ]
-            self._read_only = self._read_only_cause(failures)
-
-    def _read_only_cause(self, errors: Sequence[BaseException | None]) -> str | None:
-        """What hides behind SQLite's "disk I/O error" (or "readonly") among ``errors``: a
-        file system the kernel turned read-only (``read_only``), asked on the writer's thread
-        only after such an error."""
-        if any(getattr(e, "sqlite_errorcode", 0) & 0xFF in _CANNOT_WRITE for e in errors):
-            return read_only(self.path)
-        return None
-
-    @staticmethod
-    def _write_ops(conn: sqlite3.Connection, group: Group) -> None:
-        if group.ops:
-            try:
-                group.results = _transaction(conn, _writer_of(group.ops, group.now, group.starts))
-                group.commits += 1
-            except Exception as exc:
-                group.results = {}
-                if len(group.ops) == 1 or isinstance(exc, (sqlite3.OperationalError, OSError)):
-                    # Full, locked, read-only, I/O: every operation would fail again alone (and
-                    # a locked file would make each wait out busy_timeout).
-                    group.error = exc
-                else:
-                    # One operation's value failed the group (a lone surrogate cannot be
-                    # encoded, an integer too big): write each alone so the others still commit.
-                    for op in group.ops:
-                        try:
-                            group.results |= _transaction(
-                                conn, _writer_of([op], group.now, group.starts)
-                            )
-                            group.commits += 1
-                        except Exception as one_exc:
-                            group.errors[id(op)] = one_exc
-
-    @staticmethod
-    def _write_call(conn: sqlite3.Connection, op: CallOp) -> tuple[Any, BaseException | None]:
-        if not op.transaction:
-            try:
-                return op.fn(conn), None
-            except Exception as exc:
-                return None, JournalUnavailable(f"journal maintenance failed: {_describe(exc)}")
-        try:
-            result = _transaction(conn, op.fn)
-        except (sqlite3.Error, OSError) as exc:
-            return None, WriteFailed(exc)
-        except Exception as exc:  # an error of the operation itself (NotFound …): pass it on
-            return None, exc
-        return result, None
-
-    def _write_error(self, exc: BaseException) -> str:
-        """A failed commit's error, with its cause where SQLite's words hide it: a file system
-        the kernel turned read-only after an I/O error is a bare "disk I/O error" to SQLite
-        (``_write_batch`` asked ``read_only`` on the writer's thread)."""
-        said = _describe(exc)
-        return f"{said} ({self._read_only})" if self._read_only else said
-
-    def _writes_again(self) -> None:
-        """A commit went through: after failures (a full disk, say), the error clears at once
-        (``/readyz``, the metrics) and one line says so once commits have kept going through
-        for ``WRITES_BACK_AFTER_S`` (``_write_failed`` calls it off)."""
-        if self.last_write_error is None:
-            return
-        self._failure_ended = self.last_write_error
-        self.last_write_error = None
-        if self._writes_back_line is None:
-            self._writes_back_line = asyncio.get_running_loop().call_later(
-                WRITES_BACK_AFTER_S, self._say_writes_again
-            )
-
-    def _write_failed(self, error: str) -> None:
-        self.last_write_error = error
-        if self._writes_back_line is not None:
-            self._writes_back_line.cancel()
-            self._writes_back_line = None
-
-    def _say_writes_again(self) -> None:
-        """The line that ends a run of write failures (also when the journal closes first)."""
-        if self._writes_back_line is not None:
-            self._writes_back_line.cancel()
-            self._writes_back_line = None
-        if self._failure_ended is not None:
-            self._log_write_failed.flush()  # what was held back, before the line that ends it
-            log.info("journal writes succeed again (the last failure: %s)", self._failure_ended)
-            self._failure_ended = None
-
-    def _resolve(self, group: Group) -> None:
-        """On the loop: hand each waiter its result, keep the counters, announce new jobs (and
-        keep those written claimed in ``group.started``)."""
-        if group.error is not None:
-            self._write_failed(self._write_error(group.error))
-            self._log_write_failed("journal write failed: %s", self.last_write_error)
-        elif group.commits:
-            self._writes_again()
-        self.commits += group.commits
-        created: list[Ready] = []
-        started = group.started
-        for op in group.ops:
-            exc = group.error or group.errors.get(id(op))
-            if exc is not None:
-                if exc is not group.error:
-                    self._log_write_failed(
-                        "journal write failed for one %s: %s", _kind(op), _describe(exc)
-                    )
-                    said = _describe(exc)
-                else:
-                    said = self.last_write_error or _describe(exc)
-                if not op.future.done():
-                    op.future.set_exception(JournalUnavailable(f"journal write failed: {said}"))
-                continue
-            result = group.results[id(op)]
-            self.batched_ops += 1
-            if isinstance(op, IngestOp):
-                ingested, ready, claimed = result
-                created.extend(ready)
-                started.extend(claimed)
-                result = ingested
-            elif isinstance(op, FinishOp):
-                # Those a cancel kept from being queued again (``result``) left the backlog too.
-                ended = sum(1 for f in op.results if f.state != JobState.QUEUED)
-                self.backlog_jobs -= ended + len(result)
-            if not op.future.done():
-                op.future.set_result(result)
-        self.backlog_jobs += len(created) + len(started)
-        for call, (result, call_exc) in zip(group.calls, group.called, strict=True):
-            if isinstance(call_exc, WriteFailed):
-                self._write_failed(self._write_error(call_exc.cause))
-                call_exc = JournalUnavailable(f"journal write failed: {self.last_write_error}")
-            elif call_exc is None and call.transaction:
-                self._writes_again()
-                self.commits += 1
-            if call.future.done():
-                continue
-            if call_exc is not None:
-                call.future.set_exception(call_exc)
-            else:
-                call.future.set_result(result)
-        # Last, once every waiter has its answer: a consumer's error here ends the writer.
-        if group.write_s and self.on_commit_seconds is not None:
-            self.on_commit_seconds(group.write_s)
-        if created and self.on_commit is not None:
-            self.on_commit(created)
-
-    async def _call(self, fn: Any, *, transaction: bool = True) -> Any:
-        if transaction and not self.serving:  # a CLI verb's change
-            fn = self._not_copied(fn)
-        return await self._submit(CallOp(self._new_future(), fn, transaction))
-
-    def _not_copied(self, fn: Callable[[sqlite3.Connection], _T]) -> Callable[..., _T]:
-        """``fn``, refused on a journal ``webhookd copy`` put into PostgreSQL. Asked inside
-        the write transaction: a verb checks the marker as it starts, then may wait here for
-        the write lock a copy holds, and that copy may end meanwhile."""
-
-        def guarded(conn: sqlite3.Connection) -> _T:
-            if (said := copied_to(self.path)) is not None:
-                raise JournalCopied(
-                    f"journal {self.path} was {said} while this waited for it, and its jobs"
-                    " run there: nothing was changed; make the change with the nodes' config"
-                    " (journal.url)"
-                )
-            return fn(conn)
-
-        return guarded
 
     # -- intake, dispatch, outcomes -----------------------------------------------------------
 
@@ -1144,48 +679,3 @@ class Journal(Reads, Changes):
 
     async def storage_bytes(self) -> int:
         return await self.size_bytes()
-
-
-def _own(suffix: str, how: str | None) -> str | None:
-    """``own_moved``'s answer as a ``how`` of its own: ``-wal removed``, ``-shm replaced``."""
-    return None if how is None else f"{suffix} {how}"
-
-
-def _nothing(conn: sqlite3.Connection) -> None:
-    """A call that writes nothing: its answer says the writes queued before it are done."""
-
-
-def _said(exc: OSError | sqlite3.Error) -> str:
-    """An error saving a copy: the system's words and the file, or SQLite's."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return str(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    """A write error for logs and ``/readyz``: SQLite's own words, else the exception's type."""
-    text = str(exc) if isinstance(exc, (sqlite3.Error, OSError)) else f"{type(exc).__name__}: {exc}"
-    return storable_text(text)  # the value that failed may hold a lone surrogate
-
-
-def _writer_of(
-    ops: list[Op], now: float, starts: Starts
-) -> Callable[[sqlite3.Connection], dict[int, Any]]:
-    return lambda conn: write_ops(conn, ops, now, starts)
-
-
-def _kind(op: Op) -> str:
-    return {IngestOp: "ingest", FinishOp: "finish", ClaimOp: "claim"}.get(type(op), "write")
-
-
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if anything raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    return result
