@@ -860,24 +860,29 @@ async def test_dashboard_offers_no_pause_of_the_alerts_own_source_only_its_resum
     tmp_path: Path, target: Target, run_daemon: Any, browser: str
 ) -> None:
     """The alerts' own source, listed once it has jobs, has no Pause button (the API refuses
-    it: held alerts tell no one); one an earlier webhookd paused has a Resume button."""
+    it: held alerts tell no one), its Replay of dead alerts first in its cell; one an earlier
+    webhookd paused has a Resume button."""
     cfg = make_config(
         tmp_path,
         forward_source("shop", target.url + "/in") + f'[alerts]\nurl = "{target.url}/alerts"\n',
     )
     running = await run_daemon(cfg)
-    target.statuses = [400]  # the first delivery is refused: dead, and an alert is sent
+    # The first delivery is refused: dead, and an alert is sent, refused too: a dead alert.
+    target.statuses = [400, 400]
     await accepted(running, "shop", '{"order": 1}')
     await target.wait_for(lambda t: any(s.path == "/alerts" for s in t.seen))
 
     async with open_page(browser, running.admin_url + "/") as page:
+        row = "#sources tr[data-source='webhookd']"
         await page.wait_for(
             "document.body.dataset.loaded === '1' &&"
-            " document.querySelector(\"#sources tr[data-source='webhookd']\") &&"
+            f' document.querySelector("{row} button.replay-dead") &&'
             " document.querySelector(\"#sources button.pause[data-source='shop']\")"
         )
-        buttons = "#sources tr[data-source='webhookd'] button"
-        assert await page.evaluate(f'document.querySelectorAll("{buttons}").length') == 0
+        assert await page.evaluate(f'document.querySelectorAll("{row} button").length') == 1
+        # Without a Pause button before it, no space before it either.
+        cell = f'document.querySelector("{row} button.replay-dead").parentElement.textContent'
+        assert await page.evaluate(cell) == "Replay 1 dead"
         assert running.daemon.journal is not None
         await running.daemon.journal.pause("webhookd")  # as an earlier webhookd could
         await page.wait_for(
