@@ -110,6 +110,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("webhookd.receiver",),
     # The daemon's process, its status line, what it reads of its journal as it starts.
     ("webhookd.process", "webhookd.status", "webhookd.boot"),
+    # A config reload, which the daemon runs.
+    ("webhookd.reloading",),
     ("webhookd.app",),
     # The CLI: its leaves (times and text, the click group, the admin API's client), what every
     # verb shares, the bulk verbs' batches, one module per family of verbs, the package.

@@ -919,7 +919,7 @@ async def test_a_reload_works_out_its_warnings_off_the_event_loop(
     ack waits for the loop meanwhile; but what a reload then warns of (a start's and
     ``check``'s warnings: three more walks of every secret) was worked out on the loop, ~40 ms
     of a 100-120 ms stall per reload at 300 signed sources. Said as before, on the loop."""
-    import webhookd.app as app_module
+    import webhookd.reloading as reloading
 
     signed = forward("a", target.url).replace(
         "[sources.a]", '[sources.a]\nverify = { scheme = "github", secret = " 0123456789abcdef" }'
@@ -930,14 +930,14 @@ async def test_a_reload_works_out_its_warnings_off_the_event_loop(
     )
     loop_thread, on_the_loop = threading.current_thread(), []
     for name in ("written_out", "spaced_secrets", "weak_points"):
-        real = getattr(app_module, name)
+        real = getattr(reloading, name)
 
         def walk(cfg: Config, real: Any = real, name: str = name) -> Any:
             if threading.current_thread() is loop_thread:
                 on_the_loop.append(name)
             return real(cfg)
 
-        monkeypatch.setattr(app_module, name, walk)
+        monkeypatch.setattr(reloading, name, walk)
     caplog.set_level(logging.WARNING, logger="webhookd.app")
     assert await _reloaded(running) is None
     assert on_the_loop == []
