@@ -48,7 +48,7 @@ class BurstHold:
 
     def holds(self, intake: IntakeState | None, now: float) -> bool:
         """Whether new jobs wait for the receiver at ``now`` (monotonic)."""
-        if not intake_busy(intake, now) or self._quiet(intake, now):
+        if intake is None or not intake_busy(intake, now) or self._quiet(intake, now):
             self._held_since = None
             return False
         if now < self._no_hold_until:
@@ -61,10 +61,9 @@ class BurstHold:
             return False
         return True
 
-    def _quiet(self, intake: IntakeState | None, now: float) -> bool:
+    def _quiet(self, intake: IntakeState, now: float) -> bool:
         """Whether the receiver has had nothing waiting for a commit and answered no new event
         for HOLD_QUIET_S: the burst is over, whatever the hold's window says."""
-        assert intake is not None
         if intake.waiting or intake.accepted != self._answered:
             self._answered = intake.accepted
             self._answered_since = now

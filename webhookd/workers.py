@@ -572,6 +572,8 @@ class WorkerPool:
         running job ended: a node whose window still held another tenant's jobs that the other
         node had run let 50-60 of a flooding tenant's jobs start before that tenant's new ones.
         """
+        if self._stopping:  # a drain has begun: nothing new starts, in any loop
+            return 0
         started = 0
         # Bounded: a job the claim skips but that stays queued (its row locked by another
         # node's claim that then rolls back) could come back with the next refill.
@@ -856,7 +858,7 @@ class WorkerPool:
         self._refill_now = True
         await self._refresh_paused()
         while True:
-            started = 0 if self._stopping else await self._dispatch_once()
+            started = await self._dispatch_once()
             if not started and not self._running:
                 if self._stopping:  # jobs due now included: none of them will start
                     return await self.journal.next_run_at(self.paused)
